@@ -1,0 +1,1 @@
+"""shmfabric.cli layer."""

@@ -1,0 +1,57 @@
+"""The `shmfabric` command line: `shmfabric NOUN VERB ...`.
+
+Each verb lives in its own module under `shmfabric.cli` named in `COMMANDS` and exposes
+`register(subparsers)`, which adds its parser and sets `func` (called with the parsed args and
+returning an exit code). User errors are raised as `CliError` and printed without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add sub-commands, in the order they appear in --help.
+COMMANDS = [
+    "shmfabric.cli.fabric_cmds",
+    "shmfabric.cli.demo",
+    "shmfabric.cli.bench",
+    "shmfabric.cli.splice",
+]
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shmfabric", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="machine-readable output where a command supports it")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # a command module not written yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"shmfabric: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

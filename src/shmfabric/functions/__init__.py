@@ -1,0 +1,1 @@
+"""shmfabric.functions layer."""

@@ -1,0 +1,279 @@
+"""Configuration schema of the splicer (`shmfabric splice http` and `shmfabric splice redis`).
+
+One YAML file may hold an `http:` section, a `redis:` section, or both::
+
+    http:
+      listen: 127.0.0.1:8080
+      pool: {min: 1, max: 8}
+      routes:
+        - prefix: /api
+          backends: [127.0.0.1:9001, 127.0.0.1:9002]
+        - regex: '^/img/.*\\.png$'
+          host: static.example.com
+          backends: [127.0.0.1:9004]
+      default: [127.0.0.1:9003]
+      metrics: 127.0.0.1:9100
+    redis:
+      listen: 127.0.0.1:6400
+      servers: [127.0.0.1:6379, "127.0.0.1:6380:2 shard-b"]
+
+`load_config(path)` returns a `SpliceFile`; every problem is raised as one `ConfigError` whose
+lines name the file, the field (dotted path, list positions counted from 0) and how to fix it.
+Command-line flags build the same models (`HttpSpliceConfig(...)`), so flags and files are
+checked by the same rules.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError", "split_address", "PoolConfig", "TimeoutConfig", "LimitConfig", "HealthConfig",
+    "HttpRoute", "HttpSpliceConfig", "RedisServer", "RedisSpliceConfig", "SpliceFile", "load_config",
+    "format_validation_error",
+]
+
+
+class ConfigError(Exception):
+    """A configuration the user has to fix; the message names file, field and fix."""
+
+
+_ADDR_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[V6]:PORT`` for IPv6) into host and port; ValueError if malformed."""
+    m = _ADDR_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9001, [::1]:9001)")
+    port = int(m.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {text!r} is outside 1..65535")
+    return (m.group("v6") or m.group("host")), port
+
+
+def _check_address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a HOST:PORT string, got {type(value).__name__}")
+    split_address(value)
+    return value.strip()
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a misspelt limit silently ignored is worse than a refusal.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Model):
+    """Pre-established connections per backend server."""
+
+    min: int = Field(1, ge=0, le=1024, description="connections opened at start and kept open")
+    max: int = Field(8, ge=1, le=4096, description="connections at most (requests queue beyond)")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "PoolConfig":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max}); lower min or raise max")
+        return self
+
+
+class TimeoutConfig(_Model):
+    """Timeouts in seconds."""
+
+    connect: float = Field(3.0, gt=0, description="opening a backend connection")
+    request: float = Field(30.0, gt=0, description="from dispatch to the end of the response (then 504 / -ERR)")
+    client_idle: float = Field(120.0, gt=0, description="an idle client connection is closed after this")
+
+
+class LimitConfig(_Model):
+    """Per-client-connection bounds (backpressure) and framing limits."""
+
+    max_pipeline: int = Field(128, ge=1, description="requests read ahead and not yet answered")
+    max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="response and request-body bytes held")
+    max_head_bytes: int = Field(64 * 1024, ge=1024, description="request line plus headers (HTTP)")
+    max_headers: int = Field(100, ge=1, description="header fields per message (HTTP)")
+    max_url_bytes: int = Field(8 * 1024, ge=16, description="request target length (HTTP)")
+
+
+class HealthConfig(_Model):
+    """Active health checks (HAProxy's inter / rise / fall)."""
+
+    interval: float = Field(2.0, gt=0)
+    timeout: float = Field(1.0, gt=0)
+    rise: int = Field(2, ge=1)
+    fall: int = Field(3, ge=1)
+    path: str | None = Field(None, description="HTTP: GET this path and want 2xx/3xx; unset: TCP connect only")
+    enabled: bool = True
+
+
+class HttpRoute(_Model):
+    """One routing rule; the first rule that matches a request wins."""
+
+    prefix: str | None = None
+    regex: str | None = None
+    host: str | None = Field(None, description="exact host, or *.example.com; port ignored")
+    backends: list[str] = Field(min_length=1)
+
+    _addr = field_validator("backends", mode="before")(lambda v: [_check_address(x) for x in (v if isinstance(v, list) else [v])])
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_slash(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"prefix {v!r} must start with '/' (e.g. /api)")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex {v!r} does not compile: {exc}; fix the pattern (Python re syntax)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> "HttpRoute":
+        if self.prefix is not None and self.regex is not None:
+            raise ValueError("give either prefix or regex, not both")
+        if self.prefix is None and self.regex is None and self.host is None:
+            raise ValueError("a route needs prefix, regex or host (use `default` for a catch-all)")
+        return self
+
+
+class HttpSpliceConfig(_Model):
+    """`splice http`: an HTTP/1.1 splicing load balancer."""
+
+    listen: str = "127.0.0.1:8080"
+    workers: int = Field(1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
+    routes: list[HttpRoute] = Field(default_factory=list)
+    default: list[str] | None = None
+    pool: PoolConfig = PoolConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    limits: LimitConfig = LimitConfig()
+    health: HealthConfig = HealthConfig()
+    upgrade: Literal["tunnel", "refuse"] = Field("tunnel", description="Upgrade requests (e.g. WebSocket)")
+    metrics: str | None = Field(None, description="HOST:PORT of the Prometheus endpoint")
+
+    _listen = field_validator("listen", "metrics", mode="before")(lambda v: v if v is None else _check_address(v))
+    _default = field_validator("default", mode="before")(
+        lambda v: v if v is None else [_check_address(x) for x in (v if isinstance(v, list) else [v])])
+
+    @model_validator(mode="after")
+    def _some_backend(self) -> "HttpSpliceConfig":
+        if not self.routes and not self.default:
+            raise ValueError("no backends: add `routes` or `default` (e.g. default: [127.0.0.1:9001])")
+        return self
+
+
+class RedisServer(_Model):
+    """One Redis server; twemproxy's `host:port:weight name` is accepted as a string."""
+
+    address: str
+    weight: int = Field(1, ge=1)
+    name: str | None = None
+
+    _addr = field_validator("address", mode="before")(_check_address)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text, _, name = v.strip().partition(" ")
+            parts = text.rsplit(":", 2)
+            if len(parts) == 3 and parts[2].isdigit() and parts[1].isdigit():
+                return {"address": f"{parts[0]}:{parts[1]}", "weight": int(parts[2]), "name": name or None}
+            return {"address": text, "name": name or None}
+        return v
+
+
+class RedisSpliceConfig(_Model):
+    """`splice redis`: a RESP splicing proxy (fields beyond these are the Redis splicer's)."""
+
+    listen: str = "127.0.0.1:6400"
+    workers: int = Field(1, ge=1, le=64)
+    servers: list[RedisServer] = Field(min_length=1)
+    distribution: Literal["ketama", "modula"] = "ketama"
+    hash: Literal["fnv1a_64", "md5", "murmur", "crc32", "one_at_a_time"] = "fnv1a_64"
+    pool: PoolConfig = PoolConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    limits: LimitConfig = LimitConfig(max_pipeline=1024)
+    health: HealthConfig = HealthConfig()
+    metrics: str | None = None
+
+    _listen = field_validator("listen", "metrics", mode="before")(lambda v: v if v is None else _check_address(v))
+
+
+class SpliceFile(_Model):
+    """A whole splicer config file."""
+
+    http: HttpSpliceConfig | None = None
+    redis: RedisSpliceConfig | None = None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith("function-") and part not in ("str", "list[str]"):
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _hint(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "remove it or fix its spelling (see docs/splicer-http.md for the fields)"
+    if kind == "missing":
+        return "add it"
+    if kind.startswith(("int_", "float_")) or kind in ("greater_than", "greater_than_equal", "less_than_equal"):
+        return "give a number in the allowed range"
+    if kind == "literal_error":
+        return "use one of the values listed"
+    if kind.endswith("_type"):
+        return "give a value of the expected type"
+    if kind == "value_error":
+        return ""  # our own validators' messages already say what to write
+    return "correct the value"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """Render pydantic's errors as `source: field: problem; fix: ...` lines."""
+    lines = []
+    for err in exc.errors():
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        hint = _hint(err, None)
+        lines.append(f"{source}: field `{_loc(err.get('loc', ()))}`: {msg}" + (f"; fix: {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> SpliceFile:
+    """Read and validate a YAML splicer config file; raise ConfigError naming file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        pos = f" line {where.line + 1} column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}:{pos}: not valid YAML: {getattr(exc, 'problem', exc)}; fix: correct the syntax") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; fix: add an `http:` or `redis:` section")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with `http:` and/or `redis:`")
+    try:
+        cfg = SpliceFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+    if cfg.http is None and cfg.redis is None:
+        raise ConfigError(f"{path}: neither `http:` nor `redis:` is set; fix: add one of them")
+    return cfg

@@ -1,0 +1,1947 @@
+/*
+ * _fabric.c -- the compiled core of shmfabric: packet pool, rings, tape rings, wake-ups.
+ *
+ * Only index arithmetic, atomics, wake-ups and copies live here. Layout computation, validation
+ * of a mapped region, naming, liveness policy and error messages are Python's (shmfabric.core).
+ *
+ * Memory ordering. Every acquire/release pair is labelled and names its partner:
+ *   R1 (producer publishes ring head)     pairs with A2 (consumer reads ring head)
+ *   R2 (consumer publishes ring tail)     pairs with A1 (producer reads ring tail)
+ *   R3 (free-stack push CAS)              pairs with A3 (free-stack pop load/CAS)
+ *   R4 (tape entry seq, complete)         pairs with A4 (tape reader loads seq)
+ *   R5 (tape head store)                  pairs with A5 (tape reader loads head)
+ *   F1 (sender fence before reading `waiting`) pairs with F2 (sleeper fence after setting it):
+ *      the classic store-load (Dekker) pattern, which needs seq_cst fences on both sides.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <linux/futex.h>
+#include <stdbool.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <stddef.h>
+
+#include "fabric_layout.h"
+
+#define LOAD_RELAXED(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define LOAD_ACQUIRE(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE_RELAXED(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define STORE_RELEASE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define CPU_RELAX() __builtin_ia32_pause()
+
+#define CACHE_CAP 512   /* private free-slot cache per network */
+#define CHAIN_LEN 64    /* slots moved per CAS between the cache and the shared stack */
+
+static PyObject *FabricError;
+static PyObject *RingDownError;
+static PyObject *ReleasedError;
+static PyObject *FrameSizeError;
+
+/* ------------------------------------------------------------------------------------------ */
+/* small helpers                                                                               */
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static long futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns)
+{
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tsp = &ts;
+    }
+    /* Not FUTEX_PRIVATE: the word lives in a MAP_SHARED mapping used by other processes. */
+    return syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0);
+}
+
+static long futex_wake(uint32_t *addr, int n) { return syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0); }
+
+typedef struct {
+    uint8_t *base;
+    sf_superblock *sb;
+    uint64_t size;
+} region_view;
+
+static inline sf_node *node_at(const region_view *r, uint32_t i)
+{
+    return (sf_node *)(r->base + r->sb->off_nodes + (uint64_t)i * r->sb->node_size);
+}
+static inline sf_network *net_at(const region_view *r, uint32_t i)
+{
+    return (sf_network *)(r->base + r->sb->off_networks) + i;
+}
+static inline sf_ring *ring_at(const region_view *r, uint32_t src, uint32_t dst)
+{
+    return (sf_ring *)(r->base + r->sb->off_rings + ((uint64_t)src * r->sb->max_nodes + dst) * r->sb->ring_stride);
+}
+static inline sf_tape *tape_at(const region_view *r, uint32_t i)
+{
+    return (sf_tape *)(r->base + r->sb->off_tapes + (uint64_t)i * r->sb->tape_stride);
+}
+static inline sf_tape_entry *tape_entry(const region_view *r, sf_tape *t, uint64_t seq)
+{
+    uint64_t esz = sizeof(sf_tape_entry) + r->sb->tape_entry_size;
+    esz = (esz + 63) & ~63ull;
+    return (sf_tape_entry *)(t->entries + (seq & (r->sb->tape_entries - 1)) * esz);
+}
+static inline uint32_t *net_next(const region_view *r, sf_network *n) { return (uint32_t *)(r->base + n->off_next); }
+static inline uint32_t *net_chain(const region_view *r, sf_network *n) { return (uint32_t *)(r->base + n->off_chain); }
+static inline uint32_t *net_owner(const region_view *r, sf_network *n) { return (uint32_t *)(r->base + n->off_owner); }
+static inline uint8_t *slot_ptr(const region_view *r, sf_network *n, uint32_t slot)
+{
+    return r->base + n->off_slots + (uint64_t)slot * n->slot_size + n->headroom;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the shared free stack of slot chains                                                        */
+
+/* Push a chain top..bottom (linked through next[], bottom's next = 0) of `count` slots. */
+static void stack_push_chain(const region_view *r, sf_network *n, uint32_t top, uint32_t count)
+{
+    uint32_t *chain = net_chain(r, n);
+    uint64_t old = LOAD_RELAXED(&n->free_head), nw;
+    do {
+        STORE_RELAXED(&chain[top], (uint32_t)(old & 0xffffffffu));
+        nw = (((old >> 32) + 1) << 32) | (uint64_t)(top + 1);
+        /* R3: the release makes next[]/chain[] of the chain visible to the popper (A3). */
+    } while (!__atomic_compare_exchange_n(&n->free_head, &old, nw, true, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    __atomic_fetch_add(&n->free_count, (int64_t)count, __ATOMIC_RELAXED);
+}
+
+/* Pop one chain; returns its top slot + 1, or 0 if the stack is empty. */
+static uint32_t stack_pop_chain(const region_view *r, sf_network *n)
+{
+    uint32_t *chain = net_chain(r, n);
+    uint64_t old = LOAD_ACQUIRE(&n->free_head), nw; /* A3 pairs with R3 */
+    for (;;) {
+        uint32_t top1 = (uint32_t)(old & 0xffffffffu);
+        if (!top1)
+            return 0;
+        /* chain[] may be rewritten by a concurrent push of the same slot after another popper
+         * took it; then the tag has moved on and our CAS fails, so a stale read is harmless. */
+        uint32_t next1 = LOAD_RELAXED(&chain[top1 - 1]);
+        nw = (((old >> 32) + 1) << 32) | next1;
+        if (__atomic_compare_exchange_n(&n->free_head, &old, nw, true, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE))
+            return top1;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Region: the mapped buffer and the operations that are not one node's hot path              */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    region_view r;
+    int have_view;
+} RegionObject;
+
+static PyTypeObject Region_Type;
+
+static int Region_init(RegionObject *self, PyObject *args, PyObject *kw)
+{
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj))
+        return -1;
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE) < 0)
+        return -1;
+    self->have_view = 1;
+    if ((size_t)self->view.len < sizeof(sf_superblock)) {
+        PyErr_SetString(FabricError, "region buffer smaller than its superblock");
+        return -1;
+    }
+    self->r.base = self->view.buf;
+    self->r.sb = self->view.buf;
+    self->r.size = (uint64_t)self->view.len;
+    /* The Python side validated every offset before constructing us (shmfabric.core.region);
+     * these checks only keep a bug there from turning into a wild write here. */
+    sf_superblock *sb = self->r.sb;
+    if (sb->magic != SF_MAGIC || sb->version != SF_VERSION || sb->total_size > self->r.size) {
+        PyErr_SetString(FabricError, "region superblock not valid (validate before mapping)");
+        return -1;
+    }
+    return 0;
+}
+
+static void Region_dealloc(RegionObject *self)
+{
+    if (self->have_view)
+        PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* format(): lay out the free chains of every pool and initialise the tape locks. Called once
+ * by the creator on a zero-filled file, before any node attaches. */
+static PyObject *Region_format(RegionObject *self, PyObject *noargs)
+{
+    region_view *r = &self->r;
+    for (uint32_t ni = 0; ni < r->sb->n_networks; ni++) {
+        sf_network *n = net_at(r, ni);
+        uint32_t *next = net_next(r, n);
+        n->free_head = 0;
+        n->free_count = 0;
+        /* push chains from the highest slots down so that low slots come out first */
+        uint32_t total = n->n_slots;
+        uint32_t end = total;
+        while (end > 0) {
+            uint32_t start = end > CHAIN_LEN ? end - CHAIN_LEN : 0;
+            for (uint32_t s = start; s < end; s++)
+                next[s] = (s + 1 < end) ? s + 2 : 0;
+            stack_push_chain(r, n, start, end - start);
+            end = start;
+        }
+    }
+    for (uint32_t ti = 0; ti < 1 + r->sb->n_mcast; ti++) {
+        sf_tape *t = tape_at(r, ti);
+        pthread_mutexattr_t a;
+        pthread_mutexattr_init(&a);
+        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+        /* robust: a writer killed while holding the lock hands it over with EOWNERDEAD */
+        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+        pthread_mutex_init(&t->lock, &a);
+        pthread_mutexattr_destroy(&a);
+    }
+    Py_RETURN_NONE;
+}
+
+/* free one slot straight to the shared stack if `expect_owner` still owns it. */
+static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t expect_owner)
+{
+    uint32_t *owner = net_owner(r, n);
+    uint32_t exp = expect_owner;
+    if (!__atomic_compare_exchange_n(&owner[slot], &exp, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return 0;
+    net_next(r, n)[slot] = 0;
+    stack_push_chain(r, n, slot, 1);
+    return 1;
+}
+
+/* Drain every ring into node `idx` as if we were its consumer (it is dead or not yet up), freeing
+ * slots still tagged with `tag`. Returns the number of slots freed. */
+static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool mark_down)
+{
+    uint64_t freed = 0;
+    uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+    for (uint32_t s = 0; s < hwm; s++) {
+        sf_ring *g = ring_at(r, s, idx);
+        if (mark_down)
+            STORE_RELEASE(&g->down, 1);
+        uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
+        uint32_t tail = g->tail;
+        for (; tail != head; tail++) {
+            sf_desc *d = &g->desc[tail & (r->sb->ring_size - 1)];
+            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
+                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, tag);
+        }
+        STORE_RELEASE(&g->tail, tail); /* R2 pairs with A1 */
+    }
+    return freed;
+}
+
+/* claim_node(name, network, pid, start_time, pidns) -> index or -1 when the table is full */
+static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
+{
+    const char *name;
+    Py_ssize_t name_len;
+    unsigned int network, pid;
+    unsigned long long start_time, pidns;
+    if (!PyArg_ParseTuple(args, "s#IIKK", &name, &name_len, &network, &pid, &start_time, &pidns))
+        return NULL;
+    region_view *r = &self->r;
+    for (uint32_t i = 0; i < r->sb->max_nodes; i++) {
+        sf_node *nd = node_at(r, i);
+        uint32_t exp = SF_NODE_FREE;
+        if (!__atomic_compare_exchange_n(&nd->state, &exp, SF_NODE_ATTACHING, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            continue;
+        uint32_t hwm = LOAD_RELAXED(&r->sb->node_hwm);
+        while (hwm < i + 1 && !__atomic_compare_exchange_n(&r->sb->node_hwm, &hwm, i + 1, true, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            ;
+        uint32_t old_tag = sf_owner_tag(i, nd->gen);
+        /* A late sender of the previous incarnation may have left frames in our inbound rings
+         * after its reclaim: free those still tagged for it, drop the rest. */
+        drain_inbound(r, i, old_tag, false);
+        nd->gen += 1;
+        nd->pid = pid;
+        nd->network = network;
+        nd->start_time = start_time;
+        nd->pidns = pidns;
+        nd->heartbeat_ns = now_ns();
+        memset(nd->name, 0, SF_NAME_LEN);
+        memcpy(nd->name, name, name_len < SF_NAME_LEN - 1 ? name_len : SF_NAME_LEN - 1);
+        nd->waiting = 0;
+        nd->tx_frames = nd->tx_bytes = nd->rx_frames = nd->rx_bytes = 0;
+        nd->tx_ring_full = nd->tx_drops = nd->rx_lapped = nd->tape_rx = nd->tape_tx = nd->wakeups = nd->tx_nobuf = 0;
+        memset(nd->cached, 0, sizeof nd->cached);
+        nd->mcast_mask = 0;
+        for (uint32_t d = 0; d < r->sb->max_nodes; d++) {
+            STORE_RELAXED(&ring_at(r, d, i)->down, 0);
+        }
+        STORE_RELEASE(&nd->state, SF_NODE_UP);
+        return PyLong_FromUnsignedLong(i);
+    }
+    return PyLong_FromLong(-1);
+}
+
+/* reclaim(index, from_state) -> slots returned to the pools, or -1 if another node won the race.
+ * Marks every ring into the node down, drains them and returns every slot the node owned. */
+static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
+{
+    unsigned int idx, from_state;
+    if (!PyArg_ParseTuple(args, "II", &idx, &from_state))
+        return NULL;
+    region_view *r = &self->r;
+    if (idx >= r->sb->max_nodes) {
+        PyErr_SetString(PyExc_IndexError, "node index out of range");
+        return NULL;
+    }
+    sf_node *nd = node_at(r, idx);
+    uint32_t exp = from_state;
+    if (!__atomic_compare_exchange_n(&nd->state, &exp, SF_NODE_RECLAIM, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return PyLong_FromLong(-1);
+    uint64_t freed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint32_t tag = sf_owner_tag(idx, nd->gen);
+    freed += drain_inbound(r, idx, tag, true);
+    for (uint32_t ni = 0; ni < r->sb->n_networks; ni++) {
+        sf_network *n = net_at(r, ni);
+        uint32_t *owner = net_owner(r, n);
+        for (uint32_t s = 0; s < n->n_slots; s++)
+            if (LOAD_RELAXED(&owner[s]) == tag)
+                freed += reclaim_slot(r, n, s, tag);
+        STORE_RELAXED(&nd->cached[ni], 0);
+    }
+    STORE_RELEASE(&nd->state, SF_NODE_FREE);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(freed);
+}
+
+/* pool_audit(network) -> (n_slots, stack_count, {owner_tag: count}) by scanning the owner table */
+static PyObject *Region_pool_audit(RegionObject *self, PyObject *args)
+{
+    unsigned int ni;
+    if (!PyArg_ParseTuple(args, "I", &ni))
+        return NULL;
+    region_view *r = &self->r;
+    if (ni >= r->sb->n_networks) {
+        PyErr_SetString(PyExc_IndexError, "network index out of range");
+        return NULL;
+    }
+    sf_network *n = net_at(r, ni);
+    uint32_t *owner = net_owner(r, n);
+    PyObject *owners = PyDict_New();
+    if (!owners)
+        return NULL;
+    for (uint32_t s = 0; s < n->n_slots; s++) {
+        uint32_t o = LOAD_RELAXED(&owner[s]);
+        PyObject *k = PyLong_FromUnsignedLong(o);
+        PyObject *v = PyDict_GetItemWithError(owners, k);
+        long c = v ? PyLong_AsLong(v) + 1 : 1;
+        PyObject *cv = PyLong_FromLong(c);
+        PyDict_SetItem(owners, k, cv);
+        Py_DECREF(k);
+        Py_DECREF(cv);
+    }
+    return Py_BuildValue("(ILN)", n->n_slots, (long long)LOAD_RELAXED(&n->free_count), owners);
+}
+
+/* ring_stats(src, dst) -> (head, tail, down, enq_frames, deq_frames, full_events) */
+static PyObject *Region_ring_stats(RegionObject *self, PyObject *args)
+{
+    unsigned int s, d;
+    if (!PyArg_ParseTuple(args, "II", &s, &d))
+        return NULL;
+    if (s >= self->r.sb->max_nodes || d >= self->r.sb->max_nodes) {
+        PyErr_SetString(PyExc_IndexError, "node index out of range");
+        return NULL;
+    }
+    sf_ring *g = ring_at(&self->r, s, d);
+    return Py_BuildValue("(IIIKKK)", LOAD_ACQUIRE(&g->head), LOAD_ACQUIRE(&g->tail), LOAD_RELAXED(&g->down),
+                         (unsigned long long)LOAD_RELAXED(&g->enq_frames), (unsigned long long)LOAD_RELAXED(&g->deq_frames),
+                         (unsigned long long)LOAD_RELAXED(&g->full_events));
+}
+
+/* node_state(index) -> state, read with acquire */
+static PyObject *Region_node_state(RegionObject *self, PyObject *arg)
+{
+    unsigned long i = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (i >= self->r.sb->max_nodes) {
+        PyErr_SetString(PyExc_IndexError, "node index out of range");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(LOAD_ACQUIRE(&node_at(&self->r, (uint32_t)i)->state));
+}
+
+/* set_node_state(index, expected, new) -> bool (CAS) */
+static PyObject *Region_cas_node_state(RegionObject *self, PyObject *args)
+{
+    unsigned int i, exp, nw;
+    if (!PyArg_ParseTuple(args, "III", &i, &exp, &nw))
+        return NULL;
+    if (i >= self->r.sb->max_nodes) {
+        PyErr_SetString(PyExc_IndexError, "node index out of range");
+        return NULL;
+    }
+    uint32_t e = exp;
+    bool ok = __atomic_compare_exchange_n(&node_at(&self->r, i)->state, &e, nw, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *Region_wake_all(RegionObject *self, PyObject *noargs);
+
+static PyMethodDef Region_methods[] = {
+    {"format", (PyCFunction)Region_format, METH_NOARGS, "Initialise pools and tape locks of a new region."},
+    {"claim_node", (PyCFunction)Region_claim_node, METH_VARARGS, "Claim a free node entry; -1 if full."},
+    {"reclaim", (PyCFunction)Region_reclaim, METH_VARARGS, "Return a dead node's slots; -1 if lost the race."},
+    {"pool_audit", (PyCFunction)Region_pool_audit, METH_VARARGS, "Count slots per owner tag."},
+    {"ring_stats", (PyCFunction)Region_ring_stats, METH_VARARGS, "Indices and counters of ring src->dst."},
+    {"node_state", (PyCFunction)Region_node_state, METH_O, "State of a node entry."},
+    {"cas_node_state", (PyCFunction)Region_cas_node_state, METH_VARARGS, "Compare-and-set a node state."},
+    {"wake_all", (PyCFunction)Region_wake_all, METH_NOARGS, "Ring every node's doorbell."},
+    {NULL}};
+
+static PyTypeObject Region_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfabric.core._fabric.Region",
+    .tp_basicsize = sizeof(RegionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Region_init,
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_methods = Region_methods,
+    .tp_doc = "A mapped shmfabric region (validated by shmfabric.core.region first).",
+};
+
+static inline void ring_doorbell(sf_node *nd)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F1 pairs with F2 */
+    if (LOAD_RELAXED(&nd->waiting)) {
+        __atomic_fetch_add(&nd->doorbell, 1, __ATOMIC_RELEASE);
+        futex_wake(&nd->doorbell, INT_MAX);
+    }
+}
+
+static PyObject *Region_wake_all(RegionObject *self, PyObject *noargs)
+{
+    uint32_t hwm = LOAD_ACQUIRE(&self->r.sb->node_hwm);
+    for (uint32_t i = 0; i < hwm; i++) {
+        sf_node *nd = node_at(&self->r, i);
+        __atomic_fetch_add(&nd->doorbell, 1, __ATOMIC_RELEASE);
+        futex_wake(&nd->doorbell, INT_MAX);
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Port: one attached node's private handle; the hot path                                     */
+
+enum { WAIT_POLL = 0, WAIT_BLOCK = 1, WAIT_ADAPTIVE = 2 };
+
+typedef struct {
+    PyObject_HEAD
+    RegionObject *region;
+    region_view r;
+    sf_node *me;
+    uint32_t index, tag, network;
+    uint32_t *cache[SF_MAX_NETWORKS];
+    uint32_t ncache[SF_MAX_NETWORKS];
+    uint64_t *tape_cursor; /* 1 + n_mcast */
+    uint32_t rr;           /* first ring to look at next time, for fairness */
+    int wait_mode;
+    int64_t spin_ns;
+    int closed;
+    /* fileno() support: a notifier thread turns the futex doorbell into an eventfd */
+    int efd;
+    pthread_t notifier;
+    int notifier_on;
+    uint32_t notifier_stop;
+    uint32_t signalled; /* process-private futex word: 1 while efd is readable */
+    uint8_t mac[6];
+} PortObject;
+
+static PyTypeObject Port_Type;
+
+static inline sf_network *port_net(PortObject *p, uint32_t pool) { return net_at(&p->r, pool); }
+
+static inline void publish_cached(PortObject *p, uint32_t pool) { STORE_RELAXED(&p->me->cached[pool], p->ncache[pool]); }
+
+/* Refill the private cache from the shared stack (one chain). Returns false if the pool is dry. */
+static bool cache_refill(PortObject *p, uint32_t pool)
+{
+    region_view *r = &p->r;
+    sf_network *n = port_net(p, pool);
+    uint32_t top1 = stack_pop_chain(r, n);
+    if (!top1)
+        return false;
+    uint32_t *next = net_next(r, n), *owner = net_owner(r, n);
+    uint32_t s1 = top1, count = 0;
+    while (s1 && p->ncache[pool] < CACHE_CAP) {
+        uint32_t s = s1 - 1;
+        s1 = next[s];
+        STORE_RELAXED(&owner[s], p->tag);
+        p->cache[pool][p->ncache[pool]++] = s;
+        count++;
+    }
+    if (s1) { /* cache full (cannot happen when refilling an empty cache): give the rest back */
+        uint32_t top = s1 - 1, c = 0;
+        for (uint32_t x = s1; x; x = next[x - 1])
+            c++;
+        stack_push_chain(r, n, top, c);
+    }
+    __atomic_fetch_sub(&n->free_count, (int64_t)count, __ATOMIC_RELAXED);
+    publish_cached(p, pool);
+    return true;
+}
+
+/* Give `count` slots from the cache's end back to the shared stack as chains. */
+static void cache_flush(PortObject *p, uint32_t pool, uint32_t count)
+{
+    region_view *r = &p->r;
+    sf_network *n = port_net(p, pool);
+    uint32_t *next = net_next(r, n), *owner = net_owner(r, n);
+    while (count) {
+        uint32_t k = count < CHAIN_LEN ? count : CHAIN_LEN;
+        uint32_t *src = &p->cache[pool][p->ncache[pool] - k];
+        for (uint32_t j = 0; j < k; j++) {
+            next[src[j]] = (j + 1 < k) ? src[j + 1] + 1 : 0;
+            STORE_RELAXED(&owner[src[j]], 0);
+        }
+        stack_push_chain(r, n, src[0], k);
+        p->ncache[pool] -= k;
+        count -= k;
+    }
+    publish_cached(p, pool);
+}
+
+static inline bool slot_get(PortObject *p, uint32_t pool, uint32_t *slot)
+{
+    if (!p->ncache[pool] && !cache_refill(p, pool))
+        return false;
+    *slot = p->cache[pool][--p->ncache[pool]];
+    return true;
+}
+
+static inline void slot_put(PortObject *p, uint32_t pool, uint32_t slot)
+{
+    if (p->ncache[pool] == CACHE_CAP)
+        cache_flush(p, pool, CACHE_CAP / 2);
+    p->cache[pool][p->ncache[pool]++] = slot;
+}
+
+static void make_mac(uint8_t *mac, uint32_t index)
+{
+    /* locally administered unicast: 02:73:66 ("sf") : 00 : index */
+    mac[0] = 0x02; mac[1] = 0x73; mac[2] = 0x66; mac[3] = 0x00;
+    mac[4] = (uint8_t)(index >> 8); mac[5] = (uint8_t)index;
+}
+
+static inline void write_header(uint8_t *f, const uint8_t *dst, const uint8_t *src, uint16_t ethertype)
+{
+    memcpy(f, dst, 6);
+    memcpy(f + 6, src, 6);
+    f[12] = (uint8_t)(ethertype >> 8);
+    f[13] = (uint8_t)ethertype;
+}
+
+static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
+{
+    RegionObject *region;
+    unsigned int index;
+    if (!PyArg_ParseTuple(args, "O!I", &Region_Type, &region, &index))
+        return -1;
+    Py_INCREF(region);
+    self->region = region;
+    self->r = region->r;
+    self->efd = -1;
+    if (index >= self->r.sb->max_nodes) {
+        PyErr_SetString(PyExc_IndexError, "node index out of range");
+        return -1;
+    }
+    self->index = index;
+    self->me = node_at(&self->r, index);
+    if (LOAD_ACQUIRE(&self->me->state) != SF_NODE_UP) {
+        PyErr_SetString(FabricError, "node entry is not up (claim it first)");
+        return -1;
+    }
+    self->tag = sf_owner_tag(index, self->me->gen);
+    self->network = self->me->network;
+    for (uint32_t i = 0; i < self->r.sb->n_networks && i < SF_MAX_NETWORKS; i++) {
+        self->cache[i] = PyMem_Malloc(sizeof(uint32_t) * CACHE_CAP);
+        if (!self->cache[i]) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    uint32_t ntapes = 1 + self->r.sb->n_mcast;
+    self->tape_cursor = PyMem_Malloc(sizeof(uint64_t) * ntapes);
+    if (!self->tape_cursor) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint32_t t = 0; t < ntapes; t++)
+        self->tape_cursor[t] = LOAD_ACQUIRE(&tape_at(&self->r, t)->head); /* start at "now" */
+    self->wait_mode = WAIT_ADAPTIVE;
+    self->spin_ns = 50000;
+    make_mac(self->mac, index);
+    return 0;
+}
+
+static void port_stop_notifier(PortObject *p);
+
+/* Give every cached slot back; called on close. */
+static void port_close(PortObject *p)
+{
+    if (p->closed)
+        return;
+    port_stop_notifier(p);
+    for (uint32_t i = 0; i < p->r.sb->n_networks && i < SF_MAX_NETWORKS; i++)
+        if (p->cache[i] && p->ncache[i])
+            cache_flush(p, i, p->ncache[i]);
+    p->closed = 1;
+}
+
+static void Port_dealloc(PortObject *self)
+{
+    if (self->region && !self->closed && self->me && LOAD_ACQUIRE(&self->me->state) == SF_NODE_UP)
+        port_close(self);
+    else
+        port_stop_notifier(self);
+    for (int i = 0; i < SF_MAX_NETWORKS; i++)
+        PyMem_Free(self->cache[i]);
+    PyMem_Free(self->tape_cursor);
+    Py_XDECREF(self->region);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define CHECK_OPEN(p)                                                                   \
+    do {                                                                                \
+        if ((p)->closed) {                                                              \
+            PyErr_SetString(FabricError, "node is detached");                           \
+            return NULL;                                                                \
+        }                                                                               \
+    } while (0)
+
+/* Look up a unicast destination; sets an exception and returns NULL if it cannot take frames. */
+static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag)
+{
+    if (dst < 0 || (uint32_t)dst >= p->r.sb->max_nodes) {
+        PyErr_Format(RingDownError, "unknown destination node %ld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
+        return NULL;
+    }
+    sf_node *d = node_at(&p->r, (uint32_t)dst);
+    sf_ring *g = ring_at(&p->r, p->index, (uint32_t)dst);
+    if (LOAD_ACQUIRE(&d->state) != SF_NODE_UP || LOAD_ACQUIRE(&g->down)) {
+        p->me->tx_drops++;
+        PyErr_Format(RingDownError, "destination node %ld is not attached (down or never up)", dst);
+        return NULL;
+    }
+    *dst_tag = sf_owner_tag((uint32_t)dst, LOAD_RELAXED(&d->gen));
+    return g;
+}
+
+static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t wanted, uint64_t bytes, long dst)
+{
+    if (n) {
+        STORE_RELEASE(&g->head, head + n); /* R1 pairs with A2 */
+        STORE_RELAXED(&g->enq_frames, g->enq_frames + n);
+        STORE_RELAXED(&p->me->tx_frames, p->me->tx_frames + n);
+        STORE_RELAXED(&p->me->tx_bytes, p->me->tx_bytes + bytes);
+        ring_doorbell(node_at(&p->r, (uint32_t)dst));
+    }
+    if (n < wanted) {
+        STORE_RELAXED(&g->full_events, g->full_events + 1);
+        STORE_RELAXED(&p->me->tx_ring_full, p->me->tx_ring_full + (wanted - n));
+    }
+}
+
+/* send_batch(dst, frames, ethertype=0x88B5, meta=0) -> number sent. The rest did not fit. */
+static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", NULL};
+    long dst;
+    PyObject *seq;
+    unsigned int ethertype = 0x88B5, meta = 0;
+    int raw = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIp", kwlist, &dst, &seq, &ethertype, &meta, &raw))
+        return NULL;
+    CHECK_OPEN(p);
+    uint32_t dst_tag;
+    sf_ring *g = dest_ring(p, dst, &dst_tag);
+    if (!g)
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "frames must be a sequence of bytes-like objects");
+    if (!fast)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    region_view *r = &p->r;
+    uint32_t mask = r->sb->ring_size - 1;
+    uint32_t head = g->head;
+    uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
+    uint32_t space = sf_ring_space(head, tail, r->sb->ring_size);
+    uint32_t want = count > (Py_ssize_t)UINT32_MAX ? UINT32_MAX : (uint32_t)count;
+    uint32_t n = want < space ? want : space;
+    uint32_t pool = p->network;
+    sf_network *net = port_net(p, pool);
+    uint32_t *owner = net_owner(r, net);
+    uint32_t hlen = raw ? 0 : SF_ETH_HLEN;
+    uint32_t maxlen = net->mtu + SF_ETH_HLEN;
+    uint8_t dmac[6];
+    make_mac(dmac, (uint32_t)dst);
+    uint64_t bytes = 0;
+    uint32_t i = 0;
+    for (; i < n; i++) {
+        Py_buffer b;
+        PyObject *it = items[i];
+        const char *data;
+        Py_ssize_t len;
+        int release = 0;
+        if (PyBytes_CheckExact(it)) { /* the common case without the buffer-protocol round trip */
+            data = PyBytes_AS_STRING(it);
+            len = PyBytes_GET_SIZE(it);
+        } else {
+            if (PyObject_GetBuffer(it, &b, PyBUF_SIMPLE) < 0)
+                break;
+            data = b.buf;
+            len = b.len;
+            release = 1;
+        }
+        if ((uint64_t)len + hlen > maxlen || (raw && len < SF_ETH_HLEN)) {
+            if (release)
+                PyBuffer_Release(&b);
+            if (raw && len < SF_ETH_HLEN)
+                PyErr_Format(FrameSizeError, "frame %u is %zd bytes, shorter than the 14-byte header", i, len);
+            else
+                PyErr_Format(FrameSizeError, "frame %u payload is %zd bytes, larger than the network MTU %u",
+                             i, len - (raw ? SF_ETH_HLEN : 0), net->mtu);
+            break;
+        }
+        uint32_t slot;
+        if (!slot_get(p, pool, &slot)) {
+            if (release)
+                PyBuffer_Release(&b);
+            STORE_RELAXED(&p->me->tx_nobuf, p->me->tx_nobuf + (n - i));
+            break;
+        }
+        uint8_t *f = slot_ptr(r, net, slot);
+        if (!raw)
+            write_header(f, dmac, p->mac, (uint16_t)ethertype);
+        memcpy(f + hlen, data, len);
+        if (release)
+            PyBuffer_Release(&b);
+        STORE_RELAXED(&owner[slot], dst_tag);
+        sf_desc *d = &g->desc[(head + i) & mask];
+        d->slot = slot;
+        d->len = (uint32_t)len + hlen;
+        d->pool = (uint16_t)pool;
+        d->flags = 0;
+        d->meta = meta;
+        bytes += (uint64_t)len;
+    }
+    finish_send(p, g, head, i, want, bytes, dst);
+    Py_DECREF(fast);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLong(i);
+}
+
+/* send(dst, frame, ethertype=0x88B5, meta=0) -> bool */
+static PyObject *Port_send(PortObject *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dst", "frame", "ethertype", "meta", "raw", NULL};
+    long dst;
+    PyObject *obj;
+    unsigned int ethertype = 0x88B5, meta = 0;
+    int raw = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIp", kwlist, &dst, &obj, &ethertype, &meta, &raw))
+        return NULL;
+    PyObject *tup = PyTuple_Pack(1, obj);
+    if (!tup)
+        return NULL;
+    PyObject *a = Py_BuildValue("(lO)", dst, tup);
+    PyObject *k = Py_BuildValue("{s:I,s:I,s:O}", "ethertype", ethertype, "meta", meta, "raw", raw ? Py_True : Py_False);
+    Py_DECREF(tup);
+    PyObject *res = (a && k) ? Port_send_batch(p, a, k) : NULL;
+    Py_XDECREF(a);
+    Py_XDECREF(k);
+    if (!res)
+        return NULL;
+    long sent = PyLong_AsLong(res);
+    Py_DECREF(res);
+    return PyBool_FromLong(sent == 1);
+}
+
+/* --- inbound --------------------------------------------------------------------------------- */
+
+enum { FS_OWNED = 0, FS_GONE = 1, FS_COPY = 2 };
+
+typedef struct {
+    uint8_t *data;
+    uint32_t len;
+    uint32_t slot;
+    uint16_t pool;
+    uint16_t flags;
+    uint32_t meta;
+    uint8_t state;
+} frame_ref;
+
+typedef struct {
+    PyObject_HEAD
+    PortObject *port;
+    frame_ref *f;
+    uint32_t n, cap;
+    uint8_t *scratch; /* copies of tape frames */
+    size_t scratch_used, scratch_cap;
+    Py_ssize_t exports;
+    int released;
+    PyObject *control; /* list of control frames (bytes) taken from the tapes, or NULL */
+} BatchObject;
+
+typedef struct {
+    PyObject_HEAD
+    BatchObject *batch;
+    uint32_t i;
+} FrameObject;
+
+static PyTypeObject Batch_Type, Frame_Type;
+
+static bool tapes_pending(PortObject *p)
+{
+    region_view *r = &p->r;
+    if (LOAD_ACQUIRE(&tape_at(r, 0)->head) != p->tape_cursor[0])
+        return true;
+    uint64_t mask = LOAD_RELAXED(&p->me->mcast_mask);
+    while (mask) {
+        uint32_t b = (uint32_t)__builtin_ctzll(mask);
+        mask &= mask - 1;
+        if (LOAD_ACQUIRE(&tape_at(r, 1 + b)->head) != p->tape_cursor[1 + b])
+            return true;
+    }
+    return false;
+}
+
+static bool inbound_pending(PortObject *p)
+{
+    region_view *r = &p->r;
+    uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+    for (uint32_t s = 0; s < hwm; s++) {
+        sf_ring *g = ring_at(r, s, p->index);
+        if (LOAD_ACQUIRE(&g->head) != g->tail)
+            return true;
+    }
+    return tapes_pending(p);
+}
+
+/* Read one tape into the batch (copying frames into scratch). */
+static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit)
+{
+    region_view *r = &p->r;
+    sf_tape *t = tape_at(r, ti);
+    uint64_t entries = r->sb->tape_entries;
+    while (b->n < limit) {
+        uint64_t head = LOAD_ACQUIRE(&t->head); /* A5 pairs with R5 */
+        uint64_t cur = p->tape_cursor[ti];
+        if (cur == head)
+            return;
+        if (head - cur > entries) { /* lapped: skip to the oldest entry still valid */
+            uint64_t missed = head - entries - cur;
+            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + missed);
+            cur = head - entries;
+        }
+        sf_tape_entry *e = tape_entry(r, t, cur);
+        uint64_t s1 = LOAD_ACQUIRE(&e->seq); /* A4 pairs with R4 */
+        if (s1 != 2 * cur + 2) {              /* overwritten (or being overwritten) already */
+            p->tape_cursor[ti] = cur + 1;
+            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + 1);
+            continue;
+        }
+        uint32_t len = e->len;
+        if (len > r->sb->tape_entry_size)
+            len = r->sb->tape_entry_size;
+        if (b->scratch_used + len > b->scratch_cap) {
+            size_t nc = (b->scratch_cap ? b->scratch_cap * 2 : 16384);
+            while (nc < b->scratch_used + len)
+                nc *= 2;
+            /* frames already copied point into scratch: remember offsets, re-base after realloc */
+            uint8_t *old = b->scratch;
+            uint8_t *ns = PyMem_Realloc(b->scratch, nc);
+            if (!ns)
+                return;
+            for (uint32_t k = 0; k < b->n; k++)
+                if (b->f[k].state == FS_COPY)
+                    b->f[k].data = ns + (b->f[k].data - old);
+            b->scratch = ns;
+            b->scratch_cap = nc;
+        }
+        uint8_t *dst = b->scratch + b->scratch_used;
+        memcpy(dst, (uint8_t *)(e + 1), len);
+        uint16_t flags = e->flags, src = e->src;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        uint64_t s2 = LOAD_RELAXED(&e->seq);
+        p->tape_cursor[ti] = cur + 1;
+        if (s2 != s1) { /* the writer lapped us while we copied: the copy is torn, drop it */
+            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + 1);
+            continue;
+        }
+        if (src == p->index)
+            continue; /* our own broadcast or multicast */
+        if (flags & SF_DESC_CONTROL) { /* internal: handed to the Python layer, not the user */
+            PyObject *cf = PyBytes_FromStringAndSize((char *)dst, len);
+            if (!b->control)
+                b->control = PyList_New(0);
+            if (cf && b->control)
+                PyList_Append(b->control, cf);
+            Py_XDECREF(cf);
+            PyErr_Clear();
+            continue;
+        }
+        b->scratch_used += len;
+        frame_ref *fr = &b->f[b->n++];
+        fr->data = dst;
+        fr->len = len;
+        fr->slot = UINT32_MAX;
+        fr->pool = UINT16_MAX;
+        fr->flags = flags;
+        fr->meta = src;
+        fr->state = FS_COPY;
+        STORE_RELAXED(&p->me->tape_rx, p->me->tape_rx + 1);
+    }
+}
+
+/* Fill a batch from the inbound rings and tapes, without blocking. */
+static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
+{
+    region_view *r = &p->r;
+    uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+    uint32_t mask = r->sb->ring_size - 1;
+    uint64_t bytes = 0;
+    uint32_t start_n = b->n;
+    uint32_t start = p->rr < hwm ? p->rr : 0;
+    for (uint32_t k = 0; k < hwm && b->n < limit; k++) {
+        uint32_t s = start + k;
+        if (s >= hwm)
+            s -= hwm;
+        sf_ring *g = ring_at(r, s, p->index);
+        uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
+        uint32_t tail = g->tail;
+        uint32_t avail = head - tail;
+        if (!avail)
+            continue;
+        uint32_t take = limit - b->n;
+        if (take > avail)
+            take = avail;
+        for (uint32_t j = 0; j < take; j++) {
+            sf_desc *d = &g->desc[(tail + j) & mask];
+            frame_ref *fr = &b->f[b->n++];
+            uint32_t pool = d->pool < r->sb->n_networks ? d->pool : 0;
+            sf_network *n = net_at(r, pool);
+            uint32_t slot = d->slot < n->n_slots ? d->slot : 0;
+            uint32_t len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
+            fr->data = slot_ptr(r, n, slot);
+            fr->len = len;
+            fr->slot = slot;
+            fr->pool = (uint16_t)pool;
+            fr->flags = d->flags;
+            fr->meta = d->meta;
+            fr->state = FS_OWNED;
+            bytes += len;
+        }
+        STORE_RELEASE(&g->tail, tail + take); /* R2 pairs with A1; descriptors were copied out */
+        STORE_RELAXED(&g->deq_frames, g->deq_frames + take);
+        if (b->n >= limit)
+            p->rr = s + 1; /* resume after this ring next time so no peer starves */
+    }
+    uint32_t got = b->n - start_n;
+    if (got) {
+        STORE_RELAXED(&p->me->rx_frames, p->me->rx_frames + got);
+        STORE_RELAXED(&p->me->rx_bytes, p->me->rx_bytes + bytes);
+    }
+    if (b->n < limit) {
+        read_tape(p, b, 0, limit);
+        uint64_t mm = LOAD_RELAXED(&p->me->mcast_mask);
+        while (mm && b->n < limit) {
+            uint32_t bit = (uint32_t)__builtin_ctzll(mm);
+            mm &= mm - 1;
+            read_tape(p, b, 1 + bit, limit);
+        }
+    }
+}
+
+/* Block (GIL released) until something may be waiting or the deadline passes. */
+static void port_wait(PortObject *p, int64_t timeout_ns)
+{
+    uint64_t deadline = timeout_ns < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ns;
+    if (p->wait_mode != WAIT_BLOCK) {
+        uint64_t spin_end = p->wait_mode == WAIT_POLL ? deadline : now_ns() + (uint64_t)p->spin_ns;
+        if (spin_end > deadline)
+            spin_end = deadline;
+        do {
+            if (inbound_pending(p))
+                return;
+            for (int i = 0; i < 16; i++)
+                CPU_RELAX();
+        } while (now_ns() < spin_end);
+        if (p->wait_mode == WAIT_POLL)
+            return;
+    }
+    sf_node *me = p->me;
+    for (;;) {
+        uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
+        STORE_RELAXED(&me->waiting, 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1 */
+        if (inbound_pending(p))
+            break;
+        uint64_t now = now_ns();
+        if (now >= deadline)
+            break;
+        /* sleep in slices so a liveness change (a peer reclaimed) is never missed for long */
+        int64_t left = deadline == UINT64_MAX ? 200000000 : (int64_t)(deadline - now);
+        if (left > 200000000)
+            left = 200000000;
+        futex_wait(&me->doorbell, seq, left);
+        STORE_RELAXED(&me->wakeups, me->wakeups + 1);
+        if (deadline == UINT64_MAX && LOAD_ACQUIRE(&me->doorbell) == seq && !inbound_pending(p))
+            break; /* a quiet slice: return empty so Python can check signals */
+    }
+    STORE_RELAXED(&me->waiting, 0);
+}
+
+static BatchObject *new_batch(PortObject *p, uint32_t cap)
+{
+    BatchObject *b = PyObject_New(BatchObject, &Batch_Type);
+    if (!b)
+        return NULL;
+    b->f = PyMem_Malloc(sizeof(frame_ref) * (cap ? cap : 1));
+    if (!b->f) {
+        Py_DECREF(b);
+        return NULL;
+    }
+    Py_INCREF(p);
+    b->port = p;
+    b->n = 0;
+    b->cap = cap;
+    b->scratch = NULL;
+    b->scratch_used = b->scratch_cap = 0;
+    b->exports = 0;
+    b->released = 0;
+    b->control = NULL;
+    return b;
+}
+
+static void port_clear_signal(PortObject *p);
+
+/* recv_batch(max_frames=256, timeout=None) -> FrameBatch. timeout 0 never blocks; None waits
+ * until frames arrive (returning an empty batch now and then so signals are seen). */
+static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max_frames", "timeout", NULL};
+    unsigned int maxf = 256;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|IO", kwlist, &maxf, &timeout))
+        return NULL;
+    CHECK_OPEN(p);
+    if (maxf == 0 || maxf > 65536) {
+        PyErr_SetString(PyExc_ValueError, "max_frames must be between 1 and 65536");
+        return NULL;
+    }
+    int64_t tmo = -1;
+    if (timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        tmo = t <= 0 ? 0 : (int64_t)(t * 1e9);
+    }
+    BatchObject *b = new_batch(p, maxf);
+    if (!b)
+        return NULL;
+    fill_batch(p, b, maxf);
+    if (b->n == 0 && tmo != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        port_wait(p, tmo);
+        Py_END_ALLOW_THREADS
+        fill_batch(p, b, maxf);
+    }
+    if (p->notifier_on && b->n < maxf)
+        port_clear_signal(p);
+    return (PyObject *)b;
+}
+
+/* wait(timeout=None) -> bool: block until frames may be waiting, without taking them. */
+static PyObject *Port_wait(PortObject *p, PyObject *args)
+{
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &timeout))
+        return NULL;
+    CHECK_OPEN(p);
+    int64_t tmo = -1;
+    if (timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        tmo = t <= 0 ? 0 : (int64_t)(t * 1e9);
+    }
+    bool ready;
+    Py_BEGIN_ALLOW_THREADS
+    port_wait(p, tmo);
+    ready = inbound_pending(p);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ready);
+}
+
+/* --- tapes (broadcast / multicast) ------------------------------------------------------------ */
+
+/* tape_send(tape, frame, flags=0) -> None. frame is a whole frame (header included). */
+static PyObject *Port_tape_send(PortObject *p, PyObject *args)
+{
+    unsigned int ti, flags = 0;
+    Py_buffer fb;
+    if (!PyArg_ParseTuple(args, "Iy*|I", &ti, &fb, &flags))
+        return NULL;
+    if (p->closed || ti > p->r.sb->n_mcast || (uint64_t)fb.len > p->r.sb->tape_entry_size) {
+        PyErr_Format(p->closed ? FabricError : PyExc_ValueError,
+                     p->closed ? "node is detached" : "tape %u does not exist or frame of %zd bytes exceeds the tape entry size %u",
+                     ti, fb.len, p->r.sb->tape_entry_size);
+        PyBuffer_Release(&fb);
+        return NULL;
+    }
+    region_view *r = &p->r;
+    sf_tape *t = tape_at(r, ti);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pthread_mutex_lock(&t->lock);
+    Py_END_ALLOW_THREADS
+    if (rc == EOWNERDEAD) /* a writer died holding the lock: the tape is still consistent, because a
+                           * half-written entry keeps an odd seq that readers skip */
+        pthread_mutex_consistent(&t->lock);
+    else if (rc != 0) {
+        PyBuffer_Release(&fb);
+        PyErr_Format(FabricError, "tape lock failed: %s", strerror(rc));
+        return NULL;
+    }
+    uint64_t seq = t->head;
+    sf_tape_entry *e = tape_entry(r, t, seq);
+    STORE_RELAXED(&e->seq, 2 * seq + 1);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* the odd seq is seen before any new byte */
+    e->len = (uint32_t)fb.len;
+    e->src = (uint16_t)p->index;
+    e->flags = (uint16_t)flags;
+    memcpy((uint8_t *)(e + 1), fb.buf, fb.len);
+    STORE_RELEASE(&e->seq, 2 * seq + 2); /* R4 pairs with A4 */
+    STORE_RELEASE(&t->head, seq + 1);    /* R5 pairs with A5 */
+    pthread_mutex_unlock(&t->lock);
+    PyBuffer_Release(&fb);
+    STORE_RELAXED(&p->me->tape_tx, p->me->tape_tx + 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F1 pairs with F2, for every reader */
+    uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+    for (uint32_t i = 0; i < hwm; i++) {
+        sf_node *nd = node_at(r, i);
+        if (i != p->index && LOAD_RELAXED(&nd->waiting)) {
+            __atomic_fetch_add(&nd->doorbell, 1, __ATOMIC_RELEASE);
+            futex_wake(&nd->doorbell, INT_MAX);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_mcast(mask) sets which multicast tapes this node reads (bit i = tape 1+i). */
+static PyObject *Port_set_mcast(PortObject *p, PyObject *arg)
+{
+    unsigned long long mask = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    uint64_t old = p->me->mcast_mask;
+    for (uint32_t b = 0; b < p->r.sb->n_mcast && b < 64; b++)
+        if ((mask >> b & 1) && !(old >> b & 1))
+            p->tape_cursor[1 + b] = LOAD_ACQUIRE(&tape_at(&p->r, 1 + b)->head);
+    STORE_RELEASE(&p->me->mcast_mask, (uint64_t)mask);
+    Py_RETURN_NONE;
+}
+
+/* --- zero-copy send buffers ------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PortObject *port;
+    uint32_t pool, slot;
+    uint8_t *data;
+    Py_ssize_t exports;
+    int sent;
+} BufferObject;
+
+static PyTypeObject Buffer_Type;
+
+/* alloc() -> Buffer: a pool slot whose payload the caller writes, then send_buffer() sends. */
+static PyObject *Port_alloc(PortObject *p, PyObject *noargs)
+{
+    CHECK_OPEN(p);
+    uint32_t slot;
+    if (!slot_get(p, p->network, &slot)) {
+        PyErr_SetString(PyExc_MemoryError, "packet pool exhausted: no free slot in this network");
+        return NULL;
+    }
+    BufferObject *b = PyObject_New(BufferObject, &Buffer_Type);
+    if (!b) {
+        slot_put(p, p->network, slot);
+        return NULL;
+    }
+    Py_INCREF(p);
+    b->port = p;
+    b->pool = p->network;
+    b->slot = slot;
+    b->data = slot_ptr(&p->r, port_net(p, p->network), slot);
+    b->exports = 0;
+    b->sent = 0;
+    return (PyObject *)b;
+}
+
+static void Buffer_dealloc(BufferObject *b)
+{
+    if (!b->sent && !b->port->closed)
+        slot_put(b->port, b->pool, b->slot);
+    Py_DECREF(b->port);
+    PyObject_Free(b);
+}
+
+static int Buffer_getbuffer(BufferObject *b, Py_buffer *view, int flags)
+{
+    if (b->sent) {
+        PyErr_SetString(ReleasedError, "buffer was already sent; allocate a new one");
+        return -1;
+    }
+    sf_network *n = port_net(b->port, b->pool);
+    b->exports++;
+    return PyBuffer_FillInfo(view, (PyObject *)b, b->data + SF_ETH_HLEN, n->mtu, 0, flags);
+}
+static void Buffer_releasebuffer(BufferObject *b, Py_buffer *view) { b->exports--; }
+
+static PyBufferProcs Buffer_as_buffer = {(getbufferproc)Buffer_getbuffer, (releasebufferproc)Buffer_releasebuffer};
+
+static PyObject *Buffer_get_capacity(BufferObject *b, void *c) { return PyLong_FromUnsignedLong(port_net(b->port, b->pool)->mtu); }
+
+static PyGetSetDef Buffer_getset[] = {{"capacity", (getter)Buffer_get_capacity, NULL, "payload bytes this buffer holds (the MTU)", NULL}, {NULL}};
+
+static PyTypeObject Buffer_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfabric.core._fabric.Buffer",
+    .tp_basicsize = sizeof(BufferObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Buffer_dealloc,
+    .tp_as_buffer = &Buffer_as_buffer,
+    .tp_getset = Buffer_getset,
+    .tp_doc = "A pool slot being filled for a zero-copy send; memoryview(buf) is its payload.",
+};
+
+/* send_buffer(dst, buf, length, ethertype=0x88B5, meta=0) -> bool */
+static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dst", "buf", "length", "ethertype", "meta", NULL};
+    long dst;
+    BufferObject *b;
+    unsigned int length, ethertype = 0x88B5, meta = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO!I|II", kwlist, &dst, &Buffer_Type, &b, &length, &ethertype, &meta))
+        return NULL;
+    CHECK_OPEN(p);
+    if (b->port != p) {
+        PyErr_SetString(PyExc_ValueError, "buffer belongs to another node");
+        return NULL;
+    }
+    if (b->sent) {
+        PyErr_SetString(ReleasedError, "buffer was already sent; allocate a new one");
+        return NULL;
+    }
+    if (b->exports) {
+        PyErr_SetString(PyExc_BufferError, "release the buffer's memoryviews before sending it");
+        return NULL;
+    }
+    sf_network *n = port_net(p, b->pool);
+    if (length > n->mtu) {
+        PyErr_Format(FrameSizeError, "length %u larger than the network MTU %u", length, n->mtu);
+        return NULL;
+    }
+    uint32_t dst_tag;
+    sf_ring *g = dest_ring(p, dst, &dst_tag);
+    if (!g)
+        return NULL;
+    uint32_t head = g->head;
+    uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
+    if (!sf_ring_space(head, tail, p->r.sb->ring_size)) {
+        finish_send(p, g, head, 0, 1, 0, dst);
+        Py_RETURN_FALSE;
+    }
+    uint8_t dmac[6];
+    make_mac(dmac, (uint32_t)dst);
+    write_header(b->data, dmac, p->mac, (uint16_t)ethertype);
+    STORE_RELAXED(&net_owner(&p->r, n)[b->slot], dst_tag);
+    sf_desc *d = &g->desc[head & (p->r.sb->ring_size - 1)];
+    d->slot = b->slot;
+    d->len = length + SF_ETH_HLEN;
+    d->pool = (uint16_t)b->pool;
+    d->flags = 0;
+    d->meta = meta;
+    b->sent = 1;
+    finish_send(p, g, head, 1, 1, length, dst);
+    Py_RETURN_TRUE;
+}
+
+/* --- forwarding ---------------------------------------------------------------------------- */
+
+static int batch_check(BatchObject *b)
+{
+    if (b->released) {
+        PyErr_SetString(ReleasedError, "frame batch was released; its frames are no longer valid");
+        return -1;
+    }
+    return 0;
+}
+
+/* forward the frames [idx, idx+count) of batch b (skipping gone ones) to dst. */
+static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_t lo, uint32_t hi, int single)
+{
+    CHECK_OPEN(p);
+    if (b->port != p) {
+        PyErr_SetString(PyExc_ValueError, "frames belong to another node");
+        return NULL;
+    }
+    if (batch_check(b) < 0)
+        return NULL;
+    if (b->exports) {
+        PyErr_SetString(PyExc_BufferError, "release the frames' memoryviews before forwarding them");
+        return NULL;
+    }
+    uint32_t dst_tag;
+    sf_ring *g = dest_ring(p, dst, &dst_tag);
+    if (!g)
+        return NULL;
+    region_view *r = &p->r;
+    uint32_t mask = r->sb->ring_size - 1;
+    uint32_t head = g->head;
+    uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
+    uint32_t space = sf_ring_space(head, tail, r->sb->ring_size);
+    uint32_t sent = 0, wanted = 0;
+    uint64_t bytes = 0;
+    uint8_t dmac[6];
+    make_mac(dmac, (uint32_t)dst);
+    for (uint32_t i = lo; i < hi; i++) {
+        frame_ref *fr = &b->f[i];
+        if (fr->state == FS_GONE)
+            continue;
+        wanted++;
+        if (sent == space)
+            continue;
+        uint32_t pool = fr->pool, slot = fr->slot;
+        if (fr->state == FS_COPY) { /* a tape frame lives in scratch: it needs a slot first */
+            pool = p->network;
+            if (fr->len > port_net(p, pool)->mtu + SF_ETH_HLEN || !slot_get(p, pool, &slot)) {
+                p->me->tx_nobuf++;
+                continue;
+            }
+            memcpy(slot_ptr(r, port_net(p, pool), slot), fr->data, fr->len);
+        }
+        /* rewrite the MAC header in place: the frame now goes from us to dst */
+        uint8_t *fd = slot_ptr(r, port_net(p, pool), slot);
+        if (fr->len >= SF_ETH_HLEN) {
+            memcpy(fd, dmac, 6);
+            memcpy(fd + 6, p->mac, 6);
+        }
+        STORE_RELAXED(&net_owner(r, port_net(p, pool))[slot], dst_tag);
+        sf_desc *d = &g->desc[(head + sent) & mask];
+        d->slot = slot;
+        d->len = fr->len;
+        d->pool = (uint16_t)pool;
+        d->flags = fr->flags;
+        d->meta = fr->meta;
+        if (fr->state == FS_COPY)
+            fr->data = fd; /* (unused after this; keep it pointing at live memory) */
+        fr->state = FS_GONE;
+        bytes += fr->len;
+        sent++;
+    }
+    finish_send(p, g, head, sent, wanted, bytes, dst);
+    if (single)
+        return PyBool_FromLong(sent == 1);
+    return PyLong_FromUnsignedLong(sent);
+}
+
+static PyObject *Port_forward(PortObject *p, PyObject *args)
+{
+    long dst;
+    FrameObject *f;
+    if (!PyArg_ParseTuple(args, "lO!", &dst, &Frame_Type, &f))
+        return NULL;
+    if (f->batch->f[f->i].state == FS_GONE && !f->batch->released) {
+        PyErr_SetString(ReleasedError, "frame was already forwarded");
+        return NULL;
+    }
+    return forward_frames(p, dst, f->batch, f->i, f->i + 1, 1);
+}
+
+static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
+{
+    long dst;
+    BatchObject *b;
+    if (!PyArg_ParseTuple(args, "lO!", &dst, &Batch_Type, &b))
+        return NULL;
+    return forward_frames(p, dst, b, 0, b->n, 0);
+}
+
+/* --- fileno(): eventfd fed by a notifier thread ------------------------------------------------ */
+
+static void *notifier_main(void *arg)
+{
+    PortObject *p = arg;
+    sf_node *me = p->me;
+    while (!LOAD_ACQUIRE(&p->notifier_stop)) {
+        if (LOAD_ACQUIRE(&p->signalled)) {
+            /* wait until the consumer drained and cleared the eventfd */
+            syscall(SYS_futex, &p->signalled, FUTEX_WAIT_PRIVATE, 1, &(struct timespec){0, 100000000}, NULL, 0);
+            continue;
+        }
+        uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
+        STORE_RELAXED(&me->waiting, 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1 */
+        if (inbound_pending(p)) {
+            STORE_RELEASE(&p->signalled, 1);
+            uint64_t one = 1;
+            ssize_t w = write(p->efd, &one, sizeof one);
+            (void)w;
+            continue;
+        }
+        futex_wait(&me->doorbell, seq, 100000000);
+    }
+    return NULL;
+}
+
+static void port_clear_signal(PortObject *p)
+{
+    uint64_t v;
+    if (!LOAD_ACQUIRE(&p->signalled))
+        return;
+    ssize_t rd = read(p->efd, &v, sizeof v); /* non-blocking */
+    (void)rd;
+    STORE_RELEASE(&p->signalled, 0);
+    syscall(SYS_futex, &p->signalled, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static PyObject *Port_fileno(PortObject *p, PyObject *noargs)
+{
+    CHECK_OPEN(p);
+    if (!p->notifier_on) {
+        p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (p->efd < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        p->notifier_stop = 0;
+        p->signalled = 0;
+        if (pthread_create(&p->notifier, NULL, notifier_main, p) != 0) {
+            close(p->efd);
+            p->efd = -1;
+            PyErr_SetString(FabricError, "cannot start the wake-up thread");
+            return NULL;
+        }
+        p->notifier_on = 1;
+    }
+    return PyLong_FromLong(p->efd);
+}
+
+static void port_stop_notifier(PortObject *p)
+{
+    if (!p->notifier_on)
+        return;
+    STORE_RELEASE(&p->notifier_stop, 1);
+    __atomic_fetch_add(&p->me->doorbell, 1, __ATOMIC_RELEASE);
+    futex_wake(&p->me->doorbell, INT_MAX);
+    STORE_RELEASE(&p->signalled, 0);
+    syscall(SYS_futex, &p->signalled, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(p->notifier, NULL);
+    Py_END_ALLOW_THREADS
+    close(p->efd);
+    p->efd = -1;
+    p->notifier_on = 0;
+}
+
+/* --- misc ------------------------------------------------------------------------------------ */
+
+static PyObject *Port_set_wait_mode(PortObject *p, PyObject *args)
+{
+    int mode;
+    double spin_us = 50.0;
+    if (!PyArg_ParseTuple(args, "i|d", &mode, &spin_us))
+        return NULL;
+    if (mode < WAIT_POLL || mode > WAIT_ADAPTIVE) {
+        PyErr_SetString(PyExc_ValueError, "wait mode must be 0 (poll), 1 (block) or 2 (adaptive)");
+        return NULL;
+    }
+    p->wait_mode = mode;
+    p->spin_ns = (int64_t)(spin_us * 1000.0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Port_close(PortObject *p, PyObject *noargs)
+{
+    port_close(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Port_heartbeat(PortObject *p, PyObject *noargs)
+{
+    STORE_RELAXED(&p->me->heartbeat_ns, now_ns());
+    Py_RETURN_NONE;
+}
+
+static PyObject *Port_stats(PortObject *p, PyObject *noargs)
+{
+    sf_node *m = p->me;
+    uint64_t cached = 0;
+    for (uint32_t i = 0; i < p->r.sb->n_networks && i < SF_MAX_NETWORKS; i++)
+        cached += p->ncache[i];
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+                         "tx_frames", (unsigned long long)m->tx_frames, "tx_bytes", (unsigned long long)m->tx_bytes,
+                         "rx_frames", (unsigned long long)m->rx_frames, "rx_bytes", (unsigned long long)m->rx_bytes,
+                         "tx_ring_full", (unsigned long long)m->tx_ring_full, "tx_drops", (unsigned long long)m->tx_drops,
+                         "tx_nobuf", (unsigned long long)m->tx_nobuf, "rx_lapped", (unsigned long long)m->rx_lapped,
+                         "tape_rx", (unsigned long long)m->tape_rx, "tape_tx", (unsigned long long)m->tape_tx,
+                         "wakeups", (unsigned long long)m->wakeups, "cached_slots", (unsigned long long)cached);
+}
+
+static PyObject *Port_get_mac(PortObject *p, void *c) { return PyBytes_FromStringAndSize((char *)p->mac, 6); }
+static PyObject *Port_get_index(PortObject *p, void *c) { return PyLong_FromUnsignedLong(p->index); }
+static PyObject *Port_get_tag(PortObject *p, void *c) { return PyLong_FromUnsignedLong(p->tag); }
+
+static PyGetSetDef Port_getset[] = {
+    {"mac", (getter)Port_get_mac, NULL, "this node's fabric MAC address", NULL},
+    {"index", (getter)Port_get_index, NULL, "this node's index (its id)", NULL},
+    {"tag", (getter)Port_get_tag, NULL, "owner tag of slots this node holds", NULL},
+    {NULL}};
+
+static PyMethodDef Port_methods[] = {
+    {"send_batch", (PyCFunction)(void (*)(void))Port_send_batch, METH_VARARGS | METH_KEYWORDS, "Copy frames into slots and enqueue; returns how many were sent."},
+    {"send", (PyCFunction)(void (*)(void))Port_send, METH_VARARGS | METH_KEYWORDS, "Send one frame; False if the ring was full."},
+    {"recv_batch", (PyCFunction)(void (*)(void))Port_recv_batch, METH_VARARGS | METH_KEYWORDS, "Receive up to max_frames zero-copy frames."},
+    {"wait", (PyCFunction)Port_wait, METH_VARARGS, "Block until frames may be waiting."},
+    {"alloc", (PyCFunction)Port_alloc, METH_NOARGS, "Allocate a slot for a zero-copy send."},
+    {"send_buffer", (PyCFunction)(void (*)(void))Port_send_buffer, METH_VARARGS | METH_KEYWORDS, "Send an allocated buffer without copying."},
+    {"forward", (PyCFunction)Port_forward, METH_VARARGS, "Forward one received frame without copying."},
+    {"forward_batch", (PyCFunction)Port_forward_batch, METH_VARARGS, "Forward every frame of a batch without copying."},
+    {"tape_send", (PyCFunction)Port_tape_send, METH_VARARGS, "Write a frame to the broadcast (0) or a multicast tape."},
+    {"set_mcast", (PyCFunction)Port_set_mcast, METH_O, "Choose the multicast tapes to read."},
+    {"fileno", (PyCFunction)Port_fileno, METH_NOARGS, "An fd that is readable while frames may be waiting."},
+    {"set_wait_mode", (PyCFunction)Port_set_wait_mode, METH_VARARGS, "0 poll, 1 block, 2 adaptive."},
+    {"heartbeat", (PyCFunction)Port_heartbeat, METH_NOARGS, "Record that this node is alive."},
+    {"stats", (PyCFunction)Port_stats, METH_NOARGS, "This node's counters."},
+    {"close", (PyCFunction)Port_close, METH_NOARGS, "Return cached slots and stop the wake-up thread."},
+    {NULL}};
+
+static PyTypeObject Port_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfabric.core._fabric.Port",
+    .tp_basicsize = sizeof(PortObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Port_init,
+    .tp_dealloc = (destructor)Port_dealloc,
+    .tp_methods = Port_methods,
+    .tp_getset = Port_getset,
+    .tp_doc = "One attached node's handle on the fabric (use shmfabric.Node).",
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* FrameBatch and Frame                                                                        */
+
+static void batch_release(BatchObject *b)
+{
+    if (b->released)
+        return;
+    PortObject *p = b->port;
+    if (!p->closed) {
+        for (uint32_t i = 0; i < b->n; i++)
+            if (b->f[i].state == FS_OWNED)
+                slot_put(p, b->f[i].pool, b->f[i].slot);
+    }
+    b->released = 1;
+    PyMem_Free(b->scratch);
+    b->scratch = NULL;
+}
+
+static void Batch_dealloc(BatchObject *b)
+{
+    batch_release(b);
+    PyMem_Free(b->f);
+    Py_XDECREF(b->control);
+    Py_DECREF(b->port);
+    PyObject_Free(b);
+}
+
+static PyObject *Batch_release(BatchObject *b, PyObject *noargs)
+{
+    if (b->exports) {
+        PyErr_SetString(PyExc_BufferError, "memoryviews of this batch's frames still exist; release them before the batch");
+        return NULL;
+    }
+    batch_release(b);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t Batch_len(BatchObject *b) { return b->n; }
+
+static FrameObject *frame_free_list[256];
+static int frame_free_count;
+
+static PyObject *Batch_item(BatchObject *b, Py_ssize_t i)
+{
+    if (i < 0 || (size_t)i >= b->n) {
+        PyErr_SetString(PyExc_IndexError, "frame index out of range");
+        return NULL;
+    }
+    if (batch_check(b) < 0)
+        return NULL;
+    FrameObject *f;
+    if (frame_free_count) {
+        f = frame_free_list[--frame_free_count];
+        _Py_NewReference((PyObject *)f);
+    } else {
+        f = PyObject_New(FrameObject, &Frame_Type);
+        if (!f)
+            return NULL;
+    }
+    Py_INCREF(b);
+    f->batch = b;
+    f->i = (uint32_t)i;
+    return (PyObject *)f;
+}
+
+static PyObject *Batch_enter(BatchObject *b, PyObject *noargs)
+{
+    Py_INCREF(b);
+    return (PyObject *)b;
+}
+
+static PyObject *Batch_exit(BatchObject *b, PyObject *args)
+{
+    if (b->exports) {
+        PyErr_SetString(PyExc_BufferError, "memoryviews of this batch's frames still exist; release them before the batch");
+        return NULL;
+    }
+    batch_release(b);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Batch_get_released(BatchObject *b, void *c) { return PyBool_FromLong(b->released); }
+
+/* lengths() -> list of payload lengths, a cheap way to look at a whole batch */
+static PyObject *Batch_total_bytes(BatchObject *b, void *c)
+{
+    uint64_t t = 0;
+    for (uint32_t i = 0; i < b->n; i++)
+        t += b->f[i].len >= SF_ETH_HLEN ? b->f[i].len - SF_ETH_HLEN : 0;
+    return PyLong_FromUnsignedLongLong(t);
+}
+
+static PySequenceMethods Batch_as_sequence = {.sq_length = (lenfunc)Batch_len, .sq_item = (ssizeargfunc)Batch_item};
+
+static PyMethodDef Batch_methods[] = {
+    {"release", (PyCFunction)Batch_release, METH_NOARGS, "Give every frame's slot back to the pool."},
+    {"__enter__", (PyCFunction)Batch_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Batch_exit, METH_VARARGS, NULL},
+    {NULL}};
+
+static PyObject *Batch_get_control(BatchObject *b, void *c)
+{
+    if (!b->control)
+        Py_RETURN_NONE;
+    Py_INCREF(b->control);
+    return b->control;
+}
+
+static PyGetSetDef Batch_getset[] = {
+    {"control", (getter)Batch_get_control, NULL, "internal control frames seen (list of bytes) or None", NULL},
+    {"released", (getter)Batch_get_released, NULL, "True once release() ran", NULL},
+    {"payload_bytes", (getter)Batch_total_bytes, NULL, "sum of the payload lengths", NULL},
+    {NULL}};
+
+static PyTypeObject Batch_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfabric.core._fabric.FrameBatch",
+    .tp_basicsize = sizeof(BatchObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Batch_dealloc,
+    .tp_as_sequence = &Batch_as_sequence,
+    .tp_methods = Batch_methods,
+    .tp_getset = Batch_getset,
+    .tp_doc = "Frames received in one call; zero-copy views valid until release().",
+};
+
+static void Frame_dealloc(FrameObject *f)
+{
+    Py_DECREF(f->batch);
+    if (frame_free_count < 256)
+        frame_free_list[frame_free_count++] = f;
+    else
+        PyObject_Free(f);
+}
+
+static inline frame_ref *frame_ref_checked(FrameObject *f)
+{
+    if (f->batch->released || f->batch->port->closed) {
+        PyErr_SetString(ReleasedError, "frame's batch was released; the frame is no longer valid");
+        return NULL;
+    }
+    frame_ref *fr = &f->batch->f[f->i];
+    if (fr->state == FS_GONE) {
+        PyErr_SetString(ReleasedError, "frame was forwarded; it belongs to its new receiver now");
+        return NULL;
+    }
+    return fr;
+}
+
+static Py_ssize_t Frame_len(FrameObject *f)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return -1;
+    return fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0;
+}
+
+static PyObject *Frame_item(FrameObject *f, Py_ssize_t i)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    Py_ssize_t n = fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0;
+    if (i < 0)
+        i += n;
+    if (i < 0 || i >= n) {
+        PyErr_SetString(PyExc_IndexError, "payload index out of range");
+        return NULL;
+    }
+    return PyLong_FromLong(fr->data[SF_ETH_HLEN + i]);
+}
+
+static int Frame_getbuffer(FrameObject *f, Py_buffer *view, int flags)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return -1;
+    f->batch->exports++;
+    return PyBuffer_FillInfo(view, (PyObject *)f, fr->data + SF_ETH_HLEN,
+                             fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0, 0, flags);
+}
+
+static void Frame_releasebuffer(FrameObject *f, Py_buffer *view) { f->batch->exports--; }
+
+/* The whole frame (header + payload) as a buffer, for adapters that hand frames to a TAP. */
+typedef struct {
+    PyObject_HEAD
+    FrameObject *frame;
+} RawObject;
+
+static PyObject *Frame_get_payload(FrameObject *f, void *c)
+{
+    if (!frame_ref_checked(f))
+        return NULL;
+    return PyMemoryView_FromObject((PyObject *)f);
+}
+
+static PyObject *Frame_get_raw(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    /* a copy: raw frames go to kernels (TAP writes) that copy anyway */
+    return PyBytes_FromStringAndSize((char *)fr->data, fr->len);
+}
+
+static PyObject *Frame_get_src(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    if (fr->len < SF_ETH_HLEN)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(((long)fr->data[10] << 8) | fr->data[11]);
+}
+
+static PyObject *Frame_get_src_mac(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    return PyBytes_FromStringAndSize((char *)fr->data + 6, fr->len >= 12 ? 6 : 0);
+}
+
+static PyObject *Frame_get_dst(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    return PyBytes_FromStringAndSize((char *)fr->data, fr->len >= 6 ? 6 : 0);
+}
+
+static PyObject *Frame_get_ethertype(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    if (fr->len < SF_ETH_HLEN)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(((long)fr->data[12] << 8) | fr->data[13]);
+}
+
+static PyObject *Frame_get_meta(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    return fr ? PyLong_FromUnsignedLong(fr->meta) : NULL;
+}
+
+static PyObject *Frame_get_control(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    return fr ? PyBool_FromLong(fr->flags & SF_DESC_CONTROL) : NULL;
+}
+
+static PyObject *Frame_get_copied(FrameObject *f, void *c)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    return fr ? PyBool_FromLong(fr->state == FS_COPY) : NULL;
+}
+
+static PyObject *Frame_bytes(FrameObject *f, PyObject *noargs)
+{
+    frame_ref *fr = frame_ref_checked(f);
+    if (!fr)
+        return NULL;
+    return PyBytes_FromStringAndSize((char *)fr->data + SF_ETH_HLEN, fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0);
+}
+
+static PyObject *Frame_repr(FrameObject *f)
+{
+    if (f->batch->released)
+        return PyUnicode_FromString("<Frame (released)>");
+    frame_ref *fr = &f->batch->f[f->i];
+    return PyUnicode_FromFormat("<Frame len=%u ethertype=0x%04x%s>", fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0,
+                                fr->len >= SF_ETH_HLEN ? (fr->data[12] << 8 | fr->data[13]) : 0,
+                                fr->state == FS_GONE ? " forwarded" : "");
+}
+
+static PySequenceMethods Frame_as_sequence = {.sq_length = (lenfunc)Frame_len, .sq_item = (ssizeargfunc)Frame_item};
+static PyBufferProcs Frame_as_buffer = {(getbufferproc)Frame_getbuffer, (releasebufferproc)Frame_releasebuffer};
+
+static PyGetSetDef Frame_getset[] = {
+    {"payload", (getter)Frame_get_payload, NULL, "zero-copy memoryview of the payload", NULL},
+    {"raw", (getter)Frame_get_raw, NULL, "the whole frame, header included, as bytes (a copy)", NULL},
+    {"src", (getter)Frame_get_src, NULL, "source node id (last two bytes of the source address)", NULL},
+    {"src_mac", (getter)Frame_get_src_mac, NULL, "source address (6 bytes)", NULL},
+    {"dst", (getter)Frame_get_dst, NULL, "destination address (6 bytes)", NULL},
+    {"ethertype", (getter)Frame_get_ethertype, NULL, "EtherType", NULL},
+    {"meta", (getter)Frame_get_meta, NULL, "the sender's metadata word (tape frames: the writer's id)", NULL},
+    {"control", (getter)Frame_get_control, NULL, "True for internal control frames", NULL},
+    {"copied", (getter)Frame_get_copied, NULL, "True for broadcast/multicast frames (copied out of the tape)", NULL},
+    {NULL}};
+
+static PyMethodDef Frame_methods[] = {{"tobytes", (PyCFunction)Frame_bytes, METH_NOARGS, "A copy of the payload."}, {NULL}};
+
+static PyTypeObject Frame_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfabric.core._fabric.Frame",
+    .tp_basicsize = sizeof(FrameObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Frame_dealloc,
+    .tp_as_sequence = &Frame_as_sequence,
+    .tp_as_buffer = &Frame_as_buffer,
+    .tp_getset = Frame_getset,
+    .tp_methods = Frame_methods,
+    .tp_repr = (reprfunc)Frame_repr,
+    .tp_doc = "A received frame: a zero-copy view valid until its batch is released.",
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* module                                                                                      */
+
+static PyObject *layout_dict(void)
+{
+    PyObject *d = PyDict_New();
+#define PUT(k, v) PyDict_SetItemString(d, k, PyLong_FromUnsignedLongLong((unsigned long long)(v)))
+#define OFF(T, f) PUT(#T "." #f, offsetof(T, f))
+    PUT("magic", SF_MAGIC);
+    PUT("version", SF_VERSION);
+    PUT("max_networks", SF_MAX_NETWORKS);
+    PUT("name_len", SF_NAME_LEN);
+    PUT("max_nodes", SF_MAX_NODES);
+    PUT("eth_hlen", SF_ETH_HLEN);
+    PUT("sizeof.superblock", sizeof(sf_superblock));
+    PUT("sizeof.node", sizeof(sf_node));
+    PUT("sizeof.network", sizeof(sf_network));
+    PUT("sizeof.ring", sizeof(sf_ring));
+    PUT("sizeof.desc", sizeof(sf_desc));
+    PUT("sizeof.tape", sizeof(sf_tape));
+    PUT("sizeof.tape_entry", sizeof(sf_tape_entry));
+    OFF(sf_superblock, magic); OFF(sf_superblock, version); OFF(sf_superblock, superblock_size);
+    OFF(sf_superblock, total_size); OFF(sf_superblock, max_nodes); OFF(sf_superblock, ring_size);
+    OFF(sf_superblock, n_networks); OFF(sf_superblock, n_mcast); OFF(sf_superblock, tape_entries);
+    OFF(sf_superblock, tape_entry_size); OFF(sf_superblock, flags); OFF(sf_superblock, node_size);
+    OFF(sf_superblock, off_nodes); OFF(sf_superblock, off_networks); OFF(sf_superblock, off_rings);
+    OFF(sf_superblock, ring_stride); OFF(sf_superblock, off_tapes); OFF(sf_superblock, tape_stride);
+    OFF(sf_superblock, created_ns); OFF(sf_superblock, creator_pid); OFF(sf_superblock, name);
+    OFF(sf_superblock, node_hwm);
+    OFF(sf_node, state); OFF(sf_node, gen); OFF(sf_node, pid); OFF(sf_node, network); OFF(sf_node, start_time);
+    OFF(sf_node, pidns); OFF(sf_node, heartbeat_ns); OFF(sf_node, name); OFF(sf_node, doorbell); OFF(sf_node, waiting);
+    OFF(sf_node, tx_frames); OFF(sf_node, tx_bytes); OFF(sf_node, rx_frames); OFF(sf_node, rx_bytes);
+    OFF(sf_node, tx_ring_full); OFF(sf_node, tx_drops); OFF(sf_node, rx_lapped); OFF(sf_node, tape_rx);
+    OFF(sf_node, tape_tx); OFF(sf_node, wakeups); OFF(sf_node, tx_nobuf); OFF(sf_node, cached); OFF(sf_node, mcast_mask);
+    OFF(sf_network, mtu); OFF(sf_network, slot_size); OFF(sf_network, headroom); OFF(sf_network, n_slots);
+    OFF(sf_network, off_next); OFF(sf_network, off_chain); OFF(sf_network, off_owner); OFF(sf_network, off_slots);
+    OFF(sf_network, free_head); OFF(sf_network, free_count);
+    OFF(sf_ring, head); OFF(sf_ring, down); OFF(sf_ring, tail); OFF(sf_ring, desc);
+    OFF(sf_tape, group); OFF(sf_tape, head); OFF(sf_tape, entries);
+#undef OFF
+#undef PUT
+    return d;
+}
+
+static struct PyModuleDef fabric_module = {PyModuleDef_HEAD_INIT, "_fabric", "shmfabric compiled core", -1, NULL};
+
+PyMODINIT_FUNC PyInit__fabric(void)
+{
+    PyObject *m = PyModule_Create(&fabric_module);
+    if (!m)
+        return NULL;
+    PyTypeObject *types[] = {&Region_Type, &Port_Type, &Batch_Type, &Frame_Type, &Buffer_Type};
+    for (size_t i = 0; i < sizeof types / sizeof *types; i++)
+        if (PyType_Ready(types[i]) < 0)
+            return NULL;
+    FabricError = PyErr_NewException("shmfabric.core._fabric.CoreError", NULL, NULL);
+    RingDownError = PyErr_NewException("shmfabric.core._fabric.DestinationError", FabricError, NULL);
+    ReleasedError = PyErr_NewException("shmfabric.core._fabric.ReleasedError", FabricError, NULL);
+    PyModule_AddObject(m, "CoreError", FabricError);
+    PyModule_AddObject(m, "DestinationError", RingDownError);
+    PyModule_AddObject(m, "ReleasedError", ReleasedError);
+    PyObject *bases = PyTuple_Pack(2, FabricError, PyExc_ValueError);
+    FrameSizeError = PyErr_NewException("shmfabric.core._fabric.FrameSizeError", bases, NULL);
+    Py_DECREF(bases);
+    PyModule_AddObject(m, "FrameSizeError", FrameSizeError);
+    Py_INCREF(&Region_Type);
+    PyModule_AddObject(m, "Region", (PyObject *)&Region_Type);
+    Py_INCREF(&Port_Type);
+    PyModule_AddObject(m, "Port", (PyObject *)&Port_Type);
+    Py_INCREF(&Batch_Type);
+    PyModule_AddObject(m, "FrameBatch", (PyObject *)&Batch_Type);
+    Py_INCREF(&Frame_Type);
+    PyModule_AddObject(m, "Frame", (PyObject *)&Frame_Type);
+    Py_INCREF(&Buffer_Type);
+    PyModule_AddObject(m, "Buffer", (PyObject *)&Buffer_Type);
+    PyModule_AddObject(m, "LAYOUT", layout_dict());
+    PyModule_AddIntConstant(m, "WAIT_POLL", WAIT_POLL);
+    PyModule_AddIntConstant(m, "WAIT_BLOCK", WAIT_BLOCK);
+    PyModule_AddIntConstant(m, "WAIT_ADAPTIVE", WAIT_ADAPTIVE);
+    PyModule_AddIntConstant(m, "NODE_FREE", SF_NODE_FREE);
+    PyModule_AddIntConstant(m, "NODE_ATTACHING", SF_NODE_ATTACHING);
+    PyModule_AddIntConstant(m, "NODE_UP", SF_NODE_UP);
+    PyModule_AddIntConstant(m, "NODE_RECLAIM", SF_NODE_RECLAIM);
+    PyModule_AddIntConstant(m, "NODE_DOWN", SF_NODE_DOWN);
+    PyModule_AddIntConstant(m, "FLAG_CONTROL", SF_DESC_CONTROL);
+    return m;
+}

@@ -1,0 +1,53 @@
+"""Errors of the fabric, one type per operation (create, open, attach), each with a clear message.
+
+The hot-path errors are raised by the compiled core; they are given their public names here.
+"""
+from __future__ import annotations
+
+from shmfabric.core.native import CoreError, DestinationError, FrameSizeError, ReleasedError
+
+FabricError = CoreError
+"""Base class of every shmfabric error."""
+
+UnknownDestinationError = DestinationError
+"""A frame was addressed to a node that is not attached (never was, detached or dead)."""
+
+ReleasedFrameError = ReleasedError
+"""A frame or buffer was used after its batch was released, after it was forwarded or sent."""
+
+FrameTooLargeError = FrameSizeError
+"""A frame does not fit the network's MTU (also a ValueError)."""
+
+
+class RegionCreateError(FabricError):
+    """A region could not be created (it exists, bad parameters, no space)."""
+
+
+class RegionOpenError(FabricError):
+    """A region file could not be mapped: missing, not a region, other version, truncated, corrupt."""
+
+    reason = "open"
+
+
+class RegionNotFoundError(RegionOpenError):
+    reason = "not-found"
+
+
+class BadMagicError(RegionOpenError):
+    reason = "bad-magic"
+
+
+class VersionMismatchError(RegionOpenError):
+    reason = "version-mismatch"
+
+
+class TruncatedRegionError(RegionOpenError):
+    reason = "truncated"
+
+
+class CorruptRegionError(RegionOpenError):
+    reason = "corrupt"
+
+
+class AttachError(FabricError):
+    """A node could not attach (table full, name in use, unknown network)."""

@@ -1,0 +1,56 @@
+"""Who is alive: the policy for noticing dead nodes and returning what they held.
+
+A node entry records its pid, the process start time (so a reused pid is not mistaken for the
+node) and its pid namespace. Within the same pid namespace a node is alive while /proc/PID/stat
+shows the same start time; a node in another pid namespace (a container) is judged by its
+heartbeat, which its process refreshes every `BEAT` seconds.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from shmfabric.core import native
+from shmfabric.core.region import MappedRegion, pid_namespace, proc_start_time
+
+BEAT = 0.2          # seconds between liveness checks and heartbeats
+STALE_NS = 2_000_000_000  # a heartbeat older than this, from another pid namespace, means dead
+
+_MY_PIDNS = pid_namespace()
+
+
+def node_alive(entry: dict, now_ns: int | None = None) -> bool:
+    """True if the process behind a node entry still runs."""
+    if entry["pidns"] == _MY_PIDNS or entry["pidns"] == 0:
+        if entry["pid"] == os.getpid():
+            return True
+        st = proc_start_time(entry["pid"])
+        return st is not None and st == entry["start_time"]
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    return now_ns - entry["heartbeat_ns"] < STALE_NS
+
+
+def sweep(region: MappedRegion) -> list[tuple[int, str, int]]:
+    """Reclaim every node whose process is gone. Returns (index, name, slots returned) per node."""
+    done = []
+    for i in range(region.node_hwm()):
+        state = region.core.node_state(i)
+        if state not in (native.NODE_UP, native.NODE_ATTACHING):
+            continue
+        e = region.node_entry(i)
+        if node_alive(e):
+            continue
+        freed = region.core.reclaim(i, state)
+        if freed >= 0:
+            done.append((i, e["name"], freed))
+    if done:
+        region.core.wake_all()  # blocked receivers re-check who is up
+    return done
+
+
+def any_alive(region: MappedRegion) -> bool:
+    """True if some attached node's process still runs."""
+    for i in range(region.node_hwm()):
+        if region.core.node_state(i) in (native.NODE_UP, native.NODE_ATTACHING) and node_alive(region.node_entry(i)):
+            return True
+    return False

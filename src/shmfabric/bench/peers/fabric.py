@@ -1,0 +1,287 @@
+"""shmfabric itself, through its public API (shmfabric.Fabric), as one more transport.
+
+Throughput: the sender copies payloads into pool slots with `send_batch`; the receiver takes
+zero-copy frame views with `recv_batch`, touches each, and releases the batch. Latency: one
+`send` and a blocking or busy-polling `recv_batch`; the echo side forwards the received frame
+back without copying. Forwarding: the middle node `forward_batch`es what it received.
+
+Each case gets its own fabric region (named after the case), created in the parent and
+destroyed after the case whatever happened.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .base import Ctl, Spec, Transport, TransportUnavailable, latency_result, make_payload, window_result
+
+#: Largest payload a network's MTU allows (issue 2: MTU 1,490 to 65,536 bytes).
+MAX_MTU = 65536
+MIN_MTU = 1490
+RING_SIZE = 1024
+
+
+def _slots(mtu: int) -> int:
+    # Enough for every ring of a case to be full twice over, while keeping the region of the
+    # 65,000-byte case near 130 MiB of /dev/shm.
+    return 4096 if mtu <= 9000 else 2048
+
+
+class ShmfabricTransport(Transport):
+    """shmfabric nodes on one fabric; `wait_mode` is the receive mode of every node."""
+
+    name = "shmfabric"
+    description = "shmfabric send_batch / recv_batch zero-copy views, busy-poll"
+    modes = ("throughput", "latency", "forward")
+    max_size = MAX_MTU
+    max_size_reason = "a fabric network's MTU is at most 65,536 bytes"
+    wait_mode = "poll"
+    #: Three processes share two cores in the forwarding case: spinning would starve one.
+    forward_wait_mode = "adaptive"
+
+    def check_available(self) -> None:
+        try:
+            from shmfabric import Fabric  # noqa: F401
+        except ImportError as exc:
+            raise TransportUnavailable(
+                f"the fabric core is not importable yet (from shmfabric import Fabric: {exc})"
+            ) from exc
+
+    def details(self, spec: Spec) -> dict[str, Any]:
+        mode = self.forward_wait_mode if spec.mode == "forward" else self.wait_mode
+        d: dict[str, Any] = {"wait_mode": mode}
+        if spec.mode != "latency":
+            d["batch"] = spec.batch
+        return d
+
+    def setup(self, spec: Spec) -> Any:
+        from shmfabric import Fabric
+
+        name = f"bench-{spec.tag}-{self.name}"
+        mtu = max(MIN_MTU, spec.size)
+        fab = Fabric.create(
+            name,
+            max_nodes=4,
+            ring_size=RING_SIZE,
+            networks=[{"mtu": mtu, "slots": _slots(mtu)}],
+            ephemeral=False,
+        )
+        fab.close()
+        return {"name": name}
+
+    def cleanup(self, chan: Any) -> None:
+        from shmfabric import Fabric
+
+        try:
+            Fabric.destroy(chan["name"])
+        except Exception:  # already gone (or never made): nothing to clean
+            if os.path.exists(f"/dev/shm/shmfabric-{chan['name']}"):
+                os.unlink(f"/dev/shm/shmfabric-{chan['name']}")
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _node(self, chan: Any, spec: Spec, me: str, wait_mode: str) -> tuple[Any, Any]:
+        from shmfabric import Fabric
+
+        fab = Fabric.open(chan["name"])
+        node = fab.attach(me, network=0)
+        node.set_wait_mode(wait_mode)
+        return fab, node
+
+    @staticmethod
+    def _close(fab: Any, node: Any) -> None:
+        try:
+            node.detach()
+        finally:
+            fab.close()
+
+    def _sender(self, chan: Any, spec: Spec, ctl: Ctl, me: str, to: str, wait_mode: str) -> dict[str, Any]:
+        fab, node = self._node(chan, spec, me, wait_mode)
+        try:
+            peer = node.wait_for_peer(to, timeout=spec.setup_timeout)
+            payloads = [make_payload(spec.size)] * spec.batch
+            send_batch = node.send_batch
+            yield_cpu = os.sched_yield
+            stop = ctl.stop
+            sent = 0
+            ctl.ready()
+            try:
+                while not stop.value:
+                    k = send_batch(peer, payloads)
+                    sent += k
+                    if not k:  # ring full: let the receiver run (matters when cores are shared)
+                        yield_cpu()
+            finally:
+                ctl.done.value = 1
+            return {"sent": sent, "stats": node.stats()}
+        finally:
+            self._close(fab, node)
+
+    def _sink(self, chan: Any, spec: Spec, ctl: Ctl, me: str, frm: str, wait_mode: str,
+              upstream_done: Any) -> dict[str, Any]:
+        fab, node = self._node(chan, spec, me, wait_mode)
+        try:
+            node.wait_for_peer(frm, timeout=spec.setup_timeout)
+            recv_batch = node.recv_batch
+            most = spec.batch
+            ctl.ready()
+            batch = recv_batch(max_frames=most, timeout=spec.setup_timeout)
+            if not len(batch):
+                raise TimeoutError("no frame from the sender")
+            for f in batch:
+                b = f[0]
+            batch.release()
+            n = frames = 0
+            now = t0 = time.perf_counter()
+            t_end = t0 + spec.duration
+            clock = time.perf_counter
+            while now < t_end:
+                batch = recv_batch(max_frames=most, timeout=0.1)
+                for f in batch:
+                    n += len(f)
+                    b = f[0]
+                frames += len(batch)
+                batch.release()
+                now = clock()
+            ctl.stop.value = 1
+            while True:  # drain until upstream stopped, so no sender waits on a full ring
+                batch = recv_batch(max_frames=most, timeout=0.05)
+                k = len(batch)
+                batch.release()
+                if not k and upstream_done.value:
+                    break
+            return window_result(frames, n, now - t0, b, stats=node.stats())
+        finally:
+            self._close(fab, node)
+
+    # --- throughput ----------------------------------------------------------------------
+
+    def throughput_sender(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        return self._sender(chan, spec, ctl, "tx", "rx", self.wait_mode)
+
+    def throughput_receiver(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        return self._sink(chan, spec, ctl, "rx", "tx", self.wait_mode, ctl.done)
+
+    # --- latency ---------------------------------------------------------------------------
+
+    def latency_ping(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        fab, node = self._node(chan, spec, "ping", self.wait_mode)
+        try:
+            peer = node.wait_for_peer("pong", timeout=spec.setup_timeout)
+            data = make_payload(spec.size)
+            send = node.send
+            recv_batch = node.recv_batch
+            rtts: list[int] = []
+            clock = time.perf_counter_ns
+            b = k = 0
+            ctl.ready()
+            t_end = clock() + int(spec.duration * 1e9)
+            try:
+                while True:
+                    t0 = clock()
+                    if not send(peer, data):
+                        raise RuntimeError("ring full with one frame in flight")
+                    batch = recv_batch(max_frames=1, timeout=spec.setup_timeout)
+                    for f in batch:
+                        k = len(f)
+                        b = f[0]
+                    got = len(batch)
+                    batch.release()
+                    t1 = clock()
+                    if not got:
+                        raise TimeoutError("no echo within the setup timeout")
+                    rtts.append(t1 - t0)
+                    if t1 >= t_end or len(rtts) >= 1_000_000:
+                        break
+                if k != spec.size:
+                    raise RuntimeError(f"echo of {spec.size} bytes came back with {k}")
+            finally:
+                ctl.stop.value = 1
+            return latency_result(rtts, b, stats=node.stats())
+        finally:
+            self._close(fab, node)
+
+    def latency_pong(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        fab, node = self._node(chan, spec, "pong", self.wait_mode)
+        try:
+            peer = node.wait_for_peer("ping", timeout=spec.setup_timeout)
+            recv_batch = node.recv_batch
+            forward = node.forward
+            stop = ctl.stop
+            echoed = 0
+            ctl.ready()
+            while True:
+                batch = recv_batch(max_frames=16, timeout=0.05)
+                for f in batch:
+                    b = f[0]  # noqa: F841 - the touch
+                    if not forward(peer, f):
+                        raise RuntimeError("ring full with one frame in flight")
+                    echoed += 1
+                got = len(batch)
+                batch.release()
+                if not got and stop.value:
+                    break
+            return {"echoed": echoed}
+        finally:
+            self._close(fab, node)
+
+    # --- forwarding ------------------------------------------------------------------------
+
+    def forward_source(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        return self._sender(chan, spec, ctl, "a", "b", self.forward_wait_mode)
+
+    def forward_middle(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        fab, node = self._node(chan, spec, "b", self.forward_wait_mode)
+        try:
+            node.wait_for_peer("a", timeout=spec.setup_timeout)
+            sink = node.wait_for_peer("c", timeout=spec.setup_timeout)
+            recv_batch = node.recv_batch
+            forward_batch = node.forward_batch
+            forward = node.forward
+            most = spec.batch
+            done = ctl.done
+            forwarded = 0
+            ctl.ready()
+            try:
+                while True:
+                    batch = recv_batch(max_frames=most, timeout=0.05)
+                    got = len(batch)
+                    if not got:
+                        batch.release()
+                        if done.value:
+                            break
+                        continue
+                    for f in batch:
+                        b = f[0]  # noqa: F841 - the touch
+                    k = forward_batch(sink, batch)
+                    if k < got:  # sink's ring full: forward the rest one by one as room appears
+                        for i, f in enumerate(batch):
+                            if i < k:
+                                continue
+                            while not forward(sink, f):
+                                if ctl.stop.value:
+                                    break
+                                os.sched_yield()
+                    forwarded += got
+                    batch.release()
+            finally:
+                ctl.middle_done.value = 1
+            return {"forwarded": forwarded, "stats": node.stats()}
+        finally:
+            self._close(fab, node)
+
+    def forward_sink(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
+        return self._sink(chan, spec, ctl, "c", "b", self.forward_wait_mode, ctl.middle_done)
+
+
+class ShmfabricBlockingTransport(ShmfabricTransport):
+    """shmfabric with blocking wake-ups (eventfd/futex): the p99 latency target's mode."""
+
+    name = "shmfabric-block"
+    description = "shmfabric as above, blocking wake-ups"
+    modes = ("throughput", "latency")
+    wait_mode = "block"
+
+
+__all__ = ["ShmfabricTransport", "ShmfabricBlockingTransport"]

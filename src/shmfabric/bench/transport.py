@@ -1,0 +1,496 @@
+"""`shmfabric bench transport`: shmfabric against the IPC a Python user could pick instead.
+
+One run measures, side by side, every transport in `shmfabric.bench.peers` at each frame size:
+
+- ``throughput``: a sender and a receiver process; frames/s and payload bytes/s of frames the
+  receiver touched (read the length and one payload byte) during a timed window;
+- ``latency``: ping-pong of one frame; one-way latency is half a round trip, p50 and p99;
+- ``forward``: A sends, B receives, touches and forwards, C touches and counts;
+
+plus the machine's memcpy rate (``mode="memcpy"``), so that bytes/s can be read as a share of
+what copying costs here. Every case runs in fresh processes (each pinned to its own core when
+there are two), for a bounded time, and is cleaned up whatever happens; a transport that fails
+yields an ``error`` row and the run goes on. Ratios are taken against UNIX seqpacket (the fair
+kernel baseline for frames) and against memcpy, in the same run.
+
+This module holds the orchestration and the report; the transports are in `peers`.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
+from typing import Any, Callable, Iterable
+
+from .peers import BASELINE, MODES, ROLES, Spec, Transport, TransportUnavailable, all_transports
+from .peers.base import MARKER, MEASURING_ROLE, Ctl
+
+DEFAULT_SIZES: tuple[int, ...] = (64, 1500, 9000, 65000)
+DEFAULT_DURATION = 1.0
+#: Environment variable that overrides the default duration per case (seconds).
+DURATION_ENV = "SHMFABRIC_BENCH_DURATION"
+#: Largest frame size accepted on the command line (the fabric's largest MTU).
+MAX_SIZE = 65536
+#: How long the other processes of a case may take to finish after the measuring one reported,
+#: or after one failed, before they are terminated.
+GRACE = 3.0
+#: Time for the drain after a window (the sender notices the stop flag, the receiver empties).
+DRAIN = 5.0
+
+MEMCPY_BUFFERS = (("memcpy", 64 << 20), ("memcpy-cached", 256 << 10))
+
+ROW_FIELDS = ("transport", "size", "mode", "status", "frames_per_s", "bytes_per_s", "p50_us", "p99_us",
+              "vs_seqpacket", "vs_memcpy", "frames", "samples", "duration_s", "error", "details")
+
+
+@dataclass
+class BenchConfig:
+    """What to run. `only` holds transport names (case-insensitive); None means all."""
+
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    duration: float = DEFAULT_DURATION
+    modes: tuple[str, ...] = MODES
+    only: tuple[str, ...] | None = None
+    pin: bool = True
+    setup_timeout: float = 10.0
+    memcpy: bool = True
+    start_method: str = "fork"
+    batch: int = 256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, transports: Iterable[Transport]) -> None:
+        """Raise ValueError naming the problem for a bad configuration."""
+        if not self.sizes:
+            raise ValueError("no frame sizes given")
+        for s in self.sizes:
+            if not 1 <= s <= MAX_SIZE:
+                raise ValueError(f"frame size {s} is outside 1..{MAX_SIZE}")
+        if not self.duration > 0:
+            raise ValueError(f"duration must be positive, not {self.duration}")
+        for m in self.modes:
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r} (known: {', '.join(MODES)})")
+        if self.only is not None:
+            known = {t.name.lower() for t in transports}
+            unknown = [n for n in self.only if n.lower() not in known]
+            if unknown:
+                raise ValueError(f"unknown transport(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
+
+
+def default_duration() -> float:
+    """The per-case duration: $SHMFABRIC_BENCH_DURATION if set and valid, else 1 s."""
+    raw = os.environ.get(DURATION_ENV)
+    if not raw:
+        return DEFAULT_DURATION
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{DURATION_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{DURATION_ENV} must be positive, not {raw}")
+    return value
+
+
+# --- rows --------------------------------------------------------------------------------
+
+
+def _row(name: str, size: int, mode: str, status: str, **values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    row.update(transport=name, size=size, mode=mode, status=status, details={})
+    row.update(values)
+    return row
+
+
+# --- one case ----------------------------------------------------------------------------
+
+
+def _child(transport: Transport, role: str, chan: Any, spec: Spec, ctl: Ctl, conn: Any,
+           cpu: int | None) -> None:
+    """Body of a worker process: pin, run the role, send back ("ok", result) or ("error", text)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and ends us
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        result = transport.run(role, chan, spec, ctl)
+        conn.send(("ok", result))
+    except BaseException as exc:  # report everything, the parent decides
+        try:
+            ctl.abort()
+        except Exception:
+            pass
+        conn.send(("error", f"{role}: {type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _cpus_for(roles: tuple[str, ...], pin: bool) -> dict[str, int | None]:
+    """Role -> CPU. Two roles get a core each; a third role (forwarding) is left to the scheduler
+    when there are only two cores, rather than doubled up with a fixed partner."""
+    cpus = sorted(os.sched_getaffinity(0)) if pin and hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return {r: None for r in roles}
+    return {r: (cpus[i] if i < len(cpus) else None) for i, r in enumerate(roles)}
+
+
+def _reap(procs: list[tuple[str, Any]], grace: float) -> list[str]:
+    """Make sure every worker is gone; returns the roles that had to be terminated."""
+    killed = []
+    end = time.monotonic() + grace
+    for role, p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+        if p.is_alive():
+            killed.append(role)
+            p.terminate()
+            p.join(1.0)
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+    return killed
+
+
+def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) -> dict[str, Any]:
+    """Run one (transport, size, mode) case in fresh processes and return its row."""
+    name, size, mode = transport.name, spec.size, spec.mode
+    reason = transport.unsupported(spec)
+    if reason:
+        return _row(name, size, mode, "n/a", error=reason)
+    roles = ROLES[mode]
+    measuring = MEASURING_ROLE[mode]
+    cpus = _cpus_for(roles, pin)
+    details: dict[str, Any] = dict(transport.details(spec))
+    details["cpus"] = {r: c for r, c in cpus.items()}
+    procs: list[tuple[str, Any]] = []
+    readers: dict[Any, str] = {}
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    chan: Any = None
+    have_chan = False
+    killed: list[str] = []
+    try:
+        chan = transport.setup(spec)
+        have_chan = True
+        ctl = Ctl(mp_ctx, len(roles), spec.setup_timeout)
+        for role in roles:
+            r, w = mp_ctx.Pipe(duplex=False)
+            p = mp_ctx.Process(target=_child, args=(transport, role, chan, spec, ctl, w, cpus[role]),
+                               name=f"bench-{name}-{mode}-{role}", daemon=True)
+            p.start()
+            w.close()
+            procs.append((role, p))
+            readers[r] = role
+        deadline = time.monotonic() + spec.setup_timeout + spec.duration + DRAIN
+        pending = dict(readers)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for r in mp_connection.wait(list(pending), left):
+                role = pending.pop(r)
+                try:
+                    kind, value = r.recv()
+                except EOFError:
+                    proc = dict(procs)[role]
+                    proc.join(1.0)
+                    kind, value = "error", f"{role}: process ended without a result (exit code {proc.exitcode})"
+                if kind == "ok":
+                    results[role] = value
+                else:
+                    errors.append(value)
+                    ctl.abort()
+                    deadline = min(deadline, time.monotonic() + GRACE)
+            if measuring in results:
+                deadline = min(deadline, time.monotonic() + GRACE)
+        if pending and not errors and measuring not in results:
+            errors.append(f"timed out waiting for {', '.join(sorted(pending.values()))}")
+        if pending:
+            ctl.abort()
+    except Exception as exc:
+        errors.append(f"setup: {type(exc).__name__}: {exc}")
+    finally:
+        killed = _reap(procs, GRACE if not errors else 1.0)
+        for r in readers:
+            r.close()
+        if have_chan:
+            try:
+                transport.cleanup(chan)
+            except Exception as exc:
+                errors.append(f"cleanup: {type(exc).__name__}: {exc}")
+    if killed:
+        details["terminated"] = killed
+    for role, res in results.items():
+        if role != measuring:
+            details.update({k: v for k, v in res.items() if k in ("sent", "echoed", "forwarded")})
+    if errors or measuring not in results:
+        return _row(name, size, mode, "error", error="; ".join(errors) or f"{measuring} gave no result",
+                    details=details)
+    return _figures(name, spec, results[measuring], details)
+
+
+def _figures(name: str, spec: Spec, res: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    """Turn the measuring side's result into a row, checking what it says it saw."""
+    size, mode = spec.size, spec.mode
+    if res.get("last_byte") != MARKER:
+        return _row(name, size, mode, "error", details=details,
+                    error=f"payload corrupted: first byte {res.get('last_byte')!r}, expected {MARKER:#x}")
+    if "stats" in res:
+        details["stats"] = res["stats"]
+    if mode == "latency":
+        details.update(min_us=res["min_us"], max_us=res["max_us"])
+        return _row(name, size, mode, "ok", p50_us=res["p50_us"], p99_us=res["p99_us"],
+                    samples=res["samples"], duration_s=spec.duration, details=details)
+    frames, nbytes, elapsed = res["frames"], res["bytes"], res["elapsed"]
+    if frames <= 0 or elapsed <= 0:
+        return _row(name, size, mode, "error", details=details, error="no frame touched in the window")
+    if nbytes != frames * size:
+        return _row(name, size, mode, "error", details=details,
+                    error=f"{nbytes} payload bytes in {frames} frames of {size} bytes")
+    if "batch" in res:
+        details["batch"] = res["batch"]
+    return _row(name, size, mode, "ok", frames_per_s=frames / elapsed, bytes_per_s=nbytes / elapsed,
+                frames=frames, duration_s=elapsed, details=details)
+
+
+# --- memcpy ------------------------------------------------------------------------------
+
+
+def measure_memcpy(duration: float, pin: bool = True) -> list[dict[str, Any]]:
+    """The machine's copy rate, measured now: memoryview slice assignment (a C memcpy) of a
+    64 MiB buffer (beyond the caches) and of a 256 KiB one (in L2), and numpy's copyto when
+    numpy is installed. Pinned to the first core, like the senders."""
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cpus = sorted(saved) if saved else []
+    rows = []
+    each = min(0.5, max(0.02, duration / 2))
+    try:
+        if pin and len(cpus) >= 2:
+            os.sched_setaffinity(0, {cpus[0]})
+        for label, nbytes in MEMCPY_BUFFERS:
+            src = memoryview(b"\x5a" * nbytes)
+            dst = memoryview(bytearray(nbytes))
+
+            def copy(d: memoryview = dst, s: memoryview = src) -> None:
+                d[:] = s
+
+            rows.append(_copy_row(label, nbytes, copy, each, "memoryview slice assignment"))
+        try:
+            import numpy as np
+        except ImportError:
+            pass
+        else:
+            nbytes = MEMCPY_BUFFERS[0][1]
+            a = np.full(nbytes, 0x5A, dtype=np.uint8)
+            z = np.empty_like(a)
+            rows.append(_copy_row("memcpy-numpy", nbytes, lambda: np.copyto(z, a), each, "numpy.copyto"))
+    finally:
+        if saved is not None and pin and len(cpus) >= 2:
+            os.sched_setaffinity(0, saved)
+    return rows
+
+
+def _copy_row(label: str, nbytes: int, copy: Callable[[], None], duration: float, how: str) -> dict[str, Any]:
+    copy()  # first touch of the destination pages belongs to set-up, not to the rate
+    reps = 0
+    clock = time.perf_counter
+    now = t0 = clock()
+    while now - t0 < duration:
+        copy()
+        reps += 1
+        now = clock()
+    elapsed = now - t0
+    return _row(label, nbytes, "memcpy", "ok", frames_per_s=reps / elapsed, bytes_per_s=reps * nbytes / elapsed,
+                frames=reps, duration_s=elapsed, details={"how": how})
+
+
+# --- the whole run -----------------------------------------------------------------------
+
+
+def run_bench(config: BenchConfig, transports: list[Transport] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every selected case and return the rows (with ratios), memcpy rows first."""
+    transports = all_transports() if transports is None else transports
+    config.validate(transports)
+    if config.only is not None:
+        wanted = {n.lower() for n in config.only}
+        transports = [t for t in transports if t.name.lower() in wanted]
+    mp_ctx = multiprocessing.get_context(config.start_method)
+    rows: list[dict[str, Any]] = []
+    if config.memcpy:
+        if progress:
+            progress("memcpy")
+        rows.extend(measure_memcpy(config.duration, config.pin))
+    unavailable: dict[str, str] = {}
+    for t in transports:
+        try:
+            t.check_available()
+        except TransportUnavailable as exc:
+            unavailable[t.name] = str(exc)
+    counter = itertools.count()
+    for mode in config.modes:
+        for size in config.sizes:
+            for t in transports:
+                if mode not in t.modes:
+                    continue
+                if t.name in unavailable:
+                    rows.append(_row(t.name, size, mode, "skipped", error=unavailable[t.name]))
+                    continue
+                spec = Spec(size=size, mode=mode, duration=config.duration, setup_timeout=config.setup_timeout,
+                            batch=config.batch, tag=f"{os.getpid()}-{next(counter)}")
+                if progress:
+                    progress(f"{t.name} {mode} {size} B")
+                rows.append(run_case(t, spec, mp_ctx, pin=config.pin))
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Fill `vs_seqpacket` (higher is better: frames/s ratio, or baseline latency over ours for
+    latency rows) and `vs_memcpy` (payload bytes/s over the 64 MiB memcpy rate)."""
+    memcpy = next((r["bytes_per_s"] for r in rows if r["transport"] == "memcpy" and r["status"] == "ok"), None)
+    base = {(r["mode"], r["size"]): r for r in rows if r["transport"] == BASELINE and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok" or r["mode"] == "memcpy":
+            continue
+        b = base.get((r["mode"], r["size"]))
+        if r["mode"] == "latency":
+            if b and r["p50_us"]:
+                r["vs_seqpacket"] = b["p50_us"] / r["p50_us"]
+            continue
+        if b and b["frames_per_s"]:
+            r["vs_seqpacket"] = r["frames_per_s"] / b["frames_per_s"]
+        if memcpy:
+            r["vs_memcpy"] = r["bytes_per_s"] / memcpy
+
+
+# --- the issue's targets -----------------------------------------------------------------
+
+
+def _find(rows: list[dict[str, Any]], transport: str, mode: str, size: int) -> dict[str, Any] | None:
+    for r in rows:
+        if r["transport"] == transport and r["mode"] == mode and r["size"] == size and r["status"] == "ok":
+            return r
+    return None
+
+
+def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 2's benchmark targets, checked against this run: target, measured, ok (None when
+    the run did not measure what the target needs)."""
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, value: float | None, ok: bool | None, shown: str) -> None:
+        out.append({"target": target, "value": value, "ok": ok, "measured": shown if value is not None else "not measured"})
+
+    t64 = _find(rows, "shmfabric", "throughput", 64)
+    add("64 B batched >= 10 M frames/s", t64 and t64["frames_per_s"],
+        t64 and t64["frames_per_s"] >= 10e6, t64 and f"{t64['frames_per_s'] / 1e6:.2f} M/s")
+    v = t64 and t64["vs_seqpacket"]
+    add("64 B batched >= 10x seqpacket", v, v and v >= 10, v and f"{v:.1f}x")
+    t1500 = _find(rows, "shmfabric", "throughput", 1500)
+    v = t1500 and t1500["vs_seqpacket"]
+    add("1500 B >= 3x seqpacket", v, v and v >= 3, v and f"{v:.1f}x")
+    v = t1500 and t1500["vs_memcpy"]
+    add("1500 B bytes/s >= 50% of memcpy", v, v and v >= 0.5, v and f"{v * 100:.0f}%")
+    f64 = _find(rows, "shmfabric", "forward", 64)
+    v = f64 and f64["frames_per_s"]
+    add("forward 64 B >= 5 M frames/s", v, v and v >= 5e6, v and f"{v / 1e6:.2f} M/s")
+    l64 = _find(rows, "shmfabric", "latency", 64)
+    v = l64 and l64["p50_us"]
+    add("latency 64 B p50 <= 3 us (busy-poll)", v, v and v <= 3, v and f"{v:.2f} us")
+    b64 = _find(rows, "shmfabric-block", "latency", 64)
+    v = b64 and b64["p99_us"]
+    add("latency 64 B p99 <= 50 us (blocking)", v, v and v <= 50, v and f"{v:.2f} us")
+    for t in out:
+        if t["value"] is None:
+            t["ok"] = None
+        else:
+            t["ok"] = bool(t["ok"])
+    return out
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return ""
+    for div, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{suffix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
+
+
+def _us(x: float | None) -> str:
+    return "" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}")
+
+
+def _ratio(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return ""
+    return f"{x * 100:.0f}%" if pct else f"{x:.2f}x"
+
+
+def render(rows: list[dict[str, Any]], console: Any = None) -> None:
+    """Print the rows as a rich table (grouped by mode and size) and the targets table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="shmfabric bench transport", title_justify="left")
+    for col, just in (("mode", "left"), ("size", "right"), ("transport", "left"), ("frames/s", "right"),
+                      ("GB/s", "right"), ("p50 us", "right"), ("p99 us", "right"), ("x seqpacket", "right"),
+                      ("x memcpy", "right"), ("note", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    last: tuple[str, int] | None = None
+    for r in rows:
+        key = (r["mode"], r["size"])
+        if last is not None and key != last:
+            table.add_section()
+        last = key
+        gbs = "" if r["bytes_per_s"] is None else f"{r['bytes_per_s'] / 1e9:.2f}"
+        if r["status"] == "ok":
+            note = _note(r)
+            style = "bold" if r["transport"].startswith("shmfabric") else None
+        else:
+            note = f"{r['status']}: {r['error']}"
+            style = "red" if r["status"] == "error" else "dim"
+        size = f"{r['size'] >> 20} MiB" if r["size"] >= 1 << 20 else (
+            f"{r['size'] >> 10} KiB" if r["mode"] == "memcpy" else str(r["size"]))
+        table.add_row(r["mode"], size, r["transport"], _si(r["frames_per_s"]), gbs, _us(r["p50_us"]),
+                      _us(r["p99_us"]), _ratio(r["vs_seqpacket"]), _ratio(r["vs_memcpy"], pct=True), note,
+                      style=style)
+    console.print(table)
+    targets = evaluate_targets(rows)
+    tt = Table(title="issue 2 targets (this run)", title_justify="left")
+    tt.add_column("target")
+    tt.add_column("measured", justify="right")
+    tt.add_column("met")
+    for t in targets:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "[dim]-[/]"}[t["ok"]]
+        tt.add_row(t["target"], t["measured"], met)
+    console.print(tt)
+
+
+def _note(r: dict[str, Any]) -> str:
+    d = r.get("details") or {}
+    parts = []
+    if "batch" in d:
+        parts.append(f"batch {d['batch']}")
+    if "wait_mode" in d:
+        parts.append(d["wait_mode"])
+    if "how" in d:
+        parts.append(d["how"])
+    if r["mode"] == "latency" and r["samples"]:
+        parts.append(f"{r['samples']} samples")
+    if d.get("terminated"):
+        parts.append(f"terminated {','.join(d['terminated'])}")
+    return ", ".join(parts)
+
+
+def public_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for --json: every field, `details` kept (a dict), numbers as floats or null."""
+    return [{k: r.get(k) for k in ROW_FIELDS} for r in rows]

@@ -45,22 +45,29 @@ class ConfigError(Exception):
 _ADDR_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
 
 
-def split_address(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[V6]:PORT`` for IPv6) into host and port; ValueError if malformed."""
+def split_address(text: str, allow_zero: bool = False) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[V6]:PORT`` for IPv6) into host and port; ValueError if malformed.
+
+    Port 0 ("any free port") is accepted only with `allow_zero` (listening addresses).
+    """
     m = _ADDR_RE.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9001, [::1]:9001)")
     port = int(m.group("port"))
-    if not 1 <= port <= 65535:
+    if not (0 if allow_zero else 1) <= port <= 65535:
         raise ValueError(f"port {port} in {text!r} is outside 1..65535")
     return (m.group("v6") or m.group("host")), port
 
 
-def _check_address(value: Any) -> str:
+def _check_address(value: Any, allow_zero: bool = False) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a HOST:PORT string, got {type(value).__name__}")
-    split_address(value)
+    split_address(value, allow_zero)
     return value.strip()
+
+
+def _check_listen(value: Any) -> Any:
+    return value if value is None else _check_address(value, allow_zero=True)
 
 
 class _Model(BaseModel):
@@ -160,7 +167,7 @@ class HttpSpliceConfig(_Model):
     upgrade: Literal["tunnel", "refuse"] = Field("tunnel", description="Upgrade requests (e.g. WebSocket)")
     metrics: str | None = Field(None, description="HOST:PORT of the Prometheus endpoint")
 
-    _listen = field_validator("listen", "metrics", mode="before")(lambda v: v if v is None else _check_address(v))
+    _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
     _default = field_validator("default", mode="before")(
         lambda v: v if v is None else [_check_address(x) for x in (v if isinstance(v, list) else [v])])
 
@@ -199,14 +206,21 @@ class RedisSpliceConfig(_Model):
     workers: int = Field(1, ge=1, le=64)
     servers: list[RedisServer] = Field(min_length=1)
     distribution: Literal["ketama", "modula"] = "ketama"
-    hash: Literal["fnv1a_64", "md5", "murmur", "crc32", "one_at_a_time"] = "fnv1a_64"
+    hash: Literal["fnv1a_64", "fnv1_64", "fnv1a_32", "fnv1_32", "md5", "murmur", "crc32", "crc32a",
+                  "one_at_a_time"] = "fnv1a_64"
+    hash_tag: str | None = Field(None, min_length=2, max_length=2, description="e.g. '{}': hash only the part in braces")
+    password: str | None = Field(None, description="clients must AUTH with this (like requirepass)")
+    backend_username: str | None = Field(None, description="AUTH user the splicer sends to every server")
+    backend_password: str | None = Field(None, description="AUTH password the splicer sends to every server")
+    db: int = Field(0, ge=0, description="database selected on every server connection")
+    auto_eject: bool = Field(False, description="take a failing server off the continuum (twemproxy auto_eject_hosts)")
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
     limits: LimitConfig = LimitConfig(max_pipeline=1024)
     health: HealthConfig = HealthConfig()
     metrics: str | None = None
 
-    _listen = field_validator("listen", "metrics", mode="before")(lambda v: v if v is None else _check_address(v))
+    _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
 
 
 class SpliceFile(_Model):

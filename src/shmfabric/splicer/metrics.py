@@ -105,6 +105,6 @@ def serve(registry: CollectorRegistry, address: str) -> object:
     """Serve `registry` at http://ADDRESS/metrics; returns the server (call .shutdown() to stop)."""
     from .config import split_address
 
-    host, port = split_address(address)
+    host, port = split_address(address, allow_zero=True)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

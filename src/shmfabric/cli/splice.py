@@ -1,0 +1,149 @@
+"""`shmfabric splice http|redis ...`: run a splicing load balancer.
+
+    shmfabric splice http --listen 127.0.0.1:8080 \\
+        --route /api=127.0.0.1:9001,127.0.0.1:9002 --default 127.0.0.1:9003 --pool 8
+    shmfabric splice http --config splice.yaml
+    shmfabric splice redis ...          (added by shmfabric.splicer.redis_cli, when present)
+
+`--route` takes `[HOST]/PREFIX=ADDR[,ADDR...]` or `[HOST]~REGEX=ADDR[,ADDR...]`; routes are
+tried in the order given, `--default` takes what no route matches. `--check` validates and
+prints the effective configuration as JSON without starting anything.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+__all__ = ["register", "parse_route"]
+
+
+def _cli_error(msg: str) -> Exception:
+    from shmfabric.cli.main import CliError
+
+    return CliError(msg)
+
+
+def parse_route(text: str) -> dict[str, Any]:
+    """`[HOST]/PREFIX=ADDRS` or `[HOST]~REGEX=ADDRS` -> a route mapping for HttpRoute."""
+    key, sep, addrs = text.rpartition("=")
+    if not sep or not key or not addrs:
+        raise _cli_error(f"--route {text!r}: expected [HOST]/PREFIX=ADDR[,ADDR...], e.g. /api=127.0.0.1:9001")
+    route: dict[str, Any] = {"backends": [a.strip() for a in addrs.split(",") if a.strip()]}
+    tilde, slash = key.find("~"), key.find("/")
+    if tilde >= 0 and (slash < 0 or tilde < slash):
+        host, route["regex"] = key[:tilde], key[tilde + 1:]
+    elif slash >= 0:
+        host, route["prefix"] = key[:slash], key[slash:]
+    else:
+        host = key  # host only
+    if host:
+        route["host"] = host
+    return route
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from shmfabric.splicer.config import ConfigError, HttpSpliceConfig, format_validation_error, load_config
+
+    overrides: dict[str, Any] = {}
+    for name in ("listen", "workers", "metrics"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.config:
+        if args.route or args.default:
+            raise _cli_error("give routes either in --config or as --route/--default, not both")
+        try:
+            file_cfg = load_config(args.config)
+        except ConfigError as exc:
+            raise _cli_error(str(exc)) from None
+        if file_cfg.http is None:
+            raise _cli_error(f"{args.config}: no `http:` section; fix: add one (see docs/splicer-http.md)")
+        data = file_cfg.http.model_dump()
+        data.update(overrides)
+        source = args.config
+    else:
+        data = {"routes": [parse_route(r) for r in args.route or []], **overrides}
+        if args.default:
+            data["default"] = [a.strip() for a in args.default.split(",") if a.strip()]
+        source = "command line"
+    if args.pool is not None:
+        data.setdefault("pool", {})
+        data["pool"] = {**(data["pool"] if isinstance(data["pool"], dict) else {}), "max": args.pool}
+        data["pool"].setdefault("min", min(args.pool, 1 if args.pool_min is None else args.pool_min))
+    if args.pool_min is not None:
+        data.setdefault("pool", {})
+        data["pool"]["min"] = args.pool_min
+    if args.timeout is not None:
+        data["timeouts"] = {**data.get("timeouts", {}), "request": args.timeout}
+    if args.no_health:
+        data["health"] = {**data.get("health", {}), "enabled": False}
+    try:
+        return HttpSpliceConfig.model_validate(data)
+    except ValidationError as exc:
+        text = format_validation_error(exc, source)
+        if source == "command line":
+            text = text.replace("field `routes", "--route `routes").replace("field `default", "--default `default")
+        raise _cli_error(text) from None
+
+
+def _run_http(args: argparse.Namespace) -> int:
+    cfg = _build_config(args)
+    if args.check:
+        print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
+        return 0
+    from shmfabric.splicer.http_server import run
+
+    def ready(splicer: Any) -> None:
+        routes = len(cfg.routes)
+        print(f"splice http: listening on {cfg.listen.rsplit(':', 1)[0]}:{splicer.port} "
+              f"({routes} route{'s' if routes != 1 else ''}{', default' if cfg.default else ''}; "
+              f"pool {cfg.pool.min}..{cfg.pool.max} per server; {cfg.workers} worker(s))", flush=True)
+
+    return run(cfg, ready)
+
+
+def _add_http(verbs: Any) -> None:
+    p = verbs.add_parser("http", help="HTTP/1.1 splicing load balancer",
+                         description="Read pipelined HTTP/1.1 requests ahead, send them to backends at once, "
+                                     "answer in request order.")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
+    p.add_argument("--route", action="append", metavar="[HOST]/PREFIX=ADDRS",
+                   help="route a path prefix (or [HOST]~REGEX) to comma-separated HOST:PORT backends; repeatable")
+    p.add_argument("--default", metavar="ADDRS", help="backends for requests no route matches")
+    p.add_argument("--pool", type=int, metavar="N", help="max pooled connections per backend server (default 8)")
+    p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server (default 1)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then 504 (default 30)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--no-health", action="store_true", help="no active health checks")
+    p.add_argument("--config", metavar="FILE", help="YAML file with an `http:` section")
+    p.add_argument("--check", action="store_true", help="validate, print the effective config as JSON, exit")
+    p.set_defaults(func=_run_http)
+
+
+def register(subparsers: Any) -> None:
+    """Add `splice` with its `http` verb, and `redis` when shmfabric.splicer.redis_cli exists."""
+    splice = subparsers.add_parser("splice", help="splicing load balancer (HTTP/1.1, Redis)",
+                                   description=__doc__.splitlines()[0])
+    verbs = splice.add_subparsers(dest="splice_verb", metavar="PROTOCOL")
+    _add_http(verbs)
+    # Hook for the Redis splicer: it owns shmfabric.splicer.redis_cli and its `register_redis(verbs)`
+    # adds the `redis` verb to this same parser.
+    try:
+        redis_cli = importlib.import_module("shmfabric.splicer.redis_cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "shmfabric.splicer.redis_cli":
+            raise
+    else:
+        redis_cli.register_redis(verbs)
+
+    def _usage(_args: argparse.Namespace) -> int:
+        splice.print_help(sys.stderr)
+        return 2
+
+    splice.set_defaults(func=_usage)

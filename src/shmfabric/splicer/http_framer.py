@@ -1,0 +1,656 @@
+"""Sans-IO HTTP/1.1 framers for the splicer, built on httptools (llhttp).
+
+What this file may know: bytes in, events out, and the framing rules of RFC 9112. What it may
+not know: sockets, asyncio, clocks, routing, pools. The asyncio shell (`http_proxy.py`) feeds
+bytes with `receive_data()` and drains `next_event()` until it returns `NEED_DATA` (more bytes
+wanted) or `PAUSED` (an Upgrade/CONNECT was seen; the bytes after it are held raw, see
+`take_raw()` and `resume()`), in the style of h11.
+
+Two framers:
+
+* `RequestFramer` reads a client connection: `Request`, `Data`*, `EndOfMessage`, repeatedly
+  (pipelining), then `ConnectionClosed`.
+* `ResponseFramer` reads a backend connection. It must be told the method of each request sent
+  (`expect(method)`), because a response to HEAD has no body whatever its headers say and
+  llhttp cannot be told so: such heads are fed to llhttp only up to their blank line.
+
+Parsing is llhttp's (strict mode: it already rejects Content-Length together with
+Transfer-Encoding, duplicate Content-Length, bad chunk sizes, obs-fold, whitespace before the
+colon, bare CR/LF line ends, non-final `chunked`). This file adds what llhttp leaves to the
+user: limits on the request target, header count and head size (RFC 9112 §2.3, §5; 414/431),
+the HTTP version (505), a missing or repeated Host (RFC 9112 §3.2), Transfer-Encoding in an
+HTTP/1.0 request (RFC 9112 §6.1), and it turns every rejection into one `RemoteProtocolError`
+carrying the status to answer with. Inside, callbacks raise `_Reject`; llhttp stops at once and
+the error surfaces at the receive boundary (`receive_data`), after the events of the complete
+requests before it (so the good part of a pipeline is still served before the 400).
+
+Events are frozen dataclasses with `__slots__` on the common base `Event`.
+
+Bounds: a head (request line + fields) may grow to `max_head_bytes` (64 KiB by default, as
+Apache's 8 KiB-per-line x 100 fields is the most common server bound and HAProxy's default
+tune.bufsize is 16 KiB; 64 KiB leaves room for large cookies). The count is exact for completed
+fields; a field still being received is bounded by one read of the shell on top.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, Iterable
+
+import httptools
+from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+
+__all__ = [
+    "NEED_DATA", "PAUSED", "BODY_NONE", "BODY_LENGTH", "BODY_CHUNKED", "BODY_UNTIL_CLOSE",
+    "Event", "Request", "InformationalResponse", "Response", "Data", "EndOfMessage", "ConnectionClosed",
+    "RemoteProtocolError", "RequestFramer", "ResponseFramer",
+    "encode_request_head", "encode_response_head", "encode_chunk", "encode_last_chunk", "simple_response",
+    "IDEMPOTENT_METHODS",
+]
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+PAUSED: Final = _Sentinel("PAUSED")
+
+# How a message's body is delimited.
+BODY_NONE: Final = 0         # no body (GET without framing headers, HEAD/204/304 responses)
+BODY_LENGTH: Final = 1       # Content-Length
+BODY_CHUNKED: Final = 2      # Transfer-Encoding: chunked
+BODY_UNTIL_CLOSE: Final = 3  # responses only: body ends when the backend closes
+
+# Methods whose requests may run at once over several pooled connections. Everything else is a
+# barrier (issue 3: POST, PUT, PATCH, DELETE wait for earlier requests and hold back later ones).
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+# --------------------------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of all framer events."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Event):
+    """A request head. `framing` is one of BODY_NONE, BODY_LENGTH, BODY_CHUNKED."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    http_version: bytes = b"1.1"
+    keep_alive: bool = True
+    framing: int = BODY_NONE
+    content_length: int = 0
+    upgrade: bool = False          # Upgrade header or CONNECT: bytes after the head are not HTTP
+    expect_continue: bool = False  # Expect: 100-continue
+    host: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class InformationalResponse(Event):
+    """A 1xx response (100 Continue, 101 Switching Protocols, 103 Early Hints...)."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class Response(Event):
+    """A final response head; `framing` is one of the BODY_* constants."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+    http_version: bytes = b"1.1"
+    keep_alive: bool = True
+    framing: int = BODY_NONE
+    content_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Data(Event):
+    """Body bytes (chunked framing already removed)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage(Event):
+    """End of a message; `trailers` holds the trailer fields of a chunked body."""
+
+    trailers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer closed its side after a complete message."""
+
+
+_EOM: Final = EndOfMessage()
+_CLOSED: Final = ConnectionClosed()
+
+
+class RemoteProtocolError(Exception):
+    """The peer broke HTTP/1.1; `status` is what to answer a client with (400, 414, 431, 505)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Reject(Exception):
+    """Raised inside llhttp callbacks; becomes RemoteProtocolError at the receive boundary."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _boundary_error(exc: HttpParserError) -> RemoteProtocolError:
+    """The single place where parser failures become RemoteProtocolError."""
+    inner = exc.__context__ if isinstance(exc, HttpParserCallbackError) else None
+    if isinstance(inner, _Reject):
+        return RemoteProtocolError(str(inner), inner.status)
+    if isinstance(inner, Exception):  # a bug in a callback: report it, but as a protocol error
+        return RemoteProtocolError(f"internal framing error: {inner!r}", 400)
+    return RemoteProtocolError(str(exc) or type(exc).__name__, 400)
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+# --------------------------------------------------------------------------- request side
+class RequestFramer:
+    """Parses the requests of one client connection (pipelined, keep-alive)."""
+
+    def __init__(self, max_head_bytes: int = 64 * 1024, max_headers: int = 100, max_url_bytes: int = 8 * 1024) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.max_url_bytes = max_url_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: deque[Event] = deque()
+        self._error: RemoteProtocolError | None = None
+        self._paused = False
+        self._raw = bytearray()
+        self._eof = False
+        self._in_message = False
+        self._new_message()
+
+    def _new_message(self) -> None:
+        self._in_head = False
+        self._head_spans = False  # head began in an earlier receive_data call
+        self._partial = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._host: bytes | None = None
+        self._hosts = 0
+        self._te = False
+        self._cl = -1
+        self._expect = False
+
+    # -- llhttp callbacks (called from feed_data) --------------------------------------
+    def on_message_begin(self) -> None:
+        self._new_message()
+        self._in_head = True
+        self._in_message = True
+
+    def on_url(self, part: bytes) -> None:
+        url = self._url + part if self._url else part
+        if len(url) > self.max_url_bytes:
+            raise _Reject(f"request target longer than {self.max_url_bytes} bytes", 414)
+        self._url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # fields after a chunked body are trailers
+            if len(self._trailers) >= self.max_headers:
+                raise _Reject(f"more than {self.max_headers} trailer fields", 431)
+            self._trailers.append((name, value))
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes + len(self._url) > self.max_head_bytes:
+            raise _Reject(f"request head larger than {self.max_head_bytes} bytes", 431)
+        headers = self._headers
+        if len(headers) >= self.max_headers:
+            raise _Reject(f"more than {self.max_headers} header fields", 431)
+        headers.append((name, value))
+        n = len(name)
+        # Only a few names matter for framing; check the length first to skip lower() mostly.
+        if n == 4 or n == 6 or n == 14 or n == 17:
+            lname = name.lower()
+            if lname == b"host":
+                self._hosts += 1
+                if self._hosts > 1:
+                    raise _Reject("more than one Host header field (RFC 9112 section 3.2)")
+                self._host = value
+            elif lname == b"content-length":
+                self._cl = int(value)  # llhttp has checked the digits
+            elif lname == b"transfer-encoding":
+                self._te = True
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    self._expect = True
+                else:
+                    raise _Reject(f"unsupported Expect: {value.decode('latin-1')!r}", 417)
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self._in_head = False
+        version = p.get_http_version()
+        if version == "1.1":
+            if self._host is None:
+                raise _Reject("HTTP/1.1 request without a Host header field (RFC 9112 section 3.2)")
+            hv = b"1.1"
+        elif version == "1.0":
+            if self._te:
+                raise _Reject("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 section 6.1)")
+            hv = b"1.0"
+        else:
+            raise _Reject(f"HTTP version {version} not supported", 505)
+        if self._te:
+            framing, length = BODY_CHUNKED, 0
+        elif self._cl > 0:
+            framing, length = BODY_LENGTH, self._cl
+        else:
+            framing, length = BODY_NONE, 0
+        self._events.append(Request(
+            p.get_method(), self._url, tuple(self._headers), hv, p.should_keep_alive(), framing, length,
+            p.should_upgrade(), self._expect, self._host or b""))
+
+    def on_body(self, data: bytes) -> None:
+        self._events.append(Data(data))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._events.append(EndOfMessage(tuple(self._trailers)) if self._trailers else _EOM)
+
+    # -- public API --------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client; b"" means the client closed its sending side."""
+        if self._error is not None or self._eof:
+            return
+        if self._paused:
+            self._raw += data
+            if not data:
+                self._eof = True
+            return
+        if not data:
+            self._eof = True
+            if self._in_message:
+                self._error = RemoteProtocolError("client closed the connection in the middle of a request")
+            return
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as up:
+            self._paused = True
+            self._raw += data[up.args[0]:]
+            return
+        except HttpParserError as exc:
+            self._error = _boundary_error(exc)
+            return
+        if self._in_head:
+            if self._head_spans:
+                self._partial += len(data)
+                if self._partial + self._head_bytes > self.max_head_bytes:
+                    self._error = RemoteProtocolError(f"request head larger than {self.max_head_bytes} bytes", 431)
+            else:
+                self._head_spans = True
+
+    def next_event(self) -> Event | _Sentinel:
+        """Next event, or NEED_DATA / PAUSED; raises RemoteProtocolError once the events before it are out."""
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error
+        if self._paused:
+            return PAUSED
+        if self._eof:
+            return _CLOSED
+        return NEED_DATA
+
+    def take_raw(self) -> bytes:
+        """After PAUSED: the bytes that followed the Upgrade/CONNECT head (for a tunnel)."""
+        raw = bytes(self._raw)
+        self._raw.clear()
+        return raw
+
+    def resume(self) -> None:
+        """After PAUSED and a declined upgrade: parse the held bytes as HTTP again."""
+        if not self._paused:
+            return
+        self._paused = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._in_message = False
+        raw = self.take_raw()
+        eof = self._eof
+        self._eof = False
+        if raw:
+            self.receive_data(raw)
+        if eof:
+            self.receive_data(b"")
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+
+# -------------------------------------------------------------------------- response side
+class ResponseFramer:
+    """Parses the responses of one backend connection, given the methods of the requests sent."""
+
+    def __init__(self, max_head_bytes: int = 64 * 1024, max_headers: int = 100) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self._parser = httptools.HttpResponseParser(self)
+        self._events: deque[Event] = deque()
+        self._methods: deque[bytes] = deque()
+        self._error: RemoteProtocolError | None = None
+        self._eof = False
+        self._paused = False
+        self._raw = bytearray()
+        self._head_buf = bytearray()  # HEAD mode: bytes of a head not yet complete
+        self._in_message = False
+        self._framing = BODY_NONE
+        self._new_message()
+
+    def _new_message(self) -> None:
+        self._in_head = False
+        self._head_spans = False
+        self._partial = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._te = False
+        self._cl = -1
+        self._informational = False
+        self._head_done = False
+
+    def expect(self, method: bytes) -> None:
+        """Announce that a request with `method` was sent; responses are matched in order."""
+        self._methods.append(method)
+
+    # -- llhttp callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if not self._methods:
+            raise _Reject("response without a request", 502)
+        self._new_message()
+        self._in_head = True
+        self._in_message = True
+
+    def on_status(self, part: bytes) -> None:
+        self._reason += part
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            if len(self._trailers) >= self.max_headers:
+                raise _Reject(f"more than {self.max_headers} trailer fields", 502)
+            self._trailers.append((name, value))
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.max_head_bytes:
+            raise _Reject(f"response head larger than {self.max_head_bytes} bytes", 502)
+        if len(self._headers) >= self.max_headers:
+            raise _Reject(f"more than {self.max_headers} response header fields", 502)
+        self._headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17:
+            lname = name.lower()
+            if lname == b"content-length":
+                self._cl = int(value)
+            elif lname == b"transfer-encoding":
+                self._te = True
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self._in_head = False
+        status = p.get_status_code()
+        headers = tuple(self._headers)
+        if status < 200:
+            self._informational = True
+            self._events.append(InformationalResponse(status, self._reason, headers))
+            return
+        method = self._methods[0]
+        if method == b"HEAD" or status == 204 or status == 304:
+            framing, length = BODY_NONE, 0
+        elif self._te:
+            framing, length = BODY_CHUNKED, 0
+        elif self._cl >= 0:
+            framing, length = (BODY_LENGTH, self._cl) if self._cl else (BODY_NONE, 0)
+        else:
+            framing, length = BODY_UNTIL_CLOSE, 0
+        self._framing = framing
+        version = p.get_http_version()
+        hv = b"1.1" if version == "1.1" else b"1.0"
+        keep = p.should_keep_alive() and framing != BODY_UNTIL_CLOSE
+        self._events.append(Response(status, self._reason, headers, hv, keep, framing, length))
+        if method == b"HEAD":
+            self._head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self._events.append(Data(data))
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._in_message = False
+            self._informational = False
+            return
+        self._in_message = False
+        self._methods.popleft()
+        self._events.append(EndOfMessage(tuple(self._trailers)) if self._trailers else _EOM)
+
+    # -- public API --------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the backend; b"" means the backend closed."""
+        if self._error is not None or self._eof:
+            return
+        if self._paused:
+            self._raw += data
+            if not data:
+                self._eof = True
+            return
+        if not data:
+            self._receive_eof()
+            return
+        while data and self._error is None and not self._paused:
+            if self._methods and self._methods[0] == b"HEAD":
+                data = self._feed_head_mode(data)
+            else:
+                self._feed(data)
+                data = b""
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as up:
+            self._paused = True
+            self._raw += data[up.args[0]:]
+            return
+        except HttpParserError as exc:
+            err = _boundary_error(exc)
+            err.status = 502
+            self._error = err
+            return
+        if self._in_head:
+            if self._head_spans:
+                self._partial += len(data)
+                if self._partial + self._head_bytes > self.max_head_bytes:
+                    self._error = RemoteProtocolError(f"response head larger than {self.max_head_bytes} bytes", 502)
+            else:
+                self._head_spans = True
+
+    def _feed_head_mode(self, data: bytes) -> bytes:
+        """Feed a response to HEAD only up to its blank line; return the bytes after it."""
+        buf = self._head_buf
+        start = max(0, len(buf) - 3)
+        buf += data
+        end = buf.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(buf) > self.max_head_bytes:
+                self._error = RemoteProtocolError(f"response head larger than {self.max_head_bytes} bytes", 502)
+            return b""
+        end += 4
+        head, rest = bytes(buf[:end]), bytes(buf[end:])
+        buf.clear()
+        self._feed(head)
+        if self._head_done:
+            # llhttp now waits for a body the HEAD response does not have: start afresh.
+            self._head_done = False
+            self._in_message = False
+            self._methods.popleft()
+            self._events.append(_EOM)
+            self._parser = httptools.HttpResponseParser(self)
+        return rest
+
+    def _receive_eof(self) -> None:
+        self._eof = True
+        if self._in_message:
+            if not self._in_head and self._framing == BODY_UNTIL_CLOSE and not self._informational:
+                self._in_message = False
+                self._methods.popleft()
+                self._events.append(_EOM)
+            else:
+                self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
+        elif self._head_buf:
+            self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
+
+    def next_event(self) -> Event | _Sentinel:
+        """Next event, or NEED_DATA / PAUSED; raises RemoteProtocolError (status 502)."""
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error
+        if self._paused:
+            return PAUSED
+        if self._eof:
+            return _CLOSED
+        return NEED_DATA
+
+    def take_raw(self) -> bytes:
+        """After PAUSED (101 Switching Protocols): the bytes that followed the response head."""
+        raw = bytes(self._raw)
+        self._raw.clear()
+        return raw
+
+    @property
+    def idle(self) -> bool:
+        """True between responses (no response started and none expected)."""
+        return not self._in_message and not self._methods and not self._head_buf
+
+
+# ------------------------------------------------------------------------------ send side
+# Hop-by-hop fields (RFC 9110 section 7.6.1) are not forwarded; the splicer writes its own
+# framing fields, so Content-Length and Transfer-Encoding are dropped and re-added too.
+_HOP: Final = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
+    b"content-length", b"proxy-authenticate", b"proxy-authorization",
+})
+
+
+def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = False) -> list[bytes]:
+    """Header lines (b"Name: value\\r\\n") minus hop-by-hop fields and those named in Connection."""
+    extra: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            extra.update(_tokens(value))
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _HOP or lname in extra:
+            if keep_upgrade and lname in (b"upgrade", b"connection"):
+                out.append(name + b": " + value + b"\r\n")
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    return out
+
+
+def encode_request_head(req: Request, *, keep_upgrade: bool = False) -> bytes:
+    """Serialize `req` for a pooled backend connection (HTTP/1.1, keep-alive)."""
+    parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+    parts += _end_to_end(req.headers, keep_upgrade)
+    if req.framing == BODY_CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif req.framing == BODY_LENGTH:
+        parts.append(b"Content-Length: %d\r\n" % req.content_length)
+    if req.http_version == b"1.0" and req.host == b"":
+        pass  # an HTTP/1.0 request without Host: the backend sees none either
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_response_head(resp: Response | InformationalResponse, *, framing: int, content_length: int = 0,
+                         close: bool = False, keep_upgrade: bool = False, head_request: bool = False,
+                         keep_alive_10: bool = False) -> bytes:
+    """Serialize a response head for the client with the splicer's own framing fields.
+
+    A response to HEAD and a 304 keep their Content-Length (it describes the representation,
+    RFC 9110 section 8.6); other bodiless responses get none.
+    """
+    status = resp.status
+    parts = [b"HTTP/1.1 %d " % status, resp.reason, b"\r\n"]
+    if head_request or status == 304:
+        for name, value in resp.headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                parts.append(name + b": " + value + b"\r\n")
+    parts += _end_to_end(resp.headers, keep_upgrade)
+    if status >= 200 and not keep_upgrade:
+        if framing == BODY_CHUNKED:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif framing == BODY_LENGTH:
+            parts.append(b"Content-Length: %d\r\n" % content_length)
+        elif framing == BODY_NONE and status != 204 and status != 304 and not head_request:
+            parts.append(b"Content-Length: 0\r\n")
+        if close:
+            parts.append(b"Connection: close\r\n")
+        elif keep_alive_10:  # an HTTP/1.0 client asked for keep-alive and gets it
+            parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Headers = ()) -> bytes:
+    """The last chunk and the trailer section."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+
+
+_REASONS: Final = {
+    400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large", 414: b"URI Too Long",
+    417: b"Expectation Failed", 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported", 404: b"Not Found",
+}
+
+
+def simple_response(status: int, message: str, *, close: bool = False, head_request: bool = False,
+                    extra: Headers = ()) -> bytes:
+    """A small text/plain response made by the splicer itself (errors, refusals)."""
+    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+             b"Content-Type: text/plain; charset=utf-8\r\n",
+             b"Content-Length: %d\r\n" % len(body)]
+    lines += [n + b": " + v + b"\r\n" for n, v in extra]
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"X-Shmfabric-Splicer: error\r\n\r\n")
+    return b"".join(lines) + (b"" if head_request else body)

@@ -1,0 +1,406 @@
+"""Backend connection pools of the HTTP splicer (asyncio shell side).
+
+Per backend server (`BackendServer`):
+
+* `free`: a queue of idle pooled connections, ready for a request;
+* `in_use`: the in-use directory, pooled connection -> the exchange (client request) it serves;
+* `waiters`: exchanges waiting for a connection (when `max` connections are all in use);
+* `min` connections are opened at start and re-opened (with jittered exponential backoff) when
+  they close; up to `max` are opened on demand.
+
+A connection carries one request at a time; the end of each response is found by parsing it
+(`ResponseFramer`), after which the connection returns to `free` or goes straight to the next
+waiter. Health: active checks every `health.interval` (TCP connect, or `GET health.path`), plus
+passive results from connects; a server that fails `fall` times leaves rotation, and comes back
+after `rise` successes (`HealthState`). `BackendGroup.pick()` chooses the up server with the
+fewest requests in flight.
+
+Exchanges talk to this module through a small interface: `on_connection(conn)`,
+`on_response_event(event)`, `on_backend_failure(kind, message)`, `on_tunnel_data(data)`.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .backoff import Backoff, HealthState
+from .config import HealthConfig, PoolConfig, TimeoutConfig, split_address
+from .http_framer import NEED_DATA, PAUSED, ConnectionClosed, RemoteProtocolError, ResponseFramer
+
+if TYPE_CHECKING:
+    from .metrics import BackendMetrics
+
+__all__ = ["BackendConnection", "BackendServer", "BackendGroup", "ExchangeLike"]
+
+
+class ExchangeLike(Protocol):
+    """What a pool needs from the request it serves."""
+
+    def on_connection(self, conn: "BackendConnection") -> None: ...
+    def on_response_event(self, event: Any) -> None: ...
+    def on_backend_failure(self, kind: str, message: str) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+
+
+class BackendConnection(asyncio.Protocol):
+    """One pooled connection to a backend server."""
+
+    __slots__ = ("server", "transport", "framer", "exchange", "alive", "used", "tunnel", "_paused")
+
+    def __init__(self, server: "BackendServer") -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.framer = ResponseFramer(server.max_head_bytes, server.max_headers)
+        self.exchange: ExchangeLike | None = None
+        self.alive = False
+        self.used = 0        # requests served so far (a reused connection may be stale)
+        self.tunnel = False  # after 101 Switching Protocols: raw bytes both ways
+        self._paused = False
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            ex = self.exchange
+            if ex is not None:
+                ex.on_tunnel_data(data)
+            return
+        framer = self.framer
+        framer.receive_data(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        framer = self.framer
+        while True:
+            ex = self.exchange
+            try:
+                ev = framer.next_event()
+            except RemoteProtocolError as exc:
+                self.abort()
+                if ex is not None:
+                    self.exchange = None
+                    self.server.metrics.error("protocol")
+                    ex.on_backend_failure("protocol", f"bad response from backend {self.server.name}: {exc}")
+                return
+            if ev is NEED_DATA:
+                return
+            if ev is PAUSED:
+                # 101 Switching Protocols was parsed; the exchange switches to a tunnel and
+                # takes the raw bytes held after the response head.
+                return
+            if isinstance(ev, ConnectionClosed):
+                return
+            if ex is None:
+                # Bytes nobody asked for (e.g. a late response after a timeout): unusable.
+                self.abort()
+                return
+            ex.on_response_event(ev)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_alive = self.alive
+        self.alive = False
+        ex = self.exchange
+        if self.tunnel:
+            self.exchange = None
+            if ex is not None:
+                ex.on_tunnel_data(b"")
+        elif ex is not None:
+            # Let the framer finish a read-until-close body; anything else is a failure.
+            self.framer.receive_data(b"")
+            self._drain()
+            if self.exchange is ex:
+                self.exchange = None
+                self.server.metrics.error("reset")
+                ex.on_backend_failure("reset", f"backend {self.server.name} closed the connection")
+        if was_alive:
+            self.server._on_lost(self)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None and hasattr(ex, "on_backend_pause_writing"):
+            ex.on_backend_pause_writing(True)  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None and hasattr(ex, "on_backend_pause_writing"):
+            ex.on_backend_pause_writing(False)  # type: ignore[attr-defined]
+
+    # -- helpers --------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and self.alive:
+            t.write(data)
+
+    def pause_reading(self, pause: bool) -> None:
+        """Stop/restart reading responses (backpressure from the client side)."""
+        t = self.transport
+        if t is None or not self.alive or pause == self._paused:
+            return
+        self._paused = pause
+        if pause:
+            t.pause_reading()
+        else:
+            t.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection at once (its state is unknown or unwanted)."""
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    @property
+    def reusable(self) -> bool:
+        return self.alive and not self.tunnel and self.framer.idle
+
+
+class BackendServer:
+    """Pool, in-use directory and health of one backend server."""
+
+    def __init__(self, address: str, pool: PoolConfig, timeouts: TimeoutConfig, health: HealthConfig,
+                 metrics: "BackendMetrics", *, max_head_bytes: int = 64 * 1024, max_headers: int = 100) -> None:
+        self.name = address
+        self.host, self.port = split_address(address)
+        self.min = pool.min
+        self.max = pool.max
+        self.timeouts = timeouts
+        self.health_cfg = health
+        self.metrics = metrics
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.free: deque[BackendConnection] = deque()
+        self.in_use: dict[BackendConnection, ExchangeLike] = {}
+        self.waiters: deque[ExchangeLike] = deque()
+        self.connecting = 0
+        self.health = HealthState(rise=health.rise, fall=health.fall)
+        self.backoff = Backoff(cap=max(1.0, health.interval))
+        self.inflight = 0
+        self._closed = False
+        self._refill_handle: asyncio.TimerHandle | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        metrics.bind_pool(lambda: len(self.free), lambda: len(self.in_use), lambda: 1.0 if self.health.up else 0.0)
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open `min` connections and start health checks."""
+        self._loop = loop
+        self._fill()
+        if self.health_cfg.enabled:
+            self._health_task = loop.create_task(self._health_loop())
+
+    async def close(self) -> None:
+        """Close every connection and stop health checks."""
+        self._closed = True
+        if self._refill_handle is not None:
+            self._refill_handle.cancel()
+        if self._health_task is not None:
+            self._health_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for conn in list(self.free) + list(self.in_use):
+            conn.abort()
+        self.free.clear()
+        while self.waiters:
+            self.waiters.popleft().on_backend_failure("unavailable", "splicer is shutting down")
+        await asyncio.sleep(0)
+
+    @property
+    def up(self) -> bool:
+        return self.health.up and not self._closed
+
+    @property
+    def size(self) -> int:
+        """Pooled connections open (free + in use), not counting ones being opened."""
+        return len(self.free) + len(self.in_use)
+
+    # -- acquire / release ------------------------------------------------------------------
+    def acquire(self, ex: ExchangeLike) -> BackendConnection | None:
+        """A free connection for `ex` now, or None (then `ex.on_connection` is called later)."""
+        free = self.free
+        while free:
+            conn = free.pop()  # LIFO: the most recently used connection is the least likely stale
+            if conn.alive:
+                self.in_use[conn] = ex
+                conn.exchange = ex
+                return conn
+        self.waiters.append(ex)
+        self._fill()
+        return None
+
+    def cancel_wait(self, ex: ExchangeLike) -> None:
+        """Forget a waiting exchange (timed out, client gone)."""
+        try:
+            self.waiters.remove(ex)
+        except ValueError:
+            pass
+
+    def release(self, conn: BackendConnection, reusable: bool) -> None:
+        """Return `conn` after a complete response (or drop it if it cannot be reused)."""
+        self.in_use.pop(conn, None)
+        conn.exchange = None
+        if reusable and conn.reusable and not self._closed:
+            conn.used += 1
+            if self.waiters:
+                ex = self.waiters.popleft()
+                self.in_use[conn] = ex
+                conn.exchange = ex
+                ex.on_connection(conn)
+            else:
+                self.free.append(conn)
+        else:
+            conn.abort()
+            self._fill()
+
+    def detach(self, conn: BackendConnection) -> None:
+        """Take `conn` out of the pool for good (it became a tunnel); the pool refills."""
+        self.in_use.pop(conn, None)
+        self._fill()
+
+    def _on_lost(self, conn: BackendConnection) -> None:
+        if self.in_use.pop(conn, None) is None:
+            try:
+                self.free.remove(conn)
+            except ValueError:
+                pass
+        if not self._closed:
+            self._fill()
+
+    # -- connecting -----------------------------------------------------------------------
+    def _fill(self) -> None:
+        """Open connections up to `min`, and more (up to `max`) while exchanges wait."""
+        if self._closed or self._loop is None:
+            return
+        total = len(self.free) + len(self.in_use) + self.connecting
+        want = max(self.min - total, len(self.waiters) - self.connecting)
+        want = min(want, self.max - total)
+        if want <= 0:
+            return
+        if not self.health.up and self.connecting:
+            return  # a down server gets one probe at a time
+        for _ in range(want if self.health.up else 1):
+            self.connecting += 1
+            task = self._loop.create_task(self._connect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: BackendConnection(self), self.host, self.port),
+                self.timeouts.connect)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.connecting -= 1
+            self.metrics.error("connect")
+            self.health.record(False)
+            self._connect_failed(f"cannot connect to backend {self.name}: {getattr(exc, 'strerror', None) or exc or 'timeout'}")
+            return
+        except asyncio.CancelledError:
+            self.connecting -= 1
+            raise
+        self.connecting -= 1
+        self.backoff.reset()
+        if self._closed:
+            conn.abort()
+            return
+        sock = conn.transport.get_extra_info("socket") if conn.transport else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.release(conn, True)
+
+    def _connect_failed(self, message: str) -> None:
+        # With no connection left to wait for, the waiters fail now (502, or retried elsewhere).
+        if self.size == 0 and self.connecting == 0:
+            waiters, self.waiters = self.waiters, deque()
+            for ex in waiters:
+                ex.on_backend_failure("connect", message)
+        if self._closed or self._loop is None:
+            return
+        if self._refill_handle is None:
+            def refill() -> None:
+                self._refill_handle = None
+                self._fill()
+            self._refill_handle = self._loop.call_later(self.backoff.next_delay(), refill)
+
+    # -- health ---------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        cfg = self.health_cfg
+        while not self._closed:
+            await asyncio.sleep(cfg.interval)
+            ok = await self.check_once()
+            changed = self.health.record(ok)
+            if changed is False:
+                # Leaving rotation: idle connections to a failing server are likely dead too.
+                while self.free:
+                    self.free.pop().abort()
+            elif changed is True:
+                self.backoff.reset()
+                self._fill()
+
+    async def check_once(self) -> bool:
+        """One active check: TCP connect, or GET `health.path` wanting a 2xx/3xx status."""
+        cfg = self.health_cfg
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), cfg.timeout)
+            if cfg.path is None:
+                return True
+            writer.write(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: shmfabric-splicer-health\r\n\r\n"
+                         % (cfg.path.encode(), self.host.encode()))
+            line = await asyncio.wait_for(reader.readline(), cfg.timeout)
+            parts = line.split()
+            return len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1][:1] in (b"2", b"3")
+        except (OSError, asyncio.TimeoutError, ValueError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+class BackendGroup:
+    """The servers one route sends to; picks the up server with the fewest requests in flight."""
+
+    def __init__(self, name: str, servers: list[BackendServer]) -> None:
+        self.name = name
+        self.servers = servers
+        self._rr = 0
+
+    def pick(self, exclude: BackendServer | None = None) -> BackendServer | None:
+        """An up server (round-robin among the least loaded), or None if every server is down."""
+        servers = self.servers
+        n = len(servers)
+        if n == 1:
+            s = servers[0]
+            return s if s.up else None
+        self._rr = (self._rr + 1) % n
+        best = None
+        best_load = 1 << 62
+        for i in range(n):
+            s = servers[(self._rr + i) % n]
+            if not s.up or s is exclude:
+                continue
+            load = s.inflight
+            if load < best_load:
+                best, best_load = s, load
+        if best is None and exclude is not None and exclude.up:
+            return exclude
+        return best
+
+
+def monotonic() -> float:
+    """The clock the shell uses for latency metrics."""
+    return time.monotonic()

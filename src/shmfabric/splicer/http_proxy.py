@@ -1,0 +1,652 @@
+"""The asyncio shell of the HTTP splicer: one `ClientConnection` per client, one `Exchange` per request.
+
+A client connection reads ahead: every request it parses gets a slot in an `OrderedMerge` and an
+`Exchange`. Idempotent requests (GET, HEAD, OPTIONS, TRACE) start at once, each on its own
+pooled backend connection, so a pipeline of 16 requests to two backends runs 16 at a time.
+Any other method is a *barrier*: it starts when every earlier request of this client is
+answered, and nothing after it starts until it is answered (so a POST never overtakes, or is
+overtaken by, the requests around it). Responses are written strictly in request order; the
+head response streams, later ones are held in their slots.
+
+Failures stay in place: a backend that fails before its response began yields a 502 (504 on
+timeout) in that request's slot and the pipeline goes on; a connect failure or a reset of a
+reused connection before any response byte is retried once elsewhere when that is safe. If a
+response already started streaming when its backend fails, the only honest thing left is to
+close the client connection after the bytes sent so far.
+
+Backpressure: reading from the client stops while the merge holds `max_pipeline` requests or
+`max_buffer_bytes` bytes (or request-body bytes waiting for a backend pass that bound, or the
+client's socket buffer is full); backend connections serving non-head requests stop being read
+while the held response bytes pass the bound.
+
+Upgrade requests (WebSocket and the like) are barriers too; a 101 from the backend turns the
+client connection and that backend connection into a raw tunnel (the backend connection leaves
+its pool). CONNECT is refused with 405: this is a reverse proxy, not a forward proxy.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .http_framer import (
+    BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, IDEMPOTENT_METHODS, NEED_DATA, PAUSED,
+    ConnectionClosed, Data, EndOfMessage, InformationalResponse, RemoteProtocolError, Request, RequestFramer,
+    Response, encode_chunk, encode_last_chunk, encode_request_head, encode_response_head, simple_response,
+)
+from .ordered import OrderedMerge
+
+if TYPE_CHECKING:
+    from .http_pool import BackendConnection, BackendGroup, BackendServer
+    from .http_server import HttpSplicer
+
+__all__ = ["ClientConnection", "Exchange"]
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Exchange:
+    """One client request and its response, from read to written."""
+
+    __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
+                 "req_done", "body", "body_held", "timer", "t0", "resp_started", "client_framing", "attempts",
+                 "reused", "body_sent", "tunnel", "head_request", "backend_keep")
+
+    def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
+        self.client = client
+        self.seq = seq
+        self.req = req
+        self.group = group
+        self.server: BackendServer | None = None
+        self.conn: BackendConnection | None = None
+        self.barrier = req.upgrade or req.method not in IDEMPOTENT_METHODS
+        self.started = False
+        self.finished = False
+        self.gone = False          # the client went away: drain and discard the response
+        self.req_done = req.framing == BODY_NONE
+        self.body: list[bytes] = []  # encoded request-body bytes waiting for a connection
+        self.body_held = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.t0 = 0.0
+        self.resp_started = False
+        self.client_framing = BODY_NONE
+        self.attempts = 0
+        self.reused = False
+        self.body_sent = False     # some request-body bytes went to a backend (no retry then)
+        self.tunnel = False
+        self.head_request = req.method == b"HEAD"
+        self.backend_keep = True
+
+    # -- request side (called by the client connection) -----------------------------------
+    def add_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        enc = encode_chunk(data) if self.req.framing == BODY_CHUNKED else data
+        conn = self.conn
+        if conn is not None:
+            conn.write(enc)
+            self.body_sent = True
+        else:
+            self.body.append(enc)
+            self.body_held += len(enc)
+            self.client.body_held += len(enc)
+
+    def end_body(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
+        if self.req.framing == BODY_CHUNKED and not self.finished:
+            enc = encode_last_chunk(trailers)
+            if self.conn is not None:
+                self.conn.write(enc)
+            else:
+                self.body.append(enc)
+        self.req_done = True
+
+    def start(self) -> None:
+        """Dispatch (called by the client's scheduler when ordering allows)."""
+        self.started = True
+        client = self.client
+        client.inflight += 1
+        loop = client.loop
+        self.t0 = loop.time()
+        self.timer = loop.call_at(self.t0 + client.request_timeout, self._on_timeout)
+        self._dispatch(None)
+
+    def _dispatch(self, exclude: "BackendServer | None") -> None:
+        group = self.group
+        server = group.pick(exclude) if group is not None else None
+        if server is None:
+            self._fail_local(503, "no backend server is up for this route")
+            return
+        self.server = server
+        server.inflight += 1
+        server.metrics.requests.inc()
+        conn = server.acquire(self)
+        if conn is not None:
+            self.on_connection(conn)
+
+    # -- pool side ------------------------------------------------------------------------
+    def on_connection(self, conn: "BackendConnection") -> None:
+        if self.finished or self.gone:
+            conn.exchange = None
+            self.server.release(conn, True)  # type: ignore[union-attr]
+            return
+        self.conn = conn
+        self.reused = conn.used > 0
+        conn.framer.expect(self.req.method)
+        head = encode_request_head(self.req, keep_upgrade=self.req.upgrade)
+        if self.body:
+            conn.transport.writelines([head, *self.body])  # type: ignore[union-attr]
+            self.client.body_held -= self.body_held
+            self.body_held = 0
+            self.body = []
+            self.body_sent = True
+            self.client.check_resume()
+        else:
+            conn.write(head)
+
+    def on_response_event(self, ev: object) -> None:
+        t = type(ev)
+        if t is Data:
+            if self.gone:
+                return
+            data = ev.data  # type: ignore[attr-defined]
+            self.client.emit(self.seq, encode_chunk(data) if self.client_framing == BODY_CHUNKED else data)
+        elif t is Response:
+            self._on_head(ev)  # type: ignore[arg-type]
+        elif t is EndOfMessage:
+            tail = b""
+            if self.client_framing == BODY_CHUNKED:
+                tail = encode_last_chunk(ev.trailers)  # type: ignore[attr-defined]
+            self._complete(tail)
+        elif t is InformationalResponse:
+            self._on_informational(ev)  # type: ignore[arg-type]
+
+    def _on_head(self, resp: Response) -> None:
+        self.resp_started = True
+        self.backend_keep = resp.keep_alive
+        if self.gone:
+            return
+        req = self.req
+        client = self.client
+        framing = resp.framing
+        if framing == BODY_CHUNKED or framing == BODY_UNTIL_CLOSE:
+            # Chunked to HTTP/1.1 clients, so a read-until-close backend body does not cost the
+            # client its connection; HTTP/1.0 clients get the body delimited by close.
+            framing = BODY_CHUNKED if req.http_version == b"1.1" else BODY_UNTIL_CLOSE
+        self.client_framing = framing
+        close = client.close_after(self) or framing == BODY_UNTIL_CLOSE
+        head = encode_response_head(resp, framing=framing, content_length=resp.content_length, close=close,
+                                    head_request=self.head_request,
+                                    keep_alive_10=req.http_version == b"1.0" and not close)
+        client.emit(self.seq, head)
+
+    def _on_informational(self, ev: InformationalResponse) -> None:
+        if ev.status == 101:
+            if self.req.upgrade and not self.gone:
+                self._switch_to_tunnel(ev)
+            else:
+                self.on_backend_failure("protocol", "backend sent 101 Switching Protocols to a request without Upgrade")
+            return
+        if self.gone or self.req.http_version == b"1.0":
+            return  # HTTP/1.0 clients do not understand 1xx (RFC 9110 section 15.2)
+        if ev.status == 100:
+            if self.req.expect_continue:
+                self.client.emit(self.seq, _CONTINUE)
+            return
+        self.client.emit(self.seq, encode_response_head(ev, framing=BODY_NONE))
+
+    def _complete(self, tail: bytes) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        conn, server = self.conn, self.server
+        self.conn = None
+        assert server is not None and conn is not None
+        server.inflight -= 1
+        server.metrics.duration.observe(self.client.loop.time() - self.t0)
+        # A connection whose request body was not fully sent cannot carry another request.
+        server.release(conn, self.backend_keep and self.req_done and conn.framer.idle)
+        client = self.client
+        if not self.gone:
+            client.finish(self.seq, tail)
+        client.exchange_done(self)
+
+    def on_backend_failure(self, kind: str, message: str) -> None:
+        """The backend connection failed (connect, reset, protocol, timeout) for this request."""
+        if self.finished:
+            return
+        conn, server = self.conn, self.server
+        self.conn = None
+        if conn is not None and server is not None:
+            conn.exchange = None
+            server.in_use.pop(conn, None)
+            conn.abort()
+        if server is not None:
+            server.inflight -= 1
+        if (not self.resp_started and not self.gone and kind != "timeout" and self.attempts < 1
+                and not self.body_sent
+                and (kind == "connect" or (self.reused and self.req.method in IDEMPOTENT_METHODS))):
+            # Safe to retry: nothing reached a backend (connect), or an idempotent request met a
+            # pooled connection the backend had just closed.
+            self.attempts += 1
+            self._dispatch(server)
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        client = self.client
+        if not self.gone:
+            if not self.resp_started:
+                status = 504 if kind == "timeout" else 502
+                client.finish(self.seq, simple_response(status, message, head_request=self.head_request))
+            else:
+                client.abort_after(self.seq)
+                client.finish(self.seq, b"")
+        client.exchange_done(self)
+
+    def _fail_local(self, status: int, message: str) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.gone:
+            self.client.finish(self.seq, simple_response(status, message, head_request=self.head_request))
+        self.client.exchange_done(self)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        server = self.server
+        if server is not None:
+            server.metrics.error("timeout")
+            if self.conn is None:
+                server.cancel_wait(self)
+        self.on_backend_failure("timeout", f"backend {server.name if server else '?'} did not answer within "
+                                           f"{self.client.request_timeout:g} s")
+
+    def abandon(self) -> None:
+        """The client is gone: stop waiting; an in-flight response is read to its end and dropped
+        so the pooled connection can be reused (the request timeout still bounds it)."""
+        self.gone = True
+        if self.finished or not self.started:
+            return
+        if self.conn is None:
+            if self.server is not None:
+                self.server.cancel_wait(self)
+            self.finished = True
+            if self.server is not None:
+                self.server.inflight -= 1
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        elif self.tunnel:
+            self.conn.abort()
+        else:
+            self.conn.pause_reading(False)
+            if not self.req_done:
+                # The request body will never be complete: the connection is unusable.
+                self.on_backend_failure("reset", "client closed during the request body")
+
+    # -- tunnel (after 101) -----------------------------------------------------------------
+    def _switch_to_tunnel(self, ev: InformationalResponse) -> None:
+        conn, server = self.conn, self.server
+        assert conn is not None and server is not None
+        self.tunnel = True
+        self.finished = True
+        conn.tunnel = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        server.inflight -= 1
+        server.detach(conn)
+        head = encode_response_head(ev, framing=BODY_NONE, keep_upgrade=True)
+        self.client.start_tunnel(self, conn, head + conn.framer.take_raw())
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.client.tunnel_from_backend(data)
+
+    def on_backend_pause_writing(self, paused: bool) -> None:
+        self.client.backend_write_paused(paused)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: read ahead, dispatch, merge in order, write back."""
+
+    def __init__(self, splicer: "HttpSplicer") -> None:
+        self.splicer = splicer
+        cfg = splicer.cfg
+        lim = cfg.limits
+        self.loop = splicer.loop
+        self.request_timeout = cfg.timeouts.request
+        self.max_bytes = lim.max_buffer_bytes
+        self.framer = RequestFramer(lim.max_head_bytes, lim.max_headers, lim.max_url_bytes)
+        self.merge = OrderedMerge(lim.max_pipeline, lim.max_buffer_bytes)
+        self.router = splicer.router
+        self.transport: asyncio.Transport | None = None
+        self.exchanges: dict[int, Exchange] = {}
+        self.queue: deque[Exchange] = deque()
+        self.inflight = 0
+        self.barrier_active = False
+        self.current: Exchange | None = None
+        self.body_held = 0
+        self.last_seen = 0.0
+        self.read_paused = False
+        self.write_paused = False
+        self.backends_paused = False
+        self.stop_reading = False     # a Connection: close request or an error ended the input
+        self.close_seq: int | None = None  # close once every slot up to this one is written
+        self.peer_eof = False
+        self.closed = False
+        self.tunnel_conn: BackendConnection | None = None
+        self.upgrade_ex: Exchange | None = None
+        self._flush_scheduled = False
+        self._scheduling = False
+        self._reschedule = False
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.last_seen = self.loop.time()
+        self.splicer.clients.add(self)
+        self.splicer.metrics.client_connections.inc()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        if self.tunnel_conn is not None:
+            self.tunnel_conn.write(data)
+            return
+        if self.stop_reading:
+            return
+        self.framer.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self.tunnel_conn is not None:
+            self.tunnel_conn.transport.write_eof() if self.tunnel_conn.transport.can_write_eof() else None  # type: ignore[union-attr]
+            return True
+        self.peer_eof = True
+        if not self.stop_reading:
+            self.framer.receive_data(b"")
+            self._process()
+        self._maybe_close()
+        return True  # keep our sending side open for the answers still owed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.splicer.clients.discard(self)
+        self.splicer.metrics.client_connections.dec()
+        for ex in list(self.exchanges.values()):
+            ex.abandon()
+        self.exchanges.clear()
+        self.queue.clear()
+        if self.tunnel_conn is not None:
+            self.tunnel_conn.abort()
+            self.tunnel_conn = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+        self._backend_flow()
+        if self.tunnel_conn is not None:
+            self.tunnel_conn.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._backend_flow()
+        if self.tunnel_conn is not None:
+            self.tunnel_conn.pause_reading(False)
+        self.check_resume()
+
+    # -- reading requests -----------------------------------------------------------------
+    def _process(self) -> None:
+        framer = self.framer
+        while not self.stop_reading:
+            try:
+                ev = framer.next_event()
+            except RemoteProtocolError as exc:
+                self._bad_request(exc)
+                break
+            if ev is NEED_DATA:
+                break
+            t = type(ev)
+            if t is Request:
+                self._on_request(ev)  # type: ignore[arg-type]
+            elif t is Data:
+                cur = self.current
+                if cur is not None:
+                    cur.add_body(ev.data)  # type: ignore[attr-defined]
+            elif t is EndOfMessage:
+                cur = self.current
+                self.current = None
+                if cur is not None:
+                    cur.end_body(ev.trailers)  # type: ignore[attr-defined]
+                    if not cur.req.keep_alive:
+                        self._end_input(cur.seq)
+            elif ev is PAUSED:
+                ex = self.upgrade_ex
+                if ex is not None and ex.finished and not ex.tunnel:
+                    self.upgrade_ex = None
+                    framer.resume()  # the upgrade was declined: what follows is HTTP again
+                    continue
+                break
+            elif isinstance(ev, ConnectionClosed):
+                self.stop_reading = True
+                break
+        self._schedule()
+        if self.merge.full or self.body_held > self.max_bytes:
+            self._pause_reading()
+        self._maybe_close()
+
+    def _on_request(self, req: Request) -> None:
+        seq = self.merge.open()
+        if req.method == b"CONNECT":
+            self.splicer.metrics.client_error("connect_refused")
+            self.finish(seq, simple_response(405, "CONNECT is not supported: this splicer is a reverse proxy",
+                                             close=True))
+            self._end_input(seq)
+            return
+        group = self.router.match(req.host, req.target)
+        ex = Exchange(self, seq, req, group)
+        self.exchanges[seq] = ex
+        self.current = ex
+        if req.upgrade:
+            self.upgrade_ex = ex
+            if self.splicer.cfg.upgrade == "refuse":
+                ex._fail_local(501, "Upgrade is not supported by this splicer (upgrade: refuse)")
+                return
+        if group is None:
+            ex._fail_local(404, f"no route for {req.target.decode('latin-1')[:200]}")
+            return
+        self.queue.append(ex)
+
+    def _bad_request(self, exc: RemoteProtocolError) -> None:
+        self.splicer.metrics.client_error("bad_request")
+        seq = self.merge.open()
+        self.finish(seq, simple_response(exc.status, f"bad request: {exc}", close=True))
+        if self.current is not None and not self.current.req_done:
+            cur = self.current
+            self.current = None
+            cur.abandon()
+        self._end_input(seq)
+
+    def _end_input(self, seq: int) -> None:
+        """No request after `seq` will be read; close once its answer is written."""
+        self.stop_reading = True
+        if self.close_seq is None or seq < self.close_seq:
+            self.close_seq = seq
+        self._pause_reading()
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _schedule(self) -> None:
+        if self._scheduling:
+            self._reschedule = True
+            return
+        self._scheduling = True
+        try:
+            while True:
+                self._reschedule = False
+                q = self.queue
+                while q and not self.barrier_active and not self.closed:
+                    ex = q[0]
+                    if ex.barrier:
+                        if self.inflight:
+                            break
+                        q.popleft()
+                        self.barrier_active = True
+                        ex.barrier = True
+                        ex.start()
+                    else:
+                        q.popleft()
+                        ex.start()
+                if not self._reschedule:
+                    break
+        finally:
+            self._scheduling = False
+
+    def exchange_done(self, ex: Exchange) -> None:
+        self.exchanges.pop(ex.seq, None)
+        if ex.started:
+            self.inflight -= 1
+            if ex.barrier:
+                self.barrier_active = False
+        if ex is self.upgrade_ex and not ex.tunnel and not self.closed:
+            self.upgrade_ex = None
+            if self.framer.paused:
+                self.framer.resume()
+                self.loop.call_soon(self._process)
+        if not self.closed:
+            self._schedule()
+
+    def close_after(self, ex: Exchange) -> bool:
+        """True if the client connection ends with the response to `ex`."""
+        return not ex.req.keep_alive or (self.close_seq is not None and ex.seq >= self.close_seq)
+
+    # -- writing responses ------------------------------------------------------------------
+    def emit(self, seq: int, data: bytes) -> None:
+        merge = self.merge
+        merge.append(seq, data)
+        if seq == merge._base:
+            self._schedule_flush()
+        elif merge.held_bytes > self.max_bytes:
+            self._backend_flow()
+
+    def finish(self, seq: int, tail: bytes) -> None:
+        merge = self.merge
+        merge.finish(seq, tail)
+        if merge._ready:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        chunks = self.merge.pop_ready()
+        if chunks:
+            self.transport.writelines(chunks)  # type: ignore[union-attr]
+        if self.backends_paused:
+            self._backend_flow()
+        self._maybe_close()
+        self.check_resume()
+
+    def _maybe_close(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        merge = self.merge
+        if self.close_seq is not None:
+            head = merge.head
+            if (head is None or head > self.close_seq) and not merge._ready:
+                self._close()
+        elif self.peer_eof and merge.idle and not self.exchanges and self.tunnel_conn is None:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        for ex in list(self.exchanges.values()):
+            ex.abandon()
+        self.exchanges.clear()
+        self.queue.clear()
+        self.transport.close()  # type: ignore[union-attr]  # flushes what is buffered first
+
+    def abort_after(self, seq: int) -> None:
+        """A response broke mid-stream: close after the bytes of slots up to `seq`."""
+        self.stop_reading = True
+        if self.close_seq is None or seq < self.close_seq:
+            self.close_seq = seq
+
+    # -- flow control -----------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def check_resume(self) -> None:
+        """Resume reading the client once the merge has drained to half its bounds."""
+        if (self.read_paused and not self.stop_reading and not self.write_paused and not self.closed
+                and self.merge.drained and self.body_held <= self.max_bytes // 2):
+            self.read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _backend_flow(self) -> None:
+        merge = self.merge
+        over = merge.held_bytes > self.max_bytes
+        if over or self.write_paused:
+            head = merge.head
+            for ex in self.exchanges.values():
+                c = ex.conn
+                if c is not None:
+                    c.pause_reading(self.write_paused or ex.seq != head)
+            self.backends_paused = True
+        elif self.backends_paused:
+            resume_all = merge.held_bytes <= self.max_bytes // 2
+            head = merge.head
+            for ex in self.exchanges.values():
+                c = ex.conn
+                if c is not None and (resume_all or ex.seq == head):
+                    c.pause_reading(False)
+            if resume_all:
+                self.backends_paused = False
+
+    def backend_write_paused(self, paused: bool) -> None:
+        # A backend is slow to take a request body: stop reading more of it from the client.
+        if paused:
+            self._pause_reading()
+        else:
+            self.check_resume()
+
+    # -- tunnel -------------------------------------------------------------------------------
+    def start_tunnel(self, ex: Exchange, conn: "BackendConnection", first: bytes) -> None:
+        self.tunnel_conn = conn
+        self.upgrade_ex = None
+        self.finish(ex.seq, first)
+        self.exchange_done(ex)
+        raw = self.framer.take_raw()
+        if raw:
+            conn.write(raw)
+        self.stop_reading = False
+        self.read_paused = True  # force a resume below
+        self.check_resume()
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def tunnel_from_backend(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not data:  # the backend closed the tunnel
+            self.tunnel_conn = None
+            self._flush()
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        if self.merge._ready or self._flush_scheduled:
+            self._flush()
+        self.transport.write(data)  # type: ignore[union-attr]

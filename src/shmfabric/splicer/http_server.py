@@ -1,0 +1,176 @@
+"""`HttpSplicer`: the listening side of the HTTP splicer, and a runner for N worker processes.
+
+    splicer = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:8080", default=["127.0.0.1:9001"]))
+    await splicer.start()
+    ...
+    await splicer.close()
+
+`run(cfg)` runs it until SIGINT/SIGTERM, with uvloop when installed; with `cfg.workers > 1` it
+forks that many processes, each with its own event loop, pools and listening socket bound with
+SO_REUSEPORT (the kernel spreads client connections over them). With several workers, worker i
+serves its metrics on the metrics port + i.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+from .config import HttpSpliceConfig, split_address
+from .http_pool import BackendGroup, BackendServer
+from .http_proxy import ClientConnection
+from .http_router import Router
+from .metrics import SpliceMetrics, serve
+
+__all__ = ["HttpSplicer", "run", "install_uvloop"]
+
+
+class HttpSplicer:
+    """One HTTP splicer instance (one event loop)."""
+
+    def __init__(self, cfg: HttpSpliceConfig, metrics: SpliceMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics if metrics is not None else SpliceMetrics("http")
+        self.servers: dict[str, BackendServer] = {}
+        self.clients: set[ClientConnection] = set()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        lim = cfg.limits
+
+        def server_for(addr: str) -> BackendServer:
+            # One pool per address, shared by every route that names it.
+            s = self.servers.get(addr)
+            if s is None:
+                s = self.servers[addr] = BackendServer(addr, cfg.pool, cfg.timeouts, cfg.health,
+                                                       self.metrics.backend(addr), max_head_bytes=lim.max_head_bytes,
+                                                       max_headers=lim.max_headers)
+            return s
+
+        rules = []
+        for i, r in enumerate(cfg.routes):
+            group = BackendGroup(f"route{i}", [server_for(a) for a in r.backends])
+            rules.append((r.prefix, r.regex, r.host, group))
+        default = BackendGroup("default", [server_for(a) for a in cfg.default]) if cfg.default else None
+        self.router: Router[BackendGroup] = Router.from_config(rules, default)
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Open the pools and start listening on `cfg.listen` (port 0 picks a free port)."""
+        self.loop = asyncio.get_running_loop()
+        for s in self.servers.values():
+            s.start(self.loop)
+        host, port = split_address(self.cfg.listen, allow_zero=True)
+        self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
+                                                     reuse_port=reuse_port or None, backlog=1024)
+        self._sweeper = self.loop.create_task(self._sweep_idle())
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on."""
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def pool_sizes(self) -> dict[str, dict[str, int]]:
+        """Per backend: free and in-use pooled connections, connections being opened, waiters."""
+        return {name: {"free": len(s.free), "in_use": len(s.in_use), "connecting": s.connecting,
+                       "waiters": len(s.waiters), "inflight": s.inflight}
+                for name, s in sorted(self.servers.items())}
+
+    async def _sweep_idle(self) -> None:
+        idle = self.cfg.timeouts.client_idle
+        while True:
+            await asyncio.sleep(min(1.0, idle / 2))
+            cutoff = self.loop.time() - idle
+            for c in list(self.clients):
+                if c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
+                    c._close()
+
+    async def close(self) -> None:
+        """Stop listening, close client connections and pools."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.clients):
+            if c.transport is not None:
+                c.transport.abort()
+        for s in self.servers.values():
+            await s.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop when it is installed; returns whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | None, ready: Any = None) -> None:
+    metrics = SpliceMetrics("http")
+    splicer = HttpSplicer(cfg, metrics)
+    await splicer.start(reuse_port=reuse_port)
+    if metrics_addr:
+        serve(metrics.registry, metrics_addr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(splicer)
+    await stop.wait()
+    await splicer.close()
+
+
+def run(cfg: HttpSpliceConfig, ready: Any = None) -> int:
+    """Run the splicer until SIGINT/SIGTERM (forking `cfg.workers` processes when above 1)."""
+    install_uvloop()
+    if cfg.workers == 1:
+        asyncio.run(_serve(cfg, False, cfg.metrics, ready))
+        return 0
+    children = []
+    for i in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                maddr = None
+                if cfg.metrics:
+                    h, p = split_address(cfg.metrics, allow_zero=True)
+                    maddr = f"{h}:{p + i}"
+                asyncio.run(_serve(cfg, True, maddr, ready if i == 0 else None))
+            except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+                import traceback
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, st = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or (os.waitstatus_to_exitcode(st) if os.waitstatus_to_exitcode(st) > 0 else 0)
+    return status

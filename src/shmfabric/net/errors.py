@@ -90,12 +90,16 @@ class MalformedError(ValueError):
     """A header view could not be built. `reason` says why, `offset` where (bytes into the buffer)."""
 
     def __init__(self, reason: Reason, offset: int = 0, detail: str = "") -> None:
+        # The text is built in __str__, not here: decode() raises and catches one of these per
+        # malformed frame, and a flood of them should not pay for formatting nobody reads.
+        super().__init__(reason, offset, detail)
         self.reason = reason
         self.offset = offset
-        text = f"{reason.describe()} (at byte {offset})"
-        if detail:
-            text += f": {detail}"
-        super().__init__(text)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"{self.reason.describe()} (at byte {self.offset})"
+        return f"{text}: {self.detail}" if self.detail else text
 
 
 class ReasonCounter:

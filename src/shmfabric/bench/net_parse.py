@@ -27,6 +27,7 @@ def _cases(n: int) -> dict[str, list[bytes]]:
 
     return {
         "ipv4/tcp": many(lambda i: b.tcp_frame("10.0.0.1", "10.1.0.2", 1024 + i, 80, b"x" * 6)),
+        "ipv4/tcp memoryview": [memoryview(x) for x in many(lambda i: b.tcp_frame("10.0.0.1", "10.1.0.2", 1024 + i, 80, b"x" * 6))],
         "ipv4/udp": many(lambda i: b.udp_frame("10.0.0.1", "10.1.0.2", 1024 + i, 53, b"x" * 18)),
         "ipv4/tcp 1500B": many(lambda i: b.tcp_frame("10.0.0.1", "10.1.0.2", 1024 + i, 80, b"x" * 1446)),
         "vlan/ipv4/tcp": many(lambda i: b.tcp_frame("10.0.0.1", "10.1.0.2", 1024 + i, 80, b"x" * 6, vlan=7)),

@@ -1,0 +1,158 @@
+"""The Redis splicer's command table: what each command is, where its keys are, how it is routed.
+
+What this file knows: command names, arities, key positions (Redis's first/last/step), which
+commands split over servers and how their replies merge, which the splicer answers itself, and
+which it refuses (with the reason given to the client). What it does not know: sockets, pools,
+client state (see `redis_session`).
+
+Arity follows Redis: N means exactly N arguments including the name, -N at least N.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Kind",
+    "CommandSpec",
+    "COMMANDS",
+    "REFUSED",
+    "lookup",
+    "command_keys",
+    "check_arity",
+]
+
+
+class Kind:
+    """How a command is handled (plain ints: compared in the hot path)."""
+
+    KEYED = 1  # all keys must live on one server; goes whole to it
+    MGET = 2  # split per server, reply is an array merged back into key order
+    MSET = 3  # split per server (key value pairs), reply +OK once all parts said OK
+    SUM = 4  # DEL, UNLINK, EXISTS, TOUCH: split per server, integer replies added up
+    SCRIPT = 5  # EVAL-like: numkeys at argument 2, keys follow; all on one server
+    LOCAL = 6  # answered by the splicer (connection-level)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """One command: Redis's arity and key positions, plus how the splicer handles it."""
+
+    name: bytes
+    arity: int
+    first: int
+    last: int
+    step: int
+    kind: int
+    flags: tuple[str, ...] = field(default=())
+
+
+def _mk(kind: int, flags: tuple[str, ...], entries: str) -> dict[bytes, CommandSpec]:
+    out: dict[bytes, CommandSpec] = {}
+    for item in entries.split():
+        name, arity, first, last, step = item.split(":")
+        out[name.encode()] = CommandSpec(name.encode(), int(arity), int(first), int(last), int(step), kind, flags)
+    return out
+
+
+_R = ("readonly",)
+_W = ("write",)
+
+# name:arity:first:last:step
+COMMANDS: dict[bytes, CommandSpec] = {}
+COMMANDS.update(_mk(Kind.KEYED, _R, """
+    GET:2:1:1:1 STRLEN:2:1:1:1 GETRANGE:4:1:1:1 SUBSTR:4:1:1:1 GETBIT:3:1:1:1 BITCOUNT:-2:1:1:1
+    BITPOS:-3:1:1:1 BITFIELD_RO:-2:1:1:1 LCS:-3:1:2:1 TTL:2:1:1:1 PTTL:2:1:1:1
+    EXPIRETIME:2:1:1:1 PEXPIRETIME:2:1:1:1 TYPE:2:1:1:1 DUMP:2:1:1:1 SORT_RO:-2:1:1:1
+    LLEN:2:1:1:1 LRANGE:4:1:1:1 LINDEX:3:1:1:1 LPOS:-3:1:1:1
+    HGET:3:1:1:1 HMGET:-3:1:1:1 HLEN:2:1:1:1 HSTRLEN:3:1:1:1 HEXISTS:3:1:1:1 HKEYS:2:1:1:1
+    HVALS:2:1:1:1 HGETALL:2:1:1:1 HRANDFIELD:-2:1:1:1 HSCAN:-3:1:1:1
+    SCARD:2:1:1:1 SISMEMBER:3:1:1:1 SMISMEMBER:-3:1:1:1 SMEMBERS:2:1:1:1 SRANDMEMBER:-2:1:1:1
+    SSCAN:-3:1:1:1 SINTER:-2:1:-1:1 SUNION:-2:1:-1:1 SDIFF:-2:1:-1:1
+    ZCARD:2:1:1:1 ZCOUNT:4:1:1:1 ZLEXCOUNT:4:1:1:1 ZSCORE:3:1:1:1 ZMSCORE:-3:1:1:1
+    ZRANK:-3:1:1:1 ZREVRANK:-3:1:1:1 ZRANGE:-4:1:1:1 ZRANGEBYSCORE:-4:1:1:1
+    ZREVRANGEBYSCORE:-4:1:1:1 ZRANGEBYLEX:-4:1:1:1 ZREVRANGEBYLEX:-4:1:1:1 ZREVRANGE:-4:1:1:1
+    ZRANDMEMBER:-2:1:1:1 ZSCAN:-3:1:1:1 PFCOUNT:-2:1:-1:1
+    GEODIST:-4:1:1:1 GEOHASH:-2:1:1:1 GEOPOS:-2:1:1:1 GEOSEARCH:-7:1:1:1
+    GEORADIUS_RO:-6:1:1:1 GEORADIUSBYMEMBER_RO:-5:1:1:1
+    XLEN:2:1:1:1 XRANGE:-4:1:1:1 XREVRANGE:-4:1:1:1 XPENDING:-3:1:1:1
+    OBJECT:-2:2:2:1 XINFO:-2:2:2:1
+"""))
+COMMANDS.update(_mk(Kind.KEYED, _W, """
+    SET:-3:1:1:1 SETNX:3:1:1:1 SETEX:4:1:1:1 PSETEX:4:1:1:1 GETSET:3:1:1:1 GETDEL:2:1:1:1
+    GETEX:-2:1:1:1 APPEND:3:1:1:1 INCR:2:1:1:1 DECR:2:1:1:1 INCRBY:3:1:1:1 DECRBY:3:1:1:1
+    INCRBYFLOAT:3:1:1:1 SETRANGE:4:1:1:1 SETBIT:4:1:1:1 BITFIELD:-2:1:1:1 MSETNX:-3:1:-1:2
+    EXPIRE:-3:1:1:1 PEXPIRE:-3:1:1:1 EXPIREAT:-3:1:1:1 PEXPIREAT:-3:1:1:1 PERSIST:2:1:1:1
+    RESTORE:-4:1:1:1 SORT:-2:1:1:1 RENAME:3:1:2:1 RENAMENX:3:1:2:1 COPY:-3:1:2:1
+    LPUSH:-3:1:1:1 RPUSH:-3:1:1:1 LPUSHX:-3:1:1:1 RPUSHX:-3:1:1:1 LPOP:-2:1:1:1 RPOP:-2:1:1:1
+    LSET:4:1:1:1 LREM:4:1:1:1 LTRIM:4:1:1:1 LINSERT:5:1:1:1 RPOPLPUSH:3:1:2:1 LMOVE:5:1:2:1
+    HSET:-4:1:1:1 HSETNX:4:1:1:1 HMSET:-4:1:1:1 HDEL:-3:1:1:1 HINCRBY:4:1:1:1
+    HINCRBYFLOAT:4:1:1:1
+    SADD:-3:1:1:1 SREM:-3:1:1:1 SPOP:-2:1:1:1 SMOVE:4:1:2:1 SINTERSTORE:-3:1:-1:1
+    SUNIONSTORE:-3:1:-1:1 SDIFFSTORE:-3:1:-1:1
+    ZADD:-4:1:1:1 ZINCRBY:4:1:1:1 ZREM:-3:1:1:1 ZREMRANGEBYRANK:4:1:1:1
+    ZREMRANGEBYSCORE:4:1:1:1 ZREMRANGEBYLEX:4:1:1:1 ZPOPMIN:-2:1:1:1 ZPOPMAX:-2:1:1:1
+    ZRANGESTORE:-5:1:2:1
+    PFADD:-2:1:1:1 PFMERGE:-2:1:-1:1 GEOADD:-5:1:1:1
+    XADD:-5:1:1:1 XDEL:-3:1:1:1 XTRIM:-4:1:1:1 XACK:-4:1:1:1 XCLAIM:-6:1:1:1
+    XAUTOCLAIM:-6:1:1:1 XGROUP:-2:2:2:1 XSETID:-3:1:1:1
+"""))
+COMMANDS.update(_mk(Kind.MGET, _R, "MGET:-2:1:-1:1"))
+COMMANDS.update(_mk(Kind.MSET, _W, "MSET:-3:1:-1:2"))
+COMMANDS.update(_mk(Kind.SUM, _W, "DEL:-2:1:-1:1 UNLINK:-2:1:-1:1 TOUCH:-2:1:-1:1"))
+COMMANDS.update(_mk(Kind.SUM, _R, "EXISTS:-2:1:-1:1"))
+COMMANDS.update(_mk(Kind.SCRIPT, ("noscript",), """
+    EVAL:-3:0:0:0 EVALSHA:-3:0:0:0 EVAL_RO:-3:0:0:0 EVALSHA_RO:-3:0:0:0
+    FCALL:-3:0:0:0 FCALL_RO:-3:0:0:0
+"""))
+COMMANDS.update(_mk(Kind.LOCAL, ("fast", "loading", "stale"), """
+    PING:-1:0:0:0 ECHO:2:0:0:0 QUIT:-1:0:0:0 HELLO:-1:0:0:0 AUTH:-2:0:0:0 SELECT:2:0:0:0
+    CLIENT:-2:0:0:0 COMMAND:-1:0:0:0 MULTI:1:0:0:0 EXEC:1:0:0:0 DISCARD:1:0:0:0 RESET:1:0:0:0
+"""))
+
+_BLOCKING = "it may block, and a blocked request would hold up a pooled backend connection shared with other clients"
+_PUBSUB = "pub/sub needs a dedicated connection to one server and channels are not placed by key"
+_SERVER = "it works on a whole server, and the keys are spread over several servers"
+
+#: Commands refused with a clear reason (the connection carries on).
+REFUSED: dict[bytes, str] = {}
+for _n in "BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN BZPOPMAX BZMPOP WAIT WAITAOF XREAD XREADGROUP".split():
+    REFUSED[_n.encode()] = _BLOCKING
+for _n in "SUBSCRIBE UNSUBSCRIBE PSUBSCRIBE PUNSUBSCRIBE SSUBSCRIBE SUNSUBSCRIBE PUBLISH SPUBLISH PUBSUB MONITOR".split():
+    REFUSED[_n.encode()] = _PUBSUB
+for _n in (
+    "KEYS SCAN RANDOMKEY DBSIZE FLUSHDB FLUSHALL INFO CONFIG DEBUG SHUTDOWN SAVE BGSAVE BGREWRITEAOF "
+    "LASTSAVE SLAVEOF REPLICAOF SYNC PSYNC CLUSTER READONLY READWRITE MIGRATE MOVE SWAPDB TIME "
+    "LATENCY MEMORY SLOWLOG ACL FAILOVER ROLE MODULE LOLWUT SCRIPT FUNCTION"
+).split():
+    REFUSED[_n.encode()] = _SERVER
+REFUSED[b"WATCH"] = "WATCH needs one server connection kept for this client; MULTI/EXEC on keys of one server works without it"
+REFUSED[b"UNWATCH"] = REFUSED[b"WATCH"]
+REFUSED[b"LMPOP"] = REFUSED[b"SINTERCARD"] = REFUSED[b"ZMPOP"] = REFUSED[b"ZINTER"] = REFUSED[b"ZUNION"] = (
+    "its keys follow a numkeys argument the splicer does not route"
+)
+REFUSED[b"ZDIFF"] = REFUSED[b"ZINTERSTORE"] = REFUSED[b"ZUNIONSTORE"] = REFUSED[b"ZDIFFSTORE"] = REFUSED[b"LMPOP"]
+
+
+def lookup(name: bytes) -> CommandSpec | None:
+    """The spec of a command by name (any case), or None."""
+    spec = COMMANDS.get(name)
+    if spec is None:
+        spec = COMMANDS.get(name.upper())
+    return spec
+
+
+def check_arity(spec: CommandSpec, argc: int) -> bool:
+    """True when `argc` arguments (name included) fit the command's arity."""
+    a = spec.arity
+    return argc == a if a > 0 else argc >= -a
+
+
+def command_keys(spec: CommandSpec, args: list[bytes]) -> list[bytes]:
+    """The keys a command names, by Redis's first/last/step (or numkeys for scripts)."""
+    if spec.kind == Kind.SCRIPT:
+        n = int(args[2])
+        return args[3 : 3 + n]
+    if spec.first == 0:
+        return []
+    last = spec.last if spec.last >= 0 else len(args) + spec.last
+    return args[spec.first : last + 1 : spec.step]

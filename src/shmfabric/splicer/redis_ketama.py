@@ -1,0 +1,296 @@
+"""Key placement for the Redis splicer: twemproxy-compatible ketama consistent hashing.
+
+This is twemproxy's `src/hashkit/nc_ketama.c` and the key hashes of `src/hashkit/` done over in
+Python, so a pool moved from twemproxy (`distribution: ketama`) to the splicer keeps every key on
+the same server, given the same server list, weights, names, `hash` and `hash_tag`:
+
+* each server gets ``floorf(pct * 160 / 4 * nlive + 1e-10) * 4`` points, where pct is its share
+  of the total weight, computed in C `float` (single precision; emulated below so rounding
+  matches), i.e. 160 points per server when weights are equal;
+* the points of a server are md5("<name>-<i>") for i = 0, 1, ..., each digest giving 4 points
+  (its four little-endian 32-bit words);
+* a server's name is the optional name after its address in twemproxy's config
+  (``127.0.0.1:6379:1 redis1``), else ``host:port`` (just ``host`` when the port is 11211, a
+  libmemcached tradition twemproxy keeps);
+* a key goes to the first point whose value is >= hash(key), wrapping to the first point; the
+  key hash is the pool's `hash` (twemproxy's default is fnv1a_64, which, as in twemproxy, is
+  truncated to 32 bits); with `hash_tag` ("{}") only the part between the tags is hashed.
+
+Like twemproxy, the hashes read key bytes as C `char`, which is signed on x86 and ARM64 Linux,
+so bytes >= 0x80 are sign-extended; `test_redis_ketama` checks placement against a running
+nutcracker.
+
+Pure: no I/O.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["KetamaServer", "Ketama", "HASHES", "hash_key", "server_name"]
+
+POINTS_PER_SERVER = 160
+POINTS_PER_HASH = 4
+
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _f32(x: float) -> float:
+    """Round a double to the nearest C float, as a float-typed C expression would."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _schar(b: int) -> int:
+    """A key byte as C `char` (signed), the way twemproxy's hashes read it."""
+    return b - 256 if b >= 128 else b
+
+
+def _md5(key: bytes) -> int:
+    d = hashlib.md5(key).digest()
+    return d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
+
+
+def _fnv1_64(key: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in key:
+        h = (h * 0x100000001B3) & _M64
+        h ^= _schar(b) & _M64
+    return h & _M32
+
+
+def _fnv1a_64(key: bytes) -> int:
+    # twemproxy keeps only 32 bits of both the offset basis and the prime here (hash_fnv1a_64).
+    h = 0xCBF29CE484222325 & _M32
+    for b in key:
+        h ^= _schar(b) & _M32
+        h = (h * (0x100000001B3 & _M32)) & _M32
+    return h
+
+
+def _fnv1_32(key: bytes) -> int:
+    h = 2166136261
+    for b in key:
+        h = (h * 16777619) & _M32
+        h ^= _schar(b) & _M32
+    return h
+
+
+def _fnv1a_32(key: bytes) -> int:
+    h = 2166136261
+    for b in key:
+        h ^= _schar(b) & _M32
+        h = (h * 16777619) & _M32
+    return h
+
+
+def _crc32a(key: bytes) -> int:
+    return zlib.crc32(key) & _M32
+
+
+def _crc32(key: bytes) -> int:
+    return (zlib.crc32(key) >> 16) & 0x7FFF
+
+
+def _one_at_a_time(key: bytes) -> int:
+    v = 0
+    for b in key:
+        v = (v + (_schar(b) & _M32)) & _M32
+        v = (v + (v << 10)) & _M32
+        v ^= v >> 6
+    v = (v + (v << 3)) & _M32
+    v ^= v >> 11
+    v = (v + (v << 15)) & _M32
+    return v
+
+
+def _murmur(key: bytes) -> int:
+    # twemproxy's hash_murmur: MurmurHash2 seeded with 0xdeadbeef * length; bytes read unsigned.
+    m = 0x5BD1E995
+    n = len(key)
+    h = ((0xDEADBEEF * n) & _M32) ^ n
+    i = 0
+    while n - i >= 4:
+        k = int.from_bytes(key[i : i + 4], "little")
+        k = (k * m) & _M32
+        k ^= k >> 24
+        k = (k * m) & _M32
+        h = (h * m) & _M32
+        h ^= k
+        i += 4
+    rest = n - i
+    if rest == 3:
+        h ^= key[i + 2] << 16
+    if rest >= 2:
+        h ^= key[i + 1] << 8
+    if rest >= 1:
+        h ^= key[i]
+        h = (h * m) & _M32
+    h ^= h >> 13
+    h = (h * m) & _M32
+    h ^= h >> 15
+    return h
+
+
+#: Key hashes by twemproxy's names (those it offers that are implemented here).
+HASHES: dict[str, Callable[[bytes], int]] = {
+    "md5": _md5,
+    "fnv1_64": _fnv1_64,
+    "fnv1a_64": _fnv1a_64,
+    "fnv1_32": _fnv1_32,
+    "fnv1a_32": _fnv1a_32,
+    "crc32": _crc32,
+    "crc32a": _crc32a,
+    "one_at_a_time": _one_at_a_time,
+    "murmur": _murmur,
+}
+
+
+def hash_key(key: bytes, hash_name: str = "md5", hash_tag: bytes = b"") -> int:
+    """The 32-bit hash twemproxy computes for `key` (after applying `hash_tag`)."""
+    key = _tagged(key, hash_tag)
+    return HASHES[hash_name](key) if key else 0
+
+
+def _tagged(key: bytes, hash_tag: bytes) -> bytes:
+    # nc_server.c server_pool_idx: hash only what is between the first opening tag and the next
+    # closing tag after it, if that part is not empty.
+    if hash_tag:
+        a = key.find(hash_tag[0:1])
+        if a >= 0:
+            b = key.find(hash_tag[1:2], a + 1)
+            if b - a > 1:
+                return key[a + 1 : b]
+    return key
+
+
+def server_name(host: str, port: int, name: str | None = None) -> str:
+    """The name twemproxy hashes for a server (see the module docstring)."""
+    if name:
+        return name
+    return host if port == 11211 else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class KetamaServer:
+    """One server on the continuum: its hashed name and weight (>= 1)."""
+
+    name: str
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        if self.weight < 1:
+            raise ValueError(f"server {self.name!r}: weight must be at least 1")
+        if len(self.name.encode()) + 11 > 85:  # KETAMA_MAX_HOSTLEN - "-<u32>" - NUL
+            raise ValueError(f"server name {self.name!r} is too long for ketama (twemproxy truncates it)")
+
+
+class Ketama:
+    """A ketama continuum over `servers`; `locate(key)` gives the index of the key's server.
+
+    Args:
+        servers: the servers in config order (indexes refer to this order).
+        live: which servers take part (twemproxy's auto-eject); default all.
+        hash_name: key hash, one of `HASHES`.
+        hash_tag: two characters, e.g. b"{}", or b"" for none.
+    """
+
+    __slots__ = ("servers", "live", "hash_name", "hash_tag", "distribution", "_hash", "_values", "_index")
+
+    def __init__(
+        self,
+        servers: Sequence[KetamaServer],
+        live: Sequence[bool] | None = None,
+        hash_name: str = "md5",
+        hash_tag: bytes = b"",
+        distribution: str = "ketama",
+    ) -> None:
+        if not servers:
+            raise ValueError("ketama needs at least one server")
+        if hash_name not in HASHES:
+            raise ValueError(f"unknown hash {hash_name!r}; choose one of {', '.join(sorted(HASHES))}")
+        if hash_tag and len(hash_tag) != 2:
+            raise ValueError("hash_tag must be two characters, e.g. '{}'")
+        self.servers = list(servers)
+        self.live = list(live) if live is not None else [True] * len(servers)
+        if len(self.live) != len(self.servers):
+            raise ValueError("live must have one flag per server")
+        self.hash_name = hash_name
+        self.hash_tag = hash_tag
+        self._hash = HASHES[hash_name]
+        if distribution == "ketama":
+            points = self._build()
+        elif distribution == "modula":
+            points = self._build_modula()
+        else:
+            raise ValueError(f"unknown distribution {distribution!r}; choose ketama or modula")
+        self.distribution = distribution
+        self._values = [v for v, _ in points]
+        self._index = [i for _, i in points]
+
+    def _build(self) -> list[tuple[int, int]]:
+        nlive = sum(self.live)
+        if nlive == 0:
+            return []
+        total = sum(s.weight for s, ok in zip(self.servers, self.live) if ok)
+        points: list[tuple[int, int]] = []
+        for idx, (server, ok) in enumerate(zip(self.servers, self.live)):
+            if not ok:
+                continue
+            # C: pct = (float)weight / (float)total_weight;
+            #    floorf((float)(pct * 160 / 4 * (float)nlive + 0.0000000001)) * 4
+            # pct*160, /4 and *(float)nlive are float operations; adding the double literal
+            # promotes to double, and the cast takes it back to float.
+            pct = _f32(_f32(float(server.weight)) / _f32(float(total)))
+            x = _f32(_f32(_f32(pct * POINTS_PER_SERVER) / 4) * _f32(float(nlive)))
+            per_server = int(math.floor(_f32(x + 0.0000000001))) * 4
+            name = server.name.encode()
+            for i in range(per_server // POINTS_PER_HASH):
+                d = hashlib.md5(b"%s-%d" % (name, i)).digest()
+                for a in range(POINTS_PER_HASH):
+                    o = a * 4
+                    points.append((d[o] | (d[o + 1] << 8) | (d[o + 2] << 16) | (d[o + 3] << 24), idx))
+        # twemproxy sorts with qsort, which leaves the order of equal values unspecified; a
+        # stable sort by value keeps config order. Equal 32-bit points are vanishingly rare.
+        points.sort(key=lambda p: p[0])
+        return points
+
+    def _build_modula(self) -> list[tuple[int, int]]:
+        # nc_modula.c: one slot per unit of weight, in server order; a key goes to slot
+        # hash % nslots. The "value" here is the slot number, so dispatch() below is bypassed.
+        return [(n, i) for n, (i, s) in enumerate(
+            (i, s) for i, (s, ok) in enumerate(zip(self.servers, self.live)) if ok for _ in range(s.weight))]
+
+    @property
+    def npoints(self) -> int:
+        """Points on the continuum (160 per live server when weights are equal)."""
+        return len(self._values)
+
+    def dispatch(self, h: int) -> int:
+        """Server index for a 32-bit key hash (ketama_dispatch: first point >= h, wrapping)."""
+        values = self._values
+        if not values:
+            raise LookupError("no live server")
+        if self.distribution == "modula":
+            return self._index[h % len(values)]
+        i = bisect.bisect_left(values, h)
+        return self._index[i if i < len(values) else 0]
+
+    def key_hash(self, key: bytes) -> int:
+        """The key's 32-bit hash, after the hash tag is applied."""
+        if self.hash_tag:
+            key = _tagged(key, self.hash_tag)
+        if not key:  # server_pool_hash: an empty key hashes to 0 whatever the hash function
+            return 0
+        return self._hash(key)
+
+    def locate(self, key: bytes) -> int:
+        """Index (into `servers`) of the server that holds `key`."""
+        if len(self.servers) == 1:  # twemproxy skips hashing for a single server
+            return 0
+        return self.dispatch(self.key_hash(key))

@@ -1,0 +1,758 @@
+"""The asyncio shell of the Redis splicer: client connections, pooled backend connections, timers.
+
+The protocol decisions are elsewhere and pure (`redis_resp` frames bytes, `redis_session`
+decides what each command does, `ordered.OrderedMerge` releases replies in request order);
+this file moves bytes and keeps time.
+
+Backend pools. Each server has `pool.max` *lanes*; lane i is one pipelined connection (opened at
+start for the first `pool.min` lanes, on first use for the others). A key's hash picks its lane,
+so one key's commands stay in order on one connection, while different keys of one client run
+on several connections (and servers) at once. Each lane keeps its in-flight requests in a FIFO
+(the "in-use directory": which client request each pending reply belongs to); a reply's end is
+found by `ReplyScanner` and the reply goes to the request at the head of the FIFO.
+
+Failures. A lane whose connection drops, answers garbage, or leaves its oldest request
+unanswered past `timeouts.request` is closed; every request it held gets ``-ERR splicer: ...`` in
+its own place in each client's reply stream, and the rest of the pipelines go on. The lane
+reconnects on its next use, after an exponential backoff with jitter; until then requests for it
+are answered with an error at once instead of queueing. Health checks (PING on a separate
+connection, HAProxy-style rise/fall) mark servers up or down; with `auto_eject` a down server
+leaves the continuum as in twemproxy.
+
+Backpressure. A client is read only while it holds fewer than `limits.max_pipeline` unanswered
+requests and fewer than `limits.max_buffer_bytes` reply bytes, and while its socket accepts our
+writes; reading resumes when it has drained to half (OrderedMerge's hysteresis). So a client
+that pipelines a million commands is slowed down, never dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from .backoff import Backoff, HealthState
+from .config import RedisSpliceConfig, split_address
+from .ordered import OrderedMerge
+from .redis_commands import Kind
+from .redis_ketama import Ketama, KetamaServer, server_name
+from .redis_resp import (
+    ReplyScanner,
+    RequestReader,
+    RespProtocolError,
+    encode_command,
+    encode_error,
+)
+from .redis_session import (
+    CLOSE,
+    EXEC,
+    FORWARD,
+    REPLY,
+    SPLIT,
+    RedisSession,
+    Router,
+    SessionConfig,
+    merge_mget,
+    merge_mset,
+    merge_sum,
+)
+
+__all__ = ["RedisSplicer", "run_redis_splicer"]
+
+log = logging.getLogger("shmfabric.splicer.redis")
+
+_GATE = object()  # in a client's wait queue: later requests wait until earlier ones are answered
+_DISCONNECTED, _CONNECTING, _READY = 0, 1, 2
+# Socket write buffer of a client above which we stop reading it (asyncio's pause_writing).
+_CLIENT_WRITE_HIGH = 1024 * 1024
+
+
+class _Server:
+    """One backend server: its lanes per protocol version, health, metrics."""
+
+    __slots__ = ("splicer", "index", "host", "port", "label", "weight", "name", "lanes",
+                 "health", "backoff", "retry_at", "metrics", "version", "up")
+
+    def __init__(self, splicer: "RedisSplicer", index: int, host: str, port: int, weight: int, name: str) -> None:
+        self.splicer = splicer
+        self.index = index
+        self.host = host
+        self.port = port
+        self.label = f"{host}:{port}"
+        self.weight = weight
+        self.name = name
+        nl = splicer.lanes
+        self.lanes: dict[int, list[_Lane]] = {2: [_Lane(self, 2, i) for i in range(nl)],
+                                              3: [_Lane(self, 3, i) for i in range(nl)]}
+        h = splicer.config.health
+        self.health = HealthState(rise=h.rise, fall=h.fall)
+        self.backoff = Backoff()
+        self.retry_at = 0.0  # no new connection attempt before this (after a failed one)
+        self.metrics = splicer.metrics.backend(self.label) if splicer.metrics is not None else None
+        self.version: str | None = None
+        self.up = True
+
+    def connection_failed(self, now: float) -> float:
+        """A connect or an established connection failed: back off before the next attempt."""
+        delay = self.backoff.next_delay()
+        self.retry_at = now + delay
+        self.splicer._record_health(self, False)
+        return delay
+
+    def all_lanes(self) -> list["_Lane"]:
+        return self.lanes[2] + self.lanes[3]
+
+
+class _BackendProtocol(asyncio.Protocol):
+    """Transport callbacks of one TCP connection, forwarded to its lane while it is current."""
+
+    __slots__ = ("lane", "gen")
+
+    def __init__(self, lane: "_Lane", gen: int) -> None:
+        self.lane = lane
+        self.gen = gen
+
+    def data_received(self, data: bytes) -> None:
+        lane = self.lane
+        if lane.gen == self.gen:
+            lane.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lane = self.lane
+        if lane.gen == self.gen:
+            lane.lost("connection lost" if exc is None else f"connection lost ({exc})")
+
+
+class _Lane:
+    """One pooled, pipelined backend connection slot (reconnects in place)."""
+
+    __slots__ = ("server", "proto", "index", "state", "transport", "scanner", "inflight", "out",
+                 "gen", "dirty", "splicer", "rx_at", "connect_task")
+
+    def __init__(self, server: _Server, proto: int, index: int) -> None:
+        self.server = server
+        self.splicer = server.splicer
+        self.proto = proto
+        self.index = index
+        self.state = _DISCONNECTED
+        self.transport: asyncio.Transport | None = None
+        self.scanner = ReplyScanner()
+        # Entries: (target, arg, sent_at). target._on_reply(arg, reply_bytes); None drops the reply.
+        self.inflight: deque[tuple[Any, Any, float]] = deque()
+        self.out: list[bytes] = []
+        self.gen = 0
+        self.dirty = False
+        self.rx_at = 0.0
+        self.connect_task: asyncio.Task | None = None
+
+    # -- sending ---------------------------------------------------------------------------
+    def send(self, payload: bytes, target: Any, arg: Any, now: float) -> bool:
+        """Queue one request; False (nothing queued) if the server is unreachable right now."""
+        if self.state != _READY and not self._ensure(now):
+            return False
+        self.out.append(payload)
+        self.inflight.append((target, arg, now))
+        if not self.dirty:
+            self.dirty = True
+            self.splicer._dirty_lanes.append(self)
+        return True
+
+    def _ensure(self, now: float) -> bool:
+        if self.state == _CONNECTING:
+            return True
+        srv = self.server
+        if now < srv.retry_at or (self.splicer.config.auto_eject and not srv.up):
+            return False
+        self.connect()
+        return True
+
+    def connect(self) -> None:
+        """Start opening the connection; requests queue behind the handshake meanwhile."""
+        self.state = _CONNECTING
+        self.gen += 1
+        self.scanner = ReplyScanner()
+        self.out = []
+        for payload in self.splicer._handshake(self.proto):
+            self.out.append(payload)
+            self.inflight.append((_HANDSHAKE, self, time.monotonic()))
+        self.connect_task = asyncio.ensure_future(self._open(self.gen))
+
+    async def _open(self, gen: int) -> None:
+        srv = self.server
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _BackendProtocol(self, gen), srv.host, srv.port),
+                self.splicer.config.timeouts.connect)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if self.gen == gen:
+                self._fail(f"cannot connect ({exc.__class__.__name__}: {exc})", "connect")
+                self.splicer._flush()
+            return
+        if self.gen != gen:  # closed while connecting
+            transport.close()
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.state = _READY
+        self.rx_at = time.monotonic()
+        if self.out:
+            transport.write(b"".join(self.out))  # type: ignore[attr-defined]
+            self.out = []
+        self.dirty = False
+
+    def flush(self) -> None:
+        self.dirty = False
+        if self.state == _READY and self.out:
+            out = self.out
+            self.out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+            m = self.server.metrics
+            if m is not None:
+                m.requests.inc(len(out))
+
+    # -- receiving -------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        sc = self.scanner
+        sc.feed(data)
+        q = self.inflight
+        metrics = self.server.metrics
+        now = time.monotonic()
+        self.rx_at = now
+        gen = self.gen
+        try:
+            while q:
+                reply = sc.next()
+                if reply is None:
+                    break
+                target, arg, sent = q.popleft()
+                if metrics is not None:
+                    metrics.duration.observe(now - sent)
+                if target is not None:
+                    target._on_reply(arg, reply)
+                    if self.gen != gen:  # the handshake failed and closed this connection
+                        break
+            else:
+                if sc.buffered:
+                    raise RespProtocolError("reply without a request")
+        except (RespProtocolError, ValueError) as exc:
+            self._fail(f"protocol error from the server: {exc}", "protocol")
+        self.splicer._flush()
+
+    def lost(self, why: str) -> None:
+        """The transport closed under us."""
+        self._fail(why, "reset")
+        self.splicer._flush()
+
+    def _fail(self, why: str, kind: str) -> None:
+        """Close this connection; every request it held gets an error in its place."""
+        srv = self.server
+        self.gen += 1
+        self.state = _DISCONNECTED
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        self.out = []
+        self.scanner = ReplyScanner()
+        q = list(self.inflight)
+        self.inflight.clear()
+        err = encode_error(f"ERR splicer: backend {srv.label} {why}")
+        if srv.metrics is not None:
+            srv.metrics.error(kind)
+        srv.connection_failed(time.monotonic())
+        for target, arg, _ in q:
+            if target is not None:
+                target._on_reply(arg, err)
+        if not self.splicer.closing:
+            log.warning("backend %s lane %d/resp%d: %s", srv.label, self.index, self.proto, why)
+
+    def close(self) -> None:
+        self.gen += 1
+        self.state = _DISCONNECTED
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+class _Handshake:
+    """Checks the replies to the commands sent when a lane connects (AUTH, SELECT, HELLO)."""
+
+    @staticmethod
+    def _on_reply(lane: _Lane, reply: bytes) -> None:
+        if reply[:1] == b"-":
+            lane._fail(f"refused the connection handshake: {reply[1:-2].decode(errors='replace')}", "connect")
+        else:
+            lane.server.backoff.reset()
+
+
+_HANDSHAKE = _Handshake()
+
+
+class _Join:
+    """Collects the part replies of one split command and merges them into the client's slot."""
+
+    __slots__ = ("client", "seq", "kind", "nkeys", "parts", "left", "proto")
+
+    def __init__(self, client: "_Client", seq: int, kind: int, nkeys: int, nparts: int, proto: int) -> None:
+        self.client = client
+        self.seq = seq
+        self.kind = kind
+        self.nkeys = nkeys
+        self.parts: list[Any] = [None] * nparts
+        self.left = nparts
+        self.proto = proto
+
+    def _on_reply(self, idx: tuple[int, list[int]], reply: bytes) -> None:
+        i, positions = idx
+        self.parts[i] = (positions, reply)
+        self.left -= 1
+        if self.left == 0:
+            if self.kind == Kind.MGET:
+                merged = merge_mget(self.nkeys, self.parts, self.proto)
+            elif self.kind == Kind.SUM:
+                merged = merge_sum(self.parts)
+            else:
+                merged = merge_mset(self.parts)
+            self.client._on_reply(self.seq, merged)
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: read, decide, dispatch, and write replies back in order."""
+
+    def __init__(self, splicer: "RedisSplicer") -> None:
+        self.splicer = splicer
+        cfg = splicer.config
+        self.reader = RequestReader()
+        self.session = RedisSession(splicer.router, splicer.session_config)
+        self.merge = OrderedMerge(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.outstanding = 0  # actions sent to backends and not yet answered
+        self.waiting: deque = deque()  # actions held behind a barrier
+        self.read_paused = False
+        self.write_paused = False
+        self.closing = False  # QUIT or protocol error: answer what we have, then close
+        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.closed = False
+        self.dirty = False
+
+    # -- transport callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_CLIENT_WRITE_HIGH)  # type: ignore[attr-defined]
+        self.splicer._clients.add(self)
+        if self.splicer.metrics is not None:
+            self.splicer.metrics.client_connections.inc()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.waiting.clear()
+        self.splicer._clients.discard(self)
+        if self.splicer.metrics is not None:
+            self.splicer.metrics.client_connections.dec()
+            if exc is not None:
+                self.splicer.metrics.client_error("reset")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._maybe_resume()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.reader.feed(data)
+        self._process()
+        self.splicer._flush()
+
+    def eof_received(self) -> bool | None:
+        # Half-close: the client sent all it will send (`printf ... | nc -N` does). Answer what
+        # it sent, then close; keeping the transport open lets us still write.
+        self.eof = True
+        self._mark()
+        self.splicer._flush()
+        return True
+
+    # -- request side ----------------------------------------------------------------------
+    def _process(self) -> None:
+        reader = self.reader
+        merge = self.merge
+        handle = self.session.handle
+        now = time.monotonic()
+        while not merge.full:
+            try:
+                args = reader.next()
+            except RespProtocolError as exc:
+                seq = merge.open()
+                merge.finish(seq, encode_error(f"ERR Protocol error: {exc}"))
+                self.closing = True
+                if self.splicer.metrics is not None:
+                    self.splicer.metrics.client_error("bad_request")
+                self._mark()
+                return
+            if args is None:
+                break
+            action = handle(args)
+            seq = merge.open()
+            tag = action[0]
+            if tag == REPLY:
+                merge.finish(seq, action[1])
+                if len(action) > 2 and action[2] and (self.outstanding or self.waiting):
+                    self.waiting.append((None, _GATE))
+            elif tag == CLOSE:
+                merge.finish(seq, action[1])
+                self.closing = True
+                break
+            elif self.waiting or (action[1] and self.outstanding):
+                self.waiting.append((seq, action))
+            else:
+                self._execute(seq, action, now)
+        self._mark()
+        if merge.full and not self.read_paused:
+            self._pause()
+
+    def _execute(self, seq: int, action: tuple, now: float) -> None:
+        tag = action[0]
+        splicer = self.splicer
+        if tag == FORWARD:
+            _, barrier, proto, server, lane, payload = action
+            if splicer._servers[server].lanes[proto][lane].send(payload, self, seq, now):
+                self.outstanding += 1
+            else:
+                self.merge.finish(seq, splicer._down_error(server))
+        elif tag == SPLIT:
+            _, barrier, proto, kind, nkeys, parts = action
+            join = _Join(self, seq, kind, nkeys, len(parts), proto)
+            self.outstanding += 1
+            for i, (server, lane, payload, positions) in enumerate(parts):
+                if not splicer._servers[server].lanes[proto][lane].send(payload, join, (i, positions), now):
+                    join._on_reply((i, positions), splicer._down_error(server))
+        elif tag == EXEC:
+            _, barrier, proto, server, lane, payload, nreplies = action
+            ln = splicer._servers[server].lanes[proto][lane]
+            # One write holds MULTI, the commands and EXEC, so nothing else interleaves on the
+            # connection; the replies before EXEC's (+OK, +QUEUED...) are dropped.
+            if ln.send(payload, None, None, now):
+                for _ in range(nreplies - 2):
+                    ln.inflight.append((None, None, now))
+                ln.inflight.append((self, seq, now))
+                self.outstanding += 1
+            else:
+                self.merge.finish(seq, splicer._down_error(server))
+        else:
+            raise AssertionError(tag)
+        if action[1] and self.outstanding:
+            self.waiting.appendleft((None, _GATE))
+
+    def _drain_waiting(self) -> None:
+        w = self.waiting
+        now = time.monotonic()
+        while w:
+            seq, action = w[0]
+            if action is _GATE:
+                if self.outstanding:
+                    return
+                w.popleft()
+                continue
+            if action[1] and self.outstanding:
+                return
+            w.popleft()
+            self._execute(seq, action, now)
+
+    # -- reply side ------------------------------------------------------------------------
+    def _on_reply(self, seq: int, reply: bytes) -> None:
+        self.outstanding -= 1
+        if self.closed:
+            return
+        self.merge.finish(seq, reply)
+        if not self.dirty:
+            self.dirty = True
+            self.splicer._dirty_clients.append(self)
+        if self.outstanding == 0 and self.waiting:
+            self._drain_waiting()
+
+    def _mark(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.splicer._dirty_clients.append(self)
+
+    def flush(self) -> None:
+        self.dirty = False
+        if self.closed:
+            return
+        merge = self.merge
+        ready = merge.pop_ready()
+        if ready:
+            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))  # type: ignore[union-attr]
+        if self.read_paused and not self.closing:
+            self._maybe_resume()
+        if (self.closing or self.eof) and merge.idle and not self.outstanding:
+            self.transport.close()  # type: ignore[union-attr]
+            self.closed = True
+
+    def _pause(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def _maybe_resume(self) -> None:
+        if not self.read_paused or self.closed or self.write_paused or not self.merge.drained:
+            return
+        # Requests already buffered are handled before reading more from the socket.
+        self._process()
+        if not self.merge.full and not self.write_paused:
+            self.read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+
+class RedisSplicer:
+    """A Redis splicing proxy configured by a `RedisSpliceConfig`.
+
+    `await start()` binds the listener and opens the first `pool.min` connections per server;
+    `await stop()` closes everything. `stats()` reports pools and clients (for tests and CLI).
+    """
+
+    def __init__(self, config: RedisSpliceConfig, metrics: Any = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.lanes = config.pool.max
+        specs = []
+        for s in config.servers:
+            host, port = split_address(s.address)
+            specs.append((host, port, s.weight, server_name(host, port, s.name)))
+        self._ketama_args = dict(hash_name=config.hash, hash_tag=(config.hash_tag or "").encode(),
+                                 distribution=config.distribution)
+        self._kservers = [KetamaServer(name, weight) for _, _, weight, name in specs]
+        self.router = Router(Ketama(self._kservers, **self._ketama_args), self.lanes)
+        self.session_config = SessionConfig(password=config.password, db=config.db)
+        self._servers = [_Server(self, i, h, p, w, n) for i, (h, p, w, n) in enumerate(specs)]
+        self._clients: set[_Client] = set()
+        self._dirty_lanes: list[_Lane] = []
+        self._dirty_clients: list[_Client] = []
+        self._listener: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.closing = False
+        self.address: tuple[str, int] | None = None
+        self._handshake_cache: dict[int, list[bytes]] = {}
+        if metrics is not None:
+            for srv in self._servers:
+                srv.metrics.bind_pool(  # type: ignore[union-attr]
+                    free=lambda s=srv: float(sum(1 for ln in s.all_lanes() if ln.state == _READY and not ln.inflight)),
+                    in_use=lambda s=srv: float(sum(1 for ln in s.all_lanes() if ln.state == _READY and ln.inflight)),
+                    up=lambda s=srv: 1.0 if s.up else 0.0)
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> tuple[str, int]:
+        """Listen (on `config.listen`, or an already bound `sock`) and open the minimum pools."""
+        loop = asyncio.get_running_loop()
+        await self._learn_version()
+        if sock is not None:
+            self._listener = await loop.create_server(lambda: _Client(self), sock=sock, backlog=1024)
+        else:
+            host, port = split_address(self.config.listen)
+            self._listener = await loop.create_server(lambda: _Client(self), host, port, backlog=1024,
+                                                      reuse_address=True, reuse_port=reuse_port or None)
+        self.address = self._listener.sockets[0].getsockname()[:2]
+        for srv in self._servers:
+            for lane in srv.lanes[2][: self.config.pool.min]:
+                lane.connect()
+        self._tasks.append(asyncio.ensure_future(self._ticker()))
+        if self.config.health.enabled:
+            for srv in self._servers:
+                self._tasks.append(asyncio.ensure_future(self._health_loop(srv)))
+        return self.address  # type: ignore[return-value]
+
+    async def stop(self) -> None:
+        """Stop listening, close clients and backend connections, cancel timers."""
+        self.closing = True
+        if self._listener is not None:
+            self._listener.close()
+        for t in self._tasks:
+            t.cancel()
+        for c in list(self._clients):
+            if c.transport is not None:
+                c.transport.close()
+        for srv in self._servers:
+            for lane in srv.all_lanes():
+                lane.close()
+                if lane.connect_task is not None:
+                    lane.connect_task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Run until cancelled."""
+        await asyncio.Event().wait()
+
+    # -- helpers used by clients and lanes ------------------------------------------------------
+    def _flush(self) -> None:
+        lanes = self._dirty_lanes
+        clients = self._dirty_clients
+        while lanes or clients:
+            if lanes:
+                self._dirty_lanes = []
+                for ln in lanes:
+                    ln.flush()
+            if clients:
+                self._dirty_clients = []
+                for c in clients:
+                    c.flush()
+            lanes = self._dirty_lanes
+            clients = self._dirty_clients
+
+    def _down_error(self, server: int) -> bytes:
+        srv = self._servers[server]
+        if srv.metrics is not None:
+            srv.metrics.error("unavailable")
+        wait = max(0.0, srv.retry_at - time.monotonic())
+        return encode_error(f"ERR splicer: backend {srv.label} is unavailable (next connection attempt in {wait * 1000:.0f} ms)")
+
+    def _handshake(self, proto: int) -> list[bytes]:
+        hs = self._handshake_cache.get(proto)
+        if hs is None:
+            cfg = self.config
+            hs = []
+            if cfg.backend_password is not None and proto == 2:
+                auth = [b"AUTH"] + ([cfg.backend_username.encode()] if cfg.backend_username else []) + [cfg.backend_password.encode()]
+                hs.append(encode_command(auth))
+            if proto == 3:
+                hello = [b"HELLO", b"3"]
+                if cfg.backend_password is not None:
+                    hello += [b"AUTH", (cfg.backend_username or "default").encode(), cfg.backend_password.encode()]
+                hs.append(encode_command(hello))
+            if cfg.db:
+                hs.append(encode_command([b"SELECT", str(cfg.db).encode()]))
+            self._handshake_cache[proto] = hs
+        return hs
+
+    def _record_health(self, srv: _Server, ok: bool) -> None:
+        changed = srv.health.record(ok)
+        if changed is None:
+            return
+        srv.up = changed
+        log.warning("backend %s is %s", srv.label, "up" if changed else "down")
+        if changed:
+            srv.retry_at = 0.0
+            srv.backoff.reset()
+        if self.config.auto_eject:
+            live = [s.up for s in self._servers]
+            if any(live):
+                self.router.set_ketama(Ketama(self._kservers, live=live, **self._ketama_args))
+
+    async def _learn_version(self) -> None:
+        """Ask one server for its version, reported to clients in HELLO."""
+        for srv in self._servers:
+            try:
+                reply = await self._probe(srv, [b"INFO", b"server"])
+            except (OSError, asyncio.TimeoutError, RespProtocolError):
+                continue
+            for line in reply.split(b"\r\n"):
+                if line.startswith(b"redis_version:"):
+                    version = line.split(b":", 1)[1].decode(errors="replace")
+                    self.session_config = SessionConfig(password=self.config.password, db=self.config.db,
+                                                        server_version=version)
+                    return
+
+    async def _probe(self, srv: _Server, command: list[bytes]) -> bytes:
+        """Open a short connection, authenticate, send one command, return its reply bytes."""
+        timeout = self.config.health.timeout
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(srv.host, srv.port), timeout)
+        try:
+            payload = b"".join(self._handshake(2)) + encode_command(command)
+            writer.write(payload)
+            scanner = ReplyScanner()
+            want = len(self._handshake(2)) + 1
+            replies: list[bytes] = []
+            while len(replies) < want:
+                data = await asyncio.wait_for(reader.read(65536), timeout)
+                if not data:
+                    raise ConnectionResetError("closed by the server")
+                scanner.feed(data)
+                while (r := scanner.next()) is not None:
+                    replies.append(r)
+            for r in replies[:-1]:
+                if r[:1] == b"-":
+                    raise RespProtocolError(r[1:-2].decode(errors="replace"))
+            return replies[-1]
+        finally:
+            writer.close()
+
+    async def _health_loop(self, srv: _Server) -> None:
+        h = self.config.health
+        while True:
+            await asyncio.sleep(h.interval)
+            try:
+                reply = await self._probe(srv, [b"PING"])
+                ok = reply == b"+PONG\r\n"
+            except (OSError, asyncio.TimeoutError, RespProtocolError):
+                ok = False
+            self._record_health(srv, ok)
+
+    async def _ticker(self) -> None:
+        """Enforce the per-request timeout and keep `pool.min` connections open."""
+        timeout = self.config.timeouts.request
+        period = min(0.1, timeout / 4)
+        pool_min = self.config.pool.min
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for srv in self._servers:
+                for lanes in srv.lanes.values():
+                    for lane in lanes:
+                        q = lane.inflight
+                        if q and now - q[0][2] > timeout:
+                            lane._fail(f"did not answer within {timeout:g} s", "timeout")
+                for lane in srv.lanes[2][:pool_min]:
+                    if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:
+                        lane.connect()
+            self._flush()
+
+    # -- introspection ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Pools, in-flight requests and clients, in a fixed shape (tests, CLI)."""
+        servers = []
+        for srv in self._servers:
+            lanes = srv.all_lanes()
+            servers.append({
+                "server": srv.label,
+                "up": srv.up,
+                "connections": sum(1 for ln in lanes if ln.state == _READY),
+                "connecting": sum(1 for ln in lanes if ln.state == _CONNECTING),
+                "inflight": sum(len(ln.inflight) for ln in lanes),
+            })
+        return {"clients": len(self._clients), "servers": servers}
+
+
+def _install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = None) -> None:
+    """Run a splicer in this process until interrupted (uvloop when installed)."""
+    _install_uvloop()
+    metrics = None
+    if metrics_address:
+        from .metrics import SpliceMetrics, serve
+
+        metrics = SpliceMetrics("redis")
+        serve(metrics.registry, metrics_address)
+
+    async def main() -> None:
+        splicer = RedisSplicer(config, metrics)
+        host, port = await splicer.start(reuse_port=config.workers > 1)
+        log.info("redis splicer listening on %s:%d", host, port)
+        try:
+            await splicer.serve_forever()
+        finally:
+            await splicer.stop()
+
+    asyncio.run(main())

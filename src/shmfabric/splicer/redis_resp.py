@@ -1,0 +1,514 @@
+"""Sans-IO RESP framing for the Redis splicer: client requests in, backend replies out.
+
+What this file knows: the RESP2/RESP3 wire format and Redis's limits on requests. What it
+does not know: commands, routing, sockets, asyncio or the clock.
+
+* `RequestReader` turns client bytes into commands (lists of bytes arguments). Multibulk
+  requests (`*N\\r\\n$L\\r\\n...`, what every client library sends) are parsed by hiredis's
+  C `Reader`; inline commands (`PING\\r\\n`, typed by people or scripts over telnet/nc) are split
+  here, because hiredis only parses RESP and an inline line is not RESP.
+* `ReplyScanner` finds where each backend reply ends so the splicer relays replies
+  byte-for-byte. hiredis cannot do this alone: its Reader does not expose its read position,
+  and the objects it returns lose distinctions a proxy must keep (``+OK`` and ``$2 OK`` both
+  become ``b"OK"``; RESP3 attributes, verbatim strings and big numbers change shape). So small
+  replies are measured here with a few `bytes.find` calls, and large aggregates (an MGET of a
+  thousand keys, a long LRANGE) are parsed by hiredis, whose consumed length is recovered
+  exactly from `Reader.len()` (see `_HiredisMeasure`), so the per-element loop runs in C.
+* Encoders build replies the splicer answers itself, in the client's protocol version.
+
+Errors: malformed client input raises `RespProtocolError` with Redis's own wording; the shell
+answers it with ``-ERR Protocol error: ...`` and closes the client, as redis-server does. A
+malformed backend reply raises `RespProtocolError` too; the shell drops that backend connection.
+"""
+from __future__ import annotations
+
+import hiredis
+
+__all__ = [
+    "RespProtocolError",
+    "RequestReader",
+    "ReplyScanner",
+    "encode_command",
+    "encode_bulk",
+    "encode_int",
+    "encode_error",
+    "encode_simple",
+    "encode_null",
+    "encode_array_header",
+    "encode_map",
+    "encode_value",
+    "OK",
+    "PONG",
+    "QUEUED",
+]
+
+# Redis's own bounds (src/server.h): PROTO_INLINE_MAX_SIZE is 64 KiB; a multibulk may have up
+# to 1024*1024 arguments for an unauthenticated-safe default (the server allows more once
+# authenticated, we keep the lower bound for everyone). proto-max-bulk-len is 512 MB in Redis;
+# the splicer holds a request in memory before forwarding it, so its default bound is lower and
+# configurable (`max_request_bytes`).
+INLINE_MAX = 64 * 1024
+MULTIBULK_MAX = 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+QUEUED = b"+QUEUED\r\n"
+
+
+class RespProtocolError(Exception):
+    """Bytes that are not valid RESP (or break a limit); the message follows Redis's wording."""
+
+
+# --------------------------------------------------------------------------------------------
+# Client requests
+# --------------------------------------------------------------------------------------------
+
+
+def _split_inline(line: bytes) -> list[bytes]:
+    """Split an inline command line the way Redis's sdssplitargs does.
+
+    Plain words are separated by blanks; "double quoted" arguments understand \\n \\r \\t \\b \\a
+    \\\\ \\" and \\xHH escapes; 'single quoted' ones only \\'. A closing quote must be followed by
+    a blank or the end of the line.
+    """
+    if b'"' not in line and b"'" not in line:
+        return line.split()
+    args: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in b" \t\n\r\v\f":
+            i += 1
+        if i >= n:
+            return args
+        cur = bytearray()
+        inq = insq = False
+        while True:
+            if inq:
+                if i >= n:
+                    raise RespProtocolError("unbalanced quotes in request")
+                c = line[i]
+                if c == 0x5C and i + 3 < n and line[i + 1] == 0x78 and _ishex(line[i + 2 : i + 4]):
+                    cur.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 0x5C and i + 1 < n:
+                    i += 1
+                    cur.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 0x22:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
+                        raise RespProtocolError("unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif insq:
+                if i >= n:
+                    raise RespProtocolError("unbalanced quotes in request")
+                c = line[i]
+                if c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
+                    i += 1
+                    cur.append(0x27)
+                elif c == 0x27:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
+                        raise RespProtocolError("unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            else:
+                if i >= n:
+                    break
+                c = line[i]
+                if c in b" \t\n\r\v\f":
+                    break
+                if c == 0x22:
+                    inq = True
+                elif c == 0x27:
+                    insq = True
+                else:
+                    cur.append(c)
+            i += 1
+        args.append(bytes(cur))
+
+
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+
+
+def _ishex(two: bytes) -> bool:
+    return all(c in b"0123456789abcdefABCDEF" for c in two)
+
+
+class RequestReader:
+    """Client request framer: `feed(bytes)`, then `next()` until it returns None.
+
+    `next()` returns one command as a non-empty list of bytes arguments, or None when more
+    data is needed. It raises `RespProtocolError` on malformed input; the reader is unusable
+    afterwards (the connection must be closed, as Redis does).
+
+    Inline and multibulk requests may follow each other on one connection, with one limit: the
+    reader picks the format at the first byte of what it has buffered, and a multibulk run is
+    handed to hiredis whole, so an inline command sent in the same read right after multibulk
+    ones is refused as a protocol error. Real clients use one format per connection.
+    """
+
+    __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed")
+
+    def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+        if max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
+        # protocolError/replyError left at their defaults: a request never contains RESP error
+        # items (hiredis would return an error object, which we refuse below).
+        self._reader = hiredis.Reader()
+        self._pending = b""  # bytes not yet handed to hiredis (inline mode, or boundary look)
+        self._in_hiredis = False  # hiredis may hold a partial request
+        self._hiredis_bytes = 0  # bytes fed to hiredis since it last had nothing buffered
+        self.max_request_bytes = max_request_bytes
+        self.failed = False
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the client."""
+        if self._in_hiredis:
+            self._reader.feed(data)
+            self._hiredis_bytes += len(data)
+        elif self._pending:
+            self._pending += data
+        else:
+            self._pending = bytes(data)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete request (a bound for backpressure)."""
+        return len(self._pending) + (self._hiredis_bytes if self._in_hiredis else 0)
+
+    def next(self) -> list[bytes] | None:
+        """Return the next complete command, or None if more bytes are needed."""
+        while True:
+            if self._in_hiredis:
+                try:
+                    cmd = self._reader.gets()
+                except hiredis.ProtocolError as exc:
+                    self.failed = True
+                    raise RespProtocolError(_hiredis_message(exc)) from None
+                if cmd is False:
+                    if not self._reader.has_data():
+                        self._in_hiredis = False
+                        self._hiredis_bytes = 0
+                    elif self._hiredis_bytes > self.max_request_bytes:
+                        self.failed = True
+                        raise RespProtocolError("invalid bulk length")
+                    return None
+                if type(cmd) is not list:
+                    self.failed = True
+                    raise RespProtocolError(f"expected '*', got {bytes(cmd)[:1]!r}" if isinstance(cmd, bytes) else "expected '*' as the first byte of a request")
+                if not cmd:  # "*0\r\n": Redis skips empty multibulks silently
+                    continue
+                for arg in cmd:
+                    if type(arg) is not bytes:
+                        self.failed = True
+                        raise RespProtocolError("expected '$', got another RESP type in a request")
+                if len(cmd) > MULTIBULK_MAX:
+                    self.failed = True
+                    raise RespProtocolError("invalid multibulk length")
+                return cmd
+            pending = self._pending
+            if not pending:
+                return None
+            if pending[0] == 0x2A:  # '*': a multibulk run goes to hiredis
+                self._pending = b""
+                self._reader.feed(pending)
+                self._hiredis_bytes = len(pending)
+                self._in_hiredis = True
+                continue
+            nl = pending.find(b"\n")
+            if nl < 0:
+                if len(pending) > INLINE_MAX:
+                    self.failed = True
+                    raise RespProtocolError("too big inline request")
+                return None
+            line = pending[:nl]
+            self._pending = pending[nl + 1 :]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            args = _split_inline(line)
+            if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
+                return args
+
+
+def _hiredis_message(exc: Exception) -> str:
+    text = str(exc)
+    return text[len("Protocol error, ") :] if text.startswith("Protocol error, ") else text
+
+
+# --------------------------------------------------------------------------------------------
+# Backend replies
+# --------------------------------------------------------------------------------------------
+
+_SIMPLE = frozenset(b"+-:,#_(")  # one line: status, error, integer, double, bool, null, bignum
+_BLOB = frozenset(b"$=!")  # length-prefixed: bulk, verbatim, blob error
+_AGG1 = frozenset(b"*~>")  # n children: array, set, push
+# '%' (map) has 2n children; '|' (attribute) has 2n children and does not count as a reply.
+
+# Aggregates with at least this many elements are measured by hiredis (C) instead of the
+# Python loop below; smaller ones are cheaper in Python than setting up a Reader.
+_HIREDIS_MIN_ELEMENTS = 64
+
+
+class _HiredisMeasure:
+    """Find the length of one complete reply with hiredis, recovering its read position.
+
+    hiredis's Reader discards consumed bytes from its buffer once it has read at least 1 KiB
+    (redisReaderGetReply: ``if (r->pos >= 1024) sdsrange(...)``), after which `len()` is the
+    number of bytes left unread. So after feeding F bytes and getting one reply, ``len() < F``
+    means the reply was exactly ``F - len()`` bytes long. When `len()` is still F (the reply was
+    shorter than 1 KiB), we do not know the length and the caller measures it in Python. The
+    behaviour is checked once at import (`_self_test`); if a future hiredis changes it the fast
+    path switches itself off rather than mis-framing.
+    """
+
+    __slots__ = ("reader", "fed", "start")
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.fed = 0
+        self.start = -1
+
+    def reset(self, start: int) -> None:
+        self.reader = hiredis.Reader()
+        self.fed = 0
+        self.start = start
+
+    def measure(self, buf: bytes, end: int) -> int | None:
+        """Feed buf[start+fed:end]; return the reply length, 0 if incomplete, None if unknown."""
+        s = self.start + self.fed
+        if end > s:
+            self.reader.feed(buf, s, end - s)
+            self.fed += end - s
+        try:
+            value = self.reader.gets()
+        except hiredis.ProtocolError as exc:
+            raise RespProtocolError(_hiredis_message(exc)) from None
+        if value is False:
+            return 0
+        left = self.reader.len()
+        if left < self.fed:
+            return self.fed - left
+        return None
+
+
+def _self_test() -> bool:
+    m = _HiredisMeasure()
+    body = b"*300\r\n" + b"$5\r\nhello\r\n" * 300
+    m.reset(0)
+    data = body + b"+OK\r\n"
+    return m.measure(data, len(data)) == len(body)
+
+
+_HIREDIS_MEASURE_OK = _self_test()
+
+
+class ReplyScanner:
+    """Split a backend's byte stream into complete replies, each returned as its exact bytes.
+
+    `feed(data)` then `next()` (bytes of one whole reply, or None when more data is needed).
+    RESP3 attributes are kept with the reply they annotate; push messages are returned like
+    replies (the splicer never subscribes, so a backend does not send them unasked).
+    """
+
+    __slots__ = ("_buf", "_pos", "_measure", "_measuring")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+        self._measure = _HiredisMeasure()
+        self._measuring = False  # a large aggregate is being fed to hiredis across reads
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the backend."""
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+            self._pos = 0
+            if self._measuring:  # the partial reply began before _pos: keep the old bytes
+                raise AssertionError("unreachable: measuring with an empty buffer")
+        else:
+            if self._pos and not self._measuring:
+                self._buf = self._buf[self._pos :] + data
+                self._pos = 0
+            else:
+                self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that are not yet part of a returned reply."""
+        return len(self._buf) - self._pos
+
+    def next(self) -> bytes | None:
+        """Return the next complete reply (exact bytes), or None if more data is needed."""
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        if pos >= end:
+            return None
+        if self._measuring:
+            n = self._measure.measure(buf, end)
+            if n == 0:
+                return None
+            self._measuring = False
+            if n is not None:
+                self._pos = pos + n
+                return buf[pos : pos + n]
+            stop = _scan(buf, pos, end)
+        else:
+            t = buf[pos]
+            # Fast paths for the common one-line and bulk replies.
+            if t == 0x2B or t == 0x3A or t == 0x2D:  # + : -
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    return None
+                stop = nl + 2
+            elif t == 0x24:  # $
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    return None
+                n = int(buf[pos + 1 : nl])
+                stop = nl + 2 if n < 0 else nl + n + 4
+                if stop > end:
+                    return None
+            elif t == 0x2A and _HIREDIS_MEASURE_OK:
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    return None
+                if _int(buf, pos + 1, nl) >= _HIREDIS_MIN_ELEMENTS:
+                    self._measure.reset(pos)
+                    n = self._measure.measure(buf, end)
+                    if n == 0:
+                        self._measuring = True
+                        return None
+                    if n is not None:
+                        self._pos = pos + n
+                        return buf[pos : pos + n]
+                stop = _scan(buf, pos, end)
+            else:
+                stop = _scan(buf, pos, end)
+        if stop < 0:
+            return None
+        self._pos = stop
+        if pos == 0 and stop == end:
+            return buf
+        return buf[pos:stop]
+
+
+def _int(buf: bytes, start: int, stop: int) -> int:
+    try:
+        return int(buf[start:stop])
+    except ValueError:
+        raise RespProtocolError(f"invalid length {buf[start:stop][:32]!r}") from None
+
+
+def _scan(buf: bytes, pos: int, end: int) -> int:
+    """Return the offset just past the reply starting at `pos`, or -1 if it is incomplete."""
+    need = 1  # replies still to read: aggregates add their children (pre-order walk)
+    find = buf.find
+    while need:
+        if pos >= end:
+            return -1
+        t = buf[pos]
+        nl = find(b"\r\n", pos, end)
+        if nl < 0:
+            return -1
+        if t in _SIMPLE:
+            pos = nl + 2
+            need -= 1
+        elif t in _BLOB:
+            n = _int(buf, pos + 1, nl)
+            pos = nl + 2 if n < 0 else nl + n + 4
+            if pos > end:
+                return -1
+            need -= 1
+        elif t in _AGG1:
+            n = _int(buf, pos + 1, nl)
+            pos = nl + 2
+            need += n - 1 if n > 0 else -1
+        elif t == 0x25:  # % map
+            n = _int(buf, pos + 1, nl)
+            pos = nl + 2
+            need += 2 * n - 1 if n > 0 else -1
+        elif t == 0x7C:  # | attribute: its pairs come first, then the reply it annotates
+            n = _int(buf, pos + 1, nl)
+            pos = nl + 2
+            need += 2 * n
+        else:
+            raise RespProtocolError(f"unknown reply type byte {bytes([t])!r}")
+    return pos
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders (replies the splicer builds itself, and commands it sends)
+# --------------------------------------------------------------------------------------------
+
+
+def encode_command(args: list[bytes]) -> bytes:
+    """Encode a command as a RESP multibulk (what clients and backends expect)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
+
+
+def encode_bulk(value: bytes | None, proto: int = 2) -> bytes:
+    """A bulk string, or the protocol's null when `value` is None."""
+    if value is None:
+        return b"_\r\n" if proto == 3 else b"$-1\r\n"
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def encode_null(proto: int = 2) -> bytes:
+    """The null reply (RESP3 ``_``, RESP2 null bulk)."""
+    return b"_\r\n" if proto == 3 else b"$-1\r\n"
+
+
+def encode_int(value: int) -> bytes:
+    """An integer reply."""
+    return b":%d\r\n" % value
+
+
+def encode_simple(text: str | bytes) -> bytes:
+    """A status reply (``+text``); CR and LF are not allowed in it."""
+    raw = text.encode() if isinstance(text, str) else text
+    if b"\r" in raw or b"\n" in raw:
+        raise ValueError("a status reply cannot contain CR or LF")
+    return b"+" + raw + b"\r\n"
+
+
+def encode_error(text: str) -> bytes:
+    """An error reply. `text` starts with its code (ERR, WRONGTYPE, NOAUTH...); newlines become spaces."""
+    return b"-" + text.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
+
+
+def encode_array_header(n: int) -> bytes:
+    """Header of an array of `n` elements (the elements follow, already encoded)."""
+    return b"*%d\r\n" % n
+
+
+def encode_map(pairs: list[tuple[bytes, bytes]], proto: int) -> bytes:
+    """A map of already-encoded keys and values: RESP3 ``%``, or a flat array in RESP2."""
+    head = b"%%%d\r\n" % len(pairs) if proto == 3 else b"*%d\r\n" % (2 * len(pairs))
+    return head + b"".join(k + v for k, v in pairs)
+
+
+def encode_value(value: object, proto: int = 2) -> bytes:
+    """Encode a plain Python value: bytes/str as bulk, int, None, list, dict (map)."""
+    if value is None:
+        return encode_null(proto)
+    if isinstance(value, bool):
+        return (b"#t\r\n" if value else b"#f\r\n") if proto == 3 else b":%d\r\n" % int(value)
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, (bytes, bytearray)):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, (list, tuple)):
+        return b"*%d\r\n" % len(value) + b"".join(encode_value(v, proto) for v in value)
+    if isinstance(value, dict):
+        return encode_map([(encode_value(k, proto), encode_value(v, proto)) for k, v in value.items()], proto)
+    raise TypeError(f"cannot encode {type(value).__name__} as RESP")

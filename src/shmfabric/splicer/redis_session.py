@@ -1,0 +1,560 @@
+"""One client connection's Redis state and the decision for each of its commands (sans-IO).
+
+`RedisSession.handle(args)` takes one parsed command and returns an *action* for the I/O
+shell: answer these bytes now, forward these bytes to (server, pool connection), split over
+several servers and merge the replies, or close. It keeps what Redis keeps per connection and
+a proxy must answer itself: the protocol version (HELLO 2/3), authentication, the client name
+and library info, the selected database, a MULTI block in progress.
+
+`Router` places keys: ketama picks the server (twemproxy-compatible, `redis_ketama`), and the
+same key hash picks the *lane*, i.e. which of the server's pooled connections carries it. A
+key always travels on one lane, so commands on one key run in the order the client sent them
+even though a client's commands spread over several connections per server (twemproxy issue
+#193 is exactly this reordering). A multi-key command whose keys sit on different lanes of one
+server is marked a *barrier*: the shell lets this client's earlier requests finish first and
+starts later ones only after it, which keeps per-key order without pinning whole clients.
+
+Pure: no sockets, no asyncio, no clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import hiredis
+
+from .redis_commands import COMMANDS, REFUSED, Kind, check_arity, command_keys, lookup
+from .redis_ketama import Ketama
+from .redis_resp import (
+    OK,
+    PONG,
+    QUEUED,
+    encode_bulk,
+    encode_command,
+    encode_error,
+    encode_int,
+    encode_map,
+    encode_value,
+)
+
+__all__ = [
+    "Router",
+    "RedisSession",
+    "SessionConfig",
+    "REPLY",
+    "CLOSE",
+    "FORWARD",
+    "SPLIT",
+    "EXEC",
+    "merge_mget",
+    "merge_sum",
+    "merge_mset",
+    "command_info",
+]
+
+# Action tags (first element of the tuples `handle` returns).
+REPLY = 1  # (REPLY, bytes)
+CLOSE = 2  # (CLOSE, bytes): write the bytes, then close the client (QUIT)
+FORWARD = 3  # (FORWARD, barrier, proto, server, lane, payload)
+SPLIT = 4  # (SPLIT, barrier, proto, kind, nkeys, parts); parts: [(server, lane, payload, positions)]
+EXEC = 5  # (EXEC, barrier, proto, server, lane, payload, nreplies): only the last reply is the client's
+# barrier (bool): start only when this client has no request in flight, and hold later ones
+# until it is answered. REPLY actions carry no flag: HELLO that changes the protocol is
+# returned as (REPLY, bytes, True) to ask for the "earlier requests first" half.
+
+
+class Router:
+    """Key -> (server index, lane). `lanes` is the pool size (connections) per server."""
+
+    __slots__ = ("ketama", "lanes", "_cache", "_cache_max")
+
+    def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 65536) -> None:
+        if lanes < 1:
+            raise ValueError("lanes must be at least 1")
+        self.ketama = ketama
+        self.lanes = lanes
+        # Placement is a pure function of the key, so it is cached: hashing dominates the cost
+        # of splitting a large MGET, and hot keys repeat. Bounded; cleared when full or when the
+        # continuum changes.
+        self._cache: dict[bytes, tuple[int, int]] = {}
+        self._cache_max = cache_size
+
+    def set_ketama(self, ketama: Ketama) -> None:
+        """Swap the continuum (servers ejected or returned) and forget cached placements."""
+        self.ketama = ketama
+        self._cache = {}
+
+    def place(self, key: bytes) -> tuple[int, int]:
+        """(server index, lane) of `key`."""
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        k = self.ketama
+        h = k.key_hash(key)
+        server = 0 if len(k.servers) == 1 else k.dispatch(h)
+        hit = (server, h % self.lanes)
+        if len(self._cache) >= self._cache_max:
+            self._cache = {}
+        self._cache[key] = hit
+        return hit
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """What sessions share: client-facing credentials, database, reported server version."""
+
+    password: str | None = None  # clients must AUTH with this (like requirepass); None: open
+    username: str = "default"
+    db: int = 0
+    server_version: str = "7.0.0"
+
+
+_next_client_id = 0
+
+
+def _new_client_id() -> int:
+    global _next_client_id
+    _next_client_id += 1
+    return _next_client_id
+
+
+_WRONGPASS = encode_error("WRONGPASS invalid username-password pair or user is disabled.")
+_NOAUTH = encode_error("NOAUTH Authentication required.")
+_EMPTY_ARRAY = b"*0\r\n"
+
+
+def _err_args(name: bytes) -> bytes:
+    return encode_error(f"ERR wrong number of arguments for '{name.decode(errors='replace').lower()}' command")
+
+
+def _unknown(args: list[bytes]) -> bytes:
+    shown = " ".join(f"'{a[:64].decode(errors='replace')}'" for a in args[1:9])
+    return encode_error(f"ERR unknown command '{args[0][:128].decode(errors='replace')}', with args beginning with: {shown}")
+
+
+class RedisSession:
+    """The state of one client connection and the action for each of its commands."""
+
+    __slots__ = (
+        "router",
+        "config",
+        "proto",
+        "authed",
+        "name",
+        "lib_name",
+        "lib_ver",
+        "client_id",
+        "multi",
+        "multi_error",
+        "closing",
+    )
+
+    def __init__(self, router: Router, config: SessionConfig | None = None) -> None:
+        self.router = router
+        self.config = config or SessionConfig()
+        self.proto = 2
+        self.authed = self.config.password is None
+        self.name: bytes | None = None
+        self.lib_name: bytes | None = None
+        self.lib_ver: bytes | None = None
+        self.client_id = _new_client_id()
+        self.multi: list[list[bytes]] | None = None  # commands queued since MULTI
+        self.multi_error = False
+        self.closing = False
+
+    # -- entry point -------------------------------------------------------------------------
+    def handle(self, args: list[bytes]) -> tuple:
+        """Decide what to do with one command (a non-empty list of bytes arguments)."""
+        name = args[0]
+        spec = COMMANDS.get(name)
+        if spec is None:
+            name = name.upper()
+            spec = COMMANDS.get(name)
+        if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT", b"RESET"):
+            return (REPLY, _NOAUTH)
+        if spec is None:
+            reason = REFUSED.get(name)
+            if self.multi is not None:
+                self.multi_error = True
+            if reason is not None:
+                return (REPLY, encode_error(f"ERR '{name.decode().lower()}' is not supported by the splicer: {reason}"))
+            return (REPLY, _unknown(args))
+        if not check_arity(spec, len(args)):
+            if self.multi is not None:
+                self.multi_error = True
+            return (REPLY, _err_args(name))
+        kind = spec.kind
+        if self.multi is not None and name not in (b"EXEC", b"DISCARD", b"MULTI", b"QUIT", b"RESET"):
+            return self._queue(spec, name, args)
+        if kind == Kind.KEYED:
+            return self._keyed(name, args, command_keys(spec, args))
+        if kind == Kind.LOCAL:
+            return self._local(name, args)
+        if kind == Kind.MGET:
+            return self._split(Kind.MGET, name, args, args[1:], 1)
+        if kind == Kind.SUM:
+            return self._split(Kind.SUM, name, args, args[1:], 1)
+        if kind == Kind.MSET:
+            if len(args) % 2 != 1:
+                return (REPLY, _err_args(name))
+            return self._split(Kind.MSET, name, args, args[1::2], 2)
+        if kind == Kind.SCRIPT:
+            err = _script_error(args)
+            if err is not None:
+                return (REPLY, err)
+            return self._keyed(name, args, command_keys(spec, args))
+        raise AssertionError(f"unhandled kind {kind}")
+
+    # -- routing ---------------------------------------------------------------------------
+    def _keyed(self, name: bytes, args: list[bytes], keys: list[bytes]) -> tuple:
+        if not keys:
+            return (REPLY, encode_error(f"ERR the splicer routes '{name.decode().lower()}' by its keys and this call names none"))
+        place = self.router.place
+        server, lane = place(keys[0])
+        barrier = False
+        for k in keys[1:]:
+            s, ln = place(k)
+            if s != server:
+                return (REPLY, _cross_server(name))
+            if ln != lane:
+                barrier = True
+        return (FORWARD, barrier, self.proto, server, lane, encode_command(args))
+
+    def _split(self, kind: int, name: bytes, args: list[bytes], keys: list[bytes], width: int) -> tuple:
+        place = self.router.place
+        first = place(keys[0])
+        groups: dict[tuple[int, int], list[int]] | None = None
+        for i in range(1, len(keys)):
+            p = place(keys[i])
+            if groups is None:
+                if p == first:
+                    continue
+                groups = {first: list(range(i))}
+            g = groups.get(p)
+            if g is None:
+                groups[p] = [i]
+            else:
+                g.append(i)
+        if groups is None:  # all keys on one connection: forward whole, relay the reply as is
+            return (FORWARD, False, self.proto, first[0], first[1], encode_command(args))
+        parts = []
+        for (server, lane), positions in groups.items():
+            if width == 1:
+                sub = [name] + [keys[i] for i in positions]
+            else:
+                sub = [name]
+                for i in positions:
+                    sub.append(args[1 + 2 * i])
+                    sub.append(args[2 + 2 * i])
+            parts.append((server, lane, encode_command(sub), positions))
+        return (SPLIT, False, self.proto, kind, len(keys), parts)
+
+    def _queue(self, spec, name: bytes, args: list[bytes]) -> tuple:
+        """A command inside MULTI: check it now (as Redis does), send it at EXEC."""
+        if spec.kind == Kind.LOCAL and name not in (b"PING", b"ECHO"):
+            self.multi_error = True
+            return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer"))
+        if spec.kind == Kind.MSET and len(args) % 2 != 1:
+            self.multi_error = True
+            return (REPLY, _err_args(name))
+        if spec.kind == Kind.SCRIPT:
+            err = _script_error(args)
+            if err is not None:
+                self.multi_error = True
+                return (REPLY, err)
+        self.multi.append(args)  # type: ignore[union-attr]
+        return (REPLY, QUEUED)
+
+    def _exec(self) -> tuple:
+        queued = self.multi or []
+        self.multi = None
+        if self.multi_error:
+            self.multi_error = False
+            return (REPLY, encode_error("EXECABORT Transaction discarded because of previous errors."))
+        if not queued:
+            return (REPLY, _EMPTY_ARRAY)
+        place = self.router.place
+        target: tuple[int, int] | None = None
+        for args in queued:
+            spec = lookup(args[0])
+            assert spec is not None
+            for k in command_keys(spec, args):
+                p = place(k)
+                if target is None:
+                    target = p
+                elif p[0] != target[0]:
+                    return (REPLY, encode_error(
+                        "CROSSSERVER EXECABORT the transaction names keys on different servers; "
+                        "keep them together with a hash tag ({...})"))
+        server, lane = target if target is not None else (0, 0)
+        payload = b"*1\r\n$5\r\nMULTI\r\n" + b"".join(encode_command(a) for a in queued) + b"*1\r\n$4\r\nEXEC\r\n"
+        return (EXEC, True, self.proto, server, lane, payload, len(queued) + 2)
+
+    # -- connection-level commands ----------------------------------------------------------
+    def _local(self, name: bytes, args: list[bytes]) -> tuple:
+        if name == b"PING":
+            if len(args) == 1:
+                return (REPLY, PONG)
+            if len(args) == 2:
+                return (REPLY, encode_bulk(args[1]))
+            return (REPLY, _err_args(name))
+        if name == b"ECHO":
+            return (REPLY, encode_bulk(args[1]))
+        if name == b"QUIT":
+            self.closing = True
+            return (CLOSE, OK)
+        if name == b"HELLO":
+            return self._hello(args)
+        if name == b"AUTH":
+            if len(args) > 3:
+                return (REPLY, encode_error("ERR syntax error"))
+            return (REPLY, self._auth(args[1] if len(args) == 3 else None, args[-1], hello=False))
+        if name == b"SELECT":
+            try:
+                db = int(args[1])
+            except ValueError:
+                return (REPLY, encode_error("ERR value is not an integer or out of range"))
+            if db == self.config.db:
+                return (REPLY, OK)
+            return (REPLY, encode_error(
+                f"ERR SELECT {db} is not supported by the splicer: it serves database {self.config.db} of every server"))
+        if name == b"CLIENT":
+            return (REPLY, self._client(args))
+        if name == b"COMMAND":
+            return (REPLY, self._command(args))
+        if name == b"MULTI":
+            if self.multi is not None:
+                return (REPLY, encode_error("ERR MULTI calls can not be nested"))
+            self.multi = []
+            self.multi_error = False
+            return (REPLY, OK)
+        if name == b"EXEC":
+            if self.multi is None:
+                return (REPLY, encode_error("ERR EXEC without MULTI"))
+            return self._exec()
+        if name == b"DISCARD":
+            if self.multi is None:
+                return (REPLY, encode_error("ERR DISCARD without MULTI"))
+            self.multi = None
+            self.multi_error = False
+            return (REPLY, OK)
+        if name == b"RESET":
+            changed = self.proto != 2
+            self.proto = 2
+            self.multi = None
+            self.multi_error = False
+            self.name = None
+            self.authed = self.config.password is None
+            return (REPLY, b"+RESET\r\n", changed)
+        raise AssertionError(name)
+
+    def _auth(self, user: bytes | None, password: bytes, hello: bool) -> bytes:
+        cfg = self.config
+        if cfg.password is None:
+            if user is None:
+                return encode_error(
+                    "ERR AUTH <password> called without any password configured for the default user. "
+                    "Are you sure your configuration is correct?")
+            if user.decode(errors="replace") == cfg.username:
+                self.authed = True
+                return OK
+            return _WRONGPASS
+        if (user is None or user.decode(errors="replace") == cfg.username) and password.decode(errors="replace") == cfg.password:
+            self.authed = True
+            return OK
+        return _WRONGPASS
+
+    def _hello(self, args: list[bytes]) -> tuple:
+        proto = self.proto
+        i = 1
+        if len(args) > 1:
+            try:
+                proto = int(args[1])
+            except ValueError:
+                return (REPLY, encode_error("ERR Protocol version is not an integer or out of range"))
+            if proto not in (2, 3):
+                return (REPLY, encode_error("NOPROTO unsupported protocol version"))
+            i = 2
+        setname = None
+        while i < len(args):
+            opt = args[i].upper()
+            if opt == b"AUTH" and i + 2 < len(args):
+                reply = self._auth(args[i + 1], args[i + 2], hello=True)
+                if reply is not OK:
+                    return (REPLY, reply)
+                i += 3
+            elif opt == b"SETNAME" and i + 1 < len(args):
+                setname = args[i + 1]
+                if not _valid_name(setname):
+                    return (REPLY, _BADNAME)
+                i += 2
+            else:
+                return (REPLY, encode_error(f"ERR Syntax error in HELLO option '{args[i].decode(errors='replace')}'"))
+        if not self.authed:
+            return (REPLY, encode_error("NOAUTH HELLO must be called with the client already authenticated, "
+                                        "otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate "
+                                        "the client and select the RESP protocol version at the same time"))
+        if setname is not None:
+            self.name = setname or None
+        changed = proto != self.proto
+        self.proto = proto
+        info = [
+            (b"server", b"redis"),
+            (b"version", self.config.server_version.encode()),
+            (b"proto", proto),
+            (b"id", self.client_id),
+            (b"mode", b"standalone"),
+            (b"role", b"master"),
+            (b"modules", []),
+        ]
+        reply = encode_map([(encode_bulk(k), encode_value(v, proto)) for k, v in info], proto)
+        return (REPLY, reply, changed)
+
+    def _client(self, args: list[bytes]) -> bytes:
+        sub = args[1].upper()
+        if sub == b"SETINFO":
+            if len(args) != 4:
+                return _err_args(b"client|setinfo")
+            attr = args[2].upper()
+            if not _valid_name(args[3]):
+                return encode_error(f"ERR {attr.decode(errors='replace')} cannot contain spaces, newlines or special characters.")
+            if attr == b"LIB-NAME":
+                self.lib_name = args[3]
+            elif attr == b"LIB-VER":
+                self.lib_ver = args[3]
+            else:
+                return encode_error(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'")
+            return OK
+        if sub == b"SETNAME":
+            if len(args) != 3:
+                return _err_args(b"client|setname")
+            if not _valid_name(args[2]):
+                return _BADNAME
+            self.name = args[2] or None
+            return OK
+        if sub == b"GETNAME" and len(args) == 2:
+            return encode_bulk(self.name, self.proto)
+        if sub == b"ID" and len(args) == 2:
+            return encode_int(self.client_id)
+        if sub == b"INFO" and len(args) == 2:
+            line = (f"id={self.client_id} name={(self.name or b'').decode(errors='replace')} db={self.config.db} "
+                    f"multi={-1 if self.multi is None else len(self.multi)} resp={self.proto} "
+                    f"lib-name={(self.lib_name or b'').decode(errors='replace')} "
+                    f"lib-ver={(self.lib_ver or b'').decode(errors='replace')}\n")
+            return encode_bulk(line.encode())
+        return encode_error(
+            f"ERR CLIENT {args[1][:64].decode(errors='replace')} is not supported by the splicer "
+            "(it answers CLIENT SETINFO, SETNAME, GETNAME, ID and INFO)")
+
+    def _command(self, args: list[bytes]) -> bytes:
+        proto = self.proto
+        if len(args) == 1:
+            return b"*%d\r\n" % len(COMMANDS) + b"".join(command_info(s, proto) for s in COMMANDS.values())
+        sub = args[1].upper()
+        if sub == b"COUNT":
+            return encode_int(len(COMMANDS))
+        if sub == b"INFO":
+            names = args[2:] or list(COMMANDS)
+            out = []
+            for n in names:
+                spec = lookup(n)
+                out.append(command_info(spec, proto) if spec is not None else encode_bulk(None, proto) if proto == 3 else b"*-1\r\n")
+            return b"*%d\r\n" % len(out) + b"".join(out)
+        if sub == b"DOCS":
+            # redis-cli asks for docs to show hints; an empty answer makes it fall back quietly.
+            return b"%0\r\n" if proto == 3 else _EMPTY_ARRAY
+        if sub == b"LIST":
+            return b"*%d\r\n" % len(COMMANDS) + b"".join(encode_bulk(n.lower()) for n in COMMANDS)
+        if sub == b"GETKEYS" and len(args) >= 3:
+            spec = lookup(args[2])
+            if spec is None:
+                return encode_error("ERR Invalid command specified")
+            if not check_arity(spec, len(args) - 2):
+                return encode_error("ERR Invalid number of arguments specified for command")
+            try:
+                keys = command_keys(spec, args[2:])
+            except (ValueError, IndexError):
+                return encode_error("ERR Invalid arguments specified for command")
+            if not keys:
+                return encode_error("ERR The command has no key arguments")
+            return b"*%d\r\n" % len(keys) + b"".join(encode_bulk(k) for k in keys)
+        return encode_error(f"ERR COMMAND {args[1][:64].decode(errors='replace')} is not supported by the splicer")
+
+
+_BADNAME = encode_error("ERR Client names cannot contain spaces, newlines or special characters.")
+
+
+def _valid_name(name: bytes) -> bool:
+    return all(33 <= c <= 126 for c in name)
+
+
+def _cross_server(name: bytes) -> bytes:
+    return encode_error(
+        f"CROSSSERVER keys of '{name.decode().lower()}' live on different servers; "
+        "keep them together with a hash tag ({...})")
+
+
+def _script_error(args: list[bytes]) -> bytes | None:
+    try:
+        n = int(args[2])
+    except ValueError:
+        return encode_error("ERR value is not an integer or out of range")
+    if n < 0:
+        return encode_error("ERR Number of keys can't be negative")
+    if n > len(args) - 3:
+        return encode_error("ERR Number of keys can't be greater than number of args")
+    if n == 0:
+        return encode_error(
+            f"ERR the splicer routes '{args[0].decode(errors='replace').lower()}' by its keys and this call names none")
+    return None
+
+
+def command_info(spec, proto: int) -> bytes:
+    """One COMMAND INFO entry (Redis 7 layout: name, arity, flags, first, last, step, acl, tips, key specs, subcommands)."""
+    flags = b"".join(b"+%s\r\n" % f.encode() for f in spec.flags)
+    set_head = b"~%d\r\n" if proto == 3 else b"*%d\r\n"
+    return (b"*10\r\n" + encode_bulk(spec.name.lower()) + encode_int(spec.arity)
+            + set_head % len(spec.flags) + flags
+            + encode_int(spec.first) + encode_int(spec.last) + encode_int(spec.step)
+            + set_head % 0 + _EMPTY_ARRAY + _EMPTY_ARRAY + _EMPTY_ARRAY)
+
+
+# -- merging split replies ----------------------------------------------------------------------
+
+
+def _parse(reply: bytes):
+    r = hiredis.Reader()
+    r.feed(reply)
+    return r.gets()
+
+
+def merge_mget(nkeys: int, parts: list[tuple[list[int], bytes]], proto: int) -> bytes:
+    """Merge MGET part replies (each an array for its key positions) into one array in key order."""
+    out: list[bytes] = [b""] * nkeys
+    null = b"_\r\n" if proto == 3 else b"$-1\r\n"
+    for positions, reply in parts:
+        if reply[:1] == b"-":
+            return reply
+        values = _parse(reply)
+        if type(values) is not list or len(values) != len(positions):
+            return encode_error("ERR splicer: a backend answered MGET with an unexpected reply")
+        for i, v in zip(positions, values):
+            out[i] = null if v is None else b"$%d\r\n%s\r\n" % (len(v), v)
+    return b"*%d\r\n" % nkeys + b"".join(out)
+
+
+def merge_sum(parts: list[tuple[list[int], bytes]]) -> bytes:
+    """Merge DEL/UNLINK/EXISTS/TOUCH part replies (integers) by adding them up."""
+    total = 0
+    for _, reply in parts:
+        if reply[:1] != b":":
+            return reply if reply[:1] == b"-" else encode_error("ERR splicer: a backend answered with an unexpected reply")
+        total += int(reply[1:-2])
+    return b":%d\r\n" % total
+
+
+def merge_mset(parts: list[tuple[list[int], bytes]]) -> bytes:
+    """Merge MSET part replies: +OK when every part said OK, else the first error."""
+    for _, reply in parts:
+        if reply != OK:
+            return reply if reply[:1] == b"-" else encode_error("ERR splicer: a backend answered MSET with an unexpected reply")
+    return OK

@@ -1,0 +1,157 @@
+"""Shared helpers for the Redis splicer tests: real redis-server processes and a splicer thread.
+
+Servers listen on free loopback ports, keep nothing on disk (--save '' --appendonly no, in a
+temporary directory) and are killed in teardown. The splicer runs on its own event loop in a
+background thread so blocking clients (redis-py, redis-cli subprocesses) can talk to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shmfabric.splicer.config import RedisSpliceConfig
+from shmfabric.splicer.redis_proxy import RedisSplicer
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+REDIS_BENCHMARK = shutil.which("redis-benchmark")
+NUTCRACKER = shutil.which("nutcracker")
+
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)")
+needs_cli = pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed (apt-get install redis-tools)")
+needs_nutcracker = pytest.mark.skipif(NUTCRACKER is None, reason="nutcracker is not installed (apt-get install nutcracker)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+class RedisServer:
+    """One redis-server child process on a free loopback port."""
+
+    def __init__(self, tmp: Path, extra: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.dir = tmp / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--daemonize", "no", "--protected-mode", "no", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def client(self, **kw):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, **kw)
+
+
+@contextlib.contextmanager
+def redis_servers(tmp: Path, n: int = 2, extra: list[str] | None = None) -> Iterator[list[RedisServer]]:
+    servers: list[RedisServer] = []
+    try:
+        for _ in range(n):
+            servers.append(RedisServer(tmp, extra))
+        yield servers
+    finally:
+        for s in servers:
+            s.kill()
+
+
+class SplicerThread:
+    """A RedisSplicer running on its own event loop in a daemon thread."""
+
+    def __init__(self, config: RedisSpliceConfig, metrics=None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.splicer = RedisSplicer(config, metrics)
+        host, port = self.call(self.splicer.start())
+        self.port = port
+        self.address = f"{host}:{port}"
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stats(self) -> dict:
+        async def get():
+            return self.splicer.stats()
+
+        return self.call(get())
+
+    def stop(self) -> None:
+        try:
+            self.call(self.splicer.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+    def client(self, **kw):
+        import redis
+
+        kw.setdefault("socket_timeout", 20)
+        return redis.Redis(host="127.0.0.1", port=self.port, **kw)
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        """Wait until no request is in flight and every configured connection is open again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if all(s["inflight"] == 0 and s["connecting"] == 0 for s in st["servers"]):
+                return st
+            if time.monotonic() > deadline:
+                return st
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def splicer(servers: list[RedisServer], **overrides) -> Iterator[SplicerThread]:
+    """A splicer in front of `servers` (ketama, md5 unless overridden), on a free port."""
+    cfg = dict(listen=f"127.0.0.1:{free_port()}", servers=[s.address for s in servers], hash="md5",
+               pool={"min": 2, "max": 2}, health={"enabled": False})
+    cfg.update(overrides)
+    sp = SplicerThread(RedisSpliceConfig.model_validate(cfg))
+    try:
+        yield sp
+    finally:
+        sp.stop()

@@ -439,7 +439,8 @@ def render(rows: list[dict[str, Any]], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # Not a terminal (a pipe, a file): rich would wrap at 80 columns; the table needs ~150.
+    console = console or Console(width=None if os.isatty(1) else 160)
     table = Table(title="shmfabric bench transport", title_justify="left")
     for col, just in (("mode", "left"), ("size", "right"), ("transport", "left"), ("frames/s", "right"),
                       ("GB/s", "right"), ("p50 us", "right"), ("p99 us", "right"), ("x seqpacket", "right"),
@@ -447,7 +448,7 @@ def render(rows: list[dict[str, Any]], console: Any = None) -> None:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     last: tuple[str, int] | None = None
     for r in rows:
-        key = (r["mode"], r["size"])
+        key = (r["mode"], 0 if r["mode"] == "memcpy" else r["size"])
         if last is not None and key != last:
             table.add_section()
         last = key
@@ -460,7 +461,8 @@ def render(rows: list[dict[str, Any]], console: Any = None) -> None:
             style = "red" if r["status"] == "error" else "dim"
         size = f"{r['size'] >> 20} MiB" if r["size"] >= 1 << 20 else (
             f"{r['size'] >> 10} KiB" if r["mode"] == "memcpy" else str(r["size"]))
-        table.add_row(r["mode"], size, r["transport"], _si(r["frames_per_s"]), gbs, _us(r["p50_us"]),
+        fps = "" if r["mode"] == "memcpy" else _si(r["frames_per_s"])  # (copies/s in JSON)
+        table.add_row(r["mode"], size, r["transport"], fps, gbs, _us(r["p50_us"]),
                       _us(r["p99_us"]), _ratio(r["vs_seqpacket"]), _ratio(r["vs_memcpy"], pct=True), note,
                       style=style)
     console.print(table)

@@ -131,5 +131,5 @@ def cmd_transport(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with err.status("starting") as status:
         rows = run_bench(config, transports, progress=lambda what: status.update(f"measuring {what}"))
-    render(rows, Console())
+    render(rows)
     return 0

@@ -23,6 +23,12 @@ class CliError(Exception):
     """An error the user can fix; printed as one line, exit status 2."""
 
 
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """Let `--json` also follow the verb (`shmfabric inspect X --json`), without overriding a leading one."""
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output (stable field names)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shmfabric", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="machine-readable output where a command supports it")
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def region_path(name: str) -> Path:
 class NetworkSpec:
     """One network: an MTU and the number of pool slots."""
 
-    mtu: int = 9000
+    mtu: int = 1500
     slots: int = 4096
     headroom: int = HEADROOM
 

@@ -1,0 +1,149 @@
+"""`shmfabric create | destroy | inspect`: manage fabric regions from the shell."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from shmfabric.cli.main import CliError, add_json_flag
+
+
+def _parse_networks(text: str) -> list[dict]:
+    """'1500:4096,9000:1024' -> [{'mtu': 1500, 'slots': 4096}, {'mtu': 9000, 'slots': 1024}]"""
+    out = []
+    for part in text.split(","):
+        mtu, _, slots = part.strip().partition(":")
+        try:
+            out.append({"mtu": int(mtu), "slots": int(slots or 4096)})
+        except ValueError:
+            raise CliError(f"--networks entry {part!r} is not MTU[:SLOTS] (e.g. 1500:4096,9000:1024)") from None
+    return out
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from shmfabric.fabric import Fabric, FabricError
+
+    try:
+        fab = Fabric.create(args.name, max_nodes=args.max_nodes, ring_size=args.ring_size,
+                            networks=_parse_networks(args.networks), n_mcast=args.mcast,
+                            tape_entries=args.tape_entries, tape_entry_size=args.tape_entry_size,
+                            mode=int(args.mode, 8), group=args.group)
+    except FabricError as e:
+        raise CliError(str(e)) from None
+    info = {"name": fab.name, "path": str(fab.path), "size": fab.region.layout.total_size}
+    fab.close()
+    if getattr(args, "json", False):
+        print(json.dumps(info))
+    else:
+        print(f"created fabric {info['name']} at {info['path']} ({info['size']:,} bytes)")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from shmfabric.fabric import Fabric
+
+    if not Fabric.destroy(args.name):
+        raise CliError(f"no fabric named {args.name!r}")
+    if not getattr(args, "json", False):
+        print(f"destroyed fabric {args.name}")
+    return 0
+
+
+def _render(info: dict):
+    from rich.console import Group
+    from rich.table import Table
+
+    head = Table.grid(padding=(0, 2))
+    head.add_row("fabric", info["name"], "path", info["path"])
+    head.add_row("size", f"{info['size']:,} B", "layout version", str(info["version"]))
+    head.add_row("max nodes", str(info["max_nodes"]), "ring size", str(info["ring_size"]))
+    head.add_row("multicast groups", str(info["multicast_groups"]), "ephemeral", str(info["ephemeral"]))
+    nets = Table(title="networks", title_justify="left")
+    for c in ("net", "mtu", "slots", "slot size", "free", "held", "orphaned"):
+        nets.add_column(c, justify="right")
+    for n in info["networks"]:
+        nets.add_row(str(n["index"]), str(n["mtu"]), str(n["slots"]), str(n["slot_size"]), str(n["free"]),
+                     str(n["held"]), str(n["orphaned"]))
+    nodes = Table(title="nodes", title_justify="left")
+    for c in ("id", "name", "state", "pid", "net", "tx frames", "tx bytes", "rx frames", "rx bytes",
+              "ring full", "drops", "lapped", "bcast rx"):
+        nodes.add_column(c, justify="right" if c not in ("name", "state") else "left")
+    for n in info["nodes"]:
+        state = n["state"] if n["alive"] or n["state"] != "up" else "dead"
+        nodes.add_row(str(n["id"]), n["name"], state, str(n["pid"]), str(n["network"]), f"{n['tx_frames']:,}",
+                      f"{n['tx_bytes']:,}", f"{n['rx_frames']:,}", f"{n['rx_bytes']:,}", f"{n['tx_ring_full']:,}",
+                      f"{n['tx_drops']:,}", f"{n['rx_lapped']:,}", f"{n['tape_rx']:,}")
+    rings = Table(title="rings (with traffic)", title_justify="left")
+    for c in ("src", "dst", "depth", "enqueued", "dequeued", "full events", "down"):
+        rings.add_column(c, justify="right")
+    for r in info["rings"]:
+        rings.add_row(str(r["src"]), str(r["dst"]), str(r["depth"]), f"{r['enqueued']:,}", f"{r['dequeued']:,}",
+                      f"{r['full_events']:,}", "yes" if r["down"] else "")
+    return Group(head, nets, nodes, rings)
+
+
+_NODE_KEYS = ("id", "name", "state", "alive", "pid", "network", "gen", "tx_frames", "tx_bytes", "rx_frames",
+              "rx_bytes", "tx_ring_full", "tx_drops", "tx_nobuf", "rx_lapped", "tape_rx", "tape_tx", "wakeups")
+
+
+def _stable(info: dict) -> dict:
+    """The --json form: fixed keys, nodes and rings sorted."""
+    out = {k: v for k, v in info.items() if k not in ("nodes", "rings")}
+    out["nodes"] = [{k: n[k] for k in _NODE_KEYS} for n in sorted(info["nodes"], key=lambda n: n["id"])]
+    out["rings"] = sorted(info["rings"], key=lambda r: (r["src"], r["dst"]))
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from shmfabric.fabric import Fabric, FabricError
+
+    try:
+        fab = Fabric.open(args.name)
+    except FabricError as e:
+        raise CliError(str(e)) from None
+    try:
+        if getattr(args, "json", False):
+            print(json.dumps(_stable(fab.inspect()), indent=2, sort_keys=False))
+            return 0
+        console = Console()
+        if not args.watch:
+            console.print(_render(fab.inspect()))
+            return 0
+        with Live(_render(fab.inspect()), console=console, refresh_per_second=4) as live:
+            end = time.monotonic() + args.count * args.watch if args.count else float("inf")
+            while time.monotonic() < end:
+                time.sleep(args.watch)
+                live.update(_render(fab.inspect()))
+        return 0
+    finally:
+        fab.close()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("create", help="create a fabric region")
+    p.add_argument("name")
+    p.add_argument("--max-nodes", type=int, default=32)
+    p.add_argument("--ring-size", type=int, default=1024, help="descriptors per ring (power of two)")
+    p.add_argument("--networks", default="1500:4096", help="MTU[:SLOTS],... one per network (default 1500:4096)")
+    p.add_argument("--mcast", type=int, default=4, help="multicast groups")
+    p.add_argument("--tape-entries", type=int, default=256)
+    p.add_argument("--tape-entry-size", type=int, default=2048)
+    p.add_argument("--mode", default="600", help="file mode, octal (default 600)")
+    p.add_argument("--group", help="group owning the region file")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("destroy", help="remove a fabric region file")
+    p.add_argument("name")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_destroy)
+
+    p = sub.add_parser("inspect", help="show a fabric's layout, nodes and live ring counters")
+    p.add_argument("name")
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--count", type=int, default=0, help="with --watch: stop after COUNT refreshes")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_inspect)

@@ -227,11 +227,18 @@ class MappedRegion:
             os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
             if group is not None:
                 import grp
-                gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else int(group)
+                try:
+                    gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else int(group)
+                except KeyError:
+                    raise RegionCreateError(f"group {group!r} does not exist; give an existing group name or gid") from None
                 os.fchown(fd, -1, gid)
             os.ftruncate(fd, lay.total_size)
             mm = mmap.mmap(fd, lay.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, KeyError) as e:
+        except RegionCreateError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        except OSError as e:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise RegionCreateError(f"cannot size or map {path} ({lay.total_size} bytes): {e}") from None

@@ -62,4 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package so that CliError has one identity (not __main__.CliError)
+    from shmfabric.cli.main import main as _main
+
+    sys.exit(_main())

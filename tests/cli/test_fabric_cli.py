@@ -1,0 +1,72 @@
+"""End-to-end tests of `shmfabric create | inspect | destroy | demo` output."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from shmfabric.fabric import Fabric
+
+
+def sf(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shmfabric", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def name():
+    n = f"cli-{uuid.uuid4().hex[:8]}"
+    yield n
+    Fabric.destroy(n)
+
+
+def test_create_inspect_destroy(name):
+    r = sf("create", name, "--networks", "1500:1024,9000:256", "--max-nodes", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["name"] == name
+    fab = Fabric.open(name)
+    a, b = fab.attach("a"), fab.attach("b")
+    assert a.send_batch(b.id, [b"x" * 100] * 5) == 5
+    info = json.loads(sf("inspect", name, "--json").stdout)
+    assert [n["mtu"] for n in info["networks"]] == [1500, 9000]
+    assert [n["name"] for n in info["nodes"]] == ["a", "b"]
+    ring = [r for r in info["rings"] if r["src"] == a.id and r["dst"] == b.id][0]
+    assert ring["enqueued"] == 5 and ring["depth"] == 5
+    text = sf("inspect", name).stdout
+    assert name in text and "networks" in text and "rings" in text
+    fab.close()
+    assert sf("destroy", name).returncode == 0
+    r = sf("inspect", name)
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_create_errors_are_one_line(name):
+    r = sf("create", name, "--ring-size", "1000")
+    assert r.returncode == 2
+    assert "ring_size=1000 is not a power of two" in r.stderr and "Traceback" not in r.stderr
+    r = sf("create", name, "--networks", "abc")
+    assert r.returncode == 2 and "MTU[:SLOTS]" in r.stderr
+    r = sf("create", name, "--networks", "100000")
+    assert r.returncode == 2 and "mtu=100000 is out of range" in r.stderr
+
+
+def test_inspect_rejects_a_foreign_file(tmp_path):
+    p = tmp_path / "not-a-region"
+    p.write_bytes(b"\x00" * 8192)
+    r = sf("inspect", str(p))
+    assert r.returncode == 2
+    assert "not a shmfabric region" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_delivers_every_frame_once():
+    r = sf("demo", "--seconds", "1", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] is True
+    assert out["sink_received"] == sum(out["sent"].values()) > 0
+    assert out["corrupt"] == 0 and out["duplicates"] == 0
+    assert out["pool"]["free"] == out["pool"]["total"]

@@ -226,6 +226,8 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
     for role, res in results.items():
         if role != measuring:
             details.update({k: v for k, v in res.items() if k in ("sent", "echoed", "forwarded")})
+            if "stats" in res:
+                details[f"{role}_stats"] = res["stats"]
     if errors or measuring not in results:
         return _row(name, size, mode, "error", error="; ".join(errors) or f"{measuring} gave no result",
                     details=details)
@@ -394,7 +396,13 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     v = t1500 and t1500["vs_seqpacket"]
     add("1500 B >= 3x seqpacket", v, v and v >= 3, v and f"{v:.1f}x")
     v = t1500 and t1500["vs_memcpy"]
-    add("1500 B bytes/s >= 50% of memcpy", v, v and v >= 0.5, v and f"{v * 100:.0f}%")
+    shown = v and f"{v * 100:.0f}%"
+    cached = next((r["bytes_per_s"] for r in rows if r["transport"] == "memcpy-cached" and r["status"] == "ok"), None)
+    if v and cached:
+        # The 64 MiB copy runs at DRAM speed while 1500-byte frames in a ring stay in cache:
+        # show the stricter in-cache comparison next to it.
+        shown += f" ({t1500['bytes_per_s'] / cached * 100:.0f}% of in-cache)"
+    add("1500 B bytes/s >= 50% of memcpy", v, v and v >= 0.5, shown)
     f64 = _find(rows, "shmfabric", "forward", 64)
     v = f64 and f64["frames_per_s"]
     add("forward 64 B >= 5 M frames/s", v, v and v >= 5e6, v and f"{v / 1e6:.2f} M/s")

@@ -213,7 +213,10 @@ class FlowKey(NamedTuple):
         return f"{name} {s}:{self.sport} -> {d}:{self.dport}"
 
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 33: "dccp", 136: "udplite"}
+PROTO_NAMES = {
+    1: "icmp", 2: "igmp", 4: "ipip", 6: "tcp", 17: "udp", 33: "dccp", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah",
+    58: "icmpv6", 89: "ospf", 112: "vrrp", 132: "sctp", 136: "udplite",
+}
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 
 

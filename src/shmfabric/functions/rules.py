@@ -1,0 +1,571 @@
+"""Firewall logic: an nftables-like rule language, ordered matching, rate limits and connection
+tracking. Pure (sans-IO): packets come in as 5-tuples, time comes in as `now`; nothing here reads
+the clock, touches a socket or the fabric. The `firewall` function wraps this.
+
+Rule text (one rule per line, `#` starts a comment, matches then a verdict, as in `nft`):
+
+    policy drop                                   # what happens when no rule matches (default: drop)
+    ip saddr 10.0.0.0/8 tcp dport { 80, 443, 8000-8080 } accept
+    ip6 daddr fd00::/64 udp dport 53 accept
+    ip saddr != 192.0.2.0/24 meta l4proto icmp limit rate 10/second burst 20 packets accept
+    th dport 22 drop comment "no ssh"
+    conntrack off                                 # stateless (default: on)
+
+Matches: `ip|ip6 saddr|daddr [!=] PREFIX|{set}`, `ip protocol`/`meta l4proto NAME|NUMBER|{set}`,
+`tcp|udp|sctp|th sport|dport [!=] PORT|LOW-HIGH|{set}` (`th` = any of TCP/UDP/SCTP/DCCP/UDP-Lite),
+`limit rate [over] N/second|minute|hour|day [burst N packets]`, `counter` (accepted; counters are
+always kept). Verdicts: `accept`, `drop`, `reject` (a drop the runtime may answer with RST/ICMP).
+
+Connection tracking (on by default): a packet of a connection that an `accept` rule let in, in
+either direction, is accepted before the rules are consulted, as nftables does with the usual
+first rule `ct state established,related accept`. So return traffic passes under `policy drop`.
+Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`).
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterable, Sequence
+
+from shmfabric.net.flow import FiveTuple, to_proto
+
+__all__ = [
+    "Verdict", "RuleSyntaxError", "Rule", "RuleSet", "Timeouts", "ConntrackTable", "Firewall", "TokenBucket",
+]
+
+
+class Verdict(IntEnum):
+    ACCEPT = 0
+    DROP = 1
+    REJECT = 2
+
+
+class RuleSyntaxError(ValueError):
+    """A rule text error. `str()` reads `SOURCE:LINE: problem (fix)`."""
+
+    def __init__(self, source: str, line: int, message: str, hint: str = "") -> None:
+        self.source, self.line, self.message, self.hint = source, line, message, hint
+        text = f"{source}:{line}: {message}"
+        if hint:
+            text += f" ({hint})"
+        super().__init__(text)
+
+
+# --- rule representation ---------------------------------------------------------------------------
+
+PORT_PROTOS = frozenset((6, 17, 132, 33, 136))  # protocols whose first 4 bytes are ports
+_L4_WORDS = {"tcp": frozenset((6,)), "udp": frozenset((17,)), "sctp": frozenset((132,)), "th": PORT_PROTOS}
+_RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+class TokenBucket:
+    """Packets per second with a burst, refilled from `now` (seconds) passed in by the caller."""
+
+    __slots__ = ("rate", "burst", "tokens", "last")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a rate must be > 0 and a burst at least 1")
+        self.rate, self.burst, self.tokens, self.last = rate, float(burst), float(burst), None
+
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """Take `n` tokens if there are enough; False means over the rate."""
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        if self.last is None or now > self.last:
+            self.last = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+@dataclass
+class AddrMatch:
+    """One or more prefixes of one family; `negate` for `!=`."""
+
+    version: int
+    nets: list[tuple[int, int]]  # (network, mask) as ints
+    negate: bool = False
+
+    def match(self, addr: int | bytes) -> bool:
+        a = addr if addr.__class__ is int else int.from_bytes(addr, "big")  # type: ignore[arg-type]
+        hit = False
+        for net, mask in self.nets:
+            if a & mask == net:
+                hit = True
+                break
+        return hit != self.negate
+
+
+@dataclass
+class PortMatch:
+    ranges: list[tuple[int, int]]
+    negate: bool = False
+
+    def match(self, port: int) -> bool:
+        hit = False
+        for lo, hi in self.ranges:
+            if lo <= port <= hi:
+                hit = True
+                break
+        return hit != self.negate
+
+
+@dataclass
+class Rule:
+    """One compiled rule. `line` and `text` point back to the source for counters and errors."""
+
+    line: int
+    text: str
+    verdict: Verdict
+    version: int | None = None          # 4, 6 or None (either)
+    protos: frozenset[int] | None = None
+    saddr: AddrMatch | None = None
+    daddr: AddrMatch | None = None
+    sport: PortMatch | None = None
+    dport: PortMatch | None = None
+    limit: TokenBucket | None = None
+    limit_over: bool = False
+    comment: str = ""
+    packets: int = 0
+    bytes: int = 0
+
+    def matches(self, key: FiveTuple, now: float) -> bool:
+        """Header match, then the rate limit (which spends a token only when the rest matched)."""
+        src, dst, proto, sport, dport = key
+        if self.version is not None and (src.__class__ is int) != (self.version == 4):
+            return False
+        if self.protos is not None and proto not in self.protos:
+            return False
+        if self.saddr is not None and not self.saddr.match(src):
+            return False
+        if self.daddr is not None and not self.daddr.match(dst):
+            return False
+        if self.sport is not None and not self.sport.match(sport):
+            return False
+        if self.dport is not None and not self.dport.match(dport):
+            return False
+        if self.limit is not None:
+            under = self.limit.take(now)
+            return under != self.limit_over  # `limit rate over N` matches the excess
+        return True
+
+
+# --- parser ------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r'"[^"]*"|!=|\{|\}|,|[^\s{},"]+')
+_KEYWORDS = ["ip", "ip6", "meta", "tcp", "udp", "sctp", "th", "limit", "counter", "accept", "drop", "reject",
+             "comment", "policy", "conntrack", "saddr", "daddr", "sport", "dport", "protocol", "l4proto"]
+
+
+class _Parser:
+    def __init__(self, source: str, line: int, tokens: list[str]) -> None:
+        self.source, self.line, self.toks, self.i = source, line, tokens, 0
+
+    def err(self, message: str, hint: str = "") -> RuleSyntaxError:
+        return RuleSyntaxError(self.source, self.line, message, hint)
+
+    def peek(self) -> str | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def next(self, what: str) -> str:
+        t = self.peek()
+        if t is None:
+            raise self.err(f"rule ends where {what} was expected")
+        self.i += 1
+        return t
+
+    def values(self, what: str) -> tuple[list[str], bool]:
+        """A single value or a `{ a, b }` set, optionally preceded by `!=`."""
+        negate = False
+        if self.peek() == "!=":
+            self.i += 1
+            negate = True
+        t = self.next(what)
+        if t != "{":
+            return [t], negate
+        out: list[str] = []
+        while True:
+            t = self.next(f"{what} or '}}'")
+            if t == "}":
+                break
+            if t == ",":
+                continue
+            out.append(t)
+        if not out:
+            raise self.err(f"empty set where {what} was expected")
+        return out, negate
+
+
+def _unknown(p: _Parser, word: str, expected: Sequence[str]) -> RuleSyntaxError:
+    close = difflib.get_close_matches(word, list(expected), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "expected one of: " + ", ".join(expected)
+    return p.err(f"unknown word '{word}'", hint)
+
+
+def _parse_prefix(p: _Parser, text: str, version: int) -> tuple[int, int]:
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise p.err(f"not an address or prefix: '{text}'", "write e.g. 10.0.0.0/8 or fd00::/64") from None
+    if net.version != version:
+        word = "ip6" if net.version == 6 else "ip"
+        raise p.err(f"'{text}' is IPv{net.version} but the match is IPv{version}", f"use '{word} saddr/daddr'")
+    bits = 32 if version == 4 else 128
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - net.prefixlen)) - 1)
+    return int(net.network_address), mask
+
+
+def _parse_port(p: _Parser, text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if not m:
+        raise p.err(f"not a port or port range: '{text}'", "write e.g. 80, 1024-65535 or { 80, 443 }")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) else lo
+    if not (0 <= lo <= hi <= 65535):
+        raise p.err(f"port range out of order or above 65535: '{text}'")
+    return lo, hi
+
+
+def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
+    p = _Parser(source, line, tokens)
+    rule = Rule(line=line, text=text, verdict=Verdict.DROP)
+    verdict: Verdict | None = None
+
+    def set_version(v: int) -> None:
+        if rule.version is not None and rule.version != v:
+            raise p.err("a rule cannot match both IPv4 and IPv6 addresses", "split it into two rules")
+        rule.version = v
+
+    def set_protos(protos: frozenset[int], where: str) -> None:
+        if rule.protos is not None:
+            both = rule.protos & protos
+            if not both:
+                raise p.err(f"'{where}' conflicts with the protocol matched earlier in the rule")
+            rule.protos = frozenset(both)
+        else:
+            rule.protos = protos
+
+    while (t := p.peek()) is not None:
+        p.i += 1
+        if verdict is not None and t != "comment":
+            raise p.err(f"'{t}' after the verdict", "the verdict (accept/drop/reject) ends a rule; put matches before it")
+        if t in ("ip", "ip6"):
+            v = 4 if t == "ip" else 6
+            what = p.next("saddr, daddr or protocol")
+            if what in ("saddr", "daddr"):
+                set_version(v)
+                vals, neg = p.values("an address or prefix")
+                am = AddrMatch(v, [_parse_prefix(p, x, v) for x in vals], neg)
+                setattr(rule, what, am)
+            elif what in ("protocol", "nexthdr") and t == ("ip" if what == "protocol" else "ip6"):
+                set_version(v)
+                vals, neg = p.values("a protocol")
+                set_protos(_protos(p, vals, neg), f"{t} {what}")
+            else:
+                raise _unknown(p, what, ["saddr", "daddr", "protocol" if t == "ip" else "nexthdr"])
+        elif t == "meta":
+            what = p.next("l4proto")
+            if what != "l4proto":
+                raise _unknown(p, what, ["l4proto"])
+            vals, neg = p.values("a protocol")
+            set_protos(_protos(p, vals, neg), "meta l4proto")
+        elif t in _L4_WORDS:
+            what = p.next("sport or dport")
+            if what not in ("sport", "dport"):
+                raise _unknown(p, what, ["sport", "dport"])
+            set_protos(_L4_WORDS[t], f"{t} {what}")
+            vals, neg = p.values("a port")
+            setattr(rule, what, PortMatch([_parse_port(p, x) for x in vals], neg))
+        elif t == "limit":
+            if p.next("'rate'") != "rate":
+                raise p.err("'limit' must be followed by 'rate'", "write e.g. limit rate 100/second burst 10 packets")
+            if p.peek() == "over":
+                p.i += 1
+                rule.limit_over = True
+            spec = p.next("a rate like 100/second")
+            m = re.fullmatch(r"(\d+(?:\.\d+)?)/(second|minute|hour|day)", spec)
+            if not m:
+                raise p.err(f"not a rate: '{spec}'", "write N/second, N/minute, N/hour or N/day")
+            rate = float(m.group(1)) / _RATE_UNITS[m.group(2)]
+            burst = 5.0  # nftables' default burst
+            if p.peek() == "burst":
+                p.i += 1
+                b = p.next("a burst size")
+                if not b.isdigit() or int(b) < 1:
+                    raise p.err(f"not a burst size: '{b}'", "write e.g. burst 10 packets")
+                burst = float(b)
+                if p.peek() == "packets":
+                    p.i += 1
+                elif p.peek() == "bytes":
+                    raise p.err("byte-based limits are not supported", "use a packet burst: burst N packets")
+            if rate <= 0:
+                raise p.err("a rate must be above zero")
+            rule.limit = TokenBucket(rate, burst)
+        elif t == "counter":
+            pass  # every rule counts; accepted so nft habits work
+        elif t in ("accept", "drop", "reject"):
+            verdict = Verdict[t.upper()]
+        elif t == "comment":
+            c = p.next("a quoted comment")
+            if not (c.startswith('"') and c.endswith('"')):
+                raise p.err("a comment must be quoted", 'write comment "text"')
+            rule.comment = c[1:-1]
+        elif t == "ct":
+            raise p.err("'ct' matches are not supported",
+                        "established and reply traffic is accepted automatically; 'conntrack off' turns that off")
+        else:
+            raise _unknown(p, t, _KEYWORDS)
+    if verdict is None:
+        raise p.err("rule has no verdict", "end it with accept, drop or reject")
+    rule.verdict = verdict
+    return rule
+
+
+def _protos(p: _Parser, vals: list[str], negate: bool) -> frozenset[int]:
+    out = set()
+    for v in vals:
+        try:
+            out.add(to_proto(int(v) if v.isdigit() else v))
+        except ValueError as exc:
+            raise p.err(str(exc)) from None
+    return frozenset(set(range(256)) - out) if negate else frozenset(out)
+
+
+@dataclass
+class RuleSet:
+    """Parsed rules plus the table-wide settings."""
+
+    rules: list[Rule]
+    policy: Verdict = Verdict.DROP
+    conntrack: bool = True
+    source: str = "<rules>"
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<rules>") -> "RuleSet":
+        """Parse rule text; raises `RuleSyntaxError` naming `source`, the line and the fix."""
+        rules: list[Rule] = []
+        rs = cls(rules, source=source)
+        seen_policy = False
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = _strip_comment(raw).strip()
+            if not line:
+                continue
+            tokens = _TOKEN.findall(line)
+            leftover = _TOKEN.sub("", line).strip()
+            if leftover:
+                raise RuleSyntaxError(source, n, f"cannot read '{leftover}'", "check quotes")
+            if tokens[0] == "policy":
+                if len(tokens) != 2 or tokens[1] not in ("accept", "drop"):
+                    raise RuleSyntaxError(source, n, "bad policy line", "write 'policy accept' or 'policy drop'")
+                if seen_policy:
+                    raise RuleSyntaxError(source, n, "policy given twice", "keep one policy line")
+                rs.policy, seen_policy = Verdict[tokens[1].upper()], True
+            elif tokens[0] == "conntrack":
+                if len(tokens) != 2 or tokens[1] not in ("on", "off"):
+                    raise RuleSyntaxError(source, n, "bad conntrack line", "write 'conntrack on' or 'conntrack off'")
+                rs.conntrack = tokens[1] == "on"
+            else:
+                rules.append(_parse_rule(source, n, line, tokens))
+        return rs
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a `#` comment that is not inside a quoted string."""
+    quoted = False
+    for i, c in enumerate(line):
+        if c == '"':
+            quoted = not quoted
+        elif c == "#" and not quoted:
+            return line[:i]
+    return line
+
+
+# --- connection tracking ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds an idle entry lives. Linux nf_conntrack defaults, except `tcp_established`: Linux
+    keeps 5 days, which in a table bounded by memory mostly holds dead peers; one hour here."""
+
+    tcp_unreplied: float = 120.0      # nf_conntrack_tcp_timeout_syn_sent
+    tcp_established: float = 3600.0
+    tcp_closing: float = 10.0         # after FIN or RST (nf_conntrack_tcp_timeout_close is 10)
+    udp_unreplied: float = 30.0       # nf_conntrack_udp_timeout
+    udp_replied: float = 120.0        # nf_conntrack_udp_timeout_stream
+    icmp: float = 30.0                # nf_conntrack_icmp_timeout
+    other: float = 600.0              # nf_conntrack_generic_timeout
+
+
+_FIN, _RST = 0x01, 0x04
+
+
+class _Entry:
+    __slots__ = ("orig", "expires", "replied", "closing", "packets")
+
+    def __init__(self, orig: FiveTuple, expires: float) -> None:
+        self.orig = orig
+        self.expires = expires
+        self.replied = False
+        self.closing = False
+        self.packets = 0
+
+
+class ConntrackTable:
+    """5-tuple connection table with per-protocol idle timeouts and a size bound.
+
+    Both directions index the same entry. Expired entries are dropped when next looked up and by
+    `expire(now)`, which the runtime calls on its timer (`next_deadline()` says when)."""
+
+    def __init__(self, max_entries: int = 262_144, timeouts: Timeouts = Timeouts(), gc_interval: float = 1.0) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self.timeouts = timeouts
+        self.gc_interval = gc_interval
+        self._by_key: dict[FiveTuple, _Entry] = {}
+        self._last_gc: float | None = None
+        self._count = 0  # connections (a key equal to its own reverse is indexed once)
+        self.created = 0
+        self.expired = 0
+        self.full_drops = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _timeout(self, e: _Entry) -> float:
+        proto = e.orig[2]
+        t = self.timeouts
+        if proto == 6:
+            if e.closing:
+                return t.tcp_closing
+            return t.tcp_established if e.replied else t.tcp_unreplied
+        if proto == 17:
+            return t.udp_replied if e.replied else t.udp_unreplied
+        if proto in (1, 58):
+            return t.icmp
+        return t.other
+
+    def lookup(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
+        """True (and the entry refreshed) if `key` belongs to a live connection, either way."""
+        e = self._by_key.get(key)
+        if e is None:
+            return False
+        if e.expires <= now:
+            self._remove(e)
+            self.expired += 1
+            return False
+        if key != e.orig:
+            e.replied = True
+        if tcp_flags & (_FIN | _RST):
+            e.closing = True
+        e.packets += 1
+        e.expires = now + self._timeout(e)
+        return True
+
+    def add(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
+        """Track a new connection; False if the table is full even after expiring old entries."""
+        if self._count >= self.max_entries:
+            self.expire(now, force=True)
+            if self._count >= self.max_entries:
+                self.full_drops += 1
+                return False
+        e = _Entry(key, 0.0)
+        e.closing = bool(tcp_flags & (_FIN | _RST))
+        e.packets = 1
+        e.expires = now + self._timeout(e)
+        src, dst, proto, sport, dport = key
+        self._by_key[key] = e
+        self._by_key[(dst, src, proto, dport, sport)] = e
+        self._count += 1
+        self.created += 1
+        return True
+
+    def _remove(self, e: _Entry) -> None:
+        src, dst, proto, sport, dport = e.orig
+        if self._by_key.pop(e.orig, None) is not None:
+            self._count -= 1
+        self._by_key.pop((dst, src, proto, dport, sport), None)
+
+    def expire(self, now: float, force: bool = False) -> int:
+        """Remove expired entries (at most once per `gc_interval` unless `force`); returns how many."""
+        if not force and self._last_gc is not None and now - self._last_gc < self.gc_interval:
+            return 0
+        self._last_gc = now
+        dead = {id(e): e for e in self._by_key.values() if e.expires <= now}
+        for e in dead.values():
+            self._remove(e)
+        self.expired += len(dead)
+        return len(dead)
+
+    def next_deadline(self, now: float) -> float:
+        """When the runtime should call `expire` next."""
+        return (now if self._last_gc is None else self._last_gc) + self.gc_interval
+
+    def entries(self) -> list[tuple[FiveTuple, float, bool]]:
+        """(original-direction key, expiry time, replied) per connection, for status output."""
+        seen: dict[int, _Entry] = {id(e): e for e in self._by_key.values()}
+        return sorted(((e.orig, e.expires, e.replied) for e in seen.values()), key=lambda x: x[1])
+
+
+# --- the firewall ------------------------------------------------------------------------------------
+
+@dataclass
+class Firewall:
+    """Rules + connection tracking. `check(key, now)` gives a verdict per packet.
+
+    Counters: per rule (`rule.packets`, `rule.bytes`), plus `established`, `policy_hits`,
+    `no_key` (frames without a 5-tuple: verdict `non_ip` for non-IP, drop for malformed)."""
+
+    ruleset: RuleSet
+    conntrack: ConntrackTable = field(default_factory=ConntrackTable)
+    non_ip: Verdict = Verdict.ACCEPT  # ARP and friends must pass or nothing on the network resolves
+    established: int = 0
+    policy_hits: int = 0
+    no_key: int = 0
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<rules>", **kw: object) -> "Firewall":
+        return cls(RuleSet.parse(text, source), **kw)  # type: ignore[arg-type]
+
+    def check(self, key: FiveTuple | int, now: float, tcp_flags: int = 0, length: int = 0) -> Verdict:
+        """The verdict for one packet. `key` is a 5-tuple, or a `Reason` from `classify_batch`
+        (non-IP frames get `non_ip`, malformed, fragments and other unclassifiable frames DROP)."""
+        if not isinstance(key, tuple):  # a Reason (an int), not a 5-tuple or FlowKey
+            self.no_key += 1
+            return self.non_ip if key == 1 else Verdict.DROP  # 1 = Reason.NOT_IP
+        ct = self.ruleset.conntrack
+        if ct and self.conntrack.lookup(key, now, tcp_flags):  # type: ignore[arg-type]
+            self.established += 1
+            return Verdict.ACCEPT
+        for rule in self.ruleset.rules:
+            if rule.matches(key, now):  # type: ignore[arg-type]
+                rule.packets += 1
+                rule.bytes += length
+                v = rule.verdict
+                if v is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags):  # type: ignore[arg-type]
+                    return Verdict.DROP  # table full: refuse new connections, as Linux does
+                return v
+        self.policy_hits += 1
+        if self.ruleset.policy is Verdict.ACCEPT and ct:
+            self.conntrack.add(key, now, tcp_flags)  # type: ignore[arg-type]
+        return self.ruleset.policy
+
+    def check_batch(self, keys: Iterable[FiveTuple | int], now: float,
+                    tcp_flags: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> list[Verdict]:
+        """`check` over a batch (one `now` for the whole batch)."""
+        if tcp_flags is None and lengths is None:
+            return [self.check(k, now) for k in keys]
+        keys = list(keys)
+        fl = tcp_flags if tcp_flags is not None else [0] * len(keys)
+        ln = lengths if lengths is not None else [0] * len(keys)
+        return [self.check(k, now, f, n) for k, f, n in zip(keys, fl, ln)]
+
+    def counters(self) -> list[dict[str, object]]:
+        """Per-rule counters in rule order, for status output and metrics."""
+        return [{"line": r.line, "rule": r.text, "verdict": r.verdict.name.lower(), "packets": r.packets,
+                 "bytes": r.bytes} for r in self.ruleset.rules]

@@ -454,6 +454,7 @@ typedef struct {
     uint32_t index, tag, network;
     uint32_t *cache[SF_MAX_NETWORKS];
     uint32_t ncache[SF_MAX_NETWORKS];
+    uint32_t cache_hi[SF_MAX_NETWORKS]; /* most slots the cache may hold (its share of the pool) */
     uint64_t *tape_cursor; /* 1 + n_mcast */
     uint32_t rr;           /* first ring to look at next time, for fairness */
     int wait_mode;
@@ -484,20 +485,21 @@ static bool cache_refill(PortObject *p, uint32_t pool)
         return false;
     uint32_t *next = net_next(r, n), *owner = net_owner(r, n);
     uint32_t s1 = top1, count = 0;
-    while (s1 && p->ncache[pool] < CACHE_CAP) {
+    while (s1 && p->ncache[pool] < p->cache_hi[pool]) {
         uint32_t s = s1 - 1;
         s1 = next[s];
         STORE_RELAXED(&owner[s], p->tag);
         p->cache[pool][p->ncache[pool]++] = s;
         count++;
     }
-    if (s1) { /* cache full (cannot happen when refilling an empty cache): give the rest back */
-        uint32_t top = s1 - 1, c = 0;
+    uint32_t rest = 0;
+    if (s1) { /* the chain is longer than the cache's share of a small pool: give the rest back */
         for (uint32_t x = s1; x; x = next[x - 1])
-            c++;
-        stack_push_chain(r, n, top, c);
+            rest++;
+        stack_push_chain(r, n, s1 - 1, rest); /* counts `rest` back into free_count */
     }
-    __atomic_fetch_sub(&n->free_count, (int64_t)count, __ATOMIC_RELAXED);
+    /* the pop took count + rest slots off the stack; the push above returned `rest` */
+    __atomic_fetch_sub(&n->free_count, (int64_t)(count + rest), __ATOMIC_RELAXED);
     publish_cached(p, pool);
     return true;
 }
@@ -532,8 +534,8 @@ static inline bool slot_get(PortObject *p, uint32_t pool, uint32_t *slot)
 
 static inline void slot_put(PortObject *p, uint32_t pool, uint32_t slot)
 {
-    if (p->ncache[pool] == CACHE_CAP)
-        cache_flush(p, pool, CACHE_CAP / 2);
+    if (p->ncache[pool] >= p->cache_hi[pool])
+        cache_flush(p, pool, p->ncache[pool] - p->cache_hi[pool] / 2);
     p->cache[pool][p->ncache[pool]++] = slot;
 }
 
@@ -580,6 +582,11 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
             PyErr_NoMemory();
             return -1;
         }
+        /* A cache never keeps more than its share of the pool: a node that only receives puts
+         * every slot it frees into its cache, and with a fixed CACHE_CAP it would end up holding
+         * all of a small pool while every sender finds the shared stack empty. */
+        uint32_t share = net_at(&self->r, i)->n_slots / (2 * self->r.sb->max_nodes);
+        self->cache_hi[i] = share < 2 ? 2 : share > CACHE_CAP ? CACHE_CAP : share;
     }
     uint32_t ntapes = 1 + self->r.sb->n_mcast;
     self->tape_cursor = PyMem_Malloc(sizeof(uint64_t) * ntapes);
@@ -1303,8 +1310,10 @@ static int batch_check(BatchObject *b)
     return 0;
 }
 
-/* forward the frames [idx, idx+count) of batch b (skipping gone ones) to dst. */
-static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_t lo, uint32_t hi, int single)
+/* forward the frames [lo, hi) of batch b (skipping gone ones, and, with `codes`, those whose
+ * code is not `code`) to dst. */
+static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_t lo, uint32_t hi, int single,
+                                const uint8_t *codes, uint8_t code)
 {
     CHECK_OPEN(p);
     if (b->port != p) {
@@ -1332,7 +1341,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
     make_mac(dmac, (uint32_t)dst);
     for (uint32_t i = lo; i < hi; i++) {
         frame_ref *fr = &b->f[i];
-        if (fr->state == FS_GONE)
+        if (fr->state == FS_GONE || (codes && codes[i] != code))
             continue;
         wanted++;
         if (sent == space)
@@ -1381,7 +1390,7 @@ static PyObject *Port_forward(PortObject *p, PyObject *args)
         PyErr_SetString(ReleasedError, "frame was already forwarded");
         return NULL;
     }
-    return forward_frames(p, dst, f->batch, f->i, f->i + 1, 1);
+    return forward_frames(p, dst, f->batch, f->i, f->i + 1, 1, NULL, 0);
 }
 
 static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
@@ -1390,7 +1399,28 @@ static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
     BatchObject *b;
     if (!PyArg_ParseTuple(args, "lO!", &dst, &Batch_Type, &b))
         return NULL;
-    return forward_frames(p, dst, b, 0, b->n, 0);
+    return forward_frames(p, dst, b, 0, b->n, 0, NULL, 0);
+}
+
+/* forward_where(dst, batch, codes, code) -> int: forward, without copying, the frames i of the
+ * batch with codes[i] == code (codes: one byte per frame, e.g. a function's verdicts). Frames
+ * that did not fit stay in the batch; call again to retry them. */
+static PyObject *Port_forward_where(PortObject *p, PyObject *args)
+{
+    long dst;
+    BatchObject *b;
+    Py_buffer cb;
+    unsigned int code;
+    if (!PyArg_ParseTuple(args, "lO!y*I", &dst, &Batch_Type, &b, &cb, &code))
+        return NULL;
+    if ((size_t)cb.len < b->n) {
+        PyBuffer_Release(&cb);
+        PyErr_Format(PyExc_ValueError, "codes has %zd entries for a batch of %u frames", cb.len, b->n);
+        return NULL;
+    }
+    PyObject *r = forward_frames(p, dst, b, 0, b->n, 0, (const uint8_t *)cb.buf, (uint8_t)code);
+    PyBuffer_Release(&cb);
+    return r;
 }
 
 /* --- fileno(): eventfd fed by a notifier thread ------------------------------------------------ */
@@ -1531,6 +1561,7 @@ static PyMethodDef Port_methods[] = {
     {"send_buffer", (PyCFunction)(void (*)(void))Port_send_buffer, METH_VARARGS | METH_KEYWORDS, "Send an allocated buffer without copying."},
     {"forward", (PyCFunction)Port_forward, METH_VARARGS, "Forward one received frame without copying."},
     {"forward_batch", (PyCFunction)Port_forward_batch, METH_VARARGS, "Forward every frame of a batch without copying."},
+    {"forward_where", (PyCFunction)Port_forward_where, METH_VARARGS, "Forward the frames whose code matches, without copying."},
     {"tape_send", (PyCFunction)Port_tape_send, METH_VARARGS, "Write a frame to the broadcast (0) or a multicast tape."},
     {"set_mcast", (PyCFunction)Port_set_mcast, METH_O, "Choose the multicast tapes to read."},
     {"fileno", (PyCFunction)Port_fileno, METH_NOARGS, "An fd that is readable while frames may be waiting."},

@@ -285,6 +285,7 @@ class Node:
     - ``send_batch(dst, payloads, ethertype=0x88B5, meta=0) -> int`` (how many were sent)
     - ``alloc() -> Buffer`` and ``send_buffer(dst, buf, length, ethertype=0x88B5) -> bool`` (zero copy)
     - ``forward(dst, frame) -> bool`` and ``forward_batch(dst, batch) -> int`` (zero copy)
+    - ``forward_where(dst, batch, codes, code) -> int``: the frames i with codes[i] == code (zero copy)
     - ``wait(timeout=None) -> bool``
     """
 
@@ -305,6 +306,7 @@ class Node:
         self.send_buffer = port.send_buffer
         self.forward = port.forward
         self.forward_batch = port.forward_batch
+        self.forward_where = port.forward_where
         self.wait = port.wait
 
     def __repr__(self) -> str:

@@ -1,0 +1,293 @@
+"""Small node programs the fabric tests run as real processes (``python _workers.py ROLE ARGS...``).
+
+Each role attaches to an existing fabric, does one job and prints one JSON line with its result
+on stdout, so the test process can check it. Every loop is bounded by a deadline: a worker never
+outlives a broken test by more than its own timeout (and the fixtures kill it anyway).
+
+Payloads used by the traffic roles are self-checking: ``src(u16) dst(u16) seq(u32) filler...
+crc32(u32)``, so a receiver can tell a lost, duplicated, reordered or torn frame apart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import struct
+import sys
+import time
+import zlib
+
+from shmfabric.fabric import Fabric, RegionOpenError
+
+HDR = struct.Struct("<HHI")
+
+
+def make_payload(src: int, dst: int, seq: int, size: int) -> bytes:
+    """A checksummed payload of `size` bytes (at least 12)."""
+    body = HDR.pack(src, dst, seq)
+    n = size - HDR.size - 4
+    # cheap deterministic filler that differs per frame
+    filler = bytes(((seq * 31 + i + src * 7) & 0xFF) for i in range(min(n, 64)))
+    filler = (filler * (n // 64 + 1))[:n] if n else b""
+    body += filler
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def check_payload(p: bytes | memoryview) -> tuple[int, int, int]:
+    """(src, dst, seq) of a payload made by make_payload; ValueError if its checksum is wrong."""
+    p = bytes(p)
+    if len(p) < HDR.size + 4:
+        raise ValueError(f"payload of {len(p)} bytes is too short")
+    (crc,) = struct.unpack_from("<I", p, len(p) - 4)
+    if zlib.crc32(p[:-4]) != crc:
+        raise ValueError("payload checksum mismatch (torn or corrupted frame)")
+    return HDR.unpack_from(p)
+
+
+def out(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def role_all_to_all(fabric: str, k: int, n: int, per_peer: int, size: int, timeout: float) -> int:
+    """Node k of n: send `per_peer` frames to every other node, receive as many from each."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(f"n{k}")
+    deadline = time.monotonic() + timeout
+    ids = {j: me.wait_for_peer(f"n{j}", timeout=timeout) for j in range(n) if j != k}
+    next_seq = {j: 0 for j in ids}          # next seq to send to j
+    expect = {j: 0 for j in ids}            # next seq expected from j (rings keep order)
+    errors: list[str] = []
+    by_id = {v: j for j, v in ids.items()}
+    sent_total = 0
+    while time.monotonic() < deadline:
+        busy = False
+        for j, pid in ids.items():
+            s = next_seq[j]
+            if s < per_peer:
+                batch = [make_payload(k, j, q, size) for q in range(s, min(per_peer, s + 32))]
+                sent = me.send_batch(pid, batch)
+                next_seq[j] = s + sent
+                sent_total += sent
+                busy = True
+        with me.recv_batch(256, timeout=0 if busy else 0.05) as b:
+            for f in b:
+                try:
+                    src, dst, seq = check_payload(f.payload)
+                except ValueError as e:
+                    errors.append(str(e))
+                    continue
+                if dst != k or by_id.get(f.src) != src:
+                    errors.append(f"misdelivered: src={src} dst={dst} frame.src={f.src}")
+                elif seq != expect[src]:
+                    errors.append(f"from {src}: got seq {seq}, expected {expect[src]}")
+                    expect[src] = max(expect[src], seq + 1)
+                else:
+                    expect[src] += 1
+        if all(v == per_peer for v in next_seq.values()) and all(v >= per_peer for v in expect.values()):
+            break
+    # stay attached until everybody has received everything from us
+    out({"k": k, "sent": sent_total, "received": {str(j): v for j, v in expect.items()}, "errors": errors[:20],
+         "n_errors": len(errors), "stats": me.stats()})
+    # wait for the test to tell us to go (stdin closes), so no peer sends to a detached node
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
+def role_stream(fabric: str, name: str, peers: str, size: int, timeout: float) -> int:
+    """Send to and receive from `peers` (comma-separated names) until stdin closes or timeout.
+
+    Prints a JSON line "ready" once attached, then, at the end, its counts. Sending to a peer
+    that went away raises UnknownDestinationError; that is recorded and the peer is dropped.
+    """
+    import selectors
+    import threading
+
+    from shmfabric.fabric import UnknownDestinationError
+
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    ids = {p: me.wait_for_peer(p, timeout=timeout) for p in peers.split(",") if p}
+    out({"ready": name, "id": me.id})
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    seq = 0
+    received = 0
+    gone: list[str] = []
+    bad = 0
+    while not stop.is_set() and time.monotonic() < deadline:
+        for p, pid in list(ids.items()):
+            try:
+                seq += me.send_batch(pid, [make_payload(me.id, pid, seq + i, size) for i in range(16)])
+            except UnknownDestinationError:
+                gone.append(p)
+                del ids[p]
+        with me.recv_batch(256, timeout=0.001) as b:
+            for f in b:
+                try:
+                    check_payload(f.payload)
+                except ValueError:
+                    bad += 1
+                received += 1
+    out({"name": name, "sent": seq, "received": received, "gone": gone, "bad": bad})
+    fab.close()
+    return 0
+
+
+def role_victim(fabric: str, name: str, peer: str, size: int) -> int:
+    """Receive from and send to `peer` forever, holding frames and buffers, until killed with -9.
+
+    It keeps an unreleased batch and an unsent buffer at all times, so a kill always leaves
+    slots behind that only reclaim can return.
+    """
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    pid = me.wait_for_peer(peer, timeout=10)
+    held = [me.alloc() for _ in range(8)]  # allocated, never sent
+    out({"ready": name, "id": me.id})
+    seq = 0
+    kept = None
+    while True:
+        try:
+            seq += me.send_batch(pid, [make_payload(me.id, pid, seq + i, size) for i in range(16)])
+        except Exception:  # the peer went away: keep holding our slots anyway
+            pass
+        b = me.recv_batch(64, timeout=0.001)
+        if len(b):
+            if kept is not None:
+                kept.release()
+            kept = b  # never release the latest batch
+        held.append(held.pop(0))
+
+
+def role_alloc_free(fabric: str, name: str, rounds: int, seed: int) -> int:
+    """Allocate and free buffers in random bursts; also send some to ourselves and receive them."""
+    rng = random.Random(seed)
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    out({"ready": name, "id": me.id})
+    allocs = frees = nobuf = 0
+    held = []
+    for _ in range(rounds):
+        want = rng.randrange(1, 200)
+        for _ in range(want):
+            try:
+                held.append(me.alloc())
+                allocs += 1
+            except MemoryError:
+                nobuf += 1
+                break
+        rng.shuffle(held)
+        k = rng.randrange(0, len(held) + 1)
+        # send some through our own ring (dst = self) to exercise the ring path, free the rest
+        for buf in held[:k]:
+            if rng.random() < 0.3:
+                with memoryview(buf) as mv:
+                    mv[:4] = b"ping"
+                if not me.send_buffer(me.id, buf, 4):
+                    pass  # ring full: the buffer is freed when dropped below
+            frees += 1
+        del held[:k]
+        with me.recv_batch(1024, timeout=0):
+            pass
+    frees += len(held)
+    held.clear()
+    with me.recv_batch(65536, timeout=0):
+        pass
+    out({"name": name, "allocs": allocs, "frees": frees, "nobuf": nobuf, "stats": me.stats()})
+    fab.close()
+    return 0
+
+
+def role_idle_block(fabric: str, name: str, seconds: float, mode: str) -> int:
+    """Block in recv_batch for `seconds` with nothing arriving; report this process's CPU time."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    me.set_wait_mode(mode)
+    with me.recv_batch(1, timeout=0.05):
+        pass  # let the hello traffic pass first
+    out({"ready": name, "id": me.id})
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    frames = 0
+    while time.monotonic() - t0 < seconds:
+        with me.recv_batch(16, timeout=None) as b:
+            frames += len(b)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    out({"name": name, "cpu_s": cpu, "wall_s": time.monotonic() - t0, "frames": frames, "stats": me.stats()})
+    fab.close()
+    return 0
+
+
+def role_block_recv(fabric: str, name: str, timeout: float) -> int:
+    """Block (mode 'block') until one frame arrives; echo it back to its sender."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    me.set_wait_mode("block")
+    out({"ready": name, "id": me.id})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with me.recv_batch(1, timeout=deadline - time.monotonic()) as b:
+            if len(b):
+                f = b[0]
+                src, data = f.src, f.tobytes()
+                break
+    else:
+        out({"name": name, "got": None})
+        return 1
+    me.send(src, data[::-1])
+    out({"name": name, "got": data.hex(), "wakeups": me.stats()["wakeups"]})
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
+def role_attach_hold(fabric: str, name: str) -> int:
+    """Attach, report, and hold on until killed (or stdin closes)."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    b = me.alloc()  # hold a slot so reclaim has something to return
+    out({"ready": name, "id": me.id})
+    sys.stdin.read()
+    del b
+    fab.close()
+    return 0
+
+
+def role_open(path: str) -> int:
+    """Open a region file; print the error class and message (or "ok"). Never crashes."""
+    try:
+        fab = Fabric.open(path)
+    except RegionOpenError as e:
+        out({"error": type(e).__name__, "message": str(e)})
+        return 0
+    out({"error": None, "nodes": len(fab.nodes())})
+    fab.close()
+    return 0
+
+
+ROLES = {
+    "all_to_all": (role_all_to_all, (str, int, int, int, int, float)),
+    "stream": (role_stream, (str, str, str, int, float)),
+    "victim": (role_victim, (str, str, str, int)),
+    "alloc_free": (role_alloc_free, (str, str, int, int)),
+    "idle_block": (role_idle_block, (str, str, float, str)),
+    "block_recv": (role_block_recv, (str, str, float)),
+    "attach_hold": (role_attach_hold, (str, str)),
+    "open": (role_open, (str,)),
+}
+
+
+def main(argv: list[str]) -> int:
+    fn, types = ROLES[argv[0]]
+    if len(argv) - 1 != len(types):
+        raise SystemExit(f"{argv[0]} takes {len(types)} arguments, got {len(argv) - 1}")
+    return fn(*(t(a) for t, a in zip(types, argv[1:])))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -40,6 +40,7 @@ class BackendStats:
     concurrent: int = 0
     max_concurrent: int = 0
     paths: list[bytes] = field(default_factory=list)
+    log: list[tuple[str, bytes]] = field(default_factory=list)  # ("start"|"end", target) in order
 
 
 class _Conn(asyncio.Protocol):
@@ -98,7 +99,9 @@ class _Conn(asyncio.Protocol):
         st.requests += 1
         st.concurrent += 1
         st.max_concurrent = max(st.max_concurrent, st.concurrent)
-        st.paths.append(req.target)
+        if self.backend.record:
+            st.paths.append(req.target)
+            st.log.append(("start", req.target))
         path, _, query = req.target.partition(b"?")
         q = {k: v[-1] for k, v in parse_qs(query.decode("latin-1")).items()}
         delay = float(q["delay"]) / 1000 if "delay" in q else self.backend.delay
@@ -113,6 +116,8 @@ class _Conn(asyncio.Protocol):
     def _answer(self, req: Request, body: bytes, trailers: tuple, q: dict[str, str]) -> None:
         st = self.backend.stats
         st.concurrent -= 1
+        if self.backend.record:
+            st.log.append(("end", req.target))
         self.busy = False
         if self.closed:
             return
@@ -157,8 +162,9 @@ class _Conn(asyncio.Protocol):
 class EchoBackend:
     """An HTTP backend on 127.0.0.1 (`port` after `start()`)."""
 
-    def __init__(self, name: str = "b", delay: float = 0.0) -> None:
+    def __init__(self, name: str = "b", delay: float = 0.0, record: bool = True) -> None:
         self.name = name
+        self.record = record  # keep paths and the start/end log (tests); off for benchmarks
         self.delay = delay
         self.stats = BackendStats()
         self.conns: set[_Conn] = set()
@@ -204,7 +210,7 @@ def main() -> None:
     name = sys.argv[3] if len(sys.argv) > 3 else f"b{port}"
 
     async def amain() -> None:
-        b = EchoBackend(name, delay)
+        b = EchoBackend(name, delay, record=False)
         await b.start(port, reuse_port=True)
         print(f"ready {b.address}", flush=True)
         await asyncio.Event().wait()

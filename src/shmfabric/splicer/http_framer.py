@@ -165,7 +165,9 @@ def _boundary_error(exc: HttpParserError) -> RemoteProtocolError:
         return RemoteProtocolError(str(inner), inner.status)
     if isinstance(inner, Exception):  # a bug in a callback: report it, but as a protocol error
         return RemoteProtocolError(f"internal framing error: {inner!r}", 400)
-    return RemoteProtocolError(str(exc) or type(exc).__name__, 400)
+    reason = str(exc) or type(exc).__name__
+    # llhttp rejects unknown versions itself (e.g. HTTP/1.2); RFC 9110 section 15.6.6 says 505.
+    return RemoteProtocolError(reason, 505 if reason == "Invalid HTTP version" else 400)
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -381,7 +383,14 @@ class ResponseFramer:
         self._head_done = False
 
     def expect(self, method: bytes) -> None:
-        """Announce that a request with `method` was sent; responses are matched in order."""
+        """Announce that a request with `method` was sent; responses are matched in order.
+
+        A HEAD request must be the only one outstanding (the splicer sends one request at a
+        time per pooled connection): llhttp cannot be told where a HEAD response ends, so its
+        head is cut out by this framer, which works only when it is the first one expected.
+        """
+        if self._methods and method == b"HEAD":
+            raise ValueError("a HEAD request must be the only request outstanding on a connection")
         self._methods.append(method)
 
     # -- llhttp callbacks --------------------------------------------------------------

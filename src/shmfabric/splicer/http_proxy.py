@@ -283,6 +283,7 @@ class Exchange:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
+            self.client.exchange_done(self)
         elif self.tunnel:
             self.conn.abort()
         else:
@@ -346,6 +347,8 @@ class ClientConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._scheduling = False
         self._reschedule = False
+        self._processing = False
+        self._transport_paused = False
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -403,8 +406,25 @@ class ClientConnection(asyncio.Protocol):
 
     # -- reading requests -----------------------------------------------------------------
     def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+        self._schedule()
+        self._maybe_close()
+
+    def _process_events(self) -> None:
+        # Events stay queued in the framer while the merge is full: reading ahead stops at the
+        # bound (the framer holds at most one socket read of parsed-but-unused requests).
         framer = self.framer
+        merge = self.merge
         while not self.stop_reading:
+            if merge.full or self.body_held > self.max_bytes:
+                self._pause_reading()
+                break
             try:
                 ev = framer.next_event()
             except RemoteProtocolError as exc:
@@ -436,10 +456,6 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(ev, ConnectionClosed):
                 self.stop_reading = True
                 break
-        self._schedule()
-        if self.merge.full or self.body_held > self.max_bytes:
-            self._pause_reading()
-        self._maybe_close()
 
     def _on_request(self, req: Request) -> None:
         seq = self.merge.open()
@@ -465,12 +481,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _bad_request(self, exc: RemoteProtocolError) -> None:
         self.splicer.metrics.client_error("bad_request")
-        seq = self.merge.open()
-        self.finish(seq, simple_response(exc.status, f"bad request: {exc}", close=True))
-        if self.current is not None and not self.current.req_done:
-            cur = self.current
-            self.current = None
+        answer = simple_response(exc.status, f"bad request: {exc}", close=True)
+        cur = self.current
+        self.current = None
+        if cur is not None and not cur.req_done and not cur.finished:
+            # The error is inside this request's body: its own slot carries the error answer.
+            try:
+                self.queue.remove(cur)
+            except ValueError:
+                pass
             cur.abandon()
+            self.exchanges.pop(cur.seq, None)
+            seq = cur.seq
+        else:
+            seq = self.merge.open()
+        self.finish(seq, answer)
         self._end_input(seq)
 
     def _end_input(self, seq: int) -> None:
@@ -584,16 +609,20 @@ class ClientConnection(asyncio.Protocol):
 
     # -- flow control -----------------------------------------------------------------------
     def _pause_reading(self) -> None:
-        if not self.read_paused and self.transport is not None and not self.closed:
-            self.read_paused = True
+        self.read_paused = True
+        if not self._transport_paused and self.transport is not None and not self.closed:
+            self._transport_paused = True
             self.transport.pause_reading()
 
     def check_resume(self) -> None:
         """Resume reading the client once the merge has drained to half its bounds."""
         if (self.read_paused and not self.stop_reading and not self.write_paused and not self.closed
-                and self.merge.drained and self.body_held <= self.max_bytes // 2):
+                and not self._processing and self.merge.drained and self.body_held <= self.max_bytes // 2):
             self.read_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self._process()  # requests already parsed come first; this may pause again
+            if not self.read_paused and not self.closed and not self.stop_reading and self._transport_paused:
+                self._transport_paused = False
+                self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _backend_flow(self) -> None:
         merge = self.merge
@@ -632,10 +661,9 @@ class ClientConnection(asyncio.Protocol):
         if raw:
             conn.write(raw)
         self.stop_reading = False
-        self.read_paused = True  # force a resume below
-        self.check_resume()
-        if self.read_paused:
-            self.read_paused = False
+        self.read_paused = False
+        if self._transport_paused:
+            self._transport_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def tunnel_from_backend(self, data: bytes) -> None:

@@ -45,7 +45,7 @@ class OrderedMerge:
         max_bytes: response bytes that may be held (not yet handed out) before `full`.
     """
 
-    __slots__ = ("max_slots", "max_bytes", "_slots", "_base", "_next", "_ready", "held_bytes")
+    __slots__ = ("max_slots", "max_bytes", "_slots", "_base", "_next", "_ready", "held_bytes", "peak_slots")
 
     def __init__(self, max_slots: int = 128, max_bytes: int = 4 * 1024 * 1024) -> None:
         if max_slots < 1 or max_bytes < 1:
@@ -57,11 +57,15 @@ class OrderedMerge:
         self._next = 0  # sequence number the next open() returns
         self._ready: list[bytes] = []
         self.held_bytes = 0  # bytes in slots behind the head plus bytes ready but not popped
+        self.peak_slots = 0  # high-water mark of open slots (for tests and metrics)
 
     # -- producer side -------------------------------------------------------------------
     def open(self) -> int:
         """Reserve the next slot and return its sequence number."""
-        self._slots.append(_Slot())
+        slots = self._slots
+        slots.append(_Slot())
+        if len(slots) > self.peak_slots:
+            self.peak_slots = len(slots)
         seq = self._next
         self._next += 1
         return seq

@@ -673,12 +673,12 @@ static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_
 /* send_batch(dst, frames, ethertype=0x88B5, meta=0) -> number sent. The rest did not fit. */
 static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", NULL};
+    static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", "control", NULL};
     long dst;
     PyObject *seq;
     unsigned int ethertype = 0x88B5, meta = 0;
-    int raw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIp", kwlist, &dst, &seq, &ethertype, &meta, &raw))
+    int raw = 0, control = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIpp", kwlist, &dst, &seq, &ethertype, &meta, &raw, &control))
         return NULL;
     CHECK_OPEN(p);
     uint32_t dst_tag;
@@ -750,7 +750,7 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         d->slot = slot;
         d->len = (uint32_t)len + hlen;
         d->pool = (uint16_t)pool;
-        d->flags = 0;
+        d->flags = control ? SF_DESC_CONTROL : 0;
         d->meta = meta;
         bytes += (uint64_t)len;
     }
@@ -948,11 +948,22 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
             take = avail;
         for (uint32_t j = 0; j < take; j++) {
             sf_desc *d = &g->desc[(tail + j) & mask];
-            frame_ref *fr = &b->f[b->n++];
             uint32_t pool = d->pool < r->sb->n_networks ? d->pool : 0;
             sf_network *n = net_at(r, pool);
             uint32_t slot = d->slot < n->n_slots ? d->slot : 0;
             uint32_t len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
+            if (d->flags & SF_DESC_CONTROL) { /* a control message: to the Python layer, slot back now */
+                PyObject *cf = PyBytes_FromStringAndSize((char *)slot_ptr(r, n, slot), len);
+                if (!b->control)
+                    b->control = PyList_New(0);
+                if (cf && b->control)
+                    PyList_Append(b->control, cf);
+                Py_XDECREF(cf);
+                PyErr_Clear();
+                slot_put(p, pool, slot);
+                continue;
+            }
+            frame_ref *fr = &b->f[b->n++];
             fr->data = slot_ptr(r, n, slot);
             __builtin_prefetch(fr->data); /* the header and first payload bytes the user reads next */
             fr->len = len;

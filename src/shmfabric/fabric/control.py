@@ -12,6 +12,7 @@ from dataclasses import dataclass
 CONTROL_BIT = 0x80
 CONTROL_MAC = bytes([0x03, 0x73, 0x66, CONTROL_BIT, 0x00, 0x01])
 ETHERTYPE = 0x88B5  # IEEE local experimental
+CONTROL_ETHERTYPE = 0x88B6  # IEEE local experimental 2: unicast control messages (manager <-> nodes)
 BROADCAST_MAC = b"\xff" * 6
 HELLO, HELLO_REPLY, BYE = b"HELO", b"HREP", b"BYE_"
 _FMT = struct.Struct("!4sHI")

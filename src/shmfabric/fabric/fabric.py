@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from shmfabric.core import native
 from shmfabric.core.errors import AttachError, FabricError, RegionCreateError, RegionOpenError, UnknownDestinationError
@@ -369,8 +369,20 @@ class Node:
         gen = self._fabric.region.node_entry(self.id)["gen"]
         self._port.tape_send(0, control.encode(kind, self.id, gen, self.name), native.FLAG_CONTROL)
 
+    def send_control(self, dst: int, payload: bytes) -> bool:
+        """Send a control message to node `dst`: it reaches that node's `on_message` callback, never
+        its frame batches (so a data path needs no per-frame check). False if the ring was full."""
+        return self._port.send_batch(dst, (payload,), ethertype=control.CONTROL_ETHERTYPE, control=True) == 1
+
+    on_message: "Callable[[int, bytes], None] | None" = None
+    """Called as on_message(src_id, payload) for each control message, from recv_batch."""
+
     def _on_control(self, frames: list[bytes]) -> None:
         for raw in frames:
+            if raw[:6] != control.CONTROL_MAC:  # a unicast control message for the user
+                if self.on_message is not None and len(raw) >= 14:
+                    self.on_message((raw[10] << 8) | raw[11], raw[14:])
+                continue
             h = control.decode(raw)
             if h is None or h.node == self.id:
                 continue

@@ -170,8 +170,10 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
     results: dict[str, Any] = {}
     errors: list[str] = []
     chan: Any = None
+    ctl: Ctl | None = None
     have_chan = False
     killed: list[str] = []
+    interrupted = False
     try:
         chan = transport.setup(spec)
         have_chan = True
@@ -210,10 +212,15 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
             errors.append(f"timed out waiting for {', '.join(sorted(pending.values()))}")
         if pending:
             ctl.abort()
+    except KeyboardInterrupt:
+        interrupted = True
+        if ctl is not None:
+            ctl.abort()
+        raise
     except Exception as exc:
         errors.append(f"setup: {type(exc).__name__}: {exc}")
     finally:
-        killed = _reap(procs, GRACE if not errors else 1.0)
+        killed = _reap(procs, 0.2 if interrupted else GRACE if not errors else 1.0)
         for r in readers:
             r.close()
         if have_chan:

@@ -126,10 +126,19 @@ def cmd_transport(args: argparse.Namespace) -> int:
         json.dump(public_rows(rows), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    from rich.console import Console
+    # Progress on one overwritten line of a terminal. Not rich's spinner: it runs a thread, and
+    # the benchmark forks its workers from this process.
+    tty = sys.stderr.isatty()
 
-    err = Console(stderr=True)
-    with err.status("starting") as status:
-        rows = run_bench(config, transports, progress=lambda what: status.update(f"measuring {what}"))
+    def progress(what: str) -> None:
+        if tty:
+            sys.stderr.write(f"\r\033[Kmeasuring {what} ...")
+            sys.stderr.flush()
+
+    try:
+        rows = run_bench(config, transports, progress=progress)
+    finally:
+        if tty:
+            sys.stderr.write("\r\033[K")
     render(rows)
     return 0

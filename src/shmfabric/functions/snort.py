@@ -1,0 +1,593 @@
+"""IDS logic: a subset of Snort 2 rule syntax and multi-pattern payload matching with pyahocorasick.
+Pure (sans-IO): the `ids` function passes payloads, 5-tuples and `now`; nothing here reads the clock.
+
+Supported, one rule per line (a line ending in backslash continues):
+
+    alert tcp $EXTERNAL_NET any -> $HOME_NET [80,8080] (msg:"GET root"; flow:to_server,established;
+        content:"GET /"; nocase; offset:0; depth:5; content:"|0d 0a|"; sid:1000001; rev:2;)
+
+* actions `alert`, `log` (both only report), `drop` and `reject` (drop the packet in drop mode,
+  report in alert mode), `pass` (suppresses every alert for the packet);
+* protocols `tcp`, `udp`, `icmp` (ICMP and ICMPv6), `ip` (any);
+* addresses `any`, `1.2.3.4`, `10.0.0.0/8`, `fd00::/64`, `[a,b,!c]`, `!a`, `$VAR`;
+  ports `any`, `80`, `1:1024`, `:1024`, `1024:`, `[80,443]`, `!80`, `$VAR`; direction `->` or `<>`;
+* options `msg`, `sid`, `rev`, `content` (text with `|hex|` blocks, `!` to negate), `nocase`,
+  `offset`, `depth`, `flow` (`to_server`, `to_client`, `from_client`, `from_server`,
+  `established`, `not_established`, `stateless`); `classtype`, `priority`, `reference`,
+  `metadata`, `gid` are accepted and kept or ignored.
+
+Anything else (`pcre`, `distance`, `within`, `http_*`, `byte_test`, ...) is a parse error naming the
+line, so a rule set never silently means less than it says.
+
+Matching: all positive contents of all rules go into two Aho-Corasick automata (one exact, one over
+lower-cased text for `nocase`); one pass over the payload yields every occurrence, each checked
+against its content's offset/depth window. A rule fires when all its positive contents were found
+in their windows, none of its negated contents is, and the header and flow options match.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterable, Mapping, Union
+
+import ahocorasick
+
+from shmfabric.net.flow import FiveTuple, PROTO_NAMES, canonical
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+__all__ = ["SnortSyntaxError", "SnortRule", "Content", "SignatureSet", "FlowTracker", "Ids", "Alert", "IdsVerdict"]
+
+
+class SnortSyntaxError(ValueError):
+    """A rule text error: `SOURCE:LINE: problem (fix)`."""
+
+    def __init__(self, source: str, line: int, message: str, hint: str = "") -> None:
+        self.source, self.line, self.message, self.hint = source, line, message, hint
+        super().__init__(f"{source}:{line}: {message}" + (f" ({hint})" if hint else ""))
+
+
+class IdsVerdict(IntEnum):
+    PASS = 0
+    DROP = 1
+
+
+ACTIONS = ("alert", "log", "pass", "drop", "reject")
+PROTOS = {"tcp": frozenset((6,)), "udp": frozenset((17,)), "icmp": frozenset((1, 58)), "ip": None}
+_IGNORED = {"classtype", "priority", "reference", "metadata", "gid"}
+_UNSUPPORTED_HINT = "supported options: msg, sid, rev, content, nocase, offset, depth, flow, classtype, priority, reference, metadata"
+
+
+@dataclass
+class Content:
+    pattern: bytes
+    nocase: bool = False
+    offset: int = 0
+    depth: int | None = None
+    negated: bool = False
+
+    def window_ok(self, start: int, end: int) -> bool:
+        """Does a match at payload[start:end] lie in this content's offset/depth window?"""
+        return start >= self.offset and (self.depth is None or end <= self.offset + self.depth)
+
+    def search(self, payload: bytes, lowered: bytes | None) -> bool:
+        """Direct search (used for negated contents, which the automata do not carry)."""
+        hay = lowered if self.nocase else payload
+        assert hay is not None
+        stop = len(hay) if self.depth is None else self.offset + self.depth
+        return hay.find(self.pattern.lower() if self.nocase else self.pattern, self.offset, stop) >= 0
+
+
+@dataclass
+class _Addr:
+    items: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (version, net, mask, negated)
+    negate: bool = False
+
+    def match(self, addr: int | bytes) -> bool:
+        if not self.items:
+            return not self.negate  # any
+        v = 4 if addr.__class__ is int else 6
+        a = addr if v == 4 else int.from_bytes(addr, "big")  # type: ignore[arg-type]
+        pos = [i for i in self.items if not i[3]]
+        ok = not pos or any(iv == v and a & m == n for iv, n, m, _ in pos)
+        if ok and any(iv == v and a & m == n for iv, n, m, neg in self.items if neg):
+            ok = False
+        return ok != self.negate
+
+
+@dataclass
+class _Ports:
+    items: list[tuple[int, int, bool]] = field(default_factory=list)  # (lo, hi, negated)
+    negate: bool = False
+
+    def match(self, port: int) -> bool:
+        if not self.items:
+            return not self.negate
+        pos = [i for i in self.items if not i[2]]
+        ok = not pos or any(lo <= port <= hi for lo, hi, _ in pos)
+        if ok and any(lo <= port <= hi for lo, hi, neg in self.items if neg):
+            ok = False
+        return ok != self.negate
+
+
+@dataclass
+class SnortRule:
+    line: int
+    action: str
+    proto: str
+    src: _Addr
+    sport: _Ports
+    dst: _Addr
+    dport: _Ports
+    bidirectional: bool
+    sid: int
+    rev: int = 1
+    msg: str = ""
+    contents: list[Content] = field(default_factory=list)
+    to_server: bool | None = None
+    established: bool | None = None
+    classtype: str = ""
+    priority: int | None = None
+    hits: int = 0
+
+    def header_match(self, key: FiveTuple) -> bool:
+        src, dst, proto, sport, dport = key
+        protos = PROTOS[self.proto]
+        if protos is not None and proto not in protos:
+            return False
+        if self.src.match(src) and self.sport.match(sport) and self.dst.match(dst) and self.dport.match(dport):
+            return True
+        return self.bidirectional and self.src.match(dst) and self.sport.match(dport) \
+            and self.dst.match(src) and self.dport.match(sport)
+
+    def flow_match(self, to_server: bool | None, established: bool | None) -> bool:
+        if self.to_server is not None and to_server != self.to_server:
+            return False
+        if self.established is not None and established != self.established:
+            return False
+        return True
+
+
+# --- parser ------------------------------------------------------------------------------------------
+
+_HEADER = re.compile(r"^(\S+)\s+(\S+)\s+(\S+|\[[^\]]*\])\s+(\S+|\[[^\]]*\])\s+(->|<>)\s+(\S+|\[[^\]]*\])\s+(\S+|\[[^\]]*\])\s*\((.*)\)\s*$", re.S)
+
+
+def _split_options(p: "_Ctx", body: str) -> list[tuple[str, str | None]]:
+    """`key:value; key;` with quotes and backslash escapes respected."""
+    out: list[tuple[str, str | None]] = []
+    buf, quoted, i = "", False, 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            buf += c + body[i + 1]
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        if c == ";" and not quoted:
+            if buf.strip():
+                out.append(_kv(buf.strip()))
+            buf = ""
+        else:
+            buf += c
+        i += 1
+    if quoted:
+        raise p.err("unterminated quoted string in the options", 'close it with " before ;')
+    if buf.strip():
+        raise p.err(f"option '{buf.strip()}' is not ended by ';'", "every option ends with ;, e.g. sid:1000001;")
+    return out
+
+
+def _kv(text: str) -> tuple[str, str | None]:
+    if ":" in text:
+        k, v = text.split(":", 1)
+        return k.strip().lower(), v.strip()
+    return text.strip().lower(), None
+
+
+def _unquote(p: "_Ctx", v: str | None, what: str) -> str:
+    if v is None or len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
+        raise p.err(f"{what} needs a quoted value", f'write {what}:"..."')
+    return re.sub(r"\\(.)", r"\1", v[1:-1])
+
+
+def _content_bytes(p: "_Ctx", text: str) -> bytes:
+    """Snort content text: plain characters and |41 42| hex blocks."""
+    out = bytearray()
+    parts = text.split("|")
+    if len(parts) % 2 == 0:
+        raise p.err("unbalanced | in content", "hex bytes go between two pipes: |0d 0a|")
+    for i, part in enumerate(parts):
+        if i % 2:
+            hexes = part.replace(" ", "")
+            if len(hexes) % 2 or not re.fullmatch(r"[0-9A-Fa-f]*", hexes):
+                raise p.err(f"bad hex in content: |{part}|", "write hex byte pairs like |0d 0a|")
+            out += bytes.fromhex(hexes)
+        else:
+            out += part.encode("latin-1", errors="strict") if part.isascii() else part.encode("utf-8")
+    if not out:
+        raise p.err("empty content", "a content needs at least one byte")
+    return bytes(out)
+
+
+@dataclass
+class _Ctx:
+    source: str
+    line: int
+    variables: Mapping[str, str]
+
+    def err(self, message: str, hint: str = "") -> SnortSyntaxError:
+        return SnortSyntaxError(self.source, self.line, message, hint)
+
+    def resolve(self, text: str, depth: int = 0) -> str:
+        if text.startswith("!$") or text.startswith("$"):
+            neg = text.startswith("!")
+            name = text.lstrip("!$")
+            if name not in self.variables:
+                raise self.err(f"undefined variable ${name}", f"define it in the variables, e.g. {name}: 10.0.0.0/8")
+            if depth > 8:
+                raise self.err(f"variable ${name} refers to itself")
+            val = self.resolve(self.variables[name], depth + 1)
+            return ("!" if neg else "") + (val if not neg or not val.startswith("[") else val)
+        return text
+
+
+def _list_items(text: str) -> tuple[list[str], bool]:
+    neg = False
+    if text.startswith("!"):
+        neg, text = True, text[1:]
+    if text.startswith("[") and text.endswith("]"):
+        return [t.strip() for t in text[1:-1].split(",") if t.strip()], neg
+    return [text], neg
+
+
+def _parse_addr(p: _Ctx, text: str) -> _Addr:
+    text = p.resolve(text)
+    items, neg = _list_items(text)
+    out = _Addr(negate=neg)
+    for it in items:
+        it = p.resolve(it)
+        if it.lstrip("!").startswith("["):
+            sub = _parse_addr(p, it)
+            if sub.negate:
+                raise p.err(f"nested negated list '{it}' is not supported", "write the negations item by item")
+            out.items += sub.items
+            continue
+        ineg = it.startswith("!")
+        body = it[1:] if ineg else it
+        if body == "any":
+            if ineg:
+                raise p.err("'!any' matches nothing", "remove the rule or the negation")
+            if len(items) == 1:
+                return out  # plain any (with a top-level ! handled by negate)
+            continue
+        try:
+            net = ipaddress.ip_network(body, strict=False)
+        except ValueError:
+            raise p.err(f"not an address: '{body}'", "write any, 1.2.3.4, 10.0.0.0/8, [a,b] or $VAR") from None
+        bits = 32 if net.version == 4 else 128
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - net.prefixlen)) - 1)
+        out.items.append((net.version, int(net.network_address), mask, ineg))
+    return out
+
+
+def _parse_ports(p: _Ctx, text: str) -> _Ports:
+    text = p.resolve(text)
+    items, neg = _list_items(text)
+    out = _Ports(negate=neg)
+    for it in items:
+        it = p.resolve(it)
+        ineg = it.startswith("!")
+        body = it[1:] if ineg else it
+        if body == "any":
+            if len(items) == 1 and not ineg:
+                return out
+            raise p.err("'any' inside a port list", "use any alone")
+        m = re.fullmatch(r"(\d*):(\d*)|(\d+)", body)
+        if not m or body == ":":
+            raise p.err(f"not a port: '{body}'", "write any, 80, 1:1024, 1024:, [80,443] or $VAR")
+        if m.group(3):
+            lo = hi = int(m.group(3))
+        else:
+            lo = int(m.group(1) or 0)
+            hi = int(m.group(2) or 65535)
+        if not 0 <= lo <= hi <= 65535:
+            raise p.err(f"port range out of order or above 65535: '{body}'")
+        out.items.append((lo, hi, ineg))
+    return out
+
+
+def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> SnortRule:
+    """Parse one Snort rule; raises `SnortSyntaxError`."""
+    p = _Ctx(source, line, {"HOME_NET": "any", "EXTERNAL_NET": "any", **(variables or {})})
+    m = _HEADER.match(text.strip())
+    if not m:
+        raise p.err("not a rule", "write: ACTION PROTO SRC SPORT -> DST DPORT (OPTIONS;)")
+    action, proto, src, sport, direction, dst, dport, body = m.groups()
+    if action not in ACTIONS:
+        raise p.err(f"unknown action '{action}'", "use one of " + ", ".join(ACTIONS))
+    if proto not in PROTOS:
+        raise p.err(f"unknown protocol '{proto}'", "use tcp, udp, icmp or ip")
+    rule = SnortRule(line, action, proto, _parse_addr(p, src), _parse_ports(p, sport), _parse_addr(p, dst),
+                     _parse_ports(p, dport), direction == "<>", sid=0)
+    if proto in ("icmp", "ip") and (rule.sport.items or rule.dport.items):
+        raise p.err(f"ports given for protocol '{proto}'", "use any for the ports")
+    last: Content | None = None
+    for key, val in _split_options(p, body):
+        if key == "msg":
+            rule.msg = _unquote(p, val, "msg")
+        elif key in ("sid", "rev"):
+            if val is None or not val.isdigit():
+                raise p.err(f"{key} needs a number", f"write {key}:1000001;")
+            setattr(rule, key, int(val))
+        elif key == "content":
+            neg = bool(val) and val.startswith("!")  # type: ignore[union-attr]
+            last = Content(_content_bytes(p, _unquote(p, val[1:].strip() if neg else val, "content")), negated=neg)  # type: ignore[index]
+            rule.contents.append(last)
+        elif key in ("nocase", "offset", "depth"):
+            if last is None:
+                raise p.err(f"'{key}' before any content", f"put {key} after the content it modifies")
+            if key == "nocase":
+                last.nocase = True
+            else:
+                if val is None or not val.isdigit():
+                    raise p.err(f"{key} needs a non-negative number", f"write {key}:4;")
+                setattr(last, key, int(val))
+                if key == "depth" and int(val) < len(last.pattern):
+                    raise p.err(f"depth {val} is shorter than its content ({len(last.pattern)} bytes)",
+                                "depth counts from offset and must cover the whole content")
+        elif key == "flow":
+            for word in (val or "").replace(" ", "").split(","):
+                if word in ("to_server", "from_client"):
+                    rule.to_server = True
+                elif word in ("to_client", "from_server"):
+                    rule.to_server = False
+                elif word == "established":
+                    rule.established = True
+                elif word == "not_established":
+                    rule.established = False
+                elif word == "stateless":
+                    pass
+                else:
+                    raise p.err(f"unsupported flow option '{word}'",
+                                "use to_server, to_client, from_client, from_server, established, not_established, stateless")
+        elif key == "classtype":
+            rule.classtype = val or ""
+        elif key == "priority":
+            if val is None or not val.isdigit():
+                raise p.err("priority needs a number", "write priority:2;")
+            rule.priority = int(val)
+        elif key in _IGNORED:
+            pass
+        else:
+            raise p.err(f"unsupported option '{key}'", _UNSUPPORTED_HINT)
+    if rule.sid <= 0:
+        raise p.err("rule has no sid", "add sid:N; with a number unique in the rule set (local rules use 1000000+)")
+    return rule
+
+
+# --- matching ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Alert:
+    """One rule that fired on one packet."""
+
+    sid: int
+    rev: int
+    msg: str
+    action: str
+    key: FiveTuple
+    classtype: str = ""
+    priority: int | None = None
+
+    def line(self) -> str:
+        """Snort's "fast" alert format: `[**] [1:SID:REV] MSG [**] ... {PROTO} SRC:PORT -> DST:PORT`."""
+        src, dst, proto, sport, dport = self.key
+        s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        pr = PROTO_NAMES.get(proto, str(proto)).upper()
+        extra = f" [Classification: {self.classtype}]" if self.classtype else ""
+        extra += f" [Priority: {self.priority}]" if self.priority is not None else ""
+        return f"[**] [1:{self.sid}:{self.rev}] {self.msg} [**]{extra} {{{pr}}} {s}:{sport} -> {d}:{dport}"
+
+    def as_dict(self) -> dict[str, object]:
+        """Structured form for JSON logs."""
+        src, dst, proto, sport, dport = self.key
+        return {"sid": self.sid, "rev": self.rev, "msg": self.msg, "action": self.action,
+                "src": str(ipaddress.ip_address(src)), "dst": str(ipaddress.ip_address(dst)), "proto": proto,
+                "sport": sport, "dport": dport, "classtype": self.classtype, "priority": self.priority}
+
+    def json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+
+class SignatureSet:
+    """Compiled rules: automata over every positive content, plus the rules without one."""
+
+    def __init__(self, rules: list[SnortRule]) -> None:
+        sids: dict[int, int] = {}
+        for r in rules:
+            if r.sid in sids:
+                raise SnortSyntaxError("<rules>", r.line, f"sid {r.sid} is also used on line {sids[r.sid]}",
+                                       "give every rule its own sid")
+            sids[r.sid] = r.line
+        self.rules = rules
+        self._need: list[int] = []  # positive contents per rule
+        self._no_content: list[int] = []
+        exact: dict[str, list[tuple[int, int]]] = {}
+        folded: dict[str, list[tuple[int, int]]] = {}
+        for ri, r in enumerate(rules):
+            pos = [(ci, c) for ci, c in enumerate(r.contents) if not c.negated]
+            self._need.append(len(pos))
+            if not pos:
+                self._no_content.append(ri)
+            for ci, c in pos:
+                table = folded if c.nocase else exact
+                # latin-1 maps each byte to one code point, so str offsets are byte offsets.
+                pat = (c.pattern.lower() if c.nocase else c.pattern).decode("latin-1")
+                table.setdefault(pat, []).append((ri, ci))
+        # Lower-cased payload is needed only for nocase contents (positive or negated).
+        self._need_lower = bool(folded) or any(c.nocase and c.negated for r in rules for c in r.contents)
+        self._exact = _automaton(exact)
+        self._folded = _automaton(folded)
+        self.patterns = sum(len(v) for v in exact.values()) + sum(len(v) for v in folded.values())
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> "SignatureSet":
+        """Parse a rules file: one rule per line, `#` comments, trailing backslash continues a line."""
+        rules: list[SnortRule] = []
+        pending, start = "", 0
+        for n, raw in enumerate(text.splitlines(), 1):
+            s = raw.strip()
+            if not pending and (not s or s.startswith("#")):
+                continue
+            if not pending:
+                start = n
+            if s.endswith("\\"):
+                pending += s[:-1] + " "
+                continue
+            rules.append(parse_rule(pending + s, start, source, variables))
+            pending = ""
+        if pending:
+            raise SnortSyntaxError(source, start, "rule continues past the end of the file", "remove the last backslash")
+        try:
+            return cls(rules)
+        except SnortSyntaxError as exc:
+            raise SnortSyntaxError(source, exc.line, exc.message, exc.hint) from None
+
+    def match(self, payload: Buffer, key: FiveTuple, to_server: bool | None = None,
+              established: bool | None = None) -> list[SnortRule]:
+        """Rules that fire on this packet, in rule order. `to_server`/`established` come from a
+        `FlowTracker`; a rule with `flow:` options does not fire when they are None (unknown)."""
+        data = bytes(payload)
+        found: dict[int, set[int]] = {}
+        rules = self.rules
+        if self._exact is not None:
+            _collect(self._exact, data.decode("latin-1"), rules, found)
+        # bytes.lower() folds ASCII only, as Snort's nocase does (str.lower() would fold latin-1 too).
+        lowered = data.lower() if self._need_lower else None
+        if self._folded is not None:
+            _collect(self._folded, lowered.decode("latin-1"), rules, found)  # type: ignore[union-attr]
+        candidates = [ri for ri, cs in found.items() if len(cs) == self._need[ri]] + self._no_content
+        out = []
+        for ri in sorted(candidates):
+            r = rules[ri]
+            if any(c.negated and c.search(data, lowered) for c in r.contents):
+                continue
+            if r.header_match(key) and r.flow_match(to_server, established):
+                out.append(r)
+        return out
+
+
+def _automaton(table: dict[str, list[tuple[int, int]]]) -> "ahocorasick.Automaton | None":
+    if not table:
+        return None
+    a = ahocorasick.Automaton()
+    for pat, where in table.items():
+        a.add_word(pat, (len(pat), where))
+    a.make_automaton()
+    return a
+
+
+def _collect(a: "ahocorasick.Automaton", text: str, rules: list[SnortRule], found: dict[int, set[int]]) -> None:
+    for end, (length, where) in a.iter(text):
+        stop = end + 1
+        start = stop - length
+        for ri, ci in where:
+            if rules[ri].contents[ci].window_ok(start, stop):
+                found.setdefault(ri, set()).add(ci)
+
+
+class FlowTracker:
+    """Tells, per packet, whether it goes to the server and whether its flow is established, as
+    Snort's `flow:` option needs. The client is whoever sent the first packet seen of a flow (or
+    the SYN sender); a flow is established once packets were seen both ways. Bounded, with idle
+    expiry driven by `now`."""
+
+    def __init__(self, max_flows: int = 262_144, idle_timeout: float = 300.0) -> None:
+        self.max_flows = max_flows
+        self.idle_timeout = idle_timeout
+        self._flows: dict[FiveTuple, list] = {}  # canonical key -> [client-side key, replied, expires]
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def observe(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> tuple[bool, bool]:
+        """(to_server, established) for this packet, updating the flow's state."""
+        c = canonical(key)
+        st = self._flows.get(c)
+        if st is None or st[2] <= now:
+            if len(self._flows) >= self.max_flows:
+                self.expire(now)
+                if len(self._flows) >= self.max_flows:
+                    self._flows.pop(next(iter(self._flows)))  # oldest-inserted goes first
+            # A SYN-ACK seen first means its receiver is the client.
+            client = key
+            if tcp_flags & 0x12 == 0x12:
+                src, dst, proto, sport, dport = key
+                client = (dst, src, proto, dport, sport)
+            st = self._flows[c] = [client, False, 0.0]
+        to_server = key == st[0]
+        if not to_server:
+            st[1] = True
+        st[2] = now + self.idle_timeout
+        return to_server, bool(st[1])
+
+    def expire(self, now: float) -> int:
+        dead = [k for k, st in self._flows.items() if st[2] <= now]
+        for k in dead:
+            del self._flows[k]
+        return len(dead)
+
+
+@dataclass
+class Ids:
+    """Signatures + flow tracking + the alert/drop policy. `mode="alert"` (IDS: drop rules only
+    alert) or `mode="drop"` (inline IPS: drop/reject rules drop the packet)."""
+
+    signatures: SignatureSet
+    mode: str = "alert"
+    flows: FlowTracker = field(default_factory=FlowTracker)
+    alerts: int = 0
+    dropped: int = 0
+    passed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("alert", "drop"):
+            raise ValueError(f"mode must be 'alert' or 'drop', got {self.mode!r}")
+
+    def inspect(self, payload: Buffer, key: FiveTuple, now: float, tcp_flags: int = 0) -> tuple[IdsVerdict, list[Alert]]:
+        """The verdict and alerts for one packet's L4 payload."""
+        to_server, established = self.flows.observe(key, now, tcp_flags)
+        fired = self.signatures.match(payload, key, to_server, established)
+        if not fired:
+            return IdsVerdict.PASS, []
+        if any(r.action == "pass" for r in fired):
+            self.passed += 1
+            return IdsVerdict.PASS, []
+        alerts = []
+        verdict = IdsVerdict.PASS
+        for r in fired:
+            r.hits += 1
+            alerts.append(Alert(r.sid, r.rev, r.msg, r.action, tuple(key), r.classtype, r.priority))
+            if self.mode == "drop" and r.action in ("drop", "reject"):
+                verdict = IdsVerdict.DROP
+        self.alerts += len(alerts)
+        if verdict is IdsVerdict.DROP:
+            self.dropped += 1
+        return verdict, alerts
+
+    def counters(self) -> dict[int, int]:
+        """Hits per sid."""
+        return {r.sid: r.hits for r in self.signatures.rules}
+
+
+def load(texts: Iterable[tuple[str, str]], variables: Mapping[str, str] | None = None) -> SignatureSet:
+    """Parse several (source name, text) rule files into one set."""
+    rules: list[SnortRule] = []
+    for source, text in texts:
+        rules += SignatureSet.parse(text, source, variables).rules
+    return SignatureSet(rules)

@@ -308,3 +308,13 @@ def test_other_modules_add_bench_verbs(monkeypatch, capsys):
     monkeypatch.setattr(cli_bench, "BENCH_MODULES", [mod.__name__, "shmfabric.bench.not_written_yet"])
     assert cli_main.main(["bench", "fake"]) == 0
     assert "fake ran" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_workers_can_be_spawned_instead_of_forked(no_leftovers):
+    cfg = bt.BenchConfig(sizes=(64,), duration=TINY, memcpy=False, start_method="spawn",
+                         only=("seqpacket", "mp.Queue", "faster-fifo"))
+    rows = bt.run_bench(cfg)
+    assert len(rows) == 2 * 3 + 1  # throughput and latency each, plus seqpacket's forward
+    for r in rows:
+        _check_row(r)

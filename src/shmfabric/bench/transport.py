@@ -79,6 +79,9 @@ class BenchConfig:
             unknown = [n for n in self.only if n.lower() not in known]
             if unknown:
                 raise ValueError(f"unknown transport(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if self.start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start method {self.start_method!r} is not available here "
+                             f"({', '.join(multiprocessing.get_all_start_methods())})")
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
 
@@ -349,7 +352,8 @@ def run_bench(config: BenchConfig, transports: list[Transport] | None = None,
                     rows.append(_row(t.name, size, mode, "skipped", error=unavailable[t.name]))
                     continue
                 spec = Spec(size=size, mode=mode, duration=config.duration, setup_timeout=config.setup_timeout,
-                            batch=config.batch, tag=f"{os.getpid()}-{next(counter)}")
+                            batch=config.batch, start_method=config.start_method,
+                            tag=f"{os.getpid()}-{next(counter)}")
                 if progress:
                     progress(f"{t.name} {mode} {size} B")
                 rows.append(run_case(t, spec, mp_ctx, pin=config.pin))

@@ -95,6 +95,8 @@ def register_transport(bench_sub: Any) -> None:
     p.add_argument("--modes", type=_names, default=MODES, metavar="MODE,...",
                    help=f"which measurements: {','.join(MODES)} (default all)")
     p.add_argument("--batch", type=int, default=256, help="frames per batch where a transport has batch calls")
+    p.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
+                   help="how worker processes start (default fork)")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     p.add_argument("--list", action="store_true", help="list the transports and exit")
     # SUPPRESS: without the flag, keep what the global `shmfabric --json` said.
@@ -116,7 +118,7 @@ def cmd_transport(args: argparse.Namespace) -> int:
     try:
         duration = args.duration if args.duration is not None else default_duration()
         config = BenchConfig(sizes=args.sizes, duration=duration, modes=args.modes, only=args.only,
-                             pin=args.pin, batch=args.batch)
+                             pin=args.pin, batch=args.batch, start_method=args.start_method)
         config.validate(transports)
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -64,6 +64,9 @@ class Spec:
     setup_timeout: float = 10.0
     #: Frames per batch for transports that have batch calls.
     batch: int = 256
+    #: How the harness starts the workers ("fork" or "spawn"); objects shared with them
+    #: (queues, locks) must come from the same multiprocessing context.
+    start_method: str = "fork"
     #: Unique token for names of paths, services and regions created for this case.
     tag: str = field(default_factory=lambda: f"{os.getpid()}-{time.monotonic_ns() % 10**9}")
 

@@ -29,7 +29,7 @@ class QueueTransport(Transport):
     modes = ("throughput", "latency")
 
     def setup(self, spec: Spec) -> Any:
-        ctx = multiprocessing.get_context()
+        ctx = multiprocessing.get_context(spec.start_method)
         if spec.mode == "latency":
             return {"a": ctx.Queue(1), "b": ctx.Queue(1)}
         return {"q": ctx.Queue(QUEUE_MAXSIZE)}
@@ -69,7 +69,7 @@ class PipeTransport(Transport):
     modes = ("throughput", "latency")
 
     def setup(self, spec: Spec) -> Any:
-        ctx = multiprocessing.get_context()
+        ctx = multiprocessing.get_context(spec.start_method)
         if spec.mode == "latency":
             return ctx.Pipe(duplex=True)
         return ctx.Pipe(duplex=False)

@@ -1,0 +1,1 @@
+"""The built-in network functions (registered in shmfabric.functions.registry and pyproject)."""

@@ -1,0 +1,85 @@
+"""`python -m shmfabric.functions.run`: run one network function as a node of a fabric.
+
+    python -m shmfabric.functions.run --fabric edge --node fw --function firewall \
+        --config '{"rules": "policy accept"}' --next ids [--port NAME ...] [--duration S]
+
+Exit status: 0 after a graceful stop, 2 for a configuration or usage error (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from shmfabric.fabric import Fabric, FabricError, RegionOpenError
+from shmfabric.functions.api import FunctionConfigError
+from shmfabric.functions.registry import UnknownFunctionError, load
+from shmfabric.functions.runtime import FunctionRunner, install_signal_handlers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m shmfabric.functions.run", description=__doc__.splitlines()[0])
+    p.add_argument("--fabric", required=True)
+    p.add_argument("--node", required=True, help="this node's name")
+    p.add_argument("--function", required=True, help="function name (entry point in shmfabric.functions)")
+    p.add_argument("--config", default="{}", help="JSON object, or @FILE with one")
+    p.add_argument("--next", default="", help="next hop node(s), comma-separated (several = scaled-out group)")
+    p.add_argument("--port", action="append", default=[], help="node behind Verdict.port(k), in order")
+    p.add_argument("--network", type=int, default=0)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--wait-mode", default="adaptive", choices=["poll", "block", "adaptive"])
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--open-timeout", type=float, default=10.0, help="wait this long for the fabric to exist")
+    p.add_argument("--stats-json", help="write the final stats as JSON to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        text = a.config
+        if text.startswith("@"):
+            with open(text[1:]) as f:
+                text = f.read()
+        config = json.loads(text)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        print(f"shmfabric.functions.run: --config is not a JSON object ({e})", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + a.open_timeout
+    while True:
+        try:
+            fab = Fabric.open(a.fabric)
+            break
+        except RegionOpenError as e:
+            if time.monotonic() > deadline:
+                print(f"shmfabric.functions.run: {e}", file=sys.stderr)
+                return 2
+            time.sleep(0.05)
+    try:
+        cls = load(a.function)
+        runner = FunctionRunner(fab, a.node, cls, config, [n for n in a.next.split(",") if n], a.port,
+                                batch=a.batch, network=a.network, wait_mode=a.wait_mode)
+    except (UnknownFunctionError, FunctionConfigError, FabricError) as e:
+        print(f"shmfabric.functions.run: {e}", file=sys.stderr)
+        fab.close()
+        return 2
+    install_signal_handlers(runner)
+    try:
+        stats = runner.run(a.duration)
+    except TimeoutError as e:
+        print(f"shmfabric.functions.run: {e}", file=sys.stderr)
+        return 2
+    finally:
+        runner.close()
+        fab.close()
+    if a.stats_json:
+        with open(a.stats_json, "w") as f:
+            json.dump(stats, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

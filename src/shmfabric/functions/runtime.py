@@ -1,0 +1,312 @@
+"""The function runtime: one network function in one process, attached to the fabric.
+
+It does the I/O the function may not: receive a batch (zero-copy views), call the function with
+the time, forward each frame by its verdict without copying (`forward_where`), answer control
+messages from the manager, keep counters, and stop gracefully (draining its input first).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from shmfabric.fabric import Fabric, FabricError, UnknownDestinationError
+from shmfabric.functions.api import FunctionConfigError, FunctionContext, Verdict, validate_config
+from shmfabric.net.flow import parse_5tuple_ip, symmetric_hash
+
+GROUP_BASE = 230  # verdict codes GROUP_BASE+i: instance i of a scaled-out next hop
+MAX_GROUP = 255 - GROUP_BASE
+RESOLVE_EVERY = 0.1  # seconds between name lookups of a next hop that went away
+
+
+def log(event: str, fields: dict) -> None:
+    """One structured log line (JSON) on stderr."""
+    sys.stderr.write(json.dumps({"ts": round(time.time(), 6), "event": event, **fields}) + "\n")
+
+
+class Hop:
+    """A named destination (a node, or a scaled-out group of nodes) resolved to node ids."""
+
+    def __init__(self, fabric: Fabric, names: list[str]):
+        if len(names) > MAX_GROUP:
+            raise ValueError(f"a next hop group has at most {MAX_GROUP} instances, got {len(names)}")
+        self.fabric = fabric
+        self.names = list(names)
+        self.ids: list[int | None] = [None] * len(names)
+        self._last_resolve = 0.0
+
+    def resolve(self, now: float, force: bool = False) -> None:
+        if not force and now - self._last_resolve < RESOLVE_EVERY:
+            return
+        self._last_resolve = now
+        self.ids = [self.fabric.node_id(n) for n in self.names]
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.resolve(0, force=True)
+            missing = [n for n, i in zip(self.names, self.ids) if i is None]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"next hop node(s) {missing} not attached within {timeout} s")
+            time.sleep(0.01)
+
+
+class FunctionRunner:
+    """Runs function class `fn_cls` as node `node_name` of `fabric`; see `run()`."""
+
+    def __init__(self, fabric: Fabric, node_name: str, fn_cls: type, config: dict | None,
+                 next_hop: list[str] | None = None, ports: list[str] | None = None, *, batch: int = 256,
+                 network: int = 0, wait_mode: str = "adaptive", peer_timeout: float = 30.0):
+        self.fabric = fabric
+        self.fn_cls = fn_cls
+        self.config_model = validate_config(fn_cls, config)
+        self.node = fabric.attach(node_name, network)
+        self.node.set_wait_mode(wait_mode)
+        self.node.on_message = self._on_message
+        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=list(ports or []), log=log)
+        self.fn = fn_cls(self.config_model, self.ctx)
+        self.is_source = hasattr(self.fn, "produce")
+        self.batch = batch
+        self.peer_timeout = peer_timeout
+        self.next = Hop(fabric, next_hop or [])
+        self.ports = [Hop(fabric, [p]) for p in (ports or [])]
+        self.stopping = False
+        self._stop_requester: int | None = None
+        self.c = {"in_frames": 0, "out_frames": 0, "dropped": 0, "replied": 0, "bad_verdict": 0,
+                  "next_down": 0, "ring_full_waits": 0, "batches": 0, "busy_ns": 0}
+
+    # -- control -------------------------------------------------------------------------------
+    def _reply(self, dst: int, msg: dict) -> None:
+        data = json.dumps(msg).encode()
+        for _ in range(1000):  # the manager reads its ring continuously; a full ring clears fast
+            if self.node.send_control(dst, data):
+                return
+            time.sleep(0.001)
+
+    def stats(self) -> dict:
+        c = dict(self.c)
+        c["ns_per_frame"] = round(c["busy_ns"] / c["in_frames"], 1) if c["in_frames"] else 0.0
+        return {"ok": True, "node": self.node.name, "function": self.fn_cls.name,
+                "version": str(getattr(self.fn_cls, "version", "1")), "counters": c,
+                "function_counters": self.fn.counters() if hasattr(self.fn, "counters") else {},
+                "next": self.next.names, "ports": [p.names[0] for p in self.ports]}
+
+    def _on_message(self, src: int, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            op = msg.get("op")
+        except (ValueError, AttributeError):
+            self._reply(src, {"ok": False, "error": "control message is not a JSON object"})
+            return
+        rid = msg.get("id")
+        try:
+            if op == "stats":
+                out = self.stats()
+            elif op == "reconfigure":
+                new = validate_config(self.fn_cls, msg.get("config"))
+                if not hasattr(self.fn, "reconfigure"):
+                    raise FunctionConfigError(f"function {self.fn_cls.name!r} cannot be reconfigured live; replace it")
+                self.fn.reconfigure(new)
+                self.config_model = new
+                log("reconfigured", {"node": self.node.name})
+                out = {"ok": True}
+            elif op == "set_next":
+                hop = Hop(self.fabric, list(msg.get("next") or []))
+                hop.wait(timeout=float(msg.get("timeout", 5.0)))
+                self.next = hop
+                log("next_hop", {"node": self.node.name, "next": hop.names})
+                out = {"ok": True}
+            elif op == "stop":
+                self.stopping = True
+                self._stop_requester = src
+                return  # answered once drained
+            else:
+                out = {"ok": False, "error": f"unknown op {op!r}; use stats, reconfigure, set_next or stop"}
+        except (FunctionConfigError, TimeoutError, ValueError) as e:
+            out = {"ok": False, "error": str(e)}
+        if rid is not None:
+            out["id"] = rid
+        self._reply(src, out)
+
+    # -- the data path -------------------------------------------------------------------------
+    def _send_code(self, batch: Any, out: bytearray, code: int, dst: int | None, hop: Hop) -> int:
+        """Forward the frames of `code` to dst, waiting while its ring is full. Returns frames sent."""
+        pending = out.count(code)
+        if not pending:
+            return 0
+        sent_total = 0
+        waits = 0
+        while pending:
+            if dst is None:
+                self.c["next_down"] += pending
+                return sent_total
+            try:
+                sent = self.node.forward_where(dst, batch, out, code)
+            except UnknownDestinationError:
+                hop.resolve(time.monotonic(), force=True)
+                self.c["next_down"] += pending
+                return sent_total
+            sent_total += sent
+            pending -= sent
+            if pending:
+                waits += 1
+                self.c["ring_full_waits"] += 1
+                if waits > 2:
+                    time.sleep(0.00002)
+                if self.stopping and waits > 50000:  # a stuck downstream must not block a stop forever
+                    self.c["dropped"] += pending
+                    return sent_total
+        return sent_total
+
+    def _spread(self, frames: Any, out: bytearray, n: int) -> None:
+        """Give NEXT frames an instance of the scaled-out next hop by flow hash (a flow stays put)."""
+        k = len(self.next.ids)
+        for i in range(n):
+            if out[i] == Verdict.NEXT:
+                key = parse_5tuple_ip(frames[i])
+                h = symmetric_hash(key) if isinstance(key, tuple) else 0
+                out[i] = GROUP_BASE + h % k
+
+    def dispatch(self, batch: Any, out: bytearray) -> None:
+        """Forward every frame of `batch` by its verdict in `out`."""
+        n = len(batch)
+        now = time.monotonic()
+        if self.next.ids and None in self.next.ids:
+            self.next.resolve(now)
+        nxt = self.next.ids
+        if len(nxt) > 1:
+            self._spread(batch, out, n)
+            for i, dst in enumerate(nxt):
+                self.c["out_frames"] += self._send_code(batch, out, GROUP_BASE + i, dst, self.next)
+        elif nxt:
+            self.c["out_frames"] += self._send_code(batch, out, Verdict.NEXT, nxt[0], self.next)
+        else:
+            self.c["dropped"] += out.count(Verdict.NEXT)  # end of the chain: NEXT means consumed
+        for k, hop in enumerate(self.ports):
+            if Verdict.port(k) in out:
+                if None in hop.ids:
+                    hop.resolve(now)
+                self.c["out_frames"] += self._send_code(batch, out, Verdict.port(k), hop.ids[0], hop)
+        self.c["dropped"] += out.count(Verdict.DROP)
+        if Verdict.REPLY in out:
+            for i, f in enumerate(batch):
+                if out[i] == Verdict.REPLY:
+                    try:
+                        self.c["replied"] += int(self.node.forward(f.src, f))
+                    except FabricError:
+                        self.c["next_down"] += 1
+        handled = {Verdict.NEXT, Verdict.DROP, Verdict.REPLY, *(Verdict.port(k) for k in range(len(self.ports))),
+                   *(GROUP_BASE + i for i in range(len(nxt)) if len(nxt) > 1)}
+        if len(set(out) - handled):
+            self.c["bad_verdict"] += sum(1 for v in out if v not in handled)
+
+    def _send_frames(self, frames: list) -> None:
+        """A source function's frames: copy each into a slot once and send down the chain."""
+        nxt = self.next.ids
+        if not nxt or nxt[0] is None:
+            self.next.resolve(time.monotonic())
+            self.c["next_down"] += len(frames)
+            return
+        groups: dict[int, list] = {}
+        if len(nxt) > 1:
+            for f in frames:
+                key = parse_5tuple_ip(f)
+                h = symmetric_hash(key) if isinstance(key, tuple) else 0
+                groups.setdefault(h % len(nxt), []).append(f)
+        else:
+            groups[0] = frames
+        for i, fs in groups.items():
+            dst = nxt[i]
+            while fs:
+                try:
+                    sent = self.node.send_batch(dst, fs, ethertype=0x0800)
+                except UnknownDestinationError:
+                    self.next.resolve(time.monotonic(), force=True)
+                    self.c["next_down"] += len(fs)
+                    break
+                self.c["out_frames"] += sent
+                fs = fs[sent:]
+                if fs:
+                    self.c["ring_full_waits"] += 1
+                    if self.stopping:
+                        self.c["dropped"] += len(fs)
+                        break
+                    time.sleep(0.00002)
+
+    def run(self, duration: float | None = None) -> dict:
+        """Process until stopped (SIGTERM/SIGINT, the `stop` op, or `duration` seconds). Returns stats."""
+        if self.next.names:
+            self.next.wait(self.peer_timeout)
+        for p in self.ports:
+            p.wait(self.peer_timeout)
+        log("started", {"node": self.node.name, "function": self.fn_cls.name, "id": self.node.id,
+                        "next": self.next.names})
+        end = None if duration is None else time.monotonic() + duration
+        empty_polls = 0
+        node, fn, batch_max, c = self.node, self.fn, self.batch, self.c
+        perf = time.perf_counter_ns
+        while True:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                self.stopping = True
+            if self.is_source:
+                if self.stopping:
+                    break
+                frames = fn.produce(now, batch_max)
+                if frames:
+                    t0 = perf()
+                    self._send_frames(list(frames))
+                    c["busy_ns"] += perf() - t0
+                    c["in_frames"] += len(frames)
+                    c["batches"] += 1
+                with node.recv_batch(64, 0):  # control messages arrive through receives
+                    pass
+                if not frames:
+                    deadline = fn.next_deadline(now)
+                    if deadline is None:
+                        self.stopping = True
+                        continue
+                    node.recv_batch(1, min(max(deadline - now, 0), 0.05)).release()
+                continue
+            timeout = 0.05 if self.stopping else 0.2
+            batch = node.recv_batch(batch_max, timeout)
+            n = len(batch)
+            if not n:
+                batch.release()
+                if hasattr(fn, "on_timer"):
+                    fn.on_timer(time.monotonic())
+                if self.stopping:
+                    empty_polls += 1
+                    if empty_polls >= 2:  # input drained
+                        break
+                continue
+            empty_polls = 0
+            out = bytearray(n)
+            t0 = perf()
+            fn.process(batch, now, out)
+            c["busy_ns"] += perf() - t0
+            c["in_frames"] += n
+            c["batches"] += 1
+            self.dispatch(batch, out)
+            batch.release()
+        stats = self.stats()
+        if self._stop_requester is not None:
+            self._reply(self._stop_requester, {"ok": True, "processed": c["in_frames"]})
+        log("stopped", {"node": self.node.name, **c})
+        return stats
+
+    def close(self) -> None:
+        self.node.detach()
+
+
+def install_signal_handlers(runner: FunctionRunner) -> None:
+    """SIGTERM and SIGINT stop the runner gracefully (it drains its input first)."""
+    def stop(signum: int, frame: Any) -> None:
+        runner.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

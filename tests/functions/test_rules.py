@@ -164,3 +164,25 @@ def test_prefix_match_agrees_with_ipaddress(addr, plen):
     for a in (addr, probe):
         expect = A if ipaddress.IPv4Address(a) in net else D
         assert f.check((a, 1, 6, 1, 1), 0.0) is expect
+
+
+_rule_parts = st.tuples(
+    st.sampled_from(["", "ip saddr 10.0.0.0/8 ", "ip daddr != 10.1.0.0/16 ", "ip6 saddr fd00::/8 "]),
+    st.sampled_from(["", "tcp dport 80 ", "udp dport { 53, 5353 } ", "th dport 1000-1100 ", "tcp dport 1024-65535 ",
+                     "tcp dport != 22 ", "meta l4proto icmp ", "tcp sport 80 ", "th dport 0-300 "]),
+    st.sampled_from(["accept", "drop", "reject"]),
+)
+
+
+@given(st.lists(_rule_parts, max_size=12), st.lists(st.tuples(
+    st.sampled_from([0x0A000001, 0x0A010001, 0x0B000001, bytes.fromhex("fd00" + "00" * 13 + "01")]),
+    st.sampled_from([1, 6, 17, 47]), st.integers(0, 2000), st.sampled_from([22, 53, 80, 299, 1050, 5353, 40000])),
+    max_size=20))
+def test_index_agrees_with_linear_walk(parts, packets):
+    text = "conntrack off\n" + "\n".join("".join(p) for p in parts)
+    f = fw(text)
+    for src, proto, sport, dport in packets:
+        dst = src
+        key = (src, dst, proto, sport, dport)
+        expect = next((r.verdict for r in f.ruleset.rules if r.matches(key, 0.0)), f.ruleset.policy)
+        assert f.check(key, 0.0) is expect

@@ -336,14 +336,53 @@ def _protos(p: _Parser, vals: list[str], negate: bool) -> frozenset[int]:
     return frozenset(set(range(256)) - out) if negate else frozenset(out)
 
 
+#: A rule whose destination ports cover at most this many ports is indexed under each of them;
+#: wider ranges (1024-65535) make the rule a candidate for every port of its protocols.
+INDEX_MAX_PORTS = 256
+
+
 @dataclass
 class RuleSet:
-    """Parsed rules plus the table-wide settings."""
+    """Parsed rules plus the table-wide settings.
+
+    `candidates(proto, dport)` gives, in rule order, only the rules that can match that protocol
+    and destination port: matching 100 rules one by one costs ~45 us per packet in CPython, and
+    most rule sets are mostly port rules, so the index cuts the walk to a handful."""
 
     rules: list[Rule]
     policy: Verdict = Verdict.DROP
     conntrack: bool = True
     source: str = "<rules>"
+
+    def __post_init__(self) -> None:
+        self.build_index()
+
+    def build_index(self) -> None:
+        """(Re)build the candidate index; call after changing `rules`."""
+        by_port: dict[tuple[int, int], set[int]] = {}
+        by_proto: dict[int, list[int]] = {p: [] for p in range(256)}
+        for i, r in enumerate(self.rules):
+            protos = range(256) if r.protos is None else sorted(r.protos)
+            dp = r.dport
+            width = sum(hi - lo + 1 for lo, hi in dp.ranges) if dp is not None and not dp.negate else None
+            if width is not None and width <= INDEX_MAX_PORTS:
+                for proto in protos:
+                    for lo, hi in dp.ranges:  # type: ignore[union-attr]
+                        for port in range(lo, hi + 1):
+                            by_port.setdefault((proto, port), set()).add(i)
+            else:
+                for proto in protos:
+                    by_proto[proto].append(i)
+        rules = self.rules
+        self._wild: dict[int, tuple[Rule, ...]] = {p: tuple(rules[i] for i in ix) for p, ix in by_proto.items()}
+        self._by_port: dict[tuple[int, int], tuple[Rule, ...]] = {
+            k: tuple(rules[i] for i in sorted(ix | set(by_proto[k[0]]))) for k, ix in by_port.items()
+        }
+
+    def candidates(self, proto: int, dport: int) -> tuple[Rule, ...]:
+        """Rules that may match, in order (a superset of those that do)."""
+        c = self._by_port.get((proto, dport))
+        return c if c is not None else self._wild[proto]
 
     @classmethod
     def parse(cls, text: str, source: str = "<rules>") -> "RuleSet":
@@ -371,6 +410,7 @@ class RuleSet:
                 rs.conntrack = tokens[1] == "on"
             else:
                 rules.append(_parse_rule(source, n, line, tokens))
+        rs.build_index()
         return rs
 
 
@@ -542,7 +582,7 @@ class Firewall:
         if ct and self.conntrack.lookup(key, now, tcp_flags):  # type: ignore[arg-type]
             self.established += 1
             return Verdict.ACCEPT
-        for rule in self.ruleset.rules:
+        for rule in self.ruleset.candidates(key[2], key[4]):  # type: ignore[index]
             if rule.matches(key, now):  # type: ignore[arg-type]
                 rule.packets += 1
                 rule.bytes += length

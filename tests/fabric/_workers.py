@@ -97,7 +97,7 @@ def role_all_to_all(fabric: str, k: int, n: int, per_peer: int, size: int, timeo
 
 
 def role_stream(fabric: str, name: str, peers: str, size: int, timeout: float) -> int:
-    """Send to and receive from `peers` (comma-separated names) until stdin closes or timeout.
+    """Send to and receive from `peers` (comma-separated names) until a line on stdin or timeout.
 
     Prints a JSON line "ready" once attached, then, at the end, its counts. Sending to a peer
     that went away raises UnknownDestinationError; that is recorded and the peer is dropped.
@@ -112,7 +112,7 @@ def role_stream(fabric: str, name: str, peers: str, size: int, timeout: float) -
     ids = {p: me.wait_for_peer(p, timeout=timeout) for p in peers.split(",") if p}
     out({"ready": name, "id": me.id})
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
     deadline = time.monotonic() + timeout
     seq = 0
     received = 0
@@ -133,6 +133,7 @@ def role_stream(fabric: str, name: str, peers: str, size: int, timeout: float) -
                     bad += 1
                 received += 1
     out({"name": name, "sent": seq, "received": received, "gone": gone, "bad": bad})
+    sys.stdin.read()  # stay attached until the test lets us go, so no peer sees us leave
     fab.close()
     return 0
 
@@ -169,6 +170,7 @@ def role_alloc_free(fabric: str, name: str, rounds: int, seed: int) -> int:
     fab = Fabric.open(fabric)
     me = fab.attach(name)
     out({"ready": name, "id": me.id})
+    sys.stdin.readline()  # start together with the others
     allocs = frees = nobuf = 0
     held = []
     for _ in range(rounds):
@@ -181,7 +183,7 @@ def role_alloc_free(fabric: str, name: str, rounds: int, seed: int) -> int:
                 nobuf += 1
                 break
         rng.shuffle(held)
-        k = rng.randrange(0, len(held) + 1)
+        k = rng.randrange(max(0, len(held) - 100), len(held) + 1)  # hold at most ~100
         # send some through our own ring (dst = self) to exercise the ring path, free the rest
         for buf in held[:k]:
             if rng.random() < 0.3:
@@ -270,7 +272,34 @@ def role_open(path: str) -> int:
     return 0
 
 
+def role_eph_create(fabric: str) -> int:
+    """Create an ephemeral fabric, attach to it, report, and hold on until stdin closes (or -9)."""
+    fab = Fabric.create(fabric, ephemeral=True, max_nodes=4, networks=[{"mtu": 1500, "slots": 256}])
+    me = fab.attach("creator")
+    out({"ready": "creator", "id": me.id, "path": str(fab.path)})
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
+def role_broadcaster(fabric: str, name: str, count: int, seed: int) -> int:
+    """Broadcast `count` checksummed frames of random sizes as fast as possible, then report."""
+    rng = random.Random(seed)
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    out({"ready": name, "id": me.id})
+    sys.stdin.readline()  # go
+    for s in range(count):
+        me.broadcast(make_payload(me.id, 0xFFFF, s, rng.randint(12, 1000)))
+    out({"name": name, "sent": count})
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
 ROLES = {
+    "eph_create": (role_eph_create, (str,)),
+    "broadcaster": (role_broadcaster, (str, str, int, int)),
     "all_to_all": (role_all_to_all, (str, int, int, int, int, float)),
     "stream": (role_stream, (str, str, str, int, float)),
     "victim": (role_victim, (str, str, str, int)),

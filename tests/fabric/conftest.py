@@ -40,10 +40,10 @@ class Worker:
         """The next JSON line the worker prints; fails the test (with its stderr) on timeout or exit."""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"worker {self.role} printed nothing within {timeout} s")
+            left = max(0.0, deadline - time.monotonic())
             r, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not r and time.monotonic() >= deadline:
+                raise AssertionError(f"worker {self.role} printed nothing within {timeout} s")
             if r:
                 line = self.proc.stdout.readline()
                 if not line:
@@ -51,6 +51,11 @@ class Worker:
                     raise AssertionError(f"worker {self.role} exited ({self.proc.returncode}) early: "
                                          f"{self.proc.stderr.read()[-2000:]}")
                 return json.loads(line)
+
+    def write(self, line: str = "go") -> None:
+        """Send one line to the worker's stdin (e.g. its start signal)."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def finish(self, timeout: float = 10.0) -> int:
         """Close its stdin (the 'you may go' signal) and wait for it to exit."""

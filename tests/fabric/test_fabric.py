@@ -32,7 +32,8 @@ def drain(node, max_frames: int = 4096) -> list[bytes]:
     got = []
     while True:
         with node.recv_batch(max_frames, timeout=0) as b:
-            if not len(b):
+            # a hello read here may make the node answer: read until not even control is left
+            if not len(b) and b.control is None:
                 return got
             got.extend(f.tobytes() for f in b)
 

@@ -44,13 +44,15 @@ class CommandSpec:
     step: int
     kind: int
     flags: tuple[str, ...] = field(default=())
+    single: bool = False  # one key, at argument 1: the fast path
 
 
 def _mk(kind: int, flags: tuple[str, ...], entries: str) -> dict[bytes, CommandSpec]:
     out: dict[bytes, CommandSpec] = {}
     for item in entries.split():
         name, arity, first, last, step = item.split(":")
-        out[name.encode()] = CommandSpec(name.encode(), int(arity), int(first), int(last), int(step), kind, flags)
+        single = kind == Kind.KEYED and first == "1" and last == "1"
+        out[name.encode()] = CommandSpec(name.encode(), int(arity), int(first), int(last), int(step), kind, flags, single)
     return out
 
 

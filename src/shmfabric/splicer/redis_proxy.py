@@ -189,7 +189,7 @@ class _Lane:
         except (OSError, asyncio.TimeoutError) as exc:
             if self.gen == gen:
                 self._fail(f"cannot connect ({exc.__class__.__name__}: {exc})", "connect")
-                self.splicer._flush()
+                self.splicer._schedule_flush()
             return
         if self.gen != gen:  # closed while connecting
             transport.close()
@@ -238,12 +238,12 @@ class _Lane:
                     raise RespProtocolError("reply without a request")
         except (RespProtocolError, ValueError) as exc:
             self._fail(f"protocol error from the server: {exc}", "protocol")
-        self.splicer._flush()
+        self.splicer._schedule_flush()
 
     def lost(self, why: str) -> None:
         """The transport closed under us."""
         self._fail(why, "reset")
-        self.splicer._flush()
+        self.splicer._schedule_flush()
 
     def _fail(self, why: str, kind: str) -> None:
         """Close this connection; every request it held gets an error in its place."""
@@ -366,14 +366,14 @@ class _Client(asyncio.Protocol):
             return
         self.reader.feed(data)
         self._process()
-        self.splicer._flush()
+        self.splicer._schedule_flush()
 
     def eof_received(self) -> bool | None:
         # Half-close: the client sent all it will send (`printf ... | nc -N` does). Answer what
         # it sent, then close; keeping the transport open lets us still write.
         self.eof = True
         self._mark()
-        self.splicer._flush()
+        self.splicer._schedule_flush()
         return True
 
     # -- request side ----------------------------------------------------------------------
@@ -382,6 +382,8 @@ class _Client(asyncio.Protocol):
         merge = self.merge
         handle = self.session.handle
         now = time.monotonic()
+        servers = self.splicer._servers
+        dirty_lanes = self.splicer._dirty_lanes
         while not merge.full:
             try:
                 args = reader.next()
@@ -398,7 +400,19 @@ class _Client(asyncio.Protocol):
             action = handle(args)
             seq = merge.open()
             tag = action[0]
-            if tag == REPLY:
+            if tag == FORWARD and not action[1] and not self.waiting:
+                # Hot path: one request to one ready lane (what _execute does, inlined).
+                ln = servers[action[3]].lanes[action[2]][action[4]]
+                if ln.state == _READY:
+                    ln.out.append(action[5])
+                    ln.inflight.append((self, seq, now))
+                    if not ln.dirty:
+                        ln.dirty = True
+                        dirty_lanes.append(ln)
+                    self.outstanding += 1
+                else:
+                    self._execute(seq, action, now)
+            elif tag == REPLY:
                 merge.finish(seq, action[1])
                 if len(action) > 2 and action[2] and (self.outstanding or self.waiting):
                     self.waiting.append((None, _GATE))
@@ -537,6 +551,8 @@ class RedisSplicer:
         self.closing = False
         self.address: tuple[str, int] | None = None
         self._handshake_cache: dict[int, list[bytes]] = {}
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         if metrics is not None:
             for srv in self._servers:
                 srv.metrics.bind_pool(  # type: ignore[union-attr]
@@ -547,7 +563,7 @@ class RedisSplicer:
     # -- life cycle ------------------------------------------------------------------------
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> tuple[str, int]:
         """Listen (on `config.listen`, or an already bound `sock`) and open the minimum pools."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         await self._learn_version()
         if sock is not None:
             self._listener = await loop.create_server(lambda: _Client(self), sock=sock, backlog=1024)
@@ -589,7 +605,15 @@ class RedisSplicer:
         await asyncio.Event().wait()
 
     # -- helpers used by clients and lanes ------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        # Writes wait for the end of this event-loop round, so requests of many clients bound
+        # for one lane (and replies from many lanes bound for one client) leave in one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         lanes = self._dirty_lanes
         clients = self._dirty_clients
         while lanes or clients:

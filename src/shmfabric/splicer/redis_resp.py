@@ -142,38 +142,59 @@ class RequestReader:
     """Client request framer: `feed(bytes)`, then `next()` until it returns None.
 
     `next()` returns one command as a non-empty list of bytes arguments, or None when more
-    data is needed. It raises `RespProtocolError` on malformed input; the reader is unusable
-    afterwards (the connection must be closed, as Redis does).
+    data is needed. It raises `RespProtocolError` on malformed input; the connection must then
+    be closed, as Redis does.
 
-    Inline and multibulk requests may follow each other on one connection, with one limit: the
-    reader picks the format at the first byte of what it has buffered, and a multibulk run is
-    handed to hiredis whole, so an inline command sent in the same read right after multibulk
-    ones is refused as a protocol error. Real clients use one format per connection.
+    Inline and multibulk requests may follow each other in any mix, as redis-server allows
+    (`redis-cli --pipe` ends its stream with an empty inline line before its final ECHO). A
+    multibulk run is parsed by hiredis; when hiredis meets a byte that does not start a RESP
+    item, the reader works out exactly where the last complete request ended and hands the
+    rest to the inline path. It can, because hiredis trims its buffer once it has consumed
+    1 KiB, after which `Reader.len()` is the count of unread bytes: so every KiB or so the
+    stream position of a request end is known exactly, and only the few requests since then
+    are measured (by their canonical encoding, which is the only one hiredis accepts for
+    lengths). Forwarded commands are always re-encoded, so even a client that sends odd
+    element types can only confuse its own stream, never a shared backend connection.
     """
 
-    __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed")
+    __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
+                 "_fed", "_hlen", "_known_end", "_since", "_mirror", "_mirror_start")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
-        # protocolError/replyError left at their defaults: a request never contains RESP error
-        # items (hiredis would return an error object, which we refuse below).
-        self._reader = hiredis.Reader()
-        self._pending = b""  # bytes not yet handed to hiredis (inline mode, or boundary look)
-        self._in_hiredis = False  # hiredis may hold a partial request
-        self._hiredis_bytes = 0  # bytes fed to hiredis since it last had nothing buffered
+        self._pending = b""  # bytes not handed to hiredis (inline mode)
         self.max_request_bytes = max_request_bytes
         self.failed = False
+        self._reset_hiredis()
+
+    def _reset_hiredis(self) -> None:
+        self._reader = hiredis.Reader()
+        self._in_hiredis = False  # hiredis may hold (part of) a request
+        self._hiredis_bytes = 0  # bytes fed since the last complete request (bounded)
+        self._fed = 0  # bytes fed to this hiredis reader in all
+        self._hlen = 0  # what Reader.len() says if hiredis has not trimmed its buffer
+        self._known_end = 0  # stream offset (in _fed terms) where a request is known to end
+        self._since: list[list[bytes]] = []  # requests returned after _known_end
+        self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
+        self._mirror_start = 0
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the client."""
         if self._in_hiredis:
-            self._reader.feed(data)
-            self._hiredis_bytes += len(data)
+            self._feed_hiredis(bytes(data))
         elif self._pending:
             self._pending += data
         else:
             self._pending = bytes(data)
+
+    def _feed_hiredis(self, data: bytes) -> None:
+        self._reader.feed(data)
+        n = len(data)
+        self._hiredis_bytes += n
+        self._fed += n
+        self._hlen += n
+        self._mirror.append(data)
 
     @property
     def buffered(self) -> int:
@@ -184,24 +205,24 @@ class RequestReader:
         """Return the next complete command, or None if more bytes are needed."""
         while True:
             if self._in_hiredis:
+                reader = self._reader
                 try:
-                    cmd = self._reader.gets()
+                    cmd = reader.gets()
                 except hiredis.ProtocolError as exc:
+                    if self._recover():
+                        continue
                     self.failed = True
                     raise RespProtocolError(_hiredis_message(exc)) from None
                 if cmd is False:
-                    if not self._reader.has_data():
-                        self._in_hiredis = False
-                        self._hiredis_bytes = 0
-                    elif self._hiredis_bytes > self.max_request_bytes:
+                    # Not a boundary test: hiredis may have consumed part of a request (its
+                    # header and some arguments) and hold that state with nothing left unread.
+                    if self._hiredis_bytes > self.max_request_bytes:
                         self.failed = True
                         raise RespProtocolError("invalid bulk length")
                     return None
                 if type(cmd) is not list:
                     self.failed = True
-                    raise RespProtocolError(f"expected '*', got {bytes(cmd)[:1]!r}" if isinstance(cmd, bytes) else "expected '*' as the first byte of a request")
-                if not cmd:  # "*0\r\n": Redis skips empty multibulks silently
-                    continue
+                    raise RespProtocolError("expected '*' as the first byte of a request")
                 for arg in cmd:
                     if type(arg) is not bytes:
                         self.failed = True
@@ -209,15 +230,34 @@ class RequestReader:
                 if len(cmd) > MULTIBULK_MAX:
                     self.failed = True
                     raise RespProtocolError("invalid multibulk length")
+                self._hiredis_bytes = 0
+                left = reader.len()
+                if left < self._hlen:  # hiredis trimmed: exactly `left` bytes follow this request
+                    self._hlen = left
+                    self._known_end = self._fed - left
+                    self._since.clear()
+                    if len(self._mirror) > 4:
+                        self._trim_mirror()
+                else:
+                    self._since.append(cmd)
+                if not reader.has_data():
+                    # A request just ended and nothing follows: a true boundary, so the next
+                    # request may be inline again. The reader is kept (it is at a clean state).
+                    self._in_hiredis = False
+                    self._since.clear()
+                    self._mirror.clear()
+                    self._mirror_start = self._known_end = self._fed
+                    self._hlen = left
+                if not cmd:  # "*0\r\n": Redis skips empty multibulks silently
+                    continue
                 return cmd
             pending = self._pending
             if not pending:
                 return None
             if pending[0] == 0x2A:  # '*': a multibulk run goes to hiredis
                 self._pending = b""
-                self._reader.feed(pending)
-                self._hiredis_bytes = len(pending)
                 self._in_hiredis = True
+                self._feed_hiredis(pending)
                 continue
             nl = pending.find(b"\n")
             if nl < 0:
@@ -232,6 +272,39 @@ class RequestReader:
             args = _split_inline(line)
             if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
                 return args
+
+    def _trim_mirror(self) -> None:
+        keep_from = self._known_end
+        mirror = self._mirror
+        start = self._mirror_start
+        i = 0
+        while i < len(mirror) and start + len(mirror[i]) <= keep_from:
+            start += len(mirror[i])
+            i += 1
+        if i:
+            del mirror[:i]
+            self._mirror_start = start
+
+    def _recover(self) -> bool:
+        """hiredis met a non-RESP byte: if it is where a new request starts, go inline from there."""
+        data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
+        pos = 0
+        for cmd in self._since:
+            pos += _canonical_size(cmd)
+        rest = data[pos:]
+        if not rest or rest[0] == 0x2A:
+            return False  # the bad byte is inside a multibulk request: a real protocol error
+        self._reset_hiredis()
+        self._pending = rest
+        return True
+
+
+def _canonical_size(cmd: list[bytes]) -> int:
+    n = 3 + len(str(len(cmd)))
+    for a in cmd:
+        la = len(a)
+        n += la + 5 + len(str(la))
+    return n
 
 
 def _hiredis_message(exc: Exception) -> str:
@@ -256,41 +329,43 @@ _HIREDIS_MIN_ELEMENTS = 64
 class _HiredisMeasure:
     """Find the length of one complete reply with hiredis, recovering its read position.
 
-    hiredis's Reader discards consumed bytes from its buffer once it has read at least 1 KiB
-    (redisReaderGetReply: ``if (r->pos >= 1024) sdsrange(...)``), after which `len()` is the
-    number of bytes left unread. So after feeding F bytes and getting one reply, ``len() < F``
-    means the reply was exactly ``F - len()`` bytes long. When `len()` is still F (the reply was
-    shorter than 1 KiB), we do not know the length and the caller measures it in Python. The
-    behaviour is checked once at import (`_self_test`); if a future hiredis changes it the fast
-    path switches itself off rather than mis-framing.
+    hiredis's Reader discards consumed bytes from its buffer whenever a `gets()` call ends with
+    at least 1 KiB consumed (redisReaderGetReply: ``if (r->pos >= 1024) sdsrange(...)``), after
+    which `len()` is exactly the number of unread bytes. So if the `gets()` that completes the
+    reply also trimmed (len() dropped below what was fed since the last trim), the reply was
+    ``fed - len()`` bytes long. Otherwise we do not know, and the caller measures it in Python
+    (only replies that end within 1 KiB of the previous trim point). The behaviour is checked
+    once at import (`_self_test`); if a future hiredis changes it the fast path switches itself
+    off rather than mis-framing.
     """
 
-    __slots__ = ("reader", "fed", "start")
+    __slots__ = ("reader", "fed", "hlen")
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.reader = hiredis.Reader()
         self.fed = 0
-        self.start = -1
+        self.hlen = 0  # what len() says if hiredis has not trimmed since we last looked
 
-    def reset(self, start: int) -> None:
-        self.reader = hiredis.Reader()
-        self.fed = 0
-        self.start = start
+    def push(self, data: bytes) -> None:
+        self.reader.feed(data)
+        self.fed += len(data)
+        self.hlen += len(data)
 
-    def measure(self, buf: bytes, end: int) -> int | None:
-        """Feed buf[start+fed:end]; return the reply length, 0 if incomplete, None if unknown."""
-        s = self.start + self.fed
-        if end > s:
-            self.reader.feed(buf, s, end - s)
-            self.fed += end - s
+    def poll(self) -> int | None:
+        """The reply's length if complete and known, 0 if incomplete, None if complete but unknown."""
         try:
             value = self.reader.gets()
         except hiredis.ProtocolError as exc:
             raise RespProtocolError(_hiredis_message(exc)) from None
+        left = self.reader.len()
+        trimmed = left < self.hlen
+        self.hlen = left
         if value is False:
             return 0
-        left = self.reader.len()
-        if left < self.fed:
+        if trimmed:
             return self.fed - left
         return None
 
@@ -298,9 +373,8 @@ class _HiredisMeasure:
 def _self_test() -> bool:
     m = _HiredisMeasure()
     body = b"*300\r\n" + b"$5\r\nhello\r\n" * 300
-    m.reset(0)
-    data = body + b"+OK\r\n"
-    return m.measure(data, len(data)) == len(body)
+    m.push(body + b"+OK\r\n")
+    return m.poll() == len(body)
 
 
 _HIREDIS_MEASURE_OK = _self_test()
@@ -312,83 +386,110 @@ class ReplyScanner:
     `feed(data)` then `next()` (bytes of one whole reply, or None when more data is needed).
     RESP3 attributes are kept with the reply they annotate; push messages are returned like
     replies (the splicer never subscribes, so a backend does not send them unasked).
+
+    A reply that arrives in many reads (a 10 MB GET, a 100k-element LRANGE) is not re-joined
+    and re-scanned on every read: once its size is known (bulk strings) reads are only
+    collected until it is complete, and a large aggregate is fed to hiredis as it arrives.
     """
 
-    __slots__ = ("_buf", "_pos", "_measure", "_measuring")
+    __slots__ = ("_buf", "_pos", "_parts", "_parts_len", "_need", "_measure", "_measuring")
 
     def __init__(self) -> None:
         self._buf = b""
         self._pos = 0
+        self._parts: list[bytes] = []  # reads not yet joined into _buf
+        self._parts_len = 0
+        self._need = 0  # bytes that must be available before scanning again is worth it
         self._measure = _HiredisMeasure()
         self._measuring = False  # a large aggregate is being fed to hiredis across reads
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the backend."""
-        if self._pos >= len(self._buf):
+        if self._measuring:
+            self._measure.push(data)
+            self._parts.append(data)
+            self._parts_len += len(data)
+            return
+        if self._need and len(self._buf) - self._pos + self._parts_len + len(data) < self._need:
+            self._parts.append(data)
+            self._parts_len += len(data)
+            return
+        if self._pos >= len(self._buf) and not self._parts:
             self._buf = bytes(data)
             self._pos = 0
-            if self._measuring:  # the partial reply began before _pos: keep the old bytes
-                raise AssertionError("unreachable: measuring with an empty buffer")
         else:
-            if self._pos and not self._measuring:
-                self._buf = self._buf[self._pos :] + data
-                self._pos = 0
-            else:
-                self._buf += data
+            self._parts.append(data)
+            self._join()
+
+    def _join(self) -> None:
+        self._buf = self._buf[self._pos :] + b"".join(self._parts)
+        self._pos = 0
+        self._parts = []
+        self._parts_len = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held that are not yet part of a returned reply."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._parts_len
 
     def next(self) -> bytes | None:
         """Return the next complete reply (exact bytes), or None if more data is needed."""
+        if self._measuring:
+            n = self._measure.poll()
+            if n == 0:
+                return None
+            self._measuring = False
+            self._join()
+            buf = self._buf
+            if n is None:
+                n = _scan(buf, 0, len(buf))
+            self._pos = n
+            return buf[:n]
+        if self._parts:
+            self._join()
+        self._need = 0
         buf = self._buf
         pos = self._pos
         end = len(buf)
         if pos >= end:
             return None
-        if self._measuring:
-            n = self._measure.measure(buf, end)
-            if n == 0:
+        t = buf[pos]
+        # Fast paths for the common one-line and bulk replies.
+        if t == 0x2B or t == 0x3A or t == 0x2D:  # + : -
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
                 return None
-            self._measuring = False
-            if n is not None:
+            stop = nl + 2
+        elif t == 0x24:  # $
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                return None
+            n = _int(buf, pos + 1, nl)
+            stop = nl + 2 if n < 0 else nl + n + 4
+            if stop > end:
+                self._need = stop - pos
+                return None
+        elif t == 0x2A and _HIREDIS_MEASURE_OK:
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                return None
+            if _int(buf, pos + 1, nl) >= _HIREDIS_MIN_ELEMENTS:
+                m = self._measure
+                m.reset()
+                m.push(buf[pos:] if pos else buf)
+                n = m.poll()
+                if n == 0:
+                    # Incomplete: keep feeding hiredis as reads arrive; the bytes so far stay
+                    # in _buf (from pos) and later reads collect in _parts.
+                    self._measuring = True
+                    return None
+                if n is None:
+                    n = _scan(buf, pos, end) - pos
                 self._pos = pos + n
                 return buf[pos : pos + n]
             stop = _scan(buf, pos, end)
         else:
-            t = buf[pos]
-            # Fast paths for the common one-line and bulk replies.
-            if t == 0x2B or t == 0x3A or t == 0x2D:  # + : -
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
-                    return None
-                stop = nl + 2
-            elif t == 0x24:  # $
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
-                    return None
-                n = int(buf[pos + 1 : nl])
-                stop = nl + 2 if n < 0 else nl + n + 4
-                if stop > end:
-                    return None
-            elif t == 0x2A and _HIREDIS_MEASURE_OK:
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
-                    return None
-                if _int(buf, pos + 1, nl) >= _HIREDIS_MIN_ELEMENTS:
-                    self._measure.reset(pos)
-                    n = self._measure.measure(buf, end)
-                    if n == 0:
-                        self._measuring = True
-                        return None
-                    if n is not None:
-                        self._pos = pos + n
-                        return buf[pos : pos + n]
-                stop = _scan(buf, pos, end)
-            else:
-                stop = _scan(buf, pos, end)
+            stop = _scan(buf, pos, end)
         if stop < 0:
             return None
         self._pos = stop
@@ -448,6 +549,13 @@ def _scan(buf: bytes, pos: int, end: int) -> int:
 
 def encode_command(args: list[bytes]) -> bytes:
     """Encode a command as a RESP multibulk (what clients and backends expect)."""
+    n = len(args)
+    if n == 2:  # one format call for the commonest shapes (GET k, SET k v): the hot path
+        a, b = args
+        return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b)
+    if n == 3:
+        a, b, c = args
+        return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b, len(c), c)
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
         parts.append(b"$%d\r\n%s\r\n" % (len(a), a))

@@ -166,6 +166,16 @@ class RedisSession:
         """Decide what to do with one command (a non-empty list of bytes arguments)."""
         name = args[0]
         spec = COMMANDS.get(name)
+        if spec is not None and spec.single and self.multi is None and self.authed:
+            # Fast path: a one-key command (GET, SET, INCR, HSET...) goes whole to its lane.
+            n = len(args)
+            a = spec.arity
+            if n == a if a > 0 else n >= -a:
+                router = self.router
+                hit = router._cache.get(args[1])
+                if hit is None:
+                    hit = router.place(args[1])
+                return (FORWARD, False, self.proto, hit[0], hit[1], encode_command(args))
         if spec is None:
             name = name.upper()
             spec = COMMANDS.get(name)

@@ -1,0 +1,154 @@
+"""`shmfabric splice redis ...`: run the Redis splicer (added to `splice` by `shmfabric.cli.splice`).
+
+    shmfabric splice redis --listen 127.0.0.1:6400 \\
+        --server 127.0.0.1:6379 --server 127.0.0.1:6380 --pool 4
+    shmfabric splice redis --config splice.yaml          (its `redis:` section)
+
+`--server` takes twemproxy's form too: ``HOST:PORT[:WEIGHT] [NAME]``. Flags given with
+`--config` override the file's values. `--check` validates and prints the effective
+configuration as JSON without starting anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+__all__ = ["register_redis", "build_redis_config"]
+
+
+def _cli_error(msg: str) -> Exception:
+    from shmfabric.cli.main import CliError
+
+    return CliError(msg)
+
+
+def build_redis_config(args: argparse.Namespace) -> Any:
+    """Merge --config and flags into a validated `RedisSpliceConfig` (CliError on problems)."""
+    from pydantic import ValidationError
+
+    from shmfabric.splicer.config import ConfigError, RedisSpliceConfig, format_validation_error, load_config
+
+    data: dict[str, Any] = {}
+    source = "command line"
+    if args.config:
+        try:
+            file_cfg = load_config(args.config)
+        except ConfigError as exc:
+            raise _cli_error(str(exc)) from None
+        if file_cfg.redis is None:
+            raise _cli_error(f"{args.config}: no `redis:` section; fix: add one (see docs/splicer-redis.md)")
+        data = file_cfg.redis.model_dump(exclude_unset=True)
+        source = args.config
+    for name in ("listen", "workers", "metrics", "hash", "distribution"):
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = value
+    if args.hash_tag is not None:
+        data["hash_tag"] = args.hash_tag
+    if args.server:
+        data["servers"] = args.server
+    if "servers" not in data:
+        raise _cli_error("no servers: give --server HOST:PORT (repeatable) or --config FILE with `redis.servers`")
+    pool = dict(data.get("pool") or {})
+    if args.pool is not None:
+        pool["max"] = args.pool
+        pool.setdefault("min", args.pool)  # Redis lanes are cheap: open them all at start
+    if args.pool_min is not None:
+        pool["min"] = args.pool_min
+    if pool:
+        data["pool"] = pool
+    if args.timeout is not None:
+        data["timeouts"] = {**(data.get("timeouts") or {}), "request": args.timeout}
+    if args.no_health:
+        data["health"] = {**(data.get("health") or {}), "enabled": False}
+    try:
+        return RedisSpliceConfig.model_validate(data)
+    except ValidationError as exc:
+        text = format_validation_error(exc, source)
+        if source == "command line":
+            text = text.replace("field `servers", "--server `servers")
+        raise _cli_error(text) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = build_redis_config(args)
+    if args.check:
+        print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
+        return 0
+    from shmfabric.splicer.redis_proxy import run_redis_splicer
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    print(f"splice redis: listening on {cfg.listen} -> {', '.join(s.address for s in cfg.servers)} "
+          f"({cfg.distribution}/{cfg.hash}; pool {cfg.pool.min}..{cfg.pool.max} per server; "
+          f"{cfg.workers} worker(s))", flush=True)
+    if cfg.workers == 1:
+        try:
+            run_redis_splicer(cfg, cfg.metrics)
+        except OSError as exc:
+            raise _cli_error(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+        return 0
+    # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
+    # Metrics are served by the first worker only (one port cannot be bound twice).
+    children = []
+    for i in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run_redis_splicer(cfg, cfg.metrics if i == 0 else None)
+            except KeyboardInterrupt:
+                pass
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, _stop)
+    status = 0
+    try:
+        for pid in children:
+            _, st = os.waitpid(pid, 0)
+            status = status or os.waitstatus_to_exitcode(st)
+    except KeyboardInterrupt:
+        _stop(signal.SIGINT, None)
+    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+def register_redis(verbs: Any) -> None:
+    """Add the `redis` verb to the `splice` noun's sub-parsers."""
+    p = verbs.add_parser("redis", help="Redis (RESP2/RESP3) splicing proxy",
+                         description="Spread pipelined Redis commands over servers by key (twemproxy-compatible "
+                                     "ketama), split and merge multi-key commands, answer in request order.")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:6400)")
+    p.add_argument("--server", action="append", metavar="HOST:PORT[:WEIGHT]",
+                   help="a Redis server (twemproxy form 'HOST:PORT:WEIGHT NAME' accepted); repeatable")
+    p.add_argument("--pool", type=int, metavar="N", help="pooled connections (lanes) per server (default 8)")
+    p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server")
+    p.add_argument("--hash", help="key hash, as twemproxy's `hash` (default fnv1a_64)")
+    p.add_argument("--hash-tag", metavar="XY", help="hash only the part of a key between X and Y, e.g. '{}'")
+    p.add_argument("--distribution", choices=["ketama", "modula"], help="key distribution (default ketama)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then -ERR (default 30)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--no-health", action="store_true", help="no active health checks")
+    p.add_argument("--config", metavar="FILE", help="YAML file with a `redis:` section")
+    p.add_argument("--check", action="store_true", help="validate, print the effective config as JSON, exit")
+    p.set_defaults(func=_run)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for `python -m`
+    from shmfabric.cli.main import main
+
+    sys.exit(main(["splice", "redis", *sys.argv[1:]]))

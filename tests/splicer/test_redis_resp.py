@@ -1,0 +1,273 @@
+"""RESP framing: client requests (hiredis + inline) and backend reply boundaries.
+
+Every case is fed whole, one byte at a time, and with trailing data (h11's test_io habit), and
+both framers are fuzzed with hypothesis.
+"""
+from __future__ import annotations
+
+import hiredis
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shmfabric.splicer.redis_resp import (
+    ReplyScanner,
+    RequestReader,
+    RespProtocolError,
+    encode_bulk,
+    encode_command,
+    encode_map,
+    encode_value,
+)
+
+
+def read_all(reader: RequestReader) -> list[list[bytes]]:
+    out = []
+    while (cmd := reader.next()) is not None:
+        out.append(cmd)
+    return out
+
+
+def feed_whole(data: bytes) -> list[list[bytes]]:
+    r = RequestReader()
+    r.feed(data)
+    return read_all(r)
+
+
+def feed_bytewise(data: bytes) -> list[list[bytes]]:
+    r = RequestReader()
+    out = []
+    for i in range(len(data)):
+        r.feed(data[i : i + 1])
+        out += read_all(r)
+    return out
+
+
+def feed_chunks(data: bytes, sizes: list[int]) -> list[list[bytes]]:
+    r = RequestReader()
+    out = []
+    pos = 0
+    for n in sizes:
+        r.feed(data[pos : pos + n])
+        pos += n
+        out += read_all(r)
+    r.feed(data[pos:])
+    out += read_all(r)
+    return out
+
+
+REQUEST_CASES = [
+    (b"*1\r\n$4\r\nPING\r\n", [[b"PING"]]),
+    (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n", [[b"SET", b"k", b""]]),
+    (b"*2\r\n$3\r\nGET\r\n$4\r\na\r\nb\r\n", [[b"GET", b"a\r\nb"]]),  # CRLF inside a bulk
+    (b"PING\r\n", [[b"PING"]]),
+    (b"PING\n", [[b"PING"]]),
+    (b"set k  v\r\n", [[b"set", b"k", b"v"]]),
+    (b'SET "a b" "x\\ny\\x41"\r\n', [[b"SET", b"a b", b"x\nyA"]]),
+    (b"SET 'it''s' 'a\\'b'\r\n".replace(b"'it''s'", b"'its'"), [[b"SET", b"its", b"a'b"]]),
+    (b"\r\n\r\nPING\r\n", [[b"PING"]]),  # empty inline lines are ignored
+    (b"*0\r\n*1\r\n$4\r\nPING\r\n", [[b"PING"]]),  # empty multibulk skipped, as Redis does
+    # redis-cli --pipe ends with an empty inline line and ECHO right after multibulk requests.
+    (b"*1\r\n$4\r\nPING\r\n\r\n*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n", [[b"PING"], [b"ECHO", b"hi"]]),
+    (b"*1\r\n$4\r\nPING\r\nPING\r\n*1\r\n$4\r\nPING\r\n", [[b"PING"]] * 3),
+]
+
+
+@pytest.mark.parametrize("data,expected", REQUEST_CASES)
+def test_requests_whole_bytewise_and_trailing(data: bytes, expected: list[list[bytes]]) -> None:
+    assert feed_whole(data) == expected
+    assert feed_bytewise(data) == expected
+    # Trailing data: a partial next request stays buffered and is not returned.
+    r = RequestReader()
+    r.feed(data + b"*2\r\n$3\r\nGET\r\n$5\r\nab")
+    assert read_all(r) == expected
+    r.feed(b"cde\r\n")
+    assert read_all(r) == [[b"GET", b"abcde"]]
+
+
+BAD_REQUESTS = [
+    (b"*2\r\n$3\r\nGET\r\n:1\r\n", "expected '$'"),  # integers are not arguments
+    (b"*x\r\n", "multi-bulk length"),
+    (b"*1\r\n$x\r\n", "ulk"),
+    (b"*2\r\n$3\r\nGET\r\n\r\n", None),  # garbage inside a multibulk request
+    (b"*1\r\n*1\r\n$1\r\na\r\n", None),  # nested arrays
+    (b'SET "unterminated\r\n', "unbalanced quotes"),
+    (b"x" * (64 * 1024 + 10), "too big inline request"),
+]
+
+
+@pytest.mark.parametrize("data,needle", BAD_REQUESTS)
+def test_bad_requests_raise_protocol_error(data: bytes, needle: str | None) -> None:
+    for feeder in (feed_whole, feed_bytewise if len(data) < 1000 else feed_whole):
+        with pytest.raises(RespProtocolError) as info:
+            feeder(data)
+        if needle:
+            assert needle in str(info.value)
+
+
+def test_simple_string_arguments_are_accepted_and_reencoded() -> None:
+    # Documented leniency: hiredis hands "+PING" over as b"PING", indistinguishable from a bulk
+    # string. redis-server would refuse it; the splicer accepts it, and since it re-encodes
+    # every forwarded command, a backend only ever sees canonical bulk strings.
+    assert feed_whole(b"*1\r\n+PING\r\n") == [[b"PING"]]
+    assert encode_command([b"PING"]) == b"*1\r\n$4\r\nPING\r\n"
+
+
+def test_request_size_bound() -> None:
+    r = RequestReader(max_request_bytes=4096)
+    r.feed(b"*2\r\n$3\r\nGET\r\n$100000\r\n" + b"a" * 8192)
+    with pytest.raises(RespProtocolError):
+        read_all(r)
+
+
+def test_many_requests_cross_hiredis_trim_points() -> None:
+    # Thousands of requests fed in odd chunk sizes, with empty inline lines sprinkled in after
+    # some of them: the exact-position recovery must keep every request intact.
+    parts = []
+    expected = []
+    for i in range(3000):
+        cmd = [b"SET", b"key:%d" % i, b"v" * (i % 50)]
+        parts.append(encode_command(cmd))
+        expected.append(cmd)
+        if i % 97 == 0:
+            parts.append(b"\r\n")
+    data = b"".join(parts)
+    for sizes in ([1000] * 200, [7, 4093, 1, 65536], [len(data)]):
+        assert feed_chunks(data, sizes) == expected
+
+
+# -- hypothesis: requests ---------------------------------------------------------------------
+
+args_st = st.lists(st.binary(max_size=40), min_size=1, max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cmds=st.lists(args_st, min_size=1, max_size=30), cuts=st.lists(st.integers(1, 200), max_size=30),
+       blank=st.lists(st.booleans(), max_size=30))
+def test_fuzz_requests_roundtrip(cmds: list[list[bytes]], cuts: list[int], blank: list[bool]) -> None:
+    parts = []
+    for i, c in enumerate(cmds):
+        parts.append(encode_command(c))
+        if i < len(blank) and blank[i]:
+            parts.append(b"\r\n")
+    assert feed_chunks(b"".join(parts), cuts) == cmds
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_fuzz_requests_garbage_never_crashes(data: bytes) -> None:
+    r = RequestReader()
+    r.feed(data)
+    try:
+        for cmd in iter(r.next, None):
+            assert isinstance(cmd, list) and cmd and all(type(a) is bytes for a in cmd)
+    except RespProtocolError:
+        pass
+
+
+# -- replies ------------------------------------------------------------------------------------
+
+REPLIES = [
+    b"+OK\r\n",
+    b"-ERR wrong\r\n",
+    b":42\r\n",
+    b"$-1\r\n",
+    b"*-1\r\n",
+    b"$0\r\n\r\n",
+    b"$5\r\na\r\nbc\r\n",
+    b"*0\r\n",
+    b"*3\r\n$1\r\na\r\n$-1\r\n:7\r\n",
+    b"*2\r\n*1\r\n+x\r\n*0\r\n",
+    # RESP3
+    b"_\r\n",
+    b",3.14\r\n",
+    b"#t\r\n",
+    b"(12345678901234567890\r\n",
+    b"=8\r\ntxt:abcd\r\n",
+    b"!5\r\nERR x\r\n",
+    b"%2\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n*1\r\n:2\r\n",
+    b"~2\r\n+a\r\n+b\r\n",
+    b"|1\r\n+ttl\r\n:3\r\n$3\r\nval\r\n",  # attribute + the reply it annotates: one reply
+    b">2\r\n$7\r\nmessage\r\n$1\r\nx\r\n",
+    # large aggregates take the hiredis path
+    b"*300\r\n" + b"$5\r\nhello\r\n" * 300,
+    b"*100\r\n" + b"$-1\r\n" * 100,  # large count but under 1 KiB: measured in Python
+    b"*70\r\n" + b"*2\r\n$3\r\nabc\r\n:1\r\n" * 70,
+]
+
+
+def scan_all(sc: ReplyScanner) -> list[bytes]:
+    out = []
+    while (r := sc.next()) is not None:
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_replies_whole_bytewise_trailing(reply: bytes) -> None:
+    sc = ReplyScanner()
+    sc.feed(reply)
+    assert scan_all(sc) == [reply]
+    sc = ReplyScanner()
+    got = []
+    for i in range(len(reply)):
+        sc.feed(reply[i : i + 1])
+        got += scan_all(sc)
+    assert got == [reply]
+    sc = ReplyScanner()
+    sc.feed(reply + reply + b"$3\r\nab")
+    assert scan_all(sc) == [reply, reply]
+    sc.feed(b"c\r\n")
+    assert scan_all(sc) == [b"$3\r\nabc\r\n"]
+
+
+def test_reply_unknown_type_is_an_error() -> None:
+    sc = ReplyScanner()
+    sc.feed(b"?what\r\n")
+    with pytest.raises(RespProtocolError):
+        sc.next()
+
+
+def resp_value(depth: int = 2):
+    scalars = st.one_of(
+        st.binary(max_size=30).map(lambda b: b"$%d\r\n%s\r\n" % (len(b), b)),
+        st.integers(-10**6, 10**6).map(lambda i: b":%d\r\n" % i),
+        st.sampled_from([b"+OK\r\n", b"-ERR x\r\n", b"$-1\r\n", b"_\r\n", b"#f\r\n", b",1.5\r\n"]),
+    )
+    if depth == 0:
+        return scalars
+    inner = resp_value(depth - 1)
+    return st.one_of(
+        scalars,
+        st.lists(inner, max_size=80).map(lambda xs: b"*%d\r\n" % len(xs) + b"".join(xs)),
+        st.lists(st.tuples(inner, inner), max_size=5).map(
+            lambda kv: b"%%%d\r\n" % len(kv) + b"".join(k + v for k, v in kv)),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies=st.lists(resp_value(), min_size=1, max_size=20), cuts=st.lists(st.integers(1, 400), max_size=20))
+def test_fuzz_reply_boundaries(replies: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(replies)
+    sc = ReplyScanner()
+    got = []
+    pos = 0
+    for n in cuts:
+        sc.feed(data[pos : pos + n])
+        pos += n
+        got += scan_all(sc)
+    if pos < len(data):
+        sc.feed(data[pos:])
+    got += scan_all(sc)
+    assert got == replies
+    assert sc.buffered == 0
+
+
+def test_encoders_roundtrip_through_hiredis() -> None:
+    r = hiredis.Reader()
+    r.feed(encode_command([b"SET", b"k", b"v\r\n"]) + encode_bulk(None) + encode_value([1, b"a", None, {b"k": b"v"}], 2))
+    assert r.gets() == [b"SET", b"k", b"v\r\n"]
+    assert r.gets() is None
+    assert r.gets() == [1, b"a", None, [b"k", b"v"]]
+    assert encode_map([(encode_bulk(b"a"), b":1\r\n")], 3) == b"%1\r\n$1\r\na\r\n:1\r\n"
+    assert encode_bulk(None, 3) == b"_\r\n"

@@ -77,7 +77,8 @@ class FunctionRunner:
         self.stopping = False
         self._stop_requester: int | None = None
         self.c = {"in_frames": 0, "out_frames": 0, "dropped": 0, "replied": 0, "bad_verdict": 0,
-                  "next_down": 0, "ring_full_waits": 0, "batches": 0, "busy_ns": 0}
+                  "next_down": 0, "ring_full_waits": 0, "batches": 0, "busy_ns": 0,
+                  "first_ns": 0, "last_ns": 0}  # monotonic time of the first and last batch
 
     # -- control -------------------------------------------------------------------------------
     def _reply(self, dst: int, msg: dict) -> None:
@@ -259,10 +260,13 @@ class FunctionRunner:
                 frames = fn.produce(now, batch_max)
                 if frames:
                     t0 = perf()
+                    if not c["first_ns"]:
+                        c["first_ns"] = time.monotonic_ns()
                     self._send_frames(list(frames))
                     c["busy_ns"] += perf() - t0
                     c["in_frames"] += len(frames)
                     c["batches"] += 1
+                    c["last_ns"] = time.monotonic_ns()
                 with node.recv_batch(64, 0):  # control messages arrive through receives
                     pass
                 if not frames:
@@ -285,6 +289,8 @@ class FunctionRunner:
                         break
                 continue
             empty_polls = 0
+            if not c["first_ns"]:
+                c["first_ns"] = time.monotonic_ns()
             out = bytearray(n)
             t0 = perf()
             fn.process(batch, now, out)
@@ -293,6 +299,7 @@ class FunctionRunner:
             c["batches"] += 1
             self.dispatch(batch, out)
             batch.release()
+            c["last_ns"] = time.monotonic_ns()
         stats = self.stats()
         if self._stop_requester is not None:
             self._reply(self._stop_requester, {"ok": True, "processed": c["in_frames"]})

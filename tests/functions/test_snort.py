@@ -162,7 +162,7 @@ def ref_found(c, payload):
     return hay.find(needle, c.offset, stop) >= 0
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(pattern, st.booleans(), st.integers(0, 6), st.none() | st.integers(0, 8), st.booleans()),
                 min_size=1, max_size=4),
        st.binary(max_size=30).map(lambda b: bytes(x % 4 + 97 if x < 200 else 0xE0 for x in b)))

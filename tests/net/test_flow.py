@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 from shmfabric.net import build as b
 from shmfabric.net.errors import Reason, ReasonCounter
 from shmfabric.net.flow import (
-    FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash, to_address, to_proto,
+    FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash, tcp_flags, to_address,
+    to_proto,
 )
 from shmfabric.net.packet import decode
 
@@ -78,7 +79,7 @@ def _mutations():
                      st.integers(0, 200))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(_mutations())
 def test_fast_path_agrees_with_decode(m):
     """Flip bytes and cut frames anywhere: the fast path and the full decoder give the same answer."""
@@ -139,3 +140,33 @@ def test_flow_hash_is_stable_across_processes():
         outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                 timeout=60, check=True).stdout)
     assert len(outs) == 1
+
+
+@settings(deadline=None)  # wall-clock deadlines flake on a loaded 2-core CI
+@given(flows(), st.integers(0, 80))
+def test_tcp_flags_matches_decode(f, cut):
+    frame = build_flow(f)
+    for buf in (frame, frame[:cut]):
+        p = decode(buf)
+        expect = p.l4.flags if p.reason is None and p.l4 is not None and type(p.l4).__name__ == "TCP" else 0
+        assert tcp_flags(buf) == expect
+        off = 18 if f["vlan"] is not None else 14
+        q = decode(buf[off:], link="ip")
+        expect_ip = q.l4.flags if q.reason is None and q.l4 is not None and type(q.l4).__name__ == "TCP" else 0
+        assert tcp_flags(buf[off:], link="ip") == expect_ip
+
+
+@settings(deadline=None)  # wall-clock deadlines flake on a loaded 2-core CI
+@given(st.lists(st.tuples(flows(), st.integers(0, 120)), max_size=8), st.sampled_from(["ethernet", "ip"]))
+def test_classify_batch_with_flags(items, link):
+    frames = []
+    for f, cut in items:
+        fr = build_flow(f)
+        if link == "ip":
+            fr = fr[18:] if f["vlan"] is not None else fr[14:]
+        frames.append(fr[:cut] if cut < 20 else fr)
+    fl: list[int] = []
+    keys = classify_batch(frames, link=link, flags=fl)
+    assert keys == classify_batch(frames, link=link)
+    assert fl == [tcp_flags(fr, link) for fr in frames]
+    assert all(x == 0 for x, k in zip(fl, keys) if type(k) is not tuple or k[2] != 6)

@@ -10,7 +10,7 @@ errors. See docs/net.md.
 from .arp import ARP
 from .errors import MalformedError, Reason, ReasonCounter
 from .ethernet import Ethernet, VlanTag
-from .flow import FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash
+from .flow import FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash, tcp_flags
 from .ip import IPv4, IPv6, ip_view
 from .l4 import ICMP, TCP, UDP, ICMPv6
 from .packet import LINK_ETHERNET, LINK_IP, Packet, decode
@@ -18,6 +18,6 @@ from .packet import LINK_ETHERNET, LINK_IP, Packet, decode
 __all__ = [
     "ARP", "Ethernet", "VlanTag", "IPv4", "IPv6", "ip_view", "TCP", "UDP", "ICMP", "ICMPv6",
     "Packet", "decode", "LINK_ETHERNET", "LINK_IP",
-    "FlowKey", "parse_5tuple", "parse_5tuple_ip", "classify_batch", "flow_hash", "symmetric_hash", "canonical",
+    "FlowKey", "parse_5tuple", "parse_5tuple_ip", "classify_batch", "tcp_flags", "flow_hash", "symmetric_hash", "canonical",
     "MalformedError", "Reason", "ReasonCounter",
 ]

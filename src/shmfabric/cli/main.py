@@ -16,6 +16,7 @@ COMMANDS = [
     "shmfabric.cli.demo",
     "shmfabric.cli.bench",
     "shmfabric.cli.splice",
+    "shmfabric.cli.manager_cmds",
 ]
 
 

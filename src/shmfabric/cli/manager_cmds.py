@@ -1,0 +1,476 @@
+"""`shmfabric up | down | status | top | reload`: run a topology under the service manager.
+
+`up` runs in the foreground until Ctrl-C (or `--duration`), or in the background with `--detach`.
+A running manager writes a state file (`$SHMFABRIC_STATE_DIR`, else `$XDG_RUNTIME_DIR/shmfabric`,
+else `/tmp/shmfabric-UID`) named after its fabric, holding its pid and API address; the other
+verbs find the manager through it (`--fabric NAME` when several run) or take `--api URL`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from shmfabric.cli.main import CliError, add_json_flag
+
+
+# -- state files -------------------------------------------------------------------------------------
+def state_dir() -> Path:
+    """Where running managers leave their state files."""
+    env = os.environ.get("SHMFABRIC_STATE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "shmfabric" if xdg else Path(f"/tmp/shmfabric-{os.getuid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+def _write_state(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def _find_state(args: argparse.Namespace) -> dict:
+    """The state of the manager the user means; CliError says how to name it."""
+    d = state_dir()
+    fabric = getattr(args, "fabric", None)
+    files = [d / f"{fabric}.json"] if fabric else sorted(d.glob("*.json"))
+    found = []
+    for f in files:
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(int(st.get("pid", 0))):
+            found.append(st)
+        else:
+            f.unlink(missing_ok=True)  # left by a manager that was killed
+    if not found:
+        what = f"for fabric {fabric!r} " if fabric else ""
+        raise CliError(f"no running manager {what}found (state files in {d}); start one with "
+                       "`shmfabric up CONFIG`, or give --api URL")
+    if len(found) > 1:
+        raise CliError("several managers run (fabrics " + ", ".join(s["fabric"] for s in found)
+                       + "); choose one with --fabric NAME")
+    return found[0]
+
+
+def _api_url(args: argparse.Namespace) -> str:
+    if getattr(args, "api", None):
+        url = args.api
+        return url if url.startswith("http") else f"http://{url}"
+    st = _find_state(args)
+    if not st.get("api"):
+        raise CliError(f"the manager of fabric {st['fabric']!r} runs without a management API (api: null)")
+    return st["api"]
+
+
+def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.0) -> dict:
+    """GET (body None) or POST JSON to the management API; CliError with the server's message."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            msg = exc.reason
+        raise CliError(str(msg)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach the management API at {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+# -- up ----------------------------------------------------------------------------------------------
+def _load(path: str):
+    from shmfabric.manager.config import ConfigError, load_topology
+
+    try:
+        return load_topology(path)
+    except ConfigError as exc:
+        raise CliError(f"invalid config:\n{exc}") from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shmfabric.manager.config import DEFAULT_CONFIG
+
+    path = args.config or str(DEFAULT_CONFIG)
+    if not args.config and not DEFAULT_CONFIG.exists():
+        raise CliError("no CONFIG given and the built-in examples/edge.yaml is not installed; give a file")
+    topo = _load(path)
+    if args.api:
+        topo = topo.model_copy(update={"api": args.api})
+    state_file = state_dir() / f"{topo.fabric.name}.json"
+    if state_file.exists():
+        try:
+            old = json.loads(state_file.read_text())
+            if _pid_alive(int(old.get("pid", 0))):
+                raise CliError(f"a manager (pid {old['pid']}) already runs fabric {topo.fabric.name!r}; "
+                               "stop it with `shmfabric down` first")
+        except (OSError, ValueError):
+            pass
+    if args.detach:
+        return _detach(args, path, topo, state_file)
+    return _foreground(args, path, topo, state_file)
+
+
+def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
+    log = state_dir() / f"{topo.fabric.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [sys.executable, "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
+    if args.api:
+        argv += ["--api", args.api]
+    if args.duration is not None:
+        argv += ["--duration", str(args.duration)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+            raise CliError(f"the manager exited with status {proc.returncode} at start:\n" + "\n".join(tail))
+        try:
+            st = json.loads(state_file.read_text())
+            if st.get("pid") == proc.pid:
+                if getattr(args, "json", False):
+                    print(json.dumps(st))
+                else:
+                    print(f"fabric {st['fabric']} up in the background: manager pid {st['pid']}, "
+                          f"API {st.get('api')}, log {log}")
+                return 0
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise CliError(f"the manager did not come up within {args.start_timeout:g}s; see {log}")
+
+
+def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
+    from shmfabric.manager.api import ApiServer, make_registry
+    from shmfabric.manager.supervisor import Supervisor, SupervisorError
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # Ctrl-C, `shmfabric down`, systemd stop
+        stop.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs")
+    api = metrics_srv = None
+    say = (lambda *a: None) if args.quiet else print
+    try:
+        try:
+            sup.start()
+        except SupervisorError as exc:
+            raise CliError(str(exc)) from None
+        registry = make_registry(sup)
+        if topo.api:
+            try:
+                api = ApiServer(sup, topo.api, on_shutdown=stop.set, registry=registry).start()
+            except OSError as exc:
+                raise CliError(f"cannot listen on api {topo.api}: {exc.strerror}; choose another address") from None
+        if topo.metrics:
+            from prometheus_client import start_http_server
+
+            host, _, port = topo.metrics.rpartition(":")
+            try:
+                metrics_srv = start_http_server(int(port), host, registry=registry)
+            except OSError as exc:
+                raise CliError(f"cannot listen on metrics {topo.metrics}: {exc.strerror}") from None
+        _write_state(state_file, {"fabric": topo.fabric.name, "pid": os.getpid(), "api": api.url if api else None,
+                                  "metrics": topo.metrics, "config": str(Path(path).resolve()),
+                                  "logs": str(sup.log_dir), "started": time.time()})
+        n = sum(len(x.instances) for x in sup.nodes.values())
+        say(f"fabric {topo.fabric.name} up: {n} instances of {len(sup.nodes)} nodes"
+            + (f", API {api.url}" if api else "") + (f", metrics http://{topo.metrics}/metrics" if topo.metrics else "")
+            + ("" if args.duration else "; Ctrl-C stops everything"), flush=True)
+        sup.run(stop, args.duration)
+        sup.tick()
+        final = sup.status()
+        say("stopping: sources first, each node drains its input ...", flush=True)
+    finally:
+        if api:
+            api.close()
+        if metrics_srv and isinstance(metrics_srv, tuple):
+            metrics_srv[0].shutdown()
+        sup.stop()
+        try:
+            if json.loads(state_file.read_text()).get("pid") == os.getpid():
+                state_file.unlink()
+        except (OSError, ValueError):
+            pass
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if not args.quiet:
+        _print_summary(final, getattr(args, "json", False))
+    return 0
+
+
+def _print_summary(st: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(st, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"fabric {st['fabric']}: summary after {st['uptime']:.1f}s", title_justify="left")
+    for col in ("node", "function", "in frames", "out frames", "dropped", "restarts", "state"):
+        t.add_column(col, justify="right" if col not in ("node", "function", "state") else "left")
+    for node in st["nodes"]:
+        for i in node["instances"]:
+            c = i["counters"]
+            t.add_row(i["name"], i["function"], f"{c.get('in_frames', i['rx_frames']):,}",
+                      f"{c.get('out_frames', i['tx_frames']):,}", f"{i['dropped']:,}", str(i["restarts"]), i["state"])
+    con = Console()
+    con.print(t)
+    for c in st["chains"]:
+        con.print(f"chain {c['name']}: {c['delivered_frames']:,} frames delivered to {', '.join(c['tail'])}")
+    for p in st["pools"]:
+        con.print(f"network {p['network']} pool: {p['free']:,}/{p['total']:,} slots free, {p['orphaned']} orphaned")
+
+
+# -- down / status / reload --------------------------------------------------------------------------
+def cmd_down(args: argparse.Namespace) -> int:
+    st = _find_state(args)
+    pid = int(st["pid"])
+    try:
+        if st.get("api"):
+            api_call(st["api"], "/shutdown", {}, timeout=5)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    except CliError:
+        os.kill(pid, signal.SIGTERM)  # the API is wedged: the signal handler stops just the same
+    deadline = time.monotonic() + args.timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise CliError(f"manager pid {pid} still runs after {args.timeout:g}s; look at its log, "
+                           f"or kill it (its nodes are reclaimed by the fabric)")
+        time.sleep(0.05)
+    if not getattr(args, "json", False):
+        print(f"fabric {st['fabric']} down")
+    return 0
+
+
+def _dropped(inst: dict) -> int:
+    return int(inst.get("dropped", 0))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = api_call(_api_url(args), "/status", timeout=10)
+    if getattr(args, "json", False):
+        print(json.dumps(st, indent=1, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"fabric {st['fabric']} (manager pid {st['pid']}, up {st['uptime']:.0f}s)", title_justify="left")
+    for col in ("instance", "function", "version", "pid", "state", "in frames", "out frames", "dropped", "queue",
+                "restarts", "function counters"):
+        t.add_column(col, justify="right" if col in ("pid", "in frames", "out frames", "dropped", "queue",
+                                                     "restarts") else "left", overflow="fold")
+    for node in st["nodes"]:
+        for i in node["instances"]:
+            c = i["counters"]
+            fc = ", ".join(f"{k}={v}" for k, v in sorted(i.get("function_counters", {}).items())[:6])
+            t.add_row(i["name"], i["function"], str(i.get("version") or "-"), str(i["pid"] or "-"), i["state"],
+                      f"{c.get('in_frames', i['rx_frames']):,}", f"{c.get('out_frames', i['tx_frames']):,}",
+                      f"{_dropped(i):,}", str(i["queue_depth"]), str(i["restarts"]), fc)
+    con = Console()
+    con.print(t)
+    for c in st["chains"]:
+        con.print(f"chain {c['name']}: {' -> '.join(x if isinstance(x, str) else '|'.join(x) for x in c['nodes'])}; "
+                  f"{c['delivered_frames']:,} frames delivered")
+    for p in st["pools"]:
+        con.print(f"network {p['network']} (MTU {p['mtu']}): {p['free']:,}/{p['total']:,} slots free, "
+                  f"{p['orphaned']} orphaned")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    body = {"path": str(Path(args.config).resolve())} if args.config else {}
+    if args.config:
+        _load(args.config)  # the same checks locally first: errors name this shell's path
+    res = api_call(_api_url(args), "/reload", body, timeout=120)
+    changes = {k: v for k, v in res.get("changes", {}).items() if v}
+    if getattr(args, "json", False):
+        print(json.dumps(res))
+    elif not changes:
+        print("reloaded: nothing changed")
+    else:
+        print("reloaded: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items()))
+    return 0
+
+
+# -- top -------------------------------------------------------------------------------------------
+class Rates:
+    """Per-second rates from two successive status snapshots (pure; `now` is an input)."""
+
+    def __init__(self) -> None:
+        self.prev: dict | None = None
+        self.prev_t = 0.0
+
+    def update(self, st: dict, now: float) -> dict:
+        """Rows of the live view: per instance rates, CPU %, and per chain delivered frames/s."""
+        prev, dt = self.prev, now - self.prev_t
+        old = {}
+        if prev is not None:
+            for node in prev["nodes"]:
+                for i in node["instances"]:
+                    old[(i["name"], i["pid"])] = i
+        rows = []
+        for node in st["nodes"]:
+            for i in node["instances"]:
+                o = old.get((i["name"], i["pid"])) if dt > 0 else None
+                c = i["counters"]
+
+                def rate(key: str, cur: float) -> float | None:
+                    if o is None:
+                        return None
+                    before = o["counters"].get(key, o.get(key, 0)) if key in c else o.get(key, 0)
+                    return max(0.0, (cur - (before or 0)) / dt)
+                cpu = None
+                if o is not None and i.get("cpu_seconds") is not None and o.get("cpu_seconds") is not None:
+                    cpu = max(0.0, 100.0 * (i["cpu_seconds"] - o["cpu_seconds"]) / dt)
+                rows.append({"name": i["name"], "function": i["function"], "state": i["state"], "pid": i["pid"],
+                             "fps": rate("in_frames", c.get("in_frames", i["rx_frames"])),
+                             "bps": rate("rx_bytes", i["rx_bytes"]),
+                             "out_fps": rate("out_frames", c.get("out_frames", i["tx_frames"])),
+                             "dropped": _dropped(i), "queue": i["queue_depth"], "cpu": cpu,
+                             "restarts": i["restarts"]})
+        chains = []
+        pchains = {c["name"]: c for c in prev["chains"]} if prev else {}
+        for c in st["chains"]:
+            p = pchains.get(c["name"])
+            chains.append({"name": c["name"], "delivered": c["delivered_frames"],
+                           "fps": max(0.0, (c["delivered_frames"] - p["delivered_frames"]) / dt) if p and dt > 0 else None})
+        self.prev, self.prev_t = st, now
+        return {"rows": rows, "chains": chains}
+
+
+def _fmt_rate(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:.1f}{suf}{unit}"
+    return f"{v:.0f}{unit}"
+
+
+def _top_table(st: dict, view: dict):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=f"shmfabric top: fabric {st['fabric']}  (q to quit: Ctrl-C)", title_justify="left", expand=False)
+    for col in ("instance", "function", "state", "pid", "frames/s", "bytes/s", "out/s", "dropped", "queue", "CPU %",
+                "restarts"):
+        t.add_column(col, justify="left" if col in ("instance", "function", "state") else "right")
+    styles = {"running": "green", "starting": "yellow", "backoff": "yellow", "stopping": "yellow", "failed": "red"}
+    for r in view["rows"]:
+        t.add_row(r["name"], r["function"], Text(r["state"], style=styles.get(r["state"], "")), str(r["pid"] or "-"),
+                  _fmt_rate(r["fps"]), _fmt_rate(r["bps"], "B"), _fmt_rate(r["out_fps"]), f"{r['dropped']:,}",
+                  str(r["queue"]), "-" if r["cpu"] is None else f"{r['cpu']:.0f}", str(r["restarts"]))
+    lines = [t]
+    for c in view["chains"]:
+        lines.append(Text(f"chain {c['name']}: {_fmt_rate(c['fps'])} frames/s end to end "
+                          f"({c['delivered']:,} delivered)"))
+    for p in st["pools"]:
+        lines.append(Text(f"network {p['network']}: {p['free']:,}/{p['total']:,} slots free"))
+    return Group(*lines)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    url = _api_url(args)
+    rates = Rates()
+    st = api_call(url, "/status", timeout=10)
+    view = rates.update(st, time.monotonic())
+    if args.once:  # two samples one interval apart, printed once (scripts, tests)
+        time.sleep(args.interval)
+        st = api_call(url, "/status", timeout=10)
+        Console().print(_top_table(st, rates.update(st, time.monotonic())))
+        return 0
+    try:
+        with Live(_top_table(st, view), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(args.interval)
+                try:
+                    st = api_call(url, "/status", timeout=10)
+                except CliError:
+                    live.stop()
+                    print("the manager is gone")
+                    return 0
+                live.update(_top_table(st, rates.update(st, time.monotonic())))
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+def _target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fabric", help="the manager of this fabric (when several run)")
+    p.add_argument("--api", help="management API URL (instead of finding the manager's state file)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run a topology: create the fabric and start, watch and steer every node",
+                       description="Run a topology file (default: the built-in examples/edge.yaml) in the "
+                                   "foreground until Ctrl-C, for --duration seconds, or in the background.")
+    p.add_argument("config", nargs="?", help="topology YAML (default: examples/edge.yaml)")
+    p.add_argument("--detach", "-d", action="store_true", help="run in the background; `shmfabric down` stops it")
+    p.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
+    p.add_argument("--api", help="override the config's management API address HOST:PORT")
+    p.add_argument("--quiet", action="store_true", help="no banner or summary (used by --detach)")
+    p.add_argument("--start-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop a running manager and everything it runs")
+    _target(p)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a clean stop")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="every node of a running manager: function, pid, state, counters")
+    _target(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="live view: per node frames/s, bytes/s, drops, queue depth, CPU, state")
+    _target(p)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    p.add_argument("--once", action="store_true", help="print one view (two samples) and exit")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("reload", help="apply the (edited) config file to a running manager")
+    p.add_argument("config", nargs="?", help="the new file (default: the one the manager was started with)")
+    _target(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_reload)

@@ -1,0 +1,274 @@
+"""The management API (HTTP + JSON) and the Prometheus metrics of a running manager.
+
+Endpoints (all answers are JSON objects; errors are `{"error": MESSAGE}` with a 4xx/5xx status):
+
+| method | path                      | body                                            | answer                    |
+|--------|---------------------------|-------------------------------------------------|---------------------------|
+| GET    | /status                   |                                                 | whole status (see below)  |
+| GET    | /nodes/{name}             |                                                 | one node with instances   |
+| POST   | /reload                   | `{}` or `{"path": FILE}`                        | changes applied           |
+| POST   | /nodes/{name}/config      | `{"config": {...}}`                             | the node                  |
+| POST   | /nodes/{name}/scale       | `{"instances": N}`                              | the node                  |
+| POST   | /nodes/{name}/replace     | `{"function"?, "config"?, "version"?}`          | the node + `drained`      |
+| POST   | /shutdown                 | `{}`                                            | `{"ok": true}` then stops |
+| GET    | /metrics                  |                                                 | Prometheus text format    |
+
+The server is `http.server.ThreadingHTTPServer` in a daemon thread: the manager's traffic is a
+few requests a second, and the stdlib server keeps the manager free of an event loop. It binds
+what the config says (loopback by default) and has no authentication: do not expose it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable, Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+__all__ = ["ManagerService", "ApiServer", "ManagerCollector", "make_registry", "MAX_BODY"]
+
+MAX_BODY = 1 << 20  # a config push is a few KiB; 1 MiB leaves room for large rule sets
+
+
+class ManagerService(Protocol):
+    """What the API drives (the Supervisor; tests use a fake)."""
+
+    def status(self) -> dict: ...
+
+    def node_status(self, name: str) -> dict: ...
+
+    def reload_file(self, path: str | None = None) -> dict: ...
+
+    def reconfigure(self, name: str, config: dict) -> dict: ...
+
+    def scale(self, name: str, instances: int) -> dict: ...
+
+    def replace(self, name: str, function: str | None = None, config: dict | None = None,
+                version: str | None = None) -> dict: ...
+
+
+_NODE_RE = re.compile(r"^/nodes/([^/]+)(?:/(config|scale|replace))?/?$")
+
+_INST_COUNTERS = [("rx_frames", "frames received"), ("rx_bytes", "bytes received"), ("tx_frames", "frames sent"),
+                  ("tx_bytes", "bytes sent"), ("tx_drops", "frames dropped on send"),
+                  ("tx_ring_full", "sends refused by a full ring"), ("tx_nobuf", "sends refused by an empty pool")]
+
+
+class ManagerCollector:
+    """Prometheus collector: every node, ring, pool and function counter, read at scrape time."""
+
+    def __init__(self, service: ManagerService):
+        self.service = service
+
+    def collect(self) -> Iterable[Any]:
+        st = self.service.status()
+        lab = ["node", "instance", "function"]
+        fams = {k: CounterMetricFamily(f"shmfabric_node_{k}", f"Node {help_}", labels=lab) for k, help_ in _INST_COUNTERS}
+        depth = GaugeMetricFamily("shmfabric_node_queue_depth", "Frames waiting in the instance's input rings", labels=lab)
+        up = GaugeMetricFamily("shmfabric_node_up", "1 if the instance is running", labels=lab + ["state"])
+        restarts = CounterMetricFamily("shmfabric_node_restarts", "Restarts of the instance", labels=lab)
+        cpu = CounterMetricFamily("shmfabric_node_cpu_seconds", "CPU time of the instance's process", labels=lab)
+        fn = GaugeMetricFamily("shmfabric_function_counter", "Runtime and function counters of an instance (op stats)",
+                               labels=lab + ["kind", "counter"])
+        count = GaugeMetricFamily("shmfabric_node_instances", "Instances of a logical node", labels=["node"])
+        for node in st.get("nodes", []):
+            count.add_metric([node["name"]], len(node["instances"]))
+            for inst in node["instances"]:
+                values = [node["name"], inst["name"], inst["function"]]
+                for k, _ in _INST_COUNTERS:
+                    fams[k].add_metric(values, inst.get(k) or 0)
+                depth.add_metric(values, inst.get("queue_depth") or 0)
+                up.add_metric(values + [inst["state"]], 1 if inst["state"] == "running" else 0)
+                restarts.add_metric(values, inst.get("restarts") or 0)
+                if inst.get("cpu_seconds") is not None:
+                    cpu.add_metric(values, inst["cpu_seconds"])
+                for group in ("counters", "function_counters"):
+                    for cname, v in sorted((inst.get(group) or {}).items()):
+                        if isinstance(v, (int, float)) and not isinstance(v, bool):
+                            fn.add_metric(values + ["runtime" if group == "counters" else "function", cname], v)
+        yield from fams.values()
+        yield from (depth, up, restarts, cpu, fn, count)
+        rl = ["src", "dst"]
+        rdepth = GaugeMetricFamily("shmfabric_ring_depth", "Descriptors waiting in a ring", labels=rl)
+        renq = CounterMetricFamily("shmfabric_ring_enqueued", "Descriptors ever written to a ring", labels=rl)
+        rdeq = CounterMetricFamily("shmfabric_ring_dequeued", "Descriptors ever read from a ring", labels=rl)
+        rfull = CounterMetricFamily("shmfabric_ring_full_events", "Writes refused because the ring was full", labels=rl)
+        for r in st.get("rings", []):
+            v = [r["src"], r["dst"]]
+            rdepth.add_metric(v, r["depth"])
+            renq.add_metric(v, r["enqueued"])
+            rdeq.add_metric(v, r["dequeued"])
+            rfull.add_metric(v, r["full_events"])
+        yield from (rdepth, renq, rdeq, rfull)
+        pl = ["network"]
+        pfree = GaugeMetricFamily("shmfabric_pool_free_slots", "Free slots in a network's pool", labels=pl)
+        ptotal = GaugeMetricFamily("shmfabric_pool_slots", "Slots in a network's pool", labels=pl)
+        porph = GaugeMetricFamily("shmfabric_pool_orphaned_slots", "Slots held by no live node", labels=pl)
+        for p in st.get("pools", []):
+            v = [str(p["network"])]
+            pfree.add_metric(v, p["free"])
+            ptotal.add_metric(v, p["total"])
+            porph.add_metric(v, p["orphaned"])
+        yield from (pfree, ptotal, porph)
+        chain = CounterMetricFamily("shmfabric_chain_delivered_frames", "Frames received by a chain's last step",
+                                    labels=["chain"])
+        for c in st.get("chains", []):
+            chain.add_metric([c["name"]], c["delivered_frames"])
+        yield chain
+
+
+def make_registry(service: ManagerService) -> CollectorRegistry:
+    """A registry holding only the manager's collector (no process/platform collectors of the manager)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ManagerCollector(service))
+    return reg
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet: the manager logs its own events
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, (json.dumps(obj, default=str) + "\n").encode())
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n > MAX_BODY:
+            raise _HttpError(413, f"request body over {MAX_BODY} bytes")
+        raw = self.rfile.read(n) if n else b""
+        if not raw.strip():
+            return {}
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise _HttpError(400, f"body is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise _HttpError(400, "body must be a JSON object")
+        return obj
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        from shmfabric.manager.supervisor import SupervisorError
+
+        path = self.path.split("?", 1)[0]
+        svc = self.server.service
+        try:
+            if method == "GET" and path in ("/status", "/status/"):
+                return self._json(200, svc.status())
+            if method == "GET" and path == "/metrics":
+                return self._send(200, generate_latest(self.server.registry), "text/plain; version=0.0.4")
+            if method == "GET" and path == "/":
+                return self._json(200, {"endpoints": ["GET /status", "GET /nodes/{name}", "POST /reload",
+                                                      "POST /nodes/{name}/config", "POST /nodes/{name}/scale",
+                                                      "POST /nodes/{name}/replace", "POST /shutdown", "GET /metrics"]})
+            if method == "POST" and path == "/reload":
+                body = self._body()
+                p = body.get("path")
+                if p is not None and not isinstance(p, str):
+                    raise _HttpError(400, "`path` must be a string")
+                return self._json(200, {"ok": True, "changes": svc.reload_file(p)})
+            if method == "POST" and path == "/shutdown":
+                self._body()
+                self._json(200, {"ok": True})
+                if self.server.on_shutdown:
+                    self.server.on_shutdown()
+                return
+            m = _NODE_RE.match(path)
+            if m:
+                name, verb = m.group(1), m.group(2)
+                if method == "GET" and verb is None:
+                    return self._json(200, svc.node_status(name))
+                if method == "POST" and verb == "config":
+                    body = self._body()
+                    if not isinstance(body.get("config"), dict):
+                        raise _HttpError(400, 'body must be {"config": {...}}')
+                    return self._json(200, svc.reconfigure(name, body["config"]))
+                if method == "POST" and verb == "scale":
+                    body = self._body()
+                    n = body.get("instances")
+                    if not isinstance(n, int) or isinstance(n, bool):
+                        raise _HttpError(400, 'body must be {"instances": N} with an integer N')
+                    return self._json(200, svc.scale(name, n))
+                if method == "POST" and verb == "replace":
+                    body = self._body()
+                    extra = set(body) - {"function", "config", "version"}
+                    if extra:
+                        raise _HttpError(400, f"unknown field(s) {sorted(extra)}; use function, config, version")
+                    if body.get("config") is not None and not isinstance(body["config"], dict):
+                        raise _HttpError(400, "`config` must be an object")
+                    return self._json(200, svc.replace(name, body.get("function"), body.get("config"),
+                                                       body.get("version")))
+            allowed = "GET" if method == "POST" else "POST"
+            known = path in ("/status", "/metrics", "/reload", "/shutdown") or _NODE_RE.match(path)
+            raise _HttpError(405 if known else 404, f"{method} {path} is not an endpoint"
+                             + (f" (use {allowed})" if known else "; see GET /"))
+        except _HttpError as exc:
+            self._json(exc.status, {"error": str(exc)})
+        except SupervisorError as exc:
+            self._json(exc.status, {"error": str(exc)})
+        except Exception as exc:  # a bug must not kill the API thread; say what happened
+            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    service: ManagerService
+    registry: CollectorRegistry
+    on_shutdown: Callable[[], None] | None
+
+
+class ApiServer:
+    """The management API on HOST:PORT (port 0: any free port) served from a daemon thread."""
+
+    def __init__(self, service: ManagerService, address: str = "127.0.0.1:0",
+                 on_shutdown: Callable[[], None] | None = None, registry: CollectorRegistry | None = None):
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        self._srv = _Server((host, int(port)), _Handler)
+        self._srv.service = service
+        self._srv.registry = registry or make_registry(service)
+        self._srv.on_shutdown = on_shutdown
+        self._thread = threading.Thread(target=self._srv.serve_forever, name="shmfabric-api", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self._srv.server_address[:2]
+        return f"{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self) -> "ApiServer":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()
+        self._thread.join(5)

@@ -1,0 +1,492 @@
+"""The service manager's declarative topology: one YAML file describes a whole deployment.
+
+```yaml
+fabric:   {name: edge, ring_size: 1024, max_nodes: 32, networks: [{name: lan, mtu: 1500, slots: 8192}]}
+api: 127.0.0.1:7878            # management API (HTTP + JSON); port 0 = any free port
+metrics: 127.0.0.1:9478        # Prometheus metrics (optional; /metrics is also served on the API)
+policies:                      # defaults for every node; a node may override `restart:` and `scale:`
+  restart: {max_restarts: 5, window: 60, backoff_initial: 0.5, backoff_max: 30}
+  scale:   {min_instances: 1, max_instances: 1}
+nodes:
+  - {name: gen, function: generator, config: {rate: 20000}}
+  - {name: fw, function: firewall, config: {...}, scale: {max_instances: 3, out_depth: 256, out_for: 2}}
+  - {name: sink-a, function: sink}
+chains:
+  - {name: main, nodes: [gen, fw, [sink-a, sink-b]]}
+```
+
+A chain is an ordered list of node names; a step may be a list of nodes (a fan-out group: the
+upstream node spreads flows over them by 5-tuple hash). The runtime's `--next` of every node is
+derived from the chains (`Topology.next_of`).
+
+`load_topology(path)` parses with a YAML composer that keeps line numbers, so every problem is
+raised as one `ConfigError` whose lines read ``FILE:LINE: field `nodes[2].scale.max_instances`:
+problem; fix: ...``. Pure: no processes, no fabric.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError", "NetworkConfig", "FabricSection", "RestartPolicy", "ScalePolicy", "Policies",
+    "NodeConfig", "ChainConfig", "Topology", "load_topology", "parse_topology", "instance_name",
+    "DEFAULT_CONFIG", "check_functions",
+]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "edge.yaml"
+
+# A node's instances are NAME, NAME-2, ... NAME-99; fabric names are at most 31 bytes.
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*$")
+_NODE_NAME_MAX = 27
+RESERVED_NODE_NAMES = ("manager",)
+
+
+class ConfigError(Exception):
+    """A topology the user has to fix; every line names the file, the line, the field and the fix."""
+
+
+def instance_name(node: str, index: int) -> str:
+    """Name of instance `index` (1-based) of `node`: the first keeps the node's name, then NAME-2, NAME-3..."""
+    return node if index == 1 else f"{node}-{index}"
+
+
+def _check_address(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a HOST:PORT string, got {type(value).__name__}")
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:7878; port 0 = any free port)")
+    return value.strip()
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a misspelt policy field silently ignored is worse than a refusal.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkConfig(_Model):
+    """One network of the fabric: a pool of slots of one MTU."""
+
+    name: str | None = Field(None, description="optional label; nodes may name it in `network:`")
+    mtu: int = Field(1500, ge=1490, le=65536, description="largest frame payload in bytes")
+    slots: int = Field(8192, ge=64, le=4_194_304, description="packet buffers in the pool")
+
+
+class FabricSection(_Model):
+    """The shared-memory fabric the manager creates."""
+
+    name: str = Field(min_length=1, max_length=24, description="region file /dev/shm/shmfabric-NAME")
+    networks: list[NetworkConfig] = Field(default_factory=lambda: [NetworkConfig()], min_length=1, max_length=8)
+    ring_size: int = Field(1024, ge=16, le=65536, description="descriptors per ring (a power of two)")
+    max_nodes: int = Field(32, ge=2, le=1024, description="node table size: every instance and the manager count")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"fabric name {v!r} may only hold letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("ring_size")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            lo = 1 << (v.bit_length() - 1)
+            raise ValueError(f"ring_size {v} is not a power of two; use {lo} or {lo * 2}")
+        return v
+
+
+class RestartPolicy(_Model):
+    """Restart a failed instance after an exponential backoff; give up after too many in a window."""
+
+    enabled: bool = True
+    max_restarts: int = Field(5, ge=0, description="restarts allowed within `window` seconds before giving up")
+    window: float = Field(60.0, gt=0, description="seconds over which restarts are counted")
+    backoff_initial: float = Field(0.5, ge=0, description="delay before the first restart (seconds)")
+    backoff_max: float = Field(30.0, ge=0, description="the delay doubles per restart up to this")
+    stable_after: float = Field(10.0, ge=0, description="an instance up this long has its backoff reset")
+
+    @model_validator(mode="after")
+    def _order(self) -> "RestartPolicy":
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(f"backoff_max ({self.backoff_max}) is smaller than backoff_initial "
+                             f"({self.backoff_initial}); raise backoff_max")
+        return self
+
+
+class ScalePolicy(_Model):
+    """Scale out when the input queue stays deep, back in when it stays shallow.
+
+    Depth is the mean number of frames waiting per instance (sum of its input rings' depths).
+    """
+
+    min_instances: int = Field(1, ge=1, le=99)
+    max_instances: int = Field(1, ge=1, le=99)
+    out_depth: int = Field(256, ge=1, description="scale out when the mean depth stays above this...")
+    out_for: float = Field(2.0, ge=0, description="...for this many seconds")
+    in_depth: int = Field(8, ge=0, description="scale in when the mean depth stays below this...")
+    in_for: float = Field(10.0, ge=0, description="...for this many seconds")
+    cooldown: float = Field(5.0, ge=0, description="no other scale step this soon after one")
+
+    @model_validator(mode="after")
+    def _order(self) -> "ScalePolicy":
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) is larger than max_instances "
+                             f"({self.max_instances}); lower min_instances or raise max_instances")
+        if self.in_depth >= self.out_depth:
+            raise ValueError(f"in_depth ({self.in_depth}) must be below out_depth ({self.out_depth}), "
+                             "or the node would flap between scale out and in")
+        return self
+
+
+class Policies(_Model):
+    """Defaults for every node."""
+
+    restart: RestartPolicy = RestartPolicy()
+    scale: ScalePolicy = ScalePolicy()
+
+
+class NodeConfig(_Model):
+    """One logical node: a function, its config, and how many instances run it."""
+
+    name: str = Field(min_length=1, max_length=_NODE_NAME_MAX)
+    function: str = Field(min_length=1, description="plugin name (entry point group shmfabric.functions)")
+    config: dict[str, Any] = Field(default_factory=dict, description="validated by the function's own Config")
+    version: str | None = Field(None, description="label shown in status; a replacement sets a new one")
+    instances: int | None = Field(None, ge=1, le=99, description="instances at start (default: scale.min_instances)")
+    network: int | str = Field(0, description="network index or name")
+    batch: int = Field(256, ge=1, le=4096, description="frames per batch (runtime --batch)")
+    ports: list[str] = Field(default_factory=list, description="nodes behind Verdict.port(0), port(1)... (runtime --port)")
+    restart: RestartPolicy | None = None
+    scale: ScalePolicy | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"node name {v!r} must start with a letter and hold only letters, digits, '_', '.', '-'")
+        if v in RESERVED_NODE_NAMES:
+            raise ValueError(f"node name {v!r} is reserved for the manager's own node; pick another")
+        if re.search(r"-\d+$", v):
+            raise ValueError(f"node name {v!r} ends in -DIGITS, which is how instances are named "
+                             f"(NAME-2, NAME-3); rename it, e.g. {v.rsplit('-', 1)[0]}{v.rsplit('-', 1)[1]}")
+        return v
+
+
+class ChainConfig(_Model):
+    """An ordered path of nodes; a step may be a list of nodes that share the upstream's flows."""
+
+    name: str = Field(min_length=1)
+    nodes: list[str | list[str]] = Field(min_length=2)
+
+
+class Topology(_Model):
+    """A whole manager config file."""
+
+    fabric: FabricSection
+    nodes: list[NodeConfig] = Field(min_length=1)
+    chains: list[ChainConfig] = Field(default_factory=list)
+    policies: Policies = Policies()
+    api: str | None = Field("127.0.0.1:0", description="management API HOST:PORT (null: no API)")
+    metrics: str | None = Field(None, description="Prometheus HOST:PORT in addition to the API's /metrics")
+    poll_interval: float = Field(0.5, gt=0, le=60, description="seconds between health and counter polls")
+
+    _addr = field_validator("api", "metrics", mode="before")(_check_address)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Topology":
+        seen: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.name in seen:
+                raise _LocError(("nodes", i, "name"), f"node name {n.name!r} is used twice "
+                                f"(also nodes[{seen[n.name]}]); node names must be unique")
+            seen[n.name] = i
+        for i, n in enumerate(self.nodes):
+            if isinstance(n.network, str):
+                names = [net.name for net in self.fabric.networks]
+                if n.network not in names:
+                    raise _LocError(("nodes", i, "network"), f"no network named {n.network!r}; "
+                                    f"the fabric's networks are {[x for x in names if x] or 'unnamed'}")
+            elif not 0 <= n.network < len(self.fabric.networks):
+                raise _LocError(("nodes", i, "network"), f"network {n.network} does not exist; use 0.."
+                                f"{len(self.fabric.networks) - 1}")
+            for k, target in enumerate(n.ports):
+                if target not in seen:
+                    raise _LocError(("nodes", i, "ports", k), f"port {k} names node {target!r}, "
+                                    "which is not defined under `nodes:`; add it or fix the name")
+            pol = self.scale_of(n.name)
+            if n.instances is not None and not pol.min_instances <= n.instances <= pol.max_instances:
+                raise _LocError(("nodes", i, "instances"), f"instances {n.instances} is outside the scale policy's "
+                                f"{pol.min_instances}..{pol.max_instances}; change one of them")
+        total = sum(self.scale_of(n.name).max_instances for n in self.nodes) + 1
+        if total > self.fabric.max_nodes:
+            raise _LocError(("fabric", "max_nodes"), f"max_nodes {self.fabric.max_nodes} is too small: the nodes "
+                            f"may scale to {total - 1} instances plus the manager's node; set max_nodes >= {total}")
+        nexts: dict[str, tuple[tuple[str, ...], int]] = {}
+        names = set()
+        for ci, chain in enumerate(self.chains):
+            if chain.name in names:
+                raise _LocError(("chains", ci, "name"), f"chain name {chain.name!r} is used twice")
+            names.add(chain.name)
+            for si, step in enumerate(chain.nodes):
+                group = [step] if isinstance(step, str) else step
+                if not group:
+                    raise _LocError(("chains", ci, "nodes", si), "an empty group; list at least one node")
+                for gi, member in enumerate(group):
+                    if member not in seen:
+                        loc = ("chains", ci, "nodes", si) + (() if isinstance(step, str) else (gi,))
+                        raise _LocError(loc, f"node {member!r} is not defined under `nodes:`; add it or fix the name")
+                if si + 1 < len(chain.nodes):
+                    if not isinstance(step, str):
+                        raise _LocError(("chains", ci, "nodes", si), "a group of nodes may only be the last step "
+                                        "of a chain; start a second chain from each member instead")
+                    nxt = chain.nodes[si + 1]
+                    target = (nxt,) if isinstance(nxt, str) else tuple(nxt)
+                    if step in nexts and nexts[step][0] != target:
+                        raise _LocError(("chains", ci, "nodes", si), f"node {step!r} already leads to "
+                                        f"{list(nexts[step][0])} in chains[{nexts[step][1]}]; a node has one next "
+                                        "step (use a group [a, b] to fan out)")
+                    nexts[step] = (target, ci)
+        return self
+
+    # -- derived views ---------------------------------------------------------------------------
+    def node(self, name: str) -> NodeConfig:
+        """The node called `name` (KeyError if none)."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def next_of(self, name: str) -> list[str]:
+        """Logical nodes that follow `name` in the chains (empty for the end of a chain)."""
+        for chain in self.chains:
+            for si, step in enumerate(chain.nodes[:-1]):
+                if step == name:
+                    nxt = chain.nodes[si + 1]
+                    return [nxt] if isinstance(nxt, str) else list(nxt)
+        return []
+
+    def upstream_of(self, name: str) -> list[str]:
+        """Logical nodes whose next step contains `name` (or whose ports name it)."""
+        ups = [n.name for n in self.nodes if name in self.next_of(n.name)]
+        ups += [n.name for n in self.nodes if name in n.ports and n.name not in ups]
+        return ups
+
+    def restart_of(self, name: str) -> RestartPolicy:
+        return self.node(name).restart or self.policies.restart
+
+    def scale_of(self, name: str) -> ScalePolicy:
+        return self.node(name).scale or self.policies.scale
+
+    def instances_of(self, name: str) -> int:
+        n = self.node(name)
+        return n.instances if n.instances is not None else self.scale_of(name).min_instances
+
+    def network_index(self, name: str) -> int:
+        net = self.node(name).network
+        if isinstance(net, int):
+            return net
+        return [x.name for x in self.fabric.networks].index(net)
+
+    def start_order(self) -> list[str]:
+        """Nodes ordered so that every node starts after the nodes it sends to (sinks first)."""
+        order: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in order or name in visiting:
+                return  # a cycle (allowed: e.g. a reply path) is broken arbitrarily
+            visiting.add(name)
+            for nxt in self.next_of(name) + list(self.node(name).ports):
+                visit(nxt)
+            visiting.discard(name)
+            order.append(name)
+
+        for n in self.nodes:
+            visit(n.name)
+        return order
+
+
+class _LocError(ValueError):
+    """A cross-field error raised from a model validator, carrying the field it is about."""
+
+    def __init__(self, loc: tuple[Any, ...], msg: str):
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+# -- YAML with line numbers ----------------------------------------------------------------------
+Mark = tuple[int, int]  # (line, column), 1-based
+
+
+@dataclass
+class _Located:
+    data: Any
+    marks: dict[tuple[Any, ...], Mark]
+
+
+def _compose(text: str, source: str) -> _Located:
+    """Parse YAML keeping the line of every mapping value and list item (keyed by its path)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return _Located(None, {})
+        data = loader.construct_document(root)
+        marks: dict[tuple[Any, ...], Mark] = {}
+
+        def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+            marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+            if isinstance(node, yaml.MappingNode):
+                for knode, vnode in node.value:
+                    try:
+                        key = loader.construct_object(knode, deep=True)
+                    except Exception:
+                        continue
+                    if isinstance(key, (list, dict)):
+                        continue
+                    # the key's own line: an unknown key is reported where it is written
+                    marks[path + (key, "__key__")] = (knode.start_mark.line + 1, knode.start_mark.column + 1)
+                    walk(vnode, path + (key,))
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    walk(item, path + (i,))
+
+        walk(root, ())
+        return _Located(data, marks)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        pos = f"{where.line + 1}" if where else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}:{pos}: not valid YAML: {problem}; fix: correct the syntax "
+                          "(indent with spaces, quote values holding ': ' or '#')") from None
+    finally:
+        loader.dispose()
+
+
+def _line_of(marks: dict[tuple[Any, ...], Mark], loc: tuple[Any, ...], key: bool = False) -> int | None:
+    if key and loc and (loc + ("__key__",)) in marks:
+        return marks[loc + ("__key__",)][0]
+    if key and loc:
+        k = loc[:-1] + (loc[-1], "__key__")
+        if k in marks:
+            return marks[k][0]
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in marks:
+            return marks[loc[:n]][0]
+    return None
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic adds union branch names ("str", "list[str]", "function-after[...]") to locations
+    return tuple(p for p in loc if isinstance(p, int) or not (
+        str(p).startswith(("function-", "list[", "dict[")) or p in ("str", "int")))
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or fix its spelling (see docs/manager.md for the fields)",
+    "missing": "add it",
+    "literal_error": "use one of the values listed",
+}
+
+
+def _fix_for(kind: str) -> str:
+    if kind in _FIXES:
+        return _FIXES[kind]
+    if kind.startswith(("int_", "float_")) or kind in ("greater_than", "greater_than_equal", "less_than",
+                                                         "less_than_equal"):
+        return "give a number in the allowed range"
+    if kind.startswith(("string_too", "too_")):
+        return "change the length as stated"
+    if kind.endswith("_type"):
+        return "give a value of the expected type"
+    return ""
+
+
+def _format_errors(exc: ValidationError, source: str, marks: dict[tuple[Any, ...], Mark],
+                   prefix: tuple[Any, ...] = ()) -> str:
+    lines = []
+    for err in exc.errors():
+        kind = err.get("type", "")
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        loc = prefix + _clean_loc(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if isinstance(inner, _LocError):
+            loc = prefix + inner.loc
+            msg = inner.msg
+        line = _line_of(marks, loc, key=kind == "extra_forbidden")
+        fix = _fix_for(kind)
+        where = f"{source}:{line}" if line else source
+        lines.append(f"{where}: field `{_fmt_loc(loc)}`: {msg}" + (f"; fix: {fix}" if fix else ""))
+    return "\n".join(lines)
+
+
+def parse_topology(text: str, source: str = "<config>") -> Topology:
+    """Validate YAML text as a Topology; raise ConfigError naming source, line, field and fix."""
+    located = _compose(text, source)
+    data = located.data
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; fix: add `fabric:` and `nodes:` (see examples/edge.yaml)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the top level must be a mapping with `fabric:`, `nodes:` and `chains:`")
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, located.marks)) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology file (see the module docstring)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+    return parse_topology(text, str(path))
+
+
+def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], text: str | None = None) -> None:
+    """Check every node's function exists and its `config:` passes the function's own Config.
+
+    `resolve(name)` returns the plugin class (with a pydantic `Config`) or raises LookupError/ValueError
+    with a message listing what exists. Errors point at the node's line in `text` when given.
+    """
+    marks = _compose(text, source).marks if text else {}
+    lines = []
+    for i, node in enumerate(topo.nodes):
+        try:
+            cls = resolve(node.function)
+        except (LookupError, ValueError) as exc:
+            line = _line_of(marks, ("nodes", i, "function"))
+            lines.append(f"{source}:{line or '?'}: field `nodes[{i}].function`: {exc}; fix: install the plugin "
+                         "or correct the name")
+            continue
+        model = getattr(cls, "Config", None)
+        if model is None or not hasattr(model, "model_validate"):
+            continue
+        try:
+            model.model_validate(node.config)
+        except ValidationError as exc:
+            lines.append(_format_errors(exc, source, marks, prefix=("nodes", i, "config")))
+    if lines:
+        raise ConfigError("\n".join(lines))

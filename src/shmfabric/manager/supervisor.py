@@ -1,0 +1,806 @@
+"""The supervisor: creates the fabric, runs every node as a process, keeps them running and steers them.
+
+One `Supervisor` owns one fabric. Each logical node of the topology runs as one or more
+*instances* (processes `python -m shmfabric.functions.run`, attached as NAME, NAME-2, ...). The
+supervisor's loop (`tick`) watches process exits and the fabric's node table, restarts failed
+instances with backoff (`RestartTracker`), feeds input-queue depths to the scale policy
+(`ScaleDecider`) and collects counters. Operators (management API, `reload`) call the public
+methods; every public method holds one lock, so the loop and API threads never interleave steps.
+
+Steering uses the runtime's control ops over the fabric (docs: notes/runtime_contract.md):
+`set_next` re-points an upstream node, `stop` drains an instance's input ring and ends it,
+`reconfigure` pushes a config, `stats` reads counters. Removing an instance always re-steers its
+upstream first and stops it second, so the frames already queued to it are still processed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from shmfabric.manager.config import ConfigError, NodeConfig, Topology, check_functions, instance_name
+from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
+
+__all__ = ["SupervisorError", "ControlChannel", "Instance", "Supervisor", "proc_cpu_seconds"]
+
+MANAGER_NODE = "manager"
+CONTROL_TIMEOUT = 2.0       # a healthy runtime answers between two batches
+STATS_TIMEOUT = 0.5         # polls must not stall the loop behind one slow node
+START_TIMEOUT = 15.0        # interpreter start, imports, config validation, attach
+STOP_TIMEOUT = 10.0         # draining a full input ring through a slow function
+
+
+class SupervisorError(Exception):
+    """An operation the supervisor refused or could not finish; the message says why and what to do."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status  # HTTP status the management API answers with
+
+
+class ControlChannel(Protocol):
+    """Request/reply with a node's runtime (shmfabric.functions.control.ControlClient)."""
+
+    def request(self, target: str, op: dict, timeout: float) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process from /proc/PID/stat, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Instance:
+    """One process running a node's function."""
+
+    name: str
+    node: str
+    function: str
+    config: dict
+    version: str | None
+    index: int
+    tracker: RestartTracker
+    state: str = "starting"  # starting, running, backoff, stopping, stopped, failed
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    error: str | None = None
+    counters: dict = field(default_factory=dict)           # the runtime's (in_frames, dropped, ...)
+    function_counters: dict = field(default_factory=dict)  # the function's own (rule hits, alerts, ...)
+    missing_polls: int = 0
+    stats_failures: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def active(self) -> bool:
+        """Part of its node's group (receives traffic once up)."""
+        return self.state in ("starting", "running", "backoff")
+
+
+@dataclass
+class _Node:
+    cfg: NodeConfig
+    decider: ScaleDecider
+    instances: list[Instance] = field(default_factory=list)
+    function: str = ""
+    config: dict = field(default_factory=dict)
+    version: str | None = None
+    depth: int = 0
+    resteer: bool = False  # an instance came back: upstream must resolve its name again
+
+
+def _default_control(fabric: Any) -> ControlChannel:
+    from shmfabric.functions.control import ControlClient
+
+    return ControlClient(fabric, node_name=MANAGER_NODE)
+
+
+def _default_resolve(name: str) -> type:
+    from shmfabric.functions import registry
+
+    return registry.load(name)
+
+
+class Supervisor:
+    """Runs a topology. `start()`, then `tick()` periodically (or `run()`), then `stop()`."""
+
+    def __init__(self, topo: Topology, *, source: str = "<config>", log_dir: str | Path | None = None,
+                 python: str = sys.executable, control_factory: Callable[[Any], ControlChannel] = _default_control,
+                 resolve: Callable[[str], type] | None = _default_resolve, clock: Callable[[], float] = time.monotonic,
+                 extra_env: dict[str, str] | None = None):
+        self.topo = topo
+        self.source = source
+        self.python = python
+        self.clock = clock
+        self._control_factory = control_factory
+        self._resolve = resolve
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.lock = threading.RLock()
+        self.fabric: Any = None
+        self.control: ControlChannel | None = None
+        self.nodes: dict[str, _Node] = {}
+        self.events: deque[dict] = deque(maxlen=200)
+        self.started_wall = time.time()
+        self.started = False
+        self._table: dict[str, dict] = {}
+        self._rings: list[dict] = []
+        self._pools: list[dict] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the fabric and start every node (downstream first); raise SupervisorError on failure."""
+        from shmfabric.fabric import Fabric, FabricError
+
+        if self._resolve is not None:
+            try:
+                check_functions(self.topo, self.source, self._resolve, _read_text(self.source))
+            except ConfigError as exc:
+                raise SupervisorError(str(exc)) from None
+        f = self.topo.fabric
+        self._clear_stale(f.name)
+        try:
+            self.fabric = Fabric.create(f.name, max_nodes=f.max_nodes, ring_size=f.ring_size,
+                                        networks=[{"mtu": n.mtu, "slots": n.slots} for n in f.networks])
+        except FabricError as exc:
+            raise SupervisorError(f"cannot create fabric {f.name!r}: {exc}") from None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.control = self._control_factory(self.fabric)
+            now = self.clock()
+            for cfg in self.topo.nodes:
+                self.nodes[cfg.name] = _Node(cfg, ScaleDecider(self.topo.scale_of(cfg.name)), function=cfg.function,
+                                             config=dict(cfg.config), version=cfg.version)
+            for name in self.topo.start_order():
+                self._wait_up([i for d in self._targets(name) for i in self.nodes[d].instances], START_TIMEOUT)
+                for k in range(1, self.topo.instances_of(name) + 1):
+                    self._spawn(self.nodes[name], k, now)
+            self._wait_up([i for n in self.nodes.values() for i in n.instances], START_TIMEOUT)
+            self.started = True
+            self._event("up", "", f"fabric {f.name}, {sum(len(n.instances) for n in self.nodes.values())} instances")
+            self._refresh(self.clock())
+        except BaseException:
+            self.stop()
+            raise
+
+    def _clear_stale(self, name: str) -> None:
+        """A fabric file left by a crashed manager is removed; one in use is an error."""
+        from shmfabric.fabric import Fabric, FabricError
+
+        try:
+            old = Fabric.open(name)
+        except FabricError:
+            Fabric.destroy(name)  # absent, or unreadable garbage: either way nothing uses it
+            return
+        try:
+            alive = [n for n in old.nodes() if n["alive"] and n["state"] == "up"]
+        finally:
+            old.close()
+        if alive:
+            who = ", ".join(f"{n['name']} (pid {n['pid']})" for n in alive[:5])
+            raise SupervisorError(f"fabric {name!r} is in use by {who}; run `shmfabric down` or choose another "
+                                  "fabric.name", status=409)
+        Fabric.destroy(name)
+
+    def stop(self) -> None:
+        """Stop every instance (sources first, each draining its input), then remove the fabric."""
+        with self.lock:
+            order = list(reversed(self.topo.start_order()))
+            order += [n for n in self.nodes if n not in order]  # e.g. left over from a failed reload
+            for name in order:
+                node = self.nodes.get(name)
+                if node is None:
+                    continue
+                for inst in list(node.instances):
+                    self._stop_instance(inst, drain=True)
+                node.instances.clear()
+            if self.control is not None:
+                try:
+                    self.control.close()
+                except Exception:
+                    pass
+                self.control = None
+            if self.fabric is not None:
+                name = self.fabric.name
+                try:
+                    self.fabric.close()
+                finally:
+                    from shmfabric.fabric import Fabric
+
+                    Fabric.destroy(name)
+                self.fabric = None
+            if self.started:
+                self._event("down", "", "all instances stopped")
+            self.started = False
+
+    def run(self, stop: threading.Event, duration: float | None = None) -> None:
+        """Tick every poll_interval until `stop` is set or `duration` seconds passed."""
+        end = None if duration is None else self.clock() + duration
+        while not stop.is_set():
+            if end is not None and self.clock() >= end:
+                break
+            self.tick()
+            wait = self.topo.poll_interval if end is None else max(0.0, min(self.topo.poll_interval, end - self.clock()))
+            stop.wait(wait)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """One round: notice exits, restart due instances, re-steer, poll counters, apply scale policy."""
+        with self.lock:
+            if self.fabric is None:
+                return
+            now = self.clock() if now is None else now
+            self._refresh(now)
+            for node in self.nodes.values():
+                for inst in list(node.instances):
+                    self._watch(node, inst, now)
+            for node in self.nodes.values():
+                if node.resteer and all(i.state == "running" for i in node.instances if i.active):
+                    node.resteer = False
+                    self._resteer_upstream(node.cfg.name)
+            self._poll_stats()
+            for name, node in self.nodes.items():
+                running = [i for i in node.instances if i.active]
+                action = node.decider.observe(now, node.depth, len(running))
+                if action is ScaleAction.OUT:
+                    self._scale_to(node, len(running) + 1, now, reason=f"queue depth {node.depth}")
+                elif action is ScaleAction.IN:
+                    self._scale_to(node, len(running) - 1, now, reason=f"queue depth {node.depth}")
+
+    def _watch(self, node: _Node, inst: Instance, now: float) -> None:
+        rc = inst.proc.poll() if inst.proc is not None else None
+        entry = self._table.get(inst.name)
+        up = entry is not None and entry.get("state") == "up" and entry.get("alive") and entry.get("pid") == inst.pid
+        if inst.state == "backoff":
+            if inst.restart_at is not None and now >= inst.restart_at:
+                self._respawn(node, inst, now)
+            return
+        if inst.state not in ("starting", "running"):
+            return
+        if rc is not None:
+            inst.exit_code = rc
+            err = _log_tail(self._log_path(inst.name))
+            if inst.state == "starting" and rc == 2:
+                # exit 2 at start is the runtime's "invalid configuration": restarting cannot help
+                inst.state, inst.error = "failed", err or "configuration rejected (exit 2)"
+                self._event("failed", inst.name, f"exit 2 at start: {inst.error}")
+                return
+            when = inst.tracker.on_exit(now)
+            inst.error = err or f"exited with status {rc}"
+            if when is None:
+                inst.state = "failed"
+                self._event("failed", inst.name, f"exit {rc}; restart limit reached ({inst.tracker.policy.max_restarts}"
+                            f" in {inst.tracker.policy.window:g}s), giving up")
+            else:
+                inst.state, inst.restart_at = "backoff", when
+                self._event("exited", inst.name, f"exit {rc}; restart in {when - now:.2f}s")
+            return
+        if inst.state == "starting":
+            if up:
+                inst.state = "running"
+            elif now - inst.started_at > START_TIMEOUT:
+                self._event("hung", inst.name, f"not attached after {START_TIMEOUT:g}s; killing it")
+                _kill(inst.proc)
+            return
+        # running: the process lives but its node left the table (detached itself or was reclaimed)
+        if not up:
+            inst.missing_polls += 1
+            if inst.missing_polls >= 3:
+                self._event("hung", inst.name, "process alive but its node is gone from the fabric; killing it")
+                _kill(inst.proc)
+        else:
+            inst.missing_polls = 0
+
+    def _refresh(self, now: float) -> None:
+        """Read the node table, ring depths and pools once per tick."""
+        fab = self.fabric
+        table = {}
+        for e in fab.nodes():
+            if e["state"] == "up":
+                table[e["name"]] = e
+        self._table = table
+        ids = {e["id"]: name for name, e in table.items()}
+        rings = []
+        depth_to: dict[str, int] = {}
+        for s, sname in ids.items():
+            for d, dname in ids.items():
+                if s == d:
+                    continue
+                st = fab.ring_stats(s, d)
+                if st["enqueued"] or st["depth"]:
+                    rings.append({"src": sname, "dst": dname, **{k: st[k] for k in
+                                  ("depth", "enqueued", "dequeued", "full_events", "down")}})
+                    depth_to[dname] = depth_to.get(dname, 0) + st["depth"]
+        self._rings = rings
+        for node in self.nodes.values():
+            node.depth = sum(depth_to.get(i.name, 0) for i in node.instances if i.active)
+        self._pools = []
+        for k, spec in enumerate(fab.networks):
+            a = fab.pool_audit(k)
+            self._pools.append({"network": k, "mtu": spec.mtu, "total": a["total"], "free": a["free"],
+                                "held": sum(a["held"].values()), "orphaned": a["orphaned"]})
+
+    def _poll_stats(self) -> None:
+        for node in self.nodes.values():
+            for inst in node.instances:
+                if inst.state != "running":
+                    continue
+                try:
+                    reply = self._request(inst.name, {"op": "stats"}, STATS_TIMEOUT)
+                except SupervisorError:
+                    inst.stats_failures += 1
+                    continue
+                inst.stats_failures = 0
+                if isinstance(reply.get("counters"), dict):
+                    inst.counters = reply["counters"]
+                if isinstance(reply.get("function_counters"), dict):
+                    inst.function_counters = reply["function_counters"]
+
+    # -- instances -----------------------------------------------------------------------------
+    def _targets(self, name: str) -> list[str]:
+        node = self.nodes[name].cfg if name in self.nodes else self.topo.node(name)
+        return self.topo.next_of(name) + [t for t in node.ports if t not in self.topo.next_of(name)]
+
+    def _next_instances(self, name: str) -> list[str]:
+        """Instance names that logical node `name` sends to: every active instance of its next step."""
+        out = []
+        for nxt in self.topo.next_of(name):
+            node = self.nodes.get(nxt)
+            if node is not None:
+                out += [i.name for i in node.instances if i.active]
+        return out
+
+    def _argv(self, node: _Node, inst: Instance) -> list[str]:
+        argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", self.topo.fabric.name, "--node", inst.name,
+                "--function", inst.function, "--config", json.dumps(inst.config, separators=(",", ":")),
+                "--batch", str(node.cfg.batch)]
+        nxt = self._next_instances(node.cfg.name)
+        if nxt:
+            argv += ["--next", ",".join(nxt)]
+        for target in node.cfg.ports:
+            # a port names one node: a scaled-out port target is reached through its first instance
+            tnode = self.nodes.get(target)
+            members = [i.name for i in tnode.instances if i.active] if tnode else []
+            argv += ["--port", members[0] if members else target]
+        net = self.topo.network_index(node.cfg.name) if node.cfg.name in {n.name for n in self.topo.nodes} else 0
+        if net:
+            argv += ["--network", str(net)]
+        return argv
+
+    def _log_path(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def _launch(self, node: _Node, inst: Instance, now: float) -> None:
+        log = self._log_path(inst.name)
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        try:
+            inst.proc = subprocess.Popen(self._argv(node, inst), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=self._env,
+                                         close_fds=True, start_new_session=True)
+        finally:
+            if log:
+                out.close()
+        inst.state, inst.started_at, inst.exit_code, inst.restart_at = "starting", now, None, None
+        inst.missing_polls = 0
+        inst.tracker.on_start(now)
+
+    def _free_index(self, node: _Node) -> int:
+        used = {i.index for i in node.instances}
+        k = 1
+        while k in used or self.fabric.node_id(instance_name(node.cfg.name, k)) is not None:
+            k += 1
+        if k > 99:
+            raise SupervisorError(f"node {node.cfg.name!r} has no free instance name left")
+        return k
+
+    def _spawn(self, node: _Node, index: int | None, now: float, *, function: str | None = None,
+               config: dict | None = None, version: str | None = None) -> Instance:
+        k = index if index is not None else self._free_index(node)
+        inst = Instance(instance_name(node.cfg.name, k), node.cfg.name, function or node.function,
+                        dict(config if config is not None else node.config),
+                        version if version is not None else node.version, k,
+                        RestartTracker(self.topo.restart_of(node.cfg.name)))
+        node.instances.append(inst)
+        self._launch(node, inst, now)
+        self._event("start", inst.name, f"{inst.function} pid {inst.pid}")
+        return inst
+
+    def _respawn(self, node: _Node, inst: Instance, now: float) -> None:
+        inst.restarts += 1
+        self._launch(node, inst, now)
+        node.resteer = True
+        self._event("restart", inst.name, f"restart #{inst.restarts}, pid {inst.pid}")
+
+    def _wait_up(self, insts: list[Instance], timeout: float) -> None:
+        """Block until every instance's node is up in the table; SupervisorError names the one that is not."""
+        deadline = time.monotonic() + timeout
+        pending = [i for i in insts if i.state == "starting"]
+        while pending:
+            for inst in list(pending):
+                rc = inst.proc.poll() if inst.proc else None
+                if rc is not None:
+                    inst.state, inst.exit_code = "failed", rc
+                    inst.error = _log_tail(self._log_path(inst.name)) or f"exited with status {rc}"
+                    raise SupervisorError(f"node {inst.name!r} ({inst.function}) exited with status {rc} at start: "
+                                          f"{inst.error}", status=500)
+                nid = self.fabric.node_id(inst.name)
+                if nid is not None:
+                    inst.state = "running"
+                    pending.remove(inst)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(i.name for i in pending)
+                raise SupervisorError(f"node(s) {names} did not attach within {timeout:g}s; see their logs"
+                                      + (f" in {self.log_dir}" if self.log_dir else ""), status=500)
+            time.sleep(0.02)
+
+    def _stop_instance(self, inst: Instance, drain: bool) -> int | None:
+        """Stop one instance: op stop (drain) first, then SIGTERM, then SIGKILL. Returns frames drained."""
+        processed = None
+        proc = inst.proc
+        if proc is not None and proc.poll() is None and inst.state in ("running", "starting", "stopping"):
+            inst.state = "stopping"
+            if drain and self.control is not None:
+                try:
+                    reply = self._request(inst.name, {"op": "stop"}, STOP_TIMEOUT)
+                    processed = reply.get("processed")
+                except SupervisorError as exc:
+                    self._event("stop", inst.name, f"no reply to stop ({exc}); terminating")
+            try:
+                proc.wait(STOP_TIMEOUT if processed is not None else 0.05)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    _kill(proc)
+                    proc.wait(5)
+                except ProcessLookupError:
+                    pass
+        elif proc is not None:
+            proc.poll()
+        inst.exit_code = proc.returncode if proc is not None else None
+        inst.state = "stopped"
+        self._event("stop", inst.name, f"stopped (exit {inst.exit_code}, drained {processed})")
+        return processed
+
+    def _request(self, target: str, op: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
+        if self.control is None:
+            raise SupervisorError("the manager is not running", status=503)
+        try:
+            reply = self.control.request(target, op, timeout)
+        except Exception as exc:  # the client's own timeout / unknown node errors
+            raise SupervisorError(f"{op.get('op')} to {target!r} failed: {exc}", status=504) from None
+        if not isinstance(reply, dict):
+            raise SupervisorError(f"{op.get('op')} to {target!r}: malformed reply {reply!r}", status=502)
+        return reply
+
+    def _resteer_upstream(self, name: str) -> None:
+        """Tell every running instance of the nodes before `name` its current next group."""
+        for up in self.topo.upstream_of(name):
+            node = self.nodes.get(up)
+            if node is None:
+                continue
+            self._set_next(node)
+
+    def _set_next(self, node: _Node) -> None:
+        nxt = self._next_instances(node.cfg.name)
+        for inst in node.instances:
+            if inst.state != "running":
+                continue  # a starting or restarting instance gets the current list on its command line
+            reply = self._request(inst.name, {"op": "set_next", "next": nxt})
+            if not reply.get("ok"):
+                raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
+        self._event("steer", node.cfg.name, f"next -> {nxt}")
+
+    def _scale_to(self, node: _Node, count: int, now: float, reason: str) -> None:
+        active = [i for i in node.instances if i.active]
+        if count > len(active):
+            new = [self._spawn(node, None, now) for _ in range(count - len(active))]
+            self._wait_up(new, START_TIMEOUT)
+            self._resteer_upstream(node.cfg.name)
+            self._event("scale", node.cfg.name, f"out to {count} ({reason})")
+        elif count < len(active):
+            victims = sorted(active, key=lambda i: i.index)[count:]
+            for v in victims:
+                v.state = "stopping"  # out of the group before upstream is re-steered
+            self._resteer_upstream(node.cfg.name)
+            for v in victims:
+                self._stop_instance(v, drain=True)
+                node.instances.remove(v)
+            self._event("scale", node.cfg.name, f"in to {count} ({reason})")
+        # downstream of this node is unchanged; its own instances got --next at start
+
+    # -- operator actions (API, reload) --------------------------------------------------------
+    def _node(self, name: str) -> _Node:
+        node = self.nodes.get(name)
+        if node is None:
+            raise SupervisorError(f"no node named {name!r}; nodes: {', '.join(self.nodes)}", status=404)
+        return node
+
+    def scale(self, name: str, instances: int) -> dict:
+        """Set a node's instance count by hand (within 1..99); the policy's cooldown restarts."""
+        with self.lock:
+            node = self._node(name)
+            if not isinstance(instances, int) or not 1 <= instances <= 99:
+                raise SupervisorError(f"instances must be an integer 1..99, got {instances!r}")
+            now = self.clock()
+            self._scale_to(node, instances, now, reason="operator")
+            node.decider.reset(now)
+            return self._node_status(node)
+
+    def reconfigure(self, name: str, config: dict) -> dict:
+        """Push a new config to every running instance of `name` (validated first); no restart."""
+        with self.lock:
+            node = self._node(name)
+            if not isinstance(config, dict):
+                raise SupervisorError("config must be a JSON object")
+            self._validate_config(node.function, config, name)
+            for inst in node.instances:
+                if inst.state != "running":
+                    continue
+                reply = self._request(inst.name, {"op": "reconfigure", "config": config})
+                if not reply.get("ok"):
+                    raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+            node.config = dict(config)
+            for inst in node.instances:
+                inst.config = dict(config)  # a later restart starts with what runs now
+            self._event("reconfigure", name, "config pushed to running instances")
+            return self._node_status(node)
+
+    def replace(self, name: str, function: str | None = None, config: dict | None = None,
+                version: str | None = None) -> dict:
+        """Replace every instance of `name` by one running `function`/`config`/`version`, losing no frame:
+        start the new instances, re-steer upstream to them, then stop the old ones (each drains its ring)."""
+        with self.lock:
+            node = self._node(name)
+            function = function or node.function
+            config = dict(node.config if config is None else config)
+            self._validate_config(function, config, name)
+            old = [i for i in node.instances if i.active]
+            if not old:
+                raise SupervisorError(f"node {name!r} has no running instance to replace", status=409)
+            now = self.clock()
+            new = [self._spawn(node, None, now, function=function, config=config, version=version) for _ in old]
+            try:
+                self._wait_up(new, START_TIMEOUT)
+            except SupervisorError:
+                for inst in new:
+                    self._stop_instance(inst, drain=False)
+                    node.instances.remove(inst)
+                raise
+            for inst in old:
+                inst.state = "stopping"
+            node.function, node.config, node.version = function, config, version
+            self._resteer_upstream(name)
+            drained = 0
+            for inst in old:
+                drained += self._stop_instance(inst, drain=True) or 0
+                node.instances.remove(inst)
+            self._event("replace", name, f"{len(old)} instance(s) -> {function} {version or ''} "
+                        f"(old drained {drained} frames)".replace("  ", " "))
+            out = self._node_status(node)
+            out["drained"] = drained
+            return out
+
+    def reload(self, topo: Topology, source: str | None = None) -> dict:
+        """Apply a new topology to the running one; returns what changed."""
+        with self.lock:
+            old = self.topo
+            source = source or self.source
+            if topo.fabric != old.fabric:
+                raise SupervisorError("the `fabric:` section changed; a region cannot be resized live; "
+                                      "run `shmfabric down` and `up` again", status=409)
+            if self._resolve is not None:
+                try:
+                    check_functions(topo, source, self._resolve, _read_text(source))
+                except ConfigError as exc:
+                    raise SupervisorError(str(exc), status=422) from None
+            changes: dict[str, list[str]] = {"added": [], "removed": [], "reconfigured": [], "replaced": [],
+                                             "scaled": [], "resteered": []}
+            old_names = {n.name for n in old.nodes}
+            new_names = {n.name for n in topo.nodes}
+            old_next = {n: self._next_instances(n) for n in old_names}
+            now = self.clock()
+            # 1. removed nodes leave the chains first: upstream is re-steered away before they stop
+            self.topo = topo
+            for name in sorted(old_names - new_names):
+                for inst in self.nodes[name].instances:
+                    if inst.active:
+                        inst.state = "stopping"
+            # 2. new nodes start, downstream first, so upstream can be pointed at them
+            for name in topo.start_order():
+                if name in new_names - old_names:
+                    cfg = topo.node(name)
+                    node = _Node(cfg, ScaleDecider(topo.scale_of(name)), function=cfg.function,
+                                 config=dict(cfg.config), version=cfg.version)
+                    self.nodes[name] = node
+                    new = [self._spawn(node, k, now) for k in range(1, topo.instances_of(name) + 1)]
+                    self._wait_up(new, START_TIMEOUT)
+                    changes["added"].append(name)
+            # 3. existing nodes: function/version -> replace, config -> reconfigure, policy/instances -> scale
+            for name in sorted(old_names & new_names):
+                a, b = old.node(name), topo.node(name)
+                node = self.nodes[name]
+                node.cfg = b
+                node.decider.policy = topo.scale_of(name)
+                for inst in node.instances:
+                    inst.tracker.policy = topo.restart_of(name)
+                if (a.function, a.version, a.batch, a.ports, a.network) != (b.function, b.version, b.batch,
+                                                                             b.ports, b.network):
+                    self.topo = topo
+                    self.replace(name, b.function, dict(b.config), b.version)
+                    changes["replaced"].append(name)
+                elif a.config != b.config:
+                    self.reconfigure(name, dict(b.config))
+                    changes["reconfigured"].append(name)
+                active = len([i for i in node.instances if i.active])
+                pol = topo.scale_of(name)
+                if b.instances is not None and b.instances != a.instances:
+                    target = b.instances  # the file asks for a count: it wins over what the policy did
+                else:
+                    target = min(max(active, pol.min_instances), pol.max_instances)
+                if target != active:
+                    self._scale_to(node, target, now, reason="reload")
+                    changes["scaled"].append(f"{name}={target}")
+            # 4. every node whose next group changed is re-steered (covers chain edits and removals)
+            for name in topo.start_order():
+                if name in old_names and self._next_instances(name) != old_next.get(name):
+                    self._set_next(self.nodes[name])
+                    changes["resteered"].append(name)
+            # 5. removed nodes drain and stop, sources first
+            for name in reversed(old.start_order()):
+                if name in old_names - new_names:
+                    for inst in list(self.nodes[name].instances):
+                        self._stop_instance(inst, drain=True)
+                    del self.nodes[name]
+                    changes["removed"].append(name)
+            self._event("reload", "", json.dumps({k: v for k, v in changes.items() if v}))
+            return changes
+
+    def reload_file(self, path: str | None = None) -> dict:
+        """Read the config file again (or `path`) and apply it with `reload`."""
+        from shmfabric.manager.config import load_topology
+
+        source = path or self.source
+        try:
+            topo = load_topology(source)
+        except ConfigError as exc:
+            raise SupervisorError(str(exc), status=422) from None
+        with self.lock:
+            changes = self.reload(topo, source)
+            self.source = source
+            return changes
+
+    def _validate_config(self, function: str, config: dict, name: str) -> None:
+        if self._resolve is None:
+            return
+        try:
+            cls = self._resolve(function)
+        except (LookupError, ValueError) as exc:
+            raise SupervisorError(str(exc), status=422) from None
+        model = getattr(cls, "Config", None)
+        if model is not None and hasattr(model, "model_validate"):
+            from pydantic import ValidationError
+
+            try:
+                model.model_validate(config)
+            except ValidationError as exc:
+                lines = [f"{name}.config.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+                raise SupervisorError("invalid config: " + "; ".join(lines), status=422) from None
+
+    # -- views -----------------------------------------------------------------------------------
+    def _inst_status(self, inst: Instance) -> dict:
+        e = self._table.get(inst.name) if inst.state in ("running", "stopping") else None
+        pid = inst.pid if inst.proc is not None and inst.proc.poll() is None else None
+        out = {"name": inst.name, "function": inst.function, "version": inst.version, "pid": pid,
+               "state": inst.state, "restarts": inst.restarts, "exit_code": inst.exit_code, "error": inst.error,
+               "node_id": e["id"] if e else None, "cpu_seconds": proc_cpu_seconds(pid) if pid else None,
+               "uptime": round(self.clock() - inst.started_at, 3) if pid else None}
+        for k in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_drops", "tx_ring_full", "tx_nobuf"):
+            out[k] = e[k] if e else 0
+        out["queue_depth"] = sum(r["depth"] for r in self._rings if r["dst"] == inst.name)
+        c = inst.counters
+        node = self.nodes.get(inst.node)
+        terminal = node is not None and not self.topo.next_of(inst.node) and not node.cfg.ports
+        # at the end of a chain the runtime counts consumed frames as dropped: those are not losses
+        out["dropped"] = int(c.get("next_down", 0)) + (0 if terminal else int(c.get("dropped", 0)))
+        out["counters"] = dict(inst.counters)
+        out["function_counters"] = dict(inst.function_counters)
+        return out
+
+    def _node_status(self, node: _Node) -> dict:
+        insts = [self._inst_status(i) for i in node.instances]
+        pol = node.decider.policy
+        return {"name": node.cfg.name, "function": node.function, "version": node.version, "config": node.config,
+                "next": self.topo.next_of(node.cfg.name), "instances": insts, "queue_depth": node.depth,
+                "scale": {"min_instances": pol.min_instances, "max_instances": pol.max_instances},
+                "state": _overall([i["state"] for i in insts])}
+
+    def status(self) -> dict:
+        """Everything `shmfabric status --json` prints; stable field names."""
+        with self.lock:
+            nodes = [self._node_status(self.nodes[n.name]) for n in self.topo.nodes if n.name in self.nodes]
+            by_name = {n["name"]: n for n in nodes}
+            chains = []
+            for c in self.topo.chains:
+                last = c.nodes[-1]
+                tail = [last] if isinstance(last, str) else list(last)
+                chains.append({"name": c.name, "nodes": c.nodes, "tail": tail,
+                               "delivered_frames": sum(i["rx_frames"] for t in tail if t in by_name
+                                                       for i in by_name[t]["instances"])})
+            return {"fabric": self.topo.fabric.name, "config": self.source, "pid": os.getpid(),
+                    "running": self.started, "uptime": round(time.time() - self.started_wall, 3),
+                    "nodes": nodes, "chains": chains, "rings": list(self._rings), "pools": list(self._pools),
+                    "events": list(self.events)[-30:]}
+
+    def node_status(self, name: str) -> dict:
+        with self.lock:
+            return self._node_status(self._node(name))
+
+    def _event(self, kind: str, node: str, detail: str) -> None:
+        self.events.append({"time": round(time.time(), 3), "kind": kind, "node": node, "detail": detail})
+
+
+def _overall(states: list[str]) -> str:
+    if not states:
+        return "stopped"
+    if all(s == "running" for s in states):
+        return "running"
+    if any(s == "failed" for s in states):
+        return "failed" if all(s == "failed" for s in states) else "degraded"
+    return "degraded" if "running" in states else states[0]
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+def _log_tail(path: Path | None, lines: int = 3) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    tail = [ln for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(tail) or None
+
+
+def _read_text(source: str) -> str | None:
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError:
+        return None

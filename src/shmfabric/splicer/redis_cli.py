@@ -44,7 +44,7 @@ def build_redis_config(args: argparse.Namespace) -> Any:
             raise _cli_error(f"{args.config}: no `redis:` section; fix: add one (see docs/splicer-redis.md)")
         data = file_cfg.redis.model_dump(exclude_unset=True)
         source = args.config
-    for name in ("listen", "workers", "metrics", "hash", "distribution"):
+    for name in ("listen", "workers", "metrics", "hash"):
         value = getattr(args, name)
         if value is not None:
             data[name] = value
@@ -67,12 +67,16 @@ def build_redis_config(args: argparse.Namespace) -> Any:
     if args.no_health:
         data["health"] = {**(data.get("health") or {}), "enabled": False}
     try:
-        return RedisSpliceConfig.model_validate(data)
+        cfg = RedisSpliceConfig.model_validate(data)
     except ValidationError as exc:
         text = format_validation_error(exc, source)
         if source == "command line":
             text = text.replace("field `servers", "--server `servers")
         raise _cli_error(text) from None
+    if cfg.distribution != "ketama":
+        raise _cli_error(f"{source}: field `distribution`: {cfg.distribution!r} is not supported by the Redis "
+                         "splicer; fix: use ketama")
+    return cfg
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,7 +142,6 @@ def register_redis(verbs: Any) -> None:
     p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server")
     p.add_argument("--hash", help="key hash, as twemproxy's `hash` (default fnv1a_64)")
     p.add_argument("--hash-tag", metavar="XY", help="hash only the part of a key between X and Y, e.g. '{}'")
-    p.add_argument("--distribution", choices=["ketama", "modula"], help="key distribution (default ketama)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then -ERR (default 30)")
     p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")

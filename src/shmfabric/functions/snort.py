@@ -467,6 +467,8 @@ class SignatureSet:
         lowered = data.lower()
         if self._automaton is not None:
             _collect(self._automaton, lowered.decode("latin-1"), data, rules, found)
+        if not found and not self._no_content:
+            return []  # the common case: no pattern anywhere in the payload
         candidates = [ri for ri, cs in found.items() if len(cs) == self._need[ri]] + self._no_content
         out = []
         for ri in sorted(candidates):

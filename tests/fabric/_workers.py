@@ -174,7 +174,7 @@ def role_alloc_free(fabric: str, name: str, rounds: int, seed: int) -> int:
     allocs = frees = nobuf = 0
     held = []
     for _ in range(rounds):
-        want = rng.randrange(1, 200)
+        want = rng.randrange(1, 64)
         for _ in range(want):
             try:
                 held.append(me.alloc())

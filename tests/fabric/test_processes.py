@@ -61,7 +61,6 @@ def test_kill9_node_is_reclaimed_and_others_keep_going(harness):
     vid = rv["id"]
     # let traffic flow until the victim holds slots (its cache, buffers, an unreleased batch)
     assert wait_until(lambda: fab.pool_audit()["held"].get(vid, 0) > 8, 5)
-    before = {e["name"]: e["rx_frames"] for e in fab.nodes()}
     v.kill9()
     t0 = time.monotonic()
     assert wait_until(lambda: fab.node_id("victim") is None, 2.0), "dead node not noticed within 2 s"
@@ -75,9 +74,11 @@ def test_kill9_node_is_reclaimed_and_others_keep_going(harness):
     with pytest.raises(UnknownDestinationError):
         watcher.send(vid, b"are you there")
     assert fab.ring_stats(ra["id"], vid)["down"]
-    # the others keep going
-    assert wait_until(lambda: all(e["rx_frames"] > before[e["name"]] + 100 for e in fab.nodes()
-                                  if e["name"] in ("a", "b")), 5)
+    # the others keep going: they receive more after the reclaim, and their sends to the dead
+    # node are refused (tx_drops counts UnknownDestinationError raised in their processes)
+    before = {e["name"]: e["rx_frames"] for e in fab.nodes()}
+    assert wait_until(lambda: all(e["rx_frames"] > before[e["name"]] + 100 and e["tx_drops"] >= 1
+                                  for e in fab.nodes() if e["name"] in ("a", "b")), 5)
     a.write("stop"), b.write("stop")
     resa, resb = a.read(), b.read()
     a.finish(), b.finish()
@@ -93,7 +94,7 @@ def test_kill9_node_is_reclaimed_and_others_keep_going(harness):
 @pytest.mark.timeout(60)
 def test_four_processes_alloc_and_free_concurrently(harness):
     # a small pool, so the processes run it dry and race on the shared free stack
-    fab = harness.create("alloc", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 512}])
+    fab = harness.create("alloc", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 256}])
     ws = [harness.worker("alloc_free", fab.name, f"p{k}", 2000, k) for k in range(4)]
     for w in ws:
         w.read()
@@ -103,10 +104,11 @@ def test_four_processes_alloc_and_free_concurrently(harness):
     for w in ws:
         w.finish()
     for r in results:
-        assert r["allocs"] == r["frees"] and r["allocs"] > 0
+        assert r["allocs"] == r["frees"], r
+    assert sum(r["allocs"] for r in results) > 0
     assert sum(r["nobuf"] for r in results) > 0, "the pool never ran dry: the test did not race"
     final = assert_conserved(fab)
-    assert final["free"] == final["total"] == 512
+    assert final["free"] == final["total"] == 256
     # the free stack holds every slot exactly once: allocate them all and check they are distinct
     node = fab.attach("counter")
     bufs = []
@@ -119,10 +121,10 @@ def test_four_processes_alloc_and_free_concurrently(harness):
     for buf in bufs:
         with memoryview(buf) as mv:
             addrs.add(ctypes.addressof(ctypes.c_char.from_buffer(mv)))
-    assert len(bufs) == len(addrs) == 512
+    assert len(bufs) == len(addrs) == 256
     del bufs
     node.detach()
-    assert assert_conserved(fab)["free"] == 512
+    assert assert_conserved(fab)["free"] == 256
 
 
 @pytest.mark.timeout(30)

@@ -570,20 +570,29 @@ _HOP: Final = frozenset({
 })
 
 
+_HOP_LENS: Final = frozenset(len(n) for n in _HOP)
+_CONN_STD: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
 def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = False) -> list[bytes]:
-    """Header lines (b"Name: value\\r\\n") minus hop-by-hop fields and those named in Connection."""
-    extra: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            extra.update(_tokens(value))
+    """Header lines (b"Name: value\r\n") minus hop-by-hop fields and those named in Connection."""
     out = []
+    extra: set[bytes] | None = None
     for name, value in headers:
-        lname = name.lower()
-        if lname in _HOP or lname in extra:
-            if keep_upgrade and lname in (b"upgrade", b"connection"):
-                out.append(name + b": " + value + b"\r\n")
-            continue
+        if len(name) in _HOP_LENS:  # lower() only names that could be hop-by-hop
+            lname = name.lower()
+            if lname in _HOP:
+                if lname == b"connection":
+                    toks = [t for t in _tokens(value) if t not in _CONN_STD]
+                    if toks:
+                        extra = (extra or set()).union(toks)
+                if keep_upgrade and (lname == b"upgrade" or lname == b"connection"):
+                    out.append(name + b": " + value + b"\r\n")
+                continue
         out.append(name + b": " + value + b"\r\n")
+    if extra:
+        # fields the sender declared hop-by-hop by naming them in Connection (RFC 9110 7.6.1)
+        out = [line for line in out if line.split(b":", 1)[0].lower() not in extra]
     return out
 
 

@@ -188,7 +188,8 @@ class BackendServer:
         self._health_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        metrics.bind_pool(lambda: len(self.free), lambda: len(self.in_use), lambda: 1.0 if self.health.up else 0.0)
+        metrics.bind_pool(lambda: len(self.free), lambda: len(self.in_use), lambda: 1.0 if self.health.up else 0.0,
+                          lambda: self.inflight)
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -49,7 +49,7 @@ class Exchange:
     """One client request and its response, from read to written."""
 
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
-                 "req_done", "body", "body_held", "timer", "t0", "resp_started", "client_framing", "attempts",
+                 "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
                  "reused", "body_sent", "tunnel", "head_request", "backend_keep")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
@@ -66,7 +66,6 @@ class Exchange:
         self.req_done = req.framing == BODY_NONE
         self.body: list[bytes] = []  # encoded request-body bytes waiting for a connection
         self.body_held = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0
         self.resp_started = False
         self.client_framing = BODY_NONE
@@ -107,7 +106,9 @@ class Exchange:
         client.inflight += 1
         loop = client.loop
         self.t0 = loop.time()
-        self.timer = loop.call_at(self.t0 + client.request_timeout, self._on_timeout)
+        # Timeouts: the splicer sweeps a queue of started exchanges (deadlines grow in start
+        # order, as the timeout is one value), instead of one event-loop timer per request.
+        client.splicer.deadlines.append(self)
         self._dispatch(None)
 
     def _dispatch(self, exclude: "BackendServer | None") -> None:
@@ -198,9 +199,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         conn, server = self.conn, self.server
         self.conn = None
         assert server is not None and conn is not None
@@ -234,9 +232,6 @@ class Exchange:
             self._dispatch(server)
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         client = self.client
         if not self.gone:
             if not self.resp_started:
@@ -249,15 +244,12 @@ class Exchange:
 
     def _fail_local(self, status: int, message: str) -> None:
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if not self.gone:
             self.client.finish(self.seq, simple_response(status, message, head_request=self.head_request))
         self.client.exchange_done(self)
 
-    def _on_timeout(self) -> None:
-        self.timer = None
+    def on_timeout(self) -> None:
+        """Called by the splicer's sweep when the request timeout has passed."""
         if self.finished:
             return
         server = self.server
@@ -280,9 +272,6 @@ class Exchange:
             self.finished = True
             if self.server is not None:
                 self.server.inflight -= 1
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
             self.client.exchange_done(self)
         elif self.tunnel:
             self.conn.abort()
@@ -299,9 +288,6 @@ class Exchange:
         self.tunnel = True
         self.finished = True
         conn.tunnel = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         server.inflight -= 1
         server.detach(conn)
         head = encode_response_head(ev, framing=BODY_NONE, keep_upgrade=True)

@@ -16,6 +16,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections import deque
 from typing import Any
 
 from .config import HttpSpliceConfig, split_address
@@ -38,6 +39,8 @@ class HttpSplicer:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._timeouts: asyncio.Task[None] | None = None
+        self.deadlines: deque[Any] = deque()  # started exchanges, oldest first (see _sweep_timeouts)
         lim = cfg.limits
 
         def server_for(addr: str) -> BackendServer:
@@ -65,6 +68,7 @@ class HttpSplicer:
         self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
                                                      reuse_port=reuse_port or None, backlog=1024)
         self._sweeper = self.loop.create_task(self._sweep_idle())
+        self._timeouts = self.loop.create_task(self._sweep_timeouts())
 
     @property
     def port(self) -> int:
@@ -87,8 +91,29 @@ class HttpSplicer:
                 if c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
                     c._close()
 
+    async def _sweep_timeouts(self) -> None:
+        # Every exchange has the same timeout, so the queue is in deadline order: pop finished
+        # ones and time out due ones from the left, stop at the first that is still in time.
+        timeout = self.cfg.timeouts.request
+        period = min(0.1, timeout / 4)
+        q = self.deadlines
+        while True:
+            await asyncio.sleep(period)
+            cutoff = self.loop.time() - timeout
+            while q:
+                ex = q[0]
+                if ex.finished:
+                    q.popleft()
+                elif ex.t0 <= cutoff:
+                    q.popleft()
+                    ex.on_timeout()
+                else:
+                    break
+
     async def close(self) -> None:
         """Stop listening, close client connections and pools."""
+        if self._timeouts is not None:
+            self._timeouts.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._server is not None:

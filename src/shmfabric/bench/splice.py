@@ -1,0 +1,98 @@
+"""`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
+
+    shmfabric bench splice [--scenario unequal,uniform] [--workers 1,2] [--duration 3] [--json]
+
+Prints one row per scenario and worker count: requests/s of the splicer and of HAProxy, their
+ratio against the issue's target, and the responses wrk's script found out of request order
+(must be 0 for the splicer). The Redis scenarios live in `shmfabric.bench.splice_redis`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from .splice_http import ScenarioResult, run_scenarios
+
+__all__ = ["register_bench", "main", "render_table"]
+
+_TITLES = {"unequal": "1. unequal latency (0 ms / 50 ms echo backends)", "uniform": "2. uniform fast nginx backends"}
+
+
+def render_table(results: Sequence[ScenarioResult]) -> str:
+    """A plain-text table of the results, one row per scenario and worker count."""
+    head = f"{'scenario':<46} {'workers':>7} {'splicer req/s':>14} {'haproxy req/s':>14} {'ratio':>7} {'target':>7} " \
+           f"{'order errs (s/h)':>17} {'non-2xx (s/h)':>14}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        s, h = r.splicer, r.haproxy
+        lines.append(
+            f"{_TITLES.get(r.scenario, r.scenario):<46} {r.workers:>7} {s['requests_per_s']:>14,.0f} "
+            f"{h['requests_per_s']:>14,.0f} {r.ratio:>6.2f}x {'>=' + format(r.target, 'g') + 'x':>7} "
+            f"{str(s['out_of_order']) + '/' + str(h['out_of_order']):>17} "
+            f"{str(s['non2xx'] + s['socket_errors']) + '/' + str(h['non2xx'] + h['socket_errors']):>14}")
+    return "\n".join(lines)
+
+
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform"],
+                   help="comma-separated: unequal (scenario 1), uniform (scenario 2)")
+    p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
+    p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
+    p.add_argument("--json", action="store_true", dest="bench_json", help="print JSON instead of a table")
+
+
+def _run(args: argparse.Namespace) -> int:
+    bad = [s for s in args.scenario if s not in _TITLES]
+    if bad:
+        from shmfabric.cli.main import CliError
+
+        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal and/or uniform")
+    try:
+        results = run_scenarios(args.scenario, args.workers, args.duration, args.pool)
+    except RuntimeError as exc:
+        from shmfabric.cli.main import CliError
+
+        raise CliError(str(exc)) from None
+    if args.bench_json or getattr(args, "json", False):
+        print(json.dumps([{**asdict(r), "met": r.met} for r in results], indent=2))
+    else:
+        print(render_table(results))
+    return 0
+
+
+def register_bench(bench_sub: Any) -> None:
+    """Add `splice` to `shmfabric bench` (called by shmfabric.cli.bench)."""
+    p = bench_sub.add_parser("splice", help="HTTP splicer vs HAProxy (scenarios 1 and 2 of issue 3)",
+                             description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:  # CliError and friends: one line, no traceback
+        if type(exc).__name__ == "CliError":
+            print(f"bench splice: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""HTTP scenarios of `shmfabric bench splice`: the splicer against HAProxy, side by side.
+
+Scenario 1 (`unequal`): two echo backends (separate processes), one answers at once, the other
+after 50 ms, each serving one request at a time per connection. `wrk` with 8 connections (one
+per wrk thread, so the Lua script can check order per connection) sends pipelines of 16
+requests alternating `/fast` and `/slow`. Every response carries the request's `X-Seq` back;
+the script counts responses out of request order.
+
+Scenario 2 (`uniform`): two nginx backends (worker_processes 1 each) answering a small static
+body; the same wrk pipelines alternate `/a` and `/b`, both routed to both servers.
+
+Both peers get the same number of worker processes (splicer `--workers N` with SO_REUSEPORT,
+HAProxy `nbthread N`) and the same routing. The helpers here (nginx config, wrk script, process
+start/stop) are also used by the tests.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+__all__ = [
+    "WRK_PIPELINE_LUA", "free_port", "wait_port", "nginx_config", "haproxy_config", "start_nginx", "start_haproxy",
+    "start_echo_backend", "start_splicer", "run_wrk", "WrkResult", "ScenarioResult", "run_scenarios",
+    "missing_tools",
+]
+
+# wrk Lua: pipelines of DEPTH requests cycling over PATHS, each with X-Seq; with one connection
+# per wrk thread the per-thread counters are per-connection, so order is checked exactly
+# (wrk sends the next pipeline of a connection only after every response of the last one).
+WRK_PIPELINE_LUA = r"""
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+
+local paths, depth = {}, 16
+sent, expected, bad, non2xx = 0, 0, 0, 0  -- globals: done() reads them with thread:get()
+function init(args)
+  for p in string.gmatch(args[1] or "/", "[^,]+") do table.insert(paths, p) end
+  depth = tonumber(args[2] or "16")
+end
+function request()
+  local reqs = {}
+  for i = 1, depth do
+    local p = paths[(sent % #paths) + 1]
+    reqs[i] = wrk.format("GET", p, {["X-Seq"] = tostring(sent)})
+    sent = sent + 1
+  end
+  return table.concat(reqs)
+end
+-- wrk may call request() and drop its result (it does so once per thread at start), so a
+-- pipeline may begin at any multiple of depth above the last one; inside a pipeline every
+-- response must carry exactly the previous sequence number + 1.
+last = -1
+function response(status, headers, body)
+  local s = tonumber(headers["X-Seq"] or headers["x-seq"])
+  if expected % depth == 0 then
+    if s == nil or s % depth ~= 0 or s <= last then bad = bad + 1 end
+  elseif s ~= last + 1 then
+    bad = bad + 1
+  end
+  if s ~= nil then last = s end
+  if status < 200 or status > 299 then non2xx = non2xx + 1 end
+  expected = expected + 1
+end
+function done(summary, latency, requests)
+  local b, n, e = 0, 0, 0
+  for _, t in ipairs(threads) do
+    b = b + t:get("bad"); n = n + t:get("expected"); e = e + t:get("non2xx")
+  end
+  io.write(string.format("ORDER checked=%d out_of_order=%d non2xx=%d\n", n, b, e))
+end
+"""
+
+
+def missing_tools(*names: str) -> list[str]:
+    """The named executables not found on PATH."""
+    return [n for n in names if shutil.which(n) is None]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the usual bind-to-0 trick; tiny race accepted)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until 127.0.0.1:port accepts connections (fail early if `proc` exits)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {err.strip()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def nginx_config(tmp: Path, port: int, name: str = "nginx") -> str:
+    """An nginx.conf for one worker on 127.0.0.1:port; `/` answers a short text echoing X-Seq,
+    `/echo` returns the request body (proxied to nginx itself is not needed: uses $request_body)."""
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-{port}.pid;
+error_log {tmp}/nginx-{port}.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body-{port};
+  proxy_temp_path {tmp}/proxy-{port};
+  fastcgi_temp_path {tmp}/fcgi-{port};
+  uwsgi_temp_path {tmp}/uwsgi-{port};
+  scgi_temp_path {tmp}/scgi-{port};
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      add_header X-Seq $http_x_seq always;
+      add_header X-Backend {name} always;
+      default_type text/plain;
+      return 200 "{name} $request_uri\\n";
+    }}
+    location /static/ {{
+      alias {tmp}/static/;
+      add_header X-Seq $http_x_seq always;
+    }}
+  }}
+}}
+"""
+
+
+def haproxy_config(port: int, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str],
+                   threads: int = 1) -> str:
+    """HAProxy config routing path prefixes like the splicer's --route (same backends)."""
+    lines = [
+        "global", f"  nbthread {threads}", "  maxconn 4000",
+        "defaults", "  mode http", "  timeout connect 5s", "  timeout client 60s", "  timeout server 60s",
+        "  option http-keep-alive", "  http-reuse always",
+        "frontend fe", f"  bind 127.0.0.1:{port}",
+    ]
+    backends = []
+    for i, (prefix, servers) in enumerate(routes):
+        lines.append(f"  acl r{i} path_beg {prefix}")
+        lines.append(f"  use_backend b{i} if r{i}")
+        backends.append((f"b{i}", servers))
+    lines.append("  default_backend bdefault")
+    backends.append(("bdefault", default))
+    for name, servers in backends:
+        lines += [f"backend {name}", "  balance roundrobin"]
+        lines += [f"  server s{j} {addr}" for j, addr in enumerate(servers)]
+    return "\n".join(lines) + "\n"
+
+
+def _popen(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, **kw)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started (its own session/group: the splicer's workers go too)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+    if proc.stderr:
+        proc.stderr.close()
+
+
+@contextmanager
+def start_nginx(tmp: Path, name: str = "nginx") -> Iterator[int]:
+    """Run nginx (one worker) on a free port; yields the port."""
+    port = free_port()
+    (tmp / "static").mkdir(exist_ok=True)
+    conf = tmp / f"nginx-{port}.conf"
+    conf.write_text(nginx_config(tmp, port, name))
+    proc = _popen(["nginx", "-c", str(conf), "-p", str(tmp), "-e", str(tmp / f"nginx-{port}.err")])
+    try:
+        wait_port(port, proc=proc)
+        yield port
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def start_haproxy(tmp: Path, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str],
+                  threads: int = 1) -> Iterator[int]:
+    """Run HAProxy with the given routing on a free port; yields the port."""
+    port = free_port()
+    conf = tmp / f"haproxy-{port}.cfg"
+    conf.write_text(haproxy_config(port, routes, default, threads))
+    proc = _popen(["haproxy", "-db", "-f", str(conf)])
+    try:
+        wait_port(port, proc=proc)
+        yield port
+    finally:
+        _stop(proc)
+
+
+def _py_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # .../src, so children import this very tree
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@contextmanager
+def start_echo_backend(delay_ms: float, name: str) -> Iterator[int]:
+    """Run an EchoBackend in its own process; yields the port."""
+    port = free_port()
+    proc = _popen([sys.executable, "-m", "shmfabric.bench.http_backend", str(port), str(delay_ms), name],
+                  env=_py_env())
+    try:
+        wait_port(port, proc=proc)
+        yield port
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def start_splicer(args: Sequence[str]) -> Iterator[int]:
+    """Run `shmfabric splice http ARGS --listen 127.0.0.1:PORT`; yields the port."""
+    port = free_port()
+    code = "import sys; from shmfabric.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = _popen([sys.executable, "-c", code, "splice", "http", "--listen", f"127.0.0.1:{port}", *args],
+                  env=_py_env())
+    try:
+        wait_port(port, timeout=20, proc=proc)
+        yield port
+    finally:
+        _stop(proc)
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    requests: int
+    checked: int
+    out_of_order: int
+    non2xx: int
+    socket_errors: int
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    raw: str = field(default="", repr=False)
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v = float(m.group(1))
+    return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+
+def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int = 16, duration: float = 3.0,
+            timeout_s: int = 5) -> WrkResult:
+    """wrk with one connection per thread and the pipelining, order-checking script."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_PIPELINE_LUA)
+        script = f.name
+    try:
+        out = subprocess.run(
+            ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
+             "--timeout", f"{timeout_s}s", "--latency", "-s", script, f"http://127.0.0.1:{port}",
+             "--", ",".join(paths), str(depth)],
+            capture_output=True, text=True, timeout=duration + 30)
+    finally:
+        os.unlink(script)
+    text = out.stdout + out.stderr
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    order = re.search(r"ORDER checked=(\d+) out_of_order=(\d+) non2xx=(\d+)", text)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if not rps or not total or not order:
+        raise RuntimeError(f"could not read wrk's output:\n{text}")
+    p50 = re.search(r"\n\s+50%\s+(\S+)", text)
+    p99 = re.search(r"\n\s+99%\s+(\S+)", text)
+    return WrkResult(float(rps.group(1)), int(total.group(1)), int(order.group(1)), int(order.group(2)),
+                     int(order.group(3)), sum(int(x) for x in errs.groups()) if errs else 0,
+                     _ms(p50.group(1)) if p50 else None, _ms(p99.group(1)) if p99 else None, raw=text)
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    workers: int
+    splicer: dict
+    haproxy: dict
+    ratio: float
+    target: float
+
+    @property
+    def met(self) -> bool:
+        return self.ratio >= self.target
+
+
+def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path) -> ScenarioResult:
+    with ExitStack() as stack:
+        if kind == "unequal":
+            fast = stack.enter_context(start_echo_backend(0, "fast"))
+            slow = stack.enter_context(start_echo_backend(50, "slow"))
+            routes = [("/slow", [f"127.0.0.1:{slow}"])]
+            default = [f"127.0.0.1:{fast}"]
+            paths, target = ["/fast", "/slow"], 5.0
+        else:
+            n1 = stack.enter_context(start_nginx(tmp, "n1"))
+            n2 = stack.enter_context(start_nginx(tmp, "n2"))
+            routes = []
+            default = [f"127.0.0.1:{n1}", f"127.0.0.1:{n2}"]
+            paths, target = ["/a", "/b"], 0.5
+        split_args = [f"--route={p}={','.join(s)}" for p, s in routes] + ["--default", ",".join(default),
+                                                                           "--pool", str(pool), "--pool-min", "8",
+                                                                           "--workers", str(workers), "--no-health"]
+        results = {}
+        for peer in ("splicer", "haproxy"):
+            if peer == "splicer":
+                cm = start_splicer(split_args)
+            else:
+                cm = start_haproxy(tmp, routes, default, workers)
+            with cm as port:
+                run_wrk(port, paths, duration=1)  # warm-up: pools fill, caches settle
+                r = run_wrk(port, paths, duration=duration)
+            d = asdict(r)
+            d.pop("raw")
+            results[peer] = d
+    s, h = results["splicer"]["requests_per_s"], results["haproxy"]["requests_per_s"]
+    return ScenarioResult(kind, workers, results["splicer"], results["haproxy"], s / h if h else float("inf"), target)
+
+
+def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Sequence[int] = (1, 2),
+                  duration: float = 3.0, pool: int = 64) -> list[ScenarioResult]:
+    """Run each scenario for each worker count; splicer first, then HAProxy, same backends."""
+    need = missing_tools("wrk", "haproxy", *(["nginx"] if "uniform" in scenarios else []))
+    if need:
+        raise RuntimeError(f"missing tools: {', '.join(need)} (install the Debian packages: make debs)")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="shmfabric-bench-splice-") as tmp:
+        for kind in scenarios:
+            for w in workers:
+                out.append(_one(kind, w, duration, pool, Path(tmp)))
+    return out

@@ -368,6 +368,12 @@ def validate_file(fd: int, size: int, path: Path) -> tuple[Layout, int]:
         cfg.validate()
     except RegionCreateError as e:
         raise CorruptRegionError(f"{path}: impossible parameters ({e}); re-create the fabric") from None
+    # node_hwm bounds every scan of the node table and the rings in C; beyond max_nodes those
+    # scans would read past the ring area
+    (hwm,) = struct.unpack_from("<I", head, L["sf_superblock.node_hwm"])
+    if hwm > sb["max_nodes"]:
+        raise CorruptRegionError(f"{path}: node_hwm={hwm} exceeds max_nodes={sb['max_nodes']}; "
+                                 "the region is corrupt, re-create it")
     lay = cfg.layout()
     expect = {"off_nodes": lay.off_nodes, "off_networks": lay.off_networks, "off_rings": lay.off_rings,
               "ring_stride": lay.ring_stride, "off_tapes": lay.off_tapes, "tape_stride": lay.tape_stride,

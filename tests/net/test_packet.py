@@ -35,3 +35,27 @@ def test_link_ip_and_offset():
     assert decode(b"\x10" * 30, link="ip").reason is Reason.BAD_IP_VERSION
     with pytest.raises(ValueError, match="link must be"):
         decode(f, link="atm")
+
+
+@pytest.mark.parametrize("frame", [
+    b.tcp_frame("10.0.0.1", "10.0.0.2", 1, 2, b"abc"), b.udp_frame("10.0.0.1", "10.0.0.2", 1, 2, b"abc", vlan=5),
+    b.tcp_frame("fd00::1", "fd00::2", 1, 2, b"abc"), b.udp_frame("fd00::1", "fd00::2", 1, 2, b"abc"),
+])
+def test_rewrites_through_one_decode_compose(frame):
+    """NAT-style: addresses through the IP view, then ports through the (older) L4 view, then the
+    TTL again; every checksum must still be right (views must not trust cached checksums)."""
+    buf = bytearray(frame)
+    p = decode(buf)
+    if p.ip.version == 4:
+        p.ip.set_src(0xC0000201)
+        p.ip.set_dst(0xC0000202)
+    else:
+        p.ip.set_src(bytes(range(16)))
+        p.ip.set_dst(bytes(range(16, 32)))
+    p.l4.set_sport(4000)
+    p.l4.set_dport(5000)
+    p.ip.set_ttl(9)
+    p.ip.set_src(p.ip.src)  # a no-op rewrite stays correct too
+    q = decode(buf)
+    assert q.l4.checksum_ok(q.ip) and (q.l4.sport, q.l4.dport, q.ip.ttl) == (4000, 5000, 9)
+    assert q.ip.version == 6 or q.ip.checksum_ok()

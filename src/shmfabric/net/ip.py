@@ -165,10 +165,11 @@ class IPv4:
     def set_ttl(self, ttl: int) -> None:
         """Set the TTL and update the header checksum incrementally."""
         o = self.offset
-        old = (self.ttl << 8) | self.proto
-        new = (ttl << 8) | self.proto
-        self.checksum = ck.update16(self.checksum, old, new)
         mv = memoryview(self.buf)
+        old = (mv[o + 8] << 8) | self.proto
+        new = (ttl << 8) | self.proto
+        # From the buffer, not the cached fields: another view may have rewritten the header.
+        self.checksum = ck.update16(_H.unpack_from(mv, o + 10)[0], old, new)
         mv[o + 8] = ttl
         _H.pack_into(mv, o + 10, self.checksum)
         self.ttl = ttl
@@ -186,7 +187,8 @@ class IPv4:
     def _set_addr(self, at: int, old: int, new: int) -> None:
         mv = memoryview(self.buf)
         o = self.offset
-        self.checksum = ck.update32(self.checksum, old, new)
+        old = _I.unpack_from(mv, o + at)[0]  # the bytes as they are now, not as first parsed
+        self.checksum = ck.update32(_H.unpack_from(mv, o + 10)[0], old, new)
         _I.pack_into(mv, o + at, new)
         _H.pack_into(mv, o + 10, self.checksum)
         _update_l4_csum(self, mv, _I.pack(old), _I.pack(new))
@@ -332,6 +334,7 @@ class IPv6:
         if len(new) != 16:
             raise ValueError(f"an IPv6 address is 16 bytes, got {len(new)}")
         mv = memoryview(self.buf)
+        old = bytes(mv[self.offset + at : self.offset + at + 16])  # as it is now
         mv[self.offset + at : self.offset + at + 16] = new
         _update_l4_csum(self, mv, old, new)
 

@@ -144,7 +144,10 @@ class TCP(_L4):
     def _set_port(self, at: int, old: int, new: int) -> None:
         mv = memoryview(self.buf)
         _H.pack_into(mv, self.offset + at, new)
-        self.checksum = ck.update16(self.checksum, old, new)
+        # Read the checksum from the buffer, not self.checksum: an address rewrite through the IP
+        # view may have updated it since this view was built.
+        csum = _H.unpack_from(mv, self.offset + 16)[0]
+        self.checksum = ck.update16(csum, old, new)
         _H.pack_into(mv, self.offset + 16, self.checksum)
 
     def __repr__(self) -> str:
@@ -197,8 +200,9 @@ class UDP(_L4):
     def _set_port(self, at: int, old: int, new: int) -> None:
         mv = memoryview(self.buf)
         _H.pack_into(mv, self.offset + at, new)
-        if self.checksum:  # 0 = no checksum (IPv4): leave it so
-            c = ck.update16(self.checksum, old, new)
+        csum = _H.unpack_from(mv, self.offset + 6)[0]  # current value (see TCP._set_port)
+        if csum:  # 0 = no checksum (IPv4): leave it so
+            c = ck.update16(csum, old, new)
             self.checksum = c or 0xFFFF
             _H.pack_into(mv, self.offset + 6, self.checksum)
 

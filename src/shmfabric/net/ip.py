@@ -176,15 +176,15 @@ class IPv4:
 
     def set_src(self, addr: int) -> None:
         """Rewrite the source address; update the header and the TCP/UDP checksum (RFC 1624)."""
-        self._set_addr(12, self.src, addr)
+        self._set_addr(12, addr)
         self.src = addr
 
     def set_dst(self, addr: int) -> None:
         """Rewrite the destination address; update the header and the TCP/UDP checksum."""
-        self._set_addr(16, self.dst, addr)
+        self._set_addr(16, addr)
         self.dst = addr
 
-    def _set_addr(self, at: int, old: int, new: int) -> None:
+    def _set_addr(self, at: int, new: int) -> None:
         mv = memoryview(self.buf)
         o = self.offset
         old = _I.unpack_from(mv, o + at)[0]  # the bytes as they are now, not as first parsed
@@ -322,15 +322,15 @@ class IPv6:
 
     def set_src(self, addr: bytes) -> None:
         """Rewrite the source address (16 bytes) and update the TCP/UDP/ICMPv6 checksum."""
-        self._set_addr(8, self.src, addr)
+        self._set_addr(8, addr)
         self.src = bytes(addr)
 
     def set_dst(self, addr: bytes) -> None:
         """Rewrite the destination address (16 bytes) and update the TCP/UDP/ICMPv6 checksum."""
-        self._set_addr(24, self.dst, addr)
+        self._set_addr(24, addr)
         self.dst = bytes(addr)
 
-    def _set_addr(self, at: int, old: bytes, new: bytes) -> None:
+    def _set_addr(self, at: int, new: bytes) -> None:
         if len(new) != 16:
             raise ValueError(f"an IPv6 address is 16 bytes, got {len(new)}")
         mv = memoryview(self.buf)

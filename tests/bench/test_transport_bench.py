@@ -28,8 +28,10 @@ REQUIRED = {"transport", "size", "mode", "frames_per_s", "bytes_per_s", "p50_us"
 
 
 def _leftovers() -> set[str]:
-    """Files and directories the transports create for a case."""
-    return set(glob.glob("/dev/shm/shmfabric-bench-*")) | set(glob.glob("/tmp/shmfabric-bench-zmq-*"))
+    """Files and directories the transports create for cases run by this process (case tags
+    start with the harness's pid, so a benchmark someone else runs meanwhile does not count)."""
+    pid = os.getpid()
+    return set(glob.glob(f"/dev/shm/shmfabric-bench-{pid}-*")) | set(glob.glob(f"/tmp/shmfabric-bench-zmq-{pid}-*"))
 
 
 def _fabric_available() -> bool:

@@ -177,9 +177,12 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
     have_chan = False
     killed: list[str] = []
     interrupted = False
+    phase = "setup"
+    started = time.monotonic()
     try:
         chan = transport.setup(spec)
         have_chan = True
+        phase = "harness"
         ctl = Ctl(mp_ctx, len(roles), spec.setup_timeout)
         for role in roles:
             r, w = mp_ctx.Pipe(duplex=False)
@@ -221,7 +224,7 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
             ctl.abort()
         raise
     except Exception as exc:
-        errors.append(f"setup: {type(exc).__name__}: {exc}")
+        errors.append(f"{phase}: {type(exc).__name__}: {exc}")
     finally:
         killed = _reap(procs, 0.2 if interrupted else GRACE if not errors else 1.0)
         for r in readers:
@@ -231,6 +234,7 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
                 transport.cleanup(chan)
             except Exception as exc:
                 errors.append(f"cleanup: {type(exc).__name__}: {exc}")
+    details["wall_s"] = round(time.monotonic() - started, 3)  # set-up to clean-up, for diagnosis
     if killed:
         details["terminated"] = killed
     for role, res in results.items():

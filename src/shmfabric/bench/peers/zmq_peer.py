@@ -38,7 +38,7 @@ class ZmqTransport(Transport):
             raise TransportUnavailable(f"pyzmq is not installed ({exc}); pip install '.[bench]'") from exc
 
     def setup(self, spec: Spec) -> Any:
-        d = tempfile.mkdtemp(prefix="shmfabric-bench-zmq-")
+        d = tempfile.mkdtemp(prefix=f"shmfabric-bench-zmq-{spec.tag}-")
         return {"dir": d, "a": f"ipc://{os.path.join(d, 'a')}", "b": f"ipc://{os.path.join(d, 'b')}"}
 
     def cleanup(self, chan: Any) -> None:

@@ -142,7 +142,11 @@ async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | No
     splicer = HttpSplicer(cfg, metrics)
     await splicer.start(reuse_port=reuse_port)
     if metrics_addr:
-        serve(metrics.registry, metrics_addr)
+        try:
+            serve(metrics.registry, metrics_addr)
+        except OSError as exc:
+            # A busy metrics port must not take the data path down with it.
+            print(f"splice http: warning: cannot serve metrics on {metrics_addr}: {exc.strerror}", file=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,47 @@
+"""The splicer's YAML/flag configuration schema and its error messages."""
+from __future__ import annotations
+
+import pytest
+
+from shmfabric.splicer.config import ConfigError, HttpSpliceConfig, RedisSpliceConfig, load_config, split_address
+
+
+def test_split_address():
+    assert split_address("127.0.0.1:80") == ("127.0.0.1", 80)
+    assert split_address("[::1]:6379") == ("::1", 6379)
+    assert split_address("localhost:0", allow_zero=True) == ("localhost", 0)
+    for bad in ("127.0.0.1", "127.0.0.1:0", "h:70000", ":80", "a b:1"):
+        with pytest.raises(ValueError):
+            split_address(bad)
+
+
+def test_defaults_and_routes():
+    cfg = HttpSpliceConfig(routes=[{"prefix": "/api", "backends": ["127.0.0.1:1"]}])
+    assert cfg.pool.min == 1 and cfg.pool.max == 8 and cfg.upgrade == "tunnel" and cfg.timeouts.request == 30
+    with pytest.raises(ValueError, match="either prefix or regex"):
+        HttpSpliceConfig(routes=[{"prefix": "/a", "regex": "x", "backends": ["127.0.0.1:1"]}])
+
+
+def test_redis_servers_in_twemproxy_form():
+    cfg = RedisSpliceConfig(servers=["127.0.0.1:6379:2 a", "127.0.0.1:6380", {"address": "127.0.0.1:6381", "weight": 3}])
+    assert [(s.address, s.weight, s.name) for s in cfg.servers] == [
+        ("127.0.0.1:6379", 2, "a"), ("127.0.0.1:6380", 1, None), ("127.0.0.1:6381", 3, None)]
+
+
+def test_file_errors_name_file_field_and_fix(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("http:\n  routes:\n    - prefix: api\n      backends: [127.0.0.1:1]\n  timeouts: {request: -1}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    text = str(exc.value)
+    assert f"{f}: field `http.routes[0].prefix`: prefix 'api' must start with '/'" in text
+    assert f"{f}: field `http.timeouts.request`" in text and "fix:" in text
+    f.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(f)
+    f.write_text("- a\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(f)
+    f.write_text("http:\n  default: [127.0.0.1:1]\nredis:\n  servers: [127.0.0.1:6379]\n")
+    cfg = load_config(f)
+    assert cfg.http is not None and cfg.redis is not None

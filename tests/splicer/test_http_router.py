@@ -1,0 +1,36 @@
+"""Routing by path prefix, regex and Host."""
+from __future__ import annotations
+
+from shmfabric.splicer.http_router import Router, normalize_host, request_path
+
+
+def test_request_path_forms():
+    assert request_path(b"/a/b?x=1") == b"/a/b"
+    assert request_path(b"http://example.com/a?q") == b"/a"
+    assert request_path(b"http://example.com") == b"/"
+    assert request_path(b"*") == b"*"
+
+
+def test_normalize_host():
+    assert normalize_host(b"Example.COM:8080") == b"example.com"
+    assert normalize_host(b"[::1]:80") == b"[::1]"
+
+
+def test_first_match_wins_and_default():
+    r = Router.from_config([("/api", None, None, "api"), (None, r"\.png$", None, "img"),
+                            ("/", None, "*.example.com", "sub"), (None, None, "example.com", "apex")], "dflt")
+    assert r.match(b"h", b"/api") == "api"
+    assert r.match(b"h", b"/api/v1?x") == "api"
+    assert r.match(b"h", b"/apix") == "dflt"
+    assert r.match(b"h", b"/a/cat.png?size=2") == "img"
+    assert r.match(b"www.Example.com:443", b"/x") == "sub"
+    assert r.match(b"example.com", b"/x") == "apex"
+    assert r.match(b"badexample.com", b"/x") == "dflt"
+    assert Router.from_config([("/a", None, None, 1)], None).match(b"h", b"/b") is None
+
+
+def test_cache_is_bounded():
+    r = Router.from_config([("/a", None, None, 1)], 0)
+    for i in range(10_000):
+        r.match(b"h", b"/p%d" % i)
+    assert len(r._cache) <= 4096

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from shmfabric.net import build as b
 from shmfabric.net.errors import Reason, ReasonCounter
 from shmfabric.net.flow import (
-    FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash, tcp_flags, to_address,
+    FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash, tcp_flags, to_address, l4_payload_span,
     to_proto,
 )
 from shmfabric.net.packet import decode
@@ -170,3 +170,18 @@ def test_classify_batch_with_flags(items, link):
     assert keys == classify_batch(frames, link=link)
     assert fl == [tcp_flags(fr, link) for fr in frames]
     assert all(x == 0 for x, k in zip(fl, keys) if type(k) is not tuple or k[2] != 6)
+
+
+@settings(deadline=None)  # wall-clock deadlines flake on a loaded 2-core CI
+@given(flows(), st.integers(0, 200), st.booleans(), st.sampled_from(["ethernet", "ip"]))
+def test_l4_payload_span_matches_decode(f, cut, pad, link):
+    frame = build_flow(f) + (b"\0" * 20 if pad else b"")  # padding must never count as payload
+    if link == "ip":
+        frame = frame[18:] if f["vlan"] is not None else frame[14:]
+    for buf in (frame, frame[:cut]):
+        p = decode(buf, link=link)
+        expect = None if p.reason is not None or p.l4 is None else bytes(p.l4.payload)
+        span = l4_payload_span(buf, link)
+        assert (None if span is None else bytes(buf[span[0]:span[1]])) == expect
+    if cut >= len(frame):
+        assert bytes(frame[slice(*l4_payload_span(frame, link))]) == f["payload"]

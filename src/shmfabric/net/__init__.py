@@ -10,7 +10,10 @@ errors. See docs/net.md.
 from .arp import ARP
 from .errors import MalformedError, Reason, ReasonCounter
 from .ethernet import Ethernet, VlanTag
-from .flow import FlowKey, canonical, classify_batch, flow_hash, parse_5tuple, parse_5tuple_ip, symmetric_hash, tcp_flags
+from .flow import (
+    FlowKey, canonical, classify_batch, flow_hash, l4_payload_span, parse_5tuple, parse_5tuple_ip, symmetric_hash,
+    tcp_flags,
+)
 from .ip import IPv4, IPv6, ip_view
 from .l4 import ICMP, TCP, UDP, ICMPv6
 from .packet import LINK_ETHERNET, LINK_IP, Packet, decode
@@ -18,6 +21,6 @@ from .packet import LINK_ETHERNET, LINK_IP, Packet, decode
 __all__ = [
     "ARP", "Ethernet", "VlanTag", "IPv4", "IPv6", "ip_view", "TCP", "UDP", "ICMP", "ICMPv6",
     "Packet", "decode", "LINK_ETHERNET", "LINK_IP",
-    "FlowKey", "parse_5tuple", "parse_5tuple_ip", "classify_batch", "tcp_flags", "flow_hash", "symmetric_hash", "canonical",
+    "FlowKey", "parse_5tuple", "parse_5tuple_ip", "classify_batch", "tcp_flags", "l4_payload_span", "flow_hash", "symmetric_hash", "canonical",
     "MalformedError", "Reason", "ReasonCounter",
 ]

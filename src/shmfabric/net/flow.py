@@ -235,6 +235,38 @@ def _classify_with_flags(bufs: Iterable[Buffer], link: str, flags: list[int]) ->
     return out
 
 
+def l4_payload_span(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[int, int] | None:
+    """(start, end) of the L4 payload (after the TCP/UDP/ICMP header), or None when the frame has
+    no well-formed L4 header. `end` honours the IP length (padding excluded) and the UDP length;
+    IPv6 extension headers are walked. Slice it without copying: `memoryview(buf)[start:end]`.
+
+    For an IDS, which needs the payload beside the 5-tuple. Untagged IPv4 without options is
+    read at fixed offsets; everything else goes through `decode()`."""
+    base = 14 if link == LINK_ETHERNET else 0
+    n = len(buf)
+    if n >= base + 34 and buf[base] == 0x45 and (link != LINK_ETHERNET or (buf[12] == 8 and buf[13] == 0)):
+        tlen = (buf[base + 2] << 8) | buf[base + 3]
+        ff = ((buf[base + 6] & 0x1F) << 8) | buf[base + 7]
+        proto = buf[base + 9]
+        if 20 <= tlen <= n - base and not ff:  # unfragmented or first fragment: has the L4 header
+            l4 = base + 20
+            end = base + tlen
+            if proto == 6 and tlen >= 40:
+                hl = (buf[l4 + 12] >> 4) * 4
+                if hl >= 20 and l4 + hl <= end:
+                    return (l4 + hl, end)
+            elif proto == 17 and tlen >= 28:
+                ulen = (buf[l4 + 4] << 8) | buf[l4 + 5]
+                if 8 <= ulen <= tlen - 20:
+                    return (l4 + 8, l4 + ulen)
+    p = decode(buf, 0, link)
+    if p.reason is not None or p.l4 is None:
+        return None
+    mv = p.l4.payload
+    start = p.l4.offset + (p.l4.header_len if hasattr(p.l4, "header_len") else 8)
+    return (start, start + len(mv))
+
+
 # --- FlowKey and hashes --------------------------------------------------------------------------
 
 _PACK_V4 = Struct("!IIBHH").pack

@@ -69,7 +69,8 @@ class RedisServer:
         assert REDIS_SERVER is not None
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--daemonize", "no", "--protected-mode", "no", *self.extra],
+             "--dir", str(self.dir), "--daemonize", "no", "--protected-mode", "no",
+             "--enable-debug-command", "local", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 
@@ -82,7 +83,8 @@ class RedisServer:
     def client(self, **kw):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, **kw)
+        kw.setdefault("socket_timeout", 10)
+        return redis.Redis(host="127.0.0.1", port=self.port, **kw)
 
 
 @contextlib.contextmanager
@@ -132,12 +134,14 @@ class SplicerThread:
         kw.setdefault("socket_timeout", 20)
         return redis.Redis(host="127.0.0.1", port=self.port, **kw)
 
-    def wait_idle(self, timeout: float = 10.0) -> dict:
-        """Wait until no request is in flight and every configured connection is open again."""
+    def wait_idle(self, timeout: float = 10.0, clients: int | None = None) -> dict:
+        """Wait until no request is in flight and no connection is being opened (and, if given,
+        until exactly `clients` client connections remain)."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.stats()
-            if all(s["inflight"] == 0 and s["connecting"] == 0 for s in st["servers"]):
+            if all(s["inflight"] == 0 and s["connecting"] == 0 for s in st["servers"]) and (
+                    clients is None or st["clients"] == clients):
                 return st
             if time.monotonic() > deadline:
                 return st

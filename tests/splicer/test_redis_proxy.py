@@ -1,0 +1,424 @@
+"""The Redis splicer end to end: real redis-server backends, real clients (redis-py 8, redis-cli,
+redis-cli --pipe, redis-benchmark), failures injected for real (DEBUG SLEEP, SIGKILL)."""
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from shmfabric.splicer.metrics import SpliceMetrics
+from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
+
+from .redis_fixtures import (
+    REDIS_BENCHMARK,
+    REDIS_CLI,
+    RedisServer,
+    free_port,
+    needs_cli,
+    needs_redis,
+    redis_servers,
+    splicer,
+)
+
+pytestmark = [needs_redis, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    with redis_servers(tmp_path_factory.mktemp("redis"), 2) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def sp(pair):
+    with splicer(pair) as s:
+        yield s
+
+
+def keys_on(sp, server: int, n: int, prefix: str = "k") -> list[str]:
+    """`n` keys that the splicer places on server index `server`."""
+    out, i = [], 0
+    while len(out) < n:
+        k = f"{prefix}:{i}"
+        if sp.splicer.router.place(k.encode())[0] == server:
+            out.append(k)
+        i += 1
+    return out
+
+
+def raw_roundtrip(port: int, commands: list[list[bytes]], timeout: float = 30) -> list[bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"".join(encode_command(c) for c in commands))
+        sc, out = ReplyScanner(), []
+        while len(out) < len(commands):
+            data = s.recv(65536)
+            if not data:
+                break
+            sc.feed(data)
+            while (r := sc.next()) is not None:
+                out.append(r)
+        return out
+
+
+# -- clients and handshakes ------------------------------------------------------------------------
+
+
+def test_redis_py_default_handshake_resp3(sp) -> None:
+    r = sp.client()  # redis-py 8 defaults: HELLO 3, CLIENT SETINFO lib-name/lib-ver
+    assert r.get_connection_kwargs().get("protocol") in (None, 3)
+    assert r.ping() is True
+    assert r.set("greeting", "hello") is True
+    assert r.get("greeting") == b"hello"
+    r.hset("h:1", mapping={"a": "1", "b": "2"})
+    assert r.hgetall("h:1") == {b"a": b"1", b"b": b"2"}  # a RESP3 map relayed untouched
+    assert r.client_setname("tester") is True
+    assert r.client_getname() in ("tester", b"tester")  # redis-py decodes this one
+    assert isinstance(r.client_id(), int)
+    assert r.echo("x") == b"x"
+    pipe = r.pipeline(transaction=False)
+    for i in range(500):
+        pipe.set(f"p:{i}", i)
+        pipe.incr(f"p:{i}")
+    res = pipe.execute()
+    assert res == [x for i in range(500) for x in (True, i + 1)]
+
+
+def test_redis_py_resp2_and_protocol_switch(sp) -> None:
+    r2 = sp.client(protocol=2)
+    r2.hset("h:2", mapping={"x": "1"})
+    assert r2.hgetall("h:2") == {b"x": b"1"}
+    # HELLO inside a connection switches that client's protocol; earlier replies stay RESP2.
+    replies = raw_roundtrip(sp.port, [[b"SET", b"sw", b"1"], [b"HELLO", b"3"], [b"HGETALL", b"h:2"], [b"GET", b"nokey"]])
+    assert replies[0] == b"+OK\r\n"
+    assert replies[1].startswith(b"%7\r\n")
+    assert replies[2] == b"%1\r\n$1\r\nx\r\n$1\r\n1\r\n"
+    assert replies[3] == b"_\r\n"
+
+
+@needs_cli
+def test_redis_cli_commands(sp) -> None:
+    def cli(*args: str, resp3: bool = False) -> str:
+        cmd = [REDIS_CLI, "-p", str(sp.port)] + (["-3"] if resp3 else []) + list(args)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+
+    assert cli("ping").strip() == "PONG"
+    assert cli("set", "cli:a", "1").strip() == "OK"
+    assert cli("mget", "cli:a", "cli:none").split("\n")[:2] == ["1", ""]
+    assert int(cli("command", "count")) > 100
+    assert "proto" in cli("hello", "3", resp3=True)
+    assert "not supported by the splicer" in cli("keys", "*")
+
+
+def test_inline_commands(sp) -> None:
+    with socket.create_connection(("127.0.0.1", sp.port), timeout=10) as s:
+        s.sendall(b"PING\r\nSET inl \"a b\"\r\nGET inl\r\n")
+        buf = b""
+        while buf.count(b"\r\n") < 4:
+            buf += s.recv(4096)
+    assert buf == b"+PONG\r\n+OK\r\n$3\r\na b\r\n"
+
+
+# -- multi-key split and merge, against one real Redis ----------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_multikey_split_merge_equals_single_redis(sp, tmp_path: Path, protocol: int) -> None:
+    ref_server = RedisServer(tmp_path)
+    try:
+        ref = ref_server.client(protocol=protocol)
+        via = sp.client(protocol=protocol)
+        via.delete(*[f"mk:{i}" for i in range(60)])
+        rng = random.Random(protocol)
+        for step in range(300):
+            keys = [f"mk:{rng.randrange(60)}" for _ in range(rng.randint(1, 12))]
+            op = rng.choice(["mset", "mget", "del", "unlink", "exists", "touch", "set", "incr", "pipe"])
+            if op == "mset":
+                mapping = {k: f"v{step}" for k in keys}
+                calls = [("MSET", *[x for kv in mapping.items() for x in kv])]
+            elif op == "set":
+                calls = [("SET", keys[0], f"s{step}")]
+            elif op == "incr":
+                calls = [("SET", keys[0], step), ("INCR", keys[0])]
+            elif op == "pipe":
+                calls = [("MGET", *keys), ("DEL", keys[0]), ("EXISTS", *keys), ("MSET", keys[-1], "p")]
+            else:
+                calls = [(op.upper(), *keys)]
+            for call in calls:
+                assert via.execute_command(*call) == ref.execute_command(*call), (step, call)
+        assert via.mget([f"mk:{i}" for i in range(60)]) == ref.mget([f"mk:{i}" for i in range(60)])
+        # The keys really are spread over both servers.
+        placed = {sp.splicer.router.place(f"mk:{i}".encode())[0] for i in range(60)}
+        assert placed == {0, 1}
+    finally:
+        ref_server.kill()
+
+
+def test_large_mget_spread_over_servers(sp) -> None:
+    r = sp.client()
+    keys = [f"big:{i}" for i in range(1000)]
+    r.mset({k: f"value-{i}" * 3 for i, k in enumerate(keys)})
+    got = r.mget(keys + ["big:missing"])
+    assert got[:-1] == [f"value-{i}".encode() * 3 for i in range(1000)]
+    assert got[-1] is None
+
+
+# -- what the splicer refuses, and MULTI/EXEC -------------------------------------------------------
+
+
+def test_refused_commands_keep_the_connection(sp) -> None:
+    replies = raw_roundtrip(sp.port, [[b"BLPOP", b"q", b"1"], [b"SUBSCRIBE", b"ch"], [b"KEYS", b"*"],
+                                      [b"RENAME", *[k.encode() for k in (keys_on(sp, 0, 1, "rn")[0], keys_on(sp, 1, 1, "rn")[0])]],
+                                      [b"NOSUCHCMD"], [b"GET"], [b"PING"]])
+    assert b"may block" in replies[0]
+    assert b"pub/sub" in replies[1]
+    assert b"whole server" in replies[2]
+    assert replies[3].startswith(b"-CROSSSERVER")
+    assert replies[4].startswith(b"-ERR unknown command 'NOSUCHCMD'")
+    assert replies[5] == b"-ERR wrong number of arguments for 'get' command\r\n"
+    assert replies[6] == b"+PONG\r\n"
+
+
+def test_multi_exec_on_one_server_and_across(sp) -> None:
+    r = sp.client()
+    a, b = keys_on(sp, 0, 1, "tx")[0], keys_on(sp, 1, 1, "tx")[0]
+    a2 = keys_on(sp, 0, 2, "tx")[1]
+    tx = r.pipeline(transaction=True)
+    tx.set(a, 1).incr(a).set(a2, 5)
+    assert tx.execute() == [True, 2, True]
+    tx = r.pipeline(transaction=True)
+    tx.set(a, 1).set(b, 2)
+    with pytest.raises(redis.ResponseError, match="different servers"):
+        tx.execute()
+    assert r.ping() is True
+
+
+# -- deep pipelines and backpressure ---------------------------------------------------------------
+
+
+@needs_cli
+@pytest.mark.timeout(300)
+def test_redis_cli_pipe_one_million_commands(sp, pair, tmp_path: Path) -> None:
+    path = tmp_path / "million.txt"
+    with path.open("wb") as f:
+        chunk = []
+        for i in range(1_000_000):
+            k = b"pipe:%d" % i
+            chunk.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(k), k))
+            if len(chunk) == 10000:
+                f.write(b"".join(chunk))
+                chunk = []
+        f.write(b"".join(chunk))
+    with path.open("rb") as f:
+        out = subprocess.run([REDIS_CLI, "-p", str(sp.port), "--pipe", "--pipe-timeout", "120"], stdin=f,
+                             capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert "errors: 0, replies: 1000000" in out.stdout
+    assert sum(s.client().eval("return #redis.call('keys', 'pipe:*')", 0) for s in pair) == 1_000_000
+    st = sp.wait_idle()
+    assert all(s["inflight"] == 0 for s in st["servers"])
+
+
+@pytest.mark.skipif(REDIS_BENCHMARK is None, reason="redis-benchmark is not installed (apt-get install redis-tools)")
+def test_redis_benchmark_pipelined(sp) -> None:
+    out = subprocess.run([REDIS_BENCHMARK, "-p", str(sp.port), "-P", "16", "-c", "20", "-n", "20000", "-r", "1000",
+                          "-t", "set,get", "-q"], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0
+    text = out.stdout.replace("\r", "\n")
+    assert "SET:" in text and "GET:" in text and "requests per second" in text
+    assert "rror" not in text
+
+
+def test_client_that_does_not_read_is_paused_not_dropped(sp) -> None:
+    # 200k GETs written without reading a byte: the splicer stops reading (bounded memory) and
+    # once we start reading, every reply arrives, in order.
+    n = 200_000
+    payload = b"".join(encode_command([b"GET", b"bp:%d" % (i % 100)]) for i in range(n))
+    sc, count = ReplyScanner(), 0
+    with socket.create_connection(("127.0.0.1", sp.port), timeout=30) as s:
+        s.setblocking(True)
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        time.sleep(0.5)
+        clients = sp.splicer._clients
+        held = [len(c.merge._slots) for c in list(clients)]
+        assert held and max(held) <= sp.splicer.config.limits.max_pipeline + 1
+        while count < n:
+            data = s.recv(1 << 16)
+            assert data
+            sc.feed(data)
+            while (r := sc.next()) is not None:
+                assert r == b"$-1\r\n"
+                count += 1
+        sender.join(30)
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fresh_pair(tmp_path):
+    with redis_servers(tmp_path, 2) as servers:
+        yield servers
+
+
+def _sleep_server(server: RedisServer, seconds: float) -> threading.Thread:
+    def run() -> None:
+        try:
+            server.client(socket_timeout=seconds + 10).execute_command("DEBUG", "SLEEP", seconds)
+        except redis.ConnectionError:
+            pass  # killed while sleeping
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(0.2)  # let DEBUG SLEEP begin
+    return t
+
+
+def test_slow_backend_isolation_keeps_order(fresh_pair) -> None:
+    with splicer(fresh_pair) as s:
+        a_key = keys_on(s, 0, 1, "slow")[0]
+        b_key = keys_on(s, 1, 1, "fast")[0]
+        r = s.client()
+        r.set(b_key, 0)
+        sleeper = _sleep_server(fresh_pair[0], 3)
+        result: list = []
+        pipe = r.pipeline(transaction=False)
+        pipe.incr(a_key)
+        for _ in range(100):
+            pipe.incr(b_key)
+        t = threading.Thread(target=lambda: result.append(pipe.execute()))
+        t.start()
+        # While server 0 sleeps, server 1 has already executed every request behind the slow
+        # one: the splicer did not hold them back.
+        direct_b = fresh_pair[1].client()
+        for _ in range(200):
+            if direct_b.get(b_key) == b"100":
+                break
+            time.sleep(0.01)
+        assert direct_b.get(b_key) == b"100"
+        assert t.is_alive(), "the pipeline cannot be complete while server 0 still sleeps"
+        t.join(20)
+        sleeper.join(20)
+        assert result == [[1] + list(range(1, 101))]  # replies in request order
+
+
+def test_request_timeout_answers_in_place(fresh_pair) -> None:
+    with splicer(fresh_pair, timeouts={"request": 0.5}) as s:
+        a_key = keys_on(s, 0, 1, "to")[0]
+        b_key = keys_on(s, 1, 1, "to")[0]
+        r = s.client()
+        r.set(b_key, "b")
+        sleeper = _sleep_server(fresh_pair[0], 2)
+        pipe = r.pipeline(transaction=False)
+        pipe.get(a_key).get(b_key).get(a_key).get(b_key)
+        res = pipe.execute(raise_on_error=False)
+        assert isinstance(res[0], redis.ResponseError) and "did not answer within" in str(res[0])
+        assert res[1] == b"b" and res[3] == b"b"
+        assert isinstance(res[2], redis.ResponseError)
+        sleeper.join(20)
+        for _ in range(100):  # the lane reconnects after its backoff
+            try:
+                if r.get(a_key) is None:
+                    break
+            except redis.ResponseError:
+                time.sleep(0.05)
+        assert r.get(a_key) is None
+
+
+def test_backend_killed_mid_pipeline_then_back(fresh_pair) -> None:
+    with splicer(fresh_pair) as s:
+        a_keys = keys_on(s, 0, 50, "kill")
+        b_keys = keys_on(s, 1, 50, "kill")
+        r = s.client()
+        sleeper = _sleep_server(fresh_pair[1], 5)  # requests to server 1 are in flight...
+        res: list = []
+        pipe = r.pipeline(transaction=False)
+        for a, b in zip(a_keys, b_keys):
+            pipe.set(a, "x").set(b, "y")
+        t = threading.Thread(target=lambda: res.append(pipe.execute(raise_on_error=False)))
+        t.start()
+        time.sleep(0.3)
+        port = fresh_pair[1].port
+        fresh_pair[1].kill()  # ...when it dies
+        t.join(20)
+        sleeper.join(20)
+        replies = res[0]
+        assert replies[0::2] == [True] * 50  # server 0's part of the pipeline went on
+        assert all(isinstance(x, redis.ResponseError) and "splicer: backend" in str(x) for x in replies[1::2])
+        assert r.ping() is True  # the client connection survived
+        # Restart on the same port: the lane reconnects (with backoff) and serves again.
+        fresh_pair[1].port = port
+        fresh_pair[1].start()
+        for _ in range(200):
+            try:
+                r.set(b_keys[0], "again")
+                break
+            except redis.ResponseError:
+                time.sleep(0.05)
+        assert r.get(b_keys[0]) == b"again"
+
+
+def test_client_closing_mid_pipeline_leaks_nothing(fresh_pair) -> None:
+    with splicer(fresh_pair) as s:
+        before = s.wait_idle()
+        sleeper = _sleep_server(fresh_pair[0], 1)
+        cmds = b"".join(encode_command([b"INCR", k.encode()]) for k in keys_on(s, 0, 500, "cl") + keys_on(s, 1, 500, "cl"))
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+                c.sendall(cmds)
+            # closed without reading a reply
+        sleeper.join(20)
+        after = s.wait_idle(clients=0)
+        assert after["clients"] == 0
+        for b, a in zip(before["servers"], after["servers"]):
+            assert a["inflight"] == 0
+            assert a["connections"] == b["connections"]  # the pools are back to their size
+        assert s.client().ping() is True
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+def test_auth_to_clients_and_backends(tmp_path: Path) -> None:
+    with redis_servers(tmp_path, 2, extra=["--requirepass", "backend-secret"]) as servers:
+        with splicer(servers, password="front-secret", backend_password="backend-secret") as s:
+            with pytest.raises(redis.AuthenticationError):
+                s.client().ping()  # NOAUTH
+            with pytest.raises(redis.AuthenticationError):
+                s.client(password="wrong").ping()
+            r = s.client(password="front-secret")  # HELLO 3 AUTH default front-secret
+            assert r.set("auth:k", "v") is True
+            assert r.mget(["auth:k", "auth:none"]) == [b"v", None]
+            r2 = s.client(password="front-secret", protocol=2)  # AUTH front-secret
+            assert r2.get("auth:k") == b"v"
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_metrics_per_backend(fresh_pair) -> None:
+    from .redis_fixtures import SplicerThread
+    from shmfabric.splicer.config import RedisSpliceConfig
+
+    metrics = SpliceMetrics("redis")
+    cfg = RedisSpliceConfig.model_validate(dict(listen=f"127.0.0.1:{free_port()}", servers=[x.address for x in fresh_pair],
+                                                hash="md5", pool={"min": 1, "max": 2}, health={"enabled": False}))
+    st = SplicerThread(cfg, metrics)
+    try:
+        r = st.client()
+        r.mset({f"m:{i}": i for i in range(50)})
+        r.mget([f"m:{i}" for i in range(50)])
+        text = metrics.text().decode()
+        for srv in fresh_pair:
+            assert f'shmfabric_splicer_requests_total{{backend="{srv.address}",proto="redis"}}' in text
+            assert f'shmfabric_splicer_server_up{{backend="{srv.address}",proto="redis"}} 1.0' in text
+        assert "shmfabric_splicer_request_duration_seconds_bucket" in text
+        assert 'shmfabric_splicer_client_connections{proto="redis"} 1.0' in text
+    finally:
+        st.stop()

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, RuleSyntaxError
 from shmfabric.functions.rules import Verdict as RuleVerdict
-from shmfabric.net.flow import parse_5tuple_ip
+from shmfabric.net.flow import classify_batch
 
 _TO_VERDICT = {RuleVerdict.ACCEPT: Verdict.NEXT}
 
@@ -54,10 +54,12 @@ class FirewallFunction:
         self.fw.ruleset = config.ruleset
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
+        flags: list[int] = []
+        keys = classify_batch(frames, None, "ip", flags=flags)  # TCP flags: conntrack sees FIN/RST
         check = self.fw.check
+        accept = RuleVerdict.ACCEPT
         for i, f in enumerate(frames):
-            v = check(parse_5tuple_ip(f), now, 0, len(f))
-            if v is not RuleVerdict.ACCEPT:
+            if check(keys[i], now, flags[i], len(f)) is not accept:
                 out[i] = Verdict.DROP
                 self.dropped += 1
         self.passed += len(frames)

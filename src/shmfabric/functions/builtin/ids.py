@@ -13,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.snort import Ids, IdsVerdict, SignatureSet, SnortSyntaxError, load
-from shmfabric.net.flow import parse_5tuple_ip
+from shmfabric.net.flow import classify_batch, l4_payload_span
 
-_V4 = struct.Struct("!B8xB").unpack_from  # version/IHL, protocol
+# IPv4 without options at fixed offsets: (version/IHL, total length, UDP length | TCP data offset)
+_UDP4 = struct.Struct("!BxH20xH").unpack_from
+_TCP4 = struct.Struct("!BxH28xB").unpack_from
 
 
 class IdsConfig(BaseModel):
@@ -47,25 +49,6 @@ class IdsConfig(BaseModel):
         return self._sigs  # type: ignore[attr-defined]
 
 
-def l4_payload(f: Any) -> tuple[bytes, int]:
-    """(L4 payload, TCP flags) of an IP packet; (b'', 0) when there is none to look at."""
-    data = bytes(f)
-    if len(data) < 20:
-        return b"", 0
-    vihl, proto = _V4(data)
-    if vihl >> 4 == 4:
-        at = (vihl & 0xF) * 4
-    elif vihl >> 4 == 6 and len(data) >= 40:
-        at, proto = 40, data[6]
-    else:
-        return b"", 0
-    if proto == 6 and len(data) >= at + 20:
-        return data[at + ((data[at + 12] >> 4) * 4):], data[at + 13]
-    if proto == 17:
-        return data[at + 8:], 0
-    return data[at:], 0
-
-
 class IdsFunction:
     name: ClassVar[str] = "ids"
     version: ClassVar[str] = "1"
@@ -84,21 +67,40 @@ class IdsFunction:
         self.ids.mode = config.mode
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
-        inspect = self.ids.inspect
-        log = self.ctx.log if self.cfg.log_alerts else None
+        flags: list[int] = []
+        keys = classify_batch(frames, None, "ip", flags=flags)
         self.seen += len(frames)
+        payloads: list[bytes] = []
+        idx: list[int] = []
         for i, f in enumerate(frames):
-            key = parse_5tuple_ip(f)
-            if key.__class__ is not tuple:
+            if keys[i].__class__ is not tuple:
                 self.no_5tuple += 1
                 continue
-            payload, flags = l4_payload(f)
-            verdict, alerts = inspect(payload, key, now, flags)
-            if alerts and log is not None:
+            proto = keys[i][2]
+            n = len(f)
+            if proto == 17 and n >= 28:
+                vihl, tlen, ulen = _UDP4(f)
+                span = (28, 20 + ulen) if vihl == 0x45 and 8 <= ulen <= tlen - 20 and tlen <= n else l4_payload_span(f, "ip")
+            elif proto == 6 and n >= 40:
+                vihl, tlen, doff = _TCP4(f)
+                hl = (doff >> 4) * 4
+                span = (20 + hl, tlen) if vihl == 0x45 and 20 <= hl and 20 + hl <= tlen <= n else l4_payload_span(f, "ip")
+            else:
+                span = l4_payload_span(f, "ip")
+            if span is None:
+                continue
+            payloads.append(bytes(f)[span[0]:span[1]])
+            idx.append(i)
+        if not payloads:
+            return
+        hits = self.ids.inspect_batch(payloads, [keys[i] for i in idx], now, [flags[i] for i in idx])
+        log = self.ctx.log if self.cfg.log_alerts else None
+        for p, verdict, alerts in hits:
+            if log is not None:
                 for a in alerts:
                     log("alert", {"node": self.ctx.node, **a.as_dict()})
             if verdict is IdsVerdict.DROP:
-                out[i] = Verdict.DROP
+                out[idx[p]] = Verdict.DROP
 
     def on_timer(self, now: float) -> None:
         self.ids.flows.expire(now)

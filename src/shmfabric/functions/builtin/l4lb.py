@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.maglev import MaglevBalancer, is_prime
-from shmfabric.net.flow import parse_5tuple_ip
+from shmfabric.net.flow import classify_batch
 
 
 class Backend(BaseModel):
@@ -86,8 +86,7 @@ class L4LoadBalancer:
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         pick, port_of = self.lb.pick, self.port_of
-        for i, f in enumerate(frames):
-            key = parse_5tuple_ip(f)
+        for i, key in enumerate(classify_batch(frames, None, "ip")):
             b = pick(key, now) if key.__class__ is tuple else None
             if b is None:
                 out[i] = Verdict.DROP

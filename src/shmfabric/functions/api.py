@@ -22,6 +22,10 @@ class Verdict(IntEnum):
     NEXT = 0   #: on along the chain
     DROP = 1   #: gone (its slot goes back to the pool)
     REPLY = 2  #: back to the node that sent it
+    #: taken by the function: replaced by a frame it emitted, or copied into a queue it holds
+    #: (shaping). The slot goes back to the pool as with DROP, but it is counted as `consumed`,
+    #: not as a loss. Codes 203..228 are reserved; 230.. are the runtime's own.
+    CONSUMED = 229
 
     @staticmethod
     def port(k: int) -> int:
@@ -33,12 +37,29 @@ class Verdict(IntEnum):
 
 @dataclass
 class FunctionContext:
-    """What a function knows about where it runs (set by the runtime)."""
+    """What a function knows about where it runs (set by the runtime).
+
+    `emit()` is how a function sends a frame it made (a tunnel's outer packet, a frame a shaper
+    held): the runtime copies each emitted frame into a slot and sends it, before it dispatches
+    the batch being processed. Emitting stays sans-IO: it only appends to `emitted`, which a unit
+    test reads directly.
+    """
 
     node: str = "test"
     fabric: str = ""
     ports: list[str] = field(default_factory=list)  # names of the nodes behind Verdict.port(k)
     log: Callable[[str, dict], None] = lambda event, fields: None  # structured log line
+    mtu: int = 65535  # largest frame payload on the node's network (the runtime sets the real one)
+    emitted: list[tuple[int, Any]] = field(default_factory=list)  # (verdict, buffer), drained by the runtime
+
+    def emit(self, data: Any, verdict: int = Verdict.NEXT) -> None:
+        """Send `data` (any buffer; copied by the runtime) to NEXT or `Verdict.port(k)`.
+
+        The buffer must stay unchanged until the runtime sends it (after process() or on_timer()
+        returns); pass `bytes` unless you know better. A function that replaces a frame by an
+        emitted one gives the original `Verdict.CONSUMED`.
+        """
+        self.emitted.append((verdict, data))
 
 
 @runtime_checkable
@@ -55,6 +76,14 @@ class NetworkFunction(Protocol):
 
     def counters(self) -> dict[str, int | float]:
         """Function-specific counters (rule hits, alerts, ...)."""
+
+    # Optional hooks (the runtime checks with hasattr; see /work/notes/rewrite_proposal.md):
+    #   reconfigure(config) -> None          live config push
+    #   on_timer(now) -> float | None        housekeeping; returns when to be called next
+    #   next_deadline(now) -> float | None   "I hold frames: call on_timer at this time"; None = holds
+    #                                        nothing. Asked after each batch; a graceful stop waits
+    #                                        (bounded) until it is None, so held frames are not lost.
+    #   close() -> None                      the runner is closing (flush files)
 
 
 class SourceFunction(Protocol):

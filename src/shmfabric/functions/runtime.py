@@ -19,6 +19,7 @@ from shmfabric.net.flow import parse_5tuple_ip, symmetric_hash
 GROUP_BASE = 230  # verdict codes GROUP_BASE+i: instance i of a scaled-out next hop
 MAX_GROUP = 255 - GROUP_BASE
 RESOLVE_EVERY = 0.1  # seconds between name lookups of a next hop that went away
+STOP_GRACE = 5.0  # a graceful stop waits at most this long for frames a function holds (shaping)
 
 
 def log(event: str, fields: dict) -> None:
@@ -67,9 +68,14 @@ class FunctionRunner:
         self.node = fabric.attach(node_name, network)
         self.node.set_wait_mode(wait_mode)
         self.node.on_message = self._on_message
-        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=list(ports or []), log=log)
+        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=list(ports or []), log=log,
+                                   mtu=self.node.mtu)
         self.fn = fn_cls(self.config_model, self.ctx)
         self.is_source = hasattr(self.fn, "produce")
+        # optional timer hooks (see functions/api.py); timer_at is the next time to call them
+        self._has_on_timer = hasattr(self.fn, "on_timer")
+        self._has_deadline = hasattr(self.fn, "next_deadline")
+        self.timer_at: float | None = None
         self.batch = batch
         self.peer_timeout = peer_timeout
         self.next = Hop(fabric, next_hop or [])
@@ -78,7 +84,8 @@ class FunctionRunner:
         self._stop_requester: int | None = None
         self.c = {"in_frames": 0, "out_frames": 0, "dropped": 0, "replied": 0, "bad_verdict": 0,
                   "next_down": 0, "ring_full_waits": 0, "batches": 0, "busy_ns": 0,
-                  "first_ns": 0, "last_ns": 0}  # monotonic time of the first and last batch
+                  "first_ns": 0, "last_ns": 0,  # monotonic time of the first and last batch
+                  "consumed": 0, "emitted": 0, "emit_too_large": 0}  # see FunctionContext.emit
 
     # -- control -------------------------------------------------------------------------------
     def _reply(self, dst: int, msg: dict) -> None:
@@ -193,6 +200,8 @@ class FunctionRunner:
                     hop.resolve(now)
                 self.c["out_frames"] += self._send_code(batch, out, Verdict.port(k), hop.ids[0], hop)
         self.c["dropped"] += out.count(Verdict.DROP)
+        if Verdict.CONSUMED in out:  # replaced or held by the function: not a loss
+            self.c["consumed"] += out.count(Verdict.CONSUMED)
         if Verdict.REPLY in out:
             for i, f in enumerate(batch):
                 if out[i] == Verdict.REPLY:
@@ -200,10 +209,86 @@ class FunctionRunner:
                         self.c["replied"] += int(self.node.forward(f.src, f))
                     except FabricError:
                         self.c["next_down"] += 1
-        handled = {Verdict.NEXT, Verdict.DROP, Verdict.REPLY, *(Verdict.port(k) for k in range(len(self.ports))),
+        handled = {Verdict.NEXT, Verdict.DROP, Verdict.REPLY, Verdict.CONSUMED,
+                   *(Verdict.port(k) for k in range(len(self.ports))),
                    *(GROUP_BASE + i for i in range(len(nxt)) if len(nxt) > 1)}
         if len(set(out) - handled):
             self.c["bad_verdict"] += sum(1 for v in out if v not in handled)
+
+    # -- frames a function emitted (ctx.emit) ---------------------------------------------------
+    def _send_copies(self, dst: int | None, frames: list, hop: Hop) -> None:
+        """Copy `frames` into slots and send them to dst, waiting while its ring is full."""
+        waits = 0
+        while frames:
+            if dst is None:
+                self.c["next_down"] += len(frames)
+                return
+            try:
+                sent = self.node.send_batch(dst, frames, ethertype=0x0800)
+            except UnknownDestinationError:
+                hop.resolve(time.monotonic(), force=True)
+                self.c["next_down"] += len(frames)
+                return
+            self.c["out_frames"] += sent
+            self.c["emitted"] += sent
+            frames = frames[sent:]
+            if frames:
+                waits += 1
+                self.c["ring_full_waits"] += 1
+                if waits > 2:
+                    time.sleep(0.00002)
+                if self.stopping and waits > 50000:  # as in _send_code: a stop is never blocked for good
+                    self.c["dropped"] += len(frames)
+                    return
+
+    def send_emitted(self) -> None:
+        """Send what the function emitted (ctx.emit) by verdict: NEXT (spread over a scaled-out
+        group by flow hash, like forwarded frames) or a port. Frames too large for the network
+        are counted (`emit_too_large`), not sent."""
+        emitted = self.ctx.emitted
+        self.ctx.emitted = []
+        mtu = self.node.mtu
+        by_code: dict[int, list] = {}
+        for code, data in emitted:
+            if len(data) > mtu:
+                self.c["emit_too_large"] += 1
+                continue
+            by_code.setdefault(code, []).append(data)
+        now = time.monotonic()
+        for code, frames in by_code.items():
+            if code == Verdict.NEXT:
+                nxt = self.next.ids
+                if None in nxt:
+                    self.next.resolve(now)
+                    nxt = self.next.ids
+                if not nxt:
+                    self.c["dropped"] += len(frames)  # end of the chain: NEXT means consumed
+                elif len(nxt) == 1:
+                    self._send_copies(nxt[0], frames, self.next)
+                else:
+                    groups: dict[int, list] = {}
+                    for f in frames:
+                        key = parse_5tuple_ip(f)
+                        h = symmetric_hash(key) if isinstance(key, tuple) else 0
+                        groups.setdefault(h % len(nxt), []).append(f)
+                    for i, fs in groups.items():
+                        self._send_copies(nxt[i], fs, self.next)
+            elif 3 <= code < 3 + len(self.ports):
+                hop = self.ports[code - 3]
+                if None in hop.ids:
+                    hop.resolve(now)
+                self._send_copies(hop.ids[0], frames, hop)
+            else:  # DROP, REPLY (an emitted frame has no sender) or an unknown code
+                self.c["bad_verdict"] += len(frames)
+
+    def fire_timer(self, now: float) -> None:
+        """Call the function's on_timer, send what it emitted, and note when to call it again."""
+        fn = self.fn
+        t = fn.on_timer(now) if self._has_on_timer else None
+        d = fn.next_deadline(now) if self._has_deadline else None
+        self.timer_at = t if d is None else d if t is None else min(t, d)
+        if self.ctx.emitted:
+            self.send_emitted()
 
     def _send_frames(self, frames: list) -> None:
         """A source function's frames: copy each into a slot once and send down the chain."""
@@ -248,12 +333,17 @@ class FunctionRunner:
                         "next": self.next.names})
         end = None if duration is None else time.monotonic() + duration
         empty_polls = 0
-        node, fn, batch_max, c = self.node, self.fn, self.batch, self.c
+        node, fn, batch_max, c, ctx = self.node, self.fn, self.batch, self.c, self.ctx
         perf = time.perf_counter_ns
+        timed = self._has_on_timer or self._has_deadline
+        has_deadline = self._has_deadline
+        stop_t0 = 0.0
         while True:
             now = time.monotonic()
             if end is not None and now >= end:
                 self.stopping = True
+            if self.stopping and not stop_t0:
+                stop_t0 = now
             if self.is_source:
                 if self.stopping:
                     break
@@ -277,15 +367,22 @@ class FunctionRunner:
                     node.recv_batch(1, min(max(deadline - now, 0), 0.05)).release()
                 continue
             timeout = 0.05 if self.stopping else 0.2
+            if timed and self.timer_at is not None:
+                if now >= self.timer_at:
+                    self.fire_timer(now)
+                if self.timer_at is not None:
+                    timeout = min(timeout, max(0.0, self.timer_at - now))
             batch = node.recv_batch(batch_max, timeout)
             n = len(batch)
             if not n:
                 batch.release()
-                if hasattr(fn, "on_timer"):
-                    fn.on_timer(time.monotonic())
+                if timed:
+                    self.fire_timer(time.monotonic())
                 if self.stopping:
                     empty_polls += 1
-                    if empty_polls >= 2:  # input drained
+                    # input drained; a function still holding frames gets timer calls for a while
+                    holding = has_deadline and self.timer_at is not None and now - stop_t0 < STOP_GRACE
+                    if empty_polls >= 2 and not holding:
                         break
                 continue
             empty_polls = 0
@@ -297,8 +394,14 @@ class FunctionRunner:
             c["busy_ns"] += perf() - t0
             c["in_frames"] += n
             c["batches"] += 1
+            if ctx.emitted:  # before the batch: frames a shaper released precede newer ones
+                self.send_emitted()
             self.dispatch(batch, out)
             batch.release()
+            if has_deadline:
+                d = fn.next_deadline(now)
+                if d is not None and (self.timer_at is None or d < self.timer_at):
+                    self.timer_at = d
             c["last_ns"] = time.monotonic_ns()
         stats = self.stats()
         if self._stop_requester is not None:
@@ -307,7 +410,12 @@ class FunctionRunner:
         return stats
 
     def close(self) -> None:
-        self.node.detach()
+        """Close the function (its optional `close()`: flush files) and detach the node."""
+        try:
+            if hasattr(self.fn, "close"):
+                self.fn.close()
+        finally:
+            self.node.detach()
 
 
 def install_signal_handlers(runner: FunctionRunner) -> None:

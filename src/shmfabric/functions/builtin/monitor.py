@@ -1,0 +1,434 @@
+"""`monitor`: watches the traffic that passes through it; every verdict is NEXT.
+
+- **Per-flow counters**: packets, bytes, first and last seen per 5-tuple (one entry per
+  direction), for at most `max_flows` flows; idle flows expire after `flow_timeout`.
+- **Top talkers**: the heaviest flows (or sources, or destinations) by bytes with the
+  Space-Saving algorithm (Metwally, Agrawal, El Abbadi 2005): `top_k` counters, bounded memory,
+  any key whose true share exceeds 1/top_k of the bytes is guaranteed to be listed, and each
+  estimate comes with its maximal over-count (`error`).
+- **Capture**: classic pcap (not pcapng: every tool reads it), link type Ethernet with a
+  synthesized header (the fabric MACs when the frame has them) or LINKTYPE_RAW (101, bare IP);
+  optional header filter; rotation at a size limit, keeping the newest `keep` files.
+- **Report**: optionally a JSON file with the counters, the top talkers and the largest flows,
+  rewritten atomically every `report_interval` seconds.
+
+The only I/O is the capture and report files (the point of the function); the accounting is
+pure. Timestamps: the runtime passes monotonic `now`; pcap wants wall-clock time, so the
+offset between the two clocks is read once when the function starts (`epoch_offset`).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shmfabric.functions.api import FunctionContext
+from shmfabric.functions.builtin._match import CompiledMatch, Match
+from shmfabric.net.flow import FlowKey, parse_5tuple_ip
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101  # bare IPv4/IPv6 packets (LINKTYPE_RAW in the tcpdump.org link-type registry)
+_PCAP_HEADER = struct.Struct("<IHHiIII")  # magic, version 2.4, thiszone, sigfigs, snaplen, linktype
+_PCAP_RECORD = struct.Struct("<IIII")      # seconds, microseconds, captured length, original length
+PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps, written little-endian
+_FALLBACK_DST = b"\x02\x00\x00\x00\x00\x02"
+_FALLBACK_SRC = b"\x02\x00\x00\x00\x00\x01"
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+class CaptureConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="pcap file; with rotation, files are STEM_00001.pcap, STEM_00002.pcap, ...")
+    linktype: Literal["ethernet", "raw"] = Field("ethernet", description="ethernet: synthesized Ethernet header; raw: IP only")
+    snaplen: int = Field(65535, ge=64, le=262144, description="bytes kept of each packet")
+    rotate_bytes: int = Field(0, ge=0, description="start a new file at this size; 0 = one file")
+    keep: int = Field(0, ge=0, description="with rotation, keep only the newest N files; 0 = keep all")
+    match: Match | None = Field(None, description="capture only packets that match (frames without a 5-tuple are then skipped)")
+    flush_interval: float = Field(1.0, gt=0, le=3600, description="seconds between flushes to disk")
+
+    @field_validator("path")
+    @classmethod
+    def _dir_exists(cls, v: str) -> str:
+        parent = Path(v).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ValueError(f"directory {str(parent)!r} of the capture file does not exist; create it first")
+        return str(Path(v).expanduser())
+
+    @field_validator("rotate_bytes")
+    @classmethod
+    def _rotate_min(cls, v: int) -> int:
+        if 0 < v < 4096:
+            raise ValueError(f"rotate_bytes {v} is too small to hold a packet; use 0 (no rotation) or at least 4096")
+        return v
+
+
+class MonitorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    flows: bool = Field(True, description="keep per-flow counters")
+    max_flows: int = Field(65536, ge=1, le=10_000_000, description="flows tracked at once; new ones beyond are counted as untracked")
+    flow_timeout: float = Field(60.0, gt=0, le=86400, description="an idle flow is forgotten after this many seconds")
+    top_k: int = Field(32, ge=0, le=100_000, description="Space-Saving counters for the top talkers; 0 = off")
+    top_by: Literal["flow", "src", "dst"] = Field("flow", description="what a talker is")
+    capture: CaptureConfig | None = None
+    report: str | None = Field(None, description="JSON file rewritten every report_interval seconds")
+    report_interval: float = Field(5.0, gt=0, le=86400)
+    report_flows: int = Field(20, ge=0, le=10_000, description="largest flows listed in the report")
+
+    @field_validator("report")
+    @classmethod
+    def _report_dir(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().resolve().parent.is_dir():
+            raise ValueError(f"directory of the report file {v!r} does not exist; create it first")
+        return v
+
+
+# --- top talkers --------------------------------------------------------------------------------------
+
+class SpaceSaving:
+    """The k heaviest keys of a weighted stream in O(k) memory (Space-Saving).
+
+    Each tracked key has a count and an error: the true weight lies in [count - error, count].
+    A new key replaces the key with the smallest count and inherits that count as its error.
+    The minimum is found through a heap whose entries may be stale (counts only grow, so a stale
+    entry is a lower bound): a stale top is refreshed and pushed down until the top is exact.
+    """
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        self.k = k
+        self.counts: dict[Any, list[int]] = {}  # key -> [count, error]
+        self._heap: list[tuple[int, int, Any]] = []  # (count when pushed, tie-break, key)
+        self._seq = 0
+        self.total = 0
+
+    def add(self, key: Any, weight: int = 1) -> None:
+        self.total += weight
+        e = self.counts.get(key)
+        if e is not None:
+            e[0] += weight
+            return
+        self._seq += 1
+        if len(self.counts) < self.k:
+            self.counts[key] = [weight, 0]
+            heapq.heappush(self._heap, (weight, self._seq, key))
+            return
+        heap, counts = self._heap, self.counts
+        while True:
+            c, _, victim = heap[0]
+            actual = counts[victim][0]
+            if actual == c:
+                break
+            heapq.heapreplace(heap, (actual, self._seq, victim))
+            self._seq += 1
+        del counts[victim]
+        counts[key] = [c + weight, c]
+        heapq.heapreplace(heap, (c + weight, self._seq, key))
+
+    def top(self, n: int | None = None) -> list[tuple[Any, int, int]]:
+        """(key, count, error), heaviest first."""
+        items = sorted(((k, c, e) for k, (c, e) in self.counts.items()), key=lambda t: -t[1])
+        return items if n is None else items[:n]
+
+
+# --- pcap ---------------------------------------------------------------------------------------------
+
+class PcapWriter:
+    """Writes classic pcap (version 2.4, microsecond timestamps) to a binary file object."""
+
+    def __init__(self, f: BinaryIO, linktype: int, snaplen: int = 65535) -> None:
+        self.f, self.linktype, self.snaplen = f, linktype, snaplen
+        f.write(_PCAP_HEADER.pack(PCAP_MAGIC, 2, 4, 0, 0, snaplen, linktype))
+        self.size = _PCAP_HEADER.size
+        self.records = 0
+
+    def write(self, ts: float, data: bytes, orig_len: int | None = None) -> int:
+        """One record; `data` is cut to snaplen. Returns the bytes written."""
+        sec = int(ts)
+        usec = int(round((ts - sec) * 1e6))
+        if usec >= 1_000_000:
+            sec, usec = sec + 1, usec - 1_000_000
+        cap = data[: self.snaplen]
+        self.f.write(_PCAP_RECORD.pack(sec, usec, len(cap), len(data) if orig_len is None else orig_len))
+        self.f.write(cap)
+        n = _PCAP_RECORD.size + len(cap)
+        self.size += n
+        self.records += 1
+        return n
+
+
+class Capture:
+    """A pcap capture with size-based rotation (STEM_00001.pcap, ...) like tshark's ring buffer."""
+
+    def __init__(self, cfg: CaptureConfig) -> None:
+        self.cfg = cfg
+        self.linktype = LINKTYPE_ETHERNET if cfg.linktype == "ethernet" else LINKTYPE_RAW
+        self.match = CompiledMatch(cfg.match) if cfg.match is not None else None
+        self.index = 0
+        self.files: list[str] = []
+        self.writer: PcapWriter | None = None
+        self.dirty = False
+        self._open_next()
+
+    def _name(self, i: int) -> str:
+        if not self.cfg.rotate_bytes:
+            return self.cfg.path
+        p = Path(self.cfg.path)
+        return str(p.with_name(f"{p.stem}_{i:05d}{p.suffix or '.pcap'}"))
+
+    def _open_next(self) -> None:
+        if self.writer is not None:
+            self.writer.f.close()
+        self.index += 1
+        name = self._name(self.index)
+        self.writer = PcapWriter(open(name, "wb"), self.linktype, self.cfg.snaplen)
+        self.files.append(name)
+        self.dirty = True
+        if self.cfg.keep and len(self.files) > self.cfg.keep:
+            for old in self.files[: -self.cfg.keep]:
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
+            del self.files[: -self.cfg.keep]
+
+    def write(self, ts: float, data: bytes) -> int:
+        w = self.writer
+        assert w is not None
+        rec = _PCAP_RECORD.size + min(len(data), w.snaplen)
+        if self.cfg.rotate_bytes and w.records and w.size + rec > self.cfg.rotate_bytes:
+            self._open_next()
+            w = self.writer
+            assert w is not None
+        self.dirty = True
+        return w.write(ts, data)
+
+    def flush(self) -> None:
+        if self.writer is not None and self.dirty:
+            self.writer.f.flush()
+            self.dirty = False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.f.close()
+            self.writer = None
+
+
+def ethernet_header(f: Any) -> bytes:
+    """An Ethernet header for frame `f`: its fabric MACs if it has them, the type from the IP version."""
+    dst = getattr(f, "dst", None) or _FALLBACK_DST
+    src = getattr(f, "src_mac", None) or _FALLBACK_SRC
+    v = f[0] >> 4 if len(f) else 0
+    if v == 4:
+        et = 0x0800
+    elif v == 6:
+        et = 0x86DD
+    else:
+        et = getattr(f, "ethertype", None) or 0x88B5  # not IP: the frame's own type, else the fabric's
+    return bytes(dst) + bytes(src) + et.to_bytes(2, "big")
+
+
+# --- the function -------------------------------------------------------------------------------------
+
+class Monitor:
+    """Observes: per-flow counters, top talkers, pcap capture (see the module docstring)."""
+
+    name: ClassVar[str] = "monitor"
+    version: ClassVar[str] = "1"
+    Config = MonitorConfig
+
+    def __init__(self, config: MonitorConfig, ctx: FunctionContext | None = None) -> None:
+        self.ctx = ctx or FunctionContext()
+        # wall clock = monotonic now + offset, read once (the runtime's `now` is monotonic)
+        self.epoch_offset = time.time() - time.monotonic()
+        self.c = {"packets": 0, "bytes": 0, "unparsed": 0, "flows_expired": 0, "flows_untracked": 0,
+                  "captured": 0, "capture_bytes": 0, "capture_errors": 0, "reports": 0}
+        self.flow_table: dict[tuple, list] = {}  # key -> [packets, bytes, first, last]
+        self.capture: Capture | None = None
+        self._capture_files = 0
+        self._configure(config)
+
+    def _configure(self, config: MonitorConfig) -> None:
+        old = getattr(self, "cfg", None)
+        self.cfg = config
+        self.top = SpaceSaving(config.top_k) if config.top_k else None
+        if old is None or old.capture != config.capture:
+            if self.capture is not None:
+                self.capture.close()
+                self.capture = None
+            if config.capture is not None:
+                try:
+                    self.capture = Capture(config.capture)
+                except OSError as e:
+                    raise ValueError(f"cannot open capture file {config.capture.path!r}: {e}") from None
+        if not config.flows:
+            self.flow_table.clear()
+        self._next_sweep = 0.0
+        self._next_flush = 0.0
+        self._next_report = 0.0
+
+    def reconfigure(self, config: MonitorConfig) -> None:
+        """New settings; a changed capture section closes the old file and starts a new one."""
+        self._configure(config)
+
+    # -- the batch ---------------------------------------------------------------------------------
+    def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
+        cfg = self.cfg
+        c = self.c
+        table = self.flow_table if cfg.flows else None
+        max_flows = cfg.max_flows
+        top = self.top
+        by = cfg.top_by
+        agg: dict[Any, int] = {}  # top-talker weight per key in this batch: one update per key
+        cap = self.capture
+        nbytes = 0
+        for f in frames:
+            n = len(f)
+            nbytes += n
+            key = parse_5tuple_ip(f)
+            if key.__class__ is not tuple:
+                c["unparsed"] += 1
+                if cap is not None and cap.match is None:
+                    self._capture(f, now)
+                continue
+            if table is not None:
+                e = table.get(key)
+                if e is not None:
+                    e[0] += 1
+                    e[1] += n
+                    e[3] = now
+                elif len(table) < max_flows:
+                    table[key] = [1, n, now, now]
+                else:
+                    c["flows_untracked"] += 1
+            if top is not None:
+                k = key if by == "flow" else key[0] if by == "src" else key[1]
+                agg[k] = agg.get(k, 0) + n
+            if cap is not None and (cap.match is None or cap.match.matches(key)):
+                self._capture(f, now)
+        c["packets"] += len(frames)
+        c["bytes"] += nbytes
+        if top is not None:
+            for k, w in agg.items():
+                top.add(k, w)
+        # verdicts stay NEXT: the monitor only observes
+
+    def _capture(self, f: Any, now: float) -> None:
+        cap = self.capture
+        if cap is None:
+            return
+        data = bytes(f)
+        if cap.linktype == LINKTYPE_ETHERNET:
+            data = ethernet_header(f) + data
+        try:
+            self.c["capture_bytes"] += cap.write(now + self.epoch_offset, data)
+            self.c["captured"] += 1
+        except OSError as e:  # disk full, file removed under us...: stop capturing, keep monitoring
+            self.c["capture_errors"] += 1
+            self.ctx.log("capture_error", {"node": self.ctx.node, "error": str(e)})
+            try:
+                cap.close()
+            except OSError:
+                pass
+            self.capture = None
+
+    # -- timers ------------------------------------------------------------------------------------
+    def on_timer(self, now: float) -> float | None:
+        """Flush the capture, expire idle flows, write the report; returns the next due time."""
+        cfg = self.cfg
+        if self.capture is not None and now >= self._next_flush:
+            try:
+                self.capture.flush()
+            except OSError as e:
+                self.c["capture_errors"] += 1
+                self.ctx.log("capture_error", {"node": self.ctx.node, "error": str(e)})
+                self.capture = None
+            self._next_flush = now + (cfg.capture.flush_interval if cfg.capture else 1.0)
+        if now >= self._next_sweep:
+            self.expire(now)
+            self._next_sweep = now + max(1.0, cfg.flow_timeout / 4)
+        if cfg.report and now >= self._next_report:
+            self.write_report(cfg.report, now)
+            self._next_report = now + cfg.report_interval
+        due = [self._next_sweep]
+        if self.capture is not None:
+            due.append(self._next_flush)
+        if cfg.report:
+            due.append(self._next_report)
+        return min(due)
+
+    def expire(self, now: float) -> int:
+        """Forget flows idle for longer than flow_timeout; returns how many."""
+        limit = now - self.cfg.flow_timeout
+        old = [k for k, e in self.flow_table.items() if e[3] < limit]
+        for k in old:
+            del self.flow_table[k]
+        self.c["flows_expired"] += len(old)
+        return len(old)
+
+    # -- reading it out ----------------------------------------------------------------------------
+    def flows(self, n: int | None = None) -> list[dict]:
+        """The tracked flows, largest (bytes) first."""
+        items = sorted(self.flow_table.items(), key=lambda kv: -kv[1][1])
+        if n is not None:
+            items = items[:n]
+        off = self.epoch_offset
+        return [{"flow": str(FlowKey(*k)), "packets": e[0], "bytes": e[1],
+                 "first_seen": round(e[2] + off, 6), "last_seen": round(e[3] + off, 6)} for k, e in items]
+
+    def top_talkers(self, n: int | None = None) -> list[dict]:
+        """Heaviest talkers by bytes: estimate and its maximal over-count."""
+        if self.top is None:
+            return []
+        out = []
+        for k, count, err in self.top.top(n):
+            if isinstance(k, tuple):
+                name = str(FlowKey(*k))
+            else:
+                import ipaddress
+
+                name = str(ipaddress.ip_address(k if isinstance(k, int) else bytes(k)))
+            out.append({"talker": name, "bytes": count, "error": err})
+        return out
+
+    def snapshot(self) -> dict:
+        """Everything the report file holds, as a dict."""
+        return {"node": self.ctx.node, "counters": self.counters(), "top_by": self.cfg.top_by,
+                "top_talkers": self.top_talkers(), "flows": self.flows(self.cfg.report_flows),
+                "capture_files": list(self.capture.files) if self.capture else []}
+
+    def write_report(self, path: str, now: float) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        snap = self.snapshot()
+        snap["time"] = round(now + self.epoch_offset, 6)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(snap, f, indent=1)
+            os.replace(tmp, path)  # readers never see a half-written report
+            self.c["reports"] += 1
+        except OSError as e:
+            self.ctx.log("report_error", {"node": self.ctx.node, "error": str(e)})
+
+    def counters(self) -> dict[str, int | float]:
+        c: dict[str, int | float] = dict(self.c)
+        c["flows"] = len(self.flow_table)
+        if self.capture is not None:
+            c["capture_files"] = len(self.capture.files)
+        return c
+
+    def close(self) -> None:
+        """Flush and close the capture (the runtime calls this when the node stops)."""
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        if self.cfg.report:
+            self.write_report(self.cfg.report, time.monotonic())

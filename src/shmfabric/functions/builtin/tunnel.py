@@ -1,0 +1,392 @@
+"""`compress` and `encrypt`: tunnel endpoints. An `encap` node wraps each whole inner packet in
+an outer IPv4/UDP packet; a `decap` node with the same outer addresses and port unwraps it.
+
+    outer IPv4 (20) | UDP (8) | tunnel header (4) | [nonce (12)] | body
+    tunnel header:  version<<4 | kind (1 compress, 2 encrypt) | alg or key id | inner length (16 bits)
+
+- `compress` body: the inner packet compressed with zstd (level configurable) or LZ4 block
+  format, each packet on its own (packets may be lost or reordered between the endpoints, so
+  no stream state). A packet that does not shrink (or is under `min_size`) is stored as is
+  (alg 0), so the tunnel never makes a packet bigger than the headers.
+- `encrypt` body: AES-GCM (from `cryptography`) of the inner packet with a 16-byte tag. Nonce =
+  4-byte random salt per encap instance + 8-byte counter (never reused while the instance lives;
+  a restarted or scaled-out instance draws a new salt). Associated data = the outer header's
+  invariant fields: addresses, UDP ports, tunnel header and nonce. TTL, checksums, identification
+  and lengths are left out as IPsec's AH leaves out mutable fields (lengths are implied by the
+  ciphertext), so a router on the way may decrement TTL. Decap rejects replays with a sliding
+  window per sender salt (like IPsec's, `replay_window` packets), updated only after a packet
+  authenticated.
+
+The outer source port carries a hash of the inner 5-tuple (as VXLAN does), so a scaled-out decap
+keeps each inner flow on one instance and in order. The UDP checksum is 0 (allowed for IPv4;
+VXLAN does the same): `encrypt` has its tag; `compress` can add zstd's own checksum.
+
+Encap and decap produce packets of a new length, so they emit the new packet (`ctx.emit`) and
+give the original `Verdict.CONSUMED`; see /work/notes/rewrite_proposal.md. Decap passes or drops
+(`non_tunnel`) what is not for this tunnel; the outer header must be IPv4 without fragments.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shmfabric.functions.api import FunctionContext, Verdict
+from shmfabric.net import checksum as ck
+from shmfabric.net.flow import flow_hash, parse_5tuple_ip, to_address
+
+NEXT, DROP, CONSUMED = int(Verdict.NEXT), int(Verdict.DROP), int(Verdict.CONSUMED)
+VERSION = 1
+KIND_COMPRESS, KIND_ENCRYPT = 1, 2
+ALG_STORED, ALG_ZSTD, ALG_LZ4 = 0, 1, 2
+IP_UDP = 28
+TUNNEL_HDR = struct.Struct("!BBH")  # version/kind, alg or key id, inner length
+NONCE_LEN, TAG_LEN = 12, 16
+_IP = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_OUTER = struct.Struct("!BxHxxHxBxx4s4sHHH")  # ver/ihl, total length, flags/frag, proto, src, dst, sport, dport, udp len
+_SPORT_BASE, _SPORT_SPAN = 49152, 16384  # entropy source ports from the dynamic range (RFC 6335)
+
+
+class TunnelConfig(BaseModel):
+    """What both endpoints of one tunnel share; they differ only in `mode`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["encap", "decap"]
+    outer_src: str = Field("192.0.2.1", description="outer IPv4 source (the encap side)")
+    outer_dst: str = Field("192.0.2.2", description="outer IPv4 destination (the decap side)")
+    port: int = Field(57400, ge=1, le=65535, description="UDP destination port of the tunnel")
+    ttl: int = Field(64, ge=1, le=255)
+    max_packet: int | None = Field(None, ge=64, le=65535, description="largest outer packet; default the node's MTU")
+    non_tunnel: Literal["pass", "drop"] | None = Field(
+        None, description="decap: packets that are not this tunnel's (default: pass for compress, drop for encrypt)")
+
+    @field_validator("outer_src", "outer_dst")
+    @classmethod
+    def _v4(cls, v: str, info) -> str:  # type: ignore[no-untyped-def]
+        try:
+            a = to_address(v)
+        except ValueError:
+            raise ValueError(f"{info.field_name} {v!r} is not an IPv4 address") from None
+        if not isinstance(a, int):
+            raise ValueError(f"{info.field_name} {v!r}: the outer header is IPv4; give an IPv4 address "
+                             f"(inner packets may be IPv6)")
+        return v
+
+
+class _Tunnel:
+    """Framing shared by both tunnel functions; subclasses seal and open the body."""
+
+    KIND: ClassVar[int]
+    DEFAULT_NON_TUNNEL: ClassVar[str]
+    OVERHEAD: ClassVar[int]  # bytes added besides the body's own growth
+
+    def __init__(self, config: Any, ctx: FunctionContext | None = None) -> None:
+        self.ctx = ctx or FunctionContext()
+        self.c = {"in_packets": 0, "in_bytes": 0, "out_packets": 0, "out_bytes": 0, "too_big": 0,
+                  "non_tunnel_passed": 0, "non_tunnel_dropped": 0, "malformed": 0, "fragments": 0,
+                  "bad_header": 0}
+        self.ident = 0
+        self._setup(config)
+
+    def _setup(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.src = to_address(cfg.outer_src).to_bytes(4, "big")  # type: ignore[union-attr]
+        self.dst = to_address(cfg.outer_dst).to_bytes(4, "big")  # type: ignore[union-attr]
+        self.max_packet = min(cfg.max_packet or self.ctx.mtu, 65535)
+        self.drop_other = (cfg.non_tunnel or self.DEFAULT_NON_TUNNEL) == "drop"
+
+    def reconfigure(self, config: Any) -> None:
+        self._setup(config)
+
+    def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
+        if self.cfg.mode == "encap":
+            self._encap(frames, out)
+        else:
+            self._decap(frames, out)
+
+    # -- encap -------------------------------------------------------------------------------------
+    def _encap(self, frames: Sequence[Any], out: bytearray) -> None:
+        c = self.c
+        emit = self.ctx.emit
+        max_packet = self.max_packet
+        for i, f in enumerate(frames):
+            inner = bytes(f)
+            n = len(inner)
+            c["in_packets"] += 1
+            c["in_bytes"] += n
+            key = parse_5tuple_ip(inner)
+            sport = _SPORT_BASE + (flow_hash(key) % _SPORT_SPAN if key.__class__ is tuple else 0)
+            if n > 0xFFFF or n + IP_UDP + self.OVERHEAD > max_packet:
+                c["too_big"] += 1  # never sent in the clear, never fragmented: dropped and counted
+                out[i] = DROP
+                continue
+            payload = self.seal(inner, sport)
+            total = IP_UDP + len(payload)
+            if total > max_packet:
+                c["too_big"] += 1
+                out[i] = DROP
+                continue
+            self.ident = (self.ident + 1) & 0xFFFF
+            hdr = bytearray(_IP.pack(0x45, 0, total, self.ident, 0x4000, self.cfg.ttl, 17, 0, self.src, self.dst))
+            struct.pack_into("!H", hdr, 10, ck.checksum(hdr))
+            packet = bytes(hdr) + _UDP.pack(sport, self.cfg.port, total - 20, 0) + payload
+            emit(packet)
+            c["out_packets"] += 1
+            c["out_bytes"] += total
+            out[i] = CONSUMED
+
+    def header(self, b1: int, inner_len: int) -> bytes:
+        return TUNNEL_HDR.pack(VERSION << 4 | self.KIND, b1, inner_len)
+
+    # -- decap -------------------------------------------------------------------------------------
+    def _decap(self, frames: Sequence[Any], out: bytearray) -> None:
+        c = self.c
+        emit = self.ctx.emit
+        port, src, dst = self.cfg.port, self.src, self.dst
+        other = DROP if self.drop_other else NEXT
+        for i, f in enumerate(frames):
+            n = len(f)
+            c["in_packets"] += 1
+            c["in_bytes"] += n
+            if n < IP_UDP + TUNNEL_HDR.size:
+                self._other(i, out, other)
+                continue
+            vihl, tlen, ff, proto, osrc, odst, sport, dport, ulen = _OUTER.unpack_from(f)
+            if vihl >> 4 != 4 or proto != 17 or dport != port or osrc != src or odst != dst:
+                self._other(i, out, other)
+                continue
+            # from here on the packet claims to be ours: anything wrong is dropped, never passed on
+            out[i] = DROP
+            ihl = (vihl & 15) * 4
+            if ihl != 20:
+                c["malformed"] += 1  # we never send options; _OUTER read the ports at offset 20
+                continue
+            if ff & 0x3FFF:
+                c["fragments"] += 1  # no reassembly: encap never fragments, so this is foreign
+                continue
+            data = bytes(f)
+            if not (IP_UDP + TUNNEL_HDR.size <= tlen <= n) or ulen != tlen - 20 or not ck.verify(data[:20]):
+                c["malformed"] += 1
+                continue
+            vk, b1, inner_len = TUNNEL_HDR.unpack_from(data, IP_UDP)
+            if vk != (VERSION << 4 | self.KIND):
+                c["bad_header"] += 1
+                continue
+            inner = self.open(data, tlen, sport, b1, inner_len)
+            if inner is None:
+                continue  # open() counted why
+            emit(inner)
+            c["out_packets"] += 1
+            c["out_bytes"] += len(inner)
+            out[i] = CONSUMED
+
+    def _other(self, i: int, out: bytearray, other: int) -> None:
+        if other == DROP:
+            self.c["non_tunnel_dropped"] += 1
+        else:
+            self.c["non_tunnel_passed"] += 1
+        out[i] = other
+
+    # -- per kind ----------------------------------------------------------------------------------
+    def seal(self, inner: bytes, sport: int) -> bytes:
+        """Tunnel header + body for `inner` (the UDP payload of the outer packet)."""
+        raise NotImplementedError
+
+    def open(self, data: bytes, tlen: int, sport: int, b1: int, inner_len: int) -> bytes | None:
+        """The inner packet of outer packet `data` (tunnel header at IP_UDP), or None (counted)."""
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int | float]:
+        return dict(self.c)
+
+
+# --- compress -----------------------------------------------------------------------------------------
+
+class CompressConfig(TunnelConfig):
+    algorithm: Literal["zstd", "lz4"] = "zstd"
+    level: int = Field(3, ge=-7, le=22, description="zstd level (negative = faster); for lz4, >0 selects high compression")
+    min_size: int = Field(128, ge=0, le=65535, description="smaller packets are stored, not compressed")
+    checksum: bool = Field(False, description="zstd: add a content checksum to each packet")
+
+
+class Compress(_Tunnel):
+    """Compression tunnel endpoint (see the module docstring)."""
+
+    name: ClassVar[str] = "compress"
+    version: ClassVar[str] = "1"
+    Config = CompressConfig
+    KIND = KIND_COMPRESS
+    DEFAULT_NON_TUNNEL = "pass"
+    OVERHEAD = TUNNEL_HDR.size
+
+    def __init__(self, config: CompressConfig, ctx: FunctionContext | None = None) -> None:
+        super().__init__(config, ctx)
+        self.c.update({"compressed": 0, "stored": 0, "corrupt": 0, "length_mismatch": 0})
+
+    def _setup(self, cfg: CompressConfig) -> None:  # type: ignore[override]
+        super()._setup(cfg)
+        import lz4.block
+        import zstandard
+
+        self._lz4 = lz4.block
+        self._zstd_error = zstandard.ZstdError
+        self._zc = zstandard.ZstdCompressor(level=cfg.level, write_checksum=cfg.checksum, write_content_size=False)
+        self._zd = zstandard.ZstdDecompressor()
+
+    def seal(self, inner: bytes, sport: int) -> bytes:
+        cfg = self.cfg
+        n = len(inner)
+        if n >= cfg.min_size:
+            if cfg.algorithm == "zstd":
+                body, alg = self._zc.compress(inner), ALG_ZSTD
+            elif cfg.level > 0:
+                body, alg = self._lz4.compress(inner, mode="high_compression", compression=min(cfg.level, 12),
+                                               store_size=False), ALG_LZ4
+            else:
+                body, alg = self._lz4.compress(inner, store_size=False), ALG_LZ4
+            if len(body) < n:
+                self.c["compressed"] += 1
+                return self.header(alg, n) + body
+        self.c["stored"] += 1
+        return self.header(ALG_STORED, n) + inner
+
+    def open(self, data: bytes, tlen: int, sport: int, b1: int, inner_len: int) -> bytes | None:
+        body = memoryview(data)[IP_UDP + TUNNEL_HDR.size: tlen]
+        try:
+            if b1 == ALG_STORED:
+                inner = bytes(body)
+            elif b1 == ALG_ZSTD:
+                inner = self._zd.decompress(body, max_output_size=inner_len)
+            elif b1 == ALG_LZ4:
+                inner = self._lz4.decompress(body, uncompressed_size=inner_len)
+            else:
+                self.c["bad_header"] += 1
+                return None
+        except (self._zstd_error, self._lz4.LZ4BlockError, ValueError):
+            self.c["corrupt"] += 1
+            return None
+        finally:
+            body.release()
+        if len(inner) != inner_len:
+            self.c["length_mismatch"] += 1
+            return None
+        return inner
+
+
+# --- encrypt ------------------------------------------------------------------------------------------
+
+def _load_key(text: str | None, path: str | None) -> bytes:
+    """The AES key from hex text or a file (hex text, or the raw 16/24/32 bytes)."""
+    if (text is None) == (path is None):
+        raise ValueError("give exactly one of key (hex) and key_file")
+    if path is not None:
+        try:
+            raw = Path(path).expanduser().read_bytes()
+        except OSError as e:
+            raise ValueError(f"key_file {path!r} cannot be read: {e.strerror}") from None
+        if len(raw) in (16, 24, 32) and not all(chr(b) in "0123456789abcdefABCDEF" for b in raw):
+            return raw
+        text = raw.decode("ascii", "replace").strip()
+        where = f"key_file {path!r}"
+    else:
+        where = "key"
+    try:
+        key = bytes.fromhex(text.strip().removeprefix("0x"))  # type: ignore[union-attr]
+    except ValueError:
+        raise ValueError(f"{where} is not hex (write 32, 48 or 64 hex digits for AES-128/192/256)") from None
+    if len(key) not in (16, 24, 32):
+        raise ValueError(f"{where} has {len(key)} bytes; AES-GCM needs 16, 24 or 32 (32, 48 or 64 hex digits)")
+    return key
+
+
+class EncryptConfig(TunnelConfig):
+    key: str | None = Field(None, description="AES key as hex (32/48/64 digits); or key_file", repr=False)
+    key_file: str | None = Field(None, description="file with the key (hex text or raw bytes)")
+    key_id: int = Field(0, ge=0, le=255, description="carried in each packet; decap refuses other ids")
+    replay_window: int = Field(1024, ge=0, le=65536, description="decap: packets of reordering tolerated; 0 = no replay check")
+
+    @model_validator(mode="after")
+    def _key(self) -> "EncryptConfig":
+        _load_key(self.key, self.key_file)
+        return self
+
+
+class Encrypt(_Tunnel):
+    """AES-GCM tunnel endpoint (see the module docstring)."""
+
+    name: ClassVar[str] = "encrypt"
+    version: ClassVar[str] = "1"
+    Config = EncryptConfig
+    KIND = KIND_ENCRYPT
+    DEFAULT_NON_TUNNEL = "drop"
+    OVERHEAD = TUNNEL_HDR.size + NONCE_LEN + TAG_LEN
+    MAX_SENDERS = 256  # replay state is kept for this many sender salts (instances), oldest forgotten
+
+    def __init__(self, config: EncryptConfig, ctx: FunctionContext | None = None) -> None:
+        self._key_bytes: bytes | None = None
+        super().__init__(config, ctx)
+        self.c.update({"auth_failed": 0, "replayed": 0, "wrong_key_id": 0, "length_mismatch": 0})
+
+    def _setup(self, cfg: EncryptConfig) -> None:  # type: ignore[override]
+        super()._setup(cfg)
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        key = _load_key(cfg.key, cfg.key_file)
+        if key != self._key_bytes:
+            # a new key starts a new nonce sequence and forgets the old replay state
+            self._aead = AESGCM(key)
+            self._key_bytes = key
+            self.salt = os.urandom(4)
+            self.counter = 0
+            self.replay: dict[bytes, list[int]] = {}
+        self._invalid_tag = InvalidTag
+
+    def _aad(self, sport: int, hdr: bytes, nonce: bytes) -> bytes:
+        return self.src + self.dst + struct.pack("!HH", sport, self.cfg.port) + hdr + nonce
+
+    def seal(self, inner: bytes, sport: int) -> bytes:
+        self.counter += 1
+        nonce = self.salt + self.counter.to_bytes(8, "big")
+        hdr = self.header(self.cfg.key_id, len(inner))
+        return hdr + nonce + self._aead.encrypt(nonce, inner, self._aad(sport, hdr, nonce))
+
+    def open(self, data: bytes, tlen: int, sport: int, b1: int, inner_len: int) -> bytes | None:
+        c = self.c
+        if b1 != self.cfg.key_id:
+            c["wrong_key_id"] += 1
+            return None
+        at = IP_UDP + TUNNEL_HDR.size
+        if tlen - at - NONCE_LEN - TAG_LEN != inner_len:
+            c["length_mismatch"] += 1
+            return None
+        nonce = data[at: at + NONCE_LEN]
+        salt, ctr = nonce[:4], int.from_bytes(nonce[4:], "big")
+        window = self.cfg.replay_window
+        st = self.replay.get(salt) if window else None
+        if st is not None:
+            hi, bits = st
+            if ctr <= hi and (hi - ctr >= window or bits >> (hi - ctr) & 1):
+                c["replayed"] += 1  # seen already, or older than the window: cannot tell, refuse
+                return None
+        try:
+            inner = self._aead.decrypt(nonce, data[at + NONCE_LEN: tlen], self._aad(sport, data[IP_UDP:at], nonce))
+        except self._invalid_tag:
+            c["auth_failed"] += 1
+            return None
+        if window:  # only an authentic packet moves the window (forgeries cannot slide it)
+            if st is None:
+                if len(self.replay) >= self.MAX_SENDERS:
+                    del self.replay[next(iter(self.replay))]
+                self.replay[salt] = [ctr, 1]
+            elif ctr > hi:
+                shift = ctr - hi  # may be huge after a long loss: then nothing of the old window stays
+                st[0], st[1] = ctr, ((bits << shift) | 1) & ((1 << window) - 1) if shift < window else 1
+            else:
+                st[1] = bits | 1 << (hi - ctr)
+        return inner

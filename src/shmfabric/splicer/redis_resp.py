@@ -22,6 +22,8 @@ malformed backend reply raises `RespProtocolError` too; the shell drops that bac
 """
 from __future__ import annotations
 
+from itertools import chain, repeat
+
 import hiredis
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "RequestReader",
     "ReplyScanner",
     "encode_command",
+    "encode_bulks",
     "encode_bulk",
     "encode_int",
     "encode_error",
@@ -547,6 +550,20 @@ def _scan(buf: bytes, pos: int, end: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# "$<len>\r\n" for short lengths, so long argument lists and arrays are encoded by C-level
+# map/join without a Python-level format call per element.
+_BULK_HDR = [b"$%d\r\n" % i for i in range(4096)]
+_CRLF = b"\r\n"
+
+
+def encode_bulks(values: list[bytes]) -> list[bytes]:
+    """Each value encoded as a bulk string (values must be bytes; no None)."""
+    try:
+        return list(map(b"".join, zip(map(_BULK_HDR.__getitem__, map(len, values)), values, repeat(_CRLF))))
+    except IndexError:  # a value of 4 KiB or more: the plain way
+        return [b"$%d\r\n%s\r\n" % (len(v), v) for v in values]
+
+
 def encode_command(args: list[bytes]) -> bytes:
     """Encode a command as a RESP multibulk (what clients and backends expect)."""
     n = len(args)
@@ -556,10 +573,10 @@ def encode_command(args: list[bytes]) -> bytes:
     if n == 3:
         a, b, c = args
         return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b, len(c), c)
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(parts)
+    try:
+        return b"*%d\r\n" % n + b"".join(chain.from_iterable(zip(map(_BULK_HDR.__getitem__, map(len, args)), args, repeat(_CRLF))))
+    except IndexError:
+        return b"*%d\r\n" % n + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
 def encode_bulk(value: bytes | None, proto: int = 2) -> bytes:

@@ -1,0 +1,230 @@
+"""Benchmark 3 of issue 3: the Redis splicer against twemproxy, and a spread MGET against direct.
+
+    python -m shmfabric.bench.splice_redis [--json] [--requests N] [--mget-runs N]
+
+Everything runs on loopback, side by side in one run:
+
+1. two `redis-server`s (no persistence);
+2. throughput: `redis-benchmark -P 16 -c 50 -t set,get -r 100000` through the splicer and
+   through twemproxy (Debian's `nutcracker`, config generated here: same servers, ketama, same
+   hash), one process each;
+3. latency: one MGET of 1000 keys spread over both servers, through the splicer (and twemproxy,
+   for reference), against the same MGET sent straight to one server that holds all 1000 keys;
+   p50/p99 over `--mget-runs` runs by a small raw-socket client (same client code for all).
+
+Targets (issue 3): splicer >= 0.5x twemproxy's ops/s; spread MGET <= 1.5x direct latency.
+Figures depend on the machine and on what else runs on it; the table prints the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
+
+__all__ = ["run", "main"]
+
+
+class BenchError(Exception):
+    """A peer is missing or did not start; the message says which and how to fix it."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with status {proc.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what} does not listen on 127.0.0.1:{port} after {timeout:g} s") from None
+            time.sleep(0.05)
+
+
+def _need(binary: str, package: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise BenchError(f"{binary} is not installed; fix: apt-get install {package}")
+    return path
+
+
+def _roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    sc = ReplyScanner()
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            raise BenchError("connection closed during MGET")
+        sc.feed(data)
+        reply = sc.next()
+        if reply is not None:
+            return reply
+
+
+def _command(port: int, *args: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        return _roundtrip(s, encode_command(list(args)))
+
+
+def _redis_benchmark(port: int, requests: int) -> dict[str, float]:
+    out = subprocess.run(
+        [_need("redis-benchmark", "redis-tools"), "-h", "127.0.0.1", "-p", str(port), "-P", "16", "-c", "50",
+         "-t", "set,get", "-n", str(requests), "-r", "100000", "-q"],
+        capture_output=True, text=True, timeout=600)
+    text = out.stdout.replace("\r", "\n")
+    found = dict(re.findall(r"^(SET|GET): ([0-9.]+) requests per second", text, re.M))
+    if "SET" not in found or "GET" not in found:
+        raise BenchError(f"redis-benchmark on port {port} gave no figures: {text[-300:]!r} {out.stderr[-300:]!r}")
+    return {k.lower(): float(v) for k, v in found.items()}
+
+
+def _mget_latency(port: int, keys: list[bytes], runs: int) -> dict[str, float]:
+    payload = encode_command([b"MGET", *keys])
+    times = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        first = _roundtrip(s, payload)
+        if not first.startswith(b"*%d\r\n" % len(keys)) or b"$-1\r\n" in first:
+            raise BenchError(f"MGET on port {port} did not return all {len(keys)} values: {first[:80]!r}")
+        for _ in range(min(50, runs)):  # warm up
+            _roundtrip(s, payload)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            _roundtrip(s, payload)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"p50_ms": statistics.median(times) * 1000, "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1000}
+
+
+def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name: str = "md5") -> dict[str, Any]:
+    """Run the whole comparison and return the figures (see the module docstring)."""
+    redis_server = _need("redis-server", "redis-server")
+    nutcracker = _need("nutcracker", "nutcracker")
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-redis-"))
+    try:
+        servers = []
+        for _ in range(2):
+            port = _free_port()
+            p = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(tmp), "--protected-mode", "no"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            _wait_port(port, p, "redis-server")
+            servers.append(port)
+
+        nc_port = _free_port()
+        (tmp / "nutcracker.yml").write_text(
+            "bench:\n"
+            f"  listen: 127.0.0.1:{nc_port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
+            "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
+            + "".join(f"   - 127.0.0.1:{p}:1\n" for p in servers))
+        nc = subprocess.Popen([nutcracker, "-c", str(tmp / "nutcracker.yml"), "-s", str(_free_port()),
+                               "-o", str(tmp / "nutcracker.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(nc)
+        _wait_port(nc_port, nc, "nutcracker")
+
+        sp_port = _free_port()
+        sp = subprocess.Popen(
+            [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{sp_port}",
+             *[x for p in servers for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
+             "--hash", hash_name, "--no-health"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(sp)
+        _wait_port(sp_port, sp, "shmfabric splice redis")
+
+        result: dict[str, Any] = {"requests": requests, "mget_runs": mget_runs, "pool": pool, "hash": hash_name}
+        result["twemproxy"] = _redis_benchmark(nc_port, requests)
+        result["splicer"] = _redis_benchmark(sp_port, requests)
+
+        keys = [b"mget:%d" % i for i in range(1000)]
+        _command(sp_port, b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # spread by ketama
+        _command(servers[0], b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # all on server 0 too
+        # server 0 now holds every key, so "direct" reads all 1000 from one server; the spread
+        # MGET only finds each key where ketama put it, which is what the proxies read.
+        owners = [int(_command(p, b"EXISTS", *keys[:200])[1:-2]) for p in servers]
+        result["mget_spread_over"] = {"server0_of_first_200": owners[0], "server1_of_first_200": owners[1]}
+        result["mget_direct"] = _mget_latency(servers[0], keys, mget_runs)
+        result["mget_splicer"] = _mget_latency(sp_port, keys, mget_runs)
+        result["mget_twemproxy"] = _mget_latency(nc_port, keys, mget_runs)
+        result["ratios"] = {
+            "set_ops_vs_twemproxy": result["splicer"]["set"] / result["twemproxy"]["set"],
+            "get_ops_vs_twemproxy": result["splicer"]["get"] / result["twemproxy"]["get"],
+            "mget_p50_vs_direct": result["mget_splicer"]["p50_ms"] / result["mget_direct"]["p50_ms"],
+            "mget_p99_vs_direct": result["mget_splicer"]["p99_ms"] / result["mget_direct"]["p99_ms"],
+        }
+        result["targets_met"] = {
+            "ops_at_least_0.5x_twemproxy": min(result["ratios"]["set_ops_vs_twemproxy"],
+                                               result["ratios"]["get_ops_vs_twemproxy"]) >= 0.5,
+            "mget_at_most_1.5x_direct": result["ratios"]["mget_p50_vs_direct"] <= 1.5,
+        }
+        return result
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The figures as a fixed-width table with ratios."""
+    rows = [
+        ("redis-benchmark -P16 -c50 SET ops/s", r["twemproxy"]["set"], r["splicer"]["set"], r["ratios"]["set_ops_vs_twemproxy"], ">= 0.5x twemproxy"),
+        ("redis-benchmark -P16 -c50 GET ops/s", r["twemproxy"]["get"], r["splicer"]["get"], r["ratios"]["get_ops_vs_twemproxy"], ">= 0.5x twemproxy"),
+    ]
+    lines = [f"{'measure':40} {'twemproxy':>12} {'splicer':>12} {'ratio':>7}  target",
+             *(f"{name:40} {a:12,.0f} {b:12,.0f} {ratio:6.2f}x  {t}" for name, a, b, ratio, t in rows),
+             "",
+             f"{'MGET 1000 keys, latency ms':40} {'direct':>12} {'splicer':>12} {'ratio':>7}  target   (twemproxy)"]
+    for q in ("p50", "p99"):
+        d, s, t = r["mget_direct"][f"{q}_ms"], r["mget_splicer"][f"{q}_ms"], r["mget_twemproxy"][f"{q}_ms"]
+        lines.append(f"{'  ' + q:40} {d:12.3f} {s:12.3f} {s / d:6.2f}x  {'<= 1.5x' if q == 'p50' else '':8} ({t:.3f})")
+    lines.append("")
+    lines.append(f"one process each; splicer pool {r['pool']} per server, hash {r['hash']}; "
+                 f"{r['requests']} requests per test, {r['mget_runs']} MGET runs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice_redis", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n (default 200000)")
+    parser.add_argument("--mget-runs", type=int, default=300, help="timed MGET round trips (default 300)")
+    parser.add_argument("--pool", type=int, default=2, help="splicer connections per server (default 2)")
+    parser.add_argument("--hash", default="md5", help="key hash for both proxies (default md5)")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args.requests, args.mget_runs, args.pool, args.hash)
+    except BenchError as exc:
+        print(f"splice_redis bench: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,6 +108,9 @@ class RestartPolicy(_Model):
     """Restart a failed instance after an exponential backoff; give up after too many in a window."""
 
     enabled: bool = True
+    mode: Literal["on-failure", "always"] = Field("on-failure", description="on-failure: an instance that exits "
+                                                 "with status 0 has finished (a generator with a count); always: "
+                                                 "restart it too")
     max_restarts: int = Field(5, ge=0, description="restarts allowed within `window` seconds before giving up")
     window: float = Field(60.0, gt=0, description="seconds over which restarts are counted")
     backoff_initial: float = Field(0.5, ge=0, description="delay before the first restart (seconds)")

@@ -33,6 +33,7 @@ __all__ = ["SupervisorError", "ControlChannel", "Instance", "Supervisor", "proc_
 
 MANAGER_NODE = "manager"
 CONTROL_TIMEOUT = 2.0       # a healthy runtime answers between two batches
+READY_TIMEOUT = 0.2         # one readiness probe; a starting node is probed again next round
 STATS_TIMEOUT = 0.5         # polls must not stall the loop behind one slow node
 START_TIMEOUT = 15.0        # interpreter start, imports, config validation, attach
 STOP_TIMEOUT = 10.0         # draining a full input ring through a slow function
@@ -76,7 +77,7 @@ class Instance:
     version: str | None
     index: int
     tracker: RestartTracker
-    state: str = "starting"  # starting, running, backoff, stopping, stopped, failed
+    state: str = "starting"  # starting, running, backoff, stopping, stopped, exited (finished), failed
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     restart_at: float | None = None
@@ -263,6 +264,8 @@ class Supervisor:
             self._poll_stats()
             for name, node in self.nodes.items():
                 running = [i for i in node.instances if i.active]
+                if not running:
+                    continue  # finished or failed for good: scaling must not resurrect it
                 action = node.decider.observe(now, node.depth, len(running))
                 if action is ScaleAction.OUT:
                     self._scale_to(node, len(running) + 1, now, reason=f"queue depth {node.depth}")
@@ -287,6 +290,10 @@ class Supervisor:
                 inst.state, inst.error = "failed", err or "configuration rejected (exit 2)"
                 self._event("failed", inst.name, f"exit 2 at start: {inst.error}")
                 return
+            if rc == 0 and inst.tracker.policy.mode == "on-failure":
+                inst.state = "exited"
+                self._event("exited", inst.name, "finished (exit 0); not restarted (restart.mode on-failure)")
+                return
             when = inst.tracker.on_exit(now)
             inst.error = err or f"exited with status {rc}"
             if when is None:
@@ -298,7 +305,7 @@ class Supervisor:
                 self._event("exited", inst.name, f"exit {rc}; restart in {when - now:.2f}s")
             return
         if inst.state == "starting":
-            if up:
+            if up and self._ready(inst):
                 inst.state = "running"
             elif now - inst.started_at > START_TIMEOUT:
                 self._event("hung", inst.name, f"not attached after {START_TIMEOUT:g}s; killing it")
@@ -445,8 +452,7 @@ class Supervisor:
                     inst.error = _log_tail(self._log_path(inst.name)) or f"exited with status {rc}"
                     raise SupervisorError(f"node {inst.name!r} ({inst.function}) exited with status {rc} at start: "
                                           f"{inst.error}", status=500)
-                nid = self.fabric.node_id(inst.name)
-                if nid is not None:
+                if self._ready(inst):
                     inst.state = "running"
                     pending.remove(inst)
             if not pending:
@@ -456,6 +462,19 @@ class Supervisor:
                 raise SupervisorError(f"node(s) {names} did not attach within {timeout:g}s; see their logs"
                                       + (f" in {self.log_dir}" if self.log_dir else ""), status=500)
             time.sleep(0.02)
+
+    def _ready(self, inst: Instance) -> bool:
+        """Attached and answering control requests: the runtime built its function and reached its loop
+        (a node attaches before its function is constructed, so attachment alone proves little)."""
+        if self.fabric.node_id(inst.name) is None:
+            return False
+        try:
+            reply = self._request(inst.name, {"op": "stats"}, READY_TIMEOUT)
+        except SupervisorError:
+            return False
+        if isinstance(reply.get("counters"), dict):
+            inst.counters = reply["counters"]
+        return bool(reply.get("ok"))
 
     def _stop_instance(self, inst: Instance, drain: bool) -> int | None:
         """Stop one instance: op stop (drain) first, then SIGTERM, then SIGKILL. Returns frames drained."""
@@ -661,8 +680,8 @@ class Supervisor:
                     changes["reconfigured"].append(name)
                 active = len([i for i in node.instances if i.active])
                 pol = topo.scale_of(name)
-                if b.instances is not None and b.instances != a.instances:
-                    target = b.instances  # the file asks for a count: it wins over what the policy did
+                if b.instances != a.instances:
+                    target = topo.instances_of(name)  # the file's count changed: it wins over the policy
                 else:
                     target = min(max(active, pol.min_instances), pol.max_instances)
                 if target != active:

@@ -1,0 +1,73 @@
+"""Fixtures for the manager's lifecycle tests: a Supervisor running a real topology (real function
+processes on a real fabric), always stopped and its fabric removed, whatever the test did."""
+from __future__ import annotations
+
+import os
+import secrets
+import textwrap
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+from shmfabric.fabric import Fabric
+from shmfabric.manager.config import parse_topology
+from shmfabric.manager.supervisor import Supervisor
+
+
+def unique_fabric() -> str:
+    return f"m{os.getpid() % 100000}x{secrets.token_hex(3)}"
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 20.0, what: str = "condition", sup=None) -> object:
+    """Poll `pred` (ticking the supervisor, if given) until it is truthy; fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if sup is not None:
+            sup.tick()
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            events = "\n".join(f"  {e['kind']} {e['node']}: {e['detail']}" for e in sup.events) if sup else ""
+            pytest.fail(f"timed out waiting for {what}\nevents:\n{events}")
+        time.sleep(0.05)
+
+
+def counters(sup: Supervisor, inst: str, fn: bool = False) -> dict:
+    """An instance's latest runtime (or function) counters from the supervisor's status."""
+    for node in sup.status()["nodes"]:
+        for i in node["instances"]:
+            if i["name"] == inst:
+                return i["function_counters" if fn else "counters"]
+    return {}
+
+
+@pytest.fixture
+def run_topology(tmp_path) -> Iterator[Callable[..., Supervisor]]:
+    """run_topology(yaml_text_with_{fabric}) -> a started Supervisor; stopped and cleaned up after."""
+    started: list[Supervisor] = []
+    names: list[str] = []
+
+    def start(text: str, **kw) -> Supervisor:
+        name = unique_fabric()
+        names.append(name)
+        body = textwrap.dedent(text).replace("{fabric}", name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(body)
+        sup = Supervisor(parse_topology(body, str(path)), source=str(path), log_dir=tmp_path / "logs", **kw)
+        started.append(sup)
+        sup.start()
+        return sup
+
+    yield start
+    for sup in started:
+        try:
+            sup.stop()
+        finally:
+            for node in sup.nodes.values():  # belt and braces: no process outlives the test
+                for inst in node.instances:
+                    if inst.proc is not None and inst.proc.poll() is None:
+                        inst.proc.kill()
+    for name in names:
+        Fabric.destroy(name)

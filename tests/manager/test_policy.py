@@ -1,0 +1,94 @@
+"""Restart and scale decisions from hand-made time series (time is an input)."""
+from __future__ import annotations
+
+from shmfabric.manager.config import RestartPolicy, ScalePolicy
+from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
+
+
+def test_backoff_doubles_up_to_the_cap():
+    t = RestartTracker(RestartPolicy(backoff_initial=0.5, backoff_max=3, max_restarts=10, window=1000, stable_after=100))
+    now, delays = 0.0, []
+    for _ in range(5):
+        t.on_start(now)
+        now += 1
+        at = t.on_exit(now)
+        delays.append(at - now)
+        now = at
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_gives_up_after_max_restarts_within_the_window():
+    t = RestartTracker(RestartPolicy(backoff_initial=0, max_restarts=2, window=10))
+    assert t.on_exit(1.0) == 1.0
+    assert t.on_exit(2.0) == 2.0
+    assert t.on_exit(3.0) is None  # the third exit within 10 s
+
+
+def test_exits_older_than_the_window_are_forgotten():
+    t = RestartTracker(RestartPolicy(backoff_initial=0, max_restarts=2, window=10))
+    assert t.on_exit(0.0) is not None
+    assert t.on_exit(5.0) is not None
+    assert t.on_exit(12.0) is not None  # the exit at 0.0 left the window
+    assert t.on_exit(13.0) is None      # 5, 12, 13: three within 10 s
+
+
+def test_a_stable_run_resets_the_backoff():
+    t = RestartTracker(RestartPolicy(backoff_initial=1, backoff_max=30, max_restarts=100, window=1000, stable_after=5))
+    t.on_start(0)
+    assert t.on_exit(1) == 2          # 1 s
+    t.on_start(2)
+    assert t.on_exit(3) == 5          # 2 s
+    t.on_start(5)
+    assert t.on_exit(50) == 51        # ran 45 s > stable_after: back to 1 s
+
+
+def test_restart_disabled():
+    assert RestartTracker(RestartPolicy(enabled=False)).on_exit(1.0) is None
+
+
+def feed(d: ScaleDecider, series: list[tuple[float, int, int]]) -> list[tuple[float, ScaleAction]]:
+    return [(now, a) for now, depth, n in series if (a := d.observe(now, depth, n)) is not None]
+
+
+POL = ScalePolicy(min_instances=1, max_instances=3, out_depth=100, out_for=2, in_depth=10, in_for=5, cooldown=3)
+
+
+def test_scale_out_only_when_depth_stays_high():
+    d = ScaleDecider(POL)
+    # a spike (one high sample) does nothing; a sustained queue does after out_for seconds
+    acts = feed(d, [(0, 500, 1), (0.5, 0, 1), (1, 500, 1), (2, 500, 1), (2.9, 500, 1), (3.0, 500, 1)])
+    assert acts == [(3.0, ScaleAction.OUT)]
+
+
+def test_depth_is_per_instance_and_cooldown_holds():
+    d = ScaleDecider(POL)
+    assert feed(d, [(0, 300, 2), (2, 300, 2)]) == [(2, ScaleAction.OUT)]      # mean 150 > 100
+    # right after a step, nothing for `cooldown` seconds even though the mean stays high
+    assert feed(d, [(2.5, 400, 3), (4.9, 400, 3)]) == []
+    d2 = ScaleDecider(POL)
+    assert feed(d2, [(0, 190, 2), (5, 190, 2)]) == []                        # mean 95 < 100
+
+
+def test_never_beyond_max_or_below_min():
+    d = ScaleDecider(POL)
+    assert feed(d, [(t, 1000, 3) for t in range(10)]) == []
+    d = ScaleDecider(POL)
+    assert feed(d, [(t, 0, 1) for t in range(20)]) == []
+
+
+def test_scale_in_after_a_quiet_period():
+    d = ScaleDecider(POL)
+    acts = feed(d, [(0, 5, 3), (4, 5, 3), (4.5, 50, 3), (5, 5, 3), (9.9, 5, 3), (10, 5, 3)])
+    assert acts == [(10, ScaleAction.IN)]  # the sample at 4.5 restarted the quiet period
+
+
+def test_below_min_is_repaired_at_once():
+    d = ScaleDecider(ScalePolicy(min_instances=2, max_instances=3))
+    assert d.observe(0, 0, 1) is ScaleAction.OUT
+
+
+def test_reset_starts_a_cooldown():
+    d = ScaleDecider(POL)
+    d.reset(10)
+    assert feed(d, [(10, 500, 1), (12.5, 500, 1)]) == []
+    assert feed(d, [(13, 500, 1)]) == [(13, ScaleAction.OUT)]

@@ -1,0 +1,214 @@
+"""The manager's lifecycle with real processes: up, kill -9 and restart, scale out and in under load,
+live reconfiguration, version replacement without loss, reload, and failures at start."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from shmfabric.manager.supervisor import SupervisorError
+from tests.manager.conftest import counters, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+CHAIN = """\
+fabric: {name: "{fabric}", ring_size: 256, max_nodes: 16, networks: [{mtu: 1500, slots: 2048}]}
+poll_interval: 0.1
+policies:
+  restart: {backoff_initial: 0.1, backoff_max: 1}
+nodes:
+  - name: gen
+    function: generator
+    config: {rate: 4000, size: 128, flows: 64, count: COUNT}
+  - name: fw
+    function: firewall
+    config: {rules: "policy accept\\nconntrack off"}
+    SCALE
+  - name: sink
+    function: sink
+chains:
+  - {name: main, nodes: [gen, fw, sink]}
+"""
+
+
+def chain(count: int = 0, scale: str = "", rate: int = 4000) -> str:
+    return CHAIN.replace("COUNT", str(count)).replace("SCALE", scale).replace("rate: 4000", f"rate: {rate}")
+
+
+def settle(sup) -> None:
+    """Wait until every ring is empty and the sink's count holds still."""
+    last = [-1]
+
+    def quiet() -> bool:
+        f = sink_frames(sup)
+        done = f == last[0] and not any(r["depth"] for r in sup.status()["rings"])
+        last[0] = f
+        return done
+    wait_until(quiet, what="queues drained", sup=sup)
+
+
+def sink_frames(sup) -> int:
+    return int(counters(sup, "sink", fn=True).get("frames", 0))
+
+
+def test_up_runs_the_chain_and_status_lists_every_node(run_topology):
+    sup = run_topology(chain())
+    wait_until(lambda: sink_frames(sup) > 200, what="frames at the sink", sup=sup)
+    st = sup.status()
+    assert [n["name"] for n in st["nodes"]] == ["gen", "fw", "sink"]
+    for node in st["nodes"]:
+        (inst,) = node["instances"]
+        assert inst["state"] == "running" and inst["pid"] > 0 and inst["node_id"] is not None
+        assert inst["cpu_seconds"] is not None
+    fw = st["nodes"][1]["instances"][0]
+    assert fw["rx_frames"] > 0 and fw["counters"]["in_frames"] > 0
+    assert st["chains"][0]["delivered_frames"] > 0
+    assert st["pools"][0]["orphaned"] == 0
+
+
+def test_kill_9_is_restarted_traffic_resumes_no_buffer_leaked(run_topology):
+    sup = run_topology(chain())
+    wait_until(lambda: sink_frames(sup) > 200, what="traffic before the kill", sup=sup)
+    fw = sup.nodes["fw"].instances[0]
+    old_pid = fw.pid
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: fw.restarts == 1 and fw.state == "running", what="fw restarted", sup=sup)
+    assert fw.pid != old_pid
+    kinds = [(e["kind"], e["node"]) for e in sup.events]
+    assert ("exited", "fw") in kinds and ("restart", "fw") in kinds
+    before = sink_frames(sup)
+    wait_until(lambda: sink_frames(sup) > before + 500, what="traffic to resume after the restart", sup=sup)
+    # the dead process's slots went back to the pool: none is held by a node that no longer exists
+    wait_until(lambda: sup.fabric.pool_audit(0)["orphaned"] == 0, what="orphaned slots reclaimed", sup=sup)
+    assert sup.status()["pools"][0]["orphaned"] == 0
+
+
+def test_restart_limit_marks_the_node_failed(run_topology):
+    text = chain().replace("backoff_initial: 0.1, backoff_max: 1", "backoff_initial: 0.05, backoff_max: 0.1, "
+                                                                   "max_restarts: 1, window: 60")
+    sup = run_topology(text)
+    sink = sup.nodes["sink"].instances[0]
+    os.kill(sink.pid, signal.SIGKILL)
+    wait_until(lambda: sink.state == "running" and sink.restarts == 1, what="first restart", sup=sup)
+    os.kill(sink.pid, signal.SIGKILL)
+    wait_until(lambda: sink.state == "failed", what="give up after max_restarts", sup=sup)
+    assert sup.status()["nodes"][2]["state"] == "failed"
+    assert any(e["kind"] == "failed" and "restart limit" in e["detail"] for e in sup.events)
+
+
+def test_scale_out_and_in_by_policy_under_load_loses_nothing(run_topology):
+    # a generator as fast as the chain takes frames keeps fw's input ring full: the policy scales fw
+    # out; slowed down, the queue drains and the policy scales back in
+    scale = "scale: {min_instances: 1, max_instances: 2, out_depth: 32, out_for: 0.3, in_depth: 4, in_for: 0.5, cooldown: 0.3}"
+    sup = run_topology(chain(scale=scale, rate=0))
+    wait_until(lambda: len([i for i in sup.nodes["fw"].instances if i.state == "running"]) == 2,
+               what="scale out to fw-2", sup=sup, timeout=30)
+    assert sup.nodes["fw"].instances[1].name == "fw-2"
+    assert any(e["kind"] == "scale" and "out to 2" in e["detail"] for e in sup.events)
+    wait_until(lambda: counters(sup, "fw-2").get("in_frames", 0) > 1000, what="fw-2 to get flows", sup=sup)
+    sup.reconfigure("gen", {"rate": 300, "size": 128, "flows": 64})
+    wait_until(lambda: len(sup.nodes["fw"].instances) == 1, what="scale in", sup=sup, timeout=30)
+    assert any(e["kind"] == "scale" and "in to 1" in e["detail"] for e in sup.events)
+    sup.reconfigure("gen", {"rate": 300, "size": 128, "flows": 64, "count": 1})  # count reached: it ends
+    wait_until(lambda: sup.nodes["gen"].instances[0].state == "exited", what="generator finished", sup=sup)
+    settle(sup)
+    fc = counters(sup, "sink", fn=True)
+    # every sequence number from 0 to the highest arrived once: nothing lost while fw-2 came and went
+    assert fc["frames"] > 10_000 and fc["missing"] == 0 and fc["duplicates"] == 0 and fc["corrupt"] == 0
+    assert fc["unique"] == fc["frames"]
+
+
+def test_operator_scale_and_flows_stay_on_one_instance(run_topology):
+    scale = "scale: {min_instances: 1, max_instances: 3, out_depth: 100000, in_depth: 0}"
+    sup = run_topology(chain(scale=scale))
+    sup.scale("fw", 3)
+    assert [i.name for i in sup.nodes["fw"].instances] == ["fw", "fw-2", "fw-3"]
+    wait_until(lambda: all(counters(sup, i).get("in_frames", 0) > 0 for i in ("fw", "fw-2", "fw-3")),
+               what="every instance to get traffic", sup=sup)
+    sup.scale("fw", 1)
+    assert [i.name for i in sup.nodes["fw"].instances] == ["fw"]
+    with pytest.raises(SupervisorError, match="1..99"):
+        sup.scale("fw", 0)
+    with pytest.raises(SupervisorError, match="no node named"):
+        sup.scale("nope", 2)
+
+
+def test_live_reconfiguration_without_restart(run_topology):
+    sup = run_topology(chain())
+    wait_until(lambda: sink_frames(sup) > 200, what="traffic", sup=sup)
+    fw = sup.nodes["fw"].instances[0]
+    pid = fw.pid
+    sup.reconfigure("fw", {"rules": "policy drop\nconntrack off"})
+    wait_until(lambda: counters(sup, "fw").get("dropped", 0) > 200, what="fw to drop after the push", sup=sup)
+    a = sink_frames(sup)
+    wait_until(lambda: counters(sup, "fw").get("dropped", 0) > 600, what="more drops", sup=sup)
+    assert sink_frames(sup) - a < 100  # only frames already past fw arrive
+    assert fw.pid == pid and fw.restarts == 0
+    assert sup.node_status("fw")["config"] == {"rules": "policy drop\nconntrack off"}
+    with pytest.raises(SupervisorError, match="invalid config"):
+        sup.reconfigure("fw", {"rules": 5})
+    with pytest.raises(SupervisorError) as ei:
+        sup.reconfigure("fw", {"rules": "ip saddr nonsense accept"})
+    assert ei.value.status == 422  # the runtime refused it; the old rules stay
+    assert sup.node_status("fw")["config"] == {"rules": "policy drop\nconntrack off"}
+
+
+def test_version_replacement_loses_no_frame(run_topology):
+    n = 30_000
+    sup = run_topology(chain(count=n, rate=10000))
+    wait_until(lambda: sink_frames(sup) > 3000, what="traffic before the swap", sup=sup)
+    res = sup.replace("fw", version="2", config={"rules": "policy accept\nconntrack off"})
+    assert [i["name"] for i in res["instances"]] == ["fw-2"] and res["instances"][0]["version"] == "2"
+    assert res["drained"] > 0
+    wait_until(lambda: sup.nodes["gen"].instances[0].state == "exited", what="generator finished", sup=sup)
+    wait_until(lambda: sink_frames(sup) >= n, what="all frames at the sink", sup=sup)
+    fc = counters(sup, "sink", fn=True)
+    # the generator stamps sequence numbers 0..n-1: every one arrived, once
+    assert fc["frames"] == n and fc["unique"] == n and fc["missing"] == 0 and fc["duplicates"] == 0
+    assert counters(sup, "fw-2")["in_frames"] > 0
+
+
+def test_reload_applies_config_scale_new_and_removed_nodes(run_topology, tmp_path):
+    sup = run_topology(chain(scale="scale: {min_instances: 1, max_instances: 2, out_depth: 100000, in_depth: 0}"))
+    wait_until(lambda: sink_frames(sup) > 100, what="traffic", sup=sup)
+    from pathlib import Path
+
+    src = Path(sup.source)
+    text = src.read_text()
+    new = (text.replace('config: {rules: "policy accept\\nconntrack off"}',
+                        'config: {rules: "policy accept\\nconntrack off\\nth dport 9 drop"}\n    instances: 2')
+           .replace("  - name: sink\n", "  - name: mon\n    function: sink\n    config: {verify: false}\n"
+                                         "  - name: sink\n")
+           .replace("[gen, fw, sink]", "[gen, mon, fw, sink]"))
+    src.write_text(new)
+    changes = sup.reload_file()
+    assert changes["added"] == ["mon"] and changes["reconfigured"] == ["fw"] and changes["scaled"] == ["fw=2"]
+    assert "gen" in changes["resteered"]
+    wait_until(lambda: counters(sup, "mon").get("in_frames", 0) > 100, what="traffic through the new node", sup=sup)
+    src.write_text(text)  # and back: mon removed, fw back to one instance
+    changes = sup.reload_file()
+    assert changes["removed"] == ["mon"] and changes["scaled"] == ["fw=1"]
+    before = sink_frames(sup)
+    wait_until(lambda: sink_frames(sup) > before + 200, what="traffic after removing mon", sup=sup)
+    src.write_text(text.replace("ring_size: 256", "ring_size: 512"))
+    with pytest.raises(SupervisorError, match="fabric.*changed"):
+        sup.reload_file()
+
+
+def test_a_function_failing_at_start_is_reported(run_topology, tmp_path):
+    # valid for the schema, refused by the function itself when it starts: its pcap does not exist
+    missing = tmp_path / "missing.pcap"
+    with pytest.raises(SupervisorError) as ei:
+        run_topology(chain().replace("count: 0}", f"count: 0, pcap: {missing}}}"))
+    msg = str(ei.value)
+    assert "node 'gen' (generator) exited with status" in msg and "missing.pcap" in msg
+
+
+def test_bad_function_config_is_caught_before_any_process_starts(run_topology):
+    with pytest.raises(SupervisorError) as ei:
+        run_topology(chain().replace("size: 128", "size: big"))
+    assert ":8: field `nodes[0].config.size`" in str(ei.value)
+    with pytest.raises(SupervisorError) as ei:
+        run_topology(chain().replace('"policy accept', '"ip saddr 10.0.0.0/8 acept'))
+    assert ":11: field `nodes[1].config`" in str(ei.value) and "did you mean 'accept'" in str(ei.value)

@@ -297,7 +297,53 @@ def role_broadcaster(fabric: str, name: str, count: int, seed: int) -> int:
     return 0
 
 
+def role_sink(fabric: str, name: str, seconds: float) -> int:
+    """Receive and release for `seconds`, then detach while senders are still sending to us."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    out({"ready": name, "id": me.id})
+    end = time.monotonic() + seconds
+    frames = 0
+    while time.monotonic() < end:
+        with me.recv_batch(1024, timeout=0.01) as b:
+            frames += len(b)
+    fab.close()  # detach: our rings go down with frames still arriving
+    out({"name": name, "frames": frames})
+    return 0
+
+
+def role_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
+    """Send big batches of large frames to whichever node is called `target`, until stdin has a line."""
+    import threading
+
+    from shmfabric.fabric import UnknownDestinationError
+
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    out({"ready": name, "id": me.id})
+    frames = [b"\xab" * 1400] * 256
+    sent = refused = 0
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        dst = fab.node_id(target)
+        if dst is None:
+            time.sleep(0.0005)
+            continue
+        try:
+            sent += me.send_batch(dst, frames)
+        except UnknownDestinationError:
+            refused += 1
+    out({"name": name, "sent": sent, "refused": refused})
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
 ROLES = {
+    "sink": (role_sink, (str, str, float)),
+    "blaster": (role_blaster, (str, str, str, float)),
     "eph_create": (role_eph_create, (str,)),
     "broadcaster": (role_broadcaster, (str, str, int, int)),
     "all_to_all": (role_all_to_all, (str, int, int, int, int, float)),

@@ -222,3 +222,37 @@ def test_open_nonexistent_and_destroy(harness):
     with pytest.raises(RegionNotFoundError, match="does not exist"):
         Fabric.open(name)
     assert Fabric.destroy(name) is False
+
+
+@pytest.mark.timeout(60)
+def test_receiver_detaching_under_load_leaves_no_orphaned_slot(harness):
+    """Senders that passed the 'is the destination up' check while the receiver detaches must not
+    leave slots tagged for the departed node: either the reclaim sees them or the sender takes
+    them back. Checked right after each detach, before the node entry is used again (a new
+    attach at the same index would drain them and hide the leak)."""
+    fab = harness.create("det", max_nodes=8, ring_size=1024, networks=[{"mtu": 1500, "slots": 16384}])
+    blasters = [harness.worker("blaster", fab.name, f"s{k}", "sink", 50.0) for k in range(4)]
+    for b in blasters:
+        b.read()
+    leaks = []
+    for _ in range(20):
+        sink = harness.worker("sink", fab.name, "sink", 0.03)
+        sid = sink.read()["id"]
+        res = sink.read(timeout=10)
+        assert res["frames"] > 0, "the sink received nothing: the test did not load it"
+        sink.proc.wait(timeout=10)
+        assert wait_until(lambda: fab.node_id("sink") is None, 2.0)
+        time.sleep(0.02)  # let in-flight sends finish
+        a = fab.pool_audit()
+        leaks.append(a["orphaned"])
+        assert sid not in a["held"]
+    for b in blasters:
+        b.write("stop")
+    refused = 0
+    for b in blasters:
+        refused += b.read()["refused"]
+        b.finish()
+    assert refused > 0, "no send was ever refused: the senders never raced a detach"
+    assert leaks == [0] * len(leaks), f"slots orphaned after each detach: {leaks}"
+    final = assert_conserved(fab)
+    assert final["free"] == final["total"]

@@ -12,6 +12,10 @@
  *   R5 (tape head store)                  pairs with A5 (tape reader loads head)
  *   F1 (sender fence before reading `waiting`) pairs with F2 (sleeper fence after setting it):
  *      the classic store-load (Dekker) pattern, which needs seq_cst fences on both sides.
+ *   F1 also pairs with F4 (reclaimer fence after marking a dead node's rings down, before it
+ *      scans the owner table): a sender that checked "destination up" before the reclaim either
+ *      has its owner tags seen by the scan, or sees `down` after F1 and takes its frames back
+ *      (finish_send); reclaim_slot's CAS frees each slot once, whoever comes first.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -311,6 +315,7 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     uint32_t tag = sf_owner_tag(idx, nd->gen);
     freed += drain_inbound(r, idx, tag, true);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F4 pairs with F1: `down` is set before the owner scan */
     for (uint32_t ni = 0; ni < r->sb->n_networks; ni++) {
         sf_network *n = net_at(r, ni);
         uint32_t *owner = net_owner(r, n);
@@ -655,14 +660,26 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag)
     return g;
 }
 
-static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t wanted, uint64_t bytes, long dst)
+static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t wanted, uint64_t bytes, long dst,
+                               uint32_t dst_tag)
 {
     if (n) {
         STORE_RELEASE(&g->head, head + n); /* R1 pairs with A2 */
         STORE_RELAXED(&g->enq_frames, g->enq_frames + n);
         STORE_RELAXED(&p->me->tx_frames, p->me->tx_frames + n);
         STORE_RELAXED(&p->me->tx_bytes, p->me->tx_bytes + bytes);
-        ring_doorbell(node_at(&p->r, (uint32_t)dst));
+        ring_doorbell(node_at(&p->r, (uint32_t)dst)); /* its fence is F1 */
+        if (__builtin_expect(LOAD_RELAXED(&g->down) != 0, 0)) {
+            /* F1 pairs with F4: the destination went away while we sent, and its reclaim may have
+             * drained the ring and scanned the owner table before our frames were there. Free
+             * what is still tagged for it; what the reclaim freed already fails the CAS. */
+            uint32_t mask = p->r.sb->ring_size - 1;
+            for (uint32_t j = 0; j < n; j++) {
+                sf_desc *d = &g->desc[(head + j) & mask];
+                reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag);
+            }
+            STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
+        }
     }
     if (n < wanted) {
         STORE_RELAXED(&g->full_events, g->full_events + 1);
@@ -754,7 +771,7 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         d->meta = meta;
         bytes += (uint64_t)len;
     }
-    finish_send(p, g, head, i, want, bytes, dst);
+    finish_send(p, g, head, i, want, bytes, dst, dst_tag);
     Py_DECREF(fast);
     if (PyErr_Occurred())
         return NULL;
@@ -1292,7 +1309,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     uint32_t head = g->head;
     uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
     if (!sf_ring_space(head, tail, p->r.sb->ring_size)) {
-        finish_send(p, g, head, 0, 1, 0, dst);
+        finish_send(p, g, head, 0, 1, 0, dst, dst_tag);
         Py_RETURN_FALSE;
     }
     uint8_t dmac[6];
@@ -1306,7 +1323,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     d->flags = 0;
     d->meta = meta;
     b->sent = 1;
-    finish_send(p, g, head, 1, 1, length, dst);
+    finish_send(p, g, head, 1, 1, length, dst, dst_tag);
     Py_RETURN_TRUE;
 }
 
@@ -1385,7 +1402,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         bytes += fr->len;
         sent++;
     }
-    finish_send(p, g, head, sent, wanted, bytes, dst);
+    finish_send(p, g, head, sent, wanted, bytes, dst, dst_tag);
     if (single)
         return PyBool_FromLong(sent == 1);
     return PyLong_FromUnsignedLong(sent);

@@ -1,0 +1,67 @@
+"""`shmfabric splice redis`: flags, config file, errors, and a real run."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shmfabric.cli.main import main
+
+from .redis_fixtures import free_port, needs_redis, redis_servers, wait_port
+
+
+def test_check_prints_effective_config(capsys) -> None:
+    assert main(["splice", "redis", "--server", "127.0.0.1:7001", "--server", "127.0.0.1:7002:2 shard-b",
+                 "--pool", "4", "--hash", "md5", "--hash-tag", "{}", "--check"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["servers"] == [{"address": "127.0.0.1:7001", "weight": 1, "name": None},
+                              {"address": "127.0.0.1:7002", "weight": 2, "name": "shard-b"}]
+    assert (cfg["pool"]["min"], cfg["pool"]["max"]) == (4, 4) and cfg["hash"] == "md5" and cfg["hash_tag"] == "{}"
+
+
+def test_config_file_and_flag_override(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "splice.yaml"
+    path.write_text("redis:\n  listen: 127.0.0.1:6500\n  servers: [127.0.0.1:7001, 127.0.0.1:7002]\n"
+                    "  hash: fnv1a_64\n  password: s3cret\n  timeouts: {request: 2}\n")
+    assert main(["splice", "redis", "--config", str(path), "--listen", "127.0.0.1:6501", "--check"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["listen"] == "127.0.0.1:6501" and cfg["password"] == "s3cret" and cfg["timeouts"]["request"] == 2
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--check"], "no servers"),
+    (["--server", "nonsense", "--check"], "is not HOST:PORT"),
+    (["--server", "127.0.0.1:1", "--hash", "sha1", "--check"], "hash"),
+    (["--server", "127.0.0.1:1", "--pool", "0", "--check"], "pool"),
+    (["--config", "/nonexistent/x.yaml"], "cannot read"),
+])
+def test_user_errors_are_one_line(argv: list[str], needle: str, capsys) -> None:
+    assert main(["splice", "redis", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shmfabric: error:") and needle in err and "Traceback" not in err
+
+
+@needs_redis
+@pytest.mark.timeout(60)
+def test_runs_and_serves(tmp_path: Path) -> None:
+    import redis
+
+    with redis_servers(tmp_path, 2) as servers:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen",
+                                 f"127.0.0.1:{port}", *[x for s in servers for x in ("--server", s.address)],
+                                 "--pool", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_port(port)
+            r = redis.Redis(port=port, socket_timeout=10)
+            assert r.set("cli:k", "v") and r.get("cli:k") == b"v"
+            assert r.mget(["cli:k", "cli:none"]) == [b"v", None]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+        assert "splice redis: listening on" in out
+        assert "Traceback" not in err

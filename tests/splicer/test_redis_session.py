@@ -1,0 +1,191 @@
+"""Per-connection decisions of the Redis splicer (pure: no sockets)."""
+from __future__ import annotations
+
+import hiredis
+import pytest
+
+from shmfabric.splicer.redis_commands import COMMANDS, Kind, command_keys, lookup
+from shmfabric.splicer.redis_ketama import Ketama, KetamaServer
+from shmfabric.splicer.redis_session import (
+    CLOSE,
+    EXEC,
+    FORWARD,
+    REPLY,
+    SPLIT,
+    RedisSession,
+    Router,
+    SessionConfig,
+    merge_mget,
+    merge_mset,
+    merge_sum,
+)
+
+
+def parse(data: bytes):
+    r = hiredis.Reader()
+    r.feed(data)
+    return r.gets()
+
+
+@pytest.fixture()
+def router() -> Router:
+    return Router(Ketama([KetamaServer("127.0.0.1:7001"), KetamaServer("127.0.0.1:7002")]), lanes=3)
+
+
+def cmd(*words: str | bytes) -> list[bytes]:
+    return [w.encode() if isinstance(w, str) else w for w in words]
+
+
+def test_hello_negotiates_protocol(router: Router) -> None:
+    s = RedisSession(router, SessionConfig(server_version="7.0.15"))
+    tag, reply, changed = s.handle(cmd("HELLO", "3"))
+    assert tag == REPLY and changed and s.proto == 3
+    assert reply.startswith(b"%7\r\n")
+    info = parse(reply)
+    assert info[b"proto"] == 3 and info[b"version"] == b"7.0.15" and info[b"server"] == b"redis"
+    tag, reply, changed = s.handle(cmd("HELLO", "2"))
+    assert reply.startswith(b"*14\r\n") and changed and s.proto == 2
+    assert s.handle(cmd("HELLO", "4"))[1].startswith(b"-NOPROTO")
+    assert s.handle(cmd("HELLO", "x"))[1].startswith(b"-ERR Protocol version")
+    assert s.handle(cmd("HELLO"))[2] is False  # no version: report, do not switch
+
+
+def test_auth_with_and_without_password(router: Router) -> None:
+    open_s = RedisSession(router)
+    assert b"without any password configured" in open_s.handle(cmd("AUTH", "x"))[1]
+    assert open_s.handle(cmd("AUTH", "default", "x"))[1] == b"+OK\r\n"  # what redis-py sends
+    s = RedisSession(router, SessionConfig(password="sekret"))
+    assert s.handle(cmd("GET", "k"))[1].startswith(b"-NOAUTH")
+    assert s.handle(cmd("HELLO", "3"))[1].startswith(b"-NOAUTH")
+    assert s.handle(cmd("AUTH", "nope"))[1].startswith(b"-WRONGPASS")
+    assert s.handle(cmd("HELLO", "3", "AUTH", "default", "sekret"))[0] == REPLY and s.authed and s.proto == 3
+    assert s.handle(cmd("GET", "k"))[0] == FORWARD
+
+
+def test_client_and_connection_commands(router: Router) -> None:
+    s = RedisSession(router)
+    assert s.handle(cmd("CLIENT", "SETINFO", "LIB-NAME", "redis-py"))[1] == b"+OK\r\n"
+    assert s.handle(cmd("CLIENT", "SETINFO", "LIB-VER", "8.0"))[1] == b"+OK\r\n"
+    assert s.handle(cmd("CLIENT", "SETINFO", "LIB-NAME", "has space"))[1].startswith(b"-ERR")
+    assert s.handle(cmd("CLIENT", "SETNAME", "me"))[1] == b"+OK\r\n"
+    assert s.handle(cmd("CLIENT", "GETNAME"))[1] == b"$2\r\nme\r\n"
+    assert s.handle(cmd("CLIENT", "ID"))[1] == b":%d\r\n" % s.client_id
+    assert b"lib-name=redis-py" in s.handle(cmd("CLIENT", "INFO"))[1]
+    assert b"not supported" in s.handle(cmd("CLIENT", "KILL", "x"))[1]
+    assert s.handle(cmd("PING"))[1] == b"+PONG\r\n"
+    assert s.handle(cmd("ping", "hi"))[1] == b"$2\r\nhi\r\n"
+    assert s.handle(cmd("ECHO", "x"))[1] == b"$1\r\nx\r\n"
+    assert s.handle(cmd("SELECT", "0"))[1] == b"+OK\r\n"
+    assert b"not supported" in s.handle(cmd("SELECT", "3"))[1]
+    assert s.handle(cmd("QUIT")) == (CLOSE, b"+OK\r\n")
+
+
+def test_command_introspection(router: Router) -> None:
+    s = RedisSession(router)
+    assert s.handle(cmd("COMMAND", "COUNT"))[1] == b":%d\r\n" % len(COMMANDS)
+    info = parse(s.handle(cmd("COMMAND", "INFO", "get", "nosuch"))[1])
+    assert info[0][:6] == [b"get", 2, [b"readonly"], 1, 1, 1] and info[1] is None
+    assert parse(s.handle(cmd("COMMAND", "DOCS"))[1]) == []
+    assert parse(s.handle(cmd("COMMAND", "GETKEYS", "MSET", "a", "1", "b", "2"))[1]) == [b"a", b"b"]
+    assert len(parse(s.handle(cmd("COMMAND"))[1])) == len(COMMANDS)
+
+
+def test_arity_unknown_and_refused(router: Router) -> None:
+    s = RedisSession(router)
+    assert s.handle(cmd("GET"))[1] == b"-ERR wrong number of arguments for 'get' command\r\n"
+    assert s.handle(cmd("MSET", "a"))[1].startswith(b"-ERR wrong number")
+    assert s.handle(cmd("MSET", "a", "1", "b"))[1].startswith(b"-ERR wrong number")
+    assert s.handle(cmd("FOO", "bar"))[1] == b"-ERR unknown command 'FOO', with args beginning with: 'bar'\r\n"
+    for name in ("BLPOP", "SUBSCRIBE", "WATCH", "FLUSHALL", "SCRIPT"):
+        assert b"not supported by the splicer" in s.handle(cmd(name, "x", "0"))[1]
+    assert b"names none" in s.handle(cmd("EVAL", "return 1", "0"))[1]
+    assert b"greater than" in s.handle(cmd("EVAL", "return 1", "3", "a"))[1]
+
+
+def keys_at(router: Router, code_filter, n: int) -> list[bytes]:
+    out, i = [], 0
+    while len(out) < n:
+        k = b"key:%d" % i
+        if code_filter(router.place(k)):
+            out.append(k)
+        i += 1
+    return out
+
+
+def test_single_key_forward_and_barriers(router: Router) -> None:
+    s = RedisSession(router)
+    tag, barrier, proto, server, lane, payload = s.handle(cmd("SET", "k", "v"))
+    assert (tag, barrier, proto) == (FORWARD, False, 2) and (server, lane) == router.place(b"k")
+    assert payload == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    a0 = keys_at(router, lambda p: p == (0, 0), 1)[0]
+    a1 = keys_at(router, lambda p: p == (0, 1), 1)[0]
+    b0 = keys_at(router, lambda p: p[0] == 1, 1)[0]
+    # Two keys of one server on different lanes: allowed, but as a barrier (per-key order).
+    act = s.handle([b"RENAME", a0, a1])
+    assert act[0] == FORWARD and act[1] is True and act[3] == 0
+    assert s.handle([b"RENAME", a0, b0])[1].startswith(b"-CROSSSERVER")
+    assert s.handle([b"EVAL", b"return 1", b"2", a0, a1])[0] == FORWARD
+
+
+def test_mget_split_covers_every_key_once(router: Router) -> None:
+    s = RedisSession(router)
+    keys = [b"k%d" % i for i in range(200)]
+    tag, barrier, proto, kind, n, parts = s.handle([b"MGET", *keys])
+    assert tag == SPLIT and kind == Kind.MGET and n == 200
+    seen = []
+    for server, lane, payload, positions in parts:
+        sub = parse(payload)
+        assert sub[0] == b"MGET" and sub[1:] == [keys[i] for i in positions]
+        assert all(router.place(keys[i]) == (server, lane) for i in positions)
+        seen += positions
+    assert sorted(seen) == list(range(200))
+    # All keys on one lane: forwarded whole, no merge.
+    same = keys_at(router, lambda p: p == (1, 2), 5)
+    assert s.handle([b"MGET", *same])[0] == FORWARD
+
+
+def test_mset_split_keeps_pairs(router: Router) -> None:
+    s = RedisSession(router)
+    args = [b"MSET"] + [x for i in range(50) for x in (b"k%d" % i, b"v%d" % i)]
+    tag, _, _, kind, n, parts = s.handle(args)
+    assert tag == SPLIT and kind == Kind.MSET and n == 50
+    for _, _, payload, positions in parts:
+        sub = parse(payload)
+        assert sub[1:] == [x for i in positions for x in (b"k%d" % i, b"v%d" % i)]
+
+
+def test_merges() -> None:
+    assert merge_mget(3, [([0, 2], b"*2\r\n$1\r\na\r\n$-1\r\n"), ([1], b"*1\r\n$1\r\nb\r\n")], 2) == \
+        b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n"
+    assert merge_mget(2, [([0], b"*1\r\n_\r\n"), ([1], b"*1\r\n$1\r\nb\r\n")], 3) == b"*2\r\n_\r\n$1\r\nb\r\n"
+    assert merge_mget(2, [([0], b"-ERR splicer: backend x down\r\n"), ([1], b"*1\r\n$1\r\nb\r\n")], 2).startswith(b"-ERR")
+    assert merge_sum([([0], b":2\r\n"), ([1], b":3\r\n")]) == b":5\r\n"
+    assert merge_sum([([0], b":2\r\n"), ([1], b"-ERR x\r\n")]) == b"-ERR x\r\n"
+    assert merge_mset([([0], b"+OK\r\n"), ([1], b"+OK\r\n")]) == b"+OK\r\n"
+    assert merge_mset([([0], b"+OK\r\n"), ([1], b"-ERR y\r\n")]) == b"-ERR y\r\n"
+
+
+def test_multi_exec(router: Router) -> None:
+    s = RedisSession(router)
+    assert s.handle(cmd("EXEC"))[1] == b"-ERR EXEC without MULTI\r\n"
+    assert s.handle(cmd("MULTI"))[1] == b"+OK\r\n"
+    assert s.handle(cmd("MULTI"))[1].startswith(b"-ERR MULTI calls can not be nested")
+    assert s.handle(cmd("SET", "{t}a", "1"))[1] == b"+QUEUED\r\n"
+    assert s.handle(cmd("INCR", "{t}a"))[1] == b"+QUEUED\r\n"
+    tag, barrier, proto, server, lane, payload, nreplies = s.handle(cmd("EXEC"))
+    assert tag == EXEC and barrier and nreplies == 4
+    assert payload.startswith(b"*1\r\n$5\r\nMULTI\r\n") and payload.endswith(b"*1\r\n$4\r\nEXEC\r\n")
+    # An error while queueing aborts the transaction, as in Redis.
+    s.handle(cmd("MULTI"))
+    assert s.handle(cmd("GET"))[1].startswith(b"-ERR wrong number")
+    assert s.handle(cmd("EXEC"))[1].startswith(b"-EXECABORT")
+    s.handle(cmd("MULTI"))
+    assert s.handle(cmd("DISCARD"))[1] == b"+OK\r\n" and s.multi is None
+
+
+def test_command_table_key_positions() -> None:
+    assert command_keys(lookup(b"get"), cmd("GET", "k")) == [b"k"]
+    assert command_keys(lookup(b"MSET"), cmd("MSET", "a", "1", "b", "2")) == [b"a", b"b"]
+    assert command_keys(lookup(b"EVALSHA"), cmd("EVALSHA", "abc", "2", "x", "y", "argv")) == [b"x", b"y"]
+    assert command_keys(lookup(b"XINFO"), cmd("XINFO", "STREAM", "s")) == [b"s"]
+    assert all(spec.name == name for name, spec in COMMANDS.items())

@@ -28,7 +28,7 @@ def test_check_prints_effective_config(capsys):
                            "--default", "127.0.0.1:9003", "--pool", "8", "--timeout", "2.5", "--check")
     assert code == 0
     cfg = json.loads(out)
-    assert cfg["listen"] == "127.0.0.1:8089" and cfg["pool"] == {"min": 1, "max": 8}
+    assert cfg["listen"] == "127.0.0.1:8089" and cfg["pool"] == {"min": 1, "max": 8, "pipeline": 1}
     assert cfg["routes"][0]["prefix"] == "/api" and cfg["default"] == ["127.0.0.1:9003"]
     assert cfg["timeouts"]["request"] == 2.5
 

@@ -21,6 +21,12 @@ from shmfabric.splicer.metrics import serve
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.fixture(params=[1, 4], ids=["one-per-conn", "pipelined-4"])
+def pipeline(request):
+    """Pool modes: one request per pooled connection, or up to 4 pipelined per connection."""
+    return request.param
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 45))
 
@@ -93,9 +99,10 @@ def get(path: str, seq: int | None = None, method: str = "GET", headers: str = "
 
 
 class Env:
-    """Backends + splicer on loopback, closed at the end."""
+    """Backends + splicer on loopback, closed at the end; `pipeline` sets pool.pipeline."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipeline: int = 1) -> None:
+        self.pipeline = pipeline
         self.backends: list[EchoBackend] = []
         self.splicer: HttpSplicer | None = None
 
@@ -107,6 +114,7 @@ class Env:
     async def splice(self, **cfg) -> HttpSplicer:
         cfg.setdefault("listen", "127.0.0.1:0")
         cfg.setdefault("health", {"enabled": False})
+        cfg["pool"] = {**cfg.get("pool", {}), "pipeline": self.pipeline}
         self.splicer = HttpSplicer(HttpSpliceConfig(**cfg))
         await self.splicer.start()
         return self.splicer
@@ -136,9 +144,9 @@ def settled(splicer: HttpSplicer) -> bool:
 
 
 # ------------------------------------------------------------------------------ ordering
-def test_pipeline_to_two_backends_runs_concurrently_and_answers_in_order():
+def test_pipeline_to_two_backends_runs_concurrently_and_answers_in_order(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             fast = await env.backend("fast")
             slow = await env.backend("slow", 0.05)
@@ -164,14 +172,15 @@ def test_pipeline_to_two_backends_runs_concurrently_and_answers_in_order():
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 15), st.sampled_from(["GET", "GET", "GET", "POST", "HEAD"]), st.booleans()),
                 min_size=1, max_size=24))
-def test_property_responses_in_request_order_under_random_delays(plan):
+def test_property_responses_in_request_order_under_random_delays(pipeline, plan):
     """Random delays, methods and backends: responses always come back in request order,
     with the right body, and barriers (POST) never overlap other requests of the client."""
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             a = await env.backend("a")
             b = await env.backend("b")
+            b.stats.log = a.stats.log  # one log for both backends, in event order
             sp = await env.splice(routes=[{"prefix": "/b", "backends": [b.address]}], default=[a.address],
                                   pool={"min": 0, "max": 6})
             r, w = await env.connect()
@@ -192,11 +201,22 @@ def test_property_responses_in_request_order_under_random_delays(plan):
                     assert x.body == b""
                 else:
                     assert f"/{i}?".encode() in x.body
-            # barrier check from the backends' own logs: while a POST runs, nothing else does
-            for be in (a, b):
-                active = 0
-                for kind, target in be.stats.log:
-                    active += 1 if kind == "start" else -1
+            # barrier check from the backends' shared log: a POST starts with nothing else in
+            # flight, and nothing else starts while it runs
+            active: set[bytes] = set()
+            post_running = False
+            for kind, target in a.stats.log:
+                is_post = plan[int(target.split(b"/")[2].split(b"?")[0])][1] == "POST"
+                if kind == "start":
+                    assert not post_running, a.stats.log
+                    if is_post:
+                        assert not active, a.stats.log
+                        post_running = True
+                    active.add(target)
+                else:
+                    active.discard(target)
+                    if is_post:
+                        post_running = False
             w.close()
             await wait_for(lambda: settled(sp))
         finally:
@@ -204,9 +224,9 @@ def test_property_responses_in_request_order_under_random_delays(plan):
     run(main())
 
 
-def test_non_idempotent_request_is_a_barrier():
+def test_non_idempotent_request_is_a_barrier(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             be = await env.backend("a")
             await env.splice(default=[be.address], pool={"min": 0, "max": 8})
@@ -228,14 +248,18 @@ def test_non_idempotent_request_is_a_barrier():
 
 
 # ------------------------------------------------------------------------ failure isolation
-def test_timeout_gives_504_in_place_and_the_pipeline_goes_on():
+def test_timeout_gives_504_in_place_and_the_pipeline_goes_on(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             be = await env.backend("a")
-            sp = await env.splice(default=[be.address], pool={"min": 1, "max": 4}, timeouts={"request": 0.3})
+            hanging = await env.backend("h")
+            # the hanging request has its own backend: with pool.pipeline > 1, requests pipelined
+            # behind it on one backend connection would wait for it (head-of-line at the backend)
+            sp = await env.splice(routes=[{"prefix": "/h", "backends": [hanging.address]}], default=[be.address],
+                                  pool={"min": 1, "max": 4}, timeouts={"request": 0.3})
             r, w = await env.connect()
-            w.write(get("/1", 1) + get("/2?hang=1", 2) + get("/3", 3))
+            w.write(get("/1", 1) + get("/h/2?hang=1", 2) + get("/3", 3))
             replies, closed = await read_replies(r, [b"GET"] * 3)
             assert [x.status for x in replies] == [200, 504, 200]
             assert replies[1].headers[b"x-shmfabric-splicer"] == b"error"
@@ -248,9 +272,9 @@ def test_timeout_gives_504_in_place_and_the_pipeline_goes_on():
     run(main())
 
 
-def test_backend_failure_gives_502_in_place():
+def test_backend_failure_gives_502_in_place(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             be = await env.backend("a")
             sp = await env.splice(default=[be.address], pool={"min": 1, "max": 4})
@@ -266,9 +290,9 @@ def test_backend_failure_gives_502_in_place():
     run(main())
 
 
-def test_backend_killed_mid_pipeline():
+def test_backend_killed_mid_pipeline(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             fast = await env.backend("fast")
             dying = await env.backend("dying")
@@ -276,7 +300,7 @@ def test_backend_killed_mid_pipeline():
                                   pool={"min": 1, "max": 8}, timeouts={"connect": 0.5})
             r, w = await env.connect()
             w.write(b"".join(get("/d/x?hang=1" if i % 2 else "/f", i) for i in range(8)))
-            await wait_for(lambda: dying.stats.requests >= 4)
+            await wait_for(lambda: dying.stats.requests >= (4 if pipeline == 1 else 1))
             await dying.close()  # the server dies: its connections reset and it refuses new ones
             replies, closed = await read_replies(r, [b"GET"] * 8)
             assert [x.status for x in replies] == [502 if i % 2 else 200 for i in range(8)]
@@ -292,9 +316,9 @@ def test_backend_killed_mid_pipeline():
     run(main())
 
 
-def test_client_closing_mid_pipeline_leaks_nothing():
+def test_client_closing_mid_pipeline_leaks_nothing(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             slow = await env.backend("slow", 0.1)
             sp = await env.splice(default=[slow.address], pool={"min": 2, "max": 6})
@@ -341,9 +365,9 @@ def test_slow_backend_delays_others_only_as_far_as_order_forces():
 
 
 # --------------------------------------------------------------------------- backpressure
-def test_deep_pipeline_is_bounded_and_completes():
+def test_deep_pipeline_is_bounded_and_completes(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             be = await env.backend("a")
             sp = await env.splice(default=[be.address], pool={"min": 1, "max": 4}, limits={"max_pipeline": 8})
@@ -360,9 +384,9 @@ def test_deep_pipeline_is_bounded_and_completes():
     run(main())
 
 
-def test_client_that_does_not_read_is_bounded():
+def test_client_that_does_not_read_is_bounded(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             be = await env.backend("a")
             limit = 256 * 1024
@@ -464,9 +488,9 @@ def test_unhealthy_server_leaves_rotation_and_returns():
     run(main())
 
 
-def test_stale_pooled_connection_is_retried_for_idempotent_requests():
+def test_stale_pooled_connection_is_retried_for_idempotent_requests(pipeline):
     async def main():
-        env = Env()
+        env = Env(pipeline)
         try:
             be = await env.backend("a")
             sp = await env.splice(default=[be.address], pool={"min": 1, "max": 2})

@@ -1,6 +1,6 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform] [--workers 1,2] [--duration 3] [--json]
+    shmfabric bench splice [--scenario unequal,uniform] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
 Prints one row per scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
@@ -29,7 +29,7 @@ def render_table(results: Sequence[ScenarioResult]) -> str:
     for r in results:
         s, h = r.splicer, r.haproxy
         lines.append(
-            f"{_TITLES.get(r.scenario, r.scenario):<46} {r.workers:>7} {s['requests_per_s']:>14,.0f} "
+            f"{_TITLES.get(r.scenario, r.scenario) + (f' [pipeline {r.pipeline}]' if r.pipeline > 1 else ''):<46} {r.workers:>7} {s['requests_per_s']:>14,.0f} "
             f"{h['requests_per_s']:>14,.0f} {r.ratio:>6.2f}x {'>=' + format(r.target, 'g') + 'x':>7} "
             f"{str(s['out_of_order']) + '/' + str(h['out_of_order']):>17} "
             f"{str(s['non2xx'] + s['socket_errors']) + '/' + str(h['non2xx'] + h['socket_errors']):>14}")
@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
+    p.add_argument("--pipeline", type=int, default=1,
+                   help="scenario 2 only: requests pipelined per pooled nginx connection (default 1)")
     p.add_argument("--json", action="store_true", dest="bench_json", help="print JSON instead of a table")
 
 
@@ -61,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
 
         raise CliError(f"unknown scenario {', '.join(bad)}; use unequal and/or uniform")
     try:
-        results = run_scenarios(args.scenario, args.workers, args.duration, args.pool)
+        results = run_scenarios(args.scenario, args.workers, args.duration, args.pool, args.pipeline)
     except RuntimeError as exc:
         from shmfabric.cli.main import CliError
 

@@ -311,13 +311,14 @@ class ScenarioResult:
     haproxy: dict
     ratio: float
     target: float
+    pipeline: int = 1
 
     @property
     def met(self) -> bool:
         return self.ratio >= self.target
 
 
-def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path) -> ScenarioResult:
+def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipeline: int = 1) -> ScenarioResult:
     with ExitStack() as stack:
         if kind == "unequal":
             fast = stack.enter_context(start_echo_backend(0, "fast"))
@@ -333,7 +334,8 @@ def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path) -> Scen
             paths, target = ["/a", "/b"], 0.5
         split_args = [f"--route={p}={','.join(s)}" for p, s in routes] + ["--default", ",".join(default),
                                                                            "--pool", str(pool), "--pool-min", "8",
-                                                                           "--workers", str(workers), "--no-health"]
+                                                                           "--workers", str(workers), "--no-health",
+                                                                           "--pipeline", str(pipeline)]
         results = {}
         for peer in ("splicer", "haproxy"):
             if peer == "splicer":
@@ -347,11 +349,12 @@ def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path) -> Scen
             d.pop("raw")
             results[peer] = d
     s, h = results["splicer"]["requests_per_s"], results["haproxy"]["requests_per_s"]
-    return ScenarioResult(kind, workers, results["splicer"], results["haproxy"], s / h if h else float("inf"), target)
+    return ScenarioResult(kind, workers, results["splicer"], results["haproxy"], s / h if h else float("inf"), target,
+                          pipeline)
 
 
 def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Sequence[int] = (1, 2),
-                  duration: float = 3.0, pool: int = 64) -> list[ScenarioResult]:
+                  duration: float = 3.0, pool: int = 64, pipeline: int = 1) -> list[ScenarioResult]:
     """Run each scenario for each worker count; splicer first, then HAProxy, same backends."""
     need = missing_tools("wrk", "haproxy", *(["nginx"] if "uniform" in scenarios else []))
     if need:
@@ -360,5 +363,6 @@ def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Se
     with tempfile.TemporaryDirectory(prefix="shmfabric-bench-splice-") as tmp:
         for kind in scenarios:
             for w in workers:
-                out.append(_one(kind, w, duration, pool, Path(tmp)))
+                # the 50 ms backend serves one request per connection at a time: never pipeline to it
+                out.append(_one(kind, w, duration, pool, Path(tmp), pipeline if kind == "uniform" else 1))
     return out

@@ -78,6 +78,8 @@ def _build_config(args: argparse.Namespace) -> Any:
     if args.pool_min is not None:
         data.setdefault("pool", {})
         data["pool"]["min"] = args.pool_min
+    if args.pipeline is not None:
+        data["pool"] = {**data.get("pool", {}), "pipeline": args.pipeline}
     if args.timeout is not None:
         data["timeouts"] = {**data.get("timeouts", {}), "request": args.timeout}
     if args.no_health:
@@ -117,6 +119,9 @@ def _add_http(verbs: Any) -> None:
     p.add_argument("--default", metavar="ADDRS", help="backends for requests no route matches")
     p.add_argument("--pool", type=int, metavar="N", help="max pooled connections per backend server (default 8)")
     p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server (default 1)")
+    p.add_argument("--pipeline", type=int, metavar="N",
+                   help="requests outstanding per pooled connection (default 1); above 1, idempotent "
+                        "requests are pipelined to backends - for uniformly fast backends such as nginx")
     p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then 504 (default 30)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")

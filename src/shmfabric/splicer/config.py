@@ -80,6 +80,9 @@ class PoolConfig(_Model):
 
     min: int = Field(1, ge=0, le=1024, description="connections opened at start and kept open")
     max: int = Field(8, ge=1, le=4096, description="connections at most (requests queue beyond)")
+    pipeline: int = Field(1, ge=1, le=64, description="HTTP: requests outstanding per connection; above 1, "
+                          "idempotent bodiless requests are pipelined to the backend (for servers that "
+                          "pipeline well, e.g. nginx)")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "PoolConfig":

@@ -3,7 +3,8 @@
 Per backend server (`BackendServer`):
 
 * `free`: a queue of idle pooled connections, ready for a request;
-* `in_use`: the in-use directory, pooled connection -> the exchange (client request) it serves;
+* `in_use`: the in-use directory, pooled connection -> the exchanges (client requests) it
+  serves, oldest first (one, or up to `pool.pipeline` pipelined idempotent requests);
 * `waiters`: exchanges waiting for a connection (when `max` connections are all in use);
 * `min` connections are opened at start and re-opened (with jittered exponential backoff) when
   they close; up to `max` are opened on demand.
@@ -46,19 +47,31 @@ class ExchangeLike(Protocol):
 
 
 class BackendConnection(asyncio.Protocol):
-    """One pooled connection to a backend server."""
+    """One pooled connection to a backend server.
 
-    __slots__ = ("server", "transport", "framer", "exchange", "alive", "used", "tunnel", "_paused")
+    `exchanges` holds the requests sent on it and not yet answered, oldest first: one at a
+    time normally, up to `pool.pipeline` when idempotent requests are pipelined to the backend.
+    """
+
+    __slots__ = ("server", "transport", "framer", "exchanges", "alive", "used", "tunnel", "pipelined", "_paused",
+                 "_cork")
 
     def __init__(self, server: "BackendServer") -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.framer = ResponseFramer(server.max_head_bytes, server.max_headers)
-        self.exchange: ExchangeLike | None = None
+        self.exchanges: deque[ExchangeLike] = deque()
         self.alive = False
-        self.used = 0        # requests served so far (a reused connection may be stale)
-        self.tunnel = False  # after 101 Switching Protocols: raw bytes both ways
+        self.used = 0          # requests served so far (a reused connection may be stale)
+        self.tunnel = False    # after 101 Switching Protocols: raw bytes both ways
+        self.pipelined = False  # carries pipelined (idempotent, bodiless) requests
         self._paused = False
+        self._cork: list[bytes] | None = None
+
+    @property
+    def exchange(self) -> ExchangeLike | None:
+        """The exchange whose response is read next."""
+        return self.exchanges[0] if self.exchanges else None
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,36 +84,33 @@ class BackendConnection(asyncio.Protocol):
             if ex is not None:
                 ex.on_tunnel_data(data)
             return
-        framer = self.framer
-        framer.receive_data(data)
+        self.framer.receive_data(data)
         self._drain()
 
     def _drain(self) -> None:
         framer = self.framer
+        exchanges = self.exchanges
         while True:
-            ex = self.exchange
             try:
                 ev = framer.next_event()
             except RemoteProtocolError as exc:
                 self.abort()
-                if ex is not None:
-                    self.exchange = None
+                if exchanges:
+                    ex = exchanges.popleft()
                     self.server.metrics.error("protocol")
                     ex.on_backend_failure("protocol", f"bad response from backend {self.server.name}: {exc}")
                 return
-            if ev is NEED_DATA:
-                return
-            if ev is PAUSED:
-                # 101 Switching Protocols was parsed; the exchange switches to a tunnel and
-                # takes the raw bytes held after the response head.
+            if ev is NEED_DATA or ev is PAUSED:
+                # PAUSED: 101 Switching Protocols was parsed; the exchange has switched to a
+                # tunnel and took the raw bytes held after the response head.
                 return
             if isinstance(ev, ConnectionClosed):
                 return
-            if ex is None:
+            if not exchanges:
                 # Bytes nobody asked for (e.g. a late response after a timeout): unusable.
                 self.abort()
                 return
-            ex.on_response_event(ev)
+            exchanges[0].on_response_event(ev)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -108,17 +118,20 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_alive = self.alive
         self.alive = False
-        ex = self.exchange
         if self.tunnel:
-            self.exchange = None
+            ex = self.exchange
+            self.exchanges.clear()
             if ex is not None:
                 ex.on_tunnel_data(b"")
-        elif ex is not None:
-            # Let the framer finish a read-until-close body; anything else is a failure.
+        elif self.exchanges:
+            # Let the framer finish a read-until-close body; anything else is a failure of
+            # every request still on this connection (idempotent ones may be retried).
+            ex = self.exchanges[0]
             self.framer.receive_data(b"")
             self._drain()
-            if self.exchange is ex:
-                self.exchange = None
+            failed = list(self.exchanges)
+            self.exchanges.clear()
+            for ex in failed:
                 self.server.metrics.error("reset")
                 ex.on_backend_failure("reset", f"backend {self.server.name} closed the connection")
         if was_alive:
@@ -134,11 +147,34 @@ class BackendConnection(asyncio.Protocol):
         if ex is not None and hasattr(ex, "on_backend_pause_writing"):
             ex.on_backend_pause_writing(False)  # type: ignore[attr-defined]
 
+    def remove(self, ex: ExchangeLike) -> None:
+        """Forget `ex` (it failed or timed out); the caller aborts the connection."""
+        try:
+            self.exchanges.remove(ex)
+        except ValueError:
+            pass
+
     # -- helpers --------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+            return
         t = self.transport
         if t is not None and self.alive:
             t.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until `uncork()` (one send for a batch of pipelined requests)."""
+        if self._cork is None:
+            self._cork = []
+
+    def uncork(self) -> None:
+        cork = self._cork
+        self._cork = None
+        t = self.transport
+        if cork and t is not None and self.alive:
+            t.writelines(cork)
 
     def pause_reading(self, pause: bool) -> None:
         """Stop/restart reading responses (backpressure from the client side)."""
@@ -152,14 +188,21 @@ class BackendConnection(asyncio.Protocol):
             t.resume_reading()
 
     def abort(self) -> None:
-        """Drop the connection at once (its state is unknown or unwanted)."""
+        """Drop the connection at once (its state is unknown or unwanted).
+
+        It leaves the pool now; requests still on it fail from `connection_lost`.
+        """
         t = self.transport
         if t is not None:
             t.abort()
+        if self.alive:
+            self.alive = False
+            self._cork = None
+            self.server._on_lost(self)
 
     @property
     def reusable(self) -> bool:
-        return self.alive and not self.tunnel and self.framer.idle
+        return self.alive and not self.tunnel
 
 
 class BackendServer:
@@ -171,13 +214,15 @@ class BackendServer:
         self.host, self.port = split_address(address)
         self.min = pool.min
         self.max = pool.max
+        self.pipeline = pool.pipeline
+        self._batch: BackendConnection | None = None
         self.timeouts = timeouts
         self.health_cfg = health
         self.metrics = metrics
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
         self.free: deque[BackendConnection] = deque()
-        self.in_use: dict[BackendConnection, ExchangeLike] = {}
+        self.in_use: dict[BackendConnection, deque[ExchangeLike]] = {}
         self.waiters: deque[ExchangeLike] = deque()
         self.connecting = 0
         self.health = HealthState(rise=health.rise, fall=health.fall)
@@ -225,18 +270,58 @@ class BackendServer:
         return len(self.free) + len(self.in_use)
 
     # -- acquire / release ------------------------------------------------------------------
-    def acquire(self, ex: ExchangeLike) -> BackendConnection | None:
-        """A free connection for `ex` now, or None (then `ex.on_connection` is called later)."""
+    def acquire(self, ex: ExchangeLike, pipelinable: bool = False) -> BackendConnection | None:
+        """A connection for `ex` now, or None (then `ex.on_connection` is called later).
+
+        With `pool.pipeline` > 1 a `pipelinable` request (idempotent, no body, not HEAD) may
+        join a connection that already carries pipelined requests: first the one collecting
+        this event-loop turn's batch (so the batch leaves in one send), else a free one, else
+        the least loaded pipelined one with room.
+        """
+        depth = self.pipeline
+        if pipelinable and depth > 1:
+            conn = self._batch
+            if conn is not None and conn.alive and len(conn.exchanges) < depth:
+                conn.exchanges.append(ex)
+                return conn
         free = self.free
         while free:
             conn = free.pop()  # LIFO: the most recently used connection is the least likely stale
             if conn.alive:
-                self.in_use[conn] = ex
-                conn.exchange = ex
+                self.in_use[conn] = conn.exchanges
+                conn.exchanges.append(ex)
+                if pipelinable and depth > 1:
+                    conn.pipelined = True
+                    self._start_batch(conn)
                 return conn
+        if pipelinable and depth > 1:
+            best = None
+            for conn in self.in_use:
+                if conn.pipelined and conn.alive and len(conn.exchanges) < depth and (
+                        best is None or len(conn.exchanges) < len(best.exchanges)):
+                    best = conn
+            if best is not None:
+                best.exchanges.append(ex)
+                self._start_batch(best)
+                return best
         self.waiters.append(ex)
         self._fill()
         return None
+
+    def _start_batch(self, conn: BackendConnection) -> None:
+        if self._batch is not None and self._batch is not conn:
+            self._end_batch()
+        if self._batch is None:
+            self._batch = conn
+            conn.cork()
+            assert self._loop is not None
+            self._loop.call_soon(self._end_batch)
+
+    def _end_batch(self) -> None:
+        conn = self._batch
+        if conn is not None:
+            self._batch = None
+            conn.uncork()
 
     def cancel_wait(self, ex: ExchangeLike) -> None:
         """Forget a waiting exchange (timed out, client gone)."""
@@ -245,22 +330,35 @@ class BackendServer:
         except ValueError:
             pass
 
-    def release(self, conn: BackendConnection, reusable: bool) -> None:
-        """Return `conn` after a complete response (or drop it if it cannot be reused)."""
-        self.in_use.pop(conn, None)
-        conn.exchange = None
-        if reusable and conn.reusable and not self._closed:
-            conn.used += 1
-            if self.waiters:
-                ex = self.waiters.popleft()
-                self.in_use[conn] = ex
-                conn.exchange = ex
-                ex.on_connection(conn)
-            else:
-                self.free.append(conn)
+    def release(self, conn: BackendConnection, ex: ExchangeLike, reusable: bool) -> None:
+        """`ex` got its complete response on `conn`: keep `conn` for the next request, or drop it."""
+        exchanges = conn.exchanges
+        if exchanges and exchanges[0] is ex:
+            exchanges.popleft()
         else:
-            conn.abort()
+            conn.remove(ex)
+        if not (reusable and conn.reusable and not self._closed):
+            self.in_use.pop(conn, None)
+            conn.abort()  # requests still on it fail (and retry) from connection_lost
             self._fill()
+            return
+        conn.used += 1
+        if exchanges:
+            return  # pipelined requests are still on it
+        conn.pipelined = False
+        self._hand_over(conn)
+
+    def _hand_over(self, conn: BackendConnection) -> None:
+        """An idle, healthy connection: to the first waiter, else to the free queue."""
+        conn.pause_reading(False)
+        if self.waiters:
+            ex = self.waiters.popleft()
+            self.in_use[conn] = conn.exchanges
+            conn.exchanges.append(ex)
+            ex.on_connection(conn)
+        else:
+            self.in_use.pop(conn, None)
+            self.free.append(conn)
 
     def detach(self, conn: BackendConnection) -> None:
         """Take `conn` out of the pool for good (it became a tunnel); the pool refills."""
@@ -268,6 +366,8 @@ class BackendServer:
         self._fill()
 
     def _on_lost(self, conn: BackendConnection) -> None:
+        if self._batch is conn:
+            self._batch = None
         if self.in_use.pop(conn, None) is None:
             try:
                 self.free.remove(conn)
@@ -321,7 +421,7 @@ class BackendServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.release(conn, True)
+        self._hand_over(conn)
 
     def _connect_failed(self, message: str) -> None:
         # With no connection left to wait for, the waiters fail now (502, or retried elsewhere).

@@ -50,7 +50,7 @@ class Exchange:
 
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
-                 "reused", "body_sent", "tunnel", "head_request", "backend_keep")
+                 "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -75,6 +75,9 @@ class Exchange:
         self.tunnel = False
         self.head_request = req.method == b"HEAD"
         self.backend_keep = True
+        # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
+        self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
+                            and req.method in IDEMPOTENT_METHODS)
 
     # -- request side (called by the client connection) -----------------------------------
     def add_body(self, data: bytes) -> None:
@@ -120,15 +123,14 @@ class Exchange:
         self.server = server
         server.inflight += 1
         server.metrics.requests.inc()
-        conn = server.acquire(self)
+        conn = server.acquire(self, self.pipelinable)
         if conn is not None:
             self.on_connection(conn)
 
     # -- pool side ------------------------------------------------------------------------
     def on_connection(self, conn: "BackendConnection") -> None:
         if self.finished or self.gone:
-            conn.exchange = None
-            self.server.release(conn, True)  # type: ignore[union-attr]
+            self.server.release(conn, self, True)  # type: ignore[union-attr]
             return
         self.conn = conn
         self.reused = conn.used > 0
@@ -205,7 +207,7 @@ class Exchange:
         server.inflight -= 1
         server.metrics.duration.observe(self.client.loop.time() - self.t0)
         # A connection whose request body was not fully sent cannot carry another request.
-        server.release(conn, self.backend_keep and self.req_done and conn.framer.idle)
+        server.release(conn, self, self.backend_keep and self.req_done)
         client = self.client
         if not self.gone:
             client.finish(self.seq, tail)
@@ -217,9 +219,8 @@ class Exchange:
             return
         conn, server = self.conn, self.server
         self.conn = None
-        if conn is not None and server is not None:
-            conn.exchange = None
-            server.in_use.pop(conn, None)
+        if conn is not None:
+            conn.remove(self)
             conn.abort()
         if server is not None:
             server.inflight -= 1
@@ -613,19 +614,19 @@ class ClientConnection(asyncio.Protocol):
     def _backend_flow(self) -> None:
         merge = self.merge
         over = merge.held_bytes > self.max_bytes
+        head = self.exchanges.get(merge.head) if merge.head is not None else None
+        head_conn = head.conn if head is not None else None
         if over or self.write_paused:
-            head = merge.head
             for ex in self.exchanges.values():
                 c = ex.conn
                 if c is not None:
-                    c.pause_reading(self.write_paused or ex.seq != head)
+                    c.pause_reading(self.write_paused or c is not head_conn)
             self.backends_paused = True
         elif self.backends_paused:
             resume_all = merge.held_bytes <= self.max_bytes // 2
-            head = merge.head
             for ex in self.exchanges.values():
                 c = ex.conn
-                if c is not None and (resume_all or ex.seq == head):
+                if c is not None and (resume_all or c is head_conn):
                     c.pause_reading(False)
             if resume_all:
                 self.backends_paused = False

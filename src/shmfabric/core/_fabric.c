@@ -865,6 +865,19 @@ static bool inbound_pending(PortObject *p)
     return tapes_pending(p);
 }
 
+/* Keep a copy of a control frame in batch.control (memory errors drop it: control traffic is
+ * retried by its sender). */
+static void batch_add_control(BatchObject *b, const uint8_t *data, uint32_t len)
+{
+    PyObject *cf = PyBytes_FromStringAndSize((const char *)data, len);
+    if (cf && !b->control)
+        b->control = PyList_New(0);
+    if (cf && b->control)
+        PyList_Append(b->control, cf);
+    Py_XDECREF(cf);
+    PyErr_Clear();
+}
+
 /* Read one tape into the batch (copying frames into scratch). */
 static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit)
 {
@@ -919,13 +932,7 @@ static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit
         if (src == p->index)
             continue; /* our own broadcast or multicast */
         if (flags & SF_DESC_CONTROL) { /* internal: handed to the Python layer, not the user */
-            PyObject *cf = PyBytes_FromStringAndSize((char *)dst, len);
-            if (!b->control)
-                b->control = PyList_New(0);
-            if (cf && b->control)
-                PyList_Append(b->control, cf);
-            Py_XDECREF(cf);
-            PyErr_Clear();
+            batch_add_control(b, dst, len);
             continue;
         }
         b->scratch_used += len;
@@ -970,13 +977,7 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
             uint32_t slot = d->slot < n->n_slots ? d->slot : 0;
             uint32_t len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
             if (d->flags & SF_DESC_CONTROL) { /* a control message: to the Python layer, slot back now */
-                PyObject *cf = PyBytes_FromStringAndSize((char *)slot_ptr(r, n, slot), len);
-                if (!b->control)
-                    b->control = PyList_New(0);
-                if (cf && b->control)
-                    PyList_Append(b->control, cf);
-                Py_XDECREF(cf);
-                PyErr_Clear();
+                batch_add_control(b, slot_ptr(r, n, slot), len);
                 slot_put(p, pool, slot);
                 continue;
             }
@@ -1075,6 +1076,19 @@ static BatchObject *new_batch(PortObject *p, uint32_t cap)
 
 static void port_clear_signal(PortObject *p);
 
+/* None -> -1 (wait for ever), a number of seconds -> nanoseconds (0 = do not wait). */
+static int parse_timeout(PyObject *timeout, int64_t *ns)
+{
+    *ns = -1;
+    if (timeout == Py_None)
+        return 0;
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    *ns = t <= 0 ? 0 : (int64_t)(t * 1e9);
+    return 0;
+}
+
 /* recv_batch(max_frames=256, timeout=None) -> FrameBatch. timeout 0 never blocks; None waits
  * until frames arrive (returning an empty batch now and then so signals are seen). */
 static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
@@ -1089,22 +1103,31 @@ static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "max_frames must be between 1 and 65536");
         return NULL;
     }
-    int64_t tmo = -1;
-    if (timeout != Py_None) {
-        double t = PyFloat_AsDouble(timeout);
-        if (t == -1.0 && PyErr_Occurred())
-            return NULL;
-        tmo = t <= 0 ? 0 : (int64_t)(t * 1e9);
-    }
+    int64_t tmo;
+    if (parse_timeout(timeout, &tmo) < 0)
+        return NULL;
     BatchObject *b = new_batch(p, maxf);
     if (!b)
         return NULL;
     fill_batch(p, b, maxf);
-    if (b->n == 0 && tmo != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        port_wait(p, tmo);
-        Py_END_ALLOW_THREADS
-        fill_batch(p, b, maxf);
+    if (b->n == 0 && !b->control && tmo != 0) {
+        /* a wake-up may bring only our own broadcast (skipped): wait out the rest of the time */
+        uint64_t deadline = tmo < 0 ? 0 : now_ns() + (uint64_t)tmo;
+        for (;;) {
+            int64_t left = -1;
+            if (tmo >= 0) {
+                uint64_t now = now_ns();
+                if (now >= deadline)
+                    break;
+                left = (int64_t)(deadline - now);
+            }
+            Py_BEGIN_ALLOW_THREADS
+            port_wait(p, left);
+            Py_END_ALLOW_THREADS
+            fill_batch(p, b, maxf);
+            if (b->n || b->control || tmo < 0) /* for ever: return after a quiet slice, for signals */
+                break;
+        }
     }
     if (p->notifier_on && b->n < maxf)
         port_clear_signal(p);
@@ -1118,13 +1141,9 @@ static PyObject *Port_wait(PortObject *p, PyObject *args)
     if (!PyArg_ParseTuple(args, "|O", &timeout))
         return NULL;
     CHECK_OPEN(p);
-    int64_t tmo = -1;
-    if (timeout != Py_None) {
-        double t = PyFloat_AsDouble(timeout);
-        if (t == -1.0 && PyErr_Occurred())
-            return NULL;
-        tmo = t <= 0 ? 0 : (int64_t)(t * 1e9);
-    }
+    int64_t tmo;
+    if (parse_timeout(timeout, &tmo) < 0)
+        return NULL;
     bool ready;
     Py_BEGIN_ALLOW_THREADS
     port_wait(p, tmo);
@@ -1653,14 +1672,10 @@ static Py_ssize_t Batch_len(BatchObject *b) { return b->n; }
 static FrameObject *frame_free_list[256];
 static int frame_free_count;
 
-static PyObject *Batch_item(BatchObject *b, Py_ssize_t i)
+/* A Frame view of frame i of batch b; frames are recycled through a free list because one is made
+ * per frame received. */
+static PyObject *new_frame(BatchObject *b, uint32_t i)
 {
-    if (i < 0 || (size_t)i >= b->n) {
-        PyErr_SetString(PyExc_IndexError, "frame index out of range");
-        return NULL;
-    }
-    if (batch_check(b) < 0)
-        return NULL;
     FrameObject *f;
     if (frame_free_count) {
         f = frame_free_list[--frame_free_count];
@@ -1672,8 +1687,19 @@ static PyObject *Batch_item(BatchObject *b, Py_ssize_t i)
     }
     Py_INCREF(b);
     f->batch = b;
-    f->i = (uint32_t)i;
+    f->i = i;
     return (PyObject *)f;
+}
+
+static PyObject *Batch_item(BatchObject *b, Py_ssize_t i)
+{
+    if (i < 0 || (size_t)i >= b->n) {
+        PyErr_SetString(PyExc_IndexError, "frame index out of range");
+        return NULL;
+    }
+    if (batch_check(b) < 0)
+        return NULL;
+    return new_frame(b, (uint32_t)i);
 }
 
 /* A dedicated iterator: cheaper than the generic sequence iterator, which goes through
@@ -1706,19 +1732,7 @@ static PyObject *BatchIter_next(BatchIterObject *it)
         return NULL;
     if (batch_check(b) < 0)
         return NULL;
-    FrameObject *f;
-    if (frame_free_count) {
-        f = frame_free_list[--frame_free_count];
-        _Py_NewReference((PyObject *)f);
-    } else {
-        f = PyObject_New(FrameObject, &Frame_Type);
-        if (!f)
-            return NULL;
-    }
-    Py_INCREF(b);
-    f->batch = b;
-    f->i = it->i++;
-    return (PyObject *)f;
+    return new_frame(b, it->i++);
 }
 
 static void BatchIter_dealloc(BatchIterObject *it)

@@ -321,9 +321,21 @@ class Node:
         """
         batch = self._port.recv_batch(max_frames, timeout)
         ctl = batch.control
-        if ctl is not None:
+        if ctl is None:
+            return batch
+        # control traffic woke us: handle it, and keep waiting for frames if time is left
+        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
+        while True:
             self._on_control(ctl)
-        return batch
+            if len(batch) or timeout is None or deadline is None:
+                return batch
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return batch
+            batch = self._port.recv_batch(max_frames, left)
+            ctl = batch.control
+            if ctl is None:
+                return batch
 
     def recv(self, timeout: float | None = None) -> tuple[int, int, bytes] | None:
         """One frame as a copy (src, ethertype, payload), or None on timeout. For convenience, not speed."""

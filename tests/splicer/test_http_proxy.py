@@ -527,6 +527,10 @@ def test_bodies_chunked_trailers_head_204_304_http10():
             assert replies[3].status == 304 and replies[3].body == b""
             assert b"body=100000 " in replies[4].body
             assert not closed
+            # 1xx interim responses are passed on before the final one
+            w.write(get("/early?early=1", 5))
+            replies, _ = await read_replies(r, [b"GET"])
+            assert replies[0].informational == [103] and replies[0].status == 200
             # HTTP/1.0: closed after the response unless keep-alive was asked for
             r2, w2 = await env.connect()
             w2.write(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")

@@ -11,6 +11,7 @@ single request, so a test can script failures per request:
     ?close=1        answer, then close the connection
     ?drop=1         close the connection without answering
     ?hang=1         never answer
+    ?early=1        send 103 Early Hints before the response
 
 Every response echoes the request's `X-Seq` header (if any) and names the backend in
 `X-Backend`, so clients can check order and routing. `HEAD` gets headers only; a request with a
@@ -137,6 +138,8 @@ class _Conn(asyncio.Protocol):
                 self.backend.name.encode(), req.method, req.target, seq, len(body),
                 hashlib.sha1(body).hexdigest()[:12].encode(), len(trailers))
         head = [b"HTTP/1.1 %d X\r\n" % status, b"X-Backend: ", self.backend.name.encode(), b"\r\n"]
+        if "early" in q:  # a 103 Early Hints interim response first
+            head.insert(0, b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
         if seq:
             head += [b"X-Seq: ", seq, b"\r\n"]
         close = "close" in q

@@ -183,7 +183,7 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs")
     api = metrics_srv = None
-    say = (lambda *a: None) if args.quiet else print
+    say = (lambda *a, **k: None) if args.quiet else print
     try:
         try:
             sup.start()
@@ -236,7 +236,6 @@ def _print_summary(st: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(st, default=str))
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"fabric {st['fabric']}: summary after {st['uptime']:.1f}s", title_justify="left")
@@ -247,7 +246,7 @@ def _print_summary(st: dict, as_json: bool) -> None:
             c = i["counters"]
             t.add_row(i["name"], i["function"], f"{c.get('in_frames', i['rx_frames']):,}",
                       f"{c.get('out_frames', i['tx_frames']):,}", f"{i['dropped']:,}", str(i["restarts"]), i["state"])
-    con = Console()
+    con = _console()
     con.print(t)
     for c in st["chains"]:
         con.print(f"chain {c['name']}: {c['delivered_frames']:,} frames delivered to {', '.join(c['tail'])}")
@@ -286,7 +285,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(st, indent=1, default=str))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"fabric {st['fabric']} (manager pid {st['pid']}, up {st['uptime']:.0f}s)", title_justify="left")
@@ -301,7 +299,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             t.add_row(i["name"], i["function"], str(i.get("version") or "-"), str(i["pid"] or "-"), i["state"],
                       f"{c.get('in_frames', i['rx_frames']):,}", f"{c.get('out_frames', i['tx_frames']):,}",
                       f"{_dropped(i):,}", str(i["queue_depth"]), str(i["restarts"]), fc)
-    con = Console()
+    con = _console()
     con.print(t)
     for c in st["chains"]:
         con.print(f"chain {c['name']}: {' -> '.join(x if isinstance(x, str) else '|'.join(x) for x in c['nodes'])}; "
@@ -406,7 +404,6 @@ def _top_table(st: dict, view: dict):
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
 
     url = _api_url(args)
@@ -416,7 +413,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     if args.once:  # two samples one interval apart, printed once (scripts, tests)
         time.sleep(args.interval)
         st = api_call(url, "/status", timeout=10)
-        Console().print(_top_table(st, rates.update(st, time.monotonic())))
+        _console().print(_top_table(st, rates.update(st, time.monotonic())))
         return 0
     try:
         with Live(_top_table(st, view), refresh_per_second=4, screen=False) as live:
@@ -431,6 +428,13 @@ def cmd_top(args: argparse.Namespace) -> int:
                 live.update(_top_table(st, rates.update(st, time.monotonic())))
     except KeyboardInterrupt:
         return 0
+
+
+def _console():
+    """A rich console; piped output gets a wide fixed width so tables are not folded for `grep`."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 # -- parsers ---------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""`shmfabric up | down | status | top | reload` end to end, as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shmfabric.core.region import region_path
+from shmfabric.fabric import Fabric
+from shmfabric.cli.manager_cmds import Rates
+from tests.manager.conftest import unique_fabric
+
+pytestmark = pytest.mark.timeout(120)
+
+TOPO = """\
+fabric: {name: FABRIC, ring_size: 256, max_nodes: 8, networks: [{mtu: 1500, slots: 1024}]}
+poll_interval: 0.1
+nodes:
+  - {name: gen, function: generator, config: {rate: 2000, size: 100, flows: 16}}
+  - {name: fw, function: firewall, config: {rules: "policy accept"}}
+  - {name: sink, function: sink}
+chains:
+  - {name: main, nodes: [gen, fw, sink]}
+"""
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ, SHMFABRIC_STATE_DIR=str(tmp_path / "state"), PYTHONUNBUFFERED="1")
+    return e
+
+
+@pytest.fixture
+def topo(tmp_path):
+    name = unique_fabric()
+    path = tmp_path / "t.yaml"
+    path.write_text(TOPO.replace("FABRIC", name))
+    yield path, name
+    Fabric.destroy(name)
+
+
+def cli(env, *args, timeout=60, check=True):
+    p = subprocess.run([sys.executable, "-m", "shmfabric", *map(str, args)], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        pytest.fail(f"shmfabric {' '.join(map(str, args))} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_config_error_names_file_line_and_fix(env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TOPO.replace("FABRIC", "x").replace("rate: 2000", "rat: 2000").replace("[gen, fw, sink]",
+                                                                                          "[gen, fw, snk]"))
+    p = cli(env, "up", bad, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"{bad}:8: field `chains[0].nodes[2]`: node 'snk' is not defined" in p.stderr
+    p = cli(env, "up", tmp_path / "nope.yaml", check=False)
+    assert p.returncode == 2 and "cannot read" in p.stderr
+    bad.write_text(TOPO.replace("FABRIC", "x").replace("rate: 2000", "rat: 2000"))
+    p = cli(env, "up", bad, check=False)
+    assert p.returncode == 2 and f"{bad}:4: field `nodes[0].config.rat`" in p.stderr
+
+
+def test_no_manager_running(env):
+    for verb in ("status", "down", "reload", "top"):
+        p = cli(env, verb, check=False)
+        assert p.returncode == 2 and "no running manager" in p.stderr
+
+
+def test_up_with_duration_prints_a_summary(env, topo):
+    path, name = topo
+    p = cli(env, "up", path, "--duration", "1.5")
+    assert f"fabric {name} up: 3 instances of 3 nodes" in p.stdout
+    assert "chain main:" in p.stdout and "frames delivered to sink" in p.stdout
+    assert "0 orphaned" in p.stdout
+    assert not region_path(name).exists()  # the fabric went with the manager
+
+
+def test_detach_status_top_reload_down(env, topo, tmp_path):
+    path, name = topo
+    p = cli(env, "up", path, "--detach")
+    assert f"fabric {name} up in the background" in p.stdout
+    state = json.loads((tmp_path / "state" / f"{name}.json").read_text())
+    try:
+        time.sleep(0.8)
+        st = json.loads(cli(env, "status", "--json").stdout)
+        assert [n["name"] for n in st["nodes"]] == ["gen", "fw", "sink"]
+        pids = [i["pid"] for n in st["nodes"] for i in n["instances"]]
+        assert all(pids) and all(i["state"] == "running" for n in st["nodes"] for i in n["instances"])
+        assert st["nodes"][2]["instances"][0]["counters"]["in_frames"] > 0
+        table = cli(env, "status").stdout
+        assert "gen" in table and "firewall" in table and "running" in table and "chain main" in table
+        top = cli(env, "top", "--once", "--interval", "0.5").stdout
+        assert "frames/s" in top and "CPU %" in top and "end to end" in top and "sink" in top
+        path.write_text(path.read_text().replace('"policy accept"', '"policy accept\\nth dport 9 drop"'))
+        assert "reloaded: reconfigured fw" in cli(env, "reload").stdout
+        assert "nothing changed" in cli(env, "reload").stdout
+        p = cli(env, "reload", "--fabric", "nope", check=False)
+        assert p.returncode == 2 and "no running manager for fabric 'nope'" in p.stderr
+        # a second `up` of the same fabric is refused
+        p = cli(env, "up", path, check=False)
+        assert p.returncode == 2 and "already runs" in p.stderr
+    finally:
+        cli(env, "down", timeout=90)
+    assert not _alive(state["pid"])
+    assert not any(_alive(pid) for pid in pids)
+    assert not region_path(name).exists()
+    assert not (tmp_path / "state" / f"{name}.json").exists()
+
+
+def test_ctrl_c_stops_everything_cleanly(env, topo):
+    path, name = topo
+    proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "up", path, "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert "Ctrl-C stops everything" in banner
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    final = json.loads(out.strip().splitlines()[-1])
+    pids = [i["pid"] for n in final["nodes"] for i in n["instances"]]
+    assert pids and not any(_alive(p) for p in pids)
+    assert not region_path(name).exists()
+
+
+def test_rates_from_two_snapshots():
+    def snap(frames, cpu, delivered):
+        inst = {"name": "fw", "function": "firewall", "state": "running", "pid": 7, "rx_frames": frames,
+                "rx_bytes": frames * 100, "tx_frames": frames, "queue_depth": 3, "cpu_seconds": cpu, "restarts": 0,
+                "dropped": 0, "counters": {"in_frames": frames, "out_frames": frames}}
+        return {"nodes": [{"name": "fw", "instances": [inst]}],
+                "chains": [{"name": "c", "delivered_frames": delivered}]}
+    r = Rates()
+    first = r.update(snap(0, 1.0, 0), 10.0)
+    assert first["rows"][0]["fps"] is None and first["chains"][0]["fps"] is None
+    v = r.update(snap(5000, 1.5, 4000), 12.0)
+    row = v["rows"][0]
+    assert row["fps"] == 2500 and row["bps"] == 250000 and row["cpu"] == 25.0
+    assert v["chains"][0]["fps"] == 2000
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False

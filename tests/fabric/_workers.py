@@ -341,7 +341,35 @@ def role_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
     return 0
 
 
+def role_tape_hammer(fabric: str, name: str, size: int) -> int:
+    """Broadcast big checksummed frames in a loop until killed (so a kill often lands while this
+    process holds the tape's writer lock)."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    out({"ready": name, "id": me.id})
+    # precomputed, so the loop spends most of its time inside tape_send (under the lock)
+    frames = [make_payload(me.id, 0xFFFF, s, size) for s in range(4)]
+    while True:
+        for f in frames:
+            me.broadcast(f)
+
+
+def role_send_then_hold(fabric: str, name: str, target: str, count: int) -> int:
+    """Send `count` checksummed frames to `target`, report, and wait to be killed."""
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    dst = me.wait_for_peer(target, timeout=10)
+    sent = 0
+    while sent < count:
+        sent += me.send_batch(dst, [make_payload(me.id, dst, s, 500) for s in range(sent, min(count, sent + 64))])
+    out({"ready": name, "id": me.id, "sent": sent})
+    sys.stdin.read()
+    return 0
+
+
 ROLES = {
+    "tape_hammer": (role_tape_hammer, (str, str, int)),
+    "send_then_hold": (role_send_then_hold, (str, str, str, int)),
     "sink": (role_sink, (str, str, float)),
     "blaster": (role_blaster, (str, str, str, float)),
     "eph_create": (role_eph_create, (str,)),

@@ -484,3 +484,70 @@ def test_stats_counters(fab):
     assert info["networks"][0]["held"] + info["networks"][0]["free"] == info["networks"][0]["slots"]
     assert set(sa) >= {"tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "tx_ring_full", "tx_drops", "tx_nobuf",
                        "rx_lapped", "tape_rx", "tape_tx", "wakeups", "cached_slots"}
+
+
+# -- lifetimes: detach with frames and buffers still in hand -----------------------------------------
+
+def test_detach_with_unreleased_batch_and_unsent_buffer(fab):
+    a, b = fab.attach("a"), fab.attach("b")
+    assert a.send_batch(b.id, [b"x" * 100] * 10) == 10
+    bt = b.recv_batch(64, timeout=1)
+    f = bt[0]
+    buf = b.alloc()
+    assert fab.pool_audit()["held"][b.id] >= 11
+    b.detach()  # every slot b held (batch, buffer, cache) goes back now
+    a2 = assert_conserved(fab)
+    assert b.id not in a2["held"]
+    with pytest.raises(ReleasedFrameError):
+        f.tobytes()
+    bt.release()  # must not free the slots a second time
+    del buf, f, bt
+    a3 = assert_conserved(fab)
+    assert a3["free"] == a2["free"]
+    # the free stack really holds each slot once: allocate everything, all distinct
+    c = fab.attach("c")
+    bufs = []
+    while True:
+        try:
+            bufs.append(c.alloc())
+        except MemoryError:
+            break
+    assert len(bufs) == a3["free"] + a3["held"].get(c.id, 0)
+    addrs = set()
+    for x in bufs:
+        with memoryview(x) as mv:
+            addrs.add(ctypes.addressof(ctypes.c_char.from_buffer(mv)))
+    assert len(addrs) == len(bufs)
+
+
+def test_detach_with_fileno_registered(fab):
+    a, b = fab.attach("a"), fab.attach("b")
+    fd = b.fileno()
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    sel.unregister(fd)
+    sel.close()
+    b.detach()  # stops the wake-up thread and closes the eventfd
+    import os
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_networks_with_different_mtus(harness):
+    fab = harness.create(networks=[{"mtu": 1500, "slots": 128}, {"mtu": 9000, "slots": 64}], max_nodes=4)
+    small, big = fab.attach("small", network=0), fab.attach("big", network=1)
+    assert (small.mtu, big.mtu) == (1500, 9000)
+    drain(small), drain(big)
+    # a frame uses the sender's network pool, so the sender's MTU decides what fits
+    assert big.send(small.id, b"j" * 9000)
+    with pytest.raises(FrameTooLargeError, match="MTU 1500"):
+        small.send(big.id, b"j" * 9000)
+    assert small.send(big.id, b"s" * 1500)
+    assert drain(small) == [b"j" * 9000]
+    assert drain(big) == [b"s" * 1500]
+    # slots go back to the pool they came from
+    for net, total in ((0, 128), (1, 64)):
+        a = assert_conserved(fab, net)
+        assert a["total"] == total
+    small.detach(), big.detach()
+    assert assert_conserved(fab, 0)["free"] == 128 and assert_conserved(fab, 1)["free"] == 64

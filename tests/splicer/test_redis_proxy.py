@@ -422,3 +422,39 @@ def test_metrics_per_backend(fresh_pair) -> None:
         assert 'shmfabric_splicer_client_connections{proto="redis"} 1.0' in text
     finally:
         st.stop()
+
+
+# -- health checks and auto-eject -----------------------------------------------------------------
+
+
+def test_health_checks_eject_and_return_a_server(fresh_pair) -> None:
+    with splicer(fresh_pair, auto_eject=True, health={"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1},
+                 timeouts={"connect": 0.5, "request": 5}) as s:
+        r = s.client()
+        b_keys = keys_on(s, 1, 20, "ej")
+        port = fresh_pair[1].port
+        fresh_pair[1].kill()
+        # Once server 1 is marked down and ejected, its keys are placed on server 0.
+        for _ in range(200):
+            if not s.stats()["servers"][1]["up"] and s.splicer.router.place(b_keys[0].encode())[0] == 0:
+                break
+            time.sleep(0.05)
+        assert not s.stats()["servers"][1]["up"]
+        for k in b_keys:
+            r.set(k, "moved")
+        assert fresh_pair[0].client().get(b_keys[0]) == b"moved"
+        # It comes back: the continuum is whole again and keys go home.
+        fresh_pair[1].port = port
+        fresh_pair[1].start()
+        for _ in range(200):
+            if s.stats()["servers"][1]["up"] and s.splicer.router.place(b_keys[0].encode())[0] == 1:
+                break
+            time.sleep(0.05)
+        assert s.splicer.router.place(b_keys[0].encode())[0] == 1
+        for _ in range(100):
+            try:
+                r.set(b_keys[0], "home")
+                break
+            except redis.ResponseError:
+                time.sleep(0.05)
+        assert fresh_pair[1].client().get(b_keys[0]) == b"home"

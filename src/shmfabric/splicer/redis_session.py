@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import is_
 
 import hiredis
@@ -75,7 +75,7 @@ class Router:
 
     __slots__ = ("ketama", "lanes", "pairs", "_cache", "_cache_max")
 
-    def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 65536) -> None:
+    def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 131072) -> None:
         if lanes < 1:
             raise ValueError("lanes must be at least 1")
         self.ketama = ketama
@@ -101,9 +101,13 @@ class Router:
         h = k.key_hash(key)
         server = 0 if len(k.servers) == 1 else k.dispatch(h)
         hit = server * self.lanes + h % self.lanes
-        if len(self._cache) >= self._cache_max:
-            self._cache = {}
-        self._cache[key] = hit
+        cache = self._cache
+        if len(cache) >= self._cache_max:
+            # Forget the older half (dicts keep insertion order): cheap, and keys that are
+            # still hot come back at once.
+            for old in list(islice(cache, len(cache) // 2)):
+                del cache[old]
+        cache[key] = hit
         return hit
 
     def place(self, key: bytes) -> tuple[int, int]:

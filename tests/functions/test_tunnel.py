@@ -1,0 +1,286 @@
+"""`compress` and `encrypt` tunnels: encap -> decap restores the exact inner packets (pure, no
+processes), tampering/replay/wrong keys/malformed outer packets are refused and counted, config
+errors are clear; and one chain with real processes:
+generator -> encrypt(encap) -> encrypt(decap) -> sink with verification."""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shmfabric.functions.api import FunctionConfigError, FunctionContext, NetworkFunction, Verdict, validate_config
+from shmfabric.functions.builtin.tunnel import Compress, Encrypt
+from shmfabric.functions.registry import load
+from shmfabric.net import build
+from shmfabric.net import checksum as ck
+
+from ._chain import Chain
+
+NEXT, DROP, CONSUMED = Verdict.NEXT, Verdict.DROP, Verdict.CONSUMED
+KEY = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+MALFORMED = [b"", b"\x45", b"\x45\x00\x00\x14" + b"\x00" * 8, b"\x60" + b"\x00" * 10, bytes(range(64))]
+
+
+def udp(src="10.0.0.1", dst="10.0.0.2", sport=1000, dport=53, payload=b"hello") -> bytes:
+    return build.ipv4(build.udp(sport, dport, payload, src=src, dst=dst), src=src, dst=dst, proto=17)
+
+
+def tcp(payload=b"", sport=1000) -> bytes:
+    return build.ipv4(build.tcp(sport, 80, payload, flags="PA", src="10.0.0.1", dst="10.0.0.2"),
+                      src="10.0.0.1", dst="10.0.0.2", proto=6)
+
+
+def udp6() -> bytes:
+    return build.ipv6(build.udp(1, 2, b"six", src="fd00::1", dst="fd00::2"), src="fd00::1", dst="fd00::2", next_header=17)
+
+
+INNER = [udp(), tcp(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 20), udp6(), udp(payload=os.urandom(1200)),
+         udp(payload=b"A" * 1400)] + MALFORMED  # a tunnel carries any bytes, malformed ones too
+
+
+def pair(cls, **cfg):
+    enc = cls(validate_config(cls, {"mode": "encap", **cfg}), FunctionContext(node="enc", mtu=9000))
+    dec = cls(validate_config(cls, {"mode": "decap", **cfg}), FunctionContext(node="dec", mtu=9000))
+    return enc, dec
+
+
+def through(fn, frames, now=1.0) -> tuple[list[int], list[bytes]]:
+    out = bytearray(len(frames))
+    fn.process(frames, now, out)
+    em = fn.ctx.emitted
+    assert all(v == NEXT for v, _ in em)
+    res = [bytes(d) for _, d in em]
+    em.clear()
+    return list(out), res
+
+
+def roundtrip(enc, dec, frames) -> list[bytes]:
+    v1, outer = through(enc, frames)
+    assert v1 == [CONSUMED] * len(frames)
+    v2, inner = through(dec, outer)
+    assert v2 == [CONSUMED] * len(outer)
+    return inner
+
+
+CASES = [(Compress, {"algorithm": "zstd"}), (Compress, {"algorithm": "lz4"}), (Compress, {"algorithm": "lz4", "level": 9}),
+         (Compress, {"algorithm": "zstd", "level": -3, "checksum": True}), (Encrypt, {"key": KEY}),
+         (Encrypt, {"key": KEY[:32], "key_id": 7, "outer_src": "172.16.0.1", "outer_dst": "172.16.0.2", "port": 4444})]
+
+
+@pytest.mark.parametrize("cls, cfg", CASES)
+def test_encap_then_decap_restores_the_exact_inner_packets(cls, cfg):
+    enc, dec = pair(cls, **cfg)
+    assert roundtrip(enc, dec, INNER) == INNER
+    assert roundtrip(enc, dec, [memoryview(p) for p in INNER]) == INNER  # any buffer as a frame
+    ce, cd = enc.counters(), dec.counters()
+    assert ce["out_packets"] == cd["in_packets"] == 2 * len(INNER) and cd["out_bytes"] == ce["in_bytes"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=3000), min_size=1, max_size=8))
+def test_roundtrip_of_arbitrary_bytes(packets):
+    for cls, cfg in CASES[:2] + CASES[4:5]:
+        enc, dec = pair(cls, **cfg)
+        assert roundtrip(enc, dec, packets) == packets
+
+
+def test_outer_packet_is_valid_ipv4_udp_with_flow_entropy():
+    enc, _ = pair(Encrypt, key=KEY)
+    _, outer = through(enc, [udp(sport=1), udp(sport=1), udp(sport=2), udp6()])
+    for o in outer:
+        assert o[0] == 0x45 and o[9] == 17 and ck.verify(o[:20])
+        assert struct.unpack_from("!H", o, 2)[0] == len(o) and struct.unpack_from("!H", o, 24)[0] == len(o) - 20
+        assert o[12:16] == bytes([192, 0, 2, 1]) and o[16:20] == bytes([192, 0, 2, 2])
+        assert struct.unpack_from("!H", o, 22)[0] == 57400
+    sports = [struct.unpack_from("!H", o, 20)[0] for o in outer]
+    assert sports[0] == sports[1] != sports[2] and all(49152 <= p < 65536 for p in sports)
+    nonces = {o[32:44] for o in outer}
+    assert len(nonces) == 4  # never reused
+
+
+def test_compress_stores_what_does_not_shrink_and_shrinks_what_does():
+    enc, dec = pair(Compress)
+    _, outer = through(enc, [udp(payload=os.urandom(1000)), udp(payload=b"z" * 1000), udp(payload=b"tiny")])
+    assert len(outer[0]) == 28 + 4 + 1028 and len(outer[1]) < 200 and len(outer[2]) == 28 + 4 + 32
+    assert enc.counters()["compressed"] == 1 and enc.counters()["stored"] == 2
+
+
+# --- what decap refuses ----------------------------------------------------------------------------------
+
+def refix_ip_checksum(p: bytearray) -> None:
+    p[10:12] = b"\x00\x00"
+    p[10:12] = ck.checksum(bytes(p[:20])).to_bytes(2, "big")
+
+
+def test_encrypt_decap_refuses_tampering_anywhere_but_accepts_a_lower_ttl():
+    enc, dec = pair(Encrypt, key=KEY)
+    _, (outer,) = through(enc, [udp(payload=b"secret" * 10)])
+    assert b"secret" not in outer
+    for at in [20, 21, 28, 29, 31, 33, 45, 60, len(outer) - 1]:  # sport, header, nonce, ciphertext, tag
+        bad = bytearray(outer)
+        bad[at] ^= 0x40
+        refix_ip_checksum(bad)
+        v, got = through(dec, [bytes(bad)])
+        assert v == [DROP] and got == [], f"byte {at}"
+    c = dec.counters()
+    assert c["auth_failed"] + c["bad_header"] + c["wrong_key_id"] + c["length_mismatch"] == 9
+    ttl = bytearray(outer)
+    ttl[8] -= 3  # routers decrement TTL: not authenticated, on purpose
+    refix_ip_checksum(ttl)
+    assert through(dec, [bytes(ttl)]) == ([CONSUMED], [udp(payload=b"secret" * 10)])
+
+
+def test_encrypt_decap_rejects_replays_but_tolerates_reordering():
+    enc, dec = pair(Encrypt, key=KEY, replay_window=64)
+    _, outer = through(enc, [udp(payload=bytes([i])) for i in range(100)])
+    order = sorted(range(50), key=lambda i: (i // 10, -i)) + list(range(50, 100))  # reversed within tens
+    v, _ = through(dec, [outer[i] for i in order])
+    assert v == [CONSUMED] * 100
+    v, _ = through(dec, [outer[99], outer[50], outer[0]])  # a replay; older than the window; too
+    assert v == [DROP] * 3 and dec.counters()["replayed"] == 3
+    enc2, _ = pair(Encrypt, key=KEY)  # another sender (new salt) starts its own window
+    assert through(dec, through(enc2, [udp()])[1])[0] == [CONSUMED]
+
+
+def test_encrypt_wrong_key_or_key_id_is_refused():
+    enc, _ = pair(Encrypt, key=KEY)
+    _, dec_other_key = pair(Encrypt, key="ff" * 32)
+    _, dec_other_id = pair(Encrypt, key=KEY, key_id=1)
+    _, outer = through(enc, [udp()])
+    assert through(dec_other_key, outer)[0] == [DROP] and dec_other_key.counters()["auth_failed"] == 1
+    assert through(dec_other_id, outer)[0] == [DROP] and dec_other_id.counters()["wrong_key_id"] == 1
+
+
+def test_non_tunnel_traffic_passes_compress_decap_and_is_dropped_by_encrypt_decap():
+    other = [udp(dport=57400), udp(src="192.0.2.1", dst="192.0.2.2", dport=9)] + MALFORMED
+    _, cdec = pair(Compress)
+    assert through(cdec, other)[0] == [NEXT] * len(other)
+    _, edec = pair(Encrypt, key=KEY)
+    assert through(edec, other)[0] == [DROP] * len(other)
+    assert edec.counters()["non_tunnel_dropped"] == len(other)
+    _, edec = pair(Encrypt, key=KEY, non_tunnel="pass")
+    assert through(edec, other)[0] == [NEXT] * len(other)
+
+
+def test_malformed_tunnel_packets_are_dropped_and_counted():
+    enc, dec = pair(Compress)
+    _, (outer,) = through(enc, [udp(payload=b"q" * 300)])
+    cases = []
+    bad = bytearray(outer)
+    bad[10] ^= 1  # IPv4 header checksum
+    cases.append(("malformed", bad))
+    bad = bytearray(outer)
+    bad[6] |= 0x20  # more fragments
+    refix_ip_checksum(bad)
+    cases.append(("fragments", bad))
+    cases.append(("malformed", bytearray(outer[:-10])))  # truncated: total length beyond the buffer
+    bad = bytearray(outer)
+    bad[28] = 0x21  # another version
+    cases.append(("bad_header", bad))
+    bad = bytearray(outer)
+    bad[29] = 9  # unknown algorithm
+    cases.append(("bad_header", bad))
+    bad = bytearray(outer)
+    bad[40:50] = b"\xff" * 10  # compressed body garbled
+    cases.append(("corrupt", bad))
+    bad = bytearray(outer)
+    bad[30:32] = (int.from_bytes(bad[30:32], "big") + 1).to_bytes(2, "big")  # wrong inner length
+    cases.append(("length_mismatch", bad))
+    for counter, b in cases:
+        before = dec.counters()[counter]
+        assert through(dec, [bytes(b)])[0] == [DROP], counter
+        assert dec.counters()[counter] == before + 1, counter
+
+
+def test_too_big_for_the_network_is_dropped_never_sent_in_the_clear():
+    enc = Encrypt(validate_config(Encrypt, {"mode": "encap", "key": KEY}), FunctionContext(mtu=1500))
+    v, outer = through(enc, [udp(payload=bytes(1400)), udp(payload=bytes(1460))])
+    assert v == [CONSUMED, DROP] and len(outer) == 1 and len(outer[0]) <= 1500
+    assert enc.counters()["too_big"] == 1
+
+
+def test_compress_then_encrypt_nests():
+    c_enc, c_dec = pair(Compress)
+    e_enc, e_dec = pair(Encrypt, key=KEY, port=4500)
+    inner = [tcp(b"abc" * 300, sport=s) for s in range(5)]
+    assert roundtrip(c_enc, c_dec, roundtrip(e_dec, e_enc, [])) == []  # nothing in, nothing out
+    outer = roundtrip(e_enc, e_dec, roundtrip(c_enc, c_dec, inner))
+    assert outer == inner
+
+
+# --- configuration --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg, msg", [
+    ({"mode": "encap"}, r"exactly one of key \(hex\) and key_file"),
+    ({"mode": "encap", "key": KEY, "key_file": "/x"}, r"exactly one of key"),
+    ({"mode": "encap", "key": "zz" * 16}, r"key is not hex"),
+    ({"mode": "encap", "key": "ab" * 10}, r"key has 10 bytes; AES-GCM needs 16, 24 or 32"),
+    ({"mode": "encap", "key_file": "/nonexistent/key"}, r"key_file '/nonexistent/key' cannot be read"),
+    ({"mode": "sideways", "key": KEY}, r"config.mode: Input should be 'encap' or 'decap'"),
+    ({"mode": "encap", "key": KEY, "outer_src": "fd00::1"}, r"config.outer_src: .*IPv4"),
+    ({"mode": "encap", "key": KEY, "port": 0}, r"config.port: Input should be greater than or equal to 1"),
+])
+def test_encrypt_config_errors(cfg, msg):
+    with pytest.raises(FunctionConfigError, match=msg) as e:
+        validate_config(Encrypt, cfg)
+    assert "0102030405" not in str(e.value)  # the key never shows up in an error
+
+
+def test_compress_config_errors():
+    with pytest.raises(FunctionConfigError, match=r"config.algorithm: Input should be 'zstd' or 'lz4'"):
+        validate_config(Compress, {"mode": "encap", "algorithm": "gzip"})
+    with pytest.raises(FunctionConfigError, match=r"config.mode: Field required"):
+        validate_config(Compress, {})
+
+
+def test_key_file_hex_or_raw(tmp_path):
+    raw = os.urandom(32)
+    (tmp_path / "raw.key").write_bytes(raw)
+    (tmp_path / "hex.key").write_text(raw.hex() + "\n")
+    a = Encrypt(validate_config(Encrypt, {"mode": "encap", "key_file": str(tmp_path / "raw.key")}), FunctionContext())
+    b = Encrypt(validate_config(Encrypt, {"mode": "decap", "key_file": str(tmp_path / "hex.key")}), FunctionContext())
+    assert roundtrip(a, b, [udp()]) == [udp()]
+
+
+def test_reconfigure_new_key_new_nonce_sequence():
+    enc, dec = pair(Encrypt, key=KEY)
+    roundtrip(enc, dec, [udp()] * 3)
+    salt = enc.salt
+    new = {"key": "ab" * 32}
+    enc.reconfigure(validate_config(Encrypt, {"mode": "encap", **new}))
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", **new}))
+    assert enc.salt != salt and enc.counter == 0
+    assert roundtrip(enc, dec, [udp()]) == [udp()]
+
+
+def test_registered_and_satisfy_the_protocol():
+    assert load("compress") is Compress and load("encrypt") is Encrypt
+    e, d = pair(Encrypt, key=KEY)
+    assert isinstance(e, NetworkFunction) and isinstance(pair(Compress)[0], NetworkFunction)
+
+
+# --- with processes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("function, cfg", [("encrypt", {"key": KEY}), ("compress", {"algorithm": "zstd"})])
+def test_tunnel_chain_with_processes_delivers_every_frame_intact(tmp_path, function, cfg):
+    """generator -> FUNCTION(encap) -> FUNCTION(decap) -> sink(verify): 0 corrupt, 0 missing."""
+    n = 3000
+    ch = Chain(tmp_path, mtu=1600)
+    try:
+        ch.start("sink", "sink", {"verify": True})
+        ch.start("dec", function, {"mode": "decap", **cfg}, "sink")
+        ch.start("enc", function, {"mode": "encap", **cfg}, "dec")
+        ch.wait_attached("sink", "dec", "enc")
+        ch.start("gen", "generator", {"count": n, "size": 1400, "flows": 64, "tcp_share": 0.5}, "enc")
+        ch.wait_exit("gen")
+        assert ch.wait_rx("sink", n) >= n, ch.logs()
+        enc, dec, sink = ch.stop("enc"), ch.stop("dec"), ch.stop("sink")
+        s = sink["function_counters"]
+        assert s["frames"] == n and s["unique"] == n and s["corrupt"] == 0 and s["missing"] == 0 and s["duplicates"] == 0, s
+        assert enc["counters"]["consumed"] == n and enc["counters"]["emitted"] == n and enc["counters"]["dropped"] == 0
+        assert dec["function_counters"]["out_packets"] == n and dec["counters"]["dropped"] == 0
+    finally:
+        ch.close()

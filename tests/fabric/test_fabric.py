@@ -551,3 +551,64 @@ def test_networks_with_different_mtus(harness):
         assert a["total"] == total
     small.detach(), big.detach()
     assert assert_conserved(fab, 0)["free"] == 128 and assert_conserved(fab, 1)["free"] == 64
+
+
+def test_forward_batch_into_a_nearly_full_ring_keeps_the_rest(harness):
+    fab = harness.create(ring_size=16, networks=[{"mtu": 1500, "slots": 256}], max_nodes=4)
+    a, b, c = fab.attach("a"), fab.attach("b"), fab.attach("c")
+    drain(b), drain(c)
+    payloads = [make_payload(a.id, c.id, s, 50) for s in range(16)]
+    assert a.send_batch(b.id, payloads) == 16
+    assert b.send_batch(c.id, [b"filler"] * 6) == 6  # c's ring from b has 10 places left
+    with b.recv_batch(64, timeout=1) as bt:
+        assert b.forward_batch(c.id, bt) == 10
+        assert b.stats()["tx_ring_full"] == 6
+        rest = [f for f in bt if "forwarded" not in repr(f)]
+        assert [f.tobytes() for f in rest] == payloads[10:]  # still b's, still readable
+        assert drain(c) == [b"filler"] * 6 + payloads[:10]
+        assert b.forward_batch(c.id, bt) == 6  # only the ones not yet forwarded
+    assert drain(c) == payloads[10:]
+    assert_conserved(fab)
+
+
+def test_foreign_objects_are_refused(fab):
+    a, b = fab.attach("a"), fab.attach("b")
+    buf = a.alloc()
+    with pytest.raises(ValueError, match="another node"):
+        b.send_buffer(a.id, buf, 1)
+    a.send(b.id, b"x")
+    with b.recv_batch(timeout=1) as bt:
+        with pytest.raises(ValueError, match="another node"):
+            a.forward(b.id, bt[0])
+        with pytest.raises(ValueError, match="another node"):
+            a.forward_batch(b.id, bt)
+        with pytest.raises(IndexError):
+            bt[1]
+    with pytest.raises(ValueError, match="max_frames"):
+        b.recv_batch(0, timeout=0)
+    with pytest.raises(TypeError):
+        a.send_batch(b.id, 5)
+
+
+def test_wait_reports_pending_frames(fab):
+    a, b = fab.attach("a"), fab.attach("b")
+    drain(b)
+    assert b.wait(0) is False
+    a.send(b.id, b"x")
+    assert b.wait(1) is True
+    assert b.wait(0) is True  # wait() does not take the frame
+    assert drain(b) == [b"x"]
+
+
+def test_frames_outliving_their_fabric_raise_instead_of_crashing(harness):
+    fab = harness.create(networks=[{"mtu": 1500, "slots": 64}], max_nodes=4)
+    a, b = fab.attach("a"), fab.attach("b")
+    a.send(b.id, b"x")
+    bt = b.recv_batch(timeout=1)
+    f = bt[0]
+    fab.close()
+    with pytest.raises(ReleasedFrameError):
+        f.tobytes()
+    with pytest.raises(FabricError, match="detached"):
+        a.send(b.id, b"y")
+    bt.release()

@@ -8,6 +8,7 @@ behaviour the issue specifies."""
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 import pytest
@@ -164,6 +165,24 @@ def test_slow_reader_lapped_by_another_process_never_sees_a_torn_frame(harness):
     w.finish()
 
 
+def reapers_of(name: str) -> list[int]:
+    """Pids of reaper processes watching fabric `name` (they must exit once the file is gone)."""
+    from shmfabric.core.region import region_path
+
+    want = str(region_path(name)).encode()
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"shmfabric.core.reaper" in cmd and want in cmd:
+                pids.append(int(d))
+    return pids
+
+
 def test_ephemeral_fabric_removed_after_last_node_exits(harness):
     name = unique_name("eph")
     harness.names.append(name)
@@ -174,8 +193,10 @@ def test_ephemeral_fabric_removed_after_last_node_exits(harness):
     c.finish()  # the creator leaves normally; another node is still attached
     time.sleep(0.6)
     assert shm_leftover(name), "removed while a node was still attached"
+    assert len(reapers_of(name)) == 1
     other.finish()
     assert wait_until(lambda: not shm_leftover(name), 3.0), f"{path} left behind"
+    assert wait_until(lambda: not reapers_of(name), 3.0), "the reaper did not exit"
 
 
 def test_ephemeral_fabric_removed_when_every_node_is_killed(harness):
@@ -189,6 +210,7 @@ def test_ephemeral_fabric_removed_when_every_node_is_killed(harness):
     for w in [c, *others]:
         w.kill9()
     assert wait_until(lambda: not shm_leftover(name), 3.0), "the reaper did not remove the file"
+    assert wait_until(lambda: not reapers_of(name), 3.0), "the reaper did not exit"
 
 
 def test_blocked_receiver_in_another_process_is_woken_by_a_send(harness, fab):

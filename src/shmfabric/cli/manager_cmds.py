@@ -211,9 +211,9 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
             + (f", API {api.url}" if api else "") + (f", metrics http://{topo.metrics}/metrics" if topo.metrics else "")
             + ("" if args.duration else "; Ctrl-C stops everything"), flush=True)
         sup.run(stop, args.duration)
-        sup.tick()
-        final = sup.status()
         say("stopping: sources first, each node drains its input ...", flush=True)
+        sup.quiesce()
+        final = sup.status()
     finally:
         if api:
             api.close()
@@ -357,7 +357,8 @@ class Rates:
                     cpu = max(0.0, 100.0 * (i["cpu_seconds"] - o["cpu_seconds"]) / dt)
                 rows.append({"name": i["name"], "function": i["function"], "state": i["state"], "pid": i["pid"],
                              "fps": rate("in_frames", c.get("in_frames", i["rx_frames"])),
-                             "bps": rate("rx_bytes", i["rx_bytes"]),
+                             # a source receives nothing: show what it sends
+                             "bps": rate("rx_bytes", i["rx_bytes"]) if i["rx_frames"] else rate("tx_bytes", i["tx_bytes"]),
                              "out_fps": rate("out_frames", c.get("out_frames", i["tx_frames"])),
                              "dropped": _dropped(i), "queue": i["queue_depth"], "cpu": cpu,
                              "restarts": i["restarts"]})

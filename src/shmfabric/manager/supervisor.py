@@ -236,6 +236,27 @@ class Supervisor:
                 self._event("down", "", "all instances stopped")
             self.started = False
 
+    def quiesce(self, timeout: float = 10.0) -> None:
+        """Stop the sources (nodes nothing sends to), then wait until every ring is empty and the
+        counters hold still, so a final status adds up (frames sent = received + dropped)."""
+        with self.lock:
+            for name, node in self.nodes.items():
+                if not self.topo.upstream_of(name):
+                    for inst in node.instances:
+                        if inst.state in ("running", "starting"):
+                            self._stop_instance(inst, drain=True)
+        deadline = self.clock() + timeout
+        last = None
+        while self.clock() < deadline:
+            self.tick()
+            with self.lock:
+                snap = [(i.name, i.counters.get("in_frames"), i.counters.get("out_frames"))
+                        for n in self.nodes.values() for i in n.instances]
+                if snap == last and not any(r["depth"] for r in self._rings):
+                    return
+                last = snap
+            time.sleep(self.topo.poll_interval)
+
     def run(self, stop: threading.Event, duration: float | None = None) -> None:
         """Tick every poll_interval until `stop` is set or `duration` seconds passed."""
         end = None if duration is None else self.clock() + duration
@@ -486,6 +507,13 @@ class Supervisor:
                 try:
                     reply = self._request(inst.name, {"op": "stop"}, STOP_TIMEOUT)
                     processed = reply.get("processed")
+                    if isinstance(processed, int):
+                        # the reply carries the final input count; counters polled earlier are stale
+                        c = inst.counters
+                        if not self.topo.upstream_of(inst.node) and c.get("in_frames", 0) <= processed:
+                            # a source sends what it produced, less what it could not hand on
+                            c["out_frames"] = processed - int(c.get("dropped", 0)) - int(c.get("next_down", 0))
+                        c["in_frames"] = processed
                 except SupervisorError as exc:
                     self._event("stop", inst.name, f"no reply to stop ({exc}); terminating")
             try:

@@ -264,3 +264,15 @@ def test_monitor_in_a_chain_captures_everything_and_passes_it_on(tmp_path):
             assert len(tshark(path, "udp.srcport")) == 500
     finally:
         ch.close()
+
+
+def test_rotation_inside_one_batch_splits_it_over_files(tmp_path):
+    path = tmp_path / "one.pcap"
+    m = make({"capture": {"path": str(path), "rotate_bytes": 4096, "linktype": "raw"}})
+    frames = [udp(sport=i, payload=bytes(300)) for i in range(100)]
+    run(m, frames, now=1.0)
+    m.close()
+    files = sorted(tmp_path.glob("one_*.pcap"))
+    recs = [r for f in files for r in pcap_records(f)[1]]
+    assert all(f.stat().st_size <= 4096 for f in files) and len(files) == 10  # 11 records of 344 B per file
+    assert [r[1] for r in recs] == frames

@@ -153,17 +153,35 @@ class PcapWriter:
 
     def write(self, ts: float, data: bytes, orig_len: int | None = None) -> int:
         """One record; `data` is cut to snaplen. Returns the bytes written."""
-        sec = int(ts)
-        usec = int(round((ts - sec) * 1e6))
-        if usec >= 1_000_000:
-            sec, usec = sec + 1, usec - 1_000_000
+        return self.write_many(ts, [data]) if orig_len is None else self._write(ts, data, orig_len)
+
+    def _write(self, ts: float, data: bytes, orig_len: int) -> int:
+        sec, usec = split_ts(ts)
         cap = data[: self.snaplen]
-        self.f.write(_PCAP_RECORD.pack(sec, usec, len(cap), len(data) if orig_len is None else orig_len))
-        self.f.write(cap)
-        n = _PCAP_RECORD.size + len(cap)
-        self.size += n
+        rec = _PCAP_RECORD.pack(sec, usec, len(cap), orig_len) + cap
+        self.f.write(rec)
+        self.size += len(rec)
         self.records += 1
-        return n
+        return len(rec)
+
+    def write_many(self, ts: float, datas: list[bytes]) -> int:
+        """Records with one timestamp (a batch shares its `now`), in one write call."""
+        sec, usec = split_ts(ts)
+        snap, pack = self.snaplen, _PCAP_RECORD.pack
+        chunk = b"".join([pack(sec, usec, min(len(d), snap), len(d)) + d[:snap] for d in datas])
+        self.f.write(chunk)
+        self.size += len(chunk)
+        self.records += len(datas)
+        return len(chunk)
+
+
+def split_ts(ts: float) -> tuple[int, int]:
+    """Seconds and microseconds of a time stamp."""
+    sec = int(ts)
+    usec = int(round((ts - sec) * 1e6))
+    if usec >= 1_000_000:
+        sec, usec = sec + 1, usec - 1_000_000
+    return sec, usec
 
 
 class Capture:
@@ -201,16 +219,31 @@ class Capture:
                     pass
             del self.files[: -self.cfg.keep]
 
-    def write(self, ts: float, data: bytes) -> int:
+    def write(self, ts: float, datas: list[bytes]) -> int:
+        """Records with time stamp `ts`, rotating files at the size limit. Returns bytes written."""
         w = self.writer
         assert w is not None
-        rec = _PCAP_RECORD.size + min(len(data), w.snaplen)
-        if self.cfg.rotate_bytes and w.records and w.size + rec > self.cfg.rotate_bytes:
-            self._open_next()
-            w = self.writer
-            assert w is not None
         self.dirty = True
-        return w.write(ts, data)
+        limit = self.cfg.rotate_bytes
+        if not limit:
+            return w.write_many(ts, datas)
+        written, start, size = 0, 0, w.size
+        per = _PCAP_RECORD.size
+        snap = w.snaplen
+        for i, d in enumerate(datas):
+            rec = per + min(len(d), snap)
+            if size + rec > limit and (w.records or i > start):
+                if i > start:
+                    written += w.write_many(ts, datas[start:i])
+                    start = i
+                self._open_next()
+                w = self.writer
+                assert w is not None
+                size = w.size
+            size += rec
+        if start < len(datas):
+            written += w.write_many(ts, datas[start:])
+        return written
 
     def flush(self) -> None:
         if self.writer is not None and self.dirty:
@@ -254,7 +287,6 @@ class Monitor:
                   "captured": 0, "capture_bytes": 0, "capture_errors": 0, "reports": 0}
         self.flow_table: dict[tuple, list] = {}  # key -> [packets, bytes, first, last]
         self.capture: Capture | None = None
-        self._capture_files = 0
         self._configure(config)
 
     def _configure(self, config: MonitorConfig) -> None:
@@ -290,6 +322,8 @@ class Monitor:
         by = cfg.top_by
         agg: dict[Any, int] = {}  # top-talker weight per key in this batch: one update per key
         cap = self.capture
+        capture_all = cap is not None and cap.match is None
+        grab: list[Any] | None = [] if cap is not None else None
         nbytes = 0
         for f in frames:
             n = len(f)
@@ -297,8 +331,8 @@ class Monitor:
             key = parse_5tuple_ip(f)
             if key.__class__ is not tuple:
                 c["unparsed"] += 1
-                if cap is not None and cap.match is None:
-                    self._capture(f, now)
+                if capture_all:
+                    grab.append(f)  # type: ignore[union-attr]
                 continue
             if table is not None:
                 e = table.get(key)
@@ -313,8 +347,10 @@ class Monitor:
             if top is not None:
                 k = key if by == "flow" else key[0] if by == "src" else key[1]
                 agg[k] = agg.get(k, 0) + n
-            if cap is not None and (cap.match is None or cap.match.matches(key)):
-                self._capture(f, now)
+            if grab is not None and (capture_all or cap.match.matches(key)):  # type: ignore[union-attr]
+                grab.append(f)
+        if grab:
+            self._capture(grab, now)
         c["packets"] += len(frames)
         c["bytes"] += nbytes
         if top is not None:
@@ -322,16 +358,17 @@ class Monitor:
                 top.add(k, w)
         # verdicts stay NEXT: the monitor only observes
 
-    def _capture(self, f: Any, now: float) -> None:
+    def _capture(self, frames: list[Any], now: float) -> None:
         cap = self.capture
         if cap is None:
             return
-        data = bytes(f)
         if cap.linktype == LINKTYPE_ETHERNET:
-            data = ethernet_header(f) + data
+            datas = [ethernet_header(f) + bytes(f) for f in frames]
+        else:
+            datas = [bytes(f) for f in frames]
         try:
-            self.c["capture_bytes"] += cap.write(now + self.epoch_offset, data)
-            self.c["captured"] += 1
+            self.c["capture_bytes"] += cap.write(now + self.epoch_offset, datas)
+            self.c["captured"] += len(datas)
         except OSError as e:  # disk full, file removed under us...: stop capturing, keep monitoring
             self.c["capture_errors"] += 1
             self.ctx.log("capture_error", {"node": self.ctx.node, "error": str(e)})

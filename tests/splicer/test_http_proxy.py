@@ -660,3 +660,29 @@ def test_metrics_text_and_endpoint():
         finally:
             await env.close()
     run(main())
+
+
+def test_pool_reconnects_with_backoff_when_the_backend_comes_up_late():
+    async def main():
+        env = Env()
+        try:
+            import socket
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            sp = await env.splice(default=[f"127.0.0.1:{port}"], pool={"min": 2, "max": 4}, timeouts={"connect": 0.5})
+            server = sp.servers[f"127.0.0.1:{port}"]
+            await wait_for(lambda: not server.up)  # refused connects took it out of rotation
+            r, w = await env.connect()
+            w.write(get("/early", 1))
+            replies, _ = await read_replies(r, [b"GET"])
+            assert replies[0].status == 503
+            be = await EchoBackend("late").start(port)
+            env.backends.append(be)
+            await wait_for(lambda: server.up and sp.pool_sizes()[server.name]["free"] == 2)
+            w.write(get("/late", 2))
+            replies, _ = await read_replies(r, [b"GET"])
+            assert replies[0].status == 200 and replies[0].seq == b"2"
+        finally:
+            await env.close()
+    run(main())

@@ -582,7 +582,7 @@ def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = Fal
         if len(name) in _HOP_LENS:  # lower() only names that could be hop-by-hop
             lname = name.lower()
             if lname in _HOP:
-                if lname == b"connection":
+                if lname == b"connection" and value.lower() not in _CONN_STD:
                     toks = [t for t in _tokens(value) if t not in _CONN_STD]
                     if toks:
                         extra = (extra or set()).union(toks)

@@ -412,6 +412,9 @@ class BackendServer:
             raise
         self.connecting -= 1
         self.backoff.reset()
+        # a successful connect counts as a passing check, so a server comes back into rotation
+        # by passive results alone (active checks may be off)
+        self.health.record(True)
         if self._closed:
             conn.abort()
             return
@@ -422,6 +425,7 @@ class BackendServer:
             except OSError:
                 pass
         self._hand_over(conn)
+        self._fill()  # keep going up to `min` (one probe at a time while the server is down)
 
     def _connect_failed(self, message: str) -> None:
         # With no connection left to wait for, the waiters fail now (502, or retried elsewhere).

@@ -122,22 +122,24 @@ def test_ctrl_c_stops_everything_cleanly(env, topo):
         banner = proc.stdout.readline()
         assert "Ctrl-C stops everything" in banner
         time.sleep(0.5)
+        st = json.loads(cli(env, "status", "--json").stdout)
+        pids = [i["pid"] for n in st["nodes"] for i in n["instances"]]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    final = json.loads(out.strip().splitlines()[-1])
-    pids = [i["pid"] for n in final["nodes"] for i in n["instances"]]
-    assert pids and not any(_alive(p) for p in pids)
+    final = json.loads(out.strip().splitlines()[-1])  # the summary, as JSON
+    assert [n["name"] for n in final["nodes"]] == ["gen", "fw", "sink"]
+    assert len(pids) == 3 and all(pids) and not any(_alive(p) for p in pids)
     assert not region_path(name).exists()
 
 
 def test_rates_from_two_snapshots():
     def snap(frames, cpu, delivered):
         inst = {"name": "fw", "function": "firewall", "state": "running", "pid": 7, "rx_frames": frames,
-                "rx_bytes": frames * 100, "tx_frames": frames, "queue_depth": 3, "cpu_seconds": cpu, "restarts": 0,
+                "rx_bytes": frames * 100, "tx_frames": frames, "tx_bytes": frames * 100, "queue_depth": 3, "cpu_seconds": cpu, "restarts": 0,
                 "dropped": 0, "counters": {"in_frames": frames, "out_frames": frames}}
         return {"nodes": [{"name": "fw", "instances": [inst]}],
                 "chains": [{"name": "c", "delivered_frames": delivered}]}

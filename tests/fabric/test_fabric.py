@@ -474,7 +474,7 @@ def test_stats_counters(fab):
     sa, sb = a.stats(), b.stats()
     assert sa["tx_frames"] - base_a["tx_frames"] == 10 and sa["tx_bytes"] - base_a["tx_bytes"] == 1000
     assert sb["rx_frames"] - base_b["rx_frames"] == 5
-    assert sb["rx_bytes"] - base_b["rx_bytes"] == 5 * (100 + 14)  # rx counts whole frames
+    assert sb["rx_bytes"] - base_b["rx_bytes"] == 500  # payload bytes, like tx_bytes
     rs = fab.ring_stats(a.id, b.id)
     assert (rs["enqueued"], rs["dequeued"], rs["depth"], rs["down"]) == (10, 5, 5, False)
     nodes = {n["name"]: n for n in fab.nodes()}
@@ -612,3 +612,23 @@ def test_frames_outliving_their_fabric_raise_instead_of_crashing(harness):
     with pytest.raises(FabricError, match="detached"):
         a.send(b.id, b"y")
     bt.release()
+
+
+def test_byte_counters_agree_along_a_chain(fab):
+    """tx_bytes of a sender, rx_bytes of its receiver and tx_bytes of a forwarder all count the
+    same thing (payload bytes), for plain, raw and forwarded frames."""
+    a, b, c = fab.attach("a"), fab.attach("b"), fab.attach("c")
+    for n in (a, b, c):
+        drain(n)
+    base = {n.name: n.stats() for n in (a, b, c)}
+    assert a.send_batch(b.id, [b"p" * 100] * 10) == 10
+    hdr = b.mac + a.mac + (0x0800).to_bytes(2, "big")
+    assert a.send_batch(b.id, [hdr + b"r" * 50], raw=True) == 1
+    with b.recv_batch(64, timeout=1) as bt:
+        assert len(bt) == 11 and bt.payload_bytes == 1050
+        assert b.forward_batch(c.id, bt) == 11
+    with c.recv_batch(64, timeout=1) as bt:
+        assert bt.payload_bytes == 1050
+    d = {n.name: {k: v - base[n.name][k] for k, v in n.stats().items()} for n in (a, b, c)}
+    assert d["a"]["tx_bytes"] == d["b"]["rx_bytes"] == d["b"]["tx_bytes"] == d["c"]["rx_bytes"] == 1050, d
+    assert d["a"]["tx_frames"] == d["b"]["rx_frames"] == d["b"]["tx_frames"] == d["c"]["rx_frames"] == 11

@@ -769,7 +769,7 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         d->pool = (uint16_t)pool;
         d->flags = control ? SF_DESC_CONTROL : 0;
         d->meta = meta;
-        bytes += (uint64_t)len;
+        bytes += (uint64_t)len + hlen - SF_ETH_HLEN; /* payload bytes (a raw frame's len has its header) */
     }
     finish_send(p, g, head, i, want, bytes, dst, dst_tag);
     Py_DECREF(fast);
@@ -990,7 +990,7 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
             fr->flags = d->flags;
             fr->meta = d->meta;
             fr->state = FS_OWNED;
-            bytes += len;
+            bytes += len >= SF_ETH_HLEN ? len - SF_ETH_HLEN : 0; /* payload bytes, as the sender counted them */
         }
         STORE_RELEASE(&g->tail, tail + take); /* R2 pairs with A1; descriptors were copied out */
         STORE_RELAXED(&g->deq_frames, g->deq_frames + take);
@@ -1418,7 +1418,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         if (fr->state == FS_COPY)
             fr->data = fd; /* (unused after this; keep it pointing at live memory) */
         fr->state = FS_GONE;
-        bytes += fr->len;
+        bytes += fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0; /* payload bytes */
         sent++;
     }
     finish_send(p, g, head, sent, wanted, bytes, dst, dst_tag);

@@ -83,7 +83,7 @@ typedef struct sf_node {
     SF_ALIGNED uint32_t doorbell; /* (a) bumped by a sender that saw `waiting` */
     uint32_t waiting;        /* (o) 1 while the owner may be asleep */
     /* counters, owner-written, read by anyone (relaxed) */
-    SF_ALIGNED uint64_t tx_frames, tx_bytes, rx_frames, rx_bytes;
+    SF_ALIGNED uint64_t tx_frames, tx_bytes, rx_frames, rx_bytes; /* bytes: payload after the 14-byte header */
     uint64_t tx_ring_full;   /* frames not sent because a ring was full */
     uint64_t tx_drops;       /* frames refused: destination down or unknown */
     uint64_t rx_lapped;      /* tape entries missed because the writer lapped this reader */

@@ -388,10 +388,14 @@ def test_client_closing_mid_pipeline_leaks_nothing(fresh_pair) -> None:
 def test_auth_to_clients_and_backends(tmp_path: Path) -> None:
     with redis_servers(tmp_path, 2, extra=["--requirepass", "backend-secret"]) as servers:
         with splicer(servers, password="front-secret", backend_password="backend-secret") as s:
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            no_retry = Retry(NoBackoff(), 0)  # redis-py retries connection errors, auth ones included
             with pytest.raises(redis.AuthenticationError):
-                s.client().ping()  # NOAUTH
+                s.client(retry=no_retry).ping()  # NOAUTH
             with pytest.raises(redis.AuthenticationError):
-                s.client(password="wrong").ping()
+                s.client(password="wrong", retry=no_retry).ping()
             r = s.client(password="front-secret")  # HELLO 3 AUTH default front-secret
             assert r.set("auth:k", "v") is True
             assert r.mget(["auth:k", "auth:none"]) == [b"v", None]

@@ -51,9 +51,8 @@ def _schar(b: int) -> int:
     return b - 256 if b >= 128 else b
 
 
-def _md5(key: bytes) -> int:
-    d = hashlib.md5(key).digest()
-    return d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
+def _md5(key: bytes, _md5=hashlib.md5, _from=int.from_bytes) -> int:
+    return _from(_md5(key).digest()[:4], "little")
 
 
 def _fnv1_64(key: bytes) -> int:

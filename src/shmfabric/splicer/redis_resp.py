@@ -206,75 +206,102 @@ class RequestReader:
 
     def next(self) -> list[bytes] | None:
         """Return the next complete command, or None if more bytes are needed."""
-        while True:
-            if self._in_hiredis:
-                reader = self._reader
-                try:
-                    cmd = reader.gets()
-                except hiredis.ProtocolError as exc:
-                    if self._recover():
-                        continue
-                    self.failed = True
-                    raise RespProtocolError(_hiredis_message(exc)) from None
-                if cmd is False:
-                    # Not a boundary test: hiredis may have consumed part of a request (its
-                    # header and some arguments) and hold that state with nothing left unread.
-                    if self._hiredis_bytes > self.max_request_bytes:
-                        self.failed = True
-                        raise RespProtocolError("invalid bulk length")
-                    return None
-                if type(cmd) is not list:
-                    self.failed = True
-                    raise RespProtocolError("expected '*' as the first byte of a request")
-                for arg in cmd:
-                    if type(arg) is not bytes:
-                        self.failed = True
-                        raise RespProtocolError("expected '$', got another RESP type in a request")
-                if len(cmd) > MULTIBULK_MAX:
-                    self.failed = True
-                    raise RespProtocolError("invalid multibulk length")
-                self._hiredis_bytes = 0
-                left = reader.len()
-                if left < self._hlen:  # hiredis trimmed: exactly `left` bytes follow this request
-                    self._hlen = left
-                    self._known_end = self._fed - left
-                    self._since.clear()
-                    if len(self._mirror) > 4:
-                        self._trim_mirror()
-                else:
-                    self._since.append(cmd)
-                if not reader.has_data():
-                    # A request just ended and nothing follows: a true boundary, so the next
-                    # request may be inline again. The reader is kept (it is at a clean state).
-                    self._in_hiredis = False
-                    self._since.clear()
-                    self._mirror.clear()
-                    self._mirror_start = self._known_end = self._fed
-                    self._hlen = left
-                if not cmd:  # "*0\r\n": Redis skips empty multibulks silently
+        cmds, err = self.drain(1)
+        if cmds:
+            return cmds[0]
+        if err is not None:
+            raise err
+        return None
+
+    def drain(self, limit: int) -> tuple[list[list[bytes]], RespProtocolError | None]:
+        """Up to `limit` complete commands, and the protocol error that stopped the reading if any.
+
+        The commands before a malformed one are returned with the error, so the shell answers
+        them before it reports the error and closes, as redis-server does.
+        """
+        out: list[list[bytes]] = []
+        append = out.append
+        n = 0
+        try:
+            while n < limit:
+                if self._in_hiredis:
+                    reader = self._reader
+                    gets = reader.gets
+                    since = self._since
+                    while n < limit:
+                        try:
+                            cmd = gets()
+                        except hiredis.ProtocolError as exc:
+                            if self._recover():
+                                break
+                            self.failed = True
+                            raise RespProtocolError(_hiredis_message(exc)) from None
+                        if cmd is False:
+                            # Not a boundary test: hiredis may have consumed part of a request
+                            # (its header and some arguments) and hold that state with nothing
+                            # left unread.
+                            if self._hiredis_bytes > self.max_request_bytes:
+                                self.failed = True
+                                raise RespProtocolError("invalid bulk length")
+                            return out, None
+                        if type(cmd) is not list:
+                            self.failed = True
+                            raise RespProtocolError("expected '*' as the first byte of a request")
+                        for arg in cmd:
+                            if type(arg) is not bytes:
+                                self.failed = True
+                                raise RespProtocolError("expected '$', got another RESP type in a request")
+                        if len(cmd) > MULTIBULK_MAX:
+                            self.failed = True
+                            raise RespProtocolError("invalid multibulk length")
+                        self._hiredis_bytes = 0
+                        left = reader.len()
+                        if left < self._hlen:  # hiredis trimmed: exactly `left` bytes follow this request
+                            self._hlen = left
+                            self._known_end = self._fed - left
+                            since.clear()
+                            if len(self._mirror) > 4:
+                                self._trim_mirror()
+                        else:
+                            since.append(cmd)
+                        if cmd:  # "*0\r\n": Redis skips empty multibulks silently
+                            append(cmd)
+                            n += 1
+                        if not reader.has_data():
+                            # A request just ended and nothing follows: a true boundary, so the
+                            # next request may be inline again. The reader is kept (it is clean).
+                            self._in_hiredis = False
+                            since.clear()
+                            self._mirror.clear()
+                            self._mirror_start = self._known_end = self._fed
+                            self._hlen = left
+                            break
                     continue
-                return cmd
-            pending = self._pending
-            if not pending:
-                return None
-            if pending[0] == 0x2A:  # '*': a multibulk run goes to hiredis
-                self._pending = b""
-                self._in_hiredis = True
-                self._feed_hiredis(pending)
-                continue
-            nl = pending.find(b"\n")
-            if nl < 0:
-                if len(pending) > INLINE_MAX:
-                    self.failed = True
-                    raise RespProtocolError("too big inline request")
-                return None
-            line = pending[:nl]
-            self._pending = pending[nl + 1 :]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            args = _split_inline(line)
-            if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
-                return args
+                pending = self._pending
+                if not pending:
+                    break
+                if pending[0] == 0x2A:  # '*': a multibulk run goes to hiredis
+                    self._pending = b""
+                    self._in_hiredis = True
+                    self._feed_hiredis(pending)
+                    continue
+                nl = pending.find(b"\n")
+                if nl < 0:
+                    if len(pending) > INLINE_MAX:
+                        self.failed = True
+                        raise RespProtocolError("too big inline request")
+                    break
+                line = pending[:nl]
+                self._pending = pending[nl + 1 :]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                args = _split_inline(line)
+                if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
+                    append(args)
+                    n += 1
+        except RespProtocolError as exc:
+            return out, exc
+        return out, None
 
     def _trim_mirror(self) -> None:
         keep_from = self._known_end
@@ -434,6 +461,44 @@ class ReplyScanner:
     def buffered(self) -> int:
         """Bytes held that are not yet part of a returned reply."""
         return len(self._buf) - self._pos + self._parts_len
+
+    def drain(self, limit: int) -> list[bytes]:
+        """Up to `limit` complete replies (exact bytes), in order."""
+        out: list[bytes] = []
+        if self._parts and not self._measuring:
+            self._join()
+        # Inline fast path for runs of one-line and bulk replies (most of a pipelined stream).
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        find = buf.find
+        append = out.append
+        while len(out) < limit and pos < end:
+            t = buf[pos]
+            if t == 0x2B or t == 0x3A or t == 0x2D:  # + : -
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                stop = nl + 2
+            elif t == 0x24:  # $
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                n = _int(buf, pos + 1, nl)
+                stop = nl + 2 if n < 0 else nl + n + 4
+                if stop > end:
+                    break
+            else:
+                break
+            append(buf[pos:stop])
+            pos = stop
+        self._pos = pos
+        while len(out) < limit:
+            r = self.next()
+            if r is None:
+                break
+            out.append(r)
+        return out
 
     def next(self) -> bytes | None:
         """Return the next complete reply (exact bytes), or None if more data is needed."""

@@ -18,6 +18,7 @@ Pure: no sockets, no asyncio, no clock.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
@@ -99,7 +100,14 @@ class Router:
             return hit
         k = self.ketama
         h = k.key_hash(key)
-        server = 0 if len(k.servers) == 1 else k.dispatch(h)
+        if len(k.servers) == 1:
+            server = 0
+        else:  # Ketama.dispatch, inlined
+            values = k._values
+            if not values:
+                raise LookupError("no live server")
+            i = bisect_left(values, h)
+            server = k._index[i if i < len(values) else 0]
         hit = server * self.lanes + h % self.lanes
         cache = self._cache
         if len(cache) >= self._cache_max:

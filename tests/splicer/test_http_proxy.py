@@ -112,6 +112,9 @@ class Env:
         return b
 
     async def splice(self, **cfg) -> HttpSplicer:
+        # Any exception that reaches the event loop (a bug in a callback) fails the test.
+        self.loop_errors: list = getattr(self, "loop_errors", [])
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
         cfg.setdefault("listen", "127.0.0.1:0")
         cfg.setdefault("health", {"enabled": False})
         cfg["pool"] = {**cfg.get("pool", {}), "pipeline": self.pipeline}
@@ -127,6 +130,9 @@ class Env:
             await self.splicer.close()
         for b in self.backends:
             await b.close()
+        await asyncio.sleep(0)
+        errors = getattr(self, "loop_errors", [])
+        assert not errors, [f"{e.get('message')}: {e.get('exception')!r}" for e in errors]
 
 
 async def wait_for(pred, timeout: float = 10.0) -> None:
@@ -683,6 +689,36 @@ def test_pool_reconnects_with_backoff_when_the_backend_comes_up_late():
             w.write(get("/late", 2))
             replies, _ = await read_replies(r, [b"GET"])
             assert replies[0].status == 200 and replies[0].seq == b"2"
+        finally:
+            await env.close()
+    run(main())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.binary(max_size=60), st.sampled_from([
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+    b"\r\n", b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n", b"GET /?delay=5 HTTP/1.1\r\nHost: h\r\n"])), max_size=8))
+def test_fuzz_random_input_through_the_splicer_never_breaks_it(chunks):
+    """Whatever a client sends, the splicer answers with HTTP or closes, leaks no pooled
+    connection, raises nothing into the event loop, and keeps serving other clients."""
+    async def main():
+        env = Env()
+        try:
+            be = await env.backend("a")
+            sp = await env.splice(default=[be.address], pool={"min": 1, "max": 4})
+            r, w = await env.connect()
+            for c in chunks:
+                w.write(c)
+            await asyncio.sleep(0.02)
+            w.write_eof()
+            data = await asyncio.wait_for(r.read(), 10)
+            assert data == b"" or data.startswith(b"HTTP/1.1 ")
+            w.close()
+            await wait_for(lambda: settled(sp) and not sp.clients)
+            r2, w2 = await env.connect()
+            w2.write(get("/ok", 1))
+            replies, _ = await read_replies(r2, [b"GET"])
+            assert replies[0].status == 200
         finally:
             await env.close()
     run(main())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -504,8 +503,3 @@ class BackendGroup:
         if best is None and exclude is not None and exclude.up:
             return exclude
         return best
-
-
-def monotonic() -> float:
-    """The clock the shell uses for latency metrics."""
-    return time.monotonic()

@@ -50,7 +50,7 @@ class Exchange:
 
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
-                 "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable")
+                 "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -75,6 +75,7 @@ class Exchange:
         self.tunnel = False
         self.head_request = req.method == b"HEAD"
         self.backend_keep = True
+        self.behind = False  # pipelined behind another request on its backend connection
         # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
         self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
                             and req.method in IDEMPOTENT_METHODS)
@@ -134,6 +135,7 @@ class Exchange:
             return
         self.conn = conn
         self.reused = conn.used > 0
+        self.behind = len(conn.exchanges) > 1
         conn.framer.expect(self.req.method)
         head = encode_request_head(self.req, keep_upgrade=self.req.upgrade)
         if self.body:
@@ -226,9 +228,11 @@ class Exchange:
             server.inflight -= 1
         if (not self.resp_started and not self.gone and kind != "timeout" and self.attempts < 1
                 and not self.body_sent
-                and (kind == "connect" or (self.reused and self.req.method in IDEMPOTENT_METHODS))):
+                and (kind == "connect" or ((self.reused or self.behind) and self.req.method in IDEMPOTENT_METHODS))):
             # Safe to retry: nothing reached a backend (connect), or an idempotent request met a
-            # pooled connection the backend had just closed.
+            # pooled connection the backend had just closed, or was pipelined behind the
+            # request that broke the connection. (A request that was first on a fresh
+            # connection is not retried: it may be what brings backends down.)
             self.attempts += 1
             self._dispatch(server)
             return

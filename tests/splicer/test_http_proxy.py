@@ -611,6 +611,12 @@ def test_upgrade_is_tunnelled_or_refused():
             w.write(b"more")
             assert await asyncio.wait_for(r.read(100), 5) == b"MORE"
             w.close()
+            # an Upgrade the backend declines: its answer, then HTTP carries on
+            r, w = await env.connect()
+            w.write(b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: other\r\nConnection: Upgrade\r\n\r\n" + get("/after", 3))
+            replies, closed = await read_replies(r, [b"GET", b"GET"])
+            assert [x.status for x in replies] == [400, 200] and replies[1].seq == b"3" and not closed
+            w.close()
             await sp.close()
             env.splicer = None
             # refuse mode: 501 and the connection carries on with HTTP

@@ -591,8 +591,9 @@ class RedisSplicer:
                                                       reuse_address=True, reuse_port=reuse_port or None)
         self.address = self._listener.sockets[0].getsockname()[:2]
         for srv in self._servers:
-            for lane in srv.lanes[2][: self.config.pool.min]:
-                lane.connect()
+            for proto in (2, 3):  # redis-py 8 speaks RESP3 by default, redis-cli and most others RESP2
+                for lane in srv.lanes[proto][: self.config.pool.min]:
+                    lane.connect()
         self._tasks.append(asyncio.ensure_future(self._ticker()))
         if self.config.health.enabled:
             for srv in self._servers:
@@ -748,9 +749,10 @@ class RedisSplicer:
                         q = lane.inflight
                         if q and now - q[0][2] > timeout:
                             lane._fail(f"did not answer within {timeout:g} s", "timeout")
-                for lane in srv.lanes[2][:pool_min]:
-                    if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:
-                        lane.connect()
+                for lanes in srv.lanes.values():
+                    for lane in lanes[:pool_min]:
+                        if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:
+                            lane.connect()
             self._flush()
 
     # -- introspection ---------------------------------------------------------------------

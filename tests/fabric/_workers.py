@@ -367,7 +367,25 @@ def role_send_then_hold(fabric: str, name: str, target: str, count: int) -> int:
     return 0
 
 
+def role_attach_at(fabric: str, name: str, at: float) -> int:
+    """Attach as `name` at wall-clock time `at` (so several processes race); report ok or dup."""
+    from shmfabric.fabric import AttachError
+
+    fab = Fabric.open(fabric)
+    while time.time() < at:
+        pass  # spin: sleeping would spread the start times out
+    try:
+        me = fab.attach(name)
+        out({"ok": True, "id": me.id})
+    except AttachError as e:
+        out({"ok": False, "error": str(e)})
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
 ROLES = {
+    "attach_at": (role_attach_at, (str, str, float)),
     "tape_hammer": (role_tape_hammer, (str, str, int)),
     "send_then_hold": (role_send_then_hold, (str, str, str, int)),
     "sink": (role_sink, (str, str, float)),

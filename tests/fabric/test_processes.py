@@ -339,3 +339,17 @@ def test_frames_from_a_dead_sender_are_still_delivered(harness, fab):
     assert seqs == list(range(60))
     a = assert_conserved(fab)
     assert info["id"] not in a["held"]
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_attach_with_one_name_admits_exactly_one(harness, fab):
+    for trial in range(6):
+        at = time.time() + 0.5
+        ws = [harness.worker("attach_at", fab.name, f"same{trial}", at) for _ in range(3)]
+        res = [w.read(timeout=10) for w in ws]
+        winners = [r for r in res if r["ok"]]
+        assert len(winners) == 1, res
+        assert all("already attached" in r["error"] for r in res if not r["ok"]), res
+        assert sum(1 for e in fab.nodes() if e["name"] == f"same{trial}") == 1
+        for w in ws:
+            w.finish()

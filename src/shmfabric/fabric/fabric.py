@@ -12,6 +12,7 @@ costs what a C method call costs.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -95,6 +96,7 @@ class Fabric:
     def __init__(self, region: MappedRegion, owner: bool = False):
         self._region: MappedRegion | None = region
         self._nodes: dict[int, Node] = {}
+        self._attach_lock = threading.Lock()
         self._owner = owner
         self._watchdog = _Watchdog(self)
 
@@ -186,15 +188,24 @@ class Fabric:
         if not 0 <= network < len(region.layout.networks):
             raise AttachError(f"network {network} does not exist; this fabric has networks "
                               f"0..{len(region.layout.networks) - 1}")
-        sweep(region)  # a dead holder of the name should not block it
-        for i in range(region.node_hwm()):
-            if region.core.node_state(i) == native.NODE_UP:
-                e = region.node_entry(i)
-                if e["name"] == name:
-                    raise AttachError(f"a node named {name!r} is already attached (id {i}, pid {e['pid']}); "
-                                      "choose another name or detach it")
-        pid = os.getpid()
-        idx = region.core.claim_node(name, network, pid, proc_start_time(pid) or 0, pid_namespace())
+        # The name check and the claim must be one step, or processes attaching the same name at
+        # once all pass the check. An flock on the region file serialises attaches across
+        # processes (and namespaces sharing the file) and is dropped by the kernel if its holder
+        # dies; the thread lock does the same between threads, which share the file description.
+        with self._attach_lock:
+            fcntl.flock(region.fd, fcntl.LOCK_EX)
+            try:
+                sweep(region)  # a dead holder of the name should not block it
+                for i in range(region.node_hwm()):
+                    if region.core.node_state(i) == native.NODE_UP:
+                        e = region.node_entry(i)
+                        if e["name"] == name:
+                            raise AttachError(f"a node named {name!r} is already attached (id {i}, pid {e['pid']}); "
+                                              "choose another name or detach it")
+                pid = os.getpid()
+                idx = region.core.claim_node(name, network, pid, proc_start_time(pid) or 0, pid_namespace())
+            finally:
+                fcntl.flock(region.fd, fcntl.LOCK_UN)
         if idx < 0:
             raise AttachError(f"fabric {self.name!r} is full ({region.layout.max_nodes} nodes); "
                               "detach a node or create the fabric with a larger max_nodes")

@@ -157,3 +157,29 @@ def test_held_frames_leave_on_their_deadline_and_on_a_graceful_stop(fab):
         t.join(10)
         runner.close()
     assert runner.c["consumed"] == 15 and runner.c["emitted"] == 15 and runner.c["dropped"] == 0
+
+
+class Housekeeper(Delayer):
+    """Holds nothing at stop time but always has a housekeeping timer (like ratelimit's sweep)."""
+
+    name: ClassVar[str] = "housekeeper"
+
+    def on_timer(self, now):
+        super().on_timer(now)
+        return now + 0.5
+
+
+def test_a_housekeeping_timer_does_not_delay_a_stop(fab):
+    fab.attach("out")
+    runner = FunctionRunner(fab, "hk", Housekeeper, {}, ["out"])
+    t = start(runner)
+    try:
+        time.sleep(0.3)
+        assert runner.timer_at is not None  # the housekeeping timer is armed
+        runner.stopping = True
+        t.join(4)  # a stop that waited for the timer would take STOP_GRACE (5 s)
+        assert not t.is_alive()
+    finally:
+        runner.stopping = True
+        t.join(10)
+        runner.close()

@@ -120,6 +120,8 @@ class FunctionRunner:
                     raise FunctionConfigError(f"function {self.fn_cls.name!r} cannot be reconfigured live; replace it")
                 self.fn.reconfigure(new)
                 self.config_model = new
+                if self.ctx.emitted:  # e.g. a shaper releasing what it held under the old config
+                    self.send_emitted()
                 log("reconfigured", {"node": self.node.name})
                 out = {"ok": True}
             elif op == "set_next":
@@ -381,7 +383,8 @@ class FunctionRunner:
                 if self.stopping:
                     empty_polls += 1
                     # input drained; a function still holding frames gets timer calls for a while
-                    holding = has_deadline and self.timer_at is not None and now - stop_t0 < STOP_GRACE
+                    # (asked directly: timer_at may be a housekeeping timer of on_timer's)
+                    holding = has_deadline and now - stop_t0 < STOP_GRACE and fn.next_deadline(now) is not None
                     if empty_polls >= 2 and not holding:
                         break
                 continue

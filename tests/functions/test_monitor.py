@@ -276,3 +276,8 @@ def test_rotation_inside_one_batch_splits_it_over_files(tmp_path):
     recs = [r for f in files for r in pcap_records(f)[1]]
     assert all(f.stat().st_size <= 4096 for f in files) and len(files) == 10  # 11 records of 344 B per file
     assert [r[1] for r in recs] == frames
+
+
+def test_a_capture_file_that_cannot_be_opened_is_a_config_error():
+    with pytest.raises(FunctionConfigError, match=r"cannot open capture file '/proc/no.pcap'"):
+        Monitor(validate_config(Monitor, {"capture": {"path": "/proc/no.pcap"}}))

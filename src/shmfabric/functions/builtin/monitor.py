@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shmfabric.functions.api import FunctionContext
+from shmfabric.functions.api import FunctionConfigError, FunctionContext
 from shmfabric.functions.builtin._match import CompiledMatch, Match
 from shmfabric.net.flow import FlowKey, parse_5tuple_ip
 
@@ -300,8 +300,8 @@ class Monitor:
             if config.capture is not None:
                 try:
                     self.capture = Capture(config.capture)
-                except OSError as e:
-                    raise ValueError(f"cannot open capture file {config.capture.path!r}: {e}") from None
+                except OSError as e:  # one clear line from the runtime, not a traceback
+                    raise FunctionConfigError(f"cannot open capture file {config.capture.path!r}: {e.strerror}") from None
         if not config.flows:
             self.flow_table.clear()
         self._next_sweep = 0.0

@@ -462,3 +462,16 @@ def test_health_checks_eject_and_return_a_server(fresh_pair) -> None:
             except redis.ResponseError:
                 time.sleep(0.05)
         assert fresh_pair[1].client().get(b_keys[0]) == b"home"
+
+
+def test_idle_connections_closed_by_servers_are_not_failures(tmp_path: Path) -> None:
+    # redis-server --timeout 1 drops idle clients, the splicer's pooled connections included.
+    with redis_servers(tmp_path, 2, extra=["--timeout", "1"]) as servers:
+        with splicer(servers) as s:
+            r = s.client()
+            assert r.set("idle:k", "v") is True
+            time.sleep(2.5)
+            pipe = r.pipeline(transaction=False)
+            for i in range(200):
+                pipe.get("idle:k").set(f"idle:{i}", i)
+            assert all(x is not None and not isinstance(x, Exception) for x in pipe.execute(raise_on_error=False))

@@ -257,9 +257,13 @@ class _Lane:
         q = list(self.inflight)
         self.inflight.clear()
         err = encode_error(f"ERR splicer: backend {srv.label} {why}")
-        if srv.metrics is not None:
-            srv.metrics.error(kind)
-        srv.connection_failed(time.monotonic())
+        if q or kind == "connect":
+            # Requests were lost, or no connection could be made: count it against the
+            # server and back off. An idle connection closed by the server (its `timeout`
+            # setting) is not a failure: the lane just reconnects on next use.
+            if srv.metrics is not None:
+                srv.metrics.error(kind)
+            srv.connection_failed(time.monotonic())
         for target, arg, _ in q:
             if target is not None:
                 target._on_reply(arg, err)

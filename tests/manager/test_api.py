@@ -53,7 +53,7 @@ class FakeService:
 
     def replace(self, name, function=None, config=None, version=None) -> dict:
         self.calls.append(("replace", name, function, config, version))
-        return {"name": name, "drained": 5}
+        return {"name": name, "processed_by_old": 5}
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_post_endpoints_reach_the_service(api):
     assert call(api, "/reload", {"path": "/x.yaml"})[0] == 200
     assert call(api, "/nodes/fw/config", {"config": {"rules": "policy drop"}})[0] == 200
     assert call(api, "/nodes/fw/scale", {"instances": 3})[0] == 200
-    assert call(api, "/nodes/fw/replace", {"function": "firewall", "version": "2"})[1]["drained"] == 5
+    assert call(api, "/nodes/fw/replace", {"function": "firewall", "version": "2"})[1]["processed_by_old"] == 5
     assert api.svc.calls == [("reload", None), ("reload", "/x.yaml"), ("config", "fw", {"rules": "policy drop"}),
                              ("scale", "fw", 3), ("replace", "fw", "firewall", None, "2")]
 

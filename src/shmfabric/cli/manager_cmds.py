@@ -108,10 +108,14 @@ def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.
 
 # -- up ----------------------------------------------------------------------------------------------
 def _load(path: str):
-    from shmfabric.manager.config import ConfigError, load_topology
+    """Schema first, then each node's function and its config, all before any process starts."""
+    from shmfabric.functions.registry import load as load_function
+    from shmfabric.manager.config import ConfigError, check_functions, load_topology
 
     try:
-        return load_topology(path)
+        topo = load_topology(path)
+        check_functions(topo, path, load_function, Path(path).read_text(encoding="utf-8"))
+        return topo
     except ConfigError as exc:
         raise CliError(f"invalid config:\n{exc}") from None
 

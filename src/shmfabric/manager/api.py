@@ -9,7 +9,7 @@ Endpoints (all answers are JSON objects; errors are `{"error": MESSAGE}` with a 
 | POST   | /reload                   | `{}` or `{"path": FILE}`                        | changes applied           |
 | POST   | /nodes/{name}/config      | `{"config": {...}}`                             | the node                  |
 | POST   | /nodes/{name}/scale       | `{"instances": N}`                              | the node                  |
-| POST   | /nodes/{name}/replace     | `{"function"?, "config"?, "version"?}`          | the node + `drained`      |
+| POST   | /nodes/{name}/replace     | `{"function"?, "config"?, "version"?}`          | the node + processed_by_old |
 | POST   | /shutdown                 | `{}`                                            | `{"ok": true}` then stops |
 | GET    | /metrics                  |                                                 | Prometheus text format    |
 

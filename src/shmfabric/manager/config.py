@@ -430,6 +430,10 @@ def _format_errors(exc: ValidationError, source: str, marks: dict[tuple[Any, ...
     lines = []
     for err in exc.errors():
         kind = err.get("type", "")
+        if prefix and kind == "extra_forbidden":  # a function's own config: its docs list the fields
+            fix = "remove it or fix its spelling (see the function's section in docs/functions.md)"
+        else:
+            fix = _fix_for(kind)
         ctx = err.get("ctx") or {}
         inner = ctx.get("error")
         loc = prefix + _clean_loc(tuple(err.get("loc", ())))
@@ -438,7 +442,6 @@ def _format_errors(exc: ValidationError, source: str, marks: dict[tuple[Any, ...
             loc = prefix + inner.loc
             msg = inner.msg
         line = _line_of(marks, loc, key=kind == "extra_forbidden")
-        fix = _fix_for(kind)
         where = f"{source}:{line}" if line else source
         lines.append(f"{where}: field `{_fmt_loc(loc)}`: {msg}" + (f"; fix: {fix}" if fix else ""))
     return "\n".join(lines)

@@ -174,8 +174,9 @@ class Supervisor:
             for cfg in self.topo.nodes:
                 self.nodes[cfg.name] = _Node(cfg, ScaleDecider(self.topo.scale_of(cfg.name)), function=cfg.function,
                                              config=dict(cfg.config), version=cfg.version)
+            # all at once, downstream first: the runtime waits for its next hops itself, and
+            # starting in parallel halves `up` time (each interpreter spends ~0.5 s importing)
             for name in self.topo.start_order():
-                self._wait_up([i for d in self._targets(name) for i in self.nodes[d].instances], START_TIMEOUT)
                 for k in range(1, self.topo.instances_of(name) + 1):
                     self._spawn(self.nodes[name], k, now)
             self._wait_up([i for n in self.nodes.values() for i in n.instances], START_TIMEOUT)
@@ -215,7 +216,13 @@ class Supervisor:
                 if node is None:
                     continue
                 for inst in list(node.instances):
-                    self._stop_instance(inst, drain=True)
+                    if inst.state not in ("stopped", "exited", "failed"):
+                        # the stop reply comes once the input is drained: downstream may be stopped
+                        # next while this process is still exiting
+                        self._stop_instance(inst, drain=True, wait_exit=False)
+            for node in self.nodes.values():
+                for inst in node.instances:
+                    _reap(inst.proc)
                 node.instances.clear()
             if self.control is not None:
                 try:
@@ -255,7 +262,7 @@ class Supervisor:
                 if snap == last and not any(r["depth"] for r in self._rings):
                     return
                 last = snap
-            time.sleep(self.topo.poll_interval)
+            time.sleep(min(self.topo.poll_interval, 0.1))
 
     def run(self, stop: threading.Event, duration: float | None = None) -> None:
         """Tick every poll_interval until `stop` is set or `duration` seconds passed."""
@@ -497,8 +504,10 @@ class Supervisor:
             inst.counters = reply["counters"]
         return bool(reply.get("ok"))
 
-    def _stop_instance(self, inst: Instance, drain: bool) -> int | None:
-        """Stop one instance: op stop (drain) first, then SIGTERM, then SIGKILL. Returns frames drained."""
+    def _stop_instance(self, inst: Instance, drain: bool, wait_exit: bool = True) -> int | None:
+        """Stop one instance: op stop (drain) first, then SIGTERM, then SIGKILL. Returns the frames it
+        processed in all (the runtime's reply). Without `wait_exit`, a process that confirmed the stop
+        is left to exit on its own (reap it with `_reap`)."""
         processed = None
         proc = inst.proc
         if proc is not None and proc.poll() is None and inst.state in ("running", "starting", "stopping"):
@@ -516,6 +525,10 @@ class Supervisor:
                         c["in_frames"] = processed
                 except SupervisorError as exc:
                     self._event("stop", inst.name, f"no reply to stop ({exc}); terminating")
+            if processed is not None and not wait_exit:
+                inst.state = "stopped"
+                self._event("stop", inst.name, f"stopped (processed {processed})")
+                return processed
             try:
                 proc.wait(STOP_TIMEOUT if processed is not None else 0.05)
             except subprocess.TimeoutExpired:
@@ -533,7 +546,7 @@ class Supervisor:
             proc.poll()
         inst.exit_code = proc.returncode if proc is not None else None
         inst.state = "stopped"
-        self._event("stop", inst.name, f"stopped (exit {inst.exit_code}, drained {processed})")
+        self._event("stop", inst.name, f"stopped (exit {inst.exit_code}, processed {processed})")
         return processed
 
     def _request(self, target: str, op: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
@@ -645,14 +658,14 @@ class Supervisor:
                 inst.state = "stopping"
             node.function, node.config, node.version = function, config, version
             self._resteer_upstream(name)
-            drained = 0
+            processed = 0
             for inst in old:
-                drained += self._stop_instance(inst, drain=True) or 0
+                processed += self._stop_instance(inst, drain=True) or 0
                 node.instances.remove(inst)
             self._event("replace", name, f"{len(old)} instance(s) -> {function} {version or ''} "
-                        f"(old drained {drained} frames)".replace("  ", " "))
+                        f"(the old processed {processed} frames)".replace("  ", " "))
             out = self._node_status(node)
-            out["drained"] = drained
+            out["processed_by_old"] = processed
             return out
 
     def reload(self, topo: Topology, source: str | None = None) -> dict:
@@ -822,6 +835,22 @@ def _overall(states: list[str]) -> str:
     if any(s == "failed" for s in states):
         return "failed" if all(s == "failed" for s in states) else "degraded"
     return "degraded" if "running" in states else states[0]
+
+
+def _reap(proc: subprocess.Popen | None) -> None:
+    """Wait for a process told to stop; SIGTERM, then SIGKILL, if it lingers."""
+    if proc is None:
+        return
+    for sig, wait in ((None, STOP_TIMEOUT), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            if sig is not None:
+                proc.send_signal(sig)
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
 
 
 def _kill(proc: subprocess.Popen | None) -> None:

@@ -206,9 +206,16 @@ def role_alloc_free(fabric: str, name: str, rounds: int, seed: int) -> int:
 
 def role_idle_block(fabric: str, name: str, seconds: float, mode: str) -> int:
     """Block in recv_batch for `seconds` with nothing arriving; report this process's CPU time."""
+    import selectors
+
     fab = Fabric.open(fabric)
     me = fab.attach(name)
-    me.set_wait_mode(mode)
+    sel = None
+    if mode == "selector":  # wait on fileno(), as an asyncio or selectors user would
+        sel = selectors.DefaultSelector()
+        sel.register(me.fileno(), selectors.EVENT_READ)
+    else:
+        me.set_wait_mode(mode)
     with me.recv_batch(1, timeout=0.05):
         pass  # let the hello traffic pass first
     out({"ready": name, "id": me.id})
@@ -216,6 +223,11 @@ def role_idle_block(fabric: str, name: str, seconds: float, mode: str) -> int:
     t0 = time.monotonic()
     frames = 0
     while time.monotonic() - t0 < seconds:
+        if sel is not None:
+            sel.select(0.25)
+            with me.recv_batch(16, timeout=0) as b:
+                frames += len(b)
+            continue
         with me.recv_batch(16, timeout=None) as b:
             frames += len(b)
     r1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -632,3 +632,11 @@ def test_byte_counters_agree_along_a_chain(fab):
     d = {n.name: {k: v - base[n.name][k] for k, v in n.stats().items()} for n in (a, b, c)}
     assert d["a"]["tx_bytes"] == d["b"]["rx_bytes"] == d["b"]["tx_bytes"] == d["c"]["rx_bytes"] == 1050, d
     assert d["a"]["tx_frames"] == d["b"]["rx_frames"] == d["b"]["tx_frames"] == d["c"]["rx_frames"] == 11
+
+
+def test_blocked_receiver_woken_by_a_broadcast(fab):
+    a, b = fab.attach("a"), fab.attach("b")
+    drain(b)
+    b.set_wait_mode("block")
+    threading.Timer(0.1, a.broadcast, (b"to all",)).start()
+    assert b.recv(timeout=5) == (a.id, 0x88B5, b"to all")

@@ -226,7 +226,7 @@ def test_blocked_receiver_in_another_process_is_woken_by_a_send(harness, fab):
     w.finish()
 
 
-@pytest.mark.parametrize("mode", ["block", "adaptive"])
+@pytest.mark.parametrize("mode", ["block", "adaptive", "selector"])
 def test_idle_blocked_node_uses_no_cpu(harness, fab, mode):
     w = harness.worker("idle_block", fab.name, "idle", 1.0, mode)
     w.read()

@@ -234,6 +234,10 @@ def test_compress_config_errors():
         validate_config(Compress, {"mode": "encap", "algorithm": "gzip"})
     with pytest.raises(FunctionConfigError, match=r"config.mode: Field required"):
         validate_config(Compress, {})
+    with pytest.raises(FunctionConfigError, match=r"level 20 is not an lz4 level"):
+        validate_config(Compress, {"mode": "encap", "algorithm": "lz4", "level": 20})
+    with pytest.raises(FunctionConfigError, match=r"checksum is a zstd option"):
+        validate_config(Compress, {"mode": "encap", "algorithm": "lz4", "checksum": True})
 
 
 def test_key_file_hex_or_raw(tmp_path):

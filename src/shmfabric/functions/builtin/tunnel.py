@@ -221,9 +221,18 @@ class _Tunnel:
 
 class CompressConfig(TunnelConfig):
     algorithm: Literal["zstd", "lz4"] = "zstd"
-    level: int = Field(3, ge=-7, le=22, description="zstd level (negative = faster); for lz4, >0 selects high compression")
+    level: int | None = Field(None, ge=-7, le=22, description="zstd: -7..22 (default 3); lz4: 1..12 selects LZ4-HC "
+                                                                "(default: the fast mode)")
     min_size: int = Field(128, ge=0, le=65535, description="smaller packets are stored, not compressed")
     checksum: bool = Field(False, description="zstd: add a content checksum to each packet")
+
+    @model_validator(mode="after")
+    def _lz4_level(self) -> "CompressConfig":
+        if self.algorithm == "lz4" and self.level is not None and not 0 <= self.level <= 12:
+            raise ValueError(f"level {self.level} is not an lz4 level: use 1..12 for LZ4-HC, or leave it out for the fast mode")
+        if self.algorithm == "lz4" and self.checksum:
+            raise ValueError("checksum is a zstd option; lz4 blocks carry none (use encrypt for integrity)")
+        return self
 
 
 class Compress(_Tunnel):
@@ -247,7 +256,8 @@ class Compress(_Tunnel):
 
         self._lz4 = lz4.block
         self._zstd_error = zstandard.ZstdError
-        self._zc = zstandard.ZstdCompressor(level=cfg.level, write_checksum=cfg.checksum, write_content_size=False)
+        zlevel = 3 if cfg.level is None else cfg.level
+        self._zc = zstandard.ZstdCompressor(level=zlevel, write_checksum=cfg.checksum, write_content_size=False)
         self._zd = zstandard.ZstdDecompressor()
 
     def seal(self, inner: bytes, sport: int) -> bytes:
@@ -256,8 +266,8 @@ class Compress(_Tunnel):
         if n >= cfg.min_size:
             if cfg.algorithm == "zstd":
                 body, alg = self._zc.compress(inner), ALG_ZSTD
-            elif cfg.level > 0:
-                body, alg = self._lz4.compress(inner, mode="high_compression", compression=min(cfg.level, 12),
+            elif cfg.level is not None and cfg.level > 0:
+                body, alg = self._lz4.compress(inner, mode="high_compression", compression=cfg.level,
                                                store_size=False), ALG_LZ4
             else:
                 body, alg = self._lz4.compress(inner, store_size=False), ALG_LZ4

@@ -360,7 +360,10 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.tunnel_conn is not None:
-            self.tunnel_conn.transport.write_eof() if self.tunnel_conn.transport.can_write_eof() else None  # type: ignore[union-attr]
+            # pass the half-close through the tunnel; the backend's answer may still come
+            t = self.tunnel_conn.transport
+            if t is not None and t.can_write_eof():
+                t.write_eof()
             return True
         self.peer_eof = True
         if not self.stop_reading:

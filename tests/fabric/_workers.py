@@ -10,7 +10,6 @@ crc32(u32)``, so a receiver can tell a lost, duplicated, reordered or torn frame
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import struct
@@ -102,7 +101,6 @@ def role_stream(fabric: str, name: str, peers: str, size: int, timeout: float) -
     Prints a JSON line "ready" once attached, then, at the end, its counts. Sending to a peer
     that went away raises UnknownDestinationError; that is recorded and the peer is dropped.
     """
-    import selectors
     import threading
 
     from shmfabric.fabric import UnknownDestinationError

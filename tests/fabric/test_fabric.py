@@ -521,7 +521,7 @@ def test_detach_with_unreleased_batch_and_unsent_buffer(fab):
 
 
 def test_detach_with_fileno_registered(fab):
-    a, b = fab.attach("a"), fab.attach("b")
+    b = fab.attach("b")
     fd = b.fileno()
     sel = selectors.DefaultSelector()
     sel.register(fd, selectors.EVENT_READ)

@@ -58,7 +58,7 @@ def test_kill9_node_is_reclaimed_and_others_keep_going(harness):
     a = harness.worker("stream", fab.name, "a", "b,victim", 300, 20.0)
     b = harness.worker("stream", fab.name, "b", "a,victim", 300, 20.0)
     v = harness.worker("victim", fab.name, "victim", "a", 300)
-    ra, rb, rv = a.read(), b.read(), v.read()
+    ra, _, rv = a.read(), b.read(), v.read()
     vid = rv["id"]
     # let traffic flow until the victim holds slots (its cache, buffers, an unreleased batch)
     assert wait_until(lambda: fab.pool_audit()["held"].get(vid, 0) > 8, 5)

@@ -232,3 +232,14 @@ def test_shaping_chain_delays_but_loses_nothing(tmp_path):
         assert s["unique"] == 1000 and s["missing"] == 0 and s["corrupt"] == 0 and s["duplicates"] == 0, s
     finally:
         ch.close()
+
+
+def test_ipv6_prefixes_and_mixed_families():
+    def udp6(src):
+        return build.ipv6(build.udp(1, 53, b"q", src=src, dst="fd00::53"), src=src, dst="fd00::53", next_header=17)
+
+    rl = make({"classes": [{"name": "v6", "match": {"src": ["fd00:1::/32", "10.0.0.0/8"]}, "rate": "1pps", "burst": 1}],
+               "unmatched": "drop"})
+    assert run(rl, [udp6("fd00:1::5"), udp6("fd00:1::6"), udp6("fd00:2::1"), udp(src="10.1.1.1")], now=1.0) == \
+        [NEXT, DROP, DROP, DROP]
+    assert rl.counters()["unmatched"] == 1 and rl.counters()["class.v6.dropped"] == 2

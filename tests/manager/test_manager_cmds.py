@@ -13,7 +13,10 @@ import pytest
 
 from shmfabric.core.region import region_path
 from shmfabric.fabric import Fabric
-from shmfabric.cli.manager_cmds import Rates
+import urllib.request
+
+from shmfabric.cli.main import CliError
+from shmfabric.cli.manager_cmds import Rates, api_call
 from tests.manager.conftest import unique_fabric
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,6 +106,20 @@ def test_detach_status_top_reload_down(env, topo, tmp_path):
         assert "nothing changed" in cli(env, "reload").stdout
         p = cli(env, "reload", "--fabric", "nope", check=False)
         assert p.returncode == 2 and "no running manager for fabric 'nope'" in p.stderr
+        # the management API drives the real supervisor
+        url = state["api"]
+        node = api_call(url, "/nodes/fw/scale", {"instances": 2})
+        assert [i["name"] for i in node["instances"]] == ["fw", "fw-2"]
+        node = api_call(url, "/nodes/fw/replace", {"version": "2"})
+        assert [(i["name"], i["version"], i["state"]) for i in node["instances"]] == [
+            ("fw-3", "2", "running"), ("fw-4", "2", "running")]
+        pids += [i["pid"] for i in node["instances"]]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'shmfabric_node_instances{node="fw"} 2.0' in metrics
+        assert 'shmfabric_node_rx_frames_total{function="sink",instance="sink",node="sink"}' in metrics
+        with pytest.raises(CliError, match="no node named 'nope'"):
+            api_call(url, "/nodes/nope/scale", {"instances": 2})
         # a second `up` of the same fabric is refused
         p = cli(env, "up", path, check=False)
         assert p.returncode == 2 and "already runs" in p.stderr

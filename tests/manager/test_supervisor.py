@@ -212,3 +212,22 @@ def test_bad_function_config_is_caught_before_any_process_starts(run_topology):
     with pytest.raises(SupervisorError) as ei:
         run_topology(chain().replace('"policy accept', '"ip saddr 10.0.0.0/8 acept'))
     assert ":11: field `nodes[1].config`" in str(ei.value) and "did you mean 'accept'" in str(ei.value)
+
+
+def test_an_unresponsive_instance_is_killed_and_restarted(run_topology):
+    text = chain().replace("backoff_initial: 0.1, backoff_max: 1", "backoff_initial: 0.1, backoff_max: 1, "
+                                                                   "unresponsive_after: 1.0")
+    sup = run_topology(text)
+    fw = sup.nodes["fw"].instances[0]
+    pid = fw.pid
+    os.kill(pid, signal.SIGSTOP)  # alive and attached, but deaf
+    try:
+        wait_until(lambda: fw.restarts == 1 and fw.state == "running", what="fw restarted", sup=sup)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert any(e["kind"] == "hung" and e["node"] == "fw" for e in sup.events)
+    before = sink_frames(sup)
+    wait_until(lambda: sink_frames(sup) > before + 200, what="traffic after the restart", sup=sup)

@@ -116,6 +116,8 @@ class RestartPolicy(_Model):
     backoff_initial: float = Field(0.5, ge=0, description="delay before the first restart (seconds)")
     backoff_max: float = Field(30.0, ge=0, description="the delay doubles per restart up to this")
     stable_after: float = Field(10.0, ge=0, description="an instance up this long has its backoff reset")
+    unresponsive_after: float = Field(10.0, ge=0, description="a running instance that answers no control "
+                                      "request for this long is killed and restarted (0: never)")
 
     @model_validator(mode="after")
     def _order(self) -> "RestartPolicy":

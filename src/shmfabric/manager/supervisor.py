@@ -88,6 +88,7 @@ class Instance:
     function_counters: dict = field(default_factory=dict)  # the function's own (rule hits, alerts, ...)
     missing_polls: int = 0
     stats_failures: int = 0
+    last_answer: float = 0.0  # when it last answered a control request (clock of the supervisor)
 
     @property
     def pid(self) -> int | None:
@@ -282,6 +283,9 @@ class Supervisor:
                 return
             now = self.clock() if now is None else now
             self._refresh(now)
+            # counters first: an answer just now must count before the watch judges responsiveness
+            # (the lock may have been held long by an operator action, with no polls meanwhile)
+            self._poll_stats()
             for node in self.nodes.values():
                 for inst in list(node.instances):
                     self._watch(node, inst, now)
@@ -289,7 +293,6 @@ class Supervisor:
                 if node.resteer and all(i.state == "running" for i in node.instances if i.active):
                     node.resteer = False
                     self._resteer_upstream(node.cfg.name)
-            self._poll_stats()
             for name, node in self.nodes.items():
                 running = [i for i in node.instances if i.active]
                 if not running:
@@ -339,6 +342,12 @@ class Supervisor:
                 self._event("hung", inst.name, f"not attached after {START_TIMEOUT:g}s; killing it")
                 _kill(inst.proc)
             return
+        limit = inst.tracker.policy.unresponsive_after
+        if limit and now - max(inst.last_answer, inst.started_at) > limit:
+            # alive, attached, but deaf (stuck in a function, SIGSTOPped): only a restart helps
+            self._event("hung", inst.name, f"no answer to control requests for {limit:g}s; killing it")
+            _kill(inst.proc)
+            return
         # running: the process lives but its node left the table (detached itself or was reclaimed)
         if not up:
             inst.missing_polls += 1
@@ -380,7 +389,7 @@ class Supervisor:
     def _poll_stats(self) -> None:
         for node in self.nodes.values():
             for inst in node.instances:
-                if inst.state != "running":
+                if inst.state != "running" or (inst.proc is not None and inst.proc.poll() is not None):
                     continue
                 try:
                     reply = self._request(inst.name, {"op": "stats"}, STATS_TIMEOUT)
@@ -388,6 +397,7 @@ class Supervisor:
                     inst.stats_failures += 1
                     continue
                 inst.stats_failures = 0
+                inst.last_answer = self.clock()
                 if isinstance(reply.get("counters"), dict):
                     inst.counters = reply["counters"]
                 if isinstance(reply.get("function_counters"), dict):
@@ -502,6 +512,7 @@ class Supervisor:
             return False
         if isinstance(reply.get("counters"), dict):
             inst.counters = reply["counters"]
+        inst.last_answer = self.clock()
         return bool(reply.get("ok"))
 
     def _stop_instance(self, inst: Instance, drain: bool, wait_exit: bool = True) -> int | None:

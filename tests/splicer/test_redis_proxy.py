@@ -475,3 +475,24 @@ def test_idle_connections_closed_by_servers_are_not_failures(tmp_path: Path) -> 
             for i in range(200):
                 pipe.get("idle:k").set(f"idle:{i}", i)
             assert all(x is not None and not isinstance(x, Exception) for x in pipe.execute(raise_on_error=False))
+
+
+def test_malformed_request_gets_protocol_error_and_close(sp) -> None:
+    other = sp.client()
+    with socket.create_connection(("127.0.0.1", sp.port), timeout=10) as s:
+        s.sendall(encode_command([b"SET", b"pe", b"1"]) + b"*2\r\n$3\r\nGET\r\n$x\r\n")
+        buf = b""
+        while chunk := s.recv(4096):
+            buf += chunk
+    assert buf.startswith(b"+OK\r\n-ERR Protocol error: ")  # earlier request answered, then the error
+    assert other.get("pe") == b"1"  # other clients and the pools are unaffected
+
+
+def test_large_values_stream_through(sp) -> None:
+    r = sp.client()
+    big = bytes(range(256)) * (5 * 4096)  # 5 MiB, larger than a client's reply buffer bound
+    assert r.set("big:value", big) is True
+    pipe = r.pipeline(transaction=False)
+    pipe.get("big:value").set("big:small", "s").get("big:value").get("big:small")
+    assert pipe.execute() == [big, True, big, b"s"]
+    assert r.mget(["big:value", "big:small"]) == [big, b"s"]

@@ -108,6 +108,8 @@ def test_pool_exhaustion_is_reported_not_hidden(harness):
     n = a.send_batch(b.id, [b"x" * 20] * 300)
     assert n == 128
     assert a.stats()["tx_nobuf"] == 300 - 128
+    # the ring had room: running out of slots is not a ring-full event
+    assert a.stats()["tx_ring_full"] == 0 and fab.ring_stats(a.id, b.id)["full_events"] == 0
     with pytest.raises(MemoryError, match="pool exhausted"):
         a.alloc()
     assert fab.pool_audit()["held"] == {b.id: 128}
@@ -279,6 +281,7 @@ def test_oversized_frame(fab):
     with pytest.raises(FrameTooLargeError, match="frame 1"):
         a.send_batch(b.id, [b"ok", b"x" * 2000, b"never"])
     assert drain(b) == [b"ok"]
+    assert a.stats()["tx_ring_full"] == 0  # refused for its size, not for lack of ring space
     assert a.send(b.id, b"x" * 1500)  # exactly the MTU fits
     assert drain(b) == [b"x" * 1500]
     with pytest.raises(ValueError, match="tape entry size"):

@@ -660,7 +660,9 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag)
     return g;
 }
 
-static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t wanted, uint64_t bytes, long dst,
+/* Publish n frames at head; `full` frames were refused for lack of ring space (only those count as
+ * ring-full: an empty pool, an oversized frame or a bad item is counted elsewhere or raised). */
+static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t full, uint64_t bytes, long dst,
                                uint32_t dst_tag)
 {
     if (n) {
@@ -681,9 +683,9 @@ static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_
             STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
         }
     }
-    if (n < wanted) {
+    if (full) {
         STORE_RELAXED(&g->full_events, g->full_events + 1);
-        STORE_RELAXED(&p->me->tx_ring_full, p->me->tx_ring_full + (wanted - n));
+        STORE_RELAXED(&p->me->tx_ring_full, p->me->tx_ring_full + full);
     }
 }
 
@@ -771,7 +773,7 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         d->meta = meta;
         bytes += (uint64_t)len + hlen - SF_ETH_HLEN; /* payload bytes (a raw frame's len has its header) */
     }
-    finish_send(p, g, head, i, want, bytes, dst, dst_tag);
+    finish_send(p, g, head, i, want - n, bytes, dst, dst_tag);
     Py_DECREF(fast);
     if (PyErr_Occurred())
         return NULL;
@@ -1328,7 +1330,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     uint32_t head = g->head;
     uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
     if (!sf_ring_space(head, tail, p->r.sb->ring_size)) {
-        finish_send(p, g, head, 0, 1, 0, dst, dst_tag);
+        finish_send(p, g, head, 0, 1, 0, dst, dst_tag); /* ring full */
         Py_RETURN_FALSE;
     }
     uint8_t dmac[6];
@@ -1342,7 +1344,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     d->flags = 0;
     d->meta = meta;
     b->sent = 1;
-    finish_send(p, g, head, 1, 1, length, dst, dst_tag);
+    finish_send(p, g, head, 1, 0, length, dst, dst_tag);
     Py_RETURN_TRUE;
 }
 
@@ -1382,7 +1384,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
     uint32_t head = g->head;
     uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
     uint32_t space = sf_ring_space(head, tail, r->sb->ring_size);
-    uint32_t sent = 0, wanted = 0;
+    uint32_t sent = 0, full = 0;
     uint64_t bytes = 0;
     uint8_t dmac[6];
     make_mac(dmac, (uint32_t)dst);
@@ -1390,9 +1392,10 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         frame_ref *fr = &b->f[i];
         if (fr->state == FS_GONE || (codes && codes[i] != code))
             continue;
-        wanted++;
-        if (sent == space)
+        if (sent == space) {
+            full++;
             continue;
+        }
         uint32_t pool = fr->pool, slot = fr->slot;
         if (fr->state == FS_COPY) { /* a tape frame lives in scratch: it needs a slot first */
             pool = p->network;
@@ -1421,7 +1424,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         bytes += fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0; /* payload bytes */
         sent++;
     }
-    finish_send(p, g, head, sent, wanted, bytes, dst, dst_tag);
+    finish_send(p, g, head, sent, full, bytes, dst, dst_tag);
     if (single)
         return PyBool_FromLong(sent == 1);
     return PyLong_FromUnsignedLong(sent);

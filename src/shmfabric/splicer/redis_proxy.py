@@ -130,7 +130,7 @@ class _Lane:
     """One pooled, pipelined backend connection slot (reconnects in place)."""
 
     __slots__ = ("server", "proto", "index", "state", "transport", "scanner", "inflight", "out",
-                 "gen", "dirty", "splicer", "rx_at", "connect_task")
+                 "gen", "dirty", "splicer", "connect_task")
 
     def __init__(self, server: _Server, proto: int, index: int) -> None:
         self.server = server
@@ -145,7 +145,6 @@ class _Lane:
         self.out: list[bytes] = []
         self.gen = 0
         self.dirty = False
-        self.rx_at = 0.0
         self.connect_task: asyncio.Task | None = None
 
     # -- sending ---------------------------------------------------------------------------
@@ -197,7 +196,8 @@ class _Lane:
             return
         self.transport = transport  # type: ignore[assignment]
         self.state = _READY
-        self.rx_at = time.monotonic()
+        if not self.inflight or self.inflight[0][0] is not _HANDSHAKE:
+            srv.backoff.reset()  # no handshake to wait for: connected is good enough
         if self.out:
             transport.write(b"".join(self.out))  # type: ignore[attr-defined]
             self.out = []
@@ -220,7 +220,6 @@ class _Lane:
         q = self.inflight
         metrics = self.server.metrics
         now = time.monotonic()
-        self.rx_at = now
         gen = self.gen
         try:
             popleft = q.popleft

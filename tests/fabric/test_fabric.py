@@ -148,6 +148,9 @@ def test_batch_of_other_buffer_types(fab):
     items = [b"bytes", bytearray(b"bytearray"), memoryview(b"--memoryview--")[2:-2]]
     assert a.send_batch(b.id, items) == 3
     assert drain(b) == [b"bytes", b"bytearray", b"memoryview"]
+    assert a.send_batch(b.id, []) == 0
+    assert a.send_batch(b.id, (b"g%d" % i for i in range(3))) == 3  # any iterable
+    assert drain(b) == [b"g0", b"g1", b"g2"]
     with pytest.raises(TypeError):
         a.send_batch(b.id, [b"ok", 12345])
     # the frame before the bad item went out; the bad one and after did not

@@ -194,6 +194,11 @@ def test_reload_applies_config_scale_new_and_removed_nodes(run_topology, tmp_pat
     src.write_text(text.replace("ring_size: 256", "ring_size: 512"))
     with pytest.raises(SupervisorError, match="fabric.*changed"):
         sup.reload_file()
+    src.write_text(text.replace("function: sink", "function: sinkk"))
+    with pytest.raises(SupervisorError, match="did you mean 'sink'") as ei:
+        sup.reload_file()
+    assert ei.value.status == 422
+    assert sup.node_status("sink")["function"] == "sink" and sup.node_status("sink")["state"] == "running"
 
 
 def test_a_function_failing_at_start_is_reported(run_topology, tmp_path):
@@ -229,5 +234,7 @@ def test_an_unresponsive_instance_is_killed_and_restarted(run_topology):
         except ProcessLookupError:
             pass
     assert any(e["kind"] == "hung" and e["node"] == "fw" for e in sup.events)
+    # the generator, held up by fw's full input ring meanwhile, was not taken for hung
+    assert not any(e["node"] == "gen" and e["kind"] in ("hung", "exited") for e in sup.events)
     before = sink_frames(sup)
     wait_until(lambda: sink_frames(sup) > before + 200, what="traffic after the restart", sup=sup)

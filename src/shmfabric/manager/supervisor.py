@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ class Supervisor:
         self.started = False
         self._table: dict[str, dict] = {}
         self._rings: list[dict] = []
+        self._blocked: set[str] = set()  # instances with a (nearly) full output ring
         self._pools: list[dict] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -271,7 +273,15 @@ class Supervisor:
         while not stop.is_set():
             if end is not None and self.clock() >= end:
                 break
-            self.tick()
+            try:
+                self.tick()
+            except SupervisorError as exc:
+                # a step that failed (a new instance that did not come up, a node that refused
+                # set_next) is reported; the loop goes on, the next tick retries what is still due
+                self._event("error", "", str(exc))
+            except Exception as exc:  # a bug here must not take every function down with the manager
+                self._event("error", "", f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
             wait = self.topo.poll_interval if end is None else max(0.0, min(self.topo.poll_interval, end - self.clock()))
             stop.wait(wait)
 
@@ -343,7 +353,9 @@ class Supervisor:
                 _kill(inst.proc)
             return
         limit = inst.tracker.policy.unresponsive_after
-        if limit and now - max(inst.last_answer, inst.started_at) > limit:
+        # a node waiting on a full output ring is held by backpressure (the runtime retries the send
+        # without serving control messages); the stuck one is downstream and is judged on its own
+        if limit and inst.name not in self._blocked and now - max(inst.last_answer, inst.started_at) > limit:
             # alive, attached, but deaf (stuck in a function, SIGSTOPped): only a restart helps
             self._event("hung", inst.name, f"no answer to control requests for {limit:g}s; killing it")
             _kill(inst.proc)
@@ -378,6 +390,8 @@ class Supervisor:
                                   ("depth", "enqueued", "dequeued", "full_events", "down")}})
                     depth_to[dname] = depth_to.get(dname, 0) + st["depth"]
         self._rings = rings
+        full = max(1, self.topo.fabric.ring_size - self.topo.fabric.ring_size // 16)
+        self._blocked = {r["src"] for r in rings if r["depth"] >= full}
         for node in self.nodes.values():
             node.depth = sum(depth_to.get(i.name, 0) for i in node.instances if i.active)
         self._pools = []

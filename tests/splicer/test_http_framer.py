@@ -409,3 +409,17 @@ def test_round_trip_pipelines(msgs, step):
         elif isinstance(ev, EndOfMessage):
             got.append((method, body))
     assert got == [(m, b) for m, b, _ in msgs]
+
+
+def test_atheris_fuzz_smoke():
+    """A short coverage-guided run of fuzz_http_framer.py (atheris is optional: extra `fuzz`)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip("atheris not installed (pip install -e '.[fuzz]')")
+    harness = Path(__file__).with_name("fuzz_http_framer.py")
+    r = subprocess.run([sys.executable, str(harness), "-runs=4000", "-seed=1"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]

@@ -728,3 +728,21 @@ def test_fuzz_random_input_through_the_splicer_never_breaks_it(chunks):
         finally:
             await env.close()
     run(main())
+
+
+def test_idle_client_connection_is_closed_but_a_busy_one_is_not():
+    async def main():
+        env = Env()
+        try:
+            be = await env.backend("a")
+            sp = await env.splice(default=[be.address], timeouts={"client_idle": 0.3, "request": 5})
+            r, w = await env.connect()
+            w.write(get("/slow?delay=700", 1))  # busy longer than the idle timeout: kept
+            replies, _ = await read_replies(r, [b"GET"], probe=False)
+            assert replies[0].status == 200
+            data = await asyncio.wait_for(r.read(), 5)  # then idle: closed by the splicer
+            assert data == b""
+            await wait_for(lambda: not sp.clients)
+        finally:
+            await env.close()
+    run(main())

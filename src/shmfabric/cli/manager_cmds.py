@@ -129,6 +129,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     topo = _load(path)
     if args.api:
         topo = topo.model_copy(update={"api": args.api})
+    if args.fabric:
+        from pydantic import ValidationError
+
+        from shmfabric.manager.config import Topology
+
+        try:  # validated like the file's own name
+            topo = Topology.model_validate({**topo.model_dump(), "fabric": {**topo.fabric.model_dump(),
+                                                                              "name": args.fabric}})
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise CliError(f"--fabric {args.fabric!r}: {msg}") from None
     state_file = state_dir() / f"{topo.fabric.name}.json"
     if state_file.exists():
         try:
@@ -149,6 +160,8 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
     argv = [sys.executable, "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
     if args.api:
         argv += ["--api", args.api]
+    if args.fabric:
+        argv += ["--fabric", args.fabric]
     if args.duration is not None:
         argv += ["--duration", str(args.duration)]
     with open(log, "ab") as out:
@@ -187,7 +200,12 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs")
     api = metrics_srv = None
-    say = (lambda *a, **k: None) if args.quiet else print
+    if args.quiet:
+        say = lambda *a, **k: None  # noqa: E731
+    elif getattr(args, "json", False):  # stdout carries only the JSON summary
+        say = lambda *a, **k: print(*a, **k, file=sys.stderr)  # noqa: E731
+    else:
+        say = print
     try:
         try:
             sup.start()
@@ -456,6 +474,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detach", "-d", action="store_true", help="run in the background; `shmfabric down` stops it")
     p.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
     p.add_argument("--api", help="override the config's management API address HOST:PORT")
+    p.add_argument("--fabric", help="override the config's fabric name (run a second copy of a topology)")
     p.add_argument("--quiet", action="store_true", help="no banner or summary (used by --detach)")
     p.add_argument("--start-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     add_json_flag(p)

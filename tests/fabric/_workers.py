@@ -10,6 +10,7 @@ crc32(u32)``, so a receiver can tell a lost, duplicated, reordered or torn frame
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import struct
@@ -394,7 +395,54 @@ def role_attach_at(fabric: str, name: str, at: float) -> int:
     return 0
 
 
+def role_fork_child(fabric: str, child_exit: str) -> int:
+    """Attach two nodes, fork; the child tries the inherited node, then exits (`child_exit`:
+    "normal" runs interpreter shutdown and finalizers, "os_exit" skips them). The parent then
+    checks that its nodes and the pool are untouched."""
+    from shmfabric.fabric import FabricError
+
+    fab = Fabric.open(fabric)
+    a, b = fab.attach("a"), fab.attach("b")
+    assert a.send_batch(b.id, [b"held"] * 4) == 4
+    held = b.recv_batch(4, timeout=1)  # frames in hand across the fork
+    buf = a.alloc()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a.send(b.id, b"from the child")
+            child = "inherited node usable"
+        except FabricError as e:
+            child = str(e)
+        with open(f"/tmp/{fabric}.child", "w") as f:
+            f.write(child)
+        if child_exit == "os_exit":
+            os._exit(0)
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    with open(f"/tmp/{fabric}.child") as f:
+        child = f.read()
+    os.unlink(f"/tmp/{fabric}.child")
+    res = {"child_status": status, "child": child, "a_up": fab.node_id("a") == a.id,
+           "b_up": fab.node_id("b") == b.id}
+    try:
+        res["held"] = [f.tobytes().decode() for f in held]
+        held.release()
+        del buf
+        res["sent_after"] = a.send(b.id, b"after")
+        with b.recv_batch(16, timeout=1) as bt:
+            res["got_after"] = [f.tobytes().decode() for f in bt]
+    except FabricError as e:
+        res["error_after"] = f"{type(e).__name__}: {e}"
+    audit = fab.pool_audit()
+    res["audit"] = audit
+    out(res)
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
 ROLES = {
+    "fork_child": (role_fork_child, (str, str)),
     "attach_at": (role_attach_at, (str, str, float)),
     "tape_hammer": (role_tape_hammer, (str, str, int)),
     "send_then_hold": (role_send_then_hold, (str, str, str, int)),

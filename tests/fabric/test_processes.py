@@ -353,3 +353,24 @@ def test_concurrent_attach_with_one_name_admits_exactly_one(harness, fab):
         assert sum(1 for e in fab.nodes() if e["name"] == f"same{trial}") == 1
         for w in ws:
             w.finish()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("child_exit", ["normal", "os_exit"])
+def test_forked_child_cannot_use_or_tear_down_the_parents_nodes(harness, fab, child_exit):
+    """A node belongs to the process that attached it. A child forked afterwards gets a clear
+    error if it uses the node, and when it exits, its interpreter shutdown must not detach the
+    parent's nodes or push the parent's cached slots into the shared pool."""
+    w = harness.worker("fork_child", fab.name, child_exit)
+    res = w.read(timeout=20)
+    assert res["child_status"] == 0
+    assert "forked" in res["child"], res["child"]
+    assert res["a_up"] and res["b_up"], res
+    assert "error_after" not in res, res
+    assert res["held"] == ["held"] * 4
+    assert res["sent_after"] and res["got_after"] == ["after"]
+    a = res["audit"]
+    assert a["orphaned"] == 0 and a["free"] + sum(int(v) for v in a["held"].values()) == a["total"]
+    assert a["stack_count"] == a["free"], a  # no slot pushed twice
+    w.finish()
+    assert_conserved(fab)

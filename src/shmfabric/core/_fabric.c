@@ -472,9 +472,20 @@ typedef struct {
     uint32_t notifier_stop;
     uint32_t signalled; /* process-private futex word: 1 while efd is readable */
     uint8_t mac[6];
+    unsigned long fork_gen; /* fork_gen of the process that attached */
 } PortObject;
 
 static PyTypeObject Port_Type;
+
+/* A port belongs to the process that attached it. A child forked afterwards inherits the handle
+ * but not the right to use it: each ring has one producer, and the private slot cache, the open
+ * batches and the wake-up thread are the parent's. fork_gen changes in every child (atfork), so
+ * an inherited port is recognised with one load, and the child neither sends through it nor,
+ * when it exits, gives the parent's slots back or detaches it. */
+static unsigned long fork_gen;
+static void on_fork_child(void) { fork_gen++; }
+static inline int port_foreign(const PortObject *p) { return p->fork_gen != fork_gen; }
+#define FORKED_MSG "this node was attached by the parent process; a forked child must attach its own node"
 
 static inline sf_network *port_net(PortObject *p, uint32_t pool) { return net_at(&p->r, pool); }
 
@@ -602,6 +613,7 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
     for (uint32_t t = 0; t < ntapes; t++)
         self->tape_cursor[t] = LOAD_ACQUIRE(&tape_at(&self->r, t)->head); /* start at "now" */
     self->wait_mode = WAIT_ADAPTIVE;
+    self->fork_gen = fork_gen;
     self->spin_ns = 50000;
     make_mac(self->mac, index);
     return 0;
@@ -614,6 +626,11 @@ static void port_close(PortObject *p)
 {
     if (p->closed)
         return;
+    if (port_foreign(p)) { /* an inherited handle: the slots in its cache are the parent's */
+        port_stop_notifier(p);
+        p->closed = 1;
+        return;
+    }
     port_stop_notifier(p);
     for (uint32_t i = 0; i < p->r.sb->n_networks && i < SF_MAX_NETWORKS; i++)
         if (p->cache[i] && p->ncache[i])
@@ -638,6 +655,10 @@ static void Port_dealloc(PortObject *self)
     do {                                                                                \
         if ((p)->closed) {                                                              \
             PyErr_SetString(FabricError, "node is detached");                           \
+            return NULL;                                                                \
+        }                                                                               \
+        if (port_foreign(p)) {                                                          \
+            PyErr_SetString(FabricError, FORKED_MSG);                                   \
             return NULL;                                                                \
         }                                                                               \
     } while (0)
@@ -1163,6 +1184,11 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
     Py_buffer fb;
     if (!PyArg_ParseTuple(args, "Iy*|I", &ti, &fb, &flags))
         return NULL;
+    if (!p->closed && port_foreign(p)) {
+        PyBuffer_Release(&fb);
+        PyErr_SetString(FabricError, FORKED_MSG);
+        return NULL;
+    }
     if (p->closed || ti > p->r.sb->n_mcast || (uint64_t)fb.len > p->r.sb->tape_entry_size) {
         PyErr_Format(p->closed ? FabricError : PyExc_ValueError,
                      p->closed ? "node is detached" : "tape %u does not exist or frame of %zd bytes exceeds the tape entry size %u",
@@ -1212,6 +1238,7 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
 /* set_mcast(mask) sets which multicast tapes this node reads (bit i = tape 1+i). */
 static PyObject *Port_set_mcast(PortObject *p, PyObject *arg)
 {
+    CHECK_OPEN(p);
     unsigned long long mask = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
@@ -1262,7 +1289,7 @@ static PyObject *Port_alloc(PortObject *p, PyObject *noargs)
 
 static void Buffer_dealloc(BufferObject *b)
 {
-    if (!b->sent && !b->port->closed)
+    if (!b->sent && !b->port->closed && !port_foreign(b->port))
         slot_put(b->port, b->pool, b->slot);
     Py_DECREF(b->port);
     PyObject_Free(b);
@@ -1535,6 +1562,12 @@ static void port_stop_notifier(PortObject *p)
 {
     if (!p->notifier_on)
         return;
+    if (port_foreign(p)) { /* the thread stayed in the parent: nothing to stop or join here */
+        close(p->efd);
+        p->efd = -1;
+        p->notifier_on = 0;
+        return;
+    }
     STORE_RELEASE(&p->notifier_stop, 1);
     __atomic_fetch_add(&p->me->doorbell, 1, __ATOMIC_RELEASE);
     futex_wake(&p->me->doorbell, INT_MAX);
@@ -1641,7 +1674,7 @@ static void batch_release(BatchObject *b)
     if (b->released)
         return;
     PortObject *p = b->port;
-    if (!p->closed) {
+    if (!p->closed && !port_foreign(p)) {
         for (uint32_t i = 0; i < b->n; i++)
             if (b->f[i].state == FS_OWNED)
                 slot_put(p, b->f[i].pool, b->f[i].slot);
@@ -1827,6 +1860,10 @@ static inline frame_ref *frame_ref_checked(FrameObject *f)
 {
     if (f->batch->released || f->batch->port->closed) {
         PyErr_SetString(ReleasedError, "frame's batch was released; the frame is no longer valid");
+        return NULL;
+    }
+    if (port_foreign(f->batch->port)) {
+        PyErr_SetString(ReleasedError, "frame belongs to the parent process (received before fork)");
         return NULL;
     }
     frame_ref *fr = &f->batch->f[f->i];
@@ -2081,5 +2118,6 @@ PyMODINIT_FUNC PyInit__fabric(void)
     PyModule_AddIntConstant(m, "NODE_RECLAIM", SF_NODE_RECLAIM);
     PyModule_AddIntConstant(m, "NODE_DOWN", SF_NODE_DOWN);
     PyModule_AddIntConstant(m, "FLAG_CONTROL", SF_DESC_CONTROL);
+    pthread_atfork(NULL, NULL, on_fork_child);
     return m;
 }

@@ -97,6 +97,7 @@ class Fabric:
         self._region: MappedRegion | None = region
         self._nodes: dict[int, Node] = {}
         self._attach_lock = threading.Lock()
+        self._pid = os.getpid()  # nodes belong to this process, not to children forked later
         self._owner = owner
         self._watchdog = _Watchdog(self)
 
@@ -137,6 +138,13 @@ class Fabric:
     def close(self) -> None:
         """Detach this process's nodes and unmap the region."""
         if self._region is None:
+            return
+        if os.getpid() != self._pid:
+            # a forked child's copy: the nodes and the watchdog are the parent's; only drop the
+            # child's own mapping, without detaching anything
+            self._nodes.clear()
+            region, self._region = self._region, None
+            region.close()
             return
         for node in list(self._nodes.values()):
             node.detach()
@@ -458,6 +466,9 @@ class Node:
         """Leave the fabric: cached slots go back and every slot still held is returned."""
         fab = self._fabric
         if fab._nodes.pop(self.id, None) is None:
+            return
+        if os.getpid() != fab._pid:
+            self._port.close()  # in a forked child this only marks the inherited handle closed
             return
         try:
             self._announce(control.BYE)

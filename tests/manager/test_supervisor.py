@@ -238,3 +238,15 @@ def test_an_unresponsive_instance_is_killed_and_restarted(run_topology):
     assert not any(e["node"] == "gen" and e["kind"] in ("hung", "exited") for e in sup.events)
     before = sink_frames(sup)
     wait_until(lambda: sink_frames(sup) > before + 200, what="traffic after the restart", sup=sup)
+
+
+def test_a_replacement_that_does_not_come_up_leaves_the_old_running(run_topology, tmp_path):
+    sup = run_topology(chain())
+    wait_until(lambda: sink_frames(sup) > 100, what="traffic", sup=sup)
+    with pytest.raises(SupervisorError, match="exited with status"):
+        # valid config for the schema, but the function fails when it is built: no such pcap
+        sup.replace("gen", config={"pcap": str(tmp_path / "none.pcap")}, version="2")
+    assert [(i.name, i.state) for i in sup.nodes["gen"].instances] == [("gen", "running")]
+    assert sup.node_status("gen")["version"] is None
+    before = sink_frames(sup)
+    wait_until(lambda: sink_frames(sup) > before + 100, what="traffic from the old version", sup=sup)

@@ -607,19 +607,45 @@ class Supervisor:
         active = [i for i in node.instances if i.active]
         if count > len(active):
             new = [self._spawn(node, None, now) for _ in range(count - len(active))]
-            self._wait_up(new, START_TIMEOUT)
-            self._resteer_upstream(node.cfg.name)
+            try:
+                self._wait_up(new, START_TIMEOUT)
+                self._resteer_upstream(node.cfg.name)
+            except SupervisorError:
+                self._withdraw(node, new)
+                raise
             self._event("scale", node.cfg.name, f"out to {count} ({reason})")
         elif count < len(active):
             victims = sorted(active, key=lambda i: i.index)[count:]
             for v in victims:
                 v.state = "stopping"  # out of the group before upstream is re-steered
-            self._resteer_upstream(node.cfg.name)
+            try:
+                self._resteer_upstream(node.cfg.name)
+            except SupervisorError:
+                for v in victims:  # still receiving from whoever was not re-steered: keep them
+                    v.state = "running"
+                self._try_resteer(node.cfg.name)
+                raise
             for v in victims:
                 self._stop_instance(v, drain=True)
                 node.instances.remove(v)
             self._event("scale", node.cfg.name, f"in to {count} ({reason})")
         # downstream of this node is unchanged; its own instances got --next at start
+
+    def _withdraw(self, node: _Node, new: list[Instance]) -> None:
+        """Undo a half-done scale-out or replacement: the new instances leave the group and stop."""
+        for inst in new:
+            inst.state = "stopping"
+        self._try_resteer(node.cfg.name)
+        for inst in new:
+            self._stop_instance(inst, drain=True)
+            if inst in node.instances:
+                node.instances.remove(inst)
+
+    def _try_resteer(self, name: str) -> None:
+        try:
+            self._resteer_upstream(name)
+        except SupervisorError as exc:
+            self._event("error", name, f"re-steering upstream failed: {exc}")
 
     # -- operator actions (API, reload) --------------------------------------------------------
     def _node(self, name: str) -> _Node:
@@ -675,14 +701,18 @@ class Supervisor:
             try:
                 self._wait_up(new, START_TIMEOUT)
             except SupervisorError:
-                for inst in new:
-                    self._stop_instance(inst, drain=False)
-                    node.instances.remove(inst)
+                self._withdraw(node, new)
                 raise
             for inst in old:
                 inst.state = "stopping"
+            try:
+                self._resteer_upstream(name)
+            except SupervisorError:
+                for inst in old:  # back to the old version: nothing is lost, the swap did not happen
+                    inst.state = "running"
+                self._withdraw(node, new)
+                raise
             node.function, node.config, node.version = function, config, version
-            self._resteer_upstream(name)
             processed = 0
             for inst in old:
                 processed += self._stop_instance(inst, drain=True) or 0

@@ -73,3 +73,35 @@ def test_other_pid_namespace_uses_heartbeat():
     other = pid_namespace() + 1
     assert node_alive(_entry(1, 1, pidns=other, beat=now - 100_000_000), now_ns=now)
     assert not node_alive(_entry(1, 1, pidns=other, beat=now - STALE_NS - 1), now_ns=now)
+
+
+def test_watchdog_sweep_leaves_an_entry_being_attached(tmp_path):
+    """claim_node makes an entry ATTACHING before it writes the new pid, so for a moment the entry
+    still shows its previous (dead) owner. A periodic sweep must not reclaim such an entry under
+    a live attacher; only attach's own sweep, which holds the attach lock (so no claim can be in
+    flight), reclaims ATTACHING entries left by attachers that died."""
+    import struct
+
+    from shmfabric.core import native
+    from shmfabric.core.liveness import sweep
+    from shmfabric.core.native import LAYOUT as L
+    from shmfabric.fabric import Fabric
+
+    fab = Fabric.create(str(tmp_path / "r"), max_nodes=4, networks=[{"mtu": 1500, "slots": 64}], n_mcast=0)
+    try:
+        a, b = fab.attach("a"), fab.attach("b")
+        b.detach()
+        region = fab.region
+        # entry b: as if another process had just won the claim (ATTACHING) and not yet written
+        # its pid, which still names b's previous owner; make that owner a dead process
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        base = region.layout.off_nodes + b.id * region.layout.node_size
+        struct.pack_into("<I", region.mm, base + L["sf_node.pid"], dead.pid)
+        assert region.core.cas_node_state(b.id, native.NODE_FREE, native.NODE_ATTACHING)
+        assert sweep(region) == []  # the watchdog's sweep
+        assert region.core.node_state(b.id) == native.NODE_ATTACHING
+        c = fab.attach("c")  # under the attach lock: the stale ATTACHING entry is reclaimed and reused
+        assert c.id == b.id and region.core.node_state(b.id) == native.NODE_UP
+    finally:
+        fab.close()

@@ -30,12 +30,19 @@ def node_alive(entry: dict, now_ns: int | None = None) -> bool:
     return now_ns - entry["heartbeat_ns"] < STALE_NS
 
 
-def sweep(region: MappedRegion) -> list[tuple[int, str, int]]:
-    """Reclaim every node whose process is gone. Returns (index, name, slots returned) per node."""
+def sweep(region: MappedRegion, attaching: bool = False) -> list[tuple[int, str, int]]:
+    """Reclaim every node whose process is gone. Returns (index, name, slots returned) per node.
+
+    An ATTACHING entry is only judged with `attaching=True`, which the caller may pass only while
+    it holds the attach lock: claim_node makes an entry ATTACHING before it writes the new pid,
+    so outside the lock the entry may still name its previous, dead owner while a live process
+    is attaching to it.
+    """
     done = []
+    wanted = (native.NODE_UP, native.NODE_ATTACHING) if attaching else (native.NODE_UP,)
     for i in range(region.node_hwm()):
         state = region.core.node_state(i)
-        if state not in (native.NODE_UP, native.NODE_ATTACHING):
+        if state not in wanted:
             continue
         e = region.node_entry(i)
         if node_alive(e):

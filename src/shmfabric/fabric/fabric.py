@@ -203,7 +203,9 @@ class Fabric:
         with self._attach_lock:
             fcntl.flock(region.fd, fcntl.LOCK_EX)
             try:
-                sweep(region)  # a dead holder of the name should not block it
+                # a dead holder of the name should not block it; under the lock no claim is in
+                # flight, so entries left ATTACHING by a dead attacher can be taken back too
+                sweep(region, attaching=True)
                 for i in range(region.node_hwm()):
                     if region.core.node_state(i) == native.NODE_UP:
                         e = region.node_entry(i)

@@ -162,6 +162,7 @@ def test_scaled_out_next_hop_keeps_flows_on_one_instance(fab, procs):
     (["--function", "nope"], "no network function named 'nope'"),
     (["--function", "firewall", "--config", '{"rules": "ip sadr 1.2.3.4 accept"}'], "did you mean 'saddr'"),
     (["--function", "sink", "--config", "[1]"], "--config is not a JSON object"),
+    (["--function", "generator", "--config", '{"pcap": "/nonexistent/x.pcap"}'], "cannot start with this configuration"),
 ])
 def test_run_errors_are_one_clear_line(fab, args, message):
     r = subprocess.run([sys.executable, "-m", "shmfabric.functions.run", "--fabric", fab.name, "--node", "x", *args],

@@ -65,12 +65,20 @@ class FunctionRunner:
         self.fabric = fabric
         self.fn_cls = fn_cls
         self.config_model = validate_config(fn_cls, config)
+        try:
+            mtu = fabric.networks[network].mtu
+        except IndexError:
+            raise FunctionConfigError(f"network {network} does not exist in fabric {fabric.name!r}") from None
+        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=list(ports or []), log=log, mtu=mtu)
+        # build the function before attaching, so a function that cannot start (a missing file,
+        # say) is a one-line configuration error and never a half-attached node
+        try:
+            self.fn = fn_cls(self.config_model, self.ctx)
+        except (OSError, ValueError, LookupError) as e:
+            raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: {e}") from None
         self.node = fabric.attach(node_name, network)
         self.node.set_wait_mode(wait_mode)
         self.node.on_message = self._on_message
-        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=list(ports or []), log=log,
-                                   mtu=self.node.mtu)
-        self.fn = fn_cls(self.config_model, self.ctx)
         self.is_source = hasattr(self.fn, "produce")
         # optional timer hooks (see functions/api.py); timer_at is the next time to call them
         self._has_on_timer = hasattr(self.fn, "on_timer")
@@ -408,7 +416,7 @@ class FunctionRunner:
             c["last_ns"] = time.monotonic_ns()
         stats = self.stats()
         if self._stop_requester is not None:
-            self._reply(self._stop_requester, {"ok": True, "processed": c["in_frames"]})
+            self._reply(self._stop_requester, {"ok": True, "processed": c["in_frames"], "stats": stats})
         log("stopped", {"node": self.node.name, **c})
         return stats
 

@@ -6,9 +6,16 @@ STAMP   := $(VENV)/.installed
 DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark
 PYTEST_ARGS ?=
 
-.PHONY: run test setup debs build bench clean
+.PHONY: run demo test setup debs build bench clean
 
+# The default topology (examples/edge.yaml): generator -> firewall -> ids -> l4lb -> two sinks,
+# each its own supervised process, with the live view, for RUN_SECONDS.
+RUN_SECONDS ?= 20
 run: setup
+	$(BIN)/shmfabric up examples/edge.yaml --duration $(RUN_SECONDS) --live
+
+# The fabric alone: four node processes exchanging CRC-checked frames.
+demo: setup
 	$(BIN)/shmfabric demo
 
 test: setup

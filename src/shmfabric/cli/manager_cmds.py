@@ -232,7 +232,13 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
         say(f"fabric {topo.fabric.name} up: {n} instances of {len(sup.nodes)} nodes"
             + (f", API {api.url}" if api else "") + (f", metrics http://{topo.metrics}/metrics" if topo.metrics else "")
             + ("" if args.duration else "; Ctrl-C stops everything"), flush=True)
-        sup.run(stop, args.duration)
+        live = _LiveView(sup, stop) if getattr(args, "live", False) and say is print else None
+        try:
+            sup.run(stop, args.duration)
+        finally:
+            if live:
+                live.close()
+                print()
         say("stopping: sources first, each node drains its input ...", flush=True)
         sup.quiesce()
         final = sup.status()
@@ -252,6 +258,31 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     if not args.quiet:
         _print_summary(final, getattr(args, "json", False))
     return 0
+
+
+class _LiveView:
+    """`up --live`: the `top` view of the running topology, redrawn every second from a thread."""
+
+    def __init__(self, sup, stop: threading.Event) -> None:
+        self.sup, self.stop = sup, stop
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="shmfabric-live", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from rich.live import Live
+
+        rates = Rates()
+        st = self.sup.status()
+        with Live(_top_table(st, rates.update(st, time.monotonic())), console=_console(), refresh_per_second=2,
+                  transient=False) as live:
+            while not (self.done.wait(1.0) or self.stop.is_set()):
+                st = self.sup.status()
+                live.update(_top_table(st, rates.update(st, time.monotonic())))
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 def _print_summary(st: dict, as_json: bool) -> None:
@@ -473,6 +504,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="topology YAML (default: examples/edge.yaml)")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background; `shmfabric down` stops it")
     p.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
+    p.add_argument("--live", action="store_true", help="show the live `top` view while running in the foreground")
     p.add_argument("--api", help="override the config's management API address HOST:PORT")
     p.add_argument("--fabric", help="override the config's fabric name (run a second copy of a topology)")
     p.add_argument("--quiet", action="store_true", help="no banner or summary (used by --detach)")

@@ -169,7 +169,10 @@ class Generator:
             return None
         if not c.rate or self.t0 is None:
             return now
-        return self.t0 + (self.sent + 1) / c.rate
+        # wake once per millisecond's worth of frames, not per frame: a paced source then costs
+        # little CPU and sends small batches instead of single frames
+        burst = max(1, int(c.rate / 1000))
+        return self.t0 + (self.sent + burst) / c.rate
 
     def counters(self) -> dict[str, int]:
         return {"generated": self.sent, "flows": len(self.templates)}

@@ -85,6 +85,9 @@ PORTS = {"lb": ["sink1", "sink2"]}
 
 # -- the fabric run ------------------------------------------------------------------------------
 
+WAIT_MODE = os.environ.get("SHMFABRIC_CHAIN_WAIT", "block")  # more processes than cores: never spin
+
+
 def run_fabric(size: int, seconds: float, workdir: Path) -> dict[str, dict]:
     from shmfabric.fabric import Fabric
 
@@ -98,7 +101,7 @@ def run_fabric(size: int, seconds: float, workdir: Path) -> dict[str, dict]:
             cfg_file.write_text(json.dumps(cfgs[node]))
             cmd = [sys.executable, "-m", "shmfabric.functions.run", "--fabric", name, "--node", node,
                    "--function", FUNCTIONS[node], "--config", f"@{cfg_file}", "--stats-json", str(workdir / f"{node}.stats"),
-                   "--duration", str(seconds if node == "gen" else seconds + 30)]
+                   "--duration", str(seconds if node == "gen" else seconds + 30), "--wait-mode", WAIT_MODE]
             if NEXT[node]:
                 cmd += ["--next", ",".join(NEXT[node])]
             for p in PORTS.get(node, []):

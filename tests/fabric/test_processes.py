@@ -40,7 +40,7 @@ def test_sixteen_nodes_all_to_all_no_loss_no_duplicate(harness):
         assert r["sent"] == per_peer * (n - 1), r
         assert all(v == per_peer for v in r["received"].values()), r
         assert r["stats"]["rx_frames"] == per_peer * (n - 1)
-        assert r["stats"]["tx_ring_full"] >= 0
+        assert r["stats"]["tx_frames"] == per_peer * (n - 1)
     # while all are still attached: every slot is free or held by a live node
     # (the free stack count is not compared here: caches and stack move while nodes run)
     a = fab.pool_audit()

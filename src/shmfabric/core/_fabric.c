@@ -128,7 +128,7 @@ static uint32_t stack_pop_chain(const region_view *r, sf_network *n)
     uint64_t old = LOAD_ACQUIRE(&n->free_head), nw; /* A3 pairs with R3 */
     for (;;) {
         uint32_t top1 = (uint32_t)(old & 0xffffffffu);
-        if (!top1)
+        if (!top1 || top1 > n->n_slots) /* empty, or a corrupt head: dry rather than off the pool */
             return 0;
         /* chain[] may be rewritten by a concurrent push of the same slot after another popper
          * took it; then the tag has moved on and our CAS fails, so a stale read is harmless. */
@@ -501,16 +501,21 @@ static bool cache_refill(PortObject *p, uint32_t pool)
         return false;
     uint32_t *next = net_next(r, n), *owner = net_owner(r, n);
     uint32_t s1 = top1, count = 0;
+    /* Links are slot+1 and never above n_slots; one that is (a corrupt region) ends the chain
+     * here, so no walk ever leaves the pool. */
+    uint32_t n_slots = n->n_slots;
     while (s1 && p->ncache[pool] < p->cache_hi[pool]) {
         uint32_t s = s1 - 1;
         s1 = next[s];
+        if (s1 > n_slots)
+            s1 = 0;
         STORE_RELAXED(&owner[s], p->tag);
         p->cache[pool][p->ncache[pool]++] = s;
         count++;
     }
     uint32_t rest = 0;
     if (s1) { /* the chain is longer than the cache's share of a small pool: give the rest back */
-        for (uint32_t x = s1; x; x = next[x - 1])
+        for (uint32_t x = s1; x && x <= n_slots && rest < n_slots; x = next[x - 1])
             rest++;
         stack_push_chain(r, n, s1 - 1, rest); /* counts `rest` back into free_count */
     }
@@ -1813,10 +1818,62 @@ static PyObject *Batch_total_bytes(BatchObject *b, void *c)
     return PyLong_FromUnsignedLongLong(t);
 }
 
+/* gather(width=None) -> bytes: one record per frame, `4 + width` bytes each: the payload length
+ * (big-endian u32), then the first `width` payload bytes, zero-padded. width None = the longest
+ * payload of the batch. One copy per batch, so header parsing can run struct.iter_unpack over
+ * the whole batch instead of acquiring each frame's buffer. */
+static PyObject *Batch_gather(BatchObject *b, PyObject *args)
+{
+    PyObject *wobj = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &wobj))
+        return NULL;
+    if (batch_check(b) < 0)
+        return NULL;
+    if (b->port->closed || port_foreign(b->port)) {
+        PyErr_SetString(ReleasedError, "frame batch belongs to a closed node or to the parent process");
+        return NULL;
+    }
+    uint32_t width = 0;
+    for (uint32_t i = 0; i < b->n; i++) {
+        if (b->f[i].state == FS_GONE) {
+            PyErr_SetString(ReleasedError, "a frame of the batch was forwarded; it belongs to its new receiver now");
+            return NULL;
+        }
+        uint32_t len = b->f[i].len >= SF_ETH_HLEN ? b->f[i].len - SF_ETH_HLEN : 0;
+        if (len > width)
+            width = len;
+    }
+    if (wobj != Py_None) {
+        long w = PyLong_AsLong(wobj);
+        if (w == -1 && PyErr_Occurred())
+            return NULL;
+        if (w < 0 || w > 65536) {
+            PyErr_SetString(PyExc_ValueError, "width must be between 0 and 65536");
+            return NULL;
+        }
+        width = (uint32_t)w;
+    }
+    size_t rec = 4 + (size_t)width;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(rec * b->n));
+    if (!out)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    for (uint32_t i = 0; i < b->n; i++, o += rec) {
+        frame_ref *fr = &b->f[i];
+        uint32_t len = fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0;
+        uint32_t take = len < width ? len : width;
+        o[0] = (uint8_t)(len >> 24); o[1] = (uint8_t)(len >> 16); o[2] = (uint8_t)(len >> 8); o[3] = (uint8_t)len;
+        memcpy(o + 4, fr->data + SF_ETH_HLEN, take);
+        memset(o + 4 + take, 0, width - take);
+    }
+    return out;
+}
+
 static PySequenceMethods Batch_as_sequence = {.sq_length = (lenfunc)Batch_len, .sq_item = (ssizeargfunc)Batch_item};
 
 static PyMethodDef Batch_methods[] = {
     {"release", (PyCFunction)Batch_release, METH_NOARGS, "Give every frame's slot back to the pool."},
+    {"gather", (PyCFunction)Batch_gather, METH_VARARGS, "Every frame's length and first payload bytes, in one bytes object."},
     {"__enter__", (PyCFunction)Batch_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Batch_exit, METH_VARARGS, NULL},
     {NULL}};

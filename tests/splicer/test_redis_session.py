@@ -189,3 +189,24 @@ def test_command_table_key_positions() -> None:
     assert command_keys(lookup(b"EVALSHA"), cmd("EVALSHA", "abc", "2", "x", "y", "argv")) == [b"x", b"y"]
     assert command_keys(lookup(b"XINFO"), cmd("XINFO", "STREAM", "s")) == [b"s"]
     assert all(spec.name == name for name, spec in COMMANDS.items())
+
+
+def test_reply_order_releases_in_request_order_with_bounds() -> None:
+    from shmfabric.splicer.redis_session import ReplyOrder
+
+    order = ReplyOrder(max_slots=4, max_bytes=100)
+    seqs = [order.open() for _ in range(4)]
+    assert seqs == [0, 1, 2, 3] and order.full and order.pending == 4
+    order.finish(2, b":2\r\n")
+    order.finish(1, b":1\r\n")
+    assert order.pop_ready() == b"" and order.held_bytes == 8  # held behind the head
+    order.finish(0, b":0\r\n")
+    assert order.pop_ready() == b":0\r\n:1\r\n:2\r\n" and order.pending == 1 and order.drained
+    with pytest.raises(ValueError):
+        order.finish(2, b":2\r\n")  # already answered and released
+    assert order.open() == 4
+    order.finish(4, b"+late\r\n")
+    assert not order.idle and order.pop_ready() == b""
+    order.finish(3, b"$" + b"x" * 120 + b"\r\n")
+    assert order.held_bytes >= 100 and order.full
+    assert order.pop_ready().endswith(b"+late\r\n") and order.idle and order.held_bytes == 0

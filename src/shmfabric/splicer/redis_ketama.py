@@ -51,8 +51,16 @@ def _schar(b: int) -> int:
     return b - 256 if b >= 128 else b
 
 
-def _md5(key: bytes, _md5=hashlib.md5, _from=int.from_bytes) -> int:
-    return _from(_md5(key).digest()[:4], "little")
+try:
+    # CPython's own md5 (HACL*) costs half of OpenSSL's through hashlib, whose per-call setup
+    # dominates for short keys; a key's first placement pays for it.
+    from _md5 import md5 as _md5_new
+except ImportError:  # a CPython built without its builtin hashes
+    _md5_new = hashlib.md5
+
+
+def _md5(key: bytes, _new=_md5_new, _word=struct.Struct("<I").unpack_from) -> int:
+    return _word(_new(key).digest())[0]
 
 
 def _fnv1_64(key: bytes) -> int:

@@ -1,7 +1,7 @@
 """The asyncio shell of the Redis splicer: client connections, pooled backend connections, timers.
 
 The protocol decisions are elsewhere and pure (`redis_resp` frames bytes, `redis_session`
-decides what each command does, `ordered.OrderedMerge` releases replies in request order);
+decides what each command does, `redis_session.ReplyOrder` releases replies in request order);
 this file moves bytes and keeps time.
 
 Backend pools. Each server has `pool.max` *lanes*; lane i is one pipelined connection (opened at
@@ -21,7 +21,7 @@ leaves the continuum as in twemproxy.
 
 Backpressure. A client is read only while it holds fewer than `limits.max_pipeline` unanswered
 requests and fewer than `limits.max_buffer_bytes` reply bytes, and while its socket accepts our
-writes; reading resumes when it has drained to half (OrderedMerge's hysteresis). So a client
+writes; reading resumes when it has drained to half (ReplyOrder's hysteresis). So a client
 that pipelines a million commands is slowed down, never dropped.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ from typing import Any
 
 from .backoff import Backoff, HealthState
 from .config import RedisSpliceConfig, split_address
-from .ordered import OrderedMerge
 from .redis_commands import COMMANDS, Kind
 from .redis_ketama import Ketama, KetamaServer, server_name
 from .redis_resp import (
@@ -53,6 +52,7 @@ from .redis_session import (
     REPLY,
     SPLIT,
     RedisSession,
+    ReplyOrder,
     Router,
     SessionConfig,
     merge_mget,
@@ -66,6 +66,8 @@ log = logging.getLogger("shmfabric.splicer.redis")
 
 _GATE = object()  # in a client's wait queue: later requests wait until earlier ones are answered
 _DISCONNECTED, _CONNECTING, _READY = 0, 1, 2
+# One-key commands (key at argument 1) -> arity: the commands the client fast path takes.
+_SINGLE_ARITY = {name: spec.arity for name, spec in COMMANDS.items() if spec.single}
 # Socket write buffer of a client above which we stop reading it (asyncio's pause_writing).
 _CLIENT_WRITE_HIGH = 1024 * 1024
 
@@ -327,7 +329,7 @@ class _Client(asyncio.Protocol):
         cfg = splicer.config
         self.reader = RequestReader()
         self.session = RedisSession(splicer.router, splicer.session_config)
-        self.merge = OrderedMerge(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
+        self.merge = ReplyOrder(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
         self.transport: asyncio.Transport | None = None
         self.outstanding = 0  # actions sent to backends and not yet answered
         self.waiting: deque = deque()  # actions held behind a barrier
@@ -381,6 +383,8 @@ class _Client(asyncio.Protocol):
     # -- request side ----------------------------------------------------------------------
     def _process(self) -> None:
         merge = self.merge
+        slots = merge._slots
+        max_slots = merge.max_slots
         session = self.session
         handle = session.handle
         splicer = self.splicer
@@ -388,35 +392,40 @@ class _Client(asyncio.Protocol):
         cache_get = router._cache.get
         lane_table = splicer._lane_table
         dirty_lanes = splicer._dirty_lanes
-        commands_get = COMMANDS.get
+        single_arity = _SINGLE_ARITY.get
         now = time.monotonic()
         while True:
-            room = merge.max_slots - merge.pending
+            room = max_slots - len(slots)
             if room <= 0 or merge.full:
                 break
             cmds, error = self.reader.drain(room)
+            # The one-key fast path (most of the traffic) applies while the session is plain:
+            # no MULTI, authenticated, nothing held behind a barrier. Only the slow path
+            # (session.handle, _execute) changes that, so it is re-checked after each of those.
+            fast = session.multi is None and session.authed and not self.waiting
+            lanes = lane_table[session.proto]
             for args in cmds:
-                # Hot path, what session.handle + _execute do for a one-key command going to a
-                # ready lane, inlined: it is most of the traffic.
-                spec = commands_get(args[0])
-                if (spec is not None and spec.single and session.multi is None and session.authed
-                        and not self.waiting):
-                    argc = len(args)
-                    arity = spec.arity
-                    if argc == arity if arity > 0 else argc >= -arity:
-                        code = cache_get(args[1])
-                        if code is None:
-                            code = router.code(args[1])
-                        ln = lane_table[session.proto][code]
-                        if ln.state == _READY:
-                            seq = merge.open()
-                            ln.out.append(encode_command(args))
-                            ln.inflight.append((self, seq, now))
-                            if not ln.dirty:
-                                ln.dirty = True
-                                dirty_lanes.append(ln)
-                            self.outstanding += 1
-                            continue
+                if fast:
+                    # What session.handle + _execute do for a one-key command going to a ready
+                    # lane, inlined (ReplyOrder.open included).
+                    arity = single_arity(args[0])
+                    if arity is not None:
+                        argc = len(args)
+                        if argc == arity if arity > 0 else argc >= -arity:
+                            code = cache_get(args[1])
+                            if code is None:
+                                code = router.code(args[1])
+                            ln = lanes[code]
+                            if ln.state == _READY:
+                                seq = merge._base + len(slots)
+                                slots.append(None)
+                                ln.out.append(encode_command(args))
+                                ln.inflight.append((self, seq, now))
+                                if not ln.dirty:
+                                    ln.dirty = True
+                                    dirty_lanes.append(ln)
+                                self.outstanding += 1
+                                continue
                 action = handle(args)
                 seq = merge.open()
                 tag = action[0]
@@ -432,6 +441,8 @@ class _Client(asyncio.Protocol):
                     self.waiting.append((seq, action))
                 else:
                     self._execute(seq, action, now)
+                fast = session.multi is None and session.authed and not self.waiting
+                lanes = lane_table[session.proto]
             if error is not None and not self.closing:
                 seq = merge.open()
                 merge.finish(seq, encode_error(f"ERR Protocol error: {error}"))
@@ -497,10 +508,25 @@ class _Client(asyncio.Protocol):
         self.outstanding -= 1
         if self.closed:
             return
-        self.merge.finish(seq, reply)
-        if not self.dirty:
-            self.dirty = True
-            self.splicer._dirty_clients.append(self)
+        # ReplyOrder.finish, inlined: this runs once per reply.
+        merge = self.merge
+        merge.held_bytes += len(reply)
+        base = merge._base
+        if seq != base:
+            merge._slots[seq - base] = reply
+        else:
+            slots = merge._slots
+            ready = merge._ready
+            ready.append(reply)
+            slots.popleft()
+            base += 1
+            while slots and slots[0] is not None:
+                ready.append(slots.popleft())
+                base += 1
+            merge._base = base
+            if not self.dirty:  # only a finished head makes anything writable
+                self.dirty = True
+                self.splicer._dirty_clients.append(self)
         if self.outstanding == 0 and self.waiting:
             self._drain_waiting()
 
@@ -514,9 +540,8 @@ class _Client(asyncio.Protocol):
         if self.closed:
             return
         merge = self.merge
-        ready = merge.pop_ready()
-        if ready:
-            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))  # type: ignore[union-attr]
+        if merge._ready:
+            self.transport.write(merge.pop_ready())  # type: ignore[union-attr]
         if self.read_paused and not self.closing:
             self._maybe_resume()
         if (self.closing or self.eof) and merge.idle and not self.outstanding:

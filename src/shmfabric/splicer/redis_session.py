@@ -54,6 +54,7 @@ __all__ = [
     "merge_sum",
     "merge_mset",
     "command_info",
+    "ReplyOrder",
 ]
 
 # Action tags (first element of the tuples `handle` returns).
@@ -95,21 +96,26 @@ class Router:
 
     def code(self, key: bytes) -> int:
         """The placement code of `key` (see the class docstring)."""
-        hit = self._cache.get(key)
+        cache = self._cache
+        hit = cache.get(key)
         if hit is not None:
             return hit
         k = self.ketama
-        h = k.key_hash(key)
+        # Ketama.key_hash and Ketama.dispatch, inlined: a key's first placement is most of a
+        # pipelined SET's cost when keys are fresh.
+        if k.hash_tag:
+            h = k.key_hash(key)
+        else:
+            h = k._hash(key) if key else 0
         if len(k.servers) == 1:
             server = 0
-        else:  # Ketama.dispatch, inlined
+        else:
             values = k._values
             if not values:
                 raise LookupError("no live server")
             i = bisect_left(values, h)
             server = k._index[i if i < len(values) else 0]
         hit = server * self.lanes + h % self.lanes
-        cache = self._cache
         if len(cache) >= self._cache_max:
             # Forget the older half (dicts keep insertion order): cheap, and keys that are
             # still hot come back at once.
@@ -121,6 +127,93 @@ class Router:
     def place(self, key: bytes) -> tuple[int, int]:
         """(server index, lane) of `key`."""
         return self.pairs[self.code(key)]
+
+
+class ReplyOrder:
+    """The replies of one client connection, released strictly in request order.
+
+    The Redis form of `ordered.OrderedMerge`: a Redis reply always arrives whole (the shell
+    finds its end before handing it over), so a slot is just ``None`` (waiting) or the reply's
+    bytes, and finishing the head moves it and every finished slot after it to `ready`. The
+    shell's hot paths do `open` and `finish` inline on these fields (one Python call less per
+    request each, which is a tenth of the splicer's cost per pipelined GET), so the fields are
+    part of the interface:
+
+    * ``_slots``: deque of ``None | bytes``, slot of sequence number ``_base + i`` at ``i``;
+    * ``_base``: sequence number of the head slot; the next one opened is ``_base + len(_slots)``;
+    * ``_ready``: bytes that may be written to the client now, in order;
+    * ``held_bytes``: bytes in finished slots plus bytes in ``_ready`` (the backpressure bound).
+
+    Bounds as `OrderedMerge`: `full` when `max_slots` requests or `max_bytes` reply bytes are
+    held, `drained` at half of both (hysteresis, so reading does not flap at the limit).
+    """
+
+    __slots__ = ("max_slots", "max_bytes", "_slots", "_base", "_ready", "held_bytes")
+
+    def __init__(self, max_slots: int = 1024, max_bytes: int = 4 * 1024 * 1024) -> None:
+        if max_slots < 1 or max_bytes < 1:
+            raise ValueError("max_slots and max_bytes must be at least 1")
+        self.max_slots = max_slots
+        self.max_bytes = max_bytes
+        self._slots: deque[bytes | None] = deque()
+        self._base = 0
+        self._ready: list[bytes] = []
+        self.held_bytes = 0
+
+    def open(self) -> int:
+        """Reserve the next slot and return its sequence number."""
+        slots = self._slots
+        slots.append(None)
+        return self._base + len(slots) - 1
+
+    def finish(self, seq: int, reply: bytes) -> None:
+        """Give slot `seq` its whole reply (ready at once if it is the head)."""
+        idx = seq - self._base
+        slots = self._slots
+        if idx < 0 or idx >= len(slots) or slots[idx] is not None:
+            raise ValueError(f"slot {seq} is not open or already answered")
+        self.held_bytes += len(reply)
+        if idx:
+            slots[idx] = reply
+            return
+        ready = self._ready
+        ready.append(reply)
+        slots.popleft()
+        base = self._base + 1
+        while slots and slots[0] is not None:
+            ready.append(slots.popleft())
+            base += 1
+        self._base = base
+
+    def pop_ready(self) -> bytes:
+        """The bytes that may be written to the client now (b"" if none), forgotten here."""
+        ready = self._ready
+        if not ready:
+            return b""
+        self._ready = []
+        out = ready[0] if len(ready) == 1 else b"".join(ready)
+        self.held_bytes -= len(out)
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Requests read and not yet answered in order (slots open)."""
+        return len(self._slots)
+
+    @property
+    def full(self) -> bool:
+        """True when the shell should stop reading the client."""
+        return len(self._slots) >= self.max_slots or self.held_bytes >= self.max_bytes
+
+    @property
+    def drained(self) -> bool:
+        """True when a paused shell may resume reading (half of each limit)."""
+        return len(self._slots) <= self.max_slots // 2 and self.held_bytes <= self.max_bytes // 2
+
+    @property
+    def idle(self) -> bool:
+        """True when no slot is open and nothing waits to be written."""
+        return not self._slots and not self._ready
 
 
 @dataclass(frozen=True, slots=True)

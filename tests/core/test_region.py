@@ -130,6 +130,11 @@ def _node_hwm_garbage(d):
     sb_put(d, "node_hwm", "I", 0xFFFFFF)
 
 
+def _free_head_outside(d):
+    # the free stack's head names slot 2^31: a pop would walk off the pool
+    net_put(d, 0, "free_head", "Q", (5 << 32) | 0x7FFFFFFF)
+
+
 def _garbage(d):
     d[:] = os.urandom(len(d))
 
@@ -153,6 +158,7 @@ CASES = [
     ("network mtu impossible", _net_mtu_impossible, CorruptRegionError, "mtu=10"),
     ("network slots changed", _net_slots_changed, CorruptRegionError, "total_size"),
     ("node_hwm garbage", _node_hwm_garbage, CorruptRegionError, "node_hwm"),
+    ("free stack head outside the pool", _free_head_outside, CorruptRegionError, "free_head"),
     ("random garbage", _garbage, BadMagicError, "not a shmfabric region"),
 ]
 
@@ -281,3 +287,28 @@ def test_create_names_and_existing(tmp_path):
         fab.close()
         Fabric.destroy(p)
     assert not os.path.exists(p)
+
+
+def _links(d: bytearray, which: str) -> tuple[int, int]:
+    off_networks = struct.unpack_from("<Q", d, L["sf_superblock.off_networks"])[0]
+    off = struct.unpack_from("<Q", d, off_networks + L[f"sf_network.off_{which}"])[0]
+    n = struct.unpack_from("<I", d, off_networks + L["sf_network.n_slots"])[0]
+    return off, n
+
+
+@pytest.mark.parametrize("which", ["next", "chain"])
+def test_corrupt_free_stack_links_never_crash(tmp_path, pristine, which):
+    """The links inside the free stack are runtime state, too large to check on open; a corrupt
+    link must still never make the core touch memory outside the pool. Run in a subprocess:
+    a segfault shows as a negative return code."""
+    d = bytearray(pristine)
+    off, n = _links(d, which)
+    for i in range(n):
+        struct.pack_into("<I", d, off + 4 * i, 0x40000000 + i)  # every link far outside the pool
+    p = tmp_path / "links"
+    p.write_bytes(bytes(d))
+    r = subprocess.run([sys.executable, str(WORKERS), "open_and_use", str(p)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    res = json.loads(r.stdout)
+    assert res["opened"] and "error" not in res, res

@@ -441,7 +441,38 @@ def role_fork_child(fabric: str, child_exit: str) -> int:
     return 0
 
 
+def role_open_and_use(path: str) -> int:
+    """Open a region file, attach two nodes and move frames; print what happened. A corrupt
+    region may refuse to open or run dry, but must never crash the process."""
+    from shmfabric.fabric import FabricError
+
+    try:
+        fab = Fabric.open(path)
+    except RegionOpenError as e:
+        out({"opened": False, "error": type(e).__name__, "message": str(e)})
+        return 0
+    res: dict = {"opened": True}
+    try:
+        a, b = fab.attach("a"), fab.attach("b")
+        sent = 0
+        for _ in range(20):
+            sent += a.send_batch(b.id, [b"x" * 100] * 16)
+            with b.recv_batch(256, timeout=0) as bt:
+                res["received"] = res.get("received", 0) + len(bt)
+        res["sent"] = sent
+        try:
+            bufs = [a.alloc() for _ in range(200)]
+            res["allocated"] = len(bufs)
+        except MemoryError as e:
+            res["alloc_error"] = str(e)
+    except (FabricError, MemoryError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    out(res)
+    return 0
+
+
 ROLES = {
+    "open_and_use": (role_open_and_use, (str,)),
     "fork_child": (role_fork_child, (str, str)),
     "attach_at": (role_attach_at, (str, str, float)),
     "tape_hammer": (role_tape_hammer, (str, str, int)),

@@ -361,6 +361,14 @@ def validate_file(fd: int, size: int, path: Path) -> tuple[Layout, int]:
         if not (MTU_MIN <= n["mtu"] <= MTU_MAX and 64 <= n["n_slots"] <= 1 << 24 and n["headroom"] <= 4096):
             raise CorruptRegionError(f"{path}: network {i} has mtu={n['mtu']} slots={n['n_slots']} "
                                      f"headroom={n['headroom']}, which is impossible; re-create the fabric")
+        # The free stack's head is runtime state, but it is one atomic word that always names a
+        # slot of the pool (or none), so it can be checked even while nodes run; a head outside
+        # the pool would send the first allocation off the mapping. (free_count is not checked:
+        # it lags the stack by design and may be briefly out of range on a healthy region.)
+        top1 = struct.unpack_from("<Q", raw_nets, i * L["sizeof.network"] + L["sf_network.free_head"])[0] & 0xFFFFFFFF
+        if top1 > n["n_slots"]:
+            raise CorruptRegionError(f"{path}: network {i} free_head names slot {top1 - 1}, beyond its "
+                                     f"{n['n_slots']} slots; the region is corrupt, re-create it")
         specs.append(NetworkSpec(n["mtu"], n["n_slots"], n["headroom"]))
     try:
         cfg = FabricConfig(sb["max_nodes"], sb["ring_size"], tuple(specs), sb["n_mcast"], sb["tape_entries"],

@@ -312,3 +312,24 @@ def test_corrupt_free_stack_links_never_crash(tmp_path, pristine, which):
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     res = json.loads(r.stdout)
     assert res["opened"] and "error" not in res, res
+
+
+def test_garbage_ring_indices_do_not_hang_or_crash(tmp_path, pristine):
+    """Ring head/tail are runtime state; garbage there (head - tail far above ring_size) must not
+    make attach walk billions of entries or touch memory outside the ring."""
+    d = bytearray(pristine)
+    sb = {k: struct.unpack_from("<" + c, d, L[f"sf_superblock.{k}"])[0]
+          for k, c in (("off_rings", "Q"), ("ring_stride", "Q"), ("max_nodes", "I"))}
+    struct.pack_into("<I", d, L["sf_superblock.node_hwm"], sb["max_nodes"])  # every ring is scanned
+    for i in range(sb["max_nodes"] ** 2):
+        base = sb["off_rings"] + i * sb["ring_stride"]
+        struct.pack_into("<I", d, base + L["sf_ring.head"], 0xFFFFFF00 - i)
+        struct.pack_into("<I", d, base + L["sf_ring.tail"], i)
+    p = tmp_path / "rings"
+    p.write_bytes(bytes(d))
+    r = subprocess.run([sys.executable, str(WORKERS), "open_and_use", str(p)], capture_output=True, text=True,
+                       timeout=15)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    res = json.loads(r.stdout)
+    assert res["opened"] and "error" not in res, res
+    assert res["sent"] > 0 and res["received"] == res["sent"], res

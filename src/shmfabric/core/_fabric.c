@@ -241,6 +241,8 @@ static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool m
             STORE_RELEASE(&g->down, 1);
         uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
         uint32_t tail = g->tail;
+        if (sf_ring_count(head, tail) > r->sb->ring_size) /* garbage indices: no ring holds more */
+            tail = head - r->sb->ring_size;
         for (; tail != head; tail++) {
             sf_desc *d = &g->desc[tail & (r->sb->ring_size - 1)];
             if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
@@ -993,7 +995,7 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
         uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
         uint32_t tail = g->tail;
         uint32_t avail = head - tail;
-        if (!avail)
+        if (!avail || avail > r->sb->ring_size) /* empty, or garbage indices (never legitimate) */
             continue;
         uint32_t take = limit - b->n;
         if (take > avail)

@@ -136,6 +136,26 @@ def test_many_requests_cross_hiredis_trim_points() -> None:
         assert feed_chunks(data, sizes) == expected
 
 
+def test_inline_after_a_trim_inside_a_request() -> None:
+    # hiredis also trims its buffer in a gets() that stops inside a request (here: inside the
+    # value of a SET whose header crossed the 1 KiB mark); that trim point is not a request
+    # end. An inline command that follows must not be searched for from there, or the SET's
+    # value would be read as inline commands.
+    for na in range(12, 20):
+        for klen in range(1, 60, 3):
+            head = [[b"SET", b"a%02d" % i, b"x" * 33] for i in range(na)]
+            big = [b"SET", b"k" * klen, b"v" * 500]
+            data = b"".join(map(encode_command, head + [big]))
+            cut = data.rindex(b"v" * 500) + 100
+            r = RequestReader()
+            r.feed(data[:cut])
+            first, err = r.drain(1000)
+            assert err is None and first == head
+            r.feed(data[cut:] + b"PING\r\n")
+            rest, err = r.drain(1000)
+            assert err is None and rest == [big, [b"PING"]], (na, klen)
+
+
 # -- hypothesis: requests ---------------------------------------------------------------------
 
 args_st = st.lists(st.binary(max_size=40), min_size=1, max_size=6)

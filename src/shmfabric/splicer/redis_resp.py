@@ -227,7 +227,10 @@ class RequestReader:
                 if self._in_hiredis:
                     reader = self._reader
                     gets = reader.gets
+                    rlen = reader.len
                     since = self._since
+                    hlen = self._hlen
+                    got = False
                     while n < limit:
                         try:
                             cmd = gets()
@@ -236,14 +239,31 @@ class RequestReader:
                                 break
                             self.failed = True
                             raise RespProtocolError(_hiredis_message(exc)) from None
+                        # hiredis trims its buffer at the end of any gets() that leaves 1 KiB
+                        # consumed, also one that stops inside a request; so len() is read
+                        # after every call, and only a trim by a call that returned a whole
+                        # request marks where a request ends.
+                        left = rlen()
                         if cmd is False:
                             # Not a boundary test: hiredis may have consumed part of a request
                             # (its header and some arguments) and hold that state with nothing
                             # left unread.
-                            if self._hiredis_bytes > self.max_request_bytes:
+                            self._hlen = left
+                            if got:
+                                self._hiredis_bytes = 0
+                            elif self._hiredis_bytes > self.max_request_bytes:
                                 self.failed = True
                                 raise RespProtocolError("invalid bulk length")
                             return out, None
+                        got = True
+                        if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
+                            hlen = left
+                            self._known_end = self._fed - left
+                            since.clear()
+                            if len(self._mirror) > 4:
+                                self._trim_mirror()
+                        else:
+                            since.append(cmd)
                         if type(cmd) is not list:
                             self.failed = True
                             raise RespProtocolError("expected '*' as the first byte of a request")
@@ -254,16 +274,6 @@ class RequestReader:
                         if len(cmd) > MULTIBULK_MAX:
                             self.failed = True
                             raise RespProtocolError("invalid multibulk length")
-                        self._hiredis_bytes = 0
-                        left = reader.len()
-                        if left < self._hlen:  # hiredis trimmed: exactly `left` bytes follow this request
-                            self._hlen = left
-                            self._known_end = self._fed - left
-                            since.clear()
-                            if len(self._mirror) > 4:
-                                self._trim_mirror()
-                        else:
-                            since.append(cmd)
                         if cmd:  # "*0\r\n": Redis skips empty multibulks silently
                             append(cmd)
                             n += 1
@@ -275,7 +285,12 @@ class RequestReader:
                             self._mirror.clear()
                             self._mirror_start = self._known_end = self._fed
                             self._hlen = left
+                            self._hiredis_bytes = 0
                             break
+                    else:
+                        self._hlen = hlen
+                        if got:
+                            self._hiredis_bytes = 0
                     continue
                 pending = self._pending
                 if not pending:

@@ -432,6 +432,10 @@ class SignatureSet:
                 pat = c.pattern.lower().decode("latin-1")
                 table.setdefault(pat, []).append((ri, ci, None if c.nocase else c.pattern))
         self._automaton = _automaton(table)
+        # Bytes that begin some (lower-cased) pattern: a batch of payloads with none of them has
+        # no hit, which bytes.translate tells at ~1 ns a byte, against ~16 ns a byte for the
+        # automaton's scan. Pays off on binary or zero payloads; text nearly always has one.
+        self._first_bytes = None if "" in table else bytes(sorted({ord(p[0]) for p in table}))
         self.patterns = sum(len(v) for v in table.values())
 
     @classmethod
@@ -505,12 +509,16 @@ class SignatureSet:
         found_by_pkt: dict[int, dict[int, set[int]]] = {}
         if self._automaton is not None:
             joined = b"".join(payloads)
+            lowered = joined.lower()
+            first = self._first_bytes
+            if first is not None and not self._no_content and len(lowered.translate(None, first)) == len(lowered):
+                return []  # no pattern can begin anywhere in the batch
             starts = [0] * (n + 1)
             acc = 0
             for i, pl in enumerate(payloads):
                 acc += len(pl)
                 starts[i + 1] = acc
-            for end, (length, where) in self._automaton.iter(joined.lower().decode("latin-1")):
+            for end, (length, where) in self._automaton.iter(lowered.decode("latin-1")):
                 stop = end + 1
                 start = stop - length
                 p = bisect_right(starts, start) - 1
@@ -542,6 +550,15 @@ class SignatureSet:
             if fired:
                 out.append((p, fired))
         return out
+
+
+    @property
+    def needs_every_key(self) -> bool:
+        """True if matching must see every packet's 5-tuple: some rule has `flow:` options (the
+        flow tracker observes every packet) or no positive content (it is checked on every
+        packet). Otherwise `match_batch` asks `keys[p]` only for packets where a pattern hit, so
+        a caller may pass a sequence that computes keys on demand."""
+        return self.uses_flow or bool(self._no_content)
 
 
 def _automaton(table: dict[str, list[tuple[int, int, bytes | None]]]) -> "ahocorasick.Automaton | None":

@@ -7,11 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, RuleSyntaxError
-from shmfabric.functions.rules import Verdict as RuleVerdict
 from shmfabric.net.flow import classify_batch
-
-_TO_VERDICT = {RuleVerdict.ACCEPT: Verdict.NEXT}
-
 
 class FirewallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -56,12 +52,10 @@ class FirewallFunction:
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         flags: list[int] = []
         keys = classify_batch(frames, None, "ip", flags=flags)  # TCP flags: conntrack sees FIN/RST
-        check = self.fw.check
-        accept = RuleVerdict.ACCEPT
-        for i, f in enumerate(frames):
-            if check(keys[i], now, flags[i], len(f)) is not accept:
-                out[i] = Verdict.DROP
-                self.dropped += 1
+        rejected = self.fw.check_many(keys, now, flags, frames)
+        for i in rejected:
+            out[i] = Verdict.DROP
+        self.dropped += len(rejected)
         self.passed += len(frames)
 
     def on_timer(self, now: float) -> None:

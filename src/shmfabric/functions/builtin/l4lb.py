@@ -85,14 +85,7 @@ class L4LoadBalancer:
                 self.lb.set_state(b.node, b.state)
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
-        pick, port_of = self.lb.pick, self.port_of
-        for i, key in enumerate(classify_batch(frames, None, "ip")):
-            b = pick(key, now) if key.__class__ is tuple else None
-            if b is None:
-                out[i] = Verdict.DROP
-                self.no_backend += 1
-            else:
-                out[i] = port_of[b]
+        self.no_backend += self.lb.pick_into(classify_batch(frames, None, "ip"), now, out, self.port_of, Verdict.DROP)
 
     def on_timer(self, now: float) -> None:
         self.lb.expire(now)

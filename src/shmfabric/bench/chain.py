@@ -4,7 +4,8 @@ the fabric, side by side with the same function code connected by UNIX datagram 
 Both runs use the same function classes, rule sets (100+ firewall rules, 1,000+ IDS patterns),
 frame sizes and process count; only the transport differs. Reported: end-to-end frames/s
 (frames the sinks received / time from the generator's first frame to the sinks' last), the
-ratio fabric/sockets, and each function's own cost in ns per frame (time inside process()).
+ratio fabric/sockets, each function's own cost in ns per frame (wall time inside process()), and
+the CPU time of all six processes per frame delivered ("CPU ns/f"; per stage in --json).
 
     python -m shmfabric.bench.chain [--sizes 64,1500] [--seconds 3] [--json]
 """
@@ -86,13 +87,19 @@ PORTS = {"lb": ["sink1", "sink2"]}
 # -- the fabric run ------------------------------------------------------------------------------
 
 WAIT_MODE = os.environ.get("SHMFABRIC_CHAIN_WAIT", "block")  # more processes than cores: never spin
+# Frames per batch (both transports) and ring slots. Six processes share two cores, so every
+# batch costs context switches whose price (caches refilled) is paid per batch: at 1,024 frames a
+# batch the chain spends ~2.4 us of CPU a frame, at 256 ~3.4 us (docs/functions.md has the table).
+# A node takes what is there up to the batch size, so at low load batches stay small.
+BATCH = 1024
+RING = 2048
 
 
-def run_fabric(size: int, seconds: float, workdir: Path) -> dict[str, dict]:
+def run_fabric(size: int, seconds: float, workdir: Path, batch: int = BATCH, ring: int = RING) -> dict[str, dict]:
     from shmfabric.fabric import Fabric
 
     name = f"bench-chain-{uuid.uuid4().hex[:6]}"
-    fab = Fabric.create(name, ephemeral=True, networks=[{"mtu": max(1500, size), "slots": 16384}], ring_size=512)
+    fab = Fabric.create(name, ephemeral=True, networks=[{"mtu": max(1500, size), "slots": 16384}], ring_size=ring)
     cfgs = chain_configs(size, seconds)
     procs = {}
     try:
@@ -101,7 +108,7 @@ def run_fabric(size: int, seconds: float, workdir: Path) -> dict[str, dict]:
             cfg_file.write_text(json.dumps(cfgs[node]))
             cmd = [sys.executable, "-m", "shmfabric.functions.run", "--fabric", name, "--node", node,
                    "--function", FUNCTIONS[node], "--config", f"@{cfg_file}", "--stats-json", str(workdir / f"{node}.stats"),
-                   "--duration", str(seconds if node == "gen" else seconds + 30), "--wait-mode", WAIT_MODE]
+                   "--duration", str(seconds if node == "gen" else seconds + 30), "--wait-mode", WAIT_MODE, "--batch", str(batch)]
             if NEXT[node]:
                 cmd += ["--next", ",".join(NEXT[node])]
             for p in PORTS.get(node, []):
@@ -136,7 +143,7 @@ def _wait_idle(fab: Any, node: str, quiet: float = 0.3, limit: float = 60) -> No
 
 # -- the socket run ------------------------------------------------------------------------------
 
-def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
+def socket_stage(node: str, workdir: str, seconds: float, cfg: dict, batch: int = BATCH) -> None:
     """One stage with UNIX datagram sockets: recv a batch, same function, sendto per frame."""
     from shmfabric.functions.api import FunctionContext, Verdict, validate_config
     from shmfabric.functions.registry import load
@@ -154,17 +161,19 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
     for p in nxt + ports:
         while not os.path.exists(p):
             time.sleep(0.01)
-    c = {"in_frames": 0, "out_frames": 0, "busy_ns": 0, "first_ns": 0, "last_ns": 0}
+    c = {"in_frames": 0, "out_frames": 0, "busy_ns": 0, "first_ns": 0, "last_ns": 0, "cpu_ns": 0}
     perf = time.perf_counter_ns
+    cpu0 = time.process_time_ns()  # as the fabric runtime: from the first frame to the last
     sendto = out_sock.sendto
     open(path + ".ready", "w").close()
     if node == "gen":
         end = time.monotonic() + seconds
         dst = nxt[0]
         while time.monotonic() < end:
-            frames = fn.produce(time.monotonic(), 256)
+            frames = fn.produce(time.monotonic(), batch)
             if not c["first_ns"]:
                 c["first_ns"] = time.monotonic_ns()
+                cpu0 = time.process_time_ns()
             t0 = perf()
             for f in frames:
                 sendto(f, dst)  # blocks while the receiver's queue is full: backpressure, no loss
@@ -172,6 +181,7 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
             c["in_frames"] += len(frames)
             c["out_frames"] += len(frames)
         c["last_ns"] = time.monotonic_ns()
+        c["cpu_ns"] = time.process_time_ns() - cpu0
         sendto(b"", dst)  # end marker
     else:
         sock.settimeout(None)
@@ -183,7 +193,7 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
             done = not first
             sock.setblocking(False)
             try:
-                while len(frames) < 256 and not done:
+                while len(frames) < batch and not done:
                     f = recv(65536)
                     if not f:
                         done = True
@@ -195,6 +205,7 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
             if frames:
                 if not c["first_ns"]:
                     c["first_ns"] = time.monotonic_ns()
+                    cpu0 = time.process_time_ns()
                 out = bytearray(len(frames))
                 t0 = perf()
                 fn.process(frames, time.monotonic(), out)
@@ -209,6 +220,7 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
                         sendto(f, ports[v - 3])
                         c["out_frames"] += 1
                 c["last_ns"] = time.monotonic_ns()
+                c["cpu_ns"] = time.process_time_ns() - cpu0
             if done:
                 for p in nxt + ports:
                     sendto(b"", p)  # pass the end marker on
@@ -221,7 +233,7 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict) -> None:
         json.dump({"counters": c}, f)
 
 
-def run_sockets(size: int, seconds: float, workdir: Path) -> dict[str, dict]:
+def run_sockets(size: int, seconds: float, workdir: Path, batch: int = BATCH) -> dict[str, dict]:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
@@ -229,7 +241,7 @@ def run_sockets(size: int, seconds: float, workdir: Path) -> dict[str, dict]:
     procs = {}
     try:
         for node in ["sink1", "sink2", "lb", "ids", "fw", "gen"]:
-            procs[node] = ctx.Process(target=socket_stage, args=(node, str(workdir), seconds, cfgs[node]), daemon=True)
+            procs[node] = ctx.Process(target=socket_stage, args=(node, str(workdir), seconds, cfgs[node], batch), daemon=True)
             procs[node].start()
             while not os.path.exists(workdir / f"{node}.sock.ready"):
                 time.sleep(0.01)
@@ -250,9 +262,17 @@ def summarize(stats: dict[str, dict]) -> dict:
     received = sum(s["in_frames"] for s in sinks)
     end = max(s["last_ns"] for s in sinks)
     dt = (end - gen["first_ns"]) / 1e9 if end > gen["first_ns"] else float("nan")
-    per_fn = {n: stats[n]["counters"].get("ns_per_frame", 0.0) for n in ("gen", "fw", "ids", "lb", "sink1", "sink2")}
+    names = ("gen", "fw", "ids", "lb", "sink1", "sink2")
+    per_fn = {n: stats[n]["counters"].get("ns_per_frame", 0.0) for n in names}
+    # CPU time (user + system) of each whole process per frame it handled: the function, the
+    # runtime and the transport. Unlike ns_per_frame (wall time in process()), it does not grow
+    # when a busy host preempts a stage; the total per frame delivered bounds the rate at
+    # cores / total.
+    cpu = {n: round(stats[n]["counters"].get("cpu_ns", 0) / max(stats[n]["counters"]["in_frames"], 1), 1) for n in names}
+    cpu_total = sum(stats[n]["counters"].get("cpu_ns", 0) for n in names) / max(received, 1)
     return {"sent": gen["out_frames"], "received": received, "seconds": round(dt, 3),
-            "frames_per_s": round(received / dt) if dt == dt and dt > 0 else 0, "ns_per_frame": per_fn}
+            "frames_per_s": round(received / dt) if dt == dt and dt > 0 else 0, "ns_per_frame": per_fn,
+            "cpu_ns_per_frame": cpu, "cpu_ns_per_frame_total": round(cpu_total, 1)}
 
 
 def run(sizes: list[int], seconds: float) -> list[dict]:
@@ -279,17 +299,19 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="chain generator -> firewall(120 rules) -> ids(1000 patterns) -> l4lb -> 2 sinks")
-    for col in ("transport", "size", "frames/s e2e", "sent", "received", "fw ns/f", "ids ns/f", "lb ns/f", "sink ns/f", "ratio"):
+    for col in ("transport", "size", "frames/s e2e", "sent", "received", "fw ns/f", "ids ns/f", "lb ns/f", "sink ns/f",
+                "CPU ns/f", "ratio"):
         t.add_column(col, justify="left" if col == "transport" else "right")
     for r in rows:
         if "ratio" in r:
-            t.add_row(r["transport"], str(r["size"]), "", "", "", "", "", "", "", f"{r['ratio']:.2f}x")
+            t.add_row(r["transport"], str(r["size"]), "", "", "", "", "", "", "", "", f"{r['ratio']:.2f}x")
         elif "error" in r:
-            t.add_row(r["transport"], str(r["size"]), r["error"], "", "", "", "", "", "", "")
+            t.add_row(r["transport"], str(r["size"]), r["error"], "", "", "", "", "", "", "", "")
         else:
             ns = r["ns_per_frame"]
             t.add_row(r["transport"], str(r["size"]), f"{r['frames_per_s']:,}", f"{r['sent']:,}", f"{r['received']:,}",
-                      f"{ns['fw']:,.0f}", f"{ns['ids']:,.0f}", f"{ns['lb']:,.0f}", f"{ns['sink1']:,.0f}", "")
+                      f"{ns['fw']:,.0f}", f"{ns['ids']:,.0f}", f"{ns['lb']:,.0f}", f"{ns['sink1']:,.0f}",
+                      f"{r['cpu_ns_per_frame_total']:,.0f}", "")
     Console().print(t)
 
 

@@ -225,11 +225,37 @@ class _Lane:
         gen = self.gen
         try:
             popleft = q.popleft
+            dirty_clients = self.splicer._dirty_clients
             for reply in sc.drain(len(q)):
                 target, arg, sent = popleft()
                 if metrics is not None:
                     metrics.duration.observe(now - sent)
-                if target is not None:
+                if type(target) is _Client:
+                    # _Client._on_reply inlined (keep the two alike): this runs once per reply.
+                    target.outstanding -= 1
+                    if target.closed:
+                        continue
+                    merge = target.merge
+                    merge.held_bytes += len(reply)
+                    base = merge._base
+                    if arg != base:
+                        merge._slots[arg - base] = reply
+                    else:
+                        slots = merge._slots
+                        ready = merge._ready
+                        ready.append(reply)
+                        slots.popleft()
+                        base += 1
+                        while slots and slots[0] is not None:
+                            ready.append(slots.popleft())
+                            base += 1
+                        merge._base = base
+                        if not target.dirty:
+                            target.dirty = True
+                            dirty_clients.append(target)
+                    if not target.outstanding and target.waiting:
+                        target._drain_waiting()
+                elif target is not None:
                     target._on_reply(arg, reply)
                     if self.gen != gen:  # the handshake failed and closed this connection
                         break
@@ -404,10 +430,14 @@ class _Client(asyncio.Protocol):
             # (session.handle, _execute) changes that, so it is re-checked after each of those.
             fast = session.multi is None and session.authed and not self.waiting
             lanes = lane_table[session.proto]
+            # The next sequence number: base + open slots, which replies finishing the head
+            # (popleft, base + 1) leave as is; recomputed after the slow path.
+            seq = merge._base + len(slots)
+            outstanding = self.outstanding
             for args in cmds:
                 if fast:
                     # What session.handle + _execute do for a one-key command going to a ready
-                    # lane, inlined (ReplyOrder.open included).
+                    # lane, inlined (ReplyOrder.open and encode_command's common shapes too).
                     arity = single_arity(args[0])
                     if arity is not None:
                         argc = len(args)
@@ -417,15 +447,24 @@ class _Client(asyncio.Protocol):
                                 code = router.code(args[1])
                             ln = lanes[code]
                             if ln.state == _READY:
-                                seq = merge._base + len(slots)
                                 slots.append(None)
-                                ln.out.append(encode_command(args))
+                                if argc == 2:
+                                    a, b = args
+                                    ln.out.append(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b))
+                                elif argc == 3:
+                                    a, b, c = args
+                                    ln.out.append(b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                                                  % (len(a), a, len(b), b, len(c), c))
+                                else:
+                                    ln.out.append(encode_command(args))
                                 ln.inflight.append((self, seq, now))
+                                seq += 1
+                                outstanding += 1
                                 if not ln.dirty:
                                     ln.dirty = True
                                     dirty_lanes.append(ln)
-                                self.outstanding += 1
                                 continue
+                self.outstanding = outstanding
                 action = handle(args)
                 seq = merge.open()
                 tag = action[0]
@@ -436,6 +475,7 @@ class _Client(asyncio.Protocol):
                 elif tag == CLOSE:
                     merge.finish(seq, action[1])
                     self.closing = True
+                    outstanding = self.outstanding
                     break
                 elif self.waiting or (action[1] and self.outstanding):
                     self.waiting.append((seq, action))
@@ -443,6 +483,9 @@ class _Client(asyncio.Protocol):
                     self._execute(seq, action, now)
                 fast = session.multi is None and session.authed and not self.waiting
                 lanes = lane_table[session.proto]
+                seq = merge._base + len(slots)
+                outstanding = self.outstanding
+            self.outstanding = outstanding
             if error is not None and not self.closing:
                 seq = merge.open()
                 merge.finish(seq, encode_error(f"ERR Protocol error: {error}"))

@@ -161,7 +161,7 @@ class RequestReader:
     """
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
-                 "_fed", "_hlen", "_known_end", "_since", "_mirror", "_mirror_start")
+                 "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -178,7 +178,6 @@ class RequestReader:
         self._fed = 0  # bytes fed to this hiredis reader in all
         self._hlen = 0  # what Reader.len() says if hiredis has not trimmed its buffer
         self._known_end = 0  # stream offset (in _fed terms) where a request is known to end
-        self._since: list[list[bytes]] = []  # requests returned after _known_end
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
 
@@ -228,7 +227,7 @@ class RequestReader:
                     reader = self._reader
                     gets = reader.gets
                     rlen = reader.len
-                    since = self._since
+                    join = b"".join
                     hlen = self._hlen
                     got = False
                     while n < limit:
@@ -259,18 +258,19 @@ class RequestReader:
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
                             hlen = left
                             self._known_end = self._fed - left
-                            since.clear()
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
-                        else:
-                            since.append(cmd)
                         if type(cmd) is not list:
                             self.failed = True
                             raise RespProtocolError("expected '*' as the first byte of a request")
-                        for arg in cmd:
-                            if type(arg) is not bytes:
-                                self.failed = True
-                                raise RespProtocolError("expected '$', got another RESP type in a request")
+                        try:
+                            # One C call that fails on any element that is not bytes (an
+                            # integer, nil, nested array or error item); the copy is cheap next
+                            # to the re-encoding every forwarded command gets anyway.
+                            join(cmd)
+                        except TypeError:
+                            self.failed = True
+                            raise RespProtocolError("expected '$', got another RESP type in a request") from None
                         if len(cmd) > MULTIBULK_MAX:
                             self.failed = True
                             raise RespProtocolError("invalid multibulk length")
@@ -281,7 +281,6 @@ class RequestReader:
                             # A request just ended and nothing follows: a true boundary, so the
                             # next request may be inline again. The reader is kept (it is clean).
                             self._in_hiredis = False
-                            since.clear()
                             self._mirror.clear()
                             self._mirror_start = self._known_end = self._fed
                             self._hlen = left
@@ -333,8 +332,18 @@ class RequestReader:
     def _recover(self) -> bool:
         """hiredis met a non-RESP byte: if it is where a new request starts, go inline from there."""
         data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
+        # The requests between the last known request end and the bad byte were all returned
+        # already; parse them again (rare path) to measure them by their canonical encoding.
+        again = hiredis.Reader()
+        again.feed(data)
         pos = 0
-        for cmd in self._since:
+        while True:
+            try:
+                cmd = again.gets()
+            except hiredis.ProtocolError:
+                break
+            if cmd is False or type(cmd) is not list:  # cannot happen: the first parse got past it
+                return False
             pos += _canonical_size(cmd)
         rest = data[pos:]
         if not rest or rest[0] == 0x2A:
@@ -488,25 +497,35 @@ class ReplyScanner:
         end = len(buf)
         find = buf.find
         append = out.append
-        while len(out) < limit and pos < end:
-            t = buf[pos]
-            if t == 0x2B or t == 0x3A or t == 0x2D:  # + : -
-                nl = find(b"\r\n", pos)
-                if nl < 0:
+        left = limit
+        startswith = buf.startswith
+        try:
+            while left and pos < end:
+                t = buf[pos]
+                if t == 0x24:  # $
+                    nl = find(b"\r\n", pos)
+                    if nl < 0:
+                        break
+                    n = int(buf[pos + 1 : nl])
+                    stop = nl + n + 4 if n >= 0 else nl + 2
+                    if stop > end:
+                        break
+                    append(buf[pos:stop])
+                elif startswith(OK, pos):  # the commonest reply to writes: no slice needed
+                    stop = pos + 5
+                    append(OK)
+                elif t == 0x2B or t == 0x3A or t == 0x2D:  # + : -
+                    nl = find(b"\r\n", pos)
+                    if nl < 0:
+                        break
+                    stop = nl + 2
+                    append(buf[pos:stop])
+                else:
                     break
-                stop = nl + 2
-            elif t == 0x24:  # $
-                nl = find(b"\r\n", pos)
-                if nl < 0:
-                    break
-                n = _int(buf, pos + 1, nl)
-                stop = nl + 2 if n < 0 else nl + n + 4
-                if stop > end:
-                    break
-            else:
-                break
-            append(buf[pos:stop])
-            pos = stop
+                pos = stop
+                left -= 1
+        except ValueError:
+            raise RespProtocolError(f"invalid length {buf[pos + 1 : nl][:32]!r}") from None
         self._pos = pos
         while len(out) < limit:
             r = self.next()

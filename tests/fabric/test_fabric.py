@@ -646,3 +646,27 @@ def test_blocked_receiver_woken_by_a_broadcast(fab):
     b.set_wait_mode("block")
     threading.Timer(0.1, a.broadcast, (b"to all",)).start()
     assert b.recv(timeout=5) == (a.id, 0x88B5, b"to all")
+
+
+def test_no_doorbell_for_a_receiver_whose_fd_is_already_signalled(fab):
+    """Once fileno() is readable, nobody sleeps on the doorbell until the receiver drains: senders
+    must not ring it (a futex wake system call) for every frame meanwhile."""
+    a, b = fab.attach("a"), fab.attach("b")
+    drain(b)
+    sel = selectors.DefaultSelector()
+    sel.register(b.fileno(), selectors.EVENT_READ)
+    try:
+        assert a.send(b.id, b"first")
+        assert len(sel.select(5)) == 1
+        before = fab.region.node_entry(b.id)["doorbell"]
+        for i in range(50):
+            assert a.send(b.id, b"more")
+        rung = fab.region.node_entry(b.id)["doorbell"] - before
+        assert rung <= 2, f"the doorbell was rung {rung} times for 50 sends to a signalled receiver"
+        assert len(drain(b)) == 51
+        assert sel.select(0.2) == []
+        assert a.send(b.id, b"again")
+        assert len(sel.select(5)) == 1  # the notifier sleeps on the doorbell again and is woken
+        assert drain(b) == [b"again"]
+    finally:
+        sel.close()

@@ -1061,10 +1061,12 @@ static void port_wait(PortObject *p, int64_t timeout_ns)
             return;
     }
     sf_node *me = p->me;
+    /* `waiting` counts the node's threads that may sleep on its doorbell (a blocking receive and
+     * the fileno() notifier can both); each counts itself only while it may sleep. */
+    __atomic_fetch_add(&me->waiting, 1, __ATOMIC_RELAXED);
     for (;;) {
         uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
-        STORE_RELAXED(&me->waiting, 1);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1 */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1: `waiting` before the check */
         if (inbound_pending(p))
             break;
         uint64_t now = now_ns();
@@ -1079,7 +1081,7 @@ static void port_wait(PortObject *p, int64_t timeout_ns)
         if (deadline == UINT64_MAX && LOAD_ACQUIRE(&me->doorbell) == seq && !inbound_pending(p))
             break; /* a quiet slice: return empty so Python can check signals */
     }
-    STORE_RELAXED(&me->waiting, 0);
+    __atomic_fetch_sub(&me->waiting, 1, __ATOMIC_RELAXED);
 }
 
 static BatchObject *new_batch(PortObject *p, uint32_t cap)
@@ -1520,9 +1522,12 @@ static void *notifier_main(void *arg)
             continue;
         }
         uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
-        STORE_RELAXED(&me->waiting, 1);
+        __atomic_fetch_add(&me->waiting, 1, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1 */
         if (inbound_pending(p)) {
+            /* signalled: until the consumer drains, nobody sleeps on the doorbell, so senders
+             * need not ring it (a system call per send otherwise) */
+            __atomic_fetch_sub(&me->waiting, 1, __ATOMIC_RELAXED);
             STORE_RELEASE(&p->signalled, 1);
             uint64_t one = 1;
             ssize_t w = write(p->efd, &one, sizeof one);
@@ -1530,6 +1535,7 @@ static void *notifier_main(void *arg)
             continue;
         }
         futex_wait(&me->doorbell, seq, 100000000);
+        __atomic_fetch_sub(&me->waiting, 1, __ATOMIC_RELAXED);
     }
     return NULL;
 }

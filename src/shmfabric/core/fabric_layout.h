@@ -81,7 +81,7 @@ typedef struct sf_node {
     char name[SF_NAME_LEN];  /* (o) */
     /* wake-up: the node sleeps on `doorbell` (futex) after setting `waiting`. */
     SF_ALIGNED uint32_t doorbell; /* (a) bumped by a sender that saw `waiting` */
-    uint32_t waiting;        /* (o) 1 while the owner may be asleep */
+    uint32_t waiting;        /* (o) how many of the owner's threads may be asleep on `doorbell` */
     /* counters, owner-written, read by anyone (relaxed) */
     SF_ALIGNED uint64_t tx_frames, tx_bytes, rx_frames, rx_bytes; /* bytes: payload after the 14-byte header */
     uint64_t tx_ring_full;   /* frames not sent because a ring was full */

@@ -38,7 +38,8 @@ def packet(draw) -> bytes:
     kind, src, dst, sport, dport = draw(st.sampled_from(FLOWS))
     if draw(st.booleans()):
         src, dst, sport, dport = dst, src, dport, sport
-    payload = draw(st.sampled_from([b"", b"hello", b"GET /secret HTTP/1.1", b"xxneedlexx", b"\x00" * 30]))
+    payload = draw(st.sampled_from([b"", b"hello", b"GET /secret HTTP/1.1", b"xxneedlexx", b"\x00" * 30,
+                                    b"\x00" * 300, b"\x00" * 290 + b"NeEdLe", b"-" * 400 + b"SECRET"]))  # long: prefilter
     if kind == "udp6":
         return build.ipv6(build.udp(sport, dport, payload, src=src, dst=dst), src=src, dst=dst, next_header=17)
     if kind == "icmp":

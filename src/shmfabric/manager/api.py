@@ -187,9 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"ok": True, "changes": svc.reload_file(p)})
             if method == "POST" and path == "/shutdown":
                 self._body()
-                self._json(200, {"ok": True})
+                # signal first, reply second: the callback only sets an event, and a caller that
+                # got its 200 may rely on the shutdown being under way
                 if self.server.on_shutdown:
                     self.server.on_shutdown()
+                self._json(200, {"ok": True})
                 return
             m = _NODE_RE.match(path)
             if m:

@@ -13,7 +13,6 @@ serves its metrics on the metrics port + i.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from collections import deque
@@ -24,6 +23,7 @@ from .http_pool import BackendGroup, BackendServer
 from .http_proxy import ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve
+from .workers import run_workers
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -163,43 +163,11 @@ def run(cfg: HttpSpliceConfig, ready: Any = None) -> int:
     if cfg.workers == 1:
         asyncio.run(_serve(cfg, False, cfg.metrics, ready))
         return 0
-    children = []
-    for i in range(cfg.workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                maddr = None
-                if cfg.metrics:
-                    h, p = split_address(cfg.metrics, allow_zero=True)
-                    maddr = f"{h}:{p + i}"
-                asyncio.run(_serve(cfg, True, maddr, ready if i == 0 else None))
-            except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
-                import traceback
-                traceback.print_exc()
-                code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children.append(pid)
+    def worker(i: int) -> None:
+        maddr = None
+        if cfg.metrics:
+            h, p = split_address(cfg.metrics, allow_zero=True)
+            maddr = f"{h}:{p + i}"
+        asyncio.run(_serve(cfg, True, maddr, ready if i == 0 else None))
 
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    status = 0
-    for pid in children:
-        while True:
-            try:
-                _, st = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        status = status or (os.waitstatus_to_exitcode(st) if os.waitstatus_to_exitcode(st) > 0 else 0)
-    return status
+    return run_workers(cfg.workers, worker)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
 from typing import Any
 
@@ -98,36 +96,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
     # Metrics are served by the first worker only (one port cannot be bound twice).
-    children = []
-    for i in range(cfg.workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                run_redis_splicer(cfg, cfg.metrics if i == 0 else None)
-            except KeyboardInterrupt:
-                pass
-            except BaseException:
-                code = 1
-            os._exit(code)
-        children.append(pid)
+    from shmfabric.splicer.workers import run_workers
 
-    def _stop(_sig: int, _frame: Any) -> None:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, _stop)
-    status = 0
-    try:
-        for pid in children:
-            _, st = os.waitpid(pid, 0)
-            status = status or os.waitstatus_to_exitcode(st)
-    except KeyboardInterrupt:
-        _stop(signal.SIGINT, None)
-    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+    return run_workers(cfg.workers, lambda i: run_redis_splicer(cfg, cfg.metrics if i == 0 else None))
 
 
 def register_redis(verbs: Any) -> None:

@@ -65,3 +65,26 @@ def test_runs_and_serves(tmp_path: Path) -> None:
             out, err = proc.communicate(timeout=20)
         assert "splice redis: listening on" in out
         assert "Traceback" not in err
+
+
+@needs_redis
+@pytest.mark.timeout(60)
+def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
+    import redis
+
+    with redis_servers(tmp_path, 2) as servers:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen",
+                                 f"127.0.0.1:{port}", *[x for s in servers for x in ("--server", s.address)],
+                                 "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_port(port)
+            clients = [redis.Redis(port=port, socket_timeout=10) for _ in range(8)]
+            for i, c in enumerate(clients):
+                assert c.set(f"w:{i}", i) and c.get(f"w:{i}") == str(i).encode()
+            assert clients[0].mget([f"w:{i}" for i in range(8)]) == [str(i).encode() for i in range(8)]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "2 worker(s)" in out and "Traceback" not in err

@@ -210,3 +210,29 @@ def test_reply_order_releases_in_request_order_with_bounds() -> None:
     order.finish(3, b"$" + b"x" * 120 + b"\r\n")
     assert order.held_bytes >= 100 and order.full
     assert order.pop_ready().endswith(b"+late\r\n") and order.idle and order.held_bytes == 0
+
+
+@pytest.mark.parametrize("lanes", [2, 8])  # 2x2: grouped by KeyGroup masks; 3x8: the dict path
+@pytest.mark.parametrize("proto", [2, 3])
+def test_mget_split_then_merge_puts_values_back_in_key_order(lanes: int, proto: int) -> None:
+    from shmfabric.splicer.redis_session import KeyGroup
+
+    nservers = 2 if lanes == 2 else 3
+    r = Router(Ketama([KetamaServer(f"s{i}", 1) for i in range(nservers)], hash_name="md5"), lanes)
+    s = RedisSession(r)
+    keys = [b"key:%d" % i for i in range(300)]
+    tag, _, _, kind, n, parts = s.handle([b"MGET", *keys])
+    assert tag == SPLIT and n == 300 and len(parts) > 1
+    assert all(isinstance(w, KeyGroup) == (lanes == 2) for *_, w in parts)
+    replies = []
+    for _, _, payload, where in parts:
+        sub = parse(payload)[1:]
+        assert len(sub) == len(where) and sub == [keys[i] for i in where]
+        # every third key is missing on its server
+        vals = [b"$-1\r\n" if int(k[4:]) % 3 == 0 else b"$%d\r\n%s\r\n" % (len(k) + 1, k + b"!") for k in sub]
+        replies.append((where, b"*%d\r\n" % len(sub) + b"".join(vals)))
+    null = b"_\r\n" if proto == 3 else b"$-1\r\n"
+    want = b"*300\r\n" + b"".join(null if i % 3 == 0 else b"$%d\r\n%s!\r\n" % (len(k) + 1, k) for i, k in enumerate(keys))
+    assert merge_mget(300, replies, proto) == want
+    short = [(replies[0][0], b"*1\r\n$1\r\nx\r\n")] + replies[1:]
+    assert merge_mget(300, short, proto).startswith(b"-ERR splicer")

@@ -21,8 +21,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
-from itertools import compress, islice, repeat
-from operator import is_
+from typing import Any
+from itertools import chain, compress, islice
 
 import hiredis
 
@@ -39,6 +39,7 @@ from .redis_resp import (
     encode_int,
     encode_map,
     encode_value,
+    join_bulks,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "SPLIT",
     "EXEC",
     "merge_mget",
+    "KeyGroup",
     "merge_sum",
     "merge_mset",
     "command_info",
@@ -349,17 +351,44 @@ class RedisSession:
         return (FORWARD, barrier, self.proto, server, lane, encode_command(args))
 
     def _split(self, kind: int, name: bytes, args: list[bytes], keys: list[bytes], width: int) -> tuple:
-        # Written with map/compress/set so the per-key work runs in C: a 1000-key MGET is the
-        # case the latency target is about.
+        # Written with map/compress/translate so the per-key work runs in C: a 1000-key MGET is
+        # the case the latency target is about.
         router = self.router
         hits = list(map(router._cache.get, keys))
-        if None in hits:
+        pairs = router.pairs
+        n = len(keys)
+        parts = []
+        try:
+            # The placement codes as one bytes object (TypeError: a key not placed yet;
+            # ValueError: codes past 255, i.e. more than 255 connections in all).
+            packed = bytes(hits)
+        except TypeError:
             code = router.code
             hits = [h if h is not None else code(k) for h, k in zip(hits, keys)]
-        if len(set(hits)) == 1:  # all keys on one connection: forward whole, relay the reply as is
-            server, lane = router.pairs[hits[0]]
-            return (FORWARD, False, self.proto, server, lane, encode_command(args))
-        n = len(keys)
+            try:
+                packed = bytes(hits)
+            except ValueError:
+                packed = None
+        except ValueError:
+            packed = None
+        if packed is not None and len(pairs) <= 16:
+            codes = [c for c in range(len(pairs)) if c in packed]  # a memchr each
+            if len(codes) == 1:  # all keys on one connection: forward whole, relay the reply as is
+                server, lane = pairs[codes[0]]
+                return (FORWARD, False, self.proto, server, lane, encode_command(args))
+            # Grouped in C: for each code a translate table turns the packed codes into a
+            # 1/0 mask for `compress`. A part's keys are where `packed` holds its code, which
+            # is all the MGET merge needs to put the values back (see merge_mget).
+            for c in codes:
+                mask = packed.translate(_mark(c))
+                p = pairs[c]
+                if width == 1:
+                    sub = [name, *compress(keys, mask)]
+                else:
+                    sub = [name, *chain.from_iterable(compress(zip(keys, islice(args, 2, None, 2)), mask))]
+                parts.append((p[0], p[1], encode_command(sub), KeyGroup(packed, c)))
+            return (SPLIT, False, self.proto, kind, n, parts)
+        # Many connections: group with a dict.
         groups: dict[int, list[int]] = {}
         for i, h in enumerate(hits):
             g = groups.get(h)
@@ -367,8 +396,9 @@ class RedisSession:
                 groups[h] = [i]
             else:
                 g.append(i)
-        parts = []
-        pairs = router.pairs
+        if len(groups) == 1:
+            server, lane = pairs[hits[0]]
+            return (FORWARD, False, self.proto, server, lane, encode_command(args))
         for c, positions in groups.items():
             p = pairs[c]
             if width == 1:
@@ -654,31 +684,76 @@ def command_info(spec, proto: int) -> bytes:
 # -- merging split replies ----------------------------------------------------------------------
 
 
+class KeyGroup:
+    """The key positions of one part of a split command, without a list of them.
+
+    `packed` holds every key's placement code (one byte per key) and the part's keys are those
+    whose code is `code`. Iterating gives the positions in order (tests, slow paths); the MGET
+    merge uses `packed` directly, which saves building a list of positions per part.
+    """
+
+    __slots__ = ("packed", "code")
+
+    def __init__(self, packed: bytes, code: int) -> None:
+        self.packed = packed
+        self.code = code
+
+    def __iter__(self):
+        return compress(range(len(self.packed)), self.packed.translate(_mark(self.code)))
+
+    def __len__(self) -> int:
+        return self.packed.count(self.code)
+
+    def __repr__(self) -> str:
+        return f"KeyGroup({list(self)!r})"
+
+
+_MARKS: dict[int, bytes] = {}
+
+
+def _mark(code: int) -> bytes:
+    """A bytes.translate table mapping `code` to 1 and every other byte to 0."""
+    table = _MARKS.get(code)
+    if table is None:
+        table = _MARKS[code] = bytes(code) + b"\x01" + bytes(255 - code)
+    return table
+
+
 def _parse(reply: bytes):
     r = hiredis.Reader()
     r.feed(reply)
     return r.gets()
 
 
-def merge_mget(nkeys: int, parts: list[tuple[list[int], bytes]], proto: int) -> bytes:
-    """Merge MGET part replies (each an array for its key positions) into one array in key order."""
-    out: list[bytes] = [b""] * nkeys
-    null = b"_\r\n" if proto == 3 else b"$-1\r\n"
-    for positions, reply in parts:
+def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int) -> bytes:
+    """Merge MGET part replies into one array in key order.
+
+    Each part is (where, reply): `where` holds the part's key positions, as a list or as a
+    `KeyGroup` (what `RedisSession` produces when there are few connections).
+    """
+    iters: dict[int, Any] = {}
+    packed = b""
+    ordered: list[bytes | None] = []
+    for where, reply in parts:
         if reply[:1] == b"-":
             return reply
         values = _parse(reply)
-        if type(values) is not list or len(values) != len(positions):
-            return encode_error("ERR splicer: a backend answered MGET with an unexpected reply")
-        if None in values:
-            missing = list(compress(positions, map(is_, values, repeat(None))))
-            values = [b"" if v is None else v for v in values]
-            encoded = encode_bulks(values)
-            deque(map(out.__setitem__, positions, encoded), maxlen=0)  # out[positions[i]] = encoded[i], in C
-            deque(map(out.__setitem__, missing, repeat(null)), maxlen=0)
+        if type(where) is KeyGroup:
+            packed, code = where.packed, where.code
+            if type(values) is not list or len(values) != packed.count(code):
+                return encode_error("ERR splicer: a backend answered MGET with an unexpected reply")
+            iters[code] = iter(values)
         else:
-            deque(map(out.__setitem__, positions, encode_bulks(values)), maxlen=0)
-    return b"*%d\r\n" % nkeys + b"".join(out)
+            if type(values) is not list or len(values) != len(where):
+                return encode_error("ERR splicer: a backend answered MGET with an unexpected reply")
+            if not ordered:
+                ordered = [None] * nkeys
+            deque(map(ordered.__setitem__, where, values), maxlen=0)  # ordered[where[i]] = values[i], in C
+    if iters:
+        # Key i's value is the next one of the part that holds code packed[i], in C.
+        ordered = list(map(next, map(iters.__getitem__, packed)))
+    # Values are put in key order first and encoded once, in one join (no bytes per element).
+    return b"*%d\r\n" % nkeys + join_bulks(ordered, proto)
 
 
 def merge_sum(parts: list[tuple[list[int], bytes]]) -> bytes:

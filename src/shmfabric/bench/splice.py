@@ -1,10 +1,12 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
+    shmfabric bench splice [--scenario unequal,uniform,redis] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
-Prints one row per scenario and worker count: requests/s of the splicer and of HAProxy, their
+Prints one row per HTTP scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
-(must be 0 for the splicer). The Redis scenarios live in `shmfabric.bench.splice_redis`.
+(must be 0 for the splicer). The `redis` scenario (`shmfabric.bench.splice_redis`) runs
+redis-benchmark through the splicer and through twemproxy, and a spread 1000-key MGET against
+the same MGET sent straight to one server.
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ def _csv(kind: type) -> Any:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform"],
-                   help="comma-separated: unequal (scenario 1), uniform (scenario 2)")
+    p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform", "redis"],
+                   help="comma-separated: unequal (scenario 1), uniform (scenario 2), redis (scenario 3)")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
@@ -57,27 +59,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    bad = [s for s in args.scenario if s not in _TITLES]
+    bad = [s for s in args.scenario if s not in _TITLES and s != "redis"]
     if bad:
         from shmfabric.cli.main import CliError
 
-        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal and/or uniform")
+        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform and/or redis")
+    http = [s for s in args.scenario if s in _TITLES]
+    as_json = args.bench_json or getattr(args, "json", False)
     try:
-        results = run_scenarios(args.scenario, args.workers, args.duration, args.pool, args.pipeline)
+        results = run_scenarios(http, args.workers, args.duration, args.pool, args.pipeline) if http else []
+        redis = None
+        if "redis" in args.scenario:
+            from . import splice_redis
+
+            redis = splice_redis.run()
     except RuntimeError as exc:
         from shmfabric.cli.main import CliError
 
         raise CliError(str(exc)) from None
-    if args.bench_json or getattr(args, "json", False):
-        print(json.dumps([{**asdict(r), "met": r.met} for r in results], indent=2))
+    if as_json:
+        out: dict[str, Any] = {"http": [{**asdict(r), "met": r.met} for r in results]}
+        if redis is not None:
+            out["redis"] = redis
+        print(json.dumps(out, indent=2, default=str))
     else:
-        print(render_table(results))
+        if results:
+            print(render_table(results))
+        if redis is not None:
+            from .splice_redis import format_table
+
+            print(("\n" if results else "") + format_table(redis))
     return 0
 
 
 def register_bench(bench_sub: Any) -> None:
     """Add `splice` to `shmfabric bench` (called by shmfabric.cli.bench)."""
-    p = bench_sub.add_parser("splice", help="HTTP splicer vs HAProxy (scenarios 1 and 2 of issue 3)",
+    p = bench_sub.add_parser("splice", help="the splicer vs HAProxy (HTTP) and twemproxy (Redis)",
                              description=__doc__.splitlines()[0])
     add_arguments(p)
     p.set_defaults(func=_run)

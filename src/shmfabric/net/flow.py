@@ -265,6 +265,24 @@ def _classify_ip_gathered(batch, flags: list[int] | None) -> list[FiveTuple | Re
     # fast path's own conditions (tlen <= n, then the UDP/TCP lengths) only accept a record whose
     # bytes read are all real; anything else is left as None and parsed from the frame itself.
     out: list = []
+    if flags is None:  # the same loop without the flags
+        append = out.append
+        for n, vihl, tlen, ff, proto, src, dst, sport, dport, ulen, off, _ in _GATHERED_IP.iter_unpack(batch.gather(34)):
+            if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= n:
+                if proto == 17:
+                    if 8 <= ulen <= tlen - 20:
+                        append((src, dst, 17, sport, dport))
+                        continue
+                elif proto == 6:
+                    if tlen >= 40 and off >= 0x50 and (off >> 4) * 4 <= tlen - 20:
+                        append((src, dst, 6, sport, dport))
+                        continue
+            append(None)
+        if None in out:
+            for i, r in enumerate(out):
+                if r is None:
+                    out[i] = parse_5tuple_ip(batch[i])
+        return out
     fl: list[int] = []
     append, fappend = out.append, fl.append
     for n, vihl, tlen, ff, proto, src, dst, sport, dport, ulen, off, tf in _GATHERED_IP.iter_unpack(batch.gather(34)):
@@ -288,8 +306,7 @@ def _classify_ip_gathered(batch, flags: list[int] | None) -> list[FiveTuple | Re
                 r = out[i] = parse_5tuple_ip(buf)
                 if r.__class__ is tuple and r[2] == 6:
                     fl[i] = tcp_flags(buf, LINK_IP)
-    if flags is not None:
-        flags.extend(fl)
+    flags.extend(fl)
     return out
 
 

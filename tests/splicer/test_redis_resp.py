@@ -301,3 +301,21 @@ def test_encoders_roundtrip_through_hiredis() -> None:
     assert r.gets() == [1, b"a", None, [b"k", b"v"]]
     assert encode_map([(encode_bulk(b"a"), b":1\r\n")], 3) == b"%1\r\n$1\r\na\r\n:1\r\n"
     assert encode_bulk(None, 3) == b"_\r\n"
+
+
+def test_large_aggregate_is_parsed_once_and_offered_to_the_caller() -> None:
+    body = b"*100\r\n" + b"".join(b"$3\r\nv%02d\r\n" % i for i in range(100))
+    for cuts in ([len(body) + 5], [7, 300, 5000], [1] * 40 + [5000]):
+        sc = ReplyScanner()
+        data, got, at = body + b"+OK\r\n", [], 0
+        for c in cuts:
+            sc.feed(data[at : at + c])
+            at += c
+            got += sc.drain(10)
+        assert got == [body, b"+OK\r\n"]
+        assert sc.parsed(got[1]) is None
+    sc = ReplyScanner()
+    sc.feed(body)
+    (reply,) = sc.drain(1)
+    assert sc.parsed(reply) == [b"v%02d" % i for i in range(100)]
+    assert sc.parsed(reply) is None  # handed out once

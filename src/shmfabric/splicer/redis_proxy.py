@@ -255,6 +255,8 @@ class _Lane:
                             dirty_clients.append(target)
                     if not target.outstanding and target.waiting:
                         target._drain_waiting()
+                elif type(target) is _Join:
+                    target._on_part(arg, reply, sc.parsed(reply))
                 elif target is not None:
                     target._on_reply(arg, reply)
                     if self.gen != gen:  # the handshake failed and closed this connection
@@ -322,7 +324,7 @@ _HANDSHAKE = _Handshake()
 class _Join:
     """Collects the part replies of one split command and merges them into the client's slot."""
 
-    __slots__ = ("client", "seq", "kind", "nkeys", "parts", "left", "proto")
+    __slots__ = ("client", "seq", "kind", "nkeys", "parts", "values", "left", "proto")
 
     def __init__(self, client: "_Client", seq: int, kind: int, nkeys: int, nparts: int, proto: int) -> None:
         self.client = client
@@ -330,16 +332,21 @@ class _Join:
         self.kind = kind
         self.nkeys = nkeys
         self.parts: list[Any] = [None] * nparts
+        self.values: list[Any] = [None] * nparts  # parts' replies already parsed by the lane's scanner
         self.left = nparts
         self.proto = proto
 
-    def _on_reply(self, idx: tuple[int, list[int]], reply: bytes) -> None:
+    def _on_reply(self, idx: tuple[int, Any], reply: bytes) -> None:
+        self._on_part(idx, reply, None)
+
+    def _on_part(self, idx: tuple[int, Any], reply: bytes, parsed: Any) -> None:
         i, positions = idx
         self.parts[i] = (positions, reply)
+        self.values[i] = parsed
         self.left -= 1
         if self.left == 0:
             if self.kind == Kind.MGET:
-                merged = merge_mget(self.nkeys, self.parts, self.proto)
+                merged = merge_mget(self.nkeys, self.parts, self.proto, self.values)
             elif self.kind == Kind.SUM:
                 merged = merge_sum(self.parts)
             else:

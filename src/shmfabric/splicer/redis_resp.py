@@ -394,7 +394,7 @@ class _HiredisMeasure:
     off rather than mis-framing.
     """
 
-    __slots__ = ("reader", "fed", "hlen")
+    __slots__ = ("reader", "fed", "hlen", "value")
 
     def __init__(self) -> None:
         self.reset()
@@ -403,6 +403,7 @@ class _HiredisMeasure:
         self.reader = hiredis.Reader()
         self.fed = 0
         self.hlen = 0  # what len() says if hiredis has not trimmed since we last looked
+        self.value: object = None  # the parsed reply once complete (the MGET merge reuses it)
 
     def push(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -420,8 +421,11 @@ class _HiredisMeasure:
         self.hlen = left
         if value is False:
             return 0
+        self.value = value
         if trimmed:
             return self.fed - left
+        if not self.reader.has_data():  # nothing unread: the reply ends where the bytes fed end
+            return self.fed
         return None
 
 
@@ -447,7 +451,7 @@ class ReplyScanner:
     collected until it is complete, and a large aggregate is fed to hiredis as it arrives.
     """
 
-    __slots__ = ("_buf", "_pos", "_parts", "_parts_len", "_need", "_measure", "_measuring")
+    __slots__ = ("_buf", "_pos", "_parts", "_parts_len", "_need", "_measure", "_measuring", "_parsed")
 
     def __init__(self) -> None:
         self._buf = b""
@@ -457,6 +461,7 @@ class ReplyScanner:
         self._need = 0  # bytes that must be available before scanning again is worth it
         self._measure = _HiredisMeasure()
         self._measuring = False  # a large aggregate is being fed to hiredis across reads
+        self._parsed: tuple[bytes, object] | None = None  # the last reply hiredis measured, parsed
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the backend."""
@@ -490,6 +495,7 @@ class ReplyScanner:
     def drain(self, limit: int) -> list[bytes]:
         """Up to `limit` complete replies (exact bytes), in order."""
         out: list[bytes] = []
+        self._parsed = None  # only kept for the caller of this drain
         if self._parts and not self._measuring:
             self._join()
         # Inline fast path for runs of one-line and bulk replies (most of a pipelined stream).
@@ -535,6 +541,18 @@ class ReplyScanner:
             out.append(r)
         return out
 
+    def parsed(self, reply: bytes) -> object:
+        """hiredis's parse of `reply` if it is the last reply measured with hiredis, else None.
+
+        Large aggregates are parsed to be measured; a caller that needs the values too (the
+        MGET merge) takes them from here instead of parsing the reply a second time.
+        """
+        p = self._parsed
+        if p is not None and p[0] is reply:
+            self._parsed = None
+            return p[1]
+        return None
+
     def next(self) -> bytes | None:
         """Return the next complete reply (exact bytes), or None if more data is needed."""
         if self._measuring:
@@ -547,7 +565,9 @@ class ReplyScanner:
             if n is None:
                 n = _scan(buf, 0, len(buf))
             self._pos = n
-            return buf[:n]
+            reply = buf if n == len(buf) else buf[:n]
+            self._parsed = (reply, self._measure.value)
+            return reply
         if self._parts:
             self._join()
         self._need = 0
@@ -589,7 +609,9 @@ class ReplyScanner:
                 if n is None:
                     n = _scan(buf, pos, end) - pos
                 self._pos = pos + n
-                return buf[pos : pos + n]
+                reply = buf if pos == 0 and n == end else buf[pos : pos + n]
+                self._parsed = (reply, m.value)
+                return reply
             stop = _scan(buf, pos, end)
         else:
             stop = _scan(buf, pos, end)
@@ -653,6 +675,7 @@ def _scan(buf: bytes, pos: int, end: int) -> int:
 # "$<len>\r\n" for short lengths, so long argument lists and arrays are encoded by C-level
 # map/join without a Python-level format call per element.
 _BULK_HDR = [b"$%d\r\n" % i for i in range(4096)]
+_BULK_HDR_NOCRLF = [b"$%d" % i for i in range(4096)]
 _CRLF = b"\r\n"
 
 
@@ -664,15 +687,29 @@ def encode_bulks(values: list[bytes]) -> list[bytes]:
         return [b"$%d\r\n%s\r\n" % (len(v), v) for v in values]
 
 
+def _bulk_list(values: list[bytes], extra: int = 1) -> list[bytes]:
+    """[hdr0, v0, hdr1, v1, ..., b"" * extra]: joined with CRLF, the values as bulk strings.
+
+    Two extended-slice assignments fill it from C-level maps: no tuple or bytes object per
+    element, about half the cost of zipping headers, values and CRLFs. IndexError for a value
+    of 4 KiB or more (the header table's size): callers then take the plain way.
+    """
+    n = len(values)
+    parts = [b""] * (2 * n + extra)
+    parts[0 : 2 * n : 2] = map(_BULK_HDR_NOCRLF.__getitem__, map(len, values))
+    parts[1 : 2 * n : 2] = values
+    return parts
+
+
 def join_bulks(values: list[bytes | None], proto: int = 2) -> bytes:
     """`values` encoded as consecutive bulk strings (None as the protocol's null), one bytes.
 
-    One join over headers, values and CRLFs, built by C-level map/zip: no bytes object per
-    element (what a 1000-key MGET's merged reply needs).
+    One join over headers and values built by C-level map and slice assignment: no bytes
+    object per element (what a 1000-key MGET's merged reply needs).
     """
     if None not in values:
         try:
-            return b"".join(chain.from_iterable(zip(map(_BULK_HDR.__getitem__, map(len, values)), values, repeat(_CRLF))))
+            return _CRLF.join(_bulk_list(values))  # type: ignore[arg-type]
         except IndexError:  # a value of 4 KiB or more
             pass
     null = b"_\r\n" if proto == 3 else b"$-1\r\n"
@@ -689,9 +726,13 @@ def encode_command(args: list[bytes]) -> bytes:
         a, b, c = args
         return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b, len(c), c)
     try:
-        return b"*%d\r\n" % n + b"".join(chain.from_iterable(zip(map(_BULK_HDR.__getitem__, map(len, args)), args, repeat(_CRLF))))
+        parts = _bulk_list(args)
     except IndexError:
         return b"*%d\r\n" % n + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
+    if not n:
+        return b"*0\r\n"
+    parts[0] = b"*%d\r\n" % n + parts[0]
+    return _CRLF.join(parts)
 
 
 def encode_bulk(value: bytes | None, proto: int = 2) -> bytes:

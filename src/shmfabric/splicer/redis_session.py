@@ -725,19 +725,20 @@ def _parse(reply: bytes):
     return r.gets()
 
 
-def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int) -> bytes:
+def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: list[Any] | None = None) -> bytes:
     """Merge MGET part replies into one array in key order.
 
     Each part is (where, reply): `where` holds the part's key positions, as a list or as a
-    `KeyGroup` (what `RedisSession` produces when there are few connections).
+    `KeyGroup` (what `RedisSession` produces when there are few connections). `parsed[i]`,
+    when given and not None, is hiredis's parse of part i's reply (saves parsing it again).
     """
     iters: dict[int, Any] = {}
     packed = b""
     ordered: list[bytes | None] = []
-    for where, reply in parts:
+    for i, (where, reply) in enumerate(parts):
         if reply[:1] == b"-":
             return reply
-        values = _parse(reply)
+        values = parsed[i] if parsed is not None and parsed[i] is not None else _parse(reply)
         if type(where) is KeyGroup:
             packed, code = where.packed, where.code
             if type(values) is not list or len(values) != packed.count(code):

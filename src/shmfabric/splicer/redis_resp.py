@@ -707,11 +707,10 @@ def join_bulks(values: list[bytes | None], proto: int = 2) -> bytes:
     One join over headers and values built by C-level map and slice assignment: no bytes
     object per element (what a 1000-key MGET's merged reply needs).
     """
-    if None not in values:
-        try:
-            return _CRLF.join(_bulk_list(values))  # type: ignore[arg-type]
-        except IndexError:  # a value of 4 KiB or more
-            pass
+    try:
+        return _CRLF.join(_bulk_list(values))  # type: ignore[arg-type]
+    except (TypeError, IndexError):  # a None (len() fails), or a value of 4 KiB or more
+        pass
     null = b"_\r\n" if proto == 3 else b"$-1\r\n"
     return b"".join([null if v is None else b"$%d\r\n%s\r\n" % (len(v), v) for v in values])
 

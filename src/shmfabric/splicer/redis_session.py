@@ -732,7 +732,7 @@ def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: l
     `KeyGroup` (what `RedisSession` produces when there are few connections). `parsed[i]`,
     when given and not None, is hiredis's parse of part i's reply (saves parsing it again).
     """
-    iters: dict[int, Any] = {}
+    iters: list[Any] = [None] * 256  # by placement code (KeyGroup codes are below 256)
     packed = b""
     ordered: list[bytes | None] = []
     for i, (where, reply) in enumerate(parts):
@@ -750,7 +750,7 @@ def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: l
             if not ordered:
                 ordered = [None] * nkeys
             deque(map(ordered.__setitem__, where, values), maxlen=0)  # ordered[where[i]] = values[i], in C
-    if iters:
+    if packed:
         # Key i's value is the next one of the part that holds code packed[i], in C.
         ordered = list(map(next, map(iters.__getitem__, packed)))
     # Values are put in key order first and encoded once, in one join (no bytes per element).

@@ -13,12 +13,15 @@ Everything runs on loopback, side by side in one run:
    p50/p99 over `--mget-runs` runs by a small raw-socket client (same client code for all).
 
 Targets (issue 3): splicer >= 0.5x twemproxy's ops/s; spread MGET <= 1.5x direct latency.
-Figures depend on the machine and on what else runs on it; the table prints the ratios.
+Figures depend on the machine and on what else runs on it; the table prints the ratios, and the
+CPU time each proxy process used per request (from /proc/PID/stat), which a busy machine
+disturbs far less than the wall-clock rates.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -82,6 +85,16 @@ def _roundtrip(sock: socket.socket, payload: bytes) -> bytes:
 def _command(port: int, *args: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         return _roundtrip(s, encode_command(list(args)))
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/PID/stat utime + stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def _redis_benchmark(port: int, requests: int) -> dict[str, float]:
@@ -152,8 +165,12 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         _wait_port(sp_port, sp, "shmfabric splice redis")
 
         result: dict[str, Any] = {"requests": requests, "mget_runs": mget_runs, "pool": pool, "hash": hash_name}
-        result["twemproxy"] = _redis_benchmark(nc_port, requests)
-        result["splicer"] = _redis_benchmark(sp_port, requests)
+        # Besides ops/s, the CPU time each proxy process used per request: on a shared machine
+        # the wall-clock rate swings with what else runs, the CPU cost per request does not.
+        for name, port, proc in (("twemproxy", nc_port, nc), ("splicer", sp_port, sp)):
+            cpu0 = _cpu_seconds(proc.pid)
+            result[name] = _redis_benchmark(port, requests)
+            result[name]["cpu_us_per_request"] = (_cpu_seconds(proc.pid) - cpu0) / (2 * requests) * 1e6
 
         keys = [b"mget:%d" % i for i in range(1000)]
         _command(sp_port, b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # spread by ketama
@@ -163,13 +180,17 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         owners = [int(_command(p, b"EXISTS", *keys[:200])[1:-2]) for p in servers]
         result["mget_spread_over"] = {"server0_of_first_200": owners[0], "server1_of_first_200": owners[1]}
         result["mget_direct"] = _mget_latency(servers[0], keys, mget_runs)
-        result["mget_splicer"] = _mget_latency(sp_port, keys, mget_runs)
-        result["mget_twemproxy"] = _mget_latency(nc_port, keys, mget_runs)
+        for name, port, proc in (("splicer", sp_port, sp), ("twemproxy", nc_port, nc)):
+            cpu0 = _cpu_seconds(proc.pid)
+            result[f"mget_{name}"] = _mget_latency(port, keys, mget_runs)
+            result[f"mget_{name}"]["cpu_us_per_mget"] = (_cpu_seconds(proc.pid) - cpu0) / (mget_runs + min(50, mget_runs) + 1) * 1e6
         result["ratios"] = {
             "set_ops_vs_twemproxy": result["splicer"]["set"] / result["twemproxy"]["set"],
             "get_ops_vs_twemproxy": result["splicer"]["get"] / result["twemproxy"]["get"],
             "mget_p50_vs_direct": result["mget_splicer"]["p50_ms"] / result["mget_direct"]["p50_ms"],
             "mget_p99_vs_direct": result["mget_splicer"]["p99_ms"] / result["mget_direct"]["p99_ms"],
+            "mget_p50_vs_twemproxy": result["mget_splicer"]["p50_ms"] / result["mget_twemproxy"]["p50_ms"],
+            "cpu_per_request_twemproxy_vs_splicer": result["twemproxy"]["cpu_us_per_request"] / result["splicer"]["cpu_us_per_request"],
         }
         result["targets_met"] = {
             "ops_at_least_0.5x_twemproxy": min(result["ratios"]["set_ops_vs_twemproxy"],
@@ -195,13 +216,17 @@ def format_table(r: dict[str, Any]) -> str:
         ("redis-benchmark -P16 -c50 SET ops/s", r["twemproxy"]["set"], r["splicer"]["set"], r["ratios"]["set_ops_vs_twemproxy"], ">= 0.5x twemproxy"),
         ("redis-benchmark -P16 -c50 GET ops/s", r["twemproxy"]["get"], r["splicer"]["get"], r["ratios"]["get_ops_vs_twemproxy"], ">= 0.5x twemproxy"),
     ]
+    tc, sc = r["twemproxy"]["cpu_us_per_request"], r["splicer"]["cpu_us_per_request"]
     lines = [f"{'measure':40} {'twemproxy':>12} {'splicer':>12} {'ratio':>7}  target",
              *(f"{name:40} {a:12,.0f} {b:12,.0f} {ratio:6.2f}x  {t}" for name, a, b, ratio, t in rows),
+             f"{'proxy CPU us per request (SET+GET)':40} {tc:12.2f} {sc:12.2f} {tc / sc:6.2f}x  (twemproxy/splicer: the rate one core allows)",
              "",
              f"{'MGET 1000 keys, latency ms':40} {'direct':>12} {'splicer':>12} {'ratio':>7}  target   (twemproxy)"]
     for q in ("p50", "p99"):
         d, s, t = r["mget_direct"][f"{q}_ms"], r["mget_splicer"][f"{q}_ms"], r["mget_twemproxy"][f"{q}_ms"]
         lines.append(f"{'  ' + q:40} {d:12.3f} {s:12.3f} {s / d:6.2f}x  {'<= 1.5x' if q == 'p50' else '':8} ({t:.3f})")
+    lines.append(f"{'  proxy CPU us per MGET':40} {'':12} {r['mget_splicer']['cpu_us_per_mget']:12.0f} {'':7}  {'':8} "
+                 f"({r['mget_twemproxy']['cpu_us_per_mget']:.0f})")
     lines.append("")
     lines.append(f"one process each; splicer pool {r['pool']} per server, hash {r['hash']}; "
                  f"{r['requests']} requests per test, {r['mget_runs']} MGET runs")

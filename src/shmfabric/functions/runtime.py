@@ -20,6 +20,7 @@ GROUP_BASE = 230  # verdict codes GROUP_BASE+i: instance i of a scaled-out next 
 MAX_GROUP = 255 - GROUP_BASE
 RESOLVE_EVERY = 0.1  # seconds between name lookups of a next hop that went away
 STOP_GRACE = 5.0  # a graceful stop waits at most this long for frames a function holds (shaping)
+STOP_STUCK = 3.0  # ... and at most this long (seconds slept) for a full next-hop ring to take frames
 
 
 def backoff(waits: int) -> float:
@@ -171,6 +172,7 @@ class FunctionRunner:
             return 0
         sent_total = 0
         waits = 0
+        waited = 0.0
         while pending:
             if dst is None:
                 self.c["next_down"] += pending
@@ -187,8 +189,10 @@ class FunctionRunner:
                 waits += 1
                 self.c["ring_full_waits"] += 1
                 if waits > 2:
-                    time.sleep(backoff(waits - 3))
-                if self.stopping and waits > 50000:  # a stuck downstream must not block a stop forever
+                    d = backoff(waits - 3)
+                    time.sleep(d)
+                    waited += d
+                if self.stopping and waited > STOP_STUCK:  # a stuck downstream must not block a stop forever
                     self.c["dropped"] += pending
                     return sent_total
         return sent_total
@@ -248,6 +252,7 @@ class FunctionRunner:
     def _send_copies(self, dst: int | None, frames: list, hop: Hop) -> None:
         """Copy `frames` into slots and send them to dst, waiting while its ring is full."""
         waits = 0
+        waited = 0.0
         while frames:
             if dst is None:
                 self.c["next_down"] += len(frames)
@@ -265,8 +270,10 @@ class FunctionRunner:
                 waits += 1
                 self.c["ring_full_waits"] += 1
                 if waits > 2:
-                    time.sleep(backoff(waits - 3))
-                if self.stopping and waits > 50000:  # as in _send_code: a stop is never blocked for good
+                    d = backoff(waits - 3)
+                    time.sleep(d)
+                    waited += d
+                if self.stopping and waited > STOP_STUCK:  # as in _send_code: a stop is never blocked for good
                     self.c["dropped"] += len(frames)
                     return
 

@@ -354,23 +354,21 @@ class RedisSession:
         # Written with map/compress/translate so the per-key work runs in C: a 1000-key MGET is
         # the case the latency target is about.
         router = self.router
-        hits = list(map(router._cache.get, keys))
         pairs = router.pairs
         n = len(keys)
         parts = []
+        hits: list[int] = []
         try:
-            # The placement codes as one bytes object (TypeError: a key not placed yet;
-            # ValueError: codes past 255, i.e. more than 255 connections in all).
-            packed = bytes(hits)
-        except TypeError:
+            # The placement codes as one bytes object, straight from the cache (TypeError: a
+            # key not placed yet; ValueError: codes past 255, i.e. over 255 connections in all).
+            packed: bytes | None = bytes(map(router._cache.get, keys))
+        except (TypeError, ValueError):
             code = router.code
-            hits = [h if h is not None else code(k) for h, k in zip(hits, keys)]
+            hits = list(map(code, keys))
             try:
                 packed = bytes(hits)
             except ValueError:
                 packed = None
-        except ValueError:
-            packed = None
         if packed is not None and len(pairs) <= 16:
             codes = [c for c in range(len(pairs)) if c in packed]  # a memchr each
             if len(codes) == 1:  # all keys on one connection: forward whole, relay the reply as is
@@ -389,6 +387,8 @@ class RedisSession:
                 parts.append((p[0], p[1], encode_command(sub), KeyGroup(packed, c)))
             return (SPLIT, False, self.proto, kind, n, parts)
         # Many connections: group with a dict.
+        if not hits:
+            hits = list(map(router.code, keys))
         groups: dict[int, list[int]] = {}
         for i, h in enumerate(hits):
             g = groups.get(h)

@@ -65,12 +65,16 @@ def ids_rules(n: int = 1000) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", pats[:4]
 
 
-def chain_configs(size: int, seconds: float) -> dict[str, dict]:
+FILL = os.environ.get("SHMFABRIC_CHAIN_FILL", "text")  # payload filler: zeros | random | text
+
+
+def chain_configs(size: int, seconds: float, fill: str | None = None) -> dict[str, dict]:
     rules, hits = ids_rules()
     # 1 flow in 64 carries a matching pattern: alerts happen, as in real traffic, without flooding
     payloads = [""] * 63 + [hits[0]]
     return {
-        "gen": {"size": size, "flows": 1024, "stamp": False, "payloads": payloads if size >= 90 else []},
+        "gen": {"size": size, "flows": 1024, "stamp": False, "payloads": payloads if size >= 90 else [],
+                "fill": fill or FILL},  # the IDS scans real-looking bytes, not zeros it can skip
         "fw": {"rules": firewall_rules()},
         "ids": {"rules": rules, "mode": "alert", "log_alerts": False},
         "lb": {"backends": [{"node": "sink1"}, {"node": "sink2"}]},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import struct
 import zlib
-from typing import ClassVar, Sequence
+from typing import ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,6 +38,8 @@ class GeneratorConfig(BaseModel):
     stamp: bool = Field(True, description="sequence + CRC in each frame, checked by the sink")
     payloads: list[str] = Field(default_factory=list, description="strings placed after the stamp, cycled (e.g. to trip IDS rules)")
     pcap: str | None = Field(None, description="replay this pcap's IP packets instead of synthesizing")
+    fill: Literal["zeros", "random", "text"] = Field(
+        "zeros", description="the rest of each payload: zeros, random bytes (like encrypted traffic) or ASCII text")
     seed: int = 1
 
     @model_validator(mode="after")
@@ -52,6 +54,22 @@ class GeneratorConfig(BaseModel):
         if not v or any(not 0 < p < 65536 for p in v):
             raise ValueError("dst_ports must be a non-empty list of ports 1..65535")
         return v
+
+
+_WORDS = (b"GET POST HTTP/1.1 Host: Accept: text/html application/json User-Agent: Mozilla/5.0 "
+          b"Content-Length: Cookie: session= id= user name value the of and to in is for on with").split()
+
+
+def _fill(kind: str, n: int, rnd: random.Random) -> bytes:
+    """n bytes of payload filler of the given kind."""
+    if kind == "random":
+        return rnd.randbytes(n)
+    if kind == "text":
+        out = bytearray()
+        while len(out) < n:
+            out += rnd.choice(_WORDS) + b" "
+        return bytes(out[:n])
+    return bytes(n)
 
 
 def _hosts(net: str, n: int, rnd: random.Random) -> list[int]:
@@ -112,6 +130,7 @@ class Generator:
             self.stamp_at: list[int | None] = [None] * len(self.templates)
             return
         srcs, dsts = _hosts(c.src_net, c.flows, rnd), _hosts(c.dst_net, c.flows, rnd)
+        fill_rnd = random.Random(c.seed + 1)  # its own stream: the flows stay the same whatever the fill
         ip_len = c.size - ETH_HLEN
         self.templates, self.stamp_at = [], []
         for i in range(c.flows):
@@ -120,7 +139,7 @@ class Generator:
             body_len = ip_len - 20 - l4h
             extra = c.payloads[i % len(c.payloads)].encode() if c.payloads else b""
             body = (bytes(STAMP.size) if c.stamp else b"") + extra
-            body = (body + bytes(max(0, body_len - len(body))))[:body_len]
+            body = (body + _fill(c.fill, max(0, body_len - len(body)), fill_rnd))[:body_len]
             sport, dport = 1024 + rnd.randrange(60000), c.dst_ports[i % len(c.dst_ports)]
             src, dst = to_address(srcs[i]), to_address(dsts[i])
             seg = build.tcp(sport, dport, body, flags="PA", src=src, dst=dst) if tcp else build.udp(sport, dport, body, src=src, dst=dst)

@@ -5,7 +5,12 @@ import pytest
 
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, NetworkFunction, Verdict, validate_config
 from shmfabric.functions.registry import UnknownFunctionError, available, load
+from shmfabric.functions.snort import hyperscan
 from shmfabric.net import build
+
+IDS_ENGINES = pytest.mark.parametrize("engine", [
+    "pyahocorasick",
+    pytest.param("hyperscan", marks=pytest.mark.skipif(hyperscan is None, reason="hyperscan not installed"))])
 
 
 def make(name: str, cfg: dict, ports: list[str] | None = None, log=None):
@@ -76,11 +81,12 @@ def test_firewall_config_errors_name_the_line():
         validate_config(load("firewall"), {"bogus": 1})
 
 
-def test_ids_alerts_and_drops_by_mode():
+@IDS_ENGINES
+def test_ids_alerts_and_drops_by_mode(engine):
     rules = ('alert udp any any -> any 53 (msg:"bad dns"; content:"evil"; nocase; sid:10;)\n'
              'drop tcp any any -> any 80 (msg:"bad web"; content:"|de ad|"; sid:11;)\n')
     logged = []
-    ids = make("ids", {"rules": rules, "mode": "drop"}, log=lambda e, f: logged.append((e, f)))
+    ids = make("ids", {"rules": rules, "mode": "drop", "engine": engine}, log=lambda e, f: logged.append((e, f)))
     frames = [udp("10.0.0.1", "10.0.0.2", 999, 53, b"xxEVILxx"), udp("10.0.0.1", "10.0.0.2", 999, 54, b"evil"),
               tcp("10.0.0.1", "10.0.0.2", 999, 80, b"\x01\xde\xad\x02", "PA"), tcp("10.0.0.1", "10.0.0.2", 999, 80, b"ok", "PA"),
               *MALFORMED]
@@ -90,31 +96,34 @@ def test_ids_alerts_and_drops_by_mode():
     assert [f["sid"] for e, f in logged] == [10, 11]
     c = ids.counters()
     assert c["sid10"] == 1 and c["sid11"] == 1 and c["alerts"] == 2 and c["dropped"] == 1
-    alert_mode = make("ids", {"rules": rules, "mode": "alert"})
+    alert_mode = make("ids", {"rules": rules, "mode": "alert", "engine": engine})
     assert run(alert_mode, frames[:4]) == [Verdict.NEXT] * 4
 
 
-def test_ids_match_does_not_span_two_packets():
-    ids = make("ids", {"rules": 'alert udp any any -> any any (msg:"x"; content:"abcd"; sid:1;)'})
+@IDS_ENGINES
+def test_ids_match_does_not_span_two_packets(engine):
+    ids = make("ids", {"rules": 'alert udp any any -> any any (msg:"x"; content:"abcd"; sid:1;)', "engine": engine})
     run(ids, [udp("10.0.0.1", "10.0.0.2", 1, 2, b"zzab"), udp("10.0.0.1", "10.0.0.2", 1, 2, b"cdzz")])
     assert ids.counters()["alerts"] == 0
 
 
-def test_ids_batch_equals_per_packet_matching():
+@IDS_ENGINES
+def test_ids_batch_equals_per_packet_matching(engine):
     import random
 
     rnd = random.Random(3)
     pats = ["abc", "needle", "|00 01|", "XyZ"]
     rules = "\n".join(f'alert ip any any -> any any (msg:"p{i}"; content:"{p}";{" nocase;" if i % 2 else ""} sid:{i + 1};)'
                       for i, p in enumerate(pats))
-    ids = make("ids", {"rules": rules})
+    ids = make("ids", {"rules": rules, "engine": engine})
+    assert ids.ids.signatures.engine == engine
     frames = []
     for _ in range(200):
         body = bytes(rnd.choice(b"abcnedlXyZxyz\x00\x01") for _ in range(rnd.randrange(0, 30)))
         frames.append(udp("10.0.0.1", "10.0.0.2", 1, 2, body))
     run(ids, frames)
     batch_hits = ids.counters()
-    one = make("ids", {"rules": rules})
+    one = make("ids", {"rules": rules, "engine": engine})
     for f in frames:
         run(one, [f])
     assert one.counters() == batch_hits

@@ -5,6 +5,7 @@ both directions, TCP flags (FIN/RST close), UDP, ICMP, IPv6, malformed, and time
 idle timeouts."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from shmfabric.functions.api import FunctionContext, Verdict, validate_config
@@ -12,7 +13,7 @@ from shmfabric.functions.maglev import MaglevBalancer
 from shmfabric.functions.registry import load
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, Timeouts
 from shmfabric.functions.rules import Verdict as RuleVerdict
-from shmfabric.functions.snort import Ids, IdsVerdict
+from shmfabric.functions.snort import Ids, IdsVerdict, hyperscan
 from shmfabric.net import build
 from shmfabric.net.flow import classify_batch, l4_payload_span, parse_5tuple_ip
 
@@ -111,10 +112,10 @@ IDS_RULES = "\n".join([
 ])
 
 
-def ids_reference(frames: list[bytes], mode: str) -> tuple[list[int], dict, int]:
+def ids_reference(frames: list[bytes], mode: str, engine: str = "auto") -> tuple[list[int], dict, int]:
     """The pre-batch algorithm: classify, slice each payload, `Ids.inspect` per packet."""
     cls = load("ids")
-    ids = Ids(validate_config(cls, {"rules": IDS_RULES}).signatures, mode=mode)
+    ids = Ids(validate_config(cls, {"rules": IDS_RULES, "engine": engine}).signatures, mode=mode)
     out, no_key = [], 0
     for f in frames:
         key = parse_5tuple_ip(f)
@@ -131,17 +132,20 @@ def ids_reference(frames: list[bytes], mode: str) -> tuple[list[int], dict, int]
     return out, {"alerts": ids.alerts, "dropped": ids.dropped, "passed": ids.passed, **ids.counters()}, no_key
 
 
+@pytest.mark.parametrize("engine", [
+    "pyahocorasick",
+    pytest.param("hyperscan", marks=pytest.mark.skipif(hyperscan is None, reason="hyperscan not installed"))])
 @settings(deadline=None, max_examples=150)
-@given(st.lists(packet(), max_size=40), st.sampled_from(["alert", "drop"]))
-def test_ids_lazy_path_equals_per_packet_inspect(frames, mode):
+@given(frames=st.lists(packet(), max_size=40), mode=st.sampled_from(["alert", "drop"]))
+def test_ids_lazy_path_equals_per_packet_inspect(engine, frames, mode):
     cls = load("ids")
     alerts: list[dict] = []
-    fn = cls(validate_config(cls, {"rules": IDS_RULES, "mode": mode}),
+    fn = cls(validate_config(cls, {"rules": IDS_RULES, "mode": mode, "engine": engine}),
              FunctionContext(log=lambda event, fields: alerts.append(fields)))
     assert not fn.ids.signatures.needs_every_key  # so process() takes the lazy path
     out = bytearray(len(frames))
     fn.process(frames, 1.0, out)
-    expect_out, expect, no_key = ids_reference(frames, mode)
+    expect_out, expect, no_key = ids_reference(frames, mode, engine)
     assert list(out) == expect_out
     c = fn.counters()
     assert fn.no_5tuple == no_key and c["alerts"] == expect["alerts"] == len(alerts)

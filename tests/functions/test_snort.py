@@ -1,14 +1,33 @@
-"""Snort subset: parsing with errors, Aho-Corasick matching against a brute-force reference, flow
-options, alert/drop modes."""
+"""Snort subset: parsing with errors, matching against a brute-force reference, flow options,
+alert/drop modes. Every test runs once per pattern engine (hyperscan, pyahocorasick)."""
 import json
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from shmfabric.net.flow import FlowKey
+from shmfabric.functions import snort
 from shmfabric.functions.snort import (
     Ids, IdsVerdict, FlowTracker, SignatureSet, SnortSyntaxError, load, parse_rule,
 )
+
+ENGINES = ["pyahocorasick",
+           pytest.param("hyperscan", marks=pytest.mark.skipif(snort.hyperscan is None, reason="hyperscan not installed"))]
+
+
+@pytest.fixture(scope="module", autouse=True, params=ENGINES)
+def engine(request):
+    """Every SignatureSet built with engine "auto" (the default) in this module uses this engine.
+    Module-scoped so the hypothesis tests may use it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(snort, "default_engine", lambda: request.param)
+        yield request.param
+
+
+def test_engine_in_use(engine):
+    s = sigs()
+    assert s.engine == engine
+    assert (s._hs is not None) == (engine == "hyperscan") and (s._automaton is not None) == (engine == "pyahocorasick")
 
 WEB = FlowKey.of("192.0.2.1", "10.0.0.2", "tcp", 5555, 80)
 RULES = r"""

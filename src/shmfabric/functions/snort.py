@@ -19,10 +19,17 @@ Supported, one rule per line (a line ending in backslash continues):
 Anything else (`pcre`, `distance`, `within`, `http_*`, `byte_test`, ...) is a parse error naming the
 line, so a rule set never silently means less than it says.
 
-Matching: all positive contents of all rules go into one Aho-Corasick automaton over lower-cased
-text; one pass over the lower-cased payload yields every occurrence, confirmed byte for byte for
-case-sensitive contents and checked against its content's offset/depth window. A rule fires when all its positive contents were found
-in their windows, none of its negated contents is, and the header and flow options match.
+Matching: all positive contents of all rules go into one multi-pattern matcher, run once over a
+payload (or the joined payloads of a batch); every occurrence is checked against its content's
+offset/depth window. A rule fires when all its positive contents were found in their windows, none
+of its negated contents is, and the header and flow options match. Two engines, same results:
+
+* `hyperscan` (used when the `hyperscan` package imports): Intel's Hyperscan, the matcher Snort 3
+  and Suricata use. One expression per distinct (bytes, nocase), caseless for nocase contents and
+  exact otherwise. Measured here at ~1.1 us per 1,458-byte text payload against 1,000 patterns,
+  26x faster than pyahocorasick (27.8 us), which bounded the whole chain at 1,500-byte frames.
+* `pyahocorasick`: one Aho-Corasick automaton over lower-cased patterns, run over the lower-cased
+  payload; hits of case-sensitive contents are confirmed against the original bytes.
 """
 from __future__ import annotations
 
@@ -32,15 +39,20 @@ import json
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 import ahocorasick
+
+try:
+    import hyperscan
+except ImportError:  # optional at run time: pyahocorasick is the fallback engine
+    hyperscan = None
 
 from shmfabric.net.flow import FiveTuple, PROTO_NAMES, canonical
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-__all__ = ["SnortSyntaxError", "SnortRule", "Content", "SignatureSet", "FlowTracker", "Ids", "Alert", "IdsVerdict"]
+__all__ = ["ENGINES", "default_engine", "parse_rules", "SnortSyntaxError", "SnortRule", "Content", "SignatureSet", "FlowTracker", "Ids", "Alert", "IdsVerdict"]
 
 
 class SnortSyntaxError(ValueError):
@@ -405,64 +417,110 @@ class Alert:
         return json.dumps(self.as_dict(), sort_keys=True)
 
 
-class SignatureSet:
-    """Compiled rules: automata over every positive content, plus the rules without one."""
+#: Pattern engines a SignatureSet can use; "auto" is hyperscan when it imports, else pyahocorasick.
+ENGINES = ("auto", "hyperscan", "pyahocorasick")
 
-    def __init__(self, rules: list[SnortRule]) -> None:
-        sids: dict[int, int] = {}
-        for r in rules:
-            if r.sid in sids:
-                raise SnortSyntaxError("<rules>", r.line, f"sid {r.sid} is also used on line {sids[r.sid]}",
-                                       "give every rule its own sid")
-            sids[r.sid] = r.line
+
+def default_engine() -> str:
+    """The engine "auto" resolves to here."""
+    return "hyperscan" if hyperscan is not None else "pyahocorasick"
+
+
+class SignatureSet:
+    """Compiled rules: one multi-pattern matcher over every positive content, plus the rules
+    without one. `engine` is one of `ENGINES` (see the module docstring)."""
+
+    def __init__(self, rules: list[SnortRule], engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown pattern engine {engine!r}: use one of {', '.join(ENGINES)}")
+        if engine == "hyperscan" and hyperscan is None:
+            raise ValueError("pattern engine 'hyperscan' needs the hyperscan package "
+                             "(pip install hyperscan), or use engine: pyahocorasick")
+        _check_sids(rules)
         self.rules = rules
+        self.requested_engine = engine
+        self.engine = default_engine() if engine == "auto" else engine
         self._need: list[int] = []  # positive contents per rule
         self._no_content: list[int] = []
+        positive: list[tuple[int, int, Content]] = []
+        for ri, r in enumerate(rules):
+            pos = [(ri, ci, c) for ci, c in enumerate(r.contents) if not c.negated]
+            self._need.append(len(pos))
+            if not pos:
+                self._no_content.append(ri)
+            positive += pos
+        self.patterns = len(positive)
+        self._automaton = None
+        self._hs: "hyperscan.Database | None" = None
+        self._first_bytes = self._first_any = None
+        if self.engine == "hyperscan":
+            self._compile_hyperscan(positive)
+        else:
+            self._compile_automaton(positive)
+
+    def __reduce__(self) -> tuple:
+        # A Hyperscan database does not pickle: rebuild it from the rules instead.
+        return (self.__class__, (self.rules, self.requested_engine))
+
+    def _compile_hyperscan(self, positive: list[tuple[int, int, Content]]) -> None:
+        # One expression per distinct (bytes, nocase): caseless for nocase contents (Hyperscan folds
+        # ASCII only, as Snort's nocase does), exact otherwise, so no byte re-check after a hit.
+        exprs: dict[tuple[bytes, bool], int] = {}
+        where: list[tuple[int, list[tuple[int, int]]]] = []  # expression id -> (length, [(rule, content)])
+        for ri, ci, c in positive:
+            k = (c.pattern.lower() if c.nocase else c.pattern, c.nocase)
+            eid = exprs.get(k)
+            if eid is None:
+                eid = exprs[k] = len(where)
+                where.append((len(c.pattern), []))
+            where[eid][1].append((ri, ci))
+        self._hs_where = where
+        if not exprs:
+            return
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        # Every byte escaped as \xHH rather than compile(literal=True): python-hyperscan 0.9.1 cuts a
+        # literal at its first NUL byte (b"a\x00b" matches as b"a"); escaped it is exact and scans
+        # as fast (Hyperscan extracts the literals either way).
+        db.compile(expressions=[b"".join(b"\\x%02x" % x for x in pat) for pat, _ in exprs],
+                   ids=list(range(len(where))),
+                   flags=[hyperscan.HS_FLAG_CASELESS if nocase else 0 for _, nocase in exprs])
+        self._hs = db
+
+    def _compile_automaton(self, positive: list[tuple[int, int, Content]]) -> None:
         # One automaton over lower-cased patterns, run once over the lower-cased payload; a hit for a
         # case-sensitive content is then confirmed against the original bytes. One pass instead of
         # two (exact + nocase) halves the scan cost, which dominates for large payloads.
         table: dict[str, list[tuple[int, int, bytes | None]]] = {}
-        for ri, r in enumerate(rules):
-            pos = [(ci, c) for ci, c in enumerate(r.contents) if not c.negated]
-            self._need.append(len(pos))
-            if not pos:
-                self._no_content.append(ri)
-            for ci, c in pos:
-                # latin-1 maps each byte to one code point, so str offsets are byte offsets.
-                pat = c.pattern.lower().decode("latin-1")
-                table.setdefault(pat, []).append((ri, ci, None if c.nocase else c.pattern))
+        for ri, ci, c in positive:
+            # latin-1 maps each byte to one code point, so str offsets are byte offsets.
+            pat = c.pattern.lower().decode("latin-1")
+            table.setdefault(pat, []).append((ri, ci, None if c.nocase else c.pattern))
         self._automaton = _automaton(table)
         # Bytes that begin some (lower-cased) pattern: a batch of payloads with none of them has
         # no hit, which bytes.translate tells at ~1 ns a byte, against ~16 ns a byte for the
         # automaton's scan. Pays off on binary or zero payloads; text nearly always has one.
+        # (Not used with Hyperscan, whose own scan costs < 1 ns a byte.)
         self._first_bytes = None if "" in table else bytes(sorted({ord(p[0]) for p in table}))
         # the same in either ASCII case, to test payloads that were not lower-cased
         self._first_any = None if self._first_bytes is None else \
             bytes(sorted(set(self._first_bytes) | set(self._first_bytes.upper())))
-        self.patterns = sum(len(v) for v in table.values())
+
+    @property
+    def _has_patterns(self) -> bool:
+        return self._automaton is not None or self._hs is not None
+
+    def _hs_scan(self, data: bytes) -> list[tuple[int, int]]:
+        """(expression id, end offset) of every hit (all of them: a discarded hit spanning two
+        payloads must not hide a later real one, as SINGLEMATCH would)."""
+        hits: list[tuple[int, int]] = []
+        self._hs.scan(data, match_event_handler=_on_hs_match, context=hits)  # type: ignore[union-attr]
+        return hits
 
     @classmethod
-    def parse(cls, text: str, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> "SignatureSet":
+    def parse(cls, text: str, source: str = "<rules>", variables: Mapping[str, str] | None = None,
+              engine: str = "auto") -> "SignatureSet":
         """Parse a rules file: one rule per line, `#` comments, trailing backslash continues a line."""
-        rules: list[SnortRule] = []
-        pending, start = "", 0
-        for n, raw in enumerate(text.splitlines(), 1):
-            s = raw.strip()
-            if not pending and (not s or s.startswith("#")):
-                continue
-            if not pending:
-                start = n
-            if s.endswith("\\"):
-                pending += s[:-1] + " "
-                continue
-            rules.append(parse_rule(pending + s, start, source, variables))
-            pending = ""
-        if pending:
-            raise SnortSyntaxError(source, start, "rule continues past the end of the file", "remove the last backslash")
-        try:
-            return cls(rules)
-        except SnortSyntaxError as exc:
-            raise SnortSyntaxError(source, exc.line, exc.message, exc.hint) from None
+        return cls(parse_rules(text, source, variables), engine)
 
     def match(self, payload: Buffer, key: FiveTuple, to_server: bool | None = None,
               established: bool | None = None) -> list[SnortRule]:
@@ -471,13 +529,20 @@ class SignatureSet:
         data = bytes(payload)
         found: dict[int, set[int]] = {}
         rules = self.rules
-        # bytes.lower() folds ASCII only, as Snort's nocase does (str.lower() would fold latin-1 too).
-        lowered = data.lower()
-        if self._automaton is not None:
-            _collect(self._automaton, lowered.decode("latin-1"), data, rules, found)
+        if self._hs is not None:
+            where = self._hs_where
+            for eid, stop in self._hs_scan(data):
+                length, entries = where[eid]
+                for ri, ci in entries:
+                    if rules[ri].contents[ci].window_ok(stop - length, stop):
+                        found.setdefault(ri, set()).add(ci)
+        elif self._automaton is not None:
+            # bytes.lower() folds ASCII only, as Snort's nocase does (str.lower() would fold latin-1 too).
+            _collect(self._automaton, data.lower().decode("latin-1"), data, rules, found)
         if not found and not self._no_content:
             return []  # the common case: no pattern anywhere in the payload
         candidates = [ri for ri, cs in found.items() if len(cs) == self._need[ri]] + self._no_content
+        lowered = data.lower()
         out = []
         for ri in sorted(candidates):
             r = rules[ri]
@@ -499,14 +564,14 @@ class SignatureSet:
 
     def match_batch(self, payloads: Sequence[bytes], keys: Sequence[FiveTuple],
                     flow: Sequence[tuple[bool | None, bool | None]] | None = None) -> list[tuple[int, list[SnortRule]]]:
-        """`match` for a whole batch with one automaton pass over the joined payloads.
+        """`match` for a whole batch with one scan over the joined payloads.
 
-        Why: a Python-level call per packet into the automaton costs more than the scan itself
+        Why: a Python-level call per packet into the matcher costs more than the scan itself
         for short payloads; joining the batch makes the scan one C loop. A hit that spans two
         payloads is discarded, so the result is exactly `match` per packet. Returns
         (packet index, fired rules) for the packets where something fired, in packet order."""
         n = len(payloads)
-        if n == 0 or (self._automaton is None and not self._no_content):
+        if n == 0 or (not self._has_patterns and not self._no_content):
             return []
         first = self._first_any
         if first is not None and not self._no_content and self._automaton is not None and \
@@ -522,29 +587,47 @@ class SignatureSet:
                 return [(sel[p], fired) for p, fired in sub]
         rules = self.rules
         found_by_pkt: dict[int, dict[int, set[int]]] = {}
-        if self._automaton is not None:
+        if self._has_patterns:
             joined = b"".join(payloads)
-            lowered = joined.lower()
-            first = self._first_bytes
-            if first is not None and not self._no_content and len(lowered.translate(None, first)) == len(lowered):
-                return []  # no pattern can begin anywhere in the batch
+            if self._hs is not None:
+                hits = self._hs_scan(joined)
+                if not hits and not self._no_content:
+                    return []
+            else:
+                lowered = joined.lower()
+                first = self._first_bytes
+                if first is not None and not self._no_content and len(lowered.translate(None, first)) == len(lowered):
+                    return []  # no pattern can begin anywhere in the batch
             starts = [0] * (n + 1)
             acc = 0
             for i, pl in enumerate(payloads):
                 acc += len(pl)
                 starts[i + 1] = acc
-            for end, (length, where) in self._automaton.iter(lowered.decode("latin-1")):
-                stop = end + 1
-                start = stop - length
-                p = bisect_right(starts, start) - 1
-                base = starts[p]
-                if stop > starts[p + 1]:
-                    continue  # spans two packets' payloads: not a match in either
-                for ri, ci, exact in where:
-                    if exact is not None and joined[start:stop] != exact:
-                        continue
-                    if rules[ri].contents[ci].window_ok(start - base, stop - base):
-                        found_by_pkt.setdefault(p, {}).setdefault(ri, set()).add(ci)
+            if self._hs is not None:
+                where = self._hs_where
+                for eid, stop in hits:
+                    length, entries = where[eid]
+                    start = stop - length
+                    p = bisect_right(starts, start) - 1
+                    if stop > starts[p + 1]:
+                        continue  # spans two packets' payloads: not a match in either
+                    base = starts[p]
+                    for ri, ci in entries:
+                        if rules[ri].contents[ci].window_ok(start - base, stop - base):
+                            found_by_pkt.setdefault(p, {}).setdefault(ri, set()).add(ci)
+            else:
+                for end, (length, entries) in self._automaton.iter(lowered.decode("latin-1")):  # type: ignore[union-attr]
+                    stop = end + 1
+                    start = stop - length
+                    p = bisect_right(starts, start) - 1
+                    base = starts[p]
+                    if stop > starts[p + 1]:
+                        continue  # spans two packets' payloads: not a match in either
+                    for ri, ci, exact in entries:
+                        if exact is not None and joined[start:stop] != exact:
+                            continue
+                        if rules[ri].contents[ci].window_ok(start - base, stop - base):
+                            found_by_pkt.setdefault(p, {}).setdefault(ri, set()).add(ci)
         out = []
         pkts = range(n) if self._no_content else sorted(found_by_pkt)
         for p in pkts:
@@ -574,6 +657,11 @@ class SignatureSet:
         packet). Otherwise `match_batch` asks `keys[p]` only for packets where a pattern hit, so
         a caller may pass a sequence that computes keys on demand."""
         return self.uses_flow or bool(self._no_content)
+
+
+def _on_hs_match(eid: int, start: int, end: int, flags: int, hits: list) -> None:
+    # Hyperscan's callback, once per hit: kept to one append (returning None continues the scan).
+    hits.append((eid, end))
 
 
 #: Average payload length above which match_batch tests each payload for a pattern's first byte
@@ -731,9 +819,42 @@ class Ids:
         return {r.sid: r.hits for r in self.signatures.rules}
 
 
-def load(texts: Iterable[tuple[str, str]], variables: Mapping[str, str] | None = None) -> SignatureSet:
-    """Parse several (source name, text) rule files into one set."""
+def parse_rules(text: str, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> list[SnortRule]:
+    """The rules of one rules file (one rule per line, `#` comments, trailing backslash continues
+    a line), checked for duplicate sids but not compiled."""
+    rules: list[SnortRule] = []
+    pending, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        s = raw.strip()
+        if not pending and (not s or s.startswith("#")):
+            continue
+        if not pending:
+            start = n
+        if s.endswith("\\"):
+            pending += s[:-1] + " "
+            continue
+        rules.append(parse_rule(pending + s, start, source, variables))
+        pending = ""
+    if pending:
+        raise SnortSyntaxError(source, start, "rule continues past the end of the file", "remove the last backslash")
+    _check_sids(rules, source)
+    return rules
+
+
+def _check_sids(rules: list[SnortRule], source: str = "<rules>") -> None:
+    sids: dict[int, int] = {}
+    for r in rules:
+        if r.sid in sids:
+            raise SnortSyntaxError(source, r.line, f"sid {r.sid} is also used on line {sids[r.sid]}",
+                                   "give every rule its own sid")
+        sids[r.sid] = r.line
+
+
+def load(texts: Iterable[tuple[str, str]], variables: Mapping[str, str] | None = None,
+         engine: str = "auto") -> SignatureSet:
+    """Parse several (source name, text) rule files into one set, matched with `engine`
+    (one of `ENGINES`)."""
     rules: list[SnortRule] = []
     for source, text in texts:
-        rules += SignatureSet.parse(text, source, variables).rules
-    return SignatureSet(rules)
+        rules += parse_rules(text, source, variables)
+    return SignatureSet(rules, engine)

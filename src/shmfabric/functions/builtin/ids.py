@@ -1,4 +1,4 @@
-"""`ids`: Snort-subset signatures matched with Aho-Corasick (logic in functions.snort).
+"""`ids`: Snort-subset signatures matched with Hyperscan or Aho-Corasick (logic in functions.snort).
 
 In `alert` mode every packet passes and matches are reported; in `drop` mode (inline IPS) a packet
 that fires a drop/reject rule is dropped. Each alert is one structured log line (JSON) plus
@@ -58,6 +58,8 @@ class IdsConfig(BaseModel):
     variables: dict[str, str] = Field(default_factory=lambda: {"HOME_NET": "any", "EXTERNAL_NET": "any"})
     mode: Literal["alert", "drop"] = "alert"
     log_alerts: bool = Field(True, description="one JSON line per alert on stderr")
+    engine: Literal["auto", "hyperscan", "pyahocorasick"] = Field(
+        "auto", description="pattern matcher: auto (hyperscan if installed), hyperscan or pyahocorasick")
 
     @model_validator(mode="after")
     def _parse(self) -> "IdsConfig":
@@ -69,8 +71,9 @@ class IdsConfig(BaseModel):
             except OSError as e:
                 raise ValueError(f"cannot read rules file {path!r}: {e.strerror}") from None
         try:
-            object.__setattr__(self, "_sigs", load(texts, self.variables) if texts else SignatureSet([]))
-        except SnortSyntaxError as e:
+            object.__setattr__(self, "_sigs", load(texts, self.variables, self.engine) if texts
+                               else SignatureSet([], self.engine))
+        except (SnortSyntaxError, ValueError) as e:
             raise ValueError(str(e)) from None
         return self
 

@@ -1,0 +1,118 @@
+"""The IDS pattern engines (hyperscan, pyahocorasick) give identical alerts: property tests on random
+rules and batches (nocase, offset/depth, negation, hex bytes, patterns across payload boundaries),
+both checked against a brute-force reference; engine selection and its errors."""
+import pickle
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from shmfabric.functions import snort
+from shmfabric.functions.api import FunctionConfigError, validate_config
+from shmfabric.functions.registry import load as load_function
+from shmfabric.functions.snort import SignatureSet, default_engine, load, parse_rule
+
+needs_hs = pytest.mark.skipif(snort.hyperscan is None, reason="hyperscan not installed")
+KEY = (1, 2, 6, 3, 4)
+
+# A small alphabet so that patterns occur often: letters in both cases, NUL, and latin-1 bytes
+# whose case Snort's nocase does not fold (0xC0/0xE0), so ASCII-only folding is checked too.
+ALPHABET = b"aAbB\x00\xc0\xe0"
+pattern = st.binary(min_size=1, max_size=4).map(lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b))
+text = st.binary(max_size=120).map(lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b))
+content = st.tuples(pattern, st.booleans(), st.integers(0, 6), st.none() | st.integers(0, 8), st.booleans())
+
+
+def rule_text(sid: int, contents) -> str:
+    opts = []
+    for pat, nocase, offset, depth, neg in contents:
+        opts.append(f'content:{"!" if neg else ""}"|{pat.hex(" ")}|"; ' + ("nocase; " if nocase else "")
+                    + f"offset:{offset}; " + (f"depth:{len(pat) + depth}; " if depth is not None else ""))
+    return f"alert ip any any -> any any ({''.join(opts)}sid:{sid};)"
+
+
+def ref_fires(rule, payload: bytes) -> bool:
+    for c in rule.contents:
+        hay = payload.lower() if c.nocase else payload
+        needle = c.pattern.lower() if c.nocase else c.pattern
+        stop = len(hay) if c.depth is None else c.offset + c.depth
+        if (hay.find(needle, c.offset, stop) >= 0) == c.negated:
+            return False
+    return True
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """data cut at the given points: a pattern in data often straddles two payloads."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+@needs_hs
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(content, min_size=1, max_size=3), min_size=1, max_size=6), text,
+       st.lists(st.integers(0, 200), max_size=12))
+def test_engines_agree_on_batches(rules, data, cuts):
+    texts = "\n".join(rule_text(i + 1, cs) for i, cs in enumerate(rules))
+    hs, ac = load([("r", texts)], engine="hyperscan"), load([("r", texts)], engine="pyahocorasick")
+    assert (hs.engine, ac.engine) == ("hyperscan", "pyahocorasick")
+    payloads = split(data, cuts)
+    keys = [KEY] * len(payloads)
+    got_hs = [(p, [r.sid for r in fired]) for p, fired in hs.match_batch(payloads, keys)]
+    got_ac = [(p, [r.sid for r in fired]) for p, fired in ac.match_batch(payloads, keys)]
+    expect = [(p, sids) for p, pl in enumerate(payloads)
+              if (sids := [r.sid for r in hs.rules if ref_fires(r, pl)])]
+    assert got_hs == got_ac == expect
+    for p, pl in enumerate(payloads):  # the per-packet path too
+        assert [r.sid for r in hs.match(pl, KEY)] == [r.sid for r in ac.match(pl, KEY)] == dict(expect).get(p, [])
+
+
+@needs_hs
+def test_hit_spanning_two_payloads_does_not_hide_a_later_one():
+    # "abab" spans payloads 0/1 at offset 2 and then lies wholly in payload 1: the spanning hit is
+    # discarded, the real one reported (every match is reported, not the first per expression).
+    s = SignatureSet([parse_rule('alert ip any any -> any any (content:"abab"; sid:1;)')], "hyperscan")
+    hits = s.match_batch([b"xxab", b"ababzz"], [KEY, KEY])
+    assert [(p, [r.sid for r in f]) for p, f in hits] == [(1, [1])]
+    assert s.match_batch([b"xxab", b"abzz"], [KEY, KEY]) == []
+
+
+@needs_hs
+def test_hyperscan_exact_bytes_and_ascii_only_nocase():
+    rules = ('alert ip any any -> any any (content:"a|00|b"; sid:1;)\n'            # a NUL inside
+             'alert ip any any -> any any (content:"|c0|X"; nocase; sid:2;)\n'      # 0xC0 is not folded
+             'alert ip any any -> any any (content:"Ab"; sid:3;)\n'                 # case-sensitive
+             'alert ip any any -> any any (content:"ab"; nocase; sid:4;)\n')        # same bytes, nocase
+    for engine in ("hyperscan", "pyahocorasick"):
+        s = load([("r", rules)], engine=engine)
+        assert s.patterns == 4
+        assert [r.sid for r in s.match(b"a\x00", KEY)] == []
+        assert [r.sid for r in s.match(b"-a\x00b-", KEY)] == [1]
+        assert [r.sid for r in s.match(b"\xe0x", KEY)] == []
+        assert [r.sid for r in s.match(b"\xc0x", KEY)] == [2]
+        assert [r.sid for r in s.match(b"ab", KEY)] == [4]
+        assert [r.sid for r in s.match(b"AB", KEY)] == [4]
+        assert [r.sid for r in s.match(b"Ab", KEY)] == [3, 4]
+
+
+def test_engine_selection_and_errors(monkeypatch):
+    rule = 'alert ip any any -> any any (content:"x"; sid:1;)'
+    cls = load_function("ids")
+    for engine in ("pyahocorasick", "auto"):
+        assert validate_config(cls, {"rules": rule, "engine": engine}).signatures.engine == \
+            (default_engine() if engine == "auto" else engine)
+    with pytest.raises(FunctionConfigError, match="engine"):
+        validate_config(cls, {"rules": rule, "engine": "re2"})
+    with pytest.raises(ValueError, match="unknown pattern engine 're2'"):
+        SignatureSet([], "re2")
+    monkeypatch.setattr(snort, "hyperscan", None)  # as if it were not installed
+    assert default_engine() == "pyahocorasick"
+    assert validate_config(cls, {"rules": rule}).signatures.engine == "pyahocorasick"
+    with pytest.raises(FunctionConfigError, match=r"needs the hyperscan package \(pip install hyperscan\)"):
+        validate_config(cls, {"rules": rule, "engine": "hyperscan"})
+
+
+@pytest.mark.parametrize("engine", ["pyahocorasick", pytest.param("hyperscan", marks=needs_hs)])
+def test_signature_set_pickles(engine):
+    # A Hyperscan database does not pickle; the set rebuilds it from its rules.
+    s = load([("r", 'alert ip any any -> any any (content:"needle"; nocase; sid:7;)')], engine=engine)
+    t = pickle.loads(pickle.dumps(s))
+    assert t.engine == engine and [r.sid for r in t.match(b"a NEEDLE", KEY)] == [7]

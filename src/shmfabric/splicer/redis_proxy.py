@@ -501,7 +501,10 @@ class _Client(asyncio.Protocol):
                     splicer.metrics.client_error("bad_request")
             if self.closing or len(cmds) < room:
                 break
-        self._mark()
+        # Forwarded requests only dirty their lanes; the client needs a flush when a reply is
+        # ready (answered here, or an error in place) or it is to be closed.
+        if merge._ready or self.closing or self.eof:
+            self._mark()
         if merge.full and not self.read_paused:
             self._pause()
 

@@ -185,7 +185,13 @@ class RequestReader:
     def feed(self, data: bytes) -> None:
         """Add bytes read from the client."""
         if self._in_hiredis:
-            self._feed_hiredis(bytes(data))
+            data = bytes(data)
+            self._reader.feed(data)  # _feed_hiredis, inlined (once per read)
+            n = len(data)
+            self._hiredis_bytes += n
+            self._fed += n
+            self._hlen += n
+            self._mirror.append(data)
         elif self._pending:
             self._pending += data
         else:

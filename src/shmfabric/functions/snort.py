@@ -428,7 +428,9 @@ def default_engine() -> str:
 
 class SignatureSet:
     """Compiled rules: one multi-pattern matcher over every positive content, plus the rules
-    without one. `engine` is one of `ENGINES` (see the module docstring)."""
+    without one. `engine` is one of `ENGINES` (see the module docstring); `engine` the attribute
+    is the one in use. A set scans one payload at a time (Hyperscan's scratch space is per
+    database): use one set per thread, as each function process has its own."""
 
     def __init__(self, rules: list[SnortRule], engine: str = "auto") -> None:
         if engine not in ENGINES:

@@ -22,7 +22,7 @@ malformed backend reply raises `RespProtocolError` too; the shell drops that bac
 """
 from __future__ import annotations
 
-from itertools import chain, repeat
+from itertools import repeat
 
 import hiredis
 

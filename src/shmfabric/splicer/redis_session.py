@@ -33,7 +33,6 @@ from .redis_resp import (
     PONG,
     QUEUED,
     encode_bulk,
-    encode_bulks,
     encode_command,
     encode_error,
     encode_int,

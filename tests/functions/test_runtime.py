@@ -175,3 +175,26 @@ def test_run_against_a_missing_fabric_says_so():
     r = subprocess.run([sys.executable, "-m", "shmfabric.functions.run", "--fabric", "no-such-fabric-x", "--node", "x",
                         "--function", "sink", "--open-timeout", "0.2"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_tap_to_a_mirror_that_never_reads_drops_copies_not_traffic(fab, procs):
+    procs.start("sink", "sink", {})
+    procs.wait_attached("sink")
+    deaf = fab.attach("deaf")  # a mirror that never reads: its ring fills up
+    ctl = ControlClient(fab, "manager")
+    try:
+        assert ctl.request("sink", {"op": "mirror", "to": "deaf"})["ok"]
+        gen = procs.start("gen", "generator", {"count": 5000, "size": 64}, ["sink"])
+        assert gen.wait(timeout=30) == 0
+        wait_rx(fab, "sink", 5000)
+        st = ctl.request("sink", {"op": "stats"})
+        c = st["counters"]
+        assert c["in_frames"] == 5000  # the data path lost nothing
+        assert c["mirrored"] == fab.ring_stats(fab.node_id("sink"), deaf.id)["depth"] > 0
+        assert c["mirrored"] + c["mirror_dropped"] == 5000 and c["mirror_dropped"] > 0
+        assert ctl.request("sink", {"op": "mirror", "to": None})["ok"]
+        bad = ctl.request("sink", {"op": "mirror", "to": "nobody", "timeout": 0.2})
+        assert not bad["ok"] and "nobody" in bad["error"]
+    finally:
+        ctl.close()
+        deaf.detach()

@@ -17,6 +17,7 @@ COMMANDS = [
     "shmfabric.cli.bench",
     "shmfabric.cli.splice",
     "shmfabric.cli.manager_cmds",
+    "shmfabric.cli.capture",
 ]
 
 

@@ -98,13 +98,15 @@ class FunctionRunner:
         self.next = Hop(fabric, next_hop or [])
         self.ports = [Hop(fabric, [p]) for p in (ports or [])]
         self.stopping = False
+        self.mirror: Hop | None = None
         self._stop_requester: int | None = None
         self._handled: dict[tuple[int, int], bytes] = {}  # (ports, group size) -> verdict codes dispatch handles
         self.c = {"in_frames": 0, "out_frames": 0, "dropped": 0, "replied": 0, "bad_verdict": 0,
                   "next_down": 0, "ring_full_waits": 0, "batches": 0, "busy_ns": 0,
                   "first_ns": 0, "last_ns": 0,  # monotonic time of the first and last batch
                   "cpu_ns": 0,  # process CPU time (user + system) from the first batch to the last
-                  "consumed": 0, "emitted": 0, "emit_too_large": 0}  # see FunctionContext.emit
+                  "consumed": 0, "emitted": 0, "emit_too_large": 0,
+                  "mirrored": 0, "mirror_dropped": 0}  # the tap (`mirror` op, `shmfabric capture`)
 
     # -- control -------------------------------------------------------------------------------
     def _reply(self, dst: int, msg: dict) -> None:
@@ -156,8 +158,18 @@ class FunctionRunner:
                 self.stopping = True
                 self._stop_requester = src
                 return  # answered once drained
+            elif op == "mirror":
+                to = msg.get("to")
+                if to is None:
+                    self.mirror = None
+                else:
+                    hop = Hop(self.fabric, [str(to)])
+                    hop.wait(timeout=float(msg.get("timeout", 5.0)))
+                    self.mirror = hop
+                log("mirror", {"node": self.node.name, "to": to})
+                out = {"ok": True}
             else:
-                out = {"ok": False, "error": f"unknown op {op!r}; use stats, reconfigure, set_next or stop"}
+                out = {"ok": False, "error": f"unknown op {op!r}; use stats, reconfigure, set_next, mirror or stop"}
         except (FunctionConfigError, TimeoutError, ValueError) as e:
             out = {"ok": False, "error": str(e)}
         if rid is not None:
@@ -165,6 +177,26 @@ class FunctionRunner:
         self._reply(src, out)
 
     # -- the data path -------------------------------------------------------------------------
+    def _tap(self, frames: Any) -> None:
+        """Copy the frames this node receives (or a source makes) to the mirror node, if any.
+
+        A tap must never slow the data path: what does not fit the mirror's ring is dropped and
+        counted, and a mirror that went away switches the tap off."""
+        mirror = self.mirror
+        if mirror is None:
+            return
+        dst = mirror.ids[0]
+        try:
+            if dst is None:
+                raise UnknownDestinationError("mirror node gone")
+            sent = self.node.send_batch(dst, frames, ethertype=0x0800)
+        except UnknownDestinationError:
+            self.mirror = None
+            log("mirror", {"node": self.node.name, "to": None, "reason": "mirror node went away"})
+            return
+        self.c["mirrored"] += sent
+        self.c["mirror_dropped"] += len(frames) - sent
+
     def _send_code(self, batch: Any, out: bytearray, code: int, dst: int | None, hop: Hop) -> int:
         """Forward the frames of `code` to dst, waiting while its ring is full. Returns frames sent."""
         pending = out.count(code)
@@ -392,7 +424,10 @@ class FunctionRunner:
                     if not c["first_ns"]:
                         c["first_ns"] = time.monotonic_ns()
                         cpu0 = cpu()
-                    self._send_frames(list(frames))
+                    frames = list(frames)
+                    if self.mirror is not None:
+                        self._tap(frames)
+                    self._send_frames(frames)
                     c["busy_ns"] += perf() - t0
                     c["in_frames"] += len(frames)
                     c["batches"] += 1
@@ -431,6 +466,8 @@ class FunctionRunner:
             if not c["first_ns"]:
                 c["first_ns"] = time.monotonic_ns()
                 cpu0 = cpu()
+            if self.mirror is not None:
+                self._tap(batch)
             out = bytearray(n)
             t0 = perf()
             fn.process(batch, now, out)

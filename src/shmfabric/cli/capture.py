@@ -1,0 +1,92 @@
+"""`shmfabric capture NODE -w FILE`: a tap on any running function node, written as pcap.
+
+The capture attaches its own node to the fabric, asks NODE (through a control message) to
+mirror every frame it receives (a source: every frame it makes) to it, and writes them as a
+classic pcap file that tshark and Wireshark open. The tap copies frames and never slows the
+node: what does not fit is dropped and counted. The mirror is switched off when the capture ends
+(and by the node itself if the capture dies).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from shmfabric.cli.main import CliError, add_json_flag
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    import json
+
+    from shmfabric.fabric import Fabric, FabricError
+    from shmfabric.functions.builtin.monitor import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter, ethernet_header
+    from shmfabric.functions.control import ControlClient, ControlError
+
+    if args.count is None and args.seconds is None:
+        raise CliError("give --count N and/or --seconds S (how long to capture)")
+    try:
+        fab = Fabric.open(args.fabric)
+    except FabricError as e:
+        raise CliError(str(e)) from None
+    ctl = None
+    captured = 0
+    try:
+        try:
+            ctl = ControlClient(fab, f"capture-{os.getpid()}")
+        except FabricError as e:
+            raise CliError(f"cannot attach the capture node: {e}") from None
+        try:
+            reply = ctl.request(args.node, {"op": "mirror", "to": ctl.node.name}, timeout=10)
+        except ControlError as e:
+            raise CliError(str(e)) from None
+        if not reply.get("ok"):
+            raise CliError(f"node {args.node!r} refused the tap: {reply.get('error')}")
+        raw = args.linktype == "raw"
+        try:
+            f = open(args.write, "wb")
+        except OSError as e:
+            raise CliError(f"cannot write {args.write}: {e.strerror}") from None
+        with f:
+            w = PcapWriter(f, LINKTYPE_RAW if raw else LINKTYPE_ETHERNET, args.snaplen)
+            end = time.monotonic() + args.seconds if args.seconds is not None else None
+            while (args.count is None or captured < args.count) and (end is None or time.monotonic() < end):
+                left = 0.2 if end is None else max(0.0, min(0.2, end - time.monotonic()))
+                with ctl.node.recv_batch(256, left) as batch:
+                    take = len(batch) if args.count is None else min(len(batch), args.count - captured)
+                    datas = [bytes(fr) if raw else ethernet_header(fr) + bytes(fr) for fr in list(batch)[:take]]
+                if datas:
+                    w.write_many(time.time(), datas)
+                    captured += len(datas)
+        try:
+            stats = ctl.request(args.node, {"op": "mirror", "to": None}, timeout=10) and \
+                ctl.request(args.node, {"op": "stats"}, timeout=10)
+        except ControlError:
+            stats = {}
+    finally:
+        if ctl is not None:
+            ctl.close()
+        fab.close()
+    c = stats.get("counters", {})
+    out = {"node": args.node, "file": args.write, "captured": captured,
+           "mirror_dropped": c.get("mirror_dropped", 0), "mirrored": c.get("mirrored", 0)}
+    if getattr(args, "json", False):
+        print(json.dumps(out))
+    else:
+        print(f"captured {captured:,} frames of node {args.node} to {args.write} "
+              f"({out['mirror_dropped']:,} dropped by the tap while it was on)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("capture", help="write a running node's traffic to a pcap file (a tap)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("node", help="the function node (instance) to tap, e.g. fw or fw-2")
+    p.add_argument("-w", "--write", required=True, metavar="FILE", help="pcap file to write")
+    p.add_argument("--fabric", default="edge", help="the fabric the node is on (default: edge)")
+    p.add_argument("-c", "--count", type=int, help="stop after this many frames")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds")
+    p.add_argument("--linktype", choices=["ethernet", "raw"], default="ethernet",
+                   help="ethernet (a header with the fabric MACs) or raw IP (LINKTYPE_RAW)")
+    p.add_argument("--snaplen", type=int, default=65535)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_capture)

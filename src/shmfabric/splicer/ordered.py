@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["OrderedMerge", "OrderedMergeError"]
+__all__ = ["BoundedSlots", "OrderedMerge", "OrderedMergeError"]
 
 
 class OrderedMergeError(Exception):
@@ -37,7 +37,45 @@ class _Slot:
         self.done = False
 
 
-class OrderedMerge:
+class BoundedSlots:
+    """What every in-order merge of responses shares: the slots of one client connection, the
+    bytes ready for it, and the bounds that drive backpressure (`full` stops reading the client,
+    `drained` at half of both limits resumes it, so reading does not flap at the limit)."""
+
+    __slots__ = ("max_slots", "max_bytes", "_slots", "_base", "_ready", "held_bytes")
+
+    def __init__(self, max_slots: int, max_bytes: int) -> None:
+        if max_slots < 1 or max_bytes < 1:
+            raise ValueError("max_slots and max_bytes must be at least 1")
+        self.max_slots = max_slots
+        self.max_bytes = max_bytes
+        self._slots: deque = deque()
+        self._base = 0  # sequence number of self._slots[0] (the head)
+        self._ready: list[bytes] = []
+        self.held_bytes = 0  # bytes in slots behind the head plus bytes ready but not popped
+
+    @property
+    def pending(self) -> int:
+        """Slots open (requests read and not yet fully answered)."""
+        return len(self._slots)
+
+    @property
+    def full(self) -> bool:
+        """True when the shell should stop reading the client."""
+        return len(self._slots) >= self.max_slots or self.held_bytes >= self.max_bytes
+
+    @property
+    def drained(self) -> bool:
+        """True when a paused shell may resume reading (hysteresis: half of each limit)."""
+        return len(self._slots) <= self.max_slots // 2 and self.held_bytes <= self.max_bytes // 2
+
+    @property
+    def idle(self) -> bool:
+        """True when no slot is open and nothing waits to be written."""
+        return not self._slots and not self._ready
+
+
+class OrderedMerge(BoundedSlots):
     """Response slots of one client connection, released strictly in request order.
 
     Args:
@@ -45,18 +83,11 @@ class OrderedMerge:
         max_bytes: response bytes that may be held (not yet handed out) before `full`.
     """
 
-    __slots__ = ("max_slots", "max_bytes", "_slots", "_base", "_next", "_ready", "held_bytes", "peak_slots")
+    __slots__ = ("_next", "peak_slots")
 
     def __init__(self, max_slots: int = 128, max_bytes: int = 4 * 1024 * 1024) -> None:
-        if max_slots < 1 or max_bytes < 1:
-            raise ValueError("max_slots and max_bytes must be at least 1")
-        self.max_slots = max_slots
-        self.max_bytes = max_bytes
-        self._slots: deque[_Slot] = deque()
-        self._base = 0  # sequence number of self._slots[0] (the head)
+        super().__init__(max_slots, max_bytes)
         self._next = 0  # sequence number the next open() returns
-        self._ready: list[bytes] = []
-        self.held_bytes = 0  # bytes in slots behind the head plus bytes ready but not popped
         self.peak_slots = 0  # high-water mark of open slots (for tests and metrics)
 
     # -- producer side -------------------------------------------------------------------
@@ -131,23 +162,3 @@ class OrderedMerge:
     def head(self) -> int | None:
         """Sequence number of the head slot, or None when no slot is open."""
         return self._base if self._slots else None
-
-    @property
-    def pending(self) -> int:
-        """Slots open (requests read and not yet fully answered)."""
-        return len(self._slots)
-
-    @property
-    def full(self) -> bool:
-        """True when the shell should stop reading the client."""
-        return len(self._slots) >= self.max_slots or self.held_bytes >= self.max_bytes
-
-    @property
-    def drained(self) -> bool:
-        """True when a paused shell may resume reading (hysteresis: half of each limit)."""
-        return len(self._slots) <= self.max_slots // 2 and self.held_bytes <= self.max_bytes // 2
-
-    @property
-    def idle(self) -> bool:
-        """True when no slot is open and nothing waits to be written."""
-        return not self._slots and not self._ready

@@ -27,6 +27,7 @@ from itertools import chain, compress, islice
 import hiredis
 
 from .redis_commands import COMMANDS, REFUSED, Kind, check_arity, command_keys, lookup
+from .ordered import BoundedSlots
 from .redis_ketama import Ketama
 from .redis_resp import (
     OK,
@@ -130,7 +131,7 @@ class Router:
         return self.pairs[self.code(key)]
 
 
-class ReplyOrder:
+class ReplyOrder(BoundedSlots):
     """The replies of one client connection, released strictly in request order.
 
     The Redis form of `ordered.OrderedMerge`: a Redis reply always arrives whole (the shell
@@ -149,17 +150,10 @@ class ReplyOrder:
     held, `drained` at half of both (hysteresis, so reading does not flap at the limit).
     """
 
-    __slots__ = ("max_slots", "max_bytes", "_slots", "_base", "_ready", "held_bytes")
+    __slots__ = ()
 
     def __init__(self, max_slots: int = 1024, max_bytes: int = 4 * 1024 * 1024) -> None:
-        if max_slots < 1 or max_bytes < 1:
-            raise ValueError("max_slots and max_bytes must be at least 1")
-        self.max_slots = max_slots
-        self.max_bytes = max_bytes
-        self._slots: deque[bytes | None] = deque()
-        self._base = 0
-        self._ready: list[bytes] = []
-        self.held_bytes = 0
+        super().__init__(max_slots, max_bytes)
 
     def open(self) -> int:
         """Reserve the next slot and return its sequence number."""
@@ -195,26 +189,6 @@ class ReplyOrder:
         out = ready[0] if len(ready) == 1 else b"".join(ready)
         self.held_bytes -= len(out)
         return out
-
-    @property
-    def pending(self) -> int:
-        """Requests read and not yet answered in order (slots open)."""
-        return len(self._slots)
-
-    @property
-    def full(self) -> bool:
-        """True when the shell should stop reading the client."""
-        return len(self._slots) >= self.max_slots or self.held_bytes >= self.max_bytes
-
-    @property
-    def drained(self) -> bool:
-        """True when a paused shell may resume reading (half of each limit)."""
-        return len(self._slots) <= self.max_slots // 2 and self.held_bytes <= self.max_bytes // 2
-
-    @property
-    def idle(self) -> bool:
-        """True when no slot is open and nothing waits to be written."""
-        return not self._slots and not self._ready
 
 
 @dataclass(frozen=True, slots=True)

@@ -496,3 +496,25 @@ def test_large_values_stream_through(sp) -> None:
     pipe.get("big:value").set("big:small", "s").get("big:value").get("big:small")
     assert pipe.execute() == [big, True, big, b"s"]
     assert r.mget(["big:value", "big:small"]) == [big, b"s"]
+
+
+def test_idle_mget_read_over_one_lane_keeps_pipeline_order(sp) -> None:
+    import hiredis
+
+    # An MGET sent while the client has nothing in flight reads each server's keys over one of
+    # its lanes; the pipelined INCRs behind it (on their own lanes) must not overtake it, and
+    # the next MGET (sent behind them) must see every INCR.
+    keys = [f"il:{i}".encode() for i in range(40)]
+    assert len({sp.splicer.router.place(k) for k in keys}) == 4  # 2 servers x 2 lanes
+    raw_roundtrip(sp.port, [[b"DEL", *keys]])
+    rounds = 15
+    commands: list[list[bytes]] = []
+    for _ in range(rounds):
+        commands.append([b"MGET", *keys])
+        commands += [[b"INCR", k] for k in keys]
+    commands.append([b"MGET", *keys])
+    replies = raw_roundtrip(sp.port, commands)
+    for r in range(rounds + 1):
+        rd = hiredis.Reader()
+        rd.feed(replies[r * (len(keys) + 1)])
+        assert rd.gets() == ([None] * len(keys) if r == 0 else [b"%d" % r] * len(keys)), r

@@ -236,3 +236,31 @@ def test_mget_split_then_merge_puts_values_back_in_key_order(lanes: int, proto: 
     assert merge_mget(300, replies, proto) == want
     short = [(replies[0][0], b"*1\r\n$1\r\nx\r\n")] + replies[1:]
     assert merge_mget(300, short, proto).startswith(b"-ERR splicer")
+
+
+def test_idle_mget_reads_each_server_over_one_connection(router: Router) -> None:
+    keys = [b"key:%d" % i for i in range(300)]
+    busy = RedisSession(router)
+    per_lane = busy.handle([b"MGET", *keys])
+    assert per_lane[0] == SPLIT and per_lane[1] is False and len(per_lane[5]) > 2  # 2 servers x 3 lanes
+    s = RedisSession(router)
+    s.idle = True  # nothing of this client in flight: one part per server, as a barrier
+    tag, barrier, _, kind, n, parts = s.handle([b"MGET", *keys])
+    assert tag == SPLIT and barrier is True and kind == Kind.MGET and n == 300
+    assert sorted(server for server, *_ in parts) == [0, 1]
+    replies, seen = [], []
+    for server, lane, payload, where in parts:
+        sub = parse(payload)[1:]
+        assert sub == [keys[i] for i in where]
+        assert all(router.place(k)[0] == server for k in sub)
+        seen += list(where)
+        replies.append((where, b"*%d\r\n" % len(sub) + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in sub)))
+    assert sorted(seen) == list(range(300))
+    assert parse(merge_mget(300, replies, 2)) == keys
+    # One server, two of its lanes: forwarded whole over one of them, still a barrier.
+    two_lanes = keys_at(router, lambda p: p == (1, 0), 2) + keys_at(router, lambda p: p == (1, 2), 2)
+    assert s.handle([b"MGET", *two_lanes])[:2] == (FORWARD, True)
+    assert busy.handle([b"MGET", *two_lanes])[:2] == (SPLIT, False)
+    # Writes are never re-laned.
+    mset = s.handle([b"MSET", *[x for k in keys for x in (k, b"v")]])
+    assert mset[1] is False and len(mset[5]) == len(per_lane[5])

@@ -472,6 +472,7 @@ class _Client(asyncio.Protocol):
                                     dirty_lanes.append(ln)
                                 continue
                 self.outstanding = outstanding
+                session.idle = not outstanding and not self.waiting
                 action = handle(args)
                 seq = merge.open()
                 tag = action[0]

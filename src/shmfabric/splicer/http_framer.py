@@ -175,7 +175,32 @@ def _tokens(value: bytes) -> list[bytes]:
 
 
 # --------------------------------------------------------------------------- request side
-class RequestFramer:
+class _Framer:
+    """The event queue both framers share: `next_event()` hands out what parsing produced, then
+    raises the held error, or says PAUSED (after an Upgrade/CONNECT head or a 101), closed, or
+    NEED_DATA; `take_raw()` gives the bytes held back after a PAUSED head (for a tunnel)."""
+
+    def next_event(self) -> Event | _Sentinel:
+        """Next event, or NEED_DATA / PAUSED; raises RemoteProtocolError once the events before it are out
+        (status 400-class for requests, 502 for responses)."""
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error
+        if self._paused:
+            return PAUSED
+        if self._eof:
+            return _CLOSED
+        return NEED_DATA
+
+    def take_raw(self) -> bytes:
+        """After PAUSED: the bytes that followed the Upgrade/CONNECT head or the 101 response head."""
+        raw = bytes(self._raw)
+        self._raw.clear()
+        return raw
+
+
+class RequestFramer(_Framer):
     """Parses the requests of one client connection (pipelined, keep-alive)."""
 
     def __init__(self, max_head_bytes: int = 64 * 1024, max_headers: int = 100, max_url_bytes: int = 8 * 1024) -> None:
@@ -312,24 +337,6 @@ class RequestFramer:
             else:
                 self._head_spans = True
 
-    def next_event(self) -> Event | _Sentinel:
-        """Next event, or NEED_DATA / PAUSED; raises RemoteProtocolError once the events before it are out."""
-        if self._events:
-            return self._events.popleft()
-        if self._error is not None:
-            raise self._error
-        if self._paused:
-            return PAUSED
-        if self._eof:
-            return _CLOSED
-        return NEED_DATA
-
-    def take_raw(self) -> bytes:
-        """After PAUSED: the bytes that followed the Upgrade/CONNECT head (for a tunnel)."""
-        raw = bytes(self._raw)
-        self._raw.clear()
-        return raw
-
     def resume(self) -> None:
         """After PAUSED and a declined upgrade: parse the held bytes as HTTP again."""
         if not self._paused:
@@ -351,7 +358,7 @@ class RequestFramer:
 
 
 # -------------------------------------------------------------------------- response side
-class ResponseFramer:
+class ResponseFramer(_Framer):
     """Parses the responses of one backend connection, given the methods of the requests sent."""
 
     def __init__(self, max_head_bytes: int = 64 * 1024, max_headers: int = 100) -> None:
@@ -536,24 +543,6 @@ class ResponseFramer:
                 self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
         elif self._head_buf:
             self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
-
-    def next_event(self) -> Event | _Sentinel:
-        """Next event, or NEED_DATA / PAUSED; raises RemoteProtocolError (status 502)."""
-        if self._events:
-            return self._events.popleft()
-        if self._error is not None:
-            raise self._error
-        if self._paused:
-            return PAUSED
-        if self._eof:
-            return _CLOSED
-        return NEED_DATA
-
-    def take_raw(self) -> bytes:
-        """After PAUSED (101 Switching Protocols): the bytes that followed the response head."""
-        raw = bytes(self._raw)
-        self._raw.clear()
-        return raw
 
     @property
     def idle(self) -> bool:

@@ -70,7 +70,24 @@ class _L4:
         return ck.verify(seg, initial)
 
 
-class TCP(_L4):
+class _PortL4(_L4):
+    """TCP and UDP: source and destination ports at offsets 0 and 2; each subclass's `_set_port`
+    knows where its checksum is."""
+
+    __slots__ = ()
+
+    def set_sport(self, port: int) -> None:
+        """Rewrite the source port and update the checksum (RFC 1624)."""
+        self._set_port(0, self.sport, port)  # type: ignore[attr-defined]
+        self.sport = port
+
+    def set_dport(self, port: int) -> None:
+        """Rewrite the destination port and update the checksum (RFC 1624)."""
+        self._set_port(2, self.dport, port)  # type: ignore[attr-defined]
+        self.dport = port
+
+
+class TCP(_PortL4):
     """TCP header. Raises `MalformedError` (TRUNCATED_TCP, BAD_TCP_OFFSET)."""
 
     __slots__ = ("sport", "dport", "seq", "ack", "header_len", "flags", "window", "checksum", "urgent")
@@ -132,15 +149,6 @@ class TCP(_L4):
         """True when the checksum (over pseudo-header, header and data) is right."""
         return self._verify(ip, 6, self.end - self.offset)
 
-    def set_sport(self, port: int) -> None:
-        """Rewrite the source port and update the checksum (RFC 1624)."""
-        self._set_port(0, self.sport, port)
-        self.sport = port
-
-    def set_dport(self, port: int) -> None:
-        self._set_port(2, self.dport, port)
-        self.dport = port
-
     def _set_port(self, at: int, old: int, new: int) -> None:
         mv = memoryview(self.buf)
         _H.pack_into(mv, self.offset + at, new)
@@ -154,7 +162,7 @@ class TCP(_L4):
         return f"<TCP {self.sport} > {self.dport} [{flags_str(self.flags)}] seq={self.seq} len={len(self.payload)}>"
 
 
-class UDP(_L4):
+class UDP(_PortL4):
     """UDP header; `length` is checked against the bytes present.
 
     Raises `MalformedError` (TRUNCATED_UDP, BAD_UDP_LENGTH)."""
@@ -188,14 +196,6 @@ class UDP(_L4):
         if self.checksum == 0:
             return ip.version == 4
         return self._verify(ip, 17, self.length)
-
-    def set_sport(self, port: int) -> None:
-        self._set_port(0, self.sport, port)
-        self.sport = port
-
-    def set_dport(self, port: int) -> None:
-        self._set_port(2, self.dport, port)
-        self.dport = port
 
     def _set_port(self, at: int, old: int, new: int) -> None:
         mv = memoryview(self.buf)

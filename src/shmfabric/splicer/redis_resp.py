@@ -152,8 +152,9 @@ class RequestReader:
     Inline and multibulk requests may follow each other in any mix, as redis-server allows
     (`redis-cli --pipe` ends its stream with an empty inline line before its final ECHO). A
     multibulk run is parsed by hiredis; when hiredis meets a byte that does not start a RESP
-    item, the reader works out exactly where the last complete request ended and hands the
-    rest to the inline path. It can, because hiredis trims its buffer once it has consumed
+    item, or a request that is not an array ('+foo', '$3'...: inline to Redis), the reader works
+    out exactly where the last complete request ended and hands the rest to the inline path,
+    so a stream reads the same however it is split into reads (fuzz_redis_resp.py checks it). It can, because hiredis trims its buffer once it has consumed
     1 KiB, after which `Reader.len()` is the count of unread bytes: so every KiB or so the
     stream position of a request end is known exactly, and only the few requests since then
     are measured (by their canonical encoding, which is the only one hiredis accepts for
@@ -162,7 +163,7 @@ class RequestReader:
     """
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
-                 "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start")
+                 "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -181,6 +182,7 @@ class RequestReader:
         self._known_end = 0  # stream offset (in _fed terms) where a request is known to end
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
+        self._tail_unchecked = False  # is what follows the last request known to be multibulk?
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the client."""
@@ -240,8 +242,10 @@ class RequestReader:
                     while n < limit:
                         try:
                             cmd = gets()
-                        except hiredis.ProtocolError as exc:
-                            if self._recover():
+                        except (hiredis.ProtocolError, TypeError) as exc:
+                            # TypeError: hiredis could not build a RESP3 map whose key is a
+                            # map or an array (unhashable), which no request may hold anyway.
+                            if self._go_inline():
                                 break
                             self.failed = True
                             raise RespProtocolError(_hiredis_message(exc)) from None
@@ -257,9 +261,19 @@ class RequestReader:
                             self._hlen = left
                             if got:
                                 self._hiredis_bytes = 0
+                                self._tail_unchecked = True
                             elif self._hiredis_bytes > self.max_request_bytes:
                                 self.failed = True
                                 raise RespProtocolError("invalid bulk length")
+                            # Bytes follow the last complete request. If they do not start
+                            # with '*' they are an inline request (as Redis reads them), not a
+                            # RESP item for hiredis to wait on. Checked when a read ends a
+                            # line (only then is an inline request complete; the check costs
+                            # a re-parse of ~1 KiB), until the next request is seen to be one.
+                            if self._tail_unchecked:
+                                mirror = self._mirror
+                                if mirror and mirror[-1].endswith(b"\n") and self._go_inline():
+                                    break
                             return out, None
                         got = True
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
@@ -268,6 +282,10 @@ class RequestReader:
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
                         if type(cmd) is not list:
+                            # A request that starts with another RESP type byte ('+', '$',
+                            # ':'...) is an inline request to Redis, whatever the read split.
+                            if self._go_inline():
+                                break
                             self.failed = True
                             raise RespProtocolError("expected '*' as the first byte of a request")
                         try:
@@ -301,7 +319,7 @@ class RequestReader:
                 pending = self._pending
                 if not pending:
                     break
-                if pending[0] == 0x2A:  # '*': a multibulk run goes to hiredis
+                if pending[0] in _AGGREGATE_START:  # a multibulk run goes to hiredis
                     self._pending = b""
                     self._in_hiredis = True
                     self._feed_hiredis(pending)
@@ -336,28 +354,45 @@ class RequestReader:
             del mirror[:i]
             self._mirror_start = start
 
-    def _recover(self) -> bool:
-        """hiredis met a non-RESP byte: if it is where a new request starts, go inline from there."""
+    def _go_inline(self) -> bool:
+        """Hand the bytes after the last complete request to the inline path if they are one.
+
+        Called (rarely) when hiredis met a byte that starts no RESP item, parsed a RESP item
+        that is not an array, or waits inside an item that began right after a request. Redis
+        reads any request that does not start with '*' as inline; so does this reader, however
+        the bytes were split into reads. True when the reader switched to inline.
+        """
+        self._trim_mirror()  # only the reads from the last known request end on are joined
         data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
-        # The requests between the last known request end and the bad byte were all returned
-        # already; parse them again (rare path) to measure them by their canonical encoding.
+        # The requests between the last known request end and here were all returned already;
+        # parse them again to measure them by their canonical encoding.
         again = hiredis.Reader()
         again.feed(data)
         pos = 0
         while True:
             try:
                 cmd = again.gets()
-            except hiredis.ProtocolError:
+            except (hiredis.ProtocolError, TypeError):
                 break
-            if cmd is False or type(cmd) is not list:  # cannot happen: the first parse got past it
-                return False
+            if cmd is False or type(cmd) is not list:
+                break
             pos += _canonical_size(cmd)
         rest = data[pos:]
-        if not rest or rest[0] == 0x2A:
-            return False  # the bad byte is inside a multibulk request: a real protocol error
+        if not rest:
+            return False
+        if rest[0] in _AGGREGATE_START:
+            self._tail_unchecked = False  # the next request is multibulk: no need to look again
+            return False  # inside a multibulk request: waiting for more, or a real protocol error
         self._reset_hiredis()
         self._pending = rest
         return True
+
+
+# Bytes that start a request hiredis reads: '*', and the RESP3 aggregates it also returns as a
+# list (set '~', push '>', attribute '|'). Redis itself would read the last three as an inline
+# command; treating them like '*' wherever they fall keeps the reading independent of how the
+# bytes were split into reads (the fuzz harness checks exactly that).
+_AGGREGATE_START = b"*~>|"
 
 
 def _canonical_size(cmd: list[bytes]) -> int:
@@ -369,6 +404,8 @@ def _canonical_size(cmd: list[bytes]) -> int:
 
 
 def _hiredis_message(exc: Exception) -> str:
+    if isinstance(exc, TypeError):
+        return "expected '$', got a RESP3 map in a request"
     text = str(exc)
     return text[len("Protocol error, ") :] if text.startswith("Protocol error, ") else text
 
@@ -417,11 +454,17 @@ class _HiredisMeasure:
         self.hlen += len(data)
 
     def poll(self) -> int | None:
-        """The reply's length if complete and known, 0 if incomplete, None if complete but unknown."""
+        """The reply's length if complete and known, 0 if incomplete, None if complete but unknown.
+
+        -1 when hiredis cannot build the reply's value (a RESP3 map keyed by a map or an array:
+        valid RESP, but unhashable in Python); the caller then measures it in Python.
+        """
         try:
             value = self.reader.gets()
         except hiredis.ProtocolError as exc:
             raise RespProtocolError(_hiredis_message(exc)) from None
+        except TypeError:
+            return -1
         left = self.reader.len()
         trimmed = left < self.hlen
         self.hlen = left
@@ -568,11 +611,16 @@ class ReplyScanner:
             self._measuring = False
             self._join()
             buf = self._buf
-            if n is None:
+            if n is None or n < 0:
+                value = self._measure.value if n is None else None
                 n = _scan(buf, 0, len(buf))
+                if n < 0:  # hiredis gave up before the end (see poll): wait for the rest
+                    return None
+            else:
+                value = self._measure.value
             self._pos = n
             reply = buf if n == len(buf) else buf[:n]
-            self._parsed = (reply, self._measure.value)
+            self._parsed = (reply, value)
             return reply
         if self._parts:
             self._join()
@@ -612,12 +660,12 @@ class ReplyScanner:
                     # in _buf (from pos) and later reads collect in _parts.
                     self._measuring = True
                     return None
-                if n is None:
-                    n = _scan(buf, pos, end) - pos
-                self._pos = pos + n
-                reply = buf if pos == 0 and n == end else buf[pos : pos + n]
-                self._parsed = (reply, m.value)
-                return reply
+                if n is not None and n > 0:
+                    self._pos = pos + n
+                    reply = buf if pos == 0 and n == end else buf[pos : pos + n]
+                    self._parsed = (reply, m.value)
+                    return reply
+                # None: complete, length unknown; -1: hiredis cannot build the value
             stop = _scan(buf, pos, end)
         else:
             stop = _scan(buf, pos, end)

@@ -717,7 +717,10 @@ def _mark(code: int) -> bytes:
 def _parse(reply: bytes):
     r = hiredis.Reader()
     r.feed(reply)
-    return r.gets()
+    try:
+        return r.gets()
+    except (hiredis.ProtocolError, TypeError):  # not what MGET answers: the merge reports it
+        return None
 
 
 def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: list[Any] | None = None) -> bytes:

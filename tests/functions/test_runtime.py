@@ -158,7 +158,43 @@ def test_scaled_out_next_hop_keeps_flows_on_one_instance(fab, procs):
     assert fa["frames"] % 100 == 0 and fb["frames"] % 100 == 0
 
 
+def test_scaled_out_port_spreads_flows_and_set_next_repoints_it(fab, procs):
+    for n in ("a1", "a2", "b"):
+        procs.start(n, "sink", {})
+    procs.wait_attached("a1", "a2", "b")
+    # port "a" is a group of two instances; l4lb still names its backend "a" (ctx.ports)
+    procs.start("lb", "l4lb", {"backends": [{"node": "a"}, {"node": "b"}]}, ports=["a=a1,a2", "b"])
+    procs.wait_attached("lb")
+    gen = procs.start("gen", "generator", {"count": 4000, "size": 64, "flows": 40}, ["lb"])
+    assert gen.wait(timeout=30) == 0
+    wait_rx(fab, "b", 1)
+    ctl = ControlClient(fab, "manager")
+    try:
+        st = ctl.request("lb", {"op": "stats"})
+        assert st["ports"] == ["a", "b"] and st["port_instances"] == {"a": ["a1", "a2"], "b": ["b"]}
+        bad = ctl.request("lb", {"op": "set_next", "ports": {"c": ["a1"]}})
+        assert not bad["ok"] and "['c'] are not ports of 'lb'" in bad["error"]
+        assert ctl.request("lb", {"op": "set_next", "ports": {"a": ["a2"]}})["ok"]
+        st = ctl.request("lb", {"op": "stats"})
+        assert st["port_instances"] == {"a": ["a2"], "b": ["b"]}
+        gen = procs.start("gen2", "generator", {"count": 2000, "size": 64, "flows": 40}, ["lb"])
+        assert gen.wait(timeout=30) == 0
+        time.sleep(0.5)
+        assert ctl.request("lb", {"op": "stop"}, timeout=20)["ok"]
+    finally:
+        ctl.close()
+    a1, a2, b = (procs.stop(n)["function_counters"]["frames"] for n in ("a1", "a2", "b"))
+    assert a1 + a2 + b == 6000
+    assert a1 and a2 and b
+    # the first 4000 frames: 40 flows of 100, each flow on one instance of "a" (or on "b")
+    assert a1 % 100 == 0
+    # after the re-point, a1 got nothing more: every frame for "a" went to a2
+    assert (a2 + b) - (4000 - a1) == 2000
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--function", "sink", "--port", "a=" + ",".join(f"s{i}" for i in range(26))], "at most 25"),
+    (["--function", "sink", "--port", "=x"], "use NAME or NAME=INSTANCE"),
     (["--function", "nope"], "no network function named 'nope'"),
     (["--function", "firewall", "--config", '{"rules": "ip sadr 1.2.3.4 accept"}'], "did you mean 'saddr'"),
     (["--function", "sink", "--config", "[1]"], "--config is not a JSON object"),

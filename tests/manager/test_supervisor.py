@@ -253,3 +253,43 @@ def test_a_replacement_that_does_not_come_up_leaves_the_old_running(run_topology
     assert sup.node_status("gen")["version"] is None
     before = sink_frames(sup)
     wait_until(lambda: sink_frames(sup) > before + 100, what="traffic from the old version", sup=sup)
+
+
+LB_CHAIN = """\
+fabric: {name: "{fabric}", ring_size: 256, max_nodes: 16, networks: [{mtu: 1500, slots: 2048}]}
+poll_interval: 0.1
+policies:
+  restart: {backoff_initial: 0.1, backoff_max: 1}
+  scale: {min_instances: 1, max_instances: 3, out_depth: 100000, in_depth: 0}
+nodes:
+  - name: gen
+    function: generator
+    config: {rate: 4000, size: 128, flows: 64}
+  - name: lb
+    function: l4lb
+    ports: [sink-a, sink-b]
+    config: {backends: [{node: sink-a}, {node: sink-b}]}
+  - name: sink-a
+    function: sink
+  - name: sink-b
+    function: sink
+chains:
+  - {name: main, nodes: [gen, lb]}
+"""
+
+
+def test_port_targets_scaled_out_or_replaced_keep_getting_traffic(run_topology):
+    sup = run_topology(LB_CHAIN)
+    wait_until(lambda: counters(sup, "sink-a").get("in_frames", 0) > 50 and counters(sup, "sink-b").get("in_frames", 0) > 50,
+               what="both backends to get traffic", sup=sup)
+    # a port's target scaled out: the load balancer's frames for it spread over both instances
+    sup.scale("sink-a", 2)
+    wait_until(lambda: counters(sup, "sink-a-2").get("in_frames", 0) > 50, what="sink-a-2 to get traffic", sup=sup)
+    before = counters(sup, "sink-a").get("in_frames", 0)
+    wait_until(lambda: counters(sup, "sink-a").get("in_frames", 0) > before + 50, what="sink-a to keep its flows", sup=sup)
+    # a port's target replaced: the new instance (another name) takes over the port
+    res = sup.replace("sink-b", version="2")
+    new = res["instances"][0]["name"]
+    assert new != "sink-b"
+    wait_until(lambda: counters(sup, new).get("in_frames", 0) > 50, what=f"{new} to get sink-b's traffic", sup=sup)
+    assert counters(sup, "lb").get("next_down", 0) == 0  # no frame was sent to a node that had gone

@@ -25,7 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--function", required=True, help="function name (entry point in shmfabric.functions)")
     p.add_argument("--config", default="{}", help="JSON object, or @FILE with one")
     p.add_argument("--next", default="", help="next hop node(s), comma-separated (several = scaled-out group)")
-    p.add_argument("--port", action="append", default=[], help="node behind Verdict.port(k), in order")
+    p.add_argument("--port", action="append", default=[],
+                   help="node behind Verdict.port(k), in order: NAME, or NAME=INSTANCE,INSTANCE... for a "
+                        "scaled-out node (frames spread by flow hash; the function sees NAME)")
     p.add_argument("--network", type=int, default=0)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--wait-mode", default="adaptive", choices=["poll", "block", "adaptive"])
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         cls = load(a.function)
         runner = FunctionRunner(fab, a.node, cls, config, [n for n in a.next.split(",") if n], a.port,
                                 batch=a.batch, network=a.network, wait_mode=a.wait_mode)
-    except (UnknownFunctionError, FunctionConfigError, FabricError) as e:
+    except (UnknownFunctionError, FunctionConfigError, FabricError, ValueError) as e:
         print(f"shmfabric.functions.run: {e}", file=sys.stderr)
         fab.close()
         return 2

@@ -36,13 +36,43 @@ def log(event: str, fields: dict) -> None:
     sys.stderr.write(json.dumps({"ts": round(time.time(), 6), "event": event, **fields}) + "\n")
 
 
+def flow_index(frame: Any, k: int) -> int:
+    """Which of `k` instances takes `frame`: its 5-tuple's symmetric hash mod k (a flow stays put)."""
+    key = parse_5tuple_ip(frame)
+    return (symmetric_hash(key) if isinstance(key, tuple) else 0) % k
+
+
+def group_by_flow(frames: list, k: int) -> dict[int, list]:
+    """`frames` grouped by `flow_index` (instance index -> frames, in order)."""
+    groups: dict[int, list] = {}
+    for f in frames:
+        groups.setdefault(flow_index(f, k), []).append(f)
+    return groups
+
+
+def parse_port(spec: str | list[str]) -> tuple[str, list[str]]:
+    """A port as (name, instances): "sink" -> ("sink", ["sink"]); "sink=sink,sink-2" -> a group.
+
+    The name is what the function sees in `ctx.ports` (the logical node); the instances are the
+    nodes its frames go to, spread by flow hash when there are several.
+    """
+    if isinstance(spec, list):
+        return spec[0], list(spec)
+    name, sep, members = spec.partition("=")
+    insts = [m for m in members.split(",") if m] if sep else [name]
+    if not name or not insts:
+        raise ValueError(f"port {spec!r}: use NAME or NAME=INSTANCE[,INSTANCE...]")
+    return name, insts
+
+
 class Hop:
     """A named destination (a node, or a scaled-out group of nodes) resolved to node ids."""
 
-    def __init__(self, fabric: Fabric, names: list[str]):
+    def __init__(self, fabric: Fabric, names: list[str], label: str | None = None):
         if len(names) > MAX_GROUP:
             raise ValueError(f"a next hop group has at most {MAX_GROUP} instances, got {len(names)}")
         self.fabric = fabric
+        self.label = label if label is not None else (names[0] if names else "")
         self.names = list(names)
         self.ids: list[int | None] = [None] * len(names)
         self._last_resolve = 0.0
@@ -69,7 +99,7 @@ class FunctionRunner:
     """Runs function class `fn_cls` as node `node_name` of `fabric`; see `run()`."""
 
     def __init__(self, fabric: Fabric, node_name: str, fn_cls: type, config: dict | None,
-                 next_hop: list[str] | None = None, ports: list[str] | None = None, *, batch: int = 256,
+                 next_hop: list[str] | None = None, ports: list[str | list[str]] | None = None, *, batch: int = 256,
                  network: int = 0, wait_mode: str = "adaptive", peer_timeout: float = 30.0):
         self.fabric = fabric
         self.fn_cls = fn_cls
@@ -78,7 +108,11 @@ class FunctionRunner:
             mtu = fabric.networks[network].mtu
         except IndexError:
             raise FunctionConfigError(f"network {network} does not exist in fabric {fabric.name!r}") from None
-        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=list(ports or []), log=log, mtu=mtu)
+        port_specs = [parse_port(p) for p in (ports or [])]
+        self.next = Hop(fabric, next_hop or [])
+        self.ports = [Hop(fabric, insts, name) for name, insts in port_specs]
+        self._check_groups(self.next, self.ports)
+        self.ctx = FunctionContext(node=node_name, fabric=fabric.name, ports=[n for n, _ in port_specs], log=log, mtu=mtu)
         # build the function before attaching, so a function that cannot start (a missing file,
         # say) is a one-line configuration error and never a half-attached node
         try:
@@ -95,8 +129,7 @@ class FunctionRunner:
         self.timer_at: float | None = None
         self.batch = batch
         self.peer_timeout = peer_timeout
-        self.next = Hop(fabric, next_hop or [])
-        self.ports = [Hop(fabric, [p]) for p in (ports or [])]
+
         self.stopping = False
         self.mirror: Hop | None = None
         self._stop_requester: int | None = None
@@ -125,7 +158,15 @@ class FunctionRunner:
         return {"ok": True, "node": self.node.name, "function": self.fn_cls.name,
                 "version": str(getattr(self.fn_cls, "version", "1")), "counters": c,
                 "function_counters": self.fn.counters() if hasattr(self.fn, "counters") else {},
-                "next": self.next.names, "ports": [p.names[0] for p in self.ports]}
+                "next": self.next.names, "ports": [p.label for p in self.ports],
+                "port_instances": {p.label: p.names for p in self.ports}}
+
+    @staticmethod
+    def _check_groups(nxt: Hop, ports: list[Hop]) -> None:
+        # each scaled-out hop takes verdict codes GROUP_BASE.. for one batch's spreading
+        used = sum(len(h.names) for h in [nxt, *ports] if len(h.names) > 1)
+        if used > MAX_GROUP:
+            raise ValueError(f"scaled-out next hop and ports have {used} instances in all; at most {MAX_GROUP}")
 
     def _on_message(self, src: int, payload: bytes) -> None:
         try:
@@ -149,10 +190,21 @@ class FunctionRunner:
                 log("reconfigured", {"node": self.node.name})
                 out = {"ok": True}
             elif op == "set_next":
+                # "next": the next hop's instances; "ports" (optional): {port name: instances}
+                timeout = float(msg.get("timeout", 5.0))
                 hop = Hop(self.fabric, list(msg.get("next") or []))
-                hop.wait(timeout=float(msg.get("timeout", 5.0)))
-                self.next = hop
-                log("next_hop", {"node": self.node.name, "next": hop.names})
+                want = msg.get("ports") or {}
+                labels = [p.label for p in self.ports]
+                unknown = [name for name in want if name not in labels]
+                if unknown:
+                    raise ValueError(f"set_next: {unknown} are not ports of {self.node.name!r} (ports: {labels})")
+                ports = [Hop(self.fabric, list(want[p.label]), p.label) if want.get(p.label) else p for p in self.ports]
+                self._check_groups(hop, ports)
+                for h in [hop, *ports]:
+                    h.wait(timeout=timeout)
+                self.next, self.ports = hop, ports
+                log("next_hop", {"node": self.node.name, "next": hop.names,
+                                 "ports": {p.label: p.names for p in ports}})
                 out = {"ok": True}
             elif op == "stop":
                 self.stopping = True
@@ -229,35 +281,43 @@ class FunctionRunner:
                     return sent_total
         return sent_total
 
-    def _spread(self, frames: Any, out: bytearray, n: int) -> None:
-        """Give NEXT frames an instance of the scaled-out next hop by flow hash (a flow stays put)."""
-        k = len(self.next.ids)
-        for i in range(n):
-            if out[i] == Verdict.NEXT:
-                key = parse_5tuple_ip(frames[i])
-                h = symmetric_hash(key) if isinstance(key, tuple) else 0
-                out[i] = GROUP_BASE + h % k
+    def _send_spread(self, batch: Any, out: bytearray, code: int, hop: Hop, base: int) -> None:
+        """Send the frames of `code` over the instances of a scaled-out `hop` by flow hash (a flow
+        stays put): each gets code base+i for instance i first."""
+        ids = hop.ids
+        k = len(ids)
+        for i in range(len(batch)):
+            if out[i] == code:  # flow_index, inlined: once per frame of a whole batch
+                key = parse_5tuple_ip(batch[i])
+                out[i] = base + (symmetric_hash(key) if isinstance(key, tuple) else 0) % k
+        for i, dst in enumerate(ids):
+            self.c["out_frames"] += self._send_code(batch, out, base + i, dst, hop)
 
     def dispatch(self, batch: Any, out: bytearray) -> None:
         """Forward every frame of `batch` by its verdict in `out`."""
-        n = len(batch)
         now = time.monotonic()
         if self.next.ids and None in self.next.ids:
             self.next.resolve(now)
         nxt = self.next.ids
+        base = GROUP_BASE  # the next free code for spreading over a scaled-out hop
         if len(nxt) > 1:
-            self._spread(batch, out, n)
-            for i, dst in enumerate(nxt):
-                self.c["out_frames"] += self._send_code(batch, out, GROUP_BASE + i, dst, self.next)
+            self._send_spread(batch, out, Verdict.NEXT, self.next, base)
+            base += len(nxt)
         elif nxt:
             self.c["out_frames"] += self._send_code(batch, out, Verdict.NEXT, nxt[0], self.next)
         else:
             self.c["dropped"] += out.count(Verdict.NEXT)  # end of the chain: NEXT means consumed
         for k, hop in enumerate(self.ports):
-            if Verdict.port(k) in out:
+            code = Verdict.port(k)
+            if code in out:
                 if None in hop.ids:
                     hop.resolve(now)
-                self.c["out_frames"] += self._send_code(batch, out, Verdict.port(k), hop.ids[0], hop)
+                if len(hop.ids) > 1:
+                    self._send_spread(batch, out, code, hop, base)
+                else:
+                    self.c["out_frames"] += self._send_code(batch, out, code, hop.ids[0], hop)
+            if len(hop.ids) > 1:
+                base += len(hop.ids)
         self.c["dropped"] += out.count(Verdict.DROP)
         if Verdict.CONSUMED in out:  # replaced or held by the function: not a loss
             self.c["consumed"] += out.count(Verdict.CONSUMED)
@@ -270,7 +330,7 @@ class FunctionRunner:
                         self.c["next_down"] += 1
         # verdicts nobody handled: what is left after deleting the handled codes (one C call;
         # a set of the batch's verdicts cost ~3 us a batch)
-        groups = len(nxt) if len(nxt) > 1 else 0
+        groups = base - GROUP_BASE
         handled = self._handled.get((len(self.ports), groups))
         if handled is None:
             handled = self._handled[(len(self.ports), groups)] = bytes(sorted(
@@ -334,18 +394,15 @@ class FunctionRunner:
                 elif len(nxt) == 1:
                     self._send_copies(nxt[0], frames, self.next)
                 else:
-                    groups: dict[int, list] = {}
-                    for f in frames:
-                        key = parse_5tuple_ip(f)
-                        h = symmetric_hash(key) if isinstance(key, tuple) else 0
-                        groups.setdefault(h % len(nxt), []).append(f)
-                    for i, fs in groups.items():
+                    for i, fs in group_by_flow(frames, len(nxt)).items():
                         self._send_copies(nxt[i], fs, self.next)
             elif 3 <= code < 3 + len(self.ports):
                 hop = self.ports[code - 3]
                 if None in hop.ids:
                     hop.resolve(now)
-                self._send_copies(hop.ids[0], frames, hop)
+                ids = hop.ids
+                for i, fs in (group_by_flow(frames, len(ids)).items() if len(ids) > 1 else [(0, frames)]):
+                    self._send_copies(ids[i], fs, hop)
             else:  # DROP, REPLY (an emitted frame has no sender) or an unknown code
                 self.c["bad_verdict"] += len(frames)
 
@@ -365,14 +422,7 @@ class FunctionRunner:
             self.next.resolve(time.monotonic())
             self.c["next_down"] += len(frames)
             return
-        groups: dict[int, list] = {}
-        if len(nxt) > 1:
-            for f in frames:
-                key = parse_5tuple_ip(f)
-                h = symmetric_hash(key) if isinstance(key, tuple) else 0
-                groups.setdefault(h % len(nxt), []).append(f)
-        else:
-            groups[0] = frames
+        groups = group_by_flow(frames, len(nxt)) if len(nxt) > 1 else {0: frames}
         for i, fs in groups.items():
             dst = nxt[i]
             waits = 0

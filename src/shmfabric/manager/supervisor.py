@@ -431,6 +431,15 @@ class Supervisor:
                 out += [i.name for i in node.instances if i.active]
         return out
 
+    def _port_instances(self, name: str) -> dict[str, list[str]]:
+        """Port name -> the active instances behind it, for logical node `name`'s ports."""
+        out: dict[str, list[str]] = {}
+        for target in self.nodes[name].cfg.ports if name in self.nodes else self.topo.node(name).ports:
+            tnode = self.nodes.get(target)
+            members = [i.name for i in tnode.instances if i.active] if tnode else []
+            out[target] = members or [target]
+        return out
+
     def _argv(self, node: _Node, inst: Instance) -> list[str]:
         argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", self.topo.fabric.name, "--node", inst.name,
                 "--function", inst.function, "--config", json.dumps(inst.config, separators=(",", ":")),
@@ -438,11 +447,9 @@ class Supervisor:
         nxt = self._next_instances(node.cfg.name)
         if nxt:
             argv += ["--next", ",".join(nxt)]
-        for target in node.cfg.ports:
-            # a port names one node: a scaled-out port target is reached through its first instance
-            tnode = self.nodes.get(target)
-            members = [i.name for i in tnode.instances if i.active] if tnode else []
-            argv += ["--port", members[0] if members else target]
+        for target, members in self._port_instances(node.cfg.name).items():
+            # the function sees the logical name; frames spread over its instances by flow hash
+            argv += ["--port", f"{target}={','.join(members)}"]
         net = self.topo.network_index(node.cfg.name) if node.cfg.name in {n.name for n in self.topo.nodes} else 0
         if net:
             argv += ["--network", str(net)]
@@ -595,13 +602,17 @@ class Supervisor:
 
     def _set_next(self, node: _Node) -> None:
         nxt = self._next_instances(node.cfg.name)
+        ports = self._port_instances(node.cfg.name)
+        msg: dict[str, Any] = {"op": "set_next", "next": nxt}
+        if ports:
+            msg["ports"] = ports
         for inst in node.instances:
             if inst.state != "running":
                 continue  # a starting or restarting instance gets the current list on its command line
-            reply = self._request(inst.name, {"op": "set_next", "next": nxt})
+            reply = self._request(inst.name, msg)
             if not reply.get("ok"):
                 raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
-        self._event("steer", node.cfg.name, f"next -> {nxt}")
+        self._event("steer", node.cfg.name, f"next -> {nxt}" + (f", ports -> {ports}" if ports else ""))
 
     def _scale_to(self, node: _Node, count: int, now: float, reason: str) -> None:
         active = [i for i in node.instances if i.active]

@@ -5,6 +5,8 @@ both framers are fuzzed with hypothesis.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import hiredis
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -346,14 +348,7 @@ def test_reply_with_an_unhashable_map_key_is_measured_in_python() -> None:
 
 def test_atheris_fuzz_smoke(tmp_path) -> None:
     """A short coverage-guided run of fuzz_redis_resp.py (atheris comes with the `dev` extra)."""
-    import importlib.util
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.splicer.atheris_smoke import run_atheris_smoke
 
-    if importlib.util.find_spec("atheris") is None:
-        pytest.skip("atheris not installed: it has no wheel for this platform (pip install -e '.[fuzz]' to build it)")
     here = Path(__file__).parent
-    r = subprocess.run([sys.executable, str(here / "fuzz_redis_resp.py"), "-runs=20000", "-seed=1", "-max_len=512",
-                        f"-dict={here / 'resp.dict'}", f"-artifact_prefix={tmp_path}/"], capture_output=True, timeout=120)
-    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    run_atheris_smoke("fuzz_redis_resp.py", tmp_path, "-runs=20000", "-max_len=512", f"-dict={here / 'resp.dict'}")

@@ -88,3 +88,39 @@ def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
             out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
         assert "2 worker(s)" in out and "Traceback" not in err
+
+
+@needs_redis
+@pytest.mark.timeout(60)
+def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
+    # kill -9 of the process the user started must not leave workers serving the port (a new
+    # splicer on that port would share it with them)
+    import os
+    import socket
+    import time
+
+    with redis_servers(tmp_path, 1) as servers:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen",
+                                 f"127.0.0.1:{port}", "--server", servers[0].address, "--workers", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        children: list[int] = []
+        try:
+            wait_port(port)
+            children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            assert len(children) == 2
+            proc.kill()
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 15
+            while any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]
+                      for c in children):
+                assert time.monotonic() < deadline, f"workers {children} outlived their parent"
+                time.sleep(0.05)
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        finally:
+            for c in children:
+                try:
+                    os.kill(c, 9)
+                except ProcessLookupError:
+                    pass

@@ -2,21 +2,47 @@
 and wait for all of them. Shared by `splice http` and `splice redis`."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import sys
 import traceback
 from typing import Any, Callable
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM (its graceful stop) when `parent` dies.
+
+    Without it a parent killed with SIGKILL leaves its workers serving the port, and a new
+    splicer started on that port would share it with them (SO_REUSEPORT). prctl through ctypes:
+    the standard library has no wrapper, and a package for one call is not worth it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
 
 def run_workers(n: int, child: Callable[[int], None]) -> int:
-    """Fork `n` processes running child(i); return 0 if every one ended cleanly (or by our signal)."""
+    """Fork `n` processes running child(i); return 0 if every one ended cleanly (or by our signal).
+
+    The workers stop (gracefully, by SIGTERM) when this process dies, however it dies.
+    """
     children: list[int] = []
+    parent = os.getpid()
     for i in range(n):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                _die_with_parent(parent)
                 child(i)
             except KeyboardInterrupt:
                 pass

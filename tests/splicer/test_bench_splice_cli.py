@@ -30,3 +30,23 @@ def test_unequal_scenario_side_by_side_in_order():
     assert row["splicer"]["requests_per_s"] > 0 and row["haproxy"]["requests_per_s"] > 0
     assert row["splicer"]["out_of_order"] == 0  # every response in request order
     assert row["ratio"] == pytest.approx(row["splicer"]["requests_per_s"] / row["haproxy"]["requests_per_s"], rel=0.01)
+
+
+@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-benchmark", "nutcracker")),
+                    reason="redis-server, redis-benchmark (redis-tools) and nutcracker are needed")
+@pytest.mark.timeout(240)
+def test_redis_bench_one_and_two_each_and_the_mget_budget():
+    r = subprocess.run([sys.executable, "-m", "shmfabric.bench.splice_redis", "--json", "--requests", "4000",
+                        "--mget-runs", "20"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for name in ("twemproxy", "splicer", "twemproxy_x2", "splicer_x2"):
+        assert res[name]["set"] > 0 and res[name]["get"] > 0, name
+    assert res["ratios"]["get_ops_vs_twemproxy_two_each"] == pytest.approx(
+        res["splicer_x2"]["get"] / res["twemproxy_x2"]["get"])
+    # both servers hold part of the spread keys, so the proxies really split the MGET
+    assert res["mget_spread_over"]["server0_of_first_200"] > 0 and res["mget_spread_over"]["server1_of_first_200"] > 0
+    for name in ("splicer", "twemproxy"):
+        m = res[f"mget_{name}"]
+        assert m["p50_ms"] > 0 and m["proxy_user_us_per_mget"] + m["proxy_sys_us_per_mget"] == pytest.approx(m["cpu_us_per_mget"])
+        assert m["servers_cpu_us_per_mget"] >= 0

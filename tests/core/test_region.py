@@ -62,7 +62,7 @@ def _bad_magic(d):
 
 
 def _other_version(d):
-    sb_put(d, "version", "I", 2)
+    sb_put(d, "version", "I", 7)
 
 
 def _truncated_half(d):
@@ -141,7 +141,7 @@ def _garbage(d):
 
 CASES = [
     ("bad magic", _bad_magic, BadMagicError, "not a shmfabric region"),
-    ("other version", _other_version, VersionMismatchError, "layout version 2"),
+    ("other version", _other_version, VersionMismatchError, "layout version 7"),
     ("truncated to half", _truncated_half, TruncatedRegionError, "truncated"),
     ("truncated to 100 bytes", _truncated_tiny, TruncatedRegionError, "smaller than a superblock"),
     ("empty file", _empty, TruncatedRegionError, "0 bytes"),

@@ -352,6 +352,72 @@ def role_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
     return 0
 
 
+def role_checked_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
+    """Send batches of big checksummed frames to whichever node is called `target` (looked up
+    again before every batch), until stdin has a line. Most of the time is spent inside
+    send_batch copying, so a SIGSTOP usually lands between reserving ring entries and publishing."""
+    import threading
+
+    from shmfabric.fabric import UnknownDestinationError
+
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    out({"ready": name, "id": me.id})
+    batches = [[make_payload(me.id, 0, b * 64 + i, 1400) for i in range(64)] for b in range(8)]
+    sent = refused = 0
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        dst = fab.node_id(target)
+        if dst is None:
+            time.sleep(0.0002)
+            continue
+        try:
+            sent += me.send_batch(dst, batches[sent % 8])
+        except UnknownDestinationError:
+            refused += 1
+    out({"name": name, "sent": sent, "refused": refused})
+    sys.stdin.read()
+    fab.close()
+    return 0
+
+
+def role_checking_sink(fabric: str, name: str) -> int:
+    """Receive and check every frame (checksum); on each stdin line print what was received and
+    how many frames were torn or corrupted so far; run until killed or stdin closes."""
+    import threading
+
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    lock = threading.Lock()
+    counts = {"received": 0, "bad": 0}
+
+    stop = threading.Event()
+
+    def report() -> None:
+        for _ in sys.stdin:
+            with lock:
+                out(dict(counts))
+        stop.set()
+
+    threading.Thread(target=report, daemon=True).start()
+    out({"ready": name, "id": me.id})
+    while not stop.is_set():
+        with me.recv_batch(1024, timeout=0.05) as b:
+            bad = 0
+            for f in b:
+                try:
+                    check_payload(f)
+                except ValueError:
+                    bad += 1
+            with lock:
+                counts["received"] += len(b)
+                counts["bad"] += bad
+    fab.close()
+    return 0
+
+
 def role_tape_hammer(fabric: str, name: str, size: int) -> int:
     """Broadcast big checksummed frames in a loop until killed (so a kill often lands while this
     process holds the tape's writer lock)."""
@@ -479,6 +545,8 @@ ROLES = {
     "send_then_hold": (role_send_then_hold, (str, str, str, int)),
     "sink": (role_sink, (str, str, float)),
     "blaster": (role_blaster, (str, str, str, float)),
+    "checked_blaster": (role_checked_blaster, (str, str, str, float)),
+    "checking_sink": (role_checking_sink, (str, str)),
     "eph_create": (role_eph_create, (str,)),
     "broadcaster": (role_broadcaster, (str, str, int, int)),
     "all_to_all": (role_all_to_all, (str, int, int, int, int, float)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
 
 import pytest
@@ -374,3 +375,52 @@ def test_forked_child_cannot_use_or_tear_down_the_parents_nodes(harness, fab, ch
     assert a["stack_count"] == a["free"], a  # no slot pushed twice
     w.finish()
     assert_conserved(fab)
+
+
+@pytest.mark.timeout(120)
+def test_sender_stalled_across_reclaim_and_reattach_never_publishes_freed_slots(harness):
+    """A sender stopped (SIGSTOP) inside send_batch while its destination is killed, reclaimed and
+    replaced by a new node in the same slot must not publish its frames into the new node's ring:
+    the reclaim freed their slots. Each round checks the new node sees no torn frame, and at the
+    end every slot is accounted for."""
+    import random
+
+    fab = harness.create("stall", max_nodes=4, ring_size=256, networks=[{"mtu": 1500, "slots": 4096}])
+    watcher = fab.attach("watcher")  # this process's watchdog reclaims the killed sinks
+    sender = harness.worker("checked_blaster", fab.name, "src", "dst", 100.0)
+    sink = harness.worker("checking_sink", fab.name, "dst")
+    sid = sink.read()["id"]
+    sender.read()
+    rng = random.Random(7)
+    totals = {"received": 0, "bad": 0}
+    same_slot = 0
+    for _ in range(25):
+        time.sleep(rng.uniform(0.002, 0.02))
+        os.kill(sender.pid, signal.SIGSTOP)
+        try:
+            sink.write("report")
+            got = sink.read()
+            totals = {k: totals[k] + got[k] for k in totals}
+            sink.kill9()
+            assert wait_until(lambda: fab.node_id("dst") is None, 5.0), "killed sink not reclaimed"
+            sink = harness.worker("checking_sink", fab.name, "dst")
+            new_id = sink.read()["id"]
+            same_slot += new_id == sid
+            sid = new_id
+        finally:
+            os.kill(sender.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    sink.write("report")
+    got = sink.read()
+    totals = {k: totals[k] + got[k] for k in totals}
+    sender.write("stop")
+    sender.read()
+    sender.finish()
+    sink.finish()
+    assert same_slot >= 20  # the new node took the dead one's slot (the case that matters)
+    assert totals["received"] > 0
+    assert totals["bad"] == 0, totals
+    _drain_control(watcher)
+    watcher.detach()
+    final = assert_conserved(fab)
+    assert final["free"] == final["total"], final

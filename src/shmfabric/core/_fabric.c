@@ -237,8 +237,11 @@ static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool m
     uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
     for (uint32_t s = 0; s < hwm; s++) {
         sf_ring *g = ring_at(r, s, idx);
-        if (mark_down)
-            STORE_RELEASE(&g->down, 1);
+        if (mark_down) {
+            uint32_t ep = LOAD_RELAXED(&g->down);
+            if (!(ep & 1))
+                STORE_RELEASE(&g->down, ep + 1); /* odd: down (a sender's publish CAS now fails) */
+        }
         uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
         uint32_t tail = g->tail;
         if (sf_ring_count(head, tail) > r->sb->ring_size) /* garbage indices: no ring holds more */
@@ -289,7 +292,10 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
         memset(nd->cached, 0, sizeof nd->cached);
         nd->mcast_mask = 0;
         for (uint32_t d = 0; d < r->sb->max_nodes; d++) {
-            STORE_RELAXED(&ring_at(r, d, i)->down, 0);
+            sf_ring *g = ring_at(r, d, i);
+            uint32_t ep = LOAD_RELAXED(&g->down);
+            if (ep & 1)
+                STORE_RELAXED(&g->down, ep + 1); /* even again: up, in a new epoch */
         }
         STORE_RELEASE(&nd->state, SF_NODE_UP);
         return PyLong_FromUnsignedLong(i);
@@ -297,12 +303,13 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
     return PyLong_FromLong(-1);
 }
 
-/* reclaim(index, from_state) -> slots returned to the pools, or -1 if another node won the race.
+/* reclaim(index, from_state, gen) -> slots returned to the pools, or -1 if the entry is no longer
+ * in from_state with generation gen (another node won the race, or a new node took the slot).
  * Marks every ring into the node down, drains them and returns every slot the node owned. */
 static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
 {
-    unsigned int idx, from_state;
-    if (!PyArg_ParseTuple(args, "II", &idx, &from_state))
+    unsigned int idx, from_state, gen;
+    if (!PyArg_ParseTuple(args, "III", &idx, &from_state, &gen))
         return NULL;
     region_view *r = &self->r;
     if (idx >= r->sb->max_nodes) {
@@ -310,8 +317,11 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
         return NULL;
     }
     sf_node *nd = node_at(r, idx);
-    uint32_t exp = from_state;
-    if (!__atomic_compare_exchange_n(&nd->state, &exp, SF_NODE_RECLAIM, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+    /* state and gen in one CAS: the caller judged incarnation `gen` dead; if a new node has
+     * claimed the slot since (gen moved on), leave it alone */
+    uint64_t exp = ((uint64_t)gen << 32) | from_state;
+    uint64_t nw = ((uint64_t)gen << 32) | SF_NODE_RECLAIM;
+    if (!__atomic_compare_exchange_n(&nd->state_gen, &exp, nw, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
         return PyLong_FromLong(-1);
     uint64_t freed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -371,7 +381,7 @@ static PyObject *Region_ring_stats(RegionObject *self, PyObject *args)
         return NULL;
     }
     sf_ring *g = ring_at(&self->r, s, d);
-    return Py_BuildValue("(IIIKKK)", LOAD_ACQUIRE(&g->head), LOAD_ACQUIRE(&g->tail), LOAD_RELAXED(&g->down),
+    return Py_BuildValue("(IIIKKK)", LOAD_ACQUIRE(&g->head), LOAD_ACQUIRE(&g->tail), LOAD_RELAXED(&g->down) & 1u,
                          (unsigned long long)LOAD_RELAXED(&g->enq_frames), (unsigned long long)LOAD_RELAXED(&g->deq_frames),
                          (unsigned long long)LOAD_RELAXED(&g->full_events));
 }
@@ -409,7 +419,7 @@ static PyObject *Region_wake_all(RegionObject *self, PyObject *noargs);
 static PyMethodDef Region_methods[] = {
     {"format", (PyCFunction)Region_format, METH_NOARGS, "Initialise pools and tape locks of a new region."},
     {"claim_node", (PyCFunction)Region_claim_node, METH_VARARGS, "Claim a free node entry; -1 if full."},
-    {"reclaim", (PyCFunction)Region_reclaim, METH_VARARGS, "Return a dead node's slots; -1 if lost the race."},
+    {"reclaim", (PyCFunction)Region_reclaim, METH_VARARGS, "Return a dead node's slots (index, state, gen); -1 if lost the race."},
     {"pool_audit", (PyCFunction)Region_pool_audit, METH_VARARGS, "Count slots per owner tag."},
     {"ring_stats", (PyCFunction)Region_ring_stats, METH_VARARGS, "Indices and counters of ring src->dst."},
     {"node_state", (PyCFunction)Region_node_state, METH_O, "State of a node entry."},
@@ -670,8 +680,9 @@ static void Port_dealloc(PortObject *self)
         }                                                                               \
     } while (0)
 
-/* Look up a unicast destination; sets an exception and returns NULL if it cannot take frames. */
-static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag)
+/* Look up a unicast destination; sets an exception and returns NULL if it cannot take frames.
+ * *epoch is the ring's consumer epoch, which finish_send's publish requires unchanged. */
+static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag, uint32_t *epoch)
 {
     if (dst < 0 || (uint32_t)dst >= p->r.sb->max_nodes) {
         PyErr_Format(RingDownError, "unknown destination node %ld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
@@ -679,38 +690,58 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag)
     }
     sf_node *d = node_at(&p->r, (uint32_t)dst);
     sf_ring *g = ring_at(&p->r, p->index, (uint32_t)dst);
-    if (LOAD_ACQUIRE(&d->state) != SF_NODE_UP || LOAD_ACQUIRE(&g->down)) {
+    uint32_t ep = LOAD_ACQUIRE(&g->down);
+    if (LOAD_ACQUIRE(&d->state) != SF_NODE_UP || (ep & 1)) {
         p->me->tx_drops++;
         PyErr_Format(RingDownError, "destination node %ld is not attached (down or never up)", dst);
         return NULL;
     }
     *dst_tag = sf_owner_tag((uint32_t)dst, LOAD_RELAXED(&d->gen));
+    *epoch = ep;
     return g;
+}
+
+/* Give back frames that were written into ring `g` at `head` but will not be consumed: free the
+ * slots still tagged for the destination (a reclaim may have freed some already: its CAS wins). */
+static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t dst_tag)
+{
+    uint32_t mask = p->r.sb->ring_size - 1;
+    for (uint32_t j = 0; j < n; j++) {
+        sf_desc *d = &g->desc[(head + j) & mask];
+        reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag);
+    }
+    STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
 }
 
 /* Publish n frames at head; `full` frames were refused for lack of ring space (only those count as
  * ring-full: an empty pool, an oversized frame or a bad item is counted elsewhere or raised). */
 static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t full, uint64_t bytes, long dst,
-                               uint32_t dst_tag)
+                               uint32_t dst_tag, uint32_t epoch)
 {
     if (n) {
-        STORE_RELEASE(&g->head, head + n); /* R1 pairs with A2 */
+        /* R1 pairs with A2. A CAS of head and the consumer epoch together, not a plain store: if
+         * the destination died (and maybe a new node took its slot) since dest_ring, the reclaim
+         * may have freed our slots, and publishing would hand them to the new node. */
+        uint64_t want = ((uint64_t)epoch << 32) | head;
+        uint64_t next = ((uint64_t)epoch << 32) | (uint32_t)(head + n);
+        if (__builtin_expect(!__atomic_compare_exchange_n(&g->head_down, &want, next, false, __ATOMIC_RELEASE,
+                                                          __ATOMIC_RELAXED), 0)) {
+            take_back(p, g, head, n, dst_tag);
+            n = 0;
+            goto counted;
+        }
         STORE_RELAXED(&g->enq_frames, g->enq_frames + n);
         STORE_RELAXED(&p->me->tx_frames, p->me->tx_frames + n);
         STORE_RELAXED(&p->me->tx_bytes, p->me->tx_bytes + bytes);
         ring_doorbell(node_at(&p->r, (uint32_t)dst)); /* its fence is F1 */
-        if (__builtin_expect(LOAD_RELAXED(&g->down) != 0, 0)) {
-            /* F1 pairs with F4: the destination went away while we sent, and its reclaim may have
-             * drained the ring and scanned the owner table before our frames were there. Free
-             * what is still tagged for it; what the reclaim freed already fails the CAS. */
-            uint32_t mask = p->r.sb->ring_size - 1;
-            for (uint32_t j = 0; j < n; j++) {
-                sf_desc *d = &g->desc[(head + j) & mask];
-                reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag);
-            }
-            STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
+        if (__builtin_expect(LOAD_RELAXED(&g->down) != epoch, 0)) {
+            /* F1 pairs with F4: the destination went away right after we published, and its
+             * reclaim may have drained the ring before our frames were there. Free what is still
+             * tagged for it; what the reclaim freed already fails the CAS. */
+            take_back(p, g, head, n, dst_tag);
         }
     }
+counted:
     if (full) {
         STORE_RELAXED(&g->full_events, g->full_events + 1);
         STORE_RELAXED(&p->me->tx_ring_full, p->me->tx_ring_full + full);
@@ -728,8 +759,8 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIpp", kwlist, &dst, &seq, &ethertype, &meta, &raw, &control))
         return NULL;
     CHECK_OPEN(p);
-    uint32_t dst_tag;
-    sf_ring *g = dest_ring(p, dst, &dst_tag);
+    uint32_t dst_tag, epoch;
+    sf_ring *g = dest_ring(p, dst, &dst_tag, &epoch);
     if (!g)
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "frames must be a sequence of bytes-like objects");
@@ -801,7 +832,7 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         d->meta = meta;
         bytes += (uint64_t)len + hlen - SF_ETH_HLEN; /* payload bytes (a raw frame's len has its header) */
     }
-    finish_send(p, g, head, i, want - n, bytes, dst, dst_tag);
+    finish_send(p, g, head, i, want - n, bytes, dst, dst_tag, epoch);
     Py_DECREF(fast);
     if (PyErr_Occurred())
         return NULL;
@@ -1359,14 +1390,14 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
         PyErr_Format(FrameSizeError, "length %u larger than the network MTU %u", length, n->mtu);
         return NULL;
     }
-    uint32_t dst_tag;
-    sf_ring *g = dest_ring(p, dst, &dst_tag);
+    uint32_t dst_tag, epoch;
+    sf_ring *g = dest_ring(p, dst, &dst_tag, &epoch);
     if (!g)
         return NULL;
     uint32_t head = g->head;
     uint32_t tail = LOAD_ACQUIRE(&g->tail); /* A1 pairs with R2 */
     if (!sf_ring_space(head, tail, p->r.sb->ring_size)) {
-        finish_send(p, g, head, 0, 1, 0, dst, dst_tag); /* ring full */
+        finish_send(p, g, head, 0, 1, 0, dst, dst_tag, epoch); /* ring full */
         Py_RETURN_FALSE;
     }
     uint8_t dmac[6];
@@ -1380,7 +1411,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     d->flags = 0;
     d->meta = meta;
     b->sent = 1;
-    finish_send(p, g, head, 1, 0, length, dst, dst_tag);
+    finish_send(p, g, head, 1, 0, length, dst, dst_tag, epoch);
     Py_RETURN_TRUE;
 }
 
@@ -1411,8 +1442,8 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         PyErr_SetString(PyExc_BufferError, "release the frames' memoryviews before forwarding them");
         return NULL;
     }
-    uint32_t dst_tag;
-    sf_ring *g = dest_ring(p, dst, &dst_tag);
+    uint32_t dst_tag, epoch;
+    sf_ring *g = dest_ring(p, dst, &dst_tag, &epoch);
     if (!g)
         return NULL;
     region_view *r = &p->r;
@@ -1460,7 +1491,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         bytes += fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0; /* payload bytes */
         sent++;
     }
-    finish_send(p, g, head, sent, full, bytes, dst, dst_tag);
+    finish_send(p, g, head, sent, full, bytes, dst, dst_tag, epoch);
     if (single)
         return PyBool_FromLong(sent == 1);
     return PyLong_FromUnsignedLong(sent);

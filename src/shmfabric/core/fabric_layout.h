@@ -23,7 +23,7 @@
 #include <pthread.h>
 
 #define SF_MAGIC 0x3152424146464d53ULL /* "SMFFABR1" little-endian */
-#define SF_VERSION 1u
+#define SF_VERSION 2u
 #define SF_CACHELINE 64
 #define SF_MAX_NETWORKS 8
 #define SF_NAME_LEN 32
@@ -70,9 +70,15 @@ typedef struct sf_superblock {
 /* Per-node entry. One cache line for the identity, one for the wake-up words (written by other
  * nodes), and one each for the counters the owner alone writes. */
 typedef struct sf_node {
-    /* identity */
-    uint32_t state;          /* (a) SF_NODE_*, changed by CAS only */
-    uint32_t gen;            /* (o) incremented at each attach; owner tag = gen<<16 | (index+1) */
+    /* identity. state and gen share one 8-byte word: a reclaim CASes both, so a sweeper that
+     * judged an incarnation dead can never reclaim the next one that took the slot meanwhile. */
+    union {
+        struct {
+            uint32_t state;  /* (a) SF_NODE_*, changed by CAS only */
+            uint32_t gen;    /* (o) incremented at each attach; owner tag = gen<<16 | (index+1) */
+        };
+        uint64_t state_gen;
+    };
     uint32_t pid;            /* (o) */
     uint32_t network;        /* (o) network index the node allocates from */
     uint64_t start_time;     /* (o) /proc/<pid>/stat field 22, to tell a reused pid apart */
@@ -127,8 +133,17 @@ typedef struct sf_desc {
 } sf_desc;
 
 typedef struct sf_ring {
-    SF_ALIGNED uint32_t head;   /* (p) next entry to fill */
-    uint32_t down;              /* (a) non-zero once the consumer died; senders stop */
+    /* head and down share one 8-byte word so a producer publishes with one CAS that also checks
+     * the consumer's incarnation (see finish_send). */
+    SF_ALIGNED union {
+        struct {
+            uint32_t head;      /* (p) next entry to fill */
+            uint32_t down;      /* (a) consumer epoch: odd once it died (senders stop), even again
+                                 * when a new node takes the slot; so a sender stalled across a
+                                 * reclaim and re-attach sees the change and never publishes */
+        };
+        uint64_t head_down;
+    };
     uint64_t enq_frames;        /* (p) */
     uint64_t full_events;       /* (p) */
     SF_ALIGNED uint32_t tail;   /* (k) next entry to read */

@@ -47,7 +47,8 @@ def sweep(region: MappedRegion, attaching: bool = False) -> list[tuple[int, str,
         e = region.node_entry(i)
         if node_alive(e):
             continue
-        freed = region.core.reclaim(i, state)
+        # gen too: if a new node claimed the slot since we read the entry, it is left alone
+        freed = region.core.reclaim(i, state, e["gen"])
         if freed >= 0:
             done.append((i, e["name"], freed))
     if done:

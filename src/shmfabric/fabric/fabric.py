@@ -316,6 +316,7 @@ class Node:
         self.name = name
         self.network = network
         self._port = port = native.Port(fabric.region.core, index)
+        self._gen: int = fabric.region.node_entry(index)["gen"]  # our incarnation, for detach's reclaim
         self.mac: bytes = port.mac
         self._peers: dict[str, int] = {}
         self._groups: set[int] = set()
@@ -477,7 +478,7 @@ class Node:
         except FabricError:
             pass
         self._port.close()
-        fab.region.core.reclaim(self.id, native.NODE_UP)
+        fab.region.core.reclaim(self.id, native.NODE_UP, self._gen)
         fab.region.core.wake_all()
 
     def __enter__(self) -> "Node":

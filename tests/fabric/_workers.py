@@ -323,8 +323,9 @@ def role_sink(fabric: str, name: str, seconds: float) -> int:
     return 0
 
 
-def role_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
-    """Send big batches of large frames to whichever node is called `target`, until stdin has a line."""
+def _blast(fabric: str, name: str, target: str, timeout: float, batches: list[list[bytes]]) -> int:
+    """Send `batches` round robin to whichever node is called `target` (looked up before every
+    batch), until stdin has a line; report what was sent and refused."""
     import threading
 
     from shmfabric.fabric import UnknownDestinationError
@@ -334,39 +335,7 @@ def role_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
     out({"ready": name, "id": me.id})
-    frames = [b"\xab" * 1400] * 256
-    sent = refused = 0
-    deadline = time.monotonic() + timeout
-    while not stop.is_set() and time.monotonic() < deadline:
-        dst = fab.node_id(target)
-        if dst is None:
-            time.sleep(0.0005)
-            continue
-        try:
-            sent += me.send_batch(dst, frames)
-        except UnknownDestinationError:
-            refused += 1
-    out({"name": name, "sent": sent, "refused": refused})
-    sys.stdin.read()
-    fab.close()
-    return 0
-
-
-def role_checked_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
-    """Send batches of big checksummed frames to whichever node is called `target` (looked up
-    again before every batch), until stdin has a line. Most of the time is spent inside
-    send_batch copying, so a SIGSTOP usually lands between reserving ring entries and publishing."""
-    import threading
-
-    from shmfabric.fabric import UnknownDestinationError
-
-    fab = Fabric.open(fabric)
-    me = fab.attach(name)
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
-    out({"ready": name, "id": me.id})
-    batches = [[make_payload(me.id, 0, b * 64 + i, 1400) for i in range(64)] for b in range(8)]
-    sent = refused = 0
+    sent = refused = k = 0
     deadline = time.monotonic() + timeout
     while not stop.is_set() and time.monotonic() < deadline:
         dst = fab.node_id(target)
@@ -374,13 +343,26 @@ def role_checked_blaster(fabric: str, name: str, target: str, timeout: float) ->
             time.sleep(0.0002)
             continue
         try:
-            sent += me.send_batch(dst, batches[sent % 8])
+            sent += me.send_batch(dst, batches[k % len(batches)])
+            k += 1
         except UnknownDestinationError:
             refused += 1
     out({"name": name, "sent": sent, "refused": refused})
     sys.stdin.read()
     fab.close()
     return 0
+
+
+def role_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
+    """Send big batches of large frames to whichever node is called `target`, until stdin has a line."""
+    return _blast(fabric, name, target, timeout, [[b"\xab" * 1400] * 256])
+
+
+def role_checked_blaster(fabric: str, name: str, target: str, timeout: float) -> int:
+    """Like blaster, with checksummed frames in batches of 64. Most of the time is spent inside
+    send_batch copying, so a SIGSTOP usually lands between reserving ring entries and publishing."""
+    return _blast(fabric, name, target, timeout, [[make_payload(0, 0, b * 64 + i, 1400) for i in range(64)]
+                                                  for b in range(8)])
 
 
 def role_checking_sink(fabric: str, name: str) -> int:

@@ -173,46 +173,40 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
             _wait_port(port, p, "redis-server")
             servers.append(port)
 
-        nc_port = _free_port()
-        (tmp / "nutcracker.yml").write_text(
-            "bench:\n"
-            f"  listen: 127.0.0.1:{nc_port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
-            "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
-            + "".join(f"   - 127.0.0.1:{p}:1\n" for p in servers))
-        nc = subprocess.Popen([nutcracker, "-c", str(tmp / "nutcracker.yml"), "-s", str(_free_port()),
-                               "-o", str(tmp / "nutcracker.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(nc)
-        _wait_port(nc_port, nc, "nutcracker")
+        def start_twemproxy(conf: str) -> tuple[int, subprocess.Popen]:
+            port = _free_port()
+            (tmp / conf).write_text(
+                "bench:\n"
+                f"  listen: 127.0.0.1:{port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
+                "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
+                + "".join(f"   - 127.0.0.1:{p}:1\n" for p in servers))
+            proc = subprocess.Popen([nutcracker, "-c", str(tmp / conf), "-s", str(_free_port()),
+                                     "-o", str(tmp / (conf + ".log"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            _wait_port(port, proc, "nutcracker")
+            return port, proc
 
-        sp_port = _free_port()
-        sp = subprocess.Popen(
-            [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{sp_port}",
-             *[x for p in servers for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
-             "--hash", hash_name, "--no-health"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(sp)
-        _wait_port(sp_port, sp, "shmfabric splice redis")
+        def start_splicer(workers: int) -> tuple[int, subprocess.Popen]:
+            port = _free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{port}",
+                 *[x for p in servers for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
+                 "--hash", hash_name, "--no-health", "--workers", str(workers)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            procs.append(proc)
+            _wait_port(port, proc, f"shmfabric splice redis --workers {workers}")
+            return port, proc
+
+        nc_port, nc = start_twemproxy("nutcracker.yml")
+        sp_port, sp = start_splicer(1)
 
         result: dict[str, Any] = {"requests": requests, "mget_runs": mget_runs, "pool": pool, "hash": hash_name}
         if two_each:
             # Two each: a second twemproxy (it is single-threaded) next to the first, against a
             # splicer with two workers on one port; two redis-benchmarks of 25 clients at once,
             # one per twemproxy, both on the splicer's port.
-            nc2_port = _free_port()
-            (tmp / "nutcracker2.yml").write_text((tmp / "nutcracker.yml").read_text().replace(
-                f"127.0.0.1:{nc_port}\n", f"127.0.0.1:{nc2_port}\n", 1))
-            nc2 = subprocess.Popen([nutcracker, "-c", str(tmp / "nutcracker2.yml"), "-s", str(_free_port()),
-                                    "-o", str(tmp / "nutcracker2.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(nc2)
-            _wait_port(nc2_port, nc2, "nutcracker")
-            sp2_port = _free_port()
-            sp2 = subprocess.Popen(
-                [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{sp2_port}",
-                 *[x for p in servers for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
-                 "--hash", hash_name, "--no-health", "--workers", "2"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            procs.append(sp2)
-            _wait_port(sp2_port, sp2, "shmfabric splice redis --workers 2")
+            nc2_port, nc2 = start_twemproxy("nutcracker2.yml")
+            sp2_port, sp2 = start_splicer(2)
             time.sleep(0.5)  # both workers listening
             for name, ports, pids in (("twemproxy_x2", [nc_port, nc2_port], [nc.pid, nc2.pid]),
                                       ("splicer_x2", [sp2_port, sp2_port], [sp2.pid])):

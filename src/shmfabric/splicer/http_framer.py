@@ -158,6 +158,11 @@ class _Reject(Exception):
         self.status = status
 
 
+def _only_chunked(value: bytes) -> bool:
+    """True if a Transfer-Encoding field value is just `chunked` (any case, blanks around)."""
+    return value.strip().lower() == b"chunked"
+
+
 def _boundary_error(exc: HttpParserError) -> RemoteProtocolError:
     """The single place where parser failures become RemoteProtocolError."""
     inner = exc.__context__ if isinstance(exc, HttpParserCallbackError) else None
@@ -192,6 +197,20 @@ class _Framer:
         if self._eof:
             return _CLOSED
         return NEED_DATA
+
+    _quiet = 0  # bytes fed since the head that produced no event (see _bound_quiet)
+
+    def _bound_quiet(self, n: int, events_before: int, status: int) -> None:
+        """Bound what llhttp holds back after a head until it is complete: chunk-size lines and
+        trailer fields (a 100 MB trailer value would otherwise be buffered whole). Body bytes
+        come out as they arrive, so only these can pile up without producing an event."""
+        if len(self._events) != events_before or not self._in_message or self._in_head:
+            self._quiet = 0
+            return
+        self._quiet += n
+        if self._quiet > self.max_head_bytes:
+            self._error = RemoteProtocolError(
+                f"more than {self.max_head_bytes} bytes of chunk framing or trailer fields", status)
 
     def take_raw(self) -> bytes:
         """After PAUSED: the bytes that followed the Upgrade/CONNECT head or the 101 response head."""
@@ -267,6 +286,14 @@ class RequestFramer(_Framer):
             elif lname == b"content-length":
                 self._cl = int(value)  # llhttp has checked the digits
             elif lname == b"transfer-encoding":
+                if not _only_chunked(value):
+                    if value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                        raise _Reject("Transfer-Encoding whose last coding is not chunked: the body length "
+                                      "cannot be known (RFC 9112 section 6.3)")
+                    # The body is re-framed on its way to the backend, so a coding we would have
+                    # to pass through (gzip, chunked) is refused instead of silently dropped.
+                    raise _Reject(f"Transfer-Encoding {value.decode('latin-1')[:60]!r} is not supported "
+                                  "(only chunked; RFC 9112 section 6.1)", 501)
                 self._te = True
             elif lname == b"expect":
                 if value.strip().lower() == b"100-continue":
@@ -294,6 +321,10 @@ class RequestFramer(_Framer):
             framing, length = BODY_LENGTH, self._cl
         else:
             framing, length = BODY_NONE, 0
+        if framing != BODY_NONE and p.should_upgrade():
+            # Its body would be read as tunnel bytes or as a next request: refused, and the
+            # connection closes, so no byte of it is ever taken for a request.
+            raise _Reject("an Upgrade or CONNECT request with a body is not supported")
         self._events.append(Request(
             p.get_method(), self._url, tuple(self._headers), hv, p.should_keep_alive(), framing, length,
             p.should_upgrade(), self._expect, self._host or b""))
@@ -320,6 +351,7 @@ class RequestFramer(_Framer):
             if self._in_message:
                 self._error = RemoteProtocolError("client closed the connection in the middle of a request")
             return
+        before = len(self._events)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as up:
@@ -329,6 +361,7 @@ class RequestFramer(_Framer):
         except HttpParserError as exc:
             self._error = _boundary_error(exc)
             return
+        self._bound_quiet(len(data), before, 431)
         if self._in_head:
             if self._head_spans:
                 self._partial += len(data)
@@ -429,6 +462,9 @@ class ResponseFramer(_Framer):
             if lname == b"content-length":
                 self._cl = int(value)
             elif lname == b"transfer-encoding":
+                if not _only_chunked(value):
+                    raise _Reject(f"backend sent Transfer-Encoding {value.decode('latin-1')[:60]!r}; "
+                                  "only chunked can be relayed", 502)
                 self._te = True
 
     def on_headers_complete(self) -> None:
@@ -490,6 +526,7 @@ class ResponseFramer(_Framer):
                 data = b""
 
     def _feed(self, data: bytes) -> None:
+        before = len(self._events)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as up:
@@ -501,6 +538,7 @@ class ResponseFramer(_Framer):
             err.status = 502
             self._error = err
             return
+        self._bound_quiet(len(data), before, 502)
         if self._in_head:
             if self._head_spans:
                 self._partial += len(data)
@@ -585,16 +623,20 @@ def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = Fal
     return out
 
 
-def encode_request_head(req: Request, *, keep_upgrade: bool = False) -> bytes:
-    """Serialize `req` for a pooled backend connection (HTTP/1.1, keep-alive)."""
+def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_host: bytes = b"") -> bytes:
+    """Serialize `req` for a pooled backend connection (HTTP/1.1, keep-alive).
+
+    An HTTP/1.0 request without Host gets `Host: default_host` (the backend's address): it goes
+    out as HTTP/1.1, which requires the field (RFC 9112 section 3.2), as nginx's proxy does.
+    """
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     parts += _end_to_end(req.headers, keep_upgrade)
     if req.framing == BODY_CHUNKED:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif req.framing == BODY_LENGTH:
         parts.append(b"Content-Length: %d\r\n" % req.content_length)
-    if req.http_version == b"1.0" and req.host == b"":
-        pass  # an HTTP/1.0 request without Host: the backend sees none either
+    if req.host == b"" and default_host:
+        parts.append(b"Host: " + default_host + b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 

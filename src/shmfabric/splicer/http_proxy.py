@@ -137,7 +137,8 @@ class Exchange:
         self.reused = conn.used > 0
         self.behind = len(conn.exchanges) > 1
         conn.framer.expect(self.req.method)
-        head = encode_request_head(self.req, keep_upgrade=self.req.upgrade)
+        head = encode_request_head(self.req, keep_upgrade=self.req.upgrade,
+                                   default_host=self.server.name.encode())  # type: ignore[union-attr]
         if self.body:
             conn.transport.writelines([head, *self.body])  # type: ignore[union-attr]
             self.client.body_held -= self.body_held
@@ -179,6 +180,10 @@ class Exchange:
             framing = BODY_CHUNKED if req.http_version == b"1.1" else BODY_UNTIL_CLOSE
         self.client_framing = framing
         close = client.close_after(self) or framing == BODY_UNTIL_CLOSE
+        if framing == BODY_UNTIL_CLOSE:
+            # The body ends where the connection does (an HTTP/1.0 client, no length known):
+            # close after it, and nothing of later requests may follow it.
+            client.abort_after(self.seq)
         head = encode_response_head(resp, framing=framing, content_length=resp.content_length, close=close,
                                     head_request=self.head_request,
                                     keep_alive_10=req.http_version == b"1.0" and not close)
@@ -596,10 +601,12 @@ class ClientConnection(asyncio.Protocol):
         self.transport.close()  # type: ignore[union-attr]  # flushes what is buffered first
 
     def abort_after(self, seq: int) -> None:
-        """A response broke mid-stream: close after the bytes of slots up to `seq`."""
+        """Close after the bytes of slots up to `seq`, and write nothing of later ones: a
+        response broke mid-stream, or its body is delimited by the close."""
         self.stop_reading = True
         if self.close_seq is None or seq < self.close_seq:
             self.close_seq = seq
+        self.merge.cut_after(seq)
 
     # -- flow control -----------------------------------------------------------------------
     def _pause_reading(self) -> None:

@@ -83,12 +83,26 @@ class OrderedMerge(BoundedSlots):
         max_bytes: response bytes that may be held (not yet handed out) before `full`.
     """
 
-    __slots__ = ("_next", "peak_slots")
+    __slots__ = ("_next", "peak_slots", "_last")
 
     def __init__(self, max_slots: int = 128, max_bytes: int = 4 * 1024 * 1024) -> None:
         super().__init__(max_slots, max_bytes)
         self._next = 0  # sequence number the next open() returns
         self.peak_slots = 0  # high-water mark of open slots (for tests and metrics)
+        self._last: int | None = None  # set by cut_after: no slot after this one is released
+
+    def cut_after(self, seq: int) -> None:
+        """Release nothing after slot `seq`: the connection ends with it (a response broke off
+        mid-body, so whatever followed would be read as the rest of that body). Bytes already
+        held for later slots are dropped, and later ones are ignored."""
+        if self._last is not None and self._last <= seq:
+            return
+        self._last = seq
+        for idx in range(max(0, seq + 1 - self._base), len(self._slots)):
+            slot = self._slots[idx]
+            for chunk in slot.chunks:
+                self.held_bytes -= len(chunk)
+            slot.chunks = []
 
     # -- producer side -------------------------------------------------------------------
     def open(self) -> int:
@@ -103,7 +117,7 @@ class OrderedMerge(BoundedSlots):
 
     def append(self, seq: int, data: bytes) -> None:
         """Add response bytes to slot `seq` (ready at once if `seq` is the head)."""
-        if not data:
+        if not data or (self._last is not None and seq > self._last):
             return
         idx = seq - self._base
         if idx < 0 or idx >= len(self._slots):
@@ -134,9 +148,12 @@ class OrderedMerge(BoundedSlots):
     def _advance(self) -> None:
         slots = self._slots
         ready = self._ready
+        last = self._last
         while slots and slots[0].done:
             slots.popleft()
             self._base += 1
+            if last is not None and self._base > last:
+                break  # cut: the slots after the last one are never released
             if slots:
                 head = slots[0]
                 if head.chunks:

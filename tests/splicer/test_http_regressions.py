@@ -1,0 +1,170 @@
+"""HTTP splicer cases found by adversarial testing: each one failed before its fix.
+
+A raw asyncio backend answers by path, so a test can make it break a response mid-body, answer
+chunked or with a transfer coding the splicer must not relay, and record what it received.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shmfabric.splicer.config import HttpSpliceConfig
+from shmfabric.splicer.http_server import HttpSplicer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class RawBackend:
+    """Answers each request by its path; keeps every request head it read."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> "RawBackend":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                path = head.split(b" ", 2)[1]
+                if path == b"/hold":  # read nothing more, answer nothing
+                    await asyncio.sleep(30)
+                    return
+                if path == b"/midclose":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                    await writer.drain()
+                    writer.close()
+                    return
+                if path == b"/chunked":
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                elif path == b"/gzipchunked":
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+                else:
+                    body = b"echo " + path
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        self.server.close()  # type: ignore[union-attr]
+        await self.server.wait_closed()  # type: ignore[union-attr]
+
+
+async def _with_splicer(test, **cfg) -> None:
+    be = await RawBackend().start()
+    cfg.setdefault("health", {"enabled": False})
+    sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", default=[be.address], **cfg))
+    await sp.start()
+    try:
+        await test(be, sp)
+    finally:
+        await sp.close()
+        await be.close()
+
+
+async def _exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send `data`, read until the splicer closes (True) or `timeout` passes (False)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    got = b""
+    closed = False
+    try:
+        while True:
+            chunk = await asyncio.wait_for(r.read(65536), timeout)
+            if not chunk:
+                closed = True
+                break
+            got += chunk
+    except asyncio.TimeoutError:
+        pass
+    w.close()
+    return got, closed
+
+
+def test_a_response_broken_mid_body_is_followed_by_nothing():
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"GET /midclose HTTP/1.1\r\nHost: x\r\n\r\n"
+                                               b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and closed
+        assert body == b"0123456789"  # the next response would read as the rest of this body
+    asyncio.run(_with_splicer(test, timeouts={"request": 2}))
+
+
+def test_http10_keep_alive_client_and_a_chunked_response_closes_after_the_body():
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                                               b"GET /next HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", timeout=3)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert closed, "the connection must close: the body is delimited by the close"
+        assert b"connection: close" in head.lower() and body == b"hello"
+    asyncio.run(_with_splicer(test))
+
+
+def test_http10_request_without_host_reaches_the_backend_with_one():
+    async def test(be, sp):
+        got, _ = await _exchange(sp.port, b"GET /plain HTTP/1.0\r\n\r\n", timeout=3)
+        assert got.startswith(b"HTTP/1.1 200") or got.startswith(b"HTTP/1.0 200")
+        assert b"\r\nHost: 127.0.0.1:" in be.heads[0]
+    asyncio.run(_with_splicer(test))
+
+
+@pytest.mark.parametrize("body", [b"Content-Length: 11\r\n\r\nGET /x HTTP", b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_upgrade_request_with_a_body_is_refused_and_its_body_never_read_as_a_request(body):
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n"
+                                               b"Upgrade: echo\r\n" + body)
+        assert got.startswith(b"HTTP/1.1 400") and b"with a body" in got and closed
+        assert got.count(b"HTTP/1.1") == 1 and not be.heads
+    asyncio.run(_with_splicer(test))
+
+
+def test_transfer_codings_other_than_chunked_are_refused_not_dropped():
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                               b"3\r\nabc\r\n0\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 501") and closed and not be.heads
+        got, _ = await _exchange(sp.port, b"GET /gzipchunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 502")
+    asyncio.run(_with_splicer(test))
+
+
+def test_a_huge_trailer_field_is_refused_without_buffering_it():
+    async def test(be, sp):
+        r, w = await asyncio.open_connection("127.0.0.1", sp.port)
+        got = bytearray()
+
+        async def reader() -> None:
+            try:
+                while chunk := await r.read(65536):
+                    got.extend(chunk)
+            except ConnectionError:
+                pass
+
+        task = asyncio.create_task(reader())
+        w.write(b"POST /hold HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: ")
+        try:
+            for _ in range(64):  # 4 MiB of one trailer value, far past the 64 KiB head limit
+                if got:
+                    break
+                w.write(b"a" * 65536)
+                await w.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            pass
+        await asyncio.wait_for(task, 5)
+        w.close()
+        assert bytes(got).startswith(b"HTTP/1.1 431"), bytes(got[:100])
+    asyncio.run(_with_splicer(test))

@@ -518,3 +518,14 @@ def test_idle_mget_read_over_one_lane_keeps_pipeline_order(sp) -> None:
         rd = hiredis.Reader()
         rd.feed(replies[r * (len(keys) + 1)])
         assert rd.gets() == ([None] * len(keys) if r == 0 else [b"%d" % r] * len(keys)), r
+
+
+def test_a_server_still_streaming_a_large_reply_is_not_timed_out(fresh_pair) -> None:
+    # The timeout is about a stalled server: one still sending a 200 MB reply (longer than the
+    # 0.5 s timeout to move, about 1.3 s here) is busy, not stalled; the client gets the value (it used to get
+    # a timeout error once the reply outlived the timeout).
+    value = b"v" * (200 << 20)
+    for server in fresh_pair:  # set straight on both servers: the splicer refuses requests over 64 MiB
+        redis.Redis(port=server.port).set("big", value)
+    with splicer(fresh_pair, timeouts={"request": 0.5}) as s:
+        assert s.client().get("big") == value

@@ -132,7 +132,7 @@ class _Lane:
     """One pooled, pipelined backend connection slot (reconnects in place)."""
 
     __slots__ = ("server", "proto", "index", "state", "transport", "scanner", "inflight", "out",
-                 "gen", "dirty", "splicer", "connect_task")
+                 "gen", "dirty", "splicer", "connect_task", "last_rx")
 
     def __init__(self, server: _Server, proto: int, index: int) -> None:
         self.server = server
@@ -148,6 +148,7 @@ class _Lane:
         self.gen = 0
         self.dirty = False
         self.connect_task: asyncio.Task | None = None
+        self.last_rx = 0.0  # when the server last sent us bytes (a busy server is not a stalled one)
 
     # -- sending ---------------------------------------------------------------------------
     def send(self, payload: bytes, target: Any, arg: Any, now: float) -> bool:
@@ -222,6 +223,7 @@ class _Lane:
         q = self.inflight
         metrics = self.server.metrics
         now = time.monotonic()
+        self.last_rx = now
         gen = self.gen
         try:
             popleft = q.popleft
@@ -828,8 +830,11 @@ class RedisSplicer:
             for srv in self._servers:
                 for lanes in srv.lanes.values():
                     for lane in lanes:
+                        # Timed out: the oldest request waited past the timeout and the server
+                        # sent nothing for as long (a server still streaming a large reply, or
+                        # the replies of a deep pipeline, is busy, not stalled).
                         q = lane.inflight
-                        if q and now - q[0][2] > timeout:
+                        if q and now - q[0][2] > timeout and now - lane.last_rx > timeout:
                             lane._fail(f"did not answer within {timeout:g} s", "timeout")
                 for lanes in srv.lanes.values():
                     for lane in lanes[:pool_min]:

@@ -546,6 +546,10 @@ class ReplyScanner:
         out: list[bytes] = []
         self._parsed = None  # only kept for the caller of this drain
         if self._parts and not self._measuring:
+            if self._need and len(self._buf) - self._pos + self._parts_len < self._need:
+                # A large reply is still arriving: joining (and scanning) all of it on every
+                # read made a 50 MB GET quadratic. feed() collects reads until it is complete.
+                return out
             self._join()
         # Inline fast path for runs of one-line and bulk replies (most of a pipelined stream).
         buf = self._buf

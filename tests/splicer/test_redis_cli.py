@@ -112,15 +112,72 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(timeout=10)
             deadline = time.monotonic() + 15
-            while any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]
-                      for c in children):
+            while True:  # the port closes once the workers are gone (no one left listening)
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    break
                 assert time.monotonic() < deadline, f"workers {children} outlived their parent"
                 time.sleep(0.05)
-            with pytest.raises(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            deadline = time.monotonic() + 15
+            def running(pid: int) -> bool:
+                try:
+                    return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    return False
+
+            while any(running(c) for c in children):
+                assert time.monotonic() < deadline, f"workers {children} still run"
+                time.sleep(0.05)
         finally:
             for c in children:
                 try:
                     os.kill(c, 9)
                 except ProcessLookupError:
                     pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("verb", ["redis", "http"])
+def test_a_busy_listen_or_metrics_port_is_one_line(verb: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        target = ["--server", "127.0.0.1:1"] if verb == "redis" else ["--default", "127.0.0.1:1"]
+        cases = [(["--listen", taken], f"cannot listen on {taken}: Address already in use"),
+                 (["--listen", taken, "--workers", "2"], f"cannot listen on {taken}: Address already in use")]
+        if verb == "redis":
+            cases.append((["--listen", f"127.0.0.1:{free_port()}", "--metrics", taken],
+                          f"cannot serve metrics on {taken}: Address already in use"))
+        for extra, message in cases:
+            r = subprocess.run([sys.executable, "-m", "shmfabric", "splice", verb, *target, "--no-health", *extra],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+            assert "Traceback" not in r.stderr and "listening on" not in r.stdout
+
+
+@needs_redis
+@pytest.mark.timeout(60)
+def test_workers_killed_from_outside_make_the_parent_fail_and_say_so(tmp_path: Path) -> None:
+    import os
+    import time
+
+    with redis_servers(tmp_path, 1) as servers:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen",
+                                 f"127.0.0.1:{port}", "--server", servers[0].address, "--workers", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_port(port)
+            time.sleep(0.3)
+            for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(c), 9)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 1, err
+        assert err.count("was killed by signal 9") == 2

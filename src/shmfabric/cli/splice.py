@@ -99,6 +99,14 @@ def _run_http(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
         return 0
     from shmfabric.splicer.http_server import run
+    from shmfabric.splicer.workers import check_listen
+
+    try:
+        check_listen(cfg.listen, cfg.workers > 1)
+    except OSError as exc:
+        from shmfabric.cli.main import CliError
+
+        raise CliError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
 
     def ready(splicer: Any) -> None:
         routes = len(cfg.routes)

@@ -84,6 +84,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from shmfabric.splicer.redis_proxy import run_redis_splicer
 
+    from shmfabric.splicer.workers import check_listen
+
+    for what, addr, reuse in (("listen on", cfg.listen, cfg.workers > 1), ("serve metrics on", cfg.metrics, False)):
+        if addr:
+            try:
+                check_listen(addr, reuse)
+            except OSError as exc:
+                raise _cli_error(f"cannot {what} {addr}: {exc.strerror or exc}") from None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     print(f"splice redis: listening on {cfg.listen} -> {', '.join(s.address for s in cfg.servers)} "
           f"({cfg.distribution}/{cfg.hash}; pool {cfg.pool.min}..{cfg.pool.max} per server; "

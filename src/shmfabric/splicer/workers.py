@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
 import sys
 import traceback
 from typing import Any, Callable
@@ -28,6 +29,21 @@ def _die_with_parent(parent: int) -> None:
             pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def check_listen(address: str, reuse_port: bool) -> None:
+    """Raise OSError now if `address` (HOST:PORT) cannot be listened on, before any worker is
+    forked or anything is printed, so the user gets one clear line instead of a traceback from
+    inside the event loop (or from every worker)."""
+    from .config import split_address
+
+    host, port = split_address(address, allow_zero=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))  # no listen(): a client must never reach this probe
 
 
 def run_workers(n: int, child: Callable[[int], None]) -> int:
@@ -55,7 +71,11 @@ def run_workers(n: int, child: Callable[[int], None]) -> int:
                 os._exit(code)
         children.append(pid)
 
+    stopping = False
+
     def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
         for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -73,6 +93,10 @@ def run_workers(n: int, child: Callable[[int], None]) -> int:
             except InterruptedError:
                 continue
         code = os.waitstatus_to_exitcode(st)
-        if code > 0:  # killed by our own SIGTERM/SIGINT (negative codes) is a clean stop
-            status = status or 1
+        if code > 0 or (code < 0 and not stopping):
+            # A worker that failed, or was killed by a signal we did not pass on (kill -9, OOM):
+            # said on stderr, and the exit status is 1 so a supervisor restarts the splicer.
+            how = f"exited with status {code}" if code > 0 else f"was killed by signal {-code}"
+            print(f"splice: worker {pid} {how}", file=sys.stderr, flush=True)
+            status = 1
     return status

@@ -529,3 +529,26 @@ def test_a_server_still_streaming_a_large_reply_is_not_timed_out(fresh_pair) -> 
         redis.Redis(port=server.port).set("big", value)
     with splicer(fresh_pair, timeouts={"request": 0.5}) as s:
         assert s.client().get("big") == value
+
+
+def test_a_client_that_never_reads_large_replies_is_disconnected_at_the_limit(fresh_pair) -> None:
+    # Reading stops at max_buffer_bytes, but replies of requests already sent keep coming: a
+    # client that never reads them would make the splicer hold them all (gigabytes, found by
+    # adversarial testing). Past limits.max_unread_bytes it is disconnected; others carry on.
+    import socket as _socket
+
+    value = b"v" * (2 << 20)
+    for server in fresh_pair:
+        redis.Redis(port=server.port).set("two-mb", value)
+    with splicer(fresh_pair, limits={"max_pipeline": 1024, "max_unread_bytes": 8 << 20}) as s:
+        bad = _socket.create_connection(("127.0.0.1", s.port))
+        bad.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 65536)
+        bad.sendall(b"*2\r\n$3\r\nGET\r\n$6\r\ntwo-mb\r\n" * 200)  # 400 MB of replies, never read
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not s.stats()["clients"]:
+            time.sleep(0.01)
+        while time.monotonic() < deadline and s.stats()["clients"]:
+            time.sleep(0.05)
+        assert not s.stats()["clients"], "the non-reading client is still connected"
+        assert s.client().get("two-mb") == value  # the others are fine
+        bad.close()

@@ -107,6 +107,10 @@ class LimitConfig(_Model):
     max_head_bytes: int = Field(64 * 1024, ge=1024, description="request line plus headers (HTTP)")
     max_headers: int = Field(100, ge=1, description="header fields per message (HTTP)")
     max_url_bytes: int = Field(8 * 1024, ge=16, description="request target length (HTTP)")
+    max_unread_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024,
+        description="Redis: reply bytes a client leaves unread before it is disconnected (like Redis's "
+                    "client-output-buffer-limit): replies of requests already sent can pass max_buffer_bytes")
 
 
 class HealthConfig(_Model):

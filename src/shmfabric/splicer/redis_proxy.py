@@ -365,6 +365,7 @@ class _Client(asyncio.Protocol):
         self.reader = RequestReader()
         self.session = RedisSession(splicer.router, splicer.session_config)
         self.merge = ReplyOrder(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
+        self.max_unread = cfg.limits.max_unread_bytes
         self.transport: asyncio.Transport | None = None
         self.outstanding = 0  # actions sent to backends and not yet answered
         self.waiting: deque = deque()  # actions held behind a barrier
@@ -598,6 +599,15 @@ class _Client(asyncio.Protocol):
         merge = self.merge
         if merge._ready:
             self.transport.write(merge.pop_ready())  # type: ignore[union-attr]
+            if self.write_paused and self.transport.get_write_buffer_size() > self.max_unread:  # type: ignore[union-attr]
+                # Reading stops at max_buffer_bytes, but the replies of requests already sent
+                # still come: a client that never reads would hold them all.
+                log.warning("client %s left %d reply bytes unread (limits.max_unread_bytes): disconnected",
+                            self.transport.get_extra_info("peername"), self.transport.get_write_buffer_size())  # type: ignore[union-attr]
+                if self.splicer.metrics is not None:
+                    self.splicer.metrics.client_error("unread_replies")
+                self.transport.abort()  # type: ignore[union-attr]
+                return
         if self.read_paused and not self.closing:
             self._maybe_resume()
         if (self.closing or self.eof) and merge.idle and not self.outstanding:

@@ -50,7 +50,8 @@ class Exchange:
 
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
-                 "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind")
+                 "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind",
+                 "last_rx", "clock")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -76,6 +77,8 @@ class Exchange:
         self.head_request = req.method == b"HEAD"
         self.backend_keep = True
         self.behind = False  # pipelined behind another request on its backend connection
+        self.last_rx = 0.0   # when the backend last sent part of this response (see the timeout sweep)
+        self.clock = 0.0     # when the request timeout's clock (re)started
         # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
         self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
                             and req.method in IDEMPOTENT_METHODS)
@@ -109,7 +112,7 @@ class Exchange:
         client = self.client
         client.inflight += 1
         loop = client.loop
-        self.t0 = loop.time()
+        self.t0 = self.clock = loop.time()
         # Timeouts: the splicer sweeps a queue of started exchanges (deadlines grow in start
         # order, as the timeout is one value), instead of one event-loop timer per request.
         client.splicer.deadlines.append(self)
@@ -150,6 +153,7 @@ class Exchange:
             conn.write(head)
 
     def on_response_event(self, ev: object) -> None:
+        self.last_rx = self.client.loop.time()
         t = type(ev)
         if t is Data:
             if self.gone:

@@ -100,12 +100,23 @@ class HttpSplicer:
         while True:
             await asyncio.sleep(period)
             cutoff = self.loop.time() - timeout
+            now = self.loop.time()
             while q:
                 ex = q[0]
                 if ex.finished:
                     q.popleft()
-                elif ex.t0 <= cutoff:
+                elif ex.clock <= cutoff:
                     q.popleft()
+                    conn = ex.conn
+                    if conn is not None and (conn._paused or ex.last_rx > cutoff):
+                        # Not the backend's fault: we stopped reading it (the client reads
+                        # slowly), or it is still sending. The clock restarts; appending keeps
+                        # the queue in deadline order (every other entry started earlier).
+                        ex.clock = now if conn._paused else ex.last_rx
+                        q.append(ex)
+                        if q[0] is ex and ex.clock <= cutoff:
+                            break
+                        continue
                     ex.on_timeout()
                 else:
                     break

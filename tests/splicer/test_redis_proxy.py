@@ -552,3 +552,30 @@ def test_a_client_that_never_reads_large_replies_is_disconnected_at_the_limit(fr
         assert not s.stats()["clients"], "the non-reading client is still connected"
         assert s.client().get("two-mb") == value  # the others are fine
         bad.close()
+
+
+def test_commands_with_keys_after_numkeys_or_store_are_routed_by_all_their_keys(sp) -> None:
+    # Found by adversarial testing: these were "unknown command", and SORT ... STORE wrote its
+    # destination on the source's server (a later read through the splicer found nothing).
+    r = sp.client()
+    k = keys_on(sp, 0, 8, "nk")  # all on server 0
+    other = keys_on(sp, 1, 1, "nk")[0]
+    r.delete(*k)
+    r.rpush(k[0], 3, 1, 2)
+    assert r.sort(k[0], store=k[1]) == 3 and r.lrange(k[1], 0, -1) == [b"1", b"2", b"3"]
+    with pytest.raises(redis.ResponseError, match="CROSSSERVER"):
+        r.sort(k[0], store=other)
+    r.zadd(k[2], {"x": 1, "y": 2})
+    r.zadd(k[3], {"y": 1})
+    assert r.execute_command("ZINTERCARD", 2, k[2], k[3]) == 1
+    assert r.execute_command("ZINTERSTORE", k[4], 2, k[2], k[3]) == 1
+    with pytest.raises(redis.ResponseError, match="CROSSSERVER"):
+        r.execute_command("ZINTERSTORE", k[4], 2, k[2], other)
+    r.set(k[5], "ab")
+    assert r.bitop("AND", k[6], k[5], k[5]) == 2
+    r.geoadd(k[7], (13.361389, 38.115556, "palermo"))
+    assert r.georadius(k[7], 15, 37, 200, unit="km", store=k[1]) == 1
+    with pytest.raises(redis.ResponseError, match="numkeys"):
+        r.execute_command("ZINTERCARD", "x", k[2])
+    with pytest.raises(redis.ResponseError, match="not one for a proxy"):
+        r.execute_command("ASKING")

@@ -45,6 +45,8 @@ class CommandSpec:
     kind: int
     flags: tuple[str, ...] = field(default=())
     single: bool = False  # one key, at argument 1: the fast path
+    numkeys: int = 0  # position of a numkeys argument whose keys follow it (ZINTERCARD, LMPOP...)
+    store: tuple[bytes, ...] = ()  # options followed by a key (SORT ... STORE dst)
 
 
 def _mk(kind: int, flags: tuple[str, ...], entries: str) -> dict[bytes, CommandSpec]:
@@ -98,6 +100,28 @@ COMMANDS.update(_mk(Kind.KEYED, _W, """
     XADD:-5:1:1:1 XDEL:-3:1:1:1 XTRIM:-4:1:1:1 XACK:-4:1:1:1 XCLAIM:-6:1:1:1
     XAUTOCLAIM:-6:1:1:1 XGROUP:-2:2:2:1 XSETID:-3:1:1:1
 """))
+COMMANDS.update(_mk(Kind.KEYED, _W, "BITOP:-4:2:-1:1 GEOSEARCHSTORE:-8:1:2:1"))
+
+
+def _with(spec: CommandSpec, **kw) -> CommandSpec:
+    from dataclasses import replace
+
+    return replace(spec, single=False, **kw)
+
+
+# Keys after a numkeys argument: all of them (and a destination before it) on one server.
+for _line, _flags in (("ZINTERCARD:-3:1 SINTERCARD:-3:1 ZINTER:-3:1 ZUNION:-3:1 ZDIFF:-3:1", _R),
+                      ("LMPOP:-4:1 ZMPOP:-4:1 ZINTERSTORE:-4:2 ZUNIONSTORE:-4:2 ZDIFFSTORE:-4:2", _W)):
+    for _item in _line.split():
+        _name, _arity, _nk = _item.split(":")
+        _first = 1 if _nk == "2" else 0  # the *STORE commands' destination key
+        COMMANDS[_name.encode()] = CommandSpec(_name.encode(), int(_arity), _first, _first, 1, Kind.KEYED, _flags,
+                                               False, int(_nk))
+# A key after an option: SORT ... STORE dst, GEORADIUS ... STORE k / STOREDIST k.
+COMMANDS[b"SORT"] = _with(COMMANDS[b"SORT"], store=(b"STORE",))
+COMMANDS[b"GEORADIUS"] = CommandSpec(b"GEORADIUS", -6, 1, 1, 1, Kind.KEYED, _W, False, 0, (b"STORE", b"STOREDIST"))
+COMMANDS[b"GEORADIUSBYMEMBER"] = CommandSpec(b"GEORADIUSBYMEMBER", -5, 1, 1, 1, Kind.KEYED, _W, False, 0,
+                                             (b"STORE", b"STOREDIST"))
 COMMANDS.update(_mk(Kind.MGET, _R, "MGET:-2:1:-1:1"))
 COMMANDS.update(_mk(Kind.MSET, _W, "MSET:-3:1:-1:2"))
 COMMANDS.update(_mk(Kind.SUM, _W, "DEL:-2:1:-1:1 UNLINK:-2:1:-1:1 TOUCH:-2:1:-1:1"))
@@ -129,10 +153,8 @@ for _n in (
     REFUSED[_n.encode()] = _SERVER
 REFUSED[b"WATCH"] = "WATCH needs one server connection kept for this client; MULTI/EXEC on keys of one server works without it"
 REFUSED[b"UNWATCH"] = REFUSED[b"WATCH"]
-REFUSED[b"LMPOP"] = REFUSED[b"SINTERCARD"] = REFUSED[b"ZMPOP"] = REFUSED[b"ZINTER"] = REFUSED[b"ZUNION"] = (
-    "its keys follow a numkeys argument the splicer does not route"
-)
-REFUSED[b"ZDIFF"] = REFUSED[b"ZINTERSTORE"] = REFUSED[b"ZUNIONSTORE"] = REFUSED[b"ZDIFFSTORE"] = REFUSED[b"LMPOP"]
+for _n in "ASKING REPLCONF PFDEBUG PFSELFTEST".split():
+    REFUSED[_n.encode()] = "it is a cluster, replication or debugging command, not one for a proxy"
 
 
 def lookup(name: bytes) -> CommandSpec | None:
@@ -154,7 +176,17 @@ def command_keys(spec: CommandSpec, args: list[bytes]) -> list[bytes]:
     if spec.kind == Kind.SCRIPT:
         n = int(args[2])
         return args[3 : 3 + n]
-    if spec.first == 0:
-        return []
-    last = spec.last if spec.last >= 0 else len(args) + spec.last
-    return args[spec.first : last + 1 : spec.step]
+    keys: list[bytes] = []
+    if spec.first:
+        last = spec.last if spec.last >= 0 else len(args) + spec.last
+        keys = args[spec.first : last + 1 : spec.step]
+    if spec.numkeys:
+        n = int(args[spec.numkeys])  # ValueError: not a number (the caller answers -ERR)
+        if n < 1 or spec.numkeys + 1 + n > len(args):
+            raise ValueError("numkeys")
+        keys = keys + args[spec.numkeys + 1 : spec.numkeys + 1 + n]
+    if spec.store:
+        for i in range(spec.first + 1, len(args) - 1):
+            if args[i].upper() in spec.store:
+                keys = keys + [args[i + 1]]
+    return keys

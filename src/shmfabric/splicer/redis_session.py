@@ -295,7 +295,11 @@ class RedisSession:
         if self.multi is not None and name not in (b"EXEC", b"DISCARD", b"MULTI", b"QUIT", b"RESET"):
             return self._queue(spec, name, args)
         if kind == Kind.KEYED:
-            return self._keyed(name, args, command_keys(spec, args))
+            try:
+                keys = command_keys(spec, args)
+            except ValueError:
+                return (REPLY, encode_error("ERR numkeys should be greater than 0 and at most the number of keys given"))
+            return self._keyed(name, args, keys)
         if kind == Kind.LOCAL:
             return self._local(name, args)
         if kind == Kind.MGET:
@@ -419,6 +423,12 @@ class RedisSession:
             if err is not None:
                 self.multi_error = True
                 return (REPLY, err)
+        if spec.numkeys:
+            try:
+                command_keys(spec, args)
+            except ValueError:
+                self.multi_error = True
+                return (REPLY, encode_error("ERR numkeys should be greater than 0 and at most the number of keys given"))
         self.multi.append(args)  # type: ignore[union-attr]
         return (REPLY, QUEUED)
 

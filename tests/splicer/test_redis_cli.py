@@ -181,3 +181,45 @@ def test_workers_killed_from_outside_make_the_parent_fail_and_say_so(tmp_path: P
                 proc.kill()
         assert proc.returncode == 1, err
         assert err.count("was killed by signal 9") == 2
+
+
+@needs_redis
+@pytest.mark.timeout(60)
+def test_every_worker_serves_its_own_metrics_on_port_plus_i(tmp_path: Path) -> None:
+    import urllib.request
+
+    with redis_servers(tmp_path, 1) as servers:
+        port, mport = free_port(), free_port()
+        while not all(_free(p) for p in (mport, mport + 1)):
+            mport = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen", f"127.0.0.1:{port}",
+                                 "--server", servers[0].address, "--workers", "2", "--metrics", f"127.0.0.1:{mport}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for p in (port, mport, mport + 1):
+                wait_port(p)
+            for p in (mport, mport + 1):
+                text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+                assert "shmfabric_splicer" in text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=20)
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_an_unknown_field_in_a_redis_config_points_at_the_redis_docs(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("redis:\n  servers: [127.0.0.1:6379]\n  limits: {max_pipelin: 4}\n")
+    assert main(["splice", "redis", "--config", str(f), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "max_pipelin" in err and "docs/splicer-redis.md" in err

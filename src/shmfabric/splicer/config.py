@@ -107,6 +107,9 @@ class LimitConfig(_Model):
     max_head_bytes: int = Field(64 * 1024, ge=1024, description="request line plus headers (HTTP)")
     max_headers: int = Field(100, ge=1, description="header fields per message (HTTP)")
     max_url_bytes: int = Field(8 * 1024, ge=16, description="request target length (HTTP)")
+    max_request_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024,
+        description="Redis: the largest request held before it is forwarded (Redis's proto-max-bulk-len is 512 MB)")
     max_unread_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024,
         description="Redis: reply bytes a client leaves unread before it is disconnected (like Redis's "
@@ -250,7 +253,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def _hint(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        return "remove it or fix its spelling (see docs/splicer-http.md for the fields)"
+        loc = err.get("loc", ())
+        doc = "splicer-redis.md" if loc and loc[0] == "redis" else "splicer-http.md"
+        return f"remove it or fix its spelling (see docs/{doc} for the fields)"
     if kind == "missing":
         return "add it"
     if kind.startswith(("int_", "float_")) or kind in ("greater_than", "greater_than_equal", "less_than_equal"):

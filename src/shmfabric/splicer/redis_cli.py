@@ -86,7 +86,18 @@ def _run(args: argparse.Namespace) -> int:
 
     from shmfabric.splicer.workers import check_listen
 
-    for what, addr, reuse in (("listen on", cfg.listen, cfg.workers > 1), ("serve metrics on", cfg.metrics, False)):
+    def metrics_of(i: int) -> str | None:
+        # Worker i serves its own counters on the metrics port + i (as `splice http` does).
+        if not cfg.metrics:
+            return None
+        from shmfabric.splicer.config import split_address
+
+        host, port = split_address(cfg.metrics, allow_zero=True)
+        return f"{host}:{port + i}" if port else cfg.metrics
+
+    checks = [("listen on", cfg.listen, cfg.workers > 1)]
+    checks += [("serve metrics on", metrics_of(i), False) for i in range(cfg.workers) if cfg.metrics]
+    for what, addr, reuse in checks:
         if addr:
             try:
                 check_listen(addr, reuse)
@@ -103,10 +114,9 @@ def _run(args: argparse.Namespace) -> int:
             raise _cli_error(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
         return 0
     # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
-    # Metrics are served by the first worker only (one port cannot be bound twice).
     from shmfabric.splicer.workers import run_workers
 
-    return run_workers(cfg.workers, lambda i: run_redis_splicer(cfg, cfg.metrics if i == 0 else None))
+    return run_workers(cfg.workers, lambda i: run_redis_splicer(cfg, metrics_of(i)))
 
 
 def register_redis(verbs: Any) -> None:

@@ -362,7 +362,7 @@ class _Client(asyncio.Protocol):
     def __init__(self, splicer: "RedisSplicer") -> None:
         self.splicer = splicer
         cfg = splicer.config
-        self.reader = RequestReader()
+        self.reader = RequestReader(cfg.limits.max_request_bytes)
         self.session = RedisSession(splicer.router, splicer.session_config)
         self.merge = ReplyOrder(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
         self.max_unread = cfg.limits.max_unread_bytes

@@ -48,9 +48,9 @@ __all__ = [
 
 # Redis's own bounds (src/server.h): PROTO_INLINE_MAX_SIZE is 64 KiB; a multibulk may have up
 # to 1024*1024 arguments for an unauthenticated-safe default (the server allows more once
-# authenticated, we keep the lower bound for everyone). proto-max-bulk-len is 512 MB in Redis;
-# the splicer holds a request in memory before forwarding it, so its default bound is lower and
-# configurable (`max_request_bytes`).
+# authenticated, we keep the lower bound for everyone). proto-max-bulk-len is 512 MB in Redis,
+# the splicer's `limits.max_request_bytes` default too (the reader's own default is lower, for
+# callers that do not say).
 INLINE_MAX = 64 * 1024
 MULTIBULK_MAX = 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024

@@ -189,3 +189,27 @@ def test_a_slow_reading_client_is_slowed_not_timed_out():
         w.close()
         assert [int(x) for x in __import__("re").findall(rb"HTTP/1.1 (\d+)", got)] == [200] * 4
     asyncio.run(_with_splicer(test, timeouts={"request": 0.5}, limits={"max_buffer_bytes": 1 << 20}))
+
+
+def test_a_request_head_trickled_in_is_cut_off_with_408():
+    # One byte every 0.1 s keeps the connection from ever being idle (slowloris): the head's
+    # own age is what counts.
+    async def test(be, sp):
+        r, w = await asyncio.open_connection("127.0.0.1", sp.port)
+        w.write(b"GET /x HTTP/1.1\r\n")
+        got = b""
+        for i in range(40):
+            try:
+                w.write(b"X-Slow-%d: y\r\n" % i)
+                await w.drain()
+                got += await asyncio.wait_for(r.read(200), 0.1)
+            except asyncio.TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            if got:
+                break
+        w.close()
+        assert got.startswith(b"HTTP/1.1 408"), got
+        assert not be.heads
+    asyncio.run(_with_splicer(test, timeouts={"request_head": 0.5, "client_idle": 60}))

@@ -525,7 +525,7 @@ def test_a_server_still_streaming_a_large_reply_is_not_timed_out(fresh_pair) -> 
     # 0.5 s timeout to move, about 1.3 s here) is busy, not stalled; the client gets the value (it used to get
     # a timeout error once the reply outlived the timeout).
     value = b"v" * (200 << 20)
-    for server in fresh_pair:  # set straight on both servers: the splicer refuses requests over 64 MiB
+    for server in fresh_pair:  # set straight on both servers (whichever the key is placed on)
         redis.Redis(port=server.port).set("big", value)
     with splicer(fresh_pair, timeouts={"request": 0.5}) as s:
         assert s.client().get("big") == value

@@ -94,9 +94,13 @@ class PoolConfig(_Model):
 class TimeoutConfig(_Model):
     """Timeouts in seconds."""
 
-    connect: float = Field(3.0, gt=0, description="opening a backend connection")
-    request: float = Field(30.0, gt=0, description="from dispatch to the end of the response (then 504 / -ERR)")
-    client_idle: float = Field(120.0, gt=0, description="an idle client connection is closed after this")
+    connect: float = Field(3.0, gt=0, allow_inf_nan=False, description="opening a backend connection")
+    request: float = Field(30.0, gt=0, allow_inf_nan=False,
+                           description="from dispatch to the end of the response (then 504 / -ERR)")
+    client_idle: float = Field(120.0, gt=0, allow_inf_nan=False, description="an idle client connection is closed after this")
+    request_head: float = Field(30.0, gt=0, allow_inf_nan=False,
+                                description="HTTP: a request head must arrive whole within this, else 408 and close "
+                                            "(a head trickled a byte at a time is never idle)")
 
 
 class LimitConfig(_Model):

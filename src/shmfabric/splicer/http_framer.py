@@ -370,6 +370,11 @@ class RequestFramer(_Framer):
             else:
                 self._head_spans = True
 
+    @property
+    def in_head(self) -> bool:
+        """True while a request head has begun and is not complete."""
+        return self._in_head
+
     def resume(self) -> None:
         """After PAUSED and a declined upgrade: parse the held bytes as HTTP again."""
         if not self._paused:

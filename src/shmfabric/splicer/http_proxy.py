@@ -335,6 +335,7 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None
         self.body_held = 0
         self.last_seen = 0.0
+        self.head_since: float | None = None  # when the request head being read began
         self.read_paused = False
         self.write_paused = False
         self.backends_paused = False
@@ -365,6 +366,11 @@ class ClientConnection(asyncio.Protocol):
         if self.stop_reading:
             return
         self.framer.receive_data(data)
+        if self.framer.in_head:
+            if self.head_since is None:
+                self.head_since = self.last_seen  # see HttpSplicer._sweep_idle
+        else:
+            self.head_since = None
         self._process()
 
     def eof_received(self) -> bool:
@@ -500,6 +506,13 @@ class ClientConnection(asyncio.Protocol):
             seq = self.merge.open()
         self.finish(seq, answer)
         self._end_input(seq)
+
+    def head_timed_out(self, seconds: float) -> None:
+        """A request head took longer than `seconds` to arrive: 408, then close."""
+        self.head_since = None
+        self._bad_request(RemoteProtocolError(f"request head not complete within {seconds:g} s", 408))
+        self._schedule()
+        self._maybe_close()
 
     def _end_input(self, seq: int) -> None:
         """No request after `seq` will be read; close once its answer is written."""

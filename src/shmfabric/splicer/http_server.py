@@ -84,12 +84,17 @@ class HttpSplicer:
 
     async def _sweep_idle(self) -> None:
         idle = self.cfg.timeouts.client_idle
+        head = self.cfg.timeouts.request_head
         while True:
-            await asyncio.sleep(min(1.0, idle / 2))
-            cutoff = self.loop.time() - idle
+            await asyncio.sleep(min(1.0, idle / 2, head / 2))
+            now = self.loop.time()
+            cutoff = now - idle
             for c in list(self.clients):
                 if c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
                     c._close()
+                elif c.head_since is not None and c.head_since < now - head and not c.closed and not c.stop_reading:
+                    # A head trickled in (slowloris) keeps last_seen fresh; its age does not lie.
+                    c.head_timed_out(head)
 
     async def _sweep_timeouts(self) -> None:
         # Every exchange has the same timeout, so the queue is in deadline order: pop finished

@@ -403,6 +403,22 @@ def test_auth_to_clients_and_backends(tmp_path: Path) -> None:
             assert r2.get("auth:k") == b"v"
 
 
+def test_a_backend_refusing_the_handshake_is_reported_to_clients_with_its_reason(tmp_path: Path) -> None:
+    # The servers want a password the splicer was not given: clients used to see only
+    # "unavailable (next attempt in N ms)", the NOAUTH reason was in the splicer's log alone.
+    with redis_servers(tmp_path, 1, extra=["--requirepass", "backend-secret"]) as servers:
+        with splicer(servers) as s:
+            r = s.client()  # RESP3: the splicer's lane opens with HELLO 3, which the server refuses
+            errors = []
+            for _ in range(3):
+                try:
+                    r.get("k")
+                except redis.ResponseError as exc:
+                    errors.append(str(exc))
+            assert len(errors) == 3 and all("NOAUTH" in e for e in errors), errors
+            assert any("unavailable (last error: refused the connection handshake: NOAUTH" in e for e in errors), errors
+
+
 # -- metrics -------------------------------------------------------------------------------------
 
 

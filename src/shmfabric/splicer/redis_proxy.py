@@ -76,7 +76,7 @@ class _Server:
     """One backend server: its lanes per protocol version, health, metrics."""
 
     __slots__ = ("splicer", "index", "host", "port", "label", "weight", "name", "lanes",
-                 "health", "backoff", "retry_at", "metrics", "version", "up")
+                 "health", "backoff", "retry_at", "metrics", "version", "up", "last_error")
 
     def __init__(self, splicer: "RedisSplicer", index: int, host: str, port: int, weight: int, name: str) -> None:
         self.splicer = splicer
@@ -93,6 +93,7 @@ class _Server:
         self.health = HealthState(rise=h.rise, fall=h.fall)
         self.backoff = Backoff()
         self.retry_at = 0.0  # no new connection attempt before this (after a failed one)
+        self.last_error = ""  # why the last connection failed (told to clients while it is down)
         self.metrics = splicer.metrics.backend(self.label) if splicer.metrics is not None else None
         self.version: str | None = None
         self.up = True
@@ -288,6 +289,7 @@ class _Lane:
         q = list(self.inflight)
         self.inflight.clear()
         err = encode_error(f"ERR splicer: backend {srv.label} {why}")
+        srv.last_error = why
         if q or kind == "connect":
             # Requests were lost, or no connection could be made: count it against the
             # server and back off. An idle connection closed by the server (its `timeout`
@@ -746,7 +748,9 @@ class RedisSplicer:
         if srv.metrics is not None:
             srv.metrics.error("unavailable")
         wait = max(0.0, srv.retry_at - time.monotonic())
-        return encode_error(f"ERR splicer: backend {srv.label} is unavailable (next connection attempt in {wait * 1000:.0f} ms)")
+        why = f"last error: {srv.last_error}; " if srv.last_error else ""
+        return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}next connection attempt in "
+                            f"{wait * 1000:.0f} ms)")
 
     def _handshake(self, proto: int) -> list[bytes]:
         hs = self._handshake_cache.get(proto)

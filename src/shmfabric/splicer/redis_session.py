@@ -18,6 +18,8 @@ Pure: no sockets, no asyncio, no clock.
 """
 from __future__ import annotations
 
+import os
+
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
@@ -205,9 +207,11 @@ _next_client_id = 0
 
 
 def _new_client_id() -> int:
+    # The pid in the high bits: the workers of one splicer (forked, same counter) never hand
+    # out the same id.
     global _next_client_id
     _next_client_id += 1
-    return _next_client_id
+    return (os.getpid() << 32) | _next_client_id
 
 
 _WRONGPASS = encode_error("WRONGPASS invalid username-password pair or user is disabled.")

@@ -90,6 +90,13 @@ def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
         assert "2 worker(s)" in out and "Traceback" not in err
 
 
+def _splice_workers(server: str, port: int, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """`shmfabric splice redis --workers 2` in front of `server`, listening on `port`."""
+    return subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen", f"127.0.0.1:{port}",
+                             "--server", server, "--workers", "2", *extra],
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
 @needs_redis
 @pytest.mark.timeout(60)
 def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
@@ -101,9 +108,7 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
 
     with redis_servers(tmp_path, 1) as servers:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen",
-                                 f"127.0.0.1:{port}", "--server", servers[0].address, "--workers", "2"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = _splice_workers(servers[0].address, port)
         children: list[int] = []
         try:
             wait_port(port)
@@ -167,9 +172,7 @@ def test_workers_killed_from_outside_make_the_parent_fail_and_say_so(tmp_path: P
 
     with redis_servers(tmp_path, 1) as servers:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen",
-                                 f"127.0.0.1:{port}", "--server", servers[0].address, "--workers", "2"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = _splice_workers(servers[0].address, port, stderr=subprocess.PIPE)
         try:
             wait_port(port)
             time.sleep(0.3)
@@ -192,9 +195,7 @@ def test_every_worker_serves_its_own_metrics_on_port_plus_i(tmp_path: Path) -> N
         port, mport = free_port(), free_port()
         while not all(_free(p) for p in (mport, mport + 1)):
             mport = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen", f"127.0.0.1:{port}",
-                                 "--server", servers[0].address, "--workers", "2", "--metrics", f"127.0.0.1:{mport}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = _splice_workers(servers[0].address, port, "--metrics", f"127.0.0.1:{mport}", stderr=subprocess.PIPE)
         try:
             for p in (port, mport, mport + 1):
                 wait_port(p)

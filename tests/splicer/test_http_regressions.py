@@ -213,3 +213,25 @@ def test_a_request_head_trickled_in_is_cut_off_with_408():
         assert got.startswith(b"HTTP/1.1 408"), got
         assert not be.heads
     asyncio.run(_with_splicer(test, timeouts={"request_head": 0.5, "client_idle": 60}))
+
+
+def test_an_absolute_form_target_is_routed_by_its_own_host():
+    # RFC 9112 section 3.2.2: the target's host wins over the Host field; the backend gets the
+    # origin-form target and that host.
+    async def main():
+        api, other = await RawBackend().start(), await RawBackend().start()
+        sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", health={"enabled": False}, default=[other.address],
+                                          routes=[{"host": "api.example.com", "backends": [api.address]}]))
+        await sp.start()
+        try:
+            got, _ = await _exchange(sp.port, b"GET http://api.example.com/v1/x?q=1 HTTP/1.1\r\nHost: other\r\n"
+                                              b"Connection: close\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"echo /v1/x?q=1")
+            assert not other.heads and len(api.heads) == 1
+            assert api.heads[0].startswith(b"GET /v1/x?q=1 HTTP/1.1\r\n")
+            assert b"\r\nHost: api.example.com\r\n" in api.heads[0] and b"Host: other" not in api.heads[0]
+        finally:
+            await sp.close()
+            await api.close()
+            await other.close()
+    asyncio.run(main())

@@ -158,6 +158,28 @@ class _Reject(Exception):
         self.status = status
 
 
+def _origin_form(url: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """An absolute-form target (`GET http://host/path`) as origin-form, its host as the Host.
+
+    RFC 9112 section 3.2.2: the target's host wins over a Host field; routing and the backend
+    both see it.
+    """
+    rest = url.split(b"://", 1)[1]
+    cut = len(rest)
+    for sep in (b"/", b"?"):
+        i = rest.find(sep)
+        if 0 <= i < cut:
+            cut = i
+    authority = rest[:cut].rsplit(b"@", 1)[-1]
+    if not authority:
+        raise _Reject("absolute-form request target without a host")
+    path = rest[cut:] or b"/"
+    if path[:1] == b"?":
+        path = b"/" + path
+    headers = [(n, v) for n, v in headers if n.lower() != b"host"] + [(b"Host", authority)]
+    return path, headers, authority
+
+
 def _only_chunked(value: bytes) -> bool:
     """True if a Transfer-Encoding field value is just `chunked` (any case, blanks around)."""
     return value.strip().lower() == b"chunked"
@@ -325,9 +347,13 @@ class RequestFramer(_Framer):
             # Its body would be read as tunnel bytes or as a next request: refused, and the
             # connection closes, so no byte of it is ever taken for a request.
             raise _Reject("an Upgrade or CONNECT request with a body is not supported")
+        url, headers, host = self._url, self._headers, self._host or b""
+        scheme = url[:8].lower()
+        if url[:1] != b"/" and (scheme.startswith(b"http://") or scheme == b"https://"):
+            url, headers, host = _origin_form(url, headers)
         self._events.append(Request(
-            p.get_method(), self._url, tuple(self._headers), hv, p.should_keep_alive(), framing, length,
-            p.should_upgrade(), self._expect, self._host or b""))
+            p.get_method(), url, tuple(headers), hv, p.should_keep_alive(), framing, length,
+            p.should_upgrade(), self._expect, host))
 
     def on_body(self, data: bytes) -> None:
         self._events.append(Data(data))

@@ -78,6 +78,9 @@ REQUEST_CASES = [
     (b"*1\r\n$4\r\nPING\r\n+foo\r\n", [[b"PING"], [b"+foo"]]),
     (b"*1\r\n$4\r\nPING\r\n$3\r\nfoo\r\nPING\r\n", [[b"PING"], [b"$3"], [b"foo"], [b"PING"]]),
     (b"*0\r\n(\xff\n", [[b"(\xff"]]),
+    # a null multibulk is skipped like an empty one (redis-server answers only the PING)
+    (b"*-1\r\nPING\r\n", [[b"PING"]]),
+    (b"*-1\r\n*1\r\n$4\r\nPING\r\n+x\r\n", [[b"PING"], [b"+x"]]),
 ]
 
 

@@ -281,6 +281,8 @@ class RequestReader:
                             self._known_end = self._fed - left
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
+                        if cmd is None:
+                            cmd = []  # "*-1\r\n", a null multibulk: Redis skips it like "*0\r\n"
                         if type(cmd) is not list:
                             # A request that starts with another RESP type byte ('+', '$',
                             # ':'...) is an inline request to Redis, whatever the read split.
@@ -374,6 +376,9 @@ class RequestReader:
                 cmd = again.gets()
             except (hiredis.ProtocolError, TypeError):
                 break
+            if cmd is None and data[pos : pos + 5] == b"*-1\r\n":
+                pos += 5
+                continue
             if cmd is False or type(cmd) is not list:
                 break
             pos += _canonical_size(cmd)

@@ -595,3 +595,18 @@ def test_commands_with_keys_after_numkeys_or_store_are_routed_by_all_their_keys(
         r.execute_command("ZINTERCARD", "x", k[2])
     with pytest.raises(redis.ResponseError, match="not one for a proxy"):
         r.execute_command("ASKING")
+
+
+def test_select_of_the_served_db_inside_multi_is_queued_like_redis(sp) -> None:
+    r = sp.client(protocol=2)
+    k = keys_on(sp, 0, 1, "sel")[0]
+    pipe = r.pipeline(transaction=True)
+    pipe.execute_command("SELECT", 0)
+    pipe.set(k, "v")
+    pipe.get(k)
+    assert pipe.execute() == [True, True, b"v"]
+    pipe = r.pipeline(transaction=True)
+    pipe.execute_command("SELECT", 1)
+    pipe.get(k)
+    with pytest.raises(redis.ResponseError):
+        pipe.execute()

@@ -416,6 +416,15 @@ class RedisSession:
 
     def _queue(self, spec, name: bytes, args: list[bytes]) -> tuple:
         """A command inside MULTI: check it now (as Redis does), send it at EXEC."""
+        if name == b"SELECT":
+            # SELECT of the served database changes nothing on the server: queued and sent with
+            # the transaction, so EXEC answers +OK in its place as Redis does; another db aborts.
+            reply = self._local(name, args)
+            if reply[1] != OK:
+                self.multi_error = True
+                return reply
+            self.multi.append(args)  # type: ignore[union-attr]
+            return (REPLY, QUEUED)
         if spec.kind == Kind.LOCAL and name not in (b"PING", b"ECHO"):
             self.multi_error = True
             return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer"))

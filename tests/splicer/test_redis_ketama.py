@@ -84,21 +84,31 @@ def test_placement_equals_nutcracker(tmp_path: Path) -> None:
         weights = [1, 1, 2]
         names = [None, None, "shard-c"]
         lines = [f"127.0.0.1:{s.port}:{w}" + (f" {n}" if n else "") for s, w, n in zip(srv, weights, names)]
-        conf = []
-        ports = []
-        for i, (h, dist, tag) in enumerate(POOLS):
-            port = free_port()
-            ports.append(port)
-            conf.append(f"pool{i}:\n  listen: 127.0.0.1:{port}\n  hash: {h}\n  distribution: {dist}\n"
-                        f"  redis: true\n  auto_eject_hosts: false\n" + (f"  hash_tag: \"{tag}\"\n" if tag else "")
-                        + "  servers:\n" + "".join(f"   - {ln}\n" for ln in lines))
-        cfg = tmp_path / "nutcracker.yml"
-        cfg.write_text("".join(conf))
-        proc = subprocess.Popen([NUTCRACKER, "-c", str(cfg), "-s", str(free_port()), "-o", str(tmp_path / "nc.log")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for attempt in range(3):
+            # Ports picked free can be taken before nutcracker binds them (by any outgoing
+            # connection); nutcracker then exits, and a fresh set of ports is tried.
+            conf = []
+            ports = []
+            for i, (h, dist, tag) in enumerate(POOLS):
+                port = free_port()
+                ports.append(port)
+                conf.append(f"pool{i}:\n  listen: 127.0.0.1:{port}\n  hash: {h}\n  distribution: {dist}\n"
+                            f"  redis: true\n  auto_eject_hosts: false\n" + (f"  hash_tag: \"{tag}\"\n" if tag else "")
+                            + "  servers:\n" + "".join(f"   - {ln}\n" for ln in lines))
+            cfg = tmp_path / "nutcracker.yml"
+            cfg.write_text("".join(conf))
+            proc = subprocess.Popen([NUTCRACKER, "-c", str(cfg), "-s", str(free_port()), "-o", str(tmp_path / "nc.log")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                for p in ports:
+                    wait_port(p, timeout=5)
+                break
+            except TimeoutError:
+                proc.kill()
+                proc.wait(timeout=10)
+                if attempt == 2:
+                    raise
         try:
-            for p in ports:
-                wait_port(p)
             time.sleep(0.2)
             kservers = [KetamaServer(server_name("127.0.0.1", s.port, n), w) for s, w, n in zip(srv, weights, names)]
             for i, ((h, dist, tag), port) in enumerate(zip(POOLS, ports)):

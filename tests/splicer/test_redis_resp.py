@@ -81,6 +81,7 @@ REQUEST_CASES = [
     # a null multibulk is skipped like an empty one (redis-server answers only the PING)
     (b"*-1\r\nPING\r\n", [[b"PING"]]),
     (b"*-1\r\n*1\r\n$4\r\nPING\r\n+x\r\n", [[b"PING"], [b"+x"]]),
+    (b"|-1\r\n$\n00\r\n", [[b"$"], [b"00"]]),  # a null of another aggregate type (found by the fuzz smoke)
 ]
 
 

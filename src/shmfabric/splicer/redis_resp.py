@@ -376,7 +376,7 @@ class RequestReader:
                 cmd = again.gets()
             except (hiredis.ProtocolError, TypeError):
                 break
-            if cmd is None and data[pos : pos + 5] == b"*-1\r\n":
+            if cmd is None and data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] in _AGGREGATE_START:
                 pos += 5
                 continue
             if cmd is False or type(cmd) is not list:

@@ -175,6 +175,11 @@ class BackendConnection(asyncio.Protocol):
         if cork and t is not None and self.alive:
             t.writelines(cork)
 
+    @property
+    def paused(self) -> bool:
+        """True while we hold back reading its responses (the client side is slow)."""
+        return self._paused
+
     def pause_reading(self, pause: bool) -> None:
         """Stop/restart reading responses (backpressure from the client side)."""
         t = self.transport

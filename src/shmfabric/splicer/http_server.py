@@ -104,8 +104,8 @@ class HttpSplicer:
         q = self.deadlines
         while True:
             await asyncio.sleep(period)
-            cutoff = self.loop.time() - timeout
             now = self.loop.time()
+            cutoff = now - timeout
             while q:
                 ex = q[0]
                 if ex.finished:
@@ -113,14 +113,12 @@ class HttpSplicer:
                 elif ex.clock <= cutoff:
                     q.popleft()
                     conn = ex.conn
-                    if conn is not None and (conn._paused or ex.last_rx > cutoff):
+                    if conn is not None and (conn.paused or ex.last_rx > cutoff):
                         # Not the backend's fault: we stopped reading it (the client reads
-                        # slowly), or it is still sending. The clock restarts; appending keeps
-                        # the queue in deadline order (every other entry started earlier).
-                        ex.clock = now if conn._paused else ex.last_rx
+                        # slowly), or it is still sending. The clock restarts past the cutoff;
+                        # appending keeps the queue in deadline order.
+                        ex.clock = now if conn.paused else ex.last_rx
                         q.append(ex)
-                        if q[0] is ex and ex.clock <= cutoff:
-                            break
                         continue
                     ex.on_timeout()
                 else:

@@ -9,7 +9,7 @@ Arity follows Redis: N means exactly N arguments including the name, -N at least
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = [
     "Kind",
@@ -103,11 +103,6 @@ COMMANDS.update(_mk(Kind.KEYED, _W, """
 COMMANDS.update(_mk(Kind.KEYED, _W, "BITOP:-4:2:-1:1 GEOSEARCHSTORE:-8:1:2:1"))
 
 
-def _with(spec: CommandSpec, **kw) -> CommandSpec:
-    from dataclasses import replace
-
-    return replace(spec, single=False, **kw)
-
 
 # Keys after a numkeys argument: all of them (and a destination before it) on one server.
 for _line, _flags in (("ZINTERCARD:-3:1 SINTERCARD:-3:1 ZINTER:-3:1 ZUNION:-3:1 ZDIFF:-3:1", _R),
@@ -118,7 +113,7 @@ for _line, _flags in (("ZINTERCARD:-3:1 SINTERCARD:-3:1 ZINTER:-3:1 ZUNION:-3:1 
         COMMANDS[_name.encode()] = CommandSpec(_name.encode(), int(_arity), _first, _first, 1, Kind.KEYED, _flags,
                                                False, int(_nk))
 # A key after an option: SORT ... STORE dst, GEORADIUS ... STORE k / STOREDIST k.
-COMMANDS[b"SORT"] = _with(COMMANDS[b"SORT"], store=(b"STORE",))
+COMMANDS[b"SORT"] = replace(COMMANDS[b"SORT"], single=False, store=(b"STORE",))  # not the one-key fast path
 COMMANDS[b"GEORADIUS"] = CommandSpec(b"GEORADIUS", -6, 1, 1, 1, Kind.KEYED, _W, False, 0, (b"STORE", b"STOREDIST"))
 COMMANDS[b"GEORADIUSBYMEMBER"] = CommandSpec(b"GEORADIUSBYMEMBER", -5, 1, 1, 1, Kind.KEYED, _W, False, 0,
                                              (b"STORE", b"STOREDIST"))

@@ -11,6 +11,8 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from .config import split_address
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -35,8 +37,6 @@ def check_listen(address: str, reuse_port: bool) -> None:
     """Raise OSError now if `address` (HOST:PORT) cannot be listened on, before any worker is
     forked or anything is printed, so the user gets one clear line instead of a traceback from
     inside the event loop (or from every worker)."""
-    from .config import split_address
-
     host, port = split_address(address, allow_zero=True)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

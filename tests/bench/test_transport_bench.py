@@ -52,7 +52,7 @@ def no_leftovers():
 
 def _check_row(r: dict[str, Any]) -> None:
     assert REQUIRED <= set(r)
-    assert r["status"] == "ok", r
+    assert r["status"] == "ok", f"{r['transport']} {r['mode']} {r['size']} B: {r.get('error')}"
     size = r["size"]
     if r["mode"] in ("throughput", "forward"):
         assert r["frames"] > 0

@@ -32,8 +32,8 @@ def test_unequal_scenario_side_by_side_in_order():
     assert row["ratio"] == pytest.approx(row["splicer"]["requests_per_s"] / row["haproxy"]["requests_per_s"], rel=0.01)
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-benchmark", "nutcracker")),
-                    reason="redis-server, redis-benchmark (redis-tools) and nutcracker are needed")
+@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-benchmark", "nutcracker", "haproxy")),
+                    reason="redis-server, redis-benchmark (redis-tools), nutcracker and haproxy are needed")
 @pytest.mark.timeout(240)
 def test_redis_bench_one_and_two_each_and_the_mget_budget():
     r = subprocess.run([sys.executable, "-m", "shmfabric.bench.splice_redis", "--json", "--requests", "4000",
@@ -46,7 +46,10 @@ def test_redis_bench_one_and_two_each_and_the_mget_budget():
         res["splicer_x2"]["get"] / res["twemproxy_x2"]["get"])
     # both servers hold part of the spread keys, so the proxies really split the MGET
     assert res["mget_spread_over"]["server0_of_first_200"] > 0 and res["mget_spread_over"]["server1_of_first_200"] > 0
-    for name in ("splicer", "twemproxy"):
+    for name in ("splicer", "twemproxy", "relay_one", "twemproxy_one", "splicer_one"):
         m = res[f"mget_{name}"]
         assert m["p50_ms"] > 0 and m["proxy_user_us_per_mget"] + m["proxy_sys_us_per_mget"] == pytest.approx(m["cpu_us_per_mget"])
         assert m["servers_cpu_us_per_mget"] >= 0
+    # the floor rows relay the same MGET to one server: the ratio printed is theirs
+    assert res["ratios"]["mget_relay_floor_vs_direct"] == pytest.approx(
+        res["mget_relay_one"]["p50_ms"] / res["mget_direct"]["p50_ms"])

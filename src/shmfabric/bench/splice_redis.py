@@ -10,7 +10,11 @@ Everything runs on loopback, side by side in one run:
    hash), one process each;
 3. latency: one MGET of 1000 keys spread over both servers, through the splicer (and twemproxy,
    for reference), against the same MGET sent straight to one server that holds all 1000 keys;
-   p50/p99 over `--mget-runs` runs by a small raw-socket client (same client code for all).
+   p50/p99 over `--mget-runs` runs by a small raw-socket client (same client code for all);
+4. the floor under that latency, for reference: the same MGET sent to the one server through
+   HAProxy in TCP mode (a byte relay in C: no parsing, no split, just the extra hop), through
+   twemproxy with only that server (its per-key handling without the spread), and through the
+   splicer with only that server (it routes all 1000 keys, then relays the reply as is).
 
 Targets (issue 3): splicer >= 0.5x twemproxy's ops/s; spread MGET <= 1.5x direct latency.
 Figures depend on the machine and on what else runs on it; the table prints the ratios, and the
@@ -160,6 +164,7 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
     """Run the whole comparison and return the figures (see the module docstring)."""
     redis_server = _need("redis-server", "redis-server")
     nutcracker = _need("nutcracker", "nutcracker")
+    haproxy = _need("haproxy", "haproxy")
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-redis-"))
     try:
@@ -173,32 +178,47 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
             _wait_port(port, p, "redis-server")
             servers.append(port)
 
-        def start_twemproxy(conf: str) -> tuple[int, subprocess.Popen]:
+        def start_twemproxy(conf: str, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
             port = _free_port()
             (tmp / conf).write_text(
                 "bench:\n"
                 f"  listen: 127.0.0.1:{port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
                 "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
-                + "".join(f"   - 127.0.0.1:{p}:1\n" for p in servers))
+                + "".join(f"   - 127.0.0.1:{p}:1\n" for p in backends))
             proc = subprocess.Popen([nutcracker, "-c", str(tmp / conf), "-s", str(_free_port()),
                                      "-o", str(tmp / (conf + ".log"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(proc)
             _wait_port(port, proc, "nutcracker")
             return port, proc
 
-        def start_splicer(workers: int) -> tuple[int, subprocess.Popen]:
+        def start_splicer(workers: int, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
             port = _free_port()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{port}",
-                 *[x for p in servers for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
+                 *[x for p in backends for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
                  "--hash", hash_name, "--no-health", "--workers", str(workers)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             procs.append(proc)
             _wait_port(port, proc, f"shmfabric splice redis --workers {workers}")
             return port, proc
 
+        def start_tcp_relay(backend: int) -> tuple[int, subprocess.Popen]:
+            port = _free_port()
+            (tmp / "haproxy-tcp.cfg").write_text(
+                "global\n  maxconn 64\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n"
+                f"  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{port}\n  server s0 127.0.0.1:{backend}\n")
+            proc = subprocess.Popen([haproxy, "-db", "-f", str(tmp / "haproxy-tcp.cfg")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(proc)
+            _wait_port(port, proc, "haproxy (mode tcp)")
+            return port, proc
+
         nc_port, nc = start_twemproxy("nutcracker.yml")
         sp_port, sp = start_splicer(1)
+        # The relay floor (point 4 of the docstring): every proxy here adds at least this hop.
+        relay_port, relay = start_tcp_relay(servers[0])
+        nc1_port, nc1 = start_twemproxy("nutcracker-one.yml", servers[:1])
+        sp1_port, sp1 = start_splicer(1, servers[:1])
 
         result: dict[str, Any] = {"requests": requests, "mget_runs": mget_runs, "pool": pool, "hash": hash_name}
         if two_each:
@@ -232,7 +252,9 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         # unless it overlaps another's, so this is the budget the 1.5x target leaves a proxy.
         server_pids = [p.pid for p in procs[:2]]
         per = mget_runs + min(50, mget_runs) + 1
-        for name, port, proc in (("direct", servers[0], None), ("splicer", sp_port, sp), ("twemproxy", nc_port, nc)):
+        for name, port, proc in (("direct", servers[0], None), ("splicer", sp_port, sp), ("twemproxy", nc_port, nc),
+                                 ("relay_one", relay_port, relay), ("twemproxy_one", nc1_port, nc1),
+                                 ("splicer_one", sp1_port, sp1)):
             pids = ([proc.pid] if proc is not None else []) + server_pids
             before = [_cpu_times(pid) for pid in pids]
             result[f"mget_{name}"] = m = _mget_latency(port, keys, mget_runs)
@@ -249,6 +271,7 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
             "mget_p50_vs_direct": result["mget_splicer"]["p50_ms"] / result["mget_direct"]["p50_ms"],
             "mget_p99_vs_direct": result["mget_splicer"]["p99_ms"] / result["mget_direct"]["p99_ms"],
             "mget_p50_vs_twemproxy": result["mget_splicer"]["p50_ms"] / result["mget_twemproxy"]["p50_ms"],
+            "mget_relay_floor_vs_direct": result["mget_relay_one"]["p50_ms"] / result["mget_direct"]["p50_ms"],
             "cpu_per_request_twemproxy_vs_splicer": result["twemproxy"]["cpu_us_per_request"] / result["splicer"]["cpu_us_per_request"],
         }
         if two_each:
@@ -303,6 +326,14 @@ def format_table(r: dict[str, Any]) -> str:
     else:
         lines.append(f"{'  proxy CPU us per MGET':40} {'':12} {ms['cpu_us_per_mget']:12.0f} {'':7}  {'':8} "
                      f"({mt['cpu_us_per_mget']:.0f})")
+    if "mget_relay_one" in r:
+        d = r["mget_direct"]["p50_ms"]
+        lines.append("  the floor: the same MGET to the one server that holds all keys, through")
+        for key, label in (("relay_one", "haproxy mode tcp (byte relay, C)"), ("twemproxy_one", "twemproxy, one server"),
+                           ("splicer_one", "splicer, one server")):
+            m = r[f"mget_{key}"]
+            lines.append(f"{'    ' + label:40} {d:12.3f} {m['p50_ms']:12.3f} {m['p50_ms'] / d:6.2f}x  p50, "
+                         f"proxy CPU {m['cpu_us_per_mget']:.0f} us")
     lines.append("")
     lines.append(f"one process each (and two each where marked); splicer pool {r['pool']} per server, hash {r['hash']}; "
                  f"{r['requests']} requests per test, {r['mget_runs']} MGET runs")

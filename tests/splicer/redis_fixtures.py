@@ -20,6 +20,7 @@ import pytest
 
 from shmfabric.splicer.config import RedisSpliceConfig
 from shmfabric.splicer.redis_proxy import RedisSplicer
+from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -159,3 +160,18 @@ def splicer(servers: list[RedisServer], **overrides) -> Iterator[SplicerThread]:
         yield sp
     finally:
         sp.stop()
+
+
+def pipeline(port: int, commands: list[list[bytes]]) -> list[bytes]:
+    """Send `commands` in one write to 127.0.0.1:`port` and read one whole reply each."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(encode_command(c) for c in commands))
+        sc = ReplyScanner()
+        out: list[bytes] = []
+        while len(out) < len(commands):
+            data = s.recv(65536)
+            assert data, "connection closed early"
+            sc.feed(data)
+            while (r := sc.next()) is not None:
+                out.append(r)
+        return out

@@ -1,7 +1,6 @@
 """Key placement: the continuum itself, and equality with a real twemproxy (nutcracker)."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -9,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from shmfabric.splicer.redis_ketama import HASHES, Ketama, KetamaServer, hash_key, server_name
-from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-from .redis_fixtures import NUTCRACKER, free_port, needs_nutcracker, needs_redis, redis_servers, wait_port
+from .redis_fixtures import NUTCRACKER, free_port, needs_nutcracker, needs_redis, pipeline, redis_servers, wait_port
 
 
 def test_points_per_server_follow_twemproxy_weights() -> None:
@@ -52,28 +50,27 @@ def test_names_and_hash_tags() -> None:
         Ketama([KetamaServer("a:1")], hash_name="sha1")
     with pytest.raises(ValueError):
         KetamaServer("a:1", 0)
-    with pytest.raises(ValueError, match="use ketama"):
-        Ketama([KetamaServer("a:1")], distribution="modula")
+    with pytest.raises(ValueError, match="use ketama or modula"):
+        Ketama([KetamaServer("a:1")], distribution="random")
 
 
-def _pipeline(port: int, commands: list[list[bytes]]) -> list[bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"".join(encode_command(c) for c in commands))
-        sc = ReplyScanner()
-        out: list[bytes] = []
-        while len(out) < len(commands):
-            data = s.recv(65536)
-            assert data, "connection closed early"
-            sc.feed(data)
-            while (r := sc.next()) is not None:
-                out.append(r)
-        return out
+def test_modula_slots_follow_weights_in_twemproxy_server_order() -> None:
+    # twemproxy sorts its server array by name (shorter first, then bytewise): "b:1" < "aa:1"
+    k = Ketama([KetamaServer("aa:1", 2), KetamaServer("b:1", 1)], distribution="modula")
+    assert k._index == [1, 0, 0]
+    assert [k.dispatch(h) for h in range(6)] == [1, 0, 0, 1, 0, 0]
+    assert k.locate(b"") == k.dispatch(0)  # an empty key hashes to 0
+    down = Ketama([KetamaServer("aa:1", 2), KetamaServer("b:1", 1)], live=[True, False], distribution="modula")
+    assert {down.locate(b"k%d" % i) for i in range(50)} == {0}
+    with pytest.raises(LookupError):
+        Ketama([KetamaServer("aa:1"), KetamaServer("b:1")], live=[False, False], distribution="modula").dispatch(5)
 
 
 KEYS = [b"key:%d" % i for i in range(150)] + [b"\xff\x80\xc3\xa9-%d" % i for i in range(50)] + [
     b"user:{%d}:x" % i for i in range(20)]
 
-POOLS = [(h, "ketama", None) for h in sorted(HASHES)] + [("md5", "ketama", "{}"), ("fnv1a_64", "ketama", "{}")]
+POOLS = [(h, "ketama", None) for h in sorted(HASHES)] + [("md5", "ketama", "{}"), ("fnv1a_64", "ketama", "{}")] + [
+    ("fnv1a_64", "modula", None), ("md5", "modula", None), ("crc32a", "modula", "{}")]
 
 
 @needs_redis
@@ -114,10 +111,10 @@ def test_placement_equals_nutcracker(tmp_path: Path) -> None:
             for i, ((h, dist, tag), port) in enumerate(zip(POOLS, ports)):
                 prefix = b"p%d/" % i
                 keys = [prefix + k for k in KEYS]
-                replies = _pipeline(port, [[b"SET", k, b"1"] for k in keys])
+                replies = pipeline(port, [[b"SET", k, b"1"] for k in keys])
                 assert all(r == b"+OK\r\n" for r in replies), replies[:3]
                 ours = Ketama(kservers, hash_name=h, hash_tag=(tag or "").encode(), distribution=dist)
-                held = [_pipeline(s.port, [[b"EXISTS", k] for k in keys]) for s in srv]
+                held = [pipeline(s.port, [[b"EXISTS", k] for k in keys]) for s in srv]
                 mismatches = []
                 for j, k in enumerate(keys):
                     theirs = [n for n in range(3) if held[n][j] == b":1\r\n"]

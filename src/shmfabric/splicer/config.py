@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ConfigError", "split_address", "PoolConfig", "TimeoutConfig", "LimitConfig", "HealthConfig",
-    "HttpRoute", "HttpSpliceConfig", "RedisServer", "RedisSpliceConfig", "SpliceFile", "load_config",
+    "HttpRoute", "HttpSpliceConfig", "RedisServer", "RedisSpliceConfig", "SpliceFile", "load_config", "read_yaml",
     "format_validation_error",
 ]
 
@@ -283,19 +283,25 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path) -> SpliceFile:
-    """Read and validate a YAML splicer config file; raise ConfigError naming file and field."""
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; ConfigError (file, line, column, fix) when it cannot be read or parsed."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         pos = f" line {where.line + 1} column {where.column + 1}" if where else ""
         raise ConfigError(f"{path}:{pos}: not valid YAML: {getattr(exc, 'problem', exc)}; fix: correct the syntax") from None
+
+
+def load_config(path: str | Path) -> SpliceFile:
+    """Read and validate a YAML splicer config file; raise ConfigError naming file and field."""
+    path = Path(path)
+    data = read_yaml(path)
     if data is None:
         raise ConfigError(f"{path}: the file is empty; fix: add an `http:` or `redis:` section")
     if not isinstance(data, dict):

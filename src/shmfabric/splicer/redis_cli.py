@@ -3,9 +3,11 @@
     shmfabric splice redis --listen 127.0.0.1:6400 \\
         --server 127.0.0.1:6379 --server 127.0.0.1:6380 --pool 4
     shmfabric splice redis --config splice.yaml          (its `redis:` section)
+    shmfabric splice redis --twemproxy nutcracker.yml --twemproxy-pool alpha
 
-`--server` takes twemproxy's form too: ``HOST:PORT[:WEIGHT] [NAME]``. Flags given with
-`--config` override the file's values. `--check` validates and prints the effective
+`--server` takes twemproxy's form too: ``HOST:PORT[:WEIGHT] [NAME]``; `--twemproxy` reads a
+whole nutcracker.yml pool (see `twemproxy_conf`). Flags given with `--config` or `--twemproxy`
+override the file's values. `--check` validates and prints the effective
 configuration as JSON without starting anything.
 """
 from __future__ import annotations
@@ -26,14 +28,28 @@ def _cli_error(msg: str) -> Exception:
 
 
 def build_redis_config(args: argparse.Namespace) -> Any:
-    """Merge --config and flags into a validated `RedisSpliceConfig` (CliError on problems)."""
+    """Merge --config or --twemproxy and the flags into a validated `RedisSpliceConfig` (CliError on problems)."""
     from pydantic import ValidationError
 
     from shmfabric.splicer.config import ConfigError, RedisSpliceConfig, format_validation_error, load_config
 
     data: dict[str, Any] = {}
     source = "command line"
-    if args.config:
+    if args.config and args.twemproxy:
+        raise _cli_error("--config and --twemproxy both give a whole configuration; fix: use one of them")
+    if args.twemproxy_pool and not args.twemproxy:
+        raise _cli_error("--twemproxy-pool names a pool of a --twemproxy file; fix: add --twemproxy FILE")
+    if args.twemproxy:
+        from shmfabric.splicer.twemproxy_conf import load_twemproxy
+
+        try:
+            data, notes = load_twemproxy(args.twemproxy, args.twemproxy_pool)
+        except ConfigError as exc:
+            raise _cli_error(str(exc)) from None
+        for note in notes:
+            print(f"splice redis: {note}", file=sys.stderr)
+        source = args.twemproxy
+    elif args.config:
         try:
             file_cfg = load_config(args.config)
         except ConfigError as exc:
@@ -42,7 +58,7 @@ def build_redis_config(args: argparse.Namespace) -> Any:
             raise _cli_error(f"{args.config}: no `redis:` section; fix: add one (see docs/splicer-redis.md)")
         data = file_cfg.redis.model_dump(exclude_unset=True)
         source = args.config
-    for name in ("listen", "workers", "metrics", "hash"):
+    for name in ("listen", "workers", "metrics", "hash", "distribution"):
         value = getattr(args, name)
         if value is not None:
             data[name] = value
@@ -71,9 +87,6 @@ def build_redis_config(args: argparse.Namespace) -> Any:
         if source == "command line":
             text = text.replace("field `servers", "--server `servers")
         raise _cli_error(text) from None
-    if cfg.distribution != "ketama":
-        raise _cli_error(f"{source}: field `distribution`: {cfg.distribution!r} is not supported by the Redis "
-                         "splicer; fix: use ketama")
     return cfg
 
 
@@ -130,12 +143,17 @@ def register_redis(verbs: Any) -> None:
     p.add_argument("--pool", type=int, metavar="N", help="pooled connections (lanes) per server (default 8)")
     p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server")
     p.add_argument("--hash", help="key hash, as twemproxy's `hash` (default fnv1a_64)")
+    p.add_argument("--distribution", choices=["ketama", "modula"],
+                   help="key distribution, as twemproxy's `distribution` (default ketama)")
     p.add_argument("--hash-tag", metavar="XY", help="hash only the part of a key between X and Y, e.g. '{}'")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then -ERR (default 30)")
     p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--no-health", action="store_true", help="no active health checks")
     p.add_argument("--config", metavar="FILE", help="YAML file with a `redis:` section")
+    p.add_argument("--twemproxy", metavar="FILE",
+                   help="run a pool of a twemproxy (nutcracker) YAML config, keeping its key placement")
+    p.add_argument("--twemproxy-pool", metavar="NAME", help="which pool of the --twemproxy file (if it has several)")
     p.add_argument("--check", action="store_true", help="validate, print the effective config as JSON, exit")
     p.set_defaults(func=_run)
 

@@ -1,4 +1,4 @@
-"""Key placement for the Redis splicer: twemproxy-compatible ketama consistent hashing.
+"""Key placement for the Redis splicer: twemproxy-compatible ketama (and modula) distribution.
 
 This is twemproxy's `src/hashkit/nc_ketama.c` and the key hashes of `src/hashkit/` done over in
 Python, so a pool moved from twemproxy (`distribution: ketama`) to the splicer keeps every key on
@@ -15,6 +15,12 @@ the same server, given the same server list, weights, names, `hash` and `hash_ta
 * a key goes to the first point whose value is >= hash(key), wrapping to the first point; the
   key hash is the pool's `hash` (twemproxy's default is fnv1a_64, which, as in twemproxy, is
   truncated to 32 bits); with `hash_tag` ("{}") only the part between the tags is hashed.
+
+`distribution: modula` (twemproxy's `nc_modula.c`) is offered too: one slot per unit of weight
+and a key goes to slot ``hash % nslots``. The slots follow twemproxy's *server array* order,
+which is not the config order: `conf_validate_server` sorts the servers by name (shorter names
+first, then bytewise) to find duplicates, and the array stays sorted. Ketama placement does not
+depend on that order (points come from names); modula does, so it is reproduced here.
 
 Like twemproxy, the hashes read key bytes as C `char`, which is signed on x86 and ARM64 Linux,
 so bytes >= 0x80 are sign-extended; `test_redis_ketama` checks placement against a running
@@ -205,9 +211,10 @@ class Ketama:
         live: which servers take part (twemproxy's auto-eject); default all.
         hash_name: key hash, one of `HASHES`.
         hash_tag: two characters, e.g. b"{}", or b"" for none.
+        distribution: "ketama" (consistent hashing) or "modula" (hash modulo the weight slots).
     """
 
-    __slots__ = ("servers", "live", "hash_name", "hash_tag", "distribution", "_hash", "_values", "_index")
+    __slots__ = ("servers", "live", "hash_name", "hash_tag", "distribution", "modula", "_hash", "_values", "_index")
 
     def __init__(
         self,
@@ -230,14 +237,22 @@ class Ketama:
         self.hash_name = hash_name
         self.hash_tag = hash_tag
         self._hash = HASHES[hash_name]
-        if distribution != "ketama":
-            # twemproxy's modula gave different placements than nutcracker 0.5.0 in our
-            # comparison test, so it is not offered rather than offered wrong.
-            raise ValueError(f"distribution {distribution!r} is not supported by the Redis splicer; use ketama")
-        points = self._build()
+        if distribution not in ("ketama", "modula"):
+            # twemproxy's `random` sends each request of a key to any server: reads would miss
+            # what writes stored, and one key's commands could not keep their order.
+            raise ValueError(f"distribution {distribution!r} is not supported by the Redis splicer; "
+                             "use ketama or modula")
         self.distribution = distribution
-        self._values = [v for v, _ in points]
-        self._index = [i for _, i in points]
+        self.modula = distribution == "modula"
+        if self.modula:
+            # Slot n holds a server index; `_values` is only the slot count's stand-in, kept
+            # non-empty exactly when a server is live (callers test it for "no live server").
+            self._index = self._build_modula()
+            self._values = list(range(len(self._index)))
+        else:
+            points = self._build()
+            self._values = [v for v, _ in points]
+            self._index = [i for _, i in points]
 
     def _build(self) -> list[tuple[int, int]]:
         nlive = sum(self.live)
@@ -266,16 +281,25 @@ class Ketama:
         points.sort(key=lambda p: p[0])
         return points
 
+    def _build_modula(self) -> list[int]:
+        # nc_modula.c modula_update, over the server array as twemproxy orders it (sorted by
+        # name with string_compare: length first, then bytes; see the module docstring).
+        order = sorted(range(len(self.servers)), key=lambda i: (len(n := self.servers[i].name.encode()), n))
+        return [i for i in order if self.live[i] for _ in range(self.servers[i].weight)]
+
     @property
     def npoints(self) -> int:
         """Points on the continuum (160 per live server when weights are equal)."""
         return len(self._values)
 
     def dispatch(self, h: int) -> int:
-        """Server index for a 32-bit key hash (ketama_dispatch: first point >= h, wrapping)."""
+        """Server index for a 32-bit key hash (ketama_dispatch: first point >= h, wrapping;
+        modula_dispatch: slot h % nslots)."""
         values = self._values
         if not values:
             raise LookupError("no live server")
+        if self.modula:
+            return self._index[h % len(values)]
         i = bisect.bisect_left(values, h)
         return self._index[i if i < len(values) else 0]
 

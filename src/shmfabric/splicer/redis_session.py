@@ -117,8 +117,11 @@ class Router:
             values = k._values
             if not values:
                 raise LookupError("no live server")
-            i = bisect_left(values, h)
-            server = k._index[i if i < len(values) else 0]
+            if k.modula:
+                server = k._index[h % len(values)]
+            else:
+                i = bisect_left(values, h)
+                server = k._index[i if i < len(values) else 0]
         hit = server * self.lanes + h % self.lanes
         if len(cache) >= self._cache_max:
             # Forget the older half (dicts keep insertion order): cheap, and keys that are

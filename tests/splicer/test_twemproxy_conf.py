@@ -1,0 +1,147 @@
+"""A twemproxy (nutcracker) config run by the splicer: the mapping, its refusals, and a migration.
+
+The migration test is the point of the feature: keys written through a real nutcracker are read
+back through the splicer started from the same nutcracker.yml (after nutcracker stops), for a
+ketama pool with weights, a named server and a hash tag, and for a modula pool.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shmfabric.cli.main import main
+from shmfabric.splicer.config import ConfigError, RedisSpliceConfig
+from shmfabric.splicer.twemproxy_conf import from_twemproxy
+
+from .redis_fixtures import NUTCRACKER, free_port, needs_nutcracker, needs_redis, pipeline, redis_servers, wait_port
+
+FULL = {
+    "alpha": {
+        "listen": "127.0.0.1:22121", "hash": "md5", "hash_tag": "{}", "distribution": "modula",
+        "timeout": 400, "backlog": 1024, "preconnect": True, "redis": True, "redis_auth": "s3cret",
+        "redis_db": 2, "server_connections": 4, "auto_eject_hosts": True, "server_retry_timeout": 2000,
+        "server_failure_limit": 3, "servers": ["127.0.0.1:6379:1", "127.0.0.1:6380:2 shard-b"],
+    },
+}
+
+
+def test_every_directive_maps_to_its_splicer_field() -> None:
+    data, notes = from_twemproxy(FULL)
+    cfg = RedisSpliceConfig.model_validate(data)
+    assert cfg.listen == "127.0.0.1:22121" and cfg.hash == "md5" and cfg.hash_tag == "{}"
+    assert cfg.distribution == "modula"
+    assert cfg.timeouts.request == pytest.approx(0.4)
+    assert (cfg.pool.min, cfg.pool.max) == (4, 4)
+    assert cfg.password == cfg.backend_password == "s3cret" and cfg.db == 2
+    assert cfg.auto_eject and cfg.health.fall == 3 and cfg.health.interval == pytest.approx(2.0)
+    assert [(s.address, s.weight, s.name) for s in cfg.servers] == [
+        ("127.0.0.1:6379", 1, None), ("127.0.0.1:6380", 2, "shard-b")]
+    assert notes == ["twemproxy config: pool alpha: `backlog` is accepted and not applied (the splicer has no equivalent)"]
+
+
+def test_twemproxy_defaults_one_lazy_connection_per_server_and_ketama() -> None:
+    data, _ = from_twemproxy({"p": {"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"]}})
+    cfg = RedisSpliceConfig.model_validate(data)
+    assert (cfg.pool.min, cfg.pool.max) == (0, 1)
+    assert cfg.distribution == "ketama" and cfg.hash == "fnv1a_64" and not cfg.auto_eject
+
+
+@pytest.mark.parametrize("pool,needle", [
+    ({"listen": "127.0.0.1:1", "servers": ["127.0.0.1:2:1"]}, "memcached pool"),
+    ({"listen": "/tmp/nc.sock 0755", "redis": True, "servers": ["127.0.0.1:2:1"]}, "UNIX socket"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["/tmp/redis.sock:1"]}, "UNIX sockets are not"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": []}, "non-empty list"),
+    ({"redis": True, "servers": ["127.0.0.1:2:1"]}, "`listen` is missing"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "hash": "hsieh"}, "hash: hsieh"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "distribution": "random"}, "random"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "listne": 1}, "unknown directive listne"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "timeout": "fast"}, "milliseconds"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "server_connections": 0}, "cannot be 0"),
+])
+def test_what_cannot_carry_over_is_refused_with_the_reason(pool: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match="pool p") as exc:
+        from_twemproxy({"p": pool})
+    assert needle in str(exc.value)
+
+
+def test_a_file_with_several_pools_needs_a_pool_name(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "nutcracker.yml"
+    path.write_text("a:\n  listen: 127.0.0.1:22121\n  redis: true\n  servers: [127.0.0.1:7001:1]\n"
+                    "b:\n  listen: 127.0.0.1:22122\n  redis: true\n  servers: ['127.0.0.1:7002:1 x']\n")
+    assert main(["splice", "redis", "--twemproxy", str(path), "--check"]) == 2
+    assert "2 pools (a, b)" in capsys.readouterr().err
+    assert main(["splice", "redis", "--twemproxy", str(path), "--twemproxy-pool", "c", "--check"]) == 2
+    assert "no pool 'c'" in capsys.readouterr().err
+    # flags override the file, as with --config
+    assert main(["splice", "redis", "--twemproxy", str(path), "--twemproxy-pool", "b", "--pool", "3", "--check"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["listen"] == "127.0.0.1:22122" and cfg["servers"][0]["name"] == "x" and cfg["pool"]["max"] == 3
+    assert main(["splice", "redis", "--twemproxy", str(path), "--config", str(path), "--check"]) == 2
+    assert "use one of them" in capsys.readouterr().err
+
+
+@needs_redis
+@needs_nutcracker
+@pytest.mark.timeout(120)
+def test_keys_written_through_twemproxy_are_read_through_the_splicer_from_the_same_file(tmp_path: Path) -> None:
+    with redis_servers(tmp_path, 3) as srv:
+        lines = [f"127.0.0.1:{srv[0].port}:1", f"127.0.0.1:{srv[1].port}:1", f"127.0.0.1:{srv[2].port}:2 shard-c"]
+        pools = {"ring": "  hash: fnv1a_64\n  hash_tag: \"{}\"\n  distribution: ketama\n",
+                 "slots": "  hash: md5\n  distribution: modula\n"}
+        for attempt in range(3):
+            ports = {name: free_port() for name in pools}
+            conf = tmp_path / "nutcracker.yml"
+            conf.write_text("".join(
+                f"{name}:\n  listen: 127.0.0.1:{ports[name]}\n  redis: true\n  server_connections: 2\n{extra}"
+                "  servers:\n" + "".join(f"   - {ln}\n" for ln in lines) for name, extra in pools.items()))
+            nc = subprocess.Popen([NUTCRACKER, "-c", str(conf), "-s", str(free_port()), "-o", str(tmp_path / "nc.log")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                for p in ports.values():
+                    wait_port(p, timeout=5)
+                break
+            except TimeoutError:  # a port picked free was taken before nutcracker bound it
+                nc.kill()
+                nc.wait(timeout=10)
+                if attempt == 2:
+                    raise
+        keys = {name: [b"%s:%d" % (name.encode(), i) for i in range(200)] + [b"user:{%d}:%s" % (i, name.encode())
+                                                                            for i in range(20)] for name in pools}
+        try:
+            for name, port in ports.items():
+                replies = pipeline(port, [[b"SET", k, b"v-" + k] for k in keys[name]])
+                assert set(replies) == {b"+OK\r\n"}, replies[:3]
+        finally:
+            nc.kill()
+            nc.wait(timeout=10)
+        # the keys really are spread over the three servers (else the check below proves little)
+        for name in pools:
+            held = [sum(r == b":1\r\n" for r in pipeline(s.port, [[b"EXISTS", k] for k in keys[name]])) for s in srv]
+            assert sum(held) == len(keys[name]) and sum(h > 0 for h in held) >= 2, (name, held)
+        for name, port in ports.items():
+            for attempt in range(30):  # nutcracker's listening socket may linger a moment
+                sp = subprocess.Popen([sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--twemproxy",
+                                       str(conf), "--twemproxy-pool", name], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+                try:
+                    wait_port(port, timeout=10)
+                    break
+                except TimeoutError:
+                    sp.kill()
+                    out, err = sp.communicate(timeout=10)
+                    assert "cannot listen" in err, err
+                    time.sleep(0.2)
+            try:
+                values = pipeline(port, [[b"GET", k] for k in keys[name]])
+                assert values == [b"$%d\r\nv-%s\r\n" % (len(k) + 2, k) for k in keys[name]], name
+                # and the split MGET finds every key on its server too
+                merged = pipeline(port, [[b"MGET", *keys[name]]])[0]
+                assert merged.count(b"v-") == len(keys[name]) and b"$-1" not in merged
+            finally:
+                sp.terminate()
+                sp.wait(timeout=10)

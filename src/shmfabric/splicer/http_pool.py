@@ -6,12 +6,24 @@ Per backend server (`BackendServer`):
 * `in_use`: the in-use directory, pooled connection -> the exchanges (client requests) it
   serves, oldest first (one, or up to `pool.pipeline` pipelined idempotent requests);
 * `waiters`: exchanges waiting for a connection (when `max` connections are all in use);
+* `fresh_waiters`: retried exchanges waiting for a newly opened connection (below);
 * `min` connections are opened at start and re-opened (with jittered exponential backoff) when
   they close; up to `max` are opened on demand.
 
 A connection carries one request at a time; the end of each response is found by parsing it
 (`ResponseFramer`), after which the connection returns to `free` or goes straight to the next
-waiter. Health: active checks every `health.interval` (TCP connect, or `GET health.path`), plus
+waiter.
+
+A backend may close a keep-alive connection at any time between responses (nginx after
+`keepalive_requests`, idle timeouts), and the close can cross a request already handed to that
+connection, or pipelined behind the last response. Such a request is retried (see
+`Exchange.on_backend_failure`) on a connection opened for it: a new connection is not subject to
+a keep-alive limit before its first response, whereas another pooled one may be closing just the
+same (retried on pooled connections, up to a quarter of the requests got 502s against a backend
+closing after every 5th). Retried exchanges are served before the other waiters: their clients' later
+responses are held behind them.
+
+Health: active checks every `health.interval` (TCP connect, or `GET health.path`), plus
 passive results from connects; a server that fails `fall` times leaves rotation, and comes back
 after `rise` successes (`HealthState`). `BackendGroup.pick()` chooses the up server with the
 fewest requests in flight.
@@ -52,8 +64,8 @@ class BackendConnection(asyncio.Protocol):
     time normally, up to `pool.pipeline` when idempotent requests are pipelined to the backend.
     """
 
-    __slots__ = ("server", "transport", "framer", "exchanges", "alive", "used", "tunnel", "pipelined", "_paused",
-                 "_cork")
+    __slots__ = ("server", "transport", "framer", "exchanges", "alive", "used", "idled", "tunnel", "pipelined",
+                 "_paused", "_cork")
 
     def __init__(self, server: "BackendServer") -> None:
         self.server = server
@@ -62,6 +74,7 @@ class BackendConnection(asyncio.Protocol):
         self.exchanges: deque[ExchangeLike] = deque()
         self.alive = False
         self.used = 0          # requests served so far (a reused connection may be stale)
+        self.idled = False     # has sat in the free queue (the backend may have closed it meanwhile)
         self.tunnel = False    # after 101 Switching Protocols: raw bytes both ways
         self.pipelined = False  # carries pipelined (idempotent, bodiless) requests
         self._paused = False
@@ -228,6 +241,7 @@ class BackendServer:
         self.free: deque[BackendConnection] = deque()
         self.in_use: dict[BackendConnection, deque[ExchangeLike]] = {}
         self.waiters: deque[ExchangeLike] = deque()
+        self.fresh_waiters: deque[ExchangeLike] = deque()  # retries: a new connection each
         self.connecting = 0
         self.health = HealthState(rise=health.rise, fall=health.fall)
         self.backoff = Backoff(cap=max(1.0, health.interval))
@@ -260,8 +274,9 @@ class BackendServer:
         for conn in list(self.free) + list(self.in_use):
             conn.abort()
         self.free.clear()
-        while self.waiters:
-            self.waiters.popleft().on_backend_failure("unavailable", "splicer is shutting down")
+        for queue in (self.fresh_waiters, self.waiters):
+            while queue:
+                queue.popleft().on_backend_failure("unavailable", "splicer is shutting down")
         await asyncio.sleep(0)
 
     @property
@@ -274,14 +289,24 @@ class BackendServer:
         return len(self.free) + len(self.in_use)
 
     # -- acquire / release ------------------------------------------------------------------
-    def acquire(self, ex: ExchangeLike, pipelinable: bool = False) -> BackendConnection | None:
+    def acquire(self, ex: ExchangeLike, pipelinable: bool = False, fresh: bool = False) -> BackendConnection | None:
         """A connection for `ex` now, or None (then `ex.on_connection` is called later).
 
         With `pool.pipeline` > 1 a `pipelinable` request (idempotent, no body, not HEAD) may
         join a connection that already carries pipelined requests: first the one collecting
         this event-loop turn's batch (so the batch leaves in one send), else a free one, else
         the least loaded pipelined one with room.
+
+        `fresh`: `ex` is a retry after the backend closed a connection under it; it gets a
+        connection opened for it (always later), ahead of the other waiters. At `max`, an idle
+        connection is closed to make room (the oldest: the likeliest to be stale anyway).
         """
+        if fresh:
+            self.fresh_waiters.append(ex)
+            if len(self.fresh_waiters) > self.connecting and self.size + self.connecting >= self.max and self.free:
+                self.free.popleft().abort()  # refills through _on_lost
+            self._fill()
+            return None
         depth = self.pipeline
         if pipelinable and depth > 1:
             conn = self._batch
@@ -329,10 +354,12 @@ class BackendServer:
 
     def cancel_wait(self, ex: ExchangeLike) -> None:
         """Forget a waiting exchange (timed out, client gone)."""
-        try:
-            self.waiters.remove(ex)
-        except ValueError:
-            pass
+        for queue in (self.waiters, self.fresh_waiters):
+            try:
+                queue.remove(ex)
+                return
+            except ValueError:
+                pass
 
     def release(self, conn: BackendConnection, ex: ExchangeLike, reusable: bool) -> None:
         """`ex` got its complete response on `conn`: keep `conn` for the next request, or drop it."""
@@ -352,17 +379,30 @@ class BackendServer:
         conn.pipelined = False
         self._hand_over(conn)
 
-    def _hand_over(self, conn: BackendConnection) -> None:
-        """An idle, healthy connection: to the first waiter, else to the free queue."""
+    def _hand_over(self, conn: BackendConnection, new: bool = False) -> None:
+        """An idle, healthy connection: to the first waiter, else to the free queue.
+
+        `new`: just opened, so it goes to a retried exchange first. A used connection while a
+        retry has no connection coming is closed instead, making room for one under `max`.
+        """
         conn.pause_reading(False)
-        if self.waiters:
+        fresh = self.fresh_waiters
+        if new and fresh:
+            ex = fresh.popleft()
+        elif fresh and len(fresh) > self.connecting and self.size + self.connecting >= self.max:
+            self.in_use.pop(conn, None)
+            conn.abort()  # _on_lost -> _fill opens the retry's connection
+            return
+        elif self.waiters:
             ex = self.waiters.popleft()
-            self.in_use[conn] = conn.exchanges
-            conn.exchanges.append(ex)
-            ex.on_connection(conn)
         else:
             self.in_use.pop(conn, None)
+            conn.idled = True
             self.free.append(conn)
+            return
+        self.in_use[conn] = conn.exchanges
+        conn.exchanges.append(ex)
+        ex.on_connection(conn)
 
     def detach(self, conn: BackendConnection) -> None:
         """Take `conn` out of the pool for good (it became a tunnel); the pool refills."""
@@ -386,7 +426,7 @@ class BackendServer:
         if self._closed or self._loop is None:
             return
         total = len(self.free) + len(self.in_use) + self.connecting
-        want = max(self.min - total, len(self.waiters) - self.connecting)
+        want = max(self.min - total, len(self.waiters) + len(self.fresh_waiters) - self.connecting)
         want = min(want, self.max - total)
         if want <= 0:
             return
@@ -428,10 +468,13 @@ class BackendServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self._hand_over(conn)
+        self._hand_over(conn, new=True)
         self._fill()  # keep going up to `min` (one probe at a time while the server is down)
 
     def _connect_failed(self, message: str) -> None:
+        # A retry waits for a connection of its own: with none coming, it fails now (502).
+        while len(self.fresh_waiters) > self.connecting:
+            self.fresh_waiters.popleft().on_backend_failure("connect", message)
         # With no connection left to wait for, the waiters fail now (502, or retried elsewhere).
         if self.size == 0 and self.connecting == 0:
             waiters, self.waiters = self.waiters, deque()

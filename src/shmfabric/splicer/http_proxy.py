@@ -9,10 +9,12 @@ overtaken by, the requests around it). Responses are written strictly in request
 head response streams, later ones are held in their slots.
 
 Failures stay in place: a backend that fails before its response began yields a 502 (504 on
-timeout) in that request's slot and the pipeline goes on; a connect failure or a reset of a
-reused connection before any response byte is retried once elsewhere when that is safe. If a
-response already started streaming when its backend fails, the only honest thing left is to
-close the client connection after the bytes sent so far.
+timeout) in that request's slot and the pipeline goes on; a connect failure, or an idempotent
+request on a connection the backend closed (or broke) before this request's response began,
+when the connection had been used before or the request was pipelined behind another, is
+retried once, the latter on a new connection (`Exchange.on_backend_failure`). If a response
+already started streaming when its backend fails, the only honest thing left is to close the
+client connection after the bytes sent so far.
 
 Backpressure: reading from the client stops while the merge holds `max_pipeline` requests or
 `max_buffer_bytes` bytes (or request-body bytes waiting for a backend pass that bound, or the
@@ -118,7 +120,7 @@ class Exchange:
         client.splicer.deadlines.append(self)
         self._dispatch(None)
 
-    def _dispatch(self, exclude: "BackendServer | None") -> None:
+    def _dispatch(self, exclude: "BackendServer | None", fresh: bool = False) -> None:
         group = self.group
         server = group.pick(exclude) if group is not None else None
         if server is None:
@@ -127,7 +129,7 @@ class Exchange:
         self.server = server
         server.inflight += 1
         server.metrics.requests.inc()
-        conn = server.acquire(self, self.pipelinable)
+        conn = server.acquire(self, self.pipelinable, fresh)
         if conn is not None:
             self.on_connection(conn)
 
@@ -137,7 +139,7 @@ class Exchange:
             self.server.release(conn, self, True)  # type: ignore[union-attr]
             return
         self.conn = conn
-        self.reused = conn.used > 0
+        self.reused = conn.used > 0 or conn.idled
         self.behind = len(conn.exchanges) > 1
         conn.framer.expect(self.req.method)
         head = encode_request_head(self.req, keep_upgrade=self.req.upgrade,
@@ -238,12 +240,20 @@ class Exchange:
         if (not self.resp_started and not self.gone and kind != "timeout" and self.attempts < 1
                 and not self.body_sent
                 and (kind == "connect" or ((self.reused or self.behind) and self.req.method in IDEMPOTENT_METHODS))):
-            # Safe to retry: nothing reached a backend (connect), or an idempotent request met a
-            # pooled connection the backend had just closed, or was pipelined behind the
-            # request that broke the connection. (A request that was first on a fresh
-            # connection is not retried: it may be what brings backends down.)
+            # Safe to retry: nothing reached a backend (connect), or an idempotent request
+            # (RFC 9110 section 9.2.2) met a pooled connection the backend had just closed, or was
+            # pipelined behind the response after which the backend closed or broke the
+            # connection (nginx's keepalive_requests), and no byte of its own response came.
+            # The latter go to a new connection, alone: any pooled one may be closing as well
+            # (the close crosses the hand-over), and a new connection is never closed by a
+            # keep-alive limit before its first response, so one retry is enough. A request
+            # that was first on a new connection is not retried: it may be what brings
+            # backends down.
             self.attempts += 1
-            self._dispatch(server)
+            fresh = kind != "connect"
+            if fresh:
+                self.pipelinable = False
+            self._dispatch(server, fresh)
             return
         self.finished = True
         client = self.client

@@ -79,7 +79,7 @@ class HttpSplicer:
     def pool_sizes(self) -> dict[str, dict[str, int]]:
         """Per backend: free and in-use pooled connections, connections being opened, waiters."""
         return {name: {"free": len(s.free), "in_use": len(s.in_use), "connecting": s.connecting,
-                       "waiters": len(s.waiters), "inflight": s.inflight}
+                       "waiters": len(s.waiters) + len(s.fresh_waiters), "inflight": s.inflight}
                 for name, s in sorted(self.servers.items())}
 
     async def _sweep_idle(self) -> None:

@@ -264,6 +264,34 @@ def test_head_response_followed_by_more_responses_with_trailing_data():
     assert [type(e).__name__ for e in evs] == ["Response", "EndOfMessage", "Response", "Data", "EndOfMessage"]
 
 
+@pytest.mark.parametrize("head,keep", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", True),
+])
+def test_a_response_to_head_announcing_a_body_ends_the_connection(head, keep):
+    # A backend that sends the announced body anyway would have it read as the next response.
+    f = ResponseFramer()
+    f.expect(b"HEAD")
+    f.receive_data(head)
+    evs = drain(f)
+    assert evs[0].keep_alive is keep and isinstance(evs[1], EndOfMessage) and not f.broken
+
+
+@pytest.mark.parametrize("method,data", [
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcde"),
+])
+def test_bytes_beyond_the_responses_asked_for_break_the_connection(method, data):
+    f = ResponseFramer()
+    f.expect(method)
+    f.receive_data(data)
+    assert f.broken
+    assert drain(f)[-1] == ("error", 502)  # after the events of the complete response
+
+
 BAD_RESPONSES = {
     "cl_and_te": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "dup_cl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",

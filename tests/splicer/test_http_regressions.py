@@ -48,6 +48,23 @@ class RawBackend:
                     await writer.drain()
                     writer.close()
                     return
+                if head.startswith(b"HEAD ") and path.startswith(b"/headbody"):
+                    # A body on a response to HEAD, which has none (RFC 9112 section 6.3): the
+                    # bytes after the head are not a response; `-late` sends them after a pause.
+                    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil" if b"fake" in path else b"hello"
+                    if b"empty" in path:  # a well-behaved one, announcing no body
+                        extra = b""
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(extra))
+                    if path.endswith(b"-late"):
+                        await writer.drain()
+                        await asyncio.sleep(0.2)
+                    writer.write(extra)
+                    await writer.drain()
+                    continue
+                if path == b"/extra":  # two bytes more than announced
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcde")
+                    await writer.drain()
+                    continue
                 if path == b"/chunked":
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
                 elif path == b"/big":
@@ -373,3 +390,32 @@ def test_nginx_ending_keep_alive_connections_costs_no_502(tmp_path):
         proc.stderr.close()  # type: ignore[union-attr]
 
 
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/headbody", "/headbody-late", "/headbody-fake", "/headbody-fake-late", "/extra",
+                                  "/headbody-empty"])
+def test_bytes_after_a_response_never_reach_another_request(path, method):
+    # A body on a response to HEAD (RFC 9112 section 6.3: it has none), at once, after a pause,
+    # or shaped as a whole response; and bytes beyond a Content-Length. The next request on
+    # that backend connection got them: the POST a 502 (bytes read as its response), the GET
+    # the fake response itself when it came after a pause. Pool of one: the next request
+    # would go to the same backend connection. (And a response to HEAD with Content-Length: 0
+    # made the framer raise IndexError inside the backend connection's data_received.)
+    async def test(be, sp):
+        errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        first = b"HEAD" if path.startswith("/head") else b"GET"
+        got, closed = await _exchange(sp.port, b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (first, path.encode())
+                                      + b"%s /next HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                        b"Connection: close\r\n\r\n" % method.encode())
+        assert closed
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), got
+        if first == b"GET":
+            assert rest.startswith(b"abc"), got
+            rest = rest[3:]
+        assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\necho /next"), got
+        got, _ = await _exchange(sp.port, b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\necho /after"), got
+        assert not errors, errors
+    asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))

@@ -108,7 +108,8 @@ class InformationalResponse(Event):
 
 @dataclass(frozen=True, slots=True)
 class Response(Event):
-    """A final response head; `framing` is one of the BODY_* constants."""
+    """A final response head; `framing` is one of the BODY_* constants. `keep_alive`: the
+    connection may carry another request after this response."""
 
     status: int
     reason: bytes
@@ -520,6 +521,14 @@ class ResponseFramer(_Framer):
         version = p.get_http_version()
         hv = b"1.1" if version == "1.1" else b"1.0"
         keep = p.should_keep_alive() and framing != BODY_UNTIL_CLOSE
+        if method == b"HEAD" and status != 204 and status != 304 and (self._te or self._cl != 0):
+            # The head announces a body the response to HEAD does not have (RFC 9112 section 6.3).
+            # A backend that sends it anyway, at once or later, would have it read as the next
+            # response on this connection - by another client's request. Bytes in the same read
+            # are caught (`broken`), later ones cannot be told from the next response, so the
+            # connection carries nothing more (costs a reconnect per such HEAD; HAProxy trusts
+            # the backend instead).
+            keep = False
         self._events.append(Response(status, self._reason, headers, hv, keep, framing, length))
         if method == b"HEAD":
             self._head_done = True
@@ -533,6 +542,9 @@ class ResponseFramer(_Framer):
             self._informational = False
             return
         self._in_message = False
+        # llhttp completes a response to HEAD itself when it sees no body is coming (204, 304,
+        # Content-Length: 0): then `_feed_head_mode` has nothing left to finish.
+        self._head_done = False
         self._methods.popleft()
         self._events.append(EndOfMessage(tuple(self._trailers)) if self._trailers else _EOM)
 
@@ -612,6 +624,13 @@ class ResponseFramer(_Framer):
                 self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
         elif self._head_buf:
             self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
+
+    @property
+    def broken(self) -> bool:
+        """True once the backend sent something that is not a valid response to a request sent
+        (e.g. bytes after a response to HEAD, RFC 9112 section 6.3), or closed: the connection
+        cannot carry another request."""
+        return self._error is not None or self._eof
 
     @property
     def idle(self) -> bool:

@@ -219,7 +219,10 @@ class BackendConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.alive and not self.tunnel
+        """True if another request may be sent on it: open, not a tunnel, and the backend sent
+        nothing beyond the responses asked for (bytes after a response to HEAD, say: they are
+        never read as the next request's response)."""
+        return self.alive and not self.tunnel and not self.framer.broken
 
 
 class BackendServer:

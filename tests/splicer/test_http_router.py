@@ -34,3 +34,16 @@ def test_cache_is_bounded():
     for i in range(10_000):
         r.match(b"h", b"/p%d" % i)
     assert len(r._cache) <= 4096
+
+
+def test_a_trailing_dot_case_and_port_do_not_change_the_route():
+    # `example.com.` is the same name rooted in DNS (RFC 1034 section 3.1); names are
+    # case-insensitive (RFC 4343), and the port is not part of the routing key. These all routed
+    # to the default before (the trailing dot made it another name).
+    r = Router.from_config([(None, None, "example.com", "apex"), ("/", None, "*.example.org", "sub")], "dflt")
+    for host in (b"example.com", b"example.com.", b"EXAMPLE.com.:80", b"Example.COM:80", b"example.com.:8080"):
+        assert r.match(host, b"/x") == "apex", host
+    assert r.match(b"www.example.org.", b"/x") == "sub"
+    assert r.match(b"example.com..", b"/x") == "dflt"  # not a name: no second dot is dropped
+    assert normalize_host(b"EXAMPLE.com.:80") == normalize_host(b"example.com.") == b"example.com"
+    assert Router.from_config([(None, None, "Example.com.", "apex")], None).match(b"example.com", b"/") == "apex"

@@ -30,13 +30,21 @@ def request_path(target: bytes) -> bytes:
 
 
 def normalize_host(host: bytes) -> bytes:
-    """Lower-case host without the port (IPv6 literals keep their brackets)."""
+    """Lower-case host without the port and without one trailing dot (IPv6 literals keep their
+    brackets): `EXAMPLE.com.:80`, `example.com.` and `example.com` all give `example.com`.
+
+    Names are case-insensitive (RFC 4343) and a trailing dot only roots the name in DNS (RFC 1034
+    section 3.1), so a client writing it must not reach another route. Only one dot goes:
+    `example.com..` is no name and matches no host rule.
+    """
     host = host.strip().lower()
     if host.startswith(b"["):
         end = host.find(b"]")
         return host[: end + 1] if end >= 0 else host
     colon = host.rfind(b":")
-    return host[:colon] if colon >= 0 else host
+    if colon >= 0:
+        host = host[:colon]
+    return host[:-1] if host.endswith(b".") else host
 
 
 @dataclass(frozen=True, slots=True)

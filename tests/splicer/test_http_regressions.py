@@ -61,6 +61,11 @@ class RawBackend:
                     writer.write(extra)
                     await writer.drain()
                     continue
+                if path == b"/partialhead":  # the backend dies while answering
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+                    await writer.drain()
+                    writer.close()
+                    return
                 if path == b"/extra":  # two bytes more than announced
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcde")
                     await writer.drain()
@@ -418,4 +423,19 @@ def test_bytes_after_a_response_never_reach_another_request(path, method):
         got, _ = await _exchange(sp.port, b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\necho /after"), got
         assert not errors, errors
+    asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
+
+
+def test_a_request_whose_response_began_is_not_retried():
+    # The backend closed in the middle of the response head, on a reused connection: the
+    # backend acted on the request, so it gets its 502 in place and is not sent again; the
+    # requests around it are answered. It was sent a second time.
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                               b"GET /partialhead HTTP/1.1\r\nHost: x\r\n\r\n"
+                                               b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert closed
+        assert re.findall(rb"HTTP/1.1 (\d+)", got) == [b"200", b"502", b"200"], got
+        assert b"echo /a" in got and got.endswith(b"echo /b") and b"middle of a response" in got
+        assert sum(h.startswith(b"GET /partialhead ") for h in be.heads) == 1, be.heads
     asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))

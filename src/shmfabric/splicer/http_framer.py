@@ -43,7 +43,7 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 __all__ = [
     "NEED_DATA", "PAUSED", "BODY_NONE", "BODY_LENGTH", "BODY_CHUNKED", "BODY_UNTIL_CLOSE",
     "Event", "Request", "InformationalResponse", "Response", "Data", "EndOfMessage", "ConnectionClosed",
-    "RemoteProtocolError", "RequestFramer", "ResponseFramer",
+    "RemoteProtocolError", "IncompleteResponse", "RequestFramer", "ResponseFramer",
     "encode_request_head", "encode_response_head", "encode_chunk", "encode_last_chunk", "simple_response",
     "IDEMPOTENT_METHODS",
 ]
@@ -149,6 +149,10 @@ class RemoteProtocolError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class IncompleteResponse(RemoteProtocolError):
+    """The backend closed in the middle of a response: that response had begun."""
 
 
 class _Reject(Exception):
@@ -621,9 +625,9 @@ class ResponseFramer(_Framer):
                 self._methods.popleft()
                 self._events.append(_EOM)
             else:
-                self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
+                self._error = IncompleteResponse("backend closed the connection in the middle of a response", 502)
         elif self._head_buf:
-            self._error = RemoteProtocolError("backend closed the connection in the middle of a response", 502)
+            self._error = IncompleteResponse("backend closed the connection in the middle of a response", 502)
 
     @property
     def broken(self) -> bool:

@@ -29,7 +29,9 @@ after `rise` successes (`HealthState`). `BackendGroup.pick()` chooses the up ser
 fewest requests in flight.
 
 Exchanges talk to this module through a small interface: `on_connection(conn)`,
-`on_response_event(event)`, `on_backend_failure(kind, message)`, `on_tunnel_data(data)`.
+`on_response_event(event)`, `on_backend_failure(kind, message)`, `on_tunnel_data(data)`; the
+failure kinds are connect, reset (closed before the response began), truncated (closed in the
+middle of it), protocol (a bad response), timeout and unavailable.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .backoff import Backoff, HealthState
 from .config import HealthConfig, PoolConfig, TimeoutConfig, split_address
-from .http_framer import NEED_DATA, PAUSED, ConnectionClosed, RemoteProtocolError, ResponseFramer
+from .http_framer import NEED_DATA, PAUSED, ConnectionClosed, IncompleteResponse, RemoteProtocolError, ResponseFramer
 
 if TYPE_CHECKING:
     from .metrics import BackendMetrics
@@ -110,7 +112,9 @@ class BackendConnection(asyncio.Protocol):
                 if exchanges:
                     ex = exchanges.popleft()
                     self.server.metrics.error("protocol")
-                    ex.on_backend_failure("protocol", f"bad response from backend {self.server.name}: {exc}")
+                    # "truncated": part of its response came, so the backend acted on it (no retry)
+                    ex.on_backend_failure("truncated" if isinstance(exc, IncompleteResponse) else "protocol",
+                                          f"bad response from backend {self.server.name}: {exc}")
                 return
             if ev is NEED_DATA or ev is PAUSED:
                 # PAUSED: 101 Switching Protocols was parsed; the exchange has switched to a

@@ -237,13 +237,14 @@ class Exchange:
             conn.abort()
         if server is not None:
             server.inflight -= 1
-        if (not self.resp_started and not self.gone and kind != "timeout" and self.attempts < 1
-                and not self.body_sent
+        if (not self.resp_started and not self.gone and kind != "timeout" and kind != "truncated"
+                and self.attempts < 1 and not self.body_sent
                 and (kind == "connect" or ((self.reused or self.behind) and self.req.method in IDEMPOTENT_METHODS))):
             # Safe to retry: nothing reached a backend (connect), or an idempotent request
             # (RFC 9110 section 9.2.2) met a pooled connection the backend had just closed, or was
             # pipelined behind the response after which the backend closed or broke the
-            # connection (nginx's keepalive_requests), and no byte of its own response came.
+            # connection (nginx's keepalive_requests), and no byte of its own response came (a
+            # response cut off in its head, "truncated", had begun: the backend acted on it).
             # The latter go to a new connection, alone: any pooled one may be closing as well
             # (the close crosses the hand-over), and a new connection is never closed by a
             # keep-alive limit before its first response, so one retry is enough. A request

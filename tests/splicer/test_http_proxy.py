@@ -291,6 +291,10 @@ def test_backend_failure_gives_502_in_place(pipeline):
             assert [replies[i].seq for i in (0, 2, 4)] == [b"1", b"3", b"5"]
             assert not closed
             await wait_for(lambda: settled(sp))
+            # each request answered 502 is counted once, whatever the kind of failure
+            failed = re.findall(rb'shmfabric_splicer_failed_requests_total\{backend="%s",kind="\w+",proto="http"\} ([0-9.]+)'
+                                % be.address.encode(), sp.metrics.text())
+            assert sum(float(x) for x in failed) == 2, sp.metrics.text()
         finally:
             await env.close()
     run(main())

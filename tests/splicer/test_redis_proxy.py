@@ -444,6 +444,47 @@ def test_metrics_per_backend(fresh_pair) -> None:
         st.stop()
 
 
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_failed_requests_are_counted_per_request_not_per_failure(fresh_pair) -> None:
+    # One reset of one connection fails every request it carried: errors_total counts the
+    # failure once, failed_requests_total counts each request answered with -ERR.
+    from .redis_fixtures import SplicerThread
+    from shmfabric.splicer.config import RedisSpliceConfig
+
+    metrics = SpliceMetrics("redis")
+    cfg = RedisSpliceConfig.model_validate(dict(listen=f"127.0.0.1:{free_port()}", servers=[x.address for x in fresh_pair],
+                                                hash="md5", pool={"min": 1, "max": 1}, health={"enabled": False},
+                                                timeouts={"connect": 0.5}))
+    st = SplicerThread(cfg, metrics)
+    try:
+        keys = keys_on(st, 0, 7, "fail")
+        sleeper = _sleep_server(fresh_pair[0], 5)  # the 7 GETs stay in flight on server 0's lane
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(raw_roundtrip(st.port, [[b"GET", k.encode()] for k in keys])))
+        t.start()
+        time.sleep(0.5)
+        fresh_pair[0].kill()
+        t.join(20)
+        sleeper.join(20)
+        assert len(out) == 1 and all(r.startswith(b"-ERR splicer: backend") for r in out[0]), out
+        refused = raw_roundtrip(st.port, [[b"GET", keys[0].encode()]])  # server 0 is down: refused at once
+        assert refused[0].startswith(b"-ERR splicer: backend") and b"unavailable" in refused[0], refused
+        text = metrics.text().decode()
+        b = fresh_pair[0].address
+        assert _metric(text, "shmfabric_splicer_errors_total", backend=b, kind="reset", proto="redis") == 1
+        assert _metric(text, "shmfabric_splicer_failed_requests_total", backend=b, kind="reset", proto="redis") == 7
+        assert _metric(text, "shmfabric_splicer_failed_requests_total", backend=b, kind="unavailable", proto="redis") == 1
+    finally:
+        st.stop()
+
+
 # -- health checks and auto-eject -----------------------------------------------------------------
 
 

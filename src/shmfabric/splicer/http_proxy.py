@@ -259,6 +259,8 @@ class Exchange:
         self.finished = True
         client = self.client
         if not self.gone:
+            if server is not None:
+                server.metrics.failed_requests(kind)  # answered 502/504, or cut off mid-response
             if not self.resp_started:
                 status = 504 if kind == "timeout" else 502
                 client.finish(self.seq, simple_response(status, message, head_request=self.head_request))

@@ -6,6 +6,9 @@ Per backend server (label ``backend="HOST:PORT"``) and protocol (label ``proto="
 ``shmfabric_splicer_requests_total``           counter    requests sent to the backend
 ``shmfabric_splicer_errors_total``             counter    failures, label ``kind`` (connect, reset,
                                                           timeout, protocol, unavailable)
+``shmfabric_splicer_failed_requests_total``    counter    requests answered with an error (502/504,
+                                                          ``-ERR``) because of the backend, label
+                                                          ``kind``: one failure may fail many
 ``shmfabric_splicer_request_duration_seconds``  histogram  dispatch to end of response
 ``shmfabric_splicer_inflight``                 gauge      requests sent and not yet answered
 ``shmfabric_splicer_pool_connections``         gauge      pooled connections, label ``state`` (free, in_use)
@@ -84,9 +87,9 @@ class FastHistogram:
 
 
 class BackendMetrics:
-    """Metric children of one backend server: `requests.inc(n)`, `duration.observe(s)`, `error(kind)`."""
+    """Metric children of one backend server: `requests.inc(n)`, `duration.observe(s)`, `error(kind, n)`."""
 
-    __slots__ = ("requests", "duration", "errors", "inflight", "_owner", "name")
+    __slots__ = ("requests", "duration", "errors", "failed", "inflight", "_owner", "name")
 
     def __init__(self, owner: "SpliceMetrics", name: str) -> None:
         self._owner = owner
@@ -94,14 +97,25 @@ class BackendMetrics:
         self.requests = FastCounter()
         self.duration = FastHistogram(_BUCKETS)
         self.errors: dict[str, FastCounter] = {}
+        self.failed: dict[str, FastCounter] = {}
         self.inflight = owner._inflight.labels(owner.proto, name)
 
-    def error(self, kind: str) -> None:
-        """Count one failure of `kind` (connect, reset, timeout, protocol, unavailable)."""
+    def error(self, kind: str, failed_requests: int = 0) -> None:
+        """Count one failure of `kind` (connect, reset, timeout, protocol, unavailable) and the
+        client requests it answered with an error (a reset connection fails all it carried)."""
         child = self.errors.get(kind)
         if child is None:
             child = self.errors[kind] = FastCounter()
         child.value += 1
+        if failed_requests:
+            self.failed_requests(kind, failed_requests)
+
+    def failed_requests(self, kind: str, n: int = 1) -> None:
+        """Count `n` client requests answered with an error because of this backend."""
+        child = self.failed.get(kind)
+        if child is None:
+            child = self.failed[kind] = FastCounter()
+        child.value += n
 
     def bind_pool(self, free: Callable[[], float], in_use: Callable[[], float], up: Callable[[], float],
                   inflight: Callable[[], float] | None = None) -> None:
@@ -125,16 +139,22 @@ class _FastCollector:
         req = CounterMetricFamily("shmfabric_splicer_requests", "Requests sent to a backend", labels=("proto", "backend"))
         err = CounterMetricFamily("shmfabric_splicer_errors", "Backend failures by kind",
                                   labels=("proto", "backend", "kind"))
+        failed = CounterMetricFamily("shmfabric_splicer_failed_requests",
+                                     "Requests answered with an error because of the backend, by kind",
+                                     labels=("proto", "backend", "kind"))
         dur = HistogramMetricFamily("shmfabric_splicer_request_duration_seconds", "Dispatch to end of response",
                                     labels=("proto", "backend"))
         for name, bm in sorted(o._backends.items()):
             req.add_metric((o.proto, name), bm.requests.value)
             for kind, c in sorted(bm.errors.items()):
                 err.add_metric((o.proto, name, kind), c.value)
+            for kind, c in sorted(bm.failed.items()):
+                failed.add_metric((o.proto, name, kind), c.value)
             buckets, total_sum, _ = bm.duration.snapshot()
             dur.add_metric((o.proto, name), buckets, total_sum)
         yield req
         yield err
+        yield failed
         yield dur
 
 

@@ -295,7 +295,7 @@ class _Lane:
             # server and back off. An idle connection closed by the server (its `timeout`
             # setting) is not a failure: the lane just reconnects on next use.
             if srv.metrics is not None:
-                srv.metrics.error(kind)
+                srv.metrics.error(kind, sum(1 for target, _, _ in q if target is not None and type(target) is not _Handshake))
             srv.connection_failed(time.monotonic())
         for target, arg, _ in q:
             if target is not None:
@@ -746,7 +746,7 @@ class RedisSplicer:
     def _down_error(self, server: int) -> bytes:
         srv = self._servers[server]
         if srv.metrics is not None:
-            srv.metrics.error("unavailable")
+            srv.metrics.error("unavailable", 1)  # one request refused at once
         wait = max(0.0, srv.retry_at - time.monotonic())
         why = f"last error: {srv.last_error}; " if srv.last_error else ""
         return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}next connection attempt in "

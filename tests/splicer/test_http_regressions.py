@@ -346,16 +346,23 @@ def test_idempotent_requests_on_a_connection_the_backend_closes_are_retried_not_
     # when the retry met another connection the backend was closing (11 to 510 of these 2000).
     async def main():
         be = await KeepAliveLimitBackend(5, header).start()
-        sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", default=[be.address], health={"enabled": False},
-                                          pool={"min": 1, "max": 8, "pipeline": pipeline}))
-        await sp.start()
         try:
-            results = await asyncio.gather(*(pipelining_client(sp.port, f"c{i}", 250, 16) for i in range(8)))
-            check_echoes(results)
+            await _eight_pipelining_clients(be.address, pipeline)
         finally:
-            await sp.close()
             await be.close()
     asyncio.run(main())
+
+
+async def _eight_pipelining_clients(backend: str, pipeline: int) -> None:
+    """8 clients x 250 GETs in pipelines of 16 through a splicer; every echo checked in order."""
+    sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", default=[backend], health={"enabled": False},
+                                      pool={"min": 1, "max": 8, "pipeline": pipeline}))
+    await sp.start()
+    try:
+        results = await asyncio.gather(*(pipelining_client(sp.port, f"c{i}", 250, 16) for i in range(8)))
+        check_echoes(results)
+    finally:
+        await sp.close()
 
 
 def test_nginx_ending_keep_alive_connections_costs_no_502(tmp_path):
@@ -372,19 +379,9 @@ def test_nginx_ending_keep_alive_connections_costs_no_502(tmp_path):
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "err.log")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    async def main():
-        sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", default=[f"127.0.0.1:{port}"],
-                                          health={"enabled": False}, pool={"min": 1, "max": 8, "pipeline": 8}))
-        await sp.start()
-        try:
-            results = await asyncio.gather(*(pipelining_client(sp.port, f"c{i}", 250, 16) for i in range(8)))
-            check_echoes(results)
-        finally:
-            await sp.close()
-
     try:
         wait_port(port, proc=proc)
-        asyncio.run(main())
+        asyncio.run(_eight_pipelining_clients(f"127.0.0.1:{port}", 8))
     finally:
         proc.terminate()
         try:
@@ -393,7 +390,6 @@ def test_nginx_ending_keep_alive_connections_costs_no_502(tmp_path):
             proc.kill()
             proc.wait(5)
         proc.stderr.close()  # type: ignore[union-attr]
-
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

@@ -304,7 +304,10 @@ def _print_summary(st: dict, as_json: bool) -> None:
     for c in st["chains"]:
         con.print(f"chain {c['name']}: {c['delivered_frames']:,} frames delivered to {', '.join(c['tail'])}")
     for p in st["pools"]:
-        con.print(f"network {p['network']} pool: {p['free']:,}/{p['total']:,} slots free, {p['orphaned']} orphaned")
+        # After the drain the rings are empty: what live nodes still hold is their per-node slot
+        # caches, returned when they leave. Said outright so it is not read as a leak.
+        con.print(f"network {p['network']} pool: {p['free']:,}/{p['total']:,} slots free, {p.get('held', 0):,} held by "
+                  f"live nodes (their slot caches, returned as they leave), {p['orphaned']} orphaned")
 
 
 # -- down / status / reload --------------------------------------------------------------------------

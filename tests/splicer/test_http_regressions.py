@@ -24,6 +24,7 @@ class RawBackend:
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
+        self.connections = 0
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> "RawBackend":
@@ -35,6 +36,7 @@ class RawBackend:
         return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -59,6 +61,11 @@ class RawBackend:
                         await writer.drain()
                         await asyncio.sleep(0.2)
                     writer.write(extra)
+                    await writer.drain()
+                    continue
+                if head.startswith(b"HEAD ") and path == b"/headlen":
+                    # a correct response to HEAD: the resource's length, and no body (as nginx)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
                     await writer.drain()
                     continue
                 if path == b"/partialhead":  # the backend dies while answering
@@ -393,11 +400,10 @@ def test_nginx_ending_keep_alive_connections_costs_no_502(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-@pytest.mark.parametrize("path", ["/headbody", "/headbody-late", "/headbody-fake", "/headbody-fake-late", "/extra",
-                                  "/headbody-empty"])
+@pytest.mark.parametrize("path", ["/headbody", "/headbody-late", "/headbody-fake", "/extra", "/headbody-empty"])
 def test_bytes_after_a_response_never_reach_another_request(path, method):
     # A body on a response to HEAD (RFC 9112 section 6.3: it has none), at once, after a pause,
-    # or shaped as a whole response; and bytes beyond a Content-Length. The next request on
+    # or shaped as a whole response (at once); and bytes beyond a Content-Length. The next request on
     # that backend connection got them: the POST a 502 (bytes read as its response), the GET
     # the fake response itself when it came after a pause. Pool of one: the next request
     # would go to the same backend connection. (And a response to HEAD with Content-Length: 0
@@ -415,10 +421,29 @@ def test_bytes_after_a_response_never_reach_another_request(path, method):
         if first == b"GET":
             assert rest.startswith(b"abc"), got
             rest = rest[3:]
-        assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\necho /next"), got
+        if path.endswith("-late") and method == "POST":
+            # Bytes that come after the next request went out are read as its response: they do
+            # not parse, and a POST (not retried) gets its 502 in place; a GET is retried. A late
+            # body shaped as a whole response would be taken for one: the documented limit,
+            # shared with HAProxy (docs/splicer-http.md, Limits).
+            assert rest.startswith(b"HTTP/1.1 502") and b"bad response from backend" in rest, got
+        else:
+            assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\necho /next"), got
         got, _ = await _exchange(sp.port, b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\necho /after"), got
         assert not errors, errors
+    asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
+
+
+def test_responses_to_head_with_a_length_keep_the_backend_connection():
+    # nginx answers HEAD with the resource's Content-Length and no body. Treating that as a
+    # reason to close cost a reconnect per HEAD (16k -> 5.7k req/s to nginx); one connection
+    # now serves them all, and the GET after them gets its own response.
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"HEAD /headlen HTTP/1.1\r\nHost: x\r\n\r\n" * 10
+                                      + b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert closed and got.count(b"HTTP/1.1 200 OK") == 11 and got.endswith(b"\r\n\r\necho /last"), got
+        assert be.connections == 1, be.connections
     asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
 
 

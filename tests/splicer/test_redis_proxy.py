@@ -465,6 +465,12 @@ def test_failed_requests_are_counted_per_request_not_per_failure(fresh_pair) -> 
     st = SplicerThread(cfg, metrics)
     try:
         keys = keys_on(st, 0, 7, "fail")
+        # Both of server 0's lanes (RESP2, RESP3) must be past their handshakes before it
+        # sleeps: a handshake caught in the sleep would be a second reset when it is killed.
+        deadline = time.monotonic() + 10
+        while (st.splicer.stats()["servers"][0]["connections"], st.splicer.stats()["servers"][0]["inflight"]) != (2, 0):
+            assert time.monotonic() < deadline, st.splicer.stats()
+            time.sleep(0.02)
         sleeper = _sleep_server(fresh_pair[0], 5)  # the 7 GETs stay in flight on server 0's lane
         out: list = []
         t = threading.Thread(target=lambda: out.append(raw_roundtrip(st.port, [[b"GET", k.encode()] for k in keys])))

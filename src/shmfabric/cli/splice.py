@@ -82,6 +82,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         data["pool"] = {**data.get("pool", {}), "pipeline": args.pipeline}
     if args.timeout is not None:
         data["timeouts"] = {**data.get("timeouts", {}), "request": args.timeout}
+    if args.drain is not None:
+        data["timeouts"] = {**data.get("timeouts", {}), "drain": args.drain}
     if args.no_health:
         data["health"] = {**data.get("health", {}), "enabled": False}
     try:
@@ -132,6 +134,9 @@ def _add_http(verbs: Any) -> None:
                         "requests are pipelined to backends - for uniformly fast backends such as nginx")
     p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then 504 (default 30)")
+    p.add_argument("--drain", type=float, metavar="SECONDS",
+                   help="graceful stop on SIGTERM/SIGINT: time to answer the requests already read before the "
+                        "connections still busy are cut (default 30; a second signal cuts at once)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--no-health", action="store_true", help="no active health checks")
     p.add_argument("--config", metavar="FILE", help="YAML file with an `http:` section")

@@ -101,6 +101,10 @@ class TimeoutConfig(_Model):
     request_head: float = Field(30.0, gt=0, allow_inf_nan=False,
                                 description="HTTP: a request head must arrive whole within this, else 408 and close "
                                             "(a head trickled a byte at a time is never idle)")
+    drain: float = Field(30.0, ge=0, allow_inf_nan=False,
+                         description="graceful stop (SIGTERM, or SIGINT): requests already read may take this "
+                                     "long to be answered before the connections still busy are cut; a second "
+                                     "signal cuts at once")
 
 
 class LimitConfig(_Model):

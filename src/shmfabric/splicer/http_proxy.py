@@ -37,6 +37,7 @@ from .http_framer import (
     Response, encode_chunk, encode_last_chunk, encode_request_head, encode_response_head, simple_response,
 )
 from .ordered import OrderedMerge
+from .teardown import close_lingering
 
 if TYPE_CHECKING:
     from .http_pool import BackendConnection, BackendGroup, BackendServer
@@ -356,6 +357,7 @@ class ClientConnection(asyncio.Protocol):
         self.close_seq: int | None = None  # close once every slot up to this one is written
         self.peer_eof = False
         self.closed = False
+        self.draining = False         # graceful stop: answer what was read, then close
         self.tunnel_conn: BackendConnection | None = None
         self.upgrade_ex: Exchange | None = None
         self._flush_scheduled = False
@@ -370,8 +372,12 @@ class ClientConnection(asyncio.Protocol):
         self.last_seen = self.loop.time()
         self.splicer.clients.add(self)
         self.splicer.metrics.client_connections.inc()
+        if self.splicer.draining:  # accepted just before the listener closed
+            self._close()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # lingering after the last answer (teardown.close_lingering): dropped
         self.last_seen = self.loop.time()
         if self.tunnel_conn is not None:
             self.tunnel_conn.write(data)
@@ -387,6 +393,8 @@ class ClientConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
+        if self.closed:
+            return False  # the client closed its side after our last answer: close for good
         if self.tunnel_conn is not None:
             # pass the half-close through the tunnel; the backend's answer may still come
             t = self.tunnel_conn.transport
@@ -466,7 +474,7 @@ class ClientConnection(asyncio.Protocol):
                 self.current = None
                 if cur is not None:
                     cur.end_body(ev.trailers)  # type: ignore[attr-defined]
-                    if not cur.req.keep_alive:
+                    if not cur.req.keep_alive or self.draining:
                         self._end_input(cur.seq)
             elif ev is PAUSED:
                 ex = self.upgrade_ex
@@ -526,6 +534,23 @@ class ClientConnection(asyncio.Protocol):
         self._bad_request(RemoteProtocolError(f"request head not complete within {seconds:g} s", 408))
         self._schedule()
         self._maybe_close()
+
+    def drain(self) -> None:
+        """Graceful stop: answer every request already taken in (the last answer says
+        `Connection: close`), read no new one, then close. A request whose body is still
+        arriving is read to its end first. A tunnel goes on until either side closes it."""
+        if self.closed or self.transport is None or self.draining:
+            return
+        self.draining = True
+        if self.tunnel_conn is not None or self.upgrade_ex is not None:
+            return
+        if self.current is None:
+            last = self.merge.opened - 1
+            if last < 0 or (self.merge.idle and not self.exchanges):
+                self._close()  # idle keep-alive connection: nothing is owed
+                return
+            self._end_input(last)
+            self._maybe_close()
 
     def _end_input(self, seq: int) -> None:
         """No request after `seq` will be read; close once its answer is written."""
@@ -628,7 +653,7 @@ class ClientConnection(asyncio.Protocol):
             ex.abandon()
         self.exchanges.clear()
         self.queue.clear()
-        self.transport.close()  # type: ignore[union-attr]  # flushes what is buffered first
+        close_lingering(self.transport, self.loop, self.peer_eof)  # type: ignore[arg-type]  # after what is buffered
 
     def abort_after(self, seq: int) -> None:
         """Close after the bytes of slots up to `seq`, and write nothing of later ones: a

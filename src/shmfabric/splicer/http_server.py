@@ -5,7 +5,9 @@
     ...
     await splicer.close()
 
-`run(cfg)` runs it until SIGINT/SIGTERM, with uvloop when installed; with `cfg.workers > 1` it
+`run(cfg)` runs it until SIGINT/SIGTERM, then stops gracefully (`drain`: every request already
+read is answered, for up to `timeouts.drain` seconds; a second signal cuts that short), with
+uvloop when installed; with `cfg.workers > 1` it
 forks that many processes, each with its own event loop, pools and listening socket bound with
 SO_REUSEPORT (the kernel spreads client connections over them). With several workers, worker i
 serves its metrics on the metrics port + i.
@@ -13,7 +15,6 @@ serves its metrics on the metrics port + i.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from collections import deque
 from typing import Any
@@ -23,7 +24,7 @@ from .http_pool import BackendGroup, BackendServer
 from .http_proxy import ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve
-from .workers import run_workers
+from .workers import GracefulStop, run_workers
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -41,6 +42,7 @@ class HttpSplicer:
         self._sweeper: asyncio.Task[None] | None = None
         self._timeouts: asyncio.Task[None] | None = None
         self.deadlines: deque[Any] = deque()  # started exchanges, oldest first (see _sweep_timeouts)
+        self.draining = False
         lim = cfg.limits
 
         def server_for(addr: str) -> BackendServer:
@@ -124,8 +126,18 @@ class HttpSplicer:
                 else:
                     break
 
+    def drain(self) -> None:
+        """Start a graceful stop: stop listening, and have every client connection answer the
+        requests it has read and then close (`ClientConnection.drain`). The pools stay up until
+        `close`; `clients` empties as the connections finish."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.clients):
+            c.drain()
+
     async def close(self) -> None:
-        """Stop listening, close client connections and pools."""
+        """Stop listening, cut the client connections still open, close the pools."""
         if self._timeouts is not None:
             self._timeouts.cancel()
         if self._sweeper is not None:
@@ -161,13 +173,16 @@ async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | No
         except OSError as exc:
             # A busy metrics port must not take the data path down with it.
             print(f"splice http: warning: cannot serve metrics on {metrics_addr}: {exc.strerror}", file=sys.stderr)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = GracefulStop(asyncio.get_running_loop())
     if ready is not None:
         ready(splicer)
-    await stop.wait()
+    await stop.requested.wait()
+    splicer.drain()
+    busy = await stop.wait_drained(lambda: len(splicer.clients), cfg.timeouts.drain)
+    if busy:
+        print(f"splice http: cutting {busy} client connection(s) still busy after the graceful stop "
+              f"({'second signal' if stop.cut.is_set() else f'timeouts.drain {cfg.timeouts.drain:g} s'})",
+              file=sys.stderr, flush=True)
     await splicer.close()
 
 

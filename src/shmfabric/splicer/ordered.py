@@ -171,6 +171,11 @@ class OrderedMerge(BoundedSlots):
             self.held_bytes -= len(chunk)
         return ready
 
+    @property
+    def opened(self) -> int:
+        """How many slots `open` has handed out (the next sequence number)."""
+        return self._next
+
     def is_head(self, seq: int) -> bool:
         """True if `seq` is the oldest unfinished slot (its bytes go out at once)."""
         return seq == self._base and bool(self._slots)

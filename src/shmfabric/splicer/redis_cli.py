@@ -78,6 +78,8 @@ def build_redis_config(args: argparse.Namespace) -> Any:
         data["pool"] = pool
     if args.timeout is not None:
         data["timeouts"] = {**(data.get("timeouts") or {}), "request": args.timeout}
+    if args.drain is not None:
+        data["timeouts"] = {**(data.get("timeouts") or {}), "drain": args.drain}
     if args.no_health:
         data["health"] = {**(data.get("health") or {}), "enabled": False}
     try:
@@ -147,6 +149,9 @@ def register_redis(verbs: Any) -> None:
                    help="key distribution, as twemproxy's `distribution` (default ketama)")
     p.add_argument("--hash-tag", metavar="XY", help="hash only the part of a key between X and Y, e.g. '{}'")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request timeout, then -ERR (default 30)")
+    p.add_argument("--drain", type=float, metavar="SECONDS",
+                   help="graceful stop on SIGTERM/SIGINT: time to answer the requests already read before the "
+                        "connections still busy are cut (default 30; a second signal cuts at once)")
     p.add_argument("--workers", type=int, metavar="N", help="processes sharing the port via SO_REUSEPORT")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--no-health", action="store_true", help="no active health checks")

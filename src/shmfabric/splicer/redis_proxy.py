@@ -59,6 +59,8 @@ from .redis_session import (
     merge_mset,
     merge_sum,
 )
+from .teardown import close_lingering
+from .workers import GracefulStop
 
 __all__ = ["RedisSplicer", "run_redis_splicer"]
 
@@ -385,6 +387,8 @@ class _Client(asyncio.Protocol):
         self.splicer._clients.add(self)
         if self.splicer.metrics is not None:
             self.splicer.metrics.client_connections.inc()
+        if self.splicer.draining:  # accepted just before the listener closed
+            self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -411,12 +415,24 @@ class _Client(asyncio.Protocol):
         self.splicer._schedule_flush()
 
     def eof_received(self) -> bool | None:
+        if self.closed:
+            return False  # the client closed its side after our last answer: close for good
         # Half-close: the client sent all it will send (`printf ... | nc -N` does). Answer what
         # it sent, then close; keeping the transport open lets us still write.
         self.eof = True
         self._mark()
         self.splicer._schedule_flush()
         return True
+
+    def drain(self) -> None:
+        """Graceful stop: answer the commands already taken in, read no more, then close. The
+        client sees a prefix of its pipeline answered, then EOF: every command that ran was
+        answered, and none after the last answer ran (those were never read)."""
+        if self.closed:
+            return
+        self.closing = True  # data_received ignores what comes; flush closes once all is answered
+        self._pause()
+        self._mark()
 
     # -- request side ----------------------------------------------------------------------
     def _process(self) -> None:
@@ -613,7 +629,7 @@ class _Client(asyncio.Protocol):
         if self.read_paused and not self.closing:
             self._maybe_resume()
         if (self.closing or self.eof) and merge.idle and not self.outstanding:
-            self.transport.close()  # type: ignore[union-attr]
+            close_lingering(self.transport, self.splicer._loop, self.eof)  # type: ignore[arg-type]
             self.closed = True
 
     def _pause(self) -> None:
@@ -622,8 +638,8 @@ class _Client(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def _maybe_resume(self) -> None:
-        if not self.read_paused or self.closed or self.write_paused or not self.merge.drained:
-            return
+        if not self.read_paused or self.closed or self.closing or self.write_paused or not self.merge.drained:
+            return  # closing (QUIT, a protocol error, a graceful stop): nothing more is read
         # Requests already buffered are handled before reading more from the socket.
         self._process()
         if not self.merge.full and not self.write_paused:
@@ -656,6 +672,7 @@ class RedisSplicer:
         self._lane_table = {proto: [srv.lanes[proto][ln] for srv in self._servers for ln in range(self.lanes)]
                             for proto in (2, 3)}
         self._clients: set[_Client] = set()
+        self.draining = False
         self._dirty_lanes: list[_Lane] = []
         self._dirty_clients: list[_Client] = []
         self._listener: asyncio.AbstractServer | None = None
@@ -695,6 +712,21 @@ class RedisSplicer:
             for srv in self._servers:
                 self._tasks.append(asyncio.ensure_future(self._health_loop(srv)))
         return self.address  # type: ignore[return-value]
+
+    def drain(self) -> None:
+        """Start a graceful stop: stop listening, and have every client answer the commands it
+        has read and then close (`_Client.drain`). Backends stay up until `stop`."""
+        self.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        for c in list(self._clients):
+            c.drain()
+        self._schedule_flush()
+
+    @property
+    def client_count(self) -> int:
+        """Client connections open now."""
+        return len(self._clients)
 
     async def stop(self) -> None:
         """Stop listening, close clients and backend connections, cancel timers."""
@@ -901,8 +933,14 @@ def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = N
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         log.info("redis splicer listening on %s:%d", host, port)
+        stop = GracefulStop(asyncio.get_running_loop())
         try:
-            await splicer.serve_forever()
+            await stop.requested.wait()
+            splicer.drain()
+            busy = await stop.wait_drained(lambda: splicer.client_count, config.timeouts.drain)
+            if busy:
+                log.warning("cutting %d client connection(s) still busy after the graceful stop (%s)", busy,
+                            "second signal" if stop.cut.is_set() else f"timeouts.drain {config.timeouts.drain:g} s")
         finally:
             await splicer.stop()
 

@@ -1,7 +1,9 @@
-"""Several splicer worker processes on one port (SO_REUSEPORT): fork them, pass SIGINT/SIGTERM on,
-and wait for all of them. Shared by `splice http` and `splice redis`."""
+"""Process life of a splicer, shared by `splice http` and `splice redis`: several worker
+processes on one port (SO_REUSEPORT), forked and waited for, with SIGINT/SIGTERM passed on; and
+the graceful stop each event loop runs on those signals (`GracefulStop`)."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import os
@@ -14,6 +16,34 @@ from typing import Any, Callable
 from .config import split_address
 
 _PR_SET_PDEATHSIG = 1
+_in_worker = False  # set in a forked worker: its parent passes Ctrl-C on as SIGTERM
+
+
+class GracefulStop:
+    """The stop signals of one splicer event loop: the first starts a graceful stop (`requested`),
+    a second cuts it short (`cut`), as HAProxy's soft stop and nginx's quit do.
+
+    A worker takes SIGTERM only: a terminal's Ctrl-C reaches the whole process group, and its
+    parent passes that on as SIGTERM, so the worker would otherwise count one Ctrl-C twice.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.requested = asyncio.Event()
+        self.cut = asyncio.Event()
+        for sig in (signal.SIGTERM,) if _in_worker else (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        (self.cut if self.requested.is_set() else self.requested).set()
+
+    async def wait_drained(self, busy: Callable[[], int], seconds: float) -> int:
+        """Wait until `busy()` is 0, `seconds` have passed or a second signal came; return
+        `busy()` then (the connections the caller is about to cut)."""
+        deadline = self.loop.time() + seconds
+        while busy() and not self.cut.is_set() and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return busy()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -51,6 +81,7 @@ def run_workers(n: int, child: Callable[[int], None]) -> int:
 
     The workers stop (gracefully, by SIGTERM) when this process dies, however it dies.
     """
+    global _in_worker
     children: list[int] = []
     parent = os.getpid()
     for i in range(n):
@@ -58,6 +89,8 @@ def run_workers(n: int, child: Callable[[int], None]) -> int:
         if pid == 0:
             code = 0
             try:
+                _in_worker = True
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # see GracefulStop
                 _die_with_parent(parent)
                 child(i)
             except KeyboardInterrupt:

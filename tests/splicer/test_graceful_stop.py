@@ -1,0 +1,176 @@
+"""Graceful stop of both splicers, driven by real signals to a real `shmfabric splice` process.
+
+On SIGTERM (or SIGINT) a splicer stops listening, answers every request it has already read,
+reads no new one, and closes each client connection after its last answer (a half-close first,
+so a client still sending loses none of its answers). `timeouts.drain` bounds the wait; a
+second signal cuts it short. No test asserts a duration.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shmfabric.splicer.redis_resp import encode_command
+
+from .redis_fixtures import free_port, needs_redis, redis_servers, wait_port
+from .test_http_proxy import get, read_replies
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _splice(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class _HttpBackend:
+    """`python -m shmfabric.bench.http_backend` in its own process (`?delay=MS` per request)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmfabric.bench.http_backend", str(self.port), "0", "b"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout.readline().startswith("ready"), "the test backend did not start"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def http_backend():
+    b = _HttpBackend()
+    yield b
+    b.close()
+
+
+def _http_splicer(backend: _HttpBackend, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = _splice("http", "--listen", f"127.0.0.1:{port}", "--default", f"127.0.0.1:{backend.port}",
+                   "--pool", "4", *extra)
+    wait_port(port)
+    return proc, port
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_http_sigterm_answers_the_requests_read_then_closes(http_backend, workers: int) -> None:
+    proc, port = _http_splicer(http_backend, "--workers", str(workers))
+
+    async def scenario() -> tuple:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Three requests in flight, the first the slowest: all are answered, in order.
+        writer.write(get("/?delay=1500", 0) + get("/?delay=100", 1) + get("/?delay=800", 2))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        writer.write(get("/?late=1", 3))  # sent after the stop began: never read, never answered
+        await writer.drain()
+        replies, closed = await read_replies(reader, [b"GET"] * 4, timeout=20)
+        idle_eof = await asyncio.wait_for(idle_r.read(), 20)
+        writer.close()
+        idle_w.close()
+        return replies, closed, idle_eof
+
+    try:
+        replies, closed, idle_eof = asyncio.run(scenario())
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert [(r.status, r.seq) for r in replies] == [(200, b"0"), (200, b"1"), (200, b"2")], replies
+    assert replies[-1].headers.get(b"connection") == b"close"  # the last answer says so
+    assert closed, "the connection stays open after its last answer"
+    assert idle_eof == b"", "an idle keep-alive connection is closed at once, with nothing written"
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "cutting" not in err, err  # every connection finished inside timeouts.drain
+    assert _refused(port), "the splicer still listens after its graceful stop"
+
+
+@pytest.mark.parametrize("how", ["drain-timeout", "second-signal"])
+def test_http_a_request_that_outlasts_the_drain_is_cut(http_backend, how: str) -> None:
+    proc, port = _http_splicer(http_backend, "--drain", "0.5" if how == "drain-timeout" else "600")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(get("/?hang=1", 0))
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        if how == "second-signal":
+            time.sleep(0.5)
+            assert proc.poll() is None, "the first signal did not wait for the request in flight"
+            proc.send_signal(signal.SIGTERM)
+        try:
+            got = s.recv(65536)
+        except ConnectionResetError:
+            got = b""
+        out, err = proc.communicate(timeout=30)
+    assert got == b"", got  # cut: no half-written answer
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    want = "second signal" if how == "second-signal" else "timeouts.drain 0.5 s"
+    assert "cutting 1 client connection(s)" in err and want in err, err
+
+
+@needs_redis
+@pytest.mark.parametrize("workers", [1, 2])
+def test_redis_sigterm_mid_pipeline_answers_exactly_the_commands_that_ran(tmp_path: Path, workers: int) -> None:
+    # A client streams 400k SETs of distinct keys and reads as it goes; the splicer is told to
+    # stop part way. The client must get a run of +OK, then EOF (not a reset), and the servers
+    # must hold exactly the keys of the answered SETs: nothing ran unanswered, nothing answered
+    # was lost.
+    n = 400_000
+    payload = b"".join(encode_command([b"SET", b"gs:%d" % i, b"%d" % i]) for i in range(n))
+    with redis_servers(tmp_path, 2) as servers:
+        port = free_port()
+        proc = _splice("redis", "--listen", f"127.0.0.1:{port}", *[x for s in servers for x in ("--server", s.address)],
+                       "--workers", str(workers))
+        try:
+            wait_port(port)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+
+            def send() -> None:
+                try:
+                    sock.sendall(payload)
+                except OSError:
+                    pass  # the splicer closed for good while this was still sending
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            got = bytearray()
+            signalled = False
+            while True:
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                got += data
+                if not signalled and len(got) >= 20_000 * 5:
+                    proc.send_signal(signal.SIGTERM)
+                    signalled = True
+            sock.close()
+            sender.join(30)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        k = len(got) // 5
+        assert bytes(got) == b"+OK\r\n" * k
+        assert 20_000 <= k < n, k  # the stop came mid-pipeline
+        stored: set[bytes] = set()
+        for s in servers:
+            stored |= set(s.client().keys("gs:*"))
+        assert len(stored) == k and stored == {b"gs:%d" % i for i in range(k)}
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert _refused(port)

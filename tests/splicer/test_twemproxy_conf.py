@@ -41,7 +41,8 @@ def test_every_directive_maps_to_its_splicer_field() -> None:
     assert cfg.auto_eject and cfg.health.fall == 3 and cfg.health.interval == pytest.approx(2.0)
     assert [(s.address, s.weight, s.name) for s in cfg.servers] == [
         ("127.0.0.1:6379", 1, None), ("127.0.0.1:6380", 2, "shard-b")]
-    assert notes == ["twemproxy config: pool alpha: `backlog` is accepted and not applied (the splicer has no equivalent)"]
+    assert notes[-1] == "twemproxy config: pool alpha: `backlog` is accepted and not applied (the splicer has no equivalent)"
+    assert "SELECT before AUTH" in notes[0] and len(notes) == 2
 
 
 def test_twemproxy_defaults_one_lazy_connection_per_server_and_ketama() -> None:
@@ -61,7 +62,12 @@ def test_twemproxy_defaults_one_lazy_connection_per_server_and_ketama() -> None:
     ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "distribution": "random"}, "random"),
     ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "listne": 1}, "unknown directive listne"),
     ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "timeout": "fast"}, "milliseconds"),
-    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "server_connections": 0}, "cannot be 0"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "server_connections": 0}, "1 to 4096"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "server_connections": 5000}, "1 to 4096"),
+    ({"listen": "127.0.0.1:1", "redis": "yes", "servers": ["127.0.0.1:2:1"]}, "`redis` must be true or false"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2"]}, "needs a weight"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1 my server"]}, "cannot contain spaces"),
+    ({"listen": "127.0.0.1:1", "redis": True, "servers": ["127.0.0.1:2:1"], "redis_auth": ""}, "`redis_auth` is empty"),
 ])
 def test_what_cannot_carry_over_is_refused_with_the_reason(pool: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match="pool p") as exc:
@@ -85,14 +91,92 @@ def test_a_file_with_several_pools_needs_a_pool_name(tmp_path: Path, capsys) -> 
     assert "use one of them" in capsys.readouterr().err
 
 
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "nutcracker.yml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def test_values_are_read_as_written_not_as_yaml_types(tmp_path: Path) -> None:
+    # nutcracker reads every value as the text written; YAML 1.1 would make 0123 the number 83,
+    # 010 the number 8 and a pool named 010 the integer 8.
+    from shmfabric.splicer.twemproxy_conf import load_twemproxy
+
+    path = _file(tmp_path, "010:\n  listen: 127.0.0.1:22121\n  redis: true\n  redis_auth: 0123\n  redis_db: 010\n"
+                           "  timeout: 0400\n  server_connections: 010\n  servers:\n   - 127.0.0.1:7001:1\n")
+    data, _ = load_twemproxy(path, "010")
+    cfg = RedisSpliceConfig.model_validate(data)
+    assert cfg.password == cfg.backend_password == "0123"
+    assert cfg.db == 10 and cfg.pool.max == 10 and cfg.timeouts.request == pytest.approx(0.4)
+
+
+def test_server_lines_are_read_as_nutcracker_reads_them() -> None:
+    data, _ = from_twemproxy({"p": {"listen": "127.0.0.1:1", "redis": "true", "servers": [
+        "127.0.0.1:7001:1 ", "::1:7002:2", "127.0.0.1:7003:3 c"]}})
+    cfg = RedisSpliceConfig.model_validate(data)
+    # The name is what follows the last space (empty after a trailing one, and hashed so);
+    # the bare IPv6 form splits at the last two colons.
+    assert [(s.address, s.weight, s.name) for s in cfg.servers] == [
+        ("127.0.0.1:7001", 1, ""), ("[::1]:7002", 2, None), ("127.0.0.1:7003", 3, "c")]
+    from shmfabric.splicer.config import split_address
+    from shmfabric.splicer.redis_ketama import server_name
+
+    assert [server_name(*split_address(s.address), s.name) for s in cfg.servers] == ["", "::1:7002", "c"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("p:\n  listen: 127.0.0.1:1\n  redis: true\n  redis: true\n  servers: [127.0.0.1:2:1]\n", "`redis` is given twice"),
+    ("p:\n  listen: 127.0.0.1:1\n  redis: true\n  servers: [127.0.0.1:2:1]\n"
+     "p:\n  listen: 127.0.0.1:3\n  redis: true\n  servers: [127.0.0.1:4:1]\n", "`p` is given twice (first on line 1)"),
+    (b"p:\n  listen: 127.0.0.1:1\n  redis: true\n  redis_auth: caf\xe9\n  servers: [127.0.0.1:2:1]\n", "line 4: not UTF-8"),
+])
+def test_a_key_given_twice_or_a_file_not_in_utf8_is_one_line(tmp_path: Path, text, needle: str, capsys) -> None:
+    assert main(["splice", "redis", "--twemproxy", str(_file(tmp_path, text)), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("servers,extra,needle", [
+    (["127.0.0.1:7001:1 a", "127.0.0.1:7002:1 a"], [], "have the same name 'a'"),
+    (["127.0.0.1:7001:1 127.0.0.1:7002", "127.0.0.1:7002:1"], [], "have the same name '127.0.0.1:7002'"),
+    (["127.0.0.1:7001:1 " + "n" * 83, "127.0.0.1:7002:1"], [], "too long for ketama"),
+    (["127.0.0.1:7001:1", "127.0.0.1:7002:1"], ["--hash-tag", "«»"], "not two bytes"),
+])
+def test_placement_problems_are_refused_by_check_not_at_start(servers: list[str], extra: list[str], needle: str,
+                                                              capsys) -> None:
+    argv = [x for s in servers for x in ("--server", s)] + extra
+    assert main(["splice", "redis", *argv, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
+def test_a_long_name_twemproxy_hashes_in_full_is_accepted(capsys) -> None:
+    # 2 servers: point labels go up to NAME-79, so 82 bytes of name still fit twemproxy's 85.
+    assert main(["splice", "redis", "--server", "127.0.0.1:7001:1 " + "n" * 82, "--server", "127.0.0.1:7002:1",
+                 "--check"]) == 0
+    # modula never hashes names: no limit
+    assert main(["splice", "redis", "--server", "127.0.0.1:7001:1 " + "n" * 200, "--server", "127.0.0.1:7002:1",
+                 "--distribution", "modula", "--check"]) == 0
+
+
+def test_twemproxy_timeout_0_and_eject_defaults_carry_over() -> None:
+    data, notes = from_twemproxy({"p": {"listen": "127.0.0.1:1", "redis": "true", "timeout": "0",
+                                        "auto_eject_hosts": "true", "servers": ["127.0.0.1:2:1"]}})
+    cfg = RedisSpliceConfig.model_validate(data)
+    assert cfg.timeouts.request == 30 and any("wait forever" in n for n in notes)
+    assert cfg.auto_eject and cfg.health.fall == 2  # twemproxy's server_failure_limit default
+
+
 @needs_redis
 @needs_nutcracker
 @pytest.mark.timeout(120)
 def test_keys_written_through_twemproxy_are_read_through_the_splicer_from_the_same_file(tmp_path: Path) -> None:
     with redis_servers(tmp_path, 3) as srv:
-        lines = [f"127.0.0.1:{srv[0].port}:1", f"127.0.0.1:{srv[1].port}:1", f"127.0.0.1:{srv[2].port}:2 shard-c"]
+        # A quoted line ending in a space names its server "" in twemproxy (hashed so), and a
+        # pool named 010 is the text "010" to twemproxy, not YAML's integer 8.
+        lines = [f"'127.0.0.1:{srv[0].port}:1 '", f"127.0.0.1:{srv[1].port}:1", f"127.0.0.1:{srv[2].port}:2 shard-c"]
         pools = {"ring": "  hash: fnv1a_64\n  hash_tag: \"{}\"\n  distribution: ketama\n",
-                 "slots": "  hash: md5\n  distribution: modula\n"}
+                 "010": "  hash: md5\n  distribution: modula\n"}
         for attempt in range(3):
             ports = {name: free_port() for name in pools}
             conf = tmp_path / "nutcracker.yml"

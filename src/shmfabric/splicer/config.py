@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "ConfigError", "split_address", "PoolConfig", "TimeoutConfig", "LimitConfig", "HealthConfig",
     "HttpRoute", "HttpSpliceConfig", "RedisServer", "RedisSpliceConfig", "SpliceFile", "load_config", "read_yaml",
-    "format_validation_error",
+    "format_validation_error", "parse_server_line",
 ]
 
 
@@ -196,6 +196,30 @@ class HttpSpliceConfig(_Model):
         return self
 
 
+def parse_server_line(text: str) -> dict[str, Any]:
+    """A server as twemproxy writes it, `host:port:weight [name]`, read the way nutcracker reads
+    it (nc_conf.c conf_add_server works from the end): the name is what follows the *last* space
+    (a trailing space gives an empty name, and twemproxy hashes that empty name), then weight,
+    port and host split at the last two colons (so nutcracker's `::1:6379:1` is IPv6 `::1`).
+    `host:port` and `[v6]:port` without a weight are accepted too (weight 1). ValueError when
+    malformed."""
+    name = None
+    text = text.lstrip()
+    if " " in text:
+        text, _, name = text.rpartition(" ")
+        if " " in text.strip():
+            raise ValueError(f"{text.strip()} {name!r}: a server name cannot contain spaces (twemproxy takes the "
+                             "name after the last space and refuses the rest); fix: remove the spaces")
+        text = text.strip()
+    parts = text.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        host = parts[0]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # nutcracker's bare IPv6 form
+        return {"address": f"{host}:{parts[1]}", "weight": int(parts[2]), "name": name}
+    return {"address": text, "name": name}
+
+
 class RedisServer(_Model):
     """One Redis server; twemproxy's `host:port:weight name` is accepted as a string."""
 
@@ -208,13 +232,7 @@ class RedisServer(_Model):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            text, _, name = v.strip().partition(" ")
-            parts = text.rsplit(":", 2)
-            if len(parts) == 3 and parts[2].isdigit() and parts[1].isdigit():
-                return {"address": f"{parts[0]}:{parts[1]}", "weight": int(parts[2]), "name": name or None}
-            return {"address": text, "name": name or None}
-        return v
+        return parse_server_line(v) if isinstance(v, str) else v
 
 
 class RedisSpliceConfig(_Model):
@@ -237,6 +255,34 @@ class RedisSpliceConfig(_Model):
     limits: LimitConfig = LimitConfig(max_pipeline=1024)
     health: HealthConfig = HealthConfig()
     metrics: str | None = None
+
+    @field_validator("hash_tag")
+    @classmethod
+    def _two_bytes(cls, v: str | None) -> str | None:
+        if v is not None and len(v.encode()) != 2:
+            raise ValueError(f"hash_tag {v!r} is not two bytes (twemproxy compares bytes); fix: use two ASCII "
+                             "characters, e.g. '{}'")
+        return v
+
+    @model_validator(mode="after")
+    def _placeable(self) -> "RedisSpliceConfig":
+        # Refused here rather than when the continuum is built, so --check and the start say so
+        # in one line: servers that hash alike, and names too long for twemproxy's point labels.
+        from .redis_ketama import Ketama, KetamaServer, server_name
+
+        seen: dict[str, int] = {}
+        names = []
+        for i, s in enumerate(self.servers):
+            host, port = split_address(s.address)
+            name = server_name(host, port, s.name)
+            if name in seen:
+                raise ValueError(f"servers[{seen[name]}] and servers[{i}] have the same name {name!r} on the key "
+                                 "continuum (their address, or the name given after it); twemproxy refuses this; "
+                                 "fix: give each server a distinct name")
+            seen[name] = i
+            names.append(KetamaServer(name, s.weight))
+        Ketama(names, hash_name=self.hash, hash_tag=(self.hash_tag or "").encode(), distribution=self.distribution)
+        return self
 
     _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
 
@@ -287,15 +333,61 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; ConfigError (file, line, column, fix) when it cannot be read or parsed."""
+def _refuse_duplicate_keys(node: yaml.MappingNode) -> None:
+    # PyYAML keeps the last of two equal keys without a word; a config that says one thing
+    # twice is a mistake to report, as twemproxy does ("is a duplicate").
+    seen: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key_node.value}` is given twice (first on line {seen[key_node.value]}); "
+                    "fix: keep one", key_node.start_mark)
+            seen[key_node.value] = key_node.start_mark.line + 1
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """YAML 1.1 types (the splicer's own files), duplicate keys refused."""
+
+
+def _safe_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Any:
+    _refuse_duplicate_keys(node)
+    yield from yaml.constructor.SafeConstructor.construct_yaml_map(loader, node)
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:map", _safe_map)
+
+
+class _StringLoader(yaml.BaseLoader):
+    """Every scalar a string, as nutcracker reads its file (no 0123 -> 83, yes -> True, 010 ->
+    8); duplicate keys refused."""
+
+
+def _string_map(loader: yaml.BaseLoader, node: yaml.MappingNode) -> Any:
+    _refuse_duplicate_keys(node)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StringLoader.add_constructor("tag:yaml.org,2002:map", _string_map)
+
+
+def read_yaml(path: str | Path, strings: bool = False) -> Any:
+    """Parse a YAML file; ConfigError (file, line, column, fix) when it cannot be read or parsed.
+
+    With `strings`, every scalar stays the string written (for twemproxy's files, whose reader
+    has no YAML types). A key given twice in one mapping is an error.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                          "fix: save the file as UTF-8") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StringLoader if strings else _SafeLoader)  # noqa: S506 - both are safe loaders
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         pos = f" line {where.line + 1} column {where.column + 1}" if where else ""

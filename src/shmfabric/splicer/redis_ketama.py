@@ -47,6 +47,9 @@ _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
+_KETAMA_MAX_LABEL = 85  # KETAMA_MAX_HOSTLEN (86) less the NUL
+
+
 def _f32(x: float) -> float:
     """Round a double to the nearest C float, as a float-typed C expression would."""
     return struct.unpack("f", struct.pack("f", x))[0]
@@ -183,8 +186,9 @@ def _tagged(key: bytes, hash_tag: bytes) -> bytes:
 
 
 def server_name(host: str, port: int, name: str | None = None) -> str:
-    """The name twemproxy hashes for a server (see the module docstring)."""
-    if name:
+    """The name twemproxy hashes for a server (see the module docstring); a given name is used
+    even when empty (`host:port:1 ` with its trailing space names the server "" in twemproxy)."""
+    if name is not None:
         return name
     return host if port == 11211 else f"{host}:{port}"
 
@@ -199,8 +203,6 @@ class KetamaServer:
     def __post_init__(self) -> None:
         if self.weight < 1:
             raise ValueError(f"server {self.name!r}: weight must be at least 1")
-        if len(self.name.encode()) + 11 > 85:  # KETAMA_MAX_HOSTLEN - "-<u32>" - NUL
-            raise ValueError(f"server name {self.name!r} is too long for ketama (twemproxy truncates it)")
 
 
 class Ketama:
@@ -244,6 +246,17 @@ class Ketama:
                              "use ketama or modula")
         self.distribution = distribution
         self.modula = distribution == "modula"
+        if not self.modula:
+            # twemproxy labels point i of a server "name-i" in a KETAMA_MAX_HOSTLEN (86) buffer
+            # but hashes snprintf's untruncated length, so a longer label hashes bytes past the
+            # buffer: no placement can match it. i stays below 40 * servers (however servers
+            # are ejected), so a name is refused when that label could overflow.
+            longest = len(str(POINTS_PER_SERVER // POINTS_PER_HASH * len(self.servers) - 1))
+            for s in self.servers:
+                if len(s.name.encode()) + 1 + longest > _KETAMA_MAX_LABEL:
+                    raise ValueError(f"server name {s.name!r} is too long for ketama: twemproxy hashes "
+                                     f"'NAME-N' in {_KETAMA_MAX_LABEL} bytes, so with {len(self.servers)} servers "
+                                     f"a name may have {_KETAMA_MAX_LABEL - 1 - longest} bytes; fix: shorten it")
         if self.modula:
             # Slot n holds a server index; `_values` is only the slot count's stand-in, kept
             # non-empty exactly when a server is live (callers test it for "no live server").

@@ -36,7 +36,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, parse_server_line, read_yaml
 
 __all__ = ["from_twemproxy", "load_twemproxy"]
 
@@ -75,12 +75,27 @@ def from_twemproxy(doc: Any, pool: str | None = None, source: str = "twemproxy c
         raise ConfigError(f"{where}: unknown directive {', '.join(unknown)}; fix: remove it (twemproxy refuses it too)")
 
     def need(key: str, kind: type, what: str) -> Any:
+        # `load_twemproxy` reads every scalar as the string written, as nutcracker does (its
+        # nc_atoi takes decimal digits, its booleans are `true` and `false`); a document parsed
+        # with YAML types (tests, library callers) is taken too.
         value = cp[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: `{key}` must be {what}, got {value!r}")
-        return value
+        if kind is int:
+            if isinstance(value, str) and value.isascii() and value.isdigit():
+                return int(value, 10)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif kind is bool:
+            if value in ("true", "false"):
+                return value == "true"
+            if isinstance(value, bool):
+                return value
+        elif isinstance(value, kind):
+            return value
+        raise ConfigError(f"{where}: `{key}` must be {what}, got {value!r}")
 
-    if cp.get("redis") is not True:
+    if "redis" in cp:
+        need("redis", bool, "true or false")
+    if cp.get("redis") not in (True, "true"):
         raise ConfigError(f"{where}: it is a memcached pool (`redis: true` is not set; twemproxy's default is "
                           "memcached); the splicer speaks Redis only; fix: add `redis: true` if the servers are Redis")
     if "listen" not in cp:
@@ -98,6 +113,13 @@ def from_twemproxy(doc: Any, pool: str | None = None, source: str = "twemproxy c
                               "supported (UNIX sockets are not)")
     out: dict[str, Any] = {"listen": listen, "servers": list(servers)}
     notes: list[str] = []
+    for i, line in enumerate(servers):
+        try:
+            if parse_server_line(line).get("weight") is None:
+                raise ValueError("twemproxy needs a weight")
+        except ValueError as exc:
+            raise ConfigError(f"{where}: servers[{i}] {line!r}: {exc}; fix: write `host:port:weight [name]` "
+                              "(twemproxy refuses this line too)") from None
     if "hash" in cp:
         h = need("hash", str, "a hash name")
         if h in _MISSING_HASHES:
@@ -114,26 +136,43 @@ def from_twemproxy(doc: Any, pool: str | None = None, source: str = "twemproxy c
                               "fix: use ketama or modula")
         out["distribution"] = d
     if "timeout" in cp:
-        out["timeouts"] = {"request": need("timeout", int, "milliseconds (an integer)") / 1000}
+        ms = need("timeout", int, "milliseconds (an integer)")
+        if ms:
+            out["timeouts"] = {"request": ms / 1000}
+        else:
+            notes.append(f"{where}: `timeout: 0` is twemproxy's \"wait forever\"; the splicer keeps its own "
+                         "request timeout (30 s; set `timeouts.request` in a splicer config to change it)")
     conns = need("server_connections", int, "a positive integer") if "server_connections" in cp else 1
-    if conns < 1:
-        raise ConfigError(f"{where}: `server_connections` cannot be 0")
+    if not 1 <= conns <= 4096:
+        raise ConfigError(f"{where}: `server_connections: {conns}`: the splicer keeps 1 to 4096 connections per "
+                          "server; fix: use a number in that range")
     preconnect = need("preconnect", bool, "true or false") if "preconnect" in cp else False
     out["pool"] = {"max": conns, "min": conns if preconnect else 0}
     if "auto_eject_hosts" in cp:
         out["auto_eject"] = need("auto_eject_hosts", bool, "true or false")
     health: dict[str, Any] = {}
     if "server_failure_limit" in cp:
-        health["fall"] = need("server_failure_limit", int, "a positive integer")
+        # twemproxy ejects when failures reach the limit, so 0 acts as 1.
+        health["fall"] = max(1, need("server_failure_limit", int, "a positive integer"))
+    elif out.get("auto_eject"):
+        health["fall"] = 2  # twemproxy's default server_failure_limit
     if "server_retry_timeout" in cp:
-        health["interval"] = need("server_retry_timeout", int, "milliseconds (an integer)") / 1000
+        health["interval"] = max(1, need("server_retry_timeout", int, "milliseconds (an integer)")) / 1000
     if health:
         out["health"] = health
     if "redis_auth" in cp:
-        password = str(cp["redis_auth"])
+        password = need("redis_auth", str, "a password")
+        if not password:
+            raise ConfigError(f"{where}: `redis_auth` is empty; fix: give the password, or remove the line")
         out["password"] = out["backend_password"] = password
     if "redis_db" in cp:
         out["db"] = need("redis_db", int, "a database number")
+        if out["db"] and "redis_auth" in cp:
+            # Seen with nutcracker 0.5: it sends SELECT before AUTH, the server refuses the
+            # SELECT (NOAUTH), and its keys land in db 0. The splicer authenticates first.
+            notes.append(f"{where}: with both `redis_auth` and `redis_db`, twemproxy 0.5 sends SELECT before "
+                         f"AUTH and its SELECT fails, so what it wrote may be in db 0, not db {out['db']}; "
+                         "check (`redis-cli -a ... info keyspace`) before moving clients over")
     for key in _NOT_APPLIED:
         if key in cp:
             notes.append(f"{where}: `{key}` is accepted and not applied (the splicer has no equivalent)")
@@ -142,4 +181,4 @@ def from_twemproxy(doc: Any, pool: str | None = None, source: str = "twemproxy c
 
 def load_twemproxy(path: str | Path, pool: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Read a nutcracker.yml and convert one pool (see `from_twemproxy`)."""
-    return from_twemproxy(read_yaml(path), pool, str(path))
+    return from_twemproxy(read_yaml(path, strings=True), pool, str(path))

@@ -201,3 +201,5 @@ def test_the_edge_example_runs_and_adds_up(env):
     assert inst["ids"]["function_counters"]["alerts"] > 0
     assert st["chains"][0]["delivered_frames"] == c["lb"]["out_frames"]
     assert st["pools"][0]["orphaned"] == 0
+    # the summary comes after the drain: no node is reported as still running
+    assert {i["state"] for i in inst.values()} <= {"drained", "stopped"}, {k: i["state"] for k, i in inst.items()}

@@ -240,8 +240,7 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
                 live.close()
                 print()
         say("stopping: sources first, each node drains its input ...", flush=True)
-        sup.quiesce()
-        final = sup.status()
+        final = sup.status() if not sup.quiesce() else _drained(sup.status())
     finally:
         if api:
             api.close()
@@ -283,6 +282,16 @@ class _LiveView:
     def close(self) -> None:
         self.done.set()
         self.thread.join(timeout=5)
+
+
+def _drained(st: dict) -> dict:
+    # The summary is read after the drain and before the nodes are stopped (their counters
+    # are final then): a node still up has drained its input, and says so rather than "running".
+    for node in st["nodes"]:
+        for i in node["instances"]:
+            if i["state"] == "running":
+                i["state"] = "drained"
+    return st
 
 
 def _print_summary(st: dict, as_json: bool) -> None:

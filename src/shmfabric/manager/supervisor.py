@@ -246,9 +246,10 @@ class Supervisor:
                 self._event("down", "", "all instances stopped")
             self.started = False
 
-    def quiesce(self, timeout: float = 10.0) -> None:
+    def quiesce(self, timeout: float = 10.0) -> bool:
         """Stop the sources (nodes nothing sends to), then wait until every ring is empty and the
-        counters hold still, so a final status adds up (frames sent = received + dropped)."""
+        counters hold still, so a final status adds up (frames sent = received + dropped).
+        Returns whether that happened within `timeout`."""
         with self.lock:
             for name, node in self.nodes.items():
                 if not self.topo.upstream_of(name):
@@ -263,9 +264,10 @@ class Supervisor:
                 snap = [(i.name, i.counters.get("in_frames"), i.counters.get("out_frames"))
                         for n in self.nodes.values() for i in n.instances]
                 if snap == last and not any(r["depth"] for r in self._rings):
-                    return
+                    return True
                 last = snap
             time.sleep(min(self.topo.poll_interval, 0.1))
+        return False
 
     def run(self, stop: threading.Event, duration: float | None = None) -> None:
         """Tick every poll_interval until `stop` is set or `duration` seconds passed."""

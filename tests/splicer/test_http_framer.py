@@ -326,9 +326,10 @@ def test_truncated_response_is_an_error_but_until_close_is_not():
     assert drain(f)[-1] == ("error", 502)
 
 
-def test_101_pauses_and_hands_over_raw_bytes():
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_101_pauses_and_hands_over_raw_bytes(method):
     f = ResponseFramer()
-    f.expect(b"GET")
+    f.expect(method)
     f.receive_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi")
     evs = drain(f)
     assert isinstance(evs[0], InformationalResponse) and evs[0].status == 101

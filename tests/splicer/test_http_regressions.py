@@ -26,10 +26,20 @@ class RawBackend:
         self.heads: list[bytes] = []
         self.connections = 0
         self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> "RawBackend":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> "RawBackend":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
         return self
+
+    async def kill(self) -> int:
+        """Stop listening and drop every connection, as a backend that dies; return its port."""
+        port = self.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.server.close()  # type: ignore[union-attr]
+        for w in list(self.writers):
+            w.transport.abort()
+        await self.server.wait_closed()  # type: ignore[union-attr]
+        return port
 
     @property
     def address(self) -> str:
@@ -37,6 +47,7 @@ class RawBackend:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -68,6 +79,17 @@ class RawBackend:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
                     await writer.drain()
                     continue
+                if path == b"/early":  # an interim response, then the backend dies
+                    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+                    await writer.drain()
+                    writer.close()
+                    return
+                if path == b"/upgrade":  # 101 and the first tunnel bytes in one write, then close
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+                                 b"hello from the tunnel")
+                    await writer.drain()
+                    writer.close()
+                    return
                 if path == b"/partialhead":  # the backend dies while answering
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
                     await writer.drain()
@@ -91,6 +113,7 @@ class RawBackend:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         finally:
+            self.writers.discard(writer)
             writer.close()
 
     async def close(self) -> None:
@@ -460,3 +483,64 @@ def test_a_request_whose_response_began_is_not_retried():
         assert b"echo /a" in got and got.endswith(b"echo /b") and b"middle of a response" in got
         assert sum(h.startswith(b"GET /partialhead ") for h in be.heads) == 1, be.heads
     asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
+
+
+def test_a_request_after_an_interim_response_is_not_retried():
+    # The backend sent 103 Early Hints, then closed, on a reused connection: the response had
+    # begun (the client already has the 103), so a 502 follows in place. It was retried on a new
+    # connection: the client got the 103 twice and the backend the request twice.
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                               b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n"
+                                               b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert closed
+        assert re.findall(rb"HTTP/1.1 (\d+)", got) == [b"200", b"103", b"502", b"200"], got
+        assert b"echo /a" in got and got.endswith(b"echo /b")
+        assert sum(h.startswith(b"GET /early ") for h in be.heads) == 1, be.heads
+    asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_bytes_sent_with_a_101_reach_the_tunnel(method):
+    # The backend's first tunnel bytes came in the same read as its 101: with HEAD they were
+    # dropped (the response-to-HEAD path of the framer kept them from the tunnel).
+    async def test(be, sp):
+        got, closed = await _exchange(sp.port, b"%s /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                               b"Upgrade: echo\r\n\r\n" % method.encode())
+        assert closed and got.startswith(b"HTTP/1.1 101"), got
+        assert got.endswith(b"\r\n\r\nhello from the tunnel"), got
+    asyncio.run(_with_splicer(test))
+
+
+@pytest.mark.parametrize("pool_min", [1, 0])
+def test_a_backend_back_after_an_outage_returns_to_rotation_without_health_checks(pool_min):
+    # Health checks off: once the backend died, the server was down (503) for good after it
+    # came back. One connect succeeded and filled the pool to `min` 1, and `rise` is 2: nothing
+    # connected again (with `min` 0 nothing connected at all). Connects while down now go on,
+    # paced by the backoff, until `rise` of them in a row succeed.
+    async def test(be, sp):
+        server = sp.servers[be.address]
+        request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        got, _ = await _exchange(sp.port, request)
+        assert got.startswith(b"HTTP/1.1 200"), got
+        port = await be.kill()
+        for _ in range(100):  # `fall` failed connects, the first ones within a second
+            got, _ = await _exchange(sp.port, request)
+            if got.startswith(b"HTTP/1.1 503"):
+                break
+            await asyncio.sleep(0.05)
+        assert got.startswith(b"HTTP/1.1 503"), got
+        connects = server.metrics.errors["connect"]
+        before = connects.value
+        await asyncio.sleep(1.0)
+        # a server that stays down is not hammered: the backoff spaces the attempts (>= 0.2 s
+        # apart by now, growing)
+        assert connects.value - before <= 8, connects.value - before
+        await be.start(port)
+        for _ in range(100):  # the backoff caps at max(1 s, health.interval): 2 s here
+            got, _ = await _exchange(sp.port, request)
+            if not got.startswith(b"HTTP/1.1 503"):
+                break
+            await asyncio.sleep(0.1)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"echo /x"), got
+    asyncio.run(_with_splicer(test, timeouts={"connect": 1}, pool={"min": pool_min}))

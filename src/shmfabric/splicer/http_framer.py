@@ -606,6 +606,10 @@ class ResponseFramer(_Framer):
         head, rest = bytes(buf[:end]), bytes(buf[end:])
         buf.clear()
         self._feed(head)
+        if self._paused:
+            # a 101: what came after its head is the tunnel's, taken with `take_raw`
+            self._raw += rest
+            return b""
         if self._head_done:
             # llhttp now waits for a body the HEAD response does not have: start afresh.
             self._head_done = False

@@ -25,8 +25,9 @@ responses are held behind them.
 
 Health: active checks every `health.interval` (TCP connect, or `GET health.path`), plus
 passive results from connects; a server that fails `fall` times leaves rotation, and comes back
-after `rise` successes (`HealthState`). `BackendGroup.pick()` chooses the up server with the
-fewest requests in flight.
+after `rise` successes (`HealthState`). With active checks off, a down server is probed by
+connects alone (one at a time, after the backoff delay, closed once open) until `rise` succeed
+in a row. `BackendGroup.pick()` chooses the up server with the fewest requests in flight.
 
 Exchanges talk to this module through a small interface: `on_connection(conn)`,
 `on_response_event(event)`, `on_backend_failure(kind, message)`, `on_tunnel_data(data)`; the
@@ -402,6 +403,13 @@ class BackendServer:
             return
         elif self.waiters:
             ex = self.waiters.popleft()
+        elif not self.health.up and not self.health_cfg.enabled:
+            # Down with active checks off: no request comes to an idle connection, and keeping
+            # it would hold the pool at `min`, so nothing would connect again, the only way back
+            # (`rise` connects in a row). Close it; the next probe follows the backoff delay.
+            self._schedule_refill()
+            conn.abort()
+            return
         else:
             self.in_use.pop(conn, None)
             conn.idled = True
@@ -435,6 +443,11 @@ class BackendServer:
         total = len(self.free) + len(self.in_use) + self.connecting
         want = max(self.min - total, len(self.waiters) + len(self.fresh_waiters) - self.connecting)
         want = min(want, self.max - total)
+        if not self.health.up and not self.health_cfg.enabled:
+            # Connects are the only checks: probe, whatever `min`, paced by the backoff.
+            if self._refill_handle is not None or total >= self.max:
+                return
+            want = 1
         if want <= 0:
             return
         if not self.health.up and self.connecting:
@@ -487,13 +500,17 @@ class BackendServer:
             waiters, self.waiters = self.waiters, deque()
             for ex in waiters:
                 ex.on_backend_failure("connect", message)
-        if self._closed or self._loop is None:
+        self._schedule_refill()
+
+    def _schedule_refill(self) -> None:
+        """`_fill` again after the backoff delay."""
+        if self._closed or self._loop is None or self._refill_handle is not None:
             return
-        if self._refill_handle is None:
-            def refill() -> None:
-                self._refill_handle = None
-                self._fill()
-            self._refill_handle = self._loop.call_later(self.backoff.next_delay(), refill)
+
+        def refill() -> None:
+            self._refill_handle = None
+            self._fill()
+        self._refill_handle = self._loop.call_later(self.backoff.next_delay(), refill)
 
     # -- health ---------------------------------------------------------------------------
     async def _health_loop(self) -> None:

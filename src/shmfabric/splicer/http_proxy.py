@@ -54,7 +54,7 @@ class Exchange:
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
                  "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind",
-                 "last_rx", "clock")
+                 "last_rx", "clock", "interim")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -82,6 +82,7 @@ class Exchange:
         self.behind = False  # pipelined behind another request on its backend connection
         self.last_rx = 0.0   # when the backend last sent part of this response (see the timeout sweep)
         self.clock = 0.0     # when the request timeout's clock (re)started
+        self.interim = False  # a 1xx came: the backend acted on the request (no retry)
         # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
         self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
                             and req.method in IDEMPOTENT_METHODS)
@@ -197,6 +198,10 @@ class Exchange:
         client.emit(self.seq, head)
 
     def _on_informational(self, ev: InformationalResponse) -> None:
+        # The response has begun: a retry would send the request again and the client (which may
+        # have this 1xx already) would get the retry's 1xx too. Unlike `resp_started`, the final
+        # answer can still be a 502 in place.
+        self.interim = True
         if ev.status == 101:
             if self.req.upgrade and not self.gone:
                 self._switch_to_tunnel(ev)
@@ -238,14 +243,15 @@ class Exchange:
             conn.abort()
         if server is not None:
             server.inflight -= 1
-        if (not self.resp_started and not self.gone and kind != "timeout" and kind != "truncated"
+        if (not self.resp_started and not self.interim and not self.gone and kind != "timeout" and kind != "truncated"
                 and self.attempts < 1 and not self.body_sent
                 and (kind == "connect" or ((self.reused or self.behind) and self.req.method in IDEMPOTENT_METHODS))):
             # Safe to retry: nothing reached a backend (connect), or an idempotent request
             # (RFC 9110 section 9.2.2) met a pooled connection the backend had just closed, or was
             # pipelined behind the response after which the backend closed or broke the
             # connection (nginx's keepalive_requests), and no byte of its own response came (a
-            # response cut off in its head, "truncated", had begun: the backend acted on it).
+            # response cut off in its head, "truncated", or after a 1xx, had begun: the backend
+            # acted on it).
             # The latter go to a new connection, alone: any pooled one may be closing as well
             # (the close crosses the hand-over), and a new connection is never closed by a
             # keep-alive limit before its first response, so one retry is enough. A request

@@ -498,6 +498,28 @@ def test_unhealthy_server_leaves_rotation_and_returns():
     run(main())
 
 
+def test_a_server_failing_its_http_check_stays_out_although_it_accepts_connections():
+    # A server whose `health.path` answers 503 but which accepts TCP: the pool's own connects
+    # must not count as passing checks (they would bring it back between two HTTP checks).
+    async def main():
+        env = Env()
+        try:
+            a = await env.backend("a")
+            sp = await env.splice(default=[a.address], pool={"min": 2, "max": 4},
+                                  health={"interval": 0.05, "timeout": 0.5, "rise": 2, "fall": 2,
+                                          "path": "/health?status=503"})
+            server = sp.servers[a.address]
+            await wait_for(lambda: not server.up)
+            ups = 0
+            for _ in range(40):  # 2 s: 40 HTTP checks, and the pool refilling its connections
+                await asyncio.sleep(0.05)
+                ups += server.up
+            assert ups == 0, f"the failing server came back {ups} times out of 40"
+        finally:
+            await env.close()
+    run(main())
+
+
 def test_stale_pooled_connection_is_retried_for_idempotent_requests(pipeline):
     async def main():
         env = Env(pipeline)

@@ -37,8 +37,10 @@ class HealthState:
     """Up/down decision from check results, as HAProxy's `rise` and `fall`.
 
     A server goes down after `fall` consecutive failures and comes back after `rise` consecutive
-    successes. Failures seen by live traffic (connect refused, reset) count like failed checks,
-    so a dead server leaves rotation before the next active check.
+    successes. The HTTP pool also records its own connects (a refused one counts like a failed
+    check, so a dead server leaves rotation before the next active check; a successful one like
+    a passing check, unless the active check is an HTTP one); the Redis splicer records its
+    active checks only.
     """
 
     rise: int = 2

@@ -476,9 +476,11 @@ class BackendServer:
             raise
         self.connecting -= 1
         self.backoff.reset()
-        # a successful connect counts as a passing check, so a server comes back into rotation
-        # by passive results alone (active checks may be off)
-        self.health.record(True)
+        # A successful connect counts as a passing check, so a server comes back into rotation
+        # by passive results alone (active checks may be off), unless the active check is an
+        # HTTP one: a server that accepts TCP but fails `health.path` must stay out.
+        if not (self.health_cfg.enabled and self.health_cfg.path):
+            self.health.record(True)
         if self._closed:
             conn.abort()
             return

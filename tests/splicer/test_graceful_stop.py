@@ -8,6 +8,7 @@ second signal cuts it short. No test asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -21,14 +22,23 @@ import pytest
 from shmfabric.splicer.redis_resp import encode_command
 
 from .redis_fixtures import free_port, needs_redis, redis_servers, wait_port
-from .test_http_proxy import get, read_replies
+from .test_http_proxy import Env, get, read_replies, run
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _splice(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", *argv],
+    # Its own process group, so a test can signal the group as systemd and terminals do.
+    return subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", *argv], start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop(proc: subprocess.Popen, how: str) -> None:
+    """SIGTERM to the splicer (`pid`) or to its whole process group (`group`: systemd's stop)."""
+    if how == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
 
 
 def _refused(port: int) -> bool:
@@ -68,8 +78,10 @@ def _http_splicer(backend: _HttpBackend, *extra: str) -> tuple[subprocess.Popen,
     return proc, port
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_http_sigterm_answers_the_requests_read_then_closes(http_backend, workers: int) -> None:
+@pytest.mark.parametrize("workers,how", [(1, "pid"), (2, "pid"), (2, "group")])
+def test_http_sigterm_answers_the_requests_read_then_closes(http_backend, workers: int, how: str) -> None:
+    # `group`: each worker gets the SIGTERM directly and through its parent, which must count
+    # as one request to stop, not as a second signal that cuts.
     proc, port = _http_splicer(http_backend, "--workers", str(workers))
 
     async def scenario() -> tuple:
@@ -79,7 +91,7 @@ def test_http_sigterm_answers_the_requests_read_then_closes(http_backend, worker
         writer.write(get("/?delay=1500", 0) + get("/?delay=100", 1) + get("/?delay=800", 2))
         await writer.drain()
         await asyncio.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        _stop(proc, how)
         await asyncio.sleep(0.2)
         writer.write(get("/?late=1", 3))  # sent after the stop began: never read, never answered
         await writer.drain()
@@ -126,8 +138,9 @@ def test_http_a_request_that_outlasts_the_drain_is_cut(http_backend, how: str) -
 
 
 @needs_redis
-@pytest.mark.parametrize("workers", [1, 2])
-def test_redis_sigterm_mid_pipeline_answers_exactly_the_commands_that_ran(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("workers,how", [(1, "pid"), (2, "pid"), (2, "group")])
+def test_redis_sigterm_mid_pipeline_answers_exactly_the_commands_that_ran(tmp_path: Path, workers: int,
+                                                                          how: str) -> None:
     # A client streams 400k SETs of distinct keys and reads as it goes; the splicer is told to
     # stop part way. The client must get a run of +OK, then EOF (not a reset), and the servers
     # must hold exactly the keys of the answered SETs: nothing ran unanswered, nothing answered
@@ -158,7 +171,7 @@ def test_redis_sigterm_mid_pipeline_answers_exactly_the_commands_that_ran(tmp_pa
                     break
                 got += data
                 if not signalled and len(got) >= 20_000 * 5:
-                    proc.send_signal(signal.SIGTERM)
+                    _stop(proc, how)
                     signalled = True
             sock.close()
             sender.join(30)
@@ -174,3 +187,89 @@ def test_redis_sigterm_mid_pipeline_answers_exactly_the_commands_that_ran(tmp_pa
         assert len(stored) == k and stored == {b"gs:%d" % i for i in range(k)}
         assert proc.returncode == 0 and "Traceback" not in err, err
         assert _refused(port)
+
+
+def test_a_slow_reader_still_sending_gets_a_large_last_answer_whole(http_backend) -> None:
+    # `Connection: close` on a 6 MB answer; the client reads about 1.5 MB/s and keeps sending.
+    # Megabytes wait in the kernel's send buffer long after ours is empty: closing then, with
+    # the client's bytes unread, would reset the connection and drop them.
+    proc, port = _http_splicer(http_backend)
+    size = 6_000_000
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            s.sendall(get(f"/?size={size}", 0, headers="Connection: close\r\n"))
+            stop = threading.Event()
+
+            def chatter() -> None:
+                while not stop.wait(0.05):
+                    try:
+                        s.sendall(get("/", 1))
+                    except OSError:
+                        return
+
+            t = threading.Thread(target=chatter, daemon=True)
+            t.start()
+            got = bytearray()
+            try:
+                while data := s.recv(100_000):
+                    got += data
+                    time.sleep(0.06)
+            finally:
+                stop.set()
+                t.join(5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert b"content-length: %d" % size in head.lower(), head
+    assert len(body) == size, f"{len(body)} of {size} body bytes before the close"
+
+
+def test_an_upgrade_declined_during_a_graceful_stop_ends_the_connection() -> None:
+    async def decline(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # still deciding when the stop begins
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        await reader.read()
+
+    async def main():
+        env = Env()
+        backend = await asyncio.start_server(decline, "127.0.0.1", 0)
+        try:
+            sp = await env.splice(default=[f"127.0.0.1:{backend.sockets[0].getsockname()[1]}"])
+            r, w = await env.connect()
+            w.write(get("/ws", 0, headers="Connection: Upgrade\r\nUpgrade: echo\r\n"))
+            await asyncio.sleep(0.1)
+            sp.drain()
+            replies, closed = await read_replies(r, [b"GET"], timeout=10)
+            assert [(x.status, x.body) for x in replies] == [(200, b"no")] and closed, (replies, closed)
+        finally:
+            await env.close()
+            backend.close()
+    run(main())
+
+
+def test_a_connection_lingering_after_its_answers_is_not_closed_again_by_the_idle_sweep(monkeypatch) -> None:
+    # Every idle sweep used to close it again, each time starting another linger timer.
+    import shmfabric.splicer.http_proxy as http_proxy
+
+    calls = []
+    real = http_proxy.close_lingering
+    monkeypatch.setattr(http_proxy, "close_lingering", lambda *a, **k: (calls.append(1), real(*a, **k)))
+
+    async def main():
+        env = Env()
+        try:
+            be = await env.backend("a")
+            await env.splice(default=[be.address], timeouts={"client_idle": 0.1})
+            r, w = await env.connect()
+            # a large answer the client never reads, then the close the request asked for
+            w.write(get("/?size=3000000", 0, headers="Connection: close\r\n"))
+            await asyncio.sleep(1.5)  # about 30 idle sweeps
+            assert len(calls) == 1, f"closed {len(calls)} times"
+            w.close()
+        finally:
+            await env.close()
+    run(main())

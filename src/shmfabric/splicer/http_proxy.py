@@ -486,6 +486,9 @@ class ClientConnection(asyncio.Protocol):
                 ex = self.upgrade_ex
                 if ex is not None and ex.finished and not ex.tunnel:
                     self.upgrade_ex = None
+                    if self.draining:  # declined during a graceful stop: that was the last one
+                        self._end_input(ex.seq)
+                        break
                     framer.resume()  # the upgrade was declined: what follows is HTTP again
                     continue
                 break
@@ -600,7 +603,10 @@ class ClientConnection(asyncio.Protocol):
                 self.barrier_active = False
         if ex is self.upgrade_ex and not ex.tunnel and not self.closed:
             self.upgrade_ex = None
-            if self.framer.paused:
+            if self.draining:  # declined during a graceful stop: nothing more is read
+                self._end_input(ex.seq)
+                self._maybe_close()
+            elif self.framer.paused:
                 self.framer.resume()
                 self.loop.call_soon(self._process)
         if not self.closed:
@@ -654,6 +660,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
+        if self.closed:
+            return  # closing already (lingering) or gone
         self.closed = True
         for ex in list(self.exchanges.values()):
             ex.abandon()

@@ -92,6 +92,8 @@ class HttpSplicer:
             now = self.loop.time()
             cutoff = now - idle
             for c in list(self.clients):
+                if c.closed:
+                    continue  # lingering after its last answer (teardown.close_lingering bounds it)
                 if c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
                     c._close()
                 elif c.head_since is not None and c.head_since < now - head and not c.closed and not c.stop_reading:
@@ -180,9 +182,11 @@ async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | No
     splicer.drain()
     busy = await stop.wait_drained(lambda: len(splicer.clients), cfg.timeouts.drain)
     if busy:
-        print(f"splice http: cutting {busy} client connection(s) still busy after the graceful stop "
-              f"({'second signal' if stop.cut.is_set() else f'timeouts.drain {cfg.timeouts.drain:g} s'})",
-              file=sys.stderr, flush=True)
+        why = "second signal" if stop.cut.is_set() else f"timeouts.drain {cfg.timeouts.drain:g} s"
+        # one write: workers share stderr, and print() writes the line and its newline apart
+        sys.stderr.write(f"splice http: cutting {busy} client connection(s) still busy after the graceful stop "
+                         f"({why})\n")
+        sys.stderr.flush()
     await splicer.close()
 
 

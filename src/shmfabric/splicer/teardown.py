@@ -11,6 +11,9 @@ close for good after a bound.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 
 __all__ = ["LINGER_SECONDS", "close_lingering"]
 
@@ -18,14 +21,27 @@ __all__ = ["LINGER_SECONDS", "close_lingering"]
 #: out, before it is closed anyway. The clock starts when the answers have left the buffer.
 LINGER_SECONDS = 2.0
 
+_lingering: set[asyncio.Transport] = set()  # half-closed and being read (a second call is a no-op)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes the kernel still holds to send on this socket (Linux SIOCOUTQ), 0 if unknown."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, ValueError):
+        return 0
+
 
 def close_lingering(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, peer_eof: bool = False,
                     seconds: float = LINGER_SECONDS) -> None:
     """Half-close `transport` once its buffered answers are written, and close it when the client
     closes its side (its protocol's `eof_received` must then return False, and its
-    `data_received` drop what comes) or `seconds` after the answers have left. With `peer_eof`
-    (the client has closed its side already) there is nothing to wait for: a plain close."""
-    if transport.is_closing():
+    `data_received` drop what comes), or `seconds` after the answers have reached the client
+    (left both our buffer and the kernel's), or when the client has taken none of them for
+    `seconds` (it stopped reading). With `peer_eof` (the client has closed its side already)
+    there is nothing to wait for: a plain close. Calling it again does nothing."""
+    if transport.is_closing() or transport in _lingering:
         return
     if peer_eof or not transport.can_write_eof():
         transport.close()
@@ -36,15 +52,21 @@ def close_lingering(transport: asyncio.Transport, loop: asyncio.AbstractEventLoo
     except OSError:  # the client is gone already (reset): nothing is left to save
         transport.abort()
         return
+    _lingering.add(transport)
 
-    def expire() -> None:
+    def check(last: int | None, delivered: bool) -> None:
         if transport.is_closing():
+            _lingering.discard(transport)
             return
-        if transport.get_write_buffer_size():
-            # The client is still reading its answers (slowly): close() would wait for them
-            # too, so the clock starts only once they are out.
-            loop.call_later(seconds, expire)
-            return
-        transport.close()
+        # A close with bytes still queued (here or in the kernel) and the client's unread
+        # would reset the connection and drop them: wait while the client takes them.
+        pending = transport.get_write_buffer_size() + _unsent(transport)
+        if pending > 1 and (last is None or pending < last):  # 1: our FIN, until acknowledged
+            loop.call_later(seconds, check, pending, False)
+        elif pending <= 1 and not delivered:
+            loop.call_later(seconds, check, None, True)  # the client's turn to close
+        else:
+            _lingering.discard(transport)
+            transport.close()
 
-    loop.call_later(seconds, expire)
+    loop.call_soon(check, None, False)

@@ -16,26 +16,34 @@ from typing import Any, Callable
 from .config import split_address
 
 _PR_SET_PDEATHSIG = 1
-_in_worker = False  # set in a forked worker: its parent passes Ctrl-C on as SIGTERM
+_in_worker = False  # set in a forked worker (see GracefulStop)
+#: How a parent passes a stop request on to its workers: a signal of its own, so that a worker
+#: tells the parent's requests from the ones it gets directly.
+FORWARD_SIGNAL = signal.SIGUSR1
 
 
 class GracefulStop:
     """The stop signals of one splicer event loop: the first starts a graceful stop (`requested`),
     a second cuts it short (`cut`), as HAProxy's soft stop and nginx's quit do.
 
-    A worker takes SIGTERM only: a terminal's Ctrl-C reaches the whole process group, and its
-    parent passes that on as SIGTERM, so the worker would otherwise count one Ctrl-C twice.
+    A worker counts its parent's requests (FORWARD_SIGNAL) apart from the SIGTERMs it gets
+    directly: one `kill -TERM -PGID` (systemd's stop, which signals the whole group) reaches it
+    both directly and through its parent, and must count once. It ignores SIGINT: a terminal's
+    Ctrl-C reaches the whole group too, and comes through the parent.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.requested = asyncio.Event()
         self.cut = asyncio.Event()
-        for sig in (signal.SIGTERM,) if _in_worker else (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal)
+        self._seen: dict[int, int] = {}
+        sigs = (signal.SIGTERM, FORWARD_SIGNAL) if _in_worker else (signal.SIGINT, signal.SIGTERM)
+        for sig in sigs:
+            loop.add_signal_handler(sig, self._on_signal, sig if sig == FORWARD_SIGNAL else signal.SIGTERM)
 
-    def _on_signal(self) -> None:
-        (self.cut if self.requested.is_set() else self.requested).set()
+    def _on_signal(self, source: int) -> None:
+        n = self._seen[source] = self._seen.get(source, 0) + 1
+        (self.cut if n > 1 else self.requested).set()
 
     async def wait_drained(self, busy: Callable[[], int], seconds: float) -> int:
         """Wait until `busy()` is 0, `seconds` have passed or a second signal came; return
@@ -111,7 +119,7 @@ def run_workers(n: int, child: Callable[[int], None]) -> int:
         stopping = True
         for pid in children:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, FORWARD_SIGNAL)  # see GracefulStop
             except ProcessLookupError:
                 pass
 

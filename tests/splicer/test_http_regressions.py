@@ -470,33 +470,24 @@ def test_responses_to_head_with_a_length_keep_the_backend_connection():
     asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
 
 
-def test_a_request_whose_response_began_is_not_retried():
-    # The backend closed in the middle of the response head, on a reused connection: the
-    # backend acted on the request, so it gets its 502 in place and is not sent again; the
+@pytest.mark.parametrize("path,statuses,says", [
+    # The backend closed in the middle of the response head, on a reused connection.
+    ("/partialhead", [b"200", b"502", b"200"], b"middle of a response"),
+    # The backend sent 103 Early Hints, then closed: the client already has the 103 (a retry
+    # gave it the 103 twice).
+    ("/early", [b"200", b"103", b"502", b"200"], b""),
+])
+def test_a_request_whose_response_began_is_not_retried(path: str, statuses: list[bytes], says: bytes):
+    # The backend acted on the request, so it gets its 502 in place and is not sent again; the
     # requests around it are answered. It was sent a second time.
     async def test(be, sp):
         got, closed = await _exchange(sp.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
-                                               b"GET /partialhead HTTP/1.1\r\nHost: x\r\n\r\n"
-                                               b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                                               b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+                                               + b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert closed
-        assert re.findall(rb"HTTP/1.1 (\d+)", got) == [b"200", b"502", b"200"], got
-        assert b"echo /a" in got and got.endswith(b"echo /b") and b"middle of a response" in got
-        assert sum(h.startswith(b"GET /partialhead ") for h in be.heads) == 1, be.heads
-    asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
-
-
-def test_a_request_after_an_interim_response_is_not_retried():
-    # The backend sent 103 Early Hints, then closed, on a reused connection: the response had
-    # begun (the client already has the 103), so a 502 follows in place. It was retried on a new
-    # connection: the client got the 103 twice and the backend the request twice.
-    async def test(be, sp):
-        got, closed = await _exchange(sp.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
-                                               b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n"
-                                               b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert closed
-        assert re.findall(rb"HTTP/1.1 (\d+)", got) == [b"200", b"103", b"502", b"200"], got
-        assert b"echo /a" in got and got.endswith(b"echo /b")
-        assert sum(h.startswith(b"GET /early ") for h in be.heads) == 1, be.heads
+        assert re.findall(rb"HTTP/1.1 (\d+)", got) == statuses, got
+        assert b"echo /a" in got and got.endswith(b"echo /b") and says in got
+        assert sum(h.startswith(b"GET %s " % path.encode()) for h in be.heads) == 1, be.heads
     asyncio.run(_with_splicer(test, pool={"min": 1, "max": 1}))
 
 

@@ -229,3 +229,13 @@ def test_keys_written_through_twemproxy_are_read_through_the_splicer_from_the_sa
             finally:
                 sp.terminate()
                 sp.wait(timeout=10)
+
+
+def test_flags_that_move_keys_off_a_twemproxy_file_are_warned_about(tmp_path: Path, capsys) -> None:
+    path = _file(tmp_path, "p:\n  listen: 127.0.0.1:22121\n  redis: true\n  servers:\n   - 127.0.0.1:7001:1\n")
+    assert main(["splice", "redis", "--twemproxy", str(path), "--listen", "127.0.0.1:22122", "--check"]) == 0
+    assert "override" not in capsys.readouterr().err  # --listen moves no key
+    assert main(["splice", "redis", "--twemproxy", str(path), "--hash", "md5", "--check"]) == 0
+    assert "--hash override(s) the twemproxy file's key placement" in capsys.readouterr().err
+    assert main(["splice", "redis", "--twemproxy", str(path), "--hash", "crc16", "--check"]) == 2
+    assert f"{path} with --hash: field `hash`" in capsys.readouterr().err  # the flag is named, not only the file

@@ -66,6 +66,14 @@ def build_redis_config(args: argparse.Namespace) -> Any:
         data["hash_tag"] = args.hash_tag
     if args.server:
         data["servers"] = args.server
+    moved = [f for f, v in (("--server", args.server), ("--hash", args.hash), ("--hash-tag", args.hash_tag),
+                            ("--distribution", args.distribution)) if v is not None]
+    if moved and source != "command line":
+        # A value the file gave is replaced: errors are the flags' as much as the file's.
+        source = f"{source} with {', '.join(moved)}"
+        if args.twemproxy:
+            print(f"splice redis: warning: {', '.join(moved)} override(s) the twemproxy file's key placement: "
+                  "keys twemproxy stored may be looked up on other servers", file=sys.stderr)
     if "servers" not in data:
         raise _cli_error("no servers: give --server HOST:PORT (repeatable) or --config FILE with `redis.servers`")
     pool = dict(data.get("pool") or {})

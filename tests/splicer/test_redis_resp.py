@@ -36,11 +36,11 @@ def feed_whole(data: bytes) -> list[list[bytes]]:
     return read_all(r)
 
 
-def feed_bytewise(data: bytes) -> list[list[bytes]]:
+def feed_bytewise(data: bytes, step: int = 1) -> list[list[bytes]]:
     r = RequestReader()
     out = []
-    for i in range(len(data)):
-        r.feed(data[i : i + 1])
+    for i in range(0, len(data), step):
+        r.feed(data[i : i + step])
         out += read_all(r)
     return out
 
@@ -82,19 +82,59 @@ REQUEST_CASES = [
     (b"*-1\r\nPING\r\n", [[b"PING"]]),
     (b"*-1\r\n*1\r\n$4\r\nPING\r\n+x\r\n", [[b"PING"], [b"+x"]]),
     (b"|-1\r\n$\n00\r\n", [[b"$"], [b"00"]]),  # a null of another aggregate type (found by the fuzz smoke)
+    # but a null *bulk* (or RESP3 null) starts an inline request like any other non-'*' byte;
+    # split reads skipped it as a null multibulk (found by the fuzz smoke)
+    (b"*0\r\n$-1\r\n\r%1\r\n", [[b"$-1"], [b"%1"]]),
+    (b"*1\r\n$4\r\nPING\r\n_\r\nPING\r\n", [[b"PING"], [b"_"], [b"PING"]]),
+    (b"*-1\r\n*-1\r\n$-1\r\n", [[b"$-1"]]),
+    # a value that looks like a huge aggregate header is only a value
+    (b"*2\r\n$3\r\nGET\r\n$12\r\n*123456789\r\n\r\n", [[b"GET", b"*123456789\r\n"]]),
 ]
 
 
 @pytest.mark.parametrize("data,expected", REQUEST_CASES)
 def test_requests_whole_bytewise_and_trailing(data: bytes, expected: list[list[bytes]]) -> None:
     assert feed_whole(data) == expected
-    assert feed_bytewise(data) == expected
+    for step in (1, 2, 3, 5):
+        assert feed_bytewise(data, step) == expected, f"reads of {step} bytes"
     # Trailing data: a partial next request stays buffered and is not returned.
     r = RequestReader()
     r.feed(data + b"*2\r\n$3\r\nGET\r\n$5\r\nab")
     assert read_all(r) == expected
     r.feed(b"cde\r\n")
     assert read_all(r) == [[b"GET", b"abcde"]]
+
+
+@pytest.mark.parametrize("data,before", [
+    (b"*100000000\r\n\x94", []),  # a header, then a byte hiredis refuses
+    (b"*1\r\n$4\r\nPING\r\n*100000000\r\n$1\r\nx\r\n", [[b"PING"]]),  # behind a request, same read
+    (b"*1\r\n*100000000\r\n", []),  # nested
+    (b"~100000000\r\n", []),
+    (b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n|50000000\r\n", [[b"GET", b"k"]]),
+])
+def test_a_huge_aggregate_header_is_refused_before_hiredis_allocates_for_it(data: bytes, before: list) -> None:
+    # hiredis makes an N-slot list on reading "*N" and walks it to free it: "*2000000000" and a
+    # bad byte stalled a worker for seconds. The reader refuses the header (as Redis does) before
+    # hiredis sees it, whatever the read split: no N-sized allocation is ever made.
+    import tracemalloc
+
+    for step in (len(data), 1, 3):
+        tracemalloc.start()
+        try:
+            r, out, err = RequestReader(), [], None
+            for i in range(0, len(data), step):
+                r.feed(data[i : i + step])
+                cmds, err = r.drain(1 << 30)
+                out += cmds
+                if err is not None:
+                    break
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert out == before and err is not None and "invalid multibulk length" in str(err), (step, out, err)
+        assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated reading {step}-byte pieces"
+        r.feed(b"*1\r\n$4\r\nPING\r\n")  # nothing after the refused header is read
+        assert r.drain(10)[0] == []
 
 
 BAD_REQUESTS = [

@@ -22,6 +22,7 @@ malformed backend reply raises `RespProtocolError` too; the shell drops that bac
 """
 from __future__ import annotations
 
+import re
 from itertools import repeat
 
 import hiredis
@@ -163,7 +164,8 @@ class RequestReader:
     """
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
-                 "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked")
+                 "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked", "_nulls",
+                 "_tail", "_poisoned")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -171,6 +173,8 @@ class RequestReader:
         self._pending = b""  # bytes not handed to hiredis (inline mode)
         self.max_request_bytes = max_request_bytes
         self.failed = False
+        self._tail = b""  # the last bytes fed, so a header split over two reads is still seen
+        self._poisoned = False  # an aggregate header over MULTIBULK_MAX was held back (_guard)
         self._reset_hiredis()
 
     def _reset_hiredis(self) -> None:
@@ -180,14 +184,17 @@ class RequestReader:
         self._fed = 0  # bytes fed to this hiredis reader in all
         self._hlen = 0  # what Reader.len() says if hiredis has not trimmed its buffer
         self._known_end = 0  # stream offset (in _fed terms) where a request is known to end
+        self._nulls = 0  # null items (None from hiredis) returned since _known_end
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
         self._tail_unchecked = False  # is what follows the last request known to be multibulk?
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the client."""
+        if self._poisoned:
+            return  # nothing after a refused header is read (see _guard)
         if self._in_hiredis:
-            data = bytes(data)
+            data = self._guard(bytes(data))
             self._reader.feed(data)  # _feed_hiredis, inlined (once per read)
             n = len(data)
             self._hiredis_bytes += n
@@ -199,7 +206,30 @@ class RequestReader:
         else:
             self._pending = bytes(data)
 
+    def _guard(self, data: bytes) -> bytes:
+        """`data`, cut before an aggregate header that announces more than MULTIBULK_MAX items.
+
+        hiredis makes an N-slot list as soon as it reads a header "*N", before any item comes,
+        and freeing it walks all N slots: the 13 bytes "*2000000000\r\n" and one bad byte cost
+        seconds of a worker's time (hiredis issue #1357), stalling every client it serves. So
+        such a header never reaches hiredis: `drain` reports it as Redis does. The test is two
+        C-speed searches per read; the walk over the request runs only when they hit.
+        """
+        probe = self._tail + data
+        self._tail = probe[-16:]
+        if not _may_hold_huge_header(probe):
+            return data
+        prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
+        at = _huge_header(prefix + data)
+        if at < 0:
+            return data
+        self._poisoned = True
+        return data[: max(0, at - len(prefix))]
+
     def _feed_hiredis(self, data: bytes) -> None:
+        if self._poisoned:
+            return
+        data = self._guard(data)
         self._reader.feed(data)
         n = len(data)
         self._hiredis_bytes += n
@@ -259,6 +289,9 @@ class RequestReader:
                             # (its header and some arguments) and hold that state with nothing
                             # left unread.
                             self._hlen = left
+                            if self._poisoned:  # what preceded the held-back header is answered
+                                self.failed = True
+                                raise RespProtocolError("invalid multibulk length")
                             if got:
                                 self._hiredis_bytes = 0
                                 self._tail_unchecked = True
@@ -276,13 +309,21 @@ class RequestReader:
                                     break
                             return out, None
                         got = True
+                        if cmd is None:
+                            # "*-1\r\n", a null multibulk, Redis skips like "*0\r\n"; but "$-1\r\n"
+                            # or "_\r\n" (hiredis's None too) start an inline request, as any
+                            # request not starting with '*' does. _go_inline tells them apart
+                            # (before _known_end moves past this item).
+                            self._nulls += 1
+                            if self._go_inline(self._nulls):
+                                break
+                            cmd = []
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
                             hlen = left
                             self._known_end = self._fed - left
+                            self._nulls = 0
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
-                        if cmd is None:
-                            cmd = []  # "*-1\r\n", a null multibulk: Redis skips it like "*0\r\n"
                         if type(cmd) is not list:
                             # A request that starts with another RESP type byte ('+', '$',
                             # ':'...) is an inline request to Redis, whatever the read split.
@@ -310,6 +351,7 @@ class RequestReader:
                             self._in_hiredis = False
                             self._mirror.clear()
                             self._mirror_start = self._known_end = self._fed
+                            self._nulls = 0
                             self._hlen = left
                             self._hiredis_bytes = 0
                             break
@@ -320,6 +362,9 @@ class RequestReader:
                     continue
                 pending = self._pending
                 if not pending:
+                    if self._poisoned:  # the requests before the refused header are all out
+                        self.failed = True
+                        raise RespProtocolError("invalid multibulk length")
                     break
                 if pending[0] in _AGGREGATE_START:  # a multibulk run goes to hiredis
                     self._pending = b""
@@ -336,6 +381,12 @@ class RequestReader:
                 self._pending = pending[nl + 1 :]
                 if line.endswith(b"\r"):
                     line = line[:-1]
+                if line[:1] == b"%" and _may_hold_huge_header(line) and _huge_header(line + b"\r\n") == 0:
+                    # A map header this large is refused where hiredis would have read it (fed
+                    # in one piece with the request before it, see _guard); refused here too,
+                    # so the answer does not depend on how the bytes were split into reads.
+                    self.failed = True
+                    raise RespProtocolError("invalid multibulk length")
                 args = _split_inline(line)
                 if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
                     append(args)
@@ -356,13 +407,16 @@ class RequestReader:
             del mirror[:i]
             self._mirror_start = start
 
-    def _go_inline(self) -> bool:
+    def _go_inline(self, null: int = 0) -> bool:
         """Hand the bytes after the last complete request to the inline path if they are one.
 
         Called (rarely) when hiredis met a byte that starts no RESP item, parsed a RESP item
         that is not an array, or waits inside an item that began right after a request. Redis
         reads any request that does not start with '*' as inline; so does this reader, however
         the bytes were split into reads. True when the reader switched to inline.
+
+        With `null` (hiredis just returned its n-th None since `_known_end`), only that item is
+        in question: False if it is a null aggregate (skipped like "*0"), else the switch.
         """
         self._trim_mirror()  # only the reads from the last known request end on are joined
         data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
@@ -376,9 +430,16 @@ class RequestReader:
                 cmd = again.gets()
             except (hiredis.ProtocolError, TypeError):
                 break
-            if cmd is None and data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] in _AGGREGATE_START:
-                pos += 5
-                continue
+            if cmd is None:
+                if null:
+                    null -= 1
+                    if not null:  # the null in question
+                        if data[pos : pos + 1] in (b"*", b"~", b">", b"|"):
+                            return False
+                        break
+                if data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] in _AGGREGATE_START:
+                    pos += 5
+                    continue
             if cmd is False or type(cmd) is not list:
                 break
             pos += _canonical_size(cmd)
@@ -398,6 +459,65 @@ class RequestReader:
 # command; treating them like '*' wherever they fall keeps the reading independent of how the
 # bytes were split into reads (the fuzz harness checks exactly that).
 _AGGREGATE_START = b"*~>|"
+
+
+# An aggregate header of 7 or more digits (1,000,000 items and up): the cheap first test of
+# RequestReader._guard, one literal-prefix search per type byte present (C speed; false hits,
+# such digits inside a value, only cost a walk).
+_HUGE_STAR = re.compile(rb"\*[1-9][0-9]{6}")
+_HUGE_OTHER = [(bytes([t]), re.compile(re.escape(bytes([t])) + rb"[1-9][0-9]{6}")) for t in b"%~>|"]
+_LENGTH_TYPES = b"$=!"  # bulk string, verbatim string, blob error: "<t><len>\r\n<bytes>\r\n"
+_AGGREGATE_TYPES = b"*%~>|"
+
+
+def _may_hold_huge_header(data: bytes) -> bool:
+    if _HUGE_STAR.search(data) is not None:
+        return True
+    return any(t in data and rx.search(data) is not None for t, rx in _HUGE_OTHER)
+
+
+def _huge_header(buf: bytes, limit: int = MULTIBULK_MAX) -> int:
+    """Offset in `buf` (which starts where a request starts) of the first aggregate header, at
+    any depth, that announces more than `limit` items; -1 if none does as far as `buf` goes.
+
+    Walks the items as hiredis would read them, without building anything. It stops at what
+    hiredis would not read as part of a request (an inline request, a malformed line): the
+    reader handles those on their own path, and calls this again where a request starts.
+    """
+    pos, n = 0, len(buf)
+    left: list[int] = []  # items still to come in each open aggregate
+    while pos < n:
+        t = buf[pos]
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            return -1  # the header is not complete: looked at again when more comes
+        if t in _AGGREGATE_TYPES:
+            try:
+                count = int(buf[pos + 1 : nl])
+            except ValueError:
+                return -1  # hiredis refuses it as it is
+            if count > limit:
+                return pos
+            pos = nl + 2
+            if count > 0:
+                left.append(count * 2 if t in b"%|" else count)  # maps and attributes: pairs
+                continue
+        elif not left:
+            return -1  # not a request's start: hiredis does not read it as one
+        elif t in _LENGTH_TYPES:
+            try:
+                size = int(buf[pos + 1 : nl])
+            except ValueError:
+                return -1
+            pos = nl + 2 + (size + 2 if size >= 0 else 0)
+        else:
+            pos = nl + 2  # a one-line item (+ - : , # _ ( ...)
+        while left:  # an item ended: close the aggregates it completes
+            left[-1] -= 1
+            if left[-1]:
+                break
+            left.pop()
+    return -1
 
 
 def _canonical_size(cmd: list[bytes]) -> int:

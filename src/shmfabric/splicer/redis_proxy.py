@@ -743,7 +743,11 @@ class RedisSplicer:
                 lane.close()
                 if lane.connect_task is not None:
                     lane.connect_task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded, and the loops below also end on `closing`: Python 3.11's wait_for can swallow
+        # a cancellation that lands as its inner wait completes (CPython gh-86296), and a health
+        # loop that missed its cancel kept stop() waiting for ever (seen once in CI).
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         if self._listener is not None:
             await self._listener.wait_closed()
 
@@ -856,7 +860,7 @@ class RedisSplicer:
 
     async def _health_loop(self, srv: _Server) -> None:
         h = self.config.health
-        while True:
+        while not self.closing:
             await asyncio.sleep(h.interval)
             try:
                 reply = await self._probe(srv, [b"PING"])
@@ -870,7 +874,7 @@ class RedisSplicer:
         timeout = self.config.timeouts.request
         period = min(0.1, timeout / 4)
         pool_min = self.config.pool.min
-        while True:
+        while not self.closing:
             await asyncio.sleep(period)
             now = time.monotonic()
             for srv in self._servers:

@@ -62,7 +62,10 @@ def test_runs_and_serves(tmp_path: Path) -> None:
             assert r.mget(["cli:k", "cli:none"]) == [b"v", None]
         finally:
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=20)
+            try:
+                out, err = proc.communicate(timeout=20)
+            finally:
+                proc.kill()  # never left running (a stop that hangs is the failure, not a leak)
         assert "splice redis: listening on" in out
         assert "Traceback" not in err
 

@@ -273,3 +273,24 @@ def test_a_connection_lingering_after_its_answers_is_not_closed_again_by_the_idl
         finally:
             await env.close()
     run(main())
+
+
+def test_an_answer_held_behind_a_slow_one_says_close_when_the_stop_comes_after_its_head() -> None:
+    # The second answer is complete (its head encoded for a connection that stays open) and
+    # held behind the first when the stop comes: it is rewritten to say the connection closes.
+    async def main():
+        env = Env()
+        try:
+            be = await env.backend("a")
+            sp = await env.splice(default=[be.address])
+            r, w = await env.connect()
+            w.write(get("/?delay=800", 0) + get("/?delay=50", 1))
+            await asyncio.sleep(0.3)
+            sp.drain()
+            replies, closed = await read_replies(r, [b"GET", b"GET"], timeout=10)
+            assert [x.seq for x in replies] == [b"0", b"1"] and closed, (replies, closed)
+            assert replies[0].headers.get(b"connection") != b"close"
+            assert replies[1].headers.get(b"connection") == b"close", replies[1].headers
+        finally:
+            await env.close()
+    run(main())

@@ -195,6 +195,8 @@ class Exchange:
         head = encode_response_head(resp, framing=framing, content_length=resp.content_length, close=close,
                                     head_request=self.head_request,
                                     keep_alive_10=req.http_version == b"1.0" and not close)
+        if not close:
+            client.last_head = (self.seq, head, resp, framing, self.head_request)
         client.emit(self.seq, head)
 
     def _on_informational(self, ev: InformationalResponse) -> None:
@@ -364,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer_eof = False
         self.closed = False
         self.draining = False         # graceful stop: answer what was read, then close
+        self.last_head: tuple | None = None  # the newest response head encoded without close (drain)
         self.tunnel_conn: BackendConnection | None = None
         self.upgrade_ex: Exchange | None = None
         self._flush_scheduled = False
@@ -559,6 +562,13 @@ class ClientConnection(asyncio.Protocol):
                 self._close()  # idle keep-alive connection: nothing is owed
                 return
             self._end_input(last)
+            lh = self.last_head
+            if lh is not None and lh[0] == last:
+                # The last answer's head was encoded before the stop and is still held (behind a
+                # slower answer): it is rewritten to say the connection closes after it.
+                seq, old, resp, framing, head_request = lh
+                self.merge.replace_unsent(seq, old, encode_response_head(
+                    resp, framing=framing, content_length=resp.content_length, close=True, head_request=head_request))
             self._maybe_close()
 
     def _end_input(self, seq: int) -> None:

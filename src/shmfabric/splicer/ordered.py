@@ -171,6 +171,20 @@ class OrderedMerge(BoundedSlots):
             self.held_bytes -= len(chunk)
         return ready
 
+    def replace_unsent(self, seq: int, old: bytes, new: bytes) -> bool:
+        """Put `new` in place of chunk `old` (the same object) of slot `seq`, if that chunk has not
+        been handed out yet; True if it was replaced."""
+        idx = seq - self._base
+        if idx < 0 or idx >= len(self._slots):
+            return False
+        chunks = self._ready if idx == 0 else self._slots[idx].chunks
+        for i, chunk in enumerate(chunks):
+            if chunk is old:
+                chunks[i] = new
+                self.held_bytes += len(new) - len(old)
+                return True
+        return False
+
     @property
     def opened(self) -> int:
         """How many slots `open` has handed out (the next sequence number)."""

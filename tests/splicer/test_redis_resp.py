@@ -111,8 +111,13 @@ def test_requests_whole_bytewise_and_trailing(data: bytes, expected: list[list[b
     (b"*1\r\n*100000000\r\n", []),  # nested
     (b"~100000000\r\n", []),
     (b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n|50000000\r\n", [[b"GET", b"k"]]),
+    # after a request whose element is not a bulk string, and a null: the reader's measure of
+    # where requests end is off there, so the guard walks every item hiredis could read (found
+    # by a review: 763 MiB). What is returned before the error may depend on the read split.
+    (b"*1\r\n+PING\r\n_\r\n*100000000\r\nx", None),
+    (b"*1\r\n(" + b"1" * 100 + b"\r\n$-1\r\n*100000000\r\nx", None),
 ])
-def test_a_huge_aggregate_header_is_refused_before_hiredis_allocates_for_it(data: bytes, before: list) -> None:
+def test_a_huge_aggregate_header_is_refused_before_hiredis_allocates_for_it(data: bytes, before: list | None) -> None:
     # hiredis makes an N-slot list on reading "*N" and walks it to free it: "*2000000000" and a
     # bad byte stalled a worker for seconds. The reader refuses the header (as Redis does) before
     # hiredis sees it, whatever the read split: no N-sized allocation is ever made.
@@ -131,7 +136,8 @@ def test_a_huge_aggregate_header_is_refused_before_hiredis_allocates_for_it(data
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert out == before and err is not None and "invalid multibulk length" in str(err), (step, out, err)
+        assert before is None or out == before, (step, out)
+        assert err is not None and "invalid multibulk length" in str(err), (step, out, err)
         assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated reading {step}-byte pieces"
         r.feed(b"*1\r\n$4\r\nPING\r\n")  # nothing after the refused header is read
         assert r.drain(10)[0] == []

@@ -468,6 +468,7 @@ _HUGE_STAR = re.compile(rb"\*[1-9][0-9]{6}")
 _HUGE_OTHER = [(bytes([t]), re.compile(re.escape(bytes([t])) + rb"[1-9][0-9]{6}")) for t in b"%~>|"]
 _LENGTH_TYPES = b"$=!"  # bulk string, verbatim string, blob error: "<t><len>\r\n<bytes>\r\n"
 _AGGREGATE_TYPES = b"*%~>|"
+_LINE_TYPES = b"+-:_,#("  # one line each
 
 
 def _may_hold_huge_header(data: bytes) -> bool:
@@ -480,9 +481,11 @@ def _huge_header(buf: bytes, limit: int = MULTIBULK_MAX) -> int:
     """Offset in `buf` (which starts where a request starts) of the first aggregate header, at
     any depth, that announces more than `limit` items; -1 if none does as far as `buf` goes.
 
-    Walks the items as hiredis would read them, without building anything. It stops at what
-    hiredis would not read as part of a request (an inline request, a malformed line): the
-    reader handles those on their own path, and calls this again where a request starts.
+    Walks every item hiredis could read from `buf`, top-level items of any type included (the
+    reader may go inline at one of them, but its measure of where that is can be off for
+    requests that are not canonically encoded, and hiredis has the bytes), without building
+    anything. It stops only where hiredis would stop: a byte that starts no RESP item, or a
+    malformed length.
     """
     pos, n = 0, len(buf)
     left: list[int] = []  # items still to come in each open aggregate
@@ -502,16 +505,16 @@ def _huge_header(buf: bytes, limit: int = MULTIBULK_MAX) -> int:
             if count > 0:
                 left.append(count * 2 if t in b"%|" else count)  # maps and attributes: pairs
                 continue
-        elif not left:
-            return -1  # not a request's start: hiredis does not read it as one
         elif t in _LENGTH_TYPES:
             try:
                 size = int(buf[pos + 1 : nl])
             except ValueError:
                 return -1
             pos = nl + 2 + (size + 2 if size >= 0 else 0)
+        elif t in _LINE_TYPES:
+            pos = nl + 2
         else:
-            pos = nl + 2  # a one-line item (+ - : , # _ ( ...)
+            return -1  # hiredis refuses this byte and reads no further
         while left:  # an item ended: close the aggregates it completes
             left[-1] -= 1
             if left[-1]:

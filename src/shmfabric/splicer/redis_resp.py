@@ -165,7 +165,7 @@ class RequestReader:
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
                  "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked", "_nulls",
-                 "_tail", "_poisoned")
+                 "_tail", "_poisoned", "_walk")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -185,6 +185,7 @@ class RequestReader:
         self._hlen = 0  # what Reader.len() says if hiredis has not trimmed its buffer
         self._known_end = 0  # stream offset (in _fed terms) where a request is known to end
         self._nulls = 0  # null items (None from hiredis) returned since _known_end
+        self._walk: _HeaderWalk | None = None  # a _guard walk still inside an item (see _guard)
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
         self._tail_unchecked = False  # is what follows the last request known to be multibulk?
@@ -213,18 +214,29 @@ class RequestReader:
         and freeing it walks all N slots: the 13 bytes "*2000000000\r\n" and one bad byte cost
         seconds of a worker's time (hiredis issue #1357), stalling every client it serves. So
         such a header never reaches hiredis: `drain` reports it as Redis does. The test is two
-        C-speed searches per read; the walk over the request runs only when they hit.
+        C-speed searches per read; when they hit, a walk over the items (`_HeaderWalk`) starts
+        at the last request boundary and follows every later read until it is at a boundary
+        again, so each byte is walked at most once however many reads hit.
         """
-        probe = self._tail + data
-        self._tail = probe[-16:]
-        if not _may_hold_huge_header(probe):
-            return data
-        prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
-        at = _huge_header(prefix + data)
-        if at < 0:
-            return data
-        self._poisoned = True
-        return data[: max(0, at - len(prefix))]
+        # The searches run over the read itself and over the seam with the previous one (a
+        # header split between two reads), without copying the read.
+        seam = self._tail + data[:16]
+        self._tail = data[-16:] if len(data) >= 16 else seam[-16:]
+        walk = self._walk
+        if walk is None:
+            if not (_may_hold_huge_header(data) or _may_hold_huge_header(seam)):
+                return data
+            walk = _HeaderWalk()
+            prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
+            at = walk.feed(prefix + data)
+            at = at if at < 0 else max(0, at - len(prefix))
+        else:
+            at = walk.feed(data)
+        if at >= 0:
+            self._poisoned = True
+            return data[:at]
+        self._walk = None if walk.at_boundary else walk
+        return data
 
     def _feed_hiredis(self, data: bytes) -> None:
         if self._poisoned:
@@ -381,7 +393,7 @@ class RequestReader:
                 self._pending = pending[nl + 1 :]
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if line[:1] == b"%" and _may_hold_huge_header(line) and _huge_header(line + b"\r\n") == 0:
+                if line[:1] == b"%" and _may_hold_huge_header(line) and _HeaderWalk().feed(line + b"\r\n") == 0:
                     # A map header this large is refused where hiredis would have read it (fed
                     # in one piece with the request before it, see _guard); refused here too,
                     # so the answer does not depend on how the bytes were split into reads.
@@ -477,50 +489,108 @@ def _may_hold_huge_header(data: bytes) -> bool:
     return any(t in data and rx.search(data) is not None for t, rx in _HUGE_OTHER)
 
 
-def _huge_header(buf: bytes, limit: int = MULTIBULK_MAX) -> int:
-    """Offset in `buf` (which starts where a request starts) of the first aggregate header, at
-    any depth, that announces more than `limit` items; -1 if none does as far as `buf` goes.
+class _HeaderWalk:
+    """Finds an aggregate header, at any depth, that announces more than `limit` items, in a
+    stream fed in pieces from where a request starts; see RequestReader._guard.
 
-    Walks every item hiredis could read from `buf`, top-level items of any type included (the
-    reader may go inline at one of them, but its measure of where that is can be off for
-    requests that are not canonically encoded, and hiredis has the bytes), without building
-    anything. It stops only where hiredis would stop: a byte that starts no RESP item, or a
-    malformed length.
+    It walks every item hiredis could read, top-level items of any type included (the reader
+    may go inline at one, but its measure of where can be off for requests that are not
+    canonically encoded, and hiredis has the bytes), building nothing, and keeps its place
+    between pieces: the items still owed by each open aggregate, the bytes of a bulk still to
+    skip, an unfinished header line. It stops for good (`dead`) where hiredis stops reading: a
+    byte that starts no RESP item, or a malformed length.
     """
-    pos, n = 0, len(buf)
-    left: list[int] = []  # items still to come in each open aggregate
-    while pos < n:
-        t = buf[pos]
-        nl = buf.find(b"\r\n", pos)
-        if nl < 0:
-            return -1  # the header is not complete: looked at again when more comes
-        if t in _AGGREGATE_TYPES:
-            try:
-                count = int(buf[pos + 1 : nl])
-            except ValueError:
-                return -1  # hiredis refuses it as it is
-            if count > limit:
-                return pos
-            pos = nl + 2
-            if count > 0:
-                left.append(count * 2 if t in b"%|" else count)  # maps and attributes: pairs
-                continue
-        elif t in _LENGTH_TYPES:
-            try:
-                size = int(buf[pos + 1 : nl])
-            except ValueError:
-                return -1
-            pos = nl + 2 + (size + 2 if size >= 0 else 0)
-        elif t in _LINE_TYPES:
-            pos = nl + 2
-        else:
-            return -1  # hiredis refuses this byte and reads no further
+
+    __slots__ = ("limit", "left", "skip", "carry", "in_line", "dead")
+
+    def __init__(self, limit: int = MULTIBULK_MAX) -> None:
+        self.limit = limit
+        self.left: list[int] = []  # items still to come in each open aggregate
+        self.skip = 0  # bytes of a bulk item (and its CRLF) not yet seen
+        self.carry = b""  # an unfinished header line, or a CR that may start a line's CRLF
+        self.in_line = False  # inside a one-line item, looking for its CRLF
+        self.dead = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between two top-level items (nothing to carry over to the next piece)."""
+        return self.dead or not (self.left or self.skip or self.carry or self.in_line)
+
+    def _done(self) -> None:
+        left = self.left
         while left:  # an item ended: close the aggregates it completes
             left[-1] -= 1
             if left[-1]:
                 break
             left.pop()
-    return -1
+
+    def feed(self, data: bytes) -> int:
+        """Offset in `data` of a header over the limit (0 if it began in an earlier piece), or -1."""
+        if self.dead:
+            return -1
+        pos = 0
+        if self.skip:
+            k = min(self.skip, len(data))
+            self.skip -= k
+            if self.skip:
+                return -1
+            pos = k
+            self._done()
+        base = 0
+        if self.carry:
+            base = len(self.carry)
+            data = self.carry + data[pos:]
+            pos = 0
+            self.carry = b""
+        n = len(data)
+        while pos < n:
+            if self.in_line:
+                nl = data.find(b"\r\n", pos)
+                if nl < 0:
+                    self.carry = b"\r" if data.endswith(b"\r") else b""
+                    return -1
+                pos = nl + 2
+                self.in_line = False
+                self._done()
+                continue
+            t = data[pos]
+            if t in _LINE_TYPES:
+                self.in_line = True
+                pos += 1
+                continue
+            if t not in _AGGREGATE_TYPES and t not in _LENGTH_TYPES:
+                self.dead = True  # hiredis refuses this byte and reads no further
+                return -1
+            nl = data.find(b"\r\n", pos)
+            if nl < 0:
+                if n - pos > 32:  # no length is this long: hiredis refuses the line
+                    self.dead = True
+                else:
+                    self.carry = data[pos:]
+                return -1
+            try:
+                count = int(data[pos + 1 : nl])
+            except ValueError:
+                self.dead = True
+                return -1
+            if t in _AGGREGATE_TYPES:
+                if count > self.limit:
+                    return max(0, pos - base)
+                pos = nl + 2
+                if count > 0:
+                    self.left.append(count * 2 if t in b"%|" else count)  # maps, attributes: pairs
+                else:
+                    self._done()
+                continue
+            pos = nl + 2
+            if count >= 0:
+                need = count + 2
+                if need > n - pos:
+                    self.skip = need - (n - pos)
+                    return -1
+                pos += need
+            self._done()
+        return -1
 
 
 def _canonical_size(cmd: list[bytes]) -> int:

@@ -281,9 +281,7 @@ def test_an_answer_held_behind_a_slow_one_says_close_when_the_stop_comes_after_i
     async def main():
         env = Env()
         try:
-            be = await env.backend("a")
-            sp = await env.splice(default=[be.address])
-            r, w = await env.connect()
+            _, sp, r, w = await env.one_backend()
             w.write(get("/?delay=800", 0) + get("/?delay=50", 1))
             await asyncio.sleep(0.3)
             sp.drain()

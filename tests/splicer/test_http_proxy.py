@@ -125,6 +125,12 @@ class Env:
     async def connect(self):
         return await asyncio.open_connection("127.0.0.1", self.splicer.port)
 
+    async def one_backend(self, **cfg):
+        """An echo backend as the default route, the splicer, and a client connection to it."""
+        be = await self.backend("a")
+        sp = await self.splice(default=[be.address], **cfg)
+        return be, sp, *(await self.connect())
+
     async def close(self) -> None:
         if self.splicer is not None:
             await self.splicer.close()
@@ -435,9 +441,7 @@ def test_bad_request_gets_status_and_close_after_earlier_answers(bad, status):
     async def main():
         env = Env()
         try:
-            be = await env.backend("a")
-            sp = await env.splice(default=[be.address])
-            r, w = await env.connect()
+            be, sp, r, w = await env.one_backend()
             w.write(get("/ok1?delay=30", 1) + get("/ok2", 2) + bad + get("/never", 3))
             replies, closed = await read_replies(r, [b"GET", b"GET", b"GET"])
             assert [x.status for x in replies] == [200, 200, status]

@@ -240,7 +240,8 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
                 live.close()
                 print()
         say("stopping: sources first, each node drains its input ...", flush=True)
-        final = sup.status() if not sup.quiesce() else _drained(sup.status())
+        settled = sup.quiesce()
+        final = _drained(sup.status()) if settled else sup.status()
     finally:
         if api:
             api.close()

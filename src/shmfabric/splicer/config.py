@@ -268,7 +268,7 @@ class RedisSpliceConfig(_Model):
     def _placeable(self) -> "RedisSpliceConfig":
         # Refused here rather than when the continuum is built, so --check and the start say so
         # in one line: servers that hash alike, and names too long for twemproxy's point labels.
-        from .redis_ketama import Ketama, KetamaServer, server_name
+        from .redis_ketama import KetamaServer, check_ketama_names, server_name
 
         seen: dict[str, int] = {}
         names = []
@@ -281,7 +281,8 @@ class RedisSpliceConfig(_Model):
                                  "fix: give each server a distinct name")
             seen[name] = i
             names.append(KetamaServer(name, s.weight))
-        Ketama(names, hash_name=self.hash, hash_tag=(self.hash_tag or "").encode(), distribution=self.distribution)
+        if self.distribution == "ketama":
+            check_ketama_names(names)
         return self
 
     _listen = field_validator("listen", "metrics", mode="before")(_check_listen)

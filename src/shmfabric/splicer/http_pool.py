@@ -292,6 +292,11 @@ class BackendServer:
         return self.health.up and not self._closed
 
     @property
+    def _probing(self) -> bool:
+        """Down with active checks off: connects are the only checks (see `_fill`)."""
+        return not self.health.up and not self.health_cfg.enabled
+
+    @property
     def size(self) -> int:
         """Pooled connections open (free + in use), not counting ones being opened."""
         return len(self.free) + len(self.in_use)
@@ -403,7 +408,7 @@ class BackendServer:
             return
         elif self.waiters:
             ex = self.waiters.popleft()
-        elif not self.health.up and not self.health_cfg.enabled:
+        elif self._probing:
             # Down with active checks off: no request comes to an idle connection, and keeping
             # it would hold the pool at `min`, so nothing would connect again, the only way back
             # (`rise` connects in a row). Close it; the next probe follows the backoff delay.
@@ -443,7 +448,7 @@ class BackendServer:
         total = len(self.free) + len(self.in_use) + self.connecting
         want = max(self.min - total, len(self.waiters) + len(self.fresh_waiters) - self.connecting)
         want = min(want, self.max - total)
-        if not self.health.up and not self.health_cfg.enabled:
+        if self._probing:
             # Connects are the only checks: probe, whatever `min`, paced by the backoff.
             if self._refill_handle is not None or total >= self.max:
                 return

@@ -382,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
         self.splicer.clients.add(self)
         self.splicer.metrics.client_connections.inc()
         if self.splicer.draining:  # accepted just before the listener closed
-            self._close()
+            self.drain()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

@@ -178,14 +178,10 @@ async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | No
     stop = GracefulStop(asyncio.get_running_loop())
     if ready is not None:
         ready(splicer)
-    await stop.requested.wait()
-    splicer.drain()
-    busy = await stop.wait_drained(lambda: len(splicer.clients), cfg.timeouts.drain)
-    if busy:
-        why = "second signal" if stop.cut.is_set() else f"timeouts.drain {cfg.timeouts.drain:g} s"
+    cutting = await stop.run(splicer.drain, lambda: len(splicer.clients), cfg.timeouts.drain)
+    if cutting:
         # one write: workers share stderr, and print() writes the line and its newline apart
-        sys.stderr.write(f"splice http: cutting {busy} client connection(s) still busy after the graceful stop "
-                         f"({why})\n")
+        sys.stderr.write(f"splice http: {cutting}\n")
         sys.stderr.flush()
     await splicer.close()
 

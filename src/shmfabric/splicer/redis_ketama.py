@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["KetamaServer", "Ketama", "HASHES", "hash_key", "server_name"]
+__all__ = ["KetamaServer", "Ketama", "HASHES", "hash_key", "server_name", "check_ketama_names"]
 
 POINTS_PER_SERVER = 160
 POINTS_PER_HASH = 4
@@ -205,6 +205,22 @@ class KetamaServer:
             raise ValueError(f"server {self.name!r}: weight must be at least 1")
 
 
+def check_ketama_names(servers: Sequence[KetamaServer]) -> None:
+    """ValueError if a name is too long for twemproxy's ketama.
+
+    twemproxy labels point i of a server "name-i" in a KETAMA_MAX_HOSTLEN (86) buffer but hashes
+    snprintf's untruncated length, so a longer label hashes bytes past the buffer: no placement
+    can match it. i stays below 40 * servers (however servers are ejected), so a name is refused
+    when that label could overflow.
+    """
+    longest = len(str(POINTS_PER_SERVER // POINTS_PER_HASH * len(servers) - 1))
+    for s in servers:
+        if len(s.name.encode()) + 1 + longest > _KETAMA_MAX_LABEL:
+            raise ValueError(f"server name {s.name!r} is too long for ketama: twemproxy hashes "
+                             f"'NAME-N' in {_KETAMA_MAX_LABEL} bytes, so with {len(servers)} servers "
+                             f"a name may have {_KETAMA_MAX_LABEL - 1 - longest} bytes; fix: shorten it")
+
+
 class Ketama:
     """A ketama continuum over `servers`; `locate(key)` gives the index of the key's server.
 
@@ -247,16 +263,7 @@ class Ketama:
         self.distribution = distribution
         self.modula = distribution == "modula"
         if not self.modula:
-            # twemproxy labels point i of a server "name-i" in a KETAMA_MAX_HOSTLEN (86) buffer
-            # but hashes snprintf's untruncated length, so a longer label hashes bytes past the
-            # buffer: no placement can match it. i stays below 40 * servers (however servers
-            # are ejected), so a name is refused when that label could overflow.
-            longest = len(str(POINTS_PER_SERVER // POINTS_PER_HASH * len(self.servers) - 1))
-            for s in self.servers:
-                if len(s.name.encode()) + 1 + longest > _KETAMA_MAX_LABEL:
-                    raise ValueError(f"server name {s.name!r} is too long for ketama: twemproxy hashes "
-                                     f"'NAME-N' in {_KETAMA_MAX_LABEL} bytes, so with {len(self.servers)} servers "
-                                     f"a name may have {_KETAMA_MAX_LABEL - 1 - longest} bytes; fix: shorten it")
+            check_ketama_names(self.servers)
         if self.modula:
             # Slot n holds a server index; `_values` is only the slot count's stand-in, kept
             # non-empty exactly when a server is live (callers test it for "no live server").

@@ -939,12 +939,9 @@ def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = N
         log.info("redis splicer listening on %s:%d", host, port)
         stop = GracefulStop(asyncio.get_running_loop())
         try:
-            await stop.requested.wait()
-            splicer.drain()
-            busy = await stop.wait_drained(lambda: splicer.client_count, config.timeouts.drain)
-            if busy:
-                log.warning("cutting %d client connection(s) still busy after the graceful stop (%s)", busy,
-                            "second signal" if stop.cut.is_set() else f"timeouts.drain {config.timeouts.drain:g} s")
+            cutting = await stop.run(splicer.drain, lambda: splicer.client_count, config.timeouts.drain)
+            if cutting:
+                log.warning("%s", cutting)
         finally:
             await splicer.stop()
 

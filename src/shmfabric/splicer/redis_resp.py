@@ -446,7 +446,7 @@ class RequestReader:
                 if null:
                     null -= 1
                     if not null:  # the null in question
-                        if data[pos : pos + 1] in (b"*", b"~", b">", b"|"):
+                        if pos < len(data) and data[pos] in _AGGREGATE_START:
                             return False
                         break
                 if data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] in _AGGREGATE_START:

@@ -93,9 +93,7 @@ def from_twemproxy(doc: Any, pool: str | None = None, source: str = "twemproxy c
             return value
         raise ConfigError(f"{where}: `{key}` must be {what}, got {value!r}")
 
-    if "redis" in cp:
-        need("redis", bool, "true or false")
-    if cp.get("redis") not in (True, "true"):
+    if not (need("redis", bool, "true or false") if "redis" in cp else False):
         raise ConfigError(f"{where}: it is a memcached pool (`redis: true` is not set; twemproxy's default is "
                           "memcached); the splicer speaks Redis only; fix: add `redis: true` if the servers are Redis")
     if "listen" not in cp:

@@ -45,13 +45,20 @@ class GracefulStop:
         n = self._seen[source] = self._seen.get(source, 0) + 1
         (self.cut if n > 1 else self.requested).set()
 
-    async def wait_drained(self, busy: Callable[[], int], seconds: float) -> int:
-        """Wait until `busy()` is 0, `seconds` have passed or a second signal came; return
-        `busy()` then (the connections the caller is about to cut)."""
+    async def run(self, drain: Callable[[], None], busy: Callable[[], int], seconds: float) -> str | None:
+        """Wait for the first stop signal, `drain()`, then wait until `busy()` is 0, `seconds`
+        have passed or a second signal came. Returns what to report when connections are still
+        busy (the caller is about to cut them), else None."""
+        await self.requested.wait()
+        drain()
         deadline = self.loop.time() + seconds
         while busy() and not self.cut.is_set() and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        return busy()
+        left = busy()
+        if not left:
+            return None
+        why = "second signal" if self.cut.is_set() else f"timeouts.drain {seconds:g} s"
+        return f"cutting {left} client connection(s) still busy after the graceful stop ({why})"
 
 
 def _die_with_parent(parent: int) -> None:

@@ -39,6 +39,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports_in_a_row(n: int) -> int:
+    """The first of `n` consecutive TCP ports on 127.0.0.1 that were free a moment ago, below the
+    kernel's ephemeral range, so a port picked by `free_port` later cannot land among them (the
+    metrics ports of `--workers N`: port + i)."""
+    import random
+
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    while True:
+        first = random.randrange(10_000, max(10_001, low - n))
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:

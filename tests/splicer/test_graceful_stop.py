@@ -52,9 +52,9 @@ def _refused(port: int) -> bool:
 class _HttpBackend:
     """`python -m shmfabric.bench.http_backend` in its own process (`?delay=MS` per request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "b") -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "shmfabric.bench.http_backend", str(self.port), "0", "b"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmfabric.bench.http_backend", str(self.port), "0", name],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout.readline().startswith("ready"), "the test backend did not start"
 

@@ -15,6 +15,8 @@ import pytest
 
 from shmfabric.bench.splice_http import free_port, run_wrk, start_echo_backend, start_nginx, start_splicer, wait_port
 
+from .redis_fixtures import free_ports_in_a_row
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -94,7 +96,7 @@ def test_wrk_pipelines_over_unequal_backends_stay_in_order():
 def test_two_workers_and_metrics_endpoint(nginx_pair):
     need("curl")
     a, _ = nginx_pair
-    mport = free_port()
+    mport = free_ports_in_a_row(2)
     with start_splicer(["--default", f"127.0.0.1:{a}", "--workers", "2", "--metrics", f"127.0.0.1:{mport}"]) as port:
         for i in range(6):
             r = curl(f"http://127.0.0.1:{port}/w{i}")

@@ -11,7 +11,7 @@ import pytest
 
 from shmfabric.cli.main import main
 
-from .redis_fixtures import free_port, needs_redis, redis_servers, wait_port
+from .redis_fixtures import free_port, free_ports_in_a_row, needs_redis, redis_servers, wait_port
 
 
 def test_check_prints_effective_config(capsys) -> None:
@@ -169,24 +169,35 @@ def test_a_busy_listen_or_metrics_port_is_one_line(verb: str) -> None:
 
 @needs_redis
 @pytest.mark.timeout(60)
-def test_workers_killed_from_outside_make_the_parent_fail_and_say_so(tmp_path: Path) -> None:
-    import os
-    import time
+def test_workers_killed_from_outside_are_replaced_and_say_so(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    from .test_master import kill_workers
 
     with redis_servers(tmp_path, 1) as servers:
         port = free_port()
-        proc = _splice_workers(servers[0].address, port, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen", f"127.0.0.1:{port}",
+                                 "--server", servers[0].address, "--workers", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_port(port)
-            time.sleep(0.3)
-            for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-                os.kill(int(c), 9)
-            _, err = proc.communicate(timeout=20)
+            # Announced once both workers accept (one killed before that is a failed start).
+            assert proc.stdout.readline().startswith("splice redis: listening on")
+            old = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            kill_workers(old)
+            # Served by the replacements: the connection waits in the master's socket meanwhile.
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                s.sendall(b"PING\r\n")
+                assert s.recv(100) == b"+PONG\r\n"
+            new = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            assert len(new) == 2 and not set(new) & set(old)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode == 1, err
-        assert err.count("was killed by signal 9") == 2
+        assert proc.returncode == 0, err
+        assert err.count("was killed by signal 9; starting a new one") == 2, err
 
 
 @needs_redis
@@ -195,9 +206,7 @@ def test_every_worker_serves_its_own_metrics_on_port_plus_i(tmp_path: Path) -> N
     import urllib.request
 
     with redis_servers(tmp_path, 1) as servers:
-        port, mport = free_port(), free_port()
-        while not all(_free(p) for p in (mport, mport + 1)):
-            mport = free_port()
+        port, mport = free_port(), free_ports_in_a_row(2)
         proc = _splice_workers(servers[0].address, port, "--metrics", f"127.0.0.1:{mport}", stderr=subprocess.PIPE)
         try:
             for p in (port, mport, mport + 1):
@@ -208,17 +217,6 @@ def test_every_worker_serves_its_own_metrics_on_port_plus_i(tmp_path: Path) -> N
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=20)
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def test_an_unknown_field_in_a_redis_config_points_at_the_redis_docs(tmp_path: Path, capsys) -> None:

@@ -101,11 +101,6 @@ def _cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used."""
-    return sum(_cpu_times(pid))
-
-
 def _redis_benchmark(port: int, requests: int) -> dict[str, float]:
     return _redis_benchmarks([port], requests, 50)
 
@@ -132,13 +127,20 @@ def _redis_benchmarks(ports: list[int], requests: int, clients: int) -> dict[str
     return total
 
 
-def _family_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its live children (the splicer's forked workers)."""
+def _family_cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process and its live children (the splicer's master and
+    its forked workers)."""
     try:
         kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
     except OSError:
         kids = []
-    return sum(_cpu_seconds(p) for p in [pid, *kids])
+    times = [_cpu_times(p) for p in [pid, *kids]]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
+def _family_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children."""
+    return sum(_family_cpu_times(pid))
 
 
 def _mget_latency(port: int, keys: list[bytes], runs: int) -> dict[str, float]:
@@ -236,9 +238,9 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         # Besides ops/s, the CPU time each proxy process used per request: on a shared machine
         # the wall-clock rate swings with what else runs, the CPU cost per request does not.
         for name, port, proc in (("twemproxy", nc_port, nc), ("splicer", sp_port, sp)):
-            cpu0 = _cpu_seconds(proc.pid)
+            cpu0 = _family_cpu_seconds(proc.pid)
             result[name] = _redis_benchmark(port, requests)
-            result[name]["cpu_us_per_request"] = (_cpu_seconds(proc.pid) - cpu0) / (2 * requests) * 1e6
+            result[name]["cpu_us_per_request"] = (_family_cpu_seconds(proc.pid) - cpu0) / (2 * requests) * 1e6
 
         keys = [b"mget:%d" % i for i in range(1000)]
         _command(sp_port, b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # spread by ketama
@@ -256,9 +258,9 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
                                  ("relay_one", relay_port, relay), ("twemproxy_one", nc1_port, nc1),
                                  ("splicer_one", sp1_port, sp1)):
             pids = ([proc.pid] if proc is not None else []) + server_pids
-            before = [_cpu_times(pid) for pid in pids]
+            before = [_family_cpu_times(pid) for pid in pids]
             result[f"mget_{name}"] = m = _mget_latency(port, keys, mget_runs)
-            used = [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, (_cpu_times(pid) for pid in pids))]
+            used = [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, (_family_cpu_times(pid) for pid in pids))]
             if proc is not None:
                 (pu, ps), used = used[0], used[1:]
                 m["cpu_us_per_mget"] = (pu + ps) / per * 1e6

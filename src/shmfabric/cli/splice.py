@@ -95,28 +95,49 @@ def _build_config(args: argparse.Namespace) -> Any:
         raise _cli_error(text) from None
 
 
+def open_listeners(cfg: Any) -> Any:
+    """The master's listening sockets for `cfg` (listen, workers, metrics), or a one-line CliError."""
+    from shmfabric.splicer.workers import ListenError, Listeners
+
+    try:
+        return Listeners(cfg.listen, cfg.workers, cfg.metrics)
+    except ListenError as exc:
+        raise _cli_error(str(exc)) from None
+
+
+def reloader(build: Any, args: argparse.Namespace) -> Any:
+    """What SIGHUP calls in the master: the configuration built again from the same command line
+    and files; a CliError (bad file, bad value) becomes ReloadRefused with its message."""
+    from shmfabric.cli.main import CliError
+    from shmfabric.splicer.workers import ReloadRefused
+
+    def reload() -> Any:
+        try:
+            return build(args)
+        except CliError as exc:
+            raise ReloadRefused(str(exc)) from None
+    return reload
+
+
 def _run_http(args: argparse.Namespace) -> int:
     cfg = _build_config(args)
     if args.check:
         print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
         return 0
     from shmfabric.splicer.http_server import run
-    from shmfabric.splicer.workers import check_listen
 
-    try:
-        check_listen(cfg.listen, cfg.workers > 1)
-    except OSError as exc:
-        from shmfabric.cli.main import CliError
+    listeners = open_listeners(cfg)
 
-        raise CliError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
-
-    def ready(splicer: Any) -> None:
+    def announce() -> None:
         routes = len(cfg.routes)
-        print(f"splice http: listening on {cfg.listen.rsplit(':', 1)[0]}:{splicer.port} "
+        print(f"splice http: listening on {cfg.listen.rsplit(':', 1)[0]}:{listeners.port} "
               f"({routes} route{'s' if routes != 1 else ''}{', default' if cfg.default else ''}; "
               f"pool {cfg.pool.min}..{cfg.pool.max} per server; {cfg.workers} worker(s))", flush=True)
 
-    return run(cfg, ready)
+    try:
+        return run(cfg, listeners, reloader(_build_config, args), announce)
+    finally:
+        listeners.close()
 
 
 def _add_http(verbs: Any) -> None:

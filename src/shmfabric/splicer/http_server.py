@@ -5,26 +5,27 @@
     ...
     await splicer.close()
 
-`run(cfg)` runs it until SIGINT/SIGTERM, then stops gracefully (`drain`: every request already
-read is answered, for up to `timeouts.drain` seconds; a second signal cuts that short), with
-uvloop when installed; with `cfg.workers > 1` it
-forks that many processes, each with its own event loop, pools and listening socket bound with
-SO_REUSEPORT (the kernel spreads client connections over them). With several workers, worker i
-serves its metrics on the metrics port + i.
+`run(cfg, listeners)` runs `cfg.workers` worker processes under a `workers.Master` until
+SIGINT/SIGTERM, then stops gracefully (`drain`: every request already read is answered, for up
+to `timeouts.drain` seconds; a second signal cuts that short), with uvloop when installed. Each
+worker has its own event loop and pools, and its own listening socket on the shared port
+(SO_REUSEPORT: the kernel spreads client connections over them); worker i serves its metrics on
+the metrics port + i. SIGHUP reloads the configuration without refusing a connection.
 """
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from .config import HttpSpliceConfig, split_address
 from .http_pool import BackendGroup, BackendServer
 from .http_proxy import ClientConnection
 from .http_router import Router
-from .metrics import SpliceMetrics, serve
-from .workers import GracefulStop, run_workers
+from .metrics import SpliceMetrics, serve_socket
+from .workers import GracefulStop, Listeners, Master
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -61,14 +62,18 @@ class HttpSplicer:
         default = BackendGroup("default", [server_for(a) for a in cfg.default]) if cfg.default else None
         self.router: Router[BackendGroup] = Router.from_config(rules, default)
 
-    async def start(self, *, reuse_port: bool = False) -> None:
-        """Open the pools and start listening on `cfg.listen` (port 0 picks a free port)."""
+    async def start(self, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+        """Open the pools and start listening on `cfg.listen` (port 0 picks a free port), or on
+        the listening socket `sock`."""
         self.loop = asyncio.get_running_loop()
         for s in self.servers.values():
             s.start(self.loop)
-        host, port = split_address(self.cfg.listen, allow_zero=True)
-        self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
-                                                     reuse_port=reuse_port or None, backlog=1024)
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
+        else:
+            host, port = split_address(self.cfg.listen, allow_zero=True)
+            self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
+                                                         reuse_port=reuse_port or None, backlog=1024)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         self._timeouts = self.loop.create_task(self._sweep_timeouts())
 
@@ -165,20 +170,21 @@ def install_uvloop() -> bool:
     return True
 
 
-async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | None, ready: Any = None) -> None:
+async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socket.socket | None,
+                 ready: Callable[[], None]) -> None:
     metrics = SpliceMetrics("http")
     splicer = HttpSplicer(cfg, metrics)
-    await splicer.start(reuse_port=reuse_port)
-    if metrics_addr:
-        try:
-            serve(metrics.registry, metrics_addr)
-        except OSError as exc:
-            # A busy metrics port must not take the data path down with it.
-            print(f"splice http: warning: cannot serve metrics on {metrics_addr}: {exc.strerror}", file=sys.stderr)
+    await splicer.start(sock=sock)
+    stop_metrics = serve_socket(metrics.registry, metrics_sock) if metrics_sock is not None else None
     stop = GracefulStop(asyncio.get_running_loop())
-    if ready is not None:
-        ready(splicer)
-    cutting = await stop.run(splicer.drain, lambda: len(splicer.clients), cfg.timeouts.drain)
+    ready()
+
+    def drain() -> None:
+        splicer.drain()
+        if stop_metrics is not None:
+            stop_metrics()  # the metrics port goes to the worker that replaces this one
+
+    cutting = await stop.run(drain, lambda: len(splicer.clients), cfg.timeouts.drain)
     if cutting:
         # one write: workers share stderr, and print() writes the line and its newline apart
         sys.stderr.write(f"splice http: {cutting}\n")
@@ -186,17 +192,19 @@ async def _serve(cfg: HttpSpliceConfig, reuse_port: bool, metrics_addr: str | No
     await splicer.close()
 
 
-def run(cfg: HttpSpliceConfig, ready: Any = None) -> int:
-    """Run the splicer until SIGINT/SIGTERM (forking `cfg.workers` processes when above 1)."""
+def run(cfg: HttpSpliceConfig, listeners: Listeners, reload: Callable[[], HttpSpliceConfig] | None = None,
+        announce: Callable[[], None] | None = None) -> int:
+    """Run `cfg.workers` worker processes under a `Master` until SIGINT/SIGTERM; SIGHUP reloads
+    (`reload()` returns the re-read configuration, or raises ReloadRefused)."""
     install_uvloop()
-    if cfg.workers == 1:
-        asyncio.run(_serve(cfg, False, cfg.metrics, ready))
-        return 0
-    def worker(i: int) -> None:
-        maddr = None
-        if cfg.metrics:
-            h, p = split_address(cfg.metrics, allow_zero=True)
-            maddr = f"{h}:{p + i}"
-        asyncio.run(_serve(cfg, True, maddr, ready if i == 0 else None))
 
-    return run_workers(cfg.workers, worker)
+    def body(c: HttpSpliceConfig) -> Callable[[int, Callable[[], None]], None]:
+        def child(slot: int, ready: Callable[[], None]) -> None:
+            asyncio.run(_serve(c, listeners.data[slot], listeners.metrics_socket(slot), ready))
+        return child
+
+    def rebuild() -> Callable[[int, Callable[[], None]], None]:
+        assert reload is not None
+        return body(listeners.check_reload(reload()))
+
+    return Master("splice http", cfg.workers, body(cfg), rebuild if reload else None, announce).run()

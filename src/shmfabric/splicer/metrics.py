@@ -24,15 +24,19 @@ request counters, error counters and latency histograms are plain Python numbers
 add and a bisect per request and no lock. Each
 `SpliceMetrics` owns its own registry, so several splicers (or tests) in one process do not clash.
 `serve(registry, "127.0.0.1:9100")` starts the tiny text-format endpoint (a daemon thread from
-prometheus-client; it only runs during a scrape).
+prometheus-client; it only runs during a scrape); `serve_socket` does the same on a listening
+socket the splicer's master process made (see `workers.Master`).
 """
 from __future__ import annotations
 
-from typing import Callable
-
+import socket
+import threading
 from bisect import bisect_left
+from socketserver import ThreadingMixIn
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -200,3 +204,39 @@ def serve(registry: CollectorRegistry, address: str) -> object:
     host, port = split_address(address, allow_zero=True)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        """Log nothing (a scrape every few seconds is not news)."""
+
+
+class _SocketServer(ThreadingMixIn, WSGIServer):
+    # prometheus-client's start_http_server binds its own socket; this one serves a socket the
+    # master process holds, so a worker that replaces another (reload, respawn) serves the same
+    # metrics port at once, with no "address in use" while the old one finishes.
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_name, self.server_port = str(sock.getsockname()[0]), sock.getsockname()[1]
+        self.setup_environ()
+
+
+def serve_socket(registry: CollectorRegistry, sock: socket.socket) -> Callable[[], None]:
+    """Serve `registry` at /metrics on the listening socket `sock` (a daemon thread); returns a
+    function that stops serving (and closes this process's copy of the socket) without waiting."""
+    server = _SocketServer(sock)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+    def stop() -> None:
+        def shut() -> None:
+            server.shutdown()
+            server.server_close()
+
+        threading.Thread(target=shut, name="metrics-stop", daemon=True).start()
+
+    return stop

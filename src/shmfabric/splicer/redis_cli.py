@@ -105,41 +105,31 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
         return 0
+    from shmfabric.cli.splice import open_listeners, reloader
     from shmfabric.splicer.redis_proxy import run_redis_splicer
+    from shmfabric.splicer.workers import Master
 
-    from shmfabric.splicer.workers import check_listen
-
-    def metrics_of(i: int) -> str | None:
-        # Worker i serves its own counters on the metrics port + i (as `splice http` does).
-        if not cfg.metrics:
-            return None
-        from shmfabric.splicer.config import split_address
-
-        host, port = split_address(cfg.metrics, allow_zero=True)
-        return f"{host}:{port + i}" if port else cfg.metrics
-
-    checks = [("listen on", cfg.listen, cfg.workers > 1)]
-    checks += [("serve metrics on", metrics_of(i), False) for i in range(cfg.workers) if cfg.metrics]
-    for what, addr, reuse in checks:
-        if addr:
-            try:
-                check_listen(addr, reuse)
-            except OSError as exc:
-                raise _cli_error(f"cannot {what} {addr}: {exc.strerror or exc}") from None
+    listeners = open_listeners(cfg)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    print(f"splice redis: listening on {cfg.listen} -> {', '.join(s.address for s in cfg.servers)} "
-          f"({cfg.distribution}/{cfg.hash}; pool {cfg.pool.min}..{cfg.pool.max} per server; "
-          f"{cfg.workers} worker(s))", flush=True)
-    if cfg.workers == 1:
-        try:
-            run_redis_splicer(cfg, cfg.metrics)
-        except OSError as exc:
-            raise _cli_error(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
-        return 0
-    # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
-    from shmfabric.splicer.workers import run_workers
+    rebuild = reloader(build_redis_config, args)
 
-    return run_workers(cfg.workers, lambda i: run_redis_splicer(cfg, metrics_of(i)))
+    def body(c: Any) -> Any:
+        def child(slot: int, ready: Any) -> None:
+            run_redis_splicer(c, sock=listeners.data[slot], metrics_sock=listeners.metrics_socket(slot), ready=ready)
+        return child
+
+    def announce() -> None:
+        host = cfg.listen.rsplit(":", 1)[0]
+        print(f"splice redis: listening on {host}:{listeners.port} -> {', '.join(s.address for s in cfg.servers)} "
+              f"({cfg.distribution}/{cfg.hash}; pool {cfg.pool.min}..{cfg.pool.max} per server; "
+              f"{cfg.workers} worker(s))", flush=True)
+
+    try:
+        # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
+        return Master("splice redis", cfg.workers, body(cfg), lambda: body(listeners.check_reload(rebuild())),
+                      announce).run()
+    finally:
+        listeners.close()
 
 
 def register_redis(verbs: Any) -> None:

@@ -32,7 +32,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from .backoff import Backoff, HealthState
 from .config import RedisSpliceConfig, split_address
@@ -917,19 +917,29 @@ def _install_uvloop() -> bool:
     return True
 
 
-def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = None) -> None:
-    """Run a splicer in this process until interrupted (uvloop when installed)."""
+def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = None, *,
+                      sock: socket.socket | None = None, metrics_sock: socket.socket | None = None,
+                      ready: Callable[[], None] | None = None) -> None:
+    """Run a splicer in this process until its graceful stop is over (uvloop when installed).
+
+    It listens on `config.listen`, or on `sock` (a worker of `workers.Master`), serves metrics
+    on `metrics_address` or `metrics_sock`, and calls `ready()` once it accepts connections.
+    """
     _install_uvloop()
     metrics = None
-    if metrics_address:
-        from .metrics import SpliceMetrics, serve
+    stop_metrics: Callable[[], None] | None = None
+    if metrics_address or metrics_sock is not None:
+        from .metrics import SpliceMetrics, serve, serve_socket
 
         metrics = SpliceMetrics("redis")
-        serve(metrics.registry, metrics_address)
+        if metrics_sock is not None:
+            stop_metrics = serve_socket(metrics.registry, metrics_sock)
+        else:
+            serve(metrics.registry, metrics_address)  # type: ignore[arg-type]
 
     async def main() -> None:
         splicer = RedisSplicer(config, metrics)
-        host, port = await splicer.start(reuse_port=config.workers > 1)
+        host, port = await splicer.start(sock=sock, reuse_port=config.workers > 1)
         # Per-request objects are acyclic and freed by reference counting; the cyclic GC only
         # adds pauses (a full collection walks every live object). Start-up objects are frozen
         # out of its reach and collections made rarer.
@@ -938,8 +948,16 @@ def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = N
         gc.set_threshold(50_000, 20, 100)
         log.info("redis splicer listening on %s:%d", host, port)
         stop = GracefulStop(asyncio.get_running_loop())
+        if ready is not None:
+            ready()
+
+        def drain() -> None:
+            splicer.drain()
+            if stop_metrics is not None:
+                stop_metrics()  # the metrics port goes to the worker that replaces this one
+
         try:
-            cutting = await stop.run(splicer.drain, lambda: splicer.client_count, config.timeouts.drain)
+            cutting = await stop.run(drain, lambda: splicer.client_count, config.timeouts.drain)
             if cutting:
                 log.warning("%s", cutting)
         finally:

@@ -1,15 +1,19 @@
-"""Process life of a splicer, shared by `splice http` and `splice redis`: several worker
-processes on one port (SO_REUSEPORT), forked and waited for, with SIGINT/SIGTERM passed on; and
-the graceful stop each event loop runs on those signals (`GracefulStop`)."""
+"""Process life of a splicer, shared by `splice http` and `splice redis`: a master process
+(`Master`) that holds the listening sockets (`Listeners`), forks the workers, respawns one that
+dies, reloads the configuration on SIGHUP and passes SIGINT/SIGTERM on; and the graceful stop
+each worker's event loop runs on those signals (`GracefulStop`)."""
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import socket
+import struct
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -78,73 +82,367 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def check_listen(address: str, reuse_port: bool) -> None:
-    """Raise OSError now if `address` (HOST:PORT) cannot be listened on, before any worker is
-    forked or anything is printed, so the user gets one clear line instead of a traceback from
-    inside the event loop (or from every worker)."""
+#: A worker's body: child(slot, ready) serves on listening socket `slot` and calls ready() once
+#: it accepts; it returns when its graceful stop is over.
+Child = Callable[[int, Callable[[], None]], None]
+
+
+class ReloadRefused(Exception):
+    """A reload that cannot be applied; the message says why. The running workers keep serving."""
+
+
+def listen_sockets(address: str, n: int, *, shared_port: bool = True) -> list[socket.socket]:
+    """`n` listening sockets on `address` (HOST:PORT; port 0 picks a free one).
+
+    With `shared_port` they share one port through SO_REUSEPORT (one per worker: the kernel
+    spreads connections over them); one socket alone gets no SO_REUSEPORT, so a second splicer
+    started on a busy port fails instead of quietly joining it. Without `shared_port` socket i
+    is on port + i (the workers' metrics ports). The master holds them for its whole life: a
+    worker that dies or is replaced by a reload leaves its queue of connections waiting for the
+    next one instead of reset. OSError (with the address) when one cannot be made.
+    """
     host, port = split_address(address, allow_zero=True)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind((host, port))  # no listen(): a client must never reach this probe
+    socks: list[socket.socket] = []
+    try:
+        for i in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if shared_port and n > 1:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            want = port if shared_port or not port else port + i
+            try:
+                s.bind((host, want))
+            except OSError as exc:
+                exc.filename = f"{host}:{want}"
+                raise
+            if shared_port and not port:
+                port = s.getsockname()[1]  # port 0: the others join the port the first one got
+            s.listen(1024)
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
-def run_workers(n: int, child: Callable[[int], None]) -> int:
-    """Fork `n` processes running child(i); return 0 if every one ended cleanly (or by our signal).
+class ListenError(Exception):
+    """A listening socket that cannot be made; the message names the address and the reason."""
 
-    The workers stop (gracefully, by SIGTERM) when this process dies, however it dies.
+
+class Listeners:
+    """The listening sockets a splicer's master holds for its workers: `data[i]` for worker i
+    (all on the one `listen` port), and `metrics[i]` on the metrics port + i when metrics are on.
+
+    The addresses and the number of workers stay for the master's life, so a reload that changes
+    them is refused (`check_reload`): a restart changes them.
     """
-    global _in_worker
-    children: list[int] = []
-    parent = os.getpid()
-    for i in range(n):
+
+    def __init__(self, listen: str, workers: int, metrics: str | None = None) -> None:
+        self.listen, self.workers, self.metrics_address = listen, workers, metrics
+        self.data: list[socket.socket] = []
+        self.metrics: list[socket.socket] = []
+        try:
+            self.data = listen_sockets(listen, workers)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        if metrics:
+            try:
+                self.metrics = listen_sockets(metrics, workers, shared_port=False)
+            except OSError as exc:
+                self.close()
+                raise ListenError(f"cannot serve metrics on {exc.filename or metrics}: {exc.strerror or exc}") from None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (what port 0 became)."""
+        return self.data[0].getsockname()[1]
+
+    def metrics_socket(self, slot: int) -> socket.socket | None:
+        """Worker `slot`'s metrics socket, or None without metrics."""
+        return self.metrics[slot] if self.metrics else None
+
+    def check_reload(self, cfg: Any) -> Any:
+        """`cfg` (a re-read configuration) if it keeps the addresses and number of workers, else
+        ReloadRefused saying what changed."""
+        for field, now in (("listen", self.listen), ("workers", self.workers), ("metrics", self.metrics_address)):
+            new = getattr(cfg, field)
+            if new != now:
+                raise ReloadRefused(f"`{field}` changed from {now} to {new}; a reload keeps the listening "
+                                    f"sockets and the number of workers; restart the splicer to change them")
+        return cfg
+
+    def close(self) -> None:
+        """Close every socket (the master's copies)."""
+        for s in self.data + self.metrics:
+            s.close()
+
+
+class _Worker:
+    __slots__ = ("pid", "slot", "gen", "started", "ready", "retired")
+
+    def __init__(self, pid: int, slot: int, gen: int, started: float) -> None:
+        self.pid, self.slot, self.gen, self.started = pid, slot, gen, started
+        self.ready = False
+        self.retired = False  # replaced by a reload (or told to stop): not respawned
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+
+
+class Master:
+    """The parent of a splicer's workers, as nginx's and HAProxy's master processes are.
+
+    * holds the listening sockets (`listen_sockets`), so a worker's connection queue outlives it;
+    * respawns a worker that dies (kill -9, OOM, a crash) on the same socket, after a backoff
+      that grows while a slot keeps dying young;
+    * on SIGHUP, `reload()` builds the new workers' body from the re-read configuration
+      (ReloadRefused: the old workers carry on); a new generation of workers starts next to the
+      old one, and once all of them accept, the old ones get a graceful stop: they answer the
+      requests they have read and close, while new connections go to the new workers. No
+      connection is refused or reset by a reload;
+    * on SIGTERM/SIGINT, passes a graceful stop to every worker (FORWARD_SIGNAL; a second signal
+      cuts it short) and waits for them.
+
+    A worker that fails before the first generation is ready ends the whole splicer (status 1):
+    that is a start-up problem, not a crash to retry.
+    """
+
+    READY_TIMEOUT = 30.0  # a reload's new workers must accept within this, or the reload fails
+    BACKOFF_FIRST, BACKOFF_CAP, YOUNG = 0.1, 10.0, 10.0
+
+    def __init__(self, label: str, n: int, child: Child, reload: Callable[[], Child] | None = None,
+                 announce: Callable[[], None] | None = None) -> None:
+        self.label = label
+        self.n = n
+        self.child = child
+        self.reload = reload
+        self.announce = announce
+        self.gen = 1
+        self.workers: dict[int, _Worker] = {}
+        self.respawn_at: dict[int, float] = {}  # slot -> when
+        self.quick_deaths: dict[int, int] = {}  # slot -> deaths in a row of workers younger than YOUNG
+        self._last_gen = 1
+        self.pending: tuple[int, Child, float] | None = None  # a reload's generation, body, ready deadline
+        self.started = False  # the first generation has been ready
+        self.stops = 0
+        self.status = 0
+        self._signals: list[int] = []
+
+    def _say(self, text: str) -> None:
+        sys.stderr.write(f"{self.label}: {text}\n")  # one write: workers share stderr
+        sys.stderr.flush()
+
+    # -- processes ---------------------------------------------------------------------------
+    def _fork(self, slot: int, gen: int, child: Child) -> None:
+        parent = os.getpid()
         pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _in_worker = True
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # see GracefulStop
-                _die_with_parent(parent)
-                child(i)
-            except KeyboardInterrupt:
-                pass
-            except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
-                traceback.print_exc()
-                code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children.append(pid)
+        if pid:
+            self.workers[pid] = _Worker(pid, slot, gen, time.monotonic())
+            return
+        global _in_worker
+        code = 0
+        try:
+            _in_worker = True
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # see GracefulStop
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master's: a terminal hangup reaches the group
+            for sig in (signal.SIGTERM, signal.SIGCHLD, FORWARD_SIGNAL):
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            os.close(self._ready_r)
+            ready_w = self._ready_w
+            _die_with_parent(parent)
 
-    stopping = False
+            def ready() -> None:
+                os.write(ready_w, struct.pack("=i", os.getpid()))
 
-    def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
+            child(slot, ready)
+        except KeyboardInterrupt:
+            pass
+        except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _signal_workers(self, workers: list[_Worker]) -> None:
+        for w in workers:
             try:
-                os.kill(pid, FORWARD_SIGNAL)  # see GracefulStop
+                os.kill(w.pid, FORWARD_SIGNAL)  # see GracefulStop
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    status = 0
-    for pid in children:
-        while True:
+    # -- events ------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _stop(self) -> None:
+        self.stops += 1
+        if self.stops == 1:
+            self.respawn_at.clear()
+            self.pending = None
+            for w in self.workers.values():
+                w.retired = True
+        self._signal_workers(list(self.workers.values()))
+
+    def _start_reload(self) -> None:
+        if self.reload is None:
+            self._say("SIGHUP ignored: nothing to reload")
+            return
+        if self.pending is not None:
+            self._say("SIGHUP ignored: a reload is under way")
+            return
+        try:
+            child = self.reload()
+        except ReloadRefused as exc:
+            self._say(f"reload refused, the running configuration stays: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the running splicer down
+            self._say(f"reload refused, the running configuration stays: {type(exc).__name__}: {exc}")
+            return
+        self._last_gen += 1
+        self.pending = (self._last_gen, child, time.monotonic() + self.READY_TIMEOUT)
+        for slot in range(self.n):
+            self._fork(slot, self._last_gen, child)
+
+    def _fail_reload(self, why: str) -> None:
+        assert self.pending is not None
+        gen = self.pending[0]
+        self.pending = None
+        new = [w for w in self.workers.values() if w.gen == gen]
+        for w in new:
+            w.retired = True
+        self._signal_workers(new)
+        self._say(f"reload failed, the running configuration stays: {why}")
+
+    def _check_pending(self, now: float) -> None:
+        if self.pending is None:
+            return
+        gen, child, deadline = self.pending
+        new = [w for w in self.workers.values() if w.gen == gen]
+        if len(new) == self.n and all(w.ready for w in new):
+            self.pending = None
+            self.gen, self.child = gen, child
+            self.respawn_at.clear()  # the new generation covers every slot
+            old = [w for w in self.workers.values() if w.gen != gen and not w.retired]
+            for w in old:
+                w.retired = True
+            self._signal_workers(old)
+            self._say(f"reloaded: {self.n} worker(s) on the new configuration; "
+                      f"{len(old)} old worker(s) finish the requests they have read and stop")
+        elif now > deadline:
+            self._fail_reload(f"the new workers did not accept connections within {self.READY_TIMEOUT:g} s")
+
+    def _reap(self, now: float) -> None:
+        while self.workers:
             try:
-                _, st = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
                 continue
-        code = os.waitstatus_to_exitcode(st)
-        if code > 0 or (code < 0 and not stopping):
-            # A worker that failed, or was killed by a signal we did not pass on (kill -9, OOM):
-            # said on stderr, and the exit status is 1 so a supervisor restarts the splicer.
-            how = f"exited with status {code}" if code > 0 else f"was killed by signal {-code}"
-            print(f"splice: worker {pid} {how}", file=sys.stderr, flush=True)
-            status = 1
-    return status
+            code = os.waitstatus_to_exitcode(status)
+            if w.retired:
+                # A worker told to stop that had not yet set up its graceful stop dies of the
+                # signal itself: that is a clean stop too.
+                if code not in (0, -FORWARD_SIGNAL):
+                    self._say(f"worker {pid} {_describe(status)}")
+                    if self.stops:
+                        self.status = 1
+                continue
+            if not self.started:
+                self._say(f"worker {pid} {_describe(status)} before it was ready; stopping")
+                self.status = 1
+                self._stop()
+                continue
+            if self.pending is not None and w.gen == self.pending[0]:
+                self._fail_reload(f"new worker {pid} {_describe(status)}")
+                continue
+            young = now - w.started < self.YOUNG
+            deaths = self.quick_deaths[w.slot] = (self.quick_deaths.get(w.slot, 0) + 1) if young else 0
+            delay = min(self.BACKOFF_CAP, self.BACKOFF_FIRST * (2 ** deaths))
+            self.respawn_at[w.slot] = now + delay
+            self._say(f"worker {pid} {_describe(status)}; starting a new one in {delay:g} s")
+
+    def _mark_ready(self, data: bytes) -> None:
+        for (pid,) in struct.iter_unpack("=i", data[: len(data) - len(data) % 4]):
+            w = self.workers.get(pid)
+            if w is not None:
+                w.ready = True
+        if not self.started and len(self.workers) == self.n and all(w.ready for w in self.workers.values()):
+            self.started = True
+            if self.announce is not None:
+                self.announce()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Fork the workers and look after them until they have all stopped; the exit status:
+        0, or 1 when a worker failed at start or in the final stop."""
+        self._wake_r, self._wake_w = os.pipe()
+        self._ready_r, self._ready_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w, self._ready_r):
+            os.set_blocking(fd, False)
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            for slot in range(self.n):
+                self._fork(slot, self.gen, self.child)
+            while self.workers or (self.respawn_at and not self.stops):
+                now = time.monotonic()
+                waits = [t - now for t in self.respawn_at.values()]
+                if self.pending is not None:
+                    waits.append(self.pending[2] - now)
+                timeout = max(0.0, min(waits, default=1.0))
+                try:
+                    readable, _, _ = select.select([self._wake_r, self._ready_r], [], [], min(timeout, 1.0))
+                except InterruptedError:
+                    readable = []
+                if self._wake_r in readable:
+                    _drain_fd(self._wake_r)
+                if self._ready_r in readable:
+                    self._mark_ready(_drain_fd(self._ready_r))
+                signals, self._signals = self._signals, []
+                for sig in signals:
+                    if sig in (signal.SIGINT, signal.SIGTERM):
+                        self._stop()
+                    elif sig == signal.SIGHUP and not self.stops:
+                        self._start_reload()
+                now = time.monotonic()
+                self._reap(now)
+                self._check_pending(now)
+                if not self.stops:
+                    for slot, when in list(self.respawn_at.items()):
+                        if when <= now:
+                            del self.respawn_at[slot]
+                            self._fork(slot, self.gen, self.child)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for fd in (self._wake_r, self._wake_w, self._ready_r, self._ready_w):
+                os.close(fd)
+        return self.status
+
+
+def _drain_fd(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)

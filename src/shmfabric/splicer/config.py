@@ -125,7 +125,8 @@ class LimitConfig(_Model):
 
 
 class HealthConfig(_Model):
-    """Active health checks (HAProxy's inter / rise / fall)."""
+    """Active health checks (HAProxy's inter / rise / fall), and the HTTP splicer's passive one
+    (HAProxy's `observe layer7` with `error-limit` / `on-error mark-down`)."""
 
     interval: float = Field(2.0, gt=0)
     timeout: float = Field(1.0, gt=0)
@@ -133,6 +134,12 @@ class HealthConfig(_Model):
     fall: int = Field(3, ge=1)
     path: str | None = Field(None, description="HTTP: GET this path and want 2xx/3xx; unset: TCP connect only")
     enabled: bool = True
+    eject_after: int = Field(5, ge=0, description="HTTP only (the Redis splicer ignores it): a server whose last N "
+                             "requests in a row failed on live traffic (connection closed or reset before a "
+                             "complete response, a malformed response, the request timeout) leaves rotation "
+                             "as a failed check would take it out, and comes back after `rise` passing checks, "
+                             "the first one `interval` seconds later at the earliest; any complete response, "
+                             "whatever its status, restarts the count; 0: off")
 
 
 class HttpRoute(_Model):

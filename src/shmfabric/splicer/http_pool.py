@@ -29,6 +29,15 @@ after `rise` successes (`HealthState`). With active checks off, a down server is
 connects alone (one at a time, after the backoff delay, closed once open) until `rise` succeed
 in a row. `BackendGroup.pick()` chooses the up server with the fewest requests in flight.
 
+Live traffic is observed too (HAProxy's `observe layer7` with `on-error mark-down`, Envoy's
+consecutive gateway failures): after `health.eject_after` requests in a row failed by the
+server's doing (closed or reset before a complete response, a bad response, the request
+timeout; `exchange_failed`), it is taken out as `fall` failed checks would (`_eject`). Any
+complete response, whatever its status, restarts the count (`exchange_ok`). A server so
+ejected accepts TCP connections, most likely: its connects no longer count as passing checks,
+only `rise` active checks (or, with them off, probe connects `health.interval` apart) bring it
+back, the first one `health.interval` after the ejection at the earliest.
+
 Exchanges talk to this module through a small interface: `on_connection(conn)`,
 `on_response_event(event)`, `on_backend_failure(kind, message)`, `on_tunnel_data(data)`; the
 failure kinds are connect, reset (closed before the response began), truncated (closed in the
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,7 +78,7 @@ class BackendConnection(asyncio.Protocol):
     """
 
     __slots__ = ("server", "transport", "framer", "exchanges", "alive", "used", "idled", "tunnel", "pipelined",
-                 "_paused", "_cork")
+                 "answered", "failed", "_paused", "_cork")
 
     def __init__(self, server: "BackendServer") -> None:
         self.server = server
@@ -80,6 +90,8 @@ class BackendConnection(asyncio.Protocol):
         self.idled = False     # has sat in the free queue (the backend may have closed it meanwhile)
         self.tunnel = False    # after 101 Switching Protocols: raw bytes both ways
         self.pipelined = False  # carries pipelined (idempotent, bodiless) requests
+        self.answered = False  # a complete response came on it (`BackendServer.exchange_ok`)
+        self.failed = False    # a failure of a request on it was counted (`BackendServer.exchange_failed`)
         self._paused = False
         self._cork: list[bytes] | None = None
 
@@ -254,6 +266,10 @@ class BackendServer:
         self.health = HealthState(rise=health.rise, fall=health.fall)
         self.backoff = Backoff(cap=max(1.0, health.interval))
         self.inflight = 0
+        self.eject_after = health.eject_after
+        self.fail_streak = 0    # requests in a row that failed on live traffic (`exchange_failed`)
+        self.ejected = False    # down because of them (`_eject`), until `rise` checks pass
+        self._hold_until = 0.0  # after an ejection, checks passing before this do not count
         self._closed = False
         self._refill_handle: asyncio.TimerHandle | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -483,9 +499,16 @@ class BackendServer:
         self.backoff.reset()
         # A successful connect counts as a passing check, so a server comes back into rotation
         # by passive results alone (active checks may be off), unless the active check is an
-        # HTTP one: a server that accepts TCP but fails `health.path` must stay out.
-        if not (self.health_cfg.enabled and self.health_cfg.path):
-            self.health.record(True)
+        # HTTP one: a server that accepts TCP but fails `health.path` must stay out. Nor does it
+        # count for a server ejected for failing requests (it accepted TCP all along), except as
+        # the probe that, with active checks off, is the only way back (`_eject`).
+        cfg = self.health_cfg
+        if self.ejected:
+            counts = not cfg.enabled and loop.time() >= self._hold_until
+        else:
+            counts = not (cfg.enabled and cfg.path)
+        if counts and self.health.record(True):
+            self.ejected = False
         if self._closed:
             conn.abort()
             return
@@ -509,15 +532,79 @@ class BackendServer:
                 ex.on_backend_failure("connect", message)
         self._schedule_refill()
 
-    def _schedule_refill(self) -> None:
-        """`_fill` again after the backoff delay."""
+    def _schedule_refill(self, delay: float | None = None) -> None:
+        """`_fill` again after `delay`, by default the backoff delay (while an ejected server is
+        probed, at least `health.interval`: a probe stands for an active check)."""
         if self._closed or self._loop is None or self._refill_handle is not None:
             return
+        if delay is None:
+            delay = self.backoff.next_delay()
+            if self.ejected and self._probing:
+                delay = max(delay, self.health_cfg.interval)
 
         def refill() -> None:
             self._refill_handle = None
             self._fill()
-        self._refill_handle = self._loop.call_later(self.backoff.next_delay(), refill)
+        self._refill_handle = self._loop.call_later(delay, refill)
+
+    # -- passive health (live traffic) ----------------------------------------------------
+    def exchange_ok(self, conn: BackendConnection) -> None:
+        """A request got its complete response on `conn`, whatever its status: the server is
+        alive and speaks HTTP."""
+        conn.answered = True
+        self.fail_streak = 0
+
+    def exchange_failed(self, conn: BackendConnection, kind: str) -> None:
+        """A request failed on `conn` by the server's doing: the connection closed or reset
+        before its complete response, a bad response, or the request timeout (not a client
+        that went away, not a failed connect: `fall` counts those). The requests one broken
+        connection fails (pipelined ones, or a timeout and the close it causes) count once.
+        After `eject_after` in a row, the server leaves rotation (`_eject`).
+
+        Not counted either: a close ("reset") on a connection that has carried a complete
+        response. That is a keep-alive connection ending (nginx's `keepalive_requests`, an
+        idle timeout) across a request sent on it, which is retried: a backend whose
+        connections all reach their limit together fails several requests in a row so, and is
+        healthy. A server that fails every request never answers on a connection."""
+        if conn.failed or self._closed or not self.health.up or (kind == "reset" and conn.answered):
+            return
+        conn.failed = True
+        self.fail_streak += 1
+        if self.eject_after and self.fail_streak >= self.eject_after:
+            self._eject()
+
+    def _eject(self) -> None:
+        """Take the server out of rotation after `eject_after` failed requests in a row, as
+        `fall` failed checks would (`HealthState`: the `up` gauge, `BackendGroup.pick` and the
+        way back are theirs). It comes back after `rise` passing checks, none counted before
+        `health.interval` has passed, so a server that fails every request while it accepts
+        TCP (and passes a TCP check) cycles no faster than that. With active checks off, the
+        checks are probe connects `health.interval` apart (`_probing`, `_schedule_refill`)."""
+        count = self.fail_streak
+        self.fail_streak = 0
+        self.ejected = True
+        while self.health.up:
+            self.health.record(False)
+        loop = self._loop
+        assert loop is not None
+        cfg = self.health_cfg
+        self._hold_until = loop.time() + cfg.interval
+        if not cfg.enabled:
+            # The first probe after the hold (set before the connections below are closed:
+            # their loss refills the pool, which while probing waits for this timer).
+            if self._refill_handle is not None:
+                self._refill_handle.cancel()
+                self._refill_handle = None
+            self._schedule_refill(cfg.interval)
+        # Leaving rotation: idle connections to a failing server are likely bad too.
+        while self.free:
+            self.free.pop().abort()
+        back = (f"{cfg.rise} passing check(s), from {cfg.interval:g} s on" if cfg.enabled else
+                f"{cfg.rise} successful probe connect(s) {cfg.interval:g} s apart")
+        # one write: workers share stderr (as in http_server)
+        sys.stderr.write(f"splice http: backend {self.name} is down: its last {count} requests failed "
+                         f"(health.eject_after); back after {back}\n")
+        sys.stderr.flush()
 
     # -- health ---------------------------------------------------------------------------
     async def _health_loop(self) -> None:
@@ -525,12 +612,15 @@ class BackendServer:
         while not self._closed:
             await asyncio.sleep(cfg.interval)
             ok = await self.check_once()
+            if ok and self.ejected and self._loop is not None and self._loop.time() < self._hold_until:
+                continue  # ejected by live traffic a moment ago: a pass counts after the hold
             changed = self.health.record(ok)
             if changed is False:
                 # Leaving rotation: idle connections to a failing server are likely dead too.
                 while self.free:
                     self.free.pop().abort()
             elif changed is True:
+                self.ejected = False
                 self.backoff.reset()
                 self._fill()
 

@@ -227,6 +227,7 @@ class Exchange:
         assert server is not None and conn is not None
         server.inflight -= 1
         server.metrics.duration.observe(self.client.loop.time() - self.t0)
+        server.exchange_ok(conn)  # passive health: a complete response, whatever its status
         # A connection whose request body was not fully sent cannot carry another request.
         server.release(conn, self, self.backend_keep and self.req_done)
         client = self.client
@@ -241,6 +242,11 @@ class Exchange:
         conn, server = self.conn, self.server
         self.conn = None
         if conn is not None:
+            if server is not None and not self.gone and (kind != "timeout" or self.req_done):
+                # Passive health: the backend failed a request it had (retried or not). Not
+                # counted: a client that went away, nor a timeout while the client's own
+                # request body was still coming.
+                server.exchange_failed(conn, kind)
             conn.remove(self)
             conn.abort()
         if server is not None:

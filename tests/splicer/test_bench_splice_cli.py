@@ -53,3 +53,19 @@ def test_redis_bench_one_and_two_each_and_the_mget_budget():
     # the floor rows relay the same MGET to one server: the ratio printed is theirs
     assert res["ratios"]["mget_relay_floor_vs_direct"] == pytest.approx(
         res["mget_relay_one"]["p50_ms"] / res["mget_direct"]["p50_ms"])
+
+
+@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "nutcracker")),
+                    reason="redis-server and nutcracker are needed")
+@pytest.mark.timeout(240)
+def test_reload_bench_adds_a_server_under_load_and_no_command_runs_unanswered_through_the_splicer():
+    r = subprocess.run([sys.executable, "-m", "shmfabric.bench.splice_reload", "--json", "--clients", "4",
+                        "--seconds", "2"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for name in ("splicer", "twemproxy"):
+        assert res[name]["answered"] > 0, name
+    # A reload closes a connection only after answering every command it read: a command the
+    # client got no answer for did not run (so sending it again is safe). Not a timing.
+    assert res["splicer"]["ran_unanswered"] == 0, res["splicer"]
+    assert res["splicer"]["refused"] == 0, res["splicer"]

@@ -1,12 +1,13 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform,redis] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
+    shmfabric bench splice [--scenario unequal,uniform,redis,reload] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
 Prints one row per HTTP scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
 (must be 0 for the splicer). The `redis` scenario (`shmfabric.bench.splice_redis`) runs
 redis-benchmark through the splicer and through twemproxy, and a spread 1000-key MGET against
-the same MGET sent straight to one server.
+the same MGET sent straight to one server. The `reload` scenario (`shmfabric.bench.splice_reload`)
+adds a server under load: the splicer by SIGHUP, twemproxy by a restart (it has no reload).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 from .splice_http import ScenarioResult, run_scenarios
+from .splice_redis import BenchError
 
 __all__ = ["register_bench", "main", "render_table"]
 
@@ -49,7 +51,8 @@ def _csv(kind: type) -> Any:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform", "redis"],
-                   help="comma-separated: unequal (scenario 1), uniform (scenario 2), redis (scenario 3)")
+                   help="comma-separated: unequal (scenario 1), uniform (scenario 2), redis (scenario 3), "
+                        "reload (a server added under load: splicer reload vs twemproxy restart; not in the default)")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
@@ -59,11 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    bad = [s for s in args.scenario if s not in _TITLES and s != "redis"]
+    bad = [s for s in args.scenario if s not in _TITLES and s not in ("redis", "reload")]
     if bad:
         from shmfabric.cli.main import CliError
 
-        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform and/or redis")
+        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis and/or reload")
     http = [s for s in args.scenario if s in _TITLES]
     as_json = args.bench_json or getattr(args, "json", False)
     try:
@@ -73,7 +76,12 @@ def _run(args: argparse.Namespace) -> int:
             from . import splice_redis
 
             redis = splice_redis.run()
-    except RuntimeError as exc:
+        reload = None
+        if "reload" in args.scenario:
+            from . import splice_reload
+
+            reload = splice_reload.run()
+    except (RuntimeError, BenchError) as exc:  # a peer missing or not starting: one line
         from shmfabric.cli.main import CliError
 
         raise CliError(str(exc)) from None
@@ -81,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"http": [{**asdict(r), "met": r.met} for r in results]}
         if redis is not None:
             out["redis"] = redis
+        if reload is not None:
+            out["reload"] = reload
         print(json.dumps(out, indent=2, default=str))
     else:
         if results:
@@ -89,6 +99,10 @@ def _run(args: argparse.Namespace) -> int:
             from .splice_redis import format_table
 
             print(("\n" if results else "") + format_table(redis))
+        if reload is not None:
+            from . import splice_reload
+
+            print(("\n" if results or redis else "") + splice_reload.format_table(reload))
     return 0
 
 

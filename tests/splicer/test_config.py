@@ -45,3 +45,24 @@ def test_file_errors_name_file_field_and_fix(tmp_path):
     f.write_text("http:\n  default: [127.0.0.1:1]\nredis:\n  servers: [127.0.0.1:6379]\n")
     cfg = load_config(f)
     assert cfg.http is not None and cfg.redis is not None
+
+
+@pytest.mark.parametrize("field", ["health: {path: /healthz}", "health: {eject_after: 3}", "pool: {pipeline: 4}",
+                                   "timeouts: {client_idle: 5}", "timeouts: {request_head: 5}",
+                                   "limits: {max_head_bytes: 4096}", "limits: {max_url_bytes: 100}"])
+def test_an_http_only_field_in_a_redis_section_is_refused_not_ignored(tmp_path, field):
+    f = tmp_path / "r.yaml"
+    f.write_text(f"redis:\n  servers: [127.0.0.1:6379]\n  {field}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    name = field.split(":")[0] + "." + field.split("{")[1].split(":")[0]
+    assert f"field `redis.{name}`" in str(e.value) and "docs/splicer-redis.md" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("field", ["limits: {max_request_bytes: 4096}", "limits: {max_unread_bytes: 2000000}"])
+def test_a_redis_only_field_in_an_http_section_is_refused_not_ignored(tmp_path, field):
+    f = tmp_path / "h.yaml"
+    f.write_text(f"http:\n  default: [127.0.0.1:80]\n  {field}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "field `http.limits." in str(e.value), str(e.value)

@@ -23,6 +23,15 @@ def test_parse_route_forms():
     assert parse_route("api.ex.com=127.0.0.1:1") == {"host": "api.ex.com", "backends": ["127.0.0.1:1"]}
 
 
+def test_a_host_route_that_looks_like_a_forgotten_slash_is_warned_about(capsys):
+    assert parse_route("api=127.0.0.1:1") == {"host": "api", "backends": ["127.0.0.1:1"]}
+    err = capsys.readouterr().err
+    assert "routes the requests whose Host is 'api'" in err and "--route /api=127.0.0.1:1" in err, err
+    for quiet in ("api.ex.com=127.0.0.1:1", "localhost=127.0.0.1:1", "/api=127.0.0.1:1", "*.ex.com=127.0.0.1:1"):
+        parse_route(quiet)
+        assert capsys.readouterr().err == "", quiet
+
+
 def test_check_prints_effective_config(capsys):
     code, out, _ = run_cli(capsys, "splice", "http", "--listen", "127.0.0.1:8089", "--route", "/api=127.0.0.1:9001,127.0.0.1:9002",
                            "--default", "127.0.0.1:9003", "--pool", "8", "--timeout", "2.5", "--check")

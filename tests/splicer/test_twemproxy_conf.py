@@ -134,6 +134,7 @@ def test_a_key_given_twice_or_a_file_not_in_utf8_is_one_line(tmp_path: Path, tex
     assert main(["splice", "redis", "--twemproxy", str(_file(tmp_path, text)), "--check"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.count("fix:") == 1, err  # one fix, not ours and then a generic one
 
 
 @pytest.mark.parametrize("servers,extra,needle", [
@@ -148,6 +149,7 @@ def test_placement_problems_are_refused_by_check_not_at_start(servers: list[str]
     assert main(["splice", "redis", *argv, "--check"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
+    assert "(top level)" not in err, err  # a check across servers names no field
 
 
 def test_a_long_name_twemproxy_hashes_in_full_is_accepted(capsys) -> None:

@@ -39,6 +39,12 @@ def parse_route(text: str) -> dict[str, Any]:
         host, route["prefix"] = key[:slash], key[slash:]
     else:
         host = key  # host only
+        if "." not in host and ":" not in host and host != "localhost" and not host.startswith("*"):
+            # `api=ADDR` is most likely `/api=ADDR` with the slash forgotten: still a valid Host
+            # route (a single-label name), so it runs, but it is said.
+            print(f"splice http: warning: --route {text!r} routes the requests whose Host is {host!r}, "
+                  f"whatever their path; for the path prefix /{host} write --route /{host}={addrs}",
+                  file=sys.stderr)
     if host:
         route["host"] = host
     return route
@@ -146,7 +152,8 @@ def _add_http(verbs: Any) -> None:
                                      "answer in request order.")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
     p.add_argument("--route", action="append", metavar="[HOST]/PREFIX=ADDRS",
-                   help="route a path prefix (or [HOST]~REGEX) to comma-separated HOST:PORT backends; repeatable")
+                   help="route a path prefix (or [HOST]~REGEX, or a Host alone: HOST=ADDRS) to comma-separated "
+                        "HOST:PORT backends; tried in the order given; repeatable")
     p.add_argument("--default", metavar="ADDRS", help="backends for requests no route matches")
     p.add_argument("--pool", type=int, metavar="N", help="max pooled connections per backend server (default 8)")
     p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server (default 1)")

@@ -32,7 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ConfigError", "split_address", "PoolConfig", "TimeoutConfig", "LimitConfig", "HealthConfig",
+    "ConfigError", "split_address", "PoolConfig", "TimeoutConfig", "LimitConfig", "HealthConfig", "RedisPoolConfig",
+    "RedisTimeoutConfig", "RedisLimitConfig", "RedisHealthConfig",
     "HttpRoute", "HttpSpliceConfig", "RedisServer", "RedisSpliceConfig", "SpliceFile", "load_config", "read_yaml",
     "format_validation_error", "parse_server_line",
 ]
@@ -75,66 +76,97 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PoolConfig(_Model):
+# Each section has the fields both splicers use, and a subclass per splicer with its own: a
+# field one splicer ignores would be accepted there and do nothing (the HTTP-only ones used to be
+# in the Redis splicer's config too).
+
+
+class RedisPoolConfig(_Model):
     """Pre-established connections per backend server."""
 
     min: int = Field(1, ge=0, le=1024, description="connections opened at start and kept open")
     max: int = Field(8, ge=1, le=4096, description="connections at most (requests queue beyond)")
-    pipeline: int = Field(1, ge=1, le=64, description="HTTP: requests outstanding per connection; above 1, "
-                          "idempotent bodiless requests are pipelined to the backend (for servers that "
-                          "pipeline well, e.g. nginx)")
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> "PoolConfig":
+    def _min_le_max(self) -> "RedisPoolConfig":
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) is larger than max ({self.max}); lower min or raise max")
         return self
 
 
-class TimeoutConfig(_Model):
+class PoolConfig(RedisPoolConfig):
+    """Pre-established connections per backend server (HTTP)."""
+
+    pipeline: int = Field(1, ge=1, le=64, description="requests outstanding per connection; above 1, "
+                          "idempotent bodiless requests are pipelined to the backend (for servers that "
+                          "pipeline well, e.g. nginx)")
+
+
+class RedisTimeoutConfig(_Model):
     """Timeouts in seconds."""
 
     connect: float = Field(3.0, gt=0, allow_inf_nan=False, description="opening a backend connection")
     request: float = Field(30.0, gt=0, allow_inf_nan=False,
                            description="from dispatch to the end of the response (then 504 / -ERR)")
-    client_idle: float = Field(120.0, gt=0, allow_inf_nan=False, description="an idle client connection is closed after this")
-    request_head: float = Field(30.0, gt=0, allow_inf_nan=False,
-                                description="HTTP: a request head must arrive whole within this, else 408 and close "
-                                            "(a head trickled a byte at a time is never idle)")
     drain: float = Field(30.0, ge=0, allow_inf_nan=False,
                          description="graceful stop (SIGTERM, or SIGINT): requests already read may take this "
                                      "long to be answered before the connections still busy are cut; a second "
                                      "signal cuts at once")
 
 
-class LimitConfig(_Model):
+class TimeoutConfig(RedisTimeoutConfig):
+    """Timeouts in seconds (HTTP)."""
+
+    client_idle: float = Field(120.0, gt=0, allow_inf_nan=False, description="an idle client connection is closed after this")
+    request_head: float = Field(30.0, gt=0, allow_inf_nan=False,
+                                description="a request head must arrive whole within this, else 408 and close "
+                                            "(a head trickled a byte at a time is never idle)")
+
+
+class _Limits(_Model):
     """Per-client-connection bounds (backpressure) and framing limits."""
 
     max_pipeline: int = Field(128, ge=1, description="requests read ahead and not yet answered")
     max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="response and request-body bytes held")
-    max_head_bytes: int = Field(64 * 1024, ge=1024, description="request line plus headers (HTTP)")
-    max_headers: int = Field(100, ge=1, description="header fields per message (HTTP)")
-    max_url_bytes: int = Field(8 * 1024, ge=16, description="request target length (HTTP)")
+
+
+class LimitConfig(_Limits):
+    """Per-client-connection bounds (backpressure) and framing limits (HTTP)."""
+
+    max_head_bytes: int = Field(64 * 1024, ge=1024, description="request line plus headers")
+    max_headers: int = Field(100, ge=1, description="header fields per message")
+    max_url_bytes: int = Field(8 * 1024, ge=16, description="request target length")
+
+
+class RedisLimitConfig(_Limits):
+    """Per-client-connection bounds (backpressure) and framing limits (Redis)."""
+
+    max_pipeline: int = Field(1024, ge=1, description="requests read ahead and not yet answered")
     max_request_bytes: int = Field(
         512 * 1024 * 1024, ge=1024,
-        description="Redis: the largest request held before it is forwarded (Redis's proto-max-bulk-len is 512 MB)")
+        description="the largest request held before it is forwarded (Redis's proto-max-bulk-len is 512 MB)")
     max_unread_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024,
-        description="Redis: reply bytes a client leaves unread before it is disconnected (like Redis's "
+        description="reply bytes a client leaves unread before it is disconnected (like Redis's "
                     "client-output-buffer-limit): replies of requests already sent can pass max_buffer_bytes")
 
 
-class HealthConfig(_Model):
-    """Active health checks (HAProxy's inter / rise / fall), and the HTTP splicer's passive one
-    (HAProxy's `observe layer7` with `error-limit` / `on-error mark-down`)."""
+class RedisHealthConfig(_Model):
+    """Active health checks (HAProxy's inter / rise / fall)."""
 
     interval: float = Field(2.0, gt=0)
     timeout: float = Field(1.0, gt=0)
     rise: int = Field(2, ge=1)
     fall: int = Field(3, ge=1)
-    path: str | None = Field(None, description="HTTP: GET this path and want 2xx/3xx; unset: TCP connect only")
     enabled: bool = True
-    eject_after: int = Field(5, ge=0, description="HTTP only (the Redis splicer ignores it): a server whose last N "
+
+
+class HealthConfig(RedisHealthConfig):
+    """Active health checks (HAProxy's inter / rise / fall), and the HTTP splicer's passive one
+    (HAProxy's `observe layer7` with `error-limit` / `on-error mark-down`)."""
+
+    path: str | None = Field(None, description="GET this path and want 2xx/3xx; unset: TCP connect only")
+    eject_after: int = Field(5, ge=0, description="a server whose last N "
                              "requests in a row failed on live traffic (connection closed or reset before a "
                              "complete response, a malformed response, the request timeout) leaves rotation "
                              "as a failed check would take it out, and comes back after `rise` passing checks, "
@@ -257,10 +289,10 @@ class RedisSpliceConfig(_Model):
     backend_password: str | None = Field(None, description="AUTH password the splicer sends to every server")
     db: int = Field(0, ge=0, description="database selected on every server connection")
     auto_eject: bool = Field(False, description="take a failing server off the continuum (twemproxy auto_eject_hosts)")
-    pool: PoolConfig = PoolConfig()
-    timeouts: TimeoutConfig = TimeoutConfig()
-    limits: LimitConfig = LimitConfig(max_pipeline=1024)
-    health: HealthConfig = HealthConfig()
+    pool: RedisPoolConfig = RedisPoolConfig()
+    timeouts: RedisTimeoutConfig = RedisTimeoutConfig()
+    limits: RedisLimitConfig = RedisLimitConfig()
+    health: RedisHealthConfig = RedisHealthConfig()
     metrics: str | None = None
 
     @field_validator("hash_tag")
@@ -337,7 +369,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         hint = _hint(err, None)
-        lines.append(f"{source}: field `{_loc(err.get('loc', ()))}`: {msg}" + (f"; fix: {hint}" if hint else ""))
+        loc = _loc(err.get("loc", ()))
+        # A check of the whole model (servers against each other) has no one field to name.
+        where = "" if loc == "(top level)" else f"field `{loc}`: "
+        lines.append(f"{source}: {where}{msg}" + (f"; fix: {hint}" if hint else ""))
     return "\n".join(lines)
 
 
@@ -399,7 +434,9 @@ def read_yaml(path: str | Path, strings: bool = False) -> Any:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         pos = f" line {where.line + 1} column {where.column + 1}" if where else ""
-        raise ConfigError(f"{path}:{pos}: not valid YAML: {getattr(exc, 'problem', exc)}; fix: correct the syntax") from None
+        problem = str(getattr(exc, "problem", exc))
+        fix = "" if "fix:" in problem else "; fix: correct the syntax"  # our own checks say their fix
+        raise ConfigError(f"{path}:{pos}: not valid YAML: {problem}{fix}") from None
 
 
 def load_config(path: str | Path) -> SpliceFile:

@@ -343,3 +343,33 @@ def test_a_reload_whose_workers_fail_keeps_the_old_ones(tmp_path: Path) -> None:
     finally:
         code = _finish(proc)
     assert code == 0, err.text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stopping_splicer_refuses_new_connections_while_it_answers_the_old_ones(tmp_path: Path, backends,
+                                                                                   workers: int) -> None:
+    proc, port, _, err = _start_http(tmp_path, backends[0], workers)
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=20)
+        slow.sendall(b"GET /?delay=2000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.3)  # the request has reached a worker (not a timing assertion)
+        proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        # Nothing listens once the stop began (no one would accept: a client must not wait),
+        _wait("the port to refuse connections", refused)
+        assert proc.poll() is None  # while the request in flight is still being answered
+        buf = b""
+        while (data := slow.recv(65536)):
+            buf += data
+        assert buf.startswith(b"HTTP/1.1 200") and b"connection: close" in buf.lower(), buf[:200]
+        slow.close()
+    finally:
+        code = _finish(proc)
+    assert code == 0, err.text()

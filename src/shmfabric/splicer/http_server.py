@@ -207,4 +207,4 @@ def run(cfg: HttpSpliceConfig, listeners: Listeners, reload: Callable[[], HttpSp
         assert reload is not None
         return body(listeners.check_reload(reload()))
 
-    return Master("splice http", cfg.workers, body(cfg), rebuild if reload else None, announce).run()
+    return Master("splice http", cfg.workers, body(cfg), rebuild if reload else None, announce, listeners).run()

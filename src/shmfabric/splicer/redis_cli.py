@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
         return Master("splice redis", cfg.workers, body(cfg), lambda: body(listeners.check_reload(rebuild())),
-                      announce).run()
+                      announce, listeners).run()
     finally:
         listeners.close()
 

@@ -173,8 +173,18 @@ class Listeners:
                                     f"sockets and the number of workers; restart the splicer to change them")
         return cfg
 
+    def keep_only(self, slot: int) -> None:
+        """In worker `slot`: close the other workers' sockets, so that the port stops listening
+        as soon as the workers still draining after their master died have closed their own."""
+        for i, s in enumerate(self.data):
+            if i != slot:
+                s.close()
+        for i, s in enumerate(self.metrics):
+            if i != slot:
+                s.close()
+
     def close(self) -> None:
-        """Close every socket (the master's copies)."""
+        """Close every socket (this process's copies; again is harmless)."""
         for s in self.data + self.metrics:
             s.close()
 
@@ -215,8 +225,9 @@ class Master:
     BACKOFF_FIRST, BACKOFF_CAP, YOUNG = 0.1, 10.0, 10.0
 
     def __init__(self, label: str, n: int, child: Child, reload: Callable[[], Child] | None = None,
-                 announce: Callable[[], None] | None = None) -> None:
+                 announce: Callable[[], None] | None = None, listeners: Listeners | None = None) -> None:
         self.label = label
+        self.listeners = listeners
         self.n = n
         self.child = child
         self.reload = reload
@@ -256,6 +267,8 @@ class Master:
             os.close(self._wake_w)
             os.close(self._ready_r)
             ready_w = self._ready_w
+            if self.listeners is not None:
+                self.listeners.keep_only(slot)
             _die_with_parent(parent)
 
             def ready() -> None:
@@ -288,6 +301,10 @@ class Master:
         if self.stops == 1:
             self.respawn_at.clear()
             self.pending = None
+            if self.listeners is not None:
+                # Nothing will accept again: new connections are refused at once (once the
+                # workers have closed their copies) rather than left waiting in a queue.
+                self.listeners.close()
             for w in self.workers.values():
                 w.retired = True
         self._signal_workers(list(self.workers.values()))

@@ -13,6 +13,14 @@ def sf(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shmfabric", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def bench_json(module: str, *args: str) -> dict:
+    """Run `python -m shmfabric.bench.MODULE --json ARGS` and return what it printed."""
+    r = subprocess.run([sys.executable, "-m", f"shmfabric.bench.{module}", "--json", *args],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_unknown_scenario_is_one_line():
     r = sf("bench", "splice", "--scenario", "bogus")
     assert r.returncode == 2
@@ -36,10 +44,7 @@ def test_unequal_scenario_side_by_side_in_order():
                     reason="redis-server, redis-benchmark (redis-tools), nutcracker and haproxy are needed")
 @pytest.mark.timeout(240)
 def test_redis_bench_one_and_two_each_and_the_mget_budget():
-    r = subprocess.run([sys.executable, "-m", "shmfabric.bench.splice_redis", "--json", "--requests", "4000",
-                        "--mget-runs", "20"], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    res = bench_json("splice_redis", "--requests", "4000", "--mget-runs", "20")
     for name in ("twemproxy", "splicer", "twemproxy_x2", "splicer_x2"):
         assert res[name]["set"] > 0 and res[name]["get"] > 0, name
     assert res["ratios"]["get_ops_vs_twemproxy_two_each"] == pytest.approx(
@@ -59,10 +64,7 @@ def test_redis_bench_one_and_two_each_and_the_mget_budget():
                     reason="redis-server and nutcracker are needed")
 @pytest.mark.timeout(240)
 def test_reload_bench_adds_a_server_under_load_and_no_command_runs_unanswered_through_the_splicer():
-    r = subprocess.run([sys.executable, "-m", "shmfabric.bench.splice_reload", "--json", "--clients", "4",
-                        "--seconds", "2"], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    res = bench_json("splice_reload", "--clients", "4", "--seconds", "2")
     for name in ("splicer", "twemproxy"):
         assert res[name]["answered"] > 0, name
     # A reload closes a connection only after answering every command it read: a command the

@@ -86,6 +86,34 @@ def _roundtrip(sock: socket.socket, payload: bytes) -> bytes:
             return reply
 
 
+def start_redis_servers(redis_server: str, n: int, tmp: Path, procs: list[subprocess.Popen]) -> list[int]:
+    """Start `n` throw-away redis-servers (no persistence) on free ports; their processes are
+    added to `procs` as they start (for `stop_all`); returns the ports."""
+    ports = []
+    for _ in range(n):
+        port = _free_port()
+        p = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp), "--protected-mode", "no"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        _wait_port(port, p, "redis-server")
+        ports.append(port)
+    return ports
+
+
+def stop_all(procs: list[subprocess.Popen], tmp: Path) -> None:
+    """Stop what a bench started (last started first) and remove its scratch folder."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _command(port: int, *args: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         return _roundtrip(s, encode_command(list(args)))
@@ -170,15 +198,7 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-redis-"))
     try:
-        servers = []
-        for _ in range(2):
-            port = _free_port()
-            p = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(tmp), "--protected-mode", "no"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(p)
-            _wait_port(port, p, "redis-server")
-            servers.append(port)
+        servers = start_redis_servers(redis_server, 2, tmp, procs)
 
         def start_twemproxy(conf: str, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
             port = _free_port()
@@ -285,15 +305,7 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         }
         return result
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=5)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 def format_table(r: dict[str, Any]) -> str:

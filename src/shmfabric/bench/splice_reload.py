@@ -32,7 +32,7 @@ from typing import Any
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-from .splice_redis import BenchError, _free_port, _need, _wait_port
+from .splice_redis import BenchError, _command, _free_port, _need, _wait_port, start_redis_servers, stop_all
 
 __all__ = ["run", "format_table", "main"]
 
@@ -102,8 +102,6 @@ def _client(index: int, port: int, depth: int, stop: threading.Event, tally: _Ta
 
 
 def _under_load(port: int, clients: int, depth: int, seconds: float, change: Any, servers: list[int]) -> dict[str, Any]:
-    from .splice_redis import _command
-
     for srv in servers:
         _command(srv, b"FLUSHALL")
     tally = _Tally()
@@ -139,15 +137,7 @@ def run(clients: int = 8, seconds: float = 4.0, depth: int = 16) -> dict[str, An
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-reload-"))
     try:
-        servers = []
-        for _ in range(2):
-            port = _free_port()
-            p = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(tmp), "--protected-mode", "no"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(p)
-            _wait_port(port, p, "redis-server")
-            servers.append(port)
+        servers = start_redis_servers(redis_server, 2, tmp, procs)
 
         def write(path: Path, listen: int, backends: list[int]) -> None:
             path.write_text(f"bench:\n  listen: 127.0.0.1:{listen}\n  hash: fnv1a_64\n  distribution: ketama\n"
@@ -201,15 +191,7 @@ def run(clients: int = 8, seconds: float = 4.0, depth: int = 16) -> dict[str, An
         result["twemproxy"] = _under_load(nc_port, clients, depth, seconds, restart_nutcracker, servers)
         return result
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs, tmp)
 
 
 def format_table(result: dict[str, Any]) -> str:

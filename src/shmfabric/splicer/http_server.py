@@ -25,7 +25,7 @@ from .http_pool import BackendGroup, BackendServer
 from .http_proxy import ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
-from .workers import GracefulStop, Listeners, Master
+from .workers import GracefulStop, Listeners, Master, install_uvloop
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -158,16 +158,6 @@ class HttpSplicer:
             await s.close()
         if self._server is not None:
             await self._server.wait_closed()
-
-
-def install_uvloop() -> bool:
-    """Use uvloop's event loop when it is installed; returns whether it is."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socket.socket | None,

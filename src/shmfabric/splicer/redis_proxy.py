@@ -60,7 +60,7 @@ from .redis_session import (
     merge_sum,
 )
 from .teardown import close_lingering
-from .workers import GracefulStop
+from .workers import GracefulStop, install_uvloop
 
 __all__ = ["RedisSplicer", "run_redis_splicer"]
 
@@ -908,15 +908,6 @@ class RedisSplicer:
         return {"clients": len(self._clients), "servers": servers}
 
 
-def _install_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
 def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = None, *,
                       sock: socket.socket | None = None, metrics_sock: socket.socket | None = None,
                       ready: Callable[[], None] | None = None) -> None:
@@ -925,7 +916,7 @@ def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = N
     It listens on `config.listen`, or on `sock` (a worker of `workers.Master`), serves metrics
     on `metrics_address` or `metrics_sock`, and calls `ready()` once it accepts connections.
     """
-    _install_uvloop()
+    install_uvloop()
     metrics = None
     stop_metrics: Callable[[], None] | None = None
     if metrics_address or metrics_sock is not None:

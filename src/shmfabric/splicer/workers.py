@@ -65,6 +65,16 @@ class GracefulStop:
         return f"cutting {left} client connection(s) still busy after the graceful stop ({why})"
 
 
+def install_uvloop() -> bool:
+    """Use uvloop's event loop when it is installed; returns whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
 def _die_with_parent(parent: int) -> None:
     """Have the kernel send this process SIGTERM (its graceful stop) when `parent` dies.
 

@@ -94,3 +94,17 @@ def test_capture_errors_are_one_line(chain, tmp_path):
     assert r.returncode == 2 and "--count" in r.stderr
     r = sf("capture", "sink", "-w", str(tmp_path / "x.pcap"), "--fabric", "no-such-fabric", "--count", "1")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_capture_refuses_counts_and_times_that_are_not_positive(tmp_path):
+    out = tmp_path / "x.pcap"
+    for args, needles in ((["-c", "-3"], ("--count -3", "1 or more")),
+                          (["-c", "0"], ("--count 0", "1 or more")),
+                          (["--seconds", "-1"], ("--seconds -1", "above 0")),
+                          (["--seconds", "0"], ("--seconds 0", "above 0")),
+                          (["-c", "1", "--snaplen", "0"], ("--snaplen 0", "64 to 262144"))):
+        # refused before the fabric is even opened: the fabric named here does not exist
+        r = sf("capture", "sink", "-w", str(out), "--fabric", "no-such-fabric", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and all(n in r.stderr for n in needles), r.stderr
+    assert not out.exists()

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
+import threading
+import types
 import uuid
 
 import pytest
@@ -70,3 +73,48 @@ def test_demo_delivers_every_frame_once():
     assert out["sink_received"] == sum(out["sent"].values()) > 0
     assert out["corrupt"] == 0 and out["duplicates"] == 0
     assert out["pool"]["free"] == out["pool"]["total"]
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_create_refuses_a_bad_mode_in_one_line(name):
+    _one_line_error(sf("create", name, "--mode", "999"), "--mode '999' is not an octal file mode")
+    _one_line_error(sf("create", name, "--mode", "abc"), "--mode 'abc' is not an octal file mode")
+    _one_line_error(sf("create", name, "--mode", "1777"), "out of range", "000 to 777")
+
+
+def test_demo_refuses_seconds_that_are_not_positive():
+    _one_line_error(sf("demo", "--seconds", "-1", timeout=30), "--seconds -1", "above 0")
+    _one_line_error(sf("demo", "--seconds", "0", timeout=30), "--seconds 0", "above 0")
+
+
+class _ThreadProcess(threading.Thread):
+    """A stand-in for a spawned process, so the demo's workers can be replaced in this process."""
+
+    def __init__(self, target, args, daemon=True):
+        super().__init__(target=target, args=args, daemon=daemon)
+
+    def kill(self) -> None:
+        pass
+
+
+def _worker_that_sends_nothing(role, fabric, seconds, size, results) -> None:
+    results.put({"role": role, "sent": 0, "received": 0, "forwarded": 0, "corrupt": 0, "dupes": 0, "gaps": 0,
+                 "heartbeats": 0})
+
+
+def test_demo_is_not_ok_when_no_frame_was_sent(monkeypatch, capsys):
+    from shmfabric.cli import demo
+    from shmfabric.cli.main import main
+
+    monkeypatch.setattr(demo, "_worker", _worker_that_sends_nothing)
+    monkeypatch.setattr(demo.mp, "get_context", lambda method: types.SimpleNamespace(Queue=queue.Queue,
+                                                                                   Process=_ThreadProcess))
+    assert main(["demo", "--seconds", "0.5", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["sent"] == {"gen-a": 0, "gen-b": 0}

@@ -176,3 +176,86 @@ def test_check_functions_unknown_function_and_bad_config_lines():
 def test_load_topology_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read.*fix: check the path"):
         load_topology(tmp_path / "nope.yaml")
+
+
+def test_a_node_twice_in_one_chain_is_refused():
+    msg = error_of(BASE.replace("[gen, fw, [a, b]]", "[gen, fw, fw]"))
+    assert ("t.yaml:14: field `chains[0].nodes[2]`: node 'fw' appears twice in chain 'main' (nodes[1] and "
+            "nodes[2]); a chain cannot loop back on itself") in msg
+    assert "already leads to" not in msg  # the loop is the problem, not a second next step
+    msg = error_of(BASE.replace("[gen, fw, [a, b]]", "[gen, fw, [a, gen]]"))
+    assert "field `chains[0].nodes[2][1]`: node 'gen' appears twice in chain 'main'" in msg
+    # a cycle across chains (a reply path) is still allowed
+    parse_topology(BASE + "  - name: back\n    nodes: [a, gen]\n")
+
+
+def test_cross_reference_errors_are_all_reported():
+    text = (BASE.replace("name: b\n", "name: a\n")  # a duplicate node name
+            .replace("    function: firewall\n", "    function: firewall\n    ports: [zz]\n")
+            .replace("[gen, fw, [a, b]]", "[gen, fw, [a, nope]]")
+            + "  - name: main\n    nodes: [a, gen]\n")
+    lines = error_of(text).splitlines()
+    assert any("field `nodes[3].name`: node name 'a' is used twice (also nodes[2])" in x for x in lines)
+    assert any("field `nodes[1].ports[0]`: port 0 names node 'zz'" in x for x in lines)
+    assert any("field `chains[0].nodes[2][1]`: node 'nope' is not defined" in x for x in lines)
+    assert any("field `chains[1].name`: chain name 'main' is used twice" in x for x in lines)
+    assert len(lines) == 4, lines
+
+
+def test_field_cross_reference_and_function_errors_come_together(tmp_path):
+    from shmfabric.functions.registry import load
+
+    text = (BASE.replace("  name: t1\n", "  name: t1\n  ring_size: 1000\n")
+            .replace("    function: generator\n", "    function: generator\n    config: {rat: 5}\n")
+            .replace("    function: firewall\n", "    function: firewal\n    batch: 0\n")
+            .replace("[gen, fw, [a, b]]", "[gen, fw, [a, snk]]"))
+    with pytest.raises(ConfigError) as ei:
+        parse_topology(text, "t.yaml", resolve=load)
+    lines = str(ei.value).splitlines()
+    assert [x.split(": field ")[1].split("`")[1] for x in lines] == [
+        "fabric.ring_size", "nodes[1].batch",  # field errors
+        "chains[0].nodes[2][1]",  # cross references of the parts that passed
+        "nodes[0].config.rat", "nodes[1].function"]  # the functions and their configs
+    # load_topology takes the same resolver
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_topology(path, resolve=load)
+    assert len(str(ei.value).splitlines()) == 5
+
+
+def test_a_part_with_field_errors_is_left_out_of_the_cross_checks():
+    # fw's own field is wrong: its name still counts as defined (no false "not defined" for the chain)
+    msg = error_of(BASE.replace("    function: firewall\n", "    function: firewall\n    batch: 0\n"))
+    assert msg.count("\n") == 0 and "nodes[1].batch" in msg
+
+
+def _fenced_blocks(text: str, after: str) -> list[str]:
+    """The bodies of the fenced blocks that follow the first line containing `after`."""
+    out, body = [], None
+    for line in text[text.index(after):].splitlines():
+        if line.startswith("```"):
+            if body is None:
+                body = []
+            else:
+                out.append("\n".join(body) + "\n")
+                body = None
+        elif body is not None:
+            body.append(line)
+    return out
+
+
+def test_the_docs_config_error_example_is_what_up_prints(tmp_path):
+    """docs/manager.md's bad.yaml and its four errors, reported in one run, word for word."""
+    from pathlib import Path
+
+    from shmfabric.functions.registry import load
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "manager.md").read_text()
+    bad, output = _fenced_blocks(docs, "Every problem is reported")[:2]
+    shown = output.splitlines()
+    assert shown[:2] == ["$ shmfabric up bad.yaml", "shmfabric: error: invalid config:"]
+    with pytest.raises(ConfigError) as ei:
+        parse_topology(bad, "bad.yaml", resolve=load)
+    assert str(ei.value).splitlines() == shown[2:]
+    assert len(shown[2:]) == 4

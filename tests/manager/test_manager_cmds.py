@@ -203,3 +203,78 @@ def test_the_edge_example_runs_and_adds_up(env):
     assert st["pools"][0]["orphaned"] == 0
     # the summary comes after the drain: no node is reported as still running
     assert {i["state"] for i in inst.values()} <= {"drained", "stopped"}, {k: i["state"] for k, i in inst.items()}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line_error(p, *needles: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    for n in needles:
+        assert n in p.stderr, p.stderr
+
+
+def test_down_api_stops_only_the_manager_at_that_url(env, topo, tmp_path):
+    path, name = topo
+    cli(env, "up", path, "--detach")
+    state = json.loads((tmp_path / "state" / f"{name}.json").read_text())
+    try:
+        # nothing answers there: nothing is stopped, in particular not the manager of the state file
+        p = cli(env, "down", "--api", f"http://127.0.0.1:{_closed_port()}", "--timeout", "5", check=False)
+        _one_line_error(p, "cannot reach the management API", "nothing was stopped")
+        assert _alive(state["pid"])
+        assert json.loads(cli(env, "status", "--json").stdout)["pid"] == state["pid"]
+        # the right URL but another fabric named: refused
+        p = cli(env, "down", "--api", state["api"], "--fabric", "other", check=False)
+        _one_line_error(p, f"runs fabric {name!r}, not 'other'")
+        assert _alive(state["pid"])
+        # the URL it answers at (HOST:PORT works too): stopped, and waited for
+        p = cli(env, "down", "--api", state["api"].removeprefix("http://"), timeout=90)
+        assert f"fabric {name} down" in p.stdout
+        assert not _alive(state["pid"])
+    finally:
+        if _alive(state["pid"]):
+            cli(env, "down", timeout=90, check=False)
+    assert not region_path(name).exists()
+
+
+def test_bad_numbers_are_refused_in_one_line(env, topo):
+    path, _ = topo
+    _one_line_error(cli(env, "up", path, "--duration", "-1", check=False), "--duration -1", "above 0")
+    _one_line_error(cli(env, "up", path, "--duration", "0", check=False), "--duration 0", "above 0")
+    _one_line_error(cli(env, "down", "--timeout", "-1", check=False), "--timeout -1", "above 0")
+    _one_line_error(cli(env, "top", "--once", "--interval", "-1", check=False), "--interval -1", "above 0")
+    _one_line_error(cli(env, "top", "--once", "--interval", "0", check=False), "--interval 0", "above 0")
+
+
+def test_up_api_override_is_checked_and_blamed_on_api(env, topo):
+    path, _ = topo
+    p = cli(env, "up", path, "--fabric", unique_fabric(), "--api", "foo", "--duration", "1", check=False)
+    _one_line_error(p, "--api 'foo': 'foo' is not HOST:PORT")
+    assert "--fabric" not in p.stderr
+    p = cli(env, "up", path, "--api", "foo", "--duration", "1", check=False)
+    _one_line_error(p, "--api 'foo': 'foo' is not HOST:PORT")
+    p = cli(env, "up", path, "--fabric", "a/b", "--duration", "1", check=False)
+    _one_line_error(p, "--fabric 'a/b': fabric name 'a/b' may only hold")
+
+
+def test_up_reports_field_cross_reference_and_function_errors_together(env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TOPO.replace("FABRIC", "x").replace("ring_size: 256", "ring_size: 250")
+                   .replace("rate: 2000", "rat: 2000").replace("[gen, fw, sink]", "[gen, fw, fw]"))
+    p = cli(env, "up", bad, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"{bad}:1: field `fabric.ring_size`" in p.stderr
+    assert f"{bad}:8: field `chains[0].nodes[2]`: node 'fw' appears twice in chain 'main'" in p.stderr
+    assert f"{bad}:4: field `nodes[0].config.rat`" in p.stderr
+
+
+def test_reload_help_says_which_file_a_plain_reload_reads(env):
+    out = " ".join(cli(env, "reload", "--help").stdout.split())
+    assert "the file last loaded" in out and "the last one given to reload" in out

@@ -293,3 +293,18 @@ def test_port_targets_scaled_out_or_replaced_keep_getting_traffic(run_topology):
     assert new != "sink-b"
     wait_until(lambda: counters(sup, new).get("in_frames", 0) > 50, what=f"{new} to get sink-b's traffic", sup=sup)
     assert counters(sup, "lb").get("next_down", 0) == 0  # no frame was sent to a node that had gone
+
+
+def test_a_plain_reload_rereads_the_file_last_loaded(run_topology, tmp_path):
+    """After `reload b.yaml`, a plain `reload` reads b.yaml again (not the file the manager started with)."""
+    from pathlib import Path
+
+    sup = run_topology(chain())
+    a = Path(sup.source)
+    b = tmp_path / "b.yaml"
+    b.write_text(a.read_text().replace("conntrack off", "conntrack off\\nth dport 9 drop"))
+    assert sup.reload_file(str(b))["reconfigured"] == ["fw"]
+    assert sup.source == str(b)
+    b.write_text(a.read_text().replace("conntrack off", "conntrack off\\nth dport 7 drop"))
+    assert sup.reload_file()["reconfigured"] == ["fw"]  # b's new content, not a's
+    assert "th dport 7 drop" in sup.topo.node("fw").config["rules"]

@@ -15,6 +15,10 @@ import time
 from shmfabric.cli.main import CliError, add_json_flag
 
 
+# the bounds of the monitor function's `snaplen` (the same pcap writer)
+SNAPLEN_MIN, SNAPLEN_MAX = 64, 262144
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     import json
 
@@ -24,6 +28,13 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     if args.count is None and args.seconds is None:
         raise CliError("give --count N and/or --seconds S (how long to capture)")
+    if args.count is not None and args.count < 1:
+        raise CliError(f"--count {args.count}: give the number of frames to capture, 1 or more")
+    if args.seconds is not None and not args.seconds > 0:
+        raise CliError(f"--seconds {args.seconds:g}: give how long to capture, a number of seconds above 0")
+    if not SNAPLEN_MIN <= args.snaplen <= SNAPLEN_MAX:
+        raise CliError(f"--snaplen {args.snaplen}: give the bytes kept of each frame, "
+                       f"{SNAPLEN_MIN} to {SNAPLEN_MAX}")
     try:
         fab = Fabric.open(args.fabric)
     except FabricError as e:
@@ -87,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, help="stop after this many seconds")
     p.add_argument("--linktype", choices=["ethernet", "raw"], default="ethernet",
                    help="ethernet (a header with the fabric MACs) or raw IP (LINKTYPE_RAW)")
-    p.add_argument("--snaplen", type=int, default=65535)
+    p.add_argument("--snaplen", type=int, default=65535,
+                   help=f"bytes kept of each frame, {SNAPLEN_MIN}..{SNAPLEN_MAX} (default 65535)")
     add_json_flag(p)
     p.set_defaults(func=cmd_capture)

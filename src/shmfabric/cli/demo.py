@@ -125,6 +125,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from shmfabric.fabric import Fabric, FabricError
 
     name = f"demo-{os.getpid()}"
+    if not 0 < args.seconds <= 3600:
+        raise CliError(f"--seconds {args.seconds:g}: give how long to send, above 0 and at most 3600 seconds")
     if args.size < HDR.size + 1 or args.size > 1500:
         raise CliError(f"--size {args.size} must be between {HDR.size + 1} and 1500")
     try:
@@ -183,7 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "pool": {"total": audit["total"], "free": audit["free"]},
     }
     total_sent = sum(summary["sent"].values())
-    ok = (len(outs) == len(roles) and summary["sink_received"] == total_sent and not summary["corrupt"]
+    # nothing sent proves nothing: a run that moved no frame is a failure, not "every frame arrived"
+    ok = (len(outs) == len(roles) and total_sent > 0 and summary["sink_received"] == total_sent and not summary["corrupt"]
           and not summary["duplicates"] and audit["free"] == audit["total"])
     summary["ok"] = ok
     if quiet:
@@ -197,13 +200,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"{summary['corrupt']} corrupt, {summary['duplicates']} duplicated, {summary['gaps']} gaps")
         console.print(f"[bold]heartbeats[/] seen on the broadcast ring: {summary['heartbeats_seen']}")
         console.print(f"[bold]pool[/] after detach: {audit['free']}/{audit['total']} slots free")
-        console.print("[green]OK[/]: every frame arrived once, intact" if ok else "[red]FAILED[/]: see counts above")
+        if ok:
+            console.print("[green]OK[/]: every frame arrived once, intact")
+        elif not total_sent:
+            console.print("[red]FAILED[/]: no frame was sent (see the node errors above)")
+        else:
+            console.print("[red]FAILED[/]: see counts above")
     return 0 if ok else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run several nodes exchanging traffic, with live counters")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=5.0, help="how long the generators send (default 5)")
     p.add_argument("--size", type=int, default=256, help="frame payload size in bytes (13..1500)")
     add_json_flag(p)
     p.set_defaults(func=cmd_demo)

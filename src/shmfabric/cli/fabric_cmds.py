@@ -20,14 +20,26 @@ def _parse_networks(text: str) -> list[dict]:
     return out
 
 
+def _parse_mode(text: str) -> int:
+    """'600' or '0o640' -> the permission bits; CliError for anything that is not octal 0..777."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise CliError(f"--mode {text!r} is not an octal file mode (e.g. 600 or 660)") from None
+    if not 0 <= mode <= 0o777:
+        raise CliError(f"--mode {text!r} is out of range: give permission bits in octal, 000 to 777 (e.g. 600)")
+    return mode
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     from shmfabric.fabric import Fabric, FabricError
 
+    mode = _parse_mode(args.mode)
     try:
         fab = Fabric.create(args.name, max_nodes=args.max_nodes, ring_size=args.ring_size,
                             networks=_parse_networks(args.networks), n_mcast=args.mcast,
                             tape_entries=args.tape_entries, tape_entry_size=args.tape_entry_size,
-                            mode=int(args.mode, 8), group=args.group)
+                            mode=mode, group=args.group)
     except FabricError as e:
         raise CliError(str(e)) from None
     info = {"name": fab.name, "path": str(fab.path), "size": fab.region.layout.total_size}

@@ -95,7 +95,12 @@ def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            raw = resp.read()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CliError(f"{url} answered {path} with something other than JSON; "
+                           "is it a shmfabric manager's API?") from None
     except urllib.error.HTTPError as exc:
         try:
             msg = json.loads(exc.read()).get("error", exc.reason)
@@ -108,38 +113,58 @@ def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.
 
 # -- up ----------------------------------------------------------------------------------------------
 def _load(path: str):
-    """Schema first, then each node's function and its config, all before any process starts."""
+    """The schema, the cross references and each node's function and its config, all checked before any
+    process starts; every problem found is reported together."""
     from shmfabric.functions.registry import load as load_function
-    from shmfabric.manager.config import ConfigError, check_functions, load_topology
+    from shmfabric.manager.config import ConfigError, load_topology
 
     try:
-        topo = load_topology(path)
-        check_functions(topo, path, load_function, Path(path).read_text(encoding="utf-8"))
-        return topo
+        return load_topology(path, resolve=load_function)
     except ConfigError as exc:
         raise CliError(f"invalid config:\n{exc}") from None
+
+
+def _override(topo, api: str | None, fabric: str | None):
+    """The topology with --api / --fabric applied, each validated like the file's own value; an error
+    names the option it is about."""
+    if api is None and fabric is None:
+        return topo
+    from pydantic import ValidationError
+
+    from shmfabric.manager.config import Topology
+
+    data = topo.model_dump()
+    if api is not None:
+        data["api"] = api
+    if fabric is not None:
+        data["fabric"] = {**data["fabric"], "name": fabric}
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            loc = tuple(err.get("loc", ()))
+            if loc[:1] == ("api",):
+                problems.append(f"--api {api!r}: {msg}")
+            elif loc[:2] == ("fabric", "name"):
+                problems.append(f"--fabric {fabric!r}: {msg}")
+            else:
+                problems.append(msg)
+        raise CliError("; ".join(problems)) from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from shmfabric.manager.config import DEFAULT_CONFIG
 
+    if args.duration is not None and not args.duration > 0:
+        raise CliError(f"--duration {args.duration:g}: give the seconds to run, a number above 0 "
+                       "(or leave it out to run until Ctrl-C)")
     path = args.config or str(DEFAULT_CONFIG)
     if not args.config and not DEFAULT_CONFIG.exists():
         raise CliError("no CONFIG given and the built-in examples/edge.yaml is not installed; give a file")
     topo = _load(path)
-    if args.api:
-        topo = topo.model_copy(update={"api": args.api})
-    if args.fabric:
-        from pydantic import ValidationError
-
-        from shmfabric.manager.config import Topology
-
-        try:  # validated like the file's own name
-            topo = Topology.model_validate({**topo.model_dump(), "fabric": {**topo.fabric.model_dump(),
-                                                                              "name": args.fabric}})
-        except ValidationError as exc:
-            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
-            raise CliError(f"--fabric {args.fabric!r}: {msg}") from None
+    topo = _override(topo, args.api, args.fabric)
     state_file = state_dir() / f"{topo.fabric.name}.json"
     if state_file.exists():
         try:
@@ -321,7 +346,66 @@ def _print_summary(st: dict, as_json: bool) -> None:
 
 
 # -- down / status / reload --------------------------------------------------------------------------
+def _is_loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _down_by_api(args: argparse.Namespace) -> dict:
+    """`down --api URL`: stop the manager answering at URL, and only that one (no state file, no signal)."""
+    url = _api_url(args)
+    try:
+        st = api_call(url, "/status", timeout=10)
+    except CliError as exc:
+        if str(exc).startswith("cannot reach"):
+            raise CliError(f"{exc}; nothing was stopped") from None
+        raise CliError(f"{url} does not answer like a shmfabric manager ({exc}); nothing was stopped") from None
+    if not isinstance(st, dict) or "fabric" not in st or "pid" not in st:
+        raise CliError(f"{url} does not answer like a shmfabric manager; nothing was stopped")
+    if getattr(args, "fabric", None) and st["fabric"] != args.fabric:
+        raise CliError(f"the manager at {url} runs fabric {st['fabric']!r}, not {args.fabric!r}; nothing was stopped")
+    api_call(url, "/shutdown", {}, timeout=5)
+    pid = int(st["pid"])
+    deadline = time.monotonic() + args.timeout
+    # a manager on this host is waited for until its process is gone (its nodes stopped, its fabric
+    # removed); one elsewhere until its API stops answering
+    local = _is_loopback(url) and _pid_alive(pid)
+    while True:
+        if local:
+            if not _pid_alive(pid):
+                break
+        else:
+            try:
+                api_call(url, "/status", timeout=2)
+            except CliError:
+                break
+        if time.monotonic() > deadline:
+            raise CliError(f"the manager at {url} (pid {pid}) still runs after {args.timeout:g}s; look at its log")
+        time.sleep(0.05)
+    return st
+
+
 def cmd_down(args: argparse.Namespace) -> int:
+    if not args.timeout > 0:
+        raise CliError(f"--timeout {args.timeout:g}: give the seconds to wait for a clean stop, a number above 0")
+    if getattr(args, "api", None):
+        st = _down_by_api(args)
+    else:
+        st = _down_by_state(args)
+    if not getattr(args, "json", False):
+        print(f"fabric {st['fabric']} down")
+    return 0
+
+
+def _down_by_state(args: argparse.Namespace) -> dict:
     st = _find_state(args)
     pid = int(st["pid"])
     try:
@@ -337,9 +421,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             raise CliError(f"manager pid {pid} still runs after {args.timeout:g}s; look at its log, "
                            f"or kill it (its nodes are reclaimed by the fabric)")
         time.sleep(0.05)
-    if not getattr(args, "json", False):
-        print(f"fabric {st['fabric']} down")
-    return 0
+    return st
 
 
 def _dropped(inst: dict) -> int:
@@ -473,6 +555,8 @@ def _top_table(st: dict, view: dict):
 def cmd_top(args: argparse.Namespace) -> int:
     from rich.live import Live
 
+    if not 0 < args.interval <= 3600:
+        raise CliError(f"--interval {args.interval:g}: give the seconds between samples, above 0 and at most 3600")
     url = _api_url(args)
     rates = Rates()
     st = api_call(url, "/status", timeout=10)
@@ -543,7 +627,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("reload", help="apply the (edited) config file to a running manager")
-    p.add_argument("config", nargs="?", help="the new file (default: the one the manager was started with)")
+    p.add_argument("config", nargs="?", help="the new file (default: the file last loaded: the one the manager "
+                   "started with, or the last one given to reload)")
     _target(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_reload)

@@ -208,58 +208,10 @@ class Topology(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> "Topology":
-        seen: dict[str, int] = {}
-        for i, n in enumerate(self.nodes):
-            if n.name in seen:
-                raise _LocError(("nodes", i, "name"), f"node name {n.name!r} is used twice "
-                                f"(also nodes[{seen[n.name]}]); node names must be unique")
-            seen[n.name] = i
-        for i, n in enumerate(self.nodes):
-            if isinstance(n.network, str):
-                names = [net.name for net in self.fabric.networks]
-                if n.network not in names:
-                    raise _LocError(("nodes", i, "network"), f"no network named {n.network!r}; "
-                                    f"the fabric's networks are {[x for x in names if x] or 'unnamed'}")
-            elif not 0 <= n.network < len(self.fabric.networks):
-                raise _LocError(("nodes", i, "network"), f"network {n.network} does not exist; use 0.."
-                                f"{len(self.fabric.networks) - 1}")
-            for k, target in enumerate(n.ports):
-                if target not in seen:
-                    raise _LocError(("nodes", i, "ports", k), f"port {k} names node {target!r}, "
-                                    "which is not defined under `nodes:`; add it or fix the name")
-            pol = self.scale_of(n.name)
-            if n.instances is not None and not pol.min_instances <= n.instances <= pol.max_instances:
-                raise _LocError(("nodes", i, "instances"), f"instances {n.instances} is outside the scale policy's "
-                                f"{pol.min_instances}..{pol.max_instances}; change one of them")
-        total = sum(self.scale_of(n.name).max_instances for n in self.nodes) + 1
-        if total > self.fabric.max_nodes:
-            raise _LocError(("fabric", "max_nodes"), f"max_nodes {self.fabric.max_nodes} is too small: the nodes "
-                            f"may scale to {total - 1} instances plus the manager's node; set max_nodes >= {total}")
-        nexts: dict[str, tuple[tuple[str, ...], int]] = {}
-        names = set()
-        for ci, chain in enumerate(self.chains):
-            if chain.name in names:
-                raise _LocError(("chains", ci, "name"), f"chain name {chain.name!r} is used twice")
-            names.add(chain.name)
-            for si, step in enumerate(chain.nodes):
-                group = [step] if isinstance(step, str) else step
-                if not group:
-                    raise _LocError(("chains", ci, "nodes", si), "an empty group; list at least one node")
-                for gi, member in enumerate(group):
-                    if member not in seen:
-                        loc = ("chains", ci, "nodes", si) + (() if isinstance(step, str) else (gi,))
-                        raise _LocError(loc, f"node {member!r} is not defined under `nodes:`; add it or fix the name")
-                if si + 1 < len(chain.nodes):
-                    if not isinstance(step, str):
-                        raise _LocError(("chains", ci, "nodes", si), "a group of nodes may only be the last step "
-                                        "of a chain; start a second chain from each member instead")
-                    nxt = chain.nodes[si + 1]
-                    target = (nxt,) if isinstance(nxt, str) else tuple(nxt)
-                    if step in nexts and nexts[step][0] != target:
-                        raise _LocError(("chains", ci, "nodes", si), f"node {step!r} already leads to "
-                                        f"{list(nexts[step][0])} in chains[{nexts[step][1]}]; a node has one next "
-                                        "step (use a group [a, b] to fan out)")
-                    nexts[step] = (target, ci)
+        problems = _cross_references(self.fabric, [(i, n.name, n) for i, n in enumerate(self.nodes)],
+                                     list(enumerate(self.chains)), self.policies)
+        if problems:
+            raise _LocErrors(problems)  # every one of them, not just the first
         return self
 
     # -- derived views ---------------------------------------------------------------------------
@@ -327,6 +279,135 @@ class _LocError(ValueError):
         super().__init__(msg)
         self.loc = loc
         self.msg = msg
+
+
+class _LocErrors(ValueError):
+    """Every cross-reference problem of a topology, raised at once from its model validator."""
+
+    def __init__(self, errors: list[_LocError]):
+        super().__init__("; ".join(e.msg for e in errors))
+        self.errors = errors
+
+
+def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str | None, NodeConfig | None]],
+                      chains: list[tuple[int, ChainConfig | None]], policies: Policies | None) -> list[_LocError]:
+    """Every problem between fields: names, references to nodes and networks, chains, node budget.
+
+    Works on a partly valid file too: a part that failed its own validation is passed as None (a node
+    as its raw name, if that is a string) and the checks that need it are skipped, so the problems
+    found here can be reported together with the field errors.
+    """
+    errs: list[_LocError] = []
+    seen: dict[str, int] = {}
+    for i, name, _ in nodes:
+        if name is None:
+            continue
+        if name in seen:
+            errs.append(_LocError(("nodes", i, "name"), f"node name {name!r} is used twice "
+                                  f"(also nodes[{seen[name]}]); node names must be unique"))
+        else:
+            seen[name] = i
+
+    def scale_of(n: NodeConfig) -> ScalePolicy | None:
+        return n.scale or (policies.scale if policies is not None else None)
+
+    for i, _, n in nodes:
+        if n is None:
+            continue
+        if fabric is not None:
+            if isinstance(n.network, str):
+                names = [net.name for net in fabric.networks]
+                if n.network not in names:
+                    errs.append(_LocError(("nodes", i, "network"), f"no network named {n.network!r}; "
+                                          f"the fabric's networks are {[x for x in names if x] or 'unnamed'}"))
+            elif not 0 <= n.network < len(fabric.networks):
+                errs.append(_LocError(("nodes", i, "network"), f"network {n.network} does not exist; use 0.."
+                                      f"{len(fabric.networks) - 1}"))
+        for k, target in enumerate(n.ports):
+            if target not in seen:
+                errs.append(_LocError(("nodes", i, "ports", k), f"port {k} names node {target!r}, "
+                                      "which is not defined under `nodes:`; add it or fix the name"))
+        pol = scale_of(n)
+        if pol is not None and n.instances is not None and not pol.min_instances <= n.instances <= pol.max_instances:
+            errs.append(_LocError(("nodes", i, "instances"), f"instances {n.instances} is outside the scale "
+                                  f"policy's {pol.min_instances}..{pol.max_instances}; change one of them"))
+    pols = [scale_of(n) if n is not None else None for _, _, n in nodes]
+    if fabric is not None and pols and all(p is not None for p in pols):
+        total = sum(p.max_instances for p in pols) + 1
+        if total > fabric.max_nodes:
+            errs.append(_LocError(("fabric", "max_nodes"), f"max_nodes {fabric.max_nodes} is too small: the nodes "
+                                  f"may scale to {total - 1} instances plus the manager's node; "
+                                  f"set max_nodes >= {total}"))
+    nexts: dict[str, tuple[tuple[str, ...], int]] = {}
+    chain_names: dict[str, int] = {}
+    for ci, chain in chains:
+        if chain is None:
+            continue
+        if chain.name in chain_names:
+            errs.append(_LocError(("chains", ci, "name"), f"chain name {chain.name!r} is used twice "
+                                  f"(also chains[{chain_names[chain.name]}])"))
+        else:
+            chain_names[chain.name] = ci
+        where: dict[str, str] = {}  # node -> the step it first appears at
+        looped = False
+        for si, step in enumerate(chain.nodes):
+            group = [step] if isinstance(step, str) else step
+            if not group:
+                errs.append(_LocError(("chains", ci, "nodes", si), "an empty group; list at least one node"))
+            for gi, member in enumerate(group):
+                loc = ("chains", ci, "nodes", si) + (() if isinstance(step, str) else (gi,))
+                here = _fmt_loc(loc[2:])
+                if member not in seen:
+                    errs.append(_LocError(loc, f"node {member!r} is not defined under `nodes:`; add it or fix the name"))
+                if member in where:
+                    looped = True
+                    errs.append(_LocError(loc, f"node {member!r} appears twice in chain {chain.name!r} "
+                                          f"({where[member]} and {here}); a chain cannot loop back on itself"))
+                else:
+                    where[member] = here
+            if si + 1 < len(chain.nodes) and not isinstance(step, str):
+                errs.append(_LocError(("chains", ci, "nodes", si), "a group of nodes may only be the last step "
+                                      "of a chain; start a second chain from each member instead"))
+        if looped:
+            continue  # its next steps mean nothing; the loop is the problem reported
+        for si, step in enumerate(chain.nodes[:-1]):
+            if not isinstance(step, str):
+                continue
+            nxt = chain.nodes[si + 1]
+            target = (nxt,) if isinstance(nxt, str) else tuple(nxt)
+            if step in nexts and nexts[step][0] != target:
+                errs.append(_LocError(("chains", ci, "nodes", si), f"node {step!r} already leads to "
+                                      f"{list(nexts[step][0])} in chains[{nexts[step][1]}]; a node has one next "
+                                      "step (use a group [a, b] to fan out)"))
+            elif step not in nexts:
+                nexts[step] = (target, ci)
+    return errs
+
+
+def _partial_references(data: dict) -> list[_LocError]:
+    """The cross-reference checks on a file that failed field validation: each section is validated
+    on its own and what passes is checked (see `_cross_references`)."""
+
+    def valid(model: type[BaseModel], raw: Any) -> Any:
+        try:
+            return model.model_validate(raw)
+        except (ValidationError, TypeError, ValueError):
+            return None
+
+    fabric = valid(FabricSection, data["fabric"]) if "fabric" in data else None
+    policies = valid(Policies, data["policies"]) if "policies" in data else Policies()
+    raw_nodes = data.get("nodes")
+    nodes = []
+    if isinstance(raw_nodes, list):
+        for i, raw in enumerate(raw_nodes):
+            name = raw.get("name") if isinstance(raw, dict) else None
+            nodes.append((i, name if isinstance(name, str) else None, valid(NodeConfig, raw)))
+    raw_chains = data.get("chains", [])
+    chains = [(ci, valid(ChainConfig, raw)) for ci, raw in enumerate(raw_chains)] if isinstance(raw_chains, list) else []
+    if not isinstance(raw_nodes, list):
+        # with no readable `nodes:` every chain member would read as undefined: say nothing about chains
+        chains = []
+    return _cross_references(fabric, nodes, chains, policies)
 
 
 # -- YAML with line numbers ----------------------------------------------------------------------
@@ -427,10 +508,22 @@ def _fix_for(kind: str) -> str:
     return ""
 
 
+def _format_loc_errors(errs: list[_LocError], source: str, marks: dict[tuple[Any, ...], Mark]) -> list[str]:
+    lines = []
+    for e in errs:
+        line = _line_of(marks, e.loc)
+        where = f"{source}:{line}" if line else source
+        lines.append(f"{where}: field `{_fmt_loc(e.loc)}`: {e.msg}")
+    return lines
+
+
 def _format_errors(exc: ValidationError, source: str, marks: dict[tuple[Any, ...], Mark],
                    prefix: tuple[Any, ...] = ()) -> str:
     lines = []
     for err in exc.errors():
+        if isinstance((err.get("ctx") or {}).get("error"), _LocErrors):
+            lines += _format_loc_errors(err["ctx"]["error"].errors, source, marks)
+            continue
         kind = err.get("type", "")
         if prefix and kind == "extra_forbidden":  # a function's own config: its docs list the fields
             fix = "remove it or fix its spelling (see the function's section in docs/functions.md)"
@@ -449,41 +542,64 @@ def _format_errors(exc: ValidationError, source: str, marks: dict[tuple[Any, ...
     return "\n".join(lines)
 
 
-def parse_topology(text: str, source: str = "<config>") -> Topology:
-    """Validate YAML text as a Topology; raise ConfigError naming source, line, field and fix."""
+def _ran_cross_references(exc: ValidationError) -> bool:
+    return any(isinstance((e.get("ctx") or {}).get("error"), (_LocError, _LocErrors)) for e in exc.errors())
+
+
+def parse_topology(text: str, source: str = "<config>",
+                   resolve: Callable[[str], Any] | None = None) -> Topology:
+    """Validate YAML text as a Topology; raise ConfigError naming source, line, field and fix.
+
+    Every problem is reported in one ConfigError: the field errors (types, ranges, unknown keys), the
+    cross-reference errors (chains, ports, names, networks, node budget) of every part that passed its
+    own field checks, and, with `resolve` (see `check_functions`), each node's function and `config:`.
+    Only a file that is not YAML, is empty, or is not a mapping stops at that.
+    """
     located = _compose(text, source)
     data = located.data
     if data is None:
         raise ConfigError(f"{source}: the file is empty; fix: add `fabric:` and `nodes:` (see examples/edge.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: the top level must be a mapping with `fabric:`, `nodes:` and `chains:`")
+    lines: list[str] = []
+    topo: Topology | None = None
     try:
-        return Topology.model_validate(data)
+        topo = Topology.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, located.marks)) from None
+        lines.append(_format_errors(exc, source, located.marks))
+        if not _ran_cross_references(exc):  # pydantic skips the model's checks after a field error
+            lines += _format_loc_errors(_partial_references(data), source, located.marks)
+    if resolve is not None:
+        if topo is not None:
+            nodes = [(i, n.function, n.config) for i, n in enumerate(topo.nodes)]
+        else:
+            raw = data.get("nodes")
+            nodes = [(i, n.get("function"), n.get("config", {})) for i, n in enumerate(raw)
+                     if isinstance(n, dict)] if isinstance(raw, list) else []
+            nodes = [(i, f, c) for i, f, c in nodes if isinstance(f, str) and f and isinstance(c, dict)]
+        lines += _function_errors(nodes, source, resolve, located.marks)
+    if lines:
+        raise ConfigError("\n".join(lines))
+    assert topo is not None
+    return topo
 
 
-def load_topology(path: str | Path) -> Topology:
-    """Read and validate a topology file (see the module docstring)."""
+def load_topology(path: str | Path, resolve: Callable[[str], Any] | None = None) -> Topology:
+    """Read and validate a topology file (see the module docstring and `parse_topology`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
-    return parse_topology(text, str(path))
+    return parse_topology(text, str(path), resolve)
 
 
-def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], text: str | None = None) -> None:
-    """Check every node's function exists and its `config:` passes the function's own Config.
-
-    `resolve(name)` returns the plugin class (with a pydantic `Config`) or raises LookupError/ValueError
-    with a message listing what exists. Errors point at the node's line in `text` when given.
-    """
-    marks = _compose(text, source).marks if text else {}
+def _function_errors(nodes: list[tuple[int, str, dict]], source: str, resolve: Callable[[str], Any],
+                     marks: dict[tuple[Any, ...], Mark]) -> list[str]:
     lines = []
-    for i, node in enumerate(topo.nodes):
+    for i, function, config in nodes:
         try:
-            cls = resolve(node.function)
+            cls = resolve(function)
         except (LookupError, ValueError) as exc:
             line = _line_of(marks, ("nodes", i, "function"))
             lines.append(f"{source}:{line or '?'}: field `nodes[{i}].function`: {exc}; fix: install the plugin "
@@ -493,8 +609,19 @@ def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], 
         if model is None or not hasattr(model, "model_validate"):
             continue
         try:
-            model.model_validate(node.config)
+            model.model_validate(config)
         except ValidationError as exc:
             lines.append(_format_errors(exc, source, marks, prefix=("nodes", i, "config")))
+    return lines
+
+
+def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], text: str | None = None) -> None:
+    """Check every node's function exists and its `config:` passes the function's own Config.
+
+    `resolve(name)` returns the plugin class (with a pydantic `Config`) or raises LookupError/ValueError
+    with a message listing what exists. Errors point at the node's line in `text` when given.
+    """
+    marks = _compose(text, source).marks if text else {}
+    lines = _function_errors([(i, n.function, n.config) for i, n in enumerate(topo.nodes)], source, resolve, marks)
     if lines:
         raise ConfigError("\n".join(lines))

@@ -812,7 +812,8 @@ class Supervisor:
             return changes
 
     def reload_file(self, path: str | None = None) -> dict:
-        """Read the config file again (or `path`) and apply it with `reload`."""
+        """Read `path`, or with none the file last loaded (the one started with, or the last `path` given
+        here), and apply it with `reload`; a `path` applied becomes the file a later plain reload reads."""
         from shmfabric.manager.config import load_topology
 
         source = path or self.source

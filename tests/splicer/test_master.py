@@ -286,6 +286,8 @@ mode = sys.argv[1]
 
 def good(slot, ready):
     signal.signal(FORWARD_SIGNAL, lambda *a: os._exit(0))
+    if mode == "slow":
+        time.sleep(1.5)
     ready()
     while True:
         time.sleep(1)
@@ -370,6 +372,20 @@ def test_a_stopping_splicer_refuses_new_connections_while_it_answers_the_old_one
             buf += data
         assert buf.startswith(b"HTTP/1.1 200") and b"connection: close" in buf.lower(), buf[:200]
         slow.close()
+    finally:
+        code = _finish(proc)
+    assert code == 0, err.text()
+
+
+def test_a_sighup_while_the_workers_start_is_ignored_and_said(tmp_path: Path) -> None:
+    proc = _master(tmp_path, "slow", "good")
+    err = _Stderr(proc)
+    try:
+        _wait("the workers", lambda: len(_children(proc.pid)) == 2)
+        proc.send_signal(signal.SIGHUP)
+        err.wait_for("SIGHUP ignored: the workers are still starting")
+        assert proc.stdout.readline() == "ready\n"  # started all the same
+        assert len(_children(proc.pid)) == 2
     finally:
         code = _finish(proc)
     assert code == 0, err.text()

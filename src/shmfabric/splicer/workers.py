@@ -326,6 +326,9 @@ class Master:
         if self.pending is not None:
             self._say("SIGHUP ignored: a reload is under way")
             return
+        if not self.started:
+            self._say("SIGHUP ignored: the workers are still starting")
+            return
         try:
             child = self.reload()
         except ReloadRefused as exc:
@@ -406,7 +409,8 @@ class Master:
             w = self.workers.get(pid)
             if w is not None:
                 w.ready = True
-        if not self.started and len(self.workers) == self.n and all(w.ready for w in self.workers.values()):
+        first = [w for w in self.workers.values() if w.gen == 1]
+        if not self.started and len(first) == self.n and all(w.ready for w in first):
             self.started = True
             if self.announce is not None:
                 self.announce()

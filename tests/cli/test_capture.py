@@ -90,6 +90,9 @@ def test_capture_raw_linktype_of_a_source(chain, tmp_path):
 def test_capture_errors_are_one_line(chain, tmp_path):
     r = sf("capture", "nosuch", "-w", str(tmp_path / "x.pcap"), "--fabric", chain.name, "--count", "1")
     assert r.returncode == 2 and "no node named 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+    # the nodes that are attached, to choose from (not the capture's own node)
+    assert f"attached to fabric {chain.name!r}; attached: gen, sink" in r.stderr, r.stderr
+    assert "capture-" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = sf("capture", "sink", "-w", str(tmp_path / "x.pcap"), "--fabric", chain.name)
     assert r.returncode == 2 and "--count" in r.stderr
     r = sf("capture", "sink", "-w", str(tmp_path / "x.pcap"), "--fabric", "no-such-fabric", "--count", "1")
@@ -108,3 +111,28 @@ def test_capture_refuses_counts_and_times_that_are_not_positive(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and all(n in r.stderr for n in needles), r.stderr
     assert not out.exists()
+
+
+def test_capture_with_no_fabric_named_says_the_default_and_how_to_name_one(tmp_path, monkeypatch, capsys):
+    from shmfabric.cli import capture
+    from shmfabric.cli.main import main
+
+    missing = f"cap-{uuid.uuid4().hex[:8]}"  # stands in for the default, so an `edge` running here cannot interfere
+    monkeypatch.setattr(capture, "DEFAULT_FABRIC", missing)
+    assert main(["capture", "fw", "-w", str(tmp_path / "x.pcap"), "-c", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"no fabric {missing!r} (the default); give --fabric NAME, or start one: shmfabric up / " \
+           f"shmfabric create {missing}" in err, err
+    assert not (tmp_path / "x.pcap").exists()
+
+
+def test_capture_of_a_fabric_with_no_node_says_none_is_attached(tmp_path):
+    name = f"cap-{uuid.uuid4().hex[:8]}"
+    Fabric.create(name).close()
+    try:
+        r = sf("capture", "fw", "-w", str(tmp_path / "x.pcap"), "--fabric", name, "-c", "1")
+    finally:
+        Fabric.destroy(name)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"no node named 'fw' is attached to fabric {name!r}, and no other node is" in r.stderr, r.stderr
+    assert "shmfabric up" in r.stderr

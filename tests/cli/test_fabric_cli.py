@@ -118,3 +118,33 @@ def test_demo_is_not_ok_when_no_frame_was_sent(monkeypatch, capsys):
     assert main(["demo", "--seconds", "0.5", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["sent"] == {"gen-a": 0, "gen-b": 0}
+
+
+def test_demo_summary_starts_on_its_own_line():
+    # not a terminal: rich ends the live view's last line (the pool caption) without a newline
+    r = sf("demo", "--seconds", "1", timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("sent ") for ln in lines), r.stdout
+    assert not any("(MTU 1500)" in ln and "sent " in ln for ln in lines), r.stdout
+
+
+def test_create_refuses_a_name_with_a_slash_saying_the_rule():
+    for bad in ("a/b", ".hidden", "has space"):
+        _one_line_error(sf("create", bad), f"fabric name {bad!r} is not valid",
+                        "letters, digits, '_', '.', '-'", "no '/'")
+    _one_line_error(sf("create", "x" * 40), "longer than 31 bytes")
+
+
+def test_every_create_inspect_and_demo_flag_has_help():
+    import argparse
+
+    from shmfabric.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for verb in ("create", "inspect", "demo", "capture"):
+        for action in sub.choices[verb]._actions:
+            if action.option_strings or action.dest != "help":
+                assert action.help, f"{verb} {action.option_strings or action.dest} has no help text"
+    out = " ".join(sf("create", "--help").stdout.split())
+    assert "--tape-entry-size TAPE_ENTRY_SIZE bytes of one tape entry" in out, out

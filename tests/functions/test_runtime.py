@@ -198,6 +198,8 @@ def test_scaled_out_port_spreads_flows_and_set_next_repoints_it(fab, procs):
     (["--function", "nope"], "no network function named 'nope'"),
     (["--function", "firewall", "--config", '{"rules": "ip sadr 1.2.3.4 accept"}'], "did you mean 'saddr'"),
     (["--function", "sink", "--config", "[1]"], "--config is not a JSON object"),
+    (["--function", "sink", "--config", "@/nonexistent/x.json"],
+     "--config @/nonexistent/x.json: cannot read /nonexistent/x.json: No such file or directory"),
     (["--function", "generator", "--config", '{"pcap": "/nonexistent/x.pcap"}'], "cannot start with this configuration"),
 ])
 def test_run_errors_are_one_clear_line(fab, args, message):
@@ -205,6 +207,32 @@ def test_run_errors_are_one_clear_line(fab, args, message):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_file_that_is_not_an_object_is_named(fab, tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text("[1]")
+    r = subprocess.run([sys.executable, "-m", "shmfabric.functions.run", "--fabric", fab.name, "--node", "x",
+                        "--function", "sink", "--config", f"@{f}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--config @{f}: {f} is not a JSON object" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args,missing", [
+    (["--function", "firewall", "--config", '{"rules": "policy accept"}', "--next", "ids"], "'ids'"),
+    (["--function", "l4lb", "--config", '{"backends": [{"node": "sink1"}, {"node": "sink2"}]}',
+      "--port", "sink1", "--port", "sink2"], "'sink1', 'sink2'"),
+])
+def test_waiting_for_missing_next_hops_ends_with_the_duration(fab, args, missing):
+    # the docs' examples run alone: the next hops never attach. The wait (30 s otherwise) ends with
+    # --duration; the subprocess bound is below 30 s, so the old wait fails here.
+    r = subprocess.run([sys.executable, "-m", "shmfabric.functions.run", "--fabric", fab.name, "--node", "x",
+                        *args, "--duration", "1"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"next hop node(s) {missing} not attached to fabric {fab.name!r} within the run's --duration, 1 s" \
+        in r.stderr, r.stderr
+    assert "start them first" in r.stderr
+    assert fab.node_id("x") is None  # detached again
 
 
 def test_run_against_a_missing_fabric_says_so():

@@ -169,6 +169,68 @@ def test_rates_from_two_snapshots():
     assert v["chains"][0]["fps"] == 2000
 
 
+def _sampled_snap(frames: int, counters_at: float, sampled_at: float, clock: float, cpu: float) -> dict:
+    """A status as the manager answers it: counters as of its last poll, with the poll's times."""
+    inst = {"name": "gen", "function": "generator", "state": "running", "pid": 7, "rx_frames": 0, "rx_bytes": 0,
+            "tx_frames": frames, "tx_bytes": frames * 256, "queue_depth": 0, "cpu_seconds": cpu, "restarts": 0,
+            "dropped": 0, "counters": {"in_frames": frames, "out_frames": frames}, "counters_at": counters_at}
+    return {"nodes": [{"name": "gen", "instances": [inst]}], "chains": [{"name": "c", "delivered_frames": frames}],
+            "sampled_at": sampled_at, "clock": clock, "poll_interval": 0.5}
+
+
+def test_rates_divide_by_the_managers_sample_times_not_the_callers_clock():
+    # a 20,000 frames/s source polled every 0.5 s; `top` reads status 1.0 s apart by its own clock,
+    # but the samples it gets are 1.5 s apart (then 0.5 s): the rate is still 20,000/s
+    r = Rates()
+    r.update(_sampled_snap(10_000, counters_at=100.52, sampled_at=100.50, clock=100.9, cpu=1.0), 10.0)
+    v = r.update(_sampled_snap(40_000, counters_at=102.02, sampled_at=102.00, clock=101.9, cpu=1.2), 11.0)
+    row = v["rows"][0]
+    assert row["fps"] == pytest.approx(20_000) and row["out_fps"] == pytest.approx(20_000)
+    assert row["bps"] == pytest.approx(20_000 * 256)
+    assert v["chains"][0]["fps"] == pytest.approx(20_000)
+    assert row["cpu"] == pytest.approx(20.0)  # CPU time is read when status is built: its clock
+    v = r.update(_sampled_snap(50_000, counters_at=102.52, sampled_at=102.50, clock=102.9, cpu=1.4), 12.0)
+    assert v["rows"][0]["fps"] == pytest.approx(20_000) and v["chains"][0]["fps"] == pytest.approx(20_000)
+    # the same sample again (read twice between two polls): the rate stands, it does not fall to 0
+    v = r.update(_sampled_snap(50_000, counters_at=102.52, sampled_at=102.50, clock=103.0, cpu=1.42), 12.1)
+    assert v["rows"][0]["fps"] == pytest.approx(20_000) and v["chains"][0]["fps"] == pytest.approx(20_000)
+    # a restarted instance (new pid) starts over
+    st = _sampled_snap(100, counters_at=103.02, sampled_at=103.0, clock=103.1, cpu=0.0)
+    st["nodes"][0]["instances"][0]["pid"] = 8
+    assert r.update(st, 12.5)["rows"][0]["fps"] is None
+
+
+def test_top_once_rates_match_the_generators_rate(env, tmp_path):
+    name = unique_fabric()
+    path = tmp_path / "t.yaml"
+    path.write_text(TOPO.replace("FABRIC", name).replace("poll_interval: 0.1", "poll_interval: 0.5")
+                    .replace("rate: 2000", "rate: 4000"))
+    cli(env, "up", path, "--detach")
+    try:
+        url = json.loads((tmp_path / "state" / f"{name}.json").read_text())["api"]
+        r = Rates()
+        first = api_call(url, "/status")
+        r.update(first, time.monotonic())
+        assert first["poll_interval"] == 0.5 and first["sampled_at"] is not None
+        # the next status holding a new sample (bounded wait), read at a time unrelated to the polls
+        deadline = time.monotonic() + 20
+        gen = None
+        while gen is None:
+            assert time.monotonic() < deadline, "no new sample from the manager"
+            time.sleep(0.7)
+            st = api_call(url, "/status")
+            row = [x for x in r.update(st, time.monotonic())["rows"] if x["name"] == "gen"][0]
+            gen = row["fps"]
+        a, b = first["nodes"][0]["instances"][0], st["nodes"][0]["instances"][0]
+        assert a["counters_at"] < b["counters_at"] <= st["clock"] and st["sampled_at"] <= st["clock"]
+        # the rate is the counter's change over the manager's own sample times
+        want = (b["counters"]["in_frames"] - a["counters"]["in_frames"]) / (b["counters_at"] - a["counters_at"])
+        assert gen == pytest.approx(want) and gen > 0
+    finally:
+        cli(env, "down", timeout=90)
+        Fabric.destroy(name)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

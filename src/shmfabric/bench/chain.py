@@ -319,11 +319,15 @@ def print_table(rows: list[dict]) -> None:
     Console().print(t)
 
 
+def _chain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="64,1500", help="comma-separated frame sizes in bytes (default 64,1500)")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per size and transport (default 3)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shmfabric bench chain", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="64,1500")
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--json", action="store_true")
+    _chain_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     a = p.parse_args(argv)
     rows = run([int(x) for x in a.sizes.split(",")], a.seconds)
     if a.json:
@@ -336,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 def register_bench(sub: Any) -> None:
     """Add `bench chain` to the `bench` noun."""
     p = sub.add_parser("chain", help="the default function chain on the fabric vs UNIX datagram sockets")
-    p.add_argument("--sizes", default="64,1500")
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    _chain_flags(p)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     p.set_defaults(func=lambda a: main(["--sizes", a.sizes, "--seconds", str(a.seconds)] + (["--json"] if getattr(a, "json", False) else [])))
 
 

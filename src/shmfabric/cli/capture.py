@@ -17,12 +17,41 @@ from shmfabric.cli.main import CliError, add_json_flag
 
 # the bounds of the monitor function's `snaplen` (the same pcap writer)
 SNAPLEN_MIN, SNAPLEN_MAX = 64, 262144
+DEFAULT_FABRIC = "edge"  # the fabric of the built-in topology (`shmfabric up` with no CONFIG)
+
+
+def _open_fabric(name: str | None):
+    """The fabric to capture on; a missing one is a one-line error saying how to name or start it."""
+    from shmfabric.fabric import Fabric, FabricError, RegionNotFoundError
+
+    try:
+        return Fabric.open(name or DEFAULT_FABRIC)
+    except RegionNotFoundError as e:
+        if name is None:
+            raise CliError(f"no fabric {DEFAULT_FABRIC!r} (the default); give --fabric NAME, or start one: "
+                           f"shmfabric up / shmfabric create {DEFAULT_FABRIC}") from None
+        raise CliError(f"{e}, or run a topology on it with `shmfabric up`") from None
+    except FabricError as e:
+        raise CliError(str(e)) from None
+
+
+def _not_attached(fab, node: str, own: str) -> str:
+    """The error for a node that is not attached: which nodes are, and what to do."""
+    from shmfabric.manager.config import RESERVED_NODE_NAMES
+
+    names = sorted(n["name"] for n in fab.nodes() if n["state"] == "up" and n["alive"] and n["name"] != own
+                   and n["name"] not in RESERVED_NODE_NAMES and not n["name"].startswith("capture-"))
+    if not names:
+        return (f"no node named {node!r} is attached to fabric {fab.name!r}, and no other node is; "
+                "start its topology first (shmfabric up), or give --fabric NAME")
+    return (f"no node named {node!r} is attached to fabric {fab.name!r}; attached: {', '.join(names)} "
+            "(tap one of them, or give --fabric NAME)")
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
     import json
 
-    from shmfabric.fabric import Fabric, FabricError
+    from shmfabric.fabric import FabricError
     from shmfabric.functions.builtin.monitor import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter, ethernet_header
     from shmfabric.functions.control import ControlClient, ControlError
 
@@ -35,10 +64,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if not SNAPLEN_MIN <= args.snaplen <= SNAPLEN_MAX:
         raise CliError(f"--snaplen {args.snaplen}: give the bytes kept of each frame, "
                        f"{SNAPLEN_MIN} to {SNAPLEN_MAX}")
-    try:
-        fab = Fabric.open(args.fabric)
-    except FabricError as e:
-        raise CliError(str(e)) from None
+    fab = _open_fabric(args.fabric)
     ctl = None
     captured = 0
     try:
@@ -46,9 +72,13 @@ def cmd_capture(args: argparse.Namespace) -> int:
             ctl = ControlClient(fab, f"capture-{os.getpid()}")
         except FabricError as e:
             raise CliError(f"cannot attach the capture node: {e}") from None
+        if fab.node_id(args.node) is None:
+            raise CliError(_not_attached(fab, args.node, ctl.node.name))
         try:
             reply = ctl.request(args.node, {"op": "mirror", "to": ctl.node.name}, timeout=10)
         except ControlError as e:
+            if fab.node_id(args.node) is None:  # it left meanwhile
+                raise CliError(_not_attached(fab, args.node, ctl.node.name)) from None
             raise CliError(str(e)) from None
         if not reply.get("ok"):
             raise CliError(f"node {args.node!r} refused the tap: {reply.get('error')}")
@@ -93,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("node", help="the function node (instance) to tap, e.g. fw or fw-2")
     p.add_argument("-w", "--write", required=True, metavar="FILE", help="pcap file to write")
-    p.add_argument("--fabric", default="edge", help="the fabric the node is on (default: edge)")
+    p.add_argument("--fabric", help=f"the fabric the node is on (default: {DEFAULT_FABRIC}, the built-in topology's)")
     p.add_argument("-c", "--count", type=int, help="stop after this many frames")
     p.add_argument("--seconds", type=float, help="stop after this many seconds")
     p.add_argument("--linktype", choices=["ethernet", "raw"], default="ethernet",

@@ -143,6 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     try:
         prev: dict = {}
+        shown = False
         t_prev = time.monotonic()
         end = time.monotonic() + args.seconds + 15
         live = None if quiet else Live(console=console, refresh_per_second=4)
@@ -155,11 +156,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 now = time.monotonic()
                 if live and info["nodes"]:
                     live.update(_table(info, prev, now - t_prev))
+                    shown = True
                 prev = {n["id"]: n for n in info["nodes"]}
                 t_prev = now
         finally:
             if live:
                 live.stop()
+                if shown and not console.is_terminal:
+                    # rich ends the last view with a newline only on a terminal: the summary
+                    # must not continue the view's last line in a pipe or a file
+                    console.line()
         outs = {}
         for _ in roles:
             try:
@@ -211,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run several nodes exchanging traffic, with live counters")
-    p.add_argument("--seconds", type=float, default=5.0, help="how long the generators send (default 5)")
+    p.add_argument("--seconds", type=float, default=5.0, help="how long the generators send, above 0 and at most 3600 (default 5)")
     p.add_argument("--size", type=int, default=256, help="frame payload size in bytes (13..1500)")
     add_json_flag(p)
     p.set_defaults(func=cmd_demo)

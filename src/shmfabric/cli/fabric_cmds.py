@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 from shmfabric.cli.main import CliError, add_json_flag
@@ -31,9 +32,26 @@ def _parse_mode(text: str) -> int:
     return mode
 
 
+# a fabric name, as the manager's config allows it (the region file is /dev/shm/shmfabric-NAME)
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def _check_name(name: str) -> None:
+    """CliError for a name `create` cannot use, saying the rule (a '/' is not a directory to create)."""
+    from shmfabric.core.region import NAME_LEN
+
+    if not _NAME_RE.fullmatch(name):
+        raise CliError(f"fabric name {name!r} is not valid: a name may only hold letters, digits, '_', '.', '-' "
+                       f"(not starting with '.'; no '/'), at most {NAME_LEN - 1} bytes; the region is "
+                       "/dev/shm/shmfabric-NAME")
+    if len(name.encode()) >= NAME_LEN:
+        raise CliError(f"fabric name {name!r} is longer than {NAME_LEN - 1} bytes; use a shorter name")
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     from shmfabric.fabric import Fabric, FabricError
 
+    _check_name(args.name)
     mode = _parse_mode(args.mode)
     try:
         fab = Fabric.create(args.name, max_nodes=args.max_nodes, ring_size=args.ring_size,
@@ -136,26 +154,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("create", help="create a fabric region")
-    p.add_argument("name")
-    p.add_argument("--max-nodes", type=int, default=32)
-    p.add_argument("--ring-size", type=int, default=1024, help="descriptors per ring (power of two)")
+    p.add_argument("name", help="letters, digits, '_', '.', '-' (the region is /dev/shm/shmfabric-NAME)")
+    p.add_argument("--max-nodes", type=int, default=32, help="node table size, 2..1024 (default 32)")
+    p.add_argument("--ring-size", type=int, default=1024,
+                   help="descriptors per ring, a power of two (default 1024)")
     p.add_argument("--networks", default="1500:4096", help="MTU[:SLOTS],... one per network (default 1500:4096)")
-    p.add_argument("--mcast", type=int, default=4, help="multicast groups")
-    p.add_argument("--tape-entries", type=int, default=256)
-    p.add_argument("--tape-entry-size", type=int, default=2048)
+    p.add_argument("--mcast", type=int, default=4, help="multicast groups, 0..64 (default 4)")
+    p.add_argument("--tape-entries", type=int, default=256,
+                   help="entries of each broadcast/multicast tape ring, a power of two (default 256)")
+    p.add_argument("--tape-entry-size", type=int, default=2048,
+                   help="bytes of one tape entry, the largest broadcast/multicast message, 64..65550 "
+                        "(default 2048)")
     p.add_argument("--mode", default="600", help="file mode, octal (default 600)")
     p.add_argument("--group", help="group owning the region file")
     add_json_flag(p)
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("destroy", help="remove a fabric region file")
-    p.add_argument("name")
+    p.add_argument("name", help="the fabric's name")
     add_json_flag(p)
     p.set_defaults(func=cmd_destroy)
 
     p = sub.add_parser("inspect", help="show a fabric's layout, nodes and live ring counters")
-    p.add_argument("name")
+    p.add_argument("name", help="the fabric's name, or the path of a region file")
     p.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS")
-    p.add_argument("--count", type=int, default=0, help="with --watch: stop after COUNT refreshes")
+    p.add_argument("--count", type=int, default=0,
+                   help="with --watch: stop after COUNT refreshes (default 0: until Ctrl-C)")
     add_json_flag(p)
     p.set_defaults(func=cmd_inspect)

@@ -475,48 +475,70 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 # -- top -------------------------------------------------------------------------------------------
 class Rates:
-    """Per-second rates from two successive status snapshots (pure; `now` is an input)."""
+    """Per-second rates from successive status snapshots (pure; `now` is an input).
+
+    The manager reads counters at its own polls (`poll_interval`), not when asked: a rate is a
+    counter's change between two of the manager's samples divided by the time between those samples
+    (`sampled_at` for the node table's counters, each instance's `counters_at` for its runtime
+    counters, `clock` for CPU time, which is read when status is built). Dividing by the caller's
+    clock instead was off by up to a poll interval either way. A snapshot holding the same sample
+    as the one before shows the last rate again. `now` is the fallback for a manager whose status
+    carries no sample times."""
 
     def __init__(self) -> None:
-        self.prev: dict | None = None
-        self.prev_t = 0.0
+        self._base: dict[tuple, tuple[float, float, float | None]] = {}  # key -> (value, time, last rate)
+
+    def _rate(self, key: tuple, value: float | None, t: float | None, seen: dict) -> float | None:
+        if value is None or t is None:
+            return None
+        b = self._base.get(key)
+        if b is None or t < b[1]:
+            r = None  # a first sample (or a clock that went back: another manager)
+        elif t == b[1]:
+            seen[key] = b  # the same sample again: the rate computed from it still holds
+            return b[2]
+        else:
+            r = max(0.0, (value - b[0]) / (t - b[1]))
+        seen[key] = (value, t, r)
+        return r
 
     def update(self, st: dict, now: float) -> dict:
         """Rows of the live view: per instance rates, CPU %, and per chain delivered frames/s."""
-        prev, dt = self.prev, now - self.prev_t
-        old = {}
-        if prev is not None:
-            for node in prev["nodes"]:
-                for i in node["instances"]:
-                    old[(i["name"], i["pid"])] = i
+        seen: dict[tuple, tuple[float, float, float | None]] = {}
+        table_t = st.get("sampled_at")
+        table_t = now if table_t is None else table_t
+        clock_t = st.get("clock")
+        clock_t = now if clock_t is None else clock_t
         rows = []
         for node in st["nodes"]:
             for i in node["instances"]:
-                o = old.get((i["name"], i["pid"])) if dt > 0 else None
                 c = i["counters"]
+                who = (i["name"], i["pid"])
+                counters_t = i.get("counters_at")
+                counters_t = table_t if counters_t is None else counters_t
 
-                def rate(key: str, cur: float) -> float | None:
-                    if o is None:
-                        return None
-                    before = o["counters"].get(key, o.get(key, 0)) if key in c else o.get(key, 0)
-                    return max(0.0, (cur - (before or 0)) / dt)
-                cpu = None
-                if o is not None and i.get("cpu_seconds") is not None and o.get("cpu_seconds") is not None:
-                    cpu = max(0.0, 100.0 * (i["cpu_seconds"] - o["cpu_seconds"]) / dt)
+                def rate(key: str, fallback: str) -> float | None:
+                    # the runtime's counter when it reports one (polled at counters_at), else the
+                    # node table's (polled at sampled_at)
+                    if key in c:
+                        return self._rate(who + ("c", key), c[key], counters_t, seen)
+                    return self._rate(who + ("t", fallback), i.get(fallback, 0), table_t, seen)
+
+                cpu = self._rate(who + ("cpu",), i.get("cpu_seconds"), clock_t, seen)
+                rx_bps = self._rate(who + ("t", "rx_bytes"), i["rx_bytes"], table_t, seen)
+                tx_bps = self._rate(who + ("t", "tx_bytes"), i["tx_bytes"], table_t, seen)
                 rows.append({"name": i["name"], "function": i["function"], "state": i["state"], "pid": i["pid"],
-                             "fps": rate("in_frames", c.get("in_frames", i["rx_frames"])),
+                             "fps": rate("in_frames", "rx_frames"),
                              # a source receives nothing: show what it sends
-                             "bps": rate("rx_bytes", i["rx_bytes"]) if i["rx_frames"] else rate("tx_bytes", i["tx_bytes"]),
-                             "out_fps": rate("out_frames", c.get("out_frames", i["tx_frames"])),
-                             "dropped": _dropped(i), "queue": i["queue_depth"], "cpu": cpu,
-                             "restarts": i["restarts"]})
+                             "bps": rx_bps if i["rx_frames"] else tx_bps,
+                             "out_fps": rate("out_frames", "tx_frames"),
+                             "dropped": _dropped(i), "queue": i["queue_depth"],
+                             "cpu": None if cpu is None else 100.0 * cpu, "restarts": i["restarts"]})
         chains = []
-        pchains = {c["name"]: c for c in prev["chains"]} if prev else {}
         for c in st["chains"]:
-            p = pchains.get(c["name"])
             chains.append({"name": c["name"], "delivered": c["delivered_frames"],
-                           "fps": max(0.0, (c["delivered_frames"] - p["delivered_frames"]) / dt) if p and dt > 0 else None})
-        self.prev, self.prev_t = st, now
+                           "fps": self._rate(("chain", c["name"]), c["delivered_frames"], table_t, seen)})
+        self._base = seen  # instances gone (restarted, scaled in) are forgotten
         return {"rows": rows, "chains": chains}
 
 
@@ -562,8 +584,15 @@ def cmd_top(args: argparse.Namespace) -> int:
     st = api_call(url, "/status", timeout=10)
     view = rates.update(st, time.monotonic())
     if args.once:  # two samples one interval apart, printed once (scripts, tests)
+        first = st.get("sampled_at")
         time.sleep(args.interval)
         st = api_call(url, "/status", timeout=10)
+        # an interval shorter than the manager's poll may find the same sample: wait for the next
+        # poll (bounded: a manager that stopped polling gets "-" for its rates)
+        deadline = time.monotonic() + 2 * float(st.get("poll_interval") or 1.0) + 1.0
+        while first is not None and st.get("sampled_at") == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+            st = api_call(url, "/status", timeout=10)
         _console().print(_top_table(st, rates.update(st, time.monotonic())))
         return 0
     try:
@@ -574,6 +603,8 @@ def cmd_top(args: argparse.Namespace) -> int:
                     st = api_call(url, "/status", timeout=10)
                 except CliError:
                     live.stop()
+                    if not live.console.is_terminal:
+                        print()  # rich ends the view with a newline only on a terminal
                     print("the manager is gone")
                     return 0
                 live.update(_top_table(st, rates.update(st, time.monotonic())))

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--network", type=int, default=0)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--wait-mode", default="adaptive", choices=["poll", "block", "adaptive"])
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--duration", type=float, default=None,
+                   help="stop after this many seconds (the wait for the next hops to attach counts)")
     p.add_argument("--open-timeout", type=float, default=10.0, help="wait this long for the fabric to exist")
     p.add_argument("--stats-json", help="write the final stats as JSON to this file")
     return p.parse_args(argv)
@@ -39,16 +40,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        text = a.config
-        if text.startswith("@"):
-            with open(text[1:]) as f:
+    text, what = a.config, "--config"
+    if text.startswith("@"):
+        path = text[1:]
+        what = f"--config {text}: {path}"
+        try:
+            with open(path) as f:
                 text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            print(f"shmfabric.functions.run: --config {a.config}: cannot read {path}: {reason}", file=sys.stderr)
+            return 2
+    try:
         config = json.loads(text)
         if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        print(f"shmfabric.functions.run: --config is not a JSON object ({e})", file=sys.stderr)
+            raise ValueError(f"it holds a JSON {type(config).__name__}")
+    except ValueError as e:
+        print(f"shmfabric.functions.run: {what} is not a JSON object ({e})", file=sys.stderr)
         return 2
     deadline = time.monotonic() + a.open_timeout
     while True:

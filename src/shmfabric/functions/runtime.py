@@ -10,7 +10,7 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from shmfabric.fabric import Fabric, FabricError, UnknownDestinationError
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, Verdict, validate_config
@@ -83,15 +83,25 @@ class Hop:
         self._last_resolve = now
         self.ids = [self.fabric.node_id(n) for n in self.names]
 
-    def wait(self, timeout: float) -> None:
+    def missing(self) -> list[str]:
+        """The nodes of the hop not attached now."""
+        self.resolve(0, force=True)
+        return [n for n, i in zip(self.names, self.ids) if i is None]
+
+    def wait(self, timeout: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Until every node of the hop is attached (True) or `stop()` says to give up (False);
+        TimeoutError naming the missing nodes after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             self.resolve(0, force=True)
             missing = [n for n, i in zip(self.names, self.ids) if i is None]
             if not missing:
-                return
+                return True
+            if stop is not None and stop():
+                return False
             if time.monotonic() > deadline:
-                raise TimeoutError(f"next hop node(s) {missing} not attached within {timeout} s")
+                raise TimeoutError(f"next hop node(s) {', '.join(map(repr, missing))} not attached to fabric "
+                                   f"{self.fabric.name!r} within {timeout:g} s")
             time.sleep(0.01)
 
 
@@ -445,13 +455,23 @@ class FunctionRunner:
 
     def run(self, duration: float | None = None) -> dict:
         """Process until stopped (SIGTERM/SIGINT, the `stop` op, or `duration` seconds). Returns stats."""
-        if self.next.names:
-            self.next.wait(self.peer_timeout)
-        for p in self.ports:
-            p.wait(self.peer_timeout)
+        # the wait for the next hops counts against the duration: a run never outlasts it
+        start = time.monotonic()
+        limit = self.peer_timeout if duration is None else min(self.peer_timeout, max(0.0, duration))
+        hops = ([self.next] if self.next.names else []) + self.ports
+        for hop in hops:
+            try:
+                if not hop.wait(max(0.0, start + limit - time.monotonic()), stop=lambda: self.stopping):
+                    break  # told to stop while waiting: the loop below ends at once
+            except TimeoutError:
+                missing = [n for h in hops for n in h.missing()]
+                why = f"the run's --duration, {duration:g} s" if limit < self.peer_timeout else f"{limit:g} s"
+                raise TimeoutError(f"node {self.node.name!r}: next hop node(s) {', '.join(map(repr, missing))} not "
+                                   f"attached to fabric {self.fabric.name!r} within {why}; start them first (a node "
+                                   "waits for the ones it sends to), or leave them out of --next/--port") from None
         log("started", {"node": self.node.name, "function": self.fn_cls.name, "id": self.node.id,
                         "next": self.next.names})
-        end = None if duration is None else time.monotonic() + duration
+        end = None if duration is None else start + duration
         empty_polls = 0
         node, fn, batch_max, c, ctx = self.node, self.fn, self.batch, self.c, self.ctx
         perf = time.perf_counter_ns

@@ -90,6 +90,7 @@ class Instance:
     missing_polls: int = 0
     stats_failures: int = 0
     last_answer: float = 0.0  # when it last answered a control request (clock of the supervisor)
+    counters_at: float | None = None  # when `counters` were read (clock of the supervisor)
 
     @property
     def pid(self) -> int | None:
@@ -151,6 +152,7 @@ class Supervisor:
         self._rings: list[dict] = []
         self._blocked: set[str] = set()  # instances with a (nearly) full output ring
         self._pools: list[dict] = []
+        self._sampled_at: float | None = None  # when the node table, rings and pools were last read
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -379,6 +381,7 @@ class Supervisor:
             if e["state"] == "up":
                 table[e["name"]] = e
         self._table = table
+        self._sampled_at = self.clock()  # the table's rx/tx counters are as of now
         ids = {e["id"]: name for name, e in table.items()}
         rings = []
         depth_to: dict[str, int] = {}
@@ -416,6 +419,7 @@ class Supervisor:
                 inst.last_answer = self.clock()
                 if isinstance(reply.get("counters"), dict):
                     inst.counters = reply["counters"]
+                    inst.counters_at = inst.last_answer
                 if isinstance(reply.get("function_counters"), dict):
                     inst.function_counters = reply["function_counters"]
 
@@ -533,9 +537,10 @@ class Supervisor:
             reply = self._request(inst.name, {"op": "stats"}, READY_TIMEOUT)
         except SupervisorError:
             return False
+        inst.last_answer = self.clock()
         if isinstance(reply.get("counters"), dict):
             inst.counters = reply["counters"]
-        inst.last_answer = self.clock()
+            inst.counters_at = inst.last_answer
         return bool(reply.get("ok"))
 
     def _stop_instance(self, inst: Instance, drain: bool, wait_exit: bool = True) -> int | None:
@@ -557,6 +562,7 @@ class Supervisor:
                             # a source sends what it produced, less what it could not hand on
                             c["out_frames"] = processed - int(c.get("dropped", 0)) - int(c.get("next_down", 0))
                         c["in_frames"] = processed
+                        inst.counters_at = self.clock()
                 except SupervisorError as exc:
                     self._event("stop", inst.name, f"no reply to stop ({exc}); terminating")
             if processed is not None and not wait_exit:
@@ -860,6 +866,8 @@ class Supervisor:
         # at the end of a chain the runtime counts consumed frames as dropped: those are not losses
         out["dropped"] = int(c.get("next_down", 0)) + (0 if terminal else int(c.get("dropped", 0)))
         out["counters"] = dict(inst.counters)
+        # when `counters` were read (the manager's clock, like "sampled_at"): rates divide by this
+        out["counters_at"] = inst.counters_at
         out["function_counters"] = dict(inst.function_counters)
         return out
 
@@ -883,8 +891,13 @@ class Supervisor:
                 chains.append({"name": c.name, "nodes": c.nodes, "tail": tail,
                                "delivered_frames": sum(i["rx_frames"] for t in tail if t in by_name
                                                        for i in by_name[t]["instances"])})
+            # counters change only when polled: "sampled_at" is when the node table (rx_*/tx_*,
+            # queue depths, delivered frames) was read, each instance's "counters_at" when its
+            # runtime counters were, "clock" is now; all on the manager's monotonic clock (seconds,
+            # only differences mean anything). A rate is a counter's delta over its samples' gap.
             return {"fabric": self.topo.fabric.name, "config": self.source, "pid": os.getpid(),
                     "running": self.started, "uptime": round(time.time() - self.started_wall, 3),
+                    "clock": self.clock(), "sampled_at": self._sampled_at, "poll_interval": self.topo.poll_interval,
                     "nodes": nodes, "chains": chains, "rings": list(self._rings), "pools": list(self._pools),
                     "events": list(self.events)[-30:]}
 

@@ -50,9 +50,9 @@ def _csv(kind: type) -> Any:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform", "redis"],
+    p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform", "redis", "reload"],
                    help="comma-separated: unequal (scenario 1), uniform (scenario 2), redis (scenario 3), "
-                        "reload (a server added under load: splicer reload vs twemproxy restart; not in the default)")
+                        "reload (a server added under load: splicer reload vs twemproxy restart); default: all four")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")

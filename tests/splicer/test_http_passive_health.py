@@ -13,6 +13,7 @@ import socket
 import struct
 
 import pytest
+from pydantic import ValidationError
 from prometheus_client import generate_latest
 
 from shmfabric.cli.main import main as cli_main
@@ -260,5 +261,6 @@ def test_eject_after_below_0_is_refused_with_a_clear_message(tmp_path, capsys):
     assert code == 2 and "http.health.eject_after" in err and "Traceback" not in err
     assert HttpSpliceConfig(default=["127.0.0.1:1"]).health.eject_after == 5
     assert HttpSpliceConfig(default=["127.0.0.1:1"], health={"eject_after": 0}).health.eject_after == 0
-    # the Redis splicer takes the shared health section and ignores the field
-    assert RedisSpliceConfig(servers=["127.0.0.1:6379"], health={"eject_after": 3}).health.eject_after == 3
+    # an HTTP setting: the Redis splicer's health section refuses it rather than ignore it
+    with pytest.raises(ValidationError, match="eject_after"):
+        RedisSpliceConfig(servers=["127.0.0.1:6379"], health={"eject_after": 3})

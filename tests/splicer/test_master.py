@@ -284,9 +284,9 @@ from shmfabric.splicer.workers import FORWARD_SIGNAL, Master, ReloadRefused
 
 mode = sys.argv[1]
 
-def good(slot, ready):
-    signal.signal(FORWARD_SIGNAL, lambda *a: os._exit(0))
-    if mode == "slow":
+def good(slot, ready, slow=False):
+    signal.signal(FORWARD_SIGNAL, signal.SIG_IGN if mode == "stubborn" else (lambda *a: os._exit(0)))
+    if slow or mode == "slow":
         time.sleep(1.5)
     ready()
     while True:
@@ -301,6 +301,8 @@ def reload():
     what = next(reloads)
     if what == "refuse":
         raise ReloadRefused("test refusal")
+    if what == "slow":
+        return lambda slot, ready: good(slot, ready, slow=True)
     return good if what == "good" else bad
 
 def announce():
@@ -377,15 +379,165 @@ def test_a_stopping_splicer_refuses_new_connections_while_it_answers_the_old_one
     assert code == 0, err.text()
 
 
-def test_a_sighup_while_the_workers_start_is_ignored_and_said(tmp_path: Path) -> None:
+def test_a_sighup_while_the_workers_start_is_applied_once_they_are_ready(tmp_path: Path) -> None:
     proc = _master(tmp_path, "slow", "good")
     err = _Stderr(proc)
     try:
         _wait("the workers", lambda: len(_children(proc.pid)) == 2)
+        first = _children(proc.pid)
         proc.send_signal(signal.SIGHUP)
-        err.wait_for("SIGHUP ignored: the workers are still starting")
+        err.wait_for("SIGHUP: reloading again once the start is done")
         assert proc.stdout.readline() == "ready\n"  # started all the same
-        assert len(_children(proc.pid)) == 2
+        err.wait_for("reloaded: 2 worker(s) on the new configuration; 2 old worker(s)")
+        _wait("the first workers to go", lambda: len(_children(proc.pid)) == 2 and not set(_children(proc.pid)) & set(first))
     finally:
         code = _finish(proc)
     assert code == 0, err.text()
+
+
+def test_a_stop_soon_after_a_reload_drains_the_old_workers_instead_of_cutting_them(tmp_path: Path, backends) -> None:
+    # systemd's `reload` then `stop` within the drain: the old workers were told to stop by the
+    # reload; the stop must not count as their second signal (which cuts).
+    proc, port, cfg, err = _start_http(tmp_path, backends[0], workers=1)
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=20)
+        slow.sendall(b"GET /?delay=2500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.3)  # the request has reached the worker (not a timing assertion)
+        proc.send_signal(signal.SIGHUP)
+        err.wait_for("reloaded: 1 worker(s)")
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd's stop
+        buf = b""
+        while (data := slow.recv(65536)):
+            buf += data
+        assert buf.startswith(b"HTTP/1.1 200"), (buf[:200], err.text())
+        slow.close()
+        code = proc.wait(timeout=30)
+    finally:
+        code = _finish(proc)
+    assert code == 0 and "cutting" not in err.text(), err.text()
+
+
+def test_keep_alive_clients_sending_through_reloads_see_no_error(tmp_path: Path, backends) -> None:
+    # An idle keep-alive connection of an old worker stays open for one more request, answered
+    # with Connection: close: a client sending on it as the reload lands is answered, not cut.
+    a, b = backends
+    proc, port, cfg, err = _start_http(tmp_path, a)
+    errors: list[str] = []
+    answered = [0]
+    closes = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        sock = None
+        while not stop.is_set():
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            try:
+                status, _, close = _get(port, sock=sock)
+            except OSError as exc:
+                errors.append(repr(exc))
+                sock.close()
+                sock = None
+                continue
+            assert status == 200
+            answered[0] += 1
+            if close:
+                closes[0] += 1
+                sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for i, backend in enumerate([b, a, b]):
+            _wait("requests", lambda n=answered[0]: answered[0] > n + 50)
+            _write_http_config(cfg, port, backend.port)
+            proc.send_signal(signal.SIGHUP)
+            err.wait_for("reloaded: 2 worker(s)", i + 1)
+        _wait("requests after the last reload", lambda n=answered[0]: answered[0] > n + 50)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        code = _finish(proc)
+    assert errors == [], (errors[:5], err.text())
+    assert closes[0] >= 1  # the old workers' connections ended with Connection: close
+    assert code == 0, err.text()
+
+
+def test_a_stderr_nobody_reads_any_more_does_not_stop_the_splicer(tmp_path: Path, backends) -> None:
+    port = free_port()
+    cfg = tmp_path / "splice.yaml"
+    _write_http_config(cfg, port, backends[0].port)
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "http", "--config", str(cfg)],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=w, text=True)
+    os.close(w)
+    try:
+        assert proc.stdout.readline().startswith("splice http: listening on")
+        os.close(r)  # the reader goes away (a log shipper restarted, a `| tee` killed)
+        proc.send_signal(signal.SIGHUP)  # the master has something to say now: EPIPE
+        _wait("the reload", lambda: len(_children(proc.pid)) == 2 and proc.poll() is None)
+        time.sleep(1.0)  # give it the chance to fail (not a timing assertion)
+        assert proc.poll() is None
+        assert _get(port)[0] == 200
+    finally:
+        code = _finish(proc)
+    assert code == 0
+
+
+def test_workers_that_ignore_even_a_second_stop_signal_are_killed(tmp_path: Path) -> None:
+    proc = _master(tmp_path, "stubborn")
+    err = _Stderr(proc)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # two signals sent at once would merge into one (signals do not queue)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err.wait_for("after the second signal: killed", 2)
+    assert code == 1, err.text()
+
+
+def test_a_sighup_during_a_reload_is_applied_after_it(tmp_path: Path) -> None:
+    proc = _master(tmp_path, "good", "slow", "good")
+    err = _Stderr(proc)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGHUP)
+        _wait("the slow reload's workers", lambda: len(_children(proc.pid)) == 4)
+        proc.send_signal(signal.SIGHUP)
+        err.wait_for("SIGHUP: reloading again once the reload under way is done")
+        err.wait_for("reloaded: 2 worker(s) on the new configuration", 2)
+        _wait("two workers", lambda: len(_children(proc.pid)) == 2)
+    finally:
+        code = _finish(proc)
+    assert code == 0, err.text()
+
+
+def test_a_second_splicer_on_a_port_in_use_is_refused_even_with_several_workers(tmp_path: Path, backends) -> None:
+    # SO_REUSEPORT would let it join the first one's port and take half its clients quietly.
+    proc, port, _, err = _start_http(tmp_path, backends[0])
+    try:
+        r = subprocess.run([sys.executable, "-m", "shmfabric", "splice", "http", "--listen", f"127.0.0.1:{port}",
+                            "--default", f"127.0.0.1:{backends[1].port}", "--workers", "2"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr, r.stderr
+        assert {_get(port)[1] for _ in range(8)} == {"A"}  # the first one still has every client
+    finally:
+        code = _finish(proc)
+    assert code == 0, err.text()
+
+
+def test_metrics_ports_past_65535_are_one_line() -> None:
+    r = subprocess.run([sys.executable, "-m", "shmfabric", "splice", "http", "--default", "127.0.0.1:1",
+                        "--listen", f"127.0.0.1:{free_port()}", "--workers", "2", "--metrics", "127.0.0.1:65535",
+                        "--no-health"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot serve metrics on 127.0.0.1:65535" in r.stderr and "past 65535" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

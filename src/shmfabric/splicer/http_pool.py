@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .backoff import Backoff, HealthState
 from .config import HealthConfig, PoolConfig, TimeoutConfig, split_address
+from .workers import say
 from .http_framer import NEED_DATA, PAUSED, ConnectionClosed, IncompleteResponse, RemoteProtocolError, ResponseFramer
 
 if TYPE_CHECKING:
@@ -601,10 +601,8 @@ class BackendServer:
             self.free.pop().abort()
         back = (f"{cfg.rise} passing check(s), from {cfg.interval:g} s on" if cfg.enabled else
                 f"{cfg.rise} successful probe connect(s) {cfg.interval:g} s apart")
-        # one write: workers share stderr (as in http_server)
-        sys.stderr.write(f"splice http: backend {self.name} is down: its last {count} requests failed "
-                         f"(health.eject_after); back after {back}\n")
-        sys.stderr.flush()
+        say(f"splice http: backend {self.name} is down: its last {count} requests failed "
+            f"(health.eject_after); back after {back}")
 
     # -- health ---------------------------------------------------------------------------
     async def _health_loop(self) -> None:

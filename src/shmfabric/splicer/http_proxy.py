@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientConnection", "Exchange"]
 
+#: During a graceful stop, an idle keep-alive connection stays open this long for one more request
+#: (answered with `Connection: close`), so a client sending on it as the stop begins is answered.
+DRAIN_IDLE_GRACE = 1.0
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -565,17 +569,34 @@ class ClientConnection(asyncio.Protocol):
         if self.current is None:
             last = self.merge.opened - 1
             if last < 0 or (self.merge.idle and not self.exchanges):
-                self._close()  # idle keep-alive connection: nothing is owed
+                # Nothing is owed. A client that used the connection a moment ago (or has just
+                # opened it) may be sending its next request now: closing would fail that
+                # request. So it stays open for one more request, answered with `Connection:
+                # close` (HAProxy's idle-close-on-response), and is closed by the sweep once idle
+                # for DRAIN_IDLE_GRACE (`HttpSplicer._sweep_idle`), at once if it is already.
+                if self.loop.time() - self.last_seen >= DRAIN_IDLE_GRACE:
+                    self._close()
                 return
-            self._end_input(last)
             lh = self.last_head
             if lh is not None and lh[0] == last:
-                # The last answer's head was encoded before the stop and is still held (behind a
-                # slower answer): it is rewritten to say the connection closes after it.
+                # The last answer's head was encoded before the stop. Still held (behind a slower
+                # answer): it is rewritten to say the connection closes after it. Already on its
+                # way without `Connection: close`: the client may send another request on the
+                # connection, which is then taken in and answered with close, as on an idle one
+                # (or the sweep closes the connection once idle for DRAIN_IDLE_GRACE).
                 seq, old, resp, framing, head_request = lh
-                self.merge.replace_unsent(seq, old, encode_response_head(
-                    resp, framing=framing, content_length=resp.content_length, close=True, head_request=head_request))
+                if not self.merge.replace_unsent(seq, old, encode_response_head(
+                        resp, framing=framing, content_length=resp.content_length, close=True,
+                        head_request=head_request)):
+                    return
+            self._end_input(last)
             self._maybe_close()
+
+    @property
+    def idle_draining(self) -> bool:
+        """Draining with nothing owed and no request under way (see `drain`)."""
+        return (self.draining and not self.closed and not self.stop_reading and self.current is None
+                and not self.exchanges and self.merge.idle and self.tunnel_conn is None and self.upgrade_ex is None)
 
     def _end_input(self, seq: int) -> None:
         """No request after `seq` will be read; close once its answer is written."""

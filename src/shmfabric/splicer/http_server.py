@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from collections import deque
 from typing import Any, Callable
 
 from .config import HttpSpliceConfig, split_address
 from .http_pool import BackendGroup, BackendServer
-from .http_proxy import ClientConnection
+from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
-from .workers import GracefulStop, Listeners, Master, install_uvloop
+from .workers import GracefulStop, Listeners, Master, install_uvloop, say
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -93,9 +92,15 @@ class HttpSplicer:
         idle = self.cfg.timeouts.client_idle
         head = self.cfg.timeouts.request_head
         while True:
-            await asyncio.sleep(min(1.0, idle / 2, head / 2))
+            # Faster while draining: idle connections are closed DRAIN_IDLE_GRACE after their
+            # last use (`ClientConnection.drain`), and the stop waits for them.
+            await asyncio.sleep(0.1 if self.draining else min(1.0, idle / 2, head / 2))
             now = self.loop.time()
             cutoff = now - idle
+            if self.draining:
+                for c in list(self.clients):
+                    if c.idle_draining and c.last_seen <= now - DRAIN_IDLE_GRACE:
+                        c._close()
             for c in list(self.clients):
                 if c.closed:
                     continue  # lingering after its last answer (teardown.close_lingering bounds it)
@@ -176,9 +181,7 @@ async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socke
 
     cutting = await stop.run(drain, lambda: len(splicer.clients), cfg.timeouts.drain)
     if cutting:
-        # one write: workers share stderr, and print() writes the line and its newline apart
-        sys.stderr.write(f"splice http: {cutting}\n")
-        sys.stderr.flush()
+        say(f"splice http: {cutting}")
     await splicer.close()
 
 

@@ -65,6 +65,18 @@ class GracefulStop:
         return f"cutting {left} client connection(s) still busy after the graceful stop ({why})"
 
 
+def say(line: str) -> None:
+    """One line on stderr, in one write (workers share stderr, and print() writes the line and
+    its newline apart). A stderr that is gone (the reader of a pipe died: a restarted log
+    shipper, a killed `| tee`) loses the line and nothing else: a splicer must not stop serving
+    because nobody reads its messages."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # BrokenPipeError; ValueError: stderr closed
+        pass
+
+
 def install_uvloop() -> bool:
     """Use uvloop's event loop when it is installed; returns whether it is."""
     try:
@@ -113,6 +125,19 @@ def listen_sockets(address: str, n: int, *, shared_port: bool = True) -> list[so
     """
     host, port = split_address(address, allow_zero=True)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not shared_port and port and port + n - 1 > 65535:
+        raise OSError(0, f"the ports {port}..{port + n - 1} (one per worker) go past 65535", f"{host}:{port}")
+    if shared_port and port and n > 1:
+        # SO_REUSEPORT lets any socket of the same user join the port, so a second splicer
+        # started on it would share it quietly (the kernel splitting clients between the two).
+        # A plain bind fails while anything listens there: the port is busy, say so.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                exc.filename = f"{host}:{port}"
+                raise
     socks: list[socket.socket] = []
     try:
         for i in range(n):
@@ -232,7 +257,10 @@ class Master:
     """
 
     READY_TIMEOUT = 30.0  # a reload's new workers must accept within this, or the reload fails
-    BACKOFF_FIRST, BACKOFF_CAP, YOUNG = 0.1, 10.0, 10.0
+    # While a slot waits for its respawn, the connections the kernel hands its socket wait too:
+    # the cap bounds that wait (and costs at most a start-up every 2 s in a crash loop).
+    BACKOFF_FIRST, BACKOFF_CAP, YOUNG = 0.1, 2.0, 10.0
+    KILL_AFTER = 5.0  # after a second stop signal, workers still running are killed
 
     def __init__(self, label: str, n: int, child: Child, reload: Callable[[], Child] | None = None,
                  announce: Callable[[], None] | None = None, listeners: Listeners | None = None) -> None:
@@ -252,10 +280,12 @@ class Master:
         self.stops = 0
         self.status = 0
         self._signals: list[int] = []
+        self._reload_again = False  # a SIGHUP came during a reload or the start: reload once it is done
+        self._failed_gen = -1
+        self._kill_at: float | None = None
 
     def _say(self, text: str) -> None:
-        sys.stderr.write(f"{self.label}: {text}\n")  # one write: workers share stderr
-        sys.stderr.flush()
+        say(f"{self.label}: {text}")
 
     # -- processes ---------------------------------------------------------------------------
     def _fork(self, slot: int, gen: int, child: Child) -> None:
@@ -311,23 +341,33 @@ class Master:
         if self.stops == 1:
             self.respawn_at.clear()
             self.pending = None
+            self._reload_again = False
             if self.listeners is not None:
                 # Nothing will accept again: new connections are refused at once (once the
                 # workers have closed their copies) rather than left waiting in a queue.
                 self.listeners.close()
-            for w in self.workers.values():
+            # Workers a reload retired are draining already: one more signal would count as
+            # the second and cut them (a reload then a stop within the drain: systemd's
+            # reload, stop).
+            told = [w for w in self.workers.values() if not w.retired]
+            for w in told:
                 w.retired = True
-        self._signal_workers(list(self.workers.values()))
+            self._signal_workers(told)
+            return
+        self._signal_workers(list(self.workers.values()))  # a second signal: cut
+        if self._kill_at is None:
+            # A worker that does not end even then (hung, stopped) is killed: a stop must end.
+            self._kill_at = time.monotonic() + self.KILL_AFTER
 
     def _start_reload(self) -> None:
         if self.reload is None:
             self._say("SIGHUP ignored: nothing to reload")
             return
-        if self.pending is not None:
-            self._say("SIGHUP ignored: a reload is under way")
-            return
-        if not self.started:
-            self._say("SIGHUP ignored: the workers are still starting")
+        if self.pending is not None or not self.started:
+            # The file may have changed again since: it is read again once this one is done.
+            self._reload_again = True
+            self._say("SIGHUP: reloading again once the " + ("reload under way" if self.started else "start") +
+                      " is done")
             return
         try:
             child = self.reload()
@@ -344,12 +384,17 @@ class Master:
 
     def _fail_reload(self, why: str) -> None:
         assert self.pending is not None
-        gen = self.pending[0]
+        gen = self._failed_gen = self.pending[0]
         self.pending = None
-        new = [w for w in self.workers.values() if w.gen == gen]
-        for w in new:
-            w.retired = True
-        self._signal_workers(new)
+        for w in self.workers.values():
+            if w.gen == gen:
+                # They hold no client yet (the old workers still take the connections); one that
+                # hangs would never end on a polite signal.
+                w.retired = True
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self._say(f"reload failed, the running configuration stays: {why}")
 
     def _check_pending(self, now: float) -> None:
@@ -384,8 +429,8 @@ class Master:
             code = os.waitstatus_to_exitcode(status)
             if w.retired:
                 # A worker told to stop that had not yet set up its graceful stop dies of the
-                # signal itself: that is a clean stop too.
-                if code not in (0, -FORWARD_SIGNAL):
+                # signal itself: that is a clean stop too (and a failed reload's are killed).
+                if code not in (0, -FORWARD_SIGNAL) and not (w.gen == self._failed_gen and code == -signal.SIGKILL):
                     self._say(f"worker {pid} {_describe(status)}")
                     if self.stops:
                         self.status = 1
@@ -434,6 +479,8 @@ class Master:
                 waits = [t - now for t in self.respawn_at.values()]
                 if self.pending is not None:
                     waits.append(self.pending[2] - now)
+                if self._kill_at is not None:
+                    waits.append(self._kill_at - now)
                 timeout = max(0.0, min(waits, default=1.0))
                 try:
                     readable, _, _ = select.select([self._wake_r, self._ready_r], [], [], min(timeout, 1.0))
@@ -452,6 +499,17 @@ class Master:
                 now = time.monotonic()
                 self._reap(now)
                 self._check_pending(now)
+                if self._reload_again and self.started and self.pending is None and not self.stops:
+                    self._reload_again = False
+                    self._start_reload()
+                if self._kill_at is not None and now >= self._kill_at:
+                    self._kill_at = None
+                    for w in self.workers.values():
+                        self._say(f"worker {w.pid} still runs {self.KILL_AFTER:g} s after the second signal: killed")
+                        try:
+                            os.kill(w.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                 if not self.stops:
                     for slot, when in list(self.respawn_at.items()):
                         if when <= now:

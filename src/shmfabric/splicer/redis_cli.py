@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         host = cfg.listen.rsplit(":", 1)[0]
         print(f"splice redis: listening on {host}:{listeners.port} -> {', '.join(s.address for s in cfg.servers)} "
               f"({cfg.distribution}/{cfg.hash}; pool {cfg.pool.min}..{cfg.pool.max} per server; "
-              f"{cfg.workers} worker(s))", flush=True)
+              f"{cfg.workers} worker(s){listeners.describe_metrics()})", flush=True)
 
     try:
         # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.

@@ -194,6 +194,13 @@ class Listeners:
         """The port listened on (what port 0 became)."""
         return self.data[0].getsockname()[1]
 
+    def describe_metrics(self) -> str:
+        """Where the metrics are served, for the start-up line ("" without metrics)."""
+        if not self.metrics:
+            return ""
+        host, ports = self.metrics[0].getsockname()[0], [s.getsockname()[1] for s in self.metrics]
+        return f"; metrics on {host}:{','.join(map(str, ports))}"
+
     def metrics_socket(self, slot: int) -> socket.socket | None:
         """Worker `slot`'s metrics socket, or None without metrics."""
         return self.metrics[slot] if self.metrics else None

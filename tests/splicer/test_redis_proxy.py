@@ -551,6 +551,38 @@ def test_malformed_request_gets_protocol_error_and_close(sp) -> None:
     assert other.get("pe") == b"1"  # other clients and the pools are unaffected
 
 
+def test_a_bulk_past_max_request_bytes_is_refused_as_redis_does_while_the_client_still_sends(sp) -> None:
+    # Redis answers "invalid bulk length" on reading "$4000000000"; the splicer does once a MiB
+    # of it has come (it held up to 512 MiB before), and the connection ends.
+    other = sp.client()
+    with socket.create_connection(("127.0.0.1", sp.port), timeout=10) as s:
+        s.sendall(encode_command([b"SET", b"bl", b"1"]) + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4000000000\r\n")
+        sent, buf = 0, b""
+        s.setblocking(False)
+        try:
+            while sent < 64 * 2**20 and b"invalid bulk length" not in buf:
+                try:
+                    sent += s.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                try:
+                    buf += s.recv(4096)
+                except BlockingIOError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        s.setblocking(True)
+        s.settimeout(10)
+        try:
+            while chunk := s.recv(4096):
+                buf += chunk
+        except ConnectionResetError:
+            pass
+    assert buf.startswith(b"+OK\r\n-ERR Protocol error: invalid bulk length"), buf[:100]
+    assert sent < 32 * 2**20, f"refused only after {sent} bytes"
+    assert other.get("bl") == b"1"
+
+
 def test_large_values_stream_through(sp) -> None:
     r = sp.client()
     big = bytes(range(256)) * (5 * 4096)  # 5 MiB, larger than a client's reply buffer bound

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmfabric.splicer.redis_resp import (
+    BIG_REQUEST,
     ReplyScanner,
     RequestReader,
     RespProtocolError,
@@ -141,6 +142,49 @@ def test_a_huge_aggregate_header_is_refused_before_hiredis_allocates_for_it(data
         assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated reading {step}-byte pieces"
         r.feed(b"*1\r\n$4\r\nPING\r\n")  # nothing after the refused header is read
         assert r.drain(10)[0] == []
+
+
+@pytest.mark.parametrize("header", [b"$4000000000", b"=4000000000", b"$600000000"])  # ("!": hiredis refuses the type)
+@pytest.mark.parametrize("step", [65536, 1 << 20, 7777])
+def test_a_bulk_longer_than_max_request_bytes_is_refused_once_a_mib_has_come_not_512(header: bytes, step: int) -> None:
+    # Redis refuses "$4000000000" on reading it; the reader used to hold the bytes that follow
+    # until max_request_bytes (512 MiB by default) had come: per connection, on any client's say.
+    r = RequestReader()  # the default max_request_bytes, 512 MiB
+    r.feed(b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n" + header + b"\r\n")
+    out, err, fed = [], None, 0
+    chunk = b"x" * step
+    while err is None and fed < 8 * 2**20:
+        cmds, err = r.drain(1 << 30)
+        out += cmds
+        if err is None:
+            r.feed(chunk)
+            fed += step
+    assert out == [[b"PING"]] and err is not None and "invalid bulk length" in str(err), (out, err)
+    assert fed <= BIG_REQUEST + 2 * step, f"refused after {fed} bytes"
+    r.feed(b"*1\r\n$4\r\nPING\r\n")  # nothing after the refused header is read
+    assert r.drain(10)[0] == []
+
+
+@pytest.mark.parametrize("step", [65536, 1000, 3 * 2**20 + 1])
+def test_large_values_within_max_request_bytes_are_read_whole(step: int) -> None:
+    big = b"v" * (3 * 2**20)
+    data = b"".join(encode_command(c) for c in ([b"SET", b"a", big], [b"MSET", b"b", big, b"c", b"1"], [b"PING"]))
+    r, out = RequestReader(), []
+    for i in range(0, len(data), step):
+        r.feed(data[i : i + step])
+        cmds, err = r.drain(1 << 30)
+        assert err is None
+        out += cmds
+    assert out == [[b"SET", b"a", big], [b"MSET", b"b", big, b"c", b"1"], [b"PING"]]
+    # and with a lower limit, a bulk past it is refused before it has come
+    r = RequestReader(max_request_bytes=2 * 2**20)
+    r.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3000000\r\n")
+    fed, err = 0, None
+    while err is None and fed < 3 * 2**20:
+        r.feed(b"x" * 65536)
+        fed += 65536
+        err = r.drain(10)[1]
+    assert err is not None and "invalid bulk length" in str(err) and fed < 2 * 2**20
 
 
 BAD_REQUESTS = [

@@ -54,6 +54,8 @@ __all__ = [
 # callers that do not say).
 INLINE_MAX = 64 * 1024
 MULTIBULK_MAX = 1024 * 1024
+# An incomplete request past this many bytes is walked for its bulk lengths (RequestReader._guard).
+BIG_REQUEST = 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 OK = b"+OK\r\n"
@@ -174,7 +176,7 @@ class RequestReader:
         self.max_request_bytes = max_request_bytes
         self.failed = False
         self._tail = b""  # the last bytes fed, so a header split over two reads is still seen
-        self._poisoned = False  # an aggregate header over MULTIBULK_MAX was held back (_guard)
+        self._poisoned = ""  # why a header was held back (_guard): Redis's words for it
         self._reset_hiredis()
 
     def _reset_hiredis(self) -> None:
@@ -208,7 +210,8 @@ class RequestReader:
             self._pending = bytes(data)
 
     def _guard(self, data: bytes) -> bytes:
-        """`data`, cut before an aggregate header that announces more than MULTIBULK_MAX items.
+        """`data`, cut before an aggregate header that announces more than MULTIBULK_MAX items,
+        or a bulk longer than max_request_bytes.
 
         hiredis makes an N-slot list as soon as it reads a header "*N", before any item comes,
         and freeing it walks all N slots: the 13 bytes "*2000000000\r\n" and one bad byte cost
@@ -224,16 +227,20 @@ class RequestReader:
         self._tail = data[-16:] if len(data) >= 16 else seam[-16:]
         walk = self._walk
         if walk is None:
-            if not (_may_hold_huge_header(data) or _may_hold_huge_header(seam)):
+            # Also walked: a request still incomplete past BIG_REQUEST bytes, which may be
+            # waiting for a bulk longer than max_request_bytes ("$4000000000"): Redis refuses
+            # such a header at once, and without the walk it would be held until that many
+            # bytes had come (512 MiB per connection by default).
+            if not (self._hiredis_bytes > BIG_REQUEST or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
                 return data
-            walk = _HeaderWalk()
+            walk = _HeaderWalk(max_bulk=self.max_request_bytes)
             prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
             at = walk.feed(prefix + data)
             at = at if at < 0 else max(0, at - len(prefix))
         else:
             at = walk.feed(data)
         if at >= 0:
-            self._poisoned = True
+            self._poisoned = walk.reason
             return data[:at]
         self._walk = None if walk.at_boundary else walk
         return data
@@ -303,7 +310,7 @@ class RequestReader:
                             self._hlen = left
                             if self._poisoned:  # what preceded the held-back header is answered
                                 self.failed = True
-                                raise RespProtocolError("invalid multibulk length")
+                                raise RespProtocolError(self._poisoned)
                             if got:
                                 self._hiredis_bytes = 0
                                 self._tail_unchecked = True
@@ -376,7 +383,7 @@ class RequestReader:
                 if not pending:
                     if self._poisoned:  # the requests before the refused header are all out
                         self.failed = True
-                        raise RespProtocolError("invalid multibulk length")
+                        raise RespProtocolError(self._poisoned)
                     break
                 if pending[0] in _AGGREGATE_START:  # a multibulk run goes to hiredis
                     self._pending = b""
@@ -490,8 +497,9 @@ def _may_hold_huge_header(data: bytes) -> bool:
 
 
 class _HeaderWalk:
-    """Finds an aggregate header, at any depth, that announces more than `limit` items, in a
-    stream fed in pieces from where a request starts; see RequestReader._guard.
+    """Finds an aggregate header, at any depth, that announces more than `limit` items (or a bulk
+    longer than `max_bulk`), in a stream fed in pieces from where a request starts; see
+    RequestReader._guard.
 
     It walks every item hiredis could read, top-level items of any type included (the reader
     may go inline at one, but its measure of where can be off for requests that are not
@@ -501,10 +509,12 @@ class _HeaderWalk:
     byte that starts no RESP item, or a malformed length.
     """
 
-    __slots__ = ("limit", "left", "skip", "carry", "in_line", "dead")
+    __slots__ = ("limit", "max_bulk", "reason", "left", "skip", "carry", "in_line", "dead")
 
-    def __init__(self, limit: int = MULTIBULK_MAX) -> None:
+    def __init__(self, limit: int = MULTIBULK_MAX, max_bulk: int | None = None) -> None:
         self.limit = limit
+        self.max_bulk = max_bulk  # a longer bulk (string, verbatim, error) is refused too
+        self.reason = ""  # what `feed` found, in Redis's words
         self.left: list[int] = []  # items still to come in each open aggregate
         self.skip = 0  # bytes of a bulk item (and its CRLF) not yet seen
         self.carry = b""  # an unfinished header line, or a CR that may start a line's CRLF
@@ -575,6 +585,7 @@ class _HeaderWalk:
                 return -1
             if t in _AGGREGATE_TYPES:
                 if count > self.limit:
+                    self.reason = "invalid multibulk length"
                     return max(0, pos - base)
                 pos = nl + 2
                 if count > 0:
@@ -582,6 +593,9 @@ class _HeaderWalk:
                 else:
                     self._done()
                 continue
+            if self.max_bulk is not None and count > self.max_bulk:
+                self.reason = "invalid bulk length"
+                return max(0, pos - base)
             pos = nl + 2
             if count >= 0:
                 need = count + 2

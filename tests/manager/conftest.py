@@ -71,3 +71,18 @@ def run_topology(tmp_path) -> Iterator[Callable[..., Supervisor]]:
                         inst.proc.kill()
     for name in names:
         Fabric.destroy(name)
+
+
+def fenced_blocks(text: str, after: str) -> list[str]:
+    """The bodies of the fenced blocks that follow the first line containing `after`."""
+    out, body = [], None
+    for line in text[text.index(after):].splitlines():
+        if line.startswith("```"):
+            if body is None:
+                body = []
+            else:
+                out.append("\n".join(body) + "\n")
+                body = None
+        elif body is not None:
+            body.append(line)
+    return out

@@ -8,6 +8,8 @@ import pytest
 from shmfabric.manager.config import (DEFAULT_CONFIG, ConfigError, check_functions, instance_name, load_topology,
                                       parse_topology)
 
+from tests.manager.conftest import fenced_blocks
+
 BASE = """\
 fabric:
   name: t1
@@ -230,21 +232,6 @@ def test_a_part_with_field_errors_is_left_out_of_the_cross_checks():
     assert msg.count("\n") == 0 and "nodes[1].batch" in msg
 
 
-def _fenced_blocks(text: str, after: str) -> list[str]:
-    """The bodies of the fenced blocks that follow the first line containing `after`."""
-    out, body = [], None
-    for line in text[text.index(after):].splitlines():
-        if line.startswith("```"):
-            if body is None:
-                body = []
-            else:
-                out.append("\n".join(body) + "\n")
-                body = None
-        elif body is not None:
-            body.append(line)
-    return out
-
-
 def test_the_docs_config_error_example_is_what_up_prints(tmp_path):
     """docs/manager.md's bad.yaml and its four errors, reported in one run, word for word."""
     from pathlib import Path
@@ -252,7 +239,7 @@ def test_the_docs_config_error_example_is_what_up_prints(tmp_path):
     from shmfabric.functions.registry import load
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "manager.md").read_text()
-    bad, output = _fenced_blocks(docs, "Every problem is reported")[:2]
+    bad, output = fenced_blocks(docs, "Every problem is reported")[:2]
     shown = output.splitlines()
     assert shown[:2] == ["$ shmfabric up bad.yaml", "shmfabric: error: invalid config:"]
     with pytest.raises(ConfigError) as ei:

@@ -8,26 +8,11 @@ from pathlib import Path
 import pytest
 
 from shmfabric.cli.manager_cmds import _print_summary
-from tests.manager.conftest import counters, wait_until
+from tests.manager.conftest import counters, fenced_blocks, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-def _fenced_blocks(text: str, after: str) -> list[str]:
-    """The bodies of the fenced blocks that follow the first line containing `after`."""
-    out, body = [], None
-    for line in text[text.index(after):].splitlines():
-        if line.startswith("```"):
-            if body is None:
-                body = []
-            else:
-                out.append("\n".join(body) + "\n")
-                body = None
-        elif body is not None:
-            body.append(line)
-    return out
 
 
 def _shape(line: str) -> str:
@@ -47,7 +32,7 @@ def test_the_edge_summary_in_the_docs_has_the_printed_format(capsys):
     _print_summary(st, as_json=False)
     printed = {_shape(x) for x in capsys.readouterr().out.splitlines()}
     doc = (DOCS / "manager.md").read_text()
-    shown = _fenced_blocks(doc, "A 3-second run prints")[0].splitlines()
+    shown = fenced_blocks(doc, "A 3-second run prints")[0].splitlines()
     rows = [x for x in shown if x.startswith("│")]
     assert rows and {x.split("│")[-2].strip() for x in rows} <= {"stopped", "drained"}, rows
     others = [x for x in shown if x.startswith(("chain ", "network "))]
@@ -61,7 +46,7 @@ def test_the_tunnel_example_in_the_docs_delivers(run_topology, tmp_path):
     key = tmp_path / "tunnel.key"
     key.write_text(secrets.token_hex(32))
     doc = (DOCS / "functions.md").read_text()
-    example = _fenced_blocks(doc, "## `compress` and `encrypt`")[0]
+    example = fenced_blocks(doc, "## `compress` and `encrypt`")[0]
     assert "/etc/shmfabric/tunnel.key" in example
     sup = run_topology('fabric: {name: "{fabric}"}\napi: null\npoll_interval: 0.1\n'
                        + example.replace("/etc/shmfabric/tunnel.key", str(key)))

@@ -292,3 +292,71 @@ def test_an_answer_held_behind_a_slow_one_says_close_when_the_stop_comes_after_i
         finally:
             await env.close()
     run(main())
+
+
+def _response(s: socket.socket, buf: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One response from `s`: (status, lower-cased headers, the bytes read past it); EOF first
+    gives status 0."""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            return 0, {}, b""
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip().lower() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    n = int(headers.get("content-length", "0"))
+    while len(rest) < n:
+        data = s.recv(65536)
+        if not data:
+            break
+        rest += data
+    return int(lines[0].split()[1]), headers, rest[n:]
+
+
+def _get_line(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("how", ["slow answer", "own 504", "own 404 held"])
+def test_a_request_sent_just_after_the_last_answer_of_a_draining_connection_is_answered(http_backend, how: str) -> None:
+    # A drain keeps a connection whose last answer went out without `Connection: close` for one
+    # more request. Its grace counts from that answer (a 2 s answer is not "idle for 1 s"), and
+    # answers the splicer makes itself (504, 404) say close when the connection ends after them.
+    extra = ["--timeout", "1"] if how == "own 504" else []
+    port = free_port()
+    proc = _splice("http", "--listen", f"127.0.0.1:{port}", "--route", f"/a=127.0.0.1:{http_backend.port}",
+                   "--pool", "4", *extra)
+    try:
+        wait_port(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            if how == "slow answer":
+                s.sendall(_get_line("/a?delay=2000"))
+                status, headers, rest = _response(s)
+                assert status == 200 and "connection" not in headers
+                _stop(proc, "pid")  # the connection is idle now, its last byte in came 2 s ago
+                time.sleep(0.1)  # the stop has begun (not a timing assertion)
+            elif how == "own 504":
+                s.sendall(_get_line("/a?hang=1"))
+                time.sleep(0.3)
+                _stop(proc, "pid")
+                status, headers, rest = _response(s)
+                assert status == 504 and headers.get("connection") == "close", headers
+            else:
+                s.sendall(_get_line("/a?delay=1000") + _get_line("/nope"))
+                time.sleep(0.3)
+                _stop(proc, "pid")
+                status, headers, rest = _response(s)
+                assert status == 200
+                status, headers, rest = _response(s, rest)
+                assert status == 404 and headers.get("connection") == "close", headers
+            if headers.get("connection") != "close":
+                time.sleep(0.1)  # a client's think time
+                s.sendall(_get_line("/a"))
+                status, headers, rest = _response(s, rest)
+                assert status == 200 and headers.get("connection") == "close", (status, headers)
+            assert s.recv(100) == b""  # then the connection ends cleanly
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .http_framer import (
     BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, IDEMPOTENT_METHODS, NEED_DATA, PAUSED,
@@ -200,7 +200,9 @@ class Exchange:
                                     head_request=self.head_request,
                                     keep_alive_10=req.http_version == b"1.0" and not close)
         if not close:
-            client.last_head = (self.seq, head, resp, framing, self.head_request)
+            head_request = self.head_request
+            client.last_head = (self.seq, head, lambda: encode_response_head(
+                resp, framing=framing, content_length=resp.content_length, close=True, head_request=head_request))
         client.emit(self.seq, head)
 
     def _on_informational(self, ev: InformationalResponse) -> None:
@@ -281,8 +283,7 @@ class Exchange:
             if server is not None:
                 server.metrics.failed_requests(kind)  # answered 502/504, or cut off mid-response
             if not self.resp_started:
-                status = 504 if kind == "timeout" else 502
-                client.finish(self.seq, simple_response(status, message, head_request=self.head_request))
+                client.local_answer(self, 504 if kind == "timeout" else 502, message)
             else:
                 client.abort_after(self.seq)
                 client.finish(self.seq, b"")
@@ -291,7 +292,7 @@ class Exchange:
     def _fail_local(self, status: int, message: str) -> None:
         self.finished = True
         if not self.gone:
-            self.client.finish(self.seq, simple_response(status, message, head_request=self.head_request))
+            self.client.local_answer(self, status, message)
         self.client.exchange_done(self)
 
     def on_timeout(self) -> None:
@@ -376,7 +377,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer_eof = False
         self.closed = False
         self.draining = False         # graceful stop: answer what was read, then close
-        self.last_head: tuple | None = None  # the newest response head encoded without close (drain)
+        # The newest answer head encoded without close: (seq, the chunk, how to make it with
+        # close), for a drain to rewrite while it is still held (`drain`).
+        self.last_head: tuple[int, bytes, Any] | None = None
         self.tunnel_conn: BackendConnection | None = None
         self.upgrade_ex: Exchange | None = None
         self._flush_scheduled = False
@@ -584,10 +587,8 @@ class ClientConnection(asyncio.Protocol):
                 # way without `Connection: close`: the client may send another request on the
                 # connection, which is then taken in and answered with close, as on an idle one
                 # (or the sweep closes the connection once idle for DRAIN_IDLE_GRACE).
-                seq, old, resp, framing, head_request = lh
-                if not self.merge.replace_unsent(seq, old, encode_response_head(
-                        resp, framing=framing, content_length=resp.content_length, close=True,
-                        head_request=head_request)):
+                seq, old, remake = lh
+                if not self.merge.replace_unsent(seq, old, remake()):
                     return
             self._end_input(last)
             self._maybe_close()
@@ -649,6 +650,19 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self._schedule()
 
+    def local_answer(self, ex: Exchange, status: int, message: str) -> None:
+        """Answer `ex` with a response of the splicer's own (502, 504, 404, ...). It says
+        `Connection: close` when the connection ends after it (the client's own close, a
+        graceful stop), as a backend's answer would; one held behind a slower answer when a drain
+        begins is rewritten so (`last_head`)."""
+        close = self.close_after(ex)
+        answer = simple_response(status, message, head_request=ex.head_request, close=close)
+        if not close:
+            head_request = ex.head_request
+            self.last_head = (ex.seq, answer, lambda: simple_response(status, message, head_request=head_request,
+                                                                      close=True))
+        self.finish(ex.seq, answer)
+
     def close_after(self, ex: Exchange) -> bool:
         """True if the client connection ends with the response to `ex`."""
         return not ex.req.keep_alive or (self.close_seq is not None and ex.seq >= self.close_seq)
@@ -680,6 +694,9 @@ class ClientConnection(asyncio.Protocol):
         chunks = self.merge.pop_ready()
         if chunks:
             self.transport.writelines(chunks)  # type: ignore[union-attr]
+            # Activity both ways counts: a client reads an answer, then sends its next request;
+            # the idle timeout and a drain's grace (`drain`) start from whichever came last.
+            self.last_seen = self.loop.time()
         if self.backends_paused:
             self._backend_flow()
         self._maybe_close()

@@ -117,8 +117,9 @@ def listen_sockets(address: str, n: int, *, shared_port: bool = True) -> list[so
     """`n` listening sockets on `address` (HOST:PORT; port 0 picks a free one).
 
     With `shared_port` they share one port through SO_REUSEPORT (one per worker: the kernel
-    spreads connections over them); one socket alone gets no SO_REUSEPORT, so a second splicer
-    started on a busy port fails instead of quietly joining it. Without `shared_port` socket i
+    spreads connections over them); a port something already listens on is refused first (one
+    socket alone gets no SO_REUSEPORT at all), so a second splicer started on a busy port fails
+    instead of quietly joining it. Without `shared_port` socket i
     is on port + i (the workers' metrics ports). The master holds them for its whole life: a
     worker that dies or is replaced by a reload leaves its queue of connections waiting for the
     next one instead of reset. OSError (with the address) when one cannot be made.

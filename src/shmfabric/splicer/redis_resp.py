@@ -226,14 +226,17 @@ class RequestReader:
         seam = self._tail + data[:16]
         self._tail = data[-16:] if len(data) >= 16 else seam[-16:]
         walk = self._walk
-        if walk is None:
-            # Also walked: a request still incomplete past BIG_REQUEST bytes, which may be
-            # waiting for a bulk longer than max_request_bytes ("$4000000000"): Redis refuses
-            # such a header at once, and without the walk it would be held until that many
-            # bytes had come (512 MiB per connection by default).
-            if not (self._hiredis_bytes > BIG_REQUEST or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
+        # Also walked: a request still incomplete past BIG_REQUEST bytes, which may be waiting
+        # for a bulk longer than max_request_bytes ("$4000000000"): Redis refuses such a header
+        # at once, and without the walk it would be held until that many bytes had come (512 MiB
+        # per connection by default). Only such a walk checks bulk lengths: one started by the
+        # searches runs at read splits that vary, and the request would be refused all the same
+        # (later, at max_request_bytes), so the answer never depends on the split.
+        big = self._hiredis_bytes > BIG_REQUEST
+        if walk is None or (big and walk.max_bulk is None):
+            if walk is None and not (big or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
                 return data
-            walk = _HeaderWalk(max_bulk=self.max_request_bytes)
+            walk = _HeaderWalk(max_bulk=self.max_request_bytes if big else None)
             prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
             at = walk.feed(prefix + data)
             at = at if at < 0 else max(0, at - len(prefix))

@@ -212,6 +212,20 @@ def test_a_long_bulk_header_is_read_the_same_at_any_read_split() -> None:
         assert _read_split(data, step) == whole, step
 
 
+def test_a_line_left_unfinished_by_a_refused_header_ends_in_the_refusal_not_a_wait() -> None:
+    # Found by the fuzz harness (minimised): read whole, hiredis takes "$3\r\nGE\n\x02\"" as a
+    # bulk and "*3333333" as a header, which is refused (nothing after it is read); the reader
+    # goes inline and was left waiting for the end of a line that could never come. Read in
+    # pieces, the same bytes are inline lines and end in an error. Both now end in an error,
+    # after the same commands.
+    data = b'*-1\r\n$3\r\nGE\n\x02"*3333333\r\n'
+    whole = _read_split(data, len(data))
+    assert whole[0] == [[b"$3"], [b"GE"]] and whole[1] is not None, whole
+    for step in range(1, 24):
+        out, err = _read_split(data, step)
+        assert out == whole[0] and err is not None, (step, out, err)
+
+
 BAD_REQUESTS = [
     (b"*2\r\n$3\r\nGET\r\n:1\r\n", "expected '$'"),  # integers are not arguments
     (b"*x\r\n", "multi-bulk length"),

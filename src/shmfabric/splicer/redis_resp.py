@@ -398,6 +398,11 @@ class RequestReader:
                     if len(pending) > INLINE_MAX:
                         self.failed = True
                         raise RespProtocolError("too big inline request")
+                    if self._poisoned:
+                        # Nothing after a refused header is read, so this line never ends: the
+                        # refusal is the answer now, not a wait for ever.
+                        self.failed = True
+                        raise RespProtocolError(self._poisoned)
                     break
                 line = pending[:nl]
                 self._pending = pending[nl + 1 :]

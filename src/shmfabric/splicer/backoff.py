@@ -49,6 +49,13 @@ class HealthState:
     _ok_run: int = 0
     _fail_run: int = 0
 
+    def mark_down(self) -> None:
+        """Down now, whatever the runs so far (passive health: live traffic failed); back after
+        `rise` successes as usual."""
+        self.up = False
+        self._ok_run = 0
+        self._fail_run = 0
+
     def record(self, ok: bool) -> bool | None:
         """Record one result; return the new state if it changed, else None."""
         if ok:

@@ -547,6 +547,11 @@ class BackendServer:
             self._fill()
         self._refill_handle = self._loop.call_later(delay, refill)
 
+    def _drop_idle(self) -> None:
+        """Leaving rotation: idle connections to a failing server are likely bad too."""
+        while self.free:
+            self.free.pop().abort()
+
     # -- passive health (live traffic) ----------------------------------------------------
     def exchange_ok(self, conn: BackendConnection) -> None:
         """A request got its complete response on `conn`, whatever its status: the server is
@@ -583,8 +588,7 @@ class BackendServer:
         count = self.fail_streak
         self.fail_streak = 0
         self.ejected = True
-        while self.health.up:
-            self.health.record(False)
+        self.health.mark_down()
         loop = self._loop
         assert loop is not None
         cfg = self.health_cfg
@@ -596,9 +600,7 @@ class BackendServer:
                 self._refill_handle.cancel()
                 self._refill_handle = None
             self._schedule_refill(cfg.interval)
-        # Leaving rotation: idle connections to a failing server are likely bad too.
-        while self.free:
-            self.free.pop().abort()
+        self._drop_idle()
         back = (f"{cfg.rise} passing check(s), from {cfg.interval:g} s on" if cfg.enabled else
                 f"{cfg.rise} successful probe connect(s) {cfg.interval:g} s apart")
         say(f"splice http: backend {self.name} is down: its last {count} requests failed "
@@ -614,9 +616,7 @@ class BackendServer:
                 continue  # ejected by live traffic a moment ago: a pass counts after the hold
             changed = self.health.record(ok)
             if changed is False:
-                # Leaving rotation: idle connections to a failing server are likely dead too.
-                while self.free:
-                    self.free.pop().abort()
+                self._drop_idle()
             elif changed is True:
                 self.ejected = False
                 self.backoff.reset()

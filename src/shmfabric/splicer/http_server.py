@@ -24,7 +24,7 @@ from .http_pool import BackendGroup, BackendServer
 from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
-from .workers import GracefulStop, Listeners, Master, install_uvloop, say
+from .workers import GracefulStop, Listeners, install_uvloop, say, serve_under_master
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -61,7 +61,7 @@ class HttpSplicer:
         default = BackendGroup("default", [server_for(a) for a in cfg.default]) if cfg.default else None
         self.router: Router[BackendGroup] = Router.from_config(rules, default)
 
-    async def start(self, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+    async def start(self, *, sock: socket.socket | None = None) -> None:
         """Open the pools and start listening on `cfg.listen` (port 0 picks a free port), or on
         the listening socket `sock`."""
         self.loop = asyncio.get_running_loop()
@@ -71,8 +71,7 @@ class HttpSplicer:
             self._server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
         else:
             host, port = split_address(self.cfg.listen, allow_zero=True)
-            self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
-                                                         reuse_port=reuse_port or None, backlog=1024)
+            self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         self._timeouts = self.loop.create_task(self._sweep_timeouts())
 
@@ -190,14 +189,6 @@ def run(cfg: HttpSpliceConfig, listeners: Listeners, reload: Callable[[], HttpSp
     """Run `cfg.workers` worker processes under a `Master` until SIGINT/SIGTERM; SIGHUP reloads
     (`reload()` returns the re-read configuration, or raises ReloadRefused)."""
     install_uvloop()
-
-    def body(c: HttpSpliceConfig) -> Callable[[int, Callable[[], None]], None]:
-        def child(slot: int, ready: Callable[[], None]) -> None:
-            asyncio.run(_serve(c, listeners.data[slot], listeners.metrics_socket(slot), ready))
-        return child
-
-    def rebuild() -> Callable[[int, Callable[[], None]], None]:
-        assert reload is not None
-        return body(listeners.check_reload(reload()))
-
-    return Master("splice http", cfg.workers, body(cfg), rebuild if reload else None, announce, listeners).run()
+    return serve_under_master("splice http", cfg, listeners,
+                              lambda c, sock, msock, ready: asyncio.run(_serve(c, sock, msock, ready)),
+                              reload, announce)

@@ -107,16 +107,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from shmfabric.cli.splice import open_listeners, reloader
     from shmfabric.splicer.redis_proxy import run_redis_splicer
-    from shmfabric.splicer.workers import Master
+    from shmfabric.splicer.workers import serve_under_master
 
     listeners = open_listeners(cfg)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    rebuild = reloader(build_redis_config, args)
-
-    def body(c: Any) -> Any:
-        def child(slot: int, ready: Any) -> None:
-            run_redis_splicer(c, sock=listeners.data[slot], metrics_sock=listeners.metrics_socket(slot), ready=ready)
-        return child
 
     def announce() -> None:
         host = cfg.listen.rsplit(":", 1)[0]
@@ -126,8 +120,10 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         # Several workers share the port with SO_REUSEPORT; the kernel spreads clients over them.
-        return Master("splice redis", cfg.workers, body(cfg), lambda: body(listeners.check_reload(rebuild())),
-                      announce, listeners).run()
+        return serve_under_master(
+            "splice redis", cfg, listeners,
+            lambda c, sock, msock, ready: run_redis_splicer(c, sock=sock, metrics_sock=msock, ready=ready),
+            reloader(build_redis_config, args), announce)
     finally:
         listeners.close()
 

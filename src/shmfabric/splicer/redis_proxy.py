@@ -692,7 +692,7 @@ class RedisSplicer:
                     lambda s=srv: float(sum(len(ln.inflight) for ln in s.all_lanes())))
 
     # -- life cycle ------------------------------------------------------------------------
-    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> tuple[str, int]:
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
         """Listen (on `config.listen`, or an already bound `sock`) and open the minimum pools."""
         loop = self._loop = asyncio.get_running_loop()
         await self._learn_version()
@@ -701,7 +701,7 @@ class RedisSplicer:
         else:
             host, port = split_address(self.config.listen)
             self._listener = await loop.create_server(lambda: _Client(self), host, port, backlog=1024,
-                                                      reuse_address=True, reuse_port=reuse_port or None)
+                                                      reuse_address=True)
         self.address = self._listener.sockets[0].getsockname()[:2]
         for srv in self._servers:
             for proto in (2, 3):  # redis-py 8 speaks RESP3 by default, redis-cli and most others RESP2
@@ -930,7 +930,7 @@ def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = N
 
     async def main() -> None:
         splicer = RedisSplicer(config, metrics)
-        host, port = await splicer.start(sock=sock, reuse_port=config.workers > 1)
+        host, port = await splicer.start(sock=sock)
         # Per-request objects are acyclic and freed by reference counting; the cyclic GC only
         # adds pauses (a full collection walks every live object). Start-up objects are frozen
         # out of its reach and collections made rarer.

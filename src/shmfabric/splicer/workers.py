@@ -532,6 +532,21 @@ class Master:
         return self.status
 
 
+def serve_under_master(label: str, cfg: Any, listeners: Listeners,
+                       serve: Callable[[Any, socket.socket, socket.socket | None, Callable[[], None]], None],
+                       reload: Callable[[], Any] | None = None, announce: Callable[[], None] | None = None) -> int:
+    """Run `cfg.workers` workers under a `Master`, worker i being `serve(cfg, its socket, its
+    metrics socket or None, ready)`; on SIGHUP, `reload()` gives the configuration the new
+    workers get (it must keep the listening sockets: `Listeners.check_reload`). The exit status."""
+    def body(c: Any) -> Child:
+        def child(slot: int, ready: Callable[[], None]) -> None:
+            serve(c, listeners.data[slot], listeners.metrics_socket(slot), ready)
+        return child
+
+    rebuild = None if reload is None else (lambda: body(listeners.check_reload(reload())))
+    return Master(label, cfg.workers, body(cfg), rebuild, announce, listeners).run()
+
+
 def _drain_fd(fd: int) -> bytes:
     chunks = []
     while True:

@@ -96,14 +96,13 @@ class HttpSplicer:
             await asyncio.sleep(0.1 if self.draining else min(1.0, idle / 2, head / 2))
             now = self.loop.time()
             cutoff = now - idle
-            if self.draining:
-                for c in list(self.clients):
-                    if c.idle_draining and c.last_seen <= now - DRAIN_IDLE_GRACE:
-                        c._close()
+            drained = now - DRAIN_IDLE_GRACE if self.draining else None
             for c in list(self.clients):
                 if c.closed:
                     continue  # lingering after its last answer (teardown.close_lingering bounds it)
-                if c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
+                if drained is not None and c.last_seen <= drained and c.idle_draining:
+                    c._close()
+                elif c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
                     c._close()
                 elif c.head_since is not None and c.head_since < now - head and not c.closed and not c.stop_reading:
                     # A head trickled in (slowloris) keeps last_seen fresh; its age does not lie.

@@ -33,6 +33,15 @@ def _splice(*argv: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _ready(proc: subprocess.Popen, port: int) -> None:
+    """Wait until the splicer's workers accept: its master announces them on stdout (the port
+    itself accepts earlier, on the master's socket, and a stop before the workers are up would
+    stop them before they answer anything)."""
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    assert line.startswith("splice ") and "listening on" in line, line
+    wait_port(port)
+
+
 def _stop(proc: subprocess.Popen, how: str) -> None:
     """SIGTERM to the splicer (`pid`) or to its whole process group (`group`: systemd's stop)."""
     if how == "group":
@@ -74,7 +83,7 @@ def _http_splicer(backend: _HttpBackend, *extra: str) -> tuple[subprocess.Popen,
     port = free_port()
     proc = _splice("http", "--listen", f"127.0.0.1:{port}", "--default", f"127.0.0.1:{backend.port}",
                    "--pool", "4", *extra)
-    wait_port(port)
+    _ready(proc, port)
     return proc, port
 
 
@@ -152,7 +161,7 @@ def test_redis_sigterm_mid_pipeline_answers_exactly_the_commands_that_ran(tmp_pa
         proc = _splice("redis", "--listen", f"127.0.0.1:{port}", *[x for s in servers for x in ("--server", s.address)],
                        "--workers", str(workers))
         try:
-            wait_port(port)
+            _ready(proc, port)
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
 
             def send() -> None:
@@ -328,7 +337,7 @@ def test_a_request_sent_just_after_the_last_answer_of_a_draining_connection_is_a
     proc = _splice("http", "--listen", f"127.0.0.1:{port}", "--route", f"/a=127.0.0.1:{http_backend.port}",
                    "--pool", "4", *extra)
     try:
-        wait_port(port)
+        _ready(proc, port)
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             if how == "slow answer":
                 s.sendall(_get_line("/a?delay=2000"))

@@ -94,10 +94,16 @@ def test_two_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
 
 
 def _splice_workers(server: str, port: int, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    """`shmfabric splice redis --workers 2` in front of `server`, listening on `port`."""
-    return subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen", f"127.0.0.1:{port}",
+    """`shmfabric splice redis --workers 2` in front of `server`, listening on `port`; returned
+    once both workers accept (the master's socket accepts before they exist)."""
+    proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "redis", "--listen", f"127.0.0.1:{port}",
                              "--server", server, "--workers", "2", *extra],
-                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    if not line.startswith("splice redis: listening on"):
+        proc.kill()
+        raise AssertionError(f"the splicer did not start: {line!r}")
+    return proc
 
 
 @needs_redis
@@ -138,6 +144,8 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, f"workers {children} still run"
                 time.sleep(0.05)
         finally:
+            if proc.poll() is None:
+                proc.kill()  # a failed assertion above must not leave the master respawning workers
             for c in children:
                 try:
                     os.kill(c, 9)

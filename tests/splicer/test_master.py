@@ -238,6 +238,10 @@ def test_a_reload_that_cannot_apply_is_refused_and_the_running_configuration_sta
         proc.send_signal(signal.SIGHUP)
         err.wait_for("reload refused, the running configuration stays:", 3)
         assert "`listen` changed" in err.lines[-1], err.lines[-1]
+        _write_http_config(cfg, port, a.port, extra=f"  access_log: {tmp_path}/no/such/dir/a.log\n")
+        proc.send_signal(signal.SIGHUP)
+        err.wait_for("reload refused, the running configuration stays:", 4)
+        assert "access_log: cannot create" in err.lines[-1] and "fix:" in err.lines[-1], err.lines[-1]
         assert _children(proc.pid) == before  # nothing was started or stopped
         assert _get(port)[0] == 200
     finally:

@@ -1,6 +1,6 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform,redis,reload] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
+    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
 Prints one row per HTTP scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
@@ -8,6 +8,10 @@ ratio against the issue's target, and the responses wrk's script found out of re
 redis-benchmark through the splicer and through twemproxy, and a spread 1000-key MGET against
 the same MGET sent straight to one server. The `reload` scenario (`shmfabric.bench.splice_reload`)
 adds a server under load: the splicer by SIGHUP, twemproxy by a restart (it has no reload).
+The `logged` scenario (opt-in, not in the default list) is scenario 2 with both proxies adding
+X-Forwarded-For and writing an access-log line per request to a file; under the table it prints
+each log's line count next to the requests wrk completed, and the X-Forwarded-For value nginx
+received through each proxy.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from .splice_redis import BenchError
 
 __all__ = ["register_bench", "main", "render_table"]
 
-_TITLES = {"unequal": "1. unequal latency (0 ms / 50 ms echo backends)", "uniform": "2. uniform fast nginx backends"}
+_TITLES = {"unequal": "1. unequal latency (0 ms / 50 ms echo backends)", "uniform": "2. uniform fast nginx backends",
+           "logged": "2L. uniform nginx + X-Fwd-For + access log"}
+_OTHER = ("redis", "reload")
 
 
 def render_table(results: Sequence[ScenarioResult]) -> str:
@@ -37,6 +43,18 @@ def render_table(results: Sequence[ScenarioResult]) -> str:
             f"{h['requests_per_s']:>14,.0f} {r.ratio:>6.2f}x {'>=' + format(r.target, 'g') + 'x':>7} "
             f"{str(s['out_of_order']) + '/' + str(h['out_of_order']):>17} "
             f"{str(s['non2xx'] + s['socket_errors']) + '/' + str(h['non2xx'] + h['socket_errors']):>14}")
+    logged = [r for r in results if "log_lines" in r.splicer]
+    if logged:
+        lines += ["", "access logs of the measured run (lines written vs responses wrk completed; up to "
+                  f"{logged[0].splicer['in_flight_max']} more requests can be in flight when wrk stops), and "
+                  "the X-Forwarded-For nginx received:"]
+        sub = f"{'':<46} {'workers':>7} {'splicer log/wrk':>22} {'haproxy log/wrk':>22} {'X-Forwarded-For (s/h)':>24}"
+        lines += [sub, "-" * len(sub)]
+        for r in logged:
+            s, h = r.splicer, r.haproxy
+            lines.append(f"{_TITLES['logged']:<46} {r.workers:>7} {format(s['log_lines'], ',') + '/' + format(s['requests'], ','):>22} "
+                         f"{format(h['log_lines'], ',') + '/' + format(h['requests'], ','):>22} "
+                         f"{str(s['xff_echo']) + ' / ' + str(h['xff_echo']):>24}")
     return "\n".join(lines)
 
 
@@ -52,21 +70,23 @@ def _csv(kind: type) -> Any:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform", "redis", "reload"],
                    help="comma-separated: unequal (scenario 1), uniform (scenario 2), redis (scenario 3), "
-                        "reload (a server added under load: splicer reload vs twemproxy restart); default: all four")
+                        "reload (a server added under load: splicer reload vs twemproxy restart), logged "
+                        "(scenario 2 with X-Forwarded-For and an access log in both proxies; opt-in); "
+                        "default: the first four")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
     p.add_argument("--pipeline", type=int, default=1,
-                   help="scenario 2 only: requests pipelined per pooled nginx connection (default 1)")
+                   help="scenarios 2 and logged only: requests pipelined per pooled nginx connection (default 1)")
     p.add_argument("--json", action="store_true", dest="bench_json", help="print JSON instead of a table")
 
 
 def _run(args: argparse.Namespace) -> int:
-    bad = [s for s in args.scenario if s not in _TITLES and s not in ("redis", "reload")]
+    bad = [s for s in args.scenario if s not in _TITLES and s not in _OTHER]
     if bad:
         from shmfabric.cli.main import CliError
 
-        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis and/or reload")
+        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis, reload and/or logged")
     http = [s for s in args.scenario if s in _TITLES]
     as_json = args.bench_json or getattr(args, "json", False)
     try:

@@ -9,6 +9,13 @@ the script counts responses out of request order.
 Scenario 2 (`uniform`): two nginx backends (worker_processes 1 each) answering a small static
 body; the same wrk pipelines alternate `/a` and `/b`, both routed to both servers.
 
+Scenario 2 logged (`logged`, opt-in): scenario 2 with both proxies doing what a production
+deployment does: each adds `X-Forwarded-For` to every request and appends one access-log line per
+request to a file (splicer `forwarded_for` / `access_log` through a YAML `--config`; HAProxy
+`option forwardfor`, `option httplog`, `log stdout format raw` with its stdout sent to a file).
+After each run the log lines are counted against the requests wrk completed, and one request to
+an nginx location echoing `$http_x_forwarded_for` shows what the backends received.
+
 Both peers get the same number of worker processes (splicer `--workers N` with SO_REUSEPORT,
 HAProxy `nbthread N`) and the same routing. The helpers here (nginx config, wrk script, process
 start/stop) are also used by the tests.
@@ -32,7 +39,7 @@ from typing import Iterator, Sequence
 __all__ = [
     "WRK_PIPELINE_LUA", "free_port", "wait_port", "nginx_config", "haproxy_config", "start_nginx", "start_haproxy",
     "start_echo_backend", "start_splicer", "run_wrk", "WrkResult", "ScenarioResult", "run_scenarios",
-    "missing_tools",
+    "missing_tools", "count_lines", "http_get_body", "WRK_CONNECTIONS", "WRK_DEPTH", "NGINX_SCENARIOS",
 ]
 
 # wrk Lua: pipelines of DEPTH requests cycling over PATHS, each with X-Seq; with one connection
@@ -109,9 +116,18 @@ def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def nginx_config(tmp: Path, port: int, name: str = "nginx") -> str:
+_NGINX_XFF_ECHO = """
+    location = /xff {
+      default_type text/plain;
+      return 200 "$http_x_forwarded_for";
+    }"""
+
+
+def nginx_config(tmp: Path, port: int, name: str = "nginx", xff_echo: bool = False) -> str:
     """An nginx.conf for one worker on 127.0.0.1:port; `/` answers a short text echoing X-Seq,
-    `/echo` returns the request body (proxied to nginx itself is not needed: uses $request_body)."""
+    `/echo` returns the request body (proxied to nginx itself is not needed: uses $request_body).
+    With `xff_echo`, `/xff` (that path exactly) answers the X-Forwarded-For header it received."""
+    xff = _NGINX_XFF_ECHO if xff_echo else ""
     return f"""
 worker_processes 1;
 daemon off;
@@ -138,21 +154,29 @@ http {{
     location /static/ {{
       alias {tmp}/static/;
       add_header X-Seq $http_x_seq always;
-    }}
+    }}{xff}
   }}
 }}
 """
 
 
 def haproxy_config(port: int, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str],
-                   threads: int = 1) -> str:
-    """HAProxy config routing path prefixes like the splicer's --route (same backends)."""
-    lines = [
-        "global", f"  nbthread {threads}", "  maxconn 4000",
-        "defaults", "  mode http", "  timeout connect 5s", "  timeout client 60s", "  timeout server 60s",
-        "  option http-keep-alive", "  http-reuse always",
-        "frontend fe", f"  bind 127.0.0.1:{port}",
-    ]
+                   threads: int = 1, *, forwardfor: bool = False, log_stdout: bool = False) -> str:
+    """HAProxy config routing path prefixes like the splicer's --route (same backends).
+
+    `forwardfor`: add X-Forwarded-For to each request (`option forwardfor`). `log_stdout`: one
+    HTTP log line per request (`option httplog`), written raw to HAProxy's standard output (no
+    syslog needed)."""
+    lines = ["global", f"  nbthread {threads}", "  maxconn 4000"]
+    if log_stdout:
+        lines.append("  log stdout format raw local0")
+    lines += ["defaults", "  mode http", "  timeout connect 5s", "  timeout client 60s", "  timeout server 60s",
+              "  option http-keep-alive", "  http-reuse always"]
+    if log_stdout:
+        lines += ["  log global", "  option httplog"]
+    if forwardfor:
+        lines.append("  option forwardfor")
+    lines += ["frontend fe", f"  bind 127.0.0.1:{port}"]
     backends = []
     for i, (prefix, servers) in enumerate(routes):
         lines.append(f"  acl r{i} path_beg {prefix}")
@@ -166,8 +190,8 @@ def haproxy_config(port: int, routes: Sequence[tuple[str, Sequence[str]]], defau
     return "\n".join(lines) + "\n"
 
 
-def _popen(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+def _popen(args: list[str], stdout=subprocess.DEVNULL, **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
                             start_new_session=True, **kw)
 
 
@@ -191,12 +215,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def start_nginx(tmp: Path, name: str = "nginx") -> Iterator[int]:
-    """Run nginx (one worker) on a free port; yields the port."""
+def start_nginx(tmp: Path, name: str = "nginx", xff_echo: bool = False) -> Iterator[int]:
+    """Run nginx (one worker) on a free port; yields the port (`xff_echo`: see nginx_config)."""
     port = free_port()
     (tmp / "static").mkdir(exist_ok=True)
     conf = tmp / f"nginx-{port}.conf"
-    conf.write_text(nginx_config(tmp, port, name))
+    conf.write_text(nginx_config(tmp, port, name, xff_echo))
     proc = _popen(["nginx", "-c", str(conf), "-p", str(tmp), "-e", str(tmp / f"nginx-{port}.err")])
     try:
         wait_port(port, proc=proc)
@@ -207,17 +231,22 @@ def start_nginx(tmp: Path, name: str = "nginx") -> Iterator[int]:
 
 @contextmanager
 def start_haproxy(tmp: Path, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str],
-                  threads: int = 1) -> Iterator[int]:
-    """Run HAProxy with the given routing on a free port; yields the port."""
+                  threads: int = 1, *, forwardfor: bool = False, log_to: Path | None = None) -> Iterator[int]:
+    """Run HAProxy with the given routing on a free port; yields the port. `forwardfor` adds
+    X-Forwarded-For to requests; `log_to` appends one HTTP log line per request to that file
+    (HAProxy's standard output, opened O_APPEND)."""
     port = free_port()
     conf = tmp / f"haproxy-{port}.cfg"
-    conf.write_text(haproxy_config(port, routes, default, threads))
-    proc = _popen(["haproxy", "-db", "-f", str(conf)])
-    try:
-        wait_port(port, proc=proc)
-        yield port
-    finally:
-        _stop(proc)
+    conf.write_text(haproxy_config(port, routes, default, threads, forwardfor=forwardfor,
+                                   log_stdout=log_to is not None))
+    with ExitStack() as files:
+        out = files.enter_context(open(log_to, "ab")) if log_to is not None else subprocess.DEVNULL
+        proc = _popen(["haproxy", "-db", "-f", str(conf)], stdout=out)
+        try:
+            wait_port(port, proc=proc)
+            yield port
+        finally:
+            _stop(proc)
 
 
 def _py_env() -> dict[str, str]:
@@ -318,7 +347,54 @@ class ScenarioResult:
         return self.ratio >= self.target
 
 
+# wrk's shape in every scenario: this many connections, each with a pipeline of WRK_DEPTH requests;
+# so at most WRK_CONNECTIONS * WRK_DEPTH requests are in flight when wrk stops.
+WRK_CONNECTIONS, WRK_DEPTH = 8, 16
+
+
+def count_lines(path: Path) -> int:
+    """Newline-terminated lines in `path` (0 if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def http_get_body(port: int, path: str, timeout: float = 10.0) -> str:
+    """GET http://127.0.0.1:port/path on a fresh connection; the body as text (any status)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _splicer_yaml(path: Path, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str], pool: int,
+                  workers: int, pipeline: int, access_log: Path) -> Path:
+    """The YAML `--config` of the `logged` scenario: the same routing, pool, workers and health
+    settings as the flags scenario 2 passes, plus X-Forwarded-For and an access log."""
+    import yaml
+
+    http = {
+        "routes": [{"prefix": p, "backends": list(s)} for p, s in routes],
+        "default": list(default),
+        "pool": {"min": min(8, pool), "max": pool, "pipeline": pipeline},
+        "workers": workers,
+        "health": {"enabled": False},
+        "forwarded_for": True,
+        "access_log": str(access_log),
+        "access_log_format": "text",
+    }
+    path.write_text(yaml.safe_dump({"http": http}, sort_keys=False))
+    return path
+
+
 def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipeline: int = 1) -> ScenarioResult:
+    logged = kind == "logged"
     with ExitStack() as stack:
         if kind == "unequal":
             fast = stack.enter_context(start_echo_backend(0, "fast"))
@@ -327,36 +403,58 @@ def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipelin
             default = [f"127.0.0.1:{fast}"]
             paths, target = ["/fast", "/slow"], 5.0
         else:
-            n1 = stack.enter_context(start_nginx(tmp, "n1"))
-            n2 = stack.enter_context(start_nginx(tmp, "n2"))
+            n1 = stack.enter_context(start_nginx(tmp, "n1", xff_echo=logged))
+            n2 = stack.enter_context(start_nginx(tmp, "n2", xff_echo=logged))
             routes = []
             default = [f"127.0.0.1:{n1}", f"127.0.0.1:{n2}"]
             paths, target = ["/a", "/b"], 0.5
-        split_args = [f"--route={p}={','.join(s)}" for p, s in routes] + ["--default", ",".join(default),
-                                                                           "--pool", str(pool), "--pool-min", "8",
-                                                                           "--workers", str(workers), "--no-health",
-                                                                           "--pipeline", str(pipeline)]
+        logs = {"splicer": tmp / f"splicer-access-w{workers}.log", "haproxy": tmp / f"haproxy-access-w{workers}.log"}
+        if logged:
+            for f in logs.values():
+                f.unlink(missing_ok=True)
+            split_args = ["--config", str(_splicer_yaml(tmp / f"splicer-logged-w{workers}.yaml", routes, default,
+                                                        pool, workers, pipeline, logs["splicer"]))]
+        else:
+            split_args = [f"--route={p}={','.join(s)}" for p, s in routes] + [
+                "--default", ",".join(default), "--pool", str(pool), "--pool-min", "8", "--workers", str(workers),
+                "--no-health", "--pipeline", str(pipeline)]
         results = {}
         for peer in ("splicer", "haproxy"):
             if peer == "splicer":
                 cm = start_splicer(split_args)
+            elif logged:
+                cm = start_haproxy(tmp, routes, default, workers, forwardfor=True, log_to=logs["haproxy"])
             else:
                 cm = start_haproxy(tmp, routes, default, workers)
+            xff = None
             with cm as port:
-                run_wrk(port, paths, duration=1)  # warm-up: pools fill, caches settle
-                r = run_wrk(port, paths, duration=duration)
+                run_wrk(port, paths, connections=WRK_CONNECTIONS, depth=WRK_DEPTH, duration=1)  # warm-up: pools fill
+                if logged:
+                    # what nginx received, on a pool connection the warm-up has used
+                    xff = http_get_body(port, "/xff")
+                    time.sleep(0.3)  # the warm-up's last log lines land before the count starts
+                    before = count_lines(logs[peer])
+                r = run_wrk(port, paths, connections=WRK_CONNECTIONS, depth=WRK_DEPTH, duration=duration)
             d = asdict(r)
             d.pop("raw")
+            if logged:
+                # counted after the proxy stopped (and flushed): the measured run's lines only
+                d["log_lines"] = count_lines(logs[peer]) - before
+                d["in_flight_max"] = WRK_CONNECTIONS * WRK_DEPTH
+                d["xff_echo"] = xff
             results[peer] = d
     s, h = results["splicer"]["requests_per_s"], results["haproxy"]["requests_per_s"]
     return ScenarioResult(kind, workers, results["splicer"], results["haproxy"], s / h if h else float("inf"), target,
                           pipeline)
 
 
+NGINX_SCENARIOS = ("uniform", "logged")
+
+
 def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Sequence[int] = (1, 2),
                   duration: float = 3.0, pool: int = 64, pipeline: int = 1) -> list[ScenarioResult]:
     """Run each scenario for each worker count; splicer first, then HAProxy, same backends."""
-    need = missing_tools("wrk", "haproxy", *(["nginx"] if "uniform" in scenarios else []))
+    need = missing_tools("wrk", "haproxy", *(["nginx"] if set(NGINX_SCENARIOS) & set(scenarios) else []))
     if need:
         raise RuntimeError(f"missing tools: {', '.join(need)} (install the Debian packages: make debs)")
     out = []
@@ -364,5 +462,5 @@ def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Se
         for kind in scenarios:
             for w in workers:
                 # the 50 ms backend serves one request per connection at a time: never pipeline to it
-                out.append(_one(kind, w, duration, pool, Path(tmp), pipeline if kind == "uniform" else 1))
+                out.append(_one(kind, w, duration, pool, Path(tmp), pipeline if kind in NGINX_SCENARIOS else 1))
     return out

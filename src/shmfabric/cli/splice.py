@@ -92,13 +92,30 @@ def _build_config(args: argparse.Namespace) -> Any:
         data["timeouts"] = {**data.get("timeouts", {}), "drain": args.drain}
     if args.no_health:
         data["health"] = {**data.get("health", {}), "enabled": False}
+    for name in ("forwarded_for", "forwarded"):
+        if getattr(args, name):
+            data[name] = True
+    if args.access_log is not None:
+        data["access_log"] = args.access_log
+    if args.access_log_format is not None:
+        data["access_log_format"] = args.access_log_format
     try:
-        return HttpSpliceConfig.model_validate(data)
+        cfg = HttpSpliceConfig.model_validate(data)
     except ValidationError as exc:
         text = format_validation_error(exc, source)
         if source == "command line":
             text = text.replace("field `routes", "--route `routes").replace("field `default", "--default `default")
         raise _cli_error(text) from None
+    if cfg.access_log is not None:
+        # Opened here too, so a path that cannot be written is refused at start (and by a reload,
+        # which then keeps the running configuration) rather than by every worker as it starts.
+        from shmfabric.splicer.access_log import AccessLogError, check_log
+
+        try:
+            check_log(cfg.access_log)
+        except AccessLogError as exc:
+            raise _cli_error(f"{source}: {exc}") from None
+    return cfg
 
 
 def open_listeners(cfg: Any) -> Any:
@@ -168,6 +185,11 @@ def _add_http(verbs: Any) -> None:
                         "connections still busy are cut (default 30; a second signal cuts at once)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--no-health", action="store_true", help="no active health checks")
+    p.add_argument("--forwarded-for", action="store_true",
+                   help="add X-Forwarded-For: <client address> to each request (after any the client sent)")
+    p.add_argument("--forwarded", action="store_true", help="add RFC 7239 Forwarded: for=<client address>")
+    p.add_argument("--access-log", metavar="PATH", help="append a line per answered request to PATH ('-': stdout)")
+    p.add_argument("--access-log-format", choices=("text", "json"), help="access log lines (default text)")
     p.add_argument("--config", metavar="FILE", help="YAML file with an `http:` section")
     p.add_argument("--check", action="store_true", help="validate, print the effective config as JSON, exit")
     p.set_defaults(func=_run_http)

@@ -223,6 +223,12 @@ class HttpSpliceConfig(_Model):
     health: HealthConfig = HealthConfig()
     upgrade: Literal["tunnel", "refuse"] = Field("tunnel", description="Upgrade requests (e.g. WebSocket)")
     metrics: str | None = Field(None, description="HOST:PORT of the Prometheus endpoint")
+    forwarded_for: bool = Field(False, description="add `X-Forwarded-For: <client address>` to each request "
+                                "(HAProxy's option forwardfor); one the client sent is kept before it")
+    forwarded: bool = Field(False, description="add RFC 7239 `Forwarded: for=<client address>` to each request")
+    access_log: str | None = Field(None, min_length=1, description="append one line per answered request to this "
+                                   "file ('-': standard output)")
+    access_log_format: Literal["text", "json"] = Field("text", description="access log lines: text or JSON")
 
     _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
     _default = field_validator("default", mode="before")(

@@ -679,11 +679,15 @@ def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = Fal
     return out
 
 
-def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_host: bytes = b"") -> bytes:
+def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_host: bytes = b"",
+                        extra: bytes = b"") -> bytes:
     """Serialize `req` for a pooled backend connection (HTTP/1.1, keep-alive).
 
     An HTTP/1.0 request without Host gets `Host: default_host` (the backend's address): it goes
     out as HTTP/1.1, which requires the field (RFC 9112 section 3.2), as nginx's proxy does.
+    `extra`: whole header lines added last (X-Forwarded-For, Forwarded). Added after any the
+    client sent, so a recipient that combines repeated fields reads the client's value first
+    and ours last (RFC 9110 section 5.3), as HAProxy's `option forwardfor` does.
     """
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     parts += _end_to_end(req.headers, keep_upgrade)
@@ -693,6 +697,8 @@ def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_hos
         parts.append(b"Content-Length: %d\r\n" % req.content_length)
     if req.host == b"" and default_host:
         parts.append(b"Host: " + default_host + b"\r\n")
+    if extra:
+        parts.append(extra)
     parts.append(b"\r\n")
     return b"".join(parts)
 

@@ -36,6 +36,7 @@ from .http_framer import (
     ConnectionClosed, Data, EndOfMessage, InformationalResponse, RemoteProtocolError, Request, RequestFramer,
     Response, encode_chunk, encode_last_chunk, encode_request_head, encode_response_head, simple_response,
 )
+from .access_log import AccessLog
 from .ordered import OrderedMerge
 from .teardown import close_lingering
 
@@ -58,7 +59,7 @@ class Exchange:
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
                  "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind",
-                 "last_rx", "clock", "interim")
+                 "last_rx", "clock", "interim", "t_in", "status", "sent")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -87,6 +88,9 @@ class Exchange:
         self.last_rx = 0.0   # when the backend last sent part of this response (see the timeout sweep)
         self.clock = 0.0     # when the request timeout's clock (re)started
         self.interim = False  # a 1xx came: the backend acted on the request (no retry)
+        self.t_in = client.last_seen  # when the read that completed the request head came (access log)
+        self.status = 0
+        self.sent = 0  # answer bytes given to the client (access log)
         # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
         self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
                             and req.method in IDEMPOTENT_METHODS)
@@ -148,7 +152,7 @@ class Exchange:
         self.reused = conn.used > 0 or conn.idled
         self.behind = len(conn.exchanges) > 1
         conn.framer.expect(self.req.method)
-        head = encode_request_head(self.req, keep_upgrade=self.req.upgrade,
+        head = encode_request_head(self.req, keep_upgrade=self.req.upgrade, extra=self.client.forward_lines,
                                    default_host=self.server.name.encode())  # type: ignore[union-attr]
         if self.body:
             conn.transport.writelines([head, *self.body])  # type: ignore[union-attr]
@@ -167,7 +171,10 @@ class Exchange:
             if self.gone:
                 return
             data = ev.data  # type: ignore[attr-defined]
-            self.client.emit(self.seq, encode_chunk(data) if self.client_framing == BODY_CHUNKED else data)
+            if self.client_framing == BODY_CHUNKED:
+                data = encode_chunk(data)
+            self.sent += len(data)
+            self.client.emit(self.seq, data)
         elif t is Response:
             self._on_head(ev)  # type: ignore[arg-type]
         elif t is EndOfMessage:
@@ -180,6 +187,7 @@ class Exchange:
 
     def _on_head(self, resp: Response) -> None:
         self.resp_started = True
+        self.status = resp.status
         self.backend_keep = resp.keep_alive
         if self.gone:
             return
@@ -203,6 +211,7 @@ class Exchange:
             head_request = self.head_request
             client.last_head = (self.seq, head, lambda: encode_response_head(
                 resp, framing=framing, content_length=resp.content_length, close=True, head_request=head_request))
+        self.sent += len(head)
         client.emit(self.seq, head)
 
     def _on_informational(self, ev: InformationalResponse) -> None:
@@ -239,6 +248,9 @@ class Exchange:
         client = self.client
         if not self.gone:
             client.finish(self.seq, tail)
+            if client.log is not None:
+                self.sent += len(tail)
+                client.log_exchange(self, self.status, self.sent)
         client.exchange_done(self)
 
     def on_backend_failure(self, kind: str, message: str) -> None:
@@ -287,6 +299,8 @@ class Exchange:
             else:
                 client.abort_after(self.seq)
                 client.finish(self.seq, b"")
+                if client.log is not None:
+                    client.log_exchange(self, self.status, self.sent, f"response cut off: {message}")
         client.exchange_done(self)
 
     def _fail_local(self, status: int, message: str) -> None:
@@ -338,6 +352,9 @@ class Exchange:
         server.inflight -= 1
         server.detach(conn)
         head = encode_response_head(ev, framing=BODY_NONE, keep_upgrade=True)
+        self.status = 101
+        if self.client.log is not None:
+            self.client.log_exchange(self, 101, len(head), "")
         self.client.start_tunnel(self, conn, head + conn.framer.take_raw())
 
     def on_tunnel_data(self, data: bytes) -> None:
@@ -387,11 +404,18 @@ class ClientConnection(asyncio.Protocol):
         self._reschedule = False
         self._processing = False
         self._transport_paused = False
+        self.log: AccessLog | None = splicer.access_log
+        self.peer = "-"  # the client's address, for the access log
+        self.forward_lines = b""  # X-Forwarded-For / Forwarded lines added to each request
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.last_seen = self.loop.time()
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+            self.forward_lines = self.splicer.forward_lines(peer[0])
         self.splicer.clients.add(self)
         self.splicer.metrics.client_connections.inc()
         if self.splicer.draining:  # accepted just before the listener closed
@@ -435,6 +459,9 @@ class ClientConnection(asyncio.Protocol):
         self.splicer.clients.discard(self)
         self.splicer.metrics.client_connections.dec()
         for ex in list(self.exchanges.values()):
+            if self.log is not None and not ex.finished and not ex.gone:
+                # nginx's 499: the client closed the connection before its answer was ready
+                self.log_exchange(ex, 499, 0, "client closed the connection before the answer")
             ex.abandon()
         self.exchanges.clear()
         self.queue.clear()
@@ -516,8 +543,10 @@ class ClientConnection(asyncio.Protocol):
         seq = self.merge.open()
         if req.method == b"CONNECT":
             self.splicer.metrics.client_error("connect_refused")
-            self.finish(seq, simple_response(405, "CONNECT is not supported: this splicer is a reverse proxy",
-                                             close=True))
+            answer = simple_response(405, "CONNECT is not supported: this splicer is a reverse proxy", close=True)
+            self.finish(seq, answer)
+            if self.log is not None:
+                self.log_exchange(Exchange(self, seq, req, None), 405, len(answer), "CONNECT refused")
             self._end_input(seq)
             return
         group = self.router.match(req.host, req.target)
@@ -551,6 +580,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             seq = self.merge.open()
         self.finish(seq, answer)
+        if self.log is not None:
+            if cur is not None:  # the error is in this request's body
+                self.log_exchange(cur, exc.status, len(answer), str(exc))
+            else:  # no request head could be read: nothing of it is logged
+                self.log.record(self.peer, "-", "-", "-", exc.status, len(answer), "", "-", 0.0,
+                                max(0.0, self.loop.time() - (self.head_since or self.last_seen)), 0, seq, str(exc))
         self._end_input(seq)
 
     def head_timed_out(self, seconds: float) -> None:
@@ -662,6 +697,22 @@ class ClientConnection(asyncio.Protocol):
             self.last_head = (ex.seq, answer, lambda: simple_response(status, message, head_request=head_request,
                                                                       close=True))
         self.finish(ex.seq, answer)
+        if self.log is not None:
+            ex.status = status
+            self.log_exchange(ex, status, len(answer), message)
+
+    def log_exchange(self, ex: Exchange, status: int, sent: int, error: str = "") -> None:
+        """One access-log line for `ex` (see access_log.py): wait is the time from reading the
+        request to sending it to a backend (ordering, barriers, a pool's queue), total the time
+        to the end of the answer; tries counts sends to a backend (a retry makes 2)."""
+        req = ex.req
+        server = ex.server
+        latin = "latin-1"
+        self.log.record(  # type: ignore[union-attr]
+            self.peer, req.method.decode(latin), req.target.decode(latin), req.http_version.decode(latin), status,
+            sent, req.host.decode(latin), server.name if server is not None else "-",
+            (ex.t0 - ex.t_in) if ex.started else 0.0, self.loop.time() - ex.t_in,
+            ex.attempts + 1 if server is not None else 0, ex.seq, error)
 
     def close_after(self, ex: Exchange) -> bool:
         """True if the client connection ends with the response to `ex`."""

@@ -19,6 +19,7 @@ import socket
 from collections import deque
 from typing import Any, Callable
 
+from .access_log import AccessLog
 from .config import HttpSpliceConfig, split_address
 from .http_pool import BackendGroup, BackendServer
 from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
@@ -43,6 +44,7 @@ class HttpSplicer:
         self._timeouts: asyncio.Task[None] | None = None
         self.deadlines: deque[Any] = deque()  # started exchanges, oldest first (see _sweep_timeouts)
         self.draining = False
+        self.access_log: AccessLog | None = None  # opened by start (it needs the loop)
         lim = cfg.limits
 
         def server_for(addr: str) -> BackendServer:
@@ -65,6 +67,9 @@ class HttpSplicer:
         """Open the pools and start listening on `cfg.listen` (port 0 picks a free port), or on
         the listening socket `sock`."""
         self.loop = asyncio.get_running_loop()
+        if self.cfg.access_log is not None:
+            self.access_log = AccessLog(self.cfg.access_log, self.cfg.access_log_format, loop=self.loop, warn=say)
+            self.metrics.access_log = self.access_log
         for s in self.servers.values():
             s.start(self.loop)
         if sock is not None:
@@ -74,6 +79,23 @@ class HttpSplicer:
             self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         self._timeouts = self.loop.create_task(self._sweep_timeouts())
+
+    def forward_lines(self, host: str) -> bytes:
+        """The header lines that tell backends the client's address `host` (none unless
+        `forwarded_for` or `forwarded` is set)."""
+        cfg = self.cfg
+        if not (cfg.forwarded_for or cfg.forwarded):
+            return b""
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client of a dual-stack listener, as itself
+        out = b""
+        if cfg.forwarded_for:
+            out += b"X-Forwarded-For: %s\r\n" % host.encode("ascii")
+        if cfg.forwarded:
+            # RFC 7239 section 6: an IPv6 node is bracketed, and then quoted (":" is not a token char)
+            node = f'"[{host}]"' if ":" in host else host
+            out += b"Forwarded: for=%s\r\n" % node.encode("ascii")
+        return out
 
     @property
     def port(self) -> int:
@@ -161,6 +183,9 @@ class HttpSplicer:
             await s.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
 
 
 async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socket.socket | None,

@@ -33,7 +33,7 @@ import socket
 import threading
 from bisect import bisect_left
 from socketserver import ThreadingMixIn
-from typing import Callable
+from typing import Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app, start_http_server
@@ -160,6 +160,14 @@ class _FastCollector:
         yield err
         yield failed
         yield dur
+        log = o.access_log
+        if log is not None:
+            lines = CounterMetricFamily("shmfabric_splicer_access_log_lines",
+                                        "Access-log lines written, and dropped because a write failed",
+                                        labels=("proto", "outcome"))
+            lines.add_metric((o.proto, "written"), log.written)
+            lines.add_metric((o.proto, "dropped"), log.dropped)
+            yield lines
 
 
 class SpliceMetrics:
@@ -179,6 +187,7 @@ class SpliceMetrics:
         self._client_errors = Counter("shmfabric_splicer_client_errors", "Client-side errors by kind",
                                       ("proto", "kind"), registry=r)
         self._backends: dict[str, BackendMetrics] = {}
+        self.access_log: Any = None  # an access_log.AccessLog whose line counts are exported
         r.register(_FastCollector(self))
 
     def backend(self, name: str) -> BackendMetrics:

@@ -150,7 +150,8 @@ def test_client_address_headers_are_added_after_the_clients_own(flags):
             ours = [b"127.0.0.1"] if flags.get("forwarded_for") else []
             assert _fields(first, b"X-Forwarded-For") == [b"10.0.0.9", *ours]  # the client's first, ours last
             assert _fields(second, b"X-Forwarded-For") == ours
-            fwd = [b"for=127.0.0.1"] if flags.get("forwarded") else []
+            assert _fields(first, b"X-Forwarded-Proto") == ([b"http"] if flags.get("forwarded_for") else [])
+            fwd = [b"for=127.0.0.1;proto=http"] if flags.get("forwarded") else []
             assert _fields(first, b"Forwarded") == fwd and _fields(second, b"Forwarded") == fwd
             w.close()
         finally:
@@ -161,9 +162,11 @@ def test_client_address_headers_are_added_after_the_clients_own(flags):
 
 def test_address_forms_in_the_headers():
     sp = HttpSplicer(HttpSpliceConfig(default=["127.0.0.1:1"], forwarded_for=True, forwarded=True))
-    assert sp.forward_lines("::1") == b'X-Forwarded-For: ::1\r\nForwarded: for="[::1]"\r\n'
+    assert sp.forward_lines("::1") == (b'X-Forwarded-For: ::1\r\nX-Forwarded-Proto: http\r\n'
+                                       b'Forwarded: for="[::1]";proto=http\r\n')
     # an IPv4 client of a dual-stack listener is named as IPv4
-    assert sp.forward_lines("::ffff:10.1.2.3") == b"X-Forwarded-For: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n"
+    assert sp.forward_lines("::ffff:10.1.2.3") == (b"X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\n"
+                                                   b"Forwarded: for=10.1.2.3;proto=http\r\n")
     assert HttpSplicer(HttpSpliceConfig(default=["127.0.0.1:1"])).forward_lines("10.0.0.1") == b""
 
 
@@ -332,7 +335,7 @@ def test_nginx_sees_the_client_chain_and_wrk_through_two_workers_logs_whole_line
                             f"http://127.0.0.1:{sp.port}/who"], capture_output=True, timeout=20)
         assert r.returncode == 0, r.stderr
         # nginx joins repeated X-Forwarded-For fields: the client's value, then the splicer's
-        assert r.stdout == b"xff=10.0.0.9, 127.0.0.1 fwd=for=127.0.0.1\n"
+        assert r.stdout == b"xff=10.0.0.9, 127.0.0.1 fwd=for=127.0.0.1;proto=http\n"
         res = run_wrk(sp.port, ["/w1", "/w2"], connections=8, depth=8, duration=1)
         assert res.requests > 0 and res.socket_errors == 0
     lines = _read_lines(log)  # the splicer has stopped: every worker flushed

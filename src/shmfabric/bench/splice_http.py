@@ -305,15 +305,16 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int = 16, duration: float = 3.0,
-            timeout_s: int = 5) -> WrkResult:
-    """wrk with one connection per thread and the pipelining, order-checking script."""
+            timeout_s: int = 5, scheme: str = "http") -> WrkResult:
+    """wrk with one connection per thread and the pipelining, order-checking script (`scheme`
+    https: over TLS, without checking the certificate, as wrk does)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_PIPELINE_LUA)
         script = f.name
     try:
         out = subprocess.run(
             ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
-             "--timeout", f"{timeout_s}s", "--latency", "-s", script, f"http://127.0.0.1:{port}",
+             "--timeout", f"{timeout_s}s", "--latency", "-s", script, f"{scheme}://127.0.0.1:{port}",
              "--", ",".join(paths), str(depth)],
             capture_output=True, text=True, timeout=duration + 30)
     finally:

@@ -99,6 +99,10 @@ def _build_config(args: argparse.Namespace) -> Any:
         data["access_log"] = args.access_log
     if args.access_log_format is not None:
         data["access_log_format"] = args.access_log_format
+    if args.tls_cert is not None or args.tls_key is not None:
+        if args.tls_cert is None:
+            raise _cli_error("--tls-key needs --tls-cert (the certificate file)")
+        data["tls"] = {**(data.get("tls") or {}), "cert": args.tls_cert, "key": args.tls_key}
     try:
         cfg = HttpSpliceConfig.model_validate(data)
     except ValidationError as exc:
@@ -106,6 +110,23 @@ def _build_config(args: argparse.Namespace) -> Any:
         if source == "command line":
             text = text.replace("field `routes", "--route `routes").replace("field `default", "--default `default")
         raise _cli_error(text) from None
+    if cfg.tls is not None:
+        # Loaded here, so a bad certificate or key is refused at start (and by a reload, which keeps
+        # the running configuration) with the reason, not by each worker as it starts.
+        from datetime import datetime, timezone
+
+        from shmfabric.splicer.tls import TlsError, certificate_expiry, server_context
+
+        try:
+            server_context(cfg.tls)
+        except TlsError as exc:
+            raise _cli_error(f"{source}: {exc}") from None
+        expires = certificate_expiry(cfg.tls.cert)
+        if expires is not None and expires <= datetime.now(timezone.utc):
+            # Served all the same (as HAProxy and nginx do): refusing to start would turn an
+            # expired certificate into an outage; clients that check dates refuse it themselves.
+            print(f"splice http: warning: the certificate in {cfg.tls.cert} expired on {expires:%Y-%m-%d %H:%M} UTC; "
+                  "clients will refuse it: renew it and reload (kill -HUP)", file=sys.stderr)
     if cfg.access_log is not None:
         # Opened here too, so a path that cannot be written is refused at start (and by a reload,
         # which then keeps the running configuration) rather than by every worker as it starts.
@@ -190,6 +211,8 @@ def _add_http(verbs: Any) -> None:
     p.add_argument("--forwarded", action="store_true", help="add RFC 7239 Forwarded: for=<client address>")
     p.add_argument("--access-log", metavar="PATH", help="append a line per answered request to PATH ('-': stdout)")
     p.add_argument("--access-log-format", choices=("text", "json"), help="access log lines (default text)")
+    p.add_argument("--tls-cert", metavar="PEM", help="terminate TLS (HTTPS) with this certificate (chain) file")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (default: in --tls-cert)")
     p.add_argument("--config", metavar="FILE", help="YAML file with an `http:` section")
     p.add_argument("--check", action="store_true", help="validate, print the effective config as JSON, exit")
     p.set_defaults(func=_run_http)

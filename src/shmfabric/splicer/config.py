@@ -210,6 +210,16 @@ class HttpRoute(_Model):
         return self
 
 
+class TlsConfig(_Model):
+    """`tls:` of `splice http`: terminate TLS on the listening port."""
+
+    cert: str = Field(min_length=1, description="PEM file: the certificate, then any intermediates")
+    key: str | None = Field(None, min_length=1, description="PEM file with the private key (unset: in `cert`)")
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="oldest TLS version accepted")
+    ciphers: str | None = Field(None, min_length=1, description="OpenSSL cipher list for TLS 1.2 (unset: "
+                                "OpenSSL's defaults)")
+
+
 class HttpSpliceConfig(_Model):
     """`splice http`: an HTTP/1.1 splicing load balancer."""
 
@@ -223,12 +233,15 @@ class HttpSpliceConfig(_Model):
     health: HealthConfig = HealthConfig()
     upgrade: Literal["tunnel", "refuse"] = Field("tunnel", description="Upgrade requests (e.g. WebSocket)")
     metrics: str | None = Field(None, description="HOST:PORT of the Prometheus endpoint")
-    forwarded_for: bool = Field(False, description="add `X-Forwarded-For: <client address>` to each request "
-                                "(HAProxy's option forwardfor); one the client sent is kept before it")
-    forwarded: bool = Field(False, description="add RFC 7239 `Forwarded: for=<client address>` to each request")
+    forwarded_for: bool = Field(False, description="add `X-Forwarded-For: <client address>` and "
+                                "`X-Forwarded-Proto: http|https` to each request (HAProxy's option forwardfor); "
+                                "an X-Forwarded-For the client sent is kept before ours")
+    forwarded: bool = Field(False, description="add RFC 7239 `Forwarded: for=<client address>;proto=http|https` "
+                            "to each request")
     access_log: str | None = Field(None, min_length=1, description="append one line per answered request to this "
                                    "file ('-': standard output)")
     access_log_format: Literal["text", "json"] = Field("text", description="access log lines: text or JSON")
+    tls: TlsConfig | None = Field(None, description="terminate TLS on `listen` (HTTPS); unset: plain HTTP")
 
     _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
     _default = field_validator("default", mode="before")(

@@ -407,6 +407,7 @@ class ClientConnection(asyncio.Protocol):
         self.log: AccessLog | None = splicer.access_log
         self.peer = "-"  # the client's address, for the access log
         self.forward_lines = b""  # X-Forwarded-For / Forwarded lines added to each request
+        self.plain = splicer.cfg.tls is None  # not TLS: a half-closed client can still be answered
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -446,13 +447,16 @@ class ClientConnection(asyncio.Protocol):
             t = self.tunnel_conn.transport
             if t is not None and t.can_write_eof():
                 t.write_eof()
-            return True
+            return self.plain
         self.peer_eof = True
         if not self.stop_reading:
             self.framer.receive_data(b"")
             self._process()
         self._maybe_close()
-        return True  # keep our sending side open for the answers still owed
+        # Keep our sending side open for the answers still owed. Not possible under TLS: asyncio
+        # ends a TLS connection once the client's side is closed (what is still owed is lost, as
+        # with any TLS server that does not support half-close; HTTP clients do not half-close).
+        return self.plain
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -19,12 +19,13 @@ import socket
 from collections import deque
 from typing import Any, Callable
 
-from .access_log import AccessLog
+from .access_log import AccessLog, AccessLogError
 from .config import HttpSpliceConfig, split_address
 from .http_pool import BackendGroup, BackendServer
 from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
+from .tls import TlsError, server_context
 from .workers import GracefulStop, Listeners, install_uvloop, say, serve_under_master
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
@@ -67,16 +68,21 @@ class HttpSplicer:
         """Open the pools and start listening on `cfg.listen` (port 0 picks a free port), or on
         the listening socket `sock`."""
         self.loop = asyncio.get_running_loop()
+        ssl_ctx = server_context(self.cfg.tls) if self.cfg.tls is not None else None
+        # A client that opens TLS and stalls is bounded like one that stalls in a request head.
+        tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": self.cfg.timeouts.request_head} if ssl_ctx else {}
         if self.cfg.access_log is not None:
             self.access_log = AccessLog(self.cfg.access_log, self.cfg.access_log_format, loop=self.loop, warn=say)
             self.metrics.access_log = self.access_log
         for s in self.servers.values():
             s.start(self.loop)
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
+            self._server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024,
+                                                         **tls_kw)
         else:
             host, port = split_address(self.cfg.listen, allow_zero=True)
-            self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024)
+            self._server = await self.loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024,
+                                                         **tls_kw)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         self._timeouts = self.loop.create_task(self._sweep_timeouts())
 
@@ -88,13 +94,14 @@ class HttpSplicer:
             return b""
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]  # an IPv4 client of a dual-stack listener, as itself
+        proto = b"https" if cfg.tls is not None else b"http"
         out = b""
         if cfg.forwarded_for:
-            out += b"X-Forwarded-For: %s\r\n" % host.encode("ascii")
+            out += b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (host.encode("ascii"), proto)
         if cfg.forwarded:
             # RFC 7239 section 6: an IPv6 node is bracketed, and then quoted (":" is not a token char)
             node = f'"[{host}]"' if ":" in host else host
-            out += b"Forwarded: for=%s\r\n" % node.encode("ascii")
+            out += b"Forwarded: for=%s;proto=%s\r\n" % (node.encode("ascii"), proto)
         return out
 
     @property
@@ -192,7 +199,11 @@ async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socke
                  ready: Callable[[], None]) -> None:
     metrics = SpliceMetrics("http")
     splicer = HttpSplicer(cfg, metrics)
-    await splicer.start(sock=sock)
+    try:
+        await splicer.start(sock=sock)
+    except (TlsError, AccessLogError) as exc:  # a file changed since the master checked it
+        say(f"splice http: worker cannot start: {exc}")
+        raise SystemExit(1) from None
     stop_metrics = serve_socket(metrics.registry, metrics_sock) if metrics_sock is not None else None
     stop = GracefulStop(asyncio.get_running_loop())
     ready()

@@ -44,6 +44,9 @@ def close_lingering(transport: asyncio.Transport, loop: asyncio.AbstractEventLoo
     if transport.is_closing() or transport in _lingering:
         return
     if peer_eof or not transport.can_write_eof():
+        # Under TLS, close() is TLS's own staged close: close_notify after what is buffered, then
+        # records are read (and dropped) until the client's close_notify or asyncio's shutdown
+        # timeout, so the client's unread bytes do not make the kernel reset the connection.
         transport.close()
         return
     try:

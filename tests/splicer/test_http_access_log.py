@@ -80,12 +80,72 @@ def test_pipe_writes_are_cut_at_line_ends():
 def test_paths_that_cannot_be_written_are_refused_with_the_reason(tmp_path):
     with pytest.raises(AccessLogError, match="no directory"):
         check_log(str(tmp_path / "missing" / "a.log"))
-    with pytest.raises(AccessLogError, match="Is a directory"):
+    with pytest.raises(AccessLogError, match="is a directory"):
         check_log(str(tmp_path))
     check_log(str(tmp_path / "new.log"))
     assert not (tmp_path / "new.log").exists()  # checking creates nothing
     with pytest.raises(AccessLogError, match="cannot open"):
         AccessLog(str(tmp_path / "missing" / "a.log"))
+
+
+def test_high_and_control_bytes_are_escaped_and_long_values_clipped():
+    line = format_text(*ARGS[:7], "a\x85b\xffc\x9b", *ARGS[8:], "")
+    assert 'host="a\\x85b\\xffc\\x9b"' in line and line.isascii() and len(line.splitlines()) == 1
+    rec = json.loads(format_json(*ARGS[:7], "a\x85\xff", *ARGS[8:], ""))
+    assert rec["host"] == "a\x85\xff"
+    assert format_json(*ARGS[:7], "a\x85\xff", *ARGS[8:], "").isascii()
+    long = format_text(ARGS[0], ARGS[1], "GET", "/" + "t" * 70000, "1.1", 200, 1, "h" * 70000, *ARGS[8:], "")
+    assert len(long.encode()) < 4096 and '... HTTP/1.1" 200' in long and 'hhh..."' in long
+
+
+def test_a_pipe_nobody_reads_never_blocks_and_drops_past_its_bound():
+    r, w = os.pipe()
+    warnings: list[str] = []
+    try:
+        log = AccessLog("-", warn=warnings.append)
+        log.fd, log._stream = w, True  # as if standard output were this pipe
+        log._poll = __import__("select").poll()
+        log._poll.register(w, __import__("select").POLLOUT)
+        log.MAX_PENDING = 200_000
+        sent = 0
+        while log.dropped == 0:  # the pipe fills (64 KiB), then the pending bound: no call blocks
+            for _ in range(100):
+                log.record(*ARGS[1:12], sent)
+                sent += 1
+            log.flush()
+        assert log._pending_bytes <= log.MAX_PENDING and len(warnings) == 1 and "behind" in warnings[0]
+        got = b""
+        os.set_blocking(r, False)
+        while True:
+            try:
+                got += os.read(r, 1 << 20)
+            except BlockingIOError:
+                if not log._pending:
+                    break
+            log.flush()
+        log.fd = -1
+        seqs = [parse_text(x)["seq"] for x in got.decode().splitlines(keepends=True)]
+        assert seqs == list(range(len(seqs))) and len(seqs) == log.written == sent - log.dropped
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_fifo_is_checked_without_opening_and_refused_without_a_reader(tmp_path):
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    check_log(str(fifo))  # returns at once: no open, so no reader would see an EOF either
+    with pytest.raises(AccessLogError, match="no process reads the FIFO"):
+        AccessLog(str(fifo))
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        log = AccessLog(str(fifo))
+        log.record(*ARGS[1:12], 5)
+        log.flush()
+        assert parse_text(os.read(rfd, 65536).decode())["seq"] == 5
+        log.close()
+    finally:
+        os.close(rfd)
 
 
 def test_a_failing_log_drops_lines_with_one_warning_and_never_raises():
@@ -215,7 +275,7 @@ def test_every_answer_gets_one_line_and_bytes_add_up_to_what_the_client_read(tmp
     assert by_seq[2]["backend"] == "-" and by_seq[2]["tries"] == 0 and "no route" in by_seq[2]["error"]
     assert by_seq[3]["backend"] == "127.0.0.1:1" and "127.0.0.1:1" in by_seq[3]["error"]
     assert by_seq[5]["method"] == "-" and by_seq[5]["error"]
-    assert [rec["seq"] for rec in recs].index(1) < [rec["seq"] for rec in recs].index(0)  # logged as answered
+    assert [rec["seq"] for rec in recs] == list(range(6))  # written as released: in request order
     assert all(rec["client"].startswith("127.0.0.1:") and rec["host"] in ("test", "t", "") for rec in recs)
 
 
@@ -228,7 +288,8 @@ def test_logged_bytes_are_the_bytes_the_client_received(tmp_path):
             be = await env.backend("a")
             await env.splice(default=[be.address], access_log=str(log))
             r, w = await env.connect()
-            reqs = [get(f"/p{i}?chunked=1" if i % 3 == 0 else f"/p{i}", i) for i in range(30)]
+            reqs = [get(f"/p{i}?chunked=1" if i % 3 == 0 else f"/p{i}?early=1" if i % 3 == 1 else f"/p{i}", i)
+                    for i in range(30)]  # 1xx interim answers count too
             w.write(b"".join(reqs) + b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             received = b""
             while True:
@@ -244,6 +305,62 @@ def test_logged_bytes_are_the_bytes_the_client_received(tmp_path):
     recs = [parse_text(x) for x in _read_lines(log)]
     assert sorted(r["seq"] for r in recs) == list(range(31))
     assert sum(r["bytes"] for r in recs) == len(received)
+
+
+def test_answers_never_sent_are_logged_as_such_not_as_answered(tmp_path):
+    """A complete answer waiting behind a slower one when the client resets is not logged as
+    sent (499, 0 bytes); answers cut by the splicer's own stop are 444."""
+    log = tmp_path / "access.log"
+
+    async def main():
+        env = Env()
+        try:
+            be = await env.backend("a")
+            sp = await env.splice(default=[be.address], access_log=str(log))
+            r, w = await env.connect()
+            w.write(get("/slow?delay=2000", 0) + get("/fast", 1))
+            await wait_for(lambda: b"/fast" in be.stats.paths and 1 in next(iter(sp.clients)).log_wait)
+            w.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                              struct.pack("ii", 1, 0))
+            w.transport.abort()
+            await wait_for(lambda: len(_read_lines(log)) >= 2)
+            # the splicer's own cut: a request in flight when the splicer closes
+            r, w = await env.connect()
+            w.write(get("/slow2?delay=3000", 0))
+            await wait_for(lambda: any(p.startswith(b"/slow2") for p in be.stats.paths))
+        finally:
+            await env.close()
+    run(main())
+    recs = [parse_text(x) for x in _read_lines(log)]
+    assert [(r["target"], r["status"], r["bytes"]) for r in recs] == [
+        ("/slow?delay=2000", 499, 0), ("/fast", 499, 0), ("/slow2?delay=3000", 444, 0)]
+    assert "client closed" in recs[0]["error"] and "not sent" in recs[1]["error"]
+    assert "splicer stopped" in recs[2]["error"]
+
+
+def test_a_bad_body_after_the_answer_is_one_more_line_not_a_second_line_for_the_request(tmp_path):
+    log = tmp_path / "access.log"
+
+    async def main():
+        env = Env()
+        rec = await HeadRecorder().start()  # answers as soon as the head is in
+        try:
+            await env.splice(default=[rec.address], access_log=str(log))
+            r, w = await env.connect()
+            w.write(b"POST /early HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            replies, _ = await read_replies(r, [b"POST"], probe=False)
+            assert replies[0].status == 200
+            w.write(b"ZZ\r\n")  # not a chunk size
+            got = await asyncio.wait_for(r.read(), 10)
+            await wait_for(lambda: len(_read_lines(log)) >= 2)
+            return got
+        finally:
+            await rec.close()
+            await env.close()
+    got = run(main())
+    recs = [parse_text(x) for x in _read_lines(log)]
+    assert [(r["seq"], r["status"]) for r in recs] == [(0, 200), (1, 400)]
+    assert recs[1]["method"] == "-" and got.startswith(b"HTTP/1.1 400")
 
 
 def test_a_client_leaving_before_its_answer_is_logged_499(tmp_path):

@@ -95,6 +95,10 @@ class RawBackend:
                     await writer.drain()
                     writer.close()
                     return
+                if path == b"/decline":  # an Upgrade request answered without switching
+                    writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno")
+                    await writer.drain()
+                    continue
                 if path == b"/extra":  # two bytes more than announced
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcde")
                     await writer.drain()
@@ -535,3 +539,19 @@ def test_a_backend_back_after_an_outage_returns_to_rotation_without_health_check
             await asyncio.sleep(0.1)
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"echo /x"), got
     asyncio.run(_with_splicer(test, timeouts={"connect": 1}, pool={"min": pool_min}))
+
+
+def test_a_half_closed_client_gets_the_request_it_sent_after_a_declined_upgrade():
+    # Bytes after an Upgrade request wait unparsed until the backend answers it. When it declined,
+    # they were parsed on the next loop pass, but a client that had half-closed (all its requests
+    # sent) had its connection closed in between: the later request was never answered.
+    async def test(be, sp):
+        r, w = await asyncio.open_connection("127.0.0.1", sp.port)
+        w.write(b"GET /decline HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        w.write_eof()
+        got = await asyncio.wait_for(r.read(), 10)
+        assert got == (b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno"
+                       b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\necho /after"), got
+        w.close()
+    asyncio.run(_with_splicer(test))

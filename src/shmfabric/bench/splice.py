@@ -1,6 +1,6 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
+    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged,tls,tls-handshake] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
 Prints one row per HTTP scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
@@ -12,6 +12,13 @@ The `logged` scenario (opt-in, not in the default list) is scenario 2 with both 
 X-Forwarded-For and writing an access-log line per request to a file; under the table it prints
 each log's line count next to the requests wrk completed, and the X-Forwarded-For value nginx
 received through each proxy.
+The `tls` scenario (opt-in) is scenario 2 with both proxies terminating TLS with the same
+self-signed EC P-256 certificate, wrk over https; `tls-handshake` (opt-in) sends every request on a
+new TLS connection (`Connection: close`), so its rows are connections/s, with no target. Under
+the table: what a probe negotiated through each proxy (protocol, cipher, ALPN; certificate
+verified) and how many of its reconnects resumed their session, and for `tls-handshake` the
+responses that closed their connection against wrk's requests, with HAProxy's own counts of the
+connections and of full and resumed TLS handshakes.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from .splice_redis import BenchError
 __all__ = ["register_bench", "main", "render_table"]
 
 _TITLES = {"unequal": "1. unequal latency (0 ms / 50 ms echo backends)", "uniform": "2. uniform fast nginx backends",
-           "logged": "2L. uniform nginx + X-Fwd-For + access log"}
+           "logged": "2L. uniform nginx + X-Fwd-For + access log", "tls": "2T. uniform nginx, TLS on both proxies",
+           "tls-handshake": "2H. new TLS connection per request (=conn/s)"}
 _OTHER = ("redis", "reload")
 
 
@@ -40,7 +48,8 @@ def render_table(results: Sequence[ScenarioResult]) -> str:
         s, h = r.splicer, r.haproxy
         lines.append(
             f"{_TITLES.get(r.scenario, r.scenario) + (f' [pipeline {r.pipeline}]' if r.pipeline > 1 else ''):<46} {r.workers:>7} {s['requests_per_s']:>14,.0f} "
-            f"{h['requests_per_s']:>14,.0f} {r.ratio:>6.2f}x {'>=' + format(r.target, 'g') + 'x':>7} "
+            f"{h['requests_per_s']:>14,.0f} {r.ratio:>6.2f}x "
+            f"{'—' if r.target is None else '>=' + format(r.target, 'g') + 'x':>7} "
             f"{str(s['out_of_order']) + '/' + str(h['out_of_order']):>17} "
             f"{str(s['non2xx'] + s['socket_errors']) + '/' + str(h['non2xx'] + h['socket_errors']):>14}")
     logged = [r for r in results if "log_lines" in r.splicer]
@@ -55,6 +64,34 @@ def render_table(results: Sequence[ScenarioResult]) -> str:
             lines.append(f"{_TITLES['logged']:<46} {r.workers:>7} {format(s['log_lines'], ',') + '/' + format(s['requests'], ','):>22} "
                          f"{format(h['log_lines'], ',') + '/' + format(h['requests'], ','):>22} "
                          f"{str(s['xff_echo']) + ' / ' + str(h['xff_echo']):>24}")
+    tls = [r for r in results if isinstance(r.splicer.get("tls"), dict)]
+    if tls:
+        n = tls[0].splicer["tls"]["reconnects"]
+        lines += ["", "TLS through each proxy (a probe verifying the certificate: protocol, cipher, ALPN; 'resumed': "
+                  f"how many of {n} sequential reconnects offering the last session, as wrk does, resumed it):"]
+        sub = f"{'':<46} {'workers':>7} {'splicer':>40} {'haproxy':>40} {'resumed of ' + str(n) + ' (s / h)':>23}"
+        lines += [sub, "-" * len(sub)]
+
+        def neg(t: dict) -> str:
+            return f"{t['version']} {t['cipher']} {t['alpn']}"
+        for r in tls:
+            s, h = r.splicer["tls"], r.haproxy["tls"]
+            lines.append(f"{_TITLES[r.scenario]:<46} {r.workers:>7} {neg(s):>40} {neg(h):>40} "
+                         f"{str(s['resumed']) + ' / ' + str(h['resumed']):>23}")
+        hs = [r for r in tls if r.scenario == "tls-handshake"]
+        if hs:
+            lines += ["", "new connections of the measured run: responses with 'Connection: close' / requests wrk "
+                      "completed (wrk reconnects after each), and HAProxy's own counts: connections accepted, "
+                      "TLS handshakes full + resumed:"]
+            sub = f"{'':<46} {'workers':>7} {'splicer closed/wrk':>20} {'haproxy closed/wrk':>20} {'haproxy conns':>14} " \
+                  f"{'full + resumed':>18}"
+            lines += [sub, "-" * len(sub)]
+            for r in hs:
+                s, h = r.splicer, r.haproxy
+                lines.append(f"{_TITLES[r.scenario]:<46} {r.workers:>7} "
+                             f"{format(s['closed'], ',') + '/' + format(s['requests'], ','):>20} "
+                             f"{format(h['closed'], ',') + '/' + format(h['requests'], ','):>20} "
+                             f"{h['connections']:>14,} {format(h['tls_full'], ',') + ' + ' + format(h['tls_resumed'], ','):>18}")
     return "\n".join(lines)
 
 
@@ -71,13 +108,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", type=_csv(str), default=["unequal", "uniform", "redis", "reload"],
                    help="comma-separated: unequal (scenario 1), uniform (scenario 2), redis (scenario 3), "
                         "reload (a server added under load: splicer reload vs twemproxy restart), logged "
-                        "(scenario 2 with X-Forwarded-For and an access log in both proxies; opt-in); "
-                        "default: the first four")
+                        "(scenario 2 with X-Forwarded-For and an access log in both proxies; opt-in), tls "
+                        "(scenario 2 with both proxies terminating TLS; opt-in), tls-handshake (TLS with a new "
+                        "connection per request: connections/s; opt-in); default: the first four")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
     p.add_argument("--pipeline", type=int, default=1,
-                   help="scenarios 2 and logged only: requests pipelined per pooled nginx connection (default 1)")
+                   help="scenarios 2, logged, tls and tls-handshake only: requests pipelined per pooled nginx "
+                        "connection (default 1)")
     p.add_argument("--json", action="store_true", dest="bench_json", help="print JSON instead of a table")
 
 
@@ -86,7 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     if bad:
         from shmfabric.cli.main import CliError
 
-        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis, reload and/or logged")
+        raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis, reload, logged, tls and/or "
+                       "tls-handshake")
     http = [s for s in args.scenario if s in _TITLES]
     as_json = args.bench_json or getattr(args, "json", False)
     try:

@@ -16,6 +16,19 @@ request to a file (splicer `forwarded_for` / `access_log` through a YAML `--conf
 After each run the log lines are counted against the requests wrk completed, and one request to
 an nginx location echoing `$http_x_forwarded_for` shows what the backends received.
 
+Scenario 2 over TLS (`tls`, opt-in): scenario 2 with both proxies terminating TLS on their
+listening port with the same self-signed EC P-256 certificate (made in the temporary directory
+at the start; splicer `--tls-cert/--tls-key`, HAProxy `bind ... ssl crt <cert+key PEM> alpn
+http/1.1`); wrk speaks https. A probe connection through each proxy records the negotiated
+protocol, cipher and ALPN (verifying the certificate), and how many of a few sequential
+reconnects resumed their session.
+
+TLS handshakes (`tls-handshake`, opt-in): the same setup, but every request on a new connection:
+the wrk script sends each request alone with `Connection: close`, so requests/s are connections/s.
+The script counts the responses carrying `Connection: close` (wrk reconnects after each); HAProxy's
+stats socket gives the connections it accepted and how many TLS sessions were new or resumed
+(wrk resumes: OpenSSL's client keeps the last session of each connection and offers it again).
+
 Both peers get the same number of worker processes (splicer `--workers N` with SO_REUSEPORT,
 HAProxy `nbthread N`) and the same routing. The helpers here (nginx config, wrk script, process
 start/stop) are also used by the tests.
@@ -40,6 +53,7 @@ __all__ = [
     "WRK_PIPELINE_LUA", "free_port", "wait_port", "nginx_config", "haproxy_config", "start_nginx", "start_haproxy",
     "start_echo_backend", "start_splicer", "run_wrk", "WrkResult", "ScenarioResult", "run_scenarios",
     "missing_tools", "count_lines", "http_get_body", "WRK_CONNECTIONS", "WRK_DEPTH", "NGINX_SCENARIOS",
+    "TLS_SCENARIOS", "make_self_signed_cert", "tls_probe", "haproxy_stats",
 ]
 
 # wrk Lua: pipelines of DEPTH requests cycling over PATHS, each with X-Seq; with one connection
@@ -49,17 +63,20 @@ WRK_PIPELINE_LUA = r"""
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 
-local paths, depth = {}, 16
-sent, expected, bad, non2xx = 0, 0, 0, 0  -- globals: done() reads them with thread:get()
+local paths, depth, close = {}, 16, false
+sent, expected, bad, non2xx, closed = 0, 0, 0, 0, 0  -- globals: done() reads them with thread:get()
 function init(args)
   for p in string.gmatch(args[1] or "/", "[^,]+") do table.insert(paths, p) end
   depth = tonumber(args[2] or "16")
+  close = args[3] == "close"  -- each request asks for its connection to be closed after it
 end
 function request()
   local reqs = {}
   for i = 1, depth do
     local p = paths[(sent % #paths) + 1]
-    reqs[i] = wrk.format("GET", p, {["X-Seq"] = tostring(sent)})
+    local h = {["X-Seq"] = tostring(sent)}
+    if close then h["Connection"] = "close" end
+    reqs[i] = wrk.format("GET", p, h)
     sent = sent + 1
   end
   return table.concat(reqs)
@@ -77,14 +94,16 @@ function response(status, headers, body)
   end
   if s ~= nil then last = s end
   if status < 200 or status > 299 then non2xx = non2xx + 1 end
+  local c = headers["Connection"] or headers["connection"]
+  if c ~= nil and string.lower(c) == "close" then closed = closed + 1 end  -- wrk reconnects after it
   expected = expected + 1
 end
 function done(summary, latency, requests)
-  local b, n, e = 0, 0, 0
+  local b, n, e, c = 0, 0, 0, 0
   for _, t in ipairs(threads) do
-    b = b + t:get("bad"); n = n + t:get("expected"); e = e + t:get("non2xx")
+    b = b + t:get("bad"); n = n + t:get("expected"); e = e + t:get("non2xx"); c = c + t:get("closed")
   end
-  io.write(string.format("ORDER checked=%d out_of_order=%d non2xx=%d\n", n, b, e))
+  io.write(string.format("ORDER checked=%d out_of_order=%d non2xx=%d closed=%d\n", n, b, e, c))
 end
 """
 
@@ -161,22 +180,29 @@ http {{
 
 
 def haproxy_config(port: int, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str],
-                   threads: int = 1, *, forwardfor: bool = False, log_stdout: bool = False) -> str:
+                   threads: int = 1, *, forwardfor: bool = False, log_stdout: bool = False,
+                   tls_pem: Path | None = None, stats_socket: Path | None = None) -> str:
     """HAProxy config routing path prefixes like the splicer's --route (same backends).
 
     `forwardfor`: add X-Forwarded-For to each request (`option forwardfor`). `log_stdout`: one
     HTTP log line per request (`option httplog`), written raw to HAProxy's standard output (no
-    syslog needed)."""
+    syslog needed). `tls_pem`: terminate TLS on the port with that PEM file (certificate and key
+    in one file), TLS 1.2 and 1.3 with OpenSSL's default ciphers and ALPN http/1.1, as the
+    splicer's `tls:` does. `stats_socket`: a stats socket (UNIX) at that path."""
     lines = ["global", f"  nbthread {threads}", "  maxconn 4000"]
     if log_stdout:
         lines.append("  log stdout format raw local0")
+    if stats_socket is not None:
+        lines.append(f"  stats socket {stats_socket} mode 600 level user")
+    if tls_pem is not None:
+        lines.append("  ssl-default-bind-options ssl-min-ver TLSv1.2")
     lines += ["defaults", "  mode http", "  timeout connect 5s", "  timeout client 60s", "  timeout server 60s",
               "  option http-keep-alive", "  http-reuse always"]
     if log_stdout:
         lines += ["  log global", "  option httplog"]
     if forwardfor:
         lines.append("  option forwardfor")
-    lines += ["frontend fe", f"  bind 127.0.0.1:{port}"]
+    lines += ["frontend fe", f"  bind 127.0.0.1:{port}" + (f" ssl crt {tls_pem} alpn http/1.1" if tls_pem else "")]
     backends = []
     for i, (prefix, servers) in enumerate(routes):
         lines.append(f"  acl r{i} path_beg {prefix}")
@@ -231,14 +257,15 @@ def start_nginx(tmp: Path, name: str = "nginx", xff_echo: bool = False) -> Itera
 
 @contextmanager
 def start_haproxy(tmp: Path, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str],
-                  threads: int = 1, *, forwardfor: bool = False, log_to: Path | None = None) -> Iterator[int]:
+                  threads: int = 1, *, forwardfor: bool = False, log_to: Path | None = None,
+                  tls_pem: Path | None = None, stats_socket: Path | None = None) -> Iterator[int]:
     """Run HAProxy with the given routing on a free port; yields the port. `forwardfor` adds
     X-Forwarded-For to requests; `log_to` appends one HTTP log line per request to that file
-    (HAProxy's standard output, opened O_APPEND)."""
+    (HAProxy's standard output, opened O_APPEND); `tls_pem`, `stats_socket`: see haproxy_config."""
     port = free_port()
     conf = tmp / f"haproxy-{port}.cfg"
     conf.write_text(haproxy_config(port, routes, default, threads, forwardfor=forwardfor,
-                                   log_stdout=log_to is not None))
+                                   log_stdout=log_to is not None, tls_pem=tls_pem, stats_socket=stats_socket))
     with ExitStack() as files:
         out = files.enter_context(open(log_to, "ab")) if log_to is not None else subprocess.DEVNULL
         proc = _popen(["haproxy", "-db", "-f", str(conf)], stdout=out)
@@ -293,6 +320,7 @@ class WrkResult:
     socket_errors: int
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    closed: int = 0  # responses carrying `Connection: close` (wrk reconnects after each)
     raw: str = field(default="", repr=False)
 
 
@@ -305,9 +333,10 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int = 16, duration: float = 3.0,
-            timeout_s: int = 5, scheme: str = "http") -> WrkResult:
+            timeout_s: int = 5, scheme: str = "http", close: bool = False) -> WrkResult:
     """wrk with one connection per thread and the pipelining, order-checking script (`scheme`
-    https: over TLS, without checking the certificate, as wrk does)."""
+    https: over TLS, without checking the certificate, as wrk does). `close`: every request
+    carries `Connection: close` (use depth 1), so wrk opens a new connection for each."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_PIPELINE_LUA)
         script = f.name
@@ -315,14 +344,14 @@ def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int
         out = subprocess.run(
             ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
              "--timeout", f"{timeout_s}s", "--latency", "-s", script, f"{scheme}://127.0.0.1:{port}",
-             "--", ",".join(paths), str(depth)],
+             "--", ",".join(paths), str(depth), *(["close"] if close else [])],
             capture_output=True, text=True, timeout=duration + 30)
     finally:
         os.unlink(script)
     text = out.stdout + out.stderr
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     total = re.search(r"(\d+) requests in", text)
-    order = re.search(r"ORDER checked=(\d+) out_of_order=(\d+) non2xx=(\d+)", text)
+    order = re.search(r"ORDER checked=(\d+) out_of_order=(\d+) non2xx=(\d+) closed=(\d+)", text)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     if not rps or not total or not order:
         raise RuntimeError(f"could not read wrk's output:\n{text}")
@@ -330,7 +359,8 @@ def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int
     p99 = re.search(r"\n\s+99%\s+(\S+)", text)
     return WrkResult(float(rps.group(1)), int(total.group(1)), int(order.group(1)), int(order.group(2)),
                      int(order.group(3)), sum(int(x) for x in errs.groups()) if errs else 0,
-                     _ms(p50.group(1)) if p50 else None, _ms(p99.group(1)) if p99 else None, raw=text)
+                     _ms(p50.group(1)) if p50 else None, _ms(p99.group(1)) if p99 else None,
+                     int(order.group(4)), raw=text)
 
 
 @dataclass
@@ -340,12 +370,12 @@ class ScenarioResult:
     splicer: dict
     haproxy: dict
     ratio: float
-    target: float
+    target: float | None  # None: no target (the tls-handshake rows)
     pipeline: int = 1
 
     @property
-    def met(self) -> bool:
-        return self.ratio >= self.target
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio >= self.target
 
 
 # wrk's shape in every scenario: this many connections, each with a pipeline of WRK_DEPTH requests;
@@ -374,6 +404,92 @@ def http_get_body(port: int, path: str, timeout: float = 10.0) -> str:
         conn.close()
 
 
+def make_self_signed_cert(folder: Path, name: str = "bench") -> tuple[Path, Path, Path]:
+    """A self-signed EC P-256 certificate for 127.0.0.1 and localhost (valid two days) and its
+    unencrypted key: (cert.pem, key.pem, cert+key.pem), the last for HAProxy's `crt`."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    paths = folder / f"{name}.crt", folder / f"{name}.key", folder / f"{name}.pem"
+    for path, data in zip(paths, (cert_pem, key_pem, cert_pem + key_pem)):
+        path.write_bytes(data)
+        path.chmod(0o600)
+    return paths
+
+
+def tls_probe(port: int, cert: Path, path: str = "/a", reconnects: int = 10, timeout: float = 10.0) -> dict:
+    """GET https://localhost:port/path with Python's ssl, verifying the proxy presents `cert`;
+    then `reconnects` more requests, each on a new connection offering the previous one's
+    session, as wrk does. Returns the negotiated protocol, cipher, ALPN, the first answer's status
+    and body, and how many of the reconnects resumed their session."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.set_alpn_protocols(["http/1.1"])
+    out: dict = {"resumed": 0, "reconnects": reconnects}
+    session = None
+    for i in range(reconnects + 1):
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            t = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+            try:
+                t.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := t.recv(65536):
+                    data += chunk
+                if i == 0:
+                    out.update(version=t.version(), cipher=t.cipher()[0], alpn=t.selected_alpn_protocol(),
+                               status=int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else None,
+                               body=data.partition(b"\r\n\r\n")[2].decode(errors="replace").strip())
+                else:
+                    out["resumed"] += t.session_reused
+                session = t.session  # after the answer: TLS 1.3 tickets come after the handshake
+                try:
+                    t.unwrap()  # our close_notify: OpenSSL keeps a session only if it was shut down
+                except (OSError, ssl.SSLError):
+                    pass
+            finally:
+                t.close()
+    return out
+
+
+def haproxy_stats(sock_path: Path) -> dict[str, int]:
+    """The frontend's counters from HAProxy's stats socket: connections accepted (`conn_tot`),
+    requests, and TLS sessions new (`ssl_sess`, a full handshake) and resumed (`ssl_reused_sess`)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock_path))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    names = lines[0].lstrip("# ").split(",")
+    for line in lines[1:]:
+        row = dict(zip(names, line.split(",")))
+        if row.get("pxname") == "fe" and row.get("svname") == "FRONTEND":
+            return {k: int(row.get(k) or 0) for k in ("conn_tot", "req_tot", "ssl_sess", "ssl_reused_sess",
+                                                      "ssl_failed_handshake")}
+    raise RuntimeError(f"no FRONTEND row in HAProxy's stats:\n{data.decode()[:2000]}")
+
+
 def _splicer_yaml(path: Path, routes: Sequence[tuple[str, Sequence[str]]], default: Sequence[str], pool: int,
                   workers: int, pipeline: int, access_log: Path) -> Path:
     """The YAML `--config` of the `logged` scenario: the same routing, pool, workers and health
@@ -396,6 +512,8 @@ def _splicer_yaml(path: Path, routes: Sequence[tuple[str, Sequence[str]]], defau
 
 def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipeline: int = 1) -> ScenarioResult:
     logged = kind == "logged"
+    tls = kind in TLS_SCENARIOS
+    handshake = kind == "tls-handshake"
     with ExitStack() as stack:
         if kind == "unequal":
             fast = stack.enter_context(start_echo_backend(0, "fast"))
@@ -408,7 +526,13 @@ def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipelin
             n2 = stack.enter_context(start_nginx(tmp, "n2", xff_echo=logged))
             routes = []
             default = [f"127.0.0.1:{n1}", f"127.0.0.1:{n2}"]
-            paths, target = ["/a", "/b"], 0.5
+            paths, target = ["/a", "/b"], (None if handshake else 0.5)
+        if tls:
+            cert, key, pem = make_self_signed_cert(tmp, f"bench-{kind}-w{workers}")
+        # each request alone, on its own connection (Connection: close) or pipelines of WRK_DEPTH
+        depth, close = (1, True) if handshake else (WRK_DEPTH, False)
+        scheme = "https" if tls else "http"
+        stats_sock = tmp / f"haproxy-{kind}-w{workers}.sock"
         logs = {"splicer": tmp / f"splicer-access-w{workers}.log", "haproxy": tmp / f"haproxy-access-w{workers}.log"}
         if logged:
             for f in logs.values():
@@ -419,25 +543,44 @@ def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipelin
             split_args = [f"--route={p}={','.join(s)}" for p, s in routes] + [
                 "--default", ",".join(default), "--pool", str(pool), "--pool-min", "8", "--workers", str(workers),
                 "--no-health", "--pipeline", str(pipeline)]
+            if tls:
+                split_args += ["--tls-cert", str(cert), "--tls-key", str(key)]
         results = {}
         for peer in ("splicer", "haproxy"):
             if peer == "splicer":
                 cm = start_splicer(split_args)
             elif logged:
                 cm = start_haproxy(tmp, routes, default, workers, forwardfor=True, log_to=logs["haproxy"])
+            elif tls:
+                cm = start_haproxy(tmp, routes, default, workers, tls_pem=pem, stats_socket=stats_sock)
             else:
                 cm = start_haproxy(tmp, routes, default, workers)
-            xff = None
+            xff = probe = stats = None
+            wrk_kw = dict(connections=WRK_CONNECTIONS, depth=depth, scheme=scheme, close=close)
             with cm as port:
-                run_wrk(port, paths, connections=WRK_CONNECTIONS, depth=WRK_DEPTH, duration=1)  # warm-up: pools fill
+                run_wrk(port, paths, duration=1, **wrk_kw)  # warm-up: pools fill
+                if tls:
+                    # through the proxy to nginx over TLS, verifying the certificate: what was negotiated
+                    probe = tls_probe(port, cert, paths[0])
+                    if peer == "haproxy":
+                        stats = haproxy_stats(stats_sock)
                 if logged:
                     # what nginx received, on a pool connection the warm-up has used
                     xff = http_get_body(port, "/xff")
                     time.sleep(0.3)  # the warm-up's last log lines land before the count starts
                     before = count_lines(logs[peer])
-                r = run_wrk(port, paths, connections=WRK_CONNECTIONS, depth=WRK_DEPTH, duration=duration)
+                r = run_wrk(port, paths, duration=duration, **wrk_kw)
+                if stats is not None:  # HAProxy's counters over the measured run only
+                    after = haproxy_stats(stats_sock)
+                    stats = {k: after[k] - stats[k] for k in after}
             d = asdict(r)
             d.pop("raw")
+            if tls:
+                d["tls"] = probe
+                # what the proxy counted during the measured run (HAProxy only; None for the splicer)
+                d["connections"] = stats["conn_tot"] if stats else None
+                d["tls_full"] = stats["ssl_sess"] if stats else None
+                d["tls_resumed"] = stats["ssl_reused_sess"] if stats else None
             if logged:
                 # counted after the proxy stopped (and flushed): the measured run's lines only
                 d["log_lines"] = count_lines(logs[peer]) - before
@@ -449,7 +592,8 @@ def _one(kind: str, workers: int, duration: float, pool: int, tmp: Path, pipelin
                           pipeline)
 
 
-NGINX_SCENARIOS = ("uniform", "logged")
+TLS_SCENARIOS = ("tls", "tls-handshake")
+NGINX_SCENARIOS = ("uniform", "logged", *TLS_SCENARIOS)
 
 
 def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Sequence[int] = (1, 2),

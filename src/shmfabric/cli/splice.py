@@ -177,7 +177,8 @@ def _run_http(args: argparse.Namespace) -> int:
         print(f"splice http: listening on {cfg.listen.rsplit(':', 1)[0]}:{listeners.port} "
               f"({routes} route{'s' if routes != 1 else ''}{', default' if cfg.default else ''}; "
               f"pool {cfg.pool.min}..{cfg.pool.max} per server; {cfg.workers} worker(s)"
-              f"{listeners.describe_metrics()})", flush=True)
+              f"{listeners.describe_metrics()})", flush=True,
+              file=sys.stderr if cfg.access_log == "-" else sys.stdout)  # stdout is then the log's alone
 
     try:
         return run(cfg, listeners, reloader(_build_config, args), announce)

@@ -12,36 +12,47 @@ logrotate's `copytruncate` works too, since writes are O_APPEND.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import select
 import stat
 import time
+from collections import deque
 from typing import Any, Callable
 
 __all__ = ["AccessLog", "AccessLogError", "check_log", "format_text", "format_json", "open_log"]
 
 FORMATS = ("text", "json")
 
-# Bytes that would break a log line or its quoting, escaped as \xHH in the text format. The
-# request framer already refuses control characters in targets; the Host value and error
-# messages are escaped all the same, since a log is read by tools that split on them.
-_ESCAPE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+# Escaped as \xHH in the text format: control bytes (C0, DEL and C1, which line-splitting tools
+# and terminals act on) and every byte from 0x80 up. Values are request bytes decoded as
+# latin-1, so a character from 0x80 up *is* one byte of the request: written as UTF-8 it could
+# not be told from a real UTF-8 character. The framer already refuses such bytes in targets;
+# the Host value and error messages are escaped all the same.
+_ESCAPE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0x100))}
 _ESCAPE[ord('"')] = '\\"'
 _ESCAPE[ord("\\")] = "\\\\"
+#: Longest target or Host written (longer ones end in "..."): a line stays below PIPE_BUF, so
+#: workers sharing a pipe cannot interleave it, and a 64 KiB header does not bloat the log.
+FIELD_MAX = 1024
 
 
 class AccessLogError(Exception):
     """The access log cannot be opened (the message says which path and why)."""
 
 
-_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\x7f"\\]').search
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]').search
 
 
 def _quote(text: str) -> str:
     # Most values need nothing escaped: one regex scan (C) instead of a dict lookup per character.
     return text.translate(_ESCAPE) if _NEEDS_ESCAPE(text) else text
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= FIELD_MAX else text[:FIELD_MAX] + "..."
 
 
 class _Clock:
@@ -65,8 +76,8 @@ def format_text(stamp: str, client: str, method: str, target: str, version: str,
                 host: str, backend: str, wait: float, total: float, tries: int, seq: int, error: str) -> str:
     """One text line: the usual positional head (time, client, "request", status, bytes), then
     key=value fields. Times are seconds, to the millisecond (the event loop's clock)."""
-    line = (f'{stamp} {client} "{method} {_quote(target)} HTTP/{version}" {status} {sent} '
-            f'host="{_quote(host)}" backend={backend} wait={wait:.3f} total={total:.3f} tries={tries} seq={seq}')
+    line = (f'{stamp} {client} "{method} {_quote(_clip(target))} HTTP/{version}" {status} {sent} '
+            f'host="{_quote(_clip(host))}" backend={backend} wait={wait:.3f} total={total:.3f} tries={tries} seq={seq}')
     if error:
         line += f' error="{_quote(error)}"'
     return line + "\n"
@@ -74,29 +85,42 @@ def format_text(stamp: str, client: str, method: str, target: str, version: str,
 
 def format_json(stamp: str, client: str, method: str, target: str, version: str, status: int, sent: int,
                 host: str, backend: str, wait: float, total: float, tries: int, seq: int, error: str) -> str:
-    """One JSON object per line, the same fields as `format_text` (error only when there is one)."""
+    """One JSON object per line, the same fields as `format_text` (error only when there is one).
+    ASCII only: a request byte from 0x80 up is the code point of the same value (\\u0080-\\u00ff)."""
     record: dict[str, Any] = {
-        "time": stamp, "client": client, "method": method, "target": target, "version": version,
-        "status": status, "bytes": sent, "host": host, "backend": backend,
+        "time": stamp, "client": client, "method": method, "target": _clip(target), "version": version,
+        "status": status, "bytes": sent, "host": _clip(host), "backend": backend,
         "wait": round(wait, 3), "total": round(total, 3), "tries": tries, "seq": seq,
     }
     if error:
         record["error"] = error
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return json.dumps(record, separators=(",", ":")) + "\n"
 
 
 def open_log(path: str) -> tuple[int, bool]:
-    """(fd, is_pipe) for `path`: "-" is standard output; anything else is opened for appending and
-    created (mode 0644) if missing. AccessLogError with the reason and a fix if it cannot be."""
+    """(fd, is_stream) for `path`: "-" is standard output; an existing FIFO is opened without
+    blocking (there must be a reader); anything else is opened for appending and created (mode
+    0644) if missing. is_stream: not a regular file (its writes are polled, see AccessLog).
+    AccessLogError with the reason and a fix if it cannot be opened."""
     if path == "-":
-        fd = 1
-    else:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise AccessLogError(f"access_log: cannot open {path!r} for appending: {exc.strerror}; fix: "
-                                 "point it at a writable file (its directory must exist), or '-' for "
-                                 "standard output") from None
+        return 1, _is_stream(1)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        fifo = False
+    if fifo:
+        # A blocking open waits for a reader for ever; this one fails at once instead (ENXIO).
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if fifo and exc.errno == errno.ENXIO:
+            raise AccessLogError(f"access_log: no process reads the FIFO {path!r}; fix: start its reader "
+                                 "first") from None
+        raise AccessLogError(f"access_log: cannot open {path!r} for appending: {exc.strerror}; fix: "
+                             "point it at a writable file (its directory must exist), or '-' for "
+                             "standard output") from None
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
@@ -107,12 +131,24 @@ def open_log(path: str) -> tuple[int, bool]:
     return fd, not stat.S_ISREG(mode)
 
 
+def _is_stream(fd: int) -> bool:
+    try:
+        return not stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return True
+
+
 def check_log(path: str) -> None:
-    """AccessLogError if `open_log(path)` would fail; creates nothing (a `--check` run stays dry)."""
-    if path == "-" or os.path.exists(path):
-        fd, _ = open_log(path)
-        if fd != 1:
-            os.close(fd)
+    """AccessLogError if `open_log(path)` would fail for a file; creates nothing and opens no FIFO
+    or device (a `--check` run stays dry, and a FIFO's reader does not see an open and close)."""
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise AccessLogError(f"access_log: {path!r} is a directory; fix: name a file in it")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise AccessLogError(f"access_log: {path!r} is not writable by this user; fix: its permissions, or "
+                                 "another path")
         return
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
@@ -145,21 +181,38 @@ class AccessLog:
     """Buffered writer of access-log lines for one event loop.
 
     `record(...)` formats a line and schedules one flush for the end of the loop pass; the lines
-    of one pass share its timestamp. A failed
-    write (disk full, a closed pipe) drops those lines, counts them in `dropped`, and says so once
-    on stderr through `warn`: traffic is never held up by the log.
+    of one pass share its timestamp. Traffic is never held up by the log:
+
+    * a regular file is written at once (the page cache takes it);
+    * a pipe, FIFO, socket or terminal (standard output under systemd or a container runtime) is
+      written only as far as it takes bytes without blocking (a poll before each write of at
+      most PIPE_BUF bytes ending at a line end). The rest waits, up to `MAX_PENDING` bytes, for
+      the reader to catch up; past that, lines are dropped.
+
+    A failed write (disk full, no reader left) or an overflow drops lines, counts them in
+    `dropped`, and says so once on stderr through `warn`.
     """
+
+    MAX_PENDING = 1 << 20  # bytes held for a slow reader of a pipe before lines are dropped
+    RETRY = 0.02  # seconds between tries to write to a pipe that was full
 
     def __init__(self, path: str, fmt: str = "text", *, loop: Any = None,
                  warn: Callable[[str], None] | None = None) -> None:
         if fmt not in FORMATS:
             raise AccessLogError(f"access_log_format: {fmt!r} is not one of {', '.join(FORMATS)}")
         self.path = path
-        self.fd, self._pipe = open_log(path)
+        self.fd, self._stream = open_log(path)
         self._format = format_text if fmt == "text" else format_json
         self._clock = _Clock()
         self._lines: list[str] = []
         self._stamp: str | None = None  # this loop pass's timestamp; set while a flush is scheduled
+        self._pending: deque[bytes] = deque()  # stream only: pieces waiting for the reader
+        self._pending_bytes = 0
+        self._retry: Any = None
+        self._poll: Any = None
+        if self._stream:
+            self._poll = select.poll()
+            self._poll.register(self.fd, select.POLLOUT)
         self.loop = loop
         self.written = 0
         self.dropped = 0
@@ -181,33 +234,87 @@ class AccessLog:
         self._lines.append(self._format(stamp, client, method, target, version, status, sent, host, backend, wait,
                                         total, tries, seq, error))
 
+    def _drop(self, lines: int, why: str) -> None:
+        self.dropped += lines
+        if not self._warned and self._warn is not None:
+            self._warned = True
+            self._warn(f"access log {self.path!r}: {why}; {lines} line(s) dropped, and later drops are counted "
+                       "(shmfabric_splicer_access_log_lines_total) without a message")
+
     def flush(self) -> None:
-        """Write the buffered lines now."""
+        """Write the buffered lines now (to a stream: as far as it takes them without blocking)."""
         self._stamp = None
         lines = self._lines
-        if not lines:
-            return
-        self._lines = []
-        data = "".join(lines).encode("utf-8", "surrogateescape")
-        pieces = _pieces(data, select.PIPE_BUF) if self._pipe else [data]
-        for i, piece in enumerate(pieces):
-            try:
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(self.fd, view):]
-            except OSError as exc:
-                lost = sum(p.count(b"\n") for p in pieces[i:])
-                self.dropped += lost
-                if not self._warned and self._warn is not None:
-                    self._warned = True
-                    self._warn(f"access log {self.path!r}: write failed ({exc.strerror or exc}); {lost} line(s) "
-                               "dropped, and later failures are counted without a message")
+        if lines:
+            self._lines = []
+            data = "".join(lines).encode("utf-8", "surrogateescape")
+            if not self._stream:
+                self._write_file(data, len(lines))
                 return
-        self.written += len(lines)
+            if self._pending_bytes + len(data) > self.MAX_PENDING:
+                self._drop(len(lines), f"the reader is {self._pending_bytes} bytes behind")
+            else:
+                self._pending.extend(_pieces(data, select.PIPE_BUF))
+                self._pending_bytes += len(data)
+        if self._pending:
+            self._write_stream()
 
-    def close(self) -> None:
-        """Flush and close (standard output is left open)."""
+    def _write_file(self, data: bytes, nlines: int) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self._drop(data[len(data) - len(view):].count(b"\n"), f"write failed ({exc.strerror or exc})")
+            self.written += data[: len(data) - len(view)].count(b"\n")
+            return
+        self.written += nlines
+
+    def _write_stream(self, wait_ms: int = 0) -> None:
+        pending = self._pending
+        while pending:
+            piece = pending[0]
+            try:
+                if not self._poll.poll(wait_ms):
+                    raise BlockingIOError
+                n = os.write(self.fd, piece)
+            except BlockingIOError:  # full (another writer may have filled it since the poll)
+                if self._retry is None and self.loop is not None and wait_ms == 0:
+                    self._retry = self.loop.call_later(self.RETRY, self._retried)
+                return
+            except OSError as exc:
+                lost = sum(p.count(b"\n") for p in pending)
+                pending.clear()
+                self._pending_bytes = 0
+                self._drop(lost, f"write failed ({exc.strerror or exc})")
+                return
+            self._pending_bytes -= n
+            if n < len(piece):  # a socket took part of it: the rest goes first next time
+                pending[0] = piece[n:]
+                continue
+            pending.popleft()
+            self.written += piece.count(b"\n")
+
+    def _retried(self) -> None:
+        self._retry = None
+        if self.fd >= 0:
+            self.flush()
+
+    def close(self, wait: float = 1.0) -> None:
+        """Flush and close (standard output is left open). Lines still waiting for a slow reader
+        get up to `wait` seconds, then are dropped."""
         self.flush()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._pending:
+            deadline = time.monotonic() + wait
+            while self._pending and time.monotonic() < deadline:
+                self._write_stream(wait_ms=max(1, int((deadline - time.monotonic()) * 1000)))
+            if self._pending:
+                self._drop(sum(p.count(b"\n") for p in self._pending), "the reader did not take the last lines")
+                self._pending.clear()
+                self._pending_bytes = 0
         if self.fd != 1:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = -1

@@ -229,9 +229,12 @@ class Exchange:
             return  # HTTP/1.0 clients do not understand 1xx (RFC 9110 section 15.2)
         if ev.status == 100:
             if self.req.expect_continue:
+                self.sent += len(_CONTINUE)
                 self.client.emit(self.seq, _CONTINUE)
             return
-        self.client.emit(self.seq, encode_response_head(ev, framing=BODY_NONE))
+        head = encode_response_head(ev, framing=BODY_NONE)
+        self.sent += len(head)
+        self.client.emit(self.seq, head)
 
     def _complete(self, tail: bytes) -> None:
         if self.finished:
@@ -404,7 +407,10 @@ class ClientConnection(asyncio.Protocol):
         self._reschedule = False
         self._processing = False
         self._transport_paused = False
+        self._reparse = False  # the framer was resumed and _process is scheduled to parse on
         self.log: AccessLog | None = splicer.access_log
+        self.log_wait: dict[int, list] = {}  # access-log lines by seq, until the answer is released
+        self.ending = ""  # why the splicer itself cut the connection (logged with 444)
         self.peer = "-"  # the client's address, for the access log
         self.forward_lines = b""  # X-Forwarded-For / Forwarded lines added to each request
         self.plain = splicer.cfg.tls is None  # not TLS: a half-closed client can still be answered
@@ -462,10 +468,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.splicer.clients.discard(self)
         self.splicer.metrics.client_connections.dec()
+        if self.log is not None:
+            self._log_unsent()
         for ex in list(self.exchanges.values()):
-            if self.log is not None and not ex.finished and not ex.gone:
-                # nginx's 499: the client closed the connection before its answer was ready
-                self.log_exchange(ex, 499, 0, "client closed the connection before the answer")
             ex.abandon()
         self.exchanges.clear()
         self.queue.clear()
@@ -489,6 +494,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- reading requests -----------------------------------------------------------------
     def _process(self) -> None:
+        self._reparse = False
         if self._processing:
             return
         self._processing = True
@@ -585,11 +591,12 @@ class ClientConnection(asyncio.Protocol):
             seq = self.merge.open()
         self.finish(seq, answer)
         if self.log is not None:
-            if cur is not None:  # the error is in this request's body
-                self.log_exchange(cur, exc.status, len(answer), str(exc))
+            if seq == getattr(cur, "seq", None):  # the error is in this request's body: its answer
+                self.log_exchange(cur, exc.status, len(answer), str(exc))  # type: ignore[arg-type]
             else:  # no request head could be read: nothing of it is logged
-                self.log.record(self.peer, "-", "-", "-", exc.status, len(answer), "", "-", 0.0,
-                                max(0.0, self.loop.time() - (self.head_since or self.last_seen)), 0, seq, str(exc))
+                self.log_wait[seq] = [self.peer, "-", "-", "-", exc.status, len(answer), "", "-", 0.0,
+                                      max(0.0, self.loop.time() - (self.head_since or self.last_seen)), 0, seq,
+                                      str(exc)]
         self._end_input(seq)
 
     def head_timed_out(self, seconds: float) -> None:
@@ -685,6 +692,9 @@ class ClientConnection(asyncio.Protocol):
                 self._maybe_close()
             elif self.framer.paused:
                 self.framer.resume()
+                # Requests read behind the declined upgrade are parsed on the next pass; until
+                # then a half-closed client's connection is not "done" (_maybe_close).
+                self._reparse = True
                 self.loop.call_soon(self._process)
         if not self.closed:
             self._schedule()
@@ -706,17 +716,50 @@ class ClientConnection(asyncio.Protocol):
             self.log_exchange(ex, status, len(answer), message)
 
     def log_exchange(self, ex: Exchange, status: int, sent: int, error: str = "") -> None:
-        """One access-log line for `ex` (see access_log.py): wait is the time from reading the
-        request to sending it to a backend (ordering, barriers, a pool's queue), total the time
-        to the end of the answer; tries counts sends to a backend (a retry makes 2)."""
+        """The access-log line of `ex`, once its answer is complete (see access_log.py): wait is the
+        time from reading the request to sending it to a backend (ordering, barriers, a pool's
+        queue), total the time to the end of the answer; tries counts sends to a backend (a retry
+        makes 2). It is written once the answer is handed to the connection (`_release_logs`), or
+        as not sent if the connection ends first (`_log_unsent`)."""
         req = ex.req
         server = ex.server
         latin = "latin-1"
-        self.log.record(  # type: ignore[union-attr]
+        self.log_wait[ex.seq] = [
             self.peer, req.method.decode(latin), req.target.decode(latin), req.http_version.decode(latin), status,
             sent, req.host.decode(latin), server.name if server is not None else "-",
             (ex.t0 - ex.t_in) if ex.started else 0.0, self.loop.time() - ex.t_in,
-            ex.attempts + 1 if server is not None else 0, ex.seq, error)
+            ex.attempts + 1 if server is not None else 0, ex.seq, error]
+
+    def _release_logs(self) -> None:
+        """Write the lines of answers the merge has released to the connection."""
+        merge = self.merge
+        base, last = merge._base, merge._last
+        record = self.log.record  # type: ignore[union-attr]
+        wait = self.log_wait
+        for seq in sorted(s for s in wait if s < base and (last is None or s <= last)):
+            record(*wait.pop(seq))
+
+    def _log_unsent(self) -> None:
+        """The connection ends: lines for the answers it never carried. A request still being
+        answered is logged 499 (nginx's code: the client closed the connection first) or, when
+        the splicer ended the connection, 444 (nginx's "closed without a response"); so is a
+        complete answer that was waiting for an earlier one. Bytes: what went out of it."""
+        self._release_logs()
+        us = self.ending
+        status = 444 if us else 499
+        why = us or "the client closed the connection before this answer"
+        head = self.merge.head
+        for ex in self.exchanges.values():
+            if not ex.finished and not ex.gone and ex.seq not in self.log_wait:
+                self.log_exchange(ex, status, ex.sent if ex.seq == head else 0, why)
+        for seq in sorted(self.log_wait):
+            args = self.log_wait[seq]
+            if seq != head:
+                args[5] = 0  # bytes: none of it was released
+            if args[4] not in (444, 499):
+                args[4], args[12] = status, f"not sent: {why}" if not args[12] else f"{args[12]}; not sent: {why}"
+            self.log.record(*args)  # type: ignore[union-attr]
+        self.log_wait.clear()
 
     def close_after(self, ex: Exchange) -> bool:
         """True if the client connection ends with the response to `ex`."""
@@ -752,6 +795,8 @@ class ClientConnection(asyncio.Protocol):
             # Activity both ways counts: a client reads an answer, then sends its next request;
             # the idle timeout and a drain's grace (`drain`) start from whichever came last.
             self.last_seen = self.loop.time()
+            if self.log_wait:
+                self._release_logs()
         if self.backends_paused:
             self._backend_flow()
         self._maybe_close()
@@ -765,13 +810,18 @@ class ClientConnection(asyncio.Protocol):
             head = merge.head
             if (head is None or head > self.close_seq) and not merge._ready:
                 self._close()
-        elif self.peer_eof and merge.idle and not self.exchanges and self.tunnel_conn is None:
+        elif (self.peer_eof and merge.idle and not self.exchanges and self.tunnel_conn is None
+              and not self._reparse):
             self._close()
 
     def _close(self) -> None:
         if self.closed:
             return  # closing already (lingering) or gone
         self.closed = True
+        if self.log is not None:
+            self.ending = self.ending or "the connection ended with an earlier answer (a close it asked for, " \
+                                         "a broken answer or a bad request)"
+            self._log_unsent()
         for ex in list(self.exchanges.values()):
             ex.abandon()
         self.exchanges.clear()

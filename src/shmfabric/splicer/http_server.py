@@ -185,6 +185,7 @@ class HttpSplicer:
             self._server.close()
         for c in list(self.clients):
             if c.transport is not None:
+                c.ending = "the splicer stopped before this answer (timeouts.drain passed, or a second signal)"
                 c.transport.abort()
         for s in self.servers.values():
             await s.close()

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -18,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from shmfabric.bench.splice_http import _popen, _py_env, _stop, free_port, run_wrk, wait_port
+from shmfabric.bench.splice_http import _popen, _py_env, _stop, free_port, run_wrk, start_nginx, wait_port
 from shmfabric.splicer.access_log import AccessLog, AccessLogError, _pieces, check_log, format_json, format_text
 from shmfabric.splicer.config import HttpSpliceConfig
 from shmfabric.splicer.http_server import HttpSplicer
 
+from .test_http_peers import need
 from .test_http_proxy import Env, get, read_replies, run, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -285,9 +285,7 @@ def test_logged_bytes_are_the_bytes_the_client_received(tmp_path):
     async def main():
         env = Env()
         try:
-            be = await env.backend("a")
-            await env.splice(default=[be.address], access_log=str(log))
-            r, w = await env.connect()
+            be, _, r, w = await env.one_backend(access_log=str(log))
             reqs = [get(f"/p{i}?chunked=1" if i % 3 == 0 else f"/p{i}?early=1" if i % 3 == 1 else f"/p{i}", i)
                     for i in range(30)]  # 1xx interim answers count too
             w.write(b"".join(reqs) + b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -369,9 +367,7 @@ def test_a_client_leaving_before_its_answer_is_logged_499(tmp_path):
     async def main():
         env = Env()
         try:
-            be = await env.backend("a")
-            await env.splice(default=[be.address], access_log=str(log))
-            r, w = await env.connect()
+            be, _, r, w = await env.one_backend(access_log=str(log))
             w.write(get("/slow?delay=2000", 0))
             await wait_for(lambda: be.stats.paths)
             # A reset (a plain close is a half-close, after which the answer is still sent)
@@ -387,31 +383,6 @@ def test_a_client_leaving_before_its_answer_is_logged_499(tmp_path):
 
 
 # -- the CLI with real peers -----------------------------------------------------------------------
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian packages; `make debs` installs them)")
-
-
-def _echo_nginx_conf(tmp: Path, port: int) -> str:
-    return f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx-{port}.pid;
-error_log {tmp}/nginx-{port}.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
-  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{ default_type text/plain; return 200 "xff=$http_x_forwarded_for fwd=$http_forwarded\\n"; }}
-  }}
-}}
-"""
-
-
 class _Splicer:
     """`shmfabric splice http ARGS` as a user runs it, on a free port; stopped with SIGTERM."""
 
@@ -432,15 +403,8 @@ class _Splicer:
 @pytest.fixture
 def echo_nginx(tmp_path: Path):
     need("nginx")
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(_echo_nginx_conf(tmp_path, port))
-    proc = _popen(["nginx", "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "nginx.err")])
-    try:
-        wait_port(port, proc=proc)
+    with start_nginx(tmp_path, "echo", xff_echo=True) as port:
         yield port
-    finally:
-        _stop(proc)
 
 
 def test_nginx_sees_the_client_chain_and_wrk_through_two_workers_logs_whole_lines(tmp_path, echo_nginx):
@@ -449,10 +413,11 @@ def test_nginx_sees_the_client_chain_and_wrk_through_two_workers_logs_whole_line
     with _Splicer(["--default", f"127.0.0.1:{echo_nginx}", "--forwarded-for", "--forwarded", "--workers", "2",
                    "--access-log", str(log), "--pool", "8"]) as sp:
         r = subprocess.run(["curl", "-sS", "--max-time", "10", "--noproxy", "*", "-H", "X-Forwarded-For: 10.0.0.9",
-                            f"http://127.0.0.1:{sp.port}/who"], capture_output=True, timeout=20)
+                            f"http://127.0.0.1:{sp.port}/xff", f"http://127.0.0.1:{sp.port}/fwd"],
+                           capture_output=True, timeout=20)
         assert r.returncode == 0, r.stderr
         # nginx joins repeated X-Forwarded-For fields: the client's value, then the splicer's
-        assert r.stdout == b"xff=10.0.0.9, 127.0.0.1 fwd=for=127.0.0.1;proto=http\n"
+        assert r.stdout == b"10.0.0.9, 127.0.0.1for=127.0.0.1;proto=http"
         res = run_wrk(sp.port, ["/w1", "/w2"], connections=8, depth=8, duration=1)
         assert res.requests > 0 and res.socket_errors == 0
     lines = _read_lines(log)  # the splicer has stopped: every worker flushed

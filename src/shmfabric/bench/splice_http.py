@@ -139,13 +139,18 @@ _NGINX_XFF_ECHO = """
     location = /xff {
       default_type text/plain;
       return 200 "$http_x_forwarded_for";
+    }
+    location = /fwd {
+      default_type text/plain;
+      return 200 "$http_forwarded";
     }"""
 
 
 def nginx_config(tmp: Path, port: int, name: str = "nginx", xff_echo: bool = False) -> str:
     """An nginx.conf for one worker on 127.0.0.1:port; `/` answers a short text echoing X-Seq,
     `/echo` returns the request body (proxied to nginx itself is not needed: uses $request_body).
-    With `xff_echo`, `/xff` (that path exactly) answers the X-Forwarded-For header it received."""
+    With `xff_echo`, `/xff` and `/fwd` (those paths exactly) answer the X-Forwarded-For and the
+    Forwarded header they received."""
     xff = _NGINX_XFF_ECHO if xff_echo else ""
     return f"""
 worker_processes 1;

@@ -66,3 +66,18 @@ def test_a_redis_only_field_in_an_http_section_is_refused_not_ignored(tmp_path, 
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert "field `http.limits." in str(e.value), str(e.value)
+
+
+def test_the_http_docs_configuration_example_validates():
+    # docs/splicer-http.md shows every field; a field renamed or removed must fail here.
+    from pathlib import Path
+
+    import yaml
+
+    from shmfabric.splicer.config import SpliceFile
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "splicer-http.md").read_text()
+    block = text.split("## Configuration file", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    cfg = SpliceFile.model_validate(yaml.safe_load(block)).http
+    assert cfg is not None and cfg.tls is not None and cfg.access_log and cfg.forwarded_for
+    assert cfg.routes[0].backends == ["127.0.0.1:9001 weight=2", "127.0.0.1:9002", "127.0.0.1:9005 backup"]

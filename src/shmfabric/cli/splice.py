@@ -28,7 +28,19 @@ def _cli_error(msg: str) -> Exception:
 
 def parse_route(text: str) -> dict[str, Any]:
     """`[HOST]/PREFIX=ADDRS` or `[HOST]~REGEX=ADDRS` -> a route mapping for HttpRoute."""
+    from shmfabric.splicer.config import split_address  # the CLI imports the splicer only when used
+
+    # The key may hold "=" (in a regex) and so may the backends ("weight=3"): the split is at the
+    # last "=" followed by an address.
     key, sep, addrs = text.rpartition("=")
+    for at in reversed([i for i, c in enumerate(text) if c == "="]):
+        first = text[at + 1:].split(",", 1)[0].split()
+        try:
+            split_address(first[0] if first else "")
+        except ValueError:
+            continue
+        key, sep, addrs = text[:at], "=", text[at + 1:]
+        break
     if not sep or not key or not addrs:
         raise _cli_error(f"--route {text!r}: expected [HOST]/PREFIX=ADDR[,ADDR...], e.g. /api=127.0.0.1:9001")
     route: dict[str, Any] = {"backends": [a.strip() for a in addrs.split(",") if a.strip()]}

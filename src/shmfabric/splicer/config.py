@@ -35,7 +35,7 @@ __all__ = [
     "ConfigError", "split_address", "PoolConfig", "TimeoutConfig", "LimitConfig", "HealthConfig", "RedisPoolConfig",
     "RedisTimeoutConfig", "RedisLimitConfig", "RedisHealthConfig",
     "HttpRoute", "HttpSpliceConfig", "RedisServer", "RedisSpliceConfig", "SpliceFile", "load_config", "read_yaml",
-    "format_validation_error", "parse_server_line",
+    "format_validation_error", "parse_server_line", "parse_backend",
 ]
 
 
@@ -65,6 +65,39 @@ def _check_address(value: Any, allow_zero: bool = False) -> str:
         raise ValueError(f"expected a HOST:PORT string, got {type(value).__name__}")
     split_address(value, allow_zero)
     return value.strip()
+
+
+#: Largest weight of a backend in a route (HAProxy's limit is 256 too).
+MAX_WEIGHT = 256
+
+
+def parse_backend(text: str) -> tuple[str, int, bool]:
+    """`HOST:PORT [weight=N] [backup]` (the words of an nginx `server` line) -> (address, weight,
+    backup). ValueError naming the backend, what is wrong and the fix."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a 'HOST:PORT [weight=N] [backup]' string, got {type(text).__name__}")
+    words = text.split()
+    if not words:
+        raise ValueError("an empty backend; fix: HOST:PORT [weight=N] [backup]")
+    address, weight, backup = words[0], 1, False
+    split_address(address)
+    for word in words[1:]:
+        if word == "backup":
+            backup = True
+        elif word.startswith("weight="):
+            value = word[len("weight="):]
+            if not value.isdigit() or not 1 <= int(value) <= MAX_WEIGHT:
+                raise ValueError(f"backend {text!r}: {word!r}: the weight is a whole number from 1 to {MAX_WEIGHT} "
+                                 "(e.g. weight=3)")
+            weight = int(value)
+        else:
+            raise ValueError(f"backend {text!r}: unknown word {word!r}; fix: HOST:PORT [weight=N] [backup]")
+    return address, weight, backup
+
+
+def _check_backend(value: Any) -> str:
+    parse_backend(value)
+    return " ".join(value.split())
 
 
 def _check_listen(value: Any) -> Any:
@@ -182,7 +215,7 @@ class HttpRoute(_Model):
     host: str | None = Field(None, description="exact host, or *.example.com; port ignored")
     backends: list[str] = Field(min_length=1)
 
-    _addr = field_validator("backends", mode="before")(lambda v: [_check_address(x) for x in (v if isinstance(v, list) else [v])])
+    _addr = field_validator("backends", mode="before")(lambda v: [_check_backend(x) for x in (v if isinstance(v, list) else [v])])
 
     @field_validator("prefix")
     @classmethod
@@ -245,7 +278,7 @@ class HttpSpliceConfig(_Model):
 
     _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
     _default = field_validator("default", mode="before")(
-        lambda v: v if v is None else [_check_address(x) for x in (v if isinstance(v, list) else [v])])
+        lambda v: v if v is None else [_check_backend(x) for x in (v if isinstance(v, list) else [v])])
 
     @model_validator(mode="after")
     def _some_backend(self) -> "HttpSpliceConfig":

@@ -643,30 +643,50 @@ class BackendServer:
 
 
 class BackendGroup:
-    """The servers one route sends to; picks the up server with the fewest requests in flight."""
+    """The servers one route sends to.
 
-    def __init__(self, name: str, servers: list[BackendServer]) -> None:
+    A request goes to the up server with the fewest requests in flight for its weight
+    (weighted least-connections, round-robin among equals); backup servers take requests only
+    while no other server of the group is up (nginx's and HAProxy's `backup`).
+    """
+
+    def __init__(self, name: str, servers: list[BackendServer], weights: list[int] | None = None,
+                 backup: list[bool] | None = None) -> None:
         self.name = name
         self.servers = servers
+        weights = weights or [1] * len(servers)
+        backup = backup or [False] * len(servers)
+        self.primary = [(s, w) for s, w, b in zip(servers, weights, backup) if not b]
+        self.backup = [(s, w) for s, w, b in zip(servers, weights, backup) if b]
+        if not self.primary:  # every server is a backup: they are simply the servers
+            self.primary, self.backup = self.backup, []
+        self._single = self.primary[0][0] if len(self.primary) == 1 and not self.backup else None
         self._rr = 0
 
     def pick(self, exclude: BackendServer | None = None) -> BackendServer | None:
-        """An up server (round-robin among the least loaded), or None if every server is down."""
-        servers = self.servers
-        n = len(servers)
-        if n == 1:
-            s = servers[0]
-            return s if s.up else None
-        self._rr = (self._rr + 1) % n
+        """An up server (see the class docstring), or None if every server is down. `exclude`
+        (the server a request just failed on) is taken only when no other is up."""
+        single = self._single
+        if single is not None:
+            return single if single.up else None
+        self._rr += 1
+        best = self._least(self.primary, exclude)
+        if best is None and self.backup:
+            best = self._least(self.backup, exclude)
+        if best is None and exclude is not None and exclude.up:
+            return exclude
+        return best
+
+    def _least(self, members: list[tuple[BackendServer, int]], exclude: BackendServer | None) -> BackendServer | None:
+        n = len(members)
+        start = self._rr % n
         best = None
-        best_load = 1 << 62
+        best_load, best_weight = 1, 0  # compared as load/weight, by cross-multiplication
         for i in range(n):
-            s = servers[(self._rr + i) % n]
+            s, w = members[(start + i) % n]
             if not s.up or s is exclude:
                 continue
             load = s.inflight
-            if load < best_load:
-                best, best_load = s, load
-        if best is None and exclude is not None and exclude.up:
-            return exclude
+            if best is None or load * best_weight < best_load * w:
+                best, best_load, best_weight = s, load, w
         return best

@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any, Callable
 
 from .access_log import AccessLog, AccessLogError
-from .config import HttpSpliceConfig, split_address
+from .config import HttpSpliceConfig, parse_backend, split_address
 from .http_pool import BackendGroup, BackendServer
 from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
 from .http_router import Router
@@ -57,11 +57,15 @@ class HttpSplicer:
                                                        max_headers=lim.max_headers)
             return s
 
+        def group(name: str, backends: list[str]) -> BackendGroup:
+            members = [parse_backend(b) for b in backends]
+            return BackendGroup(name, [server_for(a) for a, _, _ in members], [w for _, w, _ in members],
+                                [b for _, _, b in members])
+
         rules = []
         for i, r in enumerate(cfg.routes):
-            group = BackendGroup(f"route{i}", [server_for(a) for a in r.backends])
-            rules.append((r.prefix, r.regex, r.host, group))
-        default = BackendGroup("default", [server_for(a) for a in cfg.default]) if cfg.default else None
+            rules.append((r.prefix, r.regex, r.host, group(f"route{i}", r.backends)))
+        default = group("default", cfg.default) if cfg.default else None
         self.router: Router[BackendGroup] = Router.from_config(rules, default)
 
     async def start(self, *, sock: socket.socket | None = None) -> None:

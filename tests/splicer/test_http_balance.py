@@ -1,0 +1,87 @@
+"""How the HTTP splicer spreads a route's requests: weights and backup servers.
+
+Real sockets on loopback (asyncio echo backends); no test asserts a duration.
+"""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shmfabric.splicer.config import HttpSpliceConfig, parse_backend
+
+from .test_http_proxy import Env, get, read_replies, run, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_backend_words_are_parsed_and_mistakes_named():
+    assert parse_backend("127.0.0.1:9001") == ("127.0.0.1:9001", 1, False)
+    assert parse_backend(" [::1]:9001  weight=3 backup ") == ("[::1]:9001", 3, True)
+    for text, fragment in [("127.0.0.1:9001 weight=0", "from 1 to 256"), ("127.0.0.1:9001 weight=x", "from 1 to 256"),
+                           ("127.0.0.1:9001 weight=257", "from 1 to 256"),
+                           ("127.0.0.1:9001 wieght=3", "unknown word 'wieght=3'"), ("nope", "is not HOST:PORT")]:
+        with pytest.raises(ValueError, match=fragment):
+            parse_backend(text)
+    with pytest.raises(ValidationError, match=r"weight is a whole number"):
+        HttpSpliceConfig(routes=[{"prefix": "/a", "backends": ["127.0.0.1:1 weight=0"]}])
+    cfg = HttpSpliceConfig(default=["127.0.0.1:1   weight=2", "127.0.0.1:2 backup"])
+    assert cfg.default == ["127.0.0.1:1 weight=2", "127.0.0.1:2 backup"]  # normalised
+
+
+def _count(be) -> int:
+    return sum(1 for p in be.stats.paths if p.startswith(b"/w"))
+
+
+def test_requests_in_flight_follow_the_weights():
+    async def main():
+        env = Env()
+        try:
+            a = await env.backend("a")
+            b = await env.backend("b")
+            await env.splice(default=[f"{a.address} weight=3", b.address], pool={"min": 0, "max": 64})
+            r, w = await env.connect()
+            # 40 slow GETs in one pipeline: all are in flight together, spread by load per weight
+            w.write(b"".join(get(f"/w{i}?delay=300", i) for i in range(40)))
+            replies, _ = await read_replies(r, [b"GET"] * 40)
+            assert [x.seq for x in replies] == [str(i).encode() for i in range(40)]
+            assert _count(a) + _count(b) == 40
+            assert abs(_count(a) - 30) <= 2 and abs(_count(b) - 10) <= 2, (_count(a), _count(b))
+        finally:
+            await env.close()
+    run(main())
+
+
+def test_a_backup_server_takes_requests_only_while_no_other_is_up():
+    async def main():
+        env = Env()
+        try:
+            a = await env.backend("a")
+            b = await env.backend("b")
+            sp = await env.splice(default=[a.address, f"{b.address} backup"],
+                                  health={"enabled": True, "interval": 0.1, "timeout": 0.5, "fall": 1, "rise": 1})
+            r, w = await env.connect()
+            w.write(b"".join(get(f"/w{i}?delay=20", i) for i in range(10)))
+            replies, _ = await read_replies(r, [b"GET"] * 10)
+            assert len(replies) == 10 and _count(a) == 10 and _count(b) == 0
+            primary = a.address
+            await a.close()  # the primary dies: checks take it out of rotation
+            await wait_for(lambda: not sp.servers[primary].up)
+            w.write(b"".join(get(f"/w{i}", i) for i in range(10, 20)))
+            replies, _ = await read_replies(r, [b"GET"] * 10)
+            assert [x.status for x in replies] == [200] * 10 and _count(b) == 10
+        finally:
+            await env.close()
+    run(main())
+
+
+def test_the_cli_takes_weights_and_backups_in_route_and_default(capsys):
+    import json
+
+    from shmfabric.cli.main import main as cli_main
+
+    assert cli_main(["splice", "http", "--route", "/api=127.0.0.1:9001 weight=3,127.0.0.1:9002 backup",
+                     "--route", "~a=b$=127.0.0.1:9003", "--default", "127.0.0.1:9004 weight=2", "--check"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert [(r.get("prefix") or r.get("regex"), r["backends"]) for r in cfg["routes"]] == [
+        ("/api", ["127.0.0.1:9001 weight=3", "127.0.0.1:9002 backup"]), ("a=b$", ["127.0.0.1:9003"])]
+    assert cfg["default"] == ["127.0.0.1:9004 weight=2"]

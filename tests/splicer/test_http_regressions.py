@@ -95,6 +95,11 @@ class RawBackend:
                     await writer.drain()
                     writer.close()
                     return
+                if path == b"/untilclose":  # no length: the body ends where the connection does
+                    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"u" * 5000)
+                    await writer.drain()
+                    writer.close()
+                    return
                 if path == b"/decline":  # an Upgrade request answered without switching
                     writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno")
                     await writer.drain()
@@ -555,3 +560,25 @@ def test_a_half_closed_client_gets_the_request_it_sent_after_a_declined_upgrade(
                        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\necho /after"), got
         w.close()
     asyncio.run(_with_splicer(test))
+
+
+@pytest.mark.parametrize("request_", [b"GET /midclose HTTP/1.1\r\nHost: x\r\n\r\n",
+                                      b"GET /untilclose HTTP/1.0\r\nHost: x\r\n\r\n"], ids=["cut", "http10-until-close"])
+def test_a_connection_ending_with_an_answer_that_has_no_last_bytes_closes_at_once(tmp_path, request_):
+    # An answer cut off mid-body, or an HTTP/1.0 answer delimited by the backend's close, ends
+    # with no bytes left to write: nothing then closed the client connection (the idle sweep did,
+    # after timeouts.client_idle) and nothing wrote its access-log line until then.
+    log = tmp_path / "access.log"
+
+    async def test(be, sp):
+        r, w = await asyncio.open_connection("127.0.0.1", sp.port)
+        w.write(request_)
+        got = await asyncio.wait_for(r.read(), 10)  # EOF well before the 120 s idle timeout
+        assert got.startswith(b"HTTP/1."), got
+        for _ in range(100):
+            if log.exists() and log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert log.read_text().count("\n") == 1, "the line waits for the client to close"
+        w.close()
+    asyncio.run(_with_splicer(test, access_log=str(log)))

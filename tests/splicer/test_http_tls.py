@@ -215,3 +215,52 @@ def test_cli_refuses_a_bad_key_and_warns_about_an_expired_certificate(tmp_path):
     r = subprocess.run(cmd + ["--tls-cert", str(old_cert), "--tls-key", str(old_key), "--check"], capture_output=True,
                        text=True, timeout=30, env=_py_env())
     assert r.returncode == 0 and "warning: the certificate in" in r.stderr and "expired on" in r.stderr
+
+
+def test_a_drain_does_not_wait_for_a_client_that_never_answers_close_notify(tmp_path):
+    # The splicer ends a TLS connection with close_notify and waits for the client's; a pooled
+    # client that sits idle without reading never sends one. asyncio waited 30 s for it, so every
+    # reload and stop took timeouts.drain; now it waits as long as a plain connection lingers.
+    cert, key = make_cert(tmp_path)
+
+    async def main():
+        env = Env()
+        loop = asyncio.get_running_loop()
+        try:
+            be = await env.backend("a")
+            sp = await env.splice(default=[be.address], tls={"cert": str(cert), "key": str(key)})
+
+            def idle_client() -> socket.socket:
+                raw = socket.create_connection(("127.0.0.1", sp.port), timeout=10)
+                tls = client_context(cert).wrap_socket(raw, server_hostname="localhost")
+                tls.sendall(get("/a", 1))
+                assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+                return tls  # kept open, never read again
+
+            client = await loop.run_in_executor(None, idle_client)
+            await wait_for(lambda: len(sp.clients) == 1)
+            sp.drain()
+            await wait_for(lambda: not sp.clients, timeout=15)  # asyncio's own bound was 30 s
+            client.close()
+        finally:
+            await env.close()
+    run(main())
+
+
+def test_a_worker_that_cannot_load_its_files_says_why_without_a_traceback(tmp_path):
+    cert, key = make_cert(tmp_path)
+    with start_echo_backend(0, "be") as be, \
+            _Splicer(["--default", f"127.0.0.1:{be}", "--tls-cert", str(cert), "--tls-key", str(key)]) as sp:
+        assert _served_cert(sp.port) == _der(cert)  # the worker is up
+        workers = subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 1
+        key.write_text("not a key\n")  # the files go bad under a running splicer...
+        os.kill(int(workers[0]), signal.SIGKILL)  # ...and its worker is replaced
+        deadline = time.monotonic() + 20
+        seen = b""
+        os.set_blocking(sp.proc.stderr.fileno(), False)
+        while b"worker cannot start" not in seen:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.1)
+            seen += sp.proc.stderr.read() or b""
+    assert b"holds no PEM private key" in seen and b"Traceback" not in seen, seen

@@ -103,6 +103,14 @@ def open_log(path: str) -> tuple[int, bool]:
     0644) if missing. is_stream: not a regular file (its writes are polled, see AccessLog).
     AccessLogError with the reason and a fix if it cannot be opened."""
     if path == "-":
+        try:
+            if stat.S_ISFIFO(os.fstat(1).st_mode):
+                # A file description of our own on the same pipe, non-blocking: a write that
+                # races another worker's for the last room fails (and waits) instead of blocking
+                # the event loop; fd 1's own flags, shared with the master, stay as they are.
+                return os.open("/proc/self/fd/1", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), True
+        except OSError:
+            pass
         return 1, _is_stream(1)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:

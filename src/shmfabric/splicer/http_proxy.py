@@ -777,7 +777,10 @@ class ClientConnection(asyncio.Protocol):
     def finish(self, seq: int, tail: bytes) -> None:
         merge = self.merge
         merge.finish(seq, tail)
-        if merge._ready:
+        if merge._ready or seq < merge._base:
+            # Released: its bytes go out, its log line is written, and a connection that ends
+            # with it closes (an answer that ends in nothing more, e.g. one cut off or ended by
+            # the backend's close, has no bytes left to trigger that).
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -795,8 +798,8 @@ class ClientConnection(asyncio.Protocol):
             # Activity both ways counts: a client reads an answer, then sends its next request;
             # the idle timeout and a drain's grace (`drain`) start from whichever came last.
             self.last_seen = self.loop.time()
-            if self.log_wait:
-                self._release_logs()
+        if self.log_wait:
+            self._release_logs()
         if self.backends_paused:
             self._backend_flow()
         self._maybe_close()

@@ -25,6 +25,7 @@ from .http_pool import BackendGroup, BackendServer
 from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
 from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
+from .teardown import LINGER_SECONDS
 from .tls import TlsError, server_context
 from .workers import GracefulStop, Listeners, install_uvloop, say, serve_under_master
 
@@ -74,7 +75,10 @@ class HttpSplicer:
         self.loop = asyncio.get_running_loop()
         ssl_ctx = server_context(self.cfg.tls) if self.cfg.tls is not None else None
         # A client that opens TLS and stalls is bounded like one that stalls in a request head.
-        tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": self.cfg.timeouts.request_head} if ssl_ctx else {}
+        # A connection the splicer ends waits for the client's close_notify as long as a plain one
+        # lingers (teardown.LINGER_SECONDS), not asyncio's 30 s: a reload or stop would wait that.
+        tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": self.cfg.timeouts.request_head,
+                  "ssl_shutdown_timeout": LINGER_SECONDS} if ssl_ctx else {}
         if self.cfg.access_log is not None:
             self.access_log = AccessLog(self.cfg.access_log, self.cfg.access_log_format, loop=self.loop, warn=say)
             self.metrics.access_log = self.access_log

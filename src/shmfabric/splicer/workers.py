@@ -325,6 +325,8 @@ class Master:
             child(slot, ready)
         except KeyboardInterrupt:
             pass
+        except SystemExit as exc:  # the worker said why already (a file it could not load)
+            code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
             traceback.print_exc()
             code = 1

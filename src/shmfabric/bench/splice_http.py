@@ -362,10 +362,16 @@ def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int
         raise RuntimeError(f"could not read wrk's output:\n{text}")
     p50 = re.search(r"\n\s+50%\s+(\S+)", text)
     p99 = re.search(r"\n\s+99%\s+(\S+)", text)
+    # wrk times a call of the script's request(), which sends a whole pipeline, against the
+    # first response: with pipelining its percentiles come out as 0.00us and mean nothing.
+    # Those are reported as unknown (None), not as a latency of 0.
+    p50_ms = _ms(p50.group(1)) if p50 else None
+    p99_ms = _ms(p99.group(1)) if p99 else None
+    if not p99_ms:
+        p50_ms = p99_ms = None
     return WrkResult(float(rps.group(1)), int(total.group(1)), int(order.group(1)), int(order.group(2)),
                      int(order.group(3)), sum(int(x) for x in errs.groups()) if errs else 0,
-                     _ms(p50.group(1)) if p50 else None, _ms(p99.group(1)) if p99 else None,
-                     int(order.group(4)), raw=text)
+                     p50_ms, p99_ms, int(order.group(4)), raw=text)
 
 
 @dataclass

@@ -51,6 +51,26 @@ def test_requests_in_flight_follow_the_weights():
     run(main())
 
 
+def test_requests_to_idle_fast_servers_split_in_the_ratio_of_the_weights():
+    # One request at a time: every server is idle when each comes (the case of fast backends),
+    # so the load never differs and the weighted round-robin among equals decides.
+    async def main():
+        env = Env()
+        try:
+            a = await env.backend("a")
+            b = await env.backend("b")
+            await env.splice(default=[f"{a.address} weight=3", b.address])
+            r, w = await env.connect()
+            for i in range(40):
+                w.write(get(f"/w{i}", i))
+                replies, _ = await read_replies(r, [b"GET"], probe=False)
+                assert replies[0].status == 200
+            assert (_count(a), _count(b)) == (30, 10)
+        finally:
+            await env.close()
+    run(main())
+
+
 def test_a_backup_server_takes_requests_only_while_no_other_is_up():
     async def main():
         env = Env()

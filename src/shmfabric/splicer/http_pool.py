@@ -645,9 +645,11 @@ class BackendServer:
 class BackendGroup:
     """The servers one route sends to.
 
-    A request goes to the up server with the fewest requests in flight for its weight
-    (weighted least-connections, round-robin among equals); backup servers take requests only
-    while no other server of the group is up (nginx's and HAProxy's `backup`).
+    A request goes to the up server with the fewest requests in flight for its weight; among
+    servers equally loaded for their weights, smooth weighted round-robin decides (nginx's
+    `least_conn`: so with fast backends, which are mostly idle when a request comes, requests
+    still split in the ratio of the weights). Backup servers take requests only while no other
+    server of the group is up (nginx's and HAProxy's `backup`).
     """
 
     def __init__(self, name: str, servers: list[BackendServer], weights: list[int] | None = None,
@@ -656,12 +658,12 @@ class BackendGroup:
         self.servers = servers
         weights = weights or [1] * len(servers)
         backup = backup or [False] * len(servers)
-        self.primary = [(s, w) for s, w, b in zip(servers, weights, backup) if not b]
-        self.backup = [(s, w) for s, w, b in zip(servers, weights, backup) if b]
+        # [server, weight, current weight of the smooth round-robin]
+        self.primary = [[s, w, 0] for s, w, b in zip(servers, weights, backup) if not b]
+        self.backup = [[s, w, 0] for s, w, b in zip(servers, weights, backup) if b]
         if not self.primary:  # every server is a backup: they are simply the servers
             self.primary, self.backup = self.backup, []
         self._single = self.primary[0][0] if len(self.primary) == 1 and not self.backup else None
-        self._rr = 0
 
     def pick(self, exclude: BackendServer | None = None) -> BackendServer | None:
         """An up server (see the class docstring), or None if every server is down. `exclude`
@@ -669,24 +671,39 @@ class BackendGroup:
         single = self._single
         if single is not None:
             return single if single.up else None
-        self._rr += 1
-        best = self._least(self.primary, exclude)
+        best = _least(self.primary, exclude)
         if best is None and self.backup:
-            best = self._least(self.backup, exclude)
+            best = _least(self.backup, exclude)
         if best is None and exclude is not None and exclude.up:
             return exclude
         return best
 
-    def _least(self, members: list[tuple[BackendServer, int]], exclude: BackendServer | None) -> BackendServer | None:
-        n = len(members)
-        start = self._rr % n
-        best = None
-        best_load, best_weight = 1, 0  # compared as load/weight, by cross-multiplication
-        for i in range(n):
-            s, w = members[(start + i) % n]
-            if not s.up or s is exclude:
-                continue
-            load = s.inflight
-            if best is None or load * best_weight < best_load * w:
-                best, best_load, best_weight = s, load, w
-        return best
+
+def _least(members: list[list], exclude: BackendServer | None) -> BackendServer | None:
+    """Weighted least-connections over `members` ([server, weight, current]), ties broken by
+    smooth weighted round-robin (nginx's ngx_http_upstream_get_least_conn_peer)."""
+    best_load, best_weight = 1, 0  # the lowest load/weight so far, compared by cross-multiplying
+    tied = 0
+    for m in members:
+        s = m[0]
+        if not s.up or s is exclude:
+            continue
+        load, w = s.inflight, m[1]
+        if tied == 0 or load * best_weight < best_load * w:
+            best_load, best_weight, tied = load, w, 1
+        elif load * best_weight == best_load * w:
+            tied += 1
+    if tied == 0:
+        return None
+    total = 0
+    chosen = None
+    for m in members:
+        s = m[0]
+        if not s.up or s is exclude or s.inflight * best_weight != best_load * m[1]:
+            continue
+        m[2] += m[1]
+        total += m[1]
+        if chosen is None or m[2] > chosen[2]:
+            chosen = m
+    chosen[2] -= total  # type: ignore[index]
+    return chosen[0]  # type: ignore[index]

@@ -22,6 +22,14 @@ def test_backend_words_are_parsed_and_mistakes_named():
                            ("127.0.0.1:9001 wieght=3", "unknown word 'wieght=3'"), ("nope", "is not HOST:PORT")]:
         with pytest.raises(ValueError, match=fragment):
             parse_backend(text)
+    for text, fragment in [("127.0.0.1:9001 weight=\u00b2", "from 1 to 256"),  # a superscript two
+                           ("127.0.0.1:9001 weight=\u0661", "from 1 to 256"),  # an Arabic-Indic one
+                           ("127.0.0.1:9001 weight=2 weight=5", "'weight' is given twice"),
+                           ("backup", "a word of the backend before it")]:
+        with pytest.raises(ValueError, match=fragment):
+            parse_backend(text)
+    with pytest.raises(ValidationError, match=r"127.0.0.1:9001 is listed twice"):
+        HttpSpliceConfig(default=["127.0.0.1:9001", "127.0.0.1:9001 weight=3"])
     with pytest.raises(ValidationError, match=r"weight is a whole number"):
         HttpSpliceConfig(routes=[{"prefix": "/a", "backends": ["127.0.0.1:1 weight=0"]}])
     cfg = HttpSpliceConfig(default=["127.0.0.1:1   weight=2", "127.0.0.1:2 backup"])
@@ -105,3 +113,29 @@ def test_the_cli_takes_weights_and_backups_in_route_and_default(capsys):
     assert [(r.get("prefix") or r.get("regex"), r["backends"]) for r in cfg["routes"]] == [
         ("/api", ["127.0.0.1:9001 weight=3", "127.0.0.1:9002 backup"]), ("a=b$", ["127.0.0.1:9003"])]
     assert cfg["default"] == ["127.0.0.1:9004 weight=2"]
+
+
+def test_a_refused_connection_is_tried_on_every_other_server_backups_included(tmp_path):
+    # Two main servers that refuse connections and are still believed up (no checks yet): the
+    # request goes on to the backup instead of ending in a 502 after one retry.
+    from .test_http_access_log import parse_text
+
+    log = tmp_path / "access.log"
+
+    async def main():
+        env = Env()
+        try:
+            b = await env.backend("b")
+            dead = ["127.0.0.1:1", "127.0.0.1:2"]
+            await env.splice(default=[f"{dead[0]} weight=2", dead[1], f"{b.address} backup"],
+                             pool={"min": 0, "max": 4}, access_log=str(log))
+            r, w = await env.connect()
+            w.write(b"".join(get(f"/w{i}", i) for i in range(6)))
+            replies, _ = await read_replies(r, [b"GET"] * 6)
+            assert [x.status for x in replies] == [200] * 6 and _count(b) == 6
+            await wait_for(lambda: log.exists() and log.read_text().count("\n") >= 6)
+        finally:
+            await env.close()
+    run(main())
+    tries = [parse_text(x)["tries"] for x in log.read_text().splitlines(keepends=True)]
+    assert max(tries) == 3, tries  # both main servers, then the backup

@@ -205,8 +205,9 @@ def _add_http(verbs: Any) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
     p.add_argument("--route", action="append", metavar="[HOST]/PREFIX=ADDRS",
                    help="route a path prefix (or [HOST]~REGEX, or a Host alone: HOST=ADDRS) to comma-separated "
-                        "HOST:PORT backends; tried in the order given; repeatable")
-    p.add_argument("--default", metavar="ADDRS", help="backends for requests no route matches")
+                        "backends, each 'HOST:PORT [weight=N] [backup]' (quote the spaces); first matching route "
+                        "wins; repeatable")
+    p.add_argument("--default", metavar="ADDRS", help="backends for requests no route matches (as in --route)")
     p.add_argument("--pool", type=int, metavar="N", help="max pooled connections per backend server (default 8)")
     p.add_argument("--pool-min", type=int, metavar="N", help="connections opened at start per server (default 1)")
     p.add_argument("--pipeline", type=int, metavar="N",

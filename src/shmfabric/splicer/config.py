@@ -80,13 +80,21 @@ def parse_backend(text: str) -> tuple[str, int, bool]:
     if not words:
         raise ValueError("an empty backend; fix: HOST:PORT [weight=N] [backup]")
     address, weight, backup = words[0], 1, False
+    if address == "backup" or address.startswith("weight="):
+        raise ValueError(f"{text!r}: {address!r} is a word of the backend before it, not a backend; fix: no comma "
+                         "before it (HOST:PORT weight=N backup)")
     split_address(address)
+    seen: set[str] = set()
     for word in words[1:]:
+        name = word.split("=", 1)[0]
+        if name in seen:
+            raise ValueError(f"backend {text!r}: {name!r} is given twice; fix: give it once")
+        seen.add(name)
         if word == "backup":
             backup = True
         elif word.startswith("weight="):
             value = word[len("weight="):]
-            if not value.isdigit() or not 1 <= int(value) <= MAX_WEIGHT:
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WEIGHT:
                 raise ValueError(f"backend {text!r}: {word!r}: the weight is a whole number from 1 to {MAX_WEIGHT} "
                                  "(e.g. weight=3)")
             weight = int(value)
@@ -98,6 +106,16 @@ def parse_backend(text: str) -> tuple[str, int, bool]:
 def _check_backend(value: Any) -> str:
     parse_backend(value)
     return " ".join(value.split())
+
+
+def _check_backends(value: Any) -> list[str]:
+    """A route's backends, each checked; an address listed twice is refused (its weight says it)."""
+    items = [_check_backend(x) for x in (value if isinstance(value, list) else [value])]
+    addresses = [parse_backend(x)[0] for x in items]
+    for a in addresses:
+        if addresses.count(a) > 1:
+            raise ValueError(f"backend {a} is listed twice; fix: list it once, with weight=N for a larger share")
+    return items
 
 
 def _check_listen(value: Any) -> Any:
@@ -215,7 +233,7 @@ class HttpRoute(_Model):
     host: str | None = Field(None, description="exact host, or *.example.com; port ignored")
     backends: list[str] = Field(min_length=1)
 
-    _addr = field_validator("backends", mode="before")(lambda v: [_check_backend(x) for x in (v if isinstance(v, list) else [v])])
+    _addr = field_validator("backends", mode="before")(_check_backends)
 
     @field_validator("prefix")
     @classmethod
@@ -278,7 +296,7 @@ class HttpSpliceConfig(_Model):
 
     _listen = field_validator("listen", "metrics", mode="before")(_check_listen)
     _default = field_validator("default", mode="before")(
-        lambda v: v if v is None else [_check_backend(x) for x in (v if isinstance(v, list) else [v])])
+        lambda v: v if v is None else _check_backends(v))
 
     @model_validator(mode="after")
     def _some_backend(self) -> "HttpSpliceConfig":

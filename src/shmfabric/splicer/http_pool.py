@@ -665,28 +665,28 @@ class BackendGroup:
             self.primary, self.backup = self.backup, []
         self._single = self.primary[0][0] if len(self.primary) == 1 and not self.backup else None
 
-    def pick(self, exclude: BackendServer | None = None) -> BackendServer | None:
+    def pick(self, exclude: tuple = ()) -> BackendServer | None:
         """An up server (see the class docstring), or None if every server is down. `exclude`
-        (the server a request just failed on) is taken only when no other is up."""
+        (the servers a request failed on) are taken only when no other is up: the last one."""
         single = self._single
         if single is not None:
             return single if single.up else None
         best = _least(self.primary, exclude)
         if best is None and self.backup:
             best = _least(self.backup, exclude)
-        if best is None and exclude is not None and exclude.up:
-            return exclude
+        if best is None and exclude and exclude[-1].up:
+            return exclude[-1]
         return best
 
 
-def _least(members: list[list], exclude: BackendServer | None) -> BackendServer | None:
+def _least(members: list[list], exclude: tuple) -> BackendServer | None:
     """Weighted least-connections over `members` ([server, weight, current]), ties broken by
     smooth weighted round-robin (nginx's ngx_http_upstream_get_least_conn_peer)."""
     best_load, best_weight = 1, 0  # the lowest load/weight so far, compared by cross-multiplying
     tied = 0
     for m in members:
         s = m[0]
-        if not s.up or s is exclude:
+        if not s.up or s in exclude:
             continue
         load, w = s.inflight, m[1]
         if tied == 0 or load * best_weight < best_load * w:
@@ -699,7 +699,7 @@ def _least(members: list[list], exclude: BackendServer | None) -> BackendServer 
     chosen = None
     for m in members:
         s = m[0]
-        if not s.up or s is exclude or s.inflight * best_weight != best_load * m[1]:
+        if not s.up or s in exclude or s.inflight * best_weight != best_load * m[1]:
             continue
         m[2] += m[1]
         total += m[1]

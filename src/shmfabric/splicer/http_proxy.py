@@ -59,7 +59,7 @@ class Exchange:
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
                  "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind",
-                 "last_rx", "clock", "interim", "t_in", "status", "sent")
+                 "last_rx", "clock", "interim", "t_in", "status", "sent", "tried")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -91,6 +91,7 @@ class Exchange:
         self.t_in = client.last_seen  # when the read that completed the request head came (access log)
         self.status = 0
         self.sent = 0  # answer bytes given to the client (access log)
+        self.tried: tuple = ()  # servers this request failed on, not to be picked again
         # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
         self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
                             and req.method in IDEMPOTENT_METHODS)
@@ -128,9 +129,9 @@ class Exchange:
         # Timeouts: the splicer sweeps a queue of started exchanges (deadlines grow in start
         # order, as the timeout is one value), instead of one event-loop timer per request.
         client.splicer.deadlines.append(self)
-        self._dispatch(None)
+        self._dispatch()
 
-    def _dispatch(self, exclude: "BackendServer | None", fresh: bool = False) -> None:
+    def _dispatch(self, exclude: tuple = (), fresh: bool = False) -> None:
         group = self.group
         server = group.pick(exclude) if group is not None else None
         if server is None:
@@ -273,8 +274,10 @@ class Exchange:
         if server is not None:
             server.inflight -= 1
         if (not self.resp_started and not self.interim and not self.gone and kind != "timeout" and kind != "truncated"
-                and self.attempts < 1 and not self.body_sent
-                and (kind == "connect" or ((self.reused or self.behind) and self.req.method in IDEMPOTENT_METHODS))):
+                and not self.body_sent
+                and ((kind == "connect" and self.attempts < len(self.group.servers))  # type: ignore[union-attr]
+                     or (self.attempts < 1 and (self.reused or self.behind)
+                         and self.req.method in IDEMPOTENT_METHODS))):
             # Safe to retry: nothing reached a backend (connect), or an idempotent request
             # (RFC 9110 section 9.2.2) met a pooled connection the backend had just closed, or was
             # pipelined behind the response after which the backend closed or broke the
@@ -285,12 +288,15 @@ class Exchange:
             # (the close crosses the hand-over), and a new connection is never closed by a
             # keep-alive limit before its first response, so one retry is enough. A request
             # that was first on a new connection is not retried: it may be what brings
-            # backends down.
+            # backends down. A refused connection is tried on each other server of the route in
+            # turn, backups included (nginx's proxy_next_upstream error): nothing was sent.
             self.attempts += 1
+            if server is not None:
+                self.tried += (server,)
             fresh = kind != "connect"
             if fresh:
                 self.pipelinable = False
-            self._dispatch(server, fresh)
+            self._dispatch(self.tried, fresh)
             return
         self.finished = True
         client = self.client

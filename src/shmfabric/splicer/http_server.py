@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
 from .teardown import LINGER_SECONDS
 from .tls import TlsError, server_context
-from .workers import GracefulStop, Listeners, install_uvloop, say, serve_under_master
+from .workers import GracefulStop, Listeners, ReloadRefused, install_uvloop, say, serve_under_master
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -69,11 +70,14 @@ class HttpSplicer:
         default = group("default", cfg.default) if cfg.default else None
         self.router: Router[BackendGroup] = Router.from_config(rules, default)
 
-    async def start(self, *, sock: socket.socket | None = None) -> None:
+    async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         """Open the pools and start listening on `cfg.listen` (port 0 picks a free port), or on
-        the listening socket `sock`."""
+        the listening socket `sock`. With `tls` configured, `ssl_context` is the context to serve
+        (built from `cfg.tls` when not given)."""
         self.loop = asyncio.get_running_loop()
-        ssl_ctx = server_context(self.cfg.tls) if self.cfg.tls is not None else None
+        ssl_ctx = None
+        if self.cfg.tls is not None:
+            ssl_ctx = ssl_context if ssl_context is not None else server_context(self.cfg.tls)
         # A client that opens TLS and stalls is bounded like one that stalls in a request head.
         # A connection the splicer ends waits for the client's close_notify as long as a plain one
         # lingers (teardown.LINGER_SECONDS), not asyncio's 30 s: a reload or stop would wait that.
@@ -205,11 +209,11 @@ class HttpSplicer:
 
 
 async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socket.socket | None,
-                 ready: Callable[[], None]) -> None:
+                 ready: Callable[[], None], ssl_context: ssl.SSLContext | None = None) -> None:
     metrics = SpliceMetrics("http")
     splicer = HttpSplicer(cfg, metrics)
     try:
-        await splicer.start(sock=sock)
+        await splicer.start(sock=sock, ssl_context=ssl_context)
     except (TlsError, AccessLogError) as exc:  # a file changed since the master checked it
         say(f"splice http: worker cannot start: {exc}")
         raise SystemExit(1) from None
@@ -233,6 +237,32 @@ def run(cfg: HttpSpliceConfig, listeners: Listeners, reload: Callable[[], HttpSp
     """Run `cfg.workers` worker processes under a `Master` until SIGINT/SIGTERM; SIGHUP reloads
     (`reload()` returns the re-read configuration, or raises ReloadRefused)."""
     install_uvloop()
-    return serve_under_master("splice http", cfg, listeners,
-                              lambda c, sock, msock, ready: asyncio.run(_serve(c, sock, msock, ready)),
-                              reload, announce)
+    # The TLS context is built here, in the master, once per configuration, and the workers
+    # forked from it inherit it: with it the key that encrypts session tickets, so a client
+    # resumes its session on whichever worker the kernel hands its next connection to (Python's
+    # ssl has no way to give separately built contexts the same ticket key).
+    contexts: dict[int, ssl.SSLContext] = {}
+
+    def with_context(c: HttpSpliceConfig) -> HttpSpliceConfig:
+        if c.tls is not None:
+            contexts[id(c)] = server_context(c.tls)
+            while len(contexts) > 3:  # this generation, the one before, and one being replaced
+                del contexts[next(iter(contexts))]
+        return c
+
+    def reload_with_context() -> HttpSpliceConfig:
+        c = reload()  # type: ignore[misc]
+        try:
+            return with_context(c)
+        except TlsError as exc:
+            raise ReloadRefused(str(exc)) from None
+
+    try:
+        with_context(cfg)
+    except TlsError as exc:
+        say(f"splice http: {exc}")
+        return 1
+    return serve_under_master(
+        "splice http", cfg, listeners,
+        lambda c, sock, msock, ready: asyncio.run(_serve(c, sock, msock, ready, contexts.get(id(c)))),
+        reload_with_context if reload is not None else None, announce)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shmfabric.bench.splice_http import _popen, _py_env, _stop, free_port, run_wrk, start_nginx, wait_port
 from shmfabric.splicer.access_log import AccessLog, AccessLogError, _pieces, check_log, format_json, format_text
@@ -65,6 +67,20 @@ def test_json_line_round_trips():
                    "status": 200, "bytes": 123, "host": 'h"\n', "backend": "127.0.0.1:9001", "wait": 0.001,
                    "total": 0.012, "tries": 1, "seq": 7, "error": "cut off"}
     assert "error" not in json.loads(format_json(*ARGS, ""))
+
+
+@settings(max_examples=300, deadline=None)
+@given(host=st.text(st.characters(max_codepoint=0xFF)), error=st.text(st.characters(max_codepoint=0xFF)),
+       target=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1))
+def test_property_any_request_bytes_make_one_ascii_line_that_parses_back(host, error, target):
+    # Values are request bytes decoded as latin-1: every code point up to 0xFF can occur.
+    line = format_text(*ARGS[:3], target, ARGS[4], ARGS[5], ARGS[6], host, *ARGS[8:], error)
+    assert line.isascii() and line.count("\n") == 1 and line.endswith("\n")
+    rec = parse_text(line)  # the pattern of every field holds
+    assert rec["status"] == 200 and rec["seq"] == 7
+    back = json.loads(format_json(*ARGS[:3], target, ARGS[4], ARGS[5], ARGS[6], host, *ARGS[8:], error))
+    assert back["host"] == host[:1024] + ("..." if len(host) > 1024 else "")
+    assert back.get("error", "") == error
 
 
 def test_pipe_writes_are_cut_at_line_ends():

@@ -139,3 +139,25 @@ def test_a_refused_connection_is_tried_on_every_other_server_backups_included(tm
     run(main())
     tries = [parse_text(x)["tries"] for x in log.read_text().splitlines(keepends=True)]
     assert max(tries) == 3, tries  # both main servers, then the backup
+
+
+@pytest.mark.parametrize("servers, tries", [(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], 3), (["127.0.0.1:1"], 2)])
+def test_a_route_whose_servers_all_refuse_ends_in_one_502_after_each_was_tried(tmp_path, servers, tries):
+    from .test_http_access_log import parse_text
+
+    log = tmp_path / "access.log"
+
+    async def main():
+        env = Env()
+        try:
+            await env.splice(default=servers, pool={"min": 0, "max": 2}, access_log=str(log))
+            r, w = await env.connect()
+            w.write(get("/x", 1))
+            replies, _ = await read_replies(r, [b"GET"])
+            assert replies[0].status == 502
+            await wait_for(lambda: log.exists() and log.read_text())
+        finally:
+            await env.close()
+    run(main())
+    (rec,) = [parse_text(x) for x in log.read_text().splitlines(keepends=True)]
+    assert rec["tries"] == tries and "cannot connect" in rec["error"], rec  # each server once; a lone one twice

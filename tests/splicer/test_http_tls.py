@@ -309,3 +309,44 @@ def test_sessions_resume_on_any_worker(tmp_path):
                 break
             assert time.monotonic() < deadline
         assert r["resumed"] == 30 and r["version"] == "TLSv1.3", r
+
+
+def test_refused_reloads_do_not_take_the_running_generations_certificate(tmp_path):
+    # Each reload's context was built (and kept among the last 3) before the reload was checked:
+    # refused reloads pushed out the running generation's context, and a worker respawned after
+    # that loaded the files on disk, or none.
+    cert, key = make_cert(tmp_path)
+    yaml_file = tmp_path / "splice.yaml"
+
+    def write(workers: int) -> None:
+        yaml_file.write_text(f"http:\n  workers: {workers}\n  default: [127.0.0.1:{be}]\n"
+                             f"  tls: {{cert: {cert}, key: {key}}}\n")
+
+    with start_echo_backend(0, "be") as be:
+        write(1)
+        original_der = _der(cert)
+        with _Splicer(["--config", str(yaml_file)]) as sp:
+            assert _served_cert(sp.port) == original_der
+            os.set_blocking(sp.proc.stderr.fileno(), False)
+            seen = b""
+            write(2)  # a changed worker count: every reload is refused
+            for n in range(1, 5):
+                os.kill(sp.proc.pid, signal.SIGHUP)
+                deadline = time.monotonic() + 20
+                while seen.count(b"reload refused") < n:
+                    assert time.monotonic() < deadline, seen
+                    time.sleep(0.05)
+                    seen += sp.proc.stderr.read() or b""
+            cert.write_text("garbage\n")
+            key.write_text("garbage\n")
+            (pid,) = subprocess.run(["pgrep", "-P", str(sp.proc.pid)], capture_output=True, text=True).stdout.split()
+            os.kill(int(pid), signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    served = _served_cert(sp.port)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "no worker serves after the respawn"
+                    time.sleep(0.1)
+            assert served == original_der

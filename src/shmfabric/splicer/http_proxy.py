@@ -275,7 +275,7 @@ class Exchange:
             server.inflight -= 1
         if (not self.resp_started and not self.interim and not self.gone and kind != "timeout" and kind != "truncated"
                 and not self.body_sent
-                and ((kind == "connect" and self.attempts < len(self.group.servers))  # type: ignore[union-attr]
+                and ((kind == "connect" and self.attempts < max(1, len(self.group.servers) - 1))  # type: ignore[union-attr]
                      or (self.attempts < 1 and (self.reused or self.behind)
                          and self.req.method in IDEMPOTENT_METHODS))):
             # Safe to retry: nothing reached a backend (connect), or an idempotent request

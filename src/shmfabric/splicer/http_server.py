@@ -237,32 +237,23 @@ def run(cfg: HttpSpliceConfig, listeners: Listeners, reload: Callable[[], HttpSp
     """Run `cfg.workers` worker processes under a `Master` until SIGINT/SIGTERM; SIGHUP reloads
     (`reload()` returns the re-read configuration, or raises ReloadRefused)."""
     install_uvloop()
-    # The TLS context is built here, in the master, once per configuration, and the workers
-    # forked from it inherit it: with it the key that encrypts session tickets, so a client
-    # resumes its session on whichever worker the kernel hands its next connection to (Python's
-    # ssl has no way to give separately built contexts the same ticket key).
-    contexts: dict[int, ssl.SSLContext] = {}
 
-    def with_context(c: HttpSpliceConfig) -> HttpSpliceConfig:
-        if c.tls is not None:
-            contexts[id(c)] = server_context(c.tls)
-            while len(contexts) > 3:  # this generation, the one before, and one being replaced
-                del contexts[next(iter(contexts))]
-        return c
-
-    def reload_with_context() -> HttpSpliceConfig:
-        c = reload()  # type: ignore[misc]
+    def with_context(c: HttpSpliceConfig) -> tuple[HttpSpliceConfig, ssl.SSLContext | None]:
+        # The TLS context is built in the master, once per configuration, and the workers forked
+        # from it inherit it: with it the key that encrypts session tickets, so a client resumes
+        # its session on whichever worker the kernel hands its next connection to (Python's ssl
+        # has no way to give separately built contexts the same ticket key), and a respawned
+        # worker serves what its generation loaded, whatever the files hold by then.
         try:
-            return with_context(c)
+            return c, server_context(c.tls) if c.tls is not None else None
         except TlsError as exc:
             raise ReloadRefused(str(exc)) from None
 
     try:
-        with_context(cfg)
-    except TlsError as exc:
-        say(f"splice http: {exc}")
-        return 1
-    return serve_under_master(
-        "splice http", cfg, listeners,
-        lambda c, sock, msock, ready: asyncio.run(_serve(c, sock, msock, ready, contexts.get(id(c)))),
-        reload_with_context if reload is not None else None, announce)
+        return serve_under_master(
+            "splice http", cfg, listeners,
+            lambda prepared, sock, msock, ready: asyncio.run(_serve(prepared[0], sock, msock, ready, prepared[1])),
+            reload, announce, prepare=with_context)
+    except ReloadRefused as exc:  # at start: the files changed since the command line was checked
+        say(f"shmfabric: error: {exc}")
+        return 2

@@ -536,17 +536,25 @@ class Master:
 
 def serve_under_master(label: str, cfg: Any, listeners: Listeners,
                        serve: Callable[[Any, socket.socket, socket.socket | None, Callable[[], None]], None],
-                       reload: Callable[[], Any] | None = None, announce: Callable[[], None] | None = None) -> int:
+                       reload: Callable[[], Any] | None = None, announce: Callable[[], None] | None = None,
+                       prepare: Callable[[Any], Any] | None = None) -> int:
     """Run `cfg.workers` workers under a `Master`, worker i being `serve(cfg, its socket, its
     metrics socket or None, ready)`; on SIGHUP, `reload()` gives the configuration the new
-    workers get (it must keep the listening sockets: `Listeners.check_reload`). The exit status."""
+    workers get (it must keep the listening sockets: `Listeners.check_reload`). The exit status.
+
+    `prepare(cfg)`, when given, runs in the master once per configuration that passed those
+    checks, and what it returns is what `serve` gets instead of the configuration: state built
+    there (a TLS context) is inherited by every worker of that generation, respawned ones too,
+    and lives as long as the generation. It raises ReloadRefused to refuse a configuration."""
+    prep = prepare if prepare is not None else (lambda c: c)
+
     def body(c: Any) -> Child:
         def child(slot: int, ready: Callable[[], None]) -> None:
             serve(c, listeners.data[slot], listeners.metrics_socket(slot), ready)
         return child
 
-    rebuild = None if reload is None else (lambda: body(listeners.check_reload(reload())))
-    return Master(label, cfg.workers, body(cfg), rebuild, announce, listeners).run()
+    rebuild = None if reload is None else (lambda: body(prep(listeners.check_reload(reload()))))
+    return Master(label, cfg.workers, body(prep(cfg)), rebuild, announce, listeners).run()
 
 
 def _drain_fd(fd: int) -> bytes:

@@ -32,14 +32,15 @@ pytestmark = pytest.mark.timeout(90)
 # time client "METHOD TARGET HTTP/V" status bytes host="..." backend=... wait=S total=S tries=N seq=N [error="..."]
 TEXT_LINE = re.compile(
     r'^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (\S+) "(\S+) (\S+) HTTP/(\S+)" (\d{3}) (\d+) host="((?:[^"\\]|\\.)*)" '
-    r'backend=(\S+) wait=(\d+\.\d{3}) total=(\d+\.\d{3}) tries=(\d+) seq=(\d+)(?: error="((?:[^"\\]|\\.)*)")?\n$')
+    r'backend=(\S+) wait=(\d+\.\d{3}) total=(\d+\.\d{3}) held=(\d+\.\d{3}) tries=(\d+) seq=(\d+)'
+    r'(?: error="((?:[^"\\]|\\.)*)")?\n$')
 
 
 def parse_text(line: str) -> dict:
     m = TEXT_LINE.match(line)
     assert m, f"not a well-formed access log line: {line!r}"
     keys = ("time", "client", "method", "target", "version", "status", "bytes", "host", "backend", "wait", "total",
-            "tries", "seq", "error")
+            "held", "tries", "seq", "error")
     rec = dict(zip(keys, m.groups()))
     for k in ("status", "bytes", "tries", "seq"):
         rec[k] = int(rec[k])
@@ -54,7 +55,7 @@ ARGS = ("2026-12-06T04:00:00.123Z", "127.0.0.1:5000", "GET", "/a?b=1", "1.1", 20
 def test_text_line_has_the_fields_in_order_and_escapes_what_would_break_it():
     line = format_text(*ARGS, "")
     assert line == ('2026-12-06T04:00:00.123Z 127.0.0.1:5000 "GET /a?b=1 HTTP/1.1" 200 123 host="example.com" '
-                    'backend=127.0.0.1:9001 wait=0.001 total=0.012 tries=1 seq=7\n')
+                    'backend=127.0.0.1:9001 wait=0.001 total=0.012 held=0.000 tries=1 seq=7\n')
     tricky = format_text(*ARGS[:7], 'ex"am\\ple\n\x01', *ARGS[8:], 'backend said "no"\r\n')
     assert tricky.count("\n") == 1  # one line whatever the values hold
     rec = parse_text(tricky)
@@ -65,7 +66,7 @@ def test_json_line_round_trips():
     rec = json.loads(format_json(*ARGS[:7], 'h"\n', *ARGS[8:], "cut off"))
     assert rec == {"time": ARGS[0], "client": "127.0.0.1:5000", "method": "GET", "target": "/a?b=1", "version": "1.1",
                    "status": 200, "bytes": 123, "host": 'h"\n', "backend": "127.0.0.1:9001", "wait": 0.001,
-                   "total": 0.012, "tries": 1, "seq": 7, "error": "cut off"}
+                   "total": 0.012, "held": 0.0, "tries": 1, "seq": 7, "error": "cut off"}
     assert "error" not in json.loads(format_json(*ARGS, ""))
 
 
@@ -292,6 +293,8 @@ def test_every_answer_gets_one_line_and_bytes_add_up_to_what_the_client_read(tmp
     assert by_seq[3]["backend"] == "127.0.0.1:1" and "127.0.0.1:1" in by_seq[3]["error"]
     assert by_seq[5]["method"] == "-" and by_seq[5]["error"]
     assert [rec["seq"] for rec in recs] == list(range(6))  # written as released: in request order
+    # /a/1 was complete first and held for /a/slow (a 50 ms backend delay) ahead of it
+    assert float(by_seq[1]["held"]) > float(by_seq[0]["held"])
     assert all(rec["client"].startswith("127.0.0.1:") and rec["host"] in ("test", "t", "") for rec in recs)
 
 

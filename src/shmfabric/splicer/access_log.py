@@ -73,24 +73,27 @@ class _Clock:
 
 
 def format_text(stamp: str, client: str, method: str, target: str, version: str, status: int, sent: int,
-                host: str, backend: str, wait: float, total: float, tries: int, seq: int, error: str) -> str:
+                host: str, backend: str, wait: float, total: float, tries: int, seq: int, error: str,
+                held: float = 0.0) -> str:
     """One text line: the usual positional head (time, client, "request", status, bytes), then
     key=value fields. Times are seconds, to the millisecond (the event loop's clock)."""
     line = (f'{stamp} {client} "{method} {_quote(_clip(target))} HTTP/{version}" {status} {sent} '
-            f'host="{_quote(_clip(host))}" backend={backend} wait={wait:.3f} total={total:.3f} tries={tries} seq={seq}')
+            f'host="{_quote(_clip(host))}" backend={backend} wait={wait:.3f} total={total:.3f} held={held:.3f} '
+            f'tries={tries} seq={seq}')
     if error:
         line += f' error="{_quote(error)}"'
     return line + "\n"
 
 
 def format_json(stamp: str, client: str, method: str, target: str, version: str, status: int, sent: int,
-                host: str, backend: str, wait: float, total: float, tries: int, seq: int, error: str) -> str:
+                host: str, backend: str, wait: float, total: float, tries: int, seq: int, error: str,
+                held: float = 0.0) -> str:
     """One JSON object per line, the same fields as `format_text` (error only when there is one).
     ASCII only: a request byte from 0x80 up is the code point of the same value (\\u0080-\\u00ff)."""
     record: dict[str, Any] = {
         "time": stamp, "client": client, "method": method, "target": _clip(target), "version": version,
         "status": status, "bytes": sent, "host": _clip(host), "backend": backend,
-        "wait": round(wait, 3), "total": round(total, 3), "tries": tries, "seq": seq,
+        "wait": round(wait, 3), "total": round(total, 3), "held": round(held, 3), "tries": tries, "seq": seq,
     }
     if error:
         record["error"] = error
@@ -228,8 +231,10 @@ class AccessLog:
         self._warned = False
 
     def record(self, client: str, method: str, target: str, version: str, status: int, sent: int, host: str,
-               backend: str, wait: float, total: float, tries: int, seq: int, error: str = "") -> None:
-        """Log one answered request (times in seconds; `error` says why the splicer answered itself)."""
+               backend: str, wait: float, total: float, tries: int, seq: int, error: str = "",
+               held: float = 0.0) -> None:
+        """Log one answered request (times in seconds; `error` says why the splicer answered itself;
+        `held`: how long the complete answer waited for earlier ones)."""
         if self.fd < 0:
             return  # closed: connections cut at shutdown report after the log is gone
         stamp = self._stamp
@@ -240,7 +245,7 @@ class AccessLog:
             if self.loop is not None:
                 self.loop.call_soon(self.flush)
         self._lines.append(self._format(stamp, client, method, target, version, status, sent, host, backend, wait,
-                                        total, tries, seq, error))
+                                        total, tries, seq, error, held))
 
     def _drop(self, lines: int, why: str) -> None:
         self.dropped += lines

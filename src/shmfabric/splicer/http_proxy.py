@@ -602,7 +602,7 @@ class ClientConnection(asyncio.Protocol):
             else:  # no request head could be read: nothing of it is logged
                 self.log_wait[seq] = [self.peer, "-", "-", "-", exc.status, len(answer), "", "-", 0.0,
                                       max(0.0, self.loop.time() - (self.head_since or self.last_seen)), 0, seq,
-                                      str(exc)]
+                                      str(exc), self.loop.time()]
         self._end_input(seq)
 
     def head_timed_out(self, seconds: float) -> None:
@@ -724,9 +724,10 @@ class ClientConnection(asyncio.Protocol):
     def log_exchange(self, ex: Exchange, status: int, sent: int, error: str = "") -> None:
         """The access-log line of `ex`, once its answer is complete (see access_log.py): wait is the
         time from reading the request to sending it to a backend (ordering, barriers, a pool's
-        queue), total the time to the end of the answer; tries counts sends to a backend (a retry
-        makes 2). It is written once the answer is handed to the connection (`_release_logs`), or
-        as not sent if the connection ends first (`_log_unsent`)."""
+        queue), total the time to the end of the answer, held the time the complete answer then
+        waited for earlier ones (set at release); tries counts sends to a backend (a retry makes
+        2). It is written once the answer is handed to the connection (`_release_logs`), or as
+        not sent if the connection ends first (`_log_unsent`)."""
         req = ex.req
         server = ex.server
         latin = "latin-1"
@@ -734,7 +735,7 @@ class ClientConnection(asyncio.Protocol):
             self.peer, req.method.decode(latin), req.target.decode(latin), req.http_version.decode(latin), status,
             sent, req.host.decode(latin), server.name if server is not None else "-",
             (ex.t0 - ex.t_in) if ex.started else 0.0, self.loop.time() - ex.t_in,
-            ex.attempts + 1 if server is not None else 0, ex.seq, error]
+            ex.attempts + 1 if server is not None else 0, ex.seq, error, self.loop.time()]
 
     def _release_logs(self) -> None:
         """Write the lines of answers the merge has released to the connection."""
@@ -742,8 +743,11 @@ class ClientConnection(asyncio.Protocol):
         base, last = merge._base, merge._last
         record = self.log.record  # type: ignore[union-attr]
         wait = self.log_wait
+        now = self.loop.time()
         for seq in sorted(s for s in wait if s < base and (last is None or s <= last)):
-            record(*wait.pop(seq))
+            args = wait.pop(seq)
+            args[13] = now - args[13]  # held: from the answer's completion to its release
+            record(*args)
 
     def _log_unsent(self) -> None:
         """The connection ends: lines for the answers it never carried. A request still being
@@ -758,8 +762,10 @@ class ClientConnection(asyncio.Protocol):
         for ex in self.exchanges.values():
             if not ex.finished and not ex.gone and ex.seq not in self.log_wait:
                 self.log_exchange(ex, status, ex.sent if ex.seq == head else 0, why)
+        now = self.loop.time()
         for seq in sorted(self.log_wait):
             args = self.log_wait[seq]
+            args[13] = now - args[13]
             if seq != head:
                 args[5] = 0  # bytes: none of it was released
             if args[4] not in (444, 499):

@@ -53,6 +53,10 @@ DRAIN_IDLE_GRACE = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+# Positions in a held access-log line (ClientConnection._log_line), AccessLog.record's order.
+_STATUS, _SENT, _ERROR, _HELD = 4, 5, 12, 13
+
+
 class Exchange:
     """One client request and its response, from read to written."""
 
@@ -562,7 +566,8 @@ class ClientConnection(asyncio.Protocol):
             answer = simple_response(405, "CONNECT is not supported: this splicer is a reverse proxy", close=True)
             self.finish(seq, answer)
             if self.log is not None:
-                self.log_exchange(Exchange(self, seq, req, None), 405, len(answer), "CONNECT refused")
+                self._log_line(seq, req, None, 405, len(answer), 0.0, self.loop.time() - self.last_seen, 0,
+                               "CONNECT refused")
             self._end_input(seq)
             return
         group = self.router.match(req.host, req.target)
@@ -600,9 +605,8 @@ class ClientConnection(asyncio.Protocol):
             if seq == getattr(cur, "seq", None):  # the error is in this request's body: its answer
                 self.log_exchange(cur, exc.status, len(answer), str(exc))  # type: ignore[arg-type]
             else:  # no request head could be read: nothing of it is logged
-                self.log_wait[seq] = [self.peer, "-", "-", "-", exc.status, len(answer), "", "-", 0.0,
-                                      max(0.0, self.loop.time() - (self.head_since or self.last_seen)), 0, seq,
-                                      str(exc), self.loop.time()]
+                self._log_line(seq, None, None, exc.status, len(answer), 0.0,
+                               max(0.0, self.loop.time() - (self.head_since or self.last_seen)), 0, str(exc))
         self._end_input(seq)
 
     def head_timed_out(self, seconds: float) -> None:
@@ -728,14 +732,22 @@ class ClientConnection(asyncio.Protocol):
         waited for earlier ones (set at release); tries counts sends to a backend (a retry makes
         2). It is written once the answer is handed to the connection (`_release_logs`), or as
         not sent if the connection ends first (`_log_unsent`)."""
-        req = ex.req
         server = ex.server
+        self._log_line(ex.seq, ex.req, server, status, sent, (ex.t0 - ex.t_in) if ex.started else 0.0,
+                       self.loop.time() - ex.t_in, ex.attempts + 1 if server is not None else 0, error)
+
+    def _log_line(self, seq: int, req: Request | None, server: "BackendServer | None", status: int, sent: int,
+                  wait: float, total: float, tries: int, error: str) -> None:
+        """Hold the line of answer `seq` in `log_wait` until the answer is released: a list in
+        AccessLog.record's order, whose last item is the completion time until then (`_held`);
+        `req` None: input that was not a request head (logged as "- - HTTP/-")."""
         latin = "latin-1"
-        self.log_wait[ex.seq] = [
-            self.peer, req.method.decode(latin), req.target.decode(latin), req.http_version.decode(latin), status,
-            sent, req.host.decode(latin), server.name if server is not None else "-",
-            (ex.t0 - ex.t_in) if ex.started else 0.0, self.loop.time() - ex.t_in,
-            ex.attempts + 1 if server is not None else 0, ex.seq, error, self.loop.time()]
+        method, target, version, host = (("-", "-", "-", "") if req is None else
+                                         (req.method.decode(latin), req.target.decode(latin),
+                                          req.http_version.decode(latin), req.host.decode(latin)))
+        self.log_wait[seq] = [self.peer, method, target, version, status, sent, host,
+                              server.name if server is not None else "-", wait, total, tries, seq, error,
+                              self.loop.time()]
 
     def _release_logs(self) -> None:
         """Write the lines of answers the merge has released to the connection."""
@@ -746,7 +758,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         for seq in sorted(s for s in wait if s < base and (last is None or s <= last)):
             args = wait.pop(seq)
-            args[13] = now - args[13]  # held: from the answer's completion to its release
+            args[_HELD] = now - args[_HELD]  # from the answer's completion to its release
             record(*args)
 
     def _log_unsent(self) -> None:
@@ -765,11 +777,12 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         for seq in sorted(self.log_wait):
             args = self.log_wait[seq]
-            args[13] = now - args[13]
+            args[_HELD] = now - args[_HELD]
             if seq != head:
-                args[5] = 0  # bytes: none of it was released
-            if args[4] not in (444, 499):
-                args[4], args[12] = status, f"not sent: {why}" if not args[12] else f"{args[12]}; not sent: {why}"
+                args[_SENT] = 0  # none of it was released
+            if args[_STATUS] not in (444, 499):
+                error = args[_ERROR]
+                args[_STATUS], args[_ERROR] = status, f"{error}; not sent: {why}" if error else f"not sent: {why}"
             self.log.record(*args)  # type: ignore[union-attr]
         self.log_wait.clear()
 

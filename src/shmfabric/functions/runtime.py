@@ -93,8 +93,7 @@ class Hop:
         TimeoutError naming the missing nodes after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            self.resolve(0, force=True)
-            missing = [n for n, i in zip(self.names, self.ids) if i is None]
+            missing = self.missing()
             if not missing:
                 return True
             if stop is not None and stop():

@@ -256,8 +256,8 @@ class Exchange:
         client = self.client
         if not self.gone:
             client.finish(self.seq, tail)
+            self.sent += len(tail)
             if client.log is not None:
-                self.sent += len(tail)
                 client.log_exchange(self, self.status, self.sent)
         client.exchange_done(self)
 
@@ -429,10 +429,11 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.last_seen = self.loop.time()
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-            self.forward_lines = self.splicer.forward_lines(peer[0])
+        if self.log is not None or self.splicer.forwarding:
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+                self.forward_lines = self.splicer.forward_lines(peer[0])
         self.splicer.clients.add(self)
         self.splicer.metrics.client_connections.inc()
         if self.splicer.draining:  # accepted just before the listener closed
@@ -733,11 +734,12 @@ class ClientConnection(asyncio.Protocol):
         2). It is written once the answer is handed to the connection (`_release_logs`), or as
         not sent if the connection ends first (`_log_unsent`)."""
         server = ex.server
+        now = self.loop.time()
         self._log_line(ex.seq, ex.req, server, status, sent, (ex.t0 - ex.t_in) if ex.started else 0.0,
-                       self.loop.time() - ex.t_in, ex.attempts + 1 if server is not None else 0, error)
+                       now - ex.t_in, ex.attempts + 1 if server is not None else 0, error, now)
 
     def _log_line(self, seq: int, req: Request | None, server: "BackendServer | None", status: int, sent: int,
-                  wait: float, total: float, tries: int, error: str) -> None:
+                  wait: float, total: float, tries: int, error: str, now: float | None = None) -> None:
         """Hold the line of answer `seq` in `log_wait` until the answer is released: a list in
         AccessLog.record's order, whose last item is the completion time until then (`_held`);
         `req` None: input that was not a request head (logged as "- - HTTP/-")."""
@@ -747,7 +749,7 @@ class ClientConnection(asyncio.Protocol):
                                           req.http_version.decode(latin), req.host.decode(latin)))
         self.log_wait[seq] = [self.peer, method, target, version, status, sent, host,
                               server.name if server is not None else "-", wait, total, tries, seq, error,
-                              self.loop.time()]
+                              self.loop.time() if now is None else now]
 
     def _release_logs(self) -> None:
         """Write the lines of answers the merge has released to the connection."""

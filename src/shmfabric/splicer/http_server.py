@@ -48,6 +48,7 @@ class HttpSplicer:
         self.deadlines: deque[Any] = deque()  # started exchanges, oldest first (see _sweep_timeouts)
         self.draining = False
         self.access_log: AccessLog | None = None  # opened by start (it needs the loop)
+        self.forwarding = cfg.forwarded_for or cfg.forwarded  # client connections need forward_lines
         lim = cfg.limits
 
         def server_for(addr: str) -> BackendServer:
@@ -102,7 +103,7 @@ class HttpSplicer:
         """The header lines that tell backends the client's address `host` (none unless
         `forwarded_for` or `forwarded` is set)."""
         cfg = self.cfg
-        if not (cfg.forwarded_for or cfg.forwarded):
+        if not self.forwarding:
             return b""
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]  # an IPv4 client of a dual-stack listener, as itself
@@ -214,7 +215,7 @@ async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socke
     splicer = HttpSplicer(cfg, metrics)
     try:
         await splicer.start(sock=sock, ssl_context=ssl_context)
-    except (TlsError, AccessLogError) as exc:  # a file changed since the master checked it
+    except AccessLogError as exc:  # the path changed since the master checked it
         say(f"splice http: worker cannot start: {exc}")
         raise SystemExit(1) from None
     stop_metrics = serve_socket(metrics.registry, metrics_sock) if metrics_sock is not None else None

@@ -32,12 +32,12 @@ from __future__ import annotations
 import socket
 import threading
 from bisect import bisect_left
-from socketserver import ThreadingMixIn
 from typing import Any, Callable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.utils import floatToGoString
 
 __all__ = ["SpliceMetrics", "BackendMetrics", "FastCounter", "FastHistogram", "serve"]
@@ -220,11 +220,10 @@ class _QuietHandler(WSGIRequestHandler):
         """Log nothing (a scrape every few seconds is not news)."""
 
 
-class _SocketServer(ThreadingMixIn, WSGIServer):
+class _SocketServer(ThreadingWSGIServer):
     # prometheus-client's start_http_server binds its own socket; this one serves a socket the
     # master process holds, so a worker that replaces another (reload, respawn) serves the same
     # metrics port at once, with no "address in use" while the old one finishes.
-    daemon_threads = True
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)

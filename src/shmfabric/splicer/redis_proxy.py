@@ -908,25 +908,21 @@ class RedisSplicer:
         return {"clients": len(self._clients), "servers": servers}
 
 
-def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = None, *,
-                      sock: socket.socket | None = None, metrics_sock: socket.socket | None = None,
-                      ready: Callable[[], None] | None = None) -> None:
+def run_redis_splicer(config: RedisSpliceConfig, *, sock: socket.socket, metrics_sock: socket.socket | None,
+                      ready: Callable[[], None]) -> None:
     """Run a splicer in this process until its graceful stop is over (uvloop when installed).
 
-    It listens on `config.listen`, or on `sock` (a worker of `workers.Master`), serves metrics
-    on `metrics_address` or `metrics_sock`, and calls `ready()` once it accepts connections.
+    It listens on `sock` (a worker of `workers.Master`), serves metrics on `metrics_sock` if
+    given, and calls `ready()` once it accepts connections.
     """
     install_uvloop()
     metrics = None
     stop_metrics: Callable[[], None] | None = None
-    if metrics_address or metrics_sock is not None:
-        from .metrics import SpliceMetrics, serve, serve_socket
+    if metrics_sock is not None:
+        from .metrics import SpliceMetrics, serve_socket
 
         metrics = SpliceMetrics("redis")
-        if metrics_sock is not None:
-            stop_metrics = serve_socket(metrics.registry, metrics_sock)
-        else:
-            serve(metrics.registry, metrics_address)  # type: ignore[arg-type]
+        stop_metrics = serve_socket(metrics.registry, metrics_sock)
 
     async def main() -> None:
         splicer = RedisSplicer(config, metrics)
@@ -939,8 +935,7 @@ def run_redis_splicer(config: RedisSpliceConfig, metrics_address: str | None = N
         gc.set_threshold(50_000, 20, 100)
         log.info("redis splicer listening on %s:%d", host, port)
         stop = GracefulStop(asyncio.get_running_loop())
-        if ready is not None:
-            ready()
+        ready()
 
         def drain() -> None:
             splicer.drain()

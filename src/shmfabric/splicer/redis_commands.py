@@ -31,6 +31,7 @@ class Kind:
     SUM = 4  # DEL, UNLINK, EXISTS, TOUCH: split per server, integer replies added up
     SCRIPT = 5  # EVAL-like: numkeys at argument 2, keys follow; all on one server
     LOCAL = 6  # answered by the splicer (connection-level)
+    FANOUT = 7  # works on a whole server: sent to every server, replies merged (redis_fanout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,10 @@ COMMANDS.update(_mk(Kind.LOCAL, ("fast", "loading", "stale"), """
     CLIENT:-2:0:0:0 COMMAND:-1:0:0:0 MULTI:1:0:0:0 EXEC:1:0:0:0 DISCARD:1:0:0:0 RESET:1:0:0:0
 """))
 
+COMMANDS.update(_mk(Kind.FANOUT, _R, "DBSIZE:1:0:0:0 KEYS:2:0:0:0 SCAN:-2:0:0:0 RANDOMKEY:1:0:0:0"))
+COMMANDS.update(_mk(Kind.FANOUT, _W, "FLUSHDB:-1:0:0:0 FLUSHALL:-1:0:0:0"))
+COMMANDS.update(_mk(Kind.FANOUT, ("noscript",), "SCRIPT:-2:0:0:0 FUNCTION:-2:0:0:0"))
+
 _BLOCKING = "it may block, and a blocked request would hold up a pooled backend connection shared with other clients"
 _PUBSUB = "pub/sub needs a dedicated connection to one server and channels are not placed by key"
 _SERVER = "it works on a whole server, and the keys are spread over several servers"
@@ -141,9 +146,9 @@ for _n in "BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN BZPOPMAX BZMPOP WAIT WA
 for _n in "SUBSCRIBE UNSUBSCRIBE PSUBSCRIBE PUNSUBSCRIBE SSUBSCRIBE SUNSUBSCRIBE PUBLISH SPUBLISH PUBSUB MONITOR".split():
     REFUSED[_n.encode()] = _PUBSUB
 for _n in (
-    "KEYS SCAN RANDOMKEY DBSIZE FLUSHDB FLUSHALL INFO CONFIG DEBUG SHUTDOWN SAVE BGSAVE BGREWRITEAOF "
-    "LASTSAVE SLAVEOF REPLICAOF SYNC PSYNC CLUSTER READONLY READWRITE MIGRATE MOVE SWAPDB TIME "
-    "LATENCY MEMORY SLOWLOG ACL FAILOVER ROLE MODULE LOLWUT SCRIPT FUNCTION"
+    "INFO CONFIG DEBUG SHUTDOWN SAVE BGSAVE BGREWRITEAOF LASTSAVE SLAVEOF REPLICAOF SYNC PSYNC "
+    "CLUSTER READONLY READWRITE MIGRATE MOVE SWAPDB TIME LATENCY MEMORY SLOWLOG ACL FAILOVER ROLE "
+    "MODULE LOLWUT"
 ).split():
     REFUSED[_n.encode()] = _SERVER
 REFUSED[b"WATCH"] = "WATCH needs one server connection kept for this client; MULTI/EXEC on keys of one server works without it"

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from .backoff import Backoff, HealthState
 from .config import RedisSpliceConfig, split_address
-from .redis_commands import COMMANDS, Kind
+from .redis_commands import COMMANDS
 from .redis_ketama import Ketama, KetamaServer, server_name
 from .redis_resp import (
     ReplyScanner,
@@ -55,9 +55,7 @@ from .redis_session import (
     ReplyOrder,
     Router,
     SessionConfig,
-    merge_mget,
-    merge_mset,
-    merge_sum,
+    merge_parts,
 )
 from .teardown import close_lingering
 from .workers import GracefulStop, install_uvloop
@@ -351,13 +349,7 @@ class _Join:
         self.values[i] = parsed
         self.left -= 1
         if self.left == 0:
-            if self.kind == Kind.MGET:
-                merged = merge_mget(self.nkeys, self.parts, self.proto, self.values)
-            elif self.kind == Kind.SUM:
-                merged = merge_sum(self.parts)
-            else:
-                merged = merge_mset(self.parts)
-            self.client._on_reply(self.seq, merged)
+            self.client._on_reply(self.seq, merge_parts(self.kind, self.nkeys, self.parts, self.proto, self.values))
 
 
 class _Client(asyncio.Protocol):

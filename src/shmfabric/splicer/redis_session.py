@@ -30,6 +30,8 @@ import hiredis
 
 from .redis_commands import COMMANDS, REFUSED, Kind, check_arity, command_keys, lookup
 from .ordered import BoundedSlots
+from .redis_fanout import MERGES, merge_all_ok
+from .redis_fanout import plan as plan_fanout
 from .redis_ketama import Ketama
 from .redis_resp import (
     OK,
@@ -57,6 +59,7 @@ __all__ = [
     "KeyGroup",
     "merge_sum",
     "merge_mset",
+    "merge_parts",
     "command_info",
     "ReplyOrder",
 ]
@@ -322,6 +325,13 @@ class RedisSession:
             if err is not None:
                 return (REPLY, err)
             return self._keyed(name, args, command_keys(spec, args))
+        if kind == Kind.FANOUT:
+            planned = plan_fanout(name, args, len(self.router.ketama.servers), encode_command(args))
+            if type(planned) is bytes:
+                return (REPLY, planned)
+            merge, parts = planned
+            # A barrier: it sees every earlier write, whichever connection carried it.
+            return (SPLIT, True, self.proto, merge, len(parts), parts)
         raise AssertionError(f"unhandled kind {kind}")
 
     # -- routing ---------------------------------------------------------------------------
@@ -431,6 +441,11 @@ class RedisSession:
         if spec.kind == Kind.LOCAL and name not in (b"PING", b"ECHO"):
             self.multi_error = True
             return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer"))
+        if spec.kind == Kind.FANOUT:
+            # A transaction runs on one server; this command runs on all of them.
+            self.multi_error = True
+            return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer: "
+                                        "it runs on every server and a transaction on one"))
         if spec.kind == Kind.MSET and len(args) % 2 != 1:
             self.multi_error = True
             return (REPLY, _err_args(name))
@@ -793,7 +808,19 @@ def merge_sum(parts: list[tuple[list[int], bytes]]) -> bytes:
 
 def merge_mset(parts: list[tuple[list[int], bytes]]) -> bytes:
     """Merge MSET part replies: +OK when every part said OK, else the first error."""
-    for _, reply in parts:
-        if reply != OK:
-            return reply if reply[:1] == b"-" else encode_error("ERR splicer: a backend answered MSET with an unexpected reply")
-    return OK
+    return merge_all_ok(parts, "MSET")
+
+
+def merge_parts(kind: int, nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: list[Any]) -> bytes:
+    """The client's reply from the part replies of a SPLIT action of this `kind`.
+
+    `parts` are (where, reply) in part order; `parsed[i]`, if not None, is hiredis's parse of
+    part i's reply (the MGET merge reuses it).
+    """
+    if kind == Kind.MGET:
+        return merge_mget(nkeys, parts, proto, parsed)
+    if kind == Kind.SUM:
+        return merge_sum(parts)
+    if kind == Kind.MSET:
+        return merge_mset(parts)
+    return MERGES[kind](parts)

@@ -1,0 +1,275 @@
+"""Whole-server commands through the Redis splicer: sent to every server, replies merged (sans-IO).
+
+twemproxy refuses every command that works on a whole server, and with SCRIPT LOAD go
+redis-py's `Lock` and `Script` helpers: they run EVALSHA and, on NOSCRIPT, load the script
+with SCRIPT LOAD and try again, so `lock.release()` fails through twemproxy. The splicer sends
+these commands to every configured server and merges the replies into the one a single server
+holding all the keys would give:
+
+| command | reply |
+|---|---|
+| DBSIZE | the servers' counts added up |
+| KEYS pattern | every server's keys, server by server |
+| SCAN cursor [MATCH] [COUNT] [TYPE] | one server at a time; the cursor names the server (below) |
+| RANDOMKEY | a key of a server picked at random among those that have one |
+| FLUSHDB, FLUSHALL [ASYNC\\|SYNC] | `+OK` once every server said OK |
+| SCRIPT LOAD, FUNCTION LOAD | the SHA-1 / library name, once every server gave the same |
+| SCRIPT EXISTS sha... | 1 for a script every server holds (EVALSHA goes to its key's server) |
+| SCRIPT FLUSH, FUNCTION DELETE/FLUSH/RESTORE | `+OK` once every server said OK |
+| FUNCTION LIST/DUMP, SCRIPT/FUNCTION HELP | the answer, when every server gave the same one |
+
+Any server's error is the reply: a server that is down makes the command fail, with its name,
+rather than answer for part of the keys. Except for SCRIPT LOAD and SCRIPT EXISTS, which leave
+out a server that cannot be reached (when another answered), so that scripts keep working on
+the keys of the servers that are up, as EVALSHA does: a server that comes back without the
+script answers EVALSHA with NOSCRIPT, and clients load it again.
+
+SCAN: a splicer cursor `c` stands for server `c % n` at that server's cursor `c // n` (n
+servers); the server's next cursor `s` becomes `s * n + i`, and the end of server i's keys
+becomes cursor `i + 1` (server i + 1 from its start), or 0 after the last server. Cursor 0
+starts at server 0, so a client iterates every server in turn with SCAN's usual loop and its
+usual guarantees, server by server. Redis's cursors are below its table sizes, far from 2**64;
+one that would overflow when scaled is reported, not wrapped.
+
+Every whole-server command is a *barrier* (see `redis_session`): it starts once the client's
+earlier commands are answered and later ones wait for it, so FLUSHALL, DBSIZE or SCAN see the
+writes sent before them on every server, whichever pooled connection carried those.
+
+Pure: planning and merging only; the I/O shell sends the parts (`RedisSession` makes the
+action).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import hiredis
+
+from .redis_resp import OK, encode_command, encode_error
+
+__all__ = ["Merge", "plan", "MERGES", "merge_concat", "merge_same", "merge_same_up", "merge_min", "merge_random", "merge_scan",
+           "merge_all_ok", "CURSOR_MAX"]
+
+CURSOR_MAX = 2**64 - 1  # Redis cursors are unsigned 64-bit
+
+
+class Merge:
+    """How the replies of a whole-server command become one (the `kind` of its SPLIT action).
+
+    SUM is `redis_commands.Kind.SUM`, the merge DEL and EXISTS already use; the others are
+    distinct from every `Kind`.
+    """
+
+    SUM = 4
+    CONCAT = 10
+    SAME = 11
+    MIN = 12
+    RANDOM = 13
+    SCAN = 14
+    ALL_OK = 15
+    SAME_UP = 16  # SAME over the servers that could be reached
+
+
+_WHOLE: dict[bytes, int] = {
+    b"DBSIZE": Merge.SUM,
+    b"KEYS": Merge.CONCAT,
+    b"FLUSHDB": Merge.ALL_OK,
+    b"FLUSHALL": Merge.ALL_OK,
+    b"RANDOMKEY": Merge.RANDOM,
+}
+
+_KILL = ("it must reach a server busy with a script, and the splicer's connections to that server wait "
+         "behind that script: send it to the server directly")
+_SUBCOMMANDS: dict[bytes, dict[bytes, int | str]] = {
+    b"SCRIPT": {
+        b"LOAD": Merge.SAME_UP, b"EXISTS": Merge.MIN, b"FLUSH": Merge.ALL_OK, b"HELP": Merge.SAME,
+        b"KILL": _KILL, b"DEBUG": "the Lua debugger needs a server connection of its own",
+    },
+    b"FUNCTION": {
+        b"LOAD": Merge.SAME, b"DELETE": Merge.ALL_OK, b"FLUSH": Merge.ALL_OK, b"RESTORE": Merge.ALL_OK,
+        b"LIST": Merge.SAME, b"DUMP": Merge.SAME, b"HELP": Merge.SAME,
+        b"KILL": _KILL, b"STATS": "it describes the script one server is running; ask that server directly",
+    },
+}
+
+
+def plan(name: bytes, args: list[bytes], nservers: int, payload: bytes) -> tuple[int, list[tuple[int, int, bytes, Any]]] | bytes:
+    """(merge, parts) for a whole-server command, or the error reply to answer in its place.
+
+    `name` is the command's upper-case name, `args` the whole command, `payload` its RESP
+    encoding. Parts are (server, lane, payload, where) as `RedisSession` makes them: one per
+    server (one for SCAN), on lane 0 (a barrier has the client's connections to itself);
+    `where` is (server index, number of servers, the command's name for messages).
+    """
+    if name == b"SCAN":
+        cursor = args[1]
+        # Redis's own check (string2ull): decimal digits only, at most 2**64 - 1.
+        if not cursor.isdigit() or not cursor.isascii() or int(cursor) > CURSOR_MAX:
+            return encode_error("ERR invalid cursor")
+        c = int(cursor)
+        server = c % nservers
+        inner = b"%d" % (c // nservers)
+        sub = payload if inner == cursor else _with_cursor(args, inner)
+        return Merge.SCAN, [(server, 0, sub, (server, nservers, "SCAN"))]
+    merge = _WHOLE.get(name)
+    label = name.decode()
+    if merge is None:
+        sub_name = args[1].upper()
+        choice = _SUBCOMMANDS[name].get(sub_name)
+        if choice is None:
+            return encode_error(f"ERR unknown subcommand '{_text(args[1])}'. Try {name.decode()} HELP.")
+        if isinstance(choice, str):
+            return encode_error(f"ERR '{name.decode().lower()} {_text(sub_name).lower()}' is not supported by the "
+                                f"splicer: {choice}")
+        merge = choice
+        label += " " + sub_name.decode()
+    return merge, [(s, 0, payload, (s, nservers, label)) for s in range(nservers)]
+
+
+def _text(b: bytes) -> str:
+    return b[:64].decode(errors="replace")
+
+
+def _with_cursor(args: list[bytes], cursor: bytes) -> bytes:
+    return encode_command([args[0], cursor, *args[2:]])
+
+
+_UNEXPECTED = "ERR splicer: a backend answered {} with an unexpected reply"
+
+
+def _first_error(parts: list[tuple[Any, bytes]]) -> bytes | None:
+    for _, reply in parts:
+        if reply[:1] == b"-":
+            return reply
+    return None
+
+
+def merge_all_ok(parts: list[tuple[Any, bytes]], name: str | None = None) -> bytes:
+    """`+OK` when every part said OK, else the first error (`name` for messages: else the parts')."""
+    for _, reply in parts:
+        if reply != OK:
+            return reply if reply[:1] == b"-" else encode_error(_UNEXPECTED.format(name or parts[0][0][2]))
+    return OK
+
+
+def merge_concat(parts: list[tuple[Any, bytes]]) -> bytes:
+    """One array holding every part's elements, part by part (KEYS)."""
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    total = 0
+    bodies = []
+    for _, reply in parts:
+        nl = reply.find(b"\r\n")
+        try:
+            n = int(reply[1:nl]) if reply[:1] == b"*" else -1
+        except ValueError:
+            n = -1
+        if n < 0:
+            return encode_error(_UNEXPECTED.format(parts[0][0][2]))
+        total += n
+        bodies.append(reply[nl + 2 :])
+    return b"*%d\r\n" % total + b"".join(bodies)
+
+
+_UNREACHABLE = b"-ERR splicer: backend "  # how every error the splicer makes for a lost server starts
+
+
+def _reached(parts: list[tuple[Any, bytes]]) -> list[tuple[Any, bytes]]:
+    """The parts of servers that answered; all of them if none did (the errors say why)."""
+    up = [p for p in parts if not p[1].startswith(_UNREACHABLE)]
+    return up or parts
+
+
+def merge_same_up(parts: list[tuple[Any, bytes]]) -> bytes:
+    """`merge_same` over the servers that could be reached (SCRIPT LOAD)."""
+    return merge_same(_reached(parts))
+
+
+def merge_same(parts: list[tuple[Any, bytes]]) -> bytes:
+    """The reply every part gave; an error naming the servers when two differ."""
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    (first_server, _, name), first = parts[0]
+    for where, reply in parts[1:]:
+        if reply != first:
+            return encode_error(f"ERR splicer: servers {first_server} and {where[0]} (in config order, from 0) "
+                                f"answered {name} differently; make them hold the same scripts and functions")
+    return first
+
+
+def merge_min(parts: list[tuple[Any, bytes]]) -> bytes:
+    """Element-wise minimum of integer arrays: SCRIPT EXISTS says 1 only where every server that
+    could be reached does."""
+    parts = _reached(parts)
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    lists = []
+    for _, reply in parts:
+        r = hiredis.Reader()
+        r.feed(reply)
+        try:
+            value = r.gets()
+        except hiredis.ProtocolError:
+            value = None
+        if type(value) is not list or not all(type(v) is int for v in value) or (lists and len(value) != len(lists[0])):
+            return encode_error(_UNEXPECTED.format(parts[0][0][2]))
+        lists.append(value)
+    mins = list(map(min, zip(*lists)))
+    return b"*%d\r\n" % len(mins) + b"".join(b":%d\r\n" % v for v in mins)
+
+
+_NULLS = (b"$-1\r\n", b"_\r\n")
+
+
+def merge_random(parts: list[tuple[Any, bytes]]) -> bytes:
+    """A random key from a server that has one (RANDOMKEY); null when none has a key."""
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    keys = [reply for _, reply in parts if reply not in _NULLS]
+    if any(reply[:1] != b"$" for reply in keys):
+        return encode_error(_UNEXPECTED.format(parts[0][0][2]))
+    # Uniform over servers that have keys, not over keys: a server's key count would cost a
+    # DBSIZE round per call. Redis's own RANDOMKEY is not uniform over keys either.
+    return random.choice(keys) if keys else parts[0][1]
+
+
+def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
+    """One server's SCAN reply with its cursor turned into the splicer's (module docstring)."""
+    (server, nservers, name), reply = parts[0]
+    if reply[:1] == b"-":
+        return reply
+    # *2\r\n$L\r\n<cursor>\r\n<array of keys>: the same in RESP2 and RESP3.
+    if reply[:5] != b"*2\r\n$":
+        return encode_error(_UNEXPECTED.format(name))
+    nl = reply.find(b"\r\n", 5)
+    try:
+        length = int(reply[5:nl])
+        cursor = int(reply[nl + 2 : nl + 2 + length])
+    except ValueError:
+        return encode_error(_UNEXPECTED.format(name))
+    rest = reply[nl + 4 + length :]
+    if cursor == 0:
+        nxt = server + 1 if server + 1 < nservers else 0
+    else:
+        nxt = cursor * nservers + server
+        if nxt > CURSOR_MAX:
+            return encode_error(f"ERR splicer: server {server}'s SCAN cursor {cursor} is too large to carry the "
+                                f"server's index ({nservers} servers); SCAN that server directly")
+    text = b"%d" % nxt
+    return b"*2\r\n$%d\r\n%s\r\n" % (len(text), text) + rest
+
+
+#: The merge of each fan-out kind but SUM (`redis_session.merge_parts` holds them all).
+MERGES = {
+    Merge.CONCAT: merge_concat,
+    Merge.SAME: merge_same,
+    Merge.SAME_UP: merge_same_up,
+    Merge.MIN: merge_min,
+    Merge.RANDOM: merge_random,
+    Merge.SCAN: merge_scan,
+    Merge.ALL_OK: merge_all_ok,
+}

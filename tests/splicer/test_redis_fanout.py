@@ -1,0 +1,217 @@
+"""Whole-server commands of the Redis splicer, planned and merged (pure: no sockets).
+
+The end-to-end half, against real redis-servers and redis-py's Lock, is
+test_redis_fanout_e2e.py."""
+from __future__ import annotations
+
+import hiredis
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shmfabric.splicer.redis_commands import COMMANDS, REFUSED, Kind
+from shmfabric.splicer.redis_fanout import (
+    CURSOR_MAX,
+    Merge,
+    merge_all_ok,
+    merge_concat,
+    merge_min,
+    merge_random,
+    merge_same,
+    merge_same_up,
+    merge_scan,
+    plan,
+)
+from shmfabric.splicer.redis_ketama import Ketama, KetamaServer
+from shmfabric.splicer.redis_resp import encode_command
+from shmfabric.splicer.redis_session import EXEC, REPLY, SPLIT, RedisSession, Router, merge_parts
+
+
+def parse(data: bytes):
+    r = hiredis.Reader()
+    r.feed(data)
+    return r.gets()
+
+
+def cmd(*words: str | bytes) -> list[bytes]:
+    return [w.encode() if isinstance(w, str) else w for w in words]
+
+
+def planned(*words: str, n: int = 3):
+    args = cmd(*words)
+    return plan(args[0].upper(), args, n, encode_command(args))
+
+
+def where(server: int, n: int, name: str) -> tuple[int, int, str]:
+    return (server, n, name)
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+def test_whole_server_commands_are_known_and_not_refused() -> None:
+    for name in (b"DBSIZE", b"KEYS", b"SCAN", b"RANDOMKEY", b"FLUSHDB", b"FLUSHALL", b"SCRIPT", b"FUNCTION"):
+        assert COMMANDS[name].kind == Kind.FANOUT
+        assert name not in REFUSED
+    for name in (b"INFO", b"CONFIG", b"WATCH"):  # still refused, with a reason
+        assert name in REFUSED
+
+
+def test_every_server_gets_the_command_once() -> None:
+    merge, parts = planned("FLUSHALL", "ASYNC")
+    assert merge == Merge.ALL_OK
+    assert [p[0] for p in parts] == [0, 1, 2]
+    assert all(p[2] == encode_command(cmd("FLUSHALL", "ASYNC")) for p in parts)
+    assert parts[0][3] == (0, 3, "FLUSHALL")
+    assert planned("DBSIZE")[0] == Merge.SUM
+    assert planned("KEYS", "user:*")[0] == Merge.CONCAT
+    assert planned("RANDOMKEY")[0] == Merge.RANDOM
+    assert planned("script", "load", "return 1")[0] == Merge.SAME_UP  # any case, as Redis
+    assert planned("FUNCTION", "LIST")[0] == Merge.SAME
+    assert planned("SCRIPT", "EXISTS", "a" * 40)[0] == Merge.MIN
+    assert planned("FUNCTION", "DELETE", "lib")[0] == Merge.ALL_OK
+    assert planned("FUNCTION", "LOAD", "code")[1][2][3] == (2, 3, "FUNCTION LOAD")
+
+
+def test_subcommands_that_cannot_work_say_why() -> None:
+    kill = planned("SCRIPT", "KILL")
+    assert kill.startswith(b"-ERR 'script kill' is not supported by the splicer: it must reach a server busy")
+    assert b"connection of its own" in planned("SCRIPT", "DEBUG", "YES")
+    assert b"'function stats' is not supported" in planned("FUNCTION", "STATS")
+    assert planned("SCRIPT", "NOPE") == b"-ERR unknown subcommand 'NOPE'. Try SCRIPT HELP.\r\n"  # Redis's words
+
+
+@pytest.mark.parametrize("cursor", ["abc", "-1", "1.5", "", " 1", "18446744073709551616", "\uff11"])
+def test_scan_refuses_what_redis_refuses(cursor: str) -> None:
+    assert planned("SCAN", cursor) == b"-ERR invalid cursor\r\n"
+
+
+def test_scan_cursor_names_a_server_and_its_cursor() -> None:
+    merge, parts = planned("SCAN", "0", "MATCH", "k*")
+    assert merge == Merge.SCAN and len(parts) == 1
+    assert parts[0][0] == 0 and parts[0][2] == encode_command(cmd("SCAN", "0", "MATCH", "k*"))
+    _, parts = planned("SCAN", "17", "COUNT", "5")  # 17 = 5 * 3 + 2: server 2 at its cursor 5
+    assert parts[0][0] == 2 and parts[0][2] == encode_command(cmd("SCAN", "5", "COUNT", "5"))
+    assert parts[0][3] == (2, 3, "SCAN")
+    _, parts = planned("SCAN", str(CURSOR_MAX))
+    assert parts[0][0] == CURSOR_MAX % 3
+
+
+def scan_reply(cursor: int, keys: list[bytes]) -> bytes:
+    c = b"%d" % cursor
+    return b"*2\r\n$%d\r\n%s\r\n*%d\r\n" % (len(c), c, len(keys)) + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys)
+
+
+def test_scan_reply_cursor_moves_on_server_by_server() -> None:
+    assert parse(merge_scan([(where(0, 3, "SCAN"), scan_reply(5, [b"a"]))])) == [b"15", [b"a"]]
+    assert parse(merge_scan([(where(1, 3, "SCAN"), scan_reply(0, [b"b", b"c"]))])) == [b"2", [b"b", b"c"]]
+    assert parse(merge_scan([(where(2, 3, "SCAN"), scan_reply(0, []))])) == [b"0", []]  # the last server: done
+    assert parse(merge_scan([(where(0, 1, "SCAN"), scan_reply(7, [b"x"]))])) == [b"7", [b"x"]]  # one server: as is
+    too_big = merge_scan([(where(1, 3, "SCAN"), scan_reply(CURSOR_MAX // 2, []))])
+    assert too_big.startswith(b"-ERR splicer: server 1's SCAN cursor") and b"directly" in too_big
+    assert merge_scan([(where(0, 2, "SCAN"), b"-ERR boom\r\n")]) == b"-ERR boom\r\n"
+    assert merge_scan([(where(0, 2, "SCAN"), b":1\r\n")]).startswith(b"-ERR splicer: a backend answered SCAN")
+
+
+@given(st.lists(st.lists(st.integers(0, 2**40), min_size=1, max_size=5), min_size=1, max_size=6))
+def test_scan_cursor_round_trip(server_cursors: list[list[int]]) -> None:
+    """Any sequence of server cursors a client is handed back routes to the same server and cursor."""
+    n = len(server_cursors)
+    for s, cursors in enumerate(server_cursors):
+        for c in cursors:
+            reply = parse(merge_scan([(where(s, n, "SCAN"), scan_reply(c, []))]))
+            nxt = int(reply[0])
+            if c == 0:
+                assert nxt == (s + 1 if s + 1 < n else 0)
+                continue
+            _, parts = planned("SCAN", str(nxt), n=n)
+            assert parts[0][0] == s
+            assert parse(parts[0][2]) == [b"SCAN", b"%d" % c]
+
+
+# -- merging -----------------------------------------------------------------------------------
+
+
+def test_keys_concatenate_server_by_server() -> None:
+    parts = [(where(0, 2, "KEYS"), b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"), (where(1, 2, "KEYS"), b"*1\r\n$1\r\nc\r\n")]
+    assert parse(merge_concat(parts)) == [b"a", b"b", b"c"]
+    assert parse(merge_concat([(where(0, 1, "KEYS"), b"*0\r\n")])) == []
+    assert merge_concat([parts[0], (where(1, 2, "KEYS"), b"-ERR x\r\n")]) == b"-ERR x\r\n"
+    assert merge_concat([parts[0], (where(1, 2, "KEYS"), b"*-1\r\n")]).startswith(b"-ERR splicer: a backend answered KEYS")
+
+
+def test_same_answer_or_an_error_naming_the_servers() -> None:
+    sha = b"$40\r\n" + b"e" * 40 + b"\r\n"
+    w = [where(i, 3, "SCRIPT LOAD") for i in range(3)]
+    assert merge_same([(w[0], sha), (w[1], sha), (w[2], sha)]) == sha
+    differ = merge_same([(w[0], sha), (w[1], sha), (w[2], b"$3\r\nlib\r\n")])
+    assert differ.startswith(b"-ERR splicer: servers 0 and 2 (in config order, from 0) answered SCRIPT LOAD differently")
+    assert merge_same([(w[0], sha), (w[1], b"-ERR Library 'x' already exists\r\n")]).startswith(b"-ERR Library")
+
+
+def test_script_load_and_exists_leave_out_servers_that_are_down() -> None:
+    down = b"-ERR splicer: backend 127.0.0.1:7002 is unavailable (next connection attempt in 40 ms)\r\n"
+    sha = b"$40\r\n" + b"e" * 40 + b"\r\n"
+    w = [where(i, 3, "SCRIPT LOAD") for i in range(3)]
+    assert merge_same_up([(w[0], sha), (w[1], down), (w[2], sha)]) == sha
+    assert merge_same_up([(w[0], down), (w[1], down)]) == down  # nobody answered: why
+    assert merge_same_up([(w[0], sha), (w[1], b"-ERR other\r\n")]) == b"-ERR other\r\n"  # a server's own error stays
+    assert merge_same([(w[0], sha), (w[1], down)]) == down  # FUNCTION LOAD and the rest: strict
+    w = [where(i, 2, "SCRIPT EXISTS") for i in range(2)]
+    assert parse(merge_min([(w[0], b"*2\r\n:1\r\n:0\r\n"), (w[1], down)])) == [1, 0]
+
+
+def test_script_exists_only_where_every_server_has_it() -> None:
+    w = [where(i, 2, "SCRIPT EXISTS") for i in range(2)]
+    assert parse(merge_min([(w[0], b"*3\r\n:1\r\n:1\r\n:0\r\n"), (w[1], b"*3\r\n:1\r\n:0\r\n:0\r\n")])) == [1, 0, 0]
+    assert merge_min([(w[0], b"*1\r\n:1\r\n"), (w[1], b"*2\r\n:1\r\n:1\r\n")]).startswith(b"-ERR splicer")
+    assert merge_min([(w[0], b"*1\r\n$1\r\n1\r\n"), (w[1], b"*1\r\n:1\r\n")]).startswith(b"-ERR splicer")
+
+
+def test_randomkey_prefers_a_server_with_keys() -> None:
+    w = [where(i, 3, "RANDOMKEY") for i in range(3)]
+    for _ in range(20):
+        assert merge_random([(w[0], b"$-1\r\n"), (w[1], b"$1\r\nk\r\n"), (w[2], b"$-1\r\n")]) == b"$1\r\nk\r\n"
+    assert merge_random([(w[0], b"_\r\n"), (w[1], b"_\r\n")]) == b"_\r\n"  # RESP3 null: all empty
+    seen = {merge_random([(w[0], b"$1\r\na\r\n"), (w[1], b"$1\r\nb\r\n")]) for _ in range(200)}
+    assert seen == {b"$1\r\na\r\n", b"$1\r\nb\r\n"}
+    assert merge_random([(w[0], b"$1\r\na\r\n"), (w[1], b"-ERR down\r\n")]) == b"-ERR down\r\n"
+
+
+def test_all_ok_names_the_command() -> None:
+    w = [where(i, 2, "FLUSHDB") for i in range(2)]
+    assert merge_all_ok([(w[0], b"+OK\r\n"), (w[1], b"+OK\r\n")]) == b"+OK\r\n"
+    assert merge_all_ok([(w[0], b"+OK\r\n"), (w[1], b":1\r\n")]) == \
+        b"-ERR splicer: a backend answered FLUSHDB with an unexpected reply\r\n"
+    assert merge_parts(Merge.SUM, 2, [(w[0], b":3\r\n"), (w[1], b":4\r\n")], 2, [None, None]) == b":7\r\n"  # DBSIZE
+
+
+# -- the session ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def session() -> RedisSession:
+    servers = [KetamaServer(f"127.0.0.1:{7001 + i}") for i in range(3)]
+    return RedisSession(Router(Ketama(servers), lanes=2))
+
+
+def test_a_whole_server_command_is_a_barrier_over_every_server(session: RedisSession) -> None:
+    action = session.handle(cmd("DBSIZE"))
+    tag, barrier, proto, kind, n, parts = action
+    assert (tag, barrier, proto, kind, n) == (SPLIT, True, 2, Merge.SUM, 3)
+    assert [(p[0], p[1]) for p in parts] == [(0, 0), (1, 0), (2, 0)]
+    session.handle(cmd("HELLO", "3"))
+    assert session.handle(cmd("KEYS", "*"))[2] == 3  # the lanes of the client's protocol
+    assert session.handle(cmd("SCAN", "x")) == (REPLY, b"-ERR invalid cursor\r\n")
+    assert session.handle(cmd("DBSIZE", "extra"))[1] == b"-ERR wrong number of arguments for 'dbsize' command\r\n"
+
+
+def test_inside_multi_it_aborts_the_transaction(session: RedisSession) -> None:
+    assert session.handle(cmd("MULTI"))[0] == REPLY
+    refused = session.handle(cmd("FLUSHDB"))[1]
+    assert refused.startswith(b"-ERR 'flushdb' inside MULTI is not supported by the splicer: it runs on every server")
+    assert session.handle(cmd("SET", "a", "1"))[1] == b"+QUEUED\r\n"
+    assert session.handle(cmd("EXEC"))[1].startswith(b"-EXECABORT")
+    assert session.handle(cmd("MULTI"))[0] == REPLY
+    session.handle(cmd("SET", "a", "1"))
+    assert session.handle(cmd("EXEC"))[0] == EXEC  # the next transaction is not affected

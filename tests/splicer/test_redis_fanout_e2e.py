@@ -1,0 +1,178 @@
+"""Whole-server commands through the Redis splicer, end to end: three real redis-servers, real
+clients (redis-py 8's Lock and Script helpers, scan_iter, redis-cli --scan). Each result is
+checked against what the servers hold, read from them directly."""
+from __future__ import annotations
+
+import random
+import subprocess
+
+import pytest
+
+from .redis_fixtures import REDIS_CLI, needs_cli, needs_redis, pipeline, redis_servers, splicer
+
+pytestmark = [needs_redis, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def sp(trio):
+    with splicer(trio) as s:
+        yield s
+
+
+@pytest.fixture()
+def clean(sp, trio):
+    for srv in trio:
+        c = srv.client()
+        c.flushall()
+        c.script_flush()
+        c.function_flush()
+    return sp
+
+
+def on_server(sp, server: int, n: int, prefix: str) -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        k = f"{prefix}:{i}"
+        if sp.splicer.router.place(k.encode())[0] == server:
+            out.append(k)
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_redis_py_lock_and_script_helpers_work(clean, trio, protocol: int) -> None:
+    """redis-py's Lock releases with a Lua script loaded by SCRIPT LOAD on NOSCRIPT: it failed
+    through the splicer (and fails through twemproxy), which refused SCRIPT."""
+    r = clean.client(protocol=protocol)
+    lock = r.lock("resource", timeout=10)
+    assert lock.acquire(blocking=False)
+    assert not r.lock("resource", timeout=10).acquire(blocking=False)  # held
+    assert lock.extend(5)
+    lock.release()
+    assert r.exists("resource") == 0
+    assert r.lock("resource", timeout=10).acquire(blocking=False)
+    # SCRIPT LOAD went to every server, so EVALSHA finds the script wherever its key lives.
+    script = r.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    keys = [on_server(clean, s, 1, "inc")[0] for s in range(3)]
+    assert [script(keys=[k], args=[5]) for k in keys] == [5, 5, 5]
+    trio[1].client().script_flush()  # one server forgets it: NOSCRIPT there, redis-py loads it again
+    assert [script(keys=[k], args=[1]) for k in keys] == [6, 6, 6]
+
+
+def test_dbsize_keys_and_scan_see_every_server(clean, trio) -> None:
+    r = clean.client()
+    names = [f"user:{i}" for i in range(700)] + [f"other:{i}" for i in range(300)]
+    r.mset({k: "v" for k in names})
+    r.rpush("a-list", "x")
+    direct = [srv.client().dbsize() for srv in trio]
+    assert all(d > 0 for d in direct)  # the keys are spread: each server holds some
+    assert r.dbsize() == sum(direct) == 1001
+    assert sorted(r.keys("user:*")) == sorted(k.encode() for k in names[:700])
+    assert len(r.keys("*")) == 1001
+    for count in (1, 10, 1000):
+        seen = list(r.scan_iter(count=count))
+        assert sorted(seen) == sorted([k.encode() for k in names] + [b"a-list"]), count
+    assert sorted(r.scan_iter(match="other:2*", count=50)) == sorted(k.encode() for k in names if k.startswith("other:2"))
+    assert list(r.scan_iter(_type="list")) == [b"a-list"]
+
+
+def test_scan_cursors_visit_the_servers_in_turn(clean, trio) -> None:
+    r = clean.client()
+    for s in range(3):
+        r.mset({k: "v" for k in on_server(clean, s, 3, f"s{s}")})
+    cursor, batches = 0, []
+    while True:
+        cursor, keys = r.scan(cursor, count=1000)
+        batches.append(sorted(k.decode()[:2] for k in keys))
+        if cursor == 0:
+            break
+    # each reply holds one server's keys: server 0's, then 1's, then 2's
+    assert batches == [["s0"] * 3, ["s1"] * 3, ["s2"] * 3]
+
+
+@needs_cli
+def test_redis_cli_scan(clean) -> None:
+    r = clean.client()
+    r.mset({f"cli:{i}": "v" for i in range(250)})
+    out = subprocess.run([REDIS_CLI, "-p", str(clean.port), "--scan", "--pattern", "cli:*"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split()) == sorted(f"cli:{i}" for i in range(250))
+
+
+def test_flush_is_a_barrier_in_a_pipeline(clean, trio) -> None:
+    """Writes before FLUSHDB are flushed on every server whichever pooled connection carried
+    them, writes after it are kept, and DBSIZE counts exactly what was written before it."""
+    keys = [k.encode() for s in range(3) for k in on_server(clean, s, 4, f"fl{s}")]
+    random.Random(7).shuffle(keys)
+    before = [[b"SET", k, b"1"] for k in keys]
+    after = [[b"SET", k, b"2"] for k in keys[:5]]
+    replies = pipeline(clean.port, before + [[b"DBSIZE"], [b"FLUSHDB"], [b"DBSIZE"]] + after
+                       + [[b"DBSIZE"], [b"MGET", *keys]])
+    n = len(keys)
+    assert replies[:n] == [b"+OK\r\n"] * n
+    assert replies[n : n + 3] == [b":%d\r\n" % n, b"+OK\r\n", b":0\r\n"]
+    assert replies[n + 3 : n + 8] == [b"+OK\r\n"] * 5
+    assert replies[n + 8] == b":5\r\n"
+    assert sum(srv.client().dbsize() for srv in trio) == 5
+
+
+def test_randomkey(clean, trio) -> None:
+    r = clean.client()
+    assert r.randomkey() is None
+    k = on_server(clean, 2, 1, "rk")[0]
+    trio[2].client().set(k, "v")  # only the last server has a key
+    assert {r.randomkey() for _ in range(10)} == {k.encode()}
+
+
+def test_functions_are_loaded_everywhere(clean, trio) -> None:
+    r = clean.client(protocol=3)
+    code = "#!lua name=counters\nredis.register_function('bump', function(keys, args) return redis.call('INCR', keys[1]) end)"
+    assert r.function_load(code) == b"counters"
+    assert all(srv.client().function_list() for srv in trio)
+    keys = [on_server(clean, s, 1, "fc")[0] for s in range(3)]
+    assert [r.fcall("bump", 1, k) for k in keys] == [1, 1, 1]
+    assert [lib[b"library_name"] for lib in r.function_list()] == [b"counters"]  # the same on every server
+    # Loading it again is refused by every server: the first error is the reply.
+    with pytest.raises(Exception, match="already exists"):
+        r.function_load(code)
+    assert r.function_delete("counters")
+    assert not any(srv.client().function_list() for srv in trio)
+
+
+def test_servers_that_disagree_are_reported(clean, trio) -> None:
+    r = clean.client()
+    trio[1].client().function_load("#!lua name=only_here\nredis.register_function('f', function() return 1 end)")
+    with pytest.raises(Exception, match="servers 0 and 1 .* answered FUNCTION LIST differently"):
+        r.function_list()
+    sha = trio[0].client().script_load("return 7")
+    assert r.script_exists(sha) == [False]  # not on every server: the client loads it again
+    assert r.script_load("return 7") == sha
+    assert r.script_exists(sha) == [True]
+
+
+def test_a_down_server_fails_the_command_not_the_connection(tmp_path) -> None:
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            r = s.client()
+            r.set("k", "v")
+            pair[1].kill()
+            k0 = next(f"s:{i}" for i in range(100) if s.splicer.router.place(b"s:%d" % i)[0] == 0)
+            replies = pipeline(s.port, [[b"DBSIZE"], [b"SCAN", b"1"], [b"PING"], [b"SCRIPT", b"LOAD", b"return 3"],
+                                        [b"FUNCTION", b"FLUSH"]])
+            assert replies[0].startswith(b"-ERR splicer: backend 127.0.0.1:%d" % pair[1].port), replies[0]
+            assert replies[1].startswith(b"-ERR splicer: backend"), replies[1]
+            assert replies[2] == b"+PONG\r\n"
+            # Scripts keep working on the server that is up; the rest stays strict.
+            assert replies[3] == b"$40\r\n" + pair[0].client().script_load("return 3").encode() + b"\r\n"
+            assert replies[4].startswith(b"-ERR splicer: backend"), replies[4]
+            lock = r.lock(k0, timeout=5)
+            assert lock.acquire(blocking=False)
+            lock.release()
+            assert pipeline(s.port, [[b"SCAN", b"0", b"COUNT", b"100"]])[0].startswith(b"*2\r\n")  # server 0 is fine

@@ -71,3 +71,21 @@ def test_reload_bench_adds_a_server_under_load_and_no_command_runs_unanswered_th
     # client got no answer for did not run (so sending it again is safe). Not a timing.
     assert res["splicer"]["ran_unanswered"] == 0, res["splicer"]
     assert res["splicer"]["refused"] == 0, res["splicer"]
+
+
+@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "nutcracker")),
+                    reason="redis-server and nutcracker are needed")
+@pytest.mark.timeout(240)
+def test_fanout_bench_scans_every_key_and_records_twemproxy():
+    r = sf("bench", "splice", "--scenario", "fanout", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["fanout"]
+    n = res["keys"]
+    assert sum(res["held_per_server"]) == n and min(res["held_per_server"]) > 0  # spread over both
+    assert res["scan"]["splicer"]["keys_found"] == res["scan"]["direct"]["keys_found"] == n
+    assert res["ratios"]["scan_time_splicer_vs_direct"] == pytest.approx(
+        res["scan"]["splicer"]["seconds"] / res["scan"]["direct"]["seconds"])
+    assert res["lock_cycles_per_s"]["splicer"] > 0 and res["dbsize_p50_ms"]["splicer"] > 0
+    # twemproxy refuses whole-server commands: its answers are recorded, whatever they are
+    assert set(res["twemproxy"]) == {"SCAN 0", "DBSIZE", "redis-py Lock acquire + release"}
+    assert res["twemproxy"]["redis-py Lock acquire + release"] != "works"

@@ -400,6 +400,9 @@ REPLIES = [
     b"*300\r\n" + b"$5\r\nhello\r\n" * 300,
     b"*100\r\n" + b"$-1\r\n" * 100,  # large count but under 1 KiB: measured in Python
     b"*70\r\n" + b"*2\r\n$3\r\nabc\r\n:1\r\n" * 70,
+    # a short array holding a long one (SCAN's reply, EXEC's): hiredis after a few items
+    b"*2\r\n$4\r\n1234\r\n*300\r\n" + b"$6\r\nkey:01\r\n" * 300,
+    b"*3\r\n+OK\r\n*1\r\n*200\r\n" + b":5\r\n" * 200 + b"%1\r\n%1\r\n+a\r\n+b\r\n+c\r\n",  # map keyed by a map
 ]
 
 
@@ -478,6 +481,23 @@ def test_encoders_roundtrip_through_hiredis() -> None:
     assert r.gets() == [1, b"a", None, [b"k", b"v"]]
     assert encode_map([(encode_bulk(b"a"), b":1\r\n")], 3) == b"%1\r\n$1\r\na\r\n:1\r\n"
     assert encode_bulk(None, 3) == b"_\r\n"
+
+
+def test_a_scan_reply_is_measured_by_hiredis() -> None:
+    """SCAN's [cursor, keys] is a 2-item array: walking its keys in Python cost a SCAN of 1000
+    keys about 0.5 ms through the splicer (1.9x direct); hiredis measures it instead."""
+    keys = [b"key:%04d" % i for i in range(1000)]
+    reply = b"*2\r\n$3\r\n768\r\n*1000\r\n" + b"".join(b"$8\r\n%s\r\n" % k for k in keys)
+    for cuts in ([len(reply) + 5], [9, 100, 4000, 100000]):
+        sc = ReplyScanner()
+        data, got, at = reply + b":1\r\n", [], 0
+        for c in cuts:
+            sc.feed(data[at : at + c])
+            at += c
+            got += sc.drain(10)
+            if got and got[0] == reply:
+                assert sc.parsed(got[0]) == [b"768", keys]  # measured (and parsed) by hiredis
+        assert got == [reply, b":1\r\n"]
 
 
 def test_large_aggregate_is_parsed_once_and_offered_to_the_caller() -> None:

@@ -79,7 +79,7 @@ def _roundtrip(sock: socket.socket, payload: bytes) -> bytes:
     while True:
         data = sock.recv(1 << 20)
         if not data:
-            raise BenchError("connection closed during MGET")
+            raise BenchError("connection closed before the reply")
         sc.feed(data)
         reply = sc.next()
         if reply is not None:
@@ -112,6 +112,37 @@ def stop_all(procs: list[subprocess.Popen], tmp: Path) -> None:
                 p.kill()
                 p.wait(timeout=5)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_twemproxy_on(nutcracker: str, tmp: Path, conf: str, backends: list[int], hash_name: str,
+                       procs: list[subprocess.Popen]) -> tuple[int, subprocess.Popen]:
+    """A nutcracker (ketama, `hash_name`, one connection per server) in front of `backends`,
+    its config written to tmp/conf; (port, process), the process added to `procs`."""
+    port = _free_port()
+    (tmp / conf).write_text(
+        "bench:\n"
+        f"  listen: 127.0.0.1:{port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
+        "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
+        + "".join(f"   - 127.0.0.1:{p}:1\n" for p in backends))
+    proc = subprocess.Popen([nutcracker, "-c", str(tmp / conf), "-s", str(_free_port()),
+                             "-o", str(tmp / (conf + ".log"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(proc)
+    _wait_port(port, proc, "nutcracker")
+    return port, proc
+
+
+def start_splicer_on(backends: list[int], workers: int, pool: int, hash_name: str,
+                     procs: list[subprocess.Popen]) -> tuple[int, subprocess.Popen]:
+    """`shmfabric splice redis` in front of `backends` (no health checks); (port, process)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{port}",
+         *[x for p in backends for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
+         "--hash", hash_name, "--no-health", "--workers", str(workers)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs.append(proc)
+    _wait_port(port, proc, f"shmfabric splice redis --workers {workers}")
+    return port, proc
 
 
 def _command(port: int, *args: bytes) -> bytes:
@@ -201,28 +232,10 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         servers = start_redis_servers(redis_server, 2, tmp, procs)
 
         def start_twemproxy(conf: str, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
-            port = _free_port()
-            (tmp / conf).write_text(
-                "bench:\n"
-                f"  listen: 127.0.0.1:{port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
-                "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
-                + "".join(f"   - 127.0.0.1:{p}:1\n" for p in backends))
-            proc = subprocess.Popen([nutcracker, "-c", str(tmp / conf), "-s", str(_free_port()),
-                                     "-o", str(tmp / (conf + ".log"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(proc)
-            _wait_port(port, proc, "nutcracker")
-            return port, proc
+            return start_twemproxy_on(nutcracker, tmp, conf, backends, hash_name, procs)
 
         def start_splicer(workers: int, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
-            port = _free_port()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "shmfabric.cli.main", "splice", "redis", "--listen", f"127.0.0.1:{port}",
-                 *[x for p in backends for x in ("--server", f"127.0.0.1:{p}")], "--pool", str(pool),
-                 "--hash", hash_name, "--no-health", "--workers", str(workers)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            procs.append(proc)
-            _wait_port(port, proc, f"shmfabric splice redis --workers {workers}")
-            return port, proc
+            return start_splicer_on(backends, workers, pool, hash_name, procs)
 
         def start_tcp_relay(backend: int) -> tuple[int, subprocess.Popen]:
             port = _free_port()

@@ -874,7 +874,11 @@ class ReplyScanner:
             nl = buf.find(b"\r\n", pos)
             if nl < 0:
                 return None
-            if _int(buf, pos + 1, nl) >= _HIREDIS_MIN_ELEMENTS:
+            big = _int(buf, pos + 1, nl) >= _HIREDIS_MIN_ELEMENTS
+            # A short array can still hold a long one (SCAN's [cursor, keys], EXEC's replies):
+            # the walk gives up after a few items and hiredis measures it instead.
+            stop = -2 if big else _scan(buf, pos, end, _HIREDIS_MIN_ELEMENTS)
+            if stop == -2:
                 m = self._measure
                 m.reset()
                 m.push(buf[pos:] if pos else buf)
@@ -890,7 +894,7 @@ class ReplyScanner:
                     self._parsed = (reply, m.value)
                     return reply
                 # None: complete, length unknown; -1: hiredis cannot build the value
-            stop = _scan(buf, pos, end)
+                stop = _scan(buf, pos, end)
         else:
             stop = _scan(buf, pos, end)
         if stop < 0:
@@ -908,13 +912,21 @@ def _int(buf: bytes, start: int, stop: int) -> int:
         raise RespProtocolError(f"invalid length {buf[start:stop][:32]!r}") from None
 
 
-def _scan(buf: bytes, pos: int, end: int) -> int:
-    """Return the offset just past the reply starting at `pos`, or -1 if it is incomplete."""
+def _scan(buf: bytes, pos: int, end: int, budget: int = 0) -> int:
+    """Return the offset just past the reply starting at `pos`, or -1 if it is incomplete.
+
+    With a `budget`, -2 once that many items were walked and the reply goes on (the caller
+    measures it faster another way).
+    """
     need = 1  # replies still to read: aggregates add their children (pre-order walk)
     find = buf.find
     while need:
         if pos >= end:
             return -1
+        if budget:
+            budget -= 1
+            if not budget:
+                return -2
         t = buf[pos]
         nl = find(b"\r\n", pos, end)
         if nl < 0:

@@ -4,6 +4,8 @@ The end-to-end half, against real redis-servers and redis-py's Lock, is
 test_redis_fanout_e2e.py."""
 from __future__ import annotations
 
+import zlib
+
 import hiredis
 import pytest
 from hypothesis import given
@@ -19,8 +21,12 @@ from shmfabric.splicer.redis_fanout import (
     merge_random,
     merge_same,
     merge_same_up,
+    merge_first_up,
+    merge_same_set,
     merge_scan,
+    parse_cursor,
     plan,
+    scan_tag,
 )
 from shmfabric.splicer.redis_ketama import Ketama, KetamaServer
 from shmfabric.splicer.redis_resp import encode_command
@@ -37,13 +43,16 @@ def cmd(*words: str | bytes) -> list[bytes]:
     return [w.encode() if isinstance(w, str) else w for w in words]
 
 
-def planned(*words: str, n: int = 3):
+TAG = 0x5A
+
+
+def planned(*words: str, n: int = 3, tag: int = TAG):
     args = cmd(*words)
-    return plan(args[0].upper(), args, n, encode_command(args))
+    return plan(args[0].upper(), args, n, encode_command(args), tag)
 
 
-def where(server: int, n: int, name: str) -> tuple[int, int, str]:
-    return (server, n, name)
+def where(server: int, n: int, name: str, tag: int = TAG) -> tuple[int, int, str, int]:
+    return (server, n, name, tag)
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -62,15 +71,16 @@ def test_every_server_gets_the_command_once() -> None:
     assert merge == Merge.ALL_OK
     assert [p[0] for p in parts] == [0, 1, 2]
     assert all(p[2] == encode_command(cmd("FLUSHALL", "ASYNC")) for p in parts)
-    assert parts[0][3] == (0, 3, "FLUSHALL")
+    assert parts[0][3] == (0, 3, "FLUSHALL", TAG)
     assert planned("DBSIZE")[0] == Merge.SUM
     assert planned("KEYS", "user:*")[0] == Merge.CONCAT
     assert planned("RANDOMKEY")[0] == Merge.RANDOM
     assert planned("script", "load", "return 1")[0] == Merge.SAME_UP  # any case, as Redis
-    assert planned("FUNCTION", "LIST")[0] == Merge.SAME
     assert planned("SCRIPT", "EXISTS", "a" * 40)[0] == Merge.MIN
     assert planned("FUNCTION", "DELETE", "lib")[0] == Merge.ALL_OK
-    assert planned("FUNCTION", "LOAD", "code")[1][2][3] == (2, 3, "FUNCTION LOAD")
+    assert planned("FUNCTION", "LOAD", "code")[1][2][3] == (2, 3, "FUNCTION LOAD", TAG)
+    assert planned("FUNCTION", "LIST")[0] == Merge.SAME_SET
+    assert planned("FUNCTION", "DUMP")[0] == Merge.FIRST_UP
 
 
 def test_subcommands_that_cannot_work_say_why() -> None:
@@ -81,20 +91,45 @@ def test_subcommands_that_cannot_work_say_why() -> None:
     assert planned("SCRIPT", "NOPE") == b"-ERR unknown subcommand 'NOPE'. Try SCRIPT HELP.\r\n"  # Redis's words
 
 
-@pytest.mark.parametrize("cursor", ["abc", "-1", "1.5", "", " 1", "18446744073709551616", "\uff11"])
+@pytest.mark.parametrize("cursor", ["abc", "1.5", " 1", "1 ", "+", "-", "18446744073709551616", "\uff11"])
 def test_scan_refuses_what_redis_refuses(cursor: str) -> None:
+    assert parse_cursor(cursor.encode()) is None
     assert planned("SCAN", cursor) == b"-ERR invalid cursor\r\n"
+
+
+def test_scan_cursor_reads_as_redis_reads_it() -> None:
+    """strtoul, as redis-server 7.0: an empty cursor is 0, a sign is allowed, a minus wraps."""
+    assert [parse_cursor(c) for c in (b"", b"0", b"+0", b"00", b"-0", b"123")] == [0, 0, 0, 0, 0, 123]
+    assert parse_cursor(b"-1") == CURSOR_MAX and parse_cursor(b"%d" % CURSOR_MAX) == CURSOR_MAX
+
+
+def test_scan_tag_is_a_stable_byte_of_the_server_list() -> None:
+    names = ["127.0.0.1:6379", "127.0.0.1:6380"]
+    assert scan_tag(names) == scan_tag(list(names)) == 1 + zlib.crc32(b"127.0.0.1:6379\x00127.0.0.1:6380") % 255
+    assert all(1 <= scan_tag([f"s{i}"]) <= 255 for i in range(300))
+    assert scan_tag(names) != scan_tag(names[::-1])  # order matters: it places the cursor
+
+
+def scan_cursor(k: int, tag: int = TAG) -> str:
+    return str(k << 8 | tag)
 
 
 def test_scan_cursor_names_a_server_and_its_cursor() -> None:
     merge, parts = planned("SCAN", "0", "MATCH", "k*")
     assert merge == Merge.SCAN and len(parts) == 1
     assert parts[0][0] == 0 and parts[0][2] == encode_command(cmd("SCAN", "0", "MATCH", "k*"))
-    _, parts = planned("SCAN", "17", "COUNT", "5")  # 17 = 5 * 3 + 2: server 2 at its cursor 5
+    _, parts = planned("SCAN", scan_cursor(5 * 3 + 2), "COUNT", "5")  # server 2 at its cursor 5
     assert parts[0][0] == 2 and parts[0][2] == encode_command(cmd("SCAN", "5", "COUNT", "5"))
-    assert parts[0][3] == (2, 3, "SCAN")
-    _, parts = planned("SCAN", str(CURSOR_MAX))
-    assert parts[0][0] == CURSOR_MAX % 3
+    assert parts[0][3] == (2, 3, "SCAN", TAG)
+    _, parts = planned("SCAN", scan_cursor(1))  # server 1 from its start
+    assert parts[0][0] == 1 and parts[0][2] == encode_command(cmd("SCAN", "0"))
+
+
+def test_a_cursor_of_another_server_list_is_refused() -> None:
+    refused = planned("SCAN", scan_cursor(7, tag=TAG + 1))
+    assert refused.startswith(b"-ERR splicer: this SCAN cursor was handed out for another list of servers")
+    assert b"cursor 0" in refused
+    assert planned("SCAN", "0", tag=TAG + 1)[0] == Merge.SCAN  # 0 always starts
 
 
 def scan_reply(cursor: int, keys: list[bytes]) -> bytes:
@@ -103,29 +138,30 @@ def scan_reply(cursor: int, keys: list[bytes]) -> bytes:
 
 
 def test_scan_reply_cursor_moves_on_server_by_server() -> None:
-    assert parse(merge_scan([(where(0, 3, "SCAN"), scan_reply(5, [b"a"]))])) == [b"15", [b"a"]]
-    assert parse(merge_scan([(where(1, 3, "SCAN"), scan_reply(0, [b"b", b"c"]))])) == [b"2", [b"b", b"c"]]
+    assert parse(merge_scan([(where(0, 3, "SCAN"), scan_reply(5, [b"a"]))])) == [scan_cursor(15).encode(), [b"a"]]
+    assert parse(merge_scan([(where(1, 3, "SCAN"), scan_reply(0, [b"b", b"c"]))])) == [scan_cursor(2).encode(), [b"b", b"c"]]
     assert parse(merge_scan([(where(2, 3, "SCAN"), scan_reply(0, []))])) == [b"0", []]  # the last server: done
-    assert parse(merge_scan([(where(0, 1, "SCAN"), scan_reply(7, [b"x"]))])) == [b"7", [b"x"]]  # one server: as is
-    too_big = merge_scan([(where(1, 3, "SCAN"), scan_reply(CURSOR_MAX // 2, []))])
+    assert parse(merge_scan([(where(0, 1, "SCAN"), scan_reply(7, [b"x"]))])) == [scan_cursor(7).encode(), [b"x"]]
+    too_big = merge_scan([(where(1, 3, "SCAN"), scan_reply(2**56, []))])
     assert too_big.startswith(b"-ERR splicer: server 1's SCAN cursor") and b"directly" in too_big
     assert merge_scan([(where(0, 2, "SCAN"), b"-ERR boom\r\n")]) == b"-ERR boom\r\n"
     assert merge_scan([(where(0, 2, "SCAN"), b":1\r\n")]).startswith(b"-ERR splicer: a backend answered SCAN")
 
 
-@given(st.lists(st.lists(st.integers(0, 2**40), min_size=1, max_size=5), min_size=1, max_size=6))
-def test_scan_cursor_round_trip(server_cursors: list[list[int]]) -> None:
+@given(st.lists(st.lists(st.integers(0, 2**40), min_size=1, max_size=5), min_size=1, max_size=6),
+       st.integers(1, 255))
+def test_scan_cursor_round_trip(server_cursors: list[list[int]], tag: int) -> None:
     """Any sequence of server cursors a client is handed back routes to the same server and cursor."""
     n = len(server_cursors)
     for s, cursors in enumerate(server_cursors):
         for c in cursors:
-            reply = parse(merge_scan([(where(s, n, "SCAN"), scan_reply(c, []))]))
+            reply = parse(merge_scan([(where(s, n, "SCAN", tag), scan_reply(c, []))]))
             nxt = int(reply[0])
-            if c == 0:
-                assert nxt == (s + 1 if s + 1 < n else 0)
+            if c == 0 and s + 1 == n:
+                assert nxt == 0
                 continue
-            _, parts = planned("SCAN", str(nxt), n=n)
-            assert parts[0][0] == s
+            merge, parts = planned("SCAN", str(nxt), n=n, tag=tag)
+            assert parts[0][0] == (s + 1 if c == 0 else s)
             assert parse(parts[0][2]) == [b"SCAN", b"%d" % c]
 
 
@@ -147,6 +183,39 @@ def test_same_answer_or_an_error_naming_the_servers() -> None:
     differ = merge_same([(w[0], sha), (w[1], sha), (w[2], b"$3\r\nlib\r\n")])
     assert differ.startswith(b"-ERR splicer: servers 0 and 2 (in config order, from 0) answered SCRIPT LOAD differently")
     assert merge_same([(w[0], sha), (w[1], b"-ERR Library 'x' already exists\r\n")]).startswith(b"-ERR Library")
+
+
+def test_function_list_compares_the_libraries_not_their_order() -> None:
+    """Redis lists libraries and functions in dict order, which differs between servers holding
+    the same ones (a per-process hash seed): the bytes differ, the libraries do not."""
+    def lib(name: bytes, funcs: list[bytes]) -> list:
+        return [b"library_name", name, b"engine", b"LUA",
+                b"functions", [[b"name", f, b"description", None, b"flags", []] for f in funcs]]
+
+    def enc(libs: list, proto: int) -> bytes:
+        from shmfabric.splicer.redis_resp import encode_value
+        if proto == 3:
+            libs = [{l[i]: (l[i + 1] if l[i] != b"functions" else [dict(zip(f[::2], f[1::2])) for f in l[i + 1]])
+                     for i in range(0, len(l), 2)} for l in libs]
+        return encode_value(libs, proto)
+
+    a = [lib(b"lib0", [b"f1", b"f2"]), lib(b"lib1", [b"g"])]
+    b = [lib(b"lib1", [b"g"]), lib(b"lib0", [b"f2", b"f1"])]
+    w = [where(i, 2, "FUNCTION LIST") for i in range(2)]
+    for proto in (2, 3):
+        assert enc(a, proto) != enc(b, proto)
+        assert merge_same_set([(w[0], enc(a, proto)), (w[1], enc(b, proto))]) == enc(a, proto)
+        other = merge_same_set([(w[0], enc(a, proto)), (w[1], enc([lib(b"lib1", [b"g"])], proto))])
+        assert other.startswith(b"-ERR splicer: servers 0 and 1 (in config order, from 0) hold different functions")
+    assert merge_same_set([(w[0], b"*0\r\n"), (w[1], b"-ERR x\r\n")]) == b"-ERR x\r\n"
+
+
+def test_function_dump_comes_from_the_first_server_up() -> None:
+    down = b"-ERR splicer: backend 127.0.0.1:7001 is unavailable (next connection attempt in 40 ms)\r\n"
+    w = [where(i, 2, "FUNCTION DUMP") for i in range(2)]
+    assert merge_first_up([(w[0], b"$3\r\nabc\r\n"), (w[1], b"$3\r\nxyz\r\n")]) == b"$3\r\nabc\r\n"
+    assert merge_first_up([(w[0], down), (w[1], b"$3\r\nxyz\r\n")]) == b"$3\r\nxyz\r\n"
+    assert merge_first_up([(w[0], down), (w[1], down)]) == down
 
 
 def test_script_load_and_exists_leave_out_servers_that_are_down() -> None:

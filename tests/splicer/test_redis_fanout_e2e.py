@@ -146,10 +146,45 @@ def test_functions_are_loaded_everywhere(clean, trio) -> None:
     assert not any(srv.client().function_list() for srv in trio)
 
 
+def test_function_list_and_dump_restore_with_several_libraries(clean, trio) -> None:
+    """Each server lists libraries and functions in its own dict order (a per-process hash
+    seed): FUNCTION LIST compared the bytes and failed whenever a server held two functions."""
+    r = clean.client(protocol=3)
+    for lib in range(3):
+        body = "".join(f"redis.register_function('l{lib}f{f}', function(keys, args) return {f} end)\n" for f in range(4))
+        assert r.function_load(f"#!lua name=lib{lib}\n{body}") == b"lib%d" % lib
+    listed = r.function_list()
+    assert sorted(lib[b"library_name"] for lib in listed) == [b"lib0", b"lib1", b"lib2"]
+    assert sorted(f[b"name"] for lib in listed for f in lib[b"functions"]) == sorted(
+        b"l%df%d" % (lib, f) for lib in range(3) for f in range(4))
+    for proto in (2, 3):
+        assert clean.client(protocol=proto).function_list()  # RESP2 lists of pairs too
+    dump = r.function_dump()
+    assert r.function_flush() and not any(srv.client().function_list() for srv in trio)
+    assert r.function_restore(dump)  # back on every server
+    assert all(len(srv.client().function_list()) == 3 for srv in trio)
+    keys = [on_server(clean, s, 1, "fl")[0] for s in range(3)]
+    assert [r.fcall("l2f3", 1, k) for k in keys] == [3, 3, 3]
+
+
+def test_a_scan_cursor_of_another_server_list_is_refused(clean, trio) -> None:
+    """A cursor names a server by its index among n: after a change of servers it would point
+    elsewhere and skip keys silently; it is refused instead, and the client starts again."""
+    clean.client().mset({f"cur:{i}": "v" for i in range(3000)})
+    cursor, _ = clean.client().scan(0, count=100)
+    assert cursor != 0
+    with splicer(trio[:2]) as other:  # the same first two servers, one fewer
+        with pytest.raises(Exception, match="handed out for another list of servers"):
+            other.client().scan(cursor, count=100)
+        assert other.client().scan(0, count=10)[0] != 0  # a fresh iteration works
+    with splicer(trio) as same:  # the same servers (another process, a worker, a restart)
+        assert len(same.client().scan(cursor, count=100)[1]) > 0
+
+
 def test_servers_that_disagree_are_reported(clean, trio) -> None:
     r = clean.client()
     trio[1].client().function_load("#!lua name=only_here\nredis.register_function('f', function() return 1 end)")
-    with pytest.raises(Exception, match="servers 0 and 1 .* answered FUNCTION LIST differently"):
+    with pytest.raises(Exception, match="servers 0 and 1 .* hold different functions"):
         r.function_list()
     sha = trio[0].client().script_load("return 7")
     assert r.script_exists(sha) == [False]  # not on every server: the client loads it again
@@ -164,7 +199,8 @@ def test_a_down_server_fails_the_command_not_the_connection(tmp_path) -> None:
             r.set("k", "v")
             pair[1].kill()
             k0 = next(f"s:{i}" for i in range(100) if s.splicer.router.place(b"s:%d" % i)[0] == 0)
-            replies = pipeline(s.port, [[b"DBSIZE"], [b"SCAN", b"1"], [b"PING"], [b"SCRIPT", b"LOAD", b"return 3"],
+            server1 = b"%d" % (1 << 8 | s.splicer.router.scan_tag)  # the cursor of server 1's start
+            replies = pipeline(s.port, [[b"DBSIZE"], [b"SCAN", server1], [b"PING"], [b"SCRIPT", b"LOAD", b"return 3"],
                                         [b"FUNCTION", b"FLUSH"]])
             assert replies[0].startswith(b"-ERR splicer: backend 127.0.0.1:%d" % pair[1].port), replies[0]
             assert replies[1].startswith(b"-ERR splicer: backend"), replies[1]

@@ -131,7 +131,8 @@ COMMANDS.update(_mk(Kind.LOCAL, ("fast", "loading", "stale"), """
     CLIENT:-2:0:0:0 COMMAND:-1:0:0:0 MULTI:1:0:0:0 EXEC:1:0:0:0 DISCARD:1:0:0:0 RESET:1:0:0:0
 """))
 
-COMMANDS.update(_mk(Kind.FANOUT, _R, "DBSIZE:1:0:0:0 KEYS:2:0:0:0 SCAN:-2:0:0:0 RANDOMKEY:1:0:0:0"))
+COMMANDS.update(_mk(Kind.FANOUT, _R, "KEYS:2:0:0:0 SCAN:-2:0:0:0 RANDOMKEY:1:0:0:0"))
+COMMANDS.update(_mk(Kind.FANOUT, ("readonly", "fast"), "DBSIZE:1:0:0:0"))
 COMMANDS.update(_mk(Kind.FANOUT, _W, "FLUSHDB:-1:0:0:0 FLUSHALL:-1:0:0:0"))
 COMMANDS.update(_mk(Kind.FANOUT, ("noscript",), "SCRIPT:-2:0:0:0 FUNCTION:-2:0:0:0"))
 

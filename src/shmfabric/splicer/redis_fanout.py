@@ -16,7 +16,9 @@ holding all the keys would give:
 | SCRIPT LOAD, FUNCTION LOAD | the SHA-1 / library name, once every server gave the same |
 | SCRIPT EXISTS sha... | 1 for a script every server holds (EVALSHA goes to its key's server) |
 | SCRIPT FLUSH, FUNCTION DELETE/FLUSH/RESTORE | `+OK` once every server said OK |
-| FUNCTION LIST/DUMP, SCRIPT/FUNCTION HELP | the answer, when every server gave the same one |
+| FUNCTION LIST | the first server's list, when every server holds the same libraries (in any order) |
+| FUNCTION DUMP | the first reachable server's dump |
+| SCRIPT/FUNCTION HELP | the answer, when every server gave the same one |
 
 Any server's error is the reply: a server that is down makes the command fail, with its name,
 rather than answer for part of the keys. Except for SCRIPT LOAD and SCRIPT EXISTS, which leave
@@ -24,12 +26,15 @@ out a server that cannot be reached (when another answered), so that scripts kee
 the keys of the servers that are up, as EVALSHA does: a server that comes back without the
 script answers EVALSHA with NOSCRIPT, and clients load it again.
 
-SCAN: a splicer cursor `c` stands for server `c % n` at that server's cursor `c // n` (n
-servers); the server's next cursor `s` becomes `s * n + i`, and the end of server i's keys
-becomes cursor `i + 1` (server i + 1 from its start), or 0 after the last server. Cursor 0
-starts at server 0, so a client iterates every server in turn with SCAN's usual loop and its
-usual guarantees, server by server. Redis's cursors are below its table sizes, far from 2**64;
-one that would overflow when scaled is reported, not wrapped.
+SCAN: a splicer cursor is `(k << 8) | tag` with `k = c * n + i` for server i (of n) at that
+server's cursor c, and `tag` a byte naming the list of servers (`scan_tag`). The server's next
+cursor s becomes `((s * n + i) << 8) | tag`, and the end of server i's keys becomes server
+i + 1's start, or 0 after the last server. Cursor 0 starts at server 0, so a client iterates
+every server in turn with SCAN's usual loop and its usual guarantees, server by server. A
+cursor handed out for another list of servers (a reload changed it) would point into the wrong
+server: its tag does not match (255 times in 256) and it is refused, so the client starts
+again instead of silently skipping keys. Redis's cursors are below its table sizes, far from
+2**56; one that would overflow when scaled is reported, not wrapped.
 
 Every whole-server command is a *barrier* (see `redis_session`): it starts once the client's
 earlier commands are answered and later ones wait for it, so FLUSHALL, DBSIZE or SCAN see the
@@ -41,14 +46,15 @@ action).
 from __future__ import annotations
 
 import random
-from typing import Any
+import zlib
+from typing import Any, Sequence
 
 import hiredis
 
 from .redis_resp import OK, encode_command, encode_error
 
-__all__ = ["Merge", "plan", "MERGES", "merge_concat", "merge_same", "merge_same_up", "merge_min", "merge_random", "merge_scan",
-           "merge_all_ok", "CURSOR_MAX"]
+__all__ = ["Merge", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
+           "merge_same_set", "merge_first_up", "merge_min", "merge_random", "merge_scan", "merge_all_ok", "CURSOR_MAX"]
 
 CURSOR_MAX = 2**64 - 1  # Redis cursors are unsigned 64-bit
 
@@ -68,6 +74,8 @@ class Merge:
     SCAN = 14
     ALL_OK = 15
     SAME_UP = 16  # SAME over the servers that could be reached
+    SAME_SET = 17  # the same items in any order (FUNCTION LIST: Redis lists in dict order)
+    FIRST_UP = 18  # the first reachable server's answer (FUNCTION DUMP)
 
 
 _WHOLE: dict[bytes, int] = {
@@ -87,30 +95,55 @@ _SUBCOMMANDS: dict[bytes, dict[bytes, int | str]] = {
     },
     b"FUNCTION": {
         b"LOAD": Merge.SAME, b"DELETE": Merge.ALL_OK, b"FLUSH": Merge.ALL_OK, b"RESTORE": Merge.ALL_OK,
-        b"LIST": Merge.SAME, b"DUMP": Merge.SAME, b"HELP": Merge.SAME,
+        b"LIST": Merge.SAME_SET, b"DUMP": Merge.FIRST_UP, b"HELP": Merge.SAME,
         b"KILL": _KILL, b"STATS": "it describes the script one server is running; ask that server directly",
     },
 }
 
 
-def plan(name: bytes, args: list[bytes], nservers: int, payload: bytes) -> tuple[int, list[tuple[int, int, bytes, Any]]] | bytes:
+def scan_tag(names: Sequence[str]) -> int:
+    """The byte (1-255) that SCAN cursors carry for this list of server names, in config order.
+
+    CRC-32, not hash(): every worker process, and every run, must give the same tag.
+    """
+    return zlib.crc32("\0".join(names).encode()) % 255 + 1
+
+
+def parse_cursor(text: bytes) -> int | None:
+    """A SCAN cursor as redis-server reads it (strtoul: optional sign, digits, an empty string is
+    0, a minus wraps modulo 2**64), or None where it answers "invalid cursor"."""
+    if text[:1].isspace():
+        return None
+    digits = text[1:] if text[:1] in (b"+", b"-") else text
+    if not text:
+        return 0
+    if not digits.isdigit() or not digits.isascii():
+        return None
+    value = int(digits)
+    if value > CURSOR_MAX:  # ERANGE
+        return None
+    return (-value) % 2**64 if text[:1] == b"-" else value
+
+
+def plan(name: bytes, args: list[bytes], nservers: int, payload: bytes,
+         tag: int = 1) -> tuple[int, list[tuple[int, int, bytes, Any]]] | bytes:
     """(merge, parts) for a whole-server command, or the error reply to answer in its place.
 
     `name` is the command's upper-case name, `args` the whole command, `payload` its RESP
-    encoding. Parts are (server, lane, payload, where) as `RedisSession` makes them: one per
-    server (one for SCAN), on lane 0 (a barrier has the client's connections to itself);
-    `where` is (server index, number of servers, the command's name for messages).
+    encoding, `tag` the servers' `scan_tag`. Parts are (server, lane, payload, where) as
+    `RedisSession` makes them: one per server (one for SCAN), on lane 0 (a barrier has the
+    client's connections to itself); `where` is (server index, number of servers, the command's
+    name for messages, the SCAN tag).
     """
     if name == b"SCAN":
-        cursor = args[1]
-        # Redis's own check (string2ull): decimal digits only, at most 2**64 - 1.
-        if not cursor.isdigit() or not cursor.isascii() or int(cursor) > CURSOR_MAX:
+        c = parse_cursor(args[1])
+        if c is None:
             return encode_error("ERR invalid cursor")
-        c = int(cursor)
-        server = c % nservers
-        inner = b"%d" % (c // nservers)
-        sub = payload if inner == cursor else _with_cursor(args, inner)
-        return Merge.SCAN, [(server, 0, sub, (server, nservers, "SCAN"))]
+        if c and c & 0xFF != tag:
+            return encode_error("ERR splicer: this SCAN cursor was handed out for another list of servers (the "
+                                "configuration changed since); start the SCAN again from cursor 0")
+        server, inner = ((c >> 8) % nservers, (c >> 8) // nservers) if c else (0, 0)
+        return Merge.SCAN, [(server, 0, _with_cursor(args, b"%d" % inner), (server, nservers, "SCAN", tag))]
     merge = _WHOLE.get(name)
     label = name.decode()
     if merge is None:
@@ -123,11 +156,11 @@ def plan(name: bytes, args: list[bytes], nservers: int, payload: bytes) -> tuple
                                 f"splicer: {choice}")
         merge = choice
         label += " " + sub_name.decode()
-    return merge, [(s, 0, payload, (s, nservers, label)) for s in range(nservers)]
+    return merge, [(s, 0, payload, (s, nservers, label, tag)) for s in range(nservers)]
 
 
 def _text(b: bytes) -> str:
-    return b[:64].decode(errors="replace")
+    return b[:128].decode(errors="replace")  # Redis quotes up to 128 bytes
 
 
 def _with_cursor(args: list[bytes], cursor: bytes) -> bytes:
@@ -191,7 +224,7 @@ def merge_same(parts: list[tuple[Any, bytes]]) -> bytes:
     err = _first_error(parts)
     if err is not None:
         return err
-    (first_server, _, name), first = parts[0]
+    (first_server, _, name, _), first = parts[0]
     for where, reply in parts[1:]:
         if reply != first:
             return encode_error(f"ERR splicer: servers {first_server} and {where[0]} (in config order, from 0) "
@@ -239,7 +272,7 @@ def merge_random(parts: list[tuple[Any, bytes]]) -> bytes:
 
 def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
     """One server's SCAN reply with its cursor turned into the splicer's (module docstring)."""
-    (server, nservers, name), reply = parts[0]
+    (server, nservers, name, tag), reply = parts[0]
     if reply[:1] == b"-":
         return reply
     # *2\r\n$L\r\n<cursor>\r\n<array of keys>: the same in RESP2 and RESP3.
@@ -253,9 +286,9 @@ def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
         return encode_error(_UNEXPECTED.format(name))
     rest = reply[nl + 4 + length :]
     if cursor == 0:
-        nxt = server + 1 if server + 1 < nservers else 0
+        nxt = (server + 1) << 8 | tag if server + 1 < nservers else 0
     else:
-        nxt = cursor * nservers + server
+        nxt = (cursor * nservers + server) << 8 | tag
         if nxt > CURSOR_MAX:
             return encode_error(f"ERR splicer: server {server}'s SCAN cursor {cursor} is too large to carry the "
                                 f"server's index ({nservers} servers); SCAN that server directly")
@@ -263,11 +296,50 @@ def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
     return b"*2\r\n$%d\r\n%s\r\n" % (len(text), text) + rest
 
 
+def _canonical(value: Any) -> Any:
+    """A parsed reply with every list, map and set in a fixed order: equal for the same items."""
+    if isinstance(value, dict):
+        value = [[k, v] for k, v in value.items()]
+    if isinstance(value, (list, set, tuple)):
+        return tuple(sorted((_canonical(v) for v in value), key=repr))
+    return value
+
+
+def merge_same_set(parts: list[tuple[Any, bytes]]) -> bytes:
+    """The first reply, when every part holds the same items in any order (FUNCTION LIST)."""
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    (first_server, _, name, _), first = parts[0]
+    seen = None
+    for where, reply in parts:
+        r = hiredis.Reader()
+        r.feed(reply)
+        try:
+            canon = _canonical(r.gets())
+        except (hiredis.ProtocolError, TypeError):
+            return encode_error(_UNEXPECTED.format(name))
+        if seen is None:
+            seen = canon
+        elif canon != seen:
+            return encode_error(f"ERR splicer: servers {first_server} and {where[0]} (in config order, from 0) hold "
+                                f"different functions ({name}); load them through the splicer, or with "
+                                "FUNCTION LOAD REPLACE, so that every server holds the same")
+    return first
+
+
+def merge_first_up(parts: list[tuple[Any, bytes]]) -> bytes:
+    """The answer of the first server that could be reached (FUNCTION DUMP)."""
+    return _reached(parts)[0][1]
+
+
 #: The merge of each fan-out kind but SUM (`redis_session.merge_parts` holds them all).
 MERGES = {
     Merge.CONCAT: merge_concat,
     Merge.SAME: merge_same,
     Merge.SAME_UP: merge_same_up,
+    Merge.SAME_SET: merge_same_set,
+    Merge.FIRST_UP: merge_first_up,
     Merge.MIN: merge_min,
     Merge.RANDOM: merge_random,
     Merge.SCAN: merge_scan,

@@ -30,7 +30,7 @@ import hiredis
 
 from .redis_commands import COMMANDS, REFUSED, Kind, check_arity, command_keys, lookup
 from .ordered import BoundedSlots
-from .redis_fanout import MERGES, merge_all_ok
+from .redis_fanout import MERGES, merge_all_ok, scan_tag
 from .redis_fanout import plan as plan_fanout
 from .redis_ketama import Ketama
 from .redis_resp import (
@@ -82,7 +82,7 @@ class Router:
     and compare faster than tuples, which matters when a 1000-key MGET is grouped per lane.
     """
 
-    __slots__ = ("ketama", "lanes", "pairs", "_cache", "_cache_max")
+    __slots__ = ("ketama", "lanes", "pairs", "scan_tag", "_cache", "_cache_max")
 
     def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 131072) -> None:
         if lanes < 1:
@@ -90,6 +90,7 @@ class Router:
         self.ketama = ketama
         self.lanes = lanes
         self.pairs = [(c // lanes, c % lanes) for c in range(len(ketama.servers) * lanes)]
+        self.scan_tag = scan_tag([s.name for s in ketama.servers])  # what SCAN cursors carry
         # Placement is a pure function of the key, so it is cached: hashing dominates the cost
         # of splitting a large MGET, and hot keys repeat. Bounded; cleared when full or when the
         # continuum changes.
@@ -326,7 +327,8 @@ class RedisSession:
                 return (REPLY, err)
             return self._keyed(name, args, command_keys(spec, args))
         if kind == Kind.FANOUT:
-            planned = plan_fanout(name, args, len(self.router.ketama.servers), encode_command(args))
+            router = self.router
+            planned = plan_fanout(name, args, len(router.ketama.servers), encode_command(args), router.scan_tag)
             if type(planned) is bytes:
                 return (REPLY, planned)
             merge, parts = planned
@@ -444,8 +446,9 @@ class RedisSession:
         if spec.kind == Kind.FANOUT:
             # A transaction runs on one server; this command runs on all of them.
             self.multi_error = True
-            return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer: "
-                                        "it runs on every server and a transaction on one"))
+            what = name if len(args) < 2 or name not in (b"SCRIPT", b"FUNCTION") else name + b" " + args[1][:128]
+            return (REPLY, encode_error(f"ERR '{what.decode(errors='replace').lower()}' inside MULTI is not supported by "
+                                        "the splicer: it runs on every server and a transaction on one"))
         if spec.kind == Kind.MSET and len(args) % 2 != 1:
             self.multi_error = True
             return (REPLY, _err_args(name))

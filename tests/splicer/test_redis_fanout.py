@@ -27,6 +27,7 @@ from shmfabric.splicer.redis_fanout import (
     parse_cursor,
     plan,
     scan_tag,
+    Where,
 )
 from shmfabric.splicer.redis_ketama import Ketama, KetamaServer
 from shmfabric.splicer.redis_resp import encode_command
@@ -46,13 +47,13 @@ def cmd(*words: str | bytes) -> list[bytes]:
 TAG = 0x5A
 
 
-def planned(*words: str, n: int = 3, tag: int = TAG):
+def planned(*words: str, n: int = 3, tag: int = TAG, servers: list[int] | None = None):
     args = cmd(*words)
-    return plan(args[0].upper(), args, n, encode_command(args), tag)
+    return plan(args[0].upper(), args, list(range(n)) if servers is None else servers, encode_command(args), tag)
 
 
-def where(server: int, n: int, name: str, tag: int = TAG) -> tuple[int, int, str, int]:
-    return (server, n, name, tag)
+def where(server: int, n: int, name: str, tag: int = TAG) -> Where:
+    return Where(server, server, n, name, tag)
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -71,14 +72,14 @@ def test_every_server_gets_the_command_once() -> None:
     assert merge == Merge.ALL_OK
     assert [p[0] for p in parts] == [0, 1, 2]
     assert all(p[2] == encode_command(cmd("FLUSHALL", "ASYNC")) for p in parts)
-    assert parts[0][3] == (0, 3, "FLUSHALL", TAG)
+    assert parts[0][3] == Where(0, 0, 3, "FLUSHALL", TAG)
     assert planned("DBSIZE")[0] == Merge.SUM
     assert planned("KEYS", "user:*")[0] == Merge.CONCAT
     assert planned("RANDOMKEY")[0] == Merge.RANDOM
     assert planned("script", "load", "return 1")[0] == Merge.SAME_UP  # any case, as Redis
     assert planned("SCRIPT", "EXISTS", "a" * 40)[0] == Merge.MIN
     assert planned("FUNCTION", "DELETE", "lib")[0] == Merge.ALL_OK
-    assert planned("FUNCTION", "LOAD", "code")[1][2][3] == (2, 3, "FUNCTION LOAD", TAG)
+    assert planned("FUNCTION", "LOAD", "code")[1][2][3] == Where(2, 2, 3, "FUNCTION LOAD", TAG)
     assert planned("FUNCTION", "LIST")[0] == Merge.SAME_SET
     assert planned("FUNCTION", "DUMP")[0] == Merge.FIRST_UP
 
@@ -120,9 +121,20 @@ def test_scan_cursor_names_a_server_and_its_cursor() -> None:
     assert parts[0][0] == 0 and parts[0][2] == encode_command(cmd("SCAN", "0", "MATCH", "k*"))
     _, parts = planned("SCAN", scan_cursor(5 * 3 + 2), "COUNT", "5")  # server 2 at its cursor 5
     assert parts[0][0] == 2 and parts[0][2] == encode_command(cmd("SCAN", "5", "COUNT", "5"))
-    assert parts[0][3] == (2, 3, "SCAN", TAG)
+    assert parts[0][3] == Where(2, 2, 3, "SCAN", TAG)
     _, parts = planned("SCAN", scan_cursor(1))  # server 1 from its start
     assert parts[0][0] == 1 and parts[0][2] == encode_command(cmd("SCAN", "0"))
+
+
+def test_only_the_servers_in_the_pool_are_asked() -> None:
+    """With auto_eject, whole-server commands go to the servers in the continuum: SCAN's cursor
+    counts among them (server 2 is the second of [0, 2])."""
+    merge, parts = planned("DBSIZE", servers=[0, 2])
+    assert [(p[0], p[3].rank, p[3].count) for p in parts] == [(0, 0, 2), (2, 1, 2)]
+    _, parts = planned("SCAN", scan_cursor(7 * 2 + 1), servers=[0, 2])
+    assert parts[0][0] == 2 and parse(parts[0][2]) == [b"SCAN", b"7"]
+    assert parse(merge_scan([(parts[0][3], scan_reply(0, []))])) == [b"0", []]  # the last in the pool
+    assert planned("DBSIZE", servers=[]).startswith(b"-ERR splicer: no server is in the pool")
 
 
 def test_a_cursor_of_another_server_list_is_refused() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 
 import pytest
+import redis
 
 from .redis_fixtures import REDIS_CLI, needs_cli, needs_redis, pipeline, redis_servers, splicer
 
@@ -212,3 +214,48 @@ def test_a_down_server_fails_the_command_not_the_connection(tmp_path) -> None:
             assert lock.acquire(blocking=False)
             lock.release()
             assert pipeline(s.port, [[b"SCAN", b"0", b"COUNT", b"100"]])[0].startswith(b"*2\r\n")  # server 0 is fine
+
+
+def test_a_write_to_every_server_is_not_sent_while_one_is_down(tmp_path) -> None:
+    """FLUSHDB with a server down answered an error after flushing the servers that were up."""
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            r = s.client(protocol=3)
+            r.mset({f"keep:{i}": "v" for i in range(200)})
+            kept = pair[0].client().dbsize()
+            assert kept > 0
+            pair[1].kill()
+            with pytest.raises(redis.ResponseError) as lost:
+                r.dbsize()  # the first use finds the server gone
+            replies = pipeline(s.port, [[b"FLUSHDB"], [b"FLUSHALL", b"ASYNC"],
+                                        [b"FUNCTION", b"LOAD", b"#!lua name=nowhere\nredis.register_function('f', function() return 1 end)"]])
+            for reply in replies:
+                assert reply.startswith(b"-ERR splicer: backend 127.0.0.1:%d is unavailable" % pair[1].port), reply
+            assert pair[0].client().dbsize() == kept  # nothing ran on the server that is up
+            assert pair[0].client().function_list() == []
+            # One lost server is one failure, said once: not nested in a handshake refusal.
+            assert b"handshake" not in replies[0] and "handshake" not in str(lost.value)
+
+
+def test_with_auto_eject_the_pool_is_the_servers_up(tmp_path) -> None:
+    """With auto_eject, an ejected server's keys live on the others: DBSIZE, KEYS and a SCAN loop
+    answer from the servers in the continuum instead of failing, and a cursor from before the
+    ejection is refused (it counted servers that are no longer in the pool)."""
+    with redis_servers(tmp_path, 3) as trio:
+        with splicer(trio, auto_eject=True, health={"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1},
+                     timeouts={"connect": 0.5, "request": 5}) as s:
+            r = s.client()
+            r.mset({f"ae:{i}": "v" for i in range(600)})
+            old_cursor, _ = r.scan(0, count=50)
+            assert old_cursor != 0
+            trio[2].kill()
+            for _ in range(200):
+                if not s.stats()["servers"][2]["up"] and s.splicer.router.pool == [0, 1]:
+                    break
+                time.sleep(0.05)
+            assert s.splicer.router.pool == [0, 1]
+            live = trio[0].client().dbsize() + trio[1].client().dbsize()
+            assert r.dbsize() == live and len(r.keys("ae:*")) == live
+            assert sorted(r.scan_iter(count=100)) == sorted(r.keys("*"))
+            with pytest.raises(redis.ResponseError, match="another list of servers"):
+                r.scan(old_cursor)

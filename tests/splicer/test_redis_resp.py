@@ -553,3 +553,20 @@ def test_a_large_reply_arriving_in_many_reads_is_not_rejoined_on_every_read() ->
         if i == 32 * 65536:
             assert len(sc._parts) > 16, "reads were joined while the reply was incomplete"
     assert got == [data]
+
+
+@pytest.mark.parametrize("head", [b"*2\r\n$5\r\nfield\r\n", b"%1\r\n$5\r\nfield\r\n", b"*1\r\n*1\r\n"])
+def test_a_long_bulk_inside_an_aggregate_is_not_rejoined_on_every_read(head: bytes) -> None:
+    # HGETALL of a hash with a 50 MB field took 4.5 s through the splicer (0.13 s direct): the
+    # walk of [field, value] ended at the incomplete value without saying how much was missing,
+    # so every read joined and re-walked everything so far.
+    body = b"x" * (4 << 20)
+    data = head + b"$%d\r\n" % len(body) + body + b"\r\n"
+    sc = ReplyScanner()
+    got: list[bytes] = []
+    for i in range(0, len(data), 65536):
+        sc.feed(data[i:i + 65536])
+        got += sc.drain(10)
+        if i == 32 * 65536:
+            assert len(sc._parts) > 16, "reads were joined while the reply was incomplete"
+    assert got == [data]

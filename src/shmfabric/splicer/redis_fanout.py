@@ -21,20 +21,27 @@ holding all the keys would give:
 | SCRIPT/FUNCTION HELP | the answer, when every server gave the same one |
 
 Any server's error is the reply: a server that is down makes the command fail, with its name,
-rather than answer for part of the keys. Except for SCRIPT LOAD and SCRIPT EXISTS, which leave
+rather than answer for part of the keys. A write (FLUSHDB, FLUSHALL, SCRIPT FLUSH, FUNCTION
+LOAD/DELETE/FLUSH/RESTORE) is not sent at all while a server is known to be down
+(`ALL_OR_NONE`), so it does not run on the others and then report a failure; a server lost
+while it runs leaves the others done, and the error says which. Except for SCRIPT LOAD and SCRIPT EXISTS, which leave
 out a server that cannot be reached (when another answered), so that scripts keep working on
 the keys of the servers that are up, as EVALSHA does: a server that comes back without the
 script answers EVALSHA with NOSCRIPT, and clients load it again.
 
-SCAN: a splicer cursor is `(k << 8) | tag` with `k = c * n + i` for server i (of n) at that
-server's cursor c, and `tag` a byte naming the list of servers (`scan_tag`). The server's next
-cursor s becomes `((s * n + i) << 8) | tag`, and the end of server i's keys becomes server
-i + 1's start, or 0 after the last server. Cursor 0 starts at server 0, so a client iterates
-every server in turn with SCAN's usual loop and its usual guarantees, server by server. A
-cursor handed out for another list of servers (a reload changed it) would point into the wrong
-server: its tag does not match (255 times in 256) and it is refused, so the client starts
-again instead of silently skipping keys. Redis's cursors are below its table sizes, far from
-2**56; one that would overflow when scaled is reported, not wrapped.
+SCAN: a splicer cursor is `(k << 8) | tag` with `k = c * n + i` for the i-th of the n servers
+in the pool at that server's cursor c, and `tag` a byte naming those servers (`scan_tag`). The
+server's next cursor s becomes `((s * n + i) << 8) | tag`, and the end of server i's keys
+becomes server i + 1's start, or 0 after the last server. Cursor 0 starts at the first server,
+so a client iterates every server in turn with SCAN's usual loop and its usual guarantees,
+server by server. A cursor handed out for another list of servers (a reload changed it, or
+`auto_eject` took a server out or put it back) would point into the wrong server: its tag does
+not match (255 times in 256) and it is refused, so the client starts again instead of silently
+skipping keys. Redis's cursors are below its table sizes, far from 2**56; one that would
+overflow when scaled is reported, not wrapped.
+
+The servers are all the configured ones; with `auto_eject`, those in the continuum, which
+then hold every key a client can reach (an ejected server's keys are placed on the others).
 
 Every whole-server command is a *barrier* (see `redis_session`): it starts once the client's
 earlier commands are answered and later ones wait for it, so FLUSHALL, DBSIZE or SCAN see the
@@ -47,13 +54,13 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import hiredis
 
 from .redis_resp import OK, encode_command, encode_error
 
-__all__ = ["Merge", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
+__all__ = ["Merge", "Where", "ALL_OR_NONE", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
            "merge_same_set", "merge_first_up", "merge_min", "merge_random", "merge_scan", "merge_all_ok", "CURSOR_MAX"]
 
 CURSOR_MAX = 2**64 - 1  # Redis cursors are unsigned 64-bit
@@ -76,6 +83,21 @@ class Merge:
     SAME_UP = 16  # SAME over the servers that could be reached
     SAME_SET = 17  # the same items in any order (FUNCTION LIST: Redis lists in dict order)
     FIRST_UP = 18  # the first reachable server's answer (FUNCTION DUMP)
+
+
+#: Writes sent only when every server can be reached: a FLUSHALL must not run on the servers
+#: that are up and then be reported failed because one was down.
+ALL_OR_NONE = frozenset({Merge.ALL_OK, Merge.SAME})
+
+
+class Where(NamedTuple):
+    """What a part's merge knows of it: which server, and of what command."""
+
+    server: int  # index in config order
+    rank: int  # its place among the servers the command went to
+    count: int  # how many servers the command went to
+    name: str  # the command, for messages ("SCRIPT LOAD")
+    tag: int  # the servers' scan_tag
 
 
 _WHOLE: dict[bytes, int] = {
@@ -125,25 +147,30 @@ def parse_cursor(text: bytes) -> int | None:
     return (-value) % 2**64 if text[:1] == b"-" else value
 
 
-def plan(name: bytes, args: list[bytes], nservers: int, payload: bytes,
-         tag: int = 1) -> tuple[int, list[tuple[int, int, bytes, Any]]] | bytes:
+def plan(name: bytes, args: list[bytes], servers: Sequence[int], payload: bytes,
+         tag: int = 1) -> tuple[int, list[tuple[int, int, bytes, Where]]] | bytes:
     """(merge, parts) for a whole-server command, or the error reply to answer in its place.
 
     `name` is the command's upper-case name, `args` the whole command, `payload` its RESP
-    encoding, `tag` the servers' `scan_tag`. Parts are (server, lane, payload, where) as
-    `RedisSession` makes them: one per server (one for SCAN), on lane 0 (a barrier has the
-    client's connections to itself); `where` is (server index, number of servers, the command's
-    name for messages, the SCAN tag).
+    encoding, `servers` the indexes of the servers it goes to (all of them, or those in the
+    continuum when servers are ejected), `tag` their `scan_tag`. Parts are (server, lane,
+    payload, Where) as `RedisSession` makes them: one per server (one for SCAN), on lane 0 (a
+    barrier has the client's connections to itself).
     """
+    n = len(servers)
+    if not n:
+        return encode_error("ERR splicer: no server is in the pool (all ejected)")
     if name == b"SCAN":
         c = parse_cursor(args[1])
         if c is None:
             return encode_error("ERR invalid cursor")
         if c and c & 0xFF != tag:
             return encode_error("ERR splicer: this SCAN cursor was handed out for another list of servers (the "
-                                "configuration changed since); start the SCAN again from cursor 0")
-        server, inner = ((c >> 8) % nservers, (c >> 8) // nservers) if c else (0, 0)
-        return Merge.SCAN, [(server, 0, _with_cursor(args, b"%d" % inner), (server, nservers, "SCAN", tag))]
+                                "configuration changed, or a server left or rejoined the pool, since); start the "
+                                "SCAN again from cursor 0")
+        rank, inner = ((c >> 8) % n, (c >> 8) // n) if c else (0, 0)
+        server = servers[rank]
+        return Merge.SCAN, [(server, 0, _with_cursor(args, b"%d" % inner), Where(server, rank, n, "SCAN", tag))]
     merge = _WHOLE.get(name)
     label = name.decode()
     if merge is None:
@@ -156,7 +183,7 @@ def plan(name: bytes, args: list[bytes], nservers: int, payload: bytes,
                                 f"splicer: {choice}")
         merge = choice
         label += " " + sub_name.decode()
-    return merge, [(s, 0, payload, (s, nservers, label, tag)) for s in range(nservers)]
+    return merge, [(s, 0, payload, Where(s, i, n, label, tag)) for i, s in enumerate(servers)]
 
 
 def _text(b: bytes) -> str:
@@ -181,7 +208,7 @@ def merge_all_ok(parts: list[tuple[Any, bytes]], name: str | None = None) -> byt
     """`+OK` when every part said OK, else the first error (`name` for messages: else the parts')."""
     for _, reply in parts:
         if reply != OK:
-            return reply if reply[:1] == b"-" else encode_error(_UNEXPECTED.format(name or parts[0][0][2]))
+            return reply if reply[:1] == b"-" else encode_error(_UNEXPECTED.format(name or parts[0][0].name))
     return OK
 
 
@@ -199,7 +226,7 @@ def merge_concat(parts: list[tuple[Any, bytes]]) -> bytes:
         except ValueError:
             n = -1
         if n < 0:
-            return encode_error(_UNEXPECTED.format(parts[0][0][2]))
+            return encode_error(_UNEXPECTED.format(parts[0][0].name))
         total += n
         bodies.append(reply[nl + 2 :])
     return b"*%d\r\n" % total + b"".join(bodies)
@@ -224,11 +251,11 @@ def merge_same(parts: list[tuple[Any, bytes]]) -> bytes:
     err = _first_error(parts)
     if err is not None:
         return err
-    (first_server, _, name, _), first = parts[0]
+    first_where, first = parts[0]
     for where, reply in parts[1:]:
         if reply != first:
-            return encode_error(f"ERR splicer: servers {first_server} and {where[0]} (in config order, from 0) "
-                                f"answered {name} differently; make them hold the same scripts and functions")
+            return encode_error(f"ERR splicer: servers {first_where.server} and {where.server} (in config order, from 0) "
+                                f"answered {first_where.name} differently; make them hold the same scripts and functions")
     return first
 
 
@@ -248,7 +275,7 @@ def merge_min(parts: list[tuple[Any, bytes]]) -> bytes:
         except hiredis.ProtocolError:
             value = None
         if type(value) is not list or not all(type(v) is int for v in value) or (lists and len(value) != len(lists[0])):
-            return encode_error(_UNEXPECTED.format(parts[0][0][2]))
+            return encode_error(_UNEXPECTED.format(parts[0][0].name))
         lists.append(value)
     mins = list(map(min, zip(*lists)))
     return b"*%d\r\n" % len(mins) + b"".join(b":%d\r\n" % v for v in mins)
@@ -264,7 +291,7 @@ def merge_random(parts: list[tuple[Any, bytes]]) -> bytes:
         return err
     keys = [reply for _, reply in parts if reply not in _NULLS]
     if any(reply[:1] != b"$" for reply in keys):
-        return encode_error(_UNEXPECTED.format(parts[0][0][2]))
+        return encode_error(_UNEXPECTED.format(parts[0][0].name))
     # Uniform over servers that have keys, not over keys: a server's key count would cost a
     # DBSIZE round per call. Redis's own RANDOMKEY is not uniform over keys either.
     return random.choice(keys) if keys else parts[0][1]
@@ -272,7 +299,8 @@ def merge_random(parts: list[tuple[Any, bytes]]) -> bytes:
 
 def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
     """One server's SCAN reply with its cursor turned into the splicer's (module docstring)."""
-    (server, nservers, name, tag), reply = parts[0]
+    where, reply = parts[0]
+    name, rank, count, tag = where.name, where.rank, where.count, where.tag
     if reply[:1] == b"-":
         return reply
     # *2\r\n$L\r\n<cursor>\r\n<array of keys>: the same in RESP2 and RESP3.
@@ -286,12 +314,12 @@ def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
         return encode_error(_UNEXPECTED.format(name))
     rest = reply[nl + 4 + length :]
     if cursor == 0:
-        nxt = (server + 1) << 8 | tag if server + 1 < nservers else 0
+        nxt = (rank + 1) << 8 | tag if rank + 1 < count else 0
     else:
-        nxt = (cursor * nservers + server) << 8 | tag
+        nxt = (cursor * count + rank) << 8 | tag
         if nxt > CURSOR_MAX:
-            return encode_error(f"ERR splicer: server {server}'s SCAN cursor {cursor} is too large to carry the "
-                                f"server's index ({nservers} servers); SCAN that server directly")
+            return encode_error(f"ERR splicer: server {where.server}'s SCAN cursor {cursor} is too large to carry the "
+                                f"server's index ({count} servers); SCAN that server directly")
     text = b"%d" % nxt
     return b"*2\r\n$%d\r\n%s\r\n" % (len(text), text) + rest
 
@@ -310,7 +338,8 @@ def merge_same_set(parts: list[tuple[Any, bytes]]) -> bytes:
     err = _first_error(parts)
     if err is not None:
         return err
-    (first_server, _, name, _), first = parts[0]
+    first_where, first = parts[0]
+    name = first_where.name
     seen = None
     for where, reply in parts:
         r = hiredis.Reader()
@@ -322,7 +351,7 @@ def merge_same_set(parts: list[tuple[Any, bytes]]) -> bytes:
         if seen is None:
             seen = canon
         elif canon != seen:
-            return encode_error(f"ERR splicer: servers {first_server} and {where[0]} (in config order, from 0) hold "
+            return encode_error(f"ERR splicer: servers {first_where.server} and {where.server} (in config order, from 0) hold "
                                 f"different functions ({name}); load them through the splicer, or with "
                                 "FUNCTION LOAD REPLACE, so that every server holds the same")
     return first

@@ -45,6 +45,7 @@ from .redis_resp import (
     encode_command,
     encode_error,
 )
+from .redis_fanout import ALL_OR_NONE
 from .redis_session import (
     CLOSE,
     EXEC,
@@ -162,6 +163,13 @@ class _Lane:
             self.dirty = True
             self.splicer._dirty_lanes.append(self)
         return True
+
+    def reachable(self, now: float) -> bool:
+        """Would `send` queue a request now? (Connected, connecting, or allowed to connect.)"""
+        if self.state != _DISCONNECTED:
+            return True
+        srv = self.server
+        return now >= srv.retry_at and not (self.splicer.config.auto_eject and not srv.up)
 
     def _ensure(self, now: float) -> bool:
         if self.state == _CONNECTING:
@@ -298,7 +306,9 @@ class _Lane:
                 srv.metrics.error(kind, sum(1 for target, _, _ in q if target is not None and type(target) is not _Handshake))
             srv.connection_failed(time.monotonic())
         for target, arg, _ in q:
-            if target is not None:
+            # The handshake's own entries are this failure already: answering them would fail
+            # the lane a second time, with the first error nested in the second's text.
+            if target is not None and target is not _HANDSHAKE:
                 target._on_reply(arg, err)
         if not self.splicer.closing:
             log.warning("backend %s lane %d/resp%d: %s", srv.label, self.index, self.proto, why)
@@ -533,6 +543,15 @@ class _Client(asyncio.Protocol):
                 self.merge.finish(seq, splicer._down_error(server))
         elif tag == SPLIT:
             _, barrier, proto, kind, nkeys, parts = action
+            if kind in ALL_OR_NONE:
+                # A write to every server goes nowhere while one is known to be down.
+                down = next((server for server, lane, _, _ in parts
+                             if not splicer._servers[server].lanes[proto][lane].reachable(now)), None)
+                if down is not None:
+                    self.merge.finish(seq, splicer._down_error(down))
+                    if action[1] and self.outstanding:
+                        self.waiting.appendleft((None, _GATE))
+                    return
             join = _Join(self, seq, kind, nkeys, len(parts), proto)
             self.outstanding += 1
             for i, (server, lane, payload, positions) in enumerate(parts):

@@ -898,6 +898,11 @@ class ReplyScanner:
         else:
             stop = _scan(buf, pos, end)
         if stop < 0:
+            if stop <= -3:
+                # A long bulk inside an aggregate (HGETALL of a 50 MB field) is still coming:
+                # reads are collected until it can be complete, not re-joined and re-walked
+                # each time (which made such a reply quadratic).
+                self._need = _needs(stop) - pos
             return None
         self._pos = stop
         if pos == 0 and stop == end:
@@ -912,8 +917,15 @@ def _int(buf: bytes, start: int, stop: int) -> int:
         raise RespProtocolError(f"invalid length {buf[start:stop][:32]!r}") from None
 
 
+def _needs(offset: int) -> int:
+    """_scan's answer for "incomplete, and nothing can end before `offset`" (and its inverse)."""
+    return -3 - offset
+
+
 def _scan(buf: bytes, pos: int, end: int, budget: int = 0) -> int:
-    """Return the offset just past the reply starting at `pos`, or -1 if it is incomplete.
+    """Return the offset just past the reply starting at `pos`, or a negative value if it is
+    incomplete: -1, or `_needs(offset)` when a bulk inside it is known to end at `offset` (no
+    use looking again before then).
 
     With a `budget`, -2 once that many items were walked and the reply goes on (the caller
     measures it faster another way).
@@ -938,7 +950,7 @@ def _scan(buf: bytes, pos: int, end: int, budget: int = 0) -> int:
             n = _int(buf, pos + 1, nl)
             pos = nl + 2 if n < 0 else nl + n + 4
             if pos > end:
-                return -1
+                return _needs(pos)
             need -= 1
         elif t in _AGG1:
             n = _int(buf, pos + 1, nl)

@@ -82,7 +82,7 @@ class Router:
     and compare faster than tuples, which matters when a 1000-key MGET is grouped per lane.
     """
 
-    __slots__ = ("ketama", "lanes", "pairs", "scan_tag", "_cache", "_cache_max")
+    __slots__ = ("ketama", "lanes", "pairs", "pool", "scan_tag", "_cache", "_cache_max")
 
     def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 131072) -> None:
         if lanes < 1:
@@ -90,7 +90,7 @@ class Router:
         self.ketama = ketama
         self.lanes = lanes
         self.pairs = [(c // lanes, c % lanes) for c in range(len(ketama.servers) * lanes)]
-        self.scan_tag = scan_tag([s.name for s in ketama.servers])  # what SCAN cursors carry
+        self._set_pool()
         # Placement is a pure function of the key, so it is cached: hashing dominates the cost
         # of splitting a large MGET, and hot keys repeat. Bounded; cleared when full or when the
         # continuum changes.
@@ -101,6 +101,14 @@ class Router:
         """Swap the continuum (servers ejected or returned) and forget cached placements."""
         self.ketama = ketama
         self._cache = {}
+        self._set_pool()
+
+    def _set_pool(self) -> None:
+        # Whole-server commands go to the servers in the continuum (all but ejected ones), and
+        # SCAN cursors carry a tag of their names (redis_fanout).
+        k = self.ketama
+        self.pool = [i for i, up in enumerate(k.live) if up]
+        self.scan_tag = scan_tag([k.servers[i].name for i in self.pool])
 
     def code(self, key: bytes) -> int:
         """The placement code of `key` (see the class docstring)."""
@@ -328,7 +336,7 @@ class RedisSession:
             return self._keyed(name, args, command_keys(spec, args))
         if kind == Kind.FANOUT:
             router = self.router
-            planned = plan_fanout(name, args, len(router.ketama.servers), encode_command(args), router.scan_tag)
+            planned = plan_fanout(name, args, router.pool, encode_command(args), router.scan_tag)
             if type(planned) is bytes:
                 return (REPLY, planned)
             merge, parts = planned

@@ -259,3 +259,19 @@ def test_with_auto_eject_the_pool_is_the_servers_up(tmp_path) -> None:
             assert sorted(r.scan_iter(count=100)) == sorted(r.keys("*"))
             with pytest.raises(redis.ResponseError, match="another list of servers"):
                 r.scan(old_cursor)
+
+
+def test_an_ejected_server_is_named_as_ejected() -> None:
+    """With auto_eject, a server out of the pool gets no connection attempt until its health
+    checks pass: the error said "next connection attempt in N ms" all the same."""
+    from shmfabric.splicer.config import RedisSpliceConfig
+    from shmfabric.splicer.redis_proxy import RedisSplicer
+
+    cfg = RedisSpliceConfig.model_validate(dict(listen="127.0.0.1:0", servers=["127.0.0.1:1", "127.0.0.1:2"],
+                                                auto_eject=True, health={"interval": 0.5, "rise": 3}))
+    sp = RedisSplicer(cfg)
+    sp._servers[1].up = False
+    err = sp._down_error(1)
+    assert err.startswith(b"-ERR splicer: backend 127.0.0.1:2 is unavailable (ejected by health checks: back after 3 "
+                          b"passing checks, one every 0.5 s)")
+    assert b"next connection attempt" in sp._down_error(0)  # up: the usual retry wait

@@ -794,8 +794,13 @@ class RedisSplicer:
         srv = self._servers[server]
         if srv.metrics is not None:
             srv.metrics.error("unavailable", 1)  # one request refused at once
-        wait = max(0.0, srv.retry_at - time.monotonic())
         why = f"last error: {srv.last_error}; " if srv.last_error else ""
+        cfg = self.config
+        if cfg.auto_eject and not srv.up:
+            # Ejected: no connection is tried until health checks pass again, whatever retry_at says.
+            return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}ejected by health checks: "
+                                f"back after {cfg.health.rise} passing checks, one every {cfg.health.interval:g} s)")
+        wait = max(0.0, srv.retry_at - time.monotonic())
         return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}next connection attempt in "
                             f"{wait * 1000:.0f} ms)")
 

@@ -10,6 +10,8 @@ import time
 import pytest
 import redis
 
+from shmfabric.splicer.redis_fanout import TAG_BITS
+
 from .redis_fixtures import REDIS_CLI, needs_cli, needs_redis, pipeline, redis_servers, splicer
 
 pytestmark = [needs_redis, pytest.mark.timeout(120)]
@@ -201,7 +203,7 @@ def test_a_down_server_fails_the_command_not_the_connection(tmp_path) -> None:
             r.set("k", "v")
             pair[1].kill()
             k0 = next(f"s:{i}" for i in range(100) if s.splicer.router.place(b"s:%d" % i)[0] == 0)
-            server1 = b"%d" % (1 << 8 | s.splicer.router.scan_tag)  # the cursor of server 1's start
+            server1 = b"%d" % (1 << TAG_BITS | s.splicer.router.scan_tag)  # the cursor of server 1's start
             replies = pipeline(s.port, [[b"DBSIZE"], [b"SCAN", server1], [b"PING"], [b"SCRIPT", b"LOAD", b"return 3"],
                                         [b"FUNCTION", b"FLUSH"]])
             assert replies[0].startswith(b"-ERR splicer: backend 127.0.0.1:%d" % pair[1].port), replies[0]
@@ -216,8 +218,12 @@ def test_a_down_server_fails_the_command_not_the_connection(tmp_path) -> None:
             assert pipeline(s.port, [[b"SCAN", b"0", b"COUNT", b"100"]])[0].startswith(b"*2\r\n")  # server 0 is fine
 
 
-def test_a_write_to_every_server_is_not_sent_while_one_is_down(tmp_path) -> None:
-    """FLUSHDB with a server down answered an error after flushing the servers that were up."""
+@pytest.mark.parametrize("first_use", ["dbsize", "none"])
+def test_a_write_to_every_server_is_not_sent_while_one_is_down(tmp_path, first_use: str) -> None:
+    """FLUSHDB with a server down answered an error after flushing the servers that were up.
+    Now it is refused at once when the server is known to be down, and otherwise sent only
+    after every server answered a PING: "none" kills the server right before the FLUSHALL,
+    while the splicer's connections to it still look ready."""
     with redis_servers(tmp_path, 2) as pair:
         with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
             r = s.client(protocol=3)
@@ -225,16 +231,20 @@ def test_a_write_to_every_server_is_not_sent_while_one_is_down(tmp_path) -> None
             kept = pair[0].client().dbsize()
             assert kept > 0
             pair[1].kill()
-            with pytest.raises(redis.ResponseError) as lost:
-                r.dbsize()  # the first use finds the server gone
-            replies = pipeline(s.port, [[b"FLUSHDB"], [b"FLUSHALL", b"ASYNC"],
-                                        [b"FUNCTION", b"LOAD", b"#!lua name=nowhere\nredis.register_function('f', function() return 1 end)"]])
-            for reply in replies:
-                assert reply.startswith(b"-ERR splicer: backend 127.0.0.1:%d is unavailable" % pair[1].port), reply
+            if first_use == "dbsize":
+                with pytest.raises(redis.ResponseError) as lost:
+                    r.dbsize()  # the first use finds the server gone
+                # One lost server is one failure, said once: not nested in a handshake refusal.
+                assert "handshake" not in str(lost.value)
+            replies = pipeline(s.port, [[b"FLUSHALL"], [b"FLUSHDB", b"ASYNC"],
+                                        [b"FUNCTION", b"LOAD", b"#!lua name=nowhere\nredis.register_function('f', function() return 1 end)"],
+                                        [b"PING"]])
+            for reply in replies[:3]:
+                assert reply.startswith(b"-ERR splicer: backend 127.0.0.1:%d " % pair[1].port), reply
+                assert b"handshake" not in reply
+            assert replies[3] == b"+PONG\r\n"
             assert pair[0].client().dbsize() == kept  # nothing ran on the server that is up
             assert pair[0].client().function_list() == []
-            # One lost server is one failure, said once: not nested in a handshake refusal.
-            assert b"handshake" not in replies[0] and "handshake" not in str(lost.value)
 
 
 def test_with_auto_eject_the_pool_is_the_servers_up(tmp_path) -> None:
@@ -259,6 +269,11 @@ def test_with_auto_eject_the_pool_is_the_servers_up(tmp_path) -> None:
             assert sorted(r.scan_iter(count=100)) == sorted(r.keys("*"))
             with pytest.raises(redis.ResponseError, match="another list of servers"):
                 r.scan(old_cursor)
+            # Writes still go to every configured server: refused while one is ejected (a
+            # FLUSHALL without it would see its keys come back when it returns).
+            with pytest.raises(redis.ResponseError, match=r"127\.0\.0\.1:%d is unavailable \(.*ejected" % trio[2].port):
+                r.flushall()
+            assert r.dbsize() == live
 
 
 def test_an_ejected_server_is_named_as_ejected() -> None:

@@ -22,26 +22,29 @@ holding all the keys would give:
 
 Any server's error is the reply: a server that is down makes the command fail, with its name,
 rather than answer for part of the keys. A write (FLUSHDB, FLUSHALL, SCRIPT FLUSH, FUNCTION
-LOAD/DELETE/FLUSH/RESTORE) is not sent at all while a server is known to be down
-(`ALL_OR_NONE`), so it does not run on the others and then report a failure; a server lost
-while it runs leaves the others done, and the error says which. Except for SCRIPT LOAD and SCRIPT EXISTS, which leave
+LOAD/DELETE/FLUSH/RESTORE: `ALL_OR_NONE`) is refused at once while a server is known to be
+down, and otherwise sent only after every server has answered a PING, so it does not run on
+the others and then report a failure; a server lost between its PING and the write leaves the
+others done, and the error says which. Except for SCRIPT LOAD and SCRIPT EXISTS, which leave
 out a server that cannot be reached (when another answered), so that scripts keep working on
 the keys of the servers that are up, as EVALSHA does: a server that comes back without the
 script answers EVALSHA with NOSCRIPT, and clients load it again.
 
-SCAN: a splicer cursor is `(k << 8) | tag` with `k = c * n + i` for the i-th of the n servers
-in the pool at that server's cursor c, and `tag` a byte naming those servers (`scan_tag`). The
-server's next cursor s becomes `((s * n + i) << 8) | tag`, and the end of server i's keys
+SCAN: a splicer cursor is `(k << 16) | tag` with `k = c * n + i` for the i-th of the n servers
+in the pool at that server's cursor c, and `tag` 16 bits naming those servers (`scan_tag`). The
+server's next cursor s becomes `((s * n + i) << 16) | tag`, and the end of server i's keys
 becomes server i + 1's start, or 0 after the last server. Cursor 0 starts at the first server,
 so a client iterates every server in turn with SCAN's usual loop and its usual guarantees,
 server by server. A cursor handed out for another list of servers (a reload changed it, or
 `auto_eject` took a server out or put it back) would point into the wrong server: its tag does
-not match (255 times in 256) and it is refused, so the client starts again instead of silently
-skipping keys. Redis's cursors are below its table sizes, far from 2**56; one that would
-overflow when scaled is reported, not wrapped.
+not match (65,534 times in 65,535 for two lists) and it is refused, so the client starts again
+instead of silently skipping keys. Redis's cursors are below its table sizes (2**33 for eight
+billion keys), far from 2**40; one that would overflow when scaled is reported, not wrapped.
 
-The servers are all the configured ones; with `auto_eject`, those in the continuum, which
-then hold every key a client can reach (an ejected server's keys are placed on the others).
+The servers are all the configured ones; with `auto_eject`, reads go to those in the
+continuum, which then hold every key a client can reach (an ejected server's keys are placed
+on the others), and writes still go to every configured server, so they are refused while one
+is ejected (a FLUSHALL that left it out would see its keys come back with it).
 
 Every whole-server command is a *barrier* (see `redis_session`): it starts once the client's
 earlier commands are answered and later ones wait for it, so FLUSHALL, DBSIZE or SCAN see the
@@ -60,10 +63,11 @@ import hiredis
 
 from .redis_resp import OK, encode_command, encode_error
 
-__all__ = ["Merge", "Where", "ALL_OR_NONE", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
+__all__ = ["Merge", "Where", "ALL_OR_NONE", "TAG_BITS", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
            "merge_same_set", "merge_first_up", "merge_min", "merge_random", "merge_scan", "merge_all_ok", "CURSOR_MAX"]
 
 CURSOR_MAX = 2**64 - 1  # Redis cursors are unsigned 64-bit
+_TAG_MASK = 2**16 - 1
 
 
 class Merge:
@@ -123,12 +127,15 @@ _SUBCOMMANDS: dict[bytes, dict[bytes, int | str]] = {
 }
 
 
+TAG_BITS = 16  # a stale cursor passes for a fresh one once in 65,535 server-list pairs
+
+
 def scan_tag(names: Sequence[str]) -> int:
-    """The byte (1-255) that SCAN cursors carry for this list of server names, in config order.
+    """The tag (1 to 2**16 - 1) that SCAN cursors carry for this list of server names, in order.
 
     CRC-32, not hash(): every worker process, and every run, must give the same tag.
     """
-    return zlib.crc32("\0".join(names).encode()) % 255 + 1
+    return zlib.crc32("\0".join(names).encode()) % (2**TAG_BITS - 1) + 1
 
 
 def parse_cursor(text: bytes) -> int | None:
@@ -148,12 +155,14 @@ def parse_cursor(text: bytes) -> int | None:
 
 
 def plan(name: bytes, args: list[bytes], servers: Sequence[int], payload: bytes,
-         tag: int = 1) -> tuple[int, list[tuple[int, int, bytes, Where]]] | bytes:
+         tag: int = 1, everyone: Sequence[int] | None = None) -> tuple[int, list[tuple[int, int, bytes, Where]]] | bytes:
     """(merge, parts) for a whole-server command, or the error reply to answer in its place.
 
     `name` is the command's upper-case name, `args` the whole command, `payload` its RESP
-    encoding, `servers` the indexes of the servers it goes to (all of them, or those in the
-    continuum when servers are ejected), `tag` their `scan_tag`. Parts are (server, lane,
+    encoding, `servers` the indexes of the servers in the pool (all of them, or those in the
+    continuum when servers are ejected), `tag` their `scan_tag`, `everyone` all the configured
+    servers (default: `servers`), which the writes in ALL_OR_NONE go to: a FLUSHALL that left
+    out an ejected server would see its keys come back with it. Parts are (server, lane,
     payload, Where) as `RedisSession` makes them: one per server (one for SCAN), on lane 0 (a
     barrier has the client's connections to itself).
     """
@@ -164,11 +173,11 @@ def plan(name: bytes, args: list[bytes], servers: Sequence[int], payload: bytes,
         c = parse_cursor(args[1])
         if c is None:
             return encode_error("ERR invalid cursor")
-        if c and c & 0xFF != tag:
+        if c and c & _TAG_MASK != tag:
             return encode_error("ERR splicer: this SCAN cursor was handed out for another list of servers (the "
                                 "configuration changed, or a server left or rejoined the pool, since); start the "
                                 "SCAN again from cursor 0")
-        rank, inner = ((c >> 8) % n, (c >> 8) // n) if c else (0, 0)
+        rank, inner = ((c >> TAG_BITS) % n, (c >> TAG_BITS) // n) if c else (0, 0)
         server = servers[rank]
         return Merge.SCAN, [(server, 0, _with_cursor(args, b"%d" % inner), Where(server, rank, n, "SCAN", tag))]
     merge = _WHOLE.get(name)
@@ -183,7 +192,9 @@ def plan(name: bytes, args: list[bytes], servers: Sequence[int], payload: bytes,
                                 f"splicer: {choice}")
         merge = choice
         label += " " + sub_name.decode()
-    return merge, [(s, 0, payload, Where(s, i, n, label, tag)) for i, s in enumerate(servers)]
+    if merge in ALL_OR_NONE and everyone is not None:
+        servers = everyone
+    return merge, [(s, 0, payload, Where(s, i, len(servers), label, tag)) for i, s in enumerate(servers)]
 
 
 def _text(b: bytes) -> str:
@@ -314,9 +325,9 @@ def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
         return encode_error(_UNEXPECTED.format(name))
     rest = reply[nl + 4 + length :]
     if cursor == 0:
-        nxt = (rank + 1) << 8 | tag if rank + 1 < count else 0
+        nxt = (rank + 1) << TAG_BITS | tag if rank + 1 < count else 0
     else:
-        nxt = (cursor * count + rank) << 8 | tag
+        nxt = (cursor * count + rank) << TAG_BITS | tag
         if nxt > CURSOR_MAX:
             return encode_error(f"ERR splicer: server {where.server}'s SCAN cursor {cursor} is too large to carry the "
                                 f"server's index ({count} servers); SCAN that server directly")
@@ -324,17 +335,32 @@ def merge_scan(parts: list[tuple[Any, bytes]]) -> bytes:
     return b"*2\r\n$%d\r\n%s\r\n" % (len(text), text) + rest
 
 
-def _canonical(value: Any) -> Any:
-    """A parsed reply with every list, map and set in a fixed order: equal for the same items."""
+def _as_map(value: Any) -> dict:
+    """A RESP3 map as is, or a RESP2 flat [key, value, ...] list as a map."""
     if isinstance(value, dict):
-        value = [[k, v] for k, v in value.items()]
-    if isinstance(value, (list, set, tuple)):
-        return tuple(sorted((_canonical(v) for v in value), key=repr))
-    return value
+        return value
+    if isinstance(value, list) and len(value) % 2 == 0:
+        return dict(zip(value[::2], value[1::2]))
+    raise TypeError("not a map")
+
+
+def _libraries(value: Any) -> list:
+    """FUNCTION LIST's libraries in a fixed order, each with its functions in a fixed order, so
+    that two servers holding the same ones compare equal however they list them."""
+    if not isinstance(value, list):
+        raise TypeError("not a list")
+    out = []
+    for lib in value:
+        lib = dict(_as_map(lib))
+        funcs = lib.get(b"functions")
+        if funcs is not None:
+            lib[b"functions"] = sorted((sorted(_as_map(f).items(), key=repr) for f in funcs), key=repr)
+        out.append(sorted(lib.items(), key=repr))
+    return sorted(out, key=repr)
 
 
 def merge_same_set(parts: list[tuple[Any, bytes]]) -> bytes:
-    """The first reply, when every part holds the same items in any order (FUNCTION LIST)."""
+    """The first reply, when every part lists the same libraries in any order (FUNCTION LIST)."""
     err = _first_error(parts)
     if err is not None:
         return err
@@ -345,7 +371,7 @@ def merge_same_set(parts: list[tuple[Any, bytes]]) -> bytes:
         r = hiredis.Reader()
         r.feed(reply)
         try:
-            canon = _canonical(r.gets())
+            canon = _libraries(r.gets())
         except (hiredis.ProtocolError, TypeError):
             return encode_error(_UNEXPECTED.format(name))
         if seen is None:

@@ -39,6 +39,7 @@ from .config import RedisSpliceConfig, split_address
 from .redis_commands import COMMANDS
 from .redis_ketama import Ketama, KetamaServer, server_name
 from .redis_resp import (
+    PONG,
     ReplyScanner,
     RequestReader,
     RespProtocolError,
@@ -164,12 +165,11 @@ class _Lane:
             self.splicer._dirty_lanes.append(self)
         return True
 
-    def reachable(self, now: float) -> bool:
-        """Would `send` queue a request now? (Connected, connecting, or allowed to connect.)"""
-        if self.state != _DISCONNECTED:
-            return True
+    def known_down(self, now: float) -> bool:
+        """Is this lane's server known to be down (health checks, or its last connection
+        attempt failed and the next is not due)? Only a request can tell that it is up."""
         srv = self.server
-        return now >= srv.retry_at and not (self.splicer.config.auto_eject and not srv.up)
+        return not srv.up or (self.state == _DISCONNECTED and now < srv.retry_at)
 
     def _ensure(self, now: float) -> bool:
         if self.state == _CONNECTING:
@@ -333,6 +333,36 @@ class _Handshake:
 
 
 _HANDSHAKE = _Handshake()
+
+
+_PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+class _Probe:
+    """The PINGs ahead of a write to every server: the write goes out once every server has
+    answered, else the first failure is the client's reply and nothing runs anywhere."""
+
+    __slots__ = ("client", "seq", "action", "left", "error")
+
+    def __init__(self, client: "_Client", seq: int, action: tuple) -> None:
+        self.client = client
+        self.seq = seq
+        self.action = action
+        self.left = len(action[5])
+        self.error: bytes | None = None
+
+    def _on_reply(self, server: int, reply: bytes) -> None:
+        if reply != PONG and self.error is None:
+            self.error = reply if reply[:1] == b"-" else encode_error(
+                f"ERR splicer: backend {self.client.splicer._servers[server].label} answered PING with an unexpected reply")
+        self.left -= 1
+        if self.left == 0:
+            client = self.client
+            if self.error is not None or client.closed:
+                client._on_reply(self.seq, self.error or b"")
+            else:
+                client._split(self.seq, self.action, time.monotonic())
+                client.splicer._schedule_flush()
 
 
 class _Join:
@@ -544,19 +574,23 @@ class _Client(asyncio.Protocol):
         elif tag == SPLIT:
             _, barrier, proto, kind, nkeys, parts = action
             if kind in ALL_OR_NONE:
-                # A write to every server goes nowhere while one is known to be down.
+                # A write to every server (FLUSHALL...) goes nowhere unless every server is
+                # there: refused at once when one is known to be down, else sent only once
+                # each has answered a PING (a server that died since the last reply is found
+                # out before anything runs on the others).
                 down = next((server for server, lane, _, _ in parts
-                             if not splicer._servers[server].lanes[proto][lane].reachable(now)), None)
+                             if splicer._servers[server].lanes[proto][lane].known_down(now)), None)
                 if down is not None:
                     self.merge.finish(seq, splicer._down_error(down))
-                    if action[1] and self.outstanding:
-                        self.waiting.appendleft((None, _GATE))
-                    return
-            join = _Join(self, seq, kind, nkeys, len(parts), proto)
-            self.outstanding += 1
-            for i, (server, lane, payload, positions) in enumerate(parts):
-                if not splicer._servers[server].lanes[proto][lane].send(payload, join, (i, positions), now):
-                    join._on_reply((i, positions), splicer._down_error(server))
+                else:
+                    probe = _Probe(self, seq, action)
+                    self.outstanding += 1
+                    for server, lane, _, _ in parts:
+                        if not splicer._servers[server].lanes[proto][lane].send(_PING, probe, server, now):
+                            probe._on_reply(server, splicer._down_error(server))
+            else:
+                self.outstanding += 1
+                self._split(seq, action, now)
         elif tag == EXEC:
             _, barrier, proto, server, lane, payload, nreplies = action
             ln = splicer._servers[server].lanes[proto][lane]
@@ -573,6 +607,15 @@ class _Client(asyncio.Protocol):
             raise AssertionError(tag)
         if action[1] and self.outstanding:
             self.waiting.appendleft((None, _GATE))
+
+    def _split(self, seq: int, action: tuple, now: float) -> None:
+        """Send the parts of a SPLIT action (its slot already counted in `outstanding`)."""
+        _, barrier, proto, kind, nkeys, parts = action
+        splicer = self.splicer
+        join = _Join(self, seq, kind, nkeys, len(parts), proto)
+        for i, (server, lane, payload, positions) in enumerate(parts):
+            if not splicer._servers[server].lanes[proto][lane].send(payload, join, (i, positions), now):
+                join._on_reply((i, positions), splicer._down_error(server))
 
     def _drain_waiting(self) -> None:
         w = self.waiting

@@ -13,8 +13,9 @@ holding all the keys would give:
 | SCAN cursor [MATCH] [COUNT] [TYPE] | one server at a time; the cursor names the server (below) |
 | RANDOMKEY | a key of a server picked at random among those that have one |
 | FLUSHDB, FLUSHALL [ASYNC\\|SYNC] | `+OK` once every server said OK |
-| SCRIPT LOAD, FUNCTION LOAD | the SHA-1 / library name, once every server gave the same |
-| SCRIPT EXISTS sha... | 1 for a script every server holds (EVALSHA goes to its key's server) |
+| SCRIPT LOAD | the SHA-1, once every server that is up loaded it |
+| FUNCTION LOAD | the library name, once every server gave it |
+| SCRIPT EXISTS sha... | 1 for a script every server that is up holds (EVALSHA goes to its key's server) |
 | SCRIPT FLUSH, FUNCTION DELETE/FLUSH/RESTORE | `+OK` once every server said OK |
 | FUNCTION LIST | the first server's list, when every server holds the same libraries (in any order) |
 | FUNCTION DUMP | the first reachable server's dump |
@@ -39,7 +40,8 @@ server by server. A cursor handed out for another list of servers (a reload chan
 `auto_eject` took a server out or put it back) would point into the wrong server: its tag does
 not match (65,534 times in 65,535 for two lists) and it is refused, so the client starts again
 instead of silently skipping keys. Redis's cursors are below its table sizes (2**33 for eight
-billion keys), far from 2**40; one that would overflow when scaled is reported, not wrapped.
+billion keys), far from the 2**40 that 256 servers leave them; one that would overflow when
+scaled is reported, not wrapped.
 
 The servers are all the configured ones; with `auto_eject`, reads go to those in the
 continuum, which then hold every key a client can reach (an ejected server's keys are placed

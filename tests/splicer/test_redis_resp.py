@@ -403,6 +403,12 @@ REPLIES = [
     # a short array holding a long one (SCAN's reply, EXEC's): hiredis after a few items
     b"*2\r\n$4\r\n1234\r\n*300\r\n" + b"$6\r\nkey:01\r\n" * 300,
     b"*3\r\n+OK\r\n*1\r\n*200\r\n" + b":5\r\n" * 200 + b"%1\r\n%1\r\n+a\r\n+b\r\n+c\r\n",  # map keyed by a map
+    # items hiredis measures wrongly inside an array (an attribute is an element of its own to
+    # it; it refuses a blob error): walked in Python, whether seen at once or in a later read
+    b"*64\r\n*1\r\n|1\r\n+a\r\n+b\r\n:1\r\n$1000\r\n" + b"y" * 1000 + b"\r\n" + b":1\r\n" * 62,
+    b"*2\r\n!3\r\nerr\r\n*70\r\n" + b":1\r\n" * 70,
+    b"*100\r\n" + (b"$100\r\n" + b"x" * 100 + b"\r\n") * 50 + b"*1\r\n|1\r\n+a\r\n+b\r\n:1\r\n" + b":1\r\n" * 49,
+    b"*100\r\n" + (b"$100\r\n" + b"x" * 100 + b"\r\n") * 50 + b"!3\r\nerr\r\n" + b":1\r\n" * 49,
 ]
 
 

@@ -720,7 +720,8 @@ class ReplyScanner:
     collected until it is complete, and a large aggregate is fed to hiredis as it arrives.
     """
 
-    __slots__ = ("_buf", "_pos", "_parts", "_parts_len", "_need", "_measure", "_measuring", "_parsed")
+    __slots__ = ("_buf", "_pos", "_parts", "_parts_len", "_need", "_measure", "_measuring", "_parsed", "_blind",
+                 "_seam")
 
     def __init__(self) -> None:
         self._buf = b""
@@ -731,11 +732,20 @@ class ReplyScanner:
         self._measure = _HiredisMeasure()
         self._measuring = False  # a large aggregate is being fed to hiredis across reads
         self._parsed: tuple[bytes, object] | None = None  # the last reply hiredis measured, parsed
+        # The reply being read holds an item hiredis cannot measure (_blind_spot): walk it here.
+        self._blind = False
+        self._seam = b""  # the last bytes fed to hiredis, to see a "\r\n|" split between reads
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the backend."""
         if self._measuring:
-            self._measure.push(data)
+            joint = self._seam + data[:2]
+            if _blind_spot(joint) or _blind_spot(data):
+                self._measuring = False  # next() joins the reads and walks the reply in Python
+                self._blind = True
+            else:
+                self._measure.push(data)
+                self._seam = (self._seam + data)[-2:] if len(data) < 2 else data[-2:]
             self._parts.append(data)
             self._parts_len += len(data)
             return
@@ -843,6 +853,7 @@ class ReplyScanner:
             else:
                 value = self._measure.value
             self._pos = n
+            self._blind = False
             reply = buf if n == len(buf) else buf[:n]
             self._parsed = (reply, value)
             return reply
@@ -878,6 +889,9 @@ class ReplyScanner:
             # A short array can still hold a long one (SCAN's [cursor, keys], EXEC's replies):
             # the walk gives up after a few items and hiredis measures it instead.
             stop = -2 if big else _scan(buf, pos, end, _HIREDIS_MIN_ELEMENTS)
+            if stop == -2 and (self._blind or _blind_spot(buf, pos)):
+                self._blind = True
+                stop = _scan(buf, pos, end)
             if stop == -2:
                 m = self._measure
                 m.reset()
@@ -887,6 +901,7 @@ class ReplyScanner:
                     # Incomplete: keep feeding hiredis as reads arrive; the bytes so far stay
                     # in _buf (from pos) and later reads collect in _parts.
                     self._measuring = True
+                    self._seam = buf[-2:]
                     return None
                 if n is not None and n > 0:
                     self._pos = pos + n
@@ -905,6 +920,7 @@ class ReplyScanner:
                 self._need = _needs(stop) - pos
             return None
         self._pos = stop
+        self._blind = False
         if pos == 0 and stop == end:
             return buf
         return buf[pos:stop]
@@ -915,6 +931,17 @@ def _int(buf: bytes, start: int, stop: int) -> int:
         return int(buf[start:stop])
     except ValueError:
         raise RespProtocolError(f"invalid length {buf[start:stop][:32]!r}") from None
+
+
+def _blind_spot(buf: bytes, pos: int = 0) -> bool:
+    """Could `buf` (from `pos`) hold an item hiredis measures wrongly inside an aggregate?
+
+    hiredis returns a RESP3 attribute (`|`) as an element of its own, which shifts the length
+    `_HiredisMeasure` recovers, and refuses a blob error (`!`). redis-server sends neither
+    inside an array, but a reply that may hold one is walked in Python (slower, exact). A value
+    that merely contains the bytes costs the walk, not an error.
+    """
+    return buf.find(b"\r\n|", pos) >= 0 or buf.find(b"\r\n!", pos) >= 0
 
 
 def _needs(offset: int) -> int:

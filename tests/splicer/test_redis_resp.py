@@ -567,3 +567,19 @@ def test_a_large_reply_arriving_in_many_reads_is_not_rejoined_on_every_read(head
         if i == 32 * 65536:
             assert len(sc._parts) > 16, "reads were joined while the reply was incomplete"
     assert got == [data]
+
+
+def test_a_reply_after_a_large_one_is_not_held_back() -> None:
+    # A bulk read in pieces left its byte count in _need when drain()'s fast path returned it,
+    # and feed()/drain() then held back every later reply shorter than that (a GET of 1 MB, then
+    # a GET of one byte: answered only at the request timeout). The lane drains as many
+    # replies as it has requests in flight: one here.
+    big = b"$1000000\r\n" + b"x" * 1_000_000 + b"\r\n"
+    sc = ReplyScanner()
+    sc.feed(big[:100])
+    assert sc.drain(1) == []
+    sc.feed(big[100:])
+    assert sc.drain(1) == [big]
+    sc.feed(b"$1\r\ny\r\n")
+    assert sc.drain(1) == [b"$1\r\ny\r\n"]
+    assert sc.buffered == 0

@@ -169,7 +169,11 @@ class _Lane:
         """Is this lane's server known to be down (health checks, or its last connection
         attempt failed and the next is not due)? Only a request can tell that it is up."""
         srv = self.server
-        return not srv.up or (self.state == _DISCONNECTED and now < srv.retry_at)
+        if self.state == _DISCONNECTED and now < srv.retry_at:
+            return True
+        # `up` comes back only through health checks: without them (--no-health) a server
+        # marked down by failed connects would stay "down" after it returned.
+        return not srv.up and self.splicer.config.health.enabled
 
     def _ensure(self, now: float) -> bool:
         if self.state == _CONNECTING:

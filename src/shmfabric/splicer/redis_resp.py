@@ -781,6 +781,9 @@ class ReplyScanner:
                 # read made a 50 MB GET quadratic. feed() collects reads until it is complete.
                 return out
             self._join()
+        # What was needed is here: a stale _need would hold back the replies after it (the
+        # fast path below returns the completed reply without next(), which resets it).
+        self._need = 0
         # Inline fast path for runs of one-line and bulk replies (most of a pipelined stream).
         buf = self._buf
         pos = self._pos
@@ -889,26 +892,33 @@ class ReplyScanner:
             # A short array can still hold a long one (SCAN's [cursor, keys], EXEC's replies):
             # the walk gives up after a few items and hiredis measures it instead.
             stop = -2 if big else _scan(buf, pos, end, _HIREDIS_MIN_ELEMENTS)
-            if stop == -2 and (self._blind or _blind_spot(buf, pos)):
-                self._blind = True
-                stop = _scan(buf, pos, end)
-            if stop == -2:
+            if stop == -2 and not self._blind:
                 m = self._measure
                 m.reset()
                 m.push(buf[pos:] if pos else buf)
-                n = m.poll()
+                try:
+                    n = m.poll()
+                except RespProtocolError:  # a blob error ('!'), which hiredis refuses: walked below
+                    n = -1
+                # Whatever hiredis made of them, the bytes it read are searched for an item it
+                # mis-measures (_blind_spot); only those, so a pipelined read is not searched
+                # again for every reply in it.
                 if n == 0:
-                    # Incomplete: keep feeding hiredis as reads arrive; the bytes so far stay
-                    # in _buf (from pos) and later reads collect in _parts.
-                    self._measuring = True
-                    self._seam = buf[-2:]
-                    return None
-                if n is not None and n > 0:
-                    self._pos = pos + n
-                    reply = buf if pos == 0 and n == end else buf[pos : pos + n]
-                    self._parsed = (reply, m.value)
-                    return reply
-                # None: complete, length unknown; -1: hiredis cannot build the value
+                    if not _blind_spot(buf, pos):
+                        # Incomplete: keep feeding hiredis as reads arrive; the bytes so far
+                        # stay in _buf (from pos) and later reads collect in _parts.
+                        self._measuring = True
+                        self._seam = buf[-2:]
+                        return None
+                    self._blind = True  # walked from now on, not measured again each read
+                elif n is not None and n > 0:
+                    if not _blind_spot(buf, pos, pos + n):
+                        self._pos = pos + n
+                        reply = buf if pos == 0 and n == end else buf[pos : pos + n]
+                        self._parsed = (reply, m.value)
+                        return reply
+                # else None: complete, length unknown; -1: hiredis cannot build the value
+            if stop == -2:
                 stop = _scan(buf, pos, end)
         else:
             stop = _scan(buf, pos, end)
@@ -933,7 +943,7 @@ def _int(buf: bytes, start: int, stop: int) -> int:
         raise RespProtocolError(f"invalid length {buf[start:stop][:32]!r}") from None
 
 
-def _blind_spot(buf: bytes, pos: int = 0) -> bool:
+def _blind_spot(buf: bytes, pos: int = 0, end: int | None = None) -> bool:
     """Could `buf` (from `pos`) hold an item hiredis measures wrongly inside an aggregate?
 
     hiredis returns a RESP3 attribute (`|`) as an element of its own, which shifts the length
@@ -941,7 +951,9 @@ def _blind_spot(buf: bytes, pos: int = 0) -> bool:
     inside an array, but a reply that may hold one is walked in Python (slower, exact). A value
     that merely contains the bytes costs the walk, not an error.
     """
-    return buf.find(b"\r\n|", pos) >= 0 or buf.find(b"\r\n!", pos) >= 0
+    if end is None:
+        end = len(buf)
+    return buf.find(b"\r\n|", pos, end) >= 0 or buf.find(b"\r\n!", pos, end) >= 0
 
 
 def _needs(offset: int) -> int:

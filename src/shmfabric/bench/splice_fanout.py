@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from .splice_redis import (
     BenchError,
     _command,
     _need,
-    _roundtrip,
+    round_trips,
     start_redis_servers,
     start_splicer_on,
     start_twemproxy_on,
@@ -69,16 +68,7 @@ def _scan_all(ports: list[int], runs: int) -> dict[str, Any]:
 
 def _latency(port: int, payload: bytes, runs: int) -> float:
     """p50 round trip of one request, ms."""
-    times = []
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(min(50, runs)):
-            _roundtrip(s, payload)
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            _roundtrip(s, payload)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    return statistics.median(round_trips(port, payload, runs)) * 1000
 
 
 def _lock_rate(port: int, cycles: int) -> float:

@@ -202,14 +202,15 @@ def _family_cpu_seconds(pid: int) -> float:
     return sum(_family_cpu_times(pid))
 
 
-def _mget_latency(port: int, keys: list[bytes], runs: int) -> dict[str, float]:
-    payload = encode_command([b"MGET", *keys])
+def round_trips(port: int, payload: bytes, runs: int, check: Any = None) -> list[float]:
+    """Seconds of `runs` round trips of `payload` on one connection (TCP_NODELAY), sorted, after
+    a warm-up of up to 50; `check(first_reply)` may raise BenchError on a wrong answer."""
     times = []
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         first = _roundtrip(s, payload)
-        if not first.startswith(b"*%d\r\n" % len(keys)) or b"$-1\r\n" in first:
-            raise BenchError(f"MGET on port {port} did not return all {len(keys)} values: {first[:80]!r}")
+        if check is not None:
+            check(first)
         for _ in range(min(50, runs)):  # warm up
             _roundtrip(s, payload)
         for _ in range(runs):
@@ -217,6 +218,15 @@ def _mget_latency(port: int, keys: list[bytes], runs: int) -> dict[str, float]:
             _roundtrip(s, payload)
             times.append(time.perf_counter() - t0)
     times.sort()
+    return times
+
+
+def _mget_latency(port: int, keys: list[bytes], runs: int) -> dict[str, float]:
+    def check(first: bytes) -> None:
+        if not first.startswith(b"*%d\r\n" % len(keys)) or b"$-1\r\n" in first:
+            raise BenchError(f"MGET on port {port} did not return all {len(keys)} values: {first[:80]!r}")
+
+    times = round_trips(port, encode_command([b"MGET", *keys]), runs, check)
     return {"p50_ms": statistics.median(times) * 1000, "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1000}
 
 

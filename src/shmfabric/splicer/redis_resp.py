@@ -739,13 +739,12 @@ class ReplyScanner:
     def feed(self, data: bytes) -> None:
         """Add bytes read from the backend."""
         if self._measuring:
-            joint = self._seam + data[:2]
-            if _blind_spot(joint) or _blind_spot(data):
+            if _blind_spot(self._seam + data[:2]) or _blind_spot(data):
                 self._measuring = False  # next() joins the reads and walks the reply in Python
                 self._blind = True
             else:
                 self._measure.push(data)
-                self._seam = (self._seam + data)[-2:] if len(data) < 2 else data[-2:]
+                self._seam = (self._seam + data[-2:])[-2:]
             self._parts.append(data)
             self._parts_len += len(data)
             return

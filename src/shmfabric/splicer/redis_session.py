@@ -82,7 +82,7 @@ class Router:
     and compare faster than tuples, which matters when a 1000-key MGET is grouped per lane.
     """
 
-    __slots__ = ("ketama", "lanes", "pairs", "pool", "everyone", "scan_tag", "_cache", "_cache_max")
+    __slots__ = ("ketama", "lanes", "pairs", "pool", "scan_tag", "_cache", "_cache_max")
 
     def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 131072) -> None:
         if lanes < 1:
@@ -108,7 +108,6 @@ class Router:
         # SCAN cursors carry a tag of their names (redis_fanout).
         k = self.ketama
         self.pool = [i for i, up in enumerate(k.live) if up]
-        self.everyone = list(range(len(k.servers)))
         self.scan_tag = scan_tag([k.servers[i].name for i in self.pool])
 
     def code(self, key: bytes) -> int:
@@ -337,7 +336,8 @@ class RedisSession:
             return self._keyed(name, args, command_keys(spec, args))
         if kind == Kind.FANOUT:
             router = self.router
-            planned = plan_fanout(name, args, router.pool, encode_command(args), router.scan_tag, router.everyone)
+            planned = plan_fanout(name, args, router.pool, encode_command(args), router.scan_tag,
+                                  range(len(router.ketama.servers)))
             if type(planned) is bytes:
                 return (REPLY, planned)
             merge, parts = planned

@@ -32,6 +32,7 @@ class Kind:
     SCRIPT = 5  # EVAL-like: numkeys at argument 2, keys follow; all on one server
     LOCAL = 6  # answered by the splicer (connection-level)
     FANOUT = 7  # works on a whole server: sent to every server, replies merged (redis_fanout)
+    PUBSUB = 8  # (P|S)(UN)SUBSCRIBE: a connection of the client's own per server (redis_pubsub)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class CommandSpec:
     single: bool = False  # one key, at argument 1: the fast path
     numkeys: int = 0  # position of a numkeys argument whose keys follow it (ZINTERCARD, LMPOP...)
     store: tuple[bytes, ...] = ()  # options followed by a key (SORT ... STORE dst)
+    no_keys: bool = False  # routed by argument 1, which Redis does not count as a key (PUBLISH)
 
 
 def _mk(kind: int, flags: tuple[str, ...], entries: str) -> dict[bytes, CommandSpec]:
@@ -135,17 +137,26 @@ COMMANDS.update(_mk(Kind.FANOUT, _R, "KEYS:2:0:0:0 SCAN:-2:0:0:0 RANDOMKEY:1:0:0
 COMMANDS.update(_mk(Kind.FANOUT, ("readonly", "fast"), "DBSIZE:1:0:0:0"))
 COMMANDS.update(_mk(Kind.FANOUT, _W, "FLUSHDB:-1:0:0:0 FLUSHALL:-1:0:0:0"))
 COMMANDS.update(_mk(Kind.FANOUT, ("noscript",), "SCRIPT:-2:0:0:0 FUNCTION:-2:0:0:0"))
+COMMANDS.update(_mk(Kind.FANOUT, ("pubsub", "loading", "stale"), "PUBSUB:-2:0:0:0"))
+_PUBSUB_FLAGS = ("pubsub", "noscript", "loading", "stale")
+COMMANDS.update(_mk(Kind.PUBSUB, _PUBSUB_FLAGS, """
+    SUBSCRIBE:-2:0:0:0 UNSUBSCRIBE:-1:0:0:0 PSUBSCRIBE:-2:0:0:0 PUNSUBSCRIBE:-1:0:0:0
+    SSUBSCRIBE:-2:1:-1:1 SUNSUBSCRIBE:-1:1:-1:1
+"""))
+# A channel is placed like a key (redis_pubsub), so PUBLISH takes the one-key path. Redis gives
+# PUBLISH no key positions (COMMAND INFO reports them as 0: `no_keys`); SPUBLISH's shard
+# channel is a key position, as in Redis.
+COMMANDS.update(_mk(Kind.KEYED, ("pubsub", "loading", "stale", "fast"), "PUBLISH:3:1:1:1 SPUBLISH:3:1:1:1"))
+COMMANDS[b"PUBLISH"] = replace(COMMANDS[b"PUBLISH"], no_keys=True)
 
 _BLOCKING = "it may block, and a blocked request would hold up a pooled backend connection shared with other clients"
-_PUBSUB = "pub/sub needs a dedicated connection to one server and channels are not placed by key"
 _SERVER = "it works on a whole server, and the keys are spread over several servers"
 
 #: Commands refused with a clear reason (the connection carries on).
 REFUSED: dict[bytes, str] = {}
 for _n in "BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN BZPOPMAX BZMPOP WAIT WAITAOF XREAD XREADGROUP".split():
     REFUSED[_n.encode()] = _BLOCKING
-for _n in "SUBSCRIBE UNSUBSCRIBE PSUBSCRIBE PUNSUBSCRIBE SSUBSCRIBE SUNSUBSCRIBE PUBLISH SPUBLISH PUBSUB MONITOR".split():
-    REFUSED[_n.encode()] = _PUBSUB
+REFUSED[b"MONITOR"] = "it streams one server's commands; MONITOR each server directly"
 for _n in (
     "INFO CONFIG DEBUG SHUTDOWN SAVE BGSAVE BGREWRITEAOF LASTSAVE SLAVEOF REPLICAOF SYNC PSYNC "
     "CLUSTER READONLY READWRITE MIGRATE MOVE SWAPDB TIME LATENCY MEMORY SLOWLOG ACL FAILOVER ROLE "

@@ -66,7 +66,7 @@ import hiredis
 from .redis_resp import OK, encode_command, encode_error
 
 __all__ = ["Merge", "Where", "ALL_OR_NONE", "TAG_BITS", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
-           "merge_same_set", "merge_first_up", "merge_min", "merge_random", "merge_scan", "merge_all_ok", "CURSOR_MAX"]
+           "merge_same_set", "merge_first_up", "merge_union", "merge_numsub", "merge_max", "merge_min", "merge_random", "merge_scan", "merge_all_ok", "CURSOR_MAX"]
 
 CURSOR_MAX = 2**64 - 1  # Redis cursors are unsigned 64-bit
 _TAG_MASK = 2**16 - 1
@@ -89,6 +89,9 @@ class Merge:
     SAME_UP = 16  # SAME over the servers that could be reached
     SAME_SET = 17  # the same items in any order (FUNCTION LIST: Redis lists in dict order)
     FIRST_UP = 18  # the first reachable server's answer (FUNCTION DUMP)
+    UNION = 19  # every name any server listed, once (PUBSUB CHANNELS)
+    NUMSUB = 20  # [name, count, ...] with the counts added up per name (PUBSUB NUMSUB)
+    MAX = 21  # the largest integer (PUBSUB NUMPAT: a pattern is subscribed on every server)
 
 
 #: Writes sent only when every server can be reached: a FLUSHALL must not run on the servers
@@ -125,6 +128,10 @@ _SUBCOMMANDS: dict[bytes, dict[bytes, int | str]] = {
         b"LOAD": Merge.SAME, b"DELETE": Merge.ALL_OK, b"FLUSH": Merge.ALL_OK, b"RESTORE": Merge.ALL_OK,
         b"LIST": Merge.SAME_SET, b"DUMP": Merge.FIRST_UP, b"HELP": Merge.SAME,
         b"KILL": _KILL, b"STATS": "it describes the script one server is running; ask that server directly",
+    },
+    b"PUBSUB": {
+        b"CHANNELS": Merge.UNION, b"SHARDCHANNELS": Merge.UNION, b"NUMSUB": Merge.NUMSUB,
+        b"SHARDNUMSUB": Merge.NUMSUB, b"NUMPAT": Merge.MAX, b"HELP": Merge.SAME,
     },
 }
 
@@ -385,6 +392,70 @@ def merge_same_set(parts: list[tuple[Any, bytes]]) -> bytes:
     return first
 
 
+def _values(parts: list[tuple[Any, bytes]]) -> list[Any] | bytes:
+    """Every part's reply parsed, or the reply to give instead (the first error, or one saying
+    a server answered something unexpected)."""
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    out = []
+    for _, reply in parts:
+        r = hiredis.Reader()
+        r.feed(reply)
+        try:
+            out.append(r.gets())
+        except hiredis.ProtocolError:
+            return encode_error(_UNEXPECTED.format(parts[0][0].name))
+    return out
+
+
+def merge_union(parts: list[tuple[Any, bytes]]) -> bytes:
+    """The names every server listed, each once, in the order first seen (PUBSUB CHANNELS)."""
+    values = _values(parts)
+    if type(values) is bytes:
+        return values
+    names: dict[bytes, None] = {}
+    for v in values:
+        if type(v) is not list or not all(type(x) is bytes for x in v):
+            return encode_error(_UNEXPECTED.format(parts[0][0].name))
+        names.update(dict.fromkeys(v))
+    return b"*%d\r\n" % len(names) + b"".join(b"$%d\r\n%s\r\n" % (len(n), n) for n in names)
+
+
+def merge_numsub(parts: list[tuple[Any, bytes]]) -> bytes:
+    """PUBSUB NUMSUB's [channel, count, ...] with each channel's counts added up: a channel's
+    subscribers through the splicer are on its server, others may be anywhere."""
+    values = _values(parts)
+    if type(values) is bytes:
+        return values
+    totals: dict[bytes, int] = {}
+    order: list[bytes] = []
+    for v in values:
+        if type(v) is not list or len(v) % 2:
+            return encode_error(_UNEXPECTED.format(parts[0][0].name))
+        pairs = list(zip(v[::2], v[1::2]))
+        if not all(type(name) is bytes and type(count) is int for name, count in pairs):
+            return encode_error(_UNEXPECTED.format(parts[0][0].name))
+        if not order:
+            order = [name for name, _ in pairs]
+        for name, count in dict(pairs).items():  # a name asked twice counts once per server
+            totals[name] = totals.get(name, 0) + count
+    # The order the client asked in (a name asked twice is listed twice, as Redis does).
+    return b"*%d\r\n" % (2 * len(order)) + b"".join(
+        b"$%d\r\n%s\r\n:%d\r\n" % (len(n), n, totals[n]) for n in order)
+
+
+def merge_max(parts: list[tuple[Any, bytes]]) -> bytes:
+    """The largest integer reply (PUBSUB NUMPAT: a pattern through the splicer is subscribed on
+    every server, so each counts it; adding them up would count it once per server)."""
+    values = _values(parts)
+    if type(values) is bytes:
+        return values
+    if not all(type(v) is int for v in values):
+        return encode_error(_UNEXPECTED.format(parts[0][0].name))
+    return b":%d\r\n" % max(values)
+
+
 def merge_first_up(parts: list[tuple[Any, bytes]]) -> bytes:
     """The answer of the first server that could be reached (FUNCTION DUMP)."""
     return _reached(parts)[0][1]
@@ -401,4 +472,7 @@ MERGES = {
     Merge.RANDOM: merge_random,
     Merge.SCAN: merge_scan,
     Merge.ALL_OK: merge_all_ok,
+    Merge.UNION: merge_union,
+    Merge.NUMSUB: merge_numsub,
+    Merge.MAX: merge_max,
 }

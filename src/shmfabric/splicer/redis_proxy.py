@@ -47,10 +47,12 @@ from .redis_resp import (
     encode_error,
 )
 from .redis_fanout import ALL_OR_NONE
+from .redis_pubsub import CONFIRM_KINDS, MESSAGE_KINDS, push_kind
 from .redis_session import (
     CLOSE,
     EXEC,
     FORWARD,
+    PUBSUB,
     REPLY,
     SPLIT,
     RedisSession,
@@ -396,6 +398,131 @@ class _Join:
             self.client._on_reply(self.seq, merge_parts(self.kind, self.nkeys, self.parts, self.proto, self.values))
 
 
+class _SubOp:
+    """One (P|S)(UN)SUBSCRIBE waiting for the servers' confirmations (redis_pubsub)."""
+
+    __slots__ = ("client", "seq", "left", "reply")
+
+    def __init__(self, client: "_Client", seq: int, left: int, reply: bytes) -> None:
+        self.client = client
+        self.seq = seq
+        self.left = left  # servers still to confirm their part
+        self.reply = reply  # the client's confirmations, made by its Subscriptions
+
+    def server_done(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.client._on_reply(self.seq, self.reply)
+
+
+class _Subscriber(asyncio.Protocol):
+    """A client's own connection to one server, for its subscriptions on that server.
+
+    A subscribed connection cannot be pooled: the server pushes messages down it at any time.
+    Messages are relayed to the client as they come; confirmations are counted against what
+    was sent (`pending`), and each (UN)SUBSCRIBE is confirmed to the client once every server
+    it went to has confirmed. If the connection fails the client's connection is closed (its
+    subscriptions are gone, and a client library resubscribes when it reconnects).
+    """
+
+    def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
+        self.client = client
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.scanner = ReplyScanner()
+        self.closed = False
+        hs = client.splicer._handshake(proto)
+        self.handshake_left = len(hs)
+        self.out: list[bytes] = list(hs)
+        self.pending: deque[list[Any]] = deque()  # [op, confirmations still due], in send order
+        self.task = asyncio.ensure_future(self._open())
+
+    async def _open(self) -> None:
+        srv = self.server
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self, srv.host, srv.port),
+                                   self.client.splicer.config.timeouts.connect)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.fail(f"cannot connect ({exc.__class__.__name__}: {exc})")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.closed:
+            transport.close()
+            return
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(b"".join(self.out))  # type: ignore[attr-defined]
+        self.out = []
+
+    def send(self, payload: bytes, op: _SubOp, confirmations: int) -> None:
+        self.pending.append([op, confirmations])
+        if self.transport is not None:
+            self.transport.write(payload)
+        else:
+            self.out.append(payload)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        sc = self.scanner
+        sc.feed(data)
+        client = self.client
+        try:
+            for frame in sc.drain(1 << 30):
+                if self.handshake_left:
+                    self.handshake_left -= 1
+                    if frame[:1] == b"-":
+                        self.fail(f"refused the connection handshake: {frame[1:-2].decode(errors='replace')}")
+                        return
+                    continue
+                kind = push_kind(frame)
+                if kind in MESSAGE_KINDS:
+                    client._push(frame)
+                elif kind in CONFIRM_KINDS and self.pending:
+                    head = self.pending[0]
+                    head[1] -= 1
+                    if head[1] == 0:
+                        self.pending.popleft()
+                        head[0].server_done()
+                else:
+                    self.fail("answered a subscription with "
+                              + (frame[1:-2].decode(errors="replace") if frame[:1] == b"-" else "an unexpected reply"))
+                    return
+        except RespProtocolError as exc:
+            self.fail(f"protocol error from the server: {exc}")
+            return
+        client.splicer._schedule_flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.fail("closed the subscribed connection" + (f" ({exc})" if exc is not None else ""))
+
+    def fail(self, why: str) -> None:
+        """This subscription connection is gone: so are the client's subscriptions, and its
+        connection is closed once what it was sent so far is written."""
+        if self.closed:
+            return
+        client = self.client
+        if not client.splicer.closing:
+            log.warning("backend %s, subscriptions of client %s: %s", self.server.label,
+                        client.transport.get_extra_info("peername") if client.transport else "?", why)
+        client._subscriptions_lost(encode_error(f"ERR splicer: backend {self.server.label} {why}; subscriptions lost"))
+
+    def close(self, error: bytes = b"") -> None:
+        """Close the connection; pending (un)subscriptions are answered with `error`."""
+        self.closed = True
+        self.task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        pending, self.pending = self.pending, deque()
+        for op, _ in pending:
+            if op.left > 0:
+                op.left = 1  # one error answers the whole command, whatever else is due
+                op.reply = error
+                op.server_done()
+
+
 class _Client(asyncio.Protocol):
     """One client connection: read, decide, dispatch, and write replies back in order."""
 
@@ -415,6 +542,7 @@ class _Client(asyncio.Protocol):
         self.eof = False  # the client half-closed: answer what it sent, then close
         self.closed = False
         self.dirty = False
+        self.subscribers: dict[int, _Subscriber] = {}  # by server index, while it has subscriptions
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -429,6 +557,7 @@ class _Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.waiting.clear()
+        self._drop_subscribers()
         self.splicer._clients.discard(self)
         if self.splicer.metrics is not None:
             self.splicer.metrics.client_connections.dec()
@@ -492,7 +621,7 @@ class _Client(asyncio.Protocol):
             # The one-key fast path (most of the traffic) applies while the session is plain:
             # no MULTI, authenticated, nothing held behind a barrier. Only the slow path
             # (session.handle, _execute) changes that, so it is re-checked after each of those.
-            fast = session.multi is None and session.authed and not self.waiting
+            fast = session.multi is None and session.authed and not self.waiting and not session.subscribed
             lanes = lane_table[session.proto]
             # The next sequence number: base + open slots, which replies finishing the head
             # (popleft, base + 1) leave as is; recomputed after the slow path.
@@ -546,7 +675,7 @@ class _Client(asyncio.Protocol):
                     self.waiting.append((seq, action))
                 else:
                     self._execute(seq, action, now)
-                fast = session.multi is None and session.authed and not self.waiting
+                fast = session.multi is None and session.authed and not self.waiting and not session.subscribed
                 lanes = lane_table[session.proto]
                 seq = merge._base + len(slots)
                 outstanding = self.outstanding
@@ -607,6 +736,21 @@ class _Client(asyncio.Protocol):
                 self.outstanding += 1
             else:
                 self.merge.finish(seq, splicer._down_error(server))
+        elif tag == PUBSUB:
+            _, barrier, proto, reply, sends, drop = action
+            if drop:
+                self._drop_subscribers()
+            if not sends:
+                self.merge.finish(seq, reply)
+            else:
+                op = _SubOp(self, seq, len(sends), reply)
+                self.outstanding += 1
+                subscribers = self.subscribers
+                for server, payload, confirmations in sends:
+                    sub = subscribers.get(server)
+                    if sub is None:
+                        sub = subscribers[server] = _Subscriber(self, splicer._servers[server], proto)
+                    sub.send(payload, op, confirmations)
         else:
             raise AssertionError(tag)
         if action[1] and self.outstanding:
@@ -662,6 +806,37 @@ class _Client(asyncio.Protocol):
                 self.splicer._dirty_clients.append(self)
         if self.outstanding == 0 and self.waiting:
             self._drain_waiting()
+
+    def _push(self, frame: bytes) -> None:
+        """A message a server pushed for this client's subscriptions: after every reply of the
+        commands read before it, as Redis writes it."""
+        if self.closed:
+            return
+        merge = self.merge
+        if merge.held_bytes > self.max_unread:
+            # Like Redis's client-output-buffer-limit for pub/sub: a subscriber that does not
+            # read is disconnected rather than held in memory without bound.
+            log.warning("client %s left %d bytes of messages unread (limits.max_unread_bytes): disconnected",
+                        self.transport.get_extra_info("peername"), merge.held_bytes)  # type: ignore[union-attr]
+            if self.splicer.metrics is not None:
+                self.splicer.metrics.client_error("unread_replies")
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        merge.finish(merge.open(), frame)
+        self._mark()
+
+    def _drop_subscribers(self, error: bytes = b"") -> None:
+        subscribers, self.subscribers = self.subscribers, {}
+        for sub in subscribers.values():
+            sub.close(error)
+
+    def _subscriptions_lost(self, error: bytes) -> None:
+        """A subscribed connection failed: answer what is pending with `error`, then close."""
+        self._drop_subscribers(error)
+        if not self.closed:
+            self.closing = True
+            self._pause()
+            self._mark()
 
     def _mark(self) -> None:
         if not self.dirty:
@@ -794,6 +969,7 @@ class RedisSplicer:
         for t in self._tasks:
             t.cancel()
         for c in list(self._clients):
+            c._drop_subscribers()
             if c.transport is not None:
                 c.transport.close()
         for srv in self._servers:

@@ -952,7 +952,12 @@ def _blind_spot(buf: bytes, pos: int = 0, end: int | None = None) -> bool:
     """
     if end is None:
         end = len(buf)
-    return buf.find(b"\r\n|", pos, end) >= 0 or buf.find(b"\r\n!", pos, end) >= 0
+    # A one-byte find is a memchr, about 30x faster than a three-byte one over a reply full of
+    # CRLFs (1 us against 34 for an MGET part of 500 values): the exact search runs only when
+    # the type byte occurs at all.
+    find = buf.find
+    return ((find(b"|", pos, end) >= 0 and find(b"\r\n|", pos, end) >= 0)
+            or (find(b"!", pos, end) >= 0 and find(b"\r\n!", pos, end) >= 0))
 
 
 def _needs(offset: int) -> int:

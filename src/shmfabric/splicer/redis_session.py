@@ -33,6 +33,7 @@ from .ordered import BoundedSlots
 from .redis_fanout import MERGES, merge_all_ok, scan_tag
 from .redis_fanout import plan as plan_fanout
 from .redis_ketama import Ketama
+from .redis_pubsub import ALLOWED_IN_RESP2, Subscriptions, resp2_context_error, subscribed_ping
 from .redis_resp import (
     OK,
     PONG,
@@ -55,6 +56,7 @@ __all__ = [
     "FORWARD",
     "SPLIT",
     "EXEC",
+    "PUBSUB",
     "merge_mget",
     "KeyGroup",
     "merge_sum",
@@ -70,6 +72,10 @@ CLOSE = 2  # (CLOSE, bytes): write the bytes, then close the client (QUIT)
 FORWARD = 3  # (FORWARD, barrier, proto, server, lane, payload)
 SPLIT = 4  # (SPLIT, barrier, proto, kind, nkeys, parts); parts: [(server, lane, payload, positions)]
 EXEC = 5  # (EXEC, barrier, proto, server, lane, payload, nreplies): only the last reply is the client's
+# (PUBSUB, barrier, proto, reply, sends, drop): close the client's subscribed connections if
+# `drop`, send each (server, payload, confirmations) on the client's own connection to that
+# server, and answer `reply` once every server confirmed (redis_pubsub)
+PUBSUB = 6
 # barrier (bool): start only when this client has no request in flight, and hold later ones
 # until it is answered. REPLY actions carry no flag: HELLO that changes the protocol is
 # returned as (REPLY, bytes, True) to ask for the "earlier requests first" half.
@@ -259,6 +265,8 @@ class RedisSession:
         "multi_error",
         "closing",
         "idle",
+        "subs",
+        "subscribed",
     )
 
     def __init__(self, router: Router, config: SessionConfig | None = None) -> None:
@@ -277,13 +285,17 @@ class RedisSession:
         # is still in flight or held back. Then an MGET may read a server's keys over one of its
         # connections instead of one part per connection (see _split).
         self.idle = False
+        self.subs: Subscriptions | None = None  # made by the first (P|S)SUBSCRIBE
+        # A RESP2 client with subscriptions may only send ALLOWED_IN_RESP2 (the shell's fast
+        # path checks this flag too).
+        self.subscribed = False
 
     # -- entry point -------------------------------------------------------------------------
     def handle(self, args: list[bytes]) -> tuple:
         """Decide what to do with one command (a non-empty list of bytes arguments)."""
         name = args[0]
         spec = COMMANDS.get(name)
-        if spec is not None and spec.single and self.multi is None and self.authed:
+        if spec is not None and spec.single and self.multi is None and self.authed and not self.subscribed:
             # Fast path: a one-key command (GET, SET, INCR, HSET...) goes whole to its lane.
             n = len(args)
             a = spec.arity
@@ -299,6 +311,8 @@ class RedisSession:
             spec = COMMANDS.get(name)
         if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT", b"RESET"):
             return (REPLY, _NOAUTH)
+        if self.subscribed and name not in ALLOWED_IN_RESP2:
+            return (REPLY, encode_error(resp2_context_error(name)))
         if spec is None:
             reason = REFUSED.get(name)
             if self.multi is not None:
@@ -343,7 +357,21 @@ class RedisSession:
             merge, parts = planned
             # A barrier: it sees every earlier write, whichever connection carried it.
             return (SPLIT, True, self.proto, merge, len(parts), parts)
+        if kind == Kind.PUBSUB:
+            return self._pubsub(name, args)
         raise AssertionError(f"unhandled kind {kind}")
+
+    def _pubsub(self, name: bytes, args: list[bytes]) -> tuple:
+        subs = self.subs
+        if subs is None:
+            router = self.router
+            subs = self.subs = Subscriptions(lambda channel: router.place(channel)[0], lambda: router.pool)
+        if name in (b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE") and not self.router.pool:
+            return (REPLY, encode_error("ERR splicer: no server is in the pool (all ejected)"))
+        reply, sends = subs.change(name, args[1:], self.proto)
+        self.subscribed = self.proto == 2 and subs.active
+        # A barrier: later commands run once the subscription is in place on every server.
+        return (PUBSUB, True, self.proto, reply, sends, False)
 
     # -- routing ---------------------------------------------------------------------------
     def _keyed(self, name: bytes, args: list[bytes], keys: list[bytes]) -> tuple:
@@ -452,6 +480,10 @@ class RedisSession:
         if spec.kind == Kind.LOCAL and name not in (b"PING", b"ECHO"):
             self.multi_error = True
             return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer"))
+        if spec.kind == Kind.PUBSUB:
+            self.multi_error = True
+            return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer: "
+                                        "subscriptions use connections of their own, a transaction one pooled connection"))
         if spec.kind == Kind.FANOUT:
             # A transaction runs on one server; this command runs on all of them.
             self.multi_error = True
@@ -503,6 +535,8 @@ class RedisSession:
     # -- connection-level commands ----------------------------------------------------------
     def _local(self, name: bytes, args: list[bytes]) -> tuple:
         if name == b"PING":
+            if self.subscribed and len(args) <= 2:
+                return (REPLY, subscribed_ping(args))
             if len(args) == 1:
                 return (REPLY, PONG)
             if len(args) == 2:
@@ -555,6 +589,12 @@ class RedisSession:
             self.multi_error = False
             self.name = None
             self.authed = self.config.password is None
+            if self.subs is not None and self.subs.active:
+                # Subscriptions end with the client's connections to the servers (the shell
+                # closes them: `drop`); messages already relayed stay ahead of +RESET.
+                self.subs.clear()
+                self.subscribed = False
+                return (PUBSUB, True, 2, b"+RESET\r\n", [], True)
             return (REPLY, b"+RESET\r\n", changed)
         raise AssertionError(name)
 
@@ -584,6 +624,10 @@ class RedisSession:
                 return (REPLY, encode_error("ERR Protocol version is not an integer or out of range"))
             if proto not in (2, 3):
                 return (REPLY, encode_error("NOPROTO unsupported protocol version"))
+            if proto != self.proto and self.subs is not None and self.subs.active:
+                # The client's subscribed connections speak the protocol it subscribed in.
+                return (REPLY, encode_error("ERR splicer: HELLO cannot change the protocol while this connection has "
+                                            "subscriptions; UNSUBSCRIBE and PUNSUBSCRIBE first, or RESET"))
             i = 2
         setname = None
         while i < len(args):
@@ -682,7 +726,7 @@ class RedisSession:
             if not check_arity(spec, len(args) - 2):
                 return encode_error("ERR Invalid number of arguments specified for command")
             try:
-                keys = command_keys(spec, args[2:])
+                keys = [] if spec.no_keys or spec.kind == Kind.PUBSUB else command_keys(spec, args[2:])
             except (ValueError, IndexError):
                 return encode_error("ERR Invalid arguments specified for command")
             if not keys:
@@ -723,9 +767,10 @@ def command_info(spec, proto: int) -> bytes:
     """One COMMAND INFO entry (Redis 7 layout: name, arity, flags, first, last, step, acl, tips, key specs, subcommands)."""
     flags = b"".join(b"+%s\r\n" % f.encode() for f in spec.flags)
     set_head = b"~%d\r\n" if proto == 3 else b"*%d\r\n"
+    first, last, step = (0, 0, 0) if spec.no_keys else (spec.first, spec.last, spec.step)
     return (b"*10\r\n" + encode_bulk(spec.name.lower()) + encode_int(spec.arity)
             + set_head % len(spec.flags) + flags
-            + encode_int(spec.first) + encode_int(spec.last) + encode_int(spec.step)
+            + encode_int(first) + encode_int(last) + encode_int(step)
             + set_head % 0 + _EMPTY_ARRAY + _EMPTY_ARRAY + _EMPTY_ARRAY)
 
 

@@ -1,0 +1,151 @@
+"""Pub/sub through the Redis splicer: who subscribes where, and what the client is told (sans-IO).
+
+twemproxy and Envoy's redis_proxy refuse SUBSCRIBE, so Celery's events, RQ's worker commands,
+Django Channels and every cache-invalidation bus need a connection around the proxy. The
+splicer places a *channel* as it places a key (ketama, hash tags and all), so:
+
+* ``PUBLISH channel message`` (and ``SPUBLISH``) goes, like a one-key command, to the channel's
+  server over the pooled connections, and its reply (how many received it) is that server's;
+* ``SUBSCRIBE`` / ``SSUBSCRIBE`` subscribe on each channel's server, ``PSUBSCRIBE`` on every
+  server in the pool (a pattern can match channels anywhere). A subscribing client gets a
+  connection of its own to each server it subscribes on (a subscribed connection cannot be
+  shared: the server pushes messages down it at any time); messages are relayed as the
+  server sends them. A pattern subscriber gets a message once, from the channel's server, so
+  PUBLISH's count is right too.
+
+Confirmations. Redis confirms each channel with the client's total number of subscriptions.
+Each server only knows its share, so `Subscriptions` keeps the client's sets and writes the
+confirmations itself, and the shell sends them once every server involved has confirmed its
+part: a message published after the client saw "subscribe" reaches it, as with Redis.
+Only subscriptions that change something are sent (a channel subscribed twice, or
+unsubscribed without having been subscribed, is confirmed without asking a server), so each
+server confirms exactly the names it was sent.
+
+Pure: the I/O shell (`redis_proxy`) owns the connections.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .redis_resp import encode_command
+
+__all__ = ["Subscriptions", "ALLOWED_IN_RESP2", "push_kind", "MESSAGE_KINDS", "CONFIRM_KINDS",
+           "subscribed_ping", "resp2_context_error"]
+
+#: What a RESP2 connection may send while it has subscriptions (Redis's own rule).
+ALLOWED_IN_RESP2 = frozenset({b"SUBSCRIBE", b"UNSUBSCRIBE", b"PSUBSCRIBE", b"PUNSUBSCRIBE", b"SSUBSCRIBE",
+                              b"SUNSUBSCRIBE", b"PING", b"QUIT", b"RESET"})
+
+#: Pushes a server sends down a subscribed connection: messages are relayed, confirmations
+#: are counted against what was asked of it.
+MESSAGE_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
+CONFIRM_KINDS = frozenset({b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe", b"ssubscribe",
+                           b"sunsubscribe"})
+
+# command -> (which set, subscribing?, the confirmation's kind)
+_COMMANDS = {
+    b"SUBSCRIBE": (0, True, b"subscribe"),
+    b"UNSUBSCRIBE": (0, False, b"unsubscribe"),
+    b"PSUBSCRIBE": (1, True, b"psubscribe"),
+    b"PUNSUBSCRIBE": (1, False, b"punsubscribe"),
+    b"SSUBSCRIBE": (2, True, b"ssubscribe"),
+    b"SUNSUBSCRIBE": (2, False, b"sunsubscribe"),
+}
+
+
+def _push(kind: bytes, name: bytes | None, count: int, proto: int) -> bytes:
+    head = b">3\r\n" if proto == 3 else b"*3\r\n"
+    if name is None:
+        item = b"_\r\n" if proto == 3 else b"$-1\r\n"
+    else:
+        item = b"$%d\r\n%s\r\n" % (len(name), name)
+    return head + b"$%d\r\n%s\r\n" % (len(kind), kind) + item + b":%d\r\n" % count
+
+
+def subscribed_ping(args: list[bytes]) -> bytes:
+    """PING's reply on a RESP2 connection with subscriptions: ``["pong", message or ""]``."""
+    msg = args[1] if len(args) > 1 else b""
+    return b"*2\r\n$4\r\npong\r\n$%d\r\n%s\r\n" % (len(msg), msg)
+
+
+def resp2_context_error(name: bytes) -> str:
+    """Redis's refusal of a command a subscribed RESP2 connection may not send."""
+    return (f"ERR Can't execute '{name.decode(errors='replace').lower()}': only (P|S)SUBSCRIBE / "
+            "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context")
+
+
+def push_kind(frame: bytes) -> bytes | None:
+    """The kind of a push a server sent down a subscribed connection (b"message",
+    b"subscribe"...), read from its first element; None if it is not such a push."""
+    if frame[:1] not in (b"*", b">"):
+        return None
+    nl = frame.find(b"\r\n")
+    if frame[nl + 2 : nl + 3] != b"$":
+        return None
+    nl2 = frame.find(b"\r\n", nl + 2)
+    try:
+        n = int(frame[nl + 3 : nl2])
+    except ValueError:
+        return None
+    return frame[nl2 + 2 : nl2 + 2 + n]
+
+
+class Subscriptions:
+    """One client's channels, patterns and shard channels, each with the servers it is on.
+
+    `change(name, names, proto)` applies a (P|S)(UN)SUBSCRIBE and returns what to do:
+    ``(reply, sends)``: `reply` is the confirmations to give the client once every send is
+    confirmed, `sends` is ``[(server, payload, count)]``: the command for each server and how
+    many confirmations it will answer.
+    """
+
+    __slots__ = ("sets", "place", "everywhere")
+
+    def __init__(self, place: Callable[[bytes], int], everywhere: Callable[[], Sequence[int]]) -> None:
+        # name -> the servers it is subscribed on (one for a channel, the pool for a pattern)
+        self.sets: tuple[dict[bytes, tuple[int, ...]], ...] = ({}, {}, {})
+        self.place = place  # channel -> server index
+        self.everywhere = everywhere  # the servers a pattern goes to
+
+    @property
+    def active(self) -> bool:
+        """Has the client any subscription (a RESP2 client is then in subscribed mode)?"""
+        return bool(self.sets[0] or self.sets[1] or self.sets[2])
+
+    def count(self, which: int) -> int:
+        """Redis's count in a confirmation: shard channels apart, channels and patterns together."""
+        s = self.sets
+        return len(s[2]) if which == 2 else len(s[0]) + len(s[1])
+
+    def servers(self) -> set[int]:
+        """Every server the client is subscribed on."""
+        return {srv for s in self.sets for where in s.values() for srv in where}
+
+    def clear(self) -> None:
+        """Forget every subscription (RESET; the shell closes the connections)."""
+        for s in self.sets:
+            s.clear()
+
+    def change(self, command: bytes, names: list[bytes], proto: int) -> tuple[bytes, list[tuple[int, bytes, int]]]:
+        which, subscribing, kind = _COMMANDS[command]
+        current = self.sets[which]
+        replies: list[bytes] = []
+        per_server: dict[int, list[bytes]] = {}
+        if not subscribing and not names:
+            names = list(current)
+            if not names:  # nothing to unsubscribe from: Redis still answers once
+                return _push(kind, None, self.count(which), proto), []
+        for name in names:
+            if subscribing:
+                if name not in current:
+                    where = tuple(self.everywhere()) if which == 1 else (self.place(name),)
+                    current[name] = where
+                    for srv in where:
+                        per_server.setdefault(srv, []).append(name)
+            else:
+                where = current.pop(name, ())
+                for srv in where:
+                    per_server.setdefault(srv, []).append(name)
+            replies.append(_push(kind, name, self.count(which), proto))
+        sends = [(srv, encode_command([command, *group]), len(group)) for srv, group in per_server.items()]
+        return b"".join(replies), sends

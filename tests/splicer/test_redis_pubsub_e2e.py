@@ -1,0 +1,266 @@
+"""Pub/sub through the Redis splicer, end to end: real redis-servers, redis-py's PubSub and raw
+RESP; the splicer's answers are compared byte for byte with a redis-server's own, and what the
+subscribers receive with what was published."""
+from __future__ import annotations
+
+import socket
+import time
+
+import hiredis
+import pytest
+import redis
+
+from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
+
+from .redis_fixtures import needs_redis, redis_servers, splicer
+
+pytestmark = [needs_redis, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def sp(trio):
+    with splicer(trio) as s:
+        yield s
+
+
+def channels_on(sp, server: int, n: int, prefix: str = "ch") -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        c = f"{prefix}:{i}"
+        if sp.splicer.router.place(c.encode())[0] == server:
+            out.append(c)
+        i += 1
+    return out
+
+
+class Raw:
+    """A raw RESP connection that reads whole frames (pushes included)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.scanner = ReplyScanner()
+
+    def send(self, *commands: list[str]) -> None:
+        self.sock.sendall(b"".join(encode_command([w.encode() for w in c]) for c in commands))
+
+    def frames(self, n: int) -> list[bytes]:
+        out: list[bytes] = []
+        while len(out) < n:
+            while (f := self.scanner.next()) is not None:
+                out.append(f)
+            if len(out) >= n:
+                break
+            data = self.sock.recv(65536)
+            assert data, f"connection closed after {len(out)} of {n} frames: {out}"
+            self.scanner.feed(data)
+        return out
+
+    def quiet(self, seconds: float = 0.2) -> bool:
+        """Nothing more arrives within `seconds`."""
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return True
+        finally:
+            self.sock.settimeout(10)
+        self.scanner.feed(data)
+        return False
+
+    def closed(self, timeout: float = 10) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def parse(frame: bytes):
+    r = hiredis.Reader()
+    r.feed(frame)
+    return r.gets()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_confirmations_match_redis_byte_for_byte(sp, trio, protocol: int) -> None:
+    a = channels_on(sp, 0, 1)[0]
+    b = channels_on(sp, 2, 1)[0]  # another server's channel: the counts span servers
+    script = [["SUBSCRIBE", a, b, a], ["PSUBSCRIBE", "p*", "q*"], ["SSUBSCRIBE", "s1"], ["PING"], ["PING", "x"],
+              ["GET", "k"], ["UNSUBSCRIBE", "zz"], ["UNSUBSCRIBE", a], ["UNSUBSCRIBE"], ["PUNSUBSCRIBE", "q*"],
+              ["PUNSUBSCRIBE"], ["PUNSUBSCRIBE"], ["SUNSUBSCRIBE"], ["PING"], ["ECHO", "hi"]]
+    n = 3 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    got = {}
+    for name, port in (("splicer", sp.port), ("redis", trio[1].port)):
+        c = Raw(port)
+        if protocol == 3:
+            c.send(["HELLO", "3"])
+            c.frames(1)  # differs (version, id): not compared
+        c.send(*script)  # one write: pipelined
+        got[name] = c.frames(n)
+        assert c.quiet(), name
+        c.close()
+    assert got["splicer"] == got["redis"]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_every_message_reaches_every_subscriber_once(sp, trio, protocol: int) -> None:
+    channels = [f"news:{i}" for i in range(30)]
+    assert len({sp.splicer.router.place(c.encode())[0] for c in channels}) == 3  # all servers in play
+    subs = []
+    for i in range(3):
+        p = sp.client(protocol=protocol).pubsub(ignore_subscribe_messages=True)
+        p.subscribe(*channels)
+        if i == 2:
+            p.psubscribe("news:*")
+        subs.append(p)
+    for p in subs:  # the confirmations
+        while p.get_message(timeout=0.05) is not None or not p.subscribed:
+            pass
+    pub = sp.client()
+    for c in channels:
+        assert pub.publish(c, f"m-{c}") == 4  # three subscribers, one of them twice (pattern)
+    assert pub.publish("news:nobody", "x") == 1  # the pattern only
+    assert pub.publish("other", "x") == 0
+    assert pub.pubsub_numsub(*channels[:4]) == [(c.encode(), 3) for c in channels[:4]]
+    assert pub.pubsub_numpat() == 1
+    assert sorted(pub.pubsub_channels("news:*")) == sorted(c.encode() for c in channels)
+    for i, p in enumerate(subs):
+        got = []
+        deadline = time.monotonic() + 10
+        want = len(channels) * (2 if i == 2 else 1) + (1 if i == 2 else 0)
+        while len(got) < want and time.monotonic() < deadline:
+            m = p.get_message(timeout=0.5)
+            if m is not None:
+                got.append((m["type"], m["channel"], m["data"]))
+        assert p.get_message(timeout=0.2) is None  # nothing twice
+        expect = [("message", c.encode(), f"m-{c}".encode()) for c in channels]
+        if i == 2:
+            expect += [("pmessage", c.encode(), f"m-{c}".encode()) for c in channels]
+            expect.append(("pmessage", b"news:nobody", b"x"))
+        assert sorted(got) == sorted(expect)
+        p.close()
+    # Gone from the servers too (each client's subscribed connections closed with it).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(s.client().pubsub_numpat() for s in trio):
+        time.sleep(0.05)
+    assert [s.client().pubsub_numpat() for s in trio] == [0, 0, 0]
+
+
+def test_resp3_commands_and_messages_share_the_connection(sp) -> None:
+    c = Raw(sp.port)
+    c.send(["HELLO", "3"])
+    c.frames(1)
+    ch = channels_on(sp, 1, 1, "mix")[0]
+    c.send(["SUBSCRIBE", ch], ["SET", "mix:k", "v"], ["GET", "mix:k"])
+    assert [parse(f) for f in c.frames(3)] == [[b"subscribe", ch.encode(), 1], b"OK", b"v"]
+    assert sp.client().publish(ch, "hello") == 1
+    assert c.frames(1) == [b">3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$5\r\nhello\r\n" % (len(ch), ch.encode())]
+    c.send(["MGET", "mix:k", "mix:none"], ["UNSUBSCRIBE"], ["GET", "mix:k"])
+    assert [parse(f) for f in c.frames(3)] == [[b"v", None], [b"unsubscribe", ch.encode(), 0], b"v"]
+    c.close()
+
+
+def test_reset_ends_the_subscriptions(sp) -> None:
+    c = Raw(sp.port)
+    ch = channels_on(sp, 2, 1, "reset")[0]
+    c.send(["SUBSCRIBE", ch], ["PSUBSCRIBE", "reset*"])
+    c.frames(2)
+    pub = sp.client()
+    assert pub.publish(ch, "x") == 2
+    c.frames(2)
+    c.send(["RESET"], ["GET", "reset:k"])
+    assert c.frames(2) == [b"+RESET\r\n", b"$-1\r\n"]  # out of subscribed mode
+    deadline = time.monotonic() + 5
+    while pub.publish(ch, "y") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pub.publish(ch, "y") == 0
+    assert c.quiet()
+    c.close()
+
+
+def test_a_client_that_leaves_leaves_no_subscribed_connection(sp, trio) -> None:
+    before = [len(s.client().client_list()) for s in trio]
+    clients = []
+    for i in range(10):
+        c = Raw(sp.port)
+        c.send(["SUBSCRIBE", *[f"leave:{i}:{j}" for j in range(6)]], ["PSUBSCRIBE", f"leave:{i}:*"])
+        clients.append(c)
+    for c in clients[:5]:
+        c.frames(7)
+    for c in clients:  # half of them before their confirmations even arrived
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+        c.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if [len(s.client().client_list()) for s in trio] == before:
+            break
+        time.sleep(0.05)
+    assert [len(s.client().client_list()) for s in trio] == before
+    assert all(s.client().pubsub_numpat() == 0 for s in trio)
+    assert sp.wait_idle(clients=0)["clients"] == 0
+
+
+def test_a_server_killed_under_a_subscriber_closes_that_client_only(tmp_path) -> None:
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            on0 = channels_on(s, 0, 1, "k")[0]
+            on1 = channels_on(s, 1, 1, "k")[0]
+            doomed, fine = Raw(s.port), Raw(s.port)
+            doomed.send(["SUBSCRIBE", on1])
+            fine.send(["SUBSCRIBE", on0])
+            doomed.frames(1)
+            fine.frames(1)
+            pair[1].kill()
+            assert doomed.closed()  # its subscription is gone: the client reconnects and resubscribes
+            assert s.client().publish(on0, "still") == 1
+            assert parse(fine.frames(1)[0]) == [b"message", on0.encode(), b"still"]
+            # The splicer carries on: a new subscription on the dead server fails with its name,
+            # and the connection is closed; the live server's keys work.
+            again = Raw(s.port)
+            again.send(["SUBSCRIBE", on1])
+            frame = again.frames(1)[0]
+            assert frame.startswith(b"-ERR splicer: backend 127.0.0.1:%d" % pair[1].port), frame
+            assert again.closed()
+            assert s.client().set(on0, "v") and s.client().get(on0) == b"v"
+            for c in (doomed, fine, again):
+                c.close()
+
+
+def test_a_subscriber_that_never_reads_is_disconnected(tmp_path) -> None:
+    with redis_servers(tmp_path, 1) as one:
+        with splicer(one, limits={"max_unread_bytes": 1 << 20}) as s:
+            lazy = Raw(s.port)
+            lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            lazy.send(["SUBSCRIBE", "flood"])
+            lazy.frames(1)
+            reader = s.client().pubsub(ignore_subscribe_messages=True)
+            reader.subscribe("flood")
+            reader.get_message(timeout=1)
+            pub = s.client()
+            big = b"x" * 16384
+            sent = 0
+            deadline = time.monotonic() + 30
+            # Publish 16 MB at most; the lazy subscriber is dropped once 1 MB waits for it.
+            while sent < 1024 and time.monotonic() < deadline:
+                if pub.publish("flood", big) < 2:
+                    break
+                sent += 1
+                m = reader.get_message(timeout=1)
+                assert m is not None and m["data"] == big  # the reading subscriber keeps up
+            assert sent < 1024, "the subscriber that never reads was not disconnected"
+            assert pub.publish("flood", b"y") == 1
+            lazy.close()

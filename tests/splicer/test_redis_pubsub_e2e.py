@@ -4,6 +4,7 @@ subscribers receive with what was published."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import hiredis
@@ -264,3 +265,37 @@ def test_a_subscriber_that_never_reads_is_disconnected(tmp_path) -> None:
             assert sent < 1024, "the subscriber that never reads was not disconnected"
             assert pub.publish("flood", b"y") == 1
             lazy.close()
+
+
+def test_no_message_of_a_channel_after_its_unsubscribe(sp, trio) -> None:
+    """Messages a server sent before confirming UNSUBSCRIBE go ahead of the confirmation, as
+    with Redis: a flood is published straight to the channel's server meanwhile."""
+    ch = channels_on(sp, 0, 1, "flood")[0]
+    c = Raw(sp.port)
+    c.send(["SUBSCRIBE", ch])
+    c.frames(1)
+    stop = threading.Event()
+
+    def flood() -> None:
+        with socket.create_connection(("127.0.0.1", trio[0].port)) as s:
+            burst = encode_command([b"PUBLISH", ch.encode(), b"x"]) * 50
+            while not stop.is_set():
+                s.sendall(burst)
+                s.recv(65536)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        for _ in range(20):
+            assert parse(c.frames(1)[0])[0] == b"message"
+            c.send(["UNSUBSCRIBE", ch])
+            frames = []
+            while not frames or parse(frames[-1])[0] != b"unsubscribe":
+                frames += c.frames(1)
+            assert c.quiet(0.1)  # nothing after the confirmation
+            c.send(["SUBSCRIBE", ch])
+            assert parse(c.frames(1)[0]) == [b"subscribe", ch.encode(), 1]
+    finally:
+        stop.set()
+        t.join(5)
+        c.close()

@@ -1,6 +1,6 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged,tls,tls-handshake,fanout] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
+    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged,tls,tls-handshake,fanout,pubsub] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
 Prints one row per HTTP scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
@@ -10,7 +10,9 @@ the same MGET sent straight to one server. The `reload` scenario (`shmfabric.ben
 adds a server under load: the splicer by SIGHUP, twemproxy by a restart (it has no reload).
 The `fanout` scenario (`shmfabric.bench.splice_fanout`, opt-in) times whole-server Redis commands
 through the splicer (a SCAN of every key, DBSIZE, redis-py's Lock) against the same work sent
-straight to the servers, and records what twemproxy answers to them.
+straight to the servers, and records what twemproxy answers to them. The `pubsub` scenario
+(`shmfabric.bench.splice_pubsub`, opt-in) times Redis pub/sub through the splicer (delivery
+latency, messages/s) against the channel's server used directly.
 The `logged` scenario (opt-in, not in the default list) is scenario 2 with both proxies adding
 X-Forwarded-For and writing an access-log line per request to a file; under the table it prints
 each log's line count next to the requests wrk completed, and the X-Forwarded-For value nginx
@@ -39,7 +41,7 @@ __all__ = ["register_bench", "main", "render_table"]
 _TITLES = {"unequal": "1. unequal latency (0 ms / 50 ms echo backends)", "uniform": "2. uniform fast nginx backends",
            "logged": "2L. uniform nginx + X-Fwd-For + access log", "tls": "2T. uniform nginx, TLS on both proxies",
            "tls-handshake": "2H. new TLS connection per request (=conn/s)"}
-_OTHER = ("redis", "reload", "fanout")
+_OTHER = ("redis", "reload", "fanout", "pubsub")
 
 
 def render_table(results: Sequence[ScenarioResult]) -> str:
@@ -114,7 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(scenario 2 with X-Forwarded-For and an access log in both proxies; opt-in), tls "
                         "(scenario 2 with both proxies terminating TLS; opt-in), tls-handshake (TLS with a new "
                         "connection per request: connections/s; opt-in), fanout (whole-server Redis commands: "
-                        "SCAN, DBSIZE, redis-py Lock, against the servers directly; opt-in); default: the first four")
+                        "SCAN, DBSIZE, redis-py Lock, against the servers directly; opt-in), pubsub (Redis pub/sub "
+                        "delivery latency and messages/s, against the server directly; opt-in); default: the first four")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
@@ -130,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         from shmfabric.cli.main import CliError
 
         raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis, reload, logged, tls, "
-                       "tls-handshake and/or fanout")
+                       "tls-handshake, fanout and/or pubsub")
     http = [s for s in args.scenario if s in _TITLES]
     as_json = args.bench_json or getattr(args, "json", False)
     try:
@@ -150,6 +153,11 @@ def _run(args: argparse.Namespace) -> int:
             from . import splice_fanout
 
             fanout = splice_fanout.run()
+        pubsub = None
+        if "pubsub" in args.scenario:
+            from . import splice_pubsub
+
+            pubsub = splice_pubsub.run()
     except (RuntimeError, BenchError) as exc:  # a peer missing or not starting: one line
         from shmfabric.cli.main import CliError
 
@@ -162,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
             out["reload"] = reload
         if fanout is not None:
             out["fanout"] = fanout
+        if pubsub is not None:
+            out["pubsub"] = pubsub
         print(json.dumps(out, indent=2, default=str))
     else:
         if results:
@@ -178,6 +188,10 @@ def _run(args: argparse.Namespace) -> int:
             from . import splice_fanout
 
             print(("\n" if results or redis or reload else "") + splice_fanout.format_table(fanout))
+        if pubsub is not None:
+            from . import splice_pubsub
+
+            print(("\n" if results or redis or reload or fanout else "") + splice_pubsub.format_table(pubsub))
     return 0
 
 

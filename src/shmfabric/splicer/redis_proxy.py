@@ -401,18 +401,22 @@ class _Join:
 class _SubOp:
     """One (P|S)(UN)SUBSCRIBE waiting for the servers' confirmations (redis_pubsub)."""
 
-    __slots__ = ("client", "seq", "left", "reply")
+    __slots__ = ("client", "seq", "left", "reply", "before")
 
     def __init__(self, client: "_Client", seq: int, left: int, reply: bytes) -> None:
         self.client = client
         self.seq = seq
         self.left = left  # servers still to confirm their part
         self.reply = reply  # the client's confirmations, made by its Subscriptions
+        # Messages a server sent before its confirmation: they go ahead of the confirmations,
+        # so no message of a channel follows its "unsubscribe", as with Redis.
+        self.before: list[bytes] = []
 
     def server_done(self) -> None:
         self.left -= 1
         if self.left == 0:
-            self.client._on_reply(self.seq, self.reply)
+            before = self.before
+            self.client._on_reply(self.seq, b"".join(before) + self.reply if before else self.reply)
 
 
 class _Subscriber(asyncio.Protocol):
@@ -467,6 +471,8 @@ class _Subscriber(asyncio.Protocol):
         sc = self.scanner
         sc.feed(data)
         client = self.client
+        messages: list[bytes] = []  # relayed together: one slot in the client's order per read
+        pending = self.pending
         try:
             for frame in sc.drain(1 << 30):
                 if self.handshake_left:
@@ -477,12 +483,15 @@ class _Subscriber(asyncio.Protocol):
                     continue
                 kind = push_kind(frame)
                 if kind in MESSAGE_KINDS:
-                    client._push(frame)
-                elif kind in CONFIRM_KINDS and self.pending:
-                    head = self.pending[0]
+                    if pending:
+                        pending[0][0].before.append(frame)
+                    else:
+                        messages.append(frame)
+                elif kind in CONFIRM_KINDS and pending:
+                    head = pending[0]
                     head[1] -= 1
                     if head[1] == 0:
-                        self.pending.popleft()
+                        pending.popleft()
                         head[0].server_done()
                 else:
                     self.fail("answered a subscription with "
@@ -491,6 +500,8 @@ class _Subscriber(asyncio.Protocol):
         except RespProtocolError as exc:
             self.fail(f"protocol error from the server: {exc}")
             return
+        if messages:
+            client._push(messages[0] if len(messages) == 1 else b"".join(messages))
         client.splicer._schedule_flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -808,8 +819,8 @@ class _Client(asyncio.Protocol):
             self._drain_waiting()
 
     def _push(self, frame: bytes) -> None:
-        """A message a server pushed for this client's subscriptions: after every reply of the
-        commands read before it, as Redis writes it."""
+        """Messages a server pushed for this client's subscriptions: after every reply of the
+        commands read before them, as Redis writes them."""
         if self.closed:
             return
         merge = self.merge

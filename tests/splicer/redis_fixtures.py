@@ -198,3 +198,21 @@ def pipeline(port: int, commands: list[list[bytes]]) -> list[bytes]:
             while (r := sc.next()) is not None:
                 out.append(r)
         return out
+
+
+def placed_on(sp: SplicerThread, server: int, n: int, prefix: str) -> list[str]:
+    """`n` names (`prefix:i`) that the splicer `sp` places on server index `server`."""
+    out, i = [], 0
+    while len(out) < n:
+        k = f"{prefix}:{i}"
+        if sp.splicer.router.place(k.encode())[0] == server:
+            out.append(k)
+        i += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """Three redis-servers for a test module."""
+    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as servers:
+        yield servers

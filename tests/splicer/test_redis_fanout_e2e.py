@@ -12,15 +12,9 @@ import redis
 
 from shmfabric.splicer.redis_fanout import TAG_BITS
 
-from .redis_fixtures import REDIS_CLI, needs_cli, needs_redis, pipeline, redis_servers, splicer
+from .redis_fixtures import REDIS_CLI, needs_cli, needs_redis, pipeline, placed_on, redis_servers, splicer, trio  # noqa: F401 (trio: a fixture)
 
 pytestmark = [needs_redis, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as servers:
-        yield servers
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +33,6 @@ def clean(sp, trio):
     return sp
 
 
-def on_server(sp, server: int, n: int, prefix: str) -> list[str]:
-    out, i = [], 0
-    while len(out) < n:
-        k = f"{prefix}:{i}"
-        if sp.splicer.router.place(k.encode())[0] == server:
-            out.append(k)
-        i += 1
-    return out
-
-
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_redis_py_lock_and_script_helpers_work(clean, trio, protocol: int) -> None:
     """redis-py's Lock releases with a Lua script loaded by SCRIPT LOAD on NOSCRIPT: it failed
@@ -63,7 +47,7 @@ def test_redis_py_lock_and_script_helpers_work(clean, trio, protocol: int) -> No
     assert r.lock("resource", timeout=10).acquire(blocking=False)
     # SCRIPT LOAD went to every server, so EVALSHA finds the script wherever its key lives.
     script = r.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
-    keys = [on_server(clean, s, 1, "inc")[0] for s in range(3)]
+    keys = [placed_on(clean, s, 1, "inc")[0] for s in range(3)]
     assert [script(keys=[k], args=[5]) for k in keys] == [5, 5, 5]
     trio[1].client().script_flush()  # one server forgets it: NOSCRIPT there, redis-py loads it again
     assert [script(keys=[k], args=[1]) for k in keys] == [6, 6, 6]
@@ -89,7 +73,7 @@ def test_dbsize_keys_and_scan_see_every_server(clean, trio) -> None:
 def test_scan_cursors_visit_the_servers_in_turn(clean, trio) -> None:
     r = clean.client()
     for s in range(3):
-        r.mset({k: "v" for k in on_server(clean, s, 3, f"s{s}")})
+        r.mset({k: "v" for k in placed_on(clean, s, 3, f"s{s}")})
     cursor, batches = 0, []
     while True:
         cursor, keys = r.scan(cursor, count=1000)
@@ -113,7 +97,7 @@ def test_redis_cli_scan(clean) -> None:
 def test_flush_is_a_barrier_in_a_pipeline(clean, trio) -> None:
     """Writes before FLUSHDB are flushed on every server whichever pooled connection carried
     them, writes after it are kept, and DBSIZE counts exactly what was written before it."""
-    keys = [k.encode() for s in range(3) for k in on_server(clean, s, 4, f"fl{s}")]
+    keys = [k.encode() for s in range(3) for k in placed_on(clean, s, 4, f"fl{s}")]
     random.Random(7).shuffle(keys)
     before = [[b"SET", k, b"1"] for k in keys]
     after = [[b"SET", k, b"2"] for k in keys[:5]]
@@ -130,7 +114,7 @@ def test_flush_is_a_barrier_in_a_pipeline(clean, trio) -> None:
 def test_randomkey(clean, trio) -> None:
     r = clean.client()
     assert r.randomkey() is None
-    k = on_server(clean, 2, 1, "rk")[0]
+    k = placed_on(clean, 2, 1, "rk")[0]
     trio[2].client().set(k, "v")  # only the last server has a key
     assert {r.randomkey() for _ in range(10)} == {k.encode()}
 
@@ -140,7 +124,7 @@ def test_functions_are_loaded_everywhere(clean, trio) -> None:
     code = "#!lua name=counters\nredis.register_function('bump', function(keys, args) return redis.call('INCR', keys[1]) end)"
     assert r.function_load(code) == b"counters"
     assert all(srv.client().function_list() for srv in trio)
-    keys = [on_server(clean, s, 1, "fc")[0] for s in range(3)]
+    keys = [placed_on(clean, s, 1, "fc")[0] for s in range(3)]
     assert [r.fcall("bump", 1, k) for k in keys] == [1, 1, 1]
     assert [lib[b"library_name"] for lib in r.function_list()] == [b"counters"]  # the same on every server
     # Loading it again is refused by every server: the first error is the reply.
@@ -167,7 +151,7 @@ def test_function_list_and_dump_restore_with_several_libraries(clean, trio) -> N
     assert r.function_flush() and not any(srv.client().function_list() for srv in trio)
     assert r.function_restore(dump)  # back on every server
     assert all(len(srv.client().function_list()) == 3 for srv in trio)
-    keys = [on_server(clean, s, 1, "fl")[0] for s in range(3)]
+    keys = [placed_on(clean, s, 1, "fl")[0] for s in range(3)]
     assert [r.fcall("l2f3", 1, k) for k in keys] == [3, 3, 3]
 
 

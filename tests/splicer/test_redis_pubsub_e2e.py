@@ -13,31 +13,15 @@ import redis
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-from .redis_fixtures import needs_redis, redis_servers, splicer
+from .redis_fixtures import needs_redis, placed_on, redis_servers, splicer, trio  # noqa: F401 (trio: a fixture)
 
 pytestmark = [needs_redis, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as servers:
-        yield servers
 
 
 @pytest.fixture(scope="module")
 def sp(trio):
     with splicer(trio) as s:
         yield s
-
-
-def channels_on(sp, server: int, n: int, prefix: str = "ch") -> list[str]:
-    out, i = [], 0
-    while len(out) < n:
-        c = f"{prefix}:{i}"
-        if sp.splicer.router.place(c.encode())[0] == server:
-            out.append(c)
-        i += 1
-    return out
 
 
 class Raw:
@@ -98,8 +82,8 @@ def parse(frame: bytes):
 
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_confirmations_match_redis_byte_for_byte(sp, trio, protocol: int) -> None:
-    a = channels_on(sp, 0, 1)[0]
-    b = channels_on(sp, 2, 1)[0]  # another server's channel: the counts span servers
+    a = placed_on(sp, 0, 1, "ch")[0]
+    b = placed_on(sp, 2, 1, "ch")[0]  # another server's channel: the counts span servers
     script = [["SUBSCRIBE", a, b, a], ["PSUBSCRIBE", "p*", "q*"], ["SSUBSCRIBE", "s1"], ["PING"], ["PING", "x"],
               ["GET", "k"], ["UNSUBSCRIBE", "zz"], ["UNSUBSCRIBE", a], ["UNSUBSCRIBE"], ["PUNSUBSCRIBE", "q*"],
               ["PUNSUBSCRIBE"], ["PUNSUBSCRIBE"], ["SUNSUBSCRIBE"], ["PING"], ["ECHO", "hi"]]
@@ -165,7 +149,7 @@ def test_resp3_commands_and_messages_share_the_connection(sp) -> None:
     c = Raw(sp.port)
     c.send(["HELLO", "3"])
     c.frames(1)
-    ch = channels_on(sp, 1, 1, "mix")[0]
+    ch = placed_on(sp, 1, 1, "mix")[0]
     c.send(["SUBSCRIBE", ch], ["SET", "mix:k", "v"], ["GET", "mix:k"])
     assert [parse(f) for f in c.frames(3)] == [[b"subscribe", ch.encode(), 1], b"OK", b"v"]
     assert sp.client().publish(ch, "hello") == 1
@@ -177,7 +161,7 @@ def test_resp3_commands_and_messages_share_the_connection(sp) -> None:
 
 def test_reset_ends_the_subscriptions(sp) -> None:
     c = Raw(sp.port)
-    ch = channels_on(sp, 2, 1, "reset")[0]
+    ch = placed_on(sp, 2, 1, "reset")[0]
     c.send(["SUBSCRIBE", ch], ["PSUBSCRIBE", "reset*"])
     c.frames(2)
     pub = sp.client()
@@ -218,8 +202,8 @@ def test_a_client_that_leaves_leaves_no_subscribed_connection(sp, trio) -> None:
 def test_a_server_killed_under_a_subscriber_closes_that_client_only(tmp_path) -> None:
     with redis_servers(tmp_path, 2) as pair:
         with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
-            on0 = channels_on(s, 0, 1, "k")[0]
-            on1 = channels_on(s, 1, 1, "k")[0]
+            on0 = placed_on(s, 0, 1, "k")[0]
+            on1 = placed_on(s, 1, 1, "k")[0]
             doomed, fine = Raw(s.port), Raw(s.port)
             doomed.send(["SUBSCRIBE", on1])
             fine.send(["SUBSCRIBE", on0])
@@ -270,7 +254,7 @@ def test_a_subscriber_that_never_reads_is_disconnected(tmp_path) -> None:
 def test_no_message_of_a_channel_after_its_unsubscribe(sp, trio) -> None:
     """Messages a server sent before confirming UNSUBSCRIBE go ahead of the confirmation, as
     with Redis: a flood is published straight to the channel's server meanwhile."""
-    ch = channels_on(sp, 0, 1, "flood")[0]
+    ch = placed_on(sp, 0, 1, "flood")[0]
     c = Raw(sp.port)
     c.send(["SUBSCRIBE", ch])
     c.frames(1)

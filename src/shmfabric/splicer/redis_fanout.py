@@ -283,21 +283,12 @@ def merge_min(parts: list[tuple[Any, bytes]]) -> bytes:
     """Element-wise minimum of integer arrays: SCRIPT EXISTS says 1 only where every server that
     could be reached does."""
     parts = _reached(parts)
-    err = _first_error(parts)
-    if err is not None:
-        return err
-    lists = []
-    for _, reply in parts:
-        r = hiredis.Reader()
-        r.feed(reply)
-        try:
-            value = r.gets()
-        except hiredis.ProtocolError:
-            value = None
-        if type(value) is not list or not all(type(v) is int for v in value) or (lists and len(value) != len(lists[0])):
-            return encode_error(_UNEXPECTED.format(parts[0][0].name))
-        lists.append(value)
-    mins = list(map(min, zip(*lists)))
+    values = _values(parts)
+    if type(values) is bytes:
+        return values
+    if not all(type(v) is list and len(v) == len(values[0]) and all(type(x) is int for x in v) for v in values):
+        return encode_error(_UNEXPECTED.format(parts[0][0].name))
+    mins = list(map(min, zip(*values)))
     return b"*%d\r\n" % len(mins) + b"".join(b":%d\r\n" % v for v in mins)
 
 

@@ -283,3 +283,66 @@ def test_no_message_of_a_channel_after_its_unsubscribe(sp, trio) -> None:
         stop.set()
         t.join(5)
         c.close()
+
+
+def test_resp2_subscribed_mode_errors_match_redis(sp, trio) -> None:
+    script = [["SUBSCRIBE", "a"], ["FOO"], ["GET"], ["GET", "k"], ["CONFIG", "GET", "x"], ["CLIENT", "SETNAME", "n"],
+              ["BLPOP", "q", "0"], ["WATCH", "k"], ["PING", "a", "b"]]
+    got = {}
+    for name, port in (("splicer", sp.port), ("redis", trio[1].port)):
+        c = Raw(port)
+        c.send(*script)
+        got[name] = c.frames(len(script))
+        c.close()
+    assert got["splicer"] == got["redis"]
+
+
+def test_a_protocol_change_after_unsubscribing_gives_messages_in_the_new_protocol(sp) -> None:
+    ch = placed_on(sp, 1, 1, "proto")[0]
+    c = Raw(sp.port)
+    c.send(["HELLO", "3"], ["SUBSCRIBE", ch], ["UNSUBSCRIBE"], ["HELLO", "2"], ["SUBSCRIBE", ch])
+    frames = c.frames(5)
+    assert frames[4] == b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(ch), ch.encode())
+    assert sp.client().publish(ch, "m") == 1
+    assert c.frames(1)[0].startswith(b"*3\r\n$7\r\nmessage\r\n")  # RESP2, as the client now speaks
+    c.close()
+
+
+def test_subscribed_connections_close_with_the_last_subscription(tmp_path) -> None:
+    """A client that no longer subscribes is not cut when a server it once subscribed on dies."""
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            c = Raw(s.port)
+            c.send(["SUBSCRIBE", placed_on(s, 1, 1, "gone")[0]], ["PSUBSCRIBE", "x*"], ["UNSUBSCRIBE"], ["PUNSUBSCRIBE"])
+            c.frames(4)
+            deadline = time.monotonic() + 5
+            while s.call(_count(s)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.call(_count(s)) == 0
+            pair[1].kill()
+            c.send(["PING"])
+            assert c.frames(1) == [b"+PONG\r\n"]
+            c.close()
+
+
+async def _count(s) -> int:
+    return len(s.splicer._subscribers)
+
+
+def test_a_server_that_does_not_confirm_is_timed_out(tmp_path) -> None:
+    import os
+    import signal
+
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 1}) as s:
+            ch = placed_on(s, 1, 1, "stop")[0]
+            c = Raw(s.port)
+            os.kill(pair[1].proc.pid, signal.SIGSTOP)
+            try:
+                c.send(["SUBSCRIBE", ch])
+                frame = c.frames(1)[0]
+                assert frame.startswith(b"-ERR splicer: backend 127.0.0.1:%d did not confirm" % pair[1].port), frame
+                assert c.closed()
+            finally:
+                os.kill(pair[1].proc.pid, signal.SIGCONT)
+            c.close()

@@ -416,7 +416,16 @@ class _SubOp:
         self.left -= 1
         if self.left == 0:
             before = self.before
-            self.client._on_reply(self.seq, b"".join(before) + self.reply if before else self.reply)
+            client = self.client
+            subs = client.session.subs
+            if subs is not None and not subs.active:
+                # Nothing left to listen for, counting the commands read after this one: the
+                # connections go, so a server failing later does not cut a client that no longer
+                # subscribes, and a HELLO may change the protocol for the next ones. Done before
+                # the reply, which may start the next (UN)SUBSCRIBE (each is a barrier, so none
+                # is in flight now).
+                client._drop_subscribers()
+            client._on_reply(self.seq, b"".join(before) + self.reply if before else self.reply)
 
 
 class _Subscriber(asyncio.Protocol):
@@ -432,13 +441,16 @@ class _Subscriber(asyncio.Protocol):
     def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
         self.client = client
         self.server = server
+        self.proto = proto
+        self.last_rx = time.monotonic()
+        client.splicer._subscribers.add(self)  # the ticker times confirmations out
         self.transport: asyncio.Transport | None = None
         self.scanner = ReplyScanner()
         self.closed = False
         hs = client.splicer._handshake(proto)
         self.handshake_left = len(hs)
         self.out: list[bytes] = list(hs)
-        self.pending: deque[list[Any]] = deque()  # [op, confirmations still due], in send order
+        self.pending: deque[list[Any]] = deque()  # [op, confirmations still due, sent at], in send order
         self.task = asyncio.ensure_future(self._open())
 
     async def _open(self) -> None:
@@ -458,8 +470,8 @@ class _Subscriber(asyncio.Protocol):
         transport.write(b"".join(self.out))  # type: ignore[attr-defined]
         self.out = []
 
-    def send(self, payload: bytes, op: _SubOp, confirmations: int) -> None:
-        self.pending.append([op, confirmations])
+    def send(self, payload: bytes, op: _SubOp, confirmations: int, now: float) -> None:
+        self.pending.append([op, confirmations, now])
         if self.transport is not None:
             self.transport.write(payload)
         else:
@@ -468,6 +480,7 @@ class _Subscriber(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_rx = time.monotonic()
         sc = self.scanner
         sc.feed(data)
         client = self.client
@@ -522,12 +535,13 @@ class _Subscriber(asyncio.Protocol):
     def close(self, error: bytes = b"") -> None:
         """Close the connection; pending (un)subscriptions are answered with `error`."""
         self.closed = True
+        self.client.splicer._subscribers.discard(self)
         self.task.cancel()
         if self.transport is not None:
             self.transport.close()
             self.transport = None
         pending, self.pending = self.pending, deque()
-        for op, _ in pending:
+        for op, _, _ in pending:
             if op.left > 0:
                 op.left = 1  # one error answers the whole command, whatever else is due
                 op.reply = error
@@ -759,9 +773,11 @@ class _Client(asyncio.Protocol):
                 subscribers = self.subscribers
                 for server, payload, confirmations in sends:
                     sub = subscribers.get(server)
-                    if sub is None:
+                    if sub is None or sub.proto != proto:
+                        if sub is not None:  # left over from before a HELLO (no subscriptions on it)
+                            sub.close()
                         sub = subscribers[server] = _Subscriber(self, splicer._servers[server], proto)
-                    sub.send(payload, op, confirmations)
+                    sub.send(payload, op, confirmations, now)
         else:
             raise AssertionError(tag)
         if action[1] and self.outstanding:
@@ -916,6 +932,7 @@ class RedisSplicer:
         self._lane_table = {proto: [srv.lanes[proto][ln] for srv in self._servers for ln in range(self.lanes)]
                             for proto in (2, 3)}
         self._clients: set[_Client] = set()
+        self._subscribers: set[_Subscriber] = set()  # every client's subscribed connections
         self.draining = False
         self._dirty_lanes: list[_Lane] = []
         self._dirty_clients: list[_Client] = []
@@ -1136,6 +1153,10 @@ class RedisSplicer:
                         q = lane.inflight
                         if q and now - q[0][2] > timeout and now - lane.last_rx > timeout:
                             lane._fail(f"did not answer within {timeout:g} s", "timeout")
+            for sub in list(self._subscribers):
+                p = sub.pending
+                if p and now - p[0][2] > timeout and now - sub.last_rx > timeout:
+                    sub.fail(f"did not confirm a subscription within {timeout:g} s")
                 for lanes in srv.lanes.values():
                     for lane in lanes[:pool_min]:
                         if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:

@@ -68,8 +68,16 @@ def subscribed_ping(args: list[bytes]) -> bytes:
     return b"*2\r\n$4\r\npong\r\n$%d\r\n%s\r\n" % (len(msg), msg)
 
 
-def resp2_context_error(name: bytes) -> str:
+# Commands Redis names with their subcommand in errors ("config|get").
+_CONTAINERS = frozenset(b"ACL CLIENT CLUSTER COMMAND CONFIG FUNCTION LATENCY MEMORY MODULE OBJECT PUBSUB SCRIPT "
+                        b"SLOWLOG XGROUP XINFO".split())
+
+
+def resp2_context_error(args: list[bytes]) -> str:
     """Redis's refusal of a command a subscribed RESP2 connection may not send."""
+    name = args[0]
+    if name.upper() in _CONTAINERS and len(args) > 1:
+        name += b"|" + args[1]
     return (f"ERR Can't execute '{name.decode(errors='replace').lower()}': only (P|S)SUBSCRIBE / "
             "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context")
 

@@ -311,19 +311,21 @@ class RedisSession:
             spec = COMMANDS.get(name)
         if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT", b"RESET"):
             return (REPLY, _NOAUTH)
-        if self.subscribed and name not in ALLOWED_IN_RESP2:
-            return (REPLY, encode_error(resp2_context_error(name)))
         if spec is None:
             reason = REFUSED.get(name)
             if self.multi is not None:
                 self.multi_error = True
             if reason is not None:
+                if self.subscribed:  # a command Redis knows: its subscribed-mode refusal
+                    return (REPLY, encode_error(resp2_context_error(args)))
                 return (REPLY, encode_error(f"ERR '{name.decode().lower()}' is not supported by the splicer: {reason}"))
             return (REPLY, _unknown(args))
         if not check_arity(spec, len(args)):
             if self.multi is not None:
                 self.multi_error = True
             return (REPLY, _err_args(name))
+        if self.subscribed and name not in ALLOWED_IN_RESP2:  # after Redis's own checks, as Redis does
+            return (REPLY, encode_error(resp2_context_error(args)))
         kind = spec.kind
         if self.multi is not None and name not in (b"EXEC", b"DISCARD", b"MULTI", b"QUIT", b"RESET"):
             return self._queue(spec, name, args)

@@ -1153,14 +1153,14 @@ class RedisSplicer:
                         q = lane.inflight
                         if q and now - q[0][2] > timeout and now - lane.last_rx > timeout:
                             lane._fail(f"did not answer within {timeout:g} s", "timeout")
-            for sub in list(self._subscribers):
-                p = sub.pending
-                if p and now - p[0][2] > timeout and now - sub.last_rx > timeout:
-                    sub.fail(f"did not confirm a subscription within {timeout:g} s")
                 for lanes in srv.lanes.values():
                     for lane in lanes[:pool_min]:
                         if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:
                             lane.connect()
+            for sub in list(self._subscribers):
+                p = sub.pending
+                if p and now - p[0][2] > timeout and now - sub.last_rx > timeout:
+                    sub.fail(f"did not confirm a subscription within {timeout:g} s")
             self._flush()
 
     # -- introspection ---------------------------------------------------------------------

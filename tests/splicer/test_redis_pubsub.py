@@ -156,3 +156,14 @@ def test_pubsub_merges() -> None:
     assert merge_max([(where(0), b":1\r\n"), (where(1), b":3\r\n")]) == b":3\r\n"
     assert merge_max([(where(0), b":1\r\n"), (where(1), b"-ERR x\r\n")]) == b"-ERR x\r\n"
     assert merge_union([(where(0), b":1\r\n"), (where(1), b"*0\r\n")]).startswith(b"-ERR splicer: a backend answered")
+
+
+def test_channels_keep_their_server_when_one_is_ejected(router) -> None:
+    servers = router.ketama.servers
+    on2 = channels_on(router, 2, 20)
+    router.set_ketama(Ketama(servers, live=[True, True, False]))  # server 2 ejected
+    assert {router.place(c)[0] for c in on2} <= {0, 1}  # keys move to the others...
+    assert {router.channel_place(c)[0] for c in on2} == {2}  # ...channels stay where subscribers are
+    s = RedisSession(router)
+    assert s.handle([b"PUBLISH", on2[0], b"m"])[3] == 2  # refused there by the shell, not sent elsewhere
+    assert sorted(srv for srv, _, _ in s.handle(cmd("PSUBSCRIBE", "y*"))[4]) == [0, 1, 2]

@@ -346,3 +346,34 @@ def test_a_server_that_does_not_confirm_is_timed_out(tmp_path) -> None:
             finally:
                 os.kill(pair[1].proc.pid, signal.SIGCONT)
             c.close()
+
+
+def test_with_auto_eject_channels_stay_on_their_server(tmp_path) -> None:
+    """An ejected server's channels are not moved to the others (keys are): a subscription made
+    meanwhile would be left behind when the server returns, and messages would stop without a
+    word. PUBLISH to them is refused while it is out, and a subscription there fails."""
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, auto_eject=True, health={"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1},
+                     timeouts={"connect": 0.5, "request": 5}) as s:
+            ch = placed_on(s, 1, 1, "ej")[0]
+            pair[1].kill()
+            deadline = time.monotonic() + 10
+            while s.stats()["servers"][1]["up"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.splicer.router.pool == [0]
+            with pytest.raises(redis.ResponseError, match=r"127\.0\.0\.1:%d is unavailable \(.*ejected" % pair[1].port):
+                s.client().publish(ch, "m")
+            c = Raw(s.port)
+            c.send(["SUBSCRIBE", ch])
+            assert c.frames(1)[0].startswith(b"-ERR splicer: backend 127.0.0.1:%d" % pair[1].port)
+            assert c.closed()
+            c.close()
+            pair[1].start()  # the same port
+            while s.splicer.router.pool != [0, 1] and time.monotonic() < deadline + 10:
+                time.sleep(0.05)
+            c = Raw(s.port)
+            c.send(["SUBSCRIBE", ch])
+            c.frames(1)
+            assert s.client().publish(ch, "back") == 1
+            assert parse(c.frames(1)[0]) == [b"message", ch.encode(), b"back"]
+            c.close()

@@ -143,11 +143,12 @@ COMMANDS.update(_mk(Kind.PUBSUB, _PUBSUB_FLAGS, """
     SUBSCRIBE:-2:0:0:0 UNSUBSCRIBE:-1:0:0:0 PSUBSCRIBE:-2:0:0:0 PUNSUBSCRIBE:-1:0:0:0
     SSUBSCRIBE:-2:1:-1:1 SUNSUBSCRIBE:-1:1:-1:1
 """))
-# A channel is placed like a key (redis_pubsub), so PUBLISH takes the one-key path. Redis gives
+# A channel is placed like a key, over every configured server (redis_pubsub). Redis gives
 # PUBLISH no key positions (COMMAND INFO reports them as 0: `no_keys`); SPUBLISH's shard
 # channel is a key position, as in Redis.
 COMMANDS.update(_mk(Kind.KEYED, ("pubsub", "loading", "stale", "fast"), "PUBLISH:3:1:1:1 SPUBLISH:3:1:1:1"))
-COMMANDS[b"PUBLISH"] = replace(COMMANDS[b"PUBLISH"], no_keys=True)
+COMMANDS[b"PUBLISH"] = replace(COMMANDS[b"PUBLISH"], no_keys=True, single=False)
+COMMANDS[b"SPUBLISH"] = replace(COMMANDS[b"SPUBLISH"], single=False)  # not the keys' fast path: placed by channel
 
 _BLOCKING = "it may block, and a blocked request would hold up a pooled backend connection shared with other clients"
 _SERVER = "it works on a whole server, and the keys are spread over several servers"

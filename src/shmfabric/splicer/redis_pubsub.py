@@ -7,11 +7,16 @@ splicer places a *channel* as it places a key (ketama, hash tags and all), so:
 * ``PUBLISH channel message`` (and ``SPUBLISH``) goes, like a one-key command, to the channel's
   server over the pooled connections, and its reply (how many received it) is that server's;
 * ``SUBSCRIBE`` / ``SSUBSCRIBE`` subscribe on each channel's server, ``PSUBSCRIBE`` on every
-  server in the pool (a pattern can match channels anywhere). A subscribing client gets a
+  configured server (a pattern can match channels anywhere). A subscribing client gets a
   connection of its own to each server it subscribes on (a subscribed connection cannot be
   shared: the server pushes messages down it at any time); messages are relayed as the
   server sends them. A pattern subscriber gets a message once, from the channel's server, so
   PUBLISH's count is right too.
+
+Channels are placed over every configured server even when `auto_eject` takes one out of the
+keys' continuum (`Router.channel_place`): moved to the others, a subscription made meanwhile
+would be left behind when the server returns, and its messages would stop without a word.
+So while a server is ejected, PUBLISH to its channels is refused and subscribing there fails.
 
 Confirmations. Redis confirms each channel with the client's total number of subscriptions.
 Each server only knows its share, so `Subscriptions` keeps the client's sets and writes the

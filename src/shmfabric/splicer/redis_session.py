@@ -88,12 +88,15 @@ class Router:
     and compare faster than tuples, which matters when a 1000-key MGET is grouped per lane.
     """
 
-    __slots__ = ("ketama", "lanes", "pairs", "pool", "scan_tag", "_cache", "_cache_max")
+    __slots__ = ("ketama", "channels", "lanes", "pairs", "pool", "scan_tag", "_cache", "_cache_max")
 
     def __init__(self, ketama: Ketama, lanes: int, cache_size: int = 131072) -> None:
         if lanes < 1:
             raise ValueError("lanes must be at least 1")
         self.ketama = ketama
+        # Pub/sub channels are placed on every configured server, whatever auto_eject does:
+        # a subscriber stays where publishers will look for it when an ejected server returns.
+        self.channels = ketama
         self.lanes = lanes
         self.pairs = [(c // lanes, c % lanes) for c in range(len(ketama.servers) * lanes)]
         self._set_pool()
@@ -152,6 +155,12 @@ class Router:
     def place(self, key: bytes) -> tuple[int, int]:
         """(server index, lane) of `key`."""
         return self.pairs[self.code(key)]
+
+    def channel_place(self, channel: bytes) -> tuple[int, int]:
+        """(server index, lane) of a pub/sub channel: as a key would be placed with every
+        configured server in the continuum (the same as `place` while none is ejected)."""
+        k = self.channels
+        return k.locate(channel), k.key_hash(channel) % self.lanes
 
 
 class ReplyOrder(BoundedSlots):
@@ -329,6 +338,9 @@ class RedisSession:
         kind = spec.kind
         if self.multi is not None and name not in (b"EXEC", b"DISCARD", b"MULTI", b"QUIT", b"RESET"):
             return self._queue(spec, name, args)
+        if name in _PUBLISH:
+            server, lane = self.router.channel_place(args[1])
+            return (FORWARD, False, self.proto, server, lane, encode_command(args))
         if kind == Kind.KEYED:
             try:
                 keys = command_keys(spec, args)
@@ -367,9 +379,8 @@ class RedisSession:
         subs = self.subs
         if subs is None:
             router = self.router
-            subs = self.subs = Subscriptions(lambda channel: router.place(channel)[0], lambda: router.pool)
-        if name in (b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE") and not self.router.pool:
-            return (REPLY, encode_error("ERR splicer: no server is in the pool (all ejected)"))
+            subs = self.subs = Subscriptions(lambda channel: router.channel_place(channel)[0],
+                                             lambda: range(len(router.channels.servers)))
         reply, sends = subs.change(name, args[1:], self.proto)
         self.subscribed = self.proto == 2 and subs.active
         # A barrier: later commands run once the subscription is in place on every server.
@@ -737,6 +748,7 @@ class RedisSession:
         return encode_error(f"ERR COMMAND {args[1][:64].decode(errors='replace')} is not supported by the splicer")
 
 
+_PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})  # placed by channel (Router.channel_place), not as keys
 _BADNAME = encode_error("ERR Client names cannot contain spaces, newlines or special characters.")
 
 

@@ -227,7 +227,8 @@ def test_a_server_killed_under_a_subscriber_closes_that_client_only(tmp_path) ->
 
 def test_a_subscriber_that_never_reads_is_disconnected(tmp_path) -> None:
     with redis_servers(tmp_path, 1) as one:
-        with splicer(one, limits={"max_unread_bytes": 1 << 20}) as s:
+        # The message limit, not the general one (256 MB here): like Redis's pubsub class.
+        with splicer(one, limits={"max_unread_bytes": 256 << 20, "max_unread_pubsub_bytes": 1 << 20}) as s:
             lazy = Raw(s.port)
             lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             lazy.send(["SUBSCRIBE", "flood"])

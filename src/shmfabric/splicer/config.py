@@ -200,6 +200,10 @@ class RedisLimitConfig(_Limits):
         256 * 1024 * 1024, ge=1024 * 1024,
         description="reply bytes a client leaves unread before it is disconnected (like Redis's "
                     "client-output-buffer-limit): replies of requests already sent can pass max_buffer_bytes")
+    max_unread_pubsub_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024 * 1024,
+        description="pub/sub message bytes a subscriber leaves unread before it is disconnected (Redis's "
+                    "client-output-buffer-limit pubsub default: 32 MB)")
 
 
 class RedisHealthConfig(_Model):

@@ -558,6 +558,7 @@ class _Client(asyncio.Protocol):
         self.session = RedisSession(splicer.router, splicer.session_config)
         self.merge = ReplyOrder(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
         self.max_unread = cfg.limits.max_unread_bytes
+        self.max_unread_pubsub = cfg.limits.max_unread_pubsub_bytes
         self.transport: asyncio.Transport | None = None
         self.outstanding = 0  # actions sent to backends and not yet answered
         self.waiting: deque = deque()  # actions held behind a barrier
@@ -840,11 +841,12 @@ class _Client(asyncio.Protocol):
         if self.closed:
             return
         merge = self.merge
-        if merge.held_bytes > self.max_unread:
+        unread = merge.held_bytes + self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        if unread > self.max_unread_pubsub:
             # Like Redis's client-output-buffer-limit for pub/sub: a subscriber that does not
             # read is disconnected rather than held in memory without bound.
-            log.warning("client %s left %d bytes of messages unread (limits.max_unread_bytes): disconnected",
-                        self.transport.get_extra_info("peername"), merge.held_bytes)  # type: ignore[union-attr]
+            log.warning("client %s left %d bytes of messages unread (limits.max_unread_pubsub_bytes): disconnected",
+                        self.transport.get_extra_info("peername"), unread)  # type: ignore[union-attr]
             if self.splicer.metrics is not None:
                 self.splicer.metrics.client_error("unread_replies")
             self.transport.abort()  # type: ignore[union-attr]

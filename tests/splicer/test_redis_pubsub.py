@@ -167,3 +167,5 @@ def test_channels_keep_their_server_when_one_is_ejected(router) -> None:
     s = RedisSession(router)
     assert s.handle([b"PUBLISH", on2[0], b"m"])[3] == 2  # refused there by the shell, not sent elsewhere
     assert sorted(srv for srv, _, _ in s.handle(cmd("PSUBSCRIBE", "y*"))[4]) == [0, 1, 2]
+    router.set_ketama(Ketama(servers))  # back
+    assert router.channels is router.ketama and {router.channel_place(c)[0] for c in on2} == {2}

@@ -109,6 +109,8 @@ class Router:
     def set_ketama(self, ketama: Ketama) -> None:
         """Swap the continuum (servers ejected or returned) and forget cached placements."""
         self.ketama = ketama
+        if all(ketama.live):  # every server back: channels and keys share the continuum again
+            self.channels = ketama
         self._cache = {}
         self._set_pool()
 
@@ -160,6 +162,8 @@ class Router:
         """(server index, lane) of a pub/sub channel: as a key would be placed with every
         configured server in the continuum (the same as `place` while none is ejected)."""
         k = self.channels
+        if k is self.ketama:  # nothing ejected: the keys' cached placement
+            return self.pairs[self.code(channel)]
         return k.locate(channel), k.key_hash(channel) % self.lanes
 
 

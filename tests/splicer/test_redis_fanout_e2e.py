@@ -3,6 +3,7 @@ clients (redis-py 8's Lock and Script helpers, scan_iter, redis-cli --scan). Eac
 checked against what the servers hold, read from them directly."""
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import time
@@ -11,6 +12,7 @@ import pytest
 import redis
 
 from shmfabric.splicer.redis_fanout import TAG_BITS
+from shmfabric.splicer.redis_info import human_bytes
 
 from .redis_fixtures import REDIS_CLI, needs_cli, needs_redis, pipeline, placed_on, redis_servers, splicer, trio  # noqa: F401 (trio: a fixture)
 
@@ -314,3 +316,54 @@ def test_without_health_checks_a_returning_server_takes_writes_again(tmp_path) -
                     time.sleep(0.1)
             else:
                 raise AssertionError("FLUSHALL still refused after the server came back")
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_info_answers_for_the_servers_as_one(clean, trio, protocol: int) -> None:
+    """RQ and Sidekiq read redis_version from INFO before they start, redis-cli --stat and
+    exporters read its counters; twemproxy refuses INFO."""
+    r = clean.client(protocol=protocol)
+    r.mset({f"info:{i}": "v" for i in range(300)})
+    r.set("info:ttl", "v", ex=1000)
+    info = r.info()
+    direct = [s.client().info() for s in trio]
+    assert info["redis_version"] == min((d["redis_version"] for d in direct), key=lambda v: tuple(map(int, v.split("."))))
+    assert info["db0"]["keys"] == sum(d["db0"]["keys"] for d in direct) == 301
+    assert info["db0"]["expires"] == 1
+    assert info["process_id"] == os.getpid() and info["tcp_port"] == clean.port  # the splicer runs in this process
+    assert info["connected_clients"] == clean.stats()["clients"]
+    assert info["splicer_servers"] == 3
+    for d in direct:  # the *_human figures are printed as redis-server prints them
+        assert human_bytes(d["used_memory"]) == d["used_memory_human"]
+    assert info["used_memory_human"] == human_bytes(info["used_memory"])
+    assert list(r.info("keyspace")) == ["db0"]
+    assert set(r.info("server")) >= {"redis_version", "splicer_version", "uptime_in_seconds"}
+    assert "db0" not in r.info("server") and "used_memory" in r.info("memory")
+
+
+@needs_cli
+def test_redis_cli_stat_through_the_splicer(clean) -> None:
+    clean.client().mset({f"stat:{i}": "v" for i in range(50)})
+    import pty
+
+    # A terminal: redis-cli buffers --stat's rows when writing to a pipe.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([REDIS_CLI, "-p", str(clean.port), "--stat", "-i", "0.2"], stdout=slave,
+                            stderr=slave)
+    os.close(slave)
+    time.sleep(1.5)
+    proc.terminate()
+    proc.wait(timeout=10)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert rows and all(row[0] == "50" for row in rows), out  # keys, summed over the servers

@@ -63,6 +63,7 @@ from typing import Any, NamedTuple, Sequence
 
 import hiredis
 
+from .redis_info import info_reply
 from .redis_resp import OK, encode_command, encode_error
 
 __all__ = ["Merge", "Where", "ALL_OR_NONE", "TAG_BITS", "plan", "scan_tag", "parse_cursor", "MERGES", "merge_concat", "merge_same", "merge_same_up",
@@ -92,6 +93,7 @@ class Merge:
     UNION = 19  # every name any server listed, once (PUBSUB CHANNELS)
     NUMSUB = 20  # [name, count, ...] with the counts added up per name (PUBSUB NUMSUB)
     MAX = 21  # the largest integer (PUBSUB NUMPAT: a pattern is subscribed on every server)
+    INFO = 22  # the servers' INFO merged, with the splicer's own process fields (redis_info)
 
 
 #: Writes sent only when every server can be reached: a FLUSHALL must not run on the servers
@@ -107,6 +109,7 @@ class Where(NamedTuple):
     count: int  # how many servers the command went to
     name: str  # the command, for messages ("SCRIPT LOAD")
     tag: int  # the servers' scan_tag
+    extra: Any = None  # INFO: a function giving the splicer's own fields (redis_info.merge_info)
 
 
 _WHOLE: dict[bytes, int] = {
@@ -115,6 +118,7 @@ _WHOLE: dict[bytes, int] = {
     b"FLUSHDB": Merge.ALL_OK,
     b"FLUSHALL": Merge.ALL_OK,
     b"RANDOMKEY": Merge.RANDOM,
+    b"INFO": Merge.INFO,
 }
 
 _KILL = ("it must reach a server busy with a script, and the splicer's connections to that server wait "
@@ -164,14 +168,16 @@ def parse_cursor(text: bytes) -> int | None:
 
 
 def plan(name: bytes, args: list[bytes], servers: Sequence[int], payload: bytes,
-         tag: int = 1, everyone: Sequence[int] | None = None) -> tuple[int, list[tuple[int, int, bytes, Where]]] | bytes:
+         tag: int = 1, everyone: Sequence[int] | None = None,
+         extra: Any = None) -> tuple[int, list[tuple[int, int, bytes, Where]]] | bytes:
     """(merge, parts) for a whole-server command, or the error reply to answer in its place.
 
     `name` is the command's upper-case name, `args` the whole command, `payload` its RESP
     encoding, `servers` the indexes of the servers in the pool (all of them, or those in the
     continuum when servers are ejected), `tag` their `scan_tag`, `everyone` all the configured
     servers (default: `servers`), which the writes in ALL_OR_NONE go to: a FLUSHALL that left
-    out an ejected server would see its keys come back with it. Parts are (server, lane,
+    out an ejected server would see its keys come back with it; `extra` goes in every part's
+    Where (INFO: the splicer's own fields). Parts are (server, lane,
     payload, Where) as `RedisSession` makes them: one per server (one for SCAN), on lane 0 (a
     barrier has the client's connections to itself).
     """
@@ -203,7 +209,7 @@ def plan(name: bytes, args: list[bytes], servers: Sequence[int], payload: bytes,
         label += " " + sub_name.decode()
     if merge in ALL_OR_NONE and everyone is not None:
         servers = everyone
-    return merge, [(s, 0, payload, Where(s, i, len(servers), label, tag)) for i, s in enumerate(servers)]
+    return merge, [(s, 0, payload, Where(s, i, len(servers), label, tag, extra)) for i, s in enumerate(servers)]
 
 
 def _text(b: bytes) -> str:
@@ -447,6 +453,15 @@ def merge_max(parts: list[tuple[Any, bytes]]) -> bytes:
     return b":%d\r\n" % max(values)
 
 
+def merge_info_parts(parts: list[tuple[Any, bytes]]) -> bytes:
+    """INFO: every server's merged into one, with the splicer's own fields (redis_info)."""
+    err = _first_error(parts)
+    if err is not None:
+        return err
+    return info_reply([reply for _, reply in parts], parts[0][0].extra,
+                      lambda: encode_error(_UNEXPECTED.format(parts[0][0].name)))
+
+
 def merge_first_up(parts: list[tuple[Any, bytes]]) -> bytes:
     """The answer of the first server that could be reached (FUNCTION DUMP)."""
     return _reached(parts)[0][1]
@@ -466,4 +481,5 @@ MERGES = {
     Merge.UNION: merge_union,
     Merge.NUMSUB: merge_numsub,
     Merge.MAX: merge_max,
+    Merge.INFO: merge_info_parts,
 }

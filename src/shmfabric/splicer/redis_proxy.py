@@ -29,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import socket
 import time
 from collections import deque
 from typing import Any, Callable
 
+from .. import __version__
 from .backoff import Backoff, HealthState
 from .config import RedisSpliceConfig, split_address
 from .redis_commands import COMMANDS
@@ -556,6 +558,7 @@ class _Client(asyncio.Protocol):
         cfg = splicer.config
         self.reader = RequestReader(cfg.limits.max_request_bytes)
         self.session = RedisSession(splicer.router, splicer.session_config)
+        self.session.own_info = splicer.own_info
         self.merge = ReplyOrder(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
         self.max_unread = cfg.limits.max_unread_bytes
         self.max_unread_pubsub = cfg.limits.max_unread_pubsub_bytes
@@ -935,6 +938,8 @@ class RedisSplicer:
                             for proto in (2, 3)}
         self._clients: set[_Client] = set()
         self._subscribers: set[_Subscriber] = set()  # every client's subscribed connections
+        self._started = time.monotonic()
+        self._run_id = os.urandom(20).hex()  # INFO's run_id: this worker's, as a server's is its process's
         self.draining = False
         self._dirty_lanes: list[_Lane] = []
         self._dirty_clients: list[_Client] = []
@@ -1056,6 +1061,19 @@ class RedisSplicer:
         wait = max(0.0, srv.retry_at - time.monotonic())
         return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}next connection attempt in "
                             f"{wait * 1000:.0f} ms)")
+
+    def own_info(self) -> dict[str, dict[str, str]]:
+        """INFO's fields about the splicer itself (redis_info.merge_info lays them over the
+        servers'): this worker process and its clients."""
+        up = int(time.monotonic() - self._started)
+        return {
+            "Server": {"process_id": str(os.getpid()), "run_id": self._run_id,
+                       "tcp_port": str(self.address[1]) if self.address else "",
+                       "uptime_in_seconds": str(up), "uptime_in_days": str(up // 86400), "executable": "",
+                       "config_file": "", "splicer_version": f"shmfabric {__version__}",
+                       "splicer_servers": str(len(self._servers))},
+            "Clients": {"connected_clients": str(len(self._clients))},
+        }
 
     def _handshake(self, proto: int) -> list[bytes]:
         hs = self._handshake_cache.get(proto)

@@ -280,6 +280,7 @@ class RedisSession:
         "idle",
         "subs",
         "subscribed",
+        "own_info",
     )
 
     def __init__(self, router: Router, config: SessionConfig | None = None) -> None:
@@ -302,6 +303,9 @@ class RedisSession:
         # A RESP2 client with subscriptions may only send ALLOWED_IN_RESP2 (the shell's fast
         # path checks this flag too).
         self.subscribed = False
+        # INFO's Server and Clients fields about the splicer itself (set by the I/O shell; see
+        # redis_info.merge_info): a function, called when the reply is merged.
+        self.own_info: Any = None
 
     # -- entry point -------------------------------------------------------------------------
     def handle(self, args: list[bytes]) -> tuple:
@@ -369,7 +373,7 @@ class RedisSession:
         if kind == Kind.FANOUT:
             router = self.router
             planned = plan_fanout(name, args, router.pool, encode_command(args), router.scan_tag,
-                                  range(len(router.ketama.servers)))
+                                  range(len(router.ketama.servers)), self.own_info)
             if type(planned) is bytes:
                 return (REPLY, planned)
             merge, parts = planned

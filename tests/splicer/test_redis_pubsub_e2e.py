@@ -378,3 +378,20 @@ def test_with_auto_eject_channels_stay_on_their_server(tmp_path) -> None:
             assert s.client().publish(ch, "back") == 1
             assert parse(c.frames(1)[0]) == [b"message", ch.encode(), b"back"]
             c.close()
+
+
+def test_client_info_describes_the_connection(sp) -> None:
+    r = sp.client(protocol=2)
+    info = r.client_info()
+    local = r.connection_pool.get_connection()
+    try:
+        me = local._sock.getsockname()
+    finally:
+        r.connection_pool.release(local)
+    assert info["addr"] == f"{me[0]}:{me[1]}" and info["laddr"] == f"127.0.0.1:{sp.port}"
+    assert info["flags"] == "N" and int(info["sub"]) == 0 and str(info["resp"]) == "2" and info["lib-name"] == "redis-py"
+    c = Raw(sp.port)
+    c.send(["HELLO", "3"], ["SUBSCRIBE", "ci1", "ci2"], ["PSUBSCRIBE", "ci*"], ["UNSUBSCRIBE"], ["CLIENT", "INFO"])
+    fields = dict(kv.split("=", 1) for kv in parse(c.frames(7)[6]).decode().split())
+    assert (fields["flags"], fields["sub"], fields["psub"]) == ("P", "0", "1")
+    c.close()

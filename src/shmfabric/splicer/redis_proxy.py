@@ -550,6 +550,13 @@ class _Subscriber(asyncio.Protocol):
                 op.server_done()
 
 
+def _address(name: Any) -> str:
+    """A socket address as Redis prints it in CLIENT INFO (host:port, or a UNIX path)."""
+    if isinstance(name, tuple) and len(name) >= 2:
+        return f"{name[0]}:{name[1]}"
+    return str(name or "")
+
+
 class _Client(asyncio.Protocol):
     """One client connection: read, decide, dispatch, and write replies back in order."""
 
@@ -577,6 +584,10 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=_CLIENT_WRITE_HIGH)  # type: ignore[attr-defined]
+        session = self.session
+        session.addr, session.laddr = (_address(transport.get_extra_info(k)) for k in ("peername", "sockname"))
+        sock = transport.get_extra_info("socket")
+        session.fd = sock.fileno() if sock is not None else -1
         self.splicer._clients.add(self)
         if self.splicer.metrics is not None:
             self.splicer.metrics.client_connections.inc()

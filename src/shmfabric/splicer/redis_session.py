@@ -281,6 +281,9 @@ class RedisSession:
         "subs",
         "subscribed",
         "own_info",
+        "addr",
+        "laddr",
+        "fd",
     )
 
     def __init__(self, router: Router, config: SessionConfig | None = None) -> None:
@@ -306,6 +309,10 @@ class RedisSession:
         # INFO's Server and Clients fields about the splicer itself (set by the I/O shell; see
         # redis_info.merge_info): a function, called when the reply is merged.
         self.own_info: Any = None
+        # The client's connection, for CLIENT INFO (the shell sets them; RQ's worker reads addr).
+        self.addr = ""
+        self.laddr = ""
+        self.fd = -1
 
     # -- entry point -------------------------------------------------------------------------
     def handle(self, args: list[bytes]) -> tuple:
@@ -712,9 +719,16 @@ class RedisSession:
         if sub == b"ID" and len(args) == 2:
             return encode_int(self.client_id)
         if sub == b"INFO" and len(args) == 2:
-            line = (f"id={self.client_id} name={(self.name or b'').decode(errors='replace')} db={self.config.db} "
-                    f"multi={-1 if self.multi is None else len(self.multi)} resp={self.proto} "
-                    f"lib-name={(self.lib_name or b'').decode(errors='replace')} "
+            # Redis's fields that describe the client's connection to the splicer; the memory
+            # and buffer fields would describe the splicer's own buffers, and are left out.
+            subs = self.subs
+            counts = [len(s) for s in subs.sets] if subs is not None else [0, 0, 0]
+            line = (f"id={self.client_id} addr={self.addr} laddr={self.laddr} fd={self.fd} "
+                    f"name={(self.name or b'').decode(errors='replace')} "
+                    f"flags={'P' if subs is not None and subs.active else 'N'} db={self.config.db} "
+                    f"sub={counts[0]} psub={counts[1]} ssub={counts[2]} "
+                    f"multi={-1 if self.multi is None else len(self.multi)} cmd=client|info user={self.config.username} "
+                    f"resp={self.proto} lib-name={(self.lib_name or b'').decode(errors='replace')} "
                     f"lib-ver={(self.lib_ver or b'').decode(errors='replace')}\n")
             return encode_bulk(line.encode())
         return encode_error(

@@ -96,7 +96,7 @@ def test_arity_unknown_and_refused(router: Router) -> None:
     assert s.handle(cmd("MSET", "a"))[1].startswith(b"-ERR wrong number")
     assert s.handle(cmd("MSET", "a", "1", "b"))[1].startswith(b"-ERR wrong number")
     assert s.handle(cmd("FOO", "bar"))[1] == b"-ERR unknown command 'FOO', with args beginning with: 'bar'\r\n"
-    for name in ("BLPOP", "MONITOR", "WATCH", "TIME", "CONFIG"):
+    for name in ("WAIT", "MONITOR", "WATCH", "TIME", "CONFIG"):
         assert b"not supported by the splicer" in s.handle(cmd(name, "x", "0"))[1]
     assert b"names none" in s.handle(cmd("EVAL", "return 1", "0"))[1]
     assert b"greater than" in s.handle(cmd("EVAL", "return 1", "3", "a"))[1]
@@ -264,3 +264,21 @@ def test_idle_mget_reads_each_server_over_one_connection(router: Router) -> None
     # Writes are never re-laned.
     mset = s.handle([b"MSET", *[x for k in keys for x in (k, b"v")]])
     assert mset[1] is False and len(mset[5]) == len(per_lane[5])
+
+
+def test_blocking_commands_go_whole_to_their_server(router: Router) -> None:
+    from shmfabric.splicer.redis_session import BLOCK
+
+    s = RedisSession(router)
+    k = keys_at(router, lambda c: True, 1)[0]
+    tag, barrier, proto, server, payload = s.handle([b"BLPOP", k, b"0"])
+    assert tag == BLOCK and barrier and server == router.place(k)[0]
+    assert s.handle([b"XREAD", b"BLOCK", b"0", b"STREAMS", k, b"$"])[0] == BLOCK
+    assert s.handle([b"XREAD", b"COUNT", b"1", b"STREAMS", k, b"0"])[0] == FORWARD  # does not block
+    assert command_keys(COMMANDS[b"XREADGROUP"], cmd("XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">")) == [b"a", b"b"]
+    assert s.handle(cmd("XREAD", "BLOCK", "0", "a"))[1] == b"-ERR syntax error\r\n"
+    assert s.handle(cmd("XREAD", "STREAMS", "a", "b", "c"))[1].startswith(b"-ERR Unbalanced XREAD list")
+    assert s.handle(cmd("BLMPOP", "0", "0", "a", "LEFT"))[1].startswith(b"-ERR numkeys")
+    on0 = keys_at(router, lambda p: p[0] == 0, 1)[0]
+    on1 = keys_at(router, lambda p: p[0] == 1, 1)[0]
+    assert s.handle([b"BRPOP", on0, on1, b"1"])[1].startswith(b"-CROSSSERVER")

@@ -33,6 +33,7 @@ class Kind:
     LOCAL = 6  # answered by the splicer (connection-level)
     FANOUT = 7  # works on a whole server: sent to every server, replies merged (redis_fanout)
     PUBSUB = 8  # (P|S)(UN)SUBSCRIBE: a connection of the client's own per server (redis_pubsub)
+    BLOCKING = 9  # BLPOP, BLMOVE, XREAD BLOCK...: all keys on one server, over the client's own connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class CommandSpec:
     numkeys: int = 0  # position of a numkeys argument whose keys follow it (ZINTERCARD, LMPOP...)
     store: tuple[bytes, ...] = ()  # options followed by a key (SORT ... STORE dst)
     no_keys: bool = False  # routed by argument 1, which Redis does not count as a key (PUBLISH)
+    streams: bool = False  # keys are the first half of the arguments after STREAMS (XREAD, XREADGROUP)
 
 
 def _mk(kind: int, flags: tuple[str, ...], entries: str) -> dict[bytes, CommandSpec]:
@@ -120,6 +122,14 @@ COMMANDS[b"SORT"] = replace(COMMANDS[b"SORT"], single=False, store=(b"STORE",)) 
 COMMANDS[b"GEORADIUS"] = CommandSpec(b"GEORADIUS", -6, 1, 1, 1, Kind.KEYED, _W, False, 0, (b"STORE", b"STOREDIST"))
 COMMANDS[b"GEORADIUSBYMEMBER"] = CommandSpec(b"GEORADIUSBYMEMBER", -5, 1, 1, 1, Kind.KEYED, _W, False, 0,
                                              (b"STORE", b"STOREDIST"))
+# Blocking commands: a connection of the client's own to the keys' server (redis_proxy._Blocker).
+COMMANDS.update(_mk(Kind.BLOCKING, ("write", "blocking"), """
+    BLPOP:-3:1:-2:1 BRPOP:-3:1:-2:1 BRPOPLPUSH:4:1:2:1 BLMOVE:6:1:2:1 BZPOPMIN:-3:1:-2:1 BZPOPMAX:-3:1:-2:1
+"""))
+for _name, _flags in (("BLMPOP", ("write", "blocking")), ("BZMPOP", ("write", "blocking"))):
+    COMMANDS[_name.encode()] = CommandSpec(_name.encode(), -5, 0, 0, 1, Kind.BLOCKING, _flags, False, 2)
+COMMANDS[b"XREAD"] = CommandSpec(b"XREAD", -4, 0, 0, 1, Kind.BLOCKING, ("readonly", "blocking"), streams=True)
+COMMANDS[b"XREADGROUP"] = CommandSpec(b"XREADGROUP", -7, 0, 0, 1, Kind.BLOCKING, ("write", "blocking"), streams=True)
 COMMANDS.update(_mk(Kind.MGET, _R, "MGET:-2:1:-1:1"))
 COMMANDS.update(_mk(Kind.MSET, _W, "MSET:-3:1:-1:2"))
 COMMANDS.update(_mk(Kind.SUM, _W, "DEL:-2:1:-1:1 UNLINK:-2:1:-1:1 TOUCH:-2:1:-1:1"))
@@ -151,13 +161,12 @@ COMMANDS.update(_mk(Kind.KEYED, ("pubsub", "loading", "stale", "fast"), "PUBLISH
 COMMANDS[b"PUBLISH"] = replace(COMMANDS[b"PUBLISH"], no_keys=True, single=False)
 COMMANDS[b"SPUBLISH"] = replace(COMMANDS[b"SPUBLISH"], single=False)  # not the keys' fast path: placed by channel
 
-_BLOCKING = "it may block, and a blocked request would hold up a pooled backend connection shared with other clients"
 _SERVER = "it works on a whole server, and the keys are spread over several servers"
 
 #: Commands refused with a clear reason (the connection carries on).
 REFUSED: dict[bytes, str] = {}
-for _n in "BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN BZPOPMAX BZMPOP WAIT WAITAOF XREAD XREADGROUP".split():
-    REFUSED[_n.encode()] = _BLOCKING
+for _n in "WAIT WAITAOF".split():
+    REFUSED[_n.encode()] = "it waits for one server's replicas; send it to that server directly"
 REFUSED[b"MONITOR"] = "it streams one server's commands; MONITOR each server directly"
 for _n in (
     "CONFIG DEBUG SHUTDOWN SAVE BGSAVE BGREWRITEAOF LASTSAVE SLAVEOF REPLICAOF SYNC PSYNC "
@@ -190,6 +199,14 @@ def command_keys(spec: CommandSpec, args: list[bytes]) -> list[bytes]:
     if spec.kind == Kind.SCRIPT:
         n = int(args[2])
         return args[3 : 3 + n]
+    if spec.streams:
+        upper = [a.upper() for a in args]
+        if b"STREAMS" not in upper:
+            raise ValueError("streams")
+        rest = args[upper.index(b"STREAMS") + 1 :]
+        if not rest or len(rest) % 2:
+            raise ValueError("streams")
+        return rest[: len(rest) // 2]
     keys: list[bytes] = []
     if spec.first:
         last = spec.last if spec.last >= 0 else len(args) + spec.last

@@ -53,6 +53,7 @@ from .redis_pubsub import CONFIRM_KINDS, MESSAGE_KINDS, push_kind
 from .redis_session import (
     CLOSE,
     EXEC,
+    BLOCK,
     FORWARD,
     PUBSUB,
     REPLY,
@@ -430,29 +431,28 @@ class _SubOp:
             client._on_reply(self.seq, b"".join(before) + self.reply if before else self.reply)
 
 
-class _Subscriber(asyncio.Protocol):
-    """A client's own connection to one server, for its subscriptions on that server.
+class _OwnConnection(asyncio.Protocol):
+    """A connection of one client's own to one server, outside the pools: what a pooled
+    connection shared by many clients cannot carry (subscriptions, blocking commands).
 
-    A subscribed connection cannot be pooled: the server pushes messages down it at any time.
-    Messages are relayed to the client as they come; confirmations are counted against what
-    was sent (`pending`), and each (UN)SUBSCRIBE is confirmed to the client once every server
-    it went to has confirmed. If the connection fails the client's connection is closed (its
-    subscriptions are gone, and a client library resubscribes when it reconnects).
+    Opened on first use with the lanes' handshake (AUTH, HELLO, SELECT), closed with the
+    client. Subclasses take the replies after the handshake (`frames`) and say what a failure
+    means (`fail`).
     """
+
+    what = "connection"  # for messages
 
     def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
         self.client = client
         self.server = server
         self.proto = proto
         self.last_rx = time.monotonic()
-        client.splicer._subscribers.add(self)  # the ticker times confirmations out
         self.transport: asyncio.Transport | None = None
         self.scanner = ReplyScanner()
         self.closed = False
         hs = client.splicer._handshake(proto)
         self.handshake_left = len(hs)
         self.out: list[bytes] = list(hs)
-        self.pending: deque[list[Any]] = deque()  # [op, confirmations still due, sent at], in send order
         self.task = asyncio.ensure_future(self._open())
 
     async def _open(self) -> None:
@@ -472,8 +472,7 @@ class _Subscriber(asyncio.Protocol):
         transport.write(b"".join(self.out))  # type: ignore[attr-defined]
         self.out = []
 
-    def send(self, payload: bytes, op: _SubOp, confirmations: int, now: float) -> None:
-        self.pending.append([op, confirmations, now])
+    def write(self, payload: bytes) -> None:
         if self.transport is not None:
             self.transport.write(payload)
         else:
@@ -485,43 +484,82 @@ class _Subscriber(asyncio.Protocol):
         self.last_rx = time.monotonic()
         sc = self.scanner
         sc.feed(data)
-        client = self.client
-        messages: list[bytes] = []  # relayed together: one slot in the client's order per read
-        pending = self.pending
         try:
-            for frame in sc.drain(1 << 30):
-                if self.handshake_left:
-                    self.handshake_left -= 1
-                    if frame[:1] == b"-":
-                        self.fail(f"refused the connection handshake: {frame[1:-2].decode(errors='replace')}")
-                        return
-                    continue
-                kind = push_kind(frame)
-                if kind in MESSAGE_KINDS:
-                    if pending:
-                        pending[0][0].before.append(frame)
-                    else:
-                        messages.append(frame)
-                elif kind in CONFIRM_KINDS and pending:
-                    head = pending[0]
-                    head[1] -= 1
-                    if head[1] == 0:
-                        pending.popleft()
-                        head[0].server_done()
-                else:
-                    self.fail("answered a subscription with "
-                              + (frame[1:-2].decode(errors="replace") if frame[:1] == b"-" else "an unexpected reply"))
-                    return
+            frames = sc.drain(1 << 30)
         except RespProtocolError as exc:
             self.fail(f"protocol error from the server: {exc}")
             return
-        if messages:
-            client._push(messages[0] if len(messages) == 1 else b"".join(messages))
-        client.splicer._schedule_flush()
+        while self.handshake_left and frames:
+            self.handshake_left -= 1
+            frame = frames.pop(0)
+            if frame[:1] == b"-":
+                self.fail(f"refused the connection handshake: {frame[1:-2].decode(errors='replace')}")
+                return
+        if frames:
+            self.frames(frames)
+        self.client.splicer._schedule_flush()
+
+    def frames(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
-            self.fail("closed the subscribed connection" + (f" ({exc})" if exc is not None else ""))
+            self.fail(f"closed the {self.what}" + (f" ({exc})" if exc is not None else ""))
+
+    def fail(self, why: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True
+        self.task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+class _Subscriber(_OwnConnection):
+    """A client's own connection to one server, for its subscriptions on that server.
+
+    A subscribed connection cannot be pooled: the server pushes messages down it at any time.
+    Messages are relayed to the client as they come; confirmations are counted against what
+    was sent (`pending`), and each (UN)SUBSCRIBE is confirmed to the client once every server
+    it went to has confirmed. If the connection fails the client's connection is closed (its
+    subscriptions are gone, and a client library resubscribes when it reconnects).
+    """
+
+    what = "subscribed connection"
+
+    def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
+        super().__init__(client, server, proto)
+        self.pending: deque[list[Any]] = deque()  # [op, confirmations still due, sent at], in send order
+        client.splicer._subscribers.add(self)  # the ticker times confirmations out
+
+    def send(self, payload: bytes, op: _SubOp, confirmations: int, now: float) -> None:
+        self.pending.append([op, confirmations, now])
+        self.write(payload)
+
+    def frames(self, frames: list[bytes]) -> None:
+        messages: list[bytes] = []  # relayed together: one slot in the client's order per read
+        pending = self.pending
+        for frame in frames:
+            kind = push_kind(frame)
+            if kind in MESSAGE_KINDS:
+                if pending:
+                    pending[0][0].before.append(frame)
+                else:
+                    messages.append(frame)
+            elif kind in CONFIRM_KINDS and pending:
+                head = pending[0]
+                head[1] -= 1
+                if head[1] == 0:
+                    pending.popleft()
+                    head[0].server_done()
+            else:
+                self.fail("answered a subscription with "
+                          + (frame[1:-2].decode(errors="replace") if frame[:1] == b"-" else "an unexpected reply"))
+                return
+        if messages:
+            self.client._push(messages[0] if len(messages) == 1 else b"".join(messages))
 
     def fail(self, why: str) -> None:
         """This subscription connection is gone: so are the client's subscriptions, and its
@@ -536,18 +574,60 @@ class _Subscriber(asyncio.Protocol):
 
     def close(self, error: bytes = b"") -> None:
         """Close the connection; pending (un)subscriptions are answered with `error`."""
-        self.closed = True
+        super().close()
         self.client.splicer._subscribers.discard(self)
-        self.task.cancel()
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
         pending, self.pending = self.pending, deque()
         for op, _, _ in pending:
             if op.left > 0:
                 op.left = 1  # one error answers the whole command, whatever else is due
                 op.reply = error
                 op.server_done()
+
+
+class _Blocker(_OwnConnection):
+    """A client's own connection to one server for its blocking commands (BLPOP, BLMOVE,
+    XREAD BLOCK...): a blocked command would hold up a pooled connection shared with other
+    clients. Each one is a barrier, so at most one is in flight; it has no request timeout (it
+    waits as long as it asked to). If the connection fails its command gets the error in its
+    place and the next one opens a new connection.
+    """
+
+    what = "connection of blocking commands"
+
+    def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
+        super().__init__(client, server, proto)
+        self.pending: deque[int] = deque()  # the client's sequence numbers, in send order
+
+    def send(self, payload: bytes, seq: int) -> None:
+        self.pending.append(seq)
+        self.write(payload)
+
+    def frames(self, frames: list[bytes]) -> None:
+        client = self.client
+        for frame in frames:
+            if not self.pending:
+                self.fail("sent a reply without a request")
+                return
+            client._on_reply(self.pending.popleft(), frame)
+
+    def fail(self, why: str) -> None:
+        if self.closed:
+            return
+        client = self.client
+        if not client.splicer.closing:
+            log.warning("backend %s, blocking command of client %s: %s", self.server.label,
+                        client.transport.get_extra_info("peername") if client.transport else "?", why)
+        self.close(encode_error(f"ERR splicer: backend {self.server.label} {why}"))
+
+    def close(self, error: bytes = b"") -> None:
+        """Close the connection; a command in flight is answered with `error`."""
+        super().close()
+        client = self.client
+        if client.blockers.get(self.server.index) is self:
+            del client.blockers[self.server.index]
+        pending, self.pending = self.pending, deque()
+        for seq in pending:
+            client._on_reply(seq, error)
 
 
 def _address(name: Any) -> str:
@@ -579,6 +659,7 @@ class _Client(asyncio.Protocol):
         self.closed = False
         self.dirty = False
         self.subscribers: dict[int, _Subscriber] = {}  # by server index, while it has subscriptions
+        self.blockers: dict[int, _Blocker] = {}  # by server index, once it sent a blocking command there
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -598,6 +679,7 @@ class _Client(asyncio.Protocol):
         self.closed = True
         self.waiting.clear()
         self._drop_subscribers()
+        self._drop_blockers()
         self.splicer._clients.discard(self)
         if self.splicer.metrics is not None:
             self.splicer.metrics.client_connections.dec()
@@ -625,6 +707,11 @@ class _Client(asyncio.Protocol):
         # Half-close: the client sent all it will send (`printf ... | nc -N` does). Answer what
         # it sent, then close; keeping the transport open lets us still write.
         self.eof = True
+        if any(b.pending for b in self.blockers.values()):
+            # A command blocked for a client that sent its last byte may wait for ever, and pop
+            # an item nobody reads: redis-server ends such a client at EOF, and so do we.
+            for b in list(self.blockers.values()):
+                b.close(encode_error("ERR splicer: the client closed its side while a blocking command waited"))
         self._mark()
         self.splicer._schedule_flush()
         return True
@@ -793,6 +880,18 @@ class _Client(asyncio.Protocol):
                             sub.close()
                         sub = subscribers[server] = _Subscriber(self, splicer._servers[server], proto)
                     sub.send(payload, op, confirmations, now)
+        elif tag == BLOCK:
+            _, barrier, proto, server, payload = action
+            if splicer._servers[server].lanes[proto][0].known_down(now):
+                self.merge.finish(seq, splicer._down_error(server))
+            else:
+                b = self.blockers.get(server)
+                if b is None or b.proto != proto:
+                    if b is not None:  # opened before a HELLO changed the protocol
+                        b.close()
+                    b = self.blockers[server] = _Blocker(self, splicer._servers[server], proto)
+                self.outstanding += 1
+                b.send(payload, seq)
         else:
             raise AssertionError(tag)
         if action[1] and self.outstanding:
@@ -872,6 +971,10 @@ class _Client(asyncio.Protocol):
         subscribers, self.subscribers = self.subscribers, {}
         for sub in subscribers.values():
             sub.close(error)
+
+    def _drop_blockers(self) -> None:
+        for b in list(self.blockers.values()):
+            b.close()
 
     def _subscriptions_lost(self, error: bytes) -> None:
         """A subscribed connection failed: answer what is pending with `error`, then close."""
@@ -1016,6 +1119,7 @@ class RedisSplicer:
             t.cancel()
         for c in list(self._clients):
             c._drop_subscribers()
+            c._drop_blockers()
             if c.transport is not None:
                 c.transport.close()
         for srv in self._servers:

@@ -57,6 +57,7 @@ __all__ = [
     "SPLIT",
     "EXEC",
     "PUBSUB",
+    "BLOCK",
     "merge_mget",
     "KeyGroup",
     "merge_sum",
@@ -76,6 +77,9 @@ EXEC = 5  # (EXEC, barrier, proto, server, lane, payload, nreplies): only the la
 # `drop`, send each (server, payload, confirmations) on the client's own connection to that
 # server, and answer `reply` once every server confirmed (redis_pubsub)
 PUBSUB = 6
+# (BLOCK, barrier, proto, server, payload): a blocking command, over the client's own
+# connection to `server` (a blocked command must not hold up a pooled connection)
+BLOCK = 7
 # barrier (bool): start only when this client has no request in flight, and hold later ones
 # until it is answered. REPLY actions carry no flag: HELLO that changes the protocol is
 # returned as (REPLY, bytes, True) to ask for the "earlier requests first" half.
@@ -388,7 +392,23 @@ class RedisSession:
             return (SPLIT, True, self.proto, merge, len(parts), parts)
         if kind == Kind.PUBSUB:
             return self._pubsub(name, args)
+        if kind == Kind.BLOCKING:
+            return self._blocking(spec, name, args)
         raise AssertionError(f"unhandled kind {kind}")
+
+    def _blocking(self, spec, name: bytes, args: list[bytes]) -> tuple:
+        try:
+            keys = command_keys(spec, args)
+        except ValueError:
+            return (REPLY, _keys_error(spec, args))
+        if spec.streams and not _blocks(args):
+            return self._keyed(name, args, keys)  # XREAD without BLOCK: an ordinary read
+        place = self.router.place
+        server = place(keys[0])[0]
+        if any(place(k)[0] != server for k in keys[1:]):
+            return (REPLY, _cross_server(name))
+        # A barrier, as on a Redis connection: nothing after it runs while it is blocked.
+        return (BLOCK, True, self.proto, server, encode_command(args))
 
     def _pubsub(self, name: bytes, args: list[bytes]) -> tuple:
         subs = self.subs
@@ -526,12 +546,12 @@ class RedisSession:
             if err is not None:
                 self.multi_error = True
                 return (REPLY, err)
-        if spec.numkeys:
+        if spec.numkeys or spec.streams:
             try:
                 command_keys(spec, args)
             except ValueError:
                 self.multi_error = True
-                return (REPLY, encode_error("ERR numkeys should be greater than 0 and at most the number of keys given"))
+                return (REPLY, _keys_error(spec, args))
         self.multi.append(args)  # type: ignore[union-attr]
         return (REPLY, QUEUED)
 
@@ -768,6 +788,27 @@ class RedisSession:
                 return encode_error("ERR The command has no key arguments")
             return b"*%d\r\n" % len(keys) + b"".join(encode_bulk(k) for k in keys)
         return encode_error(f"ERR COMMAND {args[1][:64].decode(errors='replace')} is not supported by the splicer")
+
+
+def _keys_error(spec, args: list[bytes]) -> bytes:
+    """Redis's error for keys that cannot be found: a bad numkeys, or XREAD's STREAMS list."""
+    if not spec.streams:
+        return encode_error("ERR numkeys should be greater than 0 and at most the number of keys given")
+    if b"STREAMS" not in [a.upper() for a in args]:
+        return encode_error("ERR syntax error")
+    # redis-server 7 says XREAD for XREADGROUP too
+    return encode_error("ERR Unbalanced XREAD list of streams: for each stream key an ID or '$' must be specified.")
+
+
+def _blocks(args: list[bytes]) -> bool:
+    """Does an XREAD/XREADGROUP ask to block (BLOCK before STREAMS)?"""
+    for a in args[1:]:
+        u = a.upper()
+        if u == b"STREAMS":
+            return False
+        if u == b"BLOCK":
+            return True
+    return False
 
 
 _PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})  # placed by channel (Router.channel_place), not as keys

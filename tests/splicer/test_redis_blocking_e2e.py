@@ -1,0 +1,149 @@
+"""Blocking commands through the Redis splicer, end to end (real redis-servers, redis-py and raw
+RESP): each runs over the client's own connection to its keys' server, so the pooled
+connections other clients share are never held by a blocked command."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from .redis_fixtures import needs_redis, pipeline, placed_on, redis_servers, splicer, trio  # noqa: F401 (trio: a fixture)
+
+pytestmark = [needs_redis, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def sp(trio):
+    # One pooled connection per server: a blocked command on it would stop every other client.
+    with splicer(trio, pool={"min": 1, "max": 1}) as s:
+        yield s
+
+
+@pytest.fixture()
+def clean(sp, trio):
+    for srv in trio:
+        srv.client().flushall()
+    return sp
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_blpop_waits_for_a_push_and_times_out(clean, protocol: int) -> None:
+    r = clean.client(protocol=protocol)
+    assert r.blpop(["bq"], timeout=0.2) is None
+    threading.Timer(0.3, lambda: clean.client().rpush("bq", "job")).start()
+    assert list(r.blpop(["bq"], timeout=10)) == [b"bq", b"job"]
+
+
+def test_blocked_clients_do_not_hold_the_pool(clean, trio) -> None:
+    keys = placed_on(clean, 0, 10, "block")
+    done: list = []
+    threads = [threading.Thread(target=lambda k=k: done.append(clean.client().blpop([k], timeout=20))) for k in keys]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while trio[0].client().info("clients")["blocked_clients"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert trio[0].client().info("clients")["blocked_clients"] == 10
+    other = clean.client()
+    for k in placed_on(clean, 0, 50, "free"):  # the same server, through its one pooled connection
+        other.set(k, "v")
+        assert other.get(k) == b"v"
+    assert not done  # all still blocked meanwhile
+    for k in keys:
+        other.rpush(k, "x")
+    for t in threads:
+        t.join(10)
+    assert sorted(done) == sorted((k.encode(), b"x") for k in keys)
+
+
+def test_a_client_that_leaves_while_blocked_takes_nothing(clean, trio) -> None:
+    k = placed_on(clean, 1, 1, "gone")[0]
+    payload = b"*3\r\n$5\r\nBLPOP\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(k), k.encode())
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", clean.port))
+    s.sendall(payload)
+    direct = trio[1].client()
+    deadline = time.monotonic() + 10
+    while direct.info("clients")["blocked_clients"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s.close()
+    while direct.info("clients")["blocked_clients"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert direct.info("clients")["blocked_clients"] == 0
+    clean.client().rpush(k, "item")
+    time.sleep(0.2)
+    assert direct.lrange(k, 0, -1) == [b"item"]  # not popped for a client that is gone
+
+
+def test_blocking_commands_of_every_kind(clean, trio) -> None:
+    r = clean.client(protocol=2)
+    src, dst, z, st = placed_on(clean, 0, 4, "bk")  # one server's keys
+    r.rpush(src, "a", "b")
+    assert r.blmove(src, dst, 1, "LEFT", "RIGHT") == b"a"
+    assert r.brpoplpush(src, dst, 1) == b"b"
+    assert r.lrange(dst, 0, -1) == [b"b", b"a"]  # BRPOPLPUSH pushes on the left
+    assert r.execute_command("BLMPOP", 1, 1, dst, "LEFT") == [dst.encode(), [b"b"]]
+    r.zadd(z, {"m": 1})
+    assert r.bzpopmin([z], timeout=1) == (z.encode(), b"m", 1.0)
+    r.xadd(st, {"f": "v"})
+    r.xgroup_create(st, "g", id="0")
+    got = r.xreadgroup("g", "c", {st: ">"}, block=100)
+    assert got[0][0] == st.encode() and got[0][1][0][1] == {b"f": b"v"}
+    assert r.xread({st: "$"}, block=100) == []  # timed out
+    with pytest.raises(redis.ResponseError, match="CROSSSERVER"):
+        r.blpop([placed_on(clean, 0, 1, "x")[0], placed_on(clean, 1, 1, "x")[0]], timeout=1)
+    # The same errors as redis-server for the STREAMS list
+    bad = [[b"XREAD", b"BLOCK", b"10", b"s"], [b"XREAD", b"BLOCK", b"10", b"STREAMS", b"a", b"b", b"c"]]
+    assert pipeline(clean.port, bad) == pipeline(trio[0].port, bad)
+
+
+def test_commands_after_a_blocked_one_wait_for_it(clean) -> None:
+    k = placed_on(clean, 2, 1, "order")[0]
+    threading.Timer(0.3, lambda: clean.client().rpush(k, "first")).start()
+    replies = pipeline(clean.port, [[b"BLPOP", k.encode(), b"5"], [b"RPUSH", k.encode(), b"second"], [b"LRANGE", k.encode(), b"0", b"-1"]])
+    assert replies[0] == b"*2\r\n$%d\r\n%s\r\n$5\r\nfirst\r\n" % (len(k), k.encode())
+    assert replies[1] == b":1\r\n" and replies[2] == b"*1\r\n$6\r\nsecond\r\n"
+
+
+def test_inside_multi_a_blocking_command_does_not_block(clean) -> None:
+    r = clean.client()
+    p = r.pipeline(transaction=True)
+    p.rpush("mq", "x")
+    p.blpop(["mq"], timeout=0)
+    p.blpop(["mq"], timeout=0)  # empty: nil at once, as in Redis
+    assert p.execute() == [1, (b"mq", b"x"), None]
+
+
+def test_a_server_killed_under_a_blocked_client(tmp_path) -> None:
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            k = placed_on(s, 1, 1, "dead")[0]
+            out: list = []
+
+            def wait() -> None:
+                try:
+                    out.append(s.client().blpop([k], timeout=0))
+                except redis.ResponseError as exc:
+                    out.append(exc)
+
+            t = threading.Thread(target=wait)
+            t.start()
+            deadline = time.monotonic() + 10
+            while pair[1].client().info("clients")["blocked_clients"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            pair[1].kill()
+            t.join(10)
+            assert len(out) == 1 and isinstance(out[0], redis.ResponseError)
+            assert "127.0.0.1:%d" % pair[1].port in str(out[0]) and "blocking" in str(out[0])
+            pair[1].start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # after the backoff, a new connection serves it
+                try:
+                    s.client().rpush(k, "v")
+                    break
+                except redis.ResponseError:
+                    time.sleep(0.1)
+            assert s.client().blpop([k], timeout=5) == (k.encode(), b"v")

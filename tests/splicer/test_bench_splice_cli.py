@@ -94,9 +94,9 @@ def test_fanout_bench_scans_every_key_and_records_twemproxy():
 @pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "nutcracker")),
                     reason="redis-server and nutcracker are needed")
 @pytest.mark.timeout(240)
-def test_pubsub_bench_delivers_every_message_and_records_twemproxy():
-    # The bench itself fails (exit 2) on a message that does not arrive, arrives wrong, or a
-    # PUBLISH that does not count its one subscriber.
+def test_pubsub_bench_delivers_every_message_and_item_and_records_twemproxy():
+    # The bench itself fails (exit 2) on a message that does not arrive, arrives wrong, a
+    # PUBLISH that does not count its one subscriber, or a BLPOP that gets another item.
     r = sf("bench", "splice", "--scenario", "pubsub", "--json", timeout=240)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)["pubsub"]
@@ -104,4 +104,5 @@ def test_pubsub_bench_delivers_every_message_and_records_twemproxy():
         assert res["messages_per_s"][side] > 0 and 0 < res["latency"][side]["p50_ms"] <= res["latency"][side]["p99_ms"]
     assert res["ratios"]["rate_splicer_vs_direct"] == pytest.approx(
         res["messages_per_s"]["splicer"] / res["messages_per_s"]["direct"])
-    assert "SUBSCRIBE" in res["twemproxy"]
+    assert res["handoff"]["splicer"]["p50_ms"] > 0 and res["ratios"]["handoff_p50_splicer_vs_direct"] > 0
+    assert set(res["twemproxy"]) == {"SUBSCRIBE", "BLPOP"}

@@ -11,8 +11,8 @@ adds a server under load: the splicer by SIGHUP, twemproxy by a restart (it has 
 The `fanout` scenario (`shmfabric.bench.splice_fanout`, opt-in) times whole-server Redis commands
 through the splicer (a SCAN of every key, DBSIZE, redis-py's Lock) against the same work sent
 straight to the servers, and records what twemproxy answers to them. The `pubsub` scenario
-(`shmfabric.bench.splice_pubsub`, opt-in) times Redis pub/sub through the splicer (delivery
-latency, messages/s) against the channel's server used directly.
+(`shmfabric.bench.splice_pubsub`, opt-in) times Redis pub/sub (delivery latency, messages/s)
+and a BLPOP queue's hand-off through the splicer against the server used directly.
 The `logged` scenario (opt-in, not in the default list) is scenario 2 with both proxies adding
 X-Forwarded-For and writing an access-log line per request to a file; under the table it prints
 each log's line count next to the requests wrk completed, and the X-Forwarded-For value nginx
@@ -117,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(scenario 2 with both proxies terminating TLS; opt-in), tls-handshake (TLS with a new "
                         "connection per request: connections/s; opt-in), fanout (whole-server Redis commands: "
                         "SCAN, DBSIZE, redis-py Lock, against the servers directly; opt-in), pubsub (Redis pub/sub "
-                        "delivery latency and messages/s, against the server directly; opt-in); default: the first four")
+                        "delivery latency and messages/s, BLPOP hand-off, against the server directly; opt-in); default: the first four")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")

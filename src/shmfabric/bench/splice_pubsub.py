@@ -1,4 +1,4 @@
-"""Redis pub/sub through the splicer, against the same messages sent straight to the server.
+"""Redis pub/sub and blocking queues through the splicer, against the same sent straight to the server.
 
     python -m shmfabric.bench.splice_pubsub [--json] [--messages N] [--runs N]
     shmfabric bench splice --scenario pubsub
@@ -11,9 +11,13 @@ twemproxy beside it for the record. One channel, placed by the splicer on one of
    time until the subscriber has it (the publisher's reply read too). p50 and p99 over `--runs`.
 2. throughput: PUBLISH pipelined in batches of 100 on one connection, each batch's replies and
    its 100 messages read before the next: messages delivered per second over `--messages`.
-3. twemproxy, for the record: what it answers to SUBSCRIBE.
+3. queue hand-off: a consumer blocked in BLPOP, a producer RPUSHes one item; time from the
+   RPUSH sent until the consumer has the item. p50 over `--runs` (each after a 1 ms pause, so
+   the BLPOP is waiting when the item comes).
+4. twemproxy, for the record: what it answers to SUBSCRIBE and to BLPOP.
 
-No target: the issue sets none for pub/sub. The ratios say what the proxy costs.
+No target: the issue sets none for pub/sub or blocking commands. The ratios say what the proxy
+costs.
 """
 from __future__ import annotations
 
@@ -110,10 +114,37 @@ def _throughput(port: int, messages: int, batch: int = 100) -> float:
         pub.close()
 
 
-def _peer_answer(port: int) -> str:
+def _handoff(port: int, runs: int) -> dict[str, float]:
+    consumer, producer = _Conn(port), _Conn(port)
+    key = b"bench:queue"
+    blpop = encode_command([b"BLPOP", key, b"0"])
+    rpush = encode_command([b"RPUSH", key, _PAYLOAD])
+    want = b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(_PAYLOAD), _PAYLOAD)
+    times = []
+    try:
+        for i in range(runs + min(50, runs)):
+            consumer.sock.sendall(blpop)
+            time.sleep(0.001)
+            t0 = time.perf_counter()
+            producer.sock.sendall(rpush)
+            got = consumer.read(1)[0]
+            t1 = time.perf_counter()
+            producer.read(1)
+            if got != want:
+                raise BenchError(f"BLPOP on port {port} answered {got[:80]!r}")
+            if i >= min(50, runs):
+                times.append(t1 - t0)
+    finally:
+        consumer.close()
+        producer.close()
+    times.sort()
+    return {"p50_ms": times[len(times) // 2] * 1e3, "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3}
+
+
+def _peer_answer(port: int, command: list[bytes]) -> str:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(encode_command([b"SUBSCRIBE", _CHANNEL]))
+            s.sendall(encode_command(command))
             data = s.recv(4096)
         return "closes the connection" if not data else data[:80].decode(errors="replace").strip()
     except OSError as exc:
@@ -130,44 +161,52 @@ def run(messages: int = 100_000, runs: int = 2000) -> dict[str, Any]:
         servers = start_redis_servers(redis_server, 2, tmp, procs)
         sp_port, _ = start_splicer_on(servers, 1, 2, "md5", procs)
         nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs)
-        # "direct" is the server the splicer put the channel on: find it by its subscriber.
-        sub, _pub = _pair(sp_port)
-        home = next(p for p in servers if _count(p) == 1)
-        sub.close()
-        _pub.close()
+        # "direct" is the server the splicer puts the channel (placed as a key) on.
+        home = next(p for p in servers if _placed_here(sp_port, p, _CHANNEL))
         result: dict[str, Any] = {"messages": messages, "runs": runs, "payload_bytes": len(_PAYLOAD)}
         result["latency"] = {"direct": _latency(home, runs), "splicer": _latency(sp_port, runs)}
         result["messages_per_s"] = {"direct": _throughput(home, messages), "splicer": _throughput(sp_port, messages)}
-        result["twemproxy"] = {"SUBSCRIBE": _peer_answer(nc_port)}
+        queue_home = next(p for p in servers if _placed_here(sp_port, p, b"bench:queue"))
+        result["handoff"] = {"direct": _handoff(queue_home, min(runs, 1000)), "splicer": _handoff(sp_port, min(runs, 1000))}
+        result["twemproxy"] = {"SUBSCRIBE": _peer_answer(nc_port, [b"SUBSCRIBE", _CHANNEL]),
+                               "BLPOP": _peer_answer(nc_port, [b"BLPOP", b"bench:queue", b"1"])}
         result["ratios"] = {
             "latency_p50_splicer_vs_direct": result["latency"]["splicer"]["p50_ms"] / result["latency"]["direct"]["p50_ms"],
             "rate_splicer_vs_direct": result["messages_per_s"]["splicer"] / result["messages_per_s"]["direct"],
+            "handoff_p50_splicer_vs_direct": result["handoff"]["splicer"]["p50_ms"] / result["handoff"]["direct"]["p50_ms"],
         }
         return result
     finally:
         stop_all(procs, tmp)
 
 
-def _count(port: int) -> int:
-    c = _Conn(port)
+def _placed_here(sp_port: int, server: int, key: bytes) -> bool:
+    """Does the splicer on `sp_port` put `key` on `server`? (A marker written through it.)"""
+    marker = _Conn(sp_port)
+    direct = _Conn(server)
     try:
-        c.sock.sendall(encode_command([b"PUBSUB", b"NUMSUB", _CHANNEL]))
-        reply = c.read(1)[0]
-        return int(reply.rsplit(b":", 1)[1][:-2])
+        marker.sock.sendall(encode_command([b"SET", key + b":where", b"1"]))
+        marker.read(1)
+        direct.sock.sendall(encode_command([b"EXISTS", key + b":where"]))
+        return direct.read(1)[0] == b":1\r\n"
     finally:
-        c.close()
+        marker.close()
+        direct.close()
 
 
 def format_table(r: dict[str, Any]) -> str:
     """The figures as a fixed-width table with ratios."""
     la, ra = r["latency"], r["ratios"]
-    lines = [f"{'pub/sub, one channel, 2 servers':46} {'direct':>10} {'splicer':>10} {'ratio':>7}",
+    lines = [f"{'pub/sub and a blocking queue, 2 servers':46} {'direct':>10} {'splicer':>10} {'ratio':>7}",
              f"{'delivery latency p50 ms':46} {la['direct']['p50_ms']:10.3f} {la['splicer']['p50_ms']:10.3f} "
              f"{ra['latency_p50_splicer_vs_direct']:6.2f}x",
              f"{'delivery latency p99 ms':46} {la['direct']['p99_ms']:10.3f} {la['splicer']['p99_ms']:10.3f}",
              f"{'messages/s (PUBLISH pipelined by 100)':46} {r['messages_per_s']['direct']:10,.0f} "
              f"{r['messages_per_s']['splicer']:10,.0f} {ra['rate_splicer_vs_direct']:6.2f}x",
-             "", f"twemproxy (same servers), SUBSCRIBE: {r['twemproxy']['SUBSCRIBE']}",
+             f"{'BLPOP hand-off p50 ms (RPUSH sent to item got)':46} {r['handoff']['direct']['p50_ms']:10.3f} "
+             f"{r['handoff']['splicer']['p50_ms']:10.3f} {ra['handoff_p50_splicer_vs_direct']:6.2f}x",
+             "", f"twemproxy (same servers), SUBSCRIBE: {r['twemproxy']['SUBSCRIBE']}; "
+             f"BLPOP: {r['twemproxy']['BLPOP']}",
              f"\n{r['runs']} latency runs, {r['messages']:,} messages of {r['payload_bytes']} bytes; "
              "splicer: one worker, pool 2, md5 ketama"]
     return "\n".join(lines)

@@ -39,8 +39,8 @@ def test_parse_and_format_round_trip() -> None:
 def test_additive_figures_are_summed_and_the_others_are_the_largest() -> None:
     m = merged()
     assert m["Memory"]["used_memory"] == str(3 * 1048576) and m["Memory"]["used_memory_human"] == "3.00M"
-    assert m["Memory"]["used_memory_peak"] == "3000000"  # a peak: the largest
-    assert m["Memory"]["used_memory_peak_human"] == human_bytes(3000000) == "2.86M"
+    assert m["Memory"]["used_memory_peak"] == "5000000"  # peaks summed: not below the summed current figure
+    assert m["Memory"]["used_memory_peak_human"] == human_bytes(5000000) == "4.77M"
     assert m["Memory"]["used_memory_peak_perc"] == "69.90%"
     assert m["Memory"]["mem_fragmentation_ratio"] == "7.55"
     assert m["Memory"]["maxmemory"] == "300"  # the servers' room together

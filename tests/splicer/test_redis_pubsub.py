@@ -121,7 +121,7 @@ def test_session_resp3_keeps_every_command_while_subscribed(router) -> None:
 def test_session_reset_drops_subscriptions(router) -> None:
     s = RedisSession(router)
     s.handle(cmd("PSUBSCRIBE", "x*"))
-    assert s.handle(cmd("RESET")) == (PUBSUB, True, 2, b"+RESET\r\n", [], True)
+    assert s.handle(cmd("RESET")) == (PUBSUB, True, 2, b"+RESET\r\n", [], True, False)
     assert not s.subscribed and not s.subs.active
     assert s.handle(cmd("RESET"))[0] == REPLY  # nothing to drop
 

@@ -35,12 +35,13 @@ class Raw:
         self.sock.sendall(b"".join(encode_command([w.encode() for w in c]) for c in commands))
 
     def frames(self, n: int) -> list[bytes]:
+        """The next `n` frames (those after them stay buffered)."""
         out: list[bytes] = []
         while len(out) < n:
-            while (f := self.scanner.next()) is not None:
+            f = self.scanner.next()
+            if f is not None:
                 out.append(f)
-            if len(out) >= n:
-                break
+                continue
             data = self.sock.recv(65536)
             assert data, f"connection closed after {len(out)} of {n} frames: {out}"
             self.scanner.feed(data)
@@ -326,6 +327,41 @@ def test_subscribed_connections_close_with_the_last_subscription(tmp_path) -> No
             c.close()
 
 
+def test_a_server_the_client_no_longer_subscribes_on_cannot_cut_it(tmp_path) -> None:
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            on0, on1 = placed_on(s, 0, 1, "part")[0], placed_on(s, 1, 1, "part")[0]
+            c = Raw(s.port)
+            c.send(["SUBSCRIBE", on0, on1], ["UNSUBSCRIBE", on1])
+            c.frames(3)
+            pair[1].kill()
+            assert s.client().publish(on0, "alive") == 1
+            assert parse(c.frames(1)[0]) == [b"message", on0.encode(), b"alive"]
+            c.close()
+
+
+def test_a_client_that_closes_while_subscribing_leaves_nothing_subscribed(tmp_path) -> None:
+    import os
+    import signal
+
+    with redis_servers(tmp_path, 3) as trio_:
+        with splicer(trio_, timeouts={"connect": 1, "request": 20}) as s:
+            c = Raw(s.port)
+            os.kill(trio_[1].proc.pid, signal.SIGSTOP)
+            try:
+                c.send(["PSUBSCRIBE", "gone*"])
+                deadline = time.monotonic() + 10
+                while not all(t.client().pubsub_numpat() for t in (trio_[0], trio_[2])) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                c.sock.shutdown(socket.SHUT_WR)  # its last byte: the confirmation still waits on server 1
+                while any(t.client().pubsub_numpat() for t in (trio_[0], trio_[2])) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert [t.client().pubsub_numpat() for t in (trio_[0], trio_[2])] == [0, 0]  # long before 20 s
+            finally:
+                os.kill(trio_[1].proc.pid, signal.SIGCONT)
+            c.close()
+
+
 async def _count(s) -> int:
     return len(s.splicer._subscribers)
 
@@ -395,3 +431,77 @@ def test_client_info_describes_the_connection(sp) -> None:
     fields = dict(kv.split("=", 1) for kv in parse(c.frames(7)[6]).decode().split())
     assert (fields["flags"], fields["sub"], fields["psub"]) == ("P", "0", "1")
     c.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_no_message_outside_its_subscription_under_pipelined_changes(sp, protocol: int) -> None:
+    """Pipelined batches of (P)(UN)SUBSCRIBE while channels on every server are flooded: in the
+    order the client reads, no message comes before its channel's or pattern's "subscribe" or
+    after its "unsubscribe", and every count is right. (Messages sent before an UNSUBSCRIBE that
+    still waited behind another server's confirmation, or on a connection closed because later
+    commands unsubscribed it, came after the confirmation.)"""
+    import random
+
+    chans = [f"race{i}" for i in range(9)]
+    patterns = ["race1*", "race*", "r?ce3"]
+    stop = threading.Event()
+
+    def flood(seed: int) -> None:
+        r = sp.client()
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            p = r.pipeline(transaction=False)
+            for _ in range(20):
+                p.publish(rnd.choice(chans), "m")
+            p.execute()
+            time.sleep(0.002)  # the splicer runs in this process: leave it the interpreter
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    c = Raw(sp.port)
+    if protocol == 3:
+        c.send(["HELLO", "3"])
+        c.frames(1)
+    rnd = random.Random(7)
+    channels: set[bytes] = set()
+    pats: set[bytes] = set()
+    bad: list = []
+    try:
+        for it in range(60):
+            batch = []
+            for _ in range(rnd.randint(1, 5)):
+                op = rnd.choice("SUPQA")
+                if op == "S":
+                    batch.append(["SUBSCRIBE", *rnd.sample(chans, rnd.randint(1, 3))])
+                elif op == "U":
+                    batch.append(["UNSUBSCRIBE", *rnd.sample(chans, rnd.randint(1, 3))])
+                elif op == "P":
+                    batch.append(["PSUBSCRIBE", rnd.choice(patterns)])
+                elif op == "Q":
+                    batch.append(["PUNSUBSCRIBE"])
+                else:
+                    batch.append(["UNSUBSCRIBE"])
+            c.send(*batch, ["PING", f"mark{it}"])
+            while True:
+                f = parse(c.frames(1)[0])
+                if f in ([b"pong", b"mark%d" % it], b"mark%d" % it):
+                    break
+                kind = f[0]
+                if kind == b"message" and f[1] not in channels:
+                    bad.append(f)
+                elif kind == b"pmessage" and f[1] not in pats:
+                    bad.append(f)
+                elif kind in (b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe"):
+                    target = channels if kind in (b"subscribe", b"unsubscribe") else pats
+                    if f[1] is not None:
+                        (target.add if kind.endswith(b"subscribe") and not kind.startswith(b"un")
+                         and not kind.startswith(b"pun") else target.discard)(f[1])
+                    if f[2] != len(channels) + len(pats):
+                        bad.append(("count", f))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        c.close()
+    assert not bad, bad[:5]

@@ -8,8 +8,10 @@ The splicer sends INFO (with the client's sections) to every server in the pool 
 * figures that add up across servers are summed: keys, memory, commands, hits and misses,
   connections, CPU seconds, `instantaneous_*` rates; `*_human` fields are recomputed from the
   summed bytes, as redis-server prints them;
-* figures that do not (peaks, maxima, ratios, percentages, times, offsets): the largest
-  (`maxmemory` is summed: the servers' room together);
+* figures that do not (maxima, ratios, percentages, times, offsets, the number of scripts
+  and functions, which the splicer loads on every server): the largest (`maxmemory` is
+  summed: the servers' room together; so are peaks, an upper bound that stays above the
+  summed current figure);
 * `# Keyspace`: keys, expires and subexpiry summed per database, `avg_ttl` weighted by expires;
 * `# Commandstats` and `# Errorstats`: counts and microseconds summed, `usec_per_call`
   recomputed; `# Latencystats` (percentiles do not merge): the largest, an upper bound;
@@ -30,9 +32,10 @@ __all__ = ["parse_info", "format_info", "merge_sections", "merge_info", "info_re
 Sections = list[tuple[str, list[tuple[str, str]]]]
 
 # Fields whose servers' values do not add up: the largest is given.
-_NOT_ADDITIVE = ("peak", "max", "ratio", "perc", "time", "uptime", "lru_clock", "since", "port", "process_id",
+_NOT_ADDITIVE = ("max", "ratio", "perc", "time", "uptime", "lru_clock", "port", "process_id",
                  "hz", "arch_bits", "total_system_memory", "offset", "repl_backlog", "io_threads", "latest_fork",
-                 "enabled", "loading", "in_progress", "current_", "last_", "_size_age")
+                 "enabled", "loading", "in_progress", "current_", "last_", "_size_age",
+                 "number_of_")  # scripts and functions: loaded on every server through the splicer
 
 
 def human_bytes(n: int) -> str:

@@ -404,31 +404,42 @@ class _Join:
 class _SubOp:
     """One (P|S)(UN)SUBSCRIBE waiting for the servers' confirmations (redis_pubsub)."""
 
-    __slots__ = ("client", "seq", "left", "reply", "before")
+    __slots__ = ("client", "seq", "left", "reply", "early", "subscribing")
 
-    def __init__(self, client: "_Client", seq: int, left: int, reply: bytes) -> None:
+    def __init__(self, client: "_Client", seq: int, left: int, reply: bytes, subscribing: bool) -> None:
         self.client = client
         self.seq = seq
         self.left = left  # servers still to confirm their part
         self.reply = reply  # the client's confirmations, made by its Subscriptions
-        # Messages a server sent before its confirmation: they go ahead of the confirmations,
-        # so no message of a channel follows its "unsubscribe", as with Redis.
-        self.before: list[bytes] = []
+        # Messages a server sent before it confirmed its part. They go after a subscription's
+        # confirmations (a message of a new channel may follow its "subscribe") and ahead of an
+        # unsubscription's (none may follow its "unsubscribe"), as with Redis.
+        self.early: list[bytes] = []
+        self.subscribing = subscribing
 
     def server_done(self) -> None:
         self.left -= 1
         if self.left == 0:
-            before = self.before
+            early = self.early
             client = self.client
             subs = client.session.subs
-            if subs is not None and not subs.active:
-                # Nothing left to listen for, counting the commands read after this one: the
-                # connections go, so a server failing later does not cut a client that no longer
-                # subscribes, and a HELLO may change the protocol for the next ones. Done before
-                # the reply, which may start the next (UN)SUBSCRIBE (each is a barrier, so none
-                # is in flight now).
-                client._drop_subscribers()
-            client._on_reply(self.seq, b"".join(before) + self.reply if before else self.reply)
+            if subs is not None and not client.held_messages:
+                # A server the client no longer subscribes on loses its connection, so its
+                # failing later does not cut the client, and after a HELLO new connections speak
+                # the new protocol. Only with no (UN)SUBSCRIBE waiting (the session's sets count
+                # the commands already read, and a connection closed early would lose messages
+                # sent before a later UNSUBSCRIBE), and before the reply, which may start the
+                # next command (each (UN)SUBSCRIBE is a barrier, so none is in flight now).
+                keep = subs.servers()
+                for server in [s for s in client.subscribers if s not in keep]:
+                    client.subscribers.pop(server).close()
+            if not early:
+                reply = self.reply
+            elif self.subscribing:
+                reply = self.reply + b"".join(early)
+            else:
+                reply = b"".join(early) + self.reply
+            client._on_reply(self.seq, reply)
 
 
 class _OwnConnection(asyncio.Protocol):
@@ -541,11 +552,16 @@ class _Subscriber(_OwnConnection):
     def frames(self, frames: list[bytes]) -> None:
         messages: list[bytes] = []  # relayed together: one slot in the client's order per read
         pending = self.pending
+        held = self.client.held_messages
         for frame in frames:
+            if self.closed:  # by a confirmation just handled: nothing more comes from it
+                break
             kind = push_kind(frame)
             if kind in MESSAGE_KINDS:
-                if pending:
-                    pending[0][0].before.append(frame)
+                if pending:  # with the (UN)SUBSCRIBE this server has not confirmed yet
+                    pending[0][0].early.append(frame)
+                elif held:  # ahead of the first one still waiting to be sent
+                    held[next(iter(held))].append(frame)
                 else:
                     messages.append(frame)
             elif kind in CONFIRM_KINDS and pending:
@@ -660,6 +676,9 @@ class _Client(asyncio.Protocol):
         self.dirty = False
         self.subscribers: dict[int, _Subscriber] = {}  # by server index, while it has subscriptions
         self.blockers: dict[int, _Blocker] = {}  # by server index, once it sent a blocking command there
+        # (UN)SUBSCRIBEs read but waiting to run, by sequence number, in order: the messages that
+        # arrive meanwhile, for the slot opened just ahead of each
+        self.held_messages: dict[int, list[bytes]] = {}
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -707,6 +726,10 @@ class _Client(asyncio.Protocol):
         # Half-close: the client sent all it will send (`printf ... | nc -N` does). Answer what
         # it sent, then close; keeping the transport open lets us still write.
         self.eof = True
+        if self.subscribers:
+            # Messages for a client that sent its last byte: redis-server ends such a client at
+            # EOF; its subscriptions end here (those not yet confirmed get an error).
+            self._drop_subscribers(encode_error("ERR splicer: the client closed its side while subscribing"))
         if any(b.pending for b in self.blockers.values()):
             # A command blocked for a client that sent its last byte may wait for ever, and pop
             # an item nobody reads: redis-server ends such a client at EOF, and so do we.
@@ -787,8 +810,12 @@ class _Client(asyncio.Protocol):
                 self.outstanding = outstanding
                 session.idle = not outstanding and not self.waiting
                 action = handle(args)
-                seq = merge.open()
                 tag = action[0]
+                if tag == PUBSUB and (self.waiting or self.outstanding):
+                    # It waits: messages that come meanwhile go in a slot of their own ahead of
+                    # it (Redis would send them before it runs; see _Subscriber.frames).
+                    self.held_messages[merge.open() + 1] = []
+                seq = merge.open()
                 if tag == REPLY:
                     merge.finish(seq, action[1])
                     if len(action) > 2 and action[2] and (self.outstanding or self.waiting):
@@ -864,13 +891,16 @@ class _Client(asyncio.Protocol):
             else:
                 self.merge.finish(seq, splicer._down_error(server))
         elif tag == PUBSUB:
-            _, barrier, proto, reply, sends, drop = action
+            _, barrier, proto, reply, sends, drop, subscribing = action
+            held = self.held_messages.pop(seq, None)
+            if held is not None:  # the slot opened ahead of it: the messages that came meanwhile
+                self.merge.finish(seq - 1, b"".join(held))
             if drop:
                 self._drop_subscribers()
             if not sends:
                 self.merge.finish(seq, reply)
             else:
-                op = _SubOp(self, seq, len(sends), reply)
+                op = _SubOp(self, seq, len(sends), reply, subscribing)
                 self.outstanding += 1
                 subscribers = self.subscribers
                 for server, payload, confirmations in sends:

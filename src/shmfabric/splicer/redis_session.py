@@ -73,9 +73,11 @@ CLOSE = 2  # (CLOSE, bytes): write the bytes, then close the client (QUIT)
 FORWARD = 3  # (FORWARD, barrier, proto, server, lane, payload)
 SPLIT = 4  # (SPLIT, barrier, proto, kind, nkeys, parts); parts: [(server, lane, payload, positions)]
 EXEC = 5  # (EXEC, barrier, proto, server, lane, payload, nreplies): only the last reply is the client's
-# (PUBSUB, barrier, proto, reply, sends, drop): close the client's subscribed connections if
-# `drop`, send each (server, payload, confirmations) on the client's own connection to that
-# server, and answer `reply` once every server confirmed (redis_pubsub)
+# (PUBSUB, barrier, proto, reply, sends, drop, subscribing): close the client's subscribed
+# connections if `drop`, send each (server, payload, confirmations) on the client's own
+# connection to that server, and answer `reply` once every server confirmed (redis_pubsub);
+# `subscribing`: (P|S)SUBSCRIBE, whose confirmations go ahead of the messages a server sends
+# meanwhile (an unsubscribe's go after them)
 PUBSUB = 6
 # (BLOCK, barrier, proto, server, payload): a blocking command, over the client's own
 # connection to `server` (a blocked command must not hold up a pooled connection)
@@ -419,7 +421,7 @@ class RedisSession:
         reply, sends = subs.change(name, args[1:], self.proto)
         self.subscribed = self.proto == 2 and subs.active
         # A barrier: later commands run once the subscription is in place on every server.
-        return (PUBSUB, True, self.proto, reply, sends, False)
+        return (PUBSUB, True, self.proto, reply, sends, False, name in _SUBSCRIBING)
 
     # -- routing ---------------------------------------------------------------------------
     def _keyed(self, name: bytes, args: list[bytes], keys: list[bytes]) -> tuple:
@@ -642,7 +644,7 @@ class RedisSession:
                 # closes them: `drop`); messages already relayed stay ahead of +RESET.
                 self.subs.clear()
                 self.subscribed = False
-                return (PUBSUB, True, 2, b"+RESET\r\n", [], True)
+                return (PUBSUB, True, 2, b"+RESET\r\n", [], True, False)
             return (REPLY, b"+RESET\r\n", changed)
         raise AssertionError(name)
 
@@ -811,7 +813,8 @@ def _blocks(args: list[bytes]) -> bool:
     return False
 
 
-_PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})  # placed by channel (Router.channel_place), not as keys
+_PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})
+_SUBSCRIBING = frozenset({b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE"})  # placed by channel (Router.channel_place), not as keys
 _BADNAME = encode_error("ERR Client names cannot contain spaces, newlines or special characters.")
 
 

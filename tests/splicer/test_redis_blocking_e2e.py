@@ -147,3 +147,97 @@ def test_a_server_killed_under_a_blocked_client(tmp_path) -> None:
                 except redis.ResponseError:
                     time.sleep(0.1)
             assert s.client().blpop([k], timeout=5) == (k.encode(), b"v")
+
+
+# -- WATCH: on the client's own connection, where EXEC then runs --------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_optimistic_transactions_with_watch(clean, protocol: int) -> None:
+    """redis-py's transaction helper: WATCH, read, MULTI/EXEC, retried when another client
+    changed a watched key in between (EXEC answers nil), as against one Redis server."""
+    r = clean.client(protocol=protocol)
+    key = placed_on(clean, 1, 1, "cas")[0]
+    r.set(key, 0)
+    interfered = []
+
+    def add_one(pipe) -> None:
+        value = int(pipe.get(key))
+        if not interfered:  # another client changes the key between WATCH and EXEC, once
+            interfered.append(clean.client().set(key, 100))
+        pipe.multi()
+        pipe.set(key, value + 1)
+
+    r.transaction(add_one, key)
+    assert r.get(key) == b"101"  # the first EXEC was refused (nil), the retry saw 100
+    assert len(interfered) == 1
+
+
+def test_exec_answers_nil_when_a_watched_key_changed(clean, trio) -> None:
+    key = placed_on(clean, 0, 1, "nil")[0]
+    other = placed_on(clean, 0, 1, "nil2")[0]
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", clean.port), timeout=10)
+    try:
+        replies = pipeline_on(s, [[b"WATCH", key.encode()], [b"GET", key.encode()]])
+        assert replies == [b"+OK\r\n", b"$-1\r\n"]
+        trio[0].client().set(key, "changed")  # straight on the server: the splicer is not involved
+        replies = pipeline_on(s, [[b"MULTI"], [b"SET", other.encode(), b"x"], [b"EXEC"], [b"GET", other.encode()]])
+        assert replies == [b"+OK\r\n", b"+QUEUED\r\n", b"*-1\r\n", b"$-1\r\n"]  # not run
+        replies = pipeline_on(s, [[b"WATCH", key.encode()], [b"UNWATCH"], [b"MULTI"], [b"SET", other.encode(), b"y"],
+                                  [b"EXEC"]])
+        assert replies[-1] == b"*1\r\n+OK\r\n"  # unwatched: runs
+    finally:
+        s.close()
+
+
+def test_watch_across_servers_is_refused(clean) -> None:
+    r = clean.client()
+    a, b = placed_on(clean, 0, 1, "w")[0], placed_on(clean, 1, 1, "w")[0]
+    with pytest.raises(redis.ResponseError, match="CROSSSERVER"):
+        r.execute_command("WATCH", a, b)
+    p = r.pipeline(transaction=True)
+    p.watch(a)
+    p.multi()
+    p.set(b, "x")
+    with pytest.raises(redis.ResponseError, match="CROSSSERVER EXECABORT"):
+        p.execute()
+    assert r.get(b) is None
+
+
+def test_a_lost_watch_fails_the_transaction(tmp_path) -> None:
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 5}) as s:
+            key = placed_on(s, 1, 1, "lost")[0]
+            import socket
+
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            try:
+                assert pipeline_on(c, [[b"WATCH", key.encode()]]) == [b"+OK\r\n"]
+                for info in pair[1].client().client_list():  # the connection holding the WATCH
+                    if info["cmd"] == "watch":
+                        pair[1].client().client_kill_filter(_id=info["id"])
+                deadline = time.monotonic() + 5
+                while any(b.watching for cl in s.splicer._clients for b in cl.blockers.values()) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                replies = pipeline_on(c, [[b"MULTI"], [b"SET", key.encode(), b"v"], [b"EXEC"]])
+                assert replies[2].startswith(b"-ERR splicer: the connection holding this client's WATCH was lost"), replies
+                assert pair[1].client().get(key) is None
+            finally:
+                c.close()
+
+
+def pipeline_on(sock, commands: list[list[bytes]]) -> list[bytes]:
+    from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
+
+    sock.sendall(b"".join(encode_command(c) for c in commands))
+    sc = ReplyScanner()
+    out: list[bytes] = []
+    while len(out) < len(commands):
+        data = sock.recv(65536)
+        assert data, "connection closed early"
+        sc.feed(data)
+        while len(out) < len(commands) and (r := sc.next()) is not None:
+            out.append(r)
+    return out

@@ -96,7 +96,7 @@ def test_arity_unknown_and_refused(router: Router) -> None:
     assert s.handle(cmd("MSET", "a"))[1].startswith(b"-ERR wrong number")
     assert s.handle(cmd("MSET", "a", "1", "b"))[1].startswith(b"-ERR wrong number")
     assert s.handle(cmd("FOO", "bar"))[1] == b"-ERR unknown command 'FOO', with args beginning with: 'bar'\r\n"
-    for name in ("WAIT", "MONITOR", "WATCH", "TIME", "CONFIG"):
+    for name in ("WAIT", "MONITOR", "TIME", "CONFIG"):
         assert b"not supported by the splicer" in s.handle(cmd(name, "x", "0"))[1]
     assert b"names none" in s.handle(cmd("EVAL", "return 1", "0"))[1]
     assert b"greater than" in s.handle(cmd("EVAL", "return 1", "3", "a"))[1]
@@ -271,8 +271,8 @@ def test_blocking_commands_go_whole_to_their_server(router: Router) -> None:
 
     s = RedisSession(router)
     k = keys_at(router, lambda c: True, 1)[0]
-    tag, barrier, proto, server, payload = s.handle([b"BLPOP", k, b"0"])
-    assert tag == BLOCK and barrier and server == router.place(k)[0]
+    tag, barrier, proto, server, payload, nreplies, override, watch = s.handle([b"BLPOP", k, b"0"])
+    assert tag == BLOCK and barrier and server == router.place(k)[0] and (nreplies, override, watch) == (1, None, None)
     assert s.handle([b"XREAD", b"BLOCK", b"0", b"STREAMS", k, b"$"])[0] == BLOCK
     assert s.handle([b"XREAD", b"COUNT", b"1", b"STREAMS", k, b"0"])[0] == FORWARD  # does not block
     assert command_keys(COMMANDS[b"XREADGROUP"], cmd("XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">")) == [b"a", b"b"]
@@ -282,3 +282,34 @@ def test_blocking_commands_go_whole_to_their_server(router: Router) -> None:
     on0 = keys_at(router, lambda p: p[0] == 0, 1)[0]
     on1 = keys_at(router, lambda p: p[0] == 1, 1)[0]
     assert s.handle([b"BRPOP", on0, on1, b"1"])[1].startswith(b"-CROSSSERVER")
+
+
+def test_watch_pins_the_transaction_to_the_watched_server(router: Router) -> None:
+    from shmfabric.splicer.redis_session import BLOCK, WATCH_SET, WATCH_USE
+
+    s = RedisSession(router)
+    on0 = keys_at(router, lambda p: p[0] == 0, 2)
+    on1 = keys_at(router, lambda p: p[0] == 1, 1)[0]
+    action = s.handle([b"WATCH", *on0])
+    assert action[0] == BLOCK and action[3] == 0 and action[7] == WATCH_SET and s.watching == 0
+    assert s.handle([b"WATCH", on1])[1].startswith(b"-CROSSSERVER")  # another server than the first WATCH
+    assert s.handle(cmd("MULTI"))[1] == b"+OK\r\n"
+    assert s.handle([b"WATCH", on1])[1] == b"-ERR WATCH inside MULTI is not allowed\r\n"
+    s.handle([b"INCR", on0[0]])
+    tag, _, _, server, payload, nreplies, override, watch = s.handle(cmd("EXEC"))
+    assert (tag, server, nreplies, override, watch) == (BLOCK, 0, 3, None, WATCH_USE)
+    assert payload.startswith(b"*1\r\n$5\r\nMULTI\r\n") and payload.endswith(b"*1\r\n$4\r\nEXEC\r\n")
+    assert s.watching is None
+    # keys of another server in the transaction: refused, and the WATCH undone first
+    s.handle([b"WATCH", on0[0]])
+    s.handle(cmd("MULTI"))
+    s.handle([b"SET", on1, b"v"])
+    tag, _, _, server, payload, _, override, watch = s.handle(cmd("EXEC"))
+    assert (tag, server, payload, watch) == (BLOCK, 0, b"*1\r\n$7\r\nUNWATCH\r\n", WATCH_USE)
+    assert override.startswith(b"-CROSSSERVER EXECABORT")
+    s.handle([b"WATCH", on0[0]])
+    assert s.handle(cmd("UNWATCH"))[4] == b"*1\r\n$7\r\nUNWATCH\r\n" and s.watching is None
+    assert s.handle(cmd("UNWATCH")) == (REPLY, b"+OK\r\n")  # nothing watched: answered here
+    s.handle([b"WATCH", on0[0]])
+    assert b"cannot change the protocol" in s.handle(cmd("HELLO", "3"))[1]
+    assert s.handle(cmd("RESET"))[0] != REPLY and s.watching is None  # drops the connection that held it

@@ -34,6 +34,7 @@ class Kind:
     FANOUT = 7  # works on a whole server: sent to every server, replies merged (redis_fanout)
     PUBSUB = 8  # (P|S)(UN)SUBSCRIBE: a connection of the client's own per server (redis_pubsub)
     BLOCKING = 9  # BLPOP, BLMOVE, XREAD BLOCK...: all keys on one server, over the client's own connection
+    WATCH = 10  # WATCH, UNWATCH: on the client's own connection, where EXEC then runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,7 @@ for _name, _flags in (("BLMPOP", ("write", "blocking")), ("BZMPOP", ("write", "b
     COMMANDS[_name.encode()] = CommandSpec(_name.encode(), -5, 0, 0, 1, Kind.BLOCKING, _flags, False, 2)
 COMMANDS[b"XREAD"] = CommandSpec(b"XREAD", -4, 0, 0, 1, Kind.BLOCKING, ("readonly", "blocking"), streams=True)
 COMMANDS[b"XREADGROUP"] = CommandSpec(b"XREADGROUP", -7, 0, 0, 1, Kind.BLOCKING, ("write", "blocking"), streams=True)
+COMMANDS.update(_mk(Kind.WATCH, ("noscript", "loading", "stale", "fast", "allow_busy"), "WATCH:-2:1:-1:1 UNWATCH:1:0:0:0"))
 COMMANDS.update(_mk(Kind.MGET, _R, "MGET:-2:1:-1:1"))
 COMMANDS.update(_mk(Kind.MSET, _W, "MSET:-3:1:-1:2"))
 COMMANDS.update(_mk(Kind.SUM, _W, "DEL:-2:1:-1:1 UNLINK:-2:1:-1:1 TOUCH:-2:1:-1:1"))
@@ -174,8 +176,6 @@ for _n in (
     "MODULE LOLWUT"
 ).split():
     REFUSED[_n.encode()] = _SERVER
-REFUSED[b"WATCH"] = "WATCH needs one server connection kept for this client; MULTI/EXEC on keys of one server works without it"
-REFUSED[b"UNWATCH"] = REFUSED[b"WATCH"]
 for _n in "ASKING REPLCONF PFDEBUG PFSELFTEST".split():
     REFUSED[_n.encode()] = "it is a cluster, replication or debugging command, not one for a proxy"
 

@@ -41,6 +41,7 @@ from .config import RedisSpliceConfig, split_address
 from .redis_commands import COMMANDS
 from .redis_ketama import Ketama, KetamaServer, server_name
 from .redis_resp import (
+    OK,
     PONG,
     ReplyScanner,
     RequestReader,
@@ -55,6 +56,8 @@ from .redis_session import (
     EXEC,
     BLOCK,
     FORWARD,
+    WATCH_SET,
+    WATCH_USE,
     PUBSUB,
     REPLY,
     SPLIT,
@@ -602,29 +605,39 @@ class _Subscriber(_OwnConnection):
 
 class _Blocker(_OwnConnection):
     """A client's own connection to one server for its blocking commands (BLPOP, BLMOVE,
-    XREAD BLOCK...): a blocked command would hold up a pooled connection shared with other
-    clients. Each one is a barrier, so at most one is in flight; it has no request timeout (it
-    waits as long as it asked to). If the connection fails its command gets the error in its
-    place and the next one opens a new connection.
+    XREAD BLOCK...) and its WATCH: a blocked command would hold up a pooled connection shared
+    with other clients, and a WATCH lives on the connection that sent it, where EXEC must run.
+    Each command is a barrier, so at most one is in flight; none has a request timeout (a
+    blocking one waits as long as it asked to). If the connection fails its command gets the
+    error in its place, a WATCH it held is lost (EXEC then fails), and the next command opens
+    a new connection.
     """
 
     what = "connection of blocking commands"
 
     def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
         super().__init__(client, server, proto)
-        self.pending: deque[int] = deque()  # the client's sequence numbers, in send order
+        # [client's sequence number, replies still due, reply to give in place of the last]
+        self.pending: deque[list[Any]] = deque()
+        self.watching = False  # holds the client's WATCH
 
-    def send(self, payload: bytes, seq: int) -> None:
-        self.pending.append(seq)
+    def send(self, payload: bytes, seq: int, nreplies: int = 1, override: bytes | None = None) -> None:
+        self.pending.append([seq, nreplies, override])
         self.write(payload)
 
     def frames(self, frames: list[bytes]) -> None:
         client = self.client
+        pending = self.pending
         for frame in frames:
-            if not self.pending:
+            if not pending:
                 self.fail("sent a reply without a request")
                 return
-            client._on_reply(self.pending.popleft(), frame)
+            head = pending[0]
+            head[1] -= 1
+            if head[1]:  # MULTI's +OK and the +QUEUED before EXEC's reply
+                continue
+            pending.popleft()
+            client._on_reply(head[0], frame if head[2] is None else head[2])
 
     def fail(self, why: str) -> None:
         if self.closed:
@@ -642,8 +655,11 @@ class _Blocker(_OwnConnection):
         if client.blockers.get(self.server.index) is self:
             del client.blockers[self.server.index]
         pending, self.pending = self.pending, deque()
-        for seq in pending:
+        for seq, _, _ in pending:
             client._on_reply(seq, error)
+
+
+_UNWATCH_CMD = b"*1\r\n$7\r\nUNWATCH\r\n"
 
 
 def _address(name: Any) -> str:
@@ -895,8 +911,9 @@ class _Client(asyncio.Protocol):
             held = self.held_messages.pop(seq, None)
             if held is not None:  # the slot opened ahead of it: the messages that came meanwhile
                 self.merge.finish(seq - 1, b"".join(held))
-            if drop:
+            if drop:  # RESET: subscriptions and WATCHes end with the client's own connections
                 self._drop_subscribers()
+                self._drop_blockers()
             if not sends:
                 self.merge.finish(seq, reply)
             else:
@@ -911,17 +928,27 @@ class _Client(asyncio.Protocol):
                         sub = subscribers[server] = _Subscriber(self, splicer._servers[server], proto)
                     sub.send(payload, op, confirmations, now)
         elif tag == BLOCK:
-            _, barrier, proto, server, payload = action
-            if splicer._servers[server].lanes[proto][0].known_down(now):
+            _, barrier, proto, server, payload, nreplies, override, watch = action
+            b = self.blockers.get(server)
+            if watch == WATCH_USE and (b is None or not b.watching):
+                # The connection that held the WATCH was lost since: the keys were not watched
+                # all along, so EXEC must not run. UNWATCH (or DISCARD) has nothing to undo.
+                if payload == _UNWATCH_CMD:
+                    self.merge.finish(seq, OK if override is None else override)
+                else:
+                    self.merge.finish(seq, encode_error("ERR splicer: the connection holding this client's WATCH was "
+                                                        "lost; the transaction did not run, WATCH again"))
+            elif splicer._servers[server].lanes[proto][0].known_down(now):
                 self.merge.finish(seq, splicer._down_error(server))
             else:
-                b = self.blockers.get(server)
                 if b is None or b.proto != proto:
                     if b is not None:  # opened before a HELLO changed the protocol
                         b.close()
                     b = self.blockers[server] = _Blocker(self, splicer._servers[server], proto)
                 self.outstanding += 1
-                b.send(payload, seq)
+                b.send(payload, seq, nreplies, override)
+                if watch is not None:
+                    b.watching = watch == WATCH_SET
         else:
             raise AssertionError(tag)
         if action[1] and self.outstanding:

@@ -79,9 +79,14 @@ EXEC = 5  # (EXEC, barrier, proto, server, lane, payload, nreplies): only the la
 # `subscribing`: (P|S)SUBSCRIBE, whose confirmations go ahead of the messages a server sends
 # meanwhile (an unsubscribe's go after them)
 PUBSUB = 6
-# (BLOCK, barrier, proto, server, payload): a blocking command, over the client's own
-# connection to `server` (a blocked command must not hold up a pooled connection)
+# (BLOCK, barrier, proto, server, payload, nreplies, override, watch): over the client's own
+# connection to `server` (a blocked command must not hold up a pooled connection, and WATCH
+# lives on one connection): the last of `nreplies` replies is the client's, or `override`
+# in its place if given. `watch`: WATCH_SET (this is a WATCH), WATCH_USE (EXEC, DISCARD or
+# UNWATCH of a WATCH: void if the connection that holds it was lost since), or None.
 BLOCK = 7
+WATCH_SET = 1
+WATCH_USE = 2
 # barrier (bool): start only when this client has no request in flight, and hold later ones
 # until it is answered. REPLY actions carry no flag: HELLO that changes the protocol is
 # returned as (REPLY, bytes, True) to ask for the "earlier requests first" half.
@@ -290,6 +295,7 @@ class RedisSession:
         "addr",
         "laddr",
         "fd",
+        "watching",
     )
 
     def __init__(self, router: Router, config: SessionConfig | None = None) -> None:
@@ -319,6 +325,7 @@ class RedisSession:
         self.addr = ""
         self.laddr = ""
         self.fd = -1
+        self.watching: int | None = None  # the server holding this client's WATCHed keys
 
     # -- entry point -------------------------------------------------------------------------
     def handle(self, args: list[bytes]) -> tuple:
@@ -396,6 +403,8 @@ class RedisSession:
             return self._pubsub(name, args)
         if kind == Kind.BLOCKING:
             return self._blocking(spec, name, args)
+        if kind == Kind.WATCH:
+            return self._watch(name, args)
         raise AssertionError(f"unhandled kind {kind}")
 
     def _blocking(self, spec, name: bytes, args: list[bytes]) -> tuple:
@@ -410,7 +419,23 @@ class RedisSession:
         if any(place(k)[0] != server for k in keys[1:]):
             return (REPLY, _cross_server(name))
         # A barrier, as on a Redis connection: nothing after it runs while it is blocked.
-        return (BLOCK, True, self.proto, server, encode_command(args))
+        return (BLOCK, True, self.proto, server, encode_command(args), 1, None, None)
+
+    def _watch(self, name: bytes, args: list[bytes]) -> tuple:
+        """WATCH and UNWATCH: on the client's own connection to the watched keys' server, where
+        EXEC then runs the transaction."""
+        if name == b"UNWATCH":
+            if self.watching is None:
+                return (REPLY, OK)
+            server, self.watching = self.watching, None
+            return (BLOCK, True, self.proto, server, _UNWATCH, 1, None, WATCH_USE)
+        place = self.router.place
+        server = place(args[1])[0]
+        if any(place(k)[0] != server for k in args[2:]) or (self.watching is not None and self.watching != server):
+            return (REPLY, encode_error("CROSSSERVER the keys WATCHed by this connection live on different servers; "
+                                        "keep them together with a hash tag ({...})"))
+        self.watching = server
+        return (BLOCK, True, self.proto, server, encode_command(args), 1, None, WATCH_SET)
 
     def _pubsub(self, name: bytes, args: list[bytes]) -> tuple:
         subs = self.subs
@@ -527,6 +552,8 @@ class RedisSession:
                 return reply
             self.multi.append(args)  # type: ignore[union-attr]
             return (REPLY, QUEUED)
+        if name == b"WATCH":  # refused, and the transaction goes on (as Redis does)
+            return (REPLY, encode_error("ERR WATCH inside MULTI is not allowed"))
         if spec.kind == Kind.LOCAL and name not in (b"PING", b"ECHO"):
             self.multi_error = True
             return (REPLY, encode_error(f"ERR '{name.decode().lower()}' inside MULTI is not supported by the splicer"))
@@ -560,10 +587,11 @@ class RedisSession:
     def _exec(self) -> tuple:
         queued = self.multi or []
         self.multi = None
+        watched, self.watching = self.watching, None
         if self.multi_error:
             self.multi_error = False
-            return (REPLY, encode_error("EXECABORT Transaction discarded because of previous errors."))
-        if not queued:
+            return _unwatch(watched, encode_error("EXECABORT Transaction discarded because of previous errors."), self.proto)
+        if not queued and watched is None:
             return (REPLY, _EMPTY_ARRAY)
         place = self.router.place
         target: tuple[int, int] | None = None
@@ -575,11 +603,18 @@ class RedisSession:
                 if target is None:
                     target = p
                 elif p[0] != target[0]:
-                    return (REPLY, encode_error(
+                    return _unwatch(watched, encode_error(
                         "CROSSSERVER EXECABORT the transaction names keys on different servers; "
-                        "keep them together with a hash tag ({...})"))
+                        "keep them together with a hash tag ({...})"), self.proto)
+        if watched is not None and target is not None and target[0] != watched:
+            return _unwatch(watched, encode_error(
+                "CROSSSERVER EXECABORT the transaction's keys live on another server than the WATCHed ones; "
+                "keep them together with a hash tag ({...})"), self.proto)
         server, lane = target if target is not None else (0, 0)
         payload = b"*1\r\n$5\r\nMULTI\r\n" + b"".join(encode_command(a) for a in queued) + b"*1\r\n$4\r\nEXEC\r\n"
+        if watched is not None:
+            # On the connection that holds the WATCH: EXEC answers nil if a watched key changed.
+            return (BLOCK, True, self.proto, watched, payload, len(queued) + 2, None, WATCH_USE)
         return (EXEC, True, self.proto, server, lane, payload, len(queued) + 2)
 
     # -- connection-level commands ----------------------------------------------------------
@@ -631,7 +666,8 @@ class RedisSession:
                 return (REPLY, encode_error("ERR DISCARD without MULTI"))
             self.multi = None
             self.multi_error = False
-            return (REPLY, OK)
+            watched, self.watching = self.watching, None
+            return _unwatch(watched, OK, self.proto)
         if name == b"RESET":
             changed = self.proto != 2
             self.proto = 2
@@ -639,11 +675,13 @@ class RedisSession:
             self.multi_error = False
             self.name = None
             self.authed = self.config.password is None
-            if self.subs is not None and self.subs.active:
-                # Subscriptions end with the client's connections to the servers (the shell
-                # closes them: `drop`); messages already relayed stay ahead of +RESET.
-                self.subs.clear()
+            if (self.subs is not None and self.subs.active) or self.watching is not None:
+                # Subscriptions and WATCHes end with the client's own connections to the servers
+                # (the shell closes them: `drop`); messages already relayed stay ahead of +RESET.
+                if self.subs is not None:
+                    self.subs.clear()
                 self.subscribed = False
+                self.watching = None
                 return (PUBSUB, True, 2, b"+RESET\r\n", [], True, False)
             return (REPLY, b"+RESET\r\n", changed)
         raise AssertionError(name)
@@ -674,6 +712,9 @@ class RedisSession:
                 return (REPLY, encode_error("ERR Protocol version is not an integer or out of range"))
             if proto not in (2, 3):
                 return (REPLY, encode_error("NOPROTO unsupported protocol version"))
+            if proto != self.proto and self.watching is not None:
+                return (REPLY, encode_error("ERR splicer: HELLO cannot change the protocol while this connection WATCHes "
+                                            "keys; EXEC, DISCARD or UNWATCH first"))
             if proto != self.proto and self.subs is not None and self.subs.active:
                 # The client's subscribed connections speak the protocol it subscribed in.
                 return (REPLY, encode_error("ERR splicer: HELLO cannot change the protocol while this connection has "
@@ -811,6 +852,17 @@ def _blocks(args: list[bytes]) -> bool:
         if u == b"BLOCK":
             return True
     return False
+
+
+_UNWATCH = b"*1\r\n$7\r\nUNWATCH\r\n"
+
+
+def _unwatch(server: int | None, reply: bytes, proto: int) -> tuple:
+    """`reply` for the client; first an UNWATCH on the connection holding a WATCH, if any (EXEC
+    and DISCARD end a WATCH, also when the splicer answers them itself)."""
+    if server is None:
+        return (REPLY, reply)
+    return (BLOCK, True, proto, server, _UNWATCH, 1, reply, WATCH_USE)
 
 
 _PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})

@@ -188,16 +188,21 @@ def splicer(servers: list[RedisServer], **overrides) -> Iterator[SplicerThread]:
 def pipeline(port: int, commands: list[list[bytes]]) -> list[bytes]:
     """Send `commands` in one write to 127.0.0.1:`port` and read one whole reply each."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"".join(encode_command(c) for c in commands))
-        sc = ReplyScanner()
-        out: list[bytes] = []
-        while len(out) < len(commands):
-            data = s.recv(65536)
-            assert data, "connection closed early"
-            sc.feed(data)
-            while (r := sc.next()) is not None:
-                out.append(r)
-        return out
+        return pipeline_on(s, commands)
+
+
+def pipeline_on(sock: socket.socket, commands: list[list[bytes]]) -> list[bytes]:
+    """Send `commands` in one write on `sock` and read one whole reply each."""
+    sock.sendall(b"".join(encode_command(c) for c in commands))
+    sc = ReplyScanner()
+    out: list[bytes] = []
+    while len(out) < len(commands):
+        data = sock.recv(65536)
+        assert data, "connection closed early"
+        sc.feed(data)
+        while len(out) < len(commands) and (r := sc.next()) is not None:
+            out.append(r)
+    return out
 
 
 def placed_on(sp: SplicerThread, server: int, n: int, prefix: str) -> list[str]:

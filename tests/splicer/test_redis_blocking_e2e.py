@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from .redis_fixtures import needs_redis, pipeline, placed_on, redis_servers, splicer, trio  # noqa: F401 (trio: a fixture)
+from .redis_fixtures import needs_redis, pipeline, pipeline_on, placed_on, redis_servers, splicer, trio  # noqa: F401 (trio: a fixture)
 
 pytestmark = [needs_redis, pytest.mark.timeout(120)]
 
@@ -227,17 +227,3 @@ def test_a_lost_watch_fails_the_transaction(tmp_path) -> None:
             finally:
                 c.close()
 
-
-def pipeline_on(sock, commands: list[list[bytes]]) -> list[bytes]:
-    from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
-
-    sock.sendall(b"".join(encode_command(c) for c in commands))
-    sc = ReplyScanner()
-    out: list[bytes] = []
-    while len(out) < len(commands):
-        data = sock.recv(65536)
-        assert data, "connection closed early"
-        sc.feed(data)
-        while len(out) < len(commands) and (r := sc.next()) is not None:
-            out.append(r)
-    return out

@@ -22,6 +22,7 @@ from .redis_fixtures import (
     free_port,
     needs_cli,
     needs_redis,
+    placed_on,
     redis_servers,
     splicer,
 )
@@ -43,13 +44,7 @@ def sp(pair):
 
 def keys_on(sp, server: int, n: int, prefix: str = "k") -> list[str]:
     """`n` keys that the splicer places on server index `server`."""
-    out, i = [], 0
-    while len(out) < n:
-        k = f"{prefix}:{i}"
-        if sp.splicer.router.place(k.encode())[0] == server:
-            out.append(k)
-        i += 1
-    return out
+    return placed_on(sp, server, n, prefix)
 
 
 def raw_roundtrip(port: int, commands: list[list[bytes]], timeout: float = 30) -> list[bytes]:

@@ -92,6 +92,10 @@ def _latency(port: int, runs: int) -> dict[str, float]:
     finally:
         sub.close()
         pub.close()
+    return _percentiles(times)
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
     times.sort()
     return {"p50_ms": times[len(times) // 2] * 1e3, "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3}
 
@@ -137,8 +141,7 @@ def _handoff(port: int, runs: int) -> dict[str, float]:
     finally:
         consumer.close()
         producer.close()
-    times.sort()
-    return {"p50_ms": times[len(times) // 2] * 1e3, "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3}
+    return _percentiles(times)
 
 
 def _peer_answer(port: int, command: list[bytes]) -> str:

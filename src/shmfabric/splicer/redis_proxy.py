@@ -523,6 +523,12 @@ class _OwnConnection(asyncio.Protocol):
     def fail(self, why: str) -> None:
         raise NotImplementedError
 
+    def _warn(self, about: str, why: str) -> None:
+        client = self.client
+        if not client.splicer.closing:
+            log.warning("backend %s, %s of client %s: %s", self.server.label, about,
+                        client.transport.get_extra_info("peername") if client.transport else "?", why)
+
     def close(self) -> None:
         self.closed = True
         self.task.cancel()
@@ -585,11 +591,8 @@ class _Subscriber(_OwnConnection):
         connection is closed once what it was sent so far is written."""
         if self.closed:
             return
-        client = self.client
-        if not client.splicer.closing:
-            log.warning("backend %s, subscriptions of client %s: %s", self.server.label,
-                        client.transport.get_extra_info("peername") if client.transport else "?", why)
-        client._subscriptions_lost(encode_error(f"ERR splicer: backend {self.server.label} {why}; subscriptions lost"))
+        self._warn("subscriptions", why)
+        self.client._subscriptions_lost(encode_error(f"ERR splicer: backend {self.server.label} {why}; subscriptions lost"))
 
     def close(self, error: bytes = b"") -> None:
         """Close the connection; pending (un)subscriptions are answered with `error`."""
@@ -642,10 +645,7 @@ class _Blocker(_OwnConnection):
     def fail(self, why: str) -> None:
         if self.closed:
             return
-        client = self.client
-        if not client.splicer.closing:
-            log.warning("backend %s, blocking command of client %s: %s", self.server.label,
-                        client.transport.get_extra_info("peername") if client.transport else "?", why)
+        self._warn("blocking command or WATCH", why)
         self.close(encode_error(f"ERR splicer: backend {self.server.label} {why}"))
 
     def close(self, error: bytes = b"") -> None:

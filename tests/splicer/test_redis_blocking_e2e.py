@@ -227,3 +227,84 @@ def test_a_lost_watch_fails_the_transaction(tmp_path) -> None:
             finally:
                 c.close()
 
+
+
+def _half_close(port: int, commands: list[list[bytes]]) -> list:
+    """Send `commands`, close our side, and read every reply until the splicer closes."""
+    import socket
+
+    from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"".join(encode_command(c) for c in commands))
+    s.shutdown(socket.SHUT_WR)
+    sc = ReplyScanner()
+    out = []
+    try:
+        while data := s.recv(65536):
+            sc.feed(data)
+            while (r := sc.next()) is not None:
+                out.append(r)
+    finally:
+        s.close()
+    return out
+
+
+def test_a_half_closed_client_gets_what_completes_and_nothing_blocks_for_it(clean, trio) -> None:
+    """As redis-server: commands that complete at once are answered; one that would block is
+    ended (it answers as timed out) and pops nothing later; a WATCH/EXEC pipeline runs."""
+    full, empty1, empty2, w = placed_on(clean, 1, 4, "hc")
+    clean.client().rpush(full, "item")
+    assert _half_close(clean.port, [[b"BLPOP", full.encode(), b"0"]]) == [b"*2\r\n$%d\r\n%s\r\n$4\r\nitem\r\n" % (len(full), full.encode())]
+    replies = _half_close(clean.port, [[b"BLPOP", empty1.encode(), b"0"], [b"BLPOP", empty2.encode(), b"0"]])
+    assert replies == [b"*-1\r\n", b"*-1\r\n"]  # both ended, neither left waiting
+    clean.client().rpush(empty1, "later")
+    clean.client().rpush(empty2, "later")
+    time.sleep(0.2)
+    assert trio[1].client().llen(empty1) == 1 and trio[1].client().llen(empty2) == 1  # not popped for it
+    replies = _half_close(clean.port, [[b"WATCH", w.encode()], [b"MULTI"], [b"SET", w.encode(), b"1"], [b"EXEC"]])
+    assert replies == [b"+OK\r\n", b"+OK\r\n", b"+QUEUED\r\n", b"*1\r\n+OK\r\n"]
+    assert trio[1].client().get(w) == b"1"
+    assert trio[1].client().info("clients")["blocked_clients"] == 0
+
+
+def test_resp3_messages_are_not_held_behind_a_blocked_command(clean) -> None:
+    from .test_redis_pubsub_e2e import Raw, parse
+
+    ch = placed_on(clean, 0, 1, "msgblk")[0]
+    empty = placed_on(clean, 2, 1, "msgblk-q")[0]
+    c = Raw(clean.port)
+    c.send(["HELLO", "3"], ["SUBSCRIBE", ch])
+    c.frames(2)
+    c.send(["BLPOP", empty, "3"])
+    time.sleep(0.3)
+    assert clean.client().publish(ch, "now") == 1
+    frames = [parse(f) for f in c.frames(2)]
+    assert frames == [[b"message", ch.encode(), b"now"], None]  # the message first, then BLPOP's timeout
+    c.close()
+
+
+def test_own_connections_time_out_when_a_server_stalls(tmp_path) -> None:
+    import os
+    import signal
+    import socket
+
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair, timeouts={"connect": 1, "request": 1}) as s:
+            key = placed_on(s, 1, 1, "stall")[0]
+            watcher = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+            blocker = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+            try:
+                os.kill(pair[1].proc.pid, signal.SIGSTOP)
+                try:
+                    # A WATCH does not block; a BLPOP of 1 s may block 1 s: past that plus the
+                    # request timeout, the server is taken for stalled.
+                    reply = pipeline_on(watcher, [[b"WATCH", key.encode()]])[0]
+                    assert reply.startswith(b"-ERR splicer: backend 127.0.0.1:%d did not answer" % pair[1].port), reply
+                    reply = pipeline_on(blocker, [[b"BLPOP", key.encode(), b"1"]])[0]
+                    assert reply.startswith(b"-ERR splicer: backend 127.0.0.1:%d did not answer" % pair[1].port), reply
+                finally:
+                    os.kill(pair[1].proc.pid, signal.SIGCONT)
+            finally:
+                for c in (watcher, blocker):
+                    c.close()

@@ -271,14 +271,24 @@ def test_blocking_commands_go_whole_to_their_server(router: Router) -> None:
 
     s = RedisSession(router)
     k = keys_at(router, lambda c: True, 1)[0]
-    tag, barrier, proto, server, payload, nreplies, override, watch = s.handle([b"BLPOP", k, b"0"])
+    tag, barrier, proto, server, payload, nreplies, override, watch, wait = s.handle([b"BLPOP", k, b"0"])
     assert tag == BLOCK and barrier and server == router.place(k)[0] and (nreplies, override, watch) == (1, None, None)
+    assert wait is None  # 0: for ever
+    assert s.handle([b"BLPOP", k, b"1.5"])[8] == 1.5 and s.handle([b"BLPOP", k, b"x"])[8] == 0.0
+    assert s.handle([b"XREAD", b"BLOCK", b"250", b"STREAMS", k, b"$"])[8] == 0.25
+    assert s.handle([b"BLMPOP", b"2", b"1", k, b"LEFT"])[8] == 2.0
     assert s.handle([b"XREAD", b"BLOCK", b"0", b"STREAMS", k, b"$"])[0] == BLOCK
     assert s.handle([b"XREAD", b"COUNT", b"1", b"STREAMS", k, b"0"])[0] == FORWARD  # does not block
     assert command_keys(COMMANDS[b"XREADGROUP"], cmd("XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">")) == [b"a", b"b"]
     assert s.handle(cmd("XREAD", "BLOCK", "0", "a"))[1] == b"-ERR syntax error\r\n"
     assert s.handle(cmd("XREAD", "STREAMS", "a", "b", "c"))[1].startswith(b"-ERR Unbalanced XREAD list")
-    assert s.handle(cmd("BLMPOP", "0", "0", "a", "LEFT"))[1].startswith(b"-ERR numkeys")
+    assert s.handle(cmd("BLMPOP", "0", "0", "a", "LEFT"))[1] == b"-ERR numkeys should be greater than 0\r\n"
+    assert s.handle(cmd("BLMPOP", "0", "x", "a", "LEFT"))[1] == b"-ERR numkeys should be greater than 0\r\n"
+    assert s.handle(cmd("LMPOP", "5", "a", "LEFT"))[1] == b"-ERR syntax error\r\n"
+    # Option arguments are skipped as Redis does: a group or consumer named "streams" or "block"
+    assert command_keys(COMMANDS[b"XREADGROUP"], cmd("XREADGROUP", "GROUP", "streams", "block", "STREAMS", "s1", ">")) \
+        == [b"s1"]
+    assert s.handle(cmd("XREADGROUP", "GROUP", "g", "block", "STREAMS", "s1", ">"))[0] == FORWARD  # does not block
     on0 = keys_at(router, lambda p: p[0] == 0, 1)[0]
     on1 = keys_at(router, lambda p: p[0] == 1, 1)[0]
     assert s.handle([b"BRPOP", on0, on1, b"1"])[1].startswith(b"-CROSSSERVER")
@@ -296,7 +306,7 @@ def test_watch_pins_the_transaction_to_the_watched_server(router: Router) -> Non
     assert s.handle(cmd("MULTI"))[1] == b"+OK\r\n"
     assert s.handle([b"WATCH", on1])[1] == b"-ERR WATCH inside MULTI is not allowed\r\n"
     s.handle([b"INCR", on0[0]])
-    tag, _, _, server, payload, nreplies, override, watch = s.handle(cmd("EXEC"))
+    tag, _, _, server, payload, nreplies, override, watch, _ = s.handle(cmd("EXEC"))
     assert (tag, server, nreplies, override, watch) == (BLOCK, 0, 3, None, WATCH_USE)
     assert payload.startswith(b"*1\r\n$5\r\nMULTI\r\n") and payload.endswith(b"*1\r\n$4\r\nEXEC\r\n")
     assert s.watching is None
@@ -304,7 +314,7 @@ def test_watch_pins_the_transaction_to_the_watched_server(router: Router) -> Non
     s.handle([b"WATCH", on0[0]])
     s.handle(cmd("MULTI"))
     s.handle([b"SET", on1, b"v"])
-    tag, _, _, server, payload, _, override, watch = s.handle(cmd("EXEC"))
+    tag, _, _, server, payload, _, override, watch, _ = s.handle(cmd("EXEC"))
     assert (tag, server, payload, watch) == (BLOCK, 0, b"*1\r\n$7\r\nUNWATCH\r\n", WATCH_USE)
     assert override.startswith(b"-CROSSSERVER EXECABORT")
     s.handle([b"WATCH", on0[0]])

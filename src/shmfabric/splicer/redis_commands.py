@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 __all__ = [
+    "stream_options",
     "Kind",
     "CommandSpec",
     "COMMANDS",
@@ -194,16 +195,41 @@ def check_arity(spec: CommandSpec, argc: int) -> bool:
     return argc == a if a > 0 else argc >= -a
 
 
+def stream_options(args: list[bytes]) -> tuple[int, bytes | None]:
+    """XREAD/XREADGROUP's options as Redis reads them (xreadGetKeys): the position of STREAMS
+    (-1 if it is missing or an option is not understood) and BLOCK's argument (None if absent).
+    Option arguments are skipped, so a group or consumer named "streams" is not taken for the
+    keyword."""
+    block = None
+    i = 1
+    n = len(args)
+    while i < n:
+        a = args[i].upper()
+        if a == b"STREAMS":
+            return i, block
+        if a in (b"COUNT", b"BLOCK") and i + 1 < n:
+            if a == b"BLOCK":
+                block = args[i + 1]
+            i += 2
+        elif a == b"GROUP" and i + 2 < n:
+            i += 3
+        elif a == b"NOACK":
+            i += 1
+        else:
+            break
+    return -1, block
+
+
 def command_keys(spec: CommandSpec, args: list[bytes]) -> list[bytes]:
     """The keys a command names, by Redis's first/last/step (or numkeys for scripts)."""
     if spec.kind == Kind.SCRIPT:
         n = int(args[2])
         return args[3 : 3 + n]
     if spec.streams:
-        upper = [a.upper() for a in args]
-        if b"STREAMS" not in upper:
+        streams, _ = stream_options(args)
+        if streams < 0:
             raise ValueError("streams")
-        rest = args[upper.index(b"STREAMS") + 1 :]
+        rest = args[streams + 1 :]
         if not rest or len(rest) % 2:
             raise ValueError("streams")
         return rest[: len(rest) // 2]

@@ -425,6 +425,7 @@ class _SubOp:
         if self.left == 0:
             early = self.early
             client = self.client
+            client.subops -= 1
             subs = client.session.subs
             if subs is not None and not client.held_messages:
                 # A server the client no longer subscribes on loses its connection, so its
@@ -509,12 +510,16 @@ class _OwnConnection(asyncio.Protocol):
             if frame[:1] == b"-":
                 self.fail(f"refused the connection handshake: {frame[1:-2].decode(errors='replace')}")
                 return
+            self.handshake_reply(frame)
         if frames:
             self.frames(frames)
         self.client.splicer._schedule_flush()
 
     def frames(self, frames: list[bytes]) -> None:
         raise NotImplementedError
+
+    def handshake_reply(self, frame: bytes) -> None:
+        """One reply to the handshake (subclasses that add to it read theirs here)."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -620,13 +625,54 @@ class _Blocker(_OwnConnection):
 
     def __init__(self, client: "_Client", server: _Server, proto: int) -> None:
         super().__init__(client, server, proto)
-        # [client's sequence number, replies still due, reply to give in place of the last]
+        # [client's sequence number, replies still due, reply to give in place of the last,
+        #  deadline (None: may block for ever)]
         self.pending: deque[list[Any]] = deque()
         self.watching = False  # holds the client's WATCH
+        # The server's id for this connection (CLIENT ID, after the handshake): a client that
+        # half-closes has its blocked command ended by CLIENT UNBLOCK from a pooled connection.
+        self.out.append(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n")
+        self.handshake_left += 1
+        self.server_id: int | None = None
+        self.unblocking = False
+        client.splicer._blockers.add(self)  # the ticker times out what does not block for ever
 
-    def send(self, payload: bytes, seq: int, nreplies: int = 1, override: bytes | None = None) -> None:
-        self.pending.append([seq, nreplies, override])
+    def handshake_reply(self, frame: bytes) -> None:
+        if frame[:1] == b":":
+            self.server_id = int(frame[1:-2])
+
+    def send(self, payload: bytes, seq: int, nreplies: int, override: bytes | None, deadline: float | None) -> None:
+        self.pending.append([seq, nreplies, override, deadline])
         self.write(payload)
+
+    def unblock_at_eof(self, tries: int = 0) -> None:
+        """The client sent its last byte: end a command blocked for it (redis-server frees such a
+        client, so nothing is popped for it), while one that completes at once still answers.
+        CLIENT UNBLOCK makes a blocked command answer as if timed out; a command that had not
+        reached the server yet is caught by trying again until nothing is pending."""
+        if self.closed or not self.pending:
+            self.unblocking = False
+            return
+        if tries and self.unblocking and tries > 100:
+            self.close(encode_error("ERR splicer: the client closed its side while a blocking command waited"))
+            return
+        self.unblocking = True
+        loop = self.client.splicer._loop
+        if self.server_id is None:  # still connecting
+            loop.call_later(0.02, self.unblock_at_eof, tries + 1)
+            return
+        lane = self.server.lanes[self.proto][0]
+        payload = encode_command([b"CLIENT", b"UNBLOCK", b"%d" % self.server_id])
+        if not lane.send(payload, self, tries, time.monotonic()):
+            self.close(encode_error(f"ERR splicer: backend {self.server.label} is unavailable"))
+        else:
+            self.client.splicer._schedule_flush()
+
+    def _on_reply(self, tries: int, reply: bytes) -> None:  # CLIENT UNBLOCK's, from a pooled connection
+        if self.pending and not self.closed:
+            self.client.splicer._loop.call_later(0.02, self.unblock_at_eof, tries + 1)
+        else:
+            self.unblocking = False
 
     def frames(self, frames: list[bytes]) -> None:
         client = self.client
@@ -641,6 +687,8 @@ class _Blocker(_OwnConnection):
                 continue
             pending.popleft()
             client._on_reply(head[0], frame if head[2] is None else head[2])
+            if self.closed:  # the reply made the client drop its own connections (RESET)
+                return
 
     def fail(self, why: str) -> None:
         if self.closed:
@@ -652,10 +700,11 @@ class _Blocker(_OwnConnection):
         """Close the connection; a command in flight is answered with `error`."""
         super().close()
         client = self.client
+        client.splicer._blockers.discard(self)
         if client.blockers.get(self.server.index) is self:
             del client.blockers[self.server.index]
         pending, self.pending = self.pending, deque()
-        for seq, _, _ in pending:
+        for seq, _, _, _ in pending:
             client._on_reply(seq, error)
 
 
@@ -695,6 +744,7 @@ class _Client(asyncio.Protocol):
         # (UN)SUBSCRIBEs read but waiting to run, by sequence number, in order: the messages that
         # arrive meanwhile, for the slot opened just ahead of each
         self.held_messages: dict[int, list[bytes]] = {}
+        self.subops = 0  # (UN)SUBSCRIBEs sent and not yet answered
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -746,11 +796,11 @@ class _Client(asyncio.Protocol):
             # Messages for a client that sent its last byte: redis-server ends such a client at
             # EOF; its subscriptions end here (those not yet confirmed get an error).
             self._drop_subscribers(encode_error("ERR splicer: the client closed its side while subscribing"))
-        if any(b.pending for b in self.blockers.values()):
+        for b in list(self.blockers.values()):
             # A command blocked for a client that sent its last byte may wait for ever, and pop
-            # an item nobody reads: redis-server ends such a client at EOF, and so do we.
-            for b in list(self.blockers.values()):
-                b.close(encode_error("ERR splicer: the client closed its side while a blocking command waited"))
+            # an item nobody reads: redis-server frees such a client at EOF, and we end it.
+            if b.pending:
+                b.unblock_at_eof()
         self._mark()
         self.splicer._schedule_flush()
         return True
@@ -919,6 +969,7 @@ class _Client(asyncio.Protocol):
             else:
                 op = _SubOp(self, seq, len(sends), reply, subscribing)
                 self.outstanding += 1
+                self.subops += 1
                 subscribers = self.subscribers
                 for server, payload, confirmations in sends:
                     sub = subscribers.get(server)
@@ -928,7 +979,7 @@ class _Client(asyncio.Protocol):
                         sub = subscribers[server] = _Subscriber(self, splicer._servers[server], proto)
                     sub.send(payload, op, confirmations, now)
         elif tag == BLOCK:
-            _, barrier, proto, server, payload, nreplies, override, watch = action
+            _, barrier, proto, server, payload, nreplies, override, watch, wait = action
             b = self.blockers.get(server)
             if watch == WATCH_USE and (b is None or not b.watching):
                 # The connection that held the WATCH was lost since: the keys were not watched
@@ -939,6 +990,8 @@ class _Client(asyncio.Protocol):
                     self.merge.finish(seq, encode_error("ERR splicer: the connection holding this client's WATCH was "
                                                         "lost; the transaction did not run, WATCH again"))
             elif splicer._servers[server].lanes[proto][0].known_down(now):
+                if watch == WATCH_SET and self.session.watching == server:
+                    self.session.watching = None  # refused: nothing is watched
                 self.merge.finish(seq, splicer._down_error(server))
             else:
                 if b is None or b.proto != proto:
@@ -946,9 +999,12 @@ class _Client(asyncio.Protocol):
                         b.close()
                     b = self.blockers[server] = _Blocker(self, splicer._servers[server], proto)
                 self.outstanding += 1
-                b.send(payload, seq, nreplies, override)
+                b.send(payload, seq, nreplies, override,
+                       None if wait is None else now + splicer.config.timeouts.request + wait)
                 if watch is not None:
                     b.watching = watch == WATCH_SET
+                if self.eof:  # read before the client's last byte: it may not block for it
+                    b.unblock_at_eof()
         else:
             raise AssertionError(tag)
         if action[1] and self.outstanding:
@@ -1021,7 +1077,13 @@ class _Client(asyncio.Protocol):
                 self.splicer.metrics.client_error("unread_replies")
             self.transport.abort()  # type: ignore[union-attr]
             return
-        merge.finish(merge.open(), frame)
+        if self.session.proto == 3 and not self.subops and not self.held_messages:
+            # RESP3 pushes are out of band: with no (UN)SUBSCRIBE unanswered they go out now,
+            # not behind the replies still due (a BLPOP blocked for seconds held them back).
+            merge._ready.append(frame)
+            merge.held_bytes += len(frame)
+        else:
+            merge.finish(merge.open(), frame)
         self._mark()
 
     def _drop_subscribers(self, error: bytes = b"") -> None:
@@ -1109,6 +1171,7 @@ class RedisSplicer:
                             for proto in (2, 3)}
         self._clients: set[_Client] = set()
         self._subscribers: set[_Subscriber] = set()  # every client's subscribed connections
+        self._blockers: set[_Blocker] = set()  # every client's connections for blocking commands and WATCH
         self._started = time.monotonic()
         self._run_id = os.urandom(20).hex()  # INFO's run_id: this worker's, as a server's is its process's
         self.draining = False
@@ -1349,6 +1412,10 @@ class RedisSplicer:
                     for lane in lanes[:pool_min]:
                         if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:
                             lane.connect()
+            for b in list(self._blockers):
+                p = b.pending
+                if p and p[0][3] is not None and now > p[0][3] and now - b.last_rx > timeout:
+                    b.fail(f"did not answer within {timeout:g} s (beyond the command's own timeout)")
             for sub in list(self._subscribers):
                 p = sub.pending
                 if p and now - p[0][2] > timeout and now - sub.last_rx > timeout:

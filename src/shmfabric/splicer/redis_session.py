@@ -28,7 +28,7 @@ from itertools import chain, compress, islice
 
 import hiredis
 
-from .redis_commands import COMMANDS, REFUSED, Kind, check_arity, command_keys, lookup
+from .redis_commands import COMMANDS, REFUSED, Kind, check_arity, command_keys, lookup, stream_options
 from .ordered import BoundedSlots
 from .redis_fanout import MERGES, merge_all_ok, scan_tag
 from .redis_fanout import plan as plan_fanout
@@ -79,11 +79,12 @@ EXEC = 5  # (EXEC, barrier, proto, server, lane, payload, nreplies): only the la
 # `subscribing`: (P|S)SUBSCRIBE, whose confirmations go ahead of the messages a server sends
 # meanwhile (an unsubscribe's go after them)
 PUBSUB = 6
-# (BLOCK, barrier, proto, server, payload, nreplies, override, watch): over the client's own
-# connection to `server` (a blocked command must not hold up a pooled connection, and WATCH
-# lives on one connection): the last of `nreplies` replies is the client's, or `override`
-# in its place if given. `watch`: WATCH_SET (this is a WATCH), WATCH_USE (EXEC, DISCARD or
-# UNWATCH of a WATCH: void if the connection that holds it was lost since), or None.
+# (BLOCK, barrier, proto, server, payload, nreplies, override, watch, wait): over the client's
+# own connection to `server` (a blocked command must not hold up a pooled connection, and
+# WATCH lives on one connection): the last of `nreplies` replies is the client's, or
+# `override` in its place if given. `watch`: WATCH_SET (this is a WATCH), WATCH_USE (EXEC,
+# DISCARD or UNWATCH of a WATCH: void if the connection that holds it was lost since), or
+# None. `wait`: the seconds the command may block (None: for ever), added to the timeout.
 BLOCK = 7
 WATCH_SET = 1
 WATCH_USE = 2
@@ -373,7 +374,7 @@ class RedisSession:
             try:
                 keys = command_keys(spec, args)
             except ValueError:
-                return (REPLY, encode_error("ERR numkeys should be greater than 0 and at most the number of keys given"))
+                return (REPLY, _keys_error(spec, name, args))
             return self._keyed(name, args, keys)
         if kind == Kind.LOCAL:
             return self._local(name, args)
@@ -411,15 +412,15 @@ class RedisSession:
         try:
             keys = command_keys(spec, args)
         except ValueError:
-            return (REPLY, _keys_error(spec, args))
-        if spec.streams and not _blocks(args):
+            return (REPLY, _keys_error(spec, name, args))
+        if spec.streams and stream_options(args)[1] is None:
             return self._keyed(name, args, keys)  # XREAD without BLOCK: an ordinary read
         place = self.router.place
         server = place(keys[0])[0]
         if any(place(k)[0] != server for k in keys[1:]):
             return (REPLY, _cross_server(name))
         # A barrier, as on a Redis connection: nothing after it runs while it is blocked.
-        return (BLOCK, True, self.proto, server, encode_command(args), 1, None, None)
+        return (BLOCK, True, self.proto, server, encode_command(args), 1, None, None, _block_seconds(spec, args))
 
     def _watch(self, name: bytes, args: list[bytes]) -> tuple:
         """WATCH and UNWATCH: on the client's own connection to the watched keys' server, where
@@ -428,14 +429,14 @@ class RedisSession:
             if self.watching is None:
                 return (REPLY, OK)
             server, self.watching = self.watching, None
-            return (BLOCK, True, self.proto, server, _UNWATCH, 1, None, WATCH_USE)
+            return (BLOCK, True, self.proto, server, _UNWATCH, 1, None, WATCH_USE, 0.0)
         place = self.router.place
         server = place(args[1])[0]
         if any(place(k)[0] != server for k in args[2:]) or (self.watching is not None and self.watching != server):
             return (REPLY, encode_error("CROSSSERVER the keys WATCHed by this connection live on different servers; "
                                         "keep them together with a hash tag ({...})"))
         self.watching = server
-        return (BLOCK, True, self.proto, server, encode_command(args), 1, None, WATCH_SET)
+        return (BLOCK, True, self.proto, server, encode_command(args), 1, None, WATCH_SET, 0.0)
 
     def _pubsub(self, name: bytes, args: list[bytes]) -> tuple:
         subs = self.subs
@@ -580,7 +581,7 @@ class RedisSession:
                 command_keys(spec, args)
             except ValueError:
                 self.multi_error = True
-                return (REPLY, _keys_error(spec, args))
+                return (REPLY, _keys_error(spec, name, args))
         self.multi.append(args)  # type: ignore[union-attr]
         return (REPLY, QUEUED)
 
@@ -614,7 +615,7 @@ class RedisSession:
         payload = b"*1\r\n$5\r\nMULTI\r\n" + b"".join(encode_command(a) for a in queued) + b"*1\r\n$4\r\nEXEC\r\n"
         if watched is not None:
             # On the connection that holds the WATCH: EXEC answers nil if a watched key changed.
-            return (BLOCK, True, self.proto, watched, payload, len(queued) + 2, None, WATCH_USE)
+            return (BLOCK, True, self.proto, watched, payload, len(queued) + 2, None, WATCH_USE, 0.0)
         return (EXEC, True, self.proto, server, lane, payload, len(queued) + 2)
 
     # -- connection-level commands ----------------------------------------------------------
@@ -833,25 +834,38 @@ class RedisSession:
         return encode_error(f"ERR COMMAND {args[1][:64].decode(errors='replace')} is not supported by the splicer")
 
 
-def _keys_error(spec, args: list[bytes]) -> bytes:
+def _keys_error(spec, name: bytes, args: list[bytes]) -> bytes:
     """Redis's error for keys that cannot be found: a bad numkeys, or XREAD's STREAMS list."""
+    if name in _MPOP:  # Redis 7's words for these
+        try:
+            positive = int(args[spec.numkeys]) > 0
+        except ValueError:
+            positive = False
+        return encode_error("ERR syntax error" if positive else "ERR numkeys should be greater than 0")
     if not spec.streams:
         return encode_error("ERR numkeys should be greater than 0 and at most the number of keys given")
-    if b"STREAMS" not in [a.upper() for a in args]:
+    if stream_options(args)[0] < 0:
         return encode_error("ERR syntax error")
     # redis-server 7 says XREAD for XREADGROUP too
     return encode_error("ERR Unbalanced XREAD list of streams: for each stream key an ID or '$' must be specified.")
 
 
-def _blocks(args: list[bytes]) -> bool:
-    """Does an XREAD/XREADGROUP ask to block (BLOCK before STREAMS)?"""
-    for a in args[1:]:
-        u = a.upper()
-        if u == b"STREAMS":
-            return False
-        if u == b"BLOCK":
-            return True
-    return False
+_MPOP = frozenset({b"LMPOP", b"ZMPOP", b"BLMPOP", b"BZMPOP"})
+
+
+def _block_seconds(spec, args: list[bytes]) -> float | None:
+    """How long a blocking command may block, from its own timeout: None for ever (0), 0.0
+    when it does not block or its timeout is not valid (the server answers at once)."""
+    try:
+        if spec.streams:
+            seconds = float(stream_options(args)[1] or b"-1") / 1000
+        else:
+            seconds = float(args[1] if spec.numkeys else args[-1])
+    except ValueError:
+        return 0.0
+    if seconds == 0:
+        return None
+    return seconds if seconds > 0 and seconds != float("inf") else (None if seconds > 0 else 0.0)
 
 
 _UNWATCH = b"*1\r\n$7\r\nUNWATCH\r\n"
@@ -862,7 +876,7 @@ def _unwatch(server: int | None, reply: bytes, proto: int) -> tuple:
     and DISCARD end a WATCH, also when the splicer answers them itself)."""
     if server is None:
         return (REPLY, reply)
-    return (BLOCK, True, proto, server, _UNWATCH, 1, reply, WATCH_USE)
+    return (BLOCK, True, proto, server, _UNWATCH, 1, reply, WATCH_USE, 0.0)
 
 
 _PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})

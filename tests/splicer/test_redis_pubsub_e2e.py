@@ -341,22 +341,32 @@ def test_a_server_the_client_no_longer_subscribes_on_cannot_cut_it(tmp_path) -> 
 
 
 def test_a_client_that_closes_while_subscribing_leaves_nothing_subscribed(tmp_path) -> None:
+    """Its subscriptions are answered (as redis-server answers what it read before EOF) or, with
+    a server stalled, fail at timeouts.request; then the client is closed and every
+    subscribed connection with it."""
     import os
     import signal
 
     with redis_servers(tmp_path, 3) as trio_:
-        with splicer(trio_, timeouts={"connect": 1, "request": 20}) as s:
+        with splicer(trio_, timeouts={"connect": 1, "request": 1}) as s:
+            ch0, ch2 = placed_on(s, 0, 1, "eof")[0], placed_on(s, 2, 1, "eof")[0]
+            c = Raw(s.port)
+            c.send(["SUBSCRIBE", ch0], ["SUBSCRIBE", ch2])
+            c.sock.shutdown(socket.SHUT_WR)
+            assert [parse(f) for f in c.frames(2)] == [[b"subscribe", ch0.encode(), 1], [b"subscribe", ch2.encode(), 2]]
+            assert c.closed()
+            c.close()
             c = Raw(s.port)
             os.kill(trio_[1].proc.pid, signal.SIGSTOP)
             try:
                 c.send(["PSUBSCRIBE", "gone*"])
+                c.sock.shutdown(socket.SHUT_WR)  # its last byte: the confirmation waits on server 1
+                assert c.frames(1)[0].startswith(b"-ERR splicer: backend 127.0.0.1:%d did not confirm" % trio_[1].port)
+                assert c.closed()
                 deadline = time.monotonic() + 10
-                while not all(t.client().pubsub_numpat() for t in (trio_[0], trio_[2])) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                c.sock.shutdown(socket.SHUT_WR)  # its last byte: the confirmation still waits on server 1
                 while any(t.client().pubsub_numpat() for t in (trio_[0], trio_[2])) and time.monotonic() < deadline:
                     time.sleep(0.02)
-                assert [t.client().pubsub_numpat() for t in (trio_[0], trio_[2])] == [0, 0]  # long before 20 s
+                assert [t.client().pubsub_numpat() for t in (trio_[0], trio_[2])] == [0, 0]
             finally:
                 os.kill(trio_[1].proc.pid, signal.SIGCONT)
             c.close()
@@ -505,3 +515,42 @@ def test_no_message_outside_its_subscription_under_pipelined_changes(sp, protoco
             t.join(5)
         c.close()
     assert not bad, bad[:5]
+
+
+def test_resp3_messages_keep_their_order_around_a_blocked_command(sp, trio) -> None:
+    """Messages queued behind a blocked BLPOP (a SUBSCRIBE was unanswered when they came) must
+    not be overtaken by later ones written out of band."""
+    ch0 = placed_on(sp, 0, 1, "ord")[0]
+    ch1 = placed_on(sp, 1, 1, "ord")[0]
+    empty = placed_on(sp, 2, 1, "ord-q")[0]
+    stop = threading.Event()
+
+    def publish() -> None:
+        r = trio[0].client()
+        n = 0
+        while not stop.is_set():
+            r.publish(ch0, str(n))
+            n += 1
+
+    c = Raw(sp.port)
+    c.send(["HELLO", "3"], ["SUBSCRIBE", ch0])
+    c.frames(2)
+    t = threading.Thread(target=publish, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.1)
+        trio[1].client().execute_command("CLIENT", "PAUSE", "300", "ALL")  # ch1's confirmation waits
+        c.send(["SUBSCRIBE", ch1], ["BLPOP", empty, "1"], ["PING", "end"])
+        seen = []
+        while True:
+            f = parse(c.frames(1)[0])
+            if f == b"end":
+                break
+            if isinstance(f, list) and f[0] == b"message":
+                seen.append(int(f[2]))
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join(5)
+        c.close()
+    assert seen and all(a < b for a, b in zip(seen, seen[1:])), [(a, b) for a, b in zip(seen, seen[1:]) if a >= b][:3]

@@ -281,6 +281,7 @@ def test_blocking_commands_go_whole_to_their_server(router: Router) -> None:
     assert s.handle([b"XREAD", b"COUNT", b"1", b"STREAMS", k, b"0"])[0] == FORWARD  # does not block
     assert command_keys(COMMANDS[b"XREADGROUP"], cmd("XREADGROUP", "GROUP", "g", "c", "STREAMS", "a", "b", ">", ">")) == [b"a", b"b"]
     assert s.handle(cmd("XREAD", "BLOCK", "0", "a"))[1] == b"-ERR syntax error\r\n"
+    assert s.handle(cmd("XREAD", "COUNT", "1", "STREAMS"))[1] == b"-ERR syntax error\r\n"
     assert s.handle(cmd("XREAD", "STREAMS", "a", "b", "c"))[1].startswith(b"-ERR Unbalanced XREAD list")
     assert s.handle(cmd("BLMPOP", "0", "0", "a", "LEFT"))[1] == b"-ERR numkeys should be greater than 0\r\n"
     assert s.handle(cmd("BLMPOP", "0", "x", "a", "LEFT"))[1] == b"-ERR numkeys should be greater than 0\r\n"

@@ -425,7 +425,6 @@ class _SubOp:
         if self.left == 0:
             early = self.early
             client = self.client
-            client.subops -= 1
             subs = client.session.subs
             if subs is not None and not client.held_messages:
                 # A server the client no longer subscribes on loses its connection, so its
@@ -744,7 +743,9 @@ class _Client(asyncio.Protocol):
         # (UN)SUBSCRIBEs read but waiting to run, by sequence number, in order: the messages that
         # arrive meanwhile, for the slot opened just ahead of each
         self.held_messages: dict[int, list[bytes]] = {}
-        self.subops = 0  # (UN)SUBSCRIBEs sent and not yet answered
+        # The last slot holding pub/sub confirmations or messages: RESP3 messages may skip the
+        # client's pending replies only once it is written (see _push).
+        self.last_pubsub_seq = -1
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -792,10 +793,6 @@ class _Client(asyncio.Protocol):
         # Half-close: the client sent all it will send (`printf ... | nc -N` does). Answer what
         # it sent, then close; keeping the transport open lets us still write.
         self.eof = True
-        if self.subscribers:
-            # Messages for a client that sent its last byte: redis-server ends such a client at
-            # EOF; its subscriptions end here (those not yet confirmed get an error).
-            self._drop_subscribers(encode_error("ERR splicer: the client closed its side while subscribing"))
         for b in list(self.blockers.values()):
             # A command blocked for a client that sent its last byte may wait for ever, and pop
             # an item nobody reads: redis-server frees such a client at EOF, and we end it.
@@ -882,6 +879,8 @@ class _Client(asyncio.Protocol):
                     # it (Redis would send them before it runs; see _Subscriber.frames).
                     self.held_messages[merge.open() + 1] = []
                 seq = merge.open()
+                if tag == PUBSUB:
+                    self.last_pubsub_seq = seq
                 if tag == REPLY:
                     merge.finish(seq, action[1])
                     if len(action) > 2 and action[2] and (self.outstanding or self.waiting):
@@ -969,7 +968,6 @@ class _Client(asyncio.Protocol):
             else:
                 op = _SubOp(self, seq, len(sends), reply, subscribing)
                 self.outstanding += 1
-                self.subops += 1
                 subscribers = self.subscribers
                 for server, payload, confirmations in sends:
                     sub = subscribers.get(server)
@@ -1077,13 +1075,16 @@ class _Client(asyncio.Protocol):
                 self.splicer.metrics.client_error("unread_replies")
             self.transport.abort()  # type: ignore[union-attr]
             return
-        if self.session.proto == 3 and not self.subops and not self.held_messages:
-            # RESP3 pushes are out of band: with no (UN)SUBSCRIBE unanswered they go out now,
-            # not behind the replies still due (a BLPOP blocked for seconds held them back).
+        if self.session.proto == 3 and merge._base > self.last_pubsub_seq:
+            # RESP3 pushes are out of band: once every slot holding confirmations or messages
+            # is written, they go out now, not behind the replies still due (a BLPOP blocked
+            # for seconds held them back); before that, in order behind those slots.
             merge._ready.append(frame)
             merge.held_bytes += len(frame)
         else:
-            merge.finish(merge.open(), frame)
+            seq = merge.open()
+            merge.finish(seq, frame)
+            self.last_pubsub_seq = seq
         self._mark()
 
     def _drop_subscribers(self, error: bytes = b"") -> None:

@@ -844,7 +844,8 @@ def _keys_error(spec, name: bytes, args: list[bytes]) -> bytes:
         return encode_error("ERR syntax error" if positive else "ERR numkeys should be greater than 0")
     if not spec.streams:
         return encode_error("ERR numkeys should be greater than 0 and at most the number of keys given")
-    if stream_options(args)[0] < 0:
+    streams = stream_options(args)[0]
+    if streams < 0 or streams == len(args) - 1:  # no STREAMS, or nothing after it
         return encode_error("ERR syntax error")
     # redis-server 7 says XREAD for XREADGROUP too
     return encode_error("ERR Unbalanced XREAD list of streams: for each stream key an ID or '$' must be specified.")

@@ -19,6 +19,12 @@ are answered with an error at once instead of queueing. Health checks (PING on a
 connection, HAProxy-style rise/fall) mark servers up or down; with `auto_eject` a down server
 leaves the continuum as in twemproxy.
 
+Own connections. What a connection shared by many clients cannot carry goes over a client's
+own connection to the server concerned, opened on first use and closed with the client:
+subscriptions (`_Subscriber`: messages are pushed at any time) and blocking commands and WATCH
+(`_Blocker`: a blocked command would hold the pooled connection; a WATCH lives on the
+connection that sent it, where EXEC must run).
+
 Backpressure. A client is read only while it holds fewer than `limits.max_pipeline` unanswered
 requests and fewer than `limits.max_buffer_bytes` reply bytes, and while its socket accepts our
 writes; reading resumes when it has drained to half (ReplyOrder's hysteresis). So a client
@@ -447,7 +453,7 @@ class _SubOp:
 
 class _OwnConnection(asyncio.Protocol):
     """A connection of one client's own to one server, outside the pools: what a pooled
-    connection shared by many clients cannot carry (subscriptions, blocking commands).
+    connection shared by many clients cannot carry (subscriptions, blocking commands, WATCH).
 
     Opened on first use with the lanes' handshake (AUTH, HELLO, SELECT), closed with the
     client. Subclasses take the replies after the handshake (`frames`) and say what a failure
@@ -652,7 +658,7 @@ class _Blocker(_OwnConnection):
         if self.closed or not self.pending:
             self.unblocking = False
             return
-        if tries and self.unblocking and tries > 100:
+        if tries > 100:  # 2 s of tries: give up on this connection
             self.close(encode_error("ERR splicer: the client closed its side while a blocking command waited"))
             return
         self.unblocking = True

@@ -1,6 +1,6 @@
 """Pub/sub through the Redis splicer: who subscribes where, and what the client is told (sans-IO).
 
-twemproxy and Envoy's redis_proxy refuse SUBSCRIBE, so Celery's events, RQ's worker commands,
+twemproxy closes the connection on SUBSCRIBE, so Celery's events, RQ's worker commands,
 Django Channels and every cache-invalidation bus need a connection around the proxy. The
 splicer places a *channel* as it places a key (ketama, hash tags and all), so:
 

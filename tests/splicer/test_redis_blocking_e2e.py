@@ -308,3 +308,34 @@ def test_own_connections_time_out_when_a_server_stalls(tmp_path) -> None:
             finally:
                 for c in (watcher, blocker):
                     c.close()
+
+
+def test_a_graceful_stop_ends_blocked_commands(tmp_path) -> None:
+    """A reload or SIGTERM drains the old worker: a command blocked for ever would hold it for
+    the whole drain, and a client leaving meanwhile goes unnoticed (reading is paused), so its
+    command would pop an item nobody reads. The drain ends blocked commands at once: they
+    answer as timed out and the client retries on the new worker."""
+    import socket
+
+    with redis_servers(tmp_path, 2) as pair:
+        with splicer(pair) as s:
+            k = placed_on(s, 1, 1, "drain")[0]
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            c.sendall(b"*3\r\n$5\r\nBLPOP\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(k), k.encode()))
+            deadline = time.monotonic() + 10
+            while pair[1].client().info("clients")["blocked_clients"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+            async def drain() -> None:
+                s.splicer.drain()
+
+            s.call(drain())
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+            assert data == b"*-1\r\n"  # answered as timed out, then closed
+            c.close()
+            assert pair[1].client().info("clients")["blocked_clients"] == 0
+            pair[1].client().rpush(k, "item")
+            time.sleep(0.2)
+            assert pair[1].client().llen(k) == 1  # not popped for anyone

@@ -650,9 +650,11 @@ class _Blocker(_OwnConnection):
         self.pending.append([seq, nreplies, override, deadline])
         self.write(payload)
 
-    def unblock_at_eof(self, tries: int = 0) -> None:
-        """The client sent its last byte: end a command blocked for it (redis-server frees such a
-        client, so nothing is popped for it), while one that completes at once still answers.
+    def unblock(self, tries: int = 0) -> None:
+        """End a command blocked for a client that sent its last byte (redis-server frees such a
+        client, so nothing is popped for it) or that a graceful stop is closing (it would hold
+        the old worker for the whole drain, and a client leaving meanwhile goes unnoticed: its
+        command would pop an item nobody reads); one that completes at once still answers.
         CLIENT UNBLOCK makes a blocked command answer as if timed out; a command that had not
         reached the server yet is caught by trying again until nothing is pending."""
         if self.closed or not self.pending:
@@ -664,7 +666,7 @@ class _Blocker(_OwnConnection):
         self.unblocking = True
         loop = self.client.splicer._loop
         if self.server_id is None:  # still connecting
-            loop.call_later(0.02, self.unblock_at_eof, tries + 1)
+            loop.call_later(0.02, self.unblock, tries + 1)
             return
         lane = self.server.lanes[self.proto][0]
         payload = encode_command([b"CLIENT", b"UNBLOCK", b"%d" % self.server_id])
@@ -675,7 +677,7 @@ class _Blocker(_OwnConnection):
 
     def _on_reply(self, tries: int, reply: bytes) -> None:  # CLIENT UNBLOCK's, from a pooled connection
         if self.pending and not self.closed:
-            self.client.splicer._loop.call_later(0.02, self.unblock_at_eof, tries + 1)
+            self.client.splicer._loop.call_later(0.02, self.unblock, tries + 1)
         else:
             self.unblocking = False
 
@@ -803,7 +805,7 @@ class _Client(asyncio.Protocol):
             # A command blocked for a client that sent its last byte may wait for ever, and pop
             # an item nobody reads: redis-server frees such a client at EOF, and we end it.
             if b.pending:
-                b.unblock_at_eof()
+                b.unblock()
         self._mark()
         self.splicer._schedule_flush()
         return True
@@ -816,6 +818,9 @@ class _Client(asyncio.Protocol):
             return
         self.closing = True  # data_received ignores what comes; flush closes once all is answered
         self._pause()
+        for b in list(self.blockers.values()):
+            if b.pending:  # ended now (it answers as timed out); the client retries elsewhere
+                b.unblock()
         self._mark()
 
     # -- request side ----------------------------------------------------------------------
@@ -1007,8 +1012,8 @@ class _Client(asyncio.Protocol):
                        None if wait is None else now + splicer.config.timeouts.request + wait)
                 if watch is not None:
                     b.watching = watch == WATCH_SET
-                if self.eof:  # read before the client's last byte: it may not block for it
-                    b.unblock_at_eof()
+                if self.eof or self.closing:  # read before its last byte, or a graceful stop: no blocking
+                    b.unblock()
         else:
             raise AssertionError(tag)
         if action[1] and self.outstanding:

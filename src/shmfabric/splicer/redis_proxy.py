@@ -67,6 +67,7 @@ from .redis_session import (
     PUBSUB,
     REPLY,
     SPLIT,
+    UNWATCH,
     RedisSession,
     ReplyOrder,
     Router,
@@ -715,9 +716,6 @@ class _Blocker(_OwnConnection):
             client._on_reply(seq, error)
 
 
-_UNWATCH_CMD = b"*1\r\n$7\r\nUNWATCH\r\n"
-
-
 def _address(name: Any) -> str:
     """A socket address as Redis prints it in CLIENT INFO (host:port, or a UNIX path)."""
     if isinstance(name, tuple) and len(name) >= 2:
@@ -993,7 +991,7 @@ class _Client(asyncio.Protocol):
             if watch == WATCH_USE and (b is None or not b.watching):
                 # The connection that held the WATCH was lost since: the keys were not watched
                 # all along, so EXEC must not run. UNWATCH (or DISCARD) has nothing to undo.
-                if payload == _UNWATCH_CMD:
+                if payload == UNWATCH:
                     self.merge.finish(seq, OK if override is None else override)
                 else:
                     self.merge.finish(seq, encode_error("ERR splicer: the connection holding this client's WATCH was "

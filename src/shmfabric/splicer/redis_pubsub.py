@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 from .redis_resp import encode_command
 
-__all__ = ["Subscriptions", "ALLOWED_IN_RESP2", "push_kind", "MESSAGE_KINDS", "CONFIRM_KINDS",
+__all__ = ["Subscriptions", "ALLOWED_IN_RESP2", "SUBSCRIBING", "push_kind", "MESSAGE_KINDS", "CONFIRM_KINDS",
            "subscribed_ping", "resp2_context_error"]
 
 #: What a RESP2 connection may send while it has subscriptions (Redis's own rule).
@@ -56,6 +56,11 @@ _COMMANDS = {
     b"SSUBSCRIBE": (2, True, b"ssubscribe"),
     b"SUNSUBSCRIBE": (2, False, b"sunsubscribe"),
 }
+
+
+#: The commands that add subscriptions (their confirmations go ahead of the messages a server
+#: sends meanwhile; an unsubscription's go after them).
+SUBSCRIBING = frozenset(name for name, (_, subscribing, _) in _COMMANDS.items() if subscribing)
 
 
 def _push(kind: bytes, name: bytes | None, count: int, proto: int) -> bytes:

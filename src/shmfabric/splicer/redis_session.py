@@ -33,7 +33,7 @@ from .ordered import BoundedSlots
 from .redis_fanout import MERGES, merge_all_ok, scan_tag
 from .redis_fanout import plan as plan_fanout
 from .redis_ketama import Ketama
-from .redis_pubsub import ALLOWED_IN_RESP2, Subscriptions, resp2_context_error, subscribed_ping
+from .redis_pubsub import ALLOWED_IN_RESP2, SUBSCRIBING, Subscriptions, resp2_context_error, subscribed_ping
 from .redis_resp import (
     OK,
     PONG,
@@ -58,6 +58,7 @@ __all__ = [
     "EXEC",
     "PUBSUB",
     "BLOCK",
+    "UNWATCH",
     "merge_mget",
     "KeyGroup",
     "merge_sum",
@@ -415,9 +416,8 @@ class RedisSession:
             return (REPLY, _keys_error(spec, name, args))
         if spec.streams and stream_options(args)[1] is None:
             return self._keyed(name, args, keys)  # XREAD without BLOCK: an ordinary read
-        place = self.router.place
-        server = place(keys[0])[0]
-        if any(place(k)[0] != server for k in keys[1:]):
+        server = self._single_server(keys)
+        if server is None:
             return (REPLY, _cross_server(name))
         # A barrier, as on a Redis connection: nothing after it runs while it is blocked.
         return (BLOCK, True, self.proto, server, encode_command(args), 1, None, None, _block_seconds(spec, args))
@@ -429,14 +429,19 @@ class RedisSession:
             if self.watching is None:
                 return (REPLY, OK)
             server, self.watching = self.watching, None
-            return (BLOCK, True, self.proto, server, _UNWATCH, 1, None, WATCH_USE, 0.0)
-        place = self.router.place
-        server = place(args[1])[0]
-        if any(place(k)[0] != server for k in args[2:]) or (self.watching is not None and self.watching != server):
+            return (BLOCK, True, self.proto, server, UNWATCH, 1, None, WATCH_USE, 0.0)
+        server = self._single_server(args[1:])
+        if server is None or (self.watching is not None and self.watching != server):
             return (REPLY, encode_error("CROSSSERVER the keys WATCHed by this connection live on different servers; "
                                         "keep them together with a hash tag ({...})"))
         self.watching = server
         return (BLOCK, True, self.proto, server, encode_command(args), 1, None, WATCH_SET, 0.0)
+
+    def _single_server(self, keys: list[bytes]) -> int | None:
+        """The server holding every one of `keys`, or None if they are spread."""
+        place = self.router.place
+        server = place(keys[0])[0]
+        return server if all(place(k)[0] == server for k in keys[1:]) else None
 
     def _pubsub(self, name: bytes, args: list[bytes]) -> tuple:
         subs = self.subs
@@ -447,7 +452,7 @@ class RedisSession:
         reply, sends = subs.change(name, args[1:], self.proto)
         self.subscribed = self.proto == 2 and subs.active
         # A barrier: later commands run once the subscription is in place on every server.
-        return (PUBSUB, True, self.proto, reply, sends, False, name in _SUBSCRIBING)
+        return (PUBSUB, True, self.proto, reply, sends, False, name in SUBSCRIBING)
 
     # -- routing ---------------------------------------------------------------------------
     def _keyed(self, name: bytes, args: list[bytes], keys: list[bytes]) -> tuple:
@@ -869,7 +874,7 @@ def _block_seconds(spec, args: list[bytes]) -> float | None:
     return seconds if seconds > 0 and seconds != float("inf") else (None if seconds > 0 else 0.0)
 
 
-_UNWATCH = b"*1\r\n$7\r\nUNWATCH\r\n"
+UNWATCH = b"*1\r\n$7\r\nUNWATCH\r\n"  # what undoes a WATCH (the shell tells it from an EXEC)
 
 
 def _unwatch(server: int | None, reply: bytes, proto: int) -> tuple:
@@ -877,11 +882,10 @@ def _unwatch(server: int | None, reply: bytes, proto: int) -> tuple:
     and DISCARD end a WATCH, also when the splicer answers them itself)."""
     if server is None:
         return (REPLY, reply)
-    return (BLOCK, True, proto, server, _UNWATCH, 1, reply, WATCH_USE, 0.0)
+    return (BLOCK, True, proto, server, UNWATCH, 1, reply, WATCH_USE, 0.0)
 
 
-_PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})
-_SUBSCRIBING = frozenset({b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE"})  # placed by channel (Router.channel_place), not as keys
+_PUBLISH = frozenset({b"PUBLISH", b"SPUBLISH"})  # placed by channel (Router.channel_place), not as keys
 _BADNAME = encode_error("ERR Client names cannot contain spaces, newlines or special characters.")
 
 

@@ -15,10 +15,22 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from shmfabric.splicer import redis_resp
     from shmfabric.splicer.redis_resp import ReplyScanner, RequestReader, RespProtocolError, _may_hold_huge_header
 
 
-def _requests(data: bytes, step: int) -> tuple[list[list[bytes]], bool]:
+def _requests(data: bytes, step: int, piece: int = 0) -> tuple[list[list[bytes]], bool]:
+    # `piece`: the size of the pieces held bytes go to hiredis in (FIRST_CHUNK), small here so
+    # that short inputs cross piece ends too.
+    default = redis_resp.FIRST_CHUNK
+    redis_resp.FIRST_CHUNK = piece or default
+    try:
+        return _read_requests(data, step)
+    finally:
+        redis_resp.FIRST_CHUNK = default
+
+
+def _read_requests(data: bytes, step: int) -> tuple[list[list[bytes]], bool]:
     reader = RequestReader(max_request_bytes=4096)
     out: list[list[bytes]] = []
     for i in range(0, len(data), step):
@@ -89,7 +101,7 @@ def test_one_input(buf: bytes) -> None:
     # Requests end with a newline (inline requests are complete only there; the reader looks
     # for one after a multibulk request only when a read ends a line).
     whole = _requests(data + b"\n", len(data) + 1)
-    split = _requests(data + b"\n", step)
+    split = _requests(data + b"\n", step, buf[0] // 23 % 9 + 1)
     # An over-long request may be refused one read earlier when whole; otherwise identical.
     if _odd_elements(data):
         pass

@@ -106,3 +106,21 @@ def test_pubsub_bench_delivers_every_message_and_item_and_records_twemproxy():
         res["messages_per_s"]["splicer"] / res["messages_per_s"]["direct"])
     assert res["handoff"]["splicer"]["p50_ms"] > 0 and res["ratios"]["handoff_p50_splicer_vs_direct"] > 0
     assert set(res["twemproxy"]) == {"SUBSCRIBE", "BLPOP"}
+
+
+@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-cli", "nutcracker")),
+                    reason="redis-server, redis-cli and nutcracker are needed")
+@pytest.mark.timeout(240)
+def test_pipe_bench_times_every_stream_through_the_splicer_and_records_twemproxys_refusals():
+    # Each figure is a time only if every command was answered without an error; otherwise the
+    # bench records why (what twemproxy does with inline requests and redis-cli's final ECHO).
+    res = bench_json("splice_pipe", "--commands", "3000")
+    assert res["commands"] == 3000
+    for rows in (res["streams"], res["redis_cli"]):
+        assert len(rows) == 4
+        for name, row in rows.items():
+            assert isinstance(row["direct"], float) and isinstance(row["splicer"], float), (name, row)
+    twem = res["streams"]
+    assert isinstance(twem["multibulk SET"]["twemproxy"], float) and isinstance(twem["MGET of 3 keys over both servers"]["twemproxy"], float)
+    assert all(isinstance(v, str) for k, v in twem["inline SET"].items() if k == "twemproxy")
+    assert all(isinstance(row["twemproxy"], str) for row in res["redis_cli"].values())

@@ -1,6 +1,6 @@
 """`shmfabric bench splice` (and `python -m shmfabric.bench.splice`): splicer vs HAProxy.
 
-    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged,tls,tls-handshake,fanout,pubsub] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
+    shmfabric bench splice [--scenario unequal,uniform,redis,reload,logged,tls,tls-handshake,fanout,pubsub,pipe] [--workers 1,2] [--duration 3] [--pipeline N] [--json]
 
 Prints one row per HTTP scenario and worker count: requests/s of the splicer and of HAProxy, their
 ratio against the issue's target, and the responses wrk's script found out of request order
@@ -12,7 +12,9 @@ The `fanout` scenario (`shmfabric.bench.splice_fanout`, opt-in) times whole-serv
 through the splicer (a SCAN of every key, DBSIZE, redis-py's Lock) against the same work sent
 straight to the servers, and records what twemproxy answers to them. The `pubsub` scenario
 (`shmfabric.bench.splice_pubsub`, opt-in) times Redis pub/sub (delivery latency, messages/s)
-and a BLPOP queue's hand-off through the splicer against the server used directly.
+and a BLPOP queue's hand-off through the splicer against the server used directly. The `pipe`
+scenario (`shmfabric.bench.splice_pipe`, opt-in) times `redis-cli --pipe` mass insertion
+(multibulk, inline, the two mixed, small MGETs) through the splicer, twemproxy and one server.
 The `logged` scenario (opt-in, not in the default list) is scenario 2 with both proxies adding
 X-Forwarded-For and writing an access-log line per request to a file; under the table it prints
 each log's line count next to the requests wrk completed, and the X-Forwarded-For value nginx
@@ -28,6 +30,7 @@ connections and of full and resumed TLS handshakes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import asdict
@@ -41,7 +44,12 @@ __all__ = ["register_bench", "main", "render_table"]
 _TITLES = {"unequal": "1. unequal latency (0 ms / 50 ms echo backends)", "uniform": "2. uniform fast nginx backends",
            "logged": "2L. uniform nginx + X-Fwd-For + access log", "tls": "2T. uniform nginx, TLS on both proxies",
            "tls-handshake": "2H. new TLS connection per request (=conn/s)"}
-_OTHER = ("redis", "reload", "fanout", "pubsub")
+# Scenarios with a module of their own (shmfabric.bench.splice_<name>: run() and format_table()).
+_OTHER = ("redis", "reload", "fanout", "pubsub", "pipe")
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"{__package__}.splice_{name}")
 
 
 def render_table(results: Sequence[ScenarioResult]) -> str:
@@ -117,7 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(scenario 2 with both proxies terminating TLS; opt-in), tls-handshake (TLS with a new "
                         "connection per request: connections/s; opt-in), fanout (whole-server Redis commands: "
                         "SCAN, DBSIZE, redis-py Lock, against the servers directly; opt-in), pubsub (Redis pub/sub "
-                        "delivery latency and messages/s, BLPOP hand-off, against the server directly; opt-in); default: the first four")
+                        "delivery latency and messages/s, BLPOP hand-off, against the server directly; opt-in), pipe "
+                        "(redis-cli --pipe mass insertion against twemproxy and one server; opt-in); default: the first four")
     p.add_argument("--workers", type=_csv(int), default=[1, 2], help="worker counts to compare (default 1,2)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--pool", type=int, default=64, help="splicer pool max per backend server (default 64)")
@@ -133,65 +142,26 @@ def _run(args: argparse.Namespace) -> int:
         from shmfabric.cli.main import CliError
 
         raise CliError(f"unknown scenario {', '.join(bad)}; use unequal, uniform, redis, reload, logged, tls, "
-                       "tls-handshake, fanout and/or pubsub")
+                       "tls-handshake, fanout, pubsub and/or pipe")
     http = [s for s in args.scenario if s in _TITLES]
     as_json = args.bench_json or getattr(args, "json", False)
+    others: dict[str, Any] = {}  # scenario -> its module's run() result, in _OTHER's order
     try:
         results = run_scenarios(http, args.workers, args.duration, args.pool, args.pipeline) if http else []
-        redis = None
-        if "redis" in args.scenario:
-            from . import splice_redis
-
-            redis = splice_redis.run()
-        reload = None
-        if "reload" in args.scenario:
-            from . import splice_reload
-
-            reload = splice_reload.run()
-        fanout = None
-        if "fanout" in args.scenario:
-            from . import splice_fanout
-
-            fanout = splice_fanout.run()
-        pubsub = None
-        if "pubsub" in args.scenario:
-            from . import splice_pubsub
-
-            pubsub = splice_pubsub.run()
+        for name in _OTHER:
+            if name in args.scenario:
+                others[name] = _module(name).run()
     except (RuntimeError, BenchError) as exc:  # a peer missing or not starting: one line
         from shmfabric.cli.main import CliError
 
         raise CliError(str(exc)) from None
     if as_json:
-        out: dict[str, Any] = {"http": [{**asdict(r), "met": r.met} for r in results]}
-        if redis is not None:
-            out["redis"] = redis
-        if reload is not None:
-            out["reload"] = reload
-        if fanout is not None:
-            out["fanout"] = fanout
-        if pubsub is not None:
-            out["pubsub"] = pubsub
+        out: dict[str, Any] = {"http": [{**asdict(r), "met": r.met} for r in results], **others}
         print(json.dumps(out, indent=2, default=str))
     else:
-        if results:
-            print(render_table(results))
-        if redis is not None:
-            from .splice_redis import format_table
-
-            print(("\n" if results else "") + format_table(redis))
-        if reload is not None:
-            from . import splice_reload
-
-            print(("\n" if results or redis else "") + splice_reload.format_table(reload))
-        if fanout is not None:
-            from . import splice_fanout
-
-            print(("\n" if results or redis or reload else "") + splice_fanout.format_table(fanout))
-        if pubsub is not None:
-            from . import splice_pubsub
-
-            print(("\n" if results or redis or reload or fanout else "") + splice_pubsub.format_table(pubsub))
+        tables = [render_table(results)] if results else []
+        tables += [_module(name).format_table(r) for name, r in others.items()]
+        print("\n\n".join(tables))
     return 0
 
 

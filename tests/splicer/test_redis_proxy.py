@@ -547,6 +547,26 @@ def test_malformed_request_gets_protocol_error_and_close(sp) -> None:
     assert other.get("pe") == b"1"  # other clients and the pools are unaffected
 
 
+@pytest.mark.parametrize("stream", [
+    b"*1\r\n$x\r\n", b"*1\r\n$-5\r\n", b"*abc\r\n", b"*2\r\n$3\r\nGET\r\n:1\r\n", b"*2\r\n$3\r\nGET\r\n:x\r\n",
+    b"*2\r\n$3\r\nGET\r\n*1\r\n$1\r\na\r\n", b"*2\r\n$3\r\nGET\r\n!x\r\n", b"*2\r\n$3\r\nGET\r\n,1.5\r\n",
+    b"*1\r\n$3\r\nFOO\r\n", b"FOO a b\r\n", b"*3\r\n$3\r\nFOO\r\n$4\r\na\r\nb\r\n$1\r\nc\r\n",
+    b"*3\r\n$3\r\nFOO\r\n$100\r\n" + b"x" * 100 + b"\r\n$50\r\n" + b"y" * 50 + b"\r\n",
+], ids=lambda b: b[:24].decode(errors="replace"))
+def test_bad_requests_get_redis_servers_own_words(sp, pair, stream) -> None:
+    # Clients and tools match these texts; the splicer answers as redis-server itself does.
+    def answer(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(stream)
+            s.settimeout(2)
+            buf = b""
+            while b"\r\n" not in buf and (chunk := s.recv(4096)):
+                buf += chunk
+        return buf
+
+    assert answer(sp.port) == answer(pair[0].port)
+
+
 def test_a_bulk_past_max_request_bytes_is_refused_as_redis_does_while_the_client_still_sends(sp) -> None:
     # Redis answers "invalid bulk length" on reading "$4000000000"; the splicer does once a MiB
     # of it has come (it held up to 512 MiB before), and the connection ends.

@@ -228,7 +228,7 @@ def test_a_line_left_unfinished_by_a_refused_header_ends_in_the_refusal_not_a_wa
 
 BAD_REQUESTS = [
     (b"*2\r\n$3\r\nGET\r\n:1\r\n", "expected '$'"),  # integers are not arguments
-    (b"*x\r\n", "multi-bulk length"),
+    (b"*x\r\n", "invalid multibulk length"),
     (b"*1\r\n$x\r\n", "ulk"),
     (b"*2\r\n$3\r\nGET\r\n\r\n", None),  # garbage inside a multibulk request
     (b"*1\r\n*1\r\n$1\r\na\r\n", None),  # nested arrays

@@ -339,7 +339,7 @@ class RequestReader:
                             if self._go_inline():
                                 break
                             self.failed = True
-                            raise RespProtocolError(_hiredis_message(exc)) from None
+                            raise RespProtocolError(_request_error(exc)) from None
                         # hiredis trims its buffer at the end of any gets() that leaves 1 KiB
                         # consumed, also one that stops inside a request; so len() is read
                         # after every call, and only a trim by a call that returned a whole
@@ -405,7 +405,7 @@ class RequestReader:
                             join(cmd)
                         except TypeError:
                             self.failed = True
-                            raise RespProtocolError("expected '$', got another RESP type in a request") from None
+                            raise RespProtocolError(f"expected '$', got '{_type_byte(cmd)}'") from None
                         if len(cmd) > MULTIBULK_MAX:
                             self.failed = True
                             raise RespProtocolError("invalid multibulk length")
@@ -676,6 +676,40 @@ def _canonical_size(cmd: list[bytes]) -> int:
         la = len(a)
         n += la + 5 + len(str(la))
     return n
+
+
+# hiredis's words for a malformed request, and redis-server's for the same (networking.c), so a
+# client sees what the server itself would say. A bad item inside a request is, to Redis, an
+# item that is not a bulk string.
+_REDIS_WORDS = {
+    "Bad bulk string length": "invalid bulk length",
+    "Bulk string length out of range": "invalid bulk length",
+    "Bad multi-bulk length": "invalid multibulk length",
+    "Multi-bulk length out of range": "invalid multibulk length",
+    "Bad simple string value": "expected '$', got '+'",
+    "Bad integer value": "expected '$', got ':'",
+    "Bad double value": "expected '$', got ','",
+    "Bad bool value": "expected '$', got '#'",
+}
+_TYPE_BYTE = re.compile(r'got "(.)" as reply type byte')
+
+
+def _request_error(exc: Exception) -> str:
+    """What redis-server answers to the malformed request hiredis refused with `exc`."""
+    text = _hiredis_message(exc)
+    words = _REDIS_WORDS.get(text)
+    if words is not None:
+        return words
+    m = _TYPE_BYTE.search(text)
+    return f"expected '$', got '{m.group(1)}'" if m else text
+
+
+def _type_byte(cmd: list) -> str:
+    """The RESP type byte of the first item of a parsed request that is not a bulk string."""
+    for a in cmd:
+        if type(a) is not bytes:
+            return {int: ":", float: ",", bool: "#", list: "*", dict: "%", set: "~"}.get(type(a), "_")
+    return "$"
 
 
 def _hiredis_message(exc: Exception) -> str:

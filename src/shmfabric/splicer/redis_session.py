@@ -271,7 +271,13 @@ def _err_args(name: bytes) -> bytes:
 
 
 def _unknown(args: list[bytes]) -> bytes:
-    shown = " ".join(f"'{a[:64].decode(errors='replace')}'" for a in args[1:9])
+    # Worded as redis-server's (server.c processCommand): each argument quoted and followed by a
+    # space while the list is under 128 characters, the last one cut to what is left of them.
+    shown = ""
+    for a in args[1:]:
+        if len(shown) >= 128:
+            break
+        shown += f"'{a.decode(errors='replace')[:128 - len(shown)]}' "
     return encode_error(f"ERR unknown command '{args[0][:128].decode(errors='replace')}', with args beginning with: {shown}")
 
 

@@ -487,6 +487,29 @@ def test_failed_requests_are_counted_per_request_not_per_failure(fresh_pair) -> 
         st.stop()
 
 
+def test_mset_and_del_over_a_down_server_run_nowhere(fresh_pair) -> None:
+    # MSET and DEL are atomic on one server. Split over two, with one known to be down, neither
+    # may run on the other and then report a failure: the client would see an error for a
+    # write that half happened.
+    with splicer(fresh_pair, health={"interval": 0.1, "timeout": 0.5, "rise": 1, "fall": 1},
+                 timeouts={"connect": 0.5, "request": 5}) as s:
+        r = s.client()
+        a, b = keys_on(s, 0, 1, "atom")[0], keys_on(s, 1, 1, "atom")[0]
+        assert r.mset({a: "old", b: "old"}) is True
+        fresh_pair[1].kill()
+        for _ in range(200):  # health checks mark it down
+            if not s.stats()["servers"][1]["up"]:
+                break
+            time.sleep(0.05)
+        assert not s.stats()["servers"][1]["up"]
+        with pytest.raises(redis.ResponseError, match="splicer: backend"):
+            r.mset({a: "new", b: "new"})
+        with pytest.raises(redis.ResponseError, match="splicer: backend"):
+            r.delete(a, b)
+        assert fresh_pair[0].client().get(a) == b"old"  # neither ran on the server that is up
+        assert r.mset({a: "alone"}) is True and r.get(a) == b"alone"  # its own keys still work
+
+
 # -- health checks and auto-eject -----------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ from typing import Any, Callable
 from .. import __version__
 from .backoff import Backoff, HealthState
 from .config import RedisSpliceConfig, split_address
-from .redis_commands import COMMANDS
+from .redis_commands import COMMANDS, Kind
 from .redis_ketama import Ketama, KetamaServer, server_name
 from .redis_resp import (
     OK,
@@ -87,6 +87,10 @@ _DISCONNECTED, _CONNECTING, _READY = 0, 1, 2
 _SINGLE_ARITY = {name: spec.arity for name, spec in COMMANDS.items() if spec.single}
 # Socket write buffer of a client above which we stop reading it (asyncio's pause_writing).
 _CLIENT_WRITE_HIGH = 1024 * 1024
+
+
+# Split commands not sent at all while one of their servers is known to be down (see _execute).
+_WHOLE_OR_NOTHING = frozenset({Kind.MSET, Kind.SUM})
 
 
 class _Server:
@@ -950,8 +954,17 @@ class _Client(asyncio.Protocol):
                         if not splicer._servers[server].lanes[proto][lane].send(_PING, probe, server, now):
                             probe._on_reply(server, splicer._down_error(server))
             else:
-                self.outstanding += 1
-                self._split(seq, action, now)
+                # MSET and DEL are atomic on one server: split, they are refused while a server
+                # of theirs is known to be down, rather than run on the others (no probe first,
+                # unlike FLUSHALL: it would cost every one a round trip).
+                down = next((server for server, lane, _, _ in parts
+                             if splicer._servers[server].lanes[proto][lane].known_down(now)), None) \
+                    if kind in _WHOLE_OR_NOTHING else None
+                if down is not None:
+                    self.merge.finish(seq, splicer._down_error(down))
+                else:
+                    self.outstanding += 1
+                    self._split(seq, action, now)
         elif tag == EXEC:
             _, barrier, proto, server, lane, payload, nreplies = action
             ln = splicer._servers[server].lanes[proto][lane]

@@ -159,6 +159,13 @@ def test_merges() -> None:
         b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n"
     assert merge_mget(2, [([0], b"*1\r\n_\r\n"), ([1], b"*1\r\n$1\r\nb\r\n")], 3) == b"*2\r\n_\r\n$1\r\nb\r\n"
     assert merge_mget(2, [([0], b"-ERR splicer: backend x down\r\n"), ([1], b"*1\r\n$1\r\nb\r\n")], 2).startswith(b"-ERR")
+    # A few keys: values cut out of the parts' replies as they are (bulks, nulls, RESP3 nulls)...
+    assert merge_mget(4, [([3, 0], b"*2\r\n$0\r\n\r\n_\r\n"), ([1], b"*1\r\n$2\r\nbb\r\n"),
+                          ([2], b"*1\r\n$-1\r\n")], 3) == b"*4\r\n_\r\n$2\r\nbb\r\n$-1\r\n$0\r\n\r\n"
+    # ...and anything else goes the parsing way: an error in a part, a short or odd part.
+    assert merge_mget(2, [([0, 1], b"*2\r\n$1\r\na\r\n:1\r\n")], 2).startswith(b"-ERR splicer: a backend answered MGET")
+    assert merge_mget(3, [([0, 2], b"*1\r\n$1\r\na\r\n"), ([1], b"*1\r\n$1\r\nb\r\n")], 2).startswith(b"-ERR splicer")
+    assert merge_mget(2, [([1], b"*1\r\n$1\r\nb\r\n"), ([0], b"-ERR x\r\n")], 2) == b"-ERR x\r\n"
     assert merge_sum([([0], b":2\r\n"), ([1], b":3\r\n")]) == b":5\r\n"
     assert merge_sum([([0], b":2\r\n"), ([1], b"-ERR x\r\n")]) == b"-ERR x\r\n"
     assert merge_mset([([0], b"+OK\r\n"), ([1], b"+OK\r\n")]) == b"+OK\r\n"

@@ -483,6 +483,22 @@ class RedisSession:
         n = len(keys)
         parts = []
         hits: list[int] = []
+        if n <= _SMALL_SPLIT:
+            # A few keys (a cache's multi-get): the dict grouping below costs less than setting
+            # up the C passes, and its position lists let merge_mget splice the parts' replies.
+            hits = list(map(router.code, keys))
+            barrier = False
+            if kind == Kind.MGET and self.idle and router.lanes > 1:
+                # As below: an idle client's read of a server goes over one of its connections.
+                lanes = router.lanes
+                home: dict[int, int] = {}
+                for c in hits:
+                    if c < home.get(c // lanes, 1 << 30):
+                        home[c // lanes] = c
+                homed = [home[c // lanes] for c in hits]
+                if homed != hits:
+                    hits, barrier = homed, True
+            return self._split_grouped(kind, name, args, keys, width, hits, barrier)
         try:
             # The placement codes as one bytes object, straight from the cache (TypeError: a
             # key not placed yet; ValueError: codes past 255, i.e. over 255 connections in all).
@@ -531,6 +547,14 @@ class RedisSession:
         # Many connections: group with a dict.
         if not hits:
             hits = list(map(router.code, keys))
+        return self._split_grouped(kind, name, args, keys, width, hits)
+
+    def _split_grouped(self, kind: int, name: bytes, args: list[bytes], keys: list[bytes], width: int,
+                       hits: list[int], barrier: bool = False) -> tuple:
+        """The split of `keys` placed at codes `hits`, grouped with a dict (positions as lists)."""
+        pairs = self.router.pairs
+        n = len(keys)
+        parts = []
         groups: dict[int, list[int]] = {}
         for i, h in enumerate(hits):
             g = groups.get(h)
@@ -540,7 +564,7 @@ class RedisSession:
                 g.append(i)
         if len(groups) == 1:
             server, lane = pairs[hits[0]]
-            return (FORWARD, False, self.proto, server, lane, encode_command(args))
+            return (FORWARD, barrier, self.proto, server, lane, encode_command(args))
         for c, positions in groups.items():
             p = pairs[c]
             if width == 1:
@@ -551,7 +575,7 @@ class RedisSession:
                     sub.append(args[1 + 2 * i])
                     sub.append(args[2 + 2 * i])
             parts.append((p[0], p[1], encode_command(sub), positions))
-        return (SPLIT, False, self.proto, kind, n, parts)
+        return (SPLIT, barrier, self.proto, kind, n, parts)
 
     def _queue(self, spec, name: bytes, args: list[bytes]) -> tuple:
         """A command inside MULTI: check it now (as Redis does), send it at EXEC."""
@@ -934,6 +958,10 @@ def command_info(spec, proto: int) -> bytes:
 # -- merging split replies ----------------------------------------------------------------------
 
 
+# Split commands of at most this many keys are grouped by a dict, and their MGET replies spliced.
+_SMALL_SPLIT = 16
+
+
 class KeyGroup:
     """The key positions of one part of a split command, without a list of them.
 
@@ -978,6 +1006,30 @@ def _parse(reply: bytes):
         return None
 
 
+def _bulks(reply: bytes, n: int) -> list[bytes] | None:
+    """The `n` encoded elements of `reply`, an array of `n` bulk strings or nulls; else None."""
+    if reply[:1] != b"*" or not reply.startswith(b"%d\r\n" % n, 1):
+        return None
+    pos = reply.index(b"\n") + 1
+    out = []
+    for _ in range(n):
+        t = reply[pos:pos + 1]
+        if t == b"$":
+            nl = reply.find(b"\r\n", pos)
+            try:
+                size = int(reply[pos + 1:nl])
+            except ValueError:
+                return None
+            end = nl + 2 + max(size, 0) + (2 if size >= 0 else 0)
+        elif t == b"_":
+            end = pos + 3
+        else:
+            return None
+        out.append(reply[pos:end])
+        pos = end
+    return out if pos == len(reply) else None
+
+
 def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: list[Any] | None = None) -> bytes:
     """Merge MGET part replies into one array in key order.
 
@@ -985,6 +1037,23 @@ def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: l
     `KeyGroup` (what `RedisSession` produces when there are few connections). `parsed[i]`,
     when given and not None, is hiredis's parse of part i's reply (saves parsing it again).
     """
+    if nkeys <= _SMALL_SPLIT:
+        # A few keys: the parts' values are cut out of their replies, already encoded in the
+        # client's protocol, and joined in key order (no parse, no encode).
+        spliced: list[bytes] = [b""] * nkeys
+        for where, reply in parts:
+            if type(where) is not list:
+                break
+            if len(where) == 1 and reply[:4] == b"*1\r\n":  # the commonest part: one key
+                spliced[where[0]] = reply[4:]
+                continue
+            values = _bulks(reply, len(where))
+            if values is None:
+                break
+            for i, v in zip(where, values):
+                spliced[i] = v
+        else:
+            return b"*%d\r\n" % nkeys + b"".join(spliced)
     iters: list[Any] = [None] * 256  # by placement code (KeyGroup codes are below 256)
     packed = b""
     ordered: list[bytes | None] = []
@@ -1007,7 +1076,10 @@ def merge_mget(nkeys: int, parts: list[tuple[Any, bytes]], proto: int, parsed: l
         # Key i's value is the next one of the part that holds code packed[i], in C.
         ordered = list(map(next, map(iters.__getitem__, packed)))
     # Values are put in key order first and encoded once, in one join (no bytes per element).
-    return b"*%d\r\n" % nkeys + join_bulks(ordered, proto)
+    try:
+        return b"*%d\r\n" % nkeys + join_bulks(ordered, proto)
+    except TypeError:  # an element that is not a string or nil (an integer...): not MGET's answer
+        return encode_error("ERR splicer: a backend answered MGET with an unexpected reply")
 
 
 def merge_sum(parts: list[tuple[list[int], bytes]]) -> bytes:

@@ -641,3 +641,26 @@ def test_a_reply_after_a_large_one_is_not_held_back() -> None:
     sc.feed(b"$1\r\ny\r\n")
     assert sc.drain(1) == [b"$1\r\ny\r\n"]
     assert sc.buffered == 0
+
+
+def test_a_drain_that_stops_at_its_limit_still_sees_an_inline_request_after_it() -> None:
+    # Three requests fill drain(3) exactly; the inline "$5" and "ab" lines after them look like
+    # an unfinished bulk to hiredis. The next drain must read them as Redis does, not wait.
+    r = RequestReader()
+    r.feed(encode_command([b"PING"]) * 3 + b"$5\r\nab\r\n")
+    assert r.drain(3) == ([[b"PING"]] * 3, None)
+    assert r.drain(3) == ([[b"$5"], [b"ab"]], None)
+
+
+def test_a_read_holding_a_whole_request_over_the_limit_reads_it_and_keeps_no_consumed_bytes() -> None:
+    # Held bytes go to hiredis in pieces; the request-size check must wait for all of them (a
+    # request that came whole in one read was refused at a piece's end), and once they are all
+    # with hiredis the read is not kept alive while hiredis waits for the rest of a request.
+    r = RequestReader(max_request_bytes=1024)
+    big = [b"SET", b"k", b"v" * 3000]
+    r.feed(encode_command([b"PING"]) + b"x y\r\n" + encode_command(big) + encode_command([b"PING"]))
+    assert read_all(r) == [[b"PING"], [b"x", b"y"], big, [b"PING"]]
+    r = RequestReader()
+    r.feed(b"PING\r\n" + encode_command([b"PING"]) * 2000 + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\nvv")
+    assert len(read_all(r)) == 2001
+    assert len(r._pending) - r._ppos == 0 and len(r._pending) < 1024, len(r._pending)

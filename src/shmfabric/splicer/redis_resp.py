@@ -278,8 +278,17 @@ class RequestReader:
         pending = self._pending
         pos = self._ppos
         end = pos + self._chunk
-        data = pending if not pos and end >= len(pending) else pending[pos:end]
-        self._ppos = min(end, len(pending))
+        if end >= len(pending):
+            # The last piece: the held bytes are dropped, so a read is not kept alive while
+            # hiredis waits for the rest of a request (_go_inline then copies what it hands
+            # back, at most this piece and the bytes since the last known request end).
+            data = pending if not pos else pending[pos:]
+            self._pending = b""
+            self._ppos = self._from_pending = 0
+            self._feed_hiredis(data)
+            return
+        data = pending[pos:end]
+        self._ppos = end
         self._feed_hiredis(data)
         if self._poisoned:  # nothing after a refused header is read
             self._pending = b""
@@ -356,7 +365,9 @@ class RequestReader:
                             if got:
                                 self._hiredis_bytes = 0
                                 self._tail_unchecked = True
-                            elif self._hiredis_bytes > self.max_request_bytes:
+                            elif self._hiredis_bytes > self.max_request_bytes and self._ppos >= len(self._pending):
+                                # (With bytes still held, the request may end in them: it is
+                                # refused only when it is incomplete with all that came.)
                                 self.failed = True
                                 raise RespProtocolError("invalid bulk length")
                             # Bytes follow the last complete request. If they do not start
@@ -426,7 +437,9 @@ class RequestReader:
                     else:
                         self._hlen = hlen
                         if got:
+                            # As when hiredis runs out of bytes: what follows may be inline.
                             self._hiredis_bytes = 0
+                            self._tail_unchecked = True
                     continue
                 pending = self._pending
                 pos = self._ppos

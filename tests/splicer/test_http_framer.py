@@ -349,6 +349,21 @@ def test_encode_request_head_drops_hop_by_hop_and_reframes():
     assert evs[1] == Data(b"abc") and evs[2] == EndOfMessage(((b"T", b"1"),))
 
 
+def test_encode_request_head_replaces_what_the_splicer_sets_and_keeps_host():
+    fwd = b"X-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\n"
+    # A plain-HTTP client's own X-Forwarded-Proto would be read first by many backends.
+    req = Request(b"GET", b"/", ((b"Host", b"h"), (b"x-forwarded-proto", b"https"), (b"X-Forwarded-For", b"1.2.3.4")), host=b"h")
+    assert encode_request_head(req, extra=fwd) == \
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n" + fwd + b"\r\n"
+    assert b"x-forwarded-proto: https" in encode_request_head(req)  # not forwarding: untouched
+    # An empty Host is replaced by the backend's address, not sent beside it.
+    req = Request(b"GET", b"/", ((b"Host", b""), (b"X", b"1")), host=b"")
+    assert encode_request_head(req, default_host=b"10.0.0.1:80") == b"GET / HTTP/1.1\r\nX: 1\r\nHost: 10.0.0.1:80\r\n\r\n"
+    # Connection may name fields to drop, but never Host (an HTTP/1.1 request must carry it).
+    req = Request(b"GET", b"/", ((b"Host", b"a"), (b"Connection", b"host, X-Drop"), (b"X-Drop", b"1")), host=b"a")
+    assert encode_request_head(req) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
 def test_encode_response_head_variants():
     resp = Response(200, b"OK", ((b"Content-Length", b"7"), (b"Connection", b"keep-alive"), (b"X", b"1")))
     assert encode_response_head(resp, framing=BODY_LENGTH, content_length=7) == \

@@ -502,6 +502,32 @@ def test_unhealthy_server_leaves_rotation_and_returns():
     run(main())
 
 
+def test_a_server_taken_out_by_its_checks_is_said_with_what_the_last_check_found(capsys):
+    # A check that can never pass (a wrong path, a status the backend gives) must not fail in
+    # silence: HAProxy logs "Server ... is DOWN, reason: ...". Coming back is said too.
+    async def main():
+        env = Env()
+        try:
+            a = await env.backend("a")
+            sp = await env.splice(default=[a.address], pool={"min": 1, "max": 2},
+                                  health={"interval": 0.05, "timeout": 0.5, "rise": 1, "fall": 2,
+                                          "path": "/health?status=503"})
+            server = sp.servers[a.address]
+            await wait_for(lambda: not server.up)
+            sp.servers[a.address].health_cfg = sp.servers[a.address].health_cfg.model_copy(update={"path": "/health"})
+            await wait_for(lambda: server.up)
+            return a.address
+        finally:
+            await env.close()
+
+    address = run(main())
+    err = capsys.readouterr().err
+    down = [x for x in err.splitlines() if "is down" in x]
+    assert len(down) == 1 and down[0].startswith(f"splice http: backend {address} is down: 2 health checks in a row failed, "
+                                                  "the last: GET /health?status=503 answered 'HTTP/1.1 503"), err
+    assert f"splice http: backend {address} is up: 1 health checks in a row passed" in err
+
+
 def test_a_server_failing_its_http_check_stays_out_although_it_accepts_connections():
     # A server whose `health.path` answers 503 but which accepts TCP: the pool's own connects
     # must not count as passing checks (they would bring it back between two HTTP checks).

@@ -228,6 +228,15 @@ class HealthConfig(RedisHealthConfig):
                              "the first one `interval` seconds later at the earliest; any complete response, "
                              "whatever its status, restarts the count; 0: off")
 
+    @field_validator("path")
+    @classmethod
+    def _path_is_a_target(cls, v: str | None) -> str | None:
+        # Sent as the request target as it is: without the slash every check got a 400 and
+        # every server stayed down, with nothing said.
+        if v is not None and (not v.startswith("/") or any(c in v for c in " \t\r\n")):
+            raise ValueError(f"path {v!r} must start with '/' and hold no spaces (e.g. /healthz)")
+        return v
+
 
 class HttpRoute(_Model):
     """One routing rule; the first rule that matches a request wins."""

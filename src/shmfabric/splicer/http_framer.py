@@ -674,9 +674,18 @@ def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = Fal
                 continue
         out.append(name + b": " + value + b"\r\n")
     if extra:
-        # fields the sender declared hop-by-hop by naming them in Connection (RFC 9110 7.6.1)
+        # fields the sender declared hop-by-hop by naming them in Connection (RFC 9110 7.6.1);
+        # never Host, which an HTTP/1.1 request must carry (nginx and HAProxy keep it too)
+        extra.discard(b"host")
         out = [line for line in out if line.split(b":", 1)[0].lower() not in extra]
     return out
+
+
+# Single-valued fields the splicer sets itself when it adds forwarding lines: a client's own
+# value is dropped, or a backend that reads the first one would trust what the client claimed
+# (`X-Forwarded-Proto: https` over plain HTTP). X-Forwarded-For and Forwarded are lists: the
+# client's entries are kept and ours appended, as HAProxy and nginx do.
+_REPLACED: Final = (b"x-forwarded-proto:",)
 
 
 def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_host: bytes = b"",
@@ -689,13 +698,18 @@ def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_hos
     client sent, so a recipient that combines repeated fields reads the client's value first
     and ours last (RFC 9110 section 5.3), as HAProxy's `option forwardfor` does.
     """
-    parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
-    parts += _end_to_end(req.headers, keep_upgrade)
+    lines = _end_to_end(req.headers, keep_upgrade)
+    add_host = req.host == b"" and default_host
+    if add_host or (extra and b"X-Forwarded-Proto:" in extra):
+        # drop what we replace: the client's X-Forwarded-Proto, and an empty Host
+        drop = (_REPLACED if extra and b"X-Forwarded-Proto:" in extra else ()) + ((b"host:",) if add_host else ())
+        lines = [line for line in lines if not line[:18].lower().startswith(drop)]
+    parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", *lines]
     if req.framing == BODY_CHUNKED:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif req.framing == BODY_LENGTH:
         parts.append(b"Content-Length: %d\r\n" % req.content_length)
-    if req.host == b"" and default_host:
+    if add_host:
         parts.append(b"Host: " + default_host + b"\r\n")
     if extra:
         parts.append(extra)

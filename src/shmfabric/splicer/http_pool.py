@@ -264,6 +264,7 @@ class BackendServer:
         self.fresh_waiters: deque[ExchangeLike] = deque()  # retries: a new connection each
         self.connecting = 0
         self.health = HealthState(rise=health.rise, fall=health.fall)
+        self.last_check = ""  # what the last active check found (check_once)
         self.backoff = Backoff(cap=max(1.0, health.interval))
         self.inflight = 0
         self.eject_after = health.eject_after
@@ -617,25 +618,39 @@ class BackendServer:
             changed = self.health.record(ok)
             if changed is False:
                 self._drop_idle()
+                # Said, as HAProxy logs "Server ... is DOWN, reason: ...": a check that can never
+                # pass (a wrong path, a status the backend gives) must not fail in silence.
+                say(f"splice http: backend {self.name} is down: {cfg.fall} health checks in a row failed, "
+                    f"the last: {self.last_check}")
             elif changed is True:
                 self.ejected = False
                 self.backoff.reset()
                 self._fill()
+                say(f"splice http: backend {self.name} is up: {cfg.rise} health checks in a row passed")
 
     async def check_once(self) -> bool:
-        """One active check: TCP connect, or GET `health.path` wanting a 2xx/3xx status."""
+        """One active check: TCP connect, or GET `health.path` wanting a 2xx/3xx status. What
+        it found is kept in `last_check`."""
         cfg = self.health_cfg
         writer = None
+        self.last_check = "timed out"
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), cfg.timeout)
+            self.last_check = "connected"
             if cfg.path is None:
                 return True
             writer.write(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: shmfabric-splicer-health\r\n\r\n"
                          % (cfg.path.encode(), self.host.encode()))
             line = await asyncio.wait_for(reader.readline(), cfg.timeout)
             parts = line.split()
+            self.last_check = (f"GET {cfg.path} answered {line.strip().decode('latin-1')[:60]!r}" if line
+                               else f"GET {cfg.path}: connection closed without an answer")
             return len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1][:1] in (b"2", b"3")
-        except (OSError, asyncio.TimeoutError, ValueError):
+        except asyncio.TimeoutError:
+            self.last_check = f"no answer within health.timeout ({cfg.timeout:g} s)"
+            return False
+        except (OSError, ValueError) as exc:
+            self.last_check = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             return False
         finally:
             if writer is not None:

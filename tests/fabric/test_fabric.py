@@ -255,6 +255,34 @@ def test_released_frame_raises(fab):
     assert_conserved(fab)
 
 
+def test_a_pinned_destination_refuses_another_node_that_took_its_id(fab):
+    # Ids are reused: after "ids" and "sink" restart in the other order, "sink" has the id
+    # "ids" had. A sender that pinned the id to the incarnation it resolved must not hand it
+    # frames meant for "ids" (a chain would skip its IDS); unpinned sends still go by id.
+    a, ids, sink = fab.attach("a"), fab.attach("ids"), fab.attach("sink")
+    ref = fab.node_ref("ids")
+    assert ref == (ids.id, fab.region.node_entry(ids.id)["gen"])
+    a.pin(*ref)
+    assert a.send(ids.id, b"for ids") is True
+    old_ids, old_sink = ids.id, sink.id
+    ids.detach(), sink.detach()
+    sink2 = fab.attach("sink")  # takes the lowest free id: the one "ids" had
+    ids2 = fab.attach("ids")
+    assert sink2.id == old_ids and ids2.id == old_sink
+    with pytest.raises(UnknownDestinationError, match="another incarnation"):
+        a.send(old_ids, b"for ids, meant")
+    with pytest.raises(UnknownDestinationError, match="another incarnation"):
+        a.send_batch(old_ids, [b"for ids, meant"])
+    assert drain(sink2) == []
+    a.pin(*fab.node_ref("ids"))  # resolved again by name: the new incarnation
+    assert a.send(ids2.id, b"for ids") is True
+    assert [f[-7:] for f in drain(ids2)] == [b"for ids"]
+    a.pin(old_ids, 0)  # unpinned: by id again
+    assert a.send(old_ids, b"x") is True
+    a.detach(), sink2.detach(), ids2.detach()
+    assert_conserved(fab)
+
+
 def test_unknown_destination(fab):
     a, b = fab.attach("a"), fab.attach("b")
     for dst in (99, -1, 5):  # out of range, negative, a free entry

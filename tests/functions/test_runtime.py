@@ -262,3 +262,28 @@ def test_tap_to_a_mirror_that_never_reads_drops_copies_not_traffic(fab, procs):
     finally:
         ctl.close()
         deaf.detach()
+
+
+def test_a_next_hop_follows_its_name_when_restarts_swap_node_ids(fab):
+    # ids and sink restarted in the other order: sink now has the id ids had. The hop is pinned
+    # to what it resolved, so a send to the old id fails (no frame reaches sink in place of ids)
+    # and resolving again by name finds ids where it is now.
+    from shmfabric.fabric import UnknownDestinationError
+    from shmfabric.functions.runtime import Hop
+
+    a, ids, sink = fab.attach("a"), fab.attach("ids"), fab.attach("sink")
+    hop = Hop(fab, ["ids"], pin=a.pin)
+    hop.resolve(0, force=True)
+    assert hop.ids == [ids.id]
+    old = ids.id
+    ids.detach(), sink.detach()
+    sink2, ids2 = fab.attach("sink"), fab.attach("ids")
+    assert sink2.id == old
+    with pytest.raises(UnknownDestinationError, match="another incarnation"):
+        a.send(hop.ids[0], b"for ids")
+    hop.resolve(0, force=True)
+    assert hop.ids == [ids2.id] and a.send(hop.ids[0], b"for ids") is True
+    with sink2.recv_batch(16, timeout=0) as b:
+        assert [f for f in b] == []
+    for n in (a, sink2, ids2):
+        n.detach()

@@ -485,6 +485,10 @@ typedef struct {
     uint32_t signalled; /* process-private futex word: 1 while efd is readable */
     uint8_t mac[6];
     unsigned long fork_gen; /* fork_gen of the process that attached */
+    /* Per destination id, the incarnation (gen) sends must find there, 0: any (pin()). A node id
+     * is reused by whatever node attaches next: a sender that resolved a name to an id must not
+     * hand frames to another node that took that id after a restart. */
+    uint32_t *pinned;
 } PortObject;
 
 static PyTypeObject Port_Type;
@@ -623,7 +627,8 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
     }
     uint32_t ntapes = 1 + self->r.sb->n_mcast;
     self->tape_cursor = PyMem_Malloc(sizeof(uint64_t) * ntapes);
-    if (!self->tape_cursor) {
+    self->pinned = PyMem_Calloc(self->r.sb->max_nodes, sizeof(uint32_t));
+    if (!self->tape_cursor || !self->pinned) {
         PyErr_NoMemory();
         return -1;
     }
@@ -664,6 +669,7 @@ static void Port_dealloc(PortObject *self)
     for (int i = 0; i < SF_MAX_NETWORKS; i++)
         PyMem_Free(self->cache[i]);
     PyMem_Free(self->tape_cursor);
+    PyMem_Free(self->pinned);
     Py_XDECREF(self->region);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -696,7 +702,18 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag, uint32_t *
         PyErr_Format(RingDownError, "destination node %ld is not attached (down or never up)", dst);
         return NULL;
     }
-    *dst_tag = sf_owner_tag((uint32_t)dst, LOAD_RELAXED(&d->gen));
+    uint32_t gen = LOAD_RELAXED(&d->gen);
+    uint32_t want = p->pinned[dst];
+    if (want && gen != want) {
+        /* A new incarnation took the id since pin(): maybe another node (a restart order can
+         * swap ids). Its reclaim bumped the ring's epoch, so finish_send's CAS cannot publish
+         * to it either way. */
+        p->me->tx_drops++;
+        PyErr_Format(RingDownError, "destination node %ld is another incarnation now (gen %u, pinned %u): "
+                     "resolve its name again", dst, gen, want);
+        return NULL;
+    }
+    *dst_tag = sf_owner_tag((uint32_t)dst, gen);
     *epoch = ep;
     return g;
 }
@@ -1679,7 +1696,23 @@ static PyGetSetDef Port_getset[] = {
     {"tag", (getter)Port_get_tag, NULL, "owner tag of slots this node holds", NULL},
     {NULL}};
 
+/* pin(dst, gen): sends to `dst` fail unless its incarnation is `gen` (0: unpin). */
+static PyObject *Port_pin(PortObject *p, PyObject *args)
+{
+    long dst;
+    unsigned int gen;
+    if (!PyArg_ParseTuple(args, "lI", &dst, &gen))
+        return NULL;
+    if (dst < 0 || (uint32_t)dst >= p->r.sb->max_nodes) {
+        PyErr_Format(RingDownError, "unknown destination node %ld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
+        return NULL;
+    }
+    p->pinned[dst] = gen;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Port_methods[] = {
+    {"pin", (PyCFunction)Port_pin, METH_VARARGS, "Sends to dst fail unless its incarnation (gen) is this one; 0 unpins."},
     {"send_batch", (PyCFunction)(void (*)(void))Port_send_batch, METH_VARARGS | METH_KEYWORDS, "Copy frames into slots and enqueue; returns how many were sent."},
     {"send", (PyCFunction)(void (*)(void))Port_send, METH_VARARGS | METH_KEYWORDS, "Send one frame; False if the ring was full."},
     {"recv_batch", (PyCFunction)(void (*)(void))Port_recv_batch, METH_VARARGS | METH_KEYWORDS, "Receive up to max_frames zero-copy frames."},

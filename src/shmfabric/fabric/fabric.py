@@ -241,10 +241,22 @@ class Fabric:
 
     def node_id(self, name: str) -> int | None:
         """The id of the live node called `name`, or None."""
+        ref = self.node_ref(name)
+        return None if ref is None else ref[0]
+
+    def node_ref(self, name: str) -> tuple[int, int] | None:
+        """(id, incarnation) of the live node called `name`, or None. Ids are reused when nodes
+        restart; `Node.pin(id, incarnation)` makes sends to the id fail once another node has it."""
         region = self.region
+        core = region.core
         for i in range(region.node_hwm()):
-            if region.core.node_state(i) == native.NODE_UP and region.node_entry(i)["name"] == name:
-                return i
+            if core.node_state(i) != native.NODE_UP:
+                continue
+            e = region.node_entry(i)
+            # Checked again after the read: the entry belongs to the node we read only if it
+            # was up, with the same incarnation, on both sides of it.
+            if e["name"] == name and core.node_state(i) == native.NODE_UP and region.node_entry(i)["gen"] == e["gen"]:
+                return i, e["gen"]
         return None
 
     def pool_audit(self, network: int = 0) -> dict:
@@ -402,6 +414,12 @@ class Node:
     def _announce(self, kind: bytes) -> None:
         gen = self._fabric.region.node_entry(self.id)["gen"]
         self._port.tape_send(0, control.encode(kind, self.id, gen, self.name), native.FLAG_CONTROL)
+
+    def pin(self, dst: int, incarnation: int) -> None:
+        """Sends to node `dst` fail with `UnknownDestinationError` unless it is still that
+        incarnation (`Fabric.node_ref`), so frames meant for a node never reach another that
+        took its id after a restart; 0 unpins."""
+        self._port.pin(dst, incarnation)
 
     def send_control(self, dst: int, payload: bytes) -> bool:
         """Send a control message to node `dst`: it reaches that node's `on_message` callback, never

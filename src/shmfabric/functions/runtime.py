@@ -68,7 +68,8 @@ def parse_port(spec: str | list[str]) -> tuple[str, list[str]]:
 class Hop:
     """A named destination (a node, or a scaled-out group of nodes) resolved to node ids."""
 
-    def __init__(self, fabric: Fabric, names: list[str], label: str | None = None):
+    def __init__(self, fabric: Fabric, names: list[str], label: str | None = None,
+                 pin: Callable[[int, int], None] | None = None):
         if len(names) > MAX_GROUP:
             raise ValueError(f"a next hop group has at most {MAX_GROUP} instances, got {len(names)}")
         self.fabric = fabric
@@ -76,12 +77,21 @@ class Hop:
         self.names = list(names)
         self.ids: list[int | None] = [None] * len(names)
         self._last_resolve = 0.0
+        # The sending node's pin (Node.pin): each resolved id is pinned to the incarnation found
+        # under the name, so after restarts that swap ids (ids and sink-a, say) a send to the old
+        # id fails and the name is resolved again, instead of frames bypassing a function.
+        self.pin = pin
 
     def resolve(self, now: float, force: bool = False) -> None:
         if not force and now - self._last_resolve < RESOLVE_EVERY:
             return
         self._last_resolve = now
-        self.ids = [self.fabric.node_id(n) for n in self.names]
+        refs = [self.fabric.node_ref(n) for n in self.names]
+        if self.pin is not None:
+            for ref in refs:
+                if ref is not None:
+                    self.pin(*ref)
+        self.ids = [None if ref is None else ref[0] for ref in refs]
 
     def missing(self) -> list[str]:
         """The nodes of the hop not attached now."""
@@ -129,6 +139,9 @@ class FunctionRunner:
         except (OSError, ValueError, LookupError) as e:
             raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: {e}") from None
         self.node = fabric.attach(node_name, network)
+        for hop in (self.next, *self.ports):
+            hop.pin = self.node.pin
+            hop.resolve(0, force=True)  # what was resolved before this had no pins
         self.node.set_wait_mode(wait_mode)
         self.node.on_message = self._on_message
         self.is_source = hasattr(self.fn, "produce")
@@ -201,13 +214,14 @@ class FunctionRunner:
             elif op == "set_next":
                 # "next": the next hop's instances; "ports" (optional): {port name: instances}
                 timeout = float(msg.get("timeout", 5.0))
-                hop = Hop(self.fabric, list(msg.get("next") or []))
+                hop = Hop(self.fabric, list(msg.get("next") or []), pin=self.node.pin)
                 want = msg.get("ports") or {}
                 labels = [p.label for p in self.ports]
                 unknown = [name for name in want if name not in labels]
                 if unknown:
                     raise ValueError(f"set_next: {unknown} are not ports of {self.node.name!r} (ports: {labels})")
-                ports = [Hop(self.fabric, list(want[p.label]), p.label) if want.get(p.label) else p for p in self.ports]
+                ports = [Hop(self.fabric, list(want[p.label]), p.label, self.node.pin) if want.get(p.label) else p
+                         for p in self.ports]
                 self._check_groups(hop, ports)
                 for h in [hop, *ports]:
                     h.wait(timeout=timeout)
@@ -224,7 +238,7 @@ class FunctionRunner:
                 if to is None:
                     self.mirror = None
                 else:
-                    hop = Hop(self.fabric, [str(to)])
+                    hop = Hop(self.fabric, [str(to)], pin=self.node.pin)
                     hop.wait(timeout=float(msg.get("timeout", 5.0)))
                     self.mirror = hop
                 log("mirror", {"node": self.node.name, "to": to})

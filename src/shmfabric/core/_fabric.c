@@ -229,6 +229,13 @@ static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t e
     return 1;
 }
 
+/* The lap stamp of ring index `index` in a descriptor's flags (above SF_DESC_USER): which time
+ * round the ring the entry was written, modulo 2^15 (see take_unpublished). */
+static inline uint16_t desc_lap(uint32_t index, uint32_t ring_size)
+{
+    return (uint16_t)(((index >> __builtin_ctz(ring_size)) & 0x7fffu) << 1); /* a power of two */
+}
+
 /* Drain every ring into node `idx` as if we were its consumer (it is dead or not yet up), freeing
  * slots still tagged with `tag`. Returns the number of slots freed. */
 static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool mark_down)
@@ -252,6 +259,40 @@ static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool m
                 freed += reclaim_slot(r, net_at(r, d->pool), d->slot, tag);
         }
         STORE_RELEASE(&g->tail, tail); /* R2 pairs with A1 */
+    }
+    return freed;
+}
+
+/* Free the frames a dead node wrote into its outbound rings but never published. A sender tags
+ * each slot for the destination before it publishes the ring head; killed in between, those
+ * slots belong to a live receiver that never sees them, and the dead node's owner scan does not
+ * find them (their tag is the receiver's). Every descriptor carries the lap of the ring index it
+ * was written at (desc_lap), and a sender writes a descriptor before it retags the slot; past the
+ * published head, an entry of the current lap was written and not published (take_back clears
+ * the ones it gave back). Only the producer writes descriptors, so receivers pay nothing for
+ * this. The node is dead (state RECLAIM): nobody else writes past that head. */
+static uint64_t take_unpublished(region_view *r, uint32_t idx)
+{
+    uint64_t freed = 0;
+    uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+    uint32_t size = r->sb->ring_size;
+    for (uint32_t dst = 0; dst < hwm; dst++) {
+        sf_ring *g = ring_at(r, idx, dst);
+        uint32_t head = LOAD_ACQUIRE(&g->head);
+        uint32_t tail = LOAD_ACQUIRE(&g->tail);
+        if (sf_ring_count(head, tail) > size) /* garbage indices */
+            continue;
+        uint32_t space = sf_ring_space(head, tail, size);
+        uint32_t dst_tag = sf_owner_tag(dst, LOAD_RELAXED(&node_at(r, dst)->gen));
+        for (uint32_t j = 0; j < space; j++) {
+            sf_desc *d = &g->desc[(head + j) & (size - 1)];
+            if (!d->len || (d->flags & ~SF_DESC_USER) != desc_lap(head + j, size))
+                break; /* written in an earlier lap (or never): consumed, or a zeroed ring */
+            /* tagged for an earlier incarnation of dst: its reclaim freed it, and the CAS fails */
+            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
+                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag);
+            d->len = 0;
+        }
     }
     return freed;
 }
@@ -327,6 +368,7 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     uint32_t tag = sf_owner_tag(idx, nd->gen);
     freed += drain_inbound(r, idx, tag, true);
+    freed += take_unpublished(r, idx);
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F4 pairs with F1: `down` is set before the owner scan */
     for (uint32_t ni = 0; ni < r->sb->n_networks; ni++) {
         sf_network *n = net_at(r, ni);
@@ -726,6 +768,7 @@ static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint
     for (uint32_t j = 0; j < n; j++) {
         sf_desc *d = &g->desc[(head + j) & mask];
         reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag);
+        d->len = 0; /* not a frame waiting to be published (take_unpublished) */
     }
     STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
 }
@@ -840,13 +883,18 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         memcpy(f + hlen, data, len);
         if (release)
             PyBuffer_Release(&b);
-        STORE_RELAXED(&owner[slot], dst_tag);
         sf_desc *d = &g->desc[(head + i) & mask];
         d->slot = slot;
-        d->len = (uint32_t)len + hlen;
         d->pool = (uint16_t)pool;
-        d->flags = control ? SF_DESC_CONTROL : 0;
+        d->flags = (control ? SF_DESC_CONTROL : 0) | desc_lap(head + i, r->sb->ring_size);
         d->meta = meta;
+        d->len = (uint32_t)len + hlen;
+        /* The descriptor before the tag: a sender killed between the two leaves a slot that is
+         * still its own (its owner scan frees it), never one tagged for dst outside any ring
+         * (take_unpublished finds it by the descriptor). A compiler barrier is enough: the
+         * reclaim runs after this process is gone. */
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        STORE_RELAXED(&owner[slot], dst_tag);
         bytes += (uint64_t)len + hlen - SF_ETH_HLEN; /* payload bytes (a raw frame's len has its header) */
     }
     finish_send(p, g, head, i, want - n, bytes, dst, dst_tag, epoch);
@@ -1065,7 +1113,7 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
             fr->len = len;
             fr->slot = slot;
             fr->pool = (uint16_t)pool;
-            fr->flags = d->flags;
+            fr->flags = d->flags & SF_DESC_USER;
             fr->meta = d->meta;
             fr->state = FS_OWNED;
             bytes += len >= SF_ETH_HLEN ? len - SF_ETH_HLEN : 0; /* payload bytes, as the sender counted them */
@@ -1420,13 +1468,14 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     uint8_t dmac[6];
     make_mac(dmac, (uint32_t)dst);
     write_header(b->data, dmac, p->mac, (uint16_t)ethertype);
-    STORE_RELAXED(&net_owner(&p->r, n)[b->slot], dst_tag);
     sf_desc *d = &g->desc[head & (p->r.sb->ring_size - 1)];
     d->slot = b->slot;
-    d->len = length + SF_ETH_HLEN;
     d->pool = (uint16_t)b->pool;
-    d->flags = 0;
+    d->flags = desc_lap(head, p->r.sb->ring_size);
     d->meta = meta;
+    d->len = length + SF_ETH_HLEN;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the descriptor before the tag (see send_batch) */
+    STORE_RELAXED(&net_owner(&p->r, n)[b->slot], dst_tag);
     b->sent = 1;
     finish_send(p, g, head, 1, 0, length, dst, dst_tag, epoch);
     Py_RETURN_TRUE;
@@ -1495,13 +1544,14 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
             memcpy(fd, dmac, 6);
             memcpy(fd + 6, p->mac, 6);
         }
-        STORE_RELAXED(&net_owner(r, port_net(p, pool))[slot], dst_tag);
         sf_desc *d = &g->desc[(head + sent) & mask];
         d->slot = slot;
-        d->len = fr->len;
         d->pool = (uint16_t)pool;
-        d->flags = fr->flags;
+        d->flags = (fr->flags & SF_DESC_USER) | desc_lap(head + sent, r->sb->ring_size);
         d->meta = fr->meta;
+        d->len = fr->len;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the descriptor before the tag (see send_batch) */
+        STORE_RELAXED(&net_owner(r, port_net(p, pool))[slot], dst_tag);
         if (fr->state == FS_COPY)
             fr->data = fd; /* (unused after this; keep it pointing at live memory) */
         fr->state = FS_GONE;

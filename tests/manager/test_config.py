@@ -175,6 +175,14 @@ def test_check_functions_unknown_function_and_bad_config_lines():
     assert "t.yaml:11: field `nodes[2].config.verify`" in msg
 
 
+def test_load_topology_not_utf8_names_the_line_and_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.replace("name: t1", "name: t1 # caf\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError) as ei:
+        load_topology(path)
+    assert str(ei.value) == (f"{path}:2: not UTF-8 text (byte 0xe9 at column 17); fix: save the file as UTF-8")
+
+
 def test_load_topology_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read.*fix: check the path"):
         load_topology(tmp_path / "nope.yaml")

@@ -70,6 +70,25 @@ def test_config_error_names_file_line_and_fix(env, tmp_path):
     assert p.returncode == 2 and f"{bad}:4: field `nodes[0].config.rat`" in p.stderr
 
 
+def test_unreadable_or_single_problem_configs_are_one_line(env, tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe garbage")
+    _one_line_error(cli(env, "up", binary, check=False),
+                    f"invalid config: {binary}:1: not UTF-8 text (byte 0xff at column 2); fix: save the file as UTF-8")
+    missing = tmp_path / "missing.yaml"
+    _one_line_error(cli(env, "up", missing, check=False),
+                    f"invalid config: {missing}: cannot read: No such file or directory; fix: check the path")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TOPO.replace("FABRIC", "x").replace("[gen, fw, sink]", "[gen, fw, snk]"))
+    _one_line_error(cli(env, "up", bad, check=False), f"invalid config: {bad}:8: field `chains[0].nodes[2]`")
+    # several problems: a heading, then one line each (docs/manager.md shows it)
+    bad.write_text(TOPO.replace("FABRIC", "x").replace("rate: 2000", "rat: 2000").replace("[gen, fw, sink]",
+                                                                                          "[gen, fw, snk]"))
+    p = cli(env, "up", bad, check=False)
+    assert p.returncode == 2 and p.stderr.splitlines()[0] == "shmfabric: error: invalid config:"
+    assert len(p.stderr.splitlines()) == 3
+
+
 def test_no_manager_running(env):
     for verb in ("status", "down", "reload", "top"):
         p = cli(env, verb, check=False)
@@ -240,6 +259,44 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
     except OSError:
         return False
+
+
+def test_kill_9_of_the_manager_stops_its_functions_and_up_works_again(env, topo, tmp_path):
+    """A manager killed with SIGKILL cannot stop its nodes: they stop themselves (parent-death
+    signal), detach, and a new `up` of the same file finds the fabric free."""
+    path, name = topo
+    cli(env, "up", path, "--detach")
+    state = json.loads((tmp_path / "state" / f"{name}.json").read_text())
+    pids: list[int] = []
+    try:
+        st = json.loads(cli(env, "status", "--json").stdout)
+        pids = [i["pid"] for n in st["nodes"] for i in n["instances"]]
+        assert len(pids) == 3 and all(pids)
+        # one more, started by an API request (its own thread in the manager): it must die with
+        # the manager too, and not with the request's thread
+        api_call(state["api"], "/nodes/fw/scale", {"instances": 2})
+        time.sleep(1.0)
+        st = json.loads(cli(env, "status", "--json").stdout)
+        fw2 = [i for n in st["nodes"] for i in n["instances"] if i["name"] == "fw-2"][0]
+        assert fw2["state"] == "running" and fw2["restarts"] == 0
+        pids.append(fw2["pid"])
+        os.kill(state["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if _alive(p)], "function processes outlived their killed manager"
+        fab = Fabric.open(name)  # left behind (nobody removed it), but with no node up
+        try:
+            assert not [n["name"] for n in fab.nodes() if n["alive"] and n["state"] == "up"]
+        finally:
+            fab.close()
+        p = cli(env, "up", path, "--duration", "1", timeout=90)
+        assert f"fabric {name} up: 3 instances of 3 nodes" in p.stdout
+        assert not region_path(name).exists()
+    finally:
+        for pid in [state["pid"], *pids]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_edge_example_runs_and_adds_up(env):

@@ -308,3 +308,124 @@ def test_a_plain_reload_rereads_the_file_last_loaded(run_topology, tmp_path):
     b.write_text(a.read_text().replace("conntrack off", "conntrack off\\nth dport 7 drop"))
     assert sup.reload_file()["reconfigured"] == ["fw"]  # b's new content, not a's
     assert "th dport 7 drop" in sup.topo.node("fw").config["rules"]
+
+
+def test_an_instance_started_from_a_passing_thread_outlives_it(run_topology):
+    """Functions die with their manager (PR_SET_PDEATHSIG), which the kernel ties to the thread
+    that forked them: one started by a management API request (a thread per request) must not be
+    stopped when that request's thread ends."""
+    import threading
+    import time
+
+    sup = run_topology(chain(scale="scale: {min_instances: 1, max_instances: 3, out_depth: 100000, in_depth: 0}"))
+
+    def request() -> None:
+        sup.scale("fw", 2)
+        time.sleep(1.0)  # the rest of the request: fw-2 has armed its parent-death signal by now
+
+    t = threading.Thread(target=request)
+    t.start()
+    t.join()
+    fw2 = sup.nodes["fw"].instances[1]
+    pid = fw2.pid
+    wait_until(lambda: counters(sup, "fw-2").get("in_frames", 0) > 0, what="fw-2 to get traffic", sup=sup)
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        sup.tick()
+        time.sleep(0.1)
+    assert (fw2.state, fw2.pid, fw2.restarts, fw2.proc.poll()) == ("running", pid, 0, None), list(sup.events)
+
+
+def _holder(name: str, nodes: int, version: int | None = None):
+    """Another process that creates fabric `name`, attaches `nodes` nodes (n1, n2, ...) and keeps
+    it mapped; with `version`, its file then claims that layout version (one this shmfabric
+    cannot open, as a region of another release would)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import struct, sys, time
+from shmfabric import Fabric
+from shmfabric.core import native
+from shmfabric.core.region import region_path
+fab = Fabric.create({name!r}, max_nodes=16)
+nodes = [fab.attach(f"n{{k}}") for k in range(1, {nodes} + 1)]
+if {version!r} is not None:
+    with open(region_path({name!r}), "r+b") as f:
+        f.seek(native.LAYOUT["sf_superblock.version"])
+        f.write(struct.pack("<I", {version!r}))
+print("ready", flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _supervisor(name: str, tmp_path):
+    from shmfabric.manager.config import parse_topology
+    from shmfabric.manager.supervisor import Supervisor
+
+    body = chain().replace("{fabric}", name)
+    path = tmp_path / "t.yaml"
+    path.write_text(body)
+    return Supervisor(parse_topology(body, str(path)), source=str(path), log_dir=tmp_path / "logs")
+
+
+def test_an_unreadable_region_a_process_maps_is_refused_else_replaced(tmp_path, capsys):
+    from shmfabric.core import native
+    from shmfabric.core.region import region_path
+    from shmfabric.fabric import Fabric
+    from tests.manager.conftest import unique_fabric
+
+    name = unique_fabric()
+    holder = _holder(name, 1, version=native.LAYOUT["version"] + 1)
+    sup = _supervisor(name, tmp_path)
+    try:
+        ino = region_path(name).stat().st_ino
+        with pytest.raises(SupervisorError) as ei:
+            sup.start()
+        msg = str(ei.value)
+        assert ei.value.status == 409 and "\n" not in msg
+        assert f"fabric {name!r} cannot be opened" in msg and "layout version" in msg
+        assert f"pid {holder.pid} (python" in msg and f"`shmfabric destroy {name}`" in msg
+        assert region_path(name).stat().st_ino == ino  # left alone: the holder still uses it
+        holder.kill()
+        holder.wait()
+        capsys.readouterr()
+        sup = _supervisor(name, tmp_path)
+        sup.start()  # nobody maps it now: replaced, and said so in one line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"fabric {name!r} cannot be opened" in err[0] and "replacing it" in err[0], err
+        assert region_path(name).stat().st_ino != ino
+        assert all(i["state"] == "running" for n in sup.status()["nodes"] for i in n["instances"])
+    finally:
+        sup.stop()
+        holder.kill()
+        holder.wait()
+        Fabric.destroy(name)
+
+
+def test_in_use_names_every_node_and_the_way_out(tmp_path):
+    from shmfabric.core.region import region_path
+    from shmfabric.fabric import Fabric
+    from tests.manager.conftest import unique_fabric
+
+    name = unique_fabric()
+    holder = _holder(name, 12)
+    sup = _supervisor(name, tmp_path)
+    try:
+        with pytest.raises(SupervisorError) as ei:
+            sup.start()
+        msg = str(ei.value)
+        assert ei.value.status == 409 and "\n" not in msg
+        assert f"fabric {name!r} is in use by n1 (pid {holder.pid}), " in msg
+        assert "n10 (pid" in msg and "and 2 more" in msg  # the ten first, and how many were left off
+        assert f"`kill {holder.pid}`" in msg and f"`shmfabric down --fabric {name}`" in msg
+        assert "stop by themselves" in msg
+        assert region_path(name).exists()
+    finally:
+        sup.stop()
+        holder.kill()
+        holder.wait()
+        Fabric.destroy(name)

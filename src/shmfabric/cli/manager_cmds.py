@@ -121,7 +121,9 @@ def _load(path: str):
     try:
         return load_topology(path, resolve=load_function)
     except ConfigError as exc:
-        raise CliError(f"invalid config:\n{exc}") from None
+        # one problem, one line; several: a heading, then one line each
+        sep = "\n" if "\n" in str(exc) else " "
+        raise CliError(f"invalid config:{sep}{exc}") from None
 
 
 def _override(topo, api: str | None, fabric: str | None):

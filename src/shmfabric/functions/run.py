@@ -13,10 +13,10 @@ import sys
 import time
 
 from shmfabric.fabric import Fabric, FabricError, RegionOpenError
+from shmfabric.core.parent import die_with_parent
 from shmfabric.functions.api import FunctionConfigError
 from shmfabric.functions.registry import UnknownFunctionError, load
 from shmfabric.functions.runtime import FunctionRunner, install_signal_handlers
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m shmfabric.functions.run", description=__doc__.splitlines()[0])
@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="stop after this many seconds (the wait for the next hops to attach counts)")
     p.add_argument("--open-timeout", type=float, default=10.0, help="wait this long for the fabric to exist")
     p.add_argument("--stats-json", help="write the final stats as JSON to this file")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop gracefully (as on SIGTERM) when this process, the one that started this one, "
+                        "dies, even by SIGKILL (`shmfabric up` passes its own pid; it must start the process "
+                        "from a thread that lives as long as it does)")
     return p.parse_args(argv)
 
 
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         fab.close()
         return 2
     install_signal_handlers(runner)
+    if a.parent_pid is not None:
+        die_with_parent(a.parent_pid)
     try:
         stats = runner.run(a.duration)
     except TimeoutError as e:

@@ -591,6 +591,11 @@ def load_topology(path: str | Path, resolve: Callable[[str], Any] | None = None)
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+    except UnicodeDecodeError as exc:  # worded like the splicer's read_yaml (which this layer may not import)
+        before = exc.object[: exc.start]
+        line, column = before.count(b"\n") + 1, exc.start - before.rfind(b"\n")
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {column}); "
+                          "fix: save the file as UTF-8") from None
     return parse_topology(text, str(path), resolve)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -30,7 +32,7 @@ from typing import Any, Callable, Protocol
 from shmfabric.manager.config import ConfigError, NodeConfig, Topology, check_functions, instance_name
 from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
 
-__all__ = ["SupervisorError", "ControlChannel", "Instance", "Supervisor", "proc_cpu_seconds"]
+__all__ = ["SupervisorError", "ControlChannel", "Instance", "Supervisor", "pids_mapping", "proc_cpu_seconds"]
 
 MANAGER_NODE = "manager"
 CONTROL_TIMEOUT = 2.0       # a healthy runtime answers between two batches
@@ -114,6 +116,40 @@ class _Node:
     resteer: bool = False  # an instance came back: upstream must resolve its name again
 
 
+class _Spawner:
+    """Starts every function process from one thread that lives as long as the supervisor.
+
+    A function dies with its manager (PR_SET_PDEATHSIG, see functions/run.py), and the kernel
+    sends that signal when the *thread* that forked the process ends, not the process: forked
+    from the caller's thread, an instance started by a management API request (one thread per
+    request) would be stopped as soon as its request was answered. Daemon: a manager that is
+    exiting must not wait for it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future, list[str], dict] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="shmfabric-spawner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            done, argv, kwargs = job
+            try:
+                done.set_result(subprocess.Popen(argv, **kwargs))
+            except BaseException as exc:  # handed to the caller, who reports it
+                done.set_exception(exc)
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """`subprocess.Popen(argv, **kwargs)`, run on the spawner thread; its exceptions are raised here."""
+        done: Future = Future()
+        self._jobs.put((done, argv, kwargs))
+        return done.result()
+
+    def close(self) -> None:
+        """End the thread (every process it started must be gone: they are sent SIGTERM)."""
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+
 def _default_control(fabric: Any) -> ControlChannel:
     from shmfabric.functions.control import ControlClient
 
@@ -153,6 +189,7 @@ class Supervisor:
         self._blocked: set[str] = set()  # instances with a (nearly) full output ring
         self._pools: list[dict] = []
         self._sampled_at: float | None = None  # when the node table, rings and pools were last read
+        self._spawner: _Spawner | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -194,21 +231,44 @@ class Supervisor:
 
     def _clear_stale(self, name: str) -> None:
         """A fabric file left by a crashed manager is removed; one in use is an error."""
-        from shmfabric.fabric import Fabric, FabricError
+        from shmfabric.core.region import region_path
+        from shmfabric.fabric import Fabric, FabricError, RegionNotFoundError
 
         try:
             old = Fabric.open(name)
-        except FabricError:
-            Fabric.destroy(name)  # absent, or unreadable garbage: either way nothing uses it
+        except RegionNotFoundError:
+            return
+        except FabricError as exc:
+            # unreadable (another layout version, not a region, truncated): nothing of ours can
+            # use it, but a process of another shmfabric may map it, and removing the file
+            # would leave it alone on a region nobody else can find
+            path = region_path(name)
+            users = pids_mapping(path)
+            if users:
+                who = ", ".join(f"{pid} ({_comm(pid)})" for pid in users)
+                raise SupervisorError(f"fabric {name!r} cannot be opened ({exc}) and is mapped by live process(es) "
+                                      f"pid {who}; stop them, or remove the region anyway with `shmfabric destroy "
+                                      f"{name}` (they keep their mapping), or choose another fabric.name",
+                                      status=409) from None
+            print(f"shmfabric: fabric {name!r} cannot be opened ({exc}); no live process maps it: replacing it "
+                  "with a new one", file=sys.stderr, flush=True)
+            self._event("replace-region", "", f"replaced unreadable {path}: {exc}")
+            Fabric.destroy(name)
             return
         try:
             alive = [n for n in old.nodes() if n["alive"] and n["state"] == "up"]
         finally:
             old.close()
         if alive:
-            who = ", ".join(f"{n['name']} (pid {n['pid']})" for n in alive[:5])
-            raise SupervisorError(f"fabric {name!r} is in use by {who}; run `shmfabric down` or choose another "
-                                  "fabric.name", status=409)
+            shown = 10
+            who = ", ".join(f"{n['name']} (pid {n['pid']})" for n in alive[:shown])
+            if len(alive) > shown:
+                who += f" and {len(alive) - shown} more"
+            pids = " ".join(sorted({str(n["pid"]) for n in alive}, key=int))
+            raise SupervisorError(f"fabric {name!r} is in use by {who}; nodes of a manager that was killed stop "
+                                  "by themselves within seconds (try again then); else stop their manager "
+                                  f"(`shmfabric down --fabric {name}`) or the processes (`kill {pids}`), or choose "
+                                  "another fabric.name", status=409)
         Fabric.destroy(name)
 
     def stop(self) -> None:
@@ -244,6 +304,9 @@ class Supervisor:
 
                     Fabric.destroy(name)
                 self.fabric = None
+            if self._spawner is not None:
+                self._spawner.close()  # after the reaps: its end would signal what it started
+                self._spawner = None
             if self.started:
                 self._event("down", "", "all instances stopped")
             self.started = False
@@ -447,9 +510,10 @@ class Supervisor:
         return out
 
     def _argv(self, node: _Node, inst: Instance) -> list[str]:
+        # --parent-pid: the instance stops (gracefully) when this manager dies, even by kill -9
         argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", self.topo.fabric.name, "--node", inst.name,
                 "--function", inst.function, "--config", json.dumps(inst.config, separators=(",", ":")),
-                "--batch", str(node.cfg.batch)]
+                "--batch", str(node.cfg.batch), "--parent-pid", str(os.getpid())]
         nxt = self._next_instances(node.cfg.name)
         if nxt:
             argv += ["--next", ",".join(nxt)]
@@ -467,10 +531,13 @@ class Supervisor:
     def _launch(self, node: _Node, inst: Instance, now: float) -> None:
         log = self._log_path(inst.name)
         out = open(log, "ab") if log else subprocess.DEVNULL
+        with self.lock:  # start() launches without holding it
+            if self._spawner is None:
+                self._spawner = _Spawner()
         try:
-            inst.proc = subprocess.Popen(self._argv(node, inst), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=self._env,
-                                         close_fds=True, start_new_session=True)
+            inst.proc = self._spawner.popen(self._argv(node, inst), stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=self._env,
+                                            close_fds=True, start_new_session=True)
         finally:
             if log:
                 out.close()
@@ -955,6 +1022,46 @@ def _log_tail(path: Path | None, lines: int = 3) -> str | None:
         return None
     tail = [ln for ln in text.splitlines() if ln.strip()][-lines:]
     return " | ".join(tail) or None
+
+
+def pids_mapping(path: str | Path) -> list[int]:
+    """Live processes (other than this one) that map the file at `path` now, from /proc/*/maps.
+
+    A mapping of an older file of the same name, since removed (shown "(deleted)", another
+    inode), does not count. Processes whose maps cannot be read (another user's) are not seen.
+    """
+    path = str(path)
+    try:
+        ino = os.stat(path).st_ino
+    except OSError:
+        return []
+    needle = path.encode()
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps", "rb") as f:
+                data = f.read()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if needle not in data:
+            continue
+        for line in data.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset dev inode path
+            if len(fields) == 6 and fields[5] == needle and int(fields[4]) == ino:
+                out.append(int(entry.name))
+                break
+    return sorted(out)
+
+
+def _comm(pid: int) -> str:
+    """A process's command name, for messages."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").strip() or "?"
+    except OSError:
+        return "gone"
 
 
 def _read_text(source: str) -> str | None:

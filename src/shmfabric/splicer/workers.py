@@ -5,8 +5,6 @@ each worker's event loop runs on those signals (`GracefulStop`)."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import select
 import signal
@@ -17,9 +15,9 @@ import time
 import traceback
 from typing import Any, Callable
 
+from ..core.parent import die_with_parent
 from .config import split_address
 
-_PR_SET_PDEATHSIG = 1
 _in_worker = False  # set in a forked worker (see GracefulStop)
 #: How a parent passes a stop request on to its workers: a signal of its own, so that a worker
 #: tells the parent's requests from the ones it gets directly.
@@ -85,23 +83,6 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel send this process SIGTERM (its graceful stop) when `parent` dies.
-
-    Without it a parent killed with SIGKILL leaves its workers serving the port, and a new
-    splicer started on that port would share it with them (SO_REUSEPORT). prctl through ctypes:
-    the standard library has no wrapper, and a package for one call is not worth it.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 #: A worker's body: child(slot, ready) serves on listening socket `slot` and calls ready() once
@@ -317,7 +298,7 @@ class Master:
             ready_w = self._ready_w
             if self.listeners is not None:
                 self.listeners.keep_only(slot)
-            _die_with_parent(parent)
+            die_with_parent(parent)
 
             def ready() -> None:
                 os.write(ready_w, struct.pack("=i", os.getpid()))

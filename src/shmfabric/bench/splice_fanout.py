@@ -23,7 +23,6 @@ No target: the issue sets none for these. The ratios say what the proxy costs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from shmfabric.splicer.redis_resp import encode_command
 
 from .splice_redis import (
     BenchError,
+    bench_main,
     _command,
     _need,
     round_trips,
@@ -158,19 +158,13 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice_fanout", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--keys", type=int, default=100_000, help="keys written (default 100000)")
-    parser.add_argument("--runs", type=int, default=3, help="full SCANs per side (default 3)")
-    parser.add_argument("--lock-cycles", type=int, default=3000, help="Lock acquire+release cycles per side (default 3000)")
-    args = parser.parse_args(argv)
-    try:
-        result = run(args.keys, args.runs, lock_cycles=args.lock_cycles)
-    except BenchError as exc:
-        print(f"splice_fanout bench: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_table(result))
-    return 0
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--keys", type=int, default=100_000, help="keys written (default 100000)")
+        parser.add_argument("--runs", type=int, default=3, help="full SCANs per side (default 3)")
+        parser.add_argument("--lock-cycles", type=int, default=3000, help="Lock acquire+release cycles per side (default 3000)")
+
+    return bench_main("splice_fanout", __doc__, argv, options,
+                      lambda a: run(a.keys, a.runs, lock_cycles=a.lock_cycles), format_table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ target: the issue sets none for mass insertion.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import socket
 import subprocess
@@ -37,7 +36,7 @@ import hiredis
 
 from shmfabric.splicer.redis_resp import encode_command
 
-from .splice_redis import BenchError, _need, start_redis_servers, start_splicer_on, start_twemproxy_on, stop_all
+from .splice_redis import bench_main, _need, start_redis_servers, start_splicer_on, start_twemproxy_on, stop_all
 
 __all__ = ["run", "format_table", "main", "STREAMS"]
 
@@ -145,7 +144,7 @@ def format_table(r: dict[str, Any]) -> str:
     for title, rows in ((f"pipelined stream, {n:,} commands", r["streams"]),
                         (f"redis-cli --pipe, {n:,} commands", r["redis_cli"])):
         lines.append(f"{title:40} {'direct':>17} {'splicer':>17} {'twemproxy':>17} {'spl/direct':>10} {'spl/twem':>9}")
-        for name, row in rows.items():
+        for name, row in sorted(rows.items(), key=lambda kv: list(STREAMS).index(kv[0]) if kv[0] in STREAMS else 99):
             d, s, t = row["direct"], row["splicer"], row["twemproxy"]
             vs_d = f"{s / d:9.2f}x" if isinstance(s, float) and isinstance(d, float) else f"{'-':>10}"
             vs_t = f"{s / t:8.2f}x" if isinstance(s, float) and isinstance(t, float) else f"{'-':>9}"
@@ -157,17 +156,10 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice_pipe", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--commands", type=int, default=200_000, help="commands per stream (default 200000)")
-    args = parser.parse_args(argv)
-    try:
-        result = run(args.commands)
-    except BenchError as exc:
-        print(f"splice_pipe bench: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_table(result))
-    return 0
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--commands", type=int, default=200_000, help="commands per stream (default 200000)")
+
+    return bench_main("splice_pipe", __doc__, argv, options, lambda a: run(a.commands), format_table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ costs.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-from .splice_redis import BenchError, _need, start_redis_servers, start_splicer_on, start_twemproxy_on, stop_all
+from .splice_redis import BenchError, _need, bench_main, start_redis_servers, start_splicer_on, start_twemproxy_on, stop_all
 
 __all__ = ["run", "format_table", "main"]
 
@@ -216,18 +215,11 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice_pubsub", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--messages", type=int, default=100_000, help="messages for the rate (default 100000)")
-    parser.add_argument("--runs", type=int, default=2000, help="timed deliveries for the latency (default 2000)")
-    args = parser.parse_args(argv)
-    try:
-        result = run(args.messages, args.runs)
-    except BenchError as exc:
-        print(f"splice_pubsub bench: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_table(result))
-    return 0
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--messages", type=int, default=100_000, help="messages for the rate (default 100000)")
+        parser.add_argument("--runs", type=int, default=2000, help="timed deliveries for the latency (default 2000)")
+
+    return bench_main("splice_pubsub", __doc__, argv, options, lambda a: run(a.messages, a.runs), format_table)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
@@ -44,6 +44,26 @@ __all__ = ["run", "main"]
 
 class BenchError(Exception):
     """A peer is missing or did not start; the message says which and how to fix it."""
+
+
+def bench_main(module: str, doc: str, argv: list[str] | None,
+               options: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace], dict[str, Any]],
+               table: Callable[[dict[str, Any]], str]) -> int:
+    """The `python -m shmfabric.bench.<module>` entry point every splice bench shares: `--json`
+    and the bench's own `options`, `run(args)`, then the figures as `table(result)` or JSON; a
+    peer missing or failing (BenchError) is one line on stderr and exit 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m shmfabric.bench.{module}", description=doc.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    options(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except BenchError as exc:
+        print(f"{module} bench: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, sort_keys=True, default=str) if args.json else table(result))
+    return 0
 
 
 def _free_port() -> int:
@@ -378,21 +398,15 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice_redis", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n (default 200000)")
-    parser.add_argument("--mget-runs", type=int, default=300, help="timed MGET round trips (default 300)")
-    parser.add_argument("--pool", type=int, default=2, help="splicer connections per server (default 2)")
-    parser.add_argument("--hash", default="md5", help="key hash for both proxies (default md5)")
-    parser.add_argument("--one-each", action="store_true", help="skip the two-each comparison")
-    args = parser.parse_args(argv)
-    try:
-        result = run(args.requests, args.mget_runs, args.pool, args.hash, two_each=not args.one_each)
-    except BenchError as exc:
-        print(f"splice_redis bench: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_table(result))
-    return 0
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n (default 200000)")
+        parser.add_argument("--mget-runs", type=int, default=300, help="timed MGET round trips (default 300)")
+        parser.add_argument("--pool", type=int, default=2, help="splicer connections per server (default 2)")
+        parser.add_argument("--hash", default="md5", help="key hash for both proxies (default md5)")
+        parser.add_argument("--one-each", action="store_true", help="skip the two-each comparison")
+
+    return bench_main("splice_redis", __doc__, argv, options,
+                      lambda a: run(a.requests, a.mget_runs, a.pool, a.hash, two_each=not a.one_each), format_table)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ reply), connection attempts refused, and the longest a client waited for a reply
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-from .splice_redis import BenchError, _command, _free_port, _need, _wait_port, start_redis_servers, stop_all
+from .splice_redis import BenchError, bench_main, _command, _free_port, _need, _wait_port, start_redis_servers, stop_all
 
 __all__ = ["run", "format_table", "main"]
 
@@ -212,19 +211,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shmfabric.bench.splice_reload", description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--depth", type=int, default=16, help="INCRs each client pipelines (default 16)")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        result = run(args.clients, args.seconds, args.depth)
-    except BenchError as exc:
-        print(f"bench splice reload: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--clients", type=int, default=8)
+        parser.add_argument("--seconds", type=float, default=4.0)
+        parser.add_argument("--depth", type=int, default=16, help="INCRs each client pipelines (default 16)")
+
+    return bench_main("splice_reload", __doc__, argv, options, lambda a: run(a.clients, a.seconds, a.depth), format_table)
 
 
 if __name__ == "__main__":

@@ -255,30 +255,30 @@ def test_released_frame_raises(fab):
     assert_conserved(fab)
 
 
-def test_a_pinned_destination_refuses_another_node_that_took_its_id(fab):
+def test_a_send_naming_an_incarnation_refuses_another_node_that_took_its_id(fab):
     # Ids are reused: after "ids" and "sink" restart in the other order, "sink" has the id
-    # "ids" had. A sender that pinned the id to the incarnation it resolved must not hand it
-    # frames meant for "ids" (a chain would skip its IDS); unpinned sends still go by id.
+    # "ids" had. A send that names the incarnation it resolved must not hand frames meant for
+    # "ids" to it (a chain would skip its IDS); a send without one still goes by id, and
+    # naming the incarnation is per send, so other sends to that id are not affected.
     a, ids, sink = fab.attach("a"), fab.attach("ids"), fab.attach("sink")
     ref = fab.node_ref("ids")
     assert ref == (ids.id, fab.region.node_entry(ids.id)["gen"])
-    a.pin(*ref)
-    assert a.send(ids.id, b"for ids") is True
+    assert a.send_batch(ids.id, [b"for ids"], incarnation=ref[1]) == 1
     old_ids, old_sink = ids.id, sink.id
     ids.detach(), sink.detach()
     sink2 = fab.attach("sink")  # takes the lowest free id: the one "ids" had
     ids2 = fab.attach("ids")
     assert sink2.id == old_ids and ids2.id == old_sink
     with pytest.raises(UnknownDestinationError, match="another incarnation"):
-        a.send(old_ids, b"for ids, meant")
-    with pytest.raises(UnknownDestinationError, match="another incarnation"):
-        a.send_batch(old_ids, [b"for ids, meant"])
+        a.send_batch(old_ids, [b"for ids, meant"], incarnation=ref[1])
+    drain(a)
+    with a.recv_batch(1, timeout=0):
+        pass
     assert drain(sink2) == []
-    a.pin(*fab.node_ref("ids"))  # resolved again by name: the new incarnation
-    assert a.send(ids2.id, b"for ids") is True
+    new_ref = fab.node_ref("ids")  # resolved again by name: the new incarnation
+    assert a.send_batch(new_ref[0], [b"for ids"], incarnation=new_ref[1]) == 1
     assert [f[-7:] for f in drain(ids2)] == [b"for ids"]
-    a.pin(old_ids, 0)  # unpinned: by id again
-    assert a.send(old_ids, b"x") is True
+    assert a.send(old_ids, b"x") is True  # by id alone: whoever holds it
     a.detach(), sink2.detach(), ids2.detach()
     assert_conserved(fab)
 

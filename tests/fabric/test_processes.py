@@ -457,3 +457,57 @@ def test_senders_killed_inside_send_batch_leave_no_slot_to_a_live_receiver(harne
     # lands inside a pop from it (a window this test does not aim at; see the README's limits).
     final = fab.pool_audit()
     assert final["orphaned"] == 0 and final["free"] == final["total"] and final["held"] == {}, final
+
+
+def _unpublish(fab, src: int, dst: int, k: int) -> None:
+    """Move ring src->dst's head back by k: its last k frames become what a sender killed before
+    publishing leaves (written and tagged for dst, past the head). The sender must be idle."""
+    import struct
+
+    from shmfabric.core.region import L
+
+    lay = fab.region.layout
+    off = lay.off_rings + (src * lay.max_nodes + dst) * lay.ring_stride + L["sf_ring.head"]
+    head = struct.unpack_from("<I", fab.region.mm, off)[0]
+    struct.pack_into("<I", fab.region.mm, off, head - k)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("restart", [False, True])
+def test_unpublished_frames_of_a_dead_sender_are_freed_once_and_only_for_their_incarnation(harness, restart):
+    # A sender killed after tagging 40 slots for sink and before publishing them: its reclaim
+    # must free them (else the sink's pool leaks). If sink restarted meanwhile, its own reclaim
+    # freed them already and the new sink may hold them under its new tag: the sender's reclaim
+    # must leave them alone (it freed them while the new sink read its frames, found by a review).
+    from ._workers import make_payload
+
+    fab = harness.create("unpub", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 2048}])
+    sink, x = fab.attach("sink"), fab.attach("x")
+    w = harness.worker("send_then_hold", fab.name, "s", "sink", 40)
+    sid = w.read()["id"]
+    _unpublish(fab, sid, sink.id, 40)
+    if restart:
+        sink.detach()
+        sink = fab.attach("sink")
+    held, seq = [], 0
+    while sum(len(b) for b in held) < 600:  # the new frames reuse freed slots first (a stack)
+        seq += x.send_batch(sink.id, [make_payload(x.id, sink.id, seq + i, 1400) for i in range(64)])
+        b = sink.recv_batch(1024, timeout=0.1)
+        held.append(b) if len(b) else b.release()
+    w.kill9()
+    assert wait_until(lambda: fab.node_id("s") is None and sid not in fab.pool_audit()["held"], 3.0)
+    for _ in range(20):  # what the reclaim freed is reused now: a frame still held would be torn
+        seq += x.send_batch(sink.id, [make_payload(x.id, sink.id, seq + i, 1400) for i in range(64)])
+        sink.recv_batch(1024, timeout=0.01).release()
+    torn = 0
+    for b in held:
+        for f in b:
+            try:
+                check_payload(f.payload)
+            except ValueError:
+                torn += 1
+        b.release()
+    assert torn == 0, f"{torn} held frames were overwritten: their slots were freed while held"
+    sink.detach(), x.detach()
+    final = assert_conserved(fab)
+    assert final["free"] == final["total"], final

@@ -265,25 +265,55 @@ def test_tap_to_a_mirror_that_never_reads_drops_copies_not_traffic(fab, procs):
 
 
 def test_a_next_hop_follows_its_name_when_restarts_swap_node_ids(fab):
-    # ids and sink restarted in the other order: sink now has the id ids had. The hop is pinned
-    # to what it resolved, so a send to the old id fails (no frame reaches sink in place of ids)
-    # and resolving again by name finds ids where it is now.
+    # ids and sink restarted in the other order: sink now has the id ids had. The hop names the
+    # incarnation it resolved in each send, so a send to the old id fails (no frame reaches sink
+    # in place of ids) and resolving again by name finds ids where it is now.
     from shmfabric.fabric import UnknownDestinationError
     from shmfabric.functions.runtime import Hop
 
     a, ids, sink = fab.attach("a"), fab.attach("ids"), fab.attach("sink")
-    hop = Hop(fab, ["ids"], pin=a.pin)
+    hop = Hop(fab, ["ids"])
     hop.resolve(0, force=True)
-    assert hop.ids == [ids.id]
+    assert hop.ids == [ids.id] and hop.gens == [fab.node_ref("ids")[1]]
     old = ids.id
     ids.detach(), sink.detach()
     sink2, ids2 = fab.attach("sink"), fab.attach("ids")
     assert sink2.id == old
     with pytest.raises(UnknownDestinationError, match="another incarnation"):
-        a.send(hop.ids[0], b"for ids")
+        a.send_batch(hop.ids[0], [b"for ids"], incarnation=hop.gens[0])
     hop.resolve(0, force=True)
-    assert hop.ids == [ids2.id] and a.send(hop.ids[0], b"for ids") is True
+    assert hop.ids == [ids2.id] and a.send_batch(hop.ids[0], [b"for ids"], incarnation=hop.gens[0]) == 1
     with sink2.recv_batch(16, timeout=0) as b:
         assert [f for f in b] == []
     for n in (a, sink2, ids2):
         n.detach()
+
+
+def test_a_function_answers_a_control_client_that_took_a_former_next_hop_id(fab, tmp_path):
+    # The incarnation a hop resolved applies to the hop's own sends only: a control client that
+    # attaches with the id the next hop had must get its answer (a per-id pin made the reply
+    # raise, and the function process exited with status 1).
+    import subprocess
+    import sys
+
+    b = fab.attach("b")
+    proc = subprocess.Popen([sys.executable, "-m", "shmfabric.functions.run", "--fabric", fab.name, "--node", "mon",
+                             "--function", "monitor", "--next", "b"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while fab.node_id("mon") is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+            time.sleep(0.05)
+        time.sleep(0.3)  # its hop to b is resolved
+        bid = b.id
+        b.detach()
+        c = ControlClient(fab, "ctl")
+        try:
+            assert c.node.id == bid  # the lowest free id: b's
+            assert "in_frames" in json.dumps(c.request("mon", {"op": "stats"}, timeout=5))
+        finally:
+            c.close()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -229,11 +229,14 @@ static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t e
     return 1;
 }
 
-/* The lap stamp of ring index `index` in a descriptor's flags (above SF_DESC_USER): which time
- * round the ring the entry was written, modulo 2^15 (see take_unpublished). */
-static inline uint16_t desc_lap(uint32_t index, uint32_t ring_size)
+/* The stamp a producer leaves in a descriptor's flags above SF_DESC_USER (see take_unpublished):
+ * bits 1-3 the lap of ring index `index` (which time round the ring; past the published head an
+ * entry is from this lap or the one before, so the low bits tell them apart), bits 4-15 the
+ * low bits of the ring's consumer epoch when it was written (which incarnation of the
+ * destination it was meant for). */
+static inline uint16_t desc_stamp(uint32_t index, uint32_t ring_size, uint32_t epoch)
 {
-    return (uint16_t)(((index >> __builtin_ctz(ring_size)) & 0x7fffu) << 1); /* a power of two */
+    return (uint16_t)((((index >> __builtin_ctz(ring_size)) & 0x7u) << 1) | ((epoch & 0xfffu) << 4));
 }
 
 /* Drain every ring into node `idx` as if we were its consumer (it is dead or not yet up), freeing
@@ -266,11 +269,14 @@ static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool m
 /* Free the frames a dead node wrote into its outbound rings but never published. A sender tags
  * each slot for the destination before it publishes the ring head; killed in between, those
  * slots belong to a live receiver that never sees them, and the dead node's owner scan does not
- * find them (their tag is the receiver's). Every descriptor carries the lap of the ring index it
- * was written at (desc_lap), and a sender writes a descriptor before it retags the slot; past the
+ * find them (their tag is the receiver's). A sender writes each descriptor, stamped with the
+ * ring lap and the destination's epoch (desc_stamp), before it retags the slot; past the
  * published head, an entry of the current lap was written and not published (take_back clears
- * the ones it gave back). Only the producer writes descriptors, so receivers pay nothing for
- * this. The node is dead (state RECLAIM): nobody else writes past that head. */
+ * the ones it gave back). Only entries stamped with the epoch the ring still has are freed: if
+ * the destination went away since, its own reclaim freed them (its owner scan), and a new
+ * incarnation may hold those slots now under its own tag. Only the producer writes
+ * descriptors, so receivers pay nothing for this. The node is dead (state RECLAIM): nobody
+ * else writes past that head. */
 static uint64_t take_unpublished(region_view *r, uint32_t idx)
 {
     uint64_t freed = 0;
@@ -282,13 +288,20 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
         uint32_t tail = LOAD_ACQUIRE(&g->tail);
         if (sf_ring_count(head, tail) > size) /* garbage indices */
             continue;
+        /* The destination's tag, read between two reads of the epoch: equal, it is the tag of the
+         * incarnation the epoch names (a reclaim bumps the epoch before it frees, and a claim
+         * bumps the generation before the epoch goes even again). */
+        uint32_t ep = __atomic_load_n(&g->down, __ATOMIC_SEQ_CST);
+        uint32_t gen = __atomic_load_n(&node_at(r, dst)->gen, __ATOMIC_SEQ_CST);
+        if ((ep & 1) || __atomic_load_n(&g->down, __ATOMIC_SEQ_CST) != ep)
+            continue; /* down or changing: the destination's reclaim frees what was tagged for it */
+        uint32_t dst_tag = sf_owner_tag(dst, gen);
         uint32_t space = sf_ring_space(head, tail, size);
-        uint32_t dst_tag = sf_owner_tag(dst, LOAD_RELAXED(&node_at(r, dst)->gen));
         for (uint32_t j = 0; j < space; j++) {
             sf_desc *d = &g->desc[(head + j) & (size - 1)];
-            if (!d->len || (d->flags & ~SF_DESC_USER) != desc_lap(head + j, size))
-                break; /* written in an earlier lap (or never): consumed, or a zeroed ring */
-            /* tagged for an earlier incarnation of dst: its reclaim freed it, and the CAS fails */
+            if (!d->len || (d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
+                break; /* an earlier lap (consumed, or never written), or meant for an earlier
+                        * incarnation of the destination (its reclaim freed those) */
             if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
                 freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag);
             d->len = 0;
@@ -527,10 +540,6 @@ typedef struct {
     uint32_t signalled; /* process-private futex word: 1 while efd is readable */
     uint8_t mac[6];
     unsigned long fork_gen; /* fork_gen of the process that attached */
-    /* Per destination id, the incarnation (gen) sends must find there, 0: any (pin()). A node id
-     * is reused by whatever node attaches next: a sender that resolved a name to an id must not
-     * hand frames to another node that took that id after a restart. */
-    uint32_t *pinned;
 } PortObject;
 
 static PyTypeObject Port_Type;
@@ -669,8 +678,7 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
     }
     uint32_t ntapes = 1 + self->r.sb->n_mcast;
     self->tape_cursor = PyMem_Malloc(sizeof(uint64_t) * ntapes);
-    self->pinned = PyMem_Calloc(self->r.sb->max_nodes, sizeof(uint32_t));
-    if (!self->tape_cursor || !self->pinned) {
+    if (!self->tape_cursor) {
         PyErr_NoMemory();
         return -1;
     }
@@ -711,7 +719,6 @@ static void Port_dealloc(PortObject *self)
     for (int i = 0; i < SF_MAX_NETWORKS; i++)
         PyMem_Free(self->cache[i]);
     PyMem_Free(self->tape_cursor);
-    PyMem_Free(self->pinned);
     Py_XDECREF(self->region);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -730,7 +737,7 @@ static void Port_dealloc(PortObject *self)
 
 /* Look up a unicast destination; sets an exception and returns NULL if it cannot take frames.
  * *epoch is the ring's consumer epoch, which finish_send's publish requires unchanged. */
-static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag, uint32_t *epoch)
+static sf_ring *dest_ring(PortObject *p, long dst, uint32_t want, uint32_t *dst_tag, uint32_t *epoch)
 {
     if (dst < 0 || (uint32_t)dst >= p->r.sb->max_nodes) {
         PyErr_Format(RingDownError, "unknown destination node %ld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
@@ -745,13 +752,11 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t *dst_tag, uint32_t *
         return NULL;
     }
     uint32_t gen = LOAD_RELAXED(&d->gen);
-    uint32_t want = p->pinned[dst];
     if (want && gen != want) {
-        /* A new incarnation took the id since pin(): maybe another node (a restart order can
-         * swap ids). Its reclaim bumped the ring's epoch, so finish_send's CAS cannot publish
-         * to it either way. */
+        /* The sender named the incarnation it resolved (`incarnation=`), and another one holds
+         * the id now: maybe another node (a restart order can swap ids). */
         p->me->tx_drops++;
-        PyErr_Format(RingDownError, "destination node %ld is another incarnation now (gen %u, pinned %u): "
+        PyErr_Format(RingDownError, "destination node %ld is another incarnation now (%u, not %u): "
                      "resolve its name again", dst, gen, want);
         return NULL;
     }
@@ -811,16 +816,17 @@ counted:
 /* send_batch(dst, frames, ethertype=0x88B5, meta=0) -> number sent. The rest did not fit. */
 static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", "control", NULL};
+    static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", "control", "incarnation", NULL};
     long dst;
     PyObject *seq;
-    unsigned int ethertype = 0x88B5, meta = 0;
+    unsigned int ethertype = 0x88B5, meta = 0, incarnation = 0;
     int raw = 0, control = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIpp", kwlist, &dst, &seq, &ethertype, &meta, &raw, &control))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIppI", kwlist, &dst, &seq, &ethertype, &meta, &raw, &control,
+                                     &incarnation))
         return NULL;
     CHECK_OPEN(p);
     uint32_t dst_tag, epoch;
-    sf_ring *g = dest_ring(p, dst, &dst_tag, &epoch);
+    sf_ring *g = dest_ring(p, dst, incarnation, &dst_tag, &epoch);
     if (!g)
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "frames must be a sequence of bytes-like objects");
@@ -886,7 +892,7 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         sf_desc *d = &g->desc[(head + i) & mask];
         d->slot = slot;
         d->pool = (uint16_t)pool;
-        d->flags = (control ? SF_DESC_CONTROL : 0) | desc_lap(head + i, r->sb->ring_size);
+        d->flags = (control ? SF_DESC_CONTROL : 0) | desc_stamp(head + i, r->sb->ring_size, epoch);
         d->meta = meta;
         d->len = (uint32_t)len + hlen;
         /* The descriptor before the tag: a sender killed between the two leaves a slot that is
@@ -1456,7 +1462,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
         return NULL;
     }
     uint32_t dst_tag, epoch;
-    sf_ring *g = dest_ring(p, dst, &dst_tag, &epoch);
+    sf_ring *g = dest_ring(p, dst, 0, &dst_tag, &epoch);
     if (!g)
         return NULL;
     uint32_t head = g->head;
@@ -1471,7 +1477,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     sf_desc *d = &g->desc[head & (p->r.sb->ring_size - 1)];
     d->slot = b->slot;
     d->pool = (uint16_t)b->pool;
-    d->flags = desc_lap(head, p->r.sb->ring_size);
+    d->flags = desc_stamp(head, p->r.sb->ring_size, epoch);
     d->meta = meta;
     d->len = length + SF_ETH_HLEN;
     __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the descriptor before the tag (see send_batch) */
@@ -1495,7 +1501,7 @@ static int batch_check(BatchObject *b)
 /* forward the frames [lo, hi) of batch b (skipping gone ones, and, with `codes`, those whose
  * code is not `code`) to dst. */
 static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_t lo, uint32_t hi, int single,
-                                const uint8_t *codes, uint8_t code)
+                                const uint8_t *codes, uint8_t code, uint32_t want)
 {
     CHECK_OPEN(p);
     if (b->port != p) {
@@ -1509,7 +1515,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         return NULL;
     }
     uint32_t dst_tag, epoch;
-    sf_ring *g = dest_ring(p, dst, &dst_tag, &epoch);
+    sf_ring *g = dest_ring(p, dst, want, &dst_tag, &epoch);
     if (!g)
         return NULL;
     region_view *r = &p->r;
@@ -1547,7 +1553,7 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
         sf_desc *d = &g->desc[(head + sent) & mask];
         d->slot = slot;
         d->pool = (uint16_t)pool;
-        d->flags = (fr->flags & SF_DESC_USER) | desc_lap(head + sent, r->sb->ring_size);
+        d->flags = (fr->flags & SF_DESC_USER) | desc_stamp(head + sent, r->sb->ring_size, epoch);
         d->meta = fr->meta;
         d->len = fr->len;
         __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the descriptor before the tag (see send_batch) */
@@ -1574,7 +1580,7 @@ static PyObject *Port_forward(PortObject *p, PyObject *args)
         PyErr_SetString(ReleasedError, "frame was already forwarded");
         return NULL;
     }
-    return forward_frames(p, dst, f->batch, f->i, f->i + 1, 1, NULL, 0);
+    return forward_frames(p, dst, f->batch, f->i, f->i + 1, 1, NULL, 0, 0);
 }
 
 static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
@@ -1583,7 +1589,7 @@ static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
     BatchObject *b;
     if (!PyArg_ParseTuple(args, "lO!", &dst, &Batch_Type, &b))
         return NULL;
-    return forward_frames(p, dst, b, 0, b->n, 0, NULL, 0);
+    return forward_frames(p, dst, b, 0, b->n, 0, NULL, 0, 0);
 }
 
 /* forward_where(dst, batch, codes, code) -> int: forward, without copying, the frames i of the
@@ -1594,15 +1600,15 @@ static PyObject *Port_forward_where(PortObject *p, PyObject *args)
     long dst;
     BatchObject *b;
     Py_buffer cb;
-    unsigned int code;
-    if (!PyArg_ParseTuple(args, "lO!y*I", &dst, &Batch_Type, &b, &cb, &code))
+    unsigned int code, want = 0;
+    if (!PyArg_ParseTuple(args, "lO!y*I|I", &dst, &Batch_Type, &b, &cb, &code, &want))
         return NULL;
     if ((size_t)cb.len < b->n) {
         PyBuffer_Release(&cb);
         PyErr_Format(PyExc_ValueError, "codes has %zd entries for a batch of %u frames", cb.len, b->n);
         return NULL;
     }
-    PyObject *r = forward_frames(p, dst, b, 0, b->n, 0, (const uint8_t *)cb.buf, (uint8_t)code);
+    PyObject *r = forward_frames(p, dst, b, 0, b->n, 0, (const uint8_t *)cb.buf, (uint8_t)code, want);
     PyBuffer_Release(&cb);
     return r;
 }
@@ -1746,23 +1752,7 @@ static PyGetSetDef Port_getset[] = {
     {"tag", (getter)Port_get_tag, NULL, "owner tag of slots this node holds", NULL},
     {NULL}};
 
-/* pin(dst, gen): sends to `dst` fail unless its incarnation is `gen` (0: unpin). */
-static PyObject *Port_pin(PortObject *p, PyObject *args)
-{
-    long dst;
-    unsigned int gen;
-    if (!PyArg_ParseTuple(args, "lI", &dst, &gen))
-        return NULL;
-    if (dst < 0 || (uint32_t)dst >= p->r.sb->max_nodes) {
-        PyErr_Format(RingDownError, "unknown destination node %ld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
-        return NULL;
-    }
-    p->pinned[dst] = gen;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef Port_methods[] = {
-    {"pin", (PyCFunction)Port_pin, METH_VARARGS, "Sends to dst fail unless its incarnation (gen) is this one; 0 unpins."},
     {"send_batch", (PyCFunction)(void (*)(void))Port_send_batch, METH_VARARGS | METH_KEYWORDS, "Copy frames into slots and enqueue; returns how many were sent."},
     {"send", (PyCFunction)(void (*)(void))Port_send, METH_VARARGS | METH_KEYWORDS, "Send one frame; False if the ring was full."},
     {"recv_batch", (PyCFunction)(void (*)(void))Port_recv_batch, METH_VARARGS | METH_KEYWORDS, "Receive up to max_frames zero-copy frames."},

@@ -23,7 +23,7 @@
 #include <pthread.h>
 
 #define SF_MAGIC 0x3152424146464d53ULL /* "SMFFABR1" little-endian */
-#define SF_VERSION 3u /* 3: descriptors carry their ring lap in flags (take_unpublished) */
+#define SF_VERSION 3u /* 3: descriptors carry a stamp in flags (take_unpublished) */
 #define SF_CACHELINE 64
 #define SF_MAX_NETWORKS 8
 #define SF_NAME_LEN 32
@@ -35,7 +35,7 @@ enum { SF_NODE_FREE = 0, SF_NODE_ATTACHING = 1, SF_NODE_UP = 2, SF_NODE_RECLAIM 
 
 /* Descriptor flags. */
 #define SF_DESC_CONTROL 0x0001u /* internal control frame (hello, ...) */
-#define SF_DESC_USER 0x0001u    /* the flag bits above; the other 15 hold the lap the entry was written in */
+#define SF_DESC_USER 0x0001u    /* the flag bits above; the other 15 are the producer's stamp (desc_stamp) */
 
 /* Region flags. */
 #define SF_REGION_EPHEMERAL 0x1u

@@ -246,7 +246,8 @@ class Fabric:
 
     def node_ref(self, name: str) -> tuple[int, int] | None:
         """(id, incarnation) of the live node called `name`, or None. Ids are reused when nodes
-        restart; `Node.pin(id, incarnation)` makes sends to the id fail once another node has it."""
+        restart; pass the incarnation to `send_batch`/`forward_where` (`incarnation=`) and the
+        send fails once another node has the id."""
         region = self.region
         core = region.core
         for i in range(region.node_hwm()):
@@ -315,10 +316,14 @@ class Node:
     Frames are addressed by node id. Hot-path methods (bound from the compiled core):
 
     - ``send(dst, payload, ethertype=0x88B5, meta=0) -> bool`` (False: ring full)
-    - ``send_batch(dst, payloads, ethertype=0x88B5, meta=0) -> int`` (how many were sent)
+    - ``send_batch(dst, payloads, ethertype=0x88B5, meta=0, incarnation=0) -> int`` (how many were sent)
     - ``alloc() -> Buffer`` and ``send_buffer(dst, buf, length, ethertype=0x88B5) -> bool`` (zero copy)
     - ``forward(dst, frame) -> bool`` and ``forward_batch(dst, batch) -> int`` (zero copy)
-    - ``forward_where(dst, batch, codes, code) -> int``: the frames i with codes[i] == code (zero copy)
+    - ``forward_where(dst, batch, codes, code, incarnation=0) -> int``: the frames i with codes[i] == code (zero copy)
+
+    Ids are reused when nodes restart. `incarnation` (the second half of `Fabric.node_ref(name)`;
+    0: any) makes a send fail with `UnknownDestinationError` once another incarnation holds the
+    id, so frames meant for a node never reach another that took its id.
     - ``wait(timeout=None) -> bool``
     """
 
@@ -414,12 +419,6 @@ class Node:
     def _announce(self, kind: bytes) -> None:
         gen = self._fabric.region.node_entry(self.id)["gen"]
         self._port.tape_send(0, control.encode(kind, self.id, gen, self.name), native.FLAG_CONTROL)
-
-    def pin(self, dst: int, incarnation: int) -> None:
-        """Sends to node `dst` fail with `UnknownDestinationError` unless it is still that
-        incarnation (`Fabric.node_ref`), so frames meant for a node never reach another that
-        took its id after a restart; 0 unpins."""
-        self._port.pin(dst, incarnation)
 
     def send_control(self, dst: int, payload: bytes) -> bool:
         """Send a control message to node `dst`: it reaches that node's `on_message` callback, never

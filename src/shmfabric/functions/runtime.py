@@ -68,29 +68,26 @@ def parse_port(spec: str | list[str]) -> tuple[str, list[str]]:
 class Hop:
     """A named destination (a node, or a scaled-out group of nodes) resolved to node ids."""
 
-    def __init__(self, fabric: Fabric, names: list[str], label: str | None = None,
-                 pin: Callable[[int, int], None] | None = None):
+    def __init__(self, fabric: Fabric, names: list[str], label: str | None = None):
         if len(names) > MAX_GROUP:
             raise ValueError(f"a next hop group has at most {MAX_GROUP} instances, got {len(names)}")
         self.fabric = fabric
         self.label = label if label is not None else (names[0] if names else "")
         self.names = list(names)
         self.ids: list[int | None] = [None] * len(names)
+        # The incarnation found under each name, passed with every send (`incarnation=`): after
+        # restarts that swap ids (ids and sink-a, say) a send to the old id fails and the name is
+        # resolved again, instead of frames bypassing a function. Per send, not per destination
+        # id: replies and control answers to whoever holds an id now are not affected.
+        self.gens: list[int] = [0] * len(names)
         self._last_resolve = 0.0
-        # The sending node's pin (Node.pin): each resolved id is pinned to the incarnation found
-        # under the name, so after restarts that swap ids (ids and sink-a, say) a send to the old
-        # id fails and the name is resolved again, instead of frames bypassing a function.
-        self.pin = pin
 
     def resolve(self, now: float, force: bool = False) -> None:
         if not force and now - self._last_resolve < RESOLVE_EVERY:
             return
         self._last_resolve = now
         refs = [self.fabric.node_ref(n) for n in self.names]
-        if self.pin is not None:
-            for ref in refs:
-                if ref is not None:
-                    self.pin(*ref)
+        self.gens = [0 if ref is None else ref[1] for ref in refs]
         self.ids = [None if ref is None else ref[0] for ref in refs]
 
     def missing(self) -> list[str]:
@@ -139,9 +136,6 @@ class FunctionRunner:
         except (OSError, ValueError, LookupError) as e:
             raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: {e}") from None
         self.node = fabric.attach(node_name, network)
-        for hop in (self.next, *self.ports):
-            hop.pin = self.node.pin
-            hop.resolve(0, force=True)  # what was resolved before this had no pins
         self.node.set_wait_mode(wait_mode)
         self.node.on_message = self._on_message
         self.is_source = hasattr(self.fn, "produce")
@@ -214,14 +208,13 @@ class FunctionRunner:
             elif op == "set_next":
                 # "next": the next hop's instances; "ports" (optional): {port name: instances}
                 timeout = float(msg.get("timeout", 5.0))
-                hop = Hop(self.fabric, list(msg.get("next") or []), pin=self.node.pin)
+                hop = Hop(self.fabric, list(msg.get("next") or []))
                 want = msg.get("ports") or {}
                 labels = [p.label for p in self.ports]
                 unknown = [name for name in want if name not in labels]
                 if unknown:
                     raise ValueError(f"set_next: {unknown} are not ports of {self.node.name!r} (ports: {labels})")
-                ports = [Hop(self.fabric, list(want[p.label]), p.label, self.node.pin) if want.get(p.label) else p
-                         for p in self.ports]
+                ports = [Hop(self.fabric, list(want[p.label]), p.label) if want.get(p.label) else p for p in self.ports]
                 self._check_groups(hop, ports)
                 for h in [hop, *ports]:
                     h.wait(timeout=timeout)
@@ -238,7 +231,7 @@ class FunctionRunner:
                 if to is None:
                     self.mirror = None
                 else:
-                    hop = Hop(self.fabric, [str(to)], pin=self.node.pin)
+                    hop = Hop(self.fabric, [str(to)])
                     hop.wait(timeout=float(msg.get("timeout", 5.0)))
                     self.mirror = hop
                 log("mirror", {"node": self.node.name, "to": to})
@@ -264,7 +257,7 @@ class FunctionRunner:
         try:
             if dst is None:
                 raise UnknownDestinationError("mirror node gone")
-            sent = self.node.send_batch(dst, frames, ethertype=0x0800)
+            sent = self.node.send_batch(dst, frames, ethertype=0x0800, incarnation=mirror.gens[0])
         except UnknownDestinationError:
             self.mirror = None
             log("mirror", {"node": self.node.name, "to": None, "reason": "mirror node went away"})
@@ -272,7 +265,7 @@ class FunctionRunner:
         self.c["mirrored"] += sent
         self.c["mirror_dropped"] += len(frames) - sent
 
-    def _send_code(self, batch: Any, out: bytearray, code: int, dst: int | None, hop: Hop) -> int:
+    def _send_code(self, batch: Any, out: bytearray, code: int, dst: int | None, hop: Hop, gen: int) -> int:
         """Forward the frames of `code` to dst, waiting while its ring is full. Returns frames sent."""
         pending = out.count(code)
         if not pending:
@@ -285,7 +278,7 @@ class FunctionRunner:
                 self.c["next_down"] += pending
                 return sent_total
             try:
-                sent = self.node.forward_where(dst, batch, out, code)
+                sent = self.node.forward_where(dst, batch, out, code, gen)
             except UnknownDestinationError:
                 hop.resolve(time.monotonic(), force=True)
                 self.c["next_down"] += pending
@@ -313,8 +306,9 @@ class FunctionRunner:
             if out[i] == code:  # flow_index, inlined: once per frame of a whole batch
                 key = parse_5tuple_ip(batch[i])
                 out[i] = base + (symmetric_hash(key) if isinstance(key, tuple) else 0) % k
+        gens = hop.gens
         for i, dst in enumerate(ids):
-            self.c["out_frames"] += self._send_code(batch, out, base + i, dst, hop)
+            self.c["out_frames"] += self._send_code(batch, out, base + i, dst, hop, gens[i])
 
     def dispatch(self, batch: Any, out: bytearray) -> None:
         """Forward every frame of `batch` by its verdict in `out`."""
@@ -327,7 +321,7 @@ class FunctionRunner:
             self._send_spread(batch, out, Verdict.NEXT, self.next, base)
             base += len(nxt)
         elif nxt:
-            self.c["out_frames"] += self._send_code(batch, out, Verdict.NEXT, nxt[0], self.next)
+            self.c["out_frames"] += self._send_code(batch, out, Verdict.NEXT, nxt[0], self.next, self.next.gens[0])
         else:
             self.c["dropped"] += out.count(Verdict.NEXT)  # end of the chain: NEXT means consumed
         for k, hop in enumerate(self.ports):
@@ -338,7 +332,7 @@ class FunctionRunner:
                 if len(hop.ids) > 1:
                     self._send_spread(batch, out, code, hop, base)
                 else:
-                    self.c["out_frames"] += self._send_code(batch, out, code, hop.ids[0], hop)
+                    self.c["out_frames"] += self._send_code(batch, out, code, hop.ids[0], hop, hop.gens[0])
             if len(hop.ids) > 1:
                 base += len(hop.ids)
         self.c["dropped"] += out.count(Verdict.DROP)
@@ -364,7 +358,7 @@ class FunctionRunner:
             self.c["bad_verdict"] += bad
 
     # -- frames a function emitted (ctx.emit) ---------------------------------------------------
-    def _send_copies(self, dst: int | None, frames: list, hop: Hop) -> None:
+    def _send_copies(self, dst: int | None, frames: list, hop: Hop, gen: int) -> None:
         """Copy `frames` into slots and send them to dst, waiting while its ring is full."""
         waits = 0
         waited = 0.0
@@ -373,7 +367,7 @@ class FunctionRunner:
                 self.c["next_down"] += len(frames)
                 return
             try:
-                sent = self.node.send_batch(dst, frames, ethertype=0x0800)
+                sent = self.node.send_batch(dst, frames, ethertype=0x0800, incarnation=gen)
             except UnknownDestinationError:
                 hop.resolve(time.monotonic(), force=True)
                 self.c["next_down"] += len(frames)
@@ -415,17 +409,17 @@ class FunctionRunner:
                 if not nxt:
                     self.c["dropped"] += len(frames)  # end of the chain: NEXT means consumed
                 elif len(nxt) == 1:
-                    self._send_copies(nxt[0], frames, self.next)
+                    self._send_copies(nxt[0], frames, self.next, self.next.gens[0])
                 else:
                     for i, fs in group_by_flow(frames, len(nxt)).items():
-                        self._send_copies(nxt[i], fs, self.next)
+                        self._send_copies(nxt[i], fs, self.next, self.next.gens[i])
             elif 3 <= code < 3 + len(self.ports):
                 hop = self.ports[code - 3]
                 if None in hop.ids:
                     hop.resolve(now)
                 ids = hop.ids
                 for i, fs in (group_by_flow(frames, len(ids)).items() if len(ids) > 1 else [(0, frames)]):
-                    self._send_copies(ids[i], fs, hop)
+                    self._send_copies(ids[i], fs, hop, hop.gens[i])
             else:  # DROP, REPLY (an emitted frame has no sender) or an unknown code
                 self.c["bad_verdict"] += len(frames)
 
@@ -451,7 +445,7 @@ class FunctionRunner:
             waits = 0
             while fs:
                 try:
-                    sent = self.node.send_batch(dst, fs, ethertype=0x0800)
+                    sent = self.node.send_batch(dst, fs, ethertype=0x0800, incarnation=self.next.gens[i])
                 except UnknownDestinationError:
                     self.next.resolve(time.monotonic(), force=True)
                     self.c["next_down"] += len(fs)

@@ -25,24 +25,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from shmfabric.splicer.redis_resp import encode_command
 
-from .splice_redis import (
-    BenchError,
-    bench_main,
-    _command,
-    _need,
-    round_trips,
-    start_redis_servers,
-    start_splicer_on,
-    start_twemproxy_on,
-    stop_all,
-)
+from .splice_redis import bench_main, BenchError, _command, round_trips, servers_and_proxies
 
 __all__ = ["run", "format_table", "main"]
 
@@ -108,14 +96,7 @@ def _peer_lock(port: int) -> str:
 
 def run(keys: int = 100_000, runs: int = 3, dbsize_runs: int = 300, lock_cycles: int = 3000) -> dict[str, Any]:
     """Run the comparison (module docstring) and return the figures."""
-    redis_server = _need("redis-server", "redis-server")
-    nutcracker = _need("nutcracker", "nutcracker")
-    procs: list = []
-    tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-fanout-"))
-    try:
-        servers = start_redis_servers(redis_server, 2, tmp, procs)
-        sp_port, _ = start_splicer_on(servers, 1, 2, "md5", procs)
-        nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs)
+    with servers_and_proxies("fanout") as (servers, sp_port, nc_port, tmp):
         for start in range(0, keys, 1000):
             _command(sp_port, b"MSET", *[x for i in range(start, min(keys, start + 1000)) for x in (b"fan:%d" % i, b"v")])
         held = [int(_command(p, b"DBSIZE")[1:-2]) for p in servers]
@@ -135,8 +116,6 @@ def run(keys: int = 100_000, runs: int = 3, dbsize_runs: int = 300, lock_cycles:
             "lock_rate_splicer_vs_direct": result["lock_cycles_per_s"]["splicer"] / result["lock_cycles_per_s"]["direct"],
         }
         return result
-    finally:
-        stop_all(procs, tmp)
 
 
 def format_table(r: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import hiredis
 
 from shmfabric.splicer.redis_resp import encode_command
 
-from .splice_redis import bench_main, _need, start_redis_servers, start_splicer_on, start_twemproxy_on, stop_all
+from .splice_redis import bench_main, _need, servers_and_proxies
 
 __all__ = ["run", "format_table", "main", "STREAMS"]
 
@@ -110,15 +109,8 @@ def _raw(port: int, data: bytes, commands: int) -> float | str:
 
 def run(commands: int = 200_000) -> dict[str, Any]:
     """Run the comparison (module docstring) and return the figures."""
-    redis_server = _need("redis-server", "redis-server")
     redis_cli = _need("redis-cli", "redis-tools")
-    nutcracker = _need("nutcracker", "nutcracker")
-    procs: list = []
-    tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-pipe-"))
-    try:
-        servers = start_redis_servers(redis_server, 2, tmp, procs)
-        sp_port, _ = start_splicer_on(servers, 1, 2, "md5", procs)
-        nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs)
+    with servers_and_proxies("pipe") as (servers, sp_port, nc_port, tmp):
         result: dict[str, Any] = {"commands": commands, "streams": {}, "redis_cli": {}}
         for name, make in STREAMS.items():
             path = tmp / "stream.txt"
@@ -128,8 +120,6 @@ def run(commands: int = 200_000) -> dict[str, Any]:
             result["streams"][name] = {who: _raw(port, data, commands) for who, port in targets.items()}
             result["redis_cli"][name] = {who: _pipe(redis_cli, port, path, commands) for who, port in targets.items()}
         return result
-    finally:
-        stop_all(procs, tmp)
 
 
 def _cell(v: float | str, commands: int) -> str:

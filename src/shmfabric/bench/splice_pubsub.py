@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-from .splice_redis import BenchError, _need, bench_main, start_redis_servers, start_splicer_on, start_twemproxy_on, stop_all
+from .splice_redis import bench_main, BenchError, servers_and_proxies
 
 __all__ = ["run", "format_table", "main"]
 
@@ -155,14 +153,7 @@ def _peer_answer(port: int, command: list[bytes]) -> str:
 
 def run(messages: int = 100_000, runs: int = 2000) -> dict[str, Any]:
     """Run the comparison (module docstring) and return the figures."""
-    redis_server = _need("redis-server", "redis-server")
-    nutcracker = _need("nutcracker", "nutcracker")
-    procs: list = []
-    tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-pubsub-"))
-    try:
-        servers = start_redis_servers(redis_server, 2, tmp, procs)
-        sp_port, _ = start_splicer_on(servers, 1, 2, "md5", procs)
-        nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs)
+    with servers_and_proxies("pubsub") as (servers, sp_port, nc_port, tmp):
         # "direct" is the server the splicer puts the channel (placed as a key) on.
         home = next(p for p in servers if _placed_here(sp_port, p, _CHANNEL))
         result: dict[str, Any] = {"messages": messages, "runs": runs, "payload_bytes": len(_PAYLOAD)}
@@ -178,8 +169,6 @@ def run(messages: int = 100_000, runs: int = 2000) -> dict[str, Any]:
             "handoff_p50_splicer_vs_direct": result["handoff"]["splicer"]["p50_ms"] / result["handoff"]["direct"]["p50_ms"],
         }
         return result
-    finally:
-        stop_all(procs, tmp)
 
 
 def _placed_here(sp_port: int, server: int, key: bytes) -> bool:

@@ -24,6 +24,7 @@ disturbs far less than the wall-clock rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
@@ -149,6 +150,24 @@ def start_twemproxy_on(nutcracker: str, tmp: Path, conf: str, backends: list[int
     procs.append(proc)
     _wait_port(port, proc, "nutcracker")
     return port, proc
+
+
+@contextlib.contextmanager
+def servers_and_proxies(tag: str) -> Iterator[tuple[list[int], int, int, Path]]:
+    """Two throw-away redis-servers with the splicer (one worker, pool 2) and twemproxy in front
+    of both, md5 ketama: (server ports, splicer port, twemproxy port, scratch folder). Everything
+    is stopped and removed on exit."""
+    redis_server = _need("redis-server", "redis-server")
+    nutcracker = _need("nutcracker", "nutcracker")
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f"shmfabric-bench-{tag}-"))
+    try:
+        servers = start_redis_servers(redis_server, 2, tmp, procs)
+        sp_port, _ = start_splicer_on(servers, 1, 2, "md5", procs)
+        nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs)
+        yield servers, sp_port, nc_port, tmp
+    finally:
+        stop_all(procs, tmp)
 
 
 def start_splicer_on(backends: list[int], workers: int, pool: int, hash_name: str,

@@ -239,6 +239,22 @@ static inline uint16_t desc_stamp(uint32_t index, uint32_t ring_size, uint32_t e
     return (uint16_t)((((index >> __builtin_ctz(ring_size)) & 0x7u) << 1) | ((epoch & 0xfffu) << 4));
 }
 
+/* Fill a descriptor past the ring head, then tag its slot for the destination, in that order: a
+ * sender killed between the two leaves a slot that is still its own (its owner scan frees it),
+ * never one tagged for dst outside any ring (take_unpublished finds it by the descriptor). A
+ * compiler barrier is enough: the reclaim runs after this process is gone. */
+static inline void desc_put(sf_desc *d, uint32_t slot, uint16_t pool, uint16_t flags, uint32_t meta, uint32_t len,
+                            uint32_t *owner, uint32_t dst_tag)
+{
+    d->slot = slot;
+    d->pool = pool;
+    d->flags = flags;
+    d->meta = meta;
+    d->len = len;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    STORE_RELAXED(owner, dst_tag);
+}
+
 /* Drain every ring into node `idx` as if we were its consumer (it is dead or not yet up), freeing
  * slots still tagged with `tag`. Returns the number of slots freed. */
 static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool mark_down)
@@ -813,7 +829,8 @@ counted:
     }
 }
 
-/* send_batch(dst, frames, ethertype=0x88B5, meta=0) -> number sent. The rest did not fit. */
+/* send_batch(dst, frames, ethertype=0x88B5, meta=0, raw=False, control=False, incarnation=0) -> number
+ * sent. The rest did not fit. A non-zero incarnation: refused unless dst is still that one. */
 static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", "control", "incarnation", NULL};
@@ -889,18 +906,9 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         memcpy(f + hlen, data, len);
         if (release)
             PyBuffer_Release(&b);
-        sf_desc *d = &g->desc[(head + i) & mask];
-        d->slot = slot;
-        d->pool = (uint16_t)pool;
-        d->flags = (control ? SF_DESC_CONTROL : 0) | desc_stamp(head + i, r->sb->ring_size, epoch);
-        d->meta = meta;
-        d->len = (uint32_t)len + hlen;
-        /* The descriptor before the tag: a sender killed between the two leaves a slot that is
-         * still its own (its owner scan frees it), never one tagged for dst outside any ring
-         * (take_unpublished finds it by the descriptor). A compiler barrier is enough: the
-         * reclaim runs after this process is gone. */
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        STORE_RELAXED(&owner[slot], dst_tag);
+        desc_put(&g->desc[(head + i) & mask], slot, (uint16_t)pool,
+                 (control ? SF_DESC_CONTROL : 0) | desc_stamp(head + i, r->sb->ring_size, epoch), meta,
+                 (uint32_t)len + hlen, &owner[slot], dst_tag);
         bytes += (uint64_t)len + hlen - SF_ETH_HLEN; /* payload bytes (a raw frame's len has its header) */
     }
     finish_send(p, g, head, i, want - n, bytes, dst, dst_tag, epoch);
@@ -1474,14 +1482,9 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     uint8_t dmac[6];
     make_mac(dmac, (uint32_t)dst);
     write_header(b->data, dmac, p->mac, (uint16_t)ethertype);
-    sf_desc *d = &g->desc[head & (p->r.sb->ring_size - 1)];
-    d->slot = b->slot;
-    d->pool = (uint16_t)b->pool;
-    d->flags = desc_stamp(head, p->r.sb->ring_size, epoch);
-    d->meta = meta;
-    d->len = length + SF_ETH_HLEN;
-    __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the descriptor before the tag (see send_batch) */
-    STORE_RELAXED(&net_owner(&p->r, n)[b->slot], dst_tag);
+    desc_put(&g->desc[head & (p->r.sb->ring_size - 1)], b->slot, (uint16_t)b->pool,
+             desc_stamp(head, p->r.sb->ring_size, epoch), meta, length + SF_ETH_HLEN, &net_owner(&p->r, n)[b->slot],
+             dst_tag);
     b->sent = 1;
     finish_send(p, g, head, 1, 0, length, dst, dst_tag, epoch);
     Py_RETURN_TRUE;
@@ -1550,14 +1553,9 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
             memcpy(fd, dmac, 6);
             memcpy(fd + 6, p->mac, 6);
         }
-        sf_desc *d = &g->desc[(head + sent) & mask];
-        d->slot = slot;
-        d->pool = (uint16_t)pool;
-        d->flags = (fr->flags & SF_DESC_USER) | desc_stamp(head + sent, r->sb->ring_size, epoch);
-        d->meta = fr->meta;
-        d->len = fr->len;
-        __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the descriptor before the tag (see send_batch) */
-        STORE_RELAXED(&net_owner(r, port_net(p, pool))[slot], dst_tag);
+        desc_put(&g->desc[(head + sent) & mask], slot, (uint16_t)pool,
+                 (fr->flags & SF_DESC_USER) | desc_stamp(head + sent, r->sb->ring_size, epoch), fr->meta, fr->len,
+                 &net_owner(r, port_net(p, pool))[slot], dst_tag);
         if (fr->state == FS_COPY)
             fr->data = fd; /* (unused after this; keep it pointing at live memory) */
         fr->state = FS_GONE;
@@ -1592,7 +1590,7 @@ static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
     return forward_frames(p, dst, b, 0, b->n, 0, NULL, 0, 0);
 }
 
-/* forward_where(dst, batch, codes, code) -> int: forward, without copying, the frames i of the
+/* forward_where(dst, batch, codes, code, incarnation=0) -> int: forward, without copying, the frames i of the
  * batch with codes[i] == code (codes: one byte per frame, e.g. a function's verdicts). Frames
  * that did not fit stay in the batch; call again to retry them. */
 static PyObject *Port_forward_where(PortObject *p, PyObject *args)

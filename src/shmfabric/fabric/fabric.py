@@ -320,11 +320,11 @@ class Node:
     - ``alloc() -> Buffer`` and ``send_buffer(dst, buf, length, ethertype=0x88B5) -> bool`` (zero copy)
     - ``forward(dst, frame) -> bool`` and ``forward_batch(dst, batch) -> int`` (zero copy)
     - ``forward_where(dst, batch, codes, code, incarnation=0) -> int``: the frames i with codes[i] == code (zero copy)
+    - ``wait(timeout=None) -> bool``
 
     Ids are reused when nodes restart. `incarnation` (the second half of `Fabric.node_ref(name)`;
     0: any) makes a send fail with `UnknownDestinationError` once another incarnation holds the
     id, so frames meant for a node never reach another that took its id.
-    - ``wait(timeout=None) -> bool``
     """
 
     def __init__(self, fabric: Fabric, index: int, name: str, network: int):

@@ -12,11 +12,12 @@ import json
 import sys
 import time
 
-from shmfabric.fabric import Fabric, FabricError, RegionOpenError
 from shmfabric.core.parent import die_with_parent
+from shmfabric.fabric import Fabric, FabricError, RegionOpenError
 from shmfabric.functions.api import FunctionConfigError
 from shmfabric.functions.registry import UnknownFunctionError, load
 from shmfabric.functions.runtime import FunctionRunner, install_signal_handlers
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m shmfabric.functions.run", description=__doc__.splitlines()[0])

@@ -265,11 +265,13 @@ class FunctionRunner:
         self.c["mirrored"] += sent
         self.c["mirror_dropped"] += len(frames) - sent
 
-    def _send_code(self, batch: Any, out: bytearray, code: int, dst: int | None, hop: Hop, gen: int) -> int:
-        """Forward the frames of `code` to dst, waiting while its ring is full. Returns frames sent."""
+    def _send_code(self, batch: Any, out: bytearray, code: int, hop: Hop, i: int) -> int:
+        """Forward the frames of `code` to instance `i` of `hop`, waiting while its ring is full.
+        Returns frames sent."""
         pending = out.count(code)
         if not pending:
             return 0
+        dst, gen = hop.ids[i], hop.gens[i]
         sent_total = 0
         waits = 0
         waited = 0.0
@@ -300,15 +302,13 @@ class FunctionRunner:
     def _send_spread(self, batch: Any, out: bytearray, code: int, hop: Hop, base: int) -> None:
         """Send the frames of `code` over the instances of a scaled-out `hop` by flow hash (a flow
         stays put): each gets code base+i for instance i first."""
-        ids = hop.ids
-        k = len(ids)
+        k = len(hop.ids)
         for i in range(len(batch)):
             if out[i] == code:  # flow_index, inlined: once per frame of a whole batch
                 key = parse_5tuple_ip(batch[i])
                 out[i] = base + (symmetric_hash(key) if isinstance(key, tuple) else 0) % k
-        gens = hop.gens
-        for i, dst in enumerate(ids):
-            self.c["out_frames"] += self._send_code(batch, out, base + i, dst, hop, gens[i])
+        for i in range(k):
+            self.c["out_frames"] += self._send_code(batch, out, base + i, hop, i)
 
     def dispatch(self, batch: Any, out: bytearray) -> None:
         """Forward every frame of `batch` by its verdict in `out`."""
@@ -321,7 +321,7 @@ class FunctionRunner:
             self._send_spread(batch, out, Verdict.NEXT, self.next, base)
             base += len(nxt)
         elif nxt:
-            self.c["out_frames"] += self._send_code(batch, out, Verdict.NEXT, nxt[0], self.next, self.next.gens[0])
+            self.c["out_frames"] += self._send_code(batch, out, Verdict.NEXT, self.next, 0)
         else:
             self.c["dropped"] += out.count(Verdict.NEXT)  # end of the chain: NEXT means consumed
         for k, hop in enumerate(self.ports):
@@ -332,7 +332,7 @@ class FunctionRunner:
                 if len(hop.ids) > 1:
                     self._send_spread(batch, out, code, hop, base)
                 else:
-                    self.c["out_frames"] += self._send_code(batch, out, code, hop.ids[0], hop, hop.gens[0])
+                    self.c["out_frames"] += self._send_code(batch, out, code, hop, 0)
             if len(hop.ids) > 1:
                 base += len(hop.ids)
         self.c["dropped"] += out.count(Verdict.DROP)
@@ -358,8 +358,9 @@ class FunctionRunner:
             self.c["bad_verdict"] += bad
 
     # -- frames a function emitted (ctx.emit) ---------------------------------------------------
-    def _send_copies(self, dst: int | None, frames: list, hop: Hop, gen: int) -> None:
-        """Copy `frames` into slots and send them to dst, waiting while its ring is full."""
+    def _send_copies(self, frames: list, hop: Hop, i: int) -> None:
+        """Copy `frames` into slots and send them to instance `i` of `hop`, waiting while its ring is full."""
+        dst, gen = hop.ids[i], hop.gens[i]
         waits = 0
         waited = 0.0
         while frames:
@@ -409,17 +410,17 @@ class FunctionRunner:
                 if not nxt:
                     self.c["dropped"] += len(frames)  # end of the chain: NEXT means consumed
                 elif len(nxt) == 1:
-                    self._send_copies(nxt[0], frames, self.next, self.next.gens[0])
+                    self._send_copies(frames, self.next, 0)
                 else:
                     for i, fs in group_by_flow(frames, len(nxt)).items():
-                        self._send_copies(nxt[i], fs, self.next, self.next.gens[i])
+                        self._send_copies(fs, self.next, i)
             elif 3 <= code < 3 + len(self.ports):
                 hop = self.ports[code - 3]
                 if None in hop.ids:
                     hop.resolve(now)
                 ids = hop.ids
                 for i, fs in (group_by_flow(frames, len(ids)).items() if len(ids) > 1 else [(0, frames)]):
-                    self._send_copies(ids[i], fs, hop, hop.gens[i])
+                    self._send_copies(fs, hop, i)
             else:  # DROP, REPLY (an emitted frame has no sender) or an unknown code
                 self.c["bad_verdict"] += len(frames)
 

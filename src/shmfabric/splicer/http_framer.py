@@ -681,11 +681,7 @@ def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = Fal
     return out
 
 
-# Single-valued fields the splicer sets itself when it adds forwarding lines: a client's own
-# value is dropped, or a backend that reads the first one would trust what the client claimed
-# (`X-Forwarded-Proto: https` over plain HTTP). X-Forwarded-For and Forwarded are lists: the
-# client's entries are kept and ours appended, as HAProxy and nginx do.
-_REPLACED: Final = (b"x-forwarded-proto:",)
+
 
 
 def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_host: bytes = b"",
@@ -700,9 +696,11 @@ def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_hos
     """
     lines = _end_to_end(req.headers, keep_upgrade)
     add_host = req.host == b"" and default_host
-    if add_host or (extra and b"X-Forwarded-Proto:" in extra):
-        # drop what we replace: the client's X-Forwarded-Proto, and an empty Host
-        drop = (_REPLACED if extra and b"X-Forwarded-Proto:" in extra else ()) + ((b"host:",) if add_host else ())
+    # What we replace is dropped: an empty Host, and the client's X-Forwarded-Proto when we set
+    # ours (one value: a backend reading the first would trust a plain-HTTP client's `https`).
+    # X-Forwarded-For and Forwarded are lists: the client's entries stay, ours go last.
+    drop = ((b"host:",) if add_host else ()) + ((b"x-forwarded-proto:",) if b"X-Forwarded-Proto:" in extra else ())
+    if drop:
         lines = [line for line in lines if not line[:18].lower().startswith(drop)]
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", *lines]
     if req.framing == BODY_CHUNKED:

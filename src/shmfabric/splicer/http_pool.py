@@ -633,7 +633,6 @@ class BackendServer:
         it found is kept in `last_check`."""
         cfg = self.health_cfg
         writer = None
-        self.last_check = "timed out"
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), cfg.timeout)
             self.last_check = "connected"

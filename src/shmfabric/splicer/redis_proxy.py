@@ -89,7 +89,7 @@ _SINGLE_ARITY = {name: spec.arity for name, spec in COMMANDS.items() if spec.sin
 _CLIENT_WRITE_HIGH = 1024 * 1024
 
 
-# Split commands not sent at all while one of their servers is known to be down (see _execute).
+# Split commands not sent at all while one of their servers is known to be down, as ALL_OR_NONE (see _execute).
 _WHOLE_OR_NOTHING = frozenset({Kind.MSET, Kind.SUM})
 
 
@@ -938,33 +938,26 @@ class _Client(asyncio.Protocol):
                 self.merge.finish(seq, splicer._down_error(server))
         elif tag == SPLIT:
             _, barrier, proto, kind, nkeys, parts = action
-            if kind in ALL_OR_NONE:
-                # A write to every server (FLUSHALL...) goes nowhere unless every server is
-                # there: refused at once when one is known to be down, else sent only once
-                # each has answered a PING (a server that died since the last reply is found
-                # out before anything runs on the others).
-                down = next((server for server, lane, _, _ in parts
-                             if splicer._servers[server].lanes[proto][lane].known_down(now)), None)
-                if down is not None:
-                    self.merge.finish(seq, splicer._down_error(down))
-                else:
-                    probe = _Probe(self, seq, action)
-                    self.outstanding += 1
-                    for server, lane, _, _ in parts:
-                        if not splicer._servers[server].lanes[proto][lane].send(_PING, probe, server, now):
-                            probe._on_reply(server, splicer._down_error(server))
+            # Writes that must run everywhere or nowhere (FLUSHALL...: ALL_OR_NONE) and MSET and
+            # DEL, atomic on one server, are refused at once while a server of theirs is known to
+            # be down, rather than run on the others and then answer the error.
+            down = next((server for server, lane, _, _ in parts
+                         if splicer._servers[server].lanes[proto][lane].known_down(now)), None) \
+                if kind in ALL_OR_NONE or kind in _WHOLE_OR_NOTHING else None
+            if down is not None:
+                self.merge.finish(seq, splicer._down_error(down))
+            elif kind in ALL_OR_NONE:
+                # Sent only once each server has answered a PING: one that died since its last
+                # reply is found out before anything runs on the others. (Not for MSET and DEL:
+                # it would cost every one a round trip.)
+                probe = _Probe(self, seq, action)
+                self.outstanding += 1
+                for server, lane, _, _ in parts:
+                    if not splicer._servers[server].lanes[proto][lane].send(_PING, probe, server, now):
+                        probe._on_reply(server, splicer._down_error(server))
             else:
-                # MSET and DEL are atomic on one server: split, they are refused while a server
-                # of theirs is known to be down, rather than run on the others (no probe first,
-                # unlike FLUSHALL: it would cost every one a round trip).
-                down = next((server for server, lane, _, _ in parts
-                             if splicer._servers[server].lanes[proto][lane].known_down(now)), None) \
-                    if kind in _WHOLE_OR_NOTHING else None
-                if down is not None:
-                    self.merge.finish(seq, splicer._down_error(down))
-                else:
-                    self.outstanding += 1
-                    self._split(seq, action, now)
+                self.outstanding += 1
+                self._split(seq, action, now)
         elif tag == EXEC:
             _, barrier, proto, server, lane, payload, nreplies = action
             ln = splicer._servers[server].lanes[proto][lane]

@@ -490,12 +490,8 @@ class RedisSession:
             barrier = False
             if kind == Kind.MGET and self.idle and router.lanes > 1:
                 # As below: an idle client's read of a server goes over one of its connections.
-                lanes = router.lanes
-                home: dict[int, int] = {}
-                for c in hits:
-                    if c < home.get(c // lanes, 1 << 30):
-                        home[c // lanes] = c
-                homed = [home[c // lanes] for c in hits]
+                homes = _home_codes(sorted(set(hits)), router.lanes)
+                homed = [homes[c] for c in hits]
                 if homed != hits:
                     hits, barrier = homed, True
             return self._split_grouped(kind, name, args, keys, width, hits, barrier)
@@ -520,14 +516,14 @@ class RedisSession:
                 # of a large MGET with pool 2. A key read over another lane than its own could
                 # be overtaken by the client's *later* commands on its own lane, so the MGET is
                 # a barrier: later commands wait for its reply (nothing earlier is in flight).
-                lanes = router.lanes
-                table = bytearray(range(256))
-                home: dict[int, int] = {}
-                for c in codes:
-                    table[c] = home.setdefault(c // lanes, c)
-                if len(home) < len(codes):
+                homes = _home_codes(codes, router.lanes)
+                used = sorted(set(homes.values()))
+                if len(used) < len(codes):
+                    table = bytearray(range(256))
+                    for c, h in homes.items():
+                        table[c] = h
                     packed = packed.translate(table)
-                    codes = list(home.values())
+                    codes = used
                     barrier = True
             if len(codes) == 1:  # all keys on one connection: forward whole, relay the reply as is
                 server, lane = pairs[codes[0]]
@@ -956,6 +952,13 @@ def command_info(spec, proto: int) -> bytes:
 
 
 # -- merging split replies ----------------------------------------------------------------------
+
+
+def _home_codes(codes: list[int], lanes: int) -> dict[int, int]:
+    """Each placement code of `codes` (ascending) mapped to the lowest one on the same server:
+    the connection an idle client's MGET reads that server over (RedisSession._split)."""
+    home: dict[int, int] = {}
+    return {c: home.setdefault(c // lanes, c) for c in codes}
 
 
 # Split commands of at most this many keys are grouped by a dict, and their MGET replies spliced.

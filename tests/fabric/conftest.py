@@ -146,6 +146,7 @@ def assert_conserved(fab: Fabric, network: int = 0) -> dict:
     assert a["orphaned"] == 0, a
     assert a["free"] + sum(a["held"].values()) == a["total"], a
     assert a["stack_count"] == a["free"], a
+    assert a["on_stack"] == a["free"], a  # no slot is free but out of the stack's reach
     return a
 
 

@@ -16,10 +16,16 @@
  *      scans the owner table): a sender that checked "destination up" before the reclaim either
  *      has its owner tags seen by the scan, or sees `down` after F1 and takes its frames back
  *      (finish_send); reclaim_slot's CAS frees each slot once, whoever comes first.
+ *   F5 (a node's fence after marking itself inside a pool operation, before it reads
+ *      `sweeping`) pairs with F6 (the sweeper's fence after setting `sweeping`, before it reads
+ *      the nodes' pool_ops): either the node sees the sweep and stays out, or the sweeper sees
+ *      the node inside and waits for it (Dekker again).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <sched.h>
+#include <stdlib.h>
 #include <linux/futex.h>
 #include <stdbool.h>
 #include <string.h>
@@ -204,6 +210,14 @@ static PyObject *Region_format(RegionObject *self, PyObject *noargs)
             end = start;
         }
     }
+    {
+        pthread_mutexattr_t a;
+        pthread_mutexattr_init(&a);
+        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+        pthread_mutex_init(&r->sb->pool_lock, &a);
+        pthread_mutexattr_destroy(&a);
+    }
     for (uint32_t ti = 0; ti < 1 + r->sb->n_mcast; ti++) {
         sf_tape *t = tape_at(r, ti);
         pthread_mutexattr_t a;
@@ -228,6 +242,132 @@ static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t e
     stack_push_chain(r, n, slot, 1);
     return 1;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* the pool sweep: slots lost by a node killed inside a free-stack operation                   */
+
+/* Take the region's pool lock (robust, process-shared). A holder that died leaves it
+ * EOWNERDEAD; what it was doing (a reclaim: a slot untagged and not yet pushed; a sweep: some
+ * of its finds not yet pushed) may have left slots nowhere, so a sweep becomes pending. */
+static int pool_lock(sf_superblock *sb)
+{
+    int rc = pthread_mutex_lock(&sb->pool_lock);
+    if (rc == EOWNERDEAD) {
+        STORE_RELAXED(&sb->sweeping, 0);
+        STORE_RELAXED(&sb->sweep_pending, 1);
+        pthread_mutex_consistent(&sb->pool_lock);
+        rc = 0;
+    }
+    return rc;
+}
+
+static void pool_unlock(sf_superblock *sb) { pthread_mutex_unlock(&sb->pool_lock); }
+
+/* Count the slots the free stack of `n` reaches, marking them in `mark` (n_slots bytes, zeroed)
+ * if given. -1 if the walk meets a link out of the pool or a slot twice: the stack changed
+ * under a walk that was not protected from that, or it is corrupt. */
+static int64_t stack_walk(const region_view *r, sf_network *n, uint8_t *mark, uint64_t head)
+{
+    uint32_t *next = net_next(r, n), *chain = net_chain(r, n);
+    uint32_t n_slots = n->n_slots;
+    int64_t count = 0;
+    uint32_t top1 = (uint32_t)(head & 0xffffffffu);
+    while (top1) {
+        if (top1 > n_slots || count >= n_slots)
+            return -1;
+        for (uint32_t s1 = top1; s1;) {
+            if (s1 > n_slots || ++count > n_slots)
+                return -1;
+            uint32_t s = s1 - 1;
+            if (mark) {
+                if (mark[s])
+                    return -1;
+                mark[s] = 1;
+            }
+            s1 = LOAD_RELAXED(&next[s]);
+        }
+        top1 = LOAD_RELAXED(&chain[top1 - 1]);
+    }
+    return count;
+}
+
+/* With pool_lock held: hold every pool operation off, wait for the ones under way, then give
+ * back every slot that no owner holds and the free stack does not reach, and set free_count to
+ * what the stack holds. Such slots exist only after a node was killed inside a pool operation
+ * (cache_refill between its pop and its tagging, cache_flush between untagging and its push,
+ * take_back between a reclaim_slot's untag and push) or a reclaim was killed inside
+ * reclaim_slot. Returns the slots given back, -1 if some node stayed inside a pool operation
+ * for `wait_ns` (it may be dead and not yet reclaimed: its reclaim sweeps again), -2 if a free
+ * stack is corrupt. Reclaims and attaches take pool_lock, so none runs meanwhile. */
+static int64_t sweep_locked(region_view *r, int64_t wait_ns)
+{
+    sf_superblock *sb = r->sb;
+    STORE_RELAXED(&sb->sweeping, 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F6 pairs with F5 */
+    uint32_t hwm = LOAD_ACQUIRE(&sb->node_hwm);
+    uint64_t deadline = now_ns() + (uint64_t)wait_ns;
+    for (uint32_t i = 0; i < hwm; i++) {
+        while (LOAD_ACQUIRE(&node_at(r, i)->pool_ops) & 1) {
+            if (now_ns() > deadline) {
+                STORE_RELEASE(&sb->sweeping, 0);
+                return -1;
+            }
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    int64_t given = 0;
+    for (uint32_t ni = 0; ni < sb->n_networks && given >= 0; ni++) {
+        sf_network *n = net_at(r, ni);
+        uint8_t *mark = calloc(n->n_slots ? n->n_slots : 1, 1);
+        if (!mark) {
+            given = -2;
+            break;
+        }
+        int64_t on_stack = stack_walk(r, n, mark, LOAD_ACQUIRE(&n->free_head));
+        if (on_stack < 0) {
+            free(mark);
+            given = -2;
+            break;
+        }
+        uint32_t *owner = net_owner(r, n), *next = net_next(r, n);
+        uint32_t top = 0, k = 0;
+        for (uint32_t s = 0; s < n->n_slots; s++) {
+            if (mark[s] || LOAD_RELAXED(&owner[s]))
+                continue;
+            /* owned by nobody and on no stack: link it into the chain being built */
+            next[s] = k ? top + 1 : 0;
+            top = s;
+            if (++k == CHAIN_LEN) {
+                stack_push_chain(r, n, top, k);
+                given += k;
+                k = 0;
+            }
+        }
+        if (k) {
+            stack_push_chain(r, n, top, k);
+            given += k;
+        }
+        free(mark);
+        /* nobody moves slots meanwhile, so the stack's count is exact now (a pop cut short
+         * before it counted its slots off left it too high) */
+        int64_t found = stack_walk(r, n, NULL, LOAD_ACQUIRE(&n->free_head));
+        if (found >= 0)
+            STORE_RELAXED(&n->free_count, found);
+    }
+    if (given >= 0) {
+        STORE_RELAXED(&sb->sweep_pending, 0);
+        __atomic_fetch_add(&sb->swept_slots, (uint64_t)given, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&sb->sweeps, 1, __ATOMIC_RELAXED);
+    }
+    STORE_RELEASE(&sb->sweeping, 0);
+    return given;
+}
+
+/* How long a sweep waits for pool operations under way. One takes about a microsecond; a node
+ * still inside one after this was descheduled, stopped or killed, and every other node's pool
+ * operations wait while the sweep does, so it gives up soon and is tried again later. */
+#define SWEEP_WAIT_NS 5000000
 
 /* The stamp a producer leaves in a descriptor's flags above SF_DESC_USER (see take_unpublished):
  * bits 1-3 the lap of ring index `index` (which time round the ring; past the published head an
@@ -336,6 +476,11 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "s#IIKK", &name, &name_len, &network, &pid, &start_time, &pidns))
         return NULL;
     region_view *r = &self->r;
+    long claimed = -1;
+    /* Under the pool lock: the drain below frees slots (no sweep may count them meanwhile), and
+     * node_hwm grows only while no sweep is looking at the nodes below it. */
+    Py_BEGIN_ALLOW_THREADS
+    pool_lock(r->sb);
     for (uint32_t i = 0; i < r->sb->max_nodes; i++) {
         sf_node *nd = node_at(r, i);
         uint32_t exp = SF_NODE_FREE;
@@ -367,10 +512,15 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
             if (ep & 1)
                 STORE_RELAXED(&g->down, ep + 1); /* even again: up, in a new epoch */
         }
+        if (nd->pool_ops & 1) /* left odd by an incarnation nobody reclaimed: even again */
+            nd->pool_ops += 1;
         STORE_RELEASE(&nd->state, SF_NODE_UP);
-        return PyLong_FromUnsignedLong(i);
+        claimed = (long)i;
+        break;
     }
-    return PyLong_FromLong(-1);
+    pool_unlock(r->sb);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(claimed);
 }
 
 /* reclaim(index, from_state, gen) -> slots returned to the pools, or -1 if the entry is no longer
@@ -391,10 +541,20 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
      * claimed the slot since (gen moved on), leave it alone */
     uint64_t exp = ((uint64_t)gen << 32) | from_state;
     uint64_t nw = ((uint64_t)gen << 32) | SF_NODE_RECLAIM;
-    if (!__atomic_compare_exchange_n(&nd->state_gen, &exp, nw, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-        return PyLong_FromLong(-1);
-    uint64_t freed = 0;
+    int64_t freed = 0;
+    bool lost = false;
     Py_BEGIN_ALLOW_THREADS
+    int locked = pool_lock(r->sb) == 0;
+    if (!__atomic_compare_exchange_n(&nd->state_gen, &exp, nw, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+        lost = true;
+        goto out;
+    }
+    /* killed inside a pool operation: slots may be on no stack and in no owner's hands */
+    uint32_t ops = LOAD_ACQUIRE(&nd->pool_ops);
+    if (ops & 1) {
+        STORE_RELAXED(&r->sb->sweep_pending, 1);
+        STORE_RELEASE(&nd->pool_ops, ops + 1);
+    }
     uint32_t tag = sf_owner_tag(idx, nd->gen);
     freed += drain_inbound(r, idx, tag, true);
     freed += take_unpublished(r, idx);
@@ -408,8 +568,75 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
         STORE_RELAXED(&nd->cached[ni], 0);
     }
     STORE_RELEASE(&nd->state, SF_NODE_FREE);
+    if (locked && LOAD_RELAXED(&r->sb->sweep_pending)) {
+        int64_t swept = sweep_locked(r, SWEEP_WAIT_NS);
+        if (swept > 0) /* -1/-2: still pending; the next reclaim or sweep() tries again */
+            freed += swept;
+    }
+out:
+    if (locked)
+        pool_unlock(r->sb);
     Py_END_ALLOW_THREADS
-    return PyLong_FromUnsignedLongLong(freed);
+    if (lost)
+        return PyLong_FromLong(-1);
+    return PyLong_FromLongLong(freed);
+}
+
+/* sweep(force=False) -> slots given back (0 if none were lost), or -1 if some node stayed
+ * inside a pool operation too long (5 ms; try again later). Without force, only runs when a reclaim
+ * found a node killed inside a pool operation and the sweep it ran then could not finish. */
+static PyObject *Region_sweep(RegionObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"force", NULL};
+    int force = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &force))
+        return NULL;
+    region_view *r = &self->r;
+    if (!force && !LOAD_RELAXED(&r->sb->sweep_pending))
+        return PyLong_FromLong(0);
+    int64_t got = -1;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pool_lock(r->sb);
+    if (rc == 0) {
+        if (force || LOAD_RELAXED(&r->sb->sweep_pending))
+            got = sweep_locked(r, SWEEP_WAIT_NS);
+        else
+            got = 0;
+        pool_unlock(r->sb);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        errno = rc;
+        return PyErr_SetFromErrno(FabricError);
+    }
+    if (got == -2) {
+        PyErr_SetString(FabricError, "a pool's free stack is corrupt (a link leaves the pool or meets a slot twice); "
+                                     "stop every node and re-create the fabric");
+        return NULL;
+    }
+    return PyLong_FromLongLong(got);
+}
+
+/* stack_walk(network) -> slots the free stack reaches, or -1 if the walk met a bad link (the
+ * stack changed under it: only meaningful while no node moves slots, e.g. in tests). */
+static PyObject *Region_stack_walk(RegionObject *self, PyObject *args)
+{
+    unsigned int ni;
+    if (!PyArg_ParseTuple(args, "I", &ni))
+        return NULL;
+    region_view *r = &self->r;
+    if (ni >= r->sb->n_networks) {
+        PyErr_SetString(PyExc_IndexError, "network index out of range");
+        return NULL;
+    }
+    sf_network *n = net_at(r, ni);
+    uint8_t *mark = calloc(n->n_slots ? n->n_slots : 1, 1);
+    if (!mark)
+        return PyErr_NoMemory();
+    int64_t got = stack_walk(r, n, mark, LOAD_ACQUIRE(&n->free_head));
+    free(mark);
+    return PyLong_FromLongLong(got);
 }
 
 /* pool_audit(network) -> (n_slots, stack_count, {owner_tag: count}) by scanning the owner table */
@@ -492,6 +719,9 @@ static PyMethodDef Region_methods[] = {
     {"claim_node", (PyCFunction)Region_claim_node, METH_VARARGS, "Claim a free node entry; -1 if full."},
     {"reclaim", (PyCFunction)Region_reclaim, METH_VARARGS, "Return a dead node's slots (index, state, gen); -1 if lost the race."},
     {"pool_audit", (PyCFunction)Region_pool_audit, METH_VARARGS, "Count slots per owner tag."},
+    {"sweep", (PyCFunction)(void (*)(void))Region_sweep, METH_VARARGS | METH_KEYWORDS,
+     "Give back slots lost by a node killed inside a pool operation; -1 if busy."},
+    {"stack_walk", (PyCFunction)Region_stack_walk, METH_VARARGS, "Slots the free stack reaches (-1: bad link)."},
     {"ring_stats", (PyCFunction)Region_ring_stats, METH_VARARGS, "Indices and counters of ring src->dst."},
     {"node_state", (PyCFunction)Region_node_state, METH_O, "State of a node entry."},
     {"cas_node_state", (PyCFunction)Region_cas_node_state, METH_VARARGS, "Compare-and-set a node state."},
@@ -556,6 +786,7 @@ typedef struct {
     uint32_t signalled; /* process-private futex word: 1 while efd is readable */
     uint8_t mac[6];
     unsigned long fork_gen; /* fork_gen of the process that attached */
+    uint32_t ops;           /* our copy of me->pool_ops (only we write it) */
 } PortObject;
 
 static PyTypeObject Port_Type;
@@ -574,14 +805,38 @@ static inline sf_network *port_net(PortObject *p, uint32_t pool) { return net_at
 
 static inline void publish_cached(PortObject *p, uint32_t pool) { STORE_RELAXED(&p->me->cached[pool], p->ncache[pool]); }
 
+/* Mark this node inside a pool operation (pool_ops odd), unless a sweep runs: then stay out
+ * until it is done (it holds pool_lock meanwhile). A sweep is rare: only after a node was
+ * killed inside such an operation. Costs one fence per chain of slots. */
+static inline void pool_enter(PortObject *p)
+{
+    sf_superblock *sb = p->r.sb;
+    for (;;) {
+        STORE_RELAXED(&p->me->pool_ops, ++p->ops);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F5 pairs with F6 */
+        if (__builtin_expect(!LOAD_RELAXED(&sb->sweeping), 1))
+            return;
+        STORE_RELEASE(&p->me->pool_ops, ++p->ops);
+        if (pool_lock(sb) == 0)
+            pool_unlock(sb);
+        else
+            sched_yield();
+    }
+}
+
+static inline void pool_exit(PortObject *p) { STORE_RELEASE(&p->me->pool_ops, ++p->ops); }
+
 /* Refill the private cache from the shared stack (one chain). Returns false if the pool is dry. */
 static bool cache_refill(PortObject *p, uint32_t pool)
 {
     region_view *r = &p->r;
     sf_network *n = port_net(p, pool);
+    pool_enter(p);
     uint32_t top1 = stack_pop_chain(r, n);
-    if (!top1)
+    if (!top1) {
+        pool_exit(p);
         return false;
+    }
     uint32_t *next = net_next(r, n), *owner = net_owner(r, n);
     uint32_t s1 = top1, count = 0;
     /* Links are slot+1 and never above n_slots; one that is (a corrupt region) ends the chain
@@ -604,6 +859,7 @@ static bool cache_refill(PortObject *p, uint32_t pool)
     }
     /* the pop took count + rest slots off the stack; the push above returned `rest` */
     __atomic_fetch_sub(&n->free_count, (int64_t)(count + rest), __ATOMIC_RELAXED);
+    pool_exit(p);
     publish_cached(p, pool);
     return true;
 }
@@ -614,6 +870,7 @@ static void cache_flush(PortObject *p, uint32_t pool, uint32_t count)
     region_view *r = &p->r;
     sf_network *n = port_net(p, pool);
     uint32_t *next = net_next(r, n), *owner = net_owner(r, n);
+    pool_enter(p);
     while (count) {
         uint32_t k = count < CHAIN_LEN ? count : CHAIN_LEN;
         uint32_t *src = &p->cache[pool][p->ncache[pool] - k];
@@ -625,6 +882,7 @@ static void cache_flush(PortObject *p, uint32_t pool, uint32_t count)
         p->ncache[pool] -= k;
         count -= k;
     }
+    pool_exit(p);
     publish_cached(p, pool);
 }
 
@@ -680,6 +938,7 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
     }
     self->tag = sf_owner_tag(index, self->me->gen);
     self->network = self->me->network;
+    self->ops = LOAD_RELAXED(&self->me->pool_ops) & ~1u; /* even: claim_node made it so */
     for (uint32_t i = 0; i < self->r.sb->n_networks && i < SF_MAX_NETWORKS; i++) {
         self->cache[i] = PyMem_Malloc(sizeof(uint32_t) * CACHE_CAP);
         if (!self->cache[i]) {
@@ -786,11 +1045,13 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t want, uint32_t *dst_
 static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t dst_tag)
 {
     uint32_t mask = p->r.sb->ring_size - 1;
+    pool_enter(p);
     for (uint32_t j = 0; j < n; j++) {
         sf_desc *d = &g->desc[(head + j) & mask];
         reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag);
         d->len = 0; /* not a frame waiting to be published (take_unpublished) */
     }
+    pool_exit(p);
     STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
 }
 
@@ -2228,12 +2489,14 @@ static PyObject *layout_dict(void)
     OFF(sf_superblock, off_nodes); OFF(sf_superblock, off_networks); OFF(sf_superblock, off_rings);
     OFF(sf_superblock, ring_stride); OFF(sf_superblock, off_tapes); OFF(sf_superblock, tape_stride);
     OFF(sf_superblock, created_ns); OFF(sf_superblock, creator_pid); OFF(sf_superblock, name);
-    OFF(sf_superblock, node_hwm);
+    OFF(sf_superblock, node_hwm); OFF(sf_superblock, sweeping); OFF(sf_superblock, sweep_pending);
+    OFF(sf_superblock, swept_slots); OFF(sf_superblock, sweeps);
     OFF(sf_node, state); OFF(sf_node, gen); OFF(sf_node, pid); OFF(sf_node, network); OFF(sf_node, start_time);
     OFF(sf_node, pidns); OFF(sf_node, heartbeat_ns); OFF(sf_node, name); OFF(sf_node, doorbell); OFF(sf_node, waiting);
     OFF(sf_node, tx_frames); OFF(sf_node, tx_bytes); OFF(sf_node, rx_frames); OFF(sf_node, rx_bytes);
     OFF(sf_node, tx_ring_full); OFF(sf_node, tx_drops); OFF(sf_node, rx_lapped); OFF(sf_node, tape_rx);
     OFF(sf_node, tape_tx); OFF(sf_node, wakeups); OFF(sf_node, tx_nobuf); OFF(sf_node, cached); OFF(sf_node, mcast_mask);
+    OFF(sf_node, pool_ops);
     OFF(sf_network, mtu); OFF(sf_network, slot_size); OFF(sf_network, headroom); OFF(sf_network, n_slots);
     OFF(sf_network, off_next); OFF(sf_network, off_chain); OFF(sf_network, off_owner); OFF(sf_network, off_slots);
     OFF(sf_network, free_head); OFF(sf_network, free_count);

@@ -23,7 +23,7 @@
 #include <pthread.h>
 
 #define SF_MAGIC 0x3152424146464d53ULL /* "SMFFABR1" little-endian */
-#define SF_VERSION 3u /* 3: descriptors carry a stamp in flags (take_unpublished) */
+#define SF_VERSION 4u /* 3: descriptors carry a stamp in flags (take_unpublished); 4: pool sweep */
 #define SF_CACHELINE 64
 #define SF_MAX_NETWORKS 8
 #define SF_NAME_LEN 32
@@ -66,6 +66,15 @@ typedef struct sf_superblock {
     uint32_t uid_gid_mode[3];/* (c) informational */
     char name[SF_NAME_LEN];  /* (c) fabric name */
     SF_ALIGNED uint32_t node_hwm; /* (a) 1 + highest node index ever attached (scan bound) */
+    /* The pool sweep (see sweep_locked in _fabric.c). A node killed inside a free-stack
+     * operation (between taking slots off the stack and tagging them, or between untagging and
+     * pushing them) leaves slots that no owner holds and no stack reaches; the sweep finds them
+     * while every pool operation is held off. */
+    SF_ALIGNED pthread_mutex_t pool_lock; /* (a) robust: held by reclaims and by the sweep */
+    uint32_t sweeping;       /* (a) 1 while a sweep holds pool operations off (under pool_lock) */
+    uint32_t sweep_pending;  /* (a) slots may be lost: a node died inside a pool operation */
+    uint64_t swept_slots;    /* (a) slots the sweeps gave back, in total (informational) */
+    uint64_t sweeps;         /* (a) sweeps completed (informational) */
 } sf_superblock;
 
 /* Per-node entry. One cache line for the identity, one for the wake-up words (written by other
@@ -99,6 +108,8 @@ typedef struct sf_node {
     uint64_t wakeups;        /* times the owner slept and was woken */
     uint64_t tx_nobuf;       /* frames not sent because the pool had no free slot */
     uint32_t cached[SF_MAX_NETWORKS]; /* slots held in the owner's private free cache */
+    uint32_t pool_ops;       /* (o) odd while the owner moves slots between the free stack and
+                              * itself (pool_enter/pool_exit); the sweep waits for even */
     uint64_t mcast_mask;     /* (o) multicast groups joined (bit i = tape ring 1+i) */
 } sf_node;
 

@@ -51,9 +51,28 @@ def sweep(region: MappedRegion, attaching: bool = False) -> list[tuple[int, str,
         freed = region.core.reclaim(i, state, e["gen"])
         if freed >= 0:
             done.append((i, e["name"], freed))
+    _retry_sweep(region)
     if done:
         region.core.wake_all()  # blocked receivers re-check who is up
     return done
+
+
+def _retry_sweep(region: MappedRegion) -> None:
+    """Finish a pool sweep that could not run yet.
+
+    A reclaim of a node killed inside a free-stack operation sweeps the pools for the slots it
+    left nowhere. If another node was inside such an operation for the sweep's whole wait (it
+    was descheduled, stopped, or is dead and not yet reclaimed), the sweep stays pending; it is
+    tried again here, less often after each failure, since every pool operation waits while a
+    sweep waits."""
+    now = time.monotonic()
+    if now < region.sweep_next:
+        return
+    if region.core.sweep() < 0:
+        region.sweep_gap = min(max(region.sweep_gap * 2, BEAT), 5.0)
+        region.sweep_next = now + region.sweep_gap
+    else:
+        region.sweep_gap, region.sweep_next = 0.0, 0.0
 
 
 def any_alive(region: MappedRegion) -> bool:

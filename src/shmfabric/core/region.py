@@ -42,6 +42,7 @@ _SB_FIELDS = {
     "ring_size": "I", "n_networks": "I", "n_mcast": "I", "tape_entries": "I", "tape_entry_size": "I",
     "flags": "I", "node_size": "I", "off_nodes": "Q", "off_networks": "Q", "off_rings": "Q",
     "ring_stride": "Q", "off_tapes": "Q", "tape_stride": "Q", "created_ns": "Q", "creator_pid": "I",
+    "sweep_pending": "I", "swept_slots": "Q", "sweeps": "Q",
 }
 _NET_FIELDS = {
     "mtu": "I", "slot_size": "I", "headroom": "I", "n_slots": "I", "off_next": "Q",
@@ -52,6 +53,7 @@ _NODE_FIELDS = {
     "heartbeat_ns": "Q", "tx_frames": "Q", "tx_bytes": "Q", "rx_frames": "Q", "rx_bytes": "Q",
     "tx_ring_full": "Q", "tx_drops": "Q", "rx_lapped": "Q", "tape_rx": "Q", "tape_tx": "Q",
     "wakeups": "Q", "tx_nobuf": "Q", "mcast_mask": "Q", "doorbell": "I", "waiting": "I",
+    "pool_ops": "I",
 }
 
 
@@ -201,6 +203,10 @@ class MappedRegion:
         self.flags = flags
         self.name = name
         self.core = native.Region(mm)
+        # when this process may next retry a pending pool sweep, and the gap after that
+        # (shmfabric.core.liveness backs off while nodes keep the sweep from running)
+        self.sweep_next = 0.0
+        self.sweep_gap = 0.0
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod

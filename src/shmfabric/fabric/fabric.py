@@ -261,7 +261,15 @@ class Fabric:
         return None
 
     def pool_audit(self, network: int = 0) -> dict:
-        """Slot accounting of a network's pool: total, free, and held per node (by owner tag)."""
+        """Slot accounting of a network's pool.
+
+        ``total`` slots; ``free``: owned by no node; ``held``: per live node id; ``orphaned``:
+        tagged for a node that is gone (its reclaim returns them); ``stack_count``: the free
+        stack's own count; ``on_stack``: the slots a walk of the free stack reaches (exact while
+        no node moves slots; -1 if the stack changed under the walk). With no node moving slots,
+        ``free == stack_count == on_stack``; a ``free`` above ``on_stack`` means slots lost by a
+        node killed inside a free-stack operation, which ``sweep()`` gives back.
+        """
         total, stack, owners = self.region.core.pool_audit(network)
         held: dict[int, int] = {}
         unknown = 0
@@ -276,7 +284,16 @@ class Fabric:
                 held[live_tags[tag]] = held.get(live_tags[tag], 0) + count
             else:
                 unknown += count
-        return {"total": total, "free": owners.get(0, 0), "stack_count": stack, "held": held, "orphaned": unknown}
+        return {"total": total, "free": owners.get(0, 0), "stack_count": stack, "held": held, "orphaned": unknown,
+                "on_stack": self.region.core.stack_walk(network)}
+
+    def sweep(self, force: bool = False) -> int:
+        """Give back the slots a node killed inside a free-stack operation left owned by nobody
+        and reachable from no stack. Runs on its own after such a kill (the dead node's reclaim
+        starts it); ``force`` runs it regardless. Every pool operation waits while it runs (one
+        pass over the owner table). Returns the slots given back, or -1 if some node stayed
+        inside a pool operation for 5 ms (a later reclaim or call tries again)."""
+        return self.region.core.sweep(force=force)
 
     def ring_stats(self, src: int, dst: int) -> dict:
         """Indices and counters of the ring from node src to node dst."""

@@ -1,6 +1,8 @@
 """Tests of the sans-IO HTTP/1.1 framers: every case whole, one byte at a time and with trailing data."""
 from __future__ import annotations
 
+import gzip
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -299,6 +301,15 @@ BAD_RESPONSES = {
     "bad_status": b"HTTP/1.1 2x0 OK\r\n\r\n",
     "bad_chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nq\r\n",
     "unsolicited": None,
+    # Transfer-Encoding lists where llhttp and RFC 9112 could disagree on the framing, or that
+    # RFC 9112 section 6.1 forbids (chunked applied twice or not last), are not relayed.
+    "te_chunked_not_last": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "te_chunked_twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked, chunked\r\n\r\n0\r\n\r\n",
+    "te_chunked_in_two_fields": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"0\r\n\r\n",
+    "te_trailing_comma": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked,\r\n\r\n0\r\n\r\n",
+    "te_chunked_params": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked;x=1\r\n\r\n0\r\n\r\n",
+    "te_quoted_comma": b'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip;q="a,chunked"\r\n\r\n0\r\n\r\n',
 }
 
 
@@ -311,6 +322,50 @@ def test_bad_responses_are_502(name):
         f.expect(b"GET")
         f.receive_data(BAD_RESPONSES[name])
     assert drain(f)[-1] == ("error", 502)
+
+
+# A gzip body holding bytes that look like chunk framing: relayed as they are.
+GZ = gzip.compress(b"some text\r\n0\r\n\r\n" * 50)
+
+
+@pytest.mark.parametrize("te,codings", [
+    (b"Transfer-Encoding: gzip, chunked", b"gzip"),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", b"gzip"),  # one list over two fields
+    (b"transfer-encoding: x-gzip;level=9 ,deflate,\tCHUNKED", b"x-gzip;level=9, deflate"),
+    (b"Transfer-Encoding: identity, chunked", b""),  # RFC 2616's "no coding"
+])
+def test_transfer_codings_before_a_final_chunked_are_kept_and_the_body_framed_by_it(te, codings):
+    # RFC 9112 section 6.1: chunked last frames the body; the codings before it stay on it.
+    n = len(GZ) // 2
+    data = (b"HTTP/1.1 200 OK\r\n" + te + b"\r\n\r\n" + encode_chunk(GZ[:n]) + encode_chunk(GZ[n:])
+            + encode_last_chunk() + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    evs = parse_responses(data, [b"GET", b"GET"])
+    assert evs[0].framing == BODY_CHUNKED and evs[0].keep_alive and evs[0].transfer_codings == codings
+    assert evs[1:3] == [Data(GZ), EndOfMessage()]
+    assert evs[3].framing == BODY_LENGTH and evs[3].transfer_codings == b"" and evs[4:] == [Data(b"ok"), EndOfMessage()]
+
+
+def test_transfer_codings_without_a_final_chunked_run_to_the_close():
+    # RFC 9112 section 6.3, item 4: in a response, a Transfer-Encoding whose last coding is not
+    # chunked means the body ends where the connection does.
+    evs = parse_responses(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + GZ, [b"GET"], eof=True)
+    assert evs[0].framing == BODY_UNTIL_CLOSE and not evs[0].keep_alive and evs[0].transfer_codings == b"gzip"
+    assert evs[1:] == [Data(GZ), EndOfMessage(), ConnectionClosed()]
+
+
+@pytest.mark.parametrize("te,keep", [
+    (b"gzip, chunked", True),
+    (b"gzip", False),  # llhttp takes it as framed by the close: the connection is not reused
+])
+def test_a_response_to_head_announcing_transfer_codings_has_no_body(te, keep):
+    f = ResponseFramer()
+    f.expect(b"HEAD")
+    f.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n")
+    evs = drain(f)
+    assert evs[0].framing == BODY_NONE and evs[0].keep_alive is keep and evs[1] == EndOfMessage() and not f.broken
+    f.expect(b"GET")
+    f.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert drain(f)[1:] == [Data(b"ok"), EndOfMessage()]
 
 
 def test_truncated_response_is_an_error_but_until_close_is_not():
@@ -362,6 +417,19 @@ def test_encode_request_head_replaces_what_the_splicer_sets_and_keeps_host():
     # Connection may name fields to drop, but never Host (an HTTP/1.1 request must carry it).
     req = Request(b"GET", b"/", ((b"Host", b"a"), (b"Connection", b"host, X-Drop"), (b"X-Drop", b"1")), host=b"a")
     assert encode_request_head(req) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def test_encode_response_head_names_the_backends_transfer_codings_before_chunked():
+    resp = Response(200, b"OK", ((b"Transfer-Encoding", b"gzip, chunked"), (b"X", b"1")), framing=BODY_CHUNKED,
+                    transfer_codings=b"gzip")
+    head = encode_response_head(resp, framing=BODY_CHUNKED)
+    assert head == b"HTTP/1.1 200 OK\r\nX: 1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    assert encode_response_head(resp, framing=BODY_NONE, head_request=True) == b"HTTP/1.1 200 OK\r\nX: 1\r\n\r\n"
+    f = ResponseFramer()  # what the client reads: the same codings, the same body bytes
+    f.expect(b"GET")
+    f.receive_data(head + encode_chunk(GZ) + encode_last_chunk())
+    evs = drain(f)
+    assert evs[0].transfer_codings == b"gzip" and evs[1:] == [Data(GZ), EndOfMessage()]
 
 
 def test_encode_response_head_variants():

@@ -109,7 +109,10 @@ class InformationalResponse(Event):
 @dataclass(frozen=True, slots=True)
 class Response(Event):
     """A final response head; `framing` is one of the BODY_* constants. `keep_alive`: the
-    connection may carry another request after this response."""
+    connection may carry another request after this response. `transfer_codings`: the
+    transfer codings the backend applied other than a final `chunked` (b"gzip" for
+    `Transfer-Encoding: gzip, chunked`; b"" for none), which the body bytes still carry: they
+    must be named to the client in front of the `chunked` the splicer writes."""
 
     status: int
     reason: bytes
@@ -118,6 +121,7 @@ class Response(Event):
     keep_alive: bool = True
     framing: int = BODY_NONE
     content_length: int = 0
+    transfer_codings: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +192,37 @@ def _origin_form(url: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[bytes,
 def _only_chunked(value: bytes) -> bool:
     """True if a Transfer-Encoding field value is just `chunked` (any case, blanks around)."""
     return value.strip().lower() == b"chunked"
+
+
+_TCHAR: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _response_codings(value: bytes) -> tuple[bytes, bool]:
+    """A response's Transfer-Encoding list (its fields joined by commas) as (the codings
+    applied before a final `chunked`, or all of them when there is none; is `chunked` final).
+
+    Framing stays llhttp's: this is strict where llhttp and RFC 9112 could disagree on which
+    coding is final (llhttp takes `chunked,` with a trailing empty element, or `chunked;x=1`,
+    as not chunked), and the response is refused (502) instead of being relayed under a
+    different framing: empty list elements, quoted strings, a coding that is not a token, and
+    `chunked` anywhere but last or with parameters (it is applied once, last: section 6.1).
+    `identity` (RFC 2616's "no coding", no longer a transfer coding) is left out.
+    """
+    elements = [e.strip(b" \t") for e in value.split(b",")]
+    codings = []
+    for i, element in enumerate(elements):
+        name = element.split(b";", 1)[0].rstrip(b" \t")
+        if not name or b'"' in element or not _TCHAR.issuperset(name):
+            raise _Reject(f"backend sent an unparseable Transfer-Encoding {value.decode('latin-1')[:60]!r}", 502)
+        lname = name.lower()
+        if lname == b"chunked":
+            if i != len(elements) - 1 or element != name:
+                raise _Reject(f"backend sent Transfer-Encoding {value.decode('latin-1')[:60]!r}: chunked "
+                              "must be the last coding, once (RFC 9112 section 6.1)", 502)
+            return b", ".join(codings), True
+        if lname != b"identity":
+            codings.append(element)
+    return b", ".join(codings), False
 
 
 def _boundary_error(exc: HttpParserError) -> RemoteProtocolError:
@@ -319,6 +354,11 @@ class RequestFramer(_Framer):
                                       "cannot be known (RFC 9112 section 6.3)")
                     # The body is re-framed on its way to the backend, so a coding we would have
                     # to pass through (gzip, chunked) is refused instead of silently dropped.
+                    # Not forwarded with its list kept either, unlike a response's codings: a
+                    # request goes on pooled connections shared by all clients, and a backend
+                    # that does not take `gzip, chunked` as chunked (many match the value
+                    # `chunked` exactly) would read the chunks as the next requests (request
+                    # smuggling). RFC 9112 section 6.1 says a server SHOULD answer 501; nginx does.
                     raise _Reject(f"Transfer-Encoding {value.decode('latin-1')[:60]!r} is not supported "
                                   "(only chunked; RFC 9112 section 6.1)", 501)
                 self._te = True
@@ -454,6 +494,7 @@ class ResponseFramer(_Framer):
         self._trailers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._te = False
+        self._te_values: list[bytes] = []
         self._cl = -1
         self._informational = False
         self._head_done = False
@@ -498,9 +539,8 @@ class ResponseFramer(_Framer):
             if lname == b"content-length":
                 self._cl = int(value)
             elif lname == b"transfer-encoding":
-                if not _only_chunked(value):
-                    raise _Reject(f"backend sent Transfer-Encoding {value.decode('latin-1')[:60]!r}; "
-                                  "only chunked can be relayed", 502)
+                # checked as one list once the head is complete (a coding list may span fields)
+                self._te_values.append(value)
                 self._te = True
 
     def on_headers_complete(self) -> None:
@@ -513,10 +553,18 @@ class ResponseFramer(_Framer):
             self._events.append(InformationalResponse(status, self._reason, headers))
             return
         method = self._methods[0]
+        codings, chunked = b"", False
+        if self._te:
+            codings, chunked = _response_codings(b",".join(self._te_values))
         if method == b"HEAD" or status == 204 or status == 304:
             framing, length = BODY_NONE, 0
-        elif self._te:
+        elif chunked:
             framing, length = BODY_CHUNKED, 0
+        elif self._te:
+            # Codings without a final chunked (`Transfer-Encoding: gzip`): the body runs to the
+            # backend's close (RFC 9112 section 6.3, item 4; llhttp reads it so). Relayed as is,
+            # re-framed by the splicer's chunked (`gzip, chunked`) to HTTP/1.1 clients.
+            framing, length = BODY_UNTIL_CLOSE, 0
         elif self._cl >= 0:
             framing, length = (BODY_LENGTH, self._cl) if self._cl else (BODY_NONE, 0)
         else:
@@ -531,7 +579,7 @@ class ResponseFramer(_Framer):
         # broken backend sends after it anyway are caught when they come with the response or to
         # an idle connection (`broken`); later ones are read as the next response, which fails
         # to parse unless they form a whole response (docs/splicer-http.md, Limits).
-        self._events.append(Response(status, self._reason, headers, hv, keep, framing, length))
+        self._events.append(Response(status, self._reason, headers, hv, keep, framing, length, codings))
         if method == b"HEAD":
             self._head_done = True
 
@@ -646,7 +694,8 @@ class ResponseFramer(_Framer):
 
 # ------------------------------------------------------------------------------ send side
 # Hop-by-hop fields (RFC 9110 section 7.6.1) are not forwarded; the splicer writes its own
-# framing fields, so Content-Length and Transfer-Encoding are dropped and re-added too.
+# framing fields, so Content-Length and Transfer-Encoding are dropped and re-added too (a
+# response's codings other than chunked are carried in `Response.transfer_codings`).
 _HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
     b"content-length", b"proxy-authenticate", b"proxy-authorization",
@@ -721,7 +770,11 @@ def encode_response_head(resp: Response | InformationalResponse, *, framing: int
     """Serialize a response head for the client with the splicer's own framing fields.
 
     A response to HEAD and a 304 keep their Content-Length (it describes the representation,
-    RFC 9110 section 8.6); other bodiless responses get none.
+    RFC 9110 section 8.6); other bodiless responses get none. A chunked body keeps the
+    backend's other transfer codings in front of its chunked (`Transfer-Encoding: gzip,
+    chunked`): the body bytes are relayed as they came, still so coded. With any other
+    `framing` they cannot be named (HTTP/1.0 has no Transfer-Encoding), so the caller must not
+    relay such a body (see `Exchange._on_head`).
     """
     status = resp.status
     parts = [b"HTTP/1.1 %d " % status, resp.reason, b"\r\n"]
@@ -732,7 +785,9 @@ def encode_response_head(resp: Response | InformationalResponse, *, framing: int
     parts += _end_to_end(resp.headers, keep_upgrade)
     if status >= 200 and not keep_upgrade:
         if framing == BODY_CHUNKED:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            codings = getattr(resp, "transfer_codings", b"")
+            parts.append(b"Transfer-Encoding: " + codings + b", chunked\r\n" if codings
+                         else b"Transfer-Encoding: chunked\r\n")
         elif framing == BODY_LENGTH:
             parts.append(b"Content-Length: %d\r\n" % content_length)
         elif framing == BODY_NONE and status != 204 and status != 304 and not head_request:

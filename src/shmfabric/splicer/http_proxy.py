@@ -199,6 +199,19 @@ class Exchange:
         req = self.req
         client = self.client
         framing = resp.framing
+        if resp.transfer_codings and framing != BODY_NONE and req.http_version != b"1.1":
+            # A body still in a transfer coding (`Transfer-Encoding: gzip, chunked`) cannot go
+            # to an HTTP/1.0 client: it has no Transfer-Encoding (a server MUST NOT send one to
+            # it, RFC 9112 section 6.1), so every transfer coding must come off. Naming them in
+            # Content-Encoding instead would change the representation (end-to-end, cached and
+            # validated as such), and the splicer does not decode bodies: 502, as for any
+            # response it cannot relay. The rest of the response is read and dropped (as for a
+            # client gone), so the backend connection stays usable.
+            client.local_answer(self, 502, f"backend sent the body in transfer coding "
+                                           f"{resp.transfer_codings.decode('latin-1')[:60]!r}, which "
+                                           "cannot be relayed to an HTTP/1.0 client")
+            self.gone = True
+            return
         if framing == BODY_CHUNKED or framing == BODY_UNTIL_CLOSE:
             # Chunked to HTTP/1.1 clients, so a read-until-close backend body does not cost the
             # client its connection; HTTP/1.0 clients get the body delimited by close.

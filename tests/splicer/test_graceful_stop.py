@@ -369,3 +369,92 @@ def test_a_request_sent_just_after_the_last_answer_of_a_draining_connection_is_a
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+
+async def _stop_as_a_connection_is_accepted(port: int, payload: bytes, busy, drain, close) -> bytes:
+    """Run a graceful stop the way a worker does (GracefulStop.run with `busy`, then `close`)
+    whose request lands in the same event-loop turn as a client's connection: the connection is
+    in the listen queue with `payload` sent when the stop begins. Returns what the client got."""
+    from shmfabric.splicer.workers import GracefulStop
+
+    got: list[bytes] = []
+    sent = threading.Event()
+
+    def client() -> None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(payload)
+        sent.set()
+        buf = b""
+        try:
+            while chunk := s.recv(65536):
+                buf += chunk
+        except OSError as exc:
+            buf += repr(exc).encode()
+        got.append(buf)
+        s.close()
+
+    loop = asyncio.get_running_loop()
+    stop = GracefulStop(loop)
+    t = threading.Thread(target=client, daemon=True)
+
+    def in_one_turn() -> None:
+        t.start()
+        sent.wait(5)
+        time.sleep(0.05)  # accepted by the kernel, its request in the socket buffer
+        stop.requested.set()
+
+    loop.call_soon(in_one_turn)
+    await stop.run(drain, busy, 5.0)
+    await close()
+    await asyncio.sleep(0.3)  # as a worker's asyncio.run gives the loop a few more turns
+    await asyncio.to_thread(t.join, 10)
+    return got[0] if got else b"(no answer)"
+
+
+def _with_uvloop(coro):
+    # uvloop, as the workers run it: the accept of the queued connection and the stop request
+    # then come in the same turn every time.
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(coro, 30))
+
+
+def test_http_a_connection_accepted_as_the_stop_begins_is_answered_not_503(http_backend) -> None:
+    # The stop used to count only connections whose connection_made had run: it found none,
+    # closed the pools, and then the queued connection_made ran and its request got
+    # "503 no backend server is up for this route" with the backend up (seen in a reload test).
+    from shmfabric.splicer.config import HttpSpliceConfig
+    from shmfabric.splicer.http_server import HttpSplicer
+
+    async def main() -> bytes:
+        sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", default=[f"127.0.0.1:{http_backend.port}"],
+                                          health={"enabled": False}))
+        await sp.start()
+        return await _stop_as_a_connection_is_accepted(sp.port, b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n",
+                                                       sp.busy, sp.drain, sp.close)
+
+    answer = _with_uvloop(main())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b"connection: close" in answer.lower()  # answered, then the draining worker closes it
+
+
+@needs_redis
+def test_redis_a_connection_accepted_as_the_stop_begins_is_answered(tmp_path: Path) -> None:
+    # The same race in the Redis splicer, and one more step: a connection accepted just as the
+    # stop began was closed unread, so a client connecting during a reload lost its first
+    # command (b''). It is now read once and answered, then closed.
+    from shmfabric.splicer.config import RedisSpliceConfig
+    from shmfabric.splicer.redis_proxy import RedisSplicer
+
+    with redis_servers(tmp_path, 1) as (server,):
+        async def main() -> bytes:
+            cfg = RedisSpliceConfig.model_validate(dict(listen=f"127.0.0.1:{free_port()}",
+                                                        servers=[f"127.0.0.1:{server.port}"]))
+            sp = RedisSplicer(cfg)
+            _, port = await sp.start()
+            return await _stop_as_a_connection_is_accepted(port, encode_command([b"PING", b"late"]),
+                                                           lambda: sp.client_count, sp.drain, sp.stop)
+
+        answer = _with_uvloop(main())
+    assert answer == b"$4\r\nlate\r\n", answer

@@ -443,7 +443,8 @@ def test_keep_alive_clients_sending_through_reloads_see_no_error(tmp_path: Path,
                 sock.close()
                 sock = None
                 continue
-            assert status == 200
+            if status != 200:  # collected: an assert in this thread would not fail the test
+                errors.append(f"status {status}")
             answered[0] += 1
             if close:
                 closes[0] += 1

@@ -395,6 +395,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, splicer: "HttpSplicer") -> None:
         self.splicer = splicer
+        splicer.accepting.add(self)
         cfg = splicer.cfg
         lim = cfg.limits
         self.loop = splicer.loop
@@ -448,6 +449,7 @@ class ClientConnection(asyncio.Protocol):
                 self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
                 self.forward_lines = self.splicer.forward_lines(peer[0])
         self.splicer.clients.add(self)
+        self.splicer.accepting.made(self)
         self.splicer.metrics.client_connections.inc()
         if self.splicer.draining:  # accepted just before the listener closed
             self.drain()

@@ -28,7 +28,7 @@ from .http_router import Router
 from .metrics import SpliceMetrics, serve_socket
 from .teardown import LINGER_SECONDS
 from .tls import TlsError, server_context
-from .workers import GracefulStop, Listeners, ReloadRefused, install_uvloop, say, serve_under_master
+from .workers import Accepting, GracefulStop, Listeners, ReloadRefused, install_uvloop, say, serve_under_master
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
 
@@ -41,6 +41,8 @@ class HttpSplicer:
         self.metrics = metrics if metrics is not None else SpliceMetrics("http")
         self.servers: dict[str, BackendServer] = {}
         self.clients: set[ClientConnection] = set()
+        # accepted, not yet connected (TLS handshake included): a graceful stop waits for them
+        self.accepting = Accepting(cfg.timeouts.request_head + 1.0)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -178,6 +180,11 @@ class HttpSplicer:
                 else:
                     break
 
+    def busy(self) -> int:
+        """Client connections a graceful stop waits for: open ones, and accepted ones on their
+        way to `connection_made` (see `Accepting`)."""
+        return len(self.clients) + self.accepting.count()
+
     def drain(self) -> None:
         """Start a graceful stop: stop listening, and have every client connection answer the
         requests it has read and then close (`ClientConnection.drain`). The pools stay up until
@@ -227,7 +234,7 @@ async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socke
         if stop_metrics is not None:
             stop_metrics()  # the metrics port goes to the worker that replaces this one
 
-    cutting = await stop.run(drain, lambda: len(splicer.clients), cfg.timeouts.drain)
+    cutting = await stop.run(drain, splicer.busy, cfg.timeouts.drain)
     if cutting:
         say(f"splice http: {cutting}")
     await splicer.close()

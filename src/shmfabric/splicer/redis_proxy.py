@@ -75,7 +75,7 @@ from .redis_session import (
     merge_parts,
 )
 from .teardown import close_lingering
-from .workers import GracefulStop, install_uvloop
+from .workers import Accepting, GracefulStop, install_uvloop
 
 __all__ = ["RedisSplicer", "run_redis_splicer"]
 
@@ -727,11 +727,17 @@ def _address(name: Any) -> str:
     return str(name or "")
 
 
+#: How long a connection accepted just as a graceful stop began may take to send its first
+#: commands (they are answered, then it closes).
+DRAIN_FIRST_READ = 1.0
+
+
 class _Client(asyncio.Protocol):
     """One client connection: read, decide, dispatch, and write replies back in order."""
 
     def __init__(self, splicer: "RedisSplicer") -> None:
         self.splicer = splicer
+        splicer.accepting.add(self)
         cfg = splicer.config
         self.reader = RequestReader(cfg.limits.max_request_bytes)
         self.session = RedisSession(splicer.router, splicer.session_config)
@@ -740,6 +746,7 @@ class _Client(asyncio.Protocol):
         self.max_unread = cfg.limits.max_unread_bytes
         self.max_unread_pubsub = cfg.limits.max_unread_pubsub_bytes
         self.transport: asyncio.Transport | None = None
+        self.late: asyncio.TimerHandle | None = None  # accepted as a stop began (connection_made)
         self.outstanding = 0  # actions sent to backends and not yet answered
         self.waiting: deque = deque()  # actions held behind a barrier
         self.read_paused = False
@@ -766,10 +773,15 @@ class _Client(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         session.fd = sock.fileno() if sock is not None else -1
         self.splicer._clients.add(self)
+        self.splicer.accepting.made(self)
         if self.splicer.metrics is not None:
             self.splicer.metrics.client_connections.inc()
-        if self.splicer.draining:  # accepted just before the listener closed
-            self.drain()
+        if self.splicer.draining:
+            # Accepted just before the listener closed (a reload or stop): what it sent with its
+            # connect is its first read, taken in and answered before it closes like the others;
+            # closing it unread would cut a client that did nothing wrong. One that sends nothing
+            # within DRAIN_FIRST_READ is closed.
+            self.late = asyncio.get_running_loop().call_later(DRAIN_FIRST_READ, self.drain)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -795,6 +807,10 @@ class _Client(asyncio.Protocol):
             return
         self.reader.feed(data)
         self._process()
+        if self.late is not None:  # its first read, accepted as a stop began: now drain
+            self.late.cancel()
+            self.late = None
+            self.drain()
         self.splicer._schedule_flush()
 
     def eof_received(self) -> bool | None:
@@ -1186,6 +1202,7 @@ class RedisSplicer:
         self._lane_table = {proto: [srv.lanes[proto][ln] for srv in self._servers for ln in range(self.lanes)]
                             for proto in (2, 3)}
         self._clients: set[_Client] = set()
+        self.accepting = Accepting(5.0)  # accepted, not yet connected: a graceful stop waits for them
         self._subscribers: set[_Subscriber] = set()  # every client's subscribed connections
         self._blockers: set[_Blocker] = set()  # every client's connections for blocking commands and WATCH
         self._started = time.monotonic()
@@ -1243,8 +1260,8 @@ class RedisSplicer:
 
     @property
     def client_count(self) -> int:
-        """Client connections open now."""
-        return len(self._clients)
+        """Client connections open now, and those accepted on their way to being so."""
+        return len(self._clients) + self.accepting.count()
 
     async def stop(self) -> None:
         """Stop listening, close clients and backend connections, cancel timers."""

@@ -63,6 +63,43 @@ class GracefulStop:
         return f"cutting {left} client connection(s) still busy after the graceful stop ({why})"
 
 
+class Accepting:
+    """Connections a listener accepted whose protocol has not seen `connection_made` yet.
+
+    asyncio creates the protocol when it accepts and calls `connection_made` a loop turn or more
+    later (after the handshake, with TLS). A graceful stop that counted only connected clients
+    could find none in between, close the pools, and then serve such a connection's request with
+    nothing behind it: a 503 (or a reset) in the middle of a reload, with every backend up. So a
+    stop counts these too. An entry older than `limit` seconds is forgotten: its handshake failed
+    or timed out, and asyncio then calls neither `connection_made` nor `connection_lost`.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._since: dict[object, float] = {}
+
+    def add(self, conn: object) -> None:
+        """Called from the protocol's constructor (the listener's protocol factory)."""
+        if len(self._since) >= 256:
+            self._forget_old(time.monotonic())
+        self._since[conn] = time.monotonic()
+
+    def made(self, conn: object) -> None:
+        """Called from the protocol's `connection_made`."""
+        self._since.pop(conn, None)
+
+    def count(self) -> int:
+        """Accepted connections still on their way to `connection_made`."""
+        if self._since:
+            self._forget_old(time.monotonic())
+        return len(self._since)
+
+    def _forget_old(self, now: float) -> None:
+        for conn, t in list(self._since.items()):
+            if now - t > self.limit:
+                del self._since[conn]
+
+
 def say(line: str) -> None:
     """One line on stderr, in one write (workers share stderr, and print() writes the line and
     its newline apart). A stderr that is gone (the reader of a pipe died: a restarted log

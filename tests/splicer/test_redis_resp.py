@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from shmfabric.splicer.redis_resp import (
     BIG_REQUEST,
+    DEFAULT_MAX_REQUEST_BYTES as DEFAULT_MAX_REQUEST,
     ReplyScanner,
     RequestReader,
     RespProtocolError,
@@ -189,8 +190,8 @@ def test_large_values_within_max_request_bytes_are_read_whole(step: int) -> None
     assert err is not None and "invalid bulk length" in str(err) and fed < 2 * 2**20
 
 
-def _read_split(data: bytes, step: int) -> tuple[list[list[bytes]], str | None]:
-    r, out = RequestReader(max_request_bytes=4096), []
+def _read_split(data: bytes, step: int, max_request_bytes: int = 4096) -> tuple[list[list[bytes]], str | None]:
+    r, out = RequestReader(max_request_bytes=max_request_bytes), []
     for i in range(0, len(data), step):
         r.feed(data[i : i + step])
         cmds, err = r.drain(1 << 30)
@@ -664,3 +665,136 @@ def test_a_read_holding_a_whole_request_over_the_limit_reads_it_and_keeps_no_con
     r.feed(b"PING\r\n" + encode_command([b"PING"]) * 2000 + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\nvv")
     assert len(read_all(r)) == 2001
     assert len(r._pending) - r._ppos == 0 and len(r._pending) < 1024, len(r._pending)
+
+
+# -- what redis-server does with odd multibulk lengths and bad bytes after good requests -------
+# (each checked byte for byte against redis-server 7.0 over a raw socket)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"*-5\r\nPING\r\n", [[b"PING"]]),  # redis-server: +PONG, connection open
+    (b"*-5\r\n*1\r\n$4\r\nPING\r\n", [[b"PING"]]),
+    (b"*1\r\n$4\r\nPING\r\n*-5\r\n*1\r\n$4\r\nPING\r\n", [[b"PING"], [b"PING"]]),
+    (b"PING\r\n*-5\r\nPING\r\n", [[b"PING"], [b"PING"]]),
+    (b"*-2\r\n*-1\r\n*0\r\n*-9223372036854775808\r\nECHO x\r\n", [[b"ECHO", b"x"]]),
+    (b"~-3\r\n|-7\r\n>-2\r\n*1\r\n$1\r\na\r\n", [[b"a"]]),  # read like '*' wherever they fall
+])
+def test_a_negative_multibulk_length_is_skipped_as_redis_does(data: bytes, expected: list[list[bytes]]) -> None:
+    # processMultibulkBuffer: "if (ll <= 0) { ...; return C_OK; }" once the line is consumed;
+    # hiredis refuses "*-5" ("Multi-bulk length out of range"), which the reader answered as a
+    # protocol error and closed.
+    assert feed_whole(data) == expected
+    for step in (1, 2, 3, 5):
+        assert feed_bytewise(data, step) == expected, f"reads of {step} bytes"
+
+
+@pytest.mark.parametrize("data,err", [
+    (b"*-0\r\nPING\r\n", "invalid multibulk length"),  # string2ll refuses "-0", as hiredis does
+    (b"*-01\r\nPING\r\n", "invalid multibulk length"),
+    (b"*-9223372036854775809\r\nPING\r\n", "invalid multibulk length"),
+    (b"*1\r\n*-5\r\n", "invalid multibulk length"),  # only a request's own header is skipped
+])
+def test_negative_lengths_redis_refuses_are_still_refused(data: bytes, err: str) -> None:
+    for step in (len(data), 1, 3):
+        out, got = _read_split(data, step)
+        assert out == [] and got == err, (step, out, got)
+
+
+def _fed_to_hiredis(monkeypatch) -> list[int]:
+    """Patch hiredis.Reader (as the reader module sees it) to log the size of every feed()."""
+    import shmfabric.splicer.redis_resp as resp
+
+    fed: list[int] = []
+    real = hiredis.Reader
+
+    class Counting:
+        def __init__(self, *a, **kw):
+            self._r = real(*a, **kw)
+
+        def feed(self, data, *a):
+            fed.append(len(data) if not a else a[-1])
+            return self._r.feed(data, *a)
+
+        def __getattr__(self, name):
+            return getattr(self._r, name)
+
+    monkeypatch.setattr(resp.hiredis, "Reader", Counting)
+    return fed
+
+
+@pytest.mark.parametrize("null", [b"*-1\r\n", b"*-5\r\n", b"*0\r\n"])
+def test_skipping_null_and_negative_multibulks_costs_linear_work(monkeypatch, null: bytes) -> None:
+    # A request and a "*-1" in turn, read whole: each null made the reader join and re-parse
+    # everything hiredis had been given since the last known request end (up to a whole piece
+    # of 1 MiB), so 4x the stream cost about 16x the bytes handed to hiredis.
+    fed = _fed_to_hiredis(monkeypatch)
+    totals = []
+    for n in (2000, 8000):
+        cmds = [[b"SET", b"k%d" % i, b"v%d" % i] for i in range(n)]
+        data = b"".join(encode_command(c) + null for c in cmds)
+        fed.clear()
+        assert feed_whole(data) == cmds
+        assert feed_chunks(data, [65536] * (len(data) // 65536)) == cmds
+        totals.append(sum(fed))
+    assert totals[1] <= 5 * totals[0], totals
+
+
+P = b"*1\r\n$4\r\nPING\r\n"
+
+
+@pytest.mark.parametrize("bad,err", [
+    (b"*x\r\n", "invalid multibulk length"),  # bad multibulk length
+    (b"*1\r\n$x\r\n", "invalid bulk length"),  # bad bulk length
+    (b"*1\r\n$-5\r\n", "invalid bulk length"),
+    (b"*1\r\n$99999999999999999999\r\n", "invalid bulk length"),
+    (b"*1\r\n$3000000000\r\n", "invalid bulk length"),  # over proto-max-bulk-len: at once
+    (b"*2\r\n$3\r\nGET\r\n$536870913\r\n", "invalid bulk length"),
+    (b"*1\r\nX\r\n", "expected '$', got 'X'"),  # bad type byte
+    (b"*1\r\n:1\r\n", "expected '$', got ':'"),
+    (b"*1\r\n=3\r\nerr\r\n", "expected '$', got '='"),
+    (b"*1\r\n_\r\n", "expected '$', got '_'"),
+    (b"*2000000\r\n", "invalid multibulk length"),
+])
+@pytest.mark.parametrize("before", [[P], [P, b"PING\r\n"], [b"PING\r\n"], [P * 40], [b"*1\r\n$600\r\n" + b"x" * 600 + b"\r\n"]])
+def test_requests_before_a_malformed_one_are_all_returned_then_the_error(before: list[bytes], bad: bytes, err: str) -> None:
+    # redis-server runs every complete request before the bad bytes, answers the protocol
+    # error, and closes: the same whether the bad bytes come in the same read or later.
+    head = b"".join(before)
+    want = feed_whole(head)
+    data = head + bad
+    for step in (len(data), len(head), 1, 7, 64):
+        out, got = _read_split(data, step, max_request_bytes=DEFAULT_MAX_REQUEST)
+        assert out == want and got == err, (step, out, got)
+    for limit in (1, 2):  # drained a few at a time, as a lane with little room does
+        r, out, got = RequestReader(), [], None
+        r.feed(data)
+        for _ in range(1000):
+            cmds, e = r.drain(limit)
+            out += cmds
+            if e is not None:
+                got = str(e)
+                break
+            if not cmds:
+                break
+        assert out == want and got == err, (limit, out, got)
+
+
+@pytest.mark.parametrize("header", [b"$536870913", b"$3000000000", b"$9223372036854775807"])
+def test_a_bulk_over_proto_max_bulk_len_is_refused_at_once(header: bytes) -> None:
+    # Redis refuses a bulk length over proto-max-bulk-len (512 MiB) on reading the header; the
+    # reader used to wait for a MiB more (BIG_REQUEST) first, whatever max_request_bytes said.
+    for max_request in (DEFAULT_MAX_REQUEST, 2**40):
+        r = RequestReader(max_request_bytes=max_request)
+        r.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n" + header + b"\r\nabc")
+        out, err = r.drain(10)
+        assert out == [] and str(err) == "invalid bulk length", (max_request, out, err)
+        r.feed(P)  # nothing after the refused header is read
+        assert r.drain(10)[0] == []
+    # 512 MiB itself is allowed (redis-server waits for it), and so is such a header read as an
+    # inline request, where redis-server answers "unknown command"
+    r = RequestReader(max_request_bytes=2**40)
+    r.feed(b"*1\r\n$536870912\r\nabc")
+    assert r.drain(10) == ([], None)
+    assert feed_whole(P + b"$3000000000\r\n") == [[b"PING"], [b"$3000000000"]]
+    # a value that holds such a header is only a value
+    assert feed_whole(encode_command([b"SET", b"k", b"\r\n$3000000000\r\n"])) == [[b"SET", b"k", b"\r\n$3000000000\r\n"]]

@@ -54,6 +54,9 @@ __all__ = [
 # callers that do not say).
 INLINE_MAX = 64 * 1024
 MULTIBULK_MAX = 1024 * 1024
+# Redis's proto-max-bulk-len: a longer bulk inside a request is refused on reading its header,
+# whatever the splicer's max_request_bytes says (RequestReader._refuse_waiting_bulk).
+PROTO_MAX_BULK = 512 * 1024 * 1024
 # An incomplete request past this many bytes is walked for its bulk lengths (RequestReader._guard).
 BIG_REQUEST = 1024 * 1024
 # Held bytes go to hiredis in pieces of this size, doubling while one request spans them: a
@@ -175,7 +178,7 @@ class RequestReader:
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
                  "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked", "_nulls",
-                 "_tail", "_poisoned", "_walk", "_ppos", "_chunk", "_from_pending")
+                 "_tail", "_poisoned", "_walk", "_ppos", "_chunk", "_from_pending", "_bulk_checked")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -201,6 +204,7 @@ class RequestReader:
         self._known_end = 0  # stream offset (in _fed terms) where a request is known to end
         self._nulls = 0  # null items (None from hiredis) returned since _known_end
         self._walk: _HeaderWalk | None = None  # a _guard walk still inside an item (see _guard)
+        self._bulk_checked = -1  # where _refuse_waiting_bulk last walked to a long bulk length
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
         self._tail_unchecked = False  # is what follows the last request known to be multibulk?
@@ -345,7 +349,10 @@ class RequestReader:
                         except (hiredis.ProtocolError, TypeError) as exc:
                             # TypeError: hiredis could not build a RESP3 map whose key is a
                             # map or an array (unhashable), which no request may hold anyway.
-                            if self._go_inline():
+                            # A request that starts "*-5" (hiredis: out of range) is skipped,
+                            # as Redis skips any multibulk length <= 0: _go_inline hands back
+                            # what follows it.
+                            if self._go_inline(skip_negative=True):
                                 break
                             self.failed = True
                             raise RespProtocolError(_request_error(exc)) from None
@@ -385,15 +392,28 @@ class RequestReader:
                                 hlen = self._hlen
                                 got = False
                                 continue
+                            if self._refuse_waiting_bulk(left):
+                                self.failed = True
+                                raise RespProtocolError(self._poisoned)
                             return out, None
                         got = True
                         if cmd is None:
                             # "*-1\r\n", a null multibulk, Redis skips like "*0\r\n"; but "$-1\r\n"
                             # or "_\r\n" (hiredis's None too) start an inline request, as any
-                            # request not starting with '*' does. _go_inline tells them apart
-                            # (before _known_end moves past this item).
+                            # request not starting with '*' does. hiredis returns None for
+                            # exactly these 5- and 3-byte items, so where this call trimmed (it
+                            # ends `left` bytes before the end) its last 5 bytes tell them
+                            # apart; elsewhere _go_inline does (before _known_end moves past
+                            # this item), and moves _known_end past it, so a run of nulls
+                            # costs each byte one re-parse, not one per null.
                             self._nulls += 1
-                            if self._go_inline(self._nulls):
+                            if left < hlen:
+                                end = self._fed - left
+                                head = self._mirror_slice(end - 5, end)
+                                null_multibulk = head[0] in _AGGREGATE_START and head[1:] == b"-1\r\n"
+                            else:
+                                null_multibulk = False
+                            if not null_multibulk and self._go_inline(self._nulls, left):
                                 break
                             cmd = []
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
@@ -484,6 +504,48 @@ class RequestReader:
             return out, exc
         return out, None
 
+    def _mirror_slice(self, start: int, end: int) -> bytes:
+        """The bytes fed to hiredis from stream offset `start` to `end` (both in _fed terms)."""
+        mirror = self._mirror
+        i = len(mirror)
+        at = self._fed  # stream offset where mirror[i] ends
+        parts = []
+        while i and at > start:
+            i -= 1
+            part = mirror[i]
+            begin = at - len(part)
+            if begin < end:
+                parts.append(part[max(0, start - begin) : end - begin])
+            at = begin
+        parts.reverse()
+        return b"".join(parts)
+
+    def _refuse_waiting_bulk(self, left: int) -> bool:
+        """Is hiredis waiting for a bulk, inside a request, longer than Redis's proto-max-bulk-len?
+
+        Redis refuses such a header ("$3000000000") on reading it; hiredis would wait for the
+        bytes. Found without a pass over every read: hiredis stops at the header of an
+        incomplete bulk, and has consumed less than 1 KiB of its buffer (the last `left` bytes
+        fed) when it did not trim, so the header is in the first KiB or so of those bytes. A
+        length that large there (rare in a value) is checked by a walk of the items from the
+        last request end, once per place in the stream.
+        """
+        start = max(self._fed - left, self._known_end)
+        window = self._mirror_slice(start, min(self._fed, self._fed - left + 1024 + 32))
+        found = list(_LONG_BULK.finditer(window))
+        for t, rx in _LONG_OTHER:
+            if t in window:
+                found += rx.finditer(window)
+        for m in sorted(found, key=lambda m: m.start()) if len(found) > 1 else found:
+            if int(m.group(1)) <= PROTO_MAX_BULK or start + m.start() <= self._bulk_checked:
+                continue
+            self._bulk_checked = start + m.start()
+            walk = _HeaderWalk()
+            if walk.feed(self._mirror_slice(self._known_end, self._fed)) >= 0:
+                self._poisoned = walk.reason
+                return True
+        return False
+
     def _trim_mirror(self) -> None:
         keep_from = self._known_end
         mirror = self._mirror
@@ -496,7 +558,7 @@ class RequestReader:
             del mirror[:i]
             self._mirror_start = start
 
-    def _go_inline(self, null: int = 0) -> bool:
+    def _go_inline(self, null: int = 0, left: int = -1, skip_negative: bool = False) -> bool:
         """Hand the bytes after the last complete request to the inline path if they are one.
 
         Called (rarely) when hiredis met a byte that starts no RESP item, parsed a RESP item
@@ -504,11 +566,21 @@ class RequestReader:
         reads any request that does not start with '*' as inline; so does this reader, however
         the bytes were split into reads. True when the reader switched to inline.
 
-        With `null` (hiredis just returned its n-th None since `_known_end`), only that item is
-        in question: False if it is a null aggregate (skipped like "*0"), else the switch.
+        With `null` (hiredis just returned its n-th None since `_known_end`, `left` bytes
+        before the end of what it was given, with no trim), only that item is in question:
+        False if it is a null aggregate (skipped like "*0"; `_known_end` then moves past it),
+        else the switch. It ends in the first KiB of those `left` bytes (see
+        _refuse_waiting_bulk), so no more is parsed again.
+
+        With `skip_negative` (hiredis refused what follows the last complete request), a
+        request header with a negative length ("*-5", which hiredis refuses) is skipped as Redis
+        skips it, and what follows is handed back (True).
         """
         self._trim_mirror()  # only the reads from the last known request end on are joined
-        data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
+        if null and left >= 0:
+            data = self._mirror_slice(self._known_end, min(self._fed, self._fed - left + 1024))
+        else:
+            data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
         # The requests between the last known request end and here were all returned already;
         # parse them again to measure them by their canonical encoding.
         again = hiredis.Reader()
@@ -524,6 +596,9 @@ class RequestReader:
                     null -= 1
                     if not null:  # the null in question
                         if pos < len(data) and data[pos] in _AGGREGATE_START:
+                            if data[pos + 1 : pos + 5] == b"-1\r\n":
+                                self._known_end += pos + 5
+                                self._nulls = 0
                             return False
                         break
                 if data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] in _AGGREGATE_START:
@@ -535,9 +610,13 @@ class RequestReader:
         rest = data[pos:]
         if not rest:
             return False
+        skip = 0
         if rest[0] in _AGGREGATE_START:
-            self._tail_unchecked = False  # the next request is multibulk: no need to look again
-            return False  # inside a multibulk request: waiting for more, or a real protocol error
+            m = _NEGATIVE_LENGTH.match(rest) if skip_negative else None
+            if m is None or int(m.group(1)) < -(2**63):  # (beyond that Redis's string2ll fails)
+                self._tail_unchecked = False  # the next request is multibulk: no need to look again
+                return False  # inside a multibulk request: waiting for more, or a real protocol error
+            skip = m.end()
         held = self._from_pending
         self._reset_hiredis()
         if len(rest) <= held:  # the rest is the end of what came from _pending: just step back
@@ -545,6 +624,7 @@ class RequestReader:
         else:
             self._pending = rest + self._pending[self._ppos :]
             self._ppos = 0
+        self._ppos += skip
         self._chunk = FIRST_CHUNK
         return True
 
@@ -554,6 +634,13 @@ class RequestReader:
 # command; treating them like '*' wherever they fall keeps the reading independent of how the
 # bytes were split into reads (the fuzz harness checks exactly that).
 _AGGREGATE_START = b"*~>|"
+# A request header with a negative length that hiredis refuses ("*-5"; it returns "*-1" as a
+# null) and Redis skips, like "*0". string2ll's syntax: no "-0", no leading zeros.
+_NEGATIVE_LENGTH = re.compile(rb"[*~>|](-[1-9][0-9]*)\r\n")
+# A bulk length of 9 digits or more: maybe over PROTO_MAX_BULK (RequestReader._refuse_waiting_bulk).
+# One literal-prefix search per type byte present (a character class first is 10x slower).
+_LONG_BULK = re.compile(rb"\$([0-9]{9,})\r\n")
+_LONG_OTHER = [(bytes([t]), re.compile(re.escape(bytes([t])) + rb"([0-9]{9,})\r\n")) for t in b"=!"]
 
 
 # An aggregate header of 7 or more digits (1,000,000 items and up): the cheap first test of
@@ -669,7 +756,8 @@ class _HeaderWalk:
                 else:
                     self._done()
                 continue
-            if self.max_bulk is not None and count > self.max_bulk:
+            if (self.max_bulk is not None and count > self.max_bulk) or (count > PROTO_MAX_BULK and self.left):
+                # (Only inside a request: a bulk header that starts one is an inline request.)
                 self.reason = "invalid bulk length"
                 return max(0, pos - base)
             pos = nl + 2
@@ -703,6 +791,7 @@ _REDIS_WORDS = {
     "Bad integer value": "expected '$', got ':'",
     "Bad double value": "expected '$', got ','",
     "Bad bool value": "expected '$', got '#'",
+    "Verbatim string 4 bytes of content type are missing or incorrectly encoded.": "expected '$', got '='",
 }
 _TYPE_BYTE = re.compile(r'got "(.)" as reply type byte')
 

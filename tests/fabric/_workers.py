@@ -519,6 +519,22 @@ def role_open_and_use(path: str) -> int:
     return 0
 
 
+def role_hold_pool_lock(fabric: str) -> int:
+    """Take the region's pool lock (as a reclaim or a sweep does), report, and hold it until
+    killed: what a process stopped or killed in the middle of one leaves."""
+    import ctypes
+
+    from shmfabric.core.region import L
+
+    fab = Fabric.open(fabric)
+    mm = fab.region.mm
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm, L["sf_superblock.pool_lock"]))
+    rc = ctypes.CDLL(None).pthread_mutex_lock(ctypes.c_void_p(addr))
+    out({"locked": rc})
+    sys.stdin.read()
+    return 0
+
+
 ROLES = {
     "open_and_use": (role_open_and_use, (str,)),
     "fork_child": (role_fork_child, (str, str)),
@@ -538,6 +554,7 @@ ROLES = {
     "idle_block": (role_idle_block, (str, str, float, str)),
     "block_recv": (role_block_recv, (str, str, float)),
     "attach_hold": (role_attach_hold, (str, str)),
+    "hold_pool_lock": (role_hold_pool_lock, (str,)),
     "open": (role_open, (str,)),
 }
 

@@ -653,3 +653,96 @@ def test_sweeps_under_full_traffic_give_back_nothing_and_tear_no_frame(harness):
     assert got["bad"] == 0, got
     final = assert_conserved(fab)
     assert final["free"] == final["total"], final
+
+
+def _set_sweeping(fab, value: int) -> None:
+    import struct
+
+    from shmfabric.core.region import L
+
+    struct.pack_into("<I", fab.region.mm, L["sf_superblock.sweeping"], value)
+
+
+def _sweeping(fab) -> int:
+    import struct
+
+    from shmfabric.core.region import L
+
+    return struct.unpack_from("<I", fab.region.mm, L["sf_superblock.sweeping"])[0]
+
+
+@pytest.mark.timeout(30)
+def test_a_sweep_stopped_in_the_middle_of_its_look_does_not_stop_traffic(harness):
+    # A sweeper holds pool operations off while it looks for lost slots. Stopped there (SIGSTOP,
+    # a debugger), it used to stop every node at its next alloc or refill, and with them their
+    # watchdogs' heartbeats (a review: nodes in other pid namespaces were then reclaimed alive).
+    # A node held off for 2 ms now cancels the sweep and goes on.
+    fab = harness.create("sweepstop", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 1024}])
+    a, b = fab.attach("a"), fab.attach("b")
+    _set_sweeping(fab, 77)  # the sweep of a stopped sweeper, mid-look
+    sent = 0
+    for _ in range(20):  # far more frames than a cache holds: refills from the shared stack
+        sent += a.send_batch(b.id, [b"x" * 100] * 64)
+        b.recv_batch(1024, timeout=0.1).release()
+    assert sent == 20 * 64
+    assert _sweeping(fab) == 0  # cancelled: the stopped sweeper will not trust its look
+    a.detach(), b.detach()
+    assert_conserved(fab)
+
+
+@pytest.mark.timeout(60)
+def test_a_process_holding_the_pool_lock_stops_no_traffic_and_reclaims_resume_after_it(harness):
+    # The pool lock is taken by reclaims, attaches and sweeps, never by a node's pool
+    # operation: a process stopped or killed while holding it neither stops traffic nor hangs
+    # a watchdog (a reclaim waits 50 ms, then tries again at the next beat).
+    fab = harness.create("lockheld", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 1024}])
+    a, b = fab.attach("a"), fab.attach("b")
+    victim = harness.worker("attach_hold", fab.name, "victim")
+    vid = victim.read()["id"]
+    holder = harness.worker("hold_pool_lock", fab.name)
+    assert holder.read()["locked"] == 0
+    victim.kill9()
+    for _ in range(20):  # traffic goes on
+        assert a.send_batch(b.id, [b"y" * 100] * 64) == 64
+        b.recv_batch(1024, timeout=0.1).release()
+    time.sleep(0.6)  # several watchdog beats: each reclaim of the victim found the lock busy
+    assert fab.node_id("victim") == vid and vid in fab.pool_audit()["held"]
+    assert fab.sweep(force=True) == -1  # busy, not blocked
+    holder.kill9()  # the lock is left EOWNERDEAD: the next taker recovers it (and sweeps)
+    assert wait_until(lambda: fab.node_id("victim") is None and vid not in fab.pool_audit()["held"], 5.0)
+    a.detach(), b.detach()
+    final = assert_conserved(fab)
+    assert final["free"] == final["total"], final
+    assert fab.attach("again").id >= 0  # attaching takes the lock too
+
+
+@pytest.mark.timeout(30)
+def test_a_corrupt_free_stack_is_reported_and_the_watchdog_keeps_running(harness, capfd):
+    # A pending sweep that found a corrupt stack raised out of the watchdog's loop, which took
+    # it for "the mapping went away" and returned: no more heartbeats or reclaims, in every
+    # process that opened the fabric, and attach failed for good (a review).
+    import struct
+    import threading
+
+    from shmfabric.core.region import L
+
+    fab = harness.create("corrupt", max_nodes=8, ring_size=64, networks=[{"mtu": 1500, "slots": 1024}])
+    pool = _Pool(fab)
+    head = struct.unpack_from("<Q", pool.mm, pool.base + L["sf_network.free_head"])[0]
+    top1 = head & 0xFFFFFFFF
+    below = pool._u32(pool.off_chain, top1 - 1)
+    s1 = top1
+    while pool._u32(pool.off_next, s1 - 1):
+        s1 = pool._u32(pool.off_next, s1 - 1)
+    pool._u32(pool.off_next, s1 - 1, below)  # the top chain runs on into the next: slots reached twice
+    assert fab.pool_audit()["on_stack"] == -1
+    struct.pack_into("<I", fab.region.mm, L["sf_superblock.sweep_pending"], 1)
+    with pytest.raises(Exception, match="free stack is corrupt"):
+        fab.sweep()
+    time.sleep(0.6)  # a few watchdog beats, each retrying the pending sweep
+    assert any(t.name == "shmfabric-watchdog" for t in threading.enumerate())
+    node = fab.attach("still")
+    beat = fab.region.node_entry(node.id)["heartbeat_ns"]
+    assert wait_until(lambda: fab.region.node_entry(node.id)["heartbeat_ns"] > beat, 2.0)
+    assert capfd.readouterr().err.count("free stack is corrupt") == 1  # said once, not every beat
+    node._port.close()  # its slots came from a corrupt stack: leave them

@@ -19,7 +19,9 @@
  *   F5 (a node's fence after marking itself inside a pool operation, before it reads
  *      `sweeping`) pairs with F6 (the sweeper's fence after setting `sweeping`, before it reads
  *      the nodes' pool_ops): either the node sees the sweep and stays out, or the sweeper sees
- *      the node inside and waits for it (Dekker again).
+ *      the node inside and waits for it (Dekker again). A node that stays out too long cancels
+ *      the sweep with a CAS of `sweeping`; the sweeper's own CAS of it, after its look, tells it
+ *      whether its look was undisturbed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -246,12 +248,33 @@ static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t e
 /* ------------------------------------------------------------------------------------------ */
 /* the pool sweep: slots lost by a node killed inside a free-stack operation                   */
 
-/* Take the region's pool lock (robust, process-shared). A holder that died leaves it
+/* How long a sweep may hold pool operations off. It waits this long at most for the operations
+ * under way (one takes about a microsecond: a node still inside after this was descheduled,
+ * stopped or killed), and a node held off this long cancels the sweep and goes on, so a sweeper
+ * that is stopped or slow never stops traffic. */
+#define SWEEP_HOLD_NS 2000000
+/* How long a reclaim waits for the pool lock (a sweep or another reclaim holds it), and an
+ * attach in all; a holder stopped (SIGSTOP, a debugger) must not stall the watchdogs. */
+#define RECLAIM_LOCK_NS 50000000
+#define ATTACH_LOCK_NS 5000000000LL
+
+/* Take the region's pool lock (robust, process-shared), waiting at most `timeout_ns` (0: only
+ * if free). 0 when taken, else an errno (ETIMEDOUT, EBUSY). A holder that died leaves it
  * EOWNERDEAD; what it was doing (a reclaim: a slot untagged and not yet pushed; a sweep: some
  * of its finds not yet pushed) may have left slots nowhere, so a sweep becomes pending. */
-static int pool_lock(sf_superblock *sb)
+static int pool_lock(sf_superblock *sb, int64_t timeout_ns)
 {
-    int rc = pthread_mutex_lock(&sb->pool_lock);
+    int rc;
+    if (timeout_ns <= 0) {
+        rc = pthread_mutex_trylock(&sb->pool_lock);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts); /* pthread_mutex_timedlock's clock */
+        int64_t ns = ts.tv_nsec + timeout_ns % 1000000000LL;
+        ts.tv_sec += timeout_ns / 1000000000LL + ns / 1000000000LL;
+        ts.tv_nsec = ns % 1000000000LL;
+        rc = pthread_mutex_timedlock(&sb->pool_lock, &ts);
+    }
     if (rc == EOWNERDEAD) {
         STORE_RELAXED(&sb->sweeping, 0);
         STORE_RELAXED(&sb->sweep_pending, 1);
@@ -291,83 +314,116 @@ static int64_t stack_walk(const region_view *r, sf_network *n, uint8_t *mark, ui
     return count;
 }
 
-/* With pool_lock held: hold every pool operation off, wait for the ones under way, then give
- * back every slot that no owner holds and the free stack does not reach, and set free_count to
- * what the stack holds. Such slots exist only after a node was killed inside a pool operation
- * (cache_refill between its pop and its tagging, cache_flush between untagging and its push,
- * take_back between a reclaim_slot's untag and push) or a reclaim was killed inside
- * reclaim_slot. Returns the slots given back, -1 if some node stayed inside a pool operation
- * for `wait_ns` (it may be dead and not yet reclaimed: its reclaim sweeps again), -2 if a free
- * stack is corrupt. Reclaims and attaches take pool_lock, so none runs meanwhile. */
-static int64_t sweep_locked(region_view *r, int64_t wait_ns)
+/* With pool_lock held (so no reclaim, attach or other sweep runs): give back every slot that no
+ * owner holds and the free stack does not reach, and correct free_count. Such slots exist only
+ * after a node was killed inside a pool operation (cache_refill between its pop and its
+ * tagging, cache_flush between untagging and its push, take_back between a reclaim_slot's
+ * untag and push) or a reclaim was killed inside reclaim_slot.
+ *
+ * While slots move, a chain just popped or about to be pushed looks the same for an instant, so
+ * the look is made with pool operations held off (`sweeping`, F5/F6): the sweep waits up to
+ * SWEEP_HOLD_NS for those under way, then walks the stacks and scans the owner tables. Slots
+ * found lost then stay lost (nobody reaches them), so they are pushed after operations resume.
+ * Returns the slots given back, -1 if the sweep could not look undisturbed (a node stayed
+ * inside an operation, or cancelled the sweep after waiting SWEEP_HOLD_NS: try again later),
+ * -2 if a free stack is corrupt. */
+static int64_t sweep_locked(region_view *r)
 {
     sf_superblock *sb = r->sb;
-    STORE_RELAXED(&sb->sweeping, 1);
+    uint32_t n_nets = sb->n_networks < SF_MAX_NETWORKS ? sb->n_networks : SF_MAX_NETWORKS;
+    uint32_t *found[SF_MAX_NETWORKS] = {0};
+    uint32_t n_found[SF_MAX_NETWORKS] = {0};
+    int64_t drift[SF_MAX_NETWORKS] = {0};
+    int64_t result = 0;
+    uint32_t id = sb->sweep_gen + 1;
+    if (!id)
+        id = 1;
+    sb->sweep_gen = id;
+    STORE_RELAXED(&sb->sweeping, id);
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F6 pairs with F5 */
-    uint32_t hwm = LOAD_ACQUIRE(&sb->node_hwm);
-    uint64_t deadline = now_ns() + (uint64_t)wait_ns;
-    for (uint32_t i = 0; i < hwm; i++) {
+    uint32_t hwm = LOAD_ACQUIRE(&sb->node_hwm); /* stable: attaches take pool_lock */
+    uint64_t deadline = now_ns() + SWEEP_HOLD_NS;
+    for (uint32_t i = 0; i < hwm && result == 0; i++) {
         while (LOAD_ACQUIRE(&node_at(r, i)->pool_ops) & 1) {
-            if (now_ns() > deadline) {
-                STORE_RELEASE(&sb->sweeping, 0);
-                return -1;
+            if (now_ns() > deadline || LOAD_RELAXED(&sb->sweeping) != id) {
+                result = -1;
+                break;
             }
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
+            CPU_RELAX();
         }
     }
-    int64_t given = 0;
-    for (uint32_t ni = 0; ni < sb->n_networks && given >= 0; ni++) {
+    for (uint32_t ni = 0; ni < n_nets && result == 0; ni++) {
         sf_network *n = net_at(r, ni);
         uint8_t *mark = calloc(n->n_slots ? n->n_slots : 1, 1);
-        if (!mark) {
-            given = -2;
+        found[ni] = malloc(sizeof(uint32_t) * (n->n_slots ? n->n_slots : 1));
+        if (!mark || !found[ni]) {
+            free(mark);
+            result = -1;
             break;
         }
         int64_t on_stack = stack_walk(r, n, mark, LOAD_ACQUIRE(&n->free_head));
         if (on_stack < 0) {
             free(mark);
-            given = -2;
+            result = -2; /* unless a cancelled sweep saw the stack move: checked below */
             break;
         }
-        uint32_t *owner = net_owner(r, n), *next = net_next(r, n);
-        uint32_t top = 0, k = 0;
-        for (uint32_t s = 0; s < n->n_slots; s++) {
-            if (mark[s] || LOAD_RELAXED(&owner[s]))
-                continue;
-            /* owned by nobody and on no stack: link it into the chain being built */
-            next[s] = k ? top + 1 : 0;
-            top = s;
-            if (++k == CHAIN_LEN) {
-                stack_push_chain(r, n, top, k);
-                given += k;
-                k = 0;
-            }
-        }
-        if (k) {
-            stack_push_chain(r, n, top, k);
-            given += k;
-        }
+        uint32_t *owner = net_owner(r, n);
+        for (uint32_t s = 0; s < n->n_slots; s++)
+            if (!mark[s] && !LOAD_RELAXED(&owner[s]))
+                found[ni][n_found[ni]++] = s;
+        /* a pop cut short before it counted its slots off left the count too high */
+        drift[ni] = on_stack - LOAD_RELAXED(&n->free_count);
         free(mark);
-        /* nobody moves slots meanwhile, so the stack's count is exact now (a pop cut short
-         * before it counted its slots off left it too high) */
-        int64_t found = stack_walk(r, n, NULL, LOAD_ACQUIRE(&n->free_head));
-        if (found >= 0)
-            STORE_RELAXED(&n->free_count, found);
     }
-    if (given >= 0) {
+    /* Operations resume. The CAS fails if a node cancelled the sweep: then it may have moved
+     * slots while we looked, and what we found is not to be trusted. */
+    uint32_t exp = id;
+    if (!__atomic_compare_exchange_n(&sb->sweeping, &exp, 0, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+        result = -1;
+    else
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (uint32_t ni = 0; ni < n_nets; ni++) {
+        if (result == 0) {
+            sf_network *n = net_at(r, ni);
+            uint32_t *next = net_next(r, n);
+            uint32_t *f = found[ni];
+            for (uint32_t at = 0; at < n_found[ni]; at += CHAIN_LEN) {
+                uint32_t k = n_found[ni] - at < CHAIN_LEN ? n_found[ni] - at : CHAIN_LEN;
+                for (uint32_t j = 0; j < k; j++) /* bottom first: f[at] ends the chain */
+                    next[f[at + j]] = j ? f[at + j - 1] + 1 : 0;
+                stack_push_chain(r, n, f[at + k - 1], k);
+            }
+            if (drift[ni])
+                __atomic_fetch_add(&n->free_count, drift[ni], __ATOMIC_RELAXED);
+        }
+        free(found[ni]);
+    }
+    if (result == 0) {
+        int64_t given = 0;
+        for (uint32_t ni = 0; ni < n_nets; ni++)
+            given += n_found[ni];
         STORE_RELAXED(&sb->sweep_pending, 0);
         __atomic_fetch_add(&sb->swept_slots, (uint64_t)given, __ATOMIC_RELAXED);
         __atomic_fetch_add(&sb->sweeps, 1, __ATOMIC_RELAXED);
+        return given;
     }
-    STORE_RELEASE(&sb->sweeping, 0);
-    return given;
+    return result;
 }
 
-/* How long a sweep waits for pool operations under way. One takes about a microsecond; a node
- * still inside one after this was descheduled, stopped or killed, and every other node's pool
- * operations wait while the sweep does, so it gives up soon and is tried again later. */
-#define SWEEP_WAIT_NS 5000000
+/* A node held off by a sweep (`sweeping` == s): wait for it to end, or cancel it after
+ * SWEEP_HOLD_NS. Never blocks on a lock, so a sweeper stopped mid-way cannot stop traffic. */
+static void __attribute__((noinline, cold)) sweep_wait(sf_superblock *sb, uint32_t s)
+{
+    uint64_t deadline = now_ns() + SWEEP_HOLD_NS;
+    while (LOAD_ACQUIRE(&sb->sweeping) == s) {
+        if (now_ns() > deadline) {
+            uint32_t e = s;
+            __atomic_compare_exchange_n(&sb->sweeping, &e, 0, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+            return;
+        }
+        sched_yield();
+    }
+}
 
 /* The stamp a producer leaves in a descriptor's flags above SF_DESC_USER (see take_unpublished):
  * bits 1-3 the lap of ring index `index` (which time round the ring; past the published head an
@@ -477,11 +533,12 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
         return NULL;
     region_view *r = &self->r;
     long claimed = -1;
+    int rc;
     /* Under the pool lock: the drain below frees slots (no sweep may count them meanwhile), and
      * node_hwm grows only while no sweep is looking at the nodes below it. */
     Py_BEGIN_ALLOW_THREADS
-    pool_lock(r->sb);
-    for (uint32_t i = 0; i < r->sb->max_nodes; i++) {
+    rc = pool_lock(r->sb, ATTACH_LOCK_NS);
+    for (uint32_t i = 0; i < r->sb->max_nodes && rc == 0; i++) {
         sf_node *nd = node_at(r, i);
         uint32_t exp = SF_NODE_FREE;
         if (!__atomic_compare_exchange_n(&nd->state, &exp, SF_NODE_ATTACHING, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
@@ -512,14 +569,23 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
             if (ep & 1)
                 STORE_RELAXED(&g->down, ep + 1); /* even again: up, in a new epoch */
         }
-        if (nd->pool_ops & 1) /* left odd by an incarnation nobody reclaimed: even again */
+        if (nd->pool_ops & 1) { /* left odd by an incarnation nobody reclaimed: even again */
             nd->pool_ops += 1;
+            STORE_RELAXED(&r->sb->sweep_pending, 1);
+        }
         STORE_RELEASE(&nd->state, SF_NODE_UP);
         claimed = (long)i;
         break;
     }
-    pool_unlock(r->sb);
+    if (rc == 0)
+        pool_unlock(r->sb);
     Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_Format(FabricError, "the fabric's pool lock was held for %lld s (a process stopped or stuck while it "
+                     "reclaimed a node or swept the pools; find it with `fuser` on the region file)",
+                     ATTACH_LOCK_NS / 1000000000LL);
+        return NULL;
+    }
     return PyLong_FromLong(claimed);
 }
 
@@ -542,9 +608,13 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
     uint64_t exp = ((uint64_t)gen << 32) | from_state;
     uint64_t nw = ((uint64_t)gen << 32) | SF_NODE_RECLAIM;
     int64_t freed = 0;
-    bool lost = false;
+    bool lost = false, busy = false;
     Py_BEGIN_ALLOW_THREADS
-    int locked = pool_lock(r->sb) == 0;
+    int locked = pool_lock(r->sb, RECLAIM_LOCK_NS) == 0;
+    if (!locked) { /* a sweep or another reclaim holds it (or a process stopped holding it) */
+        busy = true;
+        goto out;
+    }
     if (!__atomic_compare_exchange_n(&nd->state_gen, &exp, nw, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
         lost = true;
         goto out;
@@ -568,8 +638,8 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
         STORE_RELAXED(&nd->cached[ni], 0);
     }
     STORE_RELEASE(&nd->state, SF_NODE_FREE);
-    if (locked && LOAD_RELAXED(&r->sb->sweep_pending)) {
-        int64_t swept = sweep_locked(r, SWEEP_WAIT_NS);
+    if (LOAD_RELAXED(&r->sb->sweep_pending)) {
+        int64_t swept = sweep_locked(r);
         if (swept > 0) /* -1/-2: still pending; the next reclaim or sweep() tries again */
             freed += swept;
     }
@@ -579,11 +649,13 @@ out:
     Py_END_ALLOW_THREADS
     if (lost)
         return PyLong_FromLong(-1);
+    if (busy)
+        return PyLong_FromLong(-2);
     return PyLong_FromLongLong(freed);
 }
 
-/* sweep(force=False) -> slots given back (0 if none were lost), or -1 if some node stayed
- * inside a pool operation too long (5 ms; try again later). Without force, only runs when a reclaim
+/* sweep(force=False) -> slots given back (0 if none were lost), or -1 if it could not look
+ * undisturbed (a node stayed inside a pool operation, or a reclaim holds the lock: try again). Without force, only runs when a reclaim
  * found a node killed inside a pool operation and the sweep it ran then could not finish. */
 static PyObject *Region_sweep(RegionObject *self, PyObject *args, PyObject *kw)
 {
@@ -594,22 +666,16 @@ static PyObject *Region_sweep(RegionObject *self, PyObject *args, PyObject *kw)
     region_view *r = &self->r;
     if (!force && !LOAD_RELAXED(&r->sb->sweep_pending))
         return PyLong_FromLong(0);
-    int64_t got = -1;
-    int rc;
+    int64_t got = -1; /* the lock is busy: a reclaim or another sweep runs */
     Py_BEGIN_ALLOW_THREADS
-    rc = pool_lock(r->sb);
-    if (rc == 0) {
+    if (pool_lock(r->sb, 0) == 0) {
         if (force || LOAD_RELAXED(&r->sb->sweep_pending))
-            got = sweep_locked(r, SWEEP_WAIT_NS);
+            got = sweep_locked(r);
         else
             got = 0;
         pool_unlock(r->sb);
     }
     Py_END_ALLOW_THREADS
-    if (rc) {
-        errno = rc;
-        return PyErr_SetFromErrno(FabricError);
-    }
     if (got == -2) {
         PyErr_SetString(FabricError, "a pool's free stack is corrupt (a link leaves the pool or meets a slot twice); "
                                      "stop every node and re-create the fabric");
@@ -805,22 +871,21 @@ static inline sf_network *port_net(PortObject *p, uint32_t pool) { return net_at
 
 static inline void publish_cached(PortObject *p, uint32_t pool) { STORE_RELAXED(&p->me->cached[pool], p->ncache[pool]); }
 
-/* Mark this node inside a pool operation (pool_ops odd), unless a sweep runs: then stay out
- * until it is done (it holds pool_lock meanwhile). A sweep is rare: only after a node was
- * killed inside such an operation. Costs one fence per chain of slots. */
+/* Mark this node inside a pool operation (pool_ops odd), unless a sweep is looking for lost
+ * slots: then stay out until it is done, or cancel it after SWEEP_HOLD_NS (sweep_wait). A sweep
+ * is rare: only after a node was killed inside such an operation. Costs one fence per chain of
+ * slots. */
 static inline void pool_enter(PortObject *p)
 {
     sf_superblock *sb = p->r.sb;
     for (;;) {
         STORE_RELAXED(&p->me->pool_ops, ++p->ops);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F5 pairs with F6 */
-        if (__builtin_expect(!LOAD_RELAXED(&sb->sweeping), 1))
+        uint32_t s = LOAD_RELAXED(&sb->sweeping);
+        if (__builtin_expect(!s, 1))
             return;
         STORE_RELEASE(&p->me->pool_ops, ++p->ops);
-        if (pool_lock(sb) == 0)
-            pool_unlock(sb);
-        else
-            sched_yield();
+        sweep_wait(sb, s);
     }
 }
 
@@ -2489,7 +2554,8 @@ static PyObject *layout_dict(void)
     OFF(sf_superblock, off_nodes); OFF(sf_superblock, off_networks); OFF(sf_superblock, off_rings);
     OFF(sf_superblock, ring_stride); OFF(sf_superblock, off_tapes); OFF(sf_superblock, tape_stride);
     OFF(sf_superblock, created_ns); OFF(sf_superblock, creator_pid); OFF(sf_superblock, name);
-    OFF(sf_superblock, node_hwm); OFF(sf_superblock, sweeping); OFF(sf_superblock, sweep_pending);
+    OFF(sf_superblock, node_hwm); OFF(sf_superblock, pool_lock); OFF(sf_superblock, sweeping);
+    OFF(sf_superblock, sweep_pending);
     OFF(sf_superblock, swept_slots); OFF(sf_superblock, sweeps);
     OFF(sf_node, state); OFF(sf_node, gen); OFF(sf_node, pid); OFF(sf_node, network); OFF(sf_node, start_time);
     OFF(sf_node, pidns); OFF(sf_node, heartbeat_ns); OFF(sf_node, name); OFF(sf_node, doorbell); OFF(sf_node, waiting);

@@ -70,8 +70,11 @@ typedef struct sf_superblock {
      * operation (between taking slots off the stack and tagging them, or between untagging and
      * pushing them) leaves slots that no owner holds and no stack reaches; the sweep finds them
      * while every pool operation is held off. */
-    SF_ALIGNED pthread_mutex_t pool_lock; /* (a) robust: held by reclaims and by the sweep */
-    uint32_t sweeping;       /* (a) 1 while a sweep holds pool operations off (under pool_lock) */
+    SF_ALIGNED pthread_mutex_t pool_lock; /* (a) robust: held by reclaims, attaches and sweeps;
+                              * never waited on by a node's pool operation */
+    uint32_t sweeping;       /* (a) the id of a sweep holding pool operations off while it looks
+                              * for lost slots, or 0; a node that waited too long cancels it (0) */
+    uint32_t sweep_gen;      /* (a) the last sweep id handed out (under pool_lock) */
     uint32_t sweep_pending;  /* (a) slots may be lost: a node died inside a pool operation */
     uint64_t swept_slots;    /* (a) slots the sweeps gave back, in total (informational) */
     uint64_t sweeps;         /* (a) sweeps completed (informational) */

@@ -8,6 +8,7 @@ heartbeat, which its process refreshes every `BEAT` seconds.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from shmfabric.core import native
@@ -68,7 +69,14 @@ def _retry_sweep(region: MappedRegion) -> None:
     now = time.monotonic()
     if now < region.sweep_next:
         return
-    if region.core.sweep() < 0:
+    try:
+        got = region.core.sweep()
+    except native.CoreError as exc:  # a corrupt free stack: say so once, keep the watchdog going
+        if not region.sweep_warned:
+            region.sweep_warned = True
+            sys.stderr.write(f"shmfabric: fabric {region.name}: {exc}\n")
+        got = -1
+    if got < 0:
         region.sweep_gap = min(max(region.sweep_gap * 2, BEAT), 5.0)
         region.sweep_next = now + region.sweep_gap
     else:

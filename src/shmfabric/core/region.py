@@ -207,6 +207,7 @@ class MappedRegion:
         # (shmfabric.core.liveness backs off while nodes keep the sweep from running)
         self.sweep_next = 0.0
         self.sweep_gap = 0.0
+        self.sweep_warned = False  # a corrupt free stack was reported (once per process)
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod

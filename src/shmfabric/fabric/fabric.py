@@ -291,8 +291,10 @@ class Fabric:
         """Give back the slots a node killed inside a free-stack operation left owned by nobody
         and reachable from no stack. Runs on its own after such a kill (the dead node's reclaim
         starts it); ``force`` runs it regardless. Every pool operation waits while it runs (one
-        pass over the owner table). Returns the slots given back, or -1 if some node stayed
-        inside a pool operation for 5 ms (a later reclaim or call tries again)."""
+        pass over the owner table, at most 2 ms: a node held off longer cancels it). Returns
+        the slots given back, or -1 if it could not look undisturbed (a node stayed inside a
+        pool operation or cancelled it, or a reclaim held the lock: a later call tries again).
+        Raises CoreError if a free stack is corrupt."""
         return self.region.core.sweep(force=force)
 
     def ring_stats(self, src: int, dst: int) -> dict:
@@ -512,7 +514,11 @@ class Node:
         except FabricError:
             pass
         self._port.close()
-        fab.region.core.reclaim(self.id, native.NODE_UP, self._gen)
+        # -2: the pool lock is busy (a sweep or another reclaim); a holder stopped for good
+        # leaves the entry to the watchdogs, which reclaim it once this process is gone.
+        deadline = time.monotonic() + 5.0
+        while fab.region.core.reclaim(self.id, native.NODE_UP, self._gen) == -2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         fab.region.core.wake_all()
 
     def __enter__(self) -> "Node":

@@ -178,7 +178,7 @@ def test_malformed_tunnel_packets_are_dropped_and_counted():
     cases.append(("fragments", bad))
     cases.append(("malformed", bytearray(outer[:-10])))  # truncated: total length beyond the buffer
     bad = bytearray(outer)
-    bad[28] = 0x21  # another version
+    bad[28] = 0x11  # another version (1)
     cases.append(("bad_header", bad))
     bad = bytearray(outer)
     bad[29] = 9  # unknown algorithm
@@ -288,3 +288,188 @@ def test_tunnel_chain_with_processes_delivers_every_frame_intact(tmp_path, funct
         assert dec["function_counters"]["out_packets"] == n and dec["counters"]["dropped"] == 0
     finally:
         ch.close()
+
+
+# --- hostile input: bombs, fuzz, replay state --------------------------------------------------------
+
+from shmfabric.functions.builtin import tunnel as tunnel_mod  # noqa: E402
+
+
+def outer_packet(payload: bytes, sport=50000, dport=57400) -> bytes:
+    """A valid outer IPv4/UDP packet of the default tunnel around `payload` (tunnel header + body)."""
+    total = 28 + len(payload)
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 17, 0,
+                                bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])))
+    refix_ip_checksum(hdr)
+    return bytes(hdr) + struct.pack("!HHHH", sport, dport, total - 20, 0) + payload
+
+
+def zstd_rle_frame(blocks: int, declared: int | None = None, window_log: int = 16, block=65536) -> bytes:
+    """A zstd frame of `blocks` RLE blocks of `block` bytes each: a few bytes that expand to
+    blocks * block bytes. `declared`: the content size in the frame header (single segment), or
+    none (a window descriptor of 2**window_log bytes)."""
+    f = struct.pack("<I", 0xFD2FB528)
+    if declared is not None:
+        f += bytes([0xE0]) + struct.pack("<Q", declared)  # FCS 8 bytes, single segment
+    else:
+        f += bytes([0x00, (window_log - 10) << 3])
+    for i in range(blocks):
+        f += ((block << 3) | (1 << 1) | (i == blocks - 1)).to_bytes(3, "little") + b"A"
+    return f
+
+
+def test_compress_decap_drops_zstd_bombs_with_bounded_output():
+    """The zstd frame is not authenticated: whatever it declares, decap decodes at most the inner
+    length (header, <= 65535) and drops the rest as corrupt. zstandard's decompress() sized its
+    output by the frame's declared content size and ignored max_output_size: one 1.4 kB packet made
+    44 MB, and a frame declaring 2**50 bytes raised MemoryError out of process() (ending the node)."""
+    _, dec = pair(Compress)
+    hdr = struct.pack("!BBH", 0x21, 1, 1400)  # version 2, compress, zstd, inner length 1400
+    bombs = [zstd_rle_frame(340, declared=340 * 131072, block=131072),  # declares (and holds) 44 MB
+             zstd_rle_frame(3, declared=1 << 50), zstd_rle_frame(3, declared=1 << 34),
+             zstd_rle_frame(3, declared=1401),  # one byte more than the header says
+             zstd_rle_frame(300),  # no declared size, expands to 19 MB
+             zstd_rle_frame(300, window_log=27),  # asks for a 128 MiB window
+             zstd_rle_frame(300, window_log=31)]
+    for b in bombs:
+        assert len(b) < 1500
+        v, got = through(dec, [outer_packet(hdr + b)])
+        assert v == [DROP] and got == []
+    assert dec.counters()["corrupt"] == len(bombs) and dec.counters()["out_packets"] == 0
+    assert dec._zd.memory_size() < 1 << 20  # no buffer of what the frames asked for was kept
+    # a frame that declares the right size (another zstd writer) still decodes; so do encap's own
+    import zstandard
+    inner = udp(payload=b"y" * 1372)
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(inner)
+    assert through(dec, [outer_packet(struct.pack("!BBH", 0x21, 1, len(inner)) + frame)]) == ([CONSUMED], [inner])
+    enc, _ = pair(Compress)
+    assert roundtrip(enc, dec, [udp(payload=b"z" * 8000)]) == [udp(payload=b"z" * 8000)]
+
+
+def test_compress_decap_lz4_output_is_bounded_by_the_inner_length():
+    _, dec = pair(Compress, algorithm="lz4")
+    import lz4.block
+    body = lz4.block.compress(b"A" * 1_000_000, store_size=False)  # 4 kB that expand to 1 MB
+    v, got = through(dec, [outer_packet(struct.pack("!BBH", 0x21, 2, 1400) + body)])
+    assert v == [DROP] and got == [] and dec.counters()["corrupt"] == 1
+
+
+ZSTD_HEADS = st.one_of(st.just(b""), st.builds(lambda fhd, rest: struct.pack("<I", 0xFD2FB528) + bytes([fhd]) + rest,
+                                               st.integers(0, 255), st.binary(max_size=12)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.integers(0, 3), pick=st.integers(0, 10), head=ZSTD_HEADS,
+       edits=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=6),
+       cut=st.one_of(st.none(), st.integers(0, 2000)), extra=st.binary(max_size=40), fix=st.booleans())
+def test_mutated_tunnel_packets_never_raise(which, pick, head, edits, cut, extra, fix):
+    """Decap of a mutated valid packet (bytes changed, a zstd frame header put in, truncated,
+    extended) returns a verdict for it and never raises out of process()."""
+    cls, cfg = [(Compress, {"algorithm": "zstd"}), (Compress, {"algorithm": "zstd", "checksum": True}),
+                (Compress, {"algorithm": "lz4"}), (Encrypt, {"key": KEY})][which]
+    enc, dec = pair(cls, **cfg)
+    _, good = through(enc, INNER)
+    p = bytearray(good[pick % len(good)])
+    if head and cls is Compress:
+        p[29] = 1  # a zstd body that starts with this frame header
+        p[32:32 + len(head)] = head
+    for at, b in edits:
+        p[at % len(p)] = b
+    if cut is not None:
+        del p[cut % (len(p) + 1):]
+    p += extra
+    if fix and len(p) >= 20:
+        refix_ip_checksum(p)
+    out = bytearray(2)
+    dec.process([bytes(p), good[0]], 1.0, out)
+    assert out[0] in (NEXT, DROP, CONSUMED) and out[1] in (DROP, CONSUMED)
+    assert all(len(d) <= 65535 for _, d in dec.ctx.emitted)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The wall clock of the tunnel module (ms), moved by the test."""
+    t = [1_750_000_000_000]
+    monkeypatch.setattr(tunnel_mod, "_now_ms", lambda: t[0], raising=False)
+    return t
+
+
+def test_encrypt_replay_state_forgets_the_least_recently_used_salt_and_no_replay_gets_through(clock):
+    """Replay state is kept for MAX_SENDERS salts. It forgot the first inserted one (FIFO): after 256
+    other salts (e.g. replayed packets of old encap instances), a live sender's already delivered
+    packets were accepted again. Now the least recently used is forgotten, and a salt without state
+    must have started after every forgotten one, so even the forgotten sender's replays are refused."""
+    enc, dec = pair(Encrypt, key=KEY)
+    _, live = through(enc, [udp(payload=b"live %d" % i) for i in range(600)])
+    assert through(dec, live[:5])[0] == [CONSUMED] * 5
+    others = []
+    for _ in range(Encrypt.MAX_SENDERS):
+        clock[0] += 1
+        others.append(through(pair(Encrypt, key=KEY)[0], [udp()])[1][0])
+    for i, o in enumerate(others):  # the live sender stays active between the others
+        assert through(dec, [o, live[5 + i]])[0] == [CONSUMED, CONSUMED]
+    assert len(dec.replay) == Encrypt.MAX_SENDERS and enc.salt in dec.replay
+    v, _ = through(dec, live[:5 + len(others)])
+    assert v == [DROP] * (5 + len(others)) and dec.counters()["replayed"] == 5 + len(others)
+    # idle now: 256 newer salts push it out; its old packets are still refused, not a fresh window
+    for _ in range(Encrypt.MAX_SENDERS):
+        clock[0] += 1
+        assert through(dec, through(pair(Encrypt, key=KEY)[0], [udp()])[1])[0] == [CONSUMED]
+    assert enc.salt not in dec.replay
+    v, _ = through(dec, live[:300])
+    assert v == [DROP] * 300 and dec.counters()["stale_sender"] == 300
+    assert through(dec, live[300:301])[0] == [DROP]  # not yet sent, but of a forgotten salt
+    clock[0] += 10_000  # resalt_after: its next salt is accepted
+    assert through(dec, through(enc, [udp()])[1])[0] == [CONSUMED]
+
+
+def test_encrypt_decap_restart_accepts_no_replay_and_senders_resume_with_their_next_salt(clock):
+    """A restarted decap has no replay state: it accepted every packet captured before. Now it
+    refuses salts that started before it did (`stale_sender`); the encap draws a new salt every
+    `resalt_after` seconds and is accepted again from then on."""
+    enc, dec = pair(Encrypt, key=KEY, resalt_after=5)
+    _, cap = through(enc, [udp(payload=b"pay %d" % i) for i in range(100)])
+    assert through(dec, cap)[0] == [CONSUMED] * 100
+    clock[0] += 1
+    _, dec2 = pair(Encrypt, key=KEY, resalt_after=5)  # the decap restarted
+    assert through(dec2, cap)[0] == [DROP] * 100 and dec2.counters()["stale_sender"] == 100
+    clock[0] += 4_000
+    _, more = through(enc, [udp()] * 3)  # same salt: refused too until the next one
+    assert through(dec2, more)[0] == [DROP] * 3
+    clock[0] += 1_000
+    salt = enc.salt
+    _, fresh = through(enc, [udp(payload=b"fresh")] * 2)
+    assert enc.salt != salt and enc.counters()["salts"] == 2
+    assert through(dec2, fresh) == ([CONSUMED] * 2, [udp(payload=b"fresh")] * 2)
+    assert through(dec2, fresh)[0] == [DROP] * 2  # and replays of the new salt are caught as before
+
+
+def test_encrypt_nonces_never_repeat_across_salts_even_if_the_clock_goes_back(clock, monkeypatch):
+    monkeypatch.setattr(tunnel_mod, "SEQ_MAX", 3)  # a new salt every 3 packets
+    monkeypatch.setattr(os, "urandom", lambda n: b"\x00" * n)  # the worst case: every salt the same
+    enc, dec = pair(Encrypt, key=KEY, resalt_after=0.01)
+    nonces = []
+    for step in (0, 20, -5000, 0, 20):
+        clock[0] += step
+        _, outer = through(enc, [udp()] * 7)
+        nonces += [o[32:44] for o in outer]
+    assert len(set(nonces)) == len(nonces) == 35
+    counters = [int.from_bytes(n[4:], "big") for n in nonces]
+    assert counters == sorted(counters)
+    v, _ = through(dec, [o for o in outer])
+    assert v == [CONSUMED] * 7
+
+
+def test_forged_packets_neither_create_nor_refresh_replay_state(clock):
+    enc, dec = pair(Encrypt, key=KEY)
+    _, (a, b) = through(enc, [udp(), udp()])
+    through(dec, [a])
+    other = through(pair(Encrypt, key=KEY)[0], [udp()])[1][0]
+    through(dec, [other])
+    order = list(dec.replay)
+    for p in (b, bytes(other[:32]) + os.urandom(4) + other[36:]):  # known salt, unknown salt; bad tag
+        bad = bytearray(p)
+        bad[-1] ^= 1
+        assert through(dec, [bytes(bad)])[0] == [DROP]
+    assert list(dec.replay) == order and dec.counters()["auth_failed"] == 2
+    assert through(dec, [b])[0] == [CONSUMED]  # the forgery of b did not mark it seen

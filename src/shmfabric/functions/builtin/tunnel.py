@@ -9,13 +9,18 @@ an outer IPv4/UDP packet; a `decap` node with the same outer addresses and port 
   no stream state). A packet that does not shrink (or is under `min_size`) is stored as is
   (alg 0), so the tunnel never makes a packet bigger than the headers.
 - `encrypt` body: AES-GCM (from `cryptography`) of the inner packet with a 16-byte tag. Nonce =
-  4-byte random salt per encap instance + 8-byte counter (never reused while the instance lives;
-  a restarted or scaled-out instance draws a new salt). Associated data = the outer header's
+  4-byte random salt + 8-byte counter, the counter = the salt's start (wall-clock ms of its first
+  packet) << 22 | packet number. An encap draws a new salt every `resalt_after` seconds (and
+  after 2**22 - 1 packets), each starting later than the one before, so an instance never
+  repeats a counter. Associated data = the outer header's
   invariant fields: addresses, UDP ports, tunnel header and nonce. TTL, checksums, identification
   and lengths are left out as IPsec's AH leaves out mutable fields (lengths are implied by the
   ciphertext), so a router on the way may decrement TTL. Decap rejects replays with a sliding
-  window per sender salt (like IPsec's, `replay_window` packets), updated only after a packet
-  authenticated.
+  window per sender salt (like IPsec's, `replay_window` packets), created, refreshed and moved
+  only by a packet that authenticated, for the 256 salts used last; a salt it has no window for
+  is accepted only if it started at or after the decap did and after every salt whose window
+  it forgot (`stale_sender` otherwise), so neither a decap restart nor a forgotten window lets
+  a replay through; a sender is accepted again from its next salt.
 
 The outer source port carries a hash of the inner 5-tuple (as VXLAN does), so a scaled-out decap
 keeps each inner flow on one instance and in order. The UDP checksum is 0 (allowed for IPv4;
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -39,7 +46,7 @@ from shmfabric.net import checksum as ck
 from shmfabric.net.flow import flow_hash, parse_5tuple_ip, to_address
 
 NEXT, DROP, CONSUMED = int(Verdict.NEXT), int(Verdict.DROP), int(Verdict.CONSUMED)
-VERSION = 1
+VERSION = 2  # 2: the encrypt nonce counter carries the salt's start time (replay protection across restarts)
 KIND_COMPRESS, KIND_ENCRYPT = 1, 2
 ALG_STORED, ALG_ZSTD, ALG_LZ4 = 0, 1, 2
 IP_UDP = 28
@@ -49,6 +56,7 @@ _IP = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _OUTER = struct.Struct("!BxHxxHxBxx4s4sHHH")  # ver/ihl, total length, flags/frag, proto, src, dst, sport, dport, udp len
 _SPORT_BASE, _SPORT_SPAN = 49152, 16384  # entropy source ports from the dynamic range (RFC 6335)
+ZSTD_MAX_WINDOW = 1 << 17  # decap: largest zstd window accepted (encap's frames use <= 64 KiB)
 
 
 class TunnelConfig(BaseModel):
@@ -255,10 +263,15 @@ class Compress(_Tunnel):
         import zstandard
 
         self._lz4 = lz4.block
-        self._zstd_error = zstandard.ZstdError
+        self._zstd_params = zstandard.get_frame_parameters
+        self._zstd_unknown = zstandard.CONTENTSIZE_UNKNOWN
         zlevel = 3 if cfg.level is None else cfg.level
         self._zc = zstandard.ZstdCompressor(level=zlevel, write_checksum=cfg.checksum, write_content_size=False)
-        self._zd = zstandard.ZstdDecompressor()
+        # Frames are not authenticated, so decap trusts nothing in them. Encap compresses each
+        # packet (<= 65535 bytes) on its own, so its frames declare a window of at most 64 KiB
+        # (zstd fits the window to the input) and no content size: a frame asking for a bigger
+        # window is refused by zstd itself (no buffer of the size it claims is allocated).
+        self._zd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
 
     def seal(self, inner: bytes, sport: int) -> bytes:
         cfg = self.cfg
@@ -279,17 +292,29 @@ class Compress(_Tunnel):
 
     def open(self, data: bytes, tlen: int, sport: int, b1: int, inner_len: int) -> bytes | None:
         body = memoryview(data)[IP_UDP + TUNNEL_HDR.size: tlen]
+        # Nothing in the body is trusted (compress frames are not authenticated): the output is
+        # never bigger than the header's inner length (<= 65535), whatever the frame claims, and
+        # any error of the decoder on these bytes is a corrupt packet, never an exception out of
+        # process() (which would end the node).
         try:
             if b1 == ALG_STORED:
                 inner = bytes(body)
             elif b1 == ALG_ZSTD:
-                inner = self._zd.decompress(body, max_output_size=inner_len)
+                # zstandard's decompress() sizes its output by the content size a frame declares
+                # and ignores max_output_size then (one 1.4 kB frame made 44 MB; one declaring
+                # 2**50 bytes raised MemoryError): a declared size must be the inner length, and
+                # only then, or when none is declared, is the frame decoded, into inner_len bytes
+                declared = self._zstd_params(body).content_size
+                if declared != self._zstd_unknown and declared != inner_len:
+                    raise ValueError("zstd frame declares another content size")
+                inner = self._zd.decompress(body, max_output_size=inner_len, allow_extra_data=False)
             elif b1 == ALG_LZ4:
+                # LZ4 block format has no size of its own: the output buffer is inner_len bytes
                 inner = self._lz4.decompress(body, uncompressed_size=inner_len)
             else:
                 self.c["bad_header"] += 1
                 return None
-        except (self._zstd_error, self._lz4.LZ4BlockError, ValueError):
+        except Exception:  # ZstdError, LZ4BlockError, ValueError, MemoryError ...: corrupt, dropped
             self.c["corrupt"] += 1
             return None
         finally:
@@ -331,11 +356,23 @@ class EncryptConfig(TunnelConfig):
     key_file: str | None = Field(None, description="file with the key (hex text or raw bytes)")
     key_id: int = Field(0, ge=0, le=255, description="carried in each packet; decap refuses other ids")
     replay_window: int = Field(1024, ge=0, le=65536, description="decap: packets of reordering tolerated; 0 = no replay check")
+    resalt_after: float = Field(10.0, ge=0.01, le=86400, description="encap: seconds a sender salt is used before a new "
+                                "one is drawn; after a decap (re)starts, a sender is accepted again from its next salt on")
 
     @model_validator(mode="after")
     def _key(self) -> "EncryptConfig":
         _load_key(self.key, self.key_file)
         return self
+
+
+def _now_ms() -> int:
+    """Wall-clock milliseconds: sender salts are stamped with it and decap compares the stamps with
+    its own start, so encap and decap need clocks that agree (one host: one clock)."""
+    return time.time_ns() // 1_000_000
+
+
+SEQ_BITS = 22  # nonce counter = salt start (ms since 1970, 42 bits: until 2109) << 22 | packet number
+SEQ_MAX = (1 << SEQ_BITS) - 1  # packets per salt; then a new salt
 
 
 class Encrypt(_Tunnel):
@@ -347,12 +384,13 @@ class Encrypt(_Tunnel):
     KIND = KIND_ENCRYPT
     DEFAULT_NON_TUNNEL = "drop"
     OVERHEAD = TUNNEL_HDR.size + NONCE_LEN + TAG_LEN
-    MAX_SENDERS = 256  # replay state is kept for this many sender salts (instances), oldest forgotten
+    MAX_SENDERS = 256  # replay state is kept for this many sender salts, least recently used forgotten
 
     def __init__(self, config: EncryptConfig, ctx: FunctionContext | None = None) -> None:
         self._key_bytes: bytes | None = None
         super().__init__(config, ctx)
-        self.c.update({"auth_failed": 0, "replayed": 0, "wrong_key_id": 0, "length_mismatch": 0})
+        self.c.update({"auth_failed": 0, "replayed": 0, "wrong_key_id": 0, "length_mismatch": 0,
+                       "stale_sender": 0, "salts": 0})
 
     def _setup(self, cfg: EncryptConfig) -> None:  # type: ignore[override]
         super()._setup(cfg)
@@ -364,17 +402,44 @@ class Encrypt(_Tunnel):
             # a new key starts a new nonce sequence and forgets the old replay state
             self._aead = AESGCM(key)
             self._key_bytes = key
+            # encap: the nonce is salt (4 random bytes) + 8-byte counter = start << SEQ_BITS | n,
+            # `start` the wall-clock ms of the salt's first packet; a salt lives `resalt_after`
+            # seconds or SEQ_MAX packets, and each new salt starts later than the one before, so
+            # an instance never repeats a counter, whatever its random salts (two instances
+            # repeat a nonce only with the same random salt *and* the same start ms)
             self.salt = os.urandom(4)
+            self.start: int | None = None  # drawn at the first packet (see process)
             self.counter = 0
-            self.replay: dict[bytes, list[int]] = {}
+            # decap: replay state per sender salt, [highest counter, window bits], least recently
+            # used first; `floor`: a salt not in the state is accepted only if it started at or
+            # after the floor (ms), which is this decap's start, raised past the start of every
+            # salt it forgets: a packet of a salt it saw before can never open a fresh window
+            self.replay: OrderedDict[bytes, list[int]] = OrderedDict()
+            self.floor = _now_ms()
+        self.resalt_ms = max(1, int(cfg.resalt_after * 1000))
         self._invalid_tag = InvalidTag
+
+    def _new_salt(self, now_ms: int) -> None:
+        self.salt = os.urandom(4)
+        self.start = now_ms if self.start is None else max(now_ms, self.start + 1)
+        self.counter = 0
+        self.c["salts"] += 1
+
+    def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
+        if self.cfg.mode == "encap" and frames:
+            t = _now_ms()
+            if self.start is None or t - self.start >= self.resalt_ms:
+                self._new_salt(t)  # so no salt is used longer than resalt_after (+ one batch)
+        super().process(frames, now, out)
 
     def _aad(self, sport: int, hdr: bytes, nonce: bytes) -> bytes:
         return self.src + self.dst + struct.pack("!HH", sport, self.cfg.port) + hdr + nonce
 
     def seal(self, inner: bytes, sport: int) -> bytes:
+        if self.start is None or self.counter >= SEQ_MAX:
+            self._new_salt(_now_ms())
         self.counter += 1
-        nonce = self.salt + self.counter.to_bytes(8, "big")
+        nonce = self.salt + (self.start << SEQ_BITS | self.counter).to_bytes(8, "big")  # type: ignore[operator]
         hdr = self.header(self.cfg.key_id, len(inner))
         return hdr + nonce + self._aead.encrypt(nonce, inner, self._aad(sport, hdr, nonce))
 
@@ -396,19 +461,27 @@ class Encrypt(_Tunnel):
             if ctr <= hi and (hi - ctr >= window or bits >> (hi - ctr) & 1):
                 c["replayed"] += 1  # seen already, or older than the window: cannot tell, refuse
                 return None
+        elif window and ctr >> SEQ_BITS < self.floor:
+            # a salt that started before this decap did (its packets may have been delivered by
+            # a previous run), or before a salt it forgot: cannot tell a replay, refuse
+            c["stale_sender"] += 1
+            return None
         try:
             inner = self._aead.decrypt(nonce, data[at + NONCE_LEN: tlen], self._aad(sport, data[IP_UDP:at], nonce))
         except self._invalid_tag:
             c["auth_failed"] += 1
             return None
-        if window:  # only an authentic packet moves the window (forgeries cannot slide it)
+        if window:  # only an authentic packet creates, refreshes or moves state (forgeries cannot)
             if st is None:
                 if len(self.replay) >= self.MAX_SENDERS:
-                    del self.replay[next(iter(self.replay))]
+                    _, (old_hi, _bits) = self.replay.popitem(last=False)  # least recently used
+                    self.floor = max(self.floor, (old_hi >> SEQ_BITS) + 1)
                 self.replay[salt] = [ctr, 1]
-            elif ctr > hi:
-                shift = ctr - hi  # may be huge after a long loss: then nothing of the old window stays
-                st[0], st[1] = ctr, ((bits << shift) | 1) & ((1 << window) - 1) if shift < window else 1
             else:
-                st[1] = bits | 1 << (hi - ctr)
+                self.replay.move_to_end(salt)
+                if ctr > hi:
+                    shift = ctr - hi  # may be huge after a long loss: then nothing of the old window stays
+                    st[0], st[1] = ctr, ((bits << shift) | 1) & ((1 << window) - 1) if shift < window else 1
+                else:
+                    st[1] = bits | 1 << (hi - ctr)
         return inner

@@ -2,6 +2,7 @@
 counted (not sent), and the node's CPU time is counted."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -66,3 +67,59 @@ def test_backoff_grows_and_is_bounded():
     assert backoff(0) == pytest.approx(20e-6)
     assert [backoff(k) for k in range(6)] == sorted(backoff(k) for k in range(6))
     assert backoff(100) == backoff(4) == pytest.approx(320e-6)
+
+
+class Fragile:
+    """Raises on a frame whose first payload byte is 0xEE (a packet of death), after writing a
+    NEXT verdict for the frames before it; passes every other frame on."""
+
+    name = "fragile"
+    Config = MixedConfig
+
+    def __init__(self, config, ctx) -> None:
+        self.ctx = ctx
+
+    def process(self, frames, now, out) -> None:
+        for i, f in enumerate(frames):
+            if f[0] == 0xEE:
+                self.ctx.emit(b"\x00" * 60)  # emitted before the bug: must not go out either
+                raise ValueError("cannot parse this one")
+            out[i] = Verdict.NEXT
+
+
+def test_a_batch_whose_process_raises_is_dropped_and_the_node_goes_on(fab, capfd):
+    # An exception out of a function's process() used to end the runtime's loop: the node died
+    # (and with a packet of death, crash-looped under the manager). Now that batch is dropped
+    # whole (its verdicts were half written, and NEXT is 0: unchecked frames would pass), the
+    # error is counted and logged once, and the next batches are processed.
+    src, nxt = fab.attach("src"), fab.attach("nxt")
+    r = FunctionRunner(fab, "mid", Fragile, {}, ["nxt"], [])
+    import threading
+
+    done = {}
+    t = threading.Thread(target=lambda: done.update(r.run(duration=3.0)))
+    try:
+        t.start()
+        assert src.wait_for_peer("mid", timeout=5) == r.node.id
+        assert src.send_batch(r.node.id, [b"\x01" * 60] * 10) == 10
+        with nxt.recv_batch(64, 2.0) as got:
+            assert len(got) == 10
+        for k in range(1, 4):  # one batch each: the next is sent once this one failed
+            assert src.send_batch(r.node.id, [b"\x01" * 60] * 5 + [b"\xee" * 60] + [b"\x01" * 60] * 4) == 10
+            deadline = time.monotonic() + 5
+            while r.c["process_errors"] < k and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert src.send_batch(r.node.id, [b"\x02" * 60] * 7) == 7
+        with nxt.recv_batch(64, 2.0) as got:
+            assert [f[0] for f in got] == [2] * 7  # nothing of the failed batches, and it goes on
+        r.stopping = True
+        t.join(10)
+        assert not t.is_alive()
+        assert r.c["process_errors"] == 3 and r.c["error_frames"] == 30, r.c
+        assert r.c["dropped"] >= 30 and r.c["emitted"] == 0
+        err = capfd.readouterr().err
+        assert err.count('"process_error"') == 1 and "cannot parse this one" in err
+    finally:
+        r.stopping = True
+        t.join(10)
+        r.close()

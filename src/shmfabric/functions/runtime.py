@@ -155,7 +155,9 @@ class FunctionRunner:
                   "first_ns": 0, "last_ns": 0,  # monotonic time of the first and last batch
                   "cpu_ns": 0,  # process CPU time (user + system) from the first batch to the last
                   "consumed": 0, "emitted": 0, "emit_too_large": 0,
-                  "mirrored": 0, "mirror_dropped": 0}  # the tap (`mirror` op, `shmfabric capture`)
+                  "mirrored": 0, "mirror_dropped": 0,  # the tap (`mirror` op, `shmfabric capture`)
+                  "process_errors": 0, "error_frames": 0}  # batches whose process() raised, their frames
+        self._error_logged = 0.0  # monotonic time a process() exception was last logged
 
     # -- control -------------------------------------------------------------------------------
     def _reply(self, dst: int, msg: dict) -> None:
@@ -548,7 +550,10 @@ class FunctionRunner:
                 self._tap(batch)
             out = bytearray(n)
             t0 = perf()
-            fn.process(batch, now, out)
+            try:
+                fn.process(batch, now, out)
+            except Exception as exc:
+                out = self._process_failed(exc, n)
             c["busy_ns"] += perf() - t0
             c["in_frames"] += n
             c["batches"] += 1
@@ -567,6 +572,26 @@ class FunctionRunner:
             self._reply(self._stop_requester, {"ok": True, "processed": c["in_frames"], "stats": stats})
         log("stopped", {"node": self.node.name, **c})
         return stats
+
+    def _process_failed(self, exc: Exception, n: int) -> bytearray:
+        """A function's process() raised: its batch is dropped (verdicts left half written
+        would send unchecked frames on: NEXT is 0), what it emitted meanwhile too, and the node
+        goes on with the next batch. One packet that trips a bug in a function (a packet of
+        death) then costs its batch, not a crash loop of the node and the chain behind it. The
+        first exception is logged with its traceback, later ones at most every 10 s."""
+        c = self.c
+        c["process_errors"] += 1
+        c["error_frames"] += n
+        self.ctx.emitted = []
+        now = time.monotonic()
+        if now - self._error_logged >= 10.0:
+            self._error_logged = now
+            import traceback
+
+            log("process_error", {"node": self.node.name, "error": f"{type(exc).__name__}: {exc}"[:300],
+                                  "batches_failed": c["process_errors"], "frames_dropped": c["error_frames"],
+                                  "traceback": traceback.format_exc(limit=8)})
+        return bytearray(b"\x01") * n  # Verdict.DROP for every frame
 
     def close(self) -> None:
         """Close the function (its optional `close()`: flush files) and detach the node."""

@@ -123,3 +123,46 @@ def test_a_batch_whose_process_raises_is_dropped_and_the_node_goes_on(fab, capfd
         r.stopping = True
         t.join(10)
         r.close()
+
+
+class Timed:
+    """Passes frames on; counts its on_timer calls, due every 10 ms."""
+
+    name = "timed"
+    Config = MixedConfig
+
+    def __init__(self, config, ctx) -> None:
+        self.calls = 0
+
+    def process(self, frames, now, out) -> None:
+        pass  # out is all NEXT
+
+    def on_timer(self, now):
+        self.calls += 1
+        return now + 0.01
+
+
+def test_on_timer_runs_under_traffic_from_the_start(fab):
+    # on_timer was first called at the first poll that found no input: under traffic from the
+    # start a function's housekeeping (expiring its flow tables) never ran.
+    import threading
+
+    src, nxt = fab.attach("src"), fab.attach("nxt")
+    r = FunctionRunner(fab, "mid", Timed, {}, ["nxt"], [])
+    # the input is queued before the node runs, and kept from running dry while we look
+    assert src.send_batch(r.node.id, [b"\x01" * 60] * 200) == 200
+    t = threading.Thread(target=lambda: r.run(duration=5.0))
+    try:
+        t.start()
+        deadline = time.monotonic() + 0.5
+        calls_during_traffic = 0
+        while time.monotonic() < deadline:
+            src.send_batch(r.node.id, [b"\x01" * 60] * 64)
+            nxt.recv_batch(1024, timeout=0).release()
+            calls_during_traffic = r.fn.calls
+        assert r.c["in_frames"] > 0
+        assert calls_during_traffic >= 2, calls_during_traffic
+    finally:
+        r.stopping = True
+        t.join(10)
+        r.close()

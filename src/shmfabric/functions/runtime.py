@@ -488,6 +488,11 @@ class FunctionRunner:
         cpu, cpu0 = time.process_time_ns, 0
         timed = self._has_on_timer or self._has_deadline
         has_deadline = self._has_deadline
+        if timed and self.timer_at is None:
+            # A first call at once: its return says when the next is due. Without it on_timer
+            # ran first at the first empty poll, so under traffic from the start a function's
+            # housekeeping (expiring flow tables) never ran.
+            self.timer_at = time.monotonic()
         stop_t0 = 0.0
         while True:
             now = time.monotonic()

@@ -5,8 +5,10 @@ from hypothesis import given, settings, strategies as st
 from shmfabric.net import build as b
 from shmfabric.net.errors import Reason
 from shmfabric.net.flow import FlowKey, classify_batch
+from shmfabric.functions.api import validate_config
+from shmfabric.functions.builtin.firewall import FirewallFunction
 from shmfabric.functions.rules import (
-    ConntrackTable, Firewall, RuleSet, RuleSyntaxError, Timeouts, TokenBucket, Verdict,
+    FULL_REAP, ConntrackTable, Firewall, RuleSet, RuleSyntaxError, Timeouts, TokenBucket, Verdict,
 )
 
 A, D = Verdict.ACCEPT, Verdict.DROP
@@ -116,9 +118,11 @@ def test_conntrack_timeouts_and_states():
 
 def test_conntrack_full_refuses_new_connections():
     f = fw("tcp dport 80 accept", conntrack=ConntrackTable(max_entries=2))
-    assert [f.check((i, 9, 6, 1000, 80), 0.0) for i in range(3)] == [A, A, D]
-    assert f.conntrack.full_drops == 1
-    assert f.check((7, 9, 6, 1000, 80), 1000.0) is A             # expired entries make room
+    assert [f.check((i, 9, 6, 1000, 80), 0.0) for i in range(2)] == [A, A]
+    assert [f.check((9, i, 6, 80, 1000), 0.1) for i in range(2)] == [A, A]  # replies: both assured
+    assert f.check((2, 9, 6, 1000, 80), 0.2) is D                 # full of replied entries: refused
+    assert f.conntrack.full_drops == 1 and f.conntrack.early_drops == 0
+    assert f.check((7, 9, 6, 1000, 80), 4000.0) is A             # expired entries make room
 
 
 def test_rate_limit_and_over():
@@ -188,3 +192,185 @@ def test_index_agrees_with_linear_walk(parts, packets):
         key = (src, dst, proto, sport, dport)
         expect = next((r.verdict for r in f.ruleset.rules if r.matches(key, 0.0)), f.ruleset.policy)
         assert f.check(key, 0.0) is expect
+
+
+# --- repeated matches of one field: all must hold (as nft) -------------------------------------------
+
+def both_ways(f, key, now=0.0, flags=0):
+    """The verdict from `check` and from the `check_many` fast path (on a fresh copy of the rules)."""
+    g = fw("\n".join(r.text for r in f.ruleset.rules) + f"\npolicy {f.ruleset.policy.name.lower()}"
+           + ("" if f.ruleset.conntrack else "\nconntrack off"))
+    many = D if g.check_many([key], now, [flags], [b"x"]) else A
+    one = f.check(key, now, flags)
+    assert (one is A) == (many is A)
+    return one
+
+
+def test_repeated_match_requires_all():
+    f = fw("policy drop\nip saddr 10.0.0.0/8 ip saddr != 10.1.0.0/16 tcp dport 22 accept")
+    assert both_ways(f, k("10.2.0.1", "10.9.9.9", "tcp", 1000, 22)) is A
+    assert both_ways(f, k("10.1.0.1", "10.9.9.9", "tcp", 1000, 22)) is D
+    assert both_ways(f, k("203.0.113.9", "10.9.9.9", "tcp", 1000, 22)) is D   # not in 10/8: was accepted
+    f = fw("policy drop\ntcp dport 1-1024 tcp dport != 22 accept")
+    assert [both_ways(f, k("1.1.1.1", "2.2.2.2", "tcp", 1000, p)) for p in (21, 22, 23, 1024, 1025, 8080)] == \
+        [A, D, A, A, D, D]                                              # 8080 was accepted
+    f = fw("policy drop\nip daddr 10.0.0.0/8 ip daddr 10.1.0.0/16 ip daddr != 10.1.2.0/24 accept")
+    assert [both_ways(f, k("1.1.1.1", d, "udp", 1, 2)) for d in ("10.1.3.1", "10.1.2.1", "10.2.0.1")] == [A, D, D]
+    f = fw("policy drop\nip6 saddr fd00::/16 ip6 saddr != fd00:1::/32 accept")
+    assert [both_ways(f, k(a, "fd00::9", "udp", 1, 2)) for a in ("fd00:2::1", "fd00:1::1", "fd01::1")] == [A, D, D]
+    f = fw("policy drop\ntcp dport 22 tcp dport 80 accept")             # nothing is both: never matches
+    assert both_ways(f, k("1.1.1.1", "2.2.2.2", "tcp", 1, 22)) is D
+    assert f.ruleset.candidates(6, 22) == () and f.ruleset.candidates(6, 80) == ()
+    f = fw("policy drop\nth dport 0-100 tcp dport 50-200 accept")       # narrow result stays indexed
+    assert both_ways(f, k("1.1.1.1", "2.2.2.2", "tcp", 1, 60)) is A
+    assert f.ruleset.candidates(6, 60) and not f.ruleset.candidates(6, 101) and not f.ruleset.candidates(17, 60)
+    with pytest.raises(RuleSyntaxError, match="one 'limit'"):          # two buckets: refused, not replaced
+        RuleSet.parse("limit rate 5/second limit rate 1/second accept")
+
+
+_ADDRS = ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3", "10.2.0.0/15", "192.0.2.0/24"]
+_PORTS = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)).map(sorted), min_size=1, max_size=3).map(
+    lambda rs: [f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in rs]) | st.just(["0-65535"])
+
+
+@st.composite
+def _match(draw, field):
+    neg = "!= " if draw(st.booleans()) else ""
+    vals = draw(st.lists(st.sampled_from(_ADDRS), min_size=1, max_size=3) if field in ("saddr", "daddr") else _PORTS)
+    text = vals[0] if len(vals) == 1 else "{ " + ", ".join(vals) + " }"
+    return f"{'ip' if field in ('saddr', 'daddr') else draw(st.sampled_from(['tcp', 'th']))} {field} {neg}{text}"
+
+
+@settings(deadline=None)  # wall-clock deadlines flake on a loaded 2-core CI
+@given(st.sampled_from(["saddr", "daddr", "sport", "dport"]).flatmap(
+    lambda fld: st.lists(_match(fld), min_size=2, max_size=3)),
+    st.lists(st.tuples(st.sampled_from([0x0A010203, 0x0A010299, 0x0A020001, 0x0A030001, 0x0B000001, 0xC0000205]),
+                       st.sampled_from([0x0A010203, 0x0A0A0A0A, 0xC0000201]), st.sampled_from([6, 17]),
+                       st.integers(0, 45), st.integers(0, 45)), min_size=1, max_size=10),
+    st.booleans())
+def test_repeated_match_is_the_conjunction(matches, packets, conntrack):
+    """A rule repeating a match on one field decides as all of them together, in `check`, through
+    the port index and in `check_many`."""
+    opts = "policy drop\n" + ("" if conntrack else "conntrack off\n")
+    combined, fast = fw(opts + " ".join(matches) + " accept"), fw(opts + " ".join(matches) + " accept")
+    singles = [fw(f"policy drop\nconntrack off\n{m} accept") for m in matches]
+    for i, key in enumerate(packets):
+        expect = A if all(s.check(key, 0.0) is A for s in singles) else D
+        combined.conntrack, fast.conntrack = ConntrackTable(), ConntrackTable()  # each packet new
+        assert combined.check(key, float(i)) is expect
+        assert fast.check_many([key], float(i), [0], [b""]) == ([] if expect is A else [0])
+
+
+# --- connection tracking: full table, expiry work, TCP reuse, policy accept ---------------------------
+
+def test_full_table_early_drops_unreplied_with_bounded_work():
+    """A flood of unreplied flows that an accept rule lets in fills the table; new connections
+    still get in (an unreplied entry is evicted, oldest first), each examining a bounded number
+    of entries; only a table of replied connections refuses them."""
+    n = 5000
+    f = fw("policy drop\nudp dport 53 accept\ntcp dport 443 accept", conntrack=ConntrackTable(max_entries=n))
+    ct = f.conntrack
+    assert f.check_many([(0x0A000000 + i, 9, 17, 1024, 53) for i in range(n)], 100.0, [0] * n, [b""] * n) == []
+    assert len(ct) == n
+    f.check((9, 0x0A000000 + 7, 17, 53, 1024), 100.5)                # flow 7 got a reply: never early-dropped
+    f.check((0x0A000000 + 3, 9, 17, 1024, 53), 100.5)                # flow 3 saw a packet: a second chance
+    before = ct.examined
+    new = [(0x0B000000 + i, 9, 6, 40000, 443) for i in range(1000)]
+    assert f.check_many(new, 101.0, [2] * 1000, [b""] * 1000) == []  # all accepted (was: all dropped)
+    assert ct.full_drops == 0 and ct.early_drops == 1000 and len(ct) == n
+    assert ct.examined - before <= 1000 * 2 + FULL_REAP              # not a scan of the table per connection
+    alive = {e[0] for e in ct.entries()}
+    assert (0x0A000000 + 7, 9, 17, 1024, 53) in alive and (0x0A000000 + 3, 9, 17, 1024, 53) in alive
+    assert (0x0A000000 + 2, 9, 17, 1024, 53) not in alive and (0x0A000000 + 1003, 9, 17, 1024, 53) in alive
+    # replies to all the TCP connections and the rest of the UDP flows: every entry assured
+    for key, _, _ in ct.entries():
+        f.check((key[1], key[0], key[2], key[4], key[3]), 102.0)
+    before = ct.examined
+    assert f.check((0x0C000000, 9, 6, 40000, 443), 103.0) is D        # nothing to evict: refused, counted
+    assert ct.full_drops == 1 and ct.examined - before <= n + 1000 + FULL_REAP  # the queue's stale rest, once
+    before = ct.examined
+    assert f.check_many([(0x0C000001 + i, 9, 6, 40000, 443) for i in range(100)], 103.0, [2] * 100,
+                        [b""] * 100) == list(range(100))
+    assert ct.full_drops == 101 and ct.examined - before <= 100 * 2
+
+
+def test_reap_examines_only_due_entries():
+    t = Timeouts(udp_unreplied=10, udp_replied=100)
+    ct = ConntrackTable(timeouts=t)
+    for i in range(2000):                                            # long-lived: replied at t=0
+        ct.add((i, 1, 17, 5, 6), 0.0)
+        ct.lookup((1, i, 17, 6, 5), 0.0)
+    for i in range(10):
+        ct.add((i, 2, 17, 5, 6), 0.0)                                # unreplied: due at 10 s
+    assert ct.reap(50.0) == 10 and len(ct) == 2000
+    assert ct.examined == 2010 + 2010    # the replied move once; the early-drop queue drops all 2010, once
+    before = ct.examined
+    for i in range(0, 2000, 2):
+        ct.lookup((i, 1, 17, 5, 6), 60.0)                            # half see traffic at t=60
+    assert ct.reap(99.0) == 0 and ct.examined == before              # nothing due yet: nothing examined
+    assert ct.reap(101.0, limit=500) == 250 and ct.examined - before == 500   # bounded call
+    assert ct.reap(101.0) == 750 and len(ct) == 1000                 # the 1000 refreshed ones move on
+    assert ct.next_due() == 160.0
+    assert ct.reap(161.0) == 1000 and len(ct) == 0 and ct.next_due() is None
+
+
+def test_firewall_function_expires_under_continuous_traffic():
+    cfg = validate_config(FirewallFunction, {"rules": "policy drop\nudp dport 53 accept", "max_connections": 1000})
+    fn = FirewallFunction(cfg)
+    frame = lambda i: b.ipv4(b.udp(1000 + i, 53, b"q", src="10.0.0.1", dst="10.0.0.2"),  # noqa: E731
+                             src="10.0.0.1", dst="10.0.0.2", proto=17)
+    out = bytearray(50)
+    fn.process([frame(i) for i in range(50)], 0.0, out)
+    assert len(fn.fw.conntrack) == 50
+    steady = [frame(100)] * 8
+    for t in range(1, 40):                                           # never idle: on_timer is not called
+        fn.process(steady, float(t), bytearray(8))
+    assert len(fn.fw.conntrack) == 1                                 # the 50 idle flows expired (30 s)
+    nxt = fn.on_timer(40.0)
+    assert nxt is not None and 40.0 < nxt <= 40.0 + 31               # the runtime's next call
+
+
+def test_new_syn_reopens_a_closing_tcp_entry():
+    """A 5-tuple reused after FIN (or RST) is a new connection with its own timeouts; the new
+    SYN is decided by the rules, in `check` and in `check_many`."""
+    c, s = FlowKey.of("10.0.0.5", "192.0.2.10", "tcp", 40000, 80), None
+    out = tuple(c)
+    back = tuple(c.reversed())
+    S, SA, ACK, FA, PA = 0x02, 0x12, 0x10, 0x11, 0x18
+    seq = [(out, S, 0), (back, SA, 0.1), (out, ACK, 0.2), (out, FA, 1), (back, FA, 1.1), (out, ACK, 1.2),
+           (out, S, 5), (back, SA, 5.1), (out, ACK, 5.2), (back, PA, 30)]   # server data after 24.8 s idle
+    ref = fw("policy drop\nip saddr 10.0.0.0/8 tcp dport 80 accept")
+    fast = fw("policy drop\nip saddr 10.0.0.0/8 tcp dport 80 accept")
+    for key, flags, t in seq:
+        assert ref.check(key, t, flags) is A
+        assert fast.check_many([key], t, [flags], [b""]) == []
+    assert ref.conntrack.reopened == 1 and ref.ruleset.rules[0].packets == 2 and ref.conntrack.created == 2
+    assert fast.conntrack.entries() == ref.conntrack.entries()
+    # the new SYN meets the rules: with them changed to refuse, the reuse is dropped
+    g = fw("policy drop\nip saddr 10.0.0.0/8 tcp dport 80 accept")
+    for key, flags, t in seq[:6]:
+        g.check(key, t, flags)
+    g.ruleset = RuleSet.parse("policy drop")
+    assert g.check(out, 5, S) is D and g.check(back, 5.1, SA) is D
+    # a SYN retransmit on a live (not closing) entry is just part of that connection
+    h = fw("policy drop\nip saddr 10.0.0.0/8 tcp dport 80 accept")
+    h.check(out, 0, S)
+    assert h.check(out, 1, S) is A and h.conntrack.reopened == 0 and h.conntrack.created == 1
+    # documented limit: any RST in the path closes the entry (no sequence numbers tracked)
+    h.check(back, 1.5, SA)
+    h.check(back, 2, 0x04)
+    assert h.check(back, 13, PA) is D
+
+
+def test_policy_accept_full_table_drops_and_counts():
+    f = fw("policy accept", conntrack=ConntrackTable(max_entries=16))
+    for i in range(16):
+        assert f.check((i, 99, 17, 1, 53), 1.0) is A
+        assert f.check((99, i, 17, 53, 1), 1.1) is A                  # replied: not evictable
+    assert f.check((200, 99, 17, 1, 53), 2.0) is D                   # was: accepted untracked
+    assert f.conntrack.full_drops == 1 and len(f.conntrack) == 16 and f.policy_hits == 17
+    assert f.check_many([(201, 99, 17, 1, 53)], 2.0, [0], [b""]) == [0]
+    g = fw("policy accept", conntrack=ConntrackTable(max_entries=16))
+    for i in range(16):
+        g.check((i, 99, 17, 1, 53), 1.0)                              # unreplied: one is evicted
+    assert g.check((200, 99, 17, 1, 53), 2.0) is A and g.conntrack.early_drops == 1 and len(g.conntrack) == 16

@@ -13,19 +13,25 @@ Rule text (one rule per line, `#` starts a comment, matches then a verdict, as i
 
 Matches: `ip|ip6 saddr|daddr [!=] PREFIX|{set}`, `ip protocol`/`meta l4proto NAME|NUMBER|{set}`,
 `tcp|udp|sctp|th sport|dport [!=] PORT|LOW-HIGH|{set}` (`th` = any of TCP/UDP/SCTP/DCCP/UDP-Lite),
-`limit rate [over] N/second|minute|hour|day [burst N packets]`, `counter` (accepted; counters are
-always kept). Verdicts: `accept`, `drop`, `reject` (a drop the runtime may answer with RST/ICMP).
+`limit rate [over] N/second|minute|hour|day [burst N packets]` (one per rule), `counter` (accepted;
+counters are always kept). Verdicts: `accept`, `drop`, `reject` (a drop the runtime may answer with
+RST/ICMP). A match repeated in a rule narrows it: all must hold, as in nft
+(`ip saddr 10.0.0.0/8 ip saddr != 10.1.0.0/16` is 10/8 without 10.1/16).
 
 Connection tracking (on by default): a packet of a connection that an `accept` rule let in, in
 either direction, is accepted before the rules are consulted, as nftables does with the usual
 first rule `ct state established,related accept`. So return traffic passes under `policy drop`.
-Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`).
+Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`). A full table
+early-drops an unreplied entry for a new connection; a new SYN reopens a closed TCP 5-tuple
+(see `ConntrackTable`).
 """
 from __future__ import annotations
 
 import difflib
+import heapq
 import ipaddress
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable, Sequence, Sized
@@ -85,11 +91,14 @@ class TokenBucket:
 
 @dataclass
 class AddrMatch:
-    """One or more prefixes of one family; `negate` for `!=`."""
+    """One or more prefixes of one family; `negate` for `!=`. `exclude` (only with `negate` off)
+    holds the prefixes of `!=` matches ANDed into this one (`ip saddr 10.0.0.0/8 ip saddr !=
+    10.1.0.0/16`): the address must be in `nets` and in none of `exclude`."""
 
     version: int
     nets: list[tuple[int, int]]  # (network, mask) as ints
     negate: bool = False
+    exclude: list[tuple[int, int]] = field(default_factory=list)
 
     def match(self, addr: int | bytes) -> bool:
         a = addr if addr.__class__ is int else int.from_bytes(addr, "big")  # type: ignore[arg-type]
@@ -98,7 +107,29 @@ class AddrMatch:
             if a & mask == net:
                 hit = True
                 break
+        if hit and self.exclude:
+            for net, mask in self.exclude:
+                if a & mask == net:
+                    return False
         return hit != self.negate
+
+    def both(self, other: "AddrMatch") -> "AddrMatch":
+        """The conjunction of two matches of one field (a rule that repeats `ip saddr`), exactly:
+        the intersection of the positive prefix sets, minus every negated prefix."""
+        pos = [m for m in (self, other) if not m.negate]
+        excl = self.exclude + other.exclude + [n for m in (self, other) if m.negate for n in m.nets]
+        if not pos:  # != A and != B: in neither
+            return AddrMatch(self.version, _dedup(excl), True)
+        nets = pos[0].nets
+        if len(pos) == 2:  # two prefixes meet only if one holds the other; then the longer one is the meet
+            nets = _dedup([(n2, m2) if m1 & m2 == m1 else (n1, m1)
+                           for n1, m1 in pos[0].nets for n2, m2 in pos[1].nets
+                           if (m1 & m2 == m1 and n2 & m1 == n1) or (m1 & m2 == m2 and n1 & m2 == n2)])
+        return AddrMatch(self.version, nets, False, _dedup(excl))
+
+
+def _dedup(nets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return list(dict.fromkeys(nets))
 
 
 @dataclass
@@ -113,6 +144,41 @@ class PortMatch:
                 hit = True
                 break
         return hit != self.negate
+
+    def allowed(self) -> list[tuple[int, int]]:
+        """The ports this matches, as sorted, merged, non-negated ranges."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.ranges):
+            if out and lo <= out[-1][1] + 1:
+                out[-1] = (out[-1][0], max(out[-1][1], hi))
+            else:
+                out.append((lo, hi))
+        if not self.negate:
+            return out
+        comp, nxt = [], 0
+        for lo, hi in out:
+            if lo > nxt:
+                comp.append((nxt, lo - 1))
+            nxt = hi + 1
+        if nxt <= 65535:
+            comp.append((nxt, 65535))
+        return comp
+
+    def both(self, other: "PortMatch") -> "PortMatch":
+        """The conjunction of two port matches of one field, as one non-negated set of ranges
+        (possibly empty: `tcp dport 22 tcp dport 80` matches nothing, as in nft). Non-negated, so
+        a narrow result is still indexed by port (`RuleSet.build_index`)."""
+        a, b, out = self.allowed(), other.allowed(), []
+        i = j = 0
+        while i < len(a) and j < len(b):
+            lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+            if lo <= hi:
+                out.append((lo, hi))
+            if a[i][1] < b[j][1]:
+                i += 1
+            else:
+                j += 1
+        return PortMatch(out)
 
 
 @dataclass
@@ -261,7 +327,8 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
                 set_version(v)
                 vals, neg = p.values("an address or prefix")
                 am = AddrMatch(v, [_parse_prefix(p, x, v) for x in vals], neg)
-                setattr(rule, what, am)
+                prev = getattr(rule, what)  # a repeated match narrows (all must hold, as in nft)
+                setattr(rule, what, am if prev is None else prev.both(am))
             elif what in ("protocol", "nexthdr") and t == ("ip" if what == "protocol" else "ip6"):
                 set_version(v)
                 vals, neg = p.values("a protocol")
@@ -280,8 +347,12 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
                 raise _unknown(p, what, ["sport", "dport"])
             set_protos(_L4_WORDS[t], f"{t} {what}")
             vals, neg = p.values("a port")
-            setattr(rule, what, PortMatch([_parse_port(p, x) for x in vals], neg))
+            pm = PortMatch([_parse_port(p, x) for x in vals], neg)
+            prev = getattr(rule, what)  # a repeated match narrows (all must hold, as in nft)
+            setattr(rule, what, pm if prev is None else prev.both(pm))
         elif t == "limit":
+            if rule.limit is not None:  # was: the second silently replaced the first
+                raise p.err("a rule can have one 'limit'", "keep the rate you mean")
             if p.next("'rate'") != "rate":
                 raise p.err("'limit' must be followed by 'rate'", "write e.g. limit rate 100/second burst 10 packets")
             if p.peek() == "over":
@@ -441,29 +512,49 @@ class Timeouts:
     other: float = 600.0              # nf_conntrack_generic_timeout
 
 
-_FIN, _RST = 0x01, 0x04
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
+
+#: When the table is full, a new connection first reclaims expired entries, examining at most
+#: this many (`ConntrackTable.reap`), then early-drops an unreplied entry.
+FULL_REAP = 32
 
 
 class _Entry:
     # ttl: the idle timeout for the entry's current state (ConntrackTable._timeout), kept here so
     # a packet of a known connection refreshes `expires` without a call; recomputed whenever
-    # `replied` or `closing` changes
-    __slots__ = ("orig", "expires", "replied", "closing", "packets", "ttl")
+    # `replied` or `closing` changes (ConntrackTable._retime).
+    # slot: the timer-wheel bucket the entry sits in (-1 once removed); `expires` may be later
+    # than the bucket's time (packets only move `expires`; the bucket is fixed when it comes due).
+    # seen: `expires` when the entry was (re)queued among the unreplied; if it moved since, the
+    # entry saw a packet and gets a second chance before an early drop.
+    __slots__ = ("orig", "expires", "replied", "closing", "packets", "ttl", "slot", "seen")
 
-    def __init__(self, orig: FiveTuple, expires: float) -> None:
+    def __init__(self, orig: FiveTuple, closing: bool, ttl: float, expires: float, slot: int) -> None:
         self.orig = orig
         self.expires = expires
         self.replied = False
-        self.closing = False
-        self.packets = 0
-        self.ttl = 0.0
+        self.closing = closing
+        self.packets = 1
+        self.ttl = ttl
+        self.slot = slot
+        self.seen = expires
 
 
 class ConntrackTable:
     """5-tuple connection table with per-protocol idle timeouts and a size bound.
 
     Both directions index the same entry. Expired entries are dropped when next looked up and by
-    `expire(now)`, which the runtime calls on its timer (`next_deadline()` says when)."""
+    `reap(now, limit)`, which examines only entries that are due: entries sit in a timer wheel of
+    `gc_interval`-wide buckets by expiry time, and a packet of a connection only moves its
+    `expires` (no per-packet bookkeeping); when a bucket comes due, each entry in it is removed
+    if it expired or moved to the bucket of its new expiry. So reaping costs O(1) amortized per
+    packet, and a bounded call (`limit`) bounds one call's work. `expire(now)` is the unbounded,
+    rate-limited (once per `gc_interval`) form.
+
+    Full table: a new connection first reaps (at most `FULL_REAP` entries), then early-drops an
+    unreplied entry, oldest first (one that saw a packet since it was queued goes to the back
+    once), as Linux's early_drop evicts entries not yet ASSURED; only when every entry has been
+    replied is the new connection refused (`full_drops`)."""
 
     def __init__(self, max_entries: int = 262_144, timeouts: Timeouts = Timeouts(), gc_interval: float = 1.0) -> None:
         if max_entries < 1:
@@ -471,12 +562,23 @@ class ConntrackTable:
         self.max_entries = max_entries
         self.timeouts = timeouts
         self.gc_interval = gc_interval
+        self._g = gc_interval if gc_interval > 0 else 1.0  # the wheel's bucket width (s)
         self._by_key: dict[FiveTuple, _Entry] = {}
+        self._wheel: dict[int, dict[_Entry, None]] = {}  # bucket -> its entries; bucket b is due at b * _g
+        self._due: list[int] = []                        # heap of the buckets in _wheel
+        # early-drop candidates, oldest first; lazy: entries that were replied or removed since
+        # are skipped when met (and trimmed from the front by reap), the rest copied out when it
+        # grows past _compact_at (so it holds at most ~2x the table plus a constant)
+        self._unreplied: deque[_Entry] = deque()
+        self._compact_at = 4096
         self._last_gc: float | None = None
         self._count = 0  # connections (a key equal to its own reverse is indexed once)
         self.created = 0
         self.expired = 0
         self.full_drops = 0
+        self.early_drops = 0  # unreplied entries evicted to make room for a new connection
+        self.reopened = 0     # closing TCP entries replaced by a new connection (a new SYN)
+        self.examined = 0     # entries looked at by reap and early drop (work, for tests and status)
 
     def __len__(self) -> int:
         return self._count
@@ -494,8 +596,36 @@ class ConntrackTable:
             return t.icmp
         return t.other
 
+    def _schedule(self, e: _Entry, after: int = -1) -> None:
+        """Put `e` in the bucket of its `expires` (at least bucket `after + 1`)."""
+        b = max(-int(-e.expires // self._g), after + 1)  # ceil: due at or just after `expires`
+        if e.slot >= 0:
+            self._wheel[e.slot].pop(e, None)
+        bucket = self._wheel.get(b)
+        if bucket is None:
+            self._wheel[b] = bucket = {}
+            heapq.heappush(self._due, b)
+        bucket[e] = None
+        e.slot = b
+
+    def _retime(self, e: _Entry, now: float) -> None:
+        """The entry's state changed: new idle timeout from `now`; an earlier expiry moves it to an
+        earlier bucket (a later one waits for its bucket to come due)."""
+        e.ttl = self._timeout(e)
+        e.expires = now + e.ttl
+        if -int(-e.expires // self._g) < e.slot:
+            self._schedule(e)
+
+    def _mark_replied(self, e: _Entry, now: float) -> None:
+        e.replied = True
+        self._retime(e, now)
+
     def lookup(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
-        """True (and the entry refreshed) if `key` belongs to a live connection, either way."""
+        """True (and the entry refreshed) if `key` belongs to a live connection, either way.
+
+        A TCP SYN (without ACK) from the original side of a closing entry (FIN or RST seen) ends
+        that entry and returns False: the packet is a new connection that the rules decide, as
+        Linux reopens a connection in TIME_WAIT/CLOSE."""
         e = self._by_key.get(key)
         if e is None:
             return False
@@ -503,51 +633,129 @@ class ConntrackTable:
             self._remove(e)
             self.expired += 1
             return False
+        if tcp_flags & (_SYN | _ACK) == _SYN and e.closing and key == e.orig:
+            self._remove(e)
+            self.reopened += 1
+            return False
         if not e.replied and key != e.orig:
-            e.replied = True
-            e.ttl = self._timeout(e)
+            self._mark_replied(e, now)
         if tcp_flags & (_FIN | _RST) and not e.closing:
-            e.closing = True
-            e.ttl = self._timeout(e)
+            e.closing = True  # any RST closes: sequence numbers are not tracked (unlike Linux)
+            self._retime(e, now)
         e.packets += 1
         e.expires = now + e.ttl
         return True
 
     def add(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
-        """Track a new connection; False if the table is full even after expiring old entries."""
-        if self._count >= self.max_entries:
-            self.expire(now, force=True)
-            if self._count >= self.max_entries:
-                self.full_drops += 1
-                return False
-        e = _Entry(key, 0.0)
-        e.closing = bool(tcp_flags & (_FIN | _RST))
-        e.packets = 1
-        e.ttl = self._timeout(e)
-        e.expires = now + e.ttl
+        """Track a new connection; False if the table is full of replied entries (see the class)."""
+        by_key = self._by_key
+        if key in by_key:  # a caller adding a key it did not look up first: replace, do not leak
+            self._remove(by_key[key])
+        if self._count >= self.max_entries and not self._make_room(now):
+            self.full_drops += 1
+            return False
         src, dst, proto, sport, dport = key
-        self._by_key[key] = e
-        self._by_key[(dst, src, proto, dport, sport)] = e
+        closing = bool(tcp_flags & (_FIN | _RST))
+        t = self.timeouts
+        if proto == 6:
+            ttl = t.tcp_closing if closing else t.tcp_unreplied
+        else:
+            ttl = t.udp_unreplied if proto == 17 else t.icmp if proto == 1 or proto == 58 else t.other
+        exp = now + ttl
+        b = -int(-exp // self._g)  # _schedule, inlined
+        e = _Entry(key, closing, ttl, exp, b)
+        bucket = self._wheel.get(b)
+        if bucket is None:
+            self._wheel[b] = bucket = {}
+            heapq.heappush(self._due, b)
+        bucket[e] = None
+        by_key[key] = e
+        by_key[(dst, src, proto, dport, sport)] = e
         self._count += 1
         self.created += 1
+        q = self._unreplied
+        q.append(e)
+        if len(q) > self._compact_at:  # O(len), after at least len/2 appends: O(1) amortized
+            self._unreplied = q = deque(x for x in q if x.slot >= 0 and not x.replied)
+            self._compact_at = 2 * len(q) + 4096
         return True
 
+    def _make_room(self, now: float) -> bool:
+        """Free one place in a full table: reap a little, else early-drop an unreplied entry."""
+        self.reap(now, FULL_REAP)
+        if self._count < self.max_entries:
+            return True
+        q = self._unreplied
+        while q:
+            e = q.popleft()
+            self.examined += 1
+            if e.slot < 0 or e.replied:
+                continue
+            if e.expires != e.seen and e.expires > now:  # a packet since it was queued: second chance
+                e.seen = e.expires
+                q.append(e)
+                continue
+            self._remove(e)
+            if e.expires <= now:
+                self.expired += 1
+            else:
+                self.early_drops += 1
+            return True
+        return False
+
     def _remove(self, e: _Entry) -> None:
+        if e.slot >= 0:
+            self._wheel[e.slot].pop(e, None)
+            e.slot = -1
         src, dst, proto, sport, dport = e.orig
         if self._by_key.pop(e.orig, None) is not None:
             self._count -= 1
         self._by_key.pop((dst, src, proto, dport, sport), None)
+
+    def reap(self, now: float, limit: int | None = None) -> int:
+        """Remove expired entries, examining at most `limit` (None: all that are due); returns how
+        many were removed. Only entries in due buckets are looked at."""
+        due, wheel, g = self._due, self._wheel, self._g
+        removed = work = 0
+        while due and due[0] * g <= now:
+            b = due[0]
+            bucket = wheel[b]
+            while bucket:
+                if limit is not None and work >= limit:
+                    self.examined += work
+                    self.expired += removed
+                    return removed
+                e = bucket.popitem()[0]
+                e.slot = -1
+                work += 1
+                if e.expires <= now:
+                    self._remove(e)
+                    removed += 1
+                else:  # saw packets since it was put here: to the bucket of its new expiry
+                    self._schedule(e, b)
+            heapq.heappop(due)
+            del wheel[b]
+        q = self._unreplied  # trim the early-drop queue's front of entries replied or removed since
+        while q and (limit is None or work < limit):
+            e = q[0]
+            if e.slot >= 0 and not e.replied:
+                break  # a live unreplied entry: the next early-drop candidate
+            q.popleft()
+            work += 1
+        self.examined += work
+        self.expired += removed
+        return removed
 
     def expire(self, now: float, force: bool = False) -> int:
         """Remove expired entries (at most once per `gc_interval` unless `force`); returns how many."""
         if not force and self._last_gc is not None and now - self._last_gc < self.gc_interval:
             return 0
         self._last_gc = now
-        dead = {id(e): e for e in self._by_key.values() if e.expires <= now}
-        for e in dead.values():
-            self._remove(e)
-        self.expired += len(dead)
-        return len(dead)
+        return self.reap(now)
+
+    def next_due(self) -> float | None:
+        """When `reap` next has something to look at (None: the table is empty)."""
+        return self._due[0] * self._g if self._due else None
 
     def next_deadline(self, now: float) -> float:
         """When the runtime should call `expire` next."""
@@ -598,9 +806,14 @@ class Firewall:
                     return Verdict.DROP  # table full: refuse new connections, as Linux does
                 return v
         self.policy_hits += 1
-        if self.ruleset.policy is Verdict.ACCEPT and ct:
-            self.conntrack.add(key, now, tcp_flags)  # type: ignore[arg-type]
-        return self.ruleset.policy
+        policy = self.ruleset.policy
+        if policy is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags):  # type: ignore[arg-type]
+            # Full of replied connections: drop, as under an accept rule and as Linux does (its
+            # conntrack drops before any filter chain). Accepting untracked would let this
+            # connection's later packets meet the rules one by one, so a rule written for new
+            # connections (`tcp sport 80 drop`) could cut it half-way.
+            return Verdict.DROP
+        return policy
 
     def check_many(self, keys: Sequence[FiveTuple | int], now: float, tcp_flags: Sequence[int],
                    packets: Sequence[Sized]) -> list[int]:
@@ -609,7 +822,8 @@ class Firewall:
         `len(packets[i])` is packet i's length (asked only for packets that reach the rules).
         Same verdicts, counters and table state as calling `check` per packet in order: packets
         of live connections (the bulk of traffic) take an inlined `ConntrackTable.lookup`, which
-        saves two calls and the timeout computation per packet; everything else calls `check`."""
+        saves two calls per packet; everything else, and TCP segments with SYN, FIN or RST (they
+        close or reopen a connection), calls `check`."""
         check = self.check
         accept = Verdict.ACCEPT
         rejected: list[int] = []
@@ -620,18 +834,16 @@ class Firewall:
             return rejected
         ct = self.conntrack
         get = ct._by_key.get
-        timeout = ct._timeout
+        replied = ct._mark_replied
         established = 0
         for i, key in enumerate(keys):
             if key.__class__ is tuple:
                 e = get(key)
-                if e is not None and e.expires > now:  # ConntrackTable.lookup, inlined
+                # ConntrackTable.lookup, inlined, for packets without SYN, FIN or RST (those go
+                # through `check`: they may close or reopen the entry)
+                if e is not None and e.expires > now and not tcp_flags[i] & 7:
                     if not e.replied and key != e.orig:
-                        e.replied = True
-                        e.ttl = timeout(e)
-                    if tcp_flags[i] & 5 and not e.closing:  # FIN or RST
-                        e.closing = True
-                        e.ttl = timeout(e)
+                        replied(e, now)
                     e.packets += 1
                     e.expires = now + e.ttl
                     established += 1

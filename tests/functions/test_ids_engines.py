@@ -116,3 +116,51 @@ def test_signature_set_pickles(engine):
     s = load([("r", 'alert ip any any -> any any (content:"needle"; nocase; sid:7;)')], engine=engine)
     t = pickle.loads(pickle.dumps(s))
     assert t.engine == engine and [r.sid for r in t.match(b"a NEEDLE", KEY)] == [7]
+
+
+# --- IP fragments: not reassembled, so dropped in drop mode (by default) -----------------------------
+
+def _fragmented():
+    from shmfabric.net import build
+    payload = b"x" * 8 + b"EVILPAYLOAD" + b"y" * 13
+    seg = build.udp(1234, 53, payload, src="10.0.0.1", dst="10.0.0.2")              # 40 bytes
+    whole = build.ipv4(seg, src="10.0.0.1", dst="10.0.0.2", proto=17)
+    f1 = build.ipv4(seg[:16], src="10.0.0.1", dst="10.0.0.2", proto=17, ident=7, mf=True, total_length=36)
+    f2 = build.ipv4(seg[16:], src="10.0.0.1", dst="10.0.0.2", proto=17, ident=7, frag_offset=16)
+    # a first fragment that carries the whole UDP header and length: it has a 5-tuple
+    f1_full = build.ipv4(seg, src="10.0.0.1", dst="10.0.0.2", proto=17, ident=8, mf=True)
+    seg6 = build.udp(1234, 53, payload, src="fd00::1", dst="fd00::2")
+    v6_1 = build.ipv6(seg6[:16], src="fd00::1", dst="fd00::2", next_header=17, ext=[build.ipv6_fragment(0, True, 9)])
+    v6_2 = build.ipv6(seg6[16:], src="fd00::1", dst="fd00::2", next_header=17, ext=[build.ipv6_fragment(16, False, 9)])
+    return whole, [f1, f2, f1_full, v6_1, v6_2]
+
+
+@pytest.mark.parametrize("flow_rule", [False, True])  # the lazy path and the every-key path
+@pytest.mark.parametrize("mode,fragments,want", [("drop", None, 1), ("drop", "pass", 0), ("alert", None, 0),
+                                                 ("alert", "drop", 1)])
+def test_fragments_policy(mode, fragments, want, flow_rule):
+    from shmfabric.functions.api import FunctionContext
+    ids = load_function("ids")
+    flow = " flow:to_server;" if flow_rule else ""
+    cfg = {"mode": mode, "rules": f'drop udp any any -> any 53 (msg:"evil"; content:"EVILPAYLOAD";{flow} sid:1;)'}
+    if fragments:
+        cfg["fragments"] = fragments
+    fn = ids(validate_config(ids, cfg), FunctionContext(node="ids", log=lambda e, d: None))
+    whole, frags = _fragmented()
+    out = bytearray(1)
+    fn.process([whole], 1.0, out)
+    assert list(out) == [1 if mode == "drop" else 0]
+    out = bytearray(len(frags))
+    fn.process(frags, 1.0, out)
+    # before: every fragment but the full first one passed uninspected in drop mode too
+    expect = [want] * len(frags)
+    if mode == "drop" and not want:
+        expect[2] = 1  # passed fragments are still inspected where they can be: this one holds it all
+    assert list(out) == expect
+    c = fn.counters()
+    assert c["fragments"] == len(frags) and c["fragments_dropped"] == want * len(frags) and c["no_5tuple"] == 0
+    # reconfigure follows the mode's default
+    fn.reconfigure(validate_config(ids, {**cfg, "mode": "drop", "fragments": None}))
+    out = bytearray(len(frags))
+    fn.process(frags, 2.0, out)
+    assert list(out) == [1] * len(frags)

@@ -243,3 +243,52 @@ def test_ipv6_prefixes_and_mixed_families():
     assert run(rl, [udp6("fd00:1::5"), udp6("fd00:1::6"), udp6("fd00:2::1"), udp(src="10.1.1.1")], now=1.0) == \
         [NEXT, DROP, DROP, DROP]
     assert rl.counters()["unmatched"] == 1 and rl.counters()["class.v6.dropped"] == 2
+
+
+def test_full_per_flow_table_evicts_the_least_recently_used_with_bounded_work():
+    # Each new flow used to scan every bucket once the table was full (24 ms a flow at 65,536).
+    rl = make({"classes": [{"name": "f", "rate": "1pps", "burst": 1, "per": "flow"}], "max_flows": 1000})
+    run(rl, [udp(src=f"10.0.{i >> 8}.{i & 255}") for i in range(1000)], now=1.0)
+    run(rl, [udp(src=f"10.0.{i >> 8}.{i & 255}") for i in range(500)], now=1.5)   # re-used: most recent
+    before = rl.swept
+    run(rl, [udp(src=f"10.9.0.{i}") for i in range(100)], now=1.6)
+    c = rl.counters()
+    assert c["flows"] == 1000 and c["flows_evicted"] == 100 and c["flows_freed"] == 0
+    assert rl.swept - before <= 500 + 4 * 100  # re-queued once each, then a few looks per new flow
+    # the evicted ones were the least recently used (flows 500..599): such a flow starts over with a
+    # full bucket, while a kept flow that spent its token is still over the rate
+    assert run(rl, [udp(src="10.0.2.44"), udp(src="10.0.2.188"), udp(src="10.0.0.1")], now=1.7) == [NEXT, DROP, DROP]
+
+
+def test_idle_per_flow_buckets_are_reclaimed_without_the_timer():
+    rl = make({"classes": [{"name": "f", "rate": "100pps", "burst": 1, "per": "flow"}]})
+    run(rl, [udp(src=f"10.0.{i >> 8}.{i & 255}") for i in range(2000)], now=1.0)
+    # 10 s later all are full again; the new flows free them as they come
+    run(rl, [udp(src=f"10.1.{i >> 8}.{i & 255}") for i in range(2000)], now=11.0)
+    assert rl.counters()["flows"] <= 2002 and rl.counters()["flows_freed"] >= 1998
+
+
+@pytest.mark.parametrize("mtu,overhead,size", [(1600, 0, 1600), (1600, 24, 1600), (9000, 14, 9000)])
+def test_default_burst_fits_the_largest_frame_of_the_network(mtu, overhead, size):
+    # the default byte burst used to be max(10 ms, 1600 B): every larger frame was too_big, so a
+    # tunnel network with MTU 1600 (or jumbo frames) lost all its large frames
+    rl = RateLimiter(validate_config(RateLimiter, {"classes": [{"name": "slow", "rate": "1mbit"}], "overhead": overhead}),
+                     FunctionContext(node="rl", mtu=mtu))
+    assert run(rl, [udp(size=size)], now=1.0) == [NEXT]
+    assert rl.counters()["too_big"] == 0
+    assert rl.classes[0].burst == mtu + overhead
+
+
+def test_explicit_burst_under_the_largest_frame_is_warned_and_counted():
+    logged = []
+    cfg = validate_config(RateLimiter, {"classes": [{"name": "small", "rate": "1mbit", "burst": 1500}]})
+    rl = RateLimiter(cfg, FunctionContext(node="rl", mtu=1600, log=lambda e, f: logged.append((e, f))))
+    assert logged and logged[0][0] == "config_warning" and "1600" in logged[0][1]["problem"]
+    assert run(rl, [udp(size=1500), udp(size=1501)], now=1.0) == [NEXT, DROP]
+    c = rl.counters()
+    assert c["too_big"] == 1 and c["class.small.too_big"] == 1
+    # packet rates count packets: no warning
+    logged.clear()
+    RateLimiter(validate_config(RateLimiter, {"classes": [{"name": "p", "rate": "10pps", "burst": 1}]}),
+                FunctionContext(node="rl", mtu=1600, log=lambda e, f: logged.append(e)))
+    assert logged == []

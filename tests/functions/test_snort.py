@@ -194,3 +194,109 @@ def test_matches_brute_force(contents, payload):
     s = SignatureSet([rule])
     expect = all(ref_found(c, payload) != c.negated for c in rule.contents)
     assert bool(s.match(payload, (1, 2, 6, 3, 4))) == expect
+
+
+# --- nested lists, and nothing but SnortSyntaxError out of the parser ------------------------------
+
+def _a(ip):
+    return FlowKey.of(ip, "10.9.9.9", "tcp", 1000, 80)
+
+
+def test_nested_address_and_port_lists():
+    s = SignatureSet.parse(
+        'alert tcp [10.0.0.1,[10.0.0.2,10.0.0.3]] any -> any 80 (msg:"nested"; sid:1;)\n'
+        'alert tcp [10.0.0.0/8,![10.0.0.1,10.0.0.2]] any -> any 81 (msg:"negated sublist"; sid:2;)\n'
+        'alert tcp $INNER any -> any [82, [443,8443]] (msg:"variable and spaces"; sid:3;)\n'
+        'alert tcp [any,!10.0.0.1] any -> any [83:100,![85,86]] (msg:"any in a list"; sid:4;)\n',
+        "x.rules", {"INNER": "[192.0.2.0/24,!$ONE]", "ONE": "192.0.2.1"})
+
+    def sids(src, dport):
+        return [r.sid for r in s.match(b"", FlowKey.of(src, "10.9.9.9", "tcp", 1000, dport))]
+    assert sids("10.0.0.3", 80) == [1] and sids("10.0.0.4", 80) == []
+    assert sids("10.0.0.3", 81) == [2] and sids("10.0.0.2", 81) == []
+    assert sids("192.0.2.5", 8443) == [3] and sids("192.0.2.1", 8443) == [] and sids("192.0.2.5", 444) == []
+    assert sids("10.0.0.5", 84) == [4] and sids("10.0.0.5", 85) == [] and sids("10.0.0.1", 84) == []
+    assert sids("fd00::1", 84) == [4]
+
+
+@pytest.mark.parametrize("rule,where", [
+    ('alert tcp [10.0.0.1 any -> any 80 (sid:1;)', "'[' not closed in the rule header"),
+    ('alert tcp 10.0.0.1] any -> any 80 (sid:1;)', "']' without '['"),
+    ('alert tcp [10.0.0.1,,10.0.0.2] any -> any 80 (sid:1;)', "empty item"),
+    ('alert tcp [10.0.0.1][10.0.0.2] any -> any 80 (sid:1;)', "after the closing ']'"),
+    ('alert tcp 10.0.0.1[10.0.0.2] any -> any 80 (sid:1;)', "unbalanced brackets"),
+    ('alert tcp ' + "[" * 40 + "10.0.0.1" + "]" * 40 + ' any -> any 80 (sid:1;)', "nested deeper than 16"),
+    ('alert tcp $SELF any -> any 80 (sid:1;)', "refers to itself"),
+    ('alert tcp any any -> any 80 (sid:²;)', "sid needs a number"),
+    ('alert tcp any any -> any ' + "9" * 5000 + ' (sid:1;)', "not a port"),
+])
+def test_list_and_number_errors_name_the_line(rule, where):
+    with pytest.raises(SnortSyntaxError) as ei:
+        SignatureSet.parse("# first line\n" + rule, "x.rules", {"SELF": "!!$SELF"})
+    assert str(ei.value).startswith("x.rules:2:") and where in str(ei.value)
+
+
+_VARS = {"LIST": "[10.0.0.0/8,[192.168.0.0/16,!192.168.1.1]]", "SELF": "$SELF", "NEG": "!!$LIST",
+         "PORTS": "[80,[443,!8443]]", "LOOP": "!$LOOP2", "LOOP2": "!!$LOOP"}
+_leaf_addr = st.sampled_from(["any", "10.0.0.1", "10.0.0.0/8", "fd00::/64", "$LIST", "$NEG", "$SELF", "$LOOP",
+                              "$HOME_NET", "300.1.1.1", "", "$PORTS"])
+_leaf_port = st.sampled_from(["any", "80", "1:1024", ":1024", "1024:", ":", "$PORTS", "$LIST", "99999", "²", "9" * 30, ""])
+
+
+def _nested(leaf):
+    return st.recursive(st.tuples(st.booleans(), leaf).map(lambda t: ("!" if t[0] else "") + t[1]),
+                        lambda ch: st.tuples(st.booleans(), st.lists(ch, max_size=3), st.booleans()).map(
+                            lambda t: ("!" if t[0] else "") + "[" + ",".join(t[1]) + ("]" if t[2] else "")),
+                        max_leaves=8)
+
+
+_number = st.one_of(st.sampled_from(["1", "0", "-1", "²", "٣", "9" * 5000, "", "1e3"]), st.text(max_size=4))
+_option = st.one_of(
+    st.builds(lambda k, v: f"{k}:{v};", st.sampled_from(["sid", "rev", "offset", "depth", "priority", "gid", "flow"]), _number),
+    st.builds(lambda v, neg: f'content:{"!" if neg else ""}"{v}";', st.text(max_size=8), st.booleans()),
+    st.sampled_from(["nocase;", 'msg:"x";', "msg:x;", 'content:"|0d 0a|";', 'content:"|0|";',
+                     "flow:established,to_server;", 'pcre:"/a/";', ";", '"', "\\"]),
+)
+_rule = st.builds(lambda a, pr, s, sp, d, dst, dp, opts: f"{a} {pr} {s} {sp} {d} {dst} {dp} ({' '.join(opts)})",
+                  st.sampled_from(["alert", "drop", "pass", "bogus"]), st.sampled_from(["tcp", "udp", "icmp", "ip"]),
+                  _nested(_leaf_addr), _nested(_leaf_port), st.sampled_from(["->", "<>", "<-"]),
+                  _nested(_leaf_addr), _nested(_leaf_port), st.lists(_option, max_size=6))
+
+
+@st.composite
+def _mutated_rule(draw):
+    r = draw(_rule)
+    for _ in range(draw(st.integers(0, 3))):
+        i = draw(st.integers(0, len(r)))
+        if draw(st.booleans()):
+            r = r[:i] + r[i + 1:]
+        else:
+            r = r[:i] + draw(st.sampled_from(list("[]!,()$;:\"|\\ \n"))) + r[i:]
+    return r
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_mutated_rule(), min_size=1, max_size=3).map("\n".join))
+def test_random_rule_text_only_raises_syntax_errors(text):
+    # nested or unclosed lists used to recurse until RecursionError, huge or non-ASCII numbers
+    # raised a bare ValueError from int()
+    try:
+        snort.parse_rules(text, "f.rules", _VARS)
+    except SnortSyntaxError as e:
+        assert str(e).startswith("f.rules:")
+
+
+def test_flow_tracker_full_evicts_least_recently_used_with_bounded_work():
+    ft = FlowTracker(max_flows=1000, idle_timeout=300)
+    keys = [(0x0A000000 + i, 0x0A640001, 6, 1000, 80) for i in range(1100)]
+    for k in keys[:1000]:
+        ft.observe(k, 0.0)
+    for k in keys[:500]:
+        ft.observe((k[1], k[0], 6, 80, 1000), 1.0)        # replies: established, and recently used
+    before = ft.swept
+    for k in keys[1000:]:
+        ft.observe(k, 2.0)
+    assert len(ft) == 1000 and ft.evicted == 100 and ft.swept - before <= 500 + 3 * 100
+    assert ft.observe(keys[0], 3.0) == (True, True)            # kept, still established
+    assert ft.observe(keys[550], 3.0) == (True, False)         # evicted: starts over
+    assert ft.expire(400.0, limit=10) == 10 and ft.expire(400.0) == 990 and len(ft) == 0

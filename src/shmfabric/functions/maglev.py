@@ -5,8 +5,8 @@ so that established flows stay on their backend, and HAProxy's admin states. Pur
 * `MaglevTable`: the lookup table of prime size M, filled by each backend in turn with the next
   free slot of its own permutation (`offset + j * skip mod M`). Every backend owns M/N slots give
   or take one, and when a backend leaves, only its slots and a small share of the others change.
-* `MaglevBalancer`: the table over the *ready* backends, a bounded flow table with idle expiry,
-  and the states `ready` (gets new flows), `drain` (keeps its flows, gets no new ones) and
+* `MaglevBalancer`: the table over the *ready* backends, a bounded flow table with idle expiry
+  (amortized O(1) per flow: see `_sweep`), and the states `ready` (gets new flows), `drain` (keeps its flows, gets no new ones) and
   `maint` (out: its flows are moved).
 
 Hashes are blake2b over backend names and CRC32 (`shmfabric.net.flow.flow_hash`) over 5-tuples:
@@ -15,6 +15,7 @@ stable across processes and runs, so several balancer instances with the same ba
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
@@ -117,9 +118,10 @@ class BackendState(str, Enum):
 
 @dataclass
 class _Flow:
-    __slots__ = ("backend", "expires")
+    __slots__ = ("backend", "expires", "placed")
     backend: str
     expires: float
+    placed: float  # `expires` when the flow was put at its place in the table's order (see _sweep)
 
 
 class MaglevBalancer:
@@ -128,8 +130,13 @@ class MaglevBalancer:
 
     `symmetric=True` gives both directions of a flow the same backend (for balancers that see
     replies too). Counters: `new_flows`, `moved_flows` (their backend went to maint or away),
-    `no_backend`, `table_full` (flows not remembered because the flow table was full; they still
-    get the consistent-hash choice, so they stay put unless membership changes)."""
+    `no_backend`, `expired_flows`, `flows_evicted` (live flows forgotten because the table held
+    `max_flows` and none had expired: the least recently used one goes; if it sends again it
+    gets the consistent-hash choice, the same backend unless membership changed meanwhile).
+
+    The flow table is kept in last-use order, lazily: a packet of a known flow only moves its
+    expiry time, and `_sweep` re-queues such a flow when it reaches the old end. Expiry and
+    eviction work from the old end, so each costs O(1) amortized, never a scan of the table."""
 
     def __init__(self, backends: Iterable[str] | Mapping[str, int] = (), *, table_size: int = DEFAULT_TABLE_SIZE,
                  seed: int = 0, flow_timeout: float = 300.0, max_flows: int = 1_000_000, symmetric: bool = False) -> None:
@@ -141,8 +148,13 @@ class MaglevBalancer:
         self.weights: dict[str, int] = ws
         self.states: dict[str, BackendState] = {b: BackendState.READY for b in ws}
         self.table: MaglevTable | None = None
-        self._flows: dict[FiveTuple, _Flow] = {}
-        self.new_flows = self.moved_flows = self.no_backend = self.table_full = 0
+        if max_flows < 1:
+            raise ValueError(f"max_flows must be at least 1, got {max_flows}")
+        # OrderedDict, not dict: popping a plain dict's first entry again and again is O(n) each
+        # (deleted slots at the front are skipped on every iter() until the next resize).
+        self._flows: OrderedDict[FiveTuple, _Flow] = OrderedDict()
+        self.new_flows = self.moved_flows = self.no_backend = self.expired_flows = self.flows_evicted = 0
+        self.swept = 0  # entries looked at by _sweep (a work count for tests)
         self._rebuild()
 
     # --- membership ----------------------------------------------------------------------------
@@ -193,13 +205,20 @@ class MaglevBalancer:
             return None
         backend = self.table.lookup(flow_hash(k, self.seed))
         self.new_flows += 1
-        if len(self._flows) >= self.max_flows:
-            self.expire(now)
-        if len(self._flows) < self.max_flows:
-            self._flows[k] = _Flow(backend, now + self.flow_timeout)
-        else:
-            self.table_full += 1
+        flows = self._flows
+        # a little expiry per new flow keeps the table near the live flows even when on_timer
+        # is not called; a full table then frees the least recently used flow
+        self._sweep(now, 2)
+        if len(flows) >= self.max_flows:
+            self._sweep(now, None, evict=len(flows) - self.max_flows + 1)
+        exp = now + self.flow_timeout
+        flows[k] = _Flow(backend, exp, exp)
         return backend
+
+    @property
+    def table_full(self) -> int:
+        """Old name of `flows_evicted` (a full table now forgets its least recently used flow)."""
+        return self.flows_evicted
 
     def pick_into(self, keys: Sequence[FiveTuple | int], now: float, out: bytearray, codes: Mapping[str, int],
                   none_code: int) -> int:
@@ -245,12 +264,48 @@ class MaglevBalancer:
         """`pick` per entry; entries that are not 5-tuples (a `Reason`) get None."""
         return [self.pick(k, now) if isinstance(k, tuple) else None for k in keys]  # type: ignore[arg-type]
 
-    def expire(self, now: float) -> int:
-        """Forget idle flows; returns how many."""
-        dead = [k for k, f in self._flows.items() if f.expires <= now]
-        for k in dead:
-            del self._flows[k]
-        return len(dead)
+    def _sweep(self, now: float, limit: int | None, evict: int = 0) -> int:
+        """Work from the old end of the flow table: forget expired flows, re-queue flows used
+        since they were placed, and stop at the first live one that was not (every flow behind
+        it was placed later and expires later). With `evict`, then forget that many live
+        flows from the old end too: the least recently used ones. `limit` bounds the entries
+        looked at (None: no bound). Returns how many flows expired.
+
+        Cost: each flow is looked at once when it expires or is evicted, plus once per time
+        it was re-queued, which needs a packet in between: O(1) amortized per packet."""
+        flows = self._flows
+        expired = 0
+        n = 0
+        while flows and (limit is None or n < limit):
+            k = next(iter(flows))
+            f = flows[k]
+            n += 1
+            if f.expires <= now:
+                del flows[k]
+                expired += 1
+            elif f.expires != f.placed:  # used since it was placed: to the new end
+                f.placed = f.expires
+                flows.move_to_end(k)
+            elif evict:
+                del flows[k]
+                evict -= 1
+                self.flows_evicted += 1
+            else:
+                break
+        self.swept += n
+        self.expired_flows += expired
+        return expired
+
+    def expire(self, now: float, limit: int | None = None) -> int:
+        """Forget idle flows (looking at no more than `limit` entries if given); returns how many."""
+        return self._sweep(now, limit)
+
+    def expire_pending(self, now: float) -> bool:
+        """True if the oldest entry of the flow table needs a look (expired or re-queue)."""
+        if not self._flows:
+            return False
+        f = next(iter(self._flows.values()))
+        return f.expires <= now or f.expires != f.placed
 
     def flows(self) -> int:
         return len(self._flows)

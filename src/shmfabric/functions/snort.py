@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_right
+from collections import OrderedDict
 import json
 import re
 from dataclasses import dataclass, field
@@ -166,7 +167,43 @@ class SnortRule:
 
 # --- parser ------------------------------------------------------------------------------------------
 
-_HEADER = re.compile(r"^(\S+)\s+(\S+)\s+(\S+|\[[^\]]*\])\s+(\S+|\[[^\]]*\])\s+(->|<>)\s+(\S+|\[[^\]]*\])\s+(\S+|\[[^\]]*\])\s*\((.*)\)\s*$", re.S)
+#: deepest nesting of [lists] accepted in addresses and ports (Snort's own rule sets use 2)
+_MAX_NEST = 16
+
+
+def _split_rule(p: "_Ctx", text: str) -> tuple[list[str], str]:
+    """The seven header words (a [list] is one word, spaces inside it dropped) and the options."""
+    text = text.strip()
+    i = text.find("(")
+    if i < 0 or not text.endswith(")"):
+        raise p.err("not a rule", "write: ACTION PROTO SRC SPORT -> DST DPORT (OPTIONS;)")
+    words: list[str] = []
+    buf, depth = "", 0
+    for ch in text[:i]:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise p.err("']' without '[' in the rule header", "every ] closes an earlier [")
+        if ch.isspace():
+            if depth == 0 and buf:
+                words.append(buf)
+                buf = ""
+            continue
+        buf += ch
+    if depth:
+        raise p.err("'[' not closed in the rule header", "close every address or port list with ], e.g. [10.0.0.1,10.0.0.2]")
+    if buf:
+        words.append(buf)
+    if len(words) != 7 or words[4] not in ("->", "<>"):
+        raise p.err("not a rule", "write: ACTION PROTO SRC SPORT -> DST DPORT (OPTIONS;)")
+    return words, text[i + 1:-1]
+
+
+def _is_number(val: str | None) -> bool:
+    """A whole number as rules write them: ASCII digits, at most 10 (str.isdigit() takes '²')."""
+    return val is not None and re.fullmatch(r"[0-9]{1,10}", val) is not None
 
 
 def _split_options(p: "_Ctx", body: str) -> list[tuple[str, str | None]]:
@@ -249,34 +286,77 @@ class _Ctx:
         return text
 
 
-def _list_items(text: str) -> tuple[list[str], bool]:
-    neg = False
-    if text.startswith("!"):
-        neg, text = True, text[1:]
-    if text.startswith("[") and text.endswith("]"):
-        return [t.strip() for t in text[1:-1].split(",") if t.strip()], neg
-    return [text], neg
+def _split_list(p: _Ctx, text: str, what: str) -> list[str]:
+    """The items of `[a,b,[c,d]]` at its top level; the brackets must pair up."""
+    items, buf, depth = [], "", 0
+    for k, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+            if depth == 1:
+                continue
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise p.err(f"']' without '[' in {what} '{text}'", "every ] closes an earlier [")
+            if depth == 0:
+                if text[k + 1:].strip():
+                    raise p.err(f"text after the closing ']' in {what} '{text}'",
+                                "join lists with a comma inside one [...]")
+                continue
+        if depth == 0 and not ch.isspace():
+            raise p.err(f"text before the '[' in {what} '{text}'", "a list is [a,b]; negate it with a leading !")
+        if ch == "," and depth == 1:
+            items.append(buf.strip())
+            buf = ""
+        else:
+            buf += ch
+    if depth:
+        raise p.err(f"'[' not closed in {what} '{text}'", "close the list with ]")
+    items.append(buf.strip())
+    if any(not it for it in items):
+        raise p.err(f"empty item in {what} '{text}'", "remove the extra comma; an empty list [] means nothing")
+    return items
+
+
+def _flatten(p: _Ctx, text: str, what: str, neg: bool = False, depth: int = 0) -> list[tuple[str, bool]]:
+    """The leaves of an address or port expression as (text, negated), variables resolved and
+    nested lists flattened. A `!` before a nested list negates each of its items, as Snort 2
+    does: `[10.0.0.0/8,![10.0.0.1,10.0.0.2]]` is 10.0.0.0/8 without the two addresses."""
+    if depth > _MAX_NEST:
+        raise p.err(f"{what} lists nested deeper than {_MAX_NEST} levels", "flatten the list")
+    text = text.strip()
+    for _ in range(_MAX_NEST):
+        while text.startswith("!"):
+            neg, text = not neg, text[1:].lstrip()
+        if not text.startswith("$"):
+            break
+        text = p.resolve(text).strip()
+    else:
+        raise p.err(f"variable in {what} '{text}' refers to itself or nests too deep")
+    if text.startswith("["):
+        out: list[tuple[str, bool]] = []
+        for item in _split_list(p, text, what):
+            out += _flatten(p, item, what, neg, depth + 1)
+        return out
+    if "[" in text or "]" in text:
+        raise p.err(f"unbalanced brackets in {what} '{text}'", "a list is [a,b], and may hold lists: [a,[b,c]]")
+    if not text:
+        raise p.err(f"empty {what}", "write any, or an item after the !")
+    return [(text, neg)]
 
 
 def _parse_addr(p: _Ctx, text: str) -> _Addr:
     text = p.resolve(text)
-    items, neg = _list_items(text)
+    neg = text.startswith("!")
+    leaves = _flatten(p, text[1:] if neg else text, "address")
     out = _Addr(negate=neg)
-    for it in items:
-        it = p.resolve(it)
-        if it.lstrip("!").startswith("["):
-            sub = _parse_addr(p, it)
-            if sub.negate:
-                raise p.err(f"nested negated list '{it}' is not supported", "write the negations item by item")
-            out.items += sub.items
-            continue
-        ineg = it.startswith("!")
-        body = it[1:] if ineg else it
+    if leaves == [("any", False)]:
+        return out  # plain any (with a top-level ! handled by negate)
+    for body, ineg in leaves:
         if body == "any":
             if ineg:
                 raise p.err("'!any' matches nothing", "remove the rule or the negation")
-            if len(items) == 1:
-                return out  # plain any (with a top-level ! handled by negate)
+            out.items += [(4, 0, 0, False), (6, 0, 0, False)]  # any address of either version
             continue
         try:
             net = ipaddress.ip_network(body, strict=False)
@@ -290,17 +370,15 @@ def _parse_addr(p: _Ctx, text: str) -> _Addr:
 
 def _parse_ports(p: _Ctx, text: str) -> _Ports:
     text = p.resolve(text)
-    items, neg = _list_items(text)
+    neg = text.startswith("!")
+    leaves = _flatten(p, text[1:] if neg else text, "port")
     out = _Ports(negate=neg)
-    for it in items:
-        it = p.resolve(it)
-        ineg = it.startswith("!")
-        body = it[1:] if ineg else it
+    if leaves == [("any", False)]:
+        return out
+    for body, ineg in leaves:
         if body == "any":
-            if len(items) == 1 and not ineg:
-                return out
             raise p.err("'any' inside a port list", "use any alone")
-        m = re.fullmatch(r"(\d*):(\d*)|(\d+)", body)
+        m = re.fullmatch(r"([0-9]{0,9}):([0-9]{0,9})|([0-9]{1,9})", body)
         if not m or body == ":":
             raise p.err(f"not a port: '{body}'", "write any, 80, 1:1024, 1024:, [80,443] or $VAR")
         if m.group(3):
@@ -317,10 +395,7 @@ def _parse_ports(p: _Ctx, text: str) -> _Ports:
 def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> SnortRule:
     """Parse one Snort rule; raises `SnortSyntaxError`."""
     p = _Ctx(source, line, {"HOME_NET": "any", "EXTERNAL_NET": "any", **(variables or {})})
-    m = _HEADER.match(text.strip())
-    if not m:
-        raise p.err("not a rule", "write: ACTION PROTO SRC SPORT -> DST DPORT (OPTIONS;)")
-    action, proto, src, sport, direction, dst, dport, body = m.groups()
+    (action, proto, src, sport, direction, dst, dport), body = _split_rule(p, text)
     if action not in ACTIONS:
         raise p.err(f"unknown action '{action}'", "use one of " + ", ".join(ACTIONS))
     if proto not in PROTOS:
@@ -334,7 +409,7 @@ def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Map
         if key == "msg":
             rule.msg = _unquote(p, val, "msg")
         elif key in ("sid", "rev"):
-            if val is None or not val.isdigit():
+            if not _is_number(val):
                 raise p.err(f"{key} needs a number", f"write {key}:1000001;")
             setattr(rule, key, int(val))
         elif key == "content":
@@ -347,7 +422,7 @@ def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Map
             if key == "nocase":
                 last.nocase = True
             else:
-                if val is None or not val.isdigit():
+                if not _is_number(val):
                     raise p.err(f"{key} needs a non-negative number", f"write {key}:4;")
                 setattr(last, key, int(val))
                 if key == "depth" and int(val) < len(last.pattern):
@@ -371,7 +446,7 @@ def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Map
         elif key == "classtype":
             rule.classtype = val or ""
         elif key == "priority":
-            if val is None or not val.isdigit():
+            if not _is_number(val):
                 raise p.err("priority needs a number", "write priority:2;")
             rule.priority = int(val)
         elif key in _IGNORED:
@@ -712,12 +787,26 @@ class FlowTracker:
     """Tells, per packet, whether it goes to the server and whether its flow is established, as
     Snort's `flow:` option needs. The client is whoever sent the first packet seen of a flow (or
     the SYN sender); a flow is established once packets were seen both ways. Bounded, with idle
-    expiry driven by `now`."""
+    expiry driven by `now`.
+
+    The table is kept in last-use order, lazily: a packet of a known flow only moves its expiry,
+    and `_sweep` re-queues such a flow when it reaches the old end. Expiry and eviction work
+    from the old end, O(1) amortized per packet. A new flow that finds the table full (`max_flows`
+    flows, none expired) evicts the least recently used flow (`evicted` counts them); if that
+    flow sends again it starts over: its next packet's sender is taken as the client, and it is
+    not established until a reply is seen."""
 
     def __init__(self, max_flows: int = 262_144, idle_timeout: float = 300.0) -> None:
+        if max_flows < 1:
+            raise ValueError(f"max_flows must be at least 1, got {max_flows}")
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
-        self._flows: dict[FiveTuple, list] = {}  # canonical key -> [client-side key, replied, expires]
+        # canonical key -> [client-side key, replied, expires, placed]; `placed` is the expiry the
+        # flow had when put at its place in the order. OrderedDict: popping a plain dict's first
+        # entry again and again costs O(n) each (deleted slots at the front are skipped each time).
+        self._flows: OrderedDict[FiveTuple, list] = OrderedDict()
+        self.expired = self.evicted = 0
+        self.swept = 0  # entries looked at by _sweep (a work count for tests)
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -725,29 +814,64 @@ class FlowTracker:
     def observe(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> tuple[bool, bool]:
         """(to_server, established) for this packet, updating the flow's state."""
         c = canonical(key)
-        st = self._flows.get(c)
+        flows = self._flows
+        st = flows.get(c)
+        exp = now + self.idle_timeout
         if st is None or st[2] <= now:
-            if len(self._flows) >= self.max_flows:
-                self.expire(now)
-                if len(self._flows) >= self.max_flows:
-                    self._flows.pop(next(iter(self._flows)))  # oldest-inserted goes first
+            if st is not None:
+                del flows[c]  # expired: re-inserted at the new end below
+            self._sweep(now, 2)
+            if len(flows) >= self.max_flows:
+                self._sweep(now, None, len(flows) - self.max_flows + 1)
             # A SYN-ACK seen first means its receiver is the client.
             client = key
             if tcp_flags & 0x12 == 0x12:
                 src, dst, proto, sport, dport = key
                 client = (dst, src, proto, dport, sport)
-            st = self._flows[c] = [client, False, 0.0]
+            st = flows[c] = [client, False, exp, exp]
         to_server = key == st[0]
         if not to_server:
             st[1] = True
-        st[2] = now + self.idle_timeout
+        st[2] = exp
         return to_server, bool(st[1])
 
-    def expire(self, now: float) -> int:
-        dead = [k for k, st in self._flows.items() if st[2] <= now]
-        for k in dead:
-            del self._flows[k]
-        return len(dead)
+    def _sweep(self, now: float, limit: int | None, evict: int = 0) -> int:
+        """From the old end: forget expired flows, re-queue flows used since they were placed,
+        stop at the first live one that was not (all behind it were placed later); with `evict`,
+        forget that many such least recently used flows first. `limit` bounds the entries looked
+        at. Returns how many expired."""
+        flows = self._flows
+        expired = n = 0
+        while flows and (limit is None or n < limit):
+            k = next(iter(flows))
+            st = flows[k]
+            n += 1
+            if st[2] <= now:
+                del flows[k]
+                expired += 1
+            elif st[2] != st[3]:
+                st[3] = st[2]
+                flows.move_to_end(k)
+            elif evict:
+                del flows[k]
+                evict -= 1
+                self.evicted += 1
+            else:
+                break
+        self.swept += n
+        self.expired += expired
+        return expired
+
+    def expire(self, now: float, limit: int | None = None) -> int:
+        """Forget idle flows (looking at no more than `limit` entries if given); returns how many."""
+        return self._sweep(now, limit)
+
+    def expire_pending(self, now: float) -> bool:
+        """True if the oldest entry needs a look (it expired, or was used since it was placed)."""
+        if not self._flows:
+            return False
+        st = next(iter(self._flows.values()))
+        return st[2] <= now or st[2] != st[3]
 
 
 @dataclass

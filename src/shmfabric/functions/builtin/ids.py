@@ -3,6 +3,11 @@
 In `alert` mode every packet passes and matches are reported; in `drop` mode (inline IPS) a packet
 that fires a drop/reject rule is dropped. Each alert is one structured log line (JSON) plus
 counters per sid.
+
+IP fragments (IPv4 with MF set or an offset, IPv6 with a Fragment header) are not reassembled, so
+a signature could be split across them: `fragments: drop` (the default in drop mode) drops every
+fragment, `pass` (the default in alert mode) passes them, inspecting a first fragment's own
+payload. Both count them (`fragments`, `fragments_dropped`).
 """
 from __future__ import annotations
 
@@ -15,9 +20,28 @@ from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.snort import Ids, IdsVerdict, SignatureSet, SnortSyntaxError, load
 from shmfabric.net.flow import classify_batch, l4_payload_span, parse_5tuple_ip
 
-# IPv4 without options at fixed offsets: (version/IHL, total length, UDP length | TCP data offset)
-_UDP4 = struct.Struct("!BxH20xH").unpack_from
-_TCP4 = struct.Struct("!BxH28xB").unpack_from
+# IPv4 without options at fixed offsets: (version/IHL, total length, flags/fragment,
+# UDP length | TCP data offset)
+_UDP4 = struct.Struct("!BxH2xH16xH").unpack_from
+_TCP4 = struct.Struct("!BxH2xH24xB").unpack_from
+_V6_EXT = frozenset((0, 43, 60, 51))  # hop-by-hop, routing, destination options, AH
+
+
+def _is_fragment(f: Any) -> bool:
+    """An IPv4 packet with MF set or a fragment offset, or IPv6 with a Fragment header (44)
+    among its first extension headers."""
+    n = len(f)
+    if n >= 20 and f[0] >> 4 == 4:
+        return bool((f[6] & 0x3F) or f[7])
+    if n >= 40 and f[0] >> 4 == 6:
+        nh, pos = f[6], 40
+        for _ in range(9):
+            if nh == 44:
+                return True
+            if nh not in _V6_EXT or pos + 2 > n:
+                return False
+            nh, pos = f[pos], pos + ((f[pos + 1] + 2) * 4 if nh == 51 else (f[pos + 1] + 1) * 8)
+    return False
 # version/IHL, total length, flags/fragment, protocol, UDP length, TCP data offset
 _IP_HDR = struct.Struct("!BxH2xHxB14xH6xB").unpack_from
 # the same after FrameBatch.gather's length word; records are padded to the batch's longest frame,
@@ -60,6 +84,9 @@ class IdsConfig(BaseModel):
     log_alerts: bool = Field(True, description="one JSON line per alert on stderr")
     engine: Literal["auto", "hyperscan", "pyahocorasick"] = Field(
         "auto", description="pattern matcher: auto (hyperscan if installed), hyperscan or pyahocorasick")
+    fragments: Literal["drop", "pass"] | None = Field(
+        None, description="IP fragments, which are not reassembled: drop (default in drop mode) or pass "
+                          "(default in alert mode); counted either way")
 
     @model_validator(mode="after")
     def _parse(self) -> "IdsConfig":
@@ -91,13 +118,28 @@ class IdsFunction:
         self.ctx = ctx or FunctionContext()
         self.cfg = config
         self.ids = Ids(config.signatures, mode=config.mode)
-        self.seen = self.no_5tuple = 0
+        self.seen = self.no_5tuple = self.fragments = self.fragments_dropped = 0
+        self._frag_drop = self._fragment_policy(config) == "drop"
+
+    @staticmethod
+    def _fragment_policy(config: IdsConfig) -> str:
+        return config.fragments or ("drop" if config.mode == "drop" else "pass")
 
     def reconfigure(self, config: IdsConfig) -> None:
         """New signatures or mode; flow state is kept."""
         self.cfg = config
         self.ids.signatures = config.signatures
         self.ids.mode = config.mode
+        self._frag_drop = self._fragment_policy(config) == "drop"
+
+    def _fragment(self, i: int, out: bytearray) -> bool:
+        """Count fragment frames[i]; True if it is dropped (and so not inspected)."""
+        self.fragments += 1
+        if self._frag_drop:
+            out[i] = Verdict.DROP
+            self.fragments_dropped += 1
+            return True
+        return False
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         if not self.ids.signatures.needs_every_key:
@@ -110,18 +152,26 @@ class IdsFunction:
         idx: list[int] = []
         for i, f in enumerate(frames):
             if keys[i].__class__ is not tuple:
-                self.no_5tuple += 1
+                if _is_fragment(f):
+                    self._fragment(i, out)  # a non-first fragment: nothing to inspect either way
+                else:
+                    self.no_5tuple += 1
                 continue
             proto = keys[i][2]
             n = len(f)
+            span = None
             if proto == 17 and n >= 28:
-                vihl, tlen, ulen = _UDP4(f)
-                span = (28, 20 + ulen) if vihl == 0x45 and 8 <= ulen <= tlen - 20 and tlen <= n else l4_payload_span(f, "ip")
+                vihl, tlen, ff, ulen = _UDP4(f)
+                if vihl == 0x45 and not ff & 0x3FFF and 8 <= ulen <= tlen - 20 and tlen <= n:
+                    span = (28, 20 + ulen)
             elif proto == 6 and n >= 40:
-                vihl, tlen, doff = _TCP4(f)
+                vihl, tlen, ff, doff = _TCP4(f)
                 hl = (doff >> 4) * 4
-                span = (20 + hl, tlen) if vihl == 0x45 and 20 <= hl and 20 + hl <= tlen <= n else l4_payload_span(f, "ip")
-            else:
+                if vihl == 0x45 and not ff & 0x3FFF and 20 <= hl and 20 + hl <= tlen <= n:
+                    span = (20 + hl, tlen)
+            if span is None:  # not the plain case: a first fragment, options, IPv6, ICMP, ...
+                if _is_fragment(f) and self._fragment(i, out):
+                    continue
                 span = l4_payload_span(f, "ip")
             if span is None:
                 continue
@@ -152,7 +202,7 @@ class IdsFunction:
             if size >= _GATHERED.size:
                 base, i = 4, 0
                 for nb, vihl, tlen, ff, proto, ulen, off in _gathered(size).iter_unpack(data):
-                    if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= nb:
+                    if vihl == 0x45 and not ff & 0x3FFF and 20 <= tlen <= nb:
                         if proto == 17:
                             if 8 <= ulen <= tlen - 20:
                                 add(data[base + 28:base + 20 + ulen])
@@ -177,7 +227,7 @@ class IdsFunction:
             for i, f in enumerate(frames):
                 if len(f) >= 33:
                     vihl, tlen, ff, proto, ulen, off = _IP_HDR(f)
-                    if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= len(f):
+                    if vihl == 0x45 and not ff & 0x3FFF and 20 <= tlen <= len(f):
                         if proto == 17:
                             if 8 <= ulen <= tlen - 20:
                                 add((f if f.__class__ is bytes else bytes(f))[28:20 + ulen])
@@ -194,8 +244,12 @@ class IdsFunction:
             extra = []
             for i in slow:
                 f = frames[i]
+                frag = _is_fragment(f)
+                if frag and self._fragment(i, out):
+                    continue
                 if parse_5tuple_ip(f).__class__ is not tuple:
-                    self.no_5tuple += 1
+                    if not frag:
+                        self.no_5tuple += 1
                     continue
                 span = l4_payload_span(f, "ip")
                 if span is not None:
@@ -219,12 +273,21 @@ class IdsFunction:
             if verdict is IdsVerdict.DROP:
                 out[p] = Verdict.DROP
 
-    def on_timer(self, now: float) -> None:
-        self.ids.flows.expire(now)
+    def on_timer(self, now: float) -> float | None:
+        """Forget idle flows, a bounded slice per call: called again at once (the runtime checks
+        its timer before each batch) while there is more, else in a second. None when no rule
+        needs flow state (nothing is tracked)."""
+        flows = self.ids.flows
+        if not len(flows):
+            return None if not self.ids.signatures.uses_flow else now + 1.0
+        flows.expire(now, 4096)
+        return now if flows.expire_pending(now) else now + 1.0
 
     def counters(self) -> dict[str, int]:
         c = {"seen": self.seen, "alerts": self.ids.alerts, "dropped": self.ids.dropped, "passed": self.ids.passed,
-             "no_5tuple": self.no_5tuple, "patterns": self.ids.signatures.patterns,
+             "no_5tuple": self.no_5tuple, "fragments": self.fragments, "fragments_dropped": self.fragments_dropped,
+             "flows": len(self.ids.flows), "flows_expired": self.ids.flows.expired,
+             "flows_evicted": self.ids.flows.evicted, "patterns": self.ids.signatures.patterns,
              "rules": len(self.ids.signatures.rules)}
         for sid, hits in self.ids.counters().items():
             if hits:

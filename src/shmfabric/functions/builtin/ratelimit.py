@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,6 +42,8 @@ from shmfabric.functions.builtin._match import CompiledMatch, Match
 from shmfabric.net.flow import parse_5tuple_ip
 
 NEXT, DROP, CONSUMED = int(Verdict.NEXT), int(Verdict.DROP), int(Verdict.CONSUMED)
+#: per-flow buckets one on_timer call looks at per class (~0.3 µs each); more waits for the next call
+SWEEP_SLICE = 4096
 
 # --- rates and sizes as people write them --------------------------------------------------------
 
@@ -110,12 +112,13 @@ class Bucket:
     For shaping it also holds a FIFO of (cost, frame copy) waiting for tokens.
     """
 
-    __slots__ = ("rate", "burst", "tokens", "last", "queue", "qcost", "in_heap")
+    __slots__ = ("rate", "burst", "tokens", "last", "queue", "qcost", "in_heap", "placed")
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
         self.rate, self.burst = rate, burst
         self.tokens = burst
         self.last: float | None = None
+        self.placed = now  # per-flow buckets: `last` when put at its place in the LRU order
         self.queue: deque[tuple[float, bytes]] | None = None
         self.qcost = 0.0
         self.in_heap = False
@@ -161,7 +164,8 @@ class ClassConfig(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     match: Match = Field(default_factory=Match, description="header match; empty = every packet")
     rate: str = Field(description="e.g. 1000pps, 10mbit, 5MB/s")
-    burst: str | int | None = Field(None, description="packets or bytes; default 10 ms at the rate, at least one packet")
+    burst: str | int | None = Field(None, description="packets or bytes; default 10 ms at the rate, at least one "
+                                                     "packet (for byte rates: the largest frame the network carries)")
     per: Literal["class", "flow"] = "class"
     mode: Literal["police", "shape"] | None = Field(None, description="default: the function's mode")
 
@@ -188,12 +192,14 @@ class ClassConfig(BaseModel):
                              f"use at least the largest packet size (e.g. 1600 or 16kB)")
         return self
 
-    def bucket_params(self) -> tuple[float, float, bool]:
-        """(rate, burst, counts_bytes)."""
+    def bucket_params(self, max_frame: float = 1600.0) -> tuple[float, float, bool]:
+        """(rate, burst, counts_bytes). `max_frame`: the largest cost of one frame for byte rates
+        (the network's MTU plus `overhead`), the least default burst, so that every frame the
+        network can carry fits in a full bucket."""
         rate, kind = parse_rate(self.rate)
         by_bytes = kind == "bytes"
         if self.burst is None:
-            burst = max(rate * 0.01, 1600.0 if by_bytes else 1.0)
+            burst = max(rate * 0.01, float(max_frame) if by_bytes else 1.0)
         else:
             burst = parse_size(self.burst)
         return rate, burst, by_bytes
@@ -208,7 +214,8 @@ class RateLimitConfig(BaseModel):
     unparsed: Literal["pass", "drop"] = Field("pass", description="frames without a 5-tuple (malformed, not IP)")
     overhead: int = Field(0, ge=0, le=1000, description="bytes added to each packet's length for byte rates "
                                                        "(e.g. 14 for an Ethernet header, 24 for preamble+FCS+gap too)")
-    max_flows: int = Field(65536, ge=1, le=10_000_000, description="per-flow buckets kept (idle full ones are freed first)")
+    max_flows: int = Field(65536, ge=1, le=10_000_000, description="per-flow buckets kept; when full, idle "
+                           "(refilled) ones are freed first, then the least recently used (flows_evicted)")
     queue_limit: int = Field(1000, ge=1, le=1_000_000, description="shaping: frames queued per bucket")
     max_queued: int = Field(100_000, ge=1, le=10_000_000, description="shaping: frames held in all queues")
     max_delay: float = Field(0.5, gt=0, le=60, description="shaping: a frame that would wait longer is dropped")
@@ -228,16 +235,18 @@ class _Class:
     """A compiled class and its counters."""
 
     __slots__ = ("name", "match", "rate", "burst", "by_bytes", "per_flow", "shape", "bucket", "flows",
-                 "passed", "dropped", "delayed", "released", "too_big")
+                 "passed", "dropped", "delayed", "released", "too_big", "explicit_burst")
 
-    def __init__(self, c: ClassConfig, default_mode: str) -> None:
+    def __init__(self, c: ClassConfig, default_mode: str, max_frame: int) -> None:
         self.name = c.name
         self.match = CompiledMatch(c.match)
-        self.rate, self.burst, self.by_bytes = c.bucket_params()
+        self.rate, self.burst, self.by_bytes = c.bucket_params(max_frame)
+        self.explicit_burst = c.burst is not None
         self.per_flow = c.per == "flow"
         self.shape = (c.mode or default_mode) == "shape"
         self.bucket = None if self.per_flow else Bucket(self.rate, self.burst)
-        self.flows: dict[tuple, Bucket] = {}
+        # per-flow buckets in least-recently-used order, kept lazily (see RateLimiter._sweep)
+        self.flows: OrderedDict[tuple, Bucket] = OrderedDict()
         self.passed = self.dropped = self.delayed = self.released = self.too_big = 0
 
 
@@ -256,12 +265,25 @@ class RateLimiter:
         self._seq = 0
         self.held = 0
         self.c = {"passed": 0, "dropped": 0, "delayed": 0, "released": 0, "shape_dropped": 0, "unparsed": 0,
-                  "unmatched": 0, "flows_evicted": 0, "too_big": 0}
+                  "unmatched": 0, "flows_evicted": 0, "flows_freed": 0, "too_big": 0}
+        self.swept = 0  # per-flow buckets looked at by _sweep (a work count for tests)
         self._configure(config)
 
     def _configure(self, config: RateLimitConfig) -> None:
         self.cfg = config
-        self.classes = [_Class(c, config.mode) for c in config.classes]
+        # the dearest frame: the network's largest (ctx.mtu, set by the runtime) plus the overhead
+        max_frame = self.ctx.mtu + config.overhead
+        self.classes = [_Class(c, config.mode, max_frame) for c in config.classes]
+        self._per_flow = [cl for cl in self.classes if cl.per_flow]
+        for cl in self.classes:
+            if cl.by_bytes and cl.burst < max_frame:
+                # tc's tbf has the same limit: a frame over the burst never conforms (too_big)
+                self.ctx.log("config_warning", {
+                    "node": self.ctx.node, "class": cl.name,
+                    "problem": f"burst {cl.burst:g} bytes is smaller than the largest frame this network carries "
+                               f"({self.ctx.mtu} + overhead {config.overhead} = {max_frame} bytes): larger frames "
+                               f"are dropped and counted as too_big",
+                    "fix": f"set burst to at least {max_frame}, or leave it out for the default"})
         self._cache: dict[tuple, _Class | None] = {}  # 5-tuple -> class (bounded by max_flows)
         self._next_gc = 0.0
 
@@ -286,36 +308,82 @@ class RateLimiter:
     def _flow_bucket(self, cl: _Class, key: tuple, now: float) -> Bucket:
         b = cl.flows.get(key)
         if b is None:
+            self._sweep(cl, now, 2)  # a little reclaiming per new flow, even without on_timer
             if self._n_flows() >= self.cfg.max_flows:
-                self._gc(now)
-                if self._n_flows() >= self.cfg.max_flows:
-                    self._evict_one(now)
-            b = cl.flows[key] = Bucket(cl.rate, cl.burst)
+                self._evict_lru(now)
+            b = cl.flows[key] = Bucket(cl.rate, cl.burst, now)
         return b
 
     def _n_flows(self) -> int:
-        return sum(len(cl.flows) for cl in self.classes)
+        return sum(len(cl.flows) for cl in self._per_flow)
 
-    def _evict_one(self, now: float) -> None:
-        """Drop the oldest per-flow bucket that holds no frames (its flow gets a fresh burst later)."""
-        for cl in self.classes:
-            for k, b in cl.flows.items():
-                if not b.queue:
-                    del cl.flows[k]
-                    self.c["flows_evicted"] += 1
-                    return
+    def _sweep(self, cl: _Class, now: float, limit: int | None) -> int:
+        """From the least recently used end of `cl.flows`: free buckets that refilled completely
+        (a new one would be identical), re-queue buckets used since they were placed, and stop
+        at the first one that is neither: it is the least recently used bucket of the class.
 
-    def _gc(self, now: float) -> int:
-        """Free per-flow buckets that refilled completely: a new one would be identical."""
-        freed = 0
-        for cl in self.classes:
-            if cl.flows:
-                idle = [k for k, b in cl.flows.items() if b.idle_full(now)]
-                for k in idle:
-                    del cl.flows[k]
-                freed += len(idle)
-        self._next_gc = now + self.cfg.gc_interval
+        Each bucket is looked at once when it is freed, plus once per re-queue, which needs a
+        packet in between: O(1) amortized. A bucket is certainly full `burst / rate` seconds
+        after its last use, and buckets are ordered by last use, so none stays longer than that
+        plus one sweep interval. `limit` bounds the buckets looked at; returns how many freed."""
+        flows = cl.flows
+        freed = n = 0
+        while flows and (limit is None or n < limit):
+            k = next(iter(flows))
+            b = flows[k]
+            n += 1
+            if not b.queue and b.idle_full(now):
+                del flows[k]
+                freed += 1
+            elif b.last is not None and b.last != b.placed:
+                b.placed = b.last
+                flows.move_to_end(k)
+            else:
+                break
+        self.swept += n
+        self.c["flows_freed"] += freed
         return freed
+
+    def _evict_lru(self, now: float) -> None:
+        """The table is full: free what refilled, else drop the least recently used bucket that
+        holds no frames (its flow starts over with a full bucket if it sends again). Buckets
+        holding frames are skipped; if the few looked at all do, the table goes over max_flows
+        for now (by at most the frames held, max_queued)."""
+        for _ in range(8):
+            best: tuple[float, _Class] | None = None
+            for cl in self._per_flow:
+                if self._sweep(cl, now, None):
+                    return  # freed an idle one: room
+                if cl.flows:
+                    b = next(iter(cl.flows.values()))
+                    t = b.last if b.last is not None else now
+                    if best is None or t < best[0]:
+                        best = (t, cl)
+            if best is None:
+                return
+            cl = best[1]
+            k = next(iter(cl.flows))
+            b = cl.flows[k]
+            if b.queue:  # shaping it: in use, to the new end
+                b.placed = b.last
+                cl.flows.move_to_end(k)
+                continue
+            del cl.flows[k]
+            self.c["flows_evicted"] += 1
+            return
+
+    def _gc(self, now: float) -> bool:
+        """Free per-flow buckets that refilled completely, a bounded slice per class; True if
+        there is more to do."""
+        more = False
+        for cl in self._per_flow:
+            self._sweep(cl, now, SWEEP_SLICE)
+            if cl.flows:
+                b = next(iter(cl.flows.values()))
+                if (not b.queue and b.idle_full(now)) or (b.last is not None and b.last != b.placed):
+                    more = True
+        self._next_gc = now if more else now + self.cfg.gc_interval
+        return more
 
     # -- the batch -----------------------------------------------------------------------------------
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
@@ -412,7 +480,7 @@ class RateLimiter:
             self._release(now)
         if now >= self._next_gc:
             self._gc(now)
-        return self._next_gc if any(cl.per_flow for cl in self.classes) else None
+        return self._next_gc if self._per_flow else None
 
     def counters(self) -> dict[str, int | float]:
         c: dict[str, int | float] = dict(self.c)
@@ -424,6 +492,8 @@ class RateLimiter:
             p = f"class.{cl.name}."
             c[p + "passed"], c[p + "dropped"] = cl.passed, cl.dropped
             c[p + "delayed"], c[p + "released"] = cl.delayed, cl.released
+            if cl.too_big:
+                c[p + "too_big"] = cl.too_big
             if cl.per_flow:
                 c[p + "flows"] = len(cl.flows)
         return c

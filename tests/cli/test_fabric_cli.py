@@ -148,3 +148,52 @@ def test_every_create_inspect_and_demo_flag_has_help():
                 assert action.help, f"{verb} {action.option_strings or action.dest} has no help text"
     out = " ".join(sf("create", "--help").stdout.split())
     assert "--tape-entry-size TAPE_ENTRY_SIZE bytes of one tape entry" in out, out
+
+
+def test_destroy_removes_only_regions(tmp_path, name):
+    # `destroy PATH` unlinked any file named by a path, fabric or not (`destroy examples/edge.yaml`
+    # deleted the config; the tool runs as root).
+    victim = tmp_path / "edge.yaml"
+    victim.write_text("fabric: {name: edge}\n")
+    r = sf("destroy", str(victim))
+    assert r.returncode == 2 and "not a shmfabric region" in r.stderr and "not removed" in r.stderr, r.stderr
+    assert victim.read_text() == "fabric: {name: edge}\n"
+    r = sf("destroy", str(tmp_path))
+    assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
+    # a real region, by its path, goes; by its name too, even half made (a creation that died)
+    assert sf("create", name).returncode == 0
+    path = json.loads(sf("inspect", name, "--json").stdout)["path"]
+    r = sf("destroy", path, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["path"] == path
+    half = f"{name}-half"
+    with open(f"/dev/shm/shmfabric-{half}", "wb"):
+        pass
+    r = sf("inspect", half)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert sf("destroy", half).returncode == 0
+    r = sf("destroy", half)
+    assert r.returncode == 2 and "no fabric named" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["inspect", "x", "--watch", "-1"], "--watch -1"),
+    (["inspect", "x", "--watch", "nan"], "--watch nan"),
+    (["inspect", "x", "--watch", "inf", "--count", "1"], "--watch inf"),
+    (["inspect", "x", "--count", "3"], "with --watch"),
+    (["bench", "chain", "--sizes", "x"], "--sizes 'x'"),
+    (["bench", "chain", "--sizes", "10"], "10 is out of range"),
+    (["bench", "chain", "--seconds", "-1"], "--seconds -1"),
+])
+def test_bad_watch_and_bench_arguments_are_one_line_errors(args, needle):
+    # each was a traceback (ValueError, OverflowError), a table of zeros, or (a size the
+    # generator refuses) a bench that hung for ever
+    r = sf(*args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_create_refuses_a_region_larger_than_the_free_space(name):
+    # A sparse file is created fine at any size: 17.6 TB on a 24 GB /dev/shm was accepted, and
+    # its nodes would have died of SIGBUS once the pages ran out.
+    r = sf("create", name, "--max-nodes", "1024", "--ring-size", "1048576")
+    assert r.returncode == 2 and "free" in r.stderr and "smaller ring_size" in r.stderr, r.stderr
+    assert not Fabric.destroy(name)  # nothing was left behind

@@ -429,3 +429,21 @@ def test_in_use_names_every_node_and_the_way_out(tmp_path):
         holder.kill()
         holder.wait()
         Fabric.destroy(name)
+
+
+def test_a_reload_keeps_the_fabric_and_api_the_command_line_set(run_topology, tmp_path):
+    """`up FILE --fabric X` runs FILE's topology on fabric X: a reload of FILE (which names another
+    fabric) failed with "the fabric: section changed", so such a manager could not be reloaded."""
+    from pathlib import Path
+
+    from shmfabric.manager.supervisor import SupervisorError
+
+    sup = run_topology(chain())
+    running = sup.topo.fabric.name
+    path = Path(sup.source)
+    path.write_text(path.read_text().replace(running, "edge").replace("conntrack off", "conntrack off\\nth dport 9 drop"))
+    with pytest.raises(SupervisorError, match="fabric"):
+        sup.reload_file()  # nothing pinned: another fabric is refused, as before
+    sup.pinned = {"fabric": running, "api": sup.topo.api}
+    assert sup.reload_file()["reconfigured"] == ["fw"]
+    assert sup.topo.fabric.name == running

@@ -329,7 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     _chain_flags(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     a = p.parse_args(argv)
-    rows = run([int(x) for x in a.sizes.split(",")], a.seconds)
+    from shmfabric.functions.builtin.generator import MIN_SIZE
+
+    try:
+        sizes = [int(x) for x in a.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes {a.sizes!r}: give frame sizes in bytes, comma-separated (e.g. 64,1500)")
+    bad = [x for x in sizes if not MIN_SIZE <= x <= 9000]
+    if bad:
+        p.error(f"--sizes: {bad[0]} is out of range; the chain's frames are {MIN_SIZE}..9000 bytes")
+    if not 0 < a.seconds < float("inf"):
+        p.error(f"--seconds {a.seconds:g}: give the seconds per size and transport, a number above 0")
+    rows = run(sizes, a.seconds)
     if a.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -70,11 +70,18 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from shmfabric.fabric import Fabric
+    from shmfabric.core.region import region_path
+    from shmfabric.fabric import Fabric, FabricError
 
-    if not Fabric.destroy(args.name):
-        raise CliError(f"no fabric named {args.name!r}")
-    if not getattr(args, "json", False):
+    try:
+        gone = Fabric.destroy(args.name)
+    except FabricError as e:  # a path that is not a region: nothing removed
+        raise CliError(str(e)) from None
+    if not gone:
+        raise CliError(f"no fabric named {args.name!r} (no file {region_path(args.name)})")
+    if getattr(args, "json", False):
+        print(json.dumps({"destroyed": args.name, "path": str(region_path(args.name))}))
+    else:
         print(f"destroyed fabric {args.name}")
     return 0
 
@@ -130,6 +137,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from shmfabric.fabric import Fabric, FabricError
 
+    if not (args.watch == 0 or 0.05 <= args.watch <= 3600):  # nan fails both
+        raise CliError(f"--watch {args.watch:g}: give the seconds between refreshes, 0.05 to 3600 (0: no refresh)")
+    if args.count < 0 or (args.count and not args.watch):
+        raise CliError(f"--count {args.count}: give a number of refreshes (0 or more), with --watch")
     try:
         fab = Fabric.open(args.name)
     except FabricError as e:

@@ -173,7 +173,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             old = json.loads(state_file.read_text())
             if _pid_alive(int(old.get("pid", 0))):
                 raise CliError(f"a manager (pid {old['pid']}) already runs fabric {topo.fabric.name!r}; "
-                               "stop it with `shmfabric down` first")
+                               f"stop it with `shmfabric down --fabric {topo.fabric.name}` first")
         except (OSError, ValueError):
             pass
     if args.detach:
@@ -225,7 +225,8 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
         stop.set()
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs")
+    sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs",
+                     pinned={"fabric": args.fabric, "api": args.api})
     api = metrics_srv = None
     if args.quiet:
         say = lambda *a, **k: None  # noqa: E731

@@ -221,6 +221,17 @@ class MappedRegion:
         path = region_path(name)
         lay = config.layout()
         flags = FLAG_EPHEMERAL if ephemeral else 0
+        # The file is sparse: a region larger than its file system's free space is created
+        # fine and kills its nodes with SIGBUS once the pages run out, so refuse it here.
+        try:
+            st = os.statvfs(path.parent)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        if free is not None and lay.total_size > free:
+            raise RegionCreateError(f"fabric {name!r} needs {lay.total_size:,} bytes and {path.parent} has {free:,} "
+                                    "free; use fewer or smaller slots (networks), a smaller ring_size or max_nodes "
+                                    f"(rings take max_nodes² × ring_size descriptors), or make {path.parent} larger")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         except FileExistsError:
@@ -346,7 +357,9 @@ def validate_file(fd: int, size: int, path: Path) -> tuple[Layout, int]:
     sb = _unpack(head, 0, "sf_superblock", _SB_FIELDS)
     if sb["magic"] != L["magic"]:
         raise BadMagicError(f"{path} is not a shmfabric region (magic {sb['magic']:#018x}, expected "
-                            f"{L['magic']:#018x}); check the name, or remove the file if it is stale")
+                            f"{L['magic']:#018x}); check the name"
+                            + (" (a half-made fabric: `shmfabric destroy NAME` removes it)"
+                               if path.parent == SHM_DIR and path.name.startswith(PREFIX) else ""))
     if sb["version"] != L["version"]:
         raise VersionMismatchError(f"{path} has layout version {sb['version']}, this shmfabric reads version "
                                    f"{L['version']}; use the matching shmfabric or re-create the fabric")

@@ -23,10 +23,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from shmfabric.core import native
-from shmfabric.core.errors import AttachError, FabricError, RegionCreateError, RegionOpenError, UnknownDestinationError
+from shmfabric.core.errors import (
+    AttachError,
+    BadMagicError,
+    FabricError,
+    RegionCreateError,
+    RegionOpenError,
+    UnknownDestinationError,
+)
 from shmfabric.core.liveness import BEAT, node_alive, sweep
 from shmfabric.core.region import (
     FLAG_EPHEMERAL,
+    L,
     FabricConfig,
     MappedRegion,
     NetworkSpec,
@@ -128,9 +136,29 @@ class Fabric:
 
     @staticmethod
     def destroy(name: str) -> bool:
-        """Remove fabric `name`'s file. Nodes that still map it keep working until they detach."""
+        """Remove fabric `name`'s file. Nodes that still map it keep working until they detach.
+
+        False if there is no such file. A fabric named by a path (anything with a '/') must be
+        a region (its magic number is read first): a slip such as ``destroy examples/edge.yaml``
+        raises RegionOpenError and removes nothing. A name (the file shmfabric-NAME in
+        /dev/shm) is removed even half made, so a creation that died can be cleaned up.
+        """
+        path = region_path(name)
+        if "/" in name:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+            except FileNotFoundError:
+                return False
+            except IsADirectoryError:
+                raise BadMagicError(f"{path} is a directory, not a shmfabric region: not removed") from None
+            except OSError as exc:
+                raise RegionOpenError(f"{path}: {exc.strerror}: not removed") from None
+            if len(head) < 8 or int.from_bytes(head, "little") != L["magic"]:
+                raise BadMagicError(f"{path} is not a shmfabric region (its first bytes are not the fabric magic "
+                                    "number): not removed; name a fabric, or give the path of its region file")
         try:
-            region_path(name).unlink()
+            path.unlink()
             return True
         except FileNotFoundError:
             return False

@@ -168,9 +168,12 @@ class Supervisor:
     def __init__(self, topo: Topology, *, source: str = "<config>", log_dir: str | Path | None = None,
                  python: str = sys.executable, control_factory: Callable[[Any], ControlChannel] = _default_control,
                  resolve: Callable[[str], type] | None = _default_resolve, clock: Callable[[], float] = time.monotonic,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, pinned: dict[str, str] | None = None):
         self.topo = topo
         self.source = source
+        # what the command line set over the file (`up --fabric NAME`, `--api HOST:PORT`): kept
+        # over every file reloaded, or a reload of the file started with saw another fabric
+        self.pinned = {k: v for k, v in (pinned or {}).items() if v is not None}
         self.python = python
         self.clock = clock
         self._control_factory = control_factory
@@ -811,6 +814,7 @@ class Supervisor:
 
     def reload(self, topo: Topology, source: str | None = None) -> dict:
         """Apply a new topology to the running one; returns what changed."""
+        topo = self._pin(topo)
         with self.lock:
             old = self.topo
             source = source or self.source
@@ -883,6 +887,15 @@ class Supervisor:
                     changes["removed"].append(name)
             self._event("reload", "", json.dumps({k: v for k, v in changes.items() if v}))
             return changes
+
+    def _pin(self, topo: Topology) -> Topology:
+        """`topo` with the values the command line set over the file (see `pinned`)."""
+        update: dict[str, Any] = {}
+        if "fabric" in self.pinned:
+            update["fabric"] = topo.fabric.model_copy(update={"name": self.pinned["fabric"]})
+        if "api" in self.pinned:
+            update["api"] = self.pinned["api"]
+        return topo.model_copy(update=update) if update else topo
 
     def reload_file(self, path: str | None = None) -> dict:
         """Read `path`, or with none the file last loaded (the one started with, or the last `path` given

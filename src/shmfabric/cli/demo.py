@@ -16,6 +16,7 @@ import time
 import zlib
 
 from shmfabric.cli.main import CliError, add_json_flag
+from shmfabric.cli.main import console as make_console
 
 HDR = struct.Struct("!IQ")  # crc32 of the rest, sequence number
 
@@ -119,7 +120,6 @@ def _table(info: dict, prev: dict, dt: float):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
 
     from shmfabric.fabric import Fabric, FabricError
@@ -140,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for p in procs:
         p.start()
     quiet = getattr(args, "json", False)
-    console = Console()
+    console = make_console()
     try:
         prev: dict = {}
         shown = False
@@ -218,6 +218,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run several nodes exchanging traffic, with live counters")
     p.add_argument("--seconds", type=float, default=5.0, help="how long the generators send, above 0 and at most 3600 (default 5)")
-    p.add_argument("--size", type=int, default=256, help="frame payload size in bytes (13..1500)")
+    p.add_argument("--size", type=int, default=256, help="frame payload size in bytes, 13..1500 (default 256)")
     add_json_flag(p)
     p.set_defaults(func=cmd_demo)

@@ -7,6 +7,7 @@ import re
 import time
 
 from shmfabric.cli.main import CliError, add_json_flag
+from shmfabric.cli.main import console as make_console
 
 
 def _parse_networks(text: str) -> list[dict]:
@@ -132,7 +133,6 @@ def _stable(info: dict) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
 
     from shmfabric.fabric import Fabric, FabricError
@@ -149,7 +149,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if getattr(args, "json", False):
             print(json.dumps(_stable(fab.inspect()), indent=2, sort_keys=False))
             return 0
-        console = Console()
+        console = make_console()
         if not args.watch:
             console.print(_render(fab.inspect()))
             return 0

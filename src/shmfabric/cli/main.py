@@ -68,3 +68,10 @@ if __name__ == "__main__":
     from shmfabric.cli.main import main as _main
 
     sys.exit(_main())
+
+
+def console():
+    """A rich console; piped output gets a wide fixed width so tables are not cut for `grep`."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shmfabric.cli.main import CliError, add_json_flag
+from shmfabric.cli.main import CliError, add_json_flag, console
 
 
 # -- state files -------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class _LiveView:
 
         rates = Rates()
         st = self.sup.status()
-        with Live(_top_table(st, rates.update(st, time.monotonic())), console=_console(), refresh_per_second=2,
+        with Live(_top_table(st, rates.update(st, time.monotonic())), console=console(), refresh_per_second=2,
                   transient=False) as live:
             while not (self.done.wait(1.0) or self.stop.is_set()):
                 st = self.sup.status()
@@ -337,7 +337,7 @@ def _print_summary(st: dict, as_json: bool) -> None:
             c = i["counters"]
             t.add_row(i["name"], i["function"], f"{c.get('in_frames', i['rx_frames']):,}",
                       f"{c.get('out_frames', i['tx_frames']):,}", f"{i['dropped']:,}", str(i["restarts"]), i["state"])
-    con = _console()
+    con = console()
     con.print(t)
     for c in st["chains"]:
         con.print(f"chain {c['name']}: {c['delivered_frames']:,} frames delivered to {', '.join(c['tail'])}")
@@ -450,7 +450,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             t.add_row(i["name"], i["function"], str(i.get("version") or "-"), str(i["pid"] or "-"), i["state"],
                       f"{c.get('in_frames', i['rx_frames']):,}", f"{c.get('out_frames', i['tx_frames']):,}",
                       f"{_dropped(i):,}", str(i["queue_depth"]), str(i["restarts"]), fc)
-    con = _console()
+    con = console()
     con.print(t)
     for c in st["chains"]:
         con.print(f"chain {c['name']}: {' -> '.join(x if isinstance(x, str) else '|'.join(x) for x in c['nodes'])}; "
@@ -596,7 +596,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         while first is not None and st.get("sampled_at") == first and time.monotonic() < deadline:
             time.sleep(0.05)
             st = api_call(url, "/status", timeout=10)
-        _console().print(_top_table(st, rates.update(st, time.monotonic())))
+        console().print(_top_table(st, rates.update(st, time.monotonic())))
         return 0
     try:
         with Live(_top_table(st, view), refresh_per_second=4, screen=False) as live:
@@ -613,13 +613,6 @@ def cmd_top(args: argparse.Namespace) -> int:
                 live.update(_top_table(st, rates.update(st, time.monotonic())))
     except KeyboardInterrupt:
         return 0
-
-
-def _console():
-    """A rich console; piped output gets a wide fixed width so tables are not folded for `grep`."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 # -- parsers ---------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from shmfabric.functions import lru
 from shmfabric.net.flow import FiveTuple, canonical, flow_hash
 
 __all__ = ["MaglevTable", "MaglevBalancer", "BackendState", "is_prime", "DEFAULT_TABLE_SIZE"]
@@ -122,6 +123,18 @@ class _Flow:
     backend: str
     expires: float
     placed: float  # `expires` when the flow was put at its place in the table's order (see _sweep)
+
+
+def _flow_expired(f: Any, now: float) -> bool:
+    return f.expires <= now
+
+
+def _flow_requeue(f: Any) -> bool:
+    """Used since it was placed (its expiry moved): placed anew, to the new end."""
+    if f.expires != f.placed:
+        f.placed = f.expires
+        return True
+    return False
 
 
 class MaglevBalancer:
@@ -273,25 +286,8 @@ class MaglevBalancer:
 
         Cost: each flow is looked at once when it expires or is evicted, plus once per time
         it was re-queued, which needs a packet in between: O(1) amortized per packet."""
-        flows = self._flows
-        expired = 0
-        n = 0
-        while flows and (limit is None or n < limit):
-            k = next(iter(flows))
-            f = flows[k]
-            n += 1
-            if f.expires <= now:
-                del flows[k]
-                expired += 1
-            elif f.expires != f.placed:  # used since it was placed: to the new end
-                f.placed = f.expires
-                flows.move_to_end(k)
-            elif evict:
-                del flows[k]
-                evict -= 1
-                self.flows_evicted += 1
-            else:
-                break
+        expired, evicted, n = lru.sweep(self._flows, now, limit, _flow_expired, _flow_requeue, evict)
+        self.flows_evicted += evicted
         self.swept += n
         self.expired_flows += expired
         return expired

@@ -49,6 +49,7 @@ try:
 except ImportError:  # optional at run time: pyahocorasick is the fallback engine
     hyperscan = None
 
+from shmfabric.functions import lru
 from shmfabric.net.flow import FiveTuple, PROTO_NAMES, canonical
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -783,6 +784,18 @@ def _collect(a: "ahocorasick.Automaton", text: str, data: bytes, rules: list[Sno
                 found.setdefault(ri, set()).add(ci)
 
 
+def _state_expired(st: list, now: float) -> bool:
+    return st[2] <= now  # [client-side key, replied, expires, placed]
+
+
+def _state_requeue(st: list) -> bool:
+    """Used since it was placed (its expiry moved): placed anew, to the new end."""
+    if st[2] != st[3]:
+        st[3] = st[2]
+        return True
+    return False
+
+
 class FlowTracker:
     """Tells, per packet, whether it goes to the server and whether its flow is established, as
     Snort's `flow:` option needs. The client is whoever sent the first packet seen of a flow (or
@@ -840,24 +853,8 @@ class FlowTracker:
         stop at the first live one that was not (all behind it were placed later); with `evict`,
         forget that many such least recently used flows first. `limit` bounds the entries looked
         at. Returns how many expired."""
-        flows = self._flows
-        expired = n = 0
-        while flows and (limit is None or n < limit):
-            k = next(iter(flows))
-            st = flows[k]
-            n += 1
-            if st[2] <= now:
-                del flows[k]
-                expired += 1
-            elif st[2] != st[3]:
-                st[3] = st[2]
-                flows.move_to_end(k)
-            elif evict:
-                del flows[k]
-                evict -= 1
-                self.evicted += 1
-            else:
-                break
+        expired, evicted, n = lru.sweep(self._flows, now, limit, _state_expired, _state_requeue, evict)
+        self.evicted += evicted
         self.swept += n
         self.expired += expired
         return expired

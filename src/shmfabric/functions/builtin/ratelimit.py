@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shmfabric.functions import lru
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.builtin._match import CompiledMatch, Match
 from shmfabric.net.flow import parse_5tuple_ip
@@ -231,6 +232,19 @@ class RateLimitConfig(BaseModel):
         return self
 
 
+def _bucket_refilled(b: Bucket, now: float) -> bool:
+    """Free to forget: it holds no frames and refilled completely (a new one is identical)."""
+    return not b.queue and b.idle_full(now)
+
+
+def _bucket_requeue(b: Bucket) -> bool:
+    """Used since it was placed: placed anew, to the new end."""
+    if b.last is not None and b.last != b.placed:
+        b.placed = b.last
+        return True
+    return False
+
+
 class _Class:
     """A compiled class and its counters."""
 
@@ -326,20 +340,7 @@ class RateLimiter:
         packet in between: O(1) amortized. A bucket is certainly full `burst / rate` seconds
         after its last use, and buckets are ordered by last use, so none stays longer than that
         plus one sweep interval. `limit` bounds the buckets looked at; returns how many freed."""
-        flows = cl.flows
-        freed = n = 0
-        while flows and (limit is None or n < limit):
-            k = next(iter(flows))
-            b = flows[k]
-            n += 1
-            if not b.queue and b.idle_full(now):
-                del flows[k]
-                freed += 1
-            elif b.last is not None and b.last != b.placed:
-                b.placed = b.last
-                flows.move_to_end(k)
-            else:
-                break
+        freed, _, n = lru.sweep(cl.flows, now, limit, _bucket_refilled, _bucket_requeue)
         self.swept += n
         self.c["flows_freed"] += freed
         return freed

@@ -684,19 +684,27 @@ static PyObject *Region_sweep(RegionObject *self, PyObject *args, PyObject *kw)
     return PyLong_FromLongLong(got);
 }
 
-/* stack_walk(network) -> slots the free stack reaches, or -1 if the walk met a bad link (the
- * stack changed under it: only meaningful while no node moves slots, e.g. in tests). */
-static PyObject *Region_stack_walk(RegionObject *self, PyObject *args)
+/* The network named by a method's one argument (its index), or NULL with IndexError set. */
+static sf_network *network_arg(RegionObject *self, PyObject *args)
 {
     unsigned int ni;
     if (!PyArg_ParseTuple(args, "I", &ni))
         return NULL;
-    region_view *r = &self->r;
-    if (ni >= r->sb->n_networks) {
+    if (ni >= self->r.sb->n_networks) {
         PyErr_SetString(PyExc_IndexError, "network index out of range");
         return NULL;
     }
-    sf_network *n = net_at(r, ni);
+    return net_at(&self->r, ni);
+}
+
+/* stack_walk(network) -> slots the free stack reaches, or -1 if the walk met a bad link (the
+ * stack changed under it: only meaningful while no node moves slots, e.g. in tests). */
+static PyObject *Region_stack_walk(RegionObject *self, PyObject *args)
+{
+    region_view *r = &self->r;
+    sf_network *n = network_arg(self, args);
+    if (!n)
+        return NULL;
     uint8_t *mark = calloc(n->n_slots ? n->n_slots : 1, 1);
     if (!mark)
         return PyErr_NoMemory();
@@ -708,15 +716,10 @@ static PyObject *Region_stack_walk(RegionObject *self, PyObject *args)
 /* pool_audit(network) -> (n_slots, stack_count, {owner_tag: count}) by scanning the owner table */
 static PyObject *Region_pool_audit(RegionObject *self, PyObject *args)
 {
-    unsigned int ni;
-    if (!PyArg_ParseTuple(args, "I", &ni))
-        return NULL;
     region_view *r = &self->r;
-    if (ni >= r->sb->n_networks) {
-        PyErr_SetString(PyExc_IndexError, "network index out of range");
+    sf_network *n = network_arg(self, args);
+    if (!n)
         return NULL;
-    }
-    sf_network *n = net_at(r, ni);
     uint32_t *owner = net_owner(r, n);
     PyObject *owners = PyDict_New();
     if (!owners)

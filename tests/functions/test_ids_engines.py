@@ -164,3 +164,82 @@ def test_fragments_policy(mode, fragments, want, flow_rule):
     out = bytearray(len(frags))
     fn.process(frags, 2.0, out)
     assert list(out) == [1] * len(frags)
+
+
+class _GatheredBatch(list):
+    """IP packets with the fabric FrameBatch's `gather` (per record: the length as 4 bytes, then
+    the bytes zero-padded to `width`), so the ids function takes its gathered-batch paths."""
+
+    def gather(self, width=None):
+        import struct
+        w = max(map(len, self), default=0) if width is None else width
+        return b"".join(struct.pack("!I", len(f)) + (bytes(f[:w]) + bytes(w))[:w] for f in self)
+
+
+def _first_fragments_with_the_signature():
+    """A UDP and a TCP datagram, IPv4 and IPv6, each cut at a 1,500-byte MTU with the signature in
+    the first fragment (whose UDP length covers the whole datagram); the later fragments follow."""
+    from shmfabric.net import build
+    data = b"hello ATTACK-SIGNATURE " + b"A" * 3000
+    frames, first = [], []
+    for src, dst in (("10.1.0.1", "10.2.0.1"), ("fd00::1", "fd00::2")):
+        v6 = ":" in src
+        for seg, proto in ((build.udp(5000, 53, data, src=src, dst=dst), 17),
+                           (build.tcp(5000, 53, data, flags="PA", src=src, dst=dst), 6)):
+            step = 1448 if v6 else 1480
+            for off in range(0, len(seg), step):
+                more = off + step < len(seg)
+                if v6:
+                    frames.append(build.ipv6(seg[off:off + step], src=src, dst=dst, next_header=proto,
+                                             ext=[build.ipv6_fragment(off, more, 5)]))
+                else:
+                    frames.append(build.ipv4(seg[off:off + step], src=src, dst=dst, proto=proto, ident=5,
+                                             mf=more, frag_offset=off))
+                first.append(off == 0)
+    return frames, first
+
+
+@pytest.mark.parametrize("engine", ["pyahocorasick", pytest.param("hyperscan", marks=needs_hs)])
+@pytest.mark.parametrize("flow_rule", [False, True])  # the lazy path and the every-key path
+@pytest.mark.parametrize("gathered", [False, True])  # a list of buffers, a fabric-like batch
+@pytest.mark.parametrize("mode", ["alert", "drop"])
+def test_first_fragment_payload_is_inspected(engine, flow_rule, gathered, mode):
+    """With `fragments: pass` a first fragment is inspected on its own payload: UDP (whose length
+    runs past the fragment) as well as TCP, IPv4 and IPv6. Later fragments pass uninspected."""
+    from shmfabric.functions.api import FunctionContext
+    ids = load_function("ids")
+    flow = " flow:to_server;" if flow_rule else ""
+    alerts: list = []
+    cfg = {"mode": mode, "engine": engine, "fragments": "pass",
+           "rules": f'drop ip any any -> any any (msg:"sig"; content:"ATTACK-SIGNATURE";{flow} sid:1;)'}
+    fn = ids(validate_config(ids, cfg), FunctionContext(node="ids", log=lambda e, d: alerts.append(d)))
+    assert fn.ids.signatures.needs_every_key is flow_rule
+    frames, first = _first_fragments_with_the_signature()
+    batch = _GatheredBatch(frames) if gathered else frames
+    out = bytearray(len(frames))
+    fn.process(batch, 1.0, out)
+    # before: the UDP first fragments were neither alerted nor dropped (TRUNCATED_UDP, no 5-tuple)
+    assert [a["sid"] for a in alerts] == [1] * 4, alerts
+    assert list(out) == [1 if mode == "drop" and f else 0 for f in first]
+    c = fn.counters()
+    assert (c["alerts"], c["fragments"], c["fragments_dropped"], c["no_5tuple"]) == (4, len(frames), 0, 0)
+
+
+@pytest.mark.parametrize("ext_type", [0, 43, 60, 135, 139, 140])
+def test_fragment_behind_any_walked_extension_header_is_a_fragment(ext_type):
+    """The fragment policy sees a Fragment header behind every extension header the IPv6 view
+    walks (before: not behind mobility, HIP or shim6, so `fragments: drop` let those through)."""
+    from shmfabric.functions.api import FunctionContext
+    from shmfabric.net import build
+    ids = load_function("ids")
+    fn = ids(validate_config(ids, {"mode": "drop", "rules": 'alert udp any any -> any any (content:"zz"; sid:1;)'}),
+             FunctionContext(node="ids", log=lambda e, d: None))
+    seg = build.udp(5000, 53, b"q" * 40, src="fd00::1", dst="fd00::2")
+    ext = build.ipv6_ext(ext_type, b"\0" * 4 if ext_type == 43 else b"")  # routing: segments left 0
+    frags = [build.ipv6(seg[o:o + 16], src="fd00::1", dst="fd00::2", next_header=17,
+                        ext=[ext, build.ipv6_fragment(o, o + 16 < len(seg), 3)]) for o in range(0, len(seg), 16)]
+    out = bytearray(len(frags))
+    fn.process(frags, 1.0, out)
+    assert list(out) == [1] * len(frags)
+    c = fn.counters()
+    assert (c["fragments"], c["fragments_dropped"], c["no_5tuple"]) == (len(frags), len(frags), 0)

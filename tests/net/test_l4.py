@@ -77,3 +77,22 @@ def test_port_rewrites_keep_checksums():
         view.set_dport(8080)
         again = (TCP if ip.proto == 6 else UDP)(buf, 34, ip.end)
         assert (again.sport, again.dport) == (65535, 8080) and again.checksum_ok(ip)
+
+
+def test_port_rewrites_through_two_views_of_one_buffer():
+    # The second view was built before the first one's rewrite: the checksum update must start
+    # from the port in the buffer, not the one the view cached (as the IP setters do).
+    for frame in (b.tcp_frame("10.0.0.1", "10.0.0.2", 1000, 80, b"abc", flags="PA"),
+                  b.udp_frame("10.0.0.1", "10.0.0.2", 1000, 80, b"abc"),
+                  b.tcp_frame("fd00::1", "fd00::2", 1000, 80, b"abc", flags="PA"),
+                  b.udp_frame("fd00::1", "fd00::2", 1000, 80, b"abc")):
+        buf = bytearray(frame)
+        ip = (IPv4 if buf[14] >> 4 == 4 else IPv6)(buf, 14)
+        cls = TCP if ip.proto == 6 else UDP
+        first, second = cls(buf, ip.l4_offset, ip.end), cls(buf, ip.l4_offset, ip.end)
+        first.set_sport(2000)
+        first.set_dport(8080)
+        second.set_sport(3000)  # before: the checksum was updated from 1000, not 2000
+        second.set_dport(9090)
+        again = cls(buf, ip.l4_offset, ip.end)
+        assert (again.sport, again.dport) == (3000, 9090) and again.checksum_ok(ip), cls

@@ -101,3 +101,36 @@ def test_tshark_agrees(tmp_path):
             assert int(row["icmp.ident"], 0) == p.l4.identifier
         if name == "icmpv6":
             assert int(row["icmpv6.echo.identifier"], 0) == p.l4.identifier
+
+
+
+def test_tshark_agrees_on_routing_header_checksums(tmp_path):
+    """IPv6 Routing headers (types 0, 2, 3, 4): the L4 checksum is over the final destination
+    (RFC 8200 section 8.1). Our checksum_ok and tshark's status agree on frames built with the
+    checksum over the final destination, over the Destination Address field (wrong when segments
+    left > 0), and after set_dst/set_src rewrites, which must leave the checksum right."""
+    from .test_routing import CASES, CUR, frame
+
+    frames, expect = [], []
+    for name, (rh, final) in CASES.items():
+        if name.startswith(("unknown", "type 4, no segment")):
+            continue  # a node discards these (RFC 8200 section 4.4); nothing to agree on
+        for kind in ("udp", "tcp", "icmpv6"):
+            frames.append(frame(kind, rh, final))
+            expect.append(True)
+            frames.append(frame(kind, rh, CUR))
+            expect.append(final == CUR)
+            buf = bytearray(frame(kind, rh, final))
+            p = decode(buf)
+            p.ip.set_dst(ipaddress.IPv6Address("2001:db8:77::42").packed)
+            p.ip.set_src(ipaddress.IPv6Address("2001:db8:77::1").packed)
+            frames.append(buf)
+            expect.append(True)
+    write_pcap(tmp_path / "rt.pcap", frames)
+    rows = tshark(tmp_path / "rt.pcap")
+    assert len(rows) == len(frames)
+    for fr, row, want in zip(frames, rows, expect):
+        p = decode(fr)
+        name = {6: "tcp", 17: "udp", 58: "icmpv6"}[p.ip.proto]
+        assert p.l4.checksum_ok(p.ip) is want, p
+        assert row[f"{name}.checksum.status"] == ("1" if want else "0"), (row, p)

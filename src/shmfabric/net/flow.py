@@ -7,8 +7,10 @@ fields, so a `FlowKey` and the plain tuple from the fast path are equal and hash
 
 Fast path. `parse_5tuple()` reads Ethernet, IPv4 and the L4 ports in one `struct.unpack_from` at
 fixed offsets; only when the frame is exactly "untagged IPv4 without options,
-first fragment, TCP or UDP with sane lengths" does it return from there. Everything else (VLAN,
-IPv6, options, fragments, ICMP, anything malformed) goes to `decode()`, so the fast path can
+unfragmented or first fragment, TCP or UDP with sane lengths" does it return from there (a UDP
+length covers the whole datagram, so in a first fragment, MF set, it may exceed the bytes
+present). Everything else (VLAN,
+IPv6, options, non-first fragments, ICMP, anything malformed) goes to `decode()`, so the fast path can
 never disagree with the full parser: it only skips work when it can prove the answer.
 A second tier does the same for one VLAN tag and for IPv6 with TCP/UDP right after the fixed
 header. Measured numbers are in docs/net.md and `python -m shmfabric.bench.net_parse`.
@@ -59,7 +61,7 @@ def _fast_v4(buf: Buffer, base: int) -> FiveTuple | None:
             if tlen >= 40 and off >= 0x50 and (off >> 4) * 4 <= tlen - 20:
                 return (src, dst, 6, sport, dport)
         elif proto == 17:
-            if 8 <= ulen <= tlen - 20:
+            if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                 return (src, dst, 17, sport, dport)
     return None
 
@@ -114,7 +116,7 @@ def parse_5tuple(buf: Buffer) -> FiveTuple | Reason:
             if tlen >= 40 and off >= 0x50 and (off >> 4) * 4 <= tlen - 20:
                 return (src, dst, 6, sport, dport)
         elif proto == 17:
-            if 8 <= ulen <= tlen - 20:
+            if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                 return (src, dst, 17, sport, dport)
     return _slow(buf)
 
@@ -130,7 +132,7 @@ def parse_5tuple_ip(buf: Buffer) -> FiveTuple | Reason:
             if tlen >= 40 and off >= 0x50 and (off >> 4) * 4 <= tlen - 20:
                 return (src, dst, 6, sport, dport)
         elif proto == 17:
-            if 8 <= ulen <= tlen - 20:
+            if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                 return (src, dst, 17, sport, dport)
     return _slow(buf, 0, LINK_IP)
 
@@ -169,7 +171,7 @@ def classify_batch(
                         append((src, dst, 6, sport, dport))
                         continue
                 elif proto == 17:
-                    if 8 <= ulen <= tlen - 20:
+                    if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                         append((src, dst, 17, sport, dport))
                         continue
             append(_slow(buf))
@@ -218,7 +220,7 @@ def _classify_with_flags(bufs: Iterable[Buffer], link: str, flags: list[int]) ->
                 vihl, tlen, ff, proto, src, dst, sport, dport, ulen, off, fl = unpack(b, 0)
                 if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= n:
                     if proto == 17:
-                        if 8 <= ulen <= tlen - 20:
+                        if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                             append((src, dst, 17, sport, dport))
                             fappend(0)
                             continue
@@ -245,7 +247,7 @@ def _classify_with_flags(bufs: Iterable[Buffer], link: str, flags: list[int]) ->
                         fappend(((off & 1) << 8) | buf[47])
                         continue
                 elif proto == 17:
-                    if 8 <= ulen <= tlen - 20:
+                    if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                         append((src, dst, 17, sport, dport))
                         fappend(0)
                         continue
@@ -270,7 +272,7 @@ def _classify_ip_gathered(batch, flags: list[int] | None) -> list[FiveTuple | Re
         for n, vihl, tlen, ff, proto, src, dst, sport, dport, ulen, off, _ in _GATHERED_IP.iter_unpack(batch.gather(34)):
             if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= n:
                 if proto == 17:
-                    if 8 <= ulen <= tlen - 20:
+                    if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                         append((src, dst, 17, sport, dport))
                         continue
                 elif proto == 6:
@@ -288,7 +290,7 @@ def _classify_ip_gathered(batch, flags: list[int] | None) -> list[FiveTuple | Re
     for n, vihl, tlen, ff, proto, src, dst, sport, dport, ulen, off, tf in _GATHERED_IP.iter_unpack(batch.gather(34)):
         if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= n:
             if proto == 17:
-                if 8 <= ulen <= tlen - 20:
+                if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
                     append((src, dst, 17, sport, dport))
                     fappend(0)
                     continue
@@ -334,6 +336,8 @@ def l4_payload_span(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[int, int] |
                 ulen = (buf[l4 + 4] << 8) | buf[l4 + 5]
                 if 8 <= ulen <= tlen - 20:
                     return (l4 + 8, l4 + ulen)
+                if ulen >= 8 and buf[base + 6] & 0x20:  # a first fragment: its own part of the data
+                    return (l4 + 8, end)
     p = decode(buf, 0, link)
     if p.reason is not None or p.l4 is None:
         return None

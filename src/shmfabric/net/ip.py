@@ -8,7 +8,8 @@ collision between e.g. 0.0.0.1 and ::1.
 Both views agree on these names, so code above them need not care which family it has:
 `src`, `dst`, `proto` (the L4 protocol after any IPv6 extension headers), `l4_offset`, `end`
 (one past the last byte of the IP packet: Ethernet padding is excluded), `ttl`,
-`is_fragment`, `has_l4` (False for a non-first fragment), `payload`, `pseudo_sum(length)`.
+`is_fragment`, `first_fragment`, `has_l4` (False for a non-first fragment), `payload`,
+`pseudo_sum(length)`.
 """
 from __future__ import annotations
 
@@ -133,11 +134,18 @@ class IPv4:
         return not self.flags_frag & 0x1FFF
 
     @property
+    def first_fragment(self) -> bool:
+        """The first fragment of a longer datagram (offset 0, MF set): it has the L4 header, but
+        not all the data a UDP length or an L4 checksum covers."""
+        return self.flags_frag & 0x3FFF == 0x2000
+
+    @property
     def l4_offset(self) -> int:
         return self.offset + self.header_len
 
     @property
     def end(self) -> int:
+        """One past the last byte of the packet."""
         return self.offset + self.total_length
 
     @property
@@ -296,11 +304,18 @@ class IPv6:
 
     @property
     def end(self) -> int:
+        """One past the last byte of the packet."""
         return self.offset + IPV6_HLEN + self.payload_length
 
     @property
     def is_fragment(self) -> bool:
         return self.frag is not None
+
+    @property
+    def first_fragment(self) -> bool:
+        """The first fragment of a longer datagram (offset 0, M set); an atomic fragment (offset 0,
+        M clear, RFC 6946) holds the whole datagram and is not one."""
+        return self.frag is not None and self.frag[1] and not self.frag[0]
 
     @property
     def has_l4(self) -> bool:
@@ -311,8 +326,25 @@ class IPv6:
         """Bytes after the extension headers (the L4 header and data), bounded by payload length."""
         return memoryview(self.buf)[self.l4_offset : self.end]
 
+    @property
+    def final_dst(self) -> bytes:
+        """The destination the TCP/UDP/ICMPv6 pseudo-header uses (RFC 8200 section 8.1): with a
+        Routing header whose Segments Left is above 0, the final destination it lists (type 0/2:
+        its last address; type 3, RPL: its last address completed from `dst`; type 4, SRH:
+        Segment List[0]); else `dst`. An unknown routing type, or one too short for its addresses,
+        gives `dst` (a node would discard such a packet, RFC 8200 section 4.4)."""
+        return self._final_dst(self.dst)
+
+    def _final_dst(self, dst: bytes) -> bytes:
+        for t, pos, length in self.ext_headers:
+            if t == IPPROTO_ROUTING:
+                final = _routing_final(self.buf, pos, length, dst)
+                return dst if final is None else final
+        return dst
+
     def pseudo_sum(self, length: int, proto: int | None = None) -> int:
-        return ck.pseudo_header_sum(self.src, self.dst, self.proto if proto is None else proto, length)
+        dst = self._final_dst(self.dst) if self.ext_headers else self.dst
+        return ck.pseudo_header_sum(self.src, dst, self.proto if proto is None else proto, length)
 
     def set_hop_limit(self, hop_limit: int) -> None:
         memoryview(self.buf)[self.offset + 7] = hop_limit
@@ -326,16 +358,23 @@ class IPv6:
         self.src = bytes(addr)
 
     def set_dst(self, addr: bytes) -> None:
-        """Rewrite the destination address (16 bytes) and update the TCP/UDP/ICMPv6 checksum."""
+        """Rewrite the destination address (16 bytes) and update the TCP/UDP/ICMPv6 checksum,
+        unless a Routing header names the final destination (see `final_dst`): then the
+        pseudo-header does not use this field and the checksum stays as it is."""
         self._set_addr(24, addr)
         self.dst = bytes(addr)
 
     def _set_addr(self, at: int, new: bytes) -> None:
         if len(new) != 16:
             raise ValueError(f"an IPv6 address is 16 bytes, got {len(new)}")
+        new = bytes(new)
         mv = memoryview(self.buf)
         old = bytes(mv[self.offset + at : self.offset + at + 16])  # as it is now
         mv[self.offset + at : self.offset + at + 16] = new
+        if at == 24 and self.ext_headers:  # the pseudo-header holds the final destination
+            old, new = self._final_dst(old), self._final_dst(new)
+            if old == new:
+                return
         _update_l4_csum(self, mv, old, new)
 
     def __repr__(self) -> str:
@@ -343,6 +382,33 @@ class IPv6:
 
         return (f"<IPv6 {IPv6Address(self.src)} > {IPv6Address(self.dst)} proto={self.proto} "
                 f"plen={self.payload_length} ext={[e[0] for e in self.ext_headers]}>")
+
+
+def _routing_final(buf: Buffer, pos: int, length: int, dst: bytes) -> bytes | None:
+    """The final destination listed by the Routing header at `pos` (`length` bytes), or None when
+    Segments Left is 0 (`dst` is final) or the header's type or layout is not understood."""
+    rtype, left = buf[pos + 2], buf[pos + 3]
+    if not left:
+        return None
+    if rtype in (0, 2):  # RFC 5095 (deprecated) / RFC 6275: 4 reserved bytes, then the addresses
+        n = (length - 8) // 16
+        if n < 1:
+            return None
+        at = pos + 8 + (n - 1) * 16
+        return bytes(buf[at : at + 16])
+    if rtype == 4:  # SRH, RFC 8754: last entry, flags, tag, then Segment List[0] = the final one
+        if length < 24:
+            return None
+        return bytes(buf[pos + 8 : pos + 24])
+    if rtype == 3:  # RPL, RFC 6554: addresses with their first CmprI/CmprE bytes elided
+        cmpr_i, cmpr_e, pad = buf[pos + 4] >> 4, buf[pos + 4] & 0x0F, buf[pos + 5] >> 4
+        size_i, size_e = 16 - cmpr_i, 16 - cmpr_e
+        room = length - 8 - pad - size_e  # bytes of addresses 1..n-1
+        if room < 0 or room % size_i:
+            return None
+        at = pos + 8 + room
+        return bytes(dst[:cmpr_e]) + bytes(buf[at : at + size_e])
+    return None
 
 
 def _update_l4_csum(ip: IPv4 | IPv6, mv: memoryview, old: bytes, new: bytes) -> None:

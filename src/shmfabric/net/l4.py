@@ -78,12 +78,14 @@ class _PortL4(_L4):
 
     def set_sport(self, port: int) -> None:
         """Rewrite the source port and update the checksum (RFC 1624)."""
-        self._set_port(0, self.sport, port)  # type: ignore[attr-defined]
+        # The old value from the buffer, not self.sport: another view of the same buffer may have
+        # rewritten the port since this view was built (as the IP setters do).
+        self._set_port(0, _H.unpack_from(self.buf, self.offset)[0], port)  # type: ignore[attr-defined]
         self.sport = port
 
     def set_dport(self, port: int) -> None:
         """Rewrite the destination port and update the checksum (RFC 1624)."""
-        self._set_port(2, self.dport, port)  # type: ignore[attr-defined]
+        self._set_port(2, _H.unpack_from(self.buf, self.offset + 2)[0], port)  # type: ignore[attr-defined]
         self.dport = port
 
 
@@ -165,11 +167,16 @@ class TCP(_PortL4):
 class UDP(_PortL4):
     """UDP header; `length` is checked against the bytes present.
 
+    `first_fragment=True` says the IP packet is the first fragment of a longer datagram (offset 0,
+    more fragments follow): `length` covers the whole datagram, so it may exceed the bytes present,
+    and `payload` is then this fragment's own part of the data (`decode()` passes
+    `ip.first_fragment`).
+
     Raises `MalformedError` (TRUNCATED_UDP, BAD_UDP_LENGTH)."""
 
-    __slots__ = ("sport", "dport", "length", "checksum")
+    __slots__ = ("sport", "dport", "length", "checksum", "first_fragment")
 
-    def __init__(self, buf: Buffer, offset: int = 0, end: int | None = None) -> None:
+    def __init__(self, buf: Buffer, offset: int = 0, end: int | None = None, first_fragment: bool = False) -> None:
         if end is None:
             end = len(buf)
         if end - offset < UDP_HLEN:
@@ -177,7 +184,7 @@ class UDP(_PortL4):
         sport, dport, length, csum = _UDP.unpack_from(buf, offset)
         if length < UDP_HLEN:
             raise MalformedError(Reason.BAD_UDP_LENGTH, offset, f"length {length}")
-        if length > end - offset:
+        if length > end - offset and not first_fragment:
             raise MalformedError(Reason.TRUNCATED_UDP, offset, f"length {length}, {end - offset} present")
         self.buf = buf
         self.offset = offset
@@ -186,15 +193,22 @@ class UDP(_PortL4):
         self.dport: int = dport
         self.length: int = length
         self.checksum: int = csum
+        self.first_fragment = first_fragment
 
     @property
     def payload(self) -> memoryview:
-        return memoryview(self.buf)[self.offset + UDP_HLEN : self.offset + self.length]
+        """The data, bounded by `length` and (in a first fragment) by the end of the IP packet."""
+        return memoryview(self.buf)[self.offset + UDP_HLEN : min(self.offset + self.length, self.end)]
 
     def checksum_ok(self, ip: IPv4 | IPv6) -> bool:
-        """True when the checksum is right, or absent (0) over IPv4, where it is optional."""
+        """True when the checksum is right, or absent (0) over IPv4, where it is optional.
+
+        In a first fragment whose datagram continues past it (`length` beyond the bytes present),
+        the checksum covers data this packet does not hold: False unless absent over IPv4."""
         if self.checksum == 0:
             return ip.version == 4
+        if self.length > self.end - self.offset:
+            return False
         return self._verify(ip, 17, self.length)
 
     def _set_port(self, at: int, old: int, new: int) -> None:

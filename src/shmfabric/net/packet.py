@@ -112,7 +112,7 @@ def decode(buf: Buffer, offset: int = 0, link: str = LINK_ETHERNET) -> Packet:
         if proto == IPPROTO_TCP:
             pkt.l4 = TCP(buf, l4o, end)
         elif proto == IPPROTO_UDP:
-            pkt.l4 = UDP(buf, l4o, end)
+            pkt.l4 = UDP(buf, l4o, end, ip.first_fragment)
         elif proto == IPPROTO_ICMP and ip.version == 4:
             pkt.l4 = ICMP(buf, l4o, end)
         elif proto == IPPROTO_ICMPV6 and ip.version == 6:

@@ -19,12 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.snort import Ids, IdsVerdict, SignatureSet, SnortSyntaxError, load
 from shmfabric.net.flow import classify_batch, l4_payload_span, parse_5tuple_ip
+from shmfabric.net.ip import IPPROTO_AH, IPV6_EXT_GENERIC
 
 # IPv4 without options at fixed offsets: (version/IHL, total length, flags/fragment,
 # UDP length | TCP data offset)
 _UDP4 = struct.Struct("!BxH2xH16xH").unpack_from
 _TCP4 = struct.Struct("!BxH2xH24xB").unpack_from
-_V6_EXT = frozenset((0, 43, 60, 51))  # hop-by-hop, routing, destination options, AH
+# the extension headers the IPv6 view walks (hop-by-hop, routing, destination options, mobility,
+# HIP, shim6) and AH: a Fragment header behind any of them still makes a fragment
+_V6_EXT = IPV6_EXT_GENERIC | {IPPROTO_AH}
 
 
 def _is_fragment(f: Any) -> bool:
@@ -153,7 +156,10 @@ class IdsFunction:
         for i, f in enumerate(frames):
             if keys[i].__class__ is not tuple:
                 if _is_fragment(f):
-                    self._fragment(i, out)  # a non-first fragment: nothing to inspect either way
+                    # a non-first fragment (or a first one too short for its L4 header): nothing
+                    # to inspect either way. A first fragment has a 5-tuple (a UDP one too: its
+                    # length may run past the fragment) and is inspected below on its own payload.
+                    self._fragment(i, out)
                 else:
                     self.no_5tuple += 1
                 continue

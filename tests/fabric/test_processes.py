@@ -746,3 +746,57 @@ def test_a_corrupt_free_stack_is_reported_and_the_watchdog_keeps_running(harness
     assert wait_until(lambda: fab.region.node_entry(node.id)["heartbeat_ns"] > beat, 2.0)
     assert capfd.readouterr().err.count("free stack is corrupt") == 1  # said once, not every beat
     node._port.close()  # its slots came from a corrupt stack: leave them
+
+
+@pytest.mark.timeout(60)
+def test_lost_slots_are_found_once_a_dead_lock_holder_is_noticed(harness):
+    # A sweeper killed among its pushes leaves found slots on no stack and nothing pending; if
+    # it had no node, no reclaim notices. The watchdogs' plain sweep() now takes the lock
+    # whenever it is free, so the dead holder's EOWNERDEAD makes the sweep pending and run.
+    fab = harness.create("deadholder", max_nodes=8, ring_size=64, networks=[{"mtu": 1500, "slots": 1024}])
+    pool = _Pool(fab)
+    holder = harness.worker("hold_pool_lock", fab.name)
+    assert holder.read()["locked"] == 0
+    lost = pool.pop_chain()  # what the dead sweeper had not pushed yet
+    holder.kill9()
+    assert wait_until(lambda: fab.pool_audit()["on_stack"] == fab.pool_audit()["free"], 5.0), fab.pool_audit()
+    assert fab.region.superblock()["swept_slots"] == len(lost)
+    final = assert_conserved(fab)
+    assert final["free"] == final["total"], final
+
+
+@pytest.mark.timeout(60)
+def test_a_detach_that_finds_the_pool_lock_busy_is_finished_by_the_watchdog(harness, monkeypatch):
+    # detach gave up after 5 s of a busy lock and left the entry up for the life of the
+    # process: the name stayed taken and peers saw a node whose port was closed.
+    from shmfabric.fabric import fabric as fabric_mod
+
+    monkeypatch.setattr(fabric_mod, "DETACH_LOCK_WAIT", 0.3)
+    fab = harness.create("detachbusy", max_nodes=8, ring_size=64, networks=[{"mtu": 1500, "slots": 1024}])
+    x = fab.attach("x")
+    holder = harness.worker("hold_pool_lock", fab.name)
+    assert holder.read()["locked"] == 0
+    x.detach()
+    assert fab.node_id("x") is not None  # still up: the lock is held
+    holder.kill9()
+    assert wait_until(lambda: fab.node_id("x") is None, 5.0)
+    assert fab.attach("x").id >= 0  # the name is free again
+    assert_conserved(fab)
+
+
+def test_a_busy_pool_lock_costs_a_watchdog_one_wait_per_beat_not_one_per_dead_node():
+    # Each reclaim waits up to 50 ms for a busy pool lock; with dozens of dead entries a
+    # watchdog's beat grew past the 2 s after which nodes in other pid namespaces are judged
+    # dead (a review saw a live node reclaimed and the stack corrupted).
+    from types import SimpleNamespace
+
+    from shmfabric.core import liveness, native
+
+    calls = []
+    core = SimpleNamespace(node_state=lambda i: native.NODE_UP, reclaim=lambda i, s, g: calls.append(i) or -2,
+                           wake_all=lambda: None, sweep=lambda: 0)
+    region = SimpleNamespace(core=core, node_hwm=lambda: 60, sweep_next=0.0, sweep_gap=0.0, sweep_warned=False,
+                             node_entry=lambda i: {"pid": 2**22 + 12345, "start_time": 1, "pidns": 0, "gen": 1,
+                                                   "heartbeat_ns": 0, "name": f"n{i}"})
+    assert liveness.sweep(region) == []
+    assert calls == [0]  # one try, the others at the next beat

@@ -655,8 +655,9 @@ out:
 }
 
 /* sweep(force=False) -> slots given back (0 if none were lost), or -1 if it could not look
- * undisturbed (a node stayed inside a pool operation, or a reclaim holds the lock: try again). Without force, only runs when a reclaim
- * found a node killed inside a pool operation and the sweep it ran then could not finish. */
+ * undisturbed (a node stayed inside a pool operation, or a reclaim holds the lock: try again).
+ * Without force it sweeps only when slots may be lost: a reclaim found a node killed inside a
+ * pool operation (and the sweep it ran then could not finish), or a holder of the pool lock died. */
 static PyObject *Region_sweep(RegionObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"force", NULL};
@@ -664,16 +665,15 @@ static PyObject *Region_sweep(RegionObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &force))
         return NULL;
     region_view *r = &self->r;
-    if (!force && !LOAD_RELAXED(&r->sb->sweep_pending))
-        return PyLong_FromLong(0);
-    int64_t got = -1; /* the lock is busy: a reclaim or another sweep runs */
+    int64_t got;
     Py_BEGIN_ALLOW_THREADS
+    /* Tried even when nothing is pending: taking a lock whose holder died (a sweeper killed
+     * among its pushes, with no node of its own whose reclaim would notice) makes it pending. */
     if (pool_lock(r->sb, 0) == 0) {
-        if (force || LOAD_RELAXED(&r->sb->sweep_pending))
-            got = sweep_locked(r);
-        else
-            got = 0;
+        got = force || LOAD_RELAXED(&r->sb->sweep_pending) ? sweep_locked(r) : 0;
         pool_unlock(r->sb);
+    } else { /* busy: a reclaim or another sweep runs */
+        got = force || LOAD_RELAXED(&r->sb->sweep_pending) ? -1 : 0;
     }
     Py_END_ALLOW_THREADS
     if (got == -2) {
@@ -884,7 +884,7 @@ static inline void pool_enter(PortObject *p)
     for (;;) {
         STORE_RELAXED(&p->me->pool_ops, ++p->ops);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F5 pairs with F6 */
-        uint32_t s = LOAD_RELAXED(&sb->sweeping);
+        uint32_t s = LOAD_ACQUIRE(&sb->sweeping); /* pairs with the sweeper's CAS back to 0 */
         if (__builtin_expect(!s, 1))
             return;
         STORE_RELEASE(&p->me->pool_ops, ++p->ops);

@@ -52,6 +52,12 @@ def sweep(region: MappedRegion, attaching: bool = False) -> list[tuple[int, str,
         freed = region.core.reclaim(i, state, e["gen"])
         if freed >= 0:
             done.append((i, e["name"], freed))
+        elif freed == -2:
+            # The pool lock is busy (a sweep, another reclaim, or a holder stopped): each try
+            # waits 50 ms, so try the others at the next beat, not now; with many dead entries
+            # the caller's heartbeats would stall past STALE_NS, and a live node in another pid
+            # namespace would be judged dead.
+            break
     _retry_sweep(region)
     if done:
         region.core.wake_all()  # blocked receivers re-check who is up

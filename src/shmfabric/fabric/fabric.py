@@ -44,6 +44,7 @@ from shmfabric.core.region import (
 )
 from shmfabric.fabric import control
 
+DETACH_LOCK_WAIT = 5.0  # seconds detach retries a busy pool lock before leaving it to the watchdog
 WAIT_MODES = {"poll": native.WAIT_POLL, "block": native.WAIT_BLOCK, "adaptive": native.WAIT_ADAPTIVE}
 STATE_NAMES = {native.NODE_FREE: "free", native.NODE_ATTACHING: "attaching", native.NODE_UP: "up",
                native.NODE_RECLAIM: "reclaiming", native.NODE_DOWN: "down"}
@@ -86,6 +87,9 @@ class _Watchdog:
             try:
                 for node in list(fab._nodes.values()):
                     node._port.heartbeat()
+                for entry in list(fab._detaching):  # detached while the pool lock was busy
+                    if fab._region.core.reclaim(entry[0], native.NODE_UP, entry[1]) != -2:
+                        fab._detaching.remove(entry)
                 self.reclaimed.extend(sweep(fab._region))
             except (FabricError, ValueError, OSError):
                 # the mapping went away under us (closing): nothing left to watch
@@ -104,6 +108,7 @@ class Fabric:
     def __init__(self, region: MappedRegion, owner: bool = False):
         self._region: MappedRegion | None = region
         self._nodes: dict[int, Node] = {}
+        self._detaching: list[tuple[int, int]] = []  # (id, incarnation) detached, not yet reclaimed
         self._attach_lock = threading.Lock()
         self._pid = os.getpid()  # nodes belong to this process, not to children forked later
         self._owner = owner
@@ -542,10 +547,14 @@ class Node:
         except FabricError:
             pass
         self._port.close()
-        # -2: the pool lock is busy (a sweep or another reclaim); a holder stopped for good
-        # leaves the entry to the watchdogs, which reclaim it once this process is gone.
-        deadline = time.monotonic() + 5.0
-        while fab.region.core.reclaim(self.id, native.NODE_UP, self._gen) == -2 and time.monotonic() < deadline:
+        # -2: the pool lock is busy (a sweep or another reclaim). A holder stopped for long
+        # leaves the entry to this process's watchdog, which retries it every beat (the
+        # others' watchdogs see this process alive, so they would leave it up for its life).
+        deadline = time.monotonic() + DETACH_LOCK_WAIT
+        while fab.region.core.reclaim(self.id, native.NODE_UP, self._gen) == -2:
+            if time.monotonic() > deadline:
+                fab._detaching.append((self.id, self._gen))
+                break
             time.sleep(0.01)
         fab.region.core.wake_all()
 

@@ -98,14 +98,16 @@ def test_return_traffic_passes_via_conntrack():
 
 
 def test_conntrack_timeouts_and_states():
-    t = Timeouts(tcp_unreplied=5, tcp_established=100, tcp_closing=2, udp_unreplied=3, udp_replied=50)
+    t = Timeouts(tcp_unreplied=5, tcp_established=100, tcp_closing=2, udp_unreplied=3, udp_replied=50,
+                 tcp_half_open=4)
     ct = ConntrackTable(timeouts=t, gc_interval=1.0)
     tcp = (1, 2, 6, 10, 20)
     ct.add(tcp, 0.0)
     assert not ct.lookup(tcp, 5.0)                               # unreplied SYN expired after 5 s
     assert ct.expired == 1 and len(ct) == 0
     ct.add(tcp, 10.0)
-    assert ct.lookup((2, 1, 6, 20, 10), 11.0)                    # reply -> established (100 s)
+    assert ct.lookup((2, 1, 6, 20, 10), 11.0, 0x12)              # SYN-ACK -> half-open (4 s)
+    assert ct.lookup(tcp, 14.5, 0x10)                            # final ACK -> assured, established (100 s)
     assert ct.lookup(tcp, 110.0)
     assert ct.lookup(tcp, 111.0, tcp_flags=0x01)                 # FIN -> closing (2 s)
     assert not ct.lookup(tcp, 113.5)
@@ -119,8 +121,9 @@ def test_conntrack_timeouts_and_states():
 def test_conntrack_full_refuses_new_connections():
     f = fw("tcp dport 80 accept", conntrack=ConntrackTable(max_entries=2))
     assert [f.check((i, 9, 6, 1000, 80), 0.0) for i in range(2)] == [A, A]
-    assert [f.check((9, i, 6, 80, 1000), 0.1) for i in range(2)] == [A, A]  # replies: both assured
-    assert f.check((2, 9, 6, 1000, 80), 0.2) is D                 # full of replied entries: refused
+    assert [f.check((9, i, 6, 80, 1000), 0.1) for i in range(2)] == [A, A]  # replies
+    assert [f.check((i, 9, 6, 1000, 80), 0.15) for i in range(2)] == [A, A]  # final ACKs: both assured
+    assert f.check((2, 9, 6, 1000, 80), 0.2) is D                 # full of assured entries: refused
     assert f.conntrack.full_drops == 1 and f.conntrack.early_drops == 0
     assert f.check((7, 9, 6, 1000, 80), 4000.0) is A             # expired entries make room
 
@@ -265,14 +268,15 @@ def test_repeated_match_is_the_conjunction(matches, packets, conntrack):
 
 def test_full_table_early_drops_unreplied_with_bounded_work():
     """A flood of unreplied flows that an accept rule lets in fills the table; new connections
-    still get in (an unreplied entry is evicted, oldest first), each examining a bounded number
-    of entries; only a table of replied connections refuses them."""
+    still get in (a non-assured entry is evicted, oldest first), each examining a bounded number
+    of entries; only a table of assured connections refuses them."""
     n = 5000
     f = fw("policy drop\nudp dport 53 accept\ntcp dport 443 accept", conntrack=ConntrackTable(max_entries=n))
     ct = f.conntrack
     assert f.check_many([(0x0A000000 + i, 9, 17, 1024, 53) for i in range(n)], 100.0, [0] * n, [b""] * n) == []
     assert len(ct) == n
-    f.check((9, 0x0A000000 + 7, 17, 53, 1024), 100.5)                # flow 7 got a reply: never early-dropped
+    f.check((9, 0x0A000000 + 7, 17, 53, 1024), 100.5)                # flow 7 got a reply
+    f.check((0x0A000000 + 7, 9, 17, 1024, 53), 100.6)                # and a request after it: assured
     f.check((0x0A000000 + 3, 9, 17, 1024, 53), 100.5)                # flow 3 saw a packet: a second chance
     before = ct.examined
     new = [(0x0B000000 + i, 9, 6, 40000, 443) for i in range(1000)]
@@ -282,9 +286,11 @@ def test_full_table_early_drops_unreplied_with_bounded_work():
     alive = {e[0] for e in ct.entries()}
     assert (0x0A000000 + 7, 9, 17, 1024, 53) in alive and (0x0A000000 + 3, 9, 17, 1024, 53) in alive
     assert (0x0A000000 + 2, 9, 17, 1024, 53) not in alive and (0x0A000000 + 1003, 9, 17, 1024, 53) in alive
-    # replies to all the TCP connections and the rest of the UDP flows: every entry assured
+    # replies to all the TCP connections and the rest of the UDP flows, then the original side
+    # again (the final ACK, a next request): every entry assured
     for key, _, _ in ct.entries():
         f.check((key[1], key[0], key[2], key[4], key[3]), 102.0)
+        f.check(key, 102.0)
     before = ct.examined
     assert f.check((0x0C000000, 9, 6, 40000, 443), 103.0) is D        # nothing to evict: refused, counted
     assert ct.full_drops == 1 and ct.examined - before <= n + 1000 + FULL_REAP  # the queue's stale rest, once
@@ -297,13 +303,14 @@ def test_full_table_early_drops_unreplied_with_bounded_work():
 def test_reap_examines_only_due_entries():
     t = Timeouts(udp_unreplied=10, udp_replied=100)
     ct = ConntrackTable(timeouts=t)
-    for i in range(2000):                                            # long-lived: replied at t=0
+    for i in range(2000):                                            # long-lived: assured at t=0
         ct.add((i, 1, 17, 5, 6), 0.0)
         ct.lookup((1, i, 17, 6, 5), 0.0)
+        ct.lookup((i, 1, 17, 5, 6), 0.0)
     for i in range(10):
         ct.add((i, 2, 17, 5, 6), 0.0)                                # unreplied: due at 10 s
     assert ct.reap(50.0) == 10 and len(ct) == 2000
-    assert ct.examined == 2010 + 2010    # the replied move once; the early-drop queue drops all 2010, once
+    assert ct.examined == 2010 + 2010    # the assured move once; the early-drop queue drops all 2010, once
     before = ct.examined
     for i in range(0, 2000, 2):
         ct.lookup((i, 1, 17, 5, 6), 60.0)                            # half see traffic at t=60
@@ -346,12 +353,14 @@ def test_new_syn_reopens_a_closing_tcp_entry():
         assert fast.check_many([key], t, [flags], [b""]) == []
     assert ref.conntrack.reopened == 1 and ref.ruleset.rules[0].packets == 2 and ref.conntrack.created == 2
     assert fast.conntrack.entries() == ref.conntrack.entries()
-    # the new SYN meets the rules: with them changed to refuse, the reuse is dropped
+    # the new SYN meets the rules: with them changed to refuse, the reuse is dropped (the old
+    # closing entry stays as it was until it expires; then the 5-tuple is gone for good)
     g = fw("policy drop\nip saddr 10.0.0.0/8 tcp dport 80 accept")
     for key, flags, t in seq[:6]:
         g.check(key, t, flags)
     g.ruleset = RuleSet.parse("policy drop")
-    assert g.check(out, 5, S) is D and g.check(back, 5.1, SA) is D
+    assert g.check(out, 5, S) is D and g.conntrack.reopened == 0 and len(g.conntrack) == 1
+    assert g.check(out, 12, S) is D and g.check(back, 12.1, SA) is D and len(g.conntrack) == 0
     # a SYN retransmit on a live (not closing) entry is just part of that connection
     h = fw("policy drop\nip saddr 10.0.0.0/8 tcp dport 80 accept")
     h.check(out, 0, S)
@@ -366,7 +375,8 @@ def test_policy_accept_full_table_drops_and_counts():
     f = fw("policy accept", conntrack=ConntrackTable(max_entries=16))
     for i in range(16):
         assert f.check((i, 99, 17, 1, 53), 1.0) is A
-        assert f.check((99, i, 17, 53, 1), 1.1) is A                  # replied: not evictable
+        assert f.check((99, i, 17, 53, 1), 1.1) is A                  # replied
+        assert f.check((i, 99, 17, 1, 53), 1.2) is A                  # then a request: assured, not evictable
     assert f.check((200, 99, 17, 1, 53), 2.0) is D                   # was: accepted untracked
     assert f.conntrack.full_drops == 1 and len(f.conntrack) == 16 and f.policy_hits == 17
     assert f.check_many([(201, 99, 17, 1, 53)], 2.0, [0], [b""]) == [0]
@@ -374,3 +384,74 @@ def test_policy_accept_full_table_drops_and_counts():
     for i in range(16):
         g.check((i, 99, 17, 1, 53), 1.0)                              # unreplied: one is evicted
     assert g.check((200, 99, 17, 1, 53), 2.0) is A and g.conntrack.early_drops == 1 and len(g.conntrack) == 16
+
+
+def test_syn_flood_answered_by_syn_ack_does_not_lock_new_connections_out():
+    """Spoofed SYNs to an accepted port, each answered by the server's SYN-ACK, fill the table with
+    half-open entries: replied but not assured (no final ACK), so they get the SYN_RECV timeout
+    (60 s) and are early-dropped for new connections (before: 3600 s and never evicted, so every
+    new connection was refused for an hour). A completed handshake is assured and stays."""
+    S, SA, ACK, PA = 0x02, 0x12, 0x10, 0x18
+    f = fw("policy drop\ntcp dport 80 accept\nip saddr 10.0.0.0/8 accept", conntrack=ConntrackTable(max_entries=1000))
+    ct, srv, t = f.conntrack, 0x0A000001, 100.0
+    legit = (0xCB007101, srv, 6, 55555, 80)                           # a real client, before the flood
+    assert f.check(legit, t, S) is A and f.check((srv, 0xCB007101, 6, 80, 55555), t, SA) is A
+    assert f.check_many([legit], t, [ACK], [b""]) == []              # the final ACK (fast path): assured
+    for i in range(1000):
+        src = 0xC6120000 + i                                          # spoofed 198.18.x.y
+        assert f.check((src, srv, 6, 40000 + i, 80), t, S) is A
+        assert f.check((srv, src, 6, 80, 40000 + i), t, SA) is A     # the server answers
+    assert len(ct) == 1000 and ct.full_drops == 0 and ct.early_drops == 1
+    for dt, n in ((1, 0), (30, 1)):
+        assert f.check((0xCB007200 + n, srv, 6, 55556, 80), t + dt, S) is A     # new inbound connection
+        assert f.check((srv, 0x08080808 + n, 6, 33333, 53), t + dt, S) is A     # new outbound connection
+    assert ct.full_drops == 0 and ct.early_drops == 5
+    assert f.check((srv, 0xCB007101, 6, 80, 55555), t + 30, PA) is A          # the live one was kept
+    assert ct.reap(t + 61) >= 990 and len(ct) <= 10                  # half-open: 60 s, not 3600 s
+    assert f.check(legit, t + 61, PA) is A                           # assured: established timeout
+
+
+def test_udp_entry_assured_only_after_a_request_follows_a_response():
+    """UDP: one response to a (spoofed) request leaves the entry evictable with the 30 s timeout;
+    a request after a response makes it assured (120 s, never early-dropped)."""
+    f = fw("policy drop\nudp dport 53 accept", conntrack=ConntrackTable(max_entries=16))
+    ct = f.conntrack
+    stream = (0x0A000099, 9, 17, 1024, 53)
+    f.check(stream, 1.0)
+    f.check((9, 0x0A000099, 17, 53, 1024), 1.0)
+    assert f.check_many([stream], 1.1, [0], [b""]) == []             # request after response: assured
+    for i in range(15):
+        assert f.check((0x0A000000 + i, 9, 17, 1024, 53), 1.0) is A
+        assert f.check((9, 0x0A000000 + i, 17, 53, 1024), 1.0) is A  # one response each
+    assert len(ct) == 16
+    for i in range(15):                                              # all evicted, the stream is not
+        assert f.check((0x0B000000 + i, 9, 17, 1024, 53), 2.0) is A
+    assert ct.full_drops == 0 and ct.early_drops == 15
+    assert stream in {e[0] for e in ct.entries()}
+    assert ct.reap(40.0) == 15 and len(ct) == 1                      # replied, not assured: 30 s
+    assert ct.reap(121.0) == 0 and ct.reap(122.0) == 1               # assured: 120 s from 1.1
+
+
+def test_forged_rst_then_refused_syn_does_not_cut_a_live_connection():
+    """An off-path attacker's RST (any RST closes: documented) then SYN on the same 5-tuple: the
+    SYN starts a new connection only if the rules accept it; here the limit is spent, so it is
+    dropped and the live connection's entry stays as it was (before: removed, connection cut)."""
+    S, SA, ACK, RST, PA = 0x02, 0x12, 0x10, 0x04, 0x18
+    for batch in (False, True):
+        f = fw("policy drop\ntcp dport 22 limit rate 2/minute accept")
+        c = (0x0A000005, 0xC0000201, 6, 50000, 22)
+        s = (c[1], c[0], 6, 22, 50000)
+        assert f.check(c, 0.0, S) is A and f.check(s, 0.0, SA) is A and f.check(c, 0.0, ACK) is A
+        for i in range(6):                                           # the attacker spends the limit
+            f.check((0x0B000000 + i, 0xC0000201, 6, 1000 + i, 22), 1.0, S)
+        assert f.check(s, 2.0, RST) is A                             # forged RST: closing (10 s)
+        assert f.check(c, 2.1, S) is D                               # forged SYN: refused by the rules
+        assert f.conntrack.reopened == 0 and c in {e[0] for e in f.conntrack.entries()}
+        check = (lambda key, t, fl: D if f.check_many([key], t, [fl], [b""]) else A) if batch else f.check
+        assert check(s, 2.2, PA) is A and check(c, 2.3, PA) is A     # the live connection goes on
+        assert check(c, 11.0, PA) is A                               # (on the closing timeout, refreshed)
+    # a SYN the rules accept does reopen the 5-tuple: a new, unreplied entry
+    g = fw("policy drop\ntcp dport 22 accept")
+    assert g.check(c, 0.0, S) is A and g.check(s, 0.0, SA) is A and g.check(c, 0.0, ACK) is A
+    assert g.check(s, 2.0, RST) is A and g.check(c, 2.1, S) is A
+    assert g.conntrack.reopened == 1 and g.conntrack.created == 2 and g.conntrack.entries()[0][2] is False

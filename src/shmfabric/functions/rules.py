@@ -21,9 +21,10 @@ RST/ICMP). A match repeated in a rule narrows it: all must hold, as in nft
 Connection tracking (on by default): a packet of a connection that an `accept` rule let in, in
 either direction, is accepted before the rules are consulted, as nftables does with the usual
 first rule `ct state established,related accept`. So return traffic passes under `policy drop`.
-Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`). A full table
-early-drops an unreplied entry for a new connection; a new SYN reopens a closed TCP 5-tuple
-(see `ConntrackTable`).
+Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`). An entry is
+ASSURED once it carried traffic both ways and then again from the original side (for TCP: the
+handshake's final ACK); a full table early-drops a non-assured entry for a new connection; a new
+SYN that the rules accept reopens a closed TCP 5-tuple (see `ConntrackTable`).
 """
 from __future__ import annotations
 
@@ -501,38 +502,49 @@ def _strip_comment(line: str) -> str:
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds an idle entry lives. Linux nf_conntrack defaults, except `tcp_established`: Linux
-    keeps 5 days, which in a table bounded by memory mostly holds dead peers; one hour here."""
+    keeps 5 days, which in a table bounded by memory mostly holds dead peers; one hour here.
+    The long timeouts (`tcp_established`, `udp_replied`) apply only once an entry is assured
+    (traffic both ways, then again from the original side; see `ConntrackTable`)."""
 
     tcp_unreplied: float = 120.0      # nf_conntrack_tcp_timeout_syn_sent
-    tcp_established: float = 3600.0
+    tcp_established: float = 3600.0   # assured: the handshake completed
     tcp_closing: float = 10.0         # after FIN or RST (nf_conntrack_tcp_timeout_close is 10)
-    udp_unreplied: float = 30.0       # nf_conntrack_udp_timeout
-    udp_replied: float = 120.0        # nf_conntrack_udp_timeout_stream
+    udp_unreplied: float = 30.0       # nf_conntrack_udp_timeout; also replied but not yet assured
+    udp_replied: float = 120.0        # assured (nf_conntrack_udp_timeout_stream)
     icmp: float = 30.0                # nf_conntrack_icmp_timeout
     other: float = 600.0              # nf_conntrack_generic_timeout
+    tcp_half_open: float = 60.0       # SYN-ACK seen, no final ACK yet (nf_conntrack_tcp_timeout_syn_recv)
 
 
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 #: When the table is full, a new connection first reclaims expired entries, examining at most
-#: this many (`ConntrackTable.reap`), then early-drops an unreplied entry.
+#: this many (`ConntrackTable.reap`), then early-drops a non-assured entry.
 FULL_REAP = 32
 
 
 class _Entry:
     # ttl: the idle timeout for the entry's current state (ConntrackTable._timeout), kept here so
     # a packet of a known connection refreshes `expires` without a call; recomputed whenever
-    # `replied` or `closing` changes (ConntrackTable._retime).
+    # `replied`, `assured` or `closing` changes (ConntrackTable._retime).
+    # replied: a packet seen in the reply direction; assured: after that, one more from the
+    # original side (not a SYN or RST: for TCP, the handshake's final ACK). Only assured entries
+    # get the long timeouts and are safe from early drop.
+    # nxt: the direction whose next packet may change that (the reply key while unreplied, then
+    # `orig`), so the fast path (Firewall.check_many) tests one key, not `orig` and `replied`.
     # slot: the timer-wheel bucket the entry sits in (-1 once removed); `expires` may be later
     # than the bucket's time (packets only move `expires`; the bucket is fixed when it comes due).
-    # seen: `expires` when the entry was (re)queued among the unreplied; if it moved since, the
+    # seen: `expires` when the entry was (re)queued among the non-assured; if it moved since, the
     # entry saw a packet and gets a second chance before an early drop.
-    __slots__ = ("orig", "expires", "replied", "closing", "packets", "ttl", "slot", "seen")
+    __slots__ = ("orig", "expires", "replied", "assured", "closing", "packets", "ttl", "slot", "seen", "nxt")
 
-    def __init__(self, orig: FiveTuple, closing: bool, ttl: float, expires: float, slot: int) -> None:
+    def __init__(self, orig: FiveTuple, closing: bool, ttl: float, expires: float, slot: int,
+                 rev: FiveTuple) -> None:
         self.orig = orig
+        self.nxt = rev
         self.expires = expires
         self.replied = False
+        self.assured = False
         self.closing = closing
         self.packets = 1
         self.ttl = ttl
@@ -551,10 +563,24 @@ class ConntrackTable:
     packet, and a bounded call (`limit`) bounds one call's work. `expire(now)` is the unbounded,
     rate-limited (once per `gc_interval`) form.
 
-    Full table: a new connection first reaps (at most `FULL_REAP` entries), then early-drops an
-    unreplied entry, oldest first (one that saw a packet since it was queued goes to the back
-    once), as Linux's early_drop evicts entries not yet ASSURED; only when every entry has been
-    replied is the new connection refused (`full_drops`)."""
+    States, as Linux's: an entry is `replied` once a packet went the reply way, and ASSURED
+    (`assured`) once, after that, a packet (not a SYN or RST) came from the original side again:
+    for TCP the handshake's final ACK, for UDP a request after a response. Before that a TCP
+    entry has the SYN_SENT timeout (`tcp_unreplied`), then the SYN_RECV one (`tcp_half_open`), a
+    UDP entry `udp_unreplied`; the long timeouts (`tcp_established`, `udp_replied`) are for
+    assured entries only. So a SYN flood that the server answers with SYN-ACKs, or spoofed
+    UDP requests that get one answer each, fill the table with short-lived, evictable entries.
+
+    Full table: a new connection first reaps (at most `FULL_REAP` entries), then early-drops a
+    non-assured entry, oldest first (one that saw a packet since it was queued goes to the back
+    once), as Linux's early_drop does; only when every entry is assured is the new connection
+    refused (`full_drops`).
+
+    TCP reuse: a SYN (without ACK) from the original side of a closing entry (FIN or RST seen)
+    makes `lookup` answer False but keeps the entry: the packet is a new connection for the rules,
+    and `add` replaces the entry (`reopened`) only if they accept it, as Linux reopens a
+    connection in TIME_WAIT/CLOSE. If they do not, the old entry stays as it was (so a forged RST
+    then a forged SYN that the rules refuse does not cut a live connection)."""
 
     def __init__(self, max_entries: int = 262_144, timeouts: Timeouts = Timeouts(), gc_interval: float = 1.0) -> None:
         if max_entries < 1:
@@ -566,7 +592,7 @@ class ConntrackTable:
         self._by_key: dict[FiveTuple, _Entry] = {}
         self._wheel: dict[int, dict[_Entry, None]] = {}  # bucket -> its entries; bucket b is due at b * _g
         self._due: list[int] = []                        # heap of the buckets in _wheel
-        # early-drop candidates, oldest first; lazy: entries that were replied or removed since
+        # early-drop candidates, oldest first; lazy: entries that were assured or removed since
         # are skipped when met (and trimmed from the front by reap), the rest copied out when it
         # grows past _compact_at (so it holds at most ~2x the table plus a constant)
         self._unreplied: deque[_Entry] = deque()
@@ -576,7 +602,7 @@ class ConntrackTable:
         self.created = 0
         self.expired = 0
         self.full_drops = 0
-        self.early_drops = 0  # unreplied entries evicted to make room for a new connection
+        self.early_drops = 0  # non-assured entries evicted to make room for a new connection
         self.reopened = 0     # closing TCP entries replaced by a new connection (a new SYN)
         self.examined = 0     # entries looked at by reap and early drop (work, for tests and status)
 
@@ -589,9 +615,11 @@ class ConntrackTable:
         if proto == 6:
             if e.closing:
                 return t.tcp_closing
-            return t.tcp_established if e.replied else t.tcp_unreplied
+            if e.assured:
+                return t.tcp_established
+            return t.tcp_half_open if e.replied else t.tcp_unreplied
         if proto == 17:
-            return t.udp_replied if e.replied else t.udp_unreplied
+            return t.udp_replied if e.assured else t.udp_unreplied
         if proto in (1, 58):
             return t.icmp
         return t.other
@@ -618,14 +646,19 @@ class ConntrackTable:
 
     def _mark_replied(self, e: _Entry, now: float) -> None:
         e.replied = True
+        e.nxt = e.orig
+        self._retime(e, now)
+
+    def _mark_assured(self, e: _Entry, now: float) -> None:
+        e.assured = True
         self._retime(e, now)
 
     def lookup(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
         """True (and the entry refreshed) if `key` belongs to a live connection, either way.
 
-        A TCP SYN (without ACK) from the original side of a closing entry (FIN or RST seen) ends
-        that entry and returns False: the packet is a new connection that the rules decide, as
-        Linux reopens a connection in TIME_WAIT/CLOSE."""
+        A TCP SYN (without ACK) from the original side of a closing entry (FIN or RST seen)
+        returns False and leaves the entry as it is: the packet is a new connection that the
+        rules decide; `add` (if they accept it) replaces the entry."""
         e = self._by_key.get(key)
         if e is None:
             return False
@@ -634,11 +667,13 @@ class ConntrackTable:
             self.expired += 1
             return False
         if tcp_flags & (_SYN | _ACK) == _SYN and e.closing and key == e.orig:
-            self._remove(e)
-            self.reopened += 1
             return False
-        if not e.replied and key != e.orig:
-            self._mark_replied(e, now)
+        if not e.assured:  # (Firewall.check_many inlines this)
+            if key != e.orig:
+                if not e.replied:
+                    self._mark_replied(e, now)
+            elif e.replied and not tcp_flags & (_SYN | _RST):
+                self._mark_assured(e, now)
         if tcp_flags & (_FIN | _RST) and not e.closing:
             e.closing = True  # any RST closes: sequence numbers are not tracked (unlike Linux)
             self._retime(e, now)
@@ -647,10 +682,14 @@ class ConntrackTable:
         return True
 
     def add(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
-        """Track a new connection; False if the table is full of replied entries (see the class)."""
+        """Track a new connection; False if the table is full of assured entries (see the class).
+        An entry already under `key` is replaced (a closing TCP entry reopened by a new SYN)."""
         by_key = self._by_key
-        if key in by_key:  # a caller adding a key it did not look up first: replace, do not leak
-            self._remove(by_key[key])
+        old = by_key.get(key)
+        if old is not None:  # a reopened TCP 5-tuple, or a caller that did not look it up first
+            if old.closing and key == old.orig and old.expires > now:
+                self.reopened += 1
+            self._remove(old)
         if self._count >= self.max_entries and not self._make_room(now):
             self.full_drops += 1
             return False
@@ -663,25 +702,26 @@ class ConntrackTable:
             ttl = t.udp_unreplied if proto == 17 else t.icmp if proto == 1 or proto == 58 else t.other
         exp = now + ttl
         b = -int(-exp // self._g)  # _schedule, inlined
-        e = _Entry(key, closing, ttl, exp, b)
+        rev = (dst, src, proto, dport, sport)
+        e = _Entry(key, closing, ttl, exp, b, rev)
         bucket = self._wheel.get(b)
         if bucket is None:
             self._wheel[b] = bucket = {}
             heapq.heappush(self._due, b)
         bucket[e] = None
         by_key[key] = e
-        by_key[(dst, src, proto, dport, sport)] = e
+        by_key[rev] = e
         self._count += 1
         self.created += 1
         q = self._unreplied
         q.append(e)
         if len(q) > self._compact_at:  # O(len), after at least len/2 appends: O(1) amortized
-            self._unreplied = q = deque(x for x in q if x.slot >= 0 and not x.replied)
+            self._unreplied = q = deque(x for x in q if x.slot >= 0 and not x.assured)
             self._compact_at = 2 * len(q) + 4096
         return True
 
     def _make_room(self, now: float) -> bool:
-        """Free one place in a full table: reap a little, else early-drop an unreplied entry."""
+        """Free one place in a full table: reap a little, else early-drop a non-assured entry."""
         self.reap(now, FULL_REAP)
         if self._count < self.max_entries:
             return True
@@ -689,7 +729,7 @@ class ConntrackTable:
         while q:
             e = q.popleft()
             self.examined += 1
-            if e.slot < 0 or e.replied:
+            if e.slot < 0 or e.assured:
                 continue
             if e.expires != e.seen and e.expires > now:  # a packet since it was queued: second chance
                 e.seen = e.expires
@@ -735,11 +775,11 @@ class ConntrackTable:
                     self._schedule(e, b)
             heapq.heappop(due)
             del wheel[b]
-        q = self._unreplied  # trim the early-drop queue's front of entries replied or removed since
+        q = self._unreplied  # trim the early-drop queue's front of entries assured or removed since
         while q and (limit is None or work < limit):
             e = q[0]
-            if e.slot >= 0 and not e.replied:
-                break  # a live unreplied entry: the next early-drop candidate
+            if e.slot >= 0 and not e.assured:
+                break  # a live non-assured entry: the next early-drop candidate
             q.popleft()
             work += 1
         self.examined += work
@@ -803,12 +843,12 @@ class Firewall:
                 rule.bytes += length
                 v = rule.verdict
                 if v is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags):  # type: ignore[arg-type]
-                    return Verdict.DROP  # table full: refuse new connections, as Linux does
+                    return Verdict.DROP  # table full (of assured entries): refuse, as Linux does
                 return v
         self.policy_hits += 1
         policy = self.ruleset.policy
         if policy is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags):  # type: ignore[arg-type]
-            # Full of replied connections: drop, as under an accept rule and as Linux does (its
+            # Full of assured connections: drop, as under an accept rule and as Linux does (its
             # conntrack drops before any filter chain). Accepting untracked would let this
             # connection's later packets meet the rules one by one, so a rule written for new
             # connections (`tcp sport 80 drop`) could cut it half-way.
@@ -835,6 +875,7 @@ class Firewall:
         ct = self.conntrack
         get = ct._by_key.get
         replied = ct._mark_replied
+        assured = ct._mark_assured
         established = 0
         for i, key in enumerate(keys):
             if key.__class__ is tuple:
@@ -842,8 +883,12 @@ class Firewall:
                 # ConntrackTable.lookup, inlined, for packets without SYN, FIN or RST (those go
                 # through `check`: they may close or reopen the entry)
                 if e is not None and e.expires > now and not tcp_flags[i] & 7:
-                    if not e.replied and key != e.orig:
-                        replied(e, now)
+                    if not e.assured and key == e.nxt:  # (else nothing to change)
+                        if not e.replied:
+                            if key != e.orig:  # (a key equal to its own reverse is never replied)
+                                replied(e, now)
+                        else:
+                            assured(e, now)
                     e.packets += 1
                     e.expires = now + e.ttl
                     established += 1

@@ -386,11 +386,29 @@ def test_mutated_tunnel_packets_never_raise(which, pick, head, edits, cut, extra
     assert all(len(d) <= 65535 for _, d in dec.ctx.emitted)
 
 
+class _Clock:
+    """The tunnel module's clocks (ms). `clock[0] += ms`: time passes (wall and monotonic clock);
+    `clock.step(ms)`: the wall clock alone is set forward or back."""
+
+    def __init__(self) -> None:
+        self.wall, self.mono = 1_750_000_000_000, 5_000_000
+
+    def __getitem__(self, i: int) -> int:
+        return self.wall
+
+    def __setitem__(self, i: int, v: int) -> None:
+        self.mono += v - self.wall
+        self.wall = v
+
+    def step(self, ms: int) -> None:
+        self.wall += ms
+
+
 @pytest.fixture
 def clock(monkeypatch):
-    """The wall clock of the tunnel module (ms), moved by the test."""
-    t = [1_750_000_000_000]
-    monkeypatch.setattr(tunnel_mod, "_now_ms", lambda: t[0], raising=False)
+    t = _Clock()
+    monkeypatch.setattr(tunnel_mod, "_now_ms", lambda: t.wall, raising=False)
+    monkeypatch.setattr(tunnel_mod, "_mono_ms", lambda: t.mono, raising=False)
     return t
 
 
@@ -433,10 +451,10 @@ def test_encrypt_decap_restart_accepts_no_replay_and_senders_resume_with_their_n
     clock[0] += 1
     _, dec2 = pair(Encrypt, key=KEY, resalt_after=5)  # the decap restarted
     assert through(dec2, cap)[0] == [DROP] * 100 and dec2.counters()["stale_sender"] == 100
-    clock[0] += 4_000
+    clock[0] += 2_000  # a salt lives a random 50-100 % of resalt_after
     _, more = through(enc, [udp()] * 3)  # same salt: refused too until the next one
     assert through(dec2, more)[0] == [DROP] * 3
-    clock[0] += 1_000
+    clock[0] += 3_000
     salt = enc.salt
     _, fresh = through(enc, [udp(payload=b"fresh")] * 2)
     assert enc.salt != salt and enc.counters()["salts"] == 2
@@ -450,7 +468,10 @@ def test_encrypt_nonces_never_repeat_across_salts_even_if_the_clock_goes_back(cl
     enc, dec = pair(Encrypt, key=KEY, resalt_after=0.01)
     nonces = []
     for step in (0, 20, -5000, 0, 20):
-        clock[0] += step
+        if step < 0:
+            clock.step(step)  # the wall clock is set back
+        else:
+            clock[0] += step
         _, outer = through(enc, [udp()] * 7)
         nonces += [o[32:44] for o in outer]
     assert len(set(nonces)) == len(nonces) == 35
@@ -473,3 +494,111 @@ def test_forged_packets_neither_create_nor_refresh_replay_state(clock):
         assert through(dec, [bytes(bad)])[0] == [DROP]
     assert list(dec.replay) == order and dec.counters()["auth_failed"] == 2
     assert through(dec, [b])[0] == [CONSUMED]  # the forgery of b did not mark it seen
+
+
+def test_encrypt_resalt_time_is_random_so_instances_started_together_do_not_stay_in_step(clock, monkeypatch):
+    """Two scaled-out encaps that drew their first salt in the same ms re-salted at exactly
+    start + resalt_after under steady traffic, so every salt of one started in the same ms as one
+    of the other: each re-salt was a new 2**-32 chance of the same random salt, i.e. a repeated
+    nonce under one GCM key. A salt now lives a random 50-100 % of resalt_after."""
+    a, b = pair(Encrypt, key=KEY)[0], pair(Encrypt, key=KEY)[0]
+    starts: dict[int, list[int]] = {id(a): [], id(b): []}
+    for _ in range(10_000):  # 100 s, a batch every 10 ms on each
+        for e in (a, b):
+            through(e, [udp()])
+            if not starts[id(e)] or starts[id(e)][-1] != e.start:
+                starts[id(e)].append(e.start)
+        clock[0] += 10
+    sa, sb = starts[id(a)], starts[id(b)]
+    assert sa[0] == sb[0] and sa != sb
+    for s in (sa, sb):
+        assert all(5_000 <= y - x <= 10_010 for x, y in zip(s, s[1:])), s
+        assert len(s) >= 10  # 100 s, at most 10 s each
+    # the bounds exactly: a random draw of all zeros lives half of resalt_after, all ones all of it
+    for fill, life in ((0x00, 5_000), (0xFF, 10_000)):
+        monkeypatch.setattr(os, "urandom", lambda n, fill=fill: bytes([fill]) * n)
+        enc = pair(Encrypt, key=KEY)[0]
+        through(enc, [udp()])
+        clock[0] += life - 1
+        through(enc, [udp()])
+        assert enc.counters()["salts"] == 1
+        clock[0] += 1
+        through(enc, [udp()])
+        assert enc.counters()["salts"] == 2
+
+
+def test_encrypt_encap_keeps_resalting_when_its_wall_clock_is_set_back(clock):
+    """The re-salt timer compared wall-clock ms with the salt's start: a clock set back an hour
+    stopped re-salting for an hour. It runs on the monotonic clock now; the starts in the nonces
+    stay strictly increasing."""
+    enc, _ = pair(Encrypt, key=KEY)
+    through(enc, [udp()])
+    first = enc.start
+    clock.step(-3_600_000)
+    clock[0] += 10_000
+    through(enc, [udp()])
+    assert enc.counters()["salts"] == 2 and enc.start == first + 1
+    clock[0] += 10_000
+    through(enc, [udp()])
+    assert enc.counters()["salts"] == 3 and enc.start == first + 2
+
+
+def test_encrypt_decap_restarted_with_its_clock_behind_accepts_no_replay(clock):
+    """A decap restarted with its clock an hour behind took that time as its floor and accepted
+    every packet captured in the last hour again, and still did once its clock was corrected.
+    Now a salt that starts beyond the decap's now + skew is refused (`future_sender`), and the
+    floor is the decap's start as its clock now sees it (wall now - monotonic time since)."""
+    enc, dec = pair(Encrypt, key=KEY)
+    _, cap = through(enc, [udp(payload=b"pay %d" % i) for i in range(5)])
+    assert through(dec, cap)[0] == [CONSUMED] * 5
+    clock[0] += 1
+    clock.step(-3_600_000)
+    _, dec2 = pair(Encrypt, key=KEY)  # restarted, its clock an hour behind
+    clock[0] += 60_000
+    assert through(dec2, cap)[0] == [DROP] * 5 and dec2.counters()["future_sender"] == 5
+    assert not dec2.replay
+    clock.step(3_600_000)  # corrected
+    assert through(dec2, cap)[0] == [DROP] * 5 and dec2.counters()["stale_sender"] == 5
+    clock[0] += 10_000
+    assert through(dec2, through(enc, [udp(payload=b"new")])[1]) == ([CONSUMED], [udp(payload=b"new")])
+
+
+def test_encrypt_decap_started_with_its_clock_ahead_recovers_once_it_is_corrected(clock):
+    """A decap started with its clock a day ahead kept that as its floor: once the clock was
+    corrected it refused every new salt for a day. The floor never exceeds now + skew + 1."""
+    clock.step(86_400_000)
+    _, dec = pair(Encrypt, key=KEY)
+    clock.step(-86_400_000)
+    enc, _ = pair(Encrypt, key=KEY)
+    assert through(dec, through(enc, [udp()])[1])[0] == [DROP]  # a salt drawn within the skew
+    assert dec.floor == clock[0] + 10_000 + 1  # skew: max(resalt_after, 5 s)
+    clock[0] += 20_001  # skew + resalt_after: the encap's next salt
+    assert through(dec, through(enc, [udp(payload=b"ok")])[1]) == ([CONSUMED], [udp(payload=b"ok")])
+
+
+def test_encrypt_decap_keeps_no_state_for_a_salt_from_the_future(clock):
+    """An authentic salt stamped a day ahead (an encap whose clock was ahead) was accepted; once
+    its window was forgotten, the floor rose past its start and every healthy sender was refused
+    for a day. Beyond now + skew it is refused now, with no state; within the skew it is accepted,
+    and forgetting it delays the others by at most the skew."""
+    _, dec = pair(Encrypt, key=KEY)
+    clock.step(86_400_000)
+    fut, _ = pair(Encrypt, key=KEY)
+    _, far = through(fut, [udp()])
+    clock.step(-86_400_000 + 3_000)
+    near, _ = pair(Encrypt, key=KEY)  # 3 s ahead: within the skew (10 s)
+    _, close = through(near, [udp()])
+    clock.step(-3_000)
+    floor = dec.floor
+    assert through(dec, far)[0] == [DROP] and dec.counters()["future_sender"] == 1
+    assert fut.salt not in dec.replay and dec.floor == floor
+    assert through(dec, close)[0] == [CONSUMED]
+    _, strict = pair(Encrypt, key=KEY, max_clock_skew=1)
+    assert through(strict, close)[0] == [DROP] and strict.counters()["future_sender"] == 1
+    healthy = [pair(Encrypt, key=KEY, resalt_after=0.01)[0] for _ in range(4)]
+    for i in range(Encrypt.MAX_SENDERS):  # push the near-future salt out
+        clock[0] += 10
+        assert through(dec, through(healthy[i % 4], [udp()])[1])[0] == [CONSUMED]
+    assert near.salt not in dec.replay and dec.floor <= clock[0] + 10_000 + 1
+    clock[0] += 3_000  # the near-future salt's start is passed: the healthy senders' next salts
+    assert [through(dec, through(e, [udp()])[1])[0][0] for e in healthy] == [CONSUMED] * 4

@@ -10,17 +10,20 @@ an outer IPv4/UDP packet; a `decap` node with the same outer addresses and port 
   (alg 0), so the tunnel never makes a packet bigger than the headers.
 - `encrypt` body: AES-GCM (from `cryptography`) of the inner packet with a 16-byte tag. Nonce =
   4-byte random salt + 8-byte counter, the counter = the salt's start (wall-clock ms of its first
-  packet) << 22 | packet number. An encap draws a new salt every `resalt_after` seconds (and
-  after 2**22 - 1 packets), each starting later than the one before, so an instance never
-  repeats a counter. Associated data = the outer header's
+  packet) << 22 | packet number. An encap draws a new salt after a random 50-100 % of
+  `resalt_after` seconds (monotonic clock; so scaled-out instances do not stay in step) and after
+  2**22 - 1 packets, each starting later than the one before, so an instance never repeats a
+  counter. Associated data = the outer header's
   invariant fields: addresses, UDP ports, tunnel header and nonce. TTL, checksums, identification
   and lengths are left out as IPsec's AH leaves out mutable fields (lengths are implied by the
   ciphertext), so a router on the way may decrement TTL. Decap rejects replays with a sliding
   window per sender salt (like IPsec's, `replay_window` packets), created, refreshed and moved
   only by a packet that authenticated, for the 256 salts used last; a salt it has no window for
-  is accepted only if it started at or after the decap did and after every salt whose window
-  it forgot (`stale_sender` otherwise), so neither a decap restart nor a forgotten window lets
-  a replay through; a sender is accepted again from its next salt.
+  is accepted only if floor <= its start <= now + `max_clock_skew`: `floor` is the decap's start
+  (as its clock now sees it), raised past every salt whose window it forgot (`stale_sender`
+  below it, `future_sender` beyond now + skew, which creates no state), so neither a decap
+  restart nor a forgotten window lets a replay through; a sender is accepted again from its
+  next salt. The floor never exceeds now + skew + 1 (lowered if the decap's clock goes back).
 
 The outer source port carries a hash of the inner 5-tuple (as VXLAN does), so a scaled-out decap
 keeps each inner flow on one instance and in order. The UDP checksum is 0 (allowed for IPv4;
@@ -356,8 +359,11 @@ class EncryptConfig(TunnelConfig):
     key_file: str | None = Field(None, description="file with the key (hex text or raw bytes)")
     key_id: int = Field(0, ge=0, le=255, description="carried in each packet; decap refuses other ids")
     replay_window: int = Field(1024, ge=0, le=65536, description="decap: packets of reordering tolerated; 0 = no replay check")
-    resalt_after: float = Field(10.0, ge=0.01, le=86400, description="encap: seconds a sender salt is used before a new "
-                                "one is drawn; after a decap (re)starts, a sender is accepted again from its next salt on")
+    resalt_after: float = Field(10.0, ge=0.01, le=86400, description="encap: most seconds a sender salt is used (each one "
+                                "a random 50-100 % of it); after a decap (re)starts, a sender is accepted again from its next salt on")
+    max_clock_skew: float | None = Field(None, ge=0.01, le=86400, description="decap: seconds a sender's clock may be ahead "
+                                         "of the decap's (salts that start later are dropped as future_sender); "
+                                         "default max(resalt_after, 5)")
 
     @model_validator(mode="after")
     def _key(self) -> "EncryptConfig":
@@ -367,12 +373,19 @@ class EncryptConfig(TunnelConfig):
 
 def _now_ms() -> int:
     """Wall-clock milliseconds: sender salts are stamped with it and decap compares the stamps with
-    its own start, so encap and decap need clocks that agree (one host: one clock)."""
+    its own start and time, so encap and decap need clocks that agree (one host: one clock)."""
     return time.time_ns() // 1_000_000
+
+
+def _mono_ms() -> int:
+    """Monotonic milliseconds: the encap's re-salt timer, and the decap's time since its start (so
+    a step of the wall clock neither stops re-salting nor moves the decap's start)."""
+    return time.monotonic_ns() // 1_000_000
 
 
 SEQ_BITS = 22  # nonce counter = salt start (ms since 1970, 42 bits: until 2109) << 22 | packet number
 SEQ_MAX = (1 << SEQ_BITS) - 1  # packets per salt; then a new salt
+CLOCK_STEP_MS = 1000  # decap: a wall clock set forward by more than this moves its start (floor)
 
 
 class Encrypt(_Tunnel):
@@ -390,7 +403,7 @@ class Encrypt(_Tunnel):
         self._key_bytes: bytes | None = None
         super().__init__(config, ctx)
         self.c.update({"auth_failed": 0, "replayed": 0, "wrong_key_id": 0, "length_mismatch": 0,
-                       "stale_sender": 0, "salts": 0})
+                       "stale_sender": 0, "future_sender": 0, "salts": 0})
 
     def _setup(self, cfg: EncryptConfig) -> None:  # type: ignore[override]
         super()._setup(cfg)
@@ -403,33 +416,62 @@ class Encrypt(_Tunnel):
             self._aead = AESGCM(key)
             self._key_bytes = key
             # encap: the nonce is salt (4 random bytes) + 8-byte counter = start << SEQ_BITS | n,
-            # `start` the wall-clock ms of the salt's first packet; a salt lives `resalt_after`
-            # seconds or SEQ_MAX packets, and each new salt starts later than the one before, so
-            # an instance never repeats a counter, whatever its random salts (two instances
-            # repeat a nonce only with the same random salt *and* the same start ms)
+            # `start` the wall-clock ms of the salt's first packet; a salt lives a random 50-100 %
+            # of `resalt_after` (monotonic clock) or SEQ_MAX packets, and each new salt starts
+            # later than the one before, so an instance never repeats a counter, whatever its
+            # random salts (two instances repeat a nonce only with the same random salt *and* the
+            # same start ms; the random lifetime keeps instances that started together from
+            # re-salting in step for ever)
             self.salt = os.urandom(4)
             self.start: int | None = None  # drawn at the first packet (see process)
             self.counter = 0
+            self.resalt_due = 0  # monotonic ms at which the salt is replaced
             # decap: replay state per sender salt, [highest counter, window bits], least recently
             # used first; `floor`: a salt not in the state is accepted only if it started at or
             # after the floor (ms), which is this decap's start, raised past the start of every
             # salt it forgets: a packet of a salt it saw before can never open a fresh window
             self.replay: OrderedDict[bytes, list[int]] = OrderedDict()
             self.floor = _now_ms()
+            self.mono_start = _mono_ms()  # so the start is known in the terms of a clock set later
+            self.future_limit = self.floor
         self.resalt_ms = max(1, int(cfg.resalt_after * 1000))
+        skew = max(cfg.resalt_after, 5.0) if cfg.max_clock_skew is None else cfg.max_clock_skew
+        self.skew_ms = max(1, int(skew * 1000))
         self._invalid_tag = InvalidTag
 
-    def _new_salt(self, now_ms: int) -> None:
-        self.salt = os.urandom(4)
+    def _new_salt(self) -> None:
+        r = os.urandom(8)
+        self.salt = r[:4]
+        now_ms = _now_ms()
+        # wall-clock ms in the nonce, strictly increasing per instance even if the clock goes back
         self.start = now_ms if self.start is None else max(now_ms, self.start + 1)
         self.counter = 0
+        # lifetime uniform in [resalt_ms / 2, resalt_ms], on the monotonic clock: instances that
+        # started in the same ms do not re-salt in step for ever, and a wall clock stepping back
+        # does not stop re-salting
+        lo = (self.resalt_ms + 1) // 2
+        self.resalt_due = _mono_ms() + lo + (int.from_bytes(r[4:], "big") * (self.resalt_ms - lo + 1) >> 32)
         self.c["salts"] += 1
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
-        if self.cfg.mode == "encap" and frames:
-            t = _now_ms()
-            if self.start is None or t - self.start >= self.resalt_ms:
-                self._new_salt(t)  # so no salt is used longer than resalt_after (+ one batch)
+        if frames:
+            if self.cfg.mode == "encap":
+                if self.start is None or _mono_ms() >= self.resalt_due:
+                    self._new_salt()  # so no salt is used longer than resalt_after (+ one batch)
+            else:
+                t = _now_ms()
+                # the decap's start as its clock now sees it, once that differs by more than
+                # CLOCK_STEP_MS (ms rounding, slewing): a clock behind at the start, then set
+                # right, must not let in the salts a previous run saw...
+                floor = self.floor
+                started = t - (_mono_ms() - self.mono_start)
+                if started > floor + CLOCK_STEP_MS:
+                    floor = started
+                # ... and never above now + skew + 1: a salt is accepted only if it started at or
+                # before now + skew, so one above that was never accepted (the clock went back,
+                # or the decap started with it ahead: else every new salt would be refused)
+                self.floor = min(floor, t + self.skew_ms + 1)
+                self.future_limit = t + self.skew_ms
         super().process(frames, now, out)
 
     def _aad(self, sport: int, hdr: bytes, nonce: bytes) -> bytes:
@@ -437,7 +479,7 @@ class Encrypt(_Tunnel):
 
     def seal(self, inner: bytes, sport: int) -> bytes:
         if self.start is None or self.counter >= SEQ_MAX:
-            self._new_salt(_now_ms())
+            self._new_salt()
         self.counter += 1
         nonce = self.salt + (self.start << SEQ_BITS | self.counter).to_bytes(8, "big")  # type: ignore[operator]
         hdr = self.header(self.cfg.key_id, len(inner))
@@ -461,11 +503,19 @@ class Encrypt(_Tunnel):
             if ctr <= hi and (hi - ctr >= window or bits >> (hi - ctr) & 1):
                 c["replayed"] += 1  # seen already, or older than the window: cannot tell, refuse
                 return None
-        elif window and ctr >> SEQ_BITS < self.floor:
-            # a salt that started before this decap did (its packets may have been delivered by
-            # a previous run), or before a salt it forgot: cannot tell a replay, refuse
-            c["stale_sender"] += 1
-            return None
+        elif window:
+            start = ctr >> SEQ_BITS
+            if start < self.floor:
+                # a salt that started before this decap did (its packets may have been delivered
+                # by a previous run), or before a salt it forgot: cannot tell a replay, refuse
+                c["stale_sender"] += 1
+                return None
+            if start > self.future_limit:
+                # started beyond now + skew: the sender's clock is ahead (or the decap's behind,
+                # e.g. restarted so: then this may be a replay). No state, so it cannot raise
+                # the floor for everybody once forgotten
+                c["future_sender"] += 1
+                return None
         try:
             inner = self._aead.decrypt(nonce, data[at + NONCE_LEN: tlen], self._aad(sport, data[IP_UDP:at], nonce))
         except self._invalid_tag:

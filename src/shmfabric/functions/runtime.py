@@ -7,6 +7,7 @@ messages from the manager, keep counters, and stop gracefully (draining its inpu
 from __future__ import annotations
 
 import json
+import operator
 import signal
 import sys
 import time
@@ -111,6 +112,28 @@ class Hop:
             time.sleep(0.01)
 
 
+MAX_TAPS = 8  # taps (`mirror` op) a node serves at once
+_RAW = operator.attrgetter("raw")  # a received frame, its Ethernet header included (a copy)
+
+
+def _mac(node_id: int | None) -> bytes:
+    """The fabric MAC of node `node_id` (02:73:66:00:hi:lo); a missing node: 02:73:66:00:ff:ff."""
+    i = 0xFFFF if node_id is None else node_id
+    return b"\x02\x73\x66\x00" + (i & 0xFFFF).to_bytes(2, "big")
+
+
+class Tap(Hop):
+    """A tap's node (`mirror` op), with what was copied to it and what did not fit its ring."""
+
+    def __init__(self, fabric: Fabric, names: list[str]):
+        super().__init__(fabric, names)
+        self.sent = 0
+        self.dropped = 0
+
+    def counts(self) -> dict:
+        return {"mirrored": self.sent, "mirror_dropped": self.dropped}
+
+
 class FunctionRunner:
     """Runs function class `fn_cls` as node `node_name` of `fabric`; see `run()`."""
 
@@ -147,7 +170,9 @@ class FunctionRunner:
         self.peer_timeout = peer_timeout
 
         self.stopping = False
-        self.mirror: Hop | None = None
+        # the taps (`mirror` op, `shmfabric capture`): None when there is none, so the data path
+        # pays one `is not None` test a batch
+        self.mirror: list[Tap] | None = None
         self._stop_requester: int | None = None
         self._handled: dict[tuple[int, int], bytes] = {}  # (ports, group size) -> verdict codes dispatch handles
         self.c = {"in_frames": 0, "out_frames": 0, "dropped": 0, "replied": 0, "bad_verdict": 0,
@@ -229,15 +254,7 @@ class FunctionRunner:
                 self._stop_requester = src
                 return  # answered once drained
             elif op == "mirror":
-                to = msg.get("to")
-                if to is None:
-                    self.mirror = None
-                else:
-                    hop = Hop(self.fabric, [str(to)])
-                    hop.wait(timeout=float(msg.get("timeout", 5.0)))
-                    self.mirror = hop
-                log("mirror", {"node": self.node.name, "to": to})
-                out = {"ok": True}
+                out = self._mirror_op(msg)
             else:
                 out = {"ok": False, "error": f"unknown op {op!r}; use stats, reconfigure, set_next, mirror or stop"}
         except (FunctionConfigError, TimeoutError, ValueError) as e:
@@ -247,25 +264,87 @@ class FunctionRunner:
         self._reply(src, out)
 
     # -- the data path -------------------------------------------------------------------------
-    def _tap(self, frames: Any) -> None:
-        """Copy the frames this node receives (or a source makes) to the mirror node, if any.
+    def _mirror_op(self, msg: dict) -> dict:
+        """The `mirror` op: several taps at once, each to its own node.
 
-        A tap must never slow the data path: what does not fit the mirror's ring is dropped and
-        counted, and a mirror that went away switches the tap off."""
-        mirror = self.mirror
-        if mirror is None:
-            return
-        dst = mirror.ids[0]
-        try:
-            if dst is None:
-                raise UnknownDestinationError("mirror node gone")
-            sent = self.node.send_batch(dst, frames, ethertype=0x0800, incarnation=mirror.gens[0])
-        except UnknownDestinationError:
+        {"to": NAME} adds a tap to NAME (again for a NAME already tapping: its counters start
+        over); {"to": NAME, "off": true} removes that one and replies with its counters;
+        {"to": null} removes every tap; {"list": true} replies with the taps and their counters."""
+        taps = self.mirror or []
+        if msg.get("list"):
+            return {"ok": True, "taps": {t.names[0]: t.counts() for t in taps}}
+        to = msg.get("to")
+        if to is None:
             self.mirror = None
-            log("mirror", {"node": self.node.name, "to": None, "reason": "mirror node went away"})
+            log("mirror", {"node": self.node.name, "to": None, "taps_removed": len(taps)})
+            return {"ok": True, "removed": len(taps)}
+        to = str(to)
+        old = next((t for t in taps if t.names[0] == to), None)
+        if msg.get("off"):
+            if old is None:
+                return {"ok": True, "removed": 0}
+            rest = [t for t in taps if t is not old]
+            self.mirror = rest or None
+            log("mirror", {"node": self.node.name, "to": to, "off": True})
+            return {"ok": True, "removed": 1, **old.counts()}
+        if old is None and len(taps) >= MAX_TAPS:
+            raise ValueError(f"node {self.node.name!r} has {len(taps)} taps already, at most {MAX_TAPS}; "
+                             f"end one first")
+        tap = Tap(self.fabric, [to])
+        tap.wait(timeout=float(msg.get("timeout", 5.0)))
+        self.mirror = [t for t in taps if t is not old] + [tap]
+        log("mirror", {"node": self.node.name, "to": to, "taps": len(self.mirror)})
+        # "stamp": each copy's descriptor `meta` holds the wall-clock time the tap copied it, in
+        # microseconds modulo 2**32; "header": copies keep their own Ethernet header
+        return {"ok": True, "taps": len(self.mirror), "stamp": "us32", "header": "own"}
+
+    def _tap(self, frames: Any) -> None:
+        """Copy the frames this node receives (or a source makes) to every tap, if any.
+
+        Each copy keeps the frame's own Ethernet header (MACs and ethertype; a source's frames
+        get the header they are sent with), and its descriptor's `meta` carries the time of the
+        copy (wall clock, microseconds modulo 2**32). A tap must never slow the data path: what
+        does not fit a tap's ring is dropped and counted, and a tap whose node went away is
+        removed."""
+        taps = self.mirror
+        if not taps:
             return
-        self.c["mirrored"] += sent
-        self.c["mirror_dropped"] += len(frames) - sent
+        if self.is_source:
+            raws = self._source_raws(frames)
+        else:
+            raws = list(map(_RAW, frames))
+        stamp = (time.time_ns() // 1000) & 0xFFFFFFFF
+        gone = None
+        for tap in taps:
+            dst = tap.ids[0]
+            try:
+                if dst is None:
+                    raise UnknownDestinationError("mirror node gone")
+                sent = self.node.send_batch(dst, raws, meta=stamp, raw=True, incarnation=tap.gens[0])
+            except UnknownDestinationError:
+                gone = (gone or []) + [tap]
+                continue
+            except FabricError:  # a frame the tap cannot carry (too large): counted, never raised
+                sent = 0
+            tap.sent += sent
+            tap.dropped += len(raws) - sent
+            self.c["mirrored"] += sent
+            self.c["mirror_dropped"] += len(raws) - sent
+        if gone:
+            self.mirror = [t for t in taps if t not in gone] or None
+            for t in gone:
+                log("mirror", {"node": self.node.name, "to": t.names[0], "off": True,
+                               "reason": "mirror node went away"})
+
+    def _source_raws(self, frames: list) -> list[bytes]:
+        """A source's frames with the header `_send_frames` gives them: the next hop's MAC (the
+        instance the flow goes to), this node's MAC, IPv4's ethertype."""
+        nxt = self.next.ids
+        src = self.node.mac
+        if len(nxt) > 1:
+            return [_mac(nxt[flow_index(f, len(nxt))]) + src + b"\x08\x00" + bytes(f) for f in frames]
+        head = _mac(nxt[0] if nxt else None) + src + b"\x08\x00"
+        return [head + bytes(f) for f in frames]
 
     def _send_code(self, batch: Any, out: bytearray, code: int, hop: Hop, i: int) -> int:
         """Forward the frames of `code` to instance `i` of `hop`, waiting while its ring is full.

@@ -239,12 +239,15 @@ def cmd_capture(args: argparse.Namespace) -> int:
             if to_stdout and isinstance(e, BrokenPipeError):
                 _quiet_stdout()
     finally:
-        if tapped and ctl is not None and fab.node_ref(args.node) == ref:
+        # A node seen gone (dead, its entry maybe not reclaimed yet) is not asked: the request
+        # would wait out its timeout. A live node answers within milliseconds.
+        if tapped and ctl is not None and gone is None and fab.node_ref(args.node) == ref \
+                and _node_gone(fab, args.node, ref) is None:
             try:
                 off = {"op": "mirror", "to": ctl.node.name, "off": True} if new_tap else {"op": "mirror", "to": None}
-                counts = ctl.request(ref[0], off, timeout=10)
+                counts = ctl.request(ref[0], off, timeout=2)
                 if not new_tap:  # an older runtime: node-wide counters, since the start
-                    now_c = ctl.request(ref[0], {"op": "stats"}, timeout=10).get("counters", {})
+                    now_c = ctl.request(ref[0], {"op": "stats"}, timeout=2).get("counters", {})
                     counts = {k: now_c.get(k, 0) - base.get(k, 0) for k in ("mirrored", "mirror_dropped")}
             except ControlError:
                 counts = {}

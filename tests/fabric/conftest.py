@@ -150,5 +150,12 @@ def assert_conserved(fab: Fabric, network: int = 0) -> dict:
     return a
 
 
+def assert_all_free(fab: Fabric, network: int = 0) -> dict:
+    """assert_conserved, and every slot back in the pool (no node holds any)."""
+    a = assert_conserved(fab, network)
+    assert a["free"] == a["total"], a
+    return a
+
+
 def shm_leftover(name: str) -> bool:
     return region_path(name).exists()

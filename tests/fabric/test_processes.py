@@ -17,7 +17,7 @@ import pytest
 from shmfabric.fabric import Fabric, UnknownDestinationError
 
 from ._workers import check_payload
-from .conftest import assert_conserved, shm_leftover, unique_name, wait_until
+from .conftest import assert_all_free, assert_conserved, shm_leftover, unique_name, wait_until
 
 
 def _drain_control(node) -> None:
@@ -422,8 +422,7 @@ def test_sender_stalled_across_reclaim_and_reattach_never_publishes_freed_slots(
     assert totals["bad"] == 0, totals
     _drain_control(watcher)
     watcher.detach()
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
 
 
 @pytest.mark.timeout(60)
@@ -509,8 +508,7 @@ def test_unpublished_frames_of_a_dead_sender_are_freed_once_and_only_for_their_i
         b.release()
     assert torn == 0, f"{torn} held frames were overwritten: their slots were freed while held"
     sink.detach(), x.detach()
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
 
 
 class _Pool:
@@ -589,8 +587,7 @@ def test_slots_of_a_node_killed_inside_a_free_stack_operation_are_given_back(har
     w.kill9()
     assert wait_until(lambda: fab.node_id("victim") is None and vid not in fab.pool_audit()["held"], 3.0)
     assert fab.region.superblock()["swept_slots"] - swept == len(lost)
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
     # the slots given back are usable, each once
     node = fab.attach("user")
     bufs = []
@@ -616,8 +613,7 @@ def test_sweep_waits_for_a_node_inside_a_pool_operation_and_runs_once_it_is_out(
     assert fab.sweep(force=True) == len(lost)
     assert fab.sweep(force=True) == 0  # nothing is lost any more
     busy.detach()
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
 
 
 @pytest.mark.timeout(90)
@@ -651,8 +647,7 @@ def test_sweeps_under_full_traffic_give_back_nothing_and_tear_no_frame(harness):
     assert len(ran) >= 10, results  # the sweeps ran (not all gave up waiting)
     assert set(ran) == {0}, results
     assert got["bad"] == 0, got
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
 
 
 def _set_sweeping(fab, value: int) -> None:
@@ -711,8 +706,7 @@ def test_a_process_holding_the_pool_lock_stops_no_traffic_and_reclaims_resume_af
     holder.kill9()  # the lock is left EOWNERDEAD: the next taker recovers it (and sweeps)
     assert wait_until(lambda: fab.node_id("victim") is None and vid not in fab.pool_audit()["held"], 5.0)
     a.detach(), b.detach()
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
     assert fab.attach("again").id >= 0  # attaching takes the lock too
 
 
@@ -761,8 +755,7 @@ def test_lost_slots_are_found_once_a_dead_lock_holder_is_noticed(harness):
     holder.kill9()
     assert wait_until(lambda: fab.pool_audit()["on_stack"] == fab.pool_audit()["free"], 5.0), fab.pool_audit()
     assert fab.region.superblock()["swept_slots"] == len(lost)
-    final = assert_conserved(fab)
-    assert final["free"] == final["total"], final
+    assert_all_free(fab)
 
 
 @pytest.mark.timeout(60)

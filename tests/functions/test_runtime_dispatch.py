@@ -166,3 +166,41 @@ def test_on_timer_runs_under_traffic_from_the_start(fab):
         r.stopping = True
         t.join(10)
         r.close()
+
+
+class Both:
+    """A source making IPv4 and IPv6 packets, alternately."""
+
+    name = "both"
+    Config = MixedConfig
+
+    def __init__(self, config, ctx) -> None:
+        self.made = 0
+
+    def produce(self, now, max_frames):
+        if self.made >= 20:
+            return []
+        self.made += 20
+        v4 = bytes([0x45]) + bytes(39)
+        v6 = bytes([0x60]) + bytes(59)
+        return [v4 if k % 2 == 0 else v6 for k in range(20)]
+
+
+def test_frames_a_function_makes_carry_the_ethernet_type_of_their_ip_version(fab):
+    # Every frame a source made (or a function emitted) went out as 0x0800, IPv6 too: a capture
+    # showed IPv6 as bogus IPv4, and so would anything reading the Ethernet type.
+    from shmfabric.functions.runtime import ip_ethertype_groups
+
+    v4, v6 = bytes([0x45]) + bytes(19), bytes([0x60]) + bytes(39)
+    assert ip_ethertype_groups([v4, v6, v4]) == [(0x0800, [v4, v4]), (0x86DD, [v6])]
+    assert ip_ethertype_groups([v6, v6]) == [(0x86DD, [v6, v6])]
+    assert ip_ethertype_groups([]) == []
+    nxt = fab.attach("nxt")
+    r = FunctionRunner(fab, "src", Both, {}, ["nxt"], [])
+    try:
+        r.run(duration=1.0)
+        with nxt.recv_batch(64, 1.0) as got:
+            kinds = sorted((f.ethertype, f[0] >> 4) for f in got)
+        assert kinds == [(0x0800, 4)] * 10 + [(0x86DD, 6)] * 10, kinds
+    finally:
+        r.close()

@@ -95,8 +95,13 @@ class SourceFunction(Protocol):
     def produce(self, now: float, max_frames: int) -> Sequence[bytes]:
         """Frames to send now (maybe none); the runtime sends them down the chain."""
 
+    #: optional: the Ethernet type of every frame produce() makes (0x0800 or 0x86DD); without
+    #: it the runtime reads each frame's IP version
+    ethertype: int | None
+
     def next_deadline(self, now: float) -> float | None:
-        """When produce() has something again; None when done for good."""
+        """When produce() has something again; None when done for good. Optional: without
+        it, a produce() that returned nothing is asked again a millisecond later."""
 
 
 class FunctionConfigError(ValueError):

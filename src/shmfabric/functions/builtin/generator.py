@@ -125,6 +125,9 @@ class Generator:
     def _build(self) -> None:
         c = self.cfg
         rnd = random.Random(c.seed)
+        # what the runtime sends the frames as: synthesized flows are IPv4; a pcap may mix
+        # versions, so the runtime checks each frame (None)
+        self.ethertype: int | None = None if c.pcap else 0x0800
         if c.pcap:
             self.templates = [bytes(p) for p in read_pcap(c.pcap)]
             self.stamp_at: list[int | None] = [None] * len(self.templates)

@@ -50,7 +50,7 @@ def test_create_inspect_destroy(name):
 def test_create_errors_are_one_line(name):
     r = sf("create", name, "--ring-size", "1000")
     assert r.returncode == 2
-    assert "ring_size=1000 is not a power of two" in r.stderr and "Traceback" not in r.stderr
+    assert "--ring-size 1000 is not a power of two" in r.stderr and "Traceback" not in r.stderr
     r = sf("create", name, "--networks", "abc")
     assert r.returncode == 2 and "MTU[:SLOTS]" in r.stderr
     r = sf("create", name, "--networks", "100000")
@@ -197,3 +197,13 @@ def test_create_refuses_a_region_larger_than_the_free_space(name):
     r = sf("create", name, "--max-nodes", "1024", "--ring-size", "1048576")
     assert r.returncode == 2 and "free" in r.stderr and "smaller ring_size" in r.stderr, r.stderr
     assert not Fabric.destroy(name)  # nothing was left behind
+
+
+def test_argument_errors_are_one_line_in_the_flags_words(name):
+    # argparse printed its usage block before the error, and range errors named the Python
+    # parameter (max_nodes=1) instead of the flag the user typed
+    r = sf("create", name, "--max-nodes", "abc")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--max-nodes: invalid int value: 'abc'" in r.stderr and "shmfabric create --help" in r.stderr
+    r = sf("create", name, "--max-nodes", "1")
+    assert r.returncode == 2 and "--max-nodes 1 is out of range" in r.stderr, r.stderr

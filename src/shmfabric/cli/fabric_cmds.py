@@ -49,6 +49,17 @@ def _check_name(name: str) -> None:
         raise CliError(f"fabric name {name!r} is longer than {NAME_LEN - 1} bytes; use a shorter name")
 
 
+# The region's parameter names as `create` spells them on the command line.
+_FLAGS = {"max_nodes": "--max-nodes", "ring_size": "--ring-size", "n_mcast": "--mcast",
+          "tape_entries": "--tape-entries", "tape_entry_size": "--tape-entry-size"}
+_PARAM = re.compile(r"\b(" + "|".join(_FLAGS) + r")=")
+
+
+def _flag_names(message: str) -> str:
+    """A region error in the flags' words: "max_nodes=1 is out of range" -> "--max-nodes 1 ..."."""
+    return _PARAM.sub(lambda m: _FLAGS[m.group(1)] + " ", message)
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     from shmfabric.fabric import Fabric, FabricError
 
@@ -60,7 +71,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                             tape_entries=args.tape_entries, tape_entry_size=args.tape_entry_size,
                             mode=mode, group=args.group)
     except FabricError as e:
-        raise CliError(str(e)) from None
+        raise CliError(_flag_names(str(e))) from None
     info = {"name": fab.name, "path": str(fab.path), "size": fab.region.layout.total_size}
     fab.close()
     if getattr(args, "json", False):

@@ -31,8 +31,16 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
                         help="machine-readable output (stable field names)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (what is wrong, and where the help is) instead of
+    the usage block first; nested sub-command parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shmfabric", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="shmfabric", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="machine-readable output where a command supports it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

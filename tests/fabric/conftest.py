@@ -150,6 +150,16 @@ def assert_conserved(fab: Fabric, network: int = 0) -> dict:
     return a
 
 
+def alloc_all(node) -> list:
+    """Every buffer `node` can allocate, until the pool is dry."""
+    bufs = []
+    while True:
+        try:
+            bufs.append(node.alloc())
+        except MemoryError:
+            return bufs
+
+
 def assert_all_free(fab: Fabric, network: int = 0) -> dict:
     """assert_conserved, and every slot back in the pool (no node holds any)."""
     a = assert_conserved(fab, network)

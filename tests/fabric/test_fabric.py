@@ -22,7 +22,7 @@ from shmfabric.fabric import (
 from shmfabric.fabric import control
 
 from ._workers import check_payload, make_payload
-from .conftest import assert_conserved
+from .conftest import alloc_all, assert_conserved
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -540,12 +540,7 @@ def test_detach_with_unreleased_batch_and_unsent_buffer(fab):
     assert a3["free"] == a2["free"]
     # the free stack really holds each slot once: allocate everything, all distinct
     c = fab.attach("c")
-    bufs = []
-    while True:
-        try:
-            bufs.append(c.alloc())
-        except MemoryError:
-            break
+    bufs = alloc_all(c)
     assert len(bufs) == a3["free"] + a3["held"].get(c.id, 0)
     addrs = set()
     for x in bufs:

@@ -17,7 +17,7 @@ import pytest
 from shmfabric.fabric import Fabric, UnknownDestinationError
 
 from ._workers import check_payload
-from .conftest import assert_all_free, assert_conserved, shm_leftover, unique_name, wait_until
+from .conftest import alloc_all, assert_all_free, assert_conserved, shm_leftover, unique_name, wait_until
 
 
 def _drain_control(node) -> None:
@@ -113,12 +113,7 @@ def test_four_processes_alloc_and_free_concurrently(harness):
     assert final["free"] == final["total"] == 256
     # the free stack holds every slot exactly once: allocate them all and check they are distinct
     node = fab.attach("counter")
-    bufs = []
-    while True:
-        try:
-            bufs.append(node.alloc())
-        except MemoryError:
-            break
+    bufs = alloc_all(node)
     addrs = set()
     for buf in bufs:
         with memoryview(buf) as mv:
@@ -590,12 +585,7 @@ def test_slots_of_a_node_killed_inside_a_free_stack_operation_are_given_back(har
     assert_all_free(fab)
     # the slots given back are usable, each once
     node = fab.attach("user")
-    bufs = []
-    while True:
-        try:
-            bufs.append(node.alloc())
-        except MemoryError:
-            break
+    bufs = alloc_all(node)
     assert len(bufs) == 2048
     del bufs
     node.detach()

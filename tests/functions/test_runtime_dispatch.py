@@ -2,6 +2,8 @@
 counted (not sent), and the node's CPU time is counted."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 
@@ -69,6 +71,19 @@ def test_backoff_grows_and_is_bounded():
     assert backoff(100) == backoff(4) == pytest.approx(320e-6)
 
 
+@contextlib.contextmanager
+def running(r: FunctionRunner, seconds: float):
+    """`r.run(duration=seconds)` in a thread for the block; stopped, joined and closed after."""
+    t = threading.Thread(target=lambda: r.run(duration=seconds))
+    t.start()
+    try:
+        yield t
+    finally:
+        r.stopping = True
+        t.join(10)
+        r.close()
+
+
 class Fragile:
     """Raises on a frame whose first payload byte is 0xEE (a packet of death), after writing a
     NEXT verdict for the frames before it; passes every other frame on."""
@@ -94,12 +109,7 @@ def test_a_batch_whose_process_raises_is_dropped_and_the_node_goes_on(fab, capfd
     # error is counted and logged once, and the next batches are processed.
     src, nxt = fab.attach("src"), fab.attach("nxt")
     r = FunctionRunner(fab, "mid", Fragile, {}, ["nxt"], [])
-    import threading
-
-    done = {}
-    t = threading.Thread(target=lambda: done.update(r.run(duration=3.0)))
-    try:
-        t.start()
+    with running(r, 3.0) as t:
         assert src.wait_for_peer("mid", timeout=5) == r.node.id
         assert src.send_batch(r.node.id, [b"\x01" * 60] * 10) == 10
         with nxt.recv_batch(64, 2.0) as got:
@@ -119,10 +129,6 @@ def test_a_batch_whose_process_raises_is_dropped_and_the_node_goes_on(fab, capfd
         assert r.c["dropped"] >= 30 and r.c["emitted"] == 0
         err = capfd.readouterr().err
         assert err.count('"process_error"') == 1 and "cannot parse this one" in err
-    finally:
-        r.stopping = True
-        t.join(10)
-        r.close()
 
 
 class Timed:
@@ -145,15 +151,11 @@ class Timed:
 def test_on_timer_runs_under_traffic_from_the_start(fab):
     # on_timer was first called at the first poll that found no input: under traffic from the
     # start a function's housekeeping (expiring its flow tables) never ran.
-    import threading
-
     src, nxt = fab.attach("src"), fab.attach("nxt")
     r = FunctionRunner(fab, "mid", Timed, {}, ["nxt"], [])
     # the input is queued before the node runs, and kept from running dry while we look
     assert src.send_batch(r.node.id, [b"\x01" * 60] * 200) == 200
-    t = threading.Thread(target=lambda: r.run(duration=5.0))
-    try:
-        t.start()
+    with running(r, 5.0):
         deadline = time.monotonic() + 0.5
         calls_during_traffic = 0
         while time.monotonic() < deadline:
@@ -162,10 +164,6 @@ def test_on_timer_runs_under_traffic_from_the_start(fab):
             calls_during_traffic = r.fn.calls
         assert r.c["in_frames"] > 0
         assert calls_during_traffic >= 2, calls_during_traffic
-    finally:
-        r.stopping = True
-        t.join(10)
-        r.close()
 
 
 class Both:

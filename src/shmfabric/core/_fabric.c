@@ -191,6 +191,18 @@ static void Region_dealloc(RegionObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* A mutex in the region: process-shared, and robust (a holder killed while holding it hands it
+ * over with EOWNERDEAD). */
+static void init_shared_mutex(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+}
+
 /* format(): lay out the free chains of every pool and initialise the tape locks. Called once
  * by the creator on a zero-filled file, before any node attaches. */
 static PyObject *Region_format(RegionObject *self, PyObject *noargs)
@@ -212,24 +224,9 @@ static PyObject *Region_format(RegionObject *self, PyObject *noargs)
             end = start;
         }
     }
-    {
-        pthread_mutexattr_t a;
-        pthread_mutexattr_init(&a);
-        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-        pthread_mutex_init(&r->sb->pool_lock, &a);
-        pthread_mutexattr_destroy(&a);
-    }
-    for (uint32_t ti = 0; ti < 1 + r->sb->n_mcast; ti++) {
-        sf_tape *t = tape_at(r, ti);
-        pthread_mutexattr_t a;
-        pthread_mutexattr_init(&a);
-        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-        /* robust: a writer killed while holding the lock hands it over with EOWNERDEAD */
-        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-        pthread_mutex_init(&t->lock, &a);
-        pthread_mutexattr_destroy(&a);
-    }
+    init_shared_mutex(&r->sb->pool_lock);
+    for (uint32_t ti = 0; ti < 1 + r->sb->n_mcast; ti++)
+        init_shared_mutex(&tape_at(r, ti)->lock);
     Py_RETURN_NONE;
 }
 

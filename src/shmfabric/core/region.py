@@ -347,6 +347,14 @@ def mcast_group_mac(i: int) -> bytes:
     return bytes([0x03, 0x73, 0x66, 0x00, 0x00, i & 0xFF])
 
 
+def has_region_magic(path: Path) -> bool:
+    """True if the file at `path` starts with the fabric magic number (False if it is shorter).
+    Raises OSError (FileNotFoundError, IsADirectoryError, ...) if it cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return len(head) == 8 and struct.unpack("<Q", head)[0] == L["magic"]
+
+
 def validate_file(fd: int, size: int, path: Path) -> tuple[Layout, int]:
     """Check a region file completely before it is mapped for use; raise RegionOpenError subclasses."""
     sbsize = L["sizeof.superblock"]

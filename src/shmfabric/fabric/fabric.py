@@ -34,10 +34,10 @@ from shmfabric.core.errors import (
 from shmfabric.core.liveness import BEAT, node_alive, sweep
 from shmfabric.core.region import (
     FLAG_EPHEMERAL,
-    L,
     FabricConfig,
     MappedRegion,
     NetworkSpec,
+    has_region_magic,
     pid_namespace,
     proc_start_time,
     region_path,
@@ -151,15 +151,14 @@ class Fabric:
         path = region_path(name)
         if "/" in name:
             try:
-                with open(path, "rb") as f:
-                    head = f.read(8)
+                is_region = has_region_magic(path)
             except FileNotFoundError:
                 return False
             except IsADirectoryError:
                 raise BadMagicError(f"{path} is a directory, not a shmfabric region: not removed") from None
             except OSError as exc:
                 raise RegionOpenError(f"{path}: {exc.strerror}: not removed") from None
-            if len(head) < 8 or int.from_bytes(head, "little") != L["magic"]:
+            if not is_region:
                 raise BadMagicError(f"{path} is not a shmfabric region (its first bytes are not the fabric magic "
                                     "number): not removed; name a fabric, or give the path of its region file")
         try:

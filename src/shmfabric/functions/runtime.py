@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from shmfabric.fabric import Fabric, FabricError, UnknownDestinationError
+from shmfabric.fabric.control import node_mac
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, Verdict, validate_config
 from shmfabric.net.flow import parse_5tuple_ip, symmetric_hash
 
@@ -114,12 +115,6 @@ class Hop:
 
 MAX_TAPS = 8  # taps (`mirror` op) a node serves at once
 _RAW = operator.attrgetter("raw")  # a received frame, its Ethernet header included (a copy)
-
-
-def _mac(node_id: int | None) -> bytes:
-    """The fabric MAC of node `node_id` (02:73:66:00:hi:lo); a missing node: 02:73:66:00:ff:ff."""
-    i = 0xFFFF if node_id is None else node_id
-    return b"\x02\x73\x66\x00" + (i & 0xFFFF).to_bytes(2, "big")
 
 
 class Tap(Hop):
@@ -365,9 +360,12 @@ class FunctionRunner:
         def etype(f: Any) -> bytes:
             return b"\x86\xdd" if len(f) and f[0] >> 4 == 6 else b"\x08\x00"
 
+        def mac(i: int | None) -> bytes:  # a next hop that is gone: 02:73:66:00:ff:ff
+            return node_mac(0xFFFF if i is None else i)
+
         if len(nxt) > 1:
-            return [_mac(nxt[flow_index(f, len(nxt))]) + src + etype(f) + bytes(f) for f in frames]
-        head = _mac(nxt[0] if nxt else None) + src
+            return [mac(nxt[flow_index(f, len(nxt))]) + src + etype(f) + bytes(f) for f in frames]
+        head = mac(nxt[0] if nxt else None) + src
         return [head + etype(f) + bytes(f) for f in frames]
 
     def _send_code(self, batch: Any, out: bytearray, code: int, hop: Hop, i: int) -> int:

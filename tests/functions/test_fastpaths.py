@@ -13,6 +13,7 @@ from shmfabric.functions.maglev import MaglevBalancer
 from shmfabric.functions.registry import load
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, Timeouts
 from shmfabric.functions.rules import Verdict as RuleVerdict
+from shmfabric.functions.tcp_track import segment
 from shmfabric.functions.snort import Ids, IdsVerdict, hyperscan
 from shmfabric.net import build
 from shmfabric.net.flow import classify_batch, l4_payload_span, parse_5tuple_ip
@@ -47,8 +48,12 @@ def packet(draw) -> bytes:
         return build.ipv4(build.icmp(8, 0, payload, identifier=sport), src=src, dst=dst, proto=1)
     if kind == "udp":
         return build.ipv4(build.udp(sport, dport, payload, src=src, dst=dst), src=src, dst=dst, proto=17)
-    flags = draw(st.sampled_from(["S", "SA", "A", "PA", "FA", "R"]))
-    return build.ipv4(build.tcp(sport, dport, payload, flags=flags, src=src, dst=dst), src=src, dst=dst, proto=6)
+    flags = draw(st.sampled_from(["S", "SA", "A", "PA", "FA", "R", "RA"]))
+    # sequence numbers near 0 and near the wrap, so window tracking sees in- and out-of-window segments
+    seq = draw(st.sampled_from([0, 1, 5, 6, 70_000, 0xFFFFFFF0, 0x80000000]))
+    ack = draw(st.sampled_from([0, 1, 6, 70_000, 0xFFFFFFFF]))
+    return build.ipv4(build.tcp(sport, dport, payload, flags=flags, seq=seq, ack=ack, src=src, dst=dst),
+                      src=src, dst=dst, proto=6)
 
 
 # batches of packets, each with the time it is seen at (steps up to past the UDP/TCP timeouts)
@@ -68,13 +73,16 @@ def test_firewall_check_many_equals_check(seq, conntrack):
         flags: list[int] = []
         keys = classify_batch(frames, None, "ip", flags=flags)
         rejected = fast.check_many(keys, now, flags, frames)
-        expect = [i for i, k in enumerate(keys) if ref.check(k, now, flags[i], len(frames[i])) is not RuleVerdict.ACCEPT]
+        expect = [i for i, k in enumerate(keys)
+                  if ref.check(k, now, flags[i], len(frames[i]), segment(frames[i]) if k.__class__ is tuple and k[2] == 6 else None)
+                  is not RuleVerdict.ACCEPT]
         assert rejected == expect
     assert (fast.established, fast.policy_hits, fast.no_key) == (ref.established, ref.policy_hits, ref.no_key)
     assert fast.counters() == ref.counters()
     assert fast.conntrack.entries() == ref.conntrack.entries()
     assert (fast.conntrack.created, fast.conntrack.expired, fast.conntrack.full_drops) == \
         (ref.conntrack.created, ref.conntrack.expired, ref.conntrack.full_drops)
+    assert (fast.conntrack.tcp_invalid, fast.conntrack.rst_ignored) == (ref.conntrack.tcp_invalid, ref.conntrack.rst_ignored)
 
 
 @settings(deadline=None, max_examples=150)

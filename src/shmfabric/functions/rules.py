@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable, Sequence, Sized
 
+from shmfabric.functions.tcp_track import Segment, TcpTrack, segment
 from shmfabric.net.flow import FiveTuple, to_proto
 
 __all__ = [
@@ -536,7 +537,8 @@ class _Entry:
     # than the bucket's time (packets only move `expires`; the bucket is fixed when it comes due).
     # seen: `expires` when the entry was (re)queued among the non-assured; if it moved since, the
     # entry saw a packet and gets a second chance before an early drop.
-    __slots__ = ("orig", "expires", "replied", "assured", "closing", "packets", "ttl", "slot", "seen", "nxt")
+    # tcp: the connection's TcpTrack (window tracking), or None (not TCP, or not tracked).
+    __slots__ = ("orig", "expires", "replied", "assured", "closing", "packets", "ttl", "slot", "seen", "nxt", "tcp")
 
     def __init__(self, orig: FiveTuple, closing: bool, ttl: float, expires: float, slot: int,
                  rev: FiveTuple) -> None:
@@ -550,6 +552,16 @@ class _Entry:
         self.ttl = ttl
         self.slot = slot
         self.seen = expires
+        self.tcp: TcpTrack | None = None
+
+
+#: `ConntrackTable.track` results: no live entry (the rules decide), a packet of a live connection,
+#: a TCP segment of a live connection that is out of its window (see functions.tcp_track).
+UNKNOWN, KNOWN, INVALID = 0, 1, 2
+
+#: `tcp_window` settings: judge every segment of connections seen from their SYN; track but judge
+#: none (Linux's nf_conntrack_tcp_be_liberal); do not track windows (any RST closes).
+TCP_WINDOW_MODES = ("strict", "liberal", "off")
 
 
 class ConntrackTable:
@@ -580,11 +592,25 @@ class ConntrackTable:
     makes `lookup` answer False but keeps the entry: the packet is a new connection for the rules,
     and `add` replaces the entry (`reopened`) only if they accept it, as Linux reopens a
     connection in TIME_WAIT/CLOSE. If they do not, the old entry stays as it was (so a forged RST
-    then a forged SYN that the rules refuse does not cut a live connection)."""
+    then a forged SYN that the rules refuse does not cut a live connection).
 
-    def __init__(self, max_entries: int = 262_144, timeouts: Timeouts = Timeouts(), gc_interval: float = 1.0) -> None:
+    TCP windows (`tcp_window`, when callers pass each segment's `Segment`): every segment of a
+    connection is checked against what its two sides could have sent (functions.tcp_track), as
+    Linux does. `strict`: a connection seen from its SYN has out-of-window segments refused
+    (`track` answers INVALID, counted in `tcp_invalid`; they change nothing), so a spoofed
+    handshake's final ACK cannot make an entry assured; a connection picked up mid-stream is
+    tracked liberally. `liberal`: windows are learned, nothing is refused for them. Either way a
+    RST closes an entry only if its sequence number is exactly the one expected; another in-window
+    RST passes and changes nothing (`rst_ignored`), one below it is INVALID. `off`: no window
+    tracking, any RST closes. Without segments (callers that pass none) tracking is off."""
+
+    def __init__(self, max_entries: int = 262_144, timeouts: Timeouts = Timeouts(), gc_interval: float = 1.0,
+                 tcp_window: str = "strict") -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if tcp_window not in TCP_WINDOW_MODES:
+            raise ValueError(f"tcp_window must be one of {', '.join(TCP_WINDOW_MODES)}, not {tcp_window!r}")
+        self.tcp_window = tcp_window
         self.max_entries = max_entries
         self.timeouts = timeouts
         self.gc_interval = gc_interval
@@ -605,6 +631,8 @@ class ConntrackTable:
         self.early_drops = 0  # non-assured entries evicted to make room for a new connection
         self.reopened = 0     # closing TCP entries replaced by a new connection (a new SYN)
         self.examined = 0     # entries looked at by reap and early drop (work, for tests and status)
+        self.tcp_invalid = 0  # TCP segments out of their connection's window (INVALID)
+        self.rst_ignored = 0  # in-window RSTs whose sequence number was not the expected one
 
     def __len__(self) -> int:
         return self._count
@@ -653,21 +681,44 @@ class ConntrackTable:
         e.assured = True
         self._retime(e, now)
 
-    def lookup(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
-        """True (and the entry refreshed) if `key` belongs to a live connection, either way.
+    def lookup(self, key: FiveTuple, now: float, tcp_flags: int = 0, seg: Segment | None = None) -> bool:
+        """True (and the entry refreshed) if `key` belongs to a live connection, either way, and
+        (with `seg`) the segment is in its window. See `track`."""
+        return self.track(key, now, tcp_flags, seg) == KNOWN
+
+    def track(self, key: FiveTuple, now: float, tcp_flags: int = 0, seg: Segment | None = None) -> int:
+        """KNOWN (and the entry refreshed) if `key` belongs to a live connection, either way;
+        UNKNOWN if not; INVALID if `seg` (the TCP segment, when given) is out of the connection's
+        window (the entry is left as it was).
 
         A TCP SYN (without ACK) from the original side of a closing entry (FIN or RST seen)
-        returns False and leaves the entry as it is: the packet is a new connection that the
+        is UNKNOWN and leaves the entry as it is: the packet is a new connection that the
         rules decide; `add` (if they accept it) replaces the entry."""
         e = self._by_key.get(key)
         if e is None:
-            return False
+            return UNKNOWN
         if e.expires <= now:
             self._remove(e)
             self.expired += 1
-            return False
+            return UNKNOWN
         if tcp_flags & (_SYN | _ACK) == _SYN and e.closing and key == e.orig:
-            return False
+            return UNKNOWN
+        t = e.tcp
+        if t is not None and seg is not None and not (tcp_flags & (_SYN | _ACK) == _SYN and e.replied):
+            # (a SYN on a replied, open connection passes without effect, as Linux ignores it)
+            d = key != e.orig
+            if not t.accept(d, seg):
+                self.tcp_invalid += 1
+                return INVALID
+            if tcp_flags & _RST:
+                closes = t.rst_closes(d, seg[0])
+                if closes is None:
+                    self.tcp_invalid += 1
+                    return INVALID
+                if not closes:  # in window, not the expected number: the receiver challenges it
+                    self.rst_ignored += 1
+                    e.packets += 1
+                    return KNOWN
         if not e.assured:  # (Firewall.check_many inlines this)
             if key != e.orig:
                 if not e.replied:
@@ -675,15 +726,16 @@ class ConntrackTable:
             elif e.replied and not tcp_flags & (_SYN | _RST):
                 self._mark_assured(e, now)
         if tcp_flags & (_FIN | _RST) and not e.closing:
-            e.closing = True  # any RST closes: sequence numbers are not tracked (unlike Linux)
+            e.closing = True  # (with window tracking, only an exact RST gets here)
             self._retime(e, now)
         e.packets += 1
         e.expires = now + e.ttl
-        return True
+        return KNOWN
 
-    def add(self, key: FiveTuple, now: float, tcp_flags: int = 0) -> bool:
+    def add(self, key: FiveTuple, now: float, tcp_flags: int = 0, seg: Segment | None = None) -> bool:
         """Track a new connection; False if the table is full of assured entries (see the class).
-        An entry already under `key` is replaced (a closing TCP entry reopened by a new SYN)."""
+        An entry already under `key` is replaced (a closing TCP entry reopened by a new SYN).
+        `seg`: the TCP segment, whose windows are then tracked (see the class)."""
         by_key = self._by_key
         old = by_key.get(key)
         if old is not None:  # a reopened TCP 5-tuple, or a caller that did not look it up first
@@ -709,6 +761,11 @@ class ConntrackTable:
             self._wheel[b] = bucket = {}
             heapq.heappush(self._due, b)
         bucket[e] = None
+        if seg is not None and proto == 6 and self.tcp_window != "off":
+            # Only a connection seen from its SYN is judged: one picked up mid-stream has windows
+            # we can only learn (Linux marks it be-liberal too).
+            e.tcp = t = TcpTrack(self.tcp_window == "liberal" or tcp_flags & (_SYN | _ACK | _RST) != _SYN)
+            t.accept(0, seg)
         by_key[key] = e
         by_key[rev] = e
         self._count += 1
@@ -819,6 +876,7 @@ class Firewall:
     ruleset: RuleSet
     conntrack: ConntrackTable = field(default_factory=ConntrackTable)
     non_ip: Verdict = Verdict.ACCEPT  # ARP and friends must pass or nothing on the network resolves
+    link: str = "ip"  # what `check_many`'s packets start with ("ip" or "ethernet"), to read TCP segments
     established: int = 0
     policy_hits: int = 0
     no_key: int = 0
@@ -827,27 +885,34 @@ class Firewall:
     def from_text(cls, text: str, source: str = "<rules>", **kw: object) -> "Firewall":
         return cls(RuleSet.parse(text, source), **kw)  # type: ignore[arg-type]
 
-    def check(self, key: FiveTuple | int, now: float, tcp_flags: int = 0, length: int = 0) -> Verdict:
+    def check(self, key: FiveTuple | int, now: float, tcp_flags: int = 0, length: int = 0,
+              seg: Segment | None = None) -> Verdict:
         """The verdict for one packet. `key` is a 5-tuple, or a `Reason` from `classify_batch`
-        (non-IP frames get `non_ip`, malformed, fragments and other unclassifiable frames DROP)."""
+        (non-IP frames get `non_ip`, malformed, fragments and other unclassifiable frames DROP).
+        `seg`: a TCP packet's segment, for window tracking (ConntrackTable); a segment out of
+        its connection's window is dropped when the table's `tcp_window` is strict."""
         if not isinstance(key, tuple):  # a Reason (an int), not a 5-tuple or FlowKey
             self.no_key += 1
             return self.non_ip if key == 1 else Verdict.DROP  # 1 = Reason.NOT_IP
         ct = self.ruleset.conntrack
-        if ct and self.conntrack.lookup(key, now, tcp_flags):  # type: ignore[arg-type]
-            self.established += 1
-            return Verdict.ACCEPT
+        if ct:
+            known = self.conntrack.track(key, now, tcp_flags, seg)  # type: ignore[arg-type]
+            if known == KNOWN:
+                self.established += 1
+                return Verdict.ACCEPT
+            if known == INVALID:
+                return Verdict.DROP
         for rule in self.ruleset.candidates(key[2], key[4]):  # type: ignore[index]
             if rule.matches(key, now):  # type: ignore[arg-type]
                 rule.packets += 1
                 rule.bytes += length
                 v = rule.verdict
-                if v is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags):  # type: ignore[arg-type]
+                if v is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags, seg):  # type: ignore[arg-type]
                     return Verdict.DROP  # table full (of assured entries): refuse, as Linux does
                 return v
         self.policy_hits += 1
         policy = self.ruleset.policy
-        if policy is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags):  # type: ignore[arg-type]
+        if policy is Verdict.ACCEPT and ct and not self.conntrack.add(key, now, tcp_flags, seg):  # type: ignore[arg-type]
             # Full of assured connections: drop, as under an accept rule and as Linux does (its
             # conntrack drops before any filter chain). Accepting untracked would let this
             # connection's later packets meet the rules one by one, so a rule written for new
@@ -859,9 +924,11 @@ class Firewall:
                    packets: Sequence[Sized]) -> list[int]:
         """`check` for a batch; returns the indices of the packets whose verdict is not ACCEPT.
 
-        `len(packets[i])` is packet i's length (asked only for packets that reach the rules).
+        `len(packets[i])` is packet i's length (asked only for packets that reach the rules), and
+        TCP packets are read for their segment (`tcp_track.segment`, window tracking) unless the
+        table's `tcp_window` is off.
         Same verdicts, counters and table state as calling `check` per packet in order: packets
-        of live connections (the bulk of traffic) take an inlined `ConntrackTable.lookup`, which
+        of live connections (the bulk of traffic) take an inlined `ConntrackTable.track`, which
         saves two calls per packet; everything else, and TCP segments with SYN, FIN or RST (they
         close or reopen a connection), calls `check`."""
         check = self.check
@@ -876,13 +943,22 @@ class Firewall:
         get = ct._by_key.get
         replied = ct._mark_replied
         assured = ct._mark_assured
+        link = self.link
+        windows = ct.tcp_window != "off"
         established = 0
         for i, key in enumerate(keys):
             if key.__class__ is tuple:
                 e = get(key)
-                # ConntrackTable.lookup, inlined, for packets without SYN, FIN or RST (those go
+                # ConntrackTable.track, inlined, for packets without SYN, FIN or RST (those go
                 # through `check`: they may close or reopen the entry)
                 if e is not None and e.expires > now and not tcp_flags[i] & 7:
+                    t = e.tcp
+                    if t is not None:
+                        seg = segment(packets[i], link)
+                        if seg is not None and not t.accept(key != e.orig, seg):
+                            ct.tcp_invalid += 1
+                            rejected.append(i)
+                            continue
                     if not e.assured and key == e.nxt:  # (else nothing to change)
                         if not e.replied:
                             if key != e.orig:  # (a key equal to its own reverse is never replied)
@@ -892,6 +968,10 @@ class Firewall:
                     e.packets += 1
                     e.expires = now + e.ttl
                     established += 1
+                    continue
+                if windows and key[2] == 6:
+                    if check(key, now, tcp_flags[i], len(packets[i]), segment(packets[i], link)) is not accept:
+                        rejected.append(i)
                     continue
             if check(key, now, tcp_flags[i], len(packets[i])) is not accept:
                 rejected.append(i)

@@ -1,7 +1,7 @@
 """`firewall`: ordered nftables-style rules with connection tracking (logic in functions.rules)."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +19,9 @@ class FirewallConfig(BaseModel):
     rules: str = Field("policy accept", description="rule text (see docs/functions.md#firewall)")
     rules_file: str | None = Field(None, description="read the rules from this file instead")
     max_connections: int = Field(262_144, ge=16)
+    tcp_window: Literal["strict", "liberal", "off"] = Field(
+        "strict", description="TCP window tracking: strict drops segments out of their connection's window "
+                              "(as Linux conntrack), liberal only learns, off lets any RST close (docs/functions.md#firewall)")
 
     @model_validator(mode="after")
     def _parse(self) -> "FirewallConfig":
@@ -46,12 +49,15 @@ class FirewallFunction:
     Config = FirewallConfig
 
     def __init__(self, config: FirewallConfig, ctx: FunctionContext | None = None):
-        self.fw = Firewall(config.ruleset, ConntrackTable(max_entries=config.max_connections))
+        self.fw = Firewall(config.ruleset, ConntrackTable(max_entries=config.max_connections,
+                                                          tcp_window=config.tcp_window))
         self.passed = self.dropped = 0
 
     def reconfigure(self, config: FirewallConfig) -> None:
-        """New rules; established connections are kept."""
+        """New rules and TCP window mode; established connections are kept (with the window
+        mode they started under)."""
         self.fw.ruleset = config.ruleset
+        self.fw.conntrack.tcp_window = config.tcp_window
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         flags: list[int] = []
@@ -77,7 +83,8 @@ class FirewallFunction:
     def counters(self) -> dict[str, int]:
         c = {"seen": self.passed, "dropped": self.dropped, "established": self.fw.established,
              "policy_hits": self.fw.policy_hits, "no_5tuple": self.fw.no_key, "connections": len(self.fw.conntrack),
-             "ct_full_drops": self.fw.conntrack.full_drops, "ct_early_drops": self.fw.conntrack.early_drops}
+             "ct_full_drops": self.fw.conntrack.full_drops, "ct_early_drops": self.fw.conntrack.early_drops,
+             "tcp_invalid": self.fw.conntrack.tcp_invalid, "rst_ignored": self.fw.conntrack.rst_ignored}
         for n, r in enumerate(self.fw.ruleset.rules, 1):
             c[f"rule{n}_packets"] = r.packets
         return c

@@ -72,7 +72,9 @@ def test_firewall_check_many_equals_check(seq, conntrack):
         now += step
         flags: list[int] = []
         keys = classify_batch(frames, None, "ip", flags=flags)
-        rejected = fast.check_many(keys, now, flags, frames)
+        segs: list = []
+        assert classify_batch(frames, None, "ip", flags=[], segments=segs) == keys
+        rejected = fast.check_many(keys, now, flags, frames, segs if step > 10 else None)  # both ways of reading segments
         expect = [i for i, k in enumerate(keys)
                   if ref.check(k, now, flags[i], len(frames[i]), segment(frames[i]) if k.__class__ is tuple and k[2] == 6 else None)
                   is not RuleVerdict.ACCEPT]

@@ -220,3 +220,21 @@ def test_real_tcp_exchange_passes_strict_tracking():
     expected = e.tcp.sides[1].maxack  # what the server acknowledged last: the client's next number
     assert fw.check(e.orig, 2.0, 0x04, 40, Segment(expected + 1000, 0, 0, 0, 0x04)) is Verdict.ACCEPT
     assert ct.rst_ignored == 1
+
+
+def test_classify_segments_match_segment():
+    """classify_batch(segments=) reads the same fields as tcp_track.segment, and leaves None where
+    the caller must read the packet (a SYN's options, not TCP)."""
+    frames = [pkt(C, S, 1, 80, "PA", 0xFFFFFFF0, 7, b"abc", window=999), pkt(C, S, 1, 80, "FA", 5, 6),
+              pkt(C, S, 1, 80, "S", 1, options=WSCALE7), build.ipv4(build.udp(1, 2, b"x", src=C, dst=S), src=C, dst=S, proto=17),
+              pkt(C, S, 1, 80, "RA", 9, 10)]
+    flags: list[int] = []
+    segs: list = []
+    keys = classify_batch(frames, None, "ip", flags=flags, segments=segs)
+    assert len(keys) == len(flags) == len(segs) == 5
+    assert segs[0] == segment(frames[0]) == (0xFFFFFFF0, 7, 999, 3, 0x18, -1)
+    assert segs[1] == segment(frames[1]) and segs[4] == segment(frames[4])
+    assert segs[2] is None and segment(frames[2]).wscale == 7
+    assert segs[3] is None
+    with pytest.raises(ValueError):
+        classify_batch(frames, None, "ethernet", flags=[], segments=[])

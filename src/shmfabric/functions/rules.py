@@ -921,12 +921,13 @@ class Firewall:
         return policy
 
     def check_many(self, keys: Sequence[FiveTuple | int], now: float, tcp_flags: Sequence[int],
-                   packets: Sequence[Sized]) -> list[int]:
+                   packets: Sequence[Sized], segments: Sequence[tuple | None] | None = None) -> list[int]:
         """`check` for a batch; returns the indices of the packets whose verdict is not ACCEPT.
 
         `len(packets[i])` is packet i's length (asked only for packets that reach the rules), and
         TCP packets are read for their segment (`tcp_track.segment`, window tracking) unless the
-        table's `tcp_window` is off.
+        table's `tcp_window` is off, or `segments[i]` gives it (`classify_batch(segments=)`;
+        None there: read it from the packet).
         Same verdicts, counters and table state as calling `check` per packet in order: packets
         of live connections (the bulk of traffic) take an inlined `ConntrackTable.track`, which
         saves two calls per packet; everything else, and TCP segments with SYN, FIN or RST (they
@@ -954,7 +955,9 @@ class Firewall:
                 if e is not None and e.expires > now and not tcp_flags[i] & 7:
                     t = e.tcp
                     if t is not None:
-                        seg = segment(packets[i], link)
+                        seg = segments[i] if segments is not None else None
+                        if seg is None:
+                            seg = segment(packets[i], link)
                         if seg is not None and not t.accept(key != e.orig, seg):
                             ct.tcp_invalid += 1
                             rejected.append(i)
@@ -970,7 +973,10 @@ class Firewall:
                     established += 1
                     continue
                 if windows and key[2] == 6:
-                    if check(key, now, tcp_flags[i], len(packets[i]), segment(packets[i], link)) is not accept:
+                    seg = segments[i] if segments is not None else None
+                    if seg is None:
+                        seg = segment(packets[i], link)
+                    if check(key, now, tcp_flags[i], len(packets[i]), seg) is not accept:
                         rejected.append(i)
                     continue
             if check(key, now, tcp_flags[i], len(packets[i])) is not accept:

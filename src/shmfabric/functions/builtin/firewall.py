@@ -61,8 +61,13 @@ class FirewallFunction:
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         flags: list[int] = []
-        keys = classify_batch(frames, None, "ip", flags=flags)  # TCP flags: conntrack sees FIN/RST
-        rejected = self.fw.check_many(keys, now, flags, frames)
+        if self.fw.conntrack.tcp_window == "off":
+            keys = classify_batch(frames, None, "ip", flags=flags)  # TCP flags: conntrack sees FIN/RST
+            rejected = self.fw.check_many(keys, now, flags, frames)
+        else:  # and each TCP segment's numbers, for window tracking
+            segs: list = []
+            keys = classify_batch(frames, None, "ip", flags=flags, segments=segs)
+            rejected = self.fw.check_many(keys, now, flags, frames, segs)
         for i in rejected:
             out[i] = Verdict.DROP
         self.dropped += len(rejected)

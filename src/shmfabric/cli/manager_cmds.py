@@ -399,11 +399,18 @@ def _down_by_api(args: argparse.Namespace) -> dict:
 def cmd_down(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise CliError(f"--timeout {args.timeout:g}: give the seconds to wait for a clean stop, a number above 0")
+    t0 = time.monotonic()
     if getattr(args, "api", None):
         st = _down_by_api(args)
+        api = _api_url(args)
     else:
         st = _down_by_state(args)
-    if not getattr(args, "json", False):
+        api = st.get("api")
+    if getattr(args, "json", False):
+        # the field names of `up --detach --json` (fabric, pid, api), plus what down did
+        print(json.dumps({"fabric": st["fabric"], "pid": int(st["pid"]), "api": api, "stopped": True,
+                          "seconds": round(time.monotonic() - t0, 3)}))
+    else:
         print(f"fabric {st['fabric']} down")
     return 0
 
@@ -638,7 +645,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("down", help="stop a running manager and everything it runs")
     _target(p)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a clean stop")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for a clean stop (default: %(default)g)")
     add_json_flag(p)
     p.set_defaults(func=cmd_down)
 

@@ -77,7 +77,8 @@ class NetworkFunction(Protocol):
     def counters(self) -> dict[str, int | float]:
         """Function-specific counters (rule hits, alerts, ...)."""
 
-    # Optional hooks (the runtime checks with hasattr; see /work/notes/rewrite_proposal.md):
+    # Optional hooks (the runtime checks with hasattr, so a function that needs none stays this
+    # small; docs/functions.md, "Functions that make frames", describes them):
     #   reconfigure(config) -> None          live config push
     #   on_timer(now) -> float | None        housekeeping; returns when to be called next
     #   next_deadline(now) -> float | None   "I hold frames: call on_timer at this time"; None = holds
@@ -105,16 +106,38 @@ class SourceFunction(Protocol):
 
 
 class FunctionConfigError(ValueError):
-    """A function's configuration is invalid; the message names each field and the problem."""
+    """A function's configuration is invalid; the message (one line) names each field and the problem."""
+
+
+# prefixes pydantic puts before the message of a ValueError / assert raised in a validator
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic adds union branch names ("str", "list[str]", "function-after[...]") to locations
+    return tuple(p for p in loc if isinstance(p, int) or not (
+        str(p).startswith(("function-", "list[", "dict[", "tuple[")) or p in ("str", "int", "float", "bool", "none")))
+
+
+def config_error_text(exc: ValidationError, where: str = "config") -> str:
+    """The problems of a failed `Config.model_validate` on one line: `where.field: problem`, joined
+    by "; ". A model-level validator's error (no field) reads `where: problem`; list items are
+    `.N` (`config.classes.0.rate`). Pydantic's "Value error, " prefix is left out."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in (where, *_clean_loc(tuple(err.get("loc", ())))))
+        msg = str(err.get("msg", "invalid"))
+        for prefix in _PYDANTIC_PREFIXES:
+            msg = msg.removeprefix(prefix)
+        parts.append(f"{loc}: {' '.join(msg.splitlines())}")  # a message with newlines stays on the line
+    return "; ".join(parts)
 
 
 def validate_config(cls: type, data: dict | None, where: str = "config") -> BaseModel:
-    """Validate `data` with cls.Config; FunctionConfigError lists `where.field: problem` lines."""
+    """Validate `data` with cls.Config; FunctionConfigError is one line naming each field
+    (see `config_error_text`)."""
     try:
         return cls.Config.model_validate(data or {})
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in (where, *err["loc"]))
-            lines.append(f"{loc}: {err['msg']}")
-        raise FunctionConfigError(f"invalid configuration for function {cls.name!r}:\n  " + "\n  ".join(lines)) from None
+        raise FunctionConfigError(f"invalid configuration for function {cls.name!r}: "
+                                  f"{config_error_text(e, where)}") from None

@@ -24,7 +24,9 @@ first rule `ct state established,related accept`. So return traffic passes under
 Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`). An entry is
 ASSURED once it carried traffic both ways and then again from the original side (for TCP: the
 handshake's final ACK); a full table early-drops a non-assured entry for a new connection; a new
-SYN that the rules accept reopens a closed TCP 5-tuple (see `ConntrackTable`).
+SYN that the rules accept reopens a closed TCP 5-tuple (see `ConntrackTable`). TCP windows are
+tracked as Linux does (`functions.tcp_track`): out-of-window segments are dropped, and a RST
+closes a connection only at the exact sequence number expected.
 """
 from __future__ import annotations
 

@@ -16,12 +16,12 @@ REAP_PER_TIMER = 8192
 class FirewallConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rules: str = Field("policy accept", description="rule text (see docs/functions.md#firewall)")
+    rules: str = Field("policy accept", description="rule text (see docs/functions.md#firewall-rules-shmfabricfunctionsrules)")
     rules_file: str | None = Field(None, description="read the rules from this file instead")
     max_connections: int = Field(262_144, ge=16)
     tcp_window: Literal["strict", "liberal", "off"] = Field(
         "strict", description="TCP window tracking: strict drops segments out of their connection's window "
-                              "(as Linux conntrack), liberal only learns, off lets any RST close (docs/functions.md#firewall)")
+                              "(as Linux conntrack), liberal only learns, off lets any RST close (docs/functions.md#firewall-rules-shmfabricfunctionsrules)")
 
     @model_validator(mode="after")
     def _parse(self) -> "FirewallConfig":

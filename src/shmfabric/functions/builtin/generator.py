@@ -2,7 +2,8 @@
 
 Frames are IPv4 packets (the fabric frame's payload). With `stamp` on, each UDP/TCP payload
 starts with a stamp (magic, sequence number, CRC-32 of the rest) that the `sink` verifies, so a
-chain's losses, duplicates and corruption are counted end to end.
+chain's losses, duplicates and corruption are counted end to end. The config reference is
+docs/functions.md, "`generator`: synthesized flows or a pcap replay".
 """
 from __future__ import annotations
 
@@ -28,19 +29,21 @@ class GeneratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rate: float = Field(0, ge=0, description="frames per second; 0 = as fast as the chain takes them")
-    size: int = Field(64, ge=MIN_SIZE, le=65535, description="frame size in bytes, Ethernet header included")
+    size: int = Field(64, ge=MIN_SIZE, le=65535, description="frame size in bytes, Ethernet header included "
+                      "(size - 14 must fit the network's MTU)")
     flows: int = Field(1024, ge=1, le=1_000_000, description="distinct 5-tuples, cycled through")
     tcp_share: float = Field(0.0, ge=0, le=1, description="share of flows that are TCP (the rest UDP)")
-    src_net: str = "10.1.0.0/16"
-    dst_net: str = "10.2.0.0/16"
-    dst_ports: list[int] = Field(default_factory=lambda: [80, 443, 53, 8080])
+    src_net: str = Field("10.1.0.0/16", description="IPv4 prefix the flows' source addresses are drawn from")
+    dst_net: str = Field("10.2.0.0/16", description="IPv4 prefix the flows' destination addresses are drawn from")
+    dst_ports: list[int] = Field(default_factory=lambda: [80, 443, 53, 8080],
+                                 description="destination ports, flow i gets the (i mod length)-th")
     count: int = Field(0, ge=0, description="stop after this many frames; 0 = no limit")
     stamp: bool = Field(True, description="sequence + CRC in each frame, checked by the sink")
     payloads: list[str] = Field(default_factory=list, description="strings placed after the stamp, cycled (e.g. to trip IDS rules)")
     pcap: str | None = Field(None, description="replay this pcap's IP packets instead of synthesizing")
     fill: Literal["zeros", "random", "text"] = Field(
         "zeros", description="the rest of each payload: zeros, random bytes (like encrypted traffic) or ASCII text")
-    seed: int = 1
+    seed: int = Field(1, description="the same seed gives the same flows, addresses, ports and fill")
 
     @model_validator(mode="after")
     def _tcp_fits(self) -> "GeneratorConfig":

@@ -1,7 +1,10 @@
 """`sink`: the end of a chain. Counts what arrives and verifies generator stamps.
 
-Per source flow the stamp's sequence number must grow; a lower or equal one is a duplicate or a
-reordering, a jump is a loss. The CRC covers the sequence number and the rest of the payload.
+The generator numbers all its frames with one counter from 0. A number seen before is a
+duplicate, a number below the highest seen that never arrived is missing (a loss); order is not
+checked. The CRC covers the sequence number and the rest of the payload. The numbers seen are
+kept in a set (about 65 bytes each), so use `verify: false` for long runs at high rates. The
+config reference is docs/functions.md, "`sink`: the end of a chain".
 """
 from __future__ import annotations
 

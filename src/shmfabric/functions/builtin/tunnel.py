@@ -30,7 +30,7 @@ keeps each inner flow on one instance and in order. The UDP checksum is 0 (allow
 VXLAN does the same): `encrypt` has its tag; `compress` can add zstd's own checksum.
 
 Encap and decap produce packets of a new length, so they emit the new packet (`ctx.emit`) and
-give the original `Verdict.CONSUMED`; see /work/notes/rewrite_proposal.md. Decap passes or drops
+give the original `Verdict.CONSUMED` (docs/functions.md, "Functions that make frames"). Decap passes or drops
 (`non_tunnel`) what is not for this tunnel; the outer header must be IPv4 without fragments.
 """
 from __future__ import annotations

@@ -170,29 +170,28 @@ class TcpTrack:
         rcv_end = s[j]
         if not flags & 0x10 or (flags & 0x04 and ack == 0):
             ack = rcv_end  # no ack to judge (Linux: broken stacks send RST+ACK with ack 0)
-        # The four checks, serial arithmetic written out (x before y: (x - y) & M >= HALF):
+        # The four checks, in serial arithmetic (x before y: bit 31 of x - y is set; Python's ints
+        # are two's complement at any width, so the bit can be tested without reducing mod 2^32,
+        # and the four tests are one OR):
         # (I) seq <= snd.maxend, (II) end >= snd.end - rcv.maxwin, (III) ack <= rcv.end,
         # (IV) ack >= rcv.end - (snd.maxwin or MAXACKWINDOW).
-        if (self.liberal
-                or ((s[i + 1] - seq) & _M < _HALF
-                    and (end - snd_end + s[j + 2]) & _M < _HALF
-                    and (rcv_end - ack) & _M < _HALF
-                    and (ack - rcv_end + (s[i + 2] or _MAXACKWINDOW_DEFAULT)) & _M < _HALF)):
+        if self.liberal or not ((s[i + 1] - seq) | (end - snd_end + s[j + 2]) | (rcv_end - ack)
+                                | (ack - rcv_end + (s[i + 2] or _MAXACKWINDOW_DEFAULT))) & _HALF:
             if not flags & 0x02 and s[i + 3] > 0:
                 win <<= s[i + 3]
             if s[i + 2] < win:
                 s[i + 2] = win
-            if (snd_end - end) & _M >= _HALF:
+            if (snd_end - end) & _HALF:
                 s[i] = end
             if flags & 0x10:
                 m = s[i + 4]
-                if m < 0 or (m - ack) & _M >= _HALF:
+                if m < 0 or (m - ack) & _HALF:
                     s[i + 4] = ack
             maxend = s[i + 1]
-            if s[j + 2] and (maxend - end) & _M >= _HALF:
+            if (maxend - end) & _HALF and s[j + 2]:
                 s[j + 2] += (end - maxend) & _M
             top = (ack + win) & _M
-            if (s[j + 1] - 1 - top) & _M >= _HALF:
+            if (s[j + 1] - 1 - top) & _HALF:
                 s[j + 1] = (top + (win == 0)) & _M
             return True
         return False

@@ -171,9 +171,11 @@ class RequestReader:
     so a stream reads the same however it is split into reads (fuzz_redis_resp.py checks it). It can, because hiredis trims its buffer once it has consumed
     1 KiB, after which `Reader.len()` is the count of unread bytes: so every KiB or so the
     stream position of a request end is known exactly, and only the few requests since then
-    are measured (by their canonical encoding, which is the only one hiredis accepts for
-    lengths). Forwarded commands are always re-encoded, so even a client that sends odd
-    element types can only confuse its own stream, never a shared backend connection.
+    are measured, by their bytes: every element of a request must be a bulk string, as Redis
+    requires (elements hiredis returns as bytes although they are not, '+x', '=N', '(1', are
+    found by _guard's walk and refused where Redis refuses them), so a request's bytes are its
+    canonical encoding but for the two unchecked bytes after each bulk, and _go_inline checks
+    that, walking the request where it differs.
     """
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
@@ -262,10 +264,21 @@ class RequestReader:
         # searches runs at read splits that vary, and the request would be refused all the same
         # (later, at max_request_bytes), so the answer never depends on the split.
         big = self._hiredis_bytes > BIG_REQUEST
-        if walk is None or (big and walk.max_bulk is None):
-            if walk is None and not (big or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
+        # An element that is not a bulk string but that hiredis returns as bytes all the same (a
+        # simple string '+x', a verbatim string '=N', a big number '(1') must be refused where
+        # Redis refuses it, and it is only seen by walking: hiredis gives no sign of it, and a
+        # request holding one is not as long as its canonical encoding, so measuring it (in
+        # _go_inline) would go wrong. No such element starts in a read without these bytes, so
+        # three memchr calls spare the walk to every read of plain requests. (Only these: a
+        # line start is not enough, as a bulk string's two terminator bytes, which neither Redis
+        # nor hiredis checks, need not be CRLF. So values holding '+', '=' or '(' cost a walk:
+        # about 0.5 us per element.)
+        strict = b"+" in data or b"=" in data or b"(" in data
+        if walk is None or (big and walk.max_bulk is None) or (strict and not walk.strict):
+            if walk is None and not (strict or big or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
                 return data
-            walk = _HeaderWalk(max_bulk=self.max_request_bytes if big else None)
+            strict = strict or (walk is not None and walk.strict)
+            walk = _HeaderWalk(max_bulk=self.max_request_bytes if big else None, strict=strict)
             prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
             at = walk.feed(prefix + data)
             at = at if at < 0 else max(0, at - len(prefix))
@@ -355,7 +368,7 @@ class RequestReader:
                             if self._go_inline(skip_negative=True):
                                 break
                             self.failed = True
-                            raise RespProtocolError(_request_error(exc)) from None
+                            raise RespProtocolError(self._exact_error(_request_error(exc))) from None
                         # hiredis trims its buffer at the end of any gets() that leaves 1 KiB
                         # consumed, also one that stops inside a request; so len() is read
                         # after every call, and only a trim by a call that returned a whole
@@ -416,27 +429,32 @@ class RequestReader:
                             if not null_multibulk and self._go_inline(self._nulls, left):
                                 break
                             cmd = []
+                        elif type(cmd) is not list:
+                            # A request that starts with another RESP type byte ('+', '$',
+                            # ':'...) is an inline request to Redis, whatever the read split.
+                            # (_known_end has not moved past it: _go_inline hands back all of
+                            # it, also when it is 1 KiB or more and this call trimmed.)
+                            if self._go_inline():
+                                break
+                            self.failed = True
+                            raise RespProtocolError("expected '*' as the first byte of a request")
+                        else:
+                            try:
+                                # One C call that fails on any element that is not bytes (an
+                                # integer, nil, nested array or error item); the copy is cheap
+                                # next to the re-encoding every forwarded command gets anyway.
+                                # Elements hiredis returns as bytes but that are not bulk strings
+                                # ('+', '=', '(') never get here: _guard cut the bytes before them.
+                                join(cmd)
+                            except TypeError:
+                                self.failed = True
+                                raise RespProtocolError(self._exact_error(f"expected '$', got '{_type_byte(cmd)}'")) from None
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
                             hlen = left
                             self._known_end = self._fed - left
                             self._nulls = 0
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
-                        if type(cmd) is not list:
-                            # A request that starts with another RESP type byte ('+', '$',
-                            # ':'...) is an inline request to Redis, whatever the read split.
-                            if self._go_inline():
-                                break
-                            self.failed = True
-                            raise RespProtocolError("expected '*' as the first byte of a request")
-                        try:
-                            # One C call that fails on any element that is not bytes (an
-                            # integer, nil, nested array or error item); the copy is cheap next
-                            # to the re-encoding every forwarded command gets anyway.
-                            join(cmd)
-                        except TypeError:
-                            self.failed = True
-                            raise RespProtocolError(f"expected '$', got '{_type_byte(cmd)}'") from None
                         if len(cmd) > MULTIBULK_MAX:
                             self.failed = True
                             raise RespProtocolError("invalid multibulk length")
@@ -503,6 +521,19 @@ class RequestReader:
         except RespProtocolError as exc:
             return out, exc
         return out, None
+
+    def _exact_error(self, fallback: str) -> str:
+        """Redis's words for the first malformed request since the last known request end.
+
+        Used when hiredis refused a request or returned one holding an element that is not a
+        bulk string: Redis stops at the first bad element ('$-1' is an "invalid bulk length" to
+        it, '_' a wrong type byte, hiredis returns None for both), which only a walk of the bytes
+        tells. The requests since `_known_end` were all multibulk (the reader goes inline at
+        anything else), so the walk from there follows them exactly.
+        """
+        walk = _HeaderWalk(strict=True)
+        walk.feed(self._mirror_slice(self._known_end, self._fed))
+        return walk.reason or fallback
 
     def _mirror_slice(self, start: int, end: int) -> bytes:
         """The bytes fed to hiredis from stream offset `start` to `end` (both in _fed terms)."""
@@ -582,7 +613,7 @@ class RequestReader:
         else:
             data = b"".join(self._mirror)[self._known_end - self._mirror_start :]
         # The requests between the last known request end and here were all returned already;
-        # parse them again to measure them by their canonical encoding.
+        # parse them again to measure them (see below).
         again = hiredis.Reader()
         again.feed(data)
         pos = 0
@@ -606,7 +637,16 @@ class RequestReader:
                     continue
             if cmd is False or type(cmd) is not list:
                 break
-            pos += _canonical_size(cmd)
+            # Measured by its bytes, never guessed: every request hiredis returned was walked
+            # (_guard) or holds bulk strings only, so its bytes are its canonical encoding but
+            # for the two bytes after each bulk, which neither Redis nor hiredis checks.
+            end = pos + _canonical_size(cmd)
+            if not data.startswith(encode_command(cmd), pos):
+                end = _request_end(data, pos)
+                if end < 0:  # cannot be: refused rather than read from a guessed place
+                    self.failed = True
+                    raise RespProtocolError(self._exact_error("invalid multibulk length"))
+            pos = end
         rest = data[pos:]
         if not rest:
             return False
@@ -664,19 +704,23 @@ class _HeaderWalk:
     longer than `max_bulk`), in a stream fed in pieces from where a request starts; see
     RequestReader._guard.
 
-    It walks every item hiredis could read, top-level items of any type included (the reader
-    may go inline at one, but its measure of where can be off for requests that are not
-    canonically encoded, and hiredis has the bytes), building nothing, and keeps its place
+    It walks every item hiredis could read, top-level items of any type included (unless
+    strict), building nothing, and keeps its place
     between pieces: the items still owed by each open aggregate, the bytes of a bulk still to
     skip, an unfinished header line. It stops for good (`dead`) where hiredis stops reading: a
     byte that starts no RESP item, or a malformed length.
     """
 
-    __slots__ = ("limit", "max_bulk", "reason", "left", "skip", "carry", "in_line", "dead")
+    __slots__ = ("limit", "max_bulk", "strict", "reason", "left", "skip", "carry", "in_line", "dead")
 
-    def __init__(self, limit: int = MULTIBULK_MAX, max_bulk: int | None = None) -> None:
+    def __init__(self, limit: int = MULTIBULK_MAX, max_bulk: int | None = None, strict: bool = False) -> None:
         self.limit = limit
         self.max_bulk = max_bulk  # a longer bulk (string, verbatim, error) is refused too
+        # Strict: every element of a request must be a bulk string with a length string2ll
+        # reads, as Redis requires; the first that is not is refused in Redis's words, where it
+        # starts. The walk stops (`dead`) at a top-level item that is not an aggregate: the
+        # reader goes inline there, and starts a new walk when it comes back to hiredis.
+        self.strict = strict
         self.reason = ""  # what `feed` found, in Redis's words
         self.left: list[int] = []  # items still to come in each open aggregate
         self.skip = 0  # bytes of a bulk item (and its CRLF) not yet seen
@@ -716,7 +760,43 @@ class _HeaderWalk:
             pos = 0
             self.carry = b""
         n = len(data)
+        strict = self.strict
+        if strict:
+            bulk_at = _BULK_HEADER.match
+            head_at = _REQUEST_HEADER.match
+            left = self.left
+            cap = PROTO_MAX_BULK if self.max_bulk is None else min(self.max_bulk, PROTO_MAX_BULK)
+            limit = self.limit
         while pos < n:
+            if strict and not self.in_line:
+                # The common items, one regex match each: a request header, and bulk strings
+                # that end in this piece. Anything else (a fault, an item that goes on in the
+                # next piece, a null or RESP3 header) takes the general way below.
+                k = left.pop() if left else 0  # (at most one level: nesting is a fault)
+                while True:
+                    if k:
+                        m = bulk_at(data, pos)
+                        if m is None:
+                            break
+                        count = int(m[1])
+                        end = m.end() + count + 2
+                        if end > n or count > cap:
+                            break
+                        pos = end
+                        k -= 1
+                    else:
+                        m = head_at(data, pos)
+                        if m is None:
+                            break
+                        k = int(m[1])
+                        if k > limit:
+                            k = 0
+                            break
+                        pos = m.end()
+                if k:
+                    left.append(k)
+                if pos >= n:
+                    break
             if self.in_line:
                 nl = data.find(b"\r\n", pos)
                 if nl < 0:
@@ -727,6 +807,14 @@ class _HeaderWalk:
                 self._done()
                 continue
             t = data[pos]
+            if self.strict:
+                if self.left:  # inside a request: a bulk string, or Redis refuses it here
+                    if t != 0x24:
+                        self.reason = f"expected '$', got '{chr(t)}'"
+                        return max(0, pos - base)
+                elif t not in _AGGREGATE_START:
+                    self.dead = True  # the reader goes inline here (or hiredis refuses it)
+                    return -1
             if t in _LINE_TYPES:
                 self.in_line = True
                 pos += 1
@@ -740,6 +828,13 @@ class _HeaderWalk:
                     self.dead = True
                 else:
                     self.carry = data[pos:]
+                return -1
+            if self.strict and _CANONICAL_COUNT.fullmatch(data, pos + 1, nl) is None:
+                # Not a length to string2ll: Redis's words for it, and hiredis refuses it too.
+                if self.left:
+                    self.reason = "invalid bulk length"
+                    return max(0, pos - base)
+                self.dead = True  # hiredis refuses the header (invalid multibulk length)
                 return -1
             try:
                 count = int(data[pos + 1 : nl])
@@ -756,7 +851,8 @@ class _HeaderWalk:
                 else:
                     self._done()
                 continue
-            if (self.max_bulk is not None and count > self.max_bulk) or (count > PROTO_MAX_BULK and self.left):
+            if (self.max_bulk is not None and count > self.max_bulk) or (
+                    self.left and (count > PROTO_MAX_BULK or (self.strict and count < 0))):
                 # (Only inside a request: a bulk header that starts one is an inline request.)
                 self.reason = "invalid bulk length"
                 return max(0, pos - base)
@@ -769,6 +865,32 @@ class _HeaderWalk:
                 pos += need
             self._done()
         return -1
+
+
+_CANONICAL_COUNT = re.compile(rb"-?[1-9][0-9]*|0")  # what string2ll (Redis, hiredis) reads
+_BULK_HEADER = re.compile(rb"\$([1-9][0-9]{0,17}|0)\r\n")
+_REQUEST_HEADER = re.compile(rb"\*([1-9][0-9]{0,17})\r\n")
+_CANONICAL_LENGTH = re.compile(rb"[1-9][0-9]*|0")
+
+
+def _request_end(data: bytes, pos: int) -> int:
+    """Where the multibulk request of bulk strings at `pos` ends (its real bytes), or -1."""
+    n = len(data)
+    nl = data.find(b"\r\n", pos)
+    if nl < 0 or data[pos] not in _AGGREGATE_START or _CANONICAL_COUNT.fullmatch(data, pos + 1, nl) is None:
+        return -1
+    count = int(data[pos + 1 : nl]) * (2 if data[pos] == 0x7C else 1)
+    pos = nl + 2
+    for _ in range(count):
+        if pos >= n or data[pos] != 0x24:
+            return -1
+        nl = data.find(b"\r\n", pos)
+        if nl < 0 or _CANONICAL_LENGTH.fullmatch(data, pos + 1, nl) is None:
+            return -1
+        pos = nl + 4 + int(data[pos + 1 : nl])
+        if pos > n:
+            return -1
+    return pos
 
 
 def _canonical_size(cmd: list[bytes]) -> int:

@@ -535,7 +535,44 @@ def role_hold_pool_lock(fabric: str) -> int:
     return 0
 
 
+def role_hold_tape_lock(fabric: str) -> int:
+    """Take the broadcast tape's writer lock (as a writer in the middle of an entry does), report,
+    and hold it until killed: what a process stopped (SIGSTOP) inside a broadcast leaves."""
+    import ctypes
+
+    fab = Fabric.open(fabric)
+    lay = fab.region.layout
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(fab.region.mm, lay.off_tapes))  # tape 0's lock comes first
+    rc = ctypes.CDLL(None).pthread_mutex_lock(ctypes.c_void_p(addr))
+    out({"locked": rc})
+    sys.stdin.read()
+    return 0
+
+
+def role_reclaim_and_die(fabric: str, victim: str) -> int:
+    """Do what a reclaim does first (take the pool lock, move the dead victim's entry to RECLAIM),
+    report, and stop there until killed: a reclaimer killed half-way through."""
+    import ctypes
+
+    from shmfabric.core import native
+    from shmfabric.core.region import L
+
+    fab = Fabric.open(fabric)
+    region = fab.region
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(region.mm, L["sf_superblock.pool_lock"]))
+    rc = ctypes.CDLL(None).pthread_mutex_lock(ctypes.c_void_p(addr))
+    out({"locked": rc})
+    sys.stdin.readline()  # the victim is dead now
+    idx = next(i for i in range(region.node_hwm()) if region.node_entry(i)["name"] == victim)
+    ok = region.core.cas_node_state(idx, native.NODE_UP, native.NODE_RECLAIM)
+    out({"id": idx, "cas": ok, "state": region.core.node_state(idx)})
+    sys.stdin.read()
+    return 0
+
+
 ROLES = {
+    "hold_tape_lock": (role_hold_tape_lock, (str,)),
+    "reclaim_and_die": (role_reclaim_and_die, (str, str)),
     "open_and_use": (role_open_and_use, (str,)),
     "fork_child": (role_fork_child, (str, str)),
     "attach_at": (role_attach_at, (str, str, float)),

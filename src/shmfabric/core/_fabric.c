@@ -49,12 +49,102 @@
 #define CHAIN_LEN 64    /* slots moved per CAS between the cache and the shared stack */
 
 static PyObject *FabricError;
-static PyObject *RingDownError;
 static PyObject *ReleasedError;
 static PyObject *FrameSizeError;
+static PyObject *NodeReclaimedError;
 
 /* ------------------------------------------------------------------------------------------ */
 /* small helpers                                                                               */
+
+/* Argument converters ("O&"). PyArg's "I"/"H" formats wrap out-of-range values silently (0x12345
+ * became ethertype 0x2345, -1 became 65535), so integer arguments are parsed as Python ints and
+ * range-checked here, with an error that names the argument. */
+static int parse_uint_arg(PyObject *o, unsigned long long max, const char *what, unsigned long long *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(o)->tp_name);
+        return 0;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    if (overflow || v < 0 || (unsigned long long)v > max) {
+        PyErr_Format(PyExc_ValueError, "%s must be between 0 and %llu, not %R", what, max, o);
+        return 0;
+    }
+    *out = (unsigned long long)v;
+    return 1;
+}
+static int conv_ethertype(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xffffu, "ethertype", &v))
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+static int conv_meta(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xffffffffu, "meta", &v))
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+static int conv_incarnation(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xffffffffu, "incarnation", &v))
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+/* A destination node id: any int is accepted here and range-checked by dest_ring against
+ * max_nodes; one that does not even fit a long long is an unknown destination too (not an
+ * OverflowError), like any other id out of range. */
+static PyObject *RingDownError;
+static int conv_tape(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xffffffffu, "tape", &v)) /* then checked against n_mcast */
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+static int conv_flags(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xffffu, "flags", &v)) /* a tape entry's flags are 16 bits */
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+static int conv_code(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xffu, "code", &v)) /* compared with one byte per frame */
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+static int conv_dst(PyObject *o, void *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "destination must be a node id (int), not %.100s", Py_TYPE(o)->tp_name);
+        return 0;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    if (overflow) {
+        PyErr_Format(RingDownError, "unknown destination node %R", o);
+        return 0;
+    }
+    *(long long *)out = v;
+    return 1;
+}
 
 static inline uint64_t now_ns(void)
 {
@@ -588,7 +678,16 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
 
 /* reclaim(index, from_state, gen) -> slots returned to the pools, or -1 if the entry is no longer
  * in from_state with generation gen (another node won the race, or a new node took the slot).
- * Marks every ring into the node down, drains them and returns every slot the node owned. */
+ * Marks every ring into the node down, drains them and returns every slot the node owned.
+ *
+ * from_state may be RECLAIM: a reclaim whose process died half-way (killed, or its machine
+ * stopped it for good) left the entry in RECLAIM. Every step below is idempotent (rings already
+ * down stay down, reclaim_slot frees a slot only while it still carries the dead node's tag,
+ * take_unpublished clears what it gave back), so the reclaim is simply run again. It is safe to
+ * resume only because a reclaim runs entirely under the pool lock, RECLAIM included: whoever
+ * holds the lock and still finds an entry in RECLAIM knows its reclaimer is gone (the robust
+ * lock came back EOWNERDEAD, which also schedules a sweep for a slot it untagged and did not
+ * push). No pid or start time of the reclaimer needs recording. */
 static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
 {
     unsigned int idx, from_state, gen;
@@ -853,6 +952,16 @@ typedef struct {
     uint8_t mac[6];
     unsigned long fork_gen; /* fork_gen of the process that attached */
     uint32_t ops;           /* our copy of me->pool_ops (only we write it) */
+    /* Set (with the GIL held) first thing when the port closes; a thread waiting without the GIL
+     * (port_wait, a tape lock) watches it and leaves. */
+    uint32_t closing;
+    /* Threads inside a wait with the GIL released that still use the node entry (port_wait's
+     * `waiting` count, a tape write). port_close waits for them to leave before the entry can be
+     * reclaimed, so none of them ever touches the entry of a later incarnation. */
+    uint32_t inflight;
+    uint64_t state_gen;     /* our entry's state_gen while it is ours: UP | gen << 32 */
+    Py_ssize_t exports;     /* memoryviews of this port's buffers and frames alive (detach waits) */
+    uint64_t mcast_valid;   /* bits of the multicast groups that exist (1 << n_mcast) - 1 */
 } PortObject;
 
 static PyTypeObject Port_Type;
@@ -866,6 +975,26 @@ static unsigned long fork_gen;
 static void on_fork_child(void) { fork_gen++; }
 static inline int port_foreign(const PortObject *p) { return p->fork_gen != fork_gen; }
 #define FORKED_MSG "this node was attached by the parent process; a forked child must attach its own node"
+#define RECLAIMED_MSG "this node was reclaimed while it was stopped or unresponsive (its heartbeat went stale); " \
+                      "its slots went back to the pools and its id may belong to another node now: attach again"
+
+/* Our entry still holds our incarnation. A node in another pid namespace is judged by its
+ * heartbeat alone, so one stopped (SIGSTOP, a debugger, a frozen container) for longer than the
+ * liveness limit is reclaimed while it still runs; when it resumes, this one load (the state and
+ * generation share a word; a reclaim CASes it) tells every hot-path entry that the entry, the
+ * slots of its cache and its rings are not its own any more. Acquire: pairs with the reclaim's
+ * CAS, so what we do next is ordered after seeing it. */
+static inline int port_alive(const PortObject *p) { return LOAD_ACQUIRE(&p->me->state_gen) == p->state_gen; }
+
+/* The entry was reclaimed under us: forget the cached slots without giving them back (the
+ * reclaim's owner scan already freed them, and others may hold them now) and close. */
+static void __attribute__((cold)) port_mark_reclaimed(PortObject *p)
+{
+    for (int i = 0; i < SF_MAX_NETWORKS; i++)
+        p->ncache[i] = 0;
+    STORE_RELEASE(&p->closing, 1);
+    p->closed = 1;
+}
 
 static inline sf_network *port_net(PortObject *p, uint32_t pool) { return net_at(&p->r, pool); }
 
@@ -1002,6 +1131,10 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
         return -1;
     }
     self->tag = sf_owner_tag(index, self->me->gen);
+    self->state_gen = ((uint64_t)self->me->gen << 32) | SF_NODE_UP;
+    /* n_mcast is at most 64 (validated when the region was opened); the bits past it name
+     * tapes that do not exist, and tape_cursor has no room for them */
+    self->mcast_valid = self->r.sb->n_mcast >= 64 ? ~0ull : (1ull << self->r.sb->n_mcast) - 1;
     self->network = self->me->network;
     self->ops = LOAD_RELAXED(&self->me->pool_ops) & ~1u; /* even: claim_node made it so */
     for (uint32_t i = 0; i < self->r.sb->n_networks && i < SF_MAX_NETWORKS; i++) {
@@ -1033,17 +1166,40 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
 
 static void port_stop_notifier(PortObject *p);
 
-/* Give every cached slot back; called on close. */
+/* Give every cached slot back; called on close (with the GIL held). */
 static void port_close(PortObject *p)
 {
-    if (p->closed)
+    if (p->closed) {
+        port_stop_notifier(p); /* (a reclaimed port may still have it running) */
         return;
+    }
+    STORE_RELEASE(&p->closing, 1);
     if (port_foreign(p)) { /* an inherited handle: the slots in its cache are the parent's */
         port_stop_notifier(p);
         p->closed = 1;
         return;
     }
+    /* Threads of ours blocked in a receive or a tape lock: wake them (they watch `closing`) and
+     * wait until they have left, so that none of them touches the entry (its `waiting` count,
+     * a counter) after the reclaim that follows a detach, when another node may own it. Each
+     * leaves within a few microseconds of the wake-up: port_wait checks `closing` before and
+     * after every sleep, a tape lock waits in slices of TAPE_SLICE_NS. */
+    if (LOAD_ACQUIRE(&p->inflight)) {
+        Py_BEGIN_ALLOW_THREADS
+        while (LOAD_ACQUIRE(&p->inflight)) { /* pairs with the waiter's release decrement */
+            __atomic_fetch_add(&p->me->doorbell, 1, __ATOMIC_RELEASE);
+            futex_wake(&p->me->doorbell, INT_MAX);
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        Py_END_ALLOW_THREADS
+    }
     port_stop_notifier(p);
+    if (!port_alive(p)) { /* reclaimed while we were away: the cached slots are not ours */
+        port_mark_reclaimed(p);
+        p->closed = 2;
+        return;
+    }
     for (uint32_t i = 0; i < p->r.sb->n_networks && i < SF_MAX_NETWORKS; i++)
         if (p->cache[i] && p->ncache[i])
             cache_flush(p, i, p->ncache[i]);
@@ -1063,24 +1219,51 @@ static void Port_dealloc(PortObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Why a port cannot be used (sets the exception); the cold half of CHECK_OPEN. */
+static void __attribute__((noinline, cold)) port_refuse(PortObject *p)
+{
+    if (p->closing) {
+        PyErr_SetString(p->closed == 2 ? NodeReclaimedError : FabricError,
+                        p->closed == 2 ? RECLAIMED_MSG : "node is detached");
+    } else if (port_foreign(p)) {
+        PyErr_SetString(FabricError, FORKED_MSG);
+    } else { /* reclaimed: see port_alive */
+        port_mark_reclaimed(p);
+        p->closed = 2; /* remembered, so later calls say why too */
+        port_stop_notifier(p);
+        PyErr_SetString(NodeReclaimedError, RECLAIMED_MSG);
+    }
+}
+
 #define CHECK_OPEN(p)                                                                   \
     do {                                                                                \
-        if ((p)->closed) {                                                              \
-            PyErr_SetString(FabricError, "node is detached");                           \
-            return NULL;                                                                \
-        }                                                                               \
-        if (port_foreign(p)) {                                                          \
-            PyErr_SetString(FabricError, FORKED_MSG);                                   \
+        if (__builtin_expect((p)->closing || port_foreign(p) || !port_alive(p), 0)) {  \
+            port_refuse(p);                                                             \
             return NULL;                                                                \
         }                                                                               \
     } while (0)
 
+/* For paths that give slots back without raising (a batch released, a buffer dropped): false
+ * if the port is closed, inherited, or its entry was reclaimed (then it is marked so). */
+static inline int port_usable(PortObject *p)
+{
+    if (p->closing || port_foreign(p))
+        return 0;
+    if (__builtin_expect(!port_alive(p), 0)) {
+        port_mark_reclaimed(p);
+        p->closed = 2;
+        return 0;
+    }
+    return 1;
+}
+
 /* Look up a unicast destination; sets an exception and returns NULL if it cannot take frames.
  * *epoch is the ring's consumer epoch, which finish_send's publish requires unchanged. */
-static sf_ring *dest_ring(PortObject *p, long dst, uint32_t want, uint32_t *dst_tag, uint32_t *epoch)
+static sf_ring *dest_ring(PortObject *p, long long dst, uint32_t want, uint32_t *dst_tag, uint32_t *epoch)
 {
-    if (dst < 0 || (uint32_t)dst >= p->r.sb->max_nodes) {
-        PyErr_Format(RingDownError, "unknown destination node %ld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
+    /* compared as a 64-bit value: a cast to uint32_t first would send id 2^32 + k to node k */
+    if (dst < 0 || (unsigned long long)dst >= p->r.sb->max_nodes) {
+        PyErr_Format(RingDownError, "unknown destination node %lld (valid ids are 0..%u)", dst, p->r.sb->max_nodes - 1);
         return NULL;
     }
     sf_node *d = node_at(&p->r, (uint32_t)dst);
@@ -1088,7 +1271,7 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t want, uint32_t *dst_
     uint32_t ep = LOAD_ACQUIRE(&g->down);
     if (LOAD_ACQUIRE(&d->state) != SF_NODE_UP || (ep & 1)) {
         p->me->tx_drops++;
-        PyErr_Format(RingDownError, "destination node %ld is not attached (down or never up)", dst);
+        PyErr_Format(RingDownError, "destination node %lld is not attached (down or never up)", dst);
         return NULL;
     }
     uint32_t gen = LOAD_RELAXED(&d->gen);
@@ -1096,7 +1279,7 @@ static sf_ring *dest_ring(PortObject *p, long dst, uint32_t want, uint32_t *dst_
         /* The sender named the incarnation it resolved (`incarnation=`), and another one holds
          * the id now: maybe another node (a restart order can swap ids). */
         p->me->tx_drops++;
-        PyErr_Format(RingDownError, "destination node %ld is another incarnation now (%u, not %u): "
+        PyErr_Format(RingDownError, "destination node %lld is another incarnation now (%u, not %u): "
                      "resolve its name again", dst, gen, want);
         return NULL;
     }
@@ -1122,7 +1305,7 @@ static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint
 
 /* Publish n frames at head; `full` frames were refused for lack of ring space (only those count as
  * ring-full: an empty pool, an oversized frame or a bad item is counted elsewhere or raised). */
-static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t full, uint64_t bytes, long dst,
+static inline void finish_send(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint32_t full, uint64_t bytes, long long dst,
                                uint32_t dst_tag, uint32_t epoch)
 {
     if (n) {
@@ -1157,26 +1340,37 @@ counted:
 
 /* send_batch(dst, frames, ethertype=0x88B5, meta=0, raw=False, control=False, incarnation=0) -> number
  * sent. The rest did not fit. A non-zero incarnation: refused unless dst is still that one. */
+static PyObject *send_frames(PortObject *p, long long dst, PyObject *const *items, Py_ssize_t count,
+                             unsigned int ethertype, unsigned int meta, int raw, int control, unsigned int incarnation);
+
 static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"dst", "frames", "ethertype", "meta", "raw", "control", "incarnation", NULL};
-    long dst;
+    long long dst;
     PyObject *seq;
     unsigned int ethertype = 0x88B5, meta = 0, incarnation = 0;
     int raw = 0, control = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIppI", kwlist, &dst, &seq, &ethertype, &meta, &raw, &control,
-                                     &incarnation))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O|O&O&ppO&", kwlist, conv_dst, &dst, &seq, conv_ethertype, &ethertype,
+                                     conv_meta, &meta, &raw, &control, conv_incarnation, &incarnation))
         return NULL;
     CHECK_OPEN(p);
+    PyObject *fast = PySequence_Fast(seq, "frames must be a sequence of bytes-like objects");
+    if (!fast)
+        return NULL;
+    PyObject *res = send_frames(p, dst, PySequence_Fast_ITEMS(fast), PySequence_Fast_GET_SIZE(fast), ethertype, meta, raw,
+                                control, incarnation);
+    Py_DECREF(fast);
+    return res;
+}
+
+/* The body of send_batch and send: copy `count` frames into slots and publish them to dst. */
+static PyObject *send_frames(PortObject *p, long long dst, PyObject *const *items, Py_ssize_t count,
+                             unsigned int ethertype, unsigned int meta, int raw, int control, unsigned int incarnation)
+{
     uint32_t dst_tag, epoch;
     sf_ring *g = dest_ring(p, dst, incarnation, &dst_tag, &epoch);
     if (!g)
         return NULL;
-    PyObject *fast = PySequence_Fast(seq, "frames must be a sequence of bytes-like objects");
-    if (!fast)
-        return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
-    PyObject **items = PySequence_Fast_ITEMS(fast);
     region_view *r = &p->r;
     uint32_t mask = r->sb->ring_size - 1;
     uint32_t head = g->head;
@@ -1238,7 +1432,6 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
         bytes += (uint64_t)len + hlen - SF_ETH_HLEN; /* payload bytes (a raw frame's len has its header) */
     }
     finish_send(p, g, head, i, want - n, bytes, dst, dst_tag, epoch);
-    Py_DECREF(fast);
     if (PyErr_Occurred())
         return NULL;
     return PyLong_FromUnsignedLong(i);
@@ -1248,21 +1441,15 @@ static PyObject *Port_send_batch(PortObject *p, PyObject *args, PyObject *kw)
 static PyObject *Port_send(PortObject *p, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"dst", "frame", "ethertype", "meta", "raw", NULL};
-    long dst;
+    long long dst;
     PyObject *obj;
     unsigned int ethertype = 0x88B5, meta = 0;
     int raw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO|IIp", kwlist, &dst, &obj, &ethertype, &meta, &raw))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O|O&O&p", kwlist, conv_dst, &dst, &obj, conv_ethertype, &ethertype,
+                                     conv_meta, &meta, &raw))
         return NULL;
-    PyObject *tup = PyTuple_Pack(1, obj);
-    if (!tup)
-        return NULL;
-    PyObject *a = Py_BuildValue("(lO)", dst, tup);
-    PyObject *k = Py_BuildValue("{s:I,s:I,s:O}", "ethertype", ethertype, "meta", meta, "raw", raw ? Py_True : Py_False);
-    Py_DECREF(tup);
-    PyObject *res = (a && k) ? Port_send_batch(p, a, k) : NULL;
-    Py_XDECREF(a);
-    Py_XDECREF(k);
+    CHECK_OPEN(p);
+    PyObject *res = send_frames(p, dst, &obj, 1, ethertype, meta, raw, 0, 0);
     if (!res)
         return NULL;
     long sent = PyLong_AsLong(res);
@@ -1309,7 +1496,8 @@ static bool tapes_pending(PortObject *p)
     region_view *r = &p->r;
     if (LOAD_ACQUIRE(&tape_at(r, 0)->head) != p->tape_cursor[0])
         return true;
-    uint64_t mask = LOAD_RELAXED(&p->me->mcast_mask);
+    /* the mask lives in the region, which any process can write: only groups that exist */
+    uint64_t mask = LOAD_RELAXED(&p->me->mcast_mask) & p->mcast_valid;
     while (mask) {
         uint32_t b = (uint32_t)__builtin_ctzll(mask);
         mask &= mask - 1;
@@ -1470,7 +1658,10 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
     }
     if (b->n < limit) {
         read_tape(p, b, 0, limit);
-        uint64_t mm = LOAD_RELAXED(&p->me->mcast_mask);
+        /* only groups that exist: the mask lives in the region, which any process can write, and
+         * a bit past n_mcast would read a tape beyond the tape area and write tape_cursor past
+         * its array */
+        uint64_t mm = LOAD_RELAXED(&p->me->mcast_mask) & p->mcast_valid;
         while (mm && b->n < limit) {
             uint32_t bit = (uint32_t)__builtin_ctzll(mm);
             mm &= mm - 1;
@@ -1479,7 +1670,9 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
     }
 }
 
-/* Block (GIL released) until something may be waiting or the deadline passes. */
+/* Block (GIL released) until something may be waiting, the deadline passes or the port is
+ * closing (another thread detaches the node: port_close rings our doorbell and waits for us to
+ * leave, see `inflight`). The caller counts itself in `inflight` around this. */
 static void port_wait(PortObject *p, int64_t timeout_ns)
 {
     uint64_t deadline = timeout_ns < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ns;
@@ -1488,7 +1681,7 @@ static void port_wait(PortObject *p, int64_t timeout_ns)
         if (spin_end > deadline)
             spin_end = deadline;
         do {
-            if (inbound_pending(p))
+            if (inbound_pending(p) || LOAD_ACQUIRE(&p->closing))
                 return;
             for (int i = 0; i < 16; i++)
                 CPU_RELAX();
@@ -1503,7 +1696,9 @@ static void port_wait(PortObject *p, int64_t timeout_ns)
     for (;;) {
         uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1: `waiting` before the check */
-        if (inbound_pending(p))
+        /* `closing` is read after the doorbell: port_close sets it before it bumps the doorbell,
+         * so either we see it here or the futex_wait below returns at once */
+        if (inbound_pending(p) || LOAD_ACQUIRE(&p->closing))
             break;
         uint64_t now = now_ns();
         if (now >= deadline)
@@ -1544,7 +1739,18 @@ static BatchObject *new_batch(PortObject *p, uint32_t cap)
 
 static void port_clear_signal(PortObject *p);
 
-/* None -> -1 (wait for ever), a number of seconds -> nanoseconds (0 = do not wait). */
+/* A timeout with no deadline at all (inf, or more seconds than int64 nanoseconds hold): unlike
+ * None, which returns an empty batch after a quiet slice, it waits until frames arrive, checking
+ * for signals between slices. */
+#define TMO_FOREVER INT64_MAX
+/* Each sleep is at most this long, so signals, a detach by another thread and liveness changes
+ * are noticed within it. */
+#define WAIT_SLICE_NS 200000000LL
+
+/* None -> -1 (wait, returning now and then for signals), a number of seconds -> nanoseconds
+ * (0 = do not wait), inf or a number too large for int64 nanoseconds (about 292 years) ->
+ * TMO_FOREVER. NaN is refused: it compares false with everything, so no deadline is meant.
+ * (t * 1e9 converted to int64_t is undefined past INT64_MAX; it gave INT64_MIN, i.e. "None".) */
 static int parse_timeout(PyObject *timeout, int64_t *ns)
 {
     *ns = -1;
@@ -1553,7 +1759,16 @@ static int parse_timeout(PyObject *timeout, int64_t *ns)
     double t = PyFloat_AsDouble(timeout);
     if (t == -1.0 && PyErr_Occurred())
         return -1;
-    *ns = t <= 0 ? 0 : (int64_t)(t * 1e9);
+    if (t != t) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds or None, not NaN");
+        return -1;
+    }
+    if (t <= 0)
+        *ns = 0;
+    else if (t >= 9.2e9) /* 9.2e18 ns is still below INT64_MAX (9.22e18) */
+        *ns = TMO_FOREVER;
+    else
+        *ns = (int64_t)(t * 1e9);
     return 0;
 }
 
@@ -1562,39 +1777,59 @@ static int parse_timeout(PyObject *timeout, int64_t *ns)
 static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"max_frames", "timeout", NULL};
-    unsigned int maxf = 256;
+    Py_ssize_t maxf = 256; /* "n", not "I": 2^32 + 5 must not become 5 */
     PyObject *timeout = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|IO", kwlist, &maxf, &timeout))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nO", kwlist, &maxf, &timeout))
         return NULL;
     CHECK_OPEN(p);
-    if (maxf == 0 || maxf > 65536) {
+    if (maxf <= 0 || maxf > 65536) {
         PyErr_SetString(PyExc_ValueError, "max_frames must be between 1 and 65536");
         return NULL;
     }
     int64_t tmo;
     if (parse_timeout(timeout, &tmo) < 0)
         return NULL;
-    BatchObject *b = new_batch(p, maxf);
+    BatchObject *b = new_batch(p, (uint32_t)maxf);
     if (!b)
         return NULL;
-    fill_batch(p, b, maxf);
+    fill_batch(p, b, (uint32_t)maxf);
     if (b->n == 0 && !b->control && tmo != 0) {
         /* a wake-up may bring only our own broadcast (skipped): wait out the rest of the time */
-        uint64_t deadline = tmo < 0 ? 0 : now_ns() + (uint64_t)tmo;
+        uint64_t deadline = tmo < 0 || tmo == TMO_FOREVER ? 0 : now_ns() + (uint64_t)tmo;
         for (;;) {
-            int64_t left = -1;
-            if (tmo >= 0) {
+            int64_t left = -1; /* None: one quiet slice (port_wait returns after it) */
+            if (tmo == TMO_FOREVER) {
+                left = WAIT_SLICE_NS;
+            } else if (tmo >= 0) {
                 uint64_t now = now_ns();
                 if (now >= deadline)
                     break;
                 left = (int64_t)(deadline - now);
+                if (left > WAIT_SLICE_NS) /* back here now and then, for signals */
+                    left = WAIT_SLICE_NS;
             }
+            if (p->closing) /* detached by a signal handler run by PyErr_CheckSignals below */
+                break;
+            __atomic_fetch_add(&p->inflight, 1, __ATOMIC_RELAXED); /* with the GIL, so port_close sees it */
             Py_BEGIN_ALLOW_THREADS
             port_wait(p, left);
+            __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE); /* before the GIL: port_close waits without it */
             Py_END_ALLOW_THREADS
-            fill_batch(p, b, maxf);
+            if (p->closing) /* another thread detached the node while we slept: not ours to read */
+                break;
+            fill_batch(p, b, (uint32_t)maxf);
             if (b->n || b->control || tmo < 0) /* for ever: return after a quiet slice, for signals */
                 break;
+            if (PyErr_CheckSignals() < 0) {
+                Py_DECREF(b);
+                return NULL;
+            }
+        }
+        if (p->closing) {
+            Py_DECREF(b); /* empty: it took nothing from the rings */
+            PyErr_SetString(p->closed == 2 ? NodeReclaimedError : FabricError,
+                            p->closed == 2 ? RECLAIMED_MSG : "node was detached while this thread waited to receive");
+            return NULL;
         }
     }
     if (p->notifier_on && b->n < maxf)
@@ -1612,31 +1847,73 @@ static PyObject *Port_wait(PortObject *p, PyObject *args)
     int64_t tmo;
     if (parse_timeout(timeout, &tmo) < 0)
         return NULL;
-    bool ready;
-    Py_BEGIN_ALLOW_THREADS
-    port_wait(p, tmo);
-    ready = inbound_pending(p);
-    Py_END_ALLOW_THREADS
+    bool ready = false;
+    uint64_t deadline = tmo <= 0 || tmo == TMO_FOREVER ? 0 : now_ns() + (uint64_t)tmo;
+    for (;;) {
+        int64_t left = tmo; /* None (-1): one quiet slice; 0: a look */
+        if (tmo == TMO_FOREVER) {
+            left = WAIT_SLICE_NS;
+        } else if (tmo > 0) {
+            uint64_t now = now_ns();
+            left = now >= deadline ? 0 : (int64_t)(deadline - now);
+            if (left > WAIT_SLICE_NS)
+                left = WAIT_SLICE_NS;
+        }
+        if (p->closing)
+            break;
+        __atomic_fetch_add(&p->inflight, 1, __ATOMIC_RELAXED);
+        Py_BEGIN_ALLOW_THREADS
+        port_wait(p, left);
+        ready = !LOAD_ACQUIRE(&p->closing) && inbound_pending(p);
+        __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE);
+        Py_END_ALLOW_THREADS
+        if (ready || p->closing || tmo <= 0 || (tmo != TMO_FOREVER && now_ns() >= deadline))
+            break;
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+    if (p->closing) {
+        PyErr_SetString(p->closed == 2 ? NodeReclaimedError : FabricError,
+                        p->closed == 2 ? RECLAIMED_MSG : "node was detached while this thread waited");
+        return NULL;
+    }
     return PyBool_FromLong(ready);
 }
 
 /* --- tapes (broadcast / multicast) ------------------------------------------------------------ */
 
-/* tape_send(tape, frame, flags=0) -> None. frame is a whole frame (header included). */
+/* How long tape_send waits for a tape's writer lock by default. A writer holds it for one copy
+ * of at most a tape entry (microseconds); a holder still there after this is stopped (SIGSTOP,
+ * a debugger) or starved, and waiting on it for ever would hang every broadcast, attach and
+ * detach in the fabric for as long as it stays stopped. */
+#define TAPE_LOCK_NS 1000000000LL
+/* The lock is waited for in slices this long, so a detach by another thread (`closing`) is
+ * seen between them. */
+#define TAPE_SLICE_NS 50000000LL
+
+static PyObject *TapeBusyError;
+
+/* tape_send(tape, frame, flags=0, timeout=1.0) -> None. frame is a whole frame (header included).
+ * Raises TapeBusyError if the tape's writer lock stays held for `timeout` seconds. */
 static PyObject *Port_tape_send(PortObject *p, PyObject *args)
 {
     unsigned int ti, flags = 0;
     Py_buffer fb;
-    if (!PyArg_ParseTuple(args, "Iy*|I", &ti, &fb, &flags))
+    double tmo_s = TAPE_LOCK_NS / 1e9;
+    if (!PyArg_ParseTuple(args, "O&y*|O&d", conv_tape, &ti, &fb, conv_flags, &flags, &tmo_s))
         return NULL;
-    if (!p->closed && port_foreign(p)) {
+    if (!(tmo_s >= 0) || tmo_s > 3600.0) {
         PyBuffer_Release(&fb);
-        PyErr_SetString(FabricError, FORKED_MSG);
+        PyErr_SetString(PyExc_ValueError, "tape lock timeout must be between 0 and 3600 seconds");
         return NULL;
     }
-    if (p->closed || ti > p->r.sb->n_mcast || (uint64_t)fb.len > p->r.sb->tape_entry_size) {
-        PyErr_Format(p->closed ? FabricError : PyExc_ValueError,
-                     p->closed ? "node is detached" : "tape %u does not exist or frame of %zd bytes exceeds the tape entry size %u",
+    if (p->closing || port_foreign(p) || !port_alive(p)) { /* CHECK_OPEN, with the buffer to release */
+        PyBuffer_Release(&fb);
+        port_refuse(p);
+        return NULL;
+    }
+    if (ti > p->r.sb->n_mcast || (uint64_t)fb.len > p->r.sb->tape_entry_size) {
+        PyErr_Format(PyExc_ValueError, "tape %u does not exist or frame of %zd bytes exceeds the tape entry size %u",
                      ti, fb.len, p->r.sb->tape_entry_size);
         PyBuffer_Release(&fb);
         return NULL;
@@ -1644,15 +1921,51 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
     region_view *r = &p->r;
     sf_tape *t = tape_at(r, ti);
     int rc;
+    int64_t tmo_ns = (int64_t)(tmo_s * 1e9);
+    /* inflight: a detach by another thread waits until we have left the entry (we write its
+     * tape_tx counter below) */
+    __atomic_fetch_add(&p->inflight, 1, __ATOMIC_RELAXED);
     Py_BEGIN_ALLOW_THREADS
-    rc = pthread_mutex_lock(&t->lock);
+    rc = pthread_mutex_trylock(&t->lock);
+    uint64_t deadline = now_ns() + (uint64_t)tmo_ns;
+    while (rc == EBUSY || rc == ETIMEDOUT) {
+        uint64_t now = now_ns();
+        if (now >= deadline || LOAD_ACQUIRE(&p->closing)) {
+            rc = ETIMEDOUT;
+            break;
+        }
+        int64_t slice = (int64_t)(deadline - now);
+        if (slice > TAPE_SLICE_NS)
+            slice = TAPE_SLICE_NS;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts); /* pthread_mutex_timedlock's clock */
+        int64_t ns = ts.tv_nsec + slice;
+        ts.tv_sec += ns / 1000000000LL;
+        ts.tv_nsec = ns % 1000000000LL;
+        rc = pthread_mutex_timedlock(&t->lock, &ts);
+    }
+    if (rc == 0 && LOAD_ACQUIRE(&p->closing)) { /* detached meanwhile: write nothing */
+        pthread_mutex_unlock(&t->lock);
+        rc = ETIMEDOUT;
+    }
+    if (rc != 0 && rc != EOWNERDEAD)
+        __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE);
     Py_END_ALLOW_THREADS
     if (rc == EOWNERDEAD) /* a writer died holding the lock: the tape is still consistent, because a
                            * half-written entry keeps an odd seq that readers skip */
         pthread_mutex_consistent(&t->lock);
     else if (rc != 0) {
         PyBuffer_Release(&fb);
-        PyErr_Format(FabricError, "tape lock failed: %s", strerror(rc));
+        if (p->closing)
+            PyErr_SetString(FabricError, "node was detached while this thread waited to write a tape");
+        else if (rc == ETIMEDOUT) {
+            char secs[32]; /* PyErr_Format has no %g */
+            snprintf(secs, sizeof secs, "%.3g", tmo_s);
+            PyErr_Format(TapeBusyError, "the %s tape's writer lock was held for %s s (a process stopped or stuck "
+                         "while writing it; find it with `fuser` on the region file); nothing was sent",
+                         ti ? "multicast" : "broadcast", secs);
+        } else
+            PyErr_Format(FabricError, "tape lock failed: %s", strerror(rc));
         return NULL;
     }
     uint64_t seq = t->head;
@@ -1668,6 +1981,7 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
     pthread_mutex_unlock(&t->lock);
     PyBuffer_Release(&fb);
     STORE_RELAXED(&p->me->tape_tx, p->me->tape_tx + 1);
+    __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE); /* with the GIL held since the lock: no detach ran */
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F1 pairs with F2, for every reader */
     uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
     for (uint32_t i = 0; i < hwm; i++) {
@@ -1687,7 +2001,12 @@ static PyObject *Port_set_mcast(PortObject *p, PyObject *arg)
     unsigned long long mask = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
-    uint64_t old = p->me->mcast_mask;
+    if (mask & ~p->mcast_valid) {
+        PyErr_Format(PyExc_ValueError, "multicast mask %R names groups that do not exist (this fabric has %u "
+                     "multicast groups: bits 0..%d)", arg, p->r.sb->n_mcast, (int)p->r.sb->n_mcast - 1);
+        return NULL;
+    }
+    uint64_t old = p->me->mcast_mask & p->mcast_valid;
     for (uint32_t b = 0; b < p->r.sb->n_mcast && b < 64; b++)
         if ((mask >> b & 1) && !(old >> b & 1))
             p->tape_cursor[1 + b] = LOAD_ACQUIRE(&tape_at(&p->r, 1 + b)->head);
@@ -1734,7 +2053,7 @@ static PyObject *Port_alloc(PortObject *p, PyObject *noargs)
 
 static void Buffer_dealloc(BufferObject *b)
 {
-    if (!b->sent && !b->port->closed && !port_foreign(b->port))
+    if (!b->sent && port_usable(b->port))
         slot_put(b->port, b->pool, b->slot);
     Py_DECREF(b->port);
     PyObject_Free(b);
@@ -1746,11 +2065,26 @@ static int Buffer_getbuffer(BufferObject *b, Py_buffer *view, int flags)
         PyErr_SetString(ReleasedError, "buffer was already sent; allocate a new one");
         return -1;
     }
+    /* After a detach (or a reclaim, or in a forked child) the slot is not this node's any more:
+     * the reclaim freed it and another node may be filling it. */
+    if (!port_usable(b->port)) {
+        PyErr_SetString(ReleasedError, b->port->closed == 2 ? "buffer's node was reclaimed; its slot is no longer valid"
+                                                            : "buffer's node is detached (or belongs to the parent "
+                                                              "process); its slot is no longer valid");
+        return -1;
+    }
     sf_network *n = port_net(b->port, b->pool);
+    if (PyBuffer_FillInfo(view, (PyObject *)b, b->data + SF_ETH_HLEN, n->mtu, 0, flags) < 0)
+        return -1;
     b->exports++;
-    return PyBuffer_FillInfo(view, (PyObject *)b, b->data + SF_ETH_HLEN, n->mtu, 0, flags);
+    b->port->exports++; /* detach refuses while views exist (they would write a freed slot) */
+    return 0;
 }
-static void Buffer_releasebuffer(BufferObject *b, Py_buffer *view) { b->exports--; }
+static void Buffer_releasebuffer(BufferObject *b, Py_buffer *view)
+{
+    b->exports--;
+    b->port->exports--;
+}
 
 static PyBufferProcs Buffer_as_buffer = {(getbufferproc)Buffer_getbuffer, (releasebufferproc)Buffer_releasebuffer};
 
@@ -1772,11 +2106,18 @@ static PyTypeObject Buffer_Type = {
 static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"dst", "buf", "length", "ethertype", "meta", NULL};
-    long dst;
+    long long dst;
     BufferObject *b;
-    unsigned int length, ethertype = 0x88B5, meta = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "lO!I|II", kwlist, &dst, &Buffer_Type, &b, &length, &ethertype, &meta))
+    Py_ssize_t length;
+    unsigned int ethertype = 0x88B5, meta = 0;
+    /* length as "n" (Py_ssize_t, overflow-checked), not "I": 2^32 + 5 would have sent 5 bytes */
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O!n|O&O&", kwlist, conv_dst, &dst, &Buffer_Type, &b, &length,
+                                     conv_ethertype, &ethertype, conv_meta, &meta))
         return NULL;
+    if (length < 0) {
+        PyErr_Format(PyExc_ValueError, "length must not be negative (got %zd)", length);
+        return NULL;
+    }
     CHECK_OPEN(p);
     if (b->port != p) {
         PyErr_SetString(PyExc_ValueError, "buffer belongs to another node");
@@ -1791,8 +2132,8 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
         return NULL;
     }
     sf_network *n = port_net(p, b->pool);
-    if (length > n->mtu) {
-        PyErr_Format(FrameSizeError, "length %u larger than the network MTU %u", length, n->mtu);
+    if ((size_t)length > n->mtu) {
+        PyErr_Format(FrameSizeError, "length %zd larger than the network MTU %u", length, n->mtu);
         return NULL;
     }
     uint32_t dst_tag, epoch;
@@ -1809,10 +2150,10 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
     make_mac(dmac, (uint32_t)dst);
     write_header(b->data, dmac, p->mac, (uint16_t)ethertype);
     desc_put(&g->desc[head & (p->r.sb->ring_size - 1)], b->slot, (uint16_t)b->pool,
-             desc_stamp(head, p->r.sb->ring_size, epoch), meta, length + SF_ETH_HLEN, &net_owner(&p->r, n)[b->slot],
+             desc_stamp(head, p->r.sb->ring_size, epoch), meta, (uint32_t)length + SF_ETH_HLEN, &net_owner(&p->r, n)[b->slot],
              dst_tag);
     b->sent = 1;
-    finish_send(p, g, head, 1, 0, length, dst, dst_tag, epoch);
+    finish_send(p, g, head, 1, 0, (uint64_t)length, dst, dst_tag, epoch);
     Py_RETURN_TRUE;
 }
 
@@ -1829,7 +2170,7 @@ static int batch_check(BatchObject *b)
 
 /* forward the frames [lo, hi) of batch b (skipping gone ones, and, with `codes`, those whose
  * code is not `code`) to dst. */
-static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_t lo, uint32_t hi, int single,
+static PyObject *forward_frames(PortObject *p, long long dst, BatchObject *b, uint32_t lo, uint32_t hi, int single,
                                 const uint8_t *codes, uint8_t code, uint32_t want)
 {
     CHECK_OPEN(p);
@@ -1896,9 +2237,9 @@ static PyObject *forward_frames(PortObject *p, long dst, BatchObject *b, uint32_
 
 static PyObject *Port_forward(PortObject *p, PyObject *args)
 {
-    long dst;
+    long long dst;
     FrameObject *f;
-    if (!PyArg_ParseTuple(args, "lO!", &dst, &Frame_Type, &f))
+    if (!PyArg_ParseTuple(args, "O&O!", conv_dst, &dst, &Frame_Type, &f))
         return NULL;
     if (f->batch->f[f->i].state == FS_GONE && !f->batch->released) {
         PyErr_SetString(ReleasedError, "frame was already forwarded");
@@ -1909,9 +2250,9 @@ static PyObject *Port_forward(PortObject *p, PyObject *args)
 
 static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
 {
-    long dst;
+    long long dst;
     BatchObject *b;
-    if (!PyArg_ParseTuple(args, "lO!", &dst, &Batch_Type, &b))
+    if (!PyArg_ParseTuple(args, "O&O!", conv_dst, &dst, &Batch_Type, &b))
         return NULL;
     return forward_frames(p, dst, b, 0, b->n, 0, NULL, 0, 0);
 }
@@ -1921,11 +2262,12 @@ static PyObject *Port_forward_batch(PortObject *p, PyObject *args)
  * that did not fit stay in the batch; call again to retry them. */
 static PyObject *Port_forward_where(PortObject *p, PyObject *args)
 {
-    long dst;
+    long long dst;
     BatchObject *b;
     Py_buffer cb;
     unsigned int code, want = 0;
-    if (!PyArg_ParseTuple(args, "lO!y*I|I", &dst, &Batch_Type, &b, &cb, &code, &want))
+    if (!PyArg_ParseTuple(args, "O&O!y*O&|O&", conv_dst, &dst, &Batch_Type, &b, &cb, conv_code, &code,
+                          conv_incarnation, &want))
         return NULL;
     if ((size_t)cb.len < b->n) {
         PyBuffer_Release(&cb);
@@ -2041,14 +2383,31 @@ static PyObject *Port_set_wait_mode(PortObject *p, PyObject *args)
 
 static PyObject *Port_close(PortObject *p, PyObject *noargs)
 {
+    /* A memoryview of a buffer or a received frame writes into its slot; once the node is gone
+     * the slot is another node's, so close (detach) is refused while any exists, as a batch's
+     * release is. (An inherited handle in a forked child only drops its copy: nothing is freed.) */
+    if (p->exports && !p->closed && !port_foreign(p)) {
+        PyErr_Format(PyExc_BufferError, "%zd memoryview(s) of this node's buffers or frames still exist; release "
+                     "them (or leave their `with memoryview(...)` blocks) before detaching", p->exports);
+        return NULL;
+    }
     port_close(p);
     Py_RETURN_NONE;
 }
 
 static PyObject *Port_heartbeat(PortObject *p, PyObject *noargs)
 {
-    STORE_RELAXED(&p->me->heartbeat_ns, now_ns());
+    /* Not once the entry was reclaimed: it may be another node's now, and our beat would keep
+     * that node looking alive after it died. No error: the watchdog beats for every node. */
+    if (!p->closing && port_alive(p))
+        STORE_RELAXED(&p->me->heartbeat_ns, now_ns());
     Py_RETURN_NONE;
+}
+
+static PyObject *Port_get_exports(PortObject *p, void *c) { return PyLong_FromSsize_t(p->exports); }
+static PyObject *Port_get_reclaimed(PortObject *p, void *c)
+{
+    return PyBool_FromLong(p->closed == 2 || (!p->closing && !port_foreign(p) && !port_alive(p)));
 }
 
 static PyObject *Port_stats(PortObject *p, PyObject *noargs)
@@ -2074,6 +2433,8 @@ static PyGetSetDef Port_getset[] = {
     {"mac", (getter)Port_get_mac, NULL, "this node's fabric MAC address", NULL},
     {"index", (getter)Port_get_index, NULL, "this node's index (its id)", NULL},
     {"tag", (getter)Port_get_tag, NULL, "owner tag of slots this node holds", NULL},
+    {"exports", (getter)Port_get_exports, NULL, "memoryviews of this node's buffers and frames alive", NULL},
+    {"reclaimed", (getter)Port_get_reclaimed, NULL, "True if this node's entry was reclaimed under it", NULL},
     {NULL}};
 
 static PyMethodDef Port_methods[] = {
@@ -2115,7 +2476,7 @@ static void batch_release(BatchObject *b)
     if (b->released)
         return;
     PortObject *p = b->port;
-    if (!p->closed && !port_foreign(p)) {
+    if (port_usable(p)) {
         for (uint32_t i = 0; i < b->n; i++)
             if (b->f[i].state == FS_OWNED)
                 slot_put(p, b->f[i].pool, b->f[i].slot);
@@ -2265,8 +2626,8 @@ static PyObject *Batch_gather(BatchObject *b, PyObject *args)
         return NULL;
     if (batch_check(b) < 0)
         return NULL;
-    if (b->port->closed || port_foreign(b->port)) {
-        PyErr_SetString(ReleasedError, "frame batch belongs to a closed node or to the parent process");
+    if (!port_usable(b->port)) {
+        PyErr_SetString(ReleasedError, "frame batch belongs to a closed or reclaimed node, or to the parent process");
         return NULL;
     }
     uint32_t width = 0;
@@ -2351,7 +2712,7 @@ static void Frame_dealloc(FrameObject *f)
 
 static inline frame_ref *frame_ref_checked(FrameObject *f)
 {
-    if (f->batch->released || f->batch->port->closed) {
+    if (f->batch->released || f->batch->port->closing) {
         PyErr_SetString(ReleasedError, "frame's batch was released; the frame is no longer valid");
         return NULL;
     }
@@ -2395,12 +2756,23 @@ static int Frame_getbuffer(FrameObject *f, Py_buffer *view, int flags)
     frame_ref *fr = frame_ref_checked(f);
     if (!fr)
         return -1;
+    if (!port_usable(f->batch->port)) { /* reclaimed under us: the slot is not ours (writable view) */
+        PyErr_SetString(ReleasedError, "frame's node was reclaimed; the frame is no longer valid");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)f, fr->data + SF_ETH_HLEN, fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0,
+                          0, flags) < 0)
+        return -1;
     f->batch->exports++;
-    return PyBuffer_FillInfo(view, (PyObject *)f, fr->data + SF_ETH_HLEN,
-                             fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0, 0, flags);
+    f->batch->port->exports++; /* detach refuses while views exist (they would write a freed slot) */
+    return 0;
 }
 
-static void Frame_releasebuffer(FrameObject *f, Py_buffer *view) { f->batch->exports--; }
+static void Frame_releasebuffer(FrameObject *f, Py_buffer *view)
+{
+    f->batch->exports--;
+    f->batch->port->exports--;
+}
 
 /* The whole frame (header + payload) as a buffer, for adapters that hand frames to a TAP. */
 typedef struct {
@@ -2594,6 +2966,12 @@ PyMODINIT_FUNC PyInit__fabric(void)
     FrameSizeError = PyErr_NewException("shmfabric.core._fabric.FrameSizeError", bases, NULL);
     Py_DECREF(bases);
     PyModule_AddObject(m, "FrameSizeError", FrameSizeError);
+    NodeReclaimedError = PyErr_NewException("shmfabric.core._fabric.NodeReclaimedError", FabricError, NULL);
+    PyModule_AddObject(m, "NodeReclaimedError", NodeReclaimedError);
+    bases = PyTuple_Pack(2, FabricError, PyExc_TimeoutError);
+    TapeBusyError = PyErr_NewException("shmfabric.core._fabric.TapeBusyError", bases, NULL);
+    Py_DECREF(bases);
+    PyModule_AddObject(m, "TapeBusyError", TapeBusyError);
     Py_INCREF(&Region_Type);
     PyModule_AddObject(m, "Region", (PyObject *)&Region_Type);
     Py_INCREF(&Port_Type);

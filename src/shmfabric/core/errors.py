@@ -4,7 +4,14 @@ The hot-path errors are raised by the compiled core; they are given their public
 """
 from __future__ import annotations
 
-from shmfabric.core.native import CoreError, DestinationError, FrameSizeError, ReleasedError
+from shmfabric.core.native import (
+    CoreError,
+    DestinationError,
+    FrameSizeError,
+    NodeReclaimedError,
+    ReleasedError,
+    TapeBusyError,
+)
 
 FabricError = CoreError
 """Base class of every shmfabric error."""
@@ -17,6 +24,14 @@ ReleasedFrameError = ReleasedError
 
 FrameTooLargeError = FrameSizeError
 """A frame does not fit the network's MTU (also a ValueError)."""
+
+NodeReclaimedError = NodeReclaimedError
+"""This node's entry was reclaimed while the node still ran (it was stopped longer than the
+liveness limit in another pid namespace, where only its heartbeat tells it is alive): its slots
+and id are gone; attach again."""
+
+TapeBusyError = TapeBusyError
+"""A broadcast or multicast tape's writer lock stayed held (a writer is stopped); also a TimeoutError."""
 
 
 class RegionCreateError(FabricError):

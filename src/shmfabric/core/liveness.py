@@ -43,11 +43,18 @@ def sweep(region: MappedRegion, attaching: bool = False) -> list[tuple[int, str,
     wanted = (native.NODE_UP, native.NODE_ATTACHING) if attaching else (native.NODE_UP,)
     for i in range(region.node_hwm()):
         state = region.core.node_state(i)
-        if state not in wanted:
+        if state == native.NODE_RECLAIM:
+            # Left half-reclaimed by a reclaimer that died (a reclaim runs wholly under the pool
+            # lock, so whoever gets the lock and still sees RECLAIM knows its reclaimer is gone);
+            # the reclaim is idempotent and is run again. While a live reclaim is under way,
+            # reclaim() waits for the lock, then finds the entry FREE and returns -1.
+            e = region.node_entry(i)
+        elif state not in wanted:
             continue
-        e = region.node_entry(i)
-        if node_alive(e):
-            continue
+        else:
+            e = region.node_entry(i)
+            if node_alive(e):
+                continue
         # gen too: if a new node claimed the slot since we read the entry, it is left alone
         freed = region.core.reclaim(i, state, e["gen"])
         if freed >= 0:

@@ -18,7 +18,9 @@ from shmfabric.core._fabric import (  # noqa: F401  (re-exports)
     Frame,
     FrameBatch,
     FrameSizeError,
+    NodeReclaimedError,
     Port,
     Region,
     ReleasedError,
+    TapeBusyError,
 )

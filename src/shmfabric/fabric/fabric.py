@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -45,6 +46,12 @@ from shmfabric.core.region import (
 from shmfabric.fabric import control
 
 DETACH_LOCK_WAIT = 5.0  # seconds detach retries a busy pool lock before leaving it to the watchdog
+# How long attach's HELLO and detach's BYE wait for the broadcast tape's writer lock. A writer
+# holds it for microseconds; one stopped while holding it (SIGSTOP, a debugger) would otherwise
+# hang every attach and detach in the fabric. The announcement is skipped with a warning: it only
+# speeds up discovery (peers() and node_id() read the node table, which attach and detach update
+# regardless), so skipping it keeps the fabric usable, where failing the attach would not.
+ANNOUNCE_LOCK_WAIT = 0.2
 WAIT_MODES = {"poll": native.WAIT_POLL, "block": native.WAIT_BLOCK, "adaptive": native.WAIT_ADAPTIVE}
 STATE_NAMES = {native.NODE_FREE: "free", native.NODE_ATTACHING: "attaching", native.NODE_UP: "up",
                native.NODE_RECLAIM: "reclaiming", native.NODE_DOWN: "down"}
@@ -172,8 +179,11 @@ class Fabric:
         if self._region is None:
             return
         if os.getpid() != self._pid:
-            # a forked child's copy: the nodes and the watchdog are the parent's; only drop the
-            # child's own mapping, without detaching anything
+            # a forked child's copy: the watchdog and the nodes inherited from the parent are the
+            # parent's (left attached); nodes the child attached itself are detached
+            for node in list(self._nodes.values()):
+                if node._pid == os.getpid():
+                    node.detach()
             self._nodes.clear()
             region, self._region = self._region, None
             region.close()
@@ -253,7 +263,7 @@ class Fabric:
                               "detach a node or create the fabric with a larger max_nodes")
         node = Node(self, idx, name, network)
         self._nodes[idx] = node
-        node._announce(control.HELLO)
+        node._announce(control.HELLO)  # skipped with a warning if the tape stays locked
         return node
 
     def nodes(self) -> list[dict]:
@@ -384,6 +394,7 @@ class Node:
         self.name = name
         self.network = network
         self._port = port = native.Port(fabric.region.core, index)
+        self._pid = os.getpid()  # the process that attached it: only it may detach it (fork)
         self._gen: int = fabric.region.node_entry(index)["gen"]  # our incarnation, for detach's reclaim
         self.mac: bytes = port.mac
         self._peers: dict[str, int] = {}
@@ -469,7 +480,13 @@ class Node:
     # -- discovery -------------------------------------------------------------------------------
     def _announce(self, kind: bytes) -> None:
         gen = self._fabric.region.node_entry(self.id)["gen"]
-        self._port.tape_send(0, control.encode(kind, self.id, gen, self.name), native.FLAG_CONTROL)
+        try:
+            self._port.tape_send(0, control.encode(kind, self.id, gen, self.name), native.FLAG_CONTROL,
+                                 ANNOUNCE_LOCK_WAIT)
+        except native.TapeBusyError as exc:
+            # see ANNOUNCE_LOCK_WAIT: discovery falls back on the node table
+            warnings.warn(f"shmfabric: node {self.name!r} did not announce itself ({exc})", RuntimeWarning,
+                          stacklevel=3)
 
     def send_control(self, dst: int, payload: bytes) -> bool:
         """Send a control message to node `dst`: it reaches that node's `on_message` callback, never
@@ -534,13 +551,22 @@ class Node:
         return self._port.stats()
 
     def detach(self) -> None:
-        """Leave the fabric: cached slots go back and every slot still held is returned."""
+        """Leave the fabric: cached slots go back and every slot still held is returned.
+
+        Raises BufferError (and stays attached) while memoryviews of this node's buffers or
+        received frames exist: after the detach their slots belong to other nodes."""
         fab = self._fabric
-        if fab._nodes.pop(self.id, None) is None:
+        if fab._nodes.get(self.id) is not self:
             return
-        if os.getpid() != fab._pid:
-            self._port.close()  # in a forked child this only marks the inherited handle closed
+        if os.getpid() != self._pid:
+            # an inherited node in a forked child: only mark the child's handle closed
+            fab._nodes.pop(self.id, None)
+            self._port.close()
             return
+        if self._port.exports:
+            raise BufferError(f"{self._port.exports} memoryview(s) of node {self.name!r}'s buffers or frames still "
+                              "exist; release them (or leave their `with memoryview(...)` blocks) before detaching")
+        fab._nodes.pop(self.id, None)
         try:
             self._announce(control.BYE)
         except FabricError:

@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark
+DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark nftables conntrack
 PYTEST_ARGS ?=
 
 .PHONY: run demo test setup debs build bench clean

@@ -25,8 +25,9 @@ Timeouts follow Linux's nf_conntrack defaults where it has one (see `Timeouts`).
 ASSURED once it carried traffic both ways and then again from the original side (for TCP: the
 handshake's final ACK); a full table early-drops a non-assured entry for a new connection; a new
 SYN that the rules accept reopens a closed TCP 5-tuple (see `ConntrackTable`). TCP windows are
-tracked as Linux does (`functions.tcp_track`): out-of-window segments are dropped, and a RST
-closes a connection only at the exact sequence number expected.
+tracked as Linux does (its state machine and window checks, ported in `functions.tcp_track`):
+out-of-window segments are dropped, and a RST closes a connection only at the exact sequence
+number expected.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable, Sequence, Sized
 
-from shmfabric.functions.tcp_track import Segment, TcpTrack, segment
+from shmfabric.functions import tcp_track
+from shmfabric.functions.tcp_track import Segment, TcpTrack, may_start, segment
 from shmfabric.net.flow import FiveTuple, to_proto
 
 __all__ = [
@@ -517,6 +519,19 @@ class Timeouts:
     icmp: float = 30.0                # nf_conntrack_icmp_timeout
     other: float = 600.0              # nf_conntrack_generic_timeout
     tcp_half_open: float = 60.0       # SYN-ACK seen, no final ACK yet (nf_conntrack_tcp_timeout_syn_recv)
+    # TCP states after a FIN, and Linux's two caps (with window tracking; see functions.tcp_track)
+    tcp_fin_wait: float = 120.0
+    tcp_close_wait: float = 60.0
+    tcp_last_ack: float = 30.0
+    tcp_time_wait: float = 120.0
+    tcp_retrans: float = 300.0        # after 3 retransmissions of the same segment
+    tcp_unack: float = 300.0          # while data is unacknowledged
+
+    def tcp_states(self) -> tuple[float, ...]:
+        """Seconds per `tcp_track` state, then the retransmission and unacknowledged caps."""
+        return (self.tcp_unreplied, self.tcp_unreplied, self.tcp_half_open, self.tcp_established, self.tcp_fin_wait,
+                self.tcp_close_wait, self.tcp_last_ack, self.tcp_time_wait, self.tcp_closing, self.tcp_unreplied,
+                self.tcp_retrans, self.tcp_unack)
 
 
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
@@ -596,15 +611,14 @@ class ConntrackTable:
     connection in TIME_WAIT/CLOSE. If they do not, the old entry stays as it was (so a forged RST
     then a forged SYN that the rules refuse does not cut a live connection).
 
-    TCP windows (`tcp_window`, when callers pass each segment's `Segment`): every segment of a
-    connection is checked against what its two sides could have sent (functions.tcp_track), as
-    Linux does. `strict`: a connection seen from its SYN has out-of-window segments refused
-    (`track` answers INVALID, counted in `tcp_invalid`; they change nothing), so a spoofed
-    handshake's final ACK cannot make an entry assured; a connection picked up mid-stream is
-    tracked liberally. `liberal`: windows are learned, nothing is refused for them. Either way a
-    RST closes an entry only if its sequence number is exactly the one expected; another in-window
-    RST passes and changes nothing (`rst_ignored`), one below it is INVALID. `off`: no window
-    tracking, any RST closes. Without segments (callers that pass none) tracking is off."""
+    TCP (`tcp_window`, when callers pass each segment's `Segment`): a TCP entry is tracked by a
+    port of Linux's nf_conntrack TCP state machine and window checks (functions.tcp_track), which
+    decides its state, timeouts, ASSURED bit, and which segments are invalid (`track` answers
+    INVALID, counted in `tcp_invalid`; they change nothing), ignored (pass, change nothing) or
+    close, kill or reopen the entry. `strict`: as Linux with nf_conntrack_tcp_be_liberal=0 (a
+    connection picked up mid-stream is liberal, as Linux's). `liberal`: windows are learned,
+    nothing is invalid for them. `off`: the simple tracking above (any FIN or RST closes).
+    Without segments (callers that pass none) it is off."""
 
     def __init__(self, max_entries: int = 262_144, timeouts: Timeouts = Timeouts(), gc_interval: float = 1.0,
                  tcp_window: str = "strict") -> None:
@@ -613,6 +627,7 @@ class ConntrackTable:
         if tcp_window not in TCP_WINDOW_MODES:
             raise ValueError(f"tcp_window must be one of {', '.join(TCP_WINDOW_MODES)}, not {tcp_window!r}")
         self.tcp_window = tcp_window
+        self._tcp_timeouts = timeouts.tcp_states()
         self.max_entries = max_entries
         self.timeouts = timeouts
         self.gc_interval = gc_interval
@@ -697,30 +712,21 @@ class ConntrackTable:
         is UNKNOWN and leaves the entry as it is: the packet is a new connection that the
         rules decide; `add` (if they accept it) replaces the entry."""
         e = self._by_key.get(key)
-        if e is None:
-            return UNKNOWN
-        if e.expires <= now:
+        if e is not None and e.expires <= now:
             self._remove(e)
             self.expired += 1
-            return UNKNOWN
-        if tcp_flags & (_SYN | _ACK) == _SYN and e.closing and key == e.orig:
-            return UNKNOWN
-        t = e.tcp
-        if t is not None and seg is not None and not (tcp_flags & (_SYN | _ACK) == _SYN and e.replied):
-            # (a SYN on a replied, open connection passes without effect, as Linux ignores it)
-            d = key != e.orig
-            if not t.accept(d, seg):
+            e = None
+        if e is None:
+            if seg is not None and key[2] == 6 and self.tcp_window != "off" and not may_start(tcp_flags):
+                # not a segment that may open a connection (Linux's tcp_new): invalid, whatever the rules
                 self.tcp_invalid += 1
                 return INVALID
-            if tcp_flags & _RST:
-                closes = t.rst_closes(d, seg[0])
-                if closes is None:
-                    self.tcp_invalid += 1
-                    return INVALID
-                if not closes:  # in window, not the expected number: the receiver challenges it
-                    self.rst_ignored += 1
-                    e.packets += 1
-                    return KNOWN
+            return UNKNOWN
+        t = e.tcp
+        if t is not None and seg is not None:
+            return self.tcp_step(e, t, key != e.orig, seg, now)
+        if tcp_flags & (_SYN | _ACK) == _SYN and e.closing and key == e.orig:
+            return UNKNOWN
         if not e.assured:  # (Firewall.check_many inlines this)
             if key != e.orig:
                 if not e.replied:
@@ -728,10 +734,45 @@ class ConntrackTable:
             elif e.replied and not tcp_flags & (_SYN | _RST):
                 self._mark_assured(e, now)
         if tcp_flags & (_FIN | _RST) and not e.closing:
-            e.closing = True  # (with window tracking, only an exact RST gets here)
+            e.closing = True  # (without window tracking: any FIN or RST)
             self._retime(e, now)
         e.packets += 1
         e.expires = now + e.ttl
+        return KNOWN
+
+    def tcp_step(self, e: _Entry, t: TcpTrack, d: int, seg: Segment | tuple, now: float) -> int:
+        """`track` for a TCP entry with window tracking: segment `seg` from side `d` (1: the
+        reply side) through Linux's state machine (functions.tcp_track)."""
+        r = t.packet(d, seg)
+        if r == tcp_track.INVALID:
+            self.tcp_invalid += 1
+            if t.shrink and e.expires > now + self.timeouts.tcp_unack:
+                e.expires = now + self.timeouts.tcp_unack
+                if -int(-e.expires // self._g) < e.slot:
+                    self._schedule(e)
+            return INVALID
+        if r == tcp_track.REOPEN:  # a new connection on a closed one's 5-tuple: the rules decide
+            self._remove(e)
+            self.reopened += 1
+            return UNKNOWN
+        if r == tcp_track.KILL:  # a RST was the only answer: the entry goes, the RST passes
+            self._remove(e)
+            return KNOWN
+        e.packets += 1
+        if seg[4] & _RST and t.state != tcp_track.CLOSE:
+            self.rst_ignored += 1
+        if d and not t.seen_reply:  # (after the packet, as Linux's core sets SEEN_REPLY)
+            t.seen_reply = True
+            e.replied = True
+            e.nxt = e.orig
+        if r == tcp_track.ACCEPT:
+            if t.timeout is not None:
+                e.ttl = t.timeout
+                e.expires = now + t.timeout
+                if -int(-e.expires // self._g) < e.slot:
+                    self._schedule(e)
+            e.assured = t.assured
+            e.closing = t.state in tcp_track.CLOSING_STATES
         return KNOWN
 
     def add(self, key: FiveTuple, now: float, tcp_flags: int = 0, seg: Segment | None = None) -> bool:
@@ -749,8 +790,17 @@ class ConntrackTable:
             return False
         src, dst, proto, sport, dport = key
         closing = bool(tcp_flags & (_FIN | _RST))
+        tr = None
+        if seg is not None and proto == 6 and self.tcp_window != "off" and may_start(tcp_flags):
+            # Linux's tcp_new, then the first packet through the state machine (a connection met
+            # mid-stream is tracked liberally, as Linux does)
+            tr = TcpTrack(seg, self.tcp_window == "liberal", self._tcp_timeouts)
+            tr.packet(0, seg)
+            closing = tr.state in tcp_track.CLOSING_STATES
         t = self.timeouts
-        if proto == 6:
+        if tr is not None and tr.timeout is not None:
+            ttl = tr.timeout
+        elif proto == 6:
             ttl = t.tcp_closing if closing else t.tcp_unreplied
         else:
             ttl = t.udp_unreplied if proto == 17 else t.icmp if proto == 1 or proto == 58 else t.other
@@ -758,16 +808,12 @@ class ConntrackTable:
         b = -int(-exp // self._g)  # _schedule, inlined
         rev = (dst, src, proto, dport, sport)
         e = _Entry(key, closing, ttl, exp, b, rev)
+        e.tcp = tr
         bucket = self._wheel.get(b)
         if bucket is None:
             self._wheel[b] = bucket = {}
             heapq.heappush(self._due, b)
         bucket[e] = None
-        if seg is not None and proto == 6 and self.tcp_window != "off":
-            # Only a connection seen from its SYN is judged: one picked up mid-stream has windows
-            # we can only learn (Linux marks it be-liberal too).
-            e.tcp = t = TcpTrack(self.tcp_window == "liberal" or tcp_flags & (_SYN | _ACK | _RST) != _SYN)
-            t.accept(0, seg)
         by_key[key] = e
         by_key[rev] = e
         self._count += 1
@@ -946,34 +992,42 @@ class Firewall:
         get = ct._by_key.get
         replied = ct._mark_replied
         assured = ct._mark_assured
+        tcp_step = ct.tcp_step
         link = self.link
         windows = ct.tcp_window != "off"
         established = 0
         for i, key in enumerate(keys):
             if key.__class__ is tuple:
                 e = get(key)
-                # ConntrackTable.track, inlined, for packets without SYN, FIN or RST (those go
-                # through `check`: they may close or reopen the entry)
-                if e is not None and e.expires > now and not tcp_flags[i] & 7:
+                # ConntrackTable.track, inlined: a TCP entry with window tracking takes its
+                # state machine (every segment); other entries, for packets without SYN, FIN or
+                # RST (those go through `check`: they may close or reopen the entry), the rest
+                if e is not None and e.expires > now:
                     t = e.tcp
                     if t is not None:
                         seg = segments[i] if segments is not None else None
                         if seg is None:
                             seg = segment(packets[i], link)
-                        if seg is not None and not t.accept(key != e.orig, seg):
-                            ct.tcp_invalid += 1
-                            rejected.append(i)
+                        if seg is not None:
+                            r = tcp_step(e, t, key != e.orig, seg, now)
+                            if r == KNOWN:
+                                established += 1
+                            elif r == INVALID:
+                                rejected.append(i)
+                            elif check(key, now, tcp_flags[i], len(packets[i]), seg) is not accept:
+                                rejected.append(i)  # (reopened: a new connection, for the rules)
                             continue
-                    if not e.assured and key == e.nxt:  # (else nothing to change)
-                        if not e.replied:
-                            if key != e.orig:  # (a key equal to its own reverse is never replied)
-                                replied(e, now)
-                        else:
-                            assured(e, now)
-                    e.packets += 1
-                    e.expires = now + e.ttl
-                    established += 1
-                    continue
+                    elif not tcp_flags[i] & 7:
+                        if not e.assured and key == e.nxt:  # (else nothing to change)
+                            if not e.replied:
+                                if key != e.orig:  # (a key equal to its own reverse is never replied)
+                                    replied(e, now)
+                            else:
+                                assured(e, now)
+                        e.packets += 1
+                        e.expires = now + e.ttl
+                        established += 1
+                        continue
                 if windows and key[2] == 6:
                     seg = segments[i] if segments is not None else None
                     if seg is None:

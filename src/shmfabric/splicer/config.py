@@ -172,6 +172,10 @@ class TimeoutConfig(RedisTimeoutConfig):
     request_head: float = Field(30.0, gt=0, allow_inf_nan=False,
                                 description="a request head must arrive whole within this, else 408 and close "
                                             "(a head trickled a byte at a time is never idle)")
+    queue: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                description="a request waiting for a free pooled backend connection gets 503 after "
+                                            "this (HAProxy's `timeout queue`); time it is held back by its own "
+                                            "client's slow reading does not count; unset: the request timeout")
 
 
 class _Limits(_Model):

@@ -156,15 +156,18 @@ class RemoteProtocolError(Exception):
 
 
 class IncompleteResponse(RemoteProtocolError):
-    """The backend closed in the middle of a response: that response had begun."""
+    """A response had begun when it failed (the backend closed in the middle of it, or a 101
+    without Upgrade): the backend acted on the request."""
 
 
 class _Reject(Exception):
-    """Raised inside llhttp callbacks; becomes RemoteProtocolError at the receive boundary."""
+    """Raised inside llhttp callbacks; becomes RemoteProtocolError at the receive boundary
+    (IncompleteResponse when `began`: a response had begun, so the backend acted on the request)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, began: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.began = began
 
 
 def _origin_form(url: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
@@ -229,7 +232,7 @@ def _boundary_error(exc: HttpParserError) -> RemoteProtocolError:
     """The single place where parser failures become RemoteProtocolError."""
     inner = exc.__context__ if isinstance(exc, HttpParserCallbackError) else None
     if isinstance(inner, _Reject):
-        return RemoteProtocolError(str(inner), inner.status)
+        return (IncompleteResponse if inner.began else RemoteProtocolError)(str(inner), inner.status)
     if isinstance(inner, Exception):  # a bug in a callback: report it, but as a protocol error
         return RemoteProtocolError(f"internal framing error: {inner!r}", 400)
     reason = str(exc) or type(exc).__name__
@@ -549,6 +552,13 @@ class ResponseFramer(_Framer):
         status = p.get_status_code()
         headers = tuple(self._headers)
         if status < 200:
+            if status == 101 and not p.should_upgrade():
+                # RFC 9110 section 7.8: a 101 names the new protocol in Upgrade, with the upgrade
+                # option in Connection. Without them llhttp does not hand over the bytes after
+                # the head, and they cannot be told from a next response: refused (502) before
+                # anything of it reaches the client, never half a tunnel.
+                raise _Reject("101 Switching Protocols without `Upgrade` and `Connection: upgrade` "
+                              "(RFC 9110 section 7.8)", 502, began=True)
             self._informational = True
             self._events.append(InformationalResponse(status, self._reason, headers))
             return
@@ -821,8 +831,9 @@ _REASONS: Final = {
 
 
 def simple_response(status: int, message: str, *, close: bool = False, head_request: bool = False,
-                    extra: Headers = ()) -> bytes:
-    """A small text/plain response made by the splicer itself (errors, refusals)."""
+                    extra: Headers = (), keep_alive_10: bool = False) -> bytes:
+    """A small text/plain response made by the splicer itself (errors, refusals); `close` and
+    `keep_alive_10` as for `encode_response_head`."""
     body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
              b"Content-Type: text/plain; charset=utf-8\r\n",
@@ -830,5 +841,7 @@ def simple_response(status: int, message: str, *, close: bool = False, head_requ
     lines += [n + b": " + v + b"\r\n" for n, v in extra]
     if close:
         lines.append(b"Connection: close\r\n")
+    elif keep_alive_10:  # an HTTP/1.0 client asked for keep-alive and keeps it
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"X-Shmfabric-Splicer: error\r\n\r\n")
     return b"".join(lines) + (b"" if head_request else body)

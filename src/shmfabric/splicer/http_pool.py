@@ -8,7 +8,14 @@ Per backend server (`BackendServer`):
 * `waiters`: exchanges waiting for a connection (when `max` connections are all in use);
 * `fresh_waiters`: retried exchanges waiting for a newly opened connection (below);
 * `min` connections are opened at start and re-opened (with jittered exponential backoff) when
-  they close; up to `max` are opened on demand.
+  they close; up to `max` are opened on demand;
+* `paused`: in-use connections whose reading is paused because their client reads slowly
+  (backpressure). They do not count against `max` for requests of clients that read: the pool
+  opens that many more for them, up to `hard_max` (2 x `max`) in all, and closes the extra ones
+  once no such request waits. Requests of a client that is itself held back
+  (`Exchange.held_back`) are served after the others and never beyond `max`, so one client
+  that stops reading cannot take a backend's whole pool (nginx and HAProxy give each client
+  connection its own backend connection; this pool is shared).
 
 A connection carries one request at a time; the end of each response is found by parsing it
 (`ResponseFramer`), after which the connection returns to `free` or goes straight to the next
@@ -69,6 +76,11 @@ class ExchangeLike(Protocol):
     def on_backend_failure(self, kind: str, message: str) -> None: ...
     def on_tunnel_data(self, data: bytes) -> None: ...
 
+    @property
+    def held_back(self) -> bool:
+        """Its client reads slowly and has not reached it: no connection beyond `max` for it."""
+        ...
+
 
 class BackendConnection(asyncio.Protocol):
     """One pooled connection to a backend server.
@@ -117,7 +129,7 @@ class BackendConnection(asyncio.Protocol):
     def _drain(self) -> None:
         framer = self.framer
         exchanges = self.exchanges
-        while True:
+        while not self.tunnel:  # after a 101 the bytes are the tunnel's (its exchange stays, to end it)
             try:
                 ev = framer.next_event()
             except RemoteProtocolError as exc:
@@ -147,6 +159,7 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_alive = self.alive
         self.alive = False
+        self._unpause()
         if self.tunnel:
             ex = self.exchange
             self.exchanges.clear()
@@ -216,10 +229,19 @@ class BackendConnection(asyncio.Protocol):
         if t is None or not self.alive or pause == self._paused:
             return
         self._paused = pause
+        if not self.tunnel:  # a pooled one: the pool counts it (`BackendServer.paused`)
+            self.server.paused += 1 if pause else -1
         if pause:
             t.pause_reading()
         else:
             t.resume_reading()
+
+    def _unpause(self) -> None:
+        """No longer held back: it is closed (or leaves the pool)."""
+        if self._paused:
+            self._paused = False
+            if not self.tunnel:
+                self.server.paused -= 1
 
     def abort(self) -> None:
         """Drop the connection at once (its state is unknown or unwanted).
@@ -231,6 +253,7 @@ class BackendConnection(asyncio.Protocol):
             t.abort()
         if self.alive:
             self.alive = False
+            self._unpause()
             self._cork = None
             self.server._on_lost(self)
 
@@ -251,6 +274,10 @@ class BackendServer:
         self.host, self.port = split_address(address)
         self.min = pool.min
         self.max = pool.max
+        # Connections whose reading is paused because their client reads slowly (backpressure)
+        # do not count against `max` for requests of other clients, up to `hard_max` in all.
+        self.paused = 0
+        self.hard_max = 2 * pool.max
         self.pipeline = pool.pipeline
         self._batch: BackendConnection | None = None
         self.timeouts = timeouts
@@ -424,7 +451,20 @@ class BackendServer:
             conn.abort()  # _on_lost -> _fill opens the retry's connection
             return
         elif self.waiters:
-            ex = self.waiters.popleft()
+            total = self.size + self.connecting + (1 if new else 0)  # this connection included
+            waiters = self.waiters
+            if total <= self.max and not waiters[0].held_back:
+                ex = waiters.popleft()
+            else:
+                # A reading client's request first (`_reader_waiting`), else, within `max`, the
+                # first one: a request its slow client holds back.
+                ex = self._reader_waiting(total)
+                if ex is None:
+                    if total > self.max:  # a connection beyond `max` that no reading client needs
+                        self.in_use.pop(conn, None)
+                        conn.abort()
+                        return
+                    ex = waiters.popleft()
         elif self._probing:
             # Down with active checks off: no request comes to an idle connection, and keeping
             # it would hold the pool at `min`, so nothing would connect again, the only way back
@@ -434,6 +474,9 @@ class BackendServer:
             return
         else:
             self.in_use.pop(conn, None)
+            if len(self.free) + len(self.in_use) + self.connecting >= self.max:
+                conn.abort()  # opened beyond `max` for a reading client (`_reader_waiting`): not kept idle
+                return
             conn.idled = True
             self.free.append(conn)
             return
@@ -441,8 +484,27 @@ class BackendServer:
         conn.exchanges.append(ex)
         ex.on_connection(conn)
 
+    def _reader_waiting(self, total: int) -> ExchangeLike | None:
+        """The first waiter that may have a connection making `total` beyond `max`: one whose
+        client reads its answers (not `held_back`), while fewer than `total - max` connections are
+        paused because their clients read slowly, and `total` stays within `hard_max`. So a
+        client that stops reading holds at most the connections its requests have (about `max`
+        of them, all paused), and requests of other clients still get connections."""
+        if total > self.max + self.paused or total > self.hard_max:
+            return None
+        waiters = self.waiters
+        for i, ex in enumerate(waiters):
+            if not ex.held_back:
+                del waiters[i]
+                return ex
+        return None
+
     def detach(self, conn: BackendConnection) -> None:
         """Take `conn` out of the pool for good (it became a tunnel); the pool refills."""
+        if conn._paused:
+            conn._paused = False
+            self.paused -= 1
+            conn.transport.resume_reading()  # type: ignore[union-attr]
         self.in_use.pop(conn, None)
         self._fill()
 
@@ -464,7 +526,15 @@ class BackendServer:
             return
         total = len(self.free) + len(self.in_use) + self.connecting
         want = max(self.min - total, len(self.waiters) + len(self.fresh_waiters) - self.connecting)
-        want = min(want, self.max - total)
+        room = self.max - total
+        if want > room and self.paused and self.waiters:
+            # Connections held back by slow-reading clients do not count against `max` for the
+            # requests of clients that read (`_reader_waiting`), up to `hard_max`.
+            over = min(self.max + self.paused, self.hard_max) - total
+            if over > room:
+                readers = sum(1 for ex in self.waiters if not ex.held_back) - self.connecting
+                room = max(room, min(over, readers))
+        want = min(want, room)
         if self._probing:
             # Connects are the only checks: probe, whatever `min`, paced by the backoff.
             if self._refill_handle is not None or total >= self.max:

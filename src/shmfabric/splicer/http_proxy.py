@@ -19,7 +19,10 @@ client connection after the bytes sent so far.
 Backpressure: reading from the client stops while the merge holds `max_pipeline` requests or
 `max_buffer_bytes` bytes (or request-body bytes waiting for a backend pass that bound, or the
 client's socket buffer is full); backend connections serving non-head requests stop being read
-while the held response bytes pass the bound.
+while the held response bytes pass the bound. Requests such a client has waiting for a pooled
+connection are `held_back`: the time does not count against `timeouts.queue`, and the pool
+serves other clients' requests first (see http_pool.py). A client that takes none of its
+answers for `timeouts.client_idle` is disconnected (`HttpSplicer._sweep_idle`).
 
 Upgrade requests (WebSocket and the like) are barriers too; a 101 from the backend turns the
 client connection and that backend connection into a raw tunnel (the backend connection leaves
@@ -63,7 +66,7 @@ class Exchange:
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
                  "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind",
-                 "last_rx", "clock", "interim", "t_in", "status", "sent", "tried")
+                 "last_rx", "clock", "interim", "t_in", "status", "sent", "tried", "queued", "qclock")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -77,7 +80,9 @@ class Exchange:
         self.finished = False
         self.gone = False          # the client went away: drain and discard the response
         self.req_done = req.framing == BODY_NONE
-        self.body: list[bytes] = []  # encoded request-body bytes waiting for a connection
+        # Encoded request-body bytes waiting for a connection, in one buffer: held bytes cost
+        # about what they count against max_buffer_bytes, however small the client's chunks.
+        self.body = bytearray()
         self.body_held = 0
         self.t0 = 0.0
         self.resp_started = False
@@ -90,7 +95,9 @@ class Exchange:
         self.backend_keep = True
         self.behind = False  # pipelined behind another request on its backend connection
         self.last_rx = 0.0   # when the backend last sent part of this response (see the timeout sweep)
-        self.clock = 0.0     # when the request timeout's clock (re)started
+        self.clock = 0.0     # when the request timeout's clock (re)started (0: not yet on a connection)
+        self.queued = False  # waiting in a pool's queue for a connection (see `on_queue_timeout`)
+        self.qclock = 0.0    # when the queue wait's clock (re)started
         self.interim = False  # a 1xx came: the backend acted on the request (no retry)
         self.t_in = client.last_seen  # when the read that completed the request head came (access log)
         self.status = 0
@@ -104,15 +111,22 @@ class Exchange:
     def add_body(self, data: bytes) -> None:
         if self.finished:
             return
-        enc = encode_chunk(data) if self.req.framing == BODY_CHUNKED else data
         conn = self.conn
         if conn is not None:
-            conn.write(enc)
+            conn.write(encode_chunk(data) if self.req.framing == BODY_CHUNKED else data)
             self.body_sent = True
         else:
-            self.body.append(enc)
-            self.body_held += len(enc)
-            self.client.body_held += len(enc)
+            body = self.body
+            n = len(body)
+            if self.req.framing == BODY_CHUNKED:
+                body += b"%x\r\n" % len(data)
+                body += data
+                body += b"\r\n"
+            else:
+                body += data
+            n = len(body) - n
+            self.body_held += n
+            self.client.body_held += n
 
     def end_body(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
         if self.req.framing == BODY_CHUNKED and not self.finished:
@@ -120,7 +134,7 @@ class Exchange:
             if self.conn is not None:
                 self.conn.write(enc)
             else:
-                self.body.append(enc)
+                self.body += enc
         self.req_done = True
 
     def start(self) -> None:
@@ -128,11 +142,7 @@ class Exchange:
         self.started = True
         client = self.client
         client.inflight += 1
-        loop = client.loop
-        self.t0 = self.clock = loop.time()
-        # Timeouts: the splicer sweeps a queue of started exchanges (deadlines grow in start
-        # order, as the timeout is one value), instead of one event-loop timer per request.
-        client.splicer.deadlines.append(self)
+        self.t0 = client.loop.time()
         self._dispatch()
 
     def _dispatch(self, exclude: tuple = (), fresh: bool = False) -> None:
@@ -147,6 +157,12 @@ class Exchange:
         conn = server.acquire(self, self.pipelinable, fresh)
         if conn is not None:
             self.on_connection(conn)
+        elif not fresh:
+            # In the pool's queue: the queue wait has its own clock (`timeouts.queue`, 503), and
+            # the request timeout starts once a connection carries the request.
+            self.queued = True
+            self.qclock = now = self.client.loop.time()
+            self.client.splicer.queue_deadlines.append((now, self))
 
     # -- pool side ------------------------------------------------------------------------
     def on_connection(self, conn: "BackendConnection") -> None:
@@ -154,16 +170,22 @@ class Exchange:
             self.server.release(conn, self, True)  # type: ignore[union-attr]
             return
         self.conn = conn
+        if self.queued or self.clock == 0.0:
+            # Timeouts: the splicer sweeps a queue of (clock, exchange) in clock order, instead
+            # of one event-loop timer per request; a retry on a new connection keeps its clock.
+            self.queued = False
+            self.clock = now = self.client.loop.time()
+            self.client.splicer.deadlines.append((now, self))
         self.reused = conn.used > 0 or conn.idled
         self.behind = len(conn.exchanges) > 1
         conn.framer.expect(self.req.method)
         head = encode_request_head(self.req, keep_upgrade=self.req.upgrade, extra=self.client.forward_lines,
                                    default_host=self.server.name.encode())  # type: ignore[union-attr]
         if self.body:
-            conn.transport.writelines([head, *self.body])  # type: ignore[union-attr]
+            conn.transport.writelines([head, self.body])  # type: ignore[union-attr]
             self.client.body_held -= self.body_held
             self.body_held = 0
-            self.body = []
+            self.body = bytearray()
             self.body_sent = True
             self.client.check_resume()
         else:
@@ -278,6 +300,7 @@ class Exchange:
         """The backend connection failed (connect, reset, protocol, timeout) for this request."""
         if self.finished:
             return
+        self.queued = False
         conn, server = self.conn, self.server
         self.conn = None
         if conn is not None:
@@ -347,6 +370,32 @@ class Exchange:
         self.on_backend_failure("timeout", f"backend {server.name if server else '?'} did not answer within "
                                            f"{self.client.request_timeout:g} s")
 
+    def on_queue_timeout(self, seconds: float) -> None:
+        """Called by the splicer's sweep when the request waited `seconds` in its pool's queue
+        (its client reading all the while): 503, the request never reached the backend."""
+        if self.finished or not self.queued:
+            return
+        self.queued = False
+        self.finished = True
+        server = self.server
+        assert server is not None
+        server.cancel_wait(self)
+        server.inflight -= 1
+        server.metrics.error("queue", 0 if self.gone else 1)
+        if not self.gone:
+            self.client.local_answer(self, 503, f"no connection to backend {server.name} came free within {seconds:g} s "
+                                                f"(timeouts.queue; its pool.max of {server.max} were busy); the "
+                                                "request was not sent")
+        self.client.exchange_done(self)
+
+    @property
+    def held_back(self) -> bool:
+        """Its client reads its answers slowly (the splicer holds its backends back) and has not
+        reached this one: time it waits for a connection is the client's, and it gets none
+        beyond `pool.max` (see `BackendServer._reader_waiting`)."""
+        c = self.client
+        return (c.write_paused or c.backends_paused) and self.seq != c.merge.head
+
     def abandon(self) -> None:
         """The client is gone: stop waiting; an in-flight response is read to its end and dropped
         so the pooled connection can be reused (the request timeout still bounds it)."""
@@ -354,6 +403,7 @@ class Exchange:
         if self.finished or not self.started:
             return
         if self.conn is None:
+            self.queued = False
             if self.server is not None:
                 self.server.cancel_wait(self)
             self.finished = True
@@ -415,7 +465,9 @@ class ClientConnection(asyncio.Protocol):
         self.head_since: float | None = None  # when the request head being read began
         self.read_paused = False
         self.write_paused = False
+        self.write_paused_at = 0.0   # when the client last stopped taking answers (HttpSplicer._sweep_idle)
         self.backends_paused = False
+        self.unheld_at = 0.0  # when it last stopped holding its backends back (see Exchange.held_back)
         self.stop_reading = False     # a Connection: close request or an error ended the input
         self.close_seq: int | None = None  # close once every slot up to this one is written
         self.peer_eof = False
@@ -476,8 +528,9 @@ class ClientConnection(asyncio.Protocol):
             return False  # the client closed its side after our last answer: close for good
         if self.tunnel_conn is not None:
             # pass the half-close through the tunnel; the backend's answer may still come
-            t = self.tunnel_conn.transport
-            if t is not None and t.can_write_eof():
+            conn = self.tunnel_conn
+            t = conn.transport
+            if conn.alive and t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
             return self.plain
         self.peer_eof = True
@@ -506,6 +559,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.loop.time()
         self._pause_reading()
         self._backend_flow()
         if self.tunnel_conn is not None:
@@ -513,6 +567,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.unheld_at = self.last_seen = self.loop.time()
         self._backend_flow()
         if self.tunnel_conn is not None:
             self.tunnel_conn.pause_reading(False)
@@ -731,7 +786,10 @@ class ClientConnection(asyncio.Protocol):
         graceful stop), as a backend's answer would; one held behind a slower answer when a drain
         begins is rewritten so (`last_head`)."""
         close = self.close_after(ex)
-        answer = simple_response(status, message, head_request=ex.head_request, close=close)
+        # An HTTP/1.0 client that asked for keep-alive is told it has it, as in a backend's
+        # answer (`encode_response_head`), or it would take the answer as the connection's last.
+        answer = simple_response(status, message, head_request=ex.head_request, close=close,
+                                 keep_alive_10=not close and ex.req.http_version == b"1.0")
         if not close:
             head_request = ex.head_request
             self.last_head = (ex.seq, answer, lambda: simple_response(status, message, head_request=head_request,
@@ -917,6 +975,7 @@ class ClientConnection(asyncio.Protocol):
                     c.pause_reading(False)
             if resume_all:
                 self.backends_paused = False
+                self.unheld_at = self.loop.time()
 
     def backend_write_paused(self, paused: bool) -> None:
         # A backend is slow to take a request body: stop reading more of it from the client.

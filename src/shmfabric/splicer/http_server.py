@@ -47,7 +47,10 @@ class HttpSplicer:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._timeouts: asyncio.Task[None] | None = None
-        self.deadlines: deque[Any] = deque()  # started exchanges, oldest first (see _sweep_timeouts)
+        # (clock, exchange): exchanges on a backend connection, and exchanges waiting in a pool's
+        # queue, oldest clock first (see _sweep_timeouts)
+        self.deadlines: deque[tuple[float, Any]] = deque()
+        self.queue_deadlines: deque[tuple[float, Any]] = deque()
         self.draining = False
         self.access_log: AccessLog | None = None  # opened by start (it needs the loop)
         self.forwarding = cfg.forwarded_for or cfg.forwarded  # client connections need forward_lines
@@ -128,7 +131,8 @@ class HttpSplicer:
     def pool_sizes(self) -> dict[str, dict[str, int]]:
         """Per backend: free and in-use pooled connections, connections being opened, waiters."""
         return {name: {"free": len(s.free), "in_use": len(s.in_use), "connecting": s.connecting,
-                       "waiters": len(s.waiters) + len(s.fresh_waiters), "inflight": s.inflight}
+                       "waiters": len(s.waiters) + len(s.fresh_waiters), "inflight": s.inflight,
+                       "paused": s.paused}
                 for name, s in sorted(self.servers.items())}
 
     async def _sweep_idle(self) -> None:
@@ -148,35 +152,72 @@ class HttpSplicer:
                     c._close()
                 elif c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
                     c._close()
+                elif c.write_paused and c.write_paused_at < cutoff and c.tunnel_conn is None:
+                    # Took none of its answers for client_idle (nginx's send_timeout, HAProxy's
+                    # timeout client): it would hold its backend connections (paused) forever.
+                    # Nothing is left to save for it: reset, not a staged close (which would wait
+                    # for the buffered answers to be taken).
+                    c.ending = f"the client read nothing for timeouts.client_idle ({idle:g} s)"
+                    c._close()
+                    c.transport.abort()
                 elif c.head_since is not None and c.head_since < now - head and not c.closed and not c.stop_reading:
                     # A head trickled in (slowloris) keeps last_seen fresh; its age does not lie.
                     c.head_timed_out(head)
 
     async def _sweep_timeouts(self) -> None:
-        # Every exchange has the same timeout, so the queue is in deadline order: pop finished
-        # ones and time out due ones from the left, stop at the first that is still in time.
+        # Every exchange has the same timeout, so each queue is in deadline order: pop finished
+        # ones and time out due ones from the left, stop at the first that is still in time. An
+        # entry whose clock is not the exchange's any more stands for nothing (its clock
+        # restarted: a later entry has it).
         timeout = self.cfg.timeouts.request
-        period = min(0.1, timeout / 4)
+        qtimeout = self.cfg.timeouts.queue or timeout
+        period = min(0.1, timeout / 4, qtimeout / 4)
         q = self.deadlines
+        qq = self.queue_deadlines
         while True:
             await asyncio.sleep(period)
             now = self.loop.time()
             cutoff = now - timeout
             while q:
-                ex = q[0]
-                if ex.finished:
+                clock, ex = q[0]
+                if ex.finished or clock != ex.clock:
                     q.popleft()
-                elif ex.clock <= cutoff:
+                elif clock <= cutoff:
                     q.popleft()
+                    if ex.queued:
+                        # A retry waits in a pool's queue: the queue's clock runs (below), and a
+                        # request clock starts again with its connection (`Exchange.on_connection`).
+                        ex.clock = 0.0
+                        continue
                     conn = ex.conn
                     if conn is not None and (conn.paused or ex.last_rx > cutoff):
                         # Not the backend's fault: we stopped reading it (the client reads
                         # slowly), or it is still sending. The clock restarts past the cutoff;
                         # appending keeps the queue in deadline order.
-                        ex.clock = now if conn.paused else ex.last_rx
-                        q.append(ex)
+                        ex.clock = clock = now if conn.paused else ex.last_rx
+                        q.append((clock, ex))
                         continue
                     ex.on_timeout()
+                else:
+                    break
+            # Requests waiting for a pooled connection: 503 after timeouts.queue, not counting
+            # the time their own client held them back by reading slowly (Exchange.held_back).
+            cutoff = now - qtimeout
+            while qq:
+                clock, ex = qq[0]
+                if not ex.queued or clock != ex.qclock or ex.finished:
+                    qq.popleft()
+                elif clock <= cutoff:
+                    qq.popleft()
+                    if ex.held_back:
+                        clock = now
+                    elif ex.client.unheld_at > clock:
+                        clock = ex.client.unheld_at
+                    else:
+                        ex.on_queue_timeout(qtimeout)
+                        continue
+                    ex.qclock = clock
+                    qq.append((clock, ex))
                 else:
                     break
 

@@ -46,6 +46,77 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+STATE_KIND = "shmfabric-manager"  # marks a state file this module wrote: only those are ever removed
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): a pid reused by
+    another process has another one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _check_fabric_arg(name: str | None) -> None:
+    """`--fabric NAME` names a state file: the same rule as `fabric.name` in a config (so no path)."""
+    if name is None:
+        return
+    from pydantic import ValidationError
+
+    from shmfabric.manager.config import FabricSection
+
+    try:
+        FabricSection(name=name)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise CliError(f"--fabric {name!r}: {msg}") from None
+
+
+def _read_state(path: Path) -> dict | None:
+    """A state file's content if it is one (a JSON object naming a fabric and a pid), else None: files
+    of others in the state directory are skipped, never read as ours."""
+    try:
+        st = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(st, dict) or not isinstance(st.get("fabric"), str):
+        return None
+    pid = st.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    return st
+
+
+def _manager_alive(st: dict) -> bool:
+    """Whether the process the state names is that manager still: alive, and the same process (its
+    start time as recorded; a file without one: its command line runs shmfabric), not a reused pid."""
+    pid = st["pid"]
+    if not _pid_alive(pid):
+        return False
+    recorded = st.get("start_time")
+    if isinstance(recorded, int):
+        return _proc_start_time(pid) == recorded
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"shmfabric" in f.read()
+    except OSError:
+        return True  # not ours to read (another user's): assume it is
+
+
+def _remove_stale(path: Path, st: dict) -> None:
+    """Remove a state file left by a manager that is gone, if this module wrote it (it says so)."""
+    if st.get("kind") != STATE_KIND:
+        return
+    try:
+        path.unlink()
+    except OSError:
+        return
+    print(f"shmfabric: removed the stale state file {path} (manager pid {st['pid']} of fabric "
+          f"{st['fabric']!r} is gone)", file=sys.stderr)
+
+
 def _write_state(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
@@ -57,17 +128,17 @@ def _find_state(args: argparse.Namespace) -> dict:
     """The state of the manager the user means; CliError says how to name it."""
     d = state_dir()
     fabric = getattr(args, "fabric", None)
+    _check_fabric_arg(fabric)
     files = [d / f"{fabric}.json"] if fabric else sorted(d.glob("*.json"))
     found = []
     for f in files:
-        try:
-            st = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if _pid_alive(int(st.get("pid", 0))):
+        st = _read_state(f)
+        if st is None or (fabric and st["fabric"] != fabric):
+            continue  # not a state file of ours
+        if _manager_alive(st):
             found.append(st)
         else:
-            f.unlink(missing_ok=True)  # left by a manager that was killed
+            _remove_stale(f, st)  # left by a manager that was killed
     if not found:
         what = f"for fabric {fabric!r} " if fabric else ""
         raise CliError(f"no running manager {what}found (state files in {d}); start one with "
@@ -168,14 +239,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     topo = _load(path)
     topo = _override(topo, args.api, args.fabric)
     state_file = state_dir() / f"{topo.fabric.name}.json"
-    if state_file.exists():
-        try:
-            old = json.loads(state_file.read_text())
-            if _pid_alive(int(old.get("pid", 0))):
-                raise CliError(f"a manager (pid {old['pid']}) already runs fabric {topo.fabric.name!r}; "
-                               f"stop it with `shmfabric down --fabric {topo.fabric.name}` first")
-        except (OSError, ValueError):
-            pass
+    old = _read_state(state_file) if state_file.exists() else None
+    if old is not None:
+        if _manager_alive(old):
+            raise CliError(f"a manager (pid {old['pid']}) already runs fabric {topo.fabric.name!r}; "
+                           f"stop it with `shmfabric down --fabric {topo.fabric.name}` first")
+        _remove_stale(state_file, old)
     if args.detach:
         return _detach(args, path, topo, state_file)
     return _foreground(args, path, topo, state_file)
@@ -202,7 +271,9 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
         try:
             st = json.loads(state_file.read_text())
             if st.get("pid") == proc.pid:
-                if getattr(args, "json", False):
+                if args.quiet:
+                    pass  # --quiet: nothing, as in the foreground
+                elif getattr(args, "json", False):
                     print(json.dumps(st))
                 else:
                     print(f"fabric {st['fabric']} up in the background: manager pid {st['pid']}, "
@@ -220,14 +291,20 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     from shmfabric.manager.supervisor import Supervisor, SupervisorError
 
     stop = threading.Event()
+    reload_due = threading.Event()
 
     def on_signal(signum, frame):  # Ctrl-C, `shmfabric down`, systemd stop
         stop.set()
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    def on_hup(signum, frame):  # `kill -HUP`, systemd ExecReload: reload the config file, as `shmfabric reload`
+        reload_due.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs",
                      pinned={"fabric": args.fabric, "api": args.api})
     api = metrics_srv = None
+    metrics_addr = topo.metrics
     if args.quiet:
         say = lambda *a, **k: None  # noqa: E731
     elif getattr(args, "json", False):  # stdout carries only the JSON summary
@@ -253,14 +330,19 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
                 metrics_srv = start_http_server(int(port), host, registry=registry)
             except OSError as exc:
                 raise CliError(f"cannot listen on metrics {topo.metrics}: {exc.strerror}") from None
-        _write_state(state_file, {"fabric": topo.fabric.name, "pid": os.getpid(), "api": api.url if api else None,
-                                  "metrics": topo.metrics, "config": str(Path(path).resolve()),
+            if isinstance(metrics_srv, tuple):  # port 0: the port the system chose
+                metrics_addr = f"{host}:{metrics_srv[0].server_address[1]}"
+        _write_state(state_file, {"kind": STATE_KIND, "fabric": topo.fabric.name, "pid": os.getpid(),
+                                  "start_time": _proc_start_time(os.getpid()), "api": api.url if api else None,
+                                  "metrics": metrics_addr, "config": str(Path(path).resolve()),
                                   "logs": str(sup.log_dir), "started": time.time()})
         n = sum(len(x.instances) for x in sup.nodes.values())
         say(f"fabric {topo.fabric.name} up: {n} instances of {len(sup.nodes)} nodes"
-            + (f", API {api.url}" if api else "") + (f", metrics http://{topo.metrics}/metrics" if topo.metrics else "")
+            + (f", API {api.url}" if api else "") + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
             + ("" if args.duration else "; Ctrl-C stops everything"), flush=True)
         live = _LiveView(sup, stop) if getattr(args, "live", False) and say is print else None
+        threading.Thread(target=_reload_on_hup, args=(sup, reload_due, stop), name="shmfabric-sighup",
+                         daemon=True).start()
         try:
             sup.run(stop, args.duration)
         finally:
@@ -286,6 +368,28 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     if not args.quiet:
         _print_summary(final, getattr(args, "json", False))
     return 0
+
+
+def _reload_on_hup(sup, due: threading.Event, stop: threading.Event) -> None:
+    """SIGHUP: apply the config file again (the file last loaded: the one started with, unless a
+    `reload FILE` named another), as `shmfabric reload` does; the outcome goes to stderr (the
+    manager's log with --detach) and to the events. Signals during a reload make one more reload."""
+    from shmfabric.manager.supervisor import SupervisorError
+
+    while not stop.is_set():
+        if not due.wait(0.2):
+            continue
+        due.clear()
+        try:
+            changes = sup.reload_file()
+        except SupervisorError as exc:
+            print(f"shmfabric: SIGHUP: reload of {sup.source} failed: {exc}", file=sys.stderr, flush=True)
+            continue
+        warnings = changes.pop("warnings", [])
+        done = "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if v) or "nothing changed"
+        print(f"shmfabric: SIGHUP: reloaded {sup.source}: {done}", file=sys.stderr, flush=True)
+        for w in warnings:
+            print(f"shmfabric: SIGHUP: warning: {w}", file=sys.stderr, flush=True)
 
 
 class _LiveView:
@@ -421,12 +525,13 @@ def _down_by_state(args: argparse.Namespace) -> dict:
     try:
         if st.get("api"):
             api_call(st["api"], "/shutdown", {}, timeout=5)
-        else:
+        elif _manager_alive(st):
             os.kill(pid, signal.SIGTERM)
     except CliError:
-        os.kill(pid, signal.SIGTERM)  # the API is wedged: the signal handler stops just the same
+        if _manager_alive(st):  # checked again: only the manager is ever sent a signal
+            os.kill(pid, signal.SIGTERM)  # the API is wedged: the signal handler stops just the same
     deadline = time.monotonic() + args.timeout
-    while _pid_alive(pid):
+    while _manager_alive(st):
         if time.monotonic() > deadline:
             raise CliError(f"manager pid {pid} still runs after {args.timeout:g}s; look at its log, "
                            f"or kill it (its nodes are reclaimed by the fabric)")
@@ -474,12 +579,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
         _load(args.config)  # the same checks locally first: errors name this shell's path
     res = api_call(_api_url(args), "/reload", body, timeout=120)
     changes = {k: v for k, v in res.get("changes", {}).items() if v}
+    warnings = changes.pop("warnings", [])
     if getattr(args, "json", False):
         print(json.dumps(res))
-    elif not changes:
+        return 0
+    if not changes:
         print("reloaded: nothing changed")
     else:
         print("reloaded: " + "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items()))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

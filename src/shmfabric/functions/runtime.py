@@ -173,6 +173,14 @@ class FunctionRunner:
             self.fn = fn_cls(self.config_model, self.ctx)
         except (OSError, ValueError, LookupError) as e:
             raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: {e}") from None
+        # a source's frames of a configured `size` (the generator's) must fit a slot: a frame carries
+        # at most MTU bytes after its 14-byte Ethernet header; refused here, at start, not at the first send
+        size = getattr(self.config_model, "size", None)
+        if (hasattr(self.fn, "produce") and isinstance(size, int) and not getattr(self.config_model, "pcap", None)
+                and size - 14 > mtu):
+            raise FunctionConfigError(f"function {fn_cls.name!r}: size {size} does not fit network {network}'s MTU "
+                                      f"{mtu} (a frame is at most MTU + 14 = {mtu + 14} bytes with its Ethernet "
+                                      f"header); lower size to {mtu + 14} or less, or raise the network's mtu")
         self.node = fabric.attach(node_name, network)
         self.node.set_wait_mode(wait_mode)
         self.node.on_message = self._on_message

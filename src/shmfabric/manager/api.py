@@ -145,7 +145,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, (json.dumps(obj, default=str) + "\n").encode())
 
     def _body(self) -> dict:
-        n = int(self.headers.get("Content-Length") or 0)
+        raw_len = (self.headers.get("Content-Length") or "0").strip()
+        if not raw_len.isdigit():
+            self.close_connection = True  # the body's end is unknown: this connection cannot carry another
+            raise _HttpError(400, f"Content-Length {raw_len!r} is not a byte count (0 or more)")
+        n = int(raw_len)
         if n > MAX_BODY:
             raise _HttpError(413, f"request body over {MAX_BODY} bytes")
         raw = self.rfile.read(n) if n else b""
@@ -165,6 +169,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
     def _dispatch(self, method: str) -> None:
         from shmfabric.manager.supervisor import SupervisorError
 
@@ -181,9 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
                                                       "POST /nodes/{name}/replace", "POST /shutdown", "GET /metrics"]})
             if method == "POST" and path == "/reload":
                 body = self._body()
+                extra = set(body) - {"path"}
+                if extra:
+                    raise _HttpError(400, f"unknown field(s) {sorted(extra)}; use path")
                 p = body.get("path")
-                if p is not None and not isinstance(p, str):
-                    raise _HttpError(400, "`path` must be a string")
+                if p is not None and (not isinstance(p, str) or not p.strip()):
+                    raise _HttpError(400, "`path` must be a file path (a non-empty string); leave it out to "
+                                          "reload the file last loaded")
                 return self._json(200, {"ok": True, "changes": svc.reload_file(p)})
             if method == "POST" and path == "/shutdown":
                 self._body()
@@ -200,11 +220,17 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._json(200, svc.node_status(name))
                 if method == "POST" and verb == "config":
                     body = self._body()
+                    extra = set(body) - {"config"}
+                    if extra:
+                        raise _HttpError(400, f"unknown field(s) {sorted(extra)}; use config")
                     if not isinstance(body.get("config"), dict):
                         raise _HttpError(400, 'body must be {"config": {...}}')
                     return self._json(200, svc.reconfigure(name, body["config"]))
                 if method == "POST" and verb == "scale":
                     body = self._body()
+                    extra = set(body) - {"instances"}
+                    if extra:
+                        raise _HttpError(400, f"unknown field(s) {sorted(extra)}; use instances")
                     n = body.get("instances")
                     if not isinstance(n, int) or isinstance(n, bool):
                         raise _HttpError(400, 'body must be {"instances": N} with an integer N')
@@ -216,12 +242,21 @@ class _Handler(BaseHTTPRequestHandler):
                         raise _HttpError(400, f"unknown field(s) {sorted(extra)}; use function, config, version")
                     if body.get("config") is not None and not isinstance(body["config"], dict):
                         raise _HttpError(400, "`config` must be an object")
+                    for key in ("function", "version"):
+                        v = body.get(key)
+                        if v is not None and (not isinstance(v, str) or not v):
+                            raise _HttpError(400, f"`{key}` must be a non-empty string, got {json.dumps(v)}")
                     return self._json(200, svc.replace(name, body.get("function"), body.get("config"),
                                                        body.get("version")))
-            allowed = "GET" if method == "POST" else "POST"
-            known = path in ("/status", "/metrics", "/reload", "/shutdown") or _NODE_RE.match(path)
-            raise _HttpError(405 if known else 404, f"{method} {path} is not an endpoint"
-                             + (f" (use {allowed})" if known else "; see GET /"))
+            m = _NODE_RE.match(path)
+            if path in ("/", "/status", "/status/", "/metrics") or (m and m.group(2) is None):
+                allowed = "GET"
+            elif path in ("/reload", "/shutdown") or m:
+                allowed = "POST"
+            else:
+                allowed = None
+            raise _HttpError(405 if allowed else 404, f"{method} {path} is not an endpoint"
+                             + (f" (use {allowed})" if allowed else "; see GET /"))
         except _HttpError as exc:
             self._json(exc.status, {"error": str(exc)})
         except SupervisorError as exc:

@@ -69,7 +69,8 @@ def _check_address(value: Any) -> Any:
 
 class _Model(BaseModel):
     # Unknown keys are errors: a misspelt policy field silently ignored is worse than a refusal.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `ring_size: '1024'` (a string) or `enabled: "no"` is refused, not converted.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class NetworkConfig(_Model):
@@ -91,8 +92,9 @@ class FabricSection(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
-            raise ValueError(f"fabric name {v!r} may only hold letters, digits, '_', '.', '-'")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"fabric name {v!r} may only hold letters, digits, '_', '.', '-', and must start "
+                             "with a letter or digit")
         return v
 
     @field_validator("ring_size")
@@ -311,9 +313,22 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
     def scale_of(n: NodeConfig) -> ScalePolicy | None:
         return n.scale or (policies.scale if policies is not None else None)
 
+    if fabric is not None:
+        net_names: dict[str, int] = {}
+        for k, net in enumerate(fabric.networks):
+            if net.name is None:
+                continue
+            if net.name in net_names:
+                errs.append(_LocError(("fabric", "networks", k, "name"), f"network name {net.name!r} is used twice "
+                                      f"(also networks[{net_names[net.name]}]); network names must be unique"))
+            else:
+                net_names[net.name] = k
     for i, _, n in nodes:
         if n is None:
             continue
+        if n.name in n.ports:
+            errs.append(_LocError(("nodes", i, "ports", n.ports.index(n.name)), f"node {n.name!r} names itself as "
+                                  "a port; a port sends frames on to another node"))
         if fabric is not None:
             if isinstance(n.network, str):
                 names = [net.name for net in fabric.networks]
@@ -384,6 +399,7 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
     return errs
 
 
+
 def _partial_references(data: dict) -> list[_LocError]:
     """The cross-reference checks on a file that failed field validation: each section is validated
     on its own and what passes is checked (see `_cross_references`)."""
@@ -420,13 +436,68 @@ class _Located:
     marks: dict[tuple[Any, ...], Mark]
 
 
+_MAX_VALUES = 100_000  # values a file may expand to through aliases (a topology holds a few hundred)
+_MAX_DEPTH = 64         # nesting levels (a topology uses about 6)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_graph(root: yaml.Node, source: str) -> None:
+    """Refuse what a topology never needs and a hostile file uses: aliases that expand past
+    `_MAX_VALUES` values (an "alias bomb"), an alias to itself, nesting deeper than `_MAX_DEPTH`,
+    and a key given twice in one mapping (YAML would keep the last one silently). Each node is
+    visited once (sizes are remembered by node), so the check costs what the file's text does."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def visit(node: yaml.Node, depth: int) -> int:
+        line = node.start_mark.line + 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in visiting:
+            raise ConfigError(f"{source}:{line}: an alias refers to a value that contains it; fix: remove the "
+                              "recursive alias")
+        if depth > _MAX_DEPTH:
+            raise ConfigError(f"{source}:{line}: nesting too deep (more than {_MAX_DEPTH} levels); fix: flatten "
+                              "the file (a topology needs a few levels)")
+        visiting.add(id(node))
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for knode, vnode in node.value:
+                if isinstance(knode, yaml.ScalarNode) and knode.tag != _MERGE_TAG:
+                    key = (knode.tag, knode.value)
+                    kline = knode.start_mark.line + 1
+                    if key in seen:
+                        raise ConfigError(f"{source}:{kline}: key {knode.value!r} is given twice in one mapping "
+                                          f"(lines {seen[key]} and {kline}); fix: keep one of them (YAML would "
+                                          "silently use the last)")
+                    seen[key] = kline
+                size += visit(knode, depth + 1) + visit(vnode, depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                size += visit(item, depth + 1)
+        visiting.discard(id(node))
+        if size > _MAX_VALUES:
+            raise ConfigError(f"{source}:{line}: the aliases here expand to more than {_MAX_VALUES:,} values; "
+                              "fix: write the values out, or use fewer aliases (`*name`)")
+        sizes[id(node)] = size
+        return size
+
+    visit(root, 0)
+
+
 def _compose(text: str, source: str) -> _Located:
     """Parse YAML keeping the line of every mapping value and list item (keyed by its path)."""
     loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
+        try:
+            root = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}:{loader.line + 1}: nesting too deep (more than {_MAX_DEPTH} levels); "
+                              "fix: flatten the file (a topology needs a few levels)") from None
         if root is None:
             return _Located(None, {})
+        _check_graph(root, source)
         data = loader.construct_document(root)
         marks: dict[tuple[Any, ...], Mark] = {}
 
@@ -578,6 +649,8 @@ def parse_topology(text: str, source: str = "<config>",
                      if isinstance(n, dict)] if isinstance(raw, list) else []
             nodes = [(i, f, c) for i, f, c in nodes if isinstance(f, str) and f and isinstance(c, dict)]
         lines += _function_errors(nodes, source, resolve, located.marks)
+        if topo is not None and not lines:
+            lines += _loop_errors(topo, source, resolve, located.marks)
     if lines:
         raise ConfigError("\n".join(lines))
     assert topo is not None
@@ -628,5 +701,55 @@ def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], 
     """
     marks = _compose(text, source).marks if text else {}
     lines = _function_errors([(i, n.function, n.config) for i, n in enumerate(topo.nodes)], source, resolve, marks)
+    if not lines:
+        lines = _loop_errors(topo, source, resolve, marks)
     if lines:
         raise ConfigError("\n".join(lines))
+
+
+def _loop_errors(topo: Topology, source: str, resolve: Callable[[str], Any],
+                 marks: dict[tuple[Any, ...], Mark]) -> list[str]:
+    """A loop of nodes that all forward what they receive is refused: frames would circle for ever.
+
+    Chains may form a cycle across them only as a reply path, one that leads back to a source (a
+    function that makes frames, such as the generator: frames sent to a source are not forwarded,
+    so the loop ends there). A loop through no source is reported once, naming its nodes."""
+    def is_source(name: str) -> bool:
+        try:
+            return hasattr(resolve(topo.node(name).function), "produce")
+        except (LookupError, ValueError):
+            return False
+
+    index = {n.name: i for i, n in enumerate(topo.nodes)}
+    edges: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}
+    for n in topo.nodes:
+        if is_source(n.name):
+            continue  # what reaches a source goes no further
+        for t in topo.next_of(n.name):
+            ci = next(ci for ci, c in enumerate(topo.chains) if n.name in c.nodes[:-1])
+            edges.setdefault(n.name, []).append((t, ("chains", ci, "nodes")))
+        for k, t in enumerate(n.ports):
+            edges.setdefault(n.name, []).append((t, ("nodes", index[n.name], "ports", k)))
+    lines: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in done:
+            return
+        path.append(name)
+        for t, loc in edges.get(name, []):
+            if t in path:
+                loop = path[path.index(t):] + [t]
+                line = _line_of(marks, loc)
+                lines.append(f"{source}:{line or '?'}: field `{_fmt_loc(loc)}`: the chains make a loop "
+                             f"{' -> '.join(loop)} through no source: each node forwards what it receives, so "
+                             "frames would circle for ever; fix: remove a step of the loop (a path back is "
+                             "allowed only to a source, e.g. a generator, which forwards nothing it receives)")
+            elif t not in done:
+                visit(t, path)
+        path.pop()
+        done.add(name)
+
+    for n in topo.nodes:
+        visit(n.name, [])
+    return lines

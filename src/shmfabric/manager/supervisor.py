@@ -93,6 +93,10 @@ class Instance:
     stats_failures: int = 0
     last_answer: float = 0.0  # when it last answered a control request (clock of the supervisor)
     counters_at: float | None = None  # when `counters` were read (clock of the supervisor)
+    # started by an operator action that is not committed yet (reload, replace, scale out): in no
+    # node's next group, and left alone by the loop, until the action commits (or withdraws it)
+    staged: bool = False
+    log_start: int = 0  # size of its log file when this run started: its error is read from there on
 
     @property
     def pid(self) -> int | None:
@@ -101,7 +105,7 @@ class Instance:
     @property
     def active(self) -> bool:
         """Part of its node's group (receives traffic once up)."""
-        return self.state in ("starting", "running", "backoff")
+        return self.state in ("starting", "running", "backoff") and not self.staged
 
 
 @dataclass
@@ -114,6 +118,9 @@ class _Node:
     version: str | None = None
     depth: int = 0
     resteer: bool = False  # an instance came back: upstream must resolve its name again
+    # an operator's count outside the scale policy's bounds (`scale`): it stands, the policy does not
+    # undo it, until the next operator action on the node (scale, reload)
+    operator: int | None = None
 
 
 class _Spawner:
@@ -181,6 +188,13 @@ class Supervisor:
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log_dir = Path(log_dir) if log_dir else None
         self.lock = threading.RLock()
+        # waits for new instances release `lock` (status answers meanwhile) through this condition
+        self._cond = threading.Condition(self.lock)
+        # operator actions (reload, replace, scale, reconfigure, and the policy's scale steps) run one
+        # at a time: taken before `lock`, and held while `lock` is released for a wait
+        self._op_lock = threading.Lock()
+        self._op: dict | None = None  # the operator action in progress, shown by status()
+        self._staging: Topology | None = None  # the topology a reload is starting new instances for
         self.fabric: Any = None
         self.control: ControlChannel | None = None
         self.nodes: dict[str, _Node] = {}
@@ -214,6 +228,7 @@ class Supervisor:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.lock.acquire()
             self.control = self._control_factory(self.fabric)
             now = self.clock()
             for cfg in self.topo.nodes:
@@ -225,12 +240,21 @@ class Supervisor:
                 for k in range(1, self.topo.instances_of(name) + 1):
                     self._spawn(self.nodes[name], k, now)
             self._wait_up([i for n in self.nodes.values() for i in n.instances], START_TIMEOUT)
+            # a cycle across chains (a reply path) has no downstream-first order: a node started
+            # before a node it sends to got no --next for it; now that all are up, it is told
+            order = self.topo.start_order()
+            for name in order:
+                later = set(order[order.index(name) + 1:])
+                if any(t in later for t in self._targets(name)):
+                    self._set_next(self.nodes[name])
             self.started = True
             self._event("up", "", f"fabric {f.name}, {sum(len(n.instances) for n in self.nodes.values())} instances")
             self._refresh(self.clock())
         except BaseException:
             self.stop()
             raise
+        finally:
+            self.lock.release()
 
     def _clear_stale(self, name: str) -> None:
         """A fabric file left by a crashed manager is removed; one in use is an error."""
@@ -369,24 +393,33 @@ class Supervisor:
             for node in self.nodes.values():
                 for inst in list(node.instances):
                     self._watch(node, inst, now)
-            for node in self.nodes.values():
-                if node.resteer and all(i.state == "running" for i in node.instances if i.active):
-                    node.resteer = False
-                    self._resteer_upstream(node.cfg.name)
-            for name, node in self.nodes.items():
-                running = [i for i in node.instances if i.active]
-                if not running:
-                    continue  # finished or failed for good: scaling must not resurrect it
-                action = node.decider.observe(now, node.depth, len(running))
-                if action is ScaleAction.OUT:
-                    self._scale_to(node, len(running) + 1, now, reason=f"queue depth {node.depth}")
-                elif action is ScaleAction.IN:
-                    self._scale_to(node, len(running) - 1, now, reason=f"queue depth {node.depth}")
+            if not self._op_lock.acquire(blocking=False):
+                return  # an operator action is under way (waiting for an instance): steer and scale after it
+            try:
+                for node in list(self.nodes.values()):
+                    if node.resteer and all(i.state == "running" for i in node.instances if i.active):
+                        node.resteer = False
+                        self._resteer_upstream(node.cfg.name)
+                for name, node in list(self.nodes.items()):
+                    running = [i for i in node.instances if i.active]
+                    if not running:
+                        continue  # finished or failed for good: scaling must not resurrect it
+                    if node.operator is not None:
+                        continue  # an operator's count outside the policy stands (see `scale`)
+                    action = node.decider.observe(now, node.depth, len(running))
+                    if action is ScaleAction.OUT:
+                        self._scale_to(node, len(running) + 1, now, reason=f"queue depth {node.depth}")
+                    elif action is ScaleAction.IN:
+                        self._scale_to(node, len(running) - 1, now, reason=f"queue depth {node.depth}")
+            finally:
+                self._op_lock.release()
 
     def _watch(self, node: _Node, inst: Instance, now: float) -> None:
         rc = inst.proc.poll() if inst.proc is not None else None
         entry = self._table.get(inst.name)
         up = entry is not None and entry.get("state") == "up" and entry.get("alive") and entry.get("pid") == inst.pid
+        if inst.staged:
+            return  # the operator action that started it watches it (_wait_up)
         if inst.state == "backoff":
             if inst.restart_at is not None and now >= inst.restart_at:
                 self._respawn(node, inst, now)
@@ -395,22 +428,36 @@ class Supervisor:
             return
         if rc is not None:
             inst.exit_code = rc
-            err = _log_tail(self._log_path(inst.name))
+            err = _exit_text(rc, _log_tail(self._log_path(inst.name), start=inst.log_start))
+            pol = inst.tracker.policy
             if inst.state == "starting" and rc == 2:
                 # exit 2 at start is the runtime's "invalid configuration": restarting cannot help
                 inst.state, inst.error = "failed", err or "configuration rejected (exit 2)"
                 self._event("failed", inst.name, f"exit 2 at start: {inst.error}")
                 return
-            if rc == 0 and inst.tracker.policy.mode == "on-failure":
+            # Exit 0 is "finished" only for a source (a node nothing sends to): only a source's input
+            # can run out (a generator's count, the end of a pcap). A node that receives frames has no
+            # end of input: its exit 0 means something stopped it from outside (a SIGTERM), and the
+            # chain is dead behind it, so it is restarted like a failure.
+            source = not self.topo.upstream_of(inst.node)
+            if rc == 0 and ((pol.mode == "on-failure" and source) or not pol.enabled):
                 inst.state = "exited"
-                self._event("exited", inst.name, "finished (exit 0); not restarted (restart.mode on-failure)")
+                why = ("restarts are disabled (restart.enabled: false)" if not pol.enabled
+                       else "a source that finished is not restarted (restart.mode on-failure)")
+                self._event("exited", inst.name, f"finished (exit 0); {why}")
                 return
             when = inst.tracker.on_exit(now)
             inst.error = err or f"exited with status {rc}"
+            if rc == 0:
+                inst.error = "exited with status 0 though frames are sent to it (stopped from outside?)"
             if when is None:
                 inst.state = "failed"
-                self._event("failed", inst.name, f"exit {rc}; restart limit reached ({inst.tracker.policy.max_restarts}"
-                            f" in {inst.tracker.policy.window:g}s), giving up")
+                if not pol.enabled:
+                    self._event("failed", inst.name, f"exit {rc}; not restarted: restarts are disabled "
+                                "(restart.enabled: false)")
+                else:
+                    self._event("failed", inst.name, f"exit {rc}; restart limit reached ({pol.max_restarts}"
+                                f" in {pol.window:g}s), giving up")
             else:
                 inst.state, inst.restart_at = "backoff", when
                 self._event("exited", inst.name, f"exit {rc}; restart in {when - now:.2f}s")
@@ -494,36 +541,52 @@ class Supervisor:
         node = self.nodes[name].cfg if name in self.nodes else self.topo.node(name)
         return self.topo.next_of(name) + [t for t in node.ports if t not in self.topo.next_of(name)]
 
-    def _next_instances(self, name: str) -> list[str]:
-        """Instance names that logical node `name` sends to: every active instance of its next step."""
+    @staticmethod
+    def _members(node: _Node, staged: bool) -> list[str]:
+        return [i.name for i in node.instances if i.active or (staged and i.staged and i.state in ("starting", "running"))]
+
+    def _next_instances(self, name: str, topo: Topology | None = None, staged: bool = False) -> list[str]:
+        """Instance names that logical node `name` sends to: every active instance of its next step
+        (with `staged`, also the instances an operator action is starting: a staged instance's own view)."""
+        topo = topo or self.topo
         out = []
-        for nxt in self.topo.next_of(name):
+        for nxt in topo.next_of(name):
             node = self.nodes.get(nxt)
             if node is not None:
-                out += [i.name for i in node.instances if i.active]
+                out += self._members(node, staged)
         return out
 
-    def _port_instances(self, name: str) -> dict[str, list[str]]:
+    def _port_instances(self, name: str, topo: Topology | None = None, staged: bool = False) -> dict[str, list[str]]:
         """Port name -> the active instances behind it, for logical node `name`'s ports."""
         out: dict[str, list[str]] = {}
-        for target in self.nodes[name].cfg.ports if name in self.nodes else self.topo.node(name).ports:
+        if topo is not None:
+            ports = topo.node(name).ports
+        else:
+            ports = self.nodes[name].cfg.ports if name in self.nodes else self.topo.node(name).ports
+        for target in ports:
             tnode = self.nodes.get(target)
-            members = [i.name for i in tnode.instances if i.active] if tnode else []
+            members = self._members(tnode, staged) if tnode else []
             out[target] = members or [target]
         return out
 
     def _argv(self, node: _Node, inst: Instance) -> list[str]:
+        # a staged instance of a reload runs the new topology's view of its node
+        topo = self._staging if inst.staged and self._staging is not None else self.topo
+        name = node.cfg.name
+        cfg = topo.node(name) if name in {n.name for n in topo.nodes} else node.cfg
         # --parent-pid: the instance stops (gracefully) when this manager dies, even by kill -9
-        argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", self.topo.fabric.name, "--node", inst.name,
+        argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", topo.fabric.name, "--node", inst.name,
                 "--function", inst.function, "--config", json.dumps(inst.config, separators=(",", ":")),
-                "--batch", str(node.cfg.batch), "--parent-pid", str(os.getpid())]
-        nxt = self._next_instances(node.cfg.name)
+                "--batch", str(cfg.batch), "--parent-pid", str(os.getpid())]
+        in_topo = name in {n.name for n in topo.nodes}
+        nxt = self._next_instances(name, topo, staged=inst.staged) if in_topo else []
         if nxt:
             argv += ["--next", ",".join(nxt)]
-        for target, members in self._port_instances(node.cfg.name).items():
+        ports = self._port_instances(name, topo, staged=inst.staged) if in_topo else {}
+        for target, members in ports.items():
             # the function sees the logical name; frames spread over its instances by flow hash
             argv += ["--port", f"{target}={','.join(members)}"]
-        net = self.topo.network_index(node.cfg.name) if node.cfg.name in {n.name for n in self.topo.nodes} else 0
+        net = topo.network_index(name) if in_topo else 0
         if net:
             argv += ["--network", str(net)]
         return argv
@@ -534,6 +597,7 @@ class Supervisor:
     def _launch(self, node: _Node, inst: Instance, now: float) -> None:
         log = self._log_path(inst.name)
         out = open(log, "ab") if log else subprocess.DEVNULL
+        inst.log_start = out.tell() if log else 0
         with self.lock:  # start() launches without holding it
             if self._spawner is None:
                 self._spawner = _Spawner()
@@ -558,14 +622,19 @@ class Supervisor:
         return k
 
     def _spawn(self, node: _Node, index: int | None, now: float, *, function: str | None = None,
-               config: dict | None = None, version: str | None = None) -> Instance:
+               config: dict | None = None, version: str | None = None, staged: bool = False,
+               topo: Topology | None = None) -> Instance:
         k = index if index is not None else self._free_index(node)
         inst = Instance(instance_name(node.cfg.name, k), node.cfg.name, function or node.function,
                         dict(config if config is not None else node.config),
                         version if version is not None else node.version, k,
-                        RestartTracker(self.topo.restart_of(node.cfg.name)))
+                        RestartTracker((topo or self.topo).restart_of(node.cfg.name)), staged=staged)
         node.instances.append(inst)
-        self._launch(node, inst, now)
+        try:
+            self._launch(node, inst, now)
+        except OSError as exc:
+            node.instances.remove(inst)
+            raise SupervisorError(f"cannot start {inst.name!r} ({inst.function}): {exc}", status=500) from None
         self._event("start", inst.name, f"{inst.function} pid {inst.pid}")
         return inst
 
@@ -580,11 +649,13 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         pending = [i for i in insts if i.state == "starting"]
         while pending:
+            if self.fabric is None:
+                raise SupervisorError("the manager is stopping", status=503)
             for inst in list(pending):
                 rc = inst.proc.poll() if inst.proc else None
                 if rc is not None:
                     inst.state, inst.exit_code = "failed", rc
-                    inst.error = _log_tail(self._log_path(inst.name)) or f"exited with status {rc}"
+                    inst.error = _exit_text(rc, _log_tail(self._log_path(inst.name), start=inst.log_start))
                     raise SupervisorError(f"node {inst.name!r} ({inst.function}) exited with status {rc} at start: "
                                           f"{inst.error}", status=500)
                 if self._ready(inst):
@@ -596,7 +667,9 @@ class Supervisor:
                 names = ", ".join(i.name for i in pending)
                 raise SupervisorError(f"node(s) {names} did not attach within {timeout:g}s; see their logs"
                                       + (f" in {self.log_dir}" if self.log_dir else ""), status=500)
-            time.sleep(0.02)
+            # the lock is released while waiting (fully, however deeply held): status answers meanwhile,
+            # and the loop goes on watching the other instances (it leaves staged ones to this wait)
+            self._cond.wait(0.02)
 
     def _ready(self, inst: Instance) -> bool:
         """Attached and answering control requests: the runtime built its function and reached its loop
@@ -695,13 +768,19 @@ class Supervisor:
     def _scale_to(self, node: _Node, count: int, now: float, reason: str) -> None:
         active = [i for i in node.instances if i.active]
         if count > len(active):
-            new = [self._spawn(node, None, now) for _ in range(count - len(active))]
+            self._room(count - len(active), f"scaling {node.cfg.name} out to {count}")
+            new: list[Instance] = []
             try:
+                for _ in range(count - len(active)):
+                    new.append(self._spawn(node, None, now, staged=True))
                 self._wait_up(new, START_TIMEOUT)
+                for inst in new:
+                    inst.staged = False
                 self._resteer_upstream(node.cfg.name)
             except SupervisorError:
                 self._withdraw(node, new)
                 raise
+            self._drop_dead(node)
             self._event("scale", node.cfg.name, f"out to {count} ({reason})")
         elif count < len(active):
             victims = sorted(active, key=lambda i: i.index)[count:]
@@ -720,15 +799,44 @@ class Supervisor:
             self._event("scale", node.cfg.name, f"in to {count} ({reason})")
         # downstream of this node is unchanged; its own instances got --next at start
 
+    def _room(self, needed: int, what: str) -> None:
+        """Refuse (409) an action that needs `needed` more node table entries than the fabric has free: a
+        replacement runs its new instances next to the old until these drained, so a `max_nodes` that
+        fits every instance the policies allow can still be one replacement short. Says the max_nodes needed."""
+        if needed <= 0 or self.fabric is None:
+            return
+        used = len([e for e in self.fabric.nodes() if e.get("alive")])
+        total = self.topo.fabric.max_nodes
+        if used + needed > total:
+            raise SupervisorError(f"{what} needs {needed} more node(s) in the fabric at once (new instances start "
+                                  f"next to the old ones, which stop once drained), but only {max(0, total - used)} "
+                                  f"of max_nodes {total} are free; set fabric.max_nodes >= {used + needed} in the "
+                                  "config and restart the manager (`shmfabric down`, `up`)", status=409)
+
     def _withdraw(self, node: _Node, new: list[Instance]) -> None:
         """Undo a half-done scale-out or replacement: the new instances leave the group and stop."""
+        steered = any(not i.staged for i in new)  # still staged: no upstream was ever told of them
         for inst in new:
-            inst.state = "stopping"
-        self._try_resteer(node.cfg.name)
+            inst.staged = False
+            if inst.state in ("starting", "running", "backoff"):
+                inst.state = "stopping"
+        if steered:
+            self._try_resteer(node.cfg.name)
         for inst in new:
-            self._stop_instance(inst, drain=True)
+            if inst.state == "stopping":
+                self._stop_instance(inst, drain=True)
+            else:
+                _kill(inst.proc)
+                _reap(inst.proc)
             if inst in node.instances:
                 node.instances.remove(inst)
+
+    @staticmethod
+    def _drop_dead(node: _Node) -> None:
+        """Instances that failed for good (or stopped) leave the list once the node runs new ones: a node
+        an operator brought back is not shown degraded by the dead instance it replaced."""
+        if any(i.active for i in node.instances):
+            node.instances[:] = [i for i in node.instances if i.active or i.state == "stopping"]
 
     def _try_resteer(self, name: str) -> None:
         try:
@@ -745,18 +853,31 @@ class Supervisor:
 
     def scale(self, name: str, instances: int) -> dict:
         """Set a node's instance count by hand (within 1..99); the policy's cooldown restarts."""
-        with self.lock:
+        with self._op_lock, self.lock:
             node = self._node(name)
-            if not isinstance(instances, int) or not 1 <= instances <= 99:
+            if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 99:
                 raise SupervisorError(f"instances must be an integer 1..99, got {instances!r}")
             now = self.clock()
-            self._scale_to(node, instances, now, reason="operator")
+            self._op = {"kind": "scale", "node": name, "since": round(time.time(), 3)}
+            try:
+                self._scale_to(node, instances, now, reason="operator")
+            finally:
+                self._op = None
             node.decider.reset(now)
+            pol = node.decider.policy
+            node.operator = None
+            if not pol.min_instances <= instances <= pol.max_instances:
+                # the operator knows better than the policy for now: the count stands until the next
+                # `scale` or `reload` (which applies the policy's bounds again)
+                node.operator = instances
+                self._event("scale", name, f"operator count {instances} is outside the scale policy's "
+                            f"{pol.min_instances}..{pol.max_instances}: the policy leaves it until the next "
+                            "scale or reload")
             return self._node_status(node)
 
     def reconfigure(self, name: str, config: dict) -> dict:
         """Push a new config to every running instance of `name` (validated first); no restart."""
-        with self.lock:
+        with self._op_lock, self.lock:
             node = self._node(name)
             if not isinstance(config, dict):
                 raise SupervisorError("config must be a JSON object")
@@ -777,8 +898,14 @@ class Supervisor:
                 version: str | None = None) -> dict:
         """Replace every instance of `name` by one running `function`/`config`/`version`, losing no frame:
         start the new instances, re-steer upstream to them, then stop the old ones (each drains its ring)."""
-        with self.lock:
+        with self._op_lock, self.lock:
             node = self._node(name)
+            if function is not None and (not isinstance(function, str) or not function):
+                raise SupervisorError(f"function must be a plugin name (a string), got {function!r}")
+            if version is not None and not isinstance(version, str):
+                raise SupervisorError(f"version must be a string (a label), got {version!r}")
+            if config is not None and not isinstance(config, dict):
+                raise SupervisorError("config must be a JSON object")
             function = function or node.function
             config = dict(node.config if config is None else config)
             self._validate_config(function, config, name)
@@ -786,12 +913,21 @@ class Supervisor:
             if not old:
                 raise SupervisorError(f"node {name!r} has no running instance to replace", status=409)
             now = self.clock()
-            new = [self._spawn(node, None, now, function=function, config=config, version=version) for _ in old]
+            self._room(len(old), f"replacing {name}")
+            self._op = {"kind": "replace", "node": name, "since": round(time.time(), 3)}
+            new: list[Instance] = []
             try:
+                for _ in old:
+                    new.append(self._spawn(node, None, now, function=function, config=config, version=version,
+                                           staged=True))
                 self._wait_up(new, START_TIMEOUT)
             except SupervisorError:
                 self._withdraw(node, new)
+                self._op = None
                 raise
+            self._op = None
+            for inst in new:
+                inst.staged = False
             for inst in old:
                 inst.state = "stopping"
             try:
@@ -813,9 +949,16 @@ class Supervisor:
             return out
 
     def reload(self, topo: Topology, source: str | None = None) -> dict:
-        """Apply a new topology to the running one; returns what changed."""
+        """Apply a new topology to the running one; returns what changed.
+
+        Each node is compared with what it runs now (its function, version, config, batch, ports,
+        network: changed by the API too), not with the file loaded before. Transactional: new nodes,
+        replacements and extra instances start first (staged: in no chain yet) and configs are pushed;
+        only when all of that worked is the new topology committed (upstream re-steered, removed and
+        replaced instances drained and stopped). A failure before the commit stops what was started,
+        puts the configs back and leaves the running topology as it was; the error says what failed."""
         topo = self._pin(topo)
-        with self.lock:
+        with self._op_lock, self.lock:
             old = self.topo
             source = source or self.source
             if topo.fabric != old.fabric:
@@ -826,67 +969,188 @@ class Supervisor:
                     check_functions(topo, source, self._resolve, _read_text(source))
                 except ConfigError as exc:
                     raise SupervisorError(str(exc), status=422) from None
-            changes: dict[str, list[str]] = {"added": [], "removed": [], "reconfigured": [], "replaced": [],
-                                             "scaled": [], "resteered": []}
-            old_names = {n.name for n in old.nodes}
-            new_names = {n.name for n in topo.nodes}
-            old_next = {n: self._next_instances(n) for n in old_names}
-            now = self.clock()
-            # 1. removed nodes leave the chains first: upstream is re-steered away before they stop
-            self.topo = topo
-            for name in sorted(old_names - new_names):
-                for inst in self.nodes[name].instances:
-                    if inst.active:
-                        inst.state = "stopping"
-            # 2. new nodes start, downstream first, so upstream can be pointed at them
-            for name in topo.start_order():
-                if name in new_names - old_names:
-                    cfg = topo.node(name)
-                    node = _Node(cfg, ScaleDecider(topo.scale_of(name)), function=cfg.function,
-                                 config=dict(cfg.config), version=cfg.version)
-                    self.nodes[name] = node
-                    new = [self._spawn(node, k, now) for k in range(1, topo.instances_of(name) + 1)]
-                    self._wait_up(new, START_TIMEOUT)
-                    changes["added"].append(name)
-            # 3. existing nodes: function/version -> replace, config -> reconfigure, policy/instances -> scale
-            for name in sorted(old_names & new_names):
-                a, b = old.node(name), topo.node(name)
-                node = self.nodes[name]
-                node.cfg = b
-                node.decider.policy = topo.scale_of(name)
-                for inst in node.instances:
-                    inst.tracker.policy = topo.restart_of(name)
-                if (a.function, a.version, a.batch, a.ports, a.network) != (b.function, b.version, b.batch,
-                                                                             b.ports, b.network):
-                    self.topo = topo
-                    self.replace(name, b.function, dict(b.config), b.version)
-                    changes["replaced"].append(name)
-                elif a.config != b.config:
-                    self.reconfigure(name, dict(b.config))
+            self._op = {"kind": "reload", "config": source, "since": round(time.time(), 3)}
+            try:
+                return self._reload(old, topo)
+            finally:
+                self._op = None
+                self._staging = None
+
+    def _reload(self, old: Topology, topo: Topology) -> dict:
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "reconfigured": [], "replaced": [],
+                                         "scaled": [], "resteered": []}
+        warnings: list[str] = []
+        new_names = [n.name for n in topo.nodes]
+        running = list(self.nodes)
+        added = [n for n in topo.start_order() if n not in self.nodes]
+        removed = [n for n in running if n not in new_names]
+        kept = [n for n in new_names if n in self.nodes]
+        old_next = {n: self._next_instances(n) for n in running}
+        now = self.clock()
+        # -- plan: what each kept node runs now against what the file says
+        plan: dict[str, dict[str, Any]] = {}
+        for name in kept:
+            node, b = self.nodes[name], topo.node(name)
+            active = [i for i in node.instances if i.active]
+            pol = topo.scale_of(name)
+            try:
+                old_net = old.network_index(name)
+            except (KeyError, ValueError):
+                old_net = None
+            replace = (node.function, node.version, node.cfg.batch, list(node.cfg.ports), old_net) != (
+                b.function, b.version, b.batch, list(b.ports), topo.network_index(name))
+            finished = not active and node.instances and all(i.state == "exited" for i in node.instances)
+            if b.instances != node.cfg.instances:
+                target = topo.instances_of(name)  # the file's count changed: it wins over the policy
+            elif finished and not replace and node.config == b.config:
+                target = 0  # finished (exit 0) and unchanged: a reload does not run it again
+            else:
+                target = min(max(len(active), pol.min_instances), pol.max_instances)
+            plan[name] = {"replace": replace, "reconfigure": not replace and node.config != b.config,
+                          "active": active, "target": target, "new": [], "victims": []}
+        # -- 1. start what is new (staged: no upstream sends to it yet), push changed configs
+        needed = sum(topo.instances_of(n) for n in added)
+        needed += sum(max(p["target"], 1) if p["replace"] else max(0, p["target"] - len(p["active"]))
+                      for p in plan.values())
+        self._room(needed, "this reload")
+        self._staging = topo
+        started: list[tuple[_Node, Instance]] = []
+        new_nodes: list[str] = []
+        pushed: list[tuple[Instance, dict]] = []  # (instance, the config it ran before)
+        try:
+            for name in added:
+                cfg = topo.node(name)
+                node = _Node(cfg, ScaleDecider(topo.scale_of(name)), function=cfg.function,
+                             config=dict(cfg.config), version=cfg.version)
+                self.nodes[name] = node
+                new_nodes.append(name)
+                for k in range(1, topo.instances_of(name) + 1):
+                    started.append((node, self._spawn(node, k, now, staged=True, topo=topo)))
+            for name, p in plan.items():
+                node, b = self.nodes[name], topo.node(name)
+                if p["replace"]:
+                    count = max(p["target"], 1)
+                    for _ in range(count):
+                        inst = self._spawn(node, None, now, function=b.function, config=dict(b.config),
+                                           version=b.version, staged=True, topo=topo)
+                        p["new"].append(inst)
+                        started.append((node, inst))
+                elif p["target"] > len(p["active"]):
+                    for _ in range(p["target"] - len(p["active"])):
+                        inst = self._spawn(node, None, now, config=dict(b.config), staged=True, topo=topo)
+                        p["new"].append(inst)
+                        started.append((node, inst))
+            self._wait_up([i for _, i in started], START_TIMEOUT)
+            for name, p in plan.items():
+                if not p["reconfigure"]:
+                    continue
+                node, b = self.nodes[name], topo.node(name)
+                for inst in p["active"]:
+                    if inst.state != "running":
+                        continue
+                    before = dict(inst.config)
+                    reply = self._request(inst.name, {"op": "reconfigure", "config": dict(b.config)})
+                    if not reply.get("ok"):
+                        raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+                    pushed.append((inst, before))
+        except Exception as exc:  # a SupervisorError, or a bug: either way nothing may stay half-applied
+            self._staging = None
+            for inst, before in pushed:
+                try:
+                    self._request(inst.name, {"op": "reconfigure", "config": before})
+                except SupervisorError:
+                    pass
+            for name in {n.cfg.name for n, _ in started}:
+                self._withdraw(self.nodes[name], [i for n, i in started if n.cfg.name == name])
+            for name in new_nodes:
+                self.nodes.pop(name, None)
+            self._event("reload-failed", "", f"{exc}; nothing changed")
+            why = str(exc) if isinstance(exc, SupervisorError) else f"{type(exc).__name__}: {exc}"
+            raise SupervisorError(f"reload failed, the running topology is unchanged: {why}",
+                                  status=getattr(exc, "status", 500)) from None
+        # -- 2. commit: the new topology; what leaves is out of every group before upstream is re-steered
+        self.topo = topo
+        self._staging = None
+        leaving: list[Instance] = []
+        for _, inst in started:
+            inst.staged = False
+        for name in removed:
+            for inst in self.nodes[name].instances:
+                if inst.active:
+                    inst.state = "stopping"
+                    leaving.append(inst)
+        for name, p in plan.items():
+            node, b = self.nodes[name], topo.node(name)
+            node.cfg = b
+            node.decider.policy = topo.scale_of(name)
+            node.operator = None  # a reload applies the policy's bounds again
+            for inst in node.instances:
+                inst.tracker.policy = topo.restart_of(name)
+            if p["replace"]:
+                victims = p["active"]
+                node.function, node.config, node.version = b.function, dict(b.config), b.version
+                changes["replaced"].append(name)
+            else:
+                victims = sorted(p["active"], key=lambda i: i.index)[p["target"]:] if p["target"] < len(p["active"]) else []
+                if p["reconfigure"]:
+                    node.config = dict(b.config)
+                    for inst in node.instances:
+                        inst.config = dict(b.config)
                     changes["reconfigured"].append(name)
-                active = len([i for i in node.instances if i.active])
-                pol = topo.scale_of(name)
-                if b.instances != a.instances:
-                    target = topo.instances_of(name)  # the file's count changed: it wins over the policy
-                else:
-                    target = min(max(active, pol.min_instances), pol.max_instances)
-                if target != active:
-                    self._scale_to(node, target, now, reason="reload")
-                    changes["scaled"].append(f"{name}={target}")
-            # 4. every node whose next group changed is re-steered (covers chain edits and removals)
-            for name in topo.start_order():
-                if name in old_names and self._next_instances(name) != old_next.get(name):
-                    self._set_next(self.nodes[name])
-                    changes["resteered"].append(name)
-            # 5. removed nodes drain and stop, sources first
-            for name in reversed(old.start_order()):
-                if name in old_names - new_names:
-                    for inst in list(self.nodes[name].instances):
-                        self._stop_instance(inst, drain=True)
-                    del self.nodes[name]
-                    changes["removed"].append(name)
-            self._event("reload", "", json.dumps({k: v for k, v in changes.items() if v}))
-            return changes
+            for v in victims:
+                v.state = "stopping"
+                leaving.append(v)
+            p["victims"] = victims
+            after = len([i for i in node.instances if i.active])
+            if after != len(p["active"]) and p["target"] != len(p["active"]) and p["target"]:
+                changes["scaled"].append(f"{name}={after}")
+            if p["new"]:
+                self._drop_dead(node)
+        changes["added"] = list(new_nodes)
+        # every node is told its group once (new ones too: they started with the staged view)
+        for name in topo.start_order():
+            node = self.nodes[name]
+            if name in removed:
+                continue
+            try:
+                changed = name in new_nodes or self._next_instances(name) != old_next.get(name) or any(
+                    plan.get(t, {}).get("new") or plan.get(t, {}).get("victims") for t in node.cfg.ports)
+                if changed:
+                    self._set_next(node)
+                    if name not in new_nodes:
+                        changes["resteered"].append(name)
+            except SupervisorError as exc:
+                warnings.append(f"re-steering {name} failed: {exc}")
+                self._event("error", name, f"re-steering failed: {exc}")
+        # -- 3. what left drains and stops, sources first
+        order = list(reversed(old.start_order()))
+        leaving.sort(key=lambda i: order.index(i.node) if i.node in order else len(order))
+        for inst in leaving:
+            self._stop_instance(inst, drain=True)
+            node = self.nodes.get(inst.node)
+            if node is not None and inst in node.instances:
+                node.instances.remove(inst)
+        for name in removed:
+            del self.nodes[name]
+            changes["removed"].append(name)
+        warnings += self._reload_warnings(old, topo)
+        if old.poll_interval != topo.poll_interval:
+            changes["settings"] = [f"poll_interval {old.poll_interval:g}s -> {topo.poll_interval:g}s"]
+        self._event("reload", "", json.dumps({k: v for k, v in changes.items() if v}))
+        for w in warnings:
+            self._event("warning", "", w)
+        if warnings:
+            changes["warnings"] = warnings
+        return changes
+
+    def _reload_warnings(self, old: Topology, topo: Topology) -> list[str]:
+        """What a reload does not apply: the API and metrics listeners."""
+        out = []
+        for key in ("api", "metrics"):
+            if getattr(old, key) != getattr(topo, key):
+                out.append(f"`{key}:` changed ({getattr(old, key)} -> {getattr(topo, key)}); the listener is not "
+                           "moved by a reload: restart the manager (`shmfabric down`, `up`) to apply it")
+        return out
 
     def _pin(self, topo: Topology) -> Topology:
         """`topo` with the values the command line set over the file (see `pinned`)."""
@@ -926,8 +1190,9 @@ class Supervisor:
             try:
                 model.model_validate(config)
             except ValidationError as exc:
-                lines = [f"{name}.config.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-                raise SupervisorError("invalid config: " + "; ".join(lines), status=422) from None
+                from shmfabric.functions.api import config_error_text
+
+                raise SupervisorError("invalid config: " + config_error_text(exc, f"{name}.config"), status=422) from None
 
     # -- views -----------------------------------------------------------------------------------
     def _inst_status(self, inst: Instance) -> dict:
@@ -956,13 +1221,16 @@ class Supervisor:
         pol = node.decider.policy
         return {"name": node.cfg.name, "function": node.function, "version": node.version, "config": node.config,
                 "next": self.topo.next_of(node.cfg.name), "instances": insts, "queue_depth": node.depth,
-                "scale": {"min_instances": pol.min_instances, "max_instances": pol.max_instances},
+                "scale": {"min_instances": pol.min_instances, "max_instances": pol.max_instances,
+                          "operator_count": node.operator},
                 "state": _overall([i["state"] for i in insts])}
 
     def status(self) -> dict:
         """Everything `shmfabric status --json` prints; stable field names."""
         with self.lock:
-            nodes = [self._node_status(self.nodes[n.name]) for n in self.topo.nodes if n.name in self.nodes]
+            names = [n.name for n in self.topo.nodes if n.name in self.nodes]
+            names += [n for n in self.nodes if n not in names]  # being added or removed by a reload
+            nodes = [self._node_status(self.nodes[n]) for n in names]
             by_name = {n["name"]: n for n in nodes}
             chains = []
             for c in self.topo.chains:
@@ -979,7 +1247,9 @@ class Supervisor:
                     "running": self.started, "uptime": round(time.time() - self.started_wall, 3),
                     "clock": self.clock(), "sampled_at": self._sampled_at, "poll_interval": self.topo.poll_interval,
                     "nodes": nodes, "chains": chains, "rings": list(self._rings), "pools": list(self._pools),
-                    "events": list(self.events)[-30:]}
+                    "events": list(self.events)[-30:],
+                    # the operator action under way (reload, replace, scale), or None
+                    "operation": dict(self._op) if self._op else None}
 
     def node_status(self, name: str) -> dict:
         with self.lock:
@@ -1023,13 +1293,26 @@ def _kill(proc: subprocess.Popen | None) -> None:
             pass
 
 
-def _log_tail(path: Path | None, lines: int = 3) -> str | None:
+def _exit_text(rc: int, tail: str | None) -> str:
+    """Why an instance ended: the signal that killed it (its log says nothing then), else its log's
+    last lines of this run, else its status."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"killed by {name}" + (f" (last output: {tail})" if tail else "")
+    return tail or f"exited with status {rc}"
+
+
+def _log_tail(path: Path | None, lines: int = 3, start: int = 0) -> str | None:
+    """The last lines of a log written since offset `start` (one run's output)."""
     if path is None:
         return None
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
+            f.seek(max(start, f.tell() - 4096))
             text = f.read().decode(errors="replace")
     except OSError:
         return None

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shmfabric.core.errors import CoreError
 from shmfabric.core.native import LAYOUT as L
 from shmfabric.core.region import FabricConfig, MappedRegion, NetworkSpec
 from shmfabric.fabric import (
@@ -238,7 +239,14 @@ def test_random_superblock_corruption_never_crashes(tmp_path, pristine, data):
         return
     try:
         # if it opened, using it must be safe
-        a, b = fab.attach("a"), fab.attach("b")
+        try:
+            a = fab.attach("a")
+        except CoreError as e:
+            # bytes of the pool lock's robust mutex flipped: it looks held by someone, and attach
+            # says so after its 5 s wait (a pthread mutex's inner state cannot be validated)
+            assert "pool lock was held" in str(e)
+            return
+        b = fab.attach("b")
         a.send(b.id, b"still works")
         with b.recv_batch(timeout=0) as bt:
             assert [f.tobytes() for f in bt] == [b"still works"]

@@ -570,6 +570,42 @@ def role_reclaim_and_die(fabric: str, victim: str) -> int:
     return 0
 
 
+def role_wait_reclaimed(fabric: str, name: str, mode: str, how: str) -> int:
+    """Attach, then wait on the node for ever (`how`: recv = recv_batch(timeout=inf), wait =
+    wait(inf), notifier = the fileno() wake-up thread) and report how the wait ended. The test
+    stops this process meanwhile, reclaims the node and lets another take its id."""
+    import select
+
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    me.set_wait_mode(mode)
+    while True:  # nothing pending (the test's hellos), so the wait below really waits
+        b = me._port.recv_batch(1024, 0)
+        n, ctl = len(b), b.control
+        b.release()
+        if not n and ctl is None:
+            break
+    fd = me._port.fileno() if how == "notifier" else None
+    out({"id": me.id, "gen": me._gen})
+    res: dict = {}
+    try:
+        if how == "recv":
+            with me._port.recv_batch(64, float("inf")) as b:
+                res["got"] = [f.tobytes().decode() for f in b]
+        elif how == "wait":
+            res["got"] = me._port.wait(float("inf"))
+        else:
+            sys.stdin.readline()  # the test has looked at the entry after the resume
+            res["readable"] = bool(select.select([fd], [], [], 2.0)[0])
+            with me._port.recv_batch(64, 0) as b:
+                res["got"] = [f.tobytes().decode() for f in b]
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        res["error"] = type(e).__name__
+    out(res)
+    sys.stdin.read()
+    return 0
+
+
 ROLES = {
     "hold_tape_lock": (role_hold_tape_lock, (str,)),
     "reclaim_and_die": (role_reclaim_and_die, (str, str)),
@@ -593,6 +629,7 @@ ROLES = {
     "attach_hold": (role_attach_hold, (str, str)),
     "hold_pool_lock": (role_hold_pool_lock, (str,)),
     "open": (role_open, (str,)),
+    "wait_reclaimed": (role_wait_reclaimed, (str, str, str, str)),
 }
 
 

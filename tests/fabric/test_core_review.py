@@ -423,3 +423,223 @@ def test_a_node_reclaimed_while_stopped_finds_out_and_never_uses_its_old_slots(h
     del y_bufs
     y.detach(), z.detach()
     assert_all_free(fab)
+
+
+# -- second review: a wait that outlives its node, detach and close half-way, interrupts ------------
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+@pytest.mark.parametrize("mode,how", [("block", "recv"), ("poll", "recv"), ("adaptive", "recv"), ("block", "wait"),
+                                      ("poll", "wait"), ("block", "notifier")])
+def test_a_waiter_whose_node_is_reclaimed_while_stopped_leaves_the_next_node_alone(harness, mode, how):
+    # A process waiting on node x is stopped; x is reclaimed (as a peer's watchdog does when only
+    # the heartbeat tells, across pid namespaces), y attaches on the same id and z sends to y.
+    # Resumed, the waiter took y's frame (y got nothing), and its count left y's `waiting` at
+    # 2^32 - 1 (so every send to y rang the doorbell for ever); the notifier thread went on
+    # reading y's rings.
+    fab = harness.create("waitrecl", max_nodes=4, networks=[{"mtu": 1500, "slots": 256}])
+    z = fab.attach("z")  # first: its hello would end the worker's wait
+    w = harness.worker("wait_reclaimed", fab.name, "x", mode, how)
+    info = w.read()
+    if mode != "poll":  # asleep on the doorbell (a poller never counts itself)
+        assert wait_until(lambda: fab.region.node_entry(info["id"])["waiting"] == 1, 5)
+    time.sleep(0.2)
+    os.kill(w.pid, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: _stopped(w.pid), 5)
+        assert fab.region.core.reclaim(info["id"], native.NODE_UP, info["gen"]) >= 0
+        y = fab.attach("y")
+        assert y.id == info["id"]
+        assert z.send(y.id, b"for y only")
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+    if how == "notifier":
+        time.sleep(0.5)  # its 0.1 s slice ends: it must leave y's entry alone
+        assert fab.region.node_entry(y.id)["waiting"] == 0
+        w.write("go")
+    res = w.read()
+    assert res == {"error": "NodeReclaimedError"} or (how == "notifier" and res.get("error") == "NodeReclaimedError"), res
+    if how == "notifier":
+        assert res["readable"]  # the wake-up thread left, and said so through the fd
+    assert fab.region.node_entry(y.id)["waiting"] == 0
+    assert y.recv(timeout=2)[2] == b"for y only"
+    assert fab.region.node_entry(y.id)["waiting"] == 0
+    w.kill9()
+    y.detach(), z.detach()
+    assert_all_free(fab)
+
+
+@pytest.mark.parametrize("how", ["recv_batch", "wait"])
+def test_a_thread_waiting_when_its_node_is_reclaimed_is_refused_and_detach_waits_for_it(fab, how):
+    # the same in one process (the waiter wakes at the end of a slice, or at the doorbell a
+    # refusal in another thread rings); the detach of the reclaimed node returns once it left
+    x, z = fab.attach("x"), fab.attach("z")
+    x.set_wait_mode("block")
+    drain(x)
+    res = {}
+
+    def rx() -> None:
+        try:
+            if how == "recv_batch":
+                res["got"] = [f.tobytes() for f in x._port.recv_batch(64, math.inf)]
+            else:
+                res["got"] = x._port.wait(math.inf)
+        except FabricError as e:
+            res["error"] = e
+
+    th = threading.Thread(target=rx)
+    th.start()
+    assert wait_until(lambda: fab.region.node_entry(x.id)["waiting"] == 1, 5)
+    assert fab.region.core.reclaim(x.id, native.NODE_UP, x._gen) >= 0
+    y = fab.attach("y")
+    assert y.id == x.id
+    assert z.send(y.id, b"for y only")
+    th.join(timeout=5)
+    assert not th.is_alive()
+    assert isinstance(res.get("error"), NodeReclaimedError), res
+    assert fab.region.node_entry(y.id)["waiting"] == 0
+    assert y.recv(timeout=2)[2] == b"for y only"
+    # a second waiter, then the reclaim is found by another call: the detach waits for it
+    x2, x2_gen = fab.attach("x2"), None
+    x2.set_wait_mode("block")
+    x2_gen = x2._gen
+    drain(x2)
+    th2 = threading.Thread(target=lambda: res.update(e2=pytest.raises(NodeReclaimedError, x2._port.recv_batch, 8, 30.0)))
+    th2.start()
+    assert wait_until(lambda: fab.region.node_entry(x2.id)["waiting"] == 1, 5)
+    assert fab.region.core.reclaim(x2.id, native.NODE_UP, x2_gen) >= 0
+    with pytest.raises(NodeReclaimedError):
+        x2.send(z.id, b"x")
+    t0 = time.monotonic()
+    x2.detach()
+    th2.join(timeout=5)
+    assert not th2.is_alive() and time.monotonic() - t0 < 1.0
+    assert fab.region.node_entry(x2.id)["waiting"] == 0
+    x.detach(), y.detach(), z.detach()
+    assert_all_free(fab)
+
+
+def test_a_view_taken_while_detach_writes_its_bye_cannot_stop_the_detach_half_way(harness):
+    # detach checked for views, left the node table and wrote BYE (waiting for the tape lock
+    # without the GIL); a view taken meanwhile made the close refuse: BufferError, the node
+    # half-detached, unknown to the watchdog and never reclaimed
+    fab = harness.create("detrace", max_nodes=4, networks=[{"mtu": 1500, "slots": 256}])
+    a, b = fab.attach("a"), fab.attach("b")
+    h = harness.worker("hold_tape_lock", fab.name)
+    assert h.read()["locked"] == 0  # the BYE waits ANNOUNCE_LOCK_WAIT for it
+    buf = a.alloc()
+    got = {}
+
+    def grab() -> None:
+        time.sleep(0.05)
+        try:
+            got["view"] = memoryview(buf)
+        except ReleasedFrameError as e:
+            got["error"] = e
+
+    th = threading.Thread(target=grab)
+    th.start()
+    with pytest.warns(RuntimeWarning, match="did not announce"):
+        a.detach()
+    th.join()
+    assert "error" in got, got  # the view is refused once the detach is under way
+    assert fab.node_id("a") is None and a.id not in fab._nodes
+    del buf
+    h.kill9()
+    b.detach()
+    assert_all_free(fab)
+
+
+def test_fabric_close_detaches_every_node_it_can_and_names_the_ones_left(harness):
+    # close stopped at the first node with a view: the nodes after it stayed attached; now they
+    # are detached, and the one left keeps its heartbeat until a second close
+    fab = harness.create("closeviews", max_nodes=4, networks=[{"mtu": 1500, "slots": 256}])
+    a, b, c = fab.attach("a"), fab.attach("b"), fab.attach("c")
+    buf = b.alloc()
+    mv = memoryview(buf)
+    with pytest.raises(BufferError, match="'b'"):
+        fab.close()
+    assert [n["name"] for n in fab.nodes()] == ["b"]
+    assert fab._watchdog._thread.is_alive()
+    beat = fab.region.node_entry(b.id)["heartbeat_ns"]
+    assert wait_until(lambda: fab.region.node_entry(b.id)["heartbeat_ns"] > beat, 5)
+    mv.release()
+    del buf
+    region = fab.region
+    fab.close()
+    assert fab._region is None and not fab._watchdog._thread.is_alive()
+    f2 = harness.create("closeviews2")  # (the first one's file is gone with the harness)
+    f2.close()
+    del region
+
+
+def test_a_tape_lock_wait_is_interrupted_by_a_signal(harness):
+    fab = harness.create("tapesig", max_nodes=4, networks=[{"mtu": 1500, "slots": 256}])
+    a = fab.attach("a")
+    h = harness.worker("hold_tape_lock", fab.name)
+    assert h.read()["locked"] == 0
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            a._port.tape_send(0, b"\xff" * 6 + a.mac + b"\x88\xb5" + b"x", 0, 10.0)
+        assert time.monotonic() - t0 < 2.0  # not the 10 s of the lock timeout
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    h.kill9()
+    a.broadcast(b"after")  # the lock comes back EOWNERDEAD: consistent, usable
+
+
+@pytest.mark.parametrize("mode", ["poll", "block", "adaptive"])
+def test_timeout_none_returns_after_one_quiet_slice_in_every_wait_mode(fab, mode):
+    # in poll mode recv_batch(timeout=None) and wait(None) spun for ever (no signal was seen)
+    a, b = fab.attach("a"), fab.attach("b")
+    a.set_wait_mode(mode)
+    drain(a)
+    for call in (lambda: len(a._port.recv_batch(8, None)), lambda: a._port.wait(None)):
+        res = {}
+        th = threading.Thread(target=lambda: res.update(r=call()))
+        t0 = time.monotonic()
+        th.start()
+        th.join(timeout=3)
+        if th.is_alive():  # unblock it (a frame ends a poll), then fail
+            b.send(a.id, b"x")
+            th.join(timeout=5)
+            pytest.fail(f"{mode}: a wait with timeout=None did not return")
+        assert res["r"] in (0, False) and time.monotonic() - t0 < 1.5
+
+
+def test_bools_are_not_ints_and_a_huge_int_timeout_is_infinite(fab):
+    a, b = fab.attach("a"), fab.attach("b")
+    frame = b"\xff" * 6 + a.mac + b"\x88\xb5" + b"x"
+    with pytest.raises(TypeError, match="tape"):
+        a._port.tape_send(True, frame)  # wrote to tape 1
+    with pytest.raises(TypeError, match="flags"):
+        a._port.tape_send(0, frame, True)
+    with pytest.raises(TypeError, match="ethertype"):
+        a.send(b.id, b"x", ethertype=True)
+    with pytest.raises(TypeError, match="destination"):
+        a.send(True, b"x")
+    with pytest.raises(ValueError, match="3600"):
+        a._port.tape_send(0, frame, 0, 10**400)
+    drain(a)
+    t = threading.Timer(0.3, lambda: b.send(a.id, b"late"))
+    t.start()
+    with a.recv_batch(16, timeout=10**400) as bt:  # OverflowError before
+        assert [f.tobytes() for f in bt] == [b"late"]
+    t.join()
+    with a.recv_batch(16, timeout=-(10**400)) as bt:
+        assert len(bt) == 0

@@ -61,7 +61,7 @@ static PyObject *NodeReclaimedError;
  * range-checked here, with an error that names the argument. */
 static int parse_uint_arg(PyObject *o, unsigned long long max, const char *what, unsigned long long *out)
 {
-    if (!PyLong_Check(o)) {
+    if (!PyLong_Check(o) || PyBool_Check(o)) { /* True is an int: tape_send(True, ...) wrote to tape 1 */
         PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(o)->tp_name);
         return 0;
     }
@@ -130,7 +130,7 @@ static int conv_code(PyObject *o, void *out)
 }
 static int conv_dst(PyObject *o, void *out)
 {
-    if (!PyLong_Check(o)) {
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
         PyErr_Format(PyExc_TypeError, "destination must be a node id (int), not %.100s", Py_TYPE(o)->tp_name);
         return 0;
     }
@@ -645,7 +645,9 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
         nd->heartbeat_ns = now_ns();
         memset(nd->name, 0, SF_NAME_LEN);
         memcpy(nd->name, name, name_len < SF_NAME_LEN - 1 ? name_len : SF_NAME_LEN - 1);
-        nd->waiting = 0;
+        /* no thread of ours waits yet; the tag makes a late thread of an earlier incarnation
+         * (stopped while it waited, reclaimed, resumed now) unable to move the count */
+        STORE_RELAXED(&nd->waiting, (uint32_t)(nd->gen << 16));
         nd->tx_frames = nd->tx_bytes = nd->rx_frames = nd->rx_bytes = 0;
         nd->tx_ring_full = nd->tx_drops = nd->rx_lapped = nd->tape_rx = nd->tape_tx = nd->wakeups = nd->tx_nobuf = 0;
         memset(nd->cached, 0, sizeof nd->cached);
@@ -907,7 +909,7 @@ static PyTypeObject Region_Type = {
 static inline void ring_doorbell(sf_node *nd)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F1 pairs with F2 */
-    if (LOAD_RELAXED(&nd->waiting)) {
+    if (LOAD_RELAXED(&nd->waiting) & SF_WAITING_COUNT) {
         __atomic_fetch_add(&nd->doorbell, 1, __ATOMIC_RELEASE);
         futex_wake(&nd->doorbell, INT_MAX);
     }
@@ -960,7 +962,9 @@ typedef struct {
      * reclaimed, so none of them ever touches the entry of a later incarnation. */
     uint32_t inflight;
     uint64_t state_gen;     /* our entry's state_gen while it is ours: UP | gen << 32 */
+    uint32_t wait_tag;      /* our incarnation's tag in the entry's `waiting` word (gen << 16) */
     Py_ssize_t exports;     /* memoryviews of this port's buffers and frames alive (detach waits) */
+    int sealed;             /* a detach is under way: no new memoryview (seal(), then close()) */
     uint64_t mcast_valid;   /* bits of the multicast groups that exist (1 << n_mcast) - 1 */
 } PortObject;
 
@@ -986,14 +990,53 @@ static inline int port_foreign(const PortObject *p) { return p->fork_gen != fork
  * CAS, so what we do next is ordered after seeing it. */
 static inline int port_alive(const PortObject *p) { return LOAD_ACQUIRE(&p->me->state_gen) == p->state_gen; }
 
-/* The entry was reclaimed under us: forget the cached slots without giving them back (the
- * reclaim's owner scan already freed them, and others may hold them now) and close. */
+/* For a thread that waits without the GIL: the port is closing, or its entry is not ours any
+ * more. Checked after every wake-up, before the entry or its rings are used again. */
+static inline int port_gone(const PortObject *p) { return LOAD_ACQUIRE(&p->closing) || !port_alive(p); }
+
+/* The entry was reclaimed under us (called with the GIL): forget the cached slots without giving
+ * them back (the reclaim's owner scan already freed them, and others may hold them now) and
+ * close (closed = 2: later calls raise NodeReclaimedError). Our threads asleep on the doorbell are
+ * woken so they see it now, not at the end of their slice (the doorbell may be another
+ * incarnation's by now: it gets a spurious wake-up, which it checks and ignores). */
 static void __attribute__((cold)) port_mark_reclaimed(PortObject *p)
 {
     for (int i = 0; i < SF_MAX_NETWORKS; i++)
         p->ncache[i] = 0;
     STORE_RELEASE(&p->closing, 1);
-    p->closed = 1;
+    p->closed = 2;
+    if (LOAD_ACQUIRE(&p->inflight) || p->notifier_on) {
+        __atomic_fetch_add(&p->me->doorbell, 1, __ATOMIC_RELEASE);
+        futex_wake(&p->me->doorbell, INT_MAX);
+    }
+}
+
+/* Count this thread in the entry's `waiting` (it may sleep on the doorbell), or not: 0 if the word
+ * no longer carries our incarnation's tag (the entry was claimed again after a reclaim: its count
+ * is another node's) or the count is full. One CAS, so the check and the change are one step:
+ * a thread stopped between them and resumed after a new claim finds the word changed and
+ * retries against the new tag, which never matches. Relaxed, as the fetch_add it replaces: the
+ * caller's fence F2 orders it before its look at the rings. */
+static inline int waiting_enter(PortObject *p)
+{
+    uint32_t w = LOAD_RELAXED(&p->me->waiting);
+    do {
+        if ((w & ~SF_WAITING_COUNT) != p->wait_tag || (w & SF_WAITING_COUNT) == SF_WAITING_COUNT)
+            return 0;
+    } while (!__atomic_compare_exchange_n(&p->me->waiting, &w, w + 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return 1;
+}
+
+/* Undo waiting_enter, only on our incarnation's count (never below zero). Between a reclaim and
+ * the next claim the word still has our tag: a decrement then is harmless (the claim rewrites
+ * the word). */
+static inline void waiting_leave(PortObject *p)
+{
+    uint32_t w = LOAD_RELAXED(&p->me->waiting);
+    do {
+        if ((w & ~SF_WAITING_COUNT) != p->wait_tag || !(w & SF_WAITING_COUNT))
+            return;
+    } while (!__atomic_compare_exchange_n(&p->me->waiting, &w, w - 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
 }
 
 static inline sf_network *port_net(PortObject *p, uint32_t pool) { return net_at(&p->r, pool); }
@@ -1132,6 +1175,7 @@ static int Port_init(PortObject *self, PyObject *args, PyObject *kw)
     }
     self->tag = sf_owner_tag(index, self->me->gen);
     self->state_gen = ((uint64_t)self->me->gen << 32) | SF_NODE_UP;
+    self->wait_tag = (uint32_t)(self->me->gen << 16);
     /* n_mcast is at most 64 (validated when the region was opened); the bits past it name
      * tapes that do not exist, and tape_cursor has no room for them */
     self->mcast_valid = self->r.sb->n_mcast >= 64 ? ~0ull : (1ull << self->r.sb->n_mcast) - 1;
@@ -1169,21 +1213,20 @@ static void port_stop_notifier(PortObject *p);
 /* Give every cached slot back; called on close (with the GIL held). */
 static void port_close(PortObject *p)
 {
-    if (p->closed) {
-        port_stop_notifier(p); /* (a reclaimed port may still have it running) */
-        return;
-    }
     STORE_RELEASE(&p->closing, 1);
     if (port_foreign(p)) { /* an inherited handle: the slots in its cache are the parent's */
         port_stop_notifier(p);
-        p->closed = 1;
+        if (!p->closed)
+            p->closed = 1;
         return;
     }
     /* Threads of ours blocked in a receive or a tape lock: wake them (they watch `closing`) and
      * wait until they have left, so that none of them touches the entry (its `waiting` count,
      * a counter) after the reclaim that follows a detach, when another node may own it. Each
      * leaves within a few microseconds of the wake-up: port_wait checks `closing` before and
-     * after every sleep, a tape lock waits in slices of TAPE_SLICE_NS. */
+     * after every sleep, a tape lock waits in slices of TAPE_SLICE_NS. A port already closed
+     * because its entry was reclaimed under it (closed == 2) waits for them too: when close
+     * returns, no thread of ours is inside the port any more. */
     if (LOAD_ACQUIRE(&p->inflight)) {
         Py_BEGIN_ALLOW_THREADS
         while (LOAD_ACQUIRE(&p->inflight)) { /* pairs with the waiter's release decrement */
@@ -1195,9 +1238,10 @@ static void port_close(PortObject *p)
         Py_END_ALLOW_THREADS
     }
     port_stop_notifier(p);
+    if (p->closed)
+        return;
     if (!port_alive(p)) { /* reclaimed while we were away: the cached slots are not ours */
         port_mark_reclaimed(p);
-        p->closed = 2;
         return;
     }
     for (uint32_t i = 0; i < p->r.sb->n_networks && i < SF_MAX_NETWORKS; i++)
@@ -1228,8 +1272,7 @@ static void __attribute__((noinline, cold)) port_refuse(PortObject *p)
     } else if (port_foreign(p)) {
         PyErr_SetString(FabricError, FORKED_MSG);
     } else { /* reclaimed: see port_alive */
-        port_mark_reclaimed(p);
-        p->closed = 2; /* remembered, so later calls say why too */
+        port_mark_reclaimed(p); /* remembered (closed = 2), so later calls say why too */
         port_stop_notifier(p);
         PyErr_SetString(NodeReclaimedError, RECLAIMED_MSG);
     }
@@ -1251,7 +1294,6 @@ static inline int port_usable(PortObject *p)
         return 0;
     if (__builtin_expect(!port_alive(p), 0)) {
         port_mark_reclaimed(p);
-        p->closed = 2;
         return 0;
     }
     return 1;
@@ -1670,18 +1712,28 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
     }
 }
 
-/* Block (GIL released) until something may be waiting, the deadline passes or the port is
- * closing (another thread detaches the node: port_close rings our doorbell and waits for us to
- * leave, see `inflight`). The caller counts itself in `inflight` around this. */
+/* Each sleep is at most this long, so signals, a detach by another thread and liveness changes
+ * are noticed within it. timeout=None means one such slice. */
+#define WAIT_SLICE_NS 200000000LL
+
+/* Block (GIL released) until something may be waiting, `timeout_ns` (at most a slice; the
+ * callers cut longer waits into slices) passes, the port is closing (another thread detaches
+ * the node: port_close rings our doorbell and waits for us to leave, see `inflight`) or our
+ * entry is not ours any more (reclaimed while this process was stopped: a sleeper resumed then
+ * must not count itself out of, or read the rings of, the node that took the id since). The
+ * caller counts itself in `inflight` around this, and checks port_gone before it reads the
+ * rings (fill_batch). */
 static void port_wait(PortObject *p, int64_t timeout_ns)
 {
-    uint64_t deadline = timeout_ns < 0 ? UINT64_MAX : now_ns() + (uint64_t)timeout_ns;
+    if (timeout_ns < 0 || timeout_ns > WAIT_SLICE_NS)
+        timeout_ns = WAIT_SLICE_NS;
+    uint64_t deadline = now_ns() + (uint64_t)timeout_ns;
     if (p->wait_mode != WAIT_BLOCK) {
         uint64_t spin_end = p->wait_mode == WAIT_POLL ? deadline : now_ns() + (uint64_t)p->spin_ns;
         if (spin_end > deadline)
             spin_end = deadline;
         do {
-            if (inbound_pending(p) || LOAD_ACQUIRE(&p->closing))
+            if (port_gone(p) || inbound_pending(p))
                 return;
             for (int i = 0; i < 16; i++)
                 CPU_RELAX();
@@ -1691,28 +1743,32 @@ static void port_wait(PortObject *p, int64_t timeout_ns)
     }
     sf_node *me = p->me;
     /* `waiting` counts the node's threads that may sleep on its doorbell (a blocking receive and
-     * the fileno() notifier can both); each counts itself only while it may sleep. */
-    __atomic_fetch_add(&me->waiting, 1, __ATOMIC_RELAXED);
+     * the fileno() notifier can both); each counts itself only while it may sleep, and only in
+     * its own incarnation's count (waiting_enter) */
+    if (!waiting_enter(p)) {
+        if (!port_gone(p)) { /* 65535 sleepers already (absurd): nap instead of sleeping on the doorbell */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        return;
+    }
     for (;;) {
         uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1: `waiting` before the check */
-        /* `closing` is read after the doorbell: port_close sets it before it bumps the doorbell,
-         * so either we see it here or the futex_wait below returns at once */
-        if (inbound_pending(p) || LOAD_ACQUIRE(&p->closing))
+        /* `closing` is read after the doorbell: port_close (and port_mark_reclaimed) set it before
+         * they bump the doorbell, so either we see it here or the futex_wait below returns at once.
+         * A reclaim rings nobody: a sleeper stopped with the process sees it at its next wake-up
+         * (a doorbell, or the end of the slice), before it reads anything. */
+        if (port_gone(p) || inbound_pending(p))
             break;
         uint64_t now = now_ns();
         if (now >= deadline)
             break;
-        /* sleep in slices so a liveness change (a peer reclaimed) is never missed for long */
-        int64_t left = deadline == UINT64_MAX ? 200000000 : (int64_t)(deadline - now);
-        if (left > 200000000)
-            left = 200000000;
-        futex_wait(&me->doorbell, seq, left);
-        STORE_RELAXED(&me->wakeups, me->wakeups + 1);
-        if (deadline == UINT64_MAX && LOAD_ACQUIRE(&me->doorbell) == seq && !inbound_pending(p))
-            break; /* a quiet slice: return empty so Python can check signals */
+        futex_wait(&me->doorbell, seq, (int64_t)(deadline - now));
+        if (port_alive(p)) /* the counter is our incarnation's only while it is alive */
+            STORE_RELAXED(&me->wakeups, me->wakeups + 1);
     }
-    __atomic_fetch_sub(&me->waiting, 1, __ATOMIC_RELAXED);
+    waiting_leave(p);
 }
 
 static BatchObject *new_batch(PortObject *p, uint32_t cap)
@@ -1743,22 +1799,24 @@ static void port_clear_signal(PortObject *p);
  * None, which returns an empty batch after a quiet slice, it waits until frames arrive, checking
  * for signals between slices. */
 #define TMO_FOREVER INT64_MAX
-/* Each sleep is at most this long, so signals, a detach by another thread and liveness changes
- * are noticed within it. */
-#define WAIT_SLICE_NS 200000000LL
 
-/* None -> -1 (wait, returning now and then for signals), a number of seconds -> nanoseconds
- * (0 = do not wait), inf or a number too large for int64 nanoseconds (about 292 years) ->
- * TMO_FOREVER. NaN is refused: it compares false with everything, so no deadline is meant.
- * (t * 1e9 converted to int64_t is undefined past INT64_MAX; it gave INT64_MIN, i.e. "None".) */
+/* None -> -1 (one slice: return now and then, for signals), a number of seconds -> nanoseconds
+ * (0 = do not wait), inf or a number too large for int64 nanoseconds (about 292 years, an int
+ * too large even for a float included) -> TMO_FOREVER. NaN is refused: it compares false with
+ * everything, so no deadline is meant. (t * 1e9 converted to int64_t is undefined past
+ * INT64_MAX; it gave INT64_MIN, i.e. "None".) */
 static int parse_timeout(PyObject *timeout, int64_t *ns)
 {
     *ns = -1;
     if (timeout == Py_None)
         return 0;
     double t = PyFloat_AsDouble(timeout);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
+    if (t == -1.0 && PyErr_Occurred()) {
+        if (!PyLong_Check(timeout) || !PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear(); /* an int beyond a double (10**400): as inf, or as -inf */
+        t = _PyLong_Sign(timeout) > 0 ? HUGE_VAL : -HUGE_VAL;
+    }
     if (t != t) {
         PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds or None, not NaN");
         return -1;
@@ -1772,8 +1830,20 @@ static int parse_timeout(PyObject *timeout, int64_t *ns)
     return 0;
 }
 
+/* After a wait, or after taking frames: the port was closed by another thread, or its entry was
+ * reclaimed under it (then it is marked so). Sets the exception. GIL held. */
+static void __attribute__((noinline, cold)) port_refuse_after_wait(PortObject *p, const char *detached_msg)
+{
+    if (!p->closing && !port_foreign(p) && !port_alive(p)) {
+        port_refuse(p); /* marks it reclaimed, stops the notifier */
+        return;
+    }
+    PyErr_SetString(p->closed == 2 ? NodeReclaimedError : FabricError, p->closed == 2 ? RECLAIMED_MSG : detached_msg);
+}
+
 /* recv_batch(max_frames=256, timeout=None) -> FrameBatch. timeout 0 never blocks; None waits
- * until frames arrive (returning an empty batch now and then so signals are seen). */
+ * until frames arrive or one slice (WAIT_SLICE_NS) passes, returning an empty batch then so
+ * signals are seen; a number waits that long, inf until frames arrive. */
 static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"max_frames", "timeout", NULL};
@@ -1789,24 +1859,23 @@ static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
     int64_t tmo;
     if (parse_timeout(timeout, &tmo) < 0)
         return NULL;
+    if (tmo < 0) /* None: one slice, in every wait mode */
+        tmo = WAIT_SLICE_NS;
     BatchObject *b = new_batch(p, (uint32_t)maxf);
     if (!b)
         return NULL;
     fill_batch(p, b, (uint32_t)maxf);
     if (b->n == 0 && !b->control && tmo != 0) {
         /* a wake-up may bring only our own broadcast (skipped): wait out the rest of the time */
-        uint64_t deadline = tmo < 0 || tmo == TMO_FOREVER ? 0 : now_ns() + (uint64_t)tmo;
+        uint64_t deadline = tmo == TMO_FOREVER ? 0 : now_ns() + (uint64_t)tmo;
         for (;;) {
-            int64_t left = -1; /* None: one quiet slice (port_wait returns after it) */
-            if (tmo == TMO_FOREVER) {
-                left = WAIT_SLICE_NS;
-            } else if (tmo >= 0) {
+            int64_t left = WAIT_SLICE_NS; /* back here now and then, for signals */
+            if (tmo != TMO_FOREVER) {
                 uint64_t now = now_ns();
                 if (now >= deadline)
                     break;
-                left = (int64_t)(deadline - now);
-                if (left > WAIT_SLICE_NS) /* back here now and then, for signals */
-                    left = WAIT_SLICE_NS;
+                if ((int64_t)(deadline - now) < left)
+                    left = (int64_t)(deadline - now);
             }
             if (p->closing) /* detached by a signal handler run by PyErr_CheckSignals below */
                 break;
@@ -1815,29 +1884,42 @@ static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
             port_wait(p, left);
             __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE); /* before the GIL: port_close waits without it */
             Py_END_ALLOW_THREADS
-            if (p->closing) /* another thread detached the node while we slept: not ours to read */
+            /* another thread detached the node while we slept, or the entry was reclaimed (and
+             * maybe claimed again) while this process was stopped: its rings are not ours to read */
+            if (port_gone(p))
                 break;
             fill_batch(p, b, (uint32_t)maxf);
-            if (b->n || b->control || tmo < 0) /* for ever: return after a quiet slice, for signals */
+            if (b->n || b->control)
                 break;
             if (PyErr_CheckSignals() < 0) {
                 Py_DECREF(b);
                 return NULL;
             }
         }
-        if (p->closing) {
+        if (port_gone(p) && !b->n && !b->control) {
             Py_DECREF(b); /* empty: it took nothing from the rings */
-            PyErr_SetString(p->closed == 2 ? NodeReclaimedError : FabricError,
-                            p->closed == 2 ? RECLAIMED_MSG : "node was detached while this thread waited to receive");
+            port_refuse_after_wait(p, "node was detached while this thread waited to receive");
             return NULL;
         }
+    }
+    /* Still ours after the rings were read: if the entry was reclaimed before or while we read
+     * them (this process stopped between CHECK_OPEN or port_gone and fill_batch), the frames may
+     * be the next incarnation's, or slots the reclaim freed; they are not handed out (the
+     * batch's release gives nothing back: port_usable). One load: the state_gen line is read by
+     * CHECK_OPEN already. Coherence orders it: the rings' heads were read with acquire, after a
+     * claim that followed the reclaim's CAS of this word. */
+    if (__builtin_expect(!port_alive(p), 0)) {
+        Py_DECREF(b);
+        port_refuse_after_wait(p, "node was detached while this thread received");
+        return NULL;
     }
     if (p->notifier_on && b->n < maxf)
         port_clear_signal(p);
     return (PyObject *)b;
 }
 
-/* wait(timeout=None) -> bool: block until frames may be waiting, without taking them. */
+/* wait(timeout=None) -> bool: block until frames may be waiting, without taking them. None
+ * waits one slice at most (False after it if nothing came). */
 static PyObject *Port_wait(PortObject *p, PyObject *args)
 {
     PyObject *timeout = Py_None;
@@ -1847,10 +1929,12 @@ static PyObject *Port_wait(PortObject *p, PyObject *args)
     int64_t tmo;
     if (parse_timeout(timeout, &tmo) < 0)
         return NULL;
+    if (tmo < 0) /* None: one slice, in every wait mode */
+        tmo = WAIT_SLICE_NS;
     bool ready = false;
-    uint64_t deadline = tmo <= 0 || tmo == TMO_FOREVER ? 0 : now_ns() + (uint64_t)tmo;
+    uint64_t deadline = tmo == 0 || tmo == TMO_FOREVER ? 0 : now_ns() + (uint64_t)tmo;
     for (;;) {
-        int64_t left = tmo; /* None (-1): one quiet slice; 0: a look */
+        int64_t left = 0; /* 0: a look */
         if (tmo == TMO_FOREVER) {
             left = WAIT_SLICE_NS;
         } else if (tmo > 0) {
@@ -1863,18 +1947,18 @@ static PyObject *Port_wait(PortObject *p, PyObject *args)
             break;
         __atomic_fetch_add(&p->inflight, 1, __ATOMIC_RELAXED);
         Py_BEGIN_ALLOW_THREADS
-        port_wait(p, left);
-        ready = !LOAD_ACQUIRE(&p->closing) && inbound_pending(p);
+        if (left)
+            port_wait(p, left);
+        ready = !port_gone(p) && inbound_pending(p);
         __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE);
         Py_END_ALLOW_THREADS
-        if (ready || p->closing || tmo <= 0 || (tmo != TMO_FOREVER && now_ns() >= deadline))
+        if (ready || port_gone(p) || tmo == 0 || (tmo != TMO_FOREVER && now_ns() >= deadline))
             break;
         if (PyErr_CheckSignals() < 0)
             return NULL;
     }
-    if (p->closing) {
-        PyErr_SetString(p->closed == 2 ? NodeReclaimedError : FabricError,
-                        p->closed == 2 ? RECLAIMED_MSG : "node was detached while this thread waited");
+    if (port_gone(p)) {
+        port_refuse_after_wait(p, "node was detached while this thread waited");
         return NULL;
     }
     return PyBool_FromLong(ready);
@@ -1887,8 +1971,8 @@ static PyObject *Port_wait(PortObject *p, PyObject *args)
  * a debugger) or starved, and waiting on it for ever would hang every broadcast, attach and
  * detach in the fabric for as long as it stays stopped. */
 #define TAPE_LOCK_NS 1000000000LL
-/* The lock is waited for in slices this long, so a detach by another thread (`closing`) is
- * seen between them. */
+/* The lock is waited for in slices this long, so a detach by another thread (`closing`), a
+ * reclaim of our entry and signals (Ctrl-C) are seen between them. */
 #define TAPE_SLICE_NS 50000000LL
 
 static PyObject *TapeBusyError;
@@ -1899,9 +1983,21 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
 {
     unsigned int ti, flags = 0;
     Py_buffer fb;
+    PyObject *tmo_o = NULL;
     double tmo_s = TAPE_LOCK_NS / 1e9;
-    if (!PyArg_ParseTuple(args, "O&y*|O&d", conv_tape, &ti, &fb, conv_flags, &flags, &tmo_s))
+    if (!PyArg_ParseTuple(args, "O&y*|O&O", conv_tape, &ti, &fb, conv_flags, &flags, &tmo_o))
         return NULL;
+    if (tmo_o) {
+        tmo_s = PyFloat_AsDouble(tmo_o);
+        if (tmo_s == -1.0 && PyErr_Occurred()) {
+            if (!PyLong_Check(tmo_o) || !PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyBuffer_Release(&fb);
+                return NULL;
+            }
+            PyErr_Clear(); /* an int beyond a double: out of range below, like inf */
+            tmo_s = _PyLong_Sign(tmo_o) > 0 ? HUGE_VAL : -HUGE_VAL;
+        }
+    }
     if (!(tmo_s >= 0) || tmo_s > 3600.0) {
         PyBuffer_Release(&fb);
         PyErr_SetString(PyExc_ValueError, "tape lock timeout must be between 0 and 3600 seconds");
@@ -1921,43 +2017,59 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
     region_view *r = &p->r;
     sf_tape *t = tape_at(r, ti);
     int rc;
-    int64_t tmo_ns = (int64_t)(tmo_s * 1e9);
-    /* inflight: a detach by another thread waits until we have left the entry (we write its
-     * tape_tx counter below) */
-    __atomic_fetch_add(&p->inflight, 1, __ATOMIC_RELAXED);
-    Py_BEGIN_ALLOW_THREADS
-    rc = pthread_mutex_trylock(&t->lock);
-    uint64_t deadline = now_ns() + (uint64_t)tmo_ns;
-    while (rc == EBUSY || rc == ETIMEDOUT) {
+    uint64_t deadline = now_ns() + (uint64_t)(int64_t)(tmo_s * 1e9);
+    /* The lock is waited for in slices, the GIL released during each and taken back between
+     * them to run signal handlers (Ctrl-C interrupts a long wait) and to see a detach by another
+     * thread or a reclaim of our entry. inflight: a detach by another thread waits until we have
+     * left the entry (we write its tape_tx counter below); counted during each slice and, once
+     * the lock is ours, until the entry is written. */
+    for (;;) {
+        if (p->closing || !port_alive(p)) {
+            rc = ECANCELED;
+            break;
+        }
         uint64_t now = now_ns();
-        if (now >= deadline || LOAD_ACQUIRE(&p->closing)) {
+        int64_t slice = deadline > now ? (int64_t)(deadline - now) : 0;
+        if (slice > TAPE_SLICE_NS)
+            slice = TAPE_SLICE_NS;
+        __atomic_fetch_add(&p->inflight, 1, __ATOMIC_RELAXED);
+        Py_BEGIN_ALLOW_THREADS
+        rc = pthread_mutex_trylock(&t->lock);
+        if (rc == EBUSY && slice > 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts); /* pthread_mutex_timedlock's clock */
+            int64_t ns = ts.tv_nsec + slice;
+            ts.tv_sec += ns / 1000000000LL;
+            ts.tv_nsec = ns % 1000000000LL;
+            rc = pthread_mutex_timedlock(&t->lock, &ts);
+        }
+        if ((rc == 0 || rc == EOWNERDEAD) && port_gone(p)) { /* detached or reclaimed meanwhile: write nothing */
+            if (rc == EOWNERDEAD) /* a writer died holding the lock: the tape is still consistent, because a
+                                   * half-written entry keeps an odd seq that readers skip */
+                pthread_mutex_consistent(&t->lock);
+            pthread_mutex_unlock(&t->lock);
+            rc = ECANCELED;
+        }
+        if (rc != 0 && rc != EOWNERDEAD)
+            __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE); /* before the GIL: port_close waits without it */
+        Py_END_ALLOW_THREADS
+        if (rc == 0 || rc == EOWNERDEAD || (rc != EBUSY && rc != ETIMEDOUT))
+            break;
+        if (now_ns() >= deadline) {
             rc = ETIMEDOUT;
             break;
         }
-        int64_t slice = (int64_t)(deadline - now);
-        if (slice > TAPE_SLICE_NS)
-            slice = TAPE_SLICE_NS;
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts); /* pthread_mutex_timedlock's clock */
-        int64_t ns = ts.tv_nsec + slice;
-        ts.tv_sec += ns / 1000000000LL;
-        ts.tv_nsec = ns % 1000000000LL;
-        rc = pthread_mutex_timedlock(&t->lock, &ts);
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&fb);
+            return NULL;
+        }
     }
-    if (rc == 0 && LOAD_ACQUIRE(&p->closing)) { /* detached meanwhile: write nothing */
-        pthread_mutex_unlock(&t->lock);
-        rc = ETIMEDOUT;
-    }
-    if (rc != 0 && rc != EOWNERDEAD)
-        __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE);
-    Py_END_ALLOW_THREADS
-    if (rc == EOWNERDEAD) /* a writer died holding the lock: the tape is still consistent, because a
-                           * half-written entry keeps an odd seq that readers skip */
+    if (rc == EOWNERDEAD) /* see above */
         pthread_mutex_consistent(&t->lock);
     else if (rc != 0) {
         PyBuffer_Release(&fb);
-        if (p->closing)
-            PyErr_SetString(FabricError, "node was detached while this thread waited to write a tape");
+        if (rc == ECANCELED)
+            port_refuse_after_wait(p, "node was detached while this thread waited to write a tape");
         else if (rc == ETIMEDOUT) {
             char secs[32]; /* PyErr_Format has no %g */
             snprintf(secs, sizeof secs, "%.3g", tmo_s);
@@ -1966,6 +2078,16 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
                          ti ? "multicast" : "broadcast", secs);
         } else
             PyErr_Format(FabricError, "tape lock failed: %s", strerror(rc));
+        return NULL;
+    }
+    /* The lock is ours and the GIL again: no detach of ours ran since (port_close waits for
+     * inflight). Our entry may have been reclaimed meanwhile, though (this process stopped):
+     * then the index in the entry's `src` names another node, so nothing is written. */
+    if (!port_alive(p)) {
+        pthread_mutex_unlock(&t->lock);
+        __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE);
+        PyBuffer_Release(&fb);
+        port_refuse_after_wait(p, "node was detached while this thread waited to write a tape");
         return NULL;
     }
     uint64_t seq = t->head;
@@ -1981,12 +2103,12 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
     pthread_mutex_unlock(&t->lock);
     PyBuffer_Release(&fb);
     STORE_RELAXED(&p->me->tape_tx, p->me->tape_tx + 1);
-    __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE); /* with the GIL held since the lock: no detach ran */
+    __atomic_fetch_sub(&p->inflight, 1, __ATOMIC_RELEASE); /* with the GIL held since the check: no detach ran */
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F1 pairs with F2, for every reader */
     uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
     for (uint32_t i = 0; i < hwm; i++) {
         sf_node *nd = node_at(r, i);
-        if (i != p->index && LOAD_RELAXED(&nd->waiting)) {
+        if (i != p->index && (LOAD_RELAXED(&nd->waiting) & SF_WAITING_COUNT)) {
             __atomic_fetch_add(&nd->doorbell, 1, __ATOMIC_RELEASE);
             futex_wake(&nd->doorbell, INT_MAX);
         }
@@ -2071,6 +2193,10 @@ static int Buffer_getbuffer(BufferObject *b, Py_buffer *view, int flags)
         PyErr_SetString(ReleasedError, b->port->closed == 2 ? "buffer's node was reclaimed; its slot is no longer valid"
                                                             : "buffer's node is detached (or belongs to the parent "
                                                               "process); its slot is no longer valid");
+        return -1;
+    }
+    if (b->port->sealed) {
+        PyErr_SetString(ReleasedError, "buffer's node is detaching; its slot goes back to the pool");
         return -1;
     }
     sf_network *n = port_net(b->port, b->pool);
@@ -2286,18 +2412,29 @@ static void *notifier_main(void *arg)
     PortObject *p = arg;
     sf_node *me = p->me;
     while (!LOAD_ACQUIRE(&p->notifier_stop)) {
+        /* Our entry reclaimed (this process was stopped) and maybe claimed again: stop touching
+         * it. The eventfd is made readable once more, so a select() on it returns and the next
+         * receive raises NodeReclaimedError. */
+        if (!port_alive(p))
+            break;
         if (LOAD_ACQUIRE(&p->signalled)) {
             /* wait until the consumer drained and cleared the eventfd */
             syscall(SYS_futex, &p->signalled, FUTEX_WAIT_PRIVATE, 1, &(struct timespec){0, 100000000}, NULL, 0);
             continue;
         }
         uint32_t seq = LOAD_ACQUIRE(&me->doorbell);
-        __atomic_fetch_add(&me->waiting, 1, __ATOMIC_RELAXED);
+        if (!waiting_enter(p)) { /* not our incarnation's count any more (or 65535 sleepers) */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* F2 pairs with F1 */
-        if (inbound_pending(p)) {
+        if (!port_alive(p) || inbound_pending(p)) {
             /* signalled: until the consumer drains, nobody sleeps on the doorbell, so senders
              * need not ring it (a system call per send otherwise) */
-            __atomic_fetch_sub(&me->waiting, 1, __ATOMIC_RELAXED);
+            waiting_leave(p);
+            if (!port_alive(p))
+                break;
             STORE_RELEASE(&p->signalled, 1);
             uint64_t one = 1;
             ssize_t w = write(p->efd, &one, sizeof one);
@@ -2305,7 +2442,13 @@ static void *notifier_main(void *arg)
             continue;
         }
         futex_wait(&me->doorbell, seq, 100000000);
-        __atomic_fetch_sub(&me->waiting, 1, __ATOMIC_RELAXED);
+        waiting_leave(p);
+    }
+    if (!LOAD_ACQUIRE(&p->notifier_stop)) { /* left because of the reclaim */
+        STORE_RELEASE(&p->signalled, 1);
+        uint64_t one = 1;
+        ssize_t w = write(p->efd, &one, sizeof one);
+        (void)w;
     }
     return NULL;
 }
@@ -2381,14 +2524,32 @@ static PyObject *Port_set_wait_mode(PortObject *p, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#define VIEWS_MSG "%zd memoryview(s) of this node's buffers or frames still exist; release them (or leave their " \
+                  "`with memoryview(...)` blocks) before detaching"
+
+/* seal(): the first step of a detach. Refuses (BufferError) while memoryviews of the node's
+ * buffers or frames exist; otherwise no new one can be taken from here on, so the close that
+ * follows (after the BYE, which releases the GIL while it waits for the tape lock) cannot be
+ * refused by a view taken meanwhile, half-way through the detach. */
+static PyObject *Port_seal(PortObject *p, PyObject *noargs)
+{
+    if (p->closed || port_foreign(p))
+        Py_RETURN_NONE;
+    if (p->exports) {
+        PyErr_Format(PyExc_BufferError, VIEWS_MSG, p->exports);
+        return NULL;
+    }
+    p->sealed = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Port_close(PortObject *p, PyObject *noargs)
 {
     /* A memoryview of a buffer or a received frame writes into its slot; once the node is gone
      * the slot is another node's, so close (detach) is refused while any exists, as a batch's
      * release is. (An inherited handle in a forked child only drops its copy: nothing is freed.) */
     if (p->exports && !p->closed && !port_foreign(p)) {
-        PyErr_Format(PyExc_BufferError, "%zd memoryview(s) of this node's buffers or frames still exist; release "
-                     "them (or leave their `with memoryview(...)` blocks) before detaching", p->exports);
+        PyErr_Format(PyExc_BufferError, VIEWS_MSG, p->exports);
         return NULL;
     }
     port_close(p);
@@ -2453,6 +2614,7 @@ static PyMethodDef Port_methods[] = {
     {"set_wait_mode", (PyCFunction)Port_set_wait_mode, METH_VARARGS, "0 poll, 1 block, 2 adaptive."},
     {"heartbeat", (PyCFunction)Port_heartbeat, METH_NOARGS, "Record that this node is alive."},
     {"stats", (PyCFunction)Port_stats, METH_NOARGS, "This node's counters."},
+    {"seal", (PyCFunction)Port_seal, METH_NOARGS, "Refuse new memoryviews (BufferError if some exist): before close()."},
     {"close", (PyCFunction)Port_close, METH_NOARGS, "Return cached slots and stop the wake-up thread."},
     {NULL}};
 
@@ -2760,6 +2922,10 @@ static int Frame_getbuffer(FrameObject *f, Py_buffer *view, int flags)
         PyErr_SetString(ReleasedError, "frame's node was reclaimed; the frame is no longer valid");
         return -1;
     }
+    if (f->batch->port->sealed) {
+        PyErr_SetString(ReleasedError, "frame's node is detaching; the frame is no longer valid");
+        return -1;
+    }
     if (PyBuffer_FillInfo(view, (PyObject *)f, fr->data + SF_ETH_HLEN, fr->len >= SF_ETH_HLEN ? fr->len - SF_ETH_HLEN : 0,
                           0, flags) < 0)
         return -1;
@@ -2912,6 +3078,7 @@ static PyObject *layout_dict(void)
     PUT("name_len", SF_NAME_LEN);
     PUT("max_nodes", SF_MAX_NODES);
     PUT("eth_hlen", SF_ETH_HLEN);
+    PUT("waiting_count", SF_WAITING_COUNT);
     PUT("sizeof.superblock", sizeof(sf_superblock));
     PUT("sizeof.node", sizeof(sf_node));
     PUT("sizeof.network", sizeof(sf_network));

@@ -23,7 +23,7 @@
 #include <pthread.h>
 
 #define SF_MAGIC 0x3152424146464d53ULL /* "SMFFABR1" little-endian */
-#define SF_VERSION 4u /* 3: descriptors carry a stamp in flags (take_unpublished); 4: pool sweep */
+#define SF_VERSION 5u /* 3: descriptors carry a stamp in flags (take_unpublished); 4: pool sweep; 5: waiting carries the incarnation tag */
 #define SF_CACHELINE 64
 #define SF_MAX_NETWORKS 8
 #define SF_NAME_LEN 32
@@ -82,6 +82,8 @@ typedef struct sf_superblock {
 
 /* Per-node entry. One cache line for the identity, one for the wake-up words (written by other
  * nodes), and one each for the counters the owner alone writes. */
+#define SF_WAITING_COUNT 0xFFFFu /* sf_node.waiting: the count; the rest is the incarnation's tag */
+
 typedef struct sf_node {
     /* identity. state and gen share one 8-byte word: a reclaim CASes both, so a sweeper that
      * judged an incarnation dead can never reclaim the next one that took the slot meanwhile. */
@@ -100,7 +102,11 @@ typedef struct sf_node {
     char name[SF_NAME_LEN];  /* (o) */
     /* wake-up: the node sleeps on `doorbell` (futex) after setting `waiting`. */
     SF_ALIGNED uint32_t doorbell; /* (a) bumped by a sender that saw `waiting` */
-    uint32_t waiting;        /* (o) how many of the owner's threads may be asleep on `doorbell` */
+    /* (o) low 16 bits (SF_WAITING_COUNT): how many of the owner's threads may be asleep on
+     * `doorbell`; high 16 bits: the low 16 bits of `gen`, written by the claim. A thread changes
+     * the count only by a CAS that requires its own incarnation's tag, so one that resumes after
+     * its node was reclaimed and its id claimed again never moves the new node's count. */
+    uint32_t waiting;
     /* counters, owner-written, read by anyone (relaxed) */
     SF_ALIGNED uint64_t tx_frames, tx_bytes, rx_frames, rx_bytes; /* bytes: payload after the 14-byte header */
     uint64_t tx_ring_full;   /* frames not sent because a ring was full */

@@ -320,6 +320,7 @@ class MappedRegion:
         raw = bytes(self.mm[base + L["sf_node.name"]: base + L["sf_node.name"] + NAME_LEN])
         d["name"] = raw.split(b"\0")[0].decode(errors="replace")
         d["cached"] = list(struct.unpack_from(f"<{MAX_NETWORKS}I", self.mm, base + L["sf_node.cached"]))
+        d["waiting"] &= L["waiting_count"]  # the count; the bits above it tag the incarnation
         d["index"] = i
         return d
 

@@ -175,24 +175,42 @@ class Fabric:
             return False
 
     def close(self) -> None:
-        """Detach this process's nodes and unmap the region."""
+        """Detach this process's nodes and unmap the region.
+
+        A node with memoryviews of its buffers or frames still alive cannot detach (BufferError,
+        see Node.detach): every other node is detached, then BufferError names the nodes left.
+        The fabric stays open with them attached (and their heartbeats going); release the
+        views and call close() again."""
         if self._region is None:
             return
-        if os.getpid() != self._pid:
-            # a forked child's copy: the watchdog and the nodes inherited from the parent are the
-            # parent's (left attached); nodes the child attached itself are detached
-            for node in list(self._nodes.values()):
-                if node._pid == os.getpid():
-                    node.detach()
-            self._nodes.clear()
-            region, self._region = self._region, None
-            region.close()
-            return
-        for node in list(self._nodes.values()):
-            node.detach()
-        self._watchdog.stop()
+        child = os.getpid() != self._pid
+        # in a forked child the watchdog and the nodes inherited from the parent are the
+        # parent's (left attached); only the nodes the child attached itself are detached
+        left = self._detach_all(lambda node: not child or node._pid == os.getpid())
+        if child:
+            self._nodes = {node.id: node for node in left}
+        if left:
+            names = ", ".join(f"{node.name!r} (id {node.id})" for node in left)
+            raise BufferError(f"fabric {self.name!r} not closed: node(s) {names} still have memoryviews of their "
+                              "buffers or frames and stay attached; release them and call close() again (the "
+                              "other nodes were detached)")
+        if not child:
+            self._watchdog.stop()
+        self._nodes.clear()
         region, self._region = self._region, None
         region.close()
+
+    def _detach_all(self, which: Callable[["Node"], bool]) -> list["Node"]:
+        """Detach every node `which` selects that can be; the ones refused (views alive) are returned."""
+        left = []
+        for node in list(self._nodes.values()):
+            if not which(node):
+                continue
+            try:
+                node.detach()
+            except BufferError:
+                left.append(node)
+        return left
 
     def __enter__(self) -> "Fabric":
         return self
@@ -563,15 +581,27 @@ class Node:
             fab._nodes.pop(self.id, None)
             self._port.close()
             return
-        if self._port.exports:
+        # The refusal and the point of no return are one step: seal() refuses while views exist
+        # and, once it passed, no new view can be taken, so the close below cannot be refused by
+        # one taken while the BYE waits for the tape lock (with the GIL released), half-way
+        # through the detach.
+        try:
+            self._port.seal()
+        except BufferError:
             raise BufferError(f"{self._port.exports} memoryview(s) of node {self.name!r}'s buffers or frames still "
-                              "exist; release them (or leave their `with memoryview(...)` blocks) before detaching")
+                              "exist; release them (or leave their `with memoryview(...)` blocks) before detaching"
+                              ) from None
         fab._nodes.pop(self.id, None)
         try:
             self._announce(control.BYE)
         except FabricError:
             pass
-        self._port.close()
+        finally:  # the node leaves even if the BYE was interrupted (Ctrl-C while it waited)
+            self._port.close()
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        fab = self._fabric
         # -2: the pool lock is busy (a sweep or another reclaim). A holder stopped for long
         # leaves the entry to this process's watchdog, which retries it every beat (the
         # others' watchdogs see this process alive, so they would leave it up for its life).

@@ -135,8 +135,8 @@ class _Model(BaseModel):
 class RedisPoolConfig(_Model):
     """Pre-established connections per backend server."""
 
-    min: int = Field(1, ge=0, le=1024, description="connections opened at start and kept open")
-    max: int = Field(8, ge=1, le=4096, description="connections at most (requests queue beyond)")
+    min: int = Field(1, strict=True, ge=0, le=1024, description="connections opened at start and kept open")
+    max: int = Field(8, strict=True, ge=1, le=4096, description="connections at most (requests queue beyond)")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "RedisPoolConfig":
@@ -148,7 +148,7 @@ class RedisPoolConfig(_Model):
 class PoolConfig(RedisPoolConfig):
     """Pre-established connections per backend server (HTTP)."""
 
-    pipeline: int = Field(1, ge=1, le=64, description="requests outstanding per connection; above 1, "
+    pipeline: int = Field(1, strict=True, ge=1, le=64, description="requests outstanding per connection; above 1, "
                           "idempotent bodiless requests are pipelined to the backend (for servers that "
                           "pipeline well, e.g. nginx)")
 
@@ -156,10 +156,10 @@ class PoolConfig(RedisPoolConfig):
 class RedisTimeoutConfig(_Model):
     """Timeouts in seconds."""
 
-    connect: float = Field(3.0, gt=0, allow_inf_nan=False, description="opening a backend connection")
-    request: float = Field(30.0, gt=0, allow_inf_nan=False,
+    connect: float = Field(3.0, strict=True, gt=0, allow_inf_nan=False, description="opening a backend connection")
+    request: float = Field(30.0, strict=True, gt=0, allow_inf_nan=False,
                            description="from dispatch to the end of the response (then 504 / -ERR)")
-    drain: float = Field(30.0, ge=0, allow_inf_nan=False,
+    drain: float = Field(30.0, strict=True, ge=0, allow_inf_nan=False,
                          description="graceful stop (SIGTERM, or SIGINT): requests already read may take this "
                                      "long to be answered before the connections still busy are cut; a second "
                                      "signal cuts at once")
@@ -168,11 +168,11 @@ class RedisTimeoutConfig(_Model):
 class TimeoutConfig(RedisTimeoutConfig):
     """Timeouts in seconds (HTTP)."""
 
-    client_idle: float = Field(120.0, gt=0, allow_inf_nan=False, description="an idle client connection is closed after this")
-    request_head: float = Field(30.0, gt=0, allow_inf_nan=False,
+    client_idle: float = Field(120.0, strict=True, gt=0, allow_inf_nan=False, description="an idle client connection is closed after this")
+    request_head: float = Field(30.0, strict=True, gt=0, allow_inf_nan=False,
                                 description="a request head must arrive whole within this, else 408 and close "
                                             "(a head trickled a byte at a time is never idle)")
-    queue: float | None = Field(None, gt=0, allow_inf_nan=False,
+    queue: float | None = Field(None, strict=True, gt=0, allow_inf_nan=False,
                                 description="a request waiting for a free pooled backend connection gets 503 after "
                                             "this (HAProxy's `timeout queue`); time it is held back by its own "
                                             "client's slow reading does not count; unset: the request timeout")
@@ -181,31 +181,31 @@ class TimeoutConfig(RedisTimeoutConfig):
 class _Limits(_Model):
     """Per-client-connection bounds (backpressure) and framing limits."""
 
-    max_pipeline: int = Field(128, ge=1, description="requests read ahead and not yet answered")
-    max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="response and request-body bytes held")
+    max_pipeline: int = Field(128, strict=True, ge=1, description="requests read ahead and not yet answered")
+    max_buffer_bytes: int = Field(4 * 1024 * 1024, strict=True, ge=1024, description="response and request-body bytes held")
 
 
 class LimitConfig(_Limits):
     """Per-client-connection bounds (backpressure) and framing limits (HTTP)."""
 
-    max_head_bytes: int = Field(64 * 1024, ge=1024, description="request line plus headers")
-    max_headers: int = Field(100, ge=1, description="header fields per message")
-    max_url_bytes: int = Field(8 * 1024, ge=16, description="request target length")
+    max_head_bytes: int = Field(64 * 1024, strict=True, ge=1024, description="request line plus headers")
+    max_headers: int = Field(100, strict=True, ge=1, description="header fields per message")
+    max_url_bytes: int = Field(8 * 1024, strict=True, ge=16, description="request target length")
 
 
 class RedisLimitConfig(_Limits):
     """Per-client-connection bounds (backpressure) and framing limits (Redis)."""
 
-    max_pipeline: int = Field(1024, ge=1, description="requests read ahead and not yet answered")
+    max_pipeline: int = Field(1024, strict=True, ge=1, description="requests read ahead and not yet answered")
     max_request_bytes: int = Field(
-        512 * 1024 * 1024, ge=1024,
+        512 * 1024 * 1024, strict=True, ge=1024,
         description="the largest request held before it is forwarded (Redis's proto-max-bulk-len is 512 MB)")
     max_unread_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024 * 1024,
+        256 * 1024 * 1024, strict=True, ge=1024 * 1024,
         description="reply bytes a client leaves unread before it is disconnected (like Redis's "
                     "client-output-buffer-limit): replies of requests already sent can pass max_buffer_bytes")
     max_unread_pubsub_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024 * 1024,
+        32 * 1024 * 1024, strict=True, ge=1024 * 1024,
         description="pub/sub message bytes a subscriber leaves unread before it is disconnected (Redis's "
                     "client-output-buffer-limit pubsub default: 32 MB)")
 
@@ -213,11 +213,11 @@ class RedisLimitConfig(_Limits):
 class RedisHealthConfig(_Model):
     """Active health checks (HAProxy's inter / rise / fall)."""
 
-    interval: float = Field(2.0, gt=0)
-    timeout: float = Field(1.0, gt=0)
-    rise: int = Field(2, ge=1)
-    fall: int = Field(3, ge=1)
-    enabled: bool = True
+    interval: float = Field(2.0, strict=True, gt=0)
+    timeout: float = Field(1.0, strict=True, gt=0)
+    rise: int = Field(2, strict=True, ge=1)
+    fall: int = Field(3, strict=True, ge=1)
+    enabled: bool = Field(True, strict=True)
 
 
 class HealthConfig(RedisHealthConfig):
@@ -225,7 +225,7 @@ class HealthConfig(RedisHealthConfig):
     (HAProxy's `observe layer7` with `error-limit` / `on-error mark-down`)."""
 
     path: str | None = Field(None, description="GET this path and want 2xx/3xx; unset: TCP connect only")
-    eject_after: int = Field(5, ge=0, description="a server whose last N "
+    eject_after: int = Field(5, strict=True, ge=0, description="a server whose last N "
                              "requests in a row failed on live traffic (connection closed or reset before a "
                              "complete response, a malformed response, the request timeout) leaves rotation "
                              "as a failed check would take it out, and comes back after `rise` passing checks, "
@@ -263,10 +263,11 @@ class HttpRoute(_Model):
     @classmethod
     def _regex_compiles(cls, v: str | None) -> str | None:
         if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"regex {v!r} does not compile: {exc}; fix the pattern (Python re syntax)") from None
+            # Compiled as the router will (RE2, linear time): what it cannot take is refused at
+            # load, by --check and by a reload, not by each worker as it starts.
+            from .http_router import compile_route_regex
+
+            compile_route_regex(v)  # ValueError: what RE2 does not support, and the fix
         return v
 
     @model_validator(mode="after")
@@ -292,7 +293,7 @@ class HttpSpliceConfig(_Model):
     """`splice http`: an HTTP/1.1 splicing load balancer."""
 
     listen: str = "127.0.0.1:8080"
-    workers: int = Field(1, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
+    workers: int = Field(1, strict=True, ge=1, le=64, description="processes sharing the port (SO_REUSEPORT)")
     routes: list[HttpRoute] = Field(default_factory=list)
     default: list[str] | None = None
     pool: PoolConfig = PoolConfig()
@@ -301,10 +302,10 @@ class HttpSpliceConfig(_Model):
     health: HealthConfig = HealthConfig()
     upgrade: Literal["tunnel", "refuse"] = Field("tunnel", description="Upgrade requests (e.g. WebSocket)")
     metrics: str | None = Field(None, description="HOST:PORT of the Prometheus endpoint")
-    forwarded_for: bool = Field(False, description="add `X-Forwarded-For: <client address>` and "
+    forwarded_for: bool = Field(False, strict=True, description="add `X-Forwarded-For: <client address>` and "
                                 "`X-Forwarded-Proto: http|https` to each request (HAProxy's option forwardfor); "
                                 "an X-Forwarded-For the client sent is kept before ours")
-    forwarded: bool = Field(False, description="add RFC 7239 `Forwarded: for=<client address>;proto=http|https` "
+    forwarded: bool = Field(False, strict=True, description="add RFC 7239 `Forwarded: for=<client address>;proto=http|https` "
                             "to each request")
     access_log: str | None = Field(None, min_length=1, description="append one line per answered request to this "
                                    "file ('-': standard output)")
@@ -350,7 +351,7 @@ class RedisServer(_Model):
     """One Redis server; twemproxy's `host:port:weight name` is accepted as a string."""
 
     address: str
-    weight: int = Field(1, ge=1)
+    weight: int = Field(1, strict=True, ge=1)
     name: str | None = None
 
     _addr = field_validator("address", mode="before")(_check_address)
@@ -365,7 +366,7 @@ class RedisSpliceConfig(_Model):
     """`splice redis`: a RESP splicing proxy (fields beyond these are the Redis splicer's)."""
 
     listen: str = "127.0.0.1:6400"
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, strict=True, ge=1, le=64)
     servers: list[RedisServer] = Field(min_length=1)
     distribution: Literal["ketama", "modula"] = "ketama"
     hash: Literal["fnv1a_64", "fnv1_64", "fnv1a_32", "fnv1_32", "md5", "murmur", "crc32", "crc32a",
@@ -374,8 +375,8 @@ class RedisSpliceConfig(_Model):
     password: str | None = Field(None, description="clients must AUTH with this (like requirepass)")
     backend_username: str | None = Field(None, description="AUTH user the splicer sends to every server")
     backend_password: str | None = Field(None, description="AUTH password the splicer sends to every server")
-    db: int = Field(0, ge=0, description="database selected on every server connection")
-    auto_eject: bool = Field(False, description="take a failing server off the continuum (twemproxy auto_eject_hosts)")
+    db: int = Field(0, strict=True, ge=0, description="database selected on every server connection")
+    auto_eject: bool = Field(False, strict=True, description="take a failing server off the continuum (twemproxy auto_eject_hosts)")
     pool: RedisPoolConfig = RedisPoolConfig()
     timeouts: RedisTimeoutConfig = RedisTimeoutConfig()
     limits: RedisLimitConfig = RedisLimitConfig()
@@ -431,8 +432,30 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _strict_hint(kind: str, value: Any) -> str | None:
+    """The fix for a number or boolean given as another type (the fields are strict: YAML's
+    `workers: true` or `workers: "2"` is refused, not read as 1 or 2), or None."""
+    if kind in ("int_type", "float_type"):
+        what = "a whole number" if kind == "int_type" else "a number"
+        if isinstance(value, bool):
+            return f"write {what}, not true or false (got {str(value).lower()}, a boolean)"
+        if isinstance(value, str):
+            return f'write {what} without quotes (got "{value}", a string)'
+        if isinstance(value, float):
+            return f"write {what} (got {value!r})"
+        return f"write {what}"
+    if kind == "bool_type":
+        if isinstance(value, str):
+            return f'write true or false without quotes (got "{value}", a string)'
+        return f"write true or false (got {value!r})"
+    return None
+
+
 def _hint(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind = err.get("type", "")
+    strict = _strict_hint(kind, err.get("input"))
+    if strict is not None:
+        return strict
     if kind == "extra_forbidden":
         loc = err.get("loc", ())
         doc = "splicer-redis.md" if loc and loc[0] == "redis" else "splicer-http.md"

@@ -3,14 +3,78 @@
 Pure: a `Router` maps (host, target) to a group object chosen by the caller (the shell passes
 `BackendGroup`s from `http_pool`). Rules are tried in order; the first match wins; `default`
 takes the rest; None means "no route" (the shell answers 404).
+
+Path regexes run on RE2 (`google-re2`), not Python's `re`: a route is matched on the event loop,
+for every client of the worker, and a backtracking engine takes exponential time on patterns such
+as `^/(a|a)+$` (27 characters of path stalled a worker 14 s). RE2 takes time linear in the path
+and refuses what needs backtracking (backreferences, lookaround, atomic groups, possessive
+quantifiers): `compile_route_regex` says which, when the configuration is loaded.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Generic, Sequence, TypeVar
+from typing import Any, Generic, Sequence, TypeVar
 
-__all__ = ["Rule", "Router", "request_path", "normalize_host"]
+import re2
+
+__all__ = ["Rule", "Router", "compile_route_regex", "request_path", "normalize_host"]
+
+# What Python's re accepts and RE2 refuses, from RE2's error text, in words.
+_GROUPS = {"(?=": "lookahead (?=...)", "(?!": "negative lookahead (?!...)", "(?<=": "lookbehind (?<=...)",
+           "(?<!": "negative lookbehind (?<!...)", "(?P": "a named backreference (?P=name)",
+           "(?>": "an atomic group (?>...)", "(?(": "a conditional group (?(...)...)", "(?#": "a comment (?#...)"}
+
+
+def _unsupported(why: str) -> str:
+    """RE2's error `why` for a pattern Python's re compiles, as what the pattern uses."""
+    head, _, what = why.partition(": ")
+    if head == "invalid perl operator":
+        return _GROUPS.get(what, f"the group or flag {what}")
+    if head == "bad repetition operator":
+        return f"a possessive quantifier ({what})"
+    if head == "invalid escape sequence":
+        if what[1:].isdigit():
+            return f"a backreference ({what})"
+        if what == "\\Z":
+            return "\\Z (write \\z for the end of the path)"
+        return f"the escape {what}"
+    if head == "invalid repetition size":
+        return f"a repeat count above 1000 ({what})"
+    return why
+
+
+# Python reads `x{,3}` as x{0,3}; RE2 reads it as the literal text "x{,3}", with no error: the
+# route would quietly stop matching, so it is refused.
+_OPEN_MIN = re.compile(r"(?<!\\)\{,\d*\}")
+
+
+def _options() -> Any:
+    opts = re2.Options()
+    opts.encoding = re2.Options.Encoding.LATIN1  # bytes are characters, as with a bytes `re` pattern
+    opts.log_errors = False  # the error goes into our one-line message, not onto stderr
+    return opts
+
+
+def compile_route_regex(pattern: str) -> Any:
+    """The compiled RE2 pattern of a route's `regex` (searched in the path, as `re.search` would:
+    unanchored unless it says ^ or $). ValueError with a one-line reason (what RE2 does not
+    support, and the fix) when RE2 cannot take it."""
+    if _OPEN_MIN.search(pattern):
+        raise ValueError(f"regex {pattern!r} uses {{,N}}, which RE2 (the route matcher) reads as literal text; "
+                         "fix: write {0,N}")
+    try:
+        return re2.compile(pattern.encode("utf-8"), options=_options())
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else str(exc)
+        why = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+    try:
+        re.compile(pattern.encode("utf-8"))
+    except re.error as exc:
+        raise ValueError(f"regex {pattern!r} does not compile: {exc}; fix the pattern (RE2 syntax)") from None
+    raise ValueError(f"regex {pattern!r} uses {_unsupported(why)}, which route regexes do not support (they run on RE2, "
+                     "in time linear in the path: no backreferences or lookaround); fix: rewrite the pattern "
+                     "without it, or split it into several routes") from None
 
 G = TypeVar("G")
 
@@ -53,7 +117,7 @@ class Rule(Generic[G]):
 
     group: G
     prefix: bytes | None = None
-    regex: "re.Pattern[bytes] | None" = None
+    regex: Any = None  # a compiled RE2 pattern (`compile_route_regex`), searched in the path
     host: bytes | None = None  # exact, or b"*.example.com" for any sub-domain
 
     def matches(self, host: bytes, path: bytes) -> bool:
@@ -91,7 +155,7 @@ class Router(Generic[G]):
     def from_config(routes: Sequence[tuple[str | None, str | None, str | None, G]], default: G | None) -> "Router[G]":
         """Build from (prefix, regex, host, group) tuples as given in the config."""
         rules = [Rule(group=g, prefix=p.encode() if p else None,
-                      regex=re.compile(r.encode()) if r else None,
+                      regex=compile_route_regex(r) if r else None,
                       host=normalize_host(h.encode()) if h else None) for p, r, h, g in routes]
         return Router(rules, default)
 

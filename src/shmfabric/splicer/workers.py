@@ -274,7 +274,10 @@ class Master:
       (ReloadRefused: the old workers carry on); a new generation of workers starts next to the
       old one, and once all of them accept, the old ones get a graceful stop: they answer the
       requests they have read and close, while new connections go to the new workers. No
-      connection is refused or reset by a reload;
+      connection is refused, reset or cut by a reload. A reload that fails (a new worker dies
+      or is not ready within READY_TIMEOUT) stops its new workers the same graceful way, since
+      the ready ones serve clients already; a new worker still not ready KILL_AFTER seconds
+      later is hung, serves nobody, and is killed;
     * on SIGTERM/SIGINT, passes a graceful stop to every worker (FORWARD_SIGNAL; a second signal
       cuts it short) and waits for them.
 
@@ -307,8 +310,9 @@ class Master:
         self.status = 0
         self._signals: list[int] = []
         self._reload_again = False  # a SIGHUP came during a reload or the start: reload once it is done
-        self._failed_gen = -1
+        self._failed_gens: set[int] = set()  # generations of failed reloads (their workers may be killed)
         self._kill_at: float | None = None
+        self._kill_unready: dict[int, float] = {}  # pid -> when: a failed reload's workers not ready
 
     def _say(self, text: str) -> None:
         say(f"{self.label}: {text}")
@@ -412,18 +416,47 @@ class Master:
 
     def _fail_reload(self, why: str) -> None:
         assert self.pending is not None
-        gen = self._failed_gen = self.pending[0]
+        gen = self.pending[0]
+        self._failed_gens.add(gen)
         self.pending = None
-        for w in self.workers.values():
-            if w.gen == gen:
-                # They hold no client yet (the old workers still take the connections); one that
-                # hangs would never end on a polite signal.
-                w.retired = True
+        # The new workers of a slot accept on the socket its old worker accepts on, from the
+        # moment they are ready: a ready one holds clients (keep-alive connections, requests in
+        # flight) while another new one has not started. So the failed generation gets the
+        # graceful stop the old one gets on a successful reload: a ready worker stops
+        # accepting, answers what it has read, closes its connections after `Connection: close`
+        # (or once idle), and its queue of connections stays with the old worker of the slot.
+        # A SIGKILL would cut all that, although a reload promises to cut nothing. (Holding the
+        # new workers back from accepting until the whole generation is ready would need each
+        # worker to start listening on a word from the master; the graceful stop is the path a
+        # reload already takes, tested to cut nothing.)
+        failed = [w for w in self.workers.values() if w.gen == gen]
+        for w in failed:
+            w.retired = True
+        self._signal_workers(failed)
+        # A worker not ready yet stops too: one that has not set up its graceful stop dies of
+        # the signal (the splicers set it up right after they start listening, without waiting
+        # in between: it holds nothing, or what one event-loop pass took in), one that has
+        # drains. One that is still not ready a while later is hung or stopped (SIGSTOP): it
+        # never reads a polite signal and serves nobody (it had not reached the point where it
+        # accepts, or has not run since), so it is killed then.
+        at = time.monotonic() + self.KILL_AFTER
+        for w in failed:
+            if not w.ready:
+                self._kill_unready[w.pid] = at
+        self._say(f"reload failed, the running configuration stays: {why}")
+
+    def _kill_hung(self, now: float) -> None:
+        """SIGKILL the failed reload's workers still not ready at their deadline (`_fail_reload`)."""
+        for pid, at in list(self._kill_unready.items()):
+            w = self.workers.get(pid)
+            if w is None or w.ready:
+                del self._kill_unready[pid]  # gone, or draining like the ready ones
+            elif now >= at:
+                del self._kill_unready[pid]
                 try:
-                    os.kill(w.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self._say(f"reload failed, the running configuration stays: {why}")
 
     def _check_pending(self, now: float) -> None:
         if self.pending is None:
@@ -457,8 +490,9 @@ class Master:
             code = os.waitstatus_to_exitcode(status)
             if w.retired:
                 # A worker told to stop that had not yet set up its graceful stop dies of the
-                # signal itself: that is a clean stop too (and a failed reload's are killed).
-                if code not in (0, -FORWARD_SIGNAL) and not (w.gen == self._failed_gen and code == -signal.SIGKILL):
+                # signal itself: that is a clean stop too (and a failed reload's hung ones are
+                # killed).
+                if code not in (0, -FORWARD_SIGNAL) and not (w.gen in self._failed_gens and code == -signal.SIGKILL):
                     self._say(f"worker {pid} {_describe(status)}")
                     if self.stops:
                         self.status = 1
@@ -509,6 +543,7 @@ class Master:
                     waits.append(self.pending[2] - now)
                 if self._kill_at is not None:
                     waits.append(self._kill_at - now)
+                waits.extend(at - now for at in self._kill_unready.values())
                 timeout = max(0.0, min(waits, default=1.0))
                 try:
                     readable, _, _ = select.select([self._wake_r, self._ready_r], [], [], min(timeout, 1.0))
@@ -527,6 +562,7 @@ class Master:
                 now = time.monotonic()
                 self._reap(now)
                 self._check_pending(now)
+                self._kill_hung(now)
                 if self._reload_again and self.started and self.pending is None and not self.stops:
                     self._reload_again = False
                     self._start_reload()

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, Verdict
-from shmfabric.functions.tcp_track import STATE_NAMES, segment
+from shmfabric.functions.tcp_track import STATE_NAMES, BatchSegments, segment
 from shmfabric.net import build
 from shmfabric.net.flow import classify_batch
 
@@ -260,7 +260,7 @@ def _ours(fw: Firewall, sport: int) -> tuple[str, bool] | None:
 def test_segments_and_states_match_linux_conntrack(router: Router, name: str) -> None:
     sport = 20000 + list(CASES).index(name)
     router.run(router.ns["r"], "conntrack", "-F")
-    batch = Firewall(RuleSet.parse(RULES), ConntrackTable())   # classify_batch(segments=) + check_many
+    batch = Firewall(RuleSet.parse(RULES), ConntrackTable())   # check_many with BatchSegments
     single = Firewall(RuleSet.parse(RULES), ConntrackTable())  # check() with tcp_track.segment
     now = 1.0
     log = []
@@ -268,9 +268,8 @@ def test_segments_and_states_match_linux_conntrack(router: Router, name: str) ->
         frame = _frame(side, flags, seq, ack, sport, **(kw[0] if kw else {}))
         linux = router.send(side, frame)
         fl: list[int] = []
-        sg: list = []
-        keys = classify_batch([frame], None, "ip", flags=fl, segments=sg)
-        ours = not batch.check_many(keys, now, fl, [frame], sg)
+        keys = classify_batch([frame], None, "ip", flags=fl)
+        ours = not batch.check_many(keys, now, fl, [frame], BatchSegments([frame]))
         one = single.check(keys[0], now, fl[0], len(frame), segment(frame)) is Verdict.ACCEPT
         log.append(f"{side} {flags or '-':3} seq={seq & 0xFFFFFFFF} ack={ack & 0xFFFFFFFF}: linux {linux} ours {ours}/{one}")
         assert linux == ours == one, "\n".join(log)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from shmfabric.functions.rules import INVALID, KNOWN, ConntrackTable, Firewall, RuleSet
-from shmfabric.functions.tcp_track import Segment, segment
+from shmfabric.fabric import Fabric
+from shmfabric.functions.tcp_track import BatchSegments, Segment, segment
 from shmfabric.net import build
 from shmfabric.net.flow import classify_batch
 
@@ -224,19 +225,21 @@ def test_real_tcp_exchange_passes_strict_tracking():
     assert e.assured and e.closing and e.tcp.state_name == "TIME_WAIT" and not e.tcp.sides[0].liberal
 
 
-def test_classify_segments_match_segment():
-    """classify_batch(segments=) reads the same fields as tcp_track.segment, and leaves None where
-    the caller must read the packet (a SYN's options, not TCP)."""
+def test_batch_segments_match_segment():
+    """BatchSegments reads the same fields as tcp_track.segment, from a fabric batch (one gather)
+    and from a list of buffers; what the fixed offsets do not fit (a SYN's options) it hands to
+    segment, and a frame that is not TCP gives None."""
     frames = [pkt(C, S, 1, 80, "PA", 0xFFFFFFF0, 7, b"abc", window=999), pkt(C, S, 1, 80, "FA", 5, 6),
               pkt(C, S, 1, 80, "S", 1, options=WSCALE7), build.ipv4(build.udp(1, 2, b"x", src=C, dst=S), src=C, dst=S, proto=17),
               pkt(C, S, 1, 80, "RA", 9, 10)]
-    flags: list[int] = []
-    segs: list = []
-    keys = classify_batch(frames, None, "ip", flags=flags, segments=segs)
-    assert len(keys) == len(flags) == len(segs) == 5
-    assert segs[0] == segment(frames[0]) == (0xFFFFFFF0, 7, 999, 3, 0x18, -1)
-    assert segs[1] == segment(frames[1]) and segs[4] == segment(frames[4])
-    assert segs[2] is None and segment(frames[2]).wscale == 7
-    assert segs[3] is None
-    with pytest.raises(ValueError):
-        classify_batch(frames, None, "ethernet", flags=[], segments=[])
+    fab = Fabric.create(f"bseg-{os.getpid()}", ephemeral=True, networks=[{"mtu": 1500, "slots": 64}])
+    try:
+        a, b = fab.attach("a"), fab.attach("b")
+        a.send_batch(b.id, frames, ethertype=0x0800)
+        with b.recv_batch(16, 1.0) as batch:
+            for segs in (BatchSegments(batch), BatchSegments(frames)):
+                assert segs[0] == segment(frames[0]) == (0xFFFFFFF0, 7, 999, 3, 0x18, -1)
+                assert segs[1] == segment(frames[1]) and segs[4] == segment(frames[4])
+                assert segs[2].wscale == 7 and segs[3] is None
+    finally:
+        fab.close()

@@ -974,8 +974,8 @@ class Firewall:
 
         `len(packets[i])` is packet i's length (asked only for packets that reach the rules), and
         TCP packets are read for their segment (`tcp_track.segment`, window tracking) unless the
-        table's `tcp_window` is off, or `segments[i]` gives it (`classify_batch(segments=)`;
-        None there: read it from the packet).
+        table's `tcp_window` is off, or `segments[i]` gives it (`tcp_track.BatchSegments`, or
+        a list; None there: read it from the packet).
         Same verdicts, counters and table state as calling `check` per packet in order: packets
         of live connections (the bulk of traffic) take an inlined `ConntrackTable.track`, which
         saves two calls per packet; everything else, and TCP segments with SYN, FIN or RST (they

@@ -139,23 +139,15 @@ def parse_5tuple_ip(buf: Buffer) -> FiveTuple | Reason:
 
 def classify_batch(
     bufs: Iterable[Buffer], counter: ReasonCounter | None = None, link: str = LINK_ETHERNET,
-    flags: list[int] | None = None, segments: list | None = None,
+    flags: list[int] | None = None,
 ) -> list[FiveTuple | Reason]:
     """5-tuples for a batch: one entry per buffer, a tuple or the `Reason` there is none.
 
     With `counter`, every non-tuple result is counted there. With `flags` (a list), the TCP flags
-    of each frame (0 if not TCP) are appended to it, for connection tracking. With `segments`
-    too (a list; link "ip" only), each frame's TCP segment fields for window tracking are
-    appended: (seq, ack, window, length, flags, -1) as `functions.tcp_track.Segment` has them,
-    or None where the fast path did not read them (not TCP, a SYN, IP options: the caller reads
-    those itself). The loop inlines the fast path of `parse_5tuple`, because a Python call costs
-    ~50 ns, a sizeable share.
+    of each frame (0 if not TCP) are appended to it, for connection tracking. The loop inlines
+    the fast path of `parse_5tuple`, because a Python call costs ~50 ns, a sizeable share.
     """
-    if segments is not None:
-        if flags is None or link != LINK_IP:
-            raise ValueError("segments needs flags and link 'ip'")
-        out = _classify_ip_segments(bufs, flags, segments)
-    elif link == LINK_IP and getattr(bufs, "gather", None) is not None:
+    if link == LINK_IP and getattr(bufs, "gather", None) is not None:
         out = _classify_ip_gathered(bufs, flags)  # a fabric FrameBatch
     elif flags is not None:
         out = _classify_with_flags(bufs, link, flags)
@@ -313,57 +305,6 @@ def _classify_ip_gathered(batch, flags: list[int] | None) -> list[FiveTuple | Re
         for i, r in enumerate(out):
             if r is None:
                 buf = batch[i]
-                r = out[i] = parse_5tuple_ip(buf)
-                if r.__class__ is tuple and r[2] == 6:
-                    fl[i] = tcp_flags(buf, LINK_IP)
-    flags.extend(fl)
-    return out
-
-
-# As _GATHERED_IP, 36 bytes: the TCP sequence and ack numbers and the window too (UDP's length is
-# the sequence number's high half).
-_GATHERED_SEG = Struct("!IBxH2xHxB2xIIHHIIBBH")
-_IP_FAST_SEG = Struct("!BxH2xHxB2xIIHHIIBBH")
-
-
-def _classify_ip_segments(bufs, flags: list[int], segs: list) -> list[FiveTuple | Reason]:
-    # The flags loop of _classify_ip_gathered again, reading 36 bytes and appending each TCP
-    # segment's fields: a separate loop so that callers without window tracking (ids) pay nothing
-    # for it, and the firewall pays no second pass over the batch.
-    gather = getattr(bufs, "gather", None)
-    if gather is not None:
-        records = _GATHERED_SEG.iter_unpack(gather(36))
-    else:  # bytes: the same record, the length first (a short buffer: the fallback below)
-        unpack = _IP_FAST_SEG.unpack_from
-        records = ((len(b), *unpack(b)) if len(b) >= 36 else (0,) * 14 for b in bufs)
-    out: list = []
-    fl: list[int] = []
-    append, fappend, sappend = out.append, fl.append, segs.append
-    for n, vihl, tlen, ff, proto, src, dst, sport, dport, seq, ack, off, tf, win in records:
-        if vihl == 0x45 and not ff & 0x1FFF and 20 <= tlen <= n:
-            if proto == 17:
-                ulen = seq >> 16
-                if 8 <= ulen <= tlen - 20 or (ff & 0x2000 and ulen >= 8 and tlen >= 28):
-                    append((src, dst, 17, sport, dport))
-                    fappend(0)
-                    sappend(None)
-                    continue
-            elif proto == 6:
-                hl = (off >> 4) * 4
-                if tlen >= 40 and hl >= 20 and hl <= tlen - 20:
-                    append((src, dst, 6, sport, dport))
-                    tf |= (off & 1) << 8
-                    fappend(tf)
-                    # a SYN's options (window scale) are read by the caller
-                    sappend(None if tf & 2 else (seq, ack, win, tlen - 20 - hl + (tf & 1), tf, -1))
-                    continue
-        append(None)
-        fappend(0)
-        sappend(None)
-    if None in out:
-        for i, r in enumerate(out):
-            if r is None:
-                buf = bufs[i]
                 r = out[i] = parse_5tuple_ip(buf)
                 if r.__class__ is tuple and r[2] == 6:
                     fl[i] = tcp_flags(buf, LINK_IP)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, RuleSyntaxError
+from shmfabric.functions.tcp_track import BatchSegments
 from shmfabric.net.flow import classify_batch
 
 #: Entries `ConntrackTable.reap` may examine per batch (plus four per frame) and per timer call.
@@ -61,13 +62,10 @@ class FirewallFunction:
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         flags: list[int] = []
-        if self.fw.conntrack.tcp_window == "off":
-            keys = classify_batch(frames, None, "ip", flags=flags)  # TCP flags: conntrack sees FIN/RST
-            rejected = self.fw.check_many(keys, now, flags, frames)
-        else:  # and each TCP segment's numbers, for window tracking
-            segs: list = []
-            keys = classify_batch(frames, None, "ip", flags=flags, segments=segs)
-            rejected = self.fw.check_many(keys, now, flags, frames, segs)
+        keys = classify_batch(frames, None, "ip", flags=flags)  # TCP flags: conntrack sees FIN/RST
+        # each TCP segment's numbers, for window tracking, read only for the packets that need them
+        segs = BatchSegments(frames) if self.fw.conntrack.tcp_window != "off" else None
+        rejected = self.fw.check_many(keys, now, flags, frames, segs)
         for i in rejected:
             out[i] = Verdict.DROP
         self.dropped += len(rejected)

@@ -352,7 +352,8 @@ class BackendServer:
         With `pool.pipeline` > 1 a `pipelinable` request (idempotent, no body, not HEAD) may
         join a connection that already carries pipelined requests: first the one collecting
         this event-loop turn's batch (so the batch leaves in one send), else a free one, else
-        the least loaded pipelined one with room.
+        the least loaded pipelined one with room that is not paused (a slow client's response
+        at its head would hold this one back for as long as that client takes).
 
         `fresh`: `ex` is a retry after the backend closed a connection under it; it gets a
         connection opened for it (always later), ahead of the other waiters. At `max`, an idle
@@ -367,7 +368,7 @@ class BackendServer:
         depth = self.pipeline
         if pipelinable and depth > 1:
             conn = self._batch
-            if conn is not None and conn.alive and len(conn.exchanges) < depth:
+            if conn is not None and conn.alive and not conn._paused and len(conn.exchanges) < depth:
                 conn.exchanges.append(ex)
                 return conn
         free = self.free
@@ -383,7 +384,9 @@ class BackendServer:
         if pipelinable and depth > 1:
             best = None
             for conn in self.in_use:
-                if conn.pipelined and conn.alive and len(conn.exchanges) < depth and (
+                # Never behind a paused one: its response waits for a client that does not read it
+                # (backpressure), and this request's clock would not run meanwhile.
+                if conn.pipelined and conn.alive and not conn._paused and len(conn.exchanges) < depth and (
                         best is None or len(conn.exchanges) < len(best.exchanges)):
                     best = conn
             if best is not None:

@@ -41,7 +41,7 @@ from .http_framer import (
 )
 from .access_log import AccessLog
 from .ordered import OrderedMerge
-from .teardown import close_lingering
+from .teardown import _unsent as _kernel_unsent, close_lingering
 
 if TYPE_CHECKING:
     from .http_pool import BackendConnection, BackendGroup, BackendServer
@@ -66,7 +66,7 @@ class Exchange:
     __slots__ = ("client", "seq", "req", "group", "server", "conn", "barrier", "started", "finished", "gone",
                  "req_done", "body", "body_held", "t0", "resp_started", "client_framing", "attempts",
                  "reused", "body_sent", "tunnel", "head_request", "backend_keep", "pipelinable", "behind",
-                 "last_rx", "clock", "interim", "t_in", "status", "sent", "tried", "queued", "qclock")
+                 "last_rx", "clock", "interim", "t_in", "status", "sent", "tried", "queued", "qclock", "qheld")
 
     def __init__(self, client: "ClientConnection", seq: int, req: Request, group: "BackendGroup | None") -> None:
         self.client = client
@@ -98,6 +98,7 @@ class Exchange:
         self.clock = 0.0     # when the request timeout's clock (re)started (0: not yet on a connection)
         self.queued = False  # waiting in a pool's queue for a connection (see `on_queue_timeout`)
         self.qclock = 0.0    # when the queue wait's clock (re)started
+        self.qheld = 0.0     # of the wait since then, the time its own client held it back (not counted)
         self.interim = False  # a 1xx came: the backend acted on the request (no retry)
         self.t_in = client.last_seen  # when the read that completed the request head came (access log)
         self.status = 0
@@ -162,6 +163,7 @@ class Exchange:
             # the request timeout starts once a connection carries the request.
             self.queued = True
             self.qclock = now = self.client.loop.time()
+            self.qheld = 0.0
             self.client.splicer.queue_deadlines.append((now, self))
 
     # -- pool side ------------------------------------------------------------------------
@@ -465,9 +467,11 @@ class ClientConnection(asyncio.Protocol):
         self.head_since: float | None = None  # when the request head being read began
         self.read_paused = False
         self.write_paused = False
-        self.write_paused_at = 0.0   # when the client last stopped taking answers (HttpSplicer._sweep_idle)
+        # While writing is paused: when the client last took some of its answers, and the bytes
+        # it had not taken then (HttpSplicer._sweep_idle, `took_some`).
+        self.write_paused_at = 0.0
+        self.write_buffered = 0
         self.backends_paused = False
-        self.unheld_at = 0.0  # when it last stopped holding its backends back (see Exchange.held_back)
         self.stop_reading = False     # a Connection: close request or an error ended the input
         self.close_seq: int | None = None  # close once every slot up to this one is written
         self.peer_eof = False
@@ -560,14 +564,35 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.write_paused_at = self.loop.time()
+        self.write_buffered = self.unsent()
         self._pause_reading()
         self._backend_flow()
         if self.tunnel_conn is not None:
             self.tunnel_conn.pause_reading(True)
 
+    def unsent(self) -> int:
+        """Answer bytes not yet taken by the client: in our write buffer and in the kernel's
+        send queue (which takes from ours only when a third of it is free: with a large send
+        buffer, a slow reader leaves ours unchanged for many seconds)."""
+        t = self.transport
+        return t.get_write_buffer_size() + _kernel_unsent(t)  # type: ignore[union-attr]
+
+    def took_some(self) -> bool:
+        """While writing is paused: True if the client took some of its answers since the last
+        look (the bytes it has not taken, `unsent`, are fewer), which restarts its
+        `timeouts.client_idle` clock. A client that reads steadily but slowly is paused most of
+        the time (asyncio resumes writing only below the low-water mark), and is not idle:
+        nginx's `send_timeout` runs between two successive writes too."""
+        size = self.unsent()
+        took = size < self.write_buffered
+        self.write_buffered = size
+        if took:
+            self.write_paused_at = self.loop.time()
+        return took
+
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.unheld_at = self.last_seen = self.loop.time()
+        self.last_seen = self.loop.time()
         self._backend_flow()
         if self.tunnel_conn is not None:
             self.tunnel_conn.pause_reading(False)
@@ -894,7 +919,13 @@ class ClientConnection(asyncio.Protocol):
             return
         chunks = self.merge.pop_ready()
         if chunks:
-            self.transport.writelines(chunks)  # type: ignore[union-attr]
+            if self.write_paused:
+                # The buffer grows now: what the client took since the last look counts first.
+                self.took_some()
+                self.transport.writelines(chunks)  # type: ignore[union-attr]
+                self.write_buffered = self.unsent()
+            else:
+                self.transport.writelines(chunks)  # type: ignore[union-attr]
             # Activity both ways counts: a client reads an answer, then sends its next request;
             # the idle timeout and a drain's grace (`drain`) start from whichever came last.
             self.last_seen = self.loop.time()
@@ -975,7 +1006,6 @@ class ClientConnection(asyncio.Protocol):
                     c.pause_reading(False)
             if resume_all:
                 self.backends_paused = False
-                self.unheld_at = self.loop.time()
 
     def backend_write_paused(self, paused: bool) -> None:
         # A backend is slow to take a request body: stop reading more of it from the client.

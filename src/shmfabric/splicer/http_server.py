@@ -15,8 +15,10 @@ the metrics port + i. SIGHUP reloads the configuration without refusing a connec
 from __future__ import annotations
 
 import asyncio
+import heapq
 import socket
 import ssl
+import struct
 from collections import deque
 from typing import Any, Callable
 
@@ -47,8 +49,8 @@ class HttpSplicer:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._timeouts: asyncio.Task[None] | None = None
-        # (clock, exchange): exchanges on a backend connection, and exchanges waiting in a pool's
-        # queue, oldest clock first (see _sweep_timeouts)
+        # (clock, exchange): exchanges on a backend connection, oldest clock first (see
+        # _sweep_timeouts), and exchanges waiting in a pool's queue (see _sweep_queue)
         self.deadlines: deque[tuple[float, Any]] = deque()
         self.queue_deadlines: deque[tuple[float, Any]] = deque()
         self.draining = False
@@ -152,12 +154,17 @@ class HttpSplicer:
                     c._close()
                 elif c.last_seen < cutoff and not c.exchanges and c.merge.idle and c.tunnel_conn is None:
                     c._close()
-                elif c.write_paused and c.write_paused_at < cutoff and c.tunnel_conn is None:
+                elif (c.write_paused and c.tunnel_conn is None and not c.took_some()
+                      and c.write_paused_at < cutoff):
                     # Took none of its answers for client_idle (nginx's send_timeout, HAProxy's
                     # timeout client): it would hold its backend connections (paused) forever.
-                    # Nothing is left to save for it: reset, not a staged close (which would wait
-                    # for the buffered answers to be taken).
+                    # A client that takes some, however slowly, is not cut (`took_some`: the
+                    # clock runs from the last look that found fewer bytes untaken). Nothing is left
+                    # to save for it: a reset (SO_LINGER 0), not a staged close, which would
+                    # wait for the buffered answers to be taken, nor a FIN after the bytes in
+                    # the kernel's buffer, which would look like a complete answer's end.
                     c.ending = f"the client read nothing for timeouts.client_idle ({idle:g} s)"
+                    _reset_on_close(c.transport)
                     c._close()
                     c.transport.abort()
                 elif c.head_since is not None and c.head_since < now - head and not c.closed and not c.stop_reading:
@@ -165,25 +172,34 @@ class HttpSplicer:
                     c.head_timed_out(head)
 
     async def _sweep_timeouts(self) -> None:
-        # Every exchange has the same timeout, so each queue is in deadline order: pop finished
-        # ones and time out due ones from the left, stop at the first that is still in time. An
-        # entry whose clock is not the exchange's any more stands for nothing (its clock
-        # restarted: a later entry has it).
+        # Request timeouts: every exchange gets the same timeout when a connection carries it,
+        # so `deadlines` is in deadline order: pop finished ones and time out due ones from the
+        # left, stop at the first that is still in time. An entry whose clock is not the
+        # exchange's any more stands for nothing (its clock restarted: a later entry has it). A
+        # clock restarted by the sweep itself (the backend still sending, or held back) may lie
+        # before the newest entry's: those go to a heap (`rearmed`), in deadline order too.
         timeout = self.cfg.timeouts.request
         qtimeout = self.cfg.timeouts.queue or timeout
         period = min(0.1, timeout / 4, qtimeout / 4)
         q = self.deadlines
-        qq = self.queue_deadlines
+        rearmed: list[tuple[float, int, Any]] = []
+        tie = 0  # heap entries never compare exchanges
+        last = self.loop.time()
         while True:
             await asyncio.sleep(period)
             now = self.loop.time()
             cutoff = now - timeout
-            while q:
-                clock, ex = q[0]
+            while q or rearmed:
+                if rearmed and (not q or rearmed[0][0] <= q[0][0]):
+                    clock, _, ex = rearmed[0]
+                    fromheap = True
+                else:
+                    clock, ex = q[0]
+                    fromheap = False
                 if ex.finished or clock != ex.clock:
-                    q.popleft()
+                    heapq.heappop(rearmed) if fromheap else q.popleft()
                 elif clock <= cutoff:
-                    q.popleft()
+                    heapq.heappop(rearmed) if fromheap else q.popleft()
                     if ex.queued:
                         # A retry waits in a pool's queue: the queue's clock runs (below), and a
                         # request clock starts again with its connection (`Exchange.on_connection`).
@@ -192,34 +208,43 @@ class HttpSplicer:
                     conn = ex.conn
                     if conn is not None and (conn.paused or ex.last_rx > cutoff):
                         # Not the backend's fault: we stopped reading it (the client reads
-                        # slowly), or it is still sending. The clock restarts past the cutoff;
-                        # appending keeps the queue in deadline order.
+                        # slowly), or it is still sending. The clock restarts past the cutoff.
                         ex.clock = clock = now if conn.paused else ex.last_rx
-                        q.append((clock, ex))
+                        tie += 1
+                        heapq.heappush(rearmed, (clock, tie, ex))
                         continue
                     ex.on_timeout()
                 else:
                     break
-            # Requests waiting for a pooled connection: 503 after timeouts.queue, not counting
-            # the time their own client held them back by reading slowly (Exchange.held_back).
-            cutoff = now - qtimeout
-            while qq:
-                clock, ex = qq[0]
-                if not ex.queued or clock != ex.qclock or ex.finished:
-                    qq.popleft()
-                elif clock <= cutoff:
-                    qq.popleft()
-                    if ex.held_back:
-                        clock = now
-                    elif ex.client.unheld_at > clock:
-                        clock = ex.client.unheld_at
-                    else:
-                        ex.on_queue_timeout(qtimeout)
-                        continue
-                    ex.qclock = clock
-                    qq.append((clock, ex))
-                else:
-                    break
+            self._sweep_queue(now, now - last, qtimeout)
+            last = now
+
+    def _sweep_queue(self, now: float, step: float, qtimeout: float) -> None:
+        """Requests waiting for a pooled connection: 503 once they waited `qtimeout`, not
+        counting the time their own client held them back by reading slowly
+        (`Exchange.held_back`): each pass adds the time since the last one (`step`) to the
+        held time of those held back now (`Exchange.qheld`), so a deadline is always the
+        enqueue time + `qtimeout` + the time held back, however the holds come and go. Every
+        waiting request is looked at on each pass (the queues' lengths bound the work; a pass
+        with no request waiting costs nothing)."""
+        qq = self.queue_deadlines
+        if not qq:
+            return
+        keep: deque[tuple[float, Any]] = deque()
+        due = []
+        for entry in qq:
+            clock, ex = entry
+            if not ex.queued or clock != ex.qclock or ex.finished:
+                continue  # served, gone, or queued again (a later entry has it)
+            if ex.held_back:
+                ex.qheld += min(step, now - clock)
+            elif now - clock - ex.qheld >= qtimeout:
+                due.append(ex)
+                continue
+            keep.append(entry)
+        self.queue_deadlines = keep
+        for ex in due:  # after the pass: a 503 may queue or serve others
+            ex.on_queue_timeout(qtimeout)
 
     def busy(self) -> int:
         """Client connections a graceful stop waits for: open ones, and accepted ones on their
@@ -255,6 +280,16 @@ class HttpSplicer:
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None
+
+
+def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make the close of `transport` a TCP reset (SO_LINGER with a zero timeout)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 async def _serve(cfg: HttpSpliceConfig, sock: socket.socket, metrics_sock: socket.socket | None,

@@ -19,12 +19,13 @@ from prometheus_client import generate_latest
 from shmfabric.cli.main import main as cli_main
 from shmfabric.splicer.config import ConfigError, HttpSpliceConfig, RedisSpliceConfig, load_config
 
+from ._asyncio_backend import AsyncBackend
 from .test_http_proxy import Env, get, read_replies, run, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class FlakyBackend:
+class FlakyBackend(AsyncBackend):
     """Accepts every connection; each request gets what `mode` says:
 
     * "close": the request is read, then the connection closed without a byte of answer;
@@ -41,15 +42,6 @@ class FlakyBackend:
         self.mode = mode
         self.requests = 0
         self.connections = 0
-        self.server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> "FlakyBackend":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def address(self) -> str:
-        return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -78,10 +70,6 @@ class FlakyBackend:
             pass
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        self.server.close()  # type: ignore[union-attr]
-        await self.server.wait_closed()  # type: ignore[union-attr]
 
 
 async def good_and_flaky(env: Env, mode: str = "close", **cfg):

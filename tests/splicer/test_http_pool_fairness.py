@@ -17,25 +17,18 @@ import pytest
 from shmfabric.splicer.config import HttpSpliceConfig
 from shmfabric.splicer.http_server import HttpSplicer
 
+from ._asyncio_backend import AsyncBackend
+
 pytestmark = pytest.mark.timeout(60)
 
 BIG = 1 << 20  # bytes of each /big answer
 
 
-class Backend:
+class Backend(AsyncBackend):
     """/big: BIG bytes; /slow: answers after 1 s; anything else: a short answer. Keeps the targets."""
 
     def __init__(self) -> None:
         self.targets: list[bytes] = []
-        self.server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> "Backend":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def address(self) -> str:
-        return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -56,10 +49,6 @@ class Backend:
             pass
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        self.server.close()  # type: ignore[union-attr]
-        await self.server.wait_closed()  # type: ignore[union-attr]
 
 
 async def with_splicer(test, **cfg) -> None:

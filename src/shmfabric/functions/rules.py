@@ -41,6 +41,12 @@ from enum import IntEnum
 from typing import Iterable, Sequence, Sized
 
 from shmfabric.functions import tcp_track
+from shmfabric.functions.tcp_track import ACCEPT as _T_ACCEPT
+from shmfabric.functions.tcp_track import CLOSE as _T_CLOSE
+from shmfabric.functions.tcp_track import CLOSING_STATES as _T_CLOSING
+from shmfabric.functions.tcp_track import IGNORE as _T_IGNORE
+from shmfabric.functions.tcp_track import INVALID as _T_INVALID
+from shmfabric.functions.tcp_track import REOPEN as _T_REOPEN
 from shmfabric.functions.tcp_track import Segment, TcpTrack, may_start, segment
 from shmfabric.net.flow import FiveTuple, to_proto
 
@@ -744,36 +750,36 @@ class ConntrackTable:
         """`track` for a TCP entry with window tracking: segment `seg` from side `d` (1: the
         reply side) through Linux's state machine (functions.tcp_track)."""
         r = t.packet(d, seg)
-        if r == tcp_track.INVALID:
+        if r == _T_ACCEPT or r == _T_IGNORE:  # (the common case first: this runs per segment)
+            e.packets += 1
+            if seg[4] & _RST and t.state != _T_CLOSE:
+                self.rst_ignored += 1
+            if d and not t.seen_reply:  # (after the packet, as Linux's core sets SEEN_REPLY)
+                t.seen_reply = True
+                e.replied = True
+                e.nxt = e.orig
+            if r == _T_ACCEPT:
+                tmo = t.timeout
+                if tmo is not None:
+                    e.ttl = tmo
+                    e.expires = exp = now + tmo
+                    if exp <= (e.slot - 1) * self._g:  # due before its bucket: an earlier one
+                        self._schedule(e)
+                e.assured = t.assured
+                e.closing = t.state in _T_CLOSING
+            return KNOWN
+        if r == _T_INVALID:
             self.tcp_invalid += 1
             if t.shrink and e.expires > now + self.timeouts.tcp_unack:
                 e.expires = now + self.timeouts.tcp_unack
                 if -int(-e.expires // self._g) < e.slot:
                     self._schedule(e)
             return INVALID
-        if r == tcp_track.REOPEN:  # a new connection on a closed one's 5-tuple: the rules decide
-            self._remove(e)
+        self._remove(e)
+        if r == _T_REOPEN:  # a new connection on a closed one's 5-tuple: the rules decide
             self.reopened += 1
             return UNKNOWN
-        if r == tcp_track.KILL:  # a RST was the only answer: the entry goes, the RST passes
-            self._remove(e)
-            return KNOWN
-        e.packets += 1
-        if seg[4] & _RST and t.state != tcp_track.CLOSE:
-            self.rst_ignored += 1
-        if d and not t.seen_reply:  # (after the packet, as Linux's core sets SEEN_REPLY)
-            t.seen_reply = True
-            e.replied = True
-            e.nxt = e.orig
-        if r == tcp_track.ACCEPT:
-            if t.timeout is not None:
-                e.ttl = t.timeout
-                e.expires = now + t.timeout
-                if -int(-e.expires // self._g) < e.slot:
-                    self._schedule(e)
-            e.assured = t.assured
-            e.closing = t.state in tcp_track.CLOSING_STATES
-        return KNOWN
+        return KNOWN  # KILL: a RST was the only answer: the entry goes, the RST passes
 
     def add(self, key: FiveTuple, now: float, tcp_flags: int = 0, seg: Segment | None = None) -> bool:
         """Track a new connection; False if the table is full of assured entries (see the class).

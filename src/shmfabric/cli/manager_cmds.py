@@ -118,10 +118,13 @@ def _remove_stale(path: Path, st: dict) -> None:
 
 
 def _write_state(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # readers never see half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)  # readers never see half a file
+    except OSError as exc:
+        raise _state_dir_error(exc, path.parent) from None
 
 
 def _find_state(args: argparse.Namespace) -> dict:
@@ -250,9 +253,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     return _foreground(args, path, topo, state_file)
 
 
+def _state_dir_error(exc: OSError, where: Path) -> CliError:
+    return CliError(f"cannot write to the state directory {where}: {exc.strerror or exc}; make it writable, or "
+                    "set SHMFABRIC_STATE_DIR to a writable directory")
+
+
 def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
     log = state_dir() / f"{topo.fabric.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        out = open(log, "ab")
+    except OSError as exc:
+        raise _state_dir_error(exc, log.parent) from None
     argv = [sys.executable, "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
     if args.api:
         argv += ["--api", args.api]
@@ -260,7 +272,7 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
         argv += ["--fabric", args.fabric]
     if args.duration is not None:
         argv += ["--duration", str(args.duration)]
-    with open(log, "ab") as out:
+    with out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + args.start_timeout
@@ -374,17 +386,29 @@ def _reload_on_hup(sup, due: threading.Event, stop: threading.Event) -> None:
     """SIGHUP: apply the config file again (the file last loaded: the one started with, unless a
     `reload FILE` named another), as `shmfabric reload` does; the outcome goes to stderr (the
     manager's log with --detach) and to the events. Signals during a reload make one more reload."""
-    from shmfabric.manager.supervisor import SupervisorError
+    from shmfabric.manager.supervisor import OperationInProgress, SupervisorError
 
+    told = False
     while not stop.is_set():
         if not due.wait(0.2):
             continue
         due.clear()
         try:
-            changes = sup.reload_file()
+            # waits its turn behind an operation under way (a scale, a reload, the scale policy), a
+            # second at a time so that a stop is not held up: the signal is queued, never lost
+            changes = sup.reload_file(wait=1.0)
+        except OperationInProgress as exc:
+            if not told:
+                print(f"shmfabric: SIGHUP: {exc.args[0].split(';')[0]}; the reload runs after it", file=sys.stderr,
+                      flush=True)
+                told = True
+            due.set()
+            continue
         except SupervisorError as exc:
+            told = False
             print(f"shmfabric: SIGHUP: reload of {sup.source} failed: {exc}", file=sys.stderr, flush=True)
             continue
+        told = False
         warnings = changes.pop("warnings", [])
         done = "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if v) or "nothing changed"
         print(f"shmfabric: SIGHUP: reloaded {sup.source}: {done}", file=sys.stderr, flush=True)
@@ -575,9 +599,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     body = {"path": str(Path(args.config).resolve())} if args.config else {}
+    url = _api_url(args)
     if args.config:
-        _load(args.config)  # the same checks locally first: errors name this shell's path
-    res = api_call(_api_url(args), "/reload", body, timeout=120)
+        # the manager checks the file (one parse); a refusal is checked again here so that a config
+        # error names this shell's path, as `up` would
+        try:
+            res = api_call(url, "/reload", body, timeout=120)
+        except CliError:
+            _load(args.config)
+            raise
+    else:
+        res = api_call(url, "/reload", body, timeout=120)
     changes = {k: v for k, v in res.get("changes", {}).items() if v}
     warnings = changes.pop("warnings", [])
     if getattr(args, "json", False):

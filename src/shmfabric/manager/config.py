@@ -707,6 +707,13 @@ def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], 
         raise ConfigError("\n".join(lines))
 
 
+def is_source_function(cls: Any) -> bool:
+    """A source makes frames (it has `produce()`, like the generator) instead of forwarding what it
+    receives. The one rule, by the function's kind, for the loop check (frames sent to a source go no
+    further) and for the manager's reading of an exit 0 (only a source can run out of input)."""
+    return hasattr(cls, "produce")
+
+
 def _loop_errors(topo: Topology, source: str, resolve: Callable[[str], Any],
                  marks: dict[tuple[Any, ...], Mark]) -> list[str]:
     """A loop of nodes that all forward what they receive is refused: frames would circle for ever.
@@ -716,7 +723,7 @@ def _loop_errors(topo: Topology, source: str, resolve: Callable[[str], Any],
     so the loop ends there). A loop through no source is reported once, naming its nodes."""
     def is_source(name: str) -> bool:
         try:
-            return hasattr(resolve(topo.node(name).function), "produce")
+            return is_source_function(resolve(topo.node(name).function))
         except (LookupError, ValueError):
             return False
 

@@ -25,14 +25,16 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
-from shmfabric.manager.config import ConfigError, NodeConfig, Topology, check_functions, instance_name
+from shmfabric.manager.config import (ConfigError, NodeConfig, Topology, check_functions, instance_name,
+                                      is_source_function)
 from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
 
-__all__ = ["SupervisorError", "ControlChannel", "Instance", "Supervisor", "pids_mapping", "proc_cpu_seconds"]
+__all__ = ["SupervisorError", "OperationInProgress", "ControlChannel", "Instance", "Supervisor", "pids_mapping", "proc_cpu_seconds"]
 
 MANAGER_NODE = "manager"
 CONTROL_TIMEOUT = 2.0       # a healthy runtime answers between two batches
@@ -40,6 +42,7 @@ READY_TIMEOUT = 0.2         # one readiness probe; a starting node is probed aga
 STATS_TIMEOUT = 0.5         # polls must not stall the loop behind one slow node
 START_TIMEOUT = 15.0        # interpreter start, imports, config validation, attach
 STOP_TIMEOUT = 10.0         # draining a full input ring through a slow function
+OP_WAIT = 30.0              # an operator action waits this long for the one under way, then is refused (409)
 
 
 class SupervisorError(Exception):
@@ -48,6 +51,10 @@ class SupervisorError(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status  # HTTP status the management API answers with
+
+
+class OperationInProgress(SupervisorError):
+    """Another operator action ran all the time this one waited its turn (409)."""
 
 
 class ControlChannel(Protocol):
@@ -97,6 +104,9 @@ class Instance:
     # node's next group, and left alone by the loop, until the action commits (or withdraws it)
     staged: bool = False
     log_start: int = 0  # size of its log file when this run started: its error is read from there on
+    # its process may run another config than `config` (a push that timed out, a push it missed while
+    # starting): the loop pushes `config` to it once it answers again (`_push_pending`)
+    push_config: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -187,12 +197,19 @@ class Supervisor:
         self._resolve = resolve
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log_dir = Path(log_dir) if log_dir else None
+        # LOCK ORDER: `_op_lock` first, then `lock`; never the other way round. A thread that holds
+        # `lock` never blocks on `_op_lock` (the loop only tries it, without blocking, and not while
+        # holding `lock`): an operation holding `_op_lock` releases `lock` while it waits for new
+        # instances (`_cond.wait`) and must be able to take it back. Operator actions enter through
+        # `_operation()`, which takes both in this order.
         self.lock = threading.RLock()
         # waits for new instances release `lock` (status answers meanwhile) through this condition
         self._cond = threading.Condition(self.lock)
         # operator actions (reload, replace, scale, reconfigure, and the policy's scale steps) run one
         # at a time: taken before `lock`, and held while `lock` is released for a wait
         self._op_lock = threading.Lock()
+        # how long an operator action waits for the one under way before it is refused with 409
+        self.op_wait = OP_WAIT
         self._op: dict | None = None  # the operator action in progress, shown by status()
         self._staging: Topology | None = None  # the topology a reload is starting new instances for
         self.fabric: Any = None
@@ -225,10 +242,17 @@ class Supervisor:
                                         networks=[{"mtu": n.mtu, "slots": n.slots} for n in f.networks])
         except FabricError as exc:
             raise SupervisorError(f"cannot create fabric {f.name!r}: {exc}") from None
-        if self.log_dir:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.lock.acquire()
+            if self.log_dir:
+                try:
+                    self.log_dir.mkdir(parents=True, exist_ok=True)
+                    (self.log_dir / ".write-test").touch()
+                    (self.log_dir / ".write-test").unlink()
+                except OSError as exc:
+                    raise SupervisorError(f"cannot write the instances' logs to {self.log_dir}: "
+                                          f"{exc.strerror or exc}; make that directory writable, or set "
+                                          "SHMFABRIC_STATE_DIR to a writable directory") from None
             self.control = self._control_factory(self.fabric)
             now = self.clock()
             for cfg in self.topo.nodes:
@@ -382,37 +406,50 @@ class Supervisor:
     # -- the loop --------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
         """One round: notice exits, restart due instances, re-steer, poll counters, apply scale policy."""
-        with self.lock:
-            if self.fabric is None:
-                return
-            now = self.clock() if now is None else now
-            self._refresh(now)
-            # counters first: an answer just now must count before the watch judges responsiveness
-            # (the lock may have been held long by an operator action, with no polls meanwhile)
-            self._poll_stats()
-            for node in self.nodes.values():
-                for inst in list(node.instances):
-                    self._watch(node, inst, now)
-            if not self._op_lock.acquire(blocking=False):
-                return  # an operator action is under way (waiting for an instance): steer and scale after it
-            try:
-                for node in list(self.nodes.values()):
-                    if node.resteer and all(i.state == "running" for i in node.instances if i.active):
-                        node.resteer = False
-                        self._resteer_upstream(node.cfg.name)
-                for name, node in list(self.nodes.items()):
-                    running = [i for i in node.instances if i.active]
-                    if not running:
-                        continue  # finished or failed for good: scaling must not resurrect it
-                    if node.operator is not None:
-                        continue  # an operator's count outside the policy stands (see `scale`)
-                    action = node.decider.observe(now, node.depth, len(running))
-                    if action is ScaleAction.OUT:
-                        self._scale_to(node, len(running) + 1, now, reason=f"queue depth {node.depth}")
-                    elif action is ScaleAction.IN:
-                        self._scale_to(node, len(running) - 1, now, reason=f"queue depth {node.depth}")
-            finally:
+        # steering and scaling are operations: `_op_lock` first, then `lock` (the lock order, see
+        # __init__). Only tried, never waited for, and tried before `lock`: an operator action that
+        # holds `_op_lock` (waiting for new instances) leaves the watch below to this round, and one
+        # that has just taken `_op_lock` cannot starve the policy by waiting for `lock` behind us
+        op = self._op_lock.acquire(blocking=False)
+        try:
+            with self.lock:
+                if self.fabric is None:
+                    return
+                now = self.clock() if now is None else now
+                self._refresh(now)
+                # counters first: an answer just now must count before the watch judges responsiveness
+                # (the lock may have been held long by an operator action, with no polls meanwhile)
+                self._poll_stats()
+                for node in self.nodes.values():
+                    for inst in list(node.instances):
+                        self._watch(node, inst, now)
+                self._push_pending()
+                if op:  # else an operator action is under way: steer and scale after it
+                    self._steer_and_scale(now)
+        finally:
+            if op:
                 self._op_lock.release()
+
+    def _steer_and_scale(self, now: float) -> None:
+        for node in list(self.nodes.values()):
+            if node.resteer and all(i.state == "running" for i in node.instances if i.active):
+                node.resteer = False
+                self._resteer_upstream(node.cfg.name)
+        for name, node in list(self.nodes.items()):
+            running = [i for i in node.instances if i.active]
+            if not running:
+                continue  # finished or failed for good: scaling must not resurrect it
+            if node.operator is not None:
+                continue  # an operator's count outside the policy stands (see `scale`)
+            action = node.decider.observe(now, node.depth, len(running))
+            if action not in (ScaleAction.OUT, ScaleAction.IN):
+                continue
+            count = len(running) + (1 if action is ScaleAction.OUT else -1)
+            self._op = {"kind": "autoscale", "node": name, "instances": count, "since": round(time.time(), 3)}
+            try:
+                self._scale_to(node, count, now, reason=f"queue depth {node.depth}")
+            finally:
+                self._op = None
 
     def _watch(self, node: _Node, inst: Instance, now: float) -> None:
         rc = inst.proc.poll() if inst.proc is not None else None
@@ -435,11 +472,10 @@ class Supervisor:
                 inst.state, inst.error = "failed", err or "configuration rejected (exit 2)"
                 self._event("failed", inst.name, f"exit 2 at start: {inst.error}")
                 return
-            # Exit 0 is "finished" only for a source (a node nothing sends to): only a source's input
-            # can run out (a generator's count, the end of a pcap). A node that receives frames has no
-            # end of input: its exit 0 means something stopped it from outside (a SIGTERM), and the
-            # chain is dead behind it, so it is restarted like a failure.
-            source = not self.topo.upstream_of(inst.node)
+            # Exit 0 is "finished" only for a bounded source (see `_finishes`): only its input can run
+            # out. Any other node has no end of input: its exit 0 means something stopped it from
+            # outside (a SIGTERM), and the chain is dead behind it, so it is restarted like a failure.
+            source = self._finishes(inst)
             if rc == 0 and ((pol.mode == "on-failure" and source) or not pol.enabled):
                 inst.state = "exited"
                 why = ("restarts are disabled (restart.enabled: false)" if not pol.enabled
@@ -449,7 +485,9 @@ class Supervisor:
             when = inst.tracker.on_exit(now)
             inst.error = err or f"exited with status {rc}"
             if rc == 0:
-                inst.error = "exited with status 0 though frames are sent to it (stopped from outside?)"
+                inst.error = ("exited with status 0 though frames are sent to it (stopped from outside?)"
+                              if not self._is_source(inst) else "exited with status 0 though it has no end (a "
+                              "source without `count`: stopped from outside?)")
             if when is None:
                 inst.state = "failed"
                 if not pol.enabled:
@@ -485,6 +523,35 @@ class Supervisor:
                 _kill(inst.proc)
         else:
             inst.missing_polls = 0
+
+    def _is_source(self, inst: Instance) -> bool:
+        """Whether `inst` runs a source function (by the function's kind, as the config's loop check)."""
+        if self._resolve is None:  # no function classes at hand: a node nothing sends to
+            return not self.topo.upstream_of(inst.node)
+        try:
+            return is_source_function(self._resolve(inst.function))
+        except (LookupError, ValueError):
+            return False
+
+    def _finishes(self, inst: Instance) -> bool:
+        """Whether an exit 0 of `inst` is the end of its input (finished, not restarted): a source
+        function that is bounded. Bounded: the class's optional `finite(config) -> bool` says so, else a
+        positive `count` in its config (the generator's: without one it runs for ever, a pcap too, being
+        replayed in a loop). An unbounded source that exits 0 was stopped from outside: restarted."""
+        if not self._is_source(inst):
+            return False
+        if self._resolve is not None:
+            try:
+                finite = getattr(self._resolve(inst.function), "finite", None)
+            except (LookupError, ValueError):
+                finite = None
+            if callable(finite):
+                try:
+                    return bool(finite(dict(inst.config)))
+                except Exception:
+                    return True
+        count = inst.config.get("count")
+        return isinstance(count, int) and not isinstance(count, bool) and count > 0
 
     def _refresh(self, now: float) -> None:
         """Read the node table, ring depths and pools once per tick."""
@@ -610,6 +677,7 @@ class Supervisor:
                 out.close()
         inst.state, inst.started_at, inst.exit_code, inst.restart_at = "starting", now, None, None
         inst.missing_polls = 0
+        inst.push_config = False  # started with `config` on its command line
         inst.tracker.on_start(now)
 
     def _free_index(self, node: _Node) -> int:
@@ -844,7 +912,65 @@ class Supervisor:
         except SupervisorError as exc:
             self._event("error", name, f"re-steering upstream failed: {exc}")
 
+    def _put_back(self, pushed: list[tuple[Instance, dict]]) -> list[str]:
+        """Undo config pushes: each instance is sent the config it ran before (`inst.config` still
+        says so). One that does not confirm (stopped, busy: a control message waits in its queue and
+        is applied in order once it runs again) is flagged: the loop pushes its config again when it
+        answers. Returns the names of those."""
+        unsure = []
+        for inst, before in pushed:
+            try:
+                ok = bool(self._request(inst.name, {"op": "reconfigure", "config": before}).get("ok"))
+            except SupervisorError:
+                ok = False
+            if not ok:
+                inst.push_config = True
+                unsure.append(inst.name)
+                self._event("reconfigure", inst.name, "did not confirm the config put back; pushed again when "
+                            "it answers")
+        return unsure
+
+    def _push_pending(self) -> None:
+        """Push `config` to the running instances flagged `push_config` that answered the last poll."""
+        for node in self.nodes.values():
+            for inst in node.instances:
+                if not inst.push_config or inst.staged or inst.state != "running" or inst.stats_failures:
+                    continue
+                if inst.proc is not None and inst.proc.poll() is not None:
+                    continue
+                try:
+                    reply = self._request(inst.name, {"op": "reconfigure", "config": dict(inst.config)})
+                except SupervisorError:
+                    continue  # still not answering: next round
+                inst.push_config = False
+                if reply.get("ok"):
+                    self._event("reconfigure", inst.name, "config pushed (it ran another one)")
+                else:
+                    self._event("error", inst.name, f"rejected its config: {reply.get('error')}; "
+                                "restart it (replace) to run it")
+
     # -- operator actions (API, reload) --------------------------------------------------------
+    @contextmanager
+    def _operation(self, kind: str, wait: float | None = None, **what: Any) -> Iterator[None]:
+        """Run an operator action: one at a time, `_op_lock` then `lock` (the lock order, see __init__).
+        One under way is waited for up to `wait` seconds (`op_wait` by default); then 409 names it."""
+        if self.lock._is_owned():  # would invert the lock order: a bug, never a wait
+            raise RuntimeError("an operator action was started while holding the supervisor lock")
+        wait = self.op_wait if wait is None else wait
+        got = self._op_lock.acquire(timeout=wait) if wait > 0 else self._op_lock.acquire(blocking=False)
+        if not got:
+            raise OperationInProgress(f"an operation is in progress: {_op_text(self._op)}; try again when it is "
+                                      "done (`shmfabric status` shows it)", status=409)
+        try:
+            with self.lock:
+                self._op = {"kind": kind, **what, "since": round(time.time(), 3)}
+                try:
+                    yield
+                finally:
+                    self._op = None
+        finally:
+            self._op_lock.release()
+
     def _node(self, name: str) -> _Node:
         node = self.nodes.get(name)
         if node is None:
@@ -853,16 +979,12 @@ class Supervisor:
 
     def scale(self, name: str, instances: int) -> dict:
         """Set a node's instance count by hand (within 1..99); the policy's cooldown restarts."""
-        with self._op_lock, self.lock:
+        with self._operation("scale", node=name, instances=instances):
             node = self._node(name)
             if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 99:
                 raise SupervisorError(f"instances must be an integer 1..99, got {instances!r}")
             now = self.clock()
-            self._op = {"kind": "scale", "node": name, "since": round(time.time(), 3)}
-            try:
-                self._scale_to(node, instances, now, reason="operator")
-            finally:
-                self._op = None
+            self._scale_to(node, instances, now, reason="operator")
             node.decider.reset(now)
             pol = node.decider.policy
             node.operator = None
@@ -877,20 +999,31 @@ class Supervisor:
 
     def reconfigure(self, name: str, config: dict) -> dict:
         """Push a new config to every running instance of `name` (validated first); no restart."""
-        with self._op_lock, self.lock:
+        with self._operation("reconfigure", node=name):
             node = self._node(name)
             if not isinstance(config, dict):
                 raise SupervisorError("config must be a JSON object")
             self._validate_config(node.function, config, name)
-            for inst in node.instances:
-                if inst.state != "running":
-                    continue
-                reply = self._request(inst.name, {"op": "reconfigure", "config": config})
-                if not reply.get("ok"):
-                    raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+            pushed: list[tuple[Instance, dict]] = []
+            try:
+                for inst in node.instances:
+                    if inst.state != "running":
+                        continue  # starting: pushed once it answers (below); backoff: restarts with it
+                    pushed.append((inst, dict(inst.config)))  # before: a timed-out push may apply later
+                    reply = self._request(inst.name, {"op": "reconfigure", "config": config})
+                    if not reply.get("ok"):
+                        raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+            except SupervisorError as exc:
+                unsure = self._put_back(pushed)
+                extra = f"; except that {_unsure_text(unsure)}" if unsure else ""
+                raise SupervisorError(f"config not applied, the instances run the config they ran{extra}: {exc}",
+                                      status=exc.status) from None
             node.config = dict(config)
+            done = {id(i) for i, _ in pushed}
             for inst in node.instances:
                 inst.config = dict(config)  # a later restart starts with what runs now
+                if inst.state == "starting" and id(inst) not in done:
+                    inst.push_config = True  # started with the old config: pushed once it answers
             self._event("reconfigure", name, "config pushed to running instances")
             return self._node_status(node)
 
@@ -898,7 +1031,7 @@ class Supervisor:
                 version: str | None = None) -> dict:
         """Replace every instance of `name` by one running `function`/`config`/`version`, losing no frame:
         start the new instances, re-steer upstream to them, then stop the old ones (each drains its ring)."""
-        with self._op_lock, self.lock:
+        with self._operation("replace", node=name):
             node = self._node(name)
             if function is not None and (not isinstance(function, str) or not function):
                 raise SupervisorError(f"function must be a plugin name (a string), got {function!r}")
@@ -914,7 +1047,6 @@ class Supervisor:
                 raise SupervisorError(f"node {name!r} has no running instance to replace", status=409)
             now = self.clock()
             self._room(len(old), f"replacing {name}")
-            self._op = {"kind": "replace", "node": name, "since": round(time.time(), 3)}
             new: list[Instance] = []
             try:
                 for _ in old:
@@ -923,9 +1055,7 @@ class Supervisor:
                 self._wait_up(new, START_TIMEOUT)
             except SupervisorError:
                 self._withdraw(node, new)
-                self._op = None
                 raise
-            self._op = None
             for inst in new:
                 inst.staged = False
             for inst in old:
@@ -948,7 +1078,8 @@ class Supervisor:
             out["processed_by_old"] = processed
             return out
 
-    def reload(self, topo: Topology, source: str | None = None) -> dict:
+    def reload(self, topo: Topology, source: str | None = None, *, remember: bool = False,
+               wait: float | None = None) -> dict:
         """Apply a new topology to the running one; returns what changed.
 
         Each node is compared with what it runs now (its function, version, config, batch, ports,
@@ -958,23 +1089,24 @@ class Supervisor:
         replaced instances drained and stopped). A failure before the commit stops what was started,
         puts the configs back and leaves the running topology as it was; the error says what failed."""
         topo = self._pin(topo)
-        with self._op_lock, self.lock:
+        source = source or self.source
+        if self._resolve is not None:  # reads only the new topology: no lock needed
+            try:
+                check_functions(topo, source, self._resolve, _read_text(source))
+            except ConfigError as exc:
+                raise SupervisorError(str(exc), status=422) from None
+        with self._operation("reload", wait=wait, config=source):
             old = self.topo
-            source = source or self.source
             if topo.fabric != old.fabric:
                 raise SupervisorError("the `fabric:` section changed; a region cannot be resized live; "
                                       "run `shmfabric down` and `up` again", status=409)
-            if self._resolve is not None:
-                try:
-                    check_functions(topo, source, self._resolve, _read_text(source))
-                except ConfigError as exc:
-                    raise SupervisorError(str(exc), status=422) from None
-            self._op = {"kind": "reload", "config": source, "since": round(time.time(), 3)}
             try:
-                return self._reload(old, topo)
+                changes = self._reload(old, topo)
             finally:
-                self._op = None
                 self._staging = None
+            if remember:
+                self.source = source
+            return changes
 
     def _reload(self, old: Topology, topo: Topology) -> dict:
         changes: dict[str, list[str]] = {"added": [], "removed": [], "reconfigured": [], "replaced": [],
@@ -1046,26 +1178,29 @@ class Supervisor:
                     continue
                 node, b = self.nodes[name], topo.node(name)
                 for inst in p["active"]:
+                    # one still starting runs the config of its command line: it gets the new one
+                    # once it answers (flagged at the commit); one in backoff restarts with it
                     if inst.state != "running":
                         continue
-                    before = dict(inst.config)
+                    # listed before the push: one that times out may still apply it later (stopped,
+                    # busy), so it is put back too
+                    pushed.append((inst, dict(inst.config)))
                     reply = self._request(inst.name, {"op": "reconfigure", "config": dict(b.config)})
                     if not reply.get("ok"):
                         raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
-                    pushed.append((inst, before))
         except Exception as exc:  # a SupervisorError, or a bug: either way nothing may stay half-applied
             self._staging = None
-            for inst, before in pushed:
-                try:
-                    self._request(inst.name, {"op": "reconfigure", "config": before})
-                except SupervisorError:
-                    pass
+            unsure = self._put_back(pushed)
             for name in {n.cfg.name for n, _ in started}:
                 self._withdraw(self.nodes[name], [i for n, i in started if n.cfg.name == name])
             for name in new_nodes:
                 self.nodes.pop(name, None)
-            self._event("reload-failed", "", f"{exc}; nothing changed")
             why = str(exc) if isinstance(exc, SupervisorError) else f"{type(exc).__name__}: {exc}"
+            if unsure:
+                self._event("reload-failed", "", f"{exc}; put back, except that {_unsure_text(unsure)}")
+                raise SupervisorError(f"reload failed, the running topology is unchanged except that "
+                                      f"{_unsure_text(unsure)}: {why}", status=getattr(exc, "status", 500)) from None
+            self._event("reload-failed", "", f"{exc}; nothing changed")
             raise SupervisorError(f"reload failed, the running topology is unchanged: {why}",
                                   status=getattr(exc, "status", 500)) from None
         # -- 2. commit: the new topology; what leaves is out of every group before upstream is re-steered
@@ -1094,8 +1229,11 @@ class Supervisor:
                 victims = sorted(p["active"], key=lambda i: i.index)[p["target"]:] if p["target"] < len(p["active"]) else []
                 if p["reconfigure"]:
                     node.config = dict(b.config)
+                    done = {id(i) for i, _ in pushed}
                     for inst in node.instances:
                         inst.config = dict(b.config)
+                        if inst.state == "starting" and id(inst) not in done:
+                            inst.push_config = True  # started with the old config: pushed once it answers
                     changes["reconfigured"].append(name)
             for v in victims:
                 v.state = "stopping"
@@ -1161,9 +1299,10 @@ class Supervisor:
             update["api"] = self.pinned["api"]
         return topo.model_copy(update=update) if update else topo
 
-    def reload_file(self, path: str | None = None) -> dict:
+    def reload_file(self, path: str | None = None, wait: float | None = None) -> dict:
         """Read `path`, or with none the file last loaded (the one started with, or the last `path` given
-        here), and apply it with `reload`; a `path` applied becomes the file a later plain reload reads."""
+        here), and apply it with `reload`; a `path` applied becomes the file a later plain reload reads.
+        Holds no lock while it reads: `reload` takes them in order (see the lock order in __init__)."""
         from shmfabric.manager.config import load_topology
 
         source = path or self.source
@@ -1171,10 +1310,7 @@ class Supervisor:
             topo = load_topology(source)
         except ConfigError as exc:
             raise SupervisorError(str(exc), status=422) from None
-        with self.lock:
-            changes = self.reload(topo, source)
-            self.source = source
-            return changes
+        return self.reload(topo, source, remember=True, wait=wait)
 
     def _validate_config(self, function: str, config: dict, name: str) -> None:
         if self._resolve is None:
@@ -1257,6 +1393,25 @@ class Supervisor:
 
     def _event(self, kind: str, node: str, detail: str) -> None:
         self.events.append({"time": round(time.time(), 3), "kind": kind, "node": node, "detail": detail})
+
+
+def _unsure_text(names: list[str]) -> str:
+    return (f"{', '.join(names)} did not confirm the config put back (stopped or busy): it may apply the "
+            "new config when it runs again, then the old one; the manager pushes its config again once it answers")
+
+
+def _op_text(op: dict | None) -> str:
+    """An operation in progress, for messages: "reload of FILE (12.3 s)", "scale of fw to 3 (1.2 s)"."""
+    if not op:
+        return "another operator action (finishing)"
+    kind = op.get("kind", "?")
+    text = {"reload": f"reload of {op.get('config')}",
+            "scale": f"scale of {op.get('node')} to {op.get('instances')}",
+            "autoscale": f"the scale policy scaling {op.get('node')} to {op.get('instances')}",
+            "replace": f"replace of {op.get('node')}",
+            "reconfigure": f"config push to {op.get('node')}"}.get(kind, kind)
+    since = op.get("since")
+    return text + (f" (running {max(0.0, time.time() - since):.1f} s)" if since else "")
 
 
 def _overall(states: list[str]) -> str:

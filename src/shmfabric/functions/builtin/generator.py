@@ -123,6 +123,7 @@ class Generator:
         self._build()
         self.seq = 0
         self.sent = 0
+        self._base = 0  # `sent` when pacing (t0) last restarted
         self.t0: float | None = None
 
     def _build(self) -> None:
@@ -155,7 +156,10 @@ class Generator:
     def reconfigure(self, config: GeneratorConfig) -> None:
         self.cfg = config
         self._build()
+        # the new rate counts from now: `sent` stays the total (counters, `count`), pacing restarts
+        # from it (with t0 alone reset, `due` stayed negative for sent/rate seconds: a stall)
         self.t0 = None
+        self._base = self.sent
 
     def _frame(self, i: int) -> bytes:
         t = self.templates[i % len(self.templates)]
@@ -175,7 +179,7 @@ class Generator:
             self.t0 = now
         n = max_frames
         if c.rate:
-            due = int((now - self.t0) * c.rate) - self.sent
+            due = int((now - self.t0) * c.rate) - (self.sent - self._base)
             n = max(0, min(n, due))
         if c.count:
             n = min(n, c.count - self.sent)
@@ -197,7 +201,7 @@ class Generator:
         # wake once per millisecond's worth of frames, not per frame: a paced source then costs
         # little CPU and sends small batches instead of single frames
         burst = max(1, int(c.rate / 1000))
-        return self.t0 + (self.sent + burst) / c.rate
+        return self.t0 + (self.sent - self._base + burst) / c.rate
 
     def counters(self) -> dict[str, int]:
         return {"generated": self.sent, "flows": len(self.templates)}

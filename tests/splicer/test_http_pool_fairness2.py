@@ -22,24 +22,15 @@ import pytest
 from shmfabric.splicer.config import HttpSpliceConfig
 from shmfabric.splicer.http_server import HttpSplicer
 
+from ._asyncio_backend import AsyncBackend
 from .test_http_pool_fairness import get, wait_until
+from .test_http_pool_fairness import with_splicer as _with_splicer
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class SizedBackend:
+class SizedBackend(AsyncBackend):
     """/n/SIZE: SIZE bytes (written in 64 kB pieces, with backpressure); anything else: short."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> "SizedBackend":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def address(self) -> str:
-        return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -65,21 +56,9 @@ class SizedBackend:
         finally:
             writer.close()
 
-    async def close(self) -> None:
-        self.server.close()  # type: ignore[union-attr]
-        await self.server.wait_closed()  # type: ignore[union-attr]
-
 
 async def with_splicer(test, **cfg) -> None:
-    be = await SizedBackend().start()
-    cfg.setdefault("health", {"enabled": False})
-    sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", default=[be.address], **cfg))
-    await sp.start()
-    try:
-        await asyncio.wait_for(test(be, sp), 75)
-    finally:
-        await sp.close()
-        await be.close()
+    await _with_splicer(test, SizedBackend, 75, **cfg)
 
 
 def small_rcvbuf_socket(port: int, rcvbuf: int = 8192) -> socket.socket:

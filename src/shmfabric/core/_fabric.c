@@ -76,58 +76,29 @@ static int parse_uint_arg(PyObject *o, unsigned long long max, const char *what,
     *out = (unsigned long long)v;
     return 1;
 }
-static int conv_ethertype(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xffffu, "ethertype", &v))
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
-static int conv_meta(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xffffffffu, "meta", &v))
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
-static int conv_incarnation(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xffffffffu, "incarnation", &v))
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
+/* "O&" converters for unsigned arguments of a known width: each is parse_uint_arg with its
+ * bound and its name in the error (PyArg_Parse* needs one function per converter). */
+#define UINT_CONVERTER(fn, bound, what)                     \
+    static int fn(PyObject *o, void *out)                   \
+    {                                                       \
+        unsigned long long v;                               \
+        if (!parse_uint_arg(o, (bound), (what), &v))        \
+            return 0;                                       \
+        *(unsigned int *)out = (unsigned int)v;             \
+        return 1;                                           \
+    }
+UINT_CONVERTER(conv_ethertype, 0xffffu, "ethertype")
+UINT_CONVERTER(conv_meta, 0xffffffffu, "meta")
+UINT_CONVERTER(conv_incarnation, 0xffffffffu, "incarnation")
+UINT_CONVERTER(conv_tape, 0xffffffffu, "tape")  /* then checked against n_mcast */
+UINT_CONVERTER(conv_flags, 0xffffu, "flags")    /* a tape entry's flags are 16 bits */
+UINT_CONVERTER(conv_code, 0xffu, "code")        /* compared with one byte per frame */
+#undef UINT_CONVERTER
+
+static PyObject *RingDownError;
 /* A destination node id: any int is accepted here and range-checked by dest_ring against
  * max_nodes; one that does not even fit a long long is an unknown destination too (not an
  * OverflowError), like any other id out of range. */
-static PyObject *RingDownError;
-static int conv_tape(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xffffffffu, "tape", &v)) /* then checked against n_mcast */
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
-static int conv_flags(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xffffu, "flags", &v)) /* a tape entry's flags are 16 bits */
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
-static int conv_code(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xffu, "code", &v)) /* compared with one byte per frame */
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
 static int conv_dst(PyObject *o, void *out)
 {
     if (!PyLong_Check(o) || PyBool_Check(o)) {

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, NetworkFunction, Verdict, validate_config
+from shmfabric.functions.builtin import tunnel as tunnel_mod
 from shmfabric.functions.builtin.tunnel import Compress, Encrypt
 from shmfabric.functions.registry import load
 from shmfabric.net import build
@@ -41,9 +43,26 @@ INNER = [udp(), tcp(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 20), udp6(), udp(payl
          udp(payload=b"A" * 1400)] + MALFORMED  # a tunnel carries any bytes, malformed ones too
 
 
-def pair(cls, **cfg):
+RUNNING_MS = 60_000
+
+
+def running_for(ms: int, make):
+    """`make()` with the tunnel module's clocks `ms` behind: a decap built so has been running for
+    `ms`. A decap that has just started refuses salts that start before its start + max_clock_skew
+    (a previous run of it may have accepted them), so most tests use one that has run a while."""
+    now, mono = tunnel_mod._now_ms, tunnel_mod._mono_ms
+    tunnel_mod._now_ms, tunnel_mod._mono_ms = (lambda: now() - ms), (lambda: mono() - ms)
+    try:
+        return make()
+    finally:
+        tunnel_mod._now_ms, tunnel_mod._mono_ms = now, mono
+
+
+def pair(cls, fresh=False, **cfg):
+    """An encap and a decap; the decap has been running for a minute, or just (re)started if `fresh`."""
     enc = cls(validate_config(cls, {"mode": "encap", **cfg}), FunctionContext(node="enc", mtu=9000))
-    dec = cls(validate_config(cls, {"mode": "decap", **cfg}), FunctionContext(node="dec", mtu=9000))
+    make = lambda: cls(validate_config(cls, {"mode": "decap", **cfg}), FunctionContext(node="dec", mtu=9000))  # noqa: E731
+    dec = make() if fresh else running_for(RUNNING_MS, make)
     return enc, dec
 
 
@@ -245,7 +264,8 @@ def test_key_file_hex_or_raw(tmp_path):
     (tmp_path / "raw.key").write_bytes(raw)
     (tmp_path / "hex.key").write_text(raw.hex() + "\n")
     a = Encrypt(validate_config(Encrypt, {"mode": "encap", "key_file": str(tmp_path / "raw.key")}), FunctionContext())
-    b = Encrypt(validate_config(Encrypt, {"mode": "decap", "key_file": str(tmp_path / "hex.key")}), FunctionContext())
+    b = running_for(RUNNING_MS, lambda: Encrypt(validate_config(Encrypt, {"mode": "decap", "key_file": str(tmp_path / "hex.key")}),
+                                                 FunctionContext()))
     assert roundtrip(a, b, [udp()]) == [udp()]
 
 
@@ -268,9 +288,12 @@ def test_registered_and_satisfy_the_protocol():
 
 # --- with processes -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("function, cfg", [("encrypt", {"key": KEY}), ("compress", {"algorithm": "zstd"})])
+@pytest.mark.parametrize("function, cfg", [("encrypt", {"key": KEY, "max_clock_skew": 0.1}),
+                                           ("compress", {"algorithm": "zstd"})])
 def test_tunnel_chain_with_processes_delivers_every_frame_intact(tmp_path, function, cfg):
-    """generator -> FUNCTION(encap) -> FUNCTION(decap) -> sink(verify): 0 corrupt, 0 missing."""
+    """generator -> FUNCTION(encap) -> FUNCTION(decap) -> sink(verify): 0 corrupt, 0 missing.
+    A decap that has just started refuses salts that start within max_clock_skew of its start,
+    so the generator starts more than that after the decap did."""
     n = 3000
     ch = Chain(tmp_path, mtu=1600)
     try:
@@ -278,6 +301,7 @@ def test_tunnel_chain_with_processes_delivers_every_frame_intact(tmp_path, funct
         ch.start("dec", function, {"mode": "decap", **cfg}, "sink")
         ch.start("enc", function, {"mode": "encap", **cfg}, "dec")
         ch.wait_attached("sink", "dec", "enc")
+        time.sleep(0.3)  # > max_clock_skew: the encap's first salt starts after the decap's floor
         ch.start("gen", "generator", {"count": n, "size": 1400, "flows": 64, "tcp_share": 0.5}, "enc")
         ch.wait_exit("gen")
         assert ch.wait_rx("sink", n) >= n, ch.logs()
@@ -291,8 +315,6 @@ def test_tunnel_chain_with_processes_delivers_every_frame_intact(tmp_path, funct
 
 
 # --- hostile input: bombs, fuzz, replay state --------------------------------------------------------
-
-from shmfabric.functions.builtin import tunnel as tunnel_mod  # noqa: E402
 
 
 def outer_packet(payload: bytes, sport=50000, dport=57400) -> bytes:
@@ -443,21 +465,26 @@ def test_encrypt_replay_state_forgets_the_least_recently_used_salt_and_no_replay
 
 def test_encrypt_decap_restart_accepts_no_replay_and_senders_resume_with_their_next_salt(clock):
     """A restarted decap has no replay state: it accepted every packet captured before. Now it
-    refuses salts that started before it did (`stale_sender`); the encap draws a new salt every
-    `resalt_after` seconds and is accepted again from then on."""
-    enc, dec = pair(Encrypt, key=KEY, resalt_after=5)
+    refuses salts that started before its start + max_clock_skew (`stale_sender`); the encap
+    draws a new salt every `resalt_after` seconds and is accepted again from its first salt that
+    starts after that (at most max_clock_skew + resalt_after after the restart)."""
+    enc, dec = pair(Encrypt, key=KEY, resalt_after=5, max_clock_skew=5)
     _, cap = through(enc, [udp(payload=b"pay %d" % i) for i in range(100)])
     assert through(dec, cap)[0] == [CONSUMED] * 100
     clock[0] += 1
-    _, dec2 = pair(Encrypt, key=KEY, resalt_after=5)  # the decap restarted
+    _, dec2 = pair(Encrypt, fresh=True, key=KEY, resalt_after=5, max_clock_skew=5)  # the decap restarted
     assert through(dec2, cap)[0] == [DROP] * 100 and dec2.counters()["stale_sender"] == 100
-    clock[0] += 2_000  # a salt lives a random 50-100 % of resalt_after
+    clock[0] += 500  # an encap's first salt lives a random 1-2 s (later ones 50-100 % of resalt_after)
     _, more = through(enc, [udp()] * 3)  # same salt: refused too until the next one
     assert through(dec2, more)[0] == [DROP] * 3
     clock[0] += 3_000
     salt = enc.salt
-    _, fresh = through(enc, [udp(payload=b"fresh")] * 2)
+    _, early = through(enc, [udp(payload=b"early")] * 2)  # a new salt, but started within the skew
     assert enc.salt != salt and enc.counters()["salts"] == 2
+    assert through(dec2, early)[0] == [DROP] * 2
+    clock[0] += 5_000
+    _, fresh = through(enc, [udp(payload=b"fresh")] * 2)
+    assert enc.counters()["salts"] == 3
     assert through(dec2, fresh) == ([CONSUMED] * 2, [udp(payload=b"fresh")] * 2)
     assert through(dec2, fresh)[0] == [DROP] * 2  # and replays of the new salt are caught as before
 
@@ -465,7 +492,7 @@ def test_encrypt_decap_restart_accepts_no_replay_and_senders_resume_with_their_n
 def test_encrypt_nonces_never_repeat_across_salts_even_if_the_clock_goes_back(clock, monkeypatch):
     monkeypatch.setattr(tunnel_mod, "SEQ_MAX", 3)  # a new salt every 3 packets
     monkeypatch.setattr(os, "urandom", lambda n: b"\x00" * n)  # the worst case: every salt the same
-    enc, dec = pair(Encrypt, key=KEY, resalt_after=0.01)
+    enc, dec = pair(Encrypt, key=KEY, max_clock_skew=10, resalt_after=0.01)
     nonces = []
     for step in (0, 20, -5000, 0, 20):
         if step < 0:
@@ -512,19 +539,26 @@ def test_encrypt_resalt_time_is_random_so_instances_started_together_do_not_stay
     sa, sb = starts[id(a)], starts[id(b)]
     assert sa[0] == sb[0] and sa != sb
     for s in (sa, sb):
-        assert all(5_000 <= y - x <= 10_010 for x, y in zip(s, s[1:])), s
+        assert 1_000 <= s[1] - s[0] <= 2_010, s  # the first salt lives 1-2 s (FIRST_SALT_MS)
+        assert all(5_000 <= y - x <= 10_010 for x, y in zip(s[1:], s[2:])), s
         assert len(s) >= 10  # 100 s, at most 10 s each
     # the bounds exactly: a random draw of all zeros lives half of resalt_after, all ones all of it
     for fill, life in ((0x00, 5_000), (0xFF, 10_000)):
         monkeypatch.setattr(os, "urandom", lambda n, fill=fill: bytes([fill]) * n)
         enc = pair(Encrypt, key=KEY)[0]
         through(enc, [udp()])
-        clock[0] += life - 1
+        clock[0] += life // 5 - 1  # the first salt: 1-2 s (FIRST_SALT_MS), by the same draw
         through(enc, [udp()])
         assert enc.counters()["salts"] == 1
         clock[0] += 1
         through(enc, [udp()])
         assert enc.counters()["salts"] == 2
+        clock[0] += life - 1  # the next ones: 50-100 % of resalt_after
+        through(enc, [udp()])
+        assert enc.counters()["salts"] == 2
+        clock[0] += 1
+        through(enc, [udp()])
+        assert enc.counters()["salts"] == 3
 
 
 def test_encrypt_encap_keeps_resalting_when_its_wall_clock_is_set_back(clock):
@@ -553,7 +587,7 @@ def test_encrypt_decap_restarted_with_its_clock_behind_accepts_no_replay(clock):
     assert through(dec, cap)[0] == [CONSUMED] * 5
     clock[0] += 1
     clock.step(-3_600_000)
-    _, dec2 = pair(Encrypt, key=KEY)  # restarted, its clock an hour behind
+    _, dec2 = pair(Encrypt, fresh=True, key=KEY)  # restarted, its clock an hour behind
     clock[0] += 60_000
     assert through(dec2, cap)[0] == [DROP] * 5 and dec2.counters()["future_sender"] == 5
     assert not dec2.replay
@@ -567,12 +601,12 @@ def test_encrypt_decap_started_with_its_clock_ahead_recovers_once_it_is_correcte
     """A decap started with its clock a day ahead kept that as its floor: once the clock was
     corrected it refused every new salt for a day. The floor never exceeds now + skew + 1."""
     clock.step(86_400_000)
-    _, dec = pair(Encrypt, key=KEY)
+    _, dec = pair(Encrypt, fresh=True, key=KEY)
     clock.step(-86_400_000)
     enc, _ = pair(Encrypt, key=KEY)
     assert through(dec, through(enc, [udp()])[1])[0] == [DROP]  # a salt drawn within the skew
-    assert dec.floor == clock[0] + 10_000 + 1  # skew: max(resalt_after, 5 s)
-    clock[0] += 20_001  # skew + resalt_after: the encap's next salt
+    assert dec.floor == clock[0] + 1_000 + 1  # skew: 1 s by default
+    clock[0] += 11_001  # skew + resalt_after: the encap's next salt
     assert through(dec, through(enc, [udp(payload=b"ok")])[1]) == ([CONSUMED], [udp(payload=b"ok")])
 
 
@@ -581,12 +615,12 @@ def test_encrypt_decap_keeps_no_state_for_a_salt_from_the_future(clock):
     its window was forgotten, the floor rose past its start and every healthy sender was refused
     for a day. Beyond now + skew it is refused now, with no state; within the skew it is accepted,
     and forgetting it delays the others by at most the skew."""
-    _, dec = pair(Encrypt, key=KEY)
+    _, dec = pair(Encrypt, key=KEY, max_clock_skew=10)
     clock.step(86_400_000)
-    fut, _ = pair(Encrypt, key=KEY)
+    fut, _ = pair(Encrypt, key=KEY, max_clock_skew=10)
     _, far = through(fut, [udp()])
     clock.step(-86_400_000 + 3_000)
-    near, _ = pair(Encrypt, key=KEY)  # 3 s ahead: within the skew (10 s)
+    near, _ = pair(Encrypt, key=KEY, max_clock_skew=10)  # 3 s ahead: within the skew (10 s)
     _, close = through(near, [udp()])
     clock.step(-3_000)
     floor = dec.floor
@@ -602,3 +636,231 @@ def test_encrypt_decap_keeps_no_state_for_a_salt_from_the_future(clock):
     assert near.salt not in dec.replay and dec.floor <= clock[0] + 10_000 + 1
     clock[0] += 3_000  # the near-future salt's start is passed: the healthy senders' next salts
     assert [through(dec, through(e, [udp()])[1])[0][0] for e in healthy] == [CONSUMED] * 4
+
+
+# --- review of the tunnel functions: replay across restarts and reconfigures, outer header, config ---------
+
+def test_encrypt_decap_restart_refuses_replays_of_a_sender_whose_clock_is_ahead(clock):
+    """The floor of a decap that (re)started was its start, but a sender whose clock is d ahead
+    (d < max_clock_skew: accepted) stamps its salts up to d in the decap's future: after a
+    restart within d, such a salt got a fresh window and every packet captured before the
+    restart was accepted again (50 of 50). The floor at a start is now + skew + 1 ms, so a sender
+    is accepted again from its first salt that starts after that: within skew + resalt_after."""
+    def on_enc(frames):  # the encap's clock is 3 s ahead of the decap's (default skew: 10 s)
+        clock.step(3_000)
+        try:
+            return through(enc, frames)
+        finally:
+            clock.step(-3_000)
+
+    enc, dec = pair(Encrypt, key=KEY, max_clock_skew=10)
+    _, cap = on_enc([udp(payload=b"transfer %d" % i) for i in range(50)])  # a salt starts now (+3 s)
+    assert through(dec, cap)[0] == [CONSUMED] * 50
+    clock[0] += 1_000
+    _, dec2 = pair(Encrypt, fresh=True, key=KEY, max_clock_skew=10)  # restarted 1 s later
+    restart = clock[0]
+    clock[0] += 10
+    assert through(dec2, cap)[0] == [DROP] * 50 and dec2.counters()["stale_sender"] == 50
+    assert dec2.counters()["out_packets"] == 0
+    accepted_at = None
+    while accepted_at is None:  # live traffic, a batch every 100 ms
+        clock[0] += 100
+        v, got = through(dec2, on_enc([udp(payload=b"live")])[1])
+        if v == [CONSUMED]:
+            accepted_at = clock[0]
+            assert got == [udp(payload=b"live")] and enc.start > restart + 10_000
+        assert clock[0] - restart <= 10_000 + 10_000 + 100  # skew + resalt_after (+ a batch)
+    assert through(dec2, cap)[0] == [DROP] * 50  # still refused, with the sender's window in place
+
+
+def test_encrypt_replay_window_changed_by_reconfigure_refuses_what_it_refused_before(clock):
+    """Raising replay_window (same key) made the old windows' bits cover counters they had shifted
+    out of: 30 replayed packets were accepted again; 0 -> N accepted again every packet delivered
+    while the check was off. Now what the old window refused stays refused."""
+    enc, dec = pair(Encrypt, key=KEY, replay_window=64)
+    _, o = through(enc, [udp(payload=b"pay %d" % i) for i in range(100)])
+    late = o[70]  # not delivered yet, inside the window
+    assert through(dec, o[:70] + o[71:])[0] == [CONSUMED] * 99
+    assert through(dec, o[:30])[0] == [DROP] * 30
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", "key": KEY, "replay_window": 1024}))
+    assert through(dec, o[:70] + o[71:])[0] == [DROP] * 99
+    assert through(dec, [late]) == ([CONSUMED], [udp(payload=b"pay 70")])  # reordering still tolerated
+    _, more = through(enc, [udp(payload=b"more %d" % i) for i in range(3)])
+    assert through(dec, more[2:] + more[:2])[0] == [CONSUMED] * 3  # and the wider window works
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", "key": KEY, "replay_window": 16}))
+    assert through(dec, o + more)[0] == [DROP] * 103
+    # 0 -> N: nothing was recorded while the check was off
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", "key": KEY, "replay_window": 0}))
+    _, off = through(enc, [udp(payload=b"off %d" % i) for i in range(10)])
+    assert through(dec, off)[0] == [CONSUMED] * 10
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", "key": KEY, "replay_window": 1024}))
+    assert through(dec, off + o)[0] == [DROP] * 110 and not dec.replay
+    clock[0] += 20_001  # as after a start: the sender's first salt after now + skew is accepted
+    assert through(dec, through(enc, [udp(payload=b"on")])[1]) == ([CONSUMED], [udp(payload=b"on")])
+
+
+def test_encrypt_key_rotation_encap_first_loses_nothing_once_both_have_the_new_key(clock):
+    """A new key set the decap's floor to now, so an encap that switched first (its new salt
+    started before the decap switched) was refused as stale_sender for up to resalt_after (9 s
+    lost). A key change in a running decap sets the floor to now - resalt_after; a (re)start
+    keeps the floor at now + skew + 1."""
+    enc, dec = pair(Encrypt, key=KEY)
+    assert through(dec, through(enc, [udp()])[1])[0] == [CONSUMED]
+    clock[0] += 1_000
+    new = "ab" * 32
+    enc.reconfigure(validate_config(Encrypt, {"mode": "encap", "key": new}))
+    _, inflight = through(enc, [udp(payload=b"early")])  # reaches the decap before its new key
+    assert through(dec, inflight)[0] == [DROP] and dec.counters()["auth_failed"] == 1
+    clock[0] += 200
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", "key": new}))
+    assert through(dec, through(enc, [udp(payload=b"new")])[1]) == ([CONSUMED], [udp(payload=b"new")])
+    assert through(dec, inflight)[0] == [CONSUMED]  # refused under the old key, never accepted
+    assert through(dec, inflight)[0] == [DROP] and dec.counters()["stale_sender"] == 0
+    # an encap that switched up to resalt_after before the decap: its salt is accepted too
+    newer = "cd" * 32
+    enc.reconfigure(validate_config(Encrypt, {"mode": "encap", "key": newer}))
+    through(enc, [udp()])
+    clock[0] += 9_000
+    dec.reconfigure(validate_config(Encrypt, {"mode": "decap", "key": newer}))
+    assert through(dec, through(enc, [udp()])[1])[0] == [CONSUMED]
+    # a decap that restarts with the key is no running decap: no grace
+    _, dec2 = pair(Encrypt, fresh=True, key=newer)
+    assert through(dec2, through(enc, [udp()])[1])[0] == [DROP] and dec2.counters()["stale_sender"] == 1
+
+
+def with_options(p: bytes) -> bytes:
+    """`p` with 4 bytes of IPv4 options (NOP NOP NOP EOL): IHL 6."""
+    h = bytearray(p[:20])
+    h[0] = 0x46
+    h[2:4] = (len(p) + 4).to_bytes(2, "big")
+    refix_ip_checksum(h)
+    return bytes(h) + b"\x01\x01\x01\x00" + p[20:]
+
+
+def fragment(p: bytes, data: bytes, offset: int, more: bool) -> bytes:
+    """A fragment with `p`'s IPv4 header (no options) and `data` at `offset` bytes."""
+    h = bytearray(p[:20])
+    h[2:4] = (20 + len(data)).to_bytes(2, "big")
+    h[6:8] = ((0x2000 if more else 0) | offset // 8).to_bytes(2, "big")
+    refix_ip_checksum(h)
+    return bytes(h) + data
+
+
+@pytest.mark.parametrize("cls, cfg", [(Compress, {}), (Encrypt, {"key": KEY, "non_tunnel": "pass"})])
+def test_tunnel_addressed_packets_with_options_fragments_or_cut_short_are_dropped_and_counted(cls, cfg):
+    """The ports were read at offset 20 before IHL was looked at, and packets shorter than the
+    headers took the non-tunnel path: a tunnel packet with IP options, a non-first fragment and a
+    truncated tunnel header were passed on as non_tunnel. Whose a packet is is now decided on
+    version, protocol and outer addresses (and the port where it can be read at the real IHL)."""
+    enc, dec = pair(cls, **cfg)
+    _, (good,) = through(enc, [udp(payload=b"q" * 300)])
+    ours = [("malformed", with_options(good)), ("malformed", good[:29]), ("malformed", good[:31]),
+            ("malformed", outer_packet(b"\x21\x01")), ("malformed", good[:22]),
+            ("fragments", fragment(good, good[28:100], 1480, True)),  # no UDP header: no port to read
+            ("fragments", fragment(good, good[28:], 1480, False)),
+            ("fragments", fragment(good, good[20:200], 0, True)),
+            ("fragments", with_options(fragment(good, good[20:200], 0, True)))]
+    for counter, p in ours:
+        before = dec.counters()[counter]
+        assert through(dec, [p]) == ([DROP], []), (counter, p[:32].hex())
+        assert dec.counters()[counter] == before + 1, counter
+    assert dec.counters()["non_tunnel_passed"] == 0
+    other_port = outer_packet(b"\x00" * 40, dport=9)  # the same hosts, another UDP port
+    other_hosts = udp(src="10.0.0.1", dst="192.0.2.2", dport=57400, payload=b"\x21" * 40)
+    others = [with_options(other_port), fragment(other_port, other_port[20:40], 0, True),
+              with_options(other_hosts), fragment(other_hosts, b"\x00" * 64, 1480, False), other_port[:25],
+              b"\x46" + bytes(10), udp6()]
+    assert through(dec, others)[0] == [NEXT] * len(others)
+    assert dec.counters()["non_tunnel_passed"] == len(others)
+    assert through(dec, [good])[0] == [CONSUMED]  # the fast path still takes a plain one
+
+
+def test_key_file_must_be_a_small_regular_file(tmp_path):
+    """key_file was read whole, whatever it was: /dev/zero ended in a MemoryError traceback and a
+    FIFO hung the start. Only a regular file of at most 4 KiB is read."""
+    big = tmp_path / "big.key"
+    big.write_bytes(b"0" * 4097)
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo)
+    for path, msg in [("/dev/zero", "is not a regular file"), (str(fifo), "is not a regular file"),
+                      (str(tmp_path), "is not a regular file"), (str(big), "is larger than 4 KiB: not a key file")]:
+        with pytest.raises(FunctionConfigError, match=f"config: key_file '{path}' {msg}") as e:
+            validate_config(Encrypt, {"mode": "encap", "key_file": path})
+        assert "\n" not in str(e.value)
+    at_most = tmp_path / "padded.key"
+    at_most.write_text(KEY + "\n" + " " * (4096 - 65))  # 4096 bytes: still read
+    assert validate_config(Encrypt, {"mode": "encap", "key_file": str(at_most)})
+
+
+def test_a_key_file_others_can_read_is_reported_without_the_key(tmp_path):
+    """A group- or other-accessible key file was accepted silently; now a config_warning names the
+    file and its mode (as ssh does for a private key), never the key."""
+    raw = os.urandom(32)
+    files = {"hex": (tmp_path / "hex.key", (KEY + "\n").encode()), "raw": (tmp_path / "raw.key", raw)}
+    for name, (path, content) in files.items():
+        path.write_bytes(content)
+        for mode, warned in [(0o600, False), (0o400, False), (0o640, True), (0o604, True), (0o660, True)]:
+            os.chmod(path, mode)
+            logged: list = []
+            ctx = FunctionContext(log=lambda event, fields: logged.append((event, fields)))
+            Encrypt(validate_config(Encrypt, {"mode": "decap", "key_file": str(path)}), ctx)
+            if not warned:
+                assert logged == [], (name, oct(mode))
+                continue
+            assert [e for e, _ in logged] == ["config_warning"], (name, oct(mode))
+            text = " ".join(str(v) for v in logged[0][1].values())
+            assert str(path) in text and f"{mode:04o}" in text and "chmod 600" in text
+            assert KEY[:16] not in text and raw.hex()[:16] not in text and raw.decode("latin-1") not in text
+
+
+@pytest.mark.parametrize("text", ["{mode: encap, key: 0x" + KEY + "}", "{mode: encap, key: " + "1234567890" * 6 + "1234}"])
+def test_a_key_yaml_read_as_a_number_asks_for_quotes(text):
+    import yaml
+
+    cfg = yaml.safe_load(text)
+    assert isinstance(cfg["key"], int)
+    with pytest.raises(FunctionConfigError, match=r"config.key: quote the key: YAML read it as a number") as e:
+        validate_config(Encrypt, cfg)
+    assert "0102030405" not in str(e.value) and "12345678" not in str(e.value) and str(cfg["key"])[:12] not in str(e.value)
+    assert validate_config(Encrypt, yaml.safe_load(text.replace("key: ", 'key: "').replace("}", '"}')))
+
+
+def test_max_packet_above_the_network_mtu_is_limited_to_it():
+    """max_packet 9000 on a 1500-byte network was taken as is: every bigger outer packet was
+    counted as sent and then lost at the runtime (emit_too_large). It is limited to the MTU (with
+    a config warning), and a packet over it is dropped as too_big like any other."""
+    logged: list = []
+    ctx = FunctionContext(mtu=1500, log=lambda event, fields: logged.append((event, fields)))
+    enc = Encrypt(validate_config(Encrypt, {"mode": "encap", "key": KEY, "max_packet": 9000}), ctx)
+    v, outer = through(enc, [udp(payload=bytes(3000)), udp(payload=bytes(1400))])
+    assert v == [DROP, CONSUMED] and [len(o) for o in outer] == [28 + 1400 + 60]
+    c = enc.counters()
+    assert c["too_big"] == 1 and c["out_packets"] == 1
+    assert [e for e, _ in logged] == ["config_warning"] and "9000" in logged[0][1]["problem"]
+    assert "1500" in logged[0][1]["problem"]
+    logged.clear()
+    small = Compress(validate_config(Compress, {"mode": "encap", "max_packet": 1000}), ctx)  # below the MTU: as given
+    v, _ = through(small, [udp(payload=os.urandom(1000))])
+    assert v == [DROP] and small.counters()["too_big"] == 1 and logged == []
+
+
+def test_inner_fragments_of_one_datagram_get_the_same_outer_source_port():
+    """The first fragment was hashed on its 5-tuple and the later ones (no ports) got 49152, so a
+    scaled-out decap could reorder a datagram's fragments. A fragment hashes (src, dst, proto)."""
+    from shmfabric.net.flow import flow_hash
+
+    enc, _ = pair(Encrypt, key=KEY)
+    l4 = build.udp(1000, 53, b"x" * 3000, src="10.0.0.1", dst="10.0.0.2")
+    v4 = [build.ipv4(l4[a:b], src="10.0.0.1", dst="10.0.0.2", proto=17, ident=7, mf=b < len(l4), frag_offset=a)
+          for a, b in ((0, 1480), (1480, 2960), (2960, len(l4)))]
+    other = build.ipv4(l4[1480:2960], src="10.0.0.3", dst="10.0.0.2", proto=17, ident=7, mf=True, frag_offset=1480)
+    l6 = build.udp(1, 2, b"y" * 3000, src="fd00::1", dst="fd00::2")
+    v6 = [build.ipv6(l6[a:b], src="fd00::1", dst="fd00::2", next_header=17,
+                     ext=[build.ipv6_fragment(a, b < len(l6), 9)]) for a, b in ((0, 1448), (1448, len(l6)))]
+    _, outer = through(enc, v4 + [other] + v6 + [udp(sport=1000), udp6()])
+    sp = [struct.unpack_from("!H", o, 20)[0] for o in outer]
+    assert sp[0] == sp[1] == sp[2] != sp[3] and sp[4] == sp[5] != sp[0]
+    a, b = int.from_bytes(bytes([10, 0, 0, 1]), "big"), int.from_bytes(bytes([10, 0, 0, 2]), "big")
+    assert sp[0] == 49152 + flow_hash((a, b, 17, 0, 0)) % 16384
+    assert sp[6] == 49152 + flow_hash((a, b, 17, 1000, 53)) % 16384  # unfragmented: the 5-tuple, as before
+    assert sp[7] not in (49152, sp[4])

@@ -20,22 +20,35 @@ an outer IPv4/UDP packet; a `decap` node with the same outer addresses and port 
   window per sender salt (like IPsec's, `replay_window` packets), created, refreshed and moved
   only by a packet that authenticated, for the 256 salts used last; a salt it has no window for
   is accepted only if floor <= its start <= now + `max_clock_skew`: `floor` is the decap's start
-  (as its clock now sees it), raised past every salt whose window it forgot (`stale_sender`
-  below it, `future_sender` beyond now + skew, which creates no state), so neither a decap
-  restart nor a forgotten window lets a replay through; a sender is accepted again from its
-  next salt. The floor never exceeds now + skew + 1 (lowered if the decap's clock goes back).
+  + skew + 1 ms (as its clock now sees it: a previous run may have accepted salts that start up
+  to its end + skew, from a sender whose clock is ahead), raised past every salt whose window it
+  forgot (`stale_sender` below it, `future_sender` beyond now + skew, which creates no state),
+  so neither a decap restart nor a forgotten window lets a replay through; a sender is accepted
+  again from its first salt that starts after the floor. The floor never exceeds now + skew + 1
+  (lowered if the decap's clock goes back). A new key in a running decap sets the floor to now -
+  `resalt_after` instead (nothing sent under the new key was accepted by it, unless the key was
+  used before: keys are not to be reused), so an encap that switched first is accepted at once.
+  A change of `replay_window` keeps every packet refused that the old window refused (from 0,
+  when nothing was recorded: as at a start).
 
 The outer source port carries a hash of the inner 5-tuple (as VXLAN does), so a scaled-out decap
-keeps each inner flow on one instance and in order. The UDP checksum is 0 (allowed for IPv4;
-VXLAN does the same): `encrypt` has its tag; `compress` can add zstd's own checksum.
+keeps each inner flow on one instance and in order; an inner fragment (IPv4 MF or an offset, an
+IPv6 fragment header) hashes (src, dst, protocol) only, as RSS does, so all the fragments of a
+datagram go alike. The UDP checksum is 0 (allowed for IPv4; VXLAN does the same): `encrypt` has
+its tag; `compress` can add zstd's own checksum.
 
 Encap and decap produce packets of a new length, so they emit the new packet (`ctx.emit`) and
-give the original `Verdict.CONSUMED` (docs/functions.md, "Functions that make frames"). Decap passes or drops
-(`non_tunnel`) what is not for this tunnel; the outer header must be IPv4 without fragments.
+give the original `Verdict.CONSUMED` (docs/functions.md, "Functions that make frames"). A packet
+is this tunnel's if it is IPv4 UDP from the outer source to the outer destination to the tunnel
+port (where the port cannot be read, in a non-first fragment, under a bad IHL or cut short, the
+addresses decide); decap drops and counts one with IP options, a fragment or one too short
+(`malformed`, `fragments`), and passes or drops (`non_tunnel`) what is not this tunnel's.
+`max_packet` is at most the node's MTU (a bigger one is lowered to it, with a config warning).
 """
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from collections import OrderedDict
@@ -47,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.net import checksum as ck
 from shmfabric.net.flow import flow_hash, parse_5tuple_ip, to_address
+from shmfabric.net.packet import LINK_IP, decode
 
 NEXT, DROP, CONSUMED = int(Verdict.NEXT), int(Verdict.DROP), int(Verdict.CONSUMED)
 VERSION = 2  # 2: the encrypt nonce counter carries the salt's start time (replay protection across restarts)
@@ -55,9 +69,14 @@ ALG_STORED, ALG_ZSTD, ALG_LZ4 = 0, 1, 2
 IP_UDP = 28
 TUNNEL_HDR = struct.Struct("!BBH")  # version/kind, alg or key id, inner length
 NONCE_LEN, TAG_LEN = 12, 16
+DEFAULT_CLOCK_SKEW = 1.0  # decap: seconds a sender's clock may lead (max_clock_skew's default)
+FIRST_SALT_MS = 2000  # encap: the most its first salt lives (see Encrypt._new_salt)
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _OUTER = struct.Struct("!BxHxxHxBxx4s4sHHH")  # ver/ihl, total length, flags/frag, proto, src, dst, sport, dport, udp len
+_OUTER_ADDR = struct.Struct("!B5xHxB2x4s4s")  # ver/ihl, flags/frag, proto, src, dst (the first 20 bytes)
+_PORT = struct.Struct("!H")
+_V4_FRAG = struct.Struct("!BxxxxxHxB2xII")  # inner IPv4: ver/ihl, flags/frag, proto, src, dst
 _SPORT_BASE, _SPORT_SPAN = 49152, 16384  # entropy source ports from the dynamic range (RFC 6335)
 ZSTD_MAX_WINDOW = 1 << 17  # decap: largest zstd window accepted (encap's frames use <= 64 KiB)
 
@@ -108,7 +127,16 @@ class _Tunnel:
         self.cfg = cfg
         self.src = to_address(cfg.outer_src).to_bytes(4, "big")  # type: ignore[union-attr]
         self.dst = to_address(cfg.outer_dst).to_bytes(4, "big")  # type: ignore[union-attr]
-        self.max_packet = min(cfg.max_packet or self.ctx.mtu, 65535)
+        mtu = self.ctx.mtu
+        # never above the network's MTU: a bigger outer packet is not sent (`emit_too_large` at
+        # the runtime) though it was counted as sent; one too big is dropped here as `too_big`
+        self.max_packet = min(cfg.max_packet or mtu, mtu, 65535)
+        if cfg.max_packet is not None and cfg.max_packet > mtu:
+            self.ctx.log("config_warning", {
+                "node": self.ctx.node, "field": "max_packet",
+                "problem": f"max_packet {cfg.max_packet} is larger than the network's MTU {mtu}: outer packets "
+                           f"are limited to {self.max_packet} bytes; larger ones are dropped and counted as too_big",
+                "fix": f"set max_packet to {mtu} or less, or leave it out for the default (the MTU)"})
         self.drop_other = (cfg.non_tunnel or self.DEFAULT_NON_TUNNEL) == "drop"
 
     def reconfigure(self, config: Any) -> None:
@@ -140,7 +168,12 @@ class _Tunnel:
                 out[i] = DROP
                 continue
             key = parse_5tuple_ip(inner)
-            sport = _SPORT_BASE + (flow_hash(key) % _SPORT_SPAN if key.__class__ is tuple else 0)
+            # IPv4 and not a fragment (a tuple is never a non-first fragment's; a first one has MF
+            # set): the common case. A fragment hashes (src, dst, proto) only, in _other_sport
+            if key.__class__ is tuple and not inner[6] & 0x20 and key[0].__class__ is int:
+                sport = _SPORT_BASE + flow_hash(key) % _SPORT_SPAN
+            else:
+                sport = _other_sport(inner, key)
             payload = seal(inner, sport)
             total = IP_UDP + len(payload)
             if total > max_packet:
@@ -172,26 +205,24 @@ class _Tunnel:
         emit = self.ctx.emit
         port, src, dst = self.cfg.port, self.src, self.dst
         other = DROP if self.drop_other else NEXT
+        unpack, min_len = _OUTER.unpack_from, IP_UDP + TUNNEL_HDR.size
         for i, f in enumerate(frames):
             n = len(f)
             c["in_packets"] += 1
             c["in_bytes"] += n
-            if n < IP_UDP + TUNNEL_HDR.size:
-                self._other(i, out, other)
+            if n >= min_len:
+                vihl, tlen, ff, proto, osrc, odst, sport, dport, ulen = unpack(f)
+                if vihl != 0x45 or ff & 0x3FFF:  # options or a fragment: the ports are not at 20
+                    self._odd(i, f, n, out, other)
+                    continue
+            else:
+                self._odd(i, f, n, out, other)
                 continue
-            vihl, tlen, ff, proto, osrc, odst, sport, dport, ulen = _OUTER.unpack_from(f)
-            if vihl >> 4 != 4 or proto != 17 or dport != port or osrc != src or odst != dst:
+            if proto != 17 or dport != port or osrc != src or odst != dst:
                 self._other(i, out, other)
                 continue
             # from here on the packet claims to be ours: anything wrong is dropped, never passed on
             out[i] = DROP
-            ihl = (vihl & 15) * 4
-            if ihl != 20:
-                c["malformed"] += 1  # we never send options; _OUTER read the ports at offset 20
-                continue
-            if ff & 0x3FFF:
-                c["fragments"] += 1  # no reassembly: encap never fragments, so this is foreign
-                continue
             data = bytes(f)
             if not (IP_UDP + TUNNEL_HDR.size <= tlen <= n) or ulen != tlen - 20 or not ck.verify(data[:20]):
                 c["malformed"] += 1
@@ -207,6 +238,26 @@ class _Tunnel:
             c["out_packets"] += 1
             c["out_bytes"] += len(inner)
             out[i] = CONSUMED
+
+    def _odd(self, i: int, f: Any, n: int, out: bytearray, other: int) -> None:
+        """The verdict for a packet the fast path cannot read (IP options, a fragment, shorter
+        than the outer headers + tunnel header). It is this tunnel's if it is IPv4 UDP between
+        the outer addresses and its UDP destination port, where that can be read (at the real
+        IHL, in a first fragment or an unfragmented packet), is the tunnel's; then it is dropped
+        and counted (`fragments`, `malformed`), never passed on. Else it is `non_tunnel`."""
+        if n < 20:
+            return self._other(i, out, other)  # no room for the outer addresses: not addressed to us
+        vihl, ff, proto, osrc, odst = _OUTER_ADDR.unpack_from(f)
+        if vihl >> 4 != 4 or proto != 17 or osrc != self.src or odst != self.dst:
+            return self._other(i, out, other)
+        ihl = (vihl & 15) * 4
+        if not ff & 0x1FFF and ihl >= 20 and n >= ihl + 4 and _PORT.unpack_from(f, ihl + 2)[0] != self.cfg.port:
+            return self._other(i, out, other)  # another UDP port between the same hosts
+        out[i] = DROP
+        if ff & 0x3FFF:
+            self.c["fragments"] += 1  # no reassembly: encap never fragments (DF set), so this is foreign
+        else:
+            self.c["malformed"] += 1  # options (encap never sends any), or too short for the tunnel header
 
     def _other(self, i: int, out: bytearray, other: int) -> None:
         if other == DROP:
@@ -226,6 +277,26 @@ class _Tunnel:
 
     def counters(self) -> dict[str, int | float]:
         return dict(self.c)
+
+
+def _other_sport(inner: bytes, key: Any) -> int:
+    """The outer source port of an inner packet off the encap's fast path (IPv6, fragments,
+    anything else). A fragment hashes (src, dst, protocol) only, as RSS does: the later fragments
+    of a datagram have no ports, and all its fragments must go to the same decap instance."""
+    n = len(inner)
+    if n >= 20 and inner[0] >> 4 == 4:
+        vihl, ff, proto, s, d = _V4_FRAG.unpack_from(inner)
+        if ff & 0x3FFF:
+            key = (s, d, proto, 0, 0)
+    elif n >= 40 and inner[0] >> 4 == 6 and (key.__class__ is not tuple or inner[6] not in (6, 17)):
+        ip = decode(inner, 0, LINK_IP).ip  # extension headers: is there a fragment header?
+        if ip is not None and ip.frag is not None and (ip.frag[0] or ip.frag[1]):
+            # the fragment header's next header: the same in every fragment of the datagram
+            nh = next(inner[at] for t, at, _ in ip.ext_headers if t == 44)
+            key = (ip.src, ip.dst, nh, 0, 0)
+    if key.__class__ is not tuple:
+        return _SPORT_BASE  # no flow (not IP, malformed)
+    return _SPORT_BASE + flow_hash(key) % _SPORT_SPAN
 
 
 # --- compress -----------------------------------------------------------------------------------------
@@ -330,17 +401,48 @@ class Compress(_Tunnel):
 
 # --- encrypt ------------------------------------------------------------------------------------------
 
-def _load_key(text: str | None, path: str | None) -> bytes:
-    """The AES key from hex text or a file (hex text, or the raw 16/24/32 bytes)."""
+KEY_FILE_MAX = 4096  # a key file is a key: 64 hex digits and a newline, or 32 bytes; anything bigger is refused
+
+
+def _read_key_file(path: str) -> tuple[bytes, int]:
+    """The bytes of key file `path` and its permission bits. Only a regular file of at most
+    KEY_FILE_MAX bytes (so /dev/zero, a FIFO or a big file by mistake is a clear error, not a
+    hang or a MemoryError); it is opened non-blocking and checked again on the open file."""
+    p = Path(path).expanduser()
+    try:
+        if not stat.S_ISREG(p.stat().st_mode):  # before opening: opening some devices does something
+            raise ValueError(f"key_file {path!r} is not a regular file")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # replaced since the stat above
+                raise ValueError(f"key_file {path!r} is not a regular file")
+            raw = b""
+            while len(raw) <= KEY_FILE_MAX:
+                chunk = os.read(fd, KEY_FILE_MAX + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ValueError(f"key_file {path!r} cannot be read: {e.strerror}") from None
+    if len(raw) > KEY_FILE_MAX:
+        raise ValueError(f"key_file {path!r} is larger than 4 KiB: not a key file (a key is 32, 48 or 64 hex "
+                         f"digits, or the raw 16, 24 or 32 bytes)")
+    return raw, stat.S_IMODE(st.st_mode)
+
+
+def _load_key(text: str | None, path: str | None) -> tuple[bytes, int | None]:
+    """The AES key from hex text or a file (hex text, or the raw 16/24/32 bytes), and the key
+    file's permission bits (None for a key given as text)."""
     if (text is None) == (path is None):
         raise ValueError("give exactly one of key (hex) and key_file")
+    mode = None
     if path is not None:
-        try:
-            raw = Path(path).expanduser().read_bytes()
-        except OSError as e:
-            raise ValueError(f"key_file {path!r} cannot be read: {e.strerror}") from None
+        raw, mode = _read_key_file(path)
         if len(raw) in (16, 24, 32) and not all(chr(b) in "0123456789abcdefABCDEF" for b in raw):
-            return raw
+            return raw, mode
         text = raw.decode("ascii", "replace").strip()
         where = f"key_file {path!r}"
     else:
@@ -351,7 +453,7 @@ def _load_key(text: str | None, path: str | None) -> bytes:
         raise ValueError(f"{where} is not hex (write 32, 48 or 64 hex digits for AES-128/192/256)") from None
     if len(key) not in (16, 24, 32):
         raise ValueError(f"{where} has {len(key)} bytes; AES-GCM needs 16, 24 or 32 (32, 48 or 64 hex digits)")
-    return key
+    return key, mode
 
 
 class EncryptConfig(TunnelConfig):
@@ -360,10 +462,23 @@ class EncryptConfig(TunnelConfig):
     key_id: int = Field(0, ge=0, le=255, description="carried in each packet; decap refuses other ids")
     replay_window: int = Field(1024, ge=0, le=65536, description="decap: packets of reordering tolerated; 0 = no replay check")
     resalt_after: float = Field(10.0, ge=0.01, le=86400, description="encap: most seconds a sender salt is used (each one "
-                                "a random 50-100 % of it); after a decap (re)starts, a sender is accepted again from its next salt on")
+                                "a random 50-100 % of it); after a decap (re)starts, a sender is accepted again from its first salt "
+                                "that starts after the decap's start + max_clock_skew")
     max_clock_skew: float | None = Field(None, ge=0.01, le=86400, description="decap: seconds a sender's clock may be ahead "
                                          "of the decap's (salts that start later are dropped as future_sender); "
-                                         "default max(resalt_after, 5)")
+                                         "also how long after its start a decap refuses salts (a previous run may "
+                                         "have seen them); default 1 (nodes on one host share a clock, NTP keeps "
+                                         "hosts within milliseconds: raise it for clocks that differ more)")
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_is_text(cls, v: Any) -> Any:
+        # YAML reads `key: 0x0001...` and an all-digit key as an int (its digits then lost, and
+        # never shown: the message names no value)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise ValueError("quote the key: YAML read it as a number (write it as a string of 32, 48 or 64 hex "
+                             "digits in quotes)")
+        return v
 
     @model_validator(mode="after")
     def _key(self) -> "EncryptConfig":
@@ -406,13 +521,26 @@ class Encrypt(_Tunnel):
                        "stale_sender": 0, "future_sender": 0, "salts": 0})
 
     def _setup(self, cfg: EncryptConfig) -> None:  # type: ignore[override]
-        super()._setup(cfg)
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        key = _load_key(cfg.key, cfg.key_file)
+        key, key_mode = _load_key(cfg.key, cfg.key_file)  # first: a key that cannot be had changes nothing
+        old = getattr(self, "cfg", None)
+        super()._setup(cfg)
+        if key_mode is not None and key_mode & 0o077:
+            # as ssh does for a private key; the message names the file, never its bytes
+            self.ctx.log("config_warning", {
+                "node": self.ctx.node, "field": "key_file",
+                "problem": f"permissions {key_mode:04o} for key_file {cfg.key_file!r} are too open: users of its "
+                           f"group or others can read (or change) the tunnel key",
+                "fix": f"chmod 600 {cfg.key_file}"})
+        self.resalt_ms = max(1, int(cfg.resalt_after * 1000))
+        skew = DEFAULT_CLOCK_SKEW if cfg.max_clock_skew is None else cfg.max_clock_skew
+        self.skew_ms = max(1, int(skew * 1000))
+        self._invalid_tag = InvalidTag
         if key != self._key_bytes:
             # a new key starts a new nonce sequence and forgets the old replay state
+            fresh = self._key_bytes is None
             self._aead = AESGCM(key)
             self._key_bytes = key
             # encap: the nonce is salt (4 random bytes) + 8-byte counter = start << SEQ_BITS | n,
@@ -428,29 +556,58 @@ class Encrypt(_Tunnel):
             self.resalt_due = 0  # monotonic ms at which the salt is replaced
             # decap: replay state per sender salt, [highest counter, window bits], least recently
             # used first; `floor`: a salt not in the state is accepted only if it started at or
-            # after the floor (ms), which is this decap's start, raised past the start of every
-            # salt it forgets: a packet of a salt it saw before can never open a fresh window
+            # after the floor (ms), raised past the start of every salt it forgets: a packet of
+            # a salt it saw before can never open a fresh window.
             self.replay: OrderedDict[bytes, list[int]] = OrderedDict()
-            self.floor = _now_ms()
-            self.mono_start = _mono_ms()  # so the start is known in the terms of a clock set later
-            self.future_limit = self.floor
-        self.resalt_ms = max(1, int(cfg.resalt_after * 1000))
-        skew = max(cfg.resalt_after, 5.0) if cfg.max_clock_skew is None else cfg.max_clock_skew
-        self.skew_ms = max(1, int(skew * 1000))
-        self._invalid_tag = InvalidTag
+            if fresh:
+                # A (re)start: a previous run accepted salts that start up to its end + skew (a
+                # sender whose clock is ahead stamps its salts in the decap's future), so only
+                # one that starts after now + skew is surely new to it
+                self._set_floor(self.skew_ms + 1)
+            else:
+                # A new key in a running decap: it accepted nothing under this key (unless the key
+                # was used before, which the docs forbid), so the salt an encap that switched
+                # first is using (started at most resalt_after ago) is accepted at once
+                self._set_floor(-self.resalt_ms)
+        elif old is not None and old.replay_window != cfg.replay_window:
+            was, new = old.replay_window, cfg.replay_window
+            if was == 0:
+                # nothing was recorded while the check was off: as at a start
+                self.replay.clear()
+                self._set_floor(self.skew_ms + 1)
+            elif new > was:
+                # counters older than the old window were refused: they stay refused (marked seen)
+                grow = ((1 << new) - 1) & ~((1 << was) - 1)
+                for st in self.replay.values():
+                    st[1] |= grow
+            elif new:
+                for st in self.replay.values():
+                    st[1] &= (1 << new) - 1
+
+    def _set_floor(self, margin_ms: int) -> None:
+        """The floor is now + `margin_ms` (now as the decap's clock sees it later: see process)."""
+        t = _now_ms()
+        self.floor_margin = margin_ms
+        self.mono_start = _mono_ms()  # so the start is known in the terms of a clock set later
+        self.floor = t + margin_ms
+        self.future_limit = t + self.skew_ms
 
     def _new_salt(self) -> None:
         r = os.urandom(8)
         self.salt = r[:4]
         now_ms = _now_ms()
+        first = self.start is None
         # wall-clock ms in the nonce, strictly increasing per instance even if the clock goes back
-        self.start = now_ms if self.start is None else max(now_ms, self.start + 1)
+        self.start = now_ms if first else max(now_ms, self.start + 1)
         self.counter = 0
-        # lifetime uniform in [resalt_ms / 2, resalt_ms], on the monotonic clock: instances that
-        # started in the same ms do not re-salt in step for ever, and a wall clock stepping back
-        # does not stop re-salting
-        lo = (self.resalt_ms + 1) // 2
-        self.resalt_due = _mono_ms() + lo + (int.from_bytes(r[4:], "big") * (self.resalt_ms - lo + 1) >> 32)
+        # lifetime uniform in [life / 2, life], on the monotonic clock: instances that started in
+        # the same ms do not re-salt in step for ever, and a wall clock stepping back does not
+        # stop re-salting. The first salt lives at most FIRST_SALT_MS: a decap started with this
+        # encap refuses salts that start before its start + skew, so a tunnel deployed as a whole
+        # carries packets within seconds, not after a whole resalt_after
+        life = min(self.resalt_ms, FIRST_SALT_MS) if first else self.resalt_ms
+        lo = (life + 1) // 2
+        self.resalt_due = _mono_ms() + lo + (int.from_bytes(r[4:], "big") * (life - lo + 1) >> 32)
         self.c["salts"] += 1
 
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
@@ -460,11 +617,11 @@ class Encrypt(_Tunnel):
                     self._new_salt()  # so no salt is used longer than resalt_after (+ one batch)
             else:
                 t = _now_ms()
-                # the decap's start as its clock now sees it, once that differs by more than
-                # CLOCK_STEP_MS (ms rounding, slewing): a clock behind at the start, then set
-                # right, must not let in the salts a previous run saw...
+                # the floor set at the decap's start (or key change) as its clock now sees it, once
+                # that differs by more than CLOCK_STEP_MS (ms rounding, slewing): a clock behind
+                # at the start, then set right, must not let in the salts a previous run saw...
                 floor = self.floor
-                started = t - (_mono_ms() - self.mono_start)
+                started = t - (_mono_ms() - self.mono_start) + self.floor_margin
                 if started > floor + CLOCK_STEP_MS:
                     floor = started
                 # ... and never above now + skew + 1: a salt is accepted only if it started at or

@@ -262,7 +262,8 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
     log = state_dir() / f"{topo.fabric.name}.log"
     try:
         log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        out = open(log, "ab")
+        # the manager's own output (errors, SIGHUP reloads): its owner's to read (0600 when created)
+        out = open(log, "ab", opener=lambda p, flags: os.open(p, flags, 0o600))
     except OSError as exc:
         raise _state_dir_error(exc, log.parent) from None
     argv = [sys.executable, "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
@@ -327,7 +328,7 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
         try:
             sup.start()
         except SupervisorError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(sup.redact_text(str(exc))) from None
         registry = make_registry(sup)
         if topo.api:
             try:
@@ -406,14 +407,15 @@ def _reload_on_hup(sup, due: threading.Event, stop: threading.Event) -> None:
             continue
         except SupervisorError as exc:
             told = False
-            print(f"shmfabric: SIGHUP: reload of {sup.source} failed: {exc}", file=sys.stderr, flush=True)
+            print(f"shmfabric: SIGHUP: reload of {sup.source} failed: {sup.redact_text(str(exc))}", file=sys.stderr,
+                  flush=True)
             continue
         told = False
         warnings = changes.pop("warnings", [])
         done = "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if v) or "nothing changed"
         print(f"shmfabric: SIGHUP: reloaded {sup.source}: {done}", file=sys.stderr, flush=True)
         for w in warnings:
-            print(f"shmfabric: SIGHUP: warning: {w}", file=sys.stderr, flush=True)
+            print(f"shmfabric: SIGHUP: warning: {sup.redact_text(w)}", file=sys.stderr, flush=True)
 
 
 class _LiveView:

@@ -105,6 +105,31 @@ class SourceFunction(Protocol):
         it, a produce() that returned nothing is asked again a millisecond later."""
 
 
+#: what the manager shows in place of a secret field's value (see `secret_fields`)
+REDACTED = "<redacted>"
+
+
+def secret_fields(model_cls: Any) -> frozenset[str]:
+    """The names of a function's config fields that hold secrets (an AES key, a password): the
+    manager shows them as `REDACTED` wherever it shows a config (status, API, errors). A field is
+    secret when its pydantic `Field` has `repr=False` or `json_schema_extra={"secret": True}`.
+    `model_cls` is the config model, or a function class (its `Config` is read); a field's alias
+    is named too (a config dict is keyed by it). Top-level fields only."""
+    model = model_cls if hasattr(model_cls, "model_fields") else getattr(model_cls, "Config", None)
+    fields = getattr(model, "model_fields", None)
+    if not isinstance(fields, dict):
+        return frozenset()
+    out: set[str] = set()
+    for name, info in fields.items():
+        extra = getattr(info, "json_schema_extra", None)
+        if getattr(info, "repr", True) is False or (isinstance(extra, dict) and extra.get("secret") is True):
+            out.add(name)
+            for alias in (getattr(info, "alias", None), getattr(info, "validation_alias", None)):
+                if isinstance(alias, str):
+                    out.add(alias)
+    return frozenset(out)
+
+
 class FunctionConfigError(ValueError):
     """A function's configuration is invalid; the message (one line) names each field and the problem."""
 

@@ -3,12 +3,19 @@
     python -m shmfabric.functions.run --fabric edge --node fw --function firewall \
         --config '{"rules": "policy accept"}' --next ids [--port NAME ...] [--duration S]
 
+`--config @FILE` reads the JSON from a file instead. The manager (`shmfabric up`) passes
+`--config @/proc/self/fd/N`, N an anonymous in-memory file (memfd) it wrote the config to: a config
+may hold secrets (an AES key), and a command line is readable by every local user (`ps`). A config
+read from this process's own fd (`/proc/self/fd/N`, `/dev/fd/N`) closes that fd once read.
+
 Exit status: 0 after a graceful stop, 2 for a configuration or usage error (one line on stderr).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 
@@ -24,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fabric", required=True)
     p.add_argument("--node", required=True, help="this node's name")
     p.add_argument("--function", required=True, help="function name (entry point in shmfabric.functions)")
-    p.add_argument("--config", default="{}", help="JSON object, or @FILE with one")
+    p.add_argument("--config", default="{}", help="JSON object, or @FILE with one (the manager passes "
+                   "@/proc/self/fd/N: a memfd, so that no secret of the config shows on the command line)")
     p.add_argument("--next", default="", help="next hop node(s), comma-separated (several = scaled-out group)")
     p.add_argument("--port", action="append", default=[],
                    help="node behind Verdict.port(k), in order: NAME, or NAME=INSTANCE,INSTANCE... for a "
@@ -43,6 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_OWN_FD = re.compile(r"^/(?:proc/self/fd|dev/fd)/(\d+)$")
+
+
+def _close_own_fd(path: str) -> None:
+    """A config passed on an inherited fd (the manager's memfd) is read once: the fd is closed, so
+    the function (and what it starts) does not hold it. The standard streams are left alone."""
+    m = _OWN_FD.match(path)
+    if m and int(m.group(1)) > 2:
+        try:
+            os.close(int(m.group(1)))
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     text, what = a.config, "--config"
@@ -56,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             reason = getattr(e, "strerror", None) or str(e)
             print(f"shmfabric.functions.run: --config {a.config}: cannot read {path}: {reason}", file=sys.stderr)
             return 2
+        finally:
+            _close_own_fd(path)
     try:
         config = json.loads(text)
         if not isinstance(config, dict):

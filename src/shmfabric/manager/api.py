@@ -16,6 +16,10 @@ Endpoints (all answers are JSON objects; errors are `{"error": MESSAGE}` with a 
 The server is `http.server.ThreadingHTTPServer` in a daemon thread: the manager's traffic is a
 few requests a second, and the stdlib server keeps the manager free of an event loop. It binds
 what the config says (loopback by default) and has no authentication: do not expose it.
+
+Secrets: the service shows each node's `config` with its function's secret fields as "<redacted>"
+(see shmfabric.manager.supervisor); error messages pass through the service's `redact_text`, when
+it has one, so that a secret value quoted in one never leaves the manager.
 """
 from __future__ import annotations
 
@@ -258,11 +262,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(405 if allowed else 404, f"{method} {path} is not an endpoint"
                              + (f" (use {allowed})" if allowed else "; see GET /"))
         except _HttpError as exc:
-            self._json(exc.status, {"error": str(exc)})
+            self._json(exc.status, {"error": self._redact(str(exc))})
         except SupervisorError as exc:
-            self._json(exc.status, {"error": str(exc)})
+            self._json(exc.status, {"error": self._redact(str(exc))})
         except Exception as exc:  # a bug must not kill the API thread; say what happened
-            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+            self._json(500, {"error": self._redact(f"{type(exc).__name__}: {exc}")})
+
+    def _redact(self, text: str) -> str:
+        """`text` without the secret values the service knows (its `redact_text`, if it has one)."""
+        redact = getattr(self.server.service, "redact_text", None)
+        if redact is None:
+            return text
+        try:
+            return redact(text)
+        except Exception:
+            return text
 
 
 class _HttpError(Exception):

@@ -11,6 +11,14 @@ Steering uses the runtime's control ops over the fabric (docs: notes/runtime_con
 `set_next` re-points an upstream node, `stop` drains an instance's input ring and ends it,
 `reconfigure` pushes a config, `stats` reads counters. Removing an instance always re-steers its
 upstream first and stops it second, so the frames already queued to it are still processed.
+
+Configs and secrets: an instance gets its config on an anonymous in-memory file (a memfd, passed
+as `--config @/proc/self/fd/N` and closed by the manager once the process started), never on its
+command line, which every local user reads (`ps`). A function's secret config fields
+(`shmfabric.functions.api.secret_fields`: `repr=False` or `json_schema_extra={"secret": True}`) are
+shown as "<redacted>" wherever the manager shows a config (status, API answers), and their values
+are replaced by "<redacted>" in its events and error messages (`redact_text`). Internally the
+real values are kept and compared (a reload that changes only a key pushes it).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from shmfabric.functions.api import REDACTED, secret_fields
 from shmfabric.manager.config import (ConfigError, NodeConfig, Topology, check_functions, instance_name,
                                       is_source_function)
 from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
@@ -83,7 +92,7 @@ class Instance:
     name: str
     node: str
     function: str
-    config: dict
+    config: dict = field(repr=False)  # may hold secrets: never in a repr
     version: str | None
     index: int
     tracker: RestartTracker
@@ -124,7 +133,7 @@ class _Node:
     decider: ScaleDecider
     instances: list[Instance] = field(default_factory=list)
     function: str = ""
-    config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict, repr=False)  # may hold secrets: never in a repr
     version: str | None = None
     depth: int = 0
     resteer: bool = False  # an instance came back: upstream must resolve its name again
@@ -165,6 +174,46 @@ class _Spawner:
         """End the thread (every process it started must be gone: they are sent SIGTERM)."""
         self._jobs.put(None)
         self._thread.join(timeout=5)
+
+
+def _config_fd(config: dict) -> int:
+    """A file descriptor (close-on-exec, so only a process it is passed to gets it) from which the
+    config's JSON reads, for `--config @/proc/self/fd/N`: an anonymous in-memory file (memfd), which
+    is on no file system and which no other user can open (another user's /proc/PID/fd is closed to
+    them). Where memfd_create is missing (or refused), the read end of a pipe a thread fills."""
+    data = json.dumps(config, separators=(",", ":")).encode()
+    try:
+        fd = os.memfd_create("shmfabric-config", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd  # its offset does not matter: opening /proc/self/fd/N opens the file from its start
+    r, w = os.pipe()  # both close-on-exec (PEP 446)
+
+    def fill() -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+        except OSError:
+            pass  # the process died before it read: it is restarted (or reported) like any failed start
+        finally:
+            os.close(w)
+
+    threading.Thread(target=fill, name="shmfabric-config-pipe", daemon=True).start()
+    return r
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """`open(..., opener=)`: a file created readable by its owner only (0600)."""
+    return os.open(path, flags, 0o600)
 
 
 def _default_control(fabric: Any) -> ControlChannel:
@@ -224,6 +273,13 @@ class Supervisor:
         self._pools: list[dict] = []
         self._sampled_at: float | None = None  # when the node table, rings and pools were last read
         self._spawner: _Spawner | None = None
+        # secrets: each function's secret config fields, and every secret value a config brought
+        # (kept after a key rotation: an old key is still a secret), replaced in texts shown to people
+        self._secret_cache: dict[str, frozenset[str]] = {}
+        self._secret_values: frozenset[str] = frozenset()
+        self._secrets_lock = threading.Lock()  # its own: API threads redact without the supervisor lock
+        for cfg in topo.nodes:
+            self._remember_secrets(cfg.function, cfg.config)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -246,7 +302,7 @@ class Supervisor:
             self.lock.acquire()
             if self.log_dir:
                 try:
-                    self.log_dir.mkdir(parents=True, exist_ok=True)
+                    self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                     (self.log_dir / ".write-test").touch()
                     (self.log_dir / ".write-test").unlink()
                 except OSError as exc:
@@ -399,7 +455,7 @@ class Supervisor:
                 self._event("error", "", str(exc))
             except Exception as exc:  # a bug here must not take every function down with the manager
                 self._event("error", "", f"{type(exc).__name__}: {exc}")
-                traceback.print_exc()
+                print(self.redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
             wait = self.topo.poll_interval if end is None else max(0.0, min(self.topo.poll_interval, end - self.clock()))
             stop.wait(wait)
 
@@ -636,14 +692,16 @@ class Supervisor:
             out[target] = members or [target]
         return out
 
-    def _argv(self, node: _Node, inst: Instance) -> list[str]:
+    def _argv(self, node: _Node, inst: Instance, config_fd: int) -> list[str]:
+        """The instance's command line. Its config is not on it (every local user reads a command
+        line: `ps`, /proc/PID/cmdline) but on `config_fd` (see `_config_fd`), inherited by the process."""
         # a staged instance of a reload runs the new topology's view of its node
         topo = self._staging if inst.staged and self._staging is not None else self.topo
         name = node.cfg.name
         cfg = topo.node(name) if name in {n.name for n in topo.nodes} else node.cfg
         # --parent-pid: the instance stops (gracefully) when this manager dies, even by kill -9
         argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", topo.fabric.name, "--node", inst.name,
-                "--function", inst.function, "--config", json.dumps(inst.config, separators=(",", ":")),
+                "--function", inst.function, "--config", f"@/proc/self/fd/{config_fd}",
                 "--batch", str(cfg.batch), "--parent-pid", str(os.getpid())]
         in_topo = name in {n.name for n in topo.nodes}
         nxt = self._next_instances(name, topo, staged=inst.staged) if in_topo else []
@@ -663,21 +721,26 @@ class Supervisor:
 
     def _launch(self, node: _Node, inst: Instance, now: float) -> None:
         log = self._log_path(inst.name)
-        out = open(log, "ab") if log else subprocess.DEVNULL
+        out = open(log, "ab", opener=_private_opener) if log else subprocess.DEVNULL
         inst.log_start = out.tell() if log else 0
         with self.lock:  # start() launches without holding it
             if self._spawner is None:
                 self._spawner = _Spawner()
+        fd = None
         try:
-            inst.proc = self._spawner.popen(self._argv(node, inst), stdin=subprocess.DEVNULL, stdout=out,
+            fd = _config_fd(inst.config)
+            # the fd keeps its number in the process (pass_fds), which reads and closes it at start
+            inst.proc = self._spawner.popen(self._argv(node, inst, fd), stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=self._env,
-                                            close_fds=True, start_new_session=True)
+                                            close_fds=True, pass_fds=(fd,), start_new_session=True)
         finally:
+            if fd is not None:
+                os.close(fd)  # the manager's copy: the process holds its own
             if log:
                 out.close()
         inst.state, inst.started_at, inst.exit_code, inst.restart_at = "starting", now, None, None
         inst.missing_polls = 0
-        inst.push_config = False  # started with `config` on its command line
+        inst.push_config = False  # started with `config` (on its config fd)
         inst.tracker.on_start(now)
 
     def _free_index(self, node: _Node) -> int:
@@ -693,6 +756,7 @@ class Supervisor:
                config: dict | None = None, version: str | None = None, staged: bool = False,
                topo: Topology | None = None) -> Instance:
         k = index if index is not None else self._free_index(node)
+        self._remember_secrets(function or node.function, config if config is not None else node.config)
         inst = Instance(instance_name(node.cfg.name, k), node.cfg.name, function or node.function,
                         dict(config if config is not None else node.config),
                         version if version is not None else node.version, k,
@@ -1003,6 +1067,8 @@ class Supervisor:
             node = self._node(name)
             if not isinstance(config, dict):
                 raise SupervisorError("config must be a JSON object")
+            config = self._unredact(node.function, config, node.config)
+            self._remember_secrets(node.function, config)
             self._validate_config(node.function, config, name)
             pushed: list[tuple[Instance, dict]] = []
             try:
@@ -1040,7 +1106,8 @@ class Supervisor:
             if config is not None and not isinstance(config, dict):
                 raise SupervisorError("config must be a JSON object")
             function = function or node.function
-            config = dict(node.config if config is None else config)
+            config = dict(node.config) if config is None else self._unredact(function, config, node.config)
+            self._remember_secrets(function, config)
             self._validate_config(function, config, name)
             old = [i for i in node.instances if i.active]
             if not old:
@@ -1090,6 +1157,8 @@ class Supervisor:
         puts the configs back and leaves the running topology as it was; the error says what failed."""
         topo = self._pin(topo)
         source = source or self.source
+        for cfg in topo.nodes:
+            self._remember_secrets(cfg.function, cfg.config)
         if self._resolve is not None:  # reads only the new topology: no lock needed
             try:
                 check_functions(topo, source, self._resolve, _read_text(source))
@@ -1178,7 +1247,7 @@ class Supervisor:
                     continue
                 node, b = self.nodes[name], topo.node(name)
                 for inst in p["active"]:
-                    # one still starting runs the config of its command line: it gets the new one
+                    # one still starting runs the config it started with: it gets the new one
                     # once it answers (flagged at the commit); one in backoff restarts with it
                     if inst.state != "running":
                         continue
@@ -1335,7 +1404,8 @@ class Supervisor:
         e = self._table.get(inst.name) if inst.state in ("running", "stopping") else None
         pid = inst.pid if inst.proc is not None and inst.proc.poll() is None else None
         out = {"name": inst.name, "function": inst.function, "version": inst.version, "pid": pid,
-               "state": inst.state, "restarts": inst.restarts, "exit_code": inst.exit_code, "error": inst.error,
+               "state": inst.state, "restarts": inst.restarts, "exit_code": inst.exit_code,
+               "error": self.redact_text(inst.error) if inst.error else inst.error,
                "node_id": e["id"] if e else None, "cpu_seconds": proc_cpu_seconds(pid) if pid else None,
                "uptime": round(self.clock() - inst.started_at, 3) if pid else None}
         for k in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_drops", "tx_ring_full", "tx_nobuf"):
@@ -1355,7 +1425,9 @@ class Supervisor:
     def _node_status(self, node: _Node) -> dict:
         insts = [self._inst_status(i) for i in node.instances]
         pol = node.decider.policy
-        return {"name": node.cfg.name, "function": node.function, "version": node.version, "config": node.config,
+        # the config as people see it: secret fields "<redacted>" (the real one is `node.config`)
+        return {"name": node.cfg.name, "function": node.function, "version": node.version,
+                "config": self.redact_config(node.function, node.config),
                 "next": self.topo.next_of(node.cfg.name), "instances": insts, "queue_depth": node.depth,
                 "scale": {"min_instances": pol.min_instances, "max_instances": pol.max_instances,
                           "operator_count": node.operator},
@@ -1392,7 +1464,52 @@ class Supervisor:
             return self._node_status(self._node(name))
 
     def _event(self, kind: str, node: str, detail: str) -> None:
-        self.events.append({"time": round(time.time(), 3), "kind": kind, "node": node, "detail": detail})
+        self.events.append({"time": round(time.time(), 3), "kind": kind, "node": node,
+                            "detail": self.redact_text(detail)})
+
+    # -- secrets ---------------------------------------------------------------------------------
+    def secret_fields(self, function: str) -> frozenset[str]:
+        """The secret config fields of `function` (`shmfabric.functions.api.secret_fields`); none
+        for a function that cannot be loaded here."""
+        known = self._secret_cache.get(function)
+        if known is None:
+            try:
+                known = secret_fields((self._resolve or _default_resolve)(function))
+            except Exception:  # an unknown plugin: its errors are reported where it is started
+                known = frozenset()
+            self._secret_cache[function] = known
+        return known
+
+    def redact_config(self, function: str, config: dict) -> dict:
+        """`config` as shown to people: each secret field's value (if set) replaced by "<redacted>"."""
+        secret = self.secret_fields(function)
+        return {k: REDACTED if k in secret and v is not None else v for k, v in config.items()}
+
+    def redact_text(self, text: str) -> str:
+        """`text` (a message, an event, a log line) with every secret value a config brought replaced
+        by "<redacted>". Thread-safe, no lock taken: the API redacts its error messages with it."""
+        for v in sorted(self._secret_values, key=len, reverse=True):
+            if v in text:
+                text = text.replace(v, REDACTED)
+        return text
+
+    def _remember_secrets(self, function: str, config: Any) -> None:
+        if not isinstance(config, dict):
+            return
+        secret = self.secret_fields(function)
+        found = set()
+        for k, v in config.items():
+            if k in secret and isinstance(v, str):
+                found.update(x for x in (v, v.strip()) if len(x) >= 4)  # shorter: no secret, and hits any text
+        with self._secrets_lock:
+            if not found <= self._secret_values:
+                self._secret_values = self._secret_values | found
+
+    def _unredact(self, function: str, config: dict, current: dict) -> dict:
+        """A config given by an operator, with each secret field given as "<redacted>" (a config copied
+        from `status`) taking the value the node runs now."""
+        secret = self.secret_fields(function)
+        return {k: current[k] if k in secret and v == REDACTED and k in current else v for k, v in config.items()}
 
 
 def _unsure_text(names: list[str]) -> str:

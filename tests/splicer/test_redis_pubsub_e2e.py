@@ -554,3 +554,78 @@ def test_resp3_messages_keep_their_order_around_a_blocked_command(sp, trio) -> N
         t.join(5)
         c.close()
     assert seen and all(a < b for a, b in zip(seen, seen[1:])), [(a, b) for a, b in zip(seen, seen[1:]) if a >= b][:3]
+
+
+def test_pipelined_publishes_to_channels_of_one_server_arrive_in_order(sp) -> None:
+    """A client's pipelined PUBLISHes to two channels of one server reach a subscriber of both in
+    the order sent, as from one redis-server: they go over one connection to that server (each
+    channel on its own pooled connection ran them on the server in either order)."""
+    names = placed_on(sp, 0, 64, "order")
+    lanes = {sp.splicer.router.channel_place(c.encode())[1]: c for c in names}
+    assert len(lanes) >= 2, "the splicer's pool has one connection per server: nothing to test"
+    a, b = list(lanes.values())[:2]  # channels that hash to different pooled connections
+    sub = Raw(sp.port)
+    sub.send(["SUBSCRIBE", a, b])
+    sub.frames(2)
+    pub = socket.create_connection(("127.0.0.1", sp.port), timeout=10)
+    n, batch = 4000, 200
+    got: list[int] = []
+    for start in range(0, n, batch):
+        pub.sendall(b"".join(encode_command([b"PUBLISH", (a if i % 2 else b).encode(), b"%d" % i])
+                             for i in range(start, start + batch)))
+        replies = ReplyScanner()
+        seen = 0
+        while seen < batch:
+            data = pub.recv(65536)
+            assert data
+            replies.feed(data)
+            while replies.next() is not None:
+                seen += 1
+        got += [int(parse(f)[2]) for f in sub.frames(batch)]
+    pub.close()
+    sub.close()
+    out_of_order = [(x, y) for x, y in zip(got, got[1:]) if y < x]
+    assert got == sorted(got) and len(got) == n, f"{len(out_of_order)} out of order, e.g. {out_of_order[:3]}"
+
+
+def test_a_subscriber_over_the_soft_limit_for_its_seconds_is_disconnected(tmp_path) -> None:
+    """Redis's `client-output-buffer-limit pubsub 32mb 8mb 60` has a soft part: over 8 MB for 60 s
+    on end is disconnected too. Here 1 MiB for 1 s, the hard limit far above."""
+    with redis_servers(tmp_path, 1) as one:
+        limits = {"max_unread_bytes": 256 << 20, "max_unread_pubsub_bytes": 64 << 20,
+                  "pubsub_soft_limit_bytes": 1 << 20, "pubsub_soft_limit_seconds": 1.0}
+        with splicer(one, limits=limits) as s:
+            lazy = Raw(s.port)
+            lazy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            lazy.send(["SUBSCRIBE", "slow"])
+            lazy.frames(1)
+            pub = s.client()
+            big = b"x" * 16384
+            for _ in range(1024):  # 16 MiB (the kernel's buffers take a few): over the soft limit, under the hard
+                assert pub.publish("slow", big) == 1
+            assert pub.publish("slow", b"y") == 1  # over the soft limit, not yet for 1 s: kept
+            deadline = time.monotonic() + 30
+            while pub.publish("slow", b"y") == 1 and time.monotonic() < deadline:
+                time.sleep(0.2)  # each message checks the limit, as with Redis
+            assert pub.publish("slow", b"y") == 0, "the subscriber over the soft limit was kept"
+            assert time.monotonic() < deadline
+            lazy.close()
+
+
+def test_a_subscriber_that_catches_up_is_kept(tmp_path) -> None:
+    """Going over the soft limit and back under it restarts the clock: a subscriber that reads
+    is never cut by the soft limit."""
+    with redis_servers(tmp_path, 1) as one:
+        limits = {"pubsub_soft_limit_bytes": 1 << 20, "pubsub_soft_limit_seconds": 1.0}
+        with splicer(one, limits=limits) as s:
+            reader = s.client().pubsub(ignore_subscribe_messages=True)
+            reader.subscribe("steady")
+            reader.get_message(timeout=1)
+            pub = s.client()
+            big = b"x" * 65536
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                assert pub.publish("steady", big) == 1
+                m = reader.get_message(timeout=5)
+                assert m is not None and m["data"] == big
+            reader.close()

@@ -208,6 +208,14 @@ class RedisLimitConfig(_Limits):
         32 * 1024 * 1024, strict=True, ge=1024 * 1024,
         description="pub/sub message bytes a subscriber leaves unread before it is disconnected (Redis's "
                     "client-output-buffer-limit pubsub default: 32 MB)")
+    pubsub_soft_limit_bytes: int = Field(
+        8 * 1024 * 1024, strict=True, ge=0,
+        description="a subscriber that leaves more than this unread for pubsub_soft_limit_seconds on end is "
+                    "disconnected (the soft part of Redis's default `client-output-buffer-limit pubsub 32mb 8mb 60`); "
+                    "0: no soft limit")
+    pubsub_soft_limit_seconds: float = Field(
+        60.0, ge=0, allow_inf_nan=False,
+        description="how long a subscriber may stay over pubsub_soft_limit_bytes (0: disconnected at once)")
 
 
 class RedisHealthConfig(_Model):

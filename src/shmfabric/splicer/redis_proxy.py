@@ -745,6 +745,9 @@ class _Client(asyncio.Protocol):
         self.merge = ReplyOrder(cfg.limits.max_pipeline, cfg.limits.max_buffer_bytes)
         self.max_unread = cfg.limits.max_unread_bytes
         self.max_unread_pubsub = cfg.limits.max_unread_pubsub_bytes
+        self.pubsub_soft = cfg.limits.pubsub_soft_limit_bytes
+        self.pubsub_soft_seconds = cfg.limits.pubsub_soft_limit_seconds
+        self.pubsub_soft_since: float | None = None  # when the unread messages went over the soft limit
         self.transport: asyncio.Transport | None = None
         self.late: asyncio.TimerHandle | None = None  # accepted as a stop began (connection_made)
         self.outstanding = 0  # actions sent to backends and not yet answered
@@ -1097,11 +1100,24 @@ class _Client(asyncio.Protocol):
             return
         merge = self.merge
         unread = merge.held_bytes + self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        # Like Redis's client-output-buffer-limit for pub/sub (checked, as Redis does, when a
+        # message is added): a subscriber that does not read is disconnected rather than held
+        # in memory without bound, at once past the hard limit, or after staying over the soft
+        # one for its seconds on end.
+        over = None
         if unread > self.max_unread_pubsub:
-            # Like Redis's client-output-buffer-limit for pub/sub: a subscriber that does not
-            # read is disconnected rather than held in memory without bound.
-            log.warning("client %s left %d bytes of messages unread (limits.max_unread_pubsub_bytes): disconnected",
-                        self.transport.get_extra_info("peername"), unread)  # type: ignore[union-attr]
+            over = "limits.max_unread_pubsub_bytes"
+        elif self.pubsub_soft and unread > self.pubsub_soft:
+            now = time.monotonic()
+            if self.pubsub_soft_since is None:
+                self.pubsub_soft_since = now
+            if now - self.pubsub_soft_since >= self.pubsub_soft_seconds:
+                over = "limits.pubsub_soft_limit_bytes for limits.pubsub_soft_limit_seconds"
+        else:
+            self.pubsub_soft_since = None
+        if over is not None:
+            log.warning("client %s left %d bytes of messages unread (%s): disconnected",
+                        self.transport.get_extra_info("peername"), unread, over)  # type: ignore[union-attr]
             if self.splicer.metrics is not None:
                 self.splicer.metrics.client_error("unread_replies")
             self.transport.abort()  # type: ignore[union-attr]

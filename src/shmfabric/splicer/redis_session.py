@@ -375,8 +375,11 @@ class RedisSession:
         if self.multi is not None and name not in (b"EXEC", b"DISCARD", b"MULTI", b"QUIT", b"RESET"):
             return self._queue(spec, name, args)
         if name in _PUBLISH:
-            server, lane = self.router.channel_place(args[1])
-            return (FORWARD, False, self.proto, server, lane, encode_command(args))
+            # Every PUBLISH to a server goes over one of its connections (the first): a client's
+            # pipelined PUBLISHes then run on each server in the order sent, so a subscriber of
+            # several channels there gets their messages in that order, as from one redis-server.
+            server = self.router.channel_place(args[1])[0]
+            return (FORWARD, False, self.proto, server, 0, encode_command(args))
         if kind == Kind.KEYED:
             try:
                 keys = command_keys(spec, args)

@@ -9,6 +9,9 @@ helpers stack them into a complete Ethernet frame from readable arguments:
     udp_frame("fd00::1", "fd00::2", 53, 53, vlan=10)
 
 Addresses may be text, `ipaddress` objects, ints (IPv4) or packed bytes.
+The TCP/UDP/ICMPv6 checksum covers the *final* destination when an IPv6 Routing header has
+segments left (RFC 8200 section 8.1): the frame helpers take it from their `ext` headers, and
+`final_dst(dst, ext)` gives it for the layer builders' `dst`.
 `FrameTemplate` is for generators: build once, then stamp ports/addresses into a copy with
 incremental checksum updates instead of rebuilding.
 """
@@ -19,9 +22,10 @@ from struct import Struct
 from typing import Iterable, Sequence, Union
 
 from . import checksum as ck
+from .errors import MalformedError
 from .ethernet import ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, parse_mac
 from .flow import to_address
-from .ip import IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from .ip import IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_NONE, IPPROTO_TCP, IPPROTO_UDP, IPv6
 from .l4 import parse_flags
 
 AddressLike = Union[str, int, bytes, ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -108,6 +112,9 @@ def ipv6_ext(ext_type: int, data: bytes = b"") -> tuple[int, bytes]:
     headers a zero byte is the Pad1 option, so the padding is valid)."""
     body = bytes(data) + b"\x00" * (-(len(data) + 2) % 8)
     total = 2 + len(body)
+    if total > 2048:
+        raise ValueError(f"IPv6 extension header too long: {len(data)} bytes of data make {total} bytes, "
+                         f"the most its length byte can say is 2048 (2 fixed bytes + 2046 of data)")
     return ext_type, bytes([0, total // 8 - 1]) + body
 
 
@@ -122,10 +129,20 @@ def tcp(sport: int, dport: int, payload: bytes = b"", *, seq: int = 0, ack: int 
         window: int = 65535, urgent: int = 0, options: bytes = b"", src: AddressLike | None = None,
         dst: AddressLike | None = None, checksum: int | None = None, data_offset: int | None = None) -> bytes:
     """TCP header + payload. The checksum is computed when `src` and `dst` are given (needed for
-    the pseudo-header), else left 0 unless `checksum` is passed."""
+    the pseudo-header; `dst` is the final destination with an IPv6 Routing header, see
+    `final_dst`), else left 0 unless `checksum` is passed. `options` (padded to 4 bytes) may be
+    40 bytes at most, unless `data_offset` (0..15) is given to build a malformed segment."""
     fl = parse_flags(flags) if isinstance(flags, str) else flags
     options = bytes(options) + b"\x00" * (-len(options) % 4)
-    doff = (20 + len(options)) // 4 if data_offset is None else data_offset
+    if data_offset is None:
+        if len(options) > 40:
+            raise ValueError(f"TCP options too long: {len(options)} bytes (padded to 4); at most 40 fit "
+                             f"(a data offset of 15 words is a 60-byte header)")
+        doff = (20 + len(options)) // 4
+    elif not 0 <= data_offset <= 15:
+        raise ValueError(f"TCP data offset is 4 bits (0..15 words), got {data_offset}")
+    else:
+        doff = data_offset
     seg = bytearray(_TCP.pack(sport, dport, seq, ack, (doff << 12) | fl, window, 0, urgent) + options + bytes(payload))
     if checksum is None and src is not None and dst is not None:
         checksum = ck.l4_checksum(_packed(src), _packed(dst), IPPROTO_TCP, seg)
@@ -135,7 +152,8 @@ def tcp(sport: int, dport: int, payload: bytes = b"", *, seq: int = 0, ack: int 
 
 def udp(sport: int, dport: int, payload: bytes = b"", *, src: AddressLike | None = None, dst: AddressLike | None = None,
         checksum: int | None = None, length: int | None = None) -> bytes:
-    """UDP header + payload; checksum as for `tcp` (a computed 0 is sent as 0xFFFF, RFC 768)."""
+    """UDP header + payload; checksum as for `tcp` (a computed 0 is sent as 0xFFFF, RFC 768;
+    `dst` is the final destination with an IPv6 Routing header, see `final_dst`)."""
     ulen = 8 + len(payload) if length is None else length
     seg = bytearray(_UDP.pack(sport, dport, ulen, 0) + bytes(payload))
     if checksum is None and src is not None and dst is not None:
@@ -153,16 +171,49 @@ def icmp(icmp_type: int, code: int = 0, payload: bytes = b"", *, identifier: int
 
 def icmpv6(icmp_type: int, code: int = 0, payload: bytes = b"", *, src: AddressLike, dst: AddressLike,
            identifier: int = 0, sequence: int = 0) -> bytes:
-    """ICMPv6 message with its checksum (which covers the IPv6 pseudo-header)."""
+    """ICMPv6 message with its checksum (which covers the IPv6 pseudo-header: `dst` is the final
+    destination with a Routing header, see `final_dst`)."""
     msg = bytearray(_ICMP.pack(icmp_type, code, 0, identifier, sequence) + bytes(payload))
     _H.pack_into(msg, 2, ck.l4_checksum(_packed(src), _packed(dst), IPPROTO_ICMPV6, msg))
     return bytes(msg)
+
+
+def final_dst(dst: AddressLike, ext: Iterable[tuple[int, bytes]] = ()) -> AddressLike:
+    """The destination an L4 pseudo-header uses for an IPv6 packet to `dst` with extension headers
+    `ext` (as `ipv6` takes them): the final destination of a Routing header with segments left
+    (RFC 8200 section 8.1, as `IPv6.final_dst` reads it), else `dst` itself. Pass it as `dst`
+    to `tcp`, `udp` or `icmpv6`:
+
+        rh = ipv6_ext(43, bytes([0, 1, 0, 0, 0, 0]) + last_hop)       # type 0, 1 segment left
+        seg = udp(1, 2, b"x", src=s, dst=final_dst(d, [rh]))
+        frame = ip_frame(seg, src=s, dst=d, proto=17, ext=[rh])
+
+    Returns `dst` as given when it is final (also for an IPv4 `dst`, or headers that do not
+    parse), else the final destination as 16 bytes."""
+    exts = list(ext)
+    if not exts or not _is_v6(dst):
+        return dst
+    try:
+        final = IPv6(ipv6(b"", src=bytes(16), dst=dst, next_header=IPPROTO_NONE, ext=exts)).final_dst
+    except MalformedError:
+        return dst  # a deliberately malformed chain: the Destination Address, as before
+    return dst if final == _packed(dst) else final
 
 
 # --- whole frames ---------------------------------------------------------------------------------
 
 def _is_v6(addr: AddressLike) -> bool:
     return not isinstance(to_address(addr), int)
+
+
+def _l4_dst(src: AddressLike, dst: AddressLike, ip_args: dict) -> AddressLike:
+    """The pseudo-header destination for a frame helper's `ip_args` (its `ext`, made a list so it
+    can be read twice)."""
+    ext = ip_args.get("ext")
+    if ext is None or not _is_v6(src):
+        return dst
+    ip_args["ext"] = ext = list(ext)  # type: ignore[arg-type]
+    return final_dst(dst, ext)  # type: ignore[arg-type]
 
 
 def ip_frame(l4: bytes, *, src: AddressLike, dst: AddressLike, proto: int, vlan: int | None = None,
@@ -179,15 +230,16 @@ def ip_frame(l4: bytes, *, src: AddressLike, dst: AddressLike, proto: int, vlan:
 
 def tcp_frame(src: AddressLike, dst: AddressLike, sport: int, dport: int, payload: bytes = b"", *,
               flags: int | str = "S", seq: int = 0, ack: int = 0, vlan: int | None = None, **ip_args: object) -> bytes:
-    """A complete Ethernet/IP/TCP frame with correct checksums."""
-    seg = tcp(sport, dport, payload, seq=seq, ack=ack, flags=flags, src=src, dst=dst)
+    """A complete Ethernet/IP/TCP frame with correct checksums (over the final destination when
+    `ext` holds an IPv6 Routing header with segments left)."""
+    seg = tcp(sport, dport, payload, seq=seq, ack=ack, flags=flags, src=src, dst=_l4_dst(src, dst, ip_args))
     return ip_frame(seg, src=src, dst=dst, proto=IPPROTO_TCP, vlan=vlan, **ip_args)
 
 
 def udp_frame(src: AddressLike, dst: AddressLike, sport: int, dport: int, payload: bytes = b"", *,
               vlan: int | None = None, **ip_args: object) -> bytes:
-    """A complete Ethernet/IP/UDP frame with correct checksums."""
-    seg = udp(sport, dport, payload, src=src, dst=dst)
+    """A complete Ethernet/IP/UDP frame with correct checksums (as `tcp_frame`)."""
+    seg = udp(sport, dport, payload, src=src, dst=_l4_dst(src, dst, ip_args))
     return ip_frame(seg, src=src, dst=dst, proto=IPPROTO_UDP, vlan=vlan, **ip_args)
 
 

@@ -41,6 +41,7 @@ class Reason(IntEnum):
     TRUNCATED_IPV6_PAYLOAD = 131  #: payload length says more bytes than the frame holds
     TRUNCATED_IPV6_EXT = 132  #: an extension header runs past the payload
     TOO_MANY_IPV6_EXT = 133   #: longer extension-header chain than we walk (see ip.MAX_EXT_HEADERS)
+    BAD_IPV6_OPTIONS = 134    #: a Hop-by-Hop/Destination Options option runs past its header, or Hop-by-Hop is not first
     TRUNCATED_TCP = 140       #: fewer than 20 bytes, or fewer than data offset * 4
     BAD_TCP_OFFSET = 141      #: data offset below 5
     TRUNCATED_UDP = 150       #: fewer than 8 bytes, or fewer than the UDP length field says
@@ -77,6 +78,7 @@ _DESCRIPTIONS = {
     Reason.TRUNCATED_IPV6_PAYLOAD: "IPv6 payload length exceeds the frame",
     Reason.TRUNCATED_IPV6_EXT: "IPv6 extension header runs past the payload",
     Reason.TOO_MANY_IPV6_EXT: "too many IPv6 extension headers",
+    Reason.BAD_IPV6_OPTIONS: "IPv6 option runs past its header, or Hop-by-Hop header not first",
     Reason.TRUNCATED_TCP: "TCP header runs past the end of the packet",
     Reason.BAD_TCP_OFFSET: "TCP data offset below 5",
     Reason.TRUNCATED_UDP: "UDP header or length runs past the end of the packet",

@@ -25,6 +25,7 @@ IPPROTO_HOPOPTS = 0
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
+IPPROTO_DCCP = 33
 IPPROTO_ROUTING = 43
 IPPROTO_FRAGMENT = 44
 IPPROTO_ESP = 50
@@ -34,6 +35,7 @@ IPPROTO_NONE = 59
 IPPROTO_DSTOPTS = 60
 IPPROTO_SCTP = 132
 IPPROTO_MH = 135
+IPPROTO_UDPLITE = 136
 
 #: IPv6 extension headers with the generic (next, length in 8-octet units - 1) layout:
 #: hop-by-hop, routing, destination options, mobility, HIP, shim6 (RFC 7045 list).
@@ -51,8 +53,10 @@ _H = Struct("!H")
 _I = Struct("!I")
 _FRAG6 = Struct("!BxHI")
 
-# Where the TCP/UDP checksum sits inside its header (both cover the pseudo-header).
-_L4_CSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}
+# Where the checksum sits inside the L4 headers whose checksum covers the pseudo-header (so an
+# address rewrite must update it): TCP, UDP, UDP-Lite (RFC 3828), DCCP (RFC 4340). ICMPv6 (2) is
+# added for IPv6 only; ICMPv4 and SCTP (CRC32c) do not cover the addresses.
+_L4_CSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_UDPLITE: 6, IPPROTO_DCCP: 6}
 
 
 class IPv4:
@@ -60,6 +64,11 @@ class IPv4:
 
     Raises `MalformedError` with TRUNCATED_IPV4, BAD_IP_VERSION, BAD_IPV4_IHL, BAD_IPV4_LENGTH,
     TRUNCATED_IPV4_PAYLOAD or BAD_IPV4_OPTIONS. Fragments are not an error: see `is_fragment`.
+
+    `proto` is the header's protocol field: an Authentication Header (51) is not walked, so IPv4
+    + AH + TCP has `proto` 51 and its 5-tuple has ports 0, where `IPv6` walks AH to the TCP header.
+    Code beside the views (function fast paths that read TCP at `header_len` when the 5-tuple says
+    6) relies on `proto` being this field; see docs/net.md, "Limits".
     """
 
     __slots__ = (
@@ -183,12 +192,13 @@ class IPv4:
         self.ttl = ttl
 
     def set_src(self, addr: int) -> None:
-        """Rewrite the source address; update the header and the TCP/UDP checksum (RFC 1624)."""
+        """Rewrite the source address; update the header checksum and the L4 one that covers the
+        address (TCP, UDP, UDP-Lite, DCCP), incrementally (RFC 1624)."""
         self._set_addr(12, addr)
         self.src = addr
 
     def set_dst(self, addr: int) -> None:
-        """Rewrite the destination address; update the header and the TCP/UDP checksum."""
+        """Rewrite the destination address; update the header and L4 checksums (as `set_src`)."""
         self._set_addr(16, addr)
         self.dst = addr
 
@@ -237,8 +247,13 @@ class IPv6:
     A non-first fragment stops the walk: `has_l4` is False and `proto` is the fragment's next
     header. ESP (50) and "no next header" (59) also end the walk.
 
+    The options of Hop-by-Hop and Destination Options headers are checked as IPv4's are: an
+    option whose length runs past its header, or a Hop-by-Hop header anywhere but directly after
+    the IPv6 header (RFC 8200 section 4.1), is BAD_IPV6_OPTIONS. A packet without extension
+    headers pays nothing for this.
+
     Raises `MalformedError` with TRUNCATED_IPV6, BAD_IP_VERSION, TRUNCATED_IPV6_PAYLOAD,
-    TRUNCATED_IPV6_EXT or TOO_MANY_IPV6_EXT.
+    TRUNCATED_IPV6_EXT, TOO_MANY_IPV6_EXT or BAD_IPV6_OPTIONS.
     """
 
     __slots__ = (
@@ -288,6 +303,10 @@ class IPv6:
                 raise MalformedError(Reason.TRUNCATED_IPV6_EXT, pos, f"header {nh} is {length} bytes")
             if len(exts) == MAX_EXT_HEADERS:
                 raise MalformedError(Reason.TOO_MANY_IPV6_EXT, pos)
+            if nh == IPPROTO_HOPOPTS or nh == IPPROTO_DSTOPTS:
+                if nh == IPPROTO_HOPOPTS and exts:
+                    raise MalformedError(Reason.BAD_IPV6_OPTIONS, pos, "Hop-by-Hop header not directly after the IPv6 header")
+                _check_v6_options(buf, pos + 2, pos + length)
             exts.append((nh, pos, length))
             nh = nxt
             pos += length
@@ -332,15 +351,22 @@ class IPv6:
         Routing header whose Segments Left is above 0, the final destination it lists (type 0/2:
         its last address; type 3, RPL: its last address completed from `dst`; type 4, SRH:
         Segment List[0]); else `dst`. An unknown routing type, or one too short for its addresses,
-        gives `dst` (a node would discard such a packet, RFC 8200 section 4.4)."""
+        gives `dst` (a node would discard such a packet, RFC 8200 section 4.4).
+
+        With several Routing headers, the last one that names a final destination (Segments Left
+        above 0, type and layout understood) wins: the packet visits the earlier ones' segments
+        first. Routing headers with Segments Left 0 (already used up) are skipped. tshark does the
+        same."""
         return self._final_dst(self.dst)
 
     def _final_dst(self, dst: bytes) -> bytes:
+        final = dst
         for t, pos, length in self.ext_headers:
             if t == IPPROTO_ROUTING:
-                final = _routing_final(self.buf, pos, length, dst)
-                return dst if final is None else final
-        return dst
+                f = _routing_final(self.buf, pos, length, dst)
+                if f is not None:
+                    final = f
+        return final
 
     def pseudo_sum(self, length: int, proto: int | None = None) -> int:
         dst = self._final_dst(self.dst) if self.ext_headers else self.dst
@@ -353,12 +379,13 @@ class IPv6:
     set_ttl = set_hop_limit
 
     def set_src(self, addr: bytes) -> None:
-        """Rewrite the source address (16 bytes) and update the TCP/UDP/ICMPv6 checksum."""
+        """Rewrite the source address (16 bytes) and update the TCP/UDP/UDP-Lite/DCCP/ICMPv6
+        checksum."""
         self._set_addr(8, addr)
         self.src = bytes(addr)
 
     def set_dst(self, addr: bytes) -> None:
-        """Rewrite the destination address (16 bytes) and update the TCP/UDP/ICMPv6 checksum,
+        """Rewrite the destination address (16 bytes) and update the L4 checksum (as `set_src`),
         unless a Routing header names the final destination (see `final_dst`): then the
         pseudo-header does not use this field and the checksum stays as it is."""
         self._set_addr(24, addr)
@@ -382,6 +409,18 @@ class IPv6:
 
         return (f"<IPv6 {IPv6Address(self.src)} > {IPv6Address(self.dst)} proto={self.proto} "
                 f"plen={self.payload_length} ext={[e[0] for e in self.ext_headers]}>")
+
+
+def _check_v6_options(buf: Buffer, pos: int, end: int) -> None:
+    """Walk the option TLVs of a Hop-by-Hop or Destination Options header (RFC 8200 section 4.2)
+    from `pos` to `end`; raise BAD_IPV6_OPTIONS if one runs past `end`."""
+    while pos < end:
+        if not buf[pos]:  # Pad1: a single byte
+            pos += 1
+        elif pos + 1 < end and pos + 2 + buf[pos + 1] <= end:  # type, length, data
+            pos += 2 + buf[pos + 1]
+        else:
+            raise MalformedError(Reason.BAD_IPV6_OPTIONS, pos, f"option type {buf[pos]}")
 
 
 def _routing_final(buf: Buffer, pos: int, length: int, dst: bytes) -> bytes | None:
@@ -412,7 +451,8 @@ def _routing_final(buf: Buffer, pos: int, length: int, dst: bytes) -> bytes | No
 
 
 def _update_l4_csum(ip: IPv4 | IPv6, mv: memoryview, old: bytes, new: bytes) -> None:
-    """After an address rewrite, fix the TCP/UDP (and ICMPv6) checksum that covers it."""
+    """After an address rewrite, fix the L4 checksum that covers it through the pseudo-header:
+    TCP, UDP, UDP-Lite, DCCP, and ICMPv6 over IPv6."""
     if not ip.has_l4:
         return
     at = _L4_CSUM_AT.get(ip.proto)
@@ -425,11 +465,12 @@ def _update_l4_csum(ip: IPv4 | IPv6, mv: memoryview, old: bytes, new: bytes) -> 
     if pos + 2 > ip.end:
         return  # truncated L4 header: nothing trustworthy to update
     old_csum = _H.unpack_from(mv, pos)[0]
-    if ip.proto == IPPROTO_UDP and old_csum == 0:
-        return  # UDP over IPv4 without a checksum stays without one
+    proto = ip.proto
+    if proto == IPPROTO_UDP and old_csum == 0:
+        return  # UDP without a checksum stays without one (UDP-Lite's is mandatory: not so there)
     new_csum = ck.update_bytes(old_csum, old, new)
-    if ip.proto == IPPROTO_UDP and new_csum == 0:
-        new_csum = 0xFFFF  # RFC 768: a computed zero is sent as all ones
+    if new_csum == 0 and (proto == IPPROTO_UDP or proto == IPPROTO_UDPLITE):
+        new_csum = 0xFFFF  # RFC 768, RFC 3828: a computed zero is sent as all ones
     _H.pack_into(mv, pos, new_csum)
 
 

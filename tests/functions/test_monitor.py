@@ -83,7 +83,7 @@ def test_per_flow_counters_and_every_verdict_is_next():
 def test_flow_table_is_bounded_and_idle_flows_expire():
     m = make({"max_flows": 3, "flow_timeout": 10})
     run(m, [udp(sport=p) for p in range(5)], now=0.0)
-    assert m.counters()["flows"] == 3 and m.counters()["flows_untracked"] == 2
+    assert m.counters()["flows"] == 3 and m.counters()["packets_untracked"] == 2
     run(m, [udp(sport=0)], now=8.0)
     assert m.expire(15.0) == 2  # sport 1 and 2 idle since 0; sport 0 seen at 8
     assert [f["flow"] for f in m.flows()] == ["udp 10.0.0.1:0 -> 10.0.0.2:53"]

@@ -5,11 +5,12 @@ move it. Each entry remembers the value it had when it was queued, so a sweep fr
 tells an entry used since (queue it again at the new end) from one that was not: the first such
 entry is the least recently used one, and every entry behind it was queued later. Used by the
 l4lb flow table, the ids flow tracker and ratelimit's per-flow buckets, which must stay O(1) per
-packet when full (a whole-table scan per new flow cost tens of milliseconds at 10^5-10^6 flows).
+packet when full (a whole-table scan per new flow cost tens of milliseconds at 10^5-10^6 flows);
+`sweep_queue` does the same for a plain dict with a deque of its keys beside it (the monitor).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 
@@ -40,3 +41,31 @@ def sweep(table: OrderedDict, now: float, limit: int | None, done: Callable[[Any
         else:
             break
     return removed, evicted, n
+
+
+def sweep_queue(table: dict, queue: deque, now: float, limit: int | None, done: Callable[[Any, float], bool],
+                requeue: Callable[[Any], bool]) -> tuple[int, int]:
+    """`sweep` for a plain dict `table` whose keys are also kept, in the order they were queued,
+    in `queue` (append a key there when it is added to the table; remove table entries only
+    through this sweep, or clear both). For a table read per packet: a plain dict's `get` is
+    ~20 ns cheaper than an OrderedDict's, and popping a plain dict's oldest entries again and
+    again is O(n) each, hence the deque beside it (8 bytes per entry).
+
+    Returns (removed as done, looked at); the same amortized O(1) work per use as `sweep`."""
+    removed = n = 0
+    while queue and (limit is None or n < limit):
+        k = queue[0]
+        e = table.get(k)
+        n += 1
+        if e is None:  # gone from the table (it was cleared): nothing to do
+            queue.popleft()
+        elif done(e, now):
+            queue.popleft()
+            del table[k]
+            removed += 1
+        elif requeue(e):
+            queue.popleft()
+            queue.append(k)
+        else:
+            break
+    return removed, n

@@ -15,19 +15,28 @@ stable across processes and runs, so several balancer instances with the same ba
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
+from operator import itemgetter
+from struct import Struct
 from typing import Any, Iterable, Mapping, Sequence
 
 from shmfabric.functions import lru
+from shmfabric.net.errors import Reason
 from shmfabric.net.flow import FiveTuple, canonical, flow_hash
+from shmfabric.net.packet import LINK_IP, decode
 
-__all__ = ["MaglevTable", "MaglevBalancer", "BackendState", "is_prime", "DEFAULT_TABLE_SIZE"]
+__all__ = ["MaglevTable", "MaglevBalancer", "BackendState", "is_prime", "check_table_size", "fragment_key",
+           "fragment_keys", "DEFAULT_TABLE_SIZE", "MAX_TABLE_SIZE"]
 
 #: The paper's size: prime, and large against the backend count (it advises M >> N; at M = 100 N
 #: the share of each backend stays within about 1% of even).
 DEFAULT_TABLE_SIZE = 65537
+#: The largest table accepted: building one takes ~1.2 s in CPython at 2**20 slots (~10 s at 2**22,
+#: growing faster than M), and a trial-division primality test of a huge number never ends.
+MAX_TABLE_SIZE = 1 << 20
 
 
 def is_prime(n: int) -> bool:
@@ -41,6 +50,126 @@ def is_prime(n: int) -> bool:
             return False
         i += 2
     return True
+
+
+def check_table_size(size: object) -> int:
+    """`size` if it is a usable table size (a prime up to MAX_TABLE_SIZE), else ValueError.
+    The bound is checked first, so a huge number is refused at once instead of hanging the
+    primality test."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise ValueError(f"Maglev table size must be a whole number (a prime such as 65537), got {size!r}")
+    if size > MAX_TABLE_SIZE:
+        raise ValueError(f"Maglev table size {size} is too large: at most {MAX_TABLE_SIZE} (2**20; e.g. 1048573, "
+                         f"which takes about a second to build); the default 65537 suits up to ~650 backends")
+    if not is_prime(size):
+        raise ValueError(f"Maglev table size must be prime (e.g. 65537, 16381, 4099), got {size}")
+    return size
+
+
+# --- IP fragments ------------------------------------------------------------------------------------
+# A non-first fragment has no L4 header, hence no ports: `parse_5tuple_ip` answers Reason.FRAGMENT.
+# Balancers (the Maglev paper, section 3.3) and policers use (src, dst, proto) for fragments.
+
+_V4_ADDRS = Struct("!9xB2xII").unpack_from  # protocol, source, destination of an IPv4 header
+_V6_ADDRS = Struct("!8x16s16sB").unpack_from  # source, destination, then a Fragment header's next header
+_FRAGMENT = Reason.FRAGMENT
+
+
+def fragment_key(buf: Any) -> tuple | None:
+    """(src, dst, proto) of an IP packet (no Ethernet header), in the 5-tuple's address forms
+    (IPv4 int, IPv6 16 bytes); for IPv6 `proto` is the header after the extension headers (for a
+    non-first fragment: the Fragment header's next header). None if it is not IP. Meant for
+    frames `parse_5tuple_ip` classified as Reason.FRAGMENT, whose IP header it validated."""
+    n = len(buf)
+    if n >= 20 and buf[0] >> 4 == 4:
+        proto, src, dst = _V4_ADDRS(buf, 0)
+        return (src, dst, proto)
+    if n >= 48 and buf[0] >> 4 == 6 and buf[6] == 44:  # the Fragment header right after the fixed one
+        src, dst, proto = _V6_ADDRS(buf, 0)
+        return (src, dst, proto)
+    ip = decode(buf, 0, LINK_IP).ip  # other extension headers first: walk them
+    return None if ip is None else (ip.src, ip.dst, ip.proto)
+
+
+def _table(pick) -> bytes:  # type: ignore[no-untyped-def]
+    return bytes(0xFF if pick(b) else 0 for b in range(256))
+
+
+_T_V4 = _table(lambda b: b >> 4 == 4)                   # version/IHL byte of IPv4
+_T_V6 = _table(lambda b: b >> 4 == 6)                   # first byte of IPv6
+_T_V4_FRAG = _table(lambda b: b & 0x3F)                 # IPv4 byte 6: MF or offset bits (high 5)
+_T_NONZERO = _table(lambda b: b)                        # IPv4 byte 7: offset bits (low 8)
+_T_V6_EXT = _table(lambda b: b not in (6, 17, 58, 59))  # IPv6 next header: not TCP/UDP/ICMPv6/none
+_V4_FIRST = bytes(range(0x40, 0x50))                   # deleted: what remains is not IPv4
+_V6_FIRST = bytes(range(0x60, 0x70))
+_V4_NOT_FRAG = bytes(b for b in range(256) if not b & 0x3F)  # deleted: what remains has MF or offset bits
+_V6_PLAIN = bytes((6, 17, 58, 59))
+_HEAD8 = itemgetter(slice(0, 8))
+_FF = re.compile(b"\xff")
+
+
+def _candidates(frames: Any) -> list[int] | None:
+    """Indices of frames that may be IP fragments, from their first 8 bytes at C speed: IPv4 with
+    MF or an offset, IPv6 with an extension header (a Fragment header may be among them). None:
+    the screen could not run (a frame shorter than 8 bytes): look at every frame."""
+    n = len(frames)
+    gather = getattr(frames, "gather", None)
+    if gather is not None:  # a fabric FrameBatch: one copy of every frame's first bytes
+        g = gather(8)
+        vers, b6, b7 = g[4::12], g[10::12], g[11::12]
+    else:
+        g = b"".join(map(_HEAD8, frames))
+        if len(g) != 8 * n:
+            return None
+        vers, b6, b7 = g[0::8], g[6::8], g[7::8]
+    # the common cases in three C calls: all IPv4 and none fragmented; all IPv6 with TCP/UDP/ICMPv6 next
+    if not vers.translate(None, _V4_FIRST):
+        if b7.count(0) == n and not b6.translate(None, _V4_NOT_FRAG):
+            return []
+    elif not vers.translate(None, _V6_FIRST) and not b6.translate(None, _V6_PLAIN):
+        return []
+    v4 = int.from_bytes(vers.translate(_T_V4), "big")
+    frag = int.from_bytes(b6.translate(_T_V4_FRAG), "big") | int.from_bytes(b7.translate(_T_NONZERO), "big")
+    hit = v4 & frag
+    v6 = int.from_bytes(vers.translate(_T_V6), "big")
+    if v6:
+        hit |= v6 & int.from_bytes(b6.translate(_T_V6_EXT), "big")
+    if not hit:
+        return []
+    return [m.start() for m in _FF.finditer(hit.to_bytes(n, "big"))]
+
+
+def fragment_keys(frames: Any, keys: list) -> int:
+    """Give every IP fragment of a batch the key (src, dst, proto, 0, 0) in `keys` (the batch's
+    `classify_batch(frames, None, "ip")` result), in place: first fragments (MF set, offset 0)
+    too, whose 5-tuple has ports the later fragments lack, so that all fragments of a datagram
+    get the same key and go the same way (the Maglev paper's 3-tuple for fragments). Unfragmented
+    packets keep their 5-tuple; an IPv6 atomic fragment (offset 0, M clear) is unfragmented.
+    Returns how many keys it changed. Unfragmented traffic pays a screen of the frames' first
+    8 bytes at C speed (see `_candidates`); only the frames it flags are looked at in Python."""
+    idx = _candidates(frames)
+    if idx is None:
+        idx = range(len(frames))
+    changed = 0
+    for i in idx:
+        k = keys[i]
+        if k.__class__ is tuple:
+            f = frames[i]
+            if f[0] >> 4 == 4:
+                if not f[6] & 0x20:  # a 5-tuple has offset 0: MF decides
+                    continue
+            else:
+                ip = decode(f, 0, LINK_IP).ip
+                if ip is None or ip.version != 6 or not ip.first_fragment:
+                    continue
+            keys[i] = (k[0], k[1], k[2], 0, 0)
+            changed += 1
+        elif k is _FRAGMENT:
+            t = fragment_key(frames[i])
+            if t is not None:
+                keys[i] = (t[0], t[1], t[2], 0, 0)
+                changed += 1
+    return changed
 
 
 def _name_hashes(name: str, seed: int) -> tuple[int, int]:
@@ -57,8 +186,7 @@ class MaglevTable:
     """
 
     def __init__(self, backends: Sequence[str] | Mapping[str, int], size: int = DEFAULT_TABLE_SIZE, seed: int = 0) -> None:
-        if not is_prime(size):
-            raise ValueError(f"Maglev table size must be prime (e.g. 65537, 16381, 4099), got {size}")
+        check_table_size(size)
         if not isinstance(backends, Mapping) and len(set(backends)) != len(backends):
             raise ValueError("backend names must be unique")
         weights = dict(backends) if isinstance(backends, Mapping) else {b: 1 for b in backends}
@@ -153,8 +281,7 @@ class MaglevBalancer:
 
     def __init__(self, backends: Iterable[str] | Mapping[str, int] = (), *, table_size: int = DEFAULT_TABLE_SIZE,
                  seed: int = 0, flow_timeout: float = 300.0, max_flows: int = 1_000_000, symmetric: bool = False) -> None:
-        if not is_prime(table_size):
-            raise ValueError(f"Maglev table size must be prime (e.g. 65537, 16381, 4099), got {table_size}")
+        check_table_size(table_size)
         self.table_size, self.seed, self.flow_timeout, self.max_flows = table_size, seed, flow_timeout, max_flows
         self.symmetric = symmetric
         ws = dict(backends) if isinstance(backends, Mapping) else {b: 1 for b in backends}
@@ -189,17 +316,41 @@ class MaglevBalancer:
         self.states[name] = BackendState(state)
         self._rebuild()
 
+    def set_backends(self, backends: Mapping[str, tuple[int, BackendState | str]], *, table_size: int | None = None,
+                     seed: int | None = None) -> None:
+        """The whole membership at once, {name: (weight, state)}, and optionally a new table size
+        or seed: backends not listed are removed, new ones added, the others re-weighted and put in
+        their state, with one table build (adding, removing or changing backends one by one
+        builds it per change) and none when the ready set, the size and the seed are unchanged.
+        All or nothing: on ValueError nothing changed. Remembered flows keep their backend (those
+        of a backend gone or in maint move at their next packet); the table decides new flows."""
+        for name, (weight, _) in backends.items():
+            if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+                raise ValueError(f"backend {name!r}: weight must be a whole number >= 1, got {weight!r}")
+        states = {name: BackendState(st) for name, (_, st) in backends.items()}
+        weights = {name: w for name, (w, _) in backends.items()}
+        size = self.table_size if table_size is None else check_table_size(table_size)
+        sd = self.seed if seed is None else seed
+        table, key = self._build(weights, states, size, sd)  # may raise: nothing is changed yet
+        self.weights, self.states, self.table_size, self.seed = weights, states, size, sd
+        self.table, self._table_key = table, key
+
     def _known(self, name: str) -> None:
         if name not in self.weights:
             raise KeyError(f"no backend {name!r} (have: {', '.join(sorted(self.weights)) or 'none'})")
 
     def _rebuild(self) -> None:
-        ready = {b: w for b, w in self.weights.items() if self.states[b] is BackendState.READY}
-        key = tuple(sorted(ready.items()))
-        if self.table is not None and getattr(self, "_table_key", None) == key:
-            return
-        self._table_key = key
-        self.table = MaglevTable(ready, self.table_size, self.seed) if ready else None
+        self.table, self._table_key = self._build(self.weights, self.states, self.table_size, self.seed)
+
+    def _build(self, weights: Mapping[str, int], states: Mapping[str, BackendState], size: int,
+               seed: int) -> tuple[MaglevTable | None, tuple]:
+        """The table for the ready backends (None if there is none) and its key; the current table
+        when the key is the current one."""
+        ready = {b: w for b, w in weights.items() if states[b] is BackendState.READY}
+        key = (size, seed, tuple(sorted(ready.items())))
+        if getattr(self, "_table_key", None) == key:
+            return self.table, key
+        return (MaglevTable(ready, size, seed) if ready else None), key
 
     # --- data path -------------------------------------------------------------------------------
     def pick(self, key: FiveTuple, now: float) -> str | None:
@@ -212,6 +363,8 @@ class MaglevBalancer:
                 return f.backend
             if f.expires > now:
                 self.moved_flows += 1
+            else:  # expired but not swept yet: it expires now (the sweep would have counted it)
+                self.expired_flows += 1
             del self._flows[k]
         if self.table is None:
             self.no_backend += 1

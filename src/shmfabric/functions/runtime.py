@@ -11,6 +11,7 @@ import operator
 import signal
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 from shmfabric.fabric import Fabric, FabricError, UnknownDestinationError
@@ -149,6 +150,18 @@ def ip_ethertype_groups(frames: list) -> list[tuple[int, list]]:
     return [(0x0800, rest), (0x86DD, v6)]
 
 
+def _validate(fn_cls: type, config: Any) -> Any:
+    """`validate_config`, with any exception a validator lets out (a TypeError, say: pydantic
+    only turns ValueError and AssertionError into a validation error) made a FunctionConfigError."""
+    try:
+        return validate_config(fn_cls, config)
+    except FunctionConfigError:
+        raise
+    except Exception as e:
+        raise FunctionConfigError(f"invalid configuration for function {getattr(fn_cls, 'name', fn_cls)!r}: "
+                                  f"{type(e).__name__}: {e}") from None
+
+
 class FunctionRunner:
     """Runs function class `fn_cls` as node `node_name` of `fabric`; see `run()`."""
 
@@ -157,7 +170,7 @@ class FunctionRunner:
                  network: int = 0, wait_mode: str = "adaptive", peer_timeout: float = 30.0):
         self.fabric = fabric
         self.fn_cls = fn_cls
-        self.config_model = validate_config(fn_cls, config)
+        self.config_model = _validate(fn_cls, config)
         try:
             mtu = fabric.networks[network].mtu
         except IndexError:
@@ -173,6 +186,9 @@ class FunctionRunner:
             self.fn = fn_cls(self.config_model, self.ctx)
         except (OSError, ValueError, LookupError) as e:
             raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: {e}") from None
+        except Exception as e:  # a bug in the function, but still one line and exit status 2, not a traceback
+            raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: "
+                                      f"{type(e).__name__}: {e}") from None
         # a source's frames of a configured `size` (the generator's) must fit a slot: a frame carries
         # at most MTU bytes after its 14-byte Ethernet header; refused here, at start, not at the first send
         size = getattr(self.config_model, "size", None)
@@ -246,15 +262,7 @@ class FunctionRunner:
             if op == "stats":
                 out = self.stats()
             elif op == "reconfigure":
-                new = validate_config(self.fn_cls, msg.get("config"))
-                if not hasattr(self.fn, "reconfigure"):
-                    raise FunctionConfigError(f"function {self.fn_cls.name!r} cannot be reconfigured live; replace it")
-                self.fn.reconfigure(new)
-                self.config_model = new
-                if self.ctx.emitted:  # e.g. a shaper releasing what it held under the old config
-                    self.send_emitted()
-                log("reconfigured", {"node": self.node.name})
-                out = {"ok": True}
+                out = self._reconfigure(msg.get("config"))
             elif op == "set_next":
                 # "next": the next hop's instances; "ports" (optional): {port name: instances}
                 timeout = float(msg.get("timeout", 5.0))
@@ -285,6 +293,30 @@ class FunctionRunner:
         if rid is not None:
             out["id"] = rid
         self._reply(src, out)
+
+    def _reconfigure(self, config: Any) -> dict:
+        """The `reconfigure` op. Whatever the function's validators or `reconfigure()` raise is an
+        error reply, never an exception out of the control handler (which would take the node
+        down): a bad configuration is the sender's mistake, not a reason to stop forwarding."""
+        name = self.fn_cls.name
+        new = _validate(self.fn_cls, config)  # FunctionConfigError: answered by the caller
+        if not hasattr(self.fn, "reconfigure"):
+            raise FunctionConfigError(f"function {name!r} cannot be reconfigured live; replace it")
+        try:
+            self.fn.reconfigure(new)
+        except (FunctionConfigError, ValueError, TimeoutError):
+            raise  # the function's own message, as before
+        except Exception as e:
+            log("reconfigure_error", {"node": self.node.name, "error": f"{type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc()})
+            return {"ok": False, "error": f"function {name!r} failed to apply the new configuration "
+                                          f"({type(e).__name__}: {e}); it may run with parts of it, "
+                                          f"reconfigure again or replace the node"}
+        self.config_model = new
+        if self.ctx.emitted:  # e.g. a shaper releasing what it held under the old config
+            self.send_emitted()
+        log("reconfigured", {"node": self.node.name})
+        return {"ok": True}
 
     # -- the data path -------------------------------------------------------------------------
     def _mirror_op(self, msg: dict) -> dict:

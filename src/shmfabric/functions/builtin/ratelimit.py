@@ -25,6 +25,12 @@ has tokens again: from the next `process()` call, or from `on_timer` at the time
 While a bucket has a backlog, newer frames of it queue behind it, so shaping never reorders a
 class or flow. Copying is the cost of delaying: a fabric slot cannot be kept past its batch.
 
+IP fragments: a non-first fragment has no L4 header, hence no ports. With `fragments: police`
+(the default) it is classified by (src, dst, proto) against the classes whose match has no port
+condition (it matches no class with `sport`/`dport`), and policed or shaped there; with `per:
+flow` its bucket is per (src, dst, proto). The first fragment has its ports and goes by its
+5-tuple like any packet. `pass` lets non-first fragments through, `drop` drops them all.
+
 Buckets are pure: time is the `now` passed in, nothing here reads the clock.
 """
 from __future__ import annotations
@@ -40,9 +46,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shmfabric.functions import lru
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.builtin._match import CompiledMatch, Match
+from shmfabric.functions.maglev import fragment_key
+from shmfabric.net.errors import Reason
 from shmfabric.net.flow import parse_5tuple_ip
 
 NEXT, DROP, CONSUMED = int(Verdict.NEXT), int(Verdict.DROP), int(Verdict.CONSUMED)
+_FRAGMENT = Reason.FRAGMENT
 #: per-flow buckets one on_timer call looks at per class (~0.3 µs each); more waits for the next call
 SWEEP_SLICE = 4096
 
@@ -56,10 +65,18 @@ _BIT_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
 _BYTE_UNITS = {"B/s": 1.0, "kB/s": 1e3, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 2**20,
                "p": 1, "pkt": 1, "pkts": 1, "packets": 1}
+# what a size unit counts; a plain number and the bare multipliers k, m fit either kind of rate
+_SIZE_KIND = {"b": "bytes", "kb": "bytes", "kib": "bytes", "mb": "bytes", "mib": "bytes",
+              "p": "packets", "pkt": "packets", "pkts": "packets", "packets": "packets"}
 
 
 def parse_rate(text: str | float | int) -> tuple[float, str]:
-    """'20mbit' -> (2.5e6, 'bytes'); '100pps' -> (100.0, 'packets'). Rates are per second."""
+    """'20mbit' -> (2.5e6, 'bytes'); '100pps' -> (100.0, 'packets'). Rates are per second.
+    ValueError (never another exception) for anything else, whatever its type."""
+    if text is None or text == "":
+        raise ValueError("rate is empty; write a number with a unit, e.g. 1000pps, 10mbit or 5MB/s")
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"rate {text!r} is not a rate; write a number with a unit, e.g. 1000pps, 10mbit or 5MB/s")
     if isinstance(text, (int, float)):
         raise ValueError(f"rate {text!r} needs a unit: e.g. '{text}pps' (packets) or '{text}mbit' (bits)")
     m = _RATE_RE.match(text)
@@ -90,6 +107,15 @@ def parse_rate(text: str | float | int) -> tuple[float, str]:
 
 def parse_size(text: str | int | float) -> float:
     """'64kB' -> 64000; '32' -> 32; '2KiB' -> 2048 (packets or bytes, the rate's kind decides)."""
+    return size_and_kind(text)[0]
+
+
+def size_and_kind(text: str | int | float) -> tuple[float, str | None]:
+    """(size, what its unit counts): '64kB' -> (64000, 'bytes'); '10p' -> (10, 'packets');
+    32 or '2k' -> (32, None) (either). ValueError (never another exception) for anything else."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"burst {text!r} is not a size; write a number, with a unit if you like "
+                         f"(e.g. 32, 10p, 64kB, 1MiB)")
     if isinstance(text, (int, float)):
         value, unit = float(text), ""
     else:
@@ -100,7 +126,7 @@ def parse_size(text: str | int | float) -> float:
     size = value * _SIZE_UNITS[unit]
     if not size > 0 or math.isinf(size):
         raise ValueError(f"burst {text!r} must be positive and finite")
-    return size
+    return size, _SIZE_KIND.get(unit)
 
 
 # --- the bucket -------------------------------------------------------------------------------------
@@ -165,8 +191,10 @@ class ClassConfig(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     match: Match = Field(default_factory=Match, description="header match; empty = every packet")
     rate: str = Field(description="e.g. 1000pps, 10mbit, 5MB/s")
-    burst: str | int | None = Field(None, description="packets or bytes; default 10 ms at the rate, at least one "
-                                                     "packet (for byte rates: the largest frame the network carries)")
+    burst: str | int | float | None = Field(None, description="packets for packet rates (a number, or 10p), bytes "
+                                             "for byte rates (a number, or 64kB, 1MiB); default 10 ms at the rate, "
+                                             "at least one packet (for byte rates: the largest frame the network "
+                                             "carries)")
     per: Literal["class", "flow"] = "class"
     mode: Literal["police", "shape"] | None = Field(None, description="default: the function's mode")
 
@@ -176,15 +204,24 @@ class ClassConfig(BaseModel):
         parse_rate(v)  # type: ignore[arg-type]
         return str(v)
 
-    @field_validator("burst")
+    @field_validator("burst", mode="before")
     @classmethod
-    def _burst(cls, v: str | int | None) -> str | int | None:
+    def _burst(cls, v: object) -> object:
         if v is not None:
-            parse_size(v)
+            size_and_kind(v)  # type: ignore[arg-type]  # one clear message for a bool, a list, a bad unit
         return v
 
     @model_validator(mode="after")
     def _burst_fits(self) -> "ClassConfig":
+        if self.burst is not None:
+            kind = size_and_kind(self.burst)[1]
+            rate_kind = parse_rate(self.rate)[1]
+            if kind is not None and kind != rate_kind:
+                if rate_kind == "packets":
+                    raise ValueError(f"class {self.name!r}: burst {self.burst!r} is in bytes but rate {self.rate!r} "
+                                     f"counts packets; give the burst in packets (e.g. 10 or 10p)")
+                raise ValueError(f"class {self.name!r}: burst {self.burst!r} is in packets but rate {self.rate!r} "
+                                 f"counts bytes; give the burst in bytes (e.g. 16000 or 16kB)")
         rate, burst, by_bytes = self.bucket_params()
         if not by_bytes and burst < 1:
             raise ValueError(f"class {self.name!r}: burst {self.burst!r} is under one packet; use at least 1")
@@ -212,7 +249,11 @@ class RateLimitConfig(BaseModel):
     mode: Literal["police", "shape"] = "police"
     classes: list[ClassConfig] = Field(min_length=1, description="tried in order; the first match wins")
     unmatched: Literal["pass", "drop"] = Field("pass", description="packets no class matches")
-    unparsed: Literal["pass", "drop"] = Field("pass", description="frames without a 5-tuple (malformed, not IP)")
+    unparsed: Literal["pass", "drop"] = Field("pass", description="frames without a 5-tuple (malformed, not IP); "
+                                              "non-first IP fragments follow `fragments`")
+    fragments: Literal["police", "pass", "drop"] = Field(
+        "police", description="non-first IP fragments (no ports): police = classified by (src, dst, proto) against "
+                              "the classes without port conditions; pass; drop")
     overhead: int = Field(0, ge=0, le=1000, description="bytes added to each packet's length for byte rates "
                                                        "(e.g. 14 for an Ethernet header, 24 for preamble+FCS+gap too)")
     max_flows: int = Field(65536, ge=1, le=10_000_000, description="per-flow buckets kept; when full, idle "
@@ -279,7 +320,7 @@ class RateLimiter:
         self._seq = 0
         self.held = 0
         self.c = {"passed": 0, "dropped": 0, "delayed": 0, "released": 0, "shape_dropped": 0, "unparsed": 0,
-                  "unmatched": 0, "flows_evicted": 0, "flows_freed": 0, "too_big": 0}
+                  "unmatched": 0, "flows_evicted": 0, "flows_freed": 0, "too_big": 0, "fragments": 0}
         self.swept = 0  # per-flow buckets looked at by _sweep (a work count for tests)
         self._configure(config)
 
@@ -314,6 +355,14 @@ class RateLimiter:
 
     # -- classification ------------------------------------------------------------------------------
     def _classify(self, key: tuple) -> _Class | None:
+        if len(key) == 3:  # a non-first fragment's (src, dst, proto): no ports, so no port-based class
+            src, dst, proto = key
+            full = (src, dst, proto, 0, 0)
+            for cl in self.classes:
+                m = cl.match
+                if m.sport is None and m.dport is None and m.matches(full):
+                    return cl
+            return None
         for cl in self.classes:
             if cl.match.matches(key):
                 return cl
@@ -397,10 +446,20 @@ class RateLimiter:
         for i, f in enumerate(frames):
             key = parse_5tuple_ip(f)
             if key.__class__ is not tuple:
-                c["unparsed"] += 1
-                if cfg.unparsed == "drop":
-                    out[i] = DROP
-                continue
+                if key is _FRAGMENT:
+                    c["fragments"] += 1
+                    if cfg.fragments == "police":
+                        key = fragment_key(f)  # (src, dst, proto): classified and policed below
+                    elif cfg.fragments == "drop":
+                        out[i] = DROP
+                        continue
+                    else:
+                        continue
+                if key.__class__ is not tuple:
+                    c["unparsed"] += 1
+                    if cfg.unparsed == "drop":
+                        out[i] = DROP
+                    continue
             cl = cache.get(key, False)
             if cl is False:
                 cl = self._classify(key)

@@ -30,27 +30,84 @@ def test_unknown_scenario_is_one_line():
 @pytest.mark.skipif(not all(shutil.which(b) for b in ("wrk", "haproxy")), reason="wrk and haproxy are needed")
 @pytest.mark.timeout(240)
 def test_unequal_scenario_side_by_side_in_order():
-    r = sf("bench", "splice", "--scenario", "unequal", "--workers", "1", "--duration", "1", "--json")
+    r = sf("bench", "splice", "--scenario", "unequal", "--workers", "1", "--duration", "1", "--rounds", "2", "--json")
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["http"]
-    assert len(rows) == 1
-    row = rows[0]
-    assert row["splicer"]["requests_per_s"] > 0 and row["haproxy"]["requests_per_s"] > 0
-    assert row["splicer"]["out_of_order"] == 0  # every response in request order
-    assert row["ratio"] == pytest.approx(row["splicer"]["requests_per_s"] / row["haproxy"]["requests_per_s"], rel=0.01)
+    out = json.loads(r.stdout)
+    rows = out["http"]
+    # the issue's row (8 connections x pipelines of 16) and the same 128 requests in flight as 128
+    # connections without pipelining, measured on the same proxy processes
+    assert [(x["scenario"], x["connections"], x["depth"]) for x in rows] == [("unequal", 8, 16), ("unequal-depth1", 128, 1)]
+    for row in rows:
+        assert row["splicer"]["requests_per_s"] > 0 and row["haproxy"]["requests_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["splicer"]["requests_per_s"] / row["haproxy"]["requests_per_s"], rel=0.01)
+        # two rounds, the order alternating: splicer, haproxy, haproxy, splicer
+        assert row["order"] == ["splicer", "haproxy", "haproxy", "splicer"]
+        for peer, positions in (("splicer", [1, 4]), ("haproxy", [2, 3])):
+            runs = row[peer]["runs"]
+            assert [x["position"] for x in runs] == positions
+            assert row[peer]["requests"] == sum(x["requests"] for x in runs)
+            assert sorted([row[peer]["requests_per_s"], *(x["requests_per_s"] for x in runs)])[1] == pytest.approx(
+                row[peer]["requests_per_s"])  # the median of two lies between them
+        assert len(row["run_ratios"]) == 2
+    assert rows[0]["splicer"]["out_of_order"] == 0  # every response in request order
+    assert rows[0]["target"] == 5.0 and rows[1]["target"] is None and rows[1]["met"] is None
+    assert rows[1]["splicer"]["out_of_order"] is None  # one request in flight per connection: not checked
+    # what the figures were measured with
+    meta = out["meta"]
+    assert "bench splice --scenario unequal" in meta["command"]
+    assert meta["commit"] is None or len(meta["commit"]) == 40
+    assert meta["machine"]["cpus"] >= 1 and meta["machine"]["kernel"] and meta["machine"]["python"]
+
+
+def test_render_table_shows_the_unpipelined_row_and_the_rounds():
+    from shmfabric.bench.splice import render_table
+    from shmfabric.bench.splice_http import ScenarioResult
+
+    def peer(rps: float, ooo: int | None) -> dict:
+        return {"requests_per_s": rps, "out_of_order": ooo, "non2xx": 0, "socket_errors": 0}
+    order = ["splicer", "haproxy", "haproxy", "splicer"]
+    rows = [ScenarioResult("unequal", 1, peer(2000, 0), peer(250, 0), 8.0, 5.0, 1, 8, 16, [7.5, 8.5], order),
+            ScenarioResult("unequal-depth1", 1, peer(2500, None), peer(5000, None), 0.5, None, 1, 128, 1, [0.4, 0.6],
+                           order)]
+    table = render_table(rows)
+    lines = table.splitlines()
+    pipelined = next(x for x in lines if x.startswith("1. unequal"))
+    plain = next(x for x in lines if x.startswith("1b. same 128 in flight"))
+    assert "8x16" in pipelined and "8.00x" in pipelined and "7.50 8.50" in pipelined and "SHHS" in pipelined
+    assert "128x1" in plain and "0.50x" in plain and "0.40 0.60" in plain and " n/a " in plain
 
 
 @pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-benchmark", "nutcracker", "haproxy")),
                     reason="redis-server, redis-benchmark (redis-tools), nutcracker and haproxy are needed")
 @pytest.mark.timeout(240)
 def test_redis_bench_one_and_two_each_and_the_mget_budget():
-    res = bench_json("splice_redis", "--requests", "4000", "--mget-runs", "20")
+    res = bench_json("splice_redis", "--requests", "4000", "--mget-runs", "20", "--rounds", "2")
     for name in ("twemproxy", "splicer", "twemproxy_x2", "splicer_x2"):
         assert res[name]["set"] > 0 and res[name]["get"] > 0, name
+        assert len(res[name]["runs"]) == 2, name
     assert res["ratios"]["get_ops_vs_twemproxy_two_each"] == pytest.approx(
         res["splicer_x2"]["get"] / res["twemproxy_x2"]["get"])
-    # both servers hold part of the spread keys, so the proxies really split the MGET
+    assert len(res["ratios_per_round"]) == 2
+    # the peers' order alternates from round to round (A B B A)
+    assert res["order"]["throughput"] == ["twemproxy_x2", "splicer_x2", "twemproxy", "splicer",
+                                          "splicer_x2", "twemproxy_x2", "splicer", "twemproxy"]
+    mget = res["order"]["mget"]
+    assert mget[6:] == mget[:6][::-1] and mget[0] == "direct"
+    # as many connections per server on both sides
+    assert res["twemproxy_server_connections"] == res["pool"] == 2
+    # both servers hold part of the spread keys (none holds them all: "direct" is a third server)
     assert res["mget_spread_over"]["server0_of_first_200"] > 0 and res["mget_spread_over"]["server1_of_first_200"] > 0
+    assert res["mget_spread_over"]["server0_of_first_200"] + res["mget_spread_over"]["server1_of_first_200"] == 200
+    # each proxy's MGETs reached both spread servers (INFO commandstats), none the direct one;
+    # the direct MGETs went to the third server only
+    for name in ("splicer", "twemproxy"):
+        calls = res["mget_calls"][name]
+        assert calls["server0"] > 0 and calls["server1"] > 0 and calls["direct"] == 0, (name, calls)
+    assert res["mget_calls"]["direct"]["direct"] > 0
+    assert res["mget_calls"]["direct"]["server0"] == res["mget_calls"]["direct"]["server1"] == 0
+    for name in ("relay_one", "twemproxy_one", "splicer_one"):
+        assert res["mget_calls"][name]["direct"] > 0 and res["mget_calls"][name]["server0"] == 0, name
+    assert res["meta"]["machine"]["cpus"] >= 1 and "splice_redis" in res["meta"]["command"]
     for name in ("splicer", "twemproxy", "relay_one", "twemproxy_one", "splicer_one"):
         m = res[f"mget_{name}"]
         assert m["p50_ms"] > 0 and m["proxy_user_us_per_mget"] + m["proxy_sys_us_per_mget"] == pytest.approx(m["cpu_us_per_mget"])

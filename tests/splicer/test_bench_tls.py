@@ -15,8 +15,11 @@ def test_tls_scenarios_answer_over_tls_in_order_and_reconnect_per_request():
     need = missing_tools("wrk", "haproxy", "nginx")
     if need:
         pytest.skip(f"needs {', '.join(need)} (Debian packages; `make debs` installs them)")
-    rows = run_scenarios(["tls", "tls-handshake"], [1], duration=1.0)
+    rows = run_scenarios(["tls", "tls-handshake"], [1], duration=1.0, rounds=2)
     assert [(r.scenario, r.workers) for r in rows] == [("tls", 1), ("tls-handshake", 1)]
+    # the peers' order alternates within a row and from row to row
+    assert rows[0].order == ["splicer", "haproxy", "haproxy", "splicer"]
+    assert rows[1].order == ["haproxy", "splicer", "splicer", "haproxy"]
     for row in rows:
         for name, peer in (("splicer", row.splicer), ("haproxy", row.haproxy)):
             where = (row.scenario, name, peer)
@@ -24,10 +27,12 @@ def test_tls_scenarios_answer_over_tls_in_order_and_reconnect_per_request():
             assert peer["out_of_order"] == 0 and peer["non2xx"] == 0, where
             # a probe through the proxy, verifying the bench's certificate: really TLS, really
             # proxied to one of the nginx backends (they answer "n1 /a" or "n2 /a")
-            tls = peer["tls"]
-            assert tls["version"].startswith("TLSv1."), where
-            assert tls["alpn"] == "http/1.1" and tls["status"] == 200, where
-            assert tls["body"] in ("n1 /a", "n2 /a"), where
+            assert len(peer["runs"]) == 2, where
+            for tls in (run["tls"] for run in peer["runs"]):
+                assert tls["version"].startswith("TLSv1."), where
+                assert tls["alpn"] == "http/1.1" and tls["status"] == 200, where
+                assert tls["body"] in ("n1 /a", "n2 /a"), where
+            assert peer["tls"] == peer["runs"][0]["tls"], where
     hs = rows[1]
     assert hs.target is None and hs.met is None  # connections/s: no target
     for name, peer in (("splicer", hs.splicer), ("haproxy", hs.haproxy)):

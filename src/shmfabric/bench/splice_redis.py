@@ -1,20 +1,29 @@
 """Benchmark 3 of issue 3: the Redis splicer against twemproxy, and a spread MGET against direct.
 
-    python -m shmfabric.bench.splice_redis [--json] [--requests N] [--mget-runs N]
+    python -m shmfabric.bench.splice_redis [--json] [--requests N] [--mget-runs N] [--rounds N]
 
 Everything runs on loopback, side by side in one run:
 
-1. two `redis-server`s (no persistence);
+1. three `redis-server`s (no persistence): two the proxies spread keys over, and a third,
+   "direct", that holds every key the MGET reads;
 2. throughput: `redis-benchmark -P 16 -c 50 -t set,get -r 100000` through the splicer and
-   through twemproxy (Debian's `nutcracker`, config generated here: same servers, ketama, same
-   hash), one process each;
-3. latency: one MGET of 1000 keys spread over both servers, through the splicer (and twemproxy,
-   for reference), against the same MGET sent straight to one server that holds all 1000 keys;
-   p50/p99 over `--mget-runs` runs by a small raw-socket client (same client code for all);
-4. the floor under that latency, for reference: the same MGET sent to the one server through
+   through twemproxy (Debian's `nutcracker`, config generated here: same two servers, ketama,
+   same hash, and as many connections per server: twemproxy `server_connections` = the
+   splicer's `--pool`), one process each;
+3. latency: one MGET of 1000 keys spread over the two servers, through the splicer (and
+   twemproxy, for reference), against the same MGET sent straight to the third server; p50/p99
+   over `--mget-runs` runs by a small raw-socket client (same client code for all). Every value
+   must come back, and INFO commandstats (cmdstat_mget) must show that both spread servers got
+   MGETs during each proxy's run (a proxy sending every key to one server fails the bench);
+4. the floor under that latency, for reference: the same MGET sent to the third server through
    HAProxy in TCP mode (a byte relay in C: no parsing, no split, just the extra hop), through
    twemproxy with only that server (its per-key handling without the spread), and through the
    splicer with only that server (it routes all 1000 keys, then relays the reply as is).
+
+Each measurement is taken in `--rounds` rounds, the order of the peers alternating (two rounds:
+twemproxy, splicer, splicer, twemproxy; the MGET rows likewise, reversed in every other round);
+the figures are medians over the rounds, each run is kept under `runs`, and the ratios of each
+round under `ratios_per_round`.
 
 Targets (issue 3): splicer >= 0.5x twemproxy's ops/s; spread MGET <= 1.5x direct latency.
 Figures depend on the machine and on what else runs on it; the table prints the ratios, and the
@@ -47,6 +56,69 @@ class BenchError(Exception):
     """A peer is missing or did not start; the message says which and how to fix it."""
 
 
+def run_info() -> dict[str, Any]:
+    """What a result was measured with: the command line, the git commit of the tree the bench
+    runs from (and the files changed since, if any), the machine and the peers' versions."""
+    import platform
+    import shlex
+
+    info: dict[str, Any] = {"command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+                            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    root = Path(__file__).resolve().parents[3]  # src/shmfabric/bench/<this> -> the tree
+    commit, changed = None, None
+    if (root / "src" / "shmfabric").is_dir():
+        try:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=10)
+            if head.returncode == 0:
+                commit = head.stdout.strip()
+                st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+                changed = [line[3:] for line in st.stdout.splitlines()] if st.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    info["commit"] = commit
+    info["uncommitted_changes"] = changed  # tracked files modified since the commit ([] if none)
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    info["machine"] = {
+        "cpu_model": cpu or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "cpus_usable": usable, "arch": platform.machine(), "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    versions = {}
+    for name, args in (("haproxy", ["-v"]), ("nginx", ["-v"]), ("wrk", ["-v"]), ("redis-server", ["--version"]),
+                       ("nutcracker", ["--version"])):
+        path = shutil.which(name)
+        if path is None:
+            continue
+        try:
+            out = subprocess.run([path, *args], capture_output=True, text=True, timeout=10)
+            text = (out.stdout + out.stderr).strip()
+            versions[name] = text.splitlines()[0].strip() if text else None
+        except (OSError, subprocess.SubprocessError):
+            versions[name] = None
+    info["peers"] = versions
+    return info
+
+
+def info_line(meta: dict[str, Any]) -> str:
+    """`run_info()` as one line under a table."""
+    m = meta["machine"]
+    dirty = f" + {len(meta['uncommitted_changes'])} changed file(s)" if meta.get("uncommitted_changes") else ""
+    return (f"commit {meta['commit']}{dirty}; {m['cpu_model']}, {m['cpus']} CPUs; Linux {m['kernel']}; "
+            f"{m['python']}; load average {m['loadavg']} at the start")
+
+
 def bench_main(module: str, doc: str, argv: list[str] | None,
                options: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace], dict[str, Any]],
@@ -58,12 +130,16 @@ def bench_main(module: str, doc: str, argv: list[str] | None,
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     options(parser)
     args = parser.parse_args(argv)
+    meta = run_info()  # before the run: the load average is the machine's, not the bench's
     try:
         result = run(args)
     except BenchError as exc:
         print(f"{module} bench: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, sort_keys=True, default=str) if args.json else table(result))
+    if args.json:
+        print(json.dumps({**result, "meta": meta}, indent=2, sort_keys=True, default=str))
+    else:
+        print(table(result) + "\n\n" + info_line(meta))
     return 0
 
 
@@ -136,14 +212,14 @@ def stop_all(procs: list[subprocess.Popen], tmp: Path) -> None:
 
 
 def start_twemproxy_on(nutcracker: str, tmp: Path, conf: str, backends: list[int], hash_name: str,
-                       procs: list[subprocess.Popen]) -> tuple[int, subprocess.Popen]:
-    """A nutcracker (ketama, `hash_name`, one connection per server) in front of `backends`,
+                       procs: list[subprocess.Popen], connections: int = 1) -> tuple[int, subprocess.Popen]:
+    """A nutcracker (ketama, `hash_name`, `connections` per server) in front of `backends`,
     its config written to tmp/conf; (port, process), the process added to `procs`."""
     port = _free_port()
     (tmp / conf).write_text(
         "bench:\n"
         f"  listen: 127.0.0.1:{port}\n  hash: {hash_name}\n  distribution: ketama\n  redis: true\n"
-        "  auto_eject_hosts: false\n  server_connections: 1\n  servers:\n"
+        f"  auto_eject_hosts: false\n  server_connections: {connections}\n  servers:\n"
         + "".join(f"   - 127.0.0.1:{p}:1\n" for p in backends))
     proc = subprocess.Popen([nutcracker, "-c", str(tmp / conf), "-s", str(_free_port()),
                              "-o", str(tmp / (conf + ".log"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,21 +345,58 @@ def _mget_latency(port: int, keys: list[bytes], runs: int) -> dict[str, float]:
     return {"p50_ms": statistics.median(times) * 1000, "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1000}
 
 
+def _mget_calls(port: int) -> int:
+    """How many MGETs the redis-server on `port` has run (INFO commandstats: cmdstat_mget calls)."""
+    m = re.search(rb"^cmdstat_mget:calls=(\d+)", _command(port, b"INFO", b"commandstats"), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over `runs` of each number they all have; the runs themselves under `runs`."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "position"]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["runs"] = runs
+    return out
+
+
+def _ratios(f: Callable[[str], dict[str, Any]], two_each: bool) -> dict[str, float]:
+    """The ratios of the figures `f(name)` gives (medians, or one round's runs)."""
+    out = {
+        "set_ops_vs_twemproxy": f("splicer")["set"] / f("twemproxy")["set"],
+        "get_ops_vs_twemproxy": f("splicer")["get"] / f("twemproxy")["get"],
+        "mget_p50_vs_direct": f("mget_splicer")["p50_ms"] / f("mget_direct")["p50_ms"],
+        "mget_p99_vs_direct": f("mget_splicer")["p99_ms"] / f("mget_direct")["p99_ms"],
+        "mget_p50_vs_twemproxy": f("mget_splicer")["p50_ms"] / f("mget_twemproxy")["p50_ms"],
+        "mget_relay_floor_vs_direct": f("mget_relay_one")["p50_ms"] / f("mget_direct")["p50_ms"],
+        "cpu_per_request_twemproxy_vs_splicer": f("twemproxy")["cpu_us_per_request"] / f("splicer")["cpu_us_per_request"],
+    }
+    if two_each:
+        out["set_ops_vs_twemproxy_two_each"] = f("splicer_x2")["set"] / f("twemproxy_x2")["set"]
+        out["get_ops_vs_twemproxy_two_each"] = f("splicer_x2")["get"] / f("twemproxy_x2")["get"]
+    return out
+
+
 def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name: str = "md5",
-        two_each: bool = True) -> dict[str, Any]:
+        two_each: bool = True, rounds: int = 2) -> dict[str, Any]:
     """Run the whole comparison and return the figures (see the module docstring)."""
+    if rounds < 1:
+        raise BenchError("rounds must be at least 1")
     redis_server = _need("redis-server", "redis-server")
     nutcracker = _need("nutcracker", "nutcracker")
     haproxy = _need("haproxy", "haproxy")
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="shmfabric-bench-redis-"))
     try:
-        servers = start_redis_servers(redis_server, 2, tmp, procs)
+        # two servers the proxies spread keys over, and a third that holds every MGET key ("direct")
+        servers = start_redis_servers(redis_server, 3, tmp, procs)
+        server_pids = [p.pid for p in procs[:3]]
+        spread, direct = servers[:2], servers[2]
 
-        def start_twemproxy(conf: str, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
-            return start_twemproxy_on(nutcracker, tmp, conf, backends, hash_name, procs)
+        def start_twemproxy(conf: str, backends: list[int] = spread) -> tuple[int, subprocess.Popen]:
+            # as many connections per server as the splicer's pool: the same lanes for both
+            return start_twemproxy_on(nutcracker, tmp, conf, backends, hash_name, procs, connections=pool)
 
-        def start_splicer(workers: int, backends: list[int] = servers) -> tuple[int, subprocess.Popen]:
+        def start_splicer(workers: int, backends: list[int] = spread) -> tuple[int, subprocess.Popen]:
             return start_splicer_on(backends, workers, pool, hash_name, procs)
 
         def start_tcp_relay(backend: int) -> tuple[int, subprocess.Popen]:
@@ -300,11 +413,19 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
         nc_port, nc = start_twemproxy("nutcracker.yml")
         sp_port, sp = start_splicer(1)
         # The relay floor (point 4 of the docstring): every proxy here adds at least this hop.
-        relay_port, relay = start_tcp_relay(servers[0])
-        nc1_port, nc1 = start_twemproxy("nutcracker-one.yml", servers[:1])
-        sp1_port, sp1 = start_splicer(1, servers[:1])
+        relay_port, relay = start_tcp_relay(direct)
+        nc1_port, nc1 = start_twemproxy("nutcracker-one.yml", [direct])
+        sp1_port, sp1 = start_splicer(1, [direct])
 
-        result: dict[str, Any] = {"requests": requests, "mget_runs": mget_runs, "pool": pool, "hash": hash_name}
+        result: dict[str, Any] = {"requests": requests, "mget_runs": mget_runs, "pool": pool,
+                                  "twemproxy_server_connections": pool, "hash": hash_name, "rounds": rounds}
+        runs: dict[str, list[dict[str, Any]]] = {}
+        order: dict[str, list[str]] = {"throughput": [], "mget": []}
+
+        def in_order(rows: list, r: int) -> list:
+            return rows if r % 2 == 0 else rows[::-1]  # A B, then B A: each peer first in every other round
+
+        x2_rows: list = []
         if two_each:
             # Two each: a second twemproxy (it is single-threaded) next to the first, against a
             # splicer with two workers on one port; two redis-benchmarks of 25 clients at once,
@@ -312,55 +433,67 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
             nc2_port, nc2 = start_twemproxy("nutcracker2.yml")
             sp2_port, sp2 = start_splicer(2)
             time.sleep(0.5)  # both workers listening
-            for name, ports, pids in (("twemproxy_x2", [nc_port, nc2_port], [nc.pid, nc2.pid]),
-                                      ("splicer_x2", [sp2_port, sp2_port], [sp2.pid])):
-                cpu0 = sum(_family_cpu_seconds(p) for p in pids)
-                result[name] = _redis_benchmarks(ports, requests // 2, 25)
-                result[name]["cpu_us_per_request"] = (sum(_family_cpu_seconds(p) for p in pids) - cpu0) / (2 * requests) * 1e6
+            x2_rows = [("twemproxy_x2", [nc_port, nc2_port], [nc.pid, nc2.pid]), ("splicer_x2", [sp2_port, sp2_port], [sp2.pid])]
+        one_rows = [("twemproxy", [nc_port], [nc.pid]), ("splicer", [sp_port], [sp.pid])]
         # Besides ops/s, the CPU time each proxy process used per request: on a shared machine
         # the wall-clock rate swings with what else runs, the CPU cost per request does not.
-        for name, port, proc in (("twemproxy", nc_port, nc), ("splicer", sp_port, sp)):
-            cpu0 = _family_cpu_seconds(proc.pid)
-            result[name] = _redis_benchmark(port, requests)
-            result[name]["cpu_us_per_request"] = (_family_cpu_seconds(proc.pid) - cpu0) / (2 * requests) * 1e6
+        for r in range(rounds):
+            for name, ports, pids in in_order(x2_rows, r) + in_order(one_rows, r):
+                cpu0 = sum(_family_cpu_seconds(p) for p in pids)
+                if len(ports) == 1:
+                    fig = _redis_benchmark(ports[0], requests)
+                else:
+                    fig = _redis_benchmarks(ports, requests // 2, 25)
+                fig["cpu_us_per_request"] = (sum(_family_cpu_seconds(p) for p in pids) - cpu0) / (2 * requests) * 1e6
+                order["throughput"].append(name)
+                fig["position"] = len(order["throughput"])
+                runs.setdefault(name, []).append(fig)
 
         keys = [b"mget:%d" % i for i in range(1000)]
         _command(sp_port, b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # spread by ketama
-        _command(servers[0], b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # all on server 0 too
-        # server 0 now holds every key, so "direct" reads all 1000 from one server; the spread
-        # MGET only finds each key where ketama put it, which is what the proxies read.
-        owners = [int(_command(p, b"EXISTS", *keys[:200])[1:-2]) for p in servers]
+        _command(direct, b"MSET", *[x for k in keys for x in (k, b"v" * 32)])  # all on the third server
+        # The third server holds every key, so "direct" reads all 1000 from one server; the two
+        # spread servers hold each key only where ketama put it, which is what the proxies read.
+        owners = [int(_command(p, b"EXISTS", *keys[:200])[1:-2]) for p in spread]
         result["mget_spread_over"] = {"server0_of_first_200": owners[0], "server1_of_first_200": owners[1]}
         # Where an MGET's time goes: CPU per MGET of the proxy (user and system) and of the
         # servers, next to the latency. Each process's work lies on the MGET's critical path
         # unless it overlaps another's, so this is the budget the 1.5x target leaves a proxy.
-        server_pids = [p.pid for p in procs[:2]]
         per = mget_runs + min(50, mget_runs) + 1
-        for name, port, proc in (("direct", servers[0], None), ("splicer", sp_port, sp), ("twemproxy", nc_port, nc),
-                                 ("relay_one", relay_port, relay), ("twemproxy_one", nc1_port, nc1),
-                                 ("splicer_one", sp1_port, sp1)):
-            pids = ([proc.pid] if proc is not None else []) + server_pids
-            before = [_family_cpu_times(pid) for pid in pids]
-            result[f"mget_{name}"] = m = _mget_latency(port, keys, mget_runs)
-            used = [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, (_family_cpu_times(pid) for pid in pids))]
-            if proc is not None:
-                (pu, ps), used = used[0], used[1:]
-                m["cpu_us_per_mget"] = (pu + ps) / per * 1e6
-                m["proxy_user_us_per_mget"] = pu / per * 1e6
-                m["proxy_sys_us_per_mget"] = ps / per * 1e6
-            m["servers_cpu_us_per_mget"] = sum(u + s for u, s in used) / per * 1e6
-        result["ratios"] = {
-            "set_ops_vs_twemproxy": result["splicer"]["set"] / result["twemproxy"]["set"],
-            "get_ops_vs_twemproxy": result["splicer"]["get"] / result["twemproxy"]["get"],
-            "mget_p50_vs_direct": result["mget_splicer"]["p50_ms"] / result["mget_direct"]["p50_ms"],
-            "mget_p99_vs_direct": result["mget_splicer"]["p99_ms"] / result["mget_direct"]["p99_ms"],
-            "mget_p50_vs_twemproxy": result["mget_splicer"]["p50_ms"] / result["mget_twemproxy"]["p50_ms"],
-            "mget_relay_floor_vs_direct": result["mget_relay_one"]["p50_ms"] / result["mget_direct"]["p50_ms"],
-            "cpu_per_request_twemproxy_vs_splicer": result["twemproxy"]["cpu_us_per_request"] / result["splicer"]["cpu_us_per_request"],
-        }
-        if two_each:
-            result["ratios"]["set_ops_vs_twemproxy_two_each"] = result["splicer_x2"]["set"] / result["twemproxy_x2"]["set"]
-            result["ratios"]["get_ops_vs_twemproxy_two_each"] = result["splicer_x2"]["get"] / result["twemproxy_x2"]["get"]
+        mget_rows = [("direct", direct, None), ("splicer", sp_port, sp), ("twemproxy", nc_port, nc),
+                     ("relay_one", relay_port, relay), ("twemproxy_one", nc1_port, nc1), ("splicer_one", sp1_port, sp1)]
+        for r in range(rounds):
+            for name, port, proc in in_order(mget_rows, r):
+                pids = ([proc.pid] if proc is not None else []) + server_pids
+                calls0 = [_mget_calls(p) for p in servers]
+                before = [_family_cpu_times(pid) for pid in pids]
+                m = _mget_latency(port, keys, mget_runs)
+                used = [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, (_family_cpu_times(pid) for pid in pids))]
+                calls = [c1 - c0 for c0, c1 in zip(calls0, (_mget_calls(p) for p in servers))]
+                m["mget_calls"] = {"server0": calls[0], "server1": calls[1], "direct": calls[2]}
+                if name in ("splicer", "twemproxy") and min(calls[:2]) == 0:
+                    raise BenchError(f"the MGETs through {name} reached only one of the two servers (MGETs run by "
+                                     f"each, INFO commandstats: {calls[0]}, {calls[1]}): not spread")
+                if proc is not None:
+                    (pu, ps), used = used[0], used[1:]
+                    m["cpu_us_per_mget"] = (pu + ps) / per * 1e6
+                    m["proxy_user_us_per_mget"] = pu / per * 1e6
+                    m["proxy_sys_us_per_mget"] = ps / per * 1e6
+                m["servers_cpu_us_per_mget"] = sum(u + s for u, s in used) / per * 1e6
+                order["mget"].append(name)
+                m["position"] = len(order["mget"])
+                runs.setdefault(f"mget_{name}", []).append(m)
+        for name, rs in runs.items():
+            result[name] = _median_of(rs)
+            if "proxy_user_us_per_mget" in result[name]:  # so that user + sys = the total shown
+                result[name]["cpu_us_per_mget"] = (result[name]["proxy_user_us_per_mget"]
+                                                   + result[name]["proxy_sys_us_per_mget"])
+        # MGETs each server ran, summed over the rounds: the proxies' on both spread servers
+        result["mget_calls"] = {name: {k: sum(m["mget_calls"][k] for m in runs[f"mget_{name}"])
+                                       for k in ("server0", "server1", "direct")} for name, _, _ in mget_rows}
+        result["order"] = order
+        result["ratios"] = _ratios(lambda name: result[name], two_each)
+        result["ratios_per_round"] = [_ratios(lambda name: runs[name][r], two_each) for r in range(rounds)]
         result["targets_met"] = {
             "ops_at_least_0.5x_twemproxy": min(v for k, v in result["ratios"].items() if k.startswith(("set_ops", "get_ops"))) >= 0.5,
             "mget_at_most_1.5x_direct": result["ratios"]["mget_p50_vs_direct"] <= 1.5,
@@ -371,37 +504,50 @@ def run(requests: int = 200_000, mget_runs: int = 300, pool: int = 2, hash_name:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    """The figures as a fixed-width table with ratios."""
+    """The figures as a fixed-width table with ratios (medians over the rounds; the ratio of
+    each round in the last column)."""
+    per_round = r.get("ratios_per_round") or [r["ratios"]]
+
+    def rounds(key: str) -> str:
+        return " ".join(f"{x[key]:.2f}" for x in per_round)
     rows = [
-        ("redis-benchmark -P16 -c50 SET ops/s", r["twemproxy"]["set"], r["splicer"]["set"], r["ratios"]["set_ops_vs_twemproxy"], ">= 0.5x twemproxy"),
-        ("redis-benchmark -P16 -c50 GET ops/s", r["twemproxy"]["get"], r["splicer"]["get"], r["ratios"]["get_ops_vs_twemproxy"], ">= 0.5x twemproxy"),
+        ("redis-benchmark -P16 -c50 SET ops/s", r["twemproxy"]["set"], r["splicer"]["set"], "set_ops_vs_twemproxy", ">= 0.5x twemproxy"),
+        ("redis-benchmark -P16 -c50 GET ops/s", r["twemproxy"]["get"], r["splicer"]["get"], "get_ops_vs_twemproxy", ">= 0.5x twemproxy"),
     ]
     if "twemproxy_x2" in r:
         rows += [
             ("  two each (2 twemproxies / 2 workers) SET", r["twemproxy_x2"]["set"], r["splicer_x2"]["set"],
-             r["ratios"]["set_ops_vs_twemproxy_two_each"], ">= 0.5x twemproxy"),
+             "set_ops_vs_twemproxy_two_each", ">= 0.5x twemproxy"),
             ("  two each (2 twemproxies / 2 workers) GET", r["twemproxy_x2"]["get"], r["splicer_x2"]["get"],
-             r["ratios"]["get_ops_vs_twemproxy_two_each"], ">= 0.5x twemproxy"),
+             "get_ops_vs_twemproxy_two_each", ">= 0.5x twemproxy"),
         ]
     tc, sc = r["twemproxy"]["cpu_us_per_request"], r["splicer"]["cpu_us_per_request"]
-    lines = [f"{'measure':40} {'twemproxy':>12} {'splicer':>12} {'ratio':>7}  target",
-             *(f"{name:40} {a:12,.0f} {b:12,.0f} {ratio:6.2f}x  {t}" for name, a, b, ratio, t in rows),
-             f"{'proxy CPU us per request (SET+GET)':40} {tc:12.2f} {sc:12.2f} {tc / sc:6.2f}x  (twemproxy/splicer: the rate one core allows)",
+    lines = [f"{'measure':40} {'twemproxy':>12} {'splicer':>12} {'ratio':>7}  {'target':17}  per round",
+             *(f"{name:40} {a:12,.0f} {b:12,.0f} {r['ratios'][key]:6.2f}x  {t:17}  {rounds(key)}"
+               for name, a, b, key, t in rows),
+             f"{'proxy CPU us per request (SET+GET)':40} {tc:12.2f} {sc:12.2f} {tc / sc:6.2f}x  {'(twemproxy/splicer)':17}  "
+             f"{rounds('cpu_per_request_twemproxy_vs_splicer')}",
              "",
-             f"{'MGET 1000 keys, latency ms':40} {'direct':>12} {'splicer':>12} {'ratio':>7}  target   (twemproxy)"]
+             f"{'MGET 1000 keys, latency ms':40} {'direct':>12} {'splicer':>12} {'ratio':>7}  target   (twemproxy)  per round"]
     for q in ("p50", "p99"):
         d, s, t = r["mget_direct"][f"{q}_ms"], r["mget_splicer"][f"{q}_ms"], r["mget_twemproxy"][f"{q}_ms"]
-        lines.append(f"{'  ' + q:40} {d:12.3f} {s:12.3f} {s / d:6.2f}x  {'<= 1.5x' if q == 'p50' else '':8} ({t:.3f})")
+        lines.append(f"{'  ' + q:40} {d:12.3f} {s:12.3f} {s / d:6.2f}x  {'<= 1.5x' if q == 'p50' else '':8} ({t:.3f})"
+                     f"{'':5}{rounds(f'mget_{q}_vs_direct')}")
     ms, mt = r["mget_splicer"], r["mget_twemproxy"]
     if "proxy_user_us_per_mget" in ms:
         lines.append(f"{'  proxy CPU us per MGET (user + sys)':40} {'':12} "
                      f"{ms['proxy_user_us_per_mget']:7.0f} +{ms['proxy_sys_us_per_mget']:4.0f} {'':7}  {'':8} "
                      f"({mt['proxy_user_us_per_mget']:.0f} + {mt['proxy_sys_us_per_mget']:.0f})")
-        lines.append(f"{'  redis-servers CPU us per MGET (both)':40} {r['mget_direct']['servers_cpu_us_per_mget']:12.0f} "
+        lines.append(f"{'  redis-servers CPU us per MGET':40} {r['mget_direct']['servers_cpu_us_per_mget']:12.0f} "
                      f"{ms['servers_cpu_us_per_mget']:12.0f} {'':7}  {'':8} ({mt['servers_cpu_us_per_mget']:.0f})")
     else:
         lines.append(f"{'  proxy CPU us per MGET':40} {'':12} {ms['cpu_us_per_mget']:12.0f} {'':7}  {'':8} "
                      f"({mt['cpu_us_per_mget']:.0f})")
+    if "mget_calls" in r:
+        c = r["mget_calls"]
+        lines.append(f"  MGETs run by the two spread servers (INFO commandstats): splicer {c['splicer']['server0']:,} + "
+                     f"{c['splicer']['server1']:,}, twemproxy {c['twemproxy']['server0']:,} + {c['twemproxy']['server1']:,}; "
+                     f"direct: a third server holding all keys")
     if "mget_relay_one" in r:
         d = r["mget_direct"]["p50_ms"]
         lines.append("  the floor: the same MGET to the one server that holds all keys, through")
@@ -411,8 +557,15 @@ def format_table(r: dict[str, Any]) -> str:
             lines.append(f"{'    ' + label:40} {d:12.3f} {m['p50_ms']:12.3f} {m['p50_ms'] / d:6.2f}x  p50, "
                          f"proxy CPU {m['cpu_us_per_mget']:.0f} us")
     lines.append("")
-    lines.append(f"one process each (and two each where marked); splicer pool {r['pool']} per server, hash {r['hash']}; "
-                 f"{r['requests']} requests per test, {r['mget_runs']} MGET runs")
+    conns = r.get("twemproxy_server_connections", 1)
+    lines.append(f"one process each (and two each where marked); splicer pool {r['pool']} per server, twemproxy "
+                 f"server_connections {conns}; hash {r['hash']}; {r['requests']} requests per test, "
+                 f"{r['mget_runs']} MGET runs")
+    if "order" in r:
+        short = {"twemproxy": "T", "splicer": "S", "twemproxy_x2": "T2", "splicer_x2": "S2"}
+        lines.append(f"medians of {r['rounds']} round(s), order alternating: throughput "
+                     f"{' '.join(short.get(n, n) for n in r['order']['throughput'])}; MGET rows "
+                     f"{' '.join(r['order']['mget'][:len(r['order']['mget']) // r['rounds']])}, then reversed")
     return "\n".join(lines)
 
 
@@ -420,12 +573,16 @@ def main(argv: list[str] | None = None) -> int:
     def options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--requests", type=int, default=200_000, help="redis-benchmark -n (default 200000)")
         parser.add_argument("--mget-runs", type=int, default=300, help="timed MGET round trips (default 300)")
-        parser.add_argument("--pool", type=int, default=2, help="splicer connections per server (default 2)")
+        parser.add_argument("--pool", type=int, default=2,
+                            help="splicer connections per server, and twemproxy's server_connections (default 2)")
+        parser.add_argument("--rounds", type=int, default=2,
+                            help="rounds of each measurement, the peers' order alternating (default 2)")
         parser.add_argument("--hash", default="md5", help="key hash for both proxies (default md5)")
         parser.add_argument("--one-each", action="store_true", help="skip the two-each comparison")
 
     return bench_main("splice_redis", __doc__, argv, options,
-                      lambda a: run(a.requests, a.mget_runs, a.pool, a.hash, two_each=not a.one_each), format_table)
+                      lambda a: run(a.requests, a.mget_runs, a.pool, a.hash, two_each=not a.one_each,
+                                     rounds=a.rounds), format_table)
 
 
 if __name__ == "__main__":

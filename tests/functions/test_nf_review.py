@@ -613,3 +613,22 @@ def test_burst_accepts_floats_and_plain_numbers_for_either_kind():
                                         {"name": "d", "rate": "10pps", "burst": "3p"}]})
     assert [cl.burst for cl in rl.classes] == [1.5, 1600.0, 2000.0, 3.0]
     assert size_and_kind("64kB") == (64000.0, "bytes") and size_and_kind(5) == (5.0, None)
+
+
+def test_ipv6_fragments_with_options_after_the_fragment_header_share_one_key() -> None:
+    """A first fragment whose fragmentable part starts with a Destination Options header got the
+    protocol found after walking it (UDP), the later fragments the Fragment header's next header
+    (60): two keys, so a balancer could send one datagram's fragments two ways."""
+    from shmfabric.functions.maglev import fragment_keys
+    from shmfabric.net import build as b
+    from shmfabric.net.flow import classify_batch
+
+    src, dst = "2001:db8::1", "2001:db8::2"
+    seg = b.udp(40000, 53, b"x" * 40, src=src, dst=dst)
+    opts = b.ipv6_ext(60)
+    first = b.ipv6(seg[:16], src=src, dst=dst, next_header=17, ext=[b.ipv6_fragment(0, True, 7), opts])
+    later = b.ipv6(seg[16:], src=src, dst=dst, next_header=60, ext=[b.ipv6_fragment(24, False, 7)])
+    frames = [first, later]
+    keys = classify_batch(frames, None, "ip")
+    assert fragment_keys(frames, keys) == 2
+    assert keys[0] == keys[1] and keys[0][2] == 60 and keys[0][3:] == (0, 0)

@@ -88,7 +88,21 @@ def fragment_key(buf: Any) -> tuple | None:
         src, dst, proto = _V6_ADDRS(buf, 0)
         return (src, dst, proto)
     ip = decode(buf, 0, LINK_IP).ip  # other extension headers first: walk them
-    return None if ip is None else (ip.src, ip.dst, ip.proto)
+    if ip is None:
+        return None
+    return (ip.src, ip.dst, _fragment_proto(ip, buf))
+
+
+def _fragment_proto(ip: Any, buf: Any) -> int:
+    """The protocol of an IP fragment's 3-tuple: for IPv6 the Fragment header's next header,
+    which every fragment of a datagram carries alike (the walk's `proto` goes past the headers
+    that follow it in a first fragment only: a Destination Options header there would give the
+    first fragment another key than the rest)."""
+    if ip.version == 6:
+        for kind, pos, _ in ip.ext_headers:
+            if kind == 44:
+                return buf[pos]
+    return ip.proto
 
 
 def _table(pick) -> bytes:  # type: ignore[no-untyped-def]
@@ -162,6 +176,9 @@ def fragment_keys(frames: Any, keys: list) -> int:
                 ip = decode(f, 0, LINK_IP).ip
                 if ip is None or ip.version != 6 or not ip.first_fragment:
                     continue
+                keys[i] = (k[0], k[1], _fragment_proto(ip, f), 0, 0)
+                changed += 1
+                continue
             keys[i] = (k[0], k[1], k[2], 0, 0)
             changed += 1
         elif k is _FRAGMENT:

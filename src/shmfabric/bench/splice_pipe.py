@@ -3,8 +3,8 @@
     python -m shmfabric.bench.splice_pipe [--json] [--commands N]
     shmfabric bench splice --scenario pipe
 
-Two redis-servers (no persistence); the splicer (one worker, pool 2) and twemproxy (one
-connection per server) in front of both, md5 ketama; "direct" is one of the servers alone.
+Two redis-servers (no persistence); the splicer (one worker, pool 2) and twemproxy (two
+connections per server, as the splicer's pool) in front of both, md5 ketama; "direct" is one of the servers alone.
 Each stream of `--commands` commands is sent by a raw-socket client that writes the whole
 stream while it reads (as `redis-cli --pipe` does) and counts the replies with hiredis, timed from the first byte sent to the last reply; every command must be
 answered, none with an error. Each stream also goes through `redis-cli --pipe` itself (Redis's

@@ -230,8 +230,8 @@ def start_twemproxy_on(nutcracker: str, tmp: Path, conf: str, backends: list[int
 
 @contextlib.contextmanager
 def servers_and_proxies(tag: str) -> Iterator[tuple[list[int], int, int, Path]]:
-    """Two throw-away redis-servers with the splicer (one worker, pool 2) and twemproxy in front
-    of both, md5 ketama: (server ports, splicer port, twemproxy port, scratch folder). Everything
+    """Two throw-away redis-servers with the splicer (one worker, pool 2) and twemproxy
+    (server_connections 2) in front of both, md5 ketama: (server ports, splicer port, twemproxy port, scratch folder). Everything
     is stopped and removed on exit."""
     redis_server = _need("redis-server", "redis-server")
     nutcracker = _need("nutcracker", "nutcracker")
@@ -240,7 +240,7 @@ def servers_and_proxies(tag: str) -> Iterator[tuple[list[int], int, int, Path]]:
     try:
         servers = start_redis_servers(redis_server, 2, tmp, procs)
         sp_port, _ = start_splicer_on(servers, 1, 2, "md5", procs)
-        nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs)
+        nc_port, _ = start_twemproxy_on(nutcracker, tmp, "nutcracker.yml", servers, "md5", procs, connections=2)
         yield servers, sp_port, nc_port, tmp
     finally:
         stop_all(procs, tmp)

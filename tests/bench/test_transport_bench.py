@@ -19,6 +19,7 @@ import pytest
 
 from shmfabric.bench import transport as bt
 from shmfabric.bench.peers import all_transports
+from shmfabric.bench.peers import iceoryx as iox_peer
 from shmfabric.bench.peers.base import MARKER, Ctl, Spec, Transport, TransportUnavailable, frame_sender, latency_result
 from shmfabric.bench.peers.sockets import SeqpacketTransport, UdpTransport
 from shmfabric.cli import main as cli_main
@@ -31,7 +32,17 @@ def _leftovers() -> set[str]:
     """Files and directories the transports create for cases run by this process (case tags
     start with the harness's pid, so a benchmark someone else runs meanwhile does not count)."""
     pid = os.getpid()
-    return set(glob.glob(f"/dev/shm/shmfabric-bench-{pid}-*")) | set(glob.glob(f"/tmp/shmfabric-bench-zmq-{pid}-*"))
+    return (set(glob.glob(f"/dev/shm/shmfabric-bench-{pid}-*")) | set(glob.glob(f"/tmp/shmfabric-bench-zmq-{pid}-*"))
+            | set(glob.glob(f"/dev/shm/{iox_peer.NAME_PREFIX}{pid}-*"))
+            | set(glob.glob(f"/tmp/{iox_peer.NAME_PREFIX}{pid}-*")))
+
+
+def _iceoryx2_available() -> bool:
+    try:
+        import iceoryx2  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _fabric_available() -> bool:
@@ -89,8 +100,23 @@ def test_every_peer_delivers_frames(no_leftovers):
     assert seq["vs_seqpacket"] == pytest.approx(1.0)
     assert by_key[("mp.Pipe", "throughput", 1500)]["vs_memcpy"] > 0
     assert by_key[("seqpacket", "forward", 64)]["mode"] == "forward"
-    # the rows survive JSON as they are
-    assert json.loads(json.dumps(bt.public_rows(rows)))[0].keys() >= REQUIRED
+    # like for like: busy-polling latency against seqpacket-spin, blocking against seqpacket
+    assert by_key[("seqpacket-spin", "latency", 64)]["details"]["busy_poll"] is True
+    assert by_key[("mp.Pipe", "latency", 64)]["details"]["vs"] == "seqpacket"
+    if _fabric_available():
+        assert by_key[("shmfabric", "latency", 64)]["details"]["vs"] == "seqpacket-spin"
+        assert by_key[("shmfabric-block", "latency", 64)]["details"]["vs"] == "seqpacket"
+        # the batched row and the per-frame one, side by side, labelled
+        assert by_key[("shmfabric", "throughput", 64)]["details"]["batch"] == 256
+        assert "batch API vs per-frame socket calls" in by_key[("shmfabric", "throughput", 64)]["details"]["calls"]
+        assert by_key[("shmfabric-1", "throughput", 64)]["details"]["batch"] == 1
+        assert by_key[("shmfabric-1", "throughput", 64)]["vs_seqpacket"] > 0
+    assert by_key[("iceoryx2", "throughput", 64)]["label"] == "iceoryx2 (Python binding, one call per frame)"
+    # the rows survive JSON as they are, with what ran where
+    out = json.loads(json.dumps(bt.public_rows(rows)))
+    assert out[0].keys() >= REQUIRED | {"command", "commit", "machine", "label", "vs_memcpy_ring"}
+    assert {"cpu_model", "cores", "kernel", "python"} <= out[0]["machine"].keys()
+    assert all(r["command"] == out[0]["command"] for r in out)
 
 
 class _Scripted(Transport):
@@ -207,31 +233,140 @@ def test_latency_percentiles_are_half_round_trips_without_warm_up():
     assert res["max_us"] == pytest.approx(5.0)
 
 
-def _fake(transport: str, mode: str, size: int, **kw: Any) -> dict[str, Any]:
-    return bt._row(transport, size, mode, "ok", **kw)
+def _fake(transport: str, mode: str, size: int, details: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    return bt._row(transport, size, mode, "ok", details=dict(details or {}), **kw)
 
 
 def test_ratios_and_targets_from_rows():
     rows = [
-        _fake("memcpy", 64 << 20, "memcpy", bytes_per_s=10e9, frames_per_s=150.0),
+        _fake("memcpy", "memcpy", 64 << 20, bytes_per_s=10e9, frames_per_s=150.0),
+        _fake("memcpy-cached", "memcpy", 256 << 10, bytes_per_s=40e9, frames_per_s=150e3),
+        _fake("memcpy-ring", "memcpy", 1536 * 1500, {"frame_size": 1500, "slots": 1536}, bytes_per_s=5e9),
         _fake("seqpacket", "throughput", 64, frames_per_s=0.5e6, bytes_per_s=32e6),
-        _fake("shmfabric", "throughput", 64, frames_per_s=12e6, bytes_per_s=768e6),
+        _fake("shmfabric", "throughput", 64, {"batch": 256, "busy_poll": True}, frames_per_s=12e6, bytes_per_s=768e6),
+        _fake("shmfabric-1", "throughput", 64, {"batch": 1, "busy_poll": True}, frames_per_s=0.6e6, bytes_per_s=38.4e6),
         _fake("seqpacket", "throughput", 1500, frames_per_s=0.4e6, bytes_per_s=0.6e9),
-        _fake("shmfabric", "throughput", 1500, frames_per_s=1e6, bytes_per_s=1.5e9),
+        _fake("shmfabric", "throughput", 1500, {"batch": 256, "busy_poll": True}, frames_per_s=2e6, bytes_per_s=3e9),
         _fake("seqpacket", "latency", 64, p50_us=8.0, p99_us=20.0),
-        _fake("shmfabric", "latency", 64, p50_us=2.0, p99_us=4.0),
+        _fake("seqpacket-spin", "latency", 64, {"busy_poll": True}, p50_us=3.0, p99_us=5.0),
+        _fake("shmfabric", "latency", 64, {"busy_poll": True}, p50_us=1.5, p99_us=4.0),
+        _fake("shmfabric-block", "latency", 64, {"busy_poll": False}, p50_us=4.0, p99_us=60.0),
     ]
+    by = {(r["transport"], r["mode"], r["size"]): r for r in rows}
     bt.add_ratios(rows)
-    assert rows[2]["vs_seqpacket"] == pytest.approx(24.0)
-    assert rows[4]["vs_memcpy"] == pytest.approx(0.15)
-    assert rows[6]["vs_seqpacket"] == pytest.approx(4.0)
+    assert by[("shmfabric", "throughput", 64)]["vs_seqpacket"] == pytest.approx(24.0)
+    assert by[("shmfabric-1", "throughput", 64)]["vs_seqpacket"] == pytest.approx(1.2)
+    assert by[("shmfabric", "throughput", 1500)]["vs_memcpy"] == pytest.approx(0.3)
+    assert by[("shmfabric", "throughput", 1500)]["vs_memcpy_ring"] == pytest.approx(0.6)
+    assert by[("shmfabric", "throughput", 64)]["vs_memcpy_ring"] is None  # no ring copy at 64 B
+    # busy-poll against busy-poll (3.0 / 1.5), blocking against blocking (8.0 / 4.0)
+    assert by[("shmfabric", "latency", 64)]["vs_seqpacket"] == pytest.approx(2.0)
+    assert by[("shmfabric", "latency", 64)]["details"]["vs"] == "seqpacket-spin"
+    assert by[("shmfabric-block", "latency", 64)]["vs_seqpacket"] == pytest.approx(2.0)
+    assert by[("shmfabric-block", "latency", 64)]["details"]["vs"] == "seqpacket"
     got = {t["target"]: t["ok"] for t in bt.evaluate_targets(rows)}
     assert got["64 B batched >= 10 M frames/s"] is True
-    assert got["64 B batched >= 10x seqpacket"] is True
-    assert got["1500 B >= 3x seqpacket"] is False  # 2.5x
-    assert got["1500 B bytes/s >= 50% of memcpy"] is False
+    assert got["64 B batched >= 10x seqpacket (batch API vs per-frame socket calls)"] is True
+    assert got["1500 B batched >= 3x seqpacket (batch API vs per-frame socket calls)"] is True  # 5x
+    # 3 GB/s: 30% of the DRAM copy, 60% of the ring working set's, 7.5% of the in-cache one
+    assert got["1500 B bytes/s >= 50% of memcpy: large buffer (DRAM)"] is False
+    assert got["1500 B bytes/s >= 50% of memcpy: ring working set"] is True
+    assert got["1500 B bytes/s >= 50% of memcpy: small buffer (in cache)"] is False
+    measured = {t["target"]: t["measured"] for t in bt.evaluate_targets(rows)}
+    assert measured["1500 B bytes/s >= 50% of memcpy: ring working set"] == "60% of 2.2 MiB"
     assert got["latency 64 B p50 <= 3 us (busy-poll)"] is True
+    assert got["latency 64 B p99 <= 50 us (blocking)"] is False
     assert got["forward 64 B >= 5 M frames/s"] is None  # not measured
+    cmp = {c["comparison"]: c["ratio"] for c in bt.comparisons(rows)}
+    assert cmp["throughput 64 B, shmfabric batch 256 / seqpacket (batch API vs per-frame socket calls)"] == \
+        pytest.approx(24.0)
+    assert cmp["throughput 64 B, shmfabric-1 / seqpacket (per-frame vs per-frame calls)"] == pytest.approx(1.2)
+    assert cmp["latency 64 B p50, seqpacket-spin / shmfabric (busy-poll vs busy-poll)"] == pytest.approx(2.0)
+    assert cmp["latency 64 B p50, seqpacket / shmfabric-block (blocking vs blocking)"] == pytest.approx(2.0)
+    assert cmp["throughput 1500 B, shmfabric bytes/s / memcpy, ring working set"] == pytest.approx(0.6)
+
+
+def test_busy_polling_latency_has_no_ratio_without_the_busy_polling_baseline():
+    rows = [
+        _fake("seqpacket", "latency", 64, p50_us=8.0, p99_us=20.0),
+        _fake("shmfabric", "latency", 64, {"busy_poll": True}, p50_us=1.0, p99_us=4.0),
+    ]
+    bt.add_ratios(rows)
+    assert rows[1]["vs_seqpacket"] is None  # not 8x: that would be busy-poll against blocking
+
+
+@pytest.mark.timeout(120)
+def test_ring_working_set_memcpy(monkeypatch, no_leftovers):
+    if not _fabric_available():
+        pytest.skip("the fabric core is not importable")
+    monkeypatch.setattr(bt, "MIN_SLOT_SAMPLES", 1)
+    rows = bt.run_bench(bt.BenchConfig(sizes=(1500,), duration=0.2, modes=("throughput",),
+                                       only=("seqpacket", "shmfabric")))
+    ring = [r for r in rows if r["transport"] == "memcpy-ring"]
+    assert len(ring) == 1 and ring[0]["status"] == "ok"
+    fab = next(r for r in rows if r["transport"] == "shmfabric")
+    slots = fab["details"]["slots_cycled"]
+    assert 0 < slots <= 4096 and fab["details"]["slot_samples"] >= slots
+    assert ring[0]["size"] == slots * 1500 and ring[0]["details"] == {
+        "how": ring[0]["details"]["how"], "frame_size": 1500, "slots": slots}
+    assert fab["vs_memcpy_ring"] == pytest.approx(fab["bytes_per_s"] / ring[0]["bytes_per_s"])
+
+
+def test_memcpy_ring_needs_enough_slot_samples(monkeypatch):
+    if not _fabric_available():
+        pytest.skip("the fabric core is not importable")
+    monkeypatch.setattr(bt, "MIN_SLOT_SAMPLES", 10**9)
+    rows = bt.run_bench(bt.BenchConfig(sizes=(64,), duration=TINY, modes=("throughput",), only=("shmfabric",)))
+    assert not [r for r in rows if r["transport"] == "memcpy-ring"]
+
+
+@pytest.mark.timeout(60)
+def test_iceoryx2_files_are_its_own_and_removed(monkeypatch, no_leftovers):
+    if not _iceoryx2_available():
+        pytest.skip("iceoryx2 is not installed")
+    seen: list[list[str]] = []
+    cleanup = iox_peer.Iceoryx2Transport.cleanup
+
+    def spy(self: Any, chan: Any) -> None:
+        seen.append(glob.glob(f"/dev/shm/{chan['prefix']}*") + glob.glob(f"{chan['root']}*"))
+        cleanup(self, chan)
+
+    monkeypatch.setattr(iox_peer.Iceoryx2Transport, "cleanup", spy)
+    rows = bt.run_bench(bt.BenchConfig(sizes=(64,), duration=TINY, memcpy=False, only=("iceoryx2",)))
+    for r in rows:
+        _check_row(r)
+    # the workers' files carried the case's prefix and root (not iox2_* and /tmp/iceoryx2)
+    assert len(seen) == 2 and all(seen)
+
+
+def test_iceoryx2_cleanup_leaves_other_files_alone():
+    pid = os.getpid()
+    t = iox_peer.Iceoryx2Transport()
+    chan = t.setup(Spec(size=64, mode="throughput", duration=TINY, tag=f"{pid}-1"))
+    other = t.setup(Spec(size=64, mode="throughput", duration=TINY, tag=f"{pid}-10"))
+    mine = [f"/dev/shm/{chan['prefix']}x.data"]
+    theirs = [f"/dev/shm/{other['prefix']}x.data", f"/dev/shm/iox2_shmfabric-test-{pid}.data"]
+    try:
+        for path in mine + theirs:
+            with open(path, "w"):
+                pass
+        os.makedirs(os.path.join(chan["root"], "nodes"))
+        t.cleanup(chan)
+        assert not any(os.path.exists(p) for p in mine) and not os.path.exists(chan["root"])
+        assert all(os.path.exists(p) for p in theirs)
+    finally:
+        for path in mine + theirs:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_run_info():
+    info = bt.run_info()
+    assert info["command"]
+    assert info["machine"]["cores"] == os.cpu_count()
+    assert info["machine"]["python"].endswith(".".join(map(str, sys.version_info[:3])))
+    commit = info["commit"]
+    assert commit is None or (len(commit["sha"]) == 40 and commit["dirty"] in (True, False, None))
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -8,10 +8,17 @@ One run measures, side by side, every transport in `shmfabric.bench.peers` at ea
 - ``forward``: A sends, B receives, touches and forwards, C touches and counts;
 
 plus the machine's memcpy rate (``mode="memcpy"``), so that bytes/s can be read as a share of
-what copying costs here. Every case runs in fresh processes (each pinned to its own core when
-there are two), for a bounded time, and is cleaned up whatever happens; a transport that fails
-yields an ``error`` row and the run goes on. Ratios are taken against UNIX seqpacket (the fair
-kernel baseline for frames) and against memcpy, in the same run.
+what copying costs here: of a 64 MiB buffer (DRAM), of a 256 KiB one (in cache), and of a
+buffer as large as shmfabric's ring working set at each frame size (the pool slots its
+throughput case actually cycled, times the frame size). Every case runs in fresh processes
+(each pinned to its own core when there are two), for a bounded time, and is cleaned up
+whatever happens; a transport that fails yields an ``error`` row and the run goes on.
+
+Ratios are taken against UNIX seqpacket (the fair kernel baseline for frames) and against
+memcpy, in the same run, like for like where it matters: batched shmfabric (its batch API)
+is shown next to per-frame shmfabric (``shmfabric-1``, one call per frame like the sockets),
+and the latency of busy-polling receivers is taken against seqpacket busy-polling
+(``seqpacket-spin``), that of blocking ones against blocking seqpacket.
 
 This module holds the orchestration and the report; the transports are in `peers`.
 """
@@ -20,13 +27,17 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import platform
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable
 
-from .peers import BASELINE, MODES, ROLES, Spec, Transport, TransportUnavailable, all_transports
+from .peers import BASELINE, BASELINE_SPIN, MODES, ROLES, Spec, Transport, TransportUnavailable, all_transports
 from .peers.base import MARKER, MEASURING_ROLE, Ctl
 
 DEFAULT_SIZES: tuple[int, ...] = (64, 1500, 9000, 65000)
@@ -42,9 +53,17 @@ GRACE = 3.0
 DRAIN = 5.0
 
 MEMCPY_BUFFERS = (("memcpy", 64 << 20), ("memcpy-cached", 256 << 10))
+#: memcpy of a buffer as large as shmfabric's ring working set (one row per frame size).
+MEMCPY_RING = "memcpy-ring"
+#: The transport whose throughput case gives the ring working set.
+RING_TRANSPORT = "shmfabric"
+#: Frames whose slot the receiver must have sampled before the count of distinct slots is
+#: taken as the working set (a short case sees too few of them and would undercount).
+MIN_SLOT_SAMPLES = 4096
 
-ROW_FIELDS = ("transport", "size", "mode", "status", "frames_per_s", "bytes_per_s", "p50_us", "p99_us",
-              "vs_seqpacket", "vs_memcpy", "frames", "samples", "duration_s", "error", "details")
+ROW_FIELDS = ("transport", "label", "size", "mode", "status", "frames_per_s", "bytes_per_s", "p50_us", "p99_us",
+              "vs_seqpacket", "vs_memcpy", "vs_memcpy_ring", "frames", "samples", "duration_s", "error", "details",
+              "command", "commit", "machine")
 
 
 @dataclass
@@ -105,9 +124,69 @@ def default_duration() -> float:
 
 def _row(name: str, size: int, mode: str, status: str, **values: Any) -> dict[str, Any]:
     row: dict[str, Any] = {k: None for k in ROW_FIELDS}
-    row.update(transport=name, size=size, mode=mode, status=status, details={})
+    row.update(transport=name, label=name, size=size, mode=mode, status=status, details={})
     row.update(values)
     return row
+
+
+def _label(transport: Transport) -> str:
+    return transport.label or transport.name
+
+
+# --- what ran where ------------------------------------------------------------------------
+
+
+def run_info() -> dict[str, Any]:
+    """The command, the source's git commit and the machine, for the JSON of a run."""
+    return {"command": _command(), "commit": _commit(), "machine": _machine()}
+
+
+def _command() -> str:
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    return shlex.join(argv)
+
+
+def _git(args: list[str], cwd: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _commit() -> dict[str, Any] | None:
+    """HEAD of the git checkout this module is in ({"sha", "dirty"}), or None when it does not
+    come from one (an installed package, no git): the module must be a file tracked there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if _git(["ls-files", "--error-unmatch", os.path.basename(__file__)], here) is None:
+        return None
+    sha = _git(["rev-parse", "HEAD"], here)
+    if not sha:
+        return None
+    status = _git(["status", "--porcelain", "--untracked-files=no"], here)
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def _machine() -> dict[str, Any]:
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": model or platform.processor() or None,
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
 
 
 # --- one case ----------------------------------------------------------------------------
@@ -159,6 +238,12 @@ def _reap(procs: list[tuple[str, Any]], grace: float) -> list[str]:
 
 def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) -> dict[str, Any]:
     """Run one (transport, size, mode) case in fresh processes and return its row."""
+    row = _run_case(transport, spec, mp_ctx, pin)
+    row["label"] = _label(transport)
+    return row
+
+
+def _run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool) -> dict[str, Any]:
     name, size, mode = transport.name, spec.size, spec.mode
     reason = transport.unsupported(spec)
     if reason:
@@ -167,6 +252,7 @@ def run_case(transport: Transport, spec: Spec, mp_ctx: Any, pin: bool = True) ->
     measuring = MEASURING_ROLE[mode]
     cpus = _cpus_for(roles, pin)
     details: dict[str, Any] = dict(transport.details(spec))
+    details["busy_poll"] = transport.busy_polls(spec)
     details["cpus"] = {r: c for r, c in cpus.items()}
     procs: list[tuple[str, Any]] = []
     readers: dict[Any, str] = {}
@@ -266,8 +352,9 @@ def _figures(name: str, spec: Spec, res: dict[str, Any], details: dict[str, Any]
     if nbytes != frames * size:
         return _row(name, size, mode, "error", details=details,
                     error=f"{nbytes} payload bytes in {frames} frames of {size} bytes")
-    if "batch" in res:
-        details["batch"] = res["batch"]
+    for key in ("batch", "slots_cycled", "slot_samples"):
+        if key in res:
+            details[key] = res[key]
     return _row(name, size, mode, "ok", frames_per_s=frames / elapsed, bytes_per_s=nbytes / elapsed,
                 frames=frames, duration_s=elapsed, details=details)
 
@@ -309,6 +396,30 @@ def measure_memcpy(duration: float, pin: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
+def measure_memcpy_ring(frame_size: int, slots: int, duration: float, pin: bool = True) -> dict[str, Any]:
+    """memcpy of one buffer of `slots` x `frame_size` bytes: what shmfabric's throughput case
+    cycles through (the payload bytes of the pool slots its ring used), pinned like the others."""
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cpus = sorted(saved) if saved else []
+    nbytes = max(1, slots * frame_size)
+    try:
+        if pin and len(cpus) >= 2:
+            os.sched_setaffinity(0, {cpus[0]})
+        src = memoryview(b"\x5a" * nbytes)
+        dst = memoryview(bytearray(nbytes))
+
+        def copy() -> None:
+            dst[:] = src
+
+        row = _copy_row(MEMCPY_RING, nbytes, copy, min(0.5, max(0.02, duration / 2)),
+                        f"memoryview slice assignment, {slots} slots x {frame_size} B (shmfabric's ring working set)")
+    finally:
+        if saved is not None and pin and len(cpus) >= 2:
+            os.sched_setaffinity(0, saved)
+    row["details"].update(frame_size=frame_size, slots=slots)
+    return row
+
+
 def _copy_row(label: str, nbytes: int, copy: Callable[[], None], duration: float, how: str) -> dict[str, Any]:
     copy()  # first touch of the destination pages belongs to set-up, not to the rate
     reps = 0
@@ -335,11 +446,13 @@ def run_bench(config: BenchConfig, transports: list[Transport] | None = None,
         wanted = {n.lower() for n in config.only}
         transports = [t for t in transports if t.name.lower() in wanted]
     mp_ctx = multiprocessing.get_context(config.start_method)
+    info = run_info()
     rows: list[dict[str, Any]] = []
+    copies: list[dict[str, Any]] = []  # memcpy rows, shown first
     if config.memcpy:
         if progress:
             progress("memcpy")
-        rows.extend(measure_memcpy(config.duration, config.pin))
+        copies.extend(measure_memcpy(config.duration, config.pin))
     unavailable: dict[str, str] = {}
     for t in transports:
         try:
@@ -353,35 +466,63 @@ def run_bench(config: BenchConfig, transports: list[Transport] | None = None,
                 if mode not in t.modes:
                     continue
                 if t.name in unavailable:
-                    rows.append(_row(t.name, size, mode, "skipped", error=unavailable[t.name]))
+                    rows.append(_row(t.name, size, mode, "skipped", label=_label(t), error=unavailable[t.name]))
                     continue
                 spec = Spec(size=size, mode=mode, duration=config.duration, setup_timeout=config.setup_timeout,
                             batch=config.batch, start_method=config.start_method,
                             tag=f"{os.getpid()}-{next(counter)}")
                 if progress:
                     progress(f"{t.name} {mode} {size} B")
-                rows.append(run_case(t, spec, mp_ctx, pin=config.pin))
+                row = run_case(t, spec, mp_ctx, pin=config.pin)
+                rows.append(row)
+                slots = row["details"].get("slots_cycled")
+                if (config.memcpy and t.name == RING_TRANSPORT and mode == "throughput" and row["status"] == "ok"
+                        and slots and row["details"].get("slot_samples", 0) >= MIN_SLOT_SAMPLES):
+                    # right after the case, so that it sees the machine in the same state
+                    if progress:
+                        progress(f"memcpy of the ring working set, {size} B frames")
+                    copies.append(measure_memcpy_ring(size, slots, config.duration, config.pin))
+    rows = copies + rows
+    for r in rows:
+        r.update(info)
     add_ratios(rows)
     return rows
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Fill `vs_seqpacket` (higher is better: frames/s ratio, or baseline latency over ours for
-    latency rows) and `vs_memcpy` (payload bytes/s over the 64 MiB memcpy rate)."""
+    """Fill the ratios, higher is better everywhere:
+
+    - `vs_seqpacket`: frames/s over seqpacket's at the same mode and size; for latency rows,
+      the baseline's p50 over ours, like for like: a busy-polling receiver (details
+      ``busy_poll``) against `seqpacket-spin`, a blocking one against `seqpacket` (none when
+      that baseline was not run). ``details["vs"]`` names the baseline used.
+    - `vs_memcpy`: payload bytes/s over the 64 MiB (DRAM) memcpy rate;
+    - `vs_memcpy_ring`: payload bytes/s over the memcpy rate of a buffer as large as
+      shmfabric's ring working set at that frame size (throughput rows).
+    """
     memcpy = next((r["bytes_per_s"] for r in rows if r["transport"] == "memcpy" and r["status"] == "ok"), None)
-    base = {(r["mode"], r["size"]): r for r in rows if r["transport"] == BASELINE and r["status"] == "ok"}
+    ring = {r["details"]["frame_size"]: r["bytes_per_s"] for r in rows
+            if r["transport"] == MEMCPY_RING and r["status"] == "ok"}
+    base = {(r["transport"], r["mode"], r["size"]): r for r in rows
+            if r["transport"] in (BASELINE, BASELINE_SPIN) and r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok" or r["mode"] == "memcpy":
             continue
-        b = base.get((r["mode"], r["size"]))
         if r["mode"] == "latency":
+            name = BASELINE_SPIN if (r.get("details") or {}).get("busy_poll") else BASELINE
+            b = base.get((name, r["mode"], r["size"]))
             if b and r["p50_us"]:
                 r["vs_seqpacket"] = b["p50_us"] / r["p50_us"]
+                r["details"]["vs"] = name
             continue
+        b = base.get((BASELINE, r["mode"], r["size"]))
         if b and b["frames_per_s"]:
             r["vs_seqpacket"] = r["frames_per_s"] / b["frames_per_s"]
+            r["details"]["vs"] = BASELINE
         if memcpy:
             r["vs_memcpy"] = r["bytes_per_s"] / memcpy
+        if r["mode"] == "throughput" and ring.get(r["size"]):
+            r["vs_memcpy_ring"] = r["bytes_per_s"] / ring[r["size"]]
 
 
 # --- the issue's targets -----------------------------------------------------------------
@@ -394,30 +535,45 @@ def _find(rows: list[dict[str, Any]], transport: str, mode: str, size: int) -> d
     return None
 
 
+def _ring_copy(rows: list[dict[str, Any]], frame_size: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["transport"] == MEMCPY_RING and r["status"] == "ok"
+                 and r["details"].get("frame_size") == frame_size), None)
+
+
+def _memcpy_refs(rows: list[dict[str, Any]], frame_size: int) -> list[tuple[dict[str, Any] | None, str]]:
+    """The memcpy rows bytes/s can be read against, for frames of `frame_size`: (row, what)."""
+    def named(name: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["transport"] == name and r["status"] == "ok"), None)
+
+    return [(named("memcpy"), "large buffer (DRAM)"), (_ring_copy(rows, frame_size), "ring working set"),
+            (named("memcpy-cached"), "small buffer (in cache)")]
+
+
+#: The batched rows compare shmfabric's batch API with per-frame socket calls; say so.
+BATCHED = "batch API vs per-frame socket calls"
+
+
 def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Issue 2's benchmark targets, checked against this run: target, measured, ok (None when
-    the run did not measure what the target needs)."""
+    the run did not measure what the target needs). The 1,500-byte memcpy target is checked
+    against each memcpy reference of the run, one line each."""
     out: list[dict[str, Any]] = []
 
-    def add(target: str, value: float | None, ok: bool | None, shown: str) -> None:
+    def add(target: str, value: float | None, ok: bool | None, shown: str | None) -> None:
         out.append({"target": target, "value": value, "ok": ok, "measured": shown if value is not None else "not measured"})
 
     t64 = _find(rows, "shmfabric", "throughput", 64)
     add("64 B batched >= 10 M frames/s", t64 and t64["frames_per_s"],
         t64 and t64["frames_per_s"] >= 10e6, t64 and f"{t64['frames_per_s'] / 1e6:.2f} M/s")
     v = t64 and t64["vs_seqpacket"]
-    add("64 B batched >= 10x seqpacket", v, v and v >= 10, v and f"{v:.1f}x")
+    add(f"64 B batched >= 10x seqpacket ({BATCHED})", v, v and v >= 10, v and f"{v:.1f}x")
     t1500 = _find(rows, "shmfabric", "throughput", 1500)
     v = t1500 and t1500["vs_seqpacket"]
-    add("1500 B >= 3x seqpacket", v, v and v >= 3, v and f"{v:.1f}x")
-    v = t1500 and t1500["vs_memcpy"]
-    shown = v and f"{v * 100:.0f}%"
-    cached = next((r["bytes_per_s"] for r in rows if r["transport"] == "memcpy-cached" and r["status"] == "ok"), None)
-    if v and cached:
-        # The 64 MiB copy runs at DRAM speed while 1500-byte frames in a ring stay in cache:
-        # show the stricter in-cache comparison next to it.
-        shown += f" ({t1500['bytes_per_s'] / cached * 100:.0f}% of in-cache)"
-    add("1500 B bytes/s >= 50% of memcpy", v, v and v >= 0.5, shown)
+    add(f"1500 B batched >= 3x seqpacket ({BATCHED})", v, v and v >= 3, v and f"{v:.1f}x")
+    for ref, what in _memcpy_refs(rows, 1500):
+        v = t1500 and ref and t1500["bytes_per_s"] / ref["bytes_per_s"]
+        add(f"1500 B bytes/s >= 50% of memcpy: {what}", v, v and v >= 0.5,
+            v and f"{v * 100:.0f}% of {_bytes(ref['size'])}")
     f64 = _find(rows, "shmfabric", "forward", 64)
     v = f64 and f64["frames_per_s"]
     add("forward 64 B >= 5 M frames/s", v, v and v >= 5e6, v and f"{v / 1e6:.2f} M/s")
@@ -432,6 +588,53 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             t["ok"] = None
         else:
             t["ok"] = bool(t["ok"])
+    return out
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ratios that need saying what is compared with what, per frame size measured:
+    {"comparison", "figures", "ratio"} (ratio None when a side was not measured)."""
+    out: list[dict[str, Any]] = []
+
+    def fps(x: float) -> str:
+        return _si(x)
+
+    def add(what: str, ours: dict[str, Any] | None, theirs: dict[str, Any] | None, latency: bool = False) -> None:
+        if not ours or not theirs:
+            return
+        if latency:
+            ratio = theirs["p50_us"] / ours["p50_us"] if ours["p50_us"] else None
+            figures = f"{_us(theirs['p50_us'])} us / {_us(ours['p50_us'])} us"
+        else:
+            ratio = ours["frames_per_s"] / theirs["frames_per_s"] if theirs["frames_per_s"] else None
+            figures = f"{fps(ours['frames_per_s'])} / {fps(theirs['frames_per_s'])} frames/s"
+        out.append({"comparison": what, "figures": figures, "ratio": ratio})
+
+    sizes = sorted({r["size"] for r in rows if r["mode"] != "memcpy" and r["status"] == "ok"})
+    for mode in ("throughput", "forward"):
+        for size in sizes:
+            seq = _find(rows, BASELINE, mode, size)
+            batched = _find(rows, "shmfabric", mode, size)
+            b = (batched or {}).get("details", {}).get("batch")
+            how = BATCHED if b and b > 1 else "per-frame calls"
+            add(f"{mode} {size} B, shmfabric batch {b} / seqpacket ({how})", batched, seq)
+            add(f"{mode} {size} B, shmfabric-1 / seqpacket (per-frame vs per-frame calls)",
+                _find(rows, "shmfabric-1", mode, size), seq)
+    for size in sizes:
+        add(f"latency {size} B p50, seqpacket-spin / shmfabric (busy-poll vs busy-poll)",
+            _find(rows, "shmfabric", "latency", size), _find(rows, BASELINE_SPIN, "latency", size), latency=True)
+        add(f"latency {size} B p50, seqpacket / shmfabric-block (blocking vs blocking)",
+            _find(rows, "shmfabric-block", "latency", size), _find(rows, BASELINE, "latency", size), latency=True)
+    for size in sizes:
+        ours = _find(rows, "shmfabric", "throughput", size)
+        if not ours:
+            continue
+        for ref, what in _memcpy_refs(rows, size):
+            if ref:
+                out.append({"comparison": f"throughput {size} B, shmfabric bytes/s / memcpy, {what}",
+                            "figures": f"{ours['bytes_per_s'] / 1e9:.2f} / {ref['bytes_per_s'] / 1e9:.2f} GB/s "
+                                       f"({_bytes(ref['size'])})",
+                            "ratio": ours["bytes_per_s"] / ref["bytes_per_s"]})
     return out
 
 
@@ -457,18 +660,27 @@ def _ratio(x: float | None, pct: bool = False) -> str:
     return f"{x * 100:.0f}%" if pct else f"{x:.2f}x"
 
 
+def _bytes(n: int) -> str:
+    for shift, unit in ((20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
+
+
 def render(rows: list[dict[str, Any]], console: Any = None) -> None:
-    """Print the rows as a rich table (grouped by mode and size) and the targets table."""
+    """Print the rows as a rich table (grouped by mode and size), the like-for-like ratios and
+    the targets table."""
     from rich.console import Console
     from rich.table import Table
 
-    # Not a terminal (a pipe, a file): rich would wrap at 80 columns; the table needs ~150.
-    console = console or Console(width=None if os.isatty(1) else 160)
+    # Not a terminal (a pipe, a file): rich would wrap at 80 columns; the table needs ~170.
+    console = console or Console(width=None if os.isatty(1) else 180)
     table = Table(title="shmfabric bench transport", title_justify="left")
     for col, just in (("mode", "left"), ("size", "right"), ("transport", "left"), ("frames/s", "right"),
                       ("GB/s", "right"), ("p50 us", "right"), ("p99 us", "right"), ("x seqpacket", "right"),
-                      ("x memcpy", "right"), ("note", "left")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+                      ("x memcpy", "right"), ("x ring memcpy", "right"), ("note", "left")):
+        table.add_column(col, justify=just, max_width=26 if col == "transport" else None)  # type: ignore[arg-type]
     last: tuple[str, int] | None = None
     for r in rows:
         key = (r["mode"], 0 if r["mode"] == "memcpy" else r["size"])
@@ -482,13 +694,22 @@ def render(rows: list[dict[str, Any]], console: Any = None) -> None:
         else:
             note = f"{r['status']}: {r['error']}"
             style = "red" if r["status"] == "error" else "dim"
-        size = f"{r['size'] >> 20} MiB" if r["size"] >= 1 << 20 else (
-            f"{r['size'] >> 10} KiB" if r["mode"] == "memcpy" else str(r["size"]))
+        size = _bytes(r["size"]) if r["mode"] == "memcpy" else str(r["size"])
         fps = "" if r["mode"] == "memcpy" else _si(r["frames_per_s"])  # (copies/s in JSON)
-        table.add_row(r["mode"], size, r["transport"], fps, gbs, _us(r["p50_us"]),
-                      _us(r["p99_us"]), _ratio(r["vs_seqpacket"]), _ratio(r["vs_memcpy"], pct=True), note,
-                      style=style)
+        table.add_row(r["mode"], size, r.get("label") or r["transport"], fps, gbs, _us(r["p50_us"]),
+                      _us(r["p99_us"]), _ratio(r["vs_seqpacket"]), _ratio(r["vs_memcpy"], pct=True),
+                      _ratio(r.get("vs_memcpy_ring"), pct=True), note, style=style)
     console.print(table)
+    cmp = comparisons(rows)
+    if cmp:
+        ct = Table(title="like-for-like ratios (this run)", title_justify="left")
+        ct.add_column("comparison")
+        ct.add_column("figures", justify="right")
+        ct.add_column("ratio", justify="right")
+        for c in cmp:
+            pct = "memcpy" in c["comparison"]
+            ct.add_row(c["comparison"], c["figures"], _ratio(c["ratio"], pct=pct))
+        console.print(ct)
     targets = evaluate_targets(rows)
     tt = Table(title="issue 2 targets (this run)", title_justify="left")
     tt.add_column("target")
@@ -504,11 +725,18 @@ def _note(r: dict[str, Any]) -> str:
     d = r.get("details") or {}
     parts = []
     if "batch" in d:
-        parts.append(f"batch {d['batch']}")
+        parts.append(f"batch {d['batch']}" + (f" ({d['calls']})" if "calls" in d else ""))
     if "wait_mode" in d:
         parts.append(d["wait_mode"])
+    elif d.get("busy_poll"):
+        parts.append("busy-poll")
     if "how" in d:
         parts.append(d["how"])
+    if r["mode"] == "latency" and d.get("vs") == BASELINE_SPIN:
+        parts.append(f"x {BASELINE_SPIN}")
+    if "slots_cycled" in d:
+        few = d.get("slot_samples", 0) < MIN_SLOT_SAMPLES
+        parts.append(f"{d['slots_cycled']} slots cycled" + (" (too few samples for a ring memcpy)" if few else ""))
     if r["mode"] == "latency" and r["samples"]:
         parts.append(f"{r['samples']} samples")
     if d.get("terminated"):
@@ -517,5 +745,6 @@ def _note(r: dict[str, Any]) -> str:
 
 
 def public_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows for --json: every field, `details` kept (a dict), numbers as floats or null."""
+    """Rows for --json: every field, `details` kept (a dict), numbers as floats or null; each
+    row also carries `command`, `commit` and `machine` (the same for every row of a run)."""
     return [{k: r.get(k) for k in ROW_FIELDS} for r in rows]

@@ -138,8 +138,11 @@ class Transport:
     They must call ``ctl.ready()`` once their own setup is done and before timing starts.
     """
 
-    #: Name used in tables, JSON and ``--only``.
+    #: Name used in JSON and ``--only``.
     name: ClassVar[str] = ""
+    #: Name shown in the table (and the rows' ``label``) when it needs saying how the
+    #: transport is driven; empty: the name.
+    label: ClassVar[str] = ""
     #: One line for the docs and the table's note column.
     description: ClassVar[str] = ""
     #: Modes this transport takes part in.
@@ -162,6 +165,12 @@ class Transport:
     def details(self, spec: Spec) -> dict[str, Any]:
         """How the case is run (batching, wait mode...), recorded in the result row."""
         return {}
+
+    def busy_polls(self, spec: Spec) -> bool:
+        """True if the receiving side of this case spins on the CPU instead of sleeping until a
+        frame arrives. Latency is compared like for like: busy-polling rows against a
+        busy-polling seqpacket, blocking rows against the blocking one."""
+        return False
 
     def setup(self, spec: Spec) -> Any:
         """Create shared resources in the parent before the workers start; returns `chan`."""

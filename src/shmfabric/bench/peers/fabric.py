@@ -5,11 +5,21 @@ zero-copy frame views with `recv_batch`, touches each, and releases the batch. L
 `send` and a blocking or busy-polling `recv_batch`; the echo side forwards the received frame
 back without copying. Forwarding: the middle node `forward_batch`es what it received.
 
+`shmfabric` moves `--batch` frames per call (256 by default): the batch API, its intended use,
+against the other transports' per-frame calls. `shmfabric-1` makes one call per frame
+(`send`, `recv_batch(max_frames=1)`, `forward`), like the per-frame socket calls it is shown
+next to.
+
+The batched throughput receiver also notes how many distinct pool slots the frames it saw came
+from (every frame of one `recv_batch` in 512, outside the per-frame work): the ring's working
+set, which the harness copies with memcpy as the in-cache reference for bytes/s.
+
 Each case gets its own fabric region (named after the case), created in the parent and
 destroyed after the case whatever happened.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from typing import Any
@@ -20,6 +30,9 @@ from .base import Ctl, Spec, Transport, TransportUnavailable, latency_result, ma
 MAX_MTU = 65536
 MIN_MTU = 1490
 RING_SIZE = 1024
+#: The batched receiver samples the payload addresses of every frame of one `recv_batch` in
+#: this many (a power of two), to count the pool slots the ring cycles through.
+SLOT_SAMPLE_EVERY = 512
 
 
 def _slots(mtu: int) -> int:
@@ -32,7 +45,7 @@ class ShmfabricTransport(Transport):
     """shmfabric nodes on one fabric; `wait_mode` is the receive mode of every node."""
 
     name = "shmfabric"
-    description = "shmfabric send_batch / recv_batch zero-copy views, busy-poll"
+    description = "shmfabric send_batch / recv_batch of --batch frames per call (batch API), zero-copy views, busy-poll"
     modes = ("throughput", "latency", "forward")
     max_size = MAX_MTU
     max_size_reason = "a fabric network's MTU is at most 65,536 bytes"
@@ -55,12 +68,24 @@ class ShmfabricTransport(Transport):
             return self.forward_wait_mode
         return "poll" if len(os.sched_getaffinity(0)) >= 3 else "block"
 
+    def _batch(self, spec: Spec) -> int:
+        """Frames per call of this case (the per-frame subclass: 1)."""
+        return spec.batch
+
+    def _wait_mode(self, spec: Spec) -> str:
+        return self._forward_mode() if spec.mode == "forward" else self.wait_mode
+
     def details(self, spec: Spec) -> dict[str, Any]:
-        mode = self._forward_mode() if spec.mode == "forward" else self.wait_mode
-        d: dict[str, Any] = {"wait_mode": mode}
+        d: dict[str, Any] = {"wait_mode": self._wait_mode(spec)}
         if spec.mode != "latency":
-            d["batch"] = spec.batch
+            batch = self._batch(spec)
+            d["batch"] = batch
+            d["calls"] = ("batch API vs per-frame socket calls" if batch > 1
+                          else "per-frame calls, like the sockets")
         return d
+
+    def busy_polls(self, spec: Spec) -> bool:
+        return self._wait_mode(spec) == "poll"
 
     def setup(self, spec: Spec) -> Any:
         from shmfabric import Fabric
@@ -107,18 +132,29 @@ class ShmfabricTransport(Transport):
         fab, node = self._node(chan, spec, me, wait_mode)
         try:
             peer = node.wait_for_peer(to, timeout=spec.setup_timeout)
-            payloads = [make_payload(spec.size)] * spec.batch
+            batch = self._batch(spec)
+            data = make_payload(spec.size)
+            payloads = [data] * batch
             send_batch = node.send_batch
+            send = node.send
             yield_cpu = os.sched_yield
             stop = ctl.stop
             sent = 0
             ctl.ready()
             try:
-                while not stop.value:
-                    k = send_batch(peer, payloads)
-                    sent += k
-                    if not k:  # ring full: let the receiver run (matters when cores are shared)
-                        yield_cpu()
+                if batch == 1:  # one send() per frame, as the per-frame transports do
+                    while not stop.value:
+                        for _ in range(64):
+                            if send(peer, data):
+                                sent += 1
+                            else:  # ring full: let the receiver run
+                                yield_cpu()
+                else:
+                    while not stop.value:
+                        k = send_batch(peer, payloads)
+                        sent += k
+                        if not k:  # ring full: let the receiver run (matters when cores are shared)
+                            yield_cpu()
             finally:
                 ctl.done.value = 1
             return {"sent": sent, "stats": node.stats()}
@@ -126,12 +162,15 @@ class ShmfabricTransport(Transport):
             self._close(fab, node)
 
     def _sink(self, chan: Any, spec: Spec, ctl: Ctl, me: str, frm: str, wait_mode: str,
-              upstream_done: Any) -> dict[str, Any]:
+              upstream_done: Any, sample_slots: bool = False) -> dict[str, Any]:
         fab, node = self._node(chan, spec, me, wait_mode)
         try:
             node.wait_for_peer(frm, timeout=spec.setup_timeout)
             recv_batch = node.recv_batch
-            most = spec.batch
+            most = self._batch(spec)
+            sample_slots = sample_slots and most > 1  # a per-frame loop gets no extra work
+            slots: set[int] = set()
+            sampled = calls = 0
             ctl.ready()
             batch = recv_batch(max_frames=most, timeout=spec.setup_timeout)
             if not len(batch):
@@ -143,6 +182,19 @@ class ShmfabricTransport(Transport):
             now = t0 = time.perf_counter()
             t_end = t0 + spec.duration
             clock = time.perf_counter
+            if sample_slots:
+                mask = SLOT_SAMPLE_EVERY - 1
+                while now < t_end:
+                    batch = recv_batch(max_frames=most, timeout=0.1)
+                    for f in batch:
+                        n += len(f)
+                        b = f[0]
+                    frames += len(batch)
+                    if not calls & mask:
+                        sampled += _note_slots(batch, slots)
+                    calls += 1
+                    batch.release()
+                    now = clock()
             while now < t_end:
                 batch = recv_batch(max_frames=most, timeout=0.1)
                 for f in batch:
@@ -158,7 +210,10 @@ class ShmfabricTransport(Transport):
                 batch.release()
                 if not k and upstream_done.value:
                     break
-            return window_result(frames, n, now - t0, b, stats=node.stats())
+            extra: dict[str, Any] = {"stats": node.stats()}
+            if sample_slots:
+                extra.update(slots_cycled=len(slots), slot_samples=sampled)
+            return window_result(frames, n, now - t0, b, **extra)
         finally:
             self._close(fab, node)
 
@@ -168,7 +223,7 @@ class ShmfabricTransport(Transport):
         return self._sender(chan, spec, ctl, "tx", "rx", self.wait_mode)
 
     def throughput_receiver(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        return self._sink(chan, spec, ctl, "rx", "tx", self.wait_mode, ctl.done)
+        return self._sink(chan, spec, ctl, "rx", "tx", self.wait_mode, ctl.done, sample_slots=True)
 
     # --- latency ---------------------------------------------------------------------------
 
@@ -245,12 +300,26 @@ class ShmfabricTransport(Transport):
             sink = node.wait_for_peer("c", timeout=spec.setup_timeout)
             recv_batch = node.recv_batch
             forward_batch = node.forward_batch
-            most = spec.batch
+            forward = node.forward
+            most = self._batch(spec)
             done = ctl.done
             forwarded = 0
             ctl.ready()
             try:
-                while True:
+                while most == 1:  # one forward() per frame
+                    batch = recv_batch(max_frames=1, timeout=0.05)
+                    got = 0
+                    for f in batch:
+                        b = f[0]  # noqa: F841 - the touch
+                        while not forward(sink, f) and not ctl.stop.value:
+                            os.sched_yield()  # the sink's ring is full
+                        got = 1
+                    batch.release()
+                    if got:
+                        forwarded += 1
+                    elif done.value:
+                        break
+                while most > 1:
                     batch = recv_batch(max_frames=most, timeout=0.05)
                     got = len(batch)
                     if not got:
@@ -278,6 +347,18 @@ class ShmfabricTransport(Transport):
         return self._sink(chan, spec, ctl, "c", "b", self._forward_mode(), ctl.middle_done)
 
 
+class ShmfabricPerFrameTransport(ShmfabricTransport):
+    """shmfabric with one call per frame (batch 1), next to the per-frame socket calls."""
+
+    name = "shmfabric-1"
+    label = "shmfabric, per-frame calls"
+    description = "shmfabric one frame per call: send() / recv_batch(max_frames=1) / forward(), busy-poll"
+    modes = ("throughput", "forward")
+
+    def _batch(self, spec: Spec) -> int:
+        return 1
+
+
 class ShmfabricBlockingTransport(ShmfabricTransport):
     """shmfabric with blocking wake-ups (eventfd/futex): the p99 latency target's mode."""
 
@@ -287,4 +368,15 @@ class ShmfabricBlockingTransport(ShmfabricTransport):
     wait_mode = "block"
 
 
-__all__ = ["ShmfabricTransport", "ShmfabricBlockingTransport"]
+def _note_slots(batch: Any, slots: set[int]) -> int:
+    """Add the payload address of every frame of `batch` (one per pool slot) to `slots`."""
+    k = 0
+    for f in batch:
+        c = ctypes.c_char.from_buffer(f.payload)
+        slots.add(ctypes.addressof(c))
+        del c  # drop the export before the batch is released
+        k += 1
+    return k
+
+
+__all__ = ["ShmfabricTransport", "ShmfabricPerFrameTransport", "ShmfabricBlockingTransport"]

@@ -9,11 +9,21 @@ The Python API has no batch calls, so every frame is one loan/send and one recei
 Delivery is made lossless for a fair comparison: safe overflow is off and the publisher's
 backpressure strategy is RetryUntilDelivered (it waits while the subscriber's buffer is full).
 Receivers busy-poll `receive()`; iceoryx2's blocking alternative is a separate event service.
+
+What is measured is iceoryx2 *through its Python binding*, one Python call (or a few) per frame:
+the figures are bound by the interpreter, not by iceoryx2's own (Rust/C++) transport.
+
+Every case gives iceoryx2 a configuration of its own: a file prefix and a root directory named
+after the case, instead of the shared defaults (`/dev/shm/iox2_*`, `/tmp/iceoryx2/`). Clean-up
+then removes exactly what the case created, and nothing another iceoryx2 user has there.
 """
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
+import glob
+import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -21,6 +31,10 @@ from .base import Ctl, Spec, Transport, TransportUnavailable, latency_result, ma
 
 #: Samples a subscriber can hold before the publisher has to wait.
 SUBSCRIBER_BUFFER = 256
+#: Where iceoryx2 puts the shared-memory files (not configurable: its POSIX shm directory).
+SHM_DIR = "/dev/shm"
+#: Start of the per-case file prefix and root directory (the case tag follows).
+NAME_PREFIX = "shmfabric-bench-iox2-"
 
 
 def _iox() -> Any:
@@ -34,8 +48,13 @@ class Iceoryx2Transport(Transport):
     """iceoryx2 IPC publish-subscribe with loaned samples."""
 
     name = "iceoryx2"
-    description = "iceoryx2 publish-subscribe, Slice[c_uint8], loan_slice_uninit + send, busy-poll receive"
+    label = "iceoryx2 (Python binding, one call per frame)"
+    description = ("iceoryx2 through its Python binding, one call per frame: publish-subscribe, Slice[c_uint8], "
+                   "loan_slice_uninit + send, busy-poll receive")
     modes = ("throughput", "latency")
+
+    def busy_polls(self, spec: Spec) -> bool:
+        return True
 
     def check_available(self) -> None:
         try:
@@ -44,22 +63,28 @@ class Iceoryx2Transport(Transport):
             raise TransportUnavailable(f"iceoryx2 is not installed ({exc}); pip install '.[bench]'") from exc
 
     def setup(self, spec: Spec) -> Any:
-        return {"service": f"shmfabric-bench/{spec.tag}"}
+        # The parent never creates an iceoryx2 node (it forks the workers of later cases); the
+        # workers make every file, under the names below.
+        return {"service": f"shmfabric-bench/{spec.tag}", "prefix": f"{NAME_PREFIX}{spec.tag}_",
+                "root": os.path.join(tempfile.gettempdir(), f"{NAME_PREFIX}{spec.tag}") + "/"}
 
     def cleanup(self, chan: Any) -> None:
-        # Workers that were killed leave node and service files behind; iceoryx2 removes the
-        # resources of dead nodes on request. Done in a short-lived child so that the parent,
-        # which forks the workers of later cases, never holds an iceoryx2 node itself.
-        p = multiprocessing.get_context("fork").Process(target=_cleanup_dead_nodes, daemon=True)
-        p.start()
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join()
+        # Called once every worker of the case has ended: the files named with the case's
+        # prefix, and its root directory, belong to this case alone.
+        for path in glob.glob(os.path.join(SHM_DIR, glob.escape(chan["prefix"]) + "*")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(chan["root"], ignore_errors=True)
 
-    def _open(self, name: str, size: int) -> tuple[Any, Any, Any]:
+    def _open(self, chan: Any, name: str) -> tuple[Any, Any, Any]:
         iox2 = _iox()
-        node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        cfg = iox2.config.default()
+        g = cfg.global_cfg  # a view: setting its fields changes cfg
+        g.prefix = iox2.FileName.new(chan["prefix"])
+        g.root_path = iox2.Path.new(chan["root"])
+        node = iox2.NodeBuilder.new().config(cfg).create(iox2.ServiceType.Ipc)
         service = (
             node.service_builder(iox2.ServiceName.new(name))
             .publish_subscribe(iox2.Slice[ctypes.c_uint8])
@@ -72,8 +97,8 @@ class Iceoryx2Transport(Transport):
         )
         return iox2, node, service
 
-    def _publisher(self, name: str, size: int) -> tuple[Any, Any]:
-        iox2, node, service = self._open(name, size)
+    def _publisher(self, chan: Any, name: str, size: int) -> tuple[Any, Any]:
+        iox2, node, service = self._open(chan, name)
         pub = (
             service.publisher_builder()
             .initial_max_slice_len(size)
@@ -82,12 +107,12 @@ class Iceoryx2Transport(Transport):
         )
         return node, pub
 
-    def _subscriber(self, name: str, size: int) -> tuple[Any, Any]:
-        _, node, service = self._open(name, size)
+    def _subscriber(self, chan: Any, name: str) -> tuple[Any, Any]:
+        _, node, service = self._open(chan, name)
         return node, service.subscriber_builder().create()
 
     def throughput_sender(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        node, pub = self._publisher(chan["service"], spec.size)
+        node, pub = self._publisher(chan, chan["service"], spec.size)
         data = make_payload(spec.size)
         size = spec.size
         loan = pub.loan_slice_uninit
@@ -109,7 +134,7 @@ class Iceoryx2Transport(Transport):
         return {"sent": sent}
 
     def throughput_receiver(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        node, sub = self._subscriber(chan["service"], spec.size)
+        node, sub = self._subscriber(chan, chan["service"])
         receive = sub.receive
         ctl.ready()
         s = _first(receive, spec.setup_timeout)
@@ -141,8 +166,8 @@ class Iceoryx2Transport(Transport):
         return window_result(frames, n, now - t0, b)
 
     def latency_ping(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        node, pub = self._publisher(chan["service"] + "/ping", spec.size)
-        node2, sub = self._subscriber(chan["service"] + "/pong", spec.size)
+        node, pub = self._publisher(chan, chan["service"] + "/ping", spec.size)
+        node2, sub = self._subscriber(chan, chan["service"] + "/pong")
         data = make_payload(spec.size)
         size = spec.size
         receive = sub.receive
@@ -177,8 +202,8 @@ class Iceoryx2Transport(Transport):
         return latency_result(rtts, b)
 
     def latency_pong(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        node, sub = self._subscriber(chan["service"] + "/ping", spec.size)
-        node2, pub = self._publisher(chan["service"] + "/pong", spec.size)
+        node, sub = self._subscriber(chan, chan["service"] + "/ping")
+        node2, pub = self._publisher(chan, chan["service"] + "/pong", spec.size)
         receive = sub.receive
         stop = ctl.stop
         echoed = 0
@@ -210,15 +235,6 @@ def _first(receive: Any, timeout: float) -> Any:
             return s
         if time.monotonic() > end:
             raise TimeoutError("no sample from the publisher")
-
-
-def _cleanup_dead_nodes() -> None:
-    try:
-        iox2 = _iox()
-        node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
-        node.try_cleanup_dead_nodes()
-    except Exception:  # best effort: nothing to clean is the common case
-        pass
 
 
 __all__ = ["Iceoryx2Transport"]

@@ -1,11 +1,23 @@
 """`shmfabric bench chain`: the default chain (generator -> firewall -> ids -> l4lb -> 2 sinks) on
-the fabric, side by side with the same function code connected by UNIX datagram sockets.
+the fabric, side by side with the same function code connected by UNIX sockets.
 
-Both runs use the same function classes, rule sets (100+ firewall rules, 1,000+ IDS patterns),
-frame sizes and process count; only the transport differs. Reported: end-to-end frames/s
-(frames the sinks received / time from the generator's first frame to the sinks' last), the
-ratio fabric/sockets, each function's own cost in ns per frame (wall time inside process()), and
-the CPU time of all six processes per frame delivered ("CPU ns/f"; per stage in --json).
+All runs use the same function classes, rule sets (100+ firewall rules, 1,000+ IDS patterns),
+frame sizes, process count and batch limit (1,024 frames); only the transport differs:
+
+- fabric: the function runtime on a fabric (descriptor rings, shared packet pool);
+- unix-seqpacket: connected SOCK_SEQPACKET sockets between stages (the fair baseline, and the
+  one the ratio is taken against): a blocking recv() then non-blocking recv()s drain up to 1,024
+  frames a batch, one send() per frame; the sender is bounded by its SO_SNDBUF (set to 4 MiB,
+  thousands of frames), so a stage can find a full batch queued;
+- unix-dgram: the earlier baseline, unconnected SOCK_DGRAM sockets and sendto() per frame. Kept
+  for comparison only: the kernel blocks such a sender once /proc/sys/net/unix/max_dgram_qlen
+  (10 by default) datagrams are queued, whatever SO_RCVBUF says, so its stages see batches of
+  ~10 frames and pay per-batch costs 100 times as often.
+
+Reported: end-to-end frames/s (frames the sinks received / time from the generator's first frame
+to the sinks' last), the ratio fabric/unix-seqpacket, each function's own cost in ns per frame
+(wall time inside process()), the CPU time of all six processes per frame delivered ("CPU ns/f";
+per stage in --json) and the average frames per process() call of each stage ("avg batch").
 
     python -m shmfabric.bench.chain [--sizes 64,1500] [--seconds 3] [--json]
 """
@@ -91,10 +103,12 @@ PORTS = {"lb": ["sink1", "sink2"]}
 # -- the fabric run ------------------------------------------------------------------------------
 
 WAIT_MODE = os.environ.get("SHMFABRIC_CHAIN_WAIT", "block")  # more processes than cores: never spin
-# Frames per batch (both transports) and ring slots. Six processes share two cores, so every
-# batch costs context switches whose price (caches refilled) is paid per batch: at 1,024 frames a
-# batch the chain spends ~2.4 us of CPU a frame, at 256 ~3.4 us (docs/functions.md has the table).
-# A node takes what is there up to the batch size, so at low load batches stay small.
+# Frames per batch (the limit for every transport; the average each stage reached is reported)
+# and ring slots. Six processes share two cores, so every batch costs context switches whose price
+# (caches refilled) is paid per batch: at 1,024 frames a batch the chain spends ~2.4 us of CPU a
+# frame, at 256 ~3.4 us (docs/functions.md has the table). A node takes what is there up to the
+# batch size, so at low load batches stay small. The unix-dgram baseline cannot reach it: the
+# kernel caps its queues at max_dgram_qlen datagrams.
 BATCH = 1024
 RING = 2048
 
@@ -145,34 +159,92 @@ def _wait_idle(fab: Any, node: str, quiet: float = 0.3, limit: float = 60) -> No
         time.sleep(0.05)
 
 
-# -- the socket run ------------------------------------------------------------------------------
+# -- the socket runs -----------------------------------------------------------------------------
 
-def socket_stage(node: str, workdir: str, seconds: float, cfg: dict, batch: int = BATCH) -> None:
-    """One stage with UNIX datagram sockets: recv a batch, same function, sendto per frame."""
+SOCKET_KINDS = ("seqpacket", "dgram")
+SOCK_BUF = 4 << 20  # SO_SNDBUF / SO_RCVBUF asked for (the kernel doubles it, up to net.core.*mem_max)
+
+
+def max_dgram_qlen() -> int | None:
+    """The kernel's cap on datagrams queued to an unconnected UNIX datagram socket."""
+    try:
+        return int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def seqpacket_listener(path: str) -> socket.socket:
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(1)
+    return lsock
+
+
+def seqpacket_connect(path: str) -> socket.socket:
+    """A sender's end: connected, so only its send buffer (bytes, not a queue length) bounds
+    what it may have queued at the receiver."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+    s.connect(path)
+    return s
+
+
+def seqpacket_accept(lsock: socket.socket) -> socket.socket:
+    conn, _ = lsock.accept()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+    lsock.close()
+    return conn
+
+
+def socket_stage(node: str, workdir: str, seconds: float, cfg: dict, batch: int = BATCH,
+                 kind: str = "seqpacket", mtu: int = 9216) -> None:
+    """One stage over UNIX sockets: a blocking recv, then non-blocking recvs up to `batch` frames;
+    the same function; one send per frame. `kind` is "seqpacket" (connected SOCK_SEQPACKET,
+    end of input = the upstream closing) or "dgram" (sendto() to a bound SOCK_DGRAM path, end of
+    input = an empty datagram)."""
     from shmfabric.functions.api import FunctionContext, Verdict, validate_config
     from shmfabric.functions.registry import load
 
+    if kind not in SOCKET_KINDS:
+        raise ValueError(f"socket kind {kind!r}: one of {SOCKET_KINDS}")
     cls = load(FUNCTIONS[node])
     fn = cls(validate_config(cls, cfg), FunctionContext(node=node, ports=PORTS.get(node, [])))
     path = os.path.join(workdir, node + ".sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if node != "gen":
-        sock.bind(path)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    out_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    nxt = [os.path.join(workdir, n + ".sock") for n in NEXT[node]]
-    ports = [os.path.join(workdir, n + ".sock") for n in PORTS.get(node, [])]
-    for p in nxt + ports:
+    nxt_paths = [os.path.join(workdir, n + ".sock") for n in NEXT[node]]
+    port_paths = [os.path.join(workdir, n + ".sock") for n in PORTS.get(node, [])]
+    for p in nxt_paths + port_paths:  # downstream stages start first
         while not os.path.exists(p):
             time.sleep(0.01)
-    c = {"in_frames": 0, "out_frames": 0, "busy_ns": 0, "first_ns": 0, "last_ns": 0, "cpu_ns": 0}
+    sock = lsock = None
+    outs: list[socket.socket] = []
+    if kind == "seqpacket":
+        if node != "gen":
+            lsock = seqpacket_listener(path)
+        outs = [seqpacket_connect(p) for p in nxt_paths + port_paths]
+        senders = [o.send for o in outs]
+    else:
+        if node != "gen":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)  # does not lift max_dgram_qlen
+        out_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        outs = [out_sock]
+        sendto = out_sock.sendto
+        senders = [(lambda f, p=p: sendto(f, p)) for p in nxt_paths + port_paths]
+    nxt_send = senders[:len(nxt_paths)]
+    port_send = senders[len(nxt_paths):]
+    open(path + ".ready", "w").close()
+    if lsock is not None:
+        sock = seqpacket_accept(lsock)  # the upstream stage connects once it starts
+    c = {"in_frames": 0, "out_frames": 0, "batches": 0, "busy_ns": 0, "first_ns": 0, "last_ns": 0, "cpu_ns": 0}
+    if outs:  # what the kernel granted (2x the request, capped by 2x net.core.wmem_max)
+        c["so_sndbuf"] = outs[0].getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     perf = time.perf_counter_ns
     cpu0 = time.process_time_ns()  # as the fabric runtime: from the first frame to the last
-    sendto = out_sock.sendto
-    open(path + ".ready", "w").close()
     if node == "gen":
         end = time.monotonic() + seconds
-        dst = nxt[0]
+        send = nxt_send[0]
         while time.monotonic() < end:
             frames = fn.produce(time.monotonic(), batch)
             if not c["first_ns"]:
@@ -180,32 +252,31 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict, batch: int 
                 cpu0 = time.process_time_ns()
             t0 = perf()
             for f in frames:
-                sendto(f, dst)  # blocks while the receiver's queue is full: backpressure, no loss
+                send(f)  # blocks while the receiver's queue is full: backpressure, no loss
             c["busy_ns"] += perf() - t0
             c["in_frames"] += len(frames)
             c["out_frames"] += len(frames)
+            c["batches"] += 1
         c["last_ns"] = time.monotonic_ns()
         c["cpu_ns"] = time.process_time_ns() - cpu0
-        sendto(b"", dst)  # end marker
     else:
-        sock.settimeout(None)
+        assert sock is not None
         recv = sock.recv
+        dontwait = socket.MSG_DONTWAIT
         done = False
         while not done:
-            first = recv(65536)
+            first = recv(mtu)  # blocking: wait for input
             frames = [first] if first else []
             done = not first
-            sock.setblocking(False)
             try:
-                while len(frames) < batch and not done:
-                    f = recv(65536)
-                    if not f:
-                        done = True
-                    else:
+                while len(frames) < batch and not done:  # then drain what is queued, up to a batch
+                    f = recv(mtu, dontwait)
+                    if f:
                         frames.append(f)
+                    else:
+                        done = True
             except BlockingIOError:
                 pass
-            sock.setblocking(True)
             if frames:
                 if not c["first_ns"]:
                     c["first_ns"] = time.monotonic_ns()
@@ -215,21 +286,25 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict, batch: int 
                 fn.process(frames, time.monotonic(), out)
                 c["busy_ns"] += perf() - t0
                 c["in_frames"] += len(frames)
+                c["batches"] += 1
                 for i, f in enumerate(frames):
                     v = out[i]
-                    if v == Verdict.NEXT and nxt:
-                        sendto(f, nxt[0])
+                    if v == Verdict.NEXT and nxt_send:
+                        nxt_send[0](f)
                         c["out_frames"] += 1
-                    elif v >= 3 and v - 3 < len(ports):
-                        sendto(f, ports[v - 3])
+                    elif v >= 3 and v - 3 < len(port_send):
+                        port_send[v - 3](f)
                         c["out_frames"] += 1
                 c["last_ns"] = time.monotonic_ns()
                 c["cpu_ns"] = time.process_time_ns() - cpu0
-            if done:
-                for p in nxt + ports:
-                    sendto(b"", p)  # pass the end marker on
-                if node == "lb":
-                    pass
+    # end of input: pass it on (seqpacket: close, the peer's recv returns b""; dgram: an empty datagram)
+    if kind == "dgram":
+        for send in senders:
+            send(b"")
+    for o in outs:
+        o.close()
+    if sock is not None:
+        sock.close()
     if hasattr(fn, "counters"):
         c["function_counters"] = fn.counters()
     c["ns_per_frame"] = round(c["busy_ns"] / c["in_frames"], 1) if c["in_frames"] else 0.0
@@ -237,28 +312,52 @@ def socket_stage(node: str, workdir: str, seconds: float, cfg: dict, batch: int 
         json.dump({"counters": c}, f)
 
 
-def run_sockets(size: int, seconds: float, workdir: Path, batch: int = BATCH) -> dict[str, dict]:
+def run_sockets(size: int, seconds: float, workdir: Path, batch: int = BATCH, kind: str = "seqpacket") -> dict[str, dict]:
     import multiprocessing as mp
+    from multiprocessing.connection import wait as mp_wait
 
     ctx = mp.get_context("fork")
     cfgs = chain_configs(size, seconds)
+    mtu = max(1500, size) + 64  # a receive buffer as for a known MTU (a seqpacket record never truncated)
     procs = {}
     try:
         for node in ["sink1", "sink2", "lb", "ids", "fw", "gen"]:
-            procs[node] = ctx.Process(target=socket_stage, args=(node, str(workdir), seconds, cfgs[node], batch), daemon=True)
+            procs[node] = ctx.Process(target=socket_stage, args=(node, str(workdir), seconds, cfgs[node], batch, kind, mtu),
+                                      daemon=True)
             procs[node].start()
             while not os.path.exists(workdir / f"{node}.sock.ready"):
+                if not procs[node].is_alive():
+                    raise RuntimeError(f"socket stage {node} exited with code {procs[node].exitcode} before it was ready")
                 time.sleep(0.01)
-        for node in ["gen", "fw", "ids", "lb", "sink1", "sink2"]:
-            procs[node].join(timeout=seconds + 120)
+        deadline = time.monotonic() + seconds + 120
+        while (alive := [p for p in procs.values() if p.is_alive()]) and time.monotonic() < deadline:
+            if any(p.exitcode for p in procs.values()):  # a stage failed: the others would wait forever
+                break
+            mp_wait([p.sentinel for p in alive], timeout=max(0.0, deadline - time.monotonic()))
     finally:
         for p in procs.values():
             if p.is_alive():
                 p.kill()
+            p.join(timeout=10)
+    missing = [n for n in procs if not (workdir / f"{n}.stats").exists()]
+    if missing:
+        raise RuntimeError(f"socket stage(s) {', '.join(missing)} wrote no stats (exit codes "
+                           f"{', '.join(f'{n}={procs[n].exitcode}' for n in missing)})")
     return {n: json.loads((workdir / f"{n}.stats").read_text()) for n in procs}
 
 
+def run_seqpacket(size: int, seconds: float, workdir: Path, batch: int = BATCH) -> dict[str, dict]:
+    return run_sockets(size, seconds, workdir, batch, kind="seqpacket")
+
+
+def run_dgram(size: int, seconds: float, workdir: Path, batch: int = BATCH) -> dict[str, dict]:
+    return run_sockets(size, seconds, workdir, batch, kind="dgram")
+
+
 # -- report ----------------------------------------------------------------------------------------
+
+NAMES = ("gen", "fw", "ids", "lb", "sink1", "sink2")
+
 
 def summarize(stats: dict[str, dict]) -> dict:
     gen = stats["gen"]["counters"]
@@ -266,62 +365,93 @@ def summarize(stats: dict[str, dict]) -> dict:
     received = sum(s["in_frames"] for s in sinks)
     end = max(s["last_ns"] for s in sinks)
     dt = (end - gen["first_ns"]) / 1e9 if end > gen["first_ns"] else float("nan")
-    names = ("gen", "fw", "ids", "lb", "sink1", "sink2")
-    per_fn = {n: stats[n]["counters"].get("ns_per_frame", 0.0) for n in names}
+    per_fn = {n: stats[n]["counters"].get("ns_per_frame", 0.0) for n in NAMES}
     # CPU time (user + system) of each whole process per frame it handled: the function, the
     # runtime and the transport. Unlike ns_per_frame (wall time in process()), it does not grow
     # when a busy host preempts a stage; the total per frame delivered bounds the rate at
     # cores / total.
-    cpu = {n: round(stats[n]["counters"].get("cpu_ns", 0) / max(stats[n]["counters"]["in_frames"], 1), 1) for n in names}
-    cpu_total = sum(stats[n]["counters"].get("cpu_ns", 0) for n in names) / max(received, 1)
-    return {"sent": gen["out_frames"], "received": received, "seconds": round(dt, 3),
-            "frames_per_s": round(received / dt) if dt == dt and dt > 0 else 0, "ns_per_frame": per_fn,
-            "cpu_ns_per_frame": cpu, "cpu_ns_per_frame_total": round(cpu_total, 1)}
+    cpu = {n: round(stats[n]["counters"].get("cpu_ns", 0) / max(stats[n]["counters"]["in_frames"], 1), 1) for n in NAMES}
+    cpu_total = sum(stats[n]["counters"].get("cpu_ns", 0) for n in NAMES) / max(received, 1)
+    # frames per process() call (per produce() call for gen): the per-batch costs are shared by this many
+    batch = {n: round(stats[n]["counters"]["in_frames"] / max(stats[n]["counters"].get("batches", 0), 1), 1) for n in NAMES}
+    sink_batches = sum(s.get("batches", 0) for s in sinks)
+    batch["sinks"] = round(received / max(sink_batches, 1), 1)
+    row = {"sent": gen["out_frames"], "received": received, "seconds": round(dt, 3),
+           "frames_per_s": round(received / dt) if dt == dt and dt > 0 else 0, "ns_per_frame": per_fn,
+           "cpu_ns_per_frame": cpu, "cpu_ns_per_frame_total": round(cpu_total, 1), "avg_batch": batch}
+    if "so_sndbuf" in gen:  # socket runs: bytes a sender may have queued (seqpacket's only bound)
+        row["so_sndbuf"] = gen["so_sndbuf"]
+    return row
 
 
-def run(sizes: list[int], seconds: float) -> list[dict]:
+#: transport name -> run function; the ratio rows divide the fabric's frames/s by each baseline's
+TRANSPORTS = {"fabric": run_fabric, "unix-seqpacket": run_seqpacket, "unix-dgram": run_dgram}
+BASELINE = "unix-seqpacket"  # the fair one (see the module docstring)
+
+
+def run(sizes: list[int], seconds: float, transports: list[str] | None = None) -> list[dict]:
+    transports = list(transports or TRANSPORTS)
+    qlen = max_dgram_qlen()
     rows = []
     for size in sizes:
         res = {}
-        for mode, fn in (("fabric", run_fabric), ("unix-dgram", run_sockets)):
+        for mode in transports:
             with tempfile.TemporaryDirectory(prefix="sf-chain-") as d:
                 try:
-                    res[mode] = summarize(fn(size, seconds, Path(d)))
-                except Exception as e:  # one transport failing must not hide the other's figure
+                    res[mode] = summarize(TRANSPORTS[mode](size, seconds, Path(d)))
+                except Exception as e:  # one transport failing must not hide the others' figures
                     res[mode] = {"error": f"{type(e).__name__}: {e}"}
+            if mode == "unix-dgram":
+                res[mode]["max_dgram_qlen"] = qlen
         for mode, r in res.items():
-            rows.append({"transport": mode, "size": size, **r})
-        f, s = res.get("fabric", {}), res.get("unix-dgram", {})
-        if f.get("frames_per_s") and s.get("frames_per_s"):
-            rows.append({"transport": "ratio fabric/unix-dgram", "size": size,
-                         "ratio": round(f["frames_per_s"] / s["frames_per_s"], 2)})
+            rows.append({"transport": mode, "size": size, "batch_limit": BATCH, **r})
+        f = res.get("fabric", {})
+        for base in [BASELINE] + [m for m in res if m not in ("fabric", BASELINE)]:
+            b = res.get(base, {})
+            if f.get("frames_per_s") and b.get("frames_per_s"):
+                rows.append({"transport": f"ratio fabric/{base}", "size": size,
+                             "ratio": round(f["frames_per_s"] / b["frames_per_s"], 2)})
     return rows
+
+
+def _label(r: dict) -> str:
+    if r["transport"] == "unix-dgram":
+        return f"unix-dgram, max_dgram_qlen {r.get('max_dgram_qlen', '?')}"
+    return r["transport"]
 
 
 def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="chain generator -> firewall(120 rules) -> ids(1000 patterns) -> l4lb -> 2 sinks")
-    for col in ("transport", "size", "frames/s e2e", "sent", "received", "fw ns/f", "ids ns/f", "lb ns/f", "sink ns/f",
-                "CPU ns/f", "ratio"):
+    t = Table(title="chain generator -> firewall(120 rules) -> ids(1000 patterns) -> l4lb -> 2 sinks",
+              caption=f"avg batch: frames per process() call of fw/ids/lb/sinks (limit {BATCH}); "
+                      f"ratio against {BASELINE}, the fair socket baseline")
+    cols = ("transport", "size", "frames/s e2e", "sent", "received", "fw ns/f", "ids ns/f", "lb ns/f", "sink ns/f",
+            "CPU ns/f", "avg batch fw/ids/lb/sinks", "ratio")
+    for col in cols:
         t.add_column(col, justify="left" if col == "transport" else "right")
+    blank = [""] * (len(cols) - 3)
     for r in rows:
         if "ratio" in r:
-            t.add_row(r["transport"], str(r["size"]), "", "", "", "", "", "", "", "", f"{r['ratio']:.2f}x")
+            t.add_row(r["transport"], str(r["size"]), *blank, f"{r['ratio']:.2f}x")
         elif "error" in r:
-            t.add_row(r["transport"], str(r["size"]), r["error"], "", "", "", "", "", "", "", "")
+            t.add_row(_label(r), str(r["size"]), r["error"], *blank)
         else:
-            ns = r["ns_per_frame"]
-            t.add_row(r["transport"], str(r["size"]), f"{r['frames_per_s']:,}", f"{r['sent']:,}", f"{r['received']:,}",
+            ns, b = r["ns_per_frame"], r["avg_batch"]
+            t.add_row(_label(r), str(r["size"]), f"{r['frames_per_s']:,}", f"{r['sent']:,}", f"{r['received']:,}",
                       f"{ns['fw']:,.0f}", f"{ns['ids']:,.0f}", f"{ns['lb']:,.0f}", f"{ns['sink1']:,.0f}",
-                      f"{r['cpu_ns_per_frame_total']:,.0f}", "")
+                      f"{r['cpu_ns_per_frame_total']:,.0f}",
+                      "/".join(f"{b[n]:,.0f}" if b[n] >= 10 else f"{b[n]:.1f}" for n in ("fw", "ids", "lb", "sinks")), "")
     Console().print(t)
 
 
 def _chain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="64,1500", help="comma-separated frame sizes in bytes (default 64,1500)")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per size and transport (default 3)")
+    p.add_argument("--transports", default=",".join(TRANSPORTS),
+                   help=f"comma-separated, of {', '.join(TRANSPORTS)} (default all; unix-dgram is the earlier "
+                        f"baseline, its queues capped at max_dgram_qlen datagrams)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sizes: {bad[0]} is out of range; the chain's frames are {MIN_SIZE}..9000 bytes")
     if not 0 < a.seconds < float("inf"):
         p.error(f"--seconds {a.seconds:g}: give the seconds per size and transport, a number above 0")
-    rows = run(sizes, a.seconds)
+    transports = [x.strip() for x in a.transports.split(",") if x.strip()]
+    unknown = [x for x in transports if x not in TRANSPORTS]
+    if unknown or not transports:
+        p.error(f"--transports {a.transports!r}: give some of {', '.join(TRANSPORTS)}, comma-separated")
+    rows = run(sizes, a.seconds, transports)
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -350,10 +484,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def register_bench(sub: Any) -> None:
     """Add `bench chain` to the `bench` noun."""
-    p = sub.add_parser("chain", help="the default function chain on the fabric vs UNIX datagram sockets")
+    p = sub.add_parser("chain", help="the default function chain on the fabric vs UNIX sockets (seqpacket; dgram)")
     _chain_flags(p)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    p.set_defaults(func=lambda a: main(["--sizes", a.sizes, "--seconds", str(a.seconds)] + (["--json"] if getattr(a, "json", False) else [])))
+    p.set_defaults(func=lambda a: main(["--sizes", a.sizes, "--seconds", str(a.seconds), "--transports", a.transports]
+                                       + (["--json"] if getattr(a, "json", False) else [])))
 
 
 if __name__ == "__main__":

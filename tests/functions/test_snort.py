@@ -91,8 +91,8 @@ def test_duplicate_sid_and_continuation_at_eof():
 def test_content_window_nocase_and_flow():
     ids = Ids(sigs())
     assert ids.inspect(b"", WEB, 0.0, 0x02)[1] == []                    # SYN: not established
-    ids.inspect(b"", WEB.reversed(), 0.1, 0x12)                         # SYN-ACK: now established
-    v, alerts = ids.inspect(b"get / HTTP/1.1\r\n", WEB, 0.2)
+    ids.inspect(b"", WEB.reversed(), 0.1, 0x12)                         # SYN-ACK: not yet established
+    v, alerts = ids.inspect(b"get / HTTP/1.1\r\n", WEB, 0.2, 0x18)     # the client's ACK (with data): now it is
     assert v is IdsVerdict.PASS and [a.sid for a in alerts] == [1000001]
     assert ids.inspect(b" GET / HTTP/1.1\r\n", WEB, 0.3)[1] == []       # outside depth 5 from offset 0
     assert ids.inspect(b"GET / HTTP/1.1", WEB, 0.4)[1] == []            # second content missing

@@ -1,4 +1,4 @@
-"""IDS logic: a subset of Snort 2 rule syntax and multi-pattern payload matching with pyahocorasick.
+"""IDS logic: a subset of Snort 2 rule syntax and multi-pattern payload matching.
 Pure (sans-IO): the `ids` function passes payloads, 5-tuples and `now`; nothing here reads the clock.
 
 Supported, one rule per line (a line ending in backslash continues):
@@ -8,34 +8,46 @@ Supported, one rule per line (a line ending in backslash continues):
 
 * actions `alert`, `log` (both only report), `drop` and `reject` (drop the packet in drop mode,
   report in alert mode), `pass` (suppresses every alert for the packet);
-* protocols `tcp`, `udp`, `icmp` (ICMP and ICMPv6), `ip` (any);
+* protocols `tcp`, `udp`, `icmp` (ICMP and ICMPv6), `ip` (any: TCP, UDP and ICMP on their L4
+  payload, every other protocol on the IP payload);
 * addresses `any`, `1.2.3.4`, `10.0.0.0/8`, `fd00::/64`, `[a,b,!c]`, `!a`, `$VAR`;
   ports `any`, `80`, `1:1024`, `:1024`, `1024:`, `[80,443]`, `!80`, `$VAR`; direction `->` or `<>`;
-* options `msg`, `sid`, `rev`, `content` (text with `|hex|` blocks, `!` to negate), `nocase`,
-  `offset`, `depth`, `flow` (`to_server`, `to_client`, `from_client`, `from_server`,
-  `established`, `not_established`, `stateless`); `classtype`, `priority`, `reference`,
-  `metadata`, `gid` are accepted and kept or ignored.
+  `!any` (also through a variable, e.g. `!$HOME_NET` with HOME_NET any) is an error: it matches nothing;
+* options `msg`, `sid`, `gid`, `rev`, `content` (text with `|hex|` blocks, `!` to negate; `\\;`,
+  `\\\\`, `\\"` and `\\|` are the escapes), `nocase`, `offset`, `depth`, `fast_pattern`, `flow`
+  (`to_server`, `to_client`, `from_client`, `from_server`, `established`, `not_established`,
+  `stateless`); `classtype`, `priority`, `reference`, `metadata` are accepted and kept or ignored.
+  Rules are told apart by (gid, sid).
 
 Anything else (`pcre`, `distance`, `within`, `http_*`, `byte_test`, ...) is a parse error naming the
 line, so a rule set never silently means less than it says.
 
-Matching: all positive contents of all rules go into one multi-pattern matcher, run once over a
-payload (or the joined payloads of a batch); every occurrence is checked against its content's
-offset/depth window. A rule fires when all its positive contents were found in their windows, none
-of its negated contents is, and the header and flow options match. Two engines, same results:
+Matching, as Snort does it: each rule has one *fast pattern*, the content marked `fast_pattern`
+or else its longest positive content, and only fast patterns go into the multi-pattern matcher
+(one expression per distinct bytes and nocase). One scan over a payload (or the joined payloads
+of a batch) tells which fast patterns occur in which payload; each (payload, fast pattern) is
+then handled once, however often it occurs: its rules are grouped by the pattern's offset/depth
+window, and a group's window is checked with one `bytes.find`. Only the rules whose fast pattern
+was found get their other contents checked (each a `bytes.find` within its window, negated ones
+must not be found), then the header and flow options. Rules without a positive content are
+checked on every packet (header, flow, negated contents). So the cost of a packet does not grow
+with the number of rules that share a content which is not their fast pattern, nor with how often
+a pattern occurs in it. Two engines, same results:
 
 * `hyperscan` (used when the `hyperscan` package imports): Intel's Hyperscan, the matcher Snort 3
-  and Suricata use. One expression per distinct (bytes, nocase), caseless for nocase contents and
-  exact otherwise. Measured here at ~1.1 us per 1,458-byte text payload against 1,000 patterns,
-  26x faster than pyahocorasick (27.8 us), which bounded the whole chain at 1,500-byte frames.
-* `pyahocorasick`: one Aho-Corasick automaton over lower-cased patterns, run over the lower-cased
-  payload; hits of case-sensitive contents are confirmed against the original bytes.
+  and Suricata use, caseless for nocase fast patterns and exact otherwise. A batch is one scan
+  reporting every occurrence; one with more occurrences than 4 a payload plus 16 is scanned again
+  payload by payload with a second database that reports each pattern once (HS_FLAG_SINGLEMATCH,
+  also used by `match`).
+* `pyahocorasick`: one Aho-Corasick automaton over lower-cased fast patterns, run over the
+  lower-cased payload; it yields every occurrence, each a few hundred nanoseconds of Python.
 """
 from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_right
 from collections import OrderedDict
+from itertools import accumulate
 import json
 import re
 from dataclasses import dataclass, field
@@ -72,8 +84,11 @@ class IdsVerdict(IntEnum):
 
 ACTIONS = ("alert", "log", "pass", "drop", "reject")
 PROTOS = {"tcp": frozenset((6,)), "udp": frozenset((17,)), "icmp": frozenset((1, 58)), "ip": None}
-_IGNORED = {"classtype", "priority", "reference", "metadata", "gid"}
-_UNSUPPORTED_HINT = "supported options: msg, sid, rev, content, nocase, offset, depth, flow, classtype, priority, reference, metadata"
+_IGNORED = {"classtype", "priority", "reference", "metadata"}
+_UNSUPPORTED_HINT = ("supported options: msg, sid, gid, rev, content, nocase, offset, depth, fast_pattern, flow, "
+                     "classtype, priority, reference, metadata")
+#: whitespace in rule text: ASCII only (str.isspace() and str.strip() take \x1c-\x1f, U+0085, U+2028, ...)
+_WS = " \t\r\n\f\v"
 
 
 @dataclass
@@ -83,17 +98,27 @@ class Content:
     offset: int = 0
     depth: int | None = None
     negated: bool = False
+    fast_pattern: bool = False  # marked `fast_pattern` (or `fast_pattern:only`) in the rule
+
+    @property
+    def needle(self) -> bytes:
+        """The bytes searched for: lower-cased for nocase (searched in the lower-cased payload)."""
+        return self.pattern.lower() if self.nocase else self.pattern
+
+    @property
+    def stop(self) -> int | None:
+        """End of the window a match must lie in (None: the end of the payload)."""
+        return None if self.depth is None else self.offset + self.depth
 
     def window_ok(self, start: int, end: int) -> bool:
         """Does a match at payload[start:end] lie in this content's offset/depth window?"""
         return start >= self.offset and (self.depth is None or end <= self.offset + self.depth)
 
     def search(self, payload: bytes, lowered: bytes | None) -> bool:
-        """Direct search (used for negated contents, which the automata do not carry)."""
+        """Is this content (its bytes, regardless of negation) in its window of the payload?"""
         hay = lowered if self.nocase else payload
         assert hay is not None
-        stop = len(hay) if self.depth is None else self.offset + self.depth
-        return hay.find(self.pattern.lower() if self.nocase else self.pattern, self.offset, stop) >= 0
+        return hay.find(self.needle, self.offset, self.stop) >= 0
 
 
 @dataclass
@@ -147,6 +172,22 @@ class SnortRule:
     classtype: str = ""
     priority: int | None = None
     hits: int = 0
+    gid: int = 1
+    source: str = "<rules>"
+
+    @property
+    def fast_pattern(self) -> int | None:
+        """Index of the content that goes into the matcher: the one marked `fast_pattern`, else
+        the longest positive content (the first of equal ones); None without a positive content."""
+        best = None
+        for ci, c in enumerate(self.contents):
+            if c.negated:
+                continue
+            if c.fast_pattern:
+                return ci
+            if best is None or len(c.pattern) > len(self.contents[best].pattern):
+                best = ci
+        return best
 
     def header_match(self, key: FiveTuple) -> bool:
         src, dst, proto, sport, dport = key
@@ -174,12 +215,13 @@ _MAX_NEST = 16
 
 def _split_rule(p: "_Ctx", text: str) -> tuple[list[str], str]:
     """The seven header words (a [list] is one word, spaces inside it dropped) and the options."""
-    text = text.strip()
+    text = text.strip(_WS)
     i = text.find("(")
     if i < 0 or not text.endswith(")"):
         raise p.err("not a rule", "write: ACTION PROTO SRC SPORT -> DST DPORT (OPTIONS;)")
     words: list[str] = []
-    buf, depth = "", 0
+    buf: list[str] = []
+    depth = 0
     for ch in text[:i]:
         if ch == "[":
             depth += 1
@@ -187,16 +229,16 @@ def _split_rule(p: "_Ctx", text: str) -> tuple[list[str], str]:
             depth -= 1
             if depth < 0:
                 raise p.err("']' without '[' in the rule header", "every ] closes an earlier [")
-        if ch.isspace():
+        if ch in _WS:
             if depth == 0 and buf:
-                words.append(buf)
-                buf = ""
+                words.append("".join(buf))
+                buf = []
             continue
-        buf += ch
+        buf.append(ch)
     if depth:
         raise p.err("'[' not closed in the rule header", "close every address or port list with ], e.g. [10.0.0.1,10.0.0.2]")
     if buf:
-        words.append(buf)
+        words.append("".join(buf))
     if len(words) != 7 or words[4] not in ("->", "<>"):
         raise p.err("not a rule", "write: ACTION PROTO SRC SPORT -> DST DPORT (OPTIONS;)")
     return words, text[i + 1:-1]
@@ -207,59 +249,89 @@ def _is_number(val: str | None) -> bool:
     return val is not None and re.fullmatch(r"[0-9]{1,10}", val) is not None
 
 
+#: what ends or changes an option: a backslash escape (any character after it), a quote, a semicolon
+_OPTION_MARKS = re.compile(r'\\.|[";]', re.S)
+
+
 def _split_options(p: "_Ctx", body: str) -> list[tuple[str, str | None]]:
-    """`key:value; key;` with quotes and backslash escapes respected."""
+    """`key:value; key;` with quotes and backslash escapes respected. Finds the marks with a regex
+    and slices between them: linear in the text (a string built a character at a time was
+    quadratic, 14 s for a 1 MB content)."""
     out: list[tuple[str, str | None]] = []
-    buf, quoted, i = "", False, 0
-    while i < len(body):
-        c = body[i]
-        if c == "\\" and i + 1 < len(body):
-            buf += c + body[i + 1]
-            i += 2
-            continue
+    start, quoted = 0, False
+    for m in _OPTION_MARKS.finditer(body):
+        c = m.group()
         if c == '"':
             quoted = not quoted
-        if c == ";" and not quoted:
-            if buf.strip():
-                out.append(_kv(buf.strip()))
-            buf = ""
-        else:
-            buf += c
-        i += 1
+        elif c == ";" and not quoted:
+            opt = body[start:m.start()].strip(_WS)
+            if opt:
+                out.append(_kv(opt))
+            start = m.end()
     if quoted:
         raise p.err("unterminated quoted string in the options", 'close it with " before ;')
-    if buf.strip():
-        raise p.err(f"option '{buf.strip()}' is not ended by ';'", "every option ends with ;, e.g. sid:1000001;")
+    rest = body[start:].strip(_WS)
+    if rest:
+        raise p.err(f"option '{rest[:60]}' is not ended by ';'", "every option ends with ;, e.g. sid:1000001;")
     return out
 
 
 def _kv(text: str) -> tuple[str, str | None]:
     if ":" in text:
         k, v = text.split(":", 1)
-        return k.strip().lower(), v.strip()
-    return text.strip().lower(), None
+        return k.strip(_WS).lower(), v.strip(_WS)
+    return text.strip(_WS).lower(), None
+
+
+def _quoted(p: "_Ctx", v: str | None, what: str) -> str:
+    """The text between the quotes of an option value."""
+    if v is None or len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
+        raise p.err(f"{what} needs a quoted value", f'write {what}:"..."')
+    return v[1:-1]
 
 
 def _unquote(p: "_Ctx", v: str | None, what: str) -> str:
-    if v is None or len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
-        raise p.err(f"{what} needs a quoted value", f'write {what}:"..."')
-    return re.sub(r"\\(.)", r"\1", v[1:-1])
+    """A quoted text value (msg) with its backslash escapes undone."""
+    return re.sub(r"\\(.)", r"\1", _quoted(p, v, what), flags=re.S)
+
+
+#: a content's backslash escapes (Snort 2: `;`, `\`, `"` and `|` must be escaped in content)
+_CONTENT_ESCAPES = frozenset(';\\"|')
+_CONTENT_MARKS = re.compile(r"[\\|]")
 
 
 def _content_bytes(p: "_Ctx", text: str) -> bytes:
-    """Snort content text: plain characters and |41 42| hex blocks."""
+    """Snort content text (between the quotes), in one left-to-right pass: plain characters,
+    `|41 42|` hex blocks and the escapes `\\;` `\\\\` `\\"` `\\|` (so `\\|` is a literal pipe, not
+    the start of a hex block). Any other escape is an error naming it."""
     out = bytearray()
-    parts = text.split("|")
-    if len(parts) % 2 == 0:
-        raise p.err("unbalanced | in content", "hex bytes go between two pipes: |0d 0a|")
-    for i, part in enumerate(parts):
-        if i % 2:
-            hexes = part.replace(" ", "")
-            if len(hexes) % 2 or not re.fullmatch(r"[0-9A-Fa-f]*", hexes):
-                raise p.err(f"bad hex in content: |{part}|", "write hex byte pairs like |0d 0a|")
-            out += bytes.fromhex(hexes)
-        else:
-            out += part.encode("latin-1", errors="strict") if part.isascii() else part.encode("utf-8")
+    i, n = 0, len(text)
+    while i < n:
+        m = _CONTENT_MARKS.search(text, i)
+        j = n if m is None else m.start()
+        if j > i:
+            out += text[i:j].encode("utf-8")
+        if m is None:
+            break
+        if text[j] == "\\":
+            if j + 1 >= n:
+                raise p.err("content ends with a lone backslash", 'escape it as \\\\, or write it as |5c|')
+            c = text[j + 1]
+            if c not in _CONTENT_ESCAPES:
+                raise p.err(f"unknown escape '\\{c}' in content",
+                            'only \\; \\\\ \\" and \\| are escapes in content; write other bytes in hex, e.g. |41| for A')
+            out += c.encode()
+            i = j + 2
+            continue
+        k = text.find("|", j + 1)
+        if k < 0:
+            raise p.err("unbalanced | in content", "hex bytes go between two pipes: |0d 0a|; a literal pipe is \\|")
+        part = text[j + 1:k]
+        hexes = part.replace(" ", "")
+        if len(hexes) % 2 or not re.fullmatch(r"[0-9A-Fa-f]*", hexes):
+            raise p.err(f"bad hex in content: |{part[:40]}|", "write hex byte pairs like |0d 0a|")
+        out += bytes.fromhex(hexes)
+        i = k + 1
     if not out:
         raise p.err("empty content", "a content needs at least one byte")
     return bytes(out)
@@ -274,123 +346,162 @@ class _Ctx:
     def err(self, message: str, hint: str = "") -> SnortSyntaxError:
         return SnortSyntaxError(self.source, self.line, message, hint)
 
-    def resolve(self, text: str, depth: int = 0) -> str:
-        if text.startswith("!$") or text.startswith("$"):
-            neg = text.startswith("!")
-            name = text.lstrip("!$")
-            if name not in self.variables:
-                raise self.err(f"undefined variable ${name}", f"define it in the variables, e.g. {name}: 10.0.0.0/8")
-            if depth > 8:
-                raise self.err(f"variable ${name} refers to itself")
-            val = self.resolve(self.variables[name], depth + 1)
-            return ("!" if neg else "") + (val if not neg or not val.startswith("[") else val)
-        return text
+    def var(self, text: str) -> tuple[str, str]:
+        """(name, value) of the variable `$NAME`, one level deep."""
+        name = text[1:]
+        if name not in self.variables:
+            raise self.err(f"undefined variable ${name}", f"define it in the variables, e.g. {name}: 10.0.0.0/8")
+        return name, str(self.variables[name]).strip(_WS)
+
+
+def _via(p: _Ctx, names: Sequence[str]) -> str:
+    """How a value came about through variables: '$A is !$B, $B is any'."""
+    return ", ".join(f"${n} is {p.variables[n]}" for n in dict.fromkeys(names))
+
+
+def _matches_nothing(p: _Ctx, what: str, shown: str, names: Sequence[str]) -> SnortSyntaxError:
+    """The error for an address or port that is !any: it matches no packet."""
+    if names:
+        return p.err(f"{what} '{shown}' is !any and matches nothing ({_via(p, names)})",
+                     "set the variable to your networks or ports (e.g. HOME_NET: 10.0.0.0/8), or remove the negation")
+    return p.err(f"'!any' matches nothing ({what} '{shown}')", "remove the rule or the negation")
+
+
+def _top(p: _Ctx, text: str, what: str) -> tuple[bool, str, tuple[str, ...]]:
+    """An address or port with its leading `!`s and `$VARIABLE`s resolved: (negated, the rest,
+    the variables passed through)."""
+    neg, names = False, []
+    text = text.strip(_WS)
+    for _ in range(_MAX_NEST):
+        while text.startswith("!"):
+            neg, text = not neg, text[1:].lstrip(_WS)
+        if not text.startswith("$"):
+            break
+        name, text = p.var(text)
+        names.append(name)
+    else:
+        raise p.err(f"variable in {what} '{text}' refers to itself or nests too deep")
+    return neg, text, tuple(names)
 
 
 def _split_list(p: _Ctx, text: str, what: str) -> list[str]:
-    """The items of `[a,b,[c,d]]` at its top level; the brackets must pair up."""
-    items, buf, depth = [], "", 0
-    for k, ch in enumerate(text):
+    """The items of `[a,b,[c,d]]` at its top level; the brackets must pair up. Slices between
+    the brackets and commas (one regex pass), not a string built a character at a time."""
+    items: list[str] = []
+    start, depth = 1, 0
+    for m in re.finditer(r"[\[\],]", text):
+        ch, k = m.group(), m.start()
         if ch == "[":
+            if depth == 0 and text[:k].strip(_WS):
+                raise p.err(f"text before the '[' in {what} '{text}'", "a list is [a,b]; negate it with a leading !")
             depth += 1
-            if depth == 1:
-                continue
         elif ch == "]":
             depth -= 1
             if depth < 0:
                 raise p.err(f"']' without '[' in {what} '{text}'", "every ] closes an earlier [")
             if depth == 0:
-                if text[k + 1:].strip():
+                items.append(text[start:k].strip(_WS))
+                rest = text[k + 1:].strip(_WS)
+                if rest.startswith("]"):
+                    raise p.err(f"']' without '[' in {what} '{text}'", "every ] closes an earlier [")
+                if rest:
                     raise p.err(f"text after the closing ']' in {what} '{text}'",
                                 "join lists with a comma inside one [...]")
-                continue
-        if depth == 0 and not ch.isspace():
-            raise p.err(f"text before the '[' in {what} '{text}'", "a list is [a,b]; negate it with a leading !")
-        if ch == "," and depth == 1:
-            items.append(buf.strip())
-            buf = ""
-        else:
-            buf += ch
-    if depth:
+                break
+        elif depth == 1:
+            items.append(text[start:k].strip(_WS))
+            start = k + 1
+    else:
         raise p.err(f"'[' not closed in {what} '{text}'", "close the list with ]")
-    items.append(buf.strip())
     if any(not it for it in items):
         raise p.err(f"empty item in {what} '{text}'", "remove the extra comma; an empty list [] means nothing")
     return items
 
 
-def _flatten(p: _Ctx, text: str, what: str, neg: bool = False, depth: int = 0) -> list[tuple[str, bool]]:
-    """The leaves of an address or port expression as (text, negated), variables resolved and
-    nested lists flattened. A `!` before a nested list negates each of its items, as Snort 2
-    does: `[10.0.0.0/8,![10.0.0.1,10.0.0.2]]` is 10.0.0.0/8 without the two addresses."""
+def _flatten(p: _Ctx, text: str, what: str, neg: bool = False, depth: int = 0,
+             names: tuple[str, ...] = ()) -> list[tuple[str, bool, tuple[str, ...]]]:
+    """The leaves of an address or port expression as (text, negated, variables passed through),
+    variables resolved and nested lists flattened. A `!` before a nested list negates each of its
+    items, as Snort 2 does: `[10.0.0.0/8,![10.0.0.1,10.0.0.2]]` is 10.0.0.0/8 without the two."""
     if depth > _MAX_NEST:
         raise p.err(f"{what} lists nested deeper than {_MAX_NEST} levels", "flatten the list")
-    text = text.strip()
+    text = text.strip(_WS)
     for _ in range(_MAX_NEST):
         while text.startswith("!"):
-            neg, text = not neg, text[1:].lstrip()
+            neg, text = not neg, text[1:].lstrip(_WS)
         if not text.startswith("$"):
             break
-        text = p.resolve(text).strip()
+        name, text = p.var(text)
+        names += (name,)
     else:
         raise p.err(f"variable in {what} '{text}' refers to itself or nests too deep")
     if text.startswith("["):
-        out: list[tuple[str, bool]] = []
+        out: list[tuple[str, bool, tuple[str, ...]]] = []
         for item in _split_list(p, text, what):
-            out += _flatten(p, item, what, neg, depth + 1)
+            out += _flatten(p, item, what, neg, depth + 1, names)
         return out
     if "[" in text or "]" in text:
         raise p.err(f"unbalanced brackets in {what} '{text}'", "a list is [a,b], and may hold lists: [a,[b,c]]")
     if not text:
         raise p.err(f"empty {what}", "write any, or an item after the !")
-    return [(text, neg)]
+    return [(text, neg, names)]
 
 
-def _parse_addr(p: _Ctx, text: str) -> _Addr:
-    text = p.resolve(text)
-    neg = text.startswith("!")
-    leaves = _flatten(p, text[1:] if neg else text, "address")
+def _parse_addr(p: _Ctx, text: str, what: str = "address") -> _Addr:
+    neg, body, names = _top(p, text, what)
+    if body == "any":
+        if neg:
+            raise _matches_nothing(p, what, text, names)
+        return _Addr()
     out = _Addr(negate=neg)
-    if leaves == [("any", False)]:
-        return out  # plain any (with a top-level ! handled by negate)
-    for body, ineg in leaves:
-        if body == "any":
-            if ineg:
-                raise p.err("'!any' matches nothing", "remove the rule or the negation")
+    leaves = _flatten(p, body, what, names=names)
+    for leaf, ineg, via in leaves:
+        if leaf == "any":
+            # [a,!any] matches nothing; so does ![any,a] (but ![any,!a] is a)
+            if ineg or (neg and not any(n for _, n, _ in leaves)):
+                raise _matches_nothing(p, what, text, via)
             out.items += [(4, 0, 0, False), (6, 0, 0, False)]  # any address of either version
             continue
         try:
-            net = ipaddress.ip_network(body, strict=False)
+            net = ipaddress.ip_network(leaf, strict=False)
         except ValueError:
-            raise p.err(f"not an address: '{body}'", "write any, 1.2.3.4, 10.0.0.0/8, [a,b] or $VAR") from None
+            raise p.err(f"not an address: '{leaf}'", "write any, 1.2.3.4, 10.0.0.0/8, [a,b] or $VAR") from None
         bits = 32 if net.version == 4 else 128
         mask = ((1 << bits) - 1) ^ ((1 << (bits - net.prefixlen)) - 1)
         out.items.append((net.version, int(net.network_address), mask, ineg))
     return out
 
 
-def _parse_ports(p: _Ctx, text: str) -> _Ports:
-    text = p.resolve(text)
-    neg = text.startswith("!")
-    leaves = _flatten(p, text[1:] if neg else text, "port")
+def _parse_ports(p: _Ctx, text: str, what: str = "port") -> _Ports:
+    neg, body, names = _top(p, text, what)
+    if body == "any":
+        if neg:
+            raise _matches_nothing(p, what, text, names)
+        return _Ports()
     out = _Ports(negate=neg)
-    if leaves == [("any", False)]:
-        return out
-    for body, ineg in leaves:
-        if body == "any":
+    for leaf, ineg, via in _flatten(p, body, what, names=names):
+        if leaf == "any":
+            if ineg:
+                raise _matches_nothing(p, what, text, via)
             raise p.err("'any' inside a port list", "use any alone")
-        m = re.fullmatch(r"([0-9]{0,9}):([0-9]{0,9})|([0-9]{1,9})", body)
-        if not m or body == ":":
-            raise p.err(f"not a port: '{body}'", "write any, 80, 1:1024, 1024:, [80,443] or $VAR")
+        m = re.fullmatch(r"([0-9]{0,9}):([0-9]{0,9})|([0-9]{1,9})", leaf)
+        if not m or leaf == ":":
+            raise p.err(f"not a port: '{leaf[:40]}'", "write any, 80, 1:1024, 1024:, [80,443] or $VAR")
         if m.group(3):
             lo = hi = int(m.group(3))
         else:
             lo = int(m.group(1) or 0)
             hi = int(m.group(2) or 65535)
         if not 0 <= lo <= hi <= 65535:
-            raise p.err(f"port range out of order or above 65535: '{body}'")
+            raise p.err(f"port range out of order or above 65535: '{leaf}'")
         out.items.append((lo, hi, ineg))
     return out
+
+
+_FLOW_WORDS = {"to_server": ("to_server", True), "from_client": ("to_server", True),
+               "to_client": ("to_server", False), "from_server": ("to_server", False),
+               "established": ("established", True), "not_established": ("established", False),
+               "stateless": (None, None)}
 
 
 def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> SnortRule:
@@ -401,21 +512,24 @@ def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Map
         raise p.err(f"unknown action '{action}'", "use one of " + ", ".join(ACTIONS))
     if proto not in PROTOS:
         raise p.err(f"unknown protocol '{proto}'", "use tcp, udp, icmp or ip")
-    rule = SnortRule(line, action, proto, _parse_addr(p, src), _parse_ports(p, sport), _parse_addr(p, dst),
-                     _parse_ports(p, dport), direction == "<>", sid=0)
+    rule = SnortRule(line, action, proto, _parse_addr(p, src, "source address"), _parse_ports(p, sport, "source port"),
+                     _parse_addr(p, dst, "destination address"), _parse_ports(p, dport, "destination port"),
+                     direction == "<>", sid=0, source=source)
     if proto in ("icmp", "ip") and (rule.sport.items or rule.dport.items):
         raise p.err(f"ports given for protocol '{proto}'", "use any for the ports")
     last: Content | None = None
+    fast: Content | None = None
+    only: list[Content] = []
     for key, val in _split_options(p, body):
         if key == "msg":
             rule.msg = _unquote(p, val, "msg")
-        elif key in ("sid", "rev"):
+        elif key in ("sid", "rev", "gid"):
             if not _is_number(val):
-                raise p.err(f"{key} needs a number", f"write {key}:1000001;")
-            setattr(rule, key, int(val))
+                raise p.err(f"{key} needs a number", f"write {key}:{ {'sid': 1000001, 'rev': 2, 'gid': 1}[key]};")
+            setattr(rule, key, int(val))  # type: ignore[arg-type]
         elif key == "content":
             neg = bool(val) and val.startswith("!")  # type: ignore[union-attr]
-            last = Content(_content_bytes(p, _unquote(p, val[1:].strip() if neg else val, "content")), negated=neg)  # type: ignore[index]
+            last = Content(_content_bytes(p, _quoted(p, val[1:].strip(_WS) if neg else val, "content")), negated=neg)  # type: ignore[index]
             rule.contents.append(last)
         elif key in ("nocase", "offset", "depth"):
             if last is None:
@@ -425,37 +539,54 @@ def parse_rule(text: str, line: int = 1, source: str = "<rules>", variables: Map
             else:
                 if not _is_number(val):
                     raise p.err(f"{key} needs a non-negative number", f"write {key}:4;")
-                setattr(last, key, int(val))
-                if key == "depth" and int(val) < len(last.pattern):
+                setattr(last, key, int(val))  # type: ignore[arg-type]
+                if key == "depth" and int(val) < len(last.pattern):  # type: ignore[arg-type]
                     raise p.err(f"depth {val} is shorter than its content ({len(last.pattern)} bytes)",
                                 "depth counts from offset and must cover the whole content")
+        elif key == "fast_pattern":
+            if last is None:
+                raise p.err("'fast_pattern' before any content", "put fast_pattern after the content it marks")
+            if val not in (None, "only"):
+                raise p.err(f"fast_pattern:{val} is not supported", "write fast_pattern; or fast_pattern:only;")
+            if last.negated:
+                raise p.err("fast_pattern on a negated content", "mark a content that must be present")
+            if fast is not None:
+                raise p.err("more than one fast_pattern in the rule", "mark one content only")
+            fast = last
+            last.fast_pattern = True
+            if val == "only":
+                only.append(last)
         elif key == "flow":
+            seen: dict[str, tuple[str, bool]] = {}
             for word in (val or "").replace(" ", "").split(","):
-                if word in ("to_server", "from_client"):
-                    rule.to_server = True
-                elif word in ("to_client", "from_server"):
-                    rule.to_server = False
-                elif word == "established":
-                    rule.established = True
-                elif word == "not_established":
-                    rule.established = False
-                elif word == "stateless":
-                    pass
-                else:
+                if word not in _FLOW_WORDS:
                     raise p.err(f"unsupported flow option '{word}'",
                                 "use to_server, to_client, from_client, from_server, established, not_established, stateless")
+                attr, value = _FLOW_WORDS[word]
+                if attr is None:
+                    continue
+                if attr in seen and seen[attr][1] != value:
+                    raise p.err(f"flow options '{seen[attr][0]}' and '{word}' contradict each other",
+                                "a rule matches one direction and one state: keep one of them")
+                seen[attr] = (word, value)  # type: ignore[assignment]
+                setattr(rule, attr, value)
         elif key == "classtype":
             rule.classtype = val or ""
         elif key == "priority":
             if not _is_number(val):
                 raise p.err("priority needs a number", "write priority:2;")
-            rule.priority = int(val)
+            rule.priority = int(val)  # type: ignore[arg-type]
         elif key in _IGNORED:
             pass
         else:
             raise p.err(f"unsupported option '{key}'", _UNSUPPORTED_HINT)
+    for c in only:
+        if c.offset or c.depth is not None:
+            raise p.err("fast_pattern:only with offset or depth", "Snort refuses it too: use fast_pattern; instead")
     if rule.sid <= 0:
         raise p.err("rule has no sid", "add sid:N; with a number unique in the rule set (local rules use 1000000+)")
+    if rule.gid <= 0:
+        raise p.err("gid must be 1 or more", "leave gid out (it is 1) or write gid:1;")
     return rule
 
 
@@ -472,20 +603,21 @@ class Alert:
     key: FiveTuple
     classtype: str = ""
     priority: int | None = None
+    gid: int = 1
 
     def line(self) -> str:
-        """Snort's "fast" alert format: `[**] [1:SID:REV] MSG [**] ... {PROTO} SRC:PORT -> DST:PORT`."""
+        """Snort's "fast" alert format: `[**] [GID:SID:REV] MSG [**] ... {PROTO} SRC:PORT -> DST:PORT`."""
         src, dst, proto, sport, dport = self.key
         s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
         pr = PROTO_NAMES.get(proto, str(proto)).upper()
         extra = f" [Classification: {self.classtype}]" if self.classtype else ""
         extra += f" [Priority: {self.priority}]" if self.priority is not None else ""
-        return f"[**] [1:{self.sid}:{self.rev}] {self.msg} [**]{extra} {{{pr}}} {s}:{sport} -> {d}:{dport}"
+        return f"[**] [{self.gid}:{self.sid}:{self.rev}] {self.msg} [**]{extra} {{{pr}}} {s}:{sport} -> {d}:{dport}"
 
     def as_dict(self) -> dict[str, object]:
         """Structured form for JSON logs."""
         src, dst, proto, sport, dport = self.key
-        return {"sid": self.sid, "rev": self.rev, "msg": self.msg, "action": self.action,
+        return {"gid": self.gid, "sid": self.sid, "rev": self.rev, "msg": self.msg, "action": self.action,
                 "src": str(ipaddress.ip_address(src)), "dst": str(ipaddress.ip_address(dst)), "proto": proto,
                 "sport": sport, "dport": dport, "classtype": self.classtype, "priority": self.priority}
 
@@ -502,11 +634,21 @@ def default_engine() -> str:
     return "hyperscan" if hyperscan is not None else "pyahocorasick"
 
 
+#: A batch whose scan reports more occurrences than this many per payload (plus _HITS_EXTRA) is
+#: scanned again payload by payload with the single-match database (~1 us a payload, against
+#: ~0.3 us of Python per occurrence reported).
+_HITS_PER_PAYLOAD = 4
+_HITS_EXTRA = 16
+
+
 class SignatureSet:
-    """Compiled rules: one multi-pattern matcher over every positive content, plus the rules
-    without one. `engine` is one of `ENGINES` (see the module docstring); `engine` the attribute
-    is the one in use. A set scans one payload at a time (Hyperscan's scratch space is per
-    database): use one set per thread, as each function process has its own."""
+    """Compiled rules: one multi-pattern matcher over the rules' fast patterns, plus the rules
+    without a positive content. `engine` is one of `ENGINES` (see the module docstring); `engine`
+    the attribute is the one in use. A set scans one payload at a time (Hyperscan's scratch space
+    is per database): use one set per thread, as each function process has its own.
+
+    `patterns` counts the positive contents of all rules, `fast_patterns` the distinct
+    expressions in the matcher."""
 
     def __init__(self, rules: list[SnortRule], engine: str = "auto") -> None:
         if engine not in ENGINES:
@@ -518,67 +660,87 @@ class SignatureSet:
         self.rules = rules
         self.requested_engine = engine
         self.engine = default_engine() if engine == "auto" else engine
-        self._need: list[int] = []  # positive contents per rule
         self._no_content: list[int] = []
-        positive: list[tuple[int, int, Content]] = []
+        # per rule: the contents other than its fast pattern, as (needle, nocase, offset, stop, negated)
+        self._checks: list[tuple[tuple[bytes, bool, int, int | None, bool], ...]] = []
+        # fast pattern id -> (length, needle, nocase, [(offset, stop, (rule indices))]): the rules
+        # whose fast pattern it is, grouped by the pattern's window
+        exprs: dict[tuple[bytes, bool], int] = {}
+        where: list[tuple[int, bytes, bool, dict[tuple[int, int | None], list[int]]]] = []
+        self.patterns = 0
         for ri, r in enumerate(rules):
-            pos = [(ri, ci, c) for ci, c in enumerate(r.contents) if not c.negated]
-            self._need.append(len(pos))
-            if not pos:
+            fp = r.fast_pattern
+            self.patterns += sum(not c.negated for c in r.contents)
+            self._checks.append(tuple((c.needle, c.nocase, c.offset, c.stop, c.negated)
+                                      for ci, c in enumerate(r.contents) if ci != fp))
+            if fp is None:
                 self._no_content.append(ri)
-            positive += pos
-        self.patterns = len(positive)
+                continue
+            c = r.contents[fp]
+            k = (c.needle, c.nocase)
+            eid = exprs.get(k)
+            if eid is None:
+                eid = exprs[k] = len(where)
+                where.append((len(c.pattern), c.needle, c.nocase, {}))
+            where[eid][3].setdefault((c.offset, c.stop), []).append(ri)
+        self._where = [(length, needle, nocase, [(off, stop, tuple(ris)) for (off, stop), ris in groups.items()])
+                       for length, needle, nocase, groups in where]
+        self.fast_patterns = len(where)
         self._automaton = None
+        self._lids: list[list[int]] = []  # pyahocorasick: lower-cased pattern id -> fast pattern ids
         self._hs: "hyperscan.Database | None" = None
+        self._hs1: "hyperscan.Database | None" = None  # single-match
         self._first_bytes = self._first_any = None
         if self.engine == "hyperscan":
-            self._compile_hyperscan(positive)
+            # both compiled now (each ~0.1 s for 1,000 patterns, ~1-2 s for 30,000), not the
+            # single-match one at its first use: that would stall the first batch that needs it
+            self._hs = self._compile_hyperscan(0)
+            self._hs1 = self._compile_hyperscan(hyperscan.HS_FLAG_SINGLEMATCH)
         else:
-            self._compile_automaton(positive)
+            self._compile_automaton()
 
     def __reduce__(self) -> tuple:
         # A Hyperscan database does not pickle: rebuild it from the rules instead.
         return (self.__class__, (self.rules, self.requested_engine))
 
-    def _compile_hyperscan(self, positive: list[tuple[int, int, Content]]) -> None:
-        # One expression per distinct (bytes, nocase): caseless for nocase contents (Hyperscan folds
-        # ASCII only, as Snort's nocase does), exact otherwise, so no byte re-check after a hit.
-        exprs: dict[tuple[bytes, bool], int] = {}
-        where: list[tuple[int, list[tuple[int, int]]]] = []  # expression id -> (length, [(rule, content)])
-        for ri, ci, c in positive:
-            k = (c.pattern.lower() if c.nocase else c.pattern, c.nocase)
-            eid = exprs.get(k)
-            if eid is None:
-                eid = exprs[k] = len(where)
-                where.append((len(c.pattern), []))
-            where[eid][1].append((ri, ci))
-        self._hs_where = where
-        if not exprs:
-            return
+    def _compile_hyperscan(self, flag: int) -> "hyperscan.Database | None":
+        # One expression per fast pattern: caseless for nocase ones (Hyperscan folds ASCII only, as
+        # Snort's nocase does), exact otherwise, so a hit needs no byte re-check.
+        if not self._where:
+            return None
         db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         # Every byte escaped as \xHH rather than compile(literal=True): python-hyperscan 0.9.1 cuts a
         # literal at its first NUL byte (b"a\x00b" matches as b"a"); escaped it is exact and scans
         # as fast (Hyperscan extracts the literals either way).
-        db.compile(expressions=[b"".join(b"\\x%02x" % x for x in pat) for pat, _ in exprs],
-                   ids=list(range(len(where))),
-                   flags=[hyperscan.HS_FLAG_CASELESS if nocase else 0 for _, nocase in exprs])
-        self._hs = db
+        db.compile(expressions=[b"".join(b"\\x%02x" % x for x in needle) for _, needle, _, _ in self._where],
+                   ids=list(range(len(self._where))),
+                   flags=[flag | (hyperscan.HS_FLAG_CASELESS if nocase else 0) for _, _, nocase, _ in self._where])
+        return db
 
-    def _compile_automaton(self, positive: list[tuple[int, int, Content]]) -> None:
-        # One automaton over lower-cased patterns, run once over the lower-cased payload; a hit for a
-        # case-sensitive content is then confirmed against the original bytes. One pass instead of
-        # two (exact + nocase) halves the scan cost, which dominates for large payloads.
-        table: dict[str, list[tuple[int, int, bytes | None]]] = {}
-        for ri, ci, c in positive:
+    def _compile_automaton(self) -> None:
+        # One automaton over lower-cased fast patterns, run once over the lower-cased payload; a
+        # case-sensitive pattern's hit is confirmed against the original bytes (or searched for in
+        # its window). One pass instead of two (exact + nocase) halves the scan cost.
+        table: dict[str, int] = {}
+        for eid, (_, needle, _, _) in enumerate(self._where):
             # latin-1 maps each byte to one code point, so str offsets are byte offsets.
-            pat = c.pattern.lower().decode("latin-1")
-            table.setdefault(pat, []).append((ri, ci, None if c.nocase else c.pattern))
-        self._automaton = _automaton(table)
+            pat = needle.lower().decode("latin-1")
+            lid = table.get(pat)
+            if lid is None:
+                lid = table[pat] = len(self._lids)
+                self._lids.append([])
+            self._lids[lid].append(eid)
+        if table:
+            a = ahocorasick.Automaton()
+            for pat, lid in table.items():
+                a.add_word(pat, (lid, len(pat)))
+            a.make_automaton()
+            self._automaton = a
         # Bytes that begin some (lower-cased) pattern: a batch of payloads with none of them has
         # no hit, which bytes.translate tells at ~1 ns a byte, against ~16 ns a byte for the
         # automaton's scan. Pays off on binary or zero payloads; text nearly always has one.
         # (Not used with Hyperscan, whose own scan costs < 1 ns a byte.)
-        self._first_bytes = None if "" in table else bytes(sorted({ord(p[0]) for p in table}))
+        self._first_bytes = bytes(sorted({ord(p[0]) for p in table})) if table else None
         # the same in either ASCII case, to test payloads that were not lower-cased
         self._first_any = None if self._first_bytes is None else \
             bytes(sorted(set(self._first_bytes) | set(self._first_bytes.upper())))
@@ -588,10 +750,9 @@ class SignatureSet:
         return self._automaton is not None or self._hs is not None
 
     def _hs_scan(self, data: bytes) -> list[tuple[int, int]]:
-        """(expression id, end offset) of every hit (all of them: a discarded hit spanning two
-        payloads must not hide a later real one, as SINGLEMATCH would)."""
+        """(fast pattern id, end offset) of each pattern's first occurrence in one payload."""
         hits: list[tuple[int, int]] = []
-        self._hs.scan(data, match_event_handler=_on_hs_match, context=hits)  # type: ignore[union-attr]
+        self._hs1.scan(data, match_event_handler=_on_hs_match, context=hits)  # type: ignore[union-attr]
         return hits
 
     @classmethod
@@ -600,36 +761,100 @@ class SignatureSet:
         """Parse a rules file: one rule per line, `#` comments, trailing backslash continues a line."""
         return cls(parse_rules(text, source, variables), engine)
 
+    def _fired(self, data: bytes, low: bytes | None, found: dict[int, int], key: FiveTuple,
+               to_server: bool | None, established: bool | None) -> list[SnortRule]:
+        """The rules that fire on one payload, given where its fast patterns were found:
+        {fast pattern id: start of a real occurrence, or -1 if one is not known (search the window)}."""
+        where, checks, rules = self._where, self._checks, self.rules
+        cands: list[int] = []
+        for eid, start in found.items():
+            length, needle, nocase, groups = where[eid]
+            for off, stop, ris in groups:
+                if start >= off and (stop is None or start + length <= stop):
+                    cands += ris  # the occurrence seen lies in this window
+                    continue
+                if nocase:
+                    if low is None:
+                        low = data.lower()
+                    hay = low
+                else:
+                    hay = data
+                if hay.find(needle, off, stop) >= 0:
+                    cands += ris
+        if self._no_content:
+            cands += self._no_content
+        if not cands:
+            return []
+        if len(cands) > 1:
+            cands.sort()
+        out = []
+        for ri in cands:
+            for needle, nocase, off, stop, neg in checks[ri]:
+                if nocase:
+                    if low is None:
+                        low = data.lower()
+                    hay = low
+                else:
+                    hay = data
+                if (hay.find(needle, off, stop) >= 0) is neg:
+                    break
+            else:
+                r = rules[ri]
+                if r.header_match(key) and r.flow_match(to_server, established):
+                    out.append(r)
+        return out
+
     def match(self, payload: Buffer, key: FiveTuple, to_server: bool | None = None,
               established: bool | None = None) -> list[SnortRule]:
         """Rules that fire on this packet, in rule order. `to_server`/`established` come from a
         `FlowTracker`; a rule with `flow:` options does not fire when they are None (unknown)."""
         data = bytes(payload)
-        found: dict[int, set[int]] = {}
-        rules = self.rules
+        found: dict[int, int] = {}
+        low = None
         if self._hs is not None:
-            where = self._hs_where
+            where = self._where
             for eid, stop in self._hs_scan(data):
-                length, entries = where[eid]
-                for ri, ci in entries:
-                    if rules[ri].contents[ci].window_ok(stop - length, stop):
-                        found.setdefault(ri, set()).add(ci)
+                found[eid] = stop - where[eid][0]
         elif self._automaton is not None:
             # bytes.lower() folds ASCII only, as Snort's nocase does (str.lower() would fold latin-1 too).
-            _collect(self._automaton, data.lower().decode("latin-1"), data, rules, found)
+            low = data.lower()
+            by_pkt: dict[int, dict[int, int]] = {}
+            self._ac_collect(low.decode("latin-1"), data, [0, len(data)], by_pkt)
+            found = by_pkt.get(0, found)
         if not found and not self._no_content:
-            return []  # the common case: no pattern anywhere in the payload
-        candidates = [ri for ri, cs in found.items() if len(cs) == self._need[ri]] + self._no_content
-        lowered = data.lower()
-        out = []
-        for ri in sorted(candidates):
-            r = rules[ri]
-            if any(c.negated and c.search(data, lowered) for c in r.contents):
-                continue
-            if r.header_match(key) and r.flow_match(to_server, established):
-                out.append(r)
-        return out
+            return []  # the common case: no fast pattern anywhere in the payload
+        return self._fired(data, low, found, key, to_server, established)
 
+    def _ac_collect(self, text: str, joined: bytes, starts: list[int], found_by_pkt: dict[int, dict[int, int]]) -> None:
+        """pyahocorasick: {payload: {fast pattern id: start or -1}} from the lower-cased joined
+        payloads, each (payload, lower-cased pattern) handled once, at its first occurrence.
+        The automaton yields hits in the order of their end, so the payload of a hit's last
+        byte only moves forward (no bisect)."""
+        lids, where = self._lids, self._where
+        p, base, nxt = 0, 0, starts[1]
+        seen: set[int] = set()
+        found: dict[int, int] | None = None
+        for end, (lid, length) in self._automaton.iter(text):  # type: ignore[union-attr]
+            if end >= nxt:
+                while end >= nxt:
+                    p += 1
+                    nxt = starts[p + 1]
+                base = starts[p]
+                seen = set()
+                found = None
+            if lid in seen:
+                continue
+            start = end + 1 - length
+            if start < base:
+                continue  # spans two payloads: not a match in either
+            seen.add(lid)
+            if found is None:
+                found = found_by_pkt[p] = {}
+            for eid in lids[lid]:
+                _, needle, nocase, _ = where[eid]
+                # a nocase pattern's lower-cased hit is real; an exact one's if the bytes agree,
+                # else the pattern may still occur elsewhere in the payload: -1 (search its window)
+                found[eid] = start - base if nocase or joined[start:end + 1] == needle else -1
 
     @property
     def uses_flow(self) -> bool:
@@ -663,70 +888,81 @@ class SignatureSet:
                 sub = self.match_batch([payloads[i] for i in sel], _Subset(keys, sel),
                                        None if flow is None else [flow[i] for i in sel])
                 return [(sel[p], fired) for p, fired in sub]
-        rules = self.rules
-        found_by_pkt: dict[int, dict[int, set[int]]] = {}
+        found_by_pkt: dict[int, dict[int, int]] = {}
+        lowered = None
         if self._has_patterns:
             joined = b"".join(payloads)
             if self._hs is not None:
-                hits = self._hs_scan(joined)
-                if not hits and not self._no_content:
-                    return []
+                self._hs_batch(joined, payloads, found_by_pkt)
+                if not found_by_pkt and not self._no_content:
+                    return []  # the common case: no fast pattern anywhere in the batch
             else:
+                starts = [0, *accumulate(map(len, payloads))]
                 lowered = joined.lower()
                 first = self._first_bytes
                 if first is not None and not self._no_content and len(lowered.translate(None, first)) == len(lowered):
                     return []  # no pattern can begin anywhere in the batch
-            starts = [0] * (n + 1)
-            acc = 0
-            for i, pl in enumerate(payloads):
-                acc += len(pl)
-                starts[i + 1] = acc
-            if self._hs is not None:
-                where = self._hs_where
-                for eid, stop in hits:
-                    length, entries = where[eid]
-                    start = stop - length
-                    p = bisect_right(starts, start) - 1
-                    if stop > starts[p + 1]:
-                        continue  # spans two packets' payloads: not a match in either
-                    base = starts[p]
-                    for ri, ci in entries:
-                        if rules[ri].contents[ci].window_ok(start - base, stop - base):
-                            found_by_pkt.setdefault(p, {}).setdefault(ri, set()).add(ci)
-            else:
-                for end, (length, entries) in self._automaton.iter(lowered.decode("latin-1")):  # type: ignore[union-attr]
-                    stop = end + 1
-                    start = stop - length
-                    p = bisect_right(starts, start) - 1
-                    base = starts[p]
-                    if stop > starts[p + 1]:
-                        continue  # spans two packets' payloads: not a match in either
-                    for ri, ci, exact in entries:
-                        if exact is not None and joined[start:stop] != exact:
-                            continue
-                        if rules[ri].contents[ci].window_ok(start - base, stop - base):
-                            found_by_pkt.setdefault(p, {}).setdefault(ri, set()).add(ci)
+                self._ac_collect(lowered.decode("latin-1"), joined, starts, found_by_pkt)
         out = []
         pkts = range(n) if self._no_content else sorted(found_by_pkt)
+        empty: dict[int, int] = {}
         for p in pkts:
-            found = found_by_pkt.get(p, {})
-            candidates = [ri for ri, cs in found.items() if len(cs) == self._need[ri]] + self._no_content
-            if not candidates:
-                continue
-            data = bytes(payloads[p])
-            lowered = data.lower()
+            data = payloads[p]
+            if data.__class__ is not bytes:
+                data = bytes(data)
+            low = None if lowered is None else lowered[starts[p]:starts[p + 1]]
             to_server, established = flow[p] if flow is not None else (None, None)
-            fired = []
-            for ri in sorted(candidates):
-                r = rules[ri]
-                if any(c.negated and c.search(data, lowered) for c in r.contents):
-                    continue
-                if r.header_match(keys[p]) and r.flow_match(to_server, established):
-                    fired.append(r)
+            fired = self._fired(data, low, found_by_pkt.get(p, empty), keys[p], to_server, established)
             if fired:
                 out.append((p, fired))
         return out
 
+    def _hs_batch(self, joined: bytes, payloads: Sequence[bytes], found_by_pkt: dict[int, dict[int, int]]) -> None:
+        """Hyperscan over a batch: one scan of the joined payloads reporting every occurrence (a
+        hit discarded for spanning two payloads must not hide a later real one, as SINGLEMATCH
+        would), each (payload, pattern) kept once; past a bound on the occurrences, the scan stops
+        and each payload is scanned alone with the single-match database."""
+        n = len(payloads)
+        hits: list[tuple[int, int]] = []
+        limit = _HITS_PER_PAYLOAD * n + _HITS_EXTRA
+        append = hits.append
+
+        def on_match(eid: int, start: int, end: int, flags: int, ctx: object) -> bool:
+            append((eid, end))
+            return len(hits) > limit  # True stops the scan
+
+        where = self._where
+        try:
+            self._hs.scan(joined, match_event_handler=on_match)  # type: ignore[union-attr]
+        except hyperscan.ScanTerminated:
+            scan1 = self._hs1.scan  # type: ignore[union-attr]
+            for p in range(n):
+                one: list[tuple[int, int]] = []
+                scan1(payloads[p], match_event_handler=_on_hs_match, context=one)
+                if one:
+                    found_by_pkt[p] = {eid: stop - where[eid][0] for eid, stop in one}
+            return
+        if not hits:
+            return
+        if n == 1:
+            found = {}
+            for eid, stop in hits:
+                if eid not in found:
+                    found[eid] = stop - where[eid][0]
+            if found:
+                found_by_pkt[0] = found
+            return
+        starts = [0, *accumulate(map(len, payloads))]
+        for eid, stop in hits:
+            start = stop - where[eid][0]
+            p = bisect_right(starts, start) - 1
+            if stop > starts[p + 1]:
+                continue  # spans two packets' payloads: not a match in either
+            found = found_by_pkt.get(p)
+            if found is None:
+                found_by_pkt[p] = {eid: start - starts[p]}
+            elif eid not in found:
+                found[eid] = start - starts[p]
 
     @property
     def needs_every_key(self) -> bool:
@@ -762,30 +998,20 @@ class _Subset:
         return len(self.sel)
 
 
-def _automaton(table: dict[str, list[tuple[int, int, bytes | None]]]) -> "ahocorasick.Automaton | None":
-    if not table:
-        return None
-    a = ahocorasick.Automaton()
-    for pat, where in table.items():
-        a.add_word(pat, (len(pat), where))
-    a.make_automaton()
-    return a
+# --- flow state ------------------------------------------------------------------------------------------
 
-
-def _collect(a: "ahocorasick.Automaton", text: str, data: bytes, rules: list[SnortRule],
-             found: dict[int, set[int]]) -> None:
-    for end, (length, where) in a.iter(text):
-        stop = end + 1
-        start = stop - length
-        for ri, ci, exact in where:
-            if exact is not None and data[start:stop] != exact:
-                continue  # case-sensitive content: the lower-cased hit is not an exact one
-            if rules[ri].contents[ci].window_ok(start, stop):
-                found.setdefault(ri, set()).add(ci)
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
+# state bits: non-SYN, non-RST packets seen from the client / from the server; FIN from each;
+# closed (a RST, or FINs both ways): the next SYN or SYN-ACK starts the flow over
+_FROM_CLIENT, _FROM_SERVER, _FIN_CLIENT, _FIN_SERVER, _CLOSED = 1, 2, 4, 8, 16
+# handshake stages: none seen (picked up midstream; not TCP), SYN seen, SYN-ACK seen, completed
+_MIDSTREAM, _SYN_SEEN, _SYNACK_SEEN, _HANDSHAKE = 0, 1, 2, 3
+#: protocols whose ports tell a server (< 1024) from a client (>= 1024)
+_PORT_PROTOS = frozenset((6, 17, 132))
 
 
 def _state_expired(st: list, now: float) -> bool:
-    return st[2] <= now  # [client-side key, replied, expires, placed]
+    return st[2] <= now  # [client-side key, established, expires, placed, stage, bits]
 
 
 def _state_requeue(st: list) -> bool:
@@ -796,27 +1022,53 @@ def _state_requeue(st: list) -> bool:
     return False
 
 
+def _reverse(key: FiveTuple) -> FiveTuple:
+    src, dst, proto, sport, dport = key
+    return (dst, src, proto, dport, sport)
+
+
+def _guess_client(key: FiveTuple) -> FiveTuple:
+    """The client side of a flow not seen from its SYN: for TCP, UDP and SCTP the side whose port
+    is >= 1024 when the other is below 1024; otherwise the sender of this (the first seen) packet."""
+    src, dst, proto, sport, dport = key
+    if proto in _PORT_PROTOS and sport < 1024 <= dport:
+        return (dst, src, proto, dport, sport)
+    return key
+
+
 class FlowTracker:
     """Tells, per packet, whether it goes to the server and whether its flow is established, as
-    Snort's `flow:` option needs. The client is whoever sent the first packet seen of a flow (or
-    the SYN sender); a flow is established once packets were seen both ways. Bounded, with idle
-    expiry driven by `now`.
+    Snort's `flow:` option needs. Bounded, with idle expiry driven by `now`.
+
+    TCP (with the packet's flags): the sender of a SYN (without ACK) is the client and the SYN
+    starts the flow over, unless the flow completed its handshake (then a SYN, from either side,
+    changes nothing: a forged one must not turn a connection around); the receiver of a SYN-ACK
+    is the client likewise. The flow is established once the client ACKs the server's SYN-ACK
+    (SYN, SYN-ACK, ACK). A RST, or a FIN from each side, closes the flow: its state stays for
+    the packets still in flight, and the next SYN or SYN-ACK starts it over even after a
+    handshake. A flow picked up midstream (no SYN seen: the tracker started late, or the flow was
+    evicted or expired) takes its client from the ports (the side >= 1024 when the other is
+    below 1024) or else as the first packet's sender, and is established once non-SYN, non-RST
+    packets went both ways; a RST alone starts no flow. Other protocols (UDP, ICMP, ...) work
+    as midstream TCP: client from the ports or the first packet, established after traffic both
+    ways. Sequence numbers are not checked: a forger who can inject a whole handshake the wrong
+    way before a connection can still mislead it (as every tracker without sequence checks).
 
     The table is kept in last-use order, lazily: a packet of a known flow only moves its expiry,
     and `_sweep` re-queues such a flow when it reaches the old end. Expiry and eviction work
     from the old end, O(1) amortized per packet. A new flow that finds the table full (`max_flows`
     flows, none expired) evicts the least recently used flow (`evicted` counts them); if that
-    flow sends again it starts over: its next packet's sender is taken as the client, and it is
-    not established until a reply is seen."""
+    flow sends again it starts over, as a flow picked up midstream."""
 
     def __init__(self, max_flows: int = 262_144, idle_timeout: float = 300.0) -> None:
         if max_flows < 1:
             raise ValueError(f"max_flows must be at least 1, got {max_flows}")
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
-        # canonical key -> [client-side key, replied, expires, placed]; `placed` is the expiry the
-        # flow had when put at its place in the order. OrderedDict: popping a plain dict's first
-        # entry again and again costs O(n) each (deleted slots at the front are skipped each time).
+        # canonical key -> [client-side key, established, expires, placed, stage, bits]; `placed`
+        # is the expiry the flow had when put at its place in the order. OrderedDict: popping a
+        # plain dict's first entry again and again costs O(n) each (deleted slots at the front
+        # are skipped each time).
         self._flows: OrderedDict[FiveTuple, list] = OrderedDict()
         self.expired = self.evicted = 0
         self.swept = 0  # entries looked at by _sweep (a work count for tests)
@@ -829,24 +1081,56 @@ class FlowTracker:
         c = canonical(key)
         flows = self._flows
         st = flows.get(c)
-        exp = now + self.idle_timeout
-        if st is None or st[2] <= now:
+        if st is not None and st[2] > now:
+            st[2] = now + self.idle_timeout
+            if not tcp_flags & 0x07 or key[2] != 6:  # no SYN, RST or FIN
+                # the common case: a packet that changes nothing (an established flow, or one
+                # more packet the same way; not the ACK that completes a handshake)
+                if st[1]:
+                    return key == st[0], True
+                to_server = key == st[0]
+                if st[5] & (_FROM_CLIENT if to_server else _FROM_SERVER) and st[4] != _SYNACK_SEEN:
+                    return to_server, False
+        else:
             if st is not None:
                 del flows[c]  # expired: re-inserted at the new end below
+            if tcp_flags & _RST and key[2] == 6:
+                return key == _guess_client(key), False  # a RST alone starts no flow
             self._sweep(now, 2)
             if len(flows) >= self.max_flows:
                 self._sweep(now, None, len(flows) - self.max_flows + 1)
-            # A SYN-ACK seen first means its receiver is the client.
-            client = key
-            if tcp_flags & 0x12 == 0x12:
-                src, dst, proto, sport, dport = key
-                client = (dst, src, proto, dport, sport)
-            st = flows[c] = [client, False, exp, exp]
+            exp = now + self.idle_timeout
+            st = flows[c] = [_guess_client(key), False, exp, exp, _MIDSTREAM, 0]
+        if key[2] == 6:
+            self._tcp(st, key, tcp_flags)
+        else:
+            st[5] |= _FROM_CLIENT if key == st[0] else _FROM_SERVER
+            st[1] = st[5] & 3 == 3
+        return key == st[0], st[1]
+
+    @staticmethod
+    def _tcp(st: list, key: FiveTuple, flags: int) -> None:
+        if flags & _RST:
+            st[5] |= _CLOSED
+            return
+        syn = flags & (_SYN | _ACK)
+        if flags & _SYN:
+            if st[4] != _HANDSHAKE or st[5] & _CLOSED:
+                if syn == _SYN:  # its sender is the client: the flow starts over
+                    st[0], st[1], st[4], st[5] = key, False, _SYN_SEEN, 0
+                else:  # SYN-ACK: its receiver is the client
+                    st[0], st[1], st[4], st[5] = _reverse(key), False, _SYNACK_SEEN, 0
+            return
         to_server = key == st[0]
-        if not to_server:
-            st[1] = True
-        st[2] = exp
-        return to_server, bool(st[1])
+        if st[4] == _SYNACK_SEEN and to_server and flags & _ACK:
+            st[4], st[1] = _HANDSHAKE, True
+        st[5] |= _FROM_CLIENT if to_server else _FROM_SERVER
+        if flags & _FIN:
+            st[5] |= _FIN_CLIENT if to_server else _FIN_SERVER
+            if st[5] & (_FIN_CLIENT | _FIN_SERVER) == _FIN_CLIENT | _FIN_SERVER:
+                st[5] |= _CLOSED
+        if st[5] & 3 == 3:
+            st[1] = True  # both ways: established (a handshake may have gone unseen)
 
     def _sweep(self, now: float, limit: int | None, evict: int = 0) -> int:
         """From the old end: forget expired flows, re-queue flows used since they were placed,
@@ -887,26 +1171,31 @@ class Ids:
         if self.mode not in ("alert", "drop"):
             raise ValueError(f"mode must be 'alert' or 'drop', got {self.mode!r}")
 
-    def inspect(self, payload: Buffer, key: FiveTuple, now: float, tcp_flags: int = 0) -> tuple[IdsVerdict, list[Alert]]:
-        """The verdict and alerts for one packet's L4 payload."""
-        to_server, established = self.flows.observe(key, now, tcp_flags)
-        fired = self.signatures.match(payload, key, to_server, established)
-        if not fired:
-            return IdsVerdict.PASS, []
+    def _verdict(self, fired: list[SnortRule], key: FiveTuple) -> tuple[IdsVerdict, list[Alert]] | None:
+        """The verdict and alerts for rules that fired on a packet; None if a pass rule did."""
         if any(r.action == "pass" for r in fired):
             self.passed += 1
-            return IdsVerdict.PASS, []
+            return None
         alerts = []
         verdict = IdsVerdict.PASS
         for r in fired:
             r.hits += 1
-            alerts.append(Alert(r.sid, r.rev, r.msg, r.action, tuple(key), r.classtype, r.priority))
+            alerts.append(Alert(r.sid, r.rev, r.msg, r.action, tuple(key), r.classtype, r.priority, r.gid))
             if self.mode == "drop" and r.action in ("drop", "reject"):
                 verdict = IdsVerdict.DROP
         self.alerts += len(alerts)
         if verdict is IdsVerdict.DROP:
             self.dropped += 1
         return verdict, alerts
+
+    def inspect(self, payload: Buffer, key: FiveTuple, now: float, tcp_flags: int = 0) -> tuple[IdsVerdict, list[Alert]]:
+        """The verdict and alerts for one packet's payload (L4 payload for TCP, UDP and ICMP, the
+        IP payload for other protocols)."""
+        to_server, established = self.flows.observe(key, now, tcp_flags)
+        fired = self.signatures.match(payload, key, to_server, established)
+        if not fired:
+            return IdsVerdict.PASS, []
+        return self._verdict(fired, key) or (IdsVerdict.PASS, [])
 
     def inspect_batch(self, payloads: Sequence[bytes], keys: Sequence[FiveTuple], now: float,
                       tcp_flags: Sequence[int] | None = None) -> list[tuple[int, IdsVerdict, list[Alert]]]:
@@ -921,34 +1210,24 @@ class Ids:
             flow = [observe(k, now, f) for k, f in zip(keys, fl)]
         out = []
         for p, fired in self.signatures.match_batch(payloads, keys, flow):
-            if any(r.action == "pass" for r in fired):
-                self.passed += 1
-                continue
-            alerts = []
-            verdict = IdsVerdict.PASS
-            for r in fired:
-                r.hits += 1
-                alerts.append(Alert(r.sid, r.rev, r.msg, r.action, tuple(keys[p]), r.classtype, r.priority))
-                if self.mode == "drop" and r.action in ("drop", "reject"):
-                    verdict = IdsVerdict.DROP
-            self.alerts += len(alerts)
-            if verdict is IdsVerdict.DROP:
-                self.dropped += 1
-            out.append((p, verdict, alerts))
+            v = self._verdict(fired, keys[p])
+            if v is not None:
+                out.append((p, v[0], v[1]))
         return out
 
-    def counters(self) -> dict[int, int]:
-        """Hits per sid."""
-        return {r.sid: r.hits for r in self.signatures.rules}
+    def counters(self) -> dict[int | tuple[int, int], int]:
+        """Hits per sid; per (gid, sid) for rules whose gid is not 1."""
+        return {(r.sid if r.gid == 1 else (r.gid, r.sid)): r.hits for r in self.signatures.rules}
 
 
 def parse_rules(text: str, source: str = "<rules>", variables: Mapping[str, str] | None = None) -> list[SnortRule]:
     """The rules of one rules file (one rule per line, `#` comments, trailing backslash continues
-    a line), checked for duplicate sids but not compiled."""
+    a line), checked for duplicate (gid, sid) but not compiled. Lines end at "\\n" only (a "\\r"
+    before it is dropped): form feeds, U+0085 or U+2028 are not line breaks, as in Snort."""
     rules: list[SnortRule] = []
     pending, start = "", 0
-    for n, raw in enumerate(text.splitlines(), 1):
-        s = raw.strip()
+    for n, raw in enumerate(text.split("\n"), 1):
+        s = raw.strip(_WS)
         if not pending and (not s or s.startswith("#")):
             continue
         if not pending:
@@ -960,23 +1239,27 @@ def parse_rules(text: str, source: str = "<rules>", variables: Mapping[str, str]
         pending = ""
     if pending:
         raise SnortSyntaxError(source, start, "rule continues past the end of the file", "remove the last backslash")
-    _check_sids(rules, source)
+    _check_sids(rules)
     return rules
 
 
-def _check_sids(rules: list[SnortRule], source: str = "<rules>") -> None:
-    sids: dict[int, int] = {}
+def _check_sids(rules: list[SnortRule]) -> None:
+    """Every (gid, sid) once; an error names the line of the second use and where the first is."""
+    seen: dict[tuple[int, int], SnortRule] = {}
     for r in rules:
-        if r.sid in sids:
-            raise SnortSyntaxError(source, r.line, f"sid {r.sid} is also used on line {sids[r.sid]}",
-                                   "give every rule its own sid")
-        sids[r.sid] = r.line
+        k = (r.gid, r.sid)
+        prev = seen.get(k)
+        if prev is not None:
+            what = f"sid {r.sid}" if r.gid == 1 else f"gid:sid {r.gid}:{r.sid}"
+            at = f"line {prev.line}" if prev.source == r.source else f"{prev.source}:{prev.line}"
+            raise SnortSyntaxError(r.source, r.line, f"{what} is also used on {at}", "give every rule its own sid")
+        seen[k] = r
 
 
 def load(texts: Iterable[tuple[str, str]], variables: Mapping[str, str] | None = None,
          engine: str = "auto") -> SignatureSet:
     """Parse several (source name, text) rule files into one set, matched with `engine`
-    (one of `ENGINES`)."""
+    (one of `ENGINES`). A (gid, sid) used in two files is an error naming both."""
     rules: list[SnortRule] = []
     for source, text in texts:
         rules += parse_rules(text, source, variables)

@@ -8,6 +8,13 @@ IP fragments (IPv4 with MF set or an offset, IPv6 with a Fragment header) are no
 a signature could be split across them: `fragments: drop` (the default in drop mode) drops every
 fragment, `pass` (the default in alert mode) passes them, inspecting a first fragment's own
 payload. Both count them (`fragments`, `fragments_dropped`).
+
+TCP, UDP and ICMP packets are matched on their L4 payload; every other protocol (GRE, ESP, IP in
+IP, SCTP, ...) on the IP payload (after IPv6 extension headers), where only `ip` rules can match
+it. A packet with a 5-tuple whose payload cannot be located anyway (a malformed L4 header the
+5-tuple parser let through) is counted in `not_inspected` and dropped in drop mode, as fragments
+are; packets without a 5-tuple (malformed IP) count in `no_5tuple` and pass: the IDS is not a
+firewall.
 """
 from __future__ import annotations
 
@@ -18,8 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.snort import Ids, IdsVerdict, SignatureSet, SnortSyntaxError, load
+from shmfabric.net.errors import Reason
 from shmfabric.net.flow import classify_batch, l4_payload_span, parse_5tuple_ip
 from shmfabric.net.ip import IPPROTO_AH, IPV6_EXT_GENERIC
+from shmfabric.net.packet import decode
 
 # IPv4 without options at fixed offsets: (version/IHL, total length, flags/fragment,
 # UDP length | TCP data offset)
@@ -62,6 +71,39 @@ def _gathered(size: int) -> struct.Struct:
     return st
 
 
+def _other_key(f: Any, reason: Any) -> tuple | None:
+    """A 5-tuple (ports 0) for IPv6 ESP or "no next header", which net.flow gives none (NO_L4):
+    `ip` rules match them too. None for anything else without a 5-tuple."""
+    if reason != Reason.NO_L4:
+        return None
+    p = decode(f, 0, "ip")
+    ip = p.ip
+    if p.reason is not None or ip is None or ip.is_fragment:
+        return None
+    return (ip.src, ip.dst, ip.proto, 0, 0)
+
+
+def _key(f: Any) -> tuple | None:
+    """The 5-tuple of an IP packet (see _other_key), or None."""
+    k = parse_5tuple_ip(f)
+    return k if k.__class__ is tuple else _other_key(f, k)
+
+
+def _payload_span(f: Any) -> tuple[int, int] | None:
+    """(start, end) of what rules match: the L4 payload of TCP, UDP and ICMP; the IP payload
+    (after IPv6 extension headers) of any other protocol. None if it cannot be located (a
+    malformed header) or the packet is a non-first fragment. (net.flow.l4_payload_span gives
+    None for other protocols; the IP-payload part belongs beside it in net.flow.)"""
+    span = l4_payload_span(f, "ip")
+    if span is not None:
+        return span
+    p = decode(f, 0, "ip")
+    ip = p.ip
+    if p.reason is not None or ip is None or p.l4 is not None or (ip.is_fragment and not ip.has_l4):
+        return None
+    return (ip.l4_offset, ip.end)
+
+
 class _LazyKeys:
     """keys[p]: the 5-tuple of frames[idx[p]], parsed when asked (see SignatureSet.needs_every_key)."""
 
@@ -71,7 +113,7 @@ class _LazyKeys:
         self.frames, self.idx = frames, idx
 
     def __getitem__(self, p: int) -> Any:
-        return parse_5tuple_ip(self.frames[self.idx[p]])
+        return _key(self.frames[self.idx[p]])
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -96,10 +138,18 @@ class IdsConfig(BaseModel):
         texts = [("rules", self.rules)] if self.rules.strip() else []
         for path in self.rules_files:
             try:
-                with open(path) as f:
-                    texts.append((path, f.read()))
+                with open(path, "rb") as f:
+                    data = f.read()
             except OSError as e:
                 raise ValueError(f"cannot read rules file {path!r}: {e.strerror}") from None
+            try:
+                texts.append((path, data.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                line = data.count(b"\n", 0, e.start) + 1
+                col = e.start - data.rfind(b"\n", 0, e.start)
+                raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}) "
+                                 f"(save the file as UTF-8; in a content, write such a byte in hex: "
+                                 f"|{data[e.start]:02x}|)") from None
         try:
             object.__setattr__(self, "_sigs", load(texts, self.variables, self.engine) if texts
                                else SignatureSet([], self.engine))
@@ -121,7 +171,7 @@ class IdsFunction:
         self.ctx = ctx or FunctionContext()
         self.cfg = config
         self.ids = Ids(config.signatures, mode=config.mode)
-        self.seen = self.no_5tuple = self.fragments = self.fragments_dropped = 0
+        self.seen = self.no_5tuple = self.fragments = self.fragments_dropped = self.not_inspected = 0
         self._frag_drop = self._fragment_policy(config) == "drop"
 
     @staticmethod
@@ -144,6 +194,12 @@ class IdsFunction:
             return True
         return False
 
+    def _not_inspected(self, i: int, out: bytearray) -> None:
+        """Count frames[i], which has a 5-tuple but no payload to match; dropped in drop mode."""
+        self.not_inspected += 1
+        if self.ids.mode == "drop":
+            out[i] = Verdict.DROP
+
     def process(self, frames: Sequence[Any], now: float, out: bytearray) -> None:
         if not self.ids.signatures.needs_every_key:
             self._process_lazy(frames, now, out)
@@ -160,9 +216,12 @@ class IdsFunction:
                     # to inspect either way. A first fragment has a 5-tuple (a UDP one too: its
                     # length may run past the fragment) and is inspected below on its own payload.
                     self._fragment(i, out)
-                else:
+                    continue
+                k = _other_key(f, keys[i])
+                if k is None:
                     self.no_5tuple += 1
-                continue
+                    continue
+                keys[i] = k
             proto = keys[i][2]
             n = len(f)
             span = None
@@ -175,12 +234,15 @@ class IdsFunction:
                 hl = (doff >> 4) * 4
                 if vihl == 0x45 and not ff & 0x3FFF and 20 <= hl and 20 + hl <= tlen <= n:
                     span = (20 + hl, tlen)
-            if span is None:  # not the plain case: a first fragment, options, IPv6, ICMP, ...
-                if _is_fragment(f) and self._fragment(i, out):
+            if span is None:  # not the plain case: a first fragment, options, IPv6, ICMP, GRE, ...
+                frag = _is_fragment(f)
+                if frag and self._fragment(i, out):
                     continue
-                span = l4_payload_span(f, "ip")
-            if span is None:
-                continue
+                span = _payload_span(f)
+                if span is None:
+                    if not frag:  # (a first fragment too short for its L4 header passes, counted)
+                        self._not_inspected(i, out)
+                    continue
             payloads.append(bytes(f)[span[0]:span[1]])
             idx.append(i)
         if not payloads:
@@ -253,13 +315,15 @@ class IdsFunction:
                 frag = _is_fragment(f)
                 if frag and self._fragment(i, out):
                     continue
-                if parse_5tuple_ip(f).__class__ is not tuple:
+                if _key(f) is None:
                     if not frag:
                         self.no_5tuple += 1
                     continue
-                span = l4_payload_span(f, "ip")
+                span = _payload_span(f)
                 if span is not None:
                     extra.append((i, bytes(f)[span[0]:span[1]]))
+                elif not frag:
+                    self._not_inspected(i, out)
             if extra:  # keep packet order (alerts are logged in it)
                 merged = sorted(list(zip(idx, payloads)) + extra, key=lambda x: x[0])
                 idx = [i for i, _ in merged]
@@ -279,23 +343,25 @@ class IdsFunction:
             if verdict is IdsVerdict.DROP:
                 out[p] = Verdict.DROP
 
-    def on_timer(self, now: float) -> float | None:
+    def on_timer(self, now: float) -> float:
         """Forget idle flows, a bounded slice per call: called again at once (the runtime checks
-        its timer before each batch) while there is more, else in a second. None when no rule
-        needs flow state (nothing is tracked)."""
+        its timer before each batch) while there is more, else in a second. Always a time, even
+        with no flow tracked: the runtime does not call on_timer again after a None, and a
+        reconfigure may bring rules with `flow:` (whose flows must expire) later."""
         flows = self.ids.flows
         if not len(flows):
-            return None if not self.ids.signatures.uses_flow else now + 1.0
+            return now + 1.0
         flows.expire(now, 4096)
         return now if flows.expire_pending(now) else now + 1.0
 
     def counters(self) -> dict[str, int]:
         c = {"seen": self.seen, "alerts": self.ids.alerts, "dropped": self.ids.dropped, "passed": self.ids.passed,
              "no_5tuple": self.no_5tuple, "fragments": self.fragments, "fragments_dropped": self.fragments_dropped,
+             "not_inspected": self.not_inspected, "fast_patterns": self.ids.signatures.fast_patterns,
              "flows": len(self.ids.flows), "flows_expired": self.ids.flows.expired,
              "flows_evicted": self.ids.flows.evicted, "patterns": self.ids.signatures.patterns,
              "rules": len(self.ids.signatures.rules)}
         for sid, hits in self.ids.counters().items():
-            if hits:
-                c[f"sid{sid}"] = hits
+            if hits:  # sidN, or sidG:N for a gid G other than 1
+                c[f"sid{sid}" if sid.__class__ is int else f"sid{sid[0]}:{sid[1]}"] = hits
         return c

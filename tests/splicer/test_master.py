@@ -473,13 +473,20 @@ def test_keep_alive_clients_sending_through_reloads_see_no_error(tmp_path: Path,
     assert code == 0, err.text()
 
 
-def test_a_stderr_nobody_reads_any_more_does_not_stop_the_splicer(tmp_path: Path, backends) -> None:
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered-stderr", "PYTHONUNBUFFERED"])
+def test_a_stderr_nobody_reads_any_more_does_not_stop_the_splicer(tmp_path: Path, backends, unbuffered: bool) -> None:
+    """Nor makes its graceful stop fail: with a buffered stderr (no PYTHONUNBUFFERED, as for most
+    users) the line that met EPIPE stayed in the buffer, Python's exit flushed it again and the
+    master exited with status 120."""
     port = free_port()
     cfg = tmp_path / "splice.yaml"
     _write_http_config(cfg, port, backends[0].port)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "shmfabric", "splice", "http", "--config", str(cfg)],
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=w, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=w, text=True, env=env)
     os.close(w)
     try:
         assert proc.stdout.readline().startswith("splice http: listening on")

@@ -109,6 +109,16 @@ def say(line: str) -> None:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):  # BrokenPipeError; ValueError: stderr closed
+        # The unwritten line stays in the stream's buffer, and Python's exit would flush it
+        # again, fail and exit with status 120 (a graceful stop reported as a failure): later
+        # lines go nowhere instead.
+        _drop_stderr()
+
+
+def _drop_stderr() -> None:
+    try:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    except OSError:
         pass
 
 
@@ -353,8 +363,13 @@ class Master:
             traceback.print_exc()
             code = 1
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            # A flush that fails (nobody reads the pipe any more) must not skip os._exit: the
+            # child would return into the parent's code.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
             os._exit(code)
 
     def _signal_workers(self, workers: list[_Worker]) -> None:

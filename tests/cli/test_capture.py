@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import struct
 import subprocess
@@ -12,6 +11,7 @@ import uuid
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.fabric import Fabric
 
 
@@ -78,7 +78,7 @@ def test_capture_writes_what_the_node_receives(chain, tmp_path):
     # the tap is off again: the node's mirror counter stops moving
     before = [n for n in chain.nodes() if n["name"] == "sink"][0]["rx_frames"]
     assert before > 100
-    if shutil.which("tshark"):
+    if programs.find("tshark"):
         t = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "ip.proto"], capture_output=True,
                            text=True, timeout=60)
         assert t.returncode == 0, t.stderr
@@ -311,7 +311,7 @@ def wait_tap_node(fab, p: subprocess.Popen, timeout: float = 20) -> None:
     time.sleep(1.0)  # its `mirror` request
 
 
-@pytest.mark.skipif(not shutil.which("tshark"), reason="tshark not installed")
+@pytest.mark.skipif(not programs.find("tshark"), reason=programs.not_found("tshark"))
 def test_each_frame_keeps_its_own_ethernet_header(lone_sink, tmp_path):
     # the tap sent every copy as IPv4 (0x0800) from the tapped node to the capture's, and the
     # writer guessed the type from the first nibble: ARP and a 0x88B5 frame starting 0x45 were bogus IPv4

@@ -5,7 +5,6 @@ Needs root (ip netns add); skipped with the reason otherwise.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,11 +12,13 @@ import uuid
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.fabric import Fabric
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (ip) is not installed"),
+    pytest.mark.skipif(programs.find("ip") is None,
+                       reason=programs.not_found("ip", fix="Debian iproute2: `make setup` installs it as root")),
 ]
 
 WORKER = textwrap.dedent("""

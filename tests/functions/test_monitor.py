@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import struct
 import subprocess
 from collections import Counter
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, NetworkFunction, validate_config
 from shmfabric.functions.builtin.generator import read_pcap
 from shmfabric.functions.builtin.monitor import Monitor, SpaceSaving
@@ -21,8 +21,8 @@ from shmfabric.net import build
 from ._chain import Chain
 
 MALFORMED = [b"", b"\x45", b"\x45\x00\x00\x14" + b"\x00" * 8, b"\x60" + b"\x00" * 10, bytes(range(64))]
-TSHARK = shutil.which("tshark")
-needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (apt-get install tshark; it is in the Makefile's DEBS)")
+TSHARK = programs.find("tshark")
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason=programs.not_found("tshark"))
 
 
 def udp(src="10.0.0.1", dst="10.0.0.2", sport=1000, dport=53, payload=b"hello") -> bytes:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import socket
 import subprocess
 import time
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.functions.rules import ConntrackTable, Firewall, RuleSet, Verdict
 from shmfabric.functions.tcp_track import STATE_NAMES, BatchSegments, segment
 from shmfabric.net import build
@@ -25,8 +25,9 @@ from shmfabric.net.flow import classify_batch
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and nftables need root"),
-    pytest.mark.skipif(not (shutil.which("nft") and shutil.which("conntrack")),
-                       reason="needs nft and conntrack (Debian nftables, conntrack: `make setup` installs them as root)"),
+    pytest.mark.skipif(bool(programs.missing("nft", "conntrack")),
+                       reason=programs.not_found("nft", "conntrack",
+                                                 fix="Debian nftables, conntrack: `make setup` installs them as root")),
 ]
 
 C, S = "10.77.1.2", "10.77.2.2"

@@ -12,12 +12,12 @@
 
 The tshark cross-checks are skipped when tshark is not installed."""
 import ipaddress
-import shutil
 import struct
 import subprocess
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.net import build as b
 from shmfabric.net import checksum as ck
 from shmfabric.net.errors import MalformedError, Reason
@@ -28,7 +28,7 @@ from shmfabric.net.packet import LINK_IP, decode
 from .test_routing import CASES, CUR, routing
 from .test_tshark import write_pcap
 
-needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed (Debian package tshark)")
+needs_tshark = pytest.mark.skipif(programs.find("tshark") is None, reason=programs.not_found("tshark"))
 
 
 def A(text: str) -> bytes:

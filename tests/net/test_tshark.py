@@ -3,16 +3,16 @@ shmfabric.net are written to a pcap and decoded by tshark, which must agree on e
 find every checksum good. Skipped when tshark is not installed."""
 import ipaddress
 import random
-import shutil
 import struct
 import subprocess
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.net import build as b
 from shmfabric.net.packet import decode
 
-pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed (Debian package tshark)")
+pytestmark = pytest.mark.skipif(programs.find("tshark") is None, reason=programs.not_found("tshark"))
 
 FIELDS = ["vlan.id", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "tcp.srcport", "tcp.dstport", "udp.srcport",
           "udp.dstport", "tcp.flags", "icmp.ident", "icmpv6.echo.identifier", "ip.checksum.status",

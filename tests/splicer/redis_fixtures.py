@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import subprocess
 import threading
@@ -18,18 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.splicer.config import RedisSpliceConfig
 from shmfabric.splicer.redis_proxy import RedisSplicer
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
-REDIS_SERVER = shutil.which("redis-server")
-REDIS_CLI = shutil.which("redis-cli")
-REDIS_BENCHMARK = shutil.which("redis-benchmark")
-NUTCRACKER = shutil.which("nutcracker")
+REDIS_SERVER = programs.find("redis-server")
+REDIS_CLI = programs.find("redis-cli")
+REDIS_BENCHMARK = programs.find("redis-benchmark")
+NUTCRACKER = programs.find("nutcracker")
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)")
-needs_cli = pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed (apt-get install redis-tools)")
-needs_nutcracker = pytest.mark.skipif(NUTCRACKER is None, reason="nutcracker is not installed (apt-get install nutcracker)")
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason=programs.not_found("redis-server"))
+needs_cli = pytest.mark.skipif(REDIS_CLI is None, reason=programs.not_found("redis-cli"))
+needs_nutcracker = pytest.mark.skipif(NUTCRACKER is None, reason=programs.not_found("nutcracker"))
 
 
 def free_port() -> int:

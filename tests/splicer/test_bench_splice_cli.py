@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from shmfabric import programs
 
 
 def sf(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def test_unknown_scenario_is_one_line():
     assert "unknown scenario bogus" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("wrk", "haproxy")), reason="wrk and haproxy are needed")
+@pytest.mark.skipif(bool(programs.missing("wrk", "haproxy")), reason=programs.not_found("wrk", "haproxy"))
 @pytest.mark.timeout(240)
 def test_unequal_scenario_side_by_side_in_order():
     r = sf("bench", "splice", "--scenario", "unequal", "--workers", "1", "--duration", "1", "--rounds", "2", "--json")
@@ -77,8 +78,8 @@ def test_render_table_shows_the_unpipelined_row_and_the_rounds():
     assert "128x1" in plain and "0.50x" in plain and "0.40 0.60" in plain and " n/a " in plain
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-benchmark", "nutcracker", "haproxy")),
-                    reason="redis-server, redis-benchmark (redis-tools), nutcracker and haproxy are needed")
+@pytest.mark.skipif(bool(programs.missing("redis-server", "redis-benchmark", "nutcracker", "haproxy")),
+                    reason=programs.not_found("redis-server", "redis-benchmark", "nutcracker", "haproxy"))
 @pytest.mark.timeout(240)
 def test_redis_bench_one_and_two_each_and_the_mget_budget():
     res = bench_json("splice_redis", "--requests", "4000", "--mget-runs", "20", "--rounds", "2")
@@ -117,8 +118,8 @@ def test_redis_bench_one_and_two_each_and_the_mget_budget():
         res["mget_relay_one"]["p50_ms"] / res["mget_direct"]["p50_ms"])
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "nutcracker")),
-                    reason="redis-server and nutcracker are needed")
+@pytest.mark.skipif(bool(programs.missing("redis-server", "nutcracker")),
+                    reason=programs.not_found("redis-server", "nutcracker"))
 @pytest.mark.timeout(240)
 def test_reload_bench_adds_a_server_under_load_and_no_command_runs_unanswered_through_the_splicer():
     res = bench_json("splice_reload", "--clients", "4", "--seconds", "2")
@@ -130,8 +131,8 @@ def test_reload_bench_adds_a_server_under_load_and_no_command_runs_unanswered_th
     assert res["splicer"]["refused"] == 0, res["splicer"]
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "nutcracker")),
-                    reason="redis-server and nutcracker are needed")
+@pytest.mark.skipif(bool(programs.missing("redis-server", "nutcracker")),
+                    reason=programs.not_found("redis-server", "nutcracker"))
 @pytest.mark.timeout(240)
 def test_fanout_bench_scans_every_key_and_records_twemproxy():
     r = sf("bench", "splice", "--scenario", "fanout", "--json", timeout=240)
@@ -148,8 +149,8 @@ def test_fanout_bench_scans_every_key_and_records_twemproxy():
     assert res["twemproxy"]["redis-py Lock acquire + release"] != "works"
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "nutcracker")),
-                    reason="redis-server and nutcracker are needed")
+@pytest.mark.skipif(bool(programs.missing("redis-server", "nutcracker")),
+                    reason=programs.not_found("redis-server", "nutcracker"))
 @pytest.mark.timeout(240)
 def test_pubsub_bench_delivers_every_message_and_item_and_records_twemproxy():
     # The bench itself fails (exit 2) on a message that does not arrive, arrives wrong, a
@@ -165,8 +166,8 @@ def test_pubsub_bench_delivers_every_message_and_item_and_records_twemproxy():
     assert set(res["twemproxy"]) == {"SUBSCRIBE", "BLPOP"}
 
 
-@pytest.mark.skipif(not all(shutil.which(b) for b in ("redis-server", "redis-cli", "nutcracker")),
-                    reason="redis-server, redis-cli and nutcracker are needed")
+@pytest.mark.skipif(bool(programs.missing("redis-server", "redis-cli", "nutcracker")),
+                    reason=programs.not_found("redis-server", "redis-cli", "nutcracker"))
 @pytest.mark.timeout(240)
 def test_pipe_bench_times_every_stream_through_the_splicer_and_records_twemproxys_refusals():
     # Each figure is a time only if every command was answered without an error; otherwise the

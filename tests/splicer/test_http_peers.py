@@ -6,13 +6,13 @@ tests skip with the reason when a binary is missing.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.bench.splice_http import free_port, run_wrk, start_echo_backend, start_nginx, start_splicer, wait_port
 
 from .redis_fixtures import free_ports_in_a_row
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
+    missing = programs.missing(*tools)
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian packages; `make debs` installs them)")
+        pytest.skip(programs.not_found(*missing))
 
 
 def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from shmfabric import programs
 from shmfabric.bench.splice_http import free_port, nginx_config, wait_port
 from shmfabric.splicer.config import HttpSpliceConfig
 from shmfabric.splicer.http_server import HttpSplicer
@@ -501,14 +502,15 @@ def test_nginx_ending_keep_alive_connections_costs_no_502(tmp_path):
     # nginx closes a connection after keepalive_requests (default 1000; 5 here), with
     # `Connection: close` on the last response and a lingering close of the requests pipelined
     # behind it, as it does in production. With requests pipelined to it, 192 of 2000 were 502s.
-    if shutil.which("nginx") is None:
-        pytest.skip("needs nginx (Debian package nginx-light; `make debs` installs it)")
+    nginx = programs.find("nginx")
+    if nginx is None:
+        pytest.skip(programs.not_found("nginx", fix="Debian nginx-light: `make setup` installs it as root"))
     port = free_port()
     (tmp_path / "static").mkdir()
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_config(tmp_path, port, "n1").replace("keepalive_requests 1000000;", "keepalive_requests 5;")
                     .replace('return 200 "n1 $request_uri\\n";', 'return 200 "echo $request_uri";'))
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "err.log")],
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "err.log")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     try:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +59,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from shmfabric import programs
 
 __all__ = [
     "WRK_PIPELINE_LUA", "free_port", "wait_port", "nginx_config", "haproxy_config", "start_nginx", "start_haproxy",
@@ -128,8 +129,8 @@ end
 
 
 def missing_tools(*names: str) -> list[str]:
-    """The named executables not found on PATH."""
-    return [n for n in names if shutil.which(n) is None]
+    """The named executables found neither on PATH nor in the sbin directories (shmfabric.programs)."""
+    return programs.missing(*names)
 
 
 def free_port() -> int:
@@ -271,7 +272,8 @@ def start_nginx(tmp: Path, name: str = "nginx", xff_echo: bool = False) -> Itera
     (tmp / "static").mkdir(exist_ok=True)
     conf = tmp / f"nginx-{port}.conf"
     conf.write_text(nginx_config(tmp, port, name, xff_echo))
-    proc = _popen(["nginx", "-c", str(conf), "-p", str(tmp), "-e", str(tmp / f"nginx-{port}.err")])
+    nginx = programs.find("nginx") or "nginx"  # /usr/sbin/nginx: not on a normal user's PATH
+    proc = _popen([nginx, "-c", str(conf), "-p", str(tmp), "-e", str(tmp / f"nginx-{port}.err")])
     try:
         wait_port(port, proc=proc)
         yield port
@@ -316,7 +318,7 @@ def start_haproxy(tmp: Path, routes: Sequence[tuple[str, Sequence[str]]], defaul
     conf = tmp / f"haproxy-{port}.cfg"
     conf.write_text(haproxy_config(port, routes, default, threads, forwardfor=forwardfor,
                                    log_stdout=log_stdout is not None, tls_pem=tls_pem, stats_socket=stats_socket))
-    proc = _popen(["haproxy", "-db", "-f", str(conf)],
+    proc = _popen([programs.find("haproxy") or "haproxy", "-db", "-f", str(conf)],
                   stdout=subprocess.DEVNULL if log_stdout is None else log_stdout)
     try:
         wait_port(port, proc=proc)
@@ -396,7 +398,8 @@ def run_wrk(port: int, paths: Sequence[str], *, connections: int = 8, depth: int
         script = f.name
     try:
         out = subprocess.run(
-            ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
+            [programs.find("wrk") or "wrk", "-t", str(threads), "-c", str(connections),
+             "-d", f"{max(1, round(duration))}s",
              "--timeout", f"{timeout_s}s", "--latency", "-s", script, f"{scheme}://127.0.0.1:{port}",
              "--", ",".join(paths), str(depth), *(["close"] if close else []), *([] if check else ["nocheck"])],
             capture_output=True, text=True, timeout=duration + 30)
@@ -757,7 +760,7 @@ def run_scenarios(scenarios: Sequence[str] = ("unequal", "uniform"), workers: Se
         raise ValueError("rounds must be at least 1")
     need = missing_tools("wrk", "haproxy", *(["nginx"] if set(NGINX_SCENARIOS) & set(scenarios) else []))
     if need:
-        raise RuntimeError(f"missing tools: {', '.join(need)} (install the Debian packages: make debs)")
+        raise RuntimeError(programs.not_found(*need, fix="install the Debian packages as root: make debs"))
     out: list[ScenarioResult] = []
     n = 0
     with tempfile.TemporaryDirectory(prefix="shmfabric-bench-splice-") as tmp:

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from shmfabric import programs
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
 __all__ = ["run", "main"]
@@ -98,7 +99,7 @@ def run_info() -> dict[str, Any]:
     versions = {}
     for name, args in (("haproxy", ["-v"]), ("nginx", ["-v"]), ("wrk", ["-v"]), ("redis-server", ["--version"]),
                        ("nutcracker", ["--version"])):
-        path = shutil.which(name)
+        path = programs.find(name)
         if path is None:
             continue
         try:
@@ -164,9 +165,9 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15
 
 
 def _need(binary: str, package: str) -> str:
-    path = shutil.which(binary)
+    path = programs.find(binary)
     if path is None:
-        raise BenchError(f"{binary} is not installed; fix: apt-get install {package}")
+        raise BenchError(programs.not_found(binary, fix=f"fix (as root): apt-get install {package}"))
     return path
 
 

@@ -3,7 +3,9 @@
 `up` runs in the foreground until Ctrl-C (or `--duration`), or in the background with `--detach`.
 A running manager writes a state file (`$SHMFABRIC_STATE_DIR`, else `$XDG_RUNTIME_DIR/shmfabric`,
 else `/tmp/shmfabric-UID`) named after its fabric, holding its pid and API address; the other
-verbs find the manager through it (`--fabric NAME` when several run) or take `--api URL`.
+verbs find the manager through it (`--fabric NAME` when several run) or take `--api URL`. The
+state directory is made 0700 and used only if it is a real directory of this user's that no one
+else may write (`down` signals the pid a state file names); state files are 0600.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -30,6 +33,56 @@ def state_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return Path(xdg) / "shmfabric" if xdg else Path(f"/tmp/shmfabric-{os.getuid()}")
+
+
+def checked_state_dir(create: bool = False) -> Path:
+    """The state directory, made 0700 first if `create` (`up`), then used only if it is a directory
+    (not a symbolic link) owned by this user and not writable by group or others: in another's
+    (say a /tmp/shmfabric-UID someone made first) state files could be planted or replaced, and
+    `down` signals the pid a state file names. Without `create`, one that does not exist is
+    returned as it is (it holds no state files). CliError names the directory and SHMFABRIC_STATE_DIR."""
+    d = state_dir()
+    if create:
+        try:
+            d.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _state_dir_error(exc, d) from None
+        try:
+            d.mkdir(mode=0o700)
+            os.chmod(d, 0o700)  # the mode, whatever the umask
+        except FileExistsError:
+            pass  # checked below
+        except OSError as exc:
+            raise _state_dir_error(exc, d) from None
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError as exc:
+        if create:  # removed as it was made
+            raise _state_dir_error(exc, d) from None
+        return d
+    except OSError as exc:
+        raise _state_dir_error(exc, d) from None
+    uid = os.getuid()
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid:
+        try:
+            import pwd
+
+            user = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            user = "no user name"
+        problem = f"belongs to uid {st.st_uid} ({user}), not to you (uid {uid})"
+    elif st.st_mode & 0o022:
+        who = "others" if st.st_mode & 0o002 else "its group"
+        problem = f"may be written by {who} (mode {st.st_mode & 0o7777:o})"
+    else:
+        return d
+    raise CliError(f"state directory {d} {problem}: not used, since the state files `down` trusts could be "
+                   "planted there; remove it (it is made again, 0700), or set SHMFABRIC_STATE_DIR to a "
+                   "directory of yours that only you may write")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,7 +174,10 @@ def _write_state(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # its owner's only, also when a .tmp was left behind
+            f.write(json.dumps(data, indent=1))
         os.replace(tmp, path)  # readers never see half a file
     except OSError as exc:
         raise _state_dir_error(exc, path.parent) from None
@@ -129,7 +185,7 @@ def _write_state(path: Path, data: dict) -> None:
 
 def _find_state(args: argparse.Namespace) -> dict:
     """The state of the manager the user means; CliError says how to name it."""
-    d = state_dir()
+    d = checked_state_dir()
     fabric = getattr(args, "fabric", None)
     _check_fabric_arg(fabric)
     files = [d / f"{fabric}.json"] if fabric else sorted(d.glob("*.json"))
@@ -241,7 +297,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError("no CONFIG given and the built-in examples/edge.yaml is not installed; give a file")
     topo = _load(path)
     topo = _override(topo, args.api, args.fabric)
-    state_file = state_dir() / f"{topo.fabric.name}.json"
+    state_file = checked_state_dir(create=True) / f"{topo.fabric.name}.json"
     old = _read_state(state_file) if state_file.exists() else None
     if old is not None:
         if _manager_alive(old):

@@ -153,7 +153,9 @@ class Fabric:
         False if there is no such file. A fabric named by a path (anything with a '/') must be
         a region (its magic number is read first): a slip such as ``destroy examples/edge.yaml``
         raises RegionOpenError and removes nothing. A name (the file shmfabric-NAME in
-        /dev/shm) is removed even half made, so a creation that died can be cleaned up.
+        /dev/shm) is removed even half made, so a creation that died can be cleaned up. A file
+        this user may not remove (another user's, in sticky /dev/shm) raises FabricError naming
+        its owner (uid and user name).
         """
         path = region_path(name)
         if "/" in name:
@@ -173,6 +175,26 @@ class Fabric:
             return True
         except FileNotFoundError:
             return False
+        except PermissionError as exc:
+            # /dev/shm is sticky: only the file's owner (or root) may remove it (another user's
+            # fabric of the same name, e.g. root's `make run`)
+            try:
+                uid = os.lstat(path).st_uid
+            except OSError as err:
+                raise FabricError(f"cannot remove {path} ({exc.strerror}; its owner cannot be told: "
+                                  f"{err.strerror})") from None
+            if uid == os.geteuid():
+                raise FabricError(f"cannot remove {path} ({exc.strerror}): it is yours (uid {uid}), but its "
+                                  f"directory {path.parent} does not let you remove files") from None
+            try:
+                import pwd
+
+                user = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                user = "no user name"
+            raise FabricError(f"cannot remove {path} ({exc.strerror}): it belongs to uid {uid} ({user}), and "
+                              "only its owner or root may remove it; ask its owner to remove it, or choose "
+                              "another fabric name") from None
 
     def close(self) -> None:
         """Detach this process's nodes and unmap the region.

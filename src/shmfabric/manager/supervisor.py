@@ -337,9 +337,33 @@ class Supervisor:
             self.lock.release()
 
     def _clear_stale(self, name: str) -> None:
-        """A fabric file left by a crashed manager is removed; one in use is an error."""
+        """A fabric file left by a crashed manager is removed; one in use is an error, and so is
+        another user's (which only its owner or root may remove: /dev/shm is sticky)."""
         from shmfabric.core.region import region_path
         from shmfabric.fabric import Fabric, FabricError, RegionNotFoundError
+
+        path = region_path(name)
+        try:
+            owner = os.lstat(path).st_uid
+        except OSError:
+            owner = None  # none (Fabric.open says so), or not ours to look at (Fabric.open says why)
+        if owner is not None and owner != os.geteuid() and os.geteuid() != 0:
+            # not ours to remove, and its users' processes (another user's) are not ours to see in
+            # /proc/PID/maps, so whether it is in use cannot be told either
+            import pwd
+
+            try:
+                user = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                user = "no user name"
+            raise SupervisorError(f"region {path} belongs to uid {owner} ({user}); choose another fabric name "
+                                  "(--fabric) or ask its owner to remove it", status=409)
+
+        def destroy() -> None:
+            try:
+                Fabric.destroy(name)
+            except FabricError as exc:  # e.g. made by another user since we looked
+                raise SupervisorError(f"cannot create fabric {name!r}: {exc}", status=409) from None
 
         try:
             old = Fabric.open(name)
@@ -349,7 +373,6 @@ class Supervisor:
             # unreadable (another layout version, not a region, truncated): nothing of ours can
             # use it, but a process of another shmfabric may map it, and removing the file
             # would leave it alone on a region nobody else can find
-            path = region_path(name)
             users = pids_mapping(path)
             if users:
                 who = ", ".join(f"{pid} ({_comm(pid)})" for pid in users)
@@ -357,10 +380,12 @@ class Supervisor:
                                       f"pid {who}; stop them, or remove the region anyway with `shmfabric destroy "
                                       f"{name}` (they keep their mapping), or choose another fabric.name",
                                       status=409) from None
-            print(f"shmfabric: fabric {name!r} cannot be opened ({exc}); no live process maps it: replacing it "
+            # other users' processes are not seen (their /proc/PID/maps is not ours to read)
+            nobody = "no live process maps it" if os.geteuid() == 0 else "no live process of yours maps it"
+            print(f"shmfabric: fabric {name!r} cannot be opened ({exc}); {nobody}: replacing it "
                   "with a new one", file=sys.stderr, flush=True)
             self._event("replace-region", "", f"replaced unreadable {path}: {exc}")
-            Fabric.destroy(name)
+            destroy()
             return
         try:
             alive = [n for n in old.nodes() if n["alive"] and n["state"] == "up"]
@@ -376,7 +401,7 @@ class Supervisor:
                                   "by themselves within seconds (try again then); else stop their manager "
                                   f"(`shmfabric down --fabric {name}`) or the processes (`kill {pids}`), or choose "
                                   "another fabric.name", status=409)
-        Fabric.destroy(name)
+        destroy()
 
     def stop(self) -> None:
         """Stop every instance (sources first, each draining its input), then remove the fabric."""

@@ -58,7 +58,23 @@ class FunctionContext:
         The buffer must stay unchanged until the runtime sends it (after process() or on_timer()
         returns); pass `bytes` unless you know better. A function that replaces a frame by an
         emitted one gives the original `Verdict.CONSUMED`.
+
+        TypeError (raised here, in the function's own frame) for `data` that is not a buffer
+        (a str, None, an int, a list) or a verdict that is not a code 0..255.
         """
+        cls = data.__class__
+        if cls is not bytes and cls is not bytearray and cls is not memoryview:  # the usual ones: no view needed
+            try:
+                memoryview(data).release()
+            except TypeError:
+                raise TypeError(f"ctx.emit() takes a buffer (bytes, bytearray, memoryview), not "
+                                f"{type(data).__name__}") from None
+        if verdict.__class__ is not Verdict:  # a Verdict member is a code already
+            if verdict.__class__ is bool or not isinstance(verdict, int):
+                raise TypeError(f"ctx.emit() verdict must be an int (Verdict.NEXT or Verdict.port(k)), "
+                                f"not {type(verdict).__name__}")
+            if not 0 <= verdict <= 255:
+                raise ValueError(f"ctx.emit() verdict {verdict} is not a verdict code (0..255)")
         self.emitted.append((verdict, data))
 
 

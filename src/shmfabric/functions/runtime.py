@@ -6,7 +6,9 @@ messages from the manager, keep counters, and stop gracefully (draining its inpu
 """
 from __future__ import annotations
 
+import gc
 import json
+import math
 import operator
 import signal
 import sys
@@ -16,7 +18,9 @@ from typing import Any, Callable
 
 from shmfabric.fabric import Fabric, FabricError, UnknownDestinationError
 from shmfabric.fabric.control import node_mac
+from shmfabric.functions import registry
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, Verdict, validate_config
+from shmfabric.functions.control import MAX_REPLY, split_reply
 from shmfabric.net.flow import parse_5tuple_ip, symmetric_hash
 
 GROUP_BASE = 230  # verdict codes GROUP_BASE+i: instance i of a scaled-out next hop
@@ -24,6 +28,11 @@ MAX_GROUP = 255 - GROUP_BASE
 RESOLVE_EVERY = 0.1  # seconds between name lookups of a next hop that went away
 STOP_GRACE = 5.0  # a graceful stop waits at most this long for frames a function holds (shaping)
 STOP_STUCK = 3.0  # ... and at most this long (seconds slept) for a full next-hop ring to take frames
+MAX_WAIT = 30.0  # the longest a `set_next` or `mirror` op waits for the nodes it names (its "timeout")
+REPLY_STUCK = 1.0  # seconds a control reply waits for room in the requester's ring before it is given up
+POLL_EVERY = 0.02  # while a full ring blocks sending: seconds between receives that answer control messages
+STASH_MAX = 256  # ... and the most frames those receives take (kept, in order, for the next batches)
+ERROR_LOG_EVERY = 10.0  # an error of the same kind is logged at most this often (the first at once)
 
 
 def backoff(waits: int) -> float:
@@ -101,7 +110,9 @@ class Hop:
     def wait(self, timeout: float, stop: Callable[[], bool] | None = None) -> bool:
         """Until every node of the hop is attached (True) or `stop()` says to give up (False);
         TimeoutError naming the missing nodes after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        if not timeout >= 0:  # NaN or negative: look once
+            timeout = 0.0
+        deadline = time.monotonic() + min(timeout, 1e9)
         while True:
             missing = self.missing()
             if not missing:
@@ -109,8 +120,9 @@ class Hop:
             if stop is not None and stop():
                 return False
             if time.monotonic() > deadline:
+                within = f" within {timeout:g} s" if timeout > 0 else ""
                 raise TimeoutError(f"next hop node(s) {', '.join(map(repr, missing))} not attached to fabric "
-                                   f"{self.fabric.name!r} within {timeout:g} s")
+                                   f"{self.fabric.name!r}{within}")
             time.sleep(0.01)
 
 
@@ -150,6 +162,57 @@ def ip_ethertype_groups(frames: list) -> list[tuple[int, list]]:
     return [(0x0800, rest), (0x86DD, v6)]
 
 
+def fn_name(fn_cls: Any) -> str:
+    """A function class's `name` (its class name if it has none: a plugin's bug, named in errors)."""
+    name = getattr(fn_cls, "name", None)
+    return name if isinstance(name, str) and name else getattr(fn_cls, "__name__", repr(fn_cls))
+
+
+def fn_label(fn_cls: Any) -> str:
+    """`'name'`, and for a plugin where it comes from (its entry point and distribution)."""
+    where = registry.origin(fn_cls)
+    return f"{fn_name(fn_cls)!r}" + (f" ({where})" if where else "")
+
+
+def _json_default(v: Any) -> Any:
+    """What json.dumps makes of a value it cannot encode (a function's counters() may hold sets,
+    bytes, numpy numbers): a reply is never lost to the type of one counter."""
+    if isinstance(v, (set, frozenset)):
+        try:
+            return sorted(v)
+        except TypeError:
+            return [repr(x) for x in v]
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    for cast in (int, float):  # numpy scalars and friends
+        try:
+            if isinstance(v, cast) or hasattr(v, "__index__" if cast is int else "__float__"):
+                return cast(v)
+        except Exception:
+            pass
+    return repr(v)
+
+
+def _number(msg: dict, key: str, default: float, lo: float = 0.0, hi: float = MAX_WAIT) -> float:
+    """`msg[key]`, a number of seconds, clamped to lo..hi; ValueError if it is not a number (NaN
+    neither: it would never end a wait)."""
+    v = msg.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise ValueError(f"{key!r} must be a number of seconds ({lo:g} to {hi:g}), not {json.dumps(v)[:40]}")
+    return min(max(float(v), lo), hi)
+
+
+def _names(v: Any, what: str) -> list[str]:
+    """A list of node names from a control message (ValueError naming `what` otherwise)."""
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f"{what} must be a list of node names, not {json.dumps(v)[:60]}")
+    return list(v)
+
+
 def _validate(fn_cls: type, config: Any) -> Any:
     """`validate_config`, with any exception a validator lets out (a TypeError, say: pydantic
     only turns ValueError and AssertionError into a validation error) made a FunctionConfigError."""
@@ -158,7 +221,7 @@ def _validate(fn_cls: type, config: Any) -> Any:
     except FunctionConfigError:
         raise
     except Exception as e:
-        raise FunctionConfigError(f"invalid configuration for function {getattr(fn_cls, 'name', fn_cls)!r}: "
+        raise FunctionConfigError(f"invalid configuration for function {fn_label(fn_cls)}: "
                                   f"{type(e).__name__}: {e}") from None
 
 
@@ -185,16 +248,16 @@ class FunctionRunner:
         try:
             self.fn = fn_cls(self.config_model, self.ctx)
         except (OSError, ValueError, LookupError) as e:
-            raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: {e}") from None
+            raise FunctionConfigError(f"function {fn_label(fn_cls)} cannot start with this configuration: {e}") from None
         except Exception as e:  # a bug in the function, but still one line and exit status 2, not a traceback
-            raise FunctionConfigError(f"function {fn_cls.name!r} cannot start with this configuration: "
+            raise FunctionConfigError(f"function {fn_label(fn_cls)} cannot start with this configuration: "
                                       f"{type(e).__name__}: {e}") from None
         # a source's frames of a configured `size` (the generator's) must fit a slot: a frame carries
         # at most MTU bytes after its 14-byte Ethernet header; refused here, at start, not at the first send
         size = getattr(self.config_model, "size", None)
         if (hasattr(self.fn, "produce") and isinstance(size, int) and not getattr(self.config_model, "pcap", None)
                 and size - 14 > mtu):
-            raise FunctionConfigError(f"function {fn_cls.name!r}: size {size} does not fit network {network}'s MTU "
+            raise FunctionConfigError(f"function {fn_label(fn_cls)}: size {size} does not fit network {network}'s MTU "
                                       f"{mtu} (a frame is at most MTU + 14 = {mtu + 14} bytes with its Ethernet "
                                       f"header); lower size to {mtu + 14} or less, or raise the network's mtu")
         self.node = fabric.attach(node_name, network)
@@ -218,18 +281,68 @@ class FunctionRunner:
                   "next_down": 0, "ring_full_waits": 0, "batches": 0, "busy_ns": 0,
                   "first_ns": 0, "last_ns": 0,  # monotonic time of the first and last batch
                   "cpu_ns": 0,  # process CPU time (user + system) from the first batch to the last
-                  "consumed": 0, "emitted": 0, "emit_too_large": 0,
+                  "consumed": 0, "emitted": 0, "emit_too_large": 0, "emit_errors": 0,
                   "mirrored": 0, "mirror_dropped": 0,  # the tap (`mirror` op, `shmfabric capture`)
-                  "process_errors": 0, "error_frames": 0}  # batches whose process() raised, their frames
-        self._error_logged = 0.0  # monotonic time a process() exception was last logged
+                  "process_errors": 0, "error_frames": 0,  # batches whose process() raised, their frames
+                  "kept_views": 0,  # batches held back: the function kept a view of one of their frames
+                  "timer_errors": 0,  # on_timer / next_deadline calls that raised or returned no time
+                  "control_errors": 0}  # control messages refused as malformed, or whose handling failed
+        self._logged: dict[str, float] = {}  # event -> monotonic time it was last logged
+        self._reply_seq = 0  # numbers the long replies sent in parts (control.split_reply)
+        # While a full next-hop ring blocks a send, receives answer control messages: the data
+        # frames they take (there is no control-only receive) wait here, in order, for the next
+        # batches; ops other than stats and stop wait in `_deferred` until the batch is sent.
+        self._stash: list[Any] = []
+        self._stashed = 0
+        self._deferred: list[tuple[int, bytes]] = []
+        self._polling = False
+        self._held: list[Any] = []  # batches that could not be released (views of their frames kept)
+        self._stop_slept = 0.0  # seconds slept on full rings since the stop began (at most ~STOP_STUCK)
 
     # -- control -------------------------------------------------------------------------------
+    def _log_error(self, event: str, fields: dict, tb: bool = True) -> None:
+        """Log an error line, the first of its kind at once (with the traceback of the exception
+        being handled, if `tb`), later ones at most every ERROR_LOG_EVERY seconds."""
+        now = time.monotonic()
+        last = self._logged.get(event)
+        if last is not None and now - last < ERROR_LOG_EVERY:
+            return
+        self._logged[event] = now
+        extra = {"traceback": traceback.format_exc(limit=8)} if tb and sys.exc_info()[0] is not None else {}
+        log(event, {"node": self.node.name, **fields, **extra})
+
     def _reply(self, dst: int, msg: dict) -> None:
-        data = json.dumps(msg).encode()
-        for _ in range(1000):  # the manager reads its ring continuously; a full ring clears fast
-            if self.node.send_control(dst, data):
-                return
-            time.sleep(0.001)
+        """Send `msg` to node `dst`: one control message if it fits the MTU, else several parts
+        (control.split_reply; ControlClient puts them together). Never raises: a reply that
+        cannot be encoded becomes an error reply, one that cannot be sent (the requester went
+        away, or its ring stays full) is logged and given up."""
+        try:
+            try:
+                data = json.dumps(msg, default=_json_default).encode()
+            except Exception as e:  # a circular structure, say
+                data = json.dumps({"ok": False, "error": f"the reply cannot be encoded as JSON: {type(e).__name__}: "
+                                   f"{e}"[:300], **({"id": msg["id"]} if "id" in msg else {})}).encode()
+            if len(data) > MAX_REPLY:
+                data = json.dumps({"ok": False, "error": f"the reply is {len(data)} bytes, more than the "
+                                   f"{MAX_REPLY} a control reply may be", **({"id": msg["id"]} if "id" in msg else {}),
+                                   }).encode()
+            self._reply_seq += 1
+            parts = split_reply(data, self.node.mtu, self._reply_seq)
+            for i, part in enumerate(parts):
+                waited = 0.0
+                # the requester reads its ring continuously; a full ring clears fast
+                while not self.node.send_control(dst, part):
+                    if waited >= REPLY_STUCK:
+                        self.c["control_errors"] += 1
+                        self._log_error("control_reply_error", {
+                            "to": dst, "error": f"the requester's ring stayed full for {REPLY_STUCK:g} s; reply part "
+                                                f"{i + 1} of {len(parts)} and the rest not sent"}, tb=False)
+                        return
+                    time.sleep(0.001)
+                    waited += 0.001
+        except Exception as e:  # the requester went away (UnknownDestinationError), ...
+            self.c["control_errors"] += 1
+            self._log_error("control_reply_error", {"to": dst, "error": f"{type(e).__name__}: {e}"[:300]}, tb=False)
 
     def stats(self) -> dict:
         c = dict(self.c)
@@ -237,11 +350,23 @@ class FunctionRunner:
         # CPU per frame of the whole node (function, runtime, wake-ups): unlike busy_ns, which is
         # wall time inside process(), it does not grow when the node is preempted on a busy host
         c["cpu_ns_per_frame"] = round(c["cpu_ns"] / c["in_frames"], 1) if c["in_frames"] else 0.0
-        return {"ok": True, "node": self.node.name, "function": self.fn_cls.name,
-                "version": str(getattr(self.fn_cls, "version", "1")), "counters": c,
-                "function_counters": self.fn.counters() if hasattr(self.fn, "counters") else {},
-                "next": self.next.names, "ports": [p.label for p in self.ports],
-                "port_instances": {p.label: p.names for p in self.ports}}
+        out = {"ok": True, "node": self.node.name, "function": fn_name(self.fn_cls),
+               "version": str(getattr(self.fn_cls, "version", "1")), "counters": c,
+               "function_counters": {},
+               "next": self.next.names, "ports": [p.label for p in self.ports],
+               "port_instances": {p.label: p.names for p in self.ports}}
+        if self.fn is not None and hasattr(self.fn, "counters"):
+            # the function's own code: whatever it raises or returns, the node answers (a stats
+            # request is the manager's readiness probe)
+            try:
+                fc = self.fn.counters()
+                if not isinstance(fc, dict):
+                    raise TypeError(f"counters() returned a {type(fc).__name__}, not a dict")
+                out["function_counters"] = fc
+            except Exception as e:
+                out["function_counters_error"] = f"{type(e).__name__}: {e}"[:300]
+                self._log_error("counters_error", {"error": out["function_counters_error"]})
+        return out
 
     @staticmethod
     def _check_groups(nxt: Hop, ports: list[Hop]) -> None:
@@ -251,54 +376,90 @@ class FunctionRunner:
             raise ValueError(f"scaled-out next hop and ports have {used} instances in all; at most {MAX_GROUP}")
 
     def _on_message(self, src: int, payload: bytes) -> None:
+        """A control message (from any node: never trusted). Whatever it holds, the node answers
+        and goes on: a malformed message or a failure while handling it is an error reply."""
+        rid = None
         try:
-            msg = json.loads(payload)
+            try:
+                msg = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                msg = None
+            if not isinstance(msg, dict):
+                self.c["control_errors"] += 1
+                self._reply(src, {"ok": False, "error": "control message is not a JSON object"})
+                return
+            rid = msg.get("id")
             op = msg.get("op")
-        except (ValueError, AttributeError):
-            self._reply(src, {"ok": False, "error": "control message is not a JSON object"})
-            return
-        rid = msg.get("id")
-        try:
-            if op == "stats":
-                out = self.stats()
-            elif op == "reconfigure":
-                out = self._reconfigure(msg.get("config"))
-            elif op == "set_next":
-                # "next": the next hop's instances; "ports" (optional): {port name: instances}
-                timeout = float(msg.get("timeout", 5.0))
-                hop = Hop(self.fabric, list(msg.get("next") or []))
-                want = msg.get("ports") or {}
-                labels = [p.label for p in self.ports]
-                unknown = [name for name in want if name not in labels]
-                if unknown:
-                    raise ValueError(f"set_next: {unknown} are not ports of {self.node.name!r} (ports: {labels})")
-                ports = [Hop(self.fabric, list(want[p.label]), p.label) if want.get(p.label) else p for p in self.ports]
-                self._check_groups(hop, ports)
-                for h in [hop, *ports]:
-                    h.wait(timeout=timeout)
-                self.next, self.ports = hop, ports
-                log("next_hop", {"node": self.node.name, "next": hop.names,
-                                 "ports": {p.label: p.names for p in ports}})
-                out = {"ok": True}
-            elif op == "stop":
-                self.stopping = True
-                self._stop_requester = src
-                return  # answered once drained
-            elif op == "mirror":
-                out = self._mirror_op(msg)
-            else:
-                out = {"ok": False, "error": f"unknown op {op!r}; use stats, reconfigure, set_next, mirror or stop"}
+            if self._polling and op not in ("stats", "stop"):
+                # received while a full ring blocks the batch being sent: the op waits for it
+                self._deferred.append((src, payload))
+                return
+            out = self._handle(src, msg, op)
+            if out is None:
+                return  # stop: answered once drained
         except (FunctionConfigError, TimeoutError, ValueError) as e:
             out = {"ok": False, "error": str(e)}
+        except Exception as e:  # a bug, or a malformed field the checks missed: the node goes on
+            self.c["control_errors"] += 1
+            self._log_error("control_error", {"from": src, "error": f"{type(e).__name__}: {e}"[:300]})
+            out = {"ok": False, "error": f"control message failed: {type(e).__name__}: {e}"[:300]}
         if rid is not None:
             out["id"] = rid
         self._reply(src, out)
+
+    def _handle(self, src: int, msg: dict, op: Any) -> dict | None:
+        if op == "stats":
+            return self.stats()
+        if op == "reconfigure":
+            config = msg.get("config")
+            if not isinstance(config, dict):
+                raise ValueError(f"reconfigure: 'config' must be an object (the function's configuration), not "
+                                 f"{json.dumps(config)[:60]}")
+            return self._reconfigure(config)
+        if op == "set_next":
+            return self._set_next_op(msg)
+        if op == "stop":
+            self.stopping = True
+            self._stop_requester = src
+            return None
+        if op == "mirror":
+            return self._mirror_op(msg)
+        self.c["control_errors"] += 1
+        return {"ok": False, "error": f"unknown op {json.dumps(op)[:40]}; use stats, reconfigure, set_next, mirror "
+                                      "or stop"}
+
+    def _set_next_op(self, msg: dict) -> dict:
+        """The `set_next` op: "next", the next hop's instances; "ports" (optional): {port name:
+        instances}. Every node named must be attached (within "timeout" seconds, 0 by default,
+        at most MAX_WAIT: the data path waits meanwhile), else nothing changes."""
+        timeout = _number(msg, "timeout", 0.0)
+        hop = Hop(self.fabric, _names(msg.get("next"), "set_next: 'next'"))
+        want = msg.get("ports")
+        if want is None:
+            want = {}
+        if not isinstance(want, dict):
+            raise ValueError(f"set_next: 'ports' must be an object {{port name: [node names]}}, not "
+                             f"{json.dumps(want)[:60]}")
+        want = {name: _names(v, f"set_next: port {name!r}") for name, v in want.items()}
+        labels = [p.label for p in self.ports]
+        unknown = [name for name in want if name not in labels]
+        if unknown:
+            raise ValueError(f"set_next: {unknown} are not ports of {self.node.name!r} (ports: {labels})")
+        ports = [Hop(self.fabric, want[p.label], p.label) if want.get(p.label) else p for p in self.ports]
+        self._check_groups(hop, ports)
+        for h in [hop, *ports]:
+            if not h.wait(timeout=timeout, stop=lambda: self.stopping):
+                return {"ok": False, "error": f"node {self.node.name!r} is stopping"}
+        self.next, self.ports = hop, ports
+        log("next_hop", {"node": self.node.name, "next": hop.names,
+                         "ports": {p.label: p.names for p in ports}})
+        return {"ok": True}
 
     def _reconfigure(self, config: Any) -> dict:
         """The `reconfigure` op. Whatever the function's validators or `reconfigure()` raise is an
         error reply, never an exception out of the control handler (which would take the node
         down): a bad configuration is the sender's mistake, not a reason to stop forwarding."""
-        name = self.fn_cls.name
+        name = fn_name(self.fn_cls)
         new = _validate(self.fn_cls, config)  # FunctionConfigError: answered by the caller
         if not hasattr(self.fn, "reconfigure"):
             raise FunctionConfigError(f"function {name!r} cannot be reconfigured live; replace it")
@@ -333,7 +494,9 @@ class FunctionRunner:
             self.mirror = None
             log("mirror", {"node": self.node.name, "to": None, "taps_removed": len(taps)})
             return {"ok": True, "removed": len(taps)}
-        to = str(to)
+        if not isinstance(to, str) or not to:
+            raise ValueError(f"mirror: 'to' must be a node name or null, not {json.dumps(to)[:60]}")
+        timeout = _number(msg, "timeout", 0.0)
         old = next((t for t in taps if t.names[0] == to), None)
         if msg.get("off"):
             if old is None:
@@ -346,7 +509,8 @@ class FunctionRunner:
             raise ValueError(f"node {self.node.name!r} has {len(taps)} taps already, at most {MAX_TAPS}; "
                              f"end one first")
         tap = Tap(self.fabric, [to])
-        tap.wait(timeout=float(msg.get("timeout", 5.0)))
+        if not tap.wait(timeout=timeout, stop=lambda: self.stopping):
+            return {"ok": False, "error": f"node {self.node.name!r} is stopping"}
         self.mirror = [t for t in taps if t is not old] + [tap]
         log("mirror", {"node": self.node.name, "to": to, "taps": len(self.mirror)})
         # "stamp": each copy's descriptor `meta` holds the wall-clock time the tap copied it, in
@@ -408,6 +572,32 @@ class FunctionRunner:
         head = mac(nxt[0] if nxt else None) + src
         return [head + etype(f) + bytes(f) for f in frames]
 
+    def _poll_while_blocked(self, waited: float, polled: float) -> float:
+        """Called between the sleeps of a send that waits for room in a full ring (`waited`
+        seconds slept so far; `polled`: at that count the last poll): every POLL_EVERY seconds,
+        receive once, so that stats and stop are answered while the data path is blocked (other
+        ops wait until the batch is sent). The core has no receive of control messages alone: a
+        data frame the receive takes (one at most) is kept, in order, for the next batches, up to
+        STASH_MAX frames. A source drops what it receives, as its loop does. Returns `polled`."""
+        if waited - polled < POLL_EVERY or self._polling:
+            return polled
+        if not self.is_source and self._stashed >= STASH_MAX:
+            return waited
+        self._polling = True
+        try:
+            batch = self.node.recv_batch(1 if not self.is_source else 64, 0)
+        except Exception as e:  # the node was reclaimed, ...: the send loop finds out next
+            self._log_error("poll_error", {"error": f"{type(e).__name__}: {e}"[:300]}, tb=False)
+            return waited
+        finally:
+            self._polling = False
+        if len(batch) and not self.is_source:
+            self._stash.append(batch)
+            self._stashed += len(batch)
+        else:
+            batch.release()
+        return waited
+
     def _send_code(self, batch: Any, out: bytearray, code: int, hop: Hop, i: int) -> int:
         """Forward the frames of `code` to instance `i` of `hop`, waiting while its ring is full.
         Returns frames sent."""
@@ -417,7 +607,7 @@ class FunctionRunner:
         dst, gen = hop.ids[i], hop.gens[i]
         sent_total = 0
         waits = 0
-        waited = 0.0
+        waited = polled = 0.0
         while pending:
             if dst is None:
                 self.c["next_down"] += pending
@@ -437,7 +627,12 @@ class FunctionRunner:
                     d = backoff(waits - 3)
                     time.sleep(d)
                     waited += d
-                if self.stopping and waited > STOP_STUCK:  # a stuck downstream must not block a stop forever
+                    polled = self._poll_while_blocked(waited, polled)
+                    if self.stopping:
+                        self._stop_slept += d
+                # a stuck downstream must not block a stop forever: STOP_STUCK for a batch, and for
+                # all batches together once stopping (the next ones are not each given as long)
+                if self.stopping and (waited > STOP_STUCK or self._stop_slept > STOP_STUCK):
                     self.c["dropped"] += pending
                     return sent_total
         return sent_total
@@ -510,7 +705,7 @@ class FunctionRunner:
     def _send_copies_typed(self, frames: list, hop: Hop, i: int, ethertype: int) -> None:
         dst, gen = hop.ids[i], hop.gens[i]
         waits = 0
-        waited = 0.0
+        waited = polled = 0.0
         while frames:
             if dst is None:
                 self.c["next_down"] += len(frames)
@@ -531,16 +726,29 @@ class FunctionRunner:
                     d = backoff(waits - 3)
                     time.sleep(d)
                     waited += d
-                if self.stopping and waited > STOP_STUCK:  # as in _send_code: a stop is never blocked for good
+                    polled = self._poll_while_blocked(waited, polled)
+                    if self.stopping:
+                        self._stop_slept += d
+                # as in _send_code: a stop is never blocked for good
+                if self.stopping and (waited > STOP_STUCK or self._stop_slept > STOP_STUCK):
                     self.c["dropped"] += len(frames)
                     return
 
     def send_emitted(self) -> None:
         """Send what the function emitted (ctx.emit) by verdict: NEXT (spread over a scaled-out
         group by flow hash, like forwarded frames) or a port. Frames too large for the network
-        are counted (`emit_too_large`), not sent."""
+        are counted (`emit_too_large`), not sent. ctx.emit refuses what is not a buffer; what a
+        function put into `ctx.emitted` itself and cannot be sent is counted (`emit_errors`) and
+        logged, never raised out of the runtime."""
         emitted = self.ctx.emitted
         self.ctx.emitted = []
+        try:
+            self._send_emitted(emitted)
+        except Exception as e:
+            self.c["emit_errors"] += len(emitted)
+            self._log_error("emit_error", {"error": f"{type(e).__name__}: {e}"[:300], "frames": len(emitted)})
+
+    def _send_emitted(self, emitted: list) -> None:
         mtu = self.node.mtu
         by_code: dict[int, list] = {}
         for code, data in emitted:
@@ -572,11 +780,52 @@ class FunctionRunner:
             else:  # DROP, REPLY (an emitted frame has no sender) or an unknown code
                 self.c["bad_verdict"] += len(frames)
 
+    def _when(self, v: Any, what: str, now: float) -> float | None:
+        """A time on_timer / next_deadline returned: None, or a finite number (monotonic
+        seconds). Anything else (NaN, a negative time, a str) is a timer error: counted, logged,
+        and the next call is a second from now (an answer "at once" forever would spin a core)."""
+        if v is None:
+            return None
+        if v.__class__ is float or v.__class__ is int:
+            if 0.0 <= v < math.inf:
+                return v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+                if 0.0 <= f < math.inf:
+                    return f
+            except Exception:
+                pass
+        self.c["timer_errors"] += 1
+        self._log_error("timer_error", {"error": f"{what} returned {v!r:.80}, not a time (monotonic seconds, "
+                                                 "finite and not negative) or None; called again in 1 s"}, tb=False)
+        return now + 1.0
+
+    def _deadline(self, now: float) -> float | None:
+        """The function's next_deadline(now), checked (`_when`); a raise counts as a timer error."""
+        try:
+            d = self.fn.next_deadline(now)
+        except Exception as e:
+            self.c["timer_errors"] += 1
+            self._log_error("timer_error", {"error": f"next_deadline raised {type(e).__name__}: {e}"[:300]})
+            return now + 1.0
+        return self._when(d, "next_deadline", now)
+
     def fire_timer(self, now: float) -> None:
-        """Call the function's on_timer, send what it emitted, and note when to call it again."""
+        """Call the function's on_timer, send what it emitted, and note when to call it again.
+        An on_timer that raises is counted (`timer_errors`) and logged (what it emitted meanwhile
+        is dropped, as for a process() that raises); it is called again a second later."""
         fn = self.fn
-        t = fn.on_timer(now) if self._has_on_timer else None
-        d = fn.next_deadline(now) if self._has_deadline else None
+        t = None
+        if self._has_on_timer:
+            try:
+                t = self._when(fn.on_timer(now), "on_timer", now)
+            except Exception as e:
+                self.c["timer_errors"] += 1
+                self.ctx.emitted = []
+                self._log_error("timer_error", {"error": f"on_timer raised {type(e).__name__}: {e}"[:300]})
+                t = now + 1.0
+        d = self._deadline(now) if self._has_deadline else None
         self.timer_at = t if d is None else d if t is None else min(t, d)
         if self.ctx.emitted:
             self.send_emitted()
@@ -600,6 +849,7 @@ class FunctionRunner:
         """A source's frames of one IP version to instance `i` of the next hop."""
         dst = self.next.ids[i]
         waits = 0
+        waited = polled = 0.0
         while fs:
             try:
                 sent = self.node.send_batch(dst, fs, ethertype=ethertype, incarnation=self.next.gens[i])
@@ -615,7 +865,10 @@ class FunctionRunner:
                     self.c["dropped"] += len(fs)
                     break
                 waits += 1
-                time.sleep(backoff(waits))
+                d = backoff(waits)
+                time.sleep(d)
+                waited += d
+                polled = self._poll_while_blocked(waited, polled)
 
     def run(self, duration: float | None = None) -> dict:
         """Process until stopped (SIGTERM/SIGINT, the `stop` op, or `duration` seconds). Returns stats."""
@@ -633,7 +886,7 @@ class FunctionRunner:
                 raise TimeoutError(f"node {self.node.name!r}: next hop node(s) {', '.join(map(repr, missing))} not "
                                    f"attached to fabric {self.fabric.name!r} within {why}; start them first (a node "
                                    "waits for the ones it sends to), or leave them out of --next/--port") from None
-        log("started", {"node": self.node.name, "function": self.fn_cls.name, "id": self.node.id,
+        log("started", {"node": self.node.name, "function": fn_name(self.fn_cls), "id": self.node.id,
                         "next": self.next.names})
         end = None if duration is None else start + duration
         empty_polls = 0
@@ -648,7 +901,10 @@ class FunctionRunner:
             # housekeeping (expiring flow tables) never ran.
             self.timer_at = time.monotonic()
         stop_t0 = 0.0
+        held_retry = 0.0
         while True:
+            if self._deferred:  # ops that came while a full ring blocked the last batch
+                self._run_deferred()
             now = time.monotonic()
             if end is not None and now >= end:
                 self.stopping = True
@@ -657,7 +913,11 @@ class FunctionRunner:
             if self.is_source:
                 if self.stopping:
                     break
-                frames = fn.produce(now, batch_max)
+                try:
+                    frames = fn.produce(now, batch_max)
+                except Exception as exc:  # as a process() that raises: counted, logged, the node goes on
+                    self._process_failed(exc, 0)
+                    frames = None
                 if frames:
                     t0 = perf()
                     if not c["first_ns"]:
@@ -676,7 +936,7 @@ class FunctionRunner:
                     pass
                 if not frames:
                     # a source without next_deadline is asked again in a millisecond
-                    deadline = fn.next_deadline(now) if has_deadline else now + 0.001
+                    deadline = self._deadline(now) if has_deadline else now + 0.001
                     if deadline is None:
                         self.stopping = True
                         continue
@@ -688,17 +948,25 @@ class FunctionRunner:
                     self.fire_timer(now)
                 if self.timer_at is not None:
                     timeout = min(timeout, max(0.0, self.timer_at - now))
-            batch = node.recv_batch(batch_max, timeout)
+            if self._held and now >= held_retry:  # batches a function kept views of: free again?
+                held_retry = now + 0.02
+                self._release_held()
+            if self._stash:  # frames taken while a full ring blocked the last batch: first, in order
+                batch = self._stash.pop(0)
+                self._stashed -= len(batch)
+            else:
+                batch = node.recv_batch(batch_max, timeout)
             n = len(batch)
             if not n:
                 batch.release()
-                if timed:
+                # on_timer when due, or at each empty poll if it asked for no time (None)
+                if timed and (self.timer_at is None or time.monotonic() >= self.timer_at):
                     self.fire_timer(time.monotonic())
                 if self.stopping:
                     empty_polls += 1
                     # input drained; a function still holding frames gets timer calls for a while
                     # (asked directly: timer_at may be a housekeeping timer of on_timer's)
-                    holding = has_deadline and now - stop_t0 < STOP_GRACE and fn.next_deadline(now) is not None
+                    holding = has_deadline and now - stop_t0 < STOP_GRACE and self._deadline(now) is not None
                     if empty_polls >= 2 and not holding:
                         break
                 continue
@@ -714,15 +982,27 @@ class FunctionRunner:
                 fn.process(batch, now, out)
             except Exception as exc:
                 out = self._process_failed(exc, n)
+            else:
+                if len(out) != n:  # a verdict per frame, or none of them can be trusted
+                    out = self._process_failed(ValueError(
+                        f"process() changed the length of `out` from {n} to {len(out)} (set out[i]; never resize "
+                        "it)"), n, tb=False)
             c["busy_ns"] += perf() - t0
             c["in_frames"] += n
             c["batches"] += 1
             if ctx.emitted:  # before the batch: frames a shaper released precede newer ones
                 self.send_emitted()
-            self.dispatch(batch, out)
-            batch.release()
+            try:
+                self.dispatch(batch, out)
+            except BufferError:
+                self._kept_view(batch, n, sent=False)
+            else:
+                try:
+                    batch.release()
+                except BufferError:
+                    self._kept_view(batch, n, sent=True)
             if has_deadline:
-                d = fn.next_deadline(now)
+                d = self._deadline(now)
                 if d is not None and (self.timer_at is None or d < self.timer_at):
                     self.timer_at = d
             c["last_ns"] = time.monotonic_ns()
@@ -733,7 +1013,12 @@ class FunctionRunner:
         log("stopped", {"node": self.node.name, **c})
         return stats
 
-    def _process_failed(self, exc: Exception, n: int) -> bytearray:
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for src, payload in deferred:
+            self._on_message(src, payload)
+
+    def _process_failed(self, exc: Exception, n: int, tb: bool = True) -> bytearray:
         """A function's process() raised: its batch is dropped (verdicts left half written
         would send unchecked frames on: NEXT is 0), what it emitted meanwhile too, and the node
         goes on with the next batch. One packet that trips a bug in a function (a packet of
@@ -744,22 +1029,68 @@ class FunctionRunner:
         c["error_frames"] += n
         self.ctx.emitted = []
         now = time.monotonic()
-        if now - self._error_logged >= 10.0:
-            self._error_logged = now
-            import traceback
-
+        if now - self._logged.get("process_error", -ERROR_LOG_EVERY) >= ERROR_LOG_EVERY:
+            self._logged["process_error"] = now
             log("process_error", {"node": self.node.name, "error": f"{type(exc).__name__}: {exc}"[:300],
                                   "batches_failed": c["process_errors"], "frames_dropped": c["error_frames"],
-                                  "traceback": traceback.format_exc(limit=8)})
+                                  **({"traceback": traceback.format_exc(limit=8)} if tb else {})})
         return bytearray(b"\x01") * n  # Verdict.DROP for every frame
 
+    def _kept_view(self, batch: Any, n: int, sent: bool) -> None:
+        """The function kept a memoryview of a frame of `batch` past process(): the core refuses
+        to forward the batch (`sent` False: none of its frames went out; counted as
+        `error_frames`) and to release it (its slots would be reused under the view). The batch
+        is held, and released once the view is gone (`_release_held`)."""
+        c = self.c
+        c["kept_views"] += 1
+        if not sent:
+            c["error_frames"] += n
+        self._held.append(batch)
+        self._log_error("view_kept", {"error": (
+            f"function {fn_name(self.fn_cls)!r} kept a view of a frame past its batch (a memoryview of a frame, "
+            "or of a part of one, outlived process(); copy what you keep with bytes(frame)): "
+            + ("the batch's frames were not sent, " if not sent else "")
+            + "its slots stay held until the view is gone"),
+            "frames": n, "batches_held": len(self._held)}, tb=False)
+
+    def _release_held(self) -> None:
+        keep = []
+        for b in self._held:
+            try:
+                b.release()
+            except BufferError:
+                keep.append(b)
+        self._held = keep
+
     def close(self) -> None:
-        """Close the function (its optional `close()`: flush files) and detach the node."""
+        """Close the function (its optional `close()`: flush files) and detach the node.
+
+        A function's close() that raises is logged. If the function still holds views of frames
+        (see `_kept_view`), the runner lets go of the (closed) function so they go with it; a view
+        that outlives even that (kept in a global) keeps the node attached: BufferError, one line
+        saying so (the node's slots are reclaimed when the process exits)."""
+        fn = self.fn
         try:
-            if hasattr(self.fn, "close"):
-                self.fn.close()
-        finally:
+            if fn is not None and hasattr(fn, "close"):
+                fn.close()
+        except Exception as e:
+            self._log_error("close_error", {"error": f"the function's close() raised {type(e).__name__}: {e}"[:300]})
+        for b in self._stash:  # never reached a batch (a run that ended by an exception)
+            b.release()
+        self._stash, self._stashed = [], 0
+        self._release_held()
+        if self._held:
+            self.fn = fn = None  # type: ignore[assignment]
+            gc.collect()
+            self._release_held()
+        try:
             self.node.detach()
+        except BufferError:
+            msg = (f"node {self.node.name!r}: function {fn_name(self.fn_cls)!r} still holds a view of a frame "
+                   f"({len(self._held)} batch(es) held) after close(), so the node cannot detach; it stays "
+                   "attached until this process exits, and its slots are reclaimed then")
+            log("close_error", {"node": self.node.name, "error": msg})
+            raise BufferError(msg) from None
 
 
 def install_signal_handlers(runner: FunctionRunner) -> None:

@@ -28,6 +28,7 @@ from shmfabric.functions.registry import load as load_function
 from shmfabric.functions.snort import FlowTracker, Ids, SignatureSet, SnortSyntaxError, load, parse_rule, parse_rules
 from shmfabric.net import build
 from shmfabric.net.flow import FlowKey
+from .test_ids_engines import ref_fires  # the brute-force reference both files check against
 
 ENGINES = ["pyahocorasick",
            pytest.param("hyperscan", marks=pytest.mark.skipif(snort.hyperscan is None, reason="hyperscan not installed"))]
@@ -138,14 +139,6 @@ def rule_text(sid: int, contents) -> str:
     return f"alert ip any any -> any any ({''.join(opts)}sid:{sid};)"
 
 
-def ref_fires(rule, payload: bytes) -> bool:
-    for c in rule.contents:
-        hay = payload.lower() if c.nocase else payload
-        needle = c.pattern.lower() if c.nocase else c.pattern
-        stop = len(hay) if c.depth is None else c.offset + c.depth
-        if (hay.find(needle, c.offset, stop) >= 0) == c.negated:
-            return False
-    return True
 
 
 @pytest.mark.parametrize("engine", ENGINES)

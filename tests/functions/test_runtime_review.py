@@ -5,6 +5,8 @@ loading; the firewall's rule index and rule-language edges. In one process: the 
 thread, plain nodes around it. Bounded in time; nothing asserts a duration."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -64,6 +66,20 @@ class Running:
         self.t.join(timeout)
         assert not self.t.is_alive(), "the node's loop did not end"
         assert "exc" not in self.result, self.result["exc"]
+
+@contextlib.contextmanager
+def controlled(fab, *args, **kwargs):
+    """A FunctionRunner(fab, *args) running in a thread, and a ControlClient "mgr": (runner,
+    Running, client), all stopped and closed afterwards."""
+    r = FunctionRunner(fab, *args, **kwargs)
+    run = Running(r)
+    ctl = ControlClient(fab, "mgr")
+    try:
+        yield r, run, ctl
+    finally:
+        ctl.close()
+        run.stop()
+        r.close()
 
 
 def wait_for(cond, timeout: float = 10.0) -> bool:
@@ -132,20 +148,13 @@ def test_a_stats_reply_longer_than_the_mtu_arrives_whole_and_the_node_lives(fab)
     # was: send_control raised FrameSizeError above the MTU, uncaught: the node died on the
     # manager's readiness probe (a firewall of ~40 rules at MTU 1500)
     fab.attach("nxt")
-    r = FunctionRunner(fab, "mid", ManyCounters, {}, ["nxt"])
-    run = Running(r)
-    ctl = ControlClient(fab, "mgr")
-    try:
+    with controlled(fab, "mid", ManyCounters, {}, ["nxt"]) as (r, run, ctl):
         st = ctl.request("mid", {"op": "stats"}, timeout=10)
         assert st["ok"] and st["function_counters"] == r.fn.counters()
         assert len(json.dumps(st)) > 20 * fab.networks[0].mtu
         assert ctl.request("mid", {"op": "stats"}, timeout=10)["ok"] and run.alive()
         small = ctl.request("mid", {"op": "frobnicate"}, timeout=10)  # short replies unchanged
         assert small["ok"] is False and small["id"] == 3
-    finally:
-        ctl.close()
-        run.stop()
-        r.close()
 
 
 def test_a_firewall_with_a_hundred_rules_answers_stats_and_stop(fab):
@@ -210,25 +219,15 @@ class Quirky:
 def test_malformed_control_messages_are_refused_and_the_node_goes_on(fab, op, error):
     fab.attach("nxt")
     fab.attach("p")
-    r = FunctionRunner(fab, "mid", Quirky, {}, ["nxt"], ["p"])
-    run = Running(r)
-    ctl = ControlClient(fab, "mgr")
-    try:
+    with controlled(fab, "mid", Quirky, {}, ["nxt"], ["p"]) as (r, run, ctl):
         reply = ctl.request("mid", op, timeout=5)
         assert reply["ok"] is False and error in reply["error"], reply
         assert ctl.request("mid", {"op": "stats"}, timeout=5)["ok"] and run.alive()
-    finally:
-        ctl.close()
-        run.stop()
-        r.close()
 
 
 def test_control_messages_that_are_not_json_objects_are_answered(fab):
     fab.attach("nxt")
-    r = FunctionRunner(fab, "mid", Quirky, {}, ["nxt"])
-    run = Running(r)
-    ctl = ControlClient(fab, "mgr")
-    try:
+    with controlled(fab, "mid", Quirky, {}, ["nxt"]) as (r, run, ctl):
         for payload in (b"[1, 2]", b"\xff\xfe", b"5", b"null"):
             assert ctl.node.send_control(r.node.id, payload)
 
@@ -240,30 +239,19 @@ def test_control_messages_that_are_not_json_objects_are_answered(fab):
         assert [rep["ok"] for _, rep in ctl._replies[:4]] == [False] * 4
         ctl._replies.clear()
         assert ctl.request("mid", {"op": "stats"}, timeout=5)["counters"]["control_errors"] == 4
-    finally:
-        ctl.close()
-        run.stop()
-        r.close()
 
 
 @pytest.mark.parametrize("mode", ["raise", "set", "list"])
 def test_counters_that_raise_or_are_not_json_still_answer_stats(fab, mode, monkeypatch):
     monkeypatch.setattr(Quirky, "mode", mode)
     fab.attach("nxt")
-    r = FunctionRunner(fab, "mid", Quirky, {}, ["nxt"])
-    run = Running(r)
-    ctl = ControlClient(fab, "mgr")
-    try:
+    with controlled(fab, "mid", Quirky, {}, ["nxt"]) as (r, run, ctl):
         st = ctl.request("mid", {"op": "stats"}, timeout=5)
         assert st["ok"] and run.alive()
         if mode == "set":
             assert st["function_counters"] == {"seen": [1, 2, 3], "raw": "00ff"}
         else:
             assert st["function_counters"] == {} and st["function_counters_error"]
-    finally:
-        ctl.close()
-        run.stop()
-        r.close()
 
 
 class TimerQuirks:

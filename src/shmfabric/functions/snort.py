@@ -425,16 +425,8 @@ def _flatten(p: _Ctx, text: str, what: str, neg: bool = False, depth: int = 0,
     items, as Snort 2 does: `[10.0.0.0/8,![10.0.0.1,10.0.0.2]]` is 10.0.0.0/8 without the two."""
     if depth > _MAX_NEST:
         raise p.err(f"{what} lists nested deeper than {_MAX_NEST} levels", "flatten the list")
-    text = text.strip(_WS)
-    for _ in range(_MAX_NEST):
-        while text.startswith("!"):
-            neg, text = not neg, text[1:].lstrip(_WS)
-        if not text.startswith("$"):
-            break
-        name, text = p.var(text)
-        names += (name,)
-    else:
-        raise p.err(f"variable in {what} '{text}' refers to itself or nests too deep")
+    flip, text, more = _top(p, text, what)
+    neg, names = neg != flip, names + more
     if text.startswith("["):
         out: list[tuple[str, bool, tuple[str, ...]]] = []
         for item in _split_list(p, text, what):

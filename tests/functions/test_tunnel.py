@@ -864,3 +864,33 @@ def test_inner_fragments_of_one_datagram_get_the_same_outer_source_port():
     assert sp[0] == 49152 + flow_hash((a, b, 17, 0, 0)) % 16384
     assert sp[6] == 49152 + flow_hash((a, b, 17, 1000, 53)) % 16384  # unfragmented: the 5-tuple, as before
     assert sp[7] not in (49152, sp[4])
+
+
+def test_encrypt_decap_going_back_to_the_previous_key_keeps_refusing_its_replays(clock):
+    """The manager rolls a failed key push back (A -> B -> A within milliseconds): a new key used
+    to start a fresh replay state with the floor at now - resalt_after, so every packet sealed
+    under A in the last seconds was accepted once more after the rollback."""
+    enc, dec = pair(Encrypt, key=KEY)
+    _, cap = through(enc, [udp(payload=b"pay %d" % i) for i in range(5)])
+    assert through(dec, cap)[0] == [CONSUMED] * 5
+    other = "11" * 32
+    dec.reconfigure(dec.cfg.model_copy(update={"key": other}))
+    dec.reconfigure(dec.cfg.model_copy(update={"key": KEY}))  # rolled back
+    assert through(dec, cap)[0] == [DROP] * 5 and dec.counters()["replayed"] == 5
+    _, fresh = through(enc, [udp(payload=b"after")])
+    assert through(dec, fresh)[0] == [CONSUMED]
+
+
+def test_encrypt_a_sender_too_far_ahead_is_logged_not_only_counted(clock):
+    """With max_clock_skew 1 s by default, a sender whose clock leads by more is refused for good:
+    a counter alone left that unexplained. One log line, at most once a minute."""
+    logs: list[tuple[str, dict]] = []
+    _, dec = pair(Encrypt, key=KEY)
+    dec.ctx.log = lambda kind, fields: logs.append((kind, fields))
+    clock.step(5_000)
+    enc, _ = pair(Encrypt, key=KEY)
+    _, ahead = through(enc, [udp()] * 3)
+    clock.step(-5_000)
+    assert through(dec, ahead)[0] == [DROP] * 3 and dec.counters()["future_sender"] == 3
+    assert [k for k, _ in logs] == ["future_sender"]
+    assert logs[0][1]["lead_ms"] >= 4_000 and "max_clock_skew" in logs[0][1]["fix"]

@@ -516,6 +516,7 @@ class Encrypt(_Tunnel):
 
     def __init__(self, config: EncryptConfig, ctx: FunctionContext | None = None) -> None:
         self._key_bytes: bytes | None = None
+        self._future_logged = 0.0  # monotonic time before which a future_sender is not logged again
         super().__init__(config, ctx)
         self.c.update({"auth_failed": 0, "replayed": 0, "wrong_key_id": 0, "length_mismatch": 0,
                        "stale_sender": 0, "future_sender": 0, "salts": 0})
@@ -539,8 +540,13 @@ class Encrypt(_Tunnel):
         self.skew_ms = max(1, int(skew * 1000))
         self._invalid_tag = InvalidTag
         if key != self._key_bytes:
-            # a new key starts a new nonce sequence and forgets the old replay state
+            # a new key starts a new nonce sequence and a new replay state; the state of the key
+            # it replaces is kept, so going back to that key (the manager's own rollback of a
+            # failed push: A -> B -> A within milliseconds) finds its windows and floor again
             fresh = self._key_bytes is None
+            prev = getattr(self, "_prev_key_state", None)
+            self._prev_key_state = None if fresh else (
+                self._key_bytes, self.replay, self.floor, self.floor_margin, self.mono_start, self.future_limit)
             self._aead = AESGCM(key)
             self._key_bytes = key
             # encap: the nonce is salt (4 random bytes) + 8-byte counter = start << SEQ_BITS | n,
@@ -551,7 +557,10 @@ class Encrypt(_Tunnel):
             # same start ms; the random lifetime keeps instances that started together from
             # re-salting in step for ever)
             self.salt = os.urandom(4)
-            self.start: int | None = None  # drawn at the first packet (see process)
+            if fresh:
+                # drawn at the first packet (see process); kept across key changes, so salt starts
+                # keep increasing even under a key used before
+                self.start: int | None = None
             self.counter = 0
             self.resalt_due = 0  # monotonic ms at which the salt is replaced
             # decap: replay state per sender salt, [highest counter, window bits], least recently
@@ -559,7 +568,10 @@ class Encrypt(_Tunnel):
             # after the floor (ms), raised past the start of every salt it forgets: a packet of
             # a salt it saw before can never open a fresh window.
             self.replay: OrderedDict[bytes, list[int]] = OrderedDict()
-            if fresh:
+            if prev is not None and prev[0] == key:
+                # back to the key before: its replay state, as it was
+                _, self.replay, self.floor, self.floor_margin, self.mono_start, self.future_limit = prev
+            elif fresh:
                 # A (re)start: a previous run accepted salts that start up to its end + skew (a
                 # sender whose clock is ahead stamps its salts in the decap's future), so only
                 # one that starts after now + skew is surely new to it
@@ -672,6 +684,18 @@ class Encrypt(_Tunnel):
                 # e.g. restarted so: then this may be a replay). No state, so it cannot raise
                 # the floor for everybody once forgotten
                 c["future_sender"] += 1
+                now = time.monotonic()
+                if now >= self._future_logged:
+                    # otherwise a sender whose clock leads by more than the skew is refused with
+                    # only a counter to show it; once a minute at most (the packet is not
+                    # authenticated yet: a forger could spam it)
+                    self._future_logged = now + 60.0
+                    self.ctx.log("future_sender", {
+                        "node": self.ctx.node, "lead_ms": start - _now_ms(),
+                        "max_clock_skew_ms": self.skew_ms,
+                        "problem": "a sender's salt starts further ahead of this decap's clock than max_clock_skew "
+                                   "(not yet authenticated): its packets are dropped",
+                        "fix": "synchronise the clocks (NTP), or raise max_clock_skew"})
                 return None
         try:
             inner = self._aead.decrypt(nonce, data[at + NONCE_LEN: tlen], self._aad(sport, data[IP_UDP:at], nonce))

@@ -237,22 +237,42 @@ def _refused(p: subprocess.CompletedProcess, state: Path, problem: str) -> None:
     assert f"state directory {state} {problem}" in err and "SHMFABRIC_STATE_DIR" in err, err
 
 
-@pytest.mark.parametrize("mode, problem", [(0o777, "may be written by others (mode 777)"),
-                                           (0o1777, "may be written by others (mode 1777)"),
-                                           (0o770, "may be written by its group (mode 770)")])
-def test_a_state_dir_others_may_write_is_refused(tmp_path, mode, problem):
+@pytest.mark.parametrize("mode, was", [(0o777, "was writable by others (mode 777)"),
+                                       (0o1777, "was writable by others (mode 1777)"),
+                                       (0o775, "was writable by its group (mode 775)")])
+def test_a_state_dir_of_yours_others_may_write_is_made_0700(tmp_path, mode, was):
+    """An older version made the directory under the umask (0775 under umask 002): refusing it
+    locked users out of their own running managers. Ours and holding only our files: made 0700."""
     state = tmp_path / "state"
     state.mkdir()
     state.chmod(mode)
+    (state / "old.log").write_text("")
+    env = dict(os.environ, SHMFABRIC_STATE_DIR=str(state))
+    p = cli(env, "status", check=False)
+    assert f"state directory {state} {was}: made 0700" in p.stderr, p.stderr
+    assert "no running manager found" in p.stderr and "not used" not in p.stderr, p.stderr  # used
+    assert stat.S_IMODE(os.lstat(state).st_mode) == 0o700
+
+
+@needs_root
+def test_a_state_dir_others_could_write_holding_their_files_is_refused(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    planted = state / "edge.json"
+    planted.write_text("{}")
+    os.chown(planted, 65534, 65534)  # someone else's, put there while the directory was open
     env = dict(os.environ, SHMFABRIC_STATE_DIR=str(state))
     for verb in ("status", "down"):
-        _refused(cli(env, verb, check=False), state, problem)
+        _refused(cli(env, verb, check=False), state, "was writable by others (mode 777)")
     name = unique_fabric()
     cfg = tmp_path / "t.yaml"
     cfg.write_text(TOPO.replace("FABRIC", name))
-    _refused(cli(env, "up", cfg, "--duration", "1", check=False), state, problem)
+    p = cli(env, "up", cfg, "--duration", "1", check=False)
+    _refused(p, state, "was writable by others (mode 777)")
+    assert "holds files that are not yours (edge.json)" in p.stderr and "down --api" in p.stderr
     assert not region_path(name).exists()  # refused before anything started
-    assert stat.S_IMODE(os.lstat(state).st_mode) == mode  # not changed behind the user's back
+    assert stat.S_IMODE(os.lstat(state).st_mode) == 0o777  # left as it was: refused again next time
 
 
 def test_a_state_dir_that_is_a_symbolic_link_is_refused(tmp_path):

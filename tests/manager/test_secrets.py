@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from shmfabric.fabric import Fabric
+from shmfabric.manager.supervisor import SupervisorError
 from tests.manager.conftest import counters, unique_fabric, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -330,3 +331,35 @@ def test_api_pushes_restarts_and_scale_out_keep_the_key_secret_and_working(run_t
         _no_key(repr(sup.nodes["seal"].instances[0]), KEY3)
     finally:
         api.close()
+
+
+def test_a_refused_push_makes_nothing_a_secret_and_the_remembered_secrets_are_bounded(run_topology):
+    """A push refused by validation used to have its secret field's value remembered first: a
+    mistaken key "unseal" (a node name) then turned every later "unseal" into "<redacted>", and
+    every refused value was kept for good."""
+    from shmfabric.manager import supervisor as sv
+
+    sup = run_topology(tunnel().replace("api: 127.0.0.1:0\n", ""))
+    with pytest.raises(SupervisorError):
+        sup.reconfigure("seal", {"mode": "encap", "key": "unseal"})
+    assert "unseal" not in sup._secret_values
+    with pytest.raises(SupervisorError) as err:
+        sup.scale("nosuch", 2)
+    assert "unseal" in sup.redact_text(str(err.value)), "a node name was redacted"
+    for i in range(sv.MAX_REMEMBERED_SECRETS + 50):  # valid pushes: remembered, but not without end
+        sup._remember_secrets("encrypt", {"key": f"{i:064x}"})
+    assert len(sup._secret_values) <= sv.MAX_REMEMBERED_SECRETS
+    assert f"{sv.MAX_REMEMBERED_SECRETS + 49:064x}" in sup._secret_values  # the newest stay
+
+
+def test_the_config_fd_never_lands_on_a_standard_descriptor(tmp_path):
+    """In a process started with stdin closed, the config's memfd took fd 0, and the child's stdin
+    (/dev/null) then replaced it: the instance read an empty config."""
+    code = ("import os, sys\n"
+            "os.close(0)\n"
+            "from shmfabric.manager.supervisor import _config_fd\n"
+            "fd = _config_fd({'rate': 50})\n"
+            "print(fd, open(f'/proc/self/fd/{fd}').read())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    fd, text = out.stdout.split(" ", 1)
+    assert int(fd) > 2 and text.strip() == '{"rate":50}', out.stdout + out.stderr

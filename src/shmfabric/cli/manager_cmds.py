@@ -76,13 +76,27 @@ def checked_state_dir(create: bool = False) -> Path:
             user = "no user name"
         problem = f"belongs to uid {st.st_uid} ({user}), not to you (uid {uid})"
     elif st.st_mode & 0o022:
+        # Ours, but others may write in it (made by an older version under umask 002, say): made
+        # 0700 now, and used if everything in it is ours too (a file someone else planted or
+        # replaced while it was open to them would be theirs).
         who = "others" if st.st_mode & 0o002 else "its group"
-        problem = f"may be written by {who} (mode {st.st_mode & 0o7777:o})"
+        problem = f"was writable by {who} (mode {st.st_mode & 0o7777:o})"
+        try:
+            foreign = [e.name for e in os.scandir(d) if e.stat(follow_symlinks=False).st_uid != uid]
+            if not foreign:  # (checked first: a directory refused stays refused, left as it was)
+                os.chmod(d, 0o700)
+        except OSError as exc:
+            raise _state_dir_error(exc, d) from None
+        if not foreign:
+            print(f"shmfabric: state directory {d} {problem}: made 0700", file=sys.stderr)
+            return d
+        problem += f", and holds files that are not yours ({', '.join(sorted(foreign)[:3])})"
     else:
         return d
     raise CliError(f"state directory {d} {problem}: not used, since the state files `down` trusts could be "
-                   "planted there; remove it (it is made again, 0700), or set SHMFABRIC_STATE_DIR to a "
-                   "directory of yours that only you may write")
+                   "planted there; remove it (it is made again, 0700; a manager still running from it can be "
+                   "stopped with `down --api URL`), or set SHMFABRIC_STATE_DIR to a directory of yours that "
+                   "only you may write")
 
 
 def _pid_alive(pid: int) -> bool:

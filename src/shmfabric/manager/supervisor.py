@@ -194,8 +194,9 @@ def _config_fd(config: dict) -> int:
         except BaseException:
             os.close(fd)
             raise
-        return fd  # its offset does not matter: opening /proc/self/fd/N opens the file from its start
+        return _above_stdio(fd)  # its offset does not matter: /proc/self/fd/N opens the file from its start
     r, w = os.pipe()  # both close-on-exec (PEP 446)
+    r = _above_stdio(r)
 
     def fill() -> None:
         try:
@@ -209,6 +210,25 @@ def _config_fd(config: dict) -> int:
 
     threading.Thread(target=fill, name="shmfabric-config-pipe", daemon=True).start()
     return r
+
+
+# Secret values remembered for redaction, at most (every key a node ever ran, rotations included,
+# is far fewer; the bound only stops an API client from growing the set without end).
+MAX_REMEMBERED_SECRETS = 1024
+
+
+def _above_stdio(fd: int) -> int:
+    """`fd`, moved to 3 or above (close-on-exec) if it is 0, 1 or 2: in a process started with a
+    standard descriptor closed, a new descriptor takes its number, and the child's stdio set-up
+    would then overwrite it (the instance read /dev/null as its config)."""
+    if fd > 2:
+        return fd
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 def _private_opener(path: str, flags: int) -> int:
@@ -277,6 +297,7 @@ class Supervisor:
         # (kept after a key rotation: an old key is still a secret), replaced in texts shown to people
         self._secret_cache: dict[str, frozenset[str]] = {}
         self._secret_values: frozenset[str] = frozenset()
+        self._secret_order: dict[str, None] = {}  # the same values, oldest first (for the bound)
         self._secrets_lock = threading.Lock()  # its own: API threads redact without the supervisor lock
         for cfg in topo.nodes:
             self._remember_secrets(cfg.function, cfg.config)
@@ -1093,8 +1114,10 @@ class Supervisor:
             if not isinstance(config, dict):
                 raise SupervisorError("config must be a JSON object")
             config = self._unredact(node.function, config, node.config)
-            self._remember_secrets(node.function, config)
+            # validated first: a refused push must not make any word of it a "secret" that is
+            # redacted from every later message (its error carries no input values)
             self._validate_config(node.function, config, name)
+            self._remember_secrets(node.function, config)
             pushed: list[tuple[Instance, dict]] = []
             try:
                 for inst in node.instances:
@@ -1132,8 +1155,8 @@ class Supervisor:
                 raise SupervisorError("config must be a JSON object")
             function = function or node.function
             config = dict(node.config) if config is None else self._unredact(function, config, node.config)
-            self._remember_secrets(function, config)
             self._validate_config(function, config, name)
+            self._remember_secrets(function, config)
             old = [i for i in node.instances if i.active]
             if not old:
                 raise SupervisorError(f"node {name!r} has no running instance to replace", status=409)
@@ -1182,13 +1205,13 @@ class Supervisor:
         puts the configs back and leaves the running topology as it was; the error says what failed."""
         topo = self._pin(topo)
         source = source or self.source
-        for cfg in topo.nodes:
-            self._remember_secrets(cfg.function, cfg.config)
         if self._resolve is not None:  # reads only the new topology: no lock needed
             try:
                 check_functions(topo, source, self._resolve, _read_text(source))
             except ConfigError as exc:
                 raise SupervisorError(str(exc), status=422) from None
+        for cfg in topo.nodes:  # after the check (see reconfigure)
+            self._remember_secrets(cfg.function, cfg.config)
         with self._operation("reload", wait=wait, config=source):
             old = self.topo
             if topo.fabric != old.fabric:
@@ -1528,7 +1551,16 @@ class Supervisor:
                 found.update(x for x in (v, v.strip()) if len(x) >= 4)  # shorter: no secret, and hits any text
         with self._secrets_lock:
             if not found <= self._secret_values:
-                self._secret_values = self._secret_values | found
+                kept = self._secret_values | found
+                if len(kept) > MAX_REMEMBERED_SECRETS:  # bounded: the newest stay (the ones in use)
+                    kept = frozenset(found) | frozenset(list(self._secret_order)[-(MAX_REMEMBERED_SECRETS - len(found)):])
+                self._secret_values = kept
+            for v in found:
+                self._secret_order.pop(v, None)
+                self._secret_order[v] = None
+            for v in list(self._secret_order):
+                if v not in self._secret_values:
+                    del self._secret_order[v]
 
     def _unredact(self, function: str, config: dict, current: dict) -> dict:
         """A config given by an operator, with each secret field given as "<redacted>" (a config copied

@@ -748,3 +748,154 @@ def test_rule_language_forms_that_stay_accepted():
                        'ip saddr 10.0.0.0/255.0.0.0 accept')
     assert [r.comment for r in rs.rules] == ["", "", "", "", "one", ""]
     assert [(lo, hi) for lo, hi in rs.rules[3].dport.ranges] == [(80, 80), (443, 443)]
+
+
+# -- second review of the changes above ------------------------------------------------------------
+def test_one_sender_cannot_push_another_senders_long_reply_out():
+    """The pending replies were shared by all senders (16): a node sending 16 first parts of
+    never-finished replies evicted the manager's stats reply being reassembled."""
+    from shmfabric.functions.control import PART_HEADER, PART_MAGIC, Reassembler, split_reply
+
+    asm = Reassembler()
+    legit = json.dumps({"ok": True, "id": 1, "c": {f"rule{i}_packets": i for i in range(400)}}).encode()
+    parts = split_reply(legit, 1500, 1)
+    asm.add(7, parts[0])
+    for s in range(64):
+        asm.add(9, PART_MAGIC + PART_HEADER.pack(s, 0, 10**9) + b"x")
+    assert [asm.add(7, p) for p in parts[1:]][-1] == legit
+    assert len([k for k in asm.pending() if k[0] == 9]) == 1  # one pending reply per sender
+
+
+class BigTimer:
+    name: ClassVar[str] = "bigtimer"
+    Config = NoConfig
+
+    def __init__(self, config, ctx):
+        pass
+
+    def process(self, frames, now, out):
+        pass
+
+    def on_timer(self, now):
+        return 10 ** 400  # finite, but no float: `timer_at - now` raised OverflowError
+
+
+def test_a_huge_int_from_on_timer_is_a_timer_error_not_the_end(fab):
+    fab.attach("nxt")
+    r = FunctionRunner(fab, "big", BigTimer, {}, ["nxt"])
+    run = Running(r, 2.0)
+    run.t.join(20)
+    r.close()
+    assert "exc" not in run.result, run.result
+    assert r.c["timer_errors"] >= 1
+
+
+class Ticker:
+    name: ClassVar[str] = "ticker"
+
+    class Config(BaseModel):
+        interval: float = 3600.0
+
+    def __init__(self, config, ctx):
+        self.cfg, self.calls = config, 0
+
+    def process(self, frames, now, out):
+        pass
+
+    def reconfigure(self, config):
+        self.cfg = config
+
+    def on_timer(self, now):
+        self.calls += 1
+        return now + self.cfg.interval
+
+
+def test_a_reconfigure_asks_on_timer_again(fab):
+    """on_timer ran only when its time came: a function that asked for an hour and was then
+    reconfigured to tick every 0.1 s was not called for that hour."""
+    fab.attach("nxt")
+    with controlled(fab, "tick", Ticker, {}, ["nxt"]) as (r, run, ctl):
+        assert wait_for(lambda: r.fn.calls >= 1)
+        assert ctl.request("tick", {"op": "reconfigure", "config": {"interval": 0.1}}, timeout=10)["ok"]
+        c0 = r.fn.calls
+        assert wait_for(lambda: r.fn.calls - c0 >= 5), "on_timer was not asked again after the reconfigure"
+
+
+def test_an_idle_firewall_reaps_a_connection_that_expires_before_the_time_on_timer_gave(fab):
+    """A SYN made on_timer answer ~120 s (its SYN_SENT timeout); a UDP entry added later with a
+    0.5 s timeout then stayed on an idle node until those 120 s were up."""
+    import dataclasses
+
+    from shmfabric.functions.builtin.firewall import FirewallFunction
+    from shmfabric.net.build import tcp_frame, udp_frame
+
+    src = fab.attach("src")
+    fab.attach("nxt")
+    r = FunctionRunner(fab, "fw", FirewallFunction, {"rules": "policy accept"}, ["nxt"])
+    ct = r.fn.fw.conntrack
+    ct.timeouts = dataclasses.replace(ct.timeouts, udp_unreplied=0.5)
+    run = Running(r)
+    try:
+        src.wait_for_peer("fw")
+        src.send_batch(r.node.id, [tcp_frame("10.0.0.1", "10.0.0.2", 40000, 80)[14:]])
+        assert wait_for(lambda: len(ct) == 1)
+        assert wait_for(lambda: r.timer_at is not None and r.timer_at - time.monotonic() > 60)
+        src.send_batch(r.node.id, [udp_frame("10.0.0.1", "10.0.0.3", 5000, 53)[14:]])
+        assert wait_for(lambda: len(ct) == 2)
+        assert wait_for(lambda: len(ct) == 1, timeout=15), "the expired UDP entry stayed"
+    finally:
+        run.stop()
+        r.close()
+
+
+class HoldThenRelease:
+    """Holds every frame (CONSUMED) until reconfigured, then emits them all."""
+
+    name: ClassVar[str] = "holdrelease"
+    Config = NoConfig
+
+    def __init__(self, config, ctx):
+        self.ctx, self.hold, self.held, self.seen = ctx, True, [], []
+
+    def process(self, frames, now, out):
+        for i, f in enumerate(frames):
+            self.seen.append(f[1] * 256 + f[2])
+            if self.hold:
+                self.held.append(bytes(f))
+                out[i] = Verdict.CONSUMED
+
+    def reconfigure(self, config):
+        self.hold = False
+        for d in self.held:
+            self.ctx.emit(d)
+        self.held = []
+
+
+def test_frames_taken_while_a_reconfigure_waits_for_a_full_ring_keep_their_order(fab):
+    """A reconfigure handled inside the idle loop's receive emitted more than the next hop's ring
+    holds: the blocked send's polls took frames, then that receive returned newer ones, which were
+    processed first."""
+    def frame(tag: int) -> bytes:
+        return b"\x45" + tag.to_bytes(2, "big") + b"x" * 57
+
+    src, nxt = fab.attach("src"), fab.attach("nxt")
+    with controlled(fab, "mid", HoldThenRelease, {}, ["nxt"], batch=64) as (r, run, ctl):
+        src.wait_for_peer("mid")
+        for k in range(0, 600, 50):
+            src.send_batch(r.node.id, [frame(t) for t in range(k, k + 50)])
+            assert wait_for(lambda: len(r.fn.held) >= k + 50)
+        time.sleep(0.3)  # idle: the loop waits in its receive
+        ctl.node.send_control(r.node.id, json.dumps({"op": "reconfigure", "config": {}, "id": 7}).encode())
+        assert wait_for(lambda: r.c["ring_full_waits"] > 0)
+        tag, t0 = 1000, time.monotonic()
+        while time.monotonic() - t0 < 0.08:  # frames arrive while the send is blocked
+            src.send_batch(r.node.id, [frame(tag)])
+            tag += 1
+            time.sleep(0.004)
+        got: list[int] = []
+        end = time.monotonic() + 15
+        while time.monotonic() < end and len(got) < 600 + (tag - 1000):
+            with nxt.recv_batch(256, 0.02) as b:
+                got += [f[1] * 256 + f[2] for f in b]
+        later = [t for t in r.fn.seen if t >= 1000]
+        assert len(got) == 600 + (tag - 1000) and later == sorted(later) == list(range(1000, tag)), later[:12]

@@ -65,7 +65,10 @@ class Reassembler:
         chunk = bytes(payload[PART_OVERHEAD:])
         key = (src, seq)
         if index == 0:
-            self._pending.pop(key, None)
+            # A sender sends its replies one after another: a new one ends any it left unfinished,
+            # so one sender holds one pending reply at most and cannot push out others' replies
+            for k in [k for k in self._pending if k[0] == src]:
+                del self._pending[k]
             if count < 1:
                 return None
             if count == 1:

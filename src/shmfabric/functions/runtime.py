@@ -296,6 +296,8 @@ class FunctionRunner:
         self._stashed = 0
         self._deferred: list[tuple[int, bytes]] = []
         self._polling = False
+        self._in_control = 0  # > 0 while a control message is handled (see _on_message)
+        self._timer_idle = False  # a batch was processed since the last on_timer call (see run)
         self._held: list[Any] = []  # batches that could not be released (views of their frames kept)
         self._stop_slept = 0.0  # seconds slept on full rings since the stop began (at most ~STOP_STUCK)
 
@@ -394,7 +396,14 @@ class FunctionRunner:
                 # received while a full ring blocks the batch being sent: the op waits for it
                 self._deferred.append((src, payload))
                 return
-            out = self._handle(src, msg, op)
+            # No receive while an op is handled (a reconfigure's emitted frames may wait for a
+            # full ring): the receive this callback runs inside would return frames newer than
+            # those a nested poll took, and they would be processed first
+            self._in_control += 1
+            try:
+                out = self._handle(src, msg, op)
+            finally:
+                self._in_control -= 1
             if out is None:
                 return  # stop: answered once drained
         except (FunctionConfigError, TimeoutError, ValueError) as e:
@@ -474,6 +483,8 @@ class FunctionRunner:
                                           f"({type(e).__name__}: {e}); it may run with parts of it, "
                                           f"reconfigure again or replace the node"}
         self.config_model = new
+        if self.timer_at is not None:  # the time on_timer gave may not hold under the new config
+            self.timer_at = time.monotonic()
         if self.ctx.emitted:  # e.g. a shaper releasing what it held under the old config
             self.send_emitted()
         log("reconfigured", {"node": self.node.name})
@@ -579,7 +590,7 @@ class FunctionRunner:
         ops wait until the batch is sent). The core has no receive of control messages alone: a
         data frame the receive takes (one at most) is kept, in order, for the next batches, up to
         STASH_MAX frames. A source drops what it receives, as its loop does. Returns `polled`."""
-        if waited - polled < POLL_EVERY or self._polling:
+        if waited - polled < POLL_EVERY or self._polling or self._in_control:
             return polled
         if not self.is_source and self._stashed >= STASH_MAX:
             return waited
@@ -786,10 +797,10 @@ class FunctionRunner:
         and the next call is a second from now (an answer "at once" forever would spin a core)."""
         if v is None:
             return None
-        if v.__class__ is float or v.__class__ is int:
+        if v.__class__ is float:
             if 0.0 <= v < math.inf:
                 return v
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):  # an int too (10**400: OverflowError)
             try:
                 f = float(v)
                 if 0.0 <= f < math.inf:
@@ -959,8 +970,11 @@ class FunctionRunner:
             n = len(batch)
             if not n:
                 batch.release()
-                # on_timer when due, or at each empty poll if it asked for no time (None)
-                if timed and (self.timer_at is None or time.monotonic() >= self.timer_at):
+                # on_timer when due, or at each empty poll if it asked for no time (None), and once
+                # when the node goes idle after a batch: state the batch added may come due before
+                # the time on_timer gave earlier (a firewall's new connection with a short timeout)
+                if timed and (self.timer_at is None or self._timer_idle or time.monotonic() >= self.timer_at):
+                    self._timer_idle = False
                     self.fire_timer(time.monotonic())
                 if self.stopping:
                     empty_polls += 1
@@ -971,6 +985,7 @@ class FunctionRunner:
                         break
                 continue
             empty_polls = 0
+            self._timer_idle = True
             if not c["first_ns"]:
                 c["first_ns"] = time.monotonic_ns()
                 cpu0 = cpu()

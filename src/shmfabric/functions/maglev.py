@@ -90,19 +90,14 @@ def fragment_key(buf: Any) -> tuple | None:
     ip = decode(buf, 0, LINK_IP).ip  # other extension headers first: walk them
     if ip is None:
         return None
-    return (ip.src, ip.dst, _fragment_proto(ip, buf))
+    return (ip.src, ip.dst, _fragment_proto(ip))
 
 
-def _fragment_proto(ip: Any, buf: Any) -> int:
-    """The protocol of an IP fragment's 3-tuple: for IPv6 the Fragment header's next header,
-    which every fragment of a datagram carries alike (the walk's `proto` goes past the headers
-    that follow it in a first fragment only: a Destination Options header there would give the
-    first fragment another key than the rest)."""
-    if ip.version == 6:
-        for kind, pos, _ in ip.ext_headers:
-            if kind == 44:
-                return buf[pos]
-    return ip.proto
+def _fragment_proto(ip: Any) -> int:
+    """The protocol of an IP fragment's 3-tuple: for IPv6 the Fragment header's next header
+    (`frag_next_header`: a first fragment's `proto` would give it another key than the rest)."""
+    nh = ip.frag_next_header if ip.version == 6 else None
+    return ip.proto if nh is None else nh
 
 
 def _table(pick) -> bytes:  # type: ignore[no-untyped-def]
@@ -176,7 +171,7 @@ def fragment_keys(frames: Any, keys: list) -> int:
                 ip = decode(f, 0, LINK_IP).ip
                 if ip is None or ip.version != 6 or not ip.first_fragment:
                     continue
-                keys[i] = (k[0], k[1], _fragment_proto(ip, f), 0, 0)
+                keys[i] = (k[0], k[1], _fragment_proto(ip), 0, 0)
                 changed += 1
                 continue
             keys[i] = (k[0], k[1], k[2], 0, 0)

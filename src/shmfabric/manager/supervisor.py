@@ -297,7 +297,7 @@ class Supervisor:
         # (kept after a key rotation: an old key is still a secret), replaced in texts shown to people
         self._secret_cache: dict[str, frozenset[str]] = {}
         self._secret_values: frozenset[str] = frozenset()
-        self._secret_order: dict[str, None] = {}  # the same values, oldest first (for the bound)
+        self._secret_order: dict[str, None] = {}  # the values of _secret_values, oldest first (for the bound)
         self._secrets_lock = threading.Lock()  # its own: API threads redact without the supervisor lock
         for cfg in topo.nodes:
             self._remember_secrets(cfg.function, cfg.config)
@@ -1549,18 +1549,17 @@ class Supervisor:
         for k, v in config.items():
             if k in secret and isinstance(v, str):
                 found.update(x for x in (v, v.strip()) if len(x) >= 4)  # shorter: no secret, and hits any text
+        if not found:
+            return
         with self._secrets_lock:
-            if not found <= self._secret_values:
-                kept = self._secret_values | found
-                if len(kept) > MAX_REMEMBERED_SECRETS:  # bounded: the newest stay (the ones in use)
-                    kept = frozenset(found) | frozenset(list(self._secret_order)[-(MAX_REMEMBERED_SECRETS - len(found)):])
-                self._secret_values = kept
-            for v in found:
-                self._secret_order.pop(v, None)
-                self._secret_order[v] = None
-            for v in list(self._secret_order):
-                if v not in self._secret_values:
-                    del self._secret_order[v]
+            order = dict(self._secret_order)
+            for v in found:  # the newest last; the oldest go past the bound
+                order.pop(v, None)
+                order[v] = None
+            while len(order) > MAX_REMEMBERED_SECRETS:
+                del order[next(iter(order))]
+            self._secret_order = order
+            self._secret_values = frozenset(order)  # what redact_text reads, replaced whole (no lock)
 
     def _unredact(self, function: str, config: dict, current: dict) -> dict:
         """A config given by an operator, with each secret field given as "<redacted>" (a config copied

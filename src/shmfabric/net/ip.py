@@ -331,6 +331,15 @@ class IPv6:
         return self.frag is not None
 
     @property
+    def frag_next_header(self) -> int | None:
+        """The Fragment header's next header, the same in every fragment of a datagram (unlike
+        `proto`, which a first fragment's walk takes past the headers after it); None without one."""
+        for kind, pos, _ in self.ext_headers:
+            if kind == IPPROTO_FRAGMENT:
+                return self.buf[pos]
+        return None
+
+    @property
     def first_fragment(self) -> bool:
         """The first fragment of a longer datagram (offset 0, M set); an atomic fragment (offset 0,
         M clear, RFC 6946) holds the whole datagram and is not one."""

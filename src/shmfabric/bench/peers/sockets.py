@@ -58,19 +58,23 @@ class SeqpacketTransport(Transport):
     def throughput_sender(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
         return frame_sender(chan[0][0].send, make_payload(spec.size), ctl, end=b"")
 
+    def _recv(self, sock: socket.socket, size: int) -> Any:
+        """The receive of a frame: a blocking recv(size) (SeqpacketSpinTransport spins instead)."""
+        return _bound_recv(sock, size)
+
     def throughput_receiver(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
         s = chan[0][1]
-        recv = _bound_recv(s, spec.size)
+        recv = self._recv(s, spec.size)
         return frame_receiver(recv, spec, ctl, drain_until_end(recv),
                               first=_first_with_timeout(s, spec.size, spec.setup_timeout))
 
     def latency_ping(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
         s = chan[0][0]
-        return frame_ping(s.send, _bound_recv(s, spec.size), spec, ctl, end=b"")
+        return frame_ping(s.send, self._recv(s, spec.size), spec, ctl, end=b"")
 
     def latency_pong(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
         s = chan[0][1]
-        return frame_pong(_bound_recv(s, spec.size), s.send, ctl)
+        return frame_pong(self._recv(s, spec.size), s.send, ctl)
 
     def forward_source(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
         return frame_sender(chan[0][0].send, make_payload(spec.size), ctl, end=b"")
@@ -119,20 +123,8 @@ class SeqpacketSpinTransport(SeqpacketTransport):
     def busy_polls(self, spec: Spec) -> bool:
         return True
 
-    def latency_ping(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        s = chan[0][0]
-        return frame_ping(s.send, _spin_recv(s, spec.size), spec, ctl, end=b"")
-
-    def latency_pong(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        s = chan[0][1]
-        return frame_pong(_spin_recv(s, spec.size), s.send, ctl)
-
-    def throughput_receiver(self, chan: Any, spec: Spec, ctl: Ctl) -> dict[str, Any]:
-        # Not in `modes` (see the docs); kept for measuring by hand with a subclass.
-        s = chan[0][1]
-        recv = _spin_recv(s, spec.size)
-        return frame_receiver(recv, spec, ctl, drain_until_end(recv),
-                              first=_first_with_timeout(s, spec.size, spec.setup_timeout))
+    def _recv(self, sock: socket.socket, size: int) -> Any:
+        return _spin_recv(sock, size)
 
 
 class UdpTransport(Transport):

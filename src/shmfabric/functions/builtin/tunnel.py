@@ -291,9 +291,7 @@ def _other_sport(inner: bytes, key: Any) -> int:
     elif n >= 40 and inner[0] >> 4 == 6 and (key.__class__ is not tuple or inner[6] not in (6, 17)):
         ip = decode(inner, 0, LINK_IP).ip  # extension headers: is there a fragment header?
         if ip is not None and ip.frag is not None and (ip.frag[0] or ip.frag[1]):
-            # the fragment header's next header: the same in every fragment of the datagram
-            nh = next(inner[at] for t, at, _ in ip.ext_headers if t == 44)
-            key = (ip.src, ip.dst, nh, 0, 0)
+            key = (ip.src, ip.dst, ip.frag_next_header, 0, 0)  # the same in every fragment
     if key.__class__ is not tuple:
         return _SPORT_BASE  # no flow (not IP, malformed)
     return _SPORT_BASE + flow_hash(key) % _SPORT_SPAN

@@ -512,6 +512,36 @@ def test_a_node_blocked_by_a_full_next_hop_still_answers_stats_and_stop(fab):
         nxt.recv_batch(4096, 0).release()
 
 
+def test_a_node_blocked_for_long_answers_stats_without_taking_data_frames(fab, monkeypatch):
+    # was: each poll took one data frame into a stash, and after 256 of them (about 5 s of a
+    # stuck next hop fed all the while) control messages waited for the ring again
+    from shmfabric.functions import runtime
+
+    monkeypatch.setattr(runtime, "POLL_EVERY", 0.001)  # many polls in little time
+    src, nxt = fab.attach("src"), fab.attach("nxt")  # nxt never reads: its ring fills
+    r = FunctionRunner(fab, "mid", Quirky, {}, ["nxt"])
+    run = Running(r, None)
+    ctl = ControlClient(fab, "mgr")
+    try:
+        assert src.wait_for_peer("mid") == r.node.id
+        assert wait_for(lambda: src.send_batch(r.node.id, [IP] * 64) == 0 and r.c["ring_full_waits"] > 0)
+        assert wait_for(lambda: not src.send(r.node.id, IP))  # mid's input ring is full too
+        for _ in range(300):  # more answers than the old stash held frames
+            st = ctl.request("mid", {"op": "stats"}, timeout=10)
+            assert st["ok"] and run.alive()
+            assert not src.send(r.node.id, IP)  # still full: no answer took a data frame
+        assert ctl.request("mid", {"op": "stop"}, timeout=20)["ok"]
+        run.t.join(15)
+        assert not run.alive() and "exc" not in run.result
+    finally:
+        ctl.close()
+        r.stopping = True
+        run.t.join(15)
+        r.close()
+        nxt.recv_batch(4096, 0).release()
+        src.recv_batch(4096, 0).release()
+
+
 class Recorder:
     """Remembers the first byte of every frame, in order; reconfigure is recorded too."""
 
@@ -899,3 +929,35 @@ def test_frames_taken_while_a_reconfigure_waits_for_a_full_ring_keep_their_order
                 got += [f[1] * 256 + f[2] for f in b]
         later = [t for t in r.fn.seen if t >= 1000]
         assert len(got) == 600 + (tag - 1000) and later == sorted(later) == list(range(1000, tag)), later[:12]
+
+
+
+def test_a_control_client_gets_a_reply_queued_behind_a_data_frame(fab):
+    # The client waits for anything and takes the control messages at the front of its rings;
+    # a data frame ahead of a reply in the same ring is dropped, and the reply behind it read.
+    ctl = ControlClient(fab, "mgr")
+    fake = fab.attach("fake")
+    stop = threading.Event()
+
+    def answer(src: int, payload: bytes) -> None:
+        req = json.loads(payload)
+        assert fake.send(src, IP)  # first a data frame, then the reply, in one ring
+        assert fake.send_control(src, json.dumps({"ok": True, "id": req["id"], "n": 7}).encode())
+
+    def serve() -> None:
+        while not stop.is_set():
+            fake.recv_batch(16, 0.05).release()
+
+    fake.on_message = answer
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        for _ in range(3):
+            reply = ctl.request("fake", {"op": "stats"}, timeout=10)
+            assert reply["ok"] and reply["n"] == 7
+        with ctl.node.recv_batch(16, 0) as b:
+            assert len(b) == 0  # the data frames were taken (and dropped) on the way
+    finally:
+        stop.set()
+        t.join(5)
+        ctl.close()

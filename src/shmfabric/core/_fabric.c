@@ -1889,6 +1889,126 @@ static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
     return (PyObject *)b;
 }
 
+/* The control messages at the front of tape `ti`, up to `limit` in `out`: recv_control's tape
+ * part. It stops at the first data frame (left for recv_batch, so the tape's order holds); our
+ * own entries are skipped and lost ones counted, as read_tape does. A message that cannot be
+ * copied (no memory) is dropped, as batch_add_control drops it: control traffic is retried. */
+static void tape_take_control(PortObject *p, uint32_t ti, PyObject *out, Py_ssize_t limit)
+{
+    region_view *r = &p->r;
+    sf_tape *t = tape_at(r, ti);
+    uint64_t entries = r->sb->tape_entries;
+    while (PyList_GET_SIZE(out) < limit) {
+        uint64_t head = LOAD_ACQUIRE(&t->head); /* A5 pairs with R5 */
+        uint64_t cur = p->tape_cursor[ti];
+        if (cur == head)
+            return;
+        if (head - cur > entries) { /* lapped: skip to the oldest entry still valid */
+            uint64_t missed = head - entries - cur;
+            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + missed);
+            p->tape_cursor[ti] = cur = head - entries;
+        }
+        sf_tape_entry *e = tape_entry(r, t, cur);
+        uint64_t s1 = LOAD_ACQUIRE(&e->seq); /* A4 pairs with R4 */
+        if (s1 != 2 * cur + 2) { /* overwritten (or being overwritten) already */
+            p->tape_cursor[ti] = cur + 1;
+            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + 1);
+            continue;
+        }
+        uint16_t flags = e->flags, src = e->src;
+        if (src != p->index && !(flags & SF_DESC_CONTROL))
+            return; /* a data frame (or a torn read of one being rewritten: recv_batch sorts it out) */
+        PyObject *cf = NULL;
+        if (src != p->index) {
+            uint32_t len = e->len;
+            if (len > r->sb->tape_entry_size)
+                len = r->sb->tape_entry_size;
+            cf = PyBytes_FromStringAndSize((const char *)(e + 1), len);
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        uint64_t s2 = LOAD_RELAXED(&e->seq);
+        p->tape_cursor[ti] = cur + 1;
+        if (s2 != s1) { /* the writer lapped us while we copied: the copy is torn, drop it */
+            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + 1);
+            Py_XDECREF(cf);
+            continue;
+        }
+        if (cf)
+            PyList_Append(out, cf);
+        Py_XDECREF(cf);
+        PyErr_Clear();
+    }
+}
+
+/* recv_control(max_messages=64) -> list of bytes: the control messages at the front of every
+ * inbound ring and tape, without blocking and without taking a data frame. Each ring (and tape)
+ * is read up to its first data frame only, so no ring's order changes: what follows a data frame
+ * waits for recv_batch. This is what a node blocked on a full next hop calls to answer its
+ * manager (whose ring to it carries only control messages) without touching its data path. Call
+ * it from the thread that receives: like recv_batch, it is a ring's only consumer. */
+static PyObject *Port_recv_control(PortObject *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max_messages", NULL};
+    Py_ssize_t maxm = 64;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n", kwlist, &maxm))
+        return NULL;
+    CHECK_OPEN(p);
+    if (maxm <= 0 || maxm > 65536) {
+        PyErr_SetString(PyExc_ValueError, "max_messages must be between 1 and 65536");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    region_view *r = &p->r;
+    uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+    uint32_t mask = r->sb->ring_size - 1;
+    for (uint32_t s = 0; s < hwm && PyList_GET_SIZE(out) < maxm; s++) {
+        sf_ring *g = ring_at(r, s, p->index);
+        uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
+        uint32_t tail = g->tail;
+        uint32_t avail = head - tail;
+        if (!avail || avail > r->sb->ring_size) /* empty, or garbage indices (never legitimate) */
+            continue;
+        uint32_t j = 0;
+        while (j < avail && PyList_GET_SIZE(out) < maxm) {
+            sf_desc *d = &g->desc[(tail + j) & mask];
+            if (!(d->flags & SF_DESC_CONTROL))
+                break; /* a data frame: it and all behind it stay for recv_batch */
+            uint32_t pool = d->pool < r->sb->n_networks ? d->pool : 0;
+            sf_network *n = net_at(r, pool);
+            uint32_t slot = d->slot < n->n_slots ? d->slot : 0;
+            uint32_t len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
+            PyObject *cf = PyBytes_FromStringAndSize((const char *)slot_ptr(r, n, slot), len);
+            if (cf)
+                PyList_Append(out, cf);
+            Py_XDECREF(cf);
+            PyErr_Clear(); /* no memory: dropped, as batch_add_control drops it */
+            slot_put(p, pool, slot);
+            j++;
+        }
+        if (j) {
+            STORE_RELEASE(&g->tail, tail + j); /* R2 pairs with A1; descriptors were copied out */
+            STORE_RELAXED(&g->deq_frames, g->deq_frames + j);
+        }
+    }
+    if (PyList_GET_SIZE(out) < maxm) {
+        tape_take_control(p, 0, out, maxm);
+        uint64_t mm = LOAD_RELAXED(&p->me->mcast_mask) & p->mcast_valid; /* as fill_batch */
+        while (mm && PyList_GET_SIZE(out) < maxm) {
+            uint32_t bit = (uint32_t)__builtin_ctzll(mm);
+            mm &= mm - 1;
+            tape_take_control(p, 1 + bit, out, maxm);
+        }
+    }
+    if (__builtin_expect(!port_alive(p), 0)) { /* reclaimed while this process was stopped: see recv_batch */
+        Py_DECREF(out);
+        port_refuse_after_wait(p, "node was detached while this thread received");
+        return NULL;
+    }
+    return out;
+}
+
 /* wait(timeout=None) -> bool: block until frames may be waiting, without taking them. None
  * waits one slice at most (False after it if nothing came). */
 static PyObject *Port_wait(PortObject *p, PyObject *args)
@@ -2573,6 +2693,7 @@ static PyMethodDef Port_methods[] = {
     {"send_batch", (PyCFunction)(void (*)(void))Port_send_batch, METH_VARARGS | METH_KEYWORDS, "Copy frames into slots and enqueue; returns how many were sent."},
     {"send", (PyCFunction)(void (*)(void))Port_send, METH_VARARGS | METH_KEYWORDS, "Send one frame; False if the ring was full."},
     {"recv_batch", (PyCFunction)(void (*)(void))Port_recv_batch, METH_VARARGS | METH_KEYWORDS, "Receive up to max_frames zero-copy frames."},
+    {"recv_control", (PyCFunction)(void (*)(void))Port_recv_control, METH_VARARGS | METH_KEYWORDS, "Take the control messages ahead of any data frame in each inbound ring and tape, without blocking."},
     {"wait", (PyCFunction)Port_wait, METH_VARARGS, "Block until frames may be waiting."},
     {"alloc", (PyCFunction)Port_alloc, METH_NOARGS, "Allocate a slot for a zero-copy send."},
     {"send_buffer", (PyCFunction)(void (*)(void))Port_send_buffer, METH_VARARGS | METH_KEYWORDS, "Send an allocated buffer without copying."},

@@ -478,6 +478,19 @@ class Node:
             if ctl is None:
                 return batch
 
+    def recv_control(self, max_messages: int = 64) -> int:
+        """Handle the control messages waiting ahead of any data frame, without taking a frame.
+
+        Each inbound ring (and tape) is read only up to its first data frame, so nothing is
+        reordered: a control message queued behind data waits for `recv_batch`. A node whose
+        send waits for room in a full ring calls this to keep answering its manager (whose ring
+        to it carries only control messages). Never blocks. Returns the messages handled.
+        """
+        ctl = self._port.recv_control(max_messages)
+        if ctl:
+            self._on_control(ctl)
+        return len(ctl)
+
     def recv(self, timeout: float | None = None) -> tuple[int, int, bytes] | None:
         """One frame as a copy (src, ethertype, payload), or None on timeout. For convenience, not speed."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -30,8 +30,7 @@ STOP_GRACE = 5.0  # a graceful stop waits at most this long for frames a functio
 STOP_STUCK = 3.0  # ... and at most this long (seconds slept) for a full next-hop ring to take frames
 MAX_WAIT = 30.0  # the longest a `set_next` or `mirror` op waits for the nodes it names (its "timeout")
 REPLY_STUCK = 1.0  # seconds a control reply waits for room in the requester's ring before it is given up
-POLL_EVERY = 0.02  # while a full ring blocks sending: seconds between receives that answer control messages
-STASH_MAX = 256  # ... and the most frames those receives take (kept, in order, for the next batches)
+POLL_EVERY = 0.02  # while a full ring blocks sending: seconds between takes of waiting control messages
 ERROR_LOG_EVERY = 10.0  # an error of the same kind is logged at most this often (the first at once)
 
 
@@ -289,11 +288,8 @@ class FunctionRunner:
                   "control_errors": 0}  # control messages refused as malformed, or whose handling failed
         self._logged: dict[str, float] = {}  # event -> monotonic time it was last logged
         self._reply_seq = 0  # numbers the long replies sent in parts (control.split_reply)
-        # While a full next-hop ring blocks a send, receives answer control messages: the data
-        # frames they take (there is no control-only receive) wait here, in order, for the next
-        # batches; ops other than stats and stop wait in `_deferred` until the batch is sent.
-        self._stash: list[Any] = []
-        self._stashed = 0
+        # While a full next-hop ring blocks a send, control messages are taken (no data frame)
+        # and stats and stop answered; other ops wait in `_deferred` until the batch is sent.
         self._deferred: list[tuple[int, bytes]] = []
         self._polling = False
         self._in_control = 0  # > 0 while a control message is handled (see _on_message)
@@ -586,27 +582,20 @@ class FunctionRunner:
     def _poll_while_blocked(self, waited: float, polled: float) -> float:
         """Called between the sleeps of a send that waits for room in a full ring (`waited`
         seconds slept so far; `polled`: at that count the last poll): every POLL_EVERY seconds,
-        receive once, so that stats and stop are answered while the data path is blocked (other
-        ops wait until the batch is sent). The core has no receive of control messages alone: a
-        data frame the receive takes (one at most) is kept, in order, for the next batches, up to
-        STASH_MAX frames. A source drops what it receives, as its loop does. Returns `polled`."""
+        take the control messages waiting ahead of any data frame (`recv_control`: no data frame
+        is taken, so the data path's order is untouched), so that stats and stop are answered
+        however long the data path is blocked (other ops wait until the batch is sent). The
+        manager's ring to a node carries only control messages, so its requests are always
+        reached. Returns `polled`."""
         if waited - polled < POLL_EVERY or self._polling or self._in_control:
             return polled
-        if not self.is_source and self._stashed >= STASH_MAX:
-            return waited
         self._polling = True
         try:
-            batch = self.node.recv_batch(1 if not self.is_source else 64, 0)
+            self.node.recv_control()
         except Exception as e:  # the node was reclaimed, ...: the send loop finds out next
             self._log_error("poll_error", {"error": f"{type(e).__name__}: {e}"[:300]}, tb=False)
-            return waited
         finally:
             self._polling = False
-        if len(batch) and not self.is_source:
-            self._stash.append(batch)
-            self._stashed += len(batch)
-        else:
-            batch.release()
         return waited
 
     def _send_code(self, batch: Any, out: bytearray, code: int, hop: Hop, i: int) -> int:
@@ -962,11 +951,7 @@ class FunctionRunner:
             if self._held and now >= held_retry:  # batches a function kept views of: free again?
                 held_retry = now + 0.02
                 self._release_held()
-            if self._stash:  # frames taken while a full ring blocked the last batch: first, in order
-                batch = self._stash.pop(0)
-                self._stashed -= len(batch)
-            else:
-                batch = node.recv_batch(batch_max, timeout)
+            batch = node.recv_batch(batch_max, timeout)
             n = len(batch)
             if not n:
                 batch.release()
@@ -1090,9 +1075,6 @@ class FunctionRunner:
                 fn.close()
         except Exception as e:
             self._log_error("close_error", {"error": f"the function's close() raised {type(e).__name__}: {e}"[:300]})
-        for b in self._stash:  # never reached a batch (a run that ended by an exception)
-            b.release()
-        self._stash, self._stashed = [], 0
         self._release_held()
         if self._held:
             self.fn = fn = None  # type: ignore[assignment]

@@ -213,7 +213,7 @@ def test_a_header_only_ip_rule_drops_gre_esp_and_ipip():
 @pytest.mark.parametrize("mode", ["alert", "drop"])
 def test_packets_not_inspected_are_counted_and_dropped_in_drop_mode(monkeypatch, flow, mode):
     from shmfabric.functions.builtin import ids as ids_mod
-    monkeypatch.setattr(ids_mod, "_payload_span", lambda f: None)  # as for a header no parser can place
+    monkeypatch.setattr(ids_mod, "ip_payload_span", lambda f, link="ip": None)  # as for a header no parser can place
     fn = ids_fn({"rules": f'alert ip any any -> any any (content:"zz";{flow} sid:1;)', "mode": mode})
     frames = [build.ipv4(build.udp(1, 53, b"hi", src=S, dst=D), src=S, dst=D, proto=17, options=b"\x01" * 4),
               _other_protocols()["gre"]]

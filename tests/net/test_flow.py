@@ -38,7 +38,7 @@ def test_common_cases():
     gre = b.ip_frame(b"\0" * 4, src="10.0.0.1", dst="10.0.0.2", proto=47)
     assert parse_5tuple(gre) == (A, B, 47, 0, 0)
     nonext = b.ip_frame(b"", src="fd00::1", dst="fd00::2", proto=59)
-    assert parse_5tuple(nonext) is Reason.NO_L4
+    assert parse_5tuple(nonext) == (bytes.fromhex("fd00" + "0" * 27 + "1"), bytes.fromhex("fd00" + "0" * 27 + "2"), 59, 0, 0)
     assert parse_5tuple(b"") is Reason.TRUNCATED_ETHERNET
 
 

@@ -346,6 +346,21 @@ def l4_payload_span(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[int, int] |
     return (start, start + len(mv))
 
 
+def ip_payload_span(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[int, int] | None:
+    """(start, end) of what an IDS matches for any IP protocol: the L4 payload for TCP, UDP,
+    ICMP and ICMPv6 (as `l4_payload_span`), the IP payload after IPv6 extension headers for any
+    other protocol (GRE, ESP, IP in IP, SCTP, IPv6 no-next-header, ...). None for a malformed
+    packet or a non-first fragment. `end` honours the IP length (padding excluded)."""
+    span = l4_payload_span(buf, link)
+    if span is not None:
+        return span
+    p = decode(buf, 0, link)
+    ip = p.ip
+    if p.reason is not None or ip is None or p.l4 is not None or (ip.is_fragment and not ip.has_l4):
+        return None
+    return (ip.l4_offset, ip.end)
+
+
 # --- FlowKey and hashes --------------------------------------------------------------------------
 
 _PACK_V4 = Struct("!IIBHH").pack

@@ -13,7 +13,7 @@ from typing import Union
 from .arp import ARP
 from .errors import MalformedError, Reason
 from .ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Ethernet
-from .ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPv4, IPv6
+from .ip import IPPROTO_ESP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_NONE, IPPROTO_TCP, IPPROTO_UDP, IPv4, IPv6
 from .l4 import ICMP, TCP, UDP, ICMPv6
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -26,6 +26,7 @@ LINK_IP = "ip"              #: the buffer starts with an IPv4 or IPv6 header (ve
 PORT_PROTOCOLS = frozenset((33, 136, 132))
 
 _PORTS = Struct("!HH")
+_L3_ONLY = (IPPROTO_ESP, IPPROTO_NONE)  # IPv6 next headers with nothing classifiable after them
 
 
 class Packet:
@@ -59,6 +60,11 @@ class Packet:
         if ip is None:
             return Reason.NOT_IP
         if not ip.has_l4:
+            if ip.version == 6 and ip.proto in _L3_ONLY and not (ip.frag is not None and ip.frag[0]):
+                # IPv6 ESP or "no next header" (a whole datagram or its first fragment): an L3
+                # flow without ports, as IPv4 ESP is (and as conntrack's generic tracker sees
+                # both), not a packet nothing can classify
+                return (ip.src, ip.dst, ip.proto, 0, 0)
             return Reason.FRAGMENT if ip.is_fragment else Reason.NO_L4
         l4 = self.l4
         proto = ip.proto

@@ -25,10 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shmfabric.functions.api import FunctionContext, Verdict
 from shmfabric.functions.snort import Ids, IdsVerdict, SignatureSet, SnortSyntaxError, load
-from shmfabric.net.errors import Reason
-from shmfabric.net.flow import classify_batch, l4_payload_span, parse_5tuple_ip
+from shmfabric.net.flow import classify_batch, ip_payload_span, parse_5tuple_ip
 from shmfabric.net.ip import IPPROTO_AH, IPV6_EXT_GENERIC
-from shmfabric.net.packet import decode
 
 # IPv4 without options at fixed offsets: (version/IHL, total length, flags/fragment,
 # UDP length | TCP data offset)
@@ -71,37 +69,10 @@ def _gathered(size: int) -> struct.Struct:
     return st
 
 
-def _other_key(f: Any, reason: Any) -> tuple | None:
-    """A 5-tuple (ports 0) for IPv6 ESP or "no next header", which net.flow gives none (NO_L4):
-    `ip` rules match them too. None for anything else without a 5-tuple."""
-    if reason != Reason.NO_L4:
-        return None
-    p = decode(f, 0, "ip")
-    ip = p.ip
-    if p.reason is not None or ip is None or ip.is_fragment:
-        return None
-    return (ip.src, ip.dst, ip.proto, 0, 0)
-
-
 def _key(f: Any) -> tuple | None:
-    """The 5-tuple of an IP packet (see _other_key), or None."""
+    """The 5-tuple of an IP packet, or None."""
     k = parse_5tuple_ip(f)
-    return k if k.__class__ is tuple else _other_key(f, k)
-
-
-def _payload_span(f: Any) -> tuple[int, int] | None:
-    """(start, end) of what rules match: the L4 payload of TCP, UDP and ICMP; the IP payload
-    (after IPv6 extension headers) of any other protocol. None if it cannot be located (a
-    malformed header) or the packet is a non-first fragment. (net.flow.l4_payload_span gives
-    None for other protocols; the IP-payload part belongs beside it in net.flow.)"""
-    span = l4_payload_span(f, "ip")
-    if span is not None:
-        return span
-    p = decode(f, 0, "ip")
-    ip = p.ip
-    if p.reason is not None or ip is None or p.l4 is not None or (ip.is_fragment and not ip.has_l4):
-        return None
-    return (ip.l4_offset, ip.end)
+    return k if k.__class__ is tuple else None
 
 
 class _LazyKeys:
@@ -217,11 +188,8 @@ class IdsFunction:
                     # length may run past the fragment) and is inspected below on its own payload.
                     self._fragment(i, out)
                     continue
-                k = _other_key(f, keys[i])
-                if k is None:
-                    self.no_5tuple += 1
-                    continue
-                keys[i] = k
+                self.no_5tuple += 1
+                continue
             proto = keys[i][2]
             n = len(f)
             span = None
@@ -238,7 +206,7 @@ class IdsFunction:
                 frag = _is_fragment(f)
                 if frag and self._fragment(i, out):
                     continue
-                span = _payload_span(f)
+                span = ip_payload_span(f, "ip")
                 if span is None:
                     if not frag:  # (a first fragment too short for its L4 header passes, counted)
                         self._not_inspected(i, out)
@@ -319,7 +287,7 @@ class IdsFunction:
                     if not frag:
                         self.no_5tuple += 1
                     continue
-                span = _payload_span(f)
+                span = ip_payload_span(f, "ip")
                 if span is not None:
                     extra.append((i, bytes(f)[span[0]:span[1]]))
                 elif not frag:

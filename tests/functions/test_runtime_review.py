@@ -519,25 +519,19 @@ def test_a_node_blocked_for_long_answers_stats_without_taking_data_frames(fab, m
 
     monkeypatch.setattr(runtime, "POLL_EVERY", 0.001)  # many polls in little time
     src, nxt = fab.attach("src"), fab.attach("nxt")  # nxt never reads: its ring fills
-    r = FunctionRunner(fab, "mid", Quirky, {}, ["nxt"])
-    run = Running(r, None)
-    ctl = ControlClient(fab, "mgr")
     try:
-        assert src.wait_for_peer("mid") == r.node.id
-        assert wait_for(lambda: src.send_batch(r.node.id, [IP] * 64) == 0 and r.c["ring_full_waits"] > 0)
-        assert wait_for(lambda: not src.send(r.node.id, IP))  # mid's input ring is full too
-        for _ in range(300):  # more answers than the old stash held frames
-            st = ctl.request("mid", {"op": "stats"}, timeout=10)
-            assert st["ok"] and run.alive()
-            assert not src.send(r.node.id, IP)  # still full: no answer took a data frame
-        assert ctl.request("mid", {"op": "stop"}, timeout=20)["ok"]
-        run.t.join(15)
-        assert not run.alive() and "exc" not in run.result
+        with controlled(fab, "mid", Quirky, {}, ["nxt"]) as (r, run, ctl):
+            assert src.wait_for_peer("mid") == r.node.id
+            assert wait_for(lambda: src.send_batch(r.node.id, [IP] * 64) == 0 and r.c["ring_full_waits"] > 0)
+            assert wait_for(lambda: not src.send(r.node.id, IP))  # mid's input ring is full too
+            for _ in range(300):  # more answers than the old stash held frames
+                st = ctl.request("mid", {"op": "stats"}, timeout=10)
+                assert st["ok"] and run.alive()
+                assert not src.send(r.node.id, IP)  # still full: no answer took a data frame
+            assert ctl.request("mid", {"op": "stop"}, timeout=20)["ok"]
+            run.t.join(15)
+            assert not run.alive() and "exc" not in run.result
     finally:
-        ctl.close()
-        r.stopping = True
-        run.t.join(15)
-        r.close()
         nxt.recv_batch(4096, 0).release()
         src.recv_batch(4096, 0).release()
 

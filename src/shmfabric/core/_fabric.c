@@ -1545,21 +1545,24 @@ static void batch_add_control(BatchObject *b, const uint8_t *data, uint32_t len)
     PyErr_Clear();
 }
 
-/* Read one tape into the batch (copying frames into scratch). */
-static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit)
+/* The next entry of tape `ti` still valid to read, skipping (and counting) what was lapped or
+ * overwritten; NULL when this reader is at the head. *cur is its index and *s1 the sequence word
+ * read before its contents (compare it after reading them: a change means the copy is torn). The
+ * cursor is left on the entry: the caller moves it past. */
+static sf_tape_entry *tape_peek(PortObject *p, uint32_t ti, uint64_t *cur_out, uint64_t *s1_out)
 {
     region_view *r = &p->r;
     sf_tape *t = tape_at(r, ti);
     uint64_t entries = r->sb->tape_entries;
-    while (b->n < limit) {
+    for (;;) {
         uint64_t head = LOAD_ACQUIRE(&t->head); /* A5 pairs with R5 */
         uint64_t cur = p->tape_cursor[ti];
         if (cur == head)
-            return;
+            return NULL;
         if (head - cur > entries) { /* lapped: skip to the oldest entry still valid */
             uint64_t missed = head - entries - cur;
             STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + missed);
-            cur = head - entries;
+            p->tape_cursor[ti] = cur = head - entries;
         }
         sf_tape_entry *e = tape_entry(r, t, cur);
         uint64_t s1 = LOAD_ACQUIRE(&e->seq); /* A4 pairs with R4 */
@@ -1568,6 +1571,21 @@ static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit
             STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + 1);
             continue;
         }
+        *cur_out = cur;
+        *s1_out = s1;
+        return e;
+    }
+}
+
+/* Read one tape into the batch (copying frames into scratch). */
+static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit)
+{
+    region_view *r = &p->r;
+    while (b->n < limit) {
+        uint64_t cur, s1;
+        sf_tape_entry *e = tape_peek(p, ti, &cur, &s1);
+        if (!e)
+            return;
         uint32_t len = e->len;
         if (len > r->sb->tape_entry_size)
             len = r->sb->tape_entry_size;
@@ -1615,6 +1633,28 @@ static void read_tape(PortObject *p, BatchObject *b, uint32_t ti, uint32_t limit
     }
 }
 
+/* Descriptors waiting in ring `g` (its tail in *tail), 0 when it is empty or its indices are
+ * garbage (never legitimate: the region is writable by any process). */
+static inline uint32_t ring_waiting(const region_view *r, sf_ring *g, uint32_t *tail)
+{
+    uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
+    *tail = g->tail;
+    uint32_t avail = head - *tail;
+    return avail > r->sb->ring_size ? 0 : avail;
+}
+
+/* Where descriptor `d`'s frame is, its fields clamped to what exists (a corrupt descriptor reads
+ * slot 0 of network 0, never outside the region): the frame's address, pool, slot and length. */
+static inline uint8_t *desc_frame(const region_view *r, const sf_desc *d, uint32_t *pool, uint32_t *slot,
+                                  uint32_t *len)
+{
+    *pool = d->pool < r->sb->n_networks ? d->pool : 0;
+    sf_network *n = net_at(r, *pool);
+    *slot = d->slot < n->n_slots ? d->slot : 0;
+    *len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
+    return slot_ptr(r, n, *slot);
+}
+
 /* Fill a batch from the inbound rings and tapes, without blocking. */
 static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
 {
@@ -1629,27 +1669,24 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
         if (s >= hwm)
             s -= hwm;
         sf_ring *g = ring_at(r, s, p->index);
-        uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
-        uint32_t tail = g->tail;
-        uint32_t avail = head - tail;
-        if (!avail || avail > r->sb->ring_size) /* empty, or garbage indices (never legitimate) */
+        uint32_t tail;
+        uint32_t avail = ring_waiting(r, g, &tail);
+        if (!avail)
             continue;
         uint32_t take = limit - b->n;
         if (take > avail)
             take = avail;
         for (uint32_t j = 0; j < take; j++) {
             sf_desc *d = &g->desc[(tail + j) & mask];
-            uint32_t pool = d->pool < r->sb->n_networks ? d->pool : 0;
-            sf_network *n = net_at(r, pool);
-            uint32_t slot = d->slot < n->n_slots ? d->slot : 0;
-            uint32_t len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
+            uint32_t pool, slot, len;
+            uint8_t *data = desc_frame(r, d, &pool, &slot, &len);
             if (d->flags & SF_DESC_CONTROL) { /* a control message: to the Python layer, slot back now */
-                batch_add_control(b, slot_ptr(r, n, slot), len);
+                batch_add_control(b, data, len);
                 slot_put(p, pool, slot);
                 continue;
             }
             frame_ref *fr = &b->f[b->n++];
-            fr->data = slot_ptr(r, n, slot);
+            fr->data = data;
             __builtin_prefetch(fr->data); /* the header and first payload bytes the user reads next */
             fr->len = len;
             fr->slot = slot;
@@ -1896,25 +1933,11 @@ static PyObject *Port_recv_batch(PortObject *p, PyObject *args, PyObject *kw)
 static void tape_take_control(PortObject *p, uint32_t ti, PyObject *out, Py_ssize_t limit)
 {
     region_view *r = &p->r;
-    sf_tape *t = tape_at(r, ti);
-    uint64_t entries = r->sb->tape_entries;
     while (PyList_GET_SIZE(out) < limit) {
-        uint64_t head = LOAD_ACQUIRE(&t->head); /* A5 pairs with R5 */
-        uint64_t cur = p->tape_cursor[ti];
-        if (cur == head)
+        uint64_t cur, s1;
+        sf_tape_entry *e = tape_peek(p, ti, &cur, &s1);
+        if (!e)
             return;
-        if (head - cur > entries) { /* lapped: skip to the oldest entry still valid */
-            uint64_t missed = head - entries - cur;
-            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + missed);
-            p->tape_cursor[ti] = cur = head - entries;
-        }
-        sf_tape_entry *e = tape_entry(r, t, cur);
-        uint64_t s1 = LOAD_ACQUIRE(&e->seq); /* A4 pairs with R4 */
-        if (s1 != 2 * cur + 2) { /* overwritten (or being overwritten) already */
-            p->tape_cursor[ti] = cur + 1;
-            STORE_RELAXED(&p->me->rx_lapped, p->me->rx_lapped + 1);
-            continue;
-        }
         uint16_t flags = e->flags, src = e->src;
         if (src != p->index && !(flags & SF_DESC_CONTROL))
             return; /* a data frame (or a torn read of one being rewritten: recv_batch sorts it out) */
@@ -1965,21 +1988,18 @@ static PyObject *Port_recv_control(PortObject *p, PyObject *args, PyObject *kw)
     uint32_t mask = r->sb->ring_size - 1;
     for (uint32_t s = 0; s < hwm && PyList_GET_SIZE(out) < maxm; s++) {
         sf_ring *g = ring_at(r, s, p->index);
-        uint32_t head = LOAD_ACQUIRE(&g->head); /* A2 pairs with R1 */
-        uint32_t tail = g->tail;
-        uint32_t avail = head - tail;
-        if (!avail || avail > r->sb->ring_size) /* empty, or garbage indices (never legitimate) */
+        uint32_t tail;
+        uint32_t avail = ring_waiting(r, g, &tail);
+        if (!avail)
             continue;
         uint32_t j = 0;
         while (j < avail && PyList_GET_SIZE(out) < maxm) {
             sf_desc *d = &g->desc[(tail + j) & mask];
             if (!(d->flags & SF_DESC_CONTROL))
                 break; /* a data frame: it and all behind it stay for recv_batch */
-            uint32_t pool = d->pool < r->sb->n_networks ? d->pool : 0;
-            sf_network *n = net_at(r, pool);
-            uint32_t slot = d->slot < n->n_slots ? d->slot : 0;
-            uint32_t len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
-            PyObject *cf = PyBytes_FromStringAndSize((const char *)slot_ptr(r, n, slot), len);
+            uint32_t pool, slot, len;
+            uint8_t *data = desc_frame(r, d, &pool, &slot, &len);
+            PyObject *cf = PyBytes_FromStringAndSize((const char *)data, len);
             if (cf)
                 PyList_Append(out, cf);
             Py_XDECREF(cf);

@@ -72,3 +72,39 @@ def test_bad_arguments_and_a_detached_node_are_refused(fab):
     c.detach()
     with pytest.raises(FabricError):
         port.recv_control()
+
+
+def test_a_sender_that_keeps_its_ring_full_of_control_messages_starves_no_other(fab):
+    # was: every call scanned the rings from node 0, so a lower-numbered node keeping 64 control
+    # messages queued took every call and the manager's message was never reached
+    chatty, c, mgr = fab.attach("chatty"), fab.attach("c"), fab.attach("mgr")
+    assert chatty.id < c.id < mgr.id
+    seen: list[int] = []
+    c.on_message = lambda src, payload: seen.append(src)
+    assert mgr.send_control(c.id, b"stats")
+    for _ in range(50):
+        while chatty.send_control(c.id, b"noise"):
+            pass
+        c.recv_control()
+        if mgr.id in seen:
+            break
+    assert mgr.id in seen
+
+
+def test_recv_control_clears_the_wakeup_fd_once_nothing_waits(fab):
+    # was: the eventfd stayed readable after recv_control took everything, so a selector loop
+    # answering control messages with recv_control spun
+    import select
+
+    a, c = fab.attach("a"), fab.attach("c")
+    fd = c.fileno()
+    c.recv_batch(64, 0).release()
+    assert a.send_control(c.id, b"hi")
+    assert select.select([fd], [], [], 5)[0]
+    assert c.recv_control() == 1
+    assert not select.select([fd], [], [], 0.2)[0]
+    assert a.send(c.id, b"data" * 10)  # a data frame left behind keeps it readable
+    assert select.select([fd], [], [], 5)[0]
+    assert c.recv_control() == 0
+    assert select.select([fd], [], [], 5)[0]
+    c.recv_batch(64, 0).release()

@@ -913,6 +913,7 @@ typedef struct {
     uint32_t cache_hi[SF_MAX_NETWORKS]; /* most slots the cache may hold (its share of the pool) */
     uint64_t *tape_cursor; /* 1 + n_mcast */
     uint32_t rr;           /* first ring to look at next time, for fairness */
+    uint32_t crr;          /* ... and for recv_control, which stops at its limit too */
     int wait_mode;
     int64_t spin_ns;
     int closed;
@@ -1986,7 +1987,11 @@ static PyObject *Port_recv_control(PortObject *p, PyObject *args, PyObject *kw)
     region_view *r = &p->r;
     uint32_t hwm = LOAD_ACQUIRE(&r->sb->node_hwm);
     uint32_t mask = r->sb->ring_size - 1;
-    for (uint32_t s = 0; s < hwm && PyList_GET_SIZE(out) < maxm; s++) {
+    uint32_t start = p->crr < hwm ? p->crr : 0; /* round robin, as fill_batch: no sender starves the rest */
+    for (uint32_t k = 0; k < hwm && PyList_GET_SIZE(out) < maxm; k++) {
+        uint32_t s = start + k;
+        if (s >= hwm)
+            s -= hwm;
         sf_ring *g = ring_at(r, s, p->index);
         uint32_t tail;
         uint32_t avail = ring_waiting(r, g, &tail);
@@ -2011,6 +2016,8 @@ static PyObject *Port_recv_control(PortObject *p, PyObject *args, PyObject *kw)
             STORE_RELEASE(&g->tail, tail + j); /* R2 pairs with A1; descriptors were copied out */
             STORE_RELAXED(&g->deq_frames, g->deq_frames + j);
         }
+        if (PyList_GET_SIZE(out) >= maxm)
+            p->crr = s + 1; /* resume after this ring next time */
     }
     if (PyList_GET_SIZE(out) < maxm) {
         tape_take_control(p, 0, out, maxm);
@@ -2026,6 +2033,10 @@ static PyObject *Port_recv_control(PortObject *p, PyObject *args, PyObject *kw)
         port_refuse_after_wait(p, "node was detached while this thread received");
         return NULL;
     }
+    /* The fileno() eventfd is cleared as recv_batch clears it: the notifier looks again after a
+     * clear and signals again if data frames (or more control messages) are still waiting. */
+    if (p->notifier_on)
+        port_clear_signal(p);
     return out;
 }
 

@@ -33,6 +33,7 @@ fields; a field still being received is bounded by one read of the shell on top.
 """
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Final, Iterable
@@ -45,7 +46,7 @@ __all__ = [
     "Event", "Request", "InformationalResponse", "Response", "Data", "EndOfMessage", "ConnectionClosed",
     "RemoteProtocolError", "IncompleteResponse", "RequestFramer", "ResponseFramer",
     "encode_request_head", "encode_response_head", "encode_chunk", "encode_last_chunk", "simple_response",
-    "IDEMPOTENT_METHODS",
+    "SAFE_METHODS", "IDEMPOTENT_METHODS",
 ]
 
 
@@ -68,9 +69,14 @@ BODY_LENGTH: Final = 1       # Content-Length
 BODY_CHUNKED: Final = 2      # Transfer-Encoding: chunked
 BODY_UNTIL_CLOSE: Final = 3  # responses only: body ends when the backend closes
 
-# Methods whose requests may run at once over several pooled connections. Everything else is a
-# barrier (issue 3: POST, PUT, PATCH, DELETE wait for earlier requests and hold back later ones).
-IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+# Safe methods (RFC 9110 section 9.2.1): their requests may run at once over several pooled
+# connections (and be pipelined to a backend). Everything else is a barrier (issue 3: POST, PUT,
+# PATCH, DELETE wait for earlier requests and hold back later ones).
+SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+# Idempotent methods (RFC 9110 section 9.2.2): the safe ones, PUT and DELETE. Only these are sent
+# again after the backend closed a kept-alive connection under them (`Exchange.on_backend_failure`);
+# they do not change the scheduling, which SAFE_METHODS decides (PUT and DELETE stay barriers).
+IDEMPOTENT_METHODS: Final = SAFE_METHODS | frozenset({b"PUT", b"DELETE"})
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -95,6 +101,7 @@ class Request(Event):
     upgrade: bool = False          # Upgrade header or CONNECT: bytes after the head are not HTTP
     expect_continue: bool = False  # Expect: 100-continue
     host: bytes = b""
+    zero_length: bool = False      # no body, and the client said so with `Content-Length: 0` (forwarded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +163,9 @@ class RemoteProtocolError(Exception):
 
 
 class IncompleteResponse(RemoteProtocolError):
-    """A response had begun when it failed (the backend closed in the middle of it, or a 101
-    without Upgrade): the backend acted on the request."""
+    """A response had begun when it failed (the backend closed in the middle of it, a 101
+    without Upgrade, or a head that failed to parse after its status line): the backend acted
+    on the request, which is therefore never sent again."""
 
 
 class _Reject(Exception):
@@ -401,7 +409,7 @@ class RequestFramer(_Framer):
             url, headers, host = _origin_form(url, headers)
         self._events.append(Request(
             p.get_method(), url, tuple(headers), hv, p.should_keep_alive(), framing, length,
-            p.should_upgrade(), self._expect, host))
+            p.should_upgrade(), self._expect, host, self._cl == 0))
 
     def on_body(self, data: bytes) -> None:
         self._events.append(Data(data))
@@ -470,6 +478,16 @@ class RequestFramer(_Framer):
 
 
 # -------------------------------------------------------------------------- response side
+# llhttp's reasons for failing a response within its status line, up to the end of the status
+# code: bytes failing so are not the start of a response (`ResponseFramer._began`).
+_START_LINE_ERRORS: Final = frozenset({
+    "Expected HTTP/, RTSP/ or ICE/", "Invalid major version", "Expected dot", "Invalid minor version",
+    "Expected space after version", "Invalid HTTP version", "Invalid status code", "Invalid response status",
+})
+# The start of a status line, for a response to HEAD whose head is cut out by this framer.
+_STATUS_START: Final = re.compile(rb"[\r\n]*HTTP/[0-9]\.[0-9] [0-9]{3}[ \r]")
+
+
 class ResponseFramer(_Framer):
     """Parses the responses of one backend connection, given the methods of the requests sent."""
 
@@ -501,6 +519,7 @@ class ResponseFramer(_Framer):
         self._cl = -1
         self._informational = False
         self._head_done = False
+        self._status_seen = False  # the status line parsed (see `_began`)
 
     def expect(self, method: bytes) -> None:
         """Announce that a request with `method` was sent; responses are matched in order.
@@ -522,6 +541,7 @@ class ResponseFramer(_Framer):
         self._in_message = True
 
     def on_status(self, part: bytes) -> None:
+        self._status_seen = True
         self._reason += part
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -530,6 +550,7 @@ class ResponseFramer(_Framer):
                 raise _Reject(f"more than {self.max_headers} trailer fields", 502)
             self._trailers.append((name, value))
             return
+        self._status_seen = True
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.max_head_bytes:
             raise _Reject(f"response head larger than {self.max_head_bytes} bytes", 502)
@@ -549,6 +570,7 @@ class ResponseFramer(_Framer):
     def on_headers_complete(self) -> None:
         p = self._parser
         self._in_head = False
+        self._status_seen = True
         status = p.get_status_code()
         headers = tuple(self._headers)
         if status < 200:
@@ -639,6 +661,8 @@ class ResponseFramer(_Framer):
         except HttpParserError as exc:
             err = _boundary_error(exc)
             err.status = 502
+            if not isinstance(err, IncompleteResponse) and self._began(exc):
+                err = IncompleteResponse(str(err), 502)
             self._error = err
             return
         self._bound_quiet(len(data), before, 502)
@@ -646,7 +670,8 @@ class ResponseFramer(_Framer):
             if self._head_spans:
                 self._partial += len(data)
                 if self._partial + self._head_bytes > self.max_head_bytes:
-                    self._error = RemoteProtocolError(f"response head larger than {self.max_head_bytes} bytes", 502)
+                    self._error = (IncompleteResponse if self._began(None) else RemoteProtocolError)(
+                        f"response head larger than {self.max_head_bytes} bytes", 502)
             else:
                 self._head_spans = True
 
@@ -658,7 +683,8 @@ class ResponseFramer(_Framer):
         end = buf.find(b"\r\n\r\n", start)
         if end < 0:
             if len(buf) > self.max_head_bytes:
-                self._error = RemoteProtocolError(f"response head larger than {self.max_head_bytes} bytes", 502)
+                self._error = (IncompleteResponse if _STATUS_START.match(buf) else RemoteProtocolError)(
+                    f"response head larger than {self.max_head_bytes} bytes", 502)
             return b""
         end += 4
         head, rest = bytes(buf[:end]), bytes(buf[end:])
@@ -676,6 +702,23 @@ class ResponseFramer(_Framer):
             self._events.append(_EOM)
             self._parser = httptools.HttpResponseParser(self)
         return rest
+
+    def _began(self, exc: HttpParserError | None) -> bool:
+        """Had the response that failed to parse begun, i.e. did its status line parse? Then
+        the backend acted on the request, and the failure is an `IncompleteResponse` (never
+        retried). Bytes that fail before that are not a response at all (e.g. bytes a broken
+        backend sent after an earlier response, read as this one's: docs/splicer-http.md,
+        Limits), and the request may be retried. llhttp says when the reason phrase, a field or
+        the end of the head came (`_status_seen`); a status line without a reason phrase shows
+        only in the status code, which llhttp keeps from the previous response until the next
+        one's code is read: so its reasons for failing before that are told apart by name."""
+        if not self._in_message:
+            return False
+        if self._status_seen:
+            return True
+        if isinstance(exc, HttpParserCallbackError):
+            return False  # one of ours before the status line: a response nobody asked for
+        return self._parser.get_status_code() >= 100 and (exc is None or str(exc) not in _START_LINE_ERRORS)
 
     def _receive_eof(self) -> None:
         self._eof = True
@@ -706,9 +749,11 @@ class ResponseFramer(_Framer):
 # Hop-by-hop fields (RFC 9110 section 7.6.1) are not forwarded; the splicer writes its own
 # framing fields, so Content-Length and Transfer-Encoding are dropped and re-added too (a
 # response's codings other than chunked are carried in `Response.transfer_codings`).
+# Proxy-Authenticate and Proxy-Authorization are not among them (RFC 2616 listed them, RFC 7230
+# and RFC 9110 do not): a reverse proxy forwards them, as HAProxy and nginx do.
 _HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
-    b"content-length", b"proxy-authenticate", b"proxy-authorization",
+    b"content-length",
 })
 
 
@@ -717,14 +762,19 @@ _CONN_STD: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
 def _end_to_end(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool = False) -> list[bytes]:
-    """Header lines (b"Name: value\r\n") minus hop-by-hop fields and those named in Connection."""
+    """Header lines (b"Name: value\r\n") minus hop-by-hop fields and those named in Connection.
+
+    `keep_upgrade` (an upgrade request, a 101): Upgrade and Connection go on as they came, and so
+    do the fields Connection names (an h2c upgrade's `Connection: Upgrade, HTTP2-Settings` names
+    the HTTP2-Settings the next hop needs to switch), as HAProxy forwards them: the upgrade is
+    between the client and the backend, which must see what the client sent for it."""
     out = []
     extra: set[bytes] | None = None
     for name, value in headers:
         if len(name) in _HOP_LENS:  # lower() only names that could be hop-by-hop
             lname = name.lower()
             if lname in _HOP:
-                if lname == b"connection" and value.lower() not in _CONN_STD:
+                if lname == b"connection" and not keep_upgrade and value.lower() not in _CONN_STD:
                     toks = [t for t in _tokens(value) if t not in _CONN_STD]
                     if toks:
                         extra = (extra or set()).union(toks)
@@ -766,6 +816,11 @@ def encode_request_head(req: Request, *, keep_upgrade: bool = False, default_hos
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif req.framing == BODY_LENGTH:
         parts.append(b"Content-Length: %d\r\n" % req.content_length)
+    elif req.zero_length:
+        # The client said "no body" with `Content-Length: 0`: a POST or PUT without one may be
+        # refused by a backend wanting a length (411), and RFC 9110 section 8.6 lets a sender
+        # say so; HAProxy and nginx forward it too.
+        parts.append(b"Content-Length: 0\r\n")
     if add_host:
         parts.append(b"Host: " + default_host + b"\r\n")
     if extra:

@@ -48,7 +48,8 @@ back, the first one `health.interval` after the ejection at the earliest.
 Exchanges talk to this module through a small interface: `on_connection(conn)`,
 `on_response_event(event)`, `on_backend_failure(kind, message)`, `on_tunnel_data(data)`; the
 failure kinds are connect, reset (closed before the response began), truncated (closed in the
-middle of it), protocol (a bad response), timeout and unavailable.
+middle of it, or malformed after its status line), protocol (bytes that do not start a response),
+timeout and unavailable.
 """
 from __future__ import annotations
 
@@ -137,7 +138,11 @@ class BackendConnection(asyncio.Protocol):
                 if exchanges:
                     ex = exchanges.popleft()
                     self.server.metrics.error("protocol")
-                    # "truncated": part of its response came, so the backend acted on it (no retry)
+                    # "truncated": its response had begun (its status line parsed, then it broke
+                    # off or failed to parse: a malformed field, a head too large, a 101 without
+                    # Upgrade), so the backend acted on it (no retry: 502). "protocol": bytes that
+                    # are not the start of a response at all (left over from an earlier one, say),
+                    # which an idempotent request may be retried after.
                     ex.on_backend_failure("truncated" if isinstance(exc, IncompleteResponse) else "protocol",
                                           f"bad response from backend {self.server.name}: {exc}")
                 return

@@ -1,7 +1,7 @@
 """The asyncio shell of the HTTP splicer: one `ClientConnection` per client, one `Exchange` per request.
 
 A client connection reads ahead: every request it parses gets a slot in an `OrderedMerge` and an
-`Exchange`. Idempotent requests (GET, HEAD, OPTIONS, TRACE) start at once, each on its own
+`Exchange`. Safe requests (GET, HEAD, OPTIONS, TRACE) start at once, each on its own
 pooled backend connection, so a pipeline of 16 requests to two backends runs 16 at a time.
 Any other method is a *barrier*: it starts when every earlier request of this client is
 answered, and nothing after it starts until it is answered (so a POST never overtakes, or is
@@ -10,11 +10,12 @@ head response streams, later ones are held in their slots.
 
 Failures stay in place: a backend that fails before its response began yields a 502 (504 on
 timeout) in that request's slot and the pipeline goes on; a connect failure, or an idempotent
-request on a connection the backend closed (or broke) before this request's response began,
-when the connection had been used before or the request was pipelined behind another, is
-retried once, the latter on a new connection (`Exchange.on_backend_failure`). If a response
-already started streaming when its backend fails, the only honest thing left is to close the
-client connection after the bytes sent so far.
+request (the safe ones, PUT, DELETE) that sent no body byte, on a connection the backend closed
+(or broke) before this request's response began, when the connection had been used before or
+the request was pipelined behind another, is retried once, the latter on a new connection
+(`Exchange.on_backend_failure`). If a response already started streaming when its backend
+fails, the only honest thing left is to close the client connection after the bytes sent so
+far; no request after it is sent to a backend any more (`ClientConnection.abort_after`).
 
 Backpressure: reading from the client stops while the merge holds `max_pipeline` requests or
 `max_buffer_bytes` bytes (or request-body bytes waiting for a backend pass that bound, or the
@@ -35,7 +36,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .http_framer import (
-    BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, IDEMPOTENT_METHODS, NEED_DATA, PAUSED,
+    BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, IDEMPOTENT_METHODS, NEED_DATA, PAUSED, SAFE_METHODS,
     ConnectionClosed, Data, EndOfMessage, InformationalResponse, RemoteProtocolError, Request, RequestFramer,
     Response, encode_chunk, encode_last_chunk, encode_request_head, encode_response_head, simple_response,
 )
@@ -75,7 +76,7 @@ class Exchange:
         self.group = group
         self.server: BackendServer | None = None
         self.conn: BackendConnection | None = None
-        self.barrier = req.upgrade or req.method not in IDEMPOTENT_METHODS
+        self.barrier = req.upgrade or req.method not in SAFE_METHODS
         self.started = False
         self.finished = False
         self.gone = False          # the client went away: drain and discard the response
@@ -106,7 +107,7 @@ class Exchange:
         self.tried: tuple = ()  # servers this request failed on, not to be picked again
         # may share a pooled connection with other pipelined requests (pool.pipeline > 1)
         self.pipelinable = (req.framing == BODY_NONE and not req.upgrade and req.method != b"HEAD"
-                            and req.method in IDEMPOTENT_METHODS)
+                            and req.method in SAFE_METHODS)
 
     # -- request side (called by the client connection) -----------------------------------
     def add_body(self, data: bytes) -> None:
@@ -169,6 +170,13 @@ class Exchange:
     # -- pool side ------------------------------------------------------------------------
     def on_connection(self, conn: "BackendConnection") -> None:
         if self.finished or self.gone:
+            self.server.release(conn, self, True)  # type: ignore[union-attr]
+            return
+        if self.client.ends_before(self.seq):
+            # It waited for a connection while an earlier answer came that ends the client
+            # connection (cut off, or delimited by the close): it is never answered, so never
+            # sent. It waits, unsent, for the close (which abandons it and logs it unsent).
+            self.queued = False
             self.server.release(conn, self, True)  # type: ignore[union-attr]
             return
         self.conn = conn
@@ -316,16 +324,20 @@ class Exchange:
         if server is not None:
             server.inflight -= 1
         if (not self.resp_started and not self.interim and not self.gone and kind != "timeout" and kind != "truncated"
-                and not self.body_sent
+                and not self.body_sent and not self.client.ends_before(self.seq)
                 and ((kind == "connect" and self.attempts < max(1, len(self.group.servers) - 1))  # type: ignore[union-attr]
                      or (self.attempts < 1 and (self.reused or self.behind)
                          and self.req.method in IDEMPOTENT_METHODS))):
             # Safe to retry: nothing reached a backend (connect), or an idempotent request
-            # (RFC 9110 section 9.2.2) met a pooled connection the backend had just closed, or was
-            # pipelined behind the response after which the backend closed or broke the
-            # connection (nginx's keepalive_requests), and no byte of its own response came (a
-            # response cut off in its head, "truncated", or after a 1xx, had begun: the backend
-            # acted on it).
+            # (RFC 9110 section 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) that sent no body
+            # byte met a pooled connection the backend had just closed, or was pipelined behind
+            # the response after which the backend closed or broke the connection (nginx's
+            # keepalive_requests), and no byte of its own response that parses as one came (a
+            # response cut off in its head or malformed after its status line, "truncated", or
+            # after a 1xx, had begun: the backend acted on it). Bytes that are not the start of
+            # a response at all (left over from an earlier one) do not count: "protocol". Never
+            # a request the client connection ends before (`ends_before`): no answer to it
+            # would be written.
             # The latter go to a new connection, alone: any pooled one may be closing as well
             # (the close crosses the hand-over), and a new connection is never closed by a
             # keep-alive limit before its first response, so one retry is enough. A request
@@ -770,6 +782,11 @@ class ClientConnection(asyncio.Protocol):
                 q = self.queue
                 while q and not self.barrier_active and not self.closed:
                     ex = q[0]
+                    if self.ends_before(ex.seq):
+                        # The connection ends with an earlier answer (one cut off, one delimited
+                        # by the close, a `Connection: close`): this request is never answered,
+                        # so it is never sent (the backend would act on it, a POST included).
+                        break
                     if ex.barrier:
                         if self.inflight:
                             break
@@ -886,6 +903,10 @@ class ClientConnection(asyncio.Protocol):
             self.log.record(*args)  # type: ignore[union-attr]
         self.log_wait.clear()
 
+    def ends_before(self, seq: int) -> bool:
+        """True if the connection ends before answer `seq` (see `abort_after`, `_end_input`)."""
+        return self.close_seq is not None and seq > self.close_seq
+
     def close_after(self, ex: Exchange) -> bool:
         """True if the client connection ends with the response to `ex`."""
         return not ex.req.keep_alive or (self.close_seq is not None and ex.seq >= self.close_seq)
@@ -964,7 +985,9 @@ class ClientConnection(asyncio.Protocol):
 
     def abort_after(self, seq: int) -> None:
         """Close after the bytes of slots up to `seq`, and write nothing of later ones: a
-        response broke mid-stream, or its body is delimited by the close."""
+        response broke mid-stream, or its body is delimited by the close. Requests after it
+        are never sent to a backend from now on (`_schedule`, `Exchange.on_connection`, no
+        retry); those already sent are read to their end and dropped once the connection closes."""
         self.stop_reading = True
         if self.close_seq is None or seq < self.close_seq:
             self.close_seq = seq

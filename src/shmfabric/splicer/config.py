@@ -218,7 +218,7 @@ class RedisLimitConfig(_Limits):
         description="how long a subscriber may stay over pubsub_soft_limit_bytes (0: disconnected at once)")
 
 
-class RedisHealthConfig(_Model):
+class _HealthBase(_Model):
     """Active health checks (HAProxy's inter / rise / fall)."""
 
     interval: float = Field(2.0, strict=True, gt=0)
@@ -228,7 +228,21 @@ class RedisHealthConfig(_Model):
     enabled: bool = Field(True, strict=True)
 
 
-class HealthConfig(RedisHealthConfig):
+class RedisHealthConfig(_HealthBase):
+    """Health of the Redis servers: active checks (HAProxy's inter / rise / fall), or twemproxy's
+    way (`mode: passive`)."""
+
+    mode: Literal["active", "passive"] = Field(
+        "active", description="active: a PING every `interval` s; `fall` failures in a row (failed checks, "
+        "connects and lost requests) take a server down, `rise` passing checks bring it back. passive "
+        "(twemproxy's server_failure_limit / server_retry_timeout; what --twemproxy sets): no check while a "
+        "server is up; with `auto_eject`, `fall` failures in a row on live traffic (a connect refused or "
+        "timed out, a connection lost under requests, a request past `timeouts.request`) eject it, any reply "
+        "restarts the count, and it is checked `interval` s after its ejection and every `interval` s after "
+        "that until `rise` checks pass; without `auto_eject` a server is never marked down")
+
+
+class HealthConfig(_HealthBase):
     """Active health checks (HAProxy's inter / rise / fall), and the HTTP splicer's passive one
     (HAProxy's `observe layer7` with `error-limit` / `on-error mark-down`)."""
 
@@ -377,8 +391,8 @@ class RedisSpliceConfig(_Model):
     workers: int = Field(1, strict=True, ge=1, le=64)
     servers: list[RedisServer] = Field(min_length=1)
     distribution: Literal["ketama", "modula"] = "ketama"
-    hash: Literal["fnv1a_64", "fnv1_64", "fnv1a_32", "fnv1_32", "md5", "murmur", "crc32", "crc32a",
-                  "one_at_a_time"] = "fnv1a_64"
+    hash: Literal["fnv1a_64", "fnv1_64", "fnv1a_32", "fnv1_32", "md5", "murmur", "crc16", "crc32", "crc32a",
+                  "hsieh", "jenkins", "one_at_a_time"] = "fnv1a_64"
     hash_tag: str | None = Field(None, min_length=2, max_length=2, description="e.g. '{}': hash only the part in braces")
     password: str | None = Field(None, description="clients must AUTH with this (like requirepass)")
     backend_username: str | None = Field(None, description="AUTH user the splicer sends to every server")

@@ -37,13 +37,14 @@ def build_redis_config(args: argparse.Namespace) -> Any:
     source = "command line"
     if args.config and args.twemproxy:
         raise _cli_error("--config and --twemproxy both give a whole configuration; fix: use one of them")
-    if args.twemproxy_pool and not args.twemproxy:
-        raise _cli_error("--twemproxy-pool names a pool of a --twemproxy file; fix: add --twemproxy FILE")
+    for flag, value in (("--twemproxy-pool", args.twemproxy_pool), ("--twemproxy-db", args.twemproxy_db)):
+        if value is not None and not args.twemproxy:
+            raise _cli_error(f"{flag} goes with a --twemproxy file; fix: add --twemproxy FILE")
     if args.twemproxy:
         from shmfabric.splicer.twemproxy_conf import load_twemproxy
 
         try:
-            data, notes = load_twemproxy(args.twemproxy, args.twemproxy_pool)
+            data, notes = load_twemproxy(args.twemproxy, args.twemproxy_pool, db=args.twemproxy_db)
         except ConfigError as exc:
             raise _cli_error(str(exc)) from None
         for note in notes:
@@ -153,6 +154,9 @@ def register_redis(verbs: Any) -> None:
     p.add_argument("--twemproxy", metavar="FILE",
                    help="run a pool of a twemproxy (nutcracker) YAML config, keeping its key placement")
     p.add_argument("--twemproxy-pool", metavar="NAME", help="which pool of the --twemproxy file (if it has several)")
+    p.add_argument("--twemproxy-db", metavar="N", type=int,
+                   help="the database to use instead of the pool's redis_db (a pool with redis_auth and redis_db "
+                        "needs it: nutcracker's keys are in db 0 when the servers require the password)")
     p.add_argument("--check", action="store_true", help="validate, print the effective config as JSON, exit")
     p.set_defaults(func=_run)
 

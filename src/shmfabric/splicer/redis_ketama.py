@@ -153,7 +153,102 @@ def _murmur(key: bytes) -> int:
     return h
 
 
-#: Key hashes by twemproxy's names (those it offers that are implemented here).
+def _crc16_table() -> list[int]:
+    # nc_crc16.c's table in twemproxy 0.5: CRC-16/XMODEM (polynomial 0x1021, not reflected).
+    table = []
+    for n in range(256):
+        c = n << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) & 0xFFFF if c & 0x8000 else (c << 1) & 0xFFFF
+        table.append(c)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def _crc16(key: bytes) -> int:
+    # nc_crc16.c hash_crc16 as twemproxy 0.5 has it: the running value is a uint32_t that is never
+    # cut to 16 bits, so its high bits feed the table index of later bytes (keys of more than two
+    # bytes hash past 0xFFFF). twemproxy's master branch later replaced this with CRC-16/ARC,
+    # which places keys elsewhere; 0.5.0 is the release, and the one matched here.
+    crc = 0
+    for b in key:
+        crc = ((crc << 8) & _M32) ^ _CRC16[((crc >> 8) ^ b) & 0xFF]
+    return crc
+
+
+def _hsieh(key: bytes) -> int:
+    # nc_hsieh.c hash_hsieh (Paul Hsieh's SuperFastHash, seed 0): 16-bit little-endian reads of
+    # unsigned bytes, except the third byte of a 3-byte tail, read as C `char` (sign-extended).
+    n = len(key)
+    h = 0
+    i = 0
+    for _ in range(n >> 2):
+        h = (h + (key[i] | key[i + 1] << 8)) & _M32
+        tmp = (((key[i + 2] | key[i + 3] << 8) << 11) ^ h) & _M32
+        h = ((h << 16) & _M32) ^ tmp
+        i += 4
+        h = (h + (h >> 11)) & _M32
+    rem = n & 3
+    if rem == 3:
+        h = (h + (key[i] | key[i + 1] << 8)) & _M32
+        h ^= (h << 16) & _M32
+        h ^= ((_schar(key[i + 2]) & _M32) << 18) & _M32
+        h = (h + (h >> 11)) & _M32
+    elif rem == 2:
+        h = (h + (key[i] | key[i + 1] << 8)) & _M32
+        h ^= (h << 11) & _M32
+        h = (h + (h >> 17)) & _M32
+    elif rem == 1:
+        h = (h + key[i]) & _M32
+        h ^= (h << 10) & _M32
+        h = (h + (h >> 1)) & _M32
+    h ^= (h << 3) & _M32
+    h = (h + (h >> 5)) & _M32
+    h ^= (h << 4) & _M32
+    h = (h + (h >> 17)) & _M32
+    h ^= (h << 25) & _M32
+    h = (h + (h >> 6)) & _M32
+    return h
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M32
+
+
+# lookup3's mix() and final(): (which of a, b, c changes, from which two, the rotation), in order.
+_JENKINS_MIX = ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4))
+_JENKINS_FINAL = ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24))
+
+
+def _jenkins(key: bytes) -> int:
+    # nc_jenkins.c hash_jenkins (Bob Jenkins' lookup3 hashlittle, initval 13); its three read
+    # paths (aligned words, half-words, bytes) agree on a little-endian machine: unsigned bytes,
+    # little-endian 32-bit words, the last block zero-padded, no mixing for an empty key.
+    n = len(key)
+    s = [(0xDEADBEEF + n + 13) & _M32] * 3
+    if n == 0:
+        return s[2]
+    i = 0
+    while True:
+        block = key[i : i + 12]
+        if n - i <= 12:
+            block += bytes(12 - len(block))
+        for j in range(3):
+            s[j] = (s[j] + int.from_bytes(block[4 * j : 4 * j + 4], "little")) & _M32
+        if n - i <= 12:
+            break
+        for x, y, z, r in _JENKINS_MIX:  # x -= y; x ^= rot(y, r); y += z
+            s[x] = ((s[x] - s[y]) & _M32) ^ _rot(s[y], r)
+            s[y] = (s[y] + s[z]) & _M32
+        i += 12
+    for x, y, r in _JENKINS_FINAL:  # x ^= y; x -= rot(y, r)
+        s[x] = ((s[x] ^ s[y]) - _rot(s[y], r)) & _M32
+    return s[2]
+
+
+#: Key hashes by twemproxy's names (every one it offers).
 HASHES: dict[str, Callable[[bytes], int]] = {
     "md5": _md5,
     "fnv1_64": _fnv1_64,
@@ -164,6 +259,9 @@ HASHES: dict[str, Callable[[bytes], int]] = {
     "crc32a": _crc32a,
     "one_at_a_time": _one_at_a_time,
     "murmur": _murmur,
+    "crc16": _crc16,
+    "hsieh": _hsieh,
+    "jenkins": _jenkins,
 }
 
 

@@ -97,7 +97,8 @@ class _Server:
     """One backend server: its lanes per protocol version, health, metrics."""
 
     __slots__ = ("splicer", "index", "host", "port", "label", "weight", "name", "lanes",
-                 "health", "backoff", "retry_at", "metrics", "version", "up", "last_error")
+                 "health", "backoff", "retry_at", "metrics", "version", "up", "last_error", "failing",
+                 "down_at", "went_down")
 
     def __init__(self, splicer: "RedisSplicer", index: int, host: str, port: int, weight: int, name: str) -> None:
         self.splicer = splicer
@@ -118,6 +119,11 @@ class _Server:
         self.metrics = splicer.metrics.backend(self.label) if splicer.metrics is not None else None
         self.version: str | None = None
         self.up = True
+        # health.mode passive: failures on live traffic not yet cleared by a reply (twemproxy's
+        # failure_count), when this server went down, and the wake-up of its health loop.
+        self.failing = False
+        self.down_at = 0.0
+        self.went_down = asyncio.Event()
 
     def connection_failed(self, now: float) -> float:
         """A connect or an established connection failed: back off before the next attempt."""
@@ -257,6 +263,8 @@ class _Lane:
         now = time.monotonic()
         self.last_rx = now
         gen = self.gen
+        queued = len(q)
+        shook = 0  # replies to the connection handshake among them
         try:
             popleft = q.popleft
             dirty_clients = self.splicer._dirty_clients
@@ -292,6 +300,8 @@ class _Lane:
                 elif type(target) is _Join:
                     target._on_part(arg, reply, sc.parsed(reply))
                 elif target is not None:
+                    if target is _HANDSHAKE:
+                        shook += 1
                     target._on_reply(arg, reply)
                     if self.gen != gen:  # the handshake failed and closed this connection
                         break
@@ -300,6 +310,11 @@ class _Lane:
                     raise RespProtocolError("reply without a request")
         except (RespProtocolError, ValueError) as exc:
             self._fail(f"protocol error from the server: {exc}", "protocol")
+        else:
+            srv = self.server
+            if srv.failing and self.gen == gen and queued - len(q) > shook:
+                # health.mode passive: a reply clears the server's failures (twemproxy's server_ok).
+                self.splicer._replied(srv)
         self.splicer._schedule_flush()
 
     def lost(self, why: str) -> None:
@@ -1338,6 +1353,12 @@ class RedisSplicer:
             srv.metrics.error("unavailable", 1)  # one request refused at once
         why = f"last error: {srv.last_error}; " if srv.last_error else ""
         cfg = self.config
+        if cfg.auto_eject and not srv.up and cfg.health.mode == "passive":
+            h = cfg.health
+            checks = "a passing check" if h.rise == 1 else f"{h.rise} passing checks"
+            return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}ejected after {h.fall} "
+                                f"failure(s) in a row: back after {checks}, one every {h.interval:g} s from "
+                                "the ejection)")
         if cfg.auto_eject and not srv.up:
             # Ejected: no connection is tried until health checks pass again, whatever retry_at says.
             return encode_error(f"ERR splicer: backend {srv.label} is unavailable ({why}ejected by health checks: "
@@ -1378,10 +1399,20 @@ class RedisSplicer:
         return hs
 
     def _record_health(self, srv: _Server, ok: bool) -> None:
+        h = self.config.health
+        if h.mode == "passive":
+            # twemproxy's way: failures count only where they can eject (auto_eject, and checks to
+            # bring the server back); without, every request tries the server.
+            if not (self.config.auto_eject and h.enabled):
+                return
+            srv.failing = not ok and srv.up
         changed = srv.health.record(ok)
         if changed is None:
             return
         srv.up = changed
+        if not changed:
+            srv.down_at = time.monotonic()
+            srv.went_down.set()
         log.warning("backend %s is %s", srv.label, "up" if changed else "down")
         if changed:
             srv.retry_at = 0.0
@@ -1390,6 +1421,13 @@ class RedisSplicer:
             live = [s.up for s in self._servers]
             if any(live):
                 self.router.set_ketama(Ketama(self._kservers, live=live, **self._ketama_args))
+
+    def _replied(self, srv: _Server) -> None:
+        """A request's reply came from `srv` (a handshake's does not count): with health.mode
+        passive, its failures so far are forgotten, as twemproxy's server_ok does."""
+        if srv.up:
+            srv.health.record(True)
+            srv.failing = False
 
     async def _learn_version(self) -> None:
         """Ask one server for its version, reported to clients in HELLO."""
@@ -1408,7 +1446,10 @@ class RedisSplicer:
     async def _probe(self, srv: _Server, command: list[bytes]) -> bytes:
         """Open a short connection, authenticate, send one command, return its reply bytes."""
         timeout = self.config.health.timeout
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(srv.host, srv.port), timeout)
+        # A check may wait for a reply as long as a request does (health.timeout may be set so),
+        # but a connection is opened within timeouts.connect like any other.
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(srv.host, srv.port),
+                                                min(timeout, self.config.timeouts.connect))
         try:
             payload = b"".join(self._handshake(2)) + encode_command(command)
             writer.write(payload)
@@ -1431,14 +1472,26 @@ class RedisSplicer:
 
     async def _health_loop(self, srv: _Server) -> None:
         h = self.config.health
+        passive = h.mode == "passive"
         while not self.closing:
-            await asyncio.sleep(h.interval)
+            if passive:
+                # No check while the server is up (twemproxy checks nothing); once down, the first
+                # check comes `interval` after it went down, the next `interval` after each failed one.
+                if srv.up:
+                    srv.went_down.clear()
+                    await srv.went_down.wait()
+                    continue
+                await asyncio.sleep(max(0.0, srv.down_at + h.interval - time.monotonic()))
+            else:
+                await asyncio.sleep(h.interval)
             try:
                 reply = await self._probe(srv, [b"PING"])
                 ok = reply == b"+PONG\r\n"
             except (OSError, asyncio.TimeoutError, RespProtocolError):
                 ok = False
             self._record_health(srv, ok)
+            if passive and not srv.up:
+                srv.down_at = time.monotonic()
 
     async def _ticker(self) -> None:
         """Enforce the per-request timeout and keep `pool.min` connections open."""

@@ -870,6 +870,13 @@ class RedisSession:
 
 def _keys_error(spec, name: bytes, args: list[bytes]) -> bytes:
     """Redis's error for keys that cannot be found: a bad numkeys, or XREAD's STREAMS list."""
+    if name in _ZSTORE:  # redis-server 7's words for these
+        n = _strict_int(args[spec.numkeys])
+        if n is None:
+            return encode_error("ERR value is not an integer or out of range")
+        if n < 1:
+            return encode_error(f"ERR at least 1 input key is needed for '{name.decode().lower()}' command")
+        return encode_error("ERR syntax error")
     if name in _MPOP:  # Redis 7's words for these
         try:
             positive = int(args[spec.numkeys]) > 0
@@ -886,6 +893,16 @@ def _keys_error(spec, name: bytes, args: list[bytes]) -> bytes:
 
 
 _MPOP = frozenset({b"LMPOP", b"ZMPOP", b"BLMPOP", b"BZMPOP"})
+_ZSTORE = frozenset({b"ZINTERSTORE", b"ZUNIONSTORE"})
+
+
+def _strict_int(arg: bytes) -> int | None:
+    """`arg` as Redis's string2ll reads a number (no sign but '-', no leading zero or space,
+    within 64 bits), else None."""
+    if not (arg.isdigit() or (arg[:1] == b"-" and arg[1:].isdigit())) or arg.lstrip(b"-")[:1] == b"0" and arg != b"0":
+        return None
+    n = int(arg)
+    return n if -(2 ** 63) <= n < 2 ** 63 else None
 
 
 def _block_seconds(spec, args: list[bytes]) -> float | None:

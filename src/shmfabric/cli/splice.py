@@ -178,7 +178,9 @@ def reloader(build: Any, args: argparse.Namespace) -> Any:
 def _run_http(args: argparse.Namespace) -> int:
     cfg = _build_config(args)
     if args.check:
-        print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
+        from shmfabric.splicer.config import public_dump
+
+        print(json.dumps(public_dump(cfg), indent=2, sort_keys=True))
         return 0
     from shmfabric.splicer.http_server import run
 

@@ -60,6 +60,22 @@ def split_address(text: str, allow_zero: bool = False) -> tuple[str, int]:
     return (m.group("v6") or m.group("host")), port
 
 
+def public_dump(model: BaseModel) -> dict[str, Any]:
+    """`model` as `model_dump()` gives it, with the value of every secret field (`repr=False`:
+    passwords) set, at any depth, shown as "<redacted>": what `--check` prints, which ends up in
+    terminals and CI logs."""
+    out = model.model_dump()
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if not info.repr and value is not None:
+            out[name] = "<redacted>"
+        elif isinstance(value, BaseModel):
+            out[name] = public_dump(value)
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            out[name] = [public_dump(v) for v in value]
+    return out
+
+
 def _check_address(value: Any, allow_zero: bool = False) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a HOST:PORT string, got {type(value).__name__}")
@@ -394,9 +410,9 @@ class RedisSpliceConfig(_Model):
     hash: Literal["fnv1a_64", "fnv1_64", "fnv1a_32", "fnv1_32", "md5", "murmur", "crc16", "crc32", "crc32a",
                   "hsieh", "jenkins", "one_at_a_time"] = "fnv1a_64"
     hash_tag: str | None = Field(None, min_length=2, max_length=2, description="e.g. '{}': hash only the part in braces")
-    password: str | None = Field(None, description="clients must AUTH with this (like requirepass)")
+    password: str | None = Field(None, repr=False, description="clients must AUTH with this (like requirepass) (shown as <redacted>)")
     backend_username: str | None = Field(None, description="AUTH user the splicer sends to every server")
-    backend_password: str | None = Field(None, description="AUTH password the splicer sends to every server")
+    backend_password: str | None = Field(None, repr=False, description="AUTH password the splicer sends to every server (shown as <redacted>)")
     db: int = Field(0, strict=True, ge=0, description="database selected on every server connection")
     auto_eject: bool = Field(False, strict=True, description="take a failing server off the continuum (twemproxy auto_eject_hosts)")
     pool: RedisPoolConfig = RedisPoolConfig()

@@ -104,7 +104,9 @@ def build_redis_config(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     cfg = build_redis_config(args)
     if args.check:
-        print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
+        from shmfabric.splicer.config import public_dump
+
+        print(json.dumps(public_dump(cfg), indent=2, sort_keys=True))
         return 0
     from shmfabric.cli.splice import open_listeners, reloader
     from shmfabric.splicer.redis_proxy import run_redis_splicer

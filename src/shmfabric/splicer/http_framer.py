@@ -478,11 +478,13 @@ class RequestFramer(_Framer):
 
 
 # -------------------------------------------------------------------------- response side
-# llhttp's reasons for failing a response within its status line, up to the end of the status
-# code: bytes failing so are not the start of a response (`ResponseFramer._began`).
+# llhttp's reasons for failing a response within its status line, before its status code is
+# complete: bytes failing so are not the start of a response (`ResponseFramer._began`). ("Invalid
+# response status" is not one: llhttp 9 raises it after the three digits, e.g. for
+# "HTTP/1.1 200\n" or "HTTP/1.1 2000", when the new code is already set, so the response began.)
 _START_LINE_ERRORS: Final = frozenset({
     "Expected HTTP/, RTSP/ or ICE/", "Invalid major version", "Expected dot", "Invalid minor version",
-    "Expected space after version", "Invalid HTTP version", "Invalid status code", "Invalid response status",
+    "Expected space after version", "Invalid HTTP version", "Invalid status code",
 })
 # The start of a status line, for a response to HEAD whose head is cut out by this framer.
 _STATUS_START: Final = re.compile(rb"[\r\n]*HTTP/[0-9]\.[0-9] [0-9]{3}[ \r]")

@@ -313,8 +313,11 @@ class Exchange:
         self.queued = False
         conn, server = self.conn, self.server
         self.conn = None
+        # A request behind an answer that ends the client connection is never answered (it is
+        # logged unsent when the connection closes): no failure of its own to count or answer.
+        unanswered = self.gone or self.client.ends_before(self.seq)
         if conn is not None:
-            if server is not None and not self.gone and (kind != "timeout" or self.req_done):
+            if server is not None and not unanswered and (kind != "timeout" or self.req_done):
                 # Passive health: the backend failed a request it had (retried or not). Not
                 # counted: a client that went away, nor a timeout while the client's own
                 # request body was still coming.
@@ -323,8 +326,8 @@ class Exchange:
             conn.abort()
         if server is not None:
             server.inflight -= 1
-        if (not self.resp_started and not self.interim and not self.gone and kind != "timeout" and kind != "truncated"
-                and not self.body_sent and not self.client.ends_before(self.seq)
+        if (not self.resp_started and not self.interim and not unanswered and kind != "timeout" and kind != "truncated"
+                and not self.body_sent
                 and ((kind == "connect" and self.attempts < max(1, len(self.group.servers) - 1))  # type: ignore[union-attr]
                      or (self.attempts < 1 and (self.reused or self.behind)
                          and self.req.method in IDEMPOTENT_METHODS))):
@@ -354,7 +357,7 @@ class Exchange:
             return
         self.finished = True
         client = self.client
-        if not self.gone:
+        if not unanswered:
             if server is not None:
                 server.metrics.failed_requests(kind)  # answered 502/504, or cut off mid-response
             if not self.resp_started:

@@ -173,14 +173,15 @@ class RequestReader:
     stream position of a request end is known exactly, and only the few requests since then
     are measured, by their bytes: every element of a request must be a bulk string, as Redis
     requires (elements hiredis returns as bytes although they are not, '+x', '=N', '(1', are
-    found by _guard's walk and refused where Redis refuses them), so a request's bytes are its
-    canonical encoding but for the two unchecked bytes after each bulk, and _go_inline checks
-    that, walking the request where it differs.
+    found by _guard's walk or by _verify, and refused where Redis refuses them), so a request's
+    bytes are its canonical encoding but for the two unchecked bytes after each bulk, and
+    _go_inline checks that, walking the request where it differs.
     """
 
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
                  "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked", "_nulls",
-                 "_tail", "_poisoned", "_walk", "_ppos", "_chunk", "_from_pending", "_bulk_checked")
+                 "_tail", "_poisoned", "_walk", "_ppos", "_chunk", "_from_pending", "_bulk_checked",
+                 "_vq", "_vpos", "_pwalk", "_pat", "_pscan")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -210,6 +211,15 @@ class RequestReader:
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
         self._tail_unchecked = False  # is what follows the last request known to be multibulk?
+        # Verification (see _verify): while _vq is a list, every item hiredis returns is put in it
+        # and checked before drain returns it; _vpos is the stream offset where the first of them
+        # starts (a known request boundary). _pwalk walks the incomplete request that starts at
+        # _pat (== _vpos), up to _pscan (_check_partial).
+        self._vq: list[list[bytes]] | None = None
+        self._vpos = -1
+        self._pwalk: _HeaderWalk | None = None
+        self._pat = -1
+        self._pscan = 0
         # How many of the last bytes fed to hiredis are _pending[_ppos - n : _ppos]: then
         # _go_inline hands bytes back by moving _ppos, without copying what is still held.
         self._from_pending = 0
@@ -266,14 +276,29 @@ class RequestReader:
         big = self._hiredis_bytes > BIG_REQUEST
         # An element that is not a bulk string but that hiredis returns as bytes all the same (a
         # simple string '+x', a verbatim string '=N', a big number '(1') must be refused where
-        # Redis refuses it, and it is only seen by walking: hiredis gives no sign of it, and a
-        # request holding one is not as long as its canonical encoding, so measuring it (in
-        # _go_inline) would go wrong. No such element starts in a read without these bytes, so
-        # three memchr calls spare the walk to every read of plain requests. (Only these: a
-        # line start is not enough, as a bulk string's two terminator bytes, which neither Redis
-        # nor hiredis checks, need not be CRLF. So values holding '+', '=' or '(' cost a walk:
-        # about 0.5 us per element.)
+        # Redis refuses it, and hiredis gives no sign of it: a request holding one is not as
+        # long as its canonical encoding, so measuring it (in _go_inline) would go wrong. No such
+        # element starts in a read without these bytes, so three memchr calls spare any check to
+        # every read of plain requests. (Only these: a line start is not enough, as a bulk
+        # string's two terminator bytes, which neither Redis nor hiredis checks, need not be
+        # CRLF.) A read with them is checked one of two ways: verified after hiredis has parsed
+        # it (_verify: one byte looked at per element, about 0.1 us, so that values holding '+'
+        # or '=', like base64, cost little), which needs a known request boundary from which
+        # all the requests hiredis returns are checked: here, when all that was fed so far was
+        # returned; or at a trim during a walk (see drain); else walked before hiredis reads it
+        # (about 0.5 us per element), until such a boundary. Once no request is held
+        # unverified, a read without these bytes ends the verification.
         strict = b"+" in data or b"=" in data or b"(" in data
+        if self._vq is not None:
+            if strict:
+                strict = False
+            elif self._vpos == self._fed:
+                self._vq = None
+                self._vpos = -1
+        elif strict and self._fed == self._known_end and (walk is None or not walk.strict):
+            self._vq = []
+            self._vpos = self._fed
+            strict = False
         if walk is None or (big and walk.max_bulk is None) or (strict and not walk.strict):
             if walk is None and not (strict or big or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
                 return data
@@ -306,16 +331,17 @@ class RequestReader:
             return
         data = pending[pos:end]
         self._ppos = end
+        poisoned = self._poisoned
         self._feed_hiredis(data)
-        if self._poisoned:  # nothing after a refused header is read
+        if self._poisoned and not poisoned:  # nothing after a refused header is read
             self._pending = b""
             self._ppos = self._from_pending = 0
         else:
             self._from_pending += len(data)
 
     def _feed_hiredis(self, data: bytes) -> None:
-        if self._poisoned:
-            return
+        # (Also after a refused header: the held bytes are then only those before it, which
+        # _go_inline handed back after a "*-5" skipped; the requests in them are answered.)
         data = self._guard(data)
         self._reader.feed(data)
         n = len(data)
@@ -356,10 +382,12 @@ class RequestReader:
                     join = b"".join
                     hlen = self._hlen
                     got = False
+                    vq = self._vq
                     while n < limit:
                         try:
                             cmd = gets()
                         except (hiredis.ProtocolError, TypeError) as exc:
+                            self._verify(out)  # the requests returned before it come first
                             # TypeError: hiredis could not build a RESP3 map whose key is a
                             # map or an array (unhashable), which no request may hold anyway.
                             # A request that starts "*-5" (hiredis: out of range) is skipped,
@@ -379,7 +407,13 @@ class RequestReader:
                             # (its header and some arguments) and hold that state with nothing
                             # left unread.
                             self._hlen = left
-                            if self._poisoned:  # what preceded the held-back header is answered
+                            if self._poisoned and self._ppos >= len(self._pending):
+                                # What preceded the held-back header is answered (all of it: bytes
+                                # _go_inline handed back may still be held), unless a bad element
+                                # before the header comes first.
+                                if vq is not None:
+                                    self._verify(out)
+                                    self._check_partial()
                                 self.failed = True
                                 raise RespProtocolError(self._poisoned)
                             if got:
@@ -397,14 +431,20 @@ class RequestReader:
                             # a re-parse of ~1 KiB), until the next request is seen to be one.
                             if self._tail_unchecked:
                                 mirror = self._mirror
-                                if mirror and mirror[-1].endswith(b"\n") and self._go_inline():
-                                    break
+                                if mirror and mirror[-1].endswith(b"\n"):
+                                    self._verify(out)  # (_go_inline measures them)
+                                    if self._go_inline():
+                                        break
                             if self._ppos < len(self._pending):  # more held: the next piece
                                 self._chunk = min(self._chunk * 2, MAX_CHUNK)
                                 self._feed_piece()
                                 hlen = self._hlen
                                 got = False
+                                vq = self._vq  # (_guard may have started or ended the verification)
                                 continue
+                            if vq is not None:
+                                self._verify(out)
+                                self._check_partial()  # (a bad element before a long bulk comes first)
                             if self._refuse_waiting_bulk(left):
                                 self.failed = True
                                 raise RespProtocolError(self._poisoned)
@@ -426,33 +466,50 @@ class RequestReader:
                                 null_multibulk = head[0] in _AGGREGATE_START and head[1:] == b"-1\r\n"
                             else:
                                 null_multibulk = False
-                            if not null_multibulk and self._go_inline(self._nulls, left):
-                                break
+                            if not null_multibulk:
+                                self._verify(out)
+                                if self._go_inline(self._nulls, left):
+                                    break
                             cmd = []
                         elif type(cmd) is not list:
                             # A request that starts with another RESP type byte ('+', '$',
                             # ':'...) is an inline request to Redis, whatever the read split.
                             # (_known_end has not moved past it: _go_inline hands back all of
                             # it, also when it is 1 KiB or more and this call trimmed.)
+                            self._verify(out)
                             if self._go_inline():
                                 break
                             self.failed = True
-                            raise RespProtocolError("expected '*' as the first byte of a request")
+                            raise RespProtocolError(self._first_fault_at_vpos("expected '*' as the first byte of a request"))
                         else:
                             try:
                                 # One C call that fails on any element that is not bytes (an
                                 # integer, nil, nested array or error item); the copy is cheap
                                 # next to the re-encoding every forwarded command gets anyway.
                                 # Elements hiredis returns as bytes but that are not bulk strings
-                                # ('+', '=', '(') never get here: _guard cut the bytes before them.
+                                # ('+', '=', '(') get past it: _guard cut the bytes before them, or
+                                # _verify refuses the request before it is returned.
                                 join(cmd)
                             except TypeError:
                                 self.failed = True
                                 raise RespProtocolError(self._exact_error(f"expected '$', got '{_type_byte(cmd)}'")) from None
+                        if vq is not None:
+                            vq.append(cmd)
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
                             hlen = left
                             self._known_end = self._fed - left
                             self._nulls = 0
+                            if vq is None:
+                                walk = self._walk
+                                if walk is not None and walk.strict and walk.max_bulk is None and not self._poisoned:
+                                    # A known request boundary, with every request before it
+                                    # returned: from here on hiredis's requests are verified
+                                    # instead of walked (what was fed is walked already).
+                                    self._walk = None
+                                    vq = self._vq = []
+                                    self._vpos = self._known_end
+                            elif len(vq) >= 256:
+                                self._verify(out)  # (so that the mirror can be trimmed)
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
                         if len(cmd) > MULTIBULK_MAX:
@@ -464,6 +521,8 @@ class RequestReader:
                         if not reader.has_data():
                             # A request just ended and nothing follows: a true boundary, so the
                             # next request may be inline again. The reader is kept (it is clean).
+                            if vq:
+                                self._verify(out)
                             self._in_hiredis = False
                             self._mirror.clear()
                             self._mirror_start = self._known_end = self._fed
@@ -518,7 +577,16 @@ class RequestReader:
                 if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
                     append(args)
                     n += 1
+            if self._vq:
+                self._verify(out)
         except RespProtocolError as exc:
+            if self._vq:
+                # Stopped by what follows requests not verified yet: one of them may be the
+                # first bad request (then its error is the answer, and they are not returned).
+                try:
+                    self._verify(out)
+                except RespProtocolError as first:
+                    return out, first
             return out, exc
         return out, None
 
@@ -534,6 +602,112 @@ class RequestReader:
         walk = _HeaderWalk(strict=True)
         walk.feed(self._mirror_slice(self._known_end, self._fed))
         return walk.reason or fallback
+
+    def _verify(self, out: list[list[bytes]]) -> None:
+        """Check that the requests hiredis returned since `_vpos` (`_vq`) hold bulk strings only.
+
+        They are at the tail of `out` (but empty ones, which are not returned). hiredis returns
+        '+x', '=N' and '(1' elements as bytes too; a request holding one is refused here, in
+        Redis's words, and neither it nor any request after it is returned.
+
+        Why looking at one byte per element is enough: `_vpos` is where a request starts, and
+        hiredis's parse from there is fixed by the bytes. If the byte there is '*', hiredis read
+        a header "*<n>\r\n" with n its element count (its string2ll takes no sign, no leading
+        zero, nothing else: the header's bytes are those exactly), so the first element starts
+        3 + len(str(n)) bytes on. If the byte there is '$', that element is a bulk string, read
+        as "$<m>\r\n", m bytes and two bytes hiredis skips unread, where m, again written one way
+        only, is the length of the bytes hiredis returned: the next element starts that many
+        bytes on. So, element after element and request after request, each header is where the
+        canonical encoding puts it, and each is checked to be a '$'. The bytes between (values,
+        and the terminators that need not be CRLF) are never looked at, nor need to be. An
+        element that is not a bulk string ('+', '=', '(' and all others) fails at its own
+        position; an empty request (hiredis returns "*0" and "*-1" alike) and a length of 4 KiB
+        or more (past the size tables) take the exact, slower way (`_verify_exact`), as does a
+        request that does not start with '*'.
+        """
+        vq = self._vq
+        if not vq:
+            return
+        start = self._vpos
+        fed = self._fed
+        last = self._mirror[-1]
+        off = start - (fed - len(last))
+        if off >= 0:
+            buf = last
+        else:
+            buf = self._mirror_slice(start, fed)
+            off = 0
+        try:
+            end = _bulk_requests_end(buf, off, vq)
+        except (IndexError, TypeError):
+            end = self._verify_exact(buf, off, out)
+        self._vpos = start + end - off
+        vq.clear()
+
+    def _verify_exact(self, buf: bytes, pos: int, out: list[list[bytes]]) -> int:
+        """`_verify`'s exact way: each request measured by its bytes (`_request_end`)."""
+        vq = self._vq
+        assert vq is not None
+        for i, cmd in enumerate(vq):
+            end = _request_end(buf, pos)
+            if end < 0:
+                walk = _HeaderWalk(strict=True)
+                walk.feed(buf[pos:])
+                # (A request hiredis returned that is not one of bulk strings, yet no walk
+                # finds its fault, cannot be: refused rather than measured from a guess.)
+                self._refuse(walk.reason or "invalid multibulk length", out, sum(1 for c in vq[i:] if c))
+            pos = end
+        return pos
+
+    def _first_fault_at_vpos(self, fallback: str) -> str:
+        """Redis's words for the first bad element of the request at `_vpos` if it has one (a
+        RESP3 push, which hiredis returns as no list, read while verifying: a walk of _guard would
+        have refused that element before hiredis read it), else `fallback`."""
+        if self._vq is None or self._vpos < 0:
+            return fallback
+        buf = self._mirror_slice(self._vpos, self._fed)
+        if _request_end(buf, 0) >= 0:
+            return fallback
+        walk = _HeaderWalk(strict=True)
+        walk.feed(buf)
+        return walk.reason or fallback
+
+    def _check_partial(self) -> None:
+        """Refuse a bad element in the incomplete request hiredis holds, as soon as it has come.
+
+        Redis refuses it on reading it, without waiting for the rest of the request (the client
+        may wait for the answer); `_verify` only sees complete requests. So, while verifying,
+        the bytes from `_vpos` (all complete requests there were returned and verified) are
+        walked as a walk of `_guard` would, once each: the walk is kept from read to read while
+        the request is incomplete.
+        """
+        vpos = self._vpos
+        fed = self._fed
+        if vpos >= fed:
+            return
+        if self._pat != vpos or self._pwalk is None:
+            self._pat = vpos
+            self._pwalk = _HeaderWalk(strict=True)
+            self._pscan = vpos
+        if self._pscan >= fed:
+            return
+        walk = self._pwalk
+        at = walk.feed(self._mirror_slice(self._pscan, fed))
+        self._pscan = fed
+        if at >= 0:
+            self._refuse(walk.reason, [], 0)
+
+    def _refuse(self, reason: str, out: list[list[bytes]], drop: int) -> None:
+        """Refuse the stream in Redis's words: the last `drop` commands of `out` are not returned,
+        and nothing after them is read (hiredis may hold more)."""
+        if drop:
+            del out[-drop:]
+        self._reset_hiredis()
+        self._pending = b""
+        self._ppos = 0
+        self._poisoned = reason
+        self.failed = True
+        raise RespProtocolError(reason)
 
     def _mirror_slice(self, start: int, end: int) -> bytes:
         """The bytes fed to hiredis from stream offset `start` to `end` (both in _fed terms)."""
@@ -579,6 +753,8 @@ class RequestReader:
 
     def _trim_mirror(self) -> None:
         keep_from = self._known_end
+        if self._vq is not None and self._vpos < keep_from:
+            keep_from = self._vpos  # _verify still needs the bytes from there
         mirror = self._mirror
         start = self._mirror_start
         i = 0
@@ -638,8 +814,9 @@ class RequestReader:
             if cmd is False or type(cmd) is not list:
                 break
             # Measured by its bytes, never guessed: every request hiredis returned was walked
-            # (_guard) or holds bulk strings only, so its bytes are its canonical encoding but
-            # for the two bytes after each bulk, which neither Redis nor hiredis checks.
+            # (_guard), verified (_verify, called first) or holds bulk strings only, so its bytes
+            # are its canonical encoding but for the two bytes after each bulk, which neither
+            # Redis nor hiredis checks.
             end = pos + _canonical_size(cmd)
             if not data.startswith(encode_command(cmd), pos):
                 end = _request_end(data, pos)
@@ -684,19 +861,31 @@ _LONG_OTHER = [(bytes([t]), re.compile(re.escape(bytes([t])) + rb"([0-9]{9,})\r\
 
 
 # An aggregate header of 7 or more digits (1,000,000 items and up): the cheap first test of
-# RequestReader._guard, one literal-prefix search per type byte present (C speed; false hits,
-# such digits inside a value, only cost a walk).
+# RequestReader._guard, a literal-prefix search, or a translation and a search when other type
+# bytes than '*' occur (C speed; false hits, such digits inside a value, only cost a walk).
 _HUGE_STAR = re.compile(rb"\*[1-9][0-9]{6}")
-_HUGE_OTHER = [(bytes([t]), re.compile(re.escape(bytes([t])) + rb"[1-9][0-9]{6}")) for t in b"%~>|"]
 _LENGTH_TYPES = b"$=!"  # bulk string, verbatim string, blob error: "<t><len>\r\n<bytes>\r\n"
 _AGGREGATE_TYPES = b"*%~>|"
 _LINE_TYPES = b"+-:_,#("  # one line each
 
 
+# With any of "%~>|" in it (binary values hold them all), one translation makes every type byte
+# a '*' and every digit a '0', and a search for "*0000000" finds each place worth a look (a
+# digit run after a type byte): about 2.5x faster than the five regex searches over binary.
+_HUGE_TRANSLATION = bytes.maketrans(b"%~>|123456789", b"****000000000")
+
+
 def _may_hold_huge_header(data: bytes) -> bool:
-    if _HUGE_STAR.search(data) is not None:
-        return True
-    return any(t in data and rx.search(data) is not None for t, rx in _HUGE_OTHER)
+    if b"%" in data or b"~" in data or b">" in data or b"|" in data:
+        marked = data.translate(_HUGE_TRANSLATION)
+        find = marked.find
+        i = find(b"*0000000")
+        while i >= 0:
+            if data[i + 1] != 48:  # not a leading '0'
+                return True
+            i = find(b"*0000000", i + 1)
+        return False
+    return _HUGE_STAR.search(data) is not None
 
 
 class _HeaderWalk:
@@ -890,6 +1079,30 @@ def _request_end(data: bytes, pos: int) -> int:
         pos = nl + 4 + int(data[pos + 1 : nl])
         if pos > n:
             return -1
+    return pos
+
+
+# Sizes in the canonical encoding: of a request header "*<n>\r\n" (None for n = 0: an empty
+# request, "*0" or "*-1", is measured the exact way) and of a bulk string "$<m>\r\n...\r\n".
+_REQUEST_HEADER_SIZE: list[int | None] = [None] + [3 + len(str(i)) for i in range(1, 4096)]
+_BULK_SIZE = [5 + i + len(str(i)) for i in range(4096)]
+
+
+def _bulk_requests_end(buf: bytes, pos: int, cmds: list[list[bytes]]) -> int:
+    """Where the requests `cmds`, which hiredis read from `buf` at `pos`, end, checking that
+    each element is a bulk string (see RequestReader._verify); IndexError or TypeError when
+    that cannot be told this way (a byte that is not '*' or '$' where a header must be, an
+    empty request, a length past the tables), and the caller measures them exactly."""
+    head = _REQUEST_HEADER_SIZE
+    size = _BULK_SIZE
+    for cmd in cmds:
+        if buf[pos] != 42:  # '*'
+            raise IndexError
+        pos += head[len(cmd)]
+        for a in cmd:
+            if buf[pos] != 36:  # '$'
+                raise IndexError
+            pos += size[len(a)]
     return pos
 
 

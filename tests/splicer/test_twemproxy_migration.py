@@ -183,6 +183,131 @@ def test_an_ejected_server_rejoins_on_one_check(tmp_path: Path) -> None:
             sp.stop()
 
 
+def _raw(port: int, payload: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(payload)
+    return s
+
+
+def _read_reply(s: socket.socket) -> bytes:
+    got = b""
+    while not got.endswith(b"\r\n"):
+        chunk = s.recv(65536)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_one_stall_seen_by_a_resp2_and_a_resp3_client_is_one_failure(tmp_path: Path) -> None:
+    """A server has a connection per protocol version: a stall times out a RESP2 client's and a
+    RESP3 client's request together. Counted twice, it ejected (server_failure_limit 2) a server
+    nutcracker keeps, and its keys were written elsewhere."""
+    with redis_servers(tmp_path, 2) as pair:
+        sp = _start(_pool(pair, auto_eject_hosts=True, server_failure_limit=2, server_retry_timeout=30000,
+                          timeout=1000))
+        try:
+            key = placed_on(sp, 1, 1, "stall")[0].encode()
+            port = sp.port
+            c3 = _raw(port, encode_command([b"HELLO", b"3"]))
+            assert _read_reply(c3).startswith(b"%")
+            sleep = _Sleep(pair[1], 2.5)
+            c2 = _raw(port, encode_command([b"GET", key]))
+            c3.sendall(encode_command([b"GET", key]))
+            for c in (c2, c3):
+                assert b"did not answer within 1 s" in _read_reply(c)
+                c.close()
+            sleep.wait()
+            assert sp.stats()["servers"][1]["up"] and sp.splicer.router.pool == [0, 1]
+        finally:
+            sp.stop()
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_reconnects_nobody_waited_for_do_not_eject(tmp_path: Path) -> None:
+    """With `preconnect`, the pool's connections are reopened while a server restarts; those
+    refused connects are no failed requests (twemproxy counts none), yet two of them ejected the
+    server for server_retry_timeout."""
+    with redis_servers(tmp_path, 2) as pair:
+        sp = _start(_pool(pair, auto_eject_hosts=True, server_failure_limit=2, server_retry_timeout=30000,
+                          preconnect=True))
+        try:
+            srv = sp.splicer._servers[1]
+            port = pair[1].port
+            pair[1].kill()
+            for _ in range(400):  # the pool's connections tried again, and refused
+                if srv.last_error and "cannot connect" in srv.last_error:
+                    break
+                time.sleep(0.05)
+            assert "cannot connect" in (srv.last_error or "")
+            pair[1].port = port
+            pair[1].start()
+            assert sp.stats()["servers"][1]["up"] and sp.splicer.router.pool == [0, 1]
+            key = placed_on(sp, 1, 1, "pre")[0]
+            r = sp.client(socket_timeout=30)
+            for _ in range(100):  # after the reconnect backoff, the server takes its keys again
+                try:
+                    r.set(key, "v")
+                    break
+                except redis.ResponseError:
+                    time.sleep(0.1)
+            assert pair[1].client().get(key) == b"v"
+        finally:
+            sp.stop()
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_a_reply_whose_handler_sends_on_the_same_connection_still_clears_the_failures(tmp_path: Path) -> None:
+    """A write to every server is sent after a PING of each; the PING's reply sends it on the same
+    connection. That reply was not counted (replies were counted as the queue's shrinkage), so a
+    failure before and the write's own timeout ejected the server."""
+    with redis_servers(tmp_path, 2) as pair:
+        sp = _start(_pool(pair, auto_eject_hosts=True, server_failure_limit=2, server_retry_timeout=30000,
+                          timeout=500))
+        try:
+            srv = sp.splicer._servers[1]
+
+            async def fail_once() -> None:
+                sp.splicer._record_health(srv, False)  # a failure so far, not yet cleared
+
+            sp.call(fail_once())
+            assert srv.failing and srv.up
+            pair[1].client().execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # PING answered, writes wait
+            r = sp.client(socket_timeout=30)
+            with pytest.raises(redis.ResponseError, match="did not answer within 0.5 s"):
+                r.flushall()
+            assert sp.stats()["servers"][1]["up"] and sp.splicer.router.pool == [0, 1]
+            pair[1].client().execute_command("CLIENT", "UNPAUSE")
+        finally:
+            sp.stop()
+
+
+def test_the_start_does_not_wait_a_request_timeout_per_hung_server(monkeypatch) -> None:
+    """An imported pool's checks wait as long as a request (30 s without `timeout`); the start's
+    INFO to learn the servers' version used that too, so one hung server (accepting, never
+    answering) held the listener back 30 s and a reload failed the workers' 30 s ready limit."""
+    import asyncio
+
+    from shmfabric.splicer.redis_proxy import RedisSplicer
+
+    data, _ = from_twemproxy({"p": {"listen": "127.0.0.1:0", "redis": "true", "auto_eject_hosts": "true",
+                                    "servers": ["127.0.0.1:1:1", "127.0.0.1:2:1"]}})
+    cfg = RedisSpliceConfig.model_validate(data)
+    assert cfg.health.timeout == 30.0
+    asked: list[float | None] = []
+
+    async def hung(self, srv, command, timeout=None):
+        asked.append(timeout)
+        raise asyncio.TimeoutError
+
+    monkeypatch.setattr(RedisSplicer, "_probe", hung)
+    asyncio.run(RedisSplicer(cfg)._learn_version())
+    assert len(asked) == 2 and all(t is not None and t <= 2.0 for t in asked), asked
+
+
 def test_without_auto_eject_a_failing_server_is_never_marked_down() -> None:
     """twemproxy without auto_eject_hosts counts nothing: each request tries the server."""
     sp = _start({"p": {"listen": f"127.0.0.1:{free_port()}", "redis": "true", "servers": ["127.0.0.1:1:1", "127.0.0.1:2:1"]}})

@@ -12,7 +12,8 @@ Per backend server (label ``backend="HOST:PORT"``) and protocol (label ``proto="
 ``shmfabric_splicer_request_duration_seconds``  histogram  dispatch to end of response
 ``shmfabric_splicer_inflight``                 gauge      requests sent and not yet answered
 ``shmfabric_splicer_pool_connections``         gauge      pooled connections, label ``state`` (free, in_use)
-``shmfabric_splicer_server_up``                gauge      1 while health checks pass
+``shmfabric_splicer_server_up``                gauge      1 while health checks pass (Redis ``health.mode:
+                                                          passive``: 0 only while ejected)
 =============================================  =========  ==============================================
 
 and per splicer: ``shmfabric_splicer_client_connections`` (gauge) and

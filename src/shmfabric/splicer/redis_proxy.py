@@ -98,7 +98,7 @@ class _Server:
 
     __slots__ = ("splicer", "index", "host", "port", "label", "weight", "name", "lanes",
                  "health", "backoff", "retry_at", "metrics", "version", "up", "last_error", "failing",
-                 "down_at", "went_down")
+                 "down_at", "went_down", "failed_at")
 
     def __init__(self, splicer: "RedisSplicer", index: int, host: str, port: int, weight: int, name: str) -> None:
         self.splicer = splicer
@@ -124,13 +124,31 @@ class _Server:
         self.failing = False
         self.down_at = 0.0
         self.went_down = asyncio.Event()
+        self.failed_at = -1.0  # when the last failure counted against it (passive mode)
 
-    def connection_failed(self, now: float) -> float:
-        """A connect or an established connection failed: back off before the next attempt."""
+    def connection_failed(self, now: float, counts: bool = True) -> float:
+        """A connect or an established connection failed: back off before the next attempt, and
+        (`counts`) count it against the server's health."""
         delay = self.backoff.next_delay()
         self.retry_at = now + delay
-        self.splicer._record_health(self, False)
+        if counts:
+            self.splicer._record_health(self, False)
         return delay
+
+    def counts_against(self, entries: list, now: float) -> bool:
+        """Passive health (twemproxy's): does a failure of a connection holding `entries`
+        ((target, arg, sent_at) in send order) count toward ejection? Only when live requests
+        met it (a reconnect nobody waited for, such as the pool's `min` or `preconnect`, is no
+        failure of a request), and once per stall: a failure whose requests were all sent
+        before the last counted one is that same stall seen on another connection (a server
+        has one per protocol version per lane, and a stall times them all out together)."""
+        if self.splicer.config.health.mode != "passive":
+            return True
+        sent = [t for target, _, t in entries if target is not _HANDSHAKE]
+        if not sent or sent[-1] <= self.failed_at:
+            return False
+        self.failed_at = now
+        return True
 
     def all_lanes(self) -> list["_Lane"]:
         return self.lanes[2] + self.lanes[3]
@@ -263,13 +281,13 @@ class _Lane:
         now = time.monotonic()
         self.last_rx = now
         gen = self.gen
-        queued = len(q)
-        shook = 0  # replies to the connection handshake among them
+        replied = 0  # replies to requests (not to the connection handshake): passive health
         try:
             popleft = q.popleft
             dirty_clients = self.splicer._dirty_clients
             for reply in sc.drain(len(q)):
                 target, arg, sent = popleft()
+                replied += 1
                 if metrics is not None:
                     metrics.duration.observe(now - sent)
                 if type(target) is _Client:
@@ -301,7 +319,7 @@ class _Lane:
                     target._on_part(arg, reply, sc.parsed(reply))
                 elif target is not None:
                     if target is _HANDSHAKE:
-                        shook += 1
+                        replied -= 1
                     target._on_reply(arg, reply)
                     if self.gen != gen:  # the handshake failed and closed this connection
                         break
@@ -312,7 +330,7 @@ class _Lane:
             self._fail(f"protocol error from the server: {exc}", "protocol")
         else:
             srv = self.server
-            if srv.failing and self.gen == gen and queued - len(q) > shook:
+            if srv.failing and self.gen == gen and replied > 0:
                 # health.mode passive: a reply clears the server's failures (twemproxy's server_ok).
                 self.splicer._replied(srv)
         self.splicer._schedule_flush()
@@ -342,7 +360,8 @@ class _Lane:
             # setting) is not a failure: the lane just reconnects on next use.
             if srv.metrics is not None:
                 srv.metrics.error(kind, sum(1 for target, _, _ in q if target is not None and type(target) is not _Handshake))
-            srv.connection_failed(time.monotonic())
+            now = time.monotonic()
+            srv.connection_failed(now, srv.counts_against(q, now))
         for target, arg, _ in q:
             # The handshake's own entries are this failure already: answering them would fail
             # the lane a second time, with the first error nested in the second's text.
@@ -1433,7 +1452,9 @@ class RedisSplicer:
         """Ask one server for its version, reported to clients in HELLO."""
         for srv in self._servers:
             try:
-                reply = await self._probe(srv, [b"INFO", b"server"])
+                # not as long as a check may wait (passive mode: a request's timeout): a hung
+                # server must not hold the start back (workers have 30 s to accept)
+                reply = await self._probe(srv, [b"INFO", b"server"], min(2.0, self.config.health.timeout))
             except (OSError, asyncio.TimeoutError, RespProtocolError):
                 continue
             for line in reply.split(b"\r\n"):
@@ -1443,13 +1464,17 @@ class RedisSplicer:
                                                         server_version=version)
                     return
 
-    async def _probe(self, srv: _Server, command: list[bytes]) -> bytes:
-        """Open a short connection, authenticate, send one command, return its reply bytes."""
-        timeout = self.config.health.timeout
-        # A check may wait for a reply as long as a request does (health.timeout may be set so),
-        # but a connection is opened within timeouts.connect like any other.
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(srv.host, srv.port),
-                                                min(timeout, self.config.timeouts.connect))
+    async def _probe(self, srv: _Server, command: list[bytes], timeout: float | None = None) -> bytes:
+        """Open a short connection, authenticate, send one command, return its reply bytes
+        (each step within `timeout`, health.timeout by default)."""
+        if timeout is None:
+            timeout = self.config.health.timeout
+        connect = timeout
+        if self.config.health.mode == "passive":
+            # There a check may wait for a reply as long as a request does (health.timeout is
+            # the pool's timeout), but a connection is opened within timeouts.connect like any other.
+            connect = min(timeout, self.config.timeouts.connect)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(srv.host, srv.port), connect)
         try:
             payload = b"".join(self._handshake(2)) + encode_command(command)
             writer.write(payload)
@@ -1498,6 +1523,7 @@ class RedisSplicer:
         timeout = self.config.timeouts.request
         period = min(0.1, timeout / 4)
         pool_min = self.config.pool.min
+        auto_eject = self.config.auto_eject
         while not self.closing:
             await asyncio.sleep(period)
             now = time.monotonic()
@@ -1510,6 +1536,8 @@ class RedisSplicer:
                         q = lane.inflight
                         if q and now - q[0][2] > timeout and now - lane.last_rx > timeout:
                             lane._fail(f"did not answer within {timeout:g} s", "timeout")
+                if auto_eject and not srv.up:
+                    continue  # ejected: its health checks say when it is back, not reconnects
                 for lanes in srv.lanes.values():
                     for lane in lanes[:pool_min]:
                         if lane.state == _DISCONNECTED and now >= srv.retry_at and not self.closing:

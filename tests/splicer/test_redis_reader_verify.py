@@ -400,3 +400,77 @@ def test_other_streams_get_redis_server_replies(sp, plain) -> None:
         want = exchange(plain.port, stream)
         for piece in (0, 1, 5):
             assert exchange(sp.port, stream, piece) == want, (stream, piece)
+
+
+# -- second review ------------------------------------------------------------------------------------
+
+def _smuggle_after_a_null(hidden: bytes) -> list[bytes]:
+    """Three reads: an incomplete ECHO; its end, a null item ('_', an inline request to Redis)
+    and a SET whose value runs past the first KiB of the stream; then the value's end and an
+    ECHO whose argument holds `hidden` exactly where the SET's value would end had the bytes
+    past that KiB been lost."""
+    read1 = b"*2\r\n$4\r\nECHO\r\n$3\r\nab"
+    head = b"c\r\n_\r\n*3\r\n$3\r\nSET\r\n$5\r\nsmugk\r\n"
+    rem = 1200 - len(head)
+    n = rem - len(b"$%d\r\n" % rem)
+    while len(b"$%d\r\n" % n) + n != rem:
+        n += 1 if len(b"$%d\r\n" % n) + n < rem else -1
+    read2 = head + b"$%d\r\n" % n + b"v" * n
+    lost = len(read2) - (1024 - len(read1))
+    echo = b"*2\r\n$4\r\nECHO\r\n"
+    for size in range(1, 10000):
+        hdr = b"$%d\r\n" % size
+        arg = b"p" * (lost + 2 - (2 + len(echo) + len(hdr))) + hidden
+        if len(arg) == size:
+            break
+    read3 = b"\r\n" + echo + hdr + arg + b"\r\n" + b"*1\r\n$4\r\nPING\r\n"
+    assert read3.index(hidden) == lost + 2
+    return [read1, read2, read3]
+
+
+def test_no_byte_is_lost_after_a_null_item_past_the_first_kib():
+    # was: the re-parse after a null item looked at a 1 KiB window and handed back only that
+    # window, so the rest of the read was dropped and a FLUSHALL inside the ECHO's argument ran
+    hidden = encode_command([b"FLUSHALL"])
+    rd, out = RequestReader(), []
+    for data in _smuggle_after_a_null(hidden):
+        rd.feed(data)
+        cmds, err = rd.drain(1 << 30)
+        assert err is None
+        out += cmds
+    assert [c[0] for c in out] == [b"ECHO", b"_", b"SET", b"ECHO", b"PING"]
+    assert out[0] == [b"ECHO", b"abc"] and out[2][1] == b"smugk" and set(out[2][2]) == {ord("v")}
+    assert out[3][1].endswith(hidden)  # an argument, as Redis reads it
+
+
+def test_a_refused_request_after_a_verified_run_drops_no_valid_request(monkeypatch):
+    # was: a verification run when 256 requests waited (at a trim of hiredis's buffer) counted
+    # the request just read as returned already, and a refusal dropped the valid one before it
+    monkeypatch.setattr(redis_resp, "FIRST_CHUNK", 512)
+    ping = encode_command([b"PING"])
+    stream = (encode_command([b"GET", b"a+b"]) + ping * 10 + encode_command([b"DEL", b"canary"])
+              + b"*2\r\n$4\r\nECHO\r\n+x\r\n" + ping * 400)
+    rd = RequestReader()
+    rd.feed(stream)
+    out = []
+    while True:
+        cmds, err = rd.drain(1 << 30)
+        out += cmds
+        if err is not None or not cmds:
+            break
+    assert err is not None and "expected '$', got '+'" in str(err)
+    assert out == [[b"GET", b"a+b"]] + [[b"PING"]] * 10 + [[b"DEL", b"canary"]]
+
+
+def test_an_inline_line_holding_a_nul_never_ends_as_in_redis():
+    # Redis finds an inline line's end with strchr, which stops at a NUL: "GET a\0b\r\nFLUSHALL"
+    # is one unfinished line to it (refused once past 64 KiB); the reader ran both commands
+    rd = RequestReader()
+    rd.feed(b"GET a\0b\r\nFLUSHALL\r\n")
+    assert rd.drain(1 << 30) == ([], None)
+    rd.feed(b"x" * (redis_resp.INLINE_MAX + 10))
+    cmds, err = rd.drain(1 << 30)
+    assert cmds == [] and err is not None and "too big inline request" in str(err)
+    rd = RequestReader()
+    rd.feed(b"GET a\r\nPING\r\n")  # without a NUL, as before
+    assert rd.drain(1 << 30) == ([[b"GET", b"a"], [b"PING"]], None)

@@ -493,8 +493,16 @@ class RequestReader:
                             except TypeError:
                                 self.failed = True
                                 raise RespProtocolError(self._exact_error(f"expected '$', got '{_type_byte(cmd)}'")) from None
+                        if len(cmd) > MULTIBULK_MAX:
+                            self.failed = True
+                            raise RespProtocolError("invalid multibulk length")
                         if vq is not None:
                             vq.append(cmd)
+                        if cmd:  # "*0\r\n": Redis skips empty multibulks silently
+                            # (in `out` before any _verify below: a refusal drops what it verified
+                            # from the end of `out`, this request included)
+                            append(cmd)
+                            n += 1
                         if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
                             hlen = left
                             self._known_end = self._fed - left
@@ -512,12 +520,6 @@ class RequestReader:
                                 self._verify(out)  # (so that the mirror can be trimmed)
                             if len(self._mirror) > 4:
                                 self._trim_mirror()
-                        if len(cmd) > MULTIBULK_MAX:
-                            self.failed = True
-                            raise RespProtocolError("invalid multibulk length")
-                        if cmd:  # "*0\r\n": Redis skips empty multibulks silently
-                            append(cmd)
-                            n += 1
                         if not reader.has_data():
                             # A request just ended and nothing follows: a true boundary, so the
                             # next request may be inline again. The reader is kept (it is clean).
@@ -553,6 +555,11 @@ class RequestReader:
                     self._feed_piece()
                     continue
                 nl = pending.find(b"\n", pos)
+                if nl >= 0 and pending.find(b"\0", pos, nl) >= 0:
+                    # Redis finds the line's end with strchr, which stops at a NUL: to it the
+                    # line has not ended (it waits, then refuses it as too big), so nothing
+                    # after the NUL runs as a command.
+                    nl = -1
                 if nl < 0:
                     if len(pending) - pos > INLINE_MAX:
                         self.failed = True
@@ -825,6 +832,13 @@ class RequestReader:
                     raise RespProtocolError(self._exact_error("invalid multibulk length"))
             pos = end
         rest = data[pos:]
+        window_end = self._known_end + len(data)
+        if window_end < self._fed:
+            # The re-parse looked at a window only (the KiB after a null): everything hiredis was
+            # given past it is handed back too. (Handing back the window alone dropped those
+            # bytes, and what followed the gap was framed as Redis never frames it: a command
+            # inside an argument ran.)
+            rest += self._mirror_slice(window_end, self._fed)
         if not rest:
             return False
         skip = 0

@@ -175,7 +175,7 @@ def test_pipe_bench_times_every_stream_through_the_splicer_and_records_twemproxy
     res = bench_json("splice_pipe", "--commands", "3000")
     assert res["commands"] == 3000
     for rows in (res["streams"], res["redis_cli"]):
-        assert len(rows) == 4
+        assert len(rows) == 5
         for name, row in rows.items():
             assert isinstance(row["direct"], float) and isinstance(row["splicer"], float), (name, row)
     twem = res["streams"]

@@ -14,7 +14,9 @@ as it closes the connection on the ECHO that redis-cli sends last.
 1. multibulk SETs, as redis-cli's documentation generates them;
 2. inline SETs (`SET k v` lines), as quick scripts generate them;
 3. the two alternating, command by command (the mix redis-server reads in one stream);
-4. MGETs of 3 keys that the proxies spread over both servers.
+4. MGETs of 3 keys that the proxies spread over both servers;
+5. multibulk SETs of 48-byte base64 values (each ends in '=', a third hold '+': the bytes that
+   make the splicer's reader check a read's requests element by element).
 
 twemproxy closes the connection on an inline request, so it has no figure for 2 and 3. No
 target: the issue sets none for mass insertion.
@@ -22,6 +24,7 @@ target: the issue sets none for mass insertion.
 from __future__ import annotations
 
 import argparse
+import base64
 import re
 import socket
 import subprocess
@@ -50,12 +53,17 @@ def _inline(i: int) -> bytes:
     return b"SET pipe:%d v%d\r\n" % (i, i)
 
 
+def _base64_set(i: int) -> bytes:
+    return encode_command([b"SET", b"pipe:%d" % i, base64.b64encode((i * 2654435761 % 2**32).to_bytes(4, "big") * 8 + b"xyz")])
+
+
 STREAMS: dict[str, Any] = {
     "multibulk SET": _multibulk,
     "inline SET": _inline,
     "inline and multibulk SET, alternating": lambda i: _inline(i) if i % 2 else _multibulk(i),
     "MGET of 3 keys over both servers": lambda i: encode_command([b"MGET", b"pipe:%d" % i, b"pipe:%d" % (i + 1),
                                                                   b"pipe:%d" % (i + 7)]),
+    "multibulk SET, base64 values": _base64_set,
 }
 
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -225,7 +226,15 @@ def _find_state(args: argparse.Namespace) -> dict:
 def _api_url(args: argparse.Namespace) -> str:
     if getattr(args, "api", None):
         url = args.api
-        return url if url.startswith("http") else f"http://{url}"
+        url = url if url.startswith("http") else f"http://{url}"
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 -- raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            raise CliError(f"--api {args.api!r}: not a URL ({exc}); give http://HOST:PORT") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CliError(f"--api {args.api!r}: not a URL; give http://HOST:PORT")
+        return url
     st = _find_state(args)
     if not st.get("api"):
         raise CliError(f"the manager of fabric {st['fabric']!r} runs without a management API (api: null)")
@@ -235,8 +244,11 @@ def _api_url(args: argparse.Namespace) -> str:
 def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.0) -> dict:
     """GET (body None) or POST JSON to the management API; CliError with the server's message."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST",
-                                 headers={"Content-Type": "application/json"})
+    try:
+        req = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    except ValueError as exc:  # e.g. "http://[::1" (Invalid IPv6 URL)
+        raise CliError(f"{url} is not a URL of the management API ({exc}); give http://HOST:PORT") from None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -253,6 +265,8 @@ def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.
         raise CliError(str(msg)) from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach the management API at {url}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:  # http.client.InvalidURL, e.g. a port that is not a number
+        raise CliError(f"{url} is not a URL of the management API ({exc}); give http://HOST:PORT") from None
 
 
 # -- up ----------------------------------------------------------------------------------------------
@@ -336,7 +350,8 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
         out = open(log, "ab", opener=lambda p, flags: os.open(p, flags, 0o600))
     except OSError as exc:
         raise _state_dir_error(exc, log.parent) from None
-    argv = [sys.executable, "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
+    # -P: the directory `up` ran in is not put on sys.path (a json.py there would be imported)
+    argv = [sys.executable, "-P", "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
     if args.api:
         argv += ["--api", args.api]
     if args.fabric:
@@ -375,17 +390,18 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
 
     stop = threading.Event()
     reload_due = threading.Event()
-
-    def on_signal(signum, frame):  # Ctrl-C, `shmfabric down`, systemd stop
-        stop.set()
-
-    def on_hup(signum, frame):  # `kill -HUP`, systemd ExecReload: reload the config file, as `shmfabric reload`
-        reload_due.set()
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    # Ctrl-C, `shmfabric down`, systemd stop; `kill -HUP`, systemd ExecReload: the handlers take no lock
+    # (see _SignalRelay): a signal that lands inside Event.set() would otherwise wait for itself
+    relay = _SignalRelay(stop, reload_due)
+    old_handlers = {s: signal.signal(s, relay.on_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, relay.on_hup)
+    live_view = getattr(args, "live", False) and not args.quiet and not getattr(args, "json", False)
+    # each event also as a line on stderr (the detached manager's log, systemd's journal): from the
+    # start with --quiet (as --detach runs), else after the banner (its first line); not under the
+    # live view, which redraws the terminal
     sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs",
-                     pinned={"fabric": args.fabric, "api": args.api})
+                     pinned={"fabric": args.fabric, "api": args.api},
+                     event_stream=sys.stderr if args.quiet else None)
     api = metrics_srv = None
     metrics_addr = topo.metrics
     if args.quiet:
@@ -424,6 +440,8 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
             + (f", API {api.url}" if api else "") + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
             + ("" if args.duration else "; Ctrl-C stops everything"), flush=True)
         live = _LiveView(sup, stop) if getattr(args, "live", False) and say is print else None
+        if not live_view:
+            sup.event_stream = sys.stderr
         threading.Thread(target=_reload_on_hup, args=(sup, reload_due, stop), name="shmfabric-sighup",
                          daemon=True).start()
         try:
@@ -448,9 +466,64 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
             pass
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        relay.close()
     if not args.quiet:
         _print_summary(final, getattr(args, "json", False))
     return 0
+
+
+class _SignalRelay:
+    """Signal handlers that take no lock. A Python signal handler runs in the main thread between two
+    bytecodes, possibly inside `Event.set()` (whose lock is not reentrant) or inside the handler
+    itself: one that called `Event.set()` deadlocked, and a burst of signals nested handlers until
+    RecursionError. These only write a byte to a pipe (non-blocking; a full pipe already holds a
+    wake-up) and a thread sets the events. A stop signal after the first is ignored."""
+
+    def __init__(self, stop: threading.Event, reload_due: threading.Event) -> None:
+        self._stop, self._reload_due = stop, reload_due
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="shmfabric-signals", daemon=True)
+        self._thread.start()
+
+    def on_stop(self, signum, frame) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._poke(b"S")
+
+    def on_hup(self, signum, frame) -> None:
+        self._poke(b"H")
+
+    def _poke(self, what: bytes) -> None:
+        try:
+            os.write(self._w, what)
+        except OSError:  # full (a wake-up is pending) or closed (the manager is exiting)
+            pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(self._r, 512)
+                except InterruptedError:
+                    continue
+                if not data:
+                    return
+                if b"S" in data:
+                    self._stop.set()
+                if b"H" in data:
+                    self._reload_due.set()
+        finally:
+            os.close(self._r)
+
+    def close(self) -> None:
+        """Stop the thread (it reads the end of the pipe). Call after the handlers are restored."""
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+            self._thread.join(5)
 
 
 def _reload_on_hup(sup, due: threading.Event, stop: threading.Event) -> None:

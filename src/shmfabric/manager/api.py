@@ -24,6 +24,7 @@ it has one, so that a secret value quoted in one never leaves the manager.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 __all__ = ["ManagerService", "ApiServer", "ManagerCollector", "make_registry", "MAX_BODY"]
 
 MAX_BODY = 1 << 20  # a config push is a few KiB; 1 MiB leaves room for large rule sets
+# seconds a connection may keep the server waiting for the rest of a request (or for the next one on a
+# kept-alive connection) before it is closed: a client that sends a short body does not hold a thread
+REQUEST_TIMEOUT = 30.0
 
 
 class ManagerService(Protocol):
@@ -135,18 +139,31 @@ class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = getattr(self.server, "request_timeout", REQUEST_TIMEOUT)  # applied by setup()
+        super().setup()
+
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: the manager logs its own events
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def _send(self, status: int, body: bytes, ctype: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":  # a HEAD answer has the headers of the body, not the body
+                self.wfile.write(body)
+        except (ConnectionError, TimeoutError):  # the client went away: nothing to tell it
+            self.close_connection = True
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, (json.dumps(obj, default=str) + "\n").encode())
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, (json.dumps(obj, default=str) + "\n").encode(), headers=headers)
 
     def _body(self) -> dict:
         raw_len = (self.headers.get("Content-Length") or "0").strip()
@@ -155,8 +172,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, f"Content-Length {raw_len!r} is not a byte count (0 or more)")
         n = int(raw_len)
         if n > MAX_BODY:
+            self.close_connection = True  # the unread body would be taken for the next request
             raise _HttpError(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(n) if n else b""
+        try:
+            raw = self.rfile.read(n) if n else b""
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+            raise _HttpError(408, f"the request body ({n} bytes by its Content-Length) did not arrive in time") from None
+        if len(raw) < n:
+            self.close_connection = True
+            raise _HttpError(400, f"the request body ended after {len(raw)} of the {n} bytes of its Content-Length")
         if not raw.strip():
             return {}
         try:
@@ -185,12 +210,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self) -> None:
         self._dispatch("OPTIONS")
 
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     def _dispatch(self, method: str) -> None:
         from shmfabric.manager.supervisor import SupervisorError
 
         path = self.path.split("?", 1)[0]
         svc = self.server.service
         try:
+            if self.headers.get("Transfer-Encoding") is not None:
+                # a chunked body is not read here: its bytes would be taken for the next request
+                self.close_connection = True
+                raise _HttpError(411, "send the request body with a Content-Length (Transfer-Encoding is not "
+                                      "supported)")
             if method == "GET" and path in ("/status", "/status/"):
                 return self._json(200, svc.status())
             if method == "GET" and path == "/metrics":
@@ -208,6 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if p is not None and (not isinstance(p, str) or not p.strip()):
                     raise _HttpError(400, "`path` must be a file path (a non-empty string); leave it out to "
                                           "reload the file last loaded")
+                if p is not None:
+                    _check_reload_path(p, getattr(svc, "source", None))
                 return self._json(200, {"ok": True, "changes": svc.reload_file(p)})
             if method == "POST" and path == "/shutdown":
                 self._body()
@@ -260,9 +295,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 allowed = None
             raise _HttpError(405 if allowed else 404, f"{method} {path} is not an endpoint"
-                             + (f" (use {allowed})" if allowed else "; see GET /"))
+                             + (f" (use {allowed})" if allowed else "; see GET /"), allow=allowed)
         except _HttpError as exc:
-            self._json(exc.status, {"error": self._redact(str(exc))})
+            self._json(exc.status, {"error": self._redact(str(exc))}, {"Allow": exc.allow} if exc.allow else None)
         except SupervisorError as exc:
             self._json(exc.status, {"error": self._redact(str(exc))})
         except Exception as exc:  # a bug must not kill the API thread; say what happened
@@ -280,9 +315,28 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, allow: str | None = None):
         super().__init__(message)
         self.status = status
+        self.allow = allow
+
+
+def _check_reload_path(path: str, current: str | None) -> None:
+    """Over the API (which any local user can reach), `POST /reload {"path": FILE}` names the file last
+    loaded, or a file owned by the manager's user: the manager does not read a file another user owns
+    on anyone's word. (What it reads is bounded and checked by `load_topology`, whose errors quote
+    nothing of a file that is not a topology.) A path that cannot be read is left to `load_topology`
+    to report."""
+    try:
+        if current and os.path.samefile(path, current):
+            return
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return
+    if st.st_uid != os.geteuid():
+        raise _HttpError(403, f"{path}: owned by uid {st.st_uid}, not by the manager's user (uid {os.geteuid()}); "
+                              "over the API a reload may name the file last loaded or a file of the manager's "
+                              "user; fix: give the file to that user, or reload the file last loaded")
 
 
 class _Server(ThreadingHTTPServer):
@@ -291,19 +345,32 @@ class _Server(ThreadingHTTPServer):
     service: ManagerService
     registry: CollectorRegistry
     on_shutdown: Callable[[], None] | None
+    request_timeout: float = REQUEST_TIMEOUT
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (reset, broken pipe, timed out) is not an error of the manager's:
+        no traceback in its log. Anything else is reported as the standard server does."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class ApiServer:
     """The management API on HOST:PORT (port 0: any free port) served from a daemon thread."""
 
     def __init__(self, service: ManagerService, address: str = "127.0.0.1:0",
-                 on_shutdown: Callable[[], None] | None = None, registry: CollectorRegistry | None = None):
+                 on_shutdown: Callable[[], None] | None = None, registry: CollectorRegistry | None = None,
+                 request_timeout: float = REQUEST_TIMEOUT):
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         self._srv = _Server((host, int(port)), _Handler)
         self._srv.service = service
         self._srv.registry = registry or make_registry(service)
         self._srv.on_shutdown = on_shutdown
+        self._srv.request_timeout = request_timeout
         self._thread = threading.Thread(target=self._srv.serve_forever, name="shmfabric-api", daemon=True)
 
     @property

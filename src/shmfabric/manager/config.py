@@ -25,7 +25,9 @@ problem; fix: ...``. Pure: no processes, no fabric.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -65,6 +67,14 @@ def _check_address(value: Any) -> Any:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:7878; port 0 = any free port)")
     return value.strip()
+
+
+def _check_ipv4(value: Any) -> Any:
+    """The management API's server listens on IPv4 (an IPv6 address would fail only at start)."""
+    if isinstance(value, str) and ":" in value.rpartition(":")[0].strip("[]"):
+        raise ValueError(f"{value!r}: the management API listens on IPv4 only; give an IPv4 address or a host "
+                         "name, e.g. 127.0.0.1:7878 (port 0 = any free port)")
+    return value
 
 
 class _Model(BaseModel):
@@ -207,6 +217,7 @@ class Topology(_Model):
     poll_interval: float = Field(0.5, gt=0, le=60, description="seconds between health and counter polls")
 
     _addr = field_validator("api", "metrics", mode="before")(_check_address)
+    _api_v4 = field_validator("api", mode="after")(_check_ipv4)
 
     @model_validator(mode="after")
     def _references(self) -> "Topology":
@@ -523,7 +534,7 @@ def _compose(text: str, source: str) -> _Located:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         pos = f"{where.line + 1}" if where else "?"
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = _unquoted(getattr(exc, "problem", None) or "syntax error")
         raise ConfigError(f"{source}:{pos}: not valid YAML: {problem}; fix: correct the syntax "
                           "(indent with spaces, quote values holding ': ' or '#')") from None
     finally:
@@ -617,6 +628,16 @@ def _ran_cross_references(exc: ValidationError) -> bool:
     return any(isinstance((e.get("ctx") or {}).get("error"), (_LocError, _LocErrors)) for e in exc.errors())
 
 
+def _unquoted(problem: str) -> str:
+    """A YAML parser's problem without the file's text it quotes (an alias, a tag, a token): an error
+    about a file that is not a topology must not show what it holds (it may be another user's file
+    named to the API). A quoted single character (or its escape, such as '\\t') is kept."""
+    return re.sub(r"'[^']{5,}'|\"[^\"]{5,}\"", "'...'", problem.split("\n", 1)[0])
+
+
+MAX_FILE_BYTES = 4 << 20  # a topology is a few KiB; a bigger "config" is not one (e.g. /dev/zero, a log)
+
+
 def parse_topology(text: str, source: str = "<config>",
                    resolve: Callable[[str], Any] | None = None) -> Topology:
     """Validate YAML text as a Topology; raise ConfigError naming source, line, field and fix.
@@ -632,6 +653,11 @@ def parse_topology(text: str, source: str = "<config>",
         raise ConfigError(f"{source}: the file is empty; fix: add `fabric:` and `nodes:` (see examples/edge.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: the top level must be a mapping with `fabric:`, `nodes:` and `chains:`")
+    if "fabric" not in data and "nodes" not in data:
+        # not the shape of a topology: say so without quoting its keys (the file's own text, which may
+        # be a file its reader could not read otherwise, named to the manager's API)
+        raise ConfigError(f"{source}:1: not a topology: the top level has neither `fabric:` nor `nodes:`; "
+                          "fix: give a topology file (see examples/edge.yaml)")
     lines: list[str] = []
     topo: Topology | None = None
     try:
@@ -657,13 +683,41 @@ def parse_topology(text: str, source: str = "<config>",
     return topo
 
 
+def read_config_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes; ConfigError otherwise. The file is
+    opened without blocking (a FIFO does not hang the reader) and read at most `limit` + 1 bytes (a
+    device such as /dev/zero, or a /proc file, cannot fill the memory)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigError(f"{path}: {what}; fix: give a topology file (a regular YAML file)")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ConfigError(f"{path}: larger than {limit >> 20} MiB, too big for a topology; fix: give a topology file")
+    return b"".join(chunks)
+
+
 def load_topology(path: str | Path, resolve: Callable[[str], Any] | None = None) -> Topology:
     """Read and validate a topology file (see the module docstring and `parse_topology`)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}; fix: check the path") from None
+        text = read_config_file(path).decode("utf-8")
     except UnicodeDecodeError as exc:  # worded like the splicer's read_yaml (which this layer may not import)
         before = exc.object[: exc.start]
         line, column = before.count(b"\n") + 1, exc.start - before.rfind(b"\n")

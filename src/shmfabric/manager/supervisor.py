@@ -254,7 +254,8 @@ class Supervisor:
     def __init__(self, topo: Topology, *, source: str = "<config>", log_dir: str | Path | None = None,
                  python: str = sys.executable, control_factory: Callable[[Any], ControlChannel] = _default_control,
                  resolve: Callable[[str], type] | None = _default_resolve, clock: Callable[[], float] = time.monotonic,
-                 extra_env: dict[str, str] | None = None, pinned: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, pinned: dict[str, str] | None = None,
+                 event_stream: Any = None):
         self.topo = topo
         self.source = source
         # what the command line set over the file (`up --fabric NAME`, `--api HOST:PORT`): kept
@@ -285,6 +286,8 @@ class Supervisor:
         self.control: ControlChannel | None = None
         self.nodes: dict[str, _Node] = {}
         self.events: deque[dict] = deque(maxlen=200)
+        # where each event is also written, one line each (`up` sets sys.stderr: the detached manager's log)
+        self.event_stream: Any = event_stream
         self.started_wall = time.time()
         self.started = False
         self._table: dict[str, dict] = {}
@@ -746,7 +749,8 @@ class Supervisor:
         name = node.cfg.name
         cfg = topo.node(name) if name in {n.name for n in topo.nodes} else node.cfg
         # --parent-pid: the instance stops (gracefully) when this manager dies, even by kill -9
-        argv = [self.python, "-m", "shmfabric.functions.run", "--fabric", topo.fabric.name, "--node", inst.name,
+        # -P: the cwd (where `up` ran) is not put on sys.path, so a json.py lying there is not imported
+        argv = [self.python, "-P", "-m", "shmfabric.functions.run", "--fabric", topo.fabric.name, "--node", inst.name,
                 "--function", inst.function, "--config", f"@/proc/self/fd/{config_fd}",
                 "--batch", str(cfg.batch), "--parent-pid", str(os.getpid())]
         in_topo = name in {n.name for n in topo.nodes}
@@ -1512,8 +1516,16 @@ class Supervisor:
             return self._node_status(self._node(name))
 
     def _event(self, kind: str, node: str, detail: str) -> None:
-        self.events.append({"time": round(time.time(), 3), "kind": kind, "node": node,
-                            "detail": self.redact_text(detail)})
+        ev = {"time": round(time.time(), 3), "kind": kind, "node": node, "detail": self.redact_text(detail)}
+        self.events.append(ev)
+        stream = self.event_stream
+        if stream is not None:  # one line each (the detached manager's log): the ring above keeps only 200
+            text = " ".join(f"{ev['node']}: {ev['detail']}".split()) if ev["node"] else " ".join(ev["detail"].split())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ev["time"]))
+            try:
+                print(f"shmfabric: {stamp} event {kind}: {text}", file=stream, flush=True)
+            except (OSError, ValueError):  # a closed or full stderr must not stop the manager
+                pass
 
     # -- secrets ---------------------------------------------------------------------------------
     def secret_fields(self, function: str) -> frozenset[str]:
@@ -1689,7 +1701,10 @@ def _comm(pid: int) -> str:
 
 
 def _read_text(source: str) -> str | None:
+    """The text of the config file (for error lines), read as bounded as `load_topology` reads it."""
+    from shmfabric.manager.config import read_config_file
+
     try:
-        return Path(source).read_text(encoding="utf-8")
-    except OSError:
+        return read_config_file(source).decode("utf-8")
+    except (ConfigError, UnicodeDecodeError):
         return None

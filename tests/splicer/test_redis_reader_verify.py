@@ -474,3 +474,28 @@ def test_an_inline_line_holding_a_nul_never_ends_as_in_redis():
     rd = RequestReader()
     rd.feed(b"GET a\r\nPING\r\n")  # without a NUL, as before
     assert rd.drain(1 << 30) == ([[b"GET", b"a"], [b"PING"]], None)
+
+
+# -- third review ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line,args", [
+    (b"DEL\vcanary", [b"DEL\vcanary"]),  # one word to Redis: an unknown command, no DEL
+    (b"FLUSHALL\fASYNC", [b"FLUSHALL\fASYNC"]),
+    (b"DEL canary\vx", [b"DEL", b"canary\vx"]),
+    (b"ECHO a\fb", [b"ECHO", b"a\fb"]),
+    (b"\v\fECHO \v a", [b"ECHO", b"a"]),  # between words they are blanks (isspace)
+    (b"ECHO \"a\" \vb", [b"ECHO", b"a", b"b"]),
+])
+def test_inline_words_end_only_where_redis_ends_them(line, args):
+    # was: \v and \f ended a word (bytes.split), so "DEL\vcanary", an unknown command to Redis,
+    # ran DEL canary through the splicer
+    assert _split_inline(line) == args
+
+
+def test_an_inline_line_that_looks_like_a_resp_header_is_not_waited_inside():
+    # was: after a complete request, the "is what follows inline?" check ran only when the read
+    # ended a line; "$100" then left hiredis waiting inside a bulk of 100 bytes, holding back the
+    # requests behind it that Redis runs at once
+    rd = RequestReader()
+    rd.feed(b"*1\r\n$4\r\nPING\r\n$100\r\n*2\r\n$3\r\nDEL\r\n$6\r\ncanaryxx")
+    assert rd.drain(1 << 30) == ([[b"PING"], [b"$100"], [b"DEL", b"canary"]], None)

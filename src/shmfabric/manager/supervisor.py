@@ -85,6 +85,21 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
+NODE_COUNTERS = ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_drops", "tx_ring_full", "tx_nobuf")
+
+
+def _take_node_counters(inst: "Instance", e: dict) -> None:
+    """Record node-table entry `e` as `inst`'s current process's counters; a new process (another
+    node id, incarnation or pid) adds the previous one's last counters to the base first."""
+    key = (e["id"], e["gen"], e["pid"])
+    if inst.node_incarnation != key:
+        if inst.node_incarnation is not None:
+            for k in NODE_COUNTERS:
+                inst.node_base[k] = inst.node_base.get(k, 0) + inst.node_last.get(k, 0)
+        inst.node_incarnation = key
+    inst.node_last = {k: e[k] for k in NODE_COUNTERS}
+
+
 @dataclass
 class Instance:
     """One process running a node's function."""
@@ -116,6 +131,12 @@ class Instance:
     # its process may run another config than `config` (a push that timed out, a push it missed while
     # starting): the loop pushes `config` to it once it answers again (`_push_pending`)
     push_config: bool = False
+    # The node-table counters (NODE_COUNTERS) over all its processes: those of the processes that
+    # ended (`node_base`) plus the last read of the current one's (`node_last`, kept after it
+    # stops), so they never go back when it restarts or stops (Prometheus counters).
+    node_base: dict = field(default_factory=dict)
+    node_last: dict = field(default_factory=dict)
+    node_incarnation: tuple | None = None
 
     @property
     def pid(self) -> int | None:
@@ -291,6 +312,8 @@ class Supervisor:
         self.started_wall = time.time()
         self.started = False
         self._table: dict[str, dict] = {}
+        self._delivered_seen: dict[str, int] = {}  # chain -> its tail's frames at the last status
+        self._delivered_base: dict[str, int] = {}  # chain -> what instances no longer listed had delivered
         self._rings: list[dict] = []
         self._blocked: set[str] = set()  # instances with a (nearly) full output ring
         self._pools: list[dict] = []
@@ -667,6 +690,11 @@ class Supervisor:
                 table[e["name"]] = e
         self._table = table
         self._sampled_at = self.clock()  # the table's rx/tx counters are as of now
+        for node in self.nodes.values():
+            for inst in node.instances:
+                e = table.get(inst.name)
+                if e is not None and inst.state in ("running", "stopping"):
+                    _take_node_counters(inst, e)
         ids = {e["id"]: name for name, e in table.items()}
         rings = []
         depth_to: dict[str, int] = {}
@@ -1460,8 +1488,10 @@ class Supervisor:
                "error": self.redact_text(inst.error) if inst.error else inst.error,
                "node_id": e["id"] if e else None, "cpu_seconds": proc_cpu_seconds(pid) if pid else None,
                "uptime": round(self.clock() - inst.started_at, 3) if pid else None}
-        for k in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_drops", "tx_ring_full", "tx_nobuf"):
-            out[k] = e[k] if e else 0
+        if e:
+            _take_node_counters(inst, e)
+        for k in NODE_COUNTERS:  # over all its processes, and kept once it stopped (see Instance)
+            out[k] = inst.node_base.get(k, 0) + inst.node_last.get(k, 0)
         out["queue_depth"] = sum(r["depth"] for r in self._rings if r["dst"] == inst.name)
         c = inst.counters
         node = self.nodes.get(inst.node)
@@ -1496,9 +1526,15 @@ class Supervisor:
             for c in self.topo.chains:
                 last = c.nodes[-1]
                 tail = [last] if isinstance(last, str) else list(last)
+                raw = sum(i["rx_frames"] for t in tail if t in by_name for i in by_name[t]["instances"])
+                # Never back (a Prometheus counter): what instances scaled in or removed had
+                # delivered stays counted.
+                seen = self._delivered_seen.get(c.name, 0)
+                if raw < seen:
+                    self._delivered_base[c.name] = self._delivered_base.get(c.name, 0) + seen - raw
+                self._delivered_seen[c.name] = raw
                 chains.append({"name": c.name, "nodes": c.nodes, "tail": tail,
-                               "delivered_frames": sum(i["rx_frames"] for t in tail if t in by_name
-                                                       for i in by_name[t]["instances"])})
+                               "delivered_frames": self._delivered_base.get(c.name, 0) + raw})
             # counters change only when polled: "sampled_at" is when the node table (rx_*/tx_*,
             # queue depths, delivered frames) was read, each instance's "counters_at" when its
             # runtime counters were, "clock" is now; all on the manager's monotonic clock (seconds,

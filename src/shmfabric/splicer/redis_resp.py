@@ -90,8 +90,8 @@ def _split_inline(line: bytes) -> list[bytes]:
     \\\\ \\" and \\xHH escapes; 'single quoted' ones only \\'. A closing quote must be followed by
     a blank or the end of the line.
     """
-    if b'"' not in line and b"'" not in line:
-        return line.split()
+    if b'"' not in line and b"'" not in line and b"\v" not in line and b"\f" not in line:
+        return line.split()  # (bytes.split also splits at \v and \f, which end no word in Redis)
     args: list[bytes] = []
     i, n = 0, len(line)
     while True:
@@ -137,8 +137,8 @@ def _split_inline(line: bytes) -> list[bytes]:
                 if i >= n:
                     break
                 c = line[i]
-                if c in b" \t\n\r\v\f":
-                    break
+                if c in b" \t\n\r":  # sds.c: only these (and NUL) end an unquoted word; \v and \f
+                    break           # are blanks only between words (isspace)
                 if c == 0x22:
                     inq = True
                 elif c == 0x27:
@@ -426,12 +426,13 @@ class RequestReader:
                                 raise RespProtocolError("invalid bulk length")
                             # Bytes follow the last complete request. If they do not start
                             # with '*' they are an inline request (as Redis reads them), not a
-                            # RESP item for hiredis to wait on. Checked when a read ends a
-                            # line (only then is an inline request complete; the check costs
-                            # a re-parse of ~1 KiB), until the next request is seen to be one.
+                            # RESP item for hiredis to wait on. Checked (a re-parse of ~1 KiB)
+                            # until the next request is seen to be one; also when the read does
+                            # not end a line: an inline line ("$100") may be complete with more
+                            # behind it, which hiredis would wait inside for ever.
                             if self._tail_unchecked:
                                 mirror = self._mirror
-                                if mirror and mirror[-1].endswith(b"\n"):
+                                if mirror:
                                     self._verify(out)  # (_go_inline measures them)
                                     if self._go_inline():
                                         break

@@ -329,3 +329,25 @@ def test_an_ipv6_api_address_is_refused_at_the_config_check():
     with pytest.raises(ConfigError, match="IPv4"):
         parse_topology(SMALL.replace("{fabric}", "opsv6").replace("poll_interval", "api: '[::1]:0'\npoll_interval"),
                        "x.yaml")
+
+
+def test_node_counters_add_up_over_an_instances_processes_and_stay_after_it_stops():
+    # was: a restarted sink's rx_frames started again from 0 (and the chain's delivered frames
+    # with it: 63178 -> 35454, a spurious reset to Prometheus), and a stopped instance read 0
+    from shmfabric.manager.supervisor import NODE_COUNTERS, Instance, _take_node_counters
+
+    inst = Instance(name="snk", node="snk", function="sink", config={}, version=None, index=0, tracker=None)
+
+    def entry(pid: int, rx: int) -> dict:
+        return {"id": 3, "gen": 1, "pid": pid, **{k: 0 for k in NODE_COUNTERS}, "rx_frames": rx}
+
+    def total() -> int:
+        return inst.node_base.get("rx_frames", 0) + inst.node_last.get("rx_frames", 0)
+
+    _take_node_counters(inst, entry(100, 500))
+    _take_node_counters(inst, entry(100, 800))
+    assert total() == 800
+    _take_node_counters(inst, entry(101, 30))  # restarted: a new process counts from 0
+    assert total() == 830
+    _take_node_counters(inst, entry(101, 90))
+    assert total() == 890  # and once it stops, nothing more is read: 890 stays

@@ -90,7 +90,8 @@ def _split_inline(line: bytes) -> list[bytes]:
     \\\\ \\" and \\xHH escapes; 'single quoted' ones only \\'. A closing quote must be followed by
     a blank or the end of the line.
     """
-    if b'"' not in line and b"'" not in line and b"\v" not in line and b"\f" not in line:
+    # (int membership: a plain byte scan, ~20 ns, where `b'"' in line` costs ~160 ns here)
+    if 34 not in line and 39 not in line and 11 not in line and 12 not in line:  # " ' \v \f
         return line.split()  # (bytes.split also splits at \v and \f, which end no word in Redis)
     args: list[bytes] = []
     i, n = 0, len(line)
@@ -288,7 +289,7 @@ class RequestReader:
         # returned; or at a trim during a walk (see drain); else walked before hiredis reads it
         # (about 0.5 us per element), until such a boundary. Once no request is held
         # unverified, a read without these bytes ends the verification.
-        strict = b"+" in data or b"=" in data or b"(" in data
+        strict = 43 in data or 61 in data or 40 in data  # '+' '=' '(' (int membership: see _split_inline)
         if self._vq is not None:
             if strict:
                 strict = False
@@ -556,7 +557,7 @@ class RequestReader:
                     self._feed_piece()
                     continue
                 nl = pending.find(b"\n", pos)
-                if nl >= 0 and pending.find(b"\0", pos, nl) >= 0:
+                if nl >= 0 and pending.find(0, pos, nl) >= 0:
                     # Redis finds the line's end with strchr, which stops at a NUL: to it the
                     # line has not ended (it waits, then refuses it as too big), so nothing
                     # after the NUL runs as a command.
@@ -891,7 +892,7 @@ _HUGE_TRANSLATION = bytes.maketrans(b"%~>|123456789", b"****000000000")
 
 
 def _may_hold_huge_header(data: bytes) -> bool:
-    if b"%" in data or b"~" in data or b">" in data or b"|" in data:
+    if 37 in data or 126 in data or 62 in data or 124 in data:  # % ~ > |
         marked = data.translate(_HUGE_TRANSLATION)
         find = marked.find
         i = find(b"*0000000")

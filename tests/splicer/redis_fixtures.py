@@ -221,3 +221,19 @@ def trio(tmp_path_factory):
     """Three redis-servers for a test module."""
     with redis_servers(tmp_path_factory.mktemp("redis"), 3) as servers:
         yield servers
+
+
+def start_nutcracker(conf: Path, ports, log: Path) -> "subprocess.Popen | None":
+    """nutcracker on config file `conf` whose pools listen on `ports`, once every port answers;
+    None (and nothing left running) if one of them was taken before nutcracker bound it (ports
+    picked free can be taken by any outgoing connection meanwhile): pick new ports and try again."""
+    nc = subprocess.Popen([NUTCRACKER, "-c", str(conf), "-s", str(free_port()), "-o", str(log)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for p in ports:
+            wait_port(p, timeout=5)
+    except TimeoutError:
+        nc.kill()
+        nc.wait(timeout=10)
+        return None
+    return nc

@@ -18,6 +18,8 @@ from shmfabric.bench.splice_http import free_port, nginx_config, wait_port
 from shmfabric.splicer.config import HttpSpliceConfig
 from shmfabric.splicer.http_server import HttpSplicer
 
+from ._asyncio_backend import exchange
+
 pytestmark = pytest.mark.timeout(60)
 
 # What the backend sends in `Transfer-Encoding: gzip, chunked` (path /gzip-te...)
@@ -163,22 +165,7 @@ async def _with_splicer(test, **cfg) -> None:
 
 
 async def _exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
-    """Send `data`, read until the splicer closes (True) or `timeout` passes (False)."""
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(data)
-    got = b""
-    closed = False
-    try:
-        while True:
-            chunk = await asyncio.wait_for(r.read(65536), timeout)
-            if not chunk:
-                closed = True
-                break
-            got += chunk
-    except asyncio.TimeoutError:
-        pass
-    w.close()
-    return got, closed
+    return await exchange(port, data, timeout)
 
 
 def test_a_response_broken_mid_body_is_followed_by_nothing():

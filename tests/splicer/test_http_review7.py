@@ -13,10 +13,8 @@ import tracemalloc
 
 import pytest
 
-from shmfabric.splicer.config import HttpSpliceConfig
-from shmfabric.splicer.http_server import HttpSplicer
 
-from ._asyncio_backend import AsyncBackend
+from ._asyncio_backend import AsyncBackend, read_answers, run_with_splicer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,38 +62,8 @@ class Backend(AsyncBackend):
 
 
 async def with_splicer(test, **cfg) -> None:
-    be = await Backend().start()
-    cfg.setdefault("health", {"enabled": False})
-    cfg.setdefault("default", [be.address])
-    sp = HttpSplicer(HttpSpliceConfig(listen="127.0.0.1:0", **cfg))
-    await sp.start()
-    try:
-        await asyncio.wait_for(test(be, sp), 45)
-    finally:
-        await sp.close()
-        await be.close()
+    await run_with_splicer(Backend(), test, **cfg)
 
-
-async def read_answers(r: asyncio.StreamReader, count: int, timeout: float = 5.0) -> bytes:
-    """Read until `count` whole answers with Content-Length came (the test's answers all have one)."""
-    got = b""
-    while True:
-        pos, n = 0, 0
-        while n < count:
-            end = got.find(b"\r\n\r\n", pos)
-            if end < 0:
-                break
-            head = got[pos:end].lower()
-            assert b"content-length: " in head, f"not an answer this test expects: {got!r}"
-            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
-            if len(got) < end + 4 + length:
-                break
-            pos, n = end + 4 + length, n + 1
-        if n == count:
-            return got
-        chunk = await asyncio.wait_for(r.read(65536), timeout)
-        assert chunk, f"the connection closed after {got!r}"
-        got += chunk
 
 
 # -- F2: a 101 that is not an upgrade -----------------------------------------------------------

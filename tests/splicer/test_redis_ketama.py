@@ -1,7 +1,6 @@
 """Key placement: the continuum itself, and equality with a real twemproxy (nutcracker)."""
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 
 from shmfabric.splicer.redis_ketama import HASHES, Ketama, KetamaServer, hash_key, server_name
 
-from .redis_fixtures import NUTCRACKER, free_port, needs_nutcracker, needs_redis, pipeline, redis_servers, wait_port
+from .redis_fixtures import free_port, needs_nutcracker, needs_redis, pipeline, redis_servers, start_nutcracker
 
 
 def test_points_per_server_follow_twemproxy_weights() -> None:
@@ -94,17 +93,11 @@ def test_placement_equals_nutcracker(tmp_path: Path) -> None:
                             + "  servers:\n" + "".join(f"   - {ln}\n" for ln in lines))
             cfg = tmp_path / "nutcracker.yml"
             cfg.write_text("".join(conf))
-            proc = subprocess.Popen([NUTCRACKER, "-c", str(cfg), "-s", str(free_port()), "-o", str(tmp_path / "nc.log")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                for p in ports:
-                    wait_port(p, timeout=5)
+            proc = start_nutcracker(cfg, ports, tmp_path / "nc.log")
+            if proc is not None:
                 break
-            except TimeoutError:
-                proc.kill()
-                proc.wait(timeout=10)
-                if attempt == 2:
-                    raise
+            if attempt == 2:
+                raise TimeoutError("nutcracker did not listen on the ports picked for it, three times")
         try:
             time.sleep(0.2)
             kservers = [KetamaServer(server_name("127.0.0.1", s.port, n), w) for s, w, n in zip(srv, weights, names)]

@@ -4,7 +4,6 @@ nutcracker.yml."""
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from shmfabric.splicer.config import RedisSpliceConfig
 from shmfabric.splicer.redis_ketama import HASHES, Ketama, KetamaServer, server_name
 from shmfabric.splicer.twemproxy_conf import load_twemproxy
 
-from .redis_fixtures import (NUTCRACKER, SplicerThread, free_port, needs_nutcracker, needs_redis, pipeline,
-                             redis_servers, wait_port)
+from .redis_fixtures import (SplicerThread, free_port, needs_nutcracker, needs_redis, pipeline, redis_servers,
+                             start_nutcracker)
 
 NEW = ("crc16", "hsieh", "jenkins")
 
@@ -90,17 +89,11 @@ def test_2000_keys_are_placed_as_nutcracker_places_them(tmp_path: Path) -> None:
                 f"p{i}:\n  listen: 127.0.0.1:{port}\n  redis: true\n  hash: {h}\n  hash_tag: \"{{}}\"\n"
                 f"  distribution: {d}\n  servers:\n" + "".join(f"   - {ln}\n" for ln in lines)
                 for i, ((h, d), port) in enumerate(zip(pools, ports))))
-            nc = subprocess.Popen([NUTCRACKER, "-c", str(conf), "-s", str(free_port()), "-o", str(tmp_path / "nc.log")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                for p in ports:
-                    wait_port(p, timeout=5)
+            nc = start_nutcracker(conf, ports, tmp_path / "nc.log")
+            if nc is not None:
                 break
-            except TimeoutError:  # a port picked free was taken before nutcracker bound it
-                nc.kill()
-                nc.wait(timeout=10)
-                if attempt == 2:
-                    raise
+            if attempt == 2:
+                raise TimeoutError("nutcracker did not listen on the ports picked for it, three times")
         try:
             time.sleep(0.2)
             for i, (h, d) in enumerate(pools):

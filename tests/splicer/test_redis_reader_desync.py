@@ -69,19 +69,16 @@ def exchange(port: int, data: bytes, piece: int = 0) -> bytes:
     """Send `data` (ending in QUIT, or cut by a protocol error) and read until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if piece:
-            for i in range(0, len(data), piece):
-                try:
-                    s.sendall(data[i : i + piece])
-                except OSError:  # closed after a protocol error
-                    break
-        else:
-            s.sendall(data)
+        for i in range(0, len(data), piece or len(data)):
+            try:
+                s.sendall(data[i : i + (piece or len(data))])
+            except OSError:  # closed after a protocol error
+                break
         out = b""
         while True:
             try:
                 d = s.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, TimeoutError):
                 break
             if not d:
                 break

@@ -13,14 +13,15 @@ from __future__ import annotations
 import base64
 import random
 import re
-import socket
 
 import pytest
 
 from shmfabric.splicer import redis_resp
 from shmfabric.splicer.redis_resp import RequestReader, RespProtocolError, _may_hold_huge_header, _split_inline, encode_command
 
-from .redis_fixtures import RedisServer, needs_redis, redis_servers, splicer
+from .redis_fixtures import needs_redis
+# the splicer (over two servers) and a plain redis-server (the third), as the desync tests use them
+from .test_redis_reader_desync import exchange, plain, servers, sp  # noqa: F401 (fixtures)
 
 B64 = [encode_command([b"SET", b"k%d" % i, base64.b64encode(bytes([i, 250, 251]) * 7) + b"+="]) for i in range(16)]
 B64_CMDS = [[b"SET", b"k%d" % i, base64.b64encode(bytes([i, 250, 251]) * 7) + b"+="] for i in range(16)]
@@ -330,41 +331,6 @@ HEAD = b"".join(B64[:4])
 QUIT = b"*1\r\n$4\r\nQUIT\r\n"
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def sp(servers):
-    with splicer(servers[:2]) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def plain(servers) -> RedisServer:
-    return servers[2]
-
-
-def exchange(port: int, data: bytes, piece: int = 0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(0, len(data), piece or len(data)):
-            try:
-                s.sendall(data[i : i + (piece or len(data))])
-            except OSError:  # closed after a protocol error
-                break
-        out = b""
-        while True:
-            try:
-                d = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not d:
-                break
-            out += d
-        return out
 
 
 @needs_redis

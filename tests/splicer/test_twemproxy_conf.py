@@ -18,7 +18,7 @@ from shmfabric.cli.main import main
 from shmfabric.splicer.config import ConfigError, RedisSpliceConfig
 from shmfabric.splicer.twemproxy_conf import from_twemproxy
 
-from .redis_fixtures import NUTCRACKER, free_port, needs_nutcracker, needs_redis, pipeline, redis_servers, wait_port
+from .redis_fixtures import free_port, needs_nutcracker, needs_redis, pipeline, redis_servers, start_nutcracker, wait_port
 
 FULL = {
     "alpha": {
@@ -189,17 +189,11 @@ def test_keys_written_through_twemproxy_are_read_through_the_splicer_from_the_sa
             conf.write_text("".join(
                 f"{name}:\n  listen: 127.0.0.1:{ports[name]}\n  redis: true\n  server_connections: 2\n{extra}"
                 "  servers:\n" + "".join(f"   - {ln}\n" for ln in lines) for name, extra in pools.items()))
-            nc = subprocess.Popen([NUTCRACKER, "-c", str(conf), "-s", str(free_port()), "-o", str(tmp_path / "nc.log")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                for p in ports.values():
-                    wait_port(p, timeout=5)
+            nc = start_nutcracker(conf, ports.values(), tmp_path / "nc.log")
+            if nc is not None:
                 break
-            except TimeoutError:  # a port picked free was taken before nutcracker bound it
-                nc.kill()
-                nc.wait(timeout=10)
-                if attempt == 2:
-                    raise
+            if attempt == 2:
+                raise TimeoutError("nutcracker did not listen on the ports picked for it, three times")
         keys = {name: [b"%s:%d" % (name.encode(), i) for i in range(200)] + [b"user:{%d}:%s" % (i, name.encode())
                                                                             for i in range(20)] for name in pools}
         try:

@@ -447,3 +447,28 @@ def test_a_reload_keeps_the_fabric_and_api_the_command_line_set(run_topology, tm
     sup.pinned = {"fabric": running, "api": sup.topo.api}
     assert sup.reload_file()["reconfigured"] == ["fw"]
     assert sup.topo.fabric.name == running
+
+
+def test_up_refuses_a_fabric_still_mapped_by_processes_with_no_node_up(tmp_path):
+    # was: only nodes in state "up" counted, so the instances of a killed manager that had left
+    # the fabric and were still exiting (or any process holding the region open) saw it
+    # replaced under them; the docs say such an `up` refuses, naming their pids
+    from shmfabric.core.region import region_path
+    from shmfabric.fabric import Fabric
+    from tests.manager.conftest import unique_fabric
+
+    name = unique_fabric()
+    holder = _holder(name, 0)
+    sup = _supervisor(name, tmp_path)
+    try:
+        with pytest.raises(SupervisorError) as ei:
+            sup.start()
+        msg = str(ei.value)
+        assert ei.value.status == 409 and "\n" not in msg
+        assert f"still mapped by pid {holder.pid} (python" in msg and f"`kill {holder.pid}`" in msg
+        assert region_path(name).exists()
+    finally:
+        sup.stop()
+        holder.kill()
+        holder.wait()
+        Fabric.destroy(name)

@@ -448,6 +448,15 @@ class Supervisor:
                                   "by themselves within seconds (try again then); else stop their manager "
                                   f"(`shmfabric down --fabric {name}`) or the processes (`kill {pids}`), or choose "
                                   "another fabric.name", status=409)
+        # No node is up, but processes may still map it: those of a killed manager that left the
+        # fabric and are still exiting (or a program that opened it without attaching)
+        users = pids_mapping(path)
+        if users:
+            who = ", ".join(f"{pid} ({_comm(pid)})" for pid in users[:10])
+            raise SupervisorError(f"fabric {name!r} has no node up but is still mapped by pid {who}: processes of "
+                                  "a manager that was killed are still stopping (try again in a few seconds), or "
+                                  f"stop them (`kill {' '.join(map(str, users))}`), or choose another fabric.name",
+                                  status=409)
         destroy()
 
     def stop(self) -> None:

@@ -33,7 +33,13 @@ def test_sighup_reloads_the_config_file(env, topo, tmp_path):  # noqa: F811
             time.sleep(0.1)
         assert all(i["state"] == "running" for n in s["nodes"] for i in n["instances"])
         assert any(e["kind"] == "reload" for e in s["events"])
-        log = (tmp_path / "state" / f"{name}.log").read_text()
+        # the manager writes its "SIGHUP: reloaded" line once the reload returns, which may be
+        # just after the new config shows in /status
+        while True:
+            log = (tmp_path / "state" / f"{name}.log").read_text()
+            if "SIGHUP: reloaded" in log or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert "SIGHUP: reloaded" in log and "reconfigured fw" in log
     finally:
         cli(env, "down", "--fabric", name, check=False)

@@ -407,23 +407,31 @@ def test_an_unreadable_region_a_process_maps_is_refused_else_replaced(tmp_path, 
 
 
 def test_in_use_names_every_node_and_the_way_out(tmp_path):
-    from shmfabric.core.region import region_path
-    from shmfabric.fabric import Fabric
     from tests.manager.conftest import unique_fabric
 
     name = unique_fabric()
     holder = _holder(name, 12)
+    msg = _refused_start(name, holder, tmp_path)
+    assert f"fabric {name!r} is in use by n1 (pid {holder.pid}), " in msg
+    assert "n10 (pid" in msg and "and 2 more" in msg  # the ten first, and how many were left off
+    assert f"`kill {holder.pid}`" in msg and f"`shmfabric down --fabric {name}`" in msg
+    assert "stop by themselves" in msg
+
+
+def _refused_start(name: str, holder, tmp_path) -> str:
+    """The one-line 409 message of a manager's start refused over fabric `name`, which `holder`
+    (killed afterwards, with the fabric) keeps; the region is left in place."""
+    from shmfabric.core.region import region_path
+    from shmfabric.fabric import Fabric
+
     sup = _supervisor(name, tmp_path)
     try:
         with pytest.raises(SupervisorError) as ei:
             sup.start()
         msg = str(ei.value)
         assert ei.value.status == 409 and "\n" not in msg
-        assert f"fabric {name!r} is in use by n1 (pid {holder.pid}), " in msg
-        assert "n10 (pid" in msg and "and 2 more" in msg  # the ten first, and how many were left off
-        assert f"`kill {holder.pid}`" in msg and f"`shmfabric down --fabric {name}`" in msg
-        assert "stop by themselves" in msg
         assert region_path(name).exists()
+        return msg
     finally:
         sup.stop()
         holder.kill()
@@ -453,22 +461,9 @@ def test_up_refuses_a_fabric_still_mapped_by_processes_with_no_node_up(tmp_path)
     # was: only nodes in state "up" counted, so the instances of a killed manager that had left
     # the fabric and were still exiting (or any process holding the region open) saw it
     # replaced under them; the docs say such an `up` refuses, naming their pids
-    from shmfabric.core.region import region_path
-    from shmfabric.fabric import Fabric
     from tests.manager.conftest import unique_fabric
 
     name = unique_fabric()
     holder = _holder(name, 0)
-    sup = _supervisor(name, tmp_path)
-    try:
-        with pytest.raises(SupervisorError) as ei:
-            sup.start()
-        msg = str(ei.value)
-        assert ei.value.status == 409 and "\n" not in msg
-        assert f"still mapped by pid {holder.pid} (python" in msg and f"`kill {holder.pid}`" in msg
-        assert region_path(name).exists()
-    finally:
-        sup.stop()
-        holder.kill()
-        holder.wait()
-        Fabric.destroy(name)
+    msg = _refused_start(name, holder, tmp_path)
+    assert f"still mapped by pid {holder.pid} (python" in msg and f"`kill {holder.pid}`" in msg

@@ -1497,8 +1497,6 @@ class Supervisor:
                "error": self.redact_text(inst.error) if inst.error else inst.error,
                "node_id": e["id"] if e else None, "cpu_seconds": proc_cpu_seconds(pid) if pid else None,
                "uptime": round(self.clock() - inst.started_at, 3) if pid else None}
-        if e:
-            _take_node_counters(inst, e)
         for k in NODE_COUNTERS:  # over all its processes, and kept once it stopped (see Instance)
             out[k] = inst.node_base.get(k, 0) + inst.node_last.get(k, 0)
         out["queue_depth"] = sum(r["depth"] for r in self._rings if r["dst"] == inst.name)

@@ -19,6 +19,7 @@ BENCH_MODULES = [
     "shmfabric.bench.splice",
     "shmfabric.bench.splice_redis",
     "shmfabric.bench.chain",
+    "shmfabric.bench.control",
 ]
 
 

@@ -136,6 +136,15 @@ class Backend(AsyncBackend):
         await self.server.wait_closed()  # type: ignore[union-attr]
 
 
+def _counts(sp, family: str) -> dict[str, float]:
+    """The splicer's Prometheus counter `family`, by its `kind` label (the scraped text)."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(sp.metrics.registry).decode()
+    return {line.split('kind="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(family + "{")}
+
+
 async def with_splicer(test, **cfg) -> None:
     await run_with_splicer(Backend(), test, **cfg)
 
@@ -215,6 +224,8 @@ def test_a_request_whose_response_head_is_malformed_after_its_status_line_is_sen
         w.write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")  # the client connection goes on
         assert (await read_answers(r, 1)).endswith(b"echo /after")
         w.close()
+        # counted as a truncated response, as its failure is, not as bytes that are no response
+        assert _counts(sp, "shmfabric_splicer_errors_total") == {"truncated": 1}
     asyncio.run(with_splicer(test, pool={"min": 1, "max": 1}))
 
 
@@ -367,16 +378,12 @@ def test_requests_behind_a_cut_response_are_not_counted_as_failed():
     # With pool.pipeline 4 the GETs behind /cut share its backend connection; they are never
     # answered (logged unsent), so they are no failed requests of the backend: only /cut is.
     # (Was: each counted in failed_requests_total, and a 502 built for a slot already dropped.)
-    from prometheus_client import generate_latest
-
     async def test(be, sp):
         got, closed = await exchange(sp.port, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n"
                                      + b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % k for k in range(3)))
         assert closed and got.endswith(b"partial"), got
         await asyncio.sleep(0.5)
         assert be.sent(b"GET /cut ") == 1 and all(be.sent(b"GET /%d " % k) <= 1 for k in range(3)), be.heads
-        text = generate_latest(sp.metrics.registry).decode()
-        failed = {line.split('kind="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-                  for line in text.splitlines() if line.startswith("shmfabric_splicer_failed_requests_total{")}
+        failed = _counts(sp, "shmfabric_splicer_failed_requests_total")
         assert sum(failed.values()) == 1 and failed.get("truncated") == 1, failed
     asyncio.run(with_splicer(test, pool={"min": 1, "max": 1, "pipeline": 4}))

@@ -137,14 +137,15 @@ class BackendConnection(asyncio.Protocol):
                 self.abort()
                 if exchanges:
                     ex = exchanges.popleft()
-                    self.server.metrics.error("protocol")
                     # "truncated": its response had begun (its status line parsed, then it broke
                     # off or failed to parse: a malformed field, a head too large, a 101 without
                     # Upgrade), so the backend acted on it (no retry: 502). "protocol": bytes that
                     # are not the start of a response at all (left over from an earlier one, say),
-                    # which an idempotent request may be retried after.
-                    ex.on_backend_failure("truncated" if isinstance(exc, IncompleteResponse) else "protocol",
-                                          f"bad response from backend {self.server.name}: {exc}")
+                    # which an idempotent request may be retried after. The error counter takes
+                    # the same kind as the failure, so the two metrics tell the cases alike.
+                    kind = "truncated" if isinstance(exc, IncompleteResponse) else "protocol"
+                    self.server.metrics.error(kind)
+                    ex.on_backend_failure(kind, f"bad response from backend {self.server.name}: {exc}")
                 return
             if ev is NEED_DATA or ev is PAUSED:
                 # PAUSED: 101 Switching Protocols was parsed; the exchange has switched to a

@@ -5,7 +5,8 @@ Per backend server (label ``backend="HOST:PORT"``) and protocol (label ``proto="
 =============================================  =========  ==============================================
 ``shmfabric_splicer_requests_total``           counter    requests sent to the backend
 ``shmfabric_splicer_errors_total``             counter    failures, label ``kind`` (connect, reset,
-                                                          timeout, protocol, unavailable)
+                                                          timeout, truncated, protocol, queue,
+                                                          unavailable)
 ``shmfabric_splicer_failed_requests_total``    counter    requests answered with an error (502/504,
                                                           ``-ERR``) because of the backend, label
                                                           ``kind``: one failure may fail many

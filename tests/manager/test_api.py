@@ -117,13 +117,13 @@ def test_shutdown_calls_back(api):
 def test_metrics_cover_nodes_rings_pools_and_function_counters(api):
     code, text = call(api, "/metrics")
     assert code == 200
-    for line in ('shmfabric_node_rx_frames_total{function="firewall",instance="fw-2",node="fw"} 10.0',
-                 'shmfabric_node_queue_depth{function="firewall",instance="fw",node="fw"} 4.0',
-                 'shmfabric_node_restarts_total{function="firewall",instance="fw",node="fw"} 2.0',
-                 'shmfabric_function_counter{counter="rule_0_hits",function="firewall",instance="fw",kind="function",'
-                 'node="fw"} 7.0',
-                 'shmfabric_function_counter{counter="in_frames",function="firewall",instance="fw",kind="runtime",'
-                 'node="fw"} 10.0',
+    for line in ('shmfabric_node_rx_frames_total{function="firewall",node="fw",node_instance="fw-2"} 10.0',
+                 'shmfabric_node_queue_depth{function="firewall",node="fw",node_instance="fw"} 4.0',
+                 'shmfabric_node_restarts_total{function="firewall",node="fw",node_instance="fw"} 2.0',
+                 'shmfabric_function_counter{counter="rule_0_hits",function="firewall",kind="function",node="fw",'
+                 'node_instance="fw"} 7.0',
+                 'shmfabric_function_counter{counter="in_frames",function="firewall",kind="runtime",node="fw",'
+                 'node_instance="fw"} 10.0',
                  'shmfabric_ring_depth{dst="fw",src="gen"} 4.0',
                  'shmfabric_ring_full_events_total{dst="fw",src="gen"} 2.0',
                  'shmfabric_pool_free_slots{network="0"} 500.0',

@@ -136,7 +136,7 @@ def test_detach_status_top_reload_down(env, topo, tmp_path):
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             metrics = r.read().decode()
         assert 'shmfabric_node_instances{node="fw"} 2.0' in metrics
-        assert 'shmfabric_node_rx_frames_total{function="sink",instance="sink",node="sink"}' in metrics
+        assert 'shmfabric_node_rx_frames_total{function="sink",node="sink",node_instance="sink"}' in metrics
         with pytest.raises(CliError, match="no node named 'nope'"):
             api_call(url, "/nodes/nope/scale", {"instances": 2})
         # a second `up` of the same fabric is refused

@@ -2,10 +2,12 @@
 
 `up` runs in the foreground until Ctrl-C (or `--duration`), or in the background with `--detach`.
 A running manager writes a state file (`$SHMFABRIC_STATE_DIR`, else `$XDG_RUNTIME_DIR/shmfabric`,
-else `/tmp/shmfabric-UID`) named after its fabric, holding its pid and API address; the other
-verbs find the manager through it (`--fabric NAME` when several run) or take `--api URL`. The
-state directory is made 0700 and used only if it is a real directory of this user's that no one
-else may write (`down` signals the pid a state file names); state files are 0600.
+else `/tmp/shmfabric-UID`) named after its fabric, holding its pid and API address (and the path of
+its API token file, never the token); the other verbs find the manager through it (`--fabric NAME`
+when several run) or take `--api URL` (with `--api-token-file PATH` or $SHMFABRIC_API_TOKEN_FILE
+for a manager whose API needs a token). The state directory is made 0700 and used only if it is a
+real directory of this user's that no one else may write (`down` signals the pid a state file
+names); state files are 0600.
 """
 from __future__ import annotations
 
@@ -224,6 +226,26 @@ def _find_state(args: argparse.Namespace) -> dict:
 
 
 def _api_url(args: argparse.Namespace) -> str:
+    return str(_api_target(args))
+
+
+TOKEN_FILE_ENV = "SHMFABRIC_API_TOKEN_FILE"
+
+
+class ApiTarget(str):
+    """A management API URL (a str, as before) with the bearer token to send it (None: none) and the
+    token file it came from (for messages)."""
+
+    token: str | None = None
+    token_file: str | None = None
+
+
+def _api_target(args: argparse.Namespace) -> ApiTarget:
+    """The URL of the manager the user means, with its token: with `--api URL`, the token in
+    `--api-token-file`, else in $SHMFABRIC_API_TOKEN_FILE, else none; through a state file, the token
+    file the manager recorded there (`--api-token-file` overrides it). CliError, one line naming the
+    token file, if it cannot be used."""
+    given = getattr(args, "api_token_file", None)
     if getattr(args, "api", None):
         url = args.api
         url = url if url.startswith("http") else f"http://{url}"
@@ -234,19 +256,49 @@ def _api_url(args: argparse.Namespace) -> str:
             raise CliError(f"--api {args.api!r}: not a URL ({exc}); give http://HOST:PORT") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CliError(f"--api {args.api!r}: not a URL; give http://HOST:PORT")
-        return url
-    st = _find_state(args)
-    if not st.get("api"):
-        raise CliError(f"the manager of fabric {st['fabric']!r} runs without a management API (api: null)")
-    return st["api"]
+        if given:
+            token_file, origin = given, "given by --api-token-file"
+        else:
+            token_file, origin = os.environ.get(TOKEN_FILE_ENV) or None, f"given by {TOKEN_FILE_ENV}"
+    else:
+        st = _find_state(args)
+        if not st.get("api"):
+            raise CliError(f"the manager of fabric {st['fabric']!r} runs without a management API (api: null)")
+        url = st["api"]
+        recorded = st.get("api_token_file")
+        if given:
+            token_file, origin = given, "given by --api-token-file"
+        else:
+            token_file = recorded if isinstance(recorded, str) and recorded else None
+            origin = f"named by the state file of the manager of fabric {st['fabric']!r}"
+    target = ApiTarget(url)
+    if token_file:
+        from shmfabric.manager.api import TokenFileError, load_token
+
+        try:
+            target.token = load_token(token_file, check_owner=False)
+        except TokenFileError as exc:
+            raise CliError(f"{exc} ({origin})") from None
+        target.token_file = token_file
+    return target
 
 
-def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.0) -> dict:
-    """GET (body None) or POST JSON to the management API; CliError with the server's message."""
+class ApiAuthError(CliError):
+    """The management API refused the request: no token, or not its token (401)."""
+
+
+def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.0,
+             token: str | None = None) -> dict:
+    """GET (body None) or POST JSON to the management API; CliError with the server's message. The
+    bearer token sent is `token`, else the one `url` carries (an ApiTarget from `_api_target`)."""
     data = None if body is None else json.dumps(body).encode()
+    token = token if token is not None else getattr(url, "token", None)
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         req = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
     except ValueError as exc:  # e.g. "http://[::1" (Invalid IPv6 URL)
         raise CliError(f"{url} is not a URL of the management API ({exc}); give http://HOST:PORT") from None
     try:
@@ -262,6 +314,13 @@ def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.
             msg = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             msg = exc.reason
+        if exc.code == 401:
+            token_file = getattr(url, "token_file", None)
+            if token is None:
+                raise ApiAuthError(f"the management API at {url} needs a token: give its token file with "
+                                   f"--api-token-file PATH or {TOKEN_FILE_ENV}") from None
+            raise ApiAuthError(f"the management API at {url} refused the token"
+                               + (f" of {token_file}" if token_file else "") + f": {msg}") from None
         raise CliError(str(msg)) from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach the management API at {url}: {getattr(exc, 'reason', exc)}") from None
@@ -295,7 +354,10 @@ def _override(topo, api: str | None, fabric: str | None):
 
     data = topo.model_dump()
     if api is not None:
-        data["api"] = api
+        if isinstance(data.get("api"), dict):  # `api: {listen, token_file}`: --api moves the listener only
+            data["api"] = {**data["api"], "listen": api}
+        else:
+            data["api"] = api
     if fabric is not None:
         data["fabric"] = {**data["fabric"], "name": fabric}
     try:
@@ -325,6 +387,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError("no CONFIG given and the built-in examples/edge.yaml is not installed; give a file")
     topo = _load(path)
     topo = _override(topo, args.api, args.fabric)
+    _check_token_file(topo, announce=not args.quiet)
     state_file = checked_state_dir(create=True) / f"{topo.fabric.name}.json"
     old = _read_state(state_file) if state_file.exists() else None
     if old is not None:
@@ -335,6 +398,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, path, topo, state_file)
     return _foreground(args, path, topo, state_file)
+
+
+def _check_token_file(topo, announce: bool = True) -> str | None:
+    """The API's token (None: `api:` has no token_file), from its file, made first if missing (0600, a
+    random token; said on stderr when `announce`). CliError, one line naming the file, if it cannot be
+    made or used (e.g. its group or others may read it). Checked by `up` before anything starts (and
+    before --detach, so that the refusal is one line in the shell)."""
+    from shmfabric.manager.api import TokenFileError, ensure_token_file, load_token
+    from shmfabric.manager.config import api_listen, api_token_file
+
+    path = api_token_file(topo.api) if api_listen(topo.api) else None
+    if path is None:
+        return None
+    try:
+        created = ensure_token_file(path)
+        token = load_token(path)
+    except TokenFileError as exc:
+        raise CliError(str(exc)) from None
+    if created and announce:
+        print(f"shmfabric: created the API token file {path} (mode 0600, a random token)", file=sys.stderr)
+    return token
 
 
 def _state_dir_error(exc: OSError, where: Path) -> CliError:
@@ -374,8 +458,9 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
                 elif getattr(args, "json", False):
                     print(json.dumps(st))
                 else:
+                    token = f" (token in {st['api_token_file']})" if st.get("api_token_file") else ""
                     print(f"fabric {st['fabric']} up in the background: manager pid {st['pid']}, "
-                          f"API {st.get('api')}, log {log}")
+                          f"API {st.get('api')}{token}, log {log}")
                 return 0
         except (OSError, ValueError):
             pass
@@ -386,8 +471,12 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
 
 def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
     from shmfabric.manager.api import ApiServer, make_registry
+    from shmfabric.manager.config import api_listen, api_token_file
     from shmfabric.manager.supervisor import Supervisor, SupervisorError
 
+    # read again here (a detached manager is another process): refused before anything starts
+    token = _check_token_file(topo, announce=False)
+    listen, token_file = api_listen(topo.api), api_token_file(topo.api)
     stop = threading.Event()
     reload_due = threading.Event()
     # Ctrl-C, `shmfabric down`, systemd stop; `kill -HUP`, systemd ExecReload: the handlers take no lock
@@ -400,7 +489,8 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     # start with --quiet (as --detach runs), else after the banner (its first line); not under the
     # live view, which redraws the terminal
     sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs",
-                     pinned={"fabric": args.fabric, "api": args.api},
+                     # --api pins the whole `api:` (address and token file) over every file reloaded
+                     pinned={"fabric": args.fabric, "api": topo.api if args.api else None},
                      event_stream=sys.stderr if args.quiet else None)
     api = metrics_srv = None
     metrics_addr = topo.metrics
@@ -416,11 +506,11 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
         except SupervisorError as exc:
             raise CliError(sup.redact_text(str(exc))) from None
         registry = make_registry(sup)
-        if topo.api:
+        if listen:
             try:
-                api = ApiServer(sup, topo.api, on_shutdown=stop.set, registry=registry).start()
+                api = ApiServer(sup, listen, on_shutdown=stop.set, registry=registry, token=token).start()
             except OSError as exc:
-                raise CliError(f"cannot listen on api {topo.api}: {exc.strerror}; choose another address") from None
+                raise CliError(f"cannot listen on api {listen}: {exc.strerror}; choose another address") from None
         if topo.metrics:
             from prometheus_client import start_http_server
 
@@ -433,11 +523,14 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
                 metrics_addr = f"{host}:{metrics_srv[0].server_address[1]}"
         _write_state(state_file, {"kind": STATE_KIND, "fabric": topo.fabric.name, "pid": os.getpid(),
                                   "start_time": _proc_start_time(os.getpid()), "api": api.url if api else None,
+                                  # where the API's token is (never the token itself), for the CLI
+                                  "api_token_file": token_file if api and token else None,
                                   "metrics": metrics_addr, "config": str(Path(path).resolve()),
                                   "logs": str(sup.log_dir), "started": time.time()})
         n = sum(len(x.instances) for x in sup.nodes.values())
         say(f"fabric {topo.fabric.name} up: {n} instances of {len(sup.nodes)} nodes"
-            + (f", API {api.url}" if api else "") + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
+            + (f", API {api.url}" if api else "") + (f" (token in {token_file})" if api and token else "")
+            + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
             + ("" if args.duration else "; Ctrl-C stops everything"), flush=True)
         live = _LiveView(sup, stop) if getattr(args, "live", False) and say is print else None
         if not live_view:
@@ -637,11 +730,11 @@ def _is_loopback(url: str) -> bool:
 
 def _down_by_api(args: argparse.Namespace) -> dict:
     """`down --api URL`: stop the manager answering at URL, and only that one (no state file, no signal)."""
-    url = _api_url(args)
+    url = _api_target(args)
     try:
         st = api_call(url, "/status", timeout=10)
     except CliError as exc:
-        if str(exc).startswith("cannot reach"):
+        if isinstance(exc, ApiAuthError) or str(exc).startswith("cannot reach"):
             raise CliError(f"{exc}; nothing was stopped") from None
         raise CliError(f"{url} does not answer like a shmfabric manager ({exc}); nothing was stopped") from None
     if not isinstance(st, dict) or "fabric" not in st or "pid" not in st:
@@ -693,7 +786,8 @@ def _down_by_state(args: argparse.Namespace) -> dict:
     pid = int(st["pid"])
     try:
         if st.get("api"):
-            api_call(st["api"], "/shutdown", {}, timeout=5)
+            # (a token file that cannot be read, like an API that does not answer: the signal below)
+            api_call(_api_target(args), "/shutdown", {}, timeout=5)
         elif _manager_alive(st):
             os.kill(pid, signal.SIGTERM)
     except CliError:
@@ -713,7 +807,7 @@ def _dropped(inst: dict) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = api_call(_api_url(args), "/status", timeout=10)
+    st = api_call(_api_target(args), "/status", timeout=10)
     if getattr(args, "json", False):
         print(json.dumps(st, indent=1, default=str))
         return 0
@@ -744,7 +838,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     body = {"path": str(Path(args.config).resolve())} if args.config else {}
-    url = _api_url(args)
+    url = _api_target(args)
     if args.config:
         # the manager checks the file (one parse); a refusal is checked again here so that a config
         # error names this shell's path, as `up` would
@@ -875,7 +969,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     if not 0 < args.interval <= 3600:
         raise CliError(f"--interval {args.interval:g}: give the seconds between samples, above 0 and at most 3600")
-    url = _api_url(args)
+    url = _api_target(args)
     rates = Rates()
     st = api_call(url, "/status", timeout=10)
     view = rates.update(st, time.monotonic())
@@ -912,6 +1006,9 @@ def cmd_top(args: argparse.Namespace) -> int:
 def _target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fabric", help="the manager of this fabric (when several run)")
     p.add_argument("--api", help="management API URL (instead of finding the manager's state file)")
+    p.add_argument("--api-token-file", metavar="PATH",
+                   help=f"the file holding the API's bearer token (default: with --api, ${TOKEN_FILE_ENV}; "
+                        "else the one the manager's state file names)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

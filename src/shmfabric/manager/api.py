@@ -15,7 +15,16 @@ Endpoints (all answers are JSON objects; errors are `{"error": MESSAGE}` with a 
 
 The server is `http.server.ThreadingHTTPServer` in a daemon thread: the manager's traffic is a
 few requests a second, and the stdlib server keeps the manager free of an event loop. It binds
-what the config says (loopback by default) and has no authentication: do not expose it.
+what the config says (loopback by default).
+
+Authentication (opt-in: `api: {listen: HOST:PORT, token_file: PATH}`): with a token, every request
+(GET /metrics and GET / included) needs `Authorization: Bearer TOKEN`; one without it, or with
+another token, is answered 401 `{"error": ...}` with `WWW-Authenticate: Bearer realm="shmfabric"`
+before anything else is looked at (its body is not read; the connection is closed), so nothing
+happens. The token is compared with `hmac.compare_digest`. `load_token` reads a token file (its
+owner's only, like an ssh key: one its group or others may read or write is refused) and
+`ensure_token_file` creates a missing one (0600, `secrets.token_urlsafe(32)`). Without a token the
+API is open to every local user who can reach its address: do not expose it.
 
 Secrets: the service shows each node's `config` with its function's secret fields as "<redacted>"
 (see shmfabric.manager.supervisor); error messages pass through the service's `redact_text`, when
@@ -23,9 +32,12 @@ it has one, so that a secret value quoted in one never leaves the manager.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
+import secrets
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Protocol
@@ -33,12 +45,95 @@ from typing import Any, Callable, Iterable, Protocol
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-__all__ = ["ManagerService", "ApiServer", "ManagerCollector", "make_registry", "MAX_BODY"]
+__all__ = ["ManagerService", "ApiServer", "ManagerCollector", "make_registry", "MAX_BODY", "TokenFileError",
+           "load_token", "ensure_token_file", "INSTANCE_LABEL"]
 
 MAX_BODY = 1 << 20  # a config push is a few KiB; 1 MiB leaves room for large rule sets
 # seconds a connection may keep the server waiting for the rest of a request (or for the next one on a
 # kept-alive connection) before it is closed: a client that sends a short body does not hold a thread
 REQUEST_TIMEOUT = 30.0
+# the metrics label naming an instance (fw, fw-2, ...); not `instance`, which is Prometheus's own target
+# label: a scraped `instance` label clashes with it and is renamed `exported_instance` (without honor_labels)
+INSTANCE_LABEL = "node_instance"
+TOKEN_MIN_LENGTH = 16  # characters of a token in a token file (a generated one has 43)
+_TOKEN_MAX_BYTES = 4096
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII, no spaces: what an Authorization header carries as is
+_REALM = 'Bearer realm="shmfabric"'
+
+
+class TokenFileError(Exception):
+    """A token file that cannot be used; the message is one line naming the file and the fix."""
+
+
+def ensure_token_file(path: str) -> bool:
+    """Create the token file `path` if it does not exist: mode 0600, holding `secrets.token_urlsafe(32)`
+    and a newline. True if it was created. Never replaces a file (O_EXCL) nor follows a symbolic link
+    planted at `path` (O_NOFOLLOW); its directory is not created. TokenFileError if it cannot be made."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise TokenFileError(f"API token file {path}: cannot create it: {exc.strerror}; fix: create its directory, "
+                             "or write a token into the file yourself (mode 0600)") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+    except OSError as exc:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise TokenFileError(f"API token file {path}: cannot write it: {exc.strerror}") from None
+    os.close(fd)
+    return True
+
+
+def load_token(path: str, check_owner: bool = True) -> str:
+    """The bearer token in the file `path`: one line of at least TOKEN_MIN_LENGTH visible ASCII characters
+    (surrounding white space ignored). Refused (TokenFileError, one line naming the file) if it cannot be
+    read, is not a regular file, may be read or written by its group or others (like ssh refuses such a
+    key: chmod 600 it), or, with `check_owner` (the manager), belongs to someone other than this user or
+    root (its owner could change the token)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise TokenFileError(f"cannot read the API token file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TokenFileError(f"API token file {path}: not a regular file; fix: give a file holding the token")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            who = " and ".join(w for w, bits in (("its group", 0o070), ("others", 0o007)) if mode & bits)
+            raise TokenFileError(f"API token file {path}: permissions {mode:04o} are too open (open to {who}); "
+                                 f"it must be its owner's only: chmod 600 {path}")
+        if check_owner and st.st_uid not in (os.geteuid(), 0):
+            raise TokenFileError(f"API token file {path}: owned by uid {st.st_uid}, not by the manager's user "
+                                 f"(uid {os.geteuid()}) or root, who could change the token; fix: chown it")
+        raw = os.read(fd, _TOKEN_MAX_BYTES + 1)
+    except OSError as exc:
+        raise TokenFileError(f"cannot read the API token file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > _TOKEN_MAX_BYTES:
+        raise TokenFileError(f"API token file {path}: over {_TOKEN_MAX_BYTES} bytes, not a token file")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = None
+    if not token:
+        raise TokenFileError(f"API token file {path}: " + ("empty" if token == "" else "not ASCII text")
+                             + "; fix: write a token into it (one line, e.g. from `python3 -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'`), or remove it and the manager makes one")
+    if not _TOKEN_RE.fullmatch(token):
+        raise TokenFileError(f"API token file {path}: the token must be one line of visible ASCII characters "
+                             "without spaces")
+    if len(token) < TOKEN_MIN_LENGTH:
+        raise TokenFileError(f"API token file {path}: the token is shorter than {TOKEN_MIN_LENGTH} characters; "
+                             "fix: use a longer one (a generated one has 43)")
+    return token
 
 
 class ManagerService(Protocol):
@@ -73,7 +168,7 @@ class ManagerCollector:
 
     def collect(self) -> Iterable[Any]:
         st = self.service.status()
-        lab = ["node", "instance", "function"]
+        lab = ["node", INSTANCE_LABEL, "function"]
         fams = {k: CounterMetricFamily(f"shmfabric_node_{k}", f"Node {help_}", labels=lab) for k, help_ in _INST_COUNTERS}
         depth = GaugeMetricFamily("shmfabric_node_queue_depth", "Frames waiting in the instance's input rings", labels=lab)
         up = GaugeMetricFamily("shmfabric_node_up", "1 if the instance is running", labels=lab + ["state"])
@@ -219,6 +314,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         svc = self.server.service
         try:
+            if self.server.token is not None:
+                self._authenticate(self.server.token)
             if self.headers.get("Transfer-Encoding") is not None:
                 # a chunked body is not read here: its bytes would be taken for the next request
                 self.close_connection = True
@@ -297,11 +394,29 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(405 if allowed else 404, f"{method} {path} is not an endpoint"
                              + (f" (use {allowed})" if allowed else "; see GET /"), allow=allowed)
         except _HttpError as exc:
-            self._json(exc.status, {"error": self._redact(str(exc))}, {"Allow": exc.allow} if exc.allow else None)
+            headers = dict(exc.headers)
+            if exc.allow:
+                headers["Allow"] = exc.allow
+            self._json(exc.status, {"error": self._redact(str(exc))}, headers or None)
         except SupervisorError as exc:
             self._json(exc.status, {"error": self._redact(str(exc))})
         except Exception as exc:  # a bug must not kill the API thread; say what happened
             self._json(500, {"error": self._redact(f"{type(exc).__name__}: {exc}")})
+
+    def _authenticate(self, token: str) -> None:
+        """Raise 401 unless the request carries `Authorization: Bearer TOKEN` (one such header). Checked
+        before anything else: the body of a refused request is not read, and its connection is closed."""
+        values = self.headers.get_all("Authorization") or []
+        scheme, _, credentials = (values[0].strip() if len(values) == 1 else "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            self.close_connection = True
+            raise _HttpError(401, "authentication required: send `Authorization: Bearer TOKEN`, TOKEN being the "
+                                  "content of the manager's api.token_file (the shmfabric CLI sends it: see "
+                                  "--api-token-file)", headers={"WWW-Authenticate": _REALM})
+        if not hmac.compare_digest(credentials.strip().encode("latin-1", "replace"), token.encode("ascii")):
+            self.close_connection = True
+            raise _HttpError(401, "invalid bearer token: it is not the token of the manager's api.token_file",
+                             headers={"WWW-Authenticate": _REALM + ', error="invalid_token"'})
 
     def _redact(self, text: str) -> str:
         """`text` without the secret values the service knows (its `redact_text`, if it has one)."""
@@ -315,10 +430,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str, allow: str | None = None):
+    def __init__(self, status: int, message: str, allow: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.allow = allow
+        self.headers = headers or {}
 
 
 def _check_reload_path(path: str, current: str | None) -> None:
@@ -346,6 +462,7 @@ class _Server(ThreadingHTTPServer):
     registry: CollectorRegistry
     on_shutdown: Callable[[], None] | None
     request_timeout: float = REQUEST_TIMEOUT
+    token: str | None = None  # with a token, every request needs `Authorization: Bearer TOKEN`
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (reset, broken pipe, timed out) is not an error of the manager's:
@@ -359,11 +476,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class ApiServer:
-    """The management API on HOST:PORT (port 0: any free port) served from a daemon thread."""
+    """The management API on HOST:PORT (port 0: any free port) served from a daemon thread. With `token`
+    (see `load_token`), every request needs `Authorization: Bearer TOKEN`."""
 
     def __init__(self, service: ManagerService, address: str = "127.0.0.1:0",
                  on_shutdown: Callable[[], None] | None = None, registry: CollectorRegistry | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT):
+                 request_timeout: float = REQUEST_TIMEOUT, token: str | None = None):
+        if token is not None and not (_TOKEN_RE.fullmatch(token) and len(token) >= TOKEN_MIN_LENGTH):
+            raise ValueError(f"an API token is at least {TOKEN_MIN_LENGTH} visible ASCII characters without spaces")
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         self._srv = _Server((host, int(port)), _Handler)
@@ -371,6 +491,7 @@ class ApiServer:
         self._srv.registry = registry or make_registry(service)
         self._srv.on_shutdown = on_shutdown
         self._srv.request_timeout = request_timeout
+        self._srv.token = token
         self._thread = threading.Thread(target=self._srv.serve_forever, name="shmfabric-api", daemon=True)
 
     @property

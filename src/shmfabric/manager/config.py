@@ -2,7 +2,8 @@
 
 ```yaml
 fabric:   {name: edge, ring_size: 1024, max_nodes: 32, networks: [{name: lan, mtu: 1500, slots: 8192}]}
-api: 127.0.0.1:7878            # management API (HTTP + JSON); port 0 = any free port
+api: 127.0.0.1:7878            # management API (HTTP + JSON); port 0 = any free port; or, with a token:
+                               #   api: {listen: 127.0.0.1:7878, token_file: /etc/shmfabric/edge.token}
 metrics: 127.0.0.1:9478        # Prometheus metrics (optional; /metrics is also served on the API)
 policies:                      # defaults for every node; a node may override `restart:` and `scale:`
   restart: {max_restarts: 5, window: 60, backoff_initial: 0.5, backoff_max: 30}
@@ -30,15 +31,16 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 __all__ = [
     "ConfigError", "NetworkConfig", "FabricSection", "RestartPolicy", "ScalePolicy", "Policies",
     "NodeConfig", "ChainConfig", "Topology", "load_topology", "parse_topology", "instance_name",
-    "DEFAULT_CONFIG", "check_functions",
+    "DEFAULT_CONFIG", "check_functions", "ApiSection", "api_listen", "api_token_file",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "edge.yaml"
@@ -75,6 +77,16 @@ def _check_ipv4(value: Any) -> Any:
         raise ValueError(f"{value!r}: the management API listens on IPv4 only; give an IPv4 address or a host "
                          "name, e.g. 127.0.0.1:7878 (port 0 = any free port)")
     return value
+
+
+def _check_api(value: Any) -> Any:
+    """`api:` is HOST:PORT (checked here), null, or a mapping {listen, token_file} (an ApiSection)."""
+    if isinstance(value, (dict, ApiSection)):
+        return value
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"expected a HOST:PORT string or a mapping {{listen: HOST:PORT, token_file: PATH}}, got "
+                         f"{type(value).__name__}")
+    return _check_address(value)
 
 
 class _Model(BaseModel):
@@ -164,6 +176,56 @@ class ScalePolicy(_Model):
         return self
 
 
+class ApiSection(_Model):
+    """`api: {listen: HOST:PORT, token_file: PATH}`: the management API with bearer-token authentication.
+
+    With `token_file`, every request to the API needs `Authorization: Bearer TOKEN`, TOKEN being the
+    file's content (see shmfabric.manager.api.load_token: a missing file is created, 0600, with a random
+    token; one that its group or others may read or write is refused). `api: HOST:PORT` is the same as
+    `api: {listen: HOST:PORT}`: no token."""
+
+    listen: str = Field("127.0.0.1:0", description="HOST:PORT (IPv4; port 0 = any free port)")
+    token_file: str | None = Field(None, description="absolute path of the file holding the API's bearer token")
+
+    _v4 = field_validator("listen", mode="after")(_check_ipv4)
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("listen must be HOST:PORT (to run without a management API, write `api: null`)")
+        return _check_address(v)
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.strip() or "\0" in v:
+            raise ValueError("token_file must be a file path (a non-empty string)")
+        if not os.path.isabs(v):
+            raise ValueError(f"token_file {v!r} is not an absolute path; give one starting with '/' (e.g. "
+                             "/etc/shmfabric/NAME.token), so that it does not depend on the manager's directory")
+        return os.path.normpath(v)
+
+    def __str__(self) -> str:  # how a reload's warning shows it
+        return self.listen + (f" (token_file {self.token_file})" if self.token_file else "")
+
+
+def _api_kind(value: Any) -> str:
+    return "api:mapping" if isinstance(value, (dict, ApiSection)) else "api:address"
+
+
+def api_listen(api: "str | ApiSection | None") -> str | None:
+    """The HOST:PORT of a topology's `api:` (None: no API), whichever form it was written in."""
+    return api.listen if isinstance(api, ApiSection) else api
+
+
+def api_token_file(api: "str | ApiSection | None") -> str | None:
+    """The token file of a topology's `api:` (None: no authentication)."""
+    return api.token_file if isinstance(api, ApiSection) else None
+
+
 class Policies(_Model):
     """Defaults for every node."""
 
@@ -212,11 +274,16 @@ class Topology(_Model):
     nodes: list[NodeConfig] = Field(min_length=1)
     chains: list[ChainConfig] = Field(default_factory=list)
     policies: Policies = Policies()
-    api: str | None = Field("127.0.0.1:0", description="management API HOST:PORT (null: no API)")
+    # HOST:PORT (kept a string, as before), or {listen, token_file} (an ApiSection); null: no API.
+    # `api_listen(topo.api)` and `api_token_file(topo.api)` read either form.
+    api: Annotated[Union[Annotated[str, Tag("api:address")], Annotated[ApiSection, Tag("api:mapping")]],
+                   Discriminator(_api_kind)] | None = Field(
+        "127.0.0.1:0", description="management API HOST:PORT, or {listen: HOST:PORT, token_file: PATH} (null: no API)")
     metrics: str | None = Field(None, description="Prometheus HOST:PORT in addition to the API's /metrics")
     poll_interval: float = Field(0.5, gt=0, le=60, description="seconds between health and counter polls")
 
-    _addr = field_validator("api", "metrics", mode="before")(_check_address)
+    _addr = field_validator("metrics", mode="before")(_check_address)
+    _api = field_validator("api", mode="before")(_check_api)
     _api_v4 = field_validator("api", mode="after")(_check_ipv4)
 
     @model_validator(mode="after")
@@ -566,8 +633,9 @@ def _fmt_loc(loc: tuple[Any, ...]) -> str:
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic adds union branch names ("str", "list[str]", "function-after[...]") to locations
+    # (and the tags of `api:`'s two forms, "api:address" and "api:mapping")
     return tuple(p for p in loc if isinstance(p, int) or not (
-        str(p).startswith(("function-", "list[", "dict[")) or p in ("str", "int")))
+        str(p).startswith(("function-", "list[", "dict[", "api:")) or p in ("str", "int")))
 
 
 _FIXES = {

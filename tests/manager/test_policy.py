@@ -92,3 +92,50 @@ def test_reset_starts_a_cooldown():
     d.reset(10)
     assert feed(d, [(10, 500, 1), (12.5, 500, 1)]) == []
     assert feed(d, [(13, 500, 1)]) == [(13, ScaleAction.OUT)]
+
+
+def feed_blocked(d: ScaleDecider, series: list[tuple[float, int, int, bool]]) -> list[tuple[float, ScaleAction]]:
+    """Like `feed`, each sample with whether the node's own output was blocked at that poll."""
+    out = []
+    for now, depth, n, blocked in series:
+        d.output_blocked = blocked
+        if (a := d.observe(now, depth, n)) is not None:
+            out.append((now, a))
+    return out
+
+
+def test_a_node_whose_output_is_blocked_is_not_scaled_out_and_the_skip_is_told_once():
+    d = ScaleDecider(POL)
+    # a deep queue, but its sends are refused by a full next hop all along: no step, one HELD
+    acts = feed_blocked(d, [(t / 2, 500, 1, True) for t in range(0, 20)])
+    assert acts == [(2.0, ScaleAction.HELD)]
+    assert d.last_action is None  # HELD is no step: no cooldown started
+
+
+def test_the_scale_out_window_starts_again_once_the_output_flows():
+    d = ScaleDecider(POL)
+    acts = feed_blocked(d, [(0, 500, 1, True), (1, 500, 1, True), (2, 500, 1, True),  # HELD at 2
+                            (3, 500, 1, False), (4, 500, 1, True),                    # one flowing sample
+                            (5, 500, 1, False), (6, 500, 1, False), (6.9, 500, 1, False), (7, 500, 1, False)])
+    # the blocked sample at 4 restarted the window: out_for (2 s) of flowing output from 5
+    assert acts == [(2, ScaleAction.HELD), (7, ScaleAction.OUT)]
+
+
+def test_held_is_told_again_after_the_depth_stayed_low():
+    d = ScaleDecider(POL)
+    series = [(0, 500, 1, True), (2, 500, 1, True), (3, 500, 1, True),   # HELD at 2, not again at 3
+              (3.5, 0, 1, True), (4, 500, 1, True), (6, 500, 1, True),    # a dip shorter than out_for
+              (7, 0, 1, False), (9, 0, 1, False),                         # low for out_for: episode over
+              (10, 500, 1, True), (12, 500, 1, True)]
+    assert feed_blocked(d, series) == [(2, ScaleAction.HELD), (12, ScaleAction.HELD)]
+
+
+def test_blocked_or_not_a_count_below_min_is_repaired_and_in_still_works():
+    d = ScaleDecider(ScalePolicy(min_instances=2, max_instances=3))
+    assert feed_blocked(d, [(0, 5000, 1, True)]) == [(0, ScaleAction.OUT)]
+    d = ScaleDecider(POL)
+    assert feed_blocked(d, [(0, 0, 2, True), (5, 0, 2, True)]) == [(5, ScaleAction.IN)]
+    # at max_instances nothing is skipped: there is no step to skip
+    d = ScaleDecider(POL)
+    assert feed_blocked(d, [(t, 1000, 3, True) for t in range(10)]) == []
+

@@ -102,6 +102,10 @@ def test_scale_out_and_in_by_policy_under_load_loses_nothing(run_topology):
     # out; slowed down, the queue drains and the policy scales back in
     scale = "scale: {min_instances: 1, max_instances: 2, out_depth: 32, out_for: 0.3, in_depth: 4, in_for: 0.5, cooldown: 0.3}"
     sup = run_topology(chain(scale=scale, rate=0))
+    # The verifying sink is slower than fw here, so fw's output is blocked and the policy would
+    # hold it back (a node blocked by its next hop is not scaled out: test_autoscale_review). This
+    # test is about frames while instances come and go, so that rule is switched off for it.
+    sup._output_blocked = lambda node: None
     wait_until(lambda: len([i for i in sup.nodes["fw"].instances if i.state == "running"]) == 2,
                what="scale out to fw-2", sup=sup, timeout=30)
     assert sup.nodes["fw"].instances[1].name == "fw-2"

@@ -59,28 +59,49 @@ class RestartTracker:
 class ScaleAction(str, Enum):
     OUT = "out"
     IN = "in"
+    # a scale-out the depth asks for, not taken: the node's own output is blocked (see ScaleDecider)
+    HELD = "held"
 
 
 @dataclass
 class ScaleDecider:
     """Scale out when the mean input depth per instance stays above `out_depth` for `out_for`
-    seconds, in when it stays below `in_depth` for `in_for` seconds, never twice within `cooldown`.
+    seconds while the node's output flows, in when it stays below `in_depth` for `in_for` seconds,
+    never twice within `cooldown`.
 
     Feed one observation per poll with `observe(now, depth, instances)`; `depth` is the total
-    frames waiting in the node's input rings over all its instances.
+    frames waiting in the node's input rings over all its instances. Before each observation the
+    supervisor sets `output_blocked`: whether the node's own sends were held up by its next hop at
+    that poll (a full next-hop ring). A node whose output is blocked has a queue because its next
+    hop does not take frames, and more instances of it would wait on the same rings: such a
+    sample does not count towards the scale-out window (it starts again once the output flows),
+    and when the depth has been above `out_depth` for `out_for` seconds with the output blocked,
+    `observe` answers `HELD`, once until the depth has stayed at or below `out_depth` for `out_for`
+    seconds or a step was taken, so that the skipped scale-out is reported (not at every poll). A
+    count below `min_instances` is still repaired.
     """
 
     policy: ScalePolicy
-    above_since: float | None = None
+    above_since: float | None = None  # depth above out_depth, output flowing: the scale-out window
     below_since: float | None = None
     last_action: float | None = None
+    high_since: float | None = None  # depth above out_depth, whatever the output did
+    low_since: float | None = None  # depth at or below out_depth (ends a HELD episode after out_for)
+    output_blocked: bool = False  # set by the supervisor before each observe (see above)
+    held_told: bool = False  # HELD was answered in this episode of high depth
 
     def observe(self, now: float, depth: int, instances: int) -> ScaleAction | None:
-        """Record one observation; return the step to take now, if any."""
+        """Record one observation; return the step to take now (or HELD: one skipped), if any."""
         p = self.policy
         mean = depth / max(1, instances)
-        self.above_since = (self.above_since if self.above_since is not None else now) if mean > p.out_depth else None
+        high = mean > p.out_depth
+        blocked = bool(self.output_blocked)
+        self.high_since = (self.high_since if self.high_since is not None else now) if high else None
+        self.low_since = None if high else (self.low_since if self.low_since is not None else now)
+        self.above_since = (self.above_since if self.above_since is not None else now) if high and not blocked else None
         self.below_since = (self.below_since if self.below_since is not None else now) if mean < p.in_depth else None
+        if self.low_since is not None and now - self.low_since >= p.out_for:
+            self.held_told = False
         if self.last_action is not None and now - self.last_action < p.cooldown:
             return None
         if instances < p.min_instances:
@@ -89,6 +110,10 @@ class ScaleDecider:
             return self._act(now, ScaleAction.IN)
         if self.above_since is not None and now - self.above_since >= p.out_for and instances < p.max_instances:
             return self._act(now, ScaleAction.OUT)
+        if (blocked and self.high_since is not None and now - self.high_since >= p.out_for
+                and instances < p.max_instances and not self.held_told):
+            self.held_told = True  # not a step: no cooldown, and the window goes on
+            return ScaleAction.HELD
         if self.below_since is not None and now - self.below_since >= p.in_for and instances > p.min_instances:
             return self._act(now, ScaleAction.IN)
         return None
@@ -96,9 +121,11 @@ class ScaleDecider:
     def _act(self, now: float, action: ScaleAction) -> ScaleAction:
         # the new instance count changes the mean: measure afresh from here
         self.last_action = now
-        self.above_since = self.below_since = None
+        self.above_since = self.below_since = self.high_since = self.low_since = None
+        self.held_told = False
         return action
 
     def reset(self, now: float) -> None:
-        """An operator changed the instance count: restart the measurement and the cooldown."""
+        """An operator (`scale`) or a reload changed the instance count or the policy: restart the
+        measurement and the cooldown from `now`."""
         self._act(now, ScaleAction.OUT)

@@ -52,6 +52,8 @@ STATS_TIMEOUT = 0.5         # polls must not stall the loop behind one slow node
 START_TIMEOUT = 15.0        # interpreter start, imports, config validation, attach
 STOP_TIMEOUT = 10.0         # draining a full input ring through a slow function
 OP_WAIT = 30.0              # an operator action waits this long for the one under way, then is refused (409)
+CONTROL_BUSY_WAIT = 0.05    # the loop waits this long for the control channel an operation uses, then skips
+STEP_JOIN = 60.0            # stop() waits this long for a scale policy step under way to end
 
 
 class SupervisorError(Exception):
@@ -64,6 +66,10 @@ class SupervisorError(Exception):
 
 class OperationInProgress(SupervisorError):
     """Another operator action ran all the time this one waited its turn (409)."""
+
+
+class ControlBusy(SupervisorError):
+    """The loop did not ask: an operation is waiting for a reply on the control channel (asked next round)."""
 
 
 class ControlChannel(Protocol):
@@ -124,6 +130,9 @@ class Instance:
     stats_failures: int = 0
     last_answer: float = 0.0  # when it last answered a control request (clock of the supervisor)
     counters_at: float | None = None  # when `counters` were read (clock of the supervisor)
+    # sends its current process had refused by a full next-hop ring (node table `tx_ring_full`) between
+    # the last two polls: its output is held up by its next hop (see `_output_blocked`)
+    ring_full_delta: int = 0
     # started by an operator action that is not committed yet (reload, replace, scale out): in no
     # node's next group, and left alone by the loop, until the action commits (or withdraws it)
     staged: bool = False
@@ -288,11 +297,17 @@ class Supervisor:
         self._resolve = resolve
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log_dir = Path(log_dir) if log_dir else None
-        # LOCK ORDER: `_op_lock` first, then `lock`; never the other way round. A thread that holds
-        # `lock` never blocks on `_op_lock` (the loop only tries it, without blocking, and not while
-        # holding `lock`): an operation holding `_op_lock` releases `lock` while it waits for new
-        # instances (`_cond.wait`) and must be able to take it back. Operator actions enter through
-        # `_operation()`, which takes both in this order.
+        # LOCK ORDER: `_op_lock` first, then `lock`, then `_ctl_lock`; never the other way round. A
+        # thread that holds `lock` never blocks on `_op_lock` (the loop only tries it, without
+        # blocking, and not while holding `lock`): an operation holding `_op_lock` releases `lock`
+        # while it waits (for new instances, `_cond.wait`; for a control reply, `_request`) and must
+        # be able to take it back. Operator actions enter through `_operation()`, which takes both in
+        # this order; the scale policy's steps run on a thread of their own (`_run_steps`), to which
+        # the loop hands the `_op_lock` it took. `_ctl_lock` is taken last and held only around one
+        # control request: a thread holding it takes no other lock. An operation asks without
+        # holding `lock`; the loop asks holding it, so it waits at most CONTROL_BUSY_WAIT for
+        # `_ctl_lock` and otherwise asks next round (status and the watch never wait for a reply an
+        # operation waits for).
         self.lock = threading.RLock()
         # waits for new instances release `lock` (status answers meanwhile) through this condition
         self._cond = threading.Condition(self.lock)
@@ -302,6 +317,13 @@ class Supervisor:
         # how long an operator action waits for the one under way before it is refused with 409
         self.op_wait = OP_WAIT
         self._op: dict | None = None  # the operator action in progress, shown by status()
+        # the thread of the operation holding `_op_lock` (its control requests release `lock`)
+        self._op_thread: int | None = None
+        # one control request at a time: the channel (one fabric node) is not safe for two threads
+        self._ctl_lock = threading.Lock()
+        self._local = threading.local()  # .ticking: this thread runs the loop's round (`tick`)
+        self._stepper: threading.Thread | None = None  # the scale policy's steps under way
+        self._closing = False  # stop() began: no new policy step, waits for new instances end
         self._staging: Topology | None = None  # the topology a reload is starting new instances for
         self.fabric: Any = None
         self.control: ControlChannel | None = None
@@ -316,6 +338,7 @@ class Supervisor:
         self._delivered_base: dict[str, int] = {}  # chain -> what instances no longer listed had delivered
         self._rings: list[dict] = []
         self._blocked: set[str] = set()  # instances with a (nearly) full output ring
+        self._full_out: dict[str, list[str]] = {}  # those instances -> the instances their full rings lead to
         self._pools: list[dict] = []
         self._sampled_at: float | None = None  # when the node table, rings and pools were last read
         self._spawner: _Spawner | None = None
@@ -461,6 +484,13 @@ class Supervisor:
 
     def stop(self) -> None:
         """Stop every instance (sources first, each draining its input), then remove the fabric."""
+        # a scale policy step under way ends first (its waits for new instances give up at once), so
+        # that it starts nothing after the instances are stopped; not waited for from a thread
+        # holding `lock` (start() failing), which the step would need
+        self._closing = True
+        step = self._stepper
+        if step is not None and step is not threading.current_thread() and not self.lock._is_owned():
+            step.join(STEP_JOIN)
         with self.lock:
             order = list(reversed(self.topo.start_order()))
             order += [n for n in self.nodes if n not in order]  # e.g. left over from a failed reload
@@ -478,11 +508,12 @@ class Supervisor:
                     _reap(inst.proc)
                 node.instances.clear()
             if self.control is not None:
-                try:
-                    self.control.close()
-                except Exception:
-                    pass
-                self.control = None
+                with self._ctl_lock:  # not while an operation's request is using it
+                    try:
+                        self.control.close()
+                    except Exception:
+                        pass
+                    self.control = None
             if self.fabric is not None:
                 name = self.fabric.name
                 try:
@@ -542,12 +573,17 @@ class Supervisor:
 
     # -- the loop --------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
-        """One round: notice exits, restart due instances, re-steer, poll counters, apply scale policy."""
+        """One round: notice exits, restart due instances, poll counters, decide the scale policy's
+        steps (and re-steering after restarts), which run on a thread of their own (`_run_steps`)."""
         # steering and scaling are operations: `_op_lock` first, then `lock` (the lock order, see
-        # __init__). Only tried, never waited for, and tried before `lock`: an operator action that
-        # holds `_op_lock` (waiting for new instances) leaves the watch below to this round, and one
-        # that has just taken `_op_lock` cannot starve the policy by waiting for `lock` behind us
+        # __init__). Only tried, never waited for, and tried before `lock`: an operator action (or a
+        # policy step) that holds `_op_lock` leaves the watch below to this round, and one that has
+        # just taken `_op_lock` cannot starve the policy by waiting for `lock` behind us. When there is
+        # a step to take, `_op_lock` is handed to the thread that takes it (released there): this
+        # round returns at once, and the next rounds go on watching while the step waits.
         op = self._op_lock.acquire(blocking=False)
+        handed = False
+        self._local.ticking = True
         try:
             with self.lock:
                 if self.fabric is None:
@@ -557,36 +593,126 @@ class Supervisor:
                 # counters first: an answer just now must count before the watch judges responsiveness
                 # (the lock may have been held long by an operator action, with no polls meanwhile)
                 self._poll_stats()
-                for node in self.nodes.values():
+                for node in list(self.nodes.values()):
                     for inst in list(node.instances):
                         self._watch(node, inst, now)
                 self._push_pending()
-                if op:  # else an operator action is under way: steer and scale after it
-                    self._steer_and_scale(now)
+                if op and not self._closing:  # else an operator action is under way: steer and scale after it
+                    handed = self._steer_and_scale(now)
         finally:
-            if op:
+            self._local.ticking = False
+            if op and not handed:
                 self._op_lock.release()
 
-    def _steer_and_scale(self, now: float) -> None:
-        for node in list(self.nodes.values()):
-            if node.resteer and all(i.state == "running" for i in node.instances if i.active):
-                node.resteer = False
-                self._resteer_upstream(node.cfg.name)
+    def _steer_and_scale(self, now: float) -> bool:
+        """Feed the scale policy this round's depths and start a thread (`_run_steps`) for the steps
+        due: the policy's, and re-steering the upstream of nodes whose instances came back. Called
+        holding `_op_lock` and `lock`; returns whether the thread started (it releases `_op_lock`)."""
+        resteer = any(node.resteer and all(i.state == "running" for i in node.instances if i.active)
+                      for node in self.nodes.values())
+        steps: list[tuple[str, ScaleAction]] = []
         for name, node in list(self.nodes.items()):
             running = [i for i in node.instances if i.active]
             if not running:
                 continue  # finished or failed for good: scaling must not resurrect it
             if node.operator is not None:
                 continue  # an operator's count outside the policy stands (see `scale`)
+            why = self._output_blocked(node)
+            node.decider.output_blocked = why is not None
             action = node.decider.observe(now, node.depth, len(running))
-            if action not in (ScaleAction.OUT, ScaleAction.IN):
+            if action is ScaleAction.HELD:
+                # its queue grows because its next hop does not take frames: more instances would
+                # wait on the same rings (the window starts again once its output flows)
+                pol = node.decider.policy
+                self._event("scale-skipped", name, f"not scaling out to {len(running) + 1} (queue depth {node.depth}, "
+                            f"over out_depth {pol.out_depth} per instance for {pol.out_for:g}s): its output is "
+                            f"blocked by its next hop ({why}); more instances would not help")
+            elif action in (ScaleAction.OUT, ScaleAction.IN):
+                steps.append((name, action))
+        if not resteer and not steps:
+            return False
+        step = threading.Thread(target=self._run_steps, args=(steps,), name="shmfabric-policy", daemon=True)
+        try:
+            step.start()
+        except RuntimeError as exc:  # no thread to be had: the steps are reported, the next rounds retry
+            self._event("error", "", f"cannot start the scale policy's step: {exc}")
+            return False
+        self._stepper = step
+        return True
+
+    def _run_steps(self, steps: list[tuple[str, ScaleAction]]) -> None:
+        """The scale policy's steps (and re-steering after restarts), run like an operator action:
+        holding the `_op_lock` the loop handed over (released here), then `lock`, which the waits
+        release (for new instances and for control replies), so the loop and status go on meanwhile."""
+        try:
+            with self.lock:
+                self._op_thread = threading.get_ident()
+                try:
+                    self._resteer_pending()
+                    for name, action in steps:
+                        if self._closing or self.fabric is None:
+                            break
+                        try:
+                            self._policy_step(name, action)
+                        except SupervisorError as exc:
+                            # a step that failed (a new instance that did not come up, a node that
+                            # refused set_next) is reported; the policy tries again after its cooldown
+                            self._event("error", name, str(exc))
+                finally:
+                    self._op_thread = None
+                    self._op = None
+        except Exception as exc:  # a bug here must not take every function down with the manager
+            self._event("error", "", f"{type(exc).__name__}: {exc}")
+            print(self.redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
+        finally:
+            self._op_lock.release()
+
+    def _resteer_pending(self) -> None:
+        """Re-steer the upstream of every node an instance came back to, once its instances all run."""
+        for node in list(self.nodes.values()):
+            if node.resteer and all(i.state == "running" for i in node.instances if i.active):
+                node.resteer = False
+                self._op = {"kind": "resteer", "node": node.cfg.name, "since": round(time.time(), 3)}
+                try:
+                    self._resteer_upstream(node.cfg.name)
+                except SupervisorError as exc:
+                    self._event("error", node.cfg.name, f"re-steering upstream failed: {exc}")
+                finally:
+                    self._op = None
+
+    def _policy_step(self, name: str, action: ScaleAction) -> None:
+        """One step the policy decided: one instance more or fewer of node `name`, counted now (the
+        watch may have seen an instance end since the decision)."""
+        node = self.nodes.get(name)
+        if node is None or node.operator is not None:
+            return  # removed, or an operator's count since: theirs stands
+        running = [i for i in node.instances if i.active]
+        if not running:
+            return
+        count = len(running) + (1 if action is ScaleAction.OUT else -1)
+        if count < 1:
+            return
+        self._op = {"kind": "autoscale", "node": name, "instances": count, "since": round(time.time(), 3)}
+        try:
+            self._scale_to(node, count, self.clock(), reason=f"queue depth {node.depth}")
+        finally:
+            self._op = None
+
+    def _output_blocked(self, node: _Node) -> str | None:
+        """Why node `node`'s own output is held up by its next hop at this poll, or None: one of its
+        running instances had sends refused by a full next-hop ring since the previous poll (its node
+        table `tx_ring_full` grew), or has an output ring (nearly) full (the same test that exempts
+        it from the health check). Its queue then grows because its next hop does not take frames."""
+        why = []
+        for inst in node.instances:
+            if not inst.active or inst.state != "running":
                 continue
-            count = len(running) + (1 if action is ScaleAction.OUT else -1)
-            self._op = {"kind": "autoscale", "node": name, "instances": count, "since": round(time.time(), 3)}
-            try:
-                self._scale_to(node, count, now, reason=f"queue depth {node.depth}")
-            finally:
-                self._op = None
+            if inst.ring_full_delta > 0:
+                why.append(f"{inst.name} had {inst.ring_full_delta} sends refused by a full ring since the last poll")
+            full = self._full_out.get(inst.name)
+            if full:
+                why.append(f"{inst.name}'s ring to {', '.join(full)} is full")
+        return "; ".join(why[:3]) + (f"; and {len(why) - 3} more" if len(why) > 3 else "") if why else None
 
     def _watch(self, node: _Node, inst: Instance, now: float) -> None:
         rc = inst.proc.poll() if inst.proc is not None else None
@@ -646,8 +772,11 @@ class Supervisor:
             return
         limit = inst.tracker.policy.unresponsive_after
         # a node waiting on a full output ring is held by backpressure (the runtime retries the send
-        # without serving control messages); the stuck one is downstream and is judged on its own
-        if limit and inst.name not in self._blocked and now - max(inst.last_answer, inst.started_at) > limit:
+        # without serving control messages); the stuck one is downstream and is judged on its own.
+        # Judged only when its last poll was sent and not answered (`stats_failures`): a poll that was
+        # not sent (the control channel busy with an operation's request) says nothing about it
+        if (limit and inst.name not in self._blocked and inst.stats_failures
+                and now - max(inst.last_answer, inst.started_at) > limit):
             # alive, attached, but deaf (stuck in a function, SIGSTOPped): only a restart helps
             self._event("hung", inst.name, f"no answer to control requests for {limit:g}s; killing it")
             _kill(inst.proc)
@@ -702,8 +831,12 @@ class Supervisor:
         for node in self.nodes.values():
             for inst in node.instances:
                 e = table.get(inst.name)
+                inst.ring_full_delta = 0
                 if e is not None and inst.state in ("running", "stopping"):
+                    before = (inst.node_incarnation, inst.node_last.get("tx_ring_full", 0))
                     _take_node_counters(inst, e)
+                    if before[0] == inst.node_incarnation:  # the same process: what it added since
+                        inst.ring_full_delta = inst.node_last.get("tx_ring_full", 0) - before[1]
         ids = {e["id"]: name for name, e in table.items()}
         rings = []
         depth_to: dict[str, int] = {}
@@ -718,7 +851,11 @@ class Supervisor:
                     depth_to[dname] = depth_to.get(dname, 0) + st["depth"]
         self._rings = rings
         full = max(1, self.topo.fabric.ring_size - self.topo.fabric.ring_size // 16)
-        self._blocked = {r["src"] for r in rings if r["depth"] >= full}
+        self._full_out = {}
+        for r in rings:
+            if r["depth"] >= full:
+                self._full_out.setdefault(r["src"], []).append(r["dst"])
+        self._blocked = set(self._full_out)
         for node in self.nodes.values():
             node.depth = sum(depth_to.get(i.name, 0) for i in node.instances if i.active)
         self._pools = []
@@ -728,12 +865,14 @@ class Supervisor:
                                 "held": sum(a["held"].values()), "orphaned": a["orphaned"]})
 
     def _poll_stats(self) -> None:
-        for node in self.nodes.values():
-            for inst in node.instances:
+        for node in list(self.nodes.values()):
+            for inst in list(node.instances):
                 if inst.state != "running" or (inst.proc is not None and inst.proc.poll() is not None):
                     continue
                 try:
                     reply = self._request(inst.name, {"op": "stats"}, STATS_TIMEOUT)
+                except ControlBusy:
+                    return  # an operation is waiting for a reply: polled next round (nobody judged on it)
                 except SupervisorError:
                     inst.stats_failures += 1
                     continue
@@ -826,7 +965,7 @@ class Supervisor:
             if log:
                 out.close()
         inst.state, inst.started_at, inst.exit_code, inst.restart_at = "starting", now, None, None
-        inst.missing_polls = 0
+        inst.missing_polls = inst.stats_failures = 0
         inst.push_config = False  # started with `config` (on its config fd)
         inst.tracker.on_start(now)
 
@@ -868,7 +1007,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         pending = [i for i in insts if i.state == "starting"]
         while pending:
-            if self.fabric is None:
+            if self.fabric is None or self._closing:
                 raise SupervisorError("the manager is stopping", status=503)
             for inst in list(pending):
                 rc = inst.proc.poll() if inst.proc else None
@@ -952,7 +1091,32 @@ class Supervisor:
         return processed
 
     def _request(self, target: str, op: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
+        """Ask an instance over the control channel, one request at a time (`_ctl_lock`). An operation
+        (the thread holding `_op_lock`) releases `lock` while it waits for the reply, however deeply
+        held, as a wait for new instances does: the loop and status go on meanwhile (its instances
+        may change state: callers look again after). The loop's round waits at most CONTROL_BUSY_WAIT
+        for the channel (it holds `lock`) and raises ControlBusy instead; anyone else waits for it."""
         if self.control is None:
+            raise SupervisorError("the manager is not running", status=503)
+        if self._op_thread == threading.get_ident() and self.lock._is_owned():
+            saved = self.lock._release_save()
+            try:
+                with self._ctl_lock:
+                    return self._ask(target, op, timeout)
+            finally:
+                self.lock._acquire_restore(saved)
+        wait = CONTROL_BUSY_WAIT if getattr(self._local, "ticking", False) else -1
+        if not self._ctl_lock.acquire(timeout=wait):
+            raise ControlBusy(f"{op.get('op')} to {target!r} not sent: the control channel is busy with "
+                              f"{_op_text(self._op)}", status=503)
+        try:
+            return self._ask(target, op, timeout)
+        finally:
+            self._ctl_lock.release()
+
+    def _ask(self, target: str, op: dict, timeout: float) -> dict:
+        """One control request, holding `_ctl_lock`."""
+        if self.control is None:  # stopped while this waited for the channel
             raise SupervisorError("the manager is not running", status=503)
         try:
             reply = self.control.request(target, op, timeout)
@@ -976,7 +1140,7 @@ class Supervisor:
         msg: dict[str, Any] = {"op": "set_next", "next": nxt}
         if ports:
             msg["ports"] = ports
-        for inst in node.instances:
+        for inst in list(node.instances):
             if inst.state != "running":
                 continue  # a starting or restarting instance gets the current list on its command line
             reply = self._request(inst.name, msg)
@@ -1083,14 +1247,16 @@ class Supervisor:
 
     def _push_pending(self) -> None:
         """Push `config` to the running instances flagged `push_config` that answered the last poll."""
-        for node in self.nodes.values():
-            for inst in node.instances:
+        for node in list(self.nodes.values()):
+            for inst in list(node.instances):
                 if not inst.push_config or inst.staged or inst.state != "running" or inst.stats_failures:
                     continue
                 if inst.proc is not None and inst.proc.poll() is not None:
                     continue
                 try:
                     reply = self._request(inst.name, {"op": "reconfigure", "config": dict(inst.config)})
+                except ControlBusy:
+                    return  # an operation is waiting for a reply: next round
                 except SupervisorError:
                     continue  # still not answering: next round
                 inst.push_config = False
@@ -1115,9 +1281,11 @@ class Supervisor:
         try:
             with self.lock:
                 self._op = {"kind": kind, **what, "since": round(time.time(), 3)}
+                self._op_thread = threading.get_ident()  # its control requests release `lock` (`_request`)
                 try:
                     yield
                 finally:
+                    self._op_thread = None
                     self._op = None
         finally:
             self._op_lock.release()
@@ -1372,10 +1540,18 @@ class Supervisor:
                 if inst.active:
                     inst.state = "stopping"
                     leaving.append(inst)
+        committed = self.clock()
         for name, p in plan.items():
             node, b = self.nodes[name], topo.node(name)
+            # a count the reload set (the file's `instances:` changed, or the policy's bounds moved it)
+            # or a changed scale policy is the policy's new starting point: its windows and cooldown
+            # restart from here (else a quiet node's old window scaled it back in at the next round)
+            restart_policy = (b.instances != node.cfg.instances or p["target"] != len(p["active"])
+                              or node.decider.policy != topo.scale_of(name))
             node.cfg = b
             node.decider.policy = topo.scale_of(name)
+            if restart_policy:
+                node.decider.reset(committed)
             node.operator = None  # a reload applies the policy's bounds again
             for inst in node.instances:
                 inst.tracker.policy = topo.restart_of(name)
@@ -1636,6 +1812,7 @@ def _op_text(op: dict | None) -> str:
     text = {"reload": f"reload of {op.get('config')}",
             "scale": f"scale of {op.get('node')} to {op.get('instances')}",
             "autoscale": f"the scale policy scaling {op.get('node')} to {op.get('instances')}",
+            "resteer": f"re-steering the upstream of {op.get('node')} after a restart",
             "replace": f"replace of {op.get('node')}",
             "reconfigure": f"config push to {op.get('node')}"}.get(kind, kind)
     since = op.get("since")

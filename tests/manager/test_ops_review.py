@@ -82,7 +82,8 @@ def test_detached_manager_does_not_import_modules_from_the_cwd(tmp_path, monkeyp
     topo = parse_topology(SMALL.replace("{fabric}", "opsdetach"), "x.yaml")
     with monkeypatch.context() as m, pytest.raises(OSError):
         m.setattr(manager_cmds.subprocess, "Popen", fake_popen)
-        manager_cmds._detach(args, str(tmp_path / "x.yaml"), topo, tmp_path / "state" / "opsdetach.json")
+        sd = manager_cmds.open_state_dir(create=True)  # SHMFABRIC_STATE_DIR, set above
+        manager_cmds._detach(args, str(tmp_path / "x.yaml"), topo, sd, "opsdetach.json")
     (argv,) = seen
     # the same interpreter options, then code that imports json, run from a directory holding json.py
     opts = argv[1:argv.index("-m")]
@@ -237,8 +238,8 @@ def test_stop_signal_inside_event_set_does_not_deadlock(tmp_path, monkeypatch):
                           "x.yaml")
     args = argparse.Namespace(api=None, fabric=None, duration=None, quiet=True, json=False, live=False)
     out: list = []
-    t = threading.Thread(target=lambda: out.append(manager_cmds._foreground(args, "x.yaml", topo,
-                                                                               tmp_path / "state" / "opssig.json")),
+    sd = manager_cmds.open_state_dir(create=True)  # SHMFABRIC_STATE_DIR, set above
+    t = threading.Thread(target=lambda: out.append(manager_cmds._foreground(args, "x.yaml", topo, sd, "opssig.json")),
                          daemon=True)
     t.start()
     t.join(90)

@@ -7,11 +7,20 @@ its API token file, never the token); the other verbs find the manager through i
 when several run) or take `--api URL` (with `--api-token-file PATH` or $SHMFABRIC_API_TOKEN_FILE
 for a manager whose API needs a token). The state directory is made 0700 and used only if it is a
 real directory of this user's that no one else may write (`down` signals the pid a state file
-names); state files are 0600.
+names); it is opened once and used through that fd (StateDir), and a state file is trusted only if
+it is this user's and no one else may write it; state files are 0600.
+
+The token goes to the manager only: through a state file, only on a connection to a listening
+socket of the manager's own process (`_check_listener`; a stopping manager marks its state file
+stopping before it lets its port go); never through a proxy; never after a redirect. `--api URL`
+is the user's word: the token goes to whatever listens there.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
+import http.client
 import json
 import os
 import signal
@@ -38,13 +47,57 @@ def state_dir() -> Path:
     return Path(xdg) / "shmfabric" if xdg else Path(f"/tmp/shmfabric-{os.getuid()}")
 
 
-def checked_state_dir(create: bool = False) -> Path:
-    """The state directory, made 0700 first if `create` (`up`), then used only if it is a directory
-    (not a symbolic link) owned by this user and not writable by group or others: in another's
-    (say a /tmp/shmfabric-UID someone made first) state files could be planted or replaced, and
-    `down` signals the pid a state file names. Without `create`, one that does not exist is
-    returned as it is (it holds no state files). CliError names the directory and SHMFABRIC_STATE_DIR."""
+class StateDir:
+    """The state directory, opened once (O_DIRECTORY | O_NOFOLLOW) and checked through that fd (its
+    owner and mode, by fstat). Every state file is then listed, opened, written and removed relative
+    to the fd, never by its path again: a directory swapped in under the path afterwards (by a user
+    who controls its parent, e.g. with renameat2(RENAME_EXCHANGE) in a loop) is never read. `fd` is
+    None when the directory does not exist (it then holds no state files). `path` is for messages."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+
+    def __enter__(self) -> "StateDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def json_names(self) -> list[str]:
+        """The names of the `*.json` files in the directory (state files, or what looks like one)."""
+        if self.fd is None:
+            return []
+        try:
+            return sorted(n for n in os.listdir(self.fd) if n.endswith(".json"))
+        except OSError as exc:
+            raise _state_dir_error(exc, self.path) from None
+
+    def open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        """os.open of `name` in the directory (never through a symbolic link)."""
+        if self.fd is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.path / name))
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+
+    def unlink(self, name: str) -> None:
+        if self.fd is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.path / name))
+        os.unlink(name, dir_fd=self.fd)
+
+
+def open_state_dir(create: bool = False) -> StateDir:
+    """The state directory (a StateDir), made 0700 first if `create` (`up`), then used only if it is a
+    directory (not a symbolic link) owned by this user and not writable by group or others: in
+    another's (say a /tmp/shmfabric-UID someone made first) state files could be planted or replaced,
+    and `down` signals the pid a state file names. It is opened once and checked on that fd. Without
+    `create`, one that does not exist is returned without an fd (it holds no state files). CliError
+    names the directory and SHMFABRIC_STATE_DIR."""
     d = state_dir()
+    made = False
     if create:
         try:
             d.parent.mkdir(parents=True, exist_ok=True)
@@ -52,54 +105,89 @@ def checked_state_dir(create: bool = False) -> Path:
             raise _state_dir_error(exc, d) from None
         try:
             d.mkdir(mode=0o700)
-            os.chmod(d, 0o700)  # the mode, whatever the umask
+            made = True
         except FileExistsError:
             pass  # checked below
         except OSError as exc:
             raise _state_dir_error(exc, d) from None
     try:
-        st = os.lstat(d)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         if create:  # removed as it was made
             raise _state_dir_error(exc, d) from None
-        return d
+        return StateDir(d, None)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                is_link = stat.S_ISLNK(os.lstat(d).st_mode)
+            except OSError:
+                is_link = exc.errno == errno.ELOOP
+            fd = None
+            problem = "is a symbolic link" if is_link else "is not a directory"
+        else:
+            raise _state_dir_error(exc, d) from None
+    else:
+        try:
+            problem = _state_dir_problem(d, fd, made)
+        except BaseException:
+            os.close(fd)
+            raise
+        if problem is None:
+            return StateDir(d, fd)
+        os.close(fd)
+    raise CliError(f"state directory {d} {problem}: not used, since the state files `down` trusts could be "
+                   "planted there; remove it (it is made again, 0700; a manager still running from it can be "
+                   "stopped with `down --api URL`), or set SHMFABRIC_STATE_DIR to a directory of yours that "
+                   "only you may write")
+
+
+def checked_state_dir(create: bool = False) -> Path:
+    """The state directory's path, checked as `open_state_dir` checks it."""
+    with open_state_dir(create) as sd:
+        return sd.path
+
+
+def _state_dir_problem(d: Path, fd: int, made: bool) -> str | None:
+    """What is wrong with the state directory open at `fd` (None: nothing; one of ours that others
+    could write but that holds only our files is made 0700 first, with a line saying so)."""
+    try:
+        st = os.fstat(fd)
     except OSError as exc:
         raise _state_dir_error(exc, d) from None
     uid = os.getuid()
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symbolic link"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "is not a directory"
-    elif st.st_uid != uid:
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid:
         try:
             import pwd
 
             user = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
             user = "no user name"
-        problem = f"belongs to uid {st.st_uid} ({user}), not to you (uid {uid})"
-    elif st.st_mode & 0o022:
-        # Ours, but others may write in it (made by an older version under umask 002, say): made
-        # 0700 now, and used if everything in it is ours too (a file someone else planted or
-        # replaced while it was open to them would be theirs).
-        who = "others" if st.st_mode & 0o002 else "its group"
-        problem = f"was writable by {who} (mode {st.st_mode & 0o7777:o})"
+        return f"belongs to uid {st.st_uid} ({user}), not to you (uid {uid})"
+    if made:
         try:
-            foreign = [e.name for e in os.scandir(d) if e.stat(follow_symlinks=False).st_uid != uid]
-            if not foreign:  # (checked first: a directory refused stays refused, left as it was)
-                os.chmod(d, 0o700)
+            os.fchmod(fd, 0o700)  # the mode, whatever the umask
         except OSError as exc:
             raise _state_dir_error(exc, d) from None
-        if not foreign:
-            print(f"shmfabric: state directory {d} {problem}: made 0700", file=sys.stderr)
-            return d
-        problem += f", and holds files that are not yours ({', '.join(sorted(foreign)[:3])})"
-    else:
-        return d
-    raise CliError(f"state directory {d} {problem}: not used, since the state files `down` trusts could be "
-                   "planted there; remove it (it is made again, 0700; a manager still running from it can be "
-                   "stopped with `down --api URL`), or set SHMFABRIC_STATE_DIR to a directory of yours that "
-                   "only you may write")
+        return None
+    if not st.st_mode & 0o022:
+        return None
+    # Ours, but others may write in it (made by an older version under umask 002, say): made 0700 now,
+    # and used if everything in it is ours too (a file someone else planted or replaced while it was
+    # open to them would be theirs).
+    who = "others" if st.st_mode & 0o002 else "its group"
+    problem = f"was writable by {who} (mode {st.st_mode & 0o7777:o})"
+    try:
+        foreign = [n for n in os.listdir(fd) if os.stat(n, dir_fd=fd, follow_symlinks=False).st_uid != uid]
+        if not foreign:  # (checked first: a directory refused stays refused, left as it was)
+            os.fchmod(fd, 0o700)
+    except OSError as exc:
+        raise _state_dir_error(exc, d) from None
+    if not foreign:
+        print(f"shmfabric: state directory {d} {problem}: made 0700", file=sys.stderr)
+        return None
+    return problem + f", and holds files that are not yours ({', '.join(sorted(foreign)[:3])})"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,12 +232,54 @@ def _check_fabric_arg(name: str | None) -> None:
         raise CliError(f"--fabric {name!r}: {msg}") from None
 
 
-def _read_state(path: Path) -> dict | None:
-    """A state file's content if it is one (a JSON object naming a fabric and a pid), else None: files
-    of others in the state directory are skipped, never read as ours."""
+_STATE_MAX_BYTES = 1 << 16  # a state file is a few hundred bytes
+
+
+def _state_file_problem(st: os.stat_result) -> str | None:
+    """Why a state file (fstat of it) may not be trusted: not a regular file, not this user's, or
+    writable by its group or others (None: it may)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        return f"belongs to uid {st.st_uid}, not to you (uid {uid})"
+    if st.st_mode & 0o022:
+        who = " and ".join(w for w, bits in (("its group", 0o020), ("others", 0o002)) if st.st_mode & bits)
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _read_state(sd: StateDir, name: str, asked: bool = False) -> dict | None:
+    """The content of the state file `name` in `sd` if it is one (a JSON object naming a fabric and a
+    pid), else None: files of others in the state directory are skipped, never read as ours. It is
+    opened relative to the directory's fd (never through a symbolic link) and must be this user's and
+    writable by no one else (fstat of the open file): one that is not is skipped with a warning on
+    stderr, or, `asked` (the file of the fabric the user named), refused in one line (CliError)."""
     try:
-        st = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        fd = sd.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            return None
+        problem = "is a symbolic link"
+    else:
+        try:
+            problem = _state_file_problem(os.fstat(fd))
+            raw = os.read(fd, _STATE_MAX_BYTES + 1) if problem is None else b""
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+    if problem is not None:
+        msg = f"state file {sd.path / name} {problem}: not trusted"
+        if asked:
+            raise CliError(f"{msg}; remove it (a manager's state files are its user's own, mode 0600)")
+        print(f"shmfabric: warning: {msg}, skipped", file=sys.stderr)
+        return None
+    try:
+        st = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(st, dict) or not isinstance(st.get("fabric"), str):
         return None
@@ -175,46 +305,56 @@ def _manager_alive(st: dict) -> bool:
         return True  # not ours to read (another user's): assume it is
 
 
-def _remove_stale(path: Path, st: dict) -> None:
+def _remove_stale(sd: StateDir, name: str, st: dict) -> None:
     """Remove a state file left by a manager that is gone, if this module wrote it (it says so)."""
     if st.get("kind") != STATE_KIND:
         return
     try:
-        path.unlink()
+        sd.unlink(name)
     except OSError:
         return
-    print(f"shmfabric: removed the stale state file {path} (manager pid {st['pid']} of fabric "
+    print(f"shmfabric: removed the stale state file {sd.path / name} (manager pid {st['pid']} of fabric "
           f"{st['fabric']!r} is gone)", file=sys.stderr)
 
 
-def _write_state(path: Path, data: dict) -> None:
+def _write_state(sd: StateDir, name: str, data: dict) -> None:
+    """Write the state file `name` (0600) relative to the directory's fd, whole or not at all."""
+    tmp = name.removesuffix(".json") + ".tmp"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = sd.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             os.fchmod(fd, 0o600)  # its owner's only, also when a .tmp was left behind
             f.write(json.dumps(data, indent=1))
-        os.replace(tmp, path)  # readers never see half a file
+        os.replace(tmp, name, src_dir_fd=sd.fd, dst_dir_fd=sd.fd)  # readers never see half a file
     except OSError as exc:
-        raise _state_dir_error(exc, path.parent) from None
+        raise _state_dir_error(exc, sd.path) from None
+
+
+def _own_state(sd: StateDir, name: str) -> dict | None:
+    """The state file `name` if it is this process's (a manager's own), else None."""
+    try:
+        st = _read_state(sd, name)
+    except CliError:
+        return None
+    return st if st is not None and st.get("pid") == os.getpid() else None
 
 
 def _find_state(args: argparse.Namespace) -> dict:
     """The state of the manager the user means; CliError says how to name it."""
-    d = checked_state_dir()
     fabric = getattr(args, "fabric", None)
     _check_fabric_arg(fabric)
-    files = [d / f"{fabric}.json"] if fabric else sorted(d.glob("*.json"))
-    found = []
-    for f in files:
-        st = _read_state(f)
-        if st is None or (fabric and st["fabric"] != fabric):
-            continue  # not a state file of ours
-        if _manager_alive(st):
-            found.append(st)
-        else:
-            _remove_stale(f, st)  # left by a manager that was killed
+    with open_state_dir() as sd:
+        d = sd.path
+        names = [f"{fabric}.json"] if fabric else sd.json_names()
+        found = []
+        for name in names:
+            st = _read_state(sd, name, asked=bool(fabric))
+            if st is None or (fabric and st["fabric"] != fabric):
+                continue  # not a state file of ours
+            if _manager_alive(st):
+                found.append(st)
+            else:
+                _remove_stale(sd, name, st)  # left by a manager that was killed
     if not found:
         what = f"for fabric {fabric!r} " if fabric else ""
         raise CliError(f"no running manager {what}found (state files in {d}); start one with "
@@ -234,18 +374,29 @@ TOKEN_FILE_ENV = "SHMFABRIC_API_TOKEN_FILE"
 
 class ApiTarget(str):
     """A management API URL (a str, as before) with the bearer token to send it (None: none) and the
-    token file it came from (for messages)."""
+    token file it came from (for messages). Found through a state file, it also carries the manager's
+    pid (and start time): the token is sent only on a connection to a listening socket of that
+    process (see `_check_listener`)."""
 
     token: str | None = None
     token_file: str | None = None
+    listener_pid: int | None = None
+    listener_start_time: int | None = None
+    fabric: str | None = None
 
 
 def _api_target(args: argparse.Namespace) -> ApiTarget:
     """The URL of the manager the user means, with its token: with `--api URL`, the token in
     `--api-token-file`, else in $SHMFABRIC_API_TOKEN_FILE, else none; through a state file, the token
     file the manager recorded there (`--api-token-file` overrides it). CliError, one line naming the
-    token file, if it cannot be used."""
+    token file, if it cannot be used.
+
+    `--api URL` is the user's word: the token goes to whatever listens there (if the manager is not
+    running, or stopped a moment ago, that may be another local user's program that took the port).
+    Through a state file, the token is sent only once the connection is known to reach a listening
+    socket of the manager's process (`_check_listener`)."""
     given = getattr(args, "api_token_file", None)
+    pid = start_time = fabric = None
     if getattr(args, "api", None):
         url = args.api
         url = url if url.startswith("http") else f"http://{url}"
@@ -262,9 +413,14 @@ def _api_target(args: argparse.Namespace) -> ApiTarget:
             token_file, origin = os.environ.get(TOKEN_FILE_ENV) or None, f"given by {TOKEN_FILE_ENV}"
     else:
         st = _find_state(args)
+        if st.get("stopping"):
+            raise CliError(f"the manager of fabric {st['fabric']!r} (pid {st['pid']}) is stopping; its API is "
+                           "closed")
         if not st.get("api"):
             raise CliError(f"the manager of fabric {st['fabric']!r} runs without a management API (api: null)")
         url = st["api"]
+        pid, fabric = st["pid"], st["fabric"]
+        start_time = st.get("start_time") if isinstance(st.get("start_time"), int) else None
         recorded = st.get("api_token_file")
         if given:
             token_file, origin = given, "given by --api-token-file"
@@ -272,6 +428,7 @@ def _api_target(args: argparse.Namespace) -> ApiTarget:
             token_file = recorded if isinstance(recorded, str) and recorded else None
             origin = f"named by the state file of the manager of fabric {st['fabric']!r}"
     target = ApiTarget(url)
+    target.listener_pid, target.listener_start_time, target.fabric = pid, start_time, fabric
     if token_file:
         from shmfabric.manager.api import TokenFileError, load_token
 
@@ -287,12 +444,148 @@ class ApiAuthError(CliError):
     """The management API refused the request: no token, or not its token (401)."""
 
 
+class ListenerNotManagerError(CliError):
+    """The port of a manager found through its state file is not held by that manager: nothing sent."""
+
+
+# -- who listens on a port (/proc) ------------------------------------------------------------------
+def _proc_net_address(hex_addr: str):
+    """An address of /proc/net/tcp{,6} (hex, each 32-bit word in host order: little-endian here)."""
+    import ipaddress
+
+    raw = bytes.fromhex(hex_addr)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def _listening_inodes(host: str, port: int) -> set[int]:
+    """Inodes of the TCP sockets in LISTEN state on `port` that a connection to host:port could reach:
+    bound to `host`, or to a wildcard address (0.0.0.0, ::), or to any address if `host` is a wildcard."""
+    import ipaddress
+
+    want = ipaddress.ip_address(host)
+    out: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            addr_hex, _, port_hex = fields[1].partition(":")
+            try:
+                if int(port_hex, 16) != port:
+                    continue
+                addr = _proc_net_address(addr_hex)
+            except ValueError:
+                continue
+            mapped = getattr(addr, "ipv4_mapped", None)
+            if want.is_unspecified or addr.is_unspecified or addr == want or mapped == want:
+                out.add(int(fields[9]))
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` holds (its /proc/PID/fd links `socket:[INODE]`)."""
+    out: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:[") and link.endswith("]"):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def _check_listener(target: ApiTarget, sock) -> None:
+    """Called once `sock` is connected, before a byte is sent: the listening socket the connection
+    reached must be the manager's (the pid its state file names, still the same process). When a
+    manager stops, its port is free for anyone to take; what listens there then is another's program,
+    and it must not get the token. Checked after the connection is made: a listener that was the
+    manager's then reached the manager (a port another took later cannot have taken this connection).
+    ListenerNotManagerError (one line) otherwise."""
+    host, port = sock.getpeername()[:2]
+    pid = target.listener_pid
+    why = None
+    try:
+        if target.listener_start_time is not None and _proc_start_time(pid) != target.listener_start_time:
+            why = "that process is gone"
+        else:
+            listening = _listening_inodes(host, port)
+            ours = _socket_inodes(pid)
+            if not listening:
+                why = "nothing listens there"
+            elif not listening <= ours:
+                why = "another process listens there"
+    except OSError as exc:
+        why = f"its sockets cannot be read ({exc.strerror or exc})"
+    if why:
+        raise ListenerNotManagerError(
+            f"not sending the API token to {target}: port {port} is not held by the manager of fabric "
+            f"{target.fabric!r} (pid {pid}): {why} (a manager that is stopping lets its port go); nothing was sent")
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection that calls `check(sock)` once connected, before anything is sent."""
+
+    def __init__(self, *args, check, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check = check
+
+    def connect(self) -> None:
+        super().connect()
+        try:
+            self._check(self.sock)
+        except BaseException:
+            self.close()
+            raise
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, check) -> None:
+        super().__init__()
+        self._check = check
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_CheckedHTTPConnection, check=self._check), req)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error naming where it pointed: urllib would follow it and send the
+    Authorization header along, to any host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        try:
+            fp.close()
+        except Exception:
+            pass
+        raise CliError(f"{req.full_url} answered {code} with a redirect to {headers.get('Location', newurl)!s}: "
+                       "not followed (the API token goes to the management API only); give the manager's own "
+                       "URL")
+
+
+def _opener(url: str, token: str | None) -> urllib.request.OpenerDirector:
+    """No proxy (http_proxy & co. would get the token in clear), no redirect followed, and, for a
+    manager found through its state file, the check that its port is still its own."""
+    handlers: list = [urllib.request.ProxyHandler({}), _RefuseRedirects()]
+    if token is not None and getattr(url, "listener_pid", None) is not None:
+        handlers.append(_CheckedHTTPHandler(functools.partial(_check_listener, url)))
+    return urllib.request.build_opener(*handlers)
+
+
 def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.0,
-             token: str | None = None) -> dict:
+             token: str | None = None, *, send_token: bool = True) -> dict:
     """GET (body None) or POST JSON to the management API; CliError with the server's message. The
-    bearer token sent is `token`, else the one `url` carries (an ApiTarget from `_api_target`)."""
+    bearer token sent is `token`, else the one `url` carries (an ApiTarget from `_api_target`); none
+    with `send_token=False`. Never through a proxy, never following a redirect; to a manager found
+    through its state file, only on a connection to that manager's own listener."""
     data = None if body is None else json.dumps(body).encode()
     token = token if token is not None else getattr(url, "token", None)
+    if not send_token:
+        token = None
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -302,7 +595,7 @@ def api_call(url: str, path: str, body: dict | None = None, timeout: float = 60.
     except ValueError as exc:  # e.g. "http://[::1" (Invalid IPv6 URL)
         raise CliError(f"{url} is not a URL of the management API ({exc}); give http://HOST:PORT") from None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _opener(url, token).open(req, timeout=timeout) as resp:
             raw = resp.read()
         try:
             return json.loads(raw)
@@ -388,16 +681,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     topo = _load(path)
     topo = _override(topo, args.api, args.fabric)
     _check_token_file(topo, announce=not args.quiet)
-    state_file = checked_state_dir(create=True) / f"{topo.fabric.name}.json"
-    old = _read_state(state_file) if state_file.exists() else None
-    if old is not None:
-        if _manager_alive(old):
-            raise CliError(f"a manager (pid {old['pid']}) already runs fabric {topo.fabric.name!r}; "
-                           f"stop it with `shmfabric down --fabric {topo.fabric.name}` first")
-        _remove_stale(state_file, old)
-    if args.detach:
-        return _detach(args, path, topo, state_file)
-    return _foreground(args, path, topo, state_file)
+    with open_state_dir(create=True) as sd:
+        name = f"{topo.fabric.name}.json"
+        old = _read_state(sd, name, asked=True)
+        if old is not None:
+            if _manager_alive(old):
+                raise CliError(f"a manager (pid {old['pid']}) already runs fabric {topo.fabric.name!r}; "
+                               f"stop it with `shmfabric down --fabric {topo.fabric.name}` first")
+            _remove_stale(sd, name, old)
+        if args.detach:
+            return _detach(args, path, topo, sd, name)
+        return _foreground(args, path, topo, sd, name)
 
 
 def _check_token_file(topo, announce: bool = True) -> str | None:
@@ -426,14 +720,14 @@ def _state_dir_error(exc: OSError, where: Path) -> CliError:
                     "set SHMFABRIC_STATE_DIR to a writable directory")
 
 
-def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
-    log = state_dir() / f"{topo.fabric.name}.log"
+def _detach(args: argparse.Namespace, path: str, topo, sd: StateDir, name: str) -> int:
+    log_name = f"{topo.fabric.name}.log"
+    log = sd.path / log_name
     try:
-        log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # the manager's own output (errors, SIGHUP reloads): its owner's to read (0600 when created)
-        out = open(log, "ab", opener=lambda p, flags: os.open(p, flags, 0o600))
+        out = os.fdopen(sd.open(log_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     except OSError as exc:
-        raise _state_dir_error(exc, log.parent) from None
+        raise _state_dir_error(exc, sd.path) from None
     # -P: the directory `up` ran in is not put on sys.path (a json.py there would be imported)
     argv = [sys.executable, "-P", "-m", "shmfabric", "up", str(Path(path).resolve()), "--quiet"]
     if args.api:
@@ -448,10 +742,14 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+            try:
+                with os.fdopen(sd.open(log_name, os.O_RDONLY), "rb") as f:
+                    tail = f.read().decode(errors="replace").strip().splitlines()[-8:]
+            except OSError:
+                tail = []
             raise CliError(f"the manager exited with status {proc.returncode} at start:\n" + "\n".join(tail))
         try:
-            st = json.loads(state_file.read_text())
+            st = _read_state(sd, name) or {}
             if st.get("pid") == proc.pid:
                 if args.quiet:
                     pass  # --quiet: nothing, as in the foreground
@@ -469,7 +767,7 @@ def _detach(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
     raise CliError(f"the manager did not come up within {args.start_timeout:g}s; see {log}")
 
 
-def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> int:
+def _foreground(args: argparse.Namespace, path: str, topo, sd: StateDir, state_name: str) -> int:
     from shmfabric.manager.api import ApiServer, make_registry
     from shmfabric.manager.config import api_listen, api_token_file
     from shmfabric.manager.supervisor import Supervisor, SupervisorError
@@ -488,11 +786,11 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
     # each event also as a line on stderr (the detached manager's log, systemd's journal): from the
     # start with --quiet (as --detach runs), else after the banner (its first line); not under the
     # live view, which redraws the terminal
-    sup = Supervisor(topo, source=path, log_dir=state_dir() / f"{topo.fabric.name}-logs",
+    sup = Supervisor(topo, source=path, log_dir=sd.path / f"{topo.fabric.name}-logs",
                      # --api pins the whole `api:` (address and token file) over every file reloaded
                      pinned={"fabric": args.fabric, "api": topo.api if args.api else None},
                      event_stream=sys.stderr if args.quiet else None)
-    api = metrics_srv = None
+    api = metrics_srv = state = None
     metrics_addr = topo.metrics
     if args.quiet:
         say = lambda *a, **k: None  # noqa: E731
@@ -521,12 +819,13 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
                 raise CliError(f"cannot listen on metrics {topo.metrics}: {exc.strerror}") from None
             if isinstance(metrics_srv, tuple):  # port 0: the port the system chose
                 metrics_addr = f"{host}:{metrics_srv[0].server_address[1]}"
-        _write_state(state_file, {"kind": STATE_KIND, "fabric": topo.fabric.name, "pid": os.getpid(),
-                                  "start_time": _proc_start_time(os.getpid()), "api": api.url if api else None,
-                                  # where the API's token is (never the token itself), for the CLI
-                                  "api_token_file": token_file if api and token else None,
-                                  "metrics": metrics_addr, "config": str(Path(path).resolve()),
-                                  "logs": str(sup.log_dir), "started": time.time()})
+        state = {"kind": STATE_KIND, "fabric": topo.fabric.name, "pid": os.getpid(),
+                 "start_time": _proc_start_time(os.getpid()), "api": api.url if api else None,
+                 # where the API's token is (never the token itself), for the CLI
+                 "api_token_file": token_file if api and token else None,
+                 "metrics": metrics_addr, "config": str(Path(path).resolve()),
+                 "logs": str(sup.log_dir), "started": time.time()}
+        _write_state(sd, state_name, state)
         n = sum(len(x.instances) for x in sup.nodes.values())
         say(f"fabric {topo.fabric.name} up: {n} instances of {len(sup.nodes)} nodes"
             + (f", API {api.url}" if api else "") + (f" (token in {token_file})" if api and token else "")
@@ -547,16 +846,28 @@ def _foreground(args: argparse.Namespace, path: str, topo, state_file: Path) -> 
         settled = sup.quiesce()
         final = _drained(sup.status()) if settled else sup.status()
     finally:
+        # The state file first: once the API listener is closed its port is anyone's to take, and a CLI
+        # that still found the API in the state file would send the token there. Marked stopping (no
+        # API) while the nodes stop, so that `up` still refuses and `down` still waits; removed at the end.
+        if api and _own_state(sd, state_name) is not None:
+            try:
+                _write_state(sd, state_name, {**(state or {}), "api": None, "api_token_file": None,
+                                              "stopping": True})
+            except CliError:
+                try:
+                    sd.unlink(state_name)
+                except OSError:
+                    pass
         if api:
             api.close()
         if metrics_srv and isinstance(metrics_srv, tuple):
             metrics_srv[0].shutdown()
         sup.stop()
-        try:
-            if json.loads(state_file.read_text()).get("pid") == os.getpid():
-                state_file.unlink()
-        except (OSError, ValueError):
-            pass
+        if _own_state(sd, state_name) is not None:
+            try:
+                sd.unlink(state_name)
+            except OSError:
+                pass
         for s, h in old_handlers.items():
             signal.signal(s, h)
         relay.close()
@@ -753,7 +1064,11 @@ def _down_by_api(args: argparse.Namespace) -> dict:
                 break
         else:
             try:
-                api_call(url, "/status", timeout=2)
+                # without the token: once the manager let its port go, another may listen there; a
+                # 401 is an answer too (the manager is still up)
+                api_call(url, "/status", timeout=2, send_token=False)
+            except ApiAuthError:
+                pass
             except CliError:
                 break
         if time.monotonic() > deadline:
@@ -1005,7 +1320,9 @@ def cmd_top(args: argparse.Namespace) -> int:
 # -- parsers ---------------------------------------------------------------------------------------
 def _target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fabric", help="the manager of this fabric (when several run)")
-    p.add_argument("--api", help="management API URL (instead of finding the manager's state file)")
+    p.add_argument("--api", help="management API URL (instead of finding the manager's state file); the token "
+                   "is sent to whatever listens there, unchecked (through a state file, only to the manager's own "
+                   "socket)")
     p.add_argument("--api-token-file", metavar="PATH",
                    help=f"the file holding the API's bearer token (default: with --api, ${TOKEN_FILE_ENV}; "
                         "else the one the manager's state file names)")

@@ -20,11 +20,21 @@ what the config says (loopback by default).
 Authentication (opt-in: `api: {listen: HOST:PORT, token_file: PATH}`): with a token, every request
 (GET /metrics and GET / included) needs `Authorization: Bearer TOKEN`; one without it, or with
 another token, is answered 401 `{"error": ...}` with `WWW-Authenticate: Bearer realm="shmfabric"`
-before anything else is looked at (its body is not read; the connection is closed), so nothing
-happens. The token is compared with `hmac.compare_digest`. `load_token` reads a token file (its
-owner's only, like an ssh key: one its group or others may read or write is refused) and
-`ensure_token_file` creates a missing one (0600, `secrets.token_urlsafe(32)`). Without a token the
-API is open to every local user who can reach its address: do not expose it.
+once its request line and headers are read, before its method, path or body are looked at (its
+body is not read, `Expect: 100-continue` gets the 401 instead of "100 Continue", an unknown method
+gets it instead of 501; the connection is closed), so nothing happens. Only what comes before the
+headers can be parsed is answered without them: a malformed request line (400), a request line or
+headers over the stdlib's limits (414, 431) and an unsupported HTTP version (505). The token is
+compared with `hmac.compare_digest`. `load_token` reads a token file (its owner's only, like an ssh
+key: one its group or others may read or write is refused, and so is one in a directory that
+another user could change, see `check_token_dir`) and `ensure_token_file` creates a missing one
+(0600, `secrets.token_urlsafe(32)`). Without a token the API is open to every local user who can
+reach its address: do not expose it.
+
+Resources a client holds before it authenticates (or after): at most MAX_CONNECTIONS connections
+at once (one more is answered 503 and closed at once), and HEADER_TIMEOUT seconds in all for a
+request line and its headers (also the wait for the next request on a kept-alive connection),
+however slowly they trickle in; a body has REQUEST_TIMEOUT seconds in all.
 
 Secrets: the service shows each node's `config` with its function's secret fields as "<redacted>"
 (see shmfabric.manager.supervisor); error messages pass through the service's `redact_text`, when
@@ -32,13 +42,17 @@ it has one, so that a secret value quoted in one never leaves the manager.
 """
 from __future__ import annotations
 
+import errno
 import hmac
+import io
 import json
 import os
 import re
 import secrets
+import socket
 import stat
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Protocol
 
@@ -46,12 +60,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["ManagerService", "ApiServer", "ManagerCollector", "make_registry", "MAX_BODY", "TokenFileError",
-           "load_token", "ensure_token_file", "INSTANCE_LABEL"]
+           "load_token", "ensure_token_file", "check_token_dir", "INSTANCE_LABEL", "MAX_CONNECTIONS",
+           "HEADER_TIMEOUT"]
 
 MAX_BODY = 1 << 20  # a config push is a few KiB; 1 MiB leaves room for large rule sets
-# seconds a connection may keep the server waiting for the rest of a request (or for the next one on a
-# kept-alive connection) before it is closed: a client that sends a short body does not hold a thread
+# seconds in all that a request's body may take to arrive (and the bound of any one read or write): a
+# client that sends a short body, or trickles it, does not hold a thread
 REQUEST_TIMEOUT = 30.0
+# seconds in all for a request line and its headers (from the connection's start, or from the end of the
+# previous answer on a kept-alive connection), however slowly they trickle in: a client that sends one
+# byte now and then, token or no token, does not hold a thread and an fd for ever
+HEADER_TIMEOUT = 10.0
+# connections served at once; one more is answered 503 and closed at once, so that clients (token or no
+# token) cannot take every fd of the manager, which supervises its nodes with fds too
+MAX_CONNECTIONS = 64
 # the metrics label naming an instance (fw, fw-2, ...); not `instance`, which is Prometheus's own target
 # label: a scraped `instance` label clashes with it and is renamed `exported_instance` (without honor_labels)
 INSTANCE_LABEL = "node_instance"
@@ -65,10 +87,63 @@ class TokenFileError(Exception):
     """A token file that cannot be used; the message is one line naming the file and the fix."""
 
 
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def check_token_dir(path: str) -> None:
+    """Refuse (TokenFileError, one line naming the directory and the fix) a token file `path` whose
+    directory, or any directory above it, another user could change, as ssh's StrictModes does: one
+    writable by its group or others without the sticky bit (/tmp, 1777, is fine), or owned by someone
+    other than this user or root. There, another user could replace the file, or a symbolic link to it,
+    and so choose the token (e.g. make root's manager take another root-only file for its token). The
+    directories are those of the path as written (a symbolic link among them: the directory holding it)
+    and those of the path with every link resolved. A directory that does not exist is left to the
+    open that follows to report."""
+    me = os.geteuid()
+    absolute = os.path.abspath(path)
+    seen: set[str] = set()
+    chains = [(os.path.dirname(absolute), False), (os.path.dirname(os.path.realpath(absolute)), True)]
+    for start, resolved in chains:
+        d = start
+        while True:
+            if d not in seen:
+                seen.add(d)
+                try:
+                    st = os.stat(d) if resolved else os.lstat(d)
+                except OSError:
+                    st = None
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    problem = fix = None
+                    mode = stat.S_IMODE(st.st_mode)
+                    if st.st_uid not in (me, 0):
+                        problem = f"belongs to {_user(st.st_uid)}, not to uid {me} or root"
+                        fix = (f"keep the token file in a directory only root and uid {me} may change "
+                               "(e.g. /etc/shmfabric)")
+                    elif mode & 0o022 and not mode & stat.S_ISVTX:
+                        who = " and ".join(w for w, bits in (("its group", 0o020), ("others", 0o002)) if mode & bits)
+                        problem, fix = f"is writable by {who} (mode {mode:04o})", f"chmod go-w {d}"
+                    if problem:
+                        where = "its directory" if d in (chains[0][0], chains[1][0]) else "the directory above it"
+                        raise TokenFileError(f"API token file {path}: {where} {d} {problem}: another user could "
+                                             f"replace the token; fix: {fix}")
+            parent = os.path.dirname(d)
+            if parent == d:
+                break
+            d = parent
+
+
 def ensure_token_file(path: str) -> bool:
     """Create the token file `path` if it does not exist: mode 0600, holding `secrets.token_urlsafe(32)`
     and a newline. True if it was created. Never replaces a file (O_EXCL) nor follows a symbolic link
-    planted at `path` (O_NOFOLLOW); its directory is not created. TokenFileError if it cannot be made."""
+    planted at `path` (O_NOFOLLOW); its directory is not created, and one that another user could change
+    is refused (`check_token_dir`). TokenFileError if it cannot be made."""
+    check_token_dir(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -93,12 +168,17 @@ def ensure_token_file(path: str) -> bool:
 def load_token(path: str, check_owner: bool = True) -> str:
     """The bearer token in the file `path`: one line of at least TOKEN_MIN_LENGTH visible ASCII characters
     (surrounding white space ignored). Refused (TokenFileError, one line naming the file) if it cannot be
-    read, is not a regular file, may be read or written by its group or others (like ssh refuses such a
-    key: chmod 600 it), or, with `check_owner` (the manager), belongs to someone other than this user or
+    read, is a symbolic link (O_NOFOLLOW), is not a regular file, may be read or written by its group or
+    others (like ssh refuses such a key: chmod 600 it), lies in a directory another user could change
+    (`check_token_dir`), or, with `check_owner` (the manager), belongs to someone other than this user or
     root (its owner could change the token)."""
+    check_token_dir(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise TokenFileError(f"cannot read the API token file {path}: it is a symbolic link (not followed); "
+                                 "fix: give the path of the file itself") from None
         raise TokenFileError(f"cannot read the API token file {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -230,6 +310,43 @@ def make_registry(service: ManagerService) -> CollectorRegistry:
     return reg
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a connection (socket.SocketIO underneath) with a deadline for a whole part of
+    a request (`deadline`, time.monotonic(); None: none): each read waits at most what is left of it, and
+    one past it raises TimeoutError, however many bytes came before. The socket's own timeout (the bound
+    of one read or write) is put back after each read."""
+
+    def __init__(self, sock: socket.socket, raw: io.RawIOBase, timeout: float):
+        super().__init__()
+        self._sock, self._raw, self._timeout = sock, raw, timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int | None:  # type: ignore[override]
+        if self.deadline is None:
+            return self._raw.readinto(b)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self._sock.settimeout(min(left, self._timeout))
+        try:
+            return self._raw.readinto(b)
+        finally:
+            try:
+                self._sock.settimeout(self._timeout)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._raw.close()
+            finally:
+                super().close()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
@@ -237,6 +354,48 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = getattr(self.server, "request_timeout", REQUEST_TIMEOUT)  # applied by setup()
         super().setup()
+        # the request line and headers, then the body, each within a deadline (see _DeadlineReader)
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection, self.connection.makefile("rb", buffering=0), self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # a request line and its headers (or, kept alive, the wait for the next request) within
+        # HEADER_TIMEOUT in all; the body gets its own deadline (_body); writes keep the per-call timeout
+        self._reader.deadline = time.monotonic() + getattr(self.server, "header_timeout", HEADER_TIMEOUT)
+        try:
+            super().handle_one_request()
+        finally:
+            self._reader.deadline = None
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue`: with a token, the 401 comes first (a client is not invited to send
+        a body it may not send)."""
+        if self.server.token is not None:
+            try:
+                self._authenticate(self.server.token)
+            except _HttpError as exc:
+                self._json(exc.status, {"error": str(exc)}, dict(exc.headers))
+                return False
+        return super().handle_expect_100()
+
+    def __getattr__(self, name: str) -> Any:
+        # a method that is no endpoint's (`do_` + any other request method): with a token, 401 first;
+        # authenticated, 501 as the stdlib server answers it
+        if name.startswith("do_") and name[3:] and name not in ("do_GET", "do_POST", "do_PUT", "do_DELETE",
+                                                                 "do_PATCH", "do_OPTIONS", "do_HEAD"):
+            return lambda: self._unknown_method(name[3:])
+        raise AttributeError(name)
+
+    def _unknown_method(self, method: str) -> None:
+        if self.server.token is not None:
+            try:
+                self._authenticate(self.server.token)
+            except _HttpError as exc:
+                self._json(exc.status, {"error": str(exc)}, dict(exc.headers))
+                return
+        self.close_connection = True
+        self._json(501, {"error": f"method {method!r} is not supported; see GET /"})
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: the manager logs its own events
         pass
@@ -269,11 +428,14 @@ class _Handler(BaseHTTPRequestHandler):
         if n > MAX_BODY:
             self.close_connection = True  # the unread body would be taken for the next request
             raise _HttpError(413, f"request body over {MAX_BODY} bytes")
+        self._reader.deadline = time.monotonic() + self.timeout  # the whole body, however it trickles in
         try:
             raw = self.rfile.read(n) if n else b""
         except (ConnectionError, TimeoutError):
             self.close_connection = True
             raise _HttpError(408, f"the request body ({n} bytes by its Content-Length) did not arrive in time") from None
+        finally:
+            self._reader.deadline = None
         if len(raw) < n:
             self.close_connection = True
             raise _HttpError(400, f"the request body ended after {len(raw)} of the {n} bytes of its Content-Length")
@@ -407,13 +569,15 @@ class _Handler(BaseHTTPRequestHandler):
         """Raise 401 unless the request carries `Authorization: Bearer TOKEN` (one such header). Checked
         before anything else: the body of a refused request is not read, and its connection is closed."""
         values = self.headers.get_all("Authorization") or []
-        scheme, _, credentials = (values[0].strip() if len(values) == 1 else "").partition(" ")
-        if scheme.lower() != "bearer" or not credentials.strip():
+        # white space is HTTP's (space, tab), not str.strip()'s: "TOKEN\xa0" is not the token
+        scheme, _, credentials = (values[0].strip(" \t") if len(values) == 1 else "").partition(" ")
+        credentials = credentials.strip(" \t")
+        if scheme.lower() != "bearer" or not credentials:
             self.close_connection = True
             raise _HttpError(401, "authentication required: send `Authorization: Bearer TOKEN`, TOKEN being the "
                                   "content of the manager's api.token_file (the shmfabric CLI sends it: see "
                                   "--api-token-file)", headers={"WWW-Authenticate": _REALM})
-        if not hmac.compare_digest(credentials.strip().encode("latin-1", "replace"), token.encode("ascii")):
+        if not hmac.compare_digest(credentials.encode("latin-1", "replace"), token.encode("ascii")):
             self.close_connection = True
             raise _HttpError(401, "invalid bearer token: it is not the token of the manager's api.token_file",
                              headers={"WWW-Authenticate": _REALM + ', error="invalid_token"'})
@@ -455,6 +619,10 @@ def _check_reload_path(path: str, current: str | None) -> None:
                               "user; fix: give the file to that user, or reload the file last loaded")
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\n\r\n%s")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -462,7 +630,35 @@ class _Server(ThreadingHTTPServer):
     registry: CollectorRegistry
     on_shutdown: Callable[[], None] | None
     request_timeout: float = REQUEST_TIMEOUT
+    header_timeout: float = HEADER_TIMEOUT
     token: str | None = None  # with a token, every request needs `Authorization: Bearer TOKEN`
+    max_connections: int = MAX_CONNECTIONS
+    _slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, at most `max_connections` at once: one more is answered 503 (a
+        write that does not wait) and closed, before anything of it is read."""
+        if not self._slots.acquire(blocking=False):
+            body = (json.dumps({"error": f"the management API is busy ({self.max_connections} connections); "
+                                         "try again"}) + "\n").encode()
+            try:
+                request.setblocking(False)
+                request.send(_BUSY % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (reset, broken pipe, timed out) is not an error of the manager's:
@@ -477,11 +673,14 @@ class _Server(ThreadingHTTPServer):
 
 class ApiServer:
     """The management API on HOST:PORT (port 0: any free port) served from a daemon thread. With `token`
-    (see `load_token`), every request needs `Authorization: Bearer TOKEN`."""
+    (see `load_token`), every request needs `Authorization: Bearer TOKEN`. At most `max_connections`
+    connections at once; a request line and its headers within `header_timeout` seconds in all, a body
+    within `request_timeout`."""
 
     def __init__(self, service: ManagerService, address: str = "127.0.0.1:0",
                  on_shutdown: Callable[[], None] | None = None, registry: CollectorRegistry | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT, token: str | None = None):
+                 request_timeout: float = REQUEST_TIMEOUT, token: str | None = None,
+                 header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         if token is not None and not (_TOKEN_RE.fullmatch(token) and len(token) >= TOKEN_MIN_LENGTH):
             raise ValueError(f"an API token is at least {TOKEN_MIN_LENGTH} visible ASCII characters without spaces")
         host, _, port = address.rpartition(":")
@@ -491,6 +690,9 @@ class ApiServer:
         self._srv.registry = registry or make_registry(service)
         self._srv.on_shutdown = on_shutdown
         self._srv.request_timeout = request_timeout
+        self._srv.header_timeout = header_timeout
+        self._srv.max_connections = max_connections
+        self._srv._slots = threading.BoundedSemaphore(max_connections)
         self._srv.token = token
         self._thread = threading.Thread(target=self._srv.serve_forever, name="shmfabric-api", daemon=True)
 

@@ -181,8 +181,9 @@ class ApiSection(_Model):
 
     With `token_file`, every request to the API needs `Authorization: Bearer TOKEN`, TOKEN being the
     file's content (see shmfabric.manager.api.load_token: a missing file is created, 0600, with a random
-    token; one that its group or others may read or write is refused). `api: HOST:PORT` is the same as
-    `api: {listen: HOST:PORT}`: no token."""
+    token; one that its group or others may read or write is refused, as is a symbolic link, and a file
+    whose directory, or one above it, another user could change: see `check_token_dir`). `api:
+    HOST:PORT` is the same as `api: {listen: HOST:PORT}`: no token."""
 
     listen: str = Field("127.0.0.1:0", description="HOST:PORT (IPv4; port 0 = any free port)")
     token_file: str | None = Field(None, description="absolute path of the file holding the API's bearer token")

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from shmfabric.functions.api import REDACTED, secret_fields
-from shmfabric.manager.config import (ConfigError, NodeConfig, Topology, check_functions, instance_name,
-                                      is_source_function)
+from shmfabric.manager.config import (ConfigError, NodeConfig, Topology, api_listen, api_token_file, check_functions,
+                                      instance_name, is_source_function)
 from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
 
 __all__ = ["SupervisorError", "OperationInProgress", "ControlChannel", "Instance", "Supervisor", "pids_mapping", "proc_cpu_seconds"]
@@ -287,6 +287,9 @@ class Supervisor:
                  extra_env: dict[str, str] | None = None, pinned: dict[str, str] | None = None,
                  event_stream: Any = None):
         self.topo = topo
+        # what the API and metrics listeners were started with: a reload does not move them, so its
+        # warnings compare with these, not with the file loaded last
+        self._listening = {"api": topo.api, "metrics": topo.metrics}
         self.source = source
         # what the command line set over the file (`up --fabric NAME`, `--api HOST:PORT`): kept
         # over every file reloaded, or a reload of the file started with saw another fabric
@@ -1616,11 +1619,20 @@ class Supervisor:
         return changes
 
     def _reload_warnings(self, old: Topology, topo: Topology) -> list[str]:
-        """What a reload does not apply: the API and metrics listeners."""
+        """What a reload does not apply: the API and metrics listeners. Compared with what they were
+        started with (not with `old`, the file loaded last: after a reload of `api: null` the next
+        reload of the file started with warned of a change that was none); `api:` by what it means
+        (`HOST:PORT` is `{listen: HOST:PORT}`)."""
+        def same(key: str, a: Any, b: Any) -> bool:
+            if key == "api":
+                return (api_listen(a), api_token_file(a)) == (api_listen(b), api_token_file(b))
+            return a == b
+
         out = []
         for key in ("api", "metrics"):
-            if getattr(old, key) != getattr(topo, key):
-                out.append(f"`{key}:` changed ({getattr(old, key)} -> {getattr(topo, key)}); the listener is not "
+            running, new = self._listening[key], getattr(topo, key)
+            if not same(key, running, new):
+                out.append(f"`{key}:` changed ({running} -> {new}); the listener is not "
                            "moved by a reload: restart the manager (`shmfabric down`, `up`) to apply it")
         return out
 

@@ -112,13 +112,58 @@ def test_a_node_whose_output_is_blocked_is_not_scaled_out_and_the_skip_is_told_o
     assert d.last_action is None  # HELD is no step: no cooldown started
 
 
-def test_the_scale_out_window_starts_again_once_the_output_flows():
+def test_a_blocked_output_holds_the_scale_out_only_while_it_is_blocked_at_most_polls_and_now():
     d = ScaleDecider(POL)
     acts = feed_blocked(d, [(0, 500, 1, True), (1, 500, 1, True), (2, 500, 1, True),  # HELD at 2
-                            (3, 500, 1, False), (4, 500, 1, True),                    # one flowing sample
-                            (5, 500, 1, False), (6, 500, 1, False), (6.9, 500, 1, False), (7, 500, 1, False)])
-    # the blocked sample at 4 restarted the window: out_for (2 s) of flowing output from 5
-    assert acts == [(2, ScaleAction.HELD), (7, ScaleAction.OUT)]
+                            (2.5, 500, 1, True),                                      # told once
+                            (3, 500, 1, False)])                                      # flowing now
+    # blocked at most polls of the window, but not at this one: the output flows, the queue stays:
+    # the scale-out is taken
+    assert acts == [(2, ScaleAction.HELD), (3, ScaleAction.OUT)]
+    # blocked now, but at a minority of the window's polls: taken too
+    d = ScaleDecider(POL)
+    acts = feed_blocked(d, [(0, 500, 1, False), (0.5, 500, 1, False), (1, 500, 1, True), (1.5, 500, 1, False),
+                            (2, 500, 1, True)])
+    assert acts == [(2, ScaleAction.OUT)]
+    # a tie is no majority: taken
+    d = ScaleDecider(POL)
+    assert feed_blocked(d, [(0, 500, 1, False), (1, 500, 1, True), (1.5, 500, 1, False),
+                            (2, 500, 1, True)]) == [(2, ScaleAction.OUT)]
+    # only the polls of the last out_for seconds count (here the cooldown of a reset held the
+    # decision back to 3): blocked at 0, 0.5, 1 and 3, flowing at 1.5 to 2.5. At 3, blocked now and
+    # at 2 of the 5 polls of [1, 3]: taken (over all 7 polls since 0 it would be 4: held)
+    d = ScaleDecider(POL)
+    d.reset(0)
+    series = [(0, 500, 1, True), (0.5, 500, 1, True), (1, 500, 1, True), (1.5, 500, 1, False),
+              (2, 500, 1, False), (2.5, 500, 1, False), (3, 500, 1, True)]
+    assert feed_blocked(d, series) == [(3, ScaleAction.OUT)]
+    d = ScaleDecider(POL)
+    d.reset(0)
+    series[3] = (1.5, 500, 1, True)  # now 4 of [1, 3]'s 5 polls: held
+    assert feed_blocked(d, series) == [(3, ScaleAction.HELD)]
+
+
+def test_a_bottleneck_whose_next_hop_pauses_now_and_then_is_scaled_out():
+    # the node cannot keep up (its queue deep all along); its next hop pauses briefly (a GC pause, a
+    # flush) once a second, so one poll in four finds its output blocked, this one among them.
+    # Before, each such poll restarted the window: never 2 s of flowing output, never scaled out
+    d = ScaleDecider(POL)
+    series = [(k / 4, 500, 1, k % 4 == 0) for k in range(0, 41)]
+    acts = feed_blocked(d, series)
+    assert acts and acts[0] == (2.0, ScaleAction.OUT), acts
+    assert ScaleAction.HELD not in [a for _, a in acts]
+
+
+def test_a_step_not_taken_is_put_back():
+    # the supervisor could not start the step's thread: the decider as before the round decides it
+    # again at the next (no cooldown begun, the window not cleared)
+    d = ScaleDecider(POL)
+    assert feed(d, [(0, 500, 1), (1, 500, 1)]) == []
+    saved = d.state()
+    assert d.observe(2, 500, 1) is ScaleAction.OUT and d.last_action == 2
+    d.restore(saved)
+    assert d.last_action is None and d.above_since == 0
+    assert d.observe(2.1, 500, 1) is ScaleAction.OUT
 
 
 def test_held_is_told_again_after_the_depth_stayed_low():

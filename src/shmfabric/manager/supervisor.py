@@ -327,6 +327,7 @@ class Supervisor:
         self._local = threading.local()  # .ticking: this thread runs the loop's round (`tick`)
         self._stepper: threading.Thread | None = None  # the scale policy's steps under way
         self._closing = False  # stop() began: no new policy step, waits for new instances end
+        self._step_start_failed = False  # the last policy step thread could not be started (reported once)
         self._staging: Topology | None = None  # the topology a reload is starting new instances for
         self.fabric: Any = None
         self.control: ControlChannel | None = None
@@ -614,6 +615,7 @@ class Supervisor:
         resteer = any(node.resteer and all(i.state == "running" for i in node.instances if i.active)
                       for node in self.nodes.values())
         steps: list[tuple[str, ScaleAction]] = []
+        before: dict[str, dict] = {}  # each decider as it was before this round (see below)
         for name, node in list(self.nodes.items()):
             running = [i for i in node.instances if i.active]
             if not running:
@@ -622,24 +624,38 @@ class Supervisor:
                 continue  # an operator's count outside the policy stands (see `scale`)
             why = self._output_blocked(node)
             node.decider.output_blocked = why is not None
+            saved = node.decider.state()
             action = node.decider.observe(now, node.depth, len(running))
             if action is ScaleAction.HELD:
                 # its queue grows because its next hop does not take frames: more instances would
-                # wait on the same rings (the window starts again once its output flows)
+                # wait on the same rings
                 pol = node.decider.policy
+                nblocked, npolls = node.decider.blocked_polls()
                 self._event("scale-skipped", name, f"not scaling out to {len(running) + 1} (queue depth {node.depth}, "
                             f"over out_depth {pol.out_depth} per instance for {pol.out_for:g}s): its output is "
-                            f"blocked by its next hop ({why}); more instances would not help")
+                            f"blocked by its next hop ({why}; blocked at {nblocked} of the {npolls} polls of the "
+                            f"last {pol.out_for:g}s); more instances would not help")
             elif action in (ScaleAction.OUT, ScaleAction.IN):
                 steps.append((name, action))
+                before[name] = saved
         if not resteer and not steps:
             return False
         step = threading.Thread(target=self._run_steps, args=(steps,), name="shmfabric-policy", daemon=True)
         try:
             step.start()
-        except RuntimeError as exc:  # no thread to be had: the steps are reported, the next rounds retry
-            self._event("error", "", f"cannot start the scale policy's step: {exc}")
+        except RuntimeError as exc:
+            # no thread to be had: the steps are not taken. `observe` counted each as taken (its
+            # cooldown began, its windows were cleared): put the deciders back as they were before
+            # this round, so that the next round decides the same step again (not after the cooldown)
+            for name, saved in before.items():
+                node = self.nodes.get(name)
+                if node is not None:
+                    node.decider.restore(saved)
+            if not self._step_start_failed:  # once until a step thread starts again, not every round
+                self._event("error", "", f"cannot start the scale policy's step ({exc}); retried at the next rounds")
+            self._step_start_failed = True
             return False
+        self._step_start_failed = False
         self._stepper = step
         return True
 
@@ -767,10 +783,17 @@ class Supervisor:
                 self._event("exited", inst.name, f"exit {rc}; restart in {when - now:.2f}s")
             return
         if inst.state == "starting":
-            if up and self._ready(inst):
+            ready = self._ready(inst) if up else False
+            if ready:
                 inst.state = "running"
+            elif ready is None:
+                # attached, but not asked: the control channel is busy with an operation's request.
+                # A round that did not ask says nothing about it: judged at a round that asks
+                return
             elif now - inst.started_at > START_TIMEOUT:
-                self._event("hung", inst.name, f"not attached after {START_TIMEOUT:g}s; killing it")
+                # not attached, or attached and its probe (sent) not answered, START_TIMEOUT after its start
+                self._event("hung", inst.name, f"not attached after {START_TIMEOUT:g}s; killing it" if not up else
+                            f"attached but not answering control requests after {START_TIMEOUT:g}s; killing it")
                 _kill(inst.proc)
             return
         limit = inst.tracker.policy.unresponsive_after
@@ -1032,13 +1055,16 @@ class Supervisor:
             # and the loop goes on watching the other instances (it leaves staged ones to this wait)
             self._cond.wait(0.02)
 
-    def _ready(self, inst: Instance) -> bool:
+    def _ready(self, inst: Instance) -> bool | None:
         """Attached and answering control requests: the runtime built its function and reached its loop
-        (a node attaches before its function is constructed, so attachment alone proves little)."""
+        (a node attaches before its function is constructed, so attachment alone proves little).
+        None: not asked (the loop found the control channel busy with an operation's request)."""
         if self.fabric.node_id(inst.name) is None:
             return False
         try:
             reply = self._request(inst.name, {"op": "stats"}, READY_TIMEOUT)
+        except ControlBusy:
+            return None
         except SupervisorError:
             return False
         inst.last_answer = self.clock()
@@ -1069,29 +1095,49 @@ class Supervisor:
                         inst.counters_at = self.clock()
                 except SupervisorError as exc:
                     self._event("stop", inst.name, f"no reply to stop ({exc}); terminating")
+            if inst.proc is not proc or inst.state != "stopping":
+                # the `stop` request released `lock` (an operation's): someone else (stop()) took
+                # this instance over meanwhile; theirs is the rest
+                return processed
             if processed is not None and not wait_exit:
                 inst.state = "stopped"
                 self._event("stop", inst.name, f"stopped (processed {processed})")
                 return processed
-            try:
-                proc.wait(STOP_TIMEOUT if processed is not None else 0.05)
-            except subprocess.TimeoutExpired:
-                pass
-            if proc.poll() is None:
+            if not self._wait_exit(proc, STOP_TIMEOUT if processed is not None else 0.05):
                 try:
                     proc.send_signal(signal.SIGTERM)
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    _kill(proc)
-                    proc.wait(5)
                 except ProcessLookupError:
                     pass
+                if not self._wait_exit(proc, STOP_TIMEOUT):
+                    _kill(proc)
+                    self._wait_exit(proc, 5)
+            if inst.proc is not proc or inst.state != "stopping":
+                return processed  # taken over while the waits released `lock` (see above)
         elif proc is not None:
             proc.poll()
         inst.exit_code = proc.returncode if proc is not None else None
         inst.state = "stopped"
         self._event("stop", inst.name, f"stopped (exit {inst.exit_code}, processed {processed})")
         return processed
+
+    def _wait_exit(self, proc: subprocess.Popen, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `proc` to exit; returns whether it did. An operation (the
+        thread holding `_op_lock`, as in `_request`) waits with `lock` released, however deeply held,
+        as its other waits do: the loop (restarts, counters) and status go on meanwhile, and callers
+        look at the instance again after. Anyone else (the loop, stop()) waits holding it."""
+        if not (self._op_thread == threading.get_ident() and self.lock._is_owned()):
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._cond.wait(min(0.05, left))
+        return True
 
     def _request(self, target: str, op: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
         """Ask an instance over the control channel, one request at a time (`_ctl_lock`). An operation
@@ -1180,8 +1226,9 @@ class Supervisor:
                 self._try_resteer(node.cfg.name)
                 raise
             for v in victims:
-                self._stop_instance(v, drain=True)
-                node.instances.remove(v)
+                self._stop_instance(v, drain=True)  # its waits release `lock` (an operation's)
+                if v in node.instances:
+                    node.instances.remove(v)
             self._event("scale", node.cfg.name, f"in to {count} ({reason})")
         # downstream of this node is unchanged; its own instances got --next at start
 
@@ -1331,27 +1378,45 @@ class Supervisor:
             self._validate_config(node.function, config, name)
             self._remember_secrets(node.function, config)
             pushed: list[tuple[Instance, dict]] = []
+            procs: dict[int, Any] = {}  # id(instance) -> the process the config was pushed to
             try:
-                for inst in node.instances:
+                for inst in list(node.instances):
                     if inst.state != "running":
                         continue  # starting: pushed once it answers (below); backoff: restarts with it
                     pushed.append((inst, dict(inst.config)))  # before: a timed-out push may apply later
-                    reply = self._request(inst.name, {"op": "reconfigure", "config": config})
-                    if not reply.get("ok"):
-                        raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+                    self._push(inst, config, procs)
             except SupervisorError as exc:
+                # `inst.config` still holds the old config: an instance restarted meanwhile runs it
                 unsure = self._put_back(pushed)
                 extra = f"; except that {_unsure_text(unsure)}" if unsure else ""
                 raise SupervisorError(f"config not applied, the instances run the config they ran{extra}: {exc}",
                                       status=exc.status) from None
             node.config = dict(config)
-            done = {id(i) for i, _ in pushed}
-            for inst in node.instances:
-                inst.config = dict(config)  # a later restart starts with what runs now
-                if inst.state == "starting" and id(inst) not in done:
-                    inst.push_config = True  # started with the old config: pushed once it answers
+            self._commit_config(node, config, procs)
             self._event("reconfigure", name, "config pushed to running instances")
             return self._node_status(node)
+
+    def _push(self, inst: Instance, config: dict, procs: dict[int, Any]) -> None:
+        """An operation's push of `config` to running instance `inst`, its process recorded in `procs`
+        (see `_commit_config`). The push supersedes one the loop had pending for it (its old config)."""
+        inst.push_config = False
+        procs[id(inst)] = inst.proc
+        reply = self._request(inst.name, {"op": "reconfigure", "config": dict(config)})
+        if not reply.get("ok"):
+            raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+
+    @staticmethod
+    def _commit_config(node: _Node, config: dict, procs: dict[int, Any]) -> None:
+        """Commit a config pushed to the running instances of `node` (`procs`: each pushed instance's
+        process then). Every instance restarts with it from now on; a process that runs and did not
+        take the push is flagged to be pushed it once it answers (`_push_pending`): one that was
+        starting, and one started since its push or since the push began (the pushes release `lock`:
+        the loop restarted it meanwhile with the config then recorded, the old one)."""
+        for inst in node.instances:
+            inst.config = dict(config)  # a later restart starts with what runs now
+            took = id(inst) in procs and procs[id(inst)] is inst.proc
+            if not took and inst.state in ("starting", "running") and inst.proc is not None:
+                inst.push_config = True  # runs the old config: pushed once it answers
 
     def replace(self, name: str, function: str | None = None, config: dict | None = None,
                 version: str | None = None) -> dict:
@@ -1398,7 +1463,8 @@ class Supervisor:
             processed = 0
             for inst in old:
                 processed += self._stop_instance(inst, drain=True) or 0
-                node.instances.remove(inst)
+                if inst in node.instances:
+                    node.instances.remove(inst)
             self._event("replace", name, f"{len(old)} instance(s) -> {function} {version or ''} "
                         f"(the old processed {processed} frames)".replace("  ", " "))
             out = self._node_status(node)
@@ -1478,6 +1544,7 @@ class Supervisor:
         started: list[tuple[_Node, Instance]] = []
         new_nodes: list[str] = []
         pushed: list[tuple[Instance, dict]] = []  # (instance, the config it ran before)
+        procs: dict[int, Any] = {}  # id(instance) -> the process the new config was pushed to
         try:
             for name in added:
                 cfg = topo.node(name)
@@ -1514,9 +1581,7 @@ class Supervisor:
                     # listed before the push: one that times out may still apply it later (stopped,
                     # busy), so it is put back too
                     pushed.append((inst, dict(inst.config)))
-                    reply = self._request(inst.name, {"op": "reconfigure", "config": dict(b.config)})
-                    if not reply.get("ok"):
-                        raise SupervisorError(f"{inst.name!r} rejected the config: {reply.get('error')}", status=422)
+                    self._push(inst, b.config, procs)
         except Exception as exc:  # a SupervisorError, or a bug: either way nothing may stay half-applied
             self._staging = None
             unsure = self._put_back(pushed)
@@ -1566,11 +1631,9 @@ class Supervisor:
                 victims = sorted(p["active"], key=lambda i: i.index)[p["target"]:] if p["target"] < len(p["active"]) else []
                 if p["reconfigure"]:
                     node.config = dict(b.config)
-                    done = {id(i) for i, _ in pushed}
-                    for inst in node.instances:
-                        inst.config = dict(b.config)
-                        if inst.state == "starting" and id(inst) not in done:
-                            inst.push_config = True  # started with the old config: pushed once it answers
+                    # its new instances (a scale-out) started with it; every other running one that
+                    # did not take the push (starting then, or restarted since) is pushed it
+                    self._commit_config(node, b.config, {**procs, **{id(i): i.proc for i in p["new"]}})
                     changes["reconfigured"].append(name)
             for v in victims:
                 v.state = "stopping"

@@ -68,15 +68,13 @@ def _odd_elements(data: bytes) -> bool:
         nl = data.find(b"\n", pos)
         if nl < 0:
             return False
-        if data[pos] not in b"*~>|":  # inline request: one line
+        if data[pos] != 0x2A:  # inline request: one line (PATCHED)
             pos = nl + 1
             continue
         try:
             count = int(data[pos + 1 : nl - 1] if data[nl - 1 : nl] == b"\r" else b"x")
         except ValueError:
             return False  # a protocol error ends the stream either way
-        if data[pos] == 0x7C:  # '|', an attribute: its items are key-value pairs
-            count *= 2
         pos = nl + 1
         for _ in range(max(count, 0)):
             if pos >= n:

@@ -194,14 +194,13 @@ def model(data: bytes) -> tuple[list[list[bytes]], str | None, bool]:
     fault = None
     while pos < n:
         t = data[pos]
-        if t in b"*~|":
+        if t == 0x2A:  # PATCHED: only '*' starts a multibulk (Redis)
             nl = data.find(b"\r\n", pos)
             if nl < 0:
                 return out, None
             count = _s2ll(data[pos + 1 : nl])
             if count is None or count > 1024 * 1024:
                 return out, "invalid multibulk length", True
-            count *= 2 if t == 0x7C and count > 0 else 1
             p = nl + 2
             args = []
             for _ in range(max(count, 0)):
@@ -236,6 +235,8 @@ def model(data: bytes) -> tuple[list[list[bytes]], str | None, bool]:
             pos = p
         else:
             nl = data.find(b"\n", pos)
+            if nl >= 0 and data.find(0, pos, nl) >= 0:  # PATCHED: strchr stops at a NUL
+                nl = -1
             if nl < 0:
                 return out, None, True
             try:

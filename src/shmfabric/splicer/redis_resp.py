@@ -182,7 +182,7 @@ class RequestReader:
     __slots__ = ("_reader", "_pending", "_in_hiredis", "_hiredis_bytes", "max_request_bytes", "failed",
                  "_fed", "_hlen", "_known_end", "_mirror", "_mirror_start", "_tail_unchecked", "_nulls",
                  "_tail", "_poisoned", "_walk", "_ppos", "_chunk", "_from_pending", "_bulk_checked",
-                 "_vq", "_vpos", "_pwalk", "_pat", "_pscan")
+                 "_vq", "_vpos", "_pwalk", "_pat", "_pscan", "_inline_cut")
 
     def __init__(self, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1024:
@@ -212,6 +212,9 @@ class RequestReader:
         self._mirror: list[bytes] = []  # bytes fed to hiredis from _mirror_start on
         self._mirror_start = 0
         self._tail_unchecked = False  # is what follows the last request known to be multibulk?
+        # _guard held back an inline request: hiredis was given the bytes before it only, and
+        # drain leaves hiredis once it has read them all (they end where a request ends).
+        self._inline_cut = False
         # Verification (see _verify): while _vq is a list, every item hiredis returns is put in it
         # and checked before drain returns it; _vpos is the stream offset where the first of them
         # starts (a known request boundary). _pwalk walks the incomplete request that starts at
@@ -290,10 +293,14 @@ class RequestReader:
         # (about 0.5 us per element), until such a boundary. Once no request is held
         # unverified, a read without these bytes ends the verification.
         strict = 43 in data or 61 in data or 40 in data  # '+' '=' '(' (int membership: see _split_inline)
+        if not strict and (126 in data or 124 in data):
+            # or a set '~' or an attribute '|' that hiredis would return as a request (Redis
+            # reads an inline line there): see _may_start_set
+            strict = _may_start_set(data)
         if self._vq is not None:
             if strict:
                 strict = False
-            elif self._vpos == self._fed:
+            elif self._vpos == self._fed or self._plain_since_vpos():
                 self._vq = None
                 self._vpos = -1
         elif strict and self._fed == self._known_end and (walk is None or not walk.strict):
@@ -304,17 +311,40 @@ class RequestReader:
             if walk is None and not (strict or big or _may_hold_huge_header(data) or _may_hold_huge_header(seam)):
                 return data
             strict = strict or (walk is not None and walk.strict)
-            walk = _HeaderWalk(max_bulk=self.max_request_bytes if big else None, strict=strict)
+            walk = _HeaderWalk(max_bulk=self.max_request_bytes if big else None, strict=strict, top_star=True)
             prefix = b"".join(self._mirror)[self._known_end - self._mirror_start :] if self._in_hiredis else b""
             at = walk.feed(prefix + data)
             at = at if at < 0 else max(0, at - len(prefix))
+            cut = walk.inline_at - len(prefix) if walk.inline_at >= 0 else -1
         else:
             at = walk.feed(data)
+            cut = walk.inline_at
         if at >= 0:
             self._poisoned = walk.reason
             return data[:at]
         self._walk = None if walk.at_boundary else walk
+        if cut >= 0:
+            # A request that does not start with '*' (Redis reads it inline): hiredis gets the
+            # requests before it only, the rest goes back in front of the held bytes, and drain
+            # leaves hiredis once it has read them (`_inline_cut`). (A cut before this piece,
+            # in bytes hiredis has already, cannot be: such a read was checked when it came.)
+            self._pending = data[cut:] + self._pending[self._ppos :]
+            self._ppos = 0
+            self._from_pending = 0
+            self._inline_cut = True
+            return data[:cut]
         return data
+
+    def _plain_since_vpos(self) -> bool:
+        """Do the bytes fed since the last verified request, a short incomplete request, hold
+        nothing verification looks for? Then a read without such bytes ends the verification,
+        although it does not start where a request does (else a read that ended on a '~' or a
+        '|' would have every later read of a stream verified)."""
+        start = self._vpos
+        if self._fed - start > 4096:
+            return False
+        held = self._mirror_slice(start, self._fed)
+        return held[0] == 42 and not (43 in held or 61 in held or 40 in held or _may_start_set(held))
 
     def _feed_piece(self) -> None:
         """Feed hiredis the next piece of the held bytes (see FIRST_CHUNK)."""
@@ -337,7 +367,7 @@ class RequestReader:
         if self._poisoned and not poisoned:  # nothing after a refused header is read
             self._pending = b""
             self._ppos = self._from_pending = 0
-        else:
+        elif not self._inline_cut:  # (after a cut _guard has rebuilt the held bytes)
             self._from_pending += len(data)
 
     def _feed_hiredis(self, data: bytes) -> None:
@@ -375,227 +405,271 @@ class RequestReader:
         append = out.append
         n = 0
         try:
-            while n < limit:
-                if self._in_hiredis:
-                    reader = self._reader
-                    gets = reader.gets
-                    rlen = reader.len
-                    join = b"".join
-                    hlen = self._hlen
-                    got = False
-                    vq = self._vq
-                    while n < limit:
-                        try:
-                            cmd = gets()
-                        except (hiredis.ProtocolError, TypeError) as exc:
-                            self._verify(out)  # the requests returned before it come first
-                            # TypeError: hiredis could not build a RESP3 map whose key is a
-                            # map or an array (unhashable), which no request may hold anyway.
-                            # A request that starts "*-5" (hiredis: out of range) is skipped,
-                            # as Redis skips any multibulk length <= 0: _go_inline hands back
-                            # what follows it.
-                            if self._go_inline(skip_negative=True):
-                                break
-                            self.failed = True
-                            raise RespProtocolError(self._exact_error(_request_error(exc))) from None
-                        # hiredis trims its buffer at the end of any gets() that leaves 1 KiB
-                        # consumed, also one that stops inside a request; so len() is read
-                        # after every call, and only a trim by a call that returned a whole
-                        # request marks where a request ends.
-                        left = rlen()
-                        if cmd is False:
-                            # Not a boundary test: hiredis may have consumed part of a request
-                            # (its header and some arguments) and hold that state with nothing
-                            # left unread.
-                            self._hlen = left
-                            if self._poisoned and self._ppos >= len(self._pending):
-                                # What preceded the held-back header is answered (all of it: bytes
-                                # _go_inline handed back may still be held), unless a bad element
-                                # before the header comes first.
-                                if vq is not None:
-                                    self._verify(out)
-                                    self._check_partial()
+            while True:
+                while n < limit:
+                    if self._in_hiredis:
+                        reader = self._reader
+                        gets = reader.gets
+                        rlen = reader.len
+                        join = b"".join
+                        hlen = self._hlen
+                        got = False
+                        vq = self._vq
+                        while n < limit:
+                            try:
+                                cmd = gets()
+                            except (hiredis.ProtocolError, TypeError) as exc:
+                                if self._verify(out):  # the requests returned before it come first
+                                    n = len(out)
+                                    break
+                                # TypeError: hiredis could not build a RESP3 map whose key is a
+                                # map or an array (unhashable), which no request may hold anyway.
+                                # A request that starts "*-5" (hiredis: out of range) is skipped,
+                                # as Redis skips any multibulk length <= 0: _go_inline hands back
+                                # what follows it.
+                                if self._go_inline(skip_negative=True):
+                                    break
                                 self.failed = True
-                                raise RespProtocolError(self._poisoned)
+                                raise RespProtocolError(self._exact_error(_request_error(exc))) from None
+                            # hiredis trims its buffer at the end of any gets() that leaves 1 KiB
+                            # consumed, also one that stops inside a request; so len() is read
+                            # after every call, and only a trim by a call that returned a whole
+                            # request marks where a request ends.
+                            left = rlen()
+                            if cmd is False:
+                                # Not a boundary test: hiredis may have consumed part of a request
+                                # (its header and some arguments) and hold that state with nothing
+                                # left unread.
+                                self._hlen = left
+                                if self._inline_cut:
+                                    # hiredis has read all it was given, which ends where a request
+                                    # that does not start with '*' starts (see _guard): that one
+                                    # and what follows it are read inline.
+                                    if vq and self._verify(out):
+                                        n = len(out)
+                                        break
+                                    self._reset_hiredis()
+                                    self._chunk = FIRST_CHUNK
+                                    break
+                                if self._poisoned and self._ppos >= len(self._pending):
+                                    # What preceded the held-back header is answered (all of it: bytes
+                                    # _go_inline handed back may still be held), unless a bad element
+                                    # before the header comes first.
+                                    if vq is not None:
+                                        if self._verify(out):
+                                            n = len(out)
+                                            break
+                                        self._check_partial()
+                                    self.failed = True
+                                    raise RespProtocolError(self._poisoned)
+                                if got:
+                                    self._hiredis_bytes = 0
+                                    self._tail_unchecked = True
+                                elif self._hiredis_bytes > self.max_request_bytes and self._ppos >= len(self._pending):
+                                    # (With bytes still held, the request may end in them: it is
+                                    # refused only when it is incomplete with all that came.)
+                                    self.failed = True
+                                    raise RespProtocolError("invalid bulk length")
+                                # Bytes follow the last complete request. If they do not start
+                                # with '*' they are an inline request (as Redis reads them), not a
+                                # RESP item for hiredis to wait on. Checked (a re-parse of ~1 KiB)
+                                # until the next request is seen to be one; also when the read does
+                                # not end a line: an inline line ("$100") may be complete with more
+                                # behind it, which hiredis would wait inside for ever.
+                                if self._tail_unchecked:
+                                    mirror = self._mirror
+                                    if mirror:
+                                        if self._verify(out) or self._go_inline():  # (_go_inline measures them)
+                                            n = len(out)
+                                            break
+                                if self._ppos < len(self._pending):  # more held: the next piece
+                                    if vq and self._verify(out):
+                                        # (verified first, so that a walk _guard starts from
+                                        # _known_end starts where a request does)
+                                        n = len(out)
+                                        break
+                                    self._chunk = min(self._chunk * 2, MAX_CHUNK)
+                                    self._feed_piece()
+                                    hlen = self._hlen
+                                    got = False
+                                    vq = self._vq  # (_guard may have started or ended the verification)
+                                    continue
+                                if vq is not None:
+                                    if self._verify(out):
+                                        n = len(out)
+                                        break
+                                    self._check_partial()  # (a bad element before a long bulk comes first)
+                                if self._refuse_waiting_bulk(left):
+                                    self.failed = True
+                                    raise RespProtocolError(self._poisoned)
+                                return out, None
+                            got = True
+                            if cmd is None:
+                                # "*-1\r\n", a null multibulk, Redis skips like "*0\r\n"; but "$-1\r\n"
+                                # or "_\r\n" (hiredis's None too) start an inline request, as any
+                                # request not starting with '*' does. hiredis returns None for
+                                # exactly these 5- and 3-byte items, so where this call trimmed (it
+                                # ends `left` bytes before the end) its last 5 bytes tell them
+                                # apart; elsewhere _go_inline does (before _known_end moves past
+                                # this item), and moves _known_end past it, so a run of nulls
+                                # costs each byte one re-parse, not one per null.
+                                self._nulls += 1
+                                if left < hlen:
+                                    end = self._fed - left
+                                    head = self._mirror_slice(end - 5, end)
+                                    null_multibulk = head[0] == _REQUEST_START and head[1:] == b"-1\r\n"
+                                else:
+                                    null_multibulk = False
+                                if not null_multibulk:
+                                    if self._verify(out) or self._go_inline(self._nulls, left):
+                                        n = len(out)
+                                        break
+                                cmd = []
+                            elif type(cmd) is not list:
+                                # A request that starts with another RESP type byte ('+', '$',
+                                # ':'...) is an inline request to Redis, whatever the read split.
+                                # (_known_end has not moved past it: _go_inline hands back all of
+                                # it, also when it is 1 KiB or more and this call trimmed.)
+                                if self._verify(out) or self._go_inline():
+                                    n = len(out)
+                                    break
+                                self.failed = True
+                                raise RespProtocolError(self._first_fault_at_vpos("expected '*' as the first byte of a request"))
+                            else:
+                                try:
+                                    # One C call that fails on any element that is not bytes (an
+                                    # integer, nil, nested array or error item); the copy is cheap
+                                    # next to the re-encoding every forwarded command gets anyway.
+                                    # Elements hiredis returns as bytes but that are not bulk strings
+                                    # ('+', '=', '(') get past it: _guard cut the bytes before them, or
+                                    # _verify refuses the request before it is returned.
+                                    join(cmd)
+                                except TypeError:
+                                    if vq is not None:
+                                        # Verified with this request: if it (or one before it)
+                                        # does not start with '*', it is inline to Redis; else
+                                        # _verify refuses it in Redis's words.
+                                        vq.append(cmd)
+                                        append(cmd)
+                                        if self._verify(out):
+                                            n = len(out)
+                                            break
+                                        out.pop()
+                                    self.failed = True
+                                    raise RespProtocolError(self._exact_error(f"expected '$', got '{_type_byte(cmd)}'")) from None
+                            if len(cmd) > MULTIBULK_MAX:
+                                if self._verify(out):
+                                    n = len(out)
+                                    break
+                                self.failed = True
+                                raise RespProtocolError("invalid multibulk length")
+                            if vq is not None:
+                                vq.append(cmd)
+                            if cmd:  # "*0\r\n": Redis skips empty multibulks silently
+                                # (in `out` before any _verify below: a refusal drops what it verified
+                                # from the end of `out`, this request included)
+                                append(cmd)
+                                n += 1
+                            if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
+                                hlen = left
+                                self._known_end = self._fed - left
+                                self._nulls = 0
+                                if vq is None:
+                                    walk = self._walk
+                                    if walk is not None and walk.strict and walk.max_bulk is None and not self._poisoned:
+                                        # A known request boundary, with every request before it
+                                        # returned: from here on hiredis's requests are verified
+                                        # instead of walked (what was fed is walked already).
+                                        self._walk = None
+                                        vq = self._vq = []
+                                        self._vpos = self._known_end
+                                elif len(vq) >= 256 and self._verify(out):  # (so that the mirror can be trimmed)
+                                    n = len(out)
+                                    break
+                                if len(self._mirror) > 4:
+                                    self._trim_mirror()
+                            if not reader.has_data():
+                                # A request just ended and nothing follows: a true boundary, so the
+                                # next request may be inline again. The reader is kept (it is clean).
+                                if vq and self._verify(out):
+                                    n = len(out)
+                                    break
+                                self._in_hiredis = False
+                                self._inline_cut = False
+                                self._mirror.clear()
+                                self._mirror_start = self._known_end = self._fed
+                                self._nulls = 0
+                                self._from_pending = 0
+                                self._hlen = left
+                                self._hiredis_bytes = 0
+                                break
+                        else:
+                            self._hlen = hlen
                             if got:
+                                # As when hiredis runs out of bytes: what follows may be inline.
                                 self._hiredis_bytes = 0
                                 self._tail_unchecked = True
-                            elif self._hiredis_bytes > self.max_request_bytes and self._ppos >= len(self._pending):
-                                # (With bytes still held, the request may end in them: it is
-                                # refused only when it is incomplete with all that came.)
-                                self.failed = True
-                                raise RespProtocolError("invalid bulk length")
-                            # Bytes follow the last complete request. If they do not start
-                            # with '*' they are an inline request (as Redis reads them), not a
-                            # RESP item for hiredis to wait on. Checked (a re-parse of ~1 KiB)
-                            # until the next request is seen to be one; also when the read does
-                            # not end a line: an inline line ("$100") may be complete with more
-                            # behind it, which hiredis would wait inside for ever.
-                            if self._tail_unchecked:
-                                mirror = self._mirror
-                                if mirror:
-                                    self._verify(out)  # (_go_inline measures them)
-                                    if self._go_inline():
-                                        break
-                            if self._ppos < len(self._pending):  # more held: the next piece
-                                self._chunk = min(self._chunk * 2, MAX_CHUNK)
-                                self._feed_piece()
-                                hlen = self._hlen
-                                got = False
-                                vq = self._vq  # (_guard may have started or ended the verification)
-                                continue
-                            if vq is not None:
-                                self._verify(out)
-                                self._check_partial()  # (a bad element before a long bulk comes first)
-                            if self._refuse_waiting_bulk(left):
-                                self.failed = True
-                                raise RespProtocolError(self._poisoned)
-                            return out, None
-                        got = True
-                        if cmd is None:
-                            # "*-1\r\n", a null multibulk, Redis skips like "*0\r\n"; but "$-1\r\n"
-                            # or "_\r\n" (hiredis's None too) start an inline request, as any
-                            # request not starting with '*' does. hiredis returns None for
-                            # exactly these 5- and 3-byte items, so where this call trimmed (it
-                            # ends `left` bytes before the end) its last 5 bytes tell them
-                            # apart; elsewhere _go_inline does (before _known_end moves past
-                            # this item), and moves _known_end past it, so a run of nulls
-                            # costs each byte one re-parse, not one per null.
-                            self._nulls += 1
-                            if left < hlen:
-                                end = self._fed - left
-                                head = self._mirror_slice(end - 5, end)
-                                null_multibulk = head[0] in _AGGREGATE_START and head[1:] == b"-1\r\n"
-                            else:
-                                null_multibulk = False
-                            if not null_multibulk:
-                                self._verify(out)
-                                if self._go_inline(self._nulls, left):
-                                    break
-                            cmd = []
-                        elif type(cmd) is not list:
-                            # A request that starts with another RESP type byte ('+', '$',
-                            # ':'...) is an inline request to Redis, whatever the read split.
-                            # (_known_end has not moved past it: _go_inline hands back all of
-                            # it, also when it is 1 KiB or more and this call trimmed.)
-                            self._verify(out)
-                            if self._go_inline():
-                                break
+                        continue
+                    pending = self._pending
+                    pos = self._ppos
+                    if pos >= len(pending):
+                        if pending:
+                            self._pending = b""
+                            self._ppos = 0
+                        if self._poisoned:  # the requests before the refused header are all out
                             self.failed = True
-                            raise RespProtocolError(self._first_fault_at_vpos("expected '*' as the first byte of a request"))
-                        else:
-                            try:
-                                # One C call that fails on any element that is not bytes (an
-                                # integer, nil, nested array or error item); the copy is cheap
-                                # next to the re-encoding every forwarded command gets anyway.
-                                # Elements hiredis returns as bytes but that are not bulk strings
-                                # ('+', '=', '(') get past it: _guard cut the bytes before them, or
-                                # _verify refuses the request before it is returned.
-                                join(cmd)
-                            except TypeError:
-                                self.failed = True
-                                raise RespProtocolError(self._exact_error(f"expected '$', got '{_type_byte(cmd)}'")) from None
-                        if len(cmd) > MULTIBULK_MAX:
+                            raise RespProtocolError(self._poisoned)
+                        break
+                    if pending[pos] == 42:  # '*': a multibulk run goes to hiredis (anything else is inline)
+                        self._in_hiredis = True
+                        self._feed_piece()
+                        continue
+                    nl = pending.find(b"\n", pos)
+                    if nl >= 0 and pending.find(0, pos, nl) >= 0:
+                        # Redis finds the line's end with strchr, which stops at a NUL: to it the
+                        # line has not ended (it waits, then refuses it as too big), so nothing
+                        # after the NUL runs as a command.
+                        nl = -1
+                    if nl < 0:
+                        if len(pending) - pos > INLINE_MAX:
                             self.failed = True
-                            raise RespProtocolError("invalid multibulk length")
-                        if vq is not None:
-                            vq.append(cmd)
-                        if cmd:  # "*0\r\n": Redis skips empty multibulks silently
-                            # (in `out` before any _verify below: a refusal drops what it verified
-                            # from the end of `out`, this request included)
-                            append(cmd)
-                            n += 1
-                        if left < hlen:  # trimmed by this call: exactly `left` bytes follow this request
-                            hlen = left
-                            self._known_end = self._fed - left
-                            self._nulls = 0
-                            if vq is None:
-                                walk = self._walk
-                                if walk is not None and walk.strict and walk.max_bulk is None and not self._poisoned:
-                                    # A known request boundary, with every request before it
-                                    # returned: from here on hiredis's requests are verified
-                                    # instead of walked (what was fed is walked already).
-                                    self._walk = None
-                                    vq = self._vq = []
-                                    self._vpos = self._known_end
-                            elif len(vq) >= 256:
-                                self._verify(out)  # (so that the mirror can be trimmed)
-                            if len(self._mirror) > 4:
-                                self._trim_mirror()
-                        if not reader.has_data():
-                            # A request just ended and nothing follows: a true boundary, so the
-                            # next request may be inline again. The reader is kept (it is clean).
-                            if vq:
-                                self._verify(out)
-                            self._in_hiredis = False
-                            self._mirror.clear()
-                            self._mirror_start = self._known_end = self._fed
-                            self._nulls = 0
-                            self._from_pending = 0
-                            self._hlen = left
-                            self._hiredis_bytes = 0
-                            break
-                    else:
-                        self._hlen = hlen
-                        if got:
-                            # As when hiredis runs out of bytes: what follows may be inline.
-                            self._hiredis_bytes = 0
-                            self._tail_unchecked = True
+                            raise RespProtocolError("too big inline request")
+                        if self._poisoned:
+                            # Nothing after a refused header is read, so this line never ends: the
+                            # refusal is the answer now, not a wait for ever.
+                            self.failed = True
+                            raise RespProtocolError(self._poisoned)
+                        break
+                    line = pending[pos:nl]
+                    self._ppos = nl + 1
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    args = _split_inline(line)
+                    if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
+                        append(args)
+                        n += 1
+                # The requests read last may not be verified yet: if one of them does not
+                # start with '*', what follows it is read again, inline.
+                if self._vq and self._verify(out):
+                    n = len(out)
                     continue
-                pending = self._pending
-                pos = self._ppos
-                if pos >= len(pending):
-                    if pending:
-                        self._pending = b""
-                        self._ppos = 0
-                    if self._poisoned:  # the requests before the refused header are all out
-                        self.failed = True
-                        raise RespProtocolError(self._poisoned)
-                    break
-                if pending[pos] in _AGGREGATE_START:  # a multibulk run goes to hiredis
-                    self._in_hiredis = True
-                    self._feed_piece()
-                    continue
-                nl = pending.find(b"\n", pos)
-                if nl >= 0 and pending.find(0, pos, nl) >= 0:
-                    # Redis finds the line's end with strchr, which stops at a NUL: to it the
-                    # line has not ended (it waits, then refuses it as too big), so nothing
-                    # after the NUL runs as a command.
-                    nl = -1
-                if nl < 0:
-                    if len(pending) - pos > INLINE_MAX:
-                        self.failed = True
-                        raise RespProtocolError("too big inline request")
-                    if self._poisoned:
-                        # Nothing after a refused header is read, so this line never ends: the
-                        # refusal is the answer now, not a wait for ever.
-                        self.failed = True
-                        raise RespProtocolError(self._poisoned)
-                    break
-                line = pending[pos:nl]
-                self._ppos = nl + 1
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if line[:1] == b"%" and _may_hold_huge_header(line) and _HeaderWalk().feed(line + b"\r\n") == 0:
-                    # A map header this large is refused where hiredis would have read it (fed
-                    # in one piece with the request before it, see _guard); refused here too,
-                    # so the answer does not depend on how the bytes were split into reads.
-                    self.failed = True
-                    raise RespProtocolError("invalid multibulk length")
-                args = _split_inline(line)
-                if args:  # Redis ignores empty inline lines (telnet users pressing Enter)
-                    append(args)
-                    n += 1
-            if self._vq:
-                self._verify(out)
+                break
         except RespProtocolError as exc:
             if self._vq:
                 # Stopped by what follows requests not verified yet: one of them may be the
-                # first bad request (then its error is the answer, and they are not returned).
+                # first bad request (then its error is the answer, and they are not returned),
+                # or not start with '*' (then what follows it is read inline instead).
                 try:
-                    self._verify(out)
+                    switched = self._verify(out)
                 except RespProtocolError as first:
                     return out, first
+                if switched:
+                    self.failed = False
+                    if len(out) >= limit:
+                        return out, None
+                    more, err = self.drain(limit - len(out))
+                    out += more
+                    return out, err
             return out, exc
         return out, None
 
@@ -633,10 +707,15 @@ class RequestReader:
         position; an empty request (hiredis returns "*0" and "*-1" alike) and a length of 4 KiB
         or more (past the size tables) take the exact, slower way (`_verify_exact`), as does a
         request that does not start with '*'.
+
+        A request that does not start with '*' (a set '~' or an attribute '|', which hiredis
+        returns as a list) is an inline line to Redis: it and the requests after it are dropped
+        from `out`, the bytes from its start on go back to the inline path, and True is returned
+        (the caller leaves hiredis: the reader was reset). Else False.
         """
         vq = self._vq
         if not vq:
-            return
+            return False
         start = self._vpos
         fed = self._fed
         last = self._mirror[-1]
@@ -650,14 +729,26 @@ class RequestReader:
             end = _bulk_requests_end(buf, off, vq)
         except (IndexError, TypeError):
             end = self._verify_exact(buf, off, out)
+            if end < 0:  # an inline request at buf[-end - 1]
+                at = start + (-end - 1) - off
+                self._hand_back(self._mirror_slice(at, fed))
+                return True
         self._vpos = start + end - off
         vq.clear()
+        return False
 
     def _verify_exact(self, buf: bytes, pos: int, out: list[list[bytes]]) -> int:
-        """`_verify`'s exact way: each request measured by its bytes (`_request_end`)."""
+        """`_verify`'s exact way: each request measured by its bytes (`_request_end`). Where the
+        requests end, or -1 - p when the request at p does not start with '*' (dropped from
+        `out` with those after it)."""
         vq = self._vq
         assert vq is not None
         for i, cmd in enumerate(vq):
+            if buf[pos] != _REQUEST_START:
+                drop = sum(1 for c in vq[i:] if c)
+                if drop:
+                    del out[-drop:]
+                return -1 - pos
             end = _request_end(buf, pos)
             if end < 0:
                 walk = _HeaderWalk(strict=True)
@@ -811,17 +902,17 @@ class RequestReader:
                 if null:
                     null -= 1
                     if not null:  # the null in question
-                        if pos < len(data) and data[pos] in _AGGREGATE_START:
+                        if pos < len(data) and data[pos] == _REQUEST_START:
                             if data[pos + 1 : pos + 5] == b"-1\r\n":
                                 self._known_end += pos + 5
                                 self._nulls = 0
                             return False
                         break
-                if data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] in _AGGREGATE_START:
+                if data[pos + 1 : pos + 5] == b"-1\r\n" and data[pos] == _REQUEST_START:
                     pos += 5
                     continue
-            if cmd is False or type(cmd) is not list:
-                break
+            if cmd is False or type(cmd) is not list or data[pos] != _REQUEST_START:
+                break  # (a set '~' or an attribute '|' hiredis returns as a list: inline to Redis)
             # Measured by its bytes, never guessed: every request hiredis returned was walked
             # (_guard), verified (_verify, called first) or holds bulk strings only, so its bytes
             # are its canonical encoding but for the two bytes after each bulk, which neither
@@ -844,12 +935,18 @@ class RequestReader:
         if not rest:
             return False
         skip = 0
-        if rest[0] in _AGGREGATE_START:
+        if rest[0] == _REQUEST_START:
             m = _NEGATIVE_LENGTH.match(rest) if skip_negative else None
             if m is None or int(m.group(1)) < -(2**63):  # (beyond that Redis's string2ll fails)
                 self._tail_unchecked = False  # the next request is multibulk: no need to look again
                 return False  # inside a multibulk request: waiting for more, or a real protocol error
             skip = m.end()
+        self._hand_back(rest, skip)
+        return True
+
+    def _hand_back(self, rest: bytes, skip: int = 0) -> None:
+        """Leave hiredis: `rest` (the last bytes it was given, from a request start on) goes back
+        in front of the held bytes, for the inline path; `skip` of its first bytes are dropped."""
         held = self._from_pending
         self._reset_hiredis()
         if len(rest) <= held:  # the rest is the end of what came from _pending: just step back
@@ -859,17 +956,33 @@ class RequestReader:
             self._ppos = 0
         self._ppos += skip
         self._chunk = FIRST_CHUNK
-        return True
 
 
-# Bytes that start a request hiredis reads: '*', and the RESP3 aggregates it also returns as a
-# list (set '~', push '>', attribute '|'). Redis itself would read the last three as an inline
-# command; treating them like '*' wherever they fall keeps the reading independent of how the
-# bytes were split into reads (the fuzz harness checks exactly that).
-_AGGREGATE_START = b"*~>|"
+# The byte that starts a multibulk request: Redis (processInputBuffer) reads a request whose
+# first byte is anything else as an inline line, '~', '|' and '>' included, although hiredis
+# reads those as RESP3 aggregates (and returns a set or an attribute as a list, like '*'). So
+# this reader does too, wherever the request falls in the stream and however the bytes were
+# split into reads: a walk of _guard stops hiredis before such a request (`_HeaderWalk.inline_at`),
+# _verify finds it where hiredis read it, and _go_inline where hiredis returned something
+# that is no list or waits inside an item.
+_REQUEST_START = 0x2A  # '*'
 # A request header with a negative length that hiredis refuses ("*-5"; it returns "*-1" as a
 # null) and Redis skips, like "*0". string2ll's syntax: no "-0", no leading zeros.
-_NEGATIVE_LENGTH = re.compile(rb"[*~>|](-[1-9][0-9]*)\r\n")
+_NEGATIVE_LENGTH = re.compile(rb"\*(-[1-9][0-9]*)\r\n")
+# Where a set or attribute header hiredis reads may start: its type byte, then its length's
+# first byte (string2ll: a sign or a digit). Literal-prefix searches (see _LONG_BULK).
+_SET_START = re.compile(rb"~[-0-9]")
+_ATTRIBUTE_START = re.compile(rb"\|[-0-9]")
+
+
+def _may_start_set(data: bytes) -> bool:
+    """Could a set ('~') or attribute ('|') header that hiredis reads start in `data`, a read?
+
+    Such a header is the type byte and a length, which starts with '-' or a digit (string2ll),
+    in this read or the next: "a|b" or "~/x" in a value costs no check.
+    """
+    return ((126 in data and (_SET_START.search(data) is not None or data.endswith(b"~")))
+            or (124 in data and (_ATTRIBUTE_START.search(data) is not None or data.endswith(b"|"))))
 # A bulk length of 9 digits or more: maybe over PROTO_MAX_BULK (RequestReader._refuse_waiting_bulk).
 # One literal-prefix search per type byte present (a character class first is 10x slower).
 _LONG_BULK = re.compile(rb"\$([0-9]{9,})\r\n")
@@ -914,11 +1027,20 @@ class _HeaderWalk:
     between pieces: the items still owed by each open aggregate, the bytes of a bulk still to
     skip, an unfinished header line. It stops for good (`dead`) where hiredis stops reading: a
     byte that starts no RESP item, or a malformed length.
+
+    With `top_star` (the walks of RequestReader._guard) it also stops at a top-level item that
+    does not start with '*', which Redis reads as an inline line, and says where (`inline_at`,
+    an offset in the piece fed), so that hiredis is not given it: hiredis would read a set '~'
+    or an attribute '|' as a request. Only while every request walked was made of bulk strings
+    (`clean`: then the walk's framing is Redis's and hiredis's alike); after a request that
+    is not (Redis refuses it, so does the reader), it walks on as hiredis reads.
     """
 
-    __slots__ = ("limit", "max_bulk", "strict", "reason", "left", "skip", "carry", "in_line", "dead")
+    __slots__ = ("limit", "max_bulk", "strict", "reason", "left", "skip", "carry", "in_line", "dead",
+                 "top_star", "clean", "inline_at")
 
-    def __init__(self, limit: int = MULTIBULK_MAX, max_bulk: int | None = None, strict: bool = False) -> None:
+    def __init__(self, limit: int = MULTIBULK_MAX, max_bulk: int | None = None, strict: bool = False,
+                 top_star: bool = False) -> None:
         self.limit = limit
         self.max_bulk = max_bulk  # a longer bulk (string, verbatim, error) is refused too
         # Strict: every element of a request must be a bulk string with a length string2ll
@@ -932,6 +1054,9 @@ class _HeaderWalk:
         self.carry = b""  # an unfinished header line, or a CR that may start a line's CRLF
         self.in_line = False  # inside a one-line item, looking for its CRLF
         self.dead = False
+        self.top_star = top_star
+        self.clean = True  # every request walked so far holds bulk strings only
+        self.inline_at = -1  # where an inline request starts (top_star), in the piece fed
 
     @property
     def at_boundary(self) -> bool:
@@ -1012,14 +1137,19 @@ class _HeaderWalk:
                 self._done()
                 continue
             t = data[pos]
-            if self.strict:
-                if self.left:  # inside a request: a bulk string, or Redis refuses it here
-                    if t != 0x24:
-                        self.reason = f"expected '$', got '{chr(t)}'"
-                        return max(0, pos - base)
-                elif t not in _AGGREGATE_START:
-                    self.dead = True  # the reader goes inline here (or hiredis refuses it)
+            if not self.left:
+                if t != 0x2A and (self.strict or (self.top_star and self.clean)):
+                    # A request that does not start with '*': the reader goes inline here (a
+                    # strict walk's requests are all clean: it refuses any other element).
+                    self.dead = True
+                    if self.top_star:
+                        self.inline_at = max(0, pos - base)
                     return -1
+            elif t != 0x24:
+                if self.strict:  # inside a request: a bulk string, or Redis refuses it here
+                    self.reason = f"expected '$', got '{chr(t)}'"
+                    return max(0, pos - base)
+                self.clean = False
             if t in _LINE_TYPES:
                 self.in_line = True
                 pos += 1
@@ -1056,6 +1186,8 @@ class _HeaderWalk:
                 else:
                     self._done()
                 continue
+            if count < 0:
+                self.clean = False
             if (self.max_bulk is not None and count > self.max_bulk) or (
                     self.left and (count > PROTO_MAX_BULK or (self.strict and count < 0))):
                 # (Only inside a request: a bulk header that starts one is an inline request.)
@@ -1082,9 +1214,9 @@ def _request_end(data: bytes, pos: int) -> int:
     """Where the multibulk request of bulk strings at `pos` ends (its real bytes), or -1."""
     n = len(data)
     nl = data.find(b"\r\n", pos)
-    if nl < 0 or data[pos] not in _AGGREGATE_START or _CANONICAL_COUNT.fullmatch(data, pos + 1, nl) is None:
+    if nl < 0 or data[pos] != _REQUEST_START or _CANONICAL_COUNT.fullmatch(data, pos + 1, nl) is None:
         return -1
-    count = int(data[pos + 1 : nl]) * (2 if data[pos] == 0x7C else 1)
+    count = int(data[pos + 1 : nl])
     pos = nl + 2
     for _ in range(count):
         if pos >= n or data[pos] != 0x24:

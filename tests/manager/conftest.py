@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import textwrap
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -86,3 +87,52 @@ def fenced_blocks(text: str, after: str) -> list[str]:
         elif body is not None:
             body.append(line)
     return out
+
+
+def in_thread(fn: Callable[..., object], *args, **kw) -> tuple[threading.Thread, dict]:
+    """Run fn(*args, **kw) in a daemon thread: (thread, out), out["value"] or out["error"] once done."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args, **kw)
+        except Exception as exc:  # checked by the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def status_within(sup: Supervisor, timeout: float = 10.0, why: str = "") -> dict:
+    """status() from another thread, bounded: a wedged manager fails the test instead of hanging it."""
+    t, out = in_thread(sup.status)
+    t.join(timeout)
+    assert not t.is_alive(), f"status() did not answer within {timeout:g}s{why}"
+    return out["value"]
+
+
+def until_events(pred: Callable[[], object], sup: Supervisor, timeout: float, what: str) -> object:
+    """wait_until without ticking (a loop thread does), listing the manager's events if it times out."""
+    try:
+        return wait_until(pred, timeout=timeout, what=what)
+    except pytest.fail.Exception:
+        events = "\n".join(f"  {e['kind']} {e['node']}: {e['detail']}" for e in list(sup.events))
+        pytest.fail(f"timed out waiting for {what}\nevents:\n{events}")
+
+
+@pytest.fixture
+def loop() -> Iterator[Callable[[Supervisor], None]]:
+    """loop(sup) runs a supervisor's loop in a thread (as `up` does); stopped after the test."""
+    stops: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(sup: Supervisor) -> None:
+        stop = threading.Event()
+        t = threading.Thread(target=sup.run, args=(stop,), daemon=True)
+        t.start()
+        stops.append((stop, t))
+
+    yield start
+    for stop, t in stops:
+        stop.set()
+        t.join(60)

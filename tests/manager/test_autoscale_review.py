@@ -18,7 +18,7 @@ import pytest
 
 from shmfabric.functions.control import ControlClient
 from shmfabric.manager.policy import ScaleAction
-from tests.manager.conftest import wait_until
+from tests.manager.conftest import status_within, until_events, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -52,56 +52,12 @@ WITH_S = BASE.replace("  - name: gen3\n", "  - name: s\n    function: generator\
 assert WITH_S != BASE
 
 
-def _bg(fn, *args, **kw) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args, **kw)
-        except Exception as exc:  # checked by the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
 def _status(sup, timeout: float = 10.0) -> dict:
-    """status() from another thread, bounded: a manager that does not answer fails the test."""
-    t, out = _bg(sup.status)
-    t.join(timeout)
-    assert not t.is_alive(), f"status() did not answer within {timeout:g}s while the scale step waits"
-    return out["value"]
+    return status_within(sup, timeout, " while the scale step waits")
 
 
 def _operation(sup) -> dict | None:
     return _status(sup)["operation"]
-
-
-def _until(pred, sup, timeout: float, what: str):
-    """wait_until without ticking (the loop thread does), listing the events if it times out."""
-    try:
-        return wait_until(pred, timeout=timeout, what=what)
-    except pytest.fail.Exception:
-        events = "\n".join(f"  {e['kind']} {e['node']}: {e['detail']}" for e in list(sup.events))
-        pytest.fail(f"timed out waiting for {what}\nevents:\n{events}")
-
-
-@pytest.fixture
-def loop():
-    """Runs a supervisor's loop in a thread (as `up` does); stopped after the test."""
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(sup) -> None:
-        stop = threading.Event()
-        t = threading.Thread(target=sup.run, args=(stop,), daemon=True)
-        t.start()
-        stops.append((stop, t))
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(60)
 
 
 def _out_once(sup, name: str) -> None:
@@ -143,7 +99,7 @@ def test_the_watch_restarts_and_status_answers_while_a_policy_step_waits_for_its
         wait_until(lambda: (_operation(sup) or {}).get("kind") == "autoscale", what="the policy's step under way")
         t, old = _kill_t(sup)
         # the watch goes on while the step waits: t is restarted and runs again, the gate still shut
-        _until(lambda: t.restarts == 1 and t.pid != old and t.state == "running", sup, timeout=30,
+        until_events(lambda: t.restarts == 1 and t.pid != old and t.state == "running", sup, timeout=30,
                what="t restarted while the scale step waits for n-2")
         st = _status(sup)
         # still the same step: t was not restarted only once the step had given up on n-2
@@ -245,12 +201,12 @@ def test_a_node_blocked_by_its_next_hop_is_not_scaled_out_and_an_event_says_why(
     sup.nodes["fw"].decider.observe = observe
     loop(sup)
     try:
-        ev = _until(lambda: next((e for e in list(sup.events) if e["kind"] == "scale-skipped" and e["node"] == "fw"),
+        ev = until_events(lambda: next((e for e in list(sup.events) if e["kind"] == "scale-skipped" and e["node"] == "fw"),
                                  None), sup, timeout=60, what="the skipped scale-out of fw reported")
         assert "blocked by its next hop" in ev["detail"] and ("snk" in ev["detail"] or "refused" in ev["detail"]), ev
         # many more policy rounds with fw's queue deep and its output blocked: still no step
         start = rounds[0]
-        _until(lambda: rounds[0] >= start + 40, sup, timeout=120, what="40 more policy rounds")
+        until_events(lambda: rounds[0] >= start + 40, sup, timeout=120, what="40 more policy rounds")
         assert sup.nodes["fw"].depth > 32
         assert [i.name for i in sup.nodes["fw"].instances] == ["fw"]
         assert not any(e["kind"] == "scale" and e["node"] == "fw" for e in sup.events)

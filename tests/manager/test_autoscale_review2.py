@@ -29,7 +29,7 @@ from shmfabric.functions.control import ControlClient
 from shmfabric.manager import supervisor as supmod
 from shmfabric.manager.policy import ScaleAction
 from shmfabric.manager.supervisor import SupervisorError
-from tests.manager.conftest import wait_until
+from tests.manager.conftest import in_thread, status_within, until_events, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -83,51 +83,8 @@ def plugin(tmp_path, monkeypatch):
     sys.modules.pop("rv2plug", None)
 
 
-@pytest.fixture
-def loop():
-    """Runs a supervisor's loop in a thread (as `up` does); stopped after the test."""
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(sup) -> None:
-        stop = threading.Event()
-        t = threading.Thread(target=sup.run, args=(stop,), daemon=True)
-        t.start()
-        stops.append((stop, t))
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(60)
-
-
-def _bg(fn, *args, **kw) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args, **kw)
-        except Exception as exc:  # checked by the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def _until(pred, sup, timeout: float, what: str):
-    """wait_until without ticking (the loop thread does), listing the events if it times out."""
-    try:
-        return wait_until(pred, timeout=timeout, what=what)
-    except pytest.fail.Exception:
-        events = "\n".join(f"  {e['kind']} {e['node']}: {e['detail']}" for e in list(sup.events))
-        pytest.fail(f"timed out waiting for {what}\nevents:\n{events}")
-
-
 def _status(sup, timeout: float = 60.0) -> dict:
-    t, out = _bg(sup.status)
-    t.join(timeout)
-    assert not t.is_alive(), f"status() did not answer within {timeout:g}s"
-    return out["value"]
+    return status_within(sup, timeout)
 
 
 def _running(sup, name: str) -> int:
@@ -243,23 +200,23 @@ def test_an_instance_restarted_during_a_config_push_runs_the_config_that_is_comm
     else:
         at_fw2, go = made[0].held, made[0].gate
     loop(sup)
-    _until(lambda: _tag(fw) == 0 and _tag(fw2) == 0, sup, 30, "fw and fw-2 polled")
+    until_events(lambda: _tag(fw) == 0 and _tag(fw2) == 0, sup, 30, "fw and fw-2 polled")
     if how == "api":
-        op, out = _bg(sup.reconfigure, "fw", {"tag": 1})
+        op, out = in_thread(sup.reconfigure, "fw", {"tag": 1})
     else:
         src = Path(sup.source)
         src.write_text(src.read_text().replace("config: {tag: 0}", "config: {tag: 1}"))
-        op, out = _bg(sup.reload_file)
+        op, out = in_thread(sup.reload_file)
     try:
         assert at_fw2.wait(60), "the push never reached fw-2"
         old = fw.pid
         os.kill(old, signal.SIGKILL)
         if when == "starting":
-            _until(lambda: fw.pid != old and fw.proc.poll() is None and sup.fabric.node_id("fw") is not None,
+            until_events(lambda: fw.pid != old and fw.proc.poll() is None and sup.fabric.node_id("fw") is not None,
                    sup, 60, "fw restarted and attached while the push to fw-2 waits")
             assert fw.state == "starting"
         else:
-            _until(lambda: fw.pid != old and fw.state == "running", sup, 60,
+            until_events(lambda: fw.pid != old and fw.state == "running", sup, 60,
                    "fw restarted and running while the push to fw-2 waits")
     finally:
         go.set()
@@ -273,13 +230,13 @@ def test_an_instance_restarted_during_a_config_push_runs_the_config_that_is_comm
     assert fw.restarts == 1
     # what runs is what status shows: fw's new process is pushed the committed config once it answers
     # (before: it ran tag 0 for good, flagged nowhere, while status showed tag 1)
-    _until(lambda: _tag(fw) == want and _tag(fw2) == want and not fw.push_config and not fw2.push_config,
+    until_events(lambda: _tag(fw) == want and _tag(fw2) == want and not fw.push_config and not fw2.push_config,
            sup, 30, f"fw and fw-2 running tag {want}")
     assert sup.node_status("fw")["config"]["tag"] == want
     assert fw.config["tag"] == fw2.config["tag"] == want
     for _ in range(2):  # and it stays so (no later push of another config)
         n = sup._sampled_at
-        _until(lambda: sup._sampled_at != n, sup, 30, "another round")
+        until_events(lambda: sup._sampled_at != n, sup, 30, "another round")
     assert _tag(fw) == _tag(fw2) == want and fw.restarts == 1
 
 
@@ -318,7 +275,7 @@ def test_restarts_and_status_go_on_while_a_scale_in_waits_for_a_victim_that_does
     os.kill(vproc.pid, signal.SIGSTOP)
     try:
         if by == "operator":
-            op, out = _bg(sup.scale, "n", 1)
+            op, out = in_thread(sup.scale, "n", 1)
         else:
             fired: list[float] = []
 
@@ -334,7 +291,7 @@ def test_restarts_and_status_go_on_while_a_scale_in_waits_for_a_victim_that_does
         t = sup.nodes["t"].instances[0]
         old = t.pid
         os.kill(old, signal.SIGKILL)
-        _until(lambda: t.restarts == 1 and t.pid not in (None, old) and t.proc.poll() is None, sup, 60,
+        until_events(lambda: t.restarts == 1 and t.pid not in (None, old) and t.proc.poll() is None, sup, 60,
                "t restarted")
         # t came back while the scale-in still waits for n-2 to exit (it cannot: it is stopped)
         assert vproc.poll() is None, "t was restarted only once the scale-in had killed n-2"
@@ -343,11 +300,11 @@ def test_restarts_and_status_go_on_while_a_scale_in_waits_for_a_victim_that_does
         assert st["operation"] and st["operation"]["node"] == "n", st["operation"]
         assert st["operation"]["kind"] == ("scale" if by == "operator" else "autoscale")
         assert any(e["kind"] == "restart" and e["node"] == "t" for e in st["events"])
-        _until(lambda: t.state == "running", sup, 60, "t running")
+        until_events(lambda: t.state == "running", sup, 60, "t running")
     finally:
         if vproc.poll() is None:
             os.kill(vproc.pid, signal.SIGCONT)  # the pending SIGTERM ends it
-    _until(lambda: vproc.poll() is not None and victim.state == "stopped" and _status(sup)["operation"] is None,
+    until_events(lambda: vproc.poll() is not None and victim.state == "stopped" and _status(sup)["operation"] is None,
            sup, 60, "the scale-in done")
     if by == "operator":
         op.join(60)
@@ -382,20 +339,20 @@ def test_a_starting_instance_is_not_killed_for_probes_the_busy_control_channel_d
     rounds = _rounds(sup)
     loop(sup)
     chan = made[0]
-    op, out = _bg(sup.reconfigure, "gen", {"rate": 200, "size": 128, "flows": 16})
+    op, out = in_thread(sup.reconfigure, "gen", {"rate": 200, "size": 128, "flows": 16})
     try:
         assert chan.held.wait(60), "the push never reached gen"
         t = sup.nodes["t"].instances[0]
         old = t.pid
         os.kill(old, signal.SIGKILL)
-        _until(lambda: t.restarts == 1 and t.pid != old and (sup._table.get("t") or {}).get("pid") == t.pid,
+        until_events(lambda: t.restarts == 1 and t.pid != old and (sup._table.get("t") or {}).get("pid") == t.pid,
                sup, 60, "t restarted and attached")
         assert t.state == "starting"  # not probed: the channel is busy
         # START_TIMEOUT after its start has passed now (it is shortened here: the 15 s are not the
         # point); 20 more rounds that cannot probe it
         monkeypatch.setattr(supmod, "START_TIMEOUT", 0.001)
         start = rounds[0]
-        _until(lambda: rounds[0] >= start + 20 or t.restarts > 1, sup, 60, "20 more rounds")
+        until_events(lambda: rounds[0] >= start + 20 or t.restarts > 1, sup, 60, "20 more rounds")
         # before: killed "not attached after 15s" at the first of them, attached as it was
         assert t.restarts == 1 and t.pid != old and t.proc.poll() is None, [
             f"{e['kind']} {e['node']}: {e['detail']}" for e in sup.events if e["node"] == "t"]
@@ -406,7 +363,7 @@ def test_a_starting_instance_is_not_killed_for_probes_the_busy_control_channel_d
     op.join(60)
     assert "error" not in out, out.get("error")
     # the channel free, t answers its probe and runs
-    _until(lambda: t.state == "running", sup, 60, "t running")
+    until_events(lambda: t.state == "running", sup, 60, "t running")
     assert t.restarts == 1
 
 
@@ -422,10 +379,10 @@ def test_an_attached_instance_whose_sent_probes_go_unanswered_is_still_killed(ru
     deaf.set()  # t's polls and probes are sent and not answered from now on
     old = t.pid
     os.kill(old, signal.SIGKILL)
-    _until(lambda: t.restarts == 1 and t.pid != old and (sup._table.get("t") or {}).get("pid") == t.pid,
+    until_events(lambda: t.restarts == 1 and t.pid != old and (sup._table.get("t") or {}).get("pid") == t.pid,
            sup, 60, "t restarted and attached")
     monkeypatch.setattr(supmod, "START_TIMEOUT", 0.001)
-    _until(lambda: any(e["kind"] == "hung" and e["node"] == "t" for e in sup.events), sup, 60, "t killed")
+    until_events(lambda: any(e["kind"] == "hung" and e["node"] == "t" for e in sup.events), sup, 60, "t killed")
     monkeypatch.undo()
     assert any("attached but not answering" in e["detail"] for e in sup.events if e["kind"] == "hung")
 
@@ -472,7 +429,7 @@ def test_a_bottleneck_is_scaled_out_though_its_output_is_blocked_at_a_few_polls(
             held_at.append(calls[0])
         return _scaled(sup, "fw", "out to 2") or (held_at and calls[0] >= held_at[0] + 40)
 
-    _until(done, sup, 120, "fw scaled out, or held for 40 policy rounds")
+    until_events(done, sup, 120, "fw scaled out, or held for 40 policy rounds")
     assert _running(sup, "fw") == 2, [f"{e['kind']} {e['node']}: {e['detail']}" for e in sup.events]
     assert any(e["kind"] == "scale" and e["node"] == "fw" and "out to 2" in e["detail"] for e in sup.events)
     assert not any(e["kind"] == "scale-skipped" for e in sup.events)
@@ -517,7 +474,7 @@ def test_a_step_whose_thread_could_not_be_started_is_taken_at_a_later_round(run_
 
     monkeypatch.setattr(threading.Thread, "start", start)
     loop(sup)
-    _until(lambda: _scaled(sup, "n", "out to 2") or (refused and rounds[0] >= refused[-1] + 30), sup, 60,
+    until_events(lambda: _scaled(sup, "n", "out to 2") or (refused and rounds[0] >= refused[-1] + 30), sup, 60,
            "n scaled out, or 30 policy rounds after the last refusal")
     monkeypatch.undo()
     assert len(refused) == 3 and refused[0] < refused[1] < refused[2]  # decided again at later rounds

@@ -13,7 +13,7 @@ import pytest
 
 from shmfabric.manager.policy import ScaleAction
 from shmfabric.manager.supervisor import SupervisorError
-from tests.manager.conftest import wait_until
+from tests.manager.conftest import in_thread, status_within, wait_until
 from tests.manager.test_reload_txn import BASE as _BASE
 
 # fw may run 1..4 instances: a reload keeps the counts a scale set (it applies the policy's bounds)
@@ -35,26 +35,8 @@ def _gated(tmp_path, node: str) -> tuple[Path, Path]:
     return wrapper, flag
 
 
-def _bg(fn, *args, **kw) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args, **kw)
-        except Exception as exc:  # checked by the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
 def _status(sup, timeout: float = 10.0) -> dict:
-    """status() from another thread, bounded: a wedged manager fails the test instead of hanging it."""
-    t, out = _bg(sup.status)
-    t.join(timeout)
-    assert not t.is_alive(), "status() did not answer: the manager is wedged"
-    return out["value"]
+    return status_within(sup, timeout, ": the manager is wedged")
 
 
 def _operation(sup, kind: str) -> dict:
@@ -74,33 +56,16 @@ def _consistent(sup) -> None:
         assert n["instances"] and all(i["state"] == "running" for i in n["instances"]), n
 
 
-@pytest.fixture
-def loop():
-    """Runs a supervisor's loop in a thread (as `up` does); stopped after the test."""
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(sup) -> None:
-        stop = threading.Event()
-        t = threading.Thread(target=sup.run, args=(stop,), daemon=True)
-        t.start()
-        stops.append((stop, t))
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(30)
-
-
 def test_a_reload_during_a_scale_waits_its_turn_and_both_apply(run_topology, tmp_path, loop):
     wrapper, flag = _gated(tmp_path, "fw")
     sup = run_topology(BASE, python=str(wrapper))
     loop(sup)
     flag.unlink()
-    ts, scaled = _bg(sup.scale, "fw", 3)
+    ts, scaled = in_thread(sup.scale, "fw", 3)
     _operation(sup, "scale")  # waiting for fw-2, fw-3 (lock released)
     src = Path(sup.source)
     src.write_text(src.read_text().replace("rate: 2000", "rate: 1000"))
-    tr, reloaded = _bg(sup.reload_file)
+    tr, reloaded = in_thread(sup.reload_file)
     st = _status(sup)  # answers while both are pending
     assert st["operation"]["kind"] == "scale"
     flag.touch()
@@ -122,9 +87,9 @@ def test_two_reloads_at_once_both_return(run_topology, tmp_path, loop):
     src = Path(sup.source)
     src.write_text(src.read_text().replace("  - name: snk\n", "  - name: slow\n    function: sink\n  - name: snk\n")
                    .replace("[gen, fw, snk]", "[gen, fw, [snk, slow]]"))
-    t1, r1 = _bg(sup.reload_file)
+    t1, r1 = in_thread(sup.reload_file)
     _operation(sup, "reload")
-    t2, r2 = _bg(sup.reload_file)
+    t2, r2 = in_thread(sup.reload_file)
     _status(sup)
     flag.touch()
     t1.join(60)
@@ -140,7 +105,7 @@ def test_a_second_action_is_refused_with_409_naming_the_first_when_it_does_not_w
     sup = run_topology(BASE, python=str(wrapper))
     loop(sup)
     flag.unlink()
-    ts, scaled = _bg(sup.scale, "fw", 2)
+    ts, scaled = in_thread(sup.scale, "fw", 2)
     try:
         _operation(sup, "scale")
         sup.op_wait = 0
@@ -174,7 +139,7 @@ def test_a_reload_during_a_scale_policy_step_returns(run_topology, tmp_path, loo
     decider.observe = observe
     loop(sup)
     _operation(sup, "autoscale")  # the loop waits for fw-2
-    tr, reloaded = _bg(sup.reload_file)
+    tr, reloaded = in_thread(sup.reload_file)
     assert _status(sup)["operation"]["kind"] == "autoscale"
     flag.touch()
     tr.join(60)
@@ -192,7 +157,7 @@ def test_sighup_during_a_scale_is_queued_and_reloads_after_it(run_topology, tmp_
     sup = run_topology(BASE, python=str(wrapper))
     loop(sup)
     flag.unlink()
-    ts, scaled = _bg(sup.scale, "fw", 2)
+    ts, scaled = in_thread(sup.scale, "fw", 2)
     _operation(sup, "scale")
     src = Path(sup.source)
     src.write_text(src.read_text().replace("rate: 2000", "rate: 1500"))

@@ -205,6 +205,29 @@ def pipeline_on(sock: socket.socket, commands: list[list[bytes]]) -> list[bytes]
     return out
 
 
+def send_until_closed(port: int, data: bytes, piece: int = 0) -> bytes:
+    """Send `data` (ending in QUIT, or cut by a protocol error) to 127.0.0.1:`port` in pieces of
+    `piece` bytes (0: at once), and read everything until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        step = piece or len(data)
+        for i in range(0, len(data), step):
+            try:
+                s.sendall(data[i : i + step])
+            except OSError:  # closed after a protocol error
+                break
+        out = b""
+        while True:
+            try:
+                d = s.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not d:
+                break
+            out += d
+        return out
+
+
 def placed_on(sp: SplicerThread, server: int, n: int, prefix: str) -> list[str]:
     """`n` names (`prefix:i`) that the splicer `sp` places on server index `server`."""
     out, i = [], 0

@@ -8,13 +8,12 @@ stream here goes to the splicer and to a plain redis-server, and the reply bytes
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from shmfabric.splicer.redis_resp import RequestReader
 
-from .redis_fixtures import RedisServer, needs_redis, redis_servers, splicer
+from .redis_fixtures import RedisServer, needs_redis, send_until_closed, splicer, trio  # noqa: F401 (trio: a fixture)
 
 pytestmark = [needs_redis, pytest.mark.timeout(120)]
 
@@ -49,41 +48,17 @@ BAD = {
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as s:
+def sp(trio):
+    with splicer(trio[:2]) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def sp(servers):
-    with splicer(servers[:2]) as s:
-        yield s
+def plain(trio) -> RedisServer:
+    return trio[2]
 
 
-@pytest.fixture(scope="module")
-def plain(servers) -> RedisServer:
-    return servers[2]
-
-
-def exchange(port: int, data: bytes, piece: int = 0) -> bytes:
-    """Send `data` (ending in QUIT, or cut by a protocol error) and read until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(0, len(data), piece or len(data)):
-            try:
-                s.sendall(data[i : i + (piece or len(data))])
-            except OSError:  # closed after a protocol error
-                break
-        out = b""
-        while True:
-            try:
-                d = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not d:
-                break
-            out += d
-        return out
+exchange = send_until_closed
 
 
 @pytest.mark.parametrize("tail", [INLINE_TAIL, MULTIBULK_TAIL], ids=["inline", "multibulk"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from shmfabric.splicer import redis_resp
 from shmfabric.splicer.redis_resp import RequestReader, encode_command
 
-from .redis_fixtures import RedisServer, needs_redis, redis_servers, splicer
+from .redis_fixtures import RedisServer, needs_redis, send_until_closed, splicer, trio  # noqa: F401 (trio: a fixture)
 
 # Every RESP2/RESP3 type byte but '*', and a letter.
 STARTS = b"~|>%$:#_,(=!+-x"
@@ -179,42 +178,17 @@ QUIT = encode_command([b"QUIT"])
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    with redis_servers(tmp_path_factory.mktemp("redis"), 3) as s:
+def sp(trio):
+    with splicer(trio[:2]) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def sp(servers):
-    with splicer(servers[:2]) as s:
-        yield s
+def plain(trio) -> RedisServer:
+    return trio[2]
 
 
-@pytest.fixture(scope="module")
-def plain(servers) -> RedisServer:
-    return servers[2]
-
-
-def exchange(port: int, data: bytes, piece: int = 0) -> bytes:
-    """Send `data` (ending in QUIT) in pieces of `piece` bytes, and read until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        step = piece or len(data)
-        for i in range(0, len(data), step):
-            try:
-                s.sendall(data[i : i + step])
-            except OSError:
-                break
-        out = b""
-        while True:
-            try:
-                d = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not d:
-                break
-            out += d
-        return out
+exchange = send_until_closed
 
 
 def _key_set(sp, plain) -> None:

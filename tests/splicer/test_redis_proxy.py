@@ -467,6 +467,11 @@ def test_failed_requests_are_counted_per_request_not_per_failure(fresh_pair) -> 
         while (st.splicer.stats()["servers"][0]["connections"], st.splicer.stats()["servers"][0]["inflight"]) != (2, 0):
             assert time.monotonic() < deadline, st.splicer.stats()
             time.sleep(0.02)
+        # A long backoff after the reset, so the request below finds server 0 known down however
+        # slow the host is (the default first wait is 25-50 ms, which a loaded CI host overran:
+        # the splicer tried to connect again and said "cannot connect" instead of "unavailable")
+        srv0 = st.splicer._servers[0]
+        srv0.backoff.base = srv0.backoff.cap = 30.0
         sleeper = _sleep_server(fresh_pair[0], 5)  # the 7 GETs stay in flight on server 0's lane
         out: list = []
         t = threading.Thread(target=lambda: out.append(raw_roundtrip(st.port, [[b"GET", k.encode()] for k in keys])))

@@ -21,7 +21,8 @@ from shmfabric.splicer.redis_resp import RequestReader, RespProtocolError, _may_
 
 from .redis_fixtures import needs_redis
 # the splicer (over two servers) and a plain redis-server (the third), as the desync tests use them
-from .test_redis_reader_desync import exchange, plain, servers, sp  # noqa: F401 (fixtures)
+from .redis_fixtures import trio  # noqa: F401 (a fixture)
+from .test_redis_reader_desync import exchange, plain, sp  # noqa: F401 (fixtures)
 
 B64 = [encode_command([b"SET", b"k%d" % i, base64.b64encode(bytes([i, 250, 251]) * 7) + b"+="]) for i in range(16)]
 B64_CMDS = [[b"SET", b"k%d" % i, base64.b64encode(bytes([i, 250, 251]) * 7) + b"+="] for i in range(16)]

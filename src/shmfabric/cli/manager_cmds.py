@@ -141,12 +141,6 @@ def open_state_dir(create: bool = False) -> StateDir:
                    "only you may write")
 
 
-def checked_state_dir(create: bool = False) -> Path:
-    """The state directory's path, checked as `open_state_dir` checks it."""
-    with open_state_dir(create) as sd:
-        return sd.path
-
-
 def _state_dir_problem(d: Path, fd: int, made: bool) -> str | None:
     """What is wrong with the state directory open at `fd` (None: nothing; one of ours that others
     could write but that holds only our files is made 0700 first, with a line saying so)."""

@@ -341,8 +341,8 @@ class Supervisor:
         self._delivered_seen: dict[str, int] = {}  # chain -> its tail's frames at the last status
         self._delivered_base: dict[str, int] = {}  # chain -> what instances no longer listed had delivered
         self._rings: list[dict] = []
-        self._blocked: set[str] = set()  # instances with a (nearly) full output ring
-        self._full_out: dict[str, list[str]] = {}  # those instances -> the instances their full rings lead to
+        # instances with a (nearly) full output ring -> the instances their full rings lead to
+        self._full_out: dict[str, list[str]] = {}
         self._pools: list[dict] = []
         self._sampled_at: float | None = None  # when the node table, rings and pools were last read
         self._spawner: _Spawner | None = None
@@ -801,7 +801,7 @@ class Supervisor:
         # without serving control messages); the stuck one is downstream and is judged on its own.
         # Judged only when its last poll was sent and not answered (`stats_failures`): a poll that was
         # not sent (the control channel busy with an operation's request) says nothing about it
-        if (limit and inst.name not in self._blocked and inst.stats_failures
+        if (limit and inst.name not in self._full_out and inst.stats_failures
                 and now - max(inst.last_answer, inst.started_at) > limit):
             # alive, attached, but deaf (stuck in a function, SIGSTOPped): only a restart helps
             self._event("hung", inst.name, f"no answer to control requests for {limit:g}s; killing it")
@@ -881,7 +881,6 @@ class Supervisor:
         for r in rings:
             if r["depth"] >= full:
                 self._full_out.setdefault(r["src"], []).append(r["dst"])
-        self._blocked = set(self._full_out)
         for node in self.nodes.values():
             node.depth = sum(depth_to.get(i.name, 0) for i in node.instances if i.active)
         self._pools = []

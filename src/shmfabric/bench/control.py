@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -130,16 +129,14 @@ def run_fabric(requests: int, workdir: Path) -> dict[str, dict]:
 
 
 def _stats_socket_round_trip(path: Path, command: bytes) -> float:
+    """One `command` on HAProxy's stats socket, a new connection as a monitoring agent makes:
+    seconds from connect to the answer read whole."""
+    from shmfabric.bench.splice_http import stats_command
+
     t0 = time.perf_counter()
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(command + b"\n")
-        got = 0
-        while chunk := s.recv(65536):
-            got += len(chunk)
+    answer = stats_command(path, command)
     took = time.perf_counter() - t0
-    if not got:
+    if not answer:
         raise RuntimeError(f"bench control: HAProxy answered {command.decode()!r} with nothing")
     return took
 

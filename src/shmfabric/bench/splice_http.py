@@ -542,7 +542,8 @@ def tls_probe(port: int, cert: Path, path: str = "/a", reconnects: int = 10, tim
     return out
 
 
-def _stats_command(sock_path: Path, command: bytes) -> str:
+def stats_command(sock_path: Path, command: bytes) -> str:
+    """`command` on HAProxy's stats socket (a UNIX stream socket, a new connection): its answer."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(sock_path))
@@ -555,13 +556,13 @@ def _stats_command(sock_path: Path, command: bytes) -> str:
 
 def haproxy_info(sock_path: Path) -> dict[str, str]:
     """HAProxy's `show info` (process-wide: e.g. DroppedLogs, the log lines it could not write)."""
-    return dict(line.split(": ", 1) for line in _stats_command(sock_path, b"show info").splitlines() if ": " in line)
+    return dict(line.split(": ", 1) for line in stats_command(sock_path, b"show info").splitlines() if ": " in line)
 
 
 def haproxy_stats(sock_path: Path) -> dict[str, int]:
     """The frontend's counters from HAProxy's stats socket: connections accepted (`conn_tot`),
     requests, and TLS sessions new (`ssl_sess`, a full handshake) and resumed (`ssl_reused_sess`)."""
-    data = _stats_command(sock_path, b"show stat")
+    data = stats_command(sock_path, b"show stat")
     lines = data.splitlines()
     names = lines[0].lstrip("# ").split(",")
     for line in lines[1:]:

@@ -3,7 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark nftables conntrack
+DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark nftables conntrack \
+           iputils-ping iperf3
 PYTEST_ARGS ?=
 
 .PHONY: run demo test setup debs build bench clean

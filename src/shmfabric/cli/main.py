@@ -18,6 +18,7 @@ COMMANDS = [
     "shmfabric.cli.splice",
     "shmfabric.cli.manager_cmds",
     "shmfabric.cli.capture",
+    "shmfabric.cli.adapter",
 ]
 
 

@@ -508,6 +508,11 @@ class Node:
         """Send a copy of `payload` to every other node through the broadcast tape."""
         self._port.tape_send(0, control.BROADCAST_MAC + self.mac + ethertype.to_bytes(2, "big") + bytes(payload))
 
+    def flood(self, frame: bytes | bytearray | memoryview) -> None:
+        """Send a whole Ethernet frame (header included, as a TAP device gives it) to every other
+        node through the broadcast tape; its header is kept as it is (a TAP adapter's ARP)."""
+        self._port.tape_send(0, frame)
+
     def multicast(self, group: int, payload: bytes | bytearray | memoryview, ethertype: int = control.ETHERTYPE) -> None:
         """Send to every node that joined multicast `group` (0..n_mcast-1)."""
         self._check_group(group)

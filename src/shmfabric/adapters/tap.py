@@ -1,0 +1,127 @@
+"""Open and configure a TAP device (Linux), optionally inside a named network namespace.
+
+The device is opened non-persistent: it disappears when its file descriptor closes, so an
+adapter that dies (even by SIGKILL) leaves no interface behind. Links and addresses are set with
+pyroute2 (netlink), not by running `ip`.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000  # frames without the 4-byte packet-information prefix
+IFNAMSIZ = 16
+NETNS_DIR = "/var/run/netns"
+
+
+class TapError(Exception):
+    """A TAP device or namespace that cannot be set up; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Tap:
+    """An open TAP device: its file descriptor (non-blocking) and interface name."""
+
+    fd: int
+    ifname: str
+
+    def close(self) -> None:
+        """Close the device (it disappears with its last descriptor)."""
+        os.close(self.fd)
+
+
+def check_ifname(name: str) -> str:
+    """`name` if the kernel would take it as an interface name, else TapError."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) \
+            or name in (".", ".."):
+        raise TapError(f"interface name {name!r} is not valid: 1-15 bytes, no '/' or spaces (e.g. sf0)")
+    return name
+
+
+def parse_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """An address with its prefix, e.g. 10.77.0.1/24 or fd00::1/64."""
+    if "/" not in text:
+        raise TapError(f"address {text!r} has no prefix length; give one, e.g. {text}/24")
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError as exc:
+        raise TapError(f"address {text!r} is not an IP address with a prefix ({exc})") from None
+
+
+def enter_netns(name: str) -> None:
+    """Move this process into the named network namespace (`ip netns add NAME` made it)."""
+    path = os.path.join(NETNS_DIR, name)
+    if "/" in name or name in (".", "..") or not os.path.exists(path):
+        raise TapError(f"network namespace {name!r} does not exist ({path}); create it with `ip netns add {name}`")
+    from pyroute2 import netns  # only adapters need pyroute2's namespace switch
+
+    try:
+        netns.setns(name, flags=0)  # flags=0: never create it
+    except OSError as exc:
+        raise TapError(f"cannot enter network namespace {name!r}: {exc.strerror} (entering one needs root)") from None
+
+
+def open_tap(ifname: str) -> Tap:
+    """Create (or attach to) TAP device `ifname` in the current network namespace."""
+    check_ifname(ifname)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TapError(f"cannot open /dev/net/tun: {exc.strerror} (TAP devices need root or CAP_NET_ADMIN, "
+                       "and the tun module)") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        why = {errno.EPERM: "needs root or CAP_NET_ADMIN",
+               errno.EBUSY: "another process has it open",
+               errno.EINVAL: "an interface of another kind has that name"}.get(exc.errno, exc.strerror)
+        raise TapError(f"cannot create TAP device {ifname!r}: {why}") from None
+    return Tap(fd, ifname)
+
+
+def configure(ifname: str, mac: bytes, mtu: int,
+              addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
+    """Give the device the node's MAC, the network's MTU and `addresses`, and bring it up."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from shmfabric.adapters.ethernet import format_mac
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise TapError(f"TAP device {ifname!r} vanished while being configured")
+        index = found[0]
+        try:
+            ipr.link("set", index=index, address=format_mac(mac))
+            ipr.link("set", index=index, mtu=mtu)
+        except NetlinkError as exc:
+            raise TapError(f"cannot set MAC/MTU {mtu} on {ifname!r}: {exc.args[-1]}") from None
+        for a in addresses:
+            try:
+                ipr.addr("add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise TapError(f"cannot add address {a} to {ifname!r}: {exc.args[-1]}") from None
+        # Announce the address when the link comes up (gratuitous ARP, unsolicited neighbour
+        # advertisement): an adapter restarted on another node id has another MAC, and its peers'
+        # neighbour caches must not keep sending to the old one.
+        _sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1")
+        _sysctl(f"net/ipv6/conf/{ifname}/ndisc_notify", "1")
+        ipr.link("set", index=index, state="up")
+
+
+def _sysctl(key: str, value: str) -> None:
+    # /proc/sys/net shows the network namespace of the process that opens it: ours.
+    try:
+        with open(f"/proc/sys/{key}", "w") as f:
+            f.write(value)
+    except OSError:  # IPv6 disabled, or /proc/sys read-only (a container): the announcement is a nicety
+        pass

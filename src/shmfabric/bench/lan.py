@@ -1,0 +1,207 @@
+"""Hosts on a LAN for the adapter bench and tests: network namespaces joined either by the
+fabric (a TAP adapter per namespace) or by a veth pair (the kernel's way, the peer). Root only.
+
+    with FabricLan(2) as lan:             # or VethLan()
+        lan.run(1, ["redis-server", ...]) # a program in host 1's namespace
+        lan.ip(1)                          # its address
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, Sequence
+
+SUBNET = "10.77.{lan}.{host}"
+
+
+class LanError(Exception):
+    """A LAN that could not be set up (the message says which step and why)."""
+
+
+def _ip(*argv: str) -> None:
+    r = subprocess.run(["ip", *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LanError(f"`ip {' '.join(argv)}` failed: {r.stderr.strip()}")
+
+
+class _Lan:
+    """Network namespaces host0..hostN-1 (the names carry a random tag), addresses 10.77.L.1...
+
+    Subclasses connect them. `run`/`popen` start programs in a host's namespace; every process
+    still in a namespace when the LAN closes is killed.
+    """
+
+    kind = "lan"
+
+    def __init__(self, hosts: int = 2, mtu: int = 1500, lan: int = 0) -> None:
+        self.hosts = hosts
+        self.mtu = mtu
+        self.lan = lan
+        self.tag = uuid.uuid4().hex[:6]
+        self.namespaces = [f"sf{self.tag}-{i}" for i in range(hosts)]
+        self._procs: list[subprocess.Popen] = []
+
+    def ip(self, host: int) -> str:
+        """Host `host`'s address."""
+        return SUBNET.format(lan=self.lan, host=host + 1)
+
+    def cidr(self, host: int) -> str:
+        return f"{self.ip(host)}/24"
+
+    def exec_argv(self, host: int, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespaces[host], *argv]
+
+    def run(self, host: int, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
+        """Run `argv` in host `host`'s namespace to the end (subprocess.run keywords)."""
+        return subprocess.run(self.exec_argv(host, argv), **kw)
+
+    def popen(self, host: int, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        """Start `argv` in host `host`'s namespace; killed when the LAN closes if still running."""
+        p = subprocess.Popen(self.exec_argv(host, argv), **kw)
+        self._procs.append(p)
+        return p
+
+    def __enter__(self) -> "_Lan":
+        try:
+            for ns in self.namespaces:
+                _ip("netns", "add", ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+            self.connect()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop what runs in the namespaces and remove them."""
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.disconnect()
+        for ns in self.namespaces:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+class VethLan(_Lan):
+    """Two namespaces joined by a veth pair: the kernel's own link, the peer of the fabric."""
+
+    kind = "veth"
+
+    def __init__(self, mtu: int = 1500, lan: int = 1) -> None:
+        super().__init__(2, mtu, lan)
+
+    def connect(self) -> None:
+        a, b = self.namespaces
+        _ip("link", "add", f"v{self.tag}a", "netns", a, "type", "veth", "peer", "name", f"v{self.tag}b", "netns", b)
+        for i, (ns, dev) in enumerate(((a, f"v{self.tag}a"), (b, f"v{self.tag}b"))):
+            _ip("-n", ns, "link", "set", dev, "mtu", str(self.mtu))
+            _ip("-n", ns, "addr", "add", self.cidr(i), "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+
+
+class FabricLan(_Lan):
+    """Namespaces joined by the fabric: a fabric of its own, a `shmfabric adapter` per namespace."""
+
+    kind = "fabric"
+
+    def __init__(self, hosts: int = 2, mtu: int = 1500, lan: int = 2, slots: int = 4096,
+                 tape_entry_size: int = 2048) -> None:
+        super().__init__(hosts, mtu, lan)
+        self.fabric = f"lan{self.tag}"
+        self.slots = slots
+        self.tape_entry_size = tape_entry_size
+        self.adapters: list[subprocess.Popen | None] = [None] * hosts
+        self.ready: list[str] = [""] * hosts
+
+    def connect(self) -> None:
+        from shmfabric.fabric import Fabric
+
+        Fabric.create(self.fabric, networks=[{"mtu": self.mtu, "slots": self.slots}],
+                      tape_entry_size=self.tape_entry_size).close()
+        for i in range(self.hosts):
+            self.start(i)
+
+    def adapter_argv(self, host: int) -> list[str]:
+        return [sys.executable, "-m", "shmfabric", "adapter", self.fabric, f"host{host}",
+                "--netns", self.namespaces[host], "--address", self.cidr(host), "--json"]
+
+    def start(self, host: int, timeout: float = 20.0) -> str:
+        """Start host `host`'s adapter and wait for its ready line (returned)."""
+        p = subprocess.Popen(self.adapter_argv(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.adapters[host] = p
+        r, _, _ = select.select([p.stdout], [], [], timeout)
+        line = p.stdout.readline() if r else ""  # type: ignore[union-attr]
+        if not line.startswith("adapter "):
+            p.kill()
+            _, err = p.communicate()
+            raise LanError(f"adapter host{host} did not start: {(line + err).strip() or 'no output'}")
+        self.ready[host] = line.strip()
+        return self.ready[host]
+
+    def stop(self, host: int, timeout: float = 10.0) -> dict[str, int]:
+        """Stop host `host`'s adapter (SIGTERM); its counters."""
+        p = self.adapters[host]
+        self.adapters[host] = None
+        if p is None:
+            return {}
+        p.send_signal(signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            raise LanError(f"adapter host{host} did not stop on SIGTERM within {timeout} s") from None
+        if p.returncode != 0:
+            raise LanError(f"adapter host{host} exited with {p.returncode}: {err.strip()}")
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        return json.loads(lines[-1])["counters"] if lines else {}
+
+    def kill(self, host: int) -> None:
+        """SIGKILL host `host`'s adapter."""
+        p = self.adapters[host]
+        self.adapters[host] = None
+        if p is not None:
+            p.kill()
+            p.communicate()
+
+    def disconnect(self) -> None:
+        from shmfabric.fabric import Fabric
+
+        for i, p in enumerate(self.adapters):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+            self.adapters[i] = None
+        Fabric.destroy(self.fabric)
+
+
+def wait_until(check, timeout: float = 10.0, every: float = 0.05) -> bool:
+    """Poll `check()` until it is true or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = check()
+        if ok or time.monotonic() >= deadline:
+            return bool(ok)
+        time.sleep(every)

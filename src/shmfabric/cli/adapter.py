@@ -1,0 +1,96 @@
+"""`shmfabric adapter FABRIC NODE --address CIDR`: the fabric as a network interface.
+
+Attaches node NODE to fabric FABRIC and gives it a TAP device (in a network namespace with
+--netns) carrying the node's fabric MAC and the given addresses. Unmodified programs on that
+interface reach the programs on other adapters of the fabric: ARP and neighbour discovery run
+over the broadcast tape, unicast frames go straight into the destination node's ring. Runs until
+SIGTERM or Ctrl-C; the device disappears with the process, even on SIGKILL.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from shmfabric.cli.main import CliError, add_json_flag
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from shmfabric.adapters.bridge import TapBridge
+    from shmfabric.adapters.ethernet import format_mac
+    from shmfabric.adapters.tap import TapError, check_ifname, configure, enter_netns, open_tap, parse_address
+    from shmfabric.fabric import Fabric, FabricError
+
+    try:
+        check_ifname(args.ifname)
+        addresses = [parse_address(a) for a in args.address]
+    except TapError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        fab = Fabric.open(args.fabric)
+    except FabricError as exc:
+        raise CliError(f"{exc} (create it with `shmfabric create {args.fabric}` or run a topology on it)") from None
+    stop = False
+
+    def on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    tap = node = None
+    try:
+        if not 0 <= args.network < len(fab.networks):
+            raise CliError(f"fabric {args.fabric!r} has networks 0..{len(fab.networks) - 1}, not {args.network}")
+        try:
+            if args.netns:
+                enter_netns(args.netns)
+            tap = open_tap(args.ifname)
+        except TapError as exc:
+            raise CliError(str(exc)) from None
+        try:
+            node = fab.attach(args.node, network=args.network)
+        except FabricError as exc:
+            raise CliError(str(exc)) from None
+        node.set_wait_mode("block")
+        try:
+            configure(tap.ifname, node.mac, node.mtu, addresses)
+        except TapError as exc:
+            raise CliError(str(exc)) from None
+        where = f" in netns {args.netns}" if args.netns else ""
+        print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
+              f"mtu {node.mtu}, {' '.join(map(str, addresses)) or 'no address'}", flush=True)
+        bridge = TapBridge(node, tap, batch=args.batch)
+        deadline = None if args.seconds is None else time.monotonic() + args.seconds
+        bridge.run(lambda: stop or (deadline is not None and time.monotonic() >= deadline))
+        counters = bridge.counters
+        if args.json:
+            print(json.dumps({"node": args.node, "ifname": tap.ifname, "counters": counters}), flush=True)
+        else:
+            print(f"adapter {args.node}: " + (", ".join(f"{k} {v}" for k, v in counters.items()) or "no frames"),
+                  file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if node is not None:
+            node.detach()
+        if tap is not None:
+            tap.close()
+        fab.close()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapter", help="a TAP network interface on the fabric for unmodified programs (root)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("fabric", help="the fabric's name")
+    p.add_argument("node", help="the adapter's node name on the fabric")
+    p.add_argument("--address", action="append", default=[], metavar="CIDR",
+                   help="an address for the interface, e.g. 10.77.0.1/24 (repeatable)")
+    p.add_argument("--netns", help="the network namespace to put the interface in (`ip netns add NAME`)")
+    p.add_argument("--ifname", default="sf0", help="the interface's name (default sf0)")
+    p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
+    p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_adapter)

@@ -20,6 +20,7 @@ BENCH_MODULES = [
     "shmfabric.bench.splice_redis",
     "shmfabric.bench.chain",
     "shmfabric.bench.control",
+    "shmfabric.bench.adapter",
 ]
 
 

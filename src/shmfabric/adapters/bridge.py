@@ -17,7 +17,8 @@ import threading
 from collections import Counter
 from typing import Callable
 
-from shmfabric.adapters.ethernet import ETH_HLEN, FLOOD, Verdict, classify
+from shmfabric.adapters.ethernet import (ETH_HLEN, FLOOD, VNET_LEN, VNET_ZERO, Verdict, classify, complete_checksum,
+                                         csum_of, meta_to_vnet, needs_offload, vnet_to_meta)
 from shmfabric.adapters.tap import Tap
 from shmfabric.core import native
 from shmfabric.fabric import Node
@@ -33,20 +34,37 @@ class TapBridge:
         self.node = node
         self.tap = tap
         self.batch = batch
-        self.read_size = node.mtu + ETH_HLEN  # the device's largest frame (its MTU is the network's)
+        self._hdr = bytearray(ETH_HLEN)  # the header of the frame being read (its payload goes to a slot)
+        self._vnet = bytearray(VNET_LEN)  # its virtio_net_hdr (offloads)
+        self._spare = bytearray(1)  # a byte past the slot: a frame reaching it did not fit
+        self._vnets: dict[int, bytes] = {0: VNET_ZERO}  # meta -> virtio_net_hdr, for writes
+        self._buf: native.Buffer | None = None  # the slot the next frame is read into
         # one Counter per direction: each thread updates only its own
         self.from_device: Counter[str] = Counter()
         self.from_fabric: Counter[str] = Counter()
 
     def pump_device(self) -> int:
-        """Frames read from the device and sent on (or dropped): at most one batch."""
-        fd, size, own = self.tap.fd, self.read_size, self.node.mac
-        send, flood, c = self.node.send, self.node.flood, self.from_device
-        read = os.read
+        """Frames read from the device and sent on (or dropped): at most one batch.
+
+        A frame is read straight into a pool slot (`readv`: the virtio_net_hdr and the Ethernet
+        header apart, the payload into the node's buffer), so its bytes are copied once, by the
+        kernel, on their way in; the virtio_net_hdr rides in the descriptor's `meta`."""
+        fd, own = self.tap.fd, self.node.mac
+        send_buffer, alloc, c = self.node.send_buffer, self.node.alloc, self.from_device
+        readv = os.readv
+        hdr, vnet, spare = self._hdr, self._vnet, self._spare
+        buf = self._buf
         n = 0
         while n < self.batch:
+            if buf is None:
+                try:
+                    buf = alloc()
+                except MemoryError:  # the pool is exhausted (receivers holding every slot)
+                    c["drop_pool_empty"] += 1
+                    break
+            view = memoryview(buf)
             try:
-                frame = read(fd, size)
+                got = readv(fd, [vnet, hdr, view, spare])
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -54,40 +72,86 @@ class TapBridge:
                     continue
                 c["device_read_errors"] += 1  # e.g. EIO: the device is down
                 break
+            finally:
+                view.release()
             n += 1
-            dst = classify(frame, own)
-            if dst >= 0:
+            got -= VNET_LEN
+            meta = 0
+            if vnet != VNET_ZERO:
+                meta = vnet_to_meta(vnet)  # type: ignore[assignment]
+                if meta is None:
+                    c["drop_offload_unsupported"] += 1
+                    continue
+            size = got - ETH_HLEN
+            if size > buf.capacity:  # past the slot, into `spare`: cut (offloads bound it: never)
+                c["drop_too_big"] += 1
+                continue
+            dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
+            if dst >= 0 and hdr[6:12] == own:
                 try:
-                    if send(dst, frame, raw=True):
+                    if send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta):
                         c["to_fabric"] += 1
+                        buf = None
                     else:
-                        c["drop_ring_full"] += 1
+                        c["drop_ring_full"] += 1  # the buffer is kept for the next frame
                 except native.DestinationError:
                     c["drop_no_node"] += 1
-                except native.FrameSizeError:
-                    c["drop_too_big"] += 1
-            elif dst == FLOOD:
-                try:
-                    flood(frame)
-                    c["flooded"] += 1
-                except native.TapeBusyError:
-                    c["drop_tape_busy"] += 1
-                except (native.FrameSizeError, ValueError):
-                    c["drop_too_big_to_flood"] += 1
+            elif dst >= 0 or dst == FLOOD:
+                with memoryview(buf) as v:
+                    frame = hdr + v[:size]
+                self._send_copy(dst, frame, meta)
             else:
                 c["drop_" + Verdict(dst).name.lower()] += 1
+        self._buf = buf
         c["from_device"] += n
         return n
 
+    def _send_copy(self, dst: int, frame: bytearray, meta: int) -> None:
+        """The rare frames sent from a copy: floods, and unicast frames whose source MAC is not
+        the device's (a bridge in the namespace), sent with their header as it is."""
+        c = self.from_device
+        if dst >= 0:
+            try:
+                if self.node.send(dst, frame, raw=True, meta=meta):
+                    c["to_fabric"] += 1
+                else:
+                    c["drop_ring_full"] += 1
+            except native.DestinationError:
+                c["drop_no_node"] += 1
+            return
+        # The tape carries no `meta`: a checksum left to the device is done here, and a segment
+        # to be cut (a UDP multicast with GSO: rare) cannot be flooded.
+        if needs_offload(meta):
+            c["drop_offload_flood"] += 1
+            return
+        cs = csum_of(meta)
+        if cs is not None:
+            complete_checksum(frame, *cs)
+        try:
+            self.node.flood(frame)
+            c["flooded"] += 1
+        except native.TapeBusyError:
+            c["drop_tape_busy"] += 1
+        except (native.FrameSizeError, ValueError):
+            c["drop_too_big_to_flood"] += 1
+
     def pump_fabric(self, timeout: float = 0) -> int:
         """Frames received from the fabric (waiting up to `timeout` s for the first) and written
-        to the device: at most one batch."""
+        to the device: at most one batch. Header and payload are gathered by the kernel from the
+        slot (`writev`): no copy of ours."""
         fd, c = self.tap.fd, self.from_fabric
-        write = os.write
+        writev = os.writev
+        vnets = self._vnets
         with self.node.recv_batch(self.batch, timeout) as b:
             for f in b:
+                meta = f.meta
+                vh = vnets.get(meta)
+                if vh is None:
+                    vh = meta_to_vnet(meta)
+                    if len(vnets) < 4096:  # (a few dozen in practice: MSS x offsets)
+                        vnets[meta] = vh
                 try:
-                    write(fd, f.raw)
+                    writev(fd, (vh, f.dst + f.src_mac + f.ethertype.to_bytes(2, "big"), f))
                     c["to_device"] += 1
                 except OSError:  # device down or its queue full: dropped as a NIC would
                     c["drop_device_write"] += 1

@@ -7,6 +7,8 @@ every node through the broadcast tape, as a switch without IGMP/MLD snooping flo
 """
 from __future__ import annotations
 
+import struct
+import sys
 from enum import IntEnum
 
 ETH_HLEN = 14
@@ -45,3 +47,86 @@ def classify(frame: bytes | bytearray | memoryview, own_mac: bytes) -> int:
 def format_mac(mac: bytes) -> str:
     """aa:bb:cc:dd:ee:ff."""
     return ":".join(f"{b:02x}" for b in mac)
+
+
+# -- virtio-net headers (TAP offloads) -----------------------------------------------------------
+#
+# A TAP adapter's kernel hands it frames whose checksum is left to the device
+# (VIRTIO_NET_HDR_F_NEEDS_CSUM) and, on a network whose slots hold 16 KB or more, TCP segments
+# of up to 64 KB still to be cut to the MSS (GSO), each behind a 10-byte virtio_net_hdr; the
+# receiving adapter's device takes them back the same way, so neither kernel checksums or cuts
+# anything and a 64 KB segment crosses the fabric as one frame. The header travels in the descriptor's 32-bit `meta` (no byte is added to the
+# frame): bit 31 set, then the fields below. `csum_start` is kept as an offset past the Ethernet
+# header (8 bits: L3 headers up to 255 bytes), `csum_offset` as TCP's 16 or UDP's 6.
+
+VNET_LEN = 10
+VNET_ZERO = bytes(VNET_LEN)
+F_NEEDS_CSUM = 1
+F_DATA_VALID = 2
+GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 3, 4, 5
+GSO_ECN = 0x80
+META_VNET = 1 << 31
+_CSUM_OFFSETS = {16: 0, 6: 1}  # TCP, UDP checksum field offsets
+_VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+
+
+def vnet_to_meta(vnet: bytes | bytearray) -> int | None:
+    """The `meta` carrying a virtio_net_hdr (0 for an all-zero one); None if it cannot be carried
+    (a checksum offset other than TCP's or UDP's, or L3 headers past 255 bytes)."""
+    if vnet == VNET_ZERO:
+        return 0
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack(vnet)
+    ecn = 1 if gso_type & GSO_ECN else 0
+    gso_type &= ~GSO_ECN
+    if gso_type > 7 or flags & ~(F_NEEDS_CSUM | F_DATA_VALID):
+        return None
+    start = 0
+    offset = 0
+    if flags & F_NEEDS_CSUM:
+        start = csum_start - ETH_HLEN
+        offset = _CSUM_OFFSETS.get(csum_offset, -1)
+        if not 0 <= start <= 255 or offset < 0:
+            return None
+    return (META_VNET | (flags & 3) << 29 | ecn << 28 | gso_type << 25 | offset << 24 | start << 16
+            | (gso_size & 0xFFFF))
+
+
+def meta_to_vnet(meta: int) -> bytes:
+    """The virtio_net_hdr a `meta` carries (all zero for 0 or a meta without bit 31)."""
+    if not meta & META_VNET:
+        return VNET_ZERO
+    flags = (meta >> 29) & 3
+    gso_type = (meta >> 25) & 7 | (GSO_ECN if meta >> 28 & 1 else 0)
+    start = offset = 0
+    if flags & F_NEEDS_CSUM:
+        start = ETH_HLEN + ((meta >> 16) & 0xFF)
+        offset = 6 if meta >> 24 & 1 else 16
+    return _VNET.pack(flags, gso_type, 0, meta & 0xFFFF, start, offset)
+
+
+def needs_offload(meta: int) -> bool:
+    """True if the frame `meta` describes needs a device that segments (GSO) it."""
+    return bool(meta & META_VNET) and (meta >> 25) & 7 != GSO_NONE
+
+
+def csum_of(meta: int) -> tuple[int, int] | None:
+    """(csum_start, csum_offset) of a frame whose checksum is left to the device, else None."""
+    if not meta & META_VNET or not (meta >> 29) & F_NEEDS_CSUM:
+        return None
+    return ETH_HLEN + ((meta >> 16) & 0xFF), (6 if meta >> 24 & 1 else 16)
+
+
+def complete_checksum(frame: bytearray, start: int, offset: int) -> None:
+    """Do what a device does for a frame marked NEEDS_CSUM: the ones'-complement sum of
+    frame[start:] (the field already holds the pseudo-header sum) stored at start + offset.
+    For a frame flooded through the broadcast tape, which carries no `meta` (rare: multicast)."""
+    data = bytes(frame[start:])
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(memoryview(data).cast("H"))  # native-endian words: the fold is byte-order independent
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = ~total & 0xFFFF
+    if csum == 0 and offset == 6:  # UDP: a zero checksum is sent as all ones
+        csum = 0xFFFF
+    frame[start + offset:start + offset + 2] = csum.to_bytes(2, sys.byteorder)

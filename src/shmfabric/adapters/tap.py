@@ -16,6 +16,9 @@ from dataclasses import dataclass
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000  # frames without the 4-byte packet-information prefix
+IFF_VNET_HDR = 0x4000  # each frame behind a virtio_net_hdr (offloads)
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 IFNAMSIZ = 16
 NETNS_DIR = "/var/run/netns"
 
@@ -67,8 +70,12 @@ def enter_netns(name: str) -> None:
         raise TapError(f"cannot enter network namespace {name!r}: {exc.strerror} (entering one needs root)") from None
 
 
-def open_tap(ifname: str) -> Tap:
-    """Create (or attach to) TAP device `ifname` in the current network namespace."""
+def open_tap(ifname: str, segments: bool = False) -> Tap:
+    """Create (or attach to) TAP device `ifname` in the current network namespace.
+
+    The kernel leaves checksums to the device (each frame comes and goes behind a
+    virtio_net_hdr); with `segments`, TCP segments up to the device's GSO size come uncut too,
+    as one frame. Every adapter works so, so no peer ever gets a frame it cannot take."""
     check_ifname(ifname)
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -76,19 +83,29 @@ def open_tap(ifname: str) -> Tap:
         raise TapError(f"cannot open /dev/net/tun: {exc.strerror} (TAP devices need root or CAP_NET_ADMIN, "
                        "and the tun module)") from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), flags))
     except OSError as exc:
         os.close(fd)
         why = {errno.EPERM: "needs root or CAP_NET_ADMIN",
                errno.EBUSY: "another process has it open",
                errno.EINVAL: "an interface of another kind has that name"}.get(exc.errno, exc.strerror)
         raise TapError(f"cannot create TAP device {ifname!r}: {why}") from None
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | (TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN if segments else 0))
+    except OSError as exc:
+        os.close(fd)
+        raise TapError(f"TAP device {ifname!r} refused checksum offload: {exc.strerror} (a kernel older "
+                       "than 2.6.27?)") from None
     return Tap(fd, ifname)
 
 
-def configure(ifname: str, mac: bytes, mtu: int,
-              addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
-    """Give the device the node's MAC, the network's MTU and `addresses`, and bring it up."""
+def configure(ifname: str, mac: bytes, mtu: int | None,
+              addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+              gso_max_size: int | None = None, network_mtu: int = 65536) -> int:
+    """Give the device the node's MAC, an MTU (None: the network's, or the device's largest)
+    and `addresses`, and bring it up; returns the MTU. `gso_max_size` bounds the segments the
+    kernel hands an offloading device (the network's slot size)."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -99,9 +116,17 @@ def configure(ifname: str, mac: bytes, mtu: int,
         if not found:
             raise TapError(f"TAP device {ifname!r} vanished while being configured")
         index = found[0]
+        largest = min(network_mtu, ipr.get_links(index)[0].get_attr("IFLA_MAX_MTU") or 65535)
+        if mtu is None:
+            mtu = largest
+        elif not 68 <= mtu <= largest:
+            raise TapError(f"MTU {mtu} is not possible here: 68..{largest} (the fabric network's MTU is "
+                           f"{network_mtu}; create a network with a larger one for more)")
         try:
             ipr.link("set", index=index, address=format_mac(mac))
             ipr.link("set", index=index, mtu=mtu)
+            if gso_max_size is not None:
+                ipr.link("set", index=index, gso_max_size=gso_max_size)
         except NetlinkError as exc:
             raise TapError(f"cannot set MAC/MTU {mtu} on {ifname!r}: {exc.args[-1]}") from None
         for a in addresses:
@@ -116,6 +141,7 @@ def configure(ifname: str, mac: bytes, mtu: int,
         _sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1")
         _sysctl(f"net/ipv6/conf/{ifname}/ndisc_notify", "1")
         ipr.link("set", index=index, state="up")
+    return mtu
 
 
 def _sysctl(key: str, value: str) -> None:

@@ -126,10 +126,13 @@ class FabricLan(_Lan):
 
     kind = "fabric"
 
-    def __init__(self, hosts: int = 2, mtu: int = 1500, lan: int = 2, slots: int = 4096,
+    def __init__(self, hosts: int = 2, mtu: int = 1500, lan: int = 2, network_mtu: int = 65536, slots: int = 1024,
                  tape_entry_size: int = 2048) -> None:
+        """`mtu` is the devices'; `network_mtu` the fabric network's (its slot size): 16 KB or
+        more lets TCP segments cross uncut (see `shmfabric adapter`)."""
         super().__init__(hosts, mtu, lan)
         self.fabric = f"lan{self.tag}"
+        self.network_mtu = network_mtu
         self.slots = slots
         self.tape_entry_size = tape_entry_size
         self.adapters: list[subprocess.Popen | None] = [None] * hosts
@@ -138,14 +141,14 @@ class FabricLan(_Lan):
     def connect(self) -> None:
         from shmfabric.fabric import Fabric
 
-        Fabric.create(self.fabric, networks=[{"mtu": self.mtu, "slots": self.slots}],
+        Fabric.create(self.fabric, networks=[{"mtu": self.network_mtu, "slots": self.slots}],
                       tape_entry_size=self.tape_entry_size).close()
         for i in range(self.hosts):
             self.start(i)
 
     def adapter_argv(self, host: int) -> list[str]:
         return [sys.executable, "-m", "shmfabric", "adapter", self.fabric, f"host{host}",
-                "--netns", self.namespaces[host], "--address", self.cidr(host), "--json"]
+                "--netns", self.namespaces[host], "--address", self.cidr(host), "--mtu", str(self.mtu), "--json"]
 
     def start(self, host: int, timeout: float = 20.0) -> str:
         """Start host `host`'s adapter and wait for its ready line (returned)."""

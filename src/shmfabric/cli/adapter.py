@@ -16,6 +16,8 @@ import time
 
 from shmfabric.cli.main import CliError, add_json_flag
 
+SEGMENTS_MIN_MTU = 16384  # the smallest network MTU on which an adapter takes uncut TCP segments
+
 
 def cmd_adapter(args: argparse.Namespace) -> int:
     from shmfabric.adapters.bridge import TapBridge
@@ -44,10 +46,13 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     try:
         if not 0 <= args.network < len(fab.networks):
             raise CliError(f"fabric {args.fabric!r} has networks 0..{len(fab.networks) - 1}, not {args.network}")
+        # Uncut TCP segments only where a slot holds several full frames: on a 1,500-byte network
+        # a segment bound as small as one frame makes TCP send less than an MSS at a time.
+        segments = fab.networks[args.network].mtu >= SEGMENTS_MIN_MTU
         try:
             if args.netns:
                 enter_netns(args.netns)
-            tap = open_tap(args.ifname)
+            tap = open_tap(args.ifname, segments=segments)
         except TapError as exc:
             raise CliError(str(exc)) from None
         try:
@@ -56,12 +61,16 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         node.set_wait_mode("block")
         try:
-            configure(tap.ifname, node.mac, node.mtu, addresses)
+            # Segments the kernel hands the device uncut must fit a slot: at most the network's MTU.
+            mtu = configure(tap.ifname, node.mac, args.mtu, addresses, min(node.mtu, 65536) if segments else None,
+                            node.mtu)
         except TapError as exc:
             raise CliError(str(exc)) from None
         where = f" in netns {args.netns}" if args.netns else ""
+        offload = (f"checksum and segmentation offloads (segments up to {min(node.mtu, 65536)} B)" if segments
+                   else "checksum offload")
         print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
-              f"mtu {node.mtu}, {' '.join(map(str, addresses)) or 'no address'}", flush=True)
+              f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}", flush=True)
         bridge = TapBridge(node, tap, batch=args.batch)
         deadline = None if args.seconds is None else time.monotonic() + args.seconds
         bridge.run(lambda: stop or (deadline is not None and time.monotonic() >= deadline))
@@ -89,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an address for the interface, e.g. 10.77.0.1/24 (repeatable)")
     p.add_argument("--netns", help="the network namespace to put the interface in (`ip netns add NAME`)")
     p.add_argument("--ifname", default="sf0", help="the interface's name (default sf0)")
+    p.add_argument("--mtu", type=int, help="the interface's MTU (default: the fabric network's, or the device's largest)")
     p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
     p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")

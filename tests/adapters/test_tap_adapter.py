@@ -257,3 +257,28 @@ def test_a_device_name_another_interface_has_is_refused() -> None:
         assert "cannot create TAP device 'taken0'" in r.stderr
         assert device_exists(lan, 0)  # host0's running adapter is untouched
         lan.stop(0)
+
+
+def test_an_adapter_answers_stats_and_stop_on_the_fabrics_control_path() -> None:
+    from shmfabric.functions.control import ControlClient
+
+    with FabricLan(2) as lan:
+        fab = Fabric.open(lan.fabric)
+        client = ControlClient(fab, "ops")
+        try:
+            if programs.find("ping"):
+                assert lan.run(0, ["ping", "-c", "2", "-i", "0.2", "-W", "5", lan.ip(1)],
+                               capture_output=True).returncode == 0
+            stats = client.request("host0", {"op": "stats"}, timeout=10)  # (the client numbers it: `id` echoed)
+            assert stats["ok"] and stats["function"] == "adapter" and stats["device"] == "sf0"
+            assert stats["counters"]["from_device"] >= 1
+            bad = client.request("host0", {"op": "reconfigure"}, timeout=10)
+            assert not bad["ok"] and "an adapter answers stats and stop" in bad["error"]
+            assert client.request("host1", {"op": "stop"}, timeout=10)["ok"]
+            p = lan.adapters[1]
+            assert p is not None and p.wait(timeout=15) == 0  # a clean exit
+            assert wait_until(lambda: not device_exists(lan, 1), timeout=10)
+            lan.adapters[1] = None
+        finally:
+            client.close()
+            fab.close()

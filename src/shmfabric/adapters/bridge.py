@@ -11,6 +11,7 @@ Fabric -> device: each frame received (unicast or from the tape) is written to t
 from __future__ import annotations
 
 import errno
+import json
 import os
 import selectors
 import threading
@@ -42,6 +43,8 @@ class TapBridge:
         # one Counter per direction: each thread updates only its own
         self.from_device: Counter[str] = Counter()
         self.from_fabric: Counter[str] = Counter()
+        self.stop_requested = False  # a control `stop` came
+        node.on_message = self._on_message
 
     def pump_device(self) -> int:
         """Frames read from the device and sent on (or dropped): at most one batch.
@@ -157,13 +160,43 @@ class TapBridge:
                     c["drop_device_write"] += 1
             return len(b)
 
+    def _on_message(self, src: int, payload: bytes) -> None:
+        """A control request (JSON, from any node: never trusted), as function nodes take them:
+        `{"op": "stats"}` answers the counters, `{"op": "stop"}` ends the adapter; an `id` is
+        echoed. Runs in the fabric thread, inside its receive."""
+        try:
+            msg = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            msg = None
+        if not isinstance(msg, dict):
+            out: dict = {"ok": False, "error": "control message is not a JSON object"}
+        elif msg.get("op") == "stats":
+            out = {"ok": True, "node": self.node.name, "function": "adapter", "device": self.tap.ifname,
+                   "counters": self.counters}
+        elif msg.get("op") == "stop":
+            self.stop_requested = True
+            out = {"ok": True}
+        else:
+            out = {"ok": False, "error": f"unknown op {str(msg.get('op'))[:64]!r}; an adapter answers stats and stop"}
+        if isinstance(msg, dict) and "id" in msg:
+            out["id"] = msg["id"]
+        data = json.dumps(out).encode()
+        if len(data) > self.node.mtu:  # (counters are a few hundred bytes)
+            data = json.dumps({"ok": False, "error": "reply longer than the network MTU",
+                               **({"id": out["id"]} if "id" in out else {})}).encode()
+        try:
+            self.node.send_control(src, data)
+        except native.DestinationError:  # the requester went away
+            pass
+
     @property
     def counters(self) -> dict[str, int]:
         """Both directions' counters."""
         return dict(sorted((self.from_device + self.from_fabric).items()))
 
     def run(self, stopping: Callable[[], bool]) -> None:
-        """Bridge until `stopping()` is true (checked at least every WAKE_EVERY s).
+        """Bridge until `stopping()` is true or a control `stop` came (checked at least every
+        WAKE_EVERY s).
 
         A thread per direction, each asleep in its own wait while idle: the device's in select(),
         the fabric's in the node's futex wait. One loop over both file descriptors would wake
@@ -173,6 +206,10 @@ class TapBridge:
         GIL for everything but the sleep itself.
         """
         failed: list[BaseException] = []
+        user_stopping = stopping
+
+        def stopping() -> bool:
+            return self.stop_requested or user_stopping()
 
         def device_to_fabric() -> None:
             sel = selectors.DefaultSelector()

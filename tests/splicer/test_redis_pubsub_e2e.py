@@ -588,6 +588,42 @@ def test_pipelined_publishes_to_channels_of_one_server_arrive_in_order(sp) -> No
     assert got == sorted(got) and len(got) == n, f"{len(out_of_order)} out of order, e.g. {out_of_order[:3]}"
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_messages_of_every_size_arrive_as_the_server_sends_them(sp, trio, protocol: int) -> None:
+    """Pipelined PUBLISHes (upper and lower case) of payloads from 0 bytes to 200 KB, so that
+    pushes are split between reads: a subscriber of the channel and of a pattern through the
+    splicer gets the very bytes a subscriber straight to the server gets."""
+    a = placed_on(sp, 1, 1, "sizes")[0]
+    r = __import__("random").Random(protocol)
+    sizes = [r.choice([0, 1, 32, 1000, 5000, 70000, 200_000]) for _ in range(300)]
+    got = {}
+    for name, port in (("splicer", sp.port), ("redis", trio[1].port)):
+        c = Raw(port)
+        if protocol == 3:
+            c.send(["HELLO", "3"])
+            c.frames(1)
+        c.send(["SUBSCRIBE", a], ["PSUBSCRIBE", "sizes:*"])
+        c.frames(2)
+        got[name] = c
+    pub = socket.create_connection(("127.0.0.1", sp.port), timeout=10)
+    pub.sendall(b"".join(encode_command([b"PUBLISH" if i % 2 else b"publish", a.encode(), bytes([97 + i % 26]) * n])
+                         for i, n in enumerate(sizes)))
+    replies, seen = ReplyScanner(), 0
+    while seen < len(sizes):
+        data = pub.recv(1 << 20)
+        assert data
+        replies.feed(data)
+        while (reply := replies.next()) is not None:
+            assert reply == b":4\r\n"  # two subscribers, each by channel and by pattern
+            seen += 1
+    pub.close()
+    frames = {name: c.frames(2 * len(sizes)) for name, c in got.items()}
+    for c in got.values():
+        assert c.quiet()
+        c.close()
+    assert frames["splicer"] == frames["redis"]
+
+
 def test_a_subscriber_over_the_soft_limit_for_its_seconds_is_disconnected(tmp_path) -> None:
     """Redis's `client-output-buffer-limit pubsub 32mb 8mb 60` has a soft part: over 8 MB for 60 s
     on end is disconnected too. Here 1 MiB for 1 s, the hard limit far above."""

@@ -56,7 +56,7 @@ from .redis_resp import (
     encode_error,
 )
 from .redis_fanout import ALL_OR_NONE
-from .redis_pubsub import CONFIRM_KINDS, MESSAGE_KINDS, push_kind
+from .redis_pubsub import CONFIRM_KINDS, MESSAGE_KINDS, message_run, push_kind
 from .redis_session import (
     CLOSE,
     EXEC,
@@ -85,6 +85,8 @@ _GATE = object()  # in a client's wait queue: later requests wait until earlier 
 _DISCONNECTED, _CONNECTING, _READY = 0, 1, 2
 # One-key commands (key at argument 1) -> arity: the commands the client fast path takes.
 _SINGLE_ARITY = {name: spec.arity for name, spec in COMMANDS.items() if spec.single}
+# PUBLISH and SPUBLISH as clients send them: the fast path takes these too (placed by channel).
+_PUBLISH_FAST = frozenset({b"PUBLISH", b"publish", b"SPUBLISH", b"spublish"})
 # Socket write buffer of a client above which we stop reading it (asyncio's pause_writing).
 _CLIENT_WRITE_HIGH = 1024 * 1024
 
@@ -607,33 +609,79 @@ class _Subscriber(_OwnConnection):
         self.pending.append([op, confirmations, now])
         self.write(payload)
 
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.handshake_left:  # (the handshake's replies: only just after connecting)
+            super().data_received(data)
+            return
+        # Runs of whole messages, most of what a subscribed connection carries, are framed by
+        # message_run and relayed as they came, one bytes object per run; anything else (a
+        # confirmation, an error, the rest of a push split between reads) one reply at a time.
+        self.last_rx = time.monotonic()
+        sc = self.scanner
+        sc.feed(data)
+        messages: list[bytes] = []  # relayed together: one slot in the client's order per read
+        take_run = sc.take_run
+        drain = sc.drain
+        try:
+            while True:
+                run = take_run(message_run)
+                if run:
+                    self._message(run, messages)
+                got = drain(1)  # (not next(): drain leaves a large push arriving unjoined until whole)
+                if not got:
+                    break
+                frame = got[0]
+                if not self._frame(frame, messages):  # it failed the connection
+                    self.client.splicer._schedule_flush()
+                    return
+                if self.closed:  # by a confirmation just handled: nothing more comes from it
+                    break
+        except RespProtocolError as exc:
+            self.fail(f"protocol error from the server: {exc}")
+            return
+        if messages:
+            self.client._push(messages[0] if len(messages) == 1 else b"".join(messages))
+        self.client.splicer._schedule_flush()
+
     def frames(self, frames: list[bytes]) -> None:
         messages: list[bytes] = []  # relayed together: one slot in the client's order per read
-        pending = self.pending
-        held = self.client.held_messages
         for frame in frames:
             if self.closed:  # by a confirmation just handled: nothing more comes from it
                 break
-            kind = push_kind(frame)
-            if kind in MESSAGE_KINDS:
-                if pending:  # with the (UN)SUBSCRIBE this server has not confirmed yet
-                    pending[0][0].early.append(frame)
-                elif held:  # ahead of the first one still waiting to be sent
-                    held[next(iter(held))].append(frame)
-                else:
-                    messages.append(frame)
-            elif kind in CONFIRM_KINDS and pending:
-                head = pending[0]
-                head[1] -= 1
-                if head[1] == 0:
-                    pending.popleft()
-                    head[0].server_done()
-            else:
-                self.fail("answered a subscription with "
-                          + (frame[1:-2].decode(errors="replace") if frame[:1] == b"-" else "an unexpected reply"))
+            if not self._frame(frame, messages):
                 return
         if messages:
             self.client._push(messages[0] if len(messages) == 1 else b"".join(messages))
+
+    def _message(self, frames: bytes, messages: list[bytes]) -> None:
+        """One or more whole messages, in the place they go."""
+        pending = self.pending
+        if pending:  # with the (UN)SUBSCRIBE this server has not confirmed yet
+            pending[0][0].early.append(frames)
+        else:
+            held = self.client.held_messages
+            if held:  # ahead of the first one still waiting to be sent
+                held[next(iter(held))].append(frames)
+            else:
+                messages.append(frames)
+
+    def _frame(self, frame: bytes, messages: list[bytes]) -> bool:
+        """One push or reply from the server; False if it failed the connection."""
+        kind = push_kind(frame)
+        if kind in MESSAGE_KINDS:
+            self._message(frame, messages)
+        elif kind in CONFIRM_KINDS and self.pending:
+            pending = self.pending
+            head = pending[0]
+            head[1] -= 1
+            if head[1] == 0:
+                pending.popleft()
+                head[0].server_done()
+        else:
+            self.fail("answered a subscription with "
+                      + (frame[1:-2].decode(errors="replace") if frame[:1] == b"-" else "an unexpected reply"))
+            return False
+        return True
 
     def fail(self, why: str) -> None:
         """This subscription connection is gone: so are the client's subscriptions, and its
@@ -891,6 +939,7 @@ class _Client(asyncio.Protocol):
         lane_table = splicer._lane_table
         dirty_lanes = splicer._dirty_lanes
         single_arity = _SINGLE_ARITY.get
+        per_server = router.lanes
         now = time.monotonic()
         while True:
             room = max_slots - len(slots)
@@ -911,31 +960,39 @@ class _Client(asyncio.Protocol):
                     # What session.handle + _execute do for a one-key command going to a ready
                     # lane, inlined (ReplyOrder.open and encode_command's common shapes too).
                     arity = single_arity(args[0])
+                    argc = len(args)
+                    ln = None
                     if arity is not None:
-                        argc = len(args)
                         if argc == arity if arity > 0 else argc >= -arity:
                             code = cache_get(args[1])
                             if code is None:
                                 code = router.code(args[1])
                             ln = lanes[code]
-                            if ln.state == _READY:
-                                slots.append(None)
-                                if argc == 2:
-                                    a, b = args
-                                    ln.out.append(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b))
-                                elif argc == 3:
-                                    a, b, c = args
-                                    ln.out.append(b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                                                  % (len(a), a, len(b), b, len(c), c))
-                                else:
-                                    ln.out.append(encode_command(args))
-                                ln.inflight.append((self, seq, now))
-                                seq += 1
-                                outstanding += 1
-                                if not ln.dirty:
-                                    ln.dirty = True
-                                    dirty_lanes.append(ln)
-                                continue
+                    elif argc == 3 and args[0] in _PUBLISH_FAST and router.channels is router.ketama:
+                        # PUBLISH / SPUBLISH: to the first lane of the channel's server (see
+                        # RedisSession.handle; Router.channel_place while no server is ejected).
+                        code = cache_get(args[1])
+                        if code is None:
+                            code = router.code(args[1])
+                        ln = lanes[code - code % per_server]
+                    if ln is not None and ln.state == _READY:
+                        slots.append(None)
+                        if argc == 2:
+                            a, b = args
+                            ln.out.append(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b))
+                        elif argc == 3:
+                            a, b, c = args
+                            ln.out.append(b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                                          % (len(a), a, len(b), b, len(c), c))
+                        else:
+                            ln.out.append(encode_command(args))
+                        ln.inflight.append((self, seq, now))
+                        seq += 1
+                        outstanding += 1
+                        if not ln.dirty:
+                            ln.dirty = True
+                            dirty_lanes.append(ln)
+                        continue
                 self.outstanding = outstanding
                 session.idle = not outstanding and not self.waiting
                 action = handle(args)

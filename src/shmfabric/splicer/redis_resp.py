@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from itertools import repeat
+from typing import Callable
 
 import hiredis
 
@@ -1499,6 +1500,28 @@ class ReplyScanner:
                 break
             out.append(r)
         return out
+
+    def take_run(self, run: Callable[[bytes, int], int]) -> bytes:
+        """The whole replies at the read position that `run(buf, pos)` frames (it returns the
+        offset just past the last of them, `pos` if none), as one bytes object; b"" if none.
+
+        A cheaper framing for a stream of known shapes (`redis_pubsub.message_run`); `next()`
+        and `drain()` frame what it leaves.
+        """
+        if self._measuring or self._blind:
+            return b""
+        if self._parts:
+            if self._need and len(self._buf) - self._pos + self._parts_len < self._need:
+                return b""  # a large reply still arriving (see drain)
+            self._join()
+        buf = self._buf
+        pos = self._pos
+        stop = run(buf, pos)
+        if stop <= pos:
+            return b""
+        self._pos = stop
+        self._need = 0
+        return buf if pos == 0 and stop == len(buf) else buf[pos:stop]
 
     def parsed(self, reply: bytes) -> object:
         """hiredis's parse of `reply` if it is the last reply measured with hiredis, else None.

@@ -5,7 +5,8 @@ One `Supervisor` owns one fabric. Each logical node of the topology runs as one 
 supervisor's loop (`tick`) watches process exits and the fabric's node table, restarts failed
 instances with backoff (`RestartTracker`), feeds input-queue depths to the scale policy
 (`ScaleDecider`) and collects counters. Operators (management API, `reload`) call the public
-methods; every public method holds one lock, so the loop and API threads never interleave steps.
+methods; every public method holds one lock, so the loop and API threads never interleave steps
+(the loop releases it while it waits for its polls' and config pushes' replies: `_ask_each`).
 
 Steering uses the runtime's control ops over the fabric (docs: notes/runtime_contract.md):
 `set_next` re-points an upstream node, `stop` drains an instance's input ring and ends it,
@@ -308,9 +309,14 @@ class Supervisor:
         # this order; the scale policy's steps run on a thread of their own (`_run_steps`), to which
         # the loop hands the `_op_lock` it took. `_ctl_lock` is taken last and held only around one
         # control request: a thread holding it takes no other lock. An operation asks without
-        # holding `lock`; the loop asks holding it, so it waits at most CONTROL_BUSY_WAIT for
-        # `_ctl_lock` and otherwise asks next round (status and the watch never wait for a reply an
-        # operation waits for).
+        # holding `lock` (`_request`); so does the loop for its stats polls and config pushes
+        # (`_ask_each`: a stopped instance's reply holds up the round, not status), and it applies
+        # each reply, back under `lock`, only to the process it asked (`_same_run`). The loop makes
+        # its config pushes only while it holds `_op_lock` (no operator action can change or push a
+        # config between its snapshot and its reply). Its readiness probes (`_ready`, READY_TIMEOUT)
+        # are still asked holding `lock`, as stop() asks; the loop waits at most CONTROL_BUSY_WAIT for
+        # `_ctl_lock` and otherwise asks next round (the watch never waits for a reply an operation
+        # waits for).
         self.lock = threading.RLock()
         # waits for new instances release `lock` (status answers meanwhile) through this condition
         self._cond = threading.Condition(self.lock)
@@ -579,28 +585,53 @@ class Supervisor:
     def tick(self, now: float | None = None) -> None:
         """One round: notice exits, restart due instances, poll counters, decide the scale policy's
         steps (and re-steering after restarts), which run on a thread of their own (`_run_steps`)."""
-        # steering and scaling are operations: `_op_lock` first, then `lock` (the lock order, see
-        # __init__). Only tried, never waited for, and tried before `lock`: an operator action (or a
-        # policy step) that holds `_op_lock` leaves the watch below to this round, and one that has
-        # just taken `_op_lock` cannot starve the policy by waiting for `lock` behind us. When there is
-        # a step to take, `_op_lock` is handed to the thread that takes it (released there): this
-        # round returns at once, and the next rounds go on watching while the step waits.
-        op = self._op_lock.acquire(blocking=False)
-        handed = False
+        # The stats polls and config pushes are asked with `lock` released (`_ask_each`): a slow or
+        # stopped instance holds up this round, never status. (A caller that held `lock` would keep it
+        # through them: none does.) Steering, scaling and the config pushes are the loop's operations:
+        # `_op_lock` first, then `lock` (the lock order, see __init__). Only tried, never waited for, and
+        # tried holding no `lock`, after the polls (an operator action is not held up by them either):
+        # an operator action (or a policy step) that holds `_op_lock` leaves the watch below to this
+        # round and its pushes and steps to a later one, and one that has just taken `_op_lock` cannot
+        # starve the policy by waiting for `lock` behind us. When there is a step to take, `_op_lock` is
+        # handed to the thread that takes it (released there): this round returns at once, and the
+        # next rounds go on watching while the step waits.
+        op = handed = False
         self._local.ticking = True
         try:
             with self.lock:
                 if self.fabric is None:
                     return
                 now = self.clock() if now is None else now
+                polls = self._polls_due()
+            # counters first: an answer just now must count before the watch judges responsiveness
+            # (the lock may have been held long by an operator action, with no polls meanwhile)
+            answers = self._ask_each(polls, STATS_TIMEOUT)
+            op = self._op_lock.acquire(blocking=False)
+            with self.lock:
+                if self.fabric is None:
+                    return
                 self._refresh(now)
-                # counters first: an answer just now must count before the watch judges responsiveness
-                # (the lock may have been held long by an operator action, with no polls meanwhile)
-                self._poll_stats()
+                self._take_stats(answers)
                 for node in list(self.nodes.values()):
                     for inst in list(node.instances):
                         self._watch(node, inst, now)
-                self._push_pending()
+                # only holding `_op_lock`: no operator action pushes or changes a config meanwhile
+                pushes = self._push_pending() if op else []
+                if pushes:  # named while it runs: in status, and in the 409 an operator action gets
+                    self._op = {"kind": "reconfigure", "node": ", ".join(i.name for i, _, _ in pushes),
+                                "since": round(time.time(), 3)}
+            try:
+                # one unanswered push ends this round's pushes: `_op_lock` is held at most one
+                # CONTROL_TIMEOUT for them, whatever the number of instances flagged
+                pushed = self._ask_each(pushes, CONTROL_TIMEOUT, stop_on_failure=True)
+            finally:
+                if pushes:
+                    with self.lock:
+                        self._op = None
+            with self.lock:
+                if self.fabric is None:
+                    return
+                self._take_pushes(pushed)
                 if op and not self._closing:  # else an operator action is under way: steer and scale after it
                     handed = self._steer_and_scale(now)
         finally:
@@ -889,25 +920,58 @@ class Supervisor:
             self._pools.append({"network": k, "mtu": spec.mtu, "total": a["total"], "free": a["free"],
                                 "held": sum(a["held"].values()), "orphaned": a["orphaned"]})
 
-    def _poll_stats(self) -> None:
-        for node in list(self.nodes.values()):
-            for inst in list(node.instances):
-                if inst.state != "running" or (inst.proc is not None and inst.proc.poll() is not None):
-                    continue
-                try:
-                    reply = self._request(inst.name, {"op": "stats"}, STATS_TIMEOUT)
-                except ControlBusy:
-                    return  # an operation is waiting for a reply: polled next round (nobody judged on it)
-                except SupervisorError:
-                    inst.stats_failures += 1
-                    continue
-                inst.stats_failures = 0
-                inst.last_answer = self.clock()
-                if isinstance(reply.get("counters"), dict):
-                    inst.counters = reply["counters"]
-                    inst.counters_at = inst.last_answer
-                if isinstance(reply.get("function_counters"), dict):
-                    inst.function_counters = reply["function_counters"]
+    def _polls_due(self) -> list[tuple[Instance, Any, dict]]:
+        """The stats polls of this round (holding `lock`): each running instance, with its process now."""
+        return [(inst, inst.proc, {"op": "stats"}) for node in self.nodes.values() for inst in node.instances
+                if inst.state == "running" and not (inst.proc is not None and inst.proc.poll() is not None)]
+
+    def _ask_each(self, asks: list[tuple[Instance, Any, dict]], timeout: float,
+                  stop_on_failure: bool = False) -> list[tuple]:
+        """The loop's requests `asks` (instance, its process when listed, request), asked in turn with
+        `lock` released (`_ctl_lock` only, around each: `_request`), so that status and operations go on
+        while an instance is slow to answer. Touches no instance: returns (instance, process, request,
+        reply or the SupervisorError, when) for each one asked, for the caller to apply under `lock`
+        (`_same_run`). Stops at ControlBusy: an operation is waiting for a reply, the rest are asked
+        next round (nobody is judged on a request that was not sent); with `stop_on_failure`, also after
+        the first request that got no answer."""
+        out = []
+        for inst, proc, op in asks:
+            try:
+                reply: dict | SupervisorError = self._request(inst.name, op, timeout)
+            except ControlBusy:
+                break
+            except SupervisorError as exc:
+                reply = exc
+            out.append((inst, proc, op, reply, self.clock()))
+            if stop_on_failure and isinstance(reply, SupervisorError):
+                break
+        return out
+
+    def _same_run(self, inst: Instance, proc: Any) -> bool:
+        """Whether `inst` is still in its node, running and running `proc` (holding `lock`): a reply to a
+        request the loop sent with `lock` released counts (and so does its absence) only for the process
+        asked, not for an instance restarted, replaced, scaled in or stopped meanwhile."""
+        node = self.nodes.get(inst.node)
+        return (node is not None and any(i is inst for i in node.instances) and inst.proc is proc
+                and inst.state == "running")
+
+    def _take_stats(self, answers: list[tuple]) -> None:
+        """Apply the stats polls' replies (`_ask_each`) to the instances still running the process asked."""
+        for inst, proc, _, reply, at in answers:
+            if not self._same_run(inst, proc):
+                continue
+            if isinstance(reply, SupervisorError):
+                inst.stats_failures += 1
+                continue
+            inst.stats_failures = 0
+            inst.last_answer = max(inst.last_answer, at)
+            if inst.counters_at is not None and inst.counters_at > at:
+                continue  # read since (another round's poll): not replaced by older counters
+            if isinstance(reply.get("counters"), dict):
+                inst.counters = reply["counters"]
+                inst.counters_at = at
+            if isinstance(reply.get("function_counters"), dict):
+                inst.function_counters = reply["function_counters"]
 
     # -- instances -----------------------------------------------------------------------------
     def _targets(self, name: str) -> list[str]:
@@ -1143,7 +1207,8 @@ class Supervisor:
         (the thread holding `_op_lock`) releases `lock` while it waits for the reply, however deeply
         held, as a wait for new instances does: the loop and status go on meanwhile (its instances
         may change state: callers look again after). The loop's round waits at most CONTROL_BUSY_WAIT
-        for the channel (it holds `lock`) and raises ControlBusy instead; anyone else waits for it."""
+        for the channel (a round must not wait out an operation's reply; its probes hold `lock`) and
+        raises ControlBusy instead; anyone else waits for it."""
         if self.control is None:
             raise SupervisorError("the manager is not running", status=503)
         if self._op_thread == threading.get_ident() and self.lock._is_owned():
@@ -1294,26 +1359,39 @@ class Supervisor:
                             "it answers")
         return unsure
 
-    def _push_pending(self) -> None:
-        """Push `config` to the running instances flagged `push_config` that answered the last poll."""
-        for node in list(self.nodes.values()):
-            for inst in list(node.instances):
+    def _push_pending(self) -> list[tuple[Instance, Any, dict]]:
+        """The pushes due (holding `lock` and `_op_lock`, see `tick`): `config` to each running instance
+        flagged `push_config` that answered the last poll; asked by `_ask_each`, applied by `_take_pushes`."""
+        out = []
+        for node in self.nodes.values():
+            for inst in node.instances:
                 if not inst.push_config or inst.staged or inst.state != "running" or inst.stats_failures:
                     continue
                 if inst.proc is not None and inst.proc.poll() is not None:
                     continue
-                try:
-                    reply = self._request(inst.name, {"op": "reconfigure", "config": dict(inst.config)})
-                except ControlBusy:
-                    return  # an operation is waiting for a reply: next round
-                except SupervisorError:
-                    continue  # still not answering: next round
-                inst.push_config = False
-                if reply.get("ok"):
-                    self._event("reconfigure", inst.name, "config pushed (it ran another one)")
-                else:
-                    self._event("error", inst.name, f"rejected its config: {reply.get('error')}; "
-                                "restart it (replace) to run it")
+                if inst.name in self._full_out:
+                    # its output is blocked: it answers stats but holds a reconfigure back until the
+                    # batch it sends has gone (functions/runtime.py), so a push now would only wait
+                    # CONTROL_TIMEOUT holding `_op_lock` (operator actions refused meanwhile): later
+                    continue
+                out.append((inst, inst.proc, {"op": "reconfigure", "config": dict(inst.config)}))
+        return out
+
+    def _take_pushes(self, answers: list[tuple]) -> None:
+        """Clear `push_config` of each instance that answered the push of its `config` (`_push_pending`)."""
+        for inst, proc, op, reply, _ in answers:
+            if isinstance(reply, SupervisorError):
+                continue  # still not answering: next round
+            if not self._same_run(inst, proc) or inst.config != op["config"]:
+                # restarted meanwhile (it started with `config`: `_launch` cleared the flag), scaled in or
+                # stopped; or given another config since: the flag (whoever set it) stands
+                continue
+            inst.push_config = False
+            if reply.get("ok"):
+                self._event("reconfigure", inst.name, "config pushed (it ran another one)")
+            else:
+                self._event("error", inst.name, f"rejected its config: {reply.get('error')}; "
+                            "restart it (replace) to run it")
 
     # -- operator actions (API, reload) --------------------------------------------------------
     @contextmanager

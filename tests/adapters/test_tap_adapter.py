@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -282,3 +283,66 @@ def test_an_adapter_answers_stats_and_stop_on_the_fabrics_control_path() -> None
         finally:
             client.close()
             fab.close()
+
+
+@needs("ping")
+def test_a_stopped_adapter_holds_only_its_share_of_the_pool_and_the_others_go_on() -> None:
+    # Without a bound, frames for a stopped receiver fill its ring (1,024) and with it the whole
+    # pool of a 1,024-slot network: every other pair would stop too.
+    with FabricLan(3, network_mtu=65536, slots=1024) as lan:
+        assert lan.run(0, ["ping", "-c", "1", "-W", "5", lan.ip(1)], capture_output=True).returncode == 0
+        victim = lan.adapters[1]
+        os.kill(victim.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            flood = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                     f"for _ in range(3000): s.sendto(b'x' * 1000, ('{lan.ip(1)}', 9))")
+            assert lan.run(0, [sys.executable, "-c", flood]).returncode == 0
+            fab = Fabric.open(lan.fabric)
+            try:
+                pool = fab.pool_audit(0)
+            finally:
+                fab.close()
+            assert pool["free"] > pool["total"] // 2, pool
+            # host0 and host2 still talk, both ways
+            assert lan.run(0, ["ping", "-c", "2", "-i", "0.2", "-W", "5", lan.ip(2)],
+                           capture_output=True).returncode == 0
+            assert lan.run(2, ["ping", "-c", "2", "-i", "0.2", "-W", "5", lan.ip(0)],
+                           capture_output=True).returncode == 0
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        assert lan.run(0, ["ping", "-c", "1", "-W", "5", lan.ip(1)], capture_output=True).returncode == 0
+        assert lan.stop(0)["drop_ring_full"] >= 1000
+
+
+def test_an_adapter_whose_interface_is_deleted_ends_with_one_line_and_leaves_the_fabric() -> None:
+    with FabricLan(2) as lan:
+        lan.run(1, ["ip", "link", "del", "sf0"], check=True)
+        p = lan.adapters[1]
+        assert p is not None
+        out, err = p.communicate(timeout=30)
+        lan.adapters[1] = None
+        assert p.returncode == 2, err
+        assert err.strip().splitlines()[-1] == ("shmfabric: error: the interface sf0 was deleted (File descriptor "
+                                                "in bad state); adapter host1 left the fabric")
+        assert "Traceback" not in err
+        fab = Fabric.open(lan.fabric)
+        try:
+            assert wait_until(lambda: "host1" not in {n["name"] for n in fab.nodes()}, timeout=10)
+        finally:
+            fab.close()
+
+
+@needs("ping")
+def test_an_ipv4_address_in_use_on_the_fabric_is_refused_and_its_owner_keeps_it() -> None:
+    with FabricLan(2) as lan:
+        assert lan.run(1, ["ping", "-c", "1", "-W", "5", lan.ip(0)], capture_output=True).returncode == 0
+        owner = mac_of(lan.ready[0])
+        r = subprocess.run(lan.exec_argv(1, [sys.executable, "-m", "shmfabric", "adapter", lan.fabric, "dup",
+                                             "--ifname", "dup0", "--address", lan.cidr(0)]),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"address {lan.ip(0)} is in use on fabric {lan.fabric!r} by {owner} (node id 0)" in r.stderr
+        assert "dup0" not in lan.run(1, ["ip", "link"], capture_output=True, text=True).stdout  # none left
+        # nobody's cache moved: host1 still reaches host0 at its own MAC
+        assert neighbour_mac(lan, 1, lan.ip(0)) == owner
+        assert lan.run(1, ["ping", "-c", "1", "-W", "5", lan.ip(0)], capture_output=True).returncode == 0

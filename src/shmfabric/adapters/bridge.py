@@ -15,26 +15,45 @@ import json
 import os
 import selectors
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
-from shmfabric.adapters.ethernet import (ETH_HLEN, FLOOD, VNET_LEN, VNET_ZERO, Verdict, classify, complete_checksum,
-                                         csum_of, meta_to_vnet, needs_offload, vnet_to_meta)
+from shmfabric.adapters.ethernet import (ETH_HLEN, FLOOD, VNET_LEN, VNET_ZERO, Verdict, arp_claim, arp_probe, classify,
+                                         complete_checksum, csum_of, meta_to_vnet, needs_offload, vnet_to_meta)
 from shmfabric.adapters.tap import Tap
 from shmfabric.core import native
 from shmfabric.fabric import Node
 
 WAKE_EVERY = 0.2  # seconds: a stop request is seen at least this often while idle
+ERROR_PAUSE = 0.05  # seconds of pause after a device error other than its deletion
+
+
+def fair_share(slots: int, max_nodes: int, ring_size: int) -> int:
+    """How many frames an adapter may leave in one destination's ring: half a network's pool
+    spread over every node the fabric can hold (at least 8, at most a ring). A ring holds as
+    many frames as a small pool has slots, so without a bound one stopped receiver would hold
+    the whole pool and every other pair on the network would stop too."""
+    return max(8, min(ring_size, slots // (2 * max_nodes)))
+
+
+class DeviceGone(OSError):
+    """The adapter's interface was deleted under it (`ip link del`): the adapter ends."""
 
 
 class TapBridge:
     """One node's TAP adapter: `pump_device` and `pump_fabric` move one batch each way; `run`
     runs both until told to stop."""
 
-    def __init__(self, node: Node, tap: Tap, batch: int = 256):
+    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int = 64):
+        """`in_flight`: the most frames this adapter leaves in any one destination's ring
+        (`fair_share`): a stopped or slow receiver then holds that many pool slots, not the pool."""
         self.node = node
         self.tap = tap
         self.batch = batch
+        self.in_flight = in_flight
+        self._budget: dict[int, int] = {}  # destination -> sends left before its ring is looked at again
+        self._scratch = bytearray(node.mtu + 1)  # where a frame is read to be dropped (no free slot)
         self._hdr = bytearray(ETH_HLEN)  # the header of the frame being read (its payload goes to a slot)
         self._vnet = bytearray(VNET_LEN)  # its virtio_net_hdr (offloads)
         self._spare = bytearray(1)  # a byte past the slot: a frame reaching it did not fit
@@ -56,24 +75,27 @@ class TapBridge:
         send_buffer, alloc, c = self.node.send_buffer, self.node.alloc, self.from_device
         readv = os.readv
         hdr, vnet, spare = self._hdr, self._vnet, self._spare
+        budget = self._budget
         buf = self._buf
         n = 0
         while n < self.batch:
             if buf is None:
                 try:
                     buf = alloc()
-                except MemoryError:  # the pool is exhausted (receivers holding every slot)
+                except MemoryError:  # the pool is exhausted: the frame is read all the same, and dropped
+                    if self._read_and_drop() is None:
+                        break
+                    n += 1
                     c["drop_pool_empty"] += 1
-                    break
+                    continue
             view = memoryview(buf)
             try:
                 got = readv(fd, [vnet, hdr, view, spare])
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno == errno.EINTR:
+                if self._device_error(exc):
                     continue
-                c["device_read_errors"] += 1  # e.g. EIO: the device is down
                 break
             finally:
                 view.release()
@@ -90,7 +112,10 @@ class TapBridge:
                 c["drop_too_big"] += 1
                 continue
             dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
-            if dst >= 0 and hdr[6:12] == own:
+            if dst >= 0 and not budget.get(dst) and not self._room(dst):
+                c["drop_ring_full"] += 1  # the destination holds its share of the pool already
+            elif dst >= 0 and hdr[6:12] == own:
+                budget[dst] -= 1
                 try:
                     if send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta):
                         c["to_fabric"] += 1
@@ -108,6 +133,38 @@ class TapBridge:
         self._buf = buf
         c["from_device"] += n
         return n
+
+    def _room(self, dst: int) -> bool:
+        """Whether `dst`'s ring has room under `in_flight`; sets the sends left before it is looked
+        at again (frames only leave a ring: after `in_flight - depth` sends it may be at the bound)."""
+        try:
+            left = self.in_flight - self.node.ring_depth(dst)
+        except IndexError:  # an id past the node table: the send says so (drop_no_node)
+            left = 1
+        self._budget[dst] = max(0, left)
+        return left > 0
+
+    def _read_and_drop(self) -> int | None:
+        """Read one frame into scratch space (to drop it); None if there was none."""
+        try:
+            return os.readv(self.tap.fd, [self._vnet, self._hdr, self._scratch])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._device_error(exc)
+            return None
+
+    def _device_error(self, exc: OSError) -> bool:
+        """Handle a read or write error of the device: True to go on at once (EINTR). A device
+        deleted under the adapter (EBADFD) ends it (DeviceGone); any other error is counted and
+        followed by a short pause, so a device that keeps failing does not spin a core."""
+        if exc.errno == errno.EINTR:
+            return True
+        if exc.errno in (errno.EBADFD, errno.ENODEV, errno.ENXIO):
+            raise DeviceGone(f"the interface {self.tap.ifname} was deleted ({exc.strerror})") from None
+        self.from_device["device_errors"] += 1
+        time.sleep(ERROR_PAUSE)
+        return False
 
     def _send_copy(self, dst: int, frame: bytearray, meta: int) -> None:
         """The rare frames sent from a copy: floods, and unicast frames whose source MAC is not
@@ -156,9 +213,27 @@ class TapBridge:
                 try:
                     writev(fd, (vh, f.dst + f.src_mac + f.ethertype.to_bytes(2, "big"), f))
                     c["to_device"] += 1
-                except OSError:  # device down or its queue full: dropped as a NIC would
+                except OSError as exc:  # device down or its queue full: dropped as a NIC would
+                    if exc.errno in (errno.EBADFD, errno.ENODEV, errno.ENXIO):
+                        raise DeviceGone(f"the interface {self.tap.ifname} was deleted ({exc.strerror})") from None
                     c["drop_device_write"] += 1
             return len(b)
+
+    def address_in_use(self, ip: bytes, probes: int = 2, wait: float = 0.15) -> bytes | None:
+        """Before the device has the IPv4 address `ip`: probe for it on the fabric (RFC 5227) and
+        return the MAC of a host that answers (it has it already), else None. Call before `run`:
+        the frames received meanwhile (others' broadcasts) are dropped."""
+        probe = arp_probe(self.node.mac, ip)
+        for _ in range(probes):
+            self.node.flood(probe)
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                with self.node.recv_batch(64, left) as b:
+                    for f in b:
+                        mac = arp_claim(f.raw, ip, self.node.mac)
+                        if mac is not None:
+                            return mac
+        return None
 
     def _on_message(self, src: int, payload: bytes) -> None:
         """A control request (JSON, from any node: never trusted), as function nodes take them:
@@ -191,8 +266,12 @@ class TapBridge:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Both directions' counters."""
-        return dict(sorted((self.from_device + self.from_fabric).items()))
+        """Both directions' counters (from any thread: each Counter is copied in one C call first,
+        never iterated while the thread that owns it adds a key)."""
+        out = dict(self.from_device)
+        for k, v in dict(self.from_fabric).items():
+            out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items()))
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Bridge until `stopping()` is true or a control `stop` came (checked at least every

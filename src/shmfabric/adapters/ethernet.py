@@ -130,3 +130,28 @@ def complete_checksum(frame: bytearray, start: int, offset: int) -> None:
     if csum == 0 and offset == 6:  # UDP: a zero checksum is sent as all ones
         csum = 0xFFFF
     frame[start + offset:start + offset + 2] = csum.to_bytes(2, sys.byteorder)
+
+
+# -- ARP probes (RFC 5227): is an IPv4 address already in use on the fabric? --------------------------
+ETH_P_ARP = 0x0806
+_ARP = struct.Struct("!HHBBH6s4s6s4s")  # htype, ptype, hlen, plen, op, sha, spa, tha, tpa
+
+
+def arp_probe(mac: bytes, ip: bytes) -> bytes:
+    """An ARP probe for IPv4 address `ip` (4 bytes) from `mac`: a broadcast request whose sender
+    address is 0.0.0.0, which an owner of `ip` answers and nobody's cache learns from."""
+    return (b"\xff" * 6 + mac + ETH_P_ARP.to_bytes(2, "big")
+            + _ARP.pack(1, 0x0800, 6, 4, 1, mac, bytes(4), bytes(6), ip))
+
+
+def arp_claim(frame: bytes | bytearray | memoryview, ip: bytes, own_mac: bytes) -> bytes | None:
+    """The MAC of another host that `frame` shows using or probing for `ip`, else None: an ARP
+    packet whose sender address is `ip`, or another host's probe for `ip` (RFC 5227, 2.1.1)."""
+    if len(frame) < ETH_HLEN + _ARP.size or frame[12:14] != ETH_P_ARP.to_bytes(2, "big"):
+        return None
+    _, ptype, hlen, plen, _op, sha, spa, _, tpa = _ARP.unpack(bytes(frame[ETH_HLEN:ETH_HLEN + _ARP.size]))
+    if ptype != 0x0800 or hlen != 6 or plen != 4 or sha == own_mac:
+        return None
+    if spa == ip or (spa == bytes(4) and tpa == ip):
+        return sha
+    return None

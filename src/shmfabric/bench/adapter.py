@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -150,13 +151,21 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_bench_adapter(args: argparse.Namespace) -> int:
     from shmfabric.cli.main import CliError
 
+    # SIGTERM (a `timeout`, a cancelled job) unwinds like Ctrl-C: the LANs remove their namespaces
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         res = run(args.seconds, args.runs, tuple(args.mtu))
     except BenchError as exc:
         raise CliError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(res, indent=1) if args.json else format_table(res))
     return 0
 

@@ -141,8 +141,9 @@ class FabricLan(_Lan):
     def connect(self) -> None:
         from shmfabric.fabric import Fabric
 
+        # ephemeral: removed once no node is left and this process is gone, however it ended
         Fabric.create(self.fabric, networks=[{"mtu": self.network_mtu, "slots": self.slots}],
-                      tape_entry_size=self.tape_entry_size).close()
+                      tape_entry_size=self.tape_entry_size, ephemeral=True).close()
         for i in range(self.hosts):
             self.start(i)
 
@@ -152,7 +153,8 @@ class FabricLan(_Lan):
 
     def start(self, host: int, timeout: float = 20.0) -> str:
         """Start host `host`'s adapter and wait for its ready line (returned)."""
-        p = subprocess.Popen(self.adapter_argv(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(self.adapter_argv(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_die_with_parent)
         self.adapters[host] = p
         r, _, _ = select.select([p.stdout], [], [], timeout)
         line = p.stdout.readline() if r else ""  # type: ignore[union-attr]
@@ -198,6 +200,14 @@ class FabricLan(_Lan):
                 p.communicate()
             self.adapters[i] = None
         Fabric.destroy(self.fabric)
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: SIGTERM when this process ends, however it ends (SIGKILL
+    # included), so an adapter (and its device) never outlives the LAN that started it.
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait_until(check, timeout: float = 10.0, every: float = 0.05) -> bool:

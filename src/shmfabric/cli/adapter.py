@@ -20,20 +20,26 @@ SEGMENTS_MIN_MTU = 16384  # the smallest network MTU on which an adapter takes u
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
-    from shmfabric.adapters.bridge import TapBridge
-    from shmfabric.adapters.ethernet import format_mac
+    from shmfabric.adapters.bridge import DeviceGone, TapBridge, fair_share
+    from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
     from shmfabric.adapters.tap import TapError, check_ifname, configure, enter_netns, open_tap, parse_address
-    from shmfabric.fabric import Fabric, FabricError
+    from shmfabric.fabric import Fabric, FabricError, RegionNotFoundError
 
     try:
         check_ifname(args.ifname)
         addresses = [parse_address(a) for a in args.address]
     except TapError as exc:
         raise CliError(str(exc)) from None
+    if not 1 <= args.batch <= 65536:
+        raise CliError(f"--batch {args.batch} is out of range: give 1..65536 frames (default 256)")
     try:
         fab = Fabric.open(args.fabric)
+    except RegionNotFoundError as exc:
+        raise CliError(f"{exc}, or run a topology on it with `shmfabric up`") from None
     except FabricError as exc:
-        raise CliError(f"{exc} (create it with `shmfabric create {args.fabric}` or run a topology on it)") from None
+        hint = (" (run as root, or as a user the fabric's --mode/--group lets in)"
+                if "ermission denied" in str(exc) else "")
+        raise CliError(f"{exc}{hint}") from None
     stop = False
 
     def on_signal(signum, frame):
@@ -60,6 +66,16 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         except FabricError as exc:
             raise CliError(str(exc)) from None
         node.set_wait_mode("block")
+        lay = fab.region.layout
+        bridge = TapBridge(node, tap, batch=args.batch,
+                           in_flight=fair_share(lay.networks[args.network].slots, lay.max_nodes, lay.ring_size))
+        for a in addresses:
+            if a.version == 4:
+                # before the kernel has it (and announces it): a duplicate would move its peers' caches
+                owner = bridge.address_in_use(a.ip.packed)
+                if owner is not None:
+                    raise CliError(f"address {a.ip} is in use on fabric {args.fabric!r} by {format_mac(owner)} "
+                                   f"(node id {fabric_mac_node(owner)}); give this adapter another one")
         try:
             # Segments the kernel hands the device uncut must fit a slot: at most the network's MTU.
             mtu = configure(tap.ifname, node.mac, args.mtu, addresses, min(node.mtu, 65536) if segments else None,
@@ -71,9 +87,16 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                    else "checksum offload")
         print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
               f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}", flush=True)
-        bridge = TapBridge(node, tap, batch=args.batch)
+        tape = lay.tape_entry_size - 14
+        if mtu > tape:
+            print(f"adapter {args.node}: note: broadcast and multicast frames larger than the fabric's tape "
+                  f"entries ({tape} B of payload) are dropped (drop_too_big_to_flood); unicast frames up to the "
+                  f"MTU {mtu} are not", file=sys.stderr, flush=True)
         deadline = None if args.seconds is None else time.monotonic() + args.seconds
-        bridge.run(lambda: stop or (deadline is not None and time.monotonic() >= deadline))
+        try:
+            bridge.run(lambda: stop or (deadline is not None and time.monotonic() >= deadline))
+        except DeviceGone as exc:
+            raise CliError(f"{exc}; adapter {args.node} left the fabric") from None
         counters = bridge.counters
         if args.json:
             print(json.dumps({"node": args.node, "ifname": tap.ifname, "counters": counters}), flush=True)

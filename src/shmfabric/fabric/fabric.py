@@ -508,6 +508,11 @@ class Node:
         """Send a copy of `payload` to every other node through the broadcast tape."""
         self._port.tape_send(0, control.BROADCAST_MAC + self.mac + ethertype.to_bytes(2, "big") + bytes(payload))
 
+    def ring_depth(self, dst: int) -> int:
+        """Frames in this node's ring to node `dst` that `dst` has not taken yet."""
+        head, tail = self._fabric.region.core.ring_stats(self.id, dst)[:2]
+        return (head - tail) & 0xFFFFFFFF
+
     def flood(self, frame: bytes | bytearray | memoryview) -> None:
         """Send a whole Ethernet frame (header included, as a TAP device gives it) to every other
         node through the broadcast tape; its header is kept as it is (a TAP adapter's ARP)."""

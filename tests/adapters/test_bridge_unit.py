@@ -3,6 +3,7 @@ boundaries as a TAP does): no root needed."""
 from __future__ import annotations
 
 import socket
+import uuid
 
 import pytest
 
@@ -15,7 +16,7 @@ from shmfabric.fabric.control import node_mac
 
 @pytest.fixture
 def rig(tmp_path):
-    fab = Fabric.create(f"brunit{id(tmp_path) & 0xFFFFFF:x}", ephemeral=True)
+    fab = Fabric.create(f"brunit{uuid.uuid4().hex[:8]}", ephemeral=True)
     a, b = fab.attach("a"), fab.attach("b")
     dev, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     dev.setblocking(False)
@@ -65,7 +66,19 @@ def test_a_receiver_that_takes_nothing_gets_at_most_in_flight_frames(rig) -> Non
 
 
 def test_fair_share_bounds() -> None:
+    assert fair_share(1024, 3, 1024) == 170  # three adapters on a 65536:1024 network
     assert fair_share(1024, 32, 1024) == 16
-    assert fair_share(4096, 32, 1024) == 64
+    assert fair_share(4096, 1, 1024) == 1024  # (counted as two at least)
     assert fair_share(64, 1024, 1024) == 8  # never below 8
     assert fair_share(1 << 20, 2, 256) == 256  # never past a ring
+
+
+def test_the_share_is_asked_again_as_nodes_come_and_go(rig, monkeypatch) -> None:
+    fab, a, b, bridge, kernel = rig
+    shares = iter([5, 3])
+    monkeypatch.setattr("shmfabric.adapters.bridge.SHARE_EVERY", 0.0)
+    bridge2 = TapBridge(a, bridge.tap, in_flight=lambda: next(shares))
+    assert bridge2.in_flight == 5
+    kernel.send(frame_to(b.id, a.mac))
+    bridge2.pump_device()
+    assert bridge2.in_flight == 3

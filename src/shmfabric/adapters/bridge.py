@@ -27,14 +27,15 @@ from shmfabric.fabric import Node
 
 WAKE_EVERY = 0.2  # seconds: a stop request is seen at least this often while idle
 ERROR_PAUSE = 0.05  # seconds of pause after a device error other than its deletion
+SHARE_EVERY = 1.0  # seconds between looks at how many nodes share the pool
 
 
-def fair_share(slots: int, max_nodes: int, ring_size: int) -> int:
+def fair_share(slots: int, nodes: int, ring_size: int) -> int:
     """How many frames an adapter may leave in one destination's ring: half a network's pool
-    spread over every node the fabric can hold (at least 8, at most a ring). A ring holds as
-    many frames as a small pool has slots, so without a bound one stopped receiver would hold
-    the whole pool and every other pair on the network would stop too."""
-    return max(8, min(ring_size, slots // (2 * max_nodes)))
+    spread over the `nodes` attached (at least 8, at most a ring). A ring holds as many frames
+    as a small pool has slots, so without a bound one stopped receiver would hold the whole pool
+    and every other pair on the network would stop too."""
+    return max(8, min(ring_size, slots // (2 * max(nodes, 2))))
 
 
 class DeviceGone(OSError):
@@ -45,13 +46,16 @@ class TapBridge:
     """One node's TAP adapter: `pump_device` and `pump_fabric` move one batch each way; `run`
     runs both until told to stop."""
 
-    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int = 64):
+    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64):
         """`in_flight`: the most frames this adapter leaves in any one destination's ring
-        (`fair_share`): a stopped or slow receiver then holds that many pool slots, not the pool."""
+        (`fair_share`), or a function giving it, asked again every SHARE_EVERY seconds (as nodes
+        come and go): a stopped or slow receiver then holds that many pool slots, not the pool."""
         self.node = node
         self.tap = tap
         self.batch = batch
-        self.in_flight = in_flight
+        self._share = in_flight if callable(in_flight) else None
+        self.in_flight = in_flight() if callable(in_flight) else in_flight
+        self._share_at = time.monotonic()
         self._budget: dict[int, int] = {}  # destination -> sends left before its ring is looked at again
         self._scratch = bytearray(node.mtu + 1)  # where a frame is read to be dropped (no free slot)
         self._hdr = bytearray(ETH_HLEN)  # the header of the frame being read (its payload goes to a slot)
@@ -77,6 +81,9 @@ class TapBridge:
         hdr, vnet, spare = self._hdr, self._vnet, self._spare
         budget = self._budget
         buf = self._buf
+        if self._share is not None and time.monotonic() - self._share_at >= SHARE_EVERY:
+            self._share_at = time.monotonic()
+            self.in_flight = self._share()
         n = 0
         while n < self.batch:
             if buf is None:

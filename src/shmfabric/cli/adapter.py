@@ -68,7 +68,8 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         node.set_wait_mode("block")
         lay = fab.region.layout
         bridge = TapBridge(node, tap, batch=args.batch,
-                           in_flight=fair_share(lay.networks[args.network].slots, lay.max_nodes, lay.ring_size))
+                           in_flight=lambda: fair_share(lay.networks[args.network].slots, len(fab.nodes()),
+                                                        lay.ring_size))
         for a in addresses:
             if a.version == 4:
                 # before the kernel has it (and announces it): a duplicate would move its peers' caches

@@ -69,7 +69,8 @@ def test_fair_share_bounds() -> None:
     assert fair_share(1024, 3, 1024) == 170  # three adapters on a 65536:1024 network
     assert fair_share(1024, 32, 1024) == 16
     assert fair_share(4096, 1, 1024) == 1024  # (counted as two at least)
-    assert fair_share(64, 1024, 1024) == 8  # never below 8
+    assert fair_share(64, 9, 1024) == 3  # 8 senders to one stopped node: 24 of 64 slots
+    assert fair_share(64, 1024, 1024) == 2  # never below 2
     assert fair_share(1 << 20, 2, 256) == 256  # never past a ring
 
 
@@ -82,3 +83,29 @@ def test_the_share_is_asked_again_as_nodes_come_and_go(rig, monkeypatch) -> None
     kernel.send(frame_to(b.id, a.mac))
     bridge2.pump_device()
     assert bridge2.in_flight == 3
+
+
+def test_frames_with_another_source_mac_take_from_the_same_bound(rig) -> None:
+    # (a bridge in the namespace: sent as they are, from a copy) the bound holds for them too
+    fab, a, b, bridge, kernel = rig
+    for _ in range(50):
+        kernel.send(frame_to(b.id, bytes.fromhex("02aabbccddee")))
+    assert bridge.pump_device() == 50
+    assert bridge.counters["to_fabric"] == 8 and bridge.counters["drop_ring_full"] == 42
+    assert a.ring_depth(b.id) == 8
+    with b.recv_batch(64, 1) as got:
+        assert len(got) == 8 and got[0].src_mac == bytes.fromhex("02aabbccddee")
+
+
+def test_a_smaller_share_applies_to_budgets_already_handed_out(rig, monkeypatch) -> None:
+    fab, a, b, bridge, kernel = rig
+    shares = iter([256, 16])
+    bridge2 = TapBridge(a, bridge.tap, in_flight=lambda: next(shares))
+    kernel.send(frame_to(b.id, a.mac))
+    bridge2.pump_device()  # a budget of 255 for b
+    monkeypatch.setattr("shmfabric.adapters.bridge.SHARE_EVERY", 0.0)
+    for _ in range(60):
+        kernel.send(frame_to(b.id, a.mac))
+    bridge2.pump_device()
+    assert bridge2.in_flight == 16
+    assert a.ring_depth(b.id) == 16

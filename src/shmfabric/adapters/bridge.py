@@ -32,10 +32,11 @@ SHARE_EVERY = 1.0  # seconds between looks at how many nodes share the pool
 
 def fair_share(slots: int, nodes: int, ring_size: int) -> int:
     """How many frames an adapter may leave in one destination's ring: half a network's pool
-    spread over the `nodes` attached (at least 8, at most a ring). A ring holds as many frames
-    as a small pool has slots, so without a bound one stopped receiver would hold the whole pool
-    and every other pair on the network would stop too."""
-    return max(8, min(ring_size, slots // (2 * max(nodes, 2))))
+    spread over the `nodes` attached (at least 2, at most a ring), so the frames every other
+    node leaves for one stopped receiver hold about half the pool at most. A ring holds as many
+    frames as a small pool has slots: without a bound one stopped receiver would hold the whole
+    pool and every other pair on the network would stop too."""
+    return max(2, min(ring_size, slots // (2 * max(nodes, 2))))
 
 
 class DeviceGone(OSError):
@@ -83,7 +84,10 @@ class TapBridge:
         buf = self._buf
         if self._share is not None and time.monotonic() - self._share_at >= SHARE_EVERY:
             self._share_at = time.monotonic()
-            self.in_flight = self._share()
+            share = self._share()
+            if share < self.in_flight:  # budgets handed out under the larger share: looked at again
+                budget.clear()
+            self.in_flight = share
         n = 0
         while n < self.batch:
             if buf is None:
@@ -119,10 +123,12 @@ class TapBridge:
                 c["drop_too_big"] += 1
                 continue
             dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
-            if dst >= 0 and not budget.get(dst) and not self._room(dst):
-                c["drop_ring_full"] += 1  # the destination holds its share of the pool already
-            elif dst >= 0 and hdr[6:12] == own:
-                budget[dst] -= 1
+            if dst >= 0:
+                if not budget.get(dst) and not self._room(dst):
+                    c["drop_ring_full"] += 1  # the destination holds its share of the pool already
+                    continue
+                budget[dst] -= 1  # (whichever way it is sent: each frame sent takes a slot)
+            if dst >= 0 and hdr[6:12] == own:
                 try:
                     if send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta):
                         c["to_fabric"] += 1

@@ -18,6 +18,7 @@ import uuid
 from typing import Any, Sequence
 
 SUBNET = "10.77.{lan}.{host}"
+_PARENT = 0  # the pid an adapter's child checks after PR_SET_PDEATHSIG (see _die_with_parent)
 
 
 class LanError(Exception):
@@ -152,7 +153,10 @@ class FabricLan(_Lan):
                 "--netns", self.namespaces[host], "--address", self.cidr(host), "--mtu", str(self.mtu), "--json"]
 
     def start(self, host: int, timeout: float = 20.0) -> str:
-        """Start host `host`'s adapter and wait for its ready line (returned)."""
+        """Start host `host`'s adapter and wait for its ready line (returned). Call from the thread
+        that owns the LAN: the adapter is told to stop when the thread that started it ends."""
+        global _PARENT
+        _PARENT = os.getpid()
         p = subprocess.Popen(self.adapter_argv(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=_die_with_parent)
         self.adapters[host] = p
@@ -203,11 +207,16 @@ class FabricLan(_Lan):
 
 
 def _die_with_parent() -> None:
-    # In the child before exec: SIGTERM when this process ends, however it ends (SIGKILL
-    # included), so an adapter (and its device) never outlives the LAN that started it.
+    # In the child before exec: SIGTERM when the parent ends, however it ends (SIGKILL
+    # included), so an adapter (and its device) never outlives the LAN that started it. The
+    # signal follows the *thread* that forked: start a LAN's adapters from the thread that owns it.
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = _PARENT
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
+        os._exit(1)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
 
 
 def wait_until(check, timeout: float = 10.0, every: float = 0.05) -> bool:

@@ -112,3 +112,19 @@ def test_completing_a_udp_checksum_left_to_the_device_gives_the_real_one(payload
     assert struct.unpack("!H", frame[40:42])[0] == want
     # and a receiver's verification (sum over everything, field included) gives all ones
     assert _sum16(pseudo + bytes(frame[34:])) == 0xFFFF
+
+
+def test_routed_frames_are_ipv4_and_global_ipv6_not_arp_or_link_local() -> None:
+    from shmfabric.adapters.ethernet import routed
+
+    def hdr(et: int) -> bytes:
+        return node_mac(1) + OWN + et.to_bytes(2, "big")
+
+    ip6 = lambda dst: bytes(24) + bytes.fromhex(dst) + bytes(8)  # noqa: E731
+    assert routed(hdr(0x0800), b"\x45" + bytes(19))
+    assert not routed(hdr(0x0806), bytes(28))
+    assert routed(hdr(0x86DD), ip6("fd000000000000000000000000000001"))
+    assert not routed(hdr(0x86DD), ip6("fe800000000000000000000000000001"))
+    assert not routed(hdr(0x86DD), ip6("febf0000000000000000000000000001"))
+    assert routed(hdr(0x86DD), ip6("fec00000000000000000000000000001"))  # site-local (deprecated), not fe80::/10
+    assert not routed(hdr(0x86DD), bytes(30))  # too short to say

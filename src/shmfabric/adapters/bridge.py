@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Callable
 
 from shmfabric.adapters.ethernet import (ETH_HLEN, FLOOD, VNET_LEN, VNET_ZERO, Verdict, arp_claim, arp_probe, classify,
-                                         complete_checksum, csum_of, meta_to_vnet, needs_offload, vnet_to_meta)
+                                         complete_checksum, csum_of, meta_to_vnet, needs_offload, routed, vnet_to_meta)
 from shmfabric.adapters.tap import Tap
 from shmfabric.core import native
 from shmfabric.fabric import Node
@@ -47,13 +47,19 @@ class TapBridge:
     """One node's TAP adapter: `pump_device` and `pump_fabric` move one batch each way; `run`
     runs both until told to stop."""
 
-    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64):
+    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64,
+                 via: Callable[[], int | None] | None = None):
         """`in_flight`: the most frames this adapter leaves in any one destination's ring
         (`fair_share`), or a function giving it, asked again every SHARE_EVERY seconds (as nodes
         come and go): a stopped or slow receiver then holds that many pool slots, not the pool."""
         self.node = node
         self.tap = tap
         self.batch = batch
+        # `via`: where unicast frames go instead of the node their MAC names (the first function of
+        # a chain whose end, a `router`, delivers them): a function giving its node id (None: not
+        # attached), asked again when a send finds the id gone
+        self._via = via
+        self._via_id = via() if via is not None else None
         self._share = in_flight if callable(in_flight) else None
         self.in_flight = in_flight() if callable(in_flight) else in_flight
         self._share_at = time.monotonic()
@@ -123,6 +129,11 @@ class TapBridge:
                 c["drop_too_big"] += 1
                 continue
             dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
+            if dst >= 0 and self._via is not None and routed(hdr, buf):
+                dst = self._via_id if self._via_id is not None else self._resolve_via()
+                if dst is None:
+                    c["drop_no_via"] += 1
+                    continue
             if dst >= 0:
                 if not budget.get(dst) and not self._room(dst):
                     c["drop_ring_full"] += 1  # the destination holds its share of the pool already
@@ -137,6 +148,8 @@ class TapBridge:
                         c["drop_ring_full"] += 1  # the buffer is kept for the next frame
                 except native.DestinationError:
                     c["drop_no_node"] += 1
+                    if self._via is not None:
+                        self._resolve_via()
             elif dst >= 0 or dst == FLOOD:
                 with memoryview(buf) as v:
                     frame = hdr + v[:size]
@@ -146,6 +159,11 @@ class TapBridge:
         self._buf = buf
         c["from_device"] += n
         return n
+
+    def _resolve_via(self) -> int | None:
+        """The `via` node's id now (it may have restarted under another one); None if not attached."""
+        self._via_id = self._via() if self._via is not None else None
+        return self._via_id
 
     def _room(self, dst: int) -> bool:
         """Whether `dst`'s ring has room under `in_flight`; sets the sends left before it is looked

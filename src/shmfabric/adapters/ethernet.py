@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import sys
 from enum import IntEnum
+from typing import Any
 
 ETH_HLEN = 14
 FABRIC_OUI = b"\x02\x73\x66\x00"  # the first four bytes of every fabric node MAC
@@ -155,3 +156,19 @@ def arp_claim(frame: bytes | bytearray | memoryview, ip: bytes, own_mac: bytes) 
     if spa == ip or (spa == bytes(4) and tpa == ip):
         return sha
     return None
+
+
+def routed(header: bytes | bytearray, payload: Any) -> bool:
+    """Whether a unicast frame is one a chain of functions should see (`shmfabric adapter --via`):
+    IPv4, and IPv6 to a global address. ARP and IPv6 to link-local addresses (neighbour
+    discovery) are the link's own traffic and go straight to the node their MAC names, as a
+    router would never forward them. `payload` is the frame after its Ethernet header."""
+    et = (header[12] << 8) | header[13]
+    if et == 0x0800:
+        return True
+    if et != 0x86DD:
+        return False
+    with memoryview(payload) as v:  # (any buffer: a pool slot's too)
+        if len(v) < 40:
+            return False
+        return not (v[24] == 0xFE and v[25] & 0xC0 == 0x80)  # the destination in fe80::/10

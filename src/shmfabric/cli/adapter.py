@@ -67,9 +67,13 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         node.set_wait_mode("block")
         lay = fab.region.layout
+        via = None
+        if args.via:
+            # (not required to be attached yet: a chain's router waits for its ports, the adapters)
+            via = lambda: fab.node_id(args.via)  # noqa: E731
         bridge = TapBridge(node, tap, batch=args.batch,
                            in_flight=lambda: fair_share(lay.networks[args.network].slots, len(fab.nodes()),
-                                                        lay.ring_size))
+                                                        lay.ring_size), via=via)
         for a in addresses:
             if a.version == 4:
                 # before the kernel has it (and announces it): a duplicate would move its peers' caches
@@ -86,8 +90,9 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         where = f" in netns {args.netns}" if args.netns else ""
         offload = (f"checksum and segmentation offloads (segments up to {min(node.mtu, 65536)} B)" if segments
                    else "checksum offload")
+        via_text = f", via {args.via}" if args.via else ""
         print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
-              f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}", flush=True)
+              f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}{via_text}", flush=True)
         tape = lay.tape_entry_size - 14
         if mtu > tape:
             print(f"adapter {args.node}: note: broadcast and multicast frames larger than the fabric's tape "
@@ -123,6 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--netns", help="the network namespace to put the interface in (`ip netns add NAME`)")
     p.add_argument("--ifname", default="sf0", help="the interface's name (default sf0)")
     p.add_argument("--mtu", type=int, help="the interface's MTU (default: the fabric network's, or the device's largest)")
+    p.add_argument("--via", metavar="NODE",
+                   help="send unicast frames to this node (a chain's first function) instead of to the "
+                        "destination adapter; the chain ends in a `router` that delivers them")
     p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
     p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")

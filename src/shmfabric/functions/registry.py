@@ -32,6 +32,7 @@ _BUILTIN = {
     "monitor": "shmfabric.functions.builtin.monitor:Monitor",
     "compress": "shmfabric.functions.builtin.tunnel:Compress",
     "encrypt": "shmfabric.functions.builtin.tunnel:Encrypt",
+    "router": "shmfabric.functions.builtin.router:Router",
 }
 BUILTIN_OWNER = "shmfabric (built-in)"
 

@@ -349,29 +349,6 @@ def test_an_ipv4_address_in_use_on_the_fabric_is_refused_and_its_owner_keeps_it(
 
 
 # -- adapters behind a chain of functions ------------------------------------------------------------
-def _function(lan: FabricLan, node: str, function: str, config: dict, nxt: str = "",
-              ports: tuple[str, ...] = ()) -> subprocess.Popen:
-    import json as _json
-
-    argv = [sys.executable, "-m", "shmfabric.functions.run", "--fabric", lan.fabric, "--node", node,
-            "--function", function, "--config", _json.dumps(config), "--wait-mode", "block"]
-    if nxt:
-        argv += ["--next", nxt]
-    for p in ports:
-        argv += ["--port", p]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lan._procs.append(proc)
-    return proc
-
-
-def _via(lan: FabricLan, host: int, node: str) -> None:
-    lan.kill(host)
-    argv = lan.adapter_argv(host) + ["--via", node]
-    lan.adapter_argv = (lambda h, _orig=lan.adapter_argv, _h=host, _a=argv:  # type: ignore[method-assign]
-                        _a if h == _h else _orig(h))
-    lan.start(host)
-
-
 @needs("redis-server", "redis-cli")
 def test_a_firewall_between_two_namespaces_lets_redis_through_and_drops_what_its_rules_drop(tmp_path: Path) -> None:
     # client --via fw -> fw -> router -> server, and back the same way: unmodified redis-cli and
@@ -379,15 +356,8 @@ def test_a_firewall_between_two_namespaces_lets_redis_through_and_drops_what_its
     # its replies), a router delivering by destination address.
     from shmfabric.functions.control import ControlClient
 
-    with FabricLan(2) as lan:
-        ports = ("host0", "host1")
-        _function(lan, "router", "router",
-                  {"routes": {f"{lan.ip(0)}/32": "host0", f"{lan.ip(1)}/32": "host1"}}, ports=ports)
-        _function(lan, "fw", "firewall", {"rules": "policy drop\ntcp dport 6390 accept\nmeta l4proto icmp accept"},
-                  nxt="router")
-        for h in (0, 1):
-            _via(lan, h, "fw")
-        assert "via fw" in lan.ready[0]
+    with FabricLan(2, firewall="policy drop\ntcp dport 6390 accept\nmeta l4proto icmp accept") as lan:
+        assert "via fw" in lan.ready[0] and "via fw" in lan.ready[1]
         lan.popen(1, ["redis-server", "--bind", lan.ip(1), "--port", "6390", "--save", "", "--appendonly", "no",
                       "--protected-mode", "no", "--dir", str(tmp_path)],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -7,6 +7,11 @@ Two network namespaces each time, a server in one and its client in the other:
 2. redis-benchmark -P 16 -c 50 -t set,get: requests/s (many frames in flight);
 3. iperf3, one TCP stream for `--seconds`: Gbit/s, at MTU 1500 and 9000.
 
+At the first MTU the same runs twice more through a firewall: the adapters' IP frames crossing a
+chain of two function processes (`--via fw`: a firewall accepting the bench's ports, then a
+router), against two veth pairs joined by a router namespace whose nftables forward chain
+accepts the same ports (the kernel's way).
+
 Each peer runs right after the fabric at the same setting, and the whole set `--runs` times
 (the median is shown). Root only (namespaces, TAP devices). No target: the issue that asks for
 adapters sets none; the ratios say what crossing the fabric through user space costs.
@@ -26,9 +31,12 @@ import sys
 from typing import Any, Callable
 
 from shmfabric import programs
-from shmfabric.bench.lan import FabricLan, LanError, VethLan, _Lan, wait_until
+from shmfabric.bench.lan import FabricLan, LanError, RoutedVethLan, VethLan, _Lan, wait_until
 
 REDIS_PORT = 6390
+# the chain variant's firewall: what the bench's programs use, and its connection tracking for
+# the replies (iperf3's control and data connections go to 5201)
+CHAIN_RULES = f"policy drop\ntcp dport {{ {REDIS_PORT}, 5201 }} accept\nmeta l4proto icmp accept"
 
 
 class BenchError(Exception):
@@ -120,7 +128,11 @@ def run(seconds: float = 5.0, runs: int = 3, mtus: tuple[int, ...] = (1500, 9000
     samples: dict[str, list[dict[str, Any]]] = {}
     for _ in range(runs):
         for mtu in mtus:
-            for kind, make in (("fabric", lambda m=mtu: FabricLan(2, mtu=m)), ("veth", lambda m=mtu: VethLan(mtu=m))):
+            kinds = [("fabric", lambda m=mtu: FabricLan(2, mtu=m)), ("veth", lambda m=mtu: VethLan(mtu=m))]
+            if mtu == mtus[0]:
+                kinds.append(("chain", lambda m=mtu: FabricLan(2, mtu=m, firewall=CHAIN_RULES)))
+                kinds.append(("nft", lambda m=mtu: RoutedVethLan(mtu=m, accept_tcp=(REDIS_PORT, 5201))))
+            for kind, make in kinds:
                 try:
                     samples.setdefault(f"{kind}-{mtu}", []).append(measure(make, seconds))
                 except LanError as exc:
@@ -148,6 +160,18 @@ def format_table(res: dict[str, Any]) -> str:
         for key, label, fmt in ROWS:
             ratio = "" if not veth[key] else f"{fab[key] / veth[key]:.2f}x"
             lines.append(f"{label:34} {mtu:>5} {fmt.format(fab[key]):>12} {fmt.format(veth[key]):>12} {ratio:>12}")
+    chain = next((k for k in med if k.startswith("chain-")), None)
+    if chain is not None:
+        mtu = int(chain.split("-")[1])
+        ch, nft = med[chain], med[f"nft-{mtu}"]
+        lines.append("through a firewall: adapters --via fw (firewall and router functions) vs a router namespace "
+                     "with nftables")
+        lines.append(f"{'':34} {'MTU':>5} {'fabric+fw':>12} {'veth+nft':>12} {'ratio':>12}")
+        for key, label, fmt in ROWS:
+            if key == "iperf3_adapter_cpu_s":
+                continue
+            ratio = f"{ch[key] / nft[key]:.2f}x" if nft[key] else ""
+            lines.append(f"{label:34} {mtu:>5} {fmt.format(ch[key]):>12} {fmt.format(nft[key]):>12} {ratio:>12}")
     return "\n".join(lines)
 
 

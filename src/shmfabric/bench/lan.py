@@ -18,7 +18,6 @@ import uuid
 from typing import Any, Sequence
 
 SUBNET = "10.77.{lan}.{host}"
-_PARENT = 0  # the pid an adapter's child checks after PR_SET_PDEATHSIG (see _die_with_parent)
 
 
 class LanError(Exception):
@@ -122,16 +121,56 @@ class VethLan(_Lan):
             _ip("-n", ns, "link", "set", dev, "up")
 
 
+class RoutedVethLan(_Lan):
+    """Two hosts on two subnets joined by a router namespace with an nftables firewall: the
+    kernel's way of putting a firewall between namespaces (the peer of adapters `--via fw`)."""
+
+    kind = "veth+nft"
+
+    def __init__(self, mtu: int = 1500, lan: int = 3, accept_tcp: Sequence[int] = ()) -> None:
+        super().__init__(3, mtu, lan)  # host0, host1 and the router (namespace 2)
+        self.accept_tcp = list(accept_tcp)
+
+    def ip(self, host: int) -> str:
+        return f"10.77.{self.lan + host}.1"
+
+    def connect(self) -> None:
+        rt = self.namespaces[2]
+        for h in (0, 1):
+            ns, a, b = self.namespaces[h], f"v{self.tag}{h}", f"v{self.tag}{h}r"
+            net = f"10.77.{self.lan + h}"
+            _ip("link", "add", a, "netns", ns, "type", "veth", "peer", "name", b, "netns", rt)
+            for where, dev, addr in ((ns, a, f"{net}.1/24"), (rt, b, f"{net}.254/24")):
+                _ip("-n", where, "link", "set", dev, "mtu", str(self.mtu))
+                _ip("-n", where, "addr", "add", addr, "dev", dev)
+                _ip("-n", where, "link", "set", dev, "up")
+            _ip("-n", ns, "route", "add", "default", "via", f"{net}.254")
+        r = subprocess.run(["ip", "netns", "exec", rt, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise LanError(f"cannot turn on forwarding in the router namespace: {r.stderr.strip()}")
+        ports = ", ".join(map(str, self.accept_tcp)) or "0"
+        rules = ("table inet fw {\n chain forward {\n  type filter hook forward priority 0; policy drop;\n"
+                 "  ct state established,related accept\n"
+                 f"  tcp dport {{ {ports} }} accept\n  ip protocol icmp accept\n }}\n}}\n")
+        r = subprocess.run(["ip", "netns", "exec", rt, "nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        if r.returncode:
+            raise LanError(f"nft refused the router's rules: {r.stderr.strip()}")
+
+
 class FabricLan(_Lan):
     """Namespaces joined by the fabric: a fabric of its own, a `shmfabric adapter` per namespace."""
 
     kind = "fabric"
 
     def __init__(self, hosts: int = 2, mtu: int = 1500, lan: int = 2, network_mtu: int = 65536, slots: int = 1024,
-                 tape_entry_size: int = 2048) -> None:
+                 tape_entry_size: int = 2048, firewall: str | None = None) -> None:
         """`mtu` is the devices'; `network_mtu` the fabric network's (its slot size): 16 KB or
-        more lets TCP segments cross uncut (see `shmfabric adapter`)."""
+        more lets TCP segments cross uncut (see `shmfabric adapter`). With `firewall` (rule
+        text), the adapters' IP frames cross a chain: `fw` (a firewall with those rules) then
+        `router` (delivering by destination address), each a function process."""
         super().__init__(hosts, mtu, lan)
+        self.firewall = firewall
         self.fabric = f"lan{self.tag}"
         self.network_mtu = network_mtu
         self.slots = slots
@@ -147,16 +186,35 @@ class FabricLan(_Lan):
                       tape_entry_size=self.tape_entry_size, ephemeral=True).close()
         for i in range(self.hosts):
             self.start(i)
+        if self.firewall is not None:
+            names = [f"host{i}" for i in range(self.hosts)]
+            self.function("router", "router", {"routes": {f"{self.ip(i)}/32": n for i, n in enumerate(names)}},
+                          ports=names)
+            self.function("fw", "firewall", {"rules": self.firewall}, nxt="router")
+
+    def function(self, node: str, function: str, config: dict, nxt: str = "",
+                 ports: Sequence[str] = ()) -> subprocess.Popen:
+        """Start a function process (`python -m shmfabric.functions.run`) on the LAN's fabric."""
+        argv = [sys.executable, "-m", "shmfabric.functions.run", "--fabric", self.fabric, "--node", node,
+                "--function", function, "--config", json.dumps(config), "--wait-mode", "block"]
+        if nxt:
+            argv += ["--next", nxt]
+        for p in ports:
+            argv += ["--port", p]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_die_with_parent)
+        self._procs.append(proc)
+        return proc
 
     def adapter_argv(self, host: int) -> list[str]:
+        via = ["--via", "fw"] if self.firewall is not None else []
         return [sys.executable, "-m", "shmfabric", "adapter", self.fabric, f"host{host}",
-                "--netns", self.namespaces[host], "--address", self.cidr(host), "--mtu", str(self.mtu), "--json"]
+                "--netns", self.namespaces[host], "--address", self.cidr(host), "--mtu", str(self.mtu), "--json",
+                *via]
 
     def start(self, host: int, timeout: float = 20.0) -> str:
         """Start host `host`'s adapter and wait for its ready line (returned). Call from the thread
         that owns the LAN: the adapter is told to stop when the thread that started it ends."""
-        global _PARENT
-        _PARENT = os.getpid()
         p = subprocess.Popen(self.adapter_argv(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=_die_with_parent)
         self.adapters[host] = p
@@ -212,10 +270,10 @@ def _die_with_parent() -> None:
     # signal follows the *thread* that forked: start a LAN's adapters from the thread that owns it.
     import ctypes
 
-    parent = _PARENT
+    parent = os.getppid()  # (in the child: the process that forked it, or init if it is gone already)
     if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
         os._exit(1)
-    if os.getppid() != parent:  # the parent died before the prctl
+    if os.getppid() != parent or parent == 1:  # the parent died before the prctl
         os._exit(1)
 
 

@@ -285,3 +285,16 @@ def wait_until(check, timeout: float = 10.0, every: float = 0.05) -> bool:
         if ok or time.monotonic() >= deadline:
             return bool(ok)
         time.sleep(every)
+
+
+def connect_times_out(lan: _Lan, host: int, ip: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection from host `host` to ip:port times out (its SYNs dropped on the way,
+    as a firewall does), rather than being answered or refused. LanError for anything else."""
+    code = ("import socket, sys\n"
+            f"s = socket.socket(); s.settimeout({timeout})\n"
+            f"try:\n    s.connect(({ip!r}, {port}))\nexcept TimeoutError:\n    sys.exit(3)\n"
+            "except ConnectionRefusedError:\n    sys.exit(4)\n")
+    r = lan.run(host, [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout + 30)
+    if r.returncode not in (0, 3, 4):
+        raise LanError(f"connect test from host{host} to {ip}:{port} failed: {r.stderr.strip()[-300:]}")
+    return r.returncode == 3

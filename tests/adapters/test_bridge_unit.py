@@ -109,3 +109,28 @@ def test_a_smaller_share_applies_to_budgets_already_handed_out(rig, monkeypatch)
     bridge2.pump_device()
     assert bridge2.in_flight == 16
     assert a.ring_depth(b.id) == 16
+
+
+def test_a_via_node_whose_id_another_node_took_never_gets_its_frames(rig) -> None:
+    # ids are reused: frames for the chain's first function must not reach whoever holds its id now
+    fab, a, b, bridge, kernel = rig
+    c_node = fab.attach("c")
+    via = TapBridge(a, bridge.tap, in_flight=64, via=lambda: fab.node_ref("fw"))
+    fw = fab.attach("fw")
+    via._resolve_via()
+    kernel.send(frame_to(b.id, a.mac))  # addressed to b: goes to fw
+    assert via.pump_device() == 1
+    with fw.recv_batch(8, 1) as got:
+        assert len(got) == 1
+    fw_id = fw.id
+    fw.detach()
+    spy = fab.attach("spy")  # the lowest free id: fw's
+    assert spy.id == fw_id
+    for _ in range(3):
+        kernel.send(frame_to(b.id, a.mac))
+    assert via.pump_device() == 3
+    with spy.recv_batch(8, 0.2) as got:
+        assert len(got) == 0, "frames meant for the firewall reached another node"
+    assert via.counters["drop_no_node"] + via.counters["drop_no_via"] == 3
+    spy.detach()
+    c_node.detach()

@@ -114,17 +114,22 @@ def test_completing_a_udp_checksum_left_to_the_device_gives_the_real_one(payload
     assert _sum16(pseudo + bytes(frame[34:])) == 0xFFFF
 
 
-def test_routed_frames_are_ipv4_and_global_ipv6_not_arp_or_link_local() -> None:
+def test_only_arp_and_neighbour_discovery_go_around_the_chain() -> None:
     from shmfabric.adapters.ethernet import routed
 
     def hdr(et: int) -> bytes:
         return node_mac(1) + OWN + et.to_bytes(2, "big")
 
-    ip6 = lambda dst: bytes(24) + bytes.fromhex(dst) + bytes(8)  # noqa: E731
+    def ip6(dst: str, nxt: int = 6, icmp_type: int = 0) -> bytes:
+        return bytes(6) + bytes([nxt, 255]) + bytes(16) + bytes.fromhex(dst) + bytes([icmp_type]) + bytes(7)
+
+    ll, glob = "fe800000000000000000000000000001", "fd000000000000000000000000000001"
     assert routed(hdr(0x0800), b"\x45" + bytes(19))
-    assert not routed(hdr(0x0806), bytes(28))
-    assert routed(hdr(0x86DD), ip6("fd000000000000000000000000000001"))
-    assert not routed(hdr(0x86DD), ip6("fe800000000000000000000000000001"))
-    assert not routed(hdr(0x86DD), ip6("febf0000000000000000000000000001"))
-    assert routed(hdr(0x86DD), ip6("fec00000000000000000000000000001"))  # site-local (deprecated), not fe80::/10
-    assert not routed(hdr(0x86DD), bytes(30))  # too short to say
+    assert not routed(hdr(0x0806), bytes(28))  # ARP: straight
+    for t in (133, 134, 135, 136, 137):  # RS, RA, NS, NA, redirect: straight, to any address
+        assert not routed(hdr(0x86DD), ip6(glob, 58, t)) and not routed(hdr(0x86DD), ip6(ll, 58, t))
+    assert routed(hdr(0x86DD), ip6(glob, 58, 128))  # an echo request: through the chain
+    assert routed(hdr(0x86DD), ip6(ll, 6))  # TCP to a link-local address: through the chain too
+    assert routed(hdr(0x86DD), ip6(glob, 6))
+    assert routed(hdr(0x8100), bytes(46))  # VLAN-tagged: through the chain (nothing goes unfiltered)
+    assert routed(hdr(0x86DD), bytes(30))  # too short to be neighbour discovery

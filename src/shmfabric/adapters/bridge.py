@@ -48,7 +48,7 @@ class TapBridge:
     runs both until told to stop."""
 
     def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64,
-                 via: Callable[[], int | None] | None = None):
+                 via: Callable[[], tuple[int, int] | None] | None = None):
         """`in_flight`: the most frames this adapter leaves in any one destination's ring
         (`fair_share`), or a function giving it, asked again every SHARE_EVERY seconds (as nodes
         come and go): a stopped or slow receiver then holds that many pool slots, not the pool."""
@@ -56,10 +56,14 @@ class TapBridge:
         self.tap = tap
         self.batch = batch
         # `via`: where unicast frames go instead of the node their MAC names (the first function of
-        # a chain whose end, a `router`, delivers them): a function giving its node id (None: not
-        # attached), asked again when a send finds the id gone
+        # a chain whose end, a `router`, delivers them): a function giving its (node id,
+        # incarnation), None when not attached; asked again when a send finds the id gone or held
+        # by another incarnation (ids are reused: frames must never reach whoever took it)
         self._via = via
-        self._via_id = via() if via is not None else None
+        self._via_id: int | None = None
+        self._via_gen = 0  # the incarnation resolved: a send fails once another one holds the id
+        if via is not None:
+            self._resolve_via()
         self._share = in_flight if callable(in_flight) else None
         self.in_flight = in_flight() if callable(in_flight) else in_flight
         self._share_at = time.monotonic()
@@ -129,11 +133,13 @@ class TapBridge:
                 c["drop_too_big"] += 1
                 continue
             dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
+            inc = 0
             if dst >= 0 and self._via is not None and routed(hdr, buf):
                 dst = self._via_id if self._via_id is not None else self._resolve_via()
                 if dst is None:
                     c["drop_no_via"] += 1
                     continue
+                inc = self._via_gen
             if dst >= 0:
                 if not budget.get(dst) and not self._room(dst):
                     c["drop_ring_full"] += 1  # the destination holds its share of the pool already
@@ -141,7 +147,7 @@ class TapBridge:
                 budget[dst] -= 1  # (whichever way it is sent: each frame sent takes a slot)
             if dst >= 0 and hdr[6:12] == own:
                 try:
-                    if send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta):
+                    if send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta, inc):
                         c["to_fabric"] += 1
                         buf = None
                     else:
@@ -153,7 +159,7 @@ class TapBridge:
             elif dst >= 0 or dst == FLOOD:
                 with memoryview(buf) as v:
                     frame = hdr + v[:size]
-                self._send_copy(dst, frame, meta)
+                self._send_copy(dst, frame, meta, inc)
             else:
                 c["drop_" + Verdict(dst).name.lower()] += 1
         self._buf = buf
@@ -162,7 +168,8 @@ class TapBridge:
 
     def _resolve_via(self) -> int | None:
         """The `via` node's id now (it may have restarted under another one); None if not attached."""
-        self._via_id = self._via() if self._via is not None else None
+        ref = self._via() if self._via is not None else None
+        self._via_id, self._via_gen = (None, 0) if ref is None else ref
         return self._via_id
 
     def _room(self, dst: int) -> bool:
@@ -197,18 +204,20 @@ class TapBridge:
         time.sleep(ERROR_PAUSE)
         return False
 
-    def _send_copy(self, dst: int, frame: bytearray, meta: int) -> None:
+    def _send_copy(self, dst: int, frame: bytearray, meta: int, inc: int = 0) -> None:
         """The rare frames sent from a copy: floods, and unicast frames whose source MAC is not
         the device's (a bridge in the namespace), sent with their header as it is."""
         c = self.from_device
         if dst >= 0:
             try:
-                if self.node.send(dst, frame, raw=True, meta=meta):
+                if self.node.send_batch(dst, (frame,), raw=True, meta=meta, incarnation=inc):
                     c["to_fabric"] += 1
                 else:
                     c["drop_ring_full"] += 1
             except native.DestinationError:
                 c["drop_no_node"] += 1
+                if inc:
+                    self._resolve_via()
             return
         # The tape carries no `meta`: a checksum left to the device is done here, and a segment
         # to be cut (a UDP multicast with GSO: rare) cannot be flooded.

@@ -159,16 +159,15 @@ def arp_claim(frame: bytes | bytearray | memoryview, ip: bytes, own_mac: bytes) 
 
 
 def routed(header: bytes | bytearray, payload: Any) -> bool:
-    """Whether a unicast frame is one a chain of functions should see (`shmfabric adapter --via`):
-    IPv4, and IPv6 to a global address. ARP and IPv6 to link-local addresses (neighbour
-    discovery) are the link's own traffic and go straight to the node their MAC names, as a
-    router would never forward them. `payload` is the frame after its Ethernet header."""
+    """Whether a unicast frame goes through the chain of functions (`shmfabric adapter --via`):
+    everything but the link's own resolution, ARP and IPv6 neighbour discovery (ICMPv6 types
+    133-137 right after the IPv6 header), which go straight to the node their MAC names, as they
+    never cross a router. IPv6 to link-local addresses and VLAN-tagged frames go through the
+    chain too: nothing reaches a peer unfiltered. `payload` is the frame after its Ethernet header."""
     et = (header[12] << 8) | header[13]
-    if et == 0x0800:
-        return True
-    if et != 0x86DD:
+    if et == 0x0806:
         return False
+    if et != 0x86DD:
+        return True
     with memoryview(payload) as v:  # (any buffer: a pool slot's too)
-        if len(v) < 40:
-            return False
-        return not (v[24] == 0xFE and v[25] & 0xC0 == 0x80)  # the destination in fe80::/10
+        return not (len(v) > 40 and v[6] == 58 and 133 <= v[40] <= 137)

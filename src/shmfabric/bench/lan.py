@@ -191,6 +191,13 @@ class FabricLan(_Lan):
             self.function("router", "router", {"routes": {f"{self.ip(i)}/32": n for i, n in enumerate(names)}},
                           ports=names)
             self.function("fw", "firewall", {"rules": self.firewall}, nxt="router")
+            fab = Fabric.open(self.fabric)
+            try:
+                if not wait_until(lambda: fab.node_id("fw") is not None and fab.node_id("router") is not None,
+                                  timeout=30):
+                    raise LanError("the chain's functions (fw, router) did not attach within 30 s")
+            finally:
+                fab.close()
 
     def function(self, node: str, function: str, config: dict, nxt: str = "",
                  ports: Sequence[str] = ()) -> subprocess.Popen:

@@ -70,7 +70,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         via = None
         if args.via:
             # (not required to be attached yet: a chain's router waits for its ports, the adapters)
-            via = lambda: fab.node_id(args.via)  # noqa: E731
+            via = lambda: fab.node_ref(args.via)  # noqa: E731  (id, incarnation)
         bridge = TapBridge(node, tap, batch=args.batch,
                            in_flight=lambda: fair_share(lay.networks[args.network].slots, len(fab.nodes()),
                                                         lay.ring_size), via=via)

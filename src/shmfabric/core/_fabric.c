@@ -2350,17 +2350,18 @@ static PyTypeObject Buffer_Type = {
     .tp_doc = "A pool slot being filled for a zero-copy send; memoryview(buf) is its payload.",
 };
 
-/* send_buffer(dst, buf, length, ethertype=0x88B5, meta=0) -> bool */
+/* send_buffer(dst, buf, length, ethertype=0x88B5, meta=0, incarnation=0) -> bool; with an incarnation
+ * (not 0), UnknownDestinationError once another incarnation holds the id (as send_batch) */
 static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"dst", "buf", "length", "ethertype", "meta", NULL};
+    static char *kwlist[] = {"dst", "buf", "length", "ethertype", "meta", "incarnation", NULL};
     long long dst;
     BufferObject *b;
     Py_ssize_t length;
-    unsigned int ethertype = 0x88B5, meta = 0;
+    unsigned int ethertype = 0x88B5, meta = 0, incarnation = 0;
     /* length as "n" (Py_ssize_t, overflow-checked), not "I": 2^32 + 5 would have sent 5 bytes */
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O!n|O&O&", kwlist, conv_dst, &dst, &Buffer_Type, &b, &length,
-                                     conv_ethertype, &ethertype, conv_meta, &meta))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O!n|O&O&O&", kwlist, conv_dst, &dst, &Buffer_Type, &b, &length,
+                                     conv_ethertype, &ethertype, conv_meta, &meta, conv_incarnation, &incarnation))
         return NULL;
     if (length < 0) {
         PyErr_Format(PyExc_ValueError, "length must not be negative (got %zd)", length);
@@ -2385,7 +2386,7 @@ static PyObject *Port_send_buffer(PortObject *p, PyObject *args, PyObject *kw)
         return NULL;
     }
     uint32_t dst_tag, epoch;
-    sf_ring *g = dest_ring(p, dst, 0, &dst_tag, &epoch);
+    sf_ring *g = dest_ring(p, dst, incarnation, &dst_tag, &epoch);
     if (!g)
         return NULL;
     uint32_t head = g->head;

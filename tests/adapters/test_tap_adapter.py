@@ -69,9 +69,7 @@ def test_redis_cli_stores_and_reads_back_a_large_value_from_a_redis_server_on_an
     with FabricLan(2, network_mtu=network_mtu, slots=4096 if network_mtu < 16384 else 1024) as lan:
         # uncut 64 KB segments where slots hold them, else frames of the device's MTU
         assert mode in lan.ready[0] and mode in lan.ready[1]
-        server = lan.popen(1, ["redis-server", "--bind", lan.ip(1), "--port", "6390", "--save", "",
-                               "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = lan.redis(1, 6390, str(tmp_path))
         cli = ["redis-cli", "-h", lan.ip(1), "-p", "6390"]
         assert wait_until(lambda: lan.run(0, [*cli, "PING"], capture_output=True, text=True).stdout.strip() == "PONG",
                           timeout=20), "redis-server did not answer over the fabric"
@@ -358,13 +356,9 @@ def test_a_firewall_between_two_namespaces_lets_redis_through_and_drops_what_its
 
     with FabricLan(2, firewall="policy drop\ntcp dport 6390 accept\nmeta l4proto icmp accept") as lan:
         assert "via fw" in lan.ready[0] and "via fw" in lan.ready[1]
-        lan.popen(1, ["redis-server", "--bind", lan.ip(1), "--port", "6390", "--save", "", "--appendonly", "no",
-                      "--protected-mode", "no", "--dir", str(tmp_path)],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lan.redis(1, 6390, str(tmp_path))
         # a second server on a port the firewall drops
-        lan.popen(1, ["redis-server", "--bind", lan.ip(1), "--port", "6391", "--save", "", "--appendonly", "no",
-                      "--protected-mode", "no", "--dir", str(tmp_path)],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lan.redis(1, 6391, str(tmp_path))
         cli = ["redis-cli", "-h", lan.ip(1), "-p", "6390"]
         assert wait_until(lambda: lan.run(0, [*cli, "PING"], capture_output=True, text=True).stdout.strip() == "PONG",
                           timeout=30), "redis-server did not answer through the firewall"

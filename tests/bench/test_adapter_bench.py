@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -33,9 +32,7 @@ def test_the_table_has_every_row_for_every_mtu_and_the_firewall_case_with_ratios
 def test_the_nft_router_peer_forwards_the_accepted_port_and_drops_another(tmp_path) -> None:
     with RoutedVethLan(accept_tcp=(6390,)) as lan:
         for port in (6390, 6391):
-            lan.popen(1, ["redis-server", "--bind", lan.ip(1), "--port", str(port), "--save", "", "--appendonly",
-                          "no", "--protected-mode", "no", "--dir", str(tmp_path)],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lan.redis(1, port, str(tmp_path))
         assert lan.ip(0) != lan.ip(1) and lan.ip(0).rsplit(".", 1)[0] != lan.ip(1).rsplit(".", 1)[0]  # two subnets
         ok = ["redis-cli", "-h", lan.ip(1), "-p", "6390", "PING"]
         assert wait_until(lambda: lan.run(0, ok, capture_output=True, text=True).stdout.strip() == "PONG", timeout=20)

@@ -44,9 +44,7 @@ class BenchError(Exception):
 
 
 def _redis_up(lan: _Lan) -> subprocess.Popen:
-    server = lan.popen(1, ["redis-server", "--bind", lan.ip(1), "--port", str(REDIS_PORT), "--save", "",
-                           "--appendonly", "no", "--protected-mode", "no"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = lan.redis(1, REDIS_PORT)
     ping = ["redis-cli", "-h", lan.ip(1), "-p", str(REDIS_PORT), "PING"]
     if not wait_until(lambda: lan.run(0, ping, capture_output=True, text=True).stdout.strip() == "PONG", timeout=20):
         raise BenchError(f"redis-server did not answer over the {lan.kind} LAN")
@@ -185,12 +183,12 @@ def cmd_bench_adapter(args: argparse.Namespace) -> int:
     # SIGTERM (a `timeout`, a cancelled job) unwinds like Ctrl-C: the LANs remove their namespaces
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        res = run(args.seconds, args.runs, tuple(args.mtu))
+        res = run(args.seconds, args.runs, tuple(args.mtu or (1500, 9000)))
     except BenchError as exc:
         raise CliError(str(exc)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(res, indent=1) if args.json else format_table(res))
+    print(json.dumps(res, indent=1) if getattr(args, "json", False) else format_table(res))
     return 0
 
 
@@ -202,13 +200,6 @@ def register_bench(bench_sub: Any) -> None:
     p.add_argument("--mtu", type=int, action="append", help="MTUs to run at (default 1500 and 9000)")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     p.set_defaults(func=cmd_bench_adapter, mtu=None)
-
-    def fix_defaults(args: argparse.Namespace) -> int:
-        args.mtu = args.mtu or [1500, 9000]
-        args.json = getattr(args, "json", False)
-        return cmd_bench_adapter(args)
-
-    p.set_defaults(func=fix_defaults)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,15 @@ class _Lan:
         self._procs.append(p)
         return p
 
+    def redis(self, host: int, port: int, dir: str | None = None) -> subprocess.Popen:
+        """A redis-server in host `host`'s namespace on its address and `port` (no persistence,
+        reachable from the other hosts)."""
+        argv = ["redis-server", "--bind", self.ip(host), "--port", str(port), "--save", "", "--appendonly", "no",
+                "--protected-mode", "no"]
+        if dir is not None:
+            argv += ["--dir", dir]
+        return self.popen(host, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def __enter__(self) -> "_Lan":
         try:
             for ns in self.namespaces:

@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark nftables conntrack \
-           iputils-ping iperf3
+           iputils-ping iperf3 dpdk-dev
 PYTEST_ARGS ?=
 
 .PHONY: run demo test setup debs build bench clean
@@ -24,7 +24,7 @@ test: setup
 
 setup: debs $(STAMP) build
 
-# Debian packages for the real peers the tests start (redis, nginx, HAProxy, twemproxy, wrk).
+# Debian packages for the real peers the tests start (redis, nginx, HAProxy, twemproxy, wrk, DPDK testpmd).
 # Installed only when root; otherwise the tests that need them skip and say why.
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -43,17 +43,20 @@ class DeviceGone(OSError):
     """The adapter's interface was deleted under it (`ip link del`): the adapter ends."""
 
 
-class TapBridge:
-    """One node's TAP adapter: `pump_device` and `pump_fabric` move one batch each way; `run`
-    runs both until told to stop."""
+class FabricPort:
+    """What every adapter does on the fabric side, whatever its device (a TAP device, a memif
+    peer): `deliver` sends a frame read from the device to the node its destination MAC names (or
+    to `via`, or to every node), within a fair share of the pool per destination ring; control
+    requests (`stats`, `stop`) are answered. Subclasses move frames to and from their device."""
 
-    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64,
+    kind = "adapter"  # the `function` a stats reply names
+
+    def __init__(self, node: Node, batch: int = 256, in_flight: int | Callable[[], int] = 64,
                  via: Callable[[], tuple[int, int] | None] | None = None):
         """`in_flight`: the most frames this adapter leaves in any one destination's ring
         (`fair_share`), or a function giving it, asked again every SHARE_EVERY seconds (as nodes
         come and go): a stopped or slow receiver then holds that many pool slots, not the pool."""
         self.node = node
-        self.tap = tap
         self.batch = batch
         # `via`: where unicast frames go instead of the node their MAC names (the first function of
         # a chain whose end, a `router`, delivers them): a function giving its (node id,
@@ -68,17 +71,185 @@ class TapBridge:
         self.in_flight = in_flight() if callable(in_flight) else in_flight
         self._share_at = time.monotonic()
         self._budget: dict[int, int] = {}  # destination -> sends left before its ring is looked at again
+        # one Counter per direction: each thread updates only its own
+        self.from_device: Counter[str] = Counter()
+        self.from_fabric: Counter[str] = Counter()
+        self.stop_requested = False  # a control `stop` came
+        node.on_message = self._on_message
+
+    @property
+    def device_name(self) -> str:
+        """What a stats reply calls the device."""
+        return ""
+
+    def refresh_share(self) -> None:
+        """Ask the share function again once SHARE_EVERY seconds have passed (call once a batch)."""
+        if self._share is not None and time.monotonic() - self._share_at >= SHARE_EVERY:
+            self._share_at = time.monotonic()
+            share = self._share()
+            if share < self.in_flight:  # budgets handed out under the larger share: looked at again
+                self._budget.clear()
+            self.in_flight = share
+
+    def deliver(self, hdr: bytearray, buf: native.Buffer, size: int, meta: int = 0) -> bool:
+        """Send a frame read from the device (Ethernet header `hdr`, payload `buf[:size]`) where it
+        goes; True if `buf` itself was sent (it is the fabric's now), False if it is still the
+        caller's (the frame was copied, or dropped and counted)."""
+        c = self.from_device
+        own = self.node.mac
+        dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
+        inc = 0
+        if dst >= 0 and self._via is not None and routed(hdr, buf):
+            dst = self._via_id if self._via_id is not None else self._resolve_via()
+            if dst is None:
+                c["drop_no_via"] += 1
+                return False
+            inc = self._via_gen
+        if dst >= 0:
+            budget = self._budget
+            if not budget.get(dst) and not self._room(dst):
+                c["drop_ring_full"] += 1  # the destination holds its share of the pool already
+                return False
+            budget[dst] -= 1  # (whichever way it is sent: each frame sent takes a slot)
+        if dst >= 0 and hdr[6:12] == own:
+            try:
+                if self.node.send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta, inc):
+                    c["to_fabric"] += 1
+                    return True
+                c["drop_ring_full"] += 1  # the buffer stays the caller's, for the next frame
+            except native.DestinationError:
+                c["drop_no_node"] += 1
+                if self._via is not None:
+                    self._resolve_via()
+        elif dst >= 0 or dst == FLOOD:
+            with memoryview(buf) as v:
+                frame = hdr + v[:size]
+            self._send_copy(dst, frame, meta, inc)
+        else:
+            c["drop_" + Verdict(dst).name.lower()] += 1
+        return False
+
+    def _resolve_via(self) -> int | None:
+        """The `via` node's id now (it may have restarted under another one); None if not attached."""
+        ref = self._via() if self._via is not None else None
+        self._via_id, self._via_gen = (None, 0) if ref is None else ref
+        return self._via_id
+
+    def _room(self, dst: int) -> bool:
+        """Whether `dst`'s ring has room under `in_flight`; sets the sends left before it is looked
+        at again (frames only leave a ring: after `in_flight - depth` sends it may be at the bound)."""
+        try:
+            left = self.in_flight - self.node.ring_depth(dst)
+        except IndexError:  # an id past the node table: the send says so (drop_no_node)
+            left = 1
+        self._budget[dst] = max(0, left)
+        return left > 0
+
+    def _send_copy(self, dst: int, frame: bytearray, meta: int, inc: int = 0) -> None:
+        """The rare frames sent from a copy: floods, and unicast frames whose source MAC is not
+        the device's (a bridge in the namespace), sent with their header as it is."""
+        c = self.from_device
+        if dst >= 0:
+            try:
+                if self.node.send_batch(dst, (frame,), raw=True, meta=meta, incarnation=inc):
+                    c["to_fabric"] += 1
+                else:
+                    c["drop_ring_full"] += 1
+            except native.DestinationError:
+                c["drop_no_node"] += 1
+                if inc:
+                    self._resolve_via()
+            return
+        # The tape carries no `meta`: a checksum left to the device is done here, and a segment
+        # to be cut (a UDP multicast with GSO: rare) cannot be flooded.
+        if needs_offload(meta):
+            c["drop_offload_flood"] += 1
+            return
+        cs = csum_of(meta)
+        if cs is not None:
+            complete_checksum(frame, *cs)
+        try:
+            self.node.flood(frame)
+            c["flooded"] += 1
+        except native.TapeBusyError:
+            c["drop_tape_busy"] += 1
+        except (native.FrameSizeError, ValueError):
+            c["drop_too_big_to_flood"] += 1
+
+    def address_in_use(self, ip: bytes, probes: int = 2, wait: float = 0.15) -> bytes | None:
+        """Before the device has the IPv4 address `ip`: probe for it on the fabric (RFC 5227) and
+        return the MAC of a host that answers (it has it already), else None. Call before `run`:
+        the frames received meanwhile (others' broadcasts) are dropped."""
+        probe = arp_probe(self.node.mac, ip)
+        for _ in range(probes):
+            self.node.flood(probe)
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                with self.node.recv_batch(64, left) as b:
+                    for f in b:
+                        mac = arp_claim(f.raw, ip, self.node.mac)
+                        if mac is not None:
+                            return mac
+        return None
+
+    def _on_message(self, src: int, payload: bytes) -> None:
+        """A control request (JSON, from any node: never trusted), as function nodes take them:
+        `{"op": "stats"}` answers the counters, `{"op": "stop"}` ends the adapter; an `id` is
+        echoed. Runs in the fabric thread, inside its receive."""
+        try:
+            msg = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            msg = None
+        if not isinstance(msg, dict):
+            out: dict = {"ok": False, "error": "control message is not a JSON object"}
+        elif msg.get("op") == "stats":
+            out = {"ok": True, "node": self.node.name, "function": self.kind, "device": self.device_name,
+                   "counters": self.counters}
+        elif msg.get("op") == "stop":
+            self.stop_requested = True
+            out = {"ok": True}
+        else:
+            out = {"ok": False, "error": f"unknown op {str(msg.get('op'))[:64]!r}; an adapter answers stats and stop"}
+        if isinstance(msg, dict) and "id" in msg:
+            out["id"] = msg["id"]
+        data = json.dumps(out).encode()
+        if len(data) > self.node.mtu:  # (counters are a few hundred bytes)
+            data = json.dumps({"ok": False, "error": "reply longer than the network MTU",
+                               **({"id": out["id"]} if "id" in out else {})}).encode()
+        try:
+            self.node.send_control(src, data)
+        except native.DestinationError:  # the requester went away
+            pass
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Both directions' counters (from any thread: each Counter is copied in one C call first,
+        never iterated while the thread that owns it adds a key)."""
+        out = dict(self.from_device)
+        for k, v in dict(self.from_fabric).items():
+            out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items()))
+
+
+class TapBridge(FabricPort):
+    """One node's TAP adapter: `pump_device` and `pump_fabric` move one batch each way; `run`
+    runs both until told to stop."""
+
+    def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64,
+                 via: Callable[[], tuple[int, int] | None] | None = None):
+        """`batch`, `in_flight`, `via`: as FabricPort's."""
+        super().__init__(node, batch, in_flight, via)
+        self.tap = tap
         self._scratch = bytearray(node.mtu + 1)  # where a frame is read to be dropped (no free slot)
         self._hdr = bytearray(ETH_HLEN)  # the header of the frame being read (its payload goes to a slot)
         self._vnet = bytearray(VNET_LEN)  # its virtio_net_hdr (offloads)
         self._spare = bytearray(1)  # a byte past the slot: a frame reaching it did not fit
         self._vnets: dict[int, bytes] = {0: VNET_ZERO}  # meta -> virtio_net_hdr, for writes
         self._buf: native.Buffer | None = None  # the slot the next frame is read into
-        # one Counter per direction: each thread updates only its own
-        self.from_device: Counter[str] = Counter()
-        self.from_fabric: Counter[str] = Counter()
-        self.stop_requested = False  # a control `stop` came
-        node.on_message = self._on_message
+
+    @property
+    def device_name(self) -> str:
+        return self.tap.ifname
 
     def pump_device(self) -> int:
         """Frames read from the device and sent on (or dropped): at most one batch.
@@ -86,18 +257,12 @@ class TapBridge:
         A frame is read straight into a pool slot (`readv`: the virtio_net_hdr and the Ethernet
         header apart, the payload into the node's buffer), so its bytes are copied once, by the
         kernel, on their way in; the virtio_net_hdr rides in the descriptor's `meta`."""
-        fd, own = self.tap.fd, self.node.mac
-        send_buffer, alloc, c = self.node.send_buffer, self.node.alloc, self.from_device
+        fd = self.tap.fd
+        alloc, c, deliver = self.node.alloc, self.from_device, self.deliver
         readv = os.readv
         hdr, vnet, spare = self._hdr, self._vnet, self._spare
-        budget = self._budget
         buf = self._buf
-        if self._share is not None and time.monotonic() - self._share_at >= SHARE_EVERY:
-            self._share_at = time.monotonic()
-            share = self._share()
-            if share < self.in_flight:  # budgets handed out under the larger share: looked at again
-                budget.clear()
-            self.in_flight = share
+        self.refresh_share()
         n = 0
         while n < self.batch:
             if buf is None:
@@ -132,55 +297,11 @@ class TapBridge:
             if size > buf.capacity:  # past the slot, into `spare`: cut (offloads bound it: never)
                 c["drop_too_big"] += 1
                 continue
-            dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
-            inc = 0
-            if dst >= 0 and self._via is not None and routed(hdr, buf):
-                dst = self._via_id if self._via_id is not None else self._resolve_via()
-                if dst is None:
-                    c["drop_no_via"] += 1
-                    continue
-                inc = self._via_gen
-            if dst >= 0:
-                if not budget.get(dst) and not self._room(dst):
-                    c["drop_ring_full"] += 1  # the destination holds its share of the pool already
-                    continue
-                budget[dst] -= 1  # (whichever way it is sent: each frame sent takes a slot)
-            if dst >= 0 and hdr[6:12] == own:
-                try:
-                    if send_buffer(dst, buf, size, (hdr[12] << 8) | hdr[13], meta, inc):
-                        c["to_fabric"] += 1
-                        buf = None
-                    else:
-                        c["drop_ring_full"] += 1  # the buffer is kept for the next frame
-                except native.DestinationError:
-                    c["drop_no_node"] += 1
-                    if self._via is not None:
-                        self._resolve_via()
-            elif dst >= 0 or dst == FLOOD:
-                with memoryview(buf) as v:
-                    frame = hdr + v[:size]
-                self._send_copy(dst, frame, meta, inc)
-            else:
-                c["drop_" + Verdict(dst).name.lower()] += 1
+            if deliver(hdr, buf, size, meta):
+                buf = None
         self._buf = buf
         c["from_device"] += n
         return n
-
-    def _resolve_via(self) -> int | None:
-        """The `via` node's id now (it may have restarted under another one); None if not attached."""
-        ref = self._via() if self._via is not None else None
-        self._via_id, self._via_gen = (None, 0) if ref is None else ref
-        return self._via_id
-
-    def _room(self, dst: int) -> bool:
-        """Whether `dst`'s ring has room under `in_flight`; sets the sends left before it is looked
-        at again (frames only leave a ring: after `in_flight - depth` sends it may be at the bound)."""
-        try:
-            left = self.in_flight - self.node.ring_depth(dst)
-        except IndexError:  # an id past the node table: the send says so (drop_no_node)
-            left = 1
-        self._budget[dst] = max(0, left)
-        return left > 0
 
     def _read_and_drop(self) -> int | None:
         """Read one frame into scratch space (to drop it); None if there was none."""
@@ -203,37 +324,6 @@ class TapBridge:
         self.from_device["device_errors"] += 1
         time.sleep(ERROR_PAUSE)
         return False
-
-    def _send_copy(self, dst: int, frame: bytearray, meta: int, inc: int = 0) -> None:
-        """The rare frames sent from a copy: floods, and unicast frames whose source MAC is not
-        the device's (a bridge in the namespace), sent with their header as it is."""
-        c = self.from_device
-        if dst >= 0:
-            try:
-                if self.node.send_batch(dst, (frame,), raw=True, meta=meta, incarnation=inc):
-                    c["to_fabric"] += 1
-                else:
-                    c["drop_ring_full"] += 1
-            except native.DestinationError:
-                c["drop_no_node"] += 1
-                if inc:
-                    self._resolve_via()
-            return
-        # The tape carries no `meta`: a checksum left to the device is done here, and a segment
-        # to be cut (a UDP multicast with GSO: rare) cannot be flooded.
-        if needs_offload(meta):
-            c["drop_offload_flood"] += 1
-            return
-        cs = csum_of(meta)
-        if cs is not None:
-            complete_checksum(frame, *cs)
-        try:
-            self.node.flood(frame)
-            c["flooded"] += 1
-        except native.TapeBusyError:
-            c["drop_tape_busy"] += 1
-        except (native.FrameSizeError, ValueError):
-            c["drop_too_big_to_flood"] += 1
 
     def pump_fabric(self, timeout: float = 0) -> int:
         """Frames received from the fabric (waiting up to `timeout` s for the first) and written
@@ -258,60 +348,6 @@ class TapBridge:
                         raise DeviceGone(f"the interface {self.tap.ifname} was deleted ({exc.strerror})") from None
                     c["drop_device_write"] += 1
             return len(b)
-
-    def address_in_use(self, ip: bytes, probes: int = 2, wait: float = 0.15) -> bytes | None:
-        """Before the device has the IPv4 address `ip`: probe for it on the fabric (RFC 5227) and
-        return the MAC of a host that answers (it has it already), else None. Call before `run`:
-        the frames received meanwhile (others' broadcasts) are dropped."""
-        probe = arp_probe(self.node.mac, ip)
-        for _ in range(probes):
-            self.node.flood(probe)
-            deadline = time.monotonic() + wait
-            while (left := deadline - time.monotonic()) > 0:
-                with self.node.recv_batch(64, left) as b:
-                    for f in b:
-                        mac = arp_claim(f.raw, ip, self.node.mac)
-                        if mac is not None:
-                            return mac
-        return None
-
-    def _on_message(self, src: int, payload: bytes) -> None:
-        """A control request (JSON, from any node: never trusted), as function nodes take them:
-        `{"op": "stats"}` answers the counters, `{"op": "stop"}` ends the adapter; an `id` is
-        echoed. Runs in the fabric thread, inside its receive."""
-        try:
-            msg = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            msg = None
-        if not isinstance(msg, dict):
-            out: dict = {"ok": False, "error": "control message is not a JSON object"}
-        elif msg.get("op") == "stats":
-            out = {"ok": True, "node": self.node.name, "function": "adapter", "device": self.tap.ifname,
-                   "counters": self.counters}
-        elif msg.get("op") == "stop":
-            self.stop_requested = True
-            out = {"ok": True}
-        else:
-            out = {"ok": False, "error": f"unknown op {str(msg.get('op'))[:64]!r}; an adapter answers stats and stop"}
-        if isinstance(msg, dict) and "id" in msg:
-            out["id"] = msg["id"]
-        data = json.dumps(out).encode()
-        if len(data) > self.node.mtu:  # (counters are a few hundred bytes)
-            data = json.dumps({"ok": False, "error": "reply longer than the network MTU",
-                               **({"id": out["id"]} if "id" in out else {})}).encode()
-        try:
-            self.node.send_control(src, data)
-        except native.DestinationError:  # the requester went away
-            pass
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Both directions' counters (from any thread: each Counter is copied in one C call first,
-        never iterated while the thread that owns it adds a key)."""
-        out = dict(self.from_device)
-        for k, v in dict(self.from_fabric).items():
-            out[k] = out.get(k, 0) + v
-        return dict(sorted(out.items()))
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Bridge until `stopping()` is true or a control `stop` came (checked at least every

@@ -3236,7 +3236,65 @@ static PyObject *layout_dict(void)
     return d;
 }
 
-static struct PyModuleDef fabric_module = {PyModuleDef_HEAD_INIT, "_fabric", "shmfabric compiled core", -1, NULL};
+
+/* ------------------------------------------------------------------------------------------ */
+/* 16-bit ring indices shared with foreign rings (memif)                                       */
+/* A memif ring's head and tail are 16-bit words the peer (DPDK, VPP) reads and writes with
+ * acquire/release ordering: descriptors are written before the index that publishes them and
+ * read after the index is seen. Python's struct/memoryview give no ordering, so these two
+ * helpers give it, on any writable buffer (an mmap of the peer's region). */
+
+static int u16_at(PyObject *args, Py_buffer *view, Py_ssize_t *off, unsigned *value, int store)
+{
+    if (store ? !PyArg_ParseTuple(args, "w*nI", view, off, value) : !PyArg_ParseTuple(args, "w*n", view, off))
+        return -1;
+    if (*off < 0 || *off + 2 > view->len || (*off & 1) || (((uintptr_t)view->buf + (uintptr_t)*off) & 1)) {
+        PyErr_Format(PyExc_ValueError, "offset %zd is not an aligned 16-bit word inside the %zd-byte buffer",
+                     *off, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (store && *value > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "value %u does not fit 16 bits", *value);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *mod_load_u16_acquire(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t off;
+    unsigned v;
+    if (u16_at(args, &view, &off, &v, 0) < 0)
+        return NULL;
+    v = __atomic_load_n((uint16_t *)((char *)view.buf + off), __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(v);
+}
+
+static PyObject *mod_store_u16_release(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t off;
+    unsigned v;
+    if (u16_at(args, &view, &off, &v, 1) < 0)
+        return NULL;
+    __atomic_store_n((uint16_t *)((char *)view.buf + off), (uint16_t)v, __ATOMIC_RELEASE);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"load_u16_acquire", mod_load_u16_acquire, METH_VARARGS,
+     "load_u16_acquire(buffer, offset): the 16-bit word at offset, loaded with acquire ordering."},
+    {"store_u16_release", mod_store_u16_release, METH_VARARGS,
+     "store_u16_release(buffer, offset, value): store a 16-bit word at offset with release ordering."},
+    {NULL},
+};
+
+static struct PyModuleDef fabric_module = {PyModuleDef_HEAD_INIT, "_fabric", "shmfabric compiled core", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__fabric(void)
 {

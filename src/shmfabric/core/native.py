@@ -23,4 +23,6 @@ from shmfabric.core._fabric import (  # noqa: F401  (re-exports)
     Region,
     ReleasedError,
     TapeBusyError,
+    load_u16_acquire,
+    store_u16_release,
 )

@@ -58,6 +58,12 @@ class MemifConfig:
     log2_ring_size: int = 10  # client: 1,024 descriptors a ring
     buffer_size: int = 2048  # client: bytes per buffer (longer frames are chained)
     name: str = "shmfabric"
+    abstract: bool = False  # the socket is in the abstract namespace (DPDK's default), not a file
+
+    @property
+    def address(self) -> str:
+        """The address to bind or connect: the path, or NUL and the name for an abstract socket."""
+        return "\0" + self.socket_path if self.abstract else self.socket_path
 
     def check(self) -> MemifConfig:
         """Self, or MemifError saying which option is wrong."""
@@ -190,7 +196,7 @@ class MemifBridge(FabricPort):
         self._listen_ino: tuple[int, int] | None = None
         self._hdr = bytearray(ETH_HLEN)
         self._buf: native.Buffer | None = None
-        self._pending: bytes | None = None  # a frame for the peer that did not fit the ring yet
+        self._pending: list[bytes] = []  # frames for the peer that did not fit its ring yet (in order)
         self._rx_left = ""  # frames left in the receive ring: "batch" (more to move), "pool" (no slot)
         self.peer = ""  # who is connected ("" while the link is down)
 
@@ -208,10 +214,23 @@ class MemifBridge(FabricPort):
         """Server: bind the socket path. A socket file nobody listens on (a dead server's) is
         replaced; a live one, or another kind of file, is MemifError."""
         path = self.config.socket_path
+        st = None
+        if self.config.abstract:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                sock.bind(self.config.address)
+                sock.listen(4)
+            except OSError as exc:
+                sock.close()
+                raise MemifError(f"cannot listen on abstract socket @{path}: {exc.strerror} (another memif "
+                                 f"server has it?)") from None
+            sock.setblocking(False)
+            self._listener = sock
+            return
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            st = None
+            pass
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise MemifError(f"{path} exists and is not a socket: give another --socket path")
@@ -239,6 +258,8 @@ class MemifBridge(FabricPort):
             return
         self._listener.close()
         self._listener = None
+        if self.config.abstract:
+            return
         try:
             st = os.stat(self.config.socket_path)
             if (st.st_dev, st.st_ino) == self._listen_ino:  # still ours, not a newer server's
@@ -339,7 +360,7 @@ class MemifBridge(FabricPort):
         fds: list[int] = []
         region: _Region | None = None
         try:
-            sock.connect(cfg.socket_path)
+            sock.connect(cfg.address)
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             hs = w.ClientHandshake(cfg.id, cfg.secret, cfg.name, cfg.log2_ring_size, cfg.buffer_size)
             msg, fd = self._recv(sock, deadline)
@@ -394,7 +415,6 @@ class MemifBridge(FabricPort):
     def _up(self, conn: _Connection) -> None:
         with self._lock:
             self._conn = conn
-            self._pending = None
         self.peer = conn.peer
         self.from_device["link_ups"] += 1
         self.log(f"link up: {conn.peer}")
@@ -402,7 +422,9 @@ class MemifBridge(FabricPort):
     def _down(self, reason: str, tell_peer: bool = False) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
-            self._pending = None
+            if self._pending:  # (counted on this thread's side: each Counter has one writer)
+                self.from_device["drop_link_down"] += len(self._pending)
+                self._pending.clear()
         if conn is None:
             return
         if tell_peer:
@@ -513,26 +535,17 @@ class MemifBridge(FabricPort):
         (its senders see a full ring) instead of losing frames here; with the link down they are
         dropped and counted, as by a NIC without carrier."""
         c = self.from_fabric
-        if self._conn is None:
-            with self.node.recv_batch(self.batch, timeout) as b:
-                if len(b):
-                    c["drop_link_down"] += len(b)
-                return len(b)
         with self._lock:
             conn = self._conn
-            if conn is None:
-                return 0
-            room = self._tx_room(conn)
-            if self._pending is not None:
-                if self._write(conn, self._pending, room) is None:
-                    return 0
+            room = 0
+            if conn is not None:
                 room = self._tx_room(conn)
-                self._pending = None
-        if room == 0:
-            time.sleep(FULL_PAUSE)
+                if self._pending:
+                    room = self._write_pending(conn, room)
+        if conn is not None and (not room or self._pending):
+            time.sleep(FULL_PAUSE)  # the peer is behind: its ring is full
             return 0
-        n = 0
-        with self.node.recv_batch(min(self.batch, room), timeout) as b:
+        with self.node.recv_batch(self.batch if conn is None else min(self.batch, room), timeout) as b:
             if not len(b):
                 return 0
             with self._lock:
@@ -540,29 +553,48 @@ class MemifBridge(FabricPort):
                 if conn is None:
                     c["drop_link_down"] += len(b)
                     return len(b)
+                room = self._tx_room(conn)  # (the link may have come up during the wait)
+                n = 0
+                pending = self._pending
                 for f in b:
                     meta = f.meta
                     if meta and needs_offload(meta):
                         c["drop_offload"] += 1  # (a segment to be cut: the peer's MTU is one frame)
                         continue
+                    data: bytes | bytearray | None = None
                     cs = csum_of(meta) if meta else None
-                    if cs is not None:
-                        frame = bytearray(f.dst + f.src_mac + f.ethertype.to_bytes(2, "big"))
-                        frame += f
-                        complete_checksum(frame, *cs)
-                        data: bytes | bytearray | None = frame
-                    else:
-                        data = None
-                    used = self._write(conn, data, room, f)
-                    if used is None:  # chained frame past the room left: kept for the next pass
-                        self._pending = bytes(data) if data is not None else \
-                            f.dst + f.src_mac + f.ethertype.to_bytes(2, "big") + f.tobytes()
-                        break
+                    if cs is not None:  # a checksum left to the device (from a TAP adapter): done here
+                        data = bytearray(f.dst + f.src_mac + f.ethertype.to_bytes(2, "big"))
+                        data += f
+                        complete_checksum(data, *cs)
+                    used = None if pending else self._write(conn, data, room, f)
+                    if used is None:  # past the ring's room (chained buffers): kept, in order, for the next pass
+                        pending.append(bytes(data) if data is not None else
+                                       f.dst + f.src_mac + f.ethertype.to_bytes(2, "big") + f.tobytes())
+                        continue
                     room -= used
                     n += 1
-                self._flush(conn)
+                if n:
+                    self._flush(conn)
         c["to_device"] += n
-        return n
+        return len(b)
+
+    def _write_pending(self, conn: _Connection, room: int) -> int:
+        """Write the frames kept from an earlier pass, in order, while the ring has room; the room
+        left. (Called with the lock held.)"""
+        pending = self._pending
+        n = 0
+        while pending and room:
+            used = self._write(conn, pending[0], room)
+            if used is None:
+                break
+            pending.pop(0)
+            room -= used
+            n += 1
+        if n:
+            self._flush(conn)
+            self.from_fabric["to_device"] += n
+        return room
 
     def _tx_room(self, conn: _Connection) -> int:
         ring = conn.tx
@@ -670,7 +702,7 @@ class MemifBridge(FabricPort):
         if isinstance(msg, w.Disconnect):
             self._down(f"the peer disconnected: {msg.reason or 'no reason given'}")
         else:
-            self._down(f"unexpected {type(msg).__name__.upper()} after the connection was set up", tell_peer=True)
+            self._down(f"unexpected {w.name_of(msg)} after the connection was set up", tell_peer=True)
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Serve or dial, and move frames, until `stopping()` or a control `stop` (checked at least
@@ -713,7 +745,12 @@ class MemifBridge(FabricPort):
                             waiting_said = True
                         next_dial = time.monotonic() + retry
                         retry = min(RECONNECT_MAX, retry * 2)
-                    except (w.MemifProtocolError, w.PeerDisconnected, OSError) as exc:
+                    except w.PeerDisconnected as exc:
+                        self.from_device["handshakes_refused"] += 1
+                        self.log(f"the server refused the connection: {exc.reason or 'no reason given'}")
+                        next_dial = time.monotonic() + retry
+                        retry = min(RECONNECT_MAX, retry * 2)
+                    except (w.MemifProtocolError, OSError) as exc:
                         self.from_device["handshakes_failed"] += 1
                         self.log(f"could not connect: {exc}")
                         next_dial = time.monotonic() + retry

@@ -156,6 +156,12 @@ class Ack:
 Message = Hello | Init | AddRegion | AddRing | Connect | Connected | Disconnect | Ack
 
 
+def name_of(msg: Message) -> str:
+    """The protocol's name for a message's type (ADD_REGION, ...)."""
+    return {Hello: "HELLO", Init: "INIT", AddRegion: "ADD_REGION", AddRing: "ADD_RING", Connect: "CONNECT",
+            Connected: "CONNECTED", Disconnect: "DISCONNECT", Ack: "ACK"}.get(type(msg), type(msg).__name__)
+
+
 def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
@@ -271,7 +277,7 @@ class ServerHandshake:
             raise PeerDisconnected(msg.reason, msg.code)
         if self.state == "init":
             if not isinstance(msg, Init):
-                raise MemifProtocolError(f"expected INIT first, got {type(msg).__name__.upper()}")
+                raise MemifProtocolError(f"expected INIT first, got {name_of(msg)}")
             if msg.version != VERSION:
                 raise MemifProtocolError(f"incompatible memif version {version_text(msg.version)}: this side "
                                          f"speaks {version_text(VERSION)}")
@@ -322,7 +328,7 @@ class ServerHandshake:
                 self.peer_if_name = msg.if_name
                 self.state = "connected"
                 return Connected(self.name)
-        raise MemifProtocolError(f"unexpected {type(msg).__name__.upper()} while {self.state}")
+        raise MemifProtocolError(f"unexpected {name_of(msg)} while {self.state}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,7 +391,7 @@ class ClientHandshake:
             raise PeerDisconnected(msg.reason, msg.code)
         if self.state == "hello":
             if not isinstance(msg, Hello):
-                raise MemifProtocolError(f"expected HELLO first, got {type(msg).__name__.upper()}")
+                raise MemifProtocolError(f"expected HELLO first, got {name_of(msg)}")
             if not msg.min_version <= VERSION <= msg.max_version:
                 raise MemifProtocolError(f"incompatible memif version: the server speaks "
                                          f"{version_text(msg.min_version)}-{version_text(msg.max_version)}, "
@@ -410,4 +416,4 @@ class ClientHandshake:
             self.peer_if_name = msg.if_name
             self.state = "connected"
             return None
-        raise MemifProtocolError(f"unexpected {type(msg).__name__.upper()} while {self.state}")
+        raise MemifProtocolError(f"unexpected {name_of(msg)} while {self.state}")

@@ -19,39 +19,86 @@ from shmfabric.cli.main import CliError, add_json_flag
 SEGMENTS_MIN_MTU = 16384  # the smallest network MTU on which an adapter takes uncut TCP segments
 
 
-def cmd_adapter(args: argparse.Namespace) -> int:
-    from shmfabric.adapters.bridge import DeviceGone, TapBridge, fair_share
-    from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
-    from shmfabric.adapters.tap import TapError, check_ifname, configure, enter_netns, open_tap, parse_address
+def check_batch(args: argparse.Namespace) -> None:
+    """--batch in range, else CliError."""
+    if not 1 <= args.batch <= 65536:
+        raise CliError(f"--batch {args.batch} is out of range: give 1..65536 frames (default 256)")
+
+
+def open_fabric(name: str):
+    """The fabric `name`, opened, or CliError saying how to get it."""
     from shmfabric.fabric import Fabric, FabricError, RegionNotFoundError
 
     try:
-        check_ifname(args.ifname)
-        addresses = [parse_address(a) for a in args.address]
-    except TapError as exc:
-        raise CliError(str(exc)) from None
-    if not 1 <= args.batch <= 65536:
-        raise CliError(f"--batch {args.batch} is out of range: give 1..65536 frames (default 256)")
-    try:
-        fab = Fabric.open(args.fabric)
+        return Fabric.open(name)
     except RegionNotFoundError as exc:
         raise CliError(f"{exc}, or run a topology on it with `shmfabric up`") from None
     except FabricError as exc:
         hint = (" (run as root, or as a user the fabric's --mode/--group lets in)"
                 if "ermission denied" in str(exc) else "")
         raise CliError(f"{exc}{hint}") from None
-    stop = False
+
+
+def stop_on_signals() -> list[bool]:
+    """A flag SIGTERM and SIGINT set (`flag[0]`): the port stops at its next look."""
+    flag = [False]
 
     def on_signal(signum, frame):
-        nonlocal stop
-        stop = True
+        flag[0] = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return flag
+
+
+def check_network(fab, args: argparse.Namespace) -> None:
+    """--network names one of the fabric's networks, else CliError."""
+    if not 0 <= args.network < len(fab.networks):
+        raise CliError(f"fabric {args.fabric!r} has networks 0..{len(fab.networks) - 1}, not {args.network}")
+
+
+def port_options(fab, args: argparse.Namespace) -> dict:
+    """A port's `in_flight` (its fair share of the network's pool per destination, as nodes come
+    and go) and `via` (the chain's first node, looked up by name when needed)."""
+    from shmfabric.adapters.bridge import fair_share
+
+    lay = fab.region.layout
+    via = None
+    if args.via:
+        # (not required to be attached yet: a chain's router waits for its ports, the adapters)
+        via = lambda: fab.node_ref(args.via)  # noqa: E731  (id, incarnation)
+    return {"in_flight": lambda: fair_share(lay.networks[args.network].slots, len(fab.nodes()), lay.ring_size),
+            "via": via}
+
+
+def add_port_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every fabric port takes: --via, --network, --batch, --seconds, --json."""
+    p.add_argument("--via", metavar="NODE",
+                   help="send unicast frames to this node (a chain's first function) instead of to the "
+                        "destination adapter; the chain ends in a `router` that delivers them")
+    p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
+    p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    add_json_flag(p)
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from shmfabric.adapters.bridge import DeviceGone, TapBridge
+    from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
+    from shmfabric.adapters.tap import TapError, check_ifname, configure, enter_netns, open_tap, parse_address
+    from shmfabric.fabric import FabricError
+
+    try:
+        check_ifname(args.ifname)
+        addresses = [parse_address(a) for a in args.address]
+    except TapError as exc:
+        raise CliError(str(exc)) from None
+    check_batch(args)
+    fab = open_fabric(args.fabric)
+    stop = stop_on_signals()
     tap = node = None
     try:
-        if not 0 <= args.network < len(fab.networks):
-            raise CliError(f"fabric {args.fabric!r} has networks 0..{len(fab.networks) - 1}, not {args.network}")
+        check_network(fab, args)
         # Uncut TCP segments only where a slot holds several full frames: on a 1,500-byte network
         # a segment bound as small as one frame makes TCP send less than an MSS at a time.
         segments = fab.networks[args.network].mtu >= SEGMENTS_MIN_MTU
@@ -67,13 +114,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         node.set_wait_mode("block")
         lay = fab.region.layout
-        via = None
-        if args.via:
-            # (not required to be attached yet: a chain's router waits for its ports, the adapters)
-            via = lambda: fab.node_ref(args.via)  # noqa: E731  (id, incarnation)
-        bridge = TapBridge(node, tap, batch=args.batch,
-                           in_flight=lambda: fair_share(lay.networks[args.network].slots, len(fab.nodes()),
-                                                        lay.ring_size), via=via)
+        bridge = TapBridge(node, tap, batch=args.batch, **port_options(fab, args))
         for a in addresses:
             if a.version == 4:
                 # before the kernel has it (and announces it): a duplicate would move its peers' caches
@@ -100,7 +141,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                   f"MTU {mtu} are not", file=sys.stderr, flush=True)
         deadline = None if args.seconds is None else time.monotonic() + args.seconds
         try:
-            bridge.run(lambda: stop or (deadline is not None and time.monotonic() >= deadline))
+            bridge.run(lambda: stop[0] or (deadline is not None and time.monotonic() >= deadline))
         except DeviceGone as exc:
             raise CliError(f"{exc}; adapter {args.node} left the fabric") from None
         counters = bridge.counters
@@ -128,11 +169,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--netns", help="the network namespace to put the interface in (`ip netns add NAME`)")
     p.add_argument("--ifname", default="sf0", help="the interface's name (default sf0)")
     p.add_argument("--mtu", type=int, help="the interface's MTU (default: the fabric network's, or the device's largest)")
-    p.add_argument("--via", metavar="NODE",
-                   help="send unicast frames to this node (a chain's first function) instead of to the "
-                        "destination adapter; the chain ends in a `router` that delivers them")
-    p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
-    p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
-    p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")
-    add_json_flag(p)
+    add_port_arguments(p)
     p.set_defaults(func=cmd_adapter)

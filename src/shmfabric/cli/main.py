@@ -19,6 +19,7 @@ COMMANDS = [
     "shmfabric.cli.manager_cmds",
     "shmfabric.cli.capture",
     "shmfabric.cli.adapter",
+    "shmfabric.cli.memif",
 ]
 
 

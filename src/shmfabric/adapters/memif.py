@@ -20,7 +20,7 @@ client, the client reconnects with backoff.
 """
 from __future__ import annotations
 
-import errno
+import fcntl
 import mmap
 import os
 import select
@@ -37,9 +37,10 @@ from shmfabric.adapters.ethernet import ETH_HLEN, complete_checksum, csum_of, ne
 from shmfabric.core import native
 from shmfabric.fabric import Node
 
-HANDSHAKE_TIMEOUT = 5.0  # seconds a peer has to finish connecting
+HANDSHAKE_TIMEOUT = 2.0  # seconds a peer has to finish connecting (DPDK and VPP take milliseconds)
 RECONNECT_MAX = 1.0  # seconds between a client's connection attempts, at most
-FULL_PAUSE = 0.0005  # seconds between looks at a full ring (the peer is behind) or an empty pool
+FULL_PAUSE = 0.0005  # seconds before the first look again at a full ring (the peer is behind) ...
+FULL_PAUSE_MAX = 0.02  # ... doubling up to this while it stays full (memif has no "room freed" signal)
 load16, store16 = native.load_u16_acquire, native.store_u16_release
 
 
@@ -83,6 +84,30 @@ class MemifConfig:
         return self
 
 
+def _check_region_fd(fd: int, index: int) -> None:
+    """A region fd this side can map safely: a memfd sealed against shrinking (as DPDK and libmemif
+    make them). One the peer could shrink after the handshake would fault this process (SIGBUS)
+    on the next frame; one sealed against writes cannot be mapped read-write."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise w.MemifProtocolError(f"region {index} is not a memfd (memif regions are sealed memfds)") from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise w.MemifProtocolError(f"region {index} is not sealed against shrinking (F_SEAL_SHRINK)")
+    if seals & (fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)):
+        raise w.MemifProtocolError(f"region {index} is sealed against writes: its buffers cannot be filled")
+
+
+def _check_eventfd(fd: int, index: int) -> None:
+    """The fd that came with ADD_RING is an eventfd (anything else could block or spin this side)."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = "?"
+    if kind != "anon_inode:[eventfd]":
+        raise w.MemifProtocolError(f"the fd with ADD_RING {index} is not an eventfd ({kind})")
+
+
 class _Region:
     """A mapped memif region and a view of it (the view is released before the map closes)."""
 
@@ -91,7 +116,10 @@ class _Region:
             real = os.fstat(fd).st_size
             if real < size:
                 raise w.MemifProtocolError(f"region file holds {real} bytes, not the {size} announced")
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                raise w.MemifProtocolError(f"region cannot be mapped read-write ({exc.strerror})") from None
         finally:
             if not owner:
                 os.close(fd)  # (the mapping keeps the memory; the client keeps its own fd for ADD_REGION)
@@ -99,8 +127,11 @@ class _Region:
         self.size = size
 
     def close(self) -> None:
-        self.view.release()
-        self.mm.close()
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:  # a view of it still alive (an exception's frame): unmapped when that goes
+            pass
 
 
 class _Ring:
@@ -137,6 +168,8 @@ class _Ring:
             os.write(self.eventfd, b"\x01\0\0\0\0\0\0\0")
         except BlockingIOError:  # counter at its maximum: the peer has a wake-up pending anyway
             pass
+        except OSError as exc:
+            raise w.MemifProtocolError(f"cannot signal the peer's eventfd ({exc.strerror})") from None
 
 
 class _Connection:
@@ -150,33 +183,42 @@ class _Connection:
         self.views = [r.view for r in regions]
         self.sizes = [r.size for r in regions]
         if plan is not None:
+            # every receive descriptor as the client gives it back: its fixed buffer, full length,
+            # no flags (copied by slices on refill, not packed one by one)
+            self._rx_template = b"".join(w.DESC.pack(0, 0, plan.buffer_size, plan.buffer_offset(False, s), 0)
+                                         for s in range(rx.size))
+            self._tx_offsets = [plan.buffer_offset(True, s) for s in range(tx.size)]
             self.refill()
 
     def refill(self) -> None:
         """Client: give the server every free buffer of the receive ring (head up to the ring's
         size past what was read), each with its fixed place, full length and no flags."""
-        ring, plan = self.rx, self.plan
-        assert plan is not None
+        ring = self.rx
         head = ring.own
         n = ring.size - ((head - ring.cursor) & 0xFFFF)
         if n <= 0:
             return
-        mm, base, mask, size = ring.mm, ring.desc, ring.mask, plan.buffer_size
-        for i in range(head, head + n):
-            s = i & mask
-            w.DESC.pack_into(mm, base + s * 16, 0, 0, size, plan.buffer_offset(False, s), 0)
+        mm, base, tmpl = ring.mm, ring.desc, self._rx_template
+        first = head & ring.mask
+        end = min(first + n, ring.size)
+        mm[base + first * 16:base + end * 16] = tmpl[first * 16:end * 16]
+        if first + n > ring.size:  # wrapped
+            rest = first + n - ring.size
+            mm[base:base + rest * 16] = tmpl[:rest * 16]
         ring.own = (head + n) & 0xFFFF
         store16(mm, ring.head, ring.own)
 
     def close(self) -> None:
-        for r in self.regions:
-            r.close()
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.sock.close()
+        try:
+            for r in self.regions:
+                r.close()
+        finally:
+            for fd in self.fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.sock.close()
 
 
 class MemifBridge(FabricPort):
@@ -194,10 +236,10 @@ class MemifBridge(FabricPort):
         self._lock = threading.Lock()  # held while the tx side uses the connection's memory
         self._listener: socket.socket | None = None
         self._listen_ino: tuple[int, int] | None = None
-        self._hdr = bytearray(ETH_HLEN)
-        self._buf: native.Buffer | None = None
         self._pending: list[bytes] = []  # frames for the peer that did not fit its ring yet (in order)
-        self._rx_left = ""  # frames left in the receive ring: "batch" (more to move), "pool" (no slot)
+        self._rx_left = False  # frames left in the receive ring after the passes of one wake-up
+        self._fault: str | None = None  # why the sending thread found the peer broken (main loop disconnects)
+        self._full_pause = FULL_PAUSE
         self.peer = ""  # who is connected ("" while the link is down)
 
     @property
@@ -235,11 +277,15 @@ class MemifBridge(FabricPort):
             if not stat.S_ISSOCK(st.st_mode):
                 raise MemifError(f"{path} exists and is not a socket: give another --socket path")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            probe.settimeout(1.0)
             try:
                 probe.connect(path)
                 raise MemifError(f"{path} is in use by another memif server: stop it or give another --socket path")
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)  # left by a server that died
+            except OSError as exc:  # (a server too busy to accept within the second is alive)
+                raise MemifError(f"{path} is in use by another memif server ({exc.strerror}): stop it or give "
+                                 f"another --socket path") from None
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -275,7 +321,7 @@ class MemifBridge(FabricPort):
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([sock], [], [], left)[0]:
             raise w.MemifProtocolError(f"handshake not finished within {HANDSHAKE_TIMEOUT:g} s")
-        data, fds, flags, _ = socket.recv_fds(sock, w.MSG_SIZE + 1, 4)
+        data, fds, flags, _ = socket.recv_fds(sock, w.MSG_SIZE, 4)
         for extra in fds[1:]:
             os.close(extra)
         fd = fds[0] if fds else None
@@ -283,6 +329,11 @@ class MemifBridge(FabricPort):
             if fd is not None:
                 os.close(fd)
             raise ConnectionResetError("the peer closed the control socket")
+        if flags & socket.MSG_TRUNC:
+            if fd is not None:
+                os.close(fd)
+            raise w.MemifProtocolError(f"control message longer than {w.MSG_SIZE} bytes; memif messages are "
+                                       f"{w.MSG_SIZE}")
         try:
             return w.decode(data), fd
         except w.MemifProtocolError:
@@ -318,6 +369,10 @@ class MemifBridge(FabricPort):
                 msg, fd = self._recv(sock, deadline)
                 try:
                     reply = hs.receive(msg, fd)
+                    if isinstance(msg, w.AddRegion):
+                        _check_region_fd(fd, msg.index)  # type: ignore[arg-type]
+                    elif isinstance(msg, w.AddRing):
+                        _check_eventfd(fd, msg.index)  # type: ignore[arg-type]
                 except BaseException:
                     if fd is not None:
                         os.close(fd)
@@ -340,6 +395,7 @@ class MemifBridge(FabricPort):
                             raise w.MemifProtocolError(f"the {name} ring has no memif cookie (0x{w.COOKIE:X})")
                     rx.reset()
                     tx.reset()
+                    w.RING_START.pack_into(rx.mm, rx.flags - 4, w.COOKIE, 0)  # interrupt mode: wake this side
                     self._send(sock, reply)
                     conn = _Connection(sock, regions, rx, tx, True, None, list(fds.values()),
                                        f"{hs.peer_name or '?'} ({hs.peer_if_name or '?'})")
@@ -360,7 +416,9 @@ class MemifBridge(FabricPort):
         fds: list[int] = []
         region: _Region | None = None
         try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)  # (a server that does not accept must not hang this side)
             sock.connect(cfg.address)
+            sock.setblocking(True)
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             hs = w.ClientHandshake(cfg.id, cfg.secret, cfg.name, cfg.log2_ring_size, cfg.buffer_size)
             msg, fd = self._recv(sock, deadline)
@@ -369,9 +427,10 @@ class MemifBridge(FabricPort):
             out = hs.receive(msg)
             plan = hs.plan
             assert plan is not None and out is not None
-            memfd = os.memfd_create(f"shmfabric-memif-{self.node.name}", os.MFD_CLOEXEC)
+            memfd = os.memfd_create(f"shmfabric-memif-{self.node.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             fds.append(memfd)
             os.ftruncate(memfd, plan.region_size)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)  # (the server may not shrink it under us)
             region = _Region(memfd, plan.region_size, owner=True)
             s2m_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             fds.append(s2m_fd)
@@ -422,6 +481,7 @@ class MemifBridge(FabricPort):
     def _down(self, reason: str, tell_peer: bool = False) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
+            self._fault = None
             if self._pending:  # (counted on this thread's side: each Counter has one writer)
                 self.from_device["drop_link_down"] += len(self._pending)
                 self._pending.clear()
@@ -438,8 +498,8 @@ class MemifBridge(FabricPort):
 
     def pump_device(self) -> int:
         """Frames the peer sent, sent on to the fabric (or dropped and counted): at most a batch.
-        Returns how many were taken; frames left for want of a pool slot stay in the peer's ring
-        (it sees its ring fill, as with a slow NIC) and are read on the next pass."""
+        Each is copied once, by the core, from the peer's buffer into a pool slot (`deliver_many`:
+        one publication per destination per batch). Returns how many descriptors were taken."""
         conn = self._conn
         if conn is None:
             return 0
@@ -452,58 +512,39 @@ class MemifBridge(FabricPort):
         if not avail:
             return 0
         self.refresh_share()
-        c, alloc, deliver, hdr = self.from_device, self.node.alloc, self.deliver, self._hdr
+        c = self.from_device
         views, sizes, unpack = conn.views, conn.sizes, w.DESC.unpack_from
         base, mask, cursor = ring.desc, ring.mask, ring.cursor
-        buf = self._buf
+        frames: list = []
         taken = n = 0
-        while taken < avail and n < self.batch:
-            if buf is None:
-                try:
-                    buf = alloc()
-                except MemoryError:  # left in the peer's ring: read again shortly
-                    c["pool_empty_waits"] += 1
-                    self._rx_left = "pool"
-                    break
+        limit = min(avail, self.batch)
+        while taken < limit:
             flags, region, length, offset, _ = unpack(mm, base + ((cursor + taken) & mask) * 16)
-            segs = 1
             if flags & w.DESC_NEXT:  # a chain: gathered into one frame
-                frame = self._gather(conn, cursor + taken, avail - taken)
-                if frame is None:
+                got = self._gather(conn, cursor + taken, avail - taken, self.node.mtu + ETH_HLEN)
+                if got is None:
                     break  # (the rest of the chain is not published yet)
-                segs, data = frame
+                segs, data = got
                 taken += segs
                 n += 1
-                if data is None:
+                if data == "bad":
                     c["drop_bad_descriptor"] += 1
-                    continue
-                size = len(data) - ETH_HLEN
-                if size < 0 or size > buf.capacity:
-                    c["drop_too_big" if size > 0 else "drop_short"] += 1
-                    continue
-                hdr[:] = data[:ETH_HLEN]
-                with memoryview(buf) as bv:
-                    bv[:size] = data[ETH_HLEN:]
-            else:
-                taken += 1
-                n += 1
-                if region >= len(views) or offset + length > sizes[region]:
-                    c["drop_bad_descriptor"] += 1
-                    continue
-                size = length - ETH_HLEN
-                if size < 0:
-                    c["drop_short"] += 1
-                    continue
-                if size > buf.capacity:
+                elif data == "big":
                     c["drop_too_big"] += 1
-                    continue
-                v = views[region]
-                hdr[:] = v[offset:offset + ETH_HLEN]
-                with memoryview(buf) as bv:
-                    bv[:size] = v[offset + ETH_HLEN:offset + length]
-            if deliver(hdr, buf, size):
-                buf = None
-        self._buf = buf
+                else:
+                    frames.append(data)
+                continue
+            taken += 1
+            n += 1
+            if region >= len(views) or offset + length > sizes[region]:
+                c["drop_bad_descriptor"] += 1
+            elif length - ETH_HLEN > self.node.mtu:
+                c["drop_too_big"] += 1
+            else:
+                frames.append(views[region][offset:offset + length])
+        if frames:
+            self.deliver_many(frames)
+            frames.clear()  # (the views go before the ring gives the buffers back)
         ring.cursor = (cursor + taken) & 0xFFFF
         if taken:
             if conn.server:
@@ -514,68 +555,89 @@ class MemifBridge(FabricPort):
         return taken
 
     @staticmethod
-    def _gather(conn: _Connection, start: int, avail: int) -> tuple[int, bytes | None] | None:
-        """A chained frame from descriptor `start`: (descriptors, bytes or None if one points
-        outside its region), or None if its last descriptor is not published yet."""
+    def _gather(conn: _Connection, start: int, avail: int, limit: int) -> tuple[int, bytes | str] | None:
+        """A chained frame from descriptor `start`: (descriptors, its bytes, or why it is dropped:
+        "bad" if a part points outside its region, "big" past `limit` bytes: the parts are only
+        counted from there, never joined), or None if its last descriptor is not published yet."""
         ring = conn.rx
-        parts, ok = [], True
+        parts: list = []
+        total, why = 0, ""
         for k in range(avail):
             flags, region, length, offset, _ = w.DESC.unpack_from(ring.mm, ring.desc + ((start + k) & ring.mask) * 16)
-            if region >= len(conn.views) or offset + length > conn.sizes[region]:
-                ok = False
-            elif ok:
-                parts.append(conn.views[region][offset:offset + length])
+            if not why:
+                total += length
+                if region >= len(conn.views) or offset + length > conn.sizes[region]:
+                    why = "bad"
+                elif total > limit:
+                    why = "big"
+                else:
+                    parts.append(conn.views[region][offset:offset + length])
             if not flags & w.DESC_NEXT:
-                return k + 1, (b"".join(parts) if ok else None)
-        return None if avail < ring.size else (avail, None)  # (a ring-long chain never ends: dropped)
+                data = why or b"".join(parts)
+                parts.clear()
+                return k + 1, data
+        parts.clear()
+        return None if avail < ring.size else (avail, "bad")  # (a ring-long chain never ends: dropped)
 
     def pump_fabric(self, timeout: float = 0) -> int:
         """Frames the node received, written into the peer's ring: at most a batch. Only as many
         are taken from the fabric as the ring has room for, so a slow peer backs the fabric up
         (its senders see a full ring) instead of losing frames here; with the link down they are
-        dropped and counted, as by a NIC without carrier."""
+        dropped and counted, as by a NIC without carrier. A peer that breaks the protocol here (a
+        buffer outside its memory, a bad eventfd, indices past the ring) is not this thread's to
+        disconnect: it is left in `_fault` for the main loop, and nothing more is written."""
         c = self.from_fabric
         with self._lock:
             conn = self._conn
             room = 0
-            if conn is not None:
-                room = self._tx_room(conn)
-                if self._pending:
-                    room = self._write_pending(conn, room)
-        if conn is not None and (not room or self._pending):
-            time.sleep(FULL_PAUSE)  # the peer is behind: its ring is full
+            if conn is not None and self._fault is None:
+                try:
+                    room = self._tx_room(conn)
+                    if self._pending:
+                        room = self._write_pending(conn, room)
+                except w.MemifProtocolError as exc:
+                    self._fault = str(exc)
+        if conn is not None and (not room or self._pending or self._fault is not None):
+            time.sleep(self._full_pause)  # the peer is behind (its ring is full), or it is being dropped
+            self._full_pause = min(FULL_PAUSE_MAX, self._full_pause * 2)
             return 0
+        self._full_pause = FULL_PAUSE
+        n = 0
         with self.node.recv_batch(self.batch if conn is None else min(self.batch, room), timeout) as b:
             if not len(b):
                 return 0
             with self._lock:
                 conn = self._conn
-                if conn is None:
+                if conn is None or self._fault is not None:
                     c["drop_link_down"] += len(b)
                     return len(b)
-                room = self._tx_room(conn)  # (the link may have come up during the wait)
-                n = 0
-                pending = self._pending
-                for f in b:
-                    meta = f.meta
-                    if meta and needs_offload(meta):
-                        c["drop_offload"] += 1  # (a segment to be cut: the peer's MTU is one frame)
-                        continue
-                    data: bytes | bytearray | None = None
-                    cs = csum_of(meta) if meta else None
-                    if cs is not None:  # a checksum left to the device (from a TAP adapter): done here
-                        data = bytearray(f.dst + f.src_mac + f.ethertype.to_bytes(2, "big"))
-                        data += f
-                        complete_checksum(data, *cs)
-                    used = None if pending else self._write(conn, data, room, f)
-                    if used is None:  # past the ring's room (chained buffers): kept, in order, for the next pass
-                        pending.append(bytes(data) if data is not None else
-                                       f.dst + f.src_mac + f.ethertype.to_bytes(2, "big") + f.tobytes())
-                        continue
-                    room -= used
-                    n += 1
-                if n:
-                    self._flush(conn)
+                try:
+                    room = self._tx_room(conn)  # (the link may have come up during the wait)
+                    pending = self._pending
+                    for f in b:
+                        meta = f.meta
+                        if meta and needs_offload(meta):
+                            c["drop_offload"] += 1  # (a segment to be cut: the peer's MTU is one frame)
+                            continue
+                        data: bytes | bytearray | None = None
+                        cs = csum_of(meta) if meta else None
+                        if cs is not None:  # a checksum left to the device (from a TAP adapter): done here
+                            data = bytearray(f.dst + f.src_mac + f.ethertype.to_bytes(2, "big"))
+                            data += f
+                            complete_checksum(data, *cs)
+                        used = None if pending else self._write(conn, data, room, f)
+                        if used is None:  # past the ring's room (chained buffers): kept, in order, for the next pass
+                            pending.append(bytes(data) if data is not None else
+                                           f.dst + f.src_mac + f.ethertype.to_bytes(2, "big") + f.tobytes())
+                        elif used < 0:
+                            c["drop_too_big"] += 1
+                        else:
+                            room -= used
+                            n += 1
+                    if n:
+                        self._flush(conn)
+                except w.MemifProtocolError as exc:
+                    self._fault = str(exc)
         c["to_device"] += n
         return len(b)
 
@@ -589,6 +651,9 @@ class MemifBridge(FabricPort):
             if used is None:
                 break
             pending.pop(0)
+            if used < 0:
+                self.from_fabric["drop_too_big"] += 1
+                continue
             room -= used
             n += 1
         if n:
@@ -597,33 +662,42 @@ class MemifBridge(FabricPort):
         return room
 
     def _tx_room(self, conn: _Connection) -> int:
+        """Descriptors this side may fill now (MemifProtocolError if the peer's index is impossible)."""
         ring = conn.tx
         if conn.server:  # the client gives buffers by moving head; this side fills up to it
-            return (load16(ring.mm, ring.head) - ring.cursor) & 0xFFFF
-        return ring.size - ((ring.cursor - load16(ring.mm, ring.tail)) & 0xFFFF)
+            room = (load16(ring.mm, ring.head) - ring.cursor) & 0xFFFF
+        else:
+            room = ring.size - ((ring.cursor - load16(ring.mm, ring.tail)) & 0xFFFF)
+        if not 0 <= room <= ring.size:
+            raise w.MemifProtocolError(f"the peer moved its index of the ring this side sends on to an impossible "
+                                       f"place ({room} free of {ring.size})")
+        return room
 
-    def _write(self, conn: _Connection, data: bytes | bytearray | None, room: int, f: native.Frame | None = None) -> int | None:
+    def _write(self, conn: _Connection, data: bytes | bytearray | None, room: int,
+               f: native.Frame | None = None) -> int | None:
         """Write one frame (`data`, or the received frame `f`: its header and payload) into the
-        ring's next descriptors, not yet published; the descriptors used, or None if it needs
-        more than `room`."""
+        ring's next descriptors, not yet published; the descriptors used, None if it needs more
+        than `room` (it may fit later), -1 if it can never fit (more than the whole ring)."""
         ring = conn.tx
         mm, base, mask = ring.mm, ring.desc, ring.mask
         total = len(data) if data is not None else ETH_HLEN + len(f)  # type: ignore[arg-type]
+        if not conn.server and -(-total // conn.plan.buffer_size) > ring.size:  # type: ignore[union-attr]
+            return -1
         slot = ring.cursor
         used = 0
         pos = 0
         src = data
         while True:
             if used >= room:
-                return None
-            d = base + ((slot + used) & mask) * 16
+                return -1 if room >= ring.size else None
+            s = (slot + used) & mask
+            d = base + s * 16
             if conn.server:
                 _, region, cap, offset, _ = w.DESC.unpack_from(mm, d)
                 if region >= len(conn.views) or offset + cap > conn.sizes[region] or cap == 0:
-                    raise w.MemifProtocolError(f"the client's buffer at descriptor {(slot + used) & mask} lies "
-                                               f"outside region {region}")
+                    raise w.MemifProtocolError(f"the client's buffer at descriptor {s} lies outside region {region}")
             else:
-                region, cap, offset = 0, conn.plan.buffer_size, conn.plan.buffer_offset(True, (slot + used) & mask)  # type: ignore[union-attr]
+                region, cap, offset = 0, conn.plan.buffer_size, conn._tx_offsets[s]  # type: ignore[union-attr]
             v = conn.views[region]
             chunk = min(cap, total - pos)
             if src is None and pos == 0 and chunk == total:  # the common case: one buffer, no copy of ours
@@ -756,29 +830,36 @@ class MemifBridge(FabricPort):
                         next_dial = time.monotonic() + retry
                         retry = min(RECONNECT_MAX, retry * 2)
                     continue
-                rlist: list = []
+                if conn is not None and self._fault is not None:  # found by the sending thread
+                    self._down(self._fault, tell_peer=True)
+                    continue
+                poller = select.poll()  # (not select(): fds past 1023 are fine)
                 if self._listener is not None:
-                    rlist.append(self._listener)
+                    poller.register(self._listener, select.POLLIN)
                 if conn is not None:
-                    rlist += [conn.sock, conn.rx.eventfd]
+                    poller.register(conn.sock, select.POLLIN)
+                    poller.register(conn.rx.eventfd, select.POLLIN)
                 timeout = WAKE_EVERY
                 if conn is not None and self._rx_left:
-                    timeout = 0 if self._rx_left == "batch" else FULL_PAUSE
-                ready = select.select(rlist, [], [], timeout)[0] if rlist else []
-                if self._listener is not None and self._listener in ready:
+                    timeout = 0
+                ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+                if self._listener is not None and self._listener.fileno() in ready:
                     self._accept()
                 if conn is not None and conn is self._conn:
-                    if conn.rx.eventfd in ready:
-                        try:
-                            os.read(conn.rx.eventfd, 8)
-                        except BlockingIOError:
-                            pass
                     try:
+                        if conn.rx.eventfd in ready:
+                            try:
+                                os.read(conn.rx.eventfd, 8)
+                            except BlockingIOError:
+                                pass
+                            except OSError as exc:
+                                raise w.MemifProtocolError(f"cannot read the receive ring's eventfd "
+                                                           f"({exc.strerror})") from None
                         self._drain(conn)
                     except w.MemifProtocolError as exc:
                         self._down(str(exc), tell_peer=True)
                         continue
-                    if conn.sock in ready:
+                    if conn.sock.fileno() in ready:
                         self._control(conn)
         except BaseException as exc:
             failed.append(exc)
@@ -792,8 +873,8 @@ class MemifBridge(FabricPort):
     def _drain(self, conn: _Connection, passes: int = 64) -> None:
         """Move what the peer sent, a batch at a time, for at most `passes` batches (then the
         control socket and a stop get their turn); `_rx_left` says whether frames were left."""
-        self._rx_left = ""
         for _ in range(passes):
-            if self._conn is not conn or not self.pump_device() or self._rx_left:
+            if self._conn is not conn or not self.pump_device():
+                self._rx_left = False
                 return
-        self._rx_left = "batch"
+        self._rx_left = True

@@ -351,12 +351,12 @@ class ClientPlan:
         return 0
 
     @property
-    def m2s_offset(self) -> int:  # server -> client ring
-        return ring_bytes(self.log2_ring_size)
+    def m2s_offset(self) -> int:  # server -> client ring, on a cache line of its own
+        return -(-ring_bytes(self.log2_ring_size) // 64) * 64
 
     @property
     def buffers_offset(self) -> int:
-        return -(-2 * ring_bytes(self.log2_ring_size) // 64) * 64
+        return self.m2s_offset + -(-ring_bytes(self.log2_ring_size) // 64) * 64
 
     def buffer_offset(self, s2m: bool, slot: int) -> int:
         """Where descriptor `slot` of a ring keeps its buffer (fixed for the connection's life)."""

@@ -21,6 +21,7 @@ BENCH_MODULES = [
     "shmfabric.bench.chain",
     "shmfabric.bench.control",
     "shmfabric.bench.adapter",
+    "shmfabric.bench.memif",
 ]
 
 

@@ -65,6 +65,8 @@ def cmd_memif(args: argparse.Namespace) -> int:
             port.run(lambda: stop[0] or (deadline is not None and time.monotonic() >= deadline))
         except (MemifError, MemifProtocolError) as exc:
             raise CliError(f"{exc}; memif {args.node} left the fabric") from None
+        except Exception as exc:  # (a bug of ours: one line for the user, the type for the report)
+            raise CliError(f"memif {args.node} stopped on {type(exc).__name__}: {exc}") from None
         counters = port.counters
         if args.json:
             print(json.dumps({"node": args.node, "socket": args.socket, "role": config.role, "counters": counters}),

@@ -39,8 +39,9 @@ def open_fabric(name: str):
         raise CliError(f"{exc}{hint}") from None
 
 
-def stop_on_signals() -> list[bool]:
-    """A flag SIGTERM and SIGINT set (`flag[0]`): the port stops at its next look."""
+def stop_on_signals(parent_pid: int | None = None) -> list[bool]:
+    """A flag SIGTERM and SIGINT set (`flag[0]`): the port stops at its next look. With
+    `parent_pid` (a service manager's), the kernel sends SIGTERM when that process dies."""
     flag = [False]
 
     def on_signal(signum, frame):
@@ -48,6 +49,10 @@ def stop_on_signals() -> list[bool]:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if parent_pid is not None:
+        from shmfabric.core.parent import die_with_parent
+
+        die_with_parent(parent_pid)
     return flag
 
 
@@ -79,6 +84,8 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
     p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="stop (as on SIGTERM) when this process dies, even by SIGKILL (a service manager's)")
     add_json_flag(p)
 
 
@@ -95,7 +102,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     check_batch(args)
     fab = open_fabric(args.fabric)
-    stop = stop_on_signals()
+    stop = stop_on_signals(args.parent_pid)
     tap = node = None
     try:
         check_network(fab, args)

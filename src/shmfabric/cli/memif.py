@@ -36,7 +36,7 @@ def cmd_memif(args: argparse.Namespace) -> int:
     except MemifError as exc:
         raise CliError(str(exc)) from None
     fab = open_fabric(args.fabric)
-    stop = stop_on_signals()
+    stop = stop_on_signals(args.parent_pid)
     node = None
     try:
         check_network(fab, args)

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -186,8 +187,10 @@ class Rig:
     stop_flag: bool = False
     serial: int = 0
 
-    def start(self) -> MemifBridge:
-        self.br = br = MemifBridge(self.mem, MemifConfig(self.path, secret=self.secret), log=self.lines.append)
+    def start(self, config: MemifConfig | None = None, **bridge_args) -> MemifBridge:
+        """Run a bridge on node "mem" (by default a server on the rig's path) in a thread."""
+        config = config or MemifConfig(self.path, secret=self.secret)
+        self.br = br = MemifBridge(self.mem, config, log=self.lines.append, **bridge_args)
 
         def run() -> None:
             try:
@@ -197,7 +200,8 @@ class Rig:
 
         self.thread = threading.Thread(target=run, name="memif-bridge", daemon=True)
         self.thread.start()
-        wait_for(lambda: br._listener is not None, "the bridge to listen")
+        if config.role == "server":
+            wait_for(lambda: br._listener is not None, "the bridge to listen")
         return br
 
     def stop(self) -> None:
@@ -797,3 +801,400 @@ def test_a_region_that_could_shrink_is_refused_before_it_can_fault_the_bridge():
         proc.stdout.close()
         proc.stderr.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 11: chains the bridge must not join: longer than the MTU, or never ending
+
+
+def test_a_chain_longer_than_the_mtu_is_dropped_unjoined_and_the_next_frame_arrives(rig):
+    conn = rig.dial()
+    try:
+        head = rig.frame(b"h" * 100)
+        for _ in range(19):  # 20 buffers of 2048 bytes: 40,960 bytes on a 9,000-byte MTU
+            put(conn, head.ljust(2048, b"x"), flags=w.DESC_NEXT)
+        put(conn, b"y" * 2048)
+        after = rig.frame(b"after the long chain".ljust(80, b"."))
+        put(conn, after)
+        publish(conn)
+        assert rig.sink_frames(1) == [after]
+        c = rig.c
+        assert c["drop_too_big"] == 1 and c["to_fabric"] == 1 and c["from_device"] == 2
+        assert "drop_bad_descriptor" not in c and rig.br.link_up and not rig.errors
+    finally:
+        conn.close()
+
+
+def test_a_chain_of_descriptors_overlapping_the_whole_region_is_never_joined(rig):
+    """Descriptors may overlap: 64 of them each naming the whole region would join into ~17 MB
+    (with a 2^14 ring of them, gigabytes: MemoryError). Past the MTU the parts are only counted."""
+    conn = rig.dial()
+    try:
+        size = conn.sizes[0]
+        tracemalloc.start()
+        try:
+            for _ in range(conn.tx.size - 1):
+                put(conn, b"", flags=w.DESC_NEXT, offset=0, length=size)
+            put(conn, b"", offset=0, length=size)
+            publish(conn)
+            wait_for(lambda: rig.c.get("drop_too_big") == 1, "the chain dropped")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < size * 4, f"{peak} bytes allocated while dropping a chain of {conn.tx.size} x {size} bytes"
+        after = rig.frame(b"after".ljust(60, b"."))
+        put(conn, after)
+        publish(conn)
+        assert rig.sink_frames(1) == [after]
+        c = rig.c
+        assert c["drop_too_big"] == 1 and c["to_fabric"] == 1 and c["from_device"] == 2 and not rig.errors
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("length", [60, 2048])
+def test_a_chain_that_never_ends_is_dropped_and_the_port_keeps_serving(rig, length):
+    conn = rig.dial()
+    try:
+        for i in range(conn.tx.size):  # every descriptor flagged NEXT, head moved by the whole ring
+            put(conn, bytes([i]) * length, flags=w.DESC_NEXT)
+        publish(conn)
+        wait_for(lambda: rig.c.get("from_device") == 1, "the endless chain taken")
+        c = rig.c
+        assert c["drop_bad_descriptor"] == 1 and "to_fabric" not in c and "drop_too_big" not in c
+        assert load16(conn.tx.mm, conn.tx.tail) == conn.tx.size  # its buffers given back
+        after = rig.frame(b"after the endless chain".ljust(80, b"."))
+        put(conn, after)
+        publish(conn)
+        assert rig.sink_frames(1) == [after]
+        assert rig.c["to_fabric"] == 1 and rig.c["from_device"] == 2
+        assert rig.br.link_up and "link_downs" not in rig.c and not rig.errors
+    finally:
+        conn.close()
+    wait_for(lambda: rig.c.get("link_downs") == 1, "link down")
+    rig.assert_serves()
+
+
+# ------------------------------------------------------------------------------------------------
+# 12: server role: the client's receive ring misused
+
+
+def _ring_desc(mem: Memory, s2m: bool, slot: int) -> int:
+    return mem.ring(s2m) + w.RING_HEADER + slot * 16
+
+
+@pytest.mark.parametrize("move", [17, -1], ids=["ahead-past-the-ring", "behind-what-was-filled"])
+def test_a_receive_head_moved_to_an_impossible_place_disconnects_the_client(rig, move):
+    mem = Memory()  # a ring of 16
+    peer = RawPeer(rig.path)
+    try:
+        assert raw_setup(peer, mem) == w.Connected("shmfabric")
+        wait_for(lambda: rig.br.link_up, "link up")
+        mem.give_buffers(4)
+        for i in range(3):
+            assert rig.sink.send(rig.mem.id, b"frame %d" % i, 0x0800)
+        tail = mem.ring(False) + w.RING_TAIL
+        wait_for(lambda: load16(mem.mm, tail) == 3, "3 descriptors filled")
+        store16(mem.mm, mem.ring(False) + w.RING_HEAD, (3 + move) & 0xFFFF)
+        free = move & 0xFFFF
+        reason = f"the peer moved its index of the ring this side sends on to an impossible place ({free} free of 16)"
+        reply = peer.recv()  # (a DISCONNECT reason holds 95 bytes: the log has it whole)
+        assert reply == w.Disconnect(reason[:w.REASON_SZ - 1]) and "impossible place" in reply.reason
+        assert peer.closed()
+        wait_for(lambda: rig.c.get("link_downs") == 1, "link down")
+        assert f"link down: {reason}" in rig.lines
+        c = rig.c
+        assert c["to_device"] == 3 and c["link_ups"] == 1 and not rig.errors
+    finally:
+        peer.close()
+        mem.close()
+    rig.assert_serves()
+    assert rig.c["link_ups"] == 2 and not rig.errors
+
+
+@pytest.mark.parametrize("region, offset, length, named", [
+    (1, None, 2048, 1),  # a region never added
+    (0, None, 1 << 20, 0),  # starts inside, runs far past the end
+    (0, None, 0, 0),  # no room at all
+], ids=["other-region", "length-past-the-end", "zero-length"])
+def test_a_receive_buffer_whose_region_or_length_is_outside_disconnects_the_client(rig, region, offset, length,
+                                                                                     named):
+    # (the offset past the region is test_a_receive_buffer_outside_the_region_disconnects_the_peer)
+    mem = Memory()
+    peer = RawPeer(rig.path)
+    try:
+        assert raw_setup(peer, mem) == w.Connected("shmfabric")
+        wait_for(lambda: rig.br.link_up, "link up")
+        for s in range(16):
+            w.DESC.pack_into(mem.mm, _ring_desc(mem, False, s), 0, region, length,
+                             mem.plan.buffer_offset(False, s) if offset is None else offset, 0)
+        store16(mem.mm, mem.ring(False) + w.RING_HEAD, 16)
+        assert rig.sink.send(rig.mem.id, b"x" * 60, 0x0800)
+        reason = f"the client's buffer at descriptor 0 lies outside region {named}"
+        assert peer.recv() == w.Disconnect(reason)
+        assert peer.closed()
+        wait_for(lambda: rig.c.get("link_downs") == 1, "link down")
+        assert f"link down: {reason}" in rig.lines and not rig.errors
+        assert rig.c.get("to_device", 0) == 0
+    finally:
+        peer.close()
+        mem.close()
+    rig.assert_serves()
+
+
+def test_frames_taken_when_the_clients_buffer_proves_bad_are_counted(rig):
+    mem = Memory()
+    peer = RawPeer(rig.path)
+    try:
+        assert raw_setup(peer, mem) == w.Connected("shmfabric")
+        wait_for(lambda: rig.br.link_up, "link up")
+        mem.give_buffers(16, offset=lambda s: mem.size)
+        assert rig.sink.send(rig.mem.id, b"x" * 60, 0x0800)
+        assert isinstance(peer.recv(), w.Disconnect)
+        wait_for(lambda: rig.c.get("link_downs") == 1, "link down")
+        c = rig.c
+        assert c.get("to_device", 0) + sum(v for k, v in c.items() if k.startswith("drop_")) == 1, c
+    finally:
+        peer.close()
+        mem.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# 13: client role, against a raw server
+
+
+class RawServer:
+    """A memif server that sends whatever it is told, driven step by step from the test's thread:
+    it listens on the path, accepts one client at a time, and once connected reads the
+    client->server ring and fills the server->client one as a server would."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.listener.settimeout(WAIT)
+        self.socks: list[socket.socket] = []
+        self.fds: dict[str, int] = {}
+        self.rings: dict[bool, w.AddRing] = {}
+        self.region_size = 0
+        self.mm: mmap.mmap | None = None
+        self.read = 0  # client->server ring: the next descriptor to read (its tail)
+        self.filled = 0  # server->client ring: the descriptors filled (its tail)
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.socks[-1]
+
+    def accept(self) -> socket.socket:
+        sock, _ = self.listener.accept()
+        sock.settimeout(WAIT)
+        self.socks.append(sock)
+        return sock
+
+    def send(self, msg: w.Message) -> None:
+        self.sock.send(w.encode(msg))
+
+    def recv(self) -> tuple[w.Message | None, list[int]]:
+        data, fds, _, _ = socket.recv_fds(self.sock, w.MSG_SIZE + 1, 4)
+        return (w.decode(data) if data else None), fds
+
+    def handshake(self) -> None:
+        """HELLO, an ACK to each setup message (keeping its fd), CONNECTED; the region mapped."""
+        self.send(w.ServerHandshake(0, name="rawserver").hello())
+        msg, fds = self.recv()
+        assert isinstance(msg, w.Init) and not fds, msg
+        self.send(w.Ack())
+        msg, fds = self.recv()
+        assert isinstance(msg, w.AddRegion) and msg.index == 0 and len(fds) == 1, msg
+        self.fds["region"], self.region_size = fds[0], msg.size
+        self.send(w.Ack())
+        for _ in range(2):
+            msg, fds = self.recv()
+            assert isinstance(msg, w.AddRing) and msg.region == 0 and len(fds) == 1, msg
+            self.rings[msg.s2m] = msg
+            self.fds["s2m" if msg.s2m else "m2s"] = fds[0]
+            self.send(w.Ack())
+        assert set(self.rings) == {True, False}
+        msg, fds = self.recv()
+        assert isinstance(msg, w.Connect) and not fds, msg
+        self.mm = mmap.mmap(self.fds["region"], self.region_size)
+        self.send(w.Connected("rawserver"))
+
+    def size(self, s2m: bool) -> int:
+        return 1 << self.rings[s2m].log2_ring_size
+
+    def head(self, s2m: bool) -> int:
+        return load16(self.mm, self.rings[s2m].offset + w.RING_HEAD)
+
+    def take(self, count: int) -> list[bytes]:
+        """The next `count` frames on the client->server ring (chains joined), its tail moved past
+        each batch read, as a server gives the buffers back."""
+        ring = self.rings[True].offset
+        mask = self.size(True) - 1
+        out: list[bytes] = []
+        part = b""
+        deadline = time.monotonic() + WAIT
+        while len(out) < count:
+            head = self.head(True)
+            if head == self.read:
+                assert time.monotonic() < deadline, f"timed out with {len(out)} of {count} frames read"
+                time.sleep(0.002)
+                continue
+            while self.read != head:
+                flags, region, length, offset, _ = w.DESC.unpack_from(
+                    self.mm, ring + w.RING_HEADER + (self.read & mask) * 16)
+                assert region == 0 and offset + length <= self.region_size
+                part += self.mm[offset:offset + length]
+                self.read = (self.read + 1) & 0xFFFF
+                if not flags & w.DESC_NEXT:
+                    out.append(part)
+                    part = b""
+            store16(self.mm, ring + w.RING_TAIL, self.read)
+        assert part == b"", "a chain published without its end"
+        return out
+
+    def publish(self, frame: bytes) -> int:
+        """Fill the client's next buffers with `frame` (chained as their lengths need), move the
+        tail and kick the client's eventfd; the descriptors used."""
+        ring = self.rings[False].offset
+        mask = self.size(False) - 1
+        pos = used = 0
+        while pos < len(frame):
+            assert (self.head(False) - self.filled - used) & 0xFFFF, "no buffer given to fill"
+            d = ring + w.RING_HEADER + ((self.filled + used) & mask) * 16
+            _, region, cap, offset, _ = w.DESC.unpack_from(self.mm, d)
+            assert region == 0 and cap and offset + cap <= self.region_size
+            chunk = frame[pos:pos + cap]
+            self.mm[offset:offset + len(chunk)] = chunk
+            pos += len(chunk)
+            w.DESC.pack_into(self.mm, d, 0 if pos >= len(frame) else w.DESC_NEXT, 0, len(chunk), offset, 0)
+            used += 1
+        self.filled = (self.filled + used) & 0xFFFF
+        store16(self.mm, ring + w.RING_TAIL, self.filled)
+        os.write(self.fds["m2s"], (1).to_bytes(8, "little"))
+        return used
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+        for fd in self.fds.values():
+            os.close(fd)
+        for sock in self.socks:
+            sock.close()
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@pytest.fixture
+def server(make_rig) -> Iterator[tuple[Rig, RawServer]]:
+    """A rig whose node "mem" will run a client bridge, and a raw server on the rig's path."""
+    rig = make_rig(start=False)
+    srv = RawServer(rig.path)
+    try:
+        yield rig, srv
+    finally:
+        rig.stop_flag = True
+        if rig.thread is not None:
+            rig.thread.join(WAIT)
+        srv.close()
+
+
+def client_up(rig: Rig, srv: RawServer, **config) -> MemifBridge:
+    """A client bridge on "mem" connected to the raw server, its receive buffers given."""
+    br = rig.start(MemifConfig(rig.path, role="client", **config))
+    srv.accept()
+    srv.handshake()
+    wait_for(lambda: br.link_up, "the client's link up")
+    assert srv.head(False) == srv.size(False)  # (refilled before the link came up)
+    return br
+
+
+def region_fds(name: str) -> int:
+    """This process's fds and mappings of memfds called `name`."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += f"/memfd:{name} " in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    with open("/proc/self/maps") as maps:
+        n += sum(f"/memfd:{name} " in line for line in maps)
+    return n
+
+
+def test_the_client_region_is_sealed_so_the_server_cannot_shrink_it(server):
+    rig, srv = server
+    client_up(rig, srv)
+    fd = srv.fds["region"]
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    with pytest.raises(PermissionError):  # EPERM: the seal holds
+        os.ftruncate(fd, 4096)
+    assert os.fstat(fd).st_size == srv.region_size == w.ClientPlan(10, 2048).region_size
+    assert rig.br.link_up and not rig.errors
+
+
+def test_a_frame_longer_than_the_clients_whole_ring_is_dropped_and_the_next_ones_arrive(server):
+    rig, srv = server
+    br = client_up(rig, srv, log2_ring_size=2, buffer_size=128)  # 4 buffers of 128 bytes: 512 at most
+    assert srv.size(True) == 4
+    assert rig.sink.send(rig.mem.id, b"B" * 986, 0x0800)  # 1,000 bytes: 8 buffers
+    payloads = [b"small %d" % i + b"." * 40 for i in range(6)]
+    payloads.insert(3, bytes(range(256)) + b"c" * 30)  # 300 bytes: a chain of 3
+    for p in payloads:
+        assert rig.sink.send(rig.mem.id, p, 0x0800)
+    got = srv.take(len(payloads))
+    assert got == [rig.mem.mac + rig.sink.mac + IPV4 + p for p in payloads]
+    wait_for(lambda: br.counters.get("to_device") == len(payloads), "every small frame counted")
+    c = br.counters
+    assert c["drop_too_big"] == 1 and c["to_device"] == 7 and "drop_link_down" not in c and not rig.errors
+
+
+def test_a_server_that_never_says_hello_is_left_after_the_handshake_timeout(server, monkeypatch):
+    rig, srv = server
+    monkeypatch.setattr("shmfabric.adapters.memif.HANDSHAKE_TIMEOUT", 0.3)
+    rig.start(MemifConfig(rig.path, role="client"))
+    srv.accept()  # and says nothing
+    wait_for(lambda: "could not connect: handshake not finished within 0.3 s" in rig.lines, "the client to give up")
+    srv.accept()  # it tries again
+    rig.stop_flag = True  # (the attempt under way is its last)
+    srv.sock.close()
+    rig.stop()
+    assert rig.lines == ["could not connect: handshake not finished within 0.3 s",
+                         "could not connect: the peer closed the control socket"]
+    assert rig.br.counters == {"handshakes_failed": 2} and not rig.errors
+
+
+def test_a_server_that_refuses_the_client_is_logged_with_its_reason(server):
+    rig, srv = server
+    rig.start(MemifConfig(rig.path, role="client", id=5))
+    srv.accept()
+    srv.send(w.ServerHandshake(0).hello())
+    msg, fds = srv.recv()
+    assert msg == w.Init(5, b"", "shmfabric") and not fds
+    rig.stop_flag = True  # (no attempt after this one)
+    srv.send(w.Disconnect("ID not found", 1))
+    rig.stop()
+    assert rig.lines == ["the server refused the connection: ID not found"]
+    assert rig.br.counters == {"handshakes_refused": 1} and not rig.errors
+    assert region_fds("shmfabric-memif-mem") == 0  # the region made for it closed and unmapped
+
+
+def test_frames_the_server_sends_reach_the_node_their_mac_names_and_the_client_refills(server):
+    rig, srv = server
+    br = client_up(rig, srv, log2_ring_size=2, buffer_size=128)
+    ring = srv.size(False)
+    one = rig.frame(b"one buffer".ljust(86, b"."))
+    assert srv.publish(one) == 1
+    assert rig.sink_frames(1) == [one]
+    wait_for(lambda: srv.head(False) == 1 + ring, "the client to give the buffer back")
+    chained = rig.frame(bytes(range(256)) + b"tail".ljust(30, b"."))  # 300 bytes
+    assert srv.publish(chained) == 3
+    assert rig.sink_frames(1) == [chained]
+    wait_for(lambda: srv.head(False) == 4 + ring, "the client to give the chain's buffers back")
+    c = br.counters
+    assert c["from_device"] == 2 and c["to_fabric"] == 2 and not any(k.startswith("drop_") for k in c)
+    assert not rig.errors

@@ -611,6 +611,7 @@ class MemifBridge(FabricPort):
                 if conn is None or self._fault is not None:
                     c["drop_link_down"] += len(b)
                     return len(b)
+                handled = 0
                 try:
                     room = self._tx_room(conn)  # (the link may have come up during the wait)
                     pending = self._pending
@@ -619,7 +620,7 @@ class MemifBridge(FabricPort):
                     server, unpack, pack = conn.server, w.DESC.unpack_from, w.DESC.pack_into
                     if not server:
                         offsets, cap, view0 = conn._tx_offsets, conn.plan.buffer_size, views[0]  # type: ignore[union-attr]
-                    for f in b:
+                    for handled, f in enumerate(b):
                         meta = f.meta
                         if not meta and not pending and room:
                             # the common case inline: a frame that fits one buffer, written whole
@@ -662,10 +663,15 @@ class MemifBridge(FabricPort):
                         else:
                             room -= used
                             n += 1
+                    handled = len(b)
                     if n:
                         self._flush(conn)
                 except w.MemifProtocolError as exc:
                     self._fault = str(exc)
+                    # the peer is dropped: what this batch wrote is never published, and the rest
+                    # of it (the frame that failed included) is never written
+                    c["drop_link_down"] += n + len(b) - handled
+                    n = 0
         c["to_device"] += n
         return len(b)
 

@@ -54,3 +54,37 @@ def test_the_memif_port_stops_when_its_parent_is_killed():
             parent.wait()
         Fabric.destroy(name)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_memif_secret_can_come_from_a_file_not_the_command_line():
+    from shmfabric.adapters.memif import MemifBridge, MemifConfig
+    from shmfabric.adapters.memif_wire import PeerDisconnected
+
+    name = f"psec{uuid.uuid4().hex[:8]}"
+    Fabric.create(name).close()
+    workdir = tempfile.mkdtemp(prefix="psec", dir="/tmp")
+    sock = os.path.join(workdir, "m.sock")
+    with open(os.path.join(workdir, "secret"), "w") as f:
+        f.write("s3cret\n")
+    exe = os.path.join(os.path.dirname(sys.executable), "shmfabric")
+    port = subprocess.Popen([exe, "memif", name, "mp", "--socket", sock, "--secret-file", os.path.join(workdir, "secret")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fab = Fabric.open(name)
+    node = fab.attach("client")
+    try:
+        assert "listening on" in port.stdout.readline()
+        assert "s3cret" not in open(f"/proc/{port.pid}/cmdline").read()
+        try:
+            MemifBridge(node, MemifConfig(sock, role="client", secret=b"wrong"))._dial()
+            raise AssertionError("a wrong secret was taken")
+        except PeerDisconnected as exc:
+            assert exc.reason == "incorrect secret"
+        conn = MemifBridge(node, MemifConfig(sock, role="client", secret=b"s3cret"))._dial()
+        conn.close()
+    finally:
+        node.detach()
+        fab.close()
+        port.terminate()
+        port.communicate(timeout=10)
+        Fabric.destroy(name)
+        shutil.rmtree(workdir, ignore_errors=True)

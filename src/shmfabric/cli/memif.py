@@ -29,8 +29,17 @@ def cmd_memif(args: argparse.Namespace) -> int:
     ring = args.ring_size
     if ring < 2 or ring & (ring - 1):
         raise CliError(f"--ring-size {ring} is not a power of two in 2..16384")
+    secret = (args.secret or "").encode()
+    if args.secret_file:
+        if args.secret:
+            raise CliError("give --secret or --secret-file, not both")
+        try:
+            with open(args.secret_file, "rb") as f:
+                secret = f.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise CliError(f"cannot read --secret-file {args.secret_file}: {exc.strerror}") from None
     try:
-        config = MemifConfig(args.socket, role=args.role, id=args.id, secret=(args.secret or "").encode(),
+        config = MemifConfig(args.socket, role=args.role, id=args.id, secret=secret,
                              log2_ring_size=ring.bit_length() - 1, buffer_size=args.buffer_size,
                              abstract=args.abstract).check()
     except MemifError as exc:
@@ -91,7 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--role", choices=("server", "client"), default="server",
                    help="server: listen, the peer is role=client (default); client: connect to a memif server")
     p.add_argument("--id", type=int, default=0, help="the memif interface id (default 0)")
-    p.add_argument("--secret", help="a shared secret the peer must give (at most 23 bytes)")
+    p.add_argument("--secret", help="a shared secret the peer must give (at most 23 bytes; visible to `ps`: "
+                                    "prefer --secret-file)")
+    p.add_argument("--secret-file", metavar="PATH", help="read the secret from this file (a trailing newline is dropped)")
     p.add_argument("--ring-size", type=int, default=1024,
                    help="client: descriptors per ring, a power of two (default 1024; the server's limit applies)")
     p.add_argument("--buffer-size", type=int, default=2048,

@@ -148,8 +148,9 @@ class FabricPort:
             dst = cache.get(mac)
             if dst is None:
                 dst = classify(f, own)
-                if len(cache) < 4096:  # (a MAC names the same node for the port's life)
-                    cache[mac] = dst
+                if len(cache) >= 4096:  # (a MAC names the same node for the port's life; many MACs: start over)
+                    cache.clear()
+                cache[mac] = dst
             if dst >= 0 and via is not None:
                 with memoryview(f) as v:
                     go_via = routed(v[:ETH_HLEN], v[ETH_HLEN:])

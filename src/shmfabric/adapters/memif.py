@@ -20,9 +20,11 @@ client, the client reconnects with backoff.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
+import re
 import select
 import socket
 import stat
@@ -91,7 +93,8 @@ def _check_region_fd(fd: int, index: int) -> None:
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        raise w.MemifProtocolError(f"region {index} is not a memfd (memif regions are sealed memfds)") from None
+        raise w.MemifProtocolError(f"region {index} is not a memfd (memif regions are sealed memfds; DPDK's "
+                                   f"zero-copy=yes clients hand over hugepage files: not supported)") from None
     if not seals & fcntl.F_SEAL_SHRINK:
         raise w.MemifProtocolError(f"region {index} is not sealed against shrinking (F_SEAL_SHRINK)")
     if seals & (fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)):
@@ -106,6 +109,31 @@ def _check_eventfd(fd: int, index: int) -> None:
         kind = "?"
     if kind != "anon_inode:[eventfd]":
         raise w.MemifProtocolError(f"the fd with ADD_RING {index} is not an eventfd ({kind})")
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            semaphore = re.search(r"^eventfd-semaphore:\s*1$", f.read(), re.M) is not None
+    except OSError:  # (kernels before 6.4 do not say: such an eventfd is taken)
+        semaphore = False
+    if semaphore:  # (each read takes 1: a large count keeps it readable, and this side spinning)
+        raise w.MemifProtocolError(f"the eventfd with ADD_RING {index} is in semaphore mode")
+    os.set_blocking(fd, False)  # (DPDK's and libmemif's are; reads here also ask RWF_NOWAIT)
+
+
+def read_eventfd(fd: int) -> None:
+    """Take an eventfd's count without ever blocking, even if the peer, which shares the file,
+    made it blocking again (RWF_NOWAIT)."""
+    try:
+        os.preadv(fd, [bytearray(8)], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise w.MemifProtocolError(f"cannot read an eventfd of the peer's ({exc.strerror})") from None
+        os.set_blocking(fd, False)
+        try:
+            os.read(fd, 8)
+        except BlockingIOError:
+            pass
 
 
 class _Region:
@@ -319,7 +347,9 @@ class MemifBridge(FabricPort):
     def _recv(sock: socket.socket, deadline: float) -> tuple[w.Message, int | None]:
         """The next control message and the fd that came with it (others are closed)."""
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([sock], [], [], left)[0]:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if left <= 0 or not poller.poll(left * 1000):
             raise w.MemifProtocolError(f"handshake not finished within {HANDSHAKE_TIMEOUT:g} s")
         data, fds, flags, _ = socket.recv_fds(sock, w.MSG_SIZE, 4)
         for extra in fds[1:]:
@@ -479,6 +509,14 @@ class MemifBridge(FabricPort):
         self.log(f"link up: {conn.peer}")
 
     def _down(self, reason: str, tell_peer: bool = False) -> None:
+        conn = self._conn
+        if conn is not None:
+            # a sending thread blocked signalling the peer's eventfd (its count at the maximum and
+            # the file made blocking by the peer) holds the lock: taking the count frees it
+            try:
+                read_eventfd(conn.tx.eventfd)
+            except w.MemifProtocolError:
+                pass
         with self._lock:
             conn, self._conn = self._conn, None
             self._fault = None
@@ -516,6 +554,7 @@ class MemifBridge(FabricPort):
         views, sizes, unpack = conn.views, conn.sizes, w.DESC.unpack_from
         base, mask, cursor = ring.desc, ring.mask, ring.cursor
         frames: list = []
+        lens: list[int] = []
         taken = n = 0
         limit = min(avail, self.batch)
         while taken < limit:
@@ -533,6 +572,7 @@ class MemifBridge(FabricPort):
                     c["drop_too_big"] += 1
                 else:
                     frames.append(data)
+                    lens.append(len(data))
                 continue
             taken += 1
             n += 1
@@ -542,9 +582,20 @@ class MemifBridge(FabricPort):
                 c["drop_too_big"] += 1
             else:
                 frames.append(views[region][offset:offset + length])
+                lens.append(length)
         if frames:
+            # One private copy of the batch first: the peer's memory can change under us, and a
+            # frame classified by one header (ARP: straight to its node) must not be sent with
+            # another (IPv4: through the --via chain). One join, then views of our own bytes.
+            blob = memoryview(b"".join(frames))
+            frames.clear()  # (the views of the peer's memory go before its buffers are given back)
+            at = 0
+            for i, k in enumerate(lens):
+                frames.append(blob[at:at + k])
+                at += k
             self.deliver_many(frames)
-            frames.clear()  # (the views go before the ring gives the buffers back)
+            frames.clear()
+            blob.release()
         ring.cursor = (cursor + taken) & 0xFFFF
         if taken:
             if conn.server:
@@ -882,13 +933,7 @@ class MemifBridge(FabricPort):
                 if conn is not None and conn is self._conn:
                     try:
                         if conn.rx.eventfd in ready:
-                            try:
-                                os.read(conn.rx.eventfd, 8)
-                            except BlockingIOError:
-                                pass
-                            except OSError as exc:
-                                raise w.MemifProtocolError(f"cannot read the receive ring's eventfd "
-                                                           f"({exc.strerror})") from None
+                            read_eventfd(conn.rx.eventfd)
                         self._drain(conn)
                     except w.MemifProtocolError as exc:
                         self._down(str(exc), tell_peer=True)
@@ -898,8 +943,8 @@ class MemifBridge(FabricPort):
         except BaseException as exc:
             failed.append(exc)
         finally:
-            worker.join()
-            self._down(f"{self.node.name} stopping", tell_peer=True)
+            self._down(f"{self.node.name} stopping", tell_peer=True)  # (frees a sender stuck on the peer)
+            worker.join(5.0)
             self._unlisten()
         if failed:
             raise failed[0]

@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from shmfabric.core.errors import RegionOpenError
 from shmfabric.core.liveness import BEAT, any_alive, sweep

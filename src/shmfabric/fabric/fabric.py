@@ -21,7 +21,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 from shmfabric.core import native
 from shmfabric.core.errors import (

@@ -36,7 +36,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .http_framer import (
-    BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, IDEMPOTENT_METHODS, NEED_DATA, PAUSED, SAFE_METHODS,
+    BODY_CHUNKED, BODY_NONE, BODY_UNTIL_CLOSE, IDEMPOTENT_METHODS, NEED_DATA, PAUSED, SAFE_METHODS,
     ConnectionClosed, Data, EndOfMessage, InformationalResponse, RemoteProtocolError, Request, RequestFramer,
     Response, encode_chunk, encode_last_chunk, encode_request_head, encode_response_head, simple_response,
 )

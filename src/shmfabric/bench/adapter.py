@@ -24,13 +24,13 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 from typing import Any, Callable
 
 from shmfabric import programs
+from shmfabric.bench.command import run_bench
 from shmfabric.bench.lan import FabricLan, LanError, RoutedVethLan, VethLan, _Lan, wait_until
 
 REDIS_PORT = 6390
@@ -173,23 +173,8 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def cmd_bench_adapter(args: argparse.Namespace) -> int:
-    from shmfabric.cli.main import CliError
-
-    # SIGTERM (a `timeout`, a cancelled job) unwinds like Ctrl-C: the LANs remove their namespaces
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        res = run(args.seconds, args.runs, tuple(args.mtu or (1500, 9000)))
-    except BenchError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(res, indent=1) if getattr(args, "json", False) else format_table(res))
-    return 0
+    return run_bench(args, lambda: run(args.seconds, args.runs, tuple(args.mtu or (1500, 9000))), format_table, BenchError)
 
 
 def register_bench(bench_sub: Any) -> None:

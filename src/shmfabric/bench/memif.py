@@ -32,6 +32,7 @@ import uuid
 from typing import Any
 
 from shmfabric.adapters.ethernet import format_mac
+from shmfabric.bench.command import run_bench
 from shmfabric.bench.testpmd import Testpmd, TestpmdError, testpmd_available
 
 SIZES = (64, 1500)
@@ -262,22 +263,8 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def cmd_bench_memif(args: argparse.Namespace) -> int:
-    from shmfabric.cli.main import CliError
-
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        res = run(args.seconds, args.runs, tuple(args.size or SIZES))
-    except BenchError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(res, indent=1) if getattr(args, "json", False) else format_table(res))
-    return 0
+    return run_bench(args, lambda: run(args.seconds, args.runs, tuple(args.size or SIZES)), format_table, BenchError)
 
 
 def register_bench(bench_sub: Any) -> None:

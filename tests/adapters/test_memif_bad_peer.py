@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import resource
 import select
 import shutil
 import signal
@@ -1198,3 +1199,212 @@ def test_frames_the_server_sends_reach_the_node_their_mac_names_and_the_client_r
     c = br.counters
     assert c["from_device"] == 2 and c["to_fabric"] == 2 and not any(k.startswith("drop_") for k in c)
     assert not rig.errors
+
+
+# ------------------------------------------------------------------------------------------------
+# 14: second review: a header changed after the batch was taken, the peer's eventfds made
+# blocking or semaphores, fds past 1023
+
+
+EFD_MAX = 0xFFFFFFFFFFFFFFFE  # an eventfd's largest count: one more and a write blocks (or EAGAIN)
+ARP = b"\x08\x06"
+
+
+def raw_publish(mem: Memory, frame: bytes, slot: int = 0) -> int:
+    """A raw client's frame written at `slot` of its client->server ring, published (head to
+    slot + 1) and the server woken; the offset of its buffer in the client's region."""
+    ring = mem.ring(True)
+    off = mem.plan.buffer_offset(True, slot)
+    mem.mm[off:off + len(frame)] = frame
+    w.DESC.pack_into(mem.mm, ring + w.RING_HEADER + slot * 16, 0, 0, len(frame), off, 0)
+    store16(mem.mm, ring + w.RING_HEAD, slot + 1)
+    os.write(mem.s2m_efd, (1).to_bytes(8, "little"))
+    return off
+
+
+def waiting(node) -> list[bytes]:
+    """The frames already in `node`'s ring (no wait), whole."""
+    with node.recv_batch(64, 0) as b:
+        return [f.dst + f.src_mac + f.ethertype.to_bytes(2, "big") + f.tobytes() for f in b]
+
+
+def test_a_header_the_peer_changes_after_the_batch_was_taken_does_not_change_where_it_goes(make_rig, monkeypatch):
+    """The batch is copied out of the peer's memory before it is classified: a frame taken as ARP
+    (straight to the node its MAC names) is not turned into IPv4 (through --via) by the peer
+    rewriting its ethertype while it is routed. The rewrite is made deterministic by running it
+    at the start of `deliver_many`, after the batch was taken and before it is classified."""
+    rig = make_rig(start=False)
+    fw = rig.fab.attach("fw")
+    mem = Memory()
+    peer = None
+    try:
+        br = rig.start(via=lambda: rig.fab.node_ref("fw"))
+        original = br.deliver_many
+        rewrites: list[int] = []
+
+        def rewrite_then_deliver(frames: list) -> None:
+            mem.mm[off + 12:off + 14] = IPV4  # the peer's own buffer, as the peer would write it
+            rewrites.append(len(frames))
+            original(frames)
+
+        monkeypatch.setattr(br, "deliver_many", rewrite_then_deliver)
+        peer = RawPeer(rig.path)
+        assert raw_setup(peer, mem) == w.Connected("shmfabric")
+        wait_for(lambda: br.link_up, "link up")
+        arp = rig.sink.mac + b"\x02\x00\x00\x00\x00\x07" + ARP + b"who-has".ljust(46, b".")
+        off = mem.plan.buffer_offset(True, 0)
+        assert raw_publish(mem, arp) == off
+        wait_for(lambda: rig.c.get("from_device") == 1, "the frame taken")
+        assert rewrites == [1] and mem.mm[off + 12:off + 14] == IPV4  # the rewrite happened, once
+        assert waiting(rig.sink) == [arp]  # as it was taken: ARP, its bytes unchanged
+        assert waiting(fw) == [], "the frame was routed by the header the peer wrote after it was taken"
+        c = rig.c
+        assert c["to_fabric"] == 1 and not any(k.startswith("drop_") for k in c) and not rig.errors
+    finally:
+        if peer is not None:
+            peer.close()
+        rig.stop()
+        mem.close()
+        fw.detach()
+
+
+def fabric_to_memif_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "fabric-to-memif" and t.is_alive()}
+
+
+def blocked_writing(thread: threading.Thread, fd: int) -> bool:
+    """`thread` is in a write(2) to `fd` that has not returned (/proc/<tid>/syscall: "1 0x<fd> ...")."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+            words = f.read().split()
+    except OSError:
+        return False
+    return len(words) > 1 and words[0] == "1" and int(words[1], 16) == fd
+
+
+@pytest.mark.parametrize("peer_unblocks", [False, True], ids=["left-non-blocking", "made-blocking-again"])
+def test_a_blocking_eventfd_at_its_maximum_count_never_hangs_the_port(make_rig, peer_unblocks):
+    """The client's server->client eventfd is blocking and at its largest count: one more signal
+    would block. The port makes the (shared) file non-blocking at the handshake, so frames are
+    written and the signal is skipped. If the peer makes it blocking again, the sending thread
+    blocks in that signal; stopping takes the count first, which frees it, and the port stops."""
+    rig = make_rig(start=False)
+    before = fabric_to_memif_threads()
+    rig.start()
+    wait_for(lambda: len(fabric_to_memif_threads() - before) == 1, "the bridge's sending thread")
+    (worker,) = fabric_to_memif_threads() - before
+    mem = Memory()
+    efd = os.eventfd(0, os.EFD_CLOEXEC)  # (blocking)
+    os.write(efd, EFD_MAX.to_bytes(8, "little"))
+    peer = RawPeer(rig.path)
+    try:
+        assert raw_setup(peer, mem, ring_fds=(mem.s2m_efd, efd)) == w.Connected("shmfabric")
+        wait_for(lambda: rig.br.link_up, "link up")
+        assert not os.get_blocking(efd)  # (one open file: the port's setting is the peer's too)
+        if peer_unblocks:
+            os.set_blocking(efd, True)
+            assert int.from_bytes(os.read(efd, 8), "little") == EFD_MAX
+            os.write(efd, EFD_MAX.to_bytes(8, "little"))  # full again, and blocking
+        payloads = [b"frame %d" % i + b"." * 50 for i in range(3)]
+        for p in payloads:  # no buffer given yet: they wait in the fabric, and go as one batch
+            assert rig.sink.send(rig.mem.id, p, 0x0800)
+        mem.give_buffers(16)
+        tail = mem.ring(False) + w.RING_TAIL
+        wait_for(lambda: load16(mem.mm, tail) == 3, "3 descriptors filled")
+        assert mem.received(3) == [rig.mem.mac + rig.sink.mac + IPV4 + p for p in payloads]
+        if peer_unblocks:
+            wait_for(lambda: blocked_writing(worker, rig.br._conn.tx.eventfd), "the sender blocked signalling")
+        else:
+            wait_for(lambda: rig.c.get("to_device") == 3, "3 frames counted")
+            assert rig.br.link_up and "link_downs" not in rig.c
+        rig.stop()  # (fails if the bridge's thread is still running WAIT s later)
+        worker.join(WAIT)
+        assert not worker.is_alive(), "the sending thread was left blocked signalling the peer"
+        assert not rig.errors
+        c = rig.c
+        assert c["to_device"] == 3 and c["link_downs"] == 1 and "drop_link_down" not in c
+        assert rig.lines[-1] == "link down: mem stopping"
+    finally:
+        os.set_blocking(efd, False)  # (a sender still blocked on it is freed before the test ends)
+        try:
+            os.read(efd, 8)
+        except BlockingIOError:
+            pass
+        peer.close()
+        mem.close()
+        os.close(efd)
+
+
+def _fdinfo_says_semaphore() -> bool:
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            return "eventfd-semaphore:" in f.read()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not _fdinfo_says_semaphore(), reason="this kernel (before 6.4) does not show an eventfd's "
+                                                          "semaphore mode in /proc/<pid>/fdinfo: it cannot be refused")
+@pytest.mark.parametrize("s2m", [True, False], ids=["client-to-server", "server-to-client"])
+def test_a_semaphore_mode_eventfd_is_refused_at_add_ring(rig, s2m):
+    mem = Memory()
+    sem = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_CLOEXEC)  # (os.eventfd's initval is 32 bits: written)
+    os.write(sem, (2 ** 40).to_bytes(8, "little"))  # each read would take 1: readable ~forever
+    peer = RawPeer(rig.path)
+    try:
+        assert isinstance(peer.recv(), w.Hello)
+        assert peer.ask(w.Init(0)) == w.Ack()
+        assert peer.ask(w.AddRegion(0, mem.size), mem.fd) == w.Ack()
+        if not s2m:
+            assert peer.ask(w.AddRing(True, 0, 0, mem.ring(True), mem.log2), mem.s2m_efd) == w.Ack()
+        reply = peer.ask(w.AddRing(s2m, 0, 0, mem.ring(s2m), mem.log2), sem)
+        reason = "the eventfd with ADD_RING 0 is in semaphore mode"
+        assert_refused(rig, peer, reason, reply)
+        assert "semaphore mode" in reply.reason
+        with open(f"/proc/self/fdinfo/{sem}") as f:
+            assert "eventfd-count:      10000000000" in f.read()  # never read by the port
+    finally:
+        peer.close()
+        mem.close()
+        os.close(sem)
+    assert mem.fds_left() == 0
+    rig.assert_serves()
+    assert rig.c["handshakes_refused"] == 1 and rig.c["link_ups"] == 1
+
+
+def test_a_peer_whose_fds_land_past_1023_is_served(rig):
+    """select() cannot wait on an fd past 1023 (ValueError): the handshake waits with poll. The
+    bridge runs in a thread of this process, so filling this process's fds up to 1100 puts its
+    accepted socket and the fds the client sends past 1023."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1200
+    if soft < need:
+        if hard < need:
+            pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: fds past 1023 need {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    extra: list[int] = []
+    try:
+        base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        extra.append(base)
+        while extra[-1] < 1100:  # (dup takes the lowest free fd: every gap below is filled first)
+            extra.append(os.dup(base))
+        conn = rig.dial()
+        try:
+            server_conn = rig.br._conn
+            assert server_conn is not None and server_conn.sock.fileno() > 1100
+            assert min(server_conn.fds) > 1100  # (the region and eventfds it received)
+            frame = rig.frame(b"from past fd 1023".ljust(60, b"."))
+            put(conn, frame)
+            publish(conn)
+            assert rig.sink_frames(1) == [frame]
+        finally:
+            conn.close()
+        wait_for(lambda: rig.c.get("link_downs") == 1, "link down")
+        assert rig.c["link_ups"] == 1 and "handshakes_refused" not in rig.c and not rig.errors
+    finally:
+        for fd in extra:
+            os.close(fd)
+        if soft < need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    rig.assert_serves()

@@ -76,6 +76,9 @@ class FabricPort:
         self.from_device: Counter[str] = Counter()
         self.from_fabric: Counter[str] = Counter()
         self.stop_requested = False  # a control `stop` came
+        # set by run(): until then (the device is being set up: addresses, a duplicate check) a
+        # `stats` request is answered "starting", so a service manager does not count it ready
+        self.ready = False
         node.on_message = self._on_message
 
     @property
@@ -262,6 +265,8 @@ class FabricPort:
             msg = None
         if not isinstance(msg, dict):
             out: dict = {"ok": False, "error": "control message is not a JSON object"}
+        elif msg.get("op") == "stats" and not self.ready:
+            out = {"ok": False, "error": "starting: the device is being set up"}
         elif msg.get("op") == "stats":
             out = {"ok": True, "node": self.node.name, "function": self.kind, "device": self.device_name,
                    "counters": self.counters}
@@ -422,6 +427,7 @@ class TapBridge(FabricPort):
         """
         failed: list[BaseException] = []
         user_stopping = stopping
+        self.ready = True
 
         def stopping() -> bool:
             return self.stop_requested or user_stopping()

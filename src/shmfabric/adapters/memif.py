@@ -882,6 +882,7 @@ class MemifBridge(FabricPort):
 
         if self.config.role == "server" and self._listener is None:
             self.listen()
+        self.ready = True
         worker = threading.Thread(target=fabric_to_peer, name="fabric-to-memif", daemon=True)
         worker.start()
         retry = 0.05

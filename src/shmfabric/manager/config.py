@@ -16,6 +16,9 @@ chains:
   - {name: main, nodes: [gen, fw, [sink-a, sink-b]]}
 ```
 
+A node may instead be an adapter (`adapter: {kind: tap | memif, ...}`, optional `via: NODE`): a TAP
+interface or a memif port, run as exactly one instance (see docs/manager.md, "Adapter nodes").
+
 A chain is an ordered list of node names; a step may be a list of nodes (a fan-out group: the
 upstream node spreads flows over them by 5-tuple hash). The runtime's `--next` of every node is
 derived from the chains (`Topology.next_of`).
@@ -41,6 +44,7 @@ __all__ = [
     "ConfigError", "NetworkConfig", "FabricSection", "RestartPolicy", "ScalePolicy", "Policies",
     "NodeConfig", "ChainConfig", "Topology", "load_topology", "parse_topology", "instance_name",
     "DEFAULT_CONFIG", "check_functions", "ApiSection", "api_listen", "api_token_file",
+    "TapAdapter", "MemifAdapter", "ADAPTER_FUNCTION_PREFIX",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "edge.yaml"
@@ -234,11 +238,107 @@ class Policies(_Model):
     scale: ScalePolicy = ScalePolicy()
 
 
+_IFNAME_MAX = 15  # IFNAMSIZ - 1
+_MEMIF_SECRET_MAX = 23  # bytes (memif's SECRET_SZ - 1)
+_UNIX_PATH_MAX = 107
+ADAPTER_FUNCTION_PREFIX = "adapter:"  # an adapter node's "function" in status: adapter:tap, adapter:memif
+
+
+class TapAdapter(_Model):
+    """`adapter: {kind: tap, ...}`: a TAP network interface on the fabric (`shmfabric adapter`, root)."""
+
+    kind: Literal["tap"]
+    address: list[str] = Field(default_factory=list, description="CIDR addresses, e.g. [10.77.0.1/24]")
+    netns: str | None = Field(None, description="network namespace (`ip netns add NAME`); default the manager's")
+    mtu: int | None = Field(None, ge=68, le=65536, description="interface MTU (default: the network's)")
+    ifname: str = Field("sf0", description="interface name (1-15 bytes)")
+
+    @field_validator("address")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for a in v:
+            if "/" not in a:
+                raise ValueError(f"address {a!r} has no prefix length; give one, e.g. {a}/24")
+            try:
+                ipaddress.ip_interface(a)
+            except ValueError:
+                raise ValueError(f"address {a!r} is not an IPv4 or IPv6 address with a prefix "
+                                 "(e.g. 10.77.0.1/24, fd00::1/64)") from None
+        return v
+
+    @field_validator("ifname")
+    @classmethod
+    def _ifname(cls, v: str) -> str:
+        if not v or len(v.encode()) > _IFNAME_MAX or "/" in v or any(c.isspace() for c in v) or v in (".", ".."):
+            raise ValueError(f"interface name {v!r} is not valid: 1-15 bytes, no '/' or spaces (e.g. sf0)")
+        return v
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v in (".", "..") or "\0" in v):
+            raise ValueError(f"netns {v!r} is not a network namespace name (as `ip netns add NAME` takes)")
+        return v
+
+
+class MemifAdapter(_Model):
+    """`adapter: {kind: memif, socket: PATH, ...}`: a memif port for DPDK/VPP peers (`shmfabric memif`)."""
+
+    kind: Literal["memif"]
+    socket: str = Field(min_length=1, description="the memif control socket's path (or abstract name)")
+    role: Literal["server", "client"] = Field("server", description="server: listen; client: connect")
+    id: int = Field(0, ge=0, le=0xFFFFFFFF, description="the memif interface id")
+    secret: str | None = Field(None, description="a shared secret the peer must give (at most 23 bytes)")
+    abstract: bool = Field(False, description="the socket is in the abstract namespace (DPDK's default)")
+    ring_size: int = Field(1024, ge=2, le=16384, description="client: descriptors per ring (a power of two)")
+    buffer_size: int = Field(2048, ge=128, le=65472, description="client: bytes per buffer (a multiple of 64)")
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        if "\0" in v or len(v.encode()) > _UNIX_PATH_MAX:
+            raise ValueError(f"socket {v!r} is longer than a unix socket address ({_UNIX_PATH_MAX} bytes) or holds "
+                             "a NUL; give a shorter path")
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        if v is not None and (len(v.encode()) > _MEMIF_SECRET_MAX or "\0" in v):
+            # (the value itself is not repeated: it is a secret)
+            raise ValueError(f"secret is {len(v.encode())} bytes: give at most {_MEMIF_SECRET_MAX}, no NUL")
+        return v
+
+    @field_validator("ring_size")
+    @classmethod
+    def _ring(cls, v: int) -> int:
+        if v & (v - 1):
+            lo = 1 << (v.bit_length() - 1)
+            raise ValueError(f"ring_size {v} is not a power of two; use {lo} or {lo * 2}")
+        return v
+
+    @field_validator("buffer_size")
+    @classmethod
+    def _buffer(cls, v: int) -> int:
+        if v % 64:
+            raise ValueError(f"buffer_size {v} is not a multiple of 64; use {v // 64 * 64 or 128} or {(v // 64 + 1) * 64}")
+        return v
+
+
+AdapterConfig = Annotated[TapAdapter | MemifAdapter, Field(discriminator="kind")]
+
+
 class NodeConfig(_Model):
-    """One logical node: a function, its config, and how many instances run it."""
+    """One logical node: a function, its config, and how many instances run it; or an adapter (a TAP
+    interface or a memif port), which runs exactly one instance."""
 
     name: str = Field(min_length=1, max_length=_NODE_NAME_MAX)
-    function: str = Field(min_length=1, description="plugin name (entry point group shmfabric.functions)")
+    function: str | None = Field(None, min_length=1,
+                                 description="plugin name (entry point group shmfabric.functions)")
+    adapter: AdapterConfig | None = Field(None, description="a TAP interface or a memif port instead of a function")
+    via: str | None = Field(None, min_length=1, description="adapters: unicast frames go to this node first")
     config: dict[str, Any] = Field(default_factory=dict, description="validated by the function's own Config")
     version: str | None = Field(None, description="label shown in status; a replacement sets a new one")
     instances: int | None = Field(None, ge=1, le=99, description="instances at start (default: scale.min_instances)")
@@ -247,6 +347,31 @@ class NodeConfig(_Model):
     ports: list[str] = Field(default_factory=list, description="nodes behind Verdict.port(0), port(1)... (runtime --port)")
     restart: RestartPolicy | None = None
     scale: ScalePolicy | None = None
+
+    @model_validator(mode="after")
+    def _function_or_adapter(self) -> "NodeConfig":
+        if self.function is None and self.adapter is None:
+            raise ValueError("a node needs `function:` (a plugin name) or `adapter:` ({kind: tap, ...} or "
+                             "{kind: memif, ...}); add one")
+        if self.function is not None and self.adapter is not None:
+            raise ValueError("a node has either `function:` or `adapter:`, not both; remove one (or make two nodes)")
+        return self
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
+
+    @property
+    def function_name(self) -> str:
+        """The function shown in status: the plugin name, or `adapter:tap` / `adapter:memif`."""
+        return ADAPTER_FUNCTION_PREFIX + self.adapter.kind if self.adapter is not None else str(self.function)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the node runs with: its function's `config`, or its adapter's settings (without `kind`)."""
+        if self.adapter is None:
+            return dict(self.config)
+        return self.adapter.model_dump(exclude={"kind"})
 
     @field_validator("name")
     @classmethod
@@ -316,6 +441,7 @@ class Topology(_Model):
         """Logical nodes whose next step contains `name` (or whose ports name it)."""
         ups = [n.name for n in self.nodes if name in self.next_of(n.name)]
         ups += [n.name for n in self.nodes if name in n.ports and n.name not in ups]
+        ups += [n.name for n in self.nodes if n.via == name and n.name not in ups]  # adapters sending through it
         return ups
 
     def restart_of(self, name: str) -> RestartPolicy:
@@ -326,6 +452,8 @@ class Topology(_Model):
 
     def instances_of(self, name: str) -> int:
         n = self.node(name)
+        if n.adapter is not None:
+            return 1  # an adapter owns one device or socket: exactly one instance
         return n.instances if n.instances is not None else self.scale_of(name).min_instances
 
     def network_index(self, name: str) -> int:
@@ -343,7 +471,8 @@ class Topology(_Model):
             if name in order or name in visiting:
                 return  # a cycle (allowed: e.g. a reply path) is broken arbitrarily
             visiting.add(name)
-            for nxt in self.next_of(name) + list(self.node(name).ports):
+            node = self.node(name)
+            for nxt in self.next_of(name) + list(node.ports) + ([node.via] if node.via else []):
                 visit(nxt)
             visiting.discard(name)
             order.append(name)
@@ -421,17 +550,23 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
             if target not in seen:
                 errs.append(_LocError(("nodes", i, "ports", k), f"port {k} names node {target!r}, "
                                       "which is not defined under `nodes:`; add it or fix the name"))
+        errs += _adapter_errors(i, n, seen)
         pol = scale_of(n)
-        if pol is not None and n.instances is not None and not pol.min_instances <= n.instances <= pol.max_instances:
+        if n.adapter is not None:
+            pass  # one instance, whatever the policies say (checked in `_adapter_errors`)
+        elif pol is not None and n.instances is not None and not pol.min_instances <= n.instances <= pol.max_instances:
             errs.append(_LocError(("nodes", i, "instances"), f"instances {n.instances} is outside the scale "
                                   f"policy's {pol.min_instances}..{pol.max_instances}; change one of them"))
     pols = [scale_of(n) if n is not None else None for _, _, n in nodes]
     if fabric is not None and pols and all(p is not None for p in pols):
-        total = sum(p.max_instances for p in pols) + 1
+        total = sum(1 if n is not None and n.adapter is not None else p.max_instances
+                    for (_, _, n), p in zip(nodes, pols)) + 1
         if total > fabric.max_nodes:
             errs.append(_LocError(("fabric", "max_nodes"), f"max_nodes {fabric.max_nodes} is too small: the nodes "
                                   f"may scale to {total - 1} instances plus the manager's node; "
                                   f"set max_nodes >= {total}"))
+    errs += _adapter_clashes(nodes)
+    adapters = {n.name for _, _, n in nodes if n is not None and n.adapter is not None}
     nexts: dict[str, tuple[tuple[str, ...], int]] = {}
     chain_names: dict[str, int] = {}
     for ci, chain in chains:
@@ -459,6 +594,11 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
                                           f"({where[member]} and {here}); a chain cannot loop back on itself"))
                 else:
                     where[member] = here
+            if si + 1 < len(chain.nodes) and isinstance(step, str) and step in adapters:
+                errs.append(_LocError(("chains", ci, "nodes", si), f"node {step!r} is an adapter: it sends each "
+                                      "frame to the node its destination MAC names, not to a next step; put it "
+                                      "only at the end of a chain, and give it `via: NODE` to send its frames "
+                                      "through a chain first"))
             if si + 1 < len(chain.nodes) and not isinstance(step, str):
                 errs.append(_LocError(("chains", ci, "nodes", si), "a group of nodes may only be the last step "
                                       "of a chain; start a second chain from each member instead"))
@@ -477,6 +617,64 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
                 nexts[step] = (target, ci)
     return errs
 
+
+def _adapter_errors(i: int, n: NodeConfig, names: dict[str, int]) -> list[_LocError]:
+    """The rules of one node's `adapter:` and `via:` (see `_cross_references`)."""
+    errs: list[_LocError] = []
+    if n.adapter is None:
+        if n.via is not None:
+            errs.append(_LocError(("nodes", i, "via"), "`via:` applies to adapter nodes only (a function's next "
+                                  "step comes from `chains:`); remove it or make the node an adapter"))
+        return errs
+    kind = n.adapter.kind
+    if n.instances is not None and n.instances != 1:
+        errs.append(_LocError(("nodes", i, "instances"), f"instances {n.instances}: an adapter ({kind}) runs "
+                              "exactly one instance (it owns its device or socket); remove `instances:` or set 1"))
+    if n.scale is not None:
+        errs.append(_LocError(("nodes", i, "scale"), f"an adapter ({kind}) runs exactly one instance and is not "
+                              "scaled; remove `scale:` from this node"))
+    if n.ports:
+        errs.append(_LocError(("nodes", i, "ports"), f"an adapter ({kind}) has no ports (it sends by destination "
+                              "MAC, or to `via:`); remove `ports:`"))
+    if n.config:
+        errs.append(_LocError(("nodes", i, "config"), f"an adapter ({kind}) takes its settings in `adapter:`, "
+                              "not `config:`; move them there (see docs/manager.md, adapter nodes)"))
+    if n.via is not None:
+        if n.via == n.name:
+            errs.append(_LocError(("nodes", i, "via"), f"node {n.name!r} names itself in `via:`; name the first "
+                                  "node of the chain its frames go through"))
+        elif n.via not in names:
+            errs.append(_LocError(("nodes", i, "via"), f"via names node {n.via!r}, which is not defined under "
+                                  "`nodes:`; add it or fix the name"))
+    return errs
+
+
+def _adapter_clashes(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> list[_LocError]:
+    """Two memif adapters on one socket, or two TAP adapters with one interface name in one network
+    namespace: the second could never start."""
+    errs: list[_LocError] = []
+    sockets: dict[tuple[bool, str], int] = {}
+    devices: dict[tuple[str | None, str], int] = {}
+    for i, _, n in nodes:
+        if n is None or n.adapter is None:
+            continue
+        a = n.adapter
+        if isinstance(a, MemifAdapter):
+            key = (a.abstract, a.socket if a.abstract else os.path.normpath(a.socket))
+            if key in sockets:
+                errs.append(_LocError(("nodes", i, "adapter", "socket"), f"socket {a.socket!r} is also memif "
+                                      f"nodes[{sockets[key]}]'s; each memif adapter needs a socket of its own"))
+            else:
+                sockets[key] = i
+        else:
+            key2 = (a.netns, a.ifname)
+            where = f"netns {a.netns!r}" if a.netns else "the manager's network namespace"
+            if key2 in devices:
+                errs.append(_LocError(("nodes", i, "adapter", "ifname"), f"interface {a.ifname!r} in {where} is "
+                                      f"also nodes[{devices[key2]}]'s; give one of them another `ifname:` or `netns:`"))
+            else:
+                devices[key2] = i
+    return errs
 
 
 def _partial_references(data: dict) -> list[_LocError]:
@@ -635,6 +833,8 @@ def _fmt_loc(loc: tuple[Any, ...]) -> str:
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic adds union branch names ("str", "list[str]", "function-after[...]") to locations
     # (and the tags of `api:`'s two forms, "api:address" and "api:mapping")
+    # (and the tag of `adapter:`'s kinds: `nodes[0].adapter.memif.socket` reads `nodes[0].adapter.socket`)
+    loc = tuple(p for k, p in enumerate(loc) if not (k and loc[k - 1] == "adapter" and p in ("tap", "memif")))
     return tuple(p for p in loc if isinstance(p, int) or not (
         str(p).startswith(("function-", "list[", "dict[", "api:")) or p in ("str", "int")))
 
@@ -643,6 +843,8 @@ _FIXES = {
     "extra_forbidden": "remove it or fix its spelling (see docs/manager.md for the fields)",
     "missing": "add it",
     "literal_error": "use one of the values listed",
+    "union_tag_invalid": "give `kind: tap` (a TAP interface) or `kind: memif` (a memif port)",
+    "union_tag_not_found": "add `kind: tap` (a TAP interface) or `kind: memif` (a memif port)",
 }
 
 
@@ -737,7 +939,7 @@ def parse_topology(text: str, source: str = "<config>",
             lines += _format_loc_errors(_partial_references(data), source, located.marks)
     if resolve is not None:
         if topo is not None:
-            nodes = [(i, n.function, n.config) for i, n in enumerate(topo.nodes)]
+            nodes = [(i, n.function, n.config) for i, n in enumerate(topo.nodes) if n.function is not None]
         else:
             raw = data.get("nodes")
             nodes = [(i, n.get("function"), n.get("config", {})) for i, n in enumerate(raw)
@@ -823,7 +1025,8 @@ def check_functions(topo: Topology, source: str, resolve: Callable[[str], Any], 
     with a message listing what exists. Errors point at the node's line in `text` when given.
     """
     marks = _compose(text, source).marks if text else {}
-    lines = _function_errors([(i, n.function, n.config) for i, n in enumerate(topo.nodes)], source, resolve, marks)
+    lines = _function_errors([(i, n.function, n.config) for i, n in enumerate(topo.nodes) if n.function is not None],
+                             source, resolve, marks)
     if not lines:
         lines = _loop_errors(topo, source, resolve, marks)
     if lines:
@@ -845,6 +1048,8 @@ def _loop_errors(topo: Topology, source: str, resolve: Callable[[str], Any],
     function that makes frames, such as the generator: frames sent to a source are not forwarded,
     so the loop ends there). A loop through no source is reported once, naming its nodes."""
     def is_source(name: str) -> bool:
+        if topo.node(name).function is None:
+            return False  # an adapter: it forwards nothing by chain (it is only ever a chain's end)
         try:
             return is_source_function(resolve(topo.node(name).function))
         except (LookupError, ValueError):

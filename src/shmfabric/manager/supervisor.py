@@ -20,6 +20,14 @@ command line, which every local user reads (`ps`). A function's secret config fi
 shown as "<redacted>" wherever the manager shows a config (status, API answers), and their values
 are replaced by "<redacted>" in its events and error messages (`redact_text`). Internally the
 real values are kept and compared (a reload that changes only a key pushes it).
+
+Adapter nodes (`adapter:` in the topology: a TAP interface or a memif port) run the `shmfabric
+adapter` / `shmfabric memif` command (`python -P -m shmfabric.cli.main ...`) as their one instance,
+shown as function `adapter:tap` / `adapter:memif`. They answer only `stats` and `stop`: they are
+polled, restarted and stopped like functions, but never steered, pushed a config or scaled; a
+change of their settings (a reload) replaces the instance: the old one stops first (it owns the
+device or socket), then the new one starts. A memif secret is not put on the command line: it is
+the content of the instance's config fd, read with `--secret-file /proc/self/fd/N`.
 """
 from __future__ import annotations
 
@@ -40,8 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from shmfabric.functions.api import REDACTED, secret_fields
-from shmfabric.manager.config import (ConfigError, NodeConfig, Topology, api_listen, api_token_file, check_functions,
-                                      instance_name, is_source_function)
+from shmfabric.manager.config import (ADAPTER_FUNCTION_PREFIX, ConfigError, NodeConfig, Topology, api_listen,
+                                      api_token_file, check_functions, instance_name, is_source_function)
 from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
 
 __all__ = ["SupervisorError", "OperationInProgress", "ControlChannel", "Instance", "Supervisor", "pids_mapping", "proc_cpu_seconds"]
@@ -147,6 +155,7 @@ class Instance:
     node_base: dict = field(default_factory=dict)
     node_last: dict = field(default_factory=dict)
     node_incarnation: tuple | None = None
+    via: str | None = None  # an adapter's: the instance its --via named at its start
 
     @property
     def pid(self) -> int | None:
@@ -207,12 +216,12 @@ class _Spawner:
         self._thread.join(timeout=5)
 
 
-def _config_fd(config: dict) -> int:
+def _config_fd(config: dict | bytes) -> int:
     """A file descriptor (close-on-exec, so only a process it is passed to gets it) from which the
     config's JSON reads, for `--config @/proc/self/fd/N`: an anonymous in-memory file (memfd), which
     is on no file system and which no other user can open (another user's /proc/PID/fd is closed to
     them). Where memfd_create is missing (or refused), the read end of a pipe a thread fills."""
-    data = json.dumps(config, separators=(",", ":")).encode()
+    data = config if isinstance(config, bytes) else json.dumps(config, separators=(",", ":")).encode()
     try:
         fd = os.memfd_create("shmfabric-config", os.MFD_CLOEXEC)
     except (AttributeError, OSError):
@@ -359,7 +368,7 @@ class Supervisor:
         self._secret_order: dict[str, None] = {}  # the values of _secret_values, oldest first (for the bound)
         self._secrets_lock = threading.Lock()  # its own: API threads redact without the supervisor lock
         for cfg in topo.nodes:
-            self._remember_secrets(cfg.function, cfg.config)
+            self._remember_secrets(cfg.function_name, cfg.settings)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -392,8 +401,8 @@ class Supervisor:
             self.control = self._control_factory(self.fabric)
             now = self.clock()
             for cfg in self.topo.nodes:
-                self.nodes[cfg.name] = _Node(cfg, ScaleDecider(self.topo.scale_of(cfg.name)), function=cfg.function,
-                                             config=dict(cfg.config), version=cfg.version)
+                self.nodes[cfg.name] = _Node(cfg, ScaleDecider(self.topo.scale_of(cfg.name)),
+                                             function=cfg.function_name, config=cfg.settings, version=cfg.version)
             # all at once, downstream first: the runtime waits for its next hops itself, and
             # starting in parallel halves `up` time (each interpreter spends ~0.5 s importing)
             for name in self.topo.start_order():
@@ -653,6 +662,8 @@ class Supervisor:
                 continue  # finished or failed for good: scaling must not resurrect it
             if node.operator is not None:
                 continue  # an operator's count outside the policy stands (see `scale`)
+            if node.cfg.is_adapter:
+                continue  # one instance: it owns its device or socket
             why = self._output_blocked(node)
             node.decider.output_blocked = why is not None
             saved = node.decider.state()
@@ -849,6 +860,8 @@ class Supervisor:
 
     def _is_source(self, inst: Instance) -> bool:
         """Whether `inst` runs a source function (by the function's kind, as the config's loop check)."""
+        if inst.function.startswith(ADAPTER_FUNCTION_PREFIX):
+            return False  # it has no end of input: an exit 0 was a stop from outside (restarted)
         if self._resolve is None:  # no function classes at hand: a node nothing sends to
             return not self.topo.upstream_of(inst.node)
         try:
@@ -1006,13 +1019,20 @@ class Supervisor:
             out[target] = members or [target]
         return out
 
+    def _view_of(self, node: _Node, inst: Instance) -> tuple[Topology, NodeConfig]:
+        """The topology and node config an instance runs: a staged instance of a reload runs the new
+        topology's view of its node."""
+        topo = self._staging if inst.staged and self._staging is not None else self.topo
+        name = node.cfg.name
+        return topo, (topo.node(name) if name in {n.name for n in topo.nodes} else node.cfg)
+
     def _argv(self, node: _Node, inst: Instance, config_fd: int) -> list[str]:
         """The instance's command line. Its config is not on it (every local user reads a command
         line: `ps`, /proc/PID/cmdline) but on `config_fd` (see `_config_fd`), inherited by the process."""
-        # a staged instance of a reload runs the new topology's view of its node
-        topo = self._staging if inst.staged and self._staging is not None else self.topo
+        topo, cfg = self._view_of(node, inst)
         name = node.cfg.name
-        cfg = topo.node(name) if name in {n.name for n in topo.nodes} else node.cfg
+        if cfg.adapter is not None:
+            return self._adapter_argv(topo, cfg, inst, config_fd)
         # --parent-pid: the instance stops (gracefully) when this manager dies, even by kill -9
         # -P: the cwd (where `up` ran) is not put on sys.path, so a json.py lying there is not imported
         argv = [self.python, "-P", "-m", "shmfabric.functions.run", "--fabric", topo.fabric.name, "--node", inst.name,
@@ -1031,6 +1051,41 @@ class Supervisor:
             argv += ["--network", str(net)]
         return argv
 
+    def _via_instance(self, via: str) -> str:
+        """The instance an adapter with `via: NODE` sends through: NODE's first active instance (by
+        index), or NODE's first instance name (NODE itself) when none runs."""
+        node = self.nodes.get(via)
+        active = sorted((i for i in node.instances if i.active), key=lambda i: i.index) if node else []
+        return active[0].name if active else instance_name(via, 1)
+
+    def _adapter_argv(self, topo: Topology, cfg: NodeConfig, inst: Instance, config_fd: int) -> list[str]:
+        """An adapter instance's command line: `shmfabric adapter|memif FABRIC INSTANCE ...` through the
+        CLI's module; a memif secret on `config_fd` (`--secret-file`), never on it."""
+        a = cfg.adapter
+        assert a is not None
+        argv = [self.python, "-P", "-m", "shmfabric.cli.main"]
+        if a.kind == "memif":
+            argv += ["memif", topo.fabric.name, inst.name, "--socket", a.socket, "--role", a.role, "--id", str(a.id),
+                     "--ring-size", str(a.ring_size), "--buffer-size", str(a.buffer_size)]
+            if getattr(a, "secret", None):
+                argv += ["--secret-file", f"/proc/self/fd/{config_fd}"]
+            if a.abstract:
+                argv.append("--abstract")
+        else:
+            argv += ["adapter", topo.fabric.name, inst.name, "--ifname", a.ifname]
+            for addr in a.address:
+                argv += ["--address", addr]
+            if a.netns:
+                argv += ["--netns", a.netns]
+            if a.mtu is not None:
+                argv += ["--mtu", str(a.mtu)]
+        argv += ["--batch", str(cfg.batch), "--parent-pid", str(os.getpid()),
+                 "--network", str(topo.network_index(cfg.name))]
+        inst.via = self._via_instance(cfg.via) if cfg.via else None
+        if inst.via:
+            argv += ["--via", inst.via]
+        return argv
+
     def _log_path(self, name: str) -> Path | None:
         return self.log_dir / f"{name}.log" if self.log_dir else None
 
@@ -1043,7 +1098,10 @@ class Supervisor:
                 self._spawner = _Spawner()
         fd = None
         try:
-            fd = _config_fd(inst.config)
+            adapter = self._view_of(node, inst)[1].adapter
+            secret = getattr(adapter, "secret", None) if adapter is not None else None
+            # a memif adapter's fd holds its secret alone (`--secret-file`); a function's, its config
+            fd = _config_fd(secret.encode() if secret else inst.config)
             # the fd keeps its number in the process (pass_fds), which reads and closes it at start
             inst.proc = self._spawner.popen(self._argv(node, inst, fd), stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=self._env,
@@ -1248,6 +1306,15 @@ class Supervisor:
             self._set_next(node)
 
     def _set_next(self, node: _Node) -> None:
+        if node.cfg.is_adapter:
+            # it cannot take set_next: its --via is fixed at its start. Only when the instance it sends
+            # through went away (replaced: a new name) is it restarted on the new one; one that does not
+            # come up is the restart policy's (not a reason to undo the action that moved its via)
+            try:
+                self._check_via(node)
+            except SupervisorError as exc:
+                self._event("error", node.cfg.name, f"adapter restart on its new via failed: {exc}")
+            return
         nxt = self._next_instances(node.cfg.name)
         ports = self._port_instances(node.cfg.name)
         msg: dict[str, Any] = {"op": "set_next", "next": nxt}
@@ -1260,6 +1327,33 @@ class Supervisor:
             if not reply.get("ok"):
                 raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
         self._event("steer", node.cfg.name, f"next -> {nxt}" + (f", ports -> {ports}" if ports else ""))
+
+    def _check_via(self, node: _Node) -> None:
+        """Restart adapter `node` if the instance its `via:` names now is not the one it was started with."""
+        if not node.cfg.via:
+            return
+        want = self._via_instance(node.cfg.via)
+        if any(i.active and i.via != want for i in node.instances):
+            self._restart_adapter(node, f"via {node.cfg.via} now runs as {want}")
+
+    def _restart_adapter(self, node: _Node, reason: str) -> None:
+        """Replace an adapter's instance: stop the old one first (it owns the device or socket the new one
+        needs), then start one (its first instance name again) and wait until it answers. The frames
+        on its link meanwhile are lost, as on any link restart. Raises SupervisorError if it does not
+        come up (the loop restarts it by its restart policy)."""
+        for inst in list(node.instances):
+            if inst.state in ("starting", "running", "stopping"):
+                inst.state = "stopping"
+                self._stop_instance(inst, drain=True)
+            elif inst.proc is not None and inst.proc.poll() is None:
+                _kill(inst.proc)
+                _reap(inst.proc)
+            if inst in node.instances:
+                node.instances.remove(inst)
+        inst = self._spawn(node, 1, self.clock())
+        self._event("replace", node.cfg.name, f"adapter restarted ({reason})")
+        node.resteer = True  # whoever sends to it (a chain's end) resolves its name again
+        self._wait_up([inst], START_TIMEOUT)
 
     def _scale_to(self, node: _Node, count: int, now: float, reason: str) -> None:
         active = [i for i in node.instances if i.active]
@@ -1427,6 +1521,7 @@ class Supervisor:
         """Set a node's instance count by hand (within 1..99); the policy's cooldown restarts."""
         with self._operation("scale", node=name, instances=instances):
             node = self._node(name)
+            _refuse_adapter(node, "scaled (it runs exactly one instance)")
             if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 99:
                 raise SupervisorError(f"instances must be an integer 1..99, got {instances!r}")
             now = self.clock()
@@ -1447,6 +1542,7 @@ class Supervisor:
         """Push a new config to every running instance of `name` (validated first); no restart."""
         with self._operation("reconfigure", node=name):
             node = self._node(name)
+            _refuse_adapter(node, "pushed a config")
             if not isinstance(config, dict):
                 raise SupervisorError("config must be a JSON object")
             config = self._unredact(node.function, config, node.config)
@@ -1501,6 +1597,7 @@ class Supervisor:
         start the new instances, re-steer upstream to them, then stop the old ones (each drains its ring)."""
         with self._operation("replace", node=name):
             node = self._node(name)
+            _refuse_adapter(node, "replaced by a function")
             if function is not None and (not isinstance(function, str) or not function):
                 raise SupervisorError(f"function must be a plugin name (a string), got {function!r}")
             if version is not None and not isinstance(version, str):
@@ -1566,7 +1663,7 @@ class Supervisor:
             except ConfigError as exc:
                 raise SupervisorError(str(exc), status=422) from None
         for cfg in topo.nodes:  # after the check (see reconfigure)
-            self._remember_secrets(cfg.function, cfg.config)
+            self._remember_secrets(cfg.function_name, cfg.settings)
         with self._operation("reload", wait=wait, config=source):
             old = self.topo
             if topo.fabric != old.fabric:
@@ -1586,9 +1683,31 @@ class Supervisor:
         warnings: list[str] = []
         new_names = [n.name for n in topo.nodes]
         running = list(self.nodes)
-        added = [n for n in topo.start_order() if n not in self.nodes]
+        for name in new_names:
+            if name in self.nodes and self.nodes[name].cfg.is_adapter != topo.node(name).is_adapter:
+                raise SupervisorError(f"node {name!r} changes between a function and an adapter; give the new one "
+                                      "another name (or remove the node, reload, then add it back)", status=409)
+        # Adapters are not staged: a new instance cannot run beside the old (one device, one socket).
+        # Those added, changed or not running start after the commit, once what leaves has stopped.
+        adapters_added = [n for n in topo.start_order() if n not in self.nodes and topo.node(n).is_adapter]
+        adapters_changed: list[str] = []
+        for name in new_names:
+            node = self.nodes.get(name)
+            if node is None or not node.cfg.is_adapter:
+                continue
+            b = topo.node(name)
+            try:
+                old_net = old.network_index(name)
+            except (KeyError, ValueError):
+                old_net = None
+            if (node.config, node.version, node.cfg.batch, node.cfg.via, old_net) != (
+                    b.settings, b.version, b.batch, b.via, topo.network_index(name)) or not any(
+                    i.active for i in node.instances):
+                adapters_changed.append(name)
+        added = [n for n in topo.start_order() if n not in self.nodes and n not in adapters_added]
         removed = [n for n in running if n not in new_names]
-        kept = [n for n in new_names if n in self.nodes]
+        kept = [n for n in new_names if n in self.nodes and not self.nodes[n].cfg.is_adapter]
+        kept_adapters = [n for n in new_names if n in self.nodes and self.nodes[n].cfg.is_adapter]
         old_next = {n: self._next_instances(n) for n in running}
         now = self.clock()
         # -- plan: what each kept node runs now against what the file says
@@ -1613,7 +1732,7 @@ class Supervisor:
             plan[name] = {"replace": replace, "reconfigure": not replace and node.config != b.config,
                           "active": active, "target": target, "new": [], "victims": []}
         # -- 1. start what is new (staged: no upstream sends to it yet), push changed configs
-        needed = sum(topo.instances_of(n) for n in added)
+        needed = sum(topo.instances_of(n) for n in added) + len(adapters_added)
         needed += sum(max(p["target"], 1) if p["replace"] else max(0, p["target"] - len(p["active"]))
                       for p in plan.values())
         self._room(needed, "this reload")
@@ -1721,12 +1840,18 @@ class Supervisor:
                 changes["scaled"].append(f"{name}={after}")
             if p["new"]:
                 self._drop_dead(node)
+        for name in kept_adapters:
+            node, b = self.nodes[name], topo.node(name)
+            node.cfg = b
+            node.decider.policy = topo.scale_of(name)
+            for inst in node.instances:
+                inst.tracker.policy = topo.restart_of(name)
         changes["added"] = list(new_nodes)
         # every node is told its group once (new ones too: they started with the staged view)
         for name in topo.start_order():
-            node = self.nodes[name]
-            if name in removed:
-                continue
+            node = self.nodes.get(name)
+            if node is None or name in removed:
+                continue  # (an adapter added by this reload starts below)
             try:
                 changed = name in new_nodes or self._next_instances(name) != old_next.get(name) or any(
                     plan.get(t, {}).get("new") or plan.get(t, {}).get("victims") for t in node.cfg.ports)
@@ -1748,6 +1873,27 @@ class Supervisor:
         for name in removed:
             del self.nodes[name]
             changes["removed"].append(name)
+        # -- 4. adapters: the changed ones replaced (the old instance stops first), the new ones started,
+        # and any whose `via:` now runs as another instance restarted on it
+        for name in [n for n in topo.start_order() if n in adapters_added or n in adapters_changed]:
+            b = topo.node(name)
+            if name in adapters_added:
+                node = self.nodes[name] = _Node(b, ScaleDecider(topo.scale_of(name)), function=b.function_name,
+                                                config=b.settings, version=b.version)
+                changes["added"].append(name)
+            else:
+                node = self.nodes[name]
+                node.function, node.config, node.version = b.function_name, b.settings, b.version
+                changes["replaced"].append(name)
+            try:
+                self._restart_adapter(node, "settings changed by a reload" if name in adapters_changed
+                                      else "added by a reload")
+            except SupervisorError as exc:
+                warnings.append(f"adapter {name} did not come up: {exc}")
+                self._event("error", name, f"adapter did not come up after the reload: {exc}")
+        for name in kept_adapters:
+            if name not in adapters_changed:
+                self._set_next(self.nodes[name])  # (restarts it only if its via moved)
         warnings += self._reload_warnings(old, topo)
         if old.poll_interval != topo.poll_interval:
             changes["settings"] = [f"poll_interval {old.poll_interval:g}s -> {topo.poll_interval:g}s"]
@@ -1901,7 +2047,9 @@ class Supervisor:
     # -- secrets ---------------------------------------------------------------------------------
     def secret_fields(self, function: str) -> frozenset[str]:
         """The secret config fields of `function` (`shmfabric.functions.api.secret_fields`); none
-        for a function that cannot be loaded here."""
+        for a function that cannot be loaded here. An adapter's: a memif's `secret`."""
+        if function.startswith(ADAPTER_FUNCTION_PREFIX):
+            return _ADAPTER_SECRETS
         known = self._secret_cache.get(function)
         if known is None:
             try:
@@ -1949,6 +2097,18 @@ class Supervisor:
         from `status`) taking the value the node runs now."""
         secret = self.secret_fields(function)
         return {k: current[k] if k in secret and v == REDACTED and k in current else v for k, v in config.items()}
+
+
+# An adapter's secret settings (shown "<redacted>", kept off its command line).
+_ADAPTER_SECRETS = frozenset({"secret"})
+
+
+def _refuse_adapter(node: _Node, what: str) -> None:
+    """An operator action a function node takes and an adapter node cannot: 409 saying what to do instead."""
+    if node.cfg.is_adapter:
+        raise SupervisorError(f"node {node.cfg.name!r} is an adapter ({node.function}): it cannot be {what}; "
+                              "change its `adapter:` settings in the topology and reload (its instance is "
+                              "replaced)", status=409)
 
 
 def _unsure_text(names: list[str]) -> str:

@@ -392,3 +392,67 @@ def test_up_runs_two_tap_adapters_that_ping_and_down_removes_them(env, tmp_path)
         for ns in spaces:
             _run("ip", "netns", "del", ns, check=False)
         Fabric.destroy(name)
+
+
+# -- review fixes ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("adapter, says", [
+    ("{kind: memif, socket: rel.sock}", "socket 'rel.sock' is a relative path; give an absolute one"),
+    ('{kind: memif, socket: /tmp/x.sock, secret: "abc\\n"}', "secret holds a control character"),
+    ('{kind: memif, socket: /tmp/x.sock, secret: " abc"}', "spaces at its ends"),
+    ('{kind: tap, ifname: "sf:0"}', "interface name 'sf:0' is not valid"),
+])
+def test_what_would_fail_at_start_is_refused_before(adapter, says):
+    text = _errors(f"  - name: dp\n    adapter: {adapter}\n")
+    assert "t.yaml:4: field `nodes[0].adapter" in text and says in text
+    assert "abc" not in text or "secret" not in says  # a secret is not repeated
+
+
+def test_a_tap_mtu_past_its_network_and_an_address_twice_are_refused():
+    text = "fabric: {name: x, networks: [{mtu: 1500}]}\nnodes:\n" + textwrap.dedent("""\
+          - name: a
+            adapter: {kind: tap, netns: a, address: [10.9.0.1/24], mtu: 9000}
+          - name: b
+            adapter: {kind: tap, netns: b, address: [10.9.0.1/24]}
+        """)
+    with pytest.raises(ConfigError) as exc:
+        parse_topology(text, "t.yaml")
+    msg = str(exc.value)
+    assert "t.yaml:4: field `nodes[0].adapter.mtu`: mtu 9000 is larger than the node's network's (1500)" in msg
+    assert "t.yaml:6: field `nodes[1].adapter.address[0]`: address 10.9.0.1 is also tap nodes[0]'s" in msg
+
+
+def test_a_memif_adapter_whose_peer_stops_reading_is_not_taken_for_hung(run_topology, sock_dir):
+    """A peer that connects and never reads (a paused testpmd): the adapter's ring to it fills and
+    it waits, still answering the manager, which must not kill it as unresponsive."""
+    sock = sock_dir / "dp.sock"
+    text = memif_topology(sock).replace("restart: {backoff_initial: 0.1, backoff_max: 1}",
+                                        "restart: {backoff_initial: 0.1, backoff_max: 1, unresponsive_after: 1.5}")
+    sup = run_topology(text)
+    _, dp = _instance(sup, "dp")
+    fab = Fabric.open(sup.topo.fabric.name)
+    probe = fab.attach("stuck-peer")
+    src = fab.attach("src")
+    conn = None
+    try:
+        conn = MemifBridge(probe, MemifConfig(str(sock), role="client", secret=SECRET.encode(),
+                                              log2_ring_size=4))._dial()  # 16 buffers, never read
+        wait_until(lambda: _instance(sup, "dp")[1]["counters"].get("link_ups") == 1, what="the link", sup=sup)
+        sent = 0
+        for _ in range(40):
+            sent += src.send_batch(dp["node_id"], [bytes(60)] * 16)
+            time.sleep(0.05)
+        assert sent > 16, sent  # more than the peer's ring holds: the adapter waits on it
+        deadline = time.monotonic() + 4.0  # well past unresponsive_after, the manager polling all along
+        while time.monotonic() < deadline:
+            sup.tick()
+            time.sleep(0.1)
+        _, now = _instance(sup, "dp")
+        assert now["pid"] == dp["pid"] and now["restarts"] == 0 and now["state"] == "running"
+        assert not [e for e in sup.status()["events"] if e["kind"] == "hung"]
+        assert now["counters"].get("to_device") == 16, now["counters"]  # the peer's ring, full, polled just now
+    finally:
+        if conn is not None:
+            conn.close()
+        probe.detach()
+        src.detach()
+        fab.close()

@@ -649,6 +649,9 @@ class MemifBridge(FabricPort):
                 except w.MemifProtocolError as exc:
                     self._fault = str(exc)
         if conn is not None and (not room or self._pending or self._fault is not None):
+            # a manager's requests still get their answers while the peer is behind (a paused
+            # testpmd, an admin-down VPP interface): they arrive on their own ring, ahead of data
+            self.node.recv_control()
             time.sleep(self._full_pause)  # the peer is behind (its ring is full), or it is being dropped
             self._full_pause = min(FULL_PAUSE_MAX, self._full_pause * 2)
             return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -35,9 +36,17 @@ def cmd_memif(args: argparse.Namespace) -> int:
             raise CliError("give --secret or --secret-file, not both")
         try:
             with open(args.secret_file, "rb") as f:
-                secret = f.read().rstrip(b"\r\n")
+                secret = f.read()
         except OSError as exc:
             raise CliError(f"cannot read --secret-file {args.secret_file}: {exc.strerror}") from None
+        if secret.endswith(b"\n"):  # (one line ending, as an editor leaves it)
+            secret = secret[:-2] if secret.endswith(b"\r\n") else secret[:-1]
+        fd = args.secret_file.removeprefix("/proc/self/fd/")
+        if fd.isdigit() and int(fd) > 2:  # an inherited descriptor (a service manager's): not kept open
+            try:
+                os.close(int(fd))
+            except OSError:
+                pass
     try:
         config = MemifConfig(args.socket, role=args.role, id=args.id, secret=secret,
                              log2_ring_size=ring.bit_length() - 1, buffer_size=args.buffer_size,

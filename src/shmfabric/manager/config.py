@@ -29,6 +29,7 @@ problem; fix: ...``. Pure: no processes, no fabric.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -271,8 +272,8 @@ class TapAdapter(_Model):
     @field_validator("ifname")
     @classmethod
     def _ifname(cls, v: str) -> str:
-        if not v or len(v.encode()) > _IFNAME_MAX or "/" in v or any(c.isspace() for c in v) or v in (".", ".."):
-            raise ValueError(f"interface name {v!r} is not valid: 1-15 bytes, no '/' or spaces (e.g. sf0)")
+        if not v or len(v.encode()) > _IFNAME_MAX or any(c in "/:" or c.isspace() for c in v) or v in (".", ".."):
+            raise ValueError(f"interface name {v!r} is not valid: 1-15 bytes, no '/', ':' or spaces (e.g. sf0)")
         return v
 
     @field_validator("netns")
@@ -290,7 +291,7 @@ class MemifAdapter(_Model):
     socket: str = Field(min_length=1, description="the memif control socket's path (or abstract name)")
     role: Literal["server", "client"] = Field("server", description="server: listen; client: connect")
     id: int = Field(0, ge=0, le=0xFFFFFFFF, description="the memif interface id")
-    secret: str | None = Field(None, description="a shared secret the peer must give (at most 23 bytes)")
+    secret: str | None = Field(None, repr=False, description="a shared secret the peer must give (at most 23 bytes)")
     abstract: bool = Field(False, description="the socket is in the abstract namespace (DPDK's default)")
     ring_size: int = Field(1024, ge=2, le=16384, description="client: descriptors per ring (a power of two)")
     buffer_size: int = Field(2048, ge=128, le=65472, description="client: bytes per buffer (a multiple of 64)")
@@ -303,12 +304,25 @@ class MemifAdapter(_Model):
                              "a NUL; give a shorter path")
         return v
 
+    @model_validator(mode="after")
+    def _absolute(self) -> "MemifAdapter":
+        # the peer is another program, started elsewhere: a path relative to where `up` ran means
+        # nothing to it (an abstract name is a name, not a path)
+        if not self.abstract and not os.path.isabs(self.socket):
+            raise ValueError(f"socket {self.socket!r} is a relative path; give an absolute one, "
+                            f"e.g. /run/{os.path.basename(self.socket) or 'memif.sock'}")
+        return self
+
     @field_validator("secret")
     @classmethod
     def _secret(cls, v: str | None) -> str | None:
         if v is not None and (len(v.encode()) > _MEMIF_SECRET_MAX or "\0" in v):
             # (the value itself is not repeated: it is a secret)
             raise ValueError(f"secret is {len(v.encode())} bytes: give at most {_MEMIF_SECRET_MAX}, no NUL")
+        if v is not None and (any(ord(c) < 32 or ord(c) == 127 for c in v) or v != v.strip()):
+            # (a YAML block scalar ends in a newline the peer would not type)
+            raise ValueError("secret holds a control character (a line break?) or spaces at its ends; "
+                             "write it on one line, e.g. secret: \"...\"")
         return v
 
     @field_validator("ring_size")
@@ -546,6 +560,14 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
             elif not 0 <= n.network < len(fabric.networks):
                 errs.append(_LocError(("nodes", i, "network"), f"network {n.network} does not exist; use 0.."
                                       f"{len(fabric.networks) - 1}"))
+            a = n.adapter
+            if isinstance(a, TapAdapter) and a.mtu is not None:
+                names = [net.name for net in fabric.networks]
+                k = names.index(n.network) if isinstance(n.network, str) and n.network in names else n.network
+                if isinstance(k, int) and 0 <= k < len(fabric.networks) and a.mtu > fabric.networks[k].mtu:
+                    errs.append(_LocError(("nodes", i, "adapter", "mtu"), f"mtu {a.mtu} is larger than the node's "
+                                          f"network's ({fabric.networks[k].mtu}); give at most that, or put the "
+                                          f"node on a network with a larger MTU"))
         for k, target in enumerate(n.ports):
             if target not in seen:
                 errs.append(_LocError(("nodes", i, "ports", k), f"port {k} names node {target!r}, "
@@ -655,10 +677,21 @@ def _adapter_clashes(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> 
     errs: list[_LocError] = []
     sockets: dict[tuple[bool, str], int] = {}
     devices: dict[tuple[str | None, str], int] = {}
+    addresses: dict[str, int] = {}
     for i, _, n in nodes:
         if n is None or n.adapter is None:
             continue
         a = n.adapter
+        if isinstance(a, TapAdapter):
+            # adapters of one topology start together: their duplicate-address probes would all run
+            # before any address is set, and none would see the other
+            for k, addr in enumerate(a.address):
+                ip = str(ipaddress.ip_interface(addr).ip)
+                if ip in addresses:
+                    errs.append(_LocError(("nodes", i, "adapter", "address", k), f"address {ip} is also tap "
+                                          f"nodes[{addresses[ip]}]'s; each adapter needs addresses of its own"))
+                else:
+                    addresses[ip] = i
         if isinstance(a, MemifAdapter):
             key = (a.abstract, a.socket if a.abstract else os.path.normpath(a.socket))
             if key in sockets:

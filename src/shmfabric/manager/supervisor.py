@@ -1340,7 +1340,8 @@ class Supervisor:
         """Replace an adapter's instance: stop the old one first (it owns the device or socket the new one
         needs), then start one (its first instance name again) and wait until it answers. The frames
         on its link meanwhile are lost, as on any link restart. Raises SupervisorError if it does not
-        come up (the loop restarts it by its restart policy)."""
+        come up; it is then marked failed, as an instance that fails at its start is, until a reload
+        starts it again (a reload restarts an adapter that is not running)."""
         for inst in list(node.instances):
             if inst.state in ("starting", "running", "stopping"):
                 inst.state = "stopping"

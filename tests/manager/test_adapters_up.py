@@ -456,3 +456,21 @@ def test_a_memif_adapter_whose_peer_stops_reading_is_not_taken_for_hung(run_topo
         probe.detach()
         src.detach()
         fab.close()
+
+
+@pytest.mark.parametrize("adapter, where, says", [
+    ('{kind: memif, socket: /tmp/x.sock, secret: ""}', "adapter.secret", "secret is empty, which would let any peer in"),
+    ("{kind: memif, socket: rel.sock}", "adapter.socket", "socket 'rel.sock' is a relative path"),
+    ("{kind: tap, address: [10.9.0.1/24, 10.9.0.1/32]}", "adapter.address[1]", "address 10.9.0.1 is listed twice"),
+])
+def test_second_review_rules(adapter, where, says):
+    text = _errors(f"  - name: dp\n    adapter: {adapter}\n")
+    assert f"t.yaml:4: field `nodes[0].{where}`" in text and says in text, text
+
+
+def test_an_empty_secret_file_is_refused_not_taken_for_no_secret(tmp_path):
+    (tmp_path / "s").write_text("\n")
+    exe = Path(sys.executable).parent / "shmfabric"
+    r = subprocess.run([str(exe), "memif", "nofabric", "x", "--socket", str(tmp_path / "m.sock"), "--secret-file",
+                        str(tmp_path / "s")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "is empty; write the secret in it" in r.stderr, r.stderr

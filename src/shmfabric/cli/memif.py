@@ -36,11 +36,13 @@ def cmd_memif(args: argparse.Namespace) -> int:
             raise CliError("give --secret or --secret-file, not both")
         try:
             with open(args.secret_file, "rb") as f:
-                secret = f.read()
+                secret = f.read(64)  # (a secret is at most 23 bytes: a device file is not read on)
         except OSError as exc:
             raise CliError(f"cannot read --secret-file {args.secret_file}: {exc.strerror}") from None
         if secret.endswith(b"\n"):  # (one line ending, as an editor leaves it)
             secret = secret[:-2] if secret.endswith(b"\r\n") else secret[:-1]
+        if not secret:  # (an empty secret would mean none: any peer taken)
+            raise CliError(f"--secret-file {args.secret_file} is empty; write the secret in it, or give no secret")
         fd = args.secret_file.removeprefix("/proc/self/fd/")
         if fd.isdigit() and int(fd) > 2:  # an inherited descriptor (a service manager's): not kept open
             try:

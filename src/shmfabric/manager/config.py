@@ -251,7 +251,7 @@ class TapAdapter(_Model):
     kind: Literal["tap"]
     address: list[str] = Field(default_factory=list, description="CIDR addresses, e.g. [10.77.0.1/24]")
     netns: str | None = Field(None, description="network namespace (`ip netns add NAME`); default the manager's")
-    mtu: int | None = Field(None, ge=68, le=65536, description="interface MTU (default: the network's)")
+    mtu: int | None = Field(None, ge=68, le=65535, description="interface MTU (default: the network's)")
     ifname: str = Field("sf0", description="interface name (1-15 bytes)")
 
     @field_validator("address")
@@ -304,14 +304,6 @@ class MemifAdapter(_Model):
                              "a NUL; give a shorter path")
         return v
 
-    @model_validator(mode="after")
-    def _absolute(self) -> "MemifAdapter":
-        # the peer is another program, started elsewhere: a path relative to where `up` ran means
-        # nothing to it (an abstract name is a name, not a path)
-        if not self.abstract and not os.path.isabs(self.socket):
-            raise ValueError(f"socket {self.socket!r} is a relative path; give an absolute one, "
-                            f"e.g. /run/{os.path.basename(self.socket) or 'memif.sock'}")
-        return self
 
     @field_validator("secret")
     @classmethod
@@ -319,6 +311,8 @@ class MemifAdapter(_Model):
         if v is not None and (len(v.encode()) > _MEMIF_SECRET_MAX or "\0" in v):
             # (the value itself is not repeated: it is a secret)
             raise ValueError(f"secret is {len(v.encode())} bytes: give at most {_MEMIF_SECRET_MAX}, no NUL")
+        if v is not None and not v:
+            raise ValueError("secret is empty, which would let any peer in; give one, or remove `secret:`")
         if v is not None and (any(ord(c) < 32 or ord(c) == 127 for c in v) or v != v.strip()):
             # (a YAML block scalar ends in a newline the peer would not type)
             raise ValueError("secret holds a control character (a line break?) or spaces at its ends; "
@@ -688,10 +682,16 @@ def _adapter_clashes(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> 
             for k, addr in enumerate(a.address):
                 ip = str(ipaddress.ip_interface(addr).ip)
                 if ip in addresses:
-                    errs.append(_LocError(("nodes", i, "adapter", "address", k), f"address {ip} is also tap "
-                                          f"nodes[{addresses[ip]}]'s; each adapter needs addresses of its own"))
+                    whose = "listed twice" if addresses[ip] == i else f"also tap nodes[{addresses[ip]}]'s"
+                    errs.append(_LocError(("nodes", i, "adapter", "address", k), f"address {ip} is {whose}; "
+                                          f"each adapter needs addresses of its own"))
                 else:
                     addresses[ip] = i
+        if isinstance(a, MemifAdapter) and not a.abstract and not os.path.isabs(a.socket):
+            # the peer is another program, started elsewhere: a path relative to where `up` ran
+            # means nothing to it (an abstract name is a name, not a path)
+            errs.append(_LocError(("nodes", i, "adapter", "socket"), f"socket {a.socket!r} is a relative path; "
+                                  f"give an absolute one, e.g. /run/{os.path.basename(a.socket) or 'memif.sock'}"))
         if isinstance(a, MemifAdapter):
             key = (a.abstract, a.socket if a.abstract else os.path.normpath(a.socket))
             if key in sockets:

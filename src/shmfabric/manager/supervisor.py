@@ -1026,7 +1026,7 @@ class Supervisor:
         name = node.cfg.name
         return topo, (topo.node(name) if name in {n.name for n in topo.nodes} else node.cfg)
 
-    def _argv(self, node: _Node, inst: Instance, config_fd: int) -> list[str]:
+    def _argv(self, node: _Node, inst: Instance, config_fd: int | None) -> list[str]:
         """The instance's command line. Its config is not on it (every local user reads a command
         line: `ps`, /proc/PID/cmdline) but on `config_fd` (see `_config_fd`), inherited by the process."""
         topo, cfg = self._view_of(node, inst)
@@ -1058,7 +1058,7 @@ class Supervisor:
         active = sorted((i for i in node.instances if i.active), key=lambda i: i.index) if node else []
         return active[0].name if active else instance_name(via, 1)
 
-    def _adapter_argv(self, topo: Topology, cfg: NodeConfig, inst: Instance, config_fd: int) -> list[str]:
+    def _adapter_argv(self, topo: Topology, cfg: NodeConfig, inst: Instance, config_fd: int | None) -> list[str]:
         """An adapter instance's command line: `shmfabric adapter|memif FABRIC INSTANCE ...` through the
         CLI's module; a memif secret on `config_fd` (`--secret-file`), never on it."""
         a = cfg.adapter
@@ -1100,12 +1100,14 @@ class Supervisor:
         try:
             adapter = self._view_of(node, inst)[1].adapter
             secret = getattr(adapter, "secret", None) if adapter is not None else None
-            # a memif adapter's fd holds its secret alone (`--secret-file`); a function's, its config
-            fd = _config_fd(secret.encode() if secret else inst.config)
+            # a memif adapter's fd holds its secret alone (`--secret-file`); a function's, its config;
+            # other adapters read none (and get none: it would stay open in them)
+            fd = _config_fd(secret.encode() if secret else inst.config) if secret or adapter is None else None
             # the fd keeps its number in the process (pass_fds), which reads and closes it at start
             inst.proc = self._spawner.popen(self._argv(node, inst, fd), stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=self._env,
-                                            close_fds=True, pass_fds=(fd,), start_new_session=True)
+                                            close_fds=True, pass_fds=(fd,) if fd is not None else (),
+                                            start_new_session=True)
         finally:
             if fd is not None:
                 os.close(fd)  # the manager's copy: the process holds its own

@@ -7,8 +7,10 @@ adapter's do (`FabricPort.deliver`); frames the node receives go to the peer. Th
 interface should carry the node's fabric MAC (DPDK: `mac=` in the vdev arguments; VPP:
 `hw-addr`), so that replies addressed to it reach the node.
 
-Bytes are copied once each way, between the peer's buffers and pool slots (the peer's memory is
-its own: a slot handed to a foreign process could be written after it was freed). The rings'
+Frames from the peer are copied twice: a batch into a private buffer first (the peer can change
+its memory after publishing: a frame is routed and sent from what was read), then by the core into
+pool slots; frames to the peer once, into its buffers. Pool slots are never lent to the peer (a
+slot handed to a foreign process could be written after it was freed). The rings'
 indices are read and written with acquire/release ordering (`native.load_u16_acquire`), as the
 peer's driver does. Descriptors are checked against their region before any byte is touched: a
 peer that points outside its memory has that frame dropped and counted (`drop_bad_descriptor`),
@@ -536,8 +538,8 @@ class MemifBridge(FabricPort):
 
     def pump_device(self) -> int:
         """Frames the peer sent, sent on to the fabric (or dropped and counted): at most a batch.
-        Each is copied once, by the core, from the peer's buffer into a pool slot (`deliver_many`:
-        one publication per destination per batch). Returns how many descriptors were taken."""
+        The batch is copied once into a private buffer, then each frame by the core into a pool
+        slot (`deliver_many`: one publication per destination per batch). Returns how many descriptors were taken."""
         conn = self._conn
         if conn is None:
             return 0

@@ -1240,7 +1240,9 @@ class Supervisor:
             proc.poll()
         inst.exit_code = proc.returncode if proc is not None else None
         inst.state = "stopped"
-        self._event("stop", inst.name, f"stopped (exit {inst.exit_code}, processed {processed})")
+        # (an adapter's stop reply carries no frame count: its counters are in status)
+        done = f", processed {processed}" if processed is not None else ""
+        self._event("stop", inst.name, f"stopped (exit {inst.exit_code}{done})")
         return processed
 
     def _wait_exit(self, proc: subprocess.Popen, timeout: float) -> bool:

@@ -527,12 +527,13 @@ class MemifBridge(FabricPort):
                 self._pending.clear()
         if conn is None:
             return
-        if tell_peer:
-            self._refuse(conn.sock, reason)
-        conn.close()
+        # counted and logged before the peer hears it: whoever the peer tells finds them so
         self.peer = ""
         self.from_device["link_downs"] += 1
         self.log(f"link down: {reason}")
+        if tell_peer:
+            self._refuse(conn.sock, reason)
+        conn.close()
 
     # -- data path ---------------------------------------------------------------------------
 

@@ -718,6 +718,7 @@ def test_a_receive_buffer_outside_the_region_disconnects_the_peer(rig):
         mem.give_buffers(16, offset=lambda s: mem.size)  # every buffer starts at the region's end
         assert rig.sink.send(rig.mem.id, b"x" * 60, 0x0800)
         assert peer.recv() == w.Disconnect("the client's buffer at descriptor 0 lies outside region 0")
+        assert rig.c["link_downs"] == 1  # counted before the peer was told (a test reading it then saw 0)
     finally:
         peer.close()
         mem.close()

@@ -33,18 +33,23 @@ from typing import Any
 
 from shmfabric.adapters.ethernet import format_mac
 from shmfabric.bench.command import run_bench
+from shmfabric.bench.lan import wait_until
 from shmfabric.bench.testpmd import Testpmd, TestpmdError, testpmd_available
 
 SIZES = (64, 1500)
 
-_SINK = """
-import signal, sys
+# what both node processes start with: stop at SIGTERM, after the pass under way
+_PRELUDE = """
+import signal, sys, time
 from shmfabric.fabric import Fabric
 stop = False
 def on_term(*a):
     global stop
     stop = True
 signal.signal(signal.SIGTERM, on_term)
+"""
+
+_SINK = _PRELUDE + """
 fab = Fabric.open(sys.argv[1]); node = fab.attach(sys.argv[2]); node.set_wait_mode("block")
 print("ready", flush=True)
 while not stop:
@@ -53,14 +58,7 @@ while not stop:
 node.detach(); fab.close()
 """
 
-_SENDER = """
-import signal, sys, time
-from shmfabric.fabric import Fabric
-stop = False
-def on_term(*a):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, on_term)
+_SENDER = _PRELUDE + """
 fab = Fabric.open(sys.argv[1]); node = fab.attach(sys.argv[2])
 dst = node.wait_for_peer(sys.argv[3], 10)
 frames = [bytes(int(sys.argv[4]) - 14)] * 64
@@ -107,14 +105,6 @@ def _node_counter(fab: Any, name: str, key: str) -> int:
         if e.get("name") == name:
             return int(e[key])
     raise BenchError(f"node {name} is not on the fabric")
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class _FabricSide:
@@ -196,7 +186,8 @@ def peer_to_fabric(size: int, seconds: float, workdir: str) -> dict[str, float]:
 def _mac_of(fab: Any, name: str) -> bytes:
     from shmfabric.fabric.control import node_mac
 
-    _wait(lambda: fab.node_id(name) is not None, 10, f"node {name}")
+    if not wait_until(lambda: fab.node_id(name) is not None, 10):
+        raise BenchError(f"timed out waiting for node {name}")
     return node_mac(fab.node_id(name))
 
 

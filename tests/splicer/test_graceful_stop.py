@@ -110,12 +110,17 @@ def test_http_sigterm_answers_the_requests_read_then_closes(http_backend, worker
         idle_w.close()
         return replies, closed, idle_eof
 
+    started = time.monotonic()
     try:
         replies, closed, idle_eof = asyncio.run(scenario())
+        took = time.monotonic() - started
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert [(r.status, r.seq) for r in replies] == [(200, b"0"), (200, b"1"), (200, b"2")], replies
+    # What the splicer said and how long the client waited name the cause of a failure (one CI
+    # run saw no answer at all, closed or timed out, and nothing else to go on).
+    seen = f"replies={replies} closed={closed} after {took:.1f} s; splicer stderr: {err!r}"
+    assert [(r.status, r.seq) for r in replies] == [(200, b"0"), (200, b"1"), (200, b"2")], seen
     assert replies[-1].headers.get(b"connection") == b"close"  # the last answer says so
     assert closed, "the connection stays open after its last answer"
     assert idle_eof == b"", "an idle keep-alive connection is closed at once, with nothing written"

@@ -57,6 +57,17 @@ def parse_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interfac
         raise TapError(f"address {text!r} is not an IP address with a prefix ({exc})") from None
 
 
+def parse_global(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A global address (`--global`): one unicast IP address, no prefix."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise TapError(f"global address {text!r} is not an IP address (no prefix: e.g. 10.77.0.100)") from None
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+        raise TapError(f"global address {ip} cannot be shared: give a unicast address of the fabric's subnet")
+    return ip
+
+
 def enter_netns(name: str) -> None:
     """Move this process into the named network namespace (`ip netns add NAME` made it)."""
     path = os.path.join(NETNS_DIR, name)
@@ -142,6 +153,40 @@ def configure(ifname: str, mac: bytes, mtu: int | None,
         _sysctl(f"net/ipv6/conf/{ifname}/ndisc_notify", "1")
         ipr.link("set", index=index, state="up")
     return mtu
+
+
+def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Make this namespace a member of a global address (`shmfabric global`): the address goes on
+    `lo` (/32 or /128), where the kernel accepts packets to it from any interface, and `ifname`
+    stops answering ARP for addresses it does not carry itself (arp_ignore=1) and asks with its
+    own address, never the global one (arp_announce=2): LVS direct-return servers' settings. So
+    only the dispatcher answers for the address, and the member's replies go straight to the
+    client. (IPv6 neighbour discovery answers only for the receiving interface's addresses
+    already.)"""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")
+        if not lo:
+            raise TapError("this namespace has no loopback interface to hold the global address on")
+        ipr.link("set", index=lo[0], state="up")
+        try:
+            if address.version == 4:
+                ipr.addr("add", index=lo[0], address=str(address), prefixlen=32)
+            else:
+                ipr.addr("add", index=lo[0], address=str(address), prefixlen=128, flags=0x02)  # IFA_F_NODAD
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise TapError(f"cannot put global address {address} on lo: {exc.args[-1]}") from None
+    if address.version == 4:
+        for key, value in (("arp_ignore", "1"), ("arp_announce", "2")):
+            try:
+                with open(f"/proc/sys/net/ipv4/conf/{ifname}/{key}", "w") as f:
+                    f.write(value)
+            except OSError as exc:
+                raise TapError(f"cannot set net.ipv4.conf.{ifname}.{key}={value} ({exc.strerror}): without it "
+                               "this member would answer ARP for the global address") from None
 
 
 def _sysctl(key: str, value: str) -> None:

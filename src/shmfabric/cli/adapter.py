@@ -92,12 +92,14 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_adapter(args: argparse.Namespace) -> int:
     from shmfabric.adapters.bridge import DeviceGone, TapBridge
     from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
-    from shmfabric.adapters.tap import TapError, check_ifname, configure, enter_netns, open_tap, parse_address
+    from shmfabric.adapters.tap import (TapError, check_ifname, configure, enter_netns, hold_global_address, open_tap,
+                                        parse_address, parse_global)
     from shmfabric.fabric import FabricError
 
     try:
         check_ifname(args.ifname)
         addresses = [parse_address(a) for a in args.address]
+        shared = [parse_global(a) for a in args.global_address]
     except TapError as exc:
         raise CliError(str(exc)) from None
     check_batch(args)
@@ -133,12 +135,15 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             # Segments the kernel hands the device uncut must fit a slot: at most the network's MTU.
             mtu = configure(tap.ifname, node.mac, args.mtu, addresses, min(node.mtu, 65536) if segments else None,
                             node.mtu)
+            for g in shared:
+                hold_global_address(tap.ifname, g)
         except TapError as exc:
             raise CliError(str(exc)) from None
         where = f" in netns {args.netns}" if args.netns else ""
         offload = (f"checksum and segmentation offloads (segments up to {min(node.mtu, 65536)} B)" if segments
                    else "checksum offload")
         via_text = f", via {args.via}" if args.via else ""
+        via_text += "".join(f", member of global address {g}" for g in shared)
         print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
               f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}{via_text}", flush=True)
         tape = lay.tape_entry_size - 14
@@ -176,5 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--netns", help="the network namespace to put the interface in (`ip netns add NAME`)")
     p.add_argument("--ifname", default="sf0", help="the interface's name (default sf0)")
     p.add_argument("--mtu", type=int, help="the interface's MTU (default: the fabric network's, or the device's largest)")
+    p.add_argument("--global", dest="global_address", action="append", default=[], metavar="IP",
+                   help="be a member of this global address (`shmfabric global`): it goes on the namespace's lo, "
+                        "and this interface never answers ARP for it (repeatable)")
     add_port_arguments(p)
     p.set_defaults(func=cmd_adapter)

@@ -20,6 +20,7 @@ COMMANDS = [
     "shmfabric.cli.capture",
     "shmfabric.cli.adapter",
     "shmfabric.cli.memif",
+    "shmfabric.cli.global_cmd",
 ]
 
 

@@ -1,0 +1,357 @@
+"""The dispatcher of a global address: several nodes, one IP (the I/O shell around `conntable`).
+
+The member nodes are TAP adapters (`shmfabric adapter --global VIP`) each holding the global
+address on its namespace's `lo`, where its kernel accepts packets to it but never answers ARP for
+it. The dispatcher is a fabric node of its own that does answer (ARP, IPv6 neighbour discovery),
+so clients on the fabric send every packet for the global address to it; it looks each one up in
+the connection table and forwards it, without copying, to the member's ring. The members answer
+the clients straight (direct return, as LVS-DR servers do): only the client-to-server half of
+each connection crosses the dispatcher.
+
+The table learns what each member holds by walking the sockets of its namespace (`sockwalk`,
+sock_diag netlink) every `walk_every` seconds, at once when a packet finds no entry (a member's
+own outgoing connection, a listener just opened), and before the first packet: a dispatcher
+restarted (even after SIGKILL) finds the connections already open where they are.
+"""
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
+from shmfabric.adapters.conntable import ConnectionTable, Miss
+from shmfabric.adapters.ethernet import fabric_mac_node
+from shmfabric.adapters.global_packets import (ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Drop, Flow, arp_reply,
+                                               arp_request_for, flow_of_v4, flow_of_v6, gratuitous_arp,
+                                               neighbour_advert, refusal, solicitation_for, unsolicited_advert)
+from shmfabric.adapters.sockwalk import SocketWalker, WalkError
+from shmfabric.core import native
+from shmfabric.fabric import Fabric, Node
+
+DROP = 255  # a frame's code when it is not forwarded (answered, or dropped and counted)
+MAX_MEMBERS = 254
+FRAGMENT_TTL = 30.0  # seconds a first fragment's placement is kept for the fragments after it
+WALK_SOON = 0.05  # seconds: the soonest a miss asks for another walk after the last one
+
+
+class GlobalError(Exception):
+    """A global address that cannot be set up; the message says what and how to fix it."""
+
+
+@dataclass
+class Member:
+    """A node sharing the global address: its fabric node name and the namespace to walk."""
+
+    name: str
+    netns: str | None
+    ref: tuple[int, int] | None = None  # (node id, incarnation) while attached
+    index: int = 0
+
+
+def parse_member(text: str) -> tuple[str, str | None]:
+    """NODE=NETNS (or NODE: its sockets are walked in the dispatcher's own namespace)."""
+    name, _, netns = text.partition("=")
+    if not name:
+        raise GlobalError(f"member {text!r} has no node name: give NODE=NETNS, e.g. web1=ns1")
+    return name, netns or None
+
+
+class Walker(threading.Thread):
+    """Walks every member's namespace every `every` seconds (or sooner, `soon()`); the main loop
+    takes the results (`take()`): the table itself is only ever touched by that loop."""
+
+    def __init__(self, members: list[Member], every: float):
+        super().__init__(name="socket-walk", daemon=True)
+        self.members = members
+        self.every = every
+        self.results: deque = deque()
+        self._walkers: dict[str, SocketWalker] = {}
+        self._wake = threading.Event()
+        self._halt = threading.Event()
+        self.last = 0.0
+
+    def walk_all(self) -> None:
+        """One walk of every member (results queued)."""
+        for m in self.members:
+            w = self._walkers.get(m.name)
+            try:
+                if w is None:
+                    w = self._walkers[m.name] = SocketWalker(m.netns)
+                self.results.append((m.name, w.walk(), time.monotonic()))
+            except WalkError as exc:
+                if w is not None:
+                    w.close()
+                    self._walkers.pop(m.name, None)
+                self.results.append((m.name, exc, time.monotonic()))
+        self.last = time.monotonic()
+
+    def soon(self) -> None:
+        """Walk again now (a packet found no entry), unless a walk has just been done."""
+        if time.monotonic() - self.last >= WALK_SOON:
+            self._wake.set()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self._wake.wait(max(0.0, self.last + self.every - time.monotonic()))
+            self._wake.clear()
+            if not self._halt.is_set():
+                self.walk_all()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(5)
+        for w in self._walkers.values():
+            w.close()
+
+
+class GlobalDispatcher(FabricPort):
+    """The node that owns global address `address` on the fabric; see the module docstring."""
+
+    kind = "global"
+
+    def __init__(self, fabric: Fabric, node: Node, address: str, members: list[tuple[str, str | None]],
+                 walk_every: float = 1.0, idle_timeout: float = 30.0, batch: int = 256,
+                 log: Callable[[str], None] = lambda line: None):
+        super().__init__(node, batch)
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            raise GlobalError(f"global address {address!r} is not an IP address (e.g. 10.77.0.100 or fd00::100)") \
+                from None
+        if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+            raise GlobalError(f"global address {ip} cannot be shared: give a unicast address of the fabric's subnet")
+        if not members:
+            raise GlobalError("a global address needs at least one member (--member NODE=NETNS)")
+        if len(members) > MAX_MEMBERS:
+            raise GlobalError(f"{len(members)} members: at most {MAX_MEMBERS}")
+        names = [n for n, _ in members]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise GlobalError(f"member {sorted(dup)[0]!r} given twice")
+        if node.name in names:
+            raise GlobalError(f"the dispatcher {node.name!r} cannot be its own member")
+        self.fabric = fabric
+        self.ip = ip
+        self.vip_bytes = ip.packed
+        self.vip = int(ip) if ip.version == 4 else ip.packed
+        self.table = ConnectionTable(self.vip, ip.version, idle_timeout)
+        self.members = [Member(n, ns, index=i) for i, (n, ns) in enumerate(members)]
+        self._by_name = {m.name: m for m in self.members}
+        self.walker = Walker(self.members, walk_every)
+        self._fragments: dict[tuple, tuple[str, float]] = {}
+        self._unplaced: dict[tuple, float] = {}  # key -> when a packet first found nobody (_maybe_refuse)
+        self._log = log
+        self._down: set[str] = set()  # members logged as unreachable (logged once each way)
+        self.c = self.from_fabric  # one thread: the loop owns every counter
+
+    @property
+    def device_name(self) -> str:
+        return str(self.ip)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        out = dict(self.from_fabric)
+        out.update({f"table_{k}": v for k, v in self.table.describe().items()})
+        return dict(sorted(out.items()))
+
+    # -- the members ---------------------------------------------------------------------------
+    def _refresh_members(self) -> None:
+        for m in self.members:
+            m.ref = self.fabric.node_ref(m.name)
+
+    def _apply_walks(self, now: float) -> None:
+        results = self.walker.results
+        while results:
+            name, got, at = results.popleft()
+            m = self._by_name[name]
+            if isinstance(got, WalkError) or m.ref is None:
+                why = str(got) if isinstance(got, WalkError) else "its node is not attached to the fabric"
+                gone = self.table.remove_node(name)
+                if gone:
+                    self.c["dropped_connections"] += gone
+                if name not in self._down:
+                    self._down.add(name)
+                    self._log(f"member {name} takes no new connections: {why}")
+                continue
+            if name in self._down:
+                self._down.discard(name)
+                self._log(f"member {name} is back")
+            self.table.update_node(name, got, at)
+            self.c["walks"] += 1
+
+    def announce(self) -> None:
+        """Tell every cache on the fabric that the global address is here (run after a start:
+        a dispatcher restarted has another node id, so another MAC)."""
+        frame = gratuitous_arp(self.node.mac, self.vip_bytes) if self.ip.version == 4 else \
+            unsolicited_advert(self.node.mac, self.vip_bytes)
+        try:
+            self.node.flood(frame)
+        except native.TapeBusyError:
+            self.c["drop_tape_busy"] += 1
+
+    # -- frames --------------------------------------------------------------------------------
+    def pump(self, timeout: float) -> int:
+        """Receive a batch (waiting up to `timeout` s for the first frame), answer what asks for
+        the global address, forward the rest to their members; the frames handled."""
+        c = self.c
+        now = time.monotonic()
+        with self.node.recv_batch(self.batch, timeout) as b:
+            n = len(b)
+            if not n:
+                return 0
+            c["frames"] += n
+            codes = bytearray(n)
+            used: dict[int, int] = {}
+            v4 = self.ip.version == 4
+            for i in range(n):
+                f = b[i]
+                et = f.ethertype
+                code = DROP
+                if et == (ETH_P_IP if v4 else ETH_P_IPV6):
+                    if not v4 and self._neighbour(f):
+                        codes[i] = DROP
+                        continue
+                    if f.dst[0] & 1:  # (multicast IP to the group: not ours to place)
+                        c["drop_multicast"] += 1
+                    else:
+                        code = self._place(f, now, v4)
+                elif et == ETH_P_ARP and v4:
+                    self._arp(f)
+                elif f.dst[0] & 1:
+                    c["ignored"] += 1  # others' broadcasts and multicasts (another family's ND, ...)
+                else:
+                    c["drop_other"] += 1
+                codes[i] = code
+                if code != DROP:
+                    used[code] = used.get(code, 0) + 1
+            for idx, want in used.items():
+                m = self.members[idx]
+                if m.ref is None:
+                    c["drop_member_gone"] += want
+                    continue
+                try:
+                    sent = self.node.forward_where(m.ref[0], b, codes, idx, m.ref[1])
+                except native.DestinationError:
+                    m.ref = self.fabric.node_ref(m.name)
+                    c["drop_member_gone"] += want
+                    continue
+                c["forwarded"] += sent
+                c["to_" + m.name] += sent
+                if sent < want:
+                    c["drop_ring_full"] += want - sent
+            return n
+
+    def _place(self, f: native.Frame, now: float, v4: bool) -> int:
+        c = self.c
+        flow = flow_of_v4(f, self.vip) if v4 else flow_of_v6(f, self.vip)  # type: ignore[arg-type]
+        if type(flow) is tuple:  # a fragment after the first: where its first went
+            got = self._fragments.get(flow[1])
+            if got is None or now - got[1] > FRAGMENT_TTL:
+                c["drop_fragment_unknown"] += 1
+                return DROP
+            m = self._by_name.get(got[0])
+            return m.index if m is not None else DROP
+        if not isinstance(flow, Flow):
+            c["drop_" + Drop(flow).name.lower()] += 1
+            return DROP
+        proto, faddr, fport, lport = flow.key
+        node = self.table.lookup(proto, faddr, fport, lport, now, flow.opening)
+        if isinstance(node, Miss):
+            c["drop_" + node.name.lower()] += 1
+            self.walker.soon()  # a member may hold what the last walk did not show yet
+            if node is Miss.NO_LISTENER and proto != self.table.echo:
+                self._maybe_refuse(f, flow.key, now)
+            return DROP
+        if flow.fragment is not None:
+            if len(self._fragments) >= 65536:
+                self._collect_fragments(now)
+            self._fragments[flow.fragment] = (node, now)
+        return self._by_name[node].index
+
+    def _maybe_refuse(self, f: native.Frame, key: tuple, now: float) -> None:
+        """Refuse a connection nobody waits for, as a host does (a TCP reset, an ICMP port
+        unreachable): the client fails at once instead of retrying for minutes. Only once a walk
+        done after its first packet still shows no listener: a server that has just started (the
+        last walk is up to `walk_every` old) gets the client's retry instead."""
+        first = self._unplaced.get(key)
+        if first is None or self.walker.last <= first:
+            if first is None:
+                if len(self._unplaced) >= 4096:
+                    self._unplaced = {k: t for k, t in self._unplaced.items() if now - t < 5.0}
+                self._unplaced[key] = now
+            return
+        del self._unplaced[key]
+        with memoryview(f) as p:
+            answer = refusal(p, self.node.mac, f.src_mac)
+        if answer is not None:
+            self._answer(f, answer, "refused")
+
+    def _arp(self, f: native.Frame) -> None:
+        asked = arp_request_for(f.raw, self.vip_bytes)
+        if asked is None:
+            return  # other hosts' ARP: not ours
+        mac, ip = asked
+        self._answer(f, arp_reply(self.node.mac, self.vip_bytes, mac, ip), "arp_replies")
+
+    def _neighbour(self, f: native.Frame) -> bool:
+        """Answer a neighbour solicitation for the global address; True if `f` was one."""
+        with memoryview(f) as p:
+            src = solicitation_for(p, self.vip_bytes)
+        if src is None:
+            return False
+        self._answer(f, neighbour_advert(self.node.mac, self.vip_bytes, f.src_mac, src), "nd_replies")
+        return True
+
+    def _answer(self, f: native.Frame, frame: bytes, counter: str) -> None:
+        dst = f.src if f.src is not None else fabric_mac_node(f.src_mac)
+        if dst is None:
+            self.c["drop_answer_unroutable"] += 1
+            return
+        try:
+            if self.node.send_batch(dst, (frame,), raw=True):
+                self.c[counter] += 1
+            else:
+                self.c["drop_answer_ring_full"] += 1
+        except native.DestinationError:
+            self.c["drop_answer_unroutable"] += 1
+
+    def _collect_fragments(self, now: float) -> None:
+        self._fragments = {k: v for k, v in self._fragments.items() if now - v[1] <= FRAGMENT_TTL}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resolve the members, walk them once (connections already open stay where they are),
+        announce the address and start the periodic walks."""
+        self._refresh_members()
+        self.walker.walk_all()
+        self._apply_walks(time.monotonic())
+        self.announce()
+        self.walker.start()
+
+    def run(self, stopping: Callable[[], bool], started: bool = False) -> None:
+        """Dispatch until `stopping()` or a control `stop` (checked at least every WAKE_EVERY s);
+        `started`: `start()` was called already."""
+        if not started:
+            self.start()
+        self.ready = True
+        next_second = time.monotonic() + 1.0
+        try:
+            while not stopping() and not self.stop_requested:
+                self.pump(WAKE_EVERY)
+                now = time.monotonic()
+                if self.walker.results:
+                    self._apply_walks(now)
+                if now >= next_second:  # members come and go; the table's idle entries go
+                    next_second = now + 1.0
+                    self._refresh_members()
+                    self.table.collect(now)
+                    if self._fragments:
+                        self._collect_fragments(now)
+        finally:
+            self.walker.stop()

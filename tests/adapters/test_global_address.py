@@ -1,0 +1,203 @@
+"""One IP address for several adapters (`shmfabric global`), end to end: real TCP and UDP servers
+in two member namespaces, a client in a third, all joined by the fabric; the dispatcher places
+each connection by the members' sockets and the members answer the client straight.
+
+Root only (namespaces, TAP devices)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shmfabric.bench.lan import GlobalFabricLan, LanError, wait_until
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and TAP devices")]
+
+BOTH, ONLY_HOST2, UDP_PORT, LATE = 7000, 7001, 7002, 7003
+
+# In a member: TCP 7000 (and 7001 on host2 only) says which host it is, then echoes each line;
+# UDP 7002, bound to the global address itself, answers "hostN <datagram>".
+SERVER = r"""
+import socket, sys, threading
+name, vip, ports = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3].split(",")]
+def serve(c):
+    with c:
+        c.sendall(f"{name}\n".encode())
+        f = c.makefile("rb")
+        for line in f:
+            c.sendall(f"{name} ".encode() + line)
+def tcp(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(64)
+    while True:
+        threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((vip, %d))
+    while True:
+        data, peer = u.recvfrom(2048); u.sendto(f"{name} ".encode() + data, peer)
+for p in ports:
+    threading.Thread(target=tcp, args=(p,), daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+""" % UDP_PORT
+
+# In the client: commands on stdin, one per line, answers on stdout.
+#   open PORT -> the host that answered (or "refused"/"timeout"); send I TEXT -> the echo on
+#   connection I; udp N -> for N sockets, the hosts that answered two datagrams each
+CLIENT = r"""
+import socket, sys
+vip = sys.argv[1]
+conns = []
+for cmd in sys.stdin:
+    words = cmd.split()
+    try:
+        if words[0] == "open":
+            s = socket.create_connection((vip, int(words[1])), timeout=8)
+            f = s.makefile("rb")
+            conns.append((s, f))
+            out = f.readline().decode().strip() + f" {len(conns) - 1}"
+        elif words[0] == "send":
+            s, f = conns[int(words[1])]
+            s.sendall(words[2].encode() + b"\n")
+            out = f.readline().decode().strip()
+        elif words[0] == "udp":
+            hosts = []
+            for i in range(int(words[1])):
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+                u.connect((vip, %d))
+                got = []
+                for j in range(2):
+                    u.send(f"d{i}.{j}".encode())
+                    got.append(u.recv(2048).decode().split()[0])
+                hosts.append("+".join(got))
+                u.close()
+            out = " ".join(hosts)
+    except ConnectionRefusedError:
+        out = "refused"
+    except OSError as exc:
+        out = f"error {type(exc).__name__}"
+    print(out, flush=True)
+""" % UDP_PORT
+
+
+class Client:
+    """A client process in host0, driven line by line."""
+
+    def __init__(self, lan: GlobalFabricLan) -> None:
+        self.p = lan.popen(0, [sys.executable, "-u", "-c", CLIENT, lan.vip], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+
+    def ask(self, line: str) -> str:
+        self.p.stdin.write(line + "\n")  # type: ignore[union-attr]
+        self.p.stdin.flush()  # type: ignore[union-attr]
+        return self.p.stdout.readline().strip()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.fixture(scope="module")
+def lan():
+    try:
+        with GlobalFabricLan(members=2, lan=6) as lan:
+            for h in (1, 2):
+                ports = f"{BOTH},{ONLY_HOST2}" if h == 2 else str(BOTH)
+                p = lan.popen(h, [sys.executable, "-u", "-c", SERVER, f"host{h}", lan.vip, ports],
+                              stdout=subprocess.PIPE, text=True)
+                assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+            lan.start_dispatcher()
+            yield lan
+    except LanError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture
+def client(lan):
+    c = Client(lan)
+    yield c
+    c.close()
+
+
+def test_new_connections_are_spread_over_the_members_and_each_stays_with_its_own(client) -> None:
+    hosts = [client.ask(f"open {BOTH}").split()[0] for _ in range(6)]
+    assert sorted(hosts) == ["host1"] * 3 + ["host2"] * 3, hosts
+    for i, host in enumerate(hosts):
+        for j in range(3):
+            assert client.ask(f"send {i} m{j}") == f"{host} m{j}"
+
+
+def test_a_port_only_one_member_listens_on_goes_to_that_member(client) -> None:
+    assert [client.ask(f"open {ONLY_HOST2}").split()[0] for _ in range(4)] == ["host2"] * 4
+
+
+def test_a_port_nobody_listens_on_is_refused_as_a_host_refuses_it(client) -> None:
+    # (the first SYN waits for a fresh walk of the members' sockets; its retry is refused)
+    assert client.ask("open 7009") == "refused"
+
+
+def test_udp_associations_are_spread_and_each_stays_with_its_member(client) -> None:
+    pairs = client.ask("udp 4").split()
+    assert len(pairs) == 4 and all(a == b for a, b in (p.split("+") for p in pairs)), pairs
+    assert {p.split("+")[0] for p in pairs} == {"host1", "host2"}, pairs
+
+
+def test_the_global_address_answers_ping(lan) -> None:
+    r = lan.run(0, ["ping", "-c", "3", "-i", "0.2", "-W", "2", lan.vip], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_server_started_after_the_dispatcher_gets_its_connections(lan, client) -> None:
+    late = lan.popen(1, [sys.executable, "-u", "-c", SERVER, "host1", lan.vip, str(LATE)], stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        assert late.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        # (the SYN that finds no listener yet asks for a walk; TCP's retry finds the server)
+        assert client.ask(f"open {LATE}").split()[0] == "host1"
+    finally:
+        late.kill()
+        late.wait()
+
+
+def test_open_connections_survive_the_dispatcher_killed_and_restarted(lan, client) -> None:
+    opened = [client.ask(f"open {BOTH}").split() for _ in range(2)]
+    lan.kill_dispatcher()
+    lan.start_dispatcher()
+    # The new dispatcher walked the members first: each connection goes on with its own member
+    # (the client's ARP cache took the new dispatcher's MAC from its announcement).
+    for host, i in opened:
+        assert client.ask(f"send {i} after") == f"{host} after"
+    assert sorted(client.ask(f"open {BOTH}").split()[0] for _ in range(2)) == ["host1", "host2"]
+
+
+def test_a_member_that_leaves_gets_no_new_connections_until_it_is_back(lan, client) -> None:
+    lan.stop(1)
+    try:
+        # its node leaves the fabric: the dispatcher stops placing connections on it
+        assert wait_until(lambda: client.ask(f"open {BOTH}").split()[0] == "host2", timeout=10)
+        assert {client.ask(f"open {BOTH}").split()[0] for _ in range(4)} == {"host2"}
+    finally:
+        lan.start(1)
+    assert wait_until(lambda: client.ask(f"open {BOTH}").split()[0] == "host1", timeout=15)
+
+
+def test_the_dispatcher_counts_what_it_did(lan, client) -> None:
+    lan.stop_dispatcher()
+    lan.start_dispatcher()
+    lan.run(0, ["ip", "neigh", "flush", "all"], check=True)  # the client asks for the address again
+    hosts = [client.ask(f"open {BOTH}").split()[0] for _ in range(4)]
+    assert client.ask("open 7009") == "refused"
+    counters = lan.stop_dispatcher()
+    try:
+        assert counters["to_host1"] > 0 and counters["to_host2"] > 0, counters
+        assert counters["forwarded"] == counters["to_host1"] + counters["to_host2"], counters
+        assert counters["arp_replies"] >= 1 and counters["refused"] == 1, counters
+        assert counters["table_placed"] == len(hosts), counters  # one placement per connection
+        assert counters["table_nodes"] == 2, counters
+    finally:
+        lan.start_dispatcher()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from shmfabric.bench.lan import GlobalFabricLan, LanError, wait_until
+from shmfabric.bench.lan import FabricLan, GlobalFabricLan, LanError, wait_until
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and TAP devices")]
@@ -201,3 +201,62 @@ def test_the_dispatcher_counts_what_it_did(lan, client) -> None:
         assert counters["table_nodes"] == 2, counters
     finally:
         lan.start_dispatcher()
+
+
+V6 = "fd00:77:7::{}"
+
+
+class _Lan6(GlobalFabricLan):
+    """The members and the client with IPv6 addresses too; the global address an IPv6 one."""
+
+    @property
+    def vip(self) -> str:
+        return V6.format(100)
+
+    def adapter_argv(self, host: int) -> list[str]:
+        argv = FabricLan.adapter_argv(self, host) + ["--address", V6.format(host + 1) + "/64"]
+        return argv + ["--global", self.vip] if host >= 1 else argv
+
+
+V6_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 8080)); s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(sys.argv[1].encode() + b"\n"); c.close()
+"""
+V6_CLIENT = r"""
+import socket, sys, time
+def once(port):
+    try:
+        s = socket.create_connection((sys.argv[1], port), timeout=5)
+        return s.makefile().readline().strip()
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as exc:
+        return type(exc).__name__
+deadline = time.monotonic() + 20  # duplicate address detection holds new IPv6 addresses a moment
+while once(8080) not in ("host1", "host2") and time.monotonic() < deadline:
+    time.sleep(0.3)
+print(" ".join(once(8080) for _ in range(4)), once(8081))
+"""
+
+
+def test_an_ipv6_global_address_resolves_spreads_and_refuses() -> None:
+    try:
+        with _Lan6(members=2, lan=7) as lan:
+            for h in (1, 2):
+                p = lan.popen(h, [sys.executable, "-u", "-c", V6_SERVER, f"host{h}"], stdout=subprocess.PIPE, text=True)
+                assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+            lan.start_dispatcher()
+            r = lan.run(0, [sys.executable, "-c", V6_CLIENT, lan.vip], capture_output=True, text=True, timeout=60)
+            *hosts, closed = r.stdout.split()
+            assert sorted(hosts) == ["host1", "host1", "host2", "host2"] and closed == "refused", r.stdout + r.stderr
+            ping = lan.run(0, ["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", lan.vip], capture_output=True,
+                           text=True, timeout=30)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            counters = lan.stop_dispatcher()
+            assert counters["nd_replies"] >= 1 and counters.get("arp_replies", 0) == 0, counters
+    except LanError as exc:
+        pytest.fail(str(exc))

@@ -35,6 +35,7 @@ from shmfabric.fabric import Fabric, Node
 DROP = 255  # a frame's code when it is not forwarded (answered, or dropped and counted)
 MAX_MEMBERS = 254
 FRAGMENT_TTL = 30.0  # seconds a first fragment's placement is kept for the fragments after it
+MEMBERS_EVERY = 0.25  # seconds between looks at which members are attached, and under which node id
 WALK_SOON = 0.05  # seconds: the soonest a miss asks for another walk after the last one
 
 
@@ -162,8 +163,13 @@ class GlobalDispatcher(FabricPort):
 
     # -- the members ---------------------------------------------------------------------------
     def _refresh_members(self) -> None:
+        came = False
         for m in self.members:
-            m.ref = self.fabric.node_ref(m.name)
+            ref = self.fabric.node_ref(m.name)
+            came |= ref is not None and m.ref is None
+            m.ref = ref
+        if came:  # a member attached (or came back): it takes connections from the next walk, soon
+            self.walker.soon()
 
     def _apply_walks(self, now: float) -> None:
         results = self.walker.results
@@ -217,8 +223,8 @@ class GlobalDispatcher(FabricPort):
                     if not v4 and self._neighbour(f):
                         codes[i] = DROP
                         continue
-                    if f.dst[0] & 1:  # (multicast IP to the group: not ours to place)
-                        c["drop_multicast"] += 1
+                    if f.dst[0] & 1:  # (multicast IP to the group, MLD: not ours to place)
+                        c["ignored"] += 1
                     else:
                         code = self._place(f, now, v4)
                 elif et == ETH_P_ARP and v4:
@@ -249,7 +255,11 @@ class GlobalDispatcher(FabricPort):
 
     def _place(self, f: native.Frame, now: float, v4: bool) -> int:
         c = self.c
-        flow = flow_of_v4(f, self.vip) if v4 else flow_of_v6(f, self.vip)  # type: ignore[arg-type]
+        if v4:
+            flow = flow_of_v4(f, self.vip)  # type: ignore[arg-type]  (a frame reads as a buffer)
+        else:
+            with memoryview(f) as p:  # (IPv6 addresses are sliced out: a frame has no slices)
+                flow = flow_of_v6(p, self.vip)  # type: ignore[arg-type]
         if type(flow) is tuple:  # a fragment after the first: where its first went
             got = self._fragments.get(flow[1])
             if got is None or now - got[1] > FRAGMENT_TTL:
@@ -340,16 +350,18 @@ class GlobalDispatcher(FabricPort):
         if not started:
             self.start()
         self.ready = True
-        next_second = time.monotonic() + 1.0
+        next_look = next_second = time.monotonic() + MEMBERS_EVERY
         try:
             while not stopping() and not self.stop_requested:
                 self.pump(WAKE_EVERY)
                 now = time.monotonic()
                 if self.walker.results:
                     self._apply_walks(now)
-                if now >= next_second:  # members come and go; the table's idle entries go
-                    next_second = now + 1.0
+                if now >= next_look:  # members come and go (a restarted one has another node id)
+                    next_look = now + MEMBERS_EVERY
                     self._refresh_members()
+                if now >= next_second:  # the table's idle entries go
+                    next_second = now + 1.0
                     self.table.collect(now)
                     if self._fragments:
                         self._collect_fragments(now)

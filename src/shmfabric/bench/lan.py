@@ -314,3 +314,111 @@ def connect_times_out(lan: _Lan, host: int, ip: str, port: int, timeout: float =
     if r.returncode not in (0, 3, 4):
         raise LanError(f"connect test from host{host} to {ip}:{port} failed: {r.stderr.strip()[-300:]}")
     return r.returncode == 3
+
+
+class GlobalFabricLan(FabricLan):
+    """A fabric LAN whose members share one address (the VIP), as `shmfabric global` serves it.
+
+    host0 is the client; host1..N are the members: each adapter is started with `--global VIP`
+    (the VIP on the member namespace's lo, ARP for it left to the dispatcher), so a member answers
+    a client straight (direct return). `start_dispatcher` starts `shmfabric global` on the same
+    fabric with every member; it answers ARP for the VIP and hands each new connection to a
+    member that listens on its port.
+
+        with GlobalFabricLan(members=2) as lan:
+            lan.popen(1, [...]); lan.popen(2, [...])   # servers in the members
+            lan.start_dispatcher()
+            lan.run(0, ["curl", f"http://{lan.vip}/"])
+    """
+
+    kind = "global"
+
+    def __init__(self, members: int = 2, mtu: int = 1500, lan: int = 5, **kw: Any) -> None:
+        """`members` member hosts (host1..) besides the client (host0); `kw` as FabricLan's."""
+        super().__init__(members + 1, mtu, lan, **kw)
+        self.members = members
+        self.dispatcher: subprocess.Popen | None = None
+        self.dispatcher_ready = ""
+        self._dispatcher_err: Any = None
+
+    @property
+    def vip(self) -> str:
+        """The address the members share."""
+        return f"10.77.{self.lan}.100"
+
+    def adapter_argv(self, host: int) -> list[str]:
+        argv = super().adapter_argv(host)
+        return argv + ["--global", self.vip] if host >= 1 else argv
+
+    def dispatcher_argv(self, name: str = "gw") -> list[str]:
+        argv = [sys.executable, "-m", "shmfabric", "global", self.fabric, name, "--address", self.vip]
+        for h in range(1, self.hosts):
+            argv += ["--member", f"host{h}={self.namespaces[h]}"]
+        return argv + ["--json"]
+
+    def start_dispatcher(self, name: str = "gw", timeout: float = 20.0) -> str:
+        """Start `shmfabric global` as node `name` and wait for its ready line (returned). Call
+        from the thread that owns the LAN (see `start`)."""
+        import tempfile
+
+        if self.dispatcher is not None:
+            raise LanError("the dispatcher runs already")
+        # stderr to a file, not a pipe: nobody reads it while the dispatcher runs, and a full
+        # pipe would stall it
+        err = tempfile.TemporaryFile(mode="w+")
+        p = subprocess.Popen(self.dispatcher_argv(name), stdout=subprocess.PIPE, stderr=err, text=True,
+                             preexec_fn=_die_with_parent)
+        self.dispatcher, self._dispatcher_err = p, err
+        r, _, _ = select.select([p.stdout], [], [], timeout)
+        line = p.stdout.readline() if r else ""  # type: ignore[union-attr]
+        if not line.startswith("global "):
+            self.dispatcher, self._dispatcher_err = None, None
+            p.kill()
+            p.communicate()
+            err.seek(0)
+            why = (line + err.read()).strip() or f"no output within {timeout} s"
+            err.close()
+            raise LanError(f"dispatcher {name} did not start: {why}")
+        self.dispatcher_ready = line.strip()
+        return self.dispatcher_ready
+
+    def stop_dispatcher(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Stop the dispatcher (SIGTERM); its counters (from its --json line; {} if none)."""
+        p, err = self.dispatcher, self._dispatcher_err
+        self.dispatcher, self._dispatcher_err = None, None
+        if p is None:
+            return {}
+        try:
+            p.send_signal(signal.SIGTERM)
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                raise LanError(f"the dispatcher did not stop on SIGTERM within {timeout} s") from None
+            if p.returncode != 0:
+                err.seek(0)
+                raise LanError(f"the dispatcher exited with {p.returncode}: {err.read().strip()[-500:]}")
+        finally:
+            if err is not None:
+                err.close()
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines:
+            return {}
+        report = json.loads(lines[-1])
+        return report.get("counters", report) if isinstance(report, dict) else {}
+
+    def kill_dispatcher(self) -> None:
+        """SIGKILL the dispatcher."""
+        p, err = self.dispatcher, self._dispatcher_err
+        self.dispatcher, self._dispatcher_err = None, None
+        if p is not None:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+        if err is not None:
+            err.close()
+
+    def disconnect(self) -> None:
+        self.kill_dispatcher()
+        super().disconnect()

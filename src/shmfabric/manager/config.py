@@ -45,7 +45,7 @@ __all__ = [
     "ConfigError", "NetworkConfig", "FabricSection", "RestartPolicy", "ScalePolicy", "Policies",
     "NodeConfig", "ChainConfig", "Topology", "load_topology", "parse_topology", "instance_name",
     "DEFAULT_CONFIG", "check_functions", "ApiSection", "api_listen", "api_token_file",
-    "TapAdapter", "MemifAdapter", "ADAPTER_FUNCTION_PREFIX",
+    "TapAdapter", "MemifAdapter", "GlobalAdapter", "ADAPTER_FUNCTION_PREFIX",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "edge.yaml"
@@ -253,6 +253,15 @@ class TapAdapter(_Model):
     netns: str | None = Field(None, description="network namespace (`ip netns add NAME`); default the manager's")
     mtu: int | None = Field(None, ge=68, le=65535, description="interface MTU (default: the network's)")
     ifname: str = Field("sf0", description="interface name (1-15 bytes)")
+    global_: list[str] = Field(default_factory=list, alias="global",
+                               description="global addresses this adapter is a member of (`kind: global` nodes)")
+
+    @field_validator("global_")
+    @classmethod
+    def _globals(cls, v: list[str]) -> list[str]:
+        for a in v:
+            _check_global_address(a)
+        return v
 
     @field_validator("address")
     @classmethod
@@ -335,7 +344,33 @@ class MemifAdapter(_Model):
         return v
 
 
-AdapterConfig = Annotated[TapAdapter | MemifAdapter, Field(discriminator="kind")]
+def _check_global_address(a: str) -> str:
+    try:
+        ip = ipaddress.ip_address(a)
+    except ValueError:
+        raise ValueError(f"global address {a!r} is not an IP address (no prefix: e.g. 10.77.0.100)") from None
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+        raise ValueError(f"global address {a} cannot be shared: give a unicast address of the fabric's subnet")
+    return a
+
+
+class GlobalAdapter(_Model):
+    """`adapter: {kind: global, address: IP, members: [NODE, ...]}`: one address for several TAP
+    adapters (`shmfabric global`, root): the members list it under their `global:`."""
+
+    kind: Literal["global"]
+    address: str = Field(description="the shared address, e.g. 10.77.0.100")
+    members: list[str] = Field(min_length=1, description="the tap adapter nodes sharing it")
+    walk_every: float = Field(1.0, gt=0, le=60, description="seconds between walks of the members' sockets")
+    idle_timeout: float = Field(30.0, gt=0, le=86400, description="seconds an unused, unseen entry is kept")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _check_global_address(v)
+
+
+AdapterConfig = Annotated[TapAdapter | MemifAdapter | GlobalAdapter, Field(discriminator="kind")]
 
 
 class NodeConfig(_Model):
@@ -582,6 +617,7 @@ def _cross_references(fabric: FabricSection | None, nodes: list[tuple[int, str |
                                   f"may scale to {total - 1} instances plus the manager's node; "
                                   f"set max_nodes >= {total}"))
     errs += _adapter_clashes(nodes)
+    errs += _global_errors(nodes)
     adapters = {n.name for _, _, n in nodes if n is not None and n.adapter is not None}
     nexts: dict[str, tuple[tuple[str, ...], int]] = {}
     chain_names: dict[str, int] = {}
@@ -655,7 +691,10 @@ def _adapter_errors(i: int, n: NodeConfig, names: dict[str, int]) -> list[_LocEr
     if n.config:
         errs.append(_LocError(("nodes", i, "config"), f"an adapter ({kind}) takes its settings in `adapter:`, "
                               "not `config:`; move them there (see docs/manager.md, adapter nodes)"))
-    if n.via is not None:
+    if n.via is not None and kind == "global":
+        errs.append(_LocError(("nodes", i, "via"), "a global address's dispatcher sends to its members, not through "
+                              "a chain; remove `via:` (give it to the members' clients instead)"))
+    elif n.via is not None:
         if n.via == n.name:
             errs.append(_LocError(("nodes", i, "via"), f"node {n.name!r} names itself in `via:`; name the first "
                                   "node of the chain its frames go through"))
@@ -692,6 +731,8 @@ def _adapter_clashes(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> 
             # means nothing to it (an abstract name is a name, not a path)
             errs.append(_LocError(("nodes", i, "adapter", "socket"), f"socket {a.socket!r} is a relative path; "
                                   f"give an absolute one, e.g. /run/{os.path.basename(a.socket) or 'memif.sock'}"))
+        if isinstance(a, GlobalAdapter):
+            continue  # (checked in `_global_errors`)
         if isinstance(a, MemifAdapter):
             key = (a.abstract, a.socket if a.abstract else os.path.normpath(a.socket))
             if key in sockets:
@@ -707,6 +748,51 @@ def _adapter_clashes(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> 
                                       f"also nodes[{devices[key2]}]'s; give one of them another `ifname:` or `netns:`"))
             else:
                 devices[key2] = i
+    return errs
+
+
+def _global_errors(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> list[_LocError]:
+    """`kind: global` nodes: one per address; each member a tap adapter node listing the address
+    under `global:`, and every tap adapter listing one a member of its dispatcher."""
+    errs: list[_LocError] = []
+    by_name = {n.name: n for _, _, n in nodes if n is not None}
+    owners: dict[str, tuple[int, str]] = {}  # address -> (index, dispatcher)
+    for i, _, n in nodes:
+        a = n.adapter if n is not None else None
+        if not isinstance(a, GlobalAdapter):
+            continue
+        ip = str(ipaddress.ip_address(a.address))
+        if ip in owners:
+            errs.append(_LocError(("nodes", i, "adapter", "address"), f"global address {ip} is also nodes"
+                                  f"[{owners[ip][0]}]'s; one dispatcher per address"))
+        else:
+            owners[ip] = (i, n.name)  # type: ignore[union-attr]
+        for k, m in enumerate(a.members):
+            member = by_name.get(m)
+            ma = member.adapter if member is not None else None
+            if m in a.members[:k]:
+                errs.append(_LocError(("nodes", i, "adapter", "members", k), f"member {m!r} is listed twice"))
+            elif member is None:
+                errs.append(_LocError(("nodes", i, "adapter", "members", k), f"member {m!r} is not defined under "
+                                      "`nodes:`; add it (a `kind: tap` adapter) or fix the name"))
+            elif not isinstance(ma, TapAdapter):
+                errs.append(_LocError(("nodes", i, "adapter", "members", k), f"member {m!r} is not a tap adapter; "
+                                      "a global address's members are `adapter: {kind: tap, global: [...]}` nodes"))
+            elif ip not in {str(ipaddress.ip_address(g)) for g in ma.global_}:
+                errs.append(_LocError(("nodes", i, "adapter", "members", k), f"member {m!r} does not list {ip} under "
+                                      f"its adapter's `global:`; add `global: [{ip}]` to it"))
+    for i, _, n in nodes:
+        a = n.adapter if n is not None else None
+        if isinstance(a, TapAdapter):
+            for k, g in enumerate(a.global_):
+                ip = str(ipaddress.ip_address(g))
+                owner = owners.get(ip)
+                if owner is None:
+                    errs.append(_LocError(("nodes", i, "adapter", "global", k), f"no `kind: global` node serves "
+                                          f"{ip}; add one with this node among its members, or remove it"))
+                elif n.name not in by_name[owner[1]].adapter.members:  # type: ignore[union-attr]
+                    errs.append(_LocError(("nodes", i, "adapter", "global", k), f"node {n.name!r} is not among the "
+                                          f"members of {owner[1]!r}, which serves {ip}; add it there"))
     return errs
 
 
@@ -867,7 +953,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic adds union branch names ("str", "list[str]", "function-after[...]") to locations
     # (and the tags of `api:`'s two forms, "api:address" and "api:mapping")
     # (and the tag of `adapter:`'s kinds: `nodes[0].adapter.memif.socket` reads `nodes[0].adapter.socket`)
-    loc = tuple(p for k, p in enumerate(loc) if not (k and loc[k - 1] == "adapter" and p in ("tap", "memif")))
+    loc = tuple(p for k, p in enumerate(loc) if not (k and loc[k - 1] == "adapter" and p in ("tap", "memif", "global")))
     return tuple(p for p in loc if isinstance(p, int) or not (
         str(p).startswith(("function-", "list[", "dict[", "api:")) or p in ("str", "int")))
 
@@ -876,8 +962,10 @@ _FIXES = {
     "extra_forbidden": "remove it or fix its spelling (see docs/manager.md for the fields)",
     "missing": "add it",
     "literal_error": "use one of the values listed",
-    "union_tag_invalid": "give `kind: tap` (a TAP interface) or `kind: memif` (a memif port)",
-    "union_tag_not_found": "add `kind: tap` (a TAP interface) or `kind: memif` (a memif port)",
+    "union_tag_invalid": "give `kind: tap` (a TAP interface), `kind: memif` (a memif port) or `kind: global` "
+                         "(one address for several tap adapters)",
+    "union_tag_not_found": "add `kind: tap` (a TAP interface), `kind: memif` (a memif port) or `kind: global` "
+                           "(one address for several tap adapters)",
 }
 
 

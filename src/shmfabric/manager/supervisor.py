@@ -1071,6 +1071,14 @@ class Supervisor:
                 argv += ["--secret-file", f"/proc/self/fd/{config_fd}"]
             if a.abstract:
                 argv.append("--abstract")
+        elif a.kind == "global":
+            argv += ["global", topo.fabric.name, inst.name, "--address", a.address,
+                     "--walk-every", repr(a.walk_every), "--idle-timeout", repr(a.idle_timeout)]
+            by_name = {n.name: n for n in topo.nodes}
+            for m in a.members:
+                # (the member's instance name: the dispatcher finds its node by name, whatever id it has)
+                netns = by_name[m].adapter.netns if m in by_name and by_name[m].adapter is not None else None
+                argv += ["--member", f"{self._via_instance(m)}={netns or ''}"]
         else:
             argv += ["adapter", topo.fabric.name, inst.name, "--ifname", a.ifname]
             for addr in a.address:
@@ -1079,6 +1087,8 @@ class Supervisor:
                 argv += ["--netns", a.netns]
             if a.mtu is not None:
                 argv += ["--mtu", str(a.mtu)]
+            for g in a.global_:
+                argv += ["--global", g]
         argv += ["--batch", str(cfg.batch), "--parent-pid", str(os.getpid()),
                  "--network", str(topo.network_index(cfg.name))]
         inst.via = self._via_instance(cfg.via) if cfg.via else None

@@ -22,6 +22,7 @@ BENCH_MODULES = [
     "shmfabric.bench.control",
     "shmfabric.bench.adapter",
     "shmfabric.bench.memif",
+    "shmfabric.bench.global_net",
 ]
 
 

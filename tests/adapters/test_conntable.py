@@ -51,7 +51,7 @@ def test_a_segment_that_is_not_a_syn_never_opens_a_connection() -> None:
     t = table()
     t.update_node("a", [listener(80)], 0)
     assert t.lookup(TCP, CLIENT, 40000, 80, 1, opening=False) is Miss.NOT_OPENING
-    assert not t.exact
+    assert not t.placed
     # UDP has no SYN: any datagram opens an association
     t.update_node("a", [listener(53, UDP)], 0)
     assert t.lookup(UDP, CLIENT, 40000, 53, 1, opening=False) == "a"
@@ -80,7 +80,7 @@ def test_exact_match_comes_first_then_the_wildcarded_local_address_then_the_list
     t.update_node("c", [listener(53, UDP), conn(53, OTHER, 6000, proto=UDP, state="connected")], 0)
     assert t.lookup(UDP, OTHER, 6000, 53, 1) == "c"  # 1: exact (c's connected socket on the global address)
     assert t.lookup(UDP, CLIENT, 5000, 53, 1) == "b"  # 2: local address wildcarded
-    assert {t.lookup(UDP, CLIENT, 5001 + i, 53, 1) for i in range(4)} == {"a", "c"}  # 3: foreign dropped
+    assert {t.lookup(UDP, CLIENT, 5001 + i, 53, 1) for i in range(32)} == {"a", "c"}  # 3: foreign dropped
 
 
 def test_a_walk_teaches_the_table_connections_it_did_not_place() -> None:
@@ -100,51 +100,103 @@ def test_a_reused_client_port_is_placed_anew_only_when_its_node_no_longer_serves
     assert t.lookup(TCP, CLIENT, 40000, 80, 1.5) == "a"  # a retransmitted SYN goes where the first went
     t.update_node("a", [listener(8080)], 2)  # a stopped serving port 80
     assert t.lookup(TCP, CLIENT, 40000, 80, 3) == "b"
-    # but a node that still holds the old connection (TIME_WAIT) keeps it: its kernel decides
-    t.update_node("a", [conn(80, CLIENT, 40001, state="time_wait")], 4)
+    # a node that holds the old connection ending (TIME_WAIT) and still listens takes the new SYN:
+    # its kernel decides; one that no longer listens does not
+    t.update_node("a", [listener(80), conn(80, CLIENT, 40001, state="time_wait")], 4)
     assert t.lookup(TCP, CLIENT, 40001, 80, 5) == "a"
+    t.update_node("b", [listener(80), conn(80, CLIENT, 40002, state="time_wait")], 4)
+    t.update_node("b", [listener(81), conn(80, CLIENT, 40002, state="time_wait")], 5)
+    assert t.lookup(TCP, CLIENT, 40002, 80, 6, opening=False) == "b"  # its last segments still go there
+    assert t.lookup(TCP, CLIENT, 40002, 80, 6) == "a"  # but a new connection goes to a listener
+
+
+def test_a_live_connection_wins_over_another_nodes_ending_one_whatever_the_walk_order() -> None:
+    t = table()
+    t.update_node("b", [listener(80), conn(80, CLIENT, 7, state="time_wait")], 0)
+    t.update_node("a", [listener(80), conn(80, CLIENT, 7)], 1)
+    for now in range(2, 6):  # walks of b keep coming: they never take a's connection from it
+        t.update_node("b", [listener(80), conn(80, CLIENT, 7, state="time_wait")], now)
+        assert t.lookup(TCP, CLIENT, 7, 80, now, opening=False) == "a"
+    t.update_node("a", [listener(80)], 6)  # a's connection closed: b's ending one is what is left
+    assert t.lookup(TCP, CLIENT, 7, 80, 7, opening=False) == "b"
 
 
 def test_a_removed_node_gets_nothing_and_its_connections_are_dropped() -> None:
     t = table()
-    t.update_node("a", [listener(80)], 0)
+    t.update_node("a", [listener(80), conn(80, CLIENT, 1)], 0)
     t.update_node("b", [listener(80)], 0)
     assert t.lookup(TCP, CLIENT, 40000, 80, 1) == "a"
-    assert t.remove_node("a") == 1
+    assert t.remove_node("a") == 2  # one held, one placed
     assert t.lookup(TCP, CLIENT, 40000, 80, 2, opening=False) is Miss.NOT_OPENING
+    assert t.lookup(TCP, CLIENT, 1, 80, 2, opening=False) is Miss.NOT_OPENING
     assert {t.lookup(TCP, CLIENT, 41000 + i, 80, 2) for i in range(3)} == {"b"}
     assert t.remove_node("a") == 0
 
 
-def test_collect_drops_what_was_neither_used_nor_seen_within_the_idle_timeout() -> None:
-    t = table(idle_timeout=10)
-    t.update_node("a", [listener(80), listener(53, UDP)], 0)
-    t.lookup(TCP, CLIENT, 1, 80, 0)  # placed, never seen by a walk (the node refused it)
-    t.lookup(UDP, CLIENT, 2, 53, 0)
-    t.lookup(UDP, CLIENT, 3, 53, 0)
-    t.lookup(UDP, CLIENT, 3, 53, 8)  # still used
-    t.update_node("a", [listener(80), listener(53, UDP), conn(80, CLIENT, 4)], 9)  # a long-idle connection
-    assert t.collect(15) == 2
-    assert set(t.exact) == {(UDP, CLIENT, 3, 53), (TCP, CLIENT, 4, 80)}
-    assert t.collect(30) == 2  # neither used nor seen since
-    assert t.describe()["collected"] == 4
+def test_a_node_away_takes_no_new_connection_but_keeps_its_own() -> None:
+    t = table()
+    t.update_node("a", [listener(80), conn(80, CLIENT, 1)], 0)
+    t.update_node("b", [listener(80)], 0)
+    t.set_placeable("a", False)  # its adapter restarting
+    assert {t.lookup(TCP, CLIENT, 100 + i, 80, 1) for i in range(4)} == {"b"}
+    assert t.lookup(TCP, CLIENT, 1, 80, 1, opening=False) == "a"
+    t.set_placeable("a", True)
+    assert {t.lookup(TCP, CLIENT, 200 + i, 80, 2) for i in range(4)} == {"a", "b"}
 
 
-def test_a_connection_seen_by_every_walk_is_never_collected() -> None:
-    t = table(idle_timeout=5)
-    for now in range(0, 60, 3):
-        t.update_node("a", [listener(80), conn(80, CLIENT, 7)], now)
-        assert t.collect(now + 1) == 0
-    assert t.lookup(TCP, CLIENT, 7, 80, 61, opening=False) == "a"
+def test_placements_go_once_a_walk_shows_them_or_when_none_did_in_time() -> None:
+    t = table(confirm_timeout=5)
+    t.update_node("a", [listener(80)], 0)
+    assert t.lookup(TCP, CLIENT, 1, 80, 0) == "a"  # its node accepts it
+    assert t.lookup(TCP, CLIENT, 2, 80, 0) == "a"  # its node refuses it (a reset): never shown
+    t.update_node("a", [listener(80), conn(80, CLIENT, 1)], 1)
+    assert t.collect(1.5) == 1  # 1 is the node's socket's now
+    assert t.lookup(TCP, CLIENT, 1, 80, 2, opening=False) == "a"
+    assert t.collect(4) == 0
+    assert t.collect(6) == 1  # 2: nobody showed it within 5 s
+    assert t.lookup(TCP, CLIENT, 2, 80, 7, opening=False) is Miss.NOT_OPENING
+    assert t.describe()["collected"] == 2
 
 
-def test_pings_are_spread_like_connections_and_each_stays_with_its_node() -> None:
+def test_a_syn_flood_leaves_at_most_max_placed_entries() -> None:
+    t = table(max_placed=100)
+    t.update_node("a", [listener(80)], 0)
+    for i in range(1000):
+        assert t.lookup(TCP, CLIENT + i, 1234, 80, 0) == "a"
+    assert len(t.placed) == 100 and t.describe()["full"] == 900
+    t.collect(10)
+    assert not t.placed
+    # UDP and ICMP keep nothing per flow at all
+    t.update_node("a", [listener(80), listener(53, UDP)], 10)
+    for i in range(1000):
+        t.lookup(UDP, CLIENT + i, 1234, 53, 10)
+        t.lookup(ICMP, CLIENT + i, 1, 0, 10)
+    assert not t.placed and not t.held
+
+
+def test_udp_flows_stay_with_their_node_across_pauses_restarts_and_other_nodes_leaving() -> None:
+    def fresh() -> ConnectionTable:
+        t = table()
+        for n in ("a", "b", "c"):
+            t.update_node(n, [listener(53, UDP)], 0)
+        return t
+
+    t = fresh()
+    first = {port: t.lookup(UDP, CLIENT, port, 53, 0) for port in range(1000, 1300)}
+    assert set(first.values()) == {"a", "b", "c"}
+    assert {port: fresh().lookup(UDP, CLIENT, port, 53, 999) for port in first} == first  # a restart
+    t.remove_node("c")
+    moved = {p for p, n in first.items() if t.lookup(UDP, CLIENT, p, 53, 1) != n}
+    assert moved == {p for p, n in first.items() if n == "c"}  # only c's flows move
+
+
+def test_pings_are_spread_and_each_identifier_stays_with_its_node() -> None:
     t = table()
     t.update_node("a", [], 0)
     t.update_node("b", [], 0)
-    first = [t.lookup(ICMP, CLIENT, ident, 0, 1) for ident in (1, 2)]
-    assert sorted(first) == ["a", "b"]
-    assert [t.lookup(ICMP, CLIENT, ident, 0, 2) for ident in (1, 2)] == first
+    first = [t.lookup(ICMP, CLIENT, ident, 0, 1) for ident in range(64)]
+    assert set(first) == {"a", "b"}
+    assert [t.lookup(ICMP, CLIENT, ident, 0, 2) for ident in range(64)] == first
     assert ConnectionTable(VIP, 4, answers_ping=False).lookup(ICMP, CLIENT, 1, 0, 1) is Miss.NO_LISTENER
 
 

@@ -1,6 +1,8 @@
 """What the global address's dispatcher reads from packets and the answers it builds, without
 sockets: keys of TCP/UDP/ICMP flows, fragments, ICMP errors placed by the packet they quote,
-ARP and neighbour-discovery answers checked field by field (and by checksum)."""
+ARP and neighbour-discovery answers checked field by field (and by checksum), the defence of the
+address against another host's duplicate address detection, and the refusals of a port nobody
+listens on (never to a source that is not one unicast host, nor for a multicast destination)."""
 from __future__ import annotations
 
 import ipaddress
@@ -8,9 +10,9 @@ import struct
 
 import pytest
 
-from shmfabric.adapters.global_packets import (Drop, Flow, arp_reply, arp_request_for, flow_of_v4, flow_of_v6,
-                                               gratuitous_arp, neighbour_advert, solicitation_for,
-                                               unsolicited_advert)
+from shmfabric.adapters.global_packets import (Drop, Flow, arp_reply, arp_request_for, dad_defence, flow_of_v4,
+                                               flow_of_v6, gratuitous_arp, is_dad_for, neighbour_advert, refusal,
+                                               solicitation_for, unsolicited_advert)
 from shmfabric.net import build
 from shmfabric.net.checksum import verify, pseudo_header_sum
 
@@ -104,11 +106,11 @@ def test_arp_for_the_global_address_is_answered_with_the_dispatchers_mac() -> No
     assert g[:6] == b"\xff" * 6 and g[28:32] == g[38:42] == ipaddress.ip_address(VIP4).packed
 
 
-def _ns(src: str, target: str) -> bytes:
+def _ns(src: str, target: str, dst: str = "ff02::1:ff00:64", hop_limit: int = 255, option: bool = True) -> bytes:
     t = ipaddress.ip_address(target).packed
-    body = bytes((135, 0, 0, 0, 0, 0, 0, 0)) + t + bytes((1, 1)) + MAC_C
-    return ip_of(build.ip_frame(build.icmpv6(135, 0, body[8:], src=src, dst="ff02::1:ff00:64"),
-                                src=src, dst="ff02::1:ff00:64", proto=58, hop_limit=255))
+    body = bytes((135, 0, 0, 0, 0, 0, 0, 0)) + t + (bytes((1, 1)) + MAC_C if option else b"")
+    return ip_of(build.ip_frame(build.icmpv6(135, 0, body[8:], src=src, dst=dst),
+                                src=src, dst=dst, proto=58, hop_limit=hop_limit))
 
 
 def test_neighbour_solicitations_for_the_global_address_get_a_valid_advertisement() -> None:
@@ -131,3 +133,71 @@ def test_neighbour_solicitations_for_the_global_address_get_a_valid_advertisemen
 def test_flow_of_v4_reads_any_buffer(vip: int) -> None:
     p = ip_of(build.tcp_frame(CLIENT4, VIP4, 1, 2, flags="S"))
     assert flow_of_v4(memoryview(p), vip).key == flow_of_v4(bytearray(p), vip).key  # type: ignore[union-attr]
+
+
+def test_duplicate_address_detection_for_the_global_address_is_told_apart_and_defended() -> None:
+    # A host probing fd00::64: from ::, to fd00::64's solicited-node group, no source link-layer option.
+    dad = _ns("::", VIP6, option=False)
+    assert is_dad_for(dad, VIP6_B) and is_dad_for(memoryview(dad), VIP6_B)
+    assert solicitation_for(dad, VIP6_B) is None  # (unchanged: no unicast answer to it)
+    assert not is_dad_for(_ns(CLIENT6, VIP6), VIP6_B)  # an ordinary resolution: solicitation_for's
+    assert not is_dad_for(_ns("::", "fd00::9", dst="ff02::1:ff00:9", option=False), VIP6_B)  # another address
+    assert not is_dad_for(_ns("::", VIP6, dst="ff02::1", option=False), VIP6_B)  # not its group: invalid
+    assert not is_dad_for(_ns("::", VIP6, hop_limit=64, option=False), VIP6_B)  # routed: invalid
+    assert not is_dad_for(ip_of(build.udp_frame("::", "ff02::1:ff00:64", 1, 2, b"x" * 40)), VIP6_B)
+    for n in range(len(dad)):  # every cut: a verdict, never an exception
+        assert not is_dad_for(dad[:n], VIP6_B)
+    na = dad_defence(MAC_D, VIP6_B)
+    ip, icmp = na[14:54], na[54:]
+    assert na[:6] == b"\x33\x33\x00\x00\x00\x01" and na[6:12] == MAC_D and na[12:14] == b"\x86\xdd"
+    assert ip[7] == 255 and ip[8:24] == VIP6_B and ip[24:40] == ipaddress.ip_address("ff02::1").packed
+    assert icmp[0] == 136 and icmp[4] & 0xE0 == 0x20  # override, not solicited, not a router
+    assert icmp[8:24] == VIP6_B and icmp[24:32] == bytes((2, 1)) + MAC_D  # target link-layer address: ours
+    assert verify(icmp, pseudo_header_sum(VIP6_B, ip[24:40], 58, len(icmp)))
+
+
+def _refuse(frame: bytes, to_mac: bytes = MAC_C) -> bytes | None:
+    return refusal(ip_of(frame), MAC_D, to_mac)
+
+
+def test_a_port_nobody_listens_on_is_refused_to_a_unicast_client() -> None:
+    rst = _refuse(build.tcp_frame(CLIENT4, VIP4, 40000, 81, flags="S", seq=1000))
+    assert rst is not None and rst[:6] == MAC_C and rst[6:12] == MAC_D
+    assert rst[26:30] == ipaddress.ip_address(VIP4).packed and rst[30:34] == ipaddress.ip_address(CLIENT4).packed
+    assert rst[47] & 0x14 == 0x14 and struct.unpack("!I", rst[42:46])[0] == 1001  # RST|ACK of the SYN
+    unreach = _refuse(build.udp_frame(CLIENT4, VIP4, 5353, 54, b"q"))
+    assert unreach is not None and unreach[23] == 1 and unreach[34:36] == b"\x03\x03"  # port unreachable
+    unreach6 = _refuse(build.udp_frame(CLIENT6, VIP6, 5353, 54, b"q"))
+    assert unreach6 is not None and unreach6[20] == 58 and unreach6[54:56] == b"\x01\x04"
+    assert unreach6[22:38] == VIP6_B and unreach6[38:54] == ipaddress.ip_address(CLIENT6).packed
+    assert _refuse(build.tcp_frame(CLIENT6, VIP6, 40000, 81, flags="S")) is not None
+    assert _refuse(build.tcp_frame(CLIENT4, VIP4, 40000, 81, flags="R")) is None  # never a reset to a reset
+
+
+@pytest.mark.parametrize("src,dst", [
+    ("0.0.0.0", VIP4), ("0.1.2.3", VIP4), ("255.255.255.255", VIP4), ("224.0.0.5", VIP4),
+    ("239.255.255.250", VIP4), ("127.0.0.1", VIP4), ("240.0.0.1", VIP4), (VIP4, VIP4),
+    (CLIENT4, "224.0.0.1"), (CLIENT4, "255.255.255.255"),
+    ("::", VIP6), ("ff02::1", VIP6), ("ff05::2", VIP6), ("::1", VIP6), (VIP6, VIP6), (CLIENT6, "ff02::1"),
+])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_no_refusal_to_a_source_that_is_not_one_unicast_host_nor_for_a_group_destination(src: str, dst: str,
+                                                                                          proto: str) -> None:
+    frame = (build.tcp_frame(src, dst, 40000, 81, flags="S") if proto == "tcp"
+             else build.udp_frame(src, dst, 5353, 54, b"q"))
+    assert _refuse(frame) is None
+
+
+def test_no_refusal_to_a_group_link_layer_source_nor_for_a_later_fragment() -> None:
+    syn = build.tcp_frame(CLIENT4, VIP4, 40000, 81, flags="S")
+    assert _refuse(syn, to_mac=b"\xff" * 6) is None
+    assert _refuse(syn, to_mac=b"\x01\x00\x5e\x00\x00\x05") is None
+    later = bytearray(ip_of(build.udp_frame(CLIENT4, VIP4, 5353, 54, b"x" * 64)))
+    later[6:8] = (0x0003).to_bytes(2, "big")  # offset 24 bytes: data, no UDP header
+    assert refusal(bytes(later), MAC_D, MAC_C) is None
+    first = bytearray(ip_of(build.udp_frame(CLIENT4, VIP4, 5353, 54, b"x" * 64)))
+    first[6:8] = (0x2000).to_bytes(2, "big")  # MF, offset 0: its header is there
+    assert refusal(bytes(first), MAC_D, MAC_C) is not None
+    good = ip_of(build.udp_frame(CLIENT4, VIP4, 5353, 54, b"q"))
+    for n in range(len(good)):  # every cut: an answer or None, never an exception
+        refusal(good[:n], MAC_D, MAC_C)

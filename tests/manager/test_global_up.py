@@ -57,7 +57,10 @@ def test_global_values_are_checked_with_located_errors():
             adapter: {kind: globe}
           - name: w
             adapter: {kind: tap, global: [10.0.0.0/8]}
+          - name: w4
+            adapter: {kind: tap, address: [fd00::2/64], global: [10.0.0.100]}
         """)
+    assert "field `nodes[3].adapter`: a member of global address 10.0.0.100 needs an IPv4 address of its own" in msg
     assert "field `nodes[0].adapter.address`: global address 224.0.0.9 cannot be shared" in msg
     assert "field `nodes[0].adapter.members`" in msg and "field `nodes[0].adapter.walk_every`" in msg
     assert "or `kind: global` (one address for several tap adapters)" in msg

@@ -7,33 +7,45 @@ port, foreign address, foreign port>, the local address being the global one. In
 order:
 
 1. **exact match**: a connection a node holds (its sockets, as the last walk of its namespace
-   showed them) or one this table gave a node before;
+   showed them: `set_view`), or a TCP connection this table gave a node a moment ago that no walk
+   has shown yet;
 2. **the local address wildcarded**: a node's socket bound to any address and connected to this
    foreign address and port (a connected UDP socket);
 3. **the foreign part dropped**: a node waiting for anyone on this port (a TCP listener, an
    unbound-peer UDP socket), bound to the global address or to any.
 
-Several nodes matching at step 2 or 3 are taken in turn (round robin) and the choice is kept as
-an exact entry, so the rest of the connection follows it. Nothing matching: the packet is
-dropped. Entries nobody used for `idle_timeout` seconds and no walk saw since are collected
-(`collect`, on a timer).
+Several nodes matching at step 2 or 3: a new TCP connection takes them in turn (round robin) and
+the choice is kept until a walk shows the node holding it (then the node's own socket is the
+exact match); a UDP or ICMP flow has no connection to hold it, so it is placed by a hash of its
+5-tuple over those nodes (rendezvous hashing): the same flow goes to the same node after a
+pause, after a dispatcher restart, and while other nodes come and go, with no entry to keep.
+Nothing matching: the packet is dropped.
 
 TCP is stricter than the design's words, because a wrong guess is a reset: only a SYN opens a
-connection (steps 2-3); any other segment without an exact entry is dropped (the connection is
-not one of ours, or its node is gone), and a SYN that finds an entry whose node neither holds
-that connection nor listens there any more (the client reused its port after the node stopped
-serving) is placed anew.
+connection; any other segment without an exact match is dropped (the connection is not one of
+ours, or its node is gone). A node's live connections win over another's ending ones (TIME_WAIT)
+for the same 5-tuple, and a SYN that finds only an ending one goes to that node only if it still
+listens there (its kernel takes a new SYN over TIME_WAIT); otherwise it is placed anew.
+
+Memory is bounded by what the nodes' kernels hold plus `max_placed` connections placed and not
+yet shown by a walk (each forgotten after `confirm_timeout` seconds): packets with made-up
+sources (a SYN flood, spoofed UDP) leave nothing behind for long.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Hashable, Iterable, Protocol, Union
+from zlib import crc32
 
 Address = Union[int, bytes]  # IPv4 as int, IPv6 as 16 bytes (shmfabric.net.flow's convention)
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 #: (proto, foreign address, foreign port, local port): the local address is always the global one.
 Key = tuple
+#: TCP states of a connection still in use (sock_diag's names, as `sockwalk` gives them); the
+#: others (time_wait, close) are ending: held, but any node may take a new connection on the key.
+LIVE = frozenset({"syn_sent", "syn_recv", "established", "fin_wait1", "fin_wait2", "close_wait", "last_ack",
+                  "closing", "connected"})
 
 
 class Miss(IntEnum):
@@ -55,104 +67,160 @@ class SocketLike(Protocol):
     state: str
 
 
+@dataclass(frozen=True)
+class NodeView:
+    """What one walk of a node's sockets showed that concerns the global address."""
+
+    live: frozenset  # keys of its connections to the global address in use
+    ending: frozenset  # keys of its connections ending (TIME_WAIT, ...)
+    wild: frozenset  # keys of its any-address sockets with a peer
+    listen: frozenset  # (proto, port) it waits on for anyone
+
+
+def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> NodeView:
+    """The part of a walk's sockets that concerns global address `address` (pure: call it from any
+    thread, e.g. where the walk ran, so the table's thread only swaps views). Only sockets of the
+    address's family count, bound to it or to any address."""
+    live: set = set()
+    ending: set = set()
+    wild: set = set()
+    listen: set = set()
+    for s in sockets:
+        if s.family != family or s.proto not in (TCP, UDP):
+            continue
+        if s.laddr is not None and s.laddr != address:
+            continue  # bound to another address: never reached through the global one
+        if s.raddr is None:
+            if s.proto == UDP or s.state == "listen":
+                listen.add((s.proto, s.lport))
+            continue
+        key = (s.proto, s.raddr, s.rport, s.lport)
+        if s.laddr is None:
+            wild.add(key)
+        elif s.state in LIVE:
+            live.add(key)
+        else:
+            ending.add(key)
+    return NodeView(frozenset(live), frozenset(ending - live), frozenset(wild), frozenset(listen))
+
+
+EMPTY = NodeView(frozenset(), frozenset(), frozenset(), frozenset())
+
+
 @dataclass(slots=True)
-class Entry:
-    """An exact entry: the node, when a packet last used it, when a walk last saw its socket."""
+class Placed:
+    """A TCP connection this table gave a node, until a walk shows the node holding it."""
 
     node: Hashable
-    used: float
-    seen: float = -1.0  # never seen by a walk (given by this table to a new connection)
-
-
-@dataclass(slots=True)
-class _NodeView:
-    """What the last walk of one node showed that concerns the global address."""
-
-    exact: set = field(default_factory=set)  # keys of its connections to the global address
-    wild: set = field(default_factory=set)  # keys of its any-address sockets with a peer
-    listen: set = field(default_factory=set)  # (proto, port) it waits on for anyone
+    at: float
 
 
 class ConnectionTable:
     """The table for one global address (`address`, IPv4 int or IPv6 bytes; `family` 4 or 6).
 
-    Nodes are whatever hashable names the caller uses (fabric node names). `update_node` gives
-    the table what a walk of a node's sockets showed; `lookup` places a packet; `collect` drops
-    entries gone idle. `answers_ping`: every node counts as waiting for ICMP echo (their kernels
-    answer it), so pings are spread as connections are."""
+    Nodes are whatever hashable names the caller uses (fabric node names; their text decides the
+    hash placement). `set_view` (or `update_node`) gives the table what a walk of a node's sockets
+    showed; `set_placeable` says whether a node takes new connections (attached to the fabric);
+    `lookup` places a packet; `collect` forgets placements no walk confirmed. `answers_ping`:
+    every node counts as waiting for ICMP echo (their kernels answer it)."""
 
-    def __init__(self, address: Address, family: int, idle_timeout: float = 30.0, answers_ping: bool = True):
+    def __init__(self, address: Address, family: int, confirm_timeout: float = 5.0, max_placed: int = 262144,
+                 answers_ping: bool = True):
         if family not in (4, 6):
             raise ValueError(f"family must be 4 or 6, not {family}")
         self.address = address
         self.family = family
-        self.idle_timeout = idle_timeout
+        self.confirm_timeout = confirm_timeout
+        self.max_placed = max_placed
         self.echo = ICMP if family == 4 else ICMPV6
         self.answers_ping = answers_ping
-        self.exact: dict[Key, Entry] = {}
-        self._views: dict[Hashable, _NodeView] = {}
+        self.placed: dict[Key, Placed] = {}
+        self.held: dict[Key, tuple[Hashable, bool]] = {}  # key -> (node, live)
+        self._views: dict[Hashable, NodeView] = {}
+        self._away: set = set()  # nodes with a view that take no new connection (detached)
         self._wild: dict[Key, list] = {}
         self._listen: dict[tuple[int, int], list] = {}
-        self._turn: dict[Hashable, int] = {}  # round-robin position per listener or wildcard key
-        self.placed = 0  # connections placed at steps 2-3 (counters for stats)
-        self.collected = 0
+        self._nodes: list = []
+        self._turn: dict[tuple[int, int] | Key, int] = {}  # round-robin position per listener or wildcard key
+        self._hashed: dict[Key, Hashable] = {}  # flows placed by hash since the candidates last changed
+        self.counts = {"placed": 0, "hashed": 0, "collected": 0, "full": 0}
 
     # -- what the nodes hold ---------------------------------------------------------------------
     @property
     def nodes(self) -> list:
-        """The nodes the table places packets on, in the order round robin takes them."""
-        return sorted(self._views, key=repr)
+        """The nodes that take new connections, in the order round robin takes them."""
+        return self._nodes
 
     def update_node(self, node: Hashable, sockets: Iterable[SocketLike], now: float) -> None:
-        """Replace what the table knows of `node`'s sockets with a walk's result (taken at `now`).
+        """`set_view` from a walk's sockets."""
+        self.set_view(node, view_of(self.address, self.family, sockets), now)
 
-        Only sockets of the global address's family count: bound to it or to any address. A
-        node not known yet is added (it now gets its share of new connections)."""
-        view = _NodeView()
-        mine = self.address
-        for s in sockets:
-            if s.family != self.family or s.proto not in (TCP, UDP):
-                continue
-            if s.laddr is not None and s.laddr != mine:
-                continue  # bound to another address: never reached through the global one
-            if s.raddr is None:
-                if s.proto == UDP or s.state == "listen":
-                    view.listen.add((s.proto, s.lport))
-                continue
-            key = (s.proto, s.raddr, s.rport, s.lport)
-            (view.exact if s.laddr is not None else view.wild).add(key)
+    def set_view(self, node: Hashable, view: NodeView, now: float) -> None:
+        """Replace what the table knows of `node`'s sockets with a walk's view (taken at `now`). A
+        node not known yet is added. Costs what changed since its last view, not its size."""
+        old = self._views.get(node, EMPTY)
         self._views[node] = view
-        exact = self.exact
-        for key in view.exact:
-            e = exact.get(key)
-            if e is None:
-                exact[key] = Entry(node, now, now)
-            else:
-                e.node, e.seen = node, now
+        for key in (view.live ^ old.live) | (view.ending ^ old.ending):
+            self._resolve(key)
+        if node not in self._nodes and node not in self._away or view.wild != old.wild or view.listen != old.listen:
+            self._rebuild()
+
+    def set_placeable(self, node: Hashable, placeable: bool) -> None:
+        """Whether `node` takes new connections (its connections go on being placed on it either
+        way: a member whose adapter restarts keeps them)."""
+        if placeable == (node not in self._away):
+            return
+        (self._away.discard if placeable else self._away.add)(node)
         self._rebuild()
 
     def remove_node(self, node: Hashable) -> int:
-        """Stop placing anything on `node` (it left, or its namespace cannot be read); its entries
-        go (their packets are dropped from now on). Returns how many entries went."""
-        if self._views.pop(node, None) is None:
+        """Forget `node` (its namespace cannot be read any more): nothing is placed on it from now
+        on. Returns how many of its connections were known (their packets are dropped now)."""
+        view = self._views.pop(node, None)
+        self._away.discard(node)
+        if view is None:
             return 0
-        gone = [k for k, e in self.exact.items() if e.node == node]
+        for key in view.live | view.ending:
+            self._resolve(key)
+        gone = [k for k, p in self.placed.items() if p.node == node]
         for k in gone:
-            del self.exact[k]
-        self._turn.pop(node, None)
+            del self.placed[k]
         self._rebuild()
-        return len(gone)
+        return len(view.live) + len(gone)
+
+    def _resolve(self, key: Key) -> None:
+        """Who holds `key` now: a node holding it live wins over one holding it ending; among
+        equals the current holder stays."""
+        cur = self.held.get(key)
+        best: tuple[Hashable, bool] | None = None
+        for node, v in self._views.items():
+            if key in v.live:
+                cand = (node, True)
+            elif key in v.ending:
+                cand = (node, False)
+            else:
+                continue
+            if best is None or cand[1] and not best[1] or cand[1] == best[1] and cur is not None and node == cur[0]:
+                best = cand
+        if best is None:
+            self.held.pop(key, None)
+        else:
+            self.held[key] = best
 
     def _rebuild(self) -> None:
+        self._nodes = sorted((n for n in self._views if n not in self._away), key=repr)
         wild: dict[Key, list] = {}
         listen: dict[tuple[int, int], list] = {}
-        for node in self.nodes:
+        for node in self._nodes:
             view = self._views[node]
             for key in view.wild:
                 wild.setdefault(key, []).append(node)
             for key in view.listen:
                 listen.setdefault(key, []).append(node)
         self._wild, self._listen = wild, listen
+        self._hashed = {}
+        live = set(listen) | set(wild)
+        self._turn = {k: v for k, v in self._turn.items() if k in live}
 
     # -- placing packets ---------------------------------------------------------------------------
     def lookup(self, proto: int, faddr: Address, fport: int, lport: int, now: float,
@@ -162,55 +230,76 @@ class ConnectionTable:
         only a SYN may open a connection. For ICMP echo, pass the identifier as `fport` and 0 as
         `lport`."""
         key = (proto, faddr, fport, lport)
-        e = self.exact.get(key)
-        if e is not None:
-            if proto == TCP and opening:
-                # A SYN that finds an entry: a retransmission (the node listens: it goes where the
-                # first went), or a client reusing its port. Kept while the node holds the old
-                # connection (its kernel sorts out TIME_WAIT) or still listens; else placed anew.
-                view = self._views.get(e.node)
-                keep = view is not None and (key in view.exact or (proto, lport) in view.listen)
-            else:
-                keep = True
-            if keep:
-                e.used = now
-                return e.node
-            del self.exact[key]
-        if proto == TCP and not opening:
-            return Miss.NOT_OPENING
-        pick = self._wild.get(key)
-        turn_key: Hashable = key
-        if not pick:
-            if proto == self.echo and self.answers_ping:
-                pick, turn_key = self.nodes, self.echo
-            else:
-                turn_key = (proto, lport)
-                pick = self._listen.get(turn_key)  # type: ignore[arg-type]
+        held = self.held.get(key)
+        if held is not None and held[1]:
+            return held[0]
+        syn = proto == TCP and opening
+        p = self.placed.get(key)
+        if p is not None:
+            if not syn or (proto, lport) in self._views.get(p.node, EMPTY).listen:
+                return p.node  # (a retransmitted SYN goes where the first went)
+            del self.placed[key]
+        if held is not None and (not syn or (proto, lport) in self._views.get(held[0], EMPTY).listen):
+            return held[0]  # an ending connection's last segments; a new SYN over its TIME_WAIT
+        if proto == TCP:
+            if not opening:
+                return Miss.NOT_OPENING
+            pick = self._wild.get(key) or self._listen.get((TCP, lport))
             if not pick:
                 return Miss.NO_LISTENER
-        i = self._turn.get(turn_key, 0)
-        node = pick[i % len(pick)]
-        self._turn[turn_key] = i + 1
-        self.exact[key] = Entry(node, now)
-        self.placed += 1
+            turn = key if key in self._wild else (TCP, lport)
+            i = self._turn.get(turn, 0)
+            self._turn[turn] = i + 1
+            node = pick[i % len(pick)]
+            if len(self.placed) < self.max_placed:
+                self.placed[key] = Placed(node, now)
+            else:
+                self.counts["full"] += 1  # (a walk shows the connection within a second: followed from then)
+            self.counts["placed"] += 1
+            return node
+        node = self._hashed.get(key)
+        if node is not None:
+            return node
+        pick = self._wild.get(key)
+        if not pick:
+            if proto == self.echo and self.answers_ping:
+                pick = self._nodes
+            else:
+                pick = self._listen.get((proto, lport))  # type: ignore[assignment]
+            if not pick:
+                return Miss.NO_LISTENER
+        node = pick[0] if len(pick) == 1 else rendezvous(key, pick)
+        if len(self._hashed) >= 65536:
+            self._hashed = {}
+        self._hashed[key] = node
+        self.counts["hashed"] += 1
         return node
 
     def collect(self, now: float) -> int:
-        """Drop the exact entries neither used nor seen by a walk for `idle_timeout` seconds
-        (call on a timer); returns how many went."""
-        limit = now - self.idle_timeout
-        gone = [k for k, e in self.exact.items() if e.used < limit and e.seen < limit]
+        """Forget the connections placed that a walk now shows held (the node's socket answers for
+        them from now on) or that none showed within `confirm_timeout` seconds (refused by the node,
+        or never opened: a SYN flood); returns how many went. Call on a timer."""
+        limit = now - self.confirm_timeout
+        held = self.held
+        gone = [k for k, p in self.placed.items() if p.at < limit or k in held]
         for k in gone:
-            del self.exact[k]
-        # round-robin positions of keys no longer matched (a wildcard socket that closed)
-        if len(self._turn) > 4 * (len(self._listen) + len(self._wild)) + 64:
-            live = set(self._listen) | set(self._wild) | {self.echo}
-            self._turn = {k: v for k, v in self._turn.items() if k in live}
-        self.collected += len(gone)
+            del self.placed[k]
+        self.counts["collected"] += len(gone)
         return len(gone)
 
     def describe(self) -> dict:
-        """Sizes, for a stats reply: entries, listeners and nodes."""
-        return {"entries": len(self.exact), "listeners": sum(len(v) for v in self._listen.values()),
-                "wildcard_sockets": sum(len(v) for v in self._wild.values()), "nodes": len(self._views),
-                "placed": self.placed, "collected": self.collected}
+        """Sizes and counts, for a stats reply."""
+        return {"held": len(self.held), "placed_pending": len(self.placed),
+                "listeners": sum(len(v) for v in self._listen.values()),
+                "wildcard_sockets": sum(len(v) for v in self._wild.values()),
+                "nodes": len(self._views), "nodes_away": len(self._away),
+                "placed": self.counts["placed"], "hashed": self.counts["hashed"],
+                "collected": self.counts["collected"], "full": self.counts["full"]}
+
+
+def rendezvous(key: Key, nodes: list) -> Hashable:
+    """The node with the highest hash of (`key`, node): the same answer for a flow whenever the
+    same nodes are candidates, and only the flows of a node that leaves move (crc32 of the text:
+    stable across processes, unlike Python's hash of bytes and str)."""
+    text = f"{key[0]}|{key[1]!r}|{key[2]}|{key[3]}|".encode()
+    return max(nodes, key=lambda n: crc32(str(n).encode(), crc32(text)))

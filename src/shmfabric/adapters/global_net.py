@@ -18,15 +18,16 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from collections import Counter, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
 from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
-from shmfabric.adapters.conntable import ConnectionTable, Miss
+from shmfabric.adapters.conntable import ConnectionTable, Miss, NodeView, view_of
 from shmfabric.adapters.ethernet import fabric_mac_node
 from shmfabric.adapters.global_packets import (ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Drop, Flow, arp_reply,
-                                               arp_request_for, flow_of_v4, flow_of_v6, gratuitous_arp,
+                                               arp_request_for, dad_defence, flow_of_v4, flow_of_v6, gratuitous_arp,
+                                               is_dad_for,
                                                neighbour_advert, refusal, solicitation_for, unsolicited_advert)
 from shmfabric.adapters.sockwalk import SocketWalker, WalkError
 from shmfabric.core import native
@@ -35,8 +36,11 @@ from shmfabric.fabric import Fabric, Node
 DROP = 255  # a frame's code when it is not forwarded (answered, or dropped and counted)
 MAX_MEMBERS = 254
 FRAGMENT_TTL = 30.0  # seconds a first fragment's placement is kept for the fragments after it
+UNPLACED_TTL = 5.0  # seconds a packet that found nobody waits for a walk to refuse its retry
+MAX_PENDING = 65536  # first fragments and unplaced keys kept at most (the oldest go first)
 MEMBERS_EVERY = 0.25  # seconds between looks at which members are attached, and under which node id
-WALK_SOON = 0.05  # seconds: the soonest a miss asks for another walk after the last one
+WALK_SOON = 0.25  # seconds: the soonest a miss asks for another walk after the last one (misses are
+# what any node can send at will: they must not keep the walker busy)
 
 
 class GlobalError(Exception):
@@ -62,32 +66,41 @@ def parse_member(text: str) -> tuple[str, str | None]:
 
 
 class Walker(threading.Thread):
-    """Walks every member's namespace every `every` seconds (or sooner, `soon()`); the main loop
-    takes the results (`take()`): the table itself is only ever touched by that loop."""
+    """Walks every member's namespace every `every` seconds (or sooner, `soon()`) and turns each
+    walk into the part of it the table needs (`view`, here: the main loop only swaps views in).
+    Results are queued as (member, NodeView | WalkError, when the round started); the table itself
+    is only ever touched by the main loop."""
 
-    def __init__(self, members: list[Member], every: float):
+    def __init__(self, members: list[Member], every: float, view: Callable[[list], NodeView]):
         super().__init__(name="socket-walk", daemon=True)
         self.members = members
         self.every = every
+        self.view = view
         self.results: deque = deque()
         self._walkers: dict[str, SocketWalker] = {}
+        self._lock = threading.Lock()  # _walkers: the thread's, and stop()'s once it has ended
         self._wake = threading.Event()
         self._halt = threading.Event()
-        self.last = 0.0
+        self.last = 0.0  # when the last round ended
 
     def walk_all(self) -> None:
         """One walk of every member (results queued)."""
+        started = time.monotonic()
         for m in self.members:
-            w = self._walkers.get(m.name)
-            try:
-                if w is None:
-                    w = self._walkers[m.name] = SocketWalker(m.netns)
-                self.results.append((m.name, w.walk(), time.monotonic()))
-            except WalkError as exc:
-                if w is not None:
-                    w.close()
-                    self._walkers.pop(m.name, None)
-                self.results.append((m.name, exc, time.monotonic()))
+            with self._lock:
+                if self._halt.is_set():
+                    return
+                w = self._walkers.get(m.name)
+                try:
+                    if w is None:
+                        w = self._walkers[m.name] = SocketWalker(m.netns)
+                    got: NodeView | WalkError = self.view(w.walk())
+                except WalkError as exc:
+                    if w is not None:
+                        w.close()
+                        self._walkers.pop(m.name, None)
+                    got = exc
+            self.results.append((m.name, got, started))
         self.last = time.monotonic()
 
     def soon(self) -> None:
@@ -99,16 +112,25 @@ class Walker(threading.Thread):
         while not self._halt.is_set():
             self._wake.wait(max(0.0, self.last + self.every - time.monotonic()))
             self._wake.clear()
-            if not self._halt.is_set():
+            if self._halt.is_set():
+                break
+            try:
                 self.walk_all()
+            except Exception as exc:  # noqa: BLE001 - a walker that ended would freeze the table
+                # (an fd limit, no memory for a thread...): said, and tried again next round
+                self.results.append((None, exc, time.monotonic()))
+                self.last = time.monotonic()
 
     def stop(self) -> None:
+        """End the thread and close the walkers (after the walk under way, if any)."""
         self._halt.set()
         self._wake.set()
         if self.is_alive():
-            self.join(5)
-        for w in self._walkers.values():
-            w.close()
+            self.join(15)
+        with self._lock:
+            for w in list(self._walkers.values()):
+                w.close()
+            self._walkers.clear()
 
 
 class GlobalDispatcher(FabricPort):
@@ -117,7 +139,7 @@ class GlobalDispatcher(FabricPort):
     kind = "global"
 
     def __init__(self, fabric: Fabric, node: Node, address: str, members: list[tuple[str, str | None]],
-                 walk_every: float = 1.0, idle_timeout: float = 30.0, batch: int = 256,
+                 walk_every: float = 1.0, confirm_timeout: float = 5.0, batch: int = 256,
                  log: Callable[[str], None] = lambda line: None):
         super().__init__(node, batch)
         try:
@@ -141,12 +163,19 @@ class GlobalDispatcher(FabricPort):
         self.ip = ip
         self.vip_bytes = ip.packed
         self.vip = int(ip) if ip.version == 4 else ip.packed
-        self.table = ConnectionTable(self.vip, ip.version, idle_timeout)
+        if confirm_timeout < 2 * walk_every:
+            raise GlobalError(f"confirm timeout {confirm_timeout:g} s is shorter than two walks ({walk_every:g} s "
+                              "each): a connection placed would be forgotten before a walk could show it")
+        self.table = ConnectionTable(self.vip, ip.version, confirm_timeout)
         self.members = [Member(n, ns, index=i) for i, (n, ns) in enumerate(members)]
         self._by_name = {m.name: m for m in self.members}
-        self.walker = Walker(self.members, walk_every)
-        self._fragments: dict[tuple, tuple[str, float]] = {}
-        self._unplaced: dict[tuple, float] = {}  # key -> when a packet first found nobody (_maybe_refuse)
+        vip, family = self.vip, ip.version
+        self.walker = Walker(self.members, walk_every, lambda records: view_of(vip, family, records))
+        # Both keyed by what any node on the fabric may send, so bounded, the oldest going first:
+        self._fragments: OrderedDict[tuple, tuple[str, float]] = OrderedDict()  # first fragment -> (member, when)
+        self._unplaced: OrderedDict[tuple, float] = OrderedDict()  # key -> when a packet first found nobody
+        self._applied = 0.0  # when the last walk round applied to the table started (_maybe_refuse)
+        self._announce_at = [0.0, 0.0]  # when to announce the address again (a lost broadcast is sent again)
         self._log = log
         self._down: set[str] = set()  # members logged as unreachable (logged once each way)
         self.c = self.from_fabric  # one thread: the loop owns every counter
@@ -174,22 +203,37 @@ class GlobalDispatcher(FabricPort):
     def _apply_walks(self, now: float) -> None:
         results = self.walker.results
         while results:
-            name, got, at = results.popleft()
+            name, got, started = results.popleft()
+            if name is None:  # the walker failed as a whole (it goes on)
+                self.c["walk_errors"] += 1
+                self._log(f"walking the members' sockets failed: {type(got).__name__}: {got}")
+                continue
             m = self._by_name[name]
-            if isinstance(got, WalkError) or m.ref is None:
-                why = str(got) if isinstance(got, WalkError) else "its node is not attached to the fabric"
+            if isinstance(got, WalkError):
+                # its namespace cannot be read: nothing is known of it, so nothing goes to it
+                self.c["walk_errors"] += 1
                 gone = self.table.remove_node(name)
                 if gone:
                     self.c["dropped_connections"] += gone
-                if name not in self._down:
-                    self._down.add(name)
-                    self._log(f"member {name} takes no new connections: {why}")
+                self._say_down(name, str(got))
                 continue
-            if name in self._down:
+            # A member whose node is not attached (its adapter restarting) keeps its connections
+            # (its kernel holds them; their packets wait for it as for a full ring: dropped) but
+            # takes no new one.
+            self.table.set_view(name, got, now)
+            self.table.set_placeable(name, m.ref is not None)
+            if m.ref is None:
+                self._say_down(name, "its node is not attached to the fabric")
+            elif name in self._down:
                 self._down.discard(name)
                 self._log(f"member {name} is back")
-            self.table.update_node(name, got, at)
             self.c["walks"] += 1
+            self._applied = max(self._applied, started)
+
+    def _say_down(self, name: str, why: str) -> None:
+        if name not in self._down:
+            self._down.add(name)
+            self._log(f"member {name} takes no new connections: {why}")
 
     def announce(self) -> None:
         """Tell every cache on the fabric that the global address is here (run after a start:
@@ -206,8 +250,8 @@ class GlobalDispatcher(FabricPort):
         """Receive a batch (waiting up to `timeout` s for the first frame), answer what asks for
         the global address, forward the rest to their members; the frames handled."""
         c = self.c
-        now = time.monotonic()
         with self.node.recv_batch(self.batch, timeout) as b:
+            now = time.monotonic()
             n = len(b)
             if not n:
                 return 0
@@ -219,7 +263,9 @@ class GlobalDispatcher(FabricPort):
                 f = b[i]
                 et = f.ethertype
                 code = DROP
-                if et == (ETH_P_IP if v4 else ETH_P_IPV6):
+                if et is None or len(f.dst) < 6:  # (shorter than an Ethernet header: the core took it)
+                    c["drop_short"] += 1
+                elif et == (ETH_P_IP if v4 else ETH_P_IPV6):
                     if not v4 and self._neighbour(f):
                         codes[i] = DROP
                         continue
@@ -265,8 +311,7 @@ class GlobalDispatcher(FabricPort):
             if got is None or now - got[1] > FRAGMENT_TTL:
                 c["drop_fragment_unknown"] += 1
                 return DROP
-            m = self._by_name.get(got[0])
-            return m.index if m is not None else DROP
+            return self._by_name[got[0]].index
         if not isinstance(flow, Flow):
             c["drop_" + Drop(flow).name.lower()] += 1
             return DROP
@@ -278,10 +323,14 @@ class GlobalDispatcher(FabricPort):
             if node is Miss.NO_LISTENER and proto != self.table.echo:
                 self._maybe_refuse(f, flow.key, now)
             return DROP
+        if self._unplaced:
+            self._unplaced.pop(flow.key, None)
         if flow.fragment is not None:
-            if len(self._fragments) >= 65536:
-                self._collect_fragments(now)
-            self._fragments[flow.fragment] = (node, now)
+            frags = self._fragments
+            frags[flow.fragment] = (node, now)
+            frags.move_to_end(flow.fragment)
+            if len(frags) > MAX_PENDING:
+                frags.popitem(last=False)
         return self._by_name[node].index
 
     def _maybe_refuse(self, f: native.Frame, key: tuple, now: float) -> None:
@@ -290,11 +339,13 @@ class GlobalDispatcher(FabricPort):
         done after its first packet still shows no listener: a server that has just started (the
         last walk is up to `walk_every` old) gets the client's retry instead."""
         first = self._unplaced.get(key)
-        if first is None or self.walker.last <= first:
-            if first is None:
-                if len(self._unplaced) >= 4096:
-                    self._unplaced = {k: t for k, t in self._unplaced.items() if now - t < 5.0}
-                self._unplaced[key] = now
+        if first is None or now - first > UNPLACED_TTL:
+            self._unplaced[key] = now
+            self._unplaced.move_to_end(key)
+            if len(self._unplaced) > MAX_PENDING:
+                self._unplaced.popitem(last=False)
+            return
+        if self._applied <= first:  # no walk begun after it has reached the table yet
             return
         del self._unplaced[key]
         with memoryview(f) as p:
@@ -313,13 +364,23 @@ class GlobalDispatcher(FabricPort):
         """Answer a neighbour solicitation for the global address; True if `f` was one."""
         with memoryview(f) as p:
             src = solicitation_for(p, self.vip_bytes)
+            dad = src is None and is_dad_for(p, self.vip_bytes)
+        if dad:  # another host checks whether the address is free: it is not (RFC 4861 7.2.4)
+            try:
+                self.node.flood(dad_defence(self.node.mac, self.vip_bytes))
+                self.c["dad_defended"] += 1
+            except native.TapeBusyError:
+                self.c["drop_tape_busy"] += 1
+            return True
         if src is None:
             return False
         self._answer(f, neighbour_advert(self.node.mac, self.vip_bytes, f.src_mac, src), "nd_replies")
         return True
 
     def _answer(self, f: native.Frame, frame: bytes, counter: str) -> None:
-        dst = f.src if f.src is not None else fabric_mac_node(f.src_mac)
+        # (to the node the source MAC names: a frame's `src` is read from the same bytes, and a MAC
+        # outside the fabric's space names no node at all)
+        dst = fabric_mac_node(f.src_mac)
         if dst is None:
             self.c["drop_answer_unroutable"] += 1
             return
@@ -332,7 +393,12 @@ class GlobalDispatcher(FabricPort):
             self.c["drop_answer_unroutable"] += 1
 
     def _collect_fragments(self, now: float) -> None:
-        self._fragments = {k: v for k, v in self._fragments.items() if now - v[1] <= FRAGMENT_TTL}
+        frags = self._fragments
+        while frags and now - next(iter(frags.values()))[1] > FRAGMENT_TTL:
+            frags.popitem(last=False)
+        pending = self._unplaced
+        while pending and now - next(iter(pending.values())) > UNPLACED_TTL:
+            pending.popitem(last=False)
 
     # -- the loop ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -342,6 +408,8 @@ class GlobalDispatcher(FabricPort):
         self.walker.walk_all()
         self._apply_walks(time.monotonic())
         self.announce()
+        now = time.monotonic()
+        self._announce_at = [now + 1.0, now + 2.0]  # twice more (RFC 5227's announcements): a broadcast may be lost
         self.walker.start()
 
     def run(self, stopping: Callable[[], bool], started: bool = False) -> None:
@@ -360,10 +428,12 @@ class GlobalDispatcher(FabricPort):
                 if now >= next_look:  # members come and go (a restarted one has another node id)
                     next_look = now + MEMBERS_EVERY
                     self._refresh_members()
-                if now >= next_second:  # the table's idle entries go
+                if now >= next_second:  # placements no walk confirmed go; so do old fragments
                     next_second = now + 1.0
                     self.table.collect(now)
-                    if self._fragments:
-                        self._collect_fragments(now)
+                    self._collect_fragments(now)
+                    if self._announce_at and now >= self._announce_at[0]:
+                        self._announce_at.pop(0)
+                        self.announce()
         finally:
             self.walker.stop()

@@ -4,7 +4,8 @@
 connection (proto, foreign address, foreign port, local port) and whether it may open one (a TCP
 SYN); ICMP errors about a connection are placed with it (by the packet they quote), echo requests
 as flows of their own (identifier as the port). The ARP and neighbour-discovery answers that make
-the global address resolve to the dispatcher's MAC are built here too.
+the global address resolve to the dispatcher's MAC (and defend it against another host's duplicate
+address detection) are built here too, and the refusal of a port nobody listens on.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ ICMP_ERRORS_V4 = (3, 4, 5, 11, 12)  # unreachable, source quench, redirect, time
 ICMP_ERRORS_V6 = (1, 2, 3, 4)  # unreachable, packet too big, time exceeded, parameter problem
 ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
 ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
+SOLICITED_NODE_PREFIX = bytes.fromhex("ff0200000000000000000001ff")  # + the address's last 3 bytes
+_LOOPBACK_V6 = bytes(15) + b"\x01"
 
 
 class Drop(IntEnum):
@@ -169,21 +172,54 @@ def unsolicited_advert(own_mac: bytes, vip: bytes) -> bytes:
     return neighbour_advert(own_mac, vip, ALL_NODES_MAC, ALL_NODES, solicited=False)
 
 
+def is_dad_for(payload: Buffer, vip: bytes) -> bool:
+    """Whether an IPv6 packet (`payload` starts at the IPv6 header) is another host's duplicate
+    address detection for `vip`: a neighbour solicitation for it from :: to `vip`'s
+    solicited-node group (RFC 4862 5.4.2; RFC 4861 7.1.1 discards one from :: to anywhere else)."""
+    if len(payload) < 64 or payload[0] >> 4 != 6 or payload[6] != ICMPV6 or payload[7] != 255:
+        return False
+    if payload[40] != 135 or payload[41] != 0 or bytes(payload[48:64]) != vip:
+        return False
+    return bytes(payload[8:24]) == bytes(16) and bytes(payload[24:40]) == SOLICITED_NODE_PREFIX + vip[13:16]
+
+
+def dad_defence(own_mac: bytes, vip: bytes) -> bytes:
+    """The answer to another host's duplicate address detection for `vip` (`is_dad_for`): an
+    advertisement to all nodes, solicited flag clear, override set (RFC 4861 7.2.4: the asker
+    has no address to be answered at yet), so the asker gives the address up."""
+    return unsolicited_advert(own_mac, vip)
+
+
 def refusal(p: Buffer, own_mac: bytes, to_mac: bytes) -> bytes | None:
     """What a host answers to a packet for a port nobody listens on, as a whole frame from
     `own_mac` to `to_mac`: a TCP reset to a segment other than a reset (RFC 9293 3.10.7.1), an
     ICMP port unreachable to a UDP datagram; None for anything else. `p` starts at the IP header
     (whose source gets the answer, from its destination). Without it a client's connect waits
-    for its SYN retries to run out (about two minutes) instead of failing at once."""
+    for its SYN retries to run out (about two minutes) instead of failing at once.
+
+    Never answered (None): a packet whose source is not one unicast host (unspecified, 0/8,
+    broadcast, multicast, loopback, class E, or the packet's own destination) or whose
+    destination is multicast or broadcast (RFC 1122 3.2.2, RFC 4443 2.4(e), RFC 9293
+    3.10.7.1), a non-initial IPv4 fragment (no transport header; RFC 1122 3.2.2), or `to_mac`
+    a group address: an answer there would go to many hosts, or to a host that did not ask
+    (a spoofed source makes us a reflector)."""
     from shmfabric.net import build
 
+    if to_mac[0] & 1:  # a multicast/broadcast link-layer source: nobody in particular to answer
+        return None
     try:
-        if p[0] >> 4 == 4:
+        if len(p) >= 20 and p[0] >> 4 == 4:  # (a cut packet: no addresses to read, nothing to answer)
             ihl, proto, total = (p[0] & 15) * 4, p[9], (p[2] << 8) | p[3]
+            if not _answerable_v4(bytes(p[12:16]), bytes(p[16:20])) or (p[6] & 0x1F) | p[7]:
+                return None
             src, dst = ipaddress_of(p[12:16]), ipaddress_of(p[16:20])
-        else:
+        elif len(p) >= 40 and p[0] >> 4 == 6:
             ihl, proto, total = 40, p[6], 40 + ((p[4] << 8) | p[5])
+            if not _answerable_v6(bytes(p[8:24]), bytes(p[24:40])):
+                return None
             src, dst = ipaddress_of(p[8:24]), ipaddress_of(p[24:40])
+        else:
+            return None
         if proto == TCP:
             sport, dport, seq = struct.unpack_from("!HHI", p, ihl)
             flags, doff = p[ihl + 13], (p[ihl + 12] >> 4) * 4
@@ -204,6 +240,22 @@ def refusal(p: Buffer, own_mac: bytes, to_mac: bytes) -> bytes | None:
     except (IndexError, struct.error):
         return None
     return None
+
+
+def _answerable_v4(src: bytes, dst: bytes) -> bool:
+    # Source: not 0/8 ("this host", RFC 1122 3.2.1.3: only while it learns its address), not
+    # loopback (127/8), not multicast or class E (224/3, with 255.255.255.255 in it), not the
+    # destination itself (a forged "land" packet). Destination: not multicast, broadcast or
+    # class E either.
+    # (A subnet's directed broadcast cannot be told here: the dispatcher only refuses packets
+    # to the global address, a unicast one.)
+    return src[0] not in (0, 127) and src[0] < 224 and src != dst and dst[0] < 224
+
+
+def _answerable_v6(src: bytes, dst: bytes) -> bool:
+    # Source: not ::, not ::1, not multicast (ff00::/8), not the destination itself.
+    # Destination: not multicast (IPv6 has no broadcast).
+    return src[0] != 0xFF and src != bytes(16) and src != _LOOPBACK_V6 and src != dst and dst[0] != 0xFF
 
 
 def ipaddress_of(raw: Buffer) -> str:

@@ -155,17 +155,22 @@ def configure(ifname: str, mac: bytes, mtu: int | None,
     return mtu
 
 
-def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Make this namespace a member of a global address (`shmfabric global`): the address goes on
     `lo` (/32 or /128), where the kernel accepts packets to it from any interface, and `ifname`
     stops answering ARP for addresses it does not carry itself (arp_ignore=1) and asks with its
     own address, never the global one (arp_announce=2): LVS direct-return servers' settings. So
     only the dispatcher answers for the address, and the member's replies go straight to the
     client. (IPv6 neighbour discovery answers only for the receiving interface's addresses
-    already.)"""
+    already.)
+
+    Returns whether this call put the address on `lo` (False: it was there already); give
+    `release_global_address` the ones it put there when the member stops. If a setting fails
+    after the address was added, the address is taken off again before TapError is raised."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    added = False
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")
         if not lo:
@@ -176,6 +181,7 @@ def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.
                 ipr.addr("add", index=lo[0], address=str(address), prefixlen=32)
             else:
                 ipr.addr("add", index=lo[0], address=str(address), prefixlen=128, flags=0x02)  # IFA_F_NODAD
+            added = True
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise TapError(f"cannot put global address {address} on lo: {exc.args[-1]}") from None
@@ -185,8 +191,29 @@ def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.
                 with open(f"/proc/sys/net/ipv4/conf/{ifname}/{key}", "w") as f:
                     f.write(value)
             except OSError as exc:
+                if added:
+                    release_global_address(address)
                 raise TapError(f"cannot set net.ipv4.conf.{ifname}.{key}={value} ({exc.strerror}): without it "
                                "this member would answer ARP for the global address") from None
+    return added
+
+
+def release_global_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Take a global address that `hold_global_address` put on this namespace's `lo` off again,
+    so that a later adapter in the namespace that is no member does not take packets to it.
+    Call it only for the addresses hold put there (it returned True): one that was there before
+    stays. Errors are ignored (the namespace or the address may be gone already). A member
+    killed by SIGKILL never gets here: its address stays on `lo` (`ip addr del ADDR dev lo`).
+    (The interface's arp_ignore/arp_announce go with the interface, which goes with the process.)"""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            if lo:
+                ipr.addr("del", index=lo[0], address=str(address), prefixlen=32 if address.version == 4 else 128)
+    except Exception:  # noqa: BLE001  (best effort on the way out: nothing a caller could do about it)
+        pass
 
 
 def _sysctl(key: str, value: str) -> None:

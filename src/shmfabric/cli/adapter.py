@@ -13,8 +13,12 @@ import json
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from shmfabric.cli.main import CliError, add_json_flag
+
+if TYPE_CHECKING:
+    import ipaddress
 
 SEGMENTS_MIN_MTU = 16384  # the smallest network MTU on which an adapter takes uncut TCP segments
 
@@ -89,11 +93,31 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
     add_json_flag(p)
 
 
+def check_member_addresses(shared: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+                           addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
+    """A member of a global address (`--global`) has an address of its own on the interface
+    (an IPv4 one for an IPv4 global address), else CliError: with none, the kernel may take the
+    global address (on lo) as the source of the member's ARP requests (arp_announce=2 falls back
+    to any address), and clients' caches would move the global address to this member."""
+    if not shared:
+        return
+    example = "10.77.0.2/24" if shared[0].version == 4 else "fd00::2/64"
+    if not addresses:
+        raise CliError(f"--global {shared[0]} needs an address of this member's own on the interface: add "
+                       f"--address CIDR (e.g. --address {example}); without one the kernel could announce the "
+                       "global address from this member and clients would send to it instead of the dispatcher")
+    if any(g.version == 4 for g in shared) and not any(a.version == 4 for a in addresses):
+        g = next(g for g in shared if g.version == 4)
+        raise CliError(f"--global {g} needs an IPv4 address of this member's own on the interface: add --address "
+                       "CIDR (e.g. --address 10.77.0.2/24); without one the kernel could ask ARP from the global "
+                       "address and clients would send to this member instead of the dispatcher")
+
+
 def cmd_adapter(args: argparse.Namespace) -> int:
     from shmfabric.adapters.bridge import DeviceGone, TapBridge
     from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
     from shmfabric.adapters.tap import (TapError, check_ifname, configure, enter_netns, hold_global_address, open_tap,
-                                        parse_address, parse_global)
+                                        parse_address, parse_global, release_global_address)
     from shmfabric.fabric import FabricError
 
     try:
@@ -102,10 +126,12 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         shared = [parse_global(a) for a in args.global_address]
     except TapError as exc:
         raise CliError(str(exc)) from None
+    check_member_addresses(shared, addresses)
     check_batch(args)
     fab = open_fabric(args.fabric)
     stop = stop_on_signals(args.parent_pid)
     tap = node = None
+    held = []  # the global addresses this adapter put on lo: taken off again when it stops
     try:
         check_network(fab, args)
         # Uncut TCP segments only where a slot holds several full frames: on a 1,500-byte network
@@ -136,7 +162,8 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             mtu = configure(tap.ifname, node.mac, args.mtu, addresses, min(node.mtu, 65536) if segments else None,
                             node.mtu)
             for g in shared:
-                hold_global_address(tap.ifname, g)
+                if hold_global_address(tap.ifname, g):
+                    held.append(g)
         except TapError as exc:
             raise CliError(str(exc)) from None
         where = f" in netns {args.netns}" if args.netns else ""
@@ -164,6 +191,9 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         return 0
     finally:
+        # (still inside the namespace: lo there is the one the addresses went on)
+        for g in held:
+            release_global_address(g)
         if node is not None:
             node.detach()
         if tap is not None:
@@ -182,7 +212,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ifname", default="sf0", help="the interface's name (default sf0)")
     p.add_argument("--mtu", type=int, help="the interface's MTU (default: the fabric network's, or the device's largest)")
     p.add_argument("--global", dest="global_address", action="append", default=[], metavar="IP",
-                   help="be a member of this global address (`shmfabric global`): it goes on the namespace's lo, "
-                        "and this interface never answers ARP for it (repeatable)")
+                   help="be a member of this global address (`shmfabric global`; needs an --address of its own): "
+                        "it goes on the namespace's lo while the adapter runs, and this interface never answers "
+                        "ARP for it (repeatable)")
     add_port_arguments(p)
     p.set_defaults(func=cmd_adapter)

@@ -24,8 +24,8 @@ def cmd_global(args: argparse.Namespace) -> int:
     from shmfabric.fabric import FabricError
 
     check_batch(args)
-    if not args.walk_every > 0 or not args.idle_timeout > 0:
-        raise CliError("--walk-every and --idle-timeout must be positive numbers of seconds")
+    if not args.walk_every > 0 or not args.confirm_timeout > 0:
+        raise CliError("--walk-every and --confirm-timeout must be positive numbers of seconds")
     try:
         members = [parse_member(m) for m in args.member]
     except GlobalError as exc:
@@ -46,7 +46,7 @@ def cmd_global(args: argparse.Namespace) -> int:
 
         try:
             port = GlobalDispatcher(fab, node, args.address, members, walk_every=args.walk_every,
-                                    idle_timeout=args.idle_timeout, batch=args.batch, log=log)
+                                    confirm_timeout=args.confirm_timeout, batch=args.batch, log=log)
         except GlobalError as exc:
             raise CliError(str(exc)) from None
         deadline = None if args.seconds is None else time.monotonic() + args.seconds
@@ -84,8 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a member: its adapter's node name and the network namespace it is in (repeatable)")
     p.add_argument("--walk-every", type=float, default=1.0, metavar="S",
                    help="seconds between walks of the members' sockets (default 1)")
-    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
-                   help="an entry neither used nor seen in a walk this long is dropped (default 30)")
+    p.add_argument("--confirm-timeout", type=float, default=5.0, metavar="S",
+                   help="a new TCP connection no walk shows its member holding within this long is forgotten "
+                        "(refused by the member, or a SYN flood); at least two walks (default 5)")
     p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
     p.add_argument("--batch", type=int, default=256, help="frames handled per pass (default 256)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")

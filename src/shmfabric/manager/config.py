@@ -263,6 +263,17 @@ class TapAdapter(_Model):
             _check_global_address(a)
         return v
 
+    @model_validator(mode="after")
+    def _member_has_address(self) -> "TapAdapter":
+        # (as `shmfabric adapter --global` checks: without an address of its own on the interface,
+        # the kernel could ask ARP questions from the global address and move clients to it)
+        for g in self.global_:
+            fam = ipaddress.ip_address(g).version
+            if not any(ipaddress.ip_interface(a).version == fam for a in self.address):
+                raise ValueError(f"a member of global address {g} needs an IPv{fam} address of its own in "
+                                 f"`address:` (e.g. {'10.77.0.2/24' if fam == 4 else 'fd00::2/64'})")
+        return self
+
     @field_validator("address")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
@@ -362,12 +373,21 @@ class GlobalAdapter(_Model):
     address: str = Field(description="the shared address, e.g. 10.77.0.100")
     members: list[str] = Field(min_length=1, description="the tap adapter nodes sharing it")
     walk_every: float = Field(1.0, gt=0, le=60, description="seconds between walks of the members' sockets")
-    idle_timeout: float = Field(30.0, gt=0, le=86400, description="seconds an unused, unseen entry is kept")
+    confirm_timeout: float = Field(5.0, gt=0, le=3600, description="seconds a new TCP connection may wait for a "
+                                                                  "walk to show its member holding it")
 
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
         return _check_global_address(v)
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> "GlobalAdapter":
+        if self.confirm_timeout < 2 * self.walk_every:
+            raise ValueError(f"confirm_timeout {self.confirm_timeout:g} is shorter than two walks (walk_every "
+                             f"{self.walk_every:g}): a connection placed would be forgotten before a walk could "
+                             f"show it; give at least {2 * self.walk_every:g}")
+        return self
 
 
 AdapterConfig = Annotated[TapAdapter | MemifAdapter | GlobalAdapter, Field(discriminator="kind")]

@@ -1073,7 +1073,7 @@ class Supervisor:
                 argv.append("--abstract")
         elif a.kind == "global":
             argv += ["global", topo.fabric.name, inst.name, "--address", a.address,
-                     "--walk-every", repr(a.walk_every), "--idle-timeout", repr(a.idle_timeout)]
+                     "--walk-every", repr(a.walk_every), "--confirm-timeout", repr(a.confirm_timeout)]
             by_name = {n.name: n for n in topo.nodes}
             for m in a.members:
                 # (the member's instance name: the dispatcher finds its node by name, whatever id it has)

@@ -66,6 +66,20 @@ def check_network(fab, args: argparse.Namespace) -> None:
         raise CliError(f"fabric {args.fabric!r} has networks 0..{len(fab.networks) - 1}, not {args.network}")
 
 
+def attach_port_node(fab, args: argparse.Namespace):
+    """Node `args.node` attached to network `args.network` (checked), waiting by blocking (a port
+    sleeps while idle), or CliError saying why it cannot be."""
+    from shmfabric.fabric import FabricError
+
+    check_network(fab, args)
+    try:
+        node = fab.attach(args.node, network=args.network)
+    except FabricError as exc:
+        raise CliError(str(exc)) from None
+    node.set_wait_mode("block")
+    return node
+
+
 def port_options(fab, args: argparse.Namespace) -> dict:
     """A port's `in_flight` (its fair share of the network's pool per destination, as nodes come
     and go) and `via` (the chain's first node, looked up by name when needed)."""

@@ -14,14 +14,13 @@ import json
 import sys
 import time
 
-from shmfabric.cli.adapter import check_batch, check_network, open_fabric, stop_on_signals
+from shmfabric.cli.adapter import attach_port_node, check_batch, open_fabric, stop_on_signals
 from shmfabric.cli.main import CliError, add_json_flag
 
 
 def cmd_global(args: argparse.Namespace) -> int:
     from shmfabric.adapters.ethernet import format_mac
     from shmfabric.adapters.global_net import GlobalDispatcher, GlobalError, parse_member
-    from shmfabric.fabric import FabricError
 
     check_batch(args)
     if not args.walk_every > 0 or not args.confirm_timeout > 0:
@@ -34,12 +33,7 @@ def cmd_global(args: argparse.Namespace) -> int:
     stop = stop_on_signals(args.parent_pid)
     node = None
     try:
-        check_network(fab, args)
-        try:
-            node = fab.attach(args.node, network=args.network)
-        except FabricError as exc:
-            raise CliError(str(exc)) from None
-        node.set_wait_mode("block")
+        node = attach_port_node(fab, args)
 
         def log(text: str) -> None:
             print(f"global {args.node}: {text}", file=sys.stderr, flush=True)

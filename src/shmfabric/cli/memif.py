@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from shmfabric.cli.adapter import add_port_arguments, check_batch, check_network, open_fabric, port_options, \
+from shmfabric.cli.adapter import add_port_arguments, attach_port_node, check_batch, open_fabric, port_options, \
     stop_on_signals
 from shmfabric.cli.main import CliError
 
@@ -24,7 +24,6 @@ def cmd_memif(args: argparse.Namespace) -> int:
     from shmfabric.adapters.ethernet import format_mac
     from shmfabric.adapters.memif import MemifBridge, MemifConfig, MemifError
     from shmfabric.adapters.memif_wire import MemifProtocolError
-    from shmfabric.fabric import FabricError
 
     check_batch(args)
     ring = args.ring_size
@@ -59,12 +58,7 @@ def cmd_memif(args: argparse.Namespace) -> int:
     stop = stop_on_signals(args.parent_pid)
     node = None
     try:
-        check_network(fab, args)
-        try:
-            node = fab.attach(args.node, network=args.network)
-        except FabricError as exc:
-            raise CliError(str(exc)) from None
-        node.set_wait_mode("block")
+        node = attach_port_node(fab, args)
 
         def log(text: str) -> None:
             print(f"memif {args.node}: {text}", file=sys.stderr, flush=True)

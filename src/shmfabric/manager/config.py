@@ -356,12 +356,12 @@ class MemifAdapter(_Model):
 
 
 def _check_global_address(a: str) -> str:
+    from shmfabric.adapters.tap import TapError, parse_global  # (what `shmfabric adapter --global` takes)
+
     try:
-        ip = ipaddress.ip_address(a)
-    except ValueError:
-        raise ValueError(f"global address {a!r} is not an IP address (no prefix: e.g. 10.77.0.100)") from None
-    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
-        raise ValueError(f"global address {a} cannot be shared: give a unicast address of the fabric's subnet")
+        parse_global(a)
+    except TapError as exc:
+        raise ValueError(str(exc)) from None
     return a
 
 

@@ -209,3 +209,61 @@ def test_ipv6_tables_take_ipv6_sockets() -> None:
     assert t.lookup(TCP, client6, 1, 443, 1) == "a"
     with pytest.raises(ValueError):
         ConnectionTable(VIP, 5)
+
+
+def test_a_full_table_makes_room_for_the_newest_connection() -> None:
+    t = table(max_placed=100)
+    t.update_node("a", [listener(80)], 0)
+    for i in range(500):  # a SYN flood from made-up sources
+        t.lookup(TCP, OTHER + i, 1, 80, 0)
+    assert t.lookup(TCP, CLIENT, 40000, 80, 0) == "a"  # a real client's SYN...
+    for i in range(50):
+        t.lookup(TCP, OTHER + 1000 + i, 1, 80, 0)
+    assert t.lookup(TCP, CLIENT, 40000, 80, 0, opening=False) == "a"  # ...and its ACK, mid-flood
+    assert len(t.placed) == 100
+
+
+def test_another_nodes_ending_connection_does_not_take_a_placement_away() -> None:
+    t = table()
+    t.update_node("b", [listener(81), conn(80, CLIENT, 7, state="time_wait")], 0)  # b no longer serves 80
+    t.update_node("a", [listener(80)], 0)
+    assert t.lookup(TCP, CLIENT, 7, 80, 1) == "a"  # the reused port's SYN: placed on a
+    t.collect(1.5)  # (b's TIME_WAIT on the key is not a's connection shown)
+    assert t.lookup(TCP, CLIENT, 7, 80, 2, opening=False) == "a"
+
+
+def test_a_syn_retried_after_its_node_went_away_is_placed_anew() -> None:
+    t = table()
+    t.update_node("a", [listener(80)], 0)
+    t.update_node("b", [listener(80)], 0)
+    assert t.lookup(TCP, CLIENT, 1, 80, 1) == "a"
+    t.set_placeable("a", False)
+    assert t.lookup(TCP, CLIENT, 1, 80, 2) == "b"
+
+
+def test_hashed_flows_spread_evenly_whatever_the_node_names() -> None:
+    for names in (("w1", "w2", "w3"), ("alpha", "beta", "gamma"), ("m1", "m2", "m3", "m4", "m5")):
+        t = table()
+        for n in names:
+            t.update_node(n, [listener(53, UDP)], 0)
+        got = [t.lookup(UDP, CLIENT + i, 1000 + i, 53, 0) for i in range(3000)]
+        share = [got.count(n) / len(got) for n in names]
+        assert all(abs(x - 1 / len(names)) < 0.06 for x in share), (names, share)
+
+
+def test_a_view_with_its_changes_worked_out_elsewhere_gives_the_same_table() -> None:
+    from shmfabric.adapters.conntable import changes, view_of
+
+    old = view_of(VIP, 4, [listener(80), conn(80, CLIENT, 1), conn(80, CLIENT, 2)])
+    new = view_of(VIP, 4, [listener(80), conn(80, CLIENT, 2), conn(80, CLIENT, 3, state="time_wait")])
+    a, b = table(), table()
+    for t in (a, b):
+        t.set_view("n", old, 0)
+    a.set_view("n", new, 1, since=old, changed=changes(old, new))
+    b.set_view("n", new, 1)
+    assert a.held == b.held == {(TCP, CLIENT, 2, 80): ("n", True), (TCP, CLIENT, 3, 80): ("n", False)}
+    # changes worked out against another view than the table's are not trusted
+    c = table()
+    c.set_view("n", old, 0)
+    c.set_view("n", new, 1, since=new, changed=frozenset())
+    assert c.held == b.held

@@ -67,6 +67,18 @@ def test_global_values_are_checked_with_located_errors():
     assert "global address '10.0.0.0/8' is not an IP address" in msg
 
 
+def test_two_members_in_one_namespace_are_refused():
+    msg = _errors("""\
+          - name: gw
+            adapter: {kind: global, address: 10.9.0.100, members: [w1, w2]}
+          - name: w1
+            adapter: {kind: tap, netns: a, address: [10.9.0.2/24], global: [10.9.0.100]}
+          - name: w2
+            adapter: {kind: tap, netns: a, ifname: sf1, address: [10.9.0.3/24], global: [10.9.0.100]}
+        """)
+    assert "field `nodes[0].adapter.members[1]`: members 'w1' and 'w2' are both in netns 'a'" in msg
+
+
 def test_two_dispatchers_for_one_address_are_refused():
     msg = _errors("""\
           - name: gw

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from hashlib import blake2b
 from typing import Hashable, Iterable, Protocol, Union
-from zlib import crc32
 
 Address = Union[int, bytes]  # IPv4 as int, IPv6 as 16 bytes (shmfabric.net.flow's convention)
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -155,12 +155,16 @@ class ConnectionTable:
         """`set_view` from a walk's sockets."""
         self.set_view(node, view_of(self.address, self.family, sockets), now)
 
-    def set_view(self, node: Hashable, view: NodeView, now: float) -> None:
+    def set_view(self, node: Hashable, view: NodeView, now: float, since: NodeView | None = None,
+                 changed: Iterable | None = None) -> None:
         """Replace what the table knows of `node`'s sockets with a walk's view (taken at `now`). A
-        node not known yet is added. Costs what changed since its last view, not its size."""
+        node not known yet is added. `changed` (from `changes(since, view)`, worked out where the
+        walk ran) is used when `since` is the view the table holds: then this costs what changed,
+        not the view's size."""
         old = self._views.get(node, EMPTY)
         self._views[node] = view
-        for key in (view.live ^ old.live) | (view.ending ^ old.ending):
+        keys = changed if changed is not None and since is not None and old is since else changes(old, view)
+        for key in keys:
             self._resolve(key)
         if node not in self._nodes and node not in self._away or view.wild != old.wild or view.listen != old.listen:
             self._rebuild()
@@ -171,7 +175,8 @@ class ConnectionTable:
         if placeable == (node not in self._away):
             return
         (self._away.discard if placeable else self._away.add)(node)
-        self._rebuild()
+        if node in self._views:
+            self._rebuild()
 
     def remove_node(self, node: Hashable) -> int:
         """Forget `node` (its namespace cannot be read any more): nothing is placed on it from now
@@ -234,12 +239,15 @@ class ConnectionTable:
         if held is not None and held[1]:
             return held[0]
         syn = proto == TCP and opening
+        away = self._away
         p = self.placed.get(key)
         if p is not None:
-            if not syn or (proto, lport) in self._views.get(p.node, EMPTY).listen:
-                return p.node  # (a retransmitted SYN goes where the first went)
+            # (a retransmitted SYN goes where the first went, unless that node went away meanwhile)
+            if not syn or p.node not in away and (proto, lport) in self._views.get(p.node, EMPTY).listen:
+                return p.node
             del self.placed[key]
-        if held is not None and (not syn or (proto, lport) in self._views.get(held[0], EMPTY).listen):
+        if held is not None and (not syn or held[0] not in away
+                                 and (proto, lport) in self._views.get(held[0], EMPTY).listen):
             return held[0]  # an ending connection's last segments; a new SYN over its TIME_WAIT
         if proto == TCP:
             if not opening:
@@ -251,10 +259,14 @@ class ConnectionTable:
             i = self._turn.get(turn, 0)
             self._turn[turn] = i + 1
             node = pick[i % len(pick)]
-            if len(self.placed) < self.max_placed:
-                self.placed[key] = Placed(node, now)
-            else:
-                self.counts["full"] += 1  # (a walk shows the connection within a second: followed from then)
+            placed = self.placed
+            if len(placed) >= self.max_placed:
+                # The oldest goes (a SYN flood's, most likely: a real connection is shown by a walk
+                # within a second and forgotten here then): refusing the newest instead would drop
+                # every real connection's next segment for as long as a flood lasts.
+                del placed[next(iter(placed))]
+                self.counts["full"] += 1
+            placed[key] = Placed(node, now)
             self.counts["placed"] += 1
             return node
         node = self._hashed.get(key)
@@ -281,7 +293,8 @@ class ConnectionTable:
         or never opened: a SYN flood); returns how many went. Call on a timer."""
         limit = now - self.confirm_timeout
         held = self.held
-        gone = [k for k, p in self.placed.items() if p.at < limit or k in held]
+        # (shown held by the node it was placed on: another node's TIME_WAIT on the key is not it)
+        gone = [k for k, p in self.placed.items() if p.at < limit or (held.get(k) or (None,))[0] == p.node]
         for k in gone:
             del self.placed[k]
         self.counts["collected"] += len(gone)
@@ -297,9 +310,16 @@ class ConnectionTable:
                 "collected": self.counts["collected"], "full": self.counts["full"]}
 
 
+def changes(old: NodeView, new: NodeView) -> frozenset:
+    """The connection keys whose holding differs between two views of one node (pure: the
+    walking thread works it out, so the table's thread does not)."""
+    return (new.live ^ old.live) | (new.ending ^ old.ending)
+
+
 def rendezvous(key: Key, nodes: list) -> Hashable:
     """The node with the highest hash of (`key`, node): the same answer for a flow whenever the
-    same nodes are candidates, and only the flows of a node that leaves move (crc32 of the text:
-    stable across processes, unlike Python's hash of bytes and str)."""
+    same nodes are candidates, and only the flows of a node that leaves move. BLAKE2b of the
+    text: stable across processes (Python's hash of bytes and str is not), and not linear as a
+    CRC is (a CRC's maximum over names follows a trie of their bits: 50/25/25 over three)."""
     text = f"{key[0]}|{key[1]!r}|{key[2]}|{key[3]}|".encode()
-    return max(nodes, key=lambda n: crc32(str(n).encode(), crc32(text)))
+    return max(nodes, key=lambda n: blake2b(text + str(n).encode(), digest_size=8).digest())

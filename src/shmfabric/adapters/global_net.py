@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
-from shmfabric.adapters.conntable import ConnectionTable, Miss, NodeView, view_of
+from shmfabric.adapters.conntable import ConnectionTable, Miss, NodeView, changes, view_of
 from shmfabric.adapters.ethernet import fabric_mac_node
 from shmfabric.adapters.global_packets import (ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Drop, Flow, arp_reply,
                                                arp_request_for, dad_defence, flow_of_v4, flow_of_v6, gratuitous_arp,
@@ -78,34 +78,53 @@ class Walker(threading.Thread):
         self.view = view
         self.results: deque = deque()
         self._walkers: dict[str, SocketWalker] = {}
+        self._prev: dict[str, NodeView] = {}  # each member's last view, to send only what changed
         self._lock = threading.Lock()  # _walkers: the thread's, and stop()'s once it has ended
         self._wake = threading.Event()
         self._halt = threading.Event()
         self.last = 0.0  # when the last round ended
+        self._took = 0.0  # how long it took
+        self._walking = False
 
     def walk_all(self) -> None:
-        """One walk of every member (results queued)."""
+        """One walk of every member. Queued: (member, NodeView, round start, previous view, keys
+        changed) or (member, the exception, round start), then (None, None, round start) once the
+        round is over (a refusal waits for a whole round begun after its first packet)."""
         started = time.monotonic()
-        for m in self.members:
-            with self._lock:
-                if self._halt.is_set():
-                    return
-                w = self._walkers.get(m.name)
-                try:
-                    if w is None:
-                        w = self._walkers[m.name] = SocketWalker(m.netns)
-                    got: NodeView | WalkError = self.view(w.walk())
-                except WalkError as exc:
-                    if w is not None:
-                        w.close()
-                        self._walkers.pop(m.name, None)
-                    got = exc
-            self.results.append((m.name, got, started))
-        self.last = time.monotonic()
+        self._walking = True
+        try:
+            for m in self.members:
+                with self._lock:
+                    if self._halt.is_set():
+                        return
+                    w = self._walkers.get(m.name)
+                    try:
+                        if w is None:
+                            w = self._walkers[m.name] = SocketWalker(m.netns)
+                        view = self.view(w.walk())
+                    except Exception as exc:  # noqa: BLE001 - one member's failure is not the others'
+                        # (WalkError: its namespace went; anything else, an fd limit...: said, and tried
+                        # again next round, with a fresh walker)
+                        if w is not None:
+                            w.close()
+                            self._walkers.pop(m.name, None)
+                        self._prev.pop(m.name, None)
+                        self.results.append((m.name, exc, started))
+                        continue
+                prev = self._prev.get(m.name)
+                self._prev[m.name] = view
+                self.results.append((m.name, view, started, prev, changes(prev, view) if prev is not None else None))
+            self.results.append((None, None, started))
+        finally:
+            self._walking = False
+            self.last = time.monotonic()
+            self._took = self.last - started
 
     def soon(self) -> None:
-        """Walk again now (a packet found no entry), unless a walk has just been done."""
-        if time.monotonic() - self.last >= WALK_SOON:
+        """Walk again now (a packet found no entry), unless a round is under way or has just
+        ended: misses are what any node can send at will, so the walker rests at least as long as
+        its last round took (never busier than half the time)."""
+        if not self._walking and time.monotonic() - self.last >= max(WALK_SOON, self._took):
             self._wake.set()
 
     def run(self) -> None:
@@ -117,9 +136,7 @@ class Walker(threading.Thread):
             try:
                 self.walk_all()
             except Exception as exc:  # noqa: BLE001 - a walker that ended would freeze the table
-                # (an fd limit, no memory for a thread...): said, and tried again next round
-                self.results.append((None, exc, time.monotonic()))
-                self.last = time.monotonic()
+                self.results.append(("", exc, time.monotonic()))
 
     def stop(self) -> None:
         """End the thread and close the walkers (after the walk under way, if any)."""
@@ -174,7 +191,9 @@ class GlobalDispatcher(FabricPort):
         # Both keyed by what any node on the fabric may send, so bounded, the oldest going first:
         self._fragments: OrderedDict[tuple, tuple[str, float]] = OrderedDict()  # first fragment -> (member, when)
         self._unplaced: OrderedDict[tuple, float] = OrderedDict()  # key -> when a packet first found nobody
-        self._applied = 0.0  # when the last walk round applied to the table started (_maybe_refuse)
+        self._applied = 0.0  # when the last walk round applied whole to the table started (_maybe_refuse)
+        self._walk_failure = ""  # the last walk failure said (other than a namespace gone)
+        self._defended = 0.0  # when the address was last defended against a DAD probe
         self._announce_at = [0.0, 0.0]  # when to announce the address again (a lost broadcast is sent again)
         self._log = log
         self._down: set[str] = set()  # members logged as unreachable (logged once each way)
@@ -192,35 +211,59 @@ class GlobalDispatcher(FabricPort):
 
     # -- the members ---------------------------------------------------------------------------
     def _refresh_members(self) -> None:
+        """Which members are attached, under which (id, incarnation): one pass over the node table.
+        A member that leaves takes no new connection from now on; one that comes (back) takes
+        them from its next walk, asked for now."""
+        region, core = self.fabric.region, self.fabric.region.core
+        up: dict[str, tuple[int, int]] = {}
+        for i in range(region.node_hwm()):
+            if core.node_state(i) != native.NODE_UP:
+                continue
+            e = region.node_entry(i)
+            # (read again after: the entry is the node's only if it was up, same incarnation, both sides)
+            if e["name"] in self._by_name and core.node_state(i) == native.NODE_UP \
+                    and region.node_entry(i)["gen"] == e["gen"]:
+                up[e["name"]] = (i, e["gen"])
         came = False
         for m in self.members:
-            ref = self.fabric.node_ref(m.name)
-            came |= ref is not None and m.ref is None
+            ref = up.get(m.name)
+            if (ref is None) != (m.ref is None):
+                came |= ref is not None
+                if ref is None:
+                    self.table.set_placeable(m.name, False)
+                    self._say_down(m.name, "its node is not attached to the fabric")
             m.ref = ref
-        if came:  # a member attached (or came back): it takes connections from the next walk, soon
+        if came:
             self.walker.soon()
 
-    def _apply_walks(self, now: float) -> None:
+    def _apply_walks(self, now: float, budget: float = 0.02) -> None:
+        """Take in the walks' results, for at most about `budget` seconds per call (the rest wait
+        for the next pass of the loop: frames are not held up behind a round of large members)."""
         results = self.walker.results
-        while results:
-            name, got, started = results.popleft()
-            if name is None:  # the walker failed as a whole (it goes on)
+        until = time.monotonic() + budget
+        while results and time.monotonic() < until:
+            item = results.popleft()
+            name, got, started = item[0], item[1], item[2]
+            if name is None:  # a round is over: refusals may rely on it
+                self._applied = max(self._applied, started)
+                continue
+            if isinstance(got, BaseException):
                 self.c["walk_errors"] += 1
-                self._log(f"walking the members' sockets failed: {type(got).__name__}: {got}")
+                if name and isinstance(got, WalkError):
+                    # its namespace cannot be read: nothing is known of it, so nothing goes to it
+                    gone = self.table.remove_node(name)
+                    if gone:
+                        self.c["dropped_connections"] += gone
+                    self._say_down(name, str(got))
+                elif self._walk_failure != repr(got):  # (said once, not every round)
+                    self._walk_failure = repr(got)
+                    self._log(f"walking {'member ' + name if name else 'the members'} failed: "
+                              f"{type(got).__name__}: {got}; tried again every round")
                 continue
             m = self._by_name[name]
-            if isinstance(got, WalkError):
-                # its namespace cannot be read: nothing is known of it, so nothing goes to it
-                self.c["walk_errors"] += 1
-                gone = self.table.remove_node(name)
-                if gone:
-                    self.c["dropped_connections"] += gone
-                self._say_down(name, str(got))
-                continue
             # A member whose node is not attached (its adapter restarting) keeps its connections
-            # (its kernel holds them; their packets wait for it as for a full ring: dropped) but
-            # takes no new one.
-            self.table.set_view(name, got, now)
+            # (its kernel holds them; their packets are dropped meanwhile) but takes no new one.
+            self.table.set_view(name, got, now, since=item[3], changed=item[4])
             self.table.set_placeable(name, m.ref is not None)
             if m.ref is None:
                 self._say_down(name, "its node is not attached to the fabric")
@@ -228,7 +271,6 @@ class GlobalDispatcher(FabricPort):
                 self._down.discard(name)
                 self._log(f"member {name} is back")
             self.c["walks"] += 1
-            self._applied = max(self._applied, started)
 
     def _say_down(self, name: str, why: str) -> None:
         if name not in self._down:
@@ -366,6 +408,10 @@ class GlobalDispatcher(FabricPort):
             src = solicitation_for(p, self.vip_bytes)
             dad = src is None and is_dad_for(p, self.vip_bytes)
         if dad:  # another host checks whether the address is free: it is not (RFC 4861 7.2.4)
+            now = time.monotonic()
+            if now - self._defended < 1.0:  # (once a second: each probe would flood the tape)
+                return True
+            self._defended = now
             try:
                 self.node.flood(dad_defence(self.node.mac, self.vip_bytes))
                 self.c["dad_defended"] += 1
@@ -381,7 +427,7 @@ class GlobalDispatcher(FabricPort):
         # (to the node the source MAC names: a frame's `src` is read from the same bytes, and a MAC
         # outside the fabric's space names no node at all)
         dst = fabric_mac_node(f.src_mac)
-        if dst is None:
+        if dst is None or dst == self.node.id:  # (a forged source MAC of our own: never answer ourselves)
             self.c["drop_answer_unroutable"] += 1
             return
         try:
@@ -406,7 +452,7 @@ class GlobalDispatcher(FabricPort):
         announce the address and start the periodic walks."""
         self._refresh_members()
         self.walker.walk_all()
-        self._apply_walks(time.monotonic())
+        self._apply_walks(time.monotonic(), budget=float("inf"))
         self.announce()
         now = time.monotonic()
         self._announce_at = [now + 1.0, now + 2.0]  # twice more (RFC 5227's announcements): a broadcast may be lost

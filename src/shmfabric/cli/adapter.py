@@ -120,11 +120,12 @@ def check_member_addresses(shared: list[ipaddress.IPv4Address | ipaddress.IPv6Ad
         raise CliError(f"--global {shared[0]} needs an address of this member's own on the interface: add "
                        f"--address CIDR (e.g. --address {example}); without one the kernel could announce the "
                        "global address from this member and clients would send to it instead of the dispatcher")
-    if any(g.version == 4 for g in shared) and not any(a.version == 4 for a in addresses):
-        g = next(g for g in shared if g.version == 4)
-        raise CliError(f"--global {g} needs an IPv4 address of this member's own on the interface: add --address "
-                       "CIDR (e.g. --address 10.77.0.2/24); without one the kernel could ask ARP from the global "
-                       "address and clients would send to this member instead of the dispatcher")
+    for g in shared:  # (the same rule as a topology's `global:`: an address of each family it shares)
+        if not any(a.version == g.version for a in addresses):
+            ex = "10.77.0.2/24" if g.version == 4 else "fd00::2/64"
+            raise CliError(f"--global {g} needs an IPv{g.version} address of this member's own on the interface: "
+                           f"add --address CIDR (e.g. --address {ex}); without one the kernel could announce the "
+                           "global address from this member and clients would send to it instead of the dispatcher")
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
@@ -205,11 +206,12 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         return 0
     finally:
-        # (still inside the namespace: lo there is the one the addresses went on)
-        for g in held:
-            release_global_address(g)
+        # Off the fabric first (the dispatcher stops sending here), then the address off lo (still
+        # inside the namespace: lo there is the one it went on).
         if node is not None:
             node.detach()
+        for g in held:
+            release_global_address(g)
         if tap is not None:
             tap.close()
         fab.close()

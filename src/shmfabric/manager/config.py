@@ -801,6 +801,15 @@ def _global_errors(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> li
             elif ip not in {str(ipaddress.ip_address(g)) for g in ma.global_}:
                 errs.append(_LocError(("nodes", i, "adapter", "members", k), f"member {m!r} does not list {ip} under "
                                       f"its adapter's `global:`; add `global: [{ip}]` to it"))
+            else:
+                # (the address on lo is the namespace's: the first member to stop would take it off
+                # under the other, and one walk would count the namespace's sockets twice)
+                other = next((o for o in a.members[:k] if o in by_name and by_name[o].adapter is not None
+                              and getattr(by_name[o].adapter, "netns", 0) == ma.netns), None)
+                if other is not None:
+                    where = f"netns {ma.netns!r}" if ma.netns else "the manager's network namespace"
+                    errs.append(_LocError(("nodes", i, "adapter", "members", k), f"members {other!r} and {m!r} are "
+                                          f"both in {where}; give each member a namespace of its own"))
     for i, _, n in nodes:
         a = n.adapter if n is not None else None
         if isinstance(a, TapAdapter):

@@ -16,8 +16,9 @@ chains:
   - {name: main, nodes: [gen, fw, [sink-a, sink-b]]}
 ```
 
-A node may instead be an adapter (`adapter: {kind: tap | memif, ...}`, optional `via: NODE`): a TAP
-interface or a memif port, run as exactly one instance (see docs/manager.md, "Adapter nodes").
+A node may instead be an adapter (`adapter: {kind: tap | memif | global, ...}`, optional `via: NODE`): a
+TAP interface, a memif port or a global address's dispatcher, run as exactly one instance (see
+docs/manager.md, "Adapter nodes").
 
 A chain is an ordered list of node names; a step may be a list of nodes (a fan-out group: the
 upstream node spreads flows over them by 5-tuple hash). The runtime's `--next` of every node is
@@ -414,8 +415,8 @@ class NodeConfig(_Model):
     @model_validator(mode="after")
     def _function_or_adapter(self) -> "NodeConfig":
         if self.function is None and self.adapter is None:
-            raise ValueError("a node needs `function:` (a plugin name) or `adapter:` ({kind: tap, ...} or "
-                             "{kind: memif, ...}); add one")
+            raise ValueError("a node needs `function:` (a plugin name) or `adapter:` ({kind: tap, ...}, "
+                             "{kind: memif, ...} or {kind: global, ...}); add one")
         if self.function is not None and self.adapter is not None:
             raise ValueError("a node has either `function:` or `adapter:`, not both; remove one (or make two nodes)")
         return self

@@ -21,9 +21,10 @@ shown as "<redacted>" wherever the manager shows a config (status, API answers),
 are replaced by "<redacted>" in its events and error messages (`redact_text`). Internally the
 real values are kept and compared (a reload that changes only a key pushes it).
 
-Adapter nodes (`adapter:` in the topology: a TAP interface or a memif port) run the `shmfabric
-adapter` / `shmfabric memif` command (`python -P -m shmfabric.cli.main ...`) as their one instance,
-shown as function `adapter:tap` / `adapter:memif`. They answer only `stats` and `stop`: they are
+Adapter nodes (`adapter:` in the topology: a TAP interface, a memif port or a global address's
+dispatcher) run the `shmfabric adapter` / `shmfabric memif` / `shmfabric global` command
+(`python -P -m shmfabric.cli.main ...`) as their one instance, shown as function `adapter:tap` /
+`adapter:memif` / `adapter:global`. They answer only `stats` and `stop`: they are
 polled, restarted and stopped like functions, but never steered, pushed a config or scaled; a
 change of their settings (a reload) replaces the instance: the old one stops first (it owns the
 device or socket), then the new one starts. A memif secret is not put on the command line: it is

@@ -22,10 +22,13 @@ class Sock:
     raddr: object
     rport: int
     state: str
+    queued: int = 0
+    backlog: int = 0
 
 
-def listener(port: int, proto: int = TCP, laddr=None, family: int = 4) -> Sock:
-    return Sock(family, proto, laddr, port, None, 0, "listen" if proto == TCP else "bound")
+def listener(port: int, proto: int = TCP, laddr=None, family: int = 4, queued: int = 0, backlog: int = 128) -> Sock:
+    return Sock(family, proto, laddr, port, None, 0, "listen" if proto == TCP else "bound", queued,
+                backlog if proto == TCP else 0)
 
 
 def conn(lport: int, raddr: int, rport: int, laddr=VIP, proto: int = TCP, state: str = "established") -> Sock:
@@ -267,3 +270,16 @@ def test_a_view_with_its_changes_worked_out_elsewhere_gives_the_same_table() -> 
     c.set_view("n", old, 0)
     c.set_view("n", new, 1, since=new, changed=frozenset())
     assert c.held == b.held
+
+
+def test_a_node_whose_server_stopped_accepting_gets_no_new_connection_while_another_has_room() -> None:
+    t = table()
+    t.update_node("a", [listener(80, queued=129, backlog=128)], 0)  # accept queue full: hung or overloaded
+    t.update_node("b", [listener(80, queued=3, backlog=128)], 0)
+    assert {t.lookup(TCP, CLIENT, 100 + i, 80, 1) for i in range(6)} == {"b"}
+    t.update_node("b", [listener(80, queued=129, backlog=128)], 2)  # both full: both take their turn again
+    assert {t.lookup(TCP, CLIENT, 200 + i, 80, 3) for i in range(6)} == {"a", "b"}
+    # a port listened on twice by one node (SO_REUSEPORT) is full only if both listeners are
+    t.update_node("a", [listener(80, queued=129, backlog=128), listener(80, queued=0, backlog=128)], 4)
+    t.update_node("b", [listener(80, queued=0, backlog=128)], 4)
+    assert {t.lookup(TCP, CLIENT, 300 + i, 80, 5) for i in range(6)} == {"a", "b"}

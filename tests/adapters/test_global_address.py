@@ -260,3 +260,54 @@ def test_an_ipv6_global_address_resolves_spreads_and_refuses() -> None:
             assert counters["nd_replies"] >= 1 and counters.get("arp_replies", 0) == 0, counters
     except LanError as exc:
         pytest.fail(str(exc))
+
+
+STALLED_PORT = 7004
+BACKLOG_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", %d)); s.listen(int(sys.argv[2]))
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(sys.argv[1].encode() + b"\n"); c.close()
+""" % STALLED_PORT
+FILL_THEN_ASK = r"""
+import socket, sys, time
+vip = sys.argv[1]
+held = []
+for i in range(12):  # fill the stalled member's accept queue (its kernel completes the handshakes)
+    c = socket.socket(); c.settimeout(0.5)
+    try:
+        c.connect((vip, %d))
+    except OSError:
+        pass
+    held.append(c)
+time.sleep(2.5)  # (a walk sees its accept queue full)
+got = []
+for i in range(6):
+    try:
+        s = socket.create_connection((vip, %d), timeout=3)
+        got.append(s.makefile().readline().strip() or "eof")
+    except OSError as exc:
+        got.append(type(exc).__name__)
+print(" ".join(got))
+""" % (STALLED_PORT, STALLED_PORT)
+
+
+def test_a_member_whose_server_stopped_accepting_gets_no_new_connections(lan) -> None:
+    import signal
+
+    servers = [lan.popen(h, [sys.executable, "-u", "-c", BACKLOG_SERVER, f"host{h}", "1" if h == 1 else "64"],
+                         stdout=subprocess.PIPE, text=True) for h in (1, 2)]
+    try:
+        for p in servers:
+            assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        # host1's server hangs (SIGSTOP; `ip netns exec` execs it: the pid is its own): its listener
+        # stays, its accept queue fills
+        os.kill(servers[0].pid, signal.SIGSTOP)
+        r = lan.run(0, [sys.executable, "-c", FILL_THEN_ASK, lan.vip], capture_output=True, text=True, timeout=60)
+        assert r.stdout.split() == ["host2"] * 6, r.stdout + r.stderr
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait()

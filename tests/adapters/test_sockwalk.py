@@ -329,3 +329,36 @@ def test_a_closed_walker_refuses_to_walk() -> None:
     w.close()  # idempotent
     with pytest.raises(WalkError, match="closed"):
         w.walk()
+
+
+def test_a_listeners_accept_queue_and_backlog_are_read() -> None:
+    # (what tells the dispatcher a member's server stopped accepting: queued > backlog is full)
+    import socket as _socket
+
+    srv = _socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    port = srv.getsockname()[1]
+    clients = []
+    try:
+        for _ in range(5):
+            c = _socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            clients.append(c)
+        deadline = time.monotonic() + 5
+        with SocketWalker(None) as w:
+            while True:
+                (rec,) = [r for r in w.walk() if r.lport == port and r.state == "listen"]
+                if rec.queued > rec.backlog or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        assert rec.backlog == 2 and rec.queued == 3, rec
+        assert rec == SocketRecord(4, 6, 0x7F000001, port, None, 0, "listen")  # (not part of its identity)
+    finally:
+        for c in clients:
+            c.close()
+        srv.close()

@@ -65,6 +65,8 @@ class SocketLike(Protocol):
     raddr: Address | None
     rport: int
     state: str
+    queued: int  # a listener's accept queue now, and its most (the listen() backlog)
+    backlog: int
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class NodeView:
     ending: frozenset  # keys of its connections ending (TIME_WAIT, ...)
     wild: frozenset  # keys of its any-address sockets with a peer
     listen: frozenset  # (proto, port) it waits on for anyone
+    full: frozenset = frozenset()  # (TCP, port) listeners whose accept queue is full (not accepting)
 
 
 def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> NodeView:
@@ -85,6 +88,8 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
     ending: set = set()
     wild: set = set()
     listen: set = set()
+    full: set = set()
+    free: set = set()
     for s in sockets:
         if s.family != family or s.proto not in (TCP, UDP):
             continue
@@ -93,6 +98,10 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
         if s.raddr is None:
             if s.proto == UDP or s.state == "listen":
                 listen.add((s.proto, s.lport))
+                if s.proto == TCP:
+                    # (the kernel's own test, sk_acceptq_is_full; a port listened on twice is full only
+                    # if every listener on it is)
+                    (full if s.queued > s.backlog else free).add((TCP, s.lport))
             continue
         key = (s.proto, s.raddr, s.rport, s.lport)
         if s.laddr is None:
@@ -101,7 +110,8 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
             live.add(key)
         else:
             ending.add(key)
-    return NodeView(frozenset(live), frozenset(ending - live), frozenset(wild), frozenset(listen))
+    return NodeView(frozenset(live), frozenset(ending - live), frozenset(wild), frozenset(listen),
+                    frozenset(full - free))
 
 
 EMPTY = NodeView(frozenset(), frozenset(), frozenset(), frozenset())
@@ -166,7 +176,8 @@ class ConnectionTable:
         keys = changed if changed is not None and since is not None and old is since else changes(old, view)
         for key in keys:
             self._resolve(key)
-        if node not in self._nodes and node not in self._away or view.wild != old.wild or view.listen != old.listen:
+        if node not in self._nodes and node not in self._away or view.wild != old.wild or view.listen != old.listen \
+                or view.full != old.full:
             self._rebuild()
 
     def set_placeable(self, node: Hashable, placeable: bool) -> None:
@@ -216,12 +227,19 @@ class ConnectionTable:
         self._nodes = sorted((n for n in self._views if n not in self._away), key=repr)
         wild: dict[Key, list] = {}
         listen: dict[tuple[int, int], list] = {}
+        full: dict[tuple[int, int], list] = {}
         for node in self._nodes:
             view = self._views[node]
             for key in view.wild:
                 wild.setdefault(key, []).append(node)
             for key in view.listen:
-                listen.setdefault(key, []).append(node)
+                (full if key in view.full else listen).setdefault(key, []).append(node)
+        # A node whose listener's accept queue is full (its server stopped accepting: hung, or
+        # overloaded) gets no new connection while another node listening there has room; if
+        # every one is full, they all take their turn (nothing better to do).
+        for key, nodes in full.items():
+            if key not in listen:
+                listen[key] = nodes
         self._wild, self._listen = wild, listen
         self._hashed = {}
         live = set(listen) | set(wild)

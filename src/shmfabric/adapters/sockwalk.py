@@ -37,7 +37,7 @@ import errno
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from struct import Struct
 from types import TracebackType
 from typing import Union
@@ -69,6 +69,8 @@ _REQ = Struct("=BBBxI48x")
 # struct inet_diag_msg up to the addresses: family, state, (timer, retrans), sport+dport (network
 # order, unpacked by _PORTS), src, dst. The full struct is 72 bytes; attributes follow it.
 _MSG = Struct("=BB2x4s16s16s")
+_QUEUES = Struct("=II")  # idiag_rqueue, idiag_wqueue: for a listener, its accept queue and backlog
+_QUEUES_AT = 56
 _PORTS = Struct("!HH").unpack
 _MSG_SIZE = 72
 _NLA = Struct("=HH")
@@ -80,6 +82,7 @@ _TCP_STATES = {
     12: "syn_recv",  # TCP_NEW_SYN_RECV: a request socket (the kernel reports it as SYN_RECV anyway)
     13: "close",     # TCP_BOUND_INACTIVE: the socket's own state is TCP_CLOSE
 }
+_TCP_LISTEN = 10
 _UDP_CONNECTED = 1  # a connected UDP socket is TCP_ESTABLISHED, an unconnected one TCP_CLOSE
 
 _ZERO16 = bytes(16)
@@ -105,6 +108,10 @@ class SocketRecord:
     raddr: Address | None         # None when the socket has no peer
     rport: int                    # 0 when no peer
     state: str                    # TCP state name, or "bound" / "connected" for UDP
+    # A listener's accept queue: connections waiting for accept() and the most it holds (the
+    # listen() backlog); 0 for other sockets. Not part of a record's identity.
+    queued: int = field(default=0, compare=False)
+    backlog: int = field(default=0, compare=False)
 
 
 class SocketWalker:
@@ -335,7 +342,12 @@ def _parse(buf: bytearray, n: int, seq: int, proto: int, out: list[SocketRecord]
             if mtype == SOCK_DIAG_BY_FAMILY and length >= 16 + _MSG_SIZE:
                 fam, state, ports, src, dst = msg(buf, off + 16)
                 lport, rport = _PORTS(ports)
+                first = len(out)
                 _records(fam, proto, state, src, dst, lport, rport, buf, off, length, out)
+                if state == _TCP_LISTEN and proto == socket.IPPROTO_TCP:
+                    queued, backlog = _QUEUES.unpack_from(buf, off + 16 + _QUEUES_AT)
+                    for i in range(first, len(out)):  # (one record, or two for a dual-stack listener)
+                        out[i] = replace(out[i], queued=queued, backlog=backlog)
             elif mtype == NLMSG_DONE:
                 err = _ERRNO.unpack_from(buf, off + 16)[0] if length >= 20 else 0
                 if err < 0:

@@ -311,3 +311,46 @@ def test_a_member_whose_server_stopped_accepting_gets_no_new_connections(lan) ->
         for p in servers:
             p.kill()
             p.wait()
+
+
+FW_CLIENT = r"""
+import socket, sys
+out = []
+for port in (8080, 8080, 8080, 8080, 8081):
+    try:
+        s = socket.create_connection((sys.argv[1], port), timeout=2)
+        out.append(s.makefile().readline().strip() or "eof")
+    except OSError as exc:
+        out.append(type(exc).__name__)
+print(" ".join(out))
+"""
+TWO_PORTS = r"""
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(sys.argv[1].encode() + b"\n"); c.close()
+for p in (8080, 8081):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_firewall_chain_in_front_of_the_global_address() -> None:
+    # Every adapter sends its unicast frames through `fw` (accepting TCP 8080 only) and `router`,
+    # which hands the global address's packets to the dispatcher: the members' port 8081 is
+    # unreachable through it, 8080 spread over both.
+    try:
+        with GlobalFabricLan(members=2, lan=8, firewall="policy drop\ntcp dport 8080 accept") as lan:
+            for h in (1, 2):
+                p = lan.popen(h, [sys.executable, "-u", "-c", TWO_PORTS, f"host{h}"], stdout=subprocess.PIPE,
+                              text=True)
+                assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+            lan.start_dispatcher()
+            r = lan.run(0, [sys.executable, "-c", FW_CLIENT, lan.vip], capture_output=True, text=True, timeout=60)
+            *hosts, other = r.stdout.split()
+            assert sorted(hosts) == ["host1", "host1", "host2", "host2"], r.stdout + r.stderr
+            assert other == "TimeoutError", r.stdout  # dropped by the firewall, never reaching the dispatcher
+    except LanError as exc:
+        pytest.fail(str(exc))

@@ -196,9 +196,8 @@ class FabricLan(_Lan):
         for i in range(self.hosts):
             self.start(i)
         if self.firewall is not None:
-            names = [f"host{i}" for i in range(self.hosts)]
-            self.function("router", "router", {"routes": {f"{self.ip(i)}/32": n for i, n in enumerate(names)}},
-                          ports=names)
+            routes = self.routes()
+            self.function("router", "router", {"routes": routes}, ports=sorted(set(routes.values())))
             self.function("fw", "firewall", {"rules": self.firewall}, nxt="router")
             fab = Fabric.open(self.fabric)
             try:
@@ -207,6 +206,10 @@ class FabricLan(_Lan):
                     raise LanError("the chain's functions (fw, router) did not attach within 30 s")
             finally:
                 fab.close()
+
+    def routes(self) -> dict[str, str]:
+        """The chain's router's routes (with `firewall`): each host's address to its adapter."""
+        return {f"{self.ip(i)}/32": f"host{i}" for i in range(self.hosts)}
 
     def function(self, node: str, function: str, config: dict, nxt: str = "",
                  ports: Sequence[str] = ()) -> subprocess.Popen:
@@ -349,6 +352,10 @@ class GlobalFabricLan(FabricLan):
     def adapter_argv(self, host: int) -> list[str]:
         argv = super().adapter_argv(host)
         return argv + ["--global", self.vip] if host >= 1 else argv
+
+    def routes(self) -> dict[str, str]:
+        # (with `firewall`: the global address is the dispatcher's, `gw`, to the chain's router)
+        return {**super().routes(), f"{self.vip}/32": "gw"}
 
     def dispatcher_argv(self, name: str = "gw") -> list[str]:
         argv = [sys.executable, "-m", "shmfabric", "global", self.fabric, name, "--address", self.vip]

@@ -38,7 +38,7 @@ def tcp(port):
 def udp():
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((vip, %d))
     while True:
-        data, peer = u.recvfrom(2048); u.sendto(f"{name} ".encode() + data, peer)
+        data, peer = u.recvfrom(65536); u.sendto(f"{name} ".encode() + data, peer)
 for p in ports:
     threading.Thread(target=tcp, args=(p,), daemon=True).start()
 threading.Thread(target=udp, daemon=True).start()
@@ -66,14 +66,17 @@ for cmd in sys.stdin:
             s.sendall(words[2].encode() + b"\n")
             out = f.readline().decode().strip()
         elif words[0] == "udp":
+            size = int(words[2]) if len(words) > 2 else 0
             hosts = []
             for i in range(int(words[1])):
                 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
                 u.connect((vip, %d))
                 got = []
                 for j in range(2):
-                    u.send(f"d{i}.{j}".encode())
-                    got.append(u.recv(2048).decode().split()[0])
+                    data = f"d{i}.{j}".encode().ljust(size, b"x")
+                    u.send(data)
+                    back = u.recv(65536)
+                    got.append(back.split()[0].decode() if back.endswith(data) else f"bad{len(back)}")
                 hosts.append("+".join(got))
                 u.close()
             out = " ".join(hosts)
@@ -145,6 +148,13 @@ def test_udp_associations_are_spread_and_each_stays_with_its_member(client) -> N
     pairs = client.ask("udp 16").split()  # (placed by a hash of each flow: 16 spread over both)
     assert len(pairs) == 16 and all(a == b for a, b in (p.split("+") for p in pairs)), pairs
     assert {p.split("+")[0] for p in pairs} == {"host1", "host2"}, pairs
+
+
+def test_fragmented_datagrams_reach_their_member_whole(client) -> None:
+    # 4,000-byte datagrams on a 1,500-byte link: the client's kernel cuts each into three
+    # fragments, only the first with the ports; the dispatcher sends the rest after it
+    pairs = client.ask("udp 8 4000").split()
+    assert len(pairs) == 8 and all(a == b and a.startswith("host") for a, b in (p.split("+") for p in pairs)), pairs
 
 
 def test_the_global_address_answers_ping(lan) -> None:
@@ -219,7 +229,12 @@ class _Lan6(GlobalFabricLan):
 
 
 V6_SERVER = r"""
-import socket, sys
+import socket, sys, threading
+def udp():
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.bind((sys.argv[2], 5300))
+    while True:
+        data, peer = u.recvfrom(65536); u.sendto(sys.argv[1].encode() + b" " + data, peer)
+threading.Thread(target=udp, daemon=True).start()
 s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("::", 8080)); s.listen(16)
 print("ready", flush=True)
@@ -239,7 +254,16 @@ def once(port):
 deadline = time.monotonic() + 20  # duplicate address detection holds new IPv6 addresses a moment
 while once(8080) not in ("host1", "host2") and time.monotonic() < deadline:
     time.sleep(0.3)
-print(" ".join(once(8080) for _ in range(4)), once(8081))
+def big():  # a 4,000-byte datagram: IPv6 fragments, only the first with the ports
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.settimeout(3); u.connect((sys.argv[1], 5300))
+    data = b"z" * 4000
+    u.send(data)
+    try:
+        back = u.recv(65536)
+    except OSError as exc:
+        return type(exc).__name__
+    return "whole" if back.endswith(data) and back.split()[0] in (b"host1", b"host2") else f"bad{len(back)}"
+print(" ".join(once(8080) for _ in range(4)), once(8081), big())
 """
 
 
@@ -247,12 +271,14 @@ def test_an_ipv6_global_address_resolves_spreads_and_refuses() -> None:
     try:
         with _Lan6(members=2, lan=7) as lan:
             for h in (1, 2):
-                p = lan.popen(h, [sys.executable, "-u", "-c", V6_SERVER, f"host{h}"], stdout=subprocess.PIPE, text=True)
+                p = lan.popen(h, [sys.executable, "-u", "-c", V6_SERVER, f"host{h}", lan.vip], stdout=subprocess.PIPE,
+                              text=True)
                 assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
             lan.start_dispatcher()
             r = lan.run(0, [sys.executable, "-c", V6_CLIENT, lan.vip], capture_output=True, text=True, timeout=60)
-            *hosts, closed = r.stdout.split()
+            *hosts, closed, big = r.stdout.split()
             assert sorted(hosts) == ["host1", "host1", "host2", "host2"] and closed == "refused", r.stdout + r.stderr
+            assert big == "whole", r.stdout
             ping = lan.run(0, ["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", lan.vip], capture_output=True,
                            text=True, timeout=30)
             assert ping.returncode == 0, ping.stdout + ping.stderr

@@ -86,8 +86,31 @@ def test_ipv6_flows_and_extension_headers() -> None:
     f = flow_of_v6(ip_of(build.tcp_frame(CLIENT6, VIP6, 40000, 443, flags="S")), VIP6_B)
     assert isinstance(f, Flow) and f.key == (6, ipaddress.ip_address(CLIENT6).packed, 40000, 443) and f.opening
     assert flow_of_v6(ip_of(build.tcp_frame(CLIENT6, "fd00::9", 1, 443)), VIP6_B) is Drop.NOT_GLOBAL
-    frag = build.tcp_frame(CLIENT6, VIP6, 1, 443, ext=[build.ipv6_fragment(0, True, 5)])
-    assert flow_of_v6(ip_of(frag), VIP6_B) is Drop.EXTENSION
+    client6 = ipaddress.ip_address(CLIENT6).packed
+    # options and a routing header with no segments left are stepped over
+    opts = build.udp_frame(CLIENT6, VIP6, 5353, 53, b"q", ext=[build.ipv6_ext(0, b"\x01\x00"),
+                                                                 build.ipv6_ext(60, b"\x01\x00")])
+    f = flow_of_v6(ip_of(opts), VIP6_B)
+    assert isinstance(f, Flow) and f.key == (17, client6, 5353, 53)
+    routed = bytearray(ip_of(build.udp_frame(CLIENT6, VIP6, 5353, 53, b"q", ext=[build.ipv6_ext(43, bytes(6))])))
+    assert isinstance(flow_of_v6(bytes(routed), VIP6_B), Flow)
+    routed[40 + 3] = 1  # segments left: the global address is not where it ends
+    assert flow_of_v6(bytes(routed), VIP6_B) is Drop.EXTENSION
+    # a first fragment records itself; the ones after it follow it; an atomic fragment is a packet
+    first = flow_of_v6(ip_of(build.udp_frame(CLIENT6, VIP6, 5353, 53, b"x" * 16,
+                                             ext=[build.ipv6_fragment(0, True, 5)])), VIP6_B)
+    assert isinstance(first, Flow) and first.key == (17, client6, 5353, 53) and first.fragment == (client6, 5, 44)
+    later = build.ip_frame(b"y" * 16, src=CLIENT6, dst=VIP6, proto=17, ext=[build.ipv6_fragment(24, False, 5)])
+    assert flow_of_v6(ip_of(later), VIP6_B) == ("fragment", (client6, 5, 44))
+    atomic = flow_of_v6(ip_of(build.tcp_frame(CLIENT6, VIP6, 1, 443, ext=[build.ipv6_fragment(0, False, 6)])),
+                        VIP6_B)
+    assert isinstance(atomic, Flow) and atomic.fragment is None
+    esp = build.ip_frame(bytes(16), src=CLIENT6, dst=VIP6, proto=50)
+    assert flow_of_v6(ip_of(esp), VIP6_B) is Drop.EXTENSION
+    chained = ip_of(build.udp_frame(CLIENT6, VIP6, 1, 53, b"q", ext=[build.ipv6_ext(60)] * 9))
+    assert flow_of_v6(chained, VIP6_B) is Drop.EXTENSION  # more headers than any packet needs
+    for n in range(len(opts) - 14):  # every cut: a verdict, never an exception
+        flow_of_v6(ip_of(opts)[:n], VIP6_B)
     echo = flow_of_v6(ip_of(build.icmp_echo_frame(CLIENT6, VIP6, identifier=3)), VIP6_B)
     assert isinstance(echo, Flow) and echo.key[0] == 58 and echo.key[2] == 3
 

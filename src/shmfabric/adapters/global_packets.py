@@ -68,17 +68,42 @@ def flow_of_v4(p: Buffer, vip: int) -> Flow | Drop | tuple:
     return _l4(p, ihl, proto, src, ICMP, first, _inner_v4)
 
 
-def flow_of_v6(p: Buffer, vip: bytes) -> Flow | Drop:
-    """The flow of an IPv6 packet (`p` starts at the IP header); the transport header must come
-    right after the fixed one (extension headers: Drop.EXTENSION)."""
+MAX_EXTENSIONS = 8  # IPv6 extension headers followed at most (RFC 8200 allows each once, bar one)
+
+
+def flow_of_v6(p: Buffer, vip: bytes) -> Flow | Drop | tuple:
+    """The flow of an IPv6 packet (`p` starts at the IP header). Hop-by-hop and destination
+    options, a routing header with no segments left and a fragment header are stepped over; a
+    fragment after the first gives ("fragment", (src, id, 44)), as `flow_of_v4` does. A routing
+    header with segments left (the global address is not the final destination), ESP and AH
+    (the ports are not readable) are Drop.EXTENSION."""
     if len(p) < 40 or p[0] >> 4 != 6:
         return Drop.SHORT
     if bytes(p[24:40]) != vip:
         return Drop.NOT_GLOBAL
-    nh = p[6]
-    if nh not in (TCP, UDP, ICMPV6):
-        return Drop.EXTENSION if nh in (0, 43, 44, 50, 51, 60, 135) else Drop.PROTOCOL
-    return _l4(p, 40, nh, bytes(p[8:24]), ICMPV6, None, _inner_v6)
+    src = bytes(p[8:24])
+    nh, at, first = p[6], 40, None
+    for _ in range(MAX_EXTENSIONS):
+        if nh in (TCP, UDP, ICMPV6):
+            break
+        if nh not in (0, 43, 44, 60):
+            return Drop.EXTENSION if nh in (50, 51, 135, 139, 140) else Drop.PROTOCOL
+        if len(p) < at + 8:
+            return Drop.SHORT
+        if nh == 44:
+            off_m = (p[at + 2] << 8) | p[at + 3]
+            key = (src, int.from_bytes(bytes(p[at + 4:at + 8]), "big"), 44)
+            if off_m & 0xFFF8:
+                return ("fragment", key)
+            first = key if off_m & 1 else None  # (offset 0 and no more: an atomic fragment, a whole packet)
+            nh, at = p[at], at + 8
+        else:
+            if nh == 43 and p[at + 3]:  # segments left: on its way elsewhere
+                return Drop.EXTENSION
+            nh, at = p[at], at + (p[at + 1] + 1) * 8
+    else:
+        return Drop.EXTENSION
+    return _l4(p, at, nh, src, ICMPV6, first, _inner_v6)
 
 
 def _l4(p: Buffer, at: int, proto: int, src, echo_proto: int, first, inner) -> Flow | Drop:

@@ -105,3 +105,17 @@ def test_a_confirm_timeout_shorter_than_two_walks_is_refused(rig) -> None:
     fab, d, m1, client = rig
     with pytest.raises(GlobalError, match="shorter than two walks"):
         GlobalDispatcher(fab, d.node, VIP, [("m1", None)], walk_every=2, confirm_timeout=3)
+
+
+def test_a_segment_of_a_connection_no_member_holds_is_reset_once_a_walk_agrees(rig) -> None:
+    # (its member went away: the client is told, as a host tells it, instead of retrying for minutes)
+    fab, d, m1, client = rig
+    seg = to_gw(d, build.tcp_frame(CLIENT, VIP, 40001, 80, b"data", flags="A", seq=100, ack=5000), client.mac)
+    send(client, d, [seg])
+    assert d.counters["drop_not_opening"] == 1 and d.counters.get("refused", 0) == 0
+    d._applied = d._unplaced[next(iter(d._unplaced))] + 0.001
+    send(client, d, [seg])
+    assert d.counters["refused"] == 1
+    with client.recv_batch(8, 1.0) as b:
+        tcp = b[0].raw[14 + 20:]
+    assert tcp[13] & 0x04 and int.from_bytes(tcp[4:8], "big") == 5000  # a reset, its sequence the ACK's number

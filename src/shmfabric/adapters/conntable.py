@@ -89,7 +89,6 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
     wild: set = set()
     listen: set = set()
     full: set = set()
-    free: set = set()
     for s in sockets:
         if s.family != family or s.proto not in (TCP, UDP):
             continue
@@ -98,10 +97,11 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
         if s.raddr is None:
             if s.proto == UDP or s.state == "listen":
                 listen.add((s.proto, s.lport))
-                if s.proto == TCP:
-                    # (the kernel's own test, sk_acceptq_is_full; a port listened on twice is full only
-                    # if every listener on it is)
-                    (full if s.queued > s.backlog else free).add((TCP, s.lport))
+                if s.proto == TCP and s.queued > s.backlog:
+                    # (the kernel's own test, sk_acceptq_is_full. One full listener makes the port
+                    # full: with several (SO_REUSEPORT, or one on the address and one on any) the
+                    # kernel picks one by the connection's hash and never skips a full one)
+                    full.add((TCP, s.lport))
             continue
         key = (s.proto, s.raddr, s.rport, s.lport)
         if s.laddr is None:
@@ -111,7 +111,7 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
         else:
             ending.add(key)
     return NodeView(frozenset(live), frozenset(ending - live), frozenset(wild), frozenset(listen),
-                    frozenset(full - free))
+                    frozenset(full))
 
 
 EMPTY = NodeView(frozenset(), frozenset(), frozenset(), frozenset())
@@ -153,6 +153,9 @@ class ConnectionTable:
         self._nodes: list = []
         self._turn: dict[tuple[int, int] | Key, int] = {}  # round-robin position per listener or wildcard key
         self._hashed: dict[Key, Hashable] = {}  # flows placed by hash since the candidates last changed
+        # (TCP, port) listeners of each node full at its last two walks: one walk finding a busy
+        # server's queue full at that instant would move its traffic away for a whole walk
+        self._full: dict[Hashable, frozenset] = {}
         self.counts = {"placed": 0, "hashed": 0, "collected": 0, "full": 0}
 
     # -- what the nodes hold ---------------------------------------------------------------------
@@ -176,9 +179,15 @@ class ConnectionTable:
         keys = changed if changed is not None and since is not None and old is since else changes(old, view)
         for key in keys:
             self._resolve(key)
-        if node not in self._nodes and node not in self._away or view.wild != old.wild or view.listen != old.listen \
-                or view.full != old.full:
+        full = view.full & old.full
+        full_changed = full != self._full.get(node, frozenset())
+        self._full[node] = full
+        if node not in self._nodes and node not in self._away or view.wild != old.wild:
             self._rebuild()
+        elif view.listen != old.listen:
+            self._rebuild(wild=False)
+        elif full_changed:
+            self._rebuild(wild=False, hashed=False)  # (TCP only: the datagram flows stay where they are)
 
     def set_placeable(self, node: Hashable, placeable: bool) -> None:
         """Whether `node` takes new connections (its connections go on being placed on it either
@@ -194,6 +203,7 @@ class ConnectionTable:
         on. Returns how many of its connections were known (their packets are dropped now)."""
         view = self._views.pop(node, None)
         self._away.discard(node)
+        self._full.pop(node, None)
         if view is None:
             return 0
         for key in view.live | view.ending:
@@ -223,27 +233,33 @@ class ConnectionTable:
         else:
             self.held[key] = best
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, wild: bool = True, hashed: bool = True) -> None:
+        """The candidates for new flows, from the views of the nodes that take them: the wildcard
+        sockets' (`wild`: costs their number: only when they or the nodes changed) and the
+        listeners'; the datagram flows' placements start over (`hashed`)."""
         self._nodes = sorted((n for n in self._views if n not in self._away), key=repr)
-        wild: dict[Key, list] = {}
         listen: dict[tuple[int, int], list] = {}
         full: dict[tuple[int, int], list] = {}
         for node in self._nodes:
-            view = self._views[node]
-            for key in view.wild:
-                wild.setdefault(key, []).append(node)
+            view, node_full = self._views[node], self._full.get(node, frozenset())
             for key in view.listen:
-                (full if key in view.full else listen).setdefault(key, []).append(node)
+                (full if key in node_full else listen).setdefault(key, []).append(node)
         # A node whose listener's accept queue is full (its server stopped accepting: hung, or
         # overloaded) gets no new connection while another node listening there has room; if
         # every one is full, they all take their turn (nothing better to do).
         for key, nodes in full.items():
             if key not in listen:
                 listen[key] = nodes
-        self._wild, self._listen = wild, listen
-        self._hashed = {}
-        live = set(listen) | set(wild)
-        self._turn = {k: v for k, v in self._turn.items() if k in live}
+        self._listen = listen
+        if wild:
+            w: dict[Key, list] = {}
+            for node in self._nodes:
+                for key in self._views[node].wild:
+                    w.setdefault(key, []).append(node)
+            self._wild = w
+        if hashed:
+            self._hashed = {}
+        self._turn = {k: v for k, v in self._turn.items() if k in listen or k in self._wild}
 
     # -- placing packets ---------------------------------------------------------------------------
     def lookup(self, proto: int, faddr: Address, fport: int, lport: int, now: float,
@@ -260,8 +276,9 @@ class ConnectionTable:
         away = self._away
         p = self.placed.get(key)
         if p is not None:
-            # (a retransmitted SYN goes where the first went, unless that node went away meanwhile)
-            if not syn or p.node not in away and (proto, lport) in self._views.get(p.node, EMPTY).listen:
+            # (a retransmitted SYN goes where the first went, unless that node went away or stopped
+            # accepting meanwhile: it is a candidate no more)
+            if not syn or p.node in (self._wild.get(key) or self._listen.get((TCP, lport), ())):
                 return p.node
             del self.placed[key]
         if held is not None and (not syn or held[0] not in away

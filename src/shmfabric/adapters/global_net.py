@@ -362,7 +362,11 @@ class GlobalDispatcher(FabricPort):
         if isinstance(node, Miss):
             c["drop_" + node.name.lower()] += 1
             self.walker.soon()  # a member may hold what the last walk did not show yet
-            if node is Miss.NO_LISTENER and proto != self.table.echo:
+            if proto != self.table.echo:
+                # Nobody listening (a SYN, a datagram), or a segment of a connection no member holds
+                # (its member went away, or the dispatcher never knew it): answered as a host would,
+                # with a reset or a port unreachable, once a fresh walk agrees, so the client stops
+                # instead of retrying until its timeout.
                 self._maybe_refuse(f, flow.key, now)
             return DROP
         if self._unplaced:

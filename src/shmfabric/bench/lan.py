@@ -354,7 +354,9 @@ class GlobalFabricLan(FabricLan):
         return argv + ["--global", self.vip] if host >= 1 else argv
 
     def routes(self) -> dict[str, str]:
-        # (with `firewall`: the global address is the dispatcher's, `gw`, to the chain's router)
+        # (with `firewall`: the global address is the dispatcher's, `gw`, to the chain's router,
+        # which waits up to 30 s for that node before it forwards anything: start the dispatcher
+        # within that time)
         return {**super().routes(), f"{self.vip}/32": "gw"}
 
     def dispatcher_argv(self, name: str = "gw") -> list[str]:

@@ -193,6 +193,7 @@ class GlobalDispatcher(FabricPort):
         self._unplaced: OrderedDict[tuple, float] = OrderedDict()  # key -> when a packet first found nobody
         self._applied = 0.0  # when the last walk round applied whole to the table started (_maybe_refuse)
         self._walk_failure = ""  # the last walk failure said (other than a namespace gone)
+        self._unwalked: set[str] = set()  # members whose last walk failed: what they hold is not known
         self._defended = 0.0  # when the address was last defended against a DAD probe
         self._announce_at = [0.0, 0.0]  # when to announce the address again (a lost broadcast is sent again)
         self._log = log
@@ -249,6 +250,7 @@ class GlobalDispatcher(FabricPort):
                 continue
             if isinstance(got, BaseException):
                 self.c["walk_errors"] += 1
+                self._unwalked.add(name)
                 if name and isinstance(got, WalkError):
                     # its namespace cannot be read: nothing is known of it, so nothing goes to it
                     gone = self.table.remove_node(name)
@@ -261,6 +263,7 @@ class GlobalDispatcher(FabricPort):
                               f"{type(got).__name__}: {got}; tried again every round")
                 continue
             m = self._by_name[name]
+            self._unwalked.discard(name)
             # A member whose node is not attached (its adapter restarting) keeps its connections
             # (its kernel holds them; their packets are dropped meanwhile) but takes no new one.
             self.table.set_view(name, got, now, since=item[3], changed=item[4])
@@ -367,7 +370,7 @@ class GlobalDispatcher(FabricPort):
                 # (its member went away, or the dispatcher never knew it): answered as a host would,
                 # with a reset or a port unreachable, once a fresh walk agrees, so the client stops
                 # instead of retrying until its timeout.
-                self._maybe_refuse(f, flow.key, now)
+                self._maybe_refuse(f, flow.key, now, flow.opening)
             return DROP
         if self._unplaced:
             self._unplaced.pop(flow.key, None)
@@ -379,7 +382,7 @@ class GlobalDispatcher(FabricPort):
                 frags.popitem(last=False)
         return self._by_name[node].index
 
-    def _maybe_refuse(self, f: native.Frame, key: tuple, now: float) -> None:
+    def _maybe_refuse(self, f: native.Frame, key: tuple, now: float, opening: bool = True) -> None:
         """Refuse a connection nobody waits for, as a host does (a TCP reset, an ICMP port
         unreachable): the client fails at once instead of retrying for minutes. Only once a walk
         done after its first packet still shows no listener: a server that has just started (the
@@ -392,6 +395,10 @@ class GlobalDispatcher(FabricPort):
                 self._unplaced.popitem(last=False)
             return
         if self._applied <= first:  # no walk begun after it has reached the table yet
+            return
+        if key[0] == 6 and self._unwalked and not opening:
+            # a segment of a connection: a member whose last walk failed (a netlink hiccup, its
+            # namespace gone) may hold it; a reset would cut it. Dropped, not answered.
             return
         del self._unplaced[key]
         with memoryview(f) as p:

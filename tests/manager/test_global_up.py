@@ -149,16 +149,22 @@ def test_up_serves_one_address_from_two_members(env, tmp_path):  # noqa: F811 (e
                                  stdout=subprocess.PIPE, text=True)
             servers.append(p)
             assert p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        def logs() -> str:  # (what a failure shows: the instances' own words, and the status)
+            return "".join(f.read_text() for f in (tmp_path / "state").glob("*/*.log")) + \
+                str(cli(env, "status", "--json", check=False).stdout)[-3000:]
+
         cli(env, "up", path, "--detach")
         up = True
-        poll("the dispatcher running", lambda: inst_of(status(env), "gw")["state"] == "running")
-        # (the members' adapters attach a moment after the dispatcher may have started)
-        poll("both members in the dispatcher's table",
-             lambda: (inst_of(status(env), "gw").get("counters") or {}).get("table_nodes") == 2)
+        try:
+            poll("the dispatcher running", lambda: inst_of(status(env), "gw")["state"] == "running")
+            # (the members' adapters attach a moment after the dispatcher may have started)
+            poll("both members in the dispatcher's table",
+                 lambda: (inst_of(status(env), "gw").get("counters") or {}).get("table_nodes") == 2)
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}\n{logs()}")
         assert inst_of(status(env), "gw")["function"] == "adapter:global"
         r = _run("ip", "netns", "exec", spaces["c"], sys.executable, "-c", CLIENT, "10.77.9.100", timeout=60)
-        assert sorted(r.stdout.split()) == ["w1", "w1", "w2", "w2"], r.stdout + r.stderr + "".join(
-            f.read_text() for f in (tmp_path / "state").glob("*/*.log"))
+        assert sorted(r.stdout.split()) == ["w1", "w1", "w2", "w2"], r.stdout + r.stderr + logs()
         cli(env, "down", timeout=90)
         up = False
     finally:

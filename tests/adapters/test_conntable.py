@@ -307,3 +307,40 @@ def test_a_syn_retried_after_its_node_stopped_accepting_is_placed_anew() -> None
     for now in (1, 2):
         t.update_node("a", [listener(80, queued=129, backlog=128)], now)
     assert t.lookup(TCP, CLIENT, 1, 80, 2.1) == "b"  # the retry goes where it can be accepted
+
+
+def test_a_syn_over_time_wait_is_placed_so_its_ack_finds_the_node_before_a_walk_shows_it() -> None:
+    # (the node answered with a SYN cookie: it holds nothing until the ACK comes)
+    t = table()
+    t.update_node("a", [listener(80), conn(80, CLIENT, 7, state="time_wait")], 0)
+    t.update_node("b", [listener(80)], 0)
+    assert t.lookup(TCP, CLIENT, 7, 80, 1) == "a"
+    t.update_node("a", [listener(80)], 1.5)  # the TIME_WAIT went, no socket yet
+    assert t.lookup(TCP, CLIENT, 7, 80, 1.6, opening=False) == "a"
+
+
+def test_a_syn_over_time_wait_on_a_node_that_stopped_accepting_goes_elsewhere() -> None:
+    t = table()
+    for now in (0, 1):
+        t.update_node("a", [listener(80, queued=129, backlog=128), conn(80, CLIENT, 7, state="time_wait")], now)
+        t.update_node("b", [listener(80)], now)
+    assert t.lookup(TCP, CLIENT, 7, 80, 2) == "b"
+
+
+def test_a_full_wildcard_listener_does_not_matter_beside_one_on_the_address_itself() -> None:
+    # (the kernel gives the address's own listener the connections first)
+    t = table()
+    for now in (0, 1):
+        t.update_node("a", [listener(80, queued=5, backlog=0), listener(80, laddr=VIP)], now)
+        t.update_node("b", [listener(80)], now)
+    assert {t.lookup(TCP, CLIENT, 300 + i, 80, 2) for i in range(6)} == {"a", "b"}
+
+
+def test_a_queue_must_stay_full_for_full_after_seconds_however_often_walks_come() -> None:
+    t = table(full_after=1.0)
+    t.update_node("b", [listener(80)], 0)
+    for now in (0, 0.25, 0.5, 0.75):  # walks asked for by misses, close together
+        t.update_node("a", [listener(80, queued=129, backlog=128)], now)
+    assert {t.lookup(TCP, CLIENT, 300 + i, 80, 0.8) for i in range(6)} == {"a", "b"}
+    t.update_node("a", [listener(80, queued=129, backlog=128)], 1.0)
+    assert {t.lookup(TCP, CLIENT, 400 + i, 80, 1.1) for i in range(6)} == {"b"}

@@ -26,7 +26,7 @@ from typing import Iterator
 import pytest
 
 from shmfabric import programs
-from shmfabric.adapters.sockwalk import NETNS_DIR, SocketRecord, SocketWalker, WalkError
+from shmfabric.adapters.sockwalk import NETNS_DIR, NamespaceGone, SocketRecord, SocketWalker, WalkError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -222,7 +222,7 @@ def test_the_walker_works_from_another_thread_and_leaves_the_callers_namespace_a
 
 def test_a_walker_for_a_missing_namespace_raises_naming_it_and_how_to_create_it() -> None:
     name = f"sfwalk-missing-{secrets.token_hex(4)}"
-    with pytest.raises(WalkError) as e:
+    with pytest.raises(NamespaceGone) as e:  # (a WalkError that says: whatever it held is unreachable)
         SocketWalker(name)
     assert name in str(e.value)
     assert f"ip netns add {name}" in str(e.value)
@@ -240,7 +240,7 @@ def test_a_walk_after_the_namespace_is_deleted_raises_saying_it_is_gone() -> Non
         w = SocketWalker(ns)
         assert w.walk() == []  # lo is up, nothing listens
         ip("netns", "del", ns)
-        with pytest.raises(WalkError, match=f"{ns}.*is gone"):
+        with pytest.raises(NamespaceGone, match=f"{ns}.*is gone"):
             w.walk()
         w.close()
 
@@ -252,7 +252,7 @@ def test_a_walk_after_the_namespace_is_recreated_raises_asking_for_a_new_walker(
             w.walk()
             ip("netns", "del", ns)
             ip("netns", "add", ns)
-            with pytest.raises(WalkError, match="created again.*new SocketWalker"):
+            with pytest.raises(NamespaceGone, match="created again.*new SocketWalker"):
                 w.walk()
 
 

@@ -89,6 +89,8 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
     wild: set = set()
     listen: set = set()
     full: set = set()
+    full_any: set = set()  # (TCP, port) with a full listener bound to any address
+    exact: set = set()  # (TCP, port) with a listener bound to the global address itself
     for s in sockets:
         if s.family != family or s.proto not in (TCP, UDP):
             continue
@@ -97,11 +99,14 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
         if s.raddr is None:
             if s.proto == UDP or s.state == "listen":
                 listen.add((s.proto, s.lport))
-                if s.proto == TCP and s.queued > s.backlog:
-                    # (the kernel's own test, sk_acceptq_is_full. One full listener makes the port
-                    # full: with several (SO_REUSEPORT, or one on the address and one on any) the
-                    # kernel picks one by the connection's hash and never skips a full one)
-                    full.add((TCP, s.lport))
+                if s.proto == TCP:
+                    if s.laddr is not None:
+                        exact.add((TCP, s.lport))
+                    if s.queued > s.backlog:
+                        # (the kernel's own test, sk_acceptq_is_full. Among several listeners of a
+                        # reuseport group the kernel picks one by the connection's hash and never
+                        # skips a full one: one full makes the port full)
+                        (full if s.laddr is not None else full_any).add((TCP, s.lport))
             continue
         key = (s.proto, s.raddr, s.rport, s.lport)
         if s.laddr is None:
@@ -111,7 +116,9 @@ def view_of(address: Address, family: int, sockets: Iterable[SocketLike]) -> Nod
         else:
             ending.add(key)
     return NodeView(frozenset(live), frozenset(ending - live), frozenset(wild), frozenset(listen),
-                    frozenset(full))
+                    # (a listener bound to the address itself takes its connections before any
+                    # wildcard one does: a full wildcard listener then does not matter)
+                    frozenset(full | (full_any - exact)))
 
 
 EMPTY = NodeView(frozenset(), frozenset(), frozenset(), frozenset())
@@ -135,7 +142,7 @@ class ConnectionTable:
     every node counts as waiting for ICMP echo (their kernels answer it)."""
 
     def __init__(self, address: Address, family: int, confirm_timeout: float = 5.0, max_placed: int = 262144,
-                 answers_ping: bool = True):
+                 answers_ping: bool = True, full_after: float = 1.0):
         if family not in (4, 6):
             raise ValueError(f"family must be 4 or 6, not {family}")
         self.address = address
@@ -153,8 +160,11 @@ class ConnectionTable:
         self._nodes: list = []
         self._turn: dict[tuple[int, int] | Key, int] = {}  # round-robin position per listener or wildcard key
         self._hashed: dict[Key, Hashable] = {}  # flows placed by hash since the candidates last changed
-        # (TCP, port) listeners of each node full at its last two walks: one walk finding a busy
-        # server's queue full at that instant would move its traffic away for a whole walk
+        # (TCP, port) listeners of each node seen full at every walk for `full_after` seconds: one
+        # walk finding a busy server's queue full at that instant would move its traffic away for
+        # a whole walk (and walks come sooner than their period when packets miss)
+        self.full_after = full_after
+        self._full_since: dict[Hashable, dict] = {}
         self._full: dict[Hashable, frozenset] = {}
         self.counts = {"placed": 0, "hashed": 0, "collected": 0, "full": 0}
 
@@ -179,7 +189,10 @@ class ConnectionTable:
         keys = changed if changed is not None and since is not None and old is since else changes(old, view)
         for key in keys:
             self._resolve(key)
-        full = view.full & old.full
+        before = self._full_since.get(node, {})
+        since = {k: before.get(k, now) for k in view.full}
+        self._full_since[node] = since
+        full = frozenset(k for k, t in since.items() if now - t >= self.full_after)
         full_changed = full != self._full.get(node, frozenset())
         self._full[node] = full
         if node not in self._nodes and node not in self._away or view.wild != old.wild:
@@ -204,6 +217,7 @@ class ConnectionTable:
         view = self._views.pop(node, None)
         self._away.discard(node)
         self._full.pop(node, None)
+        self._full_since.pop(node, None)
         if view is None:
             return 0
         for key in view.live | view.ending:
@@ -273,7 +287,6 @@ class ConnectionTable:
         if held is not None and held[1]:
             return held[0]
         syn = proto == TCP and opening
-        away = self._away
         p = self.placed.get(key)
         if p is not None:
             # (a retransmitted SYN goes where the first went, unless that node went away or stopped
@@ -281,9 +294,15 @@ class ConnectionTable:
             if not syn or p.node in (self._wild.get(key) or self._listen.get((TCP, lport), ())):
                 return p.node
             del self.placed[key]
-        if held is not None and (not syn or held[0] not in away
-                                 and (proto, lport) in self._views.get(held[0], EMPTY).listen):
-            return held[0]  # an ending connection's last segments; a new SYN over its TIME_WAIT
+        if held is not None:
+            if not syn:
+                return held[0]  # an ending connection's last segments
+            if held[0] in (self._wild.get(key) or self._listen.get((TCP, lport), ())):
+                # A new SYN over its TIME_WAIT goes to that node, whose kernel takes it; placed, so
+                # that its ACK still finds it when the node's next walk shows nothing in between
+                # (a SYN cookie keeps no socket until the ACK comes).
+                self._record(key, held[0], now)
+                return held[0]
         if proto == TCP:
             if not opening:
                 return Miss.NOT_OPENING
@@ -294,15 +313,7 @@ class ConnectionTable:
             i = self._turn.get(turn, 0)
             self._turn[turn] = i + 1
             node = pick[i % len(pick)]
-            placed = self.placed
-            if len(placed) >= self.max_placed:
-                # The oldest goes (a SYN flood's, most likely: a real connection is shown by a walk
-                # within a second and forgotten here then): refusing the newest instead would drop
-                # every real connection's next segment for as long as a flood lasts.
-                del placed[next(iter(placed))]
-                self.counts["full"] += 1
-            placed[key] = Placed(node, now)
-            self.counts["placed"] += 1
+            self._record(key, node, now)
             return node
         node = self._hashed.get(key)
         if node is not None:
@@ -321,6 +332,17 @@ class ConnectionTable:
         self._hashed[key] = node
         self.counts["hashed"] += 1
         return node
+
+    def _record(self, key: Key, node: Hashable, now: float) -> None:
+        placed = self.placed
+        if len(placed) >= self.max_placed:
+            # The oldest goes (a SYN flood's, most likely: a real connection is shown by a walk
+            # within a second and forgotten here then): refusing the newest instead would drop
+            # every real connection's next segment for as long as a flood lasts.
+            del placed[next(iter(placed))]
+            self.counts["full"] += 1
+        placed[key] = Placed(node, now)
+        self.counts["placed"] += 1
 
     def collect(self, now: float) -> int:
         """Forget the connections placed that a walk now shows held (the node's socket answers for

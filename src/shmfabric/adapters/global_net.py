@@ -29,7 +29,7 @@ from shmfabric.adapters.global_packets import (ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, 
                                                arp_request_for, dad_defence, flow_of_v4, flow_of_v6, gratuitous_arp,
                                                is_dad_for,
                                                neighbour_advert, refusal, solicitation_for, unsolicited_advert)
-from shmfabric.adapters.sockwalk import SocketWalker, WalkError
+from shmfabric.adapters.sockwalk import NamespaceGone, SocketWalker
 from shmfabric.core import native
 from shmfabric.fabric import Fabric, Node
 
@@ -103,7 +103,7 @@ class Walker(threading.Thread):
                             w = self._walkers[m.name] = SocketWalker(m.netns)
                         view = self.view(w.walk())
                     except Exception as exc:  # noqa: BLE001 - one member's failure is not the others'
-                        # (WalkError: its namespace went; anything else, an fd limit...: said, and tried
+                        # (NamespaceGone: it went; anything else, netlink, an fd limit...: said, and tried
                         # again next round, with a fresh walker)
                         if w is not None:
                             w.close()
@@ -183,7 +183,7 @@ class GlobalDispatcher(FabricPort):
         if confirm_timeout < 2 * walk_every:
             raise GlobalError(f"confirm timeout {confirm_timeout:g} s is shorter than two walks ({walk_every:g} s "
                               "each): a connection placed would be forgotten before a walk could show it")
-        self.table = ConnectionTable(self.vip, ip.version, confirm_timeout)
+        self.table = ConnectionTable(self.vip, ip.version, confirm_timeout, full_after=walk_every)
         self.members = [Member(n, ns, index=i) for i, (n, ns) in enumerate(members)]
         self._by_name = {m.name: m for m in self.members}
         vip, family = self.vip, ip.version
@@ -250,14 +250,20 @@ class GlobalDispatcher(FabricPort):
                 continue
             if isinstance(got, BaseException):
                 self.c["walk_errors"] += 1
-                self._unwalked.add(name)
-                if name and isinstance(got, WalkError):
-                    # its namespace cannot be read: nothing is known of it, so nothing goes to it
+                if name and isinstance(got, NamespaceGone):
+                    # what it held is unreachable: forgotten, nothing goes to it
+                    self._unwalked.discard(name)
                     gone = self.table.remove_node(name)
                     if gone:
                         self.c["dropped_connections"] += gone
                     self._say_down(name, str(got))
-                elif self._walk_failure != repr(got):  # (said once, not every round)
+                    continue
+                # A walk that failed on the way (netlink, fds...): what the member holds is not known
+                # now, so its last view stands (its connections go on) and nobody is refused
+                # anything until every member has been walked again (`_maybe_refuse`).
+                if name:
+                    self._unwalked.add(name)
+                if self._walk_failure != repr(got):  # (said once, not every round)
                     self._walk_failure = repr(got)
                     self._log(f"walking {'member ' + name if name else 'the members'} failed: "
                               f"{type(got).__name__}: {got}; tried again every round")
@@ -370,7 +376,7 @@ class GlobalDispatcher(FabricPort):
                 # (its member went away, or the dispatcher never knew it): answered as a host would,
                 # with a reset or a port unreachable, once a fresh walk agrees, so the client stops
                 # instead of retrying until its timeout.
-                self._maybe_refuse(f, flow.key, now, flow.opening)
+                self._maybe_refuse(f, flow.key, now)
             return DROP
         if self._unplaced:
             self._unplaced.pop(flow.key, None)
@@ -382,7 +388,7 @@ class GlobalDispatcher(FabricPort):
                 frags.popitem(last=False)
         return self._by_name[node].index
 
-    def _maybe_refuse(self, f: native.Frame, key: tuple, now: float, opening: bool = True) -> None:
+    def _maybe_refuse(self, f: native.Frame, key: tuple, now: float) -> None:
         """Refuse a connection nobody waits for, as a host does (a TCP reset, an ICMP port
         unreachable): the client fails at once instead of retrying for minutes. Only once a walk
         done after its first packet still shows no listener: a server that has just started (the
@@ -396,9 +402,9 @@ class GlobalDispatcher(FabricPort):
             return
         if self._applied <= first:  # no walk begun after it has reached the table yet
             return
-        if key[0] == 6 and self._unwalked and not opening:
-            # a segment of a connection: a member whose last walk failed (a netlink hiccup, its
-            # namespace gone) may hold it; a reset would cut it. Dropped, not answered.
+        if self._unwalked:
+            # a member whose last walk failed may hold the connection, or listen on the port: an
+            # answer could cut a live connection or refuse a served port. Dropped, not answered.
             return
         del self._unplaced[key]
         with memoryview(f) as p:

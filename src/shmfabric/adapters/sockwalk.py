@@ -97,6 +97,11 @@ class WalkError(Exception):
     The message says what, where, and how to fix it."""
 
 
+class NamespaceGone(WalkError):
+    """The namespace is not there (deleted, never made) or is another one now (deleted and made
+    again): whatever it held is unreachable, as opposed to a walk that failed on the way."""
+
+
 @dataclass(frozen=True, slots=True)
 class SocketRecord:
     """One socket as the dispatcher sees it (see the module docstring for the normalisation)."""
@@ -160,7 +165,7 @@ class SocketWalker:
             sock, ns_id = _diag_socket_in(self.netns)
             if self._ns_id is not None and ns_id != self._ns_id:
                 sock.close()
-                raise WalkError(self._recreated())
+                raise NamespaceGone(self._recreated())
             self._ns_id = ns_id
         return sock
 
@@ -177,12 +182,12 @@ class SocketWalker:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise WalkError(f"network namespace {self.netns!r} is gone: {path} no longer exists "
+            raise NamespaceGone(f"network namespace {self.netns!r} is gone: {path} no longer exists "
                             f"(deleted with `ip netns del {self.netns}`?)") from None
         except OSError as e:
             raise WalkError(f"cannot look at network namespace {self.netns!r} ({path}): {e.strerror or e}") from None
         if (st.st_dev, st.st_ino) != self._ns_id:
-            raise WalkError(self._recreated())
+            raise NamespaceGone(self._recreated())
 
     # -- walking ----------------------------------------------------------------------------
 
@@ -287,7 +292,7 @@ def _diag_socket_in(name: str) -> tuple[socket.socket, tuple[int, int]]:
     try:
         nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise WalkError(f"network namespace {name!r} not found: {path} does not exist; {how}") from None
+        raise NamespaceGone(f"network namespace {name!r} not found: {path} does not exist; {how}") from None
     except OSError as e:
         root = "; entering another namespace needs root" if e.errno in (errno.EACCES, errno.EPERM) else ""
         raise WalkError(f"cannot open network namespace {name!r} ({path}): {e.strerror or e}{root}") from None

@@ -80,6 +80,15 @@ def attach_port_node(fab, args: argparse.Namespace):
     return node
 
 
+def report_counters(args: argparse.Namespace, counters: dict, log, **fields) -> None:
+    """A port's counters when it ends: with --json one JSON object on stdout (`node`, `fields`,
+    `counters`), else one line through `log` (stderr)."""
+    if args.json:
+        print(json.dumps({"node": args.node, **fields, "counters": counters}), flush=True)
+    else:
+        log(", ".join(f"{k} {v}" for k, v in counters.items()) or "no frames")
+
+
 def port_options(fab, args: argparse.Namespace) -> dict:
     """A port's `in_flight` (its fair share of the network's pool per destination, as nodes come
     and go) and `via` (the chain's first node, looked up by name when needed)."""
@@ -198,12 +207,8 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             bridge.run(lambda: stop[0] or (deadline is not None and time.monotonic() >= deadline))
         except DeviceGone as exc:
             raise CliError(f"{exc}; adapter {args.node} left the fabric") from None
-        counters = bridge.counters
-        if args.json:
-            print(json.dumps({"node": args.node, "ifname": tap.ifname, "counters": counters}), flush=True)
-        else:
-            print(f"adapter {args.node}: " + (", ".join(f"{k} {v}" for k, v in counters.items()) or "no frames"),
-                  file=sys.stderr, flush=True)
+        report_counters(args, bridge.counters, lambda text: print(f"adapter {args.node}: {text}", file=sys.stderr,
+                                                                   flush=True), ifname=tap.ifname)
         return 0
     finally:
         # Off the fabric first (the dispatcher stops sending here), then the address off lo (still

@@ -10,11 +10,10 @@ answer the clients straight. Runs until SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from shmfabric.cli.adapter import attach_port_node, check_batch, open_fabric, stop_on_signals
+from shmfabric.cli.adapter import attach_port_node, check_batch, open_fabric, report_counters, stop_on_signals
 from shmfabric.cli.main import CliError, add_json_flag
 
 
@@ -56,11 +55,7 @@ def cmd_global(args: argparse.Namespace) -> int:
             port.run(stopping, started=True)
         except Exception as exc:  # (a bug of ours: one line for the user, the type for the report)
             raise CliError(f"global {args.node} stopped on {type(exc).__name__}: {exc}") from None
-        counters = port.counters
-        if args.json:
-            print(json.dumps({"node": args.node, "address": str(port.ip), "counters": counters}), flush=True)
-        else:
-            log(", ".join(f"{k} {v}" for k, v in counters.items()) or "no frames")
+        report_counters(args, port.counters, log, address=str(port.ip))
         return 0
     finally:
         if node is not None:

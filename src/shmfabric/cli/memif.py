@@ -10,13 +10,12 @@ takes the link down until one connects again.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from shmfabric.cli.adapter import add_port_arguments, attach_port_node, check_batch, open_fabric, port_options, \
-    stop_on_signals
+    report_counters, stop_on_signals
 from shmfabric.cli.main import CliError
 
 
@@ -81,12 +80,7 @@ def cmd_memif(args: argparse.Namespace) -> int:
             raise CliError(f"{exc}; memif {args.node} left the fabric") from None
         except Exception as exc:  # (a bug of ours: one line for the user, the type for the report)
             raise CliError(f"memif {args.node} stopped on {type(exc).__name__}: {exc}") from None
-        counters = port.counters
-        if args.json:
-            print(json.dumps({"node": args.node, "socket": args.socket, "role": config.role, "counters": counters}),
-                  flush=True)
-        else:
-            log(", ".join(f"{k} {v}" for k, v in counters.items()) or "no frames")
+        report_counters(args, port.counters, log, socket=args.socket, role=config.role)
         return 0
     finally:
         if node is not None:

@@ -350,8 +350,9 @@ class ConnectionTable:
         or never opened: a SYN flood); returns how many went. Call on a timer."""
         limit = now - self.confirm_timeout
         held = self.held
-        # (shown held by the node it was placed on: another node's TIME_WAIT on the key is not it)
-        gone = [k for k, p in self.placed.items() if p.at < limit or (held.get(k) or (None,))[0] == p.node]
+        # (shown held live by the node it was placed on: another node's TIME_WAIT on the key is not
+        # it, nor is the node's own TIME_WAIT that a new SYN is replacing)
+        gone = [k for k, p in self.placed.items() if p.at < limit or held.get(k) == (p.node, True)]
         for k in gone:
             del self.placed[k]
         self.counts["collected"] += len(gone)

@@ -138,3 +138,18 @@ def test_no_reset_or_refusal_while_a_members_last_walk_failed(rig) -> None:
     d._unwalked.clear()  # every member walked again
     send(client, d, [syn])
     assert d.counters["refused"] == 1
+
+
+def test_a_member_whose_walks_keep_failing_is_set_aside_and_refusals_go_on(rig) -> None:
+    from shmfabric.adapters.sockwalk import WalkError
+
+    fab, d, m1, client = rig
+    lines = []
+    d._log = lines.append
+    d._walk_failed("m1", WalkError("netlink failed during the TCP socket dump"), 100.0)
+    d._walk_failed("m1", WalkError("netlink failed during the TCP socket dump"), 101.0)
+    assert d._unwalked == {"m1"} and len(lines) == 1  # (said once)
+    assert d.counters["members_unwalked"] == 1
+    d._walk_failed("m1", WalkError("netlink failed during the TCP socket dump"), 106.0)  # past confirm_timeout
+    assert not d._unwalked and d.table.describe()["nodes_away"] == 1
+    assert any("m1 takes no new connections" in ln for ln in lines)

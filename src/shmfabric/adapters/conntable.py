@@ -190,9 +190,9 @@ class ConnectionTable:
         for key in keys:
             self._resolve(key)
         before = self._full_since.get(node, {})
-        since = {k: before.get(k, now) for k in view.full}
-        self._full_since[node] = since
-        full = frozenset(k for k, t in since.items() if now - t >= self.full_after)
+        full_since = {k: before.get(k, now) for k in view.full}
+        self._full_since[node] = full_since
+        full = frozenset(k for k, t in full_since.items() if now - t >= self.full_after)
         full_changed = full != self._full.get(node, frozenset())
         self._full[node] = full
         if node not in self._nodes and node not in self._away or view.wild != old.wild:

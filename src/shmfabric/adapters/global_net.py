@@ -103,9 +103,11 @@ class Walker(threading.Thread):
                             w = self._walkers[m.name] = SocketWalker(m.netns)
                         view = self.view(w.walk())
                     except Exception as exc:  # noqa: BLE001 - one member's failure is not the others'
-                        # (NamespaceGone: it went; anything else, netlink, an fd limit...: said, and tried
-                        # again next round, with a fresh walker)
-                        if w is not None:
+                        # (NamespaceGone: it went, a new walker for whatever comes next; anything else,
+                        # netlink, an fd limit...: said, and tried again next round with the same
+                        # walker, which knows its namespace: one deleted and made again meanwhile is
+                        # then seen as such, not silently walked anew)
+                        if isinstance(exc, NamespaceGone) and w is not None:
                             w.close()
                             self._walkers.pop(m.name, None)
                         self._prev.pop(m.name, None)
@@ -194,6 +196,7 @@ class GlobalDispatcher(FabricPort):
         self._applied = 0.0  # when the last walk round applied whole to the table started (_maybe_refuse)
         self._walk_failure = ""  # the last walk failure said (other than a namespace gone)
         self._unwalked: set[str] = set()  # members whose last walk failed: what they hold is not known
+        self._failing: dict[str, tuple[str, float]] = {}  # member -> (its walk's failure, since when)
         self._defended = 0.0  # when the address was last defended against a DAD probe
         self._announce_at = [0.0, 0.0]  # when to announce the address again (a lost broadcast is sent again)
         self._log = log
@@ -249,30 +252,17 @@ class GlobalDispatcher(FabricPort):
                 self._applied = max(self._applied, started)
                 continue
             if isinstance(got, BaseException):
-                self.c["walk_errors"] += 1
-                if name and isinstance(got, NamespaceGone):
-                    # what it held is unreachable: forgotten, nothing goes to it
-                    self._unwalked.discard(name)
-                    gone = self.table.remove_node(name)
-                    if gone:
-                        self.c["dropped_connections"] += gone
-                    self._say_down(name, str(got))
-                    continue
-                # A walk that failed on the way (netlink, fds...): what the member holds is not known
-                # now, so its last view stands (its connections go on) and nobody is refused
-                # anything until every member has been walked again (`_maybe_refuse`).
-                if name:
-                    self._unwalked.add(name)
-                if self._walk_failure != repr(got):  # (said once, not every round)
-                    self._walk_failure = repr(got)
-                    self._log(f"walking {'member ' + name if name else 'the members'} failed: "
-                              f"{type(got).__name__}: {got}; tried again every round")
+                self._walk_failed(name, got, now)
                 continue
             m = self._by_name[name]
             self._unwalked.discard(name)
+            self.c["members_unwalked"] = len(self._unwalked)
+            if self._failing.pop(name, None) is not None:
+                self._log(f"member {name} walked again")
             # A member whose node is not attached (its adapter restarting) keeps its connections
             # (its kernel holds them; their packets are dropped meanwhile) but takes no new one.
-            self.table.set_view(name, got, now, since=item[3], changed=item[4])
+            # (timed by the round's start: a queue is full for a walk period by the walks' clock)
+            self.table.set_view(name, got, started, since=item[3], changed=item[4])
             self.table.set_placeable(name, m.ref is not None)
             if m.ref is None:
                 self._say_down(name, "its node is not attached to the fabric")
@@ -280,6 +270,40 @@ class GlobalDispatcher(FabricPort):
                 self._down.discard(name)
                 self._log(f"member {name} is back")
             self.c["walks"] += 1
+
+    def _walk_failed(self, name: str, got: BaseException, now: float) -> None:
+        self.c["walk_errors"] += 1
+        if not name:  # the round as a whole (said once per kind)
+            if self._walk_failure != repr(got):
+                self._walk_failure = repr(got)
+                self._log(f"walking the members failed: {type(got).__name__}: {got}; tried again every round")
+            return
+        if isinstance(got, NamespaceGone):
+            # what it held is unreachable: forgotten, nothing goes to it
+            self._unwalked.discard(name)
+            self._failing.pop(name, None)
+            gone = self.table.remove_node(name)
+            if gone:
+                self.c["dropped_connections"] += gone
+            self._say_down(name, str(got))
+        else:
+            # Failed on the way (netlink, fds, no root...): what it holds is not known now, so its
+            # last view stands (its connections go on) and nobody is refused anything meanwhile
+            # (`_maybe_refuse`). Failing for longer than a placement waits for a walk, it takes
+            # no new connection (keeping its own) and refusals go on without it.
+            first = self._failing.get(name)
+            if first is None or first[0] != repr(got):
+                self._log(f"walking member {name} failed: {type(got).__name__}: {got}; its last view stands, "
+                          "tried again every round")
+            since = first[1] if first is not None else now
+            self._failing[name] = (repr(got), since)
+            if now - since > self.table.confirm_timeout:
+                self._unwalked.discard(name)
+                self.table.set_placeable(name, False)
+                self._say_down(name, f"its sockets cannot be read ({got})")
+            else:
+                self._unwalked.add(name)
+        self.c["members_unwalked"] = len(self._unwalked)
 
     def _say_down(self, name: str, why: str) -> None:
         if name not in self._down:

@@ -15,7 +15,6 @@ restarted (even after SIGKILL) finds the connections already open where they are
 """
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from collections import OrderedDict, deque
@@ -30,6 +29,7 @@ from shmfabric.adapters.global_packets import (ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, 
                                                is_dad_for,
                                                neighbour_advert, refusal, solicitation_for, unsolicited_advert)
 from shmfabric.adapters.sockwalk import NamespaceGone, SocketWalker
+from shmfabric.adapters.tap import TapError, parse_global
 from shmfabric.core import native
 from shmfabric.fabric import Fabric, Node
 
@@ -162,12 +162,9 @@ class GlobalDispatcher(FabricPort):
                  log: Callable[[str], None] = lambda line: None):
         super().__init__(node, batch)
         try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            raise GlobalError(f"global address {address!r} is not an IP address (e.g. 10.77.0.100 or fd00::100)") \
-                from None
-        if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
-            raise GlobalError(f"global address {ip} cannot be shared: give a unicast address of the fabric's subnet")
+            ip = parse_global(address)  # (what a member's `--global` takes)
+        except TapError as exc:
+            raise GlobalError(str(exc)) from None
         if not members:
             raise GlobalError("a global address needs at least one member (--member NODE=NETNS)")
         if len(members) > MAX_MEMBERS:
@@ -198,7 +195,7 @@ class GlobalDispatcher(FabricPort):
         self._unwalked: set[str] = set()  # members whose last walk failed: what they hold is not known
         self._failing: dict[str, tuple[str, float]] = {}  # member -> (its walk's failure, since when)
         self._defended = 0.0  # when the address was last defended against a DAD probe
-        self._announce_at = [0.0, 0.0]  # when to announce the address again (a lost broadcast is sent again)
+        self._announce_at: list[float] = []  # when to announce the address again (set by start: a lost broadcast)
         self._log = log
         self._down: set[str] = set()  # members logged as unreachable (logged once each way)
         self.c = self.from_fabric  # one thread: the loop owns every counter
@@ -218,16 +215,7 @@ class GlobalDispatcher(FabricPort):
         """Which members are attached, under which (id, incarnation): one pass over the node table.
         A member that leaves takes no new connection from now on; one that comes (back) takes
         them from its next walk, asked for now."""
-        region, core = self.fabric.region, self.fabric.region.core
-        up: dict[str, tuple[int, int]] = {}
-        for i in range(region.node_hwm()):
-            if core.node_state(i) != native.NODE_UP:
-                continue
-            e = region.node_entry(i)
-            # (read again after: the entry is the node's only if it was up, same incarnation, both sides)
-            if e["name"] in self._by_name and core.node_state(i) == native.NODE_UP \
-                    and region.node_entry(i)["gen"] == e["gen"]:
-                up[e["name"]] = (i, e["gen"])
+        up = self.fabric.node_refs(self._by_name)
         came = False
         for m in self.members:
             ref = up.get(m.name)

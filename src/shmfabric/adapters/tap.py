@@ -188,8 +188,7 @@ def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.
     if address.version == 4:
         for key, value in (("arp_ignore", "1"), ("arp_announce", "2")):
             try:
-                with open(f"/proc/sys/net/ipv4/conf/{ifname}/{key}", "w") as f:
-                    f.write(value)
+                _sysctl(f"net/ipv4/conf/{ifname}/{key}", value, required=True)
             except OSError as exc:
                 if added:
                     release_global_address(address)
@@ -216,10 +215,11 @@ def release_global_address(address: ipaddress.IPv4Address | ipaddress.IPv6Addres
         pass
 
 
-def _sysctl(key: str, value: str) -> None:
+def _sysctl(key: str, value: str, required: bool = False) -> None:
     # /proc/sys/net shows the network namespace of the process that opens it: ours.
     try:
         with open(f"/proc/sys/{key}", "w") as f:
             f.write(value)
-    except OSError:  # IPv6 disabled, or /proc/sys read-only (a container): the announcement is a nicety
-        pass
+    except OSError:  # IPv6 disabled, or /proc/sys read-only (a container): a nicety, unless `required`
+        if required:
+            raise

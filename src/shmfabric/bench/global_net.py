@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 from shmfabric import programs
 from shmfabric.bench.command import run_bench
-from shmfabric.bench.lan import GlobalFabricLan, LanError, _die_with_parent, _ip, _Lan, wait_until
+from shmfabric.bench.lan import GlobalFabricLan, LanError, RoutedLan, _die_with_parent, _ip, _Lan, wait_until
 
 CASES = ("fabric", "direct", "nft", "haproxy")
 WORKLOADS = ("keepalive", "close")
@@ -66,7 +66,7 @@ class BenchError(Exception):
     """The bench cannot run here, or a case failed (the message says what and why)."""
 
 
-class RouterLan(_Lan):
+class RouterLan(RoutedLan):
     """A client (host 0) and two members (hosts 1, 2), each on a subnet of its own, joined by veth
     pairs to a router namespace (namespace 3) that forwards between them; the VIP is the router's
     (on its client side). `nat()` or `haproxy()` then puts the members behind the VIP."""
@@ -74,28 +74,16 @@ class RouterLan(_Lan):
     kind = "router"
 
     def __init__(self, lan: int = 6) -> None:
-        super().__init__(4, 1500, lan)
+        super().__init__(1 + len(MEMBERS), 1500, lan)
 
     @property
     def vip(self) -> str:
         return f"10.77.{self.lan}.100"
 
-    def ip(self, host: int) -> str:
-        return f"10.77.{self.lan + host}.1"
-
     def connect(self) -> None:
-        rt = self.namespaces[3]
-        for h in (0, *MEMBERS):
-            ns, a, b = self.namespaces[h], f"v{self.tag}{h}", f"v{self.tag}{h}r"
-            net = f"10.77.{self.lan + h}"
-            _ip("link", "add", a, "netns", ns, "type", "veth", "peer", "name", b, "netns", rt)
-            for where, dev, addr in ((ns, a, f"{net}.1/24"), (rt, b, f"{net}.254/24")):
-                _ip("-n", where, "addr", "add", addr, "dev", dev)
-                _ip("-n", where, "link", "set", dev, "up")
-            _ip("-n", ns, "route", "add", "default", "via", f"{net}.254")
+        super().connect()
         # the VIP on the router's client side: the router answers ARP for it like any own address
-        _ip("-n", rt, "addr", "add", f"{self.vip}/32", "dev", f"v{self.tag}0r")
-        _sysctl(self, 3, "net.ipv4.ip_forward=1")
+        _ip("-n", self.namespaces[self.router], "addr", "add", f"{self.vip}/32", "dev", f"v{self.tag}0r")
 
     def nat(self) -> None:
         """New connections to VIP:80 DNATed to the members in turn (replies un-NATed by conntrack)."""
@@ -133,12 +121,6 @@ def _tail(path: str, chars: int = 500) -> str:
             return f.read().strip()[-chars:]
     except OSError:
         return ""
-
-
-def _sysctl(lan: _Lan, host: int, setting: str) -> None:
-    r = lan.run(host, ["sysctl", "-qw", setting], capture_output=True, text=True)
-    if r.returncode:
-        raise LanError(f"sysctl {setting} failed in {lan.namespaces[host]}: {r.stderr.strip()}")
 
 
 def _get(lan: _Lan, host: int, url: str, timeout: float = 1.0) -> str:
@@ -242,7 +224,7 @@ def measure_one(lan: _Lan, url: str, workload: str, connections: int, seconds: i
 
 def _tune_client(lan: _Lan, host: int) -> None:
     # new connections at a high rate: the whole ephemeral range, so ports are not reused early
-    _sysctl(lan, host, "net.ipv4.ip_local_port_range=1024 65535")
+    lan.sysctl(host, "net.ipv4.ip_local_port_range=1024 65535")
 
 
 def _failed(samples: dict, cases: Sequence[str], why: str) -> None:

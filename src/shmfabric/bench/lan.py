@@ -67,6 +67,12 @@ class _Lan:
         self._procs.append(p)
         return p
 
+    def sysctl(self, host: int, setting: str) -> None:
+        """`sysctl -w setting` in host `host`'s namespace, or LanError."""
+        r = self.run(host, ["sysctl", "-qw", setting], capture_output=True, text=True)
+        if r.returncode:
+            raise LanError(f"sysctl {setting} failed in {self.namespaces[host]}: {r.stderr.strip()}")
+
     def redis(self, host: int, port: int, dir: str | None = None) -> subprocess.Popen:
         """A redis-server in host `host`'s namespace on its address and `port` (no persistence,
         reachable from the other hosts)."""
@@ -130,22 +136,20 @@ class VethLan(_Lan):
             _ip("-n", ns, "link", "set", dev, "up")
 
 
-class RoutedVethLan(_Lan):
-    """Two hosts on two subnets joined by a router namespace with an nftables firewall: the
-    kernel's way of putting a firewall between namespaces (the peer of adapters `--via fw`)."""
+class RoutedLan(_Lan):
+    """Hosts 0..N-1, each on a subnet of its own (10.77.L+h.0/24, the host .1), joined by veth
+    pairs to a router namespace (the last one, `router`) that forwards between them (.254)."""
 
-    kind = "veth+nft"
-
-    def __init__(self, mtu: int = 1500, lan: int = 3, accept_tcp: Sequence[int] = ()) -> None:
-        super().__init__(3, mtu, lan)  # host0, host1 and the router (namespace 2)
-        self.accept_tcp = list(accept_tcp)
+    def __init__(self, hosts: int, mtu: int = 1500, lan: int = 3) -> None:
+        super().__init__(hosts + 1, mtu, lan)
+        self.router = hosts
 
     def ip(self, host: int) -> str:
         return f"10.77.{self.lan + host}.1"
 
     def connect(self) -> None:
-        rt = self.namespaces[2]
-        for h in (0, 1):
+        rt = self.namespaces[self.router]
+        for h in range(self.router):
             ns, a, b = self.namespaces[h], f"v{self.tag}{h}", f"v{self.tag}{h}r"
             net = f"10.77.{self.lan + h}"
             _ip("link", "add", a, "netns", ns, "type", "veth", "peer", "name", b, "netns", rt)
@@ -154,10 +158,22 @@ class RoutedVethLan(_Lan):
                 _ip("-n", where, "addr", "add", addr, "dev", dev)
                 _ip("-n", where, "link", "set", dev, "up")
             _ip("-n", ns, "route", "add", "default", "via", f"{net}.254")
-        r = subprocess.run(["ip", "netns", "exec", rt, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise LanError(f"cannot turn on forwarding in the router namespace: {r.stderr.strip()}")
+        self.sysctl(self.router, "net.ipv4.ip_forward=1")
+
+
+class RoutedVethLan(RoutedLan):
+    """Two hosts on two subnets joined by a router namespace with an nftables firewall: the
+    kernel's way of putting a firewall between namespaces (the peer of adapters `--via fw`)."""
+
+    kind = "veth+nft"
+
+    def __init__(self, mtu: int = 1500, lan: int = 3, accept_tcp: Sequence[int] = ()) -> None:
+        super().__init__(2, mtu, lan)  # host0, host1 and the router (namespace 2)
+        self.accept_tcp = list(accept_tcp)
+
+    def connect(self) -> None:
+        super().connect()
+        rt = self.namespaces[self.router]
         ports = ", ".join(map(str, self.accept_tcp)) or "0"
         rules = ("table inet fw {\n chain forward {\n  type filter hook forward priority 0; policy drop;\n"
                  "  ct state established,related accept\n"

@@ -330,17 +330,24 @@ class Fabric:
         """(id, incarnation) of the live node called `name`, or None. Ids are reused when nodes
         restart; pass the incarnation to `send_batch`/`forward_where` (`incarnation=`) and the
         send fails once another node has the id."""
+        return self.node_refs((name,)).get(name)
+
+    def node_refs(self, names) -> dict[str, tuple[int, int]]:
+        """`node_ref` of each of `names` that is live, in one pass over the node table."""
+        wanted = set(names)
         region = self.region
         core = region.core
+        out: dict[str, tuple[int, int]] = {}
         for i in range(region.node_hwm()):
             if core.node_state(i) != native.NODE_UP:
                 continue
             e = region.node_entry(i)
             # Checked again after the read: the entry belongs to the node we read only if it
             # was up, with the same incarnation, on both sides of it.
-            if e["name"] == name and core.node_state(i) == native.NODE_UP and region.node_entry(i)["gen"] == e["gen"]:
-                return i, e["gen"]
-        return None
+            if e["name"] in wanted and e["name"] not in out and core.node_state(i) == native.NODE_UP \
+                    and region.node_entry(i)["gen"] == e["gen"]:
+                out[e["name"]] = (i, e["gen"])
+        return out
 
     def pool_audit(self, network: int = 0) -> dict:
         """Slot accounting of a network's pool.

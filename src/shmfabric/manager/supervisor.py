@@ -1075,11 +1075,10 @@ class Supervisor:
         elif a.kind == "global":
             argv += ["global", topo.fabric.name, inst.name, "--address", a.address,
                      "--walk-every", repr(a.walk_every), "--confirm-timeout", repr(a.confirm_timeout)]
-            by_name = {n.name: n for n in topo.nodes}
             for m in a.members:
-                # (the member's instance name: the dispatcher finds its node by name, whatever id it has)
-                netns = by_name[m].adapter.netns if m in by_name and by_name[m].adapter is not None else None
-                argv += ["--member", f"{self._via_instance(m)}={netns or ''}"]
+                # (the member's instance name: the dispatcher finds its node by name, whatever id it
+                # has; validation made each member a tap adapter of this topology)
+                argv += ["--member", f"{self._via_instance(m)}={topo.node(m).adapter.netns or ''}"]
         else:
             argv += ["adapter", topo.fabric.name, inst.name, "--ifname", a.ifname]
             for addr in a.address:

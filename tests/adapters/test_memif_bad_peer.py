@@ -1230,25 +1230,26 @@ def waiting(node) -> list[bytes]:
 
 
 def test_a_header_the_peer_changes_after_the_batch_was_taken_does_not_change_where_it_goes(make_rig, monkeypatch):
-    """The batch is copied out of the peer's memory before it is classified: a frame taken as ARP
-    (straight to the node its MAC names) is not turned into IPv4 (through --via) by the peer
-    rewriting its ethertype while it is routed. The rewrite is made deterministic by running it
-    at the start of `deliver_many`, after the batch was taken and before it is classified."""
+    """The batch is copied out of the peer's memory, and classified from the copy: a frame taken
+    as ARP (straight to the node its MAC names) is not turned into IPv4 (through --via) by the
+    peer rewriting its ethertype while it is routed, and is sent as it was taken. The rewrite is
+    made deterministic by running it at the start of `deliver_sorted`, after the core took and
+    sorted the batch (`native.memif_take`) and before the frames are sent."""
     rig = make_rig(start=False)
     fw = rig.fab.attach("fw")
     mem = Memory()
     peer = None
     try:
         br = rig.start(via=lambda: rig.fab.node_ref("fw"))
-        original = br.deliver_many
+        original = br.deliver_sorted
         rewrites: list[int] = []
 
-        def rewrite_then_deliver(frames: list) -> None:
+        def rewrite_then_deliver(groups: dict, via: list, floods: list) -> None:
             mem.mm[off + 12:off + 14] = IPV4  # the peer's own buffer, as the peer would write it
-            rewrites.append(len(frames))
-            original(frames)
+            rewrites.append(sum(map(len, groups.values())) + len(via) + len(floods))
+            original(groups, via, floods)
 
-        monkeypatch.setattr(br, "deliver_many", rewrite_then_deliver)
+        monkeypatch.setattr(br, "deliver_sorted", rewrite_then_deliver)
         peer = RawPeer(rig.path)
         assert raw_setup(peer, mem) == w.Connected("shmfabric")
         wait_for(lambda: br.link_up, "link up")

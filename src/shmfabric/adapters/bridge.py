@@ -71,7 +71,6 @@ class FabricPort:
         self.in_flight = in_flight() if callable(in_flight) else in_flight
         self._share_at = time.monotonic()
         self._budget: dict[int, int] = {}  # destination -> sends left before its ring is looked at again
-        self._dst_of: dict[bytes, int] = {}  # destination MAC -> classify()'s answer (deliver_many)
         # one Counter per direction: each thread updates only its own
         self.from_device: Counter[str] = Counter()
         self.from_fabric: Counter[str] = Counter()
@@ -133,64 +132,48 @@ class FabricPort:
             c["drop_" + Verdict(dst).name.lower()] += 1
         return False
 
-    def deliver_many(self, frames: list) -> None:
-        """Send whole frames (each a buffer holding its Ethernet header, e.g. a view of a peer's
-        memory) where they go, copied into pool slots by the core one destination at a time: one
-        publication and at most one wake-up per destination per call, not per frame. Within a
-        destination frames keep their order; those past its fair share are dropped and counted."""
-        c = self.from_device
-        own = self.node.mac
-        groups: dict[int, list] = {}
-        via = self._via
-        cache = self._dst_of
-        for f in frames:
-            if len(f) < ETH_HLEN:
-                c["drop_short"] += 1
-                continue
-            mac = bytes(f[:6])
-            dst = cache.get(mac)
+    def deliver_sorted(self, groups: dict[int, list[bytes]], via: list[bytes], floods: list[bytes]) -> None:
+        """Send whole frames read from the device (each with its Ethernet header), sorted by where
+        they go (`native.memif_take` sorts a memif peer's batch in one pass, as `classify` and
+        `routed` would): `groups` maps a node id to its frames, `via` holds the unicast frames
+        for the chain (when this port has one), `floods` the broadcasts and multicasts. They are
+        copied into pool slots by the core one destination at a time: one publication and at
+        most one wake-up per destination per call, not per frame. Within a destination frames
+        keep their order; those past its fair share are dropped and counted."""
+        for f in floods:
+            self._send_copy(FLOOD, bytearray(f), 0)
+        if via:
+            dst = self._via_id if self._via_id is not None else self._resolve_via()
             if dst is None:
-                dst = classify(f, own)
-                if len(cache) >= 4096:  # (a MAC names the same node for the port's life; many MACs: start over)
-                    cache.clear()
-                cache[mac] = dst
-            if dst >= 0 and via is not None:
-                with memoryview(f) as v:
-                    go_via = routed(v[:ETH_HLEN], v[ETH_HLEN:])
-                if go_via:
-                    dst = self._via_id if self._via_id is not None else self._resolve_via()
-                    if dst is None:
-                        c["drop_no_via"] += 1
-                        continue
-                    dst = -1000 - dst  # (kept apart: sent with the via node's incarnation)
-            if dst == FLOOD:
-                self._send_copy(FLOOD, bytearray(f), 0)
-            elif dst >= 0 or dst <= -1000:
-                groups.setdefault(dst, []).append(f)
+                self.from_device["drop_no_via"] += len(via)
             else:
-                c["drop_" + Verdict(dst).name.lower()] += 1
-        for key, group in groups.items():
-            dst, inc = (key, 0) if key >= 0 else (-1000 - key, self._via_gen)
-            budget = self._budget
-            if budget.get(dst, 0) < len(group):
-                self._room(dst)
-            take = min(len(group), budget.get(dst, 0))
-            if take < len(group):
-                c["drop_ring_full"] += len(group) - take
-                del group[take:]
-            if not group:
-                continue
-            try:
-                sent = self.node.send_batch(dst, group, raw=True, incarnation=inc)
-            except native.DestinationError:
-                c["drop_no_node"] += len(group)
-                if inc:
-                    self._resolve_via()
-                continue
-            budget[dst] -= sent
-            c["to_fabric"] += sent
-            if sent < len(group):  # (the ring had room, by the budget: the pool had no slot)
-                c["drop_pool_empty"] += len(group) - sent
+                self._send_group(dst, via, self._via_gen)
+        for dst, group in groups.items():
+            self._send_group(dst, group, 0)
+
+    def _send_group(self, dst: int, group: list[bytes], inc: int) -> None:
+        """Send frames to one destination within its fair share (`inc`: the via node's incarnation)."""
+        c = self.from_device
+        budget = self._budget
+        if budget.get(dst, 0) < len(group):
+            self._room(dst)
+        take = min(len(group), budget.get(dst, 0))
+        if take < len(group):
+            c["drop_ring_full"] += len(group) - take
+            del group[take:]
+        if not group:
+            return
+        try:
+            sent = self.node.send_batch(dst, group, raw=True, incarnation=inc)
+        except native.DestinationError:
+            c["drop_no_node"] += len(group)
+            if inc:
+                self._resolve_via()
+            return
+        budget[dst] -= sent
+        c["to_fabric"] += sent
+        if sent < len(group):  # (the ring had room, by the budget: the pool had no slot)
+            c["drop_pool_empty"] += len(group) - sent
 
     def _resolve_via(self) -> int | None:
         """The `via` node's id now (it may have restarted under another one); None if not attached."""

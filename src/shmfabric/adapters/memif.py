@@ -7,10 +7,11 @@ adapter's do (`FabricPort.deliver`); frames the node receives go to the peer. Th
 interface should carry the node's fabric MAC (DPDK: `mac=` in the vdev arguments; VPP:
 `hw-addr`), so that replies addressed to it reach the node.
 
-Frames from the peer are copied twice: a batch into a private buffer first (the peer can change
-its memory after publishing: a frame is routed and sent from what was read), then by the core into
-pool slots; frames to the peer once, into its buffers. Pool slots are never lent to the peer (a
-slot handed to a foreign process could be written after it was freed). The rings'
+The per-frame work is the core's (`native.memif_take`, `native.memif_put`: a batch per call);
+this module keeps the protocol. Frames from the peer are copied twice: out of its memory first
+(the peer can change its memory after publishing: a frame is routed and sent from what was read),
+then into pool slots; frames to the peer once, into its buffers. Pool slots are never lent to the
+peer (a slot handed to a foreign process could be written after it was freed). The rings'
 indices are read and written with acquire/release ordering (`native.load_u16_acquire`), as the
 peer's driver does. Descriptors are checked against their region before any byte is touched: a
 peer that points outside its memory has that frame dropped and counted (`drop_bad_descriptor`),
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 from shmfabric.adapters import memif_wire as w
 from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
-from shmfabric.adapters.ethernet import ETH_HLEN, complete_checksum, csum_of, needs_offload
+from shmfabric.adapters.ethernet import ETH_HLEN, FABRIC_OUI, complete_checksum, csum_of, needs_offload
 from shmfabric.core import native
 from shmfabric.fabric import Node
 
@@ -46,6 +47,8 @@ RECONNECT_MAX = 1.0  # seconds between a client's connection attempts, at most
 FULL_PAUSE = 0.0005  # seconds before the first look again at a full ring (the peer is behind) ...
 FULL_PAUSE_MAX = 0.02  # ... doubling up to this while it stays full (memif has no "room freed" signal)
 load16, store16 = native.load_u16_acquire, native.store_u16_release
+# the counters of what `native.memif_take` drops, in the order it returns them
+_TAKE_DROPS = ("drop_bad_descriptor", "drop_too_big", "drop_short", "drop_self", "drop_foreign")
 
 
 class MemifError(Exception):
@@ -539,8 +542,12 @@ class MemifBridge(FabricPort):
 
     def pump_device(self) -> int:
         """Frames the peer sent, sent on to the fabric (or dropped and counted): at most a batch.
-        The batch is copied once into a private buffer, then each frame by the core into a pool
-        slot (`deliver_many`: one publication per destination per batch). Returns how many descriptors were taken."""
+        The core takes the batch in one pass (`native.memif_take`): each descriptor checked
+        against its region, its frame (chained ones gathered) copied out of the peer's memory
+        and sorted by where it goes, from that copy: the peer may change its memory after
+        publishing, and a frame classified by one header (ARP: straight to its node) must not be
+        sent with another (IPv4: through the --via chain). Then the pool slots take them one
+        publication per destination (`deliver_sorted`). Returns how many descriptors were taken."""
         conn = self._conn
         if conn is None:
             return 0
@@ -553,53 +560,15 @@ class MemifBridge(FabricPort):
         if not avail:
             return 0
         self.refresh_share()
+        taken, n, groups, via, floods, *drops = native.memif_take(
+            mm, ring.desc, ring.mask, ring.cursor, avail, min(avail, self.batch), conn.views,
+            self.node.mtu + ETH_HLEN, self.node.mac, FABRIC_OUI, self._via is not None)
         c = self.from_device
-        views, sizes, unpack = conn.views, conn.sizes, w.DESC.unpack_from
-        base, mask, cursor = ring.desc, ring.mask, ring.cursor
-        frames: list = []
-        lens: list[int] = []
-        taken = n = 0
-        limit = min(avail, self.batch)
-        while taken < limit:
-            flags, region, length, offset, _ = unpack(mm, base + ((cursor + taken) & mask) * 16)
-            if flags & w.DESC_NEXT:  # a chain: gathered into one frame
-                got = self._gather(conn, cursor + taken, avail - taken, self.node.mtu + ETH_HLEN)
-                if got is None:
-                    break  # (the rest of the chain is not published yet)
-                segs, data = got
-                taken += segs
-                n += 1
-                if data == "bad":
-                    c["drop_bad_descriptor"] += 1
-                elif data == "big":
-                    c["drop_too_big"] += 1
-                else:
-                    frames.append(data)
-                    lens.append(len(data))
-                continue
-            taken += 1
-            n += 1
-            if region >= len(views) or offset + length > sizes[region]:
-                c["drop_bad_descriptor"] += 1
-            elif length - ETH_HLEN > self.node.mtu:
-                c["drop_too_big"] += 1
-            else:
-                frames.append(views[region][offset:offset + length])
-                lens.append(length)
-        if frames:
-            # One private copy of the batch first: the peer's memory can change under us, and a
-            # frame classified by one header (ARP: straight to its node) must not be sent with
-            # another (IPv4: through the --via chain). One join, then views of our own bytes.
-            blob = memoryview(b"".join(frames))
-            frames.clear()  # (the views of the peer's memory go before its buffers are given back)
-            at = 0
-            for i, k in enumerate(lens):
-                frames.append(blob[at:at + k])
-                at += k
-            self.deliver_many(frames)
-            frames.clear()
-            blob.release()
-        ring.cursor = (cursor + taken) & 0xFFFF
+        for key, k in zip(_TAKE_DROPS, drops):
+            if k:
+                c[key] += k
+        self.deliver_sorted(groups, via, floods)
+        ring.cursor = (ring.cursor + taken) & 0xFFFF
         if taken:
             if conn.server:
                 store16(mm, ring.tail, ring.cursor)
@@ -607,31 +576,6 @@ class MemifBridge(FabricPort):
                 conn.refill()
         c["from_device"] += n
         return taken
-
-    @staticmethod
-    def _gather(conn: _Connection, start: int, avail: int, limit: int) -> tuple[int, bytes | str] | None:
-        """A chained frame from descriptor `start`: (descriptors, its bytes, or why it is dropped:
-        "bad" if a part points outside its region, "big" past `limit` bytes: the parts are only
-        counted from there, never joined), or None if its last descriptor is not published yet."""
-        ring = conn.rx
-        parts: list = []
-        total, why = 0, ""
-        for k in range(avail):
-            flags, region, length, offset, _ = w.DESC.unpack_from(ring.mm, ring.desc + ((start + k) & ring.mask) * 16)
-            if not why:
-                total += length
-                if region >= len(conn.views) or offset + length > conn.sizes[region]:
-                    why = "bad"
-                elif total > limit:
-                    why = "big"
-                else:
-                    parts.append(conn.views[region][offset:offset + length])
-            if not flags & w.DESC_NEXT:
-                data = why or b"".join(parts)
-                parts.clear()
-                return k + 1, data
-        parts.clear()
-        return None if avail < ring.size else (avail, "bad")  # (a ring-long chain never ends: dropped)
 
     def pump_fabric(self, timeout: float = 0) -> int:
         """Frames the node received, written into the peer's ring: at most a batch. Only as many
@@ -673,35 +617,23 @@ class MemifBridge(FabricPort):
                     room = self._tx_room(conn)  # (the link may have come up during the wait)
                     pending = self._pending
                     ring = conn.tx
-                    mm, base, mask, views, sizes = ring.mm, ring.desc, ring.mask, conn.views, conn.sizes
-                    server, unpack, pack = conn.server, w.DESC.unpack_from, w.DESC.pack_into
-                    if not server:
-                        offsets, cap, view0 = conn._tx_offsets, conn.plan.buffer_size, views[0]  # type: ignore[union-attr]
-                    for handled, f in enumerate(b):
+                    server = conn.server
+                    # where a client writes: its fixed buffer per descriptor (`native.memif_put`)
+                    bsize, bufs = (0, 0) if server else (conn.plan.buffer_size, conn.plan.buffer_offset(True, 0))  # type: ignore[union-attr]
+                    i, total = 0, len(b)
+                    while i < total:
+                        if room and not pending:
+                            # the common case in the core: frames that fit one buffer, written whole
+                            i, wrote, ring.cursor = native.memif_put(b, i, ring.mm, ring.desc, ring.mask, ring.cursor,
+                                                                     room, conn.views, server, bsize, bufs)
+                            room -= wrote
+                            n += wrote
+                            if i >= total:
+                                break
+                        handled = i
+                        f = b[i]
+                        i += 1
                         meta = f.meta
-                        if not meta and not pending and room:
-                            # the common case inline: a frame that fits one buffer, written whole
-                            raw = f.raw
-                            size = len(raw)
-                            s_ = ring.cursor & mask
-                            d = base + s_ * 16
-                            if server:
-                                _, region, bcap, offset, _ = unpack(mm, d)
-                                if size <= bcap and region < len(views) and offset + bcap <= sizes[region] and bcap:
-                                    views[region][offset:offset + size] = raw
-                                    pack(mm, d, 0, region, size, offset, 0)
-                                    ring.cursor = (ring.cursor + 1) & 0xFFFF
-                                    room -= 1
-                                    n += 1
-                                    continue
-                            elif size <= cap:
-                                offset = offsets[s_]
-                                view0[offset:offset + size] = raw
-                                pack(mm, d, 0, 0, size, offset, 0)
-                                ring.cursor = (ring.cursor + 1) & 0xFFFF
-                                room -= 1
-                                n += 1
-                                continue
                         if meta and needs_offload(meta):
                             c["drop_offload"] += 1  # (a segment to be cut: the peer's MTU is one frame)
                             continue

@@ -24,5 +24,7 @@ from shmfabric.core._fabric import (  # noqa: F401  (re-exports)
     ReleasedError,
     TapeBusyError,
     load_u16_acquire,
+    memif_put,
+    memif_take,
     store_u16_release,
 )

@@ -8,15 +8,21 @@ the client's fixed buffers say, and stop at the first frame it leaves to the cal
 """
 from __future__ import annotations
 
+import mmap
+import os
+import random
 import struct
+import time
 import uuid
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shmfabric.adapters import memif
 from shmfabric.adapters import memif_wire as w
-from shmfabric.adapters.ethernet import ETH_HLEN, FABRIC_OUI, FLOOD, Verdict, classify, routed
+from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, FLOOD, META_VNET, Verdict, classify, routed,
+                                         vnet_to_meta)
 from shmfabric.core import native
 from shmfabric.fabric import Fabric
 
@@ -42,7 +48,6 @@ def reference_take(ring: bytes, mask: int, cursor: int, avail: int, limit: int, 
     classification), in memif_take's shape."""
     size = mask + 1
     groups: dict[int, list[bytes]] = {}
-    vias: list[bytes] = []
     floods: list[bytes] = []
     drops = dict.fromkeys(("bad", "big", "short", "self", "foreign"), 0)
     taken = n = 0
@@ -90,18 +95,25 @@ def reference_take(ring: bytes, mask: int, cursor: int, avail: int, limit: int, 
             continue
         dst = classify(f, OWN)
         if dst >= 0 and via and routed(f[:ETH_HLEN], f[ETH_HLEN:]):
-            vias.append(f)
+            groups.setdefault(native.MEMIF_VIA, []).append(f)
         elif dst >= 0:
             groups.setdefault(dst, []).append(f)
         elif dst == FLOOD:
             floods.append(f)
         else:
             drops[{Verdict.SELF: "self", Verdict.FOREIGN: "foreign", Verdict.SHORT: "short"}[Verdict(dst)]] += 1
-    return (taken, n, groups, vias, floods, *drops.values())
+    return (taken, n, list(groups.items()), floods, *drops.values())
 
 
 def take(ring, mask, cursor, avail, limit, regions, max_len=MAX_LEN, via=False):
     return native.memif_take(ring, 0, mask, cursor, avail, limit, regions, max_len, OWN, FABRIC_OUI, via)
+
+
+def take_in_order(*args, **kw):
+    """memif_take's answer with its groups as a list: the order destinations first appear in
+    counts (it is the order they are sent in)."""
+    taken, n, groups, *rest = take(*args, **kw)
+    return (taken, n, list(groups.items()), *rest)
 
 
 # -- frames that exercise every branch of the classification -----------------------------------
@@ -136,7 +148,7 @@ def test_every_frame_goes_where_classify_and_routed_send_it(fs: list[bytes], via
         descs.append((0, 0, len(f), at))
         at += len(f)
     ring = ring_with(descs, 64)
-    got = take(ring, 63, 0, len(fs), len(fs), [region], via=via)
+    got = take_in_order(ring, 63, 0, len(fs), len(fs), [region], via=via)
     assert got == reference_take(ring, 63, 0, len(fs), len(fs), [region], MAX_LEN, via)
     assert got[0] == got[1] == len(fs)
 
@@ -153,20 +165,19 @@ def test_only_neighbour_discovery_goes_around_the_chain(next_header, icmp_type, 
         ip6[40] = icmp_type
     frame = FABRIC_OUI + b"\x00\x01" + OWN + b"\x86\xdd" + bytes(ip6)
     ring = ring_with([(0, 0, len(frame), 0)], 4)
-    taken, n, groups, vias, floods, *drops = take(ring, 3, 0, 1, 1, [frame], via=True)
+    taken, n, groups, floods, *drops = take(ring, 3, 0, 1, 1, [frame], via=True)
     straight = not routed(frame[:ETH_HLEN], frame[ETH_HLEN:])
     assert straight == (next_header == 58 and 133 <= icmp_type <= 137 and ip6_bytes > 40)
-    assert (groups, vias) == (({1: [frame]}, []) if straight else ({}, [frame]))
+    assert groups == ({1: [frame]} if straight else {native.MEMIF_VIA: [frame]})
 
 
 def test_arp_goes_straight_and_every_other_ethertype_through_the_chain():
     for et, straight in ((b"\x08\x06", True), (b"\x08\x00", False), (b"\x81\x00", False), (b"\x88\xb5", False)):
         frame = FABRIC_OUI + b"\x00\x04" + OWN + et + bytes(46)
         ring = ring_with([(0, 0, len(frame), 0)], 4)
-        _, _, groups, vias, _, *_ = take(ring, 3, 0, 1, 1, [frame], via=True)
-        assert (groups, vias) == (({4: [frame]}, []) if straight else ({}, [frame]))
-        _, _, groups, vias, _, *_ = take(ring, 3, 0, 1, 1, [frame], via=False)
-        assert (groups, vias) == ({4: [frame]}, [])
+        groups = take(ring, 3, 0, 1, 1, [frame], via=True)[2]
+        assert groups == ({4: [frame]} if straight else {native.MEMIF_VIA: [frame]})
+        assert take(ring, 3, 0, 1, 1, [frame], via=False)[2] == {4: [frame]}
 
 
 # -- descriptors, chains, bounds, wrap-around -------------------------------------------------
@@ -197,7 +208,7 @@ def rings(draw):
 @given(rings(), st.booleans())
 def test_descriptors_are_taken_as_the_python_loop_took_them(case, via: bool):
     ring, cursor, avail, limit, regions, max_len = case
-    assert take(ring, 15, cursor, avail, limit, regions, max_len, via) == reference_take(
+    assert take_in_order(ring, 15, cursor, avail, limit, regions, max_len, via) == reference_take(
         ring, 15, cursor, avail, limit, regions, max_len, via)
 
 
@@ -206,7 +217,7 @@ def test_a_chain_is_gathered_into_one_frame_across_the_ring_end():
     region = frame[:30] + b"-" * 10 + frame[30:80] + frame[80:]
     descs = [(w.DESC_NEXT, 0, 30, 0), (w.DESC_NEXT, 0, 50, 40), (0, 0, len(frame) - 80, 90)]
     ring = ring_with(descs, 8, start=6)  # indices 6, 7, 0
-    taken, n, groups, vias, floods, *drops = take(ring, 7, 6, 3, 3, [region])
+    taken, n, groups, floods, *drops = take(ring, 7, 6, 3, 3, [region])
     assert (taken, n, groups, drops) == (3, 1, {3: [frame]}, [0, 0, 0, 0, 0])
 
 
@@ -221,19 +232,19 @@ def test_a_chain_whose_end_is_not_published_waits_and_the_frames_before_it_go():
 
 def test_a_chain_as_long_as_the_ring_is_dropped_as_bad():
     ring = ring_with([(w.DESC_NEXT, 0, 10, 0)] * 4, 4)
-    taken, n, groups, vias, floods, bad, *rest = take(ring, 3, 0, 4, 4, [bytes(100)])
+    taken, n, groups, floods, bad, *rest = take(ring, 3, 0, 4, 4, [bytes(100)])
     assert (taken, n, groups, bad) == (4, 1, {}, 1)
 
 
 def test_a_chain_longer_than_the_mtu_is_counted_and_its_parts_never_joined():
     ring = ring_with([(w.DESC_NEXT, 0, 1000, 0), (0, 0, 1000, 0)], 4)
-    taken, n, groups, vias, floods, bad, big, *rest = take(ring, 3, 0, 2, 2, [bytes(1000)])
+    taken, n, groups, floods, bad, big, *rest = take(ring, 3, 0, 2, 2, [bytes(1000)])
     assert (taken, n, bad, big, groups) == (2, 1, 0, 1, {})
 
 
 def test_an_offset_past_four_gigabytes_is_outside_the_region_not_wrapped_into_it():
     ring = ring_with([(0, 0, 0x20, 0xFFFFFFF0)], 4)
-    taken, n, groups, vias, floods, bad, *rest = take(ring, 3, 0, 1, 1, [bytes(64)])
+    taken, n, groups, floods, bad, *rest = take(ring, 3, 0, 1, 1, [bytes(64)])
     assert (taken, bad, groups) == (1, 1, {})
 
 
@@ -261,6 +272,7 @@ def batch_of():
         batches.append(batch)
         return batch
 
+    make.nodes = (a, b)  # type: ignore[attr-defined]
     try:
         yield make
     finally:
@@ -271,6 +283,11 @@ def batch_of():
         fab.close()
 
 
+def put(*args):
+    """memif_put leaving frames with a virtio-net header in their meta to the caller, as the port does."""
+    return native.memif_put(*args, META_VNET)
+
+
 def whole(f) -> bytes:
     return f.dst + f.src_mac + f.ethertype.to_bytes(2, "big") + f.tobytes()
 
@@ -279,7 +296,7 @@ def test_a_client_writes_each_frame_into_its_fixed_buffer(batch_of):
     b = batch_of([(bytes([k]) * (20 + k), 0) for k in range(5)])
     region = bytearray(4096)
     ring = bytearray(8 * 16)
-    nxt, written, cursor = native.memif_put(b, 0, ring, 0, 7, 0xFFFE, 8, [region], False, 256, 1024)
+    nxt, written, cursor = put(b, 0, ring, 0, 7, 0xFFFE, 8, [region], False, 256, 1024)
     assert (nxt, written, cursor) == (5, 5, 3)
     for k, f in enumerate(b):
         slot = (0xFFFE + k) & 7
@@ -292,7 +309,7 @@ def test_a_server_fills_the_buffers_the_client_gave_and_stops_where_one_is_too_s
     b = batch_of([(b"a" * 50, 0), (b"b" * 50, 0), (b"c" * 50, 0)])
     regions = [bytearray(256), bytearray(512)]
     ring = ring_with([(0, 1, 100, 0), (0, 0, 100, 128), (0, 1, 20, 300)], 4)
-    nxt, written, cursor = native.memif_put(b, 0, ring, 0, 3, 0, 3, regions, True, 0, 0)
+    nxt, written, cursor = put(b, 0, ring, 0, 3, 0, 3, regions, True, 0, 0)
     assert (nxt, written, cursor) == (2, 2, 2)  # the third buffer holds 20 bytes: left to the caller
     assert regions[1][:64] == whole(b[0]) and regions[0][128:192] == whole(b[1])
     assert DESC.unpack_from(ring, 0) == (0, 1, 64, 0, 0) and DESC.unpack_from(ring, 32) == (0, 1, 20, 300, 0)
@@ -304,27 +321,264 @@ def test_a_server_never_writes_a_buffer_outside_the_clients_memory(batch_of, des
     b = batch_of([(b"z" * 40, 0)])
     regions = [bytearray(256)]
     ring = ring_with([desc], 4)
-    assert native.memif_put(b, 0, ring, 0, 3, 0, 1, regions, True, 0, 0) == (0, 0, 0)
+    assert put(b, 0, ring, 0, 3, 0, 1, regions, True, 0, 0) == (0, 0, 0)
     assert regions[0] == bytearray(256)
 
 
-def test_frames_with_metadata_and_past_the_room_are_left_to_the_caller(batch_of):
-    b = batch_of([(b"1" * 30, 0), (b"2" * 30, 1 << 31), (b"3" * 30, 0), (b"4" * 30, 0)])
+def test_frames_with_offloads_to_do_and_past_the_room_are_left_to_the_caller(batch_of):
+    b = batch_of([(b"1" * 30, 0), (b"2" * 30, META_VNET), (b"3" * 30, 0), (b"4" * 30, 0)])
     region = bytearray(4096)
     ring = bytearray(8 * 16)
-    assert native.memif_put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, 0) == (1, 1, 1)
-    assert native.memif_put(b, 2, ring, 0, 7, 1, 1, [region], False, 256, 0) == (3, 1, 2)
+    assert put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, 0) == (1, 1, 1)
+    assert put(b, 2, ring, 0, 7, 1, 1, [region], False, 256, 0) == (3, 1, 2)
     b.release()
     with pytest.raises(native.ReleasedError):
-        native.memif_put(b, 3, ring, 0, 7, 2, 1, [region], False, 256, 0)
+        put(b, 3, ring, 0, 7, 2, 1, [region], False, 256, 0)
 
 
 def test_a_client_frame_larger_than_its_buffer_is_left_to_the_caller(batch_of):
     b = batch_of([(b"L" * 300, 0)])
     ring = bytearray(4 * 16)
-    assert native.memif_put(b, 0, ring, 0, 3, 0, 4, [bytearray(4096)], False, 256, 0) == (0, 0, 0)
+    assert put(b, 0, ring, 0, 3, 0, 4, [bytearray(4096)], False, 256, 0) == (0, 0, 0)
 
 
 def test_the_descriptor_layout_is_the_wire_modules():
     # the core reads descriptors as flags u16, region u16, length u32, offset u32 (host order)
     assert DESC.format in ("<HHIII",) and DESC.size == 16 and struct.calcsize("=HHIII") == 16
+
+
+def test_metadata_without_an_offload_is_written_by_the_core_and_a_forwarded_frame_is_left(batch_of):
+    """A flooded frame's meta holds its sender's index (no virtio-net header): written as is. A
+    frame forwarded elsewhere is not this batch's any more: left to the caller, which says so."""
+    b = batch_of([(b"1" * 30, 7), (b"2" * 30, 0), (b"3" * 30, 0)])
+    sender, receiver = batch_of.nodes
+    assert receiver.forward(sender.id, b[1])
+    region = bytearray(4096)
+    ring = bytearray(8 * 16)
+    assert put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, 0) == (1, 1, 1)
+    assert region[:44] == whole(b[0])
+    with pytest.raises(native.ReleasedError, match="forwarded"):
+        b[1].meta  # (what the caller's path meets)
+    assert put(b, 2, ring, 0, 7, 1, 8, [region], False, 256, 0) == (3, 1, 2)
+    with sender.recv_batch(8, 1.0) as back:
+        assert len(back) == 1
+
+
+def test_a_server_ring_wraps_at_its_end_and_at_the_sixteen_bit_index(batch_of):
+    b = batch_of([(bytes([k]) * 40, 0) for k in range(3)])
+    regions = [bytearray(1024)]
+    ring = ring_with([(0, 0, 128, 0), (0, 0, 128, 128), (0, 0, 128, 256), (0, 0, 128, 384)], 4)
+    assert put(b, 0, ring, 0, 3, 0xFFFE, 3, regions, True, 0, 0) == (3, 3, 1)
+    # 0xFFFE -> slot 2, 0xFFFF -> slot 3, 0 -> slot 0
+    assert [DESC.unpack_from(ring, s * 16)[2:4] for s in (2, 3, 0)] == [(54, 256), (54, 384), (54, 0)]
+    assert regions[0][256:310] == whole(b[0]) and regions[0][:54] == whole(b[2])
+
+
+@pytest.mark.parametrize("region_size, buffers", [(800, 0), (4096, 1 << 32)], ids=["region-too-small", "past-4-GiB"])
+def test_a_client_never_writes_past_its_own_region(batch_of, region_size, buffers):
+    b = batch_of([(b"c" * 100, 0)] * 6)
+    region = bytearray(region_size)
+    ring = bytearray(8 * 16)
+    nxt, written, cursor = put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, buffers)
+    assert nxt == written == cursor == (3 if buffers == 0 else 0)  # buffers 0-2 end by 626; 3 (768 + 114) not
+    assert len(region) == region_size
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(own=b"12345"), "own_mac"),
+    (dict(regions=[bytearray(16)] * 257), "at most 256"),
+    (dict(regions=[object()]), "bytes-like"),
+    (dict(cursor=0x10000), "16-bit"),
+])
+def test_bad_arguments_to_memif_take_are_refused_clearly(bad, match):
+    args = dict(ring=bytes(64), mask=3, cursor=0, regions=[bytes(64)], own=OWN)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        native.memif_take(args["ring"], 0, args["mask"], args["cursor"], 1, 1, args["regions"], MAX_LEN, args["own"],
+                          FABRIC_OUI, False)
+
+
+def test_memif_put_needs_writable_memory(batch_of):
+    b = batch_of([(b"x" * 20, 0)])
+    with pytest.raises(BufferError, match="not writable"):
+        put(b, 0, bytearray(64), 0, 3, 0, 1, [bytes(4096)], False, 256, 0)
+    with pytest.raises(TypeError, match="read-write"):
+        put(b, 0, bytes(64), 0, 3, 0, 1, [bytearray(4096)], False, 256, 0)
+
+
+def test_a_peer_rewriting_its_memory_while_frames_are_taken_never_misroutes_or_crashes():
+    """A forked 'peer' rewrites descriptors (offsets and lengths up to 2^32) and frame headers as
+    fast as it can while memif_take runs for a second: every frame taken is in the group its own
+    bytes say, and nothing is read outside the regions (a wrong read would crash the test)."""
+    size = 256
+    mm = mmap.mmap(-1, size * 16 + 65536)  # shared and anonymous: the child writes, we read
+    region = memoryview(mm)[size * 16:]
+    pid = os.fork()
+    if pid == 0:  # the peer
+        try:
+            rng = random.Random(1)
+            macs = [OWN, FABRIC_OUI + b"\0\1", b"\xff" * 6, b"\2\0\0\0\0\1", FABRIC_OUI + b"\1\2"]
+            ets = [b"\x08\x06", b"\x08\x00", b"\x86\xdd"]
+            end = time.monotonic() + 1.2
+            while time.monotonic() < end:
+                for _ in range(200):
+                    DESC.pack_into(mm, rng.randrange(size) * 16, rng.choice([0, 0, w.DESC_NEXT]),
+                                   rng.choice([0, 0, 0, 1]), rng.choice([14, 60, 100, 1500, 0xFFFFFFFF, 70000]),
+                                   rng.choice([0, 4096, 65536 - 50, 0xFFFFFFF0, 60000]), 0)
+                    o = size * 16 + rng.choice([0, 4096, 65536 - 50, 60000])
+                    mm[o:o + 14] = rng.choice(macs) + OWN + rng.choice(ets)
+        finally:
+            os._exit(0)
+    try:
+        calls = frames = 0
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            taken, n, groups, floods, *drops = native.memif_take(mm, 0, size - 1, calls & 0xFFFF, size, size, [region],
+                                                                 MAX_LEN, OWN, FABRIC_OUI, True)
+            for key, fs in groups.items():
+                for f in fs:
+                    assert len(f) <= MAX_LEN
+                    if key == native.MEMIF_VIA:
+                        assert classify(f, OWN) >= 0 and routed(f[:ETH_HLEN], f[ETH_HLEN:]), f[:ETH_HLEN]
+                    else:
+                        assert classify(f, OWN) == key and not routed(f[:ETH_HLEN], f[ETH_HLEN:]), f[:ETH_HLEN]
+            assert all(f[0] & 1 for f in floods)
+            frames += n
+            calls += 1
+        assert frames > 0
+    finally:
+        os.waitpid(pid, 0)
+        region.release()
+        mm.close()
+
+
+# -- the port around the core: pump_device and pump_fabric on connections built in memory -------
+
+def fake_connection(server: bool, log2: int, mem: bytearray, buffer_size: int = 256) -> memif._Connection:
+    """A connected peer's memory without a peer: one region, the same ring both ways (rx and tx),
+    at offset 0 (server) or where a client's plan puts its first ring."""
+    mm = mmap.mmap(-1, len(mem))
+    mm[:] = mem
+    region = object.__new__(memif._Region)
+    region.mm, region.view, region.size = mm, memoryview(mm), len(mem)
+    plan = None if server else w.ClientPlan(log2, buffer_size)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ring = memif._Ring(region, 0 if server else plan.s2m_offset, log2, efd)
+    w.RING_START.pack_into(mm, ring.flags - 4, w.COOKIE, w.RING_MASK_INT)  # (the peer polls: no signal)
+    conn = object.__new__(memif._Connection)
+    conn.tx = conn.rx = ring
+    conn.server, conn.plan, conn.views, conn.sizes = server, plan, [region.view], [len(mem)]
+    conn.regions, conn.fds = [region], [efd]
+    if plan is not None:
+        conn._tx_offsets = [plan.buffer_offset(True, s) for s in range(ring.size)]
+    return conn
+
+
+@pytest.fixture
+def port_rig():
+    """A fabric with nodes mem (the port), a, c and fw, and a function making a MemifBridge on mem
+    whose connection is `conn` (no socket: pump_device / pump_fabric are called directly)."""
+    fab = Fabric.create(f"memifpump{uuid.uuid4().hex[:8]}", ephemeral=True, networks=[{"mtu": 1500, "slots": 512}])
+    nodes = {n: fab.attach(n) for n in ("mem", "a", "c", "fw")}
+    made: list[memif.MemifBridge] = []
+
+    def make(conn, **kw) -> memif.MemifBridge:
+        br = memif.MemifBridge(nodes["mem"], memif.MemifConfig(socket_path="/nonexistent/m.sock"), **kw)
+        br._conn = conn
+        made.append(br)
+        return br
+
+    make.nodes = nodes  # type: ignore[attr-defined]
+    try:
+        yield make
+    finally:
+        for br in made:
+            for r in br._conn.regions if br._conn else ():
+                r.view.release()
+            for fd in br._conn.fds if br._conn else ():
+                os.close(fd)
+        for n in nodes.values():
+            n.detach()
+        fab.close()
+
+
+def received(node) -> list[bytes]:
+    with node.recv_batch(64, 0) as b:
+        return [whole(f) for f in b]
+
+
+@pytest.mark.parametrize("in_flight", [64, 1])
+def test_frames_for_the_via_node_keep_the_peers_order_and_its_share(port_rig, in_flight):
+    """ARP to the chain's first function, then IPv4 to another node (through that function): the
+    function's ring gets them in the peer's order, and with room for one frame the first is kept."""
+    nodes = port_rig.nodes
+    fw, c = nodes["fw"], nodes["c"]
+    arp = fw.mac + OWN + b"\x08\x06" + b"A" * 28
+    ip4 = c.mac + OWN + b"\x08\x00" + b"I" * 40
+    mem = bytearray(128 + 8 * 16 + 512)
+    at = 128 + 8 * 16
+    for k, f in enumerate((arp, ip4)):
+        mem[at:at + len(f)] = f
+        DESC.pack_into(mem, 128 + k * 16, 0, 0, len(f), at, 0)
+        at += len(f)
+    conn = fake_connection(True, 3, mem)
+    native.store_u16_release(conn.rx.mm, conn.rx.head, 2)
+    br = port_rig(conn, in_flight=in_flight, via=lambda: (fw.id, port_rig_gen(fw)))
+    assert br.pump_device() == 2
+    assert received(fw) == ([arp, ip4] if in_flight > 1 else [arp])
+    assert received(c) == []
+    assert br.from_device.get("drop_ring_full", 0) == (0 if in_flight > 1 else 1)
+
+
+def port_rig_gen(node) -> int:
+    return node._fabric.region.node_entry(node.id)["gen"]
+
+
+def test_the_core_and_the_python_path_take_turns_in_one_batch_in_order(port_rig):
+    """Frames the core writes, one whose checksum the port completes (a TAP's frame), a frame
+    larger than a buffer (chained by Python): all reach the client's ring in order."""
+    nodes = port_rig.nodes
+    a, mem_node = nodes["a"], nodes["mem"]
+    plan = w.ClientPlan(3, 256)
+    conn = fake_connection(False, 3, bytearray(plan.region_size))
+    br = port_rig(conn)
+    udp = bytearray(20 + 8 + 12)  # IPv4 + UDP, checksum left to the device
+    udp[0], udp[9] = 0x45, 17
+    cs_meta = vnet_to_meta(struct.pack("<BBHHHH", 1, 0, 0, 0, ETH_HLEN + 20, 6))
+    payloads = [(b"1" * 40, 0), (bytes(udp), cs_meta), (b"3" * 400, 0), (b"4" * 40, 0)]
+    for p, meta in payloads:
+        assert a.send_batch(mem_node.id, [p], meta=meta) == 1
+    assert br.pump_fabric(1.0) == 4
+    assert +br.from_fabric == {"to_device": 4}
+    out, cursor = [], 0
+    while cursor < conn.tx.cursor:
+        parts = b""
+        while True:
+            flags, region, length, offset, _ = DESC.unpack_from(conn.tx.mm, conn.tx.desc + (cursor & 7) * 16)
+            parts += conn.tx.mm[offset:offset + length]
+            cursor += 1
+            if not flags & w.DESC_NEXT:
+                break
+        out.append(parts)
+    assert [f[ETH_HLEN:] for f in out[:1] + out[2:]] == [b"1" * 40, b"3" * 400, b"4" * 40]
+    assert out[1][ETH_HLEN:ETH_HLEN + 26] == bytes(udp)[:26] and out[1][ETH_HLEN + 26:ETH_HLEN + 28] != b"\0\0"
+    assert native.load_u16_acquire(conn.tx.mm, conn.tx.head) == cursor == 5  # published, 400 bytes in two
+
+
+def test_a_bad_buffer_after_frames_the_core_wrote_drops_the_whole_batch_unpublished(port_rig):
+    """A server fills the client's buffers: two good ones, then one outside the client's memory.
+    The peer is dropped (a fault), nothing is published, and every frame of the batch is counted
+    as dropped with the link (the two written included)."""
+    nodes = port_rig.nodes
+    a, mem_node = nodes["a"], nodes["mem"]
+    mem = bytearray(128 + 8 * 16 + 1024)
+    for s, off in enumerate((256, 512, 1 << 20, 768)):
+        DESC.pack_into(mem, 128 + s * 16, 0, 0, 200, off, 0)
+    conn = fake_connection(True, 3, mem)
+    native.store_u16_release(conn.tx.mm, conn.tx.head, 4)  # the client gave 4 buffers
+    br = port_rig(conn)
+    assert a.send_batch(mem_node.id, [b"f" * 60] * 4) == 4
+    assert br.pump_fabric(1.0) == 4
+    assert br._fault is not None and "outside region" in br._fault
+    assert +br.from_fabric == {"drop_link_down": 4}
+    assert native.load_u16_acquire(conn.tx.mm, conn.tx.tail) == 0

@@ -132,24 +132,26 @@ class FabricPort:
             c["drop_" + Verdict(dst).name.lower()] += 1
         return False
 
-    def deliver_sorted(self, groups: dict[int, list[bytes]], via: list[bytes], floods: list[bytes]) -> None:
+    def deliver_sorted(self, groups: dict[int, list[bytes]], floods: list[bytes]) -> None:
         """Send whole frames read from the device (each with its Ethernet header), sorted by where
         they go (`native.memif_take` sorts a memif peer's batch in one pass, as `classify` and
-        `routed` would): `groups` maps a node id to its frames, `via` holds the unicast frames
-        for the chain (when this port has one), `floods` the broadcasts and multicasts. They are
-        copied into pool slots by the core one destination at a time: one publication and at
-        most one wake-up per destination per call, not per frame. Within a destination frames
-        keep their order; those past its fair share are dropped and counted."""
+        `routed` would): `groups` maps a node id, or `native.MEMIF_VIA` for the chain (when this
+        port has one), to its frames, in the order each destination first appeared; `floods`
+        holds the broadcasts and multicasts. They are copied into pool slots by the core one
+        destination at a time: one publication and at most one wake-up per destination per
+        call, not per frame. Within a destination frames keep their order; those past its fair
+        share are dropped and counted."""
         for f in floods:
             self._send_copy(FLOOD, bytearray(f), 0)
-        if via:
-            dst = self._via_id if self._via_id is not None else self._resolve_via()
-            if dst is None:
-                self.from_device["drop_no_via"] += len(via)
-            else:
-                self._send_group(dst, via, self._via_gen)
         for dst, group in groups.items():
-            self._send_group(dst, group, 0)
+            if dst != native.MEMIF_VIA:
+                self._send_group(dst, group, 0)
+                continue
+            via = self._via_id if self._via_id is not None else self._resolve_via()
+            if via is None:
+                self.from_device["drop_no_via"] += len(group)
+            else:
+                self._send_group(via, group, self._via_gen)
 
     def _send_group(self, dst: int, group: list[bytes], inc: int) -> None:
         """Send frames to one destination within its fair share (`inc`: the via node's incarnation)."""

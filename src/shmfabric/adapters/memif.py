@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 from shmfabric.adapters import memif_wire as w
 from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
-from shmfabric.adapters.ethernet import ETH_HLEN, FABRIC_OUI, complete_checksum, csum_of, needs_offload
+from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, META_VNET, complete_checksum, csum_of,
+                                         needs_offload)
 from shmfabric.core import native
 from shmfabric.fabric import Node
 
@@ -560,14 +561,14 @@ class MemifBridge(FabricPort):
         if not avail:
             return 0
         self.refresh_share()
-        taken, n, groups, via, floods, *drops = native.memif_take(
+        taken, n, groups, floods, *drops = native.memif_take(
             mm, ring.desc, ring.mask, ring.cursor, avail, min(avail, self.batch), conn.views,
             self.node.mtu + ETH_HLEN, self.node.mac, FABRIC_OUI, self._via is not None)
         c = self.from_device
         for key, k in zip(_TAKE_DROPS, drops):
             if k:
                 c[key] += k
-        self.deliver_sorted(groups, via, floods)
+        self.deliver_sorted(groups, floods)
         ring.cursor = (ring.cursor + taken) & 0xFFFF
         if taken:
             if conn.server:
@@ -625,7 +626,7 @@ class MemifBridge(FabricPort):
                         if room and not pending:
                             # the common case in the core: frames that fit one buffer, written whole
                             i, wrote, ring.cursor = native.memif_put(b, i, ring.mm, ring.desc, ring.mask, ring.cursor,
-                                                                     room, conn.views, server, bsize, bufs)
+                                                                     room, conn.views, server, bsize, bufs, META_VNET)
                             room -= wrote
                             n += wrote
                             if i >= total:

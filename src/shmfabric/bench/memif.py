@@ -12,7 +12,8 @@ side with memif between two testpmds (DPDK's own driver on both ends).
 Both sides get the machine's two cores: testpmd busy-polls one (as DPDK does), the port and the
 fabric node share the other with each other (the port sleeps on its eventfd; testpmd's polling
 side masks its interrupts). Each setting runs right after its peer, `--runs` times; medians.
-No target: no issue sets one; the ratios say what a Python memif port costs against DPDK's C.
+No target: no issue sets one; the ratios say what the memif port (Python, its per-frame work in
+the core) costs against DPDK's driver on both ends.
 
     shmfabric bench memif [--seconds 5] [--runs 3] [--json]
 """

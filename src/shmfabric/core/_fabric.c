@@ -3294,13 +3294,15 @@ static PyObject *mod_store_u16_release(PyObject *self, PyObject *args)
  * Python layer keeps the protocol: the handshake, the indices (read and published with
  * acquire/release through the helpers above), chained frames it writes, checksums, faults.
  *
- * A descriptor is 16 bytes in the host's order: flags u16, region u16, length u32, offset u32,
- * metadata u32. The peer can rewrite its memory at any moment, so each descriptor is read once
+ * A descriptor is 16 bytes in the host's order (little-endian: x86, arm64): flags u16, region
+ * u16, length u32, offset u32, metadata u32. The peer can rewrite its memory at any moment, so each descriptor is read once
  * into registers (the empty asm keeps the compiler from reading it again) and every check and
  * copy uses those values. */
 
 #define MEMIF_DESC_NEXT 1
 #define MEMIF_MAX_REGIONS 256
+#define MEMIF_VIA (-1) /* memif_take's key for the frames that go through the via chain */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "memif descriptors are decoded as little-endian");
 
 typedef struct {
     uint16_t flags, region;
@@ -3333,17 +3335,18 @@ static void memif_regions_release(memif_regions *m)
 static int memif_regions_get(PyObject *seq, memif_regions *m, int writable)
 {
     m->n = 0;
-    PyObject *fast = PySequence_Fast(seq, "regions must be a sequence of buffers");
+    /* a tuple of our own: getting a buffer can run Python code (__buffer__) that changes a list */
+    PyObject *fast = PySequence_Tuple(seq);
     if (!fast)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(fast);
     if (n > MEMIF_MAX_REGIONS) {
         PyErr_Format(PyExc_ValueError, "%zd regions; at most %d", n, MEMIF_MAX_REGIONS);
         Py_DECREF(fast);
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &m->view[i], writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(fast, i), &m->view[i], writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
             memif_regions_release(m);
             Py_DECREF(fast);
             return -1;
@@ -3362,8 +3365,12 @@ static inline const uint8_t *memif_where(const memif_regions *m, memif_desc d, u
     return (const uint8_t *)m->view[d.region].buf + d.offset;
 }
 
-static int memif_ring_check(const Py_buffer *ring, unsigned long long desc, unsigned int mask)
+static int memif_ring_check(const Py_buffer *ring, unsigned long long desc, unsigned int mask, unsigned int cursor)
 {
+    if (cursor > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "cursor %u is not a 16-bit ring index", cursor);
+        return -1;
+    }
     if (mask > 0xFFFF || (mask & (mask + 1)) || desc > (unsigned long long)ring->len ||
         (unsigned long long)ring->len - desc < ((unsigned long long)mask + 1) * 16) {
         PyErr_Format(PyExc_ValueError, "a ring of %u descriptors at offset %llu does not fit the %zd-byte buffer "
@@ -3403,7 +3410,9 @@ static int memif_classify(const uint8_t *f, uint32_t len, const uint8_t *own, co
 }
 
 /* memif_take(ring, desc, mask, cursor, avail, limit, regions, max_len, own_mac, oui, via) ->
- * (taken, frames, groups, via_list, flood_list, bad, big, short, self, foreign) */
+ * (taken, frames, groups, floods, bad, big, short, self, foreign): `groups` maps a node id (or
+ * MEMIF_VIA: through the chain) to its frames, in the order each destination first appears, so
+ * destinations that share a ring (the via node's own) are sent in the order the peer sent. */
 static PyObject *mod_memif_take(PyObject *self, PyObject *args)
 {
     Py_buffer ring, own, oui;
@@ -3414,7 +3423,7 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*KIIIIOIy*y*p", &ring, &desc, &mask, &cursor, &avail, &limit, &regions, &max_len,
                           &own, &oui, &via))
         return NULL;
-    PyObject *res = NULL, *groups = NULL, *vias = NULL, *floods = NULL;
+    PyObject *res = NULL, *groups = NULL, *floods = NULL;
     uint8_t *tmp = NULL;
     memif_regions *m = PyMem_Malloc(sizeof *m);
     if (!m) {
@@ -3426,7 +3435,7 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "own_mac must be 6 bytes and oui 4");
         goto out;
     }
-    if (memif_ring_check(&ring, desc, mask) < 0 || memif_regions_get(regions, m, 0) < 0)
+    if (memif_ring_check(&ring, desc, mask, cursor) < 0 || memif_regions_get(regions, m, 0) < 0)
         goto out;
     uint32_t size = mask + 1;
     if (avail > size)
@@ -3434,14 +3443,13 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
     if (limit > avail)
         limit = avail;
     groups = PyDict_New();
-    vias = PyList_New(0);
     floods = PyList_New(0);
-    if (!groups || !vias || !floods)
+    if (!groups || !floods)
         goto out;
     const uint8_t *descs = (const uint8_t *)ring.buf + desc;
     uint32_t taken = 0, frames = 0, bad = 0, big = 0, shrt = 0, self_ = 0, foreign = 0;
-    long last_node = -1;
-    PyObject *last_list = NULL; /* borrowed from groups: consecutive frames mostly go to one node */
+    long last_key = -2; /* (no key) */
+    PyObject *last_list = NULL; /* borrowed from groups: consecutive frames mostly go to one place */
     while (taken < limit) {
         memif_desc d = memif_read(descs + (size_t)((cursor + taken) & mask) * 16);
         PyObject *frame = NULL;
@@ -3502,11 +3510,12 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
         const uint8_t *f = (const uint8_t *)PyBytes_AS_STRING(frame);
         int to = memif_classify(f, (uint32_t)PyBytes_GET_SIZE(frame), own.buf, oui.buf, via, &node);
         PyObject *list = NULL;
-        if (to == MT_NODE) {
-            if ((long)node == last_node)
+        if (to == MT_NODE || to == MT_VIA) {
+            long k = to == MT_VIA ? MEMIF_VIA : (long)node;
+            if (k == last_key)
                 list = last_list;
             else {
-                PyObject *key = PyLong_FromUnsignedLong(node);
+                PyObject *key = PyLong_FromLong(k);
                 if (!key) {
                     Py_DECREF(frame);
                     goto out;
@@ -3524,11 +3533,9 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
                     Py_DECREF(frame);
                     goto out;
                 }
-                last_node = node, last_list = list;
+                last_key = k, last_list = list;
             }
-        } else if (to == MT_VIA)
-            list = vias;
-        else if (to == MT_FLOOD)
+        } else if (to == MT_FLOOD)
             list = floods;
         else
             *(to == MT_SHORT ? &shrt : to == MT_SELF ? &self_ : &foreign) += 1;
@@ -3537,10 +3544,9 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
         if (err < 0)
             goto out;
     }
-    res = Py_BuildValue("IIOOOIIIII", taken, frames, groups, vias, floods, bad, big, shrt, self_, foreign);
+    res = Py_BuildValue("IIOOIIIII", taken, frames, groups, floods, bad, big, shrt, self_, foreign);
 out:
     Py_XDECREF(groups);
-    Py_XDECREF(vias);
     Py_XDECREF(floods);
     PyMem_Free(tmp);
     if (m) {
@@ -3553,23 +3559,23 @@ out:
     return res;
 }
 
-/* memif_put(batch, start, ring, desc, mask, cursor, room, regions, server, buffer_size, buffers) ->
+/* memif_put(batch, start, ring, desc, mask, cursor, room, regions, server, buffer_size, buffers, special) ->
  * (next, written, cursor): frames batch[start:] written into the ring's next descriptors (not
  * published: the caller stores the index), each whole into one buffer. A server fills the buffers
  * the client gave (the descriptor's region, offset and length say where and how much); a client
  * its own fixed buffer of each descriptor (`buffers` + slot * `buffer_size`, in region 0). Stops
- * at `room` frames, or at the first frame this pass does not take, left to the caller: one with
- * metadata (offloads), forwarded, larger than its buffer (chained by the caller), or a client's
- * buffer outside its memory (the caller says why and drops the peer). */
+ * at `room` frames, or at the first frame this pass does not take, left to the caller: one whose
+ * metadata has a bit of `special` (offloads to do), forwarded, larger than its buffer (chained by
+ * the caller), or in a client's buffer outside its memory (the caller says why, drops the peer). */
 static PyObject *mod_memif_put(PyObject *self, PyObject *args)
 {
     PyObject *bobj, *regions;
     Py_buffer ring;
     unsigned long long desc, buffers;
-    unsigned int start, mask, cursor, room, buffer_size;
+    unsigned int start, mask, cursor, room, buffer_size, special;
     int server;
-    if (!PyArg_ParseTuple(args, "O!Iw*KIIIOpIK", &Batch_Type, &bobj, &start, &ring, &desc, &mask, &cursor, &room,
-                          &regions, &server, &buffer_size, &buffers))
+    if (!PyArg_ParseTuple(args, "O!Iw*KIIIOpIKI", &Batch_Type, &bobj, &start, &ring, &desc, &mask, &cursor, &room,
+                          &regions, &server, &buffer_size, &buffers, &special))
         return NULL;
     BatchObject *b = (BatchObject *)bobj;
     PyObject *res = NULL;
@@ -3583,7 +3589,7 @@ static PyObject *mod_memif_put(PyObject *self, PyObject *args)
         PyErr_SetString(ReleasedError, "the batch was released (or belongs to another process)");
         goto out;
     }
-    if (memif_ring_check(&ring, desc, mask) < 0 || memif_regions_get(regions, m, 1) < 0)
+    if (memif_ring_check(&ring, desc, mask, cursor) < 0 || memif_regions_get(regions, m, 1) < 0)
         goto out;
     if (!server && (!m->n || !buffer_size)) {
         PyErr_SetString(PyExc_ValueError, "a client writes into its region 0 with a buffer size");
@@ -3593,10 +3599,10 @@ static PyObject *mod_memif_put(PyObject *self, PyObject *args)
     uint32_t i = start, written = 0;
     for (; i < b->n && written < room; i++) {
         frame_ref *fr = &b->f[i];
-        if (fr->state == FS_GONE || fr->meta)
+        if (fr->state == FS_GONE || (fr->meta & special))
             break;
         uint8_t *dp = descs + (size_t)(cursor & mask) * 16;
-        memif_desc d;
+        memif_desc d = {0};
         if (server) {
             d = memif_read(dp);
             if (!d.length || fr->len > d.length || !memif_where(m, d, d.length))
@@ -3635,7 +3641,7 @@ static PyMethodDef module_methods[] = {
      "memif_take(ring, desc, mask, cursor, avail, limit, regions, max_len, own_mac, oui, via): frames a memif "
      "peer published, copied and sorted by destination (see adapters/memif.py)."},
     {"memif_put", mod_memif_put, METH_VARARGS,
-     "memif_put(batch, start, ring, desc, mask, cursor, room, regions, server, buffer_size, buffers): frames "
+     "memif_put(batch, start, ring, desc, mask, cursor, room, regions, server, buffer_size, buffers, special): frames "
      "of a batch written into a memif peer's ring, not yet published (see adapters/memif.py)."},
     {NULL},
 };
@@ -3687,6 +3693,7 @@ PyMODINIT_FUNC PyInit__fabric(void)
     PyModule_AddIntConstant(m, "NODE_RECLAIM", SF_NODE_RECLAIM);
     PyModule_AddIntConstant(m, "NODE_DOWN", SF_NODE_DOWN);
     PyModule_AddIntConstant(m, "FLAG_CONTROL", SF_DESC_CONTROL);
+    PyModule_AddIntConstant(m, "MEMIF_VIA", MEMIF_VIA);
     pthread_atfork(NULL, NULL, on_fork_child);
     return m;
 }

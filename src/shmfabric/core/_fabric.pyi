@@ -5,6 +5,7 @@ from typing_extensions import Buffer as _BufferLike
 
 LAYOUT: dict[str, int]
 WAIT_POLL: int
+MEMIF_VIA: int
 WAIT_BLOCK: int
 WAIT_ADAPTIVE: int
 NODE_FREE: int
@@ -98,14 +99,17 @@ def load_u16_acquire(buffer: _BufferLike, offset: int, /) -> int: ...
 def store_u16_release(buffer: _BufferLike, offset: int, value: int, /) -> None: ...
 def memif_take(ring: _BufferLike, desc: int, mask: int, cursor: int, avail: int, limit: int,
                regions: Sequence[_BufferLike], max_len: int, own_mac: bytes, oui: bytes, via: bool, /
-               ) -> tuple[int, int, dict[int, list[bytes]], list[bytes], list[bytes], int, int, int, int, int]:
-    """Up to `limit` of the `avail` descriptors a memif peer published from `cursor` (chains
-    gathered), each checked against its region (`regions[i]`), copied out and sorted by where
-    it goes, from the copy: (descriptors taken, frames, node id -> frames, frames for the via
-    chain, floods, then dropped: outside a region, longer than `max_len`, short, to `own_mac`,
-    to a MAC outside `oui`). A chain whose end is not published yet is left for the next call."""
+               ) -> tuple[int, int, dict[int, list[bytes]], list[bytes], int, int, int, int, int]:
+    """The descriptors a memif peer published from `cursor` (`avail` of them; a batch starts
+    below `limit`, a chain begun there is gathered whole), each checked against its region
+    (`regions[i]`), copied out and sorted by where it goes, from the copy: (descriptors taken,
+    frames, node id or MEMIF_VIA -> frames in the order each first appears, floods, then dropped:
+    outside a region, longer than `max_len`, short, to `own_mac`, to a MAC outside `oui`). A
+    chain whose end is not published yet is left for the next call."""
 def memif_put(batch: FrameBatch, start: int, ring: _BufferLike, desc: int, mask: int, cursor: int, room: int,
-              regions: Sequence[_BufferLike], server: bool, buffer_size: int, buffers: int, /) -> tuple[int, int, int]:
+              regions: Sequence[_BufferLike], server: bool, buffer_size: int, buffers: int, special: int, /
+              ) -> tuple[int, int, int]:
     """Frames `batch[start:]` written whole into a memif ring's next descriptors, at most `room`,
     unpublished: (the index of the first frame not written, frames written, the new cursor).
-    Stops at a frame with metadata, larger than its buffer, or a peer's buffer outside its region."""
+    Stops at a frame whose meta has a bit of `special`, one larger than its buffer, or a peer's
+    buffer outside its region."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from shmfabric.core._fabric import (  # noqa: F401  (re-exports)
     FLAG_CONTROL,
     LAYOUT,
+    MEMIF_VIA,
     NODE_ATTACHING,
     NODE_DOWN,
     NODE_FREE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import signal
 import struct
 import time
 import uuid
@@ -21,8 +22,8 @@ from hypothesis import strategies as st
 
 from shmfabric.adapters import memif
 from shmfabric.adapters import memif_wire as w
-from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, FLOOD, META_VNET, Verdict, classify, routed,
-                                         vnet_to_meta)
+from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, FLOOD, META_DEVICE_WORK, META_VNET, Verdict,
+                                         classify, routed, vnet_to_meta)
 from shmfabric.core import native
 from shmfabric.fabric import Fabric
 
@@ -261,12 +262,17 @@ def test_a_ring_that_does_not_fit_its_buffer_is_refused():
 def batch_of():
     """A function sending frames (payload, meta) to a node and giving the batch it receives."""
     fab = Fabric.create(f"memifcore{uuid.uuid4().hex[:8]}", ephemeral=True, networks=[{"mtu": 1500, "slots": 256}])
+    first = fab.attach("first")  # (id 0: a's flooded frames carry a's index, 1, in their meta)
     a, b = fab.attach("a"), fab.attach("b")
     batches = []
 
-    def make(frames: list[tuple[bytes, int]]):
+    def make(frames: list[tuple[bytes, int | None]]):
+        """Each (payload, meta) sent by a to b; (frame, None) flooded by a."""
         for payload, meta in frames:
-            assert a.send_batch(b.id, [payload], meta=meta) == 1
+            if meta is None:
+                a.flood(payload)
+            else:
+                assert a.send_batch(b.id, [payload], meta=meta) == 1
         batch = b.recv_batch(64, 1.0)
         assert len(batch) == len(frames)
         batches.append(batch)
@@ -278,14 +284,19 @@ def batch_of():
     finally:
         for batch in batches:
             batch.release()
-        a.detach()
-        b.detach()
+        for n in (a, b, first):
+            n.detach()
         fab.close()
 
 
 def put(*args):
-    """memif_put leaving frames with a virtio-net header in their meta to the caller, as the port does."""
-    return native.memif_put(*args, META_VNET)
+    """memif_put leaving frames with device work in their meta to the caller, as the port does."""
+    return native.memif_put(*args, META_DEVICE_WORK)
+
+
+# a TAP's frame whose UDP checksum is left to the device; and one that is only marked valid
+CSUM_META = vnet_to_meta(struct.pack("<BBHHHH", 1, 0, 0, 0, ETH_HLEN + 20, 6))
+VALID_META = vnet_to_meta(struct.pack("<BBHHHH", 2, 0, 0, 0, 0, 0))
 
 
 def whole(f) -> bytes:
@@ -326,7 +337,7 @@ def test_a_server_never_writes_a_buffer_outside_the_clients_memory(batch_of, des
 
 
 def test_frames_with_offloads_to_do_and_past_the_room_are_left_to_the_caller(batch_of):
-    b = batch_of([(b"1" * 30, 0), (b"2" * 30, META_VNET), (b"3" * 30, 0), (b"4" * 30, 0)])
+    b = batch_of([(b"1" * 30, 0), (b"2" * 30, CSUM_META), (b"3" * 30, VALID_META), (b"4" * 30, 0)])
     region = bytearray(4096)
     ring = bytearray(8 * 16)
     assert put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, 0) == (1, 1, 1)
@@ -347,11 +358,13 @@ def test_the_descriptor_layout_is_the_wire_modules():
     assert DESC.format in ("<HHIII",) and DESC.size == 16 and struct.calcsize("=HHIII") == 16
 
 
-def test_metadata_without_an_offload_is_written_by_the_core_and_a_forwarded_frame_is_left(batch_of):
-    """A flooded frame's meta holds its sender's index (no virtio-net header): written as is. A
-    frame forwarded elsewhere is not this batch's any more: left to the caller, which says so."""
-    b = batch_of([(b"1" * 30, 7), (b"2" * 30, 0), (b"3" * 30, 0)])
+def test_a_flooded_frame_is_written_by_the_core_and_a_forwarded_frame_is_left(batch_of):
+    """A flooded frame's meta holds its sender's index (no virtio-net header): written as it is.
+    A frame forwarded elsewhere is not this batch's any more: left to the caller, which says so."""
     sender, receiver = batch_of.nodes
+    flood = b"\xff" * 6 + sender.mac + b"\x08\x06" + b"F" * 28
+    b = batch_of([(b"1" * 30, 0), (b"2" * 30, 0), (flood, None)])  # (the rings are read before the tape)
+    assert [f.meta for f in b] == [0, 0, sender.id] and sender.id != 0
     assert receiver.forward(sender.id, b[1])
     region = bytearray(4096)
     ring = bytearray(8 * 16)
@@ -360,6 +373,7 @@ def test_metadata_without_an_offload_is_written_by_the_core_and_a_forwarded_fram
     with pytest.raises(native.ReleasedError, match="forwarded"):
         b[1].meta  # (what the caller's path meets)
     assert put(b, 2, ring, 0, 7, 1, 8, [region], False, 256, 0) == (3, 1, 2)
+    assert region[256:256 + len(flood)] == flood == whole(b[2])
     with sender.recv_batch(8, 1.0) as back:
         assert len(back) == 1
 
@@ -377,18 +391,22 @@ def test_a_server_ring_wraps_at_its_end_and_at_the_sixteen_bit_index(batch_of):
 @pytest.mark.parametrize("region_size, buffers", [(800, 0), (4096, 1 << 32)], ids=["region-too-small", "past-4-GiB"])
 def test_a_client_never_writes_past_its_own_region(batch_of, region_size, buffers):
     b = batch_of([(b"c" * 100, 0)] * 6)
-    region = bytearray(region_size)
+    memory = bytearray(region_size + 256)  # the region, then bytes past it that must stay as they are
     ring = bytearray(8 * 16)
-    nxt, written, cursor = put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, buffers)
+    with memoryview(memory) as v, v[:region_size] as region:
+        nxt, written, cursor = put(b, 0, ring, 0, 7, 0, 8, [region], False, 256, buffers)
     assert nxt == written == cursor == (3 if buffers == 0 else 0)  # buffers 0-2 end by 626; 3 (768 + 114) not
-    assert len(region) == region_size
+    assert memory[region_size:] == bytes(256)
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(own=b"12345"), "own_mac"),
     (dict(regions=[bytearray(16)] * 257), "at most 256"),
     (dict(regions=[object()]), "bytes-like"),
-    (dict(cursor=0x10000), "16-bit"),
+    (dict(cursor=0x10000), "between 0 and 65535"),
+    (dict(cursor=-1), "between 0 and 65535"),
+    (dict(mask=2**32 + 3), "between 0 and 65535"),
+    (dict(regions=5), "sequence of buffers"),
 ])
 def test_bad_arguments_to_memif_take_are_refused_clearly(bad, match):
     args = dict(ring=bytes(64), mask=3, cursor=0, regions=[bytes(64)], own=OWN)
@@ -411,8 +429,9 @@ def test_a_peer_rewriting_its_memory_while_frames_are_taken_never_misroutes_or_c
     fast as it can while memif_take runs for a second: every frame taken is in the group its own
     bytes say, and nothing is read outside the regions (a wrong read would crash the test)."""
     size = 256
-    mm = mmap.mmap(-1, size * 16 + 65536)  # shared and anonymous: the child writes, we read
-    region = memoryview(mm)[size * 16:]
+    writes_at = size * 16 + 65536  # (where the peer counts its rounds of writes)
+    mm = mmap.mmap(-1, writes_at + 8)  # shared and anonymous: the child writes, we read
+    region = memoryview(mm)[size * 16:writes_at]
     pid = os.fork()
     if pid == 0:  # the peer
         try:
@@ -427,6 +446,7 @@ def test_a_peer_rewriting_its_memory_while_frames_are_taken_never_misroutes_or_c
                                    rng.choice([0, 4096, 65536 - 50, 0xFFFFFFF0, 60000]), 0)
                     o = size * 16 + rng.choice([0, 4096, 65536 - 50, 60000])
                     mm[o:o + 14] = rng.choice(macs) + OWN + rng.choice(ets)
+                struct.pack_into("<Q", mm, writes_at, struct.unpack_from("<Q", mm, writes_at)[0] + 1)
         finally:
             os._exit(0)
     try:
@@ -446,7 +466,12 @@ def test_a_peer_rewriting_its_memory_while_frames_are_taken_never_misroutes_or_c
             frames += n
             calls += 1
         assert frames > 0
+        assert struct.unpack_from("<Q", mm, writes_at)[0] > 0, "the peer never wrote while frames were taken"
     finally:
+        try:
+            os.kill(pid, signal.SIGKILL)  # (it ends by itself; this bounds a child that hangs)
+        except ProcessLookupError:
+            pass
         os.waitpid(pid, 0)
         region.release()
         mm.close()
@@ -493,10 +518,9 @@ def port_rig():
         yield make
     finally:
         for br in made:
-            for r in br._conn.regions if br._conn else ():
-                r.view.release()
-            for fd in br._conn.fds if br._conn else ():
-                os.close(fd)
+            if br._conn is not None:
+                br._conn.regions[0].close()
+                os.close(br._conn.fds[0])
         for n in nodes.values():
             n.detach()
         fab.close()
@@ -508,16 +532,18 @@ def received(node) -> list[bytes]:
 
 
 @pytest.mark.parametrize("in_flight", [64, 1])
-def test_frames_for_the_via_node_keep_the_peers_order_and_its_share(port_rig, in_flight):
-    """ARP to the chain's first function, then IPv4 to another node (through that function): the
+@pytest.mark.parametrize("arp_first", [True, False], ids=["arp-first", "ipv4-first"])
+def test_frames_for_the_via_node_keep_the_peers_order_and_its_share(port_rig, in_flight, arp_first):
+    """ARP to the chain's first function and IPv4 to another node (through that function): the
     function's ring gets them in the peer's order, and with room for one frame the first is kept."""
     nodes = port_rig.nodes
     fw, c = nodes["fw"], nodes["c"]
     arp = fw.mac + OWN + b"\x08\x06" + b"A" * 28
     ip4 = c.mac + OWN + b"\x08\x00" + b"I" * 40
+    sent = [arp, ip4] if arp_first else [ip4, arp]
     mem = bytearray(128 + 8 * 16 + 512)
     at = 128 + 8 * 16
-    for k, f in enumerate((arp, ip4)):
+    for k, f in enumerate(sent):
         mem[at:at + len(f)] = f
         DESC.pack_into(mem, 128 + k * 16, 0, 0, len(f), at, 0)
         at += len(f)
@@ -525,7 +551,7 @@ def test_frames_for_the_via_node_keep_the_peers_order_and_its_share(port_rig, in
     native.store_u16_release(conn.rx.mm, conn.rx.head, 2)
     br = port_rig(conn, in_flight=in_flight, via=lambda: (fw.id, port_rig_gen(fw)))
     assert br.pump_device() == 2
-    assert received(fw) == ([arp, ip4] if in_flight > 1 else [arp])
+    assert received(fw) == (sent if in_flight > 1 else sent[:1])
     assert received(c) == []
     assert br.from_device.get("drop_ring_full", 0) == (0 if in_flight > 1 else 1)
 

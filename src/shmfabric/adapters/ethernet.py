@@ -67,6 +67,9 @@ F_DATA_VALID = 2
 GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 3, 4, 5
 GSO_ECN = 0x80
 META_VNET = 1 << 31
+# the bits of a meta that leave work to the device (a checksum to complete, a segment to cut):
+# a frame without them is written to a device as it is (`needs_offload`, `csum_of`)
+META_DEVICE_WORK = F_NEEDS_CSUM << 29 | 7 << 25
 _CSUM_OFFSETS = {16: 0, 6: 1}  # TCP, UDP checksum field offsets
 _VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 

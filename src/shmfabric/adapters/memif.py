@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from shmfabric.adapters import memif_wire as w
 from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
-from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, META_VNET, complete_checksum, csum_of,
+from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, META_DEVICE_WORK, complete_checksum, csum_of,
                                          needs_offload)
 from shmfabric.core import native
 from shmfabric.fabric import Node
@@ -626,7 +626,8 @@ class MemifBridge(FabricPort):
                         if room and not pending:
                             # the common case in the core: frames that fit one buffer, written whole
                             i, wrote, ring.cursor = native.memif_put(b, i, ring.mm, ring.desc, ring.mask, ring.cursor,
-                                                                     room, conn.views, server, bsize, bufs, META_VNET)
+                                                                     room, conn.views, server, bsize, bufs,
+                                                                     META_DEVICE_WORK)
                             room -= wrote
                             n += wrote
                             if i >= total:
@@ -634,6 +635,9 @@ class MemifBridge(FabricPort):
                         handled = i
                         f = b[i]
                         i += 1
+                        if f.ethertype is None:  # shorter than a header: only a corrupted descriptor does that
+                            c["drop_short"] += 1
+                            continue
                         meta = f.meta
                         if meta and needs_offload(meta):
                             c["drop_offload"] += 1  # (a segment to be cut: the peer's MTU is one frame)

@@ -3309,6 +3309,30 @@ typedef struct {
     uint32_t length, offset;
 } memif_desc;
 
+/* The arguments' ranges, checked (PyArg's "I" and "K" would wrap -1 or 2^32 + 1 silently). */
+static int conv_memif_index(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xFFFF, "a memif ring index or mask", &v))
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+
+static int conv_memif_count(PyObject *o, void *out)
+{
+    unsigned long long v;
+    if (!parse_uint_arg(o, 0xFFFFFFFFu, "a memif count or size", &v))
+        return 0;
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+
+static int conv_memif_offset(PyObject *o, void *out)
+{
+    return parse_uint_arg(o, PY_SSIZE_T_MAX, "a memif offset", (unsigned long long *)out);
+}
+
 static inline memif_desc memif_read(const uint8_t *p)
 {
     uint64_t a, b;
@@ -3337,8 +3361,13 @@ static int memif_regions_get(PyObject *seq, memif_regions *m, int writable)
     m->n = 0;
     /* a tuple of our own: getting a buffer can run Python code (__buffer__) that changes a list */
     PyObject *fast = PySequence_Tuple(seq);
-    if (!fast)
+    if (!fast) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "regions must be a sequence of buffers");
+        }
         return -1;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(fast);
     if (n > MEMIF_MAX_REGIONS) {
         PyErr_Format(PyExc_ValueError, "%zd regions; at most %d", n, MEMIF_MAX_REGIONS);
@@ -3365,12 +3394,8 @@ static inline const uint8_t *memif_where(const memif_regions *m, memif_desc d, u
     return (const uint8_t *)m->view[d.region].buf + d.offset;
 }
 
-static int memif_ring_check(const Py_buffer *ring, unsigned long long desc, unsigned int mask, unsigned int cursor)
+static int memif_ring_check(const Py_buffer *ring, unsigned long long desc, unsigned int mask)
 {
-    if (cursor > 0xFFFF) {
-        PyErr_Format(PyExc_ValueError, "cursor %u is not a 16-bit ring index", cursor);
-        return -1;
-    }
     if (mask > 0xFFFF || (mask & (mask + 1)) || desc > (unsigned long long)ring->len ||
         (unsigned long long)ring->len - desc < ((unsigned long long)mask + 1) * 16) {
         PyErr_Format(PyExc_ValueError, "a ring of %u descriptors at offset %llu does not fit the %zd-byte buffer "
@@ -3411,8 +3436,9 @@ static int memif_classify(const uint8_t *f, uint32_t len, const uint8_t *own, co
 
 /* memif_take(ring, desc, mask, cursor, avail, limit, regions, max_len, own_mac, oui, via) ->
  * (taken, frames, groups, floods, bad, big, short, self, foreign): `groups` maps a node id (or
- * MEMIF_VIA: through the chain) to its frames, in the order each destination first appears, so
- * destinations that share a ring (the via node's own) are sent in the order the peer sent. */
+ * MEMIF_VIA: through the chain) to its frames, the destinations in the order each first appears
+ * and each one's frames in the peer's order (as the Python loop this replaced sent them: two
+ * destinations that share a ring, the via node's own and the chain, share it in that order). */
 static PyObject *mod_memif_take(PyObject *self, PyObject *args)
 {
     Py_buffer ring, own, oui;
@@ -3420,8 +3446,9 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
     unsigned int mask, cursor, avail, limit, max_len;
     PyObject *regions;
     int via;
-    if (!PyArg_ParseTuple(args, "y*KIIIIOIy*y*p", &ring, &desc, &mask, &cursor, &avail, &limit, &regions, &max_len,
-                          &own, &oui, &via))
+    if (!PyArg_ParseTuple(args, "y*O&O&O&O&O&OO&y*y*p", &ring, conv_memif_offset, &desc, conv_memif_index, &mask,
+                          conv_memif_index, &cursor, conv_memif_count, &avail, conv_memif_count, &limit, &regions,
+                          conv_memif_count, &max_len, &own, &oui, &via))
         return NULL;
     PyObject *res = NULL, *groups = NULL, *floods = NULL;
     uint8_t *tmp = NULL;
@@ -3435,7 +3462,7 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "own_mac must be 6 bytes and oui 4");
         goto out;
     }
-    if (memif_ring_check(&ring, desc, mask, cursor) < 0 || memif_regions_get(regions, m, 0) < 0)
+    if (memif_ring_check(&ring, desc, mask) < 0 || memif_regions_get(regions, m, 0) < 0)
         goto out;
     uint32_t size = mask + 1;
     if (avail > size)
@@ -3574,8 +3601,10 @@ static PyObject *mod_memif_put(PyObject *self, PyObject *args)
     unsigned long long desc, buffers;
     unsigned int start, mask, cursor, room, buffer_size, special;
     int server;
-    if (!PyArg_ParseTuple(args, "O!Iw*KIIIOpIKI", &Batch_Type, &bobj, &start, &ring, &desc, &mask, &cursor, &room,
-                          &regions, &server, &buffer_size, &buffers, &special))
+    if (!PyArg_ParseTuple(args, "O!O&w*O&O&O&O&OpO&O&O&", &Batch_Type, &bobj, conv_memif_count, &start, &ring,
+                          conv_memif_offset, &desc, conv_memif_index, &mask, conv_memif_index, &cursor,
+                          conv_memif_count, &room, &regions, &server, conv_memif_count, &buffer_size,
+                          conv_memif_offset, &buffers, conv_memif_count, &special))
         return NULL;
     BatchObject *b = (BatchObject *)bobj;
     PyObject *res = NULL;
@@ -3589,7 +3618,7 @@ static PyObject *mod_memif_put(PyObject *self, PyObject *args)
         PyErr_SetString(ReleasedError, "the batch was released (or belongs to another process)");
         goto out;
     }
-    if (memif_ring_check(&ring, desc, mask, cursor) < 0 || memif_regions_get(regions, m, 1) < 0)
+    if (memif_ring_check(&ring, desc, mask) < 0 || memif_regions_get(regions, m, 1) < 0)
         goto out;
     if (!server && (!m->n || !buffer_size)) {
         PyErr_SetString(PyExc_ValueError, "a client writes into its region 0 with a buffer size");

@@ -93,6 +93,8 @@ UINT_CONVERTER(conv_incarnation, 0xffffffffu, "incarnation")
 UINT_CONVERTER(conv_tape, 0xffffffffu, "tape")  /* then checked against n_mcast */
 UINT_CONVERTER(conv_flags, 0xffffu, "flags")    /* a tape entry's flags are 16 bits */
 UINT_CONVERTER(conv_code, 0xffu, "code")        /* compared with one byte per frame */
+UINT_CONVERTER(conv_memif_index, 0xffffu, "a memif ring index or mask")
+UINT_CONVERTER(conv_memif_count, 0xffffffffu, "a memif count or size")
 #undef UINT_CONVERTER
 
 static PyObject *RingDownError;
@@ -3309,25 +3311,8 @@ typedef struct {
     uint32_t length, offset;
 } memif_desc;
 
-/* The arguments' ranges, checked (PyArg's "I" and "K" would wrap -1 or 2^32 + 1 silently). */
-static int conv_memif_index(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xFFFF, "a memif ring index or mask", &v))
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
-
-static int conv_memif_count(PyObject *o, void *out)
-{
-    unsigned long long v;
-    if (!parse_uint_arg(o, 0xFFFFFFFFu, "a memif count or size", &v))
-        return 0;
-    *(unsigned int *)out = (unsigned int)v;
-    return 1;
-}
-
+/* The arguments' ranges, checked (PyArg's "I" and "K" would wrap -1 or 2^32 + 1 silently); the
+ * index and count converters are with the others, at the top. */
 static int conv_memif_offset(PyObject *o, void *out)
 {
     return parse_uint_arg(o, PY_SSIZE_T_MAX, "a memif offset", (unsigned long long *)out);
@@ -3348,17 +3333,19 @@ typedef struct {
     Py_ssize_t n;
 } memif_regions;
 
-static void memif_regions_release(memif_regions *m)
+static void memif_regions_free(memif_regions *m)
 {
+    if (!m)
+        return;
     for (Py_ssize_t i = 0; i < m->n; i++)
         PyBuffer_Release(&m->view[i]);
-    m->n = 0;
+    PyMem_Free(m);
 }
 
-/* The peer's regions as buffers (writable ones to write frames into), in region-index order. */
-static int memif_regions_get(PyObject *seq, memif_regions *m, int writable)
+/* The peer's regions as buffers (writable ones to write frames into), in region-index order;
+ * NULL with an exception set if they cannot be had. */
+static memif_regions *memif_regions_new(PyObject *seq, int writable)
 {
-    m->n = 0;
     /* a tuple of our own: getting a buffer can run Python code (__buffer__) that changes a list */
     PyObject *fast = PySequence_Tuple(seq);
     if (!fast) {
@@ -3366,24 +3353,27 @@ static int memif_regions_get(PyObject *seq, memif_regions *m, int writable)
             PyErr_Clear();
             PyErr_SetString(PyExc_TypeError, "regions must be a sequence of buffers");
         }
-        return -1;
+        return NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(fast);
-    if (n > MEMIF_MAX_REGIONS) {
+    memif_regions *m = NULL;
+    if (n > MEMIF_MAX_REGIONS)
         PyErr_Format(PyExc_ValueError, "%zd regions; at most %d", n, MEMIF_MAX_REGIONS);
-        Py_DECREF(fast);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(fast, i), &m->view[i], writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
-            memif_regions_release(m);
-            Py_DECREF(fast);
-            return -1;
+    else if (!(m = PyMem_Malloc(sizeof *m)))
+        PyErr_NoMemory();
+    else {
+        m->n = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(fast, i), &m->view[i], writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+                memif_regions_free(m);
+                m = NULL;
+                break;
+            }
+            m->n = i + 1;
         }
-        m->n = i + 1;
     }
     Py_DECREF(fast);
-    return 0;
+    return m;
 }
 
 /* Whether descriptor `d` lies inside one of the regions (64-bit sums: no wrap-around). */
@@ -3452,17 +3442,12 @@ static PyObject *mod_memif_take(PyObject *self, PyObject *args)
         return NULL;
     PyObject *res = NULL, *groups = NULL, *floods = NULL;
     uint8_t *tmp = NULL;
-    memif_regions *m = PyMem_Malloc(sizeof *m);
-    if (!m) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    m->n = 0;
+    memif_regions *m = NULL;
     if (own.len != 6 || oui.len != 4) {
         PyErr_SetString(PyExc_ValueError, "own_mac must be 6 bytes and oui 4");
         goto out;
     }
-    if (memif_ring_check(&ring, desc, mask) < 0 || memif_regions_get(regions, m, 0) < 0)
+    if (memif_ring_check(&ring, desc, mask) < 0 || !(m = memif_regions_new(regions, 0)))
         goto out;
     uint32_t size = mask + 1;
     if (avail > size)
@@ -3576,10 +3561,7 @@ out:
     Py_XDECREF(groups);
     Py_XDECREF(floods);
     PyMem_Free(tmp);
-    if (m) {
-        memif_regions_release(m);
-        PyMem_Free(m);
-    }
+    memif_regions_free(m);
     PyBuffer_Release(&ring);
     PyBuffer_Release(&own);
     PyBuffer_Release(&oui);
@@ -3608,17 +3590,12 @@ static PyObject *mod_memif_put(PyObject *self, PyObject *args)
         return NULL;
     BatchObject *b = (BatchObject *)bobj;
     PyObject *res = NULL;
-    memif_regions *m = PyMem_Malloc(sizeof *m);
-    if (!m) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    m->n = 0;
+    memif_regions *m = NULL;
     if (b->released || b->port->closing || port_foreign(b->port)) {
         PyErr_SetString(ReleasedError, "the batch was released (or belongs to another process)");
         goto out;
     }
-    if (memif_ring_check(&ring, desc, mask) < 0 || memif_regions_get(regions, m, 1) < 0)
+    if (memif_ring_check(&ring, desc, mask) < 0 || !(m = memif_regions_new(regions, 1)))
         goto out;
     if (!server && (!m->n || !buffer_size)) {
         PyErr_SetString(PyExc_ValueError, "a client writes into its region 0 with a buffer size");
@@ -3653,10 +3630,7 @@ static PyObject *mod_memif_put(PyObject *self, PyObject *args)
     }
     res = Py_BuildValue("III", i, written, cursor);
 out:
-    if (m) {
-        memif_regions_release(m);
-        PyMem_Free(m);
-    }
+    memif_regions_free(m);
     PyBuffer_Release(&ring);
     return res;
 }

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from shmfabric.adapters import memif
 from shmfabric.adapters import memif_wire as w
-from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, FLOOD, META_DEVICE_WORK, META_VNET, Verdict,
-                                         classify, routed, vnet_to_meta)
+from shmfabric.adapters.ethernet import (ETH_HLEN, FABRIC_OUI, FLOOD, META_DEVICE_WORK, Verdict, classify,
+                                         routed, vnet_to_meta)
 from shmfabric.core import native
 from shmfabric.fabric import Fabric
 

@@ -725,50 +725,73 @@ def _adapter_errors(i: int, n: NodeConfig, names: dict[str, int]) -> list[_LocEr
     return errs
 
 
+def adapter_claims(adapter: TapAdapter | MemifAdapter | GlobalAdapter) -> dict[tuple, str]:
+    """What `adapter` holds while it runs that no other adapter may hold at the same time, key -> how a
+    message names it. Config validation refuses two adapters of one file with a key in common (their
+    start would clash); a reload starts an adapter it adds only once no adapter it stops holds one of
+    its keys. The keys:
+
+    - ("socket", abstract, path): a memif adapter's control socket;
+    - ("device", netns, ifname): a TAP adapter's interface (netns None: the manager's namespace);
+    - ("address", ip): each of a TAP adapter's addresses (its duplicate-address probe would see the
+      other's, or run before it is set and see nothing);
+    - ("global-lo", netns, ip): each global address a TAP member puts on its namespace's `lo` (a
+      member takes it off when it stops, if it put it there: from under another member there);
+    - ("global", ip): a `kind: global` dispatcher's address."""
+    if isinstance(adapter, MemifAdapter):
+        path = adapter.socket if adapter.abstract else os.path.normpath(adapter.socket)
+        return {("socket", adapter.abstract, path): f"memif socket {adapter.socket!r}"}
+    if isinstance(adapter, GlobalAdapter):
+        ip = str(ipaddress.ip_address(adapter.address))
+        return {("global", ip): f"global address {ip}"}
+    where = f"netns {adapter.netns!r}" if adapter.netns else "the manager's network namespace"
+    out: dict[tuple, str] = {("device", adapter.netns, adapter.ifname): f"interface {adapter.ifname!r} in {where}"}
+    for addr in adapter.address:
+        ip = str(ipaddress.ip_interface(addr).ip)
+        out[("address", ip)] = f"address {ip}"
+    for g in adapter.global_:
+        ip = str(ipaddress.ip_address(g))
+        out[("global-lo", adapter.netns, ip)] = f"global address {ip} on lo in {where}"
+    return out
+
+
 def _adapter_clashes(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> list[_LocError]:
     """Two memif adapters on one socket, or two TAP adapters with one interface name in one network
-    namespace: the second could never start."""
+    namespace, or one address: the second could never start. By `adapter_claims`, as a reload
+    decides which adapters it adds must wait for one it stops (the global ones: `_global_errors`)."""
     errs: list[_LocError] = []
-    sockets: dict[tuple[bool, str], int] = {}
-    devices: dict[tuple[str | None, str], int] = {}
-    addresses: dict[str, int] = {}
+    claimed: dict[tuple, int] = {}  # claim -> the index of the node that has it
     for i, _, n in nodes:
         if n is None or n.adapter is None:
             continue
         a = n.adapter
-        if isinstance(a, TapAdapter):
-            # adapters of one topology start together: their duplicate-address probes would all run
-            # before any address is set, and none would see the other
-            for k, addr in enumerate(a.address):
-                ip = str(ipaddress.ip_interface(addr).ip)
-                if ip in addresses:
-                    whose = "listed twice" if addresses[ip] == i else f"also tap nodes[{addresses[ip]}]'s"
-                    errs.append(_LocError(("nodes", i, "adapter", "address", k), f"address {ip} is {whose}; "
-                                          f"each adapter needs addresses of its own"))
-                else:
-                    addresses[ip] = i
+        ips = [str(ipaddress.ip_interface(x).ip) for x in a.address] if isinstance(a, TapAdapter) else []
+        for k, ip in enumerate(ips):
+            if ip in ips[:k]:
+                errs.append(_LocError(("nodes", i, "adapter", "address", k), f"address {ip} is listed twice; "
+                                      "each adapter needs addresses of its own"))
         if isinstance(a, MemifAdapter) and not a.abstract and not os.path.isabs(a.socket):
             # the peer is another program, started elsewhere: a path relative to where `up` ran
             # means nothing to it (an abstract name is a name, not a path)
             errs.append(_LocError(("nodes", i, "adapter", "socket"), f"socket {a.socket!r} is a relative path; "
                                   f"give an absolute one, e.g. /run/{os.path.basename(a.socket) or 'memif.sock'}"))
-        if isinstance(a, GlobalAdapter):
-            continue  # (checked in `_global_errors`)
-        if isinstance(a, MemifAdapter):
-            key = (a.abstract, a.socket if a.abstract else os.path.normpath(a.socket))
-            if key in sockets:
+        for key, what in adapter_claims(a).items():
+            if key[0] in ("global", "global-lo"):
+                continue  # (checked in `_global_errors`: by dispatcher and member, with the fix for each)
+            j = claimed.setdefault(key, i)
+            if j == i:
+                continue
+            if key[0] == "address":
+                # adapters of one topology start together: their duplicate-address probes would all
+                # run before any address is set, and none would see the other
+                errs.append(_LocError(("nodes", i, "adapter", "address", ips.index(key[1])),
+                                      f"{what} is also tap nodes[{j}]'s; each adapter needs addresses of its own"))
+            elif key[0] == "socket":
                 errs.append(_LocError(("nodes", i, "adapter", "socket"), f"socket {a.socket!r} is also memif "
-                                      f"nodes[{sockets[key]}]'s; each memif adapter needs a socket of its own"))
+                                      f"nodes[{j}]'s; each memif adapter needs a socket of its own"))
             else:
-                sockets[key] = i
-        else:
-            key2 = (a.netns, a.ifname)
-            where = f"netns {a.netns!r}" if a.netns else "the manager's network namespace"
-            if key2 in devices:
-                errs.append(_LocError(("nodes", i, "adapter", "ifname"), f"interface {a.ifname!r} in {where} is "
-                                      f"also nodes[{devices[key2]}]'s; give one of them another `ifname:` or `netns:`"))
-            else:
-                devices[key2] = i
+                errs.append(_LocError(("nodes", i, "adapter", "ifname"), f"{what} is also nodes[{j}]'s; give one "
+                                      "of them another `ifname:` or `netns:`"))
     return errs
 
 

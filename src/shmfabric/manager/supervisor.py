@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from shmfabric.functions.api import REDACTED, secret_fields
-from shmfabric.manager.config import (ADAPTER_FUNCTION_PREFIX, ConfigError, NodeConfig, Topology, api_listen,
-                                      api_token_file, check_functions, instance_name, is_source_function)
+from shmfabric.manager.config import (ADAPTER_FUNCTION_PREFIX, ConfigError, NodeConfig, Topology, adapter_claims,
+                                      api_listen, api_token_file, check_functions, instance_name, is_source_function)
 from shmfabric.manager.policy import RestartTracker, ScaleAction, ScaleDecider
 
 __all__ = ["SupervisorError", "OperationInProgress", "ControlChannel", "Instance", "Supervisor", "pids_mapping", "proc_cpu_seconds"]
@@ -653,8 +653,7 @@ class Supervisor:
         """Feed the scale policy this round's depths and start a thread (`_run_steps`) for the steps
         due: the policy's, and re-steering the upstream of nodes whose instances came back. Called
         holding `_op_lock` and `lock`; returns whether the thread started (it releases `_op_lock`)."""
-        resteer = any(node.resteer and all(i.state == "running" for i in node.instances if i.active)
-                      for node in self.nodes.values())
+        resteer = any(self._resteer_due(node) for node in self.nodes.values())
         steps: list[tuple[str, ScaleAction]] = []
         before: dict[str, dict] = {}  # each decider as it was before this round (see below)
         for name, node in list(self.nodes.items()):
@@ -729,10 +728,18 @@ class Supervisor:
         finally:
             self._op_lock.release()
 
+    @staticmethod
+    def _resteer_due(node: _Node) -> bool:
+        """Whether `node`'s upstream is to be re-steered now: flagged, and its group runs. A group with
+        none in it (its last instance failed for good since it was flagged) is none to steer to: its
+        upstream would be sent an empty next group."""
+        active = [i for i in node.instances if i.active]
+        return node.resteer and bool(active) and all(i.state == "running" for i in active)
+
     def _resteer_pending(self) -> None:
         """Re-steer the upstream of every node an instance came back to, once its instances all run."""
         for node in list(self.nodes.values()):
-            if node.resteer and all(i.state == "running" for i in node.instances if i.active):
+            if self._resteer_due(node):
                 node.resteer = False
                 self._op = {"kind": "resteer", "node": node.cfg.name, "since": round(time.time(), 3)}
                 try:
@@ -789,41 +796,7 @@ class Supervisor:
         if inst.state not in ("starting", "running"):
             return
         if rc is not None:
-            inst.exit_code = rc
-            err = _exit_text(rc, _log_tail(self._log_path(inst.name), start=inst.log_start))
-            pol = inst.tracker.policy
-            if inst.state == "starting" and rc == 2:
-                # exit 2 at start is the runtime's "invalid configuration": restarting cannot help
-                inst.state, inst.error = "failed", err or "configuration rejected (exit 2)"
-                self._event("failed", inst.name, f"exit 2 at start: {inst.error}")
-                return
-            # Exit 0 is "finished" only for a bounded source (see `_finishes`): only its input can run
-            # out. Any other node has no end of input: its exit 0 means something stopped it from
-            # outside (a SIGTERM), and the chain is dead behind it, so it is restarted like a failure.
-            source = self._finishes(inst)
-            if rc == 0 and ((pol.mode == "on-failure" and source) or not pol.enabled):
-                inst.state = "exited"
-                why = ("restarts are disabled (restart.enabled: false)" if not pol.enabled
-                       else "a source that finished is not restarted (restart.mode on-failure)")
-                self._event("exited", inst.name, f"finished (exit 0); {why}")
-                return
-            when = inst.tracker.on_exit(now)
-            inst.error = err or f"exited with status {rc}"
-            if rc == 0:
-                inst.error = ("exited with status 0 though frames are sent to it (stopped from outside?)"
-                              if not self._is_source(inst) else "exited with status 0 though it has no end (a "
-                              "source without `count`: stopped from outside?)")
-            if when is None:
-                inst.state = "failed"
-                if not pol.enabled:
-                    self._event("failed", inst.name, f"exit {rc}; not restarted: restarts are disabled "
-                                "(restart.enabled: false)")
-                else:
-                    self._event("failed", inst.name, f"exit {rc}; restart limit reached ({pol.max_restarts}"
-                                f" in {pol.window:g}s), giving up")
-            else:
-                inst.state, inst.restart_at = "backoff", when
-                self._event("exited", inst.name, f"exit {rc}; restart in {when - now:.2f}s")
+            self._on_exit(node, inst, rc, now)
             return
         if inst.state == "starting":
             ready = self._ready(inst) if up else False
@@ -858,6 +831,72 @@ class Supervisor:
                 _kill(inst.proc)
         else:
             inst.missing_polls = 0
+
+    def _on_exit(self, node: _Node, inst: Instance, rc: int, now: float) -> None:
+        """Judge the exit (status `rc`) of `inst`, starting or running, by its restart policy: backoff
+        (restarted at `restart_at` by `_watch`), failed (exit 2 at start, the restart limit, restarts
+        disabled) or exited (a bounded source that finished). The loop's (`_watch`), and that of a
+        restart the manager made itself (`_restart_adapter`), whose exit at start is no different."""
+        inst.exit_code = rc
+        err = _exit_text(rc, _log_tail(self._log_path(inst.name), start=inst.log_start))
+        pol = inst.tracker.policy
+        if inst.state == "starting" and rc == 2:
+            # exit 2 at start is the runtime's "invalid configuration": restarting cannot help
+            inst.state, inst.error = "failed", err or "configuration rejected (exit 2)"
+            self._event("failed", inst.name, f"exit 2 at start: {inst.error}")
+            self._left_for_good(node)
+            return
+        # Exit 0 is "finished" only for a bounded source (see `_finishes`): only its input can run
+        # out. Any other node has no end of input: its exit 0 means something stopped it from
+        # outside (a SIGTERM), and the chain is dead behind it, so it is restarted like a failure.
+        source = self._finishes(inst)
+        if rc == 0 and ((pol.mode == "on-failure" and source) or not pol.enabled):
+            inst.state = "exited"
+            why = ("restarts are disabled (restart.enabled: false)" if not pol.enabled
+                   else "a source that finished is not restarted (restart.mode on-failure)")
+            self._event("exited", inst.name, f"finished (exit 0); {why}")
+            return
+        when = inst.tracker.on_exit(now)
+        inst.error = err or f"exited with status {rc}"
+        if rc == 0:
+            inst.error = ("exited with status 0 though frames are sent to it (stopped from outside?)"
+                          if not self._is_source(inst) else "exited with status 0 though it has no end (a "
+                          "source without `count`: stopped from outside?)")
+        if when is None:
+            inst.state = "failed"
+            if not pol.enabled:
+                self._event("failed", inst.name, f"exit {rc}; not restarted: restarts are disabled "
+                            "(restart.enabled: false)")
+            else:
+                self._event("failed", inst.name, f"exit {rc}; restart limit reached ({pol.max_restarts}"
+                            f" in {pol.window:g}s), giving up")
+            self._left_for_good(node)
+        else:
+            inst.state, inst.restart_at = "backoff", when
+            self._event("exited", inst.name, f"exit {rc}; restart in {when - now:.2f}s")
+
+    def _policy_note(self, node: _Node) -> str:
+        """For a message saying that `node` did not come up: when its restart policy retries it."""
+        inst = next((i for i in node.instances if i.state == "backoff" and i.restart_at is not None), None)
+        if inst is None:
+            return ""
+        return f"; its restart policy restarts it in {max(0.0, inst.restart_at - self.clock()):.2f}s"
+
+    @staticmethod
+    def _holds(node: _Node) -> bool:
+        """Whether `node` may hold its adapter's device, addresses or socket: a process of it lives, or
+        the loop will start one (backoff). One failed or exited holds nothing."""
+        return any(i.state in ("starting", "running", "stopping", "backoff")
+                   or (i.proc is not None and i.proc.poll() is None) for i in node.instances)
+
+    @staticmethod
+    def _left_for_good(node: _Node) -> None:
+        """One of `node`'s instances failed for good: if others run on, its upstream is re-steered to them
+        (`_resteer_pending`), as after a restart. Else a function upstream kept the dead instance in its
+        next group, and an adapter whose `via:` named it kept sending to it (`_check_via` moves it to the
+        first that runs). With none left there is no group to steer to: nothing is sent."""
+        if any(i.active for i in node.instances):
+            node.resteer = True
 
     def _is_source(self, inst: Instance) -> bool:
         """Whether `inst` runs a source function (by the function's kind, as the config's loop check)."""
@@ -1139,7 +1178,10 @@ class Supervisor:
 
     def _spawn(self, node: _Node, index: int | None, now: float, *, function: str | None = None,
                config: dict | None = None, version: str | None = None, staged: bool = False,
-               topo: Topology | None = None) -> Instance:
+               topo: Topology | None = None, keep: bool = False) -> Instance:
+        """Start an instance of `node` (index `index`, else the first free). A process that cannot be
+        started raises SupervisorError; its instance leaves the node, or with `keep` stays in it,
+        judged by its restart policy as if it had exited at start (backoff: `_watch` retries it)."""
         k = index if index is not None else self._free_index(node)
         self._remember_secrets(function or node.function, config if config is not None else node.config)
         inst = Instance(instance_name(node.cfg.name, k), node.cfg.name, function or node.function,
@@ -1150,39 +1192,99 @@ class Supervisor:
         try:
             self._launch(node, inst, now)
         except OSError as exc:
-            node.instances.remove(inst)
+            if keep:
+                # the node's only instance (an adapter the manager restarts): without it nothing would
+                # ever start the node again, and status would show no instance at all
+                self._cannot_start(node, inst, exc, now)
+            else:
+                node.instances.remove(inst)
             raise SupervisorError(f"cannot start {inst.name!r} ({inst.function}): {exc}", status=500) from None
         self._event("start", inst.name, f"{inst.function} pid {inst.pid}")
         return inst
 
     def _respawn(self, node: _Node, inst: Instance, now: float) -> None:
         inst.restarts += 1
-        self._launch(node, inst, now)
+        try:
+            self._launch(node, inst, now)
+        except OSError as exc:
+            # judged as an exit at start: retried within the restart limit, not every round for ever
+            self._cannot_start(node, inst, exc, now)
+            return
         node.resteer = True
         self._event("restart", inst.name, f"restart #{inst.restarts}, pid {inst.pid}")
 
-    def _wait_up(self, insts: list[Instance], timeout: float) -> None:
-        """Block until every instance's node is up in the table; SupervisorError names the one that is not."""
+    def _cannot_start(self, node: _Node, inst: Instance, exc: OSError, now: float) -> None:
+        """Judge a process of `inst` that could not be started (`_launch` raised `exc`) by its restart
+        policy, as an exit at start: backoff (`_watch` retries it), or failed at the restart limit."""
+        when = inst.tracker.on_exit(now)
+        inst.error = f"cannot start: {exc}"
+        pol = inst.tracker.policy
+        if when is None:
+            inst.state, inst.restart_at = "failed", None
+            why = (f"restart limit reached ({pol.max_restarts} in {pol.window:g}s), giving up" if pol.enabled
+                   else "not restarted: restarts are disabled (restart.enabled: false)")
+            self._event("failed", inst.name, f"{inst.error}; {why}")
+            self._left_for_good(node)
+        else:
+            inst.state, inst.restart_at = "backoff", when
+            self._event("exited", inst.name, f"{inst.error}; restart in {when - now:.2f}s")
+
+    def _wait_up(self, insts: list[Instance], timeout: float, judge: bool = False) -> None:
+        """Block until every instance's node is up in the table; SupervisorError names the one that is not.
+        An instance that exits meanwhile is failed (the action that started it undoes it), or with
+        `judge` left to its restart policy (`_on_exit`: backoff), as the loop judges any exit: for an
+        instance in its node's group that no action undoes (an adapter the manager restarted)."""
         deadline = time.monotonic() + timeout
         pending = [i for i in insts if i.state == "starting"]
+        procs = {id(i): i.proc for i in pending}  # the process each was started as
         while pending:
             if self.fabric is None or self._closing:
                 raise SupervisorError("the manager is stopping", status=503)
             for inst in list(pending):
+                if inst.state == "running" and inst.proc is procs[id(inst)]:
+                    pending.remove(inst)  # the loop found it ready (it watches every instance not staged)
+                    continue
+                if inst.state != "starting" or inst.proc is not procs[id(inst)]:
+                    # the loop saw its exit first (this wait releases `lock`) and its restart policy
+                    # judged it (and may have started it again since): that stands
+                    rc = inst.exit_code
+                    why = inst.error or (_exit_text(rc, None) if rc is not None else inst.state)
+                    raise SupervisorError(f"node {inst.name!r} ({inst.function}) exited"
+                                          + (f" with status {rc}" if rc is not None else "")
+                                          + f" at start: {why}", status=500)
                 rc = inst.proc.poll() if inst.proc else None
                 if rc is not None:
-                    inst.state, inst.exit_code = "failed", rc
-                    inst.error = _exit_text(rc, _log_tail(self._log_path(inst.name), start=inst.log_start))
+                    node = self.nodes.get(inst.node)
+                    if judge and node is not None:
+                        self._on_exit(node, inst, rc, self.clock())
+                    else:
+                        # (the action that started it undoes it: a staged instance, or `start`, which
+                        # stops everything when one does not come up)
+                        inst.state, inst.exit_code = "failed", rc
+                        inst.error = _exit_text(rc, _log_tail(self._log_path(inst.name), start=inst.log_start))
                     raise SupervisorError(f"node {inst.name!r} ({inst.function}) exited with status {rc} at start: "
-                                          f"{inst.error}", status=500)
-                if self._ready(inst):
+                                          f"{inst.error or _exit_text(rc, None)}", status=500)
+                proc = inst.proc
+                # `_ready` releases `lock` while it waits for the reply: the loop may judge an exit
+                # meanwhile (and start it again). Running only if it is still this start's process,
+                # unjudged; else the next round looks at it again
+                if self._ready(inst) and inst.state == "starting" and inst.proc is proc:
                     inst.state = "running"
                     pending.remove(inst)
             if not pending:
                 return
             if time.monotonic() > deadline:
-                names = ", ".join(i.name for i in pending)
-                raise SupervisorError(f"node(s) {names} did not attach within {timeout:g}s; see their logs"
+                # attached and not answering is another fault than not attached (e.g. a function that
+                # waits for a next hop that never attaches: it answers nothing meanwhile)
+                deaf = [i.name for i in pending if self.fabric.node_id(i.name) is not None]
+                absent = [i.name for i in pending if i.name not in deaf]
+                why = []
+                if absent:
+                    why.append(f"node(s) {', '.join(absent)} did not attach within {timeout:g}s")
+                if deaf:
+                    why.append(f"node(s) {', '.join(deaf)} attached but did not answer a control request as "
+                               f"ready within {timeout:g}s")
+                raise SupervisorError("; ".join(why) + "; see their logs"
                                       + (f" in {self.log_dir}" if self.log_dir else ""), status=500)
             # the lock is released while waiting (fully, however deeply held): status answers meanwhile,
             # and the loop goes on watching the other instances (it leaves staged ones to this wait)
@@ -1327,7 +1429,8 @@ class Supervisor:
             try:
                 self._check_via(node)
             except SupervisorError as exc:
-                self._event("error", node.cfg.name, f"adapter restart on its new via failed: {exc}")
+                self._event("error", node.cfg.name, f"adapter restart on its new via failed: {exc}"
+                            f"{self._policy_note(node)}")
             return
         nxt = self._next_instances(node.cfg.name)
         ports = self._port_instances(node.cfg.name)
@@ -1354,8 +1457,16 @@ class Supervisor:
         """Replace an adapter's instance: stop the old one first (it owns the device or socket the new one
         needs), then start one (its first instance name again) and wait until it answers. The frames
         on its link meanwhile are lost, as on any link restart. Raises SupervisorError if it does not
-        come up; it is then marked failed, as an instance that fails at its start is, until a reload
-        starts it again (a reload restarts an adapter that is not running)."""
+        come up. Nothing undoes this restart, so its failure is the restart policy's, as the loop judges
+        any exit: an exit at its start (or a process that cannot be started) puts it in backoff (the
+        loop restarts it), or failed (exit 2, the restart limit) until a reload starts it again; one
+        that neither exits nor answers stays starting, and the loop kills it after START_TIMEOUT."""
+        self._stop_adapter(node)
+        self._start_adapter(node, reason)
+
+    def _stop_adapter(self, node: _Node) -> None:
+        """Stop adapter `node`'s instance (drained) and take it out of the node: what it holds (its
+        device, addresses, socket) is free once this returns."""
         for inst in list(node.instances):
             if inst.state in ("starting", "running", "stopping"):
                 inst.state = "stopping"
@@ -1365,10 +1476,14 @@ class Supervisor:
                 _reap(inst.proc)
             if inst in node.instances:
                 node.instances.remove(inst)
-        inst = self._spawn(node, 1, self.clock())
+
+    def _start_adapter(self, node: _Node, reason: str) -> None:
+        """Start adapter `node`'s instance (stopped by `_stop_adapter`) and wait until it answers; its
+        failure is its restart policy's (see `_restart_adapter`)."""
+        inst = self._spawn(node, 1, self.clock(), keep=True)
         self._event("replace", node.cfg.name, f"adapter restarted ({reason})")
         node.resteer = True  # whoever sends to it (a chain's end) resolves its name again
-        self._wait_up([inst], START_TIMEOUT)
+        self._wait_up([inst], START_TIMEOUT, judge=True)
 
     def _scale_to(self, node: _Node, count: int, now: float, reason: str) -> None:
         active = [i for i in node.instances if i.active]
@@ -1702,8 +1817,8 @@ class Supervisor:
             if name in self.nodes and self.nodes[name].cfg.is_adapter != topo.node(name).is_adapter:
                 raise SupervisorError(f"node {name!r} changes between a function and an adapter; give the new one "
                                       "another name (or remove the node, reload, then add it back)", status=409)
-        # Adapters are not staged: a new instance cannot run beside the old (one device, one socket).
-        # Those added, changed or not running start after the commit, once what leaves has stopped.
+        # A changed adapter is not staged: a new instance cannot run beside the old (one device, one
+        # socket). Those changed or not running start after the commit, once what leaves has stopped.
         adapters_added = [n for n in topo.start_order() if n not in self.nodes and topo.node(n).is_adapter]
         adapters_changed: list[str] = []
         for name in new_names:
@@ -1723,6 +1838,25 @@ class Supervisor:
         removed = [n for n in running if n not in new_names]
         kept = [n for n in new_names if n in self.nodes and not self.nodes[n].cfg.is_adapter]
         kept_adapters = [n for n in new_names if n in self.nodes and self.nodes[n].cfg.is_adapter]
+        # An added adapter starts staged with the other new instances (step 1): a new or replaced node
+        # that sends to it (a router's new port, a chain's new end) waits for it to attach, answering
+        # nothing meanwhile, so its readiness needs the adapter up first. Only one that needs what a
+        # node leaving or changed still holds (a device, an address, a socket: held until step 3 or 4)
+        # starts after the commit, in step 4, as a changed one does.
+        held: dict[tuple, tuple[str, str]] = {}  # claim -> (what, the node holding it now)
+        for name in removed + adapters_changed:
+            a = self.nodes[name].cfg.adapter
+            if a is not None and self._holds(self.nodes[name]):
+                for key, what in adapter_claims(a).items():
+                    held.setdefault(key, (what, name))
+        adapters_deferred: dict[str, tuple[str, str]] = {}  # added adapter -> (what, who holds it)
+        for name in adapters_added:
+            new_adapter = topo.node(name).adapter
+            assert new_adapter is not None  # (an adapter node)
+            clash = next((held[k] for k in adapter_claims(new_adapter) if k in held), None)
+            if clash is not None:
+                adapters_deferred[name] = clash
+        adapters_early = [n for n in adapters_added if n not in adapters_deferred]
         old_next = {n: self._next_instances(n) for n in running}
         now = self.clock()
         # -- plan: what each kept node runs now against what the file says
@@ -1746,6 +1880,18 @@ class Supervisor:
                 target = min(max(len(active), pol.min_instances), pol.max_instances)
             plan[name] = {"replace": replace, "reconfigure": not replace and node.config != b.config,
                           "active": active, "target": target, "new": [], "victims": []}
+        # a new instance with a port to an adapter that starts only after the commit would wait for it
+        # (it answers nothing meanwhile) until its start times out: refused at once, saying what to do
+        # (a next step that is not there yet is left out of the instance's group, not waited for)
+        for name in added + [n for n, p in plan.items() if p["replace"] or p["target"] > len(p["active"])]:
+            for port in topo.node(name).ports:
+                if port in adapters_deferred:
+                    what, holder = adapters_deferred[port]
+                    raise SupervisorError(
+                        f"reload refused, nothing changed: node {name!r} would start with a port to adapter "
+                        f"{port!r}, which needs {what} that {holder!r} holds until the reload stops it; apply it "
+                        f"in two reloads: first one that removes or changes {holder!r} (without {port!r}), which "
+                        f"frees {what}; then one that adds {port!r}", status=409)
         # -- 1. start what is new (staged: no upstream sends to it yet), push changed configs
         needed = sum(topo.instances_of(n) for n in added) + len(adapters_added)
         needed += sum(max(p["target"], 1) if p["replace"] else max(0, p["target"] - len(p["active"]))
@@ -1757,6 +1903,15 @@ class Supervisor:
         pushed: list[tuple[Instance, dict]] = []  # (instance, the config it ran before)
         procs: dict[int, Any] = {}  # id(instance) -> the process the new config was pushed to
         try:
+            # added adapters first: a new function's --next lists only the nodes that exist (these)
+            for name in adapters_early:
+                b = topo.node(name)
+                node = _Node(b, ScaleDecider(topo.scale_of(name)), function=b.function_name, config=b.settings,
+                             version=b.version)
+                self.nodes[name] = node
+                new_nodes.append(name)
+                # staged: `_view_of` gives it the new topology (its network, its via's node)
+                started.append((node, self._spawn(node, 1, now, staged=True, topo=topo)))
             for name in added:
                 cfg = topo.node(name)
                 node = _Node(cfg, ScaleDecider(topo.scale_of(name)), function=cfg.function,
@@ -1866,7 +2021,7 @@ class Supervisor:
         for name in topo.start_order():
             node = self.nodes.get(name)
             if node is None or name in removed:
-                continue  # (an adapter added by this reload starts below)
+                continue  # (an adapter added by this reload that waits for a device or socket starts below)
             try:
                 changed = name in new_nodes or self._next_instances(name) != old_next.get(name) or any(
                     plan.get(t, {}).get("new") or plan.get(t, {}).get("victims") for t in node.cfg.ports)
@@ -1888,11 +2043,16 @@ class Supervisor:
         for name in removed:
             del self.nodes[name]
             changes["removed"].append(name)
-        # -- 4. adapters: the changed ones replaced (the old instance stops first), the new ones started,
-        # and any whose `via:` now runs as another instance restarted on it
-        for name in [n for n in topo.start_order() if n in adapters_added or n in adapters_changed]:
+        # -- 4. adapters: the changed ones replaced (the old instance stops first), the added ones that
+        # needed what a node leaving or changed held started, and any whose `via:` now runs as another
+        # instance restarted on it
+        # Every changed one's old instance stops before any starts: a deferred one may need what a changed
+        # one holds (whatever the start order), and two changed ones may trade devices
+        for name in adapters_changed:
+            self._stop_adapter(self.nodes[name])
+        for name in [n for n in topo.start_order() if n in adapters_deferred or n in adapters_changed]:
             b = topo.node(name)
-            if name in adapters_added:
+            if name in adapters_deferred:
                 node = self.nodes[name] = _Node(b, ScaleDecider(topo.scale_of(name)), function=b.function_name,
                                                 config=b.settings, version=b.version)
                 changes["added"].append(name)
@@ -1901,11 +2061,11 @@ class Supervisor:
                 node.function, node.config, node.version = b.function_name, b.settings, b.version
                 changes["replaced"].append(name)
             try:
-                self._restart_adapter(node, "settings changed by a reload" if name in adapters_changed
-                                      else "added by a reload")
+                self._start_adapter(node, "settings changed by a reload" if name in adapters_changed
+                                    else "added by a reload")
             except SupervisorError as exc:
-                warnings.append(f"adapter {name} did not come up: {exc}")
-                self._event("error", name, f"adapter did not come up after the reload: {exc}")
+                warnings.append(f"adapter {name} did not come up: {exc}{self._policy_note(node)}")
+                self._event("error", name, f"adapter did not come up after the reload: {exc}{self._policy_note(node)}")
         for name in kept_adapters:
             if name not in adapters_changed:
                 self._set_next(self.nodes[name])  # (restarts it only if its via moved)

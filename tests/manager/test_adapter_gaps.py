@@ -263,6 +263,9 @@ def test_a_reload_adding_an_adapter_early_is_undone_with_the_rest_when_it_fails(
                                 chains="  - {name: c, nodes: [fw, router]}\n  - {name: g, nodes: [gen2, fw]}\n"))
     assert "error" in out, f"the reload did not fail: {out}"
     assert "web2" not in sup.nodes and "gen2" not in sup.nodes, explain(sup, "web2", "gen2")
+    # it did start before the commit, and was withdrawn with the rest
+    events = [(e["kind"], e["node"]) for e in list(sup.events)]
+    assert ("start", "web2") in events, events
 
     def device_gone() -> bool:
         return _ip("-n", c, "link", "show", "sf0", check=False).returncode != 0
@@ -370,9 +373,11 @@ def test_an_instance_that_cannot_be_started_again_is_judged_by_its_restart_limit
     fw_extra = "  restart: {max_restarts: 2, window: 3600, backoff_initial: 0.1, backoff_max: 0.2}\n"
     sup = run_topology(topology(tap("client", a, 1), None, fw_extra=fw_extra))
     real_launch = sup._launch
+    launches = []
 
     def launch(node, inst, now):
-        if inst.node == "fw" and inst.restarts:
+        if inst.node == "fw":  # (fw's first start came before this patch: every restart fails)
+            launches.append(inst.name)
             raise OSError(24, "Too many open files")
         return real_launch(node, inst, now)
 
@@ -380,5 +385,6 @@ def test_an_instance_that_cannot_be_started_again_is_judged_by_its_restart_limit
     loop(sup)
     os.kill(sup.nodes["fw"].instances[0].pid, signal.SIGKILL)
     assert _until(lambda: sup.nodes["fw"].instances[0].state == "failed"), explain(sup, "fw")
-    details = [e["detail"] for e in sup.events if e["node"] == "fw"]
+    details = [e["detail"] for e in list(sup.events) if e["node"] == "fw"]
     assert any("cannot start" in d and "restart limit reached" in d for d in details), details
+    assert launches and sup.nodes["fw"].instances[0].restarts == 0, (launches, "a failed launch counted")

@@ -1203,13 +1203,13 @@ class Supervisor:
         return inst
 
     def _respawn(self, node: _Node, inst: Instance, now: float) -> None:
-        inst.restarts += 1
         try:
             self._launch(node, inst, now)
         except OSError as exc:
             # judged as an exit at start: retried within the restart limit, not every round for ever
             self._cannot_start(node, inst, exc, now)
             return
+        inst.restarts += 1  # (processes started again, not attempts)
         node.resteer = True
         self._event("restart", inst.name, f"restart #{inst.restarts}, pid {inst.pid}")
 
@@ -1450,7 +1450,8 @@ class Supervisor:
         if not node.cfg.via:
             return
         want = self._via_instance(node.cfg.via)
-        if any(i.active and i.via != want for i in node.instances):
+        # (an instance whose process could not even be launched has no via yet: its retry takes the current one)
+        if any(i.active and i.via is not None and i.via != want for i in node.instances):
             self._restart_adapter(node, f"via {node.cfg.via} now runs as {want}")
 
     def _restart_adapter(self, node: _Node, reason: str) -> None:
@@ -2046,9 +2047,14 @@ class Supervisor:
         # -- 4. adapters: the changed ones replaced (the old instance stops first), the added ones that
         # needed what a node leaving or changed held started, and any whose `via:` now runs as another
         # instance restarted on it
-        # Every changed one's old instance stops before any starts: a deferred one may need what a changed
-        # one holds (whatever the start order), and two changed ones may trade devices
-        for name in adapters_changed:
+        # A changed one whose old instance holds what another one starting here needs (a deferred one, or
+        # two changed ones trading devices) stops before any starts, whatever the start order; the others
+        # are replaced one at a time, each down only while it restarts
+        wanted: dict[str, set] = {n: set(adapter_claims(topo.node(n).adapter))
+                                  for n in [*adapters_changed, *adapters_deferred]}
+        stop_first = [n for n in adapters_changed if set(adapter_claims(old.node(n).adapter))
+                      & set().union(*(c for m, c in wanted.items() if m != n))]
+        for name in stop_first:
             self._stop_adapter(self.nodes[name])
         for name in [n for n in topo.start_order() if n in adapters_deferred or n in adapters_changed]:
             b = topo.node(name)
@@ -2061,8 +2067,11 @@ class Supervisor:
                 node.function, node.config, node.version = b.function_name, b.settings, b.version
                 changes["replaced"].append(name)
             try:
-                self._start_adapter(node, "settings changed by a reload" if name in adapters_changed
-                                    else "added by a reload")
+                reason = "settings changed by a reload" if name in adapters_changed else "added by a reload"
+                if name in adapters_changed and name not in stop_first:
+                    self._restart_adapter(node, reason)
+                else:
+                    self._start_adapter(node, reason)
             except SupervisorError as exc:
                 warnings.append(f"adapter {name} did not come up: {exc}{self._policy_note(node)}")
                 self._event("error", name, f"adapter did not come up after the reload: {exc}{self._policy_note(node)}")

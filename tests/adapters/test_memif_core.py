@@ -513,7 +513,7 @@ def port_rig():
         made.append(br)
         return br
 
-    make.nodes = nodes  # type: ignore[attr-defined]
+    make.nodes, make.fab = nodes, fab  # type: ignore[attr-defined]
     try:
         yield make
     finally:
@@ -549,15 +549,11 @@ def test_frames_for_the_via_node_keep_the_peers_order_and_its_share(port_rig, in
         at += len(f)
     conn = fake_connection(True, 3, mem)
     native.store_u16_release(conn.rx.mm, conn.rx.head, 2)
-    br = port_rig(conn, in_flight=in_flight, via=lambda: (fw.id, port_rig_gen(fw)))
+    br = port_rig(conn, in_flight=in_flight, via=lambda: port_rig.fab.node_ref("fw"))
     assert br.pump_device() == 2
     assert received(fw) == (sent if in_flight > 1 else sent[:1])
     assert received(c) == []
     assert br.from_device.get("drop_ring_full", 0) == (0 if in_flight > 1 else 1)
-
-
-def port_rig_gen(node) -> int:
-    return node._fabric.region.node_entry(node.id)["gen"]
 
 
 def test_the_core_and_the_python_path_take_turns_in_one_batch_in_order(port_rig):

@@ -1844,11 +1844,13 @@ class Supervisor:
         # nothing meanwhile, so its readiness needs the adapter up first. Only one that needs what a
         # node leaving or changed still holds (a device, an address, a socket: held until step 3 or 4)
         # starts after the commit, in step 4, as a changed one does.
+        # what each adapter leaving or changed holds as it runs now (its old settings)
+        old_claims = {n: adapter_claims(a) for n in removed + adapters_changed
+                      if (a := self.nodes[n].cfg.adapter) is not None}
         held: dict[tuple, tuple[str, str]] = {}  # claim -> (what, the node holding it now)
-        for name in removed + adapters_changed:
-            a = self.nodes[name].cfg.adapter
-            if a is not None and self._holds(self.nodes[name]):
-                for key, what in adapter_claims(a).items():
+        for name, claims in old_claims.items():
+            if self._holds(self.nodes[name]):
+                for key, what in claims.items():
                     held.setdefault(key, (what, name))
         adapters_deferred: dict[str, tuple[str, str]] = {}  # added adapter -> (what, who holds it)
         for name in adapters_added:
@@ -2052,8 +2054,8 @@ class Supervisor:
         # are replaced one at a time, each down only while it restarts
         wanted: dict[str, set] = {n: set(adapter_claims(topo.node(n).adapter))
                                   for n in [*adapters_changed, *adapters_deferred]}
-        stop_first = [n for n in adapters_changed if set(adapter_claims(old.node(n).adapter))
-                      & set().union(*(c for m, c in wanted.items() if m != n))]
+        stop_first = [n for n in adapters_changed
+                      if old_claims[n].keys() & set().union(*(c for m, c in wanted.items() if m != n))]
         for name in stop_first:
             self._stop_adapter(self.nodes[name])
         for name in [n for n in topo.start_order() if n in adapters_deferred or n in adapters_changed]:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from shmfabric.adapters.ethernet import (ETH_HLEN, FLOOD, VNET_LEN, VNET_ZERO, Verdict, arp_claim, arp_probe, classify,
                                          complete_checksum, csum_of, meta_to_vnet, needs_offload, routed, vnet_to_meta)
+from shmfabric.adapters.source_guard import SourceGuard
 from shmfabric.adapters.tap import Tap
 from shmfabric.core import native
 from shmfabric.fabric import Node
@@ -50,6 +51,8 @@ class FabricPort:
     requests (`stats`, `stop`) are answered. Subclasses move frames to and from their device."""
 
     kind = "adapter"  # the `function` a stats reply names
+    # checks each frame's sender before it is sent (`--source-check`); None: frames go as they are
+    guard: SourceGuard | None = None
 
     def __init__(self, node: Node, batch: int = 256, in_flight: int | Callable[[], int] = 64,
                  via: Callable[[], tuple[int, int] | None] | None = None):
@@ -100,6 +103,11 @@ class FabricPort:
         caller's (the frame was copied, or dropped and counted)."""
         c = self.from_device
         own = self.node.mac
+        if self.guard is not None and size >= 0:
+            why = self.guard.verdict(hdr, buf, size)
+            if why is not None:
+                c[why] += 1
+                return False
         dst = classify(hdr, own) if size >= 0 else Verdict.SHORT
         inc = 0
         if dst >= 0 and self._via is not None and routed(hdr, buf):
@@ -286,9 +294,11 @@ class TapBridge(FabricPort):
     runs both until told to stop."""
 
     def __init__(self, node: Node, tap: Tap, batch: int = 256, in_flight: int | Callable[[], int] = 64,
-                 via: Callable[[], tuple[int, int] | None] | None = None):
-        """`batch`, `in_flight`, `via`: as FabricPort's."""
+                 via: Callable[[], tuple[int, int] | None] | None = None, guard: SourceGuard | None = None):
+        """`batch`, `in_flight`, `via`: as FabricPort's; `guard`: drop the frames that name another
+        sender (`--source-check`)."""
         super().__init__(node, batch, in_flight, via)
+        self.guard = guard
         self.tap = tap
         self._scratch = bytearray(node.mtu + 1)  # where a frame is read to be dropped (no free slot)
         self._hdr = bytearray(ETH_HLEN)  # the header of the frame being read (its payload goes to a slot)

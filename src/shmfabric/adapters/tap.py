@@ -113,10 +113,12 @@ def open_tap(ifname: str, segments: bool = False) -> Tap:
 
 def configure(ifname: str, mac: bytes, mtu: int | None,
               addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
-              gso_max_size: int | None = None, network_mtu: int = 65536) -> int:
+              gso_max_size: int | None = None, network_mtu: int = 65536, eui64: bool = False) -> int:
     """Give the device the node's MAC, an MTU (None: the network's, or the device's largest)
     and `addresses`, and bring it up; returns the MTU. `gso_max_size` bounds the segments the
-    kernel hands an offloading device (the network's slot size)."""
+    kernel hands an offloading device (the network's slot size). `eui64`: the IPv6 link-local
+    address is the one the MAC gives (`source_guard.link_local`), whatever the namespace's
+    default way of making one (a checked adapter allows that one)."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -151,6 +153,8 @@ def configure(ifname: str, mac: bytes, mtu: int | None,
         # neighbour caches must not keep sending to the old one.
         _sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1")
         _sysctl(f"net/ipv6/conf/{ifname}/ndisc_notify", "1")
+        if eui64:
+            _sysctl(f"net/ipv6/conf/{ifname}/addr_gen_mode", "0")
         ipr.link("set", index=index, state="up")
     return mtu
 

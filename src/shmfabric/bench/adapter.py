@@ -10,7 +10,8 @@ Two network namespaces each time, a server in one and its client in the other:
 At the first MTU the same runs twice more through a firewall: the adapters' IP frames crossing a
 chain of two function processes (`--via fw`: a firewall accepting the bench's ports, then a
 router), against two veth pairs joined by a router namespace whose nftables forward chain
-accepts the same ports (the kernel's way).
+accepts the same ports (the kernel's way); and once more with the adapters checking their frames'
+sources (`--source-check`), against the fabric without the check: the price of the check.
 
 Each peer runs right after the fabric at the same setting, and the whole set `--runs` times
 (the median is shown). Root only (namespaces, TAP devices). No target: the issue that asks for
@@ -130,6 +131,7 @@ def run(seconds: float = 5.0, runs: int = 3, mtus: tuple[int, ...] = (1500, 9000
             if mtu == mtus[0]:
                 kinds.append(("chain", lambda m=mtu: FabricLan(2, mtu=m, firewall=CHAIN_RULES)))
                 kinds.append(("nft", lambda m=mtu: RoutedVethLan(mtu=m, accept_tcp=(REDIS_PORT, 5201))))
+                kinds.append(("checked", lambda m=mtu: FabricLan(2, mtu=m, adapter_args=["--source-check"])))
             for kind, make in kinds:
                 try:
                     samples.setdefault(f"{kind}-{mtu}", []).append(measure(make, seconds))
@@ -170,6 +172,15 @@ def format_table(res: dict[str, Any]) -> str:
                 continue
             ratio = f"{ch[key] / nft[key]:.2f}x" if nft[key] else ""
             lines.append(f"{label:34} {mtu:>5} {fmt.format(ch[key]):>12} {fmt.format(nft[key]):>12} {ratio:>12}")
+    checked = next((k for k in med if k.startswith("checked-")), None)
+    if checked is not None:
+        mtu = int(checked.split("-")[1])
+        ck, fab = med[checked], med[f"fabric-{mtu}"]
+        lines.append("adapters checking their frames' sources (--source-check) vs the same without")
+        lines.append(f"{'':34} {'MTU':>5} {'checked':>12} {'unchecked':>12} {'ratio':>12}")
+        for key, label, fmt in ROWS:
+            ratio = f"{ck[key] / fab[key]:.2f}x" if fab[key] else ""
+            lines.append(f"{label:34} {mtu:>5} {fmt.format(ck[key]):>12} {fmt.format(fab[key]):>12} {ratio:>12}")
     return "\n".join(lines)
 
 

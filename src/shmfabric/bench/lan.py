@@ -189,13 +189,16 @@ class FabricLan(_Lan):
     kind = "fabric"
 
     def __init__(self, hosts: int = 2, mtu: int = 1500, lan: int = 2, network_mtu: int = 65536, slots: int = 1024,
-                 tape_entry_size: int = 2048, firewall: str | None = None) -> None:
+                 tape_entry_size: int = 2048, firewall: str | None = None,
+                 adapter_args: Sequence[str] = ()) -> None:
         """`mtu` is the devices'; `network_mtu` the fabric network's (its slot size): 16 KB or
         more lets TCP segments cross uncut (see `shmfabric adapter`). With `firewall` (rule
         text), the adapters' IP frames cross a chain: `fw` (a firewall with those rules) then
-        `router` (delivering by destination address), each a function process."""
+        `router` (delivering by destination address), each a function process. `adapter_args`:
+        more options for every adapter (e.g. `--source-check`)."""
         super().__init__(hosts, mtu, lan)
         self.firewall = firewall
+        self.adapter_args = list(adapter_args)
         self.fabric = f"lan{self.tag}"
         self.network_mtu = network_mtu
         self.slots = slots
@@ -245,7 +248,7 @@ class FabricLan(_Lan):
         via = ["--via", "fw"] if self.firewall is not None else []
         return [sys.executable, "-m", "shmfabric", "adapter", self.fabric, f"host{host}",
                 "--netns", self.namespaces[host], "--address", self.cidr(host), "--mtu", str(self.mtu), "--json",
-                *via]
+                *via, *self.adapter_args]
 
     def start(self, host: int, timeout: float = 20.0) -> str:
         """Start host `host`'s adapter and wait for its ready line (returned). Call from the thread

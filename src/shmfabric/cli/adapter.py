@@ -140,6 +140,7 @@ def check_member_addresses(shared: list[ipaddress.IPv4Address | ipaddress.IPv6Ad
 def cmd_adapter(args: argparse.Namespace) -> int:
     from shmfabric.adapters.bridge import DeviceGone, TapBridge
     from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
+    from shmfabric.adapters.source_guard import SourceGuard, allowed_prefix
     from shmfabric.adapters.tap import (TapError, check_ifname, configure, enter_netns, hold_global_address, open_tap,
                                         parse_address, parse_global, release_global_address)
     from shmfabric.fabric import FabricError
@@ -148,8 +149,10 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         check_ifname(args.ifname)
         addresses = [parse_address(a) for a in args.address]
         shared = [parse_global(a) for a in args.global_address]
-    except TapError as exc:
-        raise CliError(str(exc)) from None
+        allowed = [allowed_prefix(a) for a in args.allow_source]
+    except (TapError, ValueError) as exc:
+        raise CliError(f"--allow-source: {exc}" if isinstance(exc, ValueError) else str(exc)) from None
+    source_check = args.source_check or bool(allowed)
     check_member_addresses(shared, addresses)
     check_batch(args)
     fab = open_fabric(args.fabric)
@@ -173,7 +176,8 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         node.set_wait_mode("block")
         lay = fab.region.layout
-        bridge = TapBridge(node, tap, batch=args.batch, **port_options(fab, args))
+        guard = (SourceGuard(node.mac, [a.ip for a in addresses] + shared, allowed) if source_check else None)
+        bridge = TapBridge(node, tap, batch=args.batch, guard=guard, **port_options(fab, args))
         for a in addresses:
             if a.version == 4:
                 # before the kernel has it (and announces it): a duplicate would move its peers' caches
@@ -184,7 +188,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         try:
             # Segments the kernel hands the device uncut must fit a slot: at most the network's MTU.
             mtu = configure(tap.ifname, node.mac, args.mtu, addresses, min(node.mtu, 65536) if segments else None,
-                            node.mtu)
+                            node.mtu, eui64=source_check)
             for g in shared:
                 if hold_global_address(tap.ifname, g):
                     held.append(g)
@@ -195,6 +199,8 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                    else "checksum offload")
         via_text = f", via {args.via}" if args.via else ""
         via_text += "".join(f", member of global address {g}" for g in shared)
+        if source_check:
+            via_text += ", sources checked" + "".join(f" (and {n})" for n in allowed)
         print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
               f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}{via_text}", flush=True)
         tape = lay.tape_entry_size - 14
@@ -236,5 +242,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="be a member of this global address (`shmfabric global`; needs an --address of its own): "
                         "it goes on the namespace's lo while the adapter runs, and this interface never answers "
                         "ARP for it (repeatable)")
+    p.add_argument("--source-check", action="store_true",
+                   help="drop the frames from the interface that name another sender: a source MAC not the "
+                        "node's, a source IP not one of its --address/--global addresses (or its IPv6 "
+                        "link-local one), ARP or neighbour advertisements claiming another's address "
+                        "(counted as drop_spoofed_*)")
+    p.add_argument("--allow-source", action="append", default=[], metavar="CIDR",
+                   help="also allow sources in this prefix, e.g. a network routed behind the namespace "
+                        "(repeatable; implies --source-check)")
     add_port_arguments(p)
     p.set_defaults(func=cmd_adapter)

@@ -256,6 +256,20 @@ class TapAdapter(_Model):
     ifname: str = Field("sf0", description="interface name (1-15 bytes)")
     global_: list[str] = Field(default_factory=list, alias="global",
                                description="global addresses this adapter is a member of (`kind: global` nodes)")
+    source_check: bool = Field(False, description="drop frames naming another sender: a source MAC or IP not "
+                                                  "the adapter's (`shmfabric adapter --source-check`)")
+    allow_source: list[str] = Field(default_factory=list,
+                                    description="further source prefixes allowed (implies source_check), "
+                                                "e.g. [10.9.0.0/16] routed behind the namespace")
+
+    @field_validator("allow_source")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        from shmfabric.adapters.source_guard import allowed_prefix
+
+        for a in v:
+            allowed_prefix(a)  # (its ValueError says what is wrong)
+        return v
 
     @field_validator("global_")
     @classmethod

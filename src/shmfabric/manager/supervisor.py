@@ -1128,6 +1128,10 @@ class Supervisor:
                 argv += ["--mtu", str(a.mtu)]
             for g in a.global_:
                 argv += ["--global", g]
+            if a.source_check:
+                argv.append("--source-check")
+            for prefix in a.allow_source:
+                argv += ["--allow-source", prefix]
         argv += ["--batch", str(cfg.batch), "--parent-pid", str(os.getpid()),
                  "--network", str(topo.network_index(cfg.name))]
         inst.via = self._via_instance(cfg.via) if cfg.via else None

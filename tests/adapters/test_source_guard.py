@@ -1,0 +1,179 @@
+"""SourceGuard (`shmfabric adapter --source-check`), frame by frame, without devices."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shmfabric.adapters.source_guard import (MALFORMED, SPOOFED_CLAIM, SPOOFED_IP, SPOOFED_MAC, UNCHECKED, SourceGuard,
+                                             allowed_prefix, link_local)
+
+MAC = bytes.fromhex("027366000001")
+OTHER = bytes.fromhex("027366000002")
+OWN4, OWN6 = "10.77.0.1", "fd00::1"
+GUARD = SourceGuard(MAC, [ipaddress.ip_address(OWN4), ipaddress.ip_address(OWN6)],
+                    [ipaddress.ip_network("10.9.0.0/16"), ipaddress.ip_network("fd00:9::/64")])
+LL = link_local(MAC)
+
+
+def eth(ethertype: int, src: bytes = MAC, dst: bytes = OTHER) -> bytes:
+    return dst + src + ethertype.to_bytes(2, "big")
+
+
+def verdict(header: bytes, payload: bytes, tail: bytes = b"") -> str | None:
+    """The guard's verdict on a payload stored in a larger buffer (`tail` after it, as in a slot)."""
+    return GUARD.verdict(bytearray(header), bytearray(payload + tail), len(payload))
+
+
+def ipv4(src: str) -> bytes:
+    return (b"\x45\x00\x00\x1c\x00\x00\x40\x00\x40\x01\x00\x00" + ipaddress.ip_address(src).packed
+            + ipaddress.ip_address("10.77.0.2").packed + bytes(8))
+
+
+def arp(sha: bytes, spa: str, op: int = 2, hw: bytes = b"\x00\x01\x08\x00\x06\x04") -> bytes:
+    return hw + op.to_bytes(2, "big") + sha + ipaddress.ip_address(spa).packed + OTHER + bytes(4)
+
+
+def ipv6(src: str, nh: int, body: bytes) -> bytes:
+    return (b"\x60\x00\x00\x00" + len(body).to_bytes(2, "big") + bytes((nh, 255))
+            + ipaddress.ip_address(src).packed + ipaddress.ip_address("fd00::2").packed + body)
+
+
+def lla(kind: int, mac: bytes) -> bytes:
+    return bytes((kind, 1)) + mac
+
+
+def ns(target: str, *options: bytes) -> bytes:
+    return b"\x87\x00\x00\x00" + bytes(4) + ipaddress.ip_address(target).packed + b"".join(options)
+
+
+def na(target: str, *options: bytes) -> bytes:
+    return b"\x88\x00\x00\x00\x60\x00\x00\x00" + ipaddress.ip_address(target).packed + b"".join(options)
+
+
+def ext(nh: int, length8: int = 0) -> bytes:
+    """An extension header (hop-by-hop, routing, destination options) of (length8 + 1) * 8 bytes."""
+    return bytes((nh, length8)) + bytes(6 + length8 * 8)
+
+
+def frag(nh: int, offset: int) -> bytes:
+    return bytes((nh, 0)) + struct.pack("!H", offset << 3) + bytes(4)
+
+
+def test_link_local_is_the_kernels_eui64_address() -> None:
+    assert str(LL) == "fe80::73:66ff:fe00:1"
+
+
+@pytest.mark.parametrize("src, want", [
+    (OWN4, None), ("0.0.0.0", None), ("10.9.200.1", None),  # own, unspecified (DHCP), allowed prefix
+    ("10.77.0.2", SPOOFED_IP), ("10.10.0.1", SPOOFED_IP), ("255.255.255.255", SPOOFED_IP),
+])
+def test_ipv4_sources(src: str, want: str | None) -> None:
+    assert verdict(eth(0x0800), ipv4(src)) == want
+
+
+def test_another_source_mac_is_dropped_whatever_the_frame() -> None:
+    assert verdict(eth(0x0800, src=OTHER), ipv4(OWN4)) == SPOOFED_MAC
+    assert verdict(eth(0x0806, src=OTHER), arp(MAC, OWN4)) == SPOOFED_MAC
+
+
+def test_a_short_ipv4_header_is_malformed_even_when_the_buffer_is_longer() -> None:
+    assert verdict(eth(0x0800), ipv4(OWN4)[:19], tail=bytes(64)) == MALFORMED
+
+
+@pytest.mark.parametrize("frame, want", [
+    (arp(MAC, OWN4), None),                       # a reply (or a request) from its own address
+    (arp(MAC, OWN4, op=1), None),
+    (arp(MAC, "0.0.0.0", op=1), None),            # a probe (RFC 5227) claims nothing
+    (arp(MAC, "10.9.1.1"), None),                 # an allowed prefix
+    (arp(MAC, "10.77.0.2"), SPOOFED_CLAIM),       # another host's address
+    (arp(OTHER, OWN4), SPOOFED_MAC),              # its address, another MAC
+    (arp(MAC, OWN4, hw=b"\x00\x06\x08\x00\x06\x04"), MALFORMED),  # not Ethernet/IPv4 ARP
+    (arp(MAC, OWN4)[:27], MALFORMED),
+])
+def test_arp(frame: bytes, want: str | None) -> None:
+    assert verdict(eth(0x0806), frame) == want
+
+
+UDP = b"\x12\x34\x00\x35\x00\x08\x00\x00"
+
+
+@pytest.mark.parametrize("name, frame, want", [
+    ("own address", ipv6(OWN6, 17, UDP), None),
+    ("own link-local", ipv6(str(LL), 17, UDP), None),
+    ("allowed prefix", ipv6("fd00:9::7", 17, UDP), None),
+    ("another host's", ipv6("fd00::2", 17, UDP), SPOOFED_IP),
+    ("another link-local", ipv6("fe80::73:66ff:fe00:2", 17, UDP), SPOOFED_IP),
+    ("UDP from ::", ipv6("::", 17, UDP), SPOOFED_IP),
+    ("DAD solicitation from ::", ipv6("::", 58, ns(OWN6)), None),
+    ("router solicitation from ::", ipv6("::", 58, b"\x85\x00\x00\x00" + bytes(4)), None),
+    ("MLD report from ::", ipv6("::", 0, ext(58) + b"\x8f\x00\x00\x00" + bytes(4)), None),
+    ("advertisement from ::", ipv6("::", 58, na(OWN6)), SPOOFED_IP),
+    ("solicitation with its MAC", ipv6(str(LL), 58, ns("fd00::2", lla(1, MAC))), None),
+    ("solicitation with another MAC", ipv6(str(LL), 58, ns("fd00::2", lla(1, OTHER))), SPOOFED_MAC),
+    ("advertisement of its address", ipv6(str(LL), 58, na(OWN6, lla(2, MAC))), None),
+    ("advertisement of another's address", ipv6(OWN6, 58, na("fd00::2", lla(2, MAC))), SPOOFED_CLAIM),
+    ("advertisement with another MAC", ipv6(OWN6, 58, na(OWN6, lla(2, OTHER))), SPOOFED_MAC),
+    ("advertisement behind destination options", ipv6(OWN6, 60, ext(58, 1) + na("fd00::2")), SPOOFED_CLAIM),
+    ("behind hop-by-hop then routing", ipv6(OWN6, 0, ext(43) + ext(58) + na("fd00::2")), SPOOFED_CLAIM),
+    ("in a first fragment", ipv6(OWN6, 44, frag(58, 0) + na("fd00::2")), SPOOFED_CLAIM),
+    ("a later fragment", ipv6(OWN6, 44, frag(58, 100) + bytes(24)), None),
+    ("nine extension headers", ipv6(OWN6, 60, ext(60) * 8 + ext(58) + UDP), MALFORMED),
+    ("an option of length 0", ipv6(str(LL), 58, ns("fd00::2", b"\x01\x00" + MAC)), MALFORMED),
+    ("an option past the end", ipv6(str(LL), 58, ns("fd00::2", b"\x01\x02" + MAC)), MALFORMED),
+    ("a truncated solicitation", ipv6(str(LL), 58, ns("fd00::2")[:20]), MALFORMED),
+    ("a truncated extension header", ipv6(OWN6, 60, b"\x3a\x00\x00"), MALFORMED),
+    ("an echo request", ipv6(OWN6, 58, b"\x80\x00\x00\x00" + bytes(8)), None),
+    ("short header", ipv6(OWN6, 17, UDP)[:39], MALFORMED),
+])
+def test_ipv6(name: str, frame: bytes, want: str | None) -> None:
+    assert verdict(eth(0x86DD), frame) == want, name
+
+
+def test_bytes_past_the_frames_size_are_never_read() -> None:
+    # a solicitation ending at `size`, then (in the rest of the slot) an option naming another MAC
+    frame = ipv6(str(LL), 58, ns("fd00::2", lla(1, MAC)))
+    assert verdict(eth(0x86DD), frame, tail=lla(1, OTHER)) is None
+    assert verdict(eth(0x0806), arp(MAC, OWN4), tail=b"\xff" * 40) is None
+
+
+@pytest.mark.parametrize("ethertype", [0x8100, 0x88A8, 0x88CC, 0x0842, 0x9000])
+def test_other_ethertypes_are_unchecked_and_dropped(ethertype: int) -> None:
+    assert verdict(eth(ethertype), ipv4(OWN4)) == UNCHECKED
+
+
+def test_allowed_reports_what_the_guard_lets_through() -> None:
+    assert GUARD.allowed(ipaddress.ip_address(OWN4)) and GUARD.allowed(LL)
+    assert GUARD.allowed(ipaddress.ip_address("fd00:9::ffff"))
+    assert not GUARD.allowed(ipaddress.ip_address("fd00::2"))
+
+
+@pytest.mark.parametrize("text, want", [("10.9.0.0/16", "10.9.0.0/16"), ("10.9.0.1", "10.9.0.1/32"),
+                                        ("fd00:9::/64", "fd00:9::/64"), (" 10.0.0.0/8 ", "10.0.0.0/8")])
+def test_allowed_prefix(text: str, want: str) -> None:
+    assert str(allowed_prefix(text)) == want
+
+
+@pytest.mark.parametrize("text, says", [("10.9.0.1/16", "give the network, 10.9.0.0/16"),
+                                        ("nope", "not an IPv4 or IPv6 prefix"), ("10.0.0.0/33", "not an IPv4")])
+def test_a_bad_allowed_prefix_says_what_is_wrong(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        allowed_prefix(text)
+
+
+KNOWN = {None, SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, UNCHECKED, MALFORMED}
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([0x0800, 0x0806, 0x86DD, 0x8100]), st.binary(max_size=200), st.binary(max_size=40),
+       st.sampled_from([b"", b"\x3a", b"\x00", b"\x3c", b"\x2c"]))
+def test_any_frame_gets_a_verdict_and_bytes_past_its_end_do_not_change_it(
+        ethertype: int, payload: bytes, tail: bytes, nh: bytes) -> None:
+    if ethertype == 0x86DD and len(payload) > 7 and nh:
+        payload = payload[:6] + nh + payload[7:]  # reach the extension-header and ICMPv6 walks often
+    got = verdict(eth(ethertype), payload)
+    assert got in KNOWN
+    assert verdict(eth(ethertype), payload, tail=tail) == got

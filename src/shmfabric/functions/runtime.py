@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from shmfabric.fabric import Fabric, FabricError, UnknownDestinationError
 from shmfabric.fabric.control import node_mac
@@ -109,14 +109,15 @@ class Hop:
         self.resolve(0, force=True)
         return [n for n, i in zip(self.names, self.ids) if i is None]
 
-    def wait(self, timeout: float, stop: Callable[[], bool] | None = None) -> bool:
+    def wait(self, timeout: float, stop: Callable[[], bool] | None = None, down: Collection[str] = ()) -> bool:
         """Until every node of the hop is attached (True) or `stop()` says to give up (False);
-        TimeoutError naming the missing nodes after `timeout` seconds."""
+        TimeoutError naming the missing nodes after `timeout` seconds. Nodes in `down` are not
+        waited for (known down: resolved when they attach, see `resolve`)."""
         if not timeout >= 0:  # NaN or negative: look once
             timeout = 0.0
         deadline = time.monotonic() + min(timeout, 1e9)
         while True:
-            missing = self.missing()
+            missing = [n for n in self.missing() if n not in down]
             if not missing:
                 return True
             if stop is not None and stop():
@@ -439,8 +440,12 @@ class FunctionRunner:
     def _set_next_op(self, msg: dict) -> dict:
         """The `set_next` op: "next", the next hop's instances; "ports" (optional): {port name:
         instances}. Every node named must be attached (within "timeout" seconds, 0 by default,
-        at most MAX_WAIT: the data path waits meanwhile), else nothing changes."""
+        at most MAX_WAIT: the data path waits meanwhile), else nothing changes; except those in
+        "down" (optional): nodes the sender knows are down (restarting, failed), taken as given.
+        Frames to one of those are dropped and counted (`next_down`) until it attaches, as for
+        any next hop that went away, and it is found by name then (every RESOLVE_EVERY)."""
         timeout = _number(msg, "timeout", 0.0)
+        down = frozenset(_names(msg.get("down"), "set_next: 'down'"))
         hop = Hop(self.fabric, _names(msg.get("next"), "set_next: 'next'"))
         want = msg.get("ports")
         if want is None:
@@ -456,7 +461,7 @@ class FunctionRunner:
         ports = [Hop(self.fabric, want[p.label], p.label) if want.get(p.label) else p for p in self.ports]
         self._check_groups(hop, ports)
         for h in [hop, *ports]:
-            if not h.wait(timeout=timeout, stop=lambda: self.stopping):
+            if not h.wait(timeout=timeout, stop=lambda: self.stopping, down=down):
                 return {"ok": False, "error": f"node {self.node.name!r} is stopping"}
         self.next, self.ports = hop, ports
         log("next_hop", {"node": self.node.name, "next": hop.names,
@@ -852,6 +857,10 @@ class FunctionRunner:
     def _send_made(self, fs: list, i: int, ethertype: int) -> None:
         """A source's frames of one IP version to instance `i` of the next hop."""
         dst = self.next.ids[i]
+        if dst is None:  # an instance of a scaled-out group that is down (restarting): found again by name
+            self.next.resolve(time.monotonic())
+            self.c["next_down"] += len(fs)
+            return
         waits = 0
         waited = polled = 0.0
         while fs:

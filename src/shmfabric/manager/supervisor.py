@@ -1441,13 +1441,27 @@ class Supervisor:
         msg: dict[str, Any] = {"op": "set_next", "next": nxt}
         if ports:
             msg["ports"] = ports
+        down = self._not_up([*nxt, *(n for members in ports.values() for n in members)])
+        if down:
+            msg["down"] = down
         for inst in list(node.instances):
             if inst.state != "running":
                 continue  # a starting or restarting instance gets the current list on its command line
             reply = self._request(inst.name, msg)
             if not reply.get("ok"):
                 raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
-        self._event("steer", node.cfg.name, f"next -> {nxt}" + (f", ports -> {ports}" if ports else ""))
+        self._event("steer", node.cfg.name, f"next -> {nxt}" + (f", ports -> {ports}" if ports else "")
+                    + (f" ({', '.join(down)} down: reached once up again)" if down else ""))
+
+    def _not_up(self, names: list[str]) -> list[str]:
+        """Of the instance names a `set_next` sends, those the manager knows are not up: restarting
+        (backoff, starting again), failed for good, or a node with no instance (its name stands in).
+        The runtime takes these as given (frames to them are dropped and counted until they attach)
+        instead of refusing the whole set_next, which kept e.g. a router on stale next hops while one
+        of its port adapters restarted. A running instance is still checked: an operator action relies
+        on the refusal when an instance it has just started is gone (it then undoes the action)."""
+        up = {i.name for n in self.nodes.values() for i in n.instances if i.state == "running"}
+        return sorted({n for n in names if n not in up})
 
     def _check_via(self, node: _Node) -> None:
         """Restart adapter `node` if the instance its `via:` names now is not the one it was started with."""

@@ -56,7 +56,7 @@ def test_parse_structure():
     ("meta l4proto tcpp accept", "unknown protocol 'tcpp'", ""),
     ("limit rate 5/fortnight accept", "not a rate", "N/second"),
     ("limit rate 5/second burst 10 bytes accept", "byte-based limits", "burst N packets"),
-    ("ct state established accept", "'ct' matches are not supported", "conntrack off"),
+    ("ct state established drop", "accepted before the rules", "conntrack off"),
     ("policy maybe", "bad policy line", "policy drop"),
     ("policy drop\npolicy accept", "policy given twice", ""),
     ("tcp dport { } accept", "empty set", ""),

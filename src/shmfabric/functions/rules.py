@@ -48,7 +48,7 @@ from shmfabric.functions.tcp_track import IGNORE as _T_IGNORE
 from shmfabric.functions.tcp_track import INVALID as _T_INVALID
 from shmfabric.functions.tcp_track import REOPEN as _T_REOPEN
 from shmfabric.functions.tcp_track import Segment, TcpTrack, may_start, segment
-from shmfabric.net.flow import FiveTuple, to_proto
+from shmfabric.net.flow import FiveTuple, icmp_error_quote, to_proto
 
 __all__ = [
     "Verdict", "RuleSyntaxError", "Rule", "RuleSet", "Timeouts", "ConntrackTable", "Firewall", "TokenBucket",
@@ -211,6 +211,10 @@ class Rule:
     comment: str = ""
     packets: int = 0
     bytes: int = 0
+    # `ct state [!=] STATES`: decided once the whole text is read (`RuleSet.parse`), since every
+    # packet that reaches the rules is in one state: "new" (tracking on), "untracked" (off)
+    ct_state: tuple[frozenset[str], bool] | None = None
+    never: bool = False  # its `ct state` excludes every packet that reaches the rules: not indexed
 
     def matches(self, key: FiveTuple, now: float) -> bool:
         """Header match, then the rate limit (which spends a token only when the rest matched)."""
@@ -237,7 +241,8 @@ class Rule:
 
 _TOKEN = re.compile(r'"[^"]*"|!=|\{|\}|,|[^\s{},"]+')
 _KEYWORDS = ["ip", "ip6", "meta", "tcp", "udp", "sctp", "th", "limit", "counter", "accept", "drop", "reject",
-             "comment", "policy", "conntrack", "saddr", "daddr", "sport", "dport", "protocol", "l4proto"]
+             "comment", "policy", "conntrack", "saddr", "daddr", "sport", "dport", "protocol", "l4proto", "ct"]
+_CT_STATES = frozenset(("new", "established", "related", "invalid", "untracked"))
 
 
 class _Parser:
@@ -425,13 +430,37 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
                 raise p.err("a comment must be quoted", 'write comment "text"')
             rule.comment = c[1:-1]
         elif t == "ct":
-            raise p.err("'ct' matches are not supported",
-                        "established and reply traffic is accepted automatically; 'conntrack off' turns that off")
+            what = p.next("state")
+            if what != "state":
+                raise _unknown(p, what, ["state"])
+            if rule.ct_state is not None:
+                raise p.err("a rule can have one 'ct state'", "list the states in one set: ct state { new, untracked }")
+            vals, neg = p.values("a conntrack state")
+            while not neg and len(vals) >= 1 and p.peek() == ",":  # nft's `ct state established,related`
+                p.i += 1
+                vals.append(p.next("a conntrack state"))
+            for v in vals:
+                if v not in _CT_STATES:
+                    raise _unknown(p, v, sorted(_CT_STATES))
+            rule.ct_state = (frozenset(vals), neg)
         else:
             raise _unknown(p, t, _KEYWORDS)
     if verdict is None:
         raise p.err("rule has no verdict", "end it with accept, drop or reject")
     rule.verdict = verdict
+    if rule.ct_state is not None and not rule.ct_state[1]:
+        # the habitual lines `ct state established,related accept` and `ct state invalid drop` do
+        # what the firewall does anyway (they match nothing the rules see: kept, harmless); a rule
+        # that asks for the opposite would silently never apply, so it is refused
+        states = rule.ct_state[0]
+        if states & {"established", "related"} and verdict is not Verdict.ACCEPT:
+            raise p.err(f"'ct state {'/'.join(sorted(states & {'established', 'related'}))}' packets are accepted "
+                        "before the rules (connection tracking): this rule would never apply to them",
+                        "match the packets by address and port without 'ct state', with 'conntrack off'")
+        if "invalid" in states and verdict is Verdict.ACCEPT:
+            raise p.err("'ct state invalid' packets are dropped before the rules: this rule would never apply "
+                        "to them", "to let out-of-window TCP segments through, give the firewall "
+                        "tcp_window: liberal (or off)")
     return rule
 
 
@@ -486,6 +515,8 @@ class RuleSet:
         narrow: dict[int, list[tuple[int, int, int]]] = {}  # proto -> (low port, high port, rule index)
         wide: list[list[int]] = [[] for _ in range(256)]
         for i, r in enumerate(rules):
+            if r.never:
+                continue
             protos = range(256) if r.protos is None else sorted(r.protos)
             dp = r.dport
             width = sum(hi - lo + 1 for lo, hi in dp.ranges) if dp is not None and not dp.negate else None
@@ -605,6 +636,14 @@ class RuleSet:
                 rs.conntrack = tokens[1] == "on"
             else:
                 rules.append(_parse_rule(source, n, line, tokens))
+        # Every packet the rules see is in one conntrack state: established and related ones were
+        # accepted and invalid ones dropped before them (`Firewall.check`), so what is left is
+        # "new" with tracking on, "untracked" with `conntrack off`.
+        state = "new" if rs.conntrack else "untracked"
+        for r in rules:
+            if r.ct_state is not None:
+                states, negate = r.ct_state
+                r.never = (state in states) == negate
         rs.build_index()
         return rs
 
@@ -1036,14 +1075,16 @@ class ConntrackTable:
 class Firewall:
     """Rules + connection tracking. `check(key, now)` gives a verdict per packet.
 
-    Counters: per rule (`rule.packets`, `rule.bytes`), plus `established`, `policy_hits`,
-    `no_key` (frames without a 5-tuple: verdict `non_ip` for non-IP, drop for malformed)."""
+    Counters: per rule (`rule.packets`, `rule.bytes`), plus `established`, `related` (ICMP
+    errors about a tracked connection, accepted), `policy_hits`, `no_key` (frames without a
+    5-tuple: verdict `non_ip` for non-IP, drop for malformed)."""
 
     ruleset: RuleSet
     conntrack: ConntrackTable = field(default_factory=ConntrackTable)
     non_ip: Verdict = Verdict.ACCEPT  # ARP and friends must pass or nothing on the network resolves
     link: str = "ip"  # what `check_many`'s packets start with ("ip" or "ethernet"), to read TCP segments
     established: int = 0
+    related: int = 0
     policy_hits: int = 0
     no_key: int = 0
 
@@ -1052,11 +1093,14 @@ class Firewall:
         return cls(RuleSet.parse(text, source), **kw)  # type: ignore[arg-type]
 
     def check(self, key: FiveTuple | int, now: float, tcp_flags: int = 0, length: int = 0,
-              seg: Segment | None = None) -> Verdict:
+              seg: Segment | None = None, packet: Sized | None = None) -> Verdict:
         """The verdict for one packet. `key` is a 5-tuple, or a `Reason` from `classify_batch`
         (non-IP frames get `non_ip`, malformed, fragments and other unclassifiable frames DROP).
         `seg`: a TCP packet's segment, for window tracking (ConntrackTable); a segment out of
-        its connection's window is dropped when the table's `tcp_window` is strict."""
+        its connection's window is dropped when the table's `tcp_window` is strict. `packet`
+        (starting as `link` says): read when the packet is an ICMP or ICMPv6 message other than
+        echo, which is accepted as *related* when it is an error about a tracked connection
+        (`related`)."""
         if not isinstance(key, tuple):  # a Reason (an int), not a 5-tuple or FlowKey
             self.no_key += 1
             return self.non_ip if key == 1 else Verdict.DROP  # 1 = Reason.NOT_IP
@@ -1068,6 +1112,9 @@ class Firewall:
                 return Verdict.ACCEPT
             if known == INVALID:
                 return Verdict.DROP
+            if packet is not None and (key[2] == 1 or key[2] == 58) and not key[3] and self._related(packet, now):  # type: ignore[index]
+                self.related += 1
+                return Verdict.ACCEPT
         for rule in self.ruleset.candidates(key[2], key[4]):  # type: ignore[index]
             if rule.matches(key, now):  # type: ignore[arg-type]
                 rule.packets += 1
@@ -1153,10 +1200,26 @@ class Firewall:
                     if check(key, now, tcp_flags[i], len(packets[i]), seg) is not accept:
                         rejected.append(i)
                     continue
-            if check(key, now, tcp_flags[i], len(packets[i])) is not accept:
+            if check(key, now, tcp_flags[i], len(packets[i]), None, packets[i]) is not accept:
                 rejected.append(i)
         self.established += established
         return rejected
+
+    def _related(self, packet: Sized, now: float) -> bool:
+        """Whether `packet` is an ICMP error about a connection the table tracks: what Linux's
+        conntrack calls RELATED (and nft users accept with `ct state established,related
+        accept`), so path MTU discovery (fragmentation needed, packet too big), unreachable ports
+        and hosts, and time exceeded reach the connection's ends under `policy drop`. As Linux,
+        the error must go to the quoted packet's sender (an error sent elsewhere is not
+        related); it does not refresh or change the connection."""
+        quote = icmp_error_quote(packet, self.link)  # type: ignore[arg-type]
+        if quote is None:
+            return False
+        inner, to = quote
+        if inner[0] != to:
+            return False
+        e = self.conntrack._by_key.get(inner)
+        return e is not None and e.expires > now
 
     def check_batch(self, keys: Iterable[FiveTuple | int], now: float,
                     tcp_flags: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> list[Verdict]:

@@ -28,7 +28,7 @@ from typing import Iterable, NamedTuple, Union
 from zlib import crc32
 
 from .errors import Reason, ReasonCounter
-from .packet import LINK_ETHERNET, LINK_IP, decode
+from .packet import LINK_ETHERNET, LINK_IP, PORT_PROTOCOLS, decode
 
 Buffer = Union[bytes, bytearray, memoryview]
 Address = Union[int, bytes]
@@ -467,3 +467,73 @@ def symmetric_hash(key: FiveTuple, seed: int = 0) -> int:
     if src.__class__ is int:
         return crc32(_PACK_V4(src, dst, proto, sport, dport), seed)
     return crc32(src + dst + _PACK_PORTS(proto, sport, dport), seed)
+
+
+# ICMP error messages quote the packet that caused them (its IP header and at least 8 bytes
+# after it: the ports). Linux's conntrack (`icmp_is_err`, ICMPv6 types below 128) calls such an
+# error *related* to the connection of the quoted packet.
+ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # unreachable, source quench, redirect, time exceeded, parameter
+ICMPV6_ERROR_TYPES = frozenset((1, 2, 3, 4))  # unreachable, packet too big, time exceeded, parameter problem
+_V6_EXT = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options (walked in a quote)
+_QUOTE_V4 = Struct("!BxH2xHxB2xII").unpack_from  # version/IHL, total length, fragment field, proto, src, dst
+_QUOTE_PORTS = Struct("!HH").unpack_from
+_QUOTE_ICMP = Struct("!BxxxH").unpack_from  # type, (code, checksum), identifier
+
+
+def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple, Address] | None:
+    """For an ICMP or ICMPv6 error message (destination unreachable, packet too big, time
+    exceeded, parameter problem, redirect, source quench): the 5-tuple of the packet it quotes,
+    as `parse_5tuple` gives it for that packet (echo: the identifier as both ports), and the
+    error's own destination address (the quoted packet's sender, when the error is genuine).
+    None for anything else, and for a quote too short to hold the quoted packet's ports, a quote
+    of another IP version, or a quoted non-first fragment (it has no ports)."""
+    p = decode(buf, 0, link)
+    ip, l4 = p.ip, p.l4
+    if p.reason is not None or ip is None or l4 is None or not hasattr(l4, "is_echo"):
+        return None
+    if ip.version == 4:
+        if ip.proto != 1 or l4.type not in ICMP_ERROR_TYPES:
+            return None
+    elif ip.proto != 58 or l4.type not in ICMPV6_ERROR_TYPES:
+        return None
+    with l4.payload as q:
+        inner = _quoted_5tuple(q, ip.version)
+    return None if inner is None else (inner, ip.dst)
+
+
+def _quoted_5tuple(q: memoryview, version: int) -> FiveTuple | None:
+    n = len(q)
+    if version == 4:
+        if n < 20:
+            return None
+        vihl, _tlen, ff, proto, src, dst = _QUOTE_V4(q, 0)
+        at = (vihl & 0xF) * 4
+        if vihl >> 4 != 4 or at < 20 or ff & 0x1FFF:
+            return None
+        echo = (0, 8)
+    else:
+        if n < 40 or q[0] >> 4 != 6:
+            return None
+        proto, at = q[6], 40
+        src, dst = bytes(q[8:24]), bytes(q[24:40])
+        for _ in range(8):
+            if proto in _V6_EXT and n >= at + 8:
+                proto, at = q[at], at + (q[at + 1] + 1) * 8
+            elif proto == 44 and n >= at + 8:  # fragment: only a first one quotes the ports
+                if (q[at + 2] << 8 | q[at + 3]) & 0xFFF8:
+                    return None
+                proto, at = q[at], at + 8
+            else:
+                break
+        echo = (128, 129)
+    if proto in (1, 58):
+        if n < at + 8 or proto != (1 if version == 4 else 58):
+            return None
+        kind, ident = _QUOTE_ICMP(q, at)
+        return (src, dst, proto, ident, ident) if kind in echo else (src, dst, proto, 0, 0)
+    if proto == 6 or proto == 17 or proto in PORT_PROTOCOLS:
+        if n < at + 4:
+            return None
+        sport, dport = _QUOTE_PORTS(q, at)
+        return (src, dst, proto, sport, dport)
+    return (src, dst, proto, 0, 0)

@@ -7,8 +7,12 @@ Needs root; skipped with the reason otherwise.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import struct
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -62,14 +66,19 @@ def ping(lan: FabricLan, host: int, dst: str, *opts: str) -> bool:
 RAW_SEND = textwrap.dedent("""
     import socket, sys
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    vnet = bytes.fromhex(sys.argv[2])
+    if vnet:
+        s.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR: the frame goes with an offload request
     s.bind(("sf0", 0))
-    for _ in range(3):
-        s.send(bytes.fromhex(sys.argv[1]))
+    for _ in range(int(sys.argv[3])):
+        s.send(vnet + bytes.fromhex(sys.argv[1]))
 """)
 
 
-def raw_send(lan: FabricLan, host: int, frame: bytes) -> None:
-    r = lan.run(host, ["python3", "-c", RAW_SEND, frame.hex()], capture_output=True, text=True)
+def raw_send(lan: FabricLan, host: int, frame: bytes, vnet: bytes = b"", times: int = 3) -> None:
+    """Send `frame` from host `host`'s interface `times` times, as any program with CAP_NET_RAW can."""
+    r = lan.run(host, ["python3", "-c", RAW_SEND, frame.hex(), vnet.hex(), str(times)], capture_output=True,
+                text=True)
     assert r.returncode == 0, r.stderr
 
 
@@ -77,24 +86,28 @@ def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
-def arp_reply(src_mac: bytes, sender_ip: str, dst_mac: bytes, target_ip: str) -> bytes:
-    """An ARP reply from `src_mac` saying `sender_ip` is at `src_mac`, sent to `dst_mac`."""
-    ip = lambda a: bytes(map(int, a.split(".")))  # noqa: E731
-    return (dst_mac + src_mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x02"
-            + src_mac + ip(sender_ip) + dst_mac + ip(target_ip))
+def ip4(a: str) -> bytes:
+    return ipaddress.ip_address(a).packed
+
+
+def arp_reply(src_mac: bytes, sender_ip: str, dst_mac: bytes, target_ip: str, op: int = 2) -> bytes:
+    """An ARP reply (or with op 1 a request) from `src_mac` saying `sender_ip` is at `src_mac`,
+    sent to `dst_mac`."""
+    return (dst_mac + src_mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04" + op.to_bytes(2, "big")
+            + src_mac + ip4(sender_ip) + dst_mac + ip4(target_ip))
 
 
 @pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
-def test_an_arp_reply_claiming_another_hosts_address_moves_a_peers_cache_only_without_the_check(
+def test_an_arp_request_claiming_another_hosts_address_moves_a_peers_cache_only_without_the_check(
         checked: bool) -> None:
-    # host0 attacks: it tells host2 that host1's address is at host0's MAC (its own MAC: only the
-    # claim is false, so the MAC check alone would not catch it)
+    # host0 attacks: it asks host2 for host2's address "from" host1's address at host0's MAC (its
+    # own MAC: only the claim is false, so the MAC check alone would not catch it); a request
+    # for the receiver's own address updates its entry for the sender at once (no locktime)
     with CheckedLan(3, {0: ["--source-check"]} if checked else {}) as lan:
         assert ping(lan, 2, lan.ip(1)) and ping(lan, 0, lan.ip(2))
         victim, attacker = mac_of(lan, 1), mac_of(lan, 0)
         assert neighbour(lan, 2, lan.ip(1)) == victim
-        time.sleep(1.2)  # past the entry's locktime (1 s): the kernel takes an overriding reply after it
-        raw_send(lan, 0, arp_reply(mac_bytes(attacker), lan.ip(1), mac_bytes(mac_of(lan, 2)), lan.ip(2)))
+        raw_send(lan, 0, arp_reply(mac_bytes(attacker), lan.ip(1), mac_bytes(mac_of(lan, 2)), lan.ip(2), op=1))
         time.sleep(0.3)
         seen = neighbour(lan, 2, lan.ip(1))
         assert ping(lan, 0, lan.ip(2))  # the attacker's own traffic still flows either way
@@ -127,19 +140,25 @@ def test_a_frame_from_another_mac_reaches_the_peer_only_without_the_check(checke
         assert "drop_spoofed_mac" not in counters
 
 
-def test_a_source_address_the_adapter_was_not_given_is_dropped_and_its_own_and_allowed_ones_pass() -> None:
-    with CheckedLan(2, {0: ["--allow-source", "10.77.9.0/24"]}) as lan:
-        assert "sources checked (and 10.77.9.0/24)" in lan.ready[0]
-        # addresses put on the interface behind the adapter's back: one outside, one inside the allowed prefix
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_a_source_address_the_adapter_was_not_given_is_dropped_and_its_own_and_allowed_ones_pass(
+        checked: bool) -> None:
+    with CheckedLan(2, {0: ["--allow-source", "10.77.9.0/24"]} if checked else {}) as lan:
+        if checked:
+            assert "sources checked (and 10.77.9.0/24)" in lan.ready[0]
+        # an address put on the interface behind the adapter's back, and a network routed behind
+        # the namespace (on its lo, reached through its own address) in the allowed prefix
         lan.run(0, ["ip", "addr", "add", "10.77.2.99/24", "dev", "sf0"], check=True)
-        lan.run(0, ["ip", "addr", "add", "10.77.9.5/32", "dev", "sf0"], check=True)
-        lan.run(1, ["ip", "route", "add", "10.77.9.0/24", "dev", "sf0"], check=True)
+        lan.run(0, ["ip", "addr", "add", "10.77.9.5/32", "dev", "lo"], check=True)
+        lan.run(1, ["ip", "route", "add", "10.77.9.0/24", "via", lan.ip(0)], check=True)
         assert ping(lan, 0, lan.ip(1))  # from its own address (ARP both ways)
-        assert not ping(lan, 0, lan.ip(1), "-I", "10.77.2.99")
+        spoofed = ping(lan, 0, lan.ip(1), "-I", "10.77.2.99")
         assert ping(lan, 0, lan.ip(1), "-I", "10.77.9.5")
         counters = lan.stop(0)
-    assert counters["drop_spoofed_ip"] >= 2  # the echo requests from 10.77.2.99 (and ARP replies are fine)
-    assert counters["to_fabric"] >= 4
+    assert spoofed is not checked  # answered through an unchecked adapter: the checked result is the check's
+    if checked:
+        assert counters["drop_spoofed_ip"] >= 2  # the echo requests from 10.77.2.99
+        assert counters["to_fabric"] >= 4
 
 
 def test_ipv6_works_with_the_check_and_a_spoofed_ipv6_source_is_dropped() -> None:
@@ -162,12 +181,72 @@ def test_ipv6_works_with_the_check_and_a_spoofed_ipv6_source_is_dropped() -> Non
     assert not any(k.startswith("peer_drop_spoofed") or k.startswith("peer_drop_malformed") for k in counters), counters
 
 
-def test_bad_allow_source_is_a_one_line_error() -> None:
-    import subprocess
-    import sys
+def csum_fix(frame: bytes, start: int, offset: int, want: bytes, pad_at: int) -> bytes:
+    """`frame` with the two bytes at `pad_at` chosen so that completing its checksum (what an
+    adapter does for a flooded frame marked "checksum left to the device") writes `want`."""
+    from shmfabric.adapters.ethernet import complete_checksum
 
-    r = subprocess.run([sys.executable, "-m", "shmfabric", "adapter", "nofabric", "n", "--allow-source",
-                        "10.9.0.1/16"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0, r.stderr
-    assert "--allow-source" in r.stderr and "10.9.0.0/16" in r.stderr and "Traceback" not in r.stderr
+    for pad in range(65536):
+        f = bytearray(frame)
+        f[pad_at:pad_at + 2] = pad.to_bytes(2, "big")
+        done = bytearray(f)
+        complete_checksum(done, start, offset)
+        if done[start + offset:start + offset + 2] == want:
+            return bytes(f)
+    raise AssertionError("no pad gives that checksum")
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_an_offload_request_cannot_rewrite_a_checked_frame_after_the_check(checked: bool) -> None:
+    # an ARP request with host0's own address (the check passes it), broadcast with a virtio-net
+    # header asking for a "UDP checksum" at the sender address's last two bytes: completed by the
+    # adapter before it floods the frame, it would turn the sender into host1's address
+    with CheckedLan(3, {0: ["--source-check"]} if checked else {}) as lan:
+        assert ping(lan, 2, lan.ip(1)) and ping(lan, 0, lan.ip(2))
+        attacker, victim = mac_bytes(mac_of(lan, 0)), mac_of(lan, 1)
+        arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + attacker + ip4(lan.ip(0)) + bytes(6) + ip4(lan.ip(2))
+        frame = b"\xff" * 6 + attacker + b"\x08\x06" + arp + bytes(18)
+        start, offset = 14 + 10, 6  # the checksum lands on frame[30:32], the sender address's last two bytes
+        frame = csum_fix(frame, start, offset, ip4(lan.ip(1))[2:], pad_at=50)
+        raw_send(lan, 0, frame, vnet=struct.pack("<BBHHHH", 1, 0, 0, 0, start, offset))
+        time.sleep(0.3)
+        seen = neighbour(lan, 2, lan.ip(1))
+        counters = lan.stop(0)
+    if checked:
+        assert seen == victim
+        assert counters.get("drop_bad_offload") == 3, counters
+    else:
+        assert seen == attacker.hex(":")  # rewritten: host2 now sends host1's traffic to host0
+
+
+def icmpv6(src: bytes, dst: bytes, body: bytes) -> bytes:
+    """An IPv6 packet carrying ICMPv6 `body` (its checksum filled in), hop limit 255."""
+    pseudo = src + dst + struct.pack("!I", len(body)) + b"\0\0\0\x3a"
+    data = pseudo + body + (b"\0" if len(body) % 2 else b"")
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    body = body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+    return b"\x60\0\0\0" + struct.pack("!H", len(body)) + b"\x3a\xff" + src + dst + body
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_a_rogue_router_advertisement_routes_a_peer_through_the_sender_only_without_the_check(
+        checked: bool) -> None:
+    from shmfabric.adapters.source_guard import link_local
+
+    with CheckedLan(2, {0: ["--source-check"]} if checked else {}, v6=True) as lan:
+        lan.run(1, ["sysctl", "-qw", "net.ipv6.conf.sf0.accept_ra=1"], check=True)  # (a host's default)
+        attacker = mac_bytes(mac_of(lan, 0))
+        ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + bytes((1, 1)) + attacker
+        all_nodes = ipaddress.ip_address("ff02::1").packed
+        raw_send(lan, 0, b"\x33\x33\0\0\0\x01" + attacker + b"\x86\xdd"
+                 + icmpv6(link_local(attacker).packed, all_nodes, ra))
+        time.sleep(0.3)
+        routes = lan.run(1, ["ip", "-6", "route", "show", "default"], capture_output=True, text=True).stdout
+        counters = lan.stop(0)
+    if checked:
+        assert "default" not in routes, routes
+        assert counters.get("drop_router_message") == 3, counters
+    else:
+        assert f"via {link_local(attacker)}" in routes, routes

@@ -8,14 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmfabric.adapters.source_guard import (MALFORMED, SPOOFED_CLAIM, SPOOFED_IP, SPOOFED_MAC, UNCHECKED, SourceGuard,
-                                             allowed_prefix, link_local)
+from shmfabric.adapters.ethernet import vnet_to_meta
+from shmfabric.adapters.source_guard import (BAD_OFFLOAD, MALFORMED, ROUTER, SPOOFED_CLAIM, SPOOFED_IP, SPOOFED_MAC,
+                                             UNCHECKED, SourceGuard, allowed_prefix, link_local)
 
 MAC = bytes.fromhex("027366000001")
 OTHER = bytes.fromhex("027366000002")
 OWN4, OWN6 = "10.77.0.1", "fd00::1"
+VIP4, VIP6 = "10.77.0.100", "fd00::100"  # global addresses it is a member of: sources, never claims
 GUARD = SourceGuard(MAC, [ipaddress.ip_address(OWN4), ipaddress.ip_address(OWN6)],
-                    [ipaddress.ip_network("10.9.0.0/16"), ipaddress.ip_network("fd00:9::/64")])
+                    [ipaddress.ip_network("10.9.0.0/16"), ipaddress.ip_network("fd00:9::/64")],
+                    shared=[ipaddress.ip_address(VIP4), ipaddress.ip_address(VIP6)])
 LL = link_local(MAC)
 
 
@@ -23,9 +26,9 @@ def eth(ethertype: int, src: bytes = MAC, dst: bytes = OTHER) -> bytes:
     return dst + src + ethertype.to_bytes(2, "big")
 
 
-def verdict(header: bytes, payload: bytes, tail: bytes = b"") -> str | None:
+def verdict(header: bytes, payload: bytes, tail: bytes = b"", meta: int = 0) -> str | None:
     """The guard's verdict on a payload stored in a larger buffer (`tail` after it, as in a slot)."""
-    return GUARD.verdict(bytearray(header), bytearray(payload + tail), len(payload))
+    return GUARD.verdict(bytearray(header), bytearray(payload + tail), len(payload), meta)
 
 
 def ipv4(src: str) -> bytes:
@@ -33,8 +36,8 @@ def ipv4(src: str) -> bytes:
             + ipaddress.ip_address("10.77.0.2").packed + bytes(8))
 
 
-def arp(sha: bytes, spa: str, op: int = 2, hw: bytes = b"\x00\x01\x08\x00\x06\x04") -> bytes:
-    return hw + op.to_bytes(2, "big") + sha + ipaddress.ip_address(spa).packed + OTHER + bytes(4)
+def arp(sha: bytes, spa: str, op: int = 2, hw: bytes = b"\x00\x01\x08\x00\x06\x04", tpa: str = "0.0.0.0") -> bytes:
+    return hw + op.to_bytes(2, "big") + sha + ipaddress.ip_address(spa).packed + OTHER + ipaddress.ip_address(tpa).packed
 
 
 def ipv6(src: str, nh: int, body: bytes) -> bytes:
@@ -68,7 +71,7 @@ def test_link_local_is_the_kernels_eui64_address() -> None:
 
 
 @pytest.mark.parametrize("src, want", [
-    (OWN4, None), ("0.0.0.0", None), ("10.9.200.1", None),  # own, unspecified (DHCP), allowed prefix
+    (OWN4, None), ("0.0.0.0", None), ("10.9.200.1", None), (VIP4, None),  # own, DHCP, allowed prefix, global
     ("10.77.0.2", SPOOFED_IP), ("10.10.0.1", SPOOFED_IP), ("255.255.255.255", SPOOFED_IP),
 ])
 def test_ipv4_sources(src: str, want: str | None) -> None:
@@ -87,8 +90,10 @@ def test_a_short_ipv4_header_is_malformed_even_when_the_buffer_is_longer() -> No
 @pytest.mark.parametrize("frame, want", [
     (arp(MAC, OWN4), None),                       # a reply (or a request) from its own address
     (arp(MAC, OWN4, op=1), None),
-    (arp(MAC, "0.0.0.0", op=1), None),            # a probe (RFC 5227) claims nothing
-    (arp(MAC, "10.9.1.1"), None),                 # an allowed prefix
+    (arp(MAC, "0.0.0.0", op=1, tpa=OWN4), None),  # a probe (RFC 5227) for its own address
+    (arp(MAC, "0.0.0.0", op=1, tpa="10.77.0.2"), SPOOFED_CLAIM),  # for another's: its owner would give it up
+    (arp(MAC, "10.9.1.1"), SPOOFED_CLAIM),        # an allowed prefix is a source, not a claim
+    (arp(MAC, VIP4), SPOOFED_CLAIM),              # a global address is the dispatcher's to answer for
     (arp(MAC, "10.77.0.2"), SPOOFED_CLAIM),       # another host's address
     (arp(OTHER, OWN4), SPOOFED_MAC),              # its address, another MAC
     (arp(MAC, OWN4, hw=b"\x00\x06\x08\x00\x06\x04"), MALFORMED),  # not Ethernet/IPv4 ARP
@@ -109,6 +114,13 @@ UDP = b"\x12\x34\x00\x35\x00\x08\x00\x00"
     ("another link-local", ipv6("fe80::73:66ff:fe00:2", 17, UDP), SPOOFED_IP),
     ("UDP from ::", ipv6("::", 17, UDP), SPOOFED_IP),
     ("DAD solicitation from ::", ipv6("::", 58, ns(OWN6)), None),
+    ("DAD solicitation of its link-local", ipv6("::", 58, ns(str(LL))), None),
+    ("DAD solicitation of another's address", ipv6("::", 58, ns("fd00::2")), SPOOFED_CLAIM),
+    ("echo from ::", ipv6("::", 58, b"\x80\x00\x00\x00" + bytes(8)), SPOOFED_IP),
+    ("global address as a source", ipv6(VIP6, 17, UDP), None),
+    ("advertisement of its global address", ipv6(OWN6, 58, na(VIP6, lla(2, MAC))), SPOOFED_CLAIM),
+    ("router advertisement", ipv6(str(LL), 58, b"\x86\x00\x00\x00" + bytes(12) + lla(1, MAC)), ROUTER),
+    ("redirect", ipv6(str(LL), 58, b"\x89\x00\x00\x00" + bytes(36) + lla(2, MAC)), ROUTER),
     ("router solicitation from ::", ipv6("::", 58, b"\x85\x00\x00\x00" + bytes(4)), None),
     ("MLD report from ::", ipv6("::", 0, ext(58) + b"\x8f\x00\x00\x00" + bytes(4)), None),
     ("advertisement from ::", ipv6("::", 58, na(OWN6)), SPOOFED_IP),
@@ -149,6 +161,9 @@ def test_allowed_reports_what_the_guard_lets_through() -> None:
     assert GUARD.allowed(ipaddress.ip_address(OWN4)) and GUARD.allowed(LL)
     assert GUARD.allowed(ipaddress.ip_address("fd00:9::ffff"))
     assert not GUARD.allowed(ipaddress.ip_address("fd00::2"))
+    assert GUARD.allowed(ipaddress.ip_address(VIP4))
+    assert GUARD.owns(ipaddress.ip_address(OWN4)) and GUARD.owns(LL)
+    assert not GUARD.owns(ipaddress.ip_address(VIP4)) and not GUARD.owns(ipaddress.ip_address("10.9.0.1"))
 
 
 @pytest.mark.parametrize("text, want", [("10.9.0.0/16", "10.9.0.0/16"), ("10.9.0.1", "10.9.0.1/32"),
@@ -164,16 +179,56 @@ def test_a_bad_allowed_prefix_says_what_is_wrong(text: str, says: str) -> None:
         allowed_prefix(text)
 
 
-KNOWN = {None, SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, UNCHECKED, MALFORMED}
+KNOWN = {None, SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, ROUTER, BAD_OFFLOAD, UNCHECKED, MALFORMED}
 
 
 @settings(max_examples=600, deadline=None)
 @given(st.sampled_from([0x0800, 0x0806, 0x86DD, 0x8100]), st.binary(max_size=200), st.binary(max_size=40),
-       st.sampled_from([b"", b"\x3a", b"\x00", b"\x3c", b"\x2c"]))
+       st.sampled_from([b"", b"\x3a", b"\x00", b"\x3c", b"\x2c"]),
+       st.one_of(st.just(0), st.integers(0, 2**32 - 1)))
 def test_any_frame_gets_a_verdict_and_bytes_past_its_end_do_not_change_it(
-        ethertype: int, payload: bytes, tail: bytes, nh: bytes) -> None:
+        ethertype: int, payload: bytes, tail: bytes, nh: bytes, meta: int) -> None:
     if ethertype == 0x86DD and len(payload) > 7 and nh:
         payload = payload[:6] + nh + payload[7:]  # reach the extension-header and ICMPv6 walks often
-    got = verdict(eth(ethertype), payload)
+    got = verdict(eth(ethertype), payload, meta=meta)
     assert got in KNOWN
-    assert verdict(eth(ethertype), payload, tail=tail) == got
+    assert verdict(eth(ethertype), payload, tail=tail, meta=meta) == got
+
+
+def test_bad_allow_source_is_a_one_line_error() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "shmfabric", "adapter", "nofabric", "n", "--allow-source",
+                        "10.9.0.1/16"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--allow-source" in r.stderr and "10.9.0.0/16" in r.stderr and "Traceback" not in r.stderr
+
+
+def vnet(flags: int = 0, gso: int = 0, start: int = 0, offset: int = 0, gso_size: int = 0) -> int:
+    """A frame's `meta` for a virtio-net header (what the adapter reads with each frame)."""
+    meta = vnet_to_meta(struct.pack("<BBHHHH", flags, gso, 0, gso_size, start, offset))
+    assert meta is not None
+    return meta
+
+
+TCP4 = b"\x45\x00\x00\x28" + bytes(5) + b"\x06" + bytes(2) + ipaddress.ip_address(OWN4).packed + bytes(4) + bytes(20)
+UDP6 = ipv6(OWN6, 17, UDP)
+
+
+@pytest.mark.parametrize("name, header, frame, meta, want", [
+    ("TCP checksum at the TCP header", eth(0x0800), TCP4, vnet(1, 0, 34, 16), None),
+    ("TCPv4 segmentation", eth(0x0800), TCP4, vnet(1, 1, 34, 16, 1448), None),
+    ("UDP checksum at the UDP header", eth(0x86DD), UDP6, vnet(1, 0, 54, 6), None),
+    ("UDP checksum behind an extension header", eth(0x86DD), ipv6(OWN6, 60, ext(17) + UDP), vnet(1, 0, 62, 6), None),
+    ("checksum inside the IPv4 header", eth(0x0800), TCP4, vnet(1, 0, 14, 16), BAD_OFFLOAD),
+    ("UDP's offset on TCP", eth(0x0800), TCP4, vnet(1, 0, 34, 6), BAD_OFFLOAD),
+    ("checksum in an ARP packet", eth(0x0806), arp(MAC, OWN4), vnet(1, 0, 24, 6), BAD_OFFLOAD),
+    ("TCPv6 segmentation of IPv4", eth(0x0800), TCP4, vnet(1, 4, 34, 16, 1448), BAD_OFFLOAD),
+    ("TCP segmentation of UDP", eth(0x86DD), UDP6, vnet(1, 4, 54, 6, 1232), BAD_OFFLOAD),
+    ("checksum into the IPv6 source", eth(0x86DD), UDP6, vnet(1, 0, 14, 6), BAD_OFFLOAD),
+    ("data-valid only", eth(0x0800), TCP4, vnet(2), None),
+])
+def test_offload_requests_must_fit_the_packet(name: str, header: bytes, frame: bytes, meta: int, want) -> None:
+    assert verdict(header, frame, meta=meta) == want, name

@@ -69,14 +69,13 @@ def test_up_runs_a_checked_adapter_whose_spoofed_source_is_dropped_and_counted(e
         ping = ["ip", "netns", "exec", spaces[0], "ping", "-c", "2", "-i", "0.2", "-W", "2"]
         assert _run(*ping, "10.77.0.2", check=False, timeout=30).returncode == 0
         _run("ip", "-n", spaces[0], "addr", "add", "10.77.2.99/24", "dev", "sf0")
-        _run("ip", "-n", spaces[0], "addr", "add", "10.77.9.5/32", "dev", "sf0")
-        _run("ip", "-n", spaces[1], "route", "add", "10.77.9.0/24", "dev", "sf0")
+        _run("ip", "-n", spaces[0], "addr", "add", "10.77.9.5/32", "dev", "lo")  # a network routed behind it
+        _run("ip", "-n", spaces[1], "route", "add", "10.77.9.0/24", "via", "10.77.0.1")
         assert _run(*ping, "-I", "10.77.2.99", "10.77.0.2", check=False, timeout=30).returncode != 0
         assert _run(*ping, "-I", "10.77.9.5", "10.77.0.2", check=False, timeout=30).returncode == 0
         counted = poll("drop_spoofed_ip in ns-a's counters",
                        lambda: inst_of(status(env), "ns-a")["counters"].get("drop_spoofed_ip", 0) >= 2)
         assert counted
-        assert not any(k.startswith("drop_spoofed") for k in inst_of(status(env), "ns-b")["counters"])
     finally:
         if up:
             cli(env, "down", timeout=90, check=False)

@@ -104,7 +104,7 @@ class FabricPort:
         c = self.from_device
         own = self.node.mac
         if self.guard is not None and size >= 0:
-            why = self.guard.verdict(hdr, buf, size)
+            why = self.guard.verdict(hdr, buf, size, meta)
             if why is not None:
                 c[why] += 1
                 return False

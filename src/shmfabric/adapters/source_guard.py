@@ -8,13 +8,21 @@ switch's port security, or a cloud's anti-spoofing rule on a VM's port, does):
 
 - a source MAC other than the node's fabric MAC (and an ARP sender, or an IPv6 neighbour
   discovery link-layer address option, naming another MAC);
-- an IPv4 or IPv6 source address other than the adapter's own (its `--address` hosts, its
+- an IPv4 or IPv6 source address other than the adapter's (its `--address` hosts, its
   `--global` addresses, the IPv6 link-local address its MAC gives, and the prefixes of
   `--allow-source`, e.g. a network routed behind the namespace). The unspecified address is
-  allowed where the protocols need it: ARP probes (RFC 5227), and ICMPv6 from `::` (duplicate
-  address detection, MLD);
-- an ARP packet or an IPv6 neighbour advertisement claiming an address the adapter does not own
-  (a sender address, a target address);
+  allowed where the protocols need it: IPv4 `0.0.0.0` (DHCP), ARP probes (RFC 5227), and from
+  `::` router and neighbour solicitations and MLD reports (duplicate address detection);
+- a claim on an address the adapter does not own: an ARP sender address, an IPv6 neighbour
+  advertisement's target, and the target of an ARP probe or a duplicate address detection
+  solicitation (which would make its owner give the address up). Only the `--address` hosts and
+  the link-local address are owned: a `--global` address is the dispatcher's to answer for, and
+  `--allow-source` prefixes are sources only;
+- router advertisements and redirects (RA guard, RFC 6105): they would give the peers a route
+  through this node or move a neighbour entry;
+- an offload request (the TAP's virtio-net header) other than a TCP or UDP checksum at the
+  packet's own L4 header, or a segmentation of another protocol: a checksum "completed" anywhere
+  else would rewrite the frame after this check;
 - any other EtherType (VLAN tags, LLDP, ...): nothing the check could vouch for.
 
 Written in Python, called once per frame by the adapter's device thread: a frame costs a few
@@ -38,16 +46,25 @@ _EXT_HEADERS = frozenset((0, 43, 60))
 _FRAGMENT = 44
 _MAX_EXT = 8  # extension headers walked at most (a longer chain is dropped: no host sends one)
 ND_RS, ND_RA, ND_NS, ND_NA, ND_REDIRECT = 133, 134, 135, 136, 137
+MLD_REPORT, MLD2_REPORT = 131, 143
 # where each neighbour discovery message's options start (RFC 4861, 4.1-4.5), past the ICMPv6 type
-_ND_OPTIONS = {ND_RS: 8, ND_RA: 16, ND_NS: 24, ND_NA: 24, ND_REDIRECT: 40}
+_ND_OPTIONS = {ND_RS: 8, ND_NS: 24, ND_NA: 24}
+_FROM_ANY = frozenset((ND_RS, ND_NS, MLD_REPORT, MLD2_REPORT))  # what may come from ::
 _LLA_OPTIONS = (1, 2)  # source / target link-layer address
 V4_ANY = bytes(4)
 V6_ANY = bytes(16)
+
+# the offload bits of a frame's `meta` (`ethernet.vnet_to_meta`: kept here, a pure module apart)
+_META_VNET = 1 << 31
+_NEEDS_CSUM = 1 << 29
+_GSO_TCPV4, _GSO_UDP, _GSO_TCPV6, _GSO_UDP_L4 = 1, 3, 4, 5
 
 # the counters a dropped frame adds to (the adapter's `drop_*` counters)
 SPOOFED_MAC = "drop_spoofed_mac"
 SPOOFED_IP = "drop_spoofed_ip"
 SPOOFED_CLAIM = "drop_spoofed_claim"
+ROUTER = "drop_router_message"
+BAD_OFFLOAD = "drop_bad_offload"
 UNCHECKED = "drop_unchecked_ethertype"
 MALFORMED = "drop_malformed"
 
@@ -77,15 +94,19 @@ def allowed_prefix(text: str) -> IPNetwork:
 class SourceGuard:
     """Decides, frame by frame, whether a frame from the device names this adapter as its sender.
 
-    `mac`: the node's fabric MAC; `addresses`: the host addresses the adapter owns (its own,
-    its global ones); `prefixes`: further source prefixes allowed (`--allow-source`). The IPv6
-    link-local address of `mac` is added. Use `verdict`."""
+    `mac`: the node's fabric MAC; `addresses`: the host addresses the adapter owns (`--address`;
+    it may send from them and claim them); `shared`: addresses it may send from but never claim
+    (`--global`); `prefixes`: further source prefixes (`--allow-source`). The IPv6 link-local
+    address of `mac` is owned too. Use `verdict`."""
 
-    def __init__(self, mac: bytes, addresses: Iterable[IPAddress] = (), prefixes: Iterable[IPNetwork] = ()):
+    def __init__(self, mac: bytes, addresses: Iterable[IPAddress] = (), prefixes: Iterable[IPNetwork] = (),
+                 shared: Iterable[IPAddress] = ()):
         self.mac = bytes(mac)
         owned = [ipaddress.ip_address(a) for a in addresses] + [link_local(self.mac)]
-        self._v4 = frozenset(a.packed for a in owned if a.version == 4)
-        self._v6 = frozenset(a.packed for a in owned if a.version == 6)
+        sources = owned + [ipaddress.ip_address(a) for a in shared]
+        self._v4 = frozenset(a.packed for a in sources if a.version == 4)
+        self._v6 = frozenset(a.packed for a in sources if a.version == 6)
+        self._claims = frozenset(a.packed for a in owned)
         nets = [ipaddress.ip_network(p) for p in prefixes]
         # (value, mask) pairs as integers: a frame's source is one int.from_bytes and a few ands
         self._nets4 = [(int(n.network_address), int(n.netmask)) for n in nets if n.version == 4]
@@ -93,9 +114,13 @@ class SourceGuard:
 
     def allowed(self, address: IPAddress) -> bool:
         """Whether `address` may be a source of this adapter's frames."""
-        return self._owns(address.packed)
+        return self._source(address.packed)
 
-    def _owns(self, src: bytes) -> bool:
+    def owns(self, address: IPAddress) -> bool:
+        """Whether the adapter may claim `address` (in ARP, neighbour advertisements, probes)."""
+        return address.packed in self._claims
+
+    def _source(self, src: bytes) -> bool:
         if len(src) == 4:
             if src in self._v4:
                 return True
@@ -109,9 +134,10 @@ class SourceGuard:
         value = int.from_bytes(src, "big")
         return any(value & mask == net for net, mask in nets)
 
-    def verdict(self, header: bytes | bytearray, payload: Any, size: int) -> str | None:
-        """None if the frame (Ethernet `header`, then `payload[:size]`, any buffer) may go on;
-        else the counter its drop adds to (SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, UNCHECKED,
+    def verdict(self, header: bytes | bytearray, payload: Any, size: int, meta: int = 0) -> str | None:
+        """None if the frame (Ethernet `header`, then `payload[:size]`, any buffer; `meta`: its
+        offload request, as `ethernet.vnet_to_meta` gives it) may go on; else the counter its
+        drop adds to (SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, ROUTER, BAD_OFFLOAD, UNCHECKED,
         MALFORMED)."""
         if header[6:12] != self.mac:
             return SPOOFED_MAC
@@ -121,10 +147,16 @@ class SourceGuard:
                 if size < 20:
                     return MALFORMED
                 src = v[12:16].tobytes()
-                return None if src in self._v4 or src == V4_ANY or self._owns(src) else SPOOFED_IP
+                if not (src in self._v4 or src == V4_ANY or self._source(src)):
+                    return SPOOFED_IP
+                if meta & _META_VNET and not _offload_ok(meta, (v[0] & 0xF) * 4, v[9], 4):
+                    return BAD_OFFLOAD
+                return None
             with v[:size] as frame:
                 if et == ETH_P_IPV6:
-                    return self._ipv6(frame, size)
+                    return self._ipv6(frame, size, meta)
+                if meta & _META_VNET:  # (a checksum or segmentation asked for a frame that is not IP)
+                    return BAD_OFFLOAD
                 if et == ETH_P_ARP:
                     return self._arp(frame, size)
         return UNCHECKED
@@ -136,11 +168,11 @@ class SourceGuard:
         if v[8:14] != self.mac:
             return SPOOFED_MAC
         spa = v[14:18].tobytes()
-        if spa == V4_ANY:  # a probe (RFC 5227): claims nothing
-            return None
-        return None if self._owns(spa) else SPOOFED_CLAIM
+        if spa == V4_ANY:  # a probe (RFC 5227): for an address of its own only (it makes its owner give it up)
+            return None if v[24:28].tobytes() in self._claims else SPOOFED_CLAIM
+        return None if spa in self._claims else SPOOFED_CLAIM
 
-    def _ipv6(self, v: memoryview, size: int) -> str | None:
+    def _ipv6(self, v: memoryview, size: int, meta: int) -> str | None:
         if size < 40:
             return MALFORMED
         src = v[8:24].tobytes()
@@ -153,8 +185,8 @@ class SourceGuard:
             elif nh == _FRAGMENT:
                 if size < at + 8:
                     return MALFORMED
-                if (v[at + 2] << 8 | v[at + 3]) & 0xFFF8:  # not the first fragment: no ICMPv6 header
-                    nh = -1               # in it (and Linux drops fragmented neighbour discovery, RFC 6980)
+                if (v[at + 2] << 8 | v[at + 3]) & 0xFFF8:  # not the first fragment: no L4 header in it
+                    nh = -1
                     break
                 nh, at = v[at], at + 8
             else:
@@ -162,27 +194,35 @@ class SourceGuard:
         else:
             return MALFORMED
         if src == V6_ANY:
-            # duplicate address detection and MLD reports come from :: (RFC 4862, 3810); nothing else may
-            return self._icmpv6(v, size, at, from_any=True) if nh == ICMPV6 else SPOOFED_IP
-        if not (src in self._v6 or self._owns(src)):
+            # duplicate address detection, router solicitations and MLD reports come from :: (RFC
+            # 4862, 4861, 3810); nothing else may
+            why = self._icmpv6(v, size, at, from_any=True) if nh == ICMPV6 else SPOOFED_IP
+        elif not (src in self._v6 or self._source(src)):
             return SPOOFED_IP
-        return self._icmpv6(v, size, at, from_any=False) if nh == ICMPV6 else None
+        else:
+            why = self._icmpv6(v, size, at, from_any=False) if nh == ICMPV6 else None
+        if why is None and meta & _META_VNET and not _offload_ok(meta, at, nh, 6):
+            return BAD_OFFLOAD
+        return why
 
     def _icmpv6(self, v: memoryview, size: int, at: int, from_any: bool) -> str | None:
         """Neighbour discovery's own claims: a link-layer address option must be the node's MAC,
-        and an advertisement's target an address the adapter owns (an unsolicited one from any
-        source would move its peers' caches); other ICMPv6 passes."""
+        an advertisement's target (and a duplicate address detection solicitation's) an address
+        the adapter owns; router advertisements and redirects are not a host's to send; other
+        ICMPv6 passes."""
         if size <= at:
             return MALFORMED
         kind = v[at]
+        if from_any and kind not in _FROM_ANY:
+            return SPOOFED_IP
+        if kind == ND_RA or kind == ND_REDIRECT:
+            return ROUTER
         start = _ND_OPTIONS.get(kind)
         if start is None:
             return None
-        if from_any and kind not in (ND_RS, ND_NS):  # advertisements and redirects name their sender
-            return SPOOFED_IP
         if size < at + start:
             return MALFORMED
-        if kind == ND_NA and not self._owns(v[at + 8:at + 24].tobytes()):
+        if (kind == ND_NA or (kind == ND_NS and from_any)) and v[at + 8:at + 24].tobytes() not in self._claims:
             return SPOOFED_CLAIM
         opt = at + start
         while opt + 2 <= size:
@@ -193,3 +233,22 @@ class SourceGuard:
                 return SPOOFED_MAC
             opt += length
         return None
+
+
+def _offload_ok(meta: int, l4: int, proto: int, version: int) -> bool:
+    """Whether an offload request (`meta`) fits the IP packet whose L4 header starts `l4` bytes in
+    and carries `proto`: a checksum only in a TCP or UDP header's own checksum field, a
+    segmentation only of the protocol it names. A device writes where the request says: anywhere
+    else (an address, an ARP field) it would change the frame after the check."""
+    if meta & _NEEDS_CSUM:
+        start, offset = (meta >> 16) & 0xFF, (6 if meta >> 24 & 1 else 16)
+        if start != l4 or not ((proto == 6 and offset == 16) or (proto == 17 and offset == 6)):
+            return False
+    gso = (meta >> 25) & 7
+    if gso:
+        if gso == _GSO_TCPV4:
+            return version == 4 and proto == 6
+        if gso == _GSO_TCPV6:
+            return version == 6 and proto == 6
+        return (gso == _GSO_UDP or gso == _GSO_UDP_L4) and proto == 17
+    return True

@@ -113,12 +113,11 @@ def open_tap(ifname: str, segments: bool = False) -> Tap:
 
 def configure(ifname: str, mac: bytes, mtu: int | None,
               addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
-              gso_max_size: int | None = None, network_mtu: int = 65536, eui64: bool = False) -> int:
+              gso_max_size: int | None = None, network_mtu: int = 65536, checked: bool = False) -> int:
     """Give the device the node's MAC, an MTU (None: the network's, or the device's largest)
     and `addresses`, and bring it up; returns the MTU. `gso_max_size` bounds the segments the
-    kernel hands an offloading device (the network's slot size). `eui64`: the IPv6 link-local
-    address is the one the MAC gives (`source_guard.link_local`), whatever the namespace's
-    default way of making one (a checked adapter allows that one)."""
+    kernel hands an offloading device (the network's slot size). `checked` (`--source-check`):
+    the interface sends only what the check allows (CHECKED_SETTINGS), else TapError."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -153,10 +152,32 @@ def configure(ifname: str, mac: bytes, mtu: int | None,
         # neighbour caches must not keep sending to the old one.
         _sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1")
         _sysctl(f"net/ipv6/conf/{ifname}/ndisc_notify", "1")
-        if eui64:
-            _sysctl(f"net/ipv6/conf/{ifname}/addr_gen_mode", "0")
+        if checked:
+            _checked_settings(ifname)
         ipr.link("set", index=index, state="up")
     return mtu
+
+
+# What a checked adapter's interface is set to (`--source-check`), so that its own kernel sends
+# nothing the check drops: the link-local address the MAC gives (the one the check allows, whatever
+# the namespace's default way of making one); no addresses or routes from router advertisements
+# (a rogue RA's prefix would give it an address the adapter was not given) and no temporary
+# addresses; ARP answered and asked only with the interface's own addresses (a router namespace's
+# other addresses are not this adapter's to claim).
+CHECKED_SETTINGS = (("ipv6", "addr_gen_mode", "0"), ("ipv6", "accept_ra", "0"), ("ipv6", "autoconf", "0"),
+                    ("ipv6", "use_tempaddr", "0"), ("ipv4", "arp_ignore", "1"), ("ipv4", "arp_announce", "2"))
+
+
+def _checked_settings(ifname: str) -> None:
+    for family, key, value in CHECKED_SETTINGS:
+        if not os.path.isdir(f"/proc/sys/net/{family}/conf/{ifname}"):
+            continue  # IPv6 disabled in this namespace: nothing of it to set
+        try:
+            _sysctl(f"net/{family}/conf/{ifname}/{key}", value, required=True)
+        except OSError as exc:
+            raise TapError(f"cannot set net.{family}.conf.{ifname}.{key}={value} ({exc.strerror}): a checked "
+                           "adapter's own kernel would send frames the check drops; run without --source-check, "
+                           "or where /proc/sys is writable") from None
 
 
 def hold_global_address(ifname: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -149,9 +149,12 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         check_ifname(args.ifname)
         addresses = [parse_address(a) for a in args.address]
         shared = [parse_global(a) for a in args.global_address]
+    except TapError as exc:
+        raise CliError(str(exc)) from None
+    try:
         allowed = [allowed_prefix(a) for a in args.allow_source]
-    except (TapError, ValueError) as exc:
-        raise CliError(f"--allow-source: {exc}" if isinstance(exc, ValueError) else str(exc)) from None
+    except ValueError as exc:
+        raise CliError(f"--allow-source: {exc}") from None
     source_check = args.source_check or bool(allowed)
     check_member_addresses(shared, addresses)
     check_batch(args)
@@ -176,7 +179,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         node.set_wait_mode("block")
         lay = fab.region.layout
-        guard = (SourceGuard(node.mac, [a.ip for a in addresses] + shared, allowed) if source_check else None)
+        guard = SourceGuard(node.mac, [a.ip for a in addresses], allowed, shared) if source_check else None
         bridge = TapBridge(node, tap, batch=args.batch, guard=guard, **port_options(fab, args))
         for a in addresses:
             if a.version == 4:
@@ -188,7 +191,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         try:
             # Segments the kernel hands the device uncut must fit a slot: at most the network's MTU.
             mtu = configure(tap.ifname, node.mac, args.mtu, addresses, min(node.mtu, 65536) if segments else None,
-                            node.mtu, eui64=source_check)
+                            node.mtu, checked=source_check)
             for g in shared:
                 if hold_global_address(tap.ifname, g):
                     held.append(g)

@@ -10,12 +10,22 @@ Real processes for the manager's part: TAP adapters in network namespaces create
 names, deleted after), a firewall and a router, the supervisor's loop as under `shmfabric up`;
 the user's checks are the manager's events, the operator's action and a ping through the chain.
 The runtime's part runs the router (and a source with a scaled-out next hop) in-process with plain
-nodes where it sends."""
+nodes where it sends.
+
+Also a function that STARTS while a node it sends to is down: it waited (30 s) for every next hop
+and port before it answered the manager, which killed it as hung after START_TIMEOUT (15 s) and
+started it again, for ever; e.g. a router killed while one of its port adapters was down never came
+back. Now the manager passes the instances it knows are down (`--down`: in backoff, failed for good;
+not those merely starting, which a chain's `up` relies on being waited for) and the function starts
+without waiting for those."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +38,8 @@ from shmfabric.functions import registry
 from shmfabric.functions.builtin.router import Router
 from shmfabric.functions.control import ControlClient
 from shmfabric.functions.runtime import FunctionRunner
+from shmfabric.manager.supervisor import START_TIMEOUT
+from tests.manager.conftest import counters
 from tests.manager.test_adapter_gaps import _until, explain, ping_within, spaces, tap, topology  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,6 +63,18 @@ def _kill_and_wait(sup, name: str, state: str) -> None:
 
 def _router_ports(sup) -> dict:
     return sup._request("router", {"op": "stats"})["port_instances"]
+
+
+def _back(sup, name: str, pid: int):
+    """A predicate: `name`'s (first) instance runs again, in another process than `pid`."""
+    def back() -> bool:
+        inst = sup.nodes[name].instances[0]
+        return inst.state == "running" and inst.pid != pid
+    return back
+
+
+def _hung(sup, n0: int, name: str) -> list:
+    return [e for e in list(sup.events)[n0:] if e["kind"] == "hung" and e["node"] == name]
 
 
 @root_only
@@ -106,6 +130,120 @@ def test_replacing_a_routers_port_function_while_a_port_adapter_restarts_steers_
     with sup.lock:
         sup.nodes["web2"].instances[0].restart_at = sup.clock()
     assert ping_within(a, 3, timeout=20), "client -> web2 once it is back\n" + explain(sup, "router", "web2")
+
+
+@root_only
+@pytest.mark.parametrize("how", ["restarting", "failed"])
+def test_a_router_killed_while_a_port_adapter_is_down_comes_back_and_routes_to_its_other_ports(
+        spaces, run_topology, loop, how):
+    # router ports: client, web, web2. web2 is down (backoff, or failed for good) when the router is
+    # killed: the manager restarts the router with web2 on its command line (--port web2=web2)
+    a, b, c = spaces(3)
+    sup = run_topology(topology(tap("client", a, 1) + tap("web", b, 2) + _web2(c, how),
+                                {"client": 1, "web": 2, "web2": 3}))
+    loop(sup)
+    assert ping_within(a, 2) and ping_within(a, 3), "client -> web, web2 at the start\n" + explain(sup, "router")
+    _kill_and_wait(sup, "web2", "backoff" if how == "restarting" else "failed")
+    n0 = len(sup.events)
+    pid = sup.nodes["router"].instances[0].pid
+    os.kill(pid, signal.SIGKILL)
+    # before: the new router waited (30 s) for web2 before it answered; the manager killed it as hung
+    # after START_TIMEOUT ("hung router: attached but not answering control requests after 15s") and
+    # started it again, for ever. Waited for here longer than START_TIMEOUT, to see that happen
+    assert _until(_back(sup, "router", pid), timeout=START_TIMEOUT + 10), (
+        "the router did not come back while web2 was down\n" + explain(sup, "router", "web2"))
+    assert not _hung(sup, n0, "router"), explain(sup, "router", "web2")
+    assert ping_within(a, 2), "client -> web after the router's restart\n" + explain(sup, "router", "web2")
+    assert sup.nodes["web2"].instances[0].state != "running"  # (still down: the case this test is about)
+    if how == "restarting":
+        # web2 comes back (its backoff's end, brought forward): the router reaches it again
+        with sup.lock:
+            sup.nodes["web2"].instances[0].restart_at = sup.clock()
+        assert ping_within(a, 3, timeout=20), "client -> web2 once it is back\n" + explain(sup, "router", "web2")
+
+
+# -- the same without TAP adapters (no root): a load balancer's port, a firewall's next group -------
+def _functions_topology(held: str) -> str:
+    """gen -> lb (ports sink-a, sink-b) and gen2 -> fw -> sink (2 instances); `held` (sink-b or sink)
+    gets a restart policy that holds it in backoff for the whole test."""
+    nodes = {
+        "gen": "function: generator\n    config: {rate: 2000, size: 128, flows: 64}\n",
+        "lb": "function: l4lb\n    ports: [sink-a, sink-b]\n"
+              "    config: {backends: [{node: sink-a}, {node: sink-b}]}\n",
+        "sink-a": "function: sink\n",
+        "sink-b": "function: sink\n",
+        "gen2": "function: generator\n    config: {rate: 2000, size: 128, flows: 64}\n",
+        "fw": 'function: firewall\n    config: {rules: "policy accept\\nconntrack off"}\n',
+        "sink": "function: sink\n    instances: 2\n    scale: {min_instances: 2, max_instances: 2}\n",
+    }
+    body = "".join(f"  - name: {n}\n    {v}" + (HELD if n == held else "") for n, v in nodes.items())
+    return ('fabric: {name: "{fabric}", ring_size: 256, max_nodes: 16, networks: [{mtu: 1500, slots: 2048}]}\n'
+            "poll_interval: 0.1\napi: null\npolicies:\n  restart: {backoff_initial: 0.1, backoff_max: 1}\n"
+            "nodes:\n" + body
+            + "chains:\n  - {name: l, nodes: [gen, lb]}\n  - {name: f, nodes: [gen2, fw, sink]}\n")
+
+
+@pytest.mark.parametrize("case", [("lb", "sink-b", "sink-a"), ("fw", "sink-2", "sink")],
+                         ids=["a-port", "a-next-group-member"])
+def test_a_function_killed_while_a_node_it_sends_to_is_down_comes_back_and_reaches_it_once_it_is_up(
+        run_topology, loop, case):
+    fn, down, other = case
+    sup = run_topology(_functions_topology("sink-b" if down == "sink-b" else "sink"))
+    loop(sup)
+
+    def gets(inst: str) -> object:
+        before = counters(sup, inst).get("in_frames", 0)
+        return _until(lambda: counters(sup, inst).get("in_frames", 0) > before + 50)
+
+    assert gets(down) and gets(other), "traffic at the start\n" + explain(sup, fn, "sink", "sink-b")
+    victim = next(i for n in sup.nodes.values() for i in n.instances if i.name == down)
+    down_node = victim.node  # (sink-2's node is sink: explain() names nodes)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert _until(lambda: victim.state == "backoff"), explain(sup, down_node)
+    n0 = len(sup.events)
+    pid = sup.nodes[fn].instances[0].pid
+    os.kill(pid, signal.SIGKILL)
+    # before: killed as hung after START_TIMEOUT and started again, for ever
+    assert _until(_back(sup, fn, pid), timeout=START_TIMEOUT + 10), (
+        f"{fn} did not come back while {down} was down\n" + explain(sup, fn, down_node))
+    assert not _hung(sup, n0, fn), explain(sup, fn, down_node)
+    assert gets(other), f"{fn} -> {other} after its restart\n" + explain(sup, fn, down_node)
+    assert _until(lambda: counters(sup, fn).get("next_down", 0) > 0), explain(sup, fn, down_node)  # dropped, counted
+    with sup.lock:  # the down instance's backoff ends now
+        victim.restart_at = sup.clock()
+    assert _until(lambda: victim.state == "running"), explain(sup, down_node)
+    assert gets(down), f"{fn} -> {down} once it is back\n" + explain(sup, fn, down_node)
+
+
+
+def test_a_functions_command_line_names_down_only_what_is_known_down_not_what_is_starting(run_topology):
+    # `up` (and a reload, a scale-out) starts a chain's nodes together and each waits for the next ones
+    # to attach: those starting are waited for; only instances in backoff, failed for good, are not
+    sup = run_topology(_functions_topology(""))
+
+    def down_of(fn: str) -> list[str]:
+        node = sup.nodes[fn]
+        argv = sup._argv(node, node.instances[0], 9)
+        return [argv[k + 1] for k, a in enumerate(argv) if a == "--down"]
+
+    sink_b, sink_2 = sup.nodes["sink-b"].instances[0], sup.nodes["sink"].instances[1]
+    with sup.lock:
+        saved = [(i, i.state) for i in (sink_b, sink_2)]
+        try:
+            assert down_of("lb") == [] and down_of("fw") == []  # all running
+            sink_b.state = sink_2.state = "starting"
+            assert down_of("lb") == [] and down_of("fw") == []  # being started: waited for
+            sink_b.state = sink_2.state = "backoff"
+            assert down_of("lb") == ["sink-b"] and down_of("fw") == ["sink-2"]
+            sink_b.state = sink_2.state = "failed"  # (out of the group: sink-b's name stands in for it)
+            assert down_of("lb") == ["sink-b"] and down_of("fw") == []
+            sup.nodes["sink-b"].instances.remove(sink_b)  # between an adapter's stop and its start, say
+            assert down_of("lb") == []
+        finally:
+            if sink_b not in sup.nodes["sink-b"].instances:
+                sup.nodes["sink-b"].instances.append(sink_b)
+            for i, st in saved:
+                i.state = st
 
 
 # -- the runtime's part: the router in-process, plain nodes at its ports --------------------------------
@@ -197,6 +335,76 @@ def test_a_source_steered_to_a_group_with_an_instance_down_goes_on_and_reaches_i
         assert _received(x2, 1) >= 1, r.c  # found by name once attached
     finally:
         ctl.close()
+        r.stopping = True
+        t.join(15)
+        r.close()
+    assert not t.is_alive() and "exc" not in out, out
+
+
+def _fn_run(*argv: str) -> subprocess.Popen:
+    """`python -m shmfabric.functions.run ARGV` as its own process (as the manager starts it)."""
+    return subprocess.Popen([sys.executable, "-m", "shmfabric.functions.run", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_function_started_with_a_port_named_down_answers_at_once_and_reaches_it_once_it_attaches(fab):
+    # python -m shmfabric.functions.run ... --port a --port b --down b, b not attached: it starts (it
+    # answers stats), routes to a, counts b's frames as next_down, and reaches b once b attaches
+    src, a = fab.attach("src"), fab.attach("a")
+    cfg = json.dumps({"routes": {"10.0.0.1/32": "a", "10.0.0.2/32": "b"}})
+    base = ["--fabric", fab.name, "--function", "router", "--config", cfg, "--port", "a", "--port", "b"]
+    # without --down: it waits for b (here for its --duration, 1 s) and gives up, exit status 2
+    p0 = _fn_run(*base, "--node", "r0", "--duration", "1")
+    _, err0 = p0.communicate(timeout=30)
+    assert p0.returncode == 2 and "'b'" in err0, err0
+    p = _fn_run(*base, "--node", "router", "--down", "b", "--duration", "60")
+    ctl = ControlClient(fab, "mgr")
+    try:
+        rid = src.wait_for_peer("router", timeout=20)
+        st = ctl.request("router", {"op": "stats"}, timeout=10)
+        assert st["ok"] and st["port_instances"] == {"a": ["a"], "b": ["b"]}, st
+        assert src.send_batch(rid, [_ipv4_to(1)] * 5 + [_ipv4_to(2)] * 5) == 10
+        assert _received(a, 5) == 5
+        assert _until(lambda: ctl.request("router", {"op": "stats"}, timeout=5)["counters"]["next_down"] == 5)
+        b = fab.attach("b")
+        end = time.monotonic() + 10
+        got = 0
+        while got == 0 and time.monotonic() < end:
+            assert src.send_batch(rid, [_ipv4_to(2)]) == 1
+            got = _received(b, 1, 0.2)
+        assert got == 1
+        assert ctl.request("router", {"op": "stop"}, timeout=10)["ok"]
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+    finally:
+        ctl.close()
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def test_a_source_started_with_its_first_group_member_down_sends_to_the_others(fab):
+    # --next x1,x2 --down x1: it starts without x1, sends x2's flows (frames hashed to x1 are dropped
+    # and counted), and reaches x1 once it attaches
+    x2 = fab.attach("x2")
+    r = FunctionRunner(fab, "gen", registry.load("generator"), {"rate": 2000, "size": 64, "flows": 16},
+                       ["x1", "x2"], down=["x1"])
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["stats"] = r.run(30.0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            out["exc"] = repr(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert _received(x2, 50) >= 50, (r.c, out)
+        assert _until(lambda: r.c["next_down"] > 0), r.c
+        x1 = fab.attach("x1")
+        assert _received(x1, 1) >= 1, r.c  # found by name once attached
+    finally:
         r.stopping = True
         t.join(15)
         r.close()

@@ -1,7 +1,12 @@
 """`python -m shmfabric.functions.run`: run one network function as a node of a fabric.
 
     python -m shmfabric.functions.run --fabric edge --node fw --function firewall \
-        --config '{"rules": "policy accept"}' --next ids [--port NAME ...] [--duration S]
+        --config '{"rules": "policy accept"}' --next ids [--port NAME ...] [--down NAME ...] [--duration S]
+
+The function waits (at most 30 s, or --duration) for the nodes of --next and --port to attach
+before it starts, except those named by `--down`: nodes known to be down (restarting, failed for
+good; the manager passes them), whose frames are dropped and counted (`next_down`) until they
+attach, found by name then.
 
 `--config @FILE` reads the JSON from a file instead. The manager (`shmfabric up`) passes
 `--config @/proc/self/fd/N`, N an anonymous in-memory file (memfd) it wrote the config to: a config
@@ -37,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", action="append", default=[],
                    help="node behind Verdict.port(k), in order: NAME, or NAME=INSTANCE,INSTANCE... for a "
                         "scaled-out node (frames spread by flow hash; the function sees NAME)")
+    p.add_argument("--down", action="append", default=[], metavar="NAME",
+                   help="a node of --next/--port known to be down (repeatable, or comma-separated): not waited "
+                        "for at start; its frames are dropped and counted (next_down) until it attaches")
     p.add_argument("--network", type=int, default=0)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--wait-mode", default="adaptive", choices=["poll", "block", "adaptive"])
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cls = load(a.function)
         runner = FunctionRunner(fab, a.node, cls, config, [n for n in a.next.split(",") if n], a.port,
-                                batch=a.batch, network=a.network, wait_mode=a.wait_mode)
+                                batch=a.batch, network=a.network, wait_mode=a.wait_mode,
+                                down=[n for d in a.down for n in d.split(",") if n])
     except (UnknownFunctionError, FunctionConfigError, FabricError, ValueError) as e:
         print(f"shmfabric.functions.run: {e}", file=sys.stderr)
         fab.close()

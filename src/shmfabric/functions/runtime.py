@@ -233,7 +233,12 @@ class FunctionRunner:
 
     def __init__(self, fabric: Fabric, node_name: str, fn_cls: type, config: dict | None,
                  next_hop: list[str] | None = None, ports: list[str | list[str]] | None = None, *, batch: int = 256,
-                 network: int = 0, wait_mode: str = "adaptive", peer_timeout: float = 30.0):
+                 network: int = 0, wait_mode: str = "adaptive", peer_timeout: float = 30.0,
+                 down: Collection[str] = ()):
+        """`down`: nodes of `next_hop` and `ports` known to be down (restarting, failed for good; the
+        manager's `--down`): `run()` does not wait for them at its start. Frames to one of them are
+        dropped and counted (`next_down`) until it attaches; it is found by name then (every
+        RESOLVE_EVERY), as after a `set_next` naming it in "down"."""
         self.fabric = fabric
         self.fn_cls = fn_cls
         self.config_model = _validate(fn_cls, config)
@@ -273,6 +278,7 @@ class FunctionRunner:
         self.timer_at: float | None = None
         self.batch = batch
         self.peer_timeout = peer_timeout
+        self.down = frozenset(down)
 
         self.stopping = False
         # the taps (`mirror` op, `shmfabric capture`): None when there is none, so the data path
@@ -842,7 +848,8 @@ class FunctionRunner:
     def _send_frames(self, frames: list) -> None:
         """A source function's frames: copy each into a slot once and send down the chain."""
         nxt = self.next.ids
-        if not nxt or nxt[0] is None:
+        # (a scaled-out group with one instance down: the others' flows go on, see _send_made)
+        if not nxt or (nxt[0] is None and len(nxt) == 1):
             self.next.resolve(time.monotonic())
             self.c["next_down"] += len(frames)
             return
@@ -891,16 +898,19 @@ class FunctionRunner:
         hops = ([self.next] if self.next.names else []) + self.ports
         for hop in hops:
             try:
-                if not hop.wait(max(0.0, start + limit - time.monotonic()), stop=lambda: self.stopping):
+                # (not those known down: waiting for them, the node answered nothing, and the manager
+                # killed it as hung after its START_TIMEOUT, for ever while they stayed down)
+                if not hop.wait(max(0.0, start + limit - time.monotonic()), stop=lambda: self.stopping,
+                                down=self.down):
                     break  # told to stop while waiting: the loop below ends at once
             except TimeoutError:
-                missing = [n for h in hops for n in h.missing()]
+                missing = [n for h in hops for n in h.missing() if n not in self.down]
                 why = f"the run's --duration, {duration:g} s" if limit < self.peer_timeout else f"{limit:g} s"
                 raise TimeoutError(f"node {self.node.name!r}: next hop node(s) {', '.join(map(repr, missing))} not "
                                    f"attached to fabric {self.fabric.name!r} within {why}; start them first (a node "
                                    "waits for the ones it sends to), or leave them out of --next/--port") from None
         log("started", {"node": self.node.name, "function": fn_name(self.fn_cls), "id": self.node.id,
-                        "next": self.next.names})
+                        "next": self.next.names, **({"down": sorted(self.down)} if self.down else {})})
         end = None if duration is None else start + duration
         empty_polls = 0
         node, fn, batch_max, c, ctx = self.node, self.fn, self.batch, self.c, self.ctx

@@ -1086,6 +1086,8 @@ class Supervisor:
         for target, members in ports.items():
             # the function sees the logical name; frames spread over its instances by flow hash
             argv += ["--port", f"{target}={','.join(members)}"]
+        for n in self._down_at_start([*nxt, *(n for members in ports.values() for n in members)]):
+            argv += ["--down", n]  # not waited for at its start (see `_down_at_start`)
         net = topo.network_index(name) if in_topo else 0
         if net:
             argv += ["--network", str(net)]
@@ -1462,6 +1464,30 @@ class Supervisor:
         on the refusal when an instance it has just started is gone (it then undoes the action)."""
         up = {i.name for n in self.nodes.values() for i in n.instances if i.state == "running"}
         return sorted({n for n in names if n not in up})
+
+    def _down_at_start(self, names: list[str]) -> list[str]:
+        """Of the instance names on a function's command line (--next, --port), those it must not wait
+        for at its start (`--down`): an instance in backoff, failed for good (or exited, stopping,
+        stopped), or a node's name standing in for a node none of whose instances is starting or running.
+        A function waits for its next hops before it answers the manager (at most 30 s), so one waiting
+        for such a node was killed as hung after START_TIMEOUT and started again, for ever (a router
+        killed while a port adapter was down never came back). Unlike `_not_up` (a set_next to a running
+        instance), a *starting* instance is waited for: an `up`, a reload or a scale-out starts a chain's
+        nodes together and each waits for the next ones to attach, so that the first frames are not
+        dropped; so is a name no instance has yet (a node this operation is about to start, or an
+        adapter between its stop and start in `_restart_adapter`)."""
+        state = {i.name: i.state for n in self.nodes.values() for i in n.instances}
+        live = ("starting", "running")
+        out = []
+        for name in dict.fromkeys(names):
+            if name in state:
+                if state[name] not in live:
+                    out.append(name)
+                continue
+            node = self.nodes.get(name)  # a stand-in (`_port_instances`): the node has no active instance
+            if node is not None and node.instances and not any(i.state in live for i in node.instances):
+                out.append(name)
+        return out
 
     def _check_via(self, node: _Node) -> None:
         """Restart adapter `node` if the instance its `via:` names now is not the one it was started with."""

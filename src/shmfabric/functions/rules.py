@@ -48,7 +48,7 @@ from shmfabric.functions.tcp_track import IGNORE as _T_IGNORE
 from shmfabric.functions.tcp_track import INVALID as _T_INVALID
 from shmfabric.functions.tcp_track import REOPEN as _T_REOPEN
 from shmfabric.functions.tcp_track import Segment, TcpTrack, may_start, segment
-from shmfabric.net.flow import FiveTuple, icmp_error_quote, to_proto
+from shmfabric.net.flow import FiveTuple, icmp_error_quote, icmp_type, is_icmp_error, to_proto
 
 __all__ = [
     "Verdict", "RuleSyntaxError", "Rule", "RuleSet", "Timeouts", "ConntrackTable", "Firewall", "TokenBucket",
@@ -435,8 +435,11 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
                 raise _unknown(p, what, ["state"])
             if rule.ct_state is not None:
                 raise p.err("a rule can have one 'ct state'", "list the states in one set: ct state { new, untracked }")
+            if p.peek() == "vmap":
+                raise p.err("verdict maps are not supported", "write one rule per verdict, e.g. "
+                            "ct state established,related accept")
             vals, neg = p.values("a conntrack state")
-            while not neg and len(vals) >= 1 and p.peek() == ",":  # nft's `ct state established,related`
+            while p.peek() == ",":  # nft's `ct state established,related` (a list without braces)
                 p.i += 1
                 vals.append(p.next("a conntrack state"))
             for v in vals:
@@ -453,6 +456,11 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
         # what the firewall does anyway (they match nothing the rules see: kept, harmless); a rule
         # that asks for the opposite would silently never apply, so it is refused
         states = rule.ct_state[0]
+        if "established" in states and "related" not in states and verdict is Verdict.ACCEPT:
+            # (the firewall cannot accept established packets without their ICMP errors: path MTU
+            # discovery would break; so a ruleset leaving related out would not do what it says)
+            raise p.err("ICMP errors about established connections (related) are accepted with them here",
+                        "write 'ct state established,related accept'")
         if states & {"established", "related"} and verdict is not Verdict.ACCEPT:
             raise p.err(f"'ct state {'/'.join(sorted(states & {'established', 'related'}))}' packets are accepted "
                         "before the rules (connection tracking): this rule would never apply to them",
@@ -644,6 +652,15 @@ class RuleSet:
             if r.ct_state is not None:
                 states, negate = r.ct_state
                 r.never = (state in states) == negate
+                # the usual preamble lines (established/related accept, invalid drop) never see a
+                # packet, harmlessly: the firewall does what they say before the rules; any other
+                # rule that never applies says something the firewall would not do
+                if r.never and (negate or states - {"established", "related", "invalid"}):
+                    seen = ("only new packets (connection tracking accepted the established and related "
+                            "ones and dropped the invalid ones before the rules)" if rs.conntrack else
+                            "only untracked packets ('conntrack off')")
+                    raise RuleSyntaxError(source, r.line, f"this 'ct state' never matches: the rules see {seen}",
+                                          "drop the 'ct state' match, or the rule")
         rs.build_index()
         return rs
 
@@ -1071,13 +1088,21 @@ class ConntrackTable:
 
 # --- the firewall ------------------------------------------------------------------------------------
 
+# `Firewall._icmp_class` results
+_ICMP_ERROR, _ICMP_NEW, _ICMP_REPLY, _ICMP_UNTRACKED, _ICMP_INVALID = (object() for _ in range(5))
+_ICMP_REQUESTS = frozenset((13, 15, 17))  # timestamp, information, address mask requests
+# neighbour discovery, MLD, router renumbering, inverse ND, multicast router discovery, node
+# information queries (Linux's noct_valid_new, and 139, which it tracks)
+_ICMPV6_UNTRACKED = frozenset((130, 131, 132, 133, 134, 135, 136, 137, 138, 139, 141, 142, 143, 151, 152, 153))
+
 @dataclass
 class Firewall:
     """Rules + connection tracking. `check(key, now)` gives a verdict per packet.
 
     Counters: per rule (`rule.packets`, `rule.bytes`), plus `established`, `related` (ICMP
-    errors about a tracked connection, accepted), `policy_hits`, `no_key` (frames without a
-    5-tuple: verdict `non_ip` for non-IP, drop for malformed)."""
+    errors about a tracked connection, accepted), `icmp_invalid` (ICMP that Linux's conntrack
+    calls invalid, dropped: `_icmp_class`), `policy_hits`, `no_key` (frames without a 5-tuple:
+    verdict `non_ip` for non-IP, drop for malformed)."""
 
     ruleset: RuleSet
     conntrack: ConntrackTable = field(default_factory=ConntrackTable)
@@ -1085,6 +1110,7 @@ class Firewall:
     link: str = "ip"  # what `check_many`'s packets start with ("ip" or "ethernet"), to read TCP segments
     established: int = 0
     related: int = 0
+    icmp_invalid: int = 0
     policy_hits: int = 0
     no_key: int = 0
 
@@ -1098,23 +1124,35 @@ class Firewall:
         (non-IP frames get `non_ip`, malformed, fragments and other unclassifiable frames DROP).
         `seg`: a TCP packet's segment, for window tracking (ConntrackTable); a segment out of
         its connection's window is dropped when the table's `tcp_window` is strict. `packet`
-        (starting as `link` says): read when the packet is an ICMP or ICMPv6 message other than
-        echo, which is accepted as *related* when it is an error about a tracked connection
-        (`related`)."""
+        (starting as `link` says): an ICMP or ICMPv6 packet's, read for its type (`_icmp_class`:
+        without it, ICMP is tracked by its 5-tuple alone)."""
         if not isinstance(key, tuple):  # a Reason (an int), not a 5-tuple or FlowKey
             self.no_key += 1
             return self.non_ip if key == 1 else Verdict.DROP  # 1 = Reason.NOT_IP
         ct = self.ruleset.conntrack
+        reply = False  # an ICMP echo reply: it belongs to a connection, or it is invalid
+        if ct and packet is not None and (key[2] == 1 or key[2] == 58):  # type: ignore[index]
+            kind = self._icmp_class(key, packet)  # type: ignore[arg-type]
+            if kind is _ICMP_ERROR:
+                if self._related(packet, now):
+                    self.related += 1
+                    return Verdict.ACCEPT
+                self.icmp_invalid += 1
+                return Verdict.DROP
+            if kind is _ICMP_INVALID:
+                self.icmp_invalid += 1
+                return Verdict.DROP
+            reply = kind is _ICMP_REPLY
+            if kind is _ICMP_UNTRACKED:
+                ct = False  # the rules decide each one, and none opens a connection
         if ct:
             known = self.conntrack.track(key, now, tcp_flags, seg)  # type: ignore[arg-type]
             if known == KNOWN:
                 self.established += 1
                 return Verdict.ACCEPT
-            if known == INVALID:
+            if known == INVALID or reply:
+                self.icmp_invalid += reply
                 return Verdict.DROP
-            if packet is not None and (key[2] == 1 or key[2] == 58) and not key[3] and self._related(packet, now):  # type: ignore[index]
-                self.related += 1
-                return Verdict.ACCEPT
         for rule in self.ruleset.candidates(key[2], key[4]):  # type: ignore[index]
             if rule.matches(key, now):  # type: ignore[arg-type]
                 rule.packets += 1
@@ -1182,7 +1220,8 @@ class Firewall:
                             elif check(key, now, tcp_flags[i], len(packets[i]), seg) is not accept:
                                 rejected.append(i)  # (reopened: a new connection, for the rules)
                             continue
-                    elif not tcp_flags[i] & 7:
+                    elif not tcp_flags[i] & 7 and (key[3] or (key[2] != 1 and key[2] != 58)):
+                        # (ICMP without an identifier may be an error under an echo's key: `check`)
                         if not e.assured and key == e.nxt:  # (else nothing to change)
                             if not e.replied:
                                 if key != e.orig:  # (a key equal to its own reverse is never replied)
@@ -1204,6 +1243,33 @@ class Firewall:
                 rejected.append(i)
         self.established += established
         return rejected
+
+    def _icmp_class(self, key: FiveTuple, packet: Sized) -> object:
+        """What Linux's conntrack makes of an ICMP or ICMPv6 message (nf_conntrack_proto_icmp.c,
+        icmpv6.c), so the firewall treats it the same way:
+
+        - an error (`is_icmp_error`) is *related* to the connection it quotes, or else invalid;
+          it never has an entry of its own;
+        - an echo request may open a connection (its identifier is in the 5-tuple); an echo
+          reply only belongs to one, else it is invalid;
+        - IPv6 neighbour discovery, MLD and router messages, and IPv4 timestamp, information and
+          address mask requests go to the rules every time and open nothing (Linux leaves the
+          former untracked; the latter it tracks, but their 5-tuple has no identifier, so an
+          entry for them would let any ICMP between the two hosts pass);
+        - anything else (a reply without a request, an unknown type) is invalid."""
+        t = icmp_type(packet, self.link)  # type: ignore[arg-type]
+        if t is None:
+            return _ICMP_UNTRACKED  # (no type to read: a later fragment; the rules decide)
+        v6 = key[2] == 58
+        if is_icmp_error(6 if v6 else 4, t):
+            return _ICMP_ERROR
+        if t == (128 if v6 else 8):
+            return _ICMP_NEW
+        if t == (129 if v6 else 0):
+            return _ICMP_REPLY
+        if t in (_ICMPV6_UNTRACKED if v6 else _ICMP_REQUESTS):
+            return _ICMP_UNTRACKED
+        return _ICMP_INVALID
 
     def _related(self, packet: Sized, now: float) -> bool:
         """Whether `packet` is an ICMP error about a connection the table tracks: what Linux's

@@ -11,8 +11,8 @@ from .arp import ARP
 from .errors import MalformedError, Reason, ReasonCounter
 from .ethernet import Ethernet, VlanTag
 from .flow import (
-    FlowKey, canonical, classify_batch, flow_hash, icmp_error_quote, ip_payload_span, l4_payload_span, parse_5tuple,
-    parse_5tuple_ip, symmetric_hash, tcp_flags,
+    FlowKey, canonical, classify_batch, flow_hash, icmp_error_quote, icmp_type, ip_payload_span, is_icmp_error,
+    l4_payload_span, parse_5tuple, parse_5tuple_ip, symmetric_hash, tcp_flags,
 )
 from .ip import IPv4, IPv6, ip_view
 from .l4 import ICMP, TCP, UDP, ICMPv6
@@ -21,6 +21,6 @@ from .packet import LINK_ETHERNET, LINK_IP, Packet, decode
 __all__ = [
     "ARP", "Ethernet", "VlanTag", "IPv4", "IPv6", "ip_view", "TCP", "UDP", "ICMP", "ICMPv6",
     "Packet", "decode", "LINK_ETHERNET", "LINK_IP",
-    "FlowKey", "parse_5tuple", "parse_5tuple_ip", "classify_batch", "tcp_flags", "l4_payload_span", "ip_payload_span", "icmp_error_quote", "flow_hash", "symmetric_hash", "canonical",
+    "FlowKey", "parse_5tuple", "parse_5tuple_ip", "classify_batch", "tcp_flags", "l4_payload_span", "ip_payload_span", "icmp_error_quote", "icmp_type", "is_icmp_error", "flow_hash", "symmetric_hash", "canonical",
     "MalformedError", "Reason", "ReasonCounter",
 ]

@@ -470,31 +470,60 @@ def symmetric_hash(key: FiveTuple, seed: int = 0) -> int:
 
 
 # ICMP error messages quote the packet that caused them (its IP header and at least 8 bytes
-# after it: the ports). Linux's conntrack (`icmp_is_err`, ICMPv6 types below 128) calls such an
-# error *related* to the connection of the quoted packet.
+# after it: the ports). Linux's conntrack (`icmp_is_err`, every ICMPv6 type below 128) calls such
+# an error *related* to the connection of the quoted packet.
 ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # unreachable, source quench, redirect, time exceeded, parameter
-ICMPV6_ERROR_TYPES = frozenset((1, 2, 3, 4))  # unreachable, packet too big, time exceeded, parameter problem
-_V6_EXT = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options (walked in a quote)
+
+
+def is_icmp_error(version: int, icmp_type: int) -> bool:
+    """Whether an ICMP (`version` 4) or ICMPv6 (6) message of `icmp_type` is an error message."""
+    return icmp_type < 128 if version == 6 else icmp_type in ICMP_ERROR_TYPES
+
+
 _QUOTE_V4 = Struct("!BxH2xHxB2xII").unpack_from  # version/IHL, total length, fragment field, proto, src, dst
 _QUOTE_PORTS = Struct("!HH").unpack_from
 _QUOTE_ICMP = Struct("!BxxxH").unpack_from  # type, (code, checksum), identifier
+_V6_GENERIC = frozenset((0, 43, 60, 135, 139, 140))  # as the IPv6 view walks them (ip.IPV6_EXT_GENERIC)
 
 
-def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple, Address] | None:
-    """For an ICMP or ICMPv6 error message (destination unreachable, packet too big, time
-    exceeded, parameter problem, redirect, source quench): the 5-tuple of the packet it quotes,
-    as `parse_5tuple` gives it for that packet (echo: the identifier as both ports), and the
-    error's own destination address (the quoted packet's sender, when the error is genuine).
-    None for anything else, and for a quote too short to hold the quoted packet's ports, a quote
-    of another IP version, or a quoted non-first fragment (it has no ports)."""
+def icmp_type(buf: Buffer, link: str = LINK_ETHERNET) -> int | None:
+    """The ICMP or ICMPv6 type of a packet carrying one (a whole one or a first fragment), else
+    None. IPv4 without options and IPv6 with ICMPv6 right after its header are read at fixed
+    offsets; the rest goes through `decode()`."""
+    base = 14 if link == LINK_ETHERNET else 0
+    n = len(buf)
+    if n > base + 40:
+        v = buf[base] >> 4
+        if link == LINK_ETHERNET:
+            et = (buf[12] << 8) | buf[13]
+            if (et == 0x0800) != (v == 4) or (et == 0x86DD) != (v == 6):
+                v = 0  # (a tag, or a mismatch: the full parser decides)
+        if v == 4 and buf[base] == 0x45 and buf[base + 9] == 1 and not ((buf[base + 6] & 0x1F) << 8 | buf[base + 7]):
+            return buf[base + 20]
+        if v == 6 and buf[base + 6] == 58:
+            return buf[base + 40]
     p = decode(buf, 0, link)
     ip, l4 = p.ip, p.l4
     if p.reason is not None or ip is None or l4 is None or not hasattr(l4, "is_echo"):
         return None
-    if ip.version == 4:
-        if ip.proto != 1 or l4.type not in ICMP_ERROR_TYPES:
-            return None
-    elif ip.proto != 58 or l4.type not in ICMPV6_ERROR_TYPES:
+    return l4.type
+
+
+def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple, Address] | None:
+    """For an ICMP or ICMPv6 error message (`is_icmp_error`) with a correct checksum: the
+    5-tuple of the packet it quotes, as `parse_5tuple` gives it for that packet (echo: the
+    identifier as both ports), and the error's own destination address (the quoted packet's
+    sender, when the error is genuine). None for anything else, and for a quote too short to
+    hold the quoted packet's ports, a quote of another IP version, a quoted non-first fragment
+    (it has no ports), or a quoted ICMP message other than echo (an error about an error is
+    nobody's, as Linux has it)."""
+    p = decode(buf, 0, link)
+    ip, l4 = p.ip, p.l4
+    if p.reason is not None or ip is None or l4 is None or not hasattr(l4, "is_echo"):
+        return None
+    if ip.proto != (1 if ip.version == 4 else 58) or not is_icmp_error(ip.version, l4.type):
+        return None
+    if not l4.checksum_ok(ip):  # (Linux's conntrack checks it too: a forged error must at least add up)
         return None
     with l4.payload as q:
         inner = _quoted_5tuple(q, ip.version)
@@ -517,9 +546,13 @@ def _quoted_5tuple(q: memoryview, version: int) -> FiveTuple | None:
         proto, at = q[6], 40
         src, dst = bytes(q[8:24]), bytes(q[24:40])
         for _ in range(8):
-            if proto in _V6_EXT and n >= at + 8:
+            if n < at + 8:
+                break
+            if proto in _V6_GENERIC:
                 proto, at = q[at], at + (q[at + 1] + 1) * 8
-            elif proto == 44 and n >= at + 8:  # fragment: only a first one quotes the ports
+            elif proto == 51:  # AH: its length in 4-byte words, less 2
+                proto, at = q[at], at + (q[at + 1] + 2) * 4
+            elif proto == 44:  # fragment: only a first one quotes the ports
                 if (q[at + 2] << 8 | q[at + 3]) & 0xFFF8:
                     return None
                 proto, at = q[at], at + 8
@@ -530,7 +563,7 @@ def _quoted_5tuple(q: memoryview, version: int) -> FiveTuple | None:
         if n < at + 8 or proto != (1 if version == 4 else 58):
             return None
         kind, ident = _QUOTE_ICMP(q, at)
-        return (src, dst, proto, ident, ident) if kind in echo else (src, dst, proto, 0, 0)
+        return (src, dst, proto, ident, ident) if kind in echo else None
     if proto == 6 or proto == 17 or proto in PORT_PROTOCOLS:
         if n < at + 4:
             return None

@@ -84,7 +84,7 @@ class FirewallFunction:
         return ct.next_due()  # may be <= now: more is due, call again at once
 
     def counters(self) -> dict[str, int]:
-        c = {"seen": self.passed, "dropped": self.dropped, "established": self.fw.established, "related": self.fw.related,
+        c = {"seen": self.passed, "dropped": self.dropped, "established": self.fw.established, "related": self.fw.related, "icmp_invalid": self.fw.icmp_invalid,
              "policy_hits": self.fw.policy_hits, "no_5tuple": self.fw.no_key, "connections": len(self.fw.conntrack),
              "ct_full_drops": self.fw.conntrack.full_drops, "ct_early_drops": self.fw.conntrack.early_drops,
              "tcp_invalid": self.fw.conntrack.tcp_invalid, "rst_ignored": self.fw.conntrack.rst_ignored}

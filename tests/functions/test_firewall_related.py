@@ -189,10 +189,10 @@ def test_without_connection_tracking_nothing_is_related() -> None:
 
 @pytest.mark.parametrize("name, packet, want", [
     ("v4 unreachable quoting UDP", err4(3, 3, v4(build.udp(1, 2, src=C4, dst=S4), C4, S4, 17)[:28], S4, C4),
-     ((int(ipaddress.ip_address(C4)), int(ipaddress.ip_address(S4)), 17, 1, 2), int(ipaddress.ip_address(C4)))),
+     ((int(ipaddress.ip_address(C4)), int(ipaddress.ip_address(S4)), 17, 1, 2), int(ipaddress.ip_address(C4)), -1)),
     ("v4 quote with IP options", err4(3, 3, build.ipv4(build.udp(1, 2, src=C4, dst=S4), src=C4, dst=S4, proto=17,
                                                       options=b"\x01" * 4)[:32], S4, C4),
-     ((int(ipaddress.ip_address(C4)), int(ipaddress.ip_address(S4)), 17, 1, 2), int(ipaddress.ip_address(C4)))),
+     ((int(ipaddress.ip_address(C4)), int(ipaddress.ip_address(S4)), 17, 1, 2), int(ipaddress.ip_address(C4)), -1)),
     ("v4 echo request is no error", v4(build.icmp(8, 0, b"x", identifier=7), C4, S4, 1), None),
     ("v4 quote too short for ports", err4(3, 3, v4(build.udp(1, 2, src=C4, dst=S4), C4, S4, 17)[:21], S4, C4), None),
     ("v4 quote of a later fragment", err4(3, 3, build.ipv4(b"x" * 8, src=C4, dst=S4, proto=17, frag_offset=64)[:28],
@@ -200,7 +200,11 @@ def test_without_connection_tracking_nothing_is_related() -> None:
     ("v4 quote of IPv6", err4(3, 3, v6(build.udp(1, 2, src=C6, dst=S6), C6, S6, 17)[:48], S4, C4), None),
     ("v6 quote behind a destination options header",
      err6(1, v6(build.udp(1, 2, src=C6, dst=S6), C6, S6, 17, ext=[build.ipv6_ext(60)])[:56], S6, C6),
-     ((ipaddress.ip_address(C6).packed, ipaddress.ip_address(S6).packed, 17, 1, 2), ipaddress.ip_address(C6).packed)),
+     ((ipaddress.ip_address(C6).packed, ipaddress.ip_address(S6).packed, 17, 1, 2), ipaddress.ip_address(C6).packed,
+      -1)),
+    ("v4 quoting a ping", err4(11, 0, v4(build.icmp(8, 0, b"x", identifier=7), C4, S4, 1)[:28], R4, C4),
+     ((int(ipaddress.ip_address(C4)), int(ipaddress.ip_address(S4)), 1, 7, 7), int(ipaddress.ip_address(C4)), 8)),
+    ("v4 quoting an error", err4(11, 0, v4(build.icmp(3, 3, bytes(28)), C4, S4, 1)[:28], R4, C4), None),
     ("v6 echo reply is no error", v6(build.icmpv6(129, 0, b"", src=S6, dst=C6, identifier=3), S6, C6, 58), None),
     ("v6 neighbour solicitation is no error", v6(build.icmpv6(135, 0, bytes(20), src=S6, dst=C6), S6, C6, 58), None),
 ])

@@ -1090,10 +1090,14 @@ class ConntrackTable:
 
 # `Firewall._icmp_class` results
 _ICMP_ERROR, _ICMP_NEW, _ICMP_REPLY, _ICMP_UNTRACKED, _ICMP_INVALID = (object() for _ in range(5))
-_ICMP_REQUESTS = frozenset((13, 15, 17))  # timestamp, information, address mask requests
-# neighbour discovery, MLD, router renumbering, inverse ND, multicast router discovery, node
-# information queries (Linux's noct_valid_new, and 139, which it tracks)
-_ICMPV6_UNTRACKED = frozenset((130, 131, 132, 133, 134, 135, 136, 137, 138, 139, 141, 142, 143, 151, 152, 153))
+# queries that may open a connection and the replies that belong to one, by ICMP version (Linux's
+# valid_new and invmap; the 5-tuple keys them by identifier: net.l4.ICMP_IDENTIFIED)
+_ICMP_QUERIES = (frozenset((8, 13, 15, 17)), frozenset((128,)))  # echo, timestamp, information, mask
+_ICMP_REPLIES = (frozenset((0, 14, 16, 18)), frozenset((129,)))
+# ICMPv6 that Linux leaves untracked (noct_valid_new: MLD, router and neighbour discovery but
+# redirects, multicast router advertisement and solicitation, Linux 6.9+), and node information
+# queries (139), which it tracks by a nonce the 5-tuple does not carry: the rules decide each one
+_ICMPV6_UNTRACKED = frozenset((130, 131, 132, 133, 134, 135, 136, 139, 143, 151, 152))
 
 @dataclass
 class Firewall:
@@ -1142,8 +1146,19 @@ class Firewall:
             if kind is _ICMP_INVALID:
                 self.icmp_invalid += 1
                 return Verdict.DROP
-            reply = kind is _ICMP_REPLY
-            if kind is _ICMP_UNTRACKED:
+            # Linux's ICMP tuple holds the type: a query matches only a connection it opened, a
+            # reply only the reply direction of one. The 5-tuple here keys both by identifier, so
+            # the direction is checked against the entry.
+            e = self.conntrack._by_key.get(key)  # type: ignore[arg-type]
+            forward = e is not None and key == e.orig
+            if kind is _ICMP_REPLY:
+                if e is not None and forward:  # a "reply" going the way the query went
+                    self.icmp_invalid += 1
+                    return Verdict.DROP
+                reply = True
+            elif kind is _ICMP_UNTRACKED or (e is not None and not forward):
+                # (a query against the reply direction of another's: a new one for Linux, which
+                # the key here cannot hold apart; the rules decide it, and it opens nothing)
                 ct = False  # the rules decide each one, and none opens a connection
         if ct:
             known = self.conntrack.track(key, now, tcp_flags, seg)  # type: ignore[arg-type]
@@ -1220,8 +1235,8 @@ class Firewall:
                             elif check(key, now, tcp_flags[i], len(packets[i]), seg) is not accept:
                                 rejected.append(i)  # (reopened: a new connection, for the rules)
                             continue
-                    elif not tcp_flags[i] & 7 and (key[3] or (key[2] != 1 and key[2] != 58)):
-                        # (ICMP without an identifier may be an error under an echo's key: `check`)
+                    elif not tcp_flags[i] & 7 and (key[2] == 17 or (key[2] != 1 and key[2] != 58)):
+                        # (ICMP goes through `check`: its type decides, not only its key)
                         if not e.assured and key == e.nxt:  # (else nothing to change)
                             if not e.replied:
                                 if key != e.orig:  # (a key equal to its own reverse is never replied)
@@ -1263,11 +1278,11 @@ class Firewall:
         v6 = key[2] == 58
         if is_icmp_error(6 if v6 else 4, t):
             return _ICMP_ERROR
-        if t == (128 if v6 else 8):
+        if t in _ICMP_QUERIES[v6]:
             return _ICMP_NEW
-        if t == (129 if v6 else 0):
+        if t in _ICMP_REPLIES[v6]:
             return _ICMP_REPLY
-        if t in (_ICMPV6_UNTRACKED if v6 else _ICMP_REQUESTS):
+        if v6 and t in _ICMPV6_UNTRACKED:
             return _ICMP_UNTRACKED
         return _ICMP_INVALID
 
@@ -1281,11 +1296,17 @@ class Firewall:
         quote = icmp_error_quote(packet, self.link)  # type: ignore[arg-type]
         if quote is None:
             return False
-        inner, to = quote
+        inner, to, quoted = quote
         if inner[0] != to:
             return False
         e = self.conntrack._by_key.get(inner)
-        return e is not None and e.expires > now
+        if e is None or e.expires <= now:
+            return False
+        if quoted >= 0:  # a quoted query or reply: only in its own direction (Linux's tuple holds the type)
+            v6 = inner[2] == 58
+            if (inner == e.orig) != (quoted in _ICMP_QUERIES[v6]):
+                return False
+        return True
 
     def check_batch(self, keys: Iterable[FiveTuple | int], now: float,
                     tcp_flags: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> list[Verdict]:

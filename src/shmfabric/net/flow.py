@@ -509,14 +509,15 @@ def icmp_type(buf: Buffer, link: str = LINK_ETHERNET) -> int | None:
     return l4.type
 
 
-def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple, Address] | None:
+def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple, Address, int] | None:
     """For an ICMP or ICMPv6 error message (`is_icmp_error`) with a correct checksum: the
-    5-tuple of the packet it quotes, as `parse_5tuple` gives it for that packet (echo: the
-    identifier as both ports), and the error's own destination address (the quoted packet's
-    sender, when the error is genuine). None for anything else, and for a quote too short to
-    hold the quoted packet's ports, a quote of another IP version, a quoted non-first fragment
-    (it has no ports), or a quoted ICMP message other than echo (an error about an error is
-    nobody's, as Linux has it)."""
+    5-tuple of the packet it quotes, as `parse_5tuple` gives it for that packet (a query or its
+    reply: the identifier as both ports), the error's own destination address (the quoted
+    packet's sender, when the error is genuine), and the quoted packet's ICMP type (-1 when it is
+    not ICMP). None for anything else, and for a quote too short to hold the quoted packet's
+    ports, a quote of another IP version, a quoted non-first fragment (it has no ports), or a
+    quoted ICMP message without an identifier (an error about an error is nobody's, as Linux
+    has it)."""
     p = decode(buf, 0, link)
     ip, l4 = p.ip, p.l4
     if p.reason is not None or ip is None or l4 is None or not hasattr(l4, "is_echo"):
@@ -527,10 +528,13 @@ def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple,
         return None
     with l4.payload as q:
         inner = _quoted_5tuple(q, ip.version)
-    return None if inner is None else (inner, ip.dst)
+    return None if inner is None else (inner[0], ip.dst, inner[1])
 
 
-def _quoted_5tuple(q: memoryview, version: int) -> FiveTuple | None:
+_IDENTIFIED = (frozenset((0, 8, 13, 14, 15, 16, 17, 18)), frozenset((128, 129)))  # (as l4.ICMP_IDENTIFIED)
+
+
+def _quoted_5tuple(q: memoryview, version: int) -> tuple[FiveTuple, int] | None:
     n = len(q)
     if version == 4:
         if n < 20:
@@ -539,7 +543,7 @@ def _quoted_5tuple(q: memoryview, version: int) -> FiveTuple | None:
         at = (vihl & 0xF) * 4
         if vihl >> 4 != 4 or at < 20 or ff & 0x1FFF:
             return None
-        echo = (0, 8)
+        identified = _IDENTIFIED[0]
     else:
         if n < 40 or q[0] >> 4 != 6:
             return None
@@ -558,15 +562,15 @@ def _quoted_5tuple(q: memoryview, version: int) -> FiveTuple | None:
                 proto, at = q[at], at + 8
             else:
                 break
-        echo = (128, 129)
+        identified = _IDENTIFIED[1]
     if proto in (1, 58):
         if n < at + 8 or proto != (1 if version == 4 else 58):
             return None
         kind, ident = _QUOTE_ICMP(q, at)
-        return (src, dst, proto, ident, ident) if kind in echo else None
+        return ((src, dst, proto, ident, ident), kind) if kind in identified else None
     if proto == 6 or proto == 17 or proto in PORT_PROTOCOLS:
         if n < at + 4:
             return None
         sport, dport = _QUOTE_PORTS(q, at)
-        return (src, dst, proto, sport, dport)
-    return (src, dst, proto, 0, 0)
+        return (src, dst, proto, sport, dport), -1
+    return (src, dst, proto, 0, 0), -1

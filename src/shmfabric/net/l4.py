@@ -31,6 +31,10 @@ ICMP_ECHO_REQUEST = 8
 ICMP_TIME_EXCEEDED = 11
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
+# the query/reply pairs whose header carries an identifier: echo, timestamp, information, address
+# mask (RFC 792, 950); a 5-tuple keys them by it, as Linux's conntrack does
+ICMP_IDENTIFIED = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
+ICMPV6_IDENTIFIED = frozenset((ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY))
 
 _TCP = Struct("!HHIIHHHH")
 _UDP = Struct("!HHHH")
@@ -247,6 +251,11 @@ class ICMP(_L4):
         return self.type in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
 
     @property
+    def has_identifier(self) -> bool:
+        """A query or its reply (echo, timestamp, information, address mask): `identifier` names it."""
+        return self.type in ICMP_IDENTIFIED
+
+    @property
     def payload(self) -> memoryview:
         return memoryview(self.buf)[self.offset + ICMP_HLEN : self.end]
 
@@ -266,3 +275,7 @@ class ICMPv6(ICMP):
     @property
     def is_echo(self) -> bool:
         return self.type in (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+
+    @property
+    def has_identifier(self) -> bool:
+        return self.type in ICMPV6_IDENTIFIED

@@ -51,8 +51,9 @@ class Packet:
     def five_tuple(self) -> tuple | Reason:
         """`(src, dst, proto, sport, dport)`, or the `Reason` it cannot be had.
 
-        Ports are 0 for protocols without them; for ICMP/ICMPv6 echo both are the identifier (so
-        a reply's tuple is the request's reversed, as conntrack needs); 0 for other ICMP.
+        Ports are 0 for protocols without them; for ICMP/ICMPv6 queries and their replies (echo;
+        for ICMP also timestamp, information, address mask) both are the identifier (so a reply's
+        tuple is the request's reversed, as conntrack needs); 0 for other ICMP.
         """
         if self.reason is not None:
             return self.reason
@@ -74,7 +75,7 @@ class Packet:
                 return (ip.src, ip.dst, proto, sport, dport)
             return (ip.src, ip.dst, proto, 0, 0)
         if isinstance(l4, ICMP):
-            if l4.is_echo:
+            if l4.has_identifier:
                 return (ip.src, ip.dst, proto, l4.identifier, l4.identifier)
             return (ip.src, ip.dst, proto, 0, 0)
         return (ip.src, ip.dst, proto, l4.sport, l4.dport)

@@ -40,8 +40,30 @@ class GracefulStop:
         self.cut = asyncio.Event()
         self._seen: dict[int, int] = {}
         sigs = (signal.SIGTERM, FORWARD_SIGNAL) if _in_worker else (signal.SIGINT, signal.SIGTERM)
-        for sig in sigs:
-            loop.add_signal_handler(sig, self._on_signal, sig if sig == FORWARD_SIGNAL else signal.SIGTERM)
+        # Python's own handlers, not loop.add_signal_handler: uvloop (0.23) runs an
+        # add_signal_handler callback twice for one signal that lands between its read of the
+        # signal pipe and its check of Python's pending signals (once from its handler's record,
+        # again from the pipe byte on the next pass). `kill -TERM -PGID` does exactly that: the
+        # direct SIGTERM wakes the loop and the parent's FORWARD_SIGNAL follows microseconds
+        # later, so one stop counted as two and cut every connection. CPython runs a Python
+        # handler once per delivery, in the main thread between bytecodes (both loops wake for it:
+        # uvloop through its wakeup fd, asyncio's select returns on EINTR), and
+        # call_soon_threadsafe is safe there.
+        self._previous = {sig: signal.signal(sig, self._deliver) for sig in sigs}
+
+    def _deliver(self, signum: int, _frame: object) -> None:
+        source = signum if signum == FORWARD_SIGNAL else signal.SIGTERM
+        try:
+            self.loop.call_soon_threadsafe(self._on_signal, source)
+        except RuntimeError:  # the loop is closed: the stop is over (a late forward)
+            pass
+
+    def close(self) -> None:
+        """Put back the signal handlers found at construction, for a GracefulStop made in a
+        process that goes on after its loop (a test). A worker keeps them until it exits."""
+        for sig, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
     def _on_signal(self, source: int) -> None:
         n = self._seen[source] = self._seen.get(source, 0) + 1

@@ -21,6 +21,14 @@ exact match); a UDP or ICMP flow has no connection to hold it, so it is placed b
 pause, after a dispatcher restart, and while other nodes come and go, with no entry to keep.
 Nothing matching: the packet is dropped.
 
+Each node has a *weight* (an integer from 1 to 256, default 1: `weights=` or `set_weight`), as a
+load balancer's servers have (HAProxy's `weight`, IPVS's wrr). Among candidates of unequal
+weights, new TCP connections go by smooth weighted round robin (nginx's: over any run of
+sum(weights) connections each node gets exactly its weight, interleaved, not in blocks), and
+datagram flows by weighted rendezvous hashing (score weight / -ln(u), u the flow and node's hash
+in (0, 1)): a node's share is its weight's, and a change of one node's weight moves only flows
+to or from that node. Equal weights place exactly as unweighted round robin and hashing do.
+
 TCP is stricter than the design's words, because a wrong guess is a reset: only a SYN opens a
 connection; any other segment without an exact match is dropped (the connection is not one of
 ours, or its node is gone). A node's live connections win over another's ending ones (TIME_WAIT)
@@ -33,10 +41,11 @@ sources (a SYN flood, spoofed UDP) leave nothing behind for long.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 from hashlib import blake2b
-from typing import Hashable, Iterable, Protocol, Union
+from typing import Hashable, Iterable, Mapping, Protocol, Union
 
 Address = Union[int, bytes]  # IPv4 as int, IPv6 as 16 bytes (shmfabric.net.flow's convention)
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -46,6 +55,16 @@ Key = tuple
 #: others (time_wait, close) are ending: held, but any node may take a new connection on the key.
 LIVE = frozenset({"syn_sent", "syn_recv", "established", "fin_wait1", "fin_wait2", "close_wait", "last_ack",
                   "closing", "connected"})
+MIN_WEIGHT, MAX_WEIGHT = 1, 256  # a node's weight (HAProxy's range, without its 0: leave a node out instead)
+
+
+def check_weight(weight: object) -> int:
+    """`weight` if it is an integer from MIN_WEIGHT to MAX_WEIGHT, else ValueError saying so."""
+    if type(weight) is not int:  # (not bool, not 2.0: a weight is a count of turns)
+        raise ValueError(f"weight {weight!r} is not an integer; give one from {MIN_WEIGHT} to {MAX_WEIGHT}")
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight {weight} is out of range; give one from {MIN_WEIGHT} to {MAX_WEIGHT}")
+    return weight
 
 
 class Miss(IntEnum):
@@ -139,10 +158,11 @@ class ConnectionTable:
     hash placement). `set_view` (or `update_node`) gives the table what a walk of a node's sockets
     showed; `set_placeable` says whether a node takes new connections (attached to the fabric);
     `lookup` places a packet; `collect` forgets placements no walk confirmed. `answers_ping`:
-    every node counts as waiting for ICMP echo (their kernels answer it)."""
+    every node counts as waiting for ICMP echo (their kernels answer it). `weights`: node ->
+    weight (1 to 256; a node not named has 1), changed later with `set_weight`."""
 
     def __init__(self, address: Address, family: int, confirm_timeout: float = 5.0, max_placed: int = 262144,
-                 answers_ping: bool = True, full_after: float = 1.0):
+                 answers_ping: bool = True, full_after: float = 1.0, weights: Mapping[Hashable, int] | None = None):
         if family not in (4, 6):
             raise ValueError(f"family must be 4 or 6, not {family}")
         self.address = address
@@ -159,6 +179,10 @@ class ConnectionTable:
         self._listen: dict[tuple[int, int], list] = {}
         self._nodes: list = []
         self._turn: dict[tuple[int, int] | Key, int] = {}  # round-robin position per listener or wildcard key
+        # weighted round robin's state per listener or wildcard key: (candidates, their weights,
+        # their current values); started over when either changes
+        self._swrr: dict[tuple[int, int] | Key, tuple[tuple, tuple, list]] = {}
+        self._weights: dict[Hashable, int] = {}  # weights other than 1
         self._hashed: dict[Key, Hashable] = {}  # flows placed by hash since the candidates last changed
         # (TCP, port) listeners of each node seen full at every walk for `full_after` seconds: one
         # walk finding a busy server's queue full at that instant would move its traffic away for
@@ -167,12 +191,32 @@ class ConnectionTable:
         self._full_since: dict[Hashable, dict] = {}
         self._full: dict[Hashable, frozenset] = {}
         self.counts = {"placed": 0, "hashed": 0, "collected": 0, "full": 0}
+        for node, weight in (weights or {}).items():
+            self.set_weight(node, weight)
 
     # -- what the nodes hold ---------------------------------------------------------------------
     @property
     def nodes(self) -> list:
         """The nodes that take new connections, in the order round robin takes them."""
         return self._nodes
+
+    def weight(self, node: Hashable) -> int:
+        """`node`'s weight (1 unless set)."""
+        return self._weights.get(node, 1)
+
+    def set_weight(self, node: Hashable, weight: int) -> None:
+        """Give `node` weight `weight` (an integer from 1 to 256, else ValueError), known to the
+        table or not yet. Its share of new TCP connections and datagram flows follows from now on:
+        the weighted rounds start over, and only datagram flows to or from `node` move."""
+        check_weight(weight)
+        if weight == self.weight(node):
+            return
+        if weight == 1:
+            del self._weights[node]
+        else:
+            self._weights[node] = weight
+        if node in self._views:
+            self._rebuild(wild=False)  # (the datagram flows placed by hash are placed again)
 
     def update_node(self, node: Hashable, sockets: Iterable[SocketLike], now: float) -> None:
         """`set_view` from a walk's sockets."""
@@ -274,6 +318,8 @@ class ConnectionTable:
         if hashed:
             self._hashed = {}
         self._turn = {k: v for k, v in self._turn.items() if k in listen or k in self._wild}
+        if self._swrr:
+            self._swrr = {k: v for k, v in self._swrr.items() if k in listen or k in self._wild}
 
     # -- placing packets ---------------------------------------------------------------------------
     def lookup(self, proto: int, faddr: Address, fport: int, lport: int, now: float,
@@ -310,9 +356,11 @@ class ConnectionTable:
             if not pick:
                 return Miss.NO_LISTENER
             turn = key if key in self._wild else (TCP, lport)
-            i = self._turn.get(turn, 0)
-            self._turn[turn] = i + 1
-            node = pick[i % len(pick)]
+            node = self._weighted_turn(turn, pick) if self._weights and len(pick) > 1 else None
+            if node is None:  # equal weights: plain round robin
+                i = self._turn.get(turn, 0)
+                self._turn[turn] = i + 1
+                node = pick[i % len(pick)]
             self._record(key, node, now)
             return node
         node = self._hashed.get(key)
@@ -326,12 +374,36 @@ class ConnectionTable:
                 pick = self._listen.get((proto, lport))  # type: ignore[assignment]
             if not pick:
                 return Miss.NO_LISTENER
-        node = pick[0] if len(pick) == 1 else rendezvous(key, pick)
+        node = pick[0] if len(pick) == 1 else rendezvous(key, pick, self._weights or None)
         if len(self._hashed) >= 65536:
             self._hashed = {}
         self._hashed[key] = node
         self.counts["hashed"] += 1
         return node
+
+    def _weighted_turn(self, turn: tuple, pick: list) -> Hashable | None:
+        """The next of `pick` by smooth weighted round robin (nginx's): each candidate's current
+        value grows by its weight, the largest (the first of equals) is taken and drops by the
+        total. From all zeros the values are all zero again after sum(weights) picks, each node
+        picked exactly its weight's times, spread out. None if the weights are all equal (plain
+        round robin then, as without weights)."""
+        weights = tuple(self._weights.get(n, 1) for n in pick)
+        if weights.count(weights[0]) == len(weights):
+            return None
+        state = self._swrr.get(turn)
+        nodes = tuple(pick)
+        if state is None or state[0] != nodes or state[1] != weights:
+            # (the candidates or their weights changed: a new cycle; values kept across a change
+            # would make its first cycle's counts inexact)
+            state = self._swrr[turn] = (nodes, weights, [0] * len(nodes))
+        current = state[2]
+        best = 0
+        for j, w in enumerate(weights):
+            current[j] += w
+            if current[j] > current[best]:
+                best = j
+        current[best] -= sum(weights)
+        return nodes[best]
 
     def _record(self, key: Key, node: Hashable, now: float) -> None:
         placed = self.placed
@@ -365,7 +437,9 @@ class ConnectionTable:
                 "wildcard_sockets": sum(len(v) for v in self._wild.values()),
                 "nodes": len(self._views), "nodes_away": len(self._away),
                 "placed": self.counts["placed"], "hashed": self.counts["hashed"],
-                "collected": self.counts["collected"], "full": self.counts["full"]}
+                "collected": self.counts["collected"], "full": self.counts["full"],
+                # (every node known or weighted: node -> weight)
+                "weights": {n: self.weight(n) for n in sorted(set(self._views) | set(self._weights), key=repr)}}
 
 
 def changes(old: NodeView, new: NodeView) -> frozenset:
@@ -374,10 +448,31 @@ def changes(old: NodeView, new: NodeView) -> frozenset:
     return (new.live ^ old.live) | (new.ending ^ old.ending)
 
 
-def rendezvous(key: Key, nodes: list) -> Hashable:
+def rendezvous(key: Key, nodes: list, weights: Mapping[Hashable, int] | None = None) -> Hashable:
     """The node with the highest hash of (`key`, node): the same answer for a flow whenever the
     same nodes are candidates, and only the flows of a node that leaves move. BLAKE2b of the
     text: stable across processes (Python's hash of bytes and str is not), and not linear as a
-    CRC is (a CRC's maximum over names follows a trie of their bits: 50/25/25 over three)."""
+    CRC is (a CRC's maximum over names follows a trie of their bits: 50/25/25 over three).
+
+    `weights` (node -> weight, 1 if not named): among unequal weights, the node with the highest
+    weight / -ln(u), u the hash mapped into (0, 1). Each -ln(u) is an exponential draw, so a node
+    wins with probability weight / sum(weights) (the least of exponential draws of rates
+    1/weight), and a score depends only on its own node: a change of one node's weight moves only
+    flows to it (it rose) or from it (it fell). Equal weights: the highest hash, as without."""
     text = f"{key[0]}|{key[1]!r}|{key[2]}|{key[3]}|".encode()
+    if weights:
+        ws = [weights.get(n, 1) for n in nodes]
+        if ws.count(ws[0]) != len(ws):
+            def score(j: int) -> tuple[float, bytes]:
+                digest = blake2b(text + str(nodes[j]).encode(), digest_size=8).digest()
+                return ws[j] / _neg_log_unit(int.from_bytes(digest, "big")), digest
+            return nodes[max(range(len(nodes)), key=score)]
     return max(nodes, key=lambda n: blake2b(text + str(n).encode(), digest_size=8).digest())
+
+
+def _neg_log_unit(h: int) -> float:
+    """-ln(u) for u = (h + 0.5) / 2**64, h a 64-bit hash (u in (0, 1), never 0 nor 1), precise at
+    both ends: through 1 - u where u is near 1 (a float u would round to 1 there, ln(u) to 0)."""
+    if h < 1 << 63:
+        return -math.log((h + 0.5) / 2.0 ** 64)
+    return -math.log1p(-(((1 << 64) - h) - 0.5) / 2.0 ** 64)

@@ -12,6 +12,9 @@ The table learns what each member holds by walking the sockets of its namespace 
 sock_diag netlink) every `walk_every` seconds, at once when a packet finds no entry (a member's
 own outgoing connection, a listener just opened), and before the first packet: a dispatcher
 restarted (even after SIGKILL) finds the connections already open where they are.
+
+Members may have weights (1 to 256, default 1): a member of weight 3 gets three new connections,
+and three times the datagram flows, for every one a member of weight 1 gets (see `conntable`).
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from shmfabric.adapters.bridge import WAKE_EVERY, FabricPort
-from shmfabric.adapters.conntable import ConnectionTable, Miss, NodeView, changes, view_of
+from shmfabric.adapters.conntable import MAX_WEIGHT, MIN_WEIGHT, ConnectionTable, Miss, NodeView, changes, \
+    check_weight, view_of
 from shmfabric.adapters.ethernet import fabric_mac_node
 from shmfabric.adapters.global_packets import (ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Drop, Flow, arp_reply,
                                                arp_request_for, dad_defence, flow_of_v4, flow_of_v6, gratuitous_arp,
@@ -55,6 +59,7 @@ class Member:
     netns: str | None
     ref: tuple[int, int] | None = None  # (node id, incarnation) while attached
     index: int = 0
+    weight: int = 1  # its share of new connections and flows against the others'
 
 
 def parse_member(text: str) -> tuple[str, str | None]:
@@ -63,6 +68,36 @@ def parse_member(text: str) -> tuple[str, str | None]:
     if not name:
         raise GlobalError(f"member {text!r} has no node name: give NODE=NETNS, e.g. web1=ns1")
     return name, netns or None
+
+
+def parse_weight(text: str) -> tuple[str, int]:
+    """NODE=N: a member's weight, an integer from 1 to 256."""
+    name, eq, value = text.partition("=")
+    if not name or not eq:
+        raise GlobalError(f"weight {text!r} is not NODE=N; give a member's node name and an integer from "
+                          f"{MIN_WEIGHT} to {MAX_WEIGHT}, e.g. --weight web1=3")
+    if not (value.isascii() and value.isdigit()):  # (int() would take "1_0", " 3", "+3")
+        raise GlobalError(f"weight {value!r} of member {name!r} is not an integer; give one from {MIN_WEIGHT} "
+                          f"to {MAX_WEIGHT}, e.g. --weight {name}=3")
+    weight = int(value)
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise GlobalError(f"weight {weight} of member {name!r} is out of range; give one from {MIN_WEIGHT} "
+                          f"to {MAX_WEIGHT}")
+    return name, weight
+
+
+def check_weights(weights: Mapping[str, int], names: list[str]) -> dict[str, int]:
+    """`weights` (member -> weight) if every one names a member of `names` and is in range, else
+    GlobalError saying which is not."""
+    for name, weight in weights.items():
+        if name not in names:
+            raise GlobalError(f"a weight is given for {name!r}, which is not a member (members: "
+                              f"{', '.join(names) or 'none'}); add --member {name}=NETNS or fix the name")
+        try:
+            check_weight(weight)
+        except ValueError as exc:
+            raise GlobalError(f"member {name!r}: {exc}") from None
+    return dict(weights)
 
 
 class Walker(threading.Thread):
@@ -159,7 +194,9 @@ class GlobalDispatcher(FabricPort):
 
     def __init__(self, fabric: Fabric, node: Node, address: str, members: list[tuple[str, str | None]],
                  walk_every: float = 1.0, confirm_timeout: float = 5.0, batch: int = 256,
-                 log: Callable[[str], None] = lambda line: None):
+                 log: Callable[[str], None] = lambda line: None, weights: Mapping[str, int] | None = None):
+        """`members`: (node name, namespace or None) each; `weights`: member -> weight (1 to 256,
+        1 if not named)."""
         super().__init__(node, batch)
         try:
             ip = parse_global(address)  # (what a member's `--global` takes)
@@ -175,6 +212,7 @@ class GlobalDispatcher(FabricPort):
             raise GlobalError(f"member {sorted(dup)[0]!r} given twice")
         if node.name in names:
             raise GlobalError(f"the dispatcher {node.name!r} cannot be its own member")
+        weights = check_weights(weights or {}, names)
         self.fabric = fabric
         self.ip = ip
         self.vip_bytes = ip.packed
@@ -182,8 +220,8 @@ class GlobalDispatcher(FabricPort):
         if confirm_timeout < 2 * walk_every:
             raise GlobalError(f"confirm timeout {confirm_timeout:g} s is shorter than two walks ({walk_every:g} s "
                               "each): a connection placed would be forgotten before a walk could show it")
-        self.table = ConnectionTable(self.vip, ip.version, confirm_timeout, full_after=walk_every)
-        self.members = [Member(n, ns, index=i) for i, (n, ns) in enumerate(members)]
+        self.table = ConnectionTable(self.vip, ip.version, confirm_timeout, full_after=walk_every, weights=weights)
+        self.members = [Member(n, ns, index=i, weight=weights.get(n, 1)) for i, (n, ns) in enumerate(members)]
         self._by_name = {m.name: m for m in self.members}
         vip, family = self.vip, ip.version
         self.walker = Walker(self.members, walk_every, lambda records: view_of(vip, family, records))
@@ -207,7 +245,8 @@ class GlobalDispatcher(FabricPort):
     @property
     def counters(self) -> dict[str, int]:
         out = dict(self.from_fabric)
-        out.update({f"table_{k}": v for k, v in self.table.describe().items()})
+        out.update({f"table_{k}": v for k, v in self.table.describe().items() if k != "weights"})
+        out.update({f"weight_{m.name}": m.weight for m in self.members})  # (numbers only: a flat reply)
         return dict(sorted(out.items()))
 
     # -- the members ---------------------------------------------------------------------------

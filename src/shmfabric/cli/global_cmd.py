@@ -4,8 +4,8 @@ Attaches node NODE to fabric FABRIC as the dispatcher of global address VIP: it 
 IPv6 neighbour discovery) for VIP on the fabric, so clients send it every packet for VIP, and
 forwards each one, without copying, to the member holding or waiting for its connection (a
 connection table fed by walks of the members' sockets; new connections round robin among the
-members listening on their port). Members are TAP adapters started with `--global VIP`; they
-answer the clients straight. Runs until SIGTERM or Ctrl-C.
+members listening on their port, weighted by `--weight NODE=N`). Members are TAP adapters started
+with `--global VIP`; they answer the clients straight. Runs until SIGTERM or Ctrl-C.
 """
 from __future__ import annotations
 
@@ -19,13 +19,22 @@ from shmfabric.cli.main import CliError, add_json_flag
 
 def cmd_global(args: argparse.Namespace) -> int:
     from shmfabric.adapters.ethernet import format_mac
-    from shmfabric.adapters.global_net import GlobalDispatcher, GlobalError, parse_member
+    from shmfabric.adapters.global_net import GlobalDispatcher, GlobalError, check_weights, parse_member, \
+        parse_weight
 
     check_batch(args)
     if not args.walk_every > 0 or not args.confirm_timeout > 0:
         raise CliError("--walk-every and --confirm-timeout must be positive numbers of seconds")
     try:
         members = [parse_member(m) for m in args.member]
+        weights: dict[str, int] = {}
+        for text in args.weight:
+            name, weight = parse_weight(text)
+            if name in weights:
+                raise GlobalError(f"member {name!r} is given a weight twice; give one --weight {name}=N")
+            weights[name] = weight
+        # (checked here too, before the fabric is opened: a refusal leaves nothing behind)
+        check_weights(weights, [n for n, _ in members])
     except GlobalError as exc:
         raise CliError(str(exc)) from None
     fab = open_fabric(args.fabric)
@@ -39,7 +48,8 @@ def cmd_global(args: argparse.Namespace) -> int:
 
         try:
             port = GlobalDispatcher(fab, node, args.address, members, walk_every=args.walk_every,
-                                    confirm_timeout=args.confirm_timeout, batch=args.batch, log=log)
+                                    confirm_timeout=args.confirm_timeout, batch=args.batch, log=log,
+                                    weights=weights)
         except GlobalError as exc:
             raise CliError(str(exc)) from None
         deadline = None if args.seconds is None else time.monotonic() + args.seconds
@@ -48,7 +58,8 @@ def cmd_global(args: argparse.Namespace) -> int:
             return stop[0] or (deadline is not None and time.monotonic() >= deadline)
 
         port.start()
-        where = ", ".join(f"{m.name}" + (f" (netns {m.netns})" if m.netns else "") for m in port.members)
+        where = ", ".join(f"{m.name} (" + (f"netns {m.netns}, " if m.netns else "") + f"weight {m.weight})"
+                          for m in port.members)
         print(f"global {args.node}: address {port.ip}, node id {node.id}, mac {format_mac(node.mac)}, "
               f"members {where}", flush=True)
         try:
@@ -71,6 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", required=True, metavar="IP", help="the global address, e.g. 10.77.0.100 or fd00::100")
     p.add_argument("--member", action="append", default=[], metavar="NODE=NETNS",
                    help="a member: its adapter's node name and the network namespace it is in (repeatable)")
+    p.add_argument("--weight", action="append", default=[], metavar="NODE=N",
+                   help="a member's weight, an integer from 1 to 256 (default 1): its share of new connections "
+                        "and flows against the others' (repeatable)")
     p.add_argument("--walk-every", type=float, default=1.0, metavar="S",
                    help="seconds between walks of the members' sockets (default 1)")
     p.add_argument("--confirm-timeout", type=float, default=5.0, metavar="S",

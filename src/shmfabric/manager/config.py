@@ -381,12 +381,15 @@ def _check_global_address(a: str) -> str:
 
 
 class GlobalAdapter(_Model):
-    """`adapter: {kind: global, address: IP, members: [NODE, ...]}`: one address for several TAP
-    adapters (`shmfabric global`, root): the members list it under their `global:`."""
+    """`adapter: {kind: global, address: IP, members: [NODE, ...], weights: {NODE: N}}`: one address
+    for several TAP adapters (`shmfabric global`, root): the members list it under their `global:`;
+    a member's weight (1 to 256, default 1) is its share of new connections and flows."""
 
     kind: Literal["global"]
     address: str = Field(description="the shared address, e.g. 10.77.0.100")
     members: list[str] = Field(min_length=1, description="the tap adapter nodes sharing it")
+    weights: dict[str, Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=dict, description="member -> weight (1 to 256; a member not named has 1)")
     walk_every: float = Field(1.0, gt=0, le=60, description="seconds between walks of the members' sockets")
     confirm_timeout: float = Field(5.0, gt=0, le=3600, description="seconds a new TCP connection may wait for a "
                                                                   "walk to show its member holding it")
@@ -825,6 +828,10 @@ def _global_errors(nodes: list[tuple[int, str | None, NodeConfig | None]]) -> li
                                   f"[{owners[ip][0]}]'s; one dispatcher per address"))
         else:
             owners[ip] = (i, n.name)  # type: ignore[union-attr]
+        for m in a.weights:
+            if m not in a.members:
+                errs.append(_LocError(("nodes", i, "adapter", "weights", m), f"a weight is given for {m!r}, which is "
+                                      f"not among `members:` ({', '.join(a.members)}); add it there or fix the name"))
         for k, m in enumerate(a.members):
             member = by_name.get(m)
             ma = member.adapter if member is not None else None

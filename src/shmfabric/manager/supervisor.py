@@ -1120,6 +1120,8 @@ class Supervisor:
                 # (the member's instance name: the dispatcher finds its node by name, whatever id it
                 # has; validation made each member a tap adapter of this topology)
                 argv += ["--member", f"{self._via_instance(m)}={topo.node(m).adapter.netns or ''}"]
+                if m in a.weights:  # (validation made each weight's node a member, in range)
+                    argv += ["--weight", f"{self._via_instance(m)}={a.weights[m]}"]
         else:
             argv += ["adapter", topo.fabric.name, inst.name, "--ifname", a.ifname]
             for addr in a.address:

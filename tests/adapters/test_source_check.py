@@ -237,16 +237,115 @@ def test_a_rogue_router_advertisement_routes_a_peer_through_the_sender_only_with
 
     with CheckedLan(2, {0: ["--source-check"]} if checked else {}, v6=True) as lan:
         lan.run(1, ["sysctl", "-qw", "net.ipv6.conf.sf0.accept_ra=1"], check=True)  # (a host's default)
+        wait_dad(lan, 1)  # (a kernel ignores router advertisements while its link-local address is tentative)
         attacker = mac_bytes(mac_of(lan, 0))
         ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + bytes((1, 1)) + attacker
         all_nodes = ipaddress.ip_address("ff02::1").packed
         raw_send(lan, 0, b"\x33\x33\0\0\0\x01" + attacker + b"\x86\xdd"
                  + icmpv6(link_local(attacker).packed, all_nodes, ra))
-        time.sleep(0.3)
-        routes = lan.run(1, ["ip", "-6", "route", "show", "default"], capture_output=True, text=True).stdout
+
+        def routes() -> str:
+            return lan.run(1, ["ip", "-6", "route", "show", "default"], capture_output=True, text=True).stdout
+
+        # (checked: the frames are counted before they could arrive; the route would be there by then)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (routes() if not checked else counters_of(lan, 0).get(
+                "drop_router_message", 0) >= 3):
+            time.sleep(0.05)
+        seen = routes()
         counters = lan.stop(0)
     if checked:
-        assert "default" not in routes, routes
+        assert "default" not in seen, seen
         assert counters.get("drop_router_message") == 3, counters
     else:
-        assert f"via {link_local(attacker)}" in routes, routes
+        assert f"via {link_local(attacker)}" in seen, seen
+
+
+def wait_dad(lan: FabricLan, host: int) -> None:
+    """Until host `host`'s IPv6 addresses are no longer tentative (duplicate address detection done)."""
+    for _ in range(100):
+        out = lan.run(host, ["ip", "-6", "addr", "show", "dev", "sf0", "tentative"], capture_output=True,
+                      text=True).stdout
+        if "inet6" not in out:
+            return
+        time.sleep(0.1)
+
+
+def counters_of(lan: FabricLan, host: int) -> dict:
+    """Host `host`'s adapter's counters now (its `stats` on the fabric's control path)."""
+    from shmfabric.fabric import Fabric
+    from shmfabric.functions.control import ControlClient
+
+    fab = Fabric.open(lan.fabric)
+    client = ControlClient(fab, "ops")
+    try:
+        return client.request(f"host{host}", {"op": "stats"}, timeout=10)["counters"]
+    finally:
+        client.close()
+        fab.close()
+
+
+def test_a_checked_interface_takes_no_address_from_a_router_advertisement_and_keeps_working() -> None:
+    # a peer (unchecked) advertises a prefix: a checked adapter's kernel must not make itself an
+    # address from it (one the adapter was not given: its own traffic would be dropped)
+    from shmfabric.adapters.source_guard import link_local
+
+    with CheckedLan(2, {0: ["--source-check"]}, v6=True) as lan:
+        for key, want in (("accept_ra", "0"), ("autoconf", "0"), ("use_tempaddr", "0"), ("addr_gen_mode", "0")):
+            got = lan.run(0, ["sysctl", "-n", f"net.ipv6.conf.sf0.{key}"], capture_output=True, text=True).stdout
+            assert got.strip() == want, key
+        for key, want in (("arp_ignore", "1"), ("arp_announce", "2")):
+            got = lan.run(0, ["sysctl", "-n", f"net.ipv4.conf.sf0.{key}"], capture_output=True, text=True).stdout
+            assert got.strip() == want, key
+        wait_dad(lan, 0)
+        router = mac_bytes(mac_of(lan, 1))
+        prefix_info = (bytes((3, 4, 64, 0xC0)) + struct.pack("!II", 86400, 14400) + bytes(4)
+                       + ipaddress.ip_address("fd00:99::").packed)
+        ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + bytes((1, 1)) + router + prefix_info
+        raw_send(lan, 1, b"\x33\x33\0\0\0\x01" + router + b"\x86\xdd"
+                 + icmpv6(link_local(router).packed, ipaddress.ip_address("ff02::1").packed, ra))
+        time.sleep(0.5)
+        addrs = lan.run(0, ["ip", "-6", "addr", "show", "dev", "sf0"], capture_output=True, text=True).stdout
+        assert "fd00:99:" not in addrs, addrs
+        assert ping(lan, 0, lan.ip6(1), "-6")
+        counters = lan.stop(0)
+    assert not any(k.startswith("drop_") for k in counters), counters
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_a_global_member_cannot_claim_the_shared_ipv6_address_with_a_solicitation(checked: bool) -> None:
+    # a member may send from the global address (direct return), but a neighbour solicitation from
+    # it carrying the member's MAC moves the client's entry for the address from the dispatcher to
+    # the member: its connections would bypass the dispatcher
+    from shmfabric.bench.lan import GlobalFabricLan
+
+    class Lan6(GlobalFabricLan):
+        @property
+        def vip(self) -> str:
+            return "fd00:77::100"
+
+        def adapter_argv(self, host: int) -> list[str]:
+            return super().adapter_argv(host) + ["--address", f"fd00:77::{host + 1}/64"]
+
+        def routes(self) -> dict[str, str]:
+            return {}
+
+    with Lan6(members=2, adapter_args=["--source-check"] if checked else []) as lan:
+        for h in range(3):
+            wait_dad(lan, h)
+        lan.start_dispatcher()
+        dispatcher = re.search(r"mac ([0-9a-f:]{17})", lan.dispatcher_ready).group(1)  # type: ignore[union-attr]
+        lan.run(0, ["ping", "-6", "-c", "1", "-W", "2", lan.vip], capture_output=True)
+        assert neighbour(lan, 0, lan.vip) == dispatcher
+        member, client = mac_bytes(mac_of(lan, 1)), mac_bytes(mac_of(lan, 0))
+        vip = ipaddress.ip_address(lan.vip).packed
+        ns = struct.pack("!BBHI", 135, 0, 0, 0) + ipaddress.ip_address("fd00:77::1").packed + bytes((1, 1)) + member
+        raw_send(lan, 1, client + member + b"\x86\xdd" + icmpv6(vip, ipaddress.ip_address("fd00:77::1").packed, ns))
+        time.sleep(0.3)
+        seen = neighbour(lan, 0, lan.vip)
+        counters = lan.stop(1)
+    if checked:
+        assert seen == dispatcher
+        assert counters.get("drop_spoofed_claim") == 3, counters
+    else:
+        assert seen == member.hex(":")

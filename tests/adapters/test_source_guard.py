@@ -119,6 +119,12 @@ UDP = b"\x12\x34\x00\x35\x00\x08\x00\x00"
     ("echo from ::", ipv6("::", 58, b"\x80\x00\x00\x00" + bytes(8)), SPOOFED_IP),
     ("global address as a source", ipv6(VIP6, 17, UDP), None),
     ("advertisement of its global address", ipv6(OWN6, 58, na(VIP6, lla(2, MAC))), SPOOFED_CLAIM),
+    ("solicitation from its global address with its MAC", ipv6(VIP6, 58, ns("fd00::2", lla(1, MAC))), SPOOFED_CLAIM),
+    ("solicitation from an allowed prefix with its MAC", ipv6("fd00:9::7", 58, ns("fd00::2", lla(1, MAC))),
+     SPOOFED_CLAIM),
+    ("router solicitation from its global address", ipv6(VIP6, 58, b"\x85\x00\x00\x00" + bytes(4) + lla(1, MAC)),
+     SPOOFED_CLAIM),
+    ("solicitation from its global address without a MAC", ipv6(VIP6, 58, ns("fd00::2")), None),
     ("router advertisement", ipv6(str(LL), 58, b"\x86\x00\x00\x00" + bytes(12) + lla(1, MAC)), ROUTER),
     ("redirect", ipv6(str(LL), 58, b"\x89\x00\x00\x00" + bytes(36) + lla(2, MAC)), ROUTER),
     ("router solicitation from ::", ipv6("::", 58, b"\x85\x00\x00\x00" + bytes(4)), None),
@@ -229,6 +235,9 @@ UDP6 = ipv6(OWN6, 17, UDP)
     ("TCP segmentation of UDP", eth(0x86DD), UDP6, vnet(1, 4, 54, 6, 1232), BAD_OFFLOAD),
     ("checksum into the IPv6 source", eth(0x86DD), UDP6, vnet(1, 0, 14, 6), BAD_OFFLOAD),
     ("data-valid only", eth(0x0800), TCP4, vnet(2), None),
+    ("IPv4 header length 2: a 'UDP checksum' on the source address", eth(0x0800),
+     b"\x42" + TCP4[1:9] + b"\x11" + TCP4[10:], vnet(1, 0, 22, 6), MALFORMED),
+    ("a checksum field past the frame's end", eth(0x86DD), ipv6(OWN6, 17, b"\x12\x34"), vnet(1, 0, 54, 6), BAD_OFFLOAD),
 ])
 def test_offload_requests_must_fit_the_packet(name: str, header: bytes, frame: bytes, meta: int, want) -> None:
     assert verdict(header, frame, meta=meta) == want, name

@@ -14,8 +14,9 @@ switch's port security, or a cloud's anti-spoofing rule on a VM's port, does):
   allowed where the protocols need it: IPv4 `0.0.0.0` (DHCP), ARP probes (RFC 5227), and from
   `::` router and neighbour solicitations and MLD reports (duplicate address detection);
 - a claim on an address the adapter does not own: an ARP sender address, an IPv6 neighbour
-  advertisement's target, and the target of an ARP probe or a duplicate address detection
-  solicitation (which would make its owner give the address up). Only the `--address` hosts and
+  advertisement's target, a neighbour or router solicitation's source with its link-layer
+  address, and the target of an ARP probe or a duplicate address detection solicitation (which
+  would make its owner give the address up). Only the `--address` hosts and
   the link-local address are owned: a `--global` address is the dispatcher's to answer for, and
   `--allow-source` prefixes are sources only;
 - router advertisements and redirects (RA guard, RFC 6105): they would give the peers a route
@@ -144,12 +145,12 @@ class SourceGuard:
         et = (header[12] << 8) | header[13]
         with memoryview(payload) as v:
             if et == ETH_P_IP:  # (the common case first, without a view bounded by `size`)
-                if size < 20:
+                if size < 20 or v[0] >> 4 != 4 or v[0] & 0xF < 5:  # (Linux drops these too)
                     return MALFORMED
                 src = v[12:16].tobytes()
                 if not (src in self._v4 or src == V4_ANY or self._source(src)):
                     return SPOOFED_IP
-                if meta & _META_VNET and not _offload_ok(meta, (v[0] & 0xF) * 4, v[9], 4):
+                if meta & _META_VNET and not _offload_ok(meta, (v[0] & 0xF) * 4, v[9], 4, size):
                     return BAD_OFFLOAD
                 return None
             with v[:size] as frame:
@@ -200,12 +201,12 @@ class SourceGuard:
         elif not (src in self._v6 or self._source(src)):
             return SPOOFED_IP
         else:
-            why = self._icmpv6(v, size, at, from_any=False) if nh == ICMPV6 else None
-        if why is None and meta & _META_VNET and not _offload_ok(meta, at, nh, 6):
+            why = self._icmpv6(v, size, at, from_any=False, owned=src in self._claims) if nh == ICMPV6 else None
+        if why is None and meta & _META_VNET and not _offload_ok(meta, at, nh, 6, size):
             return BAD_OFFLOAD
         return why
 
-    def _icmpv6(self, v: memoryview, size: int, at: int, from_any: bool) -> str | None:
+    def _icmpv6(self, v: memoryview, size: int, at: int, from_any: bool, owned: bool = True) -> str | None:
         """Neighbour discovery's own claims: a link-layer address option must be the node's MAC,
         an advertisement's target (and a duplicate address detection solicitation's) an address
         the adapter owns; router advertisements and redirects are not a host's to send; other
@@ -231,18 +232,25 @@ class SourceGuard:
                 return MALFORMED
             if v[opt] in _LLA_OPTIONS and length >= 8 and v[opt + 2:opt + 8] != self.mac:
                 return SPOOFED_MAC
+            if v[opt] == 1 and not owned:
+                # a solicitation's source with a source link-layer option: the receiver's entry for
+                # that source moves to this MAC, a claim (a --global address, an allowed prefix:
+                # sources, not the adapter's to claim; its kernel sends these from its own address)
+                return SPOOFED_CLAIM
             opt += length
         return None
 
 
-def _offload_ok(meta: int, l4: int, proto: int, version: int) -> bool:
+def _offload_ok(meta: int, l4: int, proto: int, version: int, size: int) -> bool:
     """Whether an offload request (`meta`) fits the IP packet whose L4 header starts `l4` bytes in
     and carries `proto`: a checksum only in a TCP or UDP header's own checksum field, a
     segmentation only of the protocol it names. A device writes where the request says: anywhere
     else (an address, an ARP field) it would change the frame after the check."""
     if meta & _NEEDS_CSUM:
         start, offset = (meta >> 16) & 0xFF, (6 if meta >> 24 & 1 else 16)
-        if start != l4 or not ((proto == 6 and offset == 16) or (proto == 17 and offset == 6)):
+        if start != l4 or l4 + offset + 2 > size:  # (the field inside the frame: a device writes there)
+            return False
+        if not ((proto == 6 and offset == 16) or (proto == 17 and offset == 6)):
             return False
     gso = (meta >> 25) & 7
     if gso:

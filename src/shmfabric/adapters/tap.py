@@ -173,6 +173,12 @@ def _checked_settings(ifname: str) -> None:
         if not os.path.isdir(f"/proc/sys/net/{family}/conf/{ifname}"):
             continue  # IPv6 disabled in this namespace: nothing of it to set
         try:
+            with open(f"/proc/sys/net/{family}/conf/{ifname}/{key}") as f:
+                if f.read().strip() == value:
+                    continue  # (set already: a read-only /proc/sys with these defaults is fine)
+        except OSError:
+            pass
+        try:
             _sysctl(f"net/{family}/conf/{ifname}/{key}", value, required=True)
         except OSError as exc:
             raise TapError(f"cannot set net.{family}.conf.{ifname}.{key}={value} ({exc.strerror}): a checked "

@@ -248,8 +248,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source-check", action="store_true",
                    help="drop the frames from the interface that name another sender: a source MAC not the "
                         "node's, a source IP not one of its --address/--global addresses (or its IPv6 "
-                        "link-local one), ARP or neighbour advertisements claiming another's address "
-                        "(counted as drop_spoofed_*)")
+                        "link-local one), ARP or neighbour discovery claiming an address not its own, "
+                        "router advertisements and redirects, offload requests outside the L4 checksum, "
+                        "other EtherTypes (counted as drop_*; see docs/adapters.md)")
     p.add_argument("--allow-source", action="append", default=[], metavar="CIDR",
                    help="also allow sources in this prefix, e.g. a network routed behind the namespace "
                         "(repeatable; implies --source-check)")

@@ -16,8 +16,8 @@ Also a function that STARTS while a node it sends to is down: it waited (30 s) f
 and port before it answered the manager, which killed it as hung after START_TIMEOUT (15 s) and
 started it again, for ever; e.g. a router killed while one of its port adapters was down never came
 back. Now the manager passes the instances it knows are down (`--down`: in backoff, failed for good;
-not those merely starting, which a chain's `up` relies on being waited for) and the function starts
-without waiting for those."""
+to an instance the loop restarts, every one not running; nodes started together, by `up` or an
+operator action, still wait for each other) and the function starts without waiting for those."""
 from __future__ import annotations
 
 import json
@@ -216,34 +216,49 @@ def test_a_function_killed_while_a_node_it_sends_to_is_down_comes_back_and_reach
 
 
 
-def test_a_functions_command_line_names_down_only_what_is_known_down_not_what_is_starting(run_topology):
+def test_a_functions_command_line_names_down_what_it_must_not_wait_for(run_topology):
     # `up` (and a reload, a scale-out) starts a chain's nodes together and each waits for the next ones
-    # to attach: those starting are waited for; only instances in backoff, failed for good, are not
+    # to attach: a staged instance waits for those starting with it; not for instances in backoff,
+    # failed for good, or starting again after their backoff (a restart by the loop, which may
+    # crash-loop). An instance the loop restarts waits for none that is not running
     sup = run_topology(_functions_topology(""))
 
-    def down_of(fn: str) -> list[str]:
-        node = sup.nodes[fn]
-        argv = sup._argv(node, node.instances[0], 9)
+    def down_of(fn: str, staged: bool = False) -> list[str]:
+        inst = sup.nodes[fn].instances[0]
+        saved = (inst.staged, inst.steer, inst.down_at_start)
+        inst.staged = staged
+        try:
+            argv = sup._argv(sup.nodes[fn], inst, 9)
+        finally:
+            inst.staged, inst.steer, inst.down_at_start = saved
         return [argv[k + 1] for k, a in enumerate(argv) if a == "--down"]
 
     sink_b, sink_2 = sup.nodes["sink-b"].instances[0], sup.nodes["sink"].instances[1]
     with sup.lock:
-        saved = [(i, i.state) for i in (sink_b, sink_2)]
+        saved = [(i, i.state, i.staged) for i in (sink_b, sink_2)]
         try:
-            assert down_of("lb") == [] and down_of("fw") == []  # all running
-            sink_b.state = sink_2.state = "starting"
-            assert down_of("lb") == [] and down_of("fw") == []  # being started: waited for
+            for staged in (False, True):
+                assert down_of("lb", staged) == [] and down_of("fw", staged) == []  # all running
+            sink_b.state = sink_2.state = "starting"  # restarted by the loop (after its backoff)
+            for staged in (False, True):
+                assert down_of("lb", staged) == ["sink-b"] and down_of("fw", staged) == ["sink-2"]
+            sink_b.staged = sink_2.staged = True  # started by the same action: waited for
+            assert down_of("lb", True) == [] and down_of("fw", True) == []
+            sink_b.staged = sink_2.staged = False
             sink_b.state = sink_2.state = "backoff"
-            assert down_of("lb") == ["sink-b"] and down_of("fw") == ["sink-2"]
+            for staged in (False, True):
+                assert down_of("lb", staged) == ["sink-b"] and down_of("fw", staged) == ["sink-2"]
             sink_b.state = sink_2.state = "failed"  # (out of the group: sink-b's name stands in for it)
-            assert down_of("lb") == ["sink-b"] and down_of("fw") == []
+            for staged in (False, True):
+                assert down_of("lb", staged) == ["sink-b"] and down_of("fw", staged) == []
             sup.nodes["sink-b"].instances.remove(sink_b)  # between an adapter's stop and its start, say
-            assert down_of("lb") == []
+            assert down_of("lb", True) == []  # (a staged instance waits: the action is starting it)
+            assert down_of("lb") == ["sink-b"]  # (a restart does not: nothing may ever start it)
         finally:
             if sink_b not in sup.nodes["sink-b"].instances:
                 sup.nodes["sink-b"].instances.append(sink_b)
-            for i, st in saved:
-                i.state = st
+            for i, st, sg in saved:
+                i.state, i.staged = st, sg
 
 
 # -- the runtime's part: the router in-process, plain nodes at its ports --------------------------------

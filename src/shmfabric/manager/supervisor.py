@@ -157,6 +157,16 @@ class Instance:
     node_last: dict = field(default_factory=dict)
     node_incarnation: tuple | None = None
     via: str | None = None  # an adapter's: the instance its --via named at its start
+    # A function's: the steer its process has, (next group, ports) as `_steer_key`: what its command
+    # line carried at its start, then what each set_next it took said (adapters take none: None), and
+    # the names its command line passed as --down. A command line is built when the process starts:
+    # one that was starting while an operator action changed the group it sends to carries the old
+    # group; it is told the current one once it runs (`_set_next` waits for it, `steer_due`).
+    steer: tuple | None = None
+    down_at_start: tuple = ()
+    # it turned running with another steer than its node's current one: the loop sends it a
+    # set_next (`_resteer_pending`)
+    steer_due: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -345,6 +355,10 @@ class Supervisor:
         self._closing = False  # stop() began: no new policy step, waits for new instances end
         self._step_start_failed = False  # the last policy step thread could not be started (reported once)
         self._staging: Topology | None = None  # the topology a reload is starting new instances for
+        # the instances the operation under way (an operator action, a policy step, `start`) started: a
+        # set_next it sends names them down only by their state, never by a liveness check (`_not_up`),
+        # so that it is refused when one of them died and the operation undoes itself
+        self._op_new: list[Instance] = []
         self.fabric: Any = None
         self.control: ControlChannel | None = None
         self.nodes: dict[str, _Node] = {}
@@ -424,6 +438,7 @@ class Supervisor:
             self.stop()
             raise
         finally:
+            self._op_new = []
             self.lock.release()
 
     def _clear_stale(self, name: str) -> None:
@@ -653,7 +668,7 @@ class Supervisor:
         """Feed the scale policy this round's depths and start a thread (`_run_steps`) for the steps
         due: the policy's, and re-steering the upstream of nodes whose instances came back. Called
         holding `_op_lock` and `lock`; returns whether the thread started (it releases `_op_lock`)."""
-        resteer = any(self._resteer_due(node) for node in self.nodes.values())
+        resteer = any(self._resteer_due(node) or self._late_steer(node) for node in self.nodes.values())
         steps: list[tuple[str, ScaleAction]] = []
         before: dict[str, dict] = {}  # each decider as it was before this round (see below)
         for name, node in list(self.nodes.items()):
@@ -737,7 +752,8 @@ class Supervisor:
         return node.resteer and bool(active) and all(i.state == "running" for i in active)
 
     def _resteer_pending(self) -> None:
-        """Re-steer the upstream of every node an instance came back to, once its instances all run."""
+        """Re-steer the upstream of every node an instance came back to, once its instances all run;
+        then tell each instance that turned running with a stale steer (`steer_due`) the current one."""
         for node in list(self.nodes.values()):
             if self._resteer_due(node):
                 node.resteer = False
@@ -748,6 +764,26 @@ class Supervisor:
                     self._event("error", node.cfg.name, f"re-steering upstream failed: {exc}")
                 finally:
                     self._op = None
+        for node in list(self.nodes.values()):
+            late = self._late_steer(node)
+            for inst in node.instances:
+                inst.steer_due = False  # (told below, or not running any more: restarts with the current one)
+            # (re-steered above as an upstream meanwhile: nothing left to tell)
+            late = [i for i in late if i.state == "running" and i.steer != self._current_steer(node)]
+            if not late:
+                continue
+            self._op = {"kind": "resteer", "node": node.cfg.name, "since": round(time.time(), 3)}
+            try:
+                self._set_next(node, only=late)
+            except SupervisorError as exc:
+                self._event("error", node.cfg.name, f"steering {', '.join(i.name for i in late)} failed: {exc}")
+            finally:
+                self._op = None
+
+    @staticmethod
+    def _late_steer(node: _Node) -> list[Instance]:
+        """`node`'s running instances that turned running with a stale steer (`steer_due`)."""
+        return [i for i in node.instances if i.steer_due and i.state == "running" and not i.staged]
 
     def _policy_step(self, name: str, action: ScaleAction) -> None:
         """One step the policy decided: one instance more or fewer of node `name`, counted now (the
@@ -766,6 +802,7 @@ class Supervisor:
             self._scale_to(node, count, self.clock(), reason=f"queue depth {node.depth}")
         finally:
             self._op = None
+            self._op_new = []
 
     def _output_blocked(self, node: _Node) -> str | None:
         """Why node `node`'s own output is held up by its next hop at this poll, or None: one of its
@@ -801,7 +838,7 @@ class Supervisor:
         if inst.state == "starting":
             ready = self._ready(inst) if up else False
             if ready:
-                inst.state = "running"
+                self._now_running(node, inst)
             elif ready is None:
                 # attached, but not asked: the control channel is busy with an operation's request.
                 # A round that did not ask says nothing about it: judged at a round that asks
@@ -831,6 +868,17 @@ class Supervisor:
                 _kill(inst.proc)
         else:
             inst.missing_polls = 0
+
+    def _now_running(self, node: _Node, inst: Instance) -> None:
+        """`inst`, starting, answered its readiness probe: it runs. If the steer its process has (its
+        command line's) is not its node's current one, it is told (`steer_due`): its command line was
+        built before an operator action changed the group it sends to (the loop restarted it while the
+        action had released `lock`), and a set_next then skipped it as starting; sending to an instance
+        that left the group, it kept that one from draining (killed after STOP_TIMEOUT), for good.
+        A staged instance is left to the action that started it (it steers its node at its commit)."""
+        inst.state = "running"
+        if not inst.staged and inst.steer is not None and inst.steer != self._current_steer(node):
+            inst.steer_due = True
 
     def _on_exit(self, node: _Node, inst: Instance, rc: int, now: float) -> None:
         """Judge the exit (status `rc`) of `inst`, starting or running, by its restart policy: backoff
@@ -1086,8 +1134,16 @@ class Supervisor:
         for target, members in ports.items():
             # the function sees the logical name; frames spread over its instances by flow hash
             argv += ["--port", f"{target}={','.join(members)}"]
-        for n in self._down_at_start([*nxt, *(n for members in ports.values() for n in members)]):
-            argv += ["--down", n]  # not waited for at its start (see `_down_at_start`)
+        names = [*nxt, *(n for members in ports.values() for n in members)]
+        # not waited for at its start: started together with the nodes it sends to (`up`, an operator
+        # action's staged instances), all but those known down (`_down_at_start`); restarted by the
+        # loop (after an exit and its backoff), every one not running (`_not_up`): one merely starting
+        # may never attach (a crash loop), and waiting for it the instance answered nothing and was
+        # killed as hung after START_TIMEOUT, at each restart again
+        down = self._down_at_start(names) if inst.staged or not self.started else self._not_up(names)
+        for n in down:
+            argv += ["--down", n]
+        inst.steer, inst.down_at_start = _steer_key(nxt, ports), tuple(down)
         net = topo.network_index(name) if in_topo else 0
         if net:
             argv += ["--network", str(net)]
@@ -1197,6 +1253,8 @@ class Supervisor:
                         version if version is not None else node.version, k,
                         RestartTracker((topo or self.topo).restart_of(node.cfg.name)), staged=staged)
         node.instances.append(inst)
+        if staged or not self.started:
+            self._op_new.append(inst)  # (see `_not_up`)
         try:
             self._launch(node, inst, now)
         except OSError as exc:
@@ -1277,7 +1335,11 @@ class Supervisor:
                 # meanwhile (and start it again). Running only if it is still this start's process,
                 # unjudged; else the next round looks at it again
                 if self._ready(inst) and inst.state == "starting" and inst.proc is proc:
-                    inst.state = "running"
+                    node = self.nodes.get(inst.node)
+                    if node is not None:
+                        self._now_running(node, inst)
+                    else:
+                        inst.state = "running"
                     pending.remove(inst)
             if not pending:
                 return
@@ -1429,7 +1491,16 @@ class Supervisor:
                 continue
             self._set_next(node)
 
-    def _set_next(self, node: _Node) -> None:
+    def _set_next(self, node: _Node, only: list[Instance] | None = None) -> None:
+        """Tell `node`'s running instances (or those of `only`) its current next group and ports.
+
+        One starting whose command line carries another steer (started before an operator action
+        changed the group: the loop restarted it while the action had released `lock`) is waited for
+        and told, when an operation steers (its other waits release `lock` as this one does): else
+        it would run on the old group for good, and an instance leaving the group (a replaced one)
+        would be sent its frames, never drain and be killed. Waited for at most what is left of its
+        START_TIMEOUT, after which the loop kills it as hung: its restart gets the current steer (so
+        does one in backoff); one that comes up later still is told by the loop (`_now_running`)."""
         if node.cfg.is_adapter:
             # it cannot take set_next: its --via is fixed at its start. Only when the instance it sends
             # through went away (replaced: a new name) is it restarted on the new one; one that does not
@@ -1442,52 +1513,108 @@ class Supervisor:
             return
         nxt = self._next_instances(node.cfg.name)
         ports = self._port_instances(node.cfg.name)
-        msg: dict[str, Any] = {"op": "set_next", "next": nxt}
-        if ports:
-            msg["ports"] = ports
-        down = self._not_up([*nxt, *(n for members in ports.values() for n in members)])
-        if down:
-            msg["down"] = down
+        steer = _steer_key(nxt, ports)
+        names = [*nxt, *(n for members in ports.values() for n in members)]
+        waits = self._op_thread == threading.get_ident()  # an operation's: its waits release `lock`
+        told: list[str] = []
+        not_told: list[str] = []
+        named_down: set[str] = set()
         for inst in list(node.instances):
+            if only is not None and not any(inst is i for i in only):
+                continue
+            stale = inst.steer is not None and inst.steer != steer
+            if inst.state == "starting" and not inst.staged and stale and waits:
+                self._await_start(inst)
             if inst.state != "running":
-                continue  # a starting or restarting instance gets the current list on its command line
+                why = {"backoff": "restarts with it", "starting": "starting with it on its command line"
+                       if not stale else "starting, not up yet: told once it runs"}.get(inst.state, inst.state)
+                not_told.append(f"{inst.name} ({why})")
+                continue
+            # per request: each releases `lock` (an operation's), and instances go down or come back meanwhile
+            down = self._not_up(names)
+            msg: dict[str, Any] = {"op": "set_next", "next": nxt}
+            if ports:
+                msg["ports"] = ports
+            if down:
+                msg["down"] = down
+            proc = inst.proc
             reply = self._request(inst.name, msg)
             if not reply.get("ok"):
                 raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
+            if inst.proc is proc:  # (restarted meanwhile: its command line says what it has)
+                inst.steer, inst.steer_due = steer, False
+            told.append(inst.name)
+            named_down.update(down)
         self._event("steer", node.cfg.name, f"next -> {nxt}" + (f", ports -> {ports}" if ports else "")
-                    + (f" ({', '.join(down)} down: reached once up again)" if down else ""))
+                    + (f" ({', '.join(sorted(named_down))} down: reached once up again)" if named_down else "")
+                    + (f"; told {', '.join(told)}" if told else "; no instance told")
+                    + (f"; not {', '.join(not_told)}" if not_told else ""))
+
+    def _await_start(self, inst: Instance) -> None:
+        """Wait (an operation: `lock` released) until `inst`, starting and watched by the loop, runs; at
+        most what is left of its START_TIMEOUT. Its exit meanwhile is judged by its restart policy, as
+        the loop judges any; neither that nor a timeout is the operation's failure (see `_set_next`)."""
+        left = START_TIMEOUT - max(0.0, self.clock() - inst.started_at)
+        try:
+            self._wait_up([inst], min(START_TIMEOUT, max(0.0, left)), judge=True)
+        except SupervisorError:
+            pass
+
+    def _current_steer(self, node: _Node) -> tuple:
+        """`node`'s current next group and ports as `_steer_key` (what `_set_next` sends)."""
+        return _steer_key(self._next_instances(node.cfg.name), self._port_instances(node.cfg.name))
 
     def _not_up(self, names: list[str]) -> list[str]:
-        """Of the instance names a `set_next` sends, those the manager knows are not up: restarting
-        (backoff, starting again), failed for good, or a node with no instance (its name stands in).
-        The runtime takes these as given (frames to them are dropped and counted until they attach)
-        instead of refusing the whole set_next, which kept e.g. a router on stale next hops while one
-        of its port adapters restarted. A running instance is still checked: an operator action relies
-        on the refusal when an instance it has just started is gone (it then undoes the action)."""
-        up = {i.name for n in self.nodes.values() for i in n.instances if i.state == "running"}
-        return sorted({n for n in names if n not in up})
+        """Of the instance names a `set_next` sends (or a restarted instance's command line: `_argv`),
+        those that are not up: not running (restarting: in backoff or starting again; failed for good),
+        a node with no instance (its name stands in), and a running one whose process has exited or
+        whose node is not in the fabric's node table (died since the loop last looked: it is judged at
+        its next round). The runtime takes these as given (frames to them are dropped and counted
+        until they attach) instead of refusing the whole set_next, which kept e.g. a router on stale
+        next hops while one of its port adapters restarted, or refused an unrelated replace (502).
+        The instances the operation under way started itself (`_op_new`) are named only by their
+        state: the runtime's refusal is how the operation learns that one it has just started is gone
+        (it then undoes itself)."""
+        mine = self._op_new if self._op_thread == threading.get_ident() or not self.started else []
+        running = {i.name: i for n in self.nodes.values() for i in n.instances if i.state == "running"}
+        wanted = list(dict.fromkeys(names))
+        checked = [n for n in wanted if n in running and not any(running[n] is i for i in mine)]
+        # one pass over the node table for all of them
+        attached = self.fabric.node_refs(checked) if checked and self.fabric is not None else None
+        out = []
+        for name in wanted:
+            inst = running.get(name)
+            if inst is None:
+                out.append(name)
+            elif name in checked and ((inst.proc is not None and inst.proc.poll() is not None)
+                                      or (attached is not None and name not in attached)):
+                out.append(name)
+        return sorted(out)
 
     def _down_at_start(self, names: list[str]) -> list[str]:
-        """Of the instance names on a function's command line (--next, --port), those it must not wait
-        for at its start (`--down`): an instance in backoff, failed for good (or exited, stopping,
-        stopped), or a node's name standing in for a node none of whose instances is starting or running.
-        A function waits for its next hops before it answers the manager (at most 30 s), so one waiting
-        for such a node was killed as hung after START_TIMEOUT and started again, for ever (a router
-        killed while a port adapter was down never came back). Unlike `_not_up` (a set_next to a running
-        instance), a *starting* instance is waited for: an `up`, a reload or a scale-out starts a chain's
-        nodes together and each waits for the next ones to attach, so that the first frames are not
+        """Of the instance names on the command line of a function started together with the nodes it
+        sends to (by `up`, or staged by a reload, a replace or a scale-out), those it must not wait for
+        at its start (`--down`): an instance in backoff, failed for good (or exited, stopping, stopped),
+        one starting again after its backoff (a restart by the loop, which may crash-loop and never
+        attach), or a node's name standing in for a node none of whose instances is up or starting
+        with it. A function waits for its next hops before it answers the manager (at most 30 s), so
+        one waiting for such a node was killed as hung after START_TIMEOUT (a staged one: the action
+        failed). Unlike `_not_up` (a set_next, a restart by the loop), an instance starting with it
+        (staged, or all of them during `up`) is waited for, so that a chain's first frames are not
         dropped; so is a name no instance has yet (a node this operation is about to start, or an
         adapter between its stop and start in `_restart_adapter`)."""
-        state = {i.name: i.state for n in self.nodes.values() for i in n.instances}
-        live = ("starting", "running")
+        def live(i: Instance) -> bool:
+            return i.state == "running" or (i.state == "starting" and (i.staged or not self.started))
+
+        insts = {i.name: i for n in self.nodes.values() for i in n.instances}
         out = []
         for name in dict.fromkeys(names):
-            if name in state:
-                if state[name] not in live:
+            if name in insts:
+                if not live(insts[name]):
                     out.append(name)
                 continue
             node = self.nodes.get(name)  # a stand-in (`_port_instances`): the node has no active instance
-            if node is not None and node.instances and not any(i.state in live for i in node.instances):
+            if node is not None and node.instances and not any(live(i) for i in node.instances):
                 out.append(name)
         return out
 
@@ -1680,11 +1807,13 @@ class Supervisor:
             with self.lock:
                 self._op = {"kind": kind, **what, "since": round(time.time(), 3)}
                 self._op_thread = threading.get_ident()  # its control requests release `lock` (`_request`)
+                self._op_new = []
                 try:
                     yield
                 finally:
                     self._op_thread = None
                     self._op = None
+                    self._op_new = []
         finally:
             self._op_lock.release()
 
@@ -2333,6 +2462,11 @@ class Supervisor:
 
 # An adapter's secret settings (shown "<redacted>", kept off its command line).
 _ADAPTER_SECRETS = frozenset({"secret"})
+
+
+def _steer_key(nxt: list[str], ports: dict[str, list[str]]) -> tuple:
+    """A next group and ports (as on a command line or in a set_next), comparable."""
+    return tuple(nxt), tuple((name, tuple(members)) for name, members in ports.items())
 
 
 def _refuse_adapter(node: _Node, what: str) -> None:

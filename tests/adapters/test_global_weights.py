@@ -10,35 +10,18 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
 
 from shmfabric.adapters.conntable import ICMP, TCP, UDP, ConnectionTable, rendezvous
 from shmfabric.fabric import Fabric
 
+from .test_conntable import listener  # (the fake sockets the table reads)
+
 pytestmark = pytest.mark.timeout(120)
 
 VIP = 0x0A4D0064  # 10.77.0.100
 CLIENT = 0x0A4D0001
-
-
-@dataclass(frozen=True)
-class Sock:
-    family: int
-    proto: int
-    laddr: object
-    lport: int
-    raddr: object
-    rport: int
-    state: str
-    queued: int = 0
-    backlog: int = 0
-
-
-def listener(port: int, proto: int = TCP, queued: int = 0) -> Sock:
-    tcp = proto == TCP
-    return Sock(4, proto, None, port, None, 0, "listen" if tcp else "bound", queued, 128 if tcp else 0)
 
 
 SERVES = [listener(80), listener(53, UDP)]

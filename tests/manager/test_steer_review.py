@@ -269,3 +269,70 @@ def test_a_hop_resolves_all_its_names_in_one_pass_over_the_node_table():
     finally:
         fab.close()
         Fabric.destroy(name)
+
+
+# -- second review --------------------------------------------------------------------------------
+ONE_SINK = ("instances: 2\n    scale: {min_instances: 2, max_instances: 2}\n", "instances: 1\n")
+
+
+def test_a_late_steer_that_fails_once_is_tried_again(run_topology, loop):
+    # an instance comes up with a stale group (started before a scale-out) and the loop's first
+    # set_next to it fails (a control timeout: its set_next deferred behind a full ring): it was
+    # never asked again and kept the old group for good
+    sup = run_topology(_functions_topology("").replace(*ONE_SINK))
+    hold = threading.Event()
+    real_ready = sup._ready
+    sup._ready = lambda inst: False if hold.is_set() and inst.name == "fw" else real_ready(inst)
+    sup._await_start = lambda inst: None  # (the operation does not wait for it: the loop tells it)
+    real_request = sup._request
+    failed = []
+
+    def request(target, op, timeout=2.0):
+        if target == "fw" and op.get("op") == "set_next" and (sup._op or {}).get("kind") == "resteer" and not failed:
+            failed.append(op)
+            raise SupervisorError("set_next to 'fw' failed: timed out (injected)", status=504)
+        return real_request(target, op, timeout)
+
+    sup._request = request
+    loop(sup)
+    fw = sup.nodes["fw"].instances[0]
+    hold.set()
+    pid = fw.pid
+    os.kill(pid, signal.SIGKILL)
+    assert _until(lambda: fw.state == "starting" and fw.pid != pid and sup.fabric.node_id("fw") is not None)
+    sup.scale("sink", 2)
+    hold.clear()
+    assert _until(lambda: failed), explain(sup, "fw")
+    assert _until(lambda: real_request("fw", {"op": "stats"})["next"] == ["sink", "sink-2"], timeout=20), (
+        "fw was never told the scaled-out group after one failed late steer\n" + explain(sup, "fw"))
+
+
+def test_a_reload_whose_new_instance_dies_before_the_commit_still_steers_upstream_and_drains_the_old(
+        run_topology, loop):
+    # a reload replaces sink (a new version); the new one dies after it answered, before the commit's
+    # re-steer: named down past the commit (nothing is undone there), so fw is steered off the old
+    # sink, which drains, instead of a refused steer leaving fw on it and the old sink killed
+    from shmfabric.manager.config import parse_topology
+
+    sup = run_topology(_functions_topology("").replace(*ONE_SINK))
+    loop(sup)
+    real_wait_up = sup._wait_up
+    killed: list = []
+
+    def wait_up(insts, timeout, judge=False):
+        real_wait_up(insts, timeout, judge)
+        for i in insts:
+            if i.node == "sink" and i.staged and not killed:
+                os.kill(i.pid, signal.SIGKILL)
+                i.proc.wait(10)
+                killed.append(bool(_until(lambda: sup.fabric.node_id(i.name) is None, timeout=15)))
+
+    sup._wait_up = wait_up
+    with open(sup.source) as f:
+        body = f.read().replace("  - name: sink\n    function: sink\n",
+                                "  - name: sink\n    function: sink\n    version: \"2\"\n")
+    out = sup.reload(parse_topology(body, sup.source))
+    assert killed == [True]
+    assert not out.get("warnings"), out
+    assert not [e for e in sup.events if e["kind"] == "stop" and "no reply to stop" in e["detail"]], explain(
+        sup, "sink", "fw")

@@ -165,8 +165,11 @@ class Instance:
     steer: tuple | None = None
     down_at_start: tuple = ()
     # it turned running with another steer than its node's current one: the loop sends it a
-    # set_next (`_resteer_pending`)
+    # set_next (`_resteer_pending`); kept so until one is taken, retried after a failure at
+    # `steer_retry_at` (doubling waits: one that keeps refusing does not hold operations up each round)
     steer_due: bool = False
+    steer_failures: int = 0
+    steer_retry_at: float = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -765,25 +768,36 @@ class Supervisor:
                 finally:
                     self._op = None
         for node in list(self.nodes.values()):
-            late = self._late_steer(node)
-            for inst in node.instances:
-                inst.steer_due = False  # (told below, or not running any more: restarts with the current one)
-            # (re-steered above as an upstream meanwhile: nothing left to tell)
-            late = [i for i in late if i.state == "running" and i.steer != self._current_steer(node)]
+            late = self._late_steer(node)  # (re-steered above as an upstream meanwhile: none left)
             if not late:
                 continue
             self._op = {"kind": "resteer", "node": node.cfg.name, "since": round(time.time(), 3)}
             try:
                 self._set_next(node, only=late)
             except SupervisorError as exc:
-                self._event("error", node.cfg.name, f"steering {', '.join(i.name for i in late)} failed: {exc}")
+                self._event("error", node.cfg.name, f"steering {', '.join(i.name for i in late)} failed: {exc}; "
+                            "tried again")
             finally:
                 self._op = None
+                now = self.clock()
+                for inst in late:  # (not told: a refusal, a timeout; asked again later, less often each time)
+                    if inst.steer_due:
+                        inst.steer_failures += 1
+                        inst.steer_retry_at = now + min(30.0, 2.0 ** inst.steer_failures)
 
-    @staticmethod
-    def _late_steer(node: _Node) -> list[Instance]:
-        """`node`'s running instances that turned running with a stale steer (`steer_due`)."""
-        return [i for i in node.instances if i.steer_due and i.state == "running" and not i.staged]
+    def _late_steer(self, node: _Node) -> list[Instance]:
+        """`node`'s running instances with a stale steer to be told (`steer_due`, its retry due), whose
+        steer is still not the node's current one (re-steered meanwhile: nothing to tell)."""
+        now = self.clock()
+        due = [i for i in node.instances if i.steer_due and i.state == "running" and not i.staged
+               and i.steer_retry_at <= now]
+        if not due:
+            return []
+        current = self._current_steer(node)
+        for i in due:
+            if i.steer == current:
+                i.steer_due = False
+        return [i for i in due if i.steer_due]
 
     def _policy_step(self, name: str, action: ScaleAction) -> None:
         """One step the policy decided: one instance more or fewer of node `name`, counted now (the
@@ -1525,6 +1539,11 @@ class Supervisor:
             stale = inst.steer is not None and inst.steer != steer
             if inst.state == "starting" and not inst.staged and stale and waits:
                 self._await_start(inst)
+                # (the group may have changed during the wait, `lock` released: what is current now)
+                nxt = self._next_instances(node.cfg.name)
+                ports = self._port_instances(node.cfg.name)
+                steer = _steer_key(nxt, ports)
+                names = [*nxt, *(n for members in ports.values() for n in members)]
             if inst.state != "running":
                 why = {"backoff": "restarts with it", "starting": "starting with it on its command line"
                        if not stale else "starting, not up yet: told once it runs"}.get(inst.state, inst.state)
@@ -1538,11 +1557,19 @@ class Supervisor:
             if down:
                 msg["down"] = down
             proc = inst.proc
-            reply = self._request(inst.name, msg)
-            if not reply.get("ok"):
-                raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
+            try:
+                reply = self._request(inst.name, msg)
+                if not reply.get("ok"):
+                    raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
+            except SupervisorError:
+                # this one and those after it are not told: the loop tells them once this steer is
+                # still the current one (an operation that undoes itself puts back what they have)
+                for other in node.instances:
+                    if other.state == "running" and not other.staged and other.steer not in (None, steer):
+                        other.steer_due = True
+                raise
             if inst.proc is proc:  # (restarted meanwhile: its command line says what it has)
-                inst.steer, inst.steer_due = steer, False
+                inst.steer, inst.steer_due, inst.steer_failures = steer, False, 0
             told.append(inst.name)
             named_down.update(down)
         self._event("steer", node.cfg.name, f"next -> {nxt}" + (f", ports -> {ports}" if ports else "")
@@ -1558,7 +1585,8 @@ class Supervisor:
         try:
             self._wait_up([inst], min(START_TIMEOUT, max(0.0, left)), judge=True)
         except SupervisorError:
-            pass
+            if self._closing or self.fabric is None:
+                raise  # the manager is stopping: the operation ends as it would have before (503)
 
     def _current_steer(self, node: _Node) -> tuple:
         """`node`'s current next group and ports as `_steer_key` (what `_set_next` sends)."""
@@ -2144,6 +2172,9 @@ class Supervisor:
         # -- 2. commit: the new topology; what leaves is out of every group before upstream is re-steered
         self.topo = topo
         self._staging = None
+        # past the commit nothing is undone: a new instance that died since it answered is named down
+        # like any other (`_not_up`), so upstream is still steered and the replaced ones drain
+        self._op_new = []
         leaving: list[Instance] = []
         for _, inst in started:
             inst.staged = False

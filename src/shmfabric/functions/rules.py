@@ -13,7 +13,9 @@ Rule text (one rule per line, `#` starts a comment, matches then a verdict, as i
 
 Matches: `ip|ip6 saddr|daddr [!=] PREFIX|{set}`, `ip protocol`/`meta l4proto NAME|NUMBER|{set}`,
 `tcp|udp|sctp|th sport|dport [!=] PORT|LOW-HIGH|{set}` (`th` = any of TCP/UDP/SCTP/DCCP/UDP-Lite),
-`limit rate [over] N/second|minute|hour|day [burst N packets]` (one per rule), `counter` (accepted;
+`limit rate [over] N/second|minute|hour|day [burst N packets]` (one per rule), `ct state [!=]
+STATES` (the rules see only new packets, untracked ones with `conntrack off`: the usual nft
+preamble is taken and harmless, a rule that could never apply is refused), `counter` (accepted;
 counters are always kept). Verdicts: `accept`, `drop`, `reject` (a drop the runtime may answer with
 RST/ICMP). A match repeated in a rule narrows it: all must hold, as in nft
 (`ip saddr 10.0.0.0/8 ip saddr != 10.1.0.0/16` is 10/8 without 10.1/16).
@@ -27,7 +29,8 @@ handshake's final ACK); a full table early-drops a non-assured entry for a new c
 SYN that the rules accept reopens a closed TCP 5-tuple (see `ConntrackTable`). TCP windows are
 tracked as Linux does (its state machine and window checks, ported in `functions.tcp_track`):
 out-of-window segments are dropped, and a RST closes a connection only at the exact sequence
-number expected.
+number expected. ICMP is tracked as Linux does (`Firewall._icmp_class`): an error about a tracked
+connection is *related* and accepted (path MTU discovery), other errors are invalid and dropped.
 """
 from __future__ import annotations
 
@@ -1134,7 +1137,7 @@ class Firewall:
             self.no_key += 1
             return self.non_ip if key == 1 else Verdict.DROP  # 1 = Reason.NOT_IP
         ct = self.ruleset.conntrack
-        reply = False  # an ICMP echo reply: it belongs to a connection, or it is invalid
+        reply = False  # an ICMP reply (echo, timestamp...): it belongs to a connection, or it is invalid
         if ct and packet is not None and (key[2] == 1 or key[2] == 58):  # type: ignore[index]
             kind = self._icmp_class(key, packet)  # type: ignore[arg-type]
             if kind is _ICMP_ERROR:
@@ -1265,13 +1268,13 @@ class Firewall:
 
         - an error (`is_icmp_error`) is *related* to the connection it quotes, or else invalid;
           it never has an entry of its own;
-        - an echo request may open a connection (its identifier is in the 5-tuple); an echo
-          reply only belongs to one, else it is invalid;
-        - IPv6 neighbour discovery, MLD and router messages, and IPv4 timestamp, information and
-          address mask requests go to the rules every time and open nothing (Linux leaves the
-          former untracked; the latter it tracks, but their 5-tuple has no identifier, so an
-          entry for them would let any ICMP between the two hosts pass);
-        - anything else (a reply without a request, an unknown type) is invalid."""
+        - a query (echo; for IPv4 also timestamp, information, address mask) may open a
+          connection (its identifier is in the 5-tuple); a reply only belongs to one, else it is
+          invalid (the direction is checked in `check`: the key holds no type);
+        - IPv6 MLD, router and neighbour discovery (but redirects), multicast router discovery
+          and node information queries go to the rules every time and open nothing (Linux leaves
+          most of them untracked; node information it tracks by a nonce the 5-tuple lacks);
+        - anything else (an unknown type, an ICMPv6 redirect) is invalid."""
         t = icmp_type(packet, self.link)  # type: ignore[arg-type]
         if t is None:
             return _ICMP_UNTRACKED  # (no type to read: a later fragment; the rules decide)

@@ -166,12 +166,7 @@ def test_ipv6_works_with_the_check_and_a_spoofed_ipv6_source_is_dropped() -> Non
     # address with its MAC option, advertisements of its own address) passes the check
     with CheckedLan(2, {0: ["--source-check"], 1: ["--source-check"]}, v6=True) as lan:
         for h in (0, 1):  # duplicate address detection done: the addresses usable
-            for _ in range(50):
-                out = lan.run(h, ["ip", "-6", "addr", "show", "dev", "sf0", "tentative"], capture_output=True,
-                              text=True).stdout
-                if "inet6" not in out:
-                    break
-                time.sleep(0.1)
+            wait_dad(lan, h)
         assert ping(lan, 0, lan.ip6(1), "-6")
         assert ping(lan, 1, lan.ip6(0), "-6")
         lan.run(0, ["ip", "addr", "add", "fd00:77::99/64", "dev", "sf0", "nodad"], check=True)

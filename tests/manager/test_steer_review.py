@@ -33,6 +33,9 @@ from tests.manager.conftest import counters
 from tests.manager.test_adapter_gaps import _until, explain
 from tests.manager.test_router_steer_adapter_down import _functions_topology
 
+# the topology's sink as one instance (its default scales it to two)
+ONE_SINK = ("instances: 2\n    scale: {min_instances: 2, max_instances: 2}\n", "instances: 1\n")
+
 pytestmark = pytest.mark.timeout(150)
 
 # sink-b's restart policy: restarted at once, again and again (a crash loop is not given up on)
@@ -101,8 +104,7 @@ def test_a_function_starting_while_the_node_it_sends_to_is_replaced_is_steered_t
         run_topology, loop):
     # gen2 -> fw -> sink (one instance). fw is restarted by the loop and is still starting (its first
     # readiness probe is held) when the operator replaces sink: fw's command line names the old sink
-    text = _functions_topology("").replace("instances: 2\n    scale: {min_instances: 2, max_instances: 2}\n",
-                                           "instances: 1\n")
+    text = _functions_topology("").replace(*ONE_SINK)
     sup = run_topology(text)
     hold = threading.Event()
     real_ready = sup._ready
@@ -147,8 +149,7 @@ def test_a_function_starting_while_the_node_it_sends_to_is_replaced_is_steered_t
 def test_an_instance_that_comes_up_after_an_operation_changed_its_group_is_told_by_the_loop(run_topology, loop):
     # as above, but the operation (a scale-out of sink) does not wait for fw to come up (it gave up:
     # fw was slow): once fw runs, the loop finds its command line's group stale and tells it
-    text = _functions_topology("").replace("instances: 2\n    scale: {min_instances: 2, max_instances: 2}\n",
-                                           "instances: 1\n")
+    text = _functions_topology("").replace(*ONE_SINK)
     sup = run_topology(text)
     hold = threading.Event()
     real_ready = sup._ready
@@ -272,7 +273,6 @@ def test_a_hop_resolves_all_its_names_in_one_pass_over_the_node_table():
 
 
 # -- second review --------------------------------------------------------------------------------
-ONE_SINK = ("instances: 2\n    scale: {min_instances: 2, max_instances: 2}\n", "instances: 1\n")
 
 
 def test_a_late_steer_that_fails_once_is_tried_again(run_topology, loop):

@@ -35,6 +35,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Iterable
 
+from shmfabric.adapters.ethernet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP, GSO_UDP_L4, META_VNET
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -55,10 +57,8 @@ _LLA_OPTIONS = (1, 2)  # source / target link-layer address
 V4_ANY = bytes(4)
 V6_ANY = bytes(16)
 
-# the offload bits of a frame's `meta` (`ethernet.vnet_to_meta`: kept here, a pure module apart)
-_META_VNET = 1 << 31
-_NEEDS_CSUM = 1 << 29
-_GSO_TCPV4, _GSO_UDP, _GSO_TCPV6, _GSO_UDP_L4 = 1, 3, 4, 5
+# the offload bits of a frame's `meta` (`ethernet.vnet_to_meta`)
+_NEEDS_CSUM = F_NEEDS_CSUM << 29
 
 # the counters a dropped frame adds to (the adapter's `drop_*` counters)
 SPOOFED_MAC = "drop_spoofed_mac"
@@ -150,13 +150,13 @@ class SourceGuard:
                 src = v[12:16].tobytes()
                 if not (src in self._v4 or src == V4_ANY or self._source(src)):
                     return SPOOFED_IP
-                if meta & _META_VNET and not _offload_ok(meta, (v[0] & 0xF) * 4, v[9], 4, size):
+                if meta & META_VNET and not _offload_ok(meta, (v[0] & 0xF) * 4, v[9], 4, size):
                     return BAD_OFFLOAD
                 return None
             with v[:size] as frame:
                 if et == ETH_P_IPV6:
                     return self._ipv6(frame, size, meta)
-                if meta & _META_VNET:  # (a checksum or segmentation asked for a frame that is not IP)
+                if meta & META_VNET:  # (a checksum or segmentation asked for a frame that is not IP)
                     return BAD_OFFLOAD
                 if et == ETH_P_ARP:
                     return self._arp(frame, size)
@@ -202,7 +202,7 @@ class SourceGuard:
             return SPOOFED_IP
         else:
             why = self._icmpv6(v, size, at, from_any=False, owned=src in self._claims) if nh == ICMPV6 else None
-        if why is None and meta & _META_VNET and not _offload_ok(meta, at, nh, 6, size):
+        if why is None and meta & META_VNET and not _offload_ok(meta, at, nh, 6, size):
             return BAD_OFFLOAD
         return why
 
@@ -254,9 +254,9 @@ def _offload_ok(meta: int, l4: int, proto: int, version: int, size: int) -> bool
             return False
     gso = (meta >> 25) & 7
     if gso:
-        if gso == _GSO_TCPV4:
+        if gso == GSO_TCPV4:
             return version == 4 and proto == 6
-        if gso == _GSO_TCPV6:
+        if gso == GSO_TCPV6:
             return version == 6 and proto == 6
-        return (gso == _GSO_UDP or gso == _GSO_UDP_L4) and proto == 17
+        return (gso == GSO_UDP or gso == GSO_UDP_L4) and proto == 17
     return True

@@ -28,6 +28,7 @@ from typing import Iterable, NamedTuple, Union
 from zlib import crc32
 
 from .errors import Reason, ReasonCounter
+from .l4 import ICMP_IDENTIFIED, ICMPV6_IDENTIFIED
 from .packet import LINK_ETHERNET, LINK_IP, PORT_PROTOCOLS, decode
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -531,7 +532,7 @@ def icmp_error_quote(buf: Buffer, link: str = LINK_ETHERNET) -> tuple[FiveTuple,
     return None if inner is None else (inner[0], ip.dst, inner[1])
 
 
-_IDENTIFIED = (frozenset((0, 8, 13, 14, 15, 16, 17, 18)), frozenset((128, 129)))  # (as l4.ICMP_IDENTIFIED)
+_IDENTIFIED = (ICMP_IDENTIFIED, ICMPV6_IDENTIFIED)  # by IP version: the queries and replies keyed by identifier
 
 
 def _quoted_5tuple(q: memoryview, version: int) -> tuple[FiveTuple, int] | None:

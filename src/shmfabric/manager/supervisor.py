@@ -1706,13 +1706,11 @@ class Supervisor:
             self._event("scale", node.cfg.name, f"out to {count} ({reason})")
         elif count < len(active):
             victims = sorted(active, key=lambda i: i.index)[count:]
-            for v in victims:
-                v.state = "stopping"  # out of the group before upstream is re-steered
+            before = _mark_stopping(victims)  # out of the group before upstream is re-steered
             try:
                 self._resteer_upstream(node.cfg.name)
             except SupervisorError:
-                for v in victims:  # still receiving from whoever was not re-steered: keep them
-                    v.state = "running"
+                _unmark_stopping(before)  # still receiving from whoever was not re-steered: keep them
                 self._try_resteer(node.cfg.name)
                 raise
             for v in victims:
@@ -1958,13 +1956,11 @@ class Supervisor:
                 raise
             for inst in new:
                 inst.staged = False
-            for inst in old:
-                inst.state = "stopping"
+            before = _mark_stopping(old)
             try:
                 self._resteer_upstream(name)
             except SupervisorError:
-                for inst in old:  # back to the old version: nothing is lost, the swap did not happen
-                    inst.state = "running"
+                _unmark_stopping(before)  # back to the old version: nothing is lost, the swap did not happen
                 self._withdraw(node, new)
                 raise
             node.function, node.config, node.version = function, config, version
@@ -2498,6 +2494,24 @@ _ADAPTER_SECRETS = frozenset({"secret"})
 def _steer_key(nxt: list[str], ports: dict[str, list[str]]) -> tuple:
     """A next group and ports (as on a command line or in a set_next), comparable."""
     return tuple(nxt), tuple((name, tuple(members)) for name, members in ports.items())
+
+
+def _mark_stopping(insts: list[Instance]) -> list[tuple[Instance, str]]:
+    """Mark instances "stopping" (out of their group, ignored by the loop) for an action that may
+    still be undone; returns what `_unmark_stopping` needs to undo it."""
+    before = [(i, i.state) for i in insts]
+    for i in insts:
+        i.state = "stopping"
+    return before
+
+
+def _unmark_stopping(before: list[tuple[Instance, str]]) -> None:
+    """Undo `_mark_stopping`: each instance goes back to the state it had, not to "running" (one
+    that was starting is probed again, one in backoff restarted when due; the loop judges a process
+    that exited meanwhile). One the action moved on already (no longer "stopping") is left alone."""
+    for inst, state in before:
+        if inst.state == "stopping":
+            inst.state = state
 
 
 def _refuse_adapter(node: _Node, what: str) -> None:

@@ -27,6 +27,10 @@ class TapError(Exception):
     """A TAP device or namespace that cannot be set up; the message says what and how to fix it."""
 
 
+class TapBusyError(TapError):
+    """The TAP device is held open by another process: opening it again can work once that one ends."""
+
+
 @dataclass(frozen=True)
 class Tap:
     """An open TAP device: its file descriptor (non-blocking) and interface name."""
@@ -101,7 +105,8 @@ def open_tap(ifname: str, segments: bool = False) -> Tap:
         why = {errno.EPERM: "needs root or CAP_NET_ADMIN",
                errno.EBUSY: "another process has it open",
                errno.EINVAL: "an interface of another kind has that name"}.get(exc.errno, exc.strerror)
-        raise TapError(f"cannot create TAP device {ifname!r}: {why}") from None
+        raise (TapBusyError if exc.errno == errno.EBUSY else TapError)(
+            f"cannot create TAP device {ifname!r}: {why}") from None
     try:
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | (TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN if segments else 0))
     except OSError as exc:

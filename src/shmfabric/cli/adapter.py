@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from shmfabric.cli.main import CliError, add_json_flag
+from shmfabric.cli.main import CliError, CliRetry, add_json_flag
 
 if TYPE_CHECKING:
     import ipaddress
@@ -68,12 +68,15 @@ def check_network(fab, args: argparse.Namespace) -> None:
 
 def attach_port_node(fab, args: argparse.Namespace):
     """Node `args.node` attached to network `args.network` (checked), waiting by blocking (a port
-    sleeps while idle), or CliError saying why it cannot be."""
-    from shmfabric.fabric import FabricError
+    sleeps while idle), or CliError saying why it cannot be (CliRetry if the name is held by a live
+    node or the table is full: that clears when the other node goes)."""
+    from shmfabric.fabric import FabricError, FabricFullError, NameInUseError
 
     check_network(fab, args)
     try:
         node = fab.attach(args.node, network=args.network)
+    except (NameInUseError, FabricFullError) as exc:
+        raise CliRetry(str(exc)) from None
     except FabricError as exc:
         raise CliError(str(exc)) from None
     node.set_wait_mode("block")
@@ -141,9 +144,9 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     from shmfabric.adapters.bridge import DeviceGone, TapBridge
     from shmfabric.adapters.ethernet import fabric_mac_node, format_mac
     from shmfabric.adapters.source_guard import SourceGuard, allowed_prefix
-    from shmfabric.adapters.tap import (TapError, check_ifname, configure, enter_netns, hold_global_address, open_tap,
-                                        parse_address, parse_global, release_global_address)
-    from shmfabric.fabric import FabricError
+    from shmfabric.adapters.tap import (TapBusyError, TapError, check_ifname, configure, enter_netns,
+                                        hold_global_address, open_tap, parse_address, parse_global,
+                                        release_global_address)
 
     try:
         check_ifname(args.ifname)
@@ -171,13 +174,11 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             if args.netns:
                 enter_netns(args.netns)
             tap = open_tap(args.ifname, segments=segments)
+        except TapBusyError as exc:
+            raise CliRetry(str(exc)) from None
         except TapError as exc:
             raise CliError(str(exc)) from None
-        try:
-            node = fab.attach(args.node, network=args.network)
-        except FabricError as exc:
-            raise CliError(str(exc)) from None
-        node.set_wait_mode("block")
+        node = attach_port_node(fab, args)
         lay = fab.region.layout
         guard = SourceGuard(node.mac, [a.ip for a in addresses], allowed, shared) if source_check else None
         bridge = TapBridge(node, tap, batch=args.batch, guard=guard, **port_options(fab, args))
@@ -186,7 +187,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
                 # before the kernel has it (and announces it): a duplicate would move its peers' caches
                 owner = bridge.address_in_use(a.ip.packed)
                 if owner is not None:
-                    raise CliError(f"address {a.ip} is in use on fabric {args.fabric!r} by {format_mac(owner)} "
+                    raise CliRetry(f"address {a.ip} is in use on fabric {args.fabric!r} by {format_mac(owner)} "
                                    f"(node id {fabric_mac_node(owner)}); give this adapter another one")
         try:
             # Segments the kernel hands the device uncut must fit a slot: at most the network's MTU.
@@ -215,7 +216,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         try:
             bridge.run(lambda: stop[0] or (deadline is not None and time.monotonic() >= deadline))
         except DeviceGone as exc:
-            raise CliError(f"{exc}; adapter {args.node} left the fabric") from None
+            raise CliRetry(f"{exc}; adapter {args.node} left the fabric") from None
         report_counters(args, bridge.counters, lambda text: print(f"adapter {args.node}: {text}", file=sys.stderr,
                                                                    flush=True), ifname=tap.ifname)
         return 0

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from shmfabric.core.errors import EXIT_RETRY
+
 # Modules that add sub-commands, in the order they appear in --help.
 COMMANDS = [
     "shmfabric.cli.fabric_cmds",
@@ -26,6 +28,11 @@ COMMANDS = [
 
 class CliError(Exception):
     """An error the user can fix; printed as one line, exit status 2."""
+
+
+class CliRetry(CliError):
+    """An error that may clear by itself (a node name, TAP device or address held by another
+    process); printed as one line, exit status EXIT_RETRY (75), which a service manager restarts."""
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CliError as exc:
         print(f"shmfabric: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_RETRY if isinstance(exc, CliRetry) else 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like

@@ -66,3 +66,18 @@ class CorruptRegionError(RegionOpenError):
 
 class AttachError(FabricError):
     """A node could not attach (table full, name in use, unknown network)."""
+
+
+class NameInUseError(AttachError):
+    """A live node holds the name: attaching again can work once it detaches (or dies)."""
+
+
+class FabricFullError(AttachError):
+    """The node table is full: attaching again can work once a node detaches."""
+
+
+# The exit status of a program that stopped on a condition that may clear by itself (a name, a
+# device or an address held by another process): sysexits.h's EX_TEMPFAIL. Status 2 stays "fix
+# the command line or config": a service manager restarts the first and gives up on the second
+# (the shmfabric manager does; so does systemd with RestartPreventExitStatus=2).
+EXIT_RETRY = 75

@@ -28,6 +28,8 @@ from shmfabric.core.errors import (
     AttachError,
     BadMagicError,
     FabricError,
+    FabricFullError,
+    NameInUseError,
     RegionCreateError,
     RegionOpenError,
     UnknownDestinationError,
@@ -292,14 +294,14 @@ class Fabric:
                     if region.core.node_state(i) == native.NODE_UP:
                         e = region.node_entry(i)
                         if e["name"] == name:
-                            raise AttachError(f"a node named {name!r} is already attached (id {i}, pid {e['pid']}); "
+                            raise NameInUseError(f"a node named {name!r} is already attached (id {i}, pid {e['pid']}); "
                                               "choose another name or detach it")
                 pid = os.getpid()
                 idx = region.core.claim_node(name, network, pid, proc_start_time(pid) or 0, pid_namespace())
             finally:
                 fcntl.flock(region.fd, fcntl.LOCK_UN)
         if idx < 0:
-            raise AttachError(f"fabric {self.name!r} is full ({region.layout.max_nodes} nodes); "
+            raise FabricFullError(f"fabric {self.name!r} is full ({region.layout.max_nodes} nodes); "
                               "detach a node or create the fabric with a larger max_nodes")
         node = Node(self, idx, name, network)
         self._nodes[idx] = node

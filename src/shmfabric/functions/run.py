@@ -13,7 +13,9 @@ attach, found by name then.
 may hold secrets (an AES key), and a command line is readable by every local user (`ps`). A config
 read from this process's own fd (`/proc/self/fd/N`, `/dev/fd/N`) closes that fd once read.
 
-Exit status: 0 after a graceful stop, 2 for a configuration or usage error (one line on stderr).
+Exit status: 0 after a graceful stop, 2 for a configuration or usage error (one line on stderr),
+75 (EX_TEMPFAIL) when the node name is held by a live node or the fabric's node table is full:
+conditions that clear, so a service manager restarts it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import sys
 import time
 
 from shmfabric.core.parent import die_with_parent
-from shmfabric.fabric import Fabric, FabricError, RegionOpenError
+from shmfabric.core.errors import EXIT_RETRY
+from shmfabric.fabric import Fabric, FabricError, FabricFullError, NameInUseError, RegionOpenError
 from shmfabric.functions.api import FunctionConfigError
 from shmfabric.functions.registry import UnknownFunctionError, load
 from shmfabric.functions.runtime import FunctionRunner, install_signal_handlers
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownFunctionError, FunctionConfigError, FabricError, ValueError) as e:
         print(f"shmfabric.functions.run: {e}", file=sys.stderr)
         fab.close()
-        return 2
+        # a name held by a live node, or a full table, clears when that node goes: not a config error
+        return EXIT_RETRY if isinstance(e, (NameInUseError, FabricFullError)) else 2
     install_signal_handlers(runner)
     if a.parent_pid is not None:
         die_with_parent(a.parent_pid)

@@ -1,0 +1,111 @@
+"""A node that cannot start for a reason that clears by itself (its name held by a live node, a
+full node table, its TAP device held by another process) exits with status 75 (EX_TEMPFAIL), so a
+service manager restarts it; a configuration error stays status 2, which is not retried."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from shmfabric.core.errors import EXIT_RETRY
+from shmfabric.fabric import Fabric
+
+SHMFABRIC = [sys.executable, "-m", "shmfabric"]
+root = pytest.mark.skipif(os.geteuid() != 0, reason="a TAP device needs root")
+
+
+@pytest.fixture
+def fab():
+    name = f"rex-{uuid.uuid4().hex[:8]}"
+    f = Fabric.create(name, max_nodes=4, networks=[{"mtu": 1500, "slots": 256}], ring_size=64)
+    yield f
+    f.close()
+    Fabric.destroy(name)
+
+
+def run_function(fab, node: str, **extra) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "shmfabric.functions.run", "--fabric", fab.name, "--node", node,
+            "--function", "sink", "--duration", "1", "--config", "{}"]
+    for k, v in extra.items():
+        argv += [f"--{k}", str(v)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def one_line(p: subprocess.CompletedProcess, says: str) -> None:
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_function_whose_name_is_held_exits_75_and_starts_once_it_is_free(fab):
+    held = fab.attach("fw")
+    p = run_function(fab, "fw")
+    assert p.returncode == EXIT_RETRY, (p.returncode, p.stderr)
+    one_line(p, "a node named 'fw' is already attached")
+    held.detach()
+    p = run_function(fab, "fw")
+    assert p.returncode == 0, p.stderr
+
+
+def test_a_function_on_a_full_fabric_exits_75(fab):
+    nodes = [fab.attach(f"n{i}") for i in range(4)]
+    p = run_function(fab, "fw")
+    assert p.returncode == EXIT_RETRY, (p.returncode, p.stderr)
+    one_line(p, "is full (4 nodes)")
+    for n in nodes:
+        n.detach()
+
+
+def test_a_function_on_a_network_that_does_not_exist_still_exits_2(fab):
+    p = run_function(fab, "fw", network=3)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    one_line(p, "network 3 does not exist")
+
+
+def test_memif_whose_name_is_held_exits_75(fab, tmp_path):
+    held = fab.attach("m0")
+    p = subprocess.run(SHMFABRIC + ["memif", fab.name, "m0", "--socket", str(tmp_path / "m.sock"), "--seconds", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == EXIT_RETRY, (p.returncode, p.stderr)
+    one_line(p, "a node named 'm0' is already attached")
+    held.detach()
+
+
+def _link_exists(ifname: str) -> bool:
+    return subprocess.run(["ip", "link", "show", ifname], capture_output=True).returncode == 0
+
+
+@root
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")
+def test_an_adapter_whose_name_or_device_is_held_exits_75_and_leaves_nothing(fab):
+    from shmfabric.adapters.tap import open_tap
+
+    ifname = f"rx{uuid.uuid4().hex[:6]}"
+    adapter = SHMFABRIC + ["adapter", fab.name, "a0", "--ifname", ifname, "--address", "10.91.0.1/24",
+                           "--seconds", "1"]
+    held = fab.attach("a0")
+    p = subprocess.run(adapter, capture_output=True, text=True, timeout=60)
+    assert p.returncode == EXIT_RETRY, (p.returncode, p.stderr)
+    one_line(p, "a node named 'a0' is already attached")
+    assert not _link_exists(ifname)  # the TAP device it opened went with it
+    held.detach()
+    # the device held open by another process (a previous adapter still exiting, say)
+    tap = open_tap(ifname, segments=False)
+    try:
+        p = subprocess.run(adapter, capture_output=True, text=True, timeout=60)
+        assert p.returncode == EXIT_RETRY, (p.returncode, p.stderr)
+        one_line(p, "another process has it open")
+        assert fab.node_id("a0") is None  # refused before it attached
+    finally:
+        tap.close()
+    # a bad address is still a configuration error
+    bad = [a if a != "10.91.0.1/24" else "10.91.0.1" for a in adapter]
+    p = subprocess.run(bad, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    # and with nothing held it runs
+    p = subprocess.run(adapter, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEBS    := redis-server redis-tools nginx-light haproxy nutcracker wrk curl iproute2 tshark nftables conntrack \
-           iputils-ping iperf3 dpdk-dev
+           iputils-ping iperf3 dpdk-dev dnsmasq-base udhcpc
 PYTEST_ARGS ?=
 
 .PHONY: run demo test setup debs build bench clean

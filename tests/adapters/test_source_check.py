@@ -344,3 +344,46 @@ def test_a_global_member_cannot_claim_the_shared_ipv6_address_with_a_solicitatio
         assert counters.get("drop_spoofed_claim") == 3, counters
     else:
         assert seen == member.hex(":")
+
+
+UDHCPC_SCRIPT = '#!/bin/sh\n[ "$1" = bound ] && echo "$ip $router" > "$0.lease"\nexit 0\n'
+
+
+@pytest.mark.skipif(programs.find("dnsmasq") is None, reason=programs.not_found("dnsmasq", fix="Debian dnsmasq-base"))
+@pytest.mark.skipif(programs.find("udhcpc") is None, reason=programs.not_found("udhcpc", fix="Debian udhcpc"))
+@pytest.mark.parametrize("args", [[], ["--source-check"], ["--source-check", "--dhcp-server"]],
+                         ids=["unchecked", "checked", "checked-dhcp-server"])
+def test_a_rogue_dhcp_server_leases_only_through_an_unchecked_adapter_or_one_allowed_to_serve(
+        tmp_path, args: list[str]) -> None:
+    # host0 runs a real DHCP server (dnsmasq) handing out itself as the router; host1's real DHCP
+    # client (udhcpc) asks over the fabric. A checked adapter drops the server's offers unless it
+    # was started with --dhcp-server
+    script = tmp_path / "lease.sh"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    with CheckedLan(2, {0: args}) as lan:
+        pool = lan.ip(0).rsplit(".", 1)[0]
+        server = lan.popen(0, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--user=root",
+                               "--interface=sf0", "--bind-interfaces", f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+                               f"--dhcp-leasefile={tmp_path / 'leases'}",
+                               f"--dhcp-range={pool}.150,{pool}.160,255.255.255.0,2m",
+                               f"--dhcp-option=3,{lan.ip(0)}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.5)
+            assert server.poll() is None, server.communicate()[1]
+            client = lan.run(1, ["udhcpc", "-i", "sf0", "-n", "-q", "-f", "-t", "4", "-T", "2", "-A", "1",
+                                 "-s", str(script)], capture_output=True, text=True, timeout=30)
+        finally:
+            server.terminate()
+            server.wait(10)
+        counters = lan.stop(0)
+    lease = tmp_path / "lease.sh.lease"
+    if args == ["--source-check"]:
+        assert client.returncode != 0 and not lease.exists(), client.stderr
+        assert counters.get("drop_dhcp_server", 0) >= 1, counters
+    else:  # the lease is real: an address of the server's range, the server as the router
+        assert client.returncode == 0, client.stderr
+        ip, router = lease.read_text().split()
+        assert ip.startswith(f"{pool}.1") and router == lan.ip(0), (ip, router)
+        assert "drop_dhcp_server" not in counters, counters

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shmfabric.adapters.ethernet import vnet_to_meta
-from shmfabric.adapters.source_guard import (BAD_OFFLOAD, MALFORMED, ROUTER, SPOOFED_CLAIM, SPOOFED_IP, SPOOFED_MAC,
-                                             UNCHECKED, SourceGuard, allowed_prefix, link_local)
+from shmfabric.adapters.source_guard import (BAD_OFFLOAD, DHCP_SERVER, MALFORMED, ROUTER, SPOOFED_CLAIM, SPOOFED_IP,
+                                             SPOOFED_MAC, UNCHECKED, SourceGuard, allowed_prefix, link_local)
 
 MAC = bytes.fromhex("027366000001")
 OTHER = bytes.fromhex("027366000002")
@@ -241,3 +241,37 @@ UDP6 = ipv6(OWN6, 17, UDP)
 ])
 def test_offload_requests_must_fit_the_packet(name: str, header: bytes, frame: bytes, meta: int, want) -> None:
     assert verdict(header, frame, meta=meta) == want, name
+
+
+def udp4(src: str, sport: int, dport: int, frag_word: int = 0x4000, ihl: int = 5) -> bytes:
+    opts = bytes((ihl - 5) * 4)
+    return (bytes((0x40 | ihl, 0)) + b"\x01\x48\x00\x00" + frag_word.to_bytes(2, "big") + b"\x40\x11\x00\x00"
+            + ipaddress.ip_address(src).packed + ipaddress.ip_address("255.255.255.255").packed + opts
+            + struct.pack("!HHHH", sport, dport, 308, 0) + bytes(300))
+
+
+def udp6(sport: int, dport: int) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 100, 0) + bytes(92)
+
+
+DHCP_SERVING = SourceGuard(MAC, [ipaddress.ip_address(OWN4), ipaddress.ip_address(OWN6)], dhcp_server=True)
+
+
+@pytest.mark.parametrize("name, header, frame, want", [
+    ("offer", eth(0x0800), udp4(OWN4, 67, 68), DHCP_SERVER),
+    ("offer-from-another-port", eth(0x0800), udp4(OWN4, 4067, 68), DHCP_SERVER),  # clients filter on 68 only
+    ("offer-behind-ip-options", eth(0x0800), udp4(OWN4, 67, 68, ihl=7), DHCP_SERVER),
+    ("offer-first-fragment", eth(0x0800), udp4(OWN4, 67, 68, frag_word=0x2000), DHCP_SERVER),
+    ("later-fragment", eth(0x0800), udp4(OWN4, 67, 68, frag_word=0x2010), None),  # (no UDP header in it)
+    ("client-discover", eth(0x0800), udp4("0.0.0.0", 68, 67), None),
+    ("relay-to-server", eth(0x0800), udp4(OWN4, 67, 67), None),
+    ("dns", eth(0x0800), udp4(OWN4, 40000, 53), None),
+    ("dhcpv6-reply", eth(0x86DD), ipv6(OWN6, 17, udp6(547, 546)), DHCP_SERVER),
+    ("dhcpv6-reply-behind-options", eth(0x86DD), ipv6(OWN6, 0, ext(17) + udp6(547, 546)), DHCP_SERVER),
+    ("dhcpv6-solicit", eth(0x86DD), ipv6(str(LL), 17, udp6(546, 547)), None),
+    ("dhcpv6-later-fragment", eth(0x86DD), ipv6(OWN6, 44, frag(17, 1) + udp6(547, 546)), None),
+    ("udp6-short", eth(0x86DD), ipv6(OWN6, 17, b"\x02\x23\x02"), None),
+])
+def test_dhcp_server_messages_are_dropped_unless_the_adapter_serves_dhcp(name, header, frame, want) -> None:
+    assert GUARD.verdict(bytearray(header), bytearray(frame), len(frame)) == want
+    assert DHCP_SERVING.verdict(bytearray(header), bytearray(frame), len(frame)) is None

@@ -1,4 +1,4 @@
-"""`source_check:` and `allow_source:` on a topology's tap adapter: validated with located errors,
+"""`source_check:`, `allow_source:` and `dhcp_server:` on a topology's tap adapter: validated with located errors,
 passed to the adapter by the manager, and enforced (a source the adapter was not given is dropped,
 counted in status, while its own traffic flows)."""
 from __future__ import annotations
@@ -38,6 +38,25 @@ def test_source_check_is_off_unless_asked_and_allow_source_is_kept():
     """), "t.yaml")
     assert topo.node("a").adapter.source_check is False and topo.node("a").adapter.allow_source == []
     assert topo.node("b").adapter.allow_source == ["10.8.0.0/16"]
+
+
+def test_dhcp_server_reaches_the_adapters_command_line():
+    from types import SimpleNamespace
+
+    from shmfabric.cli.main import build_parser
+    from shmfabric.manager.supervisor import Supervisor
+
+    topo = parse_topology(textwrap.dedent("""\
+        fabric: {name: x}
+        nodes:
+          - {name: a, adapter: {kind: tap, address: [10.9.0.1/24]}}
+          - {name: b, adapter: {kind: tap, netns: b, address: [10.9.0.2/24], dhcp_server: true}}
+    """), "t.yaml")
+    sup = Supervisor(topo)  # (not started: only its command lines are asked for)
+    argv = {n: sup._adapter_argv(topo, topo.node(n), SimpleNamespace(name=n), None) for n in ("a", "b")}
+    assert "--dhcp-server" not in argv["a"] and "--dhcp-server" in argv["b"]
+    args = build_parser().parse_args(argv["b"][argv["b"].index("adapter"):])
+    assert args.dhcp_server is True
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="TAP adapters and network namespaces need root")

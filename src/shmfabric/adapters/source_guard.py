@@ -21,6 +21,10 @@ switch's port security, or a cloud's anti-spoofing rule on a VM's port, does):
   `--allow-source` prefixes are sources only;
 - router advertisements and redirects (RA guard, RFC 6105): they would give the peers a route
   through this node or move a neighbour entry;
+- DHCP and DHCPv6 server messages, i.e. UDP to a client's port (68, 546), unless the adapter runs
+  a DHCP server (`--dhcp-server`): a rogue server's offer gives its clients a gateway and a name
+  server of its choosing (DHCP snooping's untrusted port). Clients take these on their port
+  whatever the source port (dhclient's and systemd-networkd's filters look at the destination);
 - an offload request (the TAP's virtio-net header) other than a TCP or UDP checksum at the
   packet's own L4 header, or a segmentation of another protocol: a checksum "completed" anywhere
   else would rewrite the frame after this check;
@@ -56,6 +60,9 @@ _FROM_ANY = frozenset((ND_RS, ND_NS, MLD_REPORT, MLD2_REPORT))  # what may come 
 _LLA_OPTIONS = (1, 2)  # source / target link-layer address
 V4_ANY = bytes(4)
 V6_ANY = bytes(16)
+UDP = 17
+DHCP_CLIENT_PORT = b"\x00\x44"  # 68
+DHCP6_CLIENT_PORT = b"\x02\x22"  # 546
 
 # the offload bits of a frame's `meta` (`ethernet.vnet_to_meta`)
 _NEEDS_CSUM = F_NEEDS_CSUM << 29
@@ -65,6 +72,7 @@ SPOOFED_MAC = "drop_spoofed_mac"
 SPOOFED_IP = "drop_spoofed_ip"
 SPOOFED_CLAIM = "drop_spoofed_claim"
 ROUTER = "drop_router_message"
+DHCP_SERVER = "drop_dhcp_server"
 BAD_OFFLOAD = "drop_bad_offload"
 UNCHECKED = "drop_unchecked_ethertype"
 MALFORMED = "drop_malformed"
@@ -97,12 +105,14 @@ class SourceGuard:
 
     `mac`: the node's fabric MAC; `addresses`: the host addresses the adapter owns (`--address`;
     it may send from them and claim them); `shared`: addresses it may send from but never claim
-    (`--global`); `prefixes`: further source prefixes (`--allow-source`). The IPv6 link-local
-    address of `mac` is owned too. Use `verdict`."""
+    (`--global`); `prefixes`: further source prefixes (`--allow-source`); `dhcp_server`: the
+    adapter's namespace runs a DHCP or DHCPv6 server, whose replies pass (`--dhcp-server`). The
+    IPv6 link-local address of `mac` is owned too. Use `verdict`."""
 
     def __init__(self, mac: bytes, addresses: Iterable[IPAddress] = (), prefixes: Iterable[IPNetwork] = (),
-                 shared: Iterable[IPAddress] = ()):
+                 shared: Iterable[IPAddress] = (), dhcp_server: bool = False):
         self.mac = bytes(mac)
+        self.dhcp_server = dhcp_server
         owned = [ipaddress.ip_address(a) for a in addresses] + [link_local(self.mac)]
         sources = owned + [ipaddress.ip_address(a) for a in shared]
         self._v4 = frozenset(a.packed for a in sources if a.version == 4)
@@ -138,8 +148,8 @@ class SourceGuard:
     def verdict(self, header: bytes | bytearray, payload: Any, size: int, meta: int = 0) -> str | None:
         """None if the frame (Ethernet `header`, then `payload[:size]`, any buffer; `meta`: its
         offload request, as `ethernet.vnet_to_meta` gives it) may go on; else the counter its
-        drop adds to (SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, ROUTER, BAD_OFFLOAD, UNCHECKED,
-        MALFORMED)."""
+        drop adds to (SPOOFED_MAC, SPOOFED_IP, SPOOFED_CLAIM, ROUTER, DHCP_SERVER, BAD_OFFLOAD,
+        UNCHECKED, MALFORMED)."""
         if header[6:12] != self.mac:
             return SPOOFED_MAC
         et = (header[12] << 8) | header[13]
@@ -150,8 +160,14 @@ class SourceGuard:
                 src = v[12:16].tobytes()
                 if not (src in self._v4 or src == V4_ANY or self._source(src)):
                     return SPOOFED_IP
-                if meta & META_VNET and not _offload_ok(meta, (v[0] & 0xF) * 4, v[9], 4, size):
+                l4 = (v[0] & 0xF) * 4
+                if meta & META_VNET and not _offload_ok(meta, l4, v[9], 4, size):
                     return BAD_OFFLOAD
+                # (a fragment past the first has no UDP header; a first one too short to hold one
+                # cannot reach a client's port either)
+                if v[9] == UDP and not self.dhcp_server and not (v[6] & 0x1F or v[7]) \
+                        and v[l4 + 2:l4 + 4] == DHCP_CLIENT_PORT:
+                    return DHCP_SERVER
                 return None
             with v[:size] as frame:
                 if et == ETH_P_IPV6:
@@ -200,8 +216,12 @@ class SourceGuard:
             why = self._icmpv6(v, size, at, from_any=True) if nh == ICMPV6 else SPOOFED_IP
         elif not (src in self._v6 or self._source(src)):
             return SPOOFED_IP
+        elif nh == ICMPV6:
+            why = self._icmpv6(v, size, at, from_any=False, owned=src in self._claims)
+        elif nh == UDP and not self.dhcp_server and v[at + 2:at + 4] == DHCP6_CLIENT_PORT:
+            why = DHCP_SERVER
         else:
-            why = self._icmpv6(v, size, at, from_any=False, owned=src in self._claims) if nh == ICMPV6 else None
+            why = None
         if why is None and meta & META_VNET and not _offload_ok(meta, at, nh, 6, size):
             return BAD_OFFLOAD
         return why

@@ -158,7 +158,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         allowed = [allowed_prefix(a) for a in args.allow_source]
     except ValueError as exc:
         raise CliError(f"--allow-source: {exc}") from None
-    source_check = args.source_check or bool(allowed)
+    source_check = args.source_check or bool(allowed) or args.dhcp_server
     check_member_addresses(shared, addresses)
     check_batch(args)
     fab = open_fabric(args.fabric)
@@ -180,7 +180,8 @@ def cmd_adapter(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         node = attach_port_node(fab, args)
         lay = fab.region.layout
-        guard = SourceGuard(node.mac, [a.ip for a in addresses], allowed, shared) if source_check else None
+        guard = (SourceGuard(node.mac, [a.ip for a in addresses], allowed, shared, dhcp_server=args.dhcp_server)
+                 if source_check else None)
         bridge = TapBridge(node, tap, batch=args.batch, guard=guard, **port_options(fab, args))
         for a in addresses:
             if a.version == 4:
@@ -205,6 +206,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         via_text += "".join(f", member of global address {g}" for g in shared)
         if source_check:
             via_text += ", sources checked" + "".join(f" (and {n})" for n in allowed)
+            via_text += " (DHCP server replies allowed)" if args.dhcp_server else ""
         print(f"adapter {args.node}: {tap.ifname}{where}, node id {node.id}, mac {format_mac(node.mac)}, "
               f"mtu {mtu}, {offload}, {' '.join(map(str, addresses)) or 'no address'}{via_text}", flush=True)
         tape = lay.tape_entry_size - 14
@@ -250,10 +252,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="drop the frames from the interface that name another sender: a source MAC not the "
                         "node's, a source IP not one of its --address/--global addresses (or its IPv6 "
                         "link-local one), ARP or neighbour discovery claiming an address not its own, "
-                        "router advertisements and redirects, offload requests outside the L4 checksum, "
-                        "other EtherTypes (counted as drop_*; see docs/adapters.md)")
+                        "router advertisements and redirects, DHCP server messages, offload requests outside "
+                        "the L4 checksum, other EtherTypes (counted as drop_*; see docs/adapters.md)")
     p.add_argument("--allow-source", action="append", default=[], metavar="CIDR",
                    help="also allow sources in this prefix, e.g. a network routed behind the namespace "
                         "(repeatable; implies --source-check)")
+    p.add_argument("--dhcp-server", action="store_true",
+                   help="the namespace runs a DHCP or DHCPv6 server: its replies to clients pass the source "
+                        "check (implies --source-check)")
     add_port_arguments(p)
     p.set_defaults(func=cmd_adapter)

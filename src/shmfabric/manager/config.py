@@ -261,6 +261,8 @@ class TapAdapter(_Model):
     allow_source: list[str] = Field(default_factory=list,
                                     description="further source prefixes allowed (implies source_check), "
                                                 "e.g. [10.9.0.0/16] routed behind the namespace")
+    dhcp_server: bool = Field(False, description="the namespace runs a DHCP or DHCPv6 server: its replies to "
+                                                 "clients pass the source check (implies source_check)")
 
     @field_validator("allow_source")
     @classmethod

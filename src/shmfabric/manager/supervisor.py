@@ -1206,6 +1206,8 @@ class Supervisor:
                 argv.append("--source-check")
             for prefix in a.allow_source:
                 argv += ["--allow-source", prefix]
+            if a.dhcp_server:
+                argv.append("--dhcp-server")
         argv += ["--batch", str(cfg.batch), "--parent-pid", str(os.getpid()),
                  "--network", str(topo.network_index(cfg.name))]
         inst.via = self._via_instance(cfg.via) if cfg.via else None

@@ -459,8 +459,9 @@ def _settled_audit(fab) -> dict:
     """pool_audit once no sweep is pending, with the sweep counters. A reclaim's sweep gives up
     while another node stays inside a pool operation for its whole wait (a loaded machine
     deschedules it there); the watchdog then retries it at growing intervals, up to 5 s apart.
-    The free stack's own count is exact only after that sweep, so a check made before it would
-    fail on a state the design repairs (seen once in CI)."""
+    The free stack's own count is exact only after that sweep. (CI once failed this test with a
+    count one too high: not that, but a double free, on_stack -1, from a sender killed inside
+    desc_put; test_desc_order.py reproduces it deterministically.)"""
     assert wait_until(lambda: fab.sweep() >= 0, 15.0), "a pending sweep could not run for 15 s"
     audit = fab.pool_audit()
     sb = fab.region.superblock()

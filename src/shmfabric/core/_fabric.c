@@ -495,18 +495,24 @@ static inline uint16_t desc_stamp(uint32_t index, uint32_t ring_size, uint32_t e
     return (uint16_t)((((index >> __builtin_ctz(ring_size)) & 0x7u) << 1) | ((epoch & 0xfffu) << 4));
 }
 
-/* Fill a descriptor past the ring head, then tag its slot for the destination, in that order: a
- * sender killed between the two leaves a slot that is still its own (its owner scan frees it),
- * never one tagged for dst outside any ring (take_unpublished finds it by the descriptor). A
- * compiler barrier is enough: the reclaim runs after this process is gone. */
+/* Fill a descriptor past the ring head, then stamp it, then tag its slot for the destination, in
+ * that order. The stamp (in `flags`) is what take_unpublished trusts: until it lands, the entry
+ * is the previous lap's (its slot and len those of a frame consumed long ago, whose slot the
+ * receiver may hold still, under its own tag), so the stamp must be the last field written; the
+ * compiler merged slot and len into one store after flags before (a sender killed between them
+ * made its reclaim free a slot the receiver held: a double free, found in CI). A sender killed
+ * before the tag leaves a slot that is still its own (its owner scan frees it), never one tagged
+ * for dst outside any ring. Compiler barriers are enough: the reclaim runs after this process is
+ * gone. */
 static inline void desc_put(sf_desc *d, uint32_t slot, uint16_t pool, uint16_t flags, uint32_t meta, uint32_t len,
                             uint32_t *owner, uint32_t dst_tag)
 {
     d->slot = slot;
     d->pool = pool;
-    d->flags = flags;
     d->meta = meta;
     d->len = len;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    STORE_RELAXED(&d->flags, flags);
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     STORE_RELAXED(owner, dst_tag);
 }

@@ -85,3 +85,22 @@ def test_an_undone_replace_puts_a_starting_instance_back_to_starting(run_topolog
     assert (sink1.state, sink2.state) == ("running", "starting"), explain(sup, "sink")
     held["on"] = False
     assert _until(lambda: sink2.state == "running"), explain(sup, "sink")
+
+
+def test_a_steer_refused_half_way_says_which_instances_have_the_new_group(run_topology, loop):
+    # fw runs 2 instances; when sink is replaced, fw-2 refuses its set_next after fw took it: the
+    # events say so (before, only the action's error was recorded, not who had the new group)
+    sup = run_topology(_functions_topology(""))
+    loop(sup)
+    sup.scale("fw", 2)
+    real_request = sup._request
+
+    def request(target, op, *args, **kw):
+        if target == "fw-2" and op.get("op") == "set_next":
+            return {"ok": False, "error": "refused (forced by the test)"}
+        return real_request(target, op, *args, **kw)
+    sup._request = request
+    with pytest.raises(SupervisorError, match="forced by the test"):
+        sup.replace("sink", version="2")
+    refused = [e["detail"] for e in sup.events if e["kind"] == "steer-refused" and e["node"] == "fw"]
+    assert refused and "fw-2" in refused[-1] and "told fw before it" in refused[-1], explain(sup, "fw")

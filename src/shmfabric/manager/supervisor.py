@@ -1563,12 +1563,15 @@ class Supervisor:
                 reply = self._request(inst.name, msg)
                 if not reply.get("ok"):
                     raise SupervisorError(f"set_next on {inst.name!r} refused: {reply.get('error')}", status=502)
-            except SupervisorError:
+            except SupervisorError as exc:
                 # this one and those after it are not told: the loop tells them once this steer is
                 # still the current one (an operation that undoes itself puts back what they have)
                 for other in node.instances:
                     if other.state == "running" and not other.staged and other.steer not in (None, steer):
                         other.steer_due = True
+                # which instances have the new group now, for whoever reads the events afterwards
+                self._event("steer-refused", node.cfg.name, f"next -> {nxt}: {exc}; "
+                            + (f"told {', '.join(told)} before it" if told else "no instance told"))
                 raise
             if inst.proc is proc:  # (restarted meanwhile: its command line says what it has)
                 inst.steer, inst.steer_due, inst.steer_failures = steer, False, 0

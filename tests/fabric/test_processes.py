@@ -574,6 +574,50 @@ class _Pool:
 
 
 @pytest.mark.timeout(60)
+def test_a_reclaim_resumed_after_its_reclaimer_died_frees_the_rest_of_the_unpublished_frames_once(harness):
+    # A reclaimer killed inside its give-back of a dead sender's unpublished frames leaves the
+    # entry in RECLAIM; the next reclaim resumes it. Killed after it cleared the first entry and
+    # untagged its slot, before the push (the order it uses: a slot already pushed behind a still
+    # stamped entry could be the live receiver's again by the rerun, and freed twice): the rerun
+    # skips the cleared entry and frees the other 39 (it stopped at the first cleared entry
+    # before, leaking them: slots tagged for the live receiver, in no ring), and a sweep gives
+    # back the untagged slot.
+    import struct
+
+    from shmfabric.core.region import L
+
+    fab = harness.create("rerun", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 2048}])
+    sink = fab.attach("sink")
+    w = harness.worker("send_then_hold", fab.name, "s", "sink", 40)
+    sid = w.read()["id"]
+    _unpublish(fab, sid, sink.id, 40)
+    lay, mm, pool = fab.region.layout, fab.region.mm, _Pool(fab)
+    ring = lay.off_rings + (sid * lay.max_nodes + sink.id) * lay.ring_stride
+    head = struct.unpack_from("<I", mm, ring + L["sf_ring.head"])[0]
+    first = ring + L["sf_ring.desc"] + (head & 255) * L["sizeof.desc"]
+    lost = struct.unpack_from("<I", mm, first)[0]
+    pool._u32(pool.off_owner, lost, 0)  # the first run's untag of that slot...
+    struct.pack_into("<I", mm, first + 4, 0)  # ...and its clear of the entry; killed before the push
+    w.kill9()
+    assert wait_until(lambda: fab.node_id("s") is None and sid not in fab.pool_audit()["held"], 5.0)
+    audit = fab.pool_audit()
+    assert audit["held"].get(sink.id, 0) == 0, audit  # the other 39 were freed (sink never received)
+    assert audit["on_stack"] == audit["free"] - 1, audit  # only the untagged one is nowhere
+    assert fab.sweep(force=True) == 1
+    bufs = alloc_all(sink)  # every slot once: nothing was freed twice
+    assert len(bufs) == 2048
+    for i, b in enumerate(bufs):
+        with memoryview(b) as v:
+            v[:4] = struct.pack("<I", i)
+    for i, b in enumerate(bufs):  # no two buffers share a slot
+        with memoryview(b) as v:
+            assert struct.unpack("<I", v[:4])[0] == i
+    del bufs
+    sink.detach()
+    assert_all_free(fab)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("window", ["pop", "flush"])
 def test_slots_of_a_node_killed_inside_a_free_stack_operation_are_given_back(harness, window):
     # cache_refill takes a chain off the shared stack with one CAS and then tags its slots;

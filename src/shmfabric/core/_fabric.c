@@ -577,11 +577,30 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
         uint32_t space = sf_ring_space(head, tail, size);
         for (uint32_t j = 0; j < space; j++) {
             sf_desc *d = &g->desc[(head + j) & (size - 1)];
-            if (!d->len || (d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
+            if (!d->len)
+                continue; /* given back already: by an earlier run of this reclaim (its reclaimer
+                           * died: the run is resumed), or never written (the stamp below stops) */
+            if ((d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
                 break; /* an earlier lap (consumed, or never written), or meant for an earlier
                         * incarnation of the destination (its reclaim freed those) */
-            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
-                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag);
+            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots) {
+                /* reclaim_slot in three steps, the entry cleared before the slot is pushed: a rerun
+                 * (this reclaimer killed) must not find a stamped entry naming a slot already free,
+                 * which the live destination may have taken again under its own tag (a double
+                 * free). Killed between the untag and the push, the slot is nobody's and on no
+                 * stack: the lock's EOWNERDEAD makes a sweep pending, which gives it back. */
+                sf_network *n = net_at(r, d->pool);
+                uint32_t slot = d->slot, exp = dst_tag;
+                if (__atomic_compare_exchange_n(&net_owner(r, n)[slot], &exp, 0, false, __ATOMIC_ACQ_REL,
+                                                __ATOMIC_RELAXED)) {
+                    STORE_RELAXED(&d->len, 0);
+                    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+                    net_next(r, n)[slot] = 0;
+                    stack_push_chain(r, n, slot, 1);
+                    freed++;
+                    continue;
+                }
+            }
             d->len = 0;
         }
     }

@@ -364,7 +364,7 @@ def test_a_rogue_dhcp_server_leases_only_through_an_unchecked_adapter_or_one_all
     with CheckedLan(2, {0: args}) as lan:
         pool = lan.ip(0).rsplit(".", 1)[0]
         server = lan.popen(0, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--user=root",
-                               "--interface=sf0", "--bind-interfaces", f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+                               "--interface=sf0", "--bind-interfaces", "--no-ping", f"--pid-file={tmp_path / 'dnsmasq.pid'}",
                                f"--dhcp-leasefile={tmp_path / 'leases'}",
                                f"--dhcp-range={pool}.150,{pool}.160,255.255.255.0,2m",
                                f"--dhcp-option=3,{lan.ip(0)}"],
@@ -372,7 +372,7 @@ def test_a_rogue_dhcp_server_leases_only_through_an_unchecked_adapter_or_one_all
         try:
             time.sleep(0.5)
             assert server.poll() is None, server.communicate()[1]
-            client = lan.run(1, ["udhcpc", "-i", "sf0", "-n", "-q", "-f", "-t", "4", "-T", "2", "-A", "1",
+            client = lan.run(1, ["udhcpc", "-i", "sf0", "-n", "-q", "-f", "-t", "3", "-T", "1", "-A", "1",
                                  "-s", str(script)], capture_output=True, text=True, timeout=30)
         finally:
             server.terminate()

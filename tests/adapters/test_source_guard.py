@@ -270,7 +270,8 @@ DHCP_SERVING = SourceGuard(MAC, [ipaddress.ip_address(OWN4), ipaddress.ip_addres
     ("dhcpv6-reply-behind-options", eth(0x86DD), ipv6(OWN6, 0, ext(17) + udp6(547, 546)), DHCP_SERVER),
     ("dhcpv6-solicit", eth(0x86DD), ipv6(str(LL), 17, udp6(546, 547)), None),
     ("dhcpv6-later-fragment", eth(0x86DD), ipv6(OWN6, 44, frag(17, 1) + udp6(547, 546)), None),
-    ("udp6-short", eth(0x86DD), ipv6(OWN6, 17, b"\x02\x23\x02"), None),
+    ("udp6-cut-before-the-port", eth(0x86DD), ipv6(OWN6, 17, b"\x02\x23\x02"), MALFORMED),
+    ("tiny-first-fragment", eth(0x0800), udp4(OWN4, 67, 68, frag_word=0x2000)[:22], MALFORMED),
 ])
 def test_dhcp_server_messages_are_dropped_unless_the_adapter_serves_dhcp(name, header, frame, want) -> None:
     assert GUARD.verdict(bytearray(header), bytearray(frame), len(frame)) == want

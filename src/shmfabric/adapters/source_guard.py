@@ -163,11 +163,14 @@ class SourceGuard:
                 l4 = (v[0] & 0xF) * 4
                 if meta & META_VNET and not _offload_ok(meta, l4, v[9], 4, size):
                     return BAD_OFFLOAD
-                # (a fragment past the first has no UDP header; a first one too short to hold one
-                # cannot reach a client's port either)
-                if v[9] == UDP and not self.dhcp_server and not (v[6] & 0x1F or v[7]) \
-                        and v[l4 + 2:l4 + 4] == DHCP_CLIENT_PORT:
-                    return DHCP_SERVER
+                # (a fragment past the first has no UDP header; a first one too short to show the
+                # destination port is a "tiny fragment", RFC 1858, which no host sends: it would
+                # hide an offer's port from the check)
+                if v[9] == UDP and not self.dhcp_server and not (v[6] & 0x1F or v[7]):
+                    if size < l4 + 4:
+                        return MALFORMED
+                    if v[l4 + 2:l4 + 4] == DHCP_CLIENT_PORT:
+                        return DHCP_SERVER
                 return None
             with v[:size] as frame:
                 if et == ETH_P_IPV6:
@@ -218,12 +221,15 @@ class SourceGuard:
             return SPOOFED_IP
         elif nh == ICMPV6:
             why = self._icmpv6(v, size, at, from_any=False, owned=src in self._claims)
-        elif nh == UDP and not self.dhcp_server and v[at + 2:at + 4] == DHCP6_CLIENT_PORT:
-            why = DHCP_SERVER
         else:
             why = None
         if why is None and meta & META_VNET and not _offload_ok(meta, at, nh, 6, size):
             return BAD_OFFLOAD
+        if why is None and nh == UDP and not self.dhcp_server:
+            if size < at + 4:  # a header chain cut before the port (RFC 7112: no host sends one)
+                return MALFORMED
+            if v[at + 2:at + 4] == DHCP6_CLIENT_PORT:
+                return DHCP_SERVER
         return why
 
     def _icmpv6(self, v: memoryview, size: int, at: int, from_any: bool, owned: bool = True) -> str | None:

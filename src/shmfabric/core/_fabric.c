@@ -578,8 +578,9 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
         for (uint32_t j = 0; j < space; j++) {
             sf_desc *d = &g->desc[(head + j) & (size - 1)];
             if (!d->len)
-                continue; /* given back already: by an earlier run of this reclaim (its reclaimer
-                           * died: the run is resumed), or never written (the stamp below stops) */
+                continue; /* given back already (by an earlier run of this reclaim, whose
+                           * reclaimer died: the run is resumed), or never written: skipped, and an
+                           * entry of an earlier lap further on stops the scan below */
             if ((d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
                 break; /* an earlier lap (consumed, or never written), or meant for an earlier
                         * incarnation of the destination (its reclaim freed those) */

@@ -283,7 +283,8 @@ def test_the_command_serves_until_sigterm_and_cleans_up(workdir):
         mac = re.search(r"mac ([0-9a-f:]{17})", first).group(1)
         again = subprocess.run([exe, "memif", name, "mq", "--socket", sock, "--seconds", "1"], capture_output=True,
                                text=True, timeout=20)
-        assert again.returncode == 2 and "in use by another memif server" in again.stderr, again.stderr
+        # EX_TEMPFAIL: it clears when the other server stops (a service manager restarts on it)
+        assert again.returncode == 75 and "in use by another memif server" in again.stderr, again.stderr
         assert len(again.stderr.strip().splitlines()) == 1, again.stderr
         sink = fab.attach("sink")
         with Testpmd(sock, role="client", mode="txonly", txpkts=64, eth_peer=format_mac(sink.mac),

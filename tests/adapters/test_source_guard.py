@@ -276,3 +276,28 @@ DHCP_SERVING = SourceGuard(MAC, [ipaddress.ip_address(OWN4), ipaddress.ip_addres
 def test_dhcp_server_messages_are_dropped_unless_the_adapter_serves_dhcp(name, header, frame, want) -> None:
     assert GUARD.verdict(bytearray(header), bytearray(frame), len(frame)) == want
     assert DHCP_SERVING.verdict(bytearray(header), bytearray(frame), len(frame)) is None
+
+
+def _frag6_bypass() -> bytes:
+    """The first fragment of a DHCPv6 reply whose header chain ends, by its payload length, before
+    the UDP header, followed by bytes past that length shaped like one more header with next
+    header 59 (none): the kernel cuts them off and reassembles the chain with the next fragment."""
+    frag = bytes((60, 0)) + struct.pack("!H", 0 | 1) + bytes(4)  # offset 0, more fragments
+    dest_opts = bytes((60, 0)) + bytes(6)  # next: another destination options header (in fragment 2)
+    junk = bytes((59, 0)) + bytes(6)  # past the payload length
+    body = frag + dest_opts
+    return (b"\x60\x00\x00\x00" + len(body).to_bytes(2, "big") + bytes((44, 255))
+            + ipaddress.ip_address(OWN6).packed + ipaddress.ip_address("fd00::2").packed + body + junk)
+
+
+@pytest.mark.parametrize("name, frame", [
+    ("ipv6-chain-ended-by-bytes-past-its-payload-length", _frag6_bypass()),
+    ("ipv6-payload-length-past-the-frame", ipv6(OWN6, 17, udp6(40000, 53))[:-10]),
+    ("ipv4-tiny-fragment-padded-past-its-total-length",
+     bytes((0x45, 0)) + (22).to_bytes(2, "big") + b"\x00\x00\x20\x00\x40\x11\x00\x00" + ipaddress.ip_address(OWN4).packed
+     + ipaddress.ip_address("255.255.255.255").packed + b"\x00\x43" + b"\x00\x44" + bytes(20)),
+])
+def test_bytes_past_the_ip_length_fields_are_not_read_as_headers(name, frame) -> None:
+    # (the kernel reads a packet to its length field only)
+    assert GUARD.verdict(bytearray(eth(0x86DD if frame[0] >> 4 == 6 else 0x0800)), bytearray(frame), len(frame)) \
+        == MALFORMED

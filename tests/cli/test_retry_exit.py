@@ -109,3 +109,24 @@ def test_an_adapter_whose_name_or_device_is_held_exits_75_and_leaves_nothing(fab
     # and with nothing held it runs
     p = subprocess.run(adapter, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_up_on_a_fabric_another_process_still_uses_exits_75(tmp_path):
+    # (a killed manager's nodes stop by themselves within seconds: `up` says to try again, and
+    # a service manager that restarts on 75 does)
+    name = f"rex-{uuid.uuid4().hex[:8]}"
+    holder = Fabric.create(name, max_nodes=4)
+    n1 = holder.attach("n1")
+    topo = tmp_path / "t.yaml"
+    topo.write_text(f"fabric: {{name: {name}}}\napi: null\nnodes:\n  - {{name: gen, function: generator}}\n"
+                    "  - {name: snk, function: sink}\nchains:\n  - {name: c, nodes: [gen, snk]}\n")
+    env = dict(os.environ, SHMFABRIC_STATE_DIR=str(tmp_path / "state"))
+    try:
+        p = subprocess.run(SHMFABRIC + ["up", str(topo), "--duration", "1"], capture_output=True, text=True,
+                           timeout=60, env=env)
+        assert p.returncode == EXIT_RETRY, (p.returncode, p.stderr)
+        assert f"fabric {name!r} is in use by n1" in p.stderr and "try again" in p.stderr, p.stderr
+    finally:
+        n1.detach()
+        holder.close()
+        Fabric.destroy(name)

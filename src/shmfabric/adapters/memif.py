@@ -56,6 +56,10 @@ class MemifError(Exception):
     """A memif port that cannot be set up (socket path, options); the message says how to fix it."""
 
 
+class MemifBusyError(MemifError):
+    """The socket is held by another memif server: listening can work once that one stops."""
+
+
 @dataclass(frozen=True)
 class MemifConfig:
     """One memif interface: its socket, role, interface id and secret, and (client) its rings."""
@@ -298,8 +302,8 @@ class MemifBridge(FabricPort):
                 sock.listen(4)
             except OSError as exc:
                 sock.close()
-                raise MemifError(f"cannot listen on abstract socket @{path}: {exc.strerror} (another memif "
-                                 f"server has it?)") from None
+                raise (MemifBusyError if exc.errno == errno.EADDRINUSE else MemifError)(
+                    f"cannot listen on abstract socket @{path}: {exc.strerror} (another memif server has it?)") from None
             sock.setblocking(False)
             self._listener = sock
             return
@@ -314,12 +318,12 @@ class MemifBridge(FabricPort):
             probe.settimeout(1.0)
             try:
                 probe.connect(path)
-                raise MemifError(f"{path} is in use by another memif server: stop it or give another --socket path")
+                raise MemifBusyError(f"{path} is in use by another memif server: stop it or give another --socket path")
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)  # left by a server that died
             except OSError as exc:  # (a server too busy to accept within the second is alive)
-                raise MemifError(f"{path} is in use by another memif server ({exc.strerror}): stop it or give "
-                                 f"another --socket path") from None
+                raise MemifBusyError(f"{path} is in use by another memif server ({exc.strerror}): stop it or give "
+                                     f"another --socket path") from None
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -167,7 +167,8 @@ class SourceGuard:
                 # destination port is a "tiny fragment", RFC 1858, which no host sends: it would
                 # hide an offer's port from the check)
                 if v[9] == UDP and not self.dhcp_server and not (v[6] & 0x1F or v[7]):
-                    if size < l4 + 4:
+                    # (the kernel reads the packet to its total length: bytes past it are not the port)
+                    if min(size, v[2] << 8 | v[3]) < l4 + 4:
                         return MALFORMED
                     if v[l4 + 2:l4 + 4] == DHCP_CLIENT_PORT:
                         return DHCP_SERVER
@@ -195,6 +196,14 @@ class SourceGuard:
     def _ipv6(self, v: memoryview, size: int, meta: int) -> str | None:
         if size < 40:
             return MALFORMED
+        # The kernel cuts the packet to its payload length before it reads a header: bytes past it
+        # (sent with the frame) must not count, or a header chain could end in them here while the
+        # kernel finds it cut short and reassembles it with a later fragment (a way around the
+        # DHCP and neighbour discovery checks). A length past the frame: truncated, dropped.
+        end = 40 + (v[4] << 8 | v[5])
+        if end > size:
+            return MALFORMED
+        size = end
         src = v[8:24].tobytes()
         nh, at = v[6], 40
         for _ in range(_MAX_EXT):

@@ -34,7 +34,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from shmfabric.cli.main import CliError, add_json_flag, console
+from shmfabric.cli.main import CliError, CliRetry, add_json_flag, console
 
 
 # -- state files -------------------------------------------------------------------------------------
@@ -796,7 +796,7 @@ def _foreground(args: argparse.Namespace, path: str, topo, sd: StateDir, state_n
         try:
             sup.start()
         except SupervisorError as exc:
-            raise CliError(sup.redact_text(str(exc))) from None
+            raise (CliRetry if exc.retry else CliError)(sup.redact_text(str(exc))) from None
         registry = make_registry(sup)
         if listen:
             try:

@@ -16,12 +16,12 @@ import time
 
 from shmfabric.cli.adapter import add_port_arguments, attach_port_node, check_batch, open_fabric, port_options, \
     report_counters, stop_on_signals
-from shmfabric.cli.main import CliError
+from shmfabric.cli.main import CliError, CliRetry
 
 
 def cmd_memif(args: argparse.Namespace) -> int:
     from shmfabric.adapters.ethernet import format_mac
-    from shmfabric.adapters.memif import MemifBridge, MemifConfig, MemifError
+    from shmfabric.adapters.memif import MemifBridge, MemifBusyError, MemifConfig, MemifError
     from shmfabric.adapters.memif_wire import MemifProtocolError
 
     check_batch(args)
@@ -66,6 +66,8 @@ def cmd_memif(args: argparse.Namespace) -> int:
         if config.role == "server":
             try:
                 port.listen()
+            except MemifBusyError as exc:
+                raise CliRetry(str(exc)) from None
             except MemifError as exc:
                 raise CliError(str(exc)) from None
         where = ("listening on" if config.role == "server" else "connecting to") + \

@@ -69,9 +69,10 @@ STEP_JOIN = 60.0            # stop() waits this long for a scale policy step und
 class SupervisorError(Exception):
     """An operation the supervisor refused or could not finish; the message says why and what to do."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, retry: bool = False):
         super().__init__(message)
         self.status = status  # HTTP status the management API answers with
+        self.retry = retry  # a condition that clears by itself: `up` exits 75 (EX_TEMPFAIL), not 2
 
 
 class OperationInProgress(SupervisorError):
@@ -508,7 +509,7 @@ class Supervisor:
             raise SupervisorError(f"fabric {name!r} is in use by {who}; nodes of a manager that was killed stop "
                                   "by themselves within seconds (try again then); else stop their manager "
                                   f"(`shmfabric down --fabric {name}`) or the processes (`kill {pids}`), or choose "
-                                  "another fabric.name", status=409)
+                                  "another fabric.name", status=409, retry=True)
         # No node is up, but processes may still map it: those of a killed manager that left the
         # fabric and are still exiting (or a program that opened it without attaching)
         users = pids_mapping(path)
@@ -517,7 +518,7 @@ class Supervisor:
             raise SupervisorError(f"fabric {name!r} has no node up but is still mapped by pid {who}: processes of "
                                   "a manager that was killed are still stopping (try again in a few seconds), or "
                                   f"stop them (`kill {' '.join(map(str, users))}`), or choose another fabric.name",
-                                  status=409)
+                                  status=409, retry=True)
         destroy()
 
     def stop(self) -> None:

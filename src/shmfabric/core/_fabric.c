@@ -293,13 +293,19 @@ static PyObject *Region_format(RegionObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-/* free one slot straight to the shared stack if `expect_owner` still owns it. */
-static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t expect_owner)
+/* free one slot straight to the shared stack if `expect_owner` still owns it. `clear` (or NULL):
+ * a word zeroed between the untag and the push (the descriptor's len that named the slot, so a
+ * rerun of a reclaim killed here never finds the slot both free and still named: take_unpublished). */
+static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t expect_owner, uint32_t *clear)
 {
     uint32_t *owner = net_owner(r, n);
     uint32_t exp = expect_owner;
     if (!__atomic_compare_exchange_n(&owner[slot], &exp, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
         return 0;
+    if (clear) {
+        STORE_RELAXED(clear, 0);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    }
     net_next(r, n)[slot] = 0;
     stack_push_chain(r, n, slot, 1);
     return 1;
@@ -537,7 +543,7 @@ static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool m
         for (; tail != head; tail++) {
             sf_desc *d = &g->desc[tail & (r->sb->ring_size - 1)];
             if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
-                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, tag);
+                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, tag, NULL);
         }
         STORE_RELEASE(&g->tail, tail); /* R2 pairs with A1 */
     }
@@ -584,24 +590,13 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
             if ((d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
                 break; /* an earlier lap (consumed, or never written), or meant for an earlier
                         * incarnation of the destination (its reclaim freed those) */
-            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots) {
-                /* reclaim_slot in three steps, the entry cleared before the slot is pushed: a rerun
-                 * (this reclaimer killed) must not find a stamped entry naming a slot already free,
-                 * which the live destination may have taken again under its own tag (a double
-                 * free). Killed between the untag and the push, the slot is nobody's and on no
-                 * stack: the lock's EOWNERDEAD makes a sweep pending, which gives it back. */
-                sf_network *n = net_at(r, d->pool);
-                uint32_t slot = d->slot, exp = dst_tag;
-                if (__atomic_compare_exchange_n(&net_owner(r, n)[slot], &exp, 0, false, __ATOMIC_ACQ_REL,
-                                                __ATOMIC_RELAXED)) {
-                    STORE_RELAXED(&d->len, 0);
-                    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-                    net_next(r, n)[slot] = 0;
-                    stack_push_chain(r, n, slot, 1);
-                    freed++;
-                    continue;
-                }
-            }
+            /* the entry cleared before the slot is pushed: a rerun (this reclaimer killed) must not
+             * find a stamped entry naming a slot already free, which the live destination may have
+             * taken again under its own tag (a double free). Killed between the untag and the
+             * push, the slot is nobody's and on no stack: the lock's EOWNERDEAD makes a sweep
+             * pending, which gives it back. */
+            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
+                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag, &d->len);
             d->len = 0;
         }
     }
@@ -731,7 +726,7 @@ static PyObject *Region_reclaim(RegionObject *self, PyObject *args)
         uint32_t *owner = net_owner(r, n);
         for (uint32_t s = 0; s < n->n_slots; s++)
             if (LOAD_RELAXED(&owner[s]) == tag)
-                freed += reclaim_slot(r, n, s, tag);
+                freed += reclaim_slot(r, n, s, tag, NULL);
         STORE_RELAXED(&nd->cached[ni], 0);
     }
     STORE_RELEASE(&nd->state, SF_NODE_FREE);
@@ -1338,7 +1333,7 @@ static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint
     pool_enter(p);
     for (uint32_t j = 0; j < n; j++) {
         sf_desc *d = &g->desc[(head + j) & mask];
-        reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag);
+        reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag, NULL);
         d->len = 0; /* not a frame waiting to be published (take_unpublished) */
     }
     pool_exit(p);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -643,3 +644,33 @@ def test_bools_are_not_ints_and_a_huge_int_timeout_is_infinite(fab):
     t.join()
     with a.recv_batch(16, timeout=-(10**400)) as bt:
         assert len(bt) == 0
+
+
+def test_an_empty_frame_is_refused_on_a_tape_and_never_forwarded_into_a_ring(fab):
+    # An empty tape frame forwarded into a ring became an entry of len 0, which a dead sender's
+    # reclaim takes for "already given back": forwarded and never published, its slot leaked.
+    # tape_send refuses frames shorter than their header (as a raw send does); an empty entry
+    # read from a corrupt tape is dropped at the forward, its slot never taken.
+    a, b, c = fab.attach("a"), fab.attach("b"), fab.attach("c")
+    for n in (a, b, c):
+        drain(n)
+    with pytest.raises(FrameTooLargeError, match="shorter than the 14-byte header"):
+        a.flood(b"")
+    with pytest.raises(FrameTooLargeError, match="shorter than the 14-byte header"):
+        a.flood(b"\xff" * 13)
+    lay, mm = fab.region.layout, fab.region.mm
+    tape = lay.off_tapes  # the broadcast tape
+    head = struct.unpack_from("<Q", mm, tape + L["sf_tape.head"])[0]
+    a.flood(b"\xff" * 6 + a.mac + b"\x88\xb5" + b"empty")
+    stride = (L["sizeof.tape_entry"] + lay.tape_entry_size + 63) // 64 * 64
+    entry = tape + L["sf_tape.entries"] + (head % lay.tape_entries) * stride
+    struct.pack_into("<I", mm, entry + L["sf_tape_entry.len"], 0)  # a corrupt entry: len 0
+    free = fab.pool_audit()["free"]
+    drops = b.stats()["tx_drops"]
+    with b.recv_batch(16, timeout=1.0) as batch:
+        assert len(batch) == 1 and len(bytes(batch[0])) == 0
+        assert b.forward_batch(c.id, batch) == 0
+    assert b.stats()["tx_drops"] == drops + 1
+    assert fab.pool_audit()["free"] == free  # no slot was taken for it
+    with c.recv_batch(16, timeout=0.2) as got:  # c reads the flood off the tape itself...
+        assert [f.copied for f in got] == [True]  # ...and nothing from b's ring

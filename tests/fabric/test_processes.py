@@ -522,6 +522,43 @@ def test_unpublished_frames_of_a_dead_sender_are_freed_once_and_only_for_their_i
     assert_all_free(fab)
 
 
+@pytest.mark.timeout(120)
+def test_stale_unpublished_entries_are_not_freed_when_the_destination_epoch_wraps(harness):
+    # A sender killed before publishing while its destination was down leaves stamped entries
+    # past its ring's head (the destination's reclaim freed their slots). The stamp keeps 12 bits
+    # of the destination's epoch, which moves by 2 per restart: after 2,048 restarts the stale
+    # entries' stamps are current again. A new node that took the dead sender's index and never
+    # sent to that destination must not have them freed by its own reclaim: the destination holds
+    # those slots now (a double free). Its claim clears what an earlier incarnation left.
+    fab = harness.create("wrap", max_nodes=8, ring_size=256, networks=[{"mtu": 1500, "slots": 2048}])
+    sink = fab.attach("sink")
+    sink_id = sink.id
+    w = harness.worker("send_then_hold", fab.name, "s", "sink", 40)
+    sid = w.read()["id"]
+    assert sid > sink_id  # so the restarting sink keeps its index (a claim takes the lowest free)
+    _unpublish(fab, sid, sink_id, 40)
+    sink.detach()  # its reclaim frees the 40; the ring into it is down
+    w.kill9()  # the sender's reclaim skips the down ring: the stamped entries stay
+    assert wait_until(lambda: fab.node_id("s") is None, 5.0)
+    for k in range(2048):  # each restart moves the ring's epoch by 2: 4,096, its 12 bits wrap
+        if k:
+            sink.detach()
+        sink = fab.attach("sink")
+        assert sink.id == sink_id
+    s2 = harness.worker("attach_hold", fab.name, "s2")  # takes the dead sender's index
+    assert s2.read()["id"] == sid
+    bufs = alloc_all(sink)  # the sink holds every free slot, the 40 among them
+    assert fab.pool_audit()["held"][sink_id] == len(bufs)
+    s2.kill9()
+    assert wait_until(lambda: fab.node_id("s2") is None and sid not in fab.pool_audit()["held"], 5.0)
+    audit = fab.pool_audit()
+    assert audit["held"].get(sink_id, 0) == len(bufs), audit  # nothing of the sink's was freed
+    assert audit["free"] == audit["total"] - len(bufs), audit
+    del bufs
+    sink.detach()
+    assert_all_free(fab)
+
+
 class _Pool:
     """Direct access to network 0's free stack and owner table of a fabric, to put a pool in
     the state a node killed inside a free-stack operation leaves (tests only; every node that

@@ -631,7 +631,24 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
         /* A late sender of the previous incarnation may have left frames in our inbound rings
          * after its reclaim: free those still tagged for it, drop the rest. */
         drain_inbound(r, i, old_tag, false);
-        nd->gen += 1;
+        /* The generation moves before the epochs go even below (take_unpublished reads gen
+         * between two reads of an epoch and trusts that order). */
+        STORE_RELAXED(&nd->gen, nd->gen + 1);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        /* What an earlier incarnation left past the heads of its outbound rings is garbage (its
+         * reclaim, or its destination's, gave those slots back), yet stamped: after 2,048 restarts
+         * of a destination whose ring did not move, the 12 epoch bits of a stamp match again, and
+         * our own reclaim would free slots the destination holds now. Cleared here, where nobody
+         * writes them (only the producer does, and we are it): no stale entry outlives its writer. */
+        uint32_t rsize = r->sb->ring_size, nhwm = LOAD_ACQUIRE(&r->sb->node_hwm);
+        for (uint32_t d = 0; d < nhwm; d++) {
+            sf_ring *g = ring_at(r, i, d);
+            uint32_t head = LOAD_RELAXED(&g->head), tail = LOAD_ACQUIRE(&g->tail);
+            if (sf_ring_count(head, tail) > rsize)
+                continue; /* garbage indices: take_unpublished skips such a ring too */
+            for (uint32_t j = 0, space = sf_ring_space(head, tail, rsize); j < space; j++)
+                g->desc[(head + j) & (rsize - 1)].len = 0;
+        }
         nd->pid = pid;
         nd->network = network;
         nd->start_time = start_time;
@@ -2153,6 +2170,11 @@ static PyObject *Port_tape_send(PortObject *p, PyObject *args)
         port_refuse(p);
         return NULL;
     }
+    if (fb.len < SF_ETH_HLEN) { /* as a raw send: a frame carries at least its header */
+        PyErr_Format(FrameSizeError, "frame is %zd bytes, shorter than the 14-byte header", fb.len);
+        PyBuffer_Release(&fb);
+        return NULL;
+    }
     if (ti > p->r.sb->n_mcast || (uint64_t)fb.len > p->r.sb->tape_entry_size) {
         PyErr_Format(PyExc_ValueError, "tape %u does not exist or frame of %zd bytes exceeds the tape entry size %u",
                      ti, fb.len, p->r.sb->tape_entry_size);
@@ -2473,6 +2495,16 @@ static PyObject *forward_frames(PortObject *p, long long dst, BatchObject *b, ui
         frame_ref *fr = &b->f[i];
         if (fr->state == FS_GONE || (codes && codes[i] != code))
             continue;
+        if (__builtin_expect(!fr->len, 0)) {
+            /* Not a frame (an empty tape entry another build wrote, or a corrupt one), and a zero
+             * len in a ring means "given back" to take_unpublished: sent, its slot would leak if we
+             * died before publishing it. Dropped here. */
+            if (fr->state == FS_OWNED)
+                slot_put(p, fr->pool, fr->slot);
+            fr->state = FS_GONE;
+            STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + 1);
+            continue;
+        }
         if (sent == space) {
             full++;
             continue;
@@ -3254,6 +3286,7 @@ static PyObject *layout_dict(void)
     OFF(sf_network, free_head); OFF(sf_network, free_count);
     OFF(sf_ring, head); OFF(sf_ring, down); OFF(sf_ring, tail); OFF(sf_ring, desc);
     OFF(sf_tape, group); OFF(sf_tape, head); OFF(sf_tape, entries);
+    OFF(sf_tape_entry, seq); OFF(sf_tape_entry, len);
 #undef OFF
 #undef PUT
     return d;

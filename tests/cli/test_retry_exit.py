@@ -130,3 +130,51 @@ def test_up_on_a_fabric_another_process_still_uses_exits_75(tmp_path):
         n1.detach()
         holder.close()
         Fabric.destroy(name)
+
+
+def _port_argv(kind: str, fabric: str, tmp_path) -> list[str]:
+    if kind == "memif":
+        return SHMFABRIC + ["memif", fabric, "p0", "--socket", str(tmp_path / "m.sock")]
+    return SHMFABRIC + ["adapter", fabric, "p0", "--ifname", f"sfow{uuid.uuid4().hex[:6]}",
+                        "--address", "10.203.7.1/24"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["memif", pytest.param("adapter", marks=root)])
+def test_a_port_started_before_its_fabric_waits_with_open_timeout_and_fails_at_once_without(kind, tmp_path):
+    # A unit started before the one that creates its fabric: with --open-timeout it waits and
+    # attaches once the fabric exists (as the function runtime does); without, one line, status 2.
+    import signal
+    import time
+
+    name = f"rex-{uuid.uuid4().hex[:8]}"
+    p = subprocess.run(_port_argv(kind, name, tmp_path), capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    one_line(p, f"no fabric {name!r}")
+    proc = subprocess.Popen(_port_argv(kind, name, tmp_path) + ["--open-timeout", "30"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    f = None
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()  # waiting, not failed
+        f = Fabric.create(name, max_nodes=4, networks=[{"mtu": 1500, "slots": 256}], ring_size=64)
+        deadline = time.monotonic() + 20
+        while f.node_id("p0") is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert f.node_id("p0") is not None, proc.stderr.read() if proc.poll() is not None else "not attached"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if f is not None:
+            f.close()
+            Fabric.destroy(name)
+
+
+def test_an_open_timeout_out_of_range_is_refused(tmp_path):
+    p = subprocess.run(SHMFABRIC + ["memif", "nofab", "p0", "--socket", str(tmp_path / "m.sock"), "--open-timeout", "-1"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    one_line(p, "--open-timeout -1 is out of range")

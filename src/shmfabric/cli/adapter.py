@@ -29,14 +29,25 @@ def check_batch(args: argparse.Namespace) -> None:
         raise CliError(f"--batch {args.batch} is out of range: give 1..65536 frames (default 256)")
 
 
-def open_fabric(name: str):
-    """The fabric `name`, opened, or CliError saying how to get it."""
+def open_fabric(name: str, wait: float = 0.0):
+    """The fabric `name`, opened (waiting up to `wait` seconds for it to be created: a unit
+    started before its fabric), or CliError saying how to get it."""
     from shmfabric.fabric import Fabric, FabricError, RegionNotFoundError
 
+    if not 0 <= wait <= 86400:  # (also NaN)
+        raise CliError(f"--open-timeout {wait:g} is out of range: give 0..86400 seconds")
+    deadline = time.monotonic() + wait
     try:
-        return Fabric.open(name)
+        while True:
+            try:
+                return Fabric.open(name)
+            except RegionNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
     except RegionNotFoundError as exc:
-        raise CliError(f"{exc}, or run a topology on it with `shmfabric up`") from None
+        waited = f" (waited {wait:g} s for it)" if wait > 0 else ""
+        raise CliError(f"{exc}, or run a topology on it with `shmfabric up`{waited}") from None
     except FabricError as exc:
         hint = (" (run as root, or as a user the fabric's --mode/--group lets in)"
                 if "ermission denied" in str(exc) else "")
@@ -70,12 +81,12 @@ def attach_port_node(fab, args: argparse.Namespace):
     """Node `args.node` attached to network `args.network` (checked), waiting by blocking (a port
     sleeps while idle), or CliError saying why it cannot be (CliRetry if the name is held by a live
     node or the table is full: that clears when the other node goes)."""
-    from shmfabric.fabric import FabricError, FabricFullError, NameInUseError
+    from shmfabric.fabric import AttachBusyError, FabricError
 
     check_network(fab, args)
     try:
         node = fab.attach(args.node, network=args.network)
-    except (NameInUseError, FabricFullError) as exc:
+    except AttachBusyError as exc:
         raise CliRetry(str(exc)) from None
     except FabricError as exc:
         raise CliError(str(exc)) from None
@@ -106,14 +117,23 @@ def port_options(fab, args: argparse.Namespace) -> dict:
             "via": via}
 
 
+def add_open_timeout(p: argparse.ArgumentParser) -> None:
+    """--open-timeout S: how long open_fabric waits for the fabric to be created."""
+    p.add_argument("--open-timeout", type=float, default=0.0, metavar="S",
+                   help="wait this long for the fabric to be created, as a unit started before it would "
+                        "(default 0: a missing fabric is an error at once)")
+
+
 def add_port_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every fabric port takes: --via, --network, --batch, --seconds, --json."""
+    """The options every fabric port takes: --via, --network, --batch, --seconds, --open-timeout,
+    --parent-pid, --json."""
     p.add_argument("--via", metavar="NODE",
                    help="send unicast frames to this node (a chain's first function) instead of to the "
                         "destination adapter; the chain ends in a `router` that delivers them")
     p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
     p.add_argument("--batch", type=int, default=256, help="frames moved per pass each way (default 256)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    add_open_timeout(p)
     p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
                    help="stop (as on SIGTERM) when this process dies, even by SIGKILL (a service manager's)")
     add_json_flag(p)
@@ -161,7 +181,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     source_check = args.source_check or bool(allowed) or args.dhcp_server
     check_member_addresses(shared, addresses)
     check_batch(args)
-    fab = open_fabric(args.fabric)
+    fab = open_fabric(args.fabric, args.open_timeout)
     stop = stop_on_signals(args.parent_pid)
     tap = node = None
     held = []  # the global addresses this adapter put on lo: taken off again when it stops

@@ -13,7 +13,8 @@ import argparse
 import sys
 import time
 
-from shmfabric.cli.adapter import attach_port_node, check_batch, open_fabric, report_counters, stop_on_signals
+from shmfabric.cli.adapter import (add_open_timeout, attach_port_node, check_batch, open_fabric, report_counters,
+                                   stop_on_signals)
 from shmfabric.cli.main import CliError, add_json_flag
 
 
@@ -37,7 +38,7 @@ def cmd_global(args: argparse.Namespace) -> int:
         check_weights(weights, [n for n, _ in members])
     except GlobalError as exc:
         raise CliError(str(exc)) from None
-    fab = open_fabric(args.fabric)
+    fab = open_fabric(args.fabric, args.open_timeout)
     stop = stop_on_signals(args.parent_pid)
     node = None
     try:
@@ -93,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network", type=int, default=0, help="the fabric network (MTU) to attach to (default 0)")
     p.add_argument("--batch", type=int, default=256, help="frames handled per pass (default 256)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    add_open_timeout(p)
     p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
                    help="stop (as on SIGTERM) when this process dies, even by SIGKILL (a service manager's)")
     add_json_flag(p)

@@ -53,7 +53,7 @@ def cmd_memif(args: argparse.Namespace) -> int:
                              abstract=args.abstract).check()
     except MemifError as exc:
         raise CliError(str(exc)) from None
-    fab = open_fabric(args.fabric)
+    fab = open_fabric(args.fabric, args.open_timeout)
     stop = stop_on_signals(args.parent_pid)
     node = None
     try:

@@ -68,11 +68,16 @@ class AttachError(FabricError):
     """A node could not attach (table full, name in use, unknown network)."""
 
 
-class NameInUseError(AttachError):
+class AttachBusyError(AttachError):
+    """Another node stands in the way (it holds the name, or the table is full): attaching again
+    can work once it goes, so a program stopping on it exits EXIT_RETRY, not "fix the config"."""
+
+
+class NameInUseError(AttachBusyError):
     """A live node holds the name: attaching again can work once it detaches (or dies)."""
 
 
-class FabricFullError(AttachError):
+class FabricFullError(AttachBusyError):
     """The node table is full: attaching again can work once a node detaches."""
 
 

@@ -1,5 +1,6 @@
 """The fabric layer: the Python API over the compiled core (Fabric, Node, frames, errors)."""
 from shmfabric.core.errors import (  # noqa: F401
+    AttachBusyError,
     AttachError,
     BadMagicError,
     CorruptRegionError,

@@ -28,7 +28,7 @@ import time
 
 from shmfabric.core.parent import die_with_parent
 from shmfabric.core.errors import EXIT_RETRY
-from shmfabric.fabric import Fabric, FabricError, FabricFullError, NameInUseError, RegionOpenError
+from shmfabric.fabric import AttachBusyError, Fabric, FabricError, RegionOpenError
 from shmfabric.functions.api import FunctionConfigError
 from shmfabric.functions.registry import UnknownFunctionError, load
 from shmfabric.functions.runtime import FunctionRunner, install_signal_handlers
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shmfabric.functions.run: {e}", file=sys.stderr)
         fab.close()
         # a name held by a live node, or a full table, clears when that node goes: not a config error
-        return EXIT_RETRY if isinstance(e, (NameInUseError, FabricFullError)) else 2
+        return EXIT_RETRY if isinstance(e, AttachBusyError) else 2
     install_signal_handlers(runner)
     if a.parent_pid is not None:
         die_with_parent(a.parent_pid)

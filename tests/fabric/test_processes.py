@@ -559,6 +559,32 @@ def test_stale_unpublished_entries_are_not_freed_when_the_destination_epoch_wrap
     assert_all_free(fab)
 
 
+@pytest.mark.timeout(60)
+def test_a_claim_and_a_reclaim_read_no_further_into_a_ring_than_was_written(harness):
+    # The region is a sparse tmpfs file: a ring's pages are committed when first touched, reading
+    # included. A claim (clearing what earlier incarnations left) and a reclaim (freeing what a
+    # dead sender left unpublished) scan past their rings' heads only as far as entries were
+    # written; a scan to the end of every outbound ring would commit the whole ring area of a
+    # fabric sized for many nodes and long rings, most of which no pair ever uses.
+    fab = harness.create("sparse", max_nodes=4, ring_size=1 << 17, networks=[{"mtu": 1500, "slots": 256}])
+    ring_bytes = (1 << 17) * 16  # 2 MiB of descriptors per ring
+    a = fab.attach("a")
+
+    def committed() -> int:
+        return os.stat(fab.path).st_blocks * 512
+
+    before = committed()
+    for _ in range(2):  # the second claim of the index finds what the first incarnation left
+        w = harness.worker("send_then_hold", fab.name, "s", "a", 40)
+        w.read()
+        w.kill9()
+        assert wait_until(lambda: fab.node_id("s") is None, 5.0)
+    grown = committed() - before
+    assert grown < ring_bytes // 4, f"{grown} bytes committed by two claims and reclaims"
+    a.detach()
+    assert_all_free(fab)
+
+
 class _Pool:
     """Direct access to network 0's free stack and owner table of a fabric, to put a pool in
     the state a node killed inside a free-stack operation leaves (tests only; every node that
@@ -634,7 +660,7 @@ def test_a_reclaim_resumed_after_its_reclaimer_died_frees_the_rest_of_the_unpubl
     first = ring + L["sf_ring.desc"] + (head & 255) * L["sizeof.desc"]
     lost = struct.unpack_from("<I", mm, first)[0]
     pool._u32(pool.off_owner, lost, 0)  # the first run's untag of that slot...
-    struct.pack_into("<I", mm, first + 4, 0)  # ...and its clear of the entry; killed before the push
+    struct.pack_into("<II", mm, first, 0xFFFFFFFF, 0)  # ...and its give-back of the entry (slot, len); killed before the push
     w.kill9()
     assert wait_until(lambda: fab.node_id("s") is None and sid not in fab.pool_audit()["held"], 5.0)
     audit = fab.pool_audit()

@@ -296,14 +296,31 @@ static PyObject *Region_format(RegionObject *self, PyObject *noargs)
 /* free one slot straight to the shared stack if `expect_owner` still owns it. `clear` (or NULL):
  * a word zeroed between the untag and the push (the descriptor's len that named the slot, so a
  * rerun of a reclaim killed here never finds the slot both free and still named: take_unpublished). */
-static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t expect_owner, uint32_t *clear)
+/* A descriptor past a ring's head whose frame was given back (take_back, take_unpublished, a
+ * claim's clearing) has slot UINT32_MAX and len 0, its first 8 bytes set in one store. No
+ * written entry looks so (a frame has a length), nor a never-written one (all zero): a scan past
+ * a head skips given-back entries and stops at the first never-written one, so it never reads a
+ * ring's pages further than they were written (reading a hole of the tmpfs file commits a page:
+ * a full scan of every outbound ring at each claim and reclaim would commit the whole ring area
+ * of a fabric sized for many nodes and long rings, most of which no pair ever uses). */
+static inline void desc_give_back(sf_desc *d)
+{
+    STORE_RELAXED((uint64_t *)(void *)d, (uint64_t)UINT32_MAX); /* little-endian: slot, then len 0 */
+}
+
+static inline bool desc_given_back(const sf_desc *d)
+{
+    return d->len == 0 && d->slot == UINT32_MAX;
+}
+
+static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t expect_owner, sf_desc *give_back)
 {
     uint32_t *owner = net_owner(r, n);
     uint32_t exp = expect_owner;
     if (!__atomic_compare_exchange_n(&owner[slot], &exp, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
         return 0;
-    if (clear) {
-        STORE_RELAXED(clear, 0);
+    if (give_back) {
+        desc_give_back(give_back);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
     }
     net_next(r, n)[slot] = 0;
@@ -583,21 +600,22 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
         uint32_t space = sf_ring_space(head, tail, size);
         for (uint32_t j = 0; j < space; j++) {
             sf_desc *d = &g->desc[(head + j) & (size - 1)];
+            if (desc_given_back(d))
+                continue; /* by take_back, or by an earlier run of this reclaim whose reclaimer
+                           * died (the run is resumed) */
             if (!d->len)
-                continue; /* given back already (by an earlier run of this reclaim, whose
-                           * reclaimer died: the run is resumed), or never written: skipped, and an
-                           * entry of an earlier lap further on stops the scan below */
+                break; /* never written: the producer writes in order, nothing past it either */
             if ((d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
-                break; /* an earlier lap (consumed, or never written), or meant for an earlier
-                        * incarnation of the destination (its reclaim freed those) */
+                break; /* an earlier lap (consumed), or meant for an earlier incarnation of the
+                        * destination (its reclaim freed those) */
             /* the entry cleared before the slot is pushed: a rerun (this reclaimer killed) must not
              * find a stamped entry naming a slot already free, which the live destination may have
              * taken again under its own tag (a double free). Killed between the untag and the
              * push, the slot is nobody's and on no stack: the lock's EOWNERDEAD makes a sweep
              * pending, which gives it back. */
             if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
-                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag, &d->len);
-            d->len = 0;
+                freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag, d);
+            desc_give_back(d); /* (also when the slot was not ours to free) */
         }
     }
     return freed;
@@ -646,8 +664,15 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
             uint32_t head = LOAD_RELAXED(&g->head), tail = LOAD_ACQUIRE(&g->tail);
             if (sf_ring_count(head, tail) > rsize)
                 continue; /* garbage indices: take_unpublished skips such a ring too */
-            for (uint32_t j = 0, space = sf_ring_space(head, tail, rsize); j < space; j++)
-                g->desc[(head + j) & (rsize - 1)].len = 0;
+            for (uint32_t j = 0, space = sf_ring_space(head, tail, rsize); j < space; j++) {
+                sf_desc *e = &g->desc[(head + j) & (rsize - 1)];
+                if (desc_given_back(e))
+                    continue;
+                /* what take_unpublished would look at: written, of this lap (any epoch) */
+                if (!e->len || (e->flags & 0xeu) != (desc_stamp(head + j, rsize, 0) & 0xeu))
+                    break;
+                desc_give_back(e);
+            }
         }
         nd->pid = pid;
         nd->network = network;
@@ -1351,7 +1376,7 @@ static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint
     for (uint32_t j = 0; j < n; j++) {
         sf_desc *d = &g->desc[(head + j) & mask];
         reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag, NULL);
-        d->len = 0; /* not a frame waiting to be published (take_unpublished) */
+        desc_give_back(d); /* not a frame waiting to be published (take_unpublished) */
     }
     pool_exit(p);
     STORE_RELAXED(&p->me->tx_drops, p->me->tx_drops + n);
@@ -2497,8 +2522,9 @@ static PyObject *forward_frames(PortObject *p, long long dst, BatchObject *b, ui
             continue;
         if (__builtin_expect(!fr->len, 0)) {
             /* Not a frame (an empty tape entry another build wrote, or a corrupt one), and a zero
-             * len in a ring means "given back" to take_unpublished: sent, its slot would leak if we
-             * died before publishing it. Dropped here. */
+             * len in a ring means "never written" to take_unpublished, which stops there: sent, its
+             * slot (and those of the frames after it) would leak if we died before publishing
+             * them. Dropped here. */
             if (fr->state == FS_OWNED)
                 slot_put(p, fr->pool, fr->slot);
             fr->state = FS_GONE;

@@ -29,3 +29,13 @@ def test_control_bench_reaches_each_state_and_compares_with_haproxy(capsys: pyte
 def test_control_bench_table_and_bad_count(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "control", "--requests", "0"]) == 2
     assert "--requests must be at least 1" in capsys.readouterr().err
+
+
+def test_control_bench_json_says_what_it_ran_with(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "control", "--requests", "5", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)["meta"]
+    assert meta["command"] and meta["time_utc"].endswith("Z")  # (this process's command line: pytest here)
+    assert meta["commit"] is None or len(meta["commit"]) == 40
+    assert meta["machine"]["cpus"] >= 1 and len(meta["machine"]["loadavg"].split()) == 3
+    assert main(["bench", "control", "--requests", "5"]) == 0
+    assert "load average" in capsys.readouterr().out.splitlines()[-1]  # the same, under the table

@@ -113,6 +113,9 @@ def test_a_short_run_moves_requests_in_every_case_and_spreads_them_over_both_mem
     out, err = p.communicate(timeout=170)
     assert p.returncode == 0, f"exit {p.returncode}: {err[-2000:]}\n{out[-2000:]}"
     res = json.loads(out)
+    # what the figures were measured with, beside them
+    assert "bench global" in res["meta"]["command"] and res["meta"]["machine"]["loadavg"]
+    assert "nft" in res["meta"]["peers"] and "haproxy" in res["meta"]["peers"]
     assert res["cases"] == ["fabric", "direct", "nft", "haproxy"] and res["workloads"] == ["keepalive", "close"]
     assert res["errors"] == {}, res["errors"]
     for case in CASES:

@@ -474,11 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in transports if x not in TRANSPORTS]
     if unknown or not transports:
         p.error(f"--transports {a.transports!r}: give some of {', '.join(TRANSPORTS)}, comma-separated")
+    from shmfabric.bench.provenance import info_line, run_info
+
+    meta = run_info()  # before the run: the load average is the machine's, not the bench's
     rows = run(sizes, a.seconds, transports)
     if a.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps([{**r, **meta} for r in rows], indent=1))  # each row with its run, as transport's
     else:
         print_table(rows)
+        print("\n" + info_line(meta))
     return 0
 
 

@@ -206,15 +206,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.requests < 1:
         print("bench control: --requests must be at least 1", file=sys.stderr)
         return 2
+    from shmfabric.bench.provenance import info_line, run_info
+
+    meta = run_info()  # before the run: the load average is the machine's, not the bench's
     try:
         result = run(args.requests)
     except RuntimeError as exc:
         print(str(exc), file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"meta": meta, **result}, indent=2))
     else:
         print_table(result)
+        print("\n" + info_line(meta))
     return 0
 
 

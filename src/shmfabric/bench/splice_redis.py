@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from shmfabric import programs
+from shmfabric.bench.provenance import info_line, run_info  # noqa: F401 (splice.py takes them from here too)
 from shmfabric.splicer.redis_resp import ReplyScanner, encode_command
 
 __all__ = ["run", "main"]
@@ -55,69 +56,6 @@ __all__ = ["run", "main"]
 
 class BenchError(Exception):
     """A peer is missing or did not start; the message says which and how to fix it."""
-
-
-def run_info() -> dict[str, Any]:
-    """What a result was measured with: the command line, the git commit of the tree the bench
-    runs from (and the files changed since, if any), the machine and the peers' versions."""
-    import platform
-    import shlex
-
-    info: dict[str, Any] = {"command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
-                            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    root = Path(__file__).resolve().parents[3]  # src/shmfabric/bench/<this> -> the tree
-    commit, changed = None, None
-    if (root / "src" / "shmfabric").is_dir():
-        try:
-            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  timeout=10)
-            if head.returncode == 0:
-                commit = head.stdout.strip()
-                st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10)
-                changed = [line[3:] for line in st.stdout.splitlines()] if st.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    info["commit"] = commit
-    info["uncommitted_changes"] = changed  # tracked files modified since the commit ([] if none)
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = None
-    info["machine"] = {
-        "cpu_model": cpu or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "cpus_usable": usable, "arch": platform.machine(), "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
-    versions = {}
-    for name, args in (("haproxy", ["-v"]), ("nginx", ["-v"]), ("wrk", ["-v"]), ("redis-server", ["--version"]),
-                       ("nutcracker", ["--version"])):
-        path = programs.find(name)
-        if path is None:
-            continue
-        try:
-            out = subprocess.run([path, *args], capture_output=True, text=True, timeout=10)
-            text = (out.stdout + out.stderr).strip()
-            versions[name] = text.splitlines()[0].strip() if text else None
-        except (OSError, subprocess.SubprocessError):
-            versions[name] = None
-    info["peers"] = versions
-    return info
-
-
-def info_line(meta: dict[str, Any]) -> str:
-    """`run_info()` as one line under a table."""
-    m = meta["machine"]
-    dirty = f" + {len(meta['uncommitted_changes'])} changed file(s)" if meta.get("uncommitted_changes") else ""
-    return (f"commit {meta['commit']}{dirty}; {m['cpu_model']}, {m['cpus']} CPUs; Linux {m['kernel']}; "
-            f"{m['python']}; load average {m['loadavg']} at the start")
 
 
 def bench_main(module: str, doc: str, argv: list[str] | None,

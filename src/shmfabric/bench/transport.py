@@ -27,16 +27,13 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-import platform
-import shlex
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable
 
+from .provenance import run_info
 from .peers import BASELINE, BASELINE_SPIN, MODES, ROLES, Spec, Transport, TransportUnavailable, all_transports
 from .peers.base import MARKER, MEASURING_ROLE, Ctl
 
@@ -63,7 +60,7 @@ MIN_SLOT_SAMPLES = 4096
 
 ROW_FIELDS = ("transport", "label", "size", "mode", "status", "frames_per_s", "bytes_per_s", "p50_us", "p99_us",
               "vs_seqpacket", "vs_memcpy", "vs_memcpy_ring", "frames", "samples", "duration_s", "error", "details",
-              "command", "commit", "machine")
+              "command", "time_utc", "commit", "uncommitted_changes", "machine", "peers")
 
 
 @dataclass
@@ -131,62 +128,6 @@ def _row(name: str, size: int, mode: str, status: str, **values: Any) -> dict[st
 
 def _label(transport: Transport) -> str:
     return transport.label or transport.name
-
-
-# --- what ran where ------------------------------------------------------------------------
-
-
-def run_info() -> dict[str, Any]:
-    """The command, the source's git commit and the machine, for the JSON of a run."""
-    return {"command": _command(), "commit": _commit(), "machine": _machine()}
-
-
-def _command() -> str:
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    return shlex.join(argv)
-
-
-def _git(args: list[str], cwd: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _commit() -> dict[str, Any] | None:
-    """HEAD of the git checkout this module is in ({"sha", "dirty"}), or None when it does not
-    come from one (an installed package, no git): the module must be a file tracked there."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if _git(["ls-files", "--error-unmatch", os.path.basename(__file__)], here) is None:
-        return None
-    sha = _git(["rev-parse", "HEAD"], here)
-    if not sha:
-        return None
-    status = _git(["status", "--porcelain", "--untracked-files=no"], here)
-    return {"sha": sha, "dirty": None if status is None else bool(status)}
-
-
-def _machine() -> dict[str, Any]:
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu_model": model or platform.processor() or None,
-        "cores": os.cpu_count(),
-        "cores_usable": usable,
-        "kernel": f"{platform.system()} {platform.release()}",
-        "arch": platform.machine(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-    }
 
 
 # --- one case ----------------------------------------------------------------------------
@@ -746,5 +687,5 @@ def _note(r: dict[str, Any]) -> str:
 
 def public_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows for --json: every field, `details` kept (a dict), numbers as floats or null; each
-    row also carries `command`, `commit` and `machine` (the same for every row of a run)."""
+    row also carries what it ran with (`provenance.run_info`: the same for every row of a run)."""
     return [{k: r.get(k) for k in ROW_FIELDS} for r in rows]

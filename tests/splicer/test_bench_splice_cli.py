@@ -78,6 +78,20 @@ def test_render_table_shows_the_unpipelined_row_and_the_rounds():
     assert "128x1" in plain and "0.50x" in plain and "0.40 0.60" in plain and " n/a " in plain
 
 
+@pytest.mark.parametrize("fault", [None, "out_of_order", "non2xx", "socket_errors"])
+def test_a_target_is_met_only_by_a_clean_run(fault):
+    # a splicer fast enough but answering out of order, with errors, or losing connections
+    # has not met the target (it says: every response checked to be in request order)
+    from shmfabric.bench.splice_http import ScenarioResult
+
+    splicer = {"requests_per_s": 2000.0, "out_of_order": 0, "non2xx": 0, "socket_errors": 0}
+    if fault:
+        splicer[fault] = 3
+    row = ScenarioResult("unequal", 1, splicer, {"requests_per_s": 250.0}, 8.0, 5.0)
+    assert row.met is (fault is None)
+    assert ScenarioResult("unequal", 1, splicer, {"requests_per_s": 250.0}, 4.0, 5.0).met is False
+
+
 @pytest.mark.skipif(bool(programs.missing("redis-server", "redis-benchmark", "nutcracker", "haproxy")),
                     reason=programs.not_found("redis-server", "redis-benchmark", "nutcracker", "haproxy"))
 @pytest.mark.timeout(240)

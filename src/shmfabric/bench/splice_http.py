@@ -452,7 +452,13 @@ class ScenarioResult:
 
     @property
     def met(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target
+        """The target, met only by a clean run of the splicer: every checked response in request
+        order, none other than 2xx, no socket error (a fast wrong answer is no result)."""
+        if self.target is None:
+            return None
+        s = self.splicer
+        clean = not s.get("out_of_order") and not s.get("non2xx") and not s.get("socket_errors")
+        return bool(clean and self.ratio >= self.target)
 
 
 def count_lines(path: Path) -> int:

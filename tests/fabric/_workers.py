@@ -426,6 +426,36 @@ def role_send_then_hold(fabric: str, name: str, target: str, count: int) -> int:
     return 0
 
 
+def role_send_buffer_on_go(fabric: str, name: str, target: str) -> int:
+    """Attach, fill a buffer and report its slot (from its address in our mapping of the region);
+    on a line from stdin send it to `target` and report what the send said; then wait."""
+    import ctypes
+
+    from shmfabric.core.region import L
+
+    fab = Fabric.open(fabric)
+    me = fab.attach(name)
+    dst = me.wait_for_peer(target, timeout=10)
+    buf = me.alloc()
+    with memoryview(buf) as v:
+        v[:5] = b"zomb!"
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(v))
+    with memoryview(fab.region.mm) as whole:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(whole))
+    lay = fab.region.layout
+    _, _, off_owner, off_slots = lay.net_offsets[me.network]
+    slot = (addr - base - off_slots) // lay.networks[me.network].slot_size
+    out({"ready": name, "id": me.id, "slot": slot, "owner_offset": off_owner + 4 * slot})
+    sys.stdin.readline()
+    try:
+        res: object = me.send_buffer(dst, buf, 5)
+    except Exception as exc:  # (the node was reclaimed meanwhile)
+        res = type(exc).__name__
+    out({"sent": res})
+    sys.stdin.read()
+    return 0
+
+
 def role_attach_at(fabric: str, name: str, at: float) -> int:
     """Attach as `name` at wall-clock time `at` (so several processes race); report ok or dup."""
     from shmfabric.fabric import AttachError
@@ -614,6 +644,7 @@ ROLES = {
     "attach_at": (role_attach_at, (str, str, float)),
     "tape_hammer": (role_tape_hammer, (str, str, int)),
     "send_then_hold": (role_send_then_hold, (str, str, str, int)),
+    "send_buffer_on_go": (role_send_buffer_on_go, (str, str, str)),
     "sink": (role_sink, (str, str, float)),
     "blaster": (role_blaster, (str, str, str, float)),
     "checked_blaster": (role_checked_blaster, (str, str, str, float)),

@@ -906,3 +906,44 @@ def test_a_busy_pool_lock_costs_a_watchdog_one_wait_per_beat_not_one_per_dead_no
                                                    "heartbeat_ns": 0, "name": f"n{i}"})
     assert liveness.sweep(region) == []
     assert calls == [0]  # one try, the others at the next beat
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("order", ["sender-reclaimed-first", "destination-back-first"])
+def test_a_slot_tagged_for_a_destination_after_its_reclaim_is_freed(harness, order):
+    # A sender tags a slot for its destination after the destination's reclaim scanned the owner
+    # table (the ring was up when the sender looked, down by the time it tagged), and dies before
+    # its publish. Its reclaim skipped rings that were down, and nothing else frees a slot whose
+    # tag names an incarnation that is gone: it leaked for good. Now the sender's reclaim frees it
+    # (entries stamped in the epoch before the ring went down), or, if the destination's id is
+    # claimed first, the claim does (every slot still carrying the old incarnation's tag).
+    import struct
+
+    from shmfabric.core.region import L
+
+    fab = harness.create("late", max_nodes=8, ring_size=64, networks=[{"mtu": 1500, "slots": 512}])
+    sink = fab.attach("sink")
+    sink_id, sink_tag = sink.id, sink._port.tag
+    w = harness.worker("attach_hold", fab.name, "s")
+    sid = w.read()["id"]
+    pool = _Pool(fab)
+    s_tag = ((fab.region.node_entry(sid)["gen"] & 0xFFFF) << 16) | (sid + 1)
+    slot = pool.owned_by(s_tag)[0]
+    lay, mm = fab.region.layout, fab.region.mm
+    ring = lay.off_rings + (sid * lay.max_nodes + sink_id) * lay.ring_stride
+    up_epoch = struct.unpack_from("<I", mm, ring + L["sf_ring.down"])[0]
+    sink.detach()  # its reclaim's owner scan: the slot is still the sender's
+    head = struct.unpack_from("<I", mm, ring + L["sf_ring.head"])[0]
+    stamp = (((head >> 6) & 7) << 1) | ((up_epoch & 0xFFF) << 4)  # desc_stamp, ring of 64
+    desc = ring + L["sf_ring.desc"] + (head & 63) * L["sizeof.desc"]
+    struct.pack_into("<IIHHI", mm, desc, slot, 114, 0, stamp, 0)  # written past the head...
+    pool._u32(pool.off_owner, slot, sink_tag)  # ...and tagged for the sink, which is gone: killed here
+    if order == "destination-back-first":
+        sink = fab.attach("sink")
+        assert sink.id == sink_id
+    w.kill9()
+    assert wait_until(lambda: fab.node_id("s") is None and sid not in fab.pool_audit()["held"], 5.0)
+    if order == "destination-back-first":
+        sink.detach()
+    a = assert_all_free(fab)  # nothing left under a gone incarnation's tag
+    assert not a["orphaned"], a

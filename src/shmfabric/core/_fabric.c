@@ -572,12 +572,13 @@ static uint64_t drain_inbound(region_view *r, uint32_t idx, uint32_t tag, bool m
  * slots belong to a live receiver that never sees them, and the dead node's owner scan does not
  * find them (their tag is the receiver's). A sender writes each descriptor, stamped with the
  * ring lap and the destination's epoch (desc_stamp), before it retags the slot; past the
- * published head, an entry of the current lap was written and not published (take_back clears
- * the ones it gave back). Only entries stamped with the epoch the ring still has are freed: if
- * the destination went away since, its own reclaim freed them (its owner scan), and a new
- * incarnation may hold those slots now under its own tag. Only the producer writes
- * descriptors, so receivers pay nothing for this. The node is dead (state RECLAIM): nobody
- * else writes past that head. */
+ * published head, an entry of the current lap was written and not published (take_back gives
+ * back the ones it took back). Only entries stamped with the epoch the ring still has (or, the
+ * destination down, the one before) are freed: if the destination went away and came back since,
+ * its own reclaim freed them (its owner scan), and the new incarnation may hold those slots now
+ * under its own tag. Every entry of the lap is given back. Only the producer writes descriptors,
+ * so receivers pay nothing for this. The node is dead or stopped (state RECLAIM): it writes past
+ * that head again only if it resumes, and then its publish fails. */
 static uint64_t take_unpublished(region_view *r, uint32_t idx)
 {
     uint64_t freed = 0;
@@ -594,8 +595,20 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
          * bumps the generation before the epoch goes even again). */
         uint32_t ep = __atomic_load_n(&g->down, __ATOMIC_SEQ_CST);
         uint32_t gen = __atomic_load_n(&node_at(r, dst)->gen, __ATOMIC_SEQ_CST);
-        if ((ep & 1) || __atomic_load_n(&g->down, __ATOMIC_SEQ_CST) != ep)
-            continue; /* down or changing: the destination's reclaim frees what was tagged for it */
+        bool can_free = __atomic_load_n(&g->down, __ATOMIC_SEQ_CST) == ep;
+        uint32_t stamp_ep = ep;
+        if (can_free && (ep & 1)) {
+            /* Down: the destination's reclaim ran (reclaims and claims hold the pool lock, as we
+             * do). What it left tagged for it past this head was tagged after its owner scan, by
+             * this sender, in the epoch before: orphans, freed here (leaked before). */
+            stamp_ep = ep - 1;
+        } else if (can_free) {
+            /* Up: the epoch moves on by 2 (still up) so that this sender, if it is not dead but
+             * stopped inside a send (reclaimed by its heartbeat from another pid namespace), fails
+             * its publish when it resumes and takes back nothing (the entries are given back
+             * below), instead of publishing entries whose slots are free again. */
+            can_free = __atomic_compare_exchange_n(&g->down, &ep, ep + 2, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+        }
         uint32_t dst_tag = sf_owner_tag(dst, gen);
         uint32_t space = sf_ring_space(head, tail, size);
         for (uint32_t j = 0; j < space; j++) {
@@ -605,15 +618,19 @@ static uint64_t take_unpublished(region_view *r, uint32_t idx)
                            * died (the run is resumed) */
             if (!d->len)
                 break; /* never written: the producer writes in order, nothing past it either */
-            if ((d->flags & ~SF_DESC_USER) != desc_stamp(head + j, size, ep))
-                break; /* an earlier lap (consumed), or meant for an earlier incarnation of the
-                        * destination (its reclaim freed those) */
-            /* the entry cleared before the slot is pushed: a rerun (this reclaimer killed) must not
-             * find a stamped entry naming a slot already free, which the live destination may have
-             * taken again under its own tag (a double free). Killed between the untag and the
-             * push, the slot is nobody's and on no stack: the lock's EOWNERDEAD makes a sweep
-             * pending, which gives it back. */
-            if (d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
+            if ((d->flags & 0xeu) != (desc_stamp(head + j, size, 0) & 0xeu))
+                break; /* an earlier lap: consumed */
+            /* This lap's, so written and never published. Freed if meant for the incarnation
+             * that still holds the id (else its reclaim freed it, and a new incarnation may hold
+             * the slot now), and given back in any case: no stamped entry outlives this reclaim
+             * (after 2,048 restarts of the destination its 12 epoch bits would match again).
+             * The entry is given back before the slot is pushed: a rerun (this reclaimer killed)
+             * must not find a stamped entry naming a slot already free, which the live
+             * destination may have taken again under its own tag (a double free). Killed between
+             * the untag and the push, the slot is nobody's and on no stack: the lock's
+             * EOWNERDEAD makes a sweep pending, which gives it back. */
+            if (can_free && (d->flags & ~SF_DESC_USER) == desc_stamp(head + j, size, stamp_ep) &&
+                d->pool < r->sb->n_networks && d->slot < net_at(r, d->pool)->n_slots)
                 freed += reclaim_slot(r, net_at(r, d->pool), d->slot, dst_tag, d);
             desc_give_back(d); /* (also when the slot was not ours to free) */
         }
@@ -647,33 +664,23 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
             ;
         uint32_t old_tag = sf_owner_tag(i, nd->gen);
         /* A late sender of the previous incarnation may have left frames in our inbound rings
-         * after its reclaim: free those still tagged for it, drop the rest. */
+         * after its reclaim: free those still tagged for it, drop the rest. One may also have
+         * tagged slots for it after its reclaim's owner scan and died (or been taken back) before
+         * publishing them, while the ring was down: nothing else would ever free those. No live
+         * holder is left for that tag (a sender's publish to it fails: the epoch moved on, and its
+         * take_back's CAS finds them free), so every slot still carrying it is given back. */
         drain_inbound(r, i, old_tag, false);
+        for (uint32_t ni = 0; ni < r->sb->n_networks; ni++) {
+            sf_network *n = net_at(r, ni);
+            uint32_t *owner = net_owner(r, n);
+            for (uint32_t sl = 0; sl < n->n_slots; sl++)
+                if (LOAD_RELAXED(&owner[sl]) == old_tag)
+                    reclaim_slot(r, n, sl, old_tag, NULL);
+        }
         /* The generation moves before the epochs go even below (take_unpublished reads gen
          * between two reads of an epoch and trusts that order). */
         STORE_RELAXED(&nd->gen, nd->gen + 1);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        /* What an earlier incarnation left past the heads of its outbound rings is garbage (its
-         * reclaim, or its destination's, gave those slots back), yet stamped: after 2,048 restarts
-         * of a destination whose ring did not move, the 12 epoch bits of a stamp match again, and
-         * our own reclaim would free slots the destination holds now. Cleared here, where nobody
-         * writes them (only the producer does, and we are it): no stale entry outlives its writer. */
-        uint32_t rsize = r->sb->ring_size, nhwm = LOAD_ACQUIRE(&r->sb->node_hwm);
-        for (uint32_t d = 0; d < nhwm; d++) {
-            sf_ring *g = ring_at(r, i, d);
-            uint32_t head = LOAD_RELAXED(&g->head), tail = LOAD_ACQUIRE(&g->tail);
-            if (sf_ring_count(head, tail) > rsize)
-                continue; /* garbage indices: take_unpublished skips such a ring too */
-            for (uint32_t j = 0, space = sf_ring_space(head, tail, rsize); j < space; j++) {
-                sf_desc *e = &g->desc[(head + j) & (rsize - 1)];
-                if (desc_given_back(e))
-                    continue;
-                /* what take_unpublished would look at: written, of this lap (any epoch) */
-                if (!e->len || (e->flags & 0xeu) != (desc_stamp(head + j, rsize, 0) & 0xeu))
-                    break;
-                desc_give_back(e);
-            }
-        }
         nd->pid = pid;
         nd->network = network;
         nd->start_time = start_time;
@@ -686,6 +693,7 @@ static PyObject *Region_claim_node(RegionObject *self, PyObject *args)
         STORE_RELAXED(&nd->waiting, (uint32_t)(nd->gen << 16));
         nd->tx_frames = nd->tx_bytes = nd->rx_frames = nd->rx_bytes = 0;
         nd->tx_ring_full = nd->tx_drops = nd->rx_lapped = nd->tape_rx = nd->tape_tx = nd->wakeups = nd->tx_nobuf = 0;
+        nd->rx_bad = 0;
         memset(nd->cached, 0, sizeof nd->cached);
         nd->mcast_mask = 0;
         for (uint32_t d = 0; d < r->sb->max_nodes; d++) {
@@ -1375,7 +1383,10 @@ static void take_back(PortObject *p, sf_ring *g, uint32_t head, uint32_t n, uint
     pool_enter(p);
     for (uint32_t j = 0; j < n; j++) {
         sf_desc *d = &g->desc[(head + j) & mask];
-        reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag, NULL);
+        /* given back already (we were stopped inside this send and reclaimed meanwhile: the
+         * reclaim gave these entries back), or not a slot: nothing to free */
+        if (!desc_given_back(d) && d->pool < p->r.sb->n_networks && d->slot < net_at(&p->r, d->pool)->n_slots)
+            reclaim_slot(&p->r, net_at(&p->r, d->pool), d->slot, dst_tag, NULL);
         desc_give_back(d); /* not a frame waiting to be published (take_unpublished) */
     }
     pool_exit(p);
@@ -1709,14 +1720,22 @@ static inline uint32_t ring_waiting(const region_view *r, sf_ring *g, uint32_t *
     return avail > r->sb->ring_size ? 0 : avail;
 }
 
-/* Where descriptor `d`'s frame is, its fields clamped to what exists (a corrupt descriptor reads
- * slot 0 of network 0, never outside the region): the frame's address, pool, slot and length. */
+/* Where descriptor `d`'s frame is: its address, pool, slot and length (clamped to the MTU), or
+ * NULL for a descriptor that names no slot: given back (a sender stopped inside a send, reclaimed,
+ * then resumed, publishes entries its reclaim gave back) or corrupt (the region is writable by any
+ * process). Such an entry is skipped and counted (rx_bad), never read as some slot: clamped to
+ * slot 0, as before, the receiver took slot 0 once per entry, and later handed it out several
+ * times at once. */
 static inline uint8_t *desc_frame(const region_view *r, const sf_desc *d, uint32_t *pool, uint32_t *slot,
                                   uint32_t *len)
 {
-    *pool = d->pool < r->sb->n_networks ? d->pool : 0;
+    *pool = d->pool;
+    *slot = d->slot;
+    if (__builtin_expect(*pool >= r->sb->n_networks, 0))
+        return NULL;
     sf_network *n = net_at(r, *pool);
-    *slot = d->slot < n->n_slots ? d->slot : 0;
+    if (__builtin_expect(*slot >= n->n_slots, 0))
+        return NULL;
     *len = d->len <= n->mtu + SF_ETH_HLEN ? d->len : n->mtu + SF_ETH_HLEN;
     return slot_ptr(r, n, *slot);
 }
@@ -1746,6 +1765,10 @@ static void fill_batch(PortObject *p, BatchObject *b, uint32_t limit)
             sf_desc *d = &g->desc[(tail + j) & mask];
             uint32_t pool, slot, len;
             uint8_t *data = desc_frame(r, d, &pool, &slot, &len);
+            if (__builtin_expect(!data, 0)) {
+                STORE_RELAXED(&p->me->rx_bad, p->me->rx_bad + 1);
+                continue;
+            }
             if (d->flags & SF_DESC_CONTROL) { /* a control message: to the Python layer, slot back now */
                 batch_add_control(b, data, len);
                 slot_put(p, pool, slot);
@@ -2069,6 +2092,11 @@ static PyObject *Port_recv_control(PortObject *p, PyObject *args, PyObject *kw)
                 break; /* a data frame: it and all behind it stay for recv_batch */
             uint32_t pool, slot, len;
             uint8_t *data = desc_frame(r, d, &pool, &slot, &len);
+            if (!data) { /* names no slot: skipped (as fill_batch) */
+                STORE_RELAXED(&p->me->rx_bad, p->me->rx_bad + 1);
+                j++;
+                continue;
+            }
             PyObject *cf = PyBytes_FromStringAndSize((const char *)data, len);
             if (cf)
                 PyList_Append(out, cf);
@@ -2781,11 +2809,12 @@ static PyObject *Port_stats(PortObject *p, PyObject *noargs)
     uint64_t cached = 0;
     for (uint32_t i = 0; i < p->r.sb->n_networks && i < SF_MAX_NETWORKS; i++)
         cached += p->ncache[i];
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "tx_frames", (unsigned long long)m->tx_frames, "tx_bytes", (unsigned long long)m->tx_bytes,
                          "rx_frames", (unsigned long long)m->rx_frames, "rx_bytes", (unsigned long long)m->rx_bytes,
                          "tx_ring_full", (unsigned long long)m->tx_ring_full, "tx_drops", (unsigned long long)m->tx_drops,
                          "tx_nobuf", (unsigned long long)m->tx_nobuf, "rx_lapped", (unsigned long long)m->rx_lapped,
+                         "rx_bad", (unsigned long long)m->rx_bad,
                          "tape_rx", (unsigned long long)m->tape_rx, "tape_tx", (unsigned long long)m->tape_tx,
                          "wakeups", (unsigned long long)m->wakeups, "cached_slots", (unsigned long long)cached);
 }
@@ -3304,7 +3333,7 @@ static PyObject *layout_dict(void)
     OFF(sf_node, state); OFF(sf_node, gen); OFF(sf_node, pid); OFF(sf_node, network); OFF(sf_node, start_time);
     OFF(sf_node, pidns); OFF(sf_node, heartbeat_ns); OFF(sf_node, name); OFF(sf_node, doorbell); OFF(sf_node, waiting);
     OFF(sf_node, tx_frames); OFF(sf_node, tx_bytes); OFF(sf_node, rx_frames); OFF(sf_node, rx_bytes);
-    OFF(sf_node, tx_ring_full); OFF(sf_node, tx_drops); OFF(sf_node, rx_lapped); OFF(sf_node, tape_rx);
+    OFF(sf_node, tx_ring_full); OFF(sf_node, tx_drops); OFF(sf_node, rx_lapped); OFF(sf_node, rx_bad); OFF(sf_node, tape_rx);
     OFF(sf_node, tape_tx); OFF(sf_node, wakeups); OFF(sf_node, tx_nobuf); OFF(sf_node, cached); OFF(sf_node, mcast_mask);
     OFF(sf_node, pool_ops);
     OFF(sf_network, mtu); OFF(sf_network, slot_size); OFF(sf_network, headroom); OFF(sf_network, n_slots);

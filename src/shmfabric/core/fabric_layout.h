@@ -23,7 +23,7 @@
 #include <pthread.h>
 
 #define SF_MAGIC 0x3152424146464d53ULL /* "SMFFABR1" little-endian */
-#define SF_VERSION 5u /* 3: descriptors carry a stamp in flags (take_unpublished); 4: pool sweep; 5: waiting carries the incarnation tag */
+#define SF_VERSION 6u /* 3: descriptors carry a stamp in flags (take_unpublished); 4: pool sweep; 5: waiting carries the incarnation tag; 6: given-back entries marked (slot UINT32_MAX, len 0: len 0 alone is never written), rx_bad */
 #define SF_CACHELINE 64
 #define SF_MAX_NETWORKS 8
 #define SF_NAME_LEN 32
@@ -116,6 +116,7 @@ typedef struct sf_node {
     uint64_t tape_tx;
     uint64_t wakeups;        /* times the owner slept and was woken */
     uint64_t tx_nobuf;       /* frames not sent because the pool had no free slot */
+    uint64_t rx_bad;         /* ring entries skipped: they named no slot (given back, or corrupt) */
     uint32_t cached[SF_MAX_NETWORKS]; /* slots held in the owner's private free cache */
     uint32_t pool_ops;       /* (o) odd while the owner moves slots between the free stack and
                               * itself (pool_enter/pool_exit); the sweep waits for even */

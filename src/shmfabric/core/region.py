@@ -51,7 +51,7 @@ _NET_FIELDS = {
 _NODE_FIELDS = {
     "state": "I", "gen": "I", "pid": "I", "network": "I", "start_time": "Q", "pidns": "Q",
     "heartbeat_ns": "Q", "tx_frames": "Q", "tx_bytes": "Q", "rx_frames": "Q", "rx_bytes": "Q",
-    "tx_ring_full": "Q", "tx_drops": "Q", "rx_lapped": "Q", "tape_rx": "Q", "tape_tx": "Q",
+    "tx_ring_full": "Q", "tx_drops": "Q", "rx_lapped": "Q", "rx_bad": "Q", "tape_rx": "Q", "tape_tx": "Q",
     "wakeups": "Q", "tx_nobuf": "Q", "mcast_mask": "Q", "doorbell": "I", "waiting": "I",
     "pool_ops": "I",
 }

@@ -132,7 +132,7 @@ def _render(info: dict):
 
 
 _NODE_KEYS = ("id", "name", "state", "alive", "pid", "network", "gen", "tx_frames", "tx_bytes", "rx_frames",
-              "rx_bytes", "tx_ring_full", "tx_drops", "tx_nobuf", "rx_lapped", "tape_rx", "tape_tx", "wakeups")
+              "rx_bytes", "tx_ring_full", "tx_drops", "tx_nobuf", "rx_lapped", "rx_bad", "tape_rx", "tape_tx", "wakeups")
 
 
 def _stable(info: dict) -> dict:

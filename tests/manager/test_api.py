@@ -14,7 +14,7 @@ from shmfabric.manager.supervisor import SupervisorError
 def _inst(name: str) -> dict:
     return {"name": name, "function": "firewall", "version": "1", "pid": 123, "state": "running", "restarts": 2,
             "exit_code": None, "error": None, "node_id": 1, "cpu_seconds": 1.5, "uptime": 3.0, "rx_frames": 10,
-            "rx_bytes": 640, "tx_frames": 9, "tx_bytes": 576, "tx_drops": 0, "tx_ring_full": 1, "tx_nobuf": 0,
+            "rx_bytes": 640, "tx_frames": 9, "tx_bytes": 576, "tx_drops": 0, "tx_ring_full": 1, "tx_nobuf": 0, "rx_bad": 0,
             "queue_depth": 4, "dropped": 1, "counters": {"in_frames": 10, "dropped": 1},
             "function_counters": {"rule_0_hits": 7}}
 

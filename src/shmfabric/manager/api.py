@@ -237,7 +237,8 @@ _NODE_RE = re.compile(r"^/nodes/([^/]+)(?:/(config|scale|replace))?/?$")
 
 _INST_COUNTERS = [("rx_frames", "frames received"), ("rx_bytes", "bytes received"), ("tx_frames", "frames sent"),
                   ("tx_bytes", "bytes sent"), ("tx_drops", "frames dropped on send"),
-                  ("tx_ring_full", "sends refused by a full ring"), ("tx_nobuf", "sends refused by an empty pool")]
+                  ("tx_ring_full", "sends refused by a full ring"), ("tx_nobuf", "sends refused by an empty pool"),
+                  ("rx_bad", "ring entries skipped: they named no slot")]
 
 
 class ManagerCollector:

@@ -102,7 +102,7 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
-NODE_COUNTERS = ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_drops", "tx_ring_full", "tx_nobuf")
+NODE_COUNTERS = ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_drops", "tx_ring_full", "tx_nobuf", "rx_bad")
 
 
 def _take_node_counters(inst: "Instance", e: dict) -> None:

@@ -293,19 +293,16 @@ static PyObject *Region_format(RegionObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-/* free one slot straight to the shared stack if `expect_owner` still owns it. `clear` (or NULL):
- * a word zeroed between the untag and the push (the descriptor's len that named the slot, so a
- * rerun of a reclaim killed here never finds the slot both free and still named: take_unpublished). */
-/* A descriptor past a ring's head whose frame was given back (take_back, take_unpublished, a
- * claim's clearing) has slot UINT32_MAX and len 0, its first 8 bytes set in one store. No
- * written entry looks so (a frame has a length), nor a never-written one (all zero): a scan past
- * a head skips given-back entries and stops at the first never-written one, so it never reads a
- * ring's pages further than they were written (reading a hole of the tmpfs file commits a page:
- * a full scan of every outbound ring at each claim and reclaim would commit the whole ring area
- * of a fabric sized for many nodes and long rings, most of which no pair ever uses). */
+/* A descriptor past a ring's head whose frame was given back (take_back, take_unpublished) has
+ * slot UINT32_MAX and len 0, set in one store. No written entry looks so (a frame has a length),
+ * nor a never-written one (all zero): a scan past a head skips given-back entries and stops at
+ * the first never-written one, so it never reads a ring's pages further than they were written
+ * (reading a hole of the tmpfs file commits a page: a full scan of every outbound ring at each
+ * reclaim would commit the whole ring area of a fabric sized for many nodes and long rings, most
+ * of which no pair ever uses). */
 static inline void desc_give_back(sf_desc *d)
 {
-    STORE_RELAXED((uint64_t *)(void *)d, (uint64_t)UINT32_MAX); /* little-endian: slot, then len 0 */
+    STORE_RELAXED(&d->slot_len, (uint64_t)UINT32_MAX); /* little-endian: slot UINT32_MAX, then len 0 */
 }
 
 static inline bool desc_given_back(const sf_desc *d)
@@ -313,6 +310,9 @@ static inline bool desc_given_back(const sf_desc *d)
     return d->len == 0 && d->slot == UINT32_MAX;
 }
 
+/* free one slot straight to the shared stack if `expect_owner` still owns it. `give_back` (or
+ * NULL): the descriptor that named the slot, given back between the untag and the push, so a rerun
+ * of a reclaim killed here never finds the slot both free and still named (take_unpublished). */
 static int reclaim_slot(region_view *r, sf_network *n, uint32_t slot, uint32_t expect_owner, sf_desc *give_back)
 {
     uint32_t *owner = net_owner(r, n);

@@ -147,8 +147,13 @@ typedef struct sf_network {
  * guarantees by checking space first; so a wrap of the counters past 2^32 is harmless.
  * Slots [tail, head) belong to the consumer; [head, tail + size) to the producer. */
 typedef struct sf_desc {
-    uint32_t slot;           /* slot index in the pool */
-    uint32_t len;            /* frame length, header included */
+    union {
+        struct {
+            uint32_t slot;   /* slot index in the pool; UINT32_MAX with len 0: given back */
+            uint32_t len;    /* frame length, header included; 0: never written (or given back) */
+        };
+        uint64_t slot_len;   /* both in one store (desc_give_back) */
+    };
     uint16_t pool;           /* network index */
     uint16_t flags;          /* SF_DESC_* */
     uint32_t meta;           /* free for the user (e.g. a chain position) */

@@ -1,18 +1,26 @@
 """`monitor` on crafted packets: per-flow counters, top talkers (Space-Saving bounds), pcap files
 that our reader and tshark open (both link types, rotation, filter), report file, malformed frames;
-and one chain with real processes whose capture tshark reads after a graceful stop."""
+and one chain with real processes whose capture tshark reads after a graceful stop. Capture files
+are never truncated or overwritten (restart, reconfigure, two instances, rotation across runs,
+`keep` on disk, planted symlinks); a full disk (RLIMIT_FSIZE in a child process) leaves whole
+records and true counters; the report is private and atomic; idle flows are never revived."""
 from __future__ import annotations
 
+import errno
 import json
 import random
+import stat
 import struct
 import subprocess
+import sys
+import textwrap
 from collections import Counter
 
 import pytest
 
 from shmfabric import programs
 from shmfabric.functions.api import FunctionConfigError, FunctionContext, NetworkFunction, validate_config
+from shmfabric.functions.builtin import monitor as monitor_mod
 from shmfabric.functions.builtin.generator import read_pcap
 from shmfabric.functions.builtin.monitor import Monitor, SpaceSaving
 from shmfabric.functions.registry import load
@@ -281,3 +289,305 @@ def test_rotation_inside_one_batch_splits_it_over_files(tmp_path):
 def test_a_capture_file_that_cannot_be_opened_is_a_config_error():
     with pytest.raises(FunctionConfigError, match=r"cannot open capture file '/proc/no.pcap'"):
         Monitor(validate_config(Monitor, {"capture": {"path": "/proc/no.pcap"}}))
+
+
+# --- review fixes: capture files are never overwritten, disk full, report file, flow expiry ----------------
+
+
+def names(d) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_a_restart_writes_a_new_numbered_file_and_never_truncates_the_old_one(tmp_path):
+    path = tmp_path / "edge.pcap"
+    cfg = {"capture": {"path": str(path), "linktype": "raw"}}
+    m = make(cfg)
+    run(m, [udp()] * 3, now=1.0)
+    m.close()
+    m = make(cfg)  # the manager restarted the node: same config
+    run(m, [tcp()] * 2, now=2.0)
+    assert m.snapshot()["capture_files"] == [str(tmp_path / "edge_00001.pcap")]
+    m.close()
+    make(cfg).close()  # restarted again, no traffic: an empty capture of its own
+    assert names(tmp_path) == ["edge.pcap", "edge_00001.pcap", "edge_00002.pcap"]
+    assert [r[1] for r in pcap_records(path)[1]] == [udp()] * 3  # the first run wrote exactly the path given
+    assert [r[1] for r in pcap_records(tmp_path / "edge_00001.pcap")[1]] == [tcp()] * 2
+    assert pcap_records(tmp_path / "edge_00002.pcap")[1] == []
+
+
+def test_reconfigure_of_the_same_path_keeps_what_was_captured(tmp_path):
+    path = tmp_path / "edge.pcap"
+    m = make({"capture": {"path": str(path), "linktype": "raw"}})
+    run(m, [udp()] * 3, now=1.0)
+    m.reconfigure(validate_config(Monitor, {"capture": {"path": str(path), "linktype": "raw", "flush_interval": 2}}))
+    run(m, [tcp()], now=2.0)
+    m.close()
+    assert len(pcap_records(path)[1]) == 3 and len(pcap_records(tmp_path / "edge_00001.pcap")[1]) == 1
+    assert m.counters()["captured"] == 4
+
+
+def test_two_instances_on_one_path_each_write_their_own_file(tmp_path):
+    cfg = {"capture": {"path": str(tmp_path / "edge.pcap"), "linktype": "raw", "flush_interval": 0.1}}
+    a, b = make(cfg), make(cfg)  # a `replace` runs the old and the new instance at once
+    for t in range(20):
+        run(a, [udp(src="10.0.0.1", payload=bytes(100))] * 4, now=float(t))
+        run(b, [udp(src="10.0.0.99", payload=bytes(7))] * 4, now=float(t))
+        a.on_timer(float(t))
+        b.on_timer(float(t))
+    a.close()
+    b.close()
+    assert names(tmp_path) == ["edge.pcap", "edge_00001.pcap"]
+    a_frame, b_frame = udp(src="10.0.0.1", payload=bytes(100)), udp(src="10.0.0.99", payload=bytes(7))
+    assert [r[1] for r in pcap_records(tmp_path / "edge.pcap")[1]] == [a_frame] * 80
+    assert [r[1] for r in pcap_records(tmp_path / "edge_00001.pcap")[1]] == [b_frame] * 80
+
+
+def test_rotation_continues_numbering_after_a_restart_and_keep_counts_the_files_on_disk(tmp_path):
+    cfg = {"capture": {"path": str(tmp_path / "ring.pcap"), "rotate_bytes": 4096, "keep": 3, "linktype": "raw"}}
+    m = make(cfg)
+    for t in range(200):  # 344-byte records, 11 per file: 19 files, the newest three kept
+        run(m, [udp(payload=bytes(300))], now=float(t))
+    m.close()
+    assert names(tmp_path) == ["ring_00017.pcap", "ring_00018.pcap", "ring_00019.pcap"]
+    m = make(cfg)  # restarted: on from the highest number on disk, and keep still means three files
+    for t in range(30):
+        run(m, [udp(sport=7, payload=bytes(300))], now=1000.0 + t)
+    m.close()
+    assert names(tmp_path) == ["ring_00020.pcap", "ring_00021.pcap", "ring_00022.pcap"]
+    newest = pcap_records(tmp_path / "ring_00022.pcap")[1]
+    assert newest and newest[-1][0] == pytest.approx(1_700_001_029.0)  # the newest traffic in the highest number
+
+
+def test_keep_without_rotation_prunes_old_runs_but_never_a_file_a_live_writer_holds(tmp_path):
+    cfg = {"capture": {"path": str(tmp_path / "edge.pcap"), "keep": 1, "linktype": "raw"}}
+    a = make(cfg)
+    run(a, [udp()], now=1.0)
+    b = make(cfg)  # edge.pcap is older, beyond keep, but `a` still writes it: left alone
+    assert names(tmp_path) == ["edge.pcap", "edge_00001.pcap"]
+    a.close()
+    b.close()
+    assert len(pcap_records(tmp_path / "edge.pcap")[1]) == 1
+    c = make(cfg)  # now nobody holds the two older files: only c's own stays
+    assert names(tmp_path) == ["edge_00002.pcap"]
+    c.close()
+
+
+def test_capture_files_are_private_and_a_planted_symlink_is_never_followed(tmp_path):
+    victim = tmp_path / "victim.conf"
+    victim.write_text("IMPORTANT\n")
+    d = tmp_path / "caps"
+    d.mkdir()
+    (d / "edge.pcap").symlink_to(victim)
+    (d / "ring_00001.pcap").symlink_to(victim)
+    m = make({"capture": {"path": str(d / "edge.pcap"), "linktype": "raw"}})
+    r = make({"capture": {"path": str(d / "ring.pcap"), "linktype": "raw", "rotate_bytes": 4096, "keep": 1}})
+    for t in range(40):
+        run(m, [udp(payload=bytes(300))], now=float(t))
+        run(r, [udp(payload=bytes(300))], now=float(t))
+    m.close()
+    r.close()
+    assert victim.read_text() == "IMPORTANT\n"
+    assert (d / "edge.pcap").is_symlink() and (d / "ring_00001.pcap").is_symlink()  # not pruned either
+    written = [p for p in d.iterdir() if not p.is_symlink()]
+    assert {p.name for p in written} == {"edge_00001.pcap", "ring_00005.pcap"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in written)  # full payloads: like dumpcap's
+
+
+def test_a_capture_path_that_is_a_directory_is_refused(tmp_path):
+    with pytest.raises(FunctionConfigError, match=r"cannot open capture file .*Is a directory"):
+        make({"capture": {"path": str(tmp_path)}})
+    assert names(tmp_path) == []
+
+
+def _run_with_file_size_limit(tmp_path, limit: int, body: str) -> dict:
+    """Run `body` in a child whose files cannot grow beyond `limit` bytes (RLIMIT_FSIZE: a write
+    past it fails with EFBIG after a short write, as on a full disk); it prints one JSON line."""
+    code = textwrap.dedent("""
+        import json, resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+        sys.path[:0] = {paths!r}
+        from shmfabric.functions.api import FunctionContext, validate_config
+        from shmfabric.functions.builtin.monitor import Monitor
+        from shmfabric.net import build
+        def udp(sport=1000, payload=b"hello"):
+            return build.ipv4(build.udp(sport, 53, payload, src="10.0.0.1", dst="10.0.0.2"),
+                              src="10.0.0.1", dst="10.0.0.2", proto=17)
+        log = []
+        def make(cfg):
+            m = Monitor(validate_config(Monitor, cfg), FunctionContext(node="mon", log=lambda e, f: log.append(e)))
+            m.epoch_offset = 1_700_000_000.0
+            return m
+        def run(m, frames, now):
+            m.process(frames, now, bytearray(len(frames)))
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+    """).format(paths=[p for p in sys.path if p], limit=limit) + textwrap.dedent(body)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(60)
+def test_disk_full_leaves_whole_records_and_true_counters(tmp_path):
+    out = _run_with_file_size_limit(tmp_path, 10_000, f"""
+        m = make({{"capture": {{"path": {str(tmp_path / "full.pcap")!r}, "linktype": "raw"}}}})
+        for t in range(40):  # 3 records of 1,021 bytes per batch, each batch flushed: the 4th is cut short
+            run(m, [udp(payload=bytes(977))] * 3, now=float(t))
+            m.on_timer(float(t))
+        c = m.counters()
+        m.close()
+        print(json.dumps({{"captured": c["captured"], "bytes": c["capture_bytes"], "errors": c["capture_errors"],
+                          "stopped": m.capture is None, "log": log}}))
+    """)
+    lt, recs = pcap_records(tmp_path / "full.pcap")  # asserts the file ends on a whole record
+    assert out["errors"] == 1 and out["stopped"] and "capture_error" in out["log"]
+    assert out["captured"] == len(recs) == 9
+    assert out["bytes"] == (tmp_path / "full.pcap").stat().st_size - 24
+    if TSHARK:
+        assert len(tshark(tmp_path / "full.pcap")) == len(recs)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_flush_closes_the_file_and_a_failed_close_still_writes_the_report(tmp_path):
+    out = _run_with_file_size_limit(tmp_path, 2_000, f"""
+        import os
+        def open_fds(name):
+            n = 0
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    n += os.readlink("/proc/self/fd/" + fd).endswith(name)
+                except OSError:  # the directory listing's own descriptor, closed by now
+                    pass
+            return n
+        m = make({{"capture": {{"path": "a.pcap", "linktype": "raw"}}}})
+        run(m, [udp()] * 20, now=1.0)  # 20 records of 49 bytes: flushed
+        m.on_timer(1.0)
+        run(m, [udp()] * 100, now=2.0)  # 100 more: past the limit at the flush
+        m.on_timer(2.0)
+        after_flush = open_fds("a.pcap")
+        b = make({{"capture": {{"path": "b.pcap", "linktype": "raw"}}, "report": "mon.json"}})
+        run(b, [udp()] * 20, now=1.0)
+        b.on_timer(1.0)
+        run(b, [udp()] * 100, now=2.0)
+        b.close()  # the capture cannot be flushed: the final report is written anyway
+        print(json.dumps({{"open_after_failed_flush": after_flush, "a_captured": m.counters()["captured"],
+                          "b_captured": b.counters()["captured"]}}))
+    """)
+    assert out["open_after_failed_flush"] == 0
+    assert out["a_captured"] == len(pcap_records(tmp_path / "a.pcap")[1]) == 20  # what the last flush wrote
+    report = json.loads((tmp_path / "mon.json").read_text())
+    assert report["counters"]["capture_errors"] == 1 and report["counters"]["packets"] == 120
+    assert report["counters"]["captured"] == out["b_captured"] == len(pcap_records(tmp_path / "b.pcap")[1]) == 20
+
+
+@pytest.mark.timeout(60)
+def test_a_report_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    out = _run_with_file_size_limit(tmp_path, 4_096, """
+        m = make({"report": "mon.json", "report_flows": 1000})
+        run(m, [udp(sport=1)], now=1.0)
+        m.on_timer(1.0)  # small: written
+        run(m, [udp(sport=i) for i in range(500)], now=2.0)
+        m.write_report("mon.json", 2.0)  # too big for the limit
+        print(json.dumps({"reports": m.counters()["reports"], "log": log}))
+    """)
+    assert out["reports"] == 1 and out["log"] == ["report_error"]
+    assert names(tmp_path) == ["mon.json"]  # the old report stays, whole; no temporary file is left
+    assert json.loads((tmp_path / "mon.json").read_text())["counters"]["packets"] == 1
+
+
+def test_the_report_is_private_and_replaces_a_planted_symlink_without_following_it(tmp_path):
+    victim = tmp_path / "victim.conf"
+    victim.write_text("IMPORTANT\n")
+    rep = tmp_path / "mon.json"
+    rep.symlink_to(victim)
+    m = make({"report": str(rep)})
+    run(m, [udp()], now=1.0)
+    m.on_timer(1.0)
+    assert victim.read_text() == "IMPORTANT\n" and not rep.is_symlink()
+    assert json.loads(rep.read_text())["counters"]["packets"] == 1
+    assert stat.S_IMODE(rep.stat().st_mode) == 0o600
+    assert names(tmp_path) == ["mon.json", "victim.conf"]
+
+
+def test_reconfigure_with_the_same_capture_restarts_a_capture_stopped_by_an_error(tmp_path):
+    cfg = {"capture": {"path": str(tmp_path / "c.pcap"), "linktype": "raw"}}
+    m = make(cfg)
+
+    class Full:  # the disk filled up: every write fails
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    m.capture.writer.f = Full()
+    run(m, [udp()], now=1.0)
+    assert m.capture is None and m.counters()["capture_errors"] == 1
+    m.reconfigure(validate_config(Monitor, cfg))  # space was freed; the operator pushes the same config
+    run(m, [udp()] * 2, now=2.0)
+    m.close()
+    assert len(pcap_records(tmp_path / "c_00001.pcap")[1]) == 2 and m.counters()["captured"] == 2
+
+
+def test_an_idle_flow_is_never_revived_with_its_old_counters():
+    m = make({"flow_timeout": 10})
+    run(m, [udp()] * 3, now=0.0)
+    run(m, [udp()], now=10.0)  # idle exactly flow_timeout: still the same flow
+    run(m, [udp(payload=b"x" * 100)], now=25.0)  # idle 15 s, not swept yet: a new flow
+    (f,) = m.flows()
+    assert (f["packets"], f["bytes"], f["first_seen"]) == (1, 128, 1_700_000_025.0)
+    assert m.counters()["flows_expired"] == 1
+    m.on_timer(25.0)  # the sweep does not count it again
+    assert m.counters()["flows_expired"] == 1 and m.counters()["flows"] == 1
+
+
+def test_flows_n_does_not_sort_the_whole_table(monkeypatch):
+    m = make({"max_flows": 5000})
+    run(m, [udp(sport=i, payload=bytes(i % 97)) for i in range(3000)], now=1.0)
+    want = sorted(m.flows(), key=lambda f: -f["bytes"])[:5]
+    sizes = []
+    real_sorted = sorted
+
+    def counting_sorted(it, **kw):
+        items = list(it)
+        sizes.append(len(items))
+        return real_sorted(items, **kw)
+
+    monkeypatch.setattr(monitor_mod, "sorted", counting_sorted, raising=False)  # the module's, not builtins'
+    assert m.flows(5) == want
+    assert max(sizes, default=0) <= 5
+
+
+def test_report_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = validate_config(Monitor, {"report": "~/mon.json"})
+    assert cfg.report == str(tmp_path / "mon.json")
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    ({"report": "/tmp"}, r"config.report: report '/tmp' is a directory; name a file in it, e.g. '/tmp/monitor.json'"),
+    ({"capture": {"path": "/tmp/x.pcap", "match": {"src": "10.0.0.1/8"}}},
+     r"config.capture.match: src '10.0.0.1/8' has host bits set; use 10.0.0.0/8, or 10.0.0.1/32 for one host"),
+    ({"capture": {"path": "/tmp/x.pcap", "match": {"dst": ["fd00::/64", "fd00::1/64"]}}},
+     r"config.capture.match: dst 'fd00::1/64' has host bits set; use fd00::/64, or fd00::1/128 for one host"),
+])
+def test_more_config_errors_name_the_field(cfg, msg):
+    with pytest.raises(FunctionConfigError, match=msg):
+        validate_config(Monitor, cfg)
+
+
+def test_default_snaplen_keeps_the_largest_ip_packet_whole(tmp_path):
+    big = udp(payload=bytes(65535 - 28))  # a 65,535-byte IPv4 packet, + 14 bytes of Ethernet header
+    m = make({"capture": {"path": str(tmp_path / "big.pcap")}})
+    run(m, [big], now=1.0)
+    m.close()
+    _, recs = pcap_records(tmp_path / "big.pcap")
+    assert len(recs[0][1]) == recs[0][2] == 65535 + 14 and recs[0][1][14:] == big
+
+
+def test_ethernet_header_takes_the_frames_own_ethertype():
+    class Frame(bytes):
+        ethertype = 0x0806  # what the fabric says it is, though it starts like IPv4
+
+    assert monitor_mod.ethernet_header(Frame(udp()))[12:14] == b"\x08\x06"
+    assert monitor_mod.ethernet_header(udp())[12:14] == b"\x08\x00"  # no attribute: by the IP version
+    assert monitor_mod.ethernet_header(udp6())[12:14] == b"\x86\xdd"

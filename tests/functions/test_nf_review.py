@@ -457,8 +457,10 @@ def test_reconfigure_to_the_same_capture_path_with_new_settings(tmp_path):
     m.reconfigure(validate_config(Monitor, {"capture": {"path": str(a), "snaplen": 64}}))
     run(m, [udp(size=200)], 2.0)
     m.close()
-    data = a.read_bytes()  # one header, one record cut to 64 bytes: nothing of the old file follows
-    assert len(data) == 24 + 16 + 64
+    # the earlier capture is kept whole (never truncated); the new settings write the next file:
+    # one header, one record cut to 64 bytes
+    assert len(a.read_bytes()) == 24 + 3 * (16 + len(udp()) + 14)
+    assert len((tmp_path / "a_00001.pcap").read_bytes()) == 24 + 16 + 64
 
 
 # --- 6. monitor: fragments ----------------------------------------------------------------------------

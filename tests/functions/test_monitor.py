@@ -566,9 +566,9 @@ def test_report_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
 @pytest.mark.parametrize("cfg, msg", [
     ({"report": "/tmp"}, r"config.report: report '/tmp' is a directory; name a file in it, e.g. '/tmp/monitor.json'"),
     ({"capture": {"path": "/tmp/x.pcap", "match": {"src": "10.0.0.1/8"}}},
-     r"config.capture.match: src '10.0.0.1/8' has host bits set; use 10.0.0.0/8, or 10.0.0.1/32 for one host"),
+     r"config.capture.match.src: src '10.0.0.1/8' has host bits set; use 10.0.0.0/8, or 10.0.0.1/32 for one host"),
     ({"capture": {"path": "/tmp/x.pcap", "match": {"dst": ["fd00::/64", "fd00::1/64"]}}},
-     r"config.capture.match: dst 'fd00::1/64' has host bits set; use fd00::/64, or fd00::1/128 for one host"),
+     r"config.capture.match.dst: dst 'fd00::1/64' has host bits set; use fd00::/64, or fd00::1/128 for one host"),
 ])
 def test_more_config_errors_name_the_field(cfg, msg):
     with pytest.raises(FunctionConfigError, match=msg):

@@ -67,6 +67,8 @@ def test_rates_and_sizes_as_written():
     ({"classes": [{"name": "a", "rate": "10pps"}, {"name": "a", "rate": "1pps"}]}, r"used twice"),
     ({"classes": [{"name": "a", "rate": "10pps", "match": {"src": "10.0.0.300/8"}}]}, r"match.src: .*not an address"),
     ({"classes": [{"name": "a", "rate": "10pps", "match": {"dport": "90-80"}}]}, r"match.dport: .*out of range"),
+    ({"classes": [{"name": "a", "rate": "10pps", "match": {"dst": "10.1.2.3/16"}}]},
+     r"match.dst: dst '10.1.2.3/16' has host bits set; use 10.1.0.0/16, or 10.1.2.3/32 for one host"),
     ({"classes": [{"name": "a", "rate": "10pps", "match": {"proto": "tcpp"}}]}, r"match.proto: .*unknown protocol"),
     ({"classes": [{"name": "a", "rate": "10pps"}], "mode": "delay"}, r"config.mode: Input should be 'police' or 'shape'"),
     ({"classes": [{"name": "a", "rate": "10pps", "colour": 1}]}, r"config.classes.0.colour: Extra inputs"),

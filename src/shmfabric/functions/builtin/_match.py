@@ -26,9 +26,16 @@ def _prefixes(v: object, what: str) -> list[str]:
     out = []
     for item in _as_list(v):
         try:
-            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+            net = ipaddress.ip_network(str(item), strict=False)
         except ValueError:
             raise ValueError(f"{what} {item!r} is not an address or prefix (e.g. 10.0.0.0/8, fd00::/64)") from None
+        host = ipaddress.ip_interface(str(item)).ip
+        if host != net.network_address:
+            # host bits set (10.0.0.1/8): most likely a typo for the host (/32) or the network, and
+            # silently widening it would match traffic nobody asked for (router refuses it too)
+            raise ValueError(f"{what} {str(item)!r} has host bits set; use {net}, or {host}/{net.max_prefixlen} "
+                             "for one host")
+        out.append(str(net))
     return out
 
 

@@ -94,29 +94,6 @@ class CaptureConfig(BaseModel):
             raise ValueError(f"directory {str(parent)!r} of the capture file does not exist; create it first")
         return str(Path(v).expanduser())
 
-    @field_validator("match", mode="before")
-    @classmethod
-    def _no_host_bits(cls, v: object) -> object:
-        """A prefix with host bits set (10.0.0.1/8) is refused, as router refuses one: it is
-        most likely a typo for a host (/32) or the network, and silently widening it to 10.0.0.0/8
-        would capture traffic nobody asked for. Only checked here: `Match` (shared with ratelimit)
-        stays as it is."""
-        if isinstance(v, dict):
-            for field in ("src", "dst"):
-                items = v.get(field)
-                for item in items if isinstance(items, list) else [items] if items is not None else []:
-                    try:
-                        ipaddress.ip_network(str(item), strict=True)
-                    except ValueError:
-                        try:
-                            net = ipaddress.ip_network(str(item), strict=False)
-                        except ValueError:
-                            continue  # not a prefix at all: Match says so
-                        host = ipaddress.ip_interface(str(item)).ip
-                        raise ValueError(f"{field} {str(item)!r} has host bits set; use {net}, or "
-                                         f"{host}/{net.max_prefixlen} for one host") from None
-        return v
-
     @field_validator("rotate_bytes")
     @classmethod
     def _rotate_min(cls, v: int) -> int:

@@ -326,6 +326,14 @@ class TlsConfig(_Model):
     ciphers: str | None = Field(None, min_length=1, description="OpenSSL cipher list for TLS 1.2 (unset: "
                                 "OpenSSL's defaults)")
 
+    @model_validator(mode="after")
+    def _ciphers_need_tls12(self) -> "TlsConfig":
+        if self.ciphers is not None and self.min_version == "1.3":
+            raise ValueError("`ciphers` applies to TLS 1.2 only, and `min_version: \"1.3\"` turns TLS 1.2 off: the "
+                             "list would change nothing (TLS 1.3 suites are not configurable through Python's ssl); "
+                             "fix: remove `ciphers`, or set min_version to \"1.2\"")
+        return self
+
 
 class HttpSpliceConfig(_Model):
     """`splice http`: an HTTP/1.1 splicing load balancer."""

@@ -174,14 +174,19 @@ class BackendConnection(asyncio.Protocol):
         elif self.exchanges:
             # Let the framer finish a read-until-close body; anything else is a failure of
             # every request still on this connection (idempotent ones may be retried).
-            ex = self.exchanges[0]
-            self.framer.receive_data(b"")
-            self._drain()
+            # A reset (exc: ConnectionResetError, or another error) is no end of a body: a body
+            # delimited by the close and cut by a reset must fail like any response cut off
+            # mid-body, not be passed on as complete. A response whose head had not all come
+            # is judged by the framer either way (cut off in its head: "truncated").
+            if exc is None or not getattr(self.exchanges[0], "resp_started", False):
+                self.framer.receive_data(b"")
+                self._drain()
             failed = list(self.exchanges)
             self.exchanges.clear()
+            how = "closed the connection" if exc is None else f"reset the connection ({exc})"
             for ex in failed:
                 self.server.metrics.error("reset")
-                ex.on_backend_failure("reset", f"backend {self.server.name} closed the connection")
+                ex.on_backend_failure("reset", f"backend {self.server.name} {how}")
         if was_alive:
             self.server._on_lost(self)
 

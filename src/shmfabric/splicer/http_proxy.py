@@ -363,6 +363,11 @@ class Exchange:
             if not self.resp_started:
                 client.local_answer(self, 504 if kind == "timeout" else 502, message)
             else:
+                if self.client_framing == BODY_UNTIL_CLOSE:
+                    # Only the end of the connection delimits this body (an HTTP/1.0 client): a
+                    # clean end would pass the cut answer on as complete. Withholding the last
+                    # chunk is the signal to an HTTP/1.1 client; this one gets a reset.
+                    client.cut_off = True
                 client.abort_after(self.seq)
                 client.finish(self.seq, b"")
                 if client.log is not None:
@@ -509,6 +514,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = "-"  # the client's address, for the access log
         self.forward_lines = b""  # X-Forwarded-For / Forwarded lines added to each request
         self.plain = splicer.cfg.tls is None  # not TLS: a half-closed client can still be answered
+        self.cut_off = False  # the last answer broke off and only the close delimits it: end with a reset
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -984,7 +990,8 @@ class ClientConnection(asyncio.Protocol):
             ex.abandon()
         self.exchanges.clear()
         self.queue.clear()
-        close_lingering(self.transport, self.loop, self.peer_eof)  # type: ignore[arg-type]  # after what is buffered
+        close_lingering(self.transport, self.loop, self.peer_eof,  # type: ignore[arg-type]  # after what is buffered
+                        idle=self.splicer.cfg.timeouts.client_idle, abortive=self.cut_off)
 
     def abort_after(self, seq: int) -> None:
         """Close after the bytes of slots up to `seq`, and write nothing of later ones: a

@@ -27,12 +27,19 @@ from .config import HttpSpliceConfig, parse_backend, split_address
 from .http_pool import BackendGroup, BackendServer
 from .http_proxy import DRAIN_IDLE_GRACE, ClientConnection
 from .http_router import Router
-from .metrics import SpliceMetrics, serve_socket
+from .metrics import FastCounter, SpliceMetrics, serve_socket
 from .teardown import LINGER_SECONDS
 from .tls import TlsError, server_context
 from .workers import Accepting, GracefulStop, Listeners, ReloadRefused, install_uvloop, say, serve_under_master
 
 __all__ = ["HttpSplicer", "run", "install_uvloop"]
+
+#: How long a graceful stop (or a reload's) waits for connections accepted before it and still
+#: in their TLS handshake (`Accepting`): a real handshake takes a few round trips.
+HANDSHAKE_DRAIN_GRACE = 1.0
+#: At most one log line about failed TLS handshakes per this many seconds (the counts are in
+#: the metrics): a port scanner or a misconfigured client must not flood the log.
+TLS_LOG_SECONDS = 60.0
 
 
 class HttpSplicer:
@@ -44,7 +51,12 @@ class HttpSplicer:
         self.servers: dict[str, BackendServer] = {}
         self.clients: set[ClientConnection] = set()
         # accepted, not yet connected (TLS handshake included): a graceful stop waits for them
-        self.accepting = Accepting(cfg.timeouts.request_head + 1.0)
+        self.accepting = Accepting(cfg.timeouts.request_head + 1.0,
+                                   self._handshake_failed if cfg.tls is not None else None)
+        self._tls_failures_logged = 0  # failed handshakes said in the log so far (`_say_tls_failures`)
+        if cfg.tls is not None:
+            self.metrics.tls_handshake_failures = FastCounter()
+        self._tls_log_next = 0.0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -54,6 +66,7 @@ class HttpSplicer:
         self.deadlines: deque[tuple[float, Any]] = deque()
         self.queue_deadlines: deque[tuple[float, Any]] = deque()
         self.draining = False
+        self.drain_started = 0.0
         self.access_log: AccessLog | None = None  # opened by start (it needs the loop)
         self.forwarding = cfg.forwarded_for or cfg.forwarded  # client connections need forward_lines
         lim = cfg.limits
@@ -89,6 +102,8 @@ class HttpSplicer:
         # A client that opens TLS and stalls is bounded like one that stalls in a request head.
         # A connection the splicer ends waits for the client's close_notify as long as a plain one
         # lingers (teardown.LINGER_SECONDS), not asyncio's 30 s: a reload or stop would wait that.
+        # That timer starts at close(), which comes once the answers have reached the client
+        # (teardown.close_lingering): it bounds the close_notify exchange, not the delivery.
         tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": self.cfg.timeouts.request_head,
                   "ssl_shutdown_timeout": LINGER_SECONDS} if ssl_ctx else {}
         if self.cfg.access_log is not None:
@@ -105,6 +120,24 @@ class HttpSplicer:
                                                          **tls_kw)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         self._timeouts = self.loop.create_task(self._sweep_timeouts())
+
+    def _handshake_failed(self, _age: float) -> None:
+        # An accepted TLS connection whose protocol was dropped before connection_made: its
+        # handshake failed, timed out or was given up (asyncio says nothing else of it).
+        self.metrics.tls_handshake_failures.value += 1  # type: ignore[union-attr]
+
+    def _say_tls_failures(self, now: float) -> None:
+        """At most one log line per TLS_LOG_SECONDS about the handshakes that failed since the last."""
+        total = self.metrics.tls_handshake_failures.value  # type: ignore[union-attr]
+        if total == self._tls_failures_logged or now < self._tls_log_next:
+            return
+        new = total - self._tls_failures_logged
+        self._tls_failures_logged = total
+        self._tls_log_next = now + TLS_LOG_SECONDS
+        say(f"splice http: {new} TLS handshake(s) failed since the last report ({total} in all): clients that "
+            f"are not TLS (plain HTTP to the HTTPS port), share no TLS version or cipher, refuse the certificate, "
+            f"or say nothing for timeouts.request_head; at most one such line per {TLS_LOG_SECONDS:g} s, the "
+            f"count is shmfabric_splicer_tls_handshake_failures_total")
 
     def forward_lines(self, host: str) -> bytes:
         """The header lines that tell backends the client's address `host` (none unless
@@ -145,6 +178,9 @@ class HttpSplicer:
             # last use (`ClientConnection.drain`), and the stop waits for them.
             await asyncio.sleep(0.1 if self.draining else min(1.0, idle / 2, head / 2))
             now = self.loop.time()
+            if self.cfg.tls is not None:
+                self.accepting.count()  # hands handshakes failed since the last look to the metrics
+                self._say_tls_failures(now)
             cutoff = now - idle
             drained = now - DRAIN_IDLE_GRACE if self.draining else None
             for c in list(self.clients):
@@ -249,6 +285,11 @@ class HttpSplicer:
     def busy(self) -> int:
         """Client connections a graceful stop waits for: open ones, and accepted ones on their
         way to `connection_made` (see `Accepting`)."""
+        if self.draining and self.loop.time() - self.drain_started > HANDSHAKE_DRAIN_GRACE:
+            # Those still in their TLS handshake (a client that connected and says nothing) are
+            # not waited for past a short grace: the stop would wait timeouts.request_head. They
+            # end with the worker (as HAProxy's and nginx's do), having sent no request.
+            return len(self.clients)
         return len(self.clients) + self.accepting.count()
 
     def drain(self) -> None:
@@ -256,6 +297,7 @@ class HttpSplicer:
         requests it has read and then close (`ClientConnection.drain`). The pools stay up until
         `close`; `clients` empties as the connections finish."""
         self.draining = True
+        self.drain_started = self.loop.time()
         if self._server is not None:
             self._server.close()
         for c in list(self.clients):

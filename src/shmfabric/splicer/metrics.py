@@ -17,8 +17,11 @@ Per backend server (label ``backend="HOST:PORT"``) and protocol (label ``proto="
                                                           passive``: 0 only while ejected)
 =============================================  =========  ==============================================
 
-and per splicer: ``shmfabric_splicer_client_connections`` (gauge) and
-``shmfabric_splicer_client_errors_total{kind}`` (bad requests, client resets).
+and per splicer: ``shmfabric_splicer_client_connections`` (gauge),
+``shmfabric_splicer_client_errors_total{kind}`` (bad requests, client resets) and, with TLS,
+``shmfabric_splicer_tls_handshake_failures_total`` (handshakes that failed, timed out or were
+given up by the client: not TLS at all, no common version or cipher, the certificate refused,
+nothing said for ``timeouts.request_head``; asyncio does not tell these apart to the splicer).
 
 Gauges that mirror pool state are read at scrape time through callbacks (``bind_pool``);
 request counters, error counters and latency histograms are plain Python numbers
@@ -163,6 +166,11 @@ class _FastCollector:
         yield failed
         yield dur
         log = o.access_log
+        if o.tls_handshake_failures is not None:
+            tls = CounterMetricFamily("shmfabric_splicer_tls_handshake_failures",
+                                      "TLS handshakes that failed, timed out or were abandoned", labels=("proto",))
+            tls.add_metric((o.proto,), o.tls_handshake_failures.value)
+            yield tls
         if log is not None:
             lines = CounterMetricFamily("shmfabric_splicer_access_log_lines",
                                         "Access-log lines written, and dropped because a write failed",
@@ -190,6 +198,7 @@ class SpliceMetrics:
                                       ("proto", "kind"), registry=r)
         self._backends: dict[str, BackendMetrics] = {}
         self.access_log: Any = None  # an access_log.AccessLog whose line counts are exported
+        self.tls_handshake_failures: FastCounter | None = None  # set (and exported) when TLS is on
         r.register(_FastCollector(self))
 
     def backend(self, name: str) -> BackendMetrics:

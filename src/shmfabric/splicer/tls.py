@@ -2,9 +2,10 @@
 
 Python's `ssl` module (OpenSSL) does the cryptography and asyncio/uvloop the record layer; this
 module only turns the configuration into a context, with errors a user can act on (which file,
-what is wrong with it, how to fix it) instead of OpenSSL's codes. Each worker builds its own
-context from the files when it starts, so a reload (SIGHUP) after the files are replaced puts a
-renewed certificate into service without dropping a connection.
+what is wrong with it, how to fix it) instead of OpenSSL's codes. The master process builds the
+context, once per configuration (at start and at each reload), and the workers it forks inherit
+it (see http_server.run: they then share its session-ticket key); so a reload (SIGHUP) after the
+files are replaced puts a renewed certificate into service without dropping a connection.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def _look_at_pem(cert: str, key: str | None) -> str:
         return f"tls: cannot read {exc.filename!r}: {exc.strerror}"
     key_name = "key" if key is not None else "cert"
     key_path = key if key is not None else cert
+    for path, text, name in ((cert, cert_text, "cert"), (key_path, key_text, key_name)):
+        for label in (b"CERTIFICATE", b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY", b"ENCRYPTED PRIVATE KEY"):
+            if text.count(b"-----BEGIN " + label + b"-----") > text.count(b"-----END " + label + b"-----"):
+                what = label.decode().lower()
+                return (f"tls.{name}: {path!r} is cut short: a '-----BEGIN {label.decode()}-----' line has no "
+                        f"'-----END {label.decode()}-----' after it (a file half written or half copied); fix: "
+                        f"write the whole {what} again")
     if b"-----BEGIN CERTIFICATE-----" not in cert_text:
         return (f"tls.cert: {cert!r} holds no PEM certificate (no '-----BEGIN CERTIFICATE-----' line); fix: the "
                 "certificate in PEM form (`openssl x509 -in FILE.der -inform der -out FILE.pem` converts DER)")
@@ -88,6 +96,11 @@ def server_context(cfg: Any) -> ssl.SSLContext:
     except ssl.SSLError as exc:
         reason = str(getattr(exc, "reason", None) or exc)
         if "KEY_VALUES_MISMATCH" in reason.upper():
+            later = _key_matches_later_certificate(cfg.cert, cfg.key or cfg.cert)
+            if later:
+                raise TlsError(f"tls.cert: the key {cfg.key or cfg.cert!r} belongs to certificate {later} in "
+                               f"{cfg.cert!r}, not the first one: the server certificate must come first in the chain "
+                               "file; fix: put the server's certificate first, then its intermediates") from None
             raise TlsError(f"tls: the key {cfg.key or cfg.cert!r} does not belong to the certificate {cfg.cert!r}; "
                            "fix: give the key the certificate was issued for") from None
         raise TlsError(f"tls: OpenSSL cannot load {cfg.cert!r}{' with the key ' + repr(cfg.key) if cfg.key else ''} "
@@ -96,6 +109,28 @@ def server_context(cfg: Any) -> ssl.SSLContext:
         raise TlsError(f"tls: cannot read {cfg.cert!r}: {exc.strerror}") from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _key_matches_later_certificate(cert: str, key: str) -> int:
+    """The position (2, 3...) of the certificate in `cert` after the first whose public key is
+    the key's in `key`, or 0 (none, or the files cannot be read that far)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        with open(cert, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
+        with open(key, "rb") as f:
+            private = serialization.load_pem_private_key(f.read(), password=None)
+        want = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+        for i, c in enumerate(certs[1:], start=2):
+            if c.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo) == want:
+                return i
+    except Exception:  # noqa: BLE001 - only a better message; the plain one stands otherwise
+        return 0
+    return 0
 
 
 def certificate_expiry(path: str) -> _dt.datetime | None:

@@ -13,6 +13,8 @@ import struct
 import sys
 import time
 import traceback
+import weakref
+from collections import OrderedDict
 from typing import Any, Callable
 
 from ..core.parent import die_with_parent
@@ -92,34 +94,63 @@ class Accepting:
     later (after the handshake, with TLS). A graceful stop that counted only connected clients
     could find none in between, close the pools, and then serve such a connection's request with
     nothing behind it: a 503 (or a reset) in the middle of a reload, with every backend up. So a
-    stop counts these too. An entry older than `limit` seconds is forgotten: its handshake failed
-    or timed out, and asyncio then calls neither `connection_made` nor `connection_lost`.
+    stop counts these too.
+
+    A handshake that fails or times out reaches neither `connection_made` nor `connection_lost`:
+    asyncio drops the protocol. So the protocol is held by a weak reference, and its entry goes
+    when it is dropped (`on_lost(age)` is then called, if given: a failed handshake); an entry
+    older than `limit` seconds is forgotten anyway. Entries are in insertion (time) order, so
+    forgetting old ones looks only at the oldest: each add costs O(1), amortized, however many
+    handshakes fail (a churn of clients that never complete one must not slow every accept).
     """
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, on_lost: Callable[[float], None] | None = None) -> None:
         self.limit = limit
-        self._since: dict[object, float] = {}
+        self.on_lost = on_lost
+        self._since: OrderedDict[weakref.ref, float] = OrderedDict()
+        # (reference, when) of protocols dropped before connection_made: appended by the weakref
+        # callback (which may run in the middle of any allocation, so it touches nothing else)
+        self._dead: list[tuple[weakref.ref, float]] = []
 
     def add(self, conn: object) -> None:
         """Called from the protocol's constructor (the listener's protocol factory)."""
-        if len(self._since) >= 256:
-            self._forget_old(time.monotonic())
-        self._since[conn] = time.monotonic()
+        now = time.monotonic()
+        if self._dead:
+            self._purge()
+        self._forget_old(now)
+        self._since[weakref.ref(conn, self._gone)] = now
 
     def made(self, conn: object) -> None:
         """Called from the protocol's `connection_made`."""
-        self._since.pop(conn, None)
+        # Dropping the entry drops its reference, and with it the callback: no "lost" later.
+        self._since.pop(weakref.ref(conn), None)
 
     def count(self) -> int:
         """Accepted connections still on their way to `connection_made`."""
+        if self._dead:
+            self._purge()
         if self._since:
             self._forget_old(time.monotonic())
         return len(self._since)
 
+    def _gone(self, ref: weakref.ref) -> None:
+        self._dead.append((ref, time.monotonic()))
+
+    def _purge(self) -> None:
+        dead, self._dead = self._dead, []
+        for ref, when in dead:
+            t = self._since.pop(ref, None)
+            if t is not None and self.on_lost is not None:
+                self.on_lost(when - t)
+
     def _forget_old(self, now: float) -> None:
-        for conn, t in list(self._since.items()):
-            if now - t > self.limit:
-                del self._since[conn]
+        since = self._since
+        cutoff = now - self.limit
+        while since:
+            ref = next(iter(since))
+            if since[ref] >= cutoff:
+                return
+            del since[ref]
 
 
 def say(line: str) -> None:

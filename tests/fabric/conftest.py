@@ -160,6 +160,21 @@ def alloc_all(node) -> list:
             return bufs
 
 
+def assert_every_slot_once(node, total: int) -> None:
+    """`node` can allocate `total` buffers, no two sharing a slot (nothing was freed twice)."""
+    import struct
+
+    bufs = alloc_all(node)
+    assert len(bufs) == total
+    for i, b in enumerate(bufs):
+        with memoryview(b) as v:
+            v[:4] = struct.pack("<I", i)
+    for i, b in enumerate(bufs):  # no two buffers share a slot
+        with memoryview(b) as v:
+            assert struct.unpack("<I", v[:4])[0] == i
+    del bufs
+
+
 def assert_all_free(fab: Fabric, network: int = 0) -> dict:
     """assert_conserved, and every slot back in the pool (no node holds any)."""
     a = assert_conserved(fab, network)

@@ -17,7 +17,8 @@ import pytest
 from shmfabric.fabric import Fabric, UnknownDestinationError
 
 from ._workers import check_payload
-from .conftest import alloc_all, assert_all_free, assert_conserved, shm_leftover, unique_name, wait_until
+from .conftest import (alloc_all, assert_all_free, assert_conserved, assert_every_slot_once, shm_leftover, unique_name,
+                       wait_until)
 
 
 def _drain_control(node) -> None:
@@ -667,15 +668,7 @@ def test_a_reclaim_resumed_after_its_reclaimer_died_frees_the_rest_of_the_unpubl
     assert audit["held"].get(sink.id, 0) == 0, audit  # the other 39 were freed (sink never received)
     assert audit["on_stack"] == audit["free"] - 1, audit  # only the untagged one is nowhere
     assert fab.sweep(force=True) == 1
-    bufs = alloc_all(sink)  # every slot once: nothing was freed twice
-    assert len(bufs) == 2048
-    for i, b in enumerate(bufs):
-        with memoryview(b) as v:
-            v[:4] = struct.pack("<I", i)
-    for i, b in enumerate(bufs):  # no two buffers share a slot
-        with memoryview(b) as v:
-            assert struct.unpack("<I", v[:4])[0] == i
-    del bufs
+    assert_every_slot_once(sink, 2048)  # nothing was freed twice
     sink.detach()
     assert_all_free(fab)
 

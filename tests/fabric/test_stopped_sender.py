@@ -27,7 +27,7 @@ import pytest
 from shmfabric.core import native
 from shmfabric.core.region import L, region_path
 
-from .conftest import alloc_all, assert_all_free, wait_until
+from .conftest import assert_all_free, assert_every_slot_once, wait_until
 from .test_desc_order import DEBUGREG, PTRACE_ATTACH, PTRACE_CONT, PTRACE_POKEUSER, WALL, _libc, _mapped_at
 
 PTRACE_DETACH = 17
@@ -36,18 +36,6 @@ pytestmark = [
     pytest.mark.skipif(platform.machine() != "x86_64", reason="uses x86-64 debug registers"),
     pytest.mark.timeout(60),
 ]
-
-
-def _every_slot_once(node, total: int) -> None:
-    bufs = alloc_all(node)
-    assert len(bufs) == total
-    for i, b in enumerate(bufs):
-        with memoryview(b) as v:
-            v[:4] = struct.pack("<I", i)
-    for i, b in enumerate(bufs):  # no two buffers share a slot
-        with memoryview(b) as v:
-            assert struct.unpack("<I", v[:4])[0] == i
-    del bufs
 
 
 @pytest.mark.parametrize("receiver", ["stays", "restarts"])
@@ -95,7 +83,7 @@ def test_a_sender_reclaimed_while_stopped_inside_a_send_publishes_nothing_when_i
     w.finish()
     rx.recv_control()
     assert fab.pool_audit()["held"].get(rx.id, 0) == 0
-    _every_slot_once(rx, 512)
+    assert_every_slot_once(rx, 512)
     rx.detach()
     assert_all_free(fab)
 
@@ -119,6 +107,6 @@ def test_ring_entries_that_name_no_slot_are_skipped_and_counted_not_read_as_slot
     held = fab.pool_audit()["held"][b.id]
     owner = lay.net_offsets[0][2]
     assert held >= 2 and all(struct.unpack_from("<I", mm, owner + 4 * s)[0] == b._port.tag for s in lost)
-    _every_slot_once(a, 256 - held)
+    assert_every_slot_once(a, 256 - held)
     a.detach(), b.detach()
     assert_all_free(fab)

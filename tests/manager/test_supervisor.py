@@ -109,11 +109,14 @@ def test_scale_out_and_in_by_policy_under_load_loses_nothing(run_topology):
     wait_until(lambda: len([i for i in sup.nodes["fw"].instances if i.state == "running"]) == 2,
                what="scale out to fw-2", sup=sup, timeout=30)
     assert sup.nodes["fw"].instances[1].name == "fw-2"
-    assert any(e["kind"] == "scale" and "out to 2" in e["detail"] for e in sup.events)
+    # the step records its event once upstream is re-steered to the new instance, after it runs
+    wait_until(lambda: any(e["kind"] == "scale" and "out to 2" in e["detail"] for e in sup.events),
+               what="the scale-out step to finish", sup=sup, timeout=30)
     wait_until(lambda: counters(sup, "fw-2").get("in_frames", 0) > 1000, what="fw-2 to get flows", sup=sup)
     sup.reconfigure("gen", {"rate": 300, "size": 128, "flows": 64})
     wait_until(lambda: len(sup.nodes["fw"].instances) == 1, what="scale in", sup=sup, timeout=30)
-    assert any(e["kind"] == "scale" and "in to 1" in e["detail"] for e in sup.events)
+    wait_until(lambda: any(e["kind"] == "scale" and "in to 1" in e["detail"] for e in sup.events),
+               what="the scale-in step to finish", sup=sup, timeout=30)
     sup.reconfigure("gen", {"rate": 300, "size": 128, "flows": 64, "count": 1})  # count reached: it ends
     wait_until(lambda: sup.nodes["gen"].instances[0].state == "exited", what="generator finished", sup=sup)
     settle(sup)

@@ -133,7 +133,7 @@ _seq = itertools.count()
 #: DPDK 22.11's EAL interrupt thread aborts ("PANIC in eal_intr_thread_main(): Error adding fd N
 #: epoll_ctl, Bad file descriptor") when a memif peer's connection is closed while testpmd is
 #: still starting (its control channel's fd is closed under the thread rebuilding its epoll set;
-#: seen once in ~70 fresh-clone suite runs, right after "sendmsg fail: Broken pipe"). A crash of
+#: seen once, in a fresh-clone suite run, right after "sendmsg fail: Broken pipe"). A crash of
 #: testpmd's own, before its first prompt: `Testpmd.start` starts it once more.
 _INTR_PANIC = "PANIC in eal_intr_thread_main"
 
